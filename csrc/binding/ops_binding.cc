@@ -1,0 +1,230 @@
+// The op functions exposed to JS: read the arguments, call detinfer::ops, return. Errors thrown by
+// the ops (detinfer::Error) become JS exceptions through NODE_ADDON_API_CPP_EXCEPTIONS_ALL.
+#include "ops_binding.h"
+
+#include <cstring>
+
+#include "../common/config.h"
+#include "../cuda/runtime.h"
+#include "../ops.h"
+#include "args.h"
+#include "workers.h"
+
+namespace detinfer::binding {
+namespace {
+
+Napi::Value Empty(const Napi::CallbackInfo& info) {
+  Args a{info, "empty"};
+  Device device = parse_device(a.string(0, "device"));
+  DType dtype = parse_dtype(a.string(1, "dtype"));
+  return TensorWrap::New(info.Env(), make_tensor(device, dtype, a.shape(2, "shape")));
+}
+
+// Copies host bytes (a TypedArray or Buffer of exactly nbytes) into an existing tensor.
+void UploadInto(const Args& a, Tensor& t, size_t arg) {
+  if (arg >= a.info.Length() || !a.info[arg].IsTypedArray()) a.type_error(arg, "data", "a TypedArray or Buffer");
+  Napi::TypedArray ta = a.info[arg].As<Napi::TypedArray>();
+  size_t nbytes = ta.ByteLength();
+  if (nbytes != t.nbytes())
+    fail(a.op, ": expected ", t.nbytes(), " bytes of data for ", t.describe(), " but received ", nbytes);
+  const char* src = static_cast<const char*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
+  if (t.device() == Device::CPU) {
+    std::memcpy(t.data(), src, nbytes);
+  } else {
+    cuda_runtime::upload(t.data(), src, nbytes);
+  }
+}
+
+Napi::Value FromBuffer(const Napi::CallbackInfo& info) {
+  Args a{info, "fromBuffer"};
+  Device device = parse_device(a.string(0, "device"));
+  DType dtype = parse_dtype(a.string(1, "dtype"));
+  Tensor t = make_tensor(device, dtype, a.shape(2, "shape"));
+  UploadInto(a, t, 3);
+  return TensorWrap::New(info.Env(), t);
+}
+
+Napi::Value Upload(const Napi::CallbackInfo& info) {
+  Args a{info, "upload"};
+  UploadInto(a, a.tensor(0, "tensor"), 1);
+  return info.Env().Undefined();
+}
+
+Napi::Value Download(const Napi::CallbackInfo& info) {
+  Args a{info, "download"};
+  return DownloadWorker::Start(info.Env(), a.tensor(0, "tensor"));
+}
+
+Napi::Value Synchronize(const Napi::CallbackInfo& info) {
+  Args a{info, "synchronize"};
+  return SynchronizeWorker::Start(info.Env(), parse_device(a.string(0, "device")));
+}
+
+Napi::Value View(const Napi::CallbackInfo& info) {
+  Args a{info, "view"};
+  return TensorWrap::New(info.Env(), reshape(a.tensor(0, "tensor"), a.shape(1, "shape")));
+}
+
+Napi::Value Narrow(const Napi::CallbackInfo& info) {
+  Args a{info, "narrow"};
+  return TensorWrap::New(info.Env(), narrow_rows(a.tensor(0, "tensor"), a.integer(1, "start"), a.integer(2, "count")));
+}
+
+Napi::Value Embedding(const Napi::CallbackInfo& info) {
+  Args a{info, "embedding"};
+  ops::embedding(a.tensor(0, "out"), a.tensor(1, "table"), a.tensor(2, "ids"));
+  return info.Env().Undefined();
+}
+
+Napi::Value Rmsnorm(const Napi::CallbackInfo& info) {
+  Args a{info, "rmsnorm"};
+  ops::rmsnorm(a.tensor(0, "out"), a.tensor(1, "x"), a.tensor(2, "w"), static_cast<float>(a.number(3, "eps")));
+  return info.Env().Undefined();
+}
+
+Napi::Value AddRmsnorm(const Napi::CallbackInfo& info) {
+  Args a{info, "addRmsnorm"};
+  ops::add_rmsnorm(a.tensor(0, "out"), a.tensor(1, "residual"), a.tensor(2, "x"), a.tensor(3, "w"),
+                   static_cast<float>(a.number(4, "eps")));
+  return info.Env().Undefined();
+}
+
+Napi::Value Matmul(const Napi::CallbackInfo& info) {
+  Args a{info, "matmul"};
+  ops::matmul(a.tensor(0, "out"), a.tensor(1, "a"), a.tensor(2, "w"), a.optional_tensor(3, "bias"));
+  return info.Env().Undefined();
+}
+
+Napi::Value Rope(const Napi::CallbackInfo& info) {
+  Args a{info, "rope"};
+  ops::rope(a.tensor(0, "x"), a.tensor(1, "positions"), a.tensor(2, "cosSin"));
+  return info.Env().Undefined();
+}
+
+Napi::Value SiluMul(const Napi::CallbackInfo& info) {
+  Args a{info, "siluMul"};
+  ops::silu_mul(a.tensor(0, "out"), a.tensor(1, "gate"), a.tensor(2, "up"));
+  return info.Env().Undefined();
+}
+
+Napi::Value Add(const Napi::CallbackInfo& info) {
+  Args a{info, "add"};
+  ops::add(a.tensor(0, "out"), a.tensor(1, "a"), a.tensor(2, "b"));
+  return info.Env().Undefined();
+}
+
+Napi::Value KvAppend(const Napi::CallbackInfo& info) {
+  Args a{info, "kvAppend"};
+  ops::kv_append(a.tensor(0, "kCache"), a.tensor(1, "vCache"), a.tensor(2, "k"), a.tensor(3, "v"),
+                 a.tensor(4, "slots"));
+  return info.Env().Undefined();
+}
+
+Napi::Value Attention(const Napi::CallbackInfo& info) {
+  Args a{info, "attention"};
+  Napi::Object batch = a.object(4, "batch");
+  Napi::Value fields[] = {batch.Get("blockTables"), batch.Get("queryStart"), batch.Get("seqLens")};
+  AttentionBatch b;
+  b.block_tables = TensorWrap::FromValue(fields[0], "attention", "batch.blockTables");
+  b.query_start = TensorWrap::FromValue(fields[1], "attention", "batch.queryStart");
+  b.seq_lens = TensorWrap::FromValue(fields[2], "attention", "batch.seqLens");
+  Napi::Value mq = batch.Get("maxQueryLen"), ms = batch.Get("maxSeqLen");
+  if (!mq.IsNumber()) a.type_error(4, "batch.maxQueryLen", "a number");
+  if (!ms.IsNumber()) a.type_error(4, "batch.maxSeqLen", "a number");
+  b.max_query_len = mq.As<Napi::Number>().Int32Value();
+  b.max_seq_len = ms.As<Napi::Number>().Int32Value();
+  ops::attention(a.tensor(0, "out"), a.tensor(1, "q"), a.tensor(2, "kCache"), a.tensor(3, "vCache"), b,
+                 static_cast<float>(a.number(5, "scale")));
+  return info.Env().Undefined();
+}
+
+Napi::Value LogSoftmax(const Napi::CallbackInfo& info) {
+  Args a{info, "logSoftmax"};
+  ops::log_softmax(a.tensor(0, "out"), a.tensor(1, "x"));
+  return info.Env().Undefined();
+}
+
+Napi::Value Argmax(const Napi::CallbackInfo& info) {
+  Args a{info, "argmax"};
+  ops::argmax(a.tensor(0, "out"), a.tensor(1, "x"));
+  return info.Env().Undefined();
+}
+
+Napi::Value TokenLogprobs(const Napi::CallbackInfo& info) {
+  Args a{info, "tokenLogprobs"};
+  ops::token_logprobs(a.tensor(0, "out"), a.tensor(1, "x"), a.tensor(2, "ids"));
+  return info.Env().Undefined();
+}
+
+Napi::Value Copy(const Napi::CallbackInfo& info) {
+  Args a{info, "copy"};
+  ops::copy(a.tensor(0, "dst"), a.tensor(1, "src"));
+  return info.Env().Undefined();
+}
+
+Napi::Value Cast(const Napi::CallbackInfo& info) {
+  Args a{info, "cast"};
+  ops::cast(a.tensor(0, "dst"), a.tensor(1, "src"));
+  return info.Env().Undefined();
+}
+
+Napi::Value SetVariantKernels(const Napi::CallbackInfo& info) {
+  Args a{info, "setVariantKernels"};
+  g_variant_kernels.store(a.boolean(0, "enabled"));
+  return info.Env().Undefined();
+}
+
+Napi::Value VariantKernels(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), variant_kernels());
+}
+
+Napi::Value CudaStatus(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  cuda_runtime::Status s = cuda_runtime::status();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("compiled", s.compiled);
+  o.Set("available", s.available);
+  o.Set("reason", s.reason);
+  o.Set("archs", s.archs);
+  o.Set("runtimeVersion", s.runtime_version);
+  o.Set("driverVersion", s.driver_version);
+  Napi::Array devices = Napi::Array::New(env, s.devices.size());
+  for (size_t i = 0; i < s.devices.size(); ++i) {
+    const auto& d = s.devices[i];
+    Napi::Object dev = Napi::Object::New(env);
+    dev.Set("index", d.index);
+    dev.Set("name", d.name);
+    dev.Set("computeCapability", std::to_string(d.major) + "." + std::to_string(d.minor));
+    dev.Set("totalMemory", static_cast<double>(d.total_memory));
+    dev.Set("multiprocessors", d.multiprocessors);
+    devices[i] = dev;
+  }
+  o.Set("devices", devices);
+  return o;
+}
+
+}  // namespace
+
+void RegisterOps(Napi::Env env, Napi::Object exports) {
+  struct Entry {
+    const char* name;
+    Napi::Value (*fn)(const Napi::CallbackInfo&);
+  };
+  const Entry entries[] = {
+      {"empty", Empty},         {"fromBuffer", FromBuffer},
+      {"upload", Upload},       {"download", Download},
+      {"synchronize", Synchronize}, {"view", View},
+      {"narrow", Narrow},       {"embedding", Embedding},
+      {"rmsnorm", Rmsnorm},     {"addRmsnorm", AddRmsnorm},
+      {"matmul", Matmul},       {"rope", Rope},
+      {"siluMul", SiluMul},     {"add", Add},
+      {"kvAppend", KvAppend},   {"attention", Attention},
+      {"logSoftmax", LogSoftmax}, {"argmax", Argmax},
+      {"tokenLogprobs", TokenLogprobs}, {"copy", Copy},
+      {"cast", Cast},           {"setVariantKernels", SetVariantKernels},
+      {"variantKernels", VariantKernels}, {"cudaStatus", CudaStatus},
+  };
+  for (const Entry& e : entries) exports.Set(e.name, Napi::Function::New(env, e.fn, e.name));
+}
+
+}  // namespace detinfer::binding

@@ -1,0 +1,61 @@
+#include "workers.h"
+
+#include <cstring>
+
+#include "../cuda/runtime.h"
+
+namespace detinfer::binding {
+
+DownloadWorker::DownloadWorker(Napi::Env env, const Tensor& tensor)
+    : Napi::AsyncWorker(env, "detinfer.download"), tensor_(tensor), deferred_(Napi::Promise::Deferred::New(env)) {}
+
+Napi::Promise DownloadWorker::Start(Napi::Env env, const Tensor& tensor) {
+  auto* worker = new DownloadWorker(env, tensor);
+  Napi::Promise promise = worker->deferred_.Promise();
+  worker->Queue();
+  return promise;
+}
+
+void DownloadWorker::Execute() {
+  try {
+    host_.resize(tensor_.nbytes());
+    if (tensor_.device() == Device::CPU) {
+      std::memcpy(host_.data(), tensor_.data(), host_.size());
+    } else {
+      cuda_runtime::download(host_.data(), tensor_.data(), host_.size());
+    }
+  } catch (const std::exception& e) {
+    SetError(e.what());
+  }
+}
+
+void DownloadWorker::OnOK() {
+  Napi::Env env = Env();
+  Napi::Buffer<char> buf = Napi::Buffer<char>::Copy(env, host_.data(), host_.size());
+  deferred_.Resolve(buf);
+}
+
+void DownloadWorker::OnError(const Napi::Error& e) { deferred_.Reject(e.Value()); }
+
+SynchronizeWorker::SynchronizeWorker(Napi::Env env, Device device)
+    : Napi::AsyncWorker(env, "detinfer.synchronize"), device_(device), deferred_(Napi::Promise::Deferred::New(env)) {}
+
+Napi::Promise SynchronizeWorker::Start(Napi::Env env, Device device) {
+  auto* worker = new SynchronizeWorker(env, device);
+  Napi::Promise promise = worker->deferred_.Promise();
+  worker->Queue();
+  return promise;
+}
+
+void SynchronizeWorker::Execute() {
+  try {
+    if (device_ == Device::CUDA) cuda_runtime::synchronize();
+  } catch (const std::exception& e) {
+    SetError(e.what());
+  }
+}
+
+void SynchronizeWorker::OnOK() { deferred_.Resolve(Env().Undefined()); }
+void SynchronizeWorker::OnError(const Napi::Error& e) { deferred_.Reject(e.Value()); }
+
+}  // namespace detinfer::binding

@@ -1,0 +1,24 @@
+// The one reduction schedule every attention implementation follows (CPU, CUDA decode, CUDA
+// prefill). For a query at position p, keys 0..p are cut into splits of kSplitSize keys counted
+// from key 0; each split is reduced over key blocks of kKeyBlock keys in ascending order with an
+// fp32 online softmax; the splits' partials (max, sum, output) are combined in ascending order.
+// Neither constant may depend on the batch, the sequence length or the free SMs.
+#pragma once
+
+namespace detinfer::attention_schedule {
+
+constexpr int kSplitSize = 256;
+constexpr int kKeyBlock = 64;
+static_assert(kSplitSize % kKeyBlock == 0, "a split is a whole number of key blocks");
+
+// Variant configuration only (FlashDecoding-style): the number of splits grows when the batch is
+// small, so the split boundaries depend on the batch size and the length.
+inline int variant_split_size(int batch, int seq_len) {
+  int splits = 64 / (batch < 1 ? 1 : batch);
+  int by_len = (seq_len + kKeyBlock - 1) / kKeyBlock;
+  if (splits > by_len) splits = by_len;
+  if (splits < 1) splits = 1;
+  return (seq_len + splits - 1) / splits;
+}
+
+}  // namespace detinfer::attention_schedule

@@ -1,0 +1,5 @@
+#include "config.h"
+
+namespace detinfer {
+std::atomic<bool> g_variant_kernels{false};
+}

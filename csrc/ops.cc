@@ -1,0 +1,267 @@
+// Validation and dispatch of every op. Each op checks dtypes, ranks, shapes and devices of its
+// arguments and throws an Error that names the op, the argument, what was expected and what was
+// given, before anything is launched.
+#include "ops.h"
+
+#include <cstring>
+#include <initializer_list>
+
+#include "cpu/cpu_ops.h"
+#include "cuda/runtime.h"
+#include "kernels/cuda_ops.h"
+
+namespace detinfer::ops {
+namespace {
+
+struct Checker {
+  const char* op;
+
+  void dtype(const Tensor& t, const char* name, std::initializer_list<DType> allowed) const {
+    for (DType d : allowed)
+      if (t.dtype == d) return;
+    std::string names;
+    for (DType d : allowed) names += std::string(names.empty() ? "" : " or ") + dtype_name(d);
+    fail(op, ": expected ", name, " to be ", names, " but received ", t.describe());
+  }
+
+  void rank(const Tensor& t, const char* name, int r) const {
+    if (t.rank() != r) fail(op, ": expected ", name, " to have ", r, " dimensions but received ", t.describe());
+  }
+
+  void dim(const Tensor& t, const char* name, int i, int64_t expected, const char* what) const {
+    if (t.dim(i) != expected)
+      fail(op, ": expected dimension ", i, " of ", name, " to be ", expected, " (", what, ") but received ",
+           t.describe());
+  }
+
+  void same_shape(const Tensor& a, const char* an, const Tensor& b, const char* bn) const {
+    if (a.shape != b.shape)
+      fail(op, ": expected ", an, " and ", bn, " to have the same shape but received ", a.describe(), " and ",
+           b.describe());
+  }
+
+  void devices(std::initializer_list<std::pair<const char*, const Tensor*>> ts) const {
+    const Tensor* first = ts.begin()->second;
+    for (auto& [name, t] : ts)
+      if (t->device() != first->device())
+        fail(op, ": all tensors must be on one device, but ", ts.begin()->first, " is on ",
+             device_name(first->device()), " and ", name, " is on ", device_name(t->device()));
+  }
+};
+
+bool on_cuda(const Tensor& t) { return t.device() == Device::CUDA; }
+
+}  // namespace
+
+void embedding(Tensor& out, const Tensor& table, const Tensor& ids) {
+  Checker c{"embedding"};
+  c.devices({{"out", &out}, {"table", &table}, {"ids", &ids}});
+  c.rank(table, "table", 2);
+  c.rank(out, "out", 2);
+  c.rank(ids, "ids", 1);
+  c.dtype(ids, "ids", {DType::I32});
+  if (out.dtype != table.dtype) fail("embedding: expected out to be ", dtype_name(table.dtype), " like table but received ", out.describe());
+  c.dim(out, "out", 0, ids.dim(0), "number of ids");
+  c.dim(out, "out", 1, table.dim(1), "row size of table");
+  on_cuda(out) ? cuda::embedding(out, table, ids) : cpu::embedding(out, table, ids);
+}
+
+static void check_norm(const Checker& c, const Tensor& out, const Tensor& x, const Tensor& w) {
+  c.devices({{"out", &out}, {"x", &x}, {"w", &w}});
+  c.dtype(x, "x", {DType::BF16});
+  c.dtype(out, "out", {DType::BF16});
+  c.dtype(w, "w", {DType::BF16});
+  c.rank(w, "w", 1);
+  c.same_shape(out, "out", x, "x");
+  if (x.rank() < 1 || x.dim(-1) != w.dim(0))
+    fail(c.op, ": expected the last dimension of x to equal the size of w (", w.dim(0), ") but received ", x.describe());
+}
+
+void rmsnorm(Tensor& out, const Tensor& x, const Tensor& w, float eps) {
+  Checker c{"rmsnorm"};
+  check_norm(c, out, x, w);
+  on_cuda(out) ? cuda::rmsnorm(out, x, w, eps) : cpu::rmsnorm(out, x, w, eps);
+}
+
+void add_rmsnorm(Tensor& out, Tensor& residual, const Tensor& x, const Tensor& w, float eps) {
+  Checker c{"add_rmsnorm"};
+  check_norm(c, out, x, w);
+  c.devices({{"out", &out}, {"residual", &residual}});
+  c.dtype(residual, "residual", {DType::BF16});
+  c.same_shape(residual, "residual", x, "x");
+  on_cuda(out) ? cuda::add_rmsnorm(out, residual, x, w, eps) : cpu::add_rmsnorm(out, residual, x, w, eps);
+}
+
+void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
+  Checker c{"matmul"};
+  c.devices({{"out", &out}, {"a", &a}, {"w", &w}});
+  c.rank(a, "a", 2);
+  c.rank(w, "w", 2);
+  c.rank(out, "out", 2);
+  c.dtype(a, "a", {DType::BF16});
+  c.dtype(w, "w", {DType::BF16});
+  c.dtype(out, "out", {DType::BF16, DType::F32});
+  c.dim(a, "a", 1, w.dim(1), "K, the second dimension of w");
+  c.dim(out, "out", 0, a.dim(0), "M, rows of a");
+  c.dim(out, "out", 1, w.dim(0), "N, rows of w");
+  if (bias) {
+    c.devices({{"out", &out}, {"bias", bias}});
+    c.dtype(*bias, "bias", {DType::BF16});
+    c.rank(*bias, "bias", 1);
+    c.dim(*bias, "bias", 0, w.dim(0), "N, rows of w");
+  }
+  on_cuda(out) ? cuda::matmul(out, a, w, bias) : cpu::matmul(out, a, w, bias);
+}
+
+void rope(Tensor& x, const Tensor& positions, const Tensor& cos_sin) {
+  Checker c{"rope"};
+  c.devices({{"x", &x}, {"positions", &positions}, {"cos_sin", &cos_sin}});
+  c.dtype(x, "x", {DType::BF16});
+  c.rank(x, "x", 3);
+  c.dtype(positions, "positions", {DType::I32});
+  c.rank(positions, "positions", 1);
+  c.dim(positions, "positions", 0, x.dim(0), "tokens, rows of x");
+  c.dtype(cos_sin, "cos_sin", {DType::F32});
+  c.rank(cos_sin, "cos_sin", 2);
+  c.dim(cos_sin, "cos_sin", 1, x.dim(2), "head dim of x");
+  if (x.dim(2) % 2 != 0) fail("rope: expected an even head dim but received ", x.describe());
+  on_cuda(x) ? cuda::rope(x, positions, cos_sin) : cpu::rope(x, positions, cos_sin);
+}
+
+void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) {
+  Checker c{"silu_mul"};
+  c.devices({{"out", &out}, {"gate", &gate}, {"up", &up}});
+  for (auto* p : {&out}) c.dtype(*p, "out", {DType::BF16});
+  c.dtype(gate, "gate", {DType::BF16});
+  c.dtype(up, "up", {DType::BF16});
+  c.same_shape(gate, "gate", up, "up");
+  c.same_shape(out, "out", gate, "gate");
+  on_cuda(out) ? cuda::silu_mul(out, gate, up) : cpu::silu_mul(out, gate, up);
+}
+
+void add(Tensor& out, const Tensor& a, const Tensor& b) {
+  Checker c{"add"};
+  c.devices({{"out", &out}, {"a", &a}, {"b", &b}});
+  c.dtype(out, "out", {DType::BF16});
+  c.dtype(a, "a", {DType::BF16});
+  c.dtype(b, "b", {DType::BF16});
+  c.same_shape(a, "a", b, "b");
+  c.same_shape(out, "out", a, "a");
+  on_cuda(out) ? cuda::add(out, a, b) : cpu::add(out, a, b);
+}
+
+void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& v, const Tensor& slots) {
+  Checker c{"kv_append"};
+  c.devices({{"k_cache", &k_cache}, {"v_cache", &v_cache}, {"k", &k}, {"v", &v}, {"slots", &slots}});
+  c.dtype(k_cache, "k_cache", {DType::BF16});
+  c.rank(k_cache, "k_cache", 4);
+  c.same_shape(k_cache, "k_cache", v_cache, "v_cache");
+  c.dtype(v_cache, "v_cache", {DType::BF16});
+  c.dtype(k, "k", {DType::BF16});
+  c.dtype(v, "v", {DType::BF16});
+  c.rank(k, "k", 3);
+  c.same_shape(k, "k", v, "v");
+  c.dim(k, "k", 1, k_cache.dim(2), "kv heads of the cache");
+  c.dim(k, "k", 2, k_cache.dim(3), "head dim of the cache");
+  c.dtype(slots, "slots", {DType::I32});
+  c.rank(slots, "slots", 1);
+  c.dim(slots, "slots", 0, k.dim(0), "tokens, rows of k");
+  on_cuda(k) ? cuda::kv_append(k_cache, v_cache, k, v, slots) : cpu::kv_append(k_cache, v_cache, k, v, slots);
+}
+
+void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+               const AttentionBatch& b, float scale) {
+  Checker c{"attention"};
+  c.devices({{"out", &out}, {"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache},
+             {"block_tables", &b.block_tables}, {"query_start", &b.query_start}, {"seq_lens", &b.seq_lens}});
+  c.dtype(q, "q", {DType::BF16});
+  c.dtype(out, "out", {DType::BF16});
+  c.rank(q, "q", 3);
+  c.same_shape(out, "out", q, "q");
+  c.dtype(k_cache, "k_cache", {DType::BF16});
+  c.dtype(v_cache, "v_cache", {DType::BF16});
+  c.rank(k_cache, "k_cache", 4);
+  c.same_shape(k_cache, "k_cache", v_cache, "v_cache");
+  c.dim(q, "q", 2, k_cache.dim(3), "head dim of the cache");
+  if (q.dim(1) % k_cache.dim(2) != 0)
+    fail("attention: expected the query heads of q (", q.dim(1), ") to be a multiple of the cache's kv heads (",
+         k_cache.dim(2), ")");
+  c.dtype(b.block_tables, "block_tables", {DType::I32});
+  c.rank(b.block_tables, "block_tables", 2);
+  c.dtype(b.query_start, "query_start", {DType::I32});
+  c.rank(b.query_start, "query_start", 1);
+  c.dtype(b.seq_lens, "seq_lens", {DType::I32});
+  c.rank(b.seq_lens, "seq_lens", 1);
+  int64_t batch = b.seq_lens.dim(0);
+  c.dim(b.query_start, "query_start", 0, batch + 1, "sequences + 1");
+  c.dim(b.block_tables, "block_tables", 0, batch, "sequences");
+  if (b.max_query_len < 0 || b.max_seq_len < b.max_query_len)
+    fail("attention: expected 0 <= maxQueryLen <= maxSeqLen but received ", b.max_query_len, " and ", b.max_seq_len);
+  if (b.max_seq_len > b.block_tables.dim(1) * k_cache.dim(1))
+    fail("attention: maxSeqLen ", b.max_seq_len, " exceeds the block table's capacity of ",
+         b.block_tables.dim(1) * k_cache.dim(1), " keys");
+  on_cuda(out) ? cuda::attention(out, q, k_cache, v_cache, b, scale) : cpu::attention(out, q, k_cache, v_cache, b, scale);
+}
+
+static void check_rows(const Checker& c, const Tensor& x) {
+  c.dtype(x, "x", {DType::F32});
+  c.rank(x, "x", 2);
+}
+
+void log_softmax(Tensor& out, const Tensor& x) {
+  Checker c{"log_softmax"};
+  c.devices({{"out", &out}, {"x", &x}});
+  check_rows(c, x);
+  c.dtype(out, "out", {DType::F32});
+  c.same_shape(out, "out", x, "x");
+  on_cuda(out) ? cuda::log_softmax(out, x) : cpu::log_softmax(out, x);
+}
+
+void argmax(Tensor& out, const Tensor& x) {
+  Checker c{"argmax"};
+  c.devices({{"out", &out}, {"x", &x}});
+  check_rows(c, x);
+  c.dtype(out, "out", {DType::I32});
+  c.rank(out, "out", 1);
+  c.dim(out, "out", 0, x.dim(0), "rows of x");
+  on_cuda(out) ? cuda::argmax(out, x) : cpu::argmax(out, x);
+}
+
+void token_logprobs(Tensor& out, const Tensor& x, const Tensor& ids) {
+  Checker c{"token_logprobs"};
+  c.devices({{"out", &out}, {"x", &x}, {"ids", &ids}});
+  check_rows(c, x);
+  c.dtype(out, "out", {DType::F32});
+  c.rank(out, "out", 1);
+  c.dim(out, "out", 0, x.dim(0), "rows of x");
+  c.dtype(ids, "ids", {DType::I32});
+  c.rank(ids, "ids", 1);
+  c.dim(ids, "ids", 0, x.dim(0), "rows of x");
+  on_cuda(out) ? cuda::token_logprobs(out, x, ids) : cpu::token_logprobs(out, x, ids);
+}
+
+void copy(Tensor& dst, const Tensor& src) {
+  Checker c{"copy"};
+  c.devices({{"dst", &dst}, {"src", &src}});
+  if (dst.dtype != src.dtype || dst.numel() != src.numel())
+    fail("copy: expected dst to match src's dtype and element count but received ", dst.describe(), " and ",
+         src.describe());
+  if (on_cuda(dst)) {
+    cuda_runtime::copy_async(dst.data(), src.data(), src.nbytes());
+  } else {
+    std::memcpy(dst.data(), src.data(), src.nbytes());
+  }
+}
+
+void cast(Tensor& dst, const Tensor& src) {
+  Checker c{"cast"};
+  c.devices({{"dst", &dst}, {"src", &src}});
+  c.dtype(dst, "dst", {DType::BF16, DType::F16, DType::F32});
+  c.dtype(src, "src", {DType::BF16, DType::F16, DType::F32});
+  if (dst.numel() != src.numel())
+    fail("cast: expected dst and src to have the same element count but received ", dst.describe(), " and ",
+         src.describe());
+  on_cuda(dst) ? cuda::cast(dst, src) : cpu::cast(dst, src);
+}
+
+}  // namespace detinfer::ops

@@ -1,0 +1,40 @@
+// Seeded random inputs for tests (never zeros): a small counter-based generator so every test
+// can rebuild its inputs from a seed.
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0
+    let t = a
+    t = Math.imul(t ^ (t >>> 15), t | 1)
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+  }
+}
+
+/** Uniform values in [-scale, scale), none exactly zero. */
+export function randomArray(n: number, seed: number, scale = 1): Float32Array {
+  const rand = mulberry32(seed)
+  const out = new Float32Array(n)
+  for (let i = 0; i < n; i++) {
+    let v = (rand() * 2 - 1) * scale
+    if (v === 0) v = scale * 1e-3
+    out[i] = v
+  }
+  return out
+}
+
+/** Normal-ish values (sum of uniforms), mean 0, std `std`. */
+export function randomNormal(n: number, seed: number, std = 1): Float32Array {
+  const rand = mulberry32(seed)
+  const out = new Float32Array(n)
+  for (let i = 0; i < n; i++) {
+    const v = (rand() + rand() + rand() + rand() - 2) * Math.sqrt(3) * std
+    out[i] = v === 0 ? std * 1e-3 : v
+  }
+  return out
+}
+
+export function randomInts(n: number, seed: number, max: number): Int32Array {
+  const rand = mulberry32(seed)
+  return Int32Array.from({ length: n }, () => Math.floor(rand() * max))
+}
