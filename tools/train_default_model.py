@@ -117,12 +117,37 @@ def save_tokenizer(fast, out_dir):
     cfg["eos_token"] = EOS
     cfg["pad_token"] = EOS
     cfg["bos_token"] = None
+    # Portable spellings that transformers 4.x understands as well as 5.x.
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = cfg.pop("extra_special_tokens", None)
+    if isinstance(extra, dict):
+        extra = list(extra.values())
+    cfg["additional_special_tokens"] = extra or [IM_START, IM_END]
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2, ensure_ascii=False)
         f.write("\n")
     jinja = os.path.join(out_dir, "chat_template.jinja")
     if os.path.exists(jinja):
         os.remove(jinja)
+
+
+def add_legacy_rope_keys(out_dir):
+    """Mirror transformers 5's `rope_parameters` into the older `rope_theta` /
+    `rope_scaling` keys of config.json, so that readers written for either layout
+    (transformers 4.x, most published checkpoints) see the same RoPE settings."""
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict) and "rope_theta" in rp:
+        cfg["rope_theta"] = rp["rope_theta"]
+        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+        cfg["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+    if "dtype" in cfg and "torch_dtype" not in cfg:
+        cfg["torch_dtype"] = cfg["dtype"]
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 # --------------------------------------------------------------------------- model
@@ -335,6 +360,7 @@ def main():
         model.save_pretrained(args.out, safe_serialization=True)
     except TypeError:
         model.save_pretrained(args.out)
+    add_legacy_rope_keys(args.out)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
