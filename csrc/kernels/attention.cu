@@ -85,18 +85,32 @@ __device__ __forceinline__ int keys_of(const AttentionArgs& a, int seq) {
 // Loading tiles into shared memory (16-byte cp.async; rows past the end are zero-filled).
 
 // kKeyBlock cache rows key0.. of kv head `kv_head` into k_dst and/or v_dst ([kKeyBlock][D], swizzled).
-template <int D, int kThreads, bool kLoadK, bool kLoadV>
+// With kWindow (one warp, kThreads == 32), lane i holds window_page = table[window_first + i] and a
+// key's page comes from that lane by shuffle instead of a dependent global load; pages outside the
+// window are read from the table.
+template <int D, int kThreads, bool kLoadK, bool kLoadV, bool kWindow = false>
 __device__ __forceinline__ void load_key_block(bf16* k_dst, bf16* v_dst, const AttentionArgs& a, const int* table,
-                                               int kv_head, int key0, int len) {
+                                               int kv_head, int key0, int len, int window_first = 0,
+                                               int window_page = 0) {
+  static_assert(!kWindow || kThreads == 32, "the page window is shared within one warp");
   constexpr int kChunks = D / 8;
+  static_assert(kKeyBlock * kChunks % kThreads == 0, "every thread runs the same number of iterations");
   for (int c = threadIdx.x; c < kKeyBlock * kChunks; c += kThreads) {
     const int r = c / kChunks, chunk = c % kChunks;
     const int key = key0 + r;
     const bool valid = key < len;
+    const int page_index = key / a.block_size;
+    int page;
+    if (kWindow) {
+      const int rel = page_index - window_first;
+      page = __shfl_sync(0xffffffffu, window_page, rel & 31);
+      if (valid && (rel < 0 || rel >= 32)) page = table[page_index];
+    } else {
+      page = valid ? table[page_index] : 0;
+    }
     int64_t offset = 0;
     if (valid) {
-      const int page = key / a.block_size;
-      const int64_t slot = static_cast<int64_t>(table[page]) * a.block_size + (key - page * a.block_size);
+      const int64_t slot = static_cast<int64_t>(page) * a.block_size + (key - page_index * a.block_size);
       offset = (slot * a.kv_heads + kv_head) * D + chunk * 8;
     }
     if (kLoadK) cp_async16(k_dst + tile_offset<D>(r, chunk), a.k_cache + offset, valid);
@@ -137,11 +151,18 @@ __global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_
   const int begin = split_index * split, end = min(begin + split, len);
   const int* table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
 
+  // The split's first 32 block-table entries, one per lane (a split of kSplitSize keys needs 256 / block_size).
+  const int window_first = begin / a.block_size;
+  const int lane_page = window_first + static_cast<int>(threadIdx.x);
+  const int window_page = lane_page * a.block_size < len ? table[lane_page] : 0;
+
   load_query_rows<D, DecodeTiles::kThreads, kTileRows>(q_s, a.q, (static_cast<int64_t>(q_row) * a.heads + head0) * D,
                                                        D, rows);
-  load_key_block<D, DecodeTiles::kThreads, true, false>(k_s, nullptr, a, table, kv_head, begin, len);
+  load_key_block<D, DecodeTiles::kThreads, true, false, true>(k_s, nullptr, a, table, kv_head, begin, len, window_first,
+                                                              window_page);
   cp_async_commit();
-  load_key_block<D, DecodeTiles::kThreads, false, true>(nullptr, v_s, a, table, kv_head, begin, len);
+  load_key_block<D, DecodeTiles::kThreads, false, true, true>(nullptr, v_s, a, table, kv_head, begin, len, window_first,
+                                                              window_page);
   cp_async_commit();
 
   // The query sits at len-1, so its keys in this split are exactly [begin, end).
@@ -155,13 +176,17 @@ __global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_
     uint32_t p[kKeyBlock / 16][4];
     block_scores(acc, p, q_s, k_s, key0, limit, a.scale_log2);
     __syncwarp();
-    if (has_next) load_key_block<D, DecodeTiles::kThreads, true, false>(k_s, nullptr, a, table, kv_head, key0 + kKeyBlock, len);
+    if (has_next)
+      load_key_block<D, DecodeTiles::kThreads, true, false, true>(k_s, nullptr, a, table, kv_head, key0 + kKeyBlock, len,
+                                                                  window_first, window_page);
     cp_async_commit();
     cp_async_wait<1>();  // V of this block
     __syncwarp();
     accumulate_values(acc, p, v_s);
     __syncwarp();
-    if (has_next) load_key_block<D, DecodeTiles::kThreads, false, true>(nullptr, v_s, a, table, kv_head, key0 + kKeyBlock, len);
+    if (has_next)
+      load_key_block<D, DecodeTiles::kThreads, false, true, true>(nullptr, v_s, a, table, kv_head, key0 + kKeyBlock, len,
+                                                                  window_first, window_page);
     cp_async_commit();
   }
   finish_split(acc);
@@ -327,14 +352,24 @@ AttentionLaunch choose_launch(const AttentionBatch& batch, int num_seqs) {
   return l;
 }
 
-// A workspace from the stream-ordered pool, released (stream-ordered) when the launch is done.
-struct Workspace {
-  void* ptr = nullptr;
-  explicit Workspace(size_t bytes) : ptr(cuda_runtime::alloc(bytes)) {}
-  ~Workspace() { cuda_runtime::free(ptr); }
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-};
+// The decode partials' workspace, kept between launches and grown (doubling) when a launch needs
+// more: allocating per launch costs tens of microseconds, since the stream-ordered pool hands its
+// memory back at every synchronize. All launches share the one stream, so reuse is ordered.
+// Never released (it lives as long as the process's CUDA context).
+float* decode_workspace(size_t bytes) {
+  static std::mutex mutex;
+  static void* ptr = nullptr;
+  static size_t capacity = 0;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (bytes > capacity) {
+    const size_t grown = std::max(bytes, 2 * capacity);
+    void* fresh = cuda_runtime::alloc(grown);
+    cuda_runtime::free(ptr);  // stream-ordered: after the launches that used it
+    ptr = fresh;
+    capacity = grown;
+  }
+  return static_cast<float*>(ptr);
+}
 
 std::string describe_launch(const Tensor& q, const Tensor& k_cache, const AttentionBatch& b) {
   return "(q " + q.describe() + ", cache " + k_cache.describe() + ", " + std::to_string(b.seq_lens.dim(0)) +
@@ -348,8 +383,7 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
   if (l.decode) {
     const int row_tiles = (a.heads / a.kv_heads + kTileRows - 1) / kTileRows;
     const size_t partials = static_cast<size_t>(a.num_seqs) * a.heads * l.max_splits;
-    Workspace ws(partials * (D + 2) * sizeof(float));
-    a.part_o = static_cast<float*>(ws.ptr);
+    a.part_o = decode_workspace(partials * (D + 2) * sizeof(float));
     a.part_ml = a.part_o + partials * D;
     a.max_splits = l.max_splits;
     dim3 grid(l.max_splits, a.kv_heads * row_tiles, a.num_seqs);

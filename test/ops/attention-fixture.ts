@@ -135,9 +135,9 @@ export class AttentionScene {
       const w = Math.exp(scores[j]! - max)
       sum += w
       const vo = (j * kvHeads + kvh) * dim
-      for (let d = 0; d < dim; d++) out[d] += w * s.v[vo + d]!
+      for (let d = 0; d < dim; d++) out[d] = out[d]! + w * s.v[vo + d]!
     }
-    for (let d = 0; d < dim; d++) out[d] /= sum
+    for (let d = 0; d < dim; d++) out[d] = out[d]! / sum
     return out
   }
 
