@@ -5,8 +5,9 @@
 // order); every query is computed alone, from its position and its sequence's cache.
 // Variant: the split size comes from attention_schedule::variant_split_size(batch, length).
 // Arithmetic as in the CUDA kernels (kernels/attention_tile.cuh) where a scalar loop can follow
-// it: raw scores, exp2 with the scale folded in, bf16 weights in P·V, splits merged into a running
-// total; the dot products are sequential here, so CPU and CUDA agree closely, not bitwise.
+// it: raw scores, p = exp2(fma(s, c, -max·c)) with the scale folded into c, bf16 weights in P·V,
+// splits merged into a running total; the dot products are sequential here, so CPU and CUDA agree
+// closely, not bitwise.
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -73,7 +74,7 @@ Partial reduce_split(const float* q, const KeyRows& keys, int64_t begin, int64_t
     p.sum *= alpha;
     for (float& o : p.out) o *= alpha;
     for (int64_t j = 0; j < n; ++j) {
-      float w = std::exp2(scores[j] * c - offset);
+      float w = std::exp2(std::fma(scores[j], c, -offset));
       p.sum += w;
       float wv = round_bf16(w);
       const uint16_t* v = keys.v(block + j);

@@ -65,6 +65,7 @@ struct AttentionArgs {
   const int* query_start;   // [num_seqs + 1]
   const int* seq_lens;      // [num_seqs]
   int num_seqs, heads, kv_heads, block_size, max_blocks;
+  int block_shift;  // log2(block_size) when it is a power of two, else -1
   int split_size;  // keys per split; 0: variant_split_size(num_seqs, length) per sequence
   int max_splits;  // decode: the workspace's splits per (sequence, head)
   float scale_log2;
@@ -95,11 +96,14 @@ __device__ __forceinline__ void load_key_block(bf16* k_dst, bf16* v_dst, const A
   static_assert(!kWindow || kThreads == 32, "the page window is shared within one warp");
   constexpr int kChunks = D / 8;
   static_assert(kKeyBlock * kChunks % kThreads == 0, "every thread runs the same number of iterations");
-  for (int c = threadIdx.x; c < kKeyBlock * kChunks; c += kThreads) {
+  // A constant trip count, unrolled by 8: the page lookups and copies of 8 iterations overlap.
+#pragma unroll 8
+  for (int i = 0; i < kKeyBlock * kChunks / kThreads; ++i) {
+    const int c = static_cast<int>(threadIdx.x) + i * kThreads;
     const int r = c / kChunks, chunk = c % kChunks;
     const int key = key0 + r;
     const bool valid = key < len;
-    const int page_index = key / a.block_size;
+    const int page_index = a.block_shift >= 0 ? key >> a.block_shift : key / a.block_size;
     int page;
     if (kWindow) {
       const int rel = page_index - window_first;
@@ -122,7 +126,10 @@ __device__ __forceinline__ void load_key_block(bf16* k_dst, bf16* v_dst, const A
 template <int D, int kThreads, int kRowsTile>
 __device__ __forceinline__ void load_query_rows(bf16* dst, const bf16* q, int64_t first, int64_t stride, int rows) {
   constexpr int kChunks = D / 8;
-  for (int c = threadIdx.x; c < kRowsTile * kChunks; c += kThreads) {
+  static_assert(kRowsTile * kChunks % kThreads == 0, "every thread runs the same number of iterations");
+#pragma unroll
+  for (int i = 0; i < kRowsTile * kChunks / kThreads; ++i) {
+    const int c = static_cast<int>(threadIdx.x) + i * kThreads;
     const int r = c / kChunks, chunk = c % kChunks;
     const bool valid = r < rows;
     cp_async16(dst + tile_offset<D>(r, chunk), valid ? q + first + r * stride + chunk * 8 : q, valid);
@@ -446,6 +453,9 @@ void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor
   a.kv_heads = static_cast<int>(k_cache.dim(2));
   a.block_size = static_cast<int>(k_cache.dim(1));
   a.max_blocks = static_cast<int>(batch.block_tables.dim(1));
+  a.block_shift = -1;
+  for (int shift = 0; shift < 31; ++shift)
+    if (a.block_size == (1 << shift)) a.block_shift = shift;
   a.scale_log2 = scale * 1.4426950408889634f;  // exp(x·scale) = 2^(x·scale·log2 e)
 
   const AttentionLaunch l = choose_launch(batch, a.num_seqs);

@@ -3,7 +3,7 @@
 //
 // One warp owns a tile of 16 query rows (mma.sync m16n8k16, bf16 in, fp32 accumulate):
 //   S[16, kKeyBlock] = Q[16, D] · K[kKeyBlock, D]^T     k-steps of 16 dims in ascending order
-//   online softmax in fp32 over S (raw scores; scale folded into exp2: p = 2^(s·c − m·c))
+//   online softmax in fp32 over S (raw scores; scale folded into exp2: p = 2^(fma(s, c, −m·c)))
 //   O[16, D] += bf16(P)[16, kKeyBlock] · V[kKeyBlock, D] k-steps of 16 keys in ascending order
 // A row's result depends only on its own Q row, the keys and its key limit: which other rows share
 // the tile (heads of a GQA group in decode, neighbouring positions in prefill) never matters.
@@ -128,16 +128,20 @@ __device__ __forceinline__ void block_scores(SplitAccum<D>& acc, uint32_t p[kKey
     }
   }
 
-  const int col = 2 * (lane & 3);
+  // Mask keys at or past each row's limit; a block wholly below both limits has nothing to mask.
+  if (key0 + kKeyBlock > min(limit[0], limit[1])) {
+    const int col = 2 * (lane & 3);
+#pragma unroll
+    for (int j = 0; j < kKeyBlock / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (key0 + j * 8 + col + (e & 1) >= limit[e >> 1]) s[j][e] = -INFINITY;
+  }
   float block_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int j = 0; j < kKeyBlock / 8; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = key0 + j * 8 + col + (e & 1);
-      if (key >= limit[e >> 1]) s[j][e] = -INFINITY;
-      block_max[e >> 1] = fmaxf(block_max[e >> 1], s[j][e]);
-    }
+    for (int e = 0; e < 4; ++e) block_max[e >> 1] = fmaxf(block_max[e >> 1], s[j][e]);
 
   float offset[2];
 #pragma unroll
@@ -160,7 +164,8 @@ __device__ __forceinline__ void block_scores(SplitAccum<D>& acc, uint32_t p[kKey
   for (int j = 0; j < kKeyBlock / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float pe = exp2f(s[j][e] * scale_log2 - offset[e >> 1]);
+      // One explicit fma (s·c − m·c): --fmad=false forbids only contractions the compiler chooses.
+      const float pe = exp2f(__fmaf_rn(s[j][e], scale_log2, -offset[e >> 1]));
       acc.l[e >> 1] = acc.l[e >> 1] + pe;
       s[j][e] = pe;
     }
