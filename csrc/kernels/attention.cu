@@ -16,6 +16,9 @@
 // Neither the split size nor the key block depends on the batch, the lengths or the SM count; the
 // grid does, which changes who computes a row but not how. Only the variant configuration
 // (choose_launch) takes the split size from the batch size.
+// The host-side max_query_len / max_seq_len size the grid and the decode workspace, so they must
+// bound every sequence of the batch (max_query_len == 1 selects decode); a kv_append slot outside
+// the cache is skipped, since checking device-side slots on the host would synchronize.
 #include <cuda_runtime.h>
 
 #include <algorithm>
