@@ -1,5 +1,9 @@
 // The public Model: a loaded transformer, its tokenizer and the scheduler that serves requests to
 // it. Every method validates its arguments here; the layers below trust them.
+import { existsSync } from 'node:fs'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { resolveDevice, type DeviceOption } from './device.js'
 import { DisposedError, checkInteger, invalidArgument } from './errors.js'
 import {
   resolveGenerateOptions,
@@ -13,6 +17,13 @@ import {
 } from './generate.js'
 import type { DeviceName } from './native.js'
 import { Scheduler, type ForwardModel } from './scheduler.js'
+import { Transformer } from './model/transformer.js'
+import { Tokenizer } from './tokenizer.js'
+
+/** Directory name of the model shipped under models/. */
+const DEFAULT_MODEL_NAME = 'detinfer-tiny'
+/** Positions per KV-cache block. */
+const KV_BLOCK_SIZE = 16
 
 export interface ScoreResult {
   /** The completion's ids, as scored (after the prompt's). */
@@ -168,5 +179,75 @@ export class Model {
     if (!Array.isArray(tokens)) throw invalidArgument(name, 'array of token ids', tokens)
     tokens.forEach((t, i) => checkInteger(`${name}[${i}]`, t, 0, this.vocabSize - 1))
     return tokens as number[]
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+export interface LoadProgress {
+  loadedBytes: number
+  totalBytes: number
+}
+
+export interface LoadModelOptions {
+  /** 'auto' (default): CUDA when a usable GPU is there, else the CPU. */
+  device?: DeviceOption
+  /** Tokens (decodes plus prompt chunks) in one forward pass at most. */
+  maxBatchTokens?: number
+  /** Sequences decoded together at most. */
+  maxBatchSize?: number
+  /** Prompt tokens of one sequence per forward pass at most (longer prompts are fed in chunks). */
+  prefillChunkSize?: number
+  /** KV-cache capacity in tokens, shared by all running sequences (or give kvBlocks). */
+  kvCacheTokens?: number
+  /** KV-cache capacity in blocks of the model's block size. */
+  kvBlocks?: number
+  onProgress?: (progress: LoadProgress) => void
+}
+
+const DEFAULTS = {
+  cpu: { maxBatchTokens: 256, maxBatchSize: 16, kvCacheTokens: 16_384 },
+  cuda: { maxBatchTokens: 2048, maxBatchSize: 64, kvCacheTokens: 131_072 },
+} as const
+
+/** The small model that ships with the package. */
+export const defaultModelPath = join(dirname(fileURLToPath(import.meta.url)), '..', 'models', DEFAULT_MODEL_NAME)
+
+/** Loads a Hugging Face model directory (config.json, safetensors weights, tokenizer.json). */
+export async function loadModel(dir: string, options: LoadModelOptions = {}): Promise<Model> {
+  if (typeof dir !== 'string' || dir === '') throw invalidArgument('dir', 'path of a model directory', dir)
+  if (typeof options !== 'object' || options === null) throw invalidArgument('options', 'object', options)
+  if (!existsSync(join(dir, 'config.json')))
+    throw new Error(`No model at ${dir}: expected a Hugging Face model directory with config.json, weights and tokenizer.json`)
+  const device = resolveDevice(options.device ?? 'auto')
+  const defaults = DEFAULTS[device]
+  const maxBatchTokens = options.maxBatchTokens === undefined ? defaults.maxBatchTokens : checkInteger('maxBatchTokens', options.maxBatchTokens, 1, 1 << 20)
+  const maxBatchSize = options.maxBatchSize === undefined ? Math.min(defaults.maxBatchSize, maxBatchTokens) : checkInteger('maxBatchSize', options.maxBatchSize, 1, maxBatchTokens)
+  const prefillChunkSize = options.prefillChunkSize === undefined ? maxBatchTokens : checkInteger('prefillChunkSize', options.prefillChunkSize, 1, maxBatchTokens)
+  if (options.kvBlocks !== undefined && options.kvCacheTokens !== undefined)
+    throw invalidArgument('options', 'either kvBlocks or kvCacheTokens, not both', 'both')
+  const kvCacheTokens = options.kvCacheTokens === undefined ? defaults.kvCacheTokens : checkInteger('kvCacheTokens', options.kvCacheTokens, 1, 1 << 30)
+  const kvBlocks = options.kvBlocks === undefined ? Math.ceil(kvCacheTokens / KV_BLOCK_SIZE) : checkInteger('kvBlocks', options.kvBlocks, 1, 1 << 24)
+  if (options.onProgress !== undefined && typeof options.onProgress !== 'function')
+    throw invalidArgument('onProgress', 'function', options.onProgress)
+
+  const tokenizer = await Tokenizer.load(dir)
+  const forward = await Transformer.load(dir, {
+    device,
+    maxBatchTokens,
+    kvBlocks,
+    kvBlockSize: KV_BLOCK_SIZE,
+    ...(options.onProgress && { onProgress: options.onProgress }),
+  })
+  return new Model({ forward, tokenizer: textTokenizer(tokenizer), path: dir }, { maxBatchSize, prefillChunkSize })
+}
+
+function textTokenizer(t: Tokenizer): TextTokenizer {
+  return {
+    encodePrompt: (text, chat) => t.encodePrompt(text, chat),
+    encodeContinuation: (text) => t.encodeContinuation(text),
+    decode: (ids) => t.decode(ids),
+    eosTokenIds: t.eosTokenIds,
   }
 }

@@ -21,7 +21,7 @@ describe('seeded sampling', () => {
       const params = { temperature, topK: 0, topP: 1, seed: 77 }
       const draws = 40_000
       const counts = new Float64Array(logits.length)
-      for (let pos = 0; pos < draws; pos++) counts[sampleToken(logits, pos, params)]++
+      for (let pos = 0; pos < draws; pos++) counts[sampleToken(logits, pos, params)]! += 1
       const p = softmax(logits, temperature, () => true)
       let chi2 = 0
       for (let v = 0; v < logits.length; v++) if (p[v]! * draws >= 5) chi2 += (counts[v]! - p[v]! * draws) ** 2 / (p[v]! * draws)
