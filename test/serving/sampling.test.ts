@@ -1,7 +1,7 @@
 // Seeded Gumbel-max sampling: draws follow softmax(logits / temperature) over the kept set, the
 // noise is a pure function of (seed, position, token), and top-k / top-p keep the right tokens.
 import { describe, expect, it } from 'vitest'
-import { keptTokens, noiseUniform, sampleToken } from '../../lib/sampling.js'
+import { gumbelNoise, keptTokens, noiseUniform, sampleToken, type SamplingParams } from '../../lib/sampling.js'
 import { randomNormal } from '../helpers/random.js'
 
 function softmax(logits: Float32Array, t: number, keep: (v: number) => boolean): Float64Array {
@@ -52,12 +52,12 @@ describe('seeded sampling', () => {
 
   it('top-k keeps the k largest logits, lowest id first on ties', () => {
     const tied = Float32Array.from([1, 3, 2, 3, 0.5])
-    expect(Array.from(keptTokens(tied, { temperature: 1, topK: 3, topP: 1, seed: 0 }))).toEqual([1, 3, 2])
+    expect(Array.from(keptTokens(tied, { temperature: 1, topK: 3, topP: 1, seed: 0 })!)).toEqual([1, 3, 2])
   })
 
   it('top-p keeps the smallest prefix reaching p, and never draws outside it', () => {
     const params = { temperature: 1, topK: 0, topP: 0.6, seed: 3 }
-    const kept = Array.from(keptTokens(logits, params))
+    const kept = Array.from(keptTokens(logits, params)!)
     const p = softmax(logits, 1, () => true)
     const order = Array.from(p.keys()).sort((a, b) => p[b]! - p[a]! || a - b)
     let n = 0
@@ -73,5 +73,49 @@ describe('seeded sampling', () => {
     let best = 0
     for (let v = 1; v < logits.length; v++) if (logits[v]! > logits[best]!) best = v
     for (let pos = 0; pos < 200; pos++) expect(sampleToken(logits, pos, { temperature: 5, topK: 1, topP: 1, seed: pos })).toBe(best)
+  })
+
+  // The shortcuts (quickselect for top-k, sorting only above a cut for top-p, skipping noise that
+  // cannot win) must pick exactly what the plain definition picks.
+  it('picks exactly what a full sort and a full Gumbel-max pick, on a large vocabulary', () => {
+    const vocab = 20_000
+    const row = randomNormal(vocab, 31, 2.5)
+    const top = row.indexOf(Math.max(...row))
+    row[17] = row[top]! // a tie for the most likely token
+    const reference = (p: SamplingParams): number => {
+      let order = Array.from({ length: vocab }, (_, i) => i).sort((a, b) => row[b]! - row[a]! || a - b)
+      if (p.topK > 0) order = order.slice(0, p.topK)
+      if (p.topP < 1) {
+        const byId = [...order].sort((a, b) => a - b)
+        const max = Math.max(...byId.map((v) => row[v]! / p.temperature))
+        let total = 0
+        for (const v of byId) total += Math.exp(row[v]! / p.temperature - max)
+        let c = 0
+        let n = 0
+        while (n < order.length) {
+          c += Math.exp(row[order[n]!]! / p.temperature - max) / total
+          n++
+          if (c >= p.topP) break
+        }
+        order = order.slice(0, n)
+      }
+      let best = -1
+      let bestScore = -Infinity
+      for (const v of order) {
+        const s = row[v]! / p.temperature + gumbelNoise(p.seed, p.temperature * 1000, v)
+        if (s > bestScore || (s === bestScore && v < best)) [best, bestScore] = [v, s]
+      }
+      return best
+    }
+    let differentFromArgmax = 0
+    for (const temperature of [0.3, 1, 3])
+      for (const topK of [0, 1, 7, 500])
+        for (const topP of [1, 0.95, 0.5, 0.05]) {
+          const params = { temperature, topK, topP, seed: 11 + topK }
+          const got = sampleToken(row, temperature * 1000, params)
+          expect(got, JSON.stringify(params)).toBe(reference(params))
+          if (got !== 17) differentFromArgmax++
+        }
+    expect(differentFromArgmax).toBeGreaterThan(10)
   })
 })
