@@ -336,19 +336,22 @@ export class Scheduler {
         const [ids, logprobs] = await Promise.all([readI32(idsDev), readF32(lpDev)])
         return { ids, logprobs }
       }
+      // Sampled rows need their logits on the host: one row read alone, several by one download.
+      const sampled = rows.flatMap((row, r) => (row.target < 0 && !greedy(row) ? [r] : []))
+      const vocab = logits.shape[1]!
+      if (rows.some(greedy)) n.argmax(idsDev, logits)
+      const [argmaxIds, hostLogits] = await Promise.all([
+        rows.some(greedy) ? readI32(idsDev) : null,
+        sampled.length === 1 ? readF32(n.narrow(logits, sampled[0]!, 1)) : sampled.length ? readF32(logits) : null,
+      ])
       const ids = new Int32Array(count)
-      let argmaxIds: Int32Array | null = null
-      if (rows.some(greedy)) {
-        n.argmax(idsDev, logits)
-        argmaxIds = await readI32(idsDev)
-      }
       for (const [r, row] of rows.entries()) {
         if (row.target >= 0) ids[r] = row.target
-        else if (argmaxIds && greedy(row)) ids[r] = argmaxIds[r]!
+        else if (greedy(row)) ids[r] = argmaxIds![r]!
         else {
-          const sampling = (row.seq.request as GenerationRequest).sampling!
-          const values = await readF32(n.narrow(logits, r, 1))
-          ids[r] = sampleToken(values, row.position + 1, sampling)
+          const offset = sampled.length === 1 ? 0 : r * vocab
+          const values = hostLogits!.subarray(offset, offset + vocab)
+          ids[r] = sampleToken(values, row.position + 1, (row.seq.request as GenerationRequest).sampling!)
         }
       }
       const chosen = tensorFrom(device, 'i32', [count], ids)
