@@ -12,6 +12,8 @@ export interface TextTokenizer {
   encodeContinuation(text: string): number[]
   /** Text of ids, special tokens left out. */
   decode(ids: readonly number[]): string
+  /** An incremental decoder for one completion; `context` (the prompt's ids) gets the first piece's leading space right. */
+  streamDecoder(options: { context: readonly number[] }): { push(id: number): string }
   readonly eosTokenIds: readonly number[]
 }
 
@@ -110,39 +112,27 @@ export function resolveGenerateOptions(
 // Text assembly
 
 /**
- * Turns generated ids into text as they come: decodes a window of recent ids twice (with and without
- * the newest) so that multi-token characters and leading-space rules come out right, cuts at the
- * first stop string, and holds back a tail that could still become one.
+ * Turns generated ids into text as they come (through the tokenizer's incremental decoder), cuts it
+ * at the first stop string, and holds back a tail that could still become one.
  */
 export class CompletionText {
   text = ''
-  private emitted = 0
-  private readonly ids: number[] = []
-  private prefixOffset = 0
-  private readOffset = 0
-  private readonly tokenizer: TextTokenizer
-  private readonly stop: string[]
   stopped = false
+  private emitted = 0
+  private readonly decoder: { push(id: number): string }
+  private readonly stop: string[]
 
-  /** `context`: the last prompt ids, decoded along so that the first piece gets its leading space right. */
   constructor(tokenizer: TextTokenizer, stop: string[], context: readonly number[] = []) {
-    this.tokenizer = tokenizer
+    this.decoder = tokenizer.streamDecoder({ context })
     this.stop = stop
-    this.ids.push(...context.slice(-4))
-    this.readOffset = this.ids.length
   }
 
   /** Adds one id; returns the text now safe to show. Sets `stopped` when a stop string appeared. */
   push(id: number, isLast: boolean): string {
-    this.ids.push(id)
-    const prefix = this.tokenizer.decode(this.ids.slice(this.prefixOffset, this.readOffset))
-    const full = this.tokenizer.decode(this.ids.slice(this.prefixOffset))
-    // An incomplete UTF-8 sequence decodes to U+FFFD: wait for the rest.
-    if (full.length > prefix.length && !full.endsWith('\uFFFD')) {
+    const piece = this.decoder.push(id)
+    if (piece) {
       const searchFrom = Math.max(0, this.text.length - this.longestStop() + 1)
-      this.text += full.slice(prefix.length)
-      this.prefixOffset = this.readOffset
-      this.readOffset = this.ids.length
+      this.text += piece
       const cut = this.firstStop(searchFrom)
       if (cut >= 0) {
         this.text = this.text.slice(0, cut)

@@ -67,7 +67,7 @@ export class Model {
 
   /** Tokens of context (prompt plus completion) the model accepts. */
   get contextLength(): number {
-    return this.parts.forward.config.maxPositionEmbeddings
+    return this.parts.forward.maxPositions ?? this.parts.forward.config.maxPositionEmbeddings
   }
 
   get vocabSize(): number {
@@ -238,16 +238,25 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
     maxBatchTokens,
     kvBlocks,
     kvBlockSize: KV_BLOCK_SIZE,
+    // Logits are f32 [rows, vocab]: rows for every decoding sequence, and scored chunks up to 512 tokens.
+    maxLogitRows: Math.max(maxBatchSize, Math.min(maxBatchTokens, 512)),
     ...(options.onProgress && { onProgress: options.onProgress }),
   })
-  return new Model({ forward, tokenizer: textTokenizer(tokenizer), path: dir }, { maxBatchSize, prefillChunkSize })
+  return new Model({ forward, tokenizer: servingTokenizer(tokenizer), path: dir }, { maxBatchSize, prefillChunkSize })
 }
 
-function textTokenizer(t: Tokenizer): TextTokenizer {
+
+// Models often pad their vocabulary past the tokenizer's last id; such ids decode to nothing.
+function servingTokenizer(t: Tokenizer): TextTokenizer {
+  const known = (ids: readonly number[]) => ids.filter((id) => id < t.vocabSize)
   return {
     encodePrompt: (text, chat) => t.encodePrompt(text, chat),
     encodeContinuation: (text) => t.encodeContinuation(text),
-    decode: (ids) => t.decode(ids),
+    decode: (ids) => t.decode(known(ids)),
+    streamDecoder: ({ context }) => {
+      const decoder = t.streamDecoder({ context: known(context) })
+      return { push: (id) => (id < t.vocabSize ? decoder.push(id) : '') }
+    },
     eosTokenIds: t.eosTokenIds,
   }
 }

@@ -15,28 +15,24 @@ import { native, type DeviceName, type NativeTensor } from './native.js'
 import { RequestTooLargeError } from './errors.js'
 import { sampleToken, type SamplingParams } from './sampling.js'
 import { readF32, readI32, tensorFrom } from './tensor.js'
+import type { ForwardOutput, SequenceChunk } from './model/transformer.js'
 
 // ---------------------------------------------------------------------------------------------
 // The forward pass the scheduler drives (lib/model/transformer.ts implements it)
 
-export interface SequenceChunk {
-  tokens: number[]
-  startPosition: number
-  blockTable: number[]
-  logits: 'none' | 'last' | 'all'
-}
+export type { ForwardOutput, SequenceChunk }
 
-export interface ForwardOutput {
-  logits: NativeTensor // f32 [R, vocab]: rows of the chunks that asked, in chunk order
-  rowsPerChunk: number[]
-}
-
+/** The part of the Transformer the scheduler drives (tests substitute their own). */
 export interface ForwardModel {
   readonly device: DeviceName
   readonly config: { vocabSize: number; maxPositionEmbeddings: number }
   readonly kvBlockSize: number
   readonly kvBlocks: number
   readonly maxBatchTokens: number
+  /** Logits rows one forward can return (default maxBatchTokens). */
+  readonly maxLogitRows?: number
+  /** Longest sequence it runs (default config.maxPositionEmbeddings). */
+  readonly maxPositions?: number
   forward(chunks: SequenceChunk[]): ForwardOutput
 }
 
@@ -137,7 +133,7 @@ export class Scheduler {
 
   constructor(model: ForwardModel, options: SchedulerOptions) {
     this.model = model
-    this.maxBatchSize = Math.min(options.maxBatchSize, model.maxBatchTokens)
+    this.maxBatchSize = Math.min(options.maxBatchSize, model.maxBatchTokens, model.maxLogitRows ?? Infinity)
     this.prefillChunkSize = options.prefillChunkSize
     this.allocator = new KvBlockAllocator(model.kvBlocks, model.kvBlockSize)
   }
@@ -199,7 +195,7 @@ export class Scheduler {
   }
 
   private checkFits(contextTokens: number, maxTokens: number, cacheNeed: number): void {
-    const context = this.model.config.maxPositionEmbeddings
+    const context = this.model.maxPositions ?? this.model.config.maxPositionEmbeddings
     if (contextTokens + maxTokens > context)
       throw new RequestTooLargeError(
         `The prompt (${contextTokens} tokens) plus maxTokens (${maxTokens}) exceeds the model's context of ${context} tokens`,
@@ -289,17 +285,24 @@ export class Scheduler {
     this.retireFinished()
   }
 
-  /** Decodes first (one token each), then prompt chunks, within maxBatchTokens. */
+  /** Decodes first (one token each), then prompt chunks, within maxBatchTokens and maxLogitRows. */
   private pack(): PackedChunk[] {
     const packed: PackedChunk[] = []
-    let budget = this.model.maxBatchTokens
+    let tokenBudget = this.model.maxBatchTokens
+    let rowBudget = this.model.maxLogitRows ?? this.model.maxBatchTokens
     const decoding = this.running.filter((s) => s.tokens.length - s.cached === 1 && s.request.kind === 'generate')
     const prefilling = this.running.filter((s) => !decoding.includes(s))
     for (const seq of [...decoding, ...prefilling]) {
-      if (budget === 0) break
-      const n = Math.min(seq.tokens.length - seq.cached, budget, this.prefillChunkSize)
-      budget -= n
-      packed.push(this.chunkFor(seq, n))
+      if (tokenBudget === 0) break
+      let p = this.chunkFor(seq, Math.min(seq.tokens.length - seq.cached, tokenBudget, this.prefillChunkSize))
+      // A scored chunk returns a logits row per token: shorten it to the rows left.
+      if (p.chunk.logits === 'all' && p.rows.length > rowBudget && rowBudget > 0) p = this.chunkFor(seq, rowBudget)
+      const rows = p.chunk.logits === 'none' ? 0 : p.rows.length
+      if (rows > rowBudget) continue
+      const n = p.chunk.tokens.length
+      tokenBudget -= n
+      rowBudget -= rows
+      packed.push(p)
     }
     return packed
   }

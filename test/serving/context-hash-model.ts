@@ -81,10 +81,13 @@ export class ContextHashModel implements ForwardModel {
   }
 }
 
+const decodeChars = (ids: readonly number[]) => ids.map((i) => (i === EOS ? '' : ALPHABET[i - 1] ?? '')).join('')
+
 /** One character per id; id 0 is EOS. */
 export const charTokenizer: TextTokenizer = {
   encodePrompt: (text) => [...text].map((c) => ALPHABET.indexOf(c) + 1),
   encodeContinuation: (text) => [...text].map((c) => ALPHABET.indexOf(c) + 1),
-  decode: (ids) => ids.map((i) => (i === EOS ? '' : ALPHABET[i - 1] ?? '')).join(''),
+  decode: decodeChars,
+  streamDecoder: () => ({ push: (id) => decodeChars([id]) }),
   eosTokenIds: [EOS],
 }
