@@ -13,8 +13,15 @@ export interface TextTokenizer {
   /** Text of ids, special tokens left out. */
   decode(ids: readonly number[]): string
   /** An incremental decoder for one completion; `context` (the prompt's ids) gets the first piece's leading space right. */
-  streamDecoder(options: { context: readonly number[] }): { push(id: number): string }
+  streamDecoder(options: { context: readonly number[] }): TextStreamDecoder
   readonly eosTokenIds: readonly number[]
+}
+
+export interface TextStreamDecoder {
+  /** Adds one id; returns the text it completes. */
+  push(id: number): string
+  /** Text still held back (an incomplete character). */
+  flush(): string
 }
 
 export interface GenerateOptions {
@@ -119,7 +126,7 @@ export class CompletionText {
   text = ''
   stopped = false
   private emitted = 0
-  private readonly decoder: { push(id: number): string }
+  private readonly decoder: TextStreamDecoder
   private readonly stop: string[]
 
   constructor(tokenizer: TextTokenizer, stop: string[], context: readonly number[] = []) {
@@ -129,7 +136,7 @@ export class CompletionText {
 
   /** Adds one id; returns the text now safe to show. Sets `stopped` when a stop string appeared. */
   push(id: number, isLast: boolean): string {
-    const piece = this.decoder.push(id)
+    const piece = this.decoder.push(id) + (isLast ? this.decoder.flush() : '')
     if (piece) {
       const searchFrom = Math.max(0, this.text.length - this.longestStop() + 1)
       this.text += piece
@@ -203,7 +210,7 @@ export function runGeneration(
       logprobs.push(logprob)
       const isEos = eos.has(token)
       const isLast = isEos || tokens.length === options.maxTokens
-      const piece = isEos ? text.take(true) : text.push(token, isLast)
+      const piece = text.push(token, isLast)
       onPiece?.({ text: piece, token, logprob })
       return !(isEos || text.stopped)
     },

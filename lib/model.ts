@@ -255,7 +255,7 @@ function servingTokenizer(t: Tokenizer): TextTokenizer {
     decode: (ids) => t.decode(known(ids)),
     streamDecoder: ({ context }) => {
       const decoder = t.streamDecoder({ context: known(context) })
-      return { push: (id) => (id < t.vocabSize ? decoder.push(id) : '') }
+      return { push: (id) => (id < t.vocabSize ? decoder.push(id) : ''), flush: () => decoder.flush() }
     },
     eosTokenIds: t.eosTokenIds,
   }

@@ -88,6 +88,6 @@ export const charTokenizer: TextTokenizer = {
   encodePrompt: (text) => [...text].map((c) => ALPHABET.indexOf(c) + 1),
   encodeContinuation: (text) => [...text].map((c) => ALPHABET.indexOf(c) + 1),
   decode: decodeChars,
-  streamDecoder: () => ({ push: (id) => decodeChars([id]) }),
+  streamDecoder: () => ({ push: (id) => decodeChars([id]), flush: () => '' }),
   eosTokenIds: [EOS],
 }
