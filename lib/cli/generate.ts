@@ -6,7 +6,7 @@ import type { GenerateOptions } from '../generate.js'
 import { interactiveStderr, loadProgressReporter } from './progress.js'
 
 interface GenerateFlags {
-  model: string
+  model?: string
   promptFile?: string
   maxTokens?: number
   temperature?: number
@@ -54,7 +54,7 @@ export function generateCommand(): Command {
   return new Command('generate')
     .description('generate a completion of a prompt (greedy unless --temperature > 0)')
     .argument('[prompt]', 'the prompt (or use --prompt-file, or stdin)')
-    .option('-m, --model <dir>', 'Hugging Face model directory', defaultModelPath)
+    .option('-m, --model <dir>', 'Hugging Face model directory (default: the model shipped with detinfer)')
     .option('--prompt-file <file>', 'read the prompt from a file')
     .option('-n, --max-tokens <n>', 'tokens to generate at most', integer)
     .option('--temperature <t>', 'sampling temperature; 0 is greedy', number)
@@ -78,7 +78,8 @@ export function generateCommand(): Command {
         ...(flags.chat && { chat: true }),
       }
       const progress = loadProgressReporter('model')
-      const model = await loadModel(flags.model, {
+      const modelDir = flags.model ?? defaultModelPath
+      const model = await loadModel(modelDir, {
         device: flags.device,
         maxBatchSize: 1,
         onProgress: (p) => progress.update(p.loadedBytes, p.totalBytes),
@@ -92,7 +93,7 @@ export function generateCommand(): Command {
       try {
         if (flags.json) {
           const r = await model.generate(prompt, options)
-          process.stdout.write(JSON.stringify({ model: flags.model, device: model.device, ...r }) + '\n')
+          process.stdout.write(JSON.stringify({ model: modelDir, device: model.device, ...r }) + '\n')
           return
         }
         if (!flags.stream) {

@@ -18,6 +18,7 @@ for (const command of [generateCommand(), infoCommand()]) program.addCommand(com
 try {
   await program.parseAsync(process.argv)
 } catch (err) {
-  process.stderr.write(`detinfer: ${err instanceof Error ? err.message : String(err)}\n`)
+  const message = err instanceof Error ? err.message : String(err)
+  process.stderr.write(`detinfer: ${message.replace(/^detinfer: /, '')}\n`)
   process.exitCode = 1
 }
