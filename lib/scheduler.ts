@@ -99,6 +99,7 @@ interface Sequence {
   scores: Float32Array | null
   cancelled: boolean
   finish: FinishReason | null
+  error: unknown // set when the request's own consumer threw
   submittedAt: number
   admittedAt: number
   firstTokenAt: number
@@ -177,6 +178,7 @@ export class Scheduler {
       scores: request.kind === 'score' ? new Float32Array(tokens.length - request.from) : null,
       cancelled: false,
       finish: null,
+      error: undefined,
       submittedAt: performance.now(),
       admittedAt: 0,
       firstTokenAt: 0,
@@ -224,7 +226,11 @@ export class Scheduler {
       if (this.closedWith) return this.failAll(this.closedWith)
       this.dropCancelled()
       this.admit()
-      if (!this.running.length) continue
+      if (!this.running.length) {
+        // Only reachable if cache blocks leaked: with nothing running, any admissible request fits.
+        if (this.waiting.length) this.failAll(new Error('Scheduler: no request can be admitted although none is running'))
+        continue
+      }
       try {
         await this.step()
       } catch (err) {
@@ -391,8 +397,7 @@ export class Scheduler {
     } catch (err) {
       // A throwing consumer ends its own request only.
       seq.finish = 'cancelled'
-      seq.reject(err)
-      seq.resolve = () => {}
+      seq.error = err
       return
     }
     if (!more) seq.finish = 'stop'
@@ -408,7 +413,8 @@ export class Scheduler {
       }
       this.allocator.release(seq.blocks)
       seq.blocks = []
-      seq.resolve(this.outcome(seq))
+      if (seq.error !== undefined) seq.reject(seq.error)
+      else seq.resolve(this.outcome(seq))
     }
     this.running = still
   }
