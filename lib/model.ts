@@ -226,7 +226,7 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   const maxBatchSize = options.maxBatchSize === undefined ? Math.min(defaults.maxBatchSize, maxBatchTokens) : checkInteger('maxBatchSize', options.maxBatchSize, 1, maxBatchTokens)
   const prefillChunkSize = options.prefillChunkSize === undefined ? maxBatchTokens : checkInteger('prefillChunkSize', options.prefillChunkSize, 1, maxBatchTokens)
   if (options.kvBlocks !== undefined && options.kvCacheTokens !== undefined)
-    throw invalidArgument('options', 'either kvBlocks or kvCacheTokens, not both', 'both')
+    throw new TypeError('Expected kvBlocks or kvCacheTokens for the KV-cache size but received both')
   const kvCacheTokens = options.kvCacheTokens === undefined ? defaults.kvCacheTokens : checkInteger('kvCacheTokens', options.kvCacheTokens, 1, 1 << 30)
   const kvBlocks = options.kvBlocks === undefined ? Math.ceil(kvCacheTokens / KV_BLOCK_SIZE) : checkInteger('kvBlocks', options.kvBlocks, 1, 1 << 24)
   if (options.onProgress !== undefined && typeof options.onProgress !== 'function')

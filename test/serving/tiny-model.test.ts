@@ -184,4 +184,18 @@ describe('serving a tiny Qwen3 on the CPU', () => {
     const results = await model.generateBatch(many, greedy)
     expect(firstDifferentRequest(results, [...reference, ...reference])).toBe(-1)
   })
+
+  it('loadModel rejects bad options with messages that name them', async () => {
+    await expect(loadModel(dir, { device: 'tpu' as never })).rejects.toThrow(`Expected 'auto', 'cpu' or 'cuda' for device but received "tpu"`)
+    await expect(loadModel(dir, { device: 'cpu', maxBatchSize: 0 })).rejects.toThrow(
+      'Expected integer between 1 and 256 for maxBatchSize but received 0 of type number',
+    )
+    await expect(loadModel(dir, { device: 'cpu', maxBatchTokens: 64, prefillChunkSize: 65 })).rejects.toThrow(
+      'Expected integer between 1 and 64 for prefillChunkSize but received 65 of type number',
+    )
+    await expect(loadModel(dir, { device: 'cpu', kvBlocks: 8, kvCacheTokens: 128 })).rejects.toThrow(
+      'Expected kvBlocks or kvCacheTokens for the KV-cache size but received both',
+    )
+    await expect(loadModel(join(dir, 'missing'))).rejects.toThrow(`No model at ${join(dir, 'missing')}`)
+  })
 })
