@@ -8,24 +8,11 @@ import { setVariantKernels } from '../../lib/device.js'
 import { Transformer } from '../../lib/model/transformer.js'
 import { readBytes, readF32 } from '../../lib/tensor.js'
 import { randomInts } from '../helpers/random.js'
-import { writeTinyModel, type TinyModel, type TinyModelSpec } from '../helpers/tiny-model.js'
+import { writeTinyModel, type TinyModel } from '../helpers/tiny-model.js'
+import { ARCHITECTURES } from './architectures.js'
 import { asF32, blockTables, firstDifferentRow, runBatched, runChunked } from './forward-helpers.js'
 import { referenceLogits } from './reference-transformer.js'
 
-export const ARCHITECTURES: { name: string; spec: TinyModelSpec }[] = [
-  {
-    name: 'llama (llama3 RoPE scaling, 3 shards)',
-    spec: {
-      architecture: 'LlamaForCausalLM',
-      shards: 3,
-      ropeTheta: 500000,
-      ropeScaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 64 },
-    },
-  },
-  { name: 'qwen2 (q/k/v biases, one kv head, f16 weights)', spec: { architecture: 'Qwen2ForCausalLM', numKvHeads: 1, dtype: 'F16' } },
-  { name: 'qwen3 (q/k norms, head_dim 32, tied embeddings)', spec: { architecture: 'Qwen3ForCausalLM', headDim: 32, tieWordEmbeddings: true } },
-  { name: 'mistral (f32 weights)', spec: { architecture: 'MistralForCausalLM', dtype: 'F32' } },
-]
 
 // Relative error (Frobenius, per position) of bf16 activations against float64: every op rounds
 // its output to bf16 (relative 2^-9 each), about 12 roundings per layer add up in quadrature and
