@@ -3,7 +3,7 @@
 import { existsSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { resolveDevice, type DeviceOption } from './device.js'
+import { cudaStatus, resolveDevice, type DeviceOption } from './device.js'
 import { DisposedError, checkInteger, invalidArgument } from './errors.js'
 import {
   resolveGenerateOptions,
@@ -17,7 +17,9 @@ import {
 } from './generate.js'
 import type { DeviceName } from './native.js'
 import { Scheduler, type ForwardModel } from './scheduler.js'
+import { loadModelConfig, type ModelConfig } from './model/config.js'
 import { Transformer } from './model/transformer.js'
+import type { LoadProgress } from './model/weights.js'
 import { Tokenizer } from './tokenizer.js'
 
 /** Directory name of the model shipped under models/. */
@@ -185,10 +187,7 @@ export class Model {
 // ---------------------------------------------------------------------------------------------
 // Loading
 
-export interface LoadProgress {
-  loadedBytes: number
-  totalBytes: number
-}
+export type { LoadProgress }
 
 export interface LoadModelOptions {
   /** 'auto' (default): CUDA when a usable GPU is there, else the CPU. */
@@ -207,9 +206,18 @@ export interface LoadModelOptions {
 }
 
 const DEFAULTS = {
-  cpu: { maxBatchTokens: 256, maxBatchSize: 16, kvCacheTokens: 16_384 },
-  cuda: { maxBatchTokens: 2048, maxBatchSize: 64, kvCacheTokens: 131_072 },
+  cpu: { maxBatchTokens: 256, maxBatchSize: 16 },
+  cuda: { maxBatchTokens: 2048, maxBatchSize: 64 },
 } as const
+
+const GiB = 2 ** 30
+
+/** Default KV-cache size: a quarter of the GPU's memory (1 GiB on the CPU), at most 128k positions. */
+function defaultKvCacheTokens(config: ModelConfig, device: DeviceName): number {
+  const bytesPerPosition = config.numLayers * config.numKvHeads * config.headDim * 2 * 2 // k and v, bf16
+  const budget = device === 'cuda' ? (cudaStatus().devices[0]?.totalMemory ?? 8 * GiB) / 4 : GiB
+  return Math.max(KV_BLOCK_SIZE, Math.min(131_072, Math.floor(budget / bytesPerPosition)))
+}
 
 /** The small model that ships with the package. */
 export const defaultModelPath = join(dirname(fileURLToPath(import.meta.url)), '..', 'models', DEFAULT_MODEL_NAME)
@@ -227,11 +235,14 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   const prefillChunkSize = options.prefillChunkSize === undefined ? maxBatchTokens : checkInteger('prefillChunkSize', options.prefillChunkSize, 1, maxBatchTokens)
   if (options.kvBlocks !== undefined && options.kvCacheTokens !== undefined)
     throw new TypeError('Expected kvBlocks or kvCacheTokens for the KV-cache size but received both')
-  const kvCacheTokens = options.kvCacheTokens === undefined ? defaults.kvCacheTokens : checkInteger('kvCacheTokens', options.kvCacheTokens, 1, 1 << 30)
-  const kvBlocks = options.kvBlocks === undefined ? Math.ceil(kvCacheTokens / KV_BLOCK_SIZE) : checkInteger('kvBlocks', options.kvBlocks, 1, 1 << 24)
+  if (options.kvCacheTokens !== undefined) checkInteger('kvCacheTokens', options.kvCacheTokens, 1, 1 << 30)
+  if (options.kvBlocks !== undefined) checkInteger('kvBlocks', options.kvBlocks, 1, 1 << 26)
   if (options.onProgress !== undefined && typeof options.onProgress !== 'function')
     throw invalidArgument('onProgress', 'function', options.onProgress)
 
+  const config = await loadModelConfig(dir)
+  const kvCacheTokens = options.kvCacheTokens ?? defaultKvCacheTokens(config, device)
+  const kvBlocks = options.kvBlocks ?? Math.ceil(kvCacheTokens / KV_BLOCK_SIZE)
   const tokenizer = await Tokenizer.load(dir)
   const forward = await Transformer.load(dir, {
     device,
@@ -244,7 +255,6 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   })
   return new Model({ forward, tokenizer: servingTokenizer(tokenizer), path: dir }, { maxBatchSize, prefillChunkSize })
 }
-
 
 // Models often pad their vocabulary past the tokenizer's last id; such ids decode to nothing.
 function servingTokenizer(t: Tokenizer): TextTokenizer {
