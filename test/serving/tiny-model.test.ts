@@ -1,7 +1,8 @@
-// End to end on the CPU backend with a tiny random Qwen3 checkpoint: continuous batching, chunked
-// prefill, seeded sampling and scoring must give each request the same tokens and bit-identical
-// log-probs as running it alone. The twin tests turn on the variant kernels (split reductions chosen
-// from the batch size, like ordinary stacks) and expect the bits to move.
+// End to end with a tiny random Qwen3 checkpoint, on the CPU backend and (when a GPU is there) on
+// CUDA: continuous batching, chunked prefill, seeded sampling and scoring must give each request the
+// same tokens and bit-identical log-probs as running it alone. The twin tests turn on the variant
+// kernels (split reductions chosen from the batch size, like ordinary stacks) and expect the bits
+// to move.
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -9,7 +10,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { setVariantKernels } from '../../lib/device.js'
 import { loadModel, type LoadModelOptions, type Model } from '../../lib/model.js'
 import type { GenerateOptions, GenerateResult } from '../../lib/generate.js'
+import type { DeviceName } from '../../lib/native.js'
 import { firstDifference } from '../helpers/compare.js'
+import { describeGpu } from '../helpers/gpu.js'
 import { mulberry32 } from '../helpers/random.js'
 import { writeTinyModel } from '../helpers/tiny-model.js'
 
@@ -39,8 +42,8 @@ afterAll(async () => {
   rmSync(dir, { recursive: true, force: true })
 })
 
-async function load(options: LoadModelOptions): Promise<Model> {
-  const model = await loadModel(dir, { device: 'cpu', ...options })
+async function loadOn(device: DeviceName, options: LoadModelOptions): Promise<Model> {
+  const model = await loadModel(dir, { device, ...options })
   open.push(model)
   return model
 }
@@ -68,7 +71,8 @@ async function alone(model: Model, list: number[][], options: GenerateOptions): 
   return out
 }
 
-describe('serving a tiny Qwen3 on the CPU', () => {
+function servingSuite(device: DeviceName): void {
+  const load = (options: LoadModelOptions) => loadOn(device, options)
   const list = prompts(17, LENGTHS)
   const greedy = { maxTokens: 12 }
   let reference: GenerateResult[]
@@ -187,15 +191,18 @@ describe('serving a tiny Qwen3 on the CPU', () => {
 
   it('loadModel rejects bad options with messages that name them', async () => {
     await expect(loadModel(dir, { device: 'tpu' as never })).rejects.toThrow(`Expected 'auto', 'cpu' or 'cuda' for device but received "tpu"`)
-    await expect(loadModel(dir, { device: 'cpu', maxBatchSize: 0 })).rejects.toThrow(
+    await expect(loadModel(dir, { device, maxBatchTokens: 256, maxBatchSize: 0 })).rejects.toThrow(
       'Expected integer between 1 and 256 for maxBatchSize but received 0 of type number',
     )
-    await expect(loadModel(dir, { device: 'cpu', maxBatchTokens: 64, prefillChunkSize: 65 })).rejects.toThrow(
+    await expect(loadModel(dir, { device, maxBatchTokens: 64, prefillChunkSize: 65 })).rejects.toThrow(
       'Expected integer between 1 and 64 for prefillChunkSize but received 65 of type number',
     )
-    await expect(loadModel(dir, { device: 'cpu', kvBlocks: 8, kvCacheTokens: 128 })).rejects.toThrow(
+    await expect(loadModel(dir, { device, kvBlocks: 8, kvCacheTokens: 128 })).rejects.toThrow(
       'Expected kvBlocks or kvCacheTokens for the KV-cache size but received both',
     )
     await expect(loadModel(join(dir, 'missing'))).rejects.toThrow(`No model at ${join(dir, 'missing')}`)
   })
-})
+}
+
+describe('serving a tiny Qwen3 on the CPU', () => servingSuite('cpu'))
+describeGpu('serving a tiny Qwen3 on CUDA', () => servingSuite('cuda'))
