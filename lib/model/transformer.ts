@@ -9,6 +9,7 @@
 //
 // Every op is batch-invariant (see DESIGN.md), so a row's logits depend only on its own sequence.
 import { resolveDevice } from '../device.js'
+import { DisposedError } from '../errors.js'
 import { native, type AttentionBatch, type DeviceName, type NativeTensor } from '../native.js'
 import { describeValue, loadModelConfig, type ModelConfig } from './config.js'
 import { ropeTable } from './rope.js'
@@ -180,7 +181,7 @@ export class Transformer {
 
   /** Runs one step over `chunks`; the returned logits tensor is overwritten by the next forward. */
   forward(chunks: SequenceChunk[]): ForwardOutput {
-    if (this.disposed) throw new Error('Transformer: used after dispose()')
+    if (this.disposed) throw new DisposedError('transformer')
     const plan = this.plan(chunks)
     const n = native()
     const T = plan.tokens

@@ -295,6 +295,6 @@ describe('Transformer arguments', () => {
       'Expected positions below 8 (KV cache capacity) for chunks[0] but received positions 8..8',
     )
     small.dispose()
-    expect(() => small.forward([{ tokens: [1], startPosition: 0, blockTable: [0], logits: 'last' }])).toThrow('Transformer: used after dispose()')
+    expect(() => small.forward([{ tokens: [1], startPosition: 0, blockTable: [0], logits: 'last' }])).toThrow('The transformer was disposed and cannot be used any more')
   })
 })
