@@ -1,0 +1,119 @@
+// `detinfer generate [prompt]`: one completion, streamed to stdout as it is generated.
+import { readFileSync } from 'node:fs'
+import { Command, InvalidArgumentError, Option } from 'commander'
+import { defaultModelPath, loadModel } from '../model.js'
+import type { GenerateOptions } from '../generate.js'
+import { interactiveStderr, loadProgressReporter } from './progress.js'
+
+interface GenerateFlags {
+  model?: string
+  promptFile?: string
+  maxTokens?: number
+  temperature?: number
+  seed?: number
+  topK?: number
+  topP?: number
+  stop?: string[]
+  device: 'auto' | 'cpu' | 'cuda'
+  chat?: boolean
+  json?: boolean
+  stream: boolean
+}
+
+function integer(value: string): number {
+  const n = Number(value)
+  if (value.trim() === '' || !Number.isInteger(n)) throw new InvalidArgumentError(`expected an integer but received "${value}"`)
+  return n
+}
+
+function number(value: string): number {
+  const n = Number(value)
+  if (value.trim() === '' || !Number.isFinite(n)) throw new InvalidArgumentError(`expected a number but received "${value}"`)
+  return n
+}
+
+function collect(value: string, previous: string[] | undefined): string[] {
+  return [...(previous ?? []), value]
+}
+
+async function readStdin(): Promise<string> {
+  const chunks: Buffer[] = []
+  for await (const chunk of process.stdin) chunks.push(chunk as Buffer)
+  return Buffer.concat(chunks).toString('utf8')
+}
+
+async function promptText(argument: string | undefined, flags: GenerateFlags): Promise<string> {
+  if (argument !== undefined && flags.promptFile !== undefined) throw new Error('give the prompt as an argument or with --prompt-file, not both')
+  if (flags.promptFile !== undefined) return readFileSync(flags.promptFile, 'utf8')
+  if (argument !== undefined) return argument
+  if (!process.stdin.isTTY) return readStdin()
+  throw new Error('no prompt: give it as an argument, with --prompt-file, or on stdin')
+}
+
+export function generateCommand(): Command {
+  return new Command('generate')
+    .description('generate a completion of a prompt (greedy unless --temperature > 0)')
+    .argument('[prompt]', 'the prompt (or use --prompt-file, or stdin)')
+    .option('-m, --model <dir>', 'Hugging Face model directory (default: the model shipped with detinfer)')
+    .option('--prompt-file <file>', 'read the prompt from a file')
+    .option('-n, --max-tokens <n>', 'tokens to generate at most', integer)
+    .option('--temperature <t>', 'sampling temperature; 0 is greedy', number)
+    .option('--seed <n>', 'seed of the sampling noise (same seed, same completion)', integer)
+    .option('--top-k <k>', 'sample among the k most likely tokens', integer)
+    .option('--top-p <p>', 'sample among the most likely tokens up to probability p', number)
+    .option('--stop <text>', 'stop when the text contains this (repeatable)', collect)
+    .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .option('--chat', "wrap the prompt in the model's chat template")
+    .option('--json', 'print text, tokens, log-probs and timings as JSON')
+    .option('--no-stream', 'print the text once it is complete')
+    .action(async (argument: string | undefined, flags: GenerateFlags) => {
+      const prompt = await promptText(argument, flags)
+      const options: GenerateOptions = {
+        ...(flags.maxTokens !== undefined && { maxTokens: flags.maxTokens }),
+        ...(flags.temperature !== undefined && { temperature: flags.temperature }),
+        ...(flags.seed !== undefined && { seed: flags.seed }),
+        ...(flags.topK !== undefined && { topK: flags.topK }),
+        ...(flags.topP !== undefined && { topP: flags.topP }),
+        ...(flags.stop !== undefined && { stop: flags.stop }),
+        ...(flags.chat && { chat: true }),
+      }
+      const progress = loadProgressReporter('model')
+      const modelDir = flags.model ?? defaultModelPath
+      const model = await loadModel(modelDir, {
+        device: flags.device,
+        maxBatchSize: 1,
+        onProgress: (p) => progress.update(p.loadedBytes, p.totalBytes),
+      }).then(
+        (m) => (progress.done(true), m),
+        (err: unknown) => {
+          progress.done(false)
+          throw err
+        },
+      )
+      try {
+        if (flags.json) {
+          const r = await model.generate(prompt, options)
+          process.stdout.write(JSON.stringify({ model: modelDir, device: model.device, ...r }) + '\n')
+          return
+        }
+        if (!flags.stream) {
+          const r = await model.generate(prompt, options)
+          process.stdout.write(r.text + '\n')
+          return
+        }
+        let pieces = 0
+        const started = performance.now()
+        for await (const piece of model.stream(prompt, options)) {
+          process.stdout.write(piece.text)
+          pieces++
+        }
+        process.stdout.write('\n')
+        if (interactiveStderr()) {
+          const seconds = (performance.now() - started) / 1000
+          process.stderr.write(`${pieces} tokens in ${seconds.toFixed(2)} s on ${model.device}\n`)
+        }
+      } finally {
+        await model.dispose()
+      }
+    })
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env node
+// The `detinfer` command. Each subcommand lives in its own file and is registered below.
+// Results go to stdout; progress, diagnostics and errors to stderr. A failure prints one line
+// (no stack trace) and exits with status 1.
+import { Command } from 'commander'
+import { generateCommand } from './generate.js'
+import { infoCommand } from './info.js'
+import { packageVersion } from './package-info.js'
+
+const program = new Command('detinfer')
+  .description('Deterministic LLM inference: the same prompt gives the same completion, bit for bit')
+  .version(packageVersion())
+  .showHelpAfterError('(run with --help for usage)')
+
+// Subcommands: generate, info; `check` and `bench` register here the same way.
+for (const command of [generateCommand(), infoCommand()]) program.addCommand(command)
+
+try {
+  await program.parseAsync(process.argv)
+} catch (err) {
+  const message = err instanceof Error ? err.message : String(err)
+  process.stderr.write(`detinfer: ${message.replace(/^detinfer: /, '')}\n`)
+  process.exitCode = 1
+}

@@ -1,0 +1,278 @@
+// Decoding on top of the scheduler: options and their validation, text assembly (incremental
+// detokenization), stop conditions (EOS ids, maxTokens, stop strings) and streaming.
+import { checkInteger, checkNumber, invalidArgument } from './errors.js'
+import type { SamplingParams } from './sampling.js'
+import type { FinishReason, Scheduler } from './scheduler.js'
+
+/** What decoding needs from a tokenizer (lib/model.ts adapts the model's tokenizer to it). */
+export interface TextTokenizer {
+  /** Ids of a prompt: BOS as the model expects it, the chat template applied when `chat`. */
+  encodePrompt(text: string, chat: boolean): number[]
+  /** Ids of text that continues a prompt (no BOS). */
+  encodeContinuation(text: string): number[]
+  /** Text of ids, special tokens left out. */
+  decode(ids: readonly number[]): string
+  /** An incremental decoder for one completion; `context` (the prompt's ids) gets the first piece's leading space right. */
+  streamDecoder(options: { context: readonly number[] }): TextStreamDecoder
+  readonly eosTokenIds: readonly number[]
+}
+
+export interface TextStreamDecoder {
+  /** Adds one id; returns the text it completes. */
+  push(id: number): string
+  /** Text still held back (an incomplete character). */
+  flush(): string
+}
+
+export interface GenerateOptions {
+  /** Tokens to generate at most (default 128). */
+  maxTokens?: number
+  /** 0 (default): greedy. Above 0: seeded sampling. */
+  temperature?: number
+  /** Seed of the sampling noise; the same seed gives the same completion. Chosen at random when omitted (and reported). */
+  seed?: number
+  /** Sample among the k most likely tokens only (0: no limit). */
+  topK?: number
+  /** Sample among the most likely tokens whose probabilities add up to topP (1: no limit). */
+  topP?: number
+  /** Generation ends when the text contains one of these; the text is cut before it. */
+  stop?: string | string[]
+  /** Wrap the prompt in the model's chat template as one user message. */
+  chat?: boolean
+}
+
+export interface GenerationTimings {
+  promptTokens: number
+  completionTokens: number
+  queuedMs: number
+  prefillMs: number
+  decodeMs: number
+  totalMs: number
+  /** Completion tokens after the first, per second of decoding. */
+  decodeTokensPerSecond: number
+}
+
+export interface GenerateResult {
+  text: string
+  /** Generated ids, including the EOS token or the token that completed a stop string. */
+  tokens: number[]
+  /** Log-prob of each generated token under the model (log-softmax of the unscaled logits). */
+  logprobs: number[]
+  finishReason: 'stop' | 'length'
+  /** The sampling seed used (absent for greedy decoding). */
+  seed?: number
+  timings: GenerationTimings
+}
+
+export interface StreamPiece {
+  /** New text; may be empty while text that could start a stop string is held back. */
+  text: string
+  token: number
+  logprob: number
+}
+
+export interface ResolvedGenerateOptions {
+  maxTokens: number
+  sampling: SamplingParams | null
+  stop: string[]
+  chat: boolean
+}
+
+const MAX_SEED = 0xffffffff
+
+export function resolveGenerateOptions(
+  options: unknown,
+  limits: { contextLength: number; vocabSize: number },
+): ResolvedGenerateOptions {
+  if (options === undefined) options = {}
+  if (typeof options !== 'object' || options === null || Array.isArray(options))
+    throw invalidArgument('options', 'object', options)
+  const o = options as Record<string, unknown>
+  const known = new Set(['maxTokens', 'temperature', 'seed', 'topK', 'topP', 'stop', 'chat'])
+  for (const key of Object.keys(o))
+    if (!known.has(key)) throw invalidArgument('options', `only the keys ${[...known].join(', ')}`, key)
+
+  const maxTokens = o.maxTokens === undefined ? Math.min(128, limits.contextLength - 1) : checkInteger('maxTokens', o.maxTokens, 1, limits.contextLength)
+  const temperature = o.temperature === undefined ? 0 : checkNumber('temperature', o.temperature, 0, 100)
+  const topK = o.topK === undefined ? 0 : checkInteger('topK', o.topK, 0, limits.vocabSize)
+  let topP = 1
+  if (o.topP !== undefined) {
+    if (typeof o.topP !== 'number' || !(o.topP > 0 && o.topP <= 1)) throw invalidArgument('topP', 'number greater than 0 and at most 1', o.topP)
+    topP = o.topP
+  }
+  const seed = o.seed === undefined ? undefined : checkInteger('seed', o.seed, 0, MAX_SEED)
+  let stop: string[] = []
+  if (o.stop !== undefined) {
+    const list: unknown = typeof o.stop === 'string' ? [o.stop] : o.stop
+    if (!Array.isArray(list) || !list.every((s) => typeof s === 'string' && s !== ''))
+      throw invalidArgument('stop', 'non-empty string or array of non-empty strings', o.stop)
+    stop = list as string[]
+  }
+  if (o.chat !== undefined && typeof o.chat !== 'boolean') throw invalidArgument('chat', 'boolean', o.chat)
+
+  const sampling: SamplingParams | null =
+    temperature === 0 ? null : { temperature, topK, topP, seed: seed ?? Math.floor(Math.random() * (MAX_SEED + 1)) }
+  return { maxTokens, sampling, stop, chat: o.chat === true }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Text assembly
+
+/**
+ * Turns generated ids into text as they come (through the tokenizer's incremental decoder), cuts it
+ * at the first stop string, and holds back a tail that could still become one.
+ */
+export class CompletionText {
+  text = ''
+  stopped = false
+  private emitted = 0
+  private readonly decoder: TextStreamDecoder
+  private readonly stop: string[]
+
+  constructor(tokenizer: TextTokenizer, stop: string[], context: readonly number[] = []) {
+    this.decoder = tokenizer.streamDecoder({ context })
+    this.stop = stop
+  }
+
+  /** Adds one id; returns the text now safe to show. Sets `stopped` when a stop string appeared. */
+  push(id: number, isLast: boolean): string {
+    const piece = this.decoder.push(id) + (isLast ? this.decoder.flush() : '')
+    if (piece) {
+      const searchFrom = Math.max(0, this.text.length - this.longestStop() + 1)
+      this.text += piece
+      const cut = this.firstStop(searchFrom)
+      if (cut >= 0) {
+        this.text = this.text.slice(0, cut)
+        this.stopped = true
+      }
+    }
+    return this.take(isLast || this.stopped)
+  }
+
+  /** Text not yet returned, all of it when `all`, else without a tail that may begin a stop string. */
+  take(all: boolean): string {
+    const end = all ? this.text.length : this.text.length - this.heldBack()
+    if (end <= this.emitted) return ''
+    const piece = this.text.slice(this.emitted, end)
+    this.emitted = end
+    return piece
+  }
+
+  private longestStop(): number {
+    return this.stop.reduce((m, s) => Math.max(m, s.length), 0)
+  }
+
+  private firstStop(from: number): number {
+    let cut = -1
+    for (const s of this.stop) {
+      const i = this.text.indexOf(s, from)
+      if (i >= 0 && (cut < 0 || i < cut)) cut = i
+    }
+    return cut
+  }
+
+  // Length of the longest tail of the text that is a proper prefix of a stop string.
+  private heldBack(): number {
+    let held = 0
+    for (const s of this.stop)
+      for (let k = Math.min(s.length - 1, this.text.length); k > held; k--)
+        if (this.text.endsWith(s.slice(0, k))) {
+          held = k
+          break
+        }
+    return held
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running one generation
+
+/** Submits one generation and assembles its result; `onPiece` receives each token as it comes. */
+export function runGeneration(
+  scheduler: Scheduler,
+  tokenizer: TextTokenizer,
+  prompt: number[],
+  options: ResolvedGenerateOptions,
+  onPiece?: (piece: StreamPiece) => void,
+): { result: Promise<GenerateResult>; cancel(): void } {
+  const started = performance.now()
+  const text = new CompletionText(tokenizer, options.stop, prompt)
+  const tokens: number[] = []
+  const logprobs: number[] = []
+  const eos = new Set(tokenizer.eosTokenIds)
+  const scheduled = scheduler.submit({
+    kind: 'generate',
+    prompt,
+    maxTokens: options.maxTokens,
+    sampling: options.sampling,
+    onToken(token, logprob) {
+      tokens.push(token)
+      logprobs.push(logprob)
+      const isEos = eos.has(token)
+      const isLast = isEos || tokens.length === options.maxTokens
+      const piece = text.push(token, isLast)
+      onPiece?.({ text: piece, token, logprob })
+      return !(isEos || text.stopped)
+    },
+  })
+  const result = scheduled.done.then(({ finishReason, timings }) => {
+    const totalMs = performance.now() - started
+    const decoded = Math.max(0, timings.completionTokens - 1)
+    return {
+      text: text.text,
+      tokens,
+      logprobs,
+      finishReason: toPublicReason(finishReason),
+      ...(options.sampling ? { seed: options.sampling.seed } : {}),
+      timings: {
+        ...timings,
+        totalMs,
+        decodeTokensPerSecond: timings.decodeMs > 0 ? (decoded * 1000) / timings.decodeMs : 0,
+      },
+    }
+  })
+  return { result, cancel: scheduled.cancel }
+}
+
+function toPublicReason(reason: FinishReason): 'stop' | 'length' {
+  return reason === 'length' ? 'length' : 'stop'
+}
+
+/** An async iterable of pieces; leaving the loop early cancels the generation. */
+export function streamGeneration(
+  start: (onPiece: (piece: StreamPiece) => void) => { result: Promise<GenerateResult>; cancel(): void },
+): AsyncIterable<StreamPiece> {
+  return {
+    [Symbol.asyncIterator](): AsyncIterator<StreamPiece> {
+      const queue: StreamPiece[] = []
+      let wake: (() => void) | null = null
+      let finished = false
+      let failure: unknown = null
+      const run = start((piece) => {
+        queue.push(piece)
+        wake?.()
+      })
+      run.result.then(
+        () => (finished = true),
+        (err) => {
+          failure = err ?? new Error('generation failed')
+          finished = true
+        },
+      ).finally(() => wake?.())
+      return {
+        async next(): Promise<IteratorResult<StreamPiece>> {
+          while (!queue.length && !finished) await new Promise<void>((r) => (wake = r))
+          wake = null
+          if (queue.length) return { value: queue.shift()!, done: false }
+          if (failure) throw failure
+          return { value: undefined, done: true }
+        },
+        async return(): Promise<IteratorResult<StreamPiece>> {
+          run.cancel()
+          await run.result.catch(() => {})
+          return { value: undefined, done: true }
+        },
+      }
+    },
+  }
+}

@@ -1,0 +1,272 @@
+// The public Model: a loaded transformer, its tokenizer and the scheduler that serves requests to
+// it. Every method validates its arguments here; the layers below trust them.
+import { existsSync } from 'node:fs'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { cudaStatus, resolveDevice, type DeviceOption } from './device.js'
+import { DisposedError, checkInteger, invalidArgument } from './errors.js'
+import {
+  resolveGenerateOptions,
+  runGeneration,
+  streamGeneration,
+  type GenerateOptions,
+  type GenerateResult,
+  type ResolvedGenerateOptions,
+  type StreamPiece,
+  type TextTokenizer,
+} from './generate.js'
+import type { DeviceName } from './native.js'
+import { Scheduler, type ForwardModel } from './scheduler.js'
+import { loadModelConfig, type ModelConfig } from './model/config.js'
+import { Transformer } from './model/transformer.js'
+import type { LoadProgress } from './model/weights.js'
+import { Tokenizer } from './tokenizer.js'
+
+/** Directory name of the model shipped under models/. */
+const DEFAULT_MODEL_NAME = 'detinfer-tiny'
+/** Positions per KV-cache block. */
+const KV_BLOCK_SIZE = 16
+
+export interface ScoreResult {
+  /** The completion's ids, as scored (after the prompt's). */
+  tokens: number[]
+  /** Log-prob of each completion token given everything before it. */
+  logprobs: number[]
+}
+
+export interface ServingOptions {
+  /** Sequences decoded together at most. */
+  maxBatchSize: number
+  /** Prompt tokens of one sequence fed per step at most. */
+  prefillChunkSize: number
+}
+
+/** The pieces a Model serves from; `loadModel` builds them from a model directory. */
+export interface ModelParts {
+  forward: ForwardModel & { dispose(): void }
+  tokenizer: TextTokenizer
+  path: string
+}
+
+export class Model {
+  /** The model directory it was loaded from. */
+  readonly path: string
+  readonly device: DeviceName
+  readonly maxBatchSize: number
+  readonly prefillChunkSize: number
+  private readonly parts: ModelParts
+  private readonly scheduler: Scheduler
+  private disposing: Promise<void> | null = null
+
+  constructor(parts: ModelParts, serving: ServingOptions) {
+    this.parts = parts
+    this.path = parts.path
+    this.device = parts.forward.device
+    this.scheduler = new Scheduler(parts.forward, serving)
+    this.maxBatchSize = this.scheduler.maxBatchSize
+    this.prefillChunkSize = this.scheduler.prefillChunkSize
+  }
+
+  /** Tokens of context (prompt plus completion) the model accepts. */
+  get contextLength(): number {
+    return this.parts.forward.maxPositions ?? this.parts.forward.config.maxPositionEmbeddings
+  }
+
+  get vocabSize(): number {
+    return this.parts.forward.config.vocabSize
+  }
+
+  get disposed(): boolean {
+    return this.disposing !== null
+  }
+
+  /** Prompt ids as generate() would feed them. */
+  tokenize(text: string, options: { chat?: boolean } = {}): number[] {
+    this.checkOpen()
+    if (typeof text !== 'string') throw invalidArgument('text', 'string', text)
+    return this.parts.tokenizer.encodePrompt(text, options.chat === true)
+  }
+
+  detokenize(tokens: readonly number[]): string {
+    this.checkOpen()
+    return this.parts.tokenizer.decode(this.checkTokens('tokens', tokens))
+  }
+
+  /** One completion. Greedy unless `temperature` > 0; sampling with a `seed` is just as reproducible. */
+  async generate(prompt: string | number[], options?: GenerateOptions): Promise<GenerateResult> {
+    this.checkOpen()
+    const resolved = this.resolveOptions(options)
+    const ids = this.promptIds(prompt, resolved.chat)
+    return runGeneration(this.scheduler, this.parts.tokenizer, ids, this.fitDefault(resolved, options, ids)).result
+  }
+
+  /** Completions of many prompts, served together; result i belongs to prompt i. */
+  async generateBatch(prompts: (string | number[])[], options?: GenerateOptions): Promise<GenerateResult[]> {
+    this.checkOpen()
+    if (!Array.isArray(prompts)) throw invalidArgument('prompts', 'array of prompts', prompts)
+    const resolved = this.resolveOptions(options)
+    const ids = prompts.map((p, i) => this.promptIds(p, resolved.chat, `prompts[${i}]`))
+    const runs = ids.map((p) => runGeneration(this.scheduler, this.parts.tokenizer, p, this.fitDefault(resolved, options, p)))
+    return Promise.all(runs.map((r) => r.result))
+  }
+
+  /** The completion piece by piece; breaking out of the loop stops the generation. */
+  stream(prompt: string | number[], options?: GenerateOptions): AsyncIterable<StreamPiece> {
+    this.checkOpen()
+    const resolved = this.resolveOptions(options)
+    const ids = this.promptIds(prompt, resolved.chat)
+    const fitted = this.fitDefault(resolved, options, ids)
+    return streamGeneration((onPiece) => runGeneration(this.scheduler, this.parts.tokenizer, ids, fitted, onPiece))
+  }
+
+  /**
+   * Log-probs of `completion` following `prompt`, computed by the same forward pass as generation:
+   * for a completion generate() produced (pass its `tokens`), they equal its `logprobs` bit for bit.
+   * A completion given as text is tokenized on its own, which may split it differently than
+   * generation did.
+   */
+  async score(prompt: string | number[], completion: string | number[], options: { chat?: boolean } = {}): Promise<ScoreResult> {
+    this.checkOpen()
+    const promptIds = this.promptIds(prompt, options.chat === true)
+    const tokens =
+      typeof completion === 'string'
+        ? this.parts.tokenizer.encodeContinuation(completion)
+        : this.checkTokens('completion', completion)
+    if (tokens.length === 0) throw invalidArgument('completion', 'text or ids of at least one token', completion)
+    const total = promptIds.length + tokens.length
+    if (total > this.contextLength)
+      throw invalidArgument('prompt and completion', `at most ${this.contextLength} tokens together`, `${total} tokens`)
+    const { logprobs } = await this.scheduler.submit({ kind: 'score', tokens: [...promptIds, ...tokens], from: promptIds.length }).done
+    return { tokens, logprobs: Array.from(logprobs) }
+  }
+
+  /** Ends every request (they reject with a DisposedError) and frees the weights and the cache. */
+  dispose(): Promise<void> {
+    if (!this.disposing)
+      this.disposing = this.scheduler.close(new DisposedError()).finally(() => this.parts.forward.dispose())
+    return this.disposing
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.dispose()
+  }
+
+  private checkOpen(): void {
+    if (this.disposing) throw new DisposedError()
+  }
+
+  private resolveOptions(options: GenerateOptions | undefined) {
+    return resolveGenerateOptions(options, { contextLength: this.contextLength, vocabSize: this.vocabSize })
+  }
+
+  // The default maxTokens shrinks to what the context leaves after the prompt; an explicit one does not.
+  private fitDefault(resolved: ResolvedGenerateOptions, options: GenerateOptions | undefined, prompt: number[]) {
+    if (options?.maxTokens !== undefined) return resolved
+    return { ...resolved, maxTokens: Math.max(1, Math.min(resolved.maxTokens, this.contextLength - prompt.length)) }
+  }
+
+  private promptIds(prompt: unknown, chat: boolean, name = 'prompt'): number[] {
+    if (typeof prompt === 'string') {
+      const ids = this.parts.tokenizer.encodePrompt(prompt, chat)
+      if (ids.length === 0) throw invalidArgument(name, 'text of at least one token', prompt)
+      return ids
+    }
+    if (!Array.isArray(prompt)) throw invalidArgument(name, 'string or array of token ids', prompt)
+    if (chat) throw invalidArgument('chat', 'false or absent when the prompt is given as token ids', chat)
+    if (prompt.length === 0) throw invalidArgument(name, 'at least one token id', prompt)
+    return this.checkTokens(name, prompt)
+  }
+
+  private checkTokens(name: string, tokens: unknown): number[] {
+    if (!Array.isArray(tokens)) throw invalidArgument(name, 'array of token ids', tokens)
+    tokens.forEach((t, i) => checkInteger(`${name}[${i}]`, t, 0, this.vocabSize - 1))
+    return tokens as number[]
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+export type { LoadProgress }
+
+export interface LoadModelOptions {
+  /** 'auto' (default): CUDA when a usable GPU is there, else the CPU. */
+  device?: DeviceOption
+  /** Tokens (decodes plus prompt chunks) in one forward pass at most. */
+  maxBatchTokens?: number
+  /** Sequences decoded together at most. */
+  maxBatchSize?: number
+  /** Prompt tokens of one sequence per forward pass at most (longer prompts are fed in chunks). */
+  prefillChunkSize?: number
+  /** KV-cache capacity in tokens, shared by all running sequences (or give kvBlocks). */
+  kvCacheTokens?: number
+  /** KV-cache capacity in blocks of the model's block size. */
+  kvBlocks?: number
+  onProgress?: (progress: LoadProgress) => void
+}
+
+const DEFAULTS = {
+  cpu: { maxBatchTokens: 256, maxBatchSize: 16 },
+  cuda: { maxBatchTokens: 2048, maxBatchSize: 64 },
+} as const
+
+const GiB = 2 ** 30
+
+/** Default KV-cache size: a quarter of the GPU's memory (1 GiB on the CPU), at most 128k positions. */
+function defaultKvCacheTokens(config: ModelConfig, device: DeviceName): number {
+  const bytesPerPosition = config.numLayers * config.numKvHeads * config.headDim * 2 * 2 // k and v, bf16
+  const budget = device === 'cuda' ? (cudaStatus().devices[0]?.totalMemory ?? 8 * GiB) / 4 : GiB
+  return Math.max(KV_BLOCK_SIZE, Math.min(131_072, Math.floor(budget / bytesPerPosition)))
+}
+
+/** The small model that ships with the package. */
+export const defaultModelPath = join(dirname(fileURLToPath(import.meta.url)), '..', 'models', DEFAULT_MODEL_NAME)
+
+/** Loads a Hugging Face model directory (config.json, safetensors weights, tokenizer.json). */
+export async function loadModel(dir: string, options: LoadModelOptions = {}): Promise<Model> {
+  if (typeof dir !== 'string' || dir === '') throw invalidArgument('dir', 'path of a model directory', dir)
+  if (typeof options !== 'object' || options === null) throw invalidArgument('options', 'object', options)
+  if (!existsSync(join(dir, 'config.json')))
+    throw new Error(`No model at ${dir}: expected a Hugging Face model directory with config.json, weights and tokenizer.json`)
+  const device = resolveDevice(options.device ?? 'auto')
+  const defaults = DEFAULTS[device]
+  const maxBatchTokens = options.maxBatchTokens === undefined ? defaults.maxBatchTokens : checkInteger('maxBatchTokens', options.maxBatchTokens, 1, 1 << 20)
+  const maxBatchSize = options.maxBatchSize === undefined ? Math.min(defaults.maxBatchSize, maxBatchTokens) : checkInteger('maxBatchSize', options.maxBatchSize, 1, maxBatchTokens)
+  const prefillChunkSize = options.prefillChunkSize === undefined ? maxBatchTokens : checkInteger('prefillChunkSize', options.prefillChunkSize, 1, maxBatchTokens)
+  if (options.kvBlocks !== undefined && options.kvCacheTokens !== undefined)
+    throw new TypeError('Expected kvBlocks or kvCacheTokens for the KV-cache size but received both')
+  if (options.kvCacheTokens !== undefined) checkInteger('kvCacheTokens', options.kvCacheTokens, 1, 1 << 30)
+  if (options.kvBlocks !== undefined) checkInteger('kvBlocks', options.kvBlocks, 1, 1 << 26)
+  if (options.onProgress !== undefined && typeof options.onProgress !== 'function')
+    throw invalidArgument('onProgress', 'function', options.onProgress)
+
+  const config = await loadModelConfig(dir)
+  const kvCacheTokens = options.kvCacheTokens ?? defaultKvCacheTokens(config, device)
+  const kvBlocks = options.kvBlocks ?? Math.ceil(kvCacheTokens / KV_BLOCK_SIZE)
+  const tokenizer = await Tokenizer.load(dir)
+  const forward = await Transformer.load(dir, {
+    device,
+    maxBatchTokens,
+    kvBlocks,
+    kvBlockSize: KV_BLOCK_SIZE,
+    // Logits are f32 [rows, vocab]: rows for every decoding sequence, and scored chunks up to 512 tokens.
+    maxLogitRows: Math.max(maxBatchSize, Math.min(maxBatchTokens, 512)),
+    ...(options.onProgress && { onProgress: options.onProgress }),
+  })
+  return new Model({ forward, tokenizer: servingTokenizer(tokenizer), path: dir }, { maxBatchSize, prefillChunkSize })
+}
+
+// Models often pad their vocabulary past the tokenizer's last id; such ids decode to nothing.
+function servingTokenizer(t: Tokenizer): TextTokenizer {
+  const known = (ids: readonly number[]) => ids.filter((id) => id < t.vocabSize)
+  return {
+    encodePrompt: (text, chat) => t.encodePrompt(text, chat),
+    encodeContinuation: (text) => t.encodeContinuation(text),
+    decode: (ids) => t.decode(known(ids)),
+    streamDecoder: ({ context }) => {
+      const decoder = t.streamDecoder({ context: known(context) })
+      return { push: (id) => (id < t.vocabSize ? decoder.push(id) : ''), flush: () => decoder.flush() }
+    },
+    eosTokenIds: t.eosTokenIds,
+  }
+}

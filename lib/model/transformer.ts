@@ -1,0 +1,389 @@
+// The transformer forward pass (Llama, Qwen2, Qwen3, Mistral) composed of native ops over a paged
+// KV cache. One forward() takes a ragged batch of sequence chunks (prefill chunks and decode
+// tokens alike) and enqueues every op; nothing waits for the device.
+//
+//   embed -> for each layer: [norm] q,k,v = x·Wqkv (+b) -> [q/k head norm] -> rope(q,k)
+//            -> write k,v to the cache -> attention -> o_proj -> residual + norm
+//            -> gate,up -> silu·mul -> down_proj -> residual + norm
+//   -> gather the rows that want logits -> lm_head (f32 logits)
+//
+// Every op is batch-invariant (see DESIGN.md), so a row's logits depend only on its own sequence.
+import { resolveDevice } from '../device.js'
+import { DisposedError } from '../errors.js'
+import { native, type AttentionBatch, type DeviceName, type NativeTensor } from '../native.js'
+import { describeValue, loadModelConfig, type ModelConfig } from './config.js'
+import { ropeTable } from './rope.js'
+import { disposeWeights, loadWeights, type LayerWeights, type LoadProgress, type ModelWeights } from './weights.js'
+
+export interface SequenceChunk {
+  /** This step's new tokens of one sequence (a prefill chunk, or 1 decode token). */
+  tokens: number[]
+  /** Position of tokens[0]; positions before it are already in the KV cache. */
+  startPosition: number
+  /** Physical KV block ids covering positions 0 .. startPosition+tokens.length-1. */
+  blockTable: number[]
+  logits: 'none' | 'last' | 'all'
+}
+
+export interface ForwardOutput {
+  /** f32 [R, vocab]: rows of all chunks that asked, in chunk order ('last' gives 1 row, 'all' tokens.length rows). */
+  logits: NativeTensor
+  rowsPerChunk: number[]
+}
+
+export interface TransformerOptions {
+  device: DeviceName
+  /** Most tokens (all chunks together) in one forward. */
+  maxBatchTokens: number
+  /** Blocks in the KV cache (each holds kvBlockSize positions of every layer). */
+  kvBlocks: number
+  kvBlockSize?: number
+  /** Most logit rows in one forward; defaults to maxBatchTokens. */
+  maxLogitRows?: number
+  onProgress?: (p: LoadProgress) => void
+}
+
+/** Step buffers, allocated once for maxBatchTokens rows; each forward uses views of their first rows. */
+interface Activations {
+  ids: NativeTensor // i32 [T]
+  positions: NativeTensor // i32 [T]
+  slots: NativeTensor // i32 [T]
+  logitRows: NativeTensor // i32 [L]
+  residual: NativeTensor // bf16 [T, H]
+  normed: NativeTensor // bf16 [T, H]
+  proj: NativeTensor // bf16 [T, H], o_proj and down_proj outputs
+  q: NativeTensor // bf16 [T, heads*D]
+  k: NativeTensor // bf16 [T, kvHeads*D]
+  v: NativeTensor // bf16 [T, kvHeads*D]
+  qNormed: NativeTensor | null // bf16 [T, heads*D] (Qwen3)
+  kNormed: NativeTensor | null // bf16 [T, kvHeads*D] (Qwen3)
+  attn: NativeTensor // bf16 [T, heads*D]
+  gate: NativeTensor // bf16 [T, I]
+  up: NativeTensor // bf16 [T, I]
+  act: NativeTensor // bf16 [T, I]
+  gathered: NativeTensor // bf16 [L, H]
+  logits: NativeTensor // f32 [L, V]
+}
+
+interface KvCache {
+  k: NativeTensor[] // per layer bf16 [blocks, blockSize, kvHeads, D]
+  v: NativeTensor[]
+}
+
+/** One step's batch as host arrays, built from validated chunks. */
+interface StepPlan {
+  tokens: number
+  ids: Int32Array
+  positions: Int32Array
+  slots: Int32Array
+  logitRows: Int32Array
+  rowsPerChunk: number[]
+  blockTables: Int32Array // [B, maxBlocks]
+  maxBlocks: number
+  queryStart: Int32Array // [B+1]
+  seqLens: Int32Array // [B]
+  maxQueryLen: number
+  maxSeqLen: number
+}
+
+function checkInteger(value: unknown, min: number, field: string): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < min)
+    throw new TypeError(`Expected an integer >= ${min} for ${field} but received ${describeValue(value)}`)
+  return value
+}
+
+export class Transformer {
+  readonly kvBlockSize: number
+  readonly maxLogitRows: number
+  /** Longest sequence: max_position_embeddings, or less when the KV cache holds fewer positions. */
+  readonly maxPositions: number
+  private disposed = false
+
+  private constructor(
+    readonly config: ModelConfig,
+    readonly device: DeviceName,
+    readonly maxBatchTokens: number,
+    readonly kvBlocks: number,
+    kvBlockSize: number,
+    maxLogitRows: number,
+    private readonly weights: ModelWeights,
+    private readonly cache: KvCache,
+    private readonly act: Activations,
+    private readonly cosSin: NativeTensor,
+    maxPositions: number,
+  ) {
+    this.kvBlockSize = kvBlockSize
+    this.maxLogitRows = maxLogitRows
+    this.maxPositions = maxPositions
+  }
+
+  static async load(dir: string, opts: TransformerOptions): Promise<Transformer> {
+    if (typeof dir !== 'string' || dir === '') throw new TypeError(`Expected a directory path for dir but received ${describeValue(dir)}`)
+    if (opts?.device !== 'cpu' && opts?.device !== 'cuda')
+      throw new TypeError(`Expected 'cpu' or 'cuda' for device but received ${describeValue(opts?.device)}`)
+    const device = resolveDevice(opts.device)
+    const maxBatchTokens = checkInteger(opts.maxBatchTokens, 1, 'maxBatchTokens')
+    const kvBlocks = checkInteger(opts.kvBlocks, 1, 'kvBlocks')
+    const kvBlockSize = checkInteger(opts.kvBlockSize ?? 16, 1, 'kvBlockSize')
+    const maxLogitRows = checkInteger(opts.maxLogitRows ?? maxBatchTokens, 1, 'maxLogitRows')
+
+    const config = await loadModelConfig(dir)
+    const weights = await loadWeights(dir, config, device, opts.onProgress)
+    const n = native()
+    const owned: NativeTensor[] = []
+    const alloc = (dtype: 'bf16' | 'f32' | 'i32', shape: number[]) => {
+      const t = n.empty(device, dtype, shape)
+      owned.push(t)
+      return t
+    }
+    try {
+      const maxPositions = Math.min(config.maxPositionEmbeddings, kvBlocks * kvBlockSize)
+      const cosSin = n.fromBuffer(device, 'f32', [maxPositions, config.headDim], ropeTable(config, maxPositions))
+      owned.push(cosSin)
+      const cacheShape = [kvBlocks, kvBlockSize, config.numKvHeads, config.headDim]
+      const cache: KvCache = { k: [], v: [] }
+      for (let l = 0; l < config.numLayers; l++) {
+        cache.k.push(alloc('bf16', cacheShape))
+        cache.v.push(alloc('bf16', cacheShape))
+      }
+      const T = maxBatchTokens
+      const H = config.hiddenSize
+      const I = config.intermediateSize
+      const qWidth = config.numHeads * config.headDim
+      const kvWidth = config.numKvHeads * config.headDim
+      const act: Activations = {
+        ids: alloc('i32', [T]),
+        positions: alloc('i32', [T]),
+        slots: alloc('i32', [T]),
+        logitRows: alloc('i32', [maxLogitRows]),
+        residual: alloc('bf16', [T, H]),
+        normed: alloc('bf16', [T, H]),
+        proj: alloc('bf16', [T, H]),
+        q: alloc('bf16', [T, qWidth]),
+        k: alloc('bf16', [T, kvWidth]),
+        v: alloc('bf16', [T, kvWidth]),
+        qNormed: config.qkNorm ? alloc('bf16', [T, qWidth]) : null,
+        kNormed: config.qkNorm ? alloc('bf16', [T, kvWidth]) : null,
+        attn: alloc('bf16', [T, qWidth]),
+        gate: alloc('bf16', [T, I]),
+        up: alloc('bf16', [T, I]),
+        act: alloc('bf16', [T, I]),
+        gathered: alloc('bf16', [maxLogitRows, H]),
+        logits: alloc('f32', [maxLogitRows, config.vocabSize]),
+      }
+      return new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, weights, cache, act, cosSin, maxPositions)
+    } catch (err) {
+      for (const t of owned) t.dispose()
+      disposeWeights(weights)
+      throw err
+    }
+  }
+
+  /** Runs one step over `chunks`; the returned logits tensor is overwritten by the next forward. */
+  forward(chunks: SequenceChunk[]): ForwardOutput {
+    if (this.disposed) throw new DisposedError('transformer')
+    const plan = this.plan(chunks)
+    const n = native()
+    const T = plan.tokens
+    const rows = (t: NativeTensor, count = T) => n.narrow(t, 0, count)
+    const ids = rows(this.act.ids)
+    const positions = rows(this.act.positions)
+    const slots = rows(this.act.slots)
+    n.upload(ids, plan.ids)
+    n.upload(positions, plan.positions)
+    n.upload(slots, plan.slots)
+    const batch: AttentionBatch = {
+      blockTables: n.fromBuffer(this.device, 'i32', [chunks.length, plan.maxBlocks], plan.blockTables),
+      queryStart: n.fromBuffer(this.device, 'i32', [chunks.length + 1], plan.queryStart),
+      seqLens: n.fromBuffer(this.device, 'i32', [chunks.length], plan.seqLens),
+      maxQueryLen: plan.maxQueryLen,
+      maxSeqLen: plan.maxSeqLen,
+    }
+    try {
+      const c = this.config
+      const residual = rows(this.act.residual)
+      const normed = rows(this.act.normed)
+      n.embedding(residual, this.weights.embedTokens, ids)
+      n.rmsnorm(normed, residual, this.weights.layers[0]!.inputNorm, c.rmsNormEps)
+      for (let l = 0; l < c.numLayers; l++) {
+        const layer = this.weights.layers[l]!
+        const nextNorm = l + 1 < c.numLayers ? this.weights.layers[l + 1]!.inputNorm : this.weights.norm
+        this.attentionBlock(l, layer, T, normed, positions, slots, batch)
+        // residual += o_proj; normed = post_attention_layernorm(residual)
+        n.addRmsnorm(normed, residual, rows(this.act.proj), layer.postAttentionNorm, c.rmsNormEps)
+        this.mlpBlock(layer, T, normed)
+        // residual += down_proj; normed = next layer's input norm (or the final norm)
+        n.addRmsnorm(normed, residual, rows(this.act.proj), nextNorm, c.rmsNormEps)
+      }
+      const R = plan.logitRows.length
+      const logits = rows(this.act.logits, R)
+      if (R > 0) {
+        const logitRows = rows(this.act.logitRows, R)
+        n.upload(logitRows, plan.logitRows)
+        const gathered = rows(this.act.gathered, R)
+        n.embedding(gathered, normed, logitRows) // row gather: gathered[r] = normed[logitRows[r]]
+        n.matmul(logits, gathered, this.weights.lmHead, null) // [R,H] · [V,H]^T -> f32 [R,V]
+      }
+      return { logits, rowsPerChunk: plan.rowsPerChunk }
+    } finally {
+      batch.blockTables.dispose()
+      batch.queryStart.dispose()
+      batch.seqLens.dispose()
+    }
+  }
+
+  // x = normed [T,H] -> act.proj [T,H] = o_proj(attention(rope(q), cache))
+  private attentionBlock(
+    l: number,
+    w: LayerWeights,
+    T: number,
+    normed: NativeTensor,
+    positions: NativeTensor,
+    slots: NativeTensor,
+    batch: AttentionBatch,
+  ): void {
+    const n = native()
+    const c = this.config
+    const D = c.headDim
+    let q = n.narrow(this.act.q, 0, T)
+    let k = n.narrow(this.act.k, 0, T)
+    const v = n.narrow(this.act.v, 0, T)
+    n.matmul(q, normed, w.qProj, w.qBias) // [T,H] · [heads*D,H]^T -> [T,heads*D]
+    n.matmul(k, normed, w.kProj, w.kBias) // [T,H] · [kv*D,H]^T -> [T,kv*D]
+    n.matmul(v, normed, w.vProj, w.vBias)
+    if (w.qNorm && w.kNorm) {
+      // Qwen3: RMSNorm over each head's D values, before RoPE.
+      const qn = n.narrow(this.act.qNormed!, 0, T)
+      const kn = n.narrow(this.act.kNormed!, 0, T)
+      n.rmsnorm(n.view(qn, [T * c.numHeads, D]), n.view(q, [T * c.numHeads, D]), w.qNorm, c.rmsNormEps)
+      n.rmsnorm(n.view(kn, [T * c.numKvHeads, D]), n.view(k, [T * c.numKvHeads, D]), w.kNorm, c.rmsNormEps)
+      q = qn
+      k = kn
+    }
+    const q3 = n.view(q, [T, c.numHeads, D])
+    const k3 = n.view(k, [T, c.numKvHeads, D])
+    const v3 = n.view(v, [T, c.numKvHeads, D])
+    n.rope(q3, positions, this.cosSin)
+    n.rope(k3, positions, this.cosSin)
+    n.kvAppend(this.cache.k[l]!, this.cache.v[l]!, k3, v3, slots)
+    const attn = n.narrow(this.act.attn, 0, T)
+    n.attention(n.view(attn, [T, c.numHeads, D]), q3, this.cache.k[l]!, this.cache.v[l]!, batch, 1 / Math.sqrt(D))
+    n.matmul(n.narrow(this.act.proj, 0, T), attn, w.oProj, w.oBias) // [T,heads*D] · [H,heads*D]^T -> [T,H]
+  }
+
+  // x = normed [T,H] -> act.proj [T,H] = down(silu(gate(x)) * up(x))
+  private mlpBlock(w: LayerWeights, T: number, normed: NativeTensor): void {
+    const n = native()
+    const gate = n.narrow(this.act.gate, 0, T)
+    const up = n.narrow(this.act.up, 0, T)
+    const act = n.narrow(this.act.act, 0, T)
+    n.matmul(gate, normed, w.gateProj, w.gateBias) // [T,H] · [I,H]^T -> [T,I]
+    n.matmul(up, normed, w.upProj, w.upBias)
+    n.siluMul(act, gate, up)
+    n.matmul(n.narrow(this.act.proj, 0, T), act, w.downProj, w.downBias) // [T,I] · [H,I]^T -> [T,H]
+  }
+
+  /** Validates the chunks and lays out the step's host arrays. */
+  private plan(chunks: SequenceChunk[]): StepPlan {
+    if (!Array.isArray(chunks) || chunks.length === 0)
+      throw new TypeError(`Expected a non-empty array of sequence chunks for chunks but received ${describeValue(chunks)}`)
+    const vocab = this.config.vocabSize
+    const bs = this.kvBlockSize
+    let tokens = 0
+    let logitRowCount = 0
+    let maxBlocks = 1
+    for (let i = 0; i < chunks.length; i++) {
+      const ch = chunks[i]!
+      const at = `chunks[${i}]`
+      if (typeof ch !== 'object' || ch === null) throw new TypeError(`Expected a sequence chunk for ${at} but received ${describeValue(ch)}`)
+      if (!Array.isArray(ch.tokens) || ch.tokens.length === 0)
+        throw new TypeError(`Expected a non-empty array of token ids for ${at}.tokens but received ${describeValue(ch.tokens)}`)
+      for (let j = 0; j < ch.tokens.length; j++) {
+        const id = ch.tokens[j]
+        if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= vocab)
+          throw new RangeError(`Expected an integer between 0 and ${vocab - 1} for ${at}.tokens[${j}] but received ${describeValue(id)}`)
+      }
+      checkInteger(ch.startPosition, 0, `${at}.startPosition`)
+      const end = ch.startPosition + ch.tokens.length
+      if (end > this.maxPositions)
+        throw new RangeError(
+          `Expected positions below ${this.maxPositions} (${this.maxPositions === this.config.maxPositionEmbeddings ? 'max_position_embeddings' : 'KV cache capacity'}) for ${at} but received positions ${ch.startPosition}..${end - 1}`,
+        )
+      const need = Math.ceil(end / bs)
+      if (!Array.isArray(ch.blockTable) || ch.blockTable.length < need)
+        throw new RangeError(
+          `Expected at least ${need} block ids for ${at}.blockTable (positions 0..${end - 1}, ${bs} per block) but received ${describeValue(ch.blockTable)}`,
+        )
+      for (let j = 0; j < need; j++) {
+        const b = ch.blockTable[j]
+        if (typeof b !== 'number' || !Number.isInteger(b) || b < 0 || b >= this.kvBlocks)
+          throw new RangeError(`Expected an integer between 0 and ${this.kvBlocks - 1} for ${at}.blockTable[${j}] but received ${describeValue(b)}`)
+      }
+      if (ch.logits !== 'none' && ch.logits !== 'last' && ch.logits !== 'all')
+        throw new TypeError(`Expected 'none', 'last' or 'all' for ${at}.logits but received ${describeValue(ch.logits)}`)
+      tokens += ch.tokens.length
+      logitRowCount += ch.logits === 'all' ? ch.tokens.length : ch.logits === 'last' ? 1 : 0
+      maxBlocks = Math.max(maxBlocks, need)
+    }
+    if (tokens > this.maxBatchTokens)
+      throw new RangeError(`Expected at most ${this.maxBatchTokens} tokens (maxBatchTokens) for chunks but received ${tokens}`)
+    if (logitRowCount > this.maxLogitRows)
+      throw new RangeError(`Expected at most ${this.maxLogitRows} logit rows (maxLogitRows) for chunks but received ${logitRowCount}`)
+
+    const B = chunks.length
+    const plan: StepPlan = {
+      tokens,
+      ids: new Int32Array(tokens),
+      positions: new Int32Array(tokens),
+      slots: new Int32Array(tokens),
+      logitRows: new Int32Array(logitRowCount),
+      rowsPerChunk: [],
+      blockTables: new Int32Array(B * maxBlocks),
+      maxBlocks,
+      queryStart: new Int32Array(B + 1),
+      seqLens: new Int32Array(B),
+      maxQueryLen: 0,
+      maxSeqLen: 0,
+    }
+    let row = 0
+    let logitRow = 0
+    for (let b = 0; b < B; b++) {
+      const ch = chunks[b]!
+      const len = ch.tokens.length
+      const end = ch.startPosition + len
+      const need = Math.ceil(end / bs)
+      for (let j = 0; j < need; j++) plan.blockTables[b * maxBlocks + j] = ch.blockTable[j]!
+      for (let j = 0; j < len; j++) {
+        const pos = ch.startPosition + j
+        plan.ids[row + j] = ch.tokens[j]!
+        plan.positions[row + j] = pos
+        plan.slots[row + j] = ch.blockTable[Math.floor(pos / bs)]! * bs + (pos % bs)
+      }
+      const first = ch.logits === 'all' ? 0 : len - 1
+      const count = ch.logits === 'all' ? len : ch.logits === 'last' ? 1 : 0
+      for (let j = 0; j < count; j++) plan.logitRows[logitRow++] = row + first + j
+      plan.rowsPerChunk.push(count)
+      plan.queryStart[b] = row
+      plan.seqLens[b] = end
+      plan.maxQueryLen = Math.max(plan.maxQueryLen, len)
+      plan.maxSeqLen = Math.max(plan.maxSeqLen, end)
+      row += len
+    }
+    plan.queryStart[B] = row
+    return plan
+  }
+
+  /** Frees the weights, the KV cache and the step buffers. */
+  dispose(): void {
+    if (this.disposed) return
+    this.disposed = true
+    disposeWeights(this.weights)
+    for (const t of [...this.cache.k, ...this.cache.v]) t.dispose()
+    for (const t of Object.values(this.act)) t?.dispose()
+    this.cosSin.dispose()
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.dispose()
+  }
+}

@@ -1,0 +1,175 @@
+// Hugging Face tensor names -> bf16 device tensors, each shape checked against the config.
+import { native, type DeviceName, type NativeTensor } from '../native.js'
+import type { ModelConfig } from './config.js'
+import { SafetensorsCheckpoint, toBf16Bits, type TensorInfo } from './safetensors.js'
+import { basename } from 'node:path'
+
+export interface LayerWeights {
+  inputNorm: NativeTensor // [H]
+  qProj: NativeTensor // [heads*D, H]
+  kProj: NativeTensor // [kvHeads*D, H]
+  vProj: NativeTensor // [kvHeads*D, H]
+  oProj: NativeTensor // [H, heads*D]
+  qBias: NativeTensor | null // [heads*D]
+  kBias: NativeTensor | null // [kvHeads*D]
+  vBias: NativeTensor | null // [kvHeads*D]
+  oBias: NativeTensor | null // [H]
+  qNorm: NativeTensor | null // [D] (Qwen3)
+  kNorm: NativeTensor | null // [D] (Qwen3)
+  postAttentionNorm: NativeTensor // [H]
+  gateProj: NativeTensor // [I, H]
+  upProj: NativeTensor // [I, H]
+  downProj: NativeTensor // [H, I]
+  gateBias: NativeTensor | null // [I]
+  upBias: NativeTensor | null // [I]
+  downBias: NativeTensor | null // [H]
+}
+
+export interface ModelWeights {
+  embedTokens: NativeTensor // [V, H]
+  layers: LayerWeights[]
+  norm: NativeTensor // [H]
+  /** lm_head.weight, or embed_tokens when the embeddings are tied. */
+  lmHead: NativeTensor // [V, H]
+}
+
+export interface LoadProgress {
+  loadedBytes: number
+  totalBytes: number
+}
+
+interface Wanted {
+  name: string
+  shape: number[]
+}
+
+/** The tensors a config implies, in the order they are loaded. */
+export function expectedTensors(c: ModelConfig): Wanted[] {
+  const H = c.hiddenSize
+  const I = c.intermediateSize
+  const q = c.numHeads * c.headDim
+  const kv = c.numKvHeads * c.headDim
+  const list: Wanted[] = [{ name: 'model.embed_tokens.weight', shape: [c.vocabSize, H] }]
+  for (let l = 0; l < c.numLayers; l++) {
+    const p = `model.layers.${l}.`
+    list.push({ name: `${p}input_layernorm.weight`, shape: [H] })
+    list.push({ name: `${p}self_attn.q_proj.weight`, shape: [q, H] })
+    list.push({ name: `${p}self_attn.k_proj.weight`, shape: [kv, H] })
+    list.push({ name: `${p}self_attn.v_proj.weight`, shape: [kv, H] })
+    list.push({ name: `${p}self_attn.o_proj.weight`, shape: [H, q] })
+    if (c.qkvBias) {
+      list.push({ name: `${p}self_attn.q_proj.bias`, shape: [q] })
+      list.push({ name: `${p}self_attn.k_proj.bias`, shape: [kv] })
+      list.push({ name: `${p}self_attn.v_proj.bias`, shape: [kv] })
+    }
+    if (c.outputBias) list.push({ name: `${p}self_attn.o_proj.bias`, shape: [H] })
+    if (c.qkNorm) {
+      list.push({ name: `${p}self_attn.q_norm.weight`, shape: [c.headDim] })
+      list.push({ name: `${p}self_attn.k_norm.weight`, shape: [c.headDim] })
+    }
+    list.push({ name: `${p}post_attention_layernorm.weight`, shape: [H] })
+    list.push({ name: `${p}mlp.gate_proj.weight`, shape: [I, H] })
+    list.push({ name: `${p}mlp.up_proj.weight`, shape: [I, H] })
+    list.push({ name: `${p}mlp.down_proj.weight`, shape: [H, I] })
+    if (c.mlpBias) {
+      list.push({ name: `${p}mlp.gate_proj.bias`, shape: [I] })
+      list.push({ name: `${p}mlp.up_proj.bias`, shape: [I] })
+      list.push({ name: `${p}mlp.down_proj.bias`, shape: [H] })
+    }
+  }
+  list.push({ name: 'model.norm.weight', shape: [H] })
+  if (!c.tieWordEmbeddings) list.push({ name: 'lm_head.weight', shape: [c.vocabSize, H] })
+  return list
+}
+
+function shapeText(shape: readonly number[]): string {
+  return `[${shape.join(', ')}]`
+}
+
+/** Checks that every tensor the config implies is present with its shape, before reading any. */
+export function checkTensors(checkpoint: SafetensorsCheckpoint, config: ModelConfig): TensorInfo[] {
+  return expectedTensors(config).map(({ name, shape }) => {
+    const info = checkpoint.tensors.get(name)
+    if (!info)
+      throw new Error(
+        `tensor ${name} is missing from the weights in ${checkpoint.dir} (the ${config.architecture} configuration needs it)`,
+      )
+    if (info.shape.length !== shape.length || info.shape.some((d, i) => d !== shape[i]))
+      throw new Error(
+        `tensor ${name} in ${basename(info.file)} has shape ${shapeText(info.shape)} but the config implies ${shapeText(shape)}`,
+      )
+    return info
+  })
+}
+
+/** Reads every weight of `config` from the checkpoint in `dir` onto `device` as bf16. */
+export async function loadWeights(
+  dir: string,
+  config: ModelConfig,
+  device: DeviceName,
+  onProgress?: (p: LoadProgress) => void,
+): Promise<ModelWeights> {
+  const checkpoint = await SafetensorsCheckpoint.open(dir)
+  const loaded = new Map<string, NativeTensor>()
+  try {
+    const infos = checkTensors(checkpoint, config)
+    const totalBytes = infos.reduce((s, t) => s + t.nbytes, 0)
+    let loadedBytes = 0
+    onProgress?.({ loadedBytes, totalBytes })
+    for (const info of infos) {
+      const bits = toBf16Bits(info, await checkpoint.read(info))
+      loaded.set(info.name, native().fromBuffer(device, 'bf16', info.shape, bits))
+      loadedBytes += info.nbytes
+      onProgress?.({ loadedBytes, totalBytes })
+    }
+  } catch (err) {
+    for (const t of loaded.values()) t.dispose()
+    throw err
+  } finally {
+    await checkpoint.close()
+  }
+  return assemble(config, loaded)
+}
+
+function assemble(c: ModelConfig, t: Map<string, NativeTensor>): ModelWeights {
+  const get = (name: string) => t.get(name)!
+  const opt = (name: string) => t.get(name) ?? null
+  const layers: LayerWeights[] = []
+  for (let l = 0; l < c.numLayers; l++) {
+    const p = `model.layers.${l}.`
+    layers.push({
+      inputNorm: get(`${p}input_layernorm.weight`),
+      qProj: get(`${p}self_attn.q_proj.weight`),
+      kProj: get(`${p}self_attn.k_proj.weight`),
+      vProj: get(`${p}self_attn.v_proj.weight`),
+      oProj: get(`${p}self_attn.o_proj.weight`),
+      qBias: opt(`${p}self_attn.q_proj.bias`),
+      kBias: opt(`${p}self_attn.k_proj.bias`),
+      vBias: opt(`${p}self_attn.v_proj.bias`),
+      oBias: opt(`${p}self_attn.o_proj.bias`),
+      qNorm: opt(`${p}self_attn.q_norm.weight`),
+      kNorm: opt(`${p}self_attn.k_norm.weight`),
+      postAttentionNorm: get(`${p}post_attention_layernorm.weight`),
+      gateProj: get(`${p}mlp.gate_proj.weight`),
+      upProj: get(`${p}mlp.up_proj.weight`),
+      downProj: get(`${p}mlp.down_proj.weight`),
+      gateBias: opt(`${p}mlp.gate_proj.bias`),
+      upBias: opt(`${p}mlp.up_proj.bias`),
+      downBias: opt(`${p}mlp.down_proj.bias`),
+    })
+  }
+  const embedTokens = get('model.embed_tokens.weight')
+  return {
+    embedTokens,
+    layers,
+    norm: get('model.norm.weight'),
+    lmHead: c.tieWordEmbeddings ? embedTokens : get('lm_head.weight'),
+  }
+}
+
+/** Frees every tensor of the model (a tied lm_head once). */
+export function disposeWeights(w: ModelWeights): void {
+  const all = new Set<NativeTensor>([w.embedTokens, w.norm, w.lmHead])
+  for (const layer of w.layers) for (const t of Object.values(layer)) if (t) all.add(t)
+  for (const t of all) t.dispose()
+}

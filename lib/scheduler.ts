@@ -1,0 +1,436 @@
+// Continuous batching. Requests join and leave the running batch between steps. Each step packs
+// one token for every decoding sequence plus prefill chunks of admitted prompts, up to the model's
+// maxBatchTokens, runs one forward pass, then picks each sequence's next token from its logits row:
+// native argmax for greedy decoding, seeded Gumbel-max on the host for sampling, and the log-prob of
+// the chosen token under the model by native tokenLogprobs.
+//
+// The kernels are batch-invariant and prefill/decode-invariant, so a sequence's logits do not depend
+// on what else is in the step, how its prompt was chunked or which cache blocks it holds. This file
+// must keep it that way: nothing a sequence receives may depend on another sequence (no shared
+// random stream, no batch-dependent choice of op).
+//
+// Reading results back is the only wait; it happens off the JS thread.
+import { KvBlockAllocator } from './kv-cache.js'
+import { native, type DeviceName, type NativeTensor } from './native.js'
+import { RequestTooLargeError } from './errors.js'
+import { sampleToken, type SamplingParams } from './sampling.js'
+import { readF32, readI32, tensorFrom } from './tensor.js'
+import type { ForwardOutput, SequenceChunk } from './model/transformer.js'
+
+// ---------------------------------------------------------------------------------------------
+// The forward pass the scheduler drives (lib/model/transformer.ts implements it)
+
+export type { ForwardOutput, SequenceChunk }
+
+/** The part of the Transformer the scheduler drives (tests substitute their own). */
+export interface ForwardModel {
+  readonly device: DeviceName
+  readonly config: { vocabSize: number; maxPositionEmbeddings: number }
+  readonly kvBlockSize: number
+  readonly kvBlocks: number
+  readonly maxBatchTokens: number
+  /** Logits rows one forward can return (default maxBatchTokens). */
+  readonly maxLogitRows?: number
+  /** Longest sequence it runs (default config.maxPositionEmbeddings). */
+  readonly maxPositions?: number
+  forward(chunks: SequenceChunk[]): ForwardOutput
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+export type FinishReason = 'stop' | 'length' | 'cancelled'
+
+export interface GenerationRequest {
+  kind: 'generate'
+  prompt: number[]
+  maxTokens: number
+  sampling: SamplingParams | null // null: greedy
+  /** Called once per generated token, in order; returning false ends the sequence ('stop'). */
+  onToken(token: number, logprob: number): boolean
+}
+
+export interface ScoreRequest {
+  kind: 'score'
+  tokens: number[]
+  /** Index of the first token whose log-prob is wanted (>= 1). */
+  from: number
+}
+
+export interface SequenceTimings {
+  queuedMs: number // submitted until admitted to the batch
+  prefillMs: number // admitted until the first token (or the scores) came back
+  decodeMs: number // first token until the last
+  promptTokens: number
+  completionTokens: number
+}
+
+export interface GenerationOutcome {
+  finishReason: FinishReason
+  timings: SequenceTimings
+}
+
+export interface ScoreOutcome {
+  logprobs: Float32Array // one per token in tokens[from..]
+  timings: SequenceTimings
+}
+
+export interface SchedulerOptions {
+  /** Sequences in the running batch at most. */
+  maxBatchSize: number
+  /** Prompt tokens of one sequence fed in one step at most. */
+  prefillChunkSize: number
+}
+
+/** A submitted request: its outcome, and a way to drop it between steps. */
+export interface Scheduled<T> {
+  readonly done: Promise<T>
+  cancel(): void
+}
+
+interface Sequence {
+  request: GenerationRequest | ScoreRequest
+  tokens: number[] // prompt, then generated tokens (generate); the whole text (score)
+  promptLength: number
+  cached: number // positions already written to the KV cache
+  blocks: number[]
+  cacheNeed: number // cache positions reserved
+  generated: number
+  scores: Float32Array | null
+  cancelled: boolean
+  finish: FinishReason | null
+  error: unknown // set when the request's own consumer threw
+  submittedAt: number
+  admittedAt: number
+  firstTokenAt: number
+  resolve(value: unknown): void
+  reject(err: unknown): void
+}
+
+/** What the step must do with one logits row. */
+interface RowTask {
+  seq: Sequence
+  position: number // position of the token whose logits these are
+  target: number // -1: choose the next token; else the id whose log-prob is wanted
+}
+
+interface PackedChunk {
+  seq: Sequence
+  chunk: SequenceChunk
+  rows: RowTask[] // the chunk's logits rows when it asks for any
+}
+
+// ---------------------------------------------------------------------------------------------
+
+export class Scheduler {
+  readonly maxBatchSize: number
+  readonly prefillChunkSize: number
+  private readonly model: ForwardModel
+  private readonly allocator: KvBlockAllocator
+  private readonly waiting: Sequence[] = []
+  private running: Sequence[] = []
+  private loop: Promise<void> | null = null
+  private closedWith: Error | null = null
+
+  constructor(model: ForwardModel, options: SchedulerOptions) {
+    this.model = model
+    this.maxBatchSize = Math.min(options.maxBatchSize, model.maxBatchTokens, model.maxLogitRows ?? Infinity)
+    this.prefillChunkSize = options.prefillChunkSize
+    this.allocator = new KvBlockAllocator(model.kvBlocks, model.kvBlockSize)
+  }
+
+  /** Sequences running and waiting, and cache blocks in use (for tests and monitoring). */
+  get load(): { running: number; waiting: number; usedBlocks: number; totalBlocks: number } {
+    return {
+      running: this.running.length,
+      waiting: this.waiting.length,
+      usedBlocks: this.allocator.usedBlocks,
+      totalBlocks: this.allocator.totalBlocks,
+    }
+  }
+
+  submit(request: GenerationRequest): Scheduled<GenerationOutcome>
+  submit(request: ScoreRequest): Scheduled<ScoreOutcome>
+  submit(request: GenerationRequest | ScoreRequest): Scheduled<GenerationOutcome | ScoreOutcome> {
+    if (this.closedWith) throw this.closedWith
+    if (request.kind === 'score' && !(request.from >= 1 && request.from < request.tokens.length))
+      throw new RangeError(`Scheduler: a score request needs 1 <= from < ${request.tokens.length} but from is ${request.from}`)
+    const tokens = request.kind === 'generate' ? [...request.prompt] : [...request.tokens]
+    const promptLength = request.kind === 'generate' ? tokens.length : request.from
+    // A generated sequence never feeds its last token back, so it writes prompt + maxTokens - 1 positions.
+    const cacheNeed = request.kind === 'generate' ? tokens.length + request.maxTokens - 1 : tokens.length
+    this.checkFits(tokens.length, request.kind === 'generate' ? request.maxTokens : 0, cacheNeed)
+
+    let resolve!: (v: unknown) => void
+    let reject!: (e: unknown) => void
+    const done = new Promise<GenerationOutcome | ScoreOutcome>((res, rej) => {
+      resolve = res as (v: unknown) => void
+      reject = rej
+    })
+    const seq: Sequence = {
+      request,
+      tokens,
+      promptLength,
+      cached: 0,
+      blocks: [],
+      cacheNeed,
+      generated: 0,
+      scores: request.kind === 'score' ? new Float32Array(tokens.length - request.from) : null,
+      cancelled: false,
+      finish: null,
+      error: undefined,
+      submittedAt: performance.now(),
+      admittedAt: 0,
+      firstTokenAt: 0,
+      resolve,
+      reject,
+    }
+    this.waiting.push(seq)
+    this.ensureLoop()
+    return { done, cancel: () => void (seq.cancelled = true) }
+  }
+
+  /** Fails every waiting and running request with `reason`, refuses new ones, and waits for the step in flight. */
+  async close(reason: Error): Promise<void> {
+    this.closedWith = reason
+    await this.loop
+  }
+
+  private checkFits(contextTokens: number, maxTokens: number, cacheNeed: number): void {
+    const context = this.model.maxPositions ?? this.model.config.maxPositionEmbeddings
+    if (contextTokens + maxTokens > context)
+      throw new RequestTooLargeError(
+        `The prompt (${contextTokens} tokens) plus maxTokens (${maxTokens}) exceeds the model's context of ${context} tokens`,
+      )
+    const blocks = this.allocator.blocksFor(cacheNeed)
+    if (blocks > this.allocator.totalBlocks)
+      throw new RequestTooLargeError(
+        `The request needs ${blocks} KV-cache blocks (${cacheNeed} positions: the prompt of ${contextTokens} tokens ` +
+          `plus maxTokens ${maxTokens}) but the cache holds ${this.allocator.totalBlocks} blocks of ` +
+          `${this.allocator.blockSize} positions; load the model with a larger kvCacheTokens or ask for fewer tokens`,
+      )
+  }
+
+  private ensureLoop(): void {
+    if (this.loop) return
+    this.loop = this.runLoop().finally(() => {
+      this.loop = null
+      if (this.waiting.length && !this.closedWith) this.ensureLoop()
+    })
+  }
+
+  private async runLoop(): Promise<void> {
+    // Let requests submitted in the same tick join the first step together.
+    await Promise.resolve()
+    while (this.running.length || this.waiting.length) {
+      if (this.closedWith) return this.failAll(this.closedWith)
+      this.dropCancelled()
+      this.admit()
+      if (!this.running.length) {
+        // Only reachable if cache blocks leaked: with nothing running, any admissible request fits.
+        if (this.waiting.length) this.failAll(new Error('Scheduler: no request can be admitted although none is running'))
+        continue
+      }
+      try {
+        await this.step()
+      } catch (err) {
+        this.failAll(err)
+        return
+      }
+    }
+  }
+
+  private failAll(err: unknown): void {
+    for (const seq of [...this.running, ...this.waiting]) {
+      this.allocator.release(seq.blocks)
+      seq.blocks = []
+      seq.reject(err)
+    }
+    this.running = []
+    this.waiting.length = 0
+  }
+
+  private dropCancelled(): void {
+    for (const seq of this.running) if (seq.cancelled) seq.finish = 'cancelled'
+    this.retireFinished()
+    for (let i = this.waiting.length - 1; i >= 0; i--) {
+      const seq = this.waiting[i]!
+      if (!seq.cancelled) continue
+      this.waiting.splice(i, 1)
+      seq.finish = 'cancelled'
+      seq.resolve(this.outcome(seq))
+    }
+  }
+
+  // First come, first served: a request that does not fit yet waits, and so do the ones behind it.
+  private admit(): void {
+    while (this.waiting.length && this.running.length < this.maxBatchSize) {
+      const seq = this.waiting[0]!
+      const blocks = this.allocator.allocate(this.allocator.blocksFor(seq.cacheNeed))
+      if (!blocks) return
+      this.waiting.shift()
+      seq.blocks = blocks
+      seq.admittedAt = performance.now()
+      this.running.push(seq)
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // One step: pack, forward, choose tokens, deliver.
+
+  private async step(): Promise<void> {
+    const packed = this.pack()
+    const out = this.model.forward(packed.map((p) => p.chunk))
+    const rows = packed.flatMap((p) => (p.chunk.logits === 'none' ? [] : p.rows))
+    const rowCount = out.rowsPerChunk.reduce((a, b) => a + b, 0)
+    if (rowCount !== rows.length)
+      throw new Error(`Scheduler: the forward pass returned ${rowCount} logits rows but ${rows.length} were asked for`)
+    const { ids, logprobs } = await this.chooseTokens(out.logits, rows)
+    for (const p of packed) p.seq.cached += p.chunk.tokens.length
+    rows.forEach((row, r) => this.deliver(row, ids[r]!, logprobs[r]!))
+    this.retireFinished()
+  }
+
+  /** Decodes first (one token each), then prompt chunks, within maxBatchTokens and maxLogitRows. */
+  private pack(): PackedChunk[] {
+    const packed: PackedChunk[] = []
+    let tokenBudget = this.model.maxBatchTokens
+    let rowBudget = this.model.maxLogitRows ?? this.model.maxBatchTokens
+    const decoding = this.running.filter((s) => s.tokens.length - s.cached === 1 && s.request.kind === 'generate')
+    const prefilling = this.running.filter((s) => !decoding.includes(s))
+    for (const seq of [...decoding, ...prefilling]) {
+      if (tokenBudget === 0) break
+      let p = this.chunkFor(seq, Math.min(seq.tokens.length - seq.cached, tokenBudget, this.prefillChunkSize))
+      // A scored chunk returns a logits row per token: shorten it to the rows left.
+      if (p.chunk.logits === 'all' && p.rows.length > rowBudget && rowBudget > 0) p = this.chunkFor(seq, rowBudget)
+      const rows = p.chunk.logits === 'none' ? 0 : p.rows.length
+      if (rows > rowBudget) continue
+      const n = p.chunk.tokens.length
+      tokenBudget -= n
+      rowBudget -= rows
+      packed.push(p)
+    }
+    return packed
+  }
+
+  private chunkFor(seq: Sequence, n: number): PackedChunk {
+    const start = seq.cached
+    const tokens = seq.tokens.slice(start, start + n)
+    let logits: SequenceChunk['logits'] = 'none'
+    let rows: RowTask[]
+    if (seq.request.kind === 'generate') {
+      if (start + n === seq.tokens.length) logits = 'last'
+      rows = [{ seq, position: start + n - 1, target: -1 }]
+    } else {
+      // Rows at positions from-1 .. length-2 predict the scored tokens.
+      if (start + n > seq.request.from - 1 && start < seq.tokens.length - 1) logits = 'all'
+      rows = tokens.map((_, i) => ({ seq, position: start + i, target: seq.tokens[start + i + 1] ?? 0 }))
+    }
+    return { seq, chunk: { tokens, startPosition: start, blockTable: seq.blocks, logits }, rows }
+  }
+
+  /** Token ids and their log-probs for every row: one read for greedy steps, two when sampling. */
+  private async chooseTokens(logits: NativeTensor, rows: RowTask[]): Promise<{ ids: Int32Array; logprobs: Float32Array }> {
+    const n = native()
+    const device = this.model.device
+    const count = rows.length
+    if (count === 0) return { ids: new Int32Array(0), logprobs: new Float32Array(0) }
+    const greedy = (r: RowTask) => r.target < 0 && (r.seq.request as GenerationRequest).sampling === null
+    const idsDev = n.empty(device, 'i32', [count])
+    const lpDev = n.empty(device, 'f32', [count])
+    try {
+      if (rows.every(greedy)) {
+        n.argmax(idsDev, logits)
+        n.tokenLogprobs(lpDev, logits, idsDev)
+        const [ids, logprobs] = await Promise.all([readI32(idsDev), readF32(lpDev)])
+        return { ids, logprobs }
+      }
+      // Sampled rows need their logits on the host: one row read alone, several by one download.
+      const sampled = rows.flatMap((row, r) => (row.target < 0 && !greedy(row) ? [r] : []))
+      const vocab = logits.shape[1]!
+      if (rows.some(greedy)) n.argmax(idsDev, logits)
+      const [argmaxIds, hostLogits] = await Promise.all([
+        rows.some(greedy) ? readI32(idsDev) : null,
+        sampled.length === 1 ? readF32(n.narrow(logits, sampled[0]!, 1)) : sampled.length ? readF32(logits) : null,
+      ])
+      const ids = new Int32Array(count)
+      for (const [r, row] of rows.entries()) {
+        if (row.target >= 0) ids[r] = row.target
+        else if (greedy(row)) ids[r] = argmaxIds![r]!
+        else {
+          const offset = sampled.length === 1 ? 0 : r * vocab
+          const values = hostLogits!.subarray(offset, offset + vocab)
+          ids[r] = sampleToken(values, row.position + 1, (row.seq.request as GenerationRequest).sampling!)
+        }
+      }
+      const chosen = tensorFrom(device, 'i32', [count], ids)
+      try {
+        n.tokenLogprobs(lpDev, logits, chosen)
+        return { ids, logprobs: await readF32(lpDev) }
+      } finally {
+        chosen.dispose()
+      }
+    } finally {
+      idsDev.dispose()
+      lpDev.dispose()
+    }
+  }
+
+  private deliver(row: RowTask, id: number, logprob: number): void {
+    const seq = row.seq
+    if (seq.request.kind === 'score') {
+      const index = row.position + 1 - seq.request.from
+      if (index >= 0 && index < seq.scores!.length) seq.scores![index] = logprob
+      if (row.position + 1 === seq.tokens.length - 1) {
+        seq.firstTokenAt = performance.now()
+        seq.finish = 'stop'
+      }
+      return
+    }
+    if (seq.finish || seq.cancelled) return
+    seq.tokens.push(id)
+    seq.generated++
+    if (seq.generated === 1) seq.firstTokenAt = performance.now()
+    let more: boolean
+    try {
+      more = seq.request.onToken(id, logprob)
+    } catch (err) {
+      // A throwing consumer ends its own request only.
+      seq.finish = 'cancelled'
+      seq.error = err
+      return
+    }
+    if (!more) seq.finish = 'stop'
+    else if (seq.generated >= seq.request.maxTokens) seq.finish = 'length'
+  }
+
+  private retireFinished(): void {
+    const still: Sequence[] = []
+    for (const seq of this.running) {
+      if (!seq.finish) {
+        still.push(seq)
+        continue
+      }
+      this.allocator.release(seq.blocks)
+      seq.blocks = []
+      if (seq.error !== undefined) seq.reject(seq.error)
+      else seq.resolve(this.outcome(seq))
+    }
+    this.running = still
+  }
+
+  private outcome(seq: Sequence): GenerationOutcome | ScoreOutcome {
+    const now = performance.now()
+    const admitted = seq.admittedAt || now
+    const first = seq.firstTokenAt || now
+    const timings: SequenceTimings = {
+      queuedMs: admitted - seq.submittedAt,
+      prefillMs: first - admitted,
+      decodeMs: now - first,
+      promptTokens: seq.promptLength,
+      completionTokens: seq.generated,
+    }
+    if (seq.request.kind === 'score') return { logprobs: seq.scores!, timings }
+    return { finishReason: seq.finish ?? 'cancelled', timings }
+  }
+}

@@ -1,0 +1,146 @@
+// The built `detinfer` command, run as a user would: a child process of dist/cli/main.js.
+import { spawnSync } from 'node:child_process'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { loadModel } from '../../lib/model.js'
+import { writeTinyModel } from '../helpers/tiny-model.js'
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..')
+const cli = join(root, 'dist', 'cli', 'main.js')
+
+function detinfer(args: string[], input?: string) {
+  const r = spawnSync(process.execPath, [cli, ...args], { cwd: root, encoding: 'utf8', input, env: { ...process.env, CI: '1' } })
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr }
+}
+
+beforeAll(() => {
+  const tsc = spawnSync(process.execPath, [join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', 'tsconfig.build.json'], {
+    cwd: root,
+    encoding: 'utf8',
+  })
+  if (tsc.status !== 0) throw new Error(`tsc failed:\n${tsc.stdout}${tsc.stderr}`)
+})
+
+function expectNoStackTrace(stderr: string) {
+  expect(stderr).not.toMatch(/^\s+at /m)
+}
+
+describe('detinfer CLI', () => {
+  it('info prints the backend, the CUDA build and the versions', () => {
+    const r = detinfer(['info'])
+    expect(r.code).toBe(0)
+    expect(r.stdout).toMatch(/^detinfer \d+\.\d+\.\d+ \(Node\.js v\d+/)
+    expect(r.stdout).toMatch(/^backend: +(cpu|cuda)/m)
+    expect(r.stdout).toMatch(/^CUDA build: /m)
+    expect(r.stdout).toMatch(/^CUDA driver: /m)
+    const json = JSON.parse(detinfer(['info', '--json']).stdout)
+    expect(['cpu', 'cuda']).toContain(json.backend)
+    expect(json.node).toBe(process.version)
+    expect(Array.isArray(json.devices)).toBe(true)
+  })
+
+  it('--version prints the package version', () => {
+    const r = detinfer(['--version'])
+    expect(r.code).toBe(0)
+    expect(r.stdout.trim()).toMatch(/^\d+\.\d+\.\d+$/)
+  })
+
+  it('rejects a non-numeric flag value with a message and a non-zero exit', () => {
+    const r = detinfer(['generate', '--max-tokens', 'many', 'hello'])
+    expect(r.code).not.toBe(0)
+    expect(r.stderr).toContain(`option '-n, --max-tokens <n>' argument 'many' is invalid. expected an integer but received "many"`)
+    expect(r.stdout).toBe('')
+    expectNoStackTrace(r.stderr)
+  })
+
+  it('rejects an unknown option and a bad device choice', () => {
+    const unknown = detinfer(['generate', '--frobnicate', 'hello'])
+    expect(unknown.code).not.toBe(0)
+    expect(unknown.stderr).toContain(`unknown option '--frobnicate'`)
+    const device = detinfer(['generate', '--device', 'tpu', 'hello'])
+    expect(device.code).not.toBe(0)
+    expect(device.stderr).toContain(`argument 'tpu' is invalid. Allowed choices are auto, cpu, cuda.`)
+  })
+
+  it('reports a missing model directory in one line', () => {
+    const r = detinfer(['generate', '-m', '/nonexistent/model', 'hello'])
+    expect(r.code).toBe(1)
+    expect(r.stderr.trim()).toBe(
+      'detinfer: No model at /nonexistent/model: expected a Hugging Face model directory with config.json, weights and tokenizer.json',
+    )
+    expectNoStackTrace(r.stderr)
+  })
+
+  it('rejects a prompt given twice', () => {
+    const r = detinfer(['generate', '--prompt-file', 'package.json', 'hello'])
+    expect(r.code).toBe(1)
+    expect(r.stderr).toContain('give the prompt as an argument or with --prompt-file, not both')
+  })
+})
+
+describe('detinfer generate on a tiny model', () => {
+  let dir: string
+  beforeAll(() => {
+    dir = mkdtempSync(join(tmpdir(), 'detinfer-cli-'))
+    writeTinyModel(dir, { architecture: 'LlamaForCausalLM', hiddenSize: 64, numLayers: 2, seed: 9 })
+  })
+  afterAll(() => rmSync(dir, { recursive: true, force: true }))
+
+  it('--json prints the tokens, log-probs and timings the library gives, bit for bit', async () => {
+    const r = detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '10', '--json', 'the weather is'])
+    expect(r.code, r.stderr).toBe(0)
+    const out = JSON.parse(r.stdout)
+    const model = await loadModel(dir, { device: 'cpu' })
+    try {
+      const lib = await model.generate('the weather is', { maxTokens: 10 })
+      expect(out.tokens).toEqual(lib.tokens)
+      expect(Float32Array.from(out.logprobs)).toEqual(Float32Array.from(lib.logprobs))
+      expect(out.text).toBe(lib.text)
+      expect(out.finishReason).toBe(lib.finishReason)
+      expect(out.device).toBe('cpu')
+      expect(out.timings.promptTokens).toBe(model.tokenize('the weather is').length)
+      expect(out.timings.completionTokens).toBe(lib.tokens.length)
+    } finally {
+      await model.dispose()
+    }
+  })
+
+  it('streams the same text to stdout, with the prompt from an argument, a file or stdin', () => {
+    const json = JSON.parse(detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '12', '--json', 'once upon']).stdout)
+    const streamed = detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '12', 'once upon'])
+    expect(streamed.code).toBe(0)
+    expect(streamed.stdout).toBe(json.text + '\n')
+    // Not a terminal: plain progress lines on stderr, nothing else on stdout.
+    expect(streamed.stderr).toMatch(/^Loading model: 0%/m)
+    const file = join(dir, 'prompt.txt')
+    writeFileSync(file, 'once upon')
+    expect(detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '12', '--no-stream', '--prompt-file', file]).stdout).toBe(json.text + '\n')
+    expect(detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '12'], 'once upon').stdout).toBe(json.text + '\n')
+  })
+
+  it('seeded sampling from the CLI is reproducible', () => {
+    const args = ['generate', '-m', dir, '--device', 'cpu', '-n', '12', '--temperature', '1.2', '--top-k', '50', '--seed', '31', '--json', 'hello']
+    const a = JSON.parse(detinfer(args).stdout)
+    const b = JSON.parse(detinfer(args).stdout)
+    expect(a.seed).toBe(31)
+    expect(b.tokens).toEqual(a.tokens)
+    expect(b.logprobs).toEqual(a.logprobs)
+  })
+
+  it('--chat applies the chat template', () => {
+    const plain = JSON.parse(detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '4', '--json', 'hi']).stdout)
+    const chat = JSON.parse(detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '4', '--json', '--chat', 'hi']).stdout)
+    expect(chat.timings.promptTokens).toBeGreaterThan(plain.timings.promptTokens + 4)
+  })
+
+  it('an out-of-range value fails with the library message and no stack trace', () => {
+    const r = detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '0', 'hello'])
+    expect(r.code).toBe(1)
+    expect(r.stderr).toContain('detinfer: Expected integer between 1 and 512 for maxTokens but received 0 of type number')
+    expectNoStackTrace(r.stderr)
+    expect(r.stdout).toBe('')
+  })
+})

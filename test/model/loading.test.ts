@@ -1,0 +1,300 @@
+// Loading weights: safetensors parsing (single, sharded, every loadable dtype), the checks on
+// corrupt, truncated and mismatched files, missing files and tensors, and the progress callback.
+import { mkdtempSync, readFileSync, rmSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { native } from '../../lib/native.js'
+import { Transformer } from '../../lib/model/transformer.js'
+import { SafetensorsCheckpoint, SafetensorsFile, toBf16Bits } from '../../lib/model/safetensors.js'
+import { loadModelConfig } from '../../lib/model/config.js'
+import { loadWeights, disposeWeights } from '../../lib/model/weights.js'
+import { readBytes, toBf16 } from '../../lib/tensor.js'
+import { randomNormal } from '../helpers/random.js'
+import { safetensorsBytes, writeTinyModel, type TinyModelSpec } from '../helpers/tiny-model.js'
+
+let root: string
+let count = 0
+beforeAll(() => {
+  root = mkdtempSync(join(tmpdir(), 'detinfer-loading-'))
+})
+afterAll(() => rmSync(root, { recursive: true, force: true }))
+
+const fresh = (spec: TinyModelSpec) => writeTinyModel(join(root, `m${count++}`), spec)
+const load = (dir: string) => Transformer.load(dir, { device: 'cpu', maxBatchTokens: 8, kvBlocks: 4 })
+
+/** A safetensors file of the given header object and data bytes. */
+function rawFile(path: string, header: unknown, data: Buffer, headerLength?: bigint): string {
+  const json = Buffer.from(typeof header === 'string' ? header : JSON.stringify(header))
+  const len = Buffer.alloc(8)
+  len.writeBigUInt64LE(headerLength ?? BigInt(json.length))
+  writeFileSync(path, Buffer.concat([len, json, data]))
+  return path
+}
+
+describe('safetensors', () => {
+  it('reads tensors of every loadable dtype to the same bf16 bits', async () => {
+    const values = randomNormal(24, 5)
+    const path = join(root, 'dtypes.safetensors')
+    const f16 = new Uint16Array(24)
+    // f16 encodings of the same numbers, via the native cast (round to nearest even).
+    const src = native().fromBuffer('cpu', 'f32', [24], values)
+    const half = native().empty('cpu', 'f16', [24])
+    native().cast(half, src)
+    f16.set(new Uint16Array((await readBytes(half)).buffer.slice(0)))
+    writeFileSync(
+      path,
+      safetensorsBytes([
+        { name: 'a.f32', dtype: 'F32', shape: [4, 6], data: Buffer.from(values.buffer) },
+        { name: 'a.bf16', dtype: 'BF16', shape: [4, 6], data: Buffer.from(toBf16(values).buffer) },
+        { name: 'a.f16', dtype: 'F16', shape: [24], data: Buffer.from(f16.buffer) },
+      ]),
+    )
+    const file = await SafetensorsFile.open(path)
+    try {
+      expect([...file.tensors.keys()].sort()).toEqual(['a.bf16', 'a.f16', 'a.f32'])
+      const info = file.tensors.get('a.f32')!
+      expect(info).toMatchObject({ dtype: 'F32', shape: [4, 6], nbytes: 96 })
+      const fromF32 = toBf16Bits(info, await file.read(info))
+      expect(Buffer.from(fromF32.buffer, fromF32.byteOffset, 48).equals(Buffer.from(toBf16(values).buffer))).toBe(true)
+      const bf = file.tensors.get('a.bf16')!
+      expect(Array.from(toBf16Bits(bf, await file.read(bf)))).toEqual(Array.from(toBf16(values)))
+      // f16 -> bf16 goes through the exact f16 value: compare with the native casts.
+      const f16Info = file.tensors.get('a.f16')!
+      const viaNative = native().empty('cpu', 'bf16', [24])
+      native().cast(viaNative, half)
+      expect(Array.from(toBf16Bits(f16Info, await file.read(f16Info)))).toEqual(
+        Array.from(new Uint16Array((await readBytes(viaNative)).buffer.slice(0))),
+      )
+    } finally {
+      await file.close()
+    }
+  })
+
+  it('refuses a header longer than 100 MB, or than the file', async () => {
+    const huge = rawFile(join(root, 'huge.safetensors'), {}, Buffer.alloc(0), 100_000_001n)
+    await expect(SafetensorsFile.open(huge)).rejects.toThrow(
+      `Invalid safetensors file ${huge}: the header length 100000001 exceeds the 100000000-byte limit`,
+    )
+    const long = rawFile(join(root, 'long.safetensors'), {}, Buffer.alloc(0), 4096n)
+    await expect(SafetensorsFile.open(long)).rejects.toThrow(`Invalid safetensors file ${long}: the header length 4096 exceeds the file's 10 bytes (truncated?)`)
+    const tiny = join(root, 'tiny.safetensors')
+    writeFileSync(tiny, Buffer.alloc(5))
+    await expect(SafetensorsFile.open(tiny)).rejects.toThrow(`Invalid safetensors file ${tiny}: the file is 5 bytes, too short for the 8-byte header length`)
+  })
+
+  it('rejects corrupt headers naming the file and the tensor', async () => {
+    const p = join(root, 'bad.safetensors')
+    const data = Buffer.alloc(16)
+    rawFile(p, '{"w": ', data)
+    await expect(SafetensorsFile.open(p)).rejects.toThrow(`Invalid safetensors file ${p}: the header is not valid JSON`)
+    rawFile(p, { w: { dtype: 'F33', shape: [2], data_offsets: [0, 8] } }, data)
+    await expect(SafetensorsFile.open(p)).rejects.toThrow(`Invalid safetensors file ${p}: tensor w has unknown dtype "F33"`)
+    rawFile(p, { w: { dtype: 'F32', shape: [2, -1], data_offsets: [0, 8] } }, data)
+    await expect(SafetensorsFile.open(p)).rejects.toThrow('tensor w has an invalid shape [2,-1]')
+    rawFile(p, { w: { dtype: 'F32', shape: [3], data_offsets: [0, 8] } }, data)
+    await expect(SafetensorsFile.open(p)).rejects.toThrow('tensor w is F32 [3] (12 bytes) but its data_offsets [0, 8] span 8 bytes')
+    rawFile(p, { w: { dtype: 'F32', shape: [8], data_offsets: [0, 32] } }, data)
+    await expect(SafetensorsFile.open(p)).rejects.toThrow('tensor w has data_offsets [0, 32] beyond the 16 data bytes of the file (truncated?)')
+    rawFile(p, { w: { dtype: 'F32', shape: [2], data_offsets: [8, 0] } }, data)
+    await expect(SafetensorsFile.open(p)).rejects.toThrow('tensor w has invalid data_offsets [8,0]')
+    rawFile(p, { a: { dtype: 'F32', shape: [3], data_offsets: [0, 12] }, b: { dtype: 'F32', shape: [2], data_offsets: [8, 16] } }, data)
+    await expect(SafetensorsFile.open(p)).rejects.toThrow(`Invalid safetensors file ${p}: tensors a and b overlap`)
+    rawFile(p, [1, 2], data)
+    await expect(SafetensorsFile.open(p)).rejects.toThrow('the header is not a JSON object')
+  })
+
+  it('accepts __metadata__ and zero-size tensors', async () => {
+    const p = join(root, 'meta.safetensors')
+    rawFile(p, { __metadata__: { format: 'pt' }, e: { dtype: 'BF16', shape: [0, 4], data_offsets: [0, 0] }, w: { dtype: 'BF16', shape: [2], data_offsets: [0, 4] } }, Buffer.alloc(4))
+    const f = await SafetensorsFile.open(p)
+    expect(f.metadata).toEqual({ format: 'pt' })
+    expect(f.tensors.get('e')!.nbytes).toBe(0)
+    await f.close()
+  })
+
+  it('refuses dtypes it cannot load when the tensor is read', async () => {
+    const p = rawFile(join(root, 'i64.safetensors'), { ids: { dtype: 'I64', shape: [2], data_offsets: [0, 16] } }, Buffer.alloc(16))
+    const f = await SafetensorsFile.open(p)
+    const info = f.tensors.get('ids')!
+    expect(() => toBf16Bits(info, Buffer.alloc(16))).toThrow(`tensor ids in ${p} has dtype I64; supported dtypes: BF16, F16, F32`)
+    await f.close()
+  })
+})
+
+describe('model weights', () => {
+  it('load identically from bf16, f16, f32 and sharded files', async () => {
+    const spec: TinyModelSpec = { architecture: 'Qwen2ForCausalLM', seed: 9 }
+    const dirs = [fresh(spec), fresh({ ...spec, dtype: 'F16' }), fresh({ ...spec, dtype: 'F32', shards: 4 })].map((m) => m.dir)
+    const bytes: Buffer[][] = []
+    for (const dir of dirs) {
+      const config = await loadModelConfig(dir)
+      const w = await loadWeights(dir, config, 'cpu')
+      bytes.push(await Promise.all([w.embedTokens, w.layers[1]!.qBias!, w.layers[0]!.downProj, w.lmHead].map((t) => readBytes(t))))
+      disposeWeights(w)
+    }
+    for (let i = 0; i < 4; i++) {
+      expect(bytes[1]![i]!.equals(bytes[0]![i]!)).toBe(true)
+      expect(bytes[2]![i]!.equals(bytes[0]![i]!)).toBe(true)
+    }
+  })
+
+  it('report progress in bytes up to the total', async () => {
+    const m = fresh({ architecture: 'LlamaForCausalLM', shards: 2 })
+    const seen: { loadedBytes: number; totalBytes: number }[] = []
+    const model = await Transformer.load(m.dir, { device: 'cpu', maxBatchTokens: 4, kvBlocks: 2, onProgress: (p) => seen.push(p) })
+    model.dispose()
+    const total = [...m.tensors.values()].reduce((s, t) => s + t.values.length * 2, 0)
+    expect(seen[0]).toEqual({ loadedBytes: 0, totalBytes: total })
+    expect(seen.at(-1)).toEqual({ loadedBytes: total, totalBytes: total })
+    for (let i = 1; i < seen.length; i++) expect(seen[i]!.loadedBytes).toBeGreaterThan(seen[i - 1]!.loadedBytes)
+  })
+
+  it('name a tensor whose shape disagrees with the config', async () => {
+    const m = fresh({ architecture: 'LlamaForCausalLM' })
+    const cfg = JSON.parse(readFileSync(join(m.dir, 'config.json'), 'utf8'))
+    writeFileSync(join(m.dir, 'config.json'), JSON.stringify({ ...cfg, num_attention_heads: 8, num_key_value_heads: 2, head_dim: 16 }))
+    await expect(load(m.dir)).rejects.toThrow(
+      'tensor model.layers.0.self_attn.q_proj.weight in model.safetensors has shape [64, 64] but the config implies [128, 64]',
+    )
+    writeFileSync(join(m.dir, 'config.json'), JSON.stringify({ ...cfg, intermediate_size: 100 }))
+    await expect(load(m.dir)).rejects.toThrow(
+      'tensor model.layers.0.mlp.gate_proj.weight in model.safetensors has shape [96, 64] but the config implies [100, 64]',
+    )
+  })
+
+  it('name a missing tensor', async () => {
+    const m = fresh({ architecture: 'Qwen3ForCausalLM' })
+    const entries = [...m.tensors]
+      .filter(([name]) => name !== 'model.layers.1.self_attn.k_norm.weight')
+      .map(([name, t]) => ({ name, dtype: 'F32', shape: t.shape, data: Buffer.from(t.values.buffer) }))
+    writeFileSync(join(m.dir, 'model.safetensors'), safetensorsBytes(entries))
+    await expect(load(m.dir)).rejects.toThrow(
+      `tensor model.layers.1.self_attn.k_norm.weight is missing from the weights in ${m.dir} (the Qwen3ForCausalLM configuration needs it)`,
+    )
+    // An untied model without lm_head.weight.
+    const untied = fresh({ architecture: 'MistralForCausalLM' })
+    const noHead = [...untied.tensors]
+      .filter(([name]) => name !== 'lm_head.weight')
+      .map(([name, t]) => ({ name, dtype: 'F32', shape: t.shape, data: Buffer.from(t.values.buffer) }))
+    writeFileSync(join(untied.dir, 'model.safetensors'), safetensorsBytes(noHead))
+    await expect(load(untied.dir)).rejects.toThrow('tensor lm_head.weight is missing from the weights')
+  })
+
+  it('fail clearly on a truncated weights file', async () => {
+    const m = fresh({ architecture: 'LlamaForCausalLM' })
+    const file = join(m.dir, 'model.safetensors')
+    truncateSync(file, readFileSync(file).length - 10)
+    await expect(load(m.dir)).rejects.toThrow(`Invalid safetensors file ${file}: tensor lm_head.weight has data_offsets`)
+    await expect(load(m.dir)).rejects.toThrow('(truncated?)')
+  })
+
+  it('check the shard index against the shards', async () => {
+    const m = fresh({ architecture: 'LlamaForCausalLM', shards: 2 })
+    const indexFile = join(m.dir, 'model.safetensors.index.json')
+    const original = readFileSync(indexFile, 'utf8')
+    const index = JSON.parse(original)
+    index.weight_map['model.norm.weight'] = 'model-00001-of-00002.safetensors'
+    writeFileSync(indexFile, JSON.stringify(index))
+    await expect(load(m.dir)).rejects.toThrow(
+      `${indexFile} maps tensor model.norm.weight to model-00001-of-00002.safetensors, but ${join(m.dir, 'model-00001-of-00002.safetensors')} does not contain it`,
+    )
+    writeFileSync(indexFile, original)
+    unlinkSync(join(m.dir, 'model-00002-of-00002.safetensors'))
+    await expect(load(m.dir)).rejects.toThrow(
+      `model-00002-of-00002.safetensors not found: ${join(m.dir, 'model-00002-of-00002.safetensors')} does not exist`,
+    )
+    writeFileSync(indexFile, JSON.stringify({ weight_map: ['x'] }))
+    await expect(load(m.dir)).rejects.toThrow(`Expected an object for weight_map in ${indexFile} but received ["x"]`)
+  })
+
+  it('name missing files', async () => {
+    const m = fresh({ architecture: 'LlamaForCausalLM' })
+    unlinkSync(join(m.dir, 'model.safetensors'))
+    await expect(load(m.dir)).rejects.toThrow(`No weights found in ${m.dir}: expected model.safetensors or model.safetensors.index.json`)
+    unlinkSync(join(m.dir, 'config.json'))
+    await expect(load(m.dir)).rejects.toThrow(`config.json not found: ${join(m.dir, 'config.json')} does not exist`)
+    await expect(load(join(root, 'nowhere'))).rejects.toThrow('config.json not found')
+    const bad = fresh({ architecture: 'LlamaForCausalLM' })
+    writeFileSync(join(bad.dir, 'config.json'), '{"architectures": [')
+    await expect(load(bad.dir)).rejects.toThrow(`${join(bad.dir, 'config.json')} is not valid JSON`)
+  })
+
+  it('refuse an unsupported architecture by name', async () => {
+    const m = fresh({ architecture: 'LlamaForCausalLM', configOverrides: { architectures: ['PhiForCausalLM'] } })
+    await expect(load(m.dir)).rejects.toThrow(
+      'Architecture PhiForCausalLM (in ' + join(m.dir, 'config.json') + ') is not supported; supported architectures: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM',
+    )
+  })
+})
+
+describe('Transformer arguments', () => {
+  let model: Transformer
+  beforeAll(async () => {
+    model = await Transformer.load(fresh({ architecture: 'LlamaForCausalLM', maxPositions: 40 }).dir, {
+      device: 'cpu',
+      maxBatchTokens: 16,
+      kvBlocks: 4,
+      kvBlockSize: 16,
+      maxLogitRows: 4,
+    })
+  })
+  afterAll(() => model.dispose())
+
+  it('exposes its sizes', () => {
+    expect([model.device, model.maxBatchTokens, model.kvBlocks, model.kvBlockSize, model.maxLogitRows, model.maxPositions]).toEqual([
+      'cpu', 16, 4, 16, 4, 40,
+    ])
+    expect(model.config.architecture).toBe('LlamaForCausalLM')
+  })
+
+  it('validates load options', async () => {
+    const dir = fresh({ architecture: 'LlamaForCausalLM' }).dir
+    await expect(Transformer.load(dir, { device: 'tpu' as never, maxBatchTokens: 4, kvBlocks: 2 })).rejects.toThrow(
+      `Expected 'cpu' or 'cuda' for device but received "tpu" of type string`,
+    )
+    await expect(Transformer.load(dir, { device: 'cpu', maxBatchTokens: 0, kvBlocks: 2 })).rejects.toThrow(
+      'Expected an integer >= 1 for maxBatchTokens but received 0 of type number',
+    )
+    await expect(Transformer.load(dir, { device: 'cpu', maxBatchTokens: 4, kvBlocks: 2.5 })).rejects.toThrow(
+      'Expected an integer >= 1 for kvBlocks but received 2.5 of type number',
+    )
+  })
+
+  it('validates chunks before enqueuing anything', () => {
+    const V = model.config.vocabSize
+    const ok = { tokens: [1, 2], startPosition: 0, blockTable: [0], logits: 'last' as const }
+    expect(() => model.forward([])).toThrow('Expected a non-empty array of sequence chunks for chunks but received [] of type array')
+    expect(() => model.forward([{ ...ok, tokens: [] }])).toThrow('Expected a non-empty array of token ids for chunks[0].tokens but received [] of type array')
+    expect(() => model.forward([ok, { ...ok, tokens: [1, V] }])).toThrow(
+      `Expected an integer between 0 and ${V - 1} for chunks[1].tokens[1] but received ${V} of type number`,
+    )
+    expect(() => model.forward([{ ...ok, startPosition: -1 }])).toThrow('Expected an integer >= 0 for chunks[0].startPosition but received -1 of type number')
+    expect(() => model.forward([{ ...ok, startPosition: 39, blockTable: [0, 1, 2] }])).toThrow(
+      'Expected positions below 40 (max_position_embeddings) for chunks[0] but received positions 39..40',
+    )
+    expect(() => model.forward([{ ...ok, startPosition: 15 }])).toThrow(
+      'Expected at least 2 block ids for chunks[0].blockTable (positions 0..16, 16 per block) but received [0] of type array',
+    )
+    expect(() => model.forward([{ ...ok, blockTable: [4] }])).toThrow('Expected an integer between 0 and 3 for chunks[0].blockTable[0] but received 4 of type number')
+    expect(() => model.forward([{ ...ok, logits: 'first' as never }])).toThrow(
+      `Expected 'none', 'last' or 'all' for chunks[0].logits but received "first" of type string`,
+    )
+    expect(() => model.forward([{ ...ok, tokens: new Array(17).fill(1), blockTable: [0, 1] }])).toThrow(
+      'Expected at most 16 tokens (maxBatchTokens) for chunks but received 17',
+    )
+    expect(() => model.forward([{ ...ok, tokens: [1, 2, 3, 4, 5], logits: 'all' }])).toThrow(
+      'Expected at most 4 logit rows (maxLogitRows) for chunks but received 5',
+    )
+  })
+
+  it('caps positions at the KV cache capacity and refuses use after dispose', async () => {
+    const small = await Transformer.load(fresh({ architecture: 'Qwen3ForCausalLM' }).dir, { device: 'cpu', maxBatchTokens: 8, kvBlocks: 2, kvBlockSize: 4 })
+    expect(small.maxPositions).toBe(8)
+    expect(() => small.forward([{ tokens: [1], startPosition: 8, blockTable: [0, 1, 0], logits: 'last' }])).toThrow(
+      'Expected positions below 8 (KV cache capacity) for chunks[0] but received positions 8..8',
+    )
+    small.dispose()
+    expect(() => small.forward([{ tokens: [1], startPosition: 0, blockTable: [0], logits: 'last' }])).toThrow('The transformer was disposed and cannot be used any more')
+  })
+})

@@ -1,0 +1,151 @@
+// The tokenizer on a byte-level BPE tokenizer.json written by the test: encode/decode, BOS and EOS
+// from the config files, special tokens, the chat template, and streaming detokenization.
+import { mkdtempSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { Tokenizer } from '../../lib/tokenizer.js'
+import { byteSymbols, SPECIAL_TOKENS, writeTinyModel } from '../helpers/tiny-model.js'
+
+let root: string
+let llamaDir: string
+let qwenDir: string
+beforeAll(() => {
+  root = mkdtempSync(join(tmpdir(), 'detinfer-tokenizer-'))
+  llamaDir = writeTinyModel(join(root, 'llama'), { architecture: 'LlamaForCausalLM', numLayers: 1 }).dir
+  qwenDir = writeTinyModel(join(root, 'qwen'), { architecture: 'Qwen3ForCausalLM', numLayers: 1 }).dir
+})
+afterAll(() => rmSync(root, { recursive: true, force: true }))
+
+const symbols = byteSymbols()
+/** The byte-level ids of a text with no merges applied (ids 0..255 are the bytes). */
+const bytesOf = (text: string) => Array.from(Buffer.from(text, 'utf8'))
+const specialId = (token: string) => 256 + 9 + SPECIAL_TOKENS.indexOf(token)
+
+describe('tokenizer', () => {
+  it('encodes with the byte-level BPE merges and decodes back', async () => {
+    const t = await Tokenizer.load(qwenDir)
+    // "the" -> 'Ġt'+'he' -> 'Ġthe' (merge 2); "a" alone after a space -> 'Ġa'.
+    const ids = t.encode('x the a', { addSpecialTokens: false })
+    expect(ids).toEqual([symbols.indexOf('x'), 258, 259])
+    expect(t.decode(ids)).toBe('x the a')
+    const text = 'naïve café, 日本語 🙂\n\ttabs  and  spaces'
+    expect(t.decode(t.encode(text))).toBe(text)
+    expect(t.vocabSize).toBe(256 + 9 + SPECIAL_TOKENS.length)
+  })
+
+  it('adds BOS as tokenizer_config.json says', async () => {
+    const llama = await Tokenizer.load(llamaDir)
+    const qwen = await Tokenizer.load(qwenDir)
+    const bos = specialId('<s>')
+    expect([llama.addsBos, llama.bosTokenId, llama.bosToken]).toEqual([true, bos, '<s>'])
+    expect(llama.encode('hi')).toEqual([bos, ...bytesOf('hi')])
+    expect(llama.encode('hi', { addSpecialTokens: false })).toEqual(bytesOf('hi'))
+    expect(llama.encode('<s>hi')).toEqual([bos, ...bytesOf('hi')]) // not twice
+    expect(qwen.addsBos).toBe(false)
+    expect(qwen.encode('hi')).toEqual(bytesOf('hi'))
+  })
+
+  it('follows a TemplateProcessing post-processor when add_bos_token is absent', async () => {
+    const dir = writeTinyModel(join(root, 'template'), { architecture: 'LlamaForCausalLM', numLayers: 1 }).dir
+    const cfgFile = join(dir, 'tokenizer_config.json')
+    const { add_bos_token: _, ...cfg } = JSON.parse(readFileSync(cfgFile, 'utf8'))
+    writeFileSync(cfgFile, JSON.stringify(cfg))
+    const tokFile = join(dir, 'tokenizer.json')
+    const tok = JSON.parse(readFileSync(tokFile, 'utf8'))
+    const bos = specialId('<s>')
+    tok.post_processor = {
+      type: 'TemplateProcessing',
+      single: [{ SpecialToken: { id: '<s>', type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }],
+      pair: [{ SpecialToken: { id: '<s>', type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }, { Sequence: { id: 'B', type_id: 1 } }],
+      special_tokens: { '<s>': { id: '<s>', ids: [bos], tokens: ['<s>'] } },
+    }
+    writeFileSync(tokFile, JSON.stringify(tok))
+    const t = await Tokenizer.load(dir)
+    expect(t.addsBos).toBe(true)
+    expect(t.encode('ok')).toEqual([bos, ...bytesOf('ok')])
+    // add_bos_token: false wins over the post-processor.
+    writeFileSync(cfgFile, JSON.stringify({ ...cfg, add_bos_token: false }))
+    const noBos = await Tokenizer.load(dir)
+    expect(noBos.encode('ok')).toEqual(bytesOf('ok'))
+  })
+
+  it('takes EOS ids from generation_config.json, then tokenizer_config.json', async () => {
+    const t = await Tokenizer.load(qwenDir)
+    expect(t.eosTokenIds).toEqual([specialId('<|endoftext|>'), specialId('<|im_end|>'), specialId('</s>')])
+    expect(t.eosToken).toBe('</s>')
+    const dir = writeTinyModel(join(root, 'no-gen'), { architecture: 'Qwen3ForCausalLM', numLayers: 1 }).dir
+    unlinkSync(join(dir, 'generation_config.json'))
+    expect((await Tokenizer.load(dir)).eosTokenIds).toEqual([specialId('</s>')])
+    writeFileSync(join(dir, 'generation_config.json'), JSON.stringify({ eos_token_id: specialId('<|im_end|>') }))
+    expect((await Tokenizer.load(dir)).eosTokenIds).toEqual([specialId('<|im_end|>'), specialId('</s>')])
+    writeFileSync(join(dir, 'generation_config.json'), JSON.stringify({ eos_token_id: 'x' }))
+    await expect(Tokenizer.load(dir)).rejects.toThrow(
+      `Expected a token id below 270 or an array of them for eos_token_id in ${join(dir, 'generation_config.json')} but received "x" of type string`,
+    )
+  })
+
+  it('keeps special tokens whole and skips them on request', async () => {
+    const t = await Tokenizer.load(qwenDir)
+    const ids = t.encode('<|im_start|>user\nhi<|im_end|>', { addSpecialTokens: false })
+    expect(ids).toEqual([specialId('<|im_start|>'), ...t.encode('user\nhi', { addSpecialTokens: false }), specialId('<|im_end|>')])
+    expect(t.decode(ids, { skipSpecialTokens: false })).toBe('<|im_start|>user\nhi<|im_end|>')
+    expect(t.decode(ids)).toBe('user\nhi')
+    expect(t.decode([])).toBe('')
+  })
+
+  it('renders the chat template', async () => {
+    const t = await Tokenizer.load(qwenDir)
+    expect(t.hasChatTemplate).toBe(true)
+    const text = t.applyChatTemplate([{ role: 'user', content: 'Who art thou?' }])
+    expect(text).toBe('<|im_start|>user\nWho art thou?<|im_end|>\n<|im_start|>assistant\n')
+    expect(t.applyChatTemplate([{ role: 'user', content: 'x' }], { addGenerationPrompt: false })).toBe('<|im_start|>user\nx<|im_end|>\n')
+    expect(t.encodePrompt('Who art thou?', true)).toEqual(t.encode(text, { addSpecialTokens: false }))
+    expect(t.encodePrompt('Who', false)).toEqual(t.encode('Who'))
+    expect(t.encodeContinuation(' art')).toEqual(t.encode(' art', { addSpecialTokens: false }))
+  })
+
+  it('streams only complete UTF-8 text', async () => {
+    const t = await Tokenizer.load(qwenDir)
+    const text = 'the café 🙂 naïve 日本'
+    const ids = t.encode(text, { addSpecialTokens: false })
+    const stream = t.streamDecoder()
+    const pieces = ids.map((id) => stream.push(id))
+    pieces.push(stream.flush())
+    expect(pieces.join('')).toBe(text)
+    expect(pieces.some((p) => p.includes('\uFFFD'))).toBe(false)
+    // The 4 bytes of 🙂 give nothing for 3 tokens, then the whole character.
+    const emoji = t.encode('🙂', { addSpecialTokens: false })
+    expect(emoji).toHaveLength(4)
+    const s2 = t.streamDecoder()
+    expect(emoji.map((id) => s2.push(id))).toEqual(['', '', '', '🙂'])
+  })
+
+  it('streams a continuation with the spaces the context implies, and flushes an incomplete character', async () => {
+    const t = await Tokenizer.load(qwenDir)
+    const context = t.encode('x the', { addSpecialTokens: false })
+    const next = t.encode(' a café', { addSpecialTokens: false })
+    const s = t.streamDecoder({ context })
+    expect(next.map((id) => s.push(id)).join('') + s.flush()).toBe(' a café')
+    const half = t.streamDecoder()
+    expect(half.push(bytesOf('é')[0]!)).toBe('')
+    expect(half.flush()).toBe('\uFFFD')
+  })
+
+  it('reports bad input and missing files', async () => {
+    const t = await Tokenizer.load(qwenDir)
+    expect(() => t.decode([1, 9999])).toThrow('Expected an integer between 0 and 269 for ids[1] but received 9999 of type number')
+    expect(() => t.encode(5 as never)).toThrow('Expected a string for text but received 5 of type number')
+    await expect(Tokenizer.load(join(root, 'none'))).rejects.toThrow(`tokenizer.json not found: ${join(root, 'none', 'tokenizer.json')} does not exist`)
+    const dir = writeTinyModel(join(root, 'no-template'), { architecture: 'Qwen3ForCausalLM', numLayers: 1 }).dir
+    const cfg = JSON.parse(readFileSync(join(dir, 'tokenizer_config.json'), 'utf8'))
+    delete cfg.chat_template
+    writeFileSync(join(dir, 'tokenizer_config.json'), JSON.stringify(cfg))
+    const plain = await Tokenizer.load(dir)
+    expect(plain.hasChatTemplate).toBe(false)
+    expect(() => plain.applyChatTemplate([{ role: 'user', content: 'x' }])).toThrow('This model has no chat template')
+    // chat_template.jinja beside the config (newer checkpoints) is read too.
+    writeFileSync(join(dir, 'chat_template.jinja'), '{{ messages[0].content }}!')
+    expect((await Tokenizer.load(dir)).applyChatTemplate([{ role: 'user', content: 'x' }])).toBe('x!')
+  })
+})

@@ -1,0 +1,74 @@
+// The Model's public boundary: argument validation messages and dispose semantics.
+import { describe, expect, it } from 'vitest'
+import { DisposedError } from '../../lib/errors.js'
+import { Model } from '../../lib/model.js'
+import { ContextHashModel, charTokenizer } from './context-hash-model.js'
+
+function makeModel() {
+  const forward = new ContextHashModel({ kvBlocks: 512, kvBlockSize: 4, maxBatchTokens: 32, context: 4096 })
+  forward.eosBias = -100
+  const model = new Model({ forward, tokenizer: charTokenizer, path: 'context-hash' }, { maxBatchSize: 8, prefillChunkSize: 8 })
+  return { forward, model }
+}
+
+describe('Model argument validation', () => {
+  const { model } = makeModel()
+
+  it.each([
+    [{ maxTokens: 0 }, 'Expected integer between 1 and 4096 for maxTokens but received 0 of type number'],
+    [{ maxTokens: 2.5 }, 'Expected integer between 1 and 4096 for maxTokens but received 2.5 of type number'],
+    [{ maxTokens: '8' }, 'Expected integer between 1 and 4096 for maxTokens but received "8" of type string'],
+    [{ temperature: -1 }, 'Expected number between 0 and 100 for temperature but received -1 of type number'],
+    [{ temperature: 1, topP: 0 }, 'Expected number greater than 0 and at most 1 for topP but received 0 of type number'],
+    [{ temperature: 1, topK: -2 }, 'Expected integer between 0 and 32 for topK but received -2 of type number'],
+    [{ temperature: 1, seed: 2 ** 32 }, 'Expected integer between 0 and 4294967295 for seed but received 4294967296 of type number'],
+    [{ stop: '' }, 'Expected non-empty string or array of non-empty strings for stop but received "" of type string'],
+    [{ stop: ['a', 3] }, 'Expected non-empty string or array of non-empty strings for stop but received an array of length 2'],
+    [{ chat: 'yes' }, 'Expected boolean for chat but received "yes" of type string'],
+    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, stop, chat for options but received "maxToken" of type string'],
+  ])('generate rejects %j', async (options, message) => {
+    await expect(model.generate('abc', options as never)).rejects.toThrow(message)
+  })
+
+  it('rejects bad prompts and completions', async () => {
+    await expect(model.generate(42 as never)).rejects.toThrow('Expected string or array of token ids for prompt but received 42 of type number')
+    await expect(model.generate([])).rejects.toThrow('Expected at least one token id for prompt but received an array of length 0')
+    await expect(model.generate([1, 99])).rejects.toThrow('Expected integer between 0 and 31 for prompt[1] but received 99 of type number')
+    await expect(model.generateBatch(['ab', 7] as never)).rejects.toThrow('for prompts[1] but received 7 of type number')
+    await expect(model.score('ab', [])).rejects.toThrow('Expected text or ids of at least one token for completion but received an array of length 0')
+    expect(() => model.stream('ab', { maxTokens: -1 })).toThrow('Expected integer between 1 and 4096 for maxTokens but received -1 of type number')
+  })
+})
+
+describe('Model.dispose', () => {
+  it('fails requests in flight and later calls with a DisposedError, and frees the forward pass once', async () => {
+    const { model, forward } = makeModel()
+    const inFlight = model.generate('abcdef', { maxTokens: 500 })
+    const pieces = model.stream('xyz', { maxTokens: 500 })[Symbol.asyncIterator]()
+    expect((await pieces.next()).done).toBe(false)
+    await model.dispose()
+    await expect(inFlight).rejects.toThrow(DisposedError)
+    // Pieces produced before the dispose still arrive, then the stream fails.
+    const drain = async () => {
+      while (!(await pieces.next()).done);
+    }
+    await expect(drain()).rejects.toThrow('The model was disposed and cannot be used any more')
+    expect(forward.disposed).toBe(true)
+    expect(model.disposed).toBe(true)
+
+    await expect(model.generate('abc')).rejects.toThrow(DisposedError)
+    await expect(model.generateBatch(['abc'])).rejects.toThrow(DisposedError)
+    await expect(model.score('abc', 'd')).rejects.toThrow(DisposedError)
+    expect(() => model.stream('abc')).toThrow(DisposedError)
+    expect(() => model.tokenize('abc')).toThrow(DisposedError)
+    await model.dispose() // a second dispose is harmless
+  })
+
+  it('is what Symbol.asyncDispose does', async () => {
+    const { model, forward } = makeModel()
+    expect((await model.generate('ab', { maxTokens: 3 })).tokens).toHaveLength(3)
+    await model[Symbol.asyncDispose]()
+    expect(forward.disposed).toBe(true)
+    await expect(model.generate('ab')).rejects.toThrow(DisposedError)
+  })
+})
