@@ -12,7 +12,10 @@ const gpuRequired = process.env.DETINFER_REQUIRE_GPU === '1'
 let told = false
 /** `describe` when a GPU is usable, `describe.skip` (with a message) otherwise. */
 export function describeGpu(name: string, fn: () => void): void {
-  if (gpuAvailable) return describe(name, fn)
+  if (gpuAvailable) {
+    describe(name, fn)
+    return
+  }
   if (gpuRequired) {
     describe(name, () => {
       it('runs on a GPU', () => {
