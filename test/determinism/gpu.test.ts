@@ -87,12 +87,16 @@ function experiment(label: string, modelDir: () => string) {
 }
 
 describeGpu('determinism on the GPU: random weights at Qwen3-0.6B shapes', () => {
-  const root = mkdtempSync(join(tmpdir(), 'detinfer-q06-'))
-  const dir = join(root, 'model')
+  let root = ''
+  let dir = ''
   beforeAll(() => {
+    root = mkdtempSync(join(tmpdir(), 'detinfer-q06-'))
+    dir = join(root, 'model')
     writeRandomModel({ shape: 'qwen3-0.6b', seed: 1234, out: dir, tokenizerDir: defaultModelPath })
   }, TIMEOUT)
-  afterAll(() => rmSync(root, { recursive: true, force: true }))
+  afterAll(() => {
+    if (root) rmSync(root, { recursive: true, force: true })
+  })
   experiment('qwen3-0.6b-random', () => dir)
 })
 
