@@ -149,7 +149,7 @@ if (import.meta.url === `file://${process.argv[1]}`) {
     },
   })
   if (!values.out) throw new Error('Expected a directory for --out but received nothing')
-  const tokenizerDir = values.tokenizer ?? join(import.meta.dirname, '..', 'models', 'tiny-shakespeare')
+  const tokenizerDir = values.tokenizer ?? join(import.meta.dirname, '..', 'models', 'default')
   const t0 = Date.now()
   const r = writeRandomModel({ shape: values.shape, seed: Number(values.seed), out: values.out, tokenizerDir })
   console.error(`wrote ${r.dir} (${(r.bytes / 1e9).toFixed(2)} GB of weights) in ${((Date.now() - t0) / 1000).toFixed(1)} s`)
