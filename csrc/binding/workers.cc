@@ -11,6 +11,12 @@ DownloadWorker::DownloadWorker(Napi::Env env, const Tensor& tensor)
 
 Napi::Promise DownloadWorker::Start(Napi::Env env, const Tensor& tensor) {
   auto* worker = new DownloadWorker(env, tensor);
+  // CPU ops run on the JS thread as they are called, so the bytes are read now, before any later
+  // op can change them: the same order a CUDA stream gives the copy.
+  if (tensor.device() == Device::CPU) {
+    worker->host_.resize(tensor.nbytes());
+    std::memcpy(worker->host_.data(), tensor.data(), worker->host_.size());
+  }
   Napi::Promise promise = worker->deferred_.Promise();
   worker->Queue();
   return promise;
@@ -18,10 +24,8 @@ Napi::Promise DownloadWorker::Start(Napi::Env env, const Tensor& tensor) {
 
 void DownloadWorker::Execute() {
   try {
-    host_.resize(tensor_.nbytes());
-    if (tensor_.device() == Device::CPU) {
-      std::memcpy(host_.data(), tensor_.data(), host_.size());
-    } else {
+    if (tensor_.device() == Device::CUDA) {
+      host_.resize(tensor_.nbytes());
       cuda_runtime::download(host_.data(), tensor_.data(), host_.size());
     }
   } catch (const std::exception& e) {

@@ -23,6 +23,15 @@ describe('tensors', () => {
     expect(Array.from(await readF32(t))).toEqual([1, 2, 7, 8, 9, 10])
   })
 
+  it('a download sees the tensor as it was when it was asked for, not after later ops', async () => {
+    const n = native()
+    const t = tensorFrom('cpu', 'f32', [4], [1, 2, 3, 4])
+    const before = n.download(t)
+    n.upload(t, new Float32Array([5, 6, 7, 8]))
+    const buf = await before
+    expect(Array.from(new Float32Array(buf.buffer, buf.byteOffset, 4))).toEqual([1, 2, 3, 4])
+  })
+
   it('rounds to nearest even when converting to bf16', () => {
     expect(f32ToBf16Bits(1.0)).toBe(0x3f80)
     expect(bf16BitsToF32(f32ToBf16Bits(1 + 2 ** -8))).toBe(1) // tie, rounds to even
