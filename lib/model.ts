@@ -23,7 +23,7 @@ import type { LoadProgress } from './model/weights.js'
 import { Tokenizer } from './tokenizer.js'
 
 /** Directory name of the model shipped under models/. */
-const DEFAULT_MODEL_NAME = 'detinfer-tiny'
+const DEFAULT_MODEL_NAME = 'default'
 /** Positions per KV-cache block. */
 const KV_BLOCK_SIZE = 16
 
