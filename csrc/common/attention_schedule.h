@@ -5,20 +5,34 @@
 // Neither constant may depend on the batch, the sequence length or the free SMs.
 #pragma once
 
+#if defined(__CUDACC__)
+#define DI_HOST_DEVICE __host__ __device__
+#else
+#define DI_HOST_DEVICE
+#endif
+
 namespace detinfer::attention_schedule {
 
 constexpr int kSplitSize = 256;
+// 64 keys: the tensor-core tile of the CUDA kernels (4 k-steps of 16 keys for P·V) and a 16 KiB
+// K block at head dim 128.
 constexpr int kKeyBlock = 64;
 static_assert(kSplitSize % kKeyBlock == 0, "a split is a whole number of key blocks");
 
 // Variant configuration only (FlashDecoding-style): the number of splits grows when the batch is
 // small, so the split boundaries depend on the batch size and the length.
-inline int variant_split_size(int batch, int seq_len) {
+DI_HOST_DEVICE inline int variant_split_size(int batch, int seq_len) {
   int splits = 64 / (batch < 1 ? 1 : batch);
   int by_len = (seq_len + kKeyBlock - 1) / kKeyBlock;
   if (splits > by_len) splits = by_len;
   if (splits < 1) splits = 1;
-  return (seq_len + splits - 1) / splits;
+  return seq_len < 1 ? 1 : (seq_len + splits - 1) / splits;
+}
+
+// Upper bound of the number of splits variant_split_size gives any sequence of a batch.
+inline int variant_max_splits(int batch) {
+  int splits = 64 / (batch < 1 ? 1 : batch);
+  return splits < 1 ? 1 : splits;
 }
 
 }  // namespace detinfer::attention_schedule

@@ -4,6 +4,10 @@
 // key blocks of kKeyBlock in ascending order, fp32 online softmax, splits combined in ascending
 // order); every query is computed alone, from its position and its sequence's cache.
 // Variant: the split size comes from attention_schedule::variant_split_size(batch, length).
+// Arithmetic as in the CUDA kernels (kernels/attention_tile.cuh) where a scalar loop can follow
+// it: raw scores, p = exp2(fma(s, c, -max·c)) with the scale folded into c, bf16 weights in P·V,
+// splits merged into a running total; the dot products are sequential here, so CPU and CUDA agree
+// closely, not bitwise.
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -20,8 +24,9 @@ namespace {
 using attention_schedule::kKeyBlock;
 using attention_schedule::kSplitSize;
 
+// The running state of one query over a split, or over the splits merged so far.
 struct Partial {
-  float max = -std::numeric_limits<float>::infinity();
+  float max = -std::numeric_limits<float>::infinity();  // of the raw scores q·k
   float sum = 0.f;
   std::vector<float> out;
 };
@@ -40,14 +45,19 @@ struct KeyRows {
   }
 };
 
-float score(const float* q, const uint16_t* k, int64_t dim, float scale) {
+float dot(const float* q, const uint16_t* k, int64_t dim) {
   float acc = 0.f;
   for (int64_t d = 0; d < dim; ++d) acc += q[d] * bf16_to_f32(k[d]);
-  return acc * scale;
+  return acc;
 }
 
-// Online softmax over keys [begin, end), kKeyBlock keys at a time.
-Partial reduce_split(const float* q, const KeyRows& keys, int64_t begin, int64_t end, float scale) {
+// As the CUDA kernels: exp(x·scale) = 2^(x·c) with c = scale·log2(e); the offset of a row that has
+// seen no key yet is 0, so an empty row gives 2^(−∞) = 0.
+float scaled_max(float max, float c) { return (max == -std::numeric_limits<float>::infinity() ? 0.f : max) * c; }
+
+// Online softmax over keys [begin, end), kKeyBlock keys at a time from `begin`; the weights enter
+// P·V rounded to bf16 (the CUDA kernels feed P to bf16 tensor cores) and the sum unrounded.
+Partial reduce_split(const float* q, const KeyRows& keys, int64_t begin, int64_t end, float c) {
   Partial p;
   p.out.assign(keys.dim, 0.f);
   float scores[kKeyBlock];
@@ -55,22 +65,34 @@ Partial reduce_split(const float* q, const KeyRows& keys, int64_t begin, int64_t
     int64_t n = end - block < kKeyBlock ? end - block : kKeyBlock;
     float block_max = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < n; ++j) {
-      scores[j] = score(q, keys.k(block + j), keys.dim, scale);
+      scores[j] = dot(q, keys.k(block + j), keys.dim);
       block_max = scores[j] > block_max ? scores[j] : block_max;
     }
     float new_max = block_max > p.max ? block_max : p.max;
-    float alpha = std::exp(p.max - new_max);
+    float offset = scaled_max(new_max, c);
+    float alpha = std::exp2(p.max * c - offset);
     p.sum *= alpha;
     for (float& o : p.out) o *= alpha;
     for (int64_t j = 0; j < n; ++j) {
-      float w = std::exp(scores[j] - new_max);
+      float w = std::exp2(std::fma(scores[j], c, -offset));
       p.sum += w;
+      float wv = round_bf16(w);
       const uint16_t* v = keys.v(block + j);
-      for (int64_t d = 0; d < keys.dim; ++d) p.out[d] += w * bf16_to_f32(v[d]);
+      for (int64_t d = 0; d < keys.dim; ++d) p.out[d] += wv * bf16_to_f32(v[d]);
     }
     p.max = new_max;
   }
   return p;
+}
+
+// total <- total merged with the next split (ascending split order).
+void merge(Partial& total, const Partial& part, float c) {
+  float max = part.max > total.max ? part.max : total.max;
+  float offset = scaled_max(max, c);
+  float wt = std::exp2(total.max * c - offset), wp = std::exp2(part.max * c - offset);
+  total.sum = total.sum * wt + part.sum * wp;
+  for (size_t d = 0; d < total.out.size(); ++d) total.out[d] = total.out[d] * wt + part.out[d] * wp;
+  total.max = max;
 }
 
 }  // namespace
@@ -82,6 +104,7 @@ void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor
   const int32_t* starts = batch.query_start.ptr<int32_t>();
   const int32_t* lens = batch.seq_lens.ptr<int32_t>();
   std::vector<float> qf(dim);
+  const float c = scale * 1.4426950408889634f;
   for (int64_t b = 0; b < num_seqs; ++b) {
     int64_t n_queries = starts[b + 1] - starts[b], len = lens[b];
     DI_CHECK(n_queries >= 0 && n_queries <= len && starts[b + 1] <= q.dim(0),
@@ -96,20 +119,12 @@ void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor
                      dim, h / group};
         const uint16_t* qh = q.ptr<uint16_t>() + (row * heads + h) * dim;
         for (int64_t d = 0; d < dim; ++d) qf[d] = bf16_to_f32(qh[d]);
-        std::vector<Partial> parts;
+        Partial total;
+        total.out.assign(dim, 0.f);
         for (int64_t begin = 0; begin <= pos; begin += split)
-          parts.push_back(reduce_split(qf.data(), keys, begin, begin + split < pos + 1 ? begin + split : pos + 1, scale));
-        float max = -std::numeric_limits<float>::infinity();
-        for (const Partial& p : parts) max = p.max > max ? p.max : max;
-        float sum = 0.f;
-        std::vector<float> acc(dim, 0.f);
-        for (const Partial& p : parts) {
-          float w = std::exp(p.max - max);
-          sum += p.sum * w;
-          for (int64_t d = 0; d < dim; ++d) acc[d] += p.out[d] * w;
-        }
+          merge(total, reduce_split(qf.data(), keys, begin, begin + split < pos + 1 ? begin + split : pos + 1, c), c);
         uint16_t* o = out.ptr<uint16_t>() + (row * heads + h) * dim;
-        for (int64_t d = 0; d < dim; ++d) o[d] = f32_to_bf16(acc[d] / sum);
+        for (int64_t d = 0; d < dim; ++d) o[d] = f32_to_bf16(total.out[d] / total.sum);
       }
     }
   }

@@ -1,10 +1,473 @@
-// PLACEHOLDER: the CUDA kernels of this family are not written yet; each entry throws.
-#include "../common/error.h"
+// attention (CUDA): causal attention over a paged KV cache, grouped-query, head dim 64 or 128.
+//   q, out [T, heads, D] bf16; k_cache, v_cache [blocks, block_size, kv_heads, D] bf16;
+//   sequence b's queries are rows query_start[b] .. query_start[b+1]-1 at positions
+//   seq_lens[b]-n .. seq_lens[b]-1; query head h reads kv head h / (heads / kv_heads).
+// kv_append: k, v [T, kv_heads, D] -> the cache rows at slots[T] (negative slot: skipped).
+//
+// Invariant (common/attention_schedule.h): for a query at position p, keys 0..p are cut into splits
+// of kSplitSize keys counted from key 0; a split is reduced over key blocks of kKeyBlock keys in
+// ascending order (attention_tile.cuh: one warp, mma.sync m16n8k16, fp32 online softmax with exp2,
+// P rounded to bf16); split partials are merged in ascending split order by merge_weights /
+// merge_value. Two kernels implement it with the same device functions:
+//   decode  (every sequence has one query): one warp per (sequence, kv head, split) holding the
+//           group's query heads as tile rows, partials to a workspace, then a combine pass;
+//   prefill (any number of queries): one block per (sequence, head, 64 query positions), four warps
+//           of 16 positions, looping over the splits and merging each in registers as it ends.
+// Neither the split size nor the key block depends on the batch, the lengths or the SM count; the
+// grid does, which changes who computes a row but not how. Only the variant configuration
+// (choose_launch) takes the split size from the batch size.
+// The host-side max_query_len / max_seq_len size the grid and the decode workspace, so they must
+// bound every sequence of the batch (max_query_len == 1 selects decode); a kv_append slot outside
+// the cache is skipped, since checking device-side slots on the host would synchronize.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+
+#include "../common/attention_schedule.h"
+#include "../common/config.h"
+#include "../cuda/check.h"
+#include "../cuda/runtime.h"
+#include "attention_tile.cuh"
 #include "cuda_ops.h"
 
 namespace detinfer::cuda {
+namespace {
 
-void kv_append(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&) { fail("CUDA kv_append is not implemented yet"); }
-void attention(Tensor&, const Tensor&, const Tensor&, const Tensor&, const AttentionBatch&, float) { fail("CUDA attention is not implemented yet"); }
+using namespace attn;
+using attention_schedule::kSplitSize;
+
+// Launch geometry (the reduction order above does not depend on any of it).
+struct PrefillTiles {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRows = kWarps * kTileRows;  // query positions per block
+  static constexpr int kStages = 2;                 // K/V key blocks in flight
+  template <int D>
+  static constexpr int smem_bytes() {
+    return (kRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16));
+  }
+};
+
+struct DecodeTiles {
+  static constexpr int kThreads = 32;  // one warp per split; single K and V buffers, loads overlap compute
+};
+
+struct KvAppendTiles {
+  static constexpr int kThreads = 128;
+};
+
+// Everything the attention kernels read, by value.
+struct AttentionArgs {
+  bf16* out;
+  const bf16* q;
+  const bf16* k_cache;
+  const bf16* v_cache;
+  const int* block_tables;  // [num_seqs, max_blocks]
+  const int* query_start;   // [num_seqs + 1]
+  const int* seq_lens;      // [num_seqs]
+  int num_seqs, heads, kv_heads, block_size, max_blocks;
+  int block_shift;  // log2(block_size) when it is a power of two, else -1
+  int split_size;  // keys per split; 0: variant_split_size(num_seqs, length) per sequence
+  int max_splits;  // decode: the workspace's splits per (sequence, head)
+  float scale_log2;
+  float* part_o;   // decode workspace [num_seqs, heads, max_splits, D] f32
+  float* part_ml;  // decode workspace [num_seqs, heads, max_splits, 2] f32: (max, sum)
+};
+
+__device__ __forceinline__ int split_size_of(const AttentionArgs& a, int len) {
+  return a.split_size > 0 ? a.split_size : attention_schedule::variant_split_size(a.num_seqs, len);
+}
+
+// Keys a sequence can have: its length, clamped to what its block table can address.
+__device__ __forceinline__ int keys_of(const AttentionArgs& a, int seq) {
+  return min(a.seq_lens[seq], a.max_blocks * a.block_size);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading tiles into shared memory (16-byte cp.async; rows past the end are zero-filled).
+
+// kKeyBlock cache rows key0.. of kv head `kv_head` into k_dst and/or v_dst ([kKeyBlock][D], swizzled).
+// With kWindow (one warp, kThreads == 32), lane i holds window_page = table[window_first + i] and a
+// key's page comes from that lane by shuffle instead of a dependent global load; pages outside the
+// window are read from the table.
+template <int D, int kThreads, bool kLoadK, bool kLoadV, bool kWindow = false>
+__device__ __forceinline__ void load_key_block(bf16* k_dst, bf16* v_dst, const AttentionArgs& a, const int* table,
+                                               int kv_head, int key0, int len, int window_first = 0,
+                                               int window_page = 0) {
+  static_assert(!kWindow || kThreads == 32, "the page window is shared within one warp");
+  constexpr int kChunks = D / 8;
+  static_assert(kKeyBlock * kChunks % kThreads == 0, "every thread runs the same number of iterations");
+  // A constant trip count, unrolled by 8: the page lookups and copies of 8 iterations overlap.
+#pragma unroll 8
+  for (int i = 0; i < kKeyBlock * kChunks / kThreads; ++i) {
+    const int c = static_cast<int>(threadIdx.x) + i * kThreads;
+    const int r = c / kChunks, chunk = c % kChunks;
+    const int key = key0 + r;
+    const bool valid = key < len;
+    const int page_index = a.block_shift >= 0 ? key >> a.block_shift : key / a.block_size;
+    int page;
+    if (kWindow) {
+      const int rel = page_index - window_first;
+      page = __shfl_sync(0xffffffffu, window_page, rel & 31);
+      if (valid && (rel < 0 || rel >= 32)) page = table[page_index];
+    } else {
+      page = valid ? table[page_index] : 0;
+    }
+    int64_t offset = 0;
+    if (valid) {
+      const int64_t slot = static_cast<int64_t>(page) * a.block_size + (key - page_index * a.block_size);
+      offset = (slot * a.kv_heads + kv_head) * D + chunk * 8;
+    }
+    if (kLoadK) cp_async16(k_dst + tile_offset<D>(r, chunk), a.k_cache + offset, valid);
+    if (kLoadV) cp_async16(v_dst + tile_offset<D>(r, chunk), a.v_cache + offset, valid);
+  }
+}
+
+// `rows` query rows into dst ([n_rows][D], swizzled): row r comes from q + first + r * stride.
+template <int D, int kThreads, int kRowsTile>
+__device__ __forceinline__ void load_query_rows(bf16* dst, const bf16* q, int64_t first, int64_t stride, int rows) {
+  constexpr int kChunks = D / 8;
+  static_assert(kRowsTile * kChunks % kThreads == 0, "every thread runs the same number of iterations");
+#pragma unroll
+  for (int i = 0; i < kRowsTile * kChunks / kThreads; ++i) {
+    const int c = static_cast<int>(threadIdx.x) + i * kThreads;
+    const int r = c / kChunks, chunk = c % kChunks;
+    const bool valid = r < rows;
+    cp_async16(dst + tile_offset<D>(r, chunk), valid ? q + first + r * stride + chunk * 8 : q, valid);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: grid (max_splits, kv_heads * row tiles, num_seqs), one warp. The warp's 16 tile rows are
+// (up to) 16 query heads of one kv head at the sequence's single query position len-1.
+template <int D>
+__global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_kernel(AttentionArgs a) {
+  __shared__ __align__(128) bf16 q_s[kTileRows * D];
+  __shared__ __align__(128) bf16 k_s[kKeyBlock * D];
+  __shared__ __align__(128) bf16 v_s[kKeyBlock * D];
+
+  const int split_index = blockIdx.x, seq = blockIdx.z;
+  const int group = a.heads / a.kv_heads, row_tiles = (group + kTileRows - 1) / kTileRows;
+  const int kv_head = blockIdx.y / row_tiles, tile = blockIdx.y % row_tiles;
+  const int head0 = kv_head * group + tile * kTileRows, rows = min(kTileRows, group - tile * kTileRows);
+  const int q_row = a.query_start[seq];
+  if (a.query_start[seq + 1] - q_row != 1) return;
+  const int len = keys_of(a, seq);
+  const int split = split_size_of(a, len);
+  const int n_splits = min((len + split - 1) / split, a.max_splits);
+  if (split_index >= n_splits) return;
+  const int begin = split_index * split, end = min(begin + split, len);
+  const int* table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
+
+  // The split's first 32 block-table entries, one per lane (a split of kSplitSize keys needs 256 / block_size).
+  const int window_first = begin / a.block_size;
+  const int lane_page = window_first + static_cast<int>(threadIdx.x);
+  const int window_page = lane_page * a.block_size < len ? table[lane_page] : 0;
+
+  load_query_rows<D, DecodeTiles::kThreads, kTileRows>(q_s, a.q, (static_cast<int64_t>(q_row) * a.heads + head0) * D,
+                                                       D, rows);
+  load_key_block<D, DecodeTiles::kThreads, true, false, true>(k_s, nullptr, a, table, kv_head, begin, len, window_first,
+                                                              window_page);
+  cp_async_commit();
+  load_key_block<D, DecodeTiles::kThreads, false, true, true>(nullptr, v_s, a, table, kv_head, begin, len, window_first,
+                                                              window_page);
+  cp_async_commit();
+
+  // The query sits at len-1, so its keys in this split are exactly [begin, end).
+  const int limit[2] = {end, end};
+  SplitAccum<D> acc;
+  split_init(acc);
+  for (int key0 = begin; key0 < end; key0 += kKeyBlock) {
+    const bool has_next = key0 + kKeyBlock < end;
+    cp_async_wait<1>();  // K of this block (its V may still be in flight)
+    __syncwarp();
+    uint32_t p[kKeyBlock / 16][4];
+    block_scores(acc, p, q_s, k_s, key0, limit, a.scale_log2);
+    __syncwarp();
+    if (has_next)
+      load_key_block<D, DecodeTiles::kThreads, true, false, true>(k_s, nullptr, a, table, kv_head, key0 + kKeyBlock, len,
+                                                                  window_first, window_page);
+    cp_async_commit();
+    cp_async_wait<1>();  // V of this block
+    __syncwarp();
+    accumulate_values(acc, p, v_s);
+    __syncwarp();
+    if (has_next)
+      load_key_block<D, DecodeTiles::kThreads, false, true, true>(nullptr, v_s, a, table, kv_head, key0 + kKeyBlock, len,
+                                                                  window_first, window_page);
+    cp_async_commit();
+  }
+  finish_split(acc);
+
+  const int lane = threadIdx.x & 31, col = 2 * (lane & 3);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = (lane >> 2) + 8 * r;
+    if (row >= rows) continue;
+    const int64_t idx = (static_cast<int64_t>(seq) * a.heads + head0 + row) * a.max_splits + split_index;
+    if ((lane & 3) == 0) {
+      a.part_ml[2 * idx] = acc.m[r];
+      a.part_ml[2 * idx + 1] = acc.l[r];
+    }
+    float* o = a.part_o + idx * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+      *reinterpret_cast<float2*>(o + 8 * i + col) = make_float2(acc.o[i][2 * r], acc.o[i][2 * r + 1]);
+  }
+}
+
+// Decode combine: grid (heads, num_seqs), D threads; thread d merges the splits' partials of
+// output element d in ascending split order, exactly as the prefill kernel merges its registers.
+template <int D>
+__global__ void __launch_bounds__(D) attention_decode_combine_kernel(AttentionArgs a) {
+  const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
+  const int q_row = a.query_start[seq];
+  if (a.query_start[seq + 1] - q_row != 1) return;
+  const int len = keys_of(a, seq);
+  const int split = split_size_of(a, len);
+  const int n_splits = min((len + split - 1) / split, a.max_splits);
+  const int64_t idx0 = (static_cast<int64_t>(seq) * a.heads + head) * a.max_splits;
+  float m = -INFINITY, l = 0.f, o = 0.f;
+  for (int s = 0; s < n_splits; ++s) {
+    const MergeWeights w = merge_weights(m, a.part_ml[2 * (idx0 + s)], a.scale_log2);
+    l = merge_value(l, a.part_ml[2 * (idx0 + s) + 1], w);
+    o = merge_value(o, a.part_o[(idx0 + s) * D + d], w);
+    m = w.m;
+  }
+  a.out[(static_cast<int64_t>(q_row) * a.heads + head) * D + d] = __float2bfloat16_rn(normalize(o, l));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill: grid (query tiles, heads, num_seqs), four warps. Tiles are taken longest first.
+template <int D>
+__global__ void __launch_bounds__(PrefillTiles::kThreads) attention_prefill_kernel(AttentionArgs a) {
+  using T = PrefillTiles;
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* q_s = reinterpret_cast<bf16*>(smem);  // [kRows][D]
+  bf16* k_s = q_s + T::kRows * D;              // [kStages][kKeyBlock][D]
+  bf16* v_s = k_s + T::kStages * kKeyBlock * D;
+
+  const int seq = blockIdx.z, head = blockIdx.y, tile = gridDim.x - 1 - blockIdx.x;
+  const int q_begin = a.query_start[seq];
+  const int n = a.query_start[seq + 1] - q_begin;
+  const int row0 = tile * T::kRows;
+  if (row0 >= n) return;
+  const int len = keys_of(a, seq);
+  const int split = split_size_of(a, len);
+  const int kv_head = head / (a.heads / a.kv_heads);
+  const int* table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
+  const int rows = min(T::kRows, n - row0);
+  const int pos0 = len - n + row0;  // position of the tile's first row
+  const int pmax = pos0 + rows - 1;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int r_lo = warp * kTileRows + (lane >> 2);
+  const int pos[2] = {r_lo < rows ? pos0 + r_lo : -1, r_lo + 8 < rows ? pos0 + r_lo + 8 : -1};
+  const int warp_pmax = warp * kTileRows < rows ? min(pos0 + warp * kTileRows + kTileRows - 1, pmax) : -1;
+
+  load_query_rows<D, T::kThreads, T::kRows>(q_s, a.q, (static_cast<int64_t>(q_begin + row0) * a.heads + head) * D,
+                                            static_cast<int64_t>(a.heads) * D, rows);
+  load_key_block<D, T::kThreads, true, true>(k_s, v_s, a, table, kv_head, 0, len);
+  cp_async_commit();
+
+  SplitAccum<D> total, part;
+  split_init(total);
+  int s = 0, key0 = 0, stage = 0;
+  while (true) {
+    const int split_begin = s * split;
+    const int split_end = min(split_begin + split, pmax + 1);  // keys of split s any row of the tile sees
+    int next_s = s, next_key0 = key0 + kKeyBlock;
+    if (next_key0 >= split_end) {
+      next_s = s + 1;
+      next_key0 = next_s * split;
+    }
+    const bool has_next = next_key0 <= pmax;
+    if (has_next)
+      load_key_block<D, T::kThreads, true, true>(k_s + (stage ^ 1) * kKeyBlock * D, v_s + (stage ^ 1) * kKeyBlock * D, a,
+                                                 table, kv_head, next_key0, len);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    if (key0 == split_begin) split_init(part);
+    // A block past all of this warp's positions would only add masked keys: skipping it is exact.
+    if (key0 <= warp_pmax) {
+      const int limit[2] = {min(pos[0] + 1, split_begin + split), min(pos[1] + 1, split_begin + split)};
+      uint32_t p[kKeyBlock / 16][4];
+      block_scores(part, p, q_s + warp * kTileRows * D, k_s + stage * kKeyBlock * D, key0, limit, a.scale_log2);
+      accumulate_values(part, p, v_s + stage * kKeyBlock * D);
+    }
+    if (next_s != s) {
+      finish_split(part);
+      merge_split(total, part, a.scale_log2);
+    }
+    __syncthreads();
+    if (!has_next) break;
+    s = next_s;
+    key0 = next_key0;
+    stage ^= 1;
+  }
+
+  const int col = 2 * (lane & 3);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r_lo + 8 * r;
+    if (row >= rows) continue;
+    bf16* o = a.out + (static_cast<int64_t>(q_begin + row0 + row) * a.heads + head) * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+      *reinterpret_cast<uint32_t*>(o + 8 * i + col) =
+          pack_bf16(normalize(total.o[i][2 * r], total.l[r]), normalize(total.o[i][2 * r + 1], total.l[r]));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// kv_append: grid T, one block per token row. A slot outside the cache is skipped like a negative
+// one (the CPU backend throws; here the slots are on the device and checking them would sync).
+template <typename Word>
+__global__ void __launch_bounds__(KvAppendTiles::kThreads)
+    kv_append_kernel(Word* k_cache, Word* v_cache, const Word* k, const Word* v, const int* slots, int64_t row_words,
+                     int64_t capacity) {
+  const int64_t t = blockIdx.x;
+  const int64_t slot = slots[t];
+  if (slot < 0 || slot >= capacity) return;
+  for (int64_t i = threadIdx.x; i < row_words; i += blockDim.x) {
+    k_cache[slot * row_words + i] = k[t * row_words + i];
+    v_cache[slot * row_words + i] = v[t * row_words + i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The one place attention's launch is chosen. Invariant path: kSplitSize for every sequence.
+// Variant path (detinfer::variant_kernels()): each sequence's split size from the batch size and
+// its length, as FlashDecoding-style libraries do.
+struct AttentionLaunch {
+  bool decode;     // every sequence has at most one query: split-parallel decode + combine
+  int split_size;  // 0: per sequence, variant_split_size(num_seqs, length)
+  int max_splits;  // splits of the longest sequence
+};
+
+AttentionLaunch choose_launch(const AttentionBatch& batch, int num_seqs) {
+  AttentionLaunch l{};
+  l.decode = batch.max_query_len == 1;
+  if (!variant_kernels()) {
+    l.split_size = kSplitSize;
+    l.max_splits = std::max(1, (batch.max_seq_len + kSplitSize - 1) / kSplitSize);
+  } else {
+    l.split_size = 0;
+    l.max_splits = std::max(1, std::min(attention_schedule::variant_max_splits(num_seqs), batch.max_seq_len));
+  }
+  return l;
+}
+
+// The decode partials' workspace, kept between launches and grown (doubling) when a launch needs
+// more: allocating per launch costs tens of microseconds, since the stream-ordered pool hands its
+// memory back at every synchronize. All launches share the one stream, so reuse is ordered.
+// Never released (it lives as long as the process's CUDA context).
+float* decode_workspace(size_t bytes) {
+  static std::mutex mutex;
+  static void* ptr = nullptr;
+  static size_t capacity = 0;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (bytes > capacity) {
+    const size_t grown = std::max(bytes, 2 * capacity);
+    void* fresh = cuda_runtime::alloc(grown);
+    cuda_runtime::free(ptr);  // stream-ordered: after the launches that used it
+    ptr = fresh;
+    capacity = grown;
+  }
+  return static_cast<float*>(ptr);
+}
+
+std::string describe_launch(const Tensor& q, const Tensor& k_cache, const AttentionBatch& b) {
+  return "(q " + q.describe() + ", cache " + k_cache.describe() + ", " + std::to_string(b.seq_lens.dim(0)) +
+         " sequences, maxQueryLen " + std::to_string(b.max_query_len) + ", maxSeqLen " +
+         std::to_string(b.max_seq_len) + ")";
+}
+
+template <int D>
+void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q, const Tensor& k_cache,
+                      const AttentionBatch& batch, cudaStream_t stream) {
+  if (l.decode) {
+    const int row_tiles = (a.heads / a.kv_heads + kTileRows - 1) / kTileRows;
+    const size_t partials = static_cast<size_t>(a.num_seqs) * a.heads * l.max_splits;
+    a.part_o = decode_workspace(partials * (D + 2) * sizeof(float));
+    a.part_ml = a.part_o + partials * D;
+    a.max_splits = l.max_splits;
+    dim3 grid(l.max_splits, a.kv_heads * row_tiles, a.num_seqs);
+    attention_decode_split_kernel<D><<<grid, DecodeTiles::kThreads, 0, stream>>>(a);
+    CUDA_CHECK_LAUNCH("attention (decode splits)", describe_launch(q, k_cache, batch));
+    attention_decode_combine_kernel<D><<<dim3(a.heads, a.num_seqs), D, 0, stream>>>(a);
+    CUDA_CHECK_LAUNCH("attention (decode combine)", describe_launch(q, k_cache, batch));
+  } else {
+    constexpr int smem = PrefillTiles::smem_bytes<D>();
+    static std::once_flag configured;
+    std::call_once(configured, [] {
+      CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    });
+    dim3 grid((batch.max_query_len + PrefillTiles::kRows - 1) / PrefillTiles::kRows, a.heads, a.num_seqs);
+    attention_prefill_kernel<D><<<grid, PrefillTiles::kThreads, smem, stream>>>(a);
+    CUDA_CHECK_LAUNCH("attention (prefill)", describe_launch(q, k_cache, batch));
+  }
+}
+
+bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data()) % 16 == 0; }
+
+}  // namespace
+
+void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& v, const Tensor& slots) {
+  const int64_t tokens = k.dim(0), row = k.dim(1) * k.dim(2), capacity = k_cache.dim(0) * k_cache.dim(1);
+  if (tokens == 0) return;
+  auto stream = static_cast<cudaStream_t>(cuda_runtime::stream());
+  const bool wide = row % 8 == 0 && aligned16(k_cache) && aligned16(v_cache) && aligned16(k) && aligned16(v);
+  if (wide) {
+    kv_append_kernel<uint4><<<tokens, KvAppendTiles::kThreads, 0, stream>>>(
+        k_cache.ptr<uint4>(), v_cache.ptr<uint4>(), k.ptr<uint4>(), v.ptr<uint4>(), slots.ptr<int>(), row / 8, capacity);
+  } else {
+    kv_append_kernel<uint16_t><<<tokens, KvAppendTiles::kThreads, 0, stream>>>(
+        k_cache.ptr<uint16_t>(), v_cache.ptr<uint16_t>(), k.ptr<uint16_t>(), v.ptr<uint16_t>(), slots.ptr<int>(), row,
+        capacity);
+  }
+  CUDA_CHECK_LAUNCH("kv_append", "(k " + k.describe() + ", cache " + k_cache.describe() + ")");
+}
+
+void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const AttentionBatch& batch,
+               float scale) {
+  const int64_t dim = q.dim(2), num_seqs = batch.seq_lens.dim(0);
+  if (dim != 64 && dim != 128)
+    fail("attention: the CUDA kernels support head dims 64 and 128 but received ", dim, " (q ", q.describe(), ")");
+  if (!(aligned16(q) && aligned16(out) && aligned16(k_cache) && aligned16(v_cache)))
+    fail("attention: expected q, out and the caches to start on 16-byte boundaries (q ", q.describe(), ")");
+  if (num_seqs > 65535) fail("attention: at most 65535 sequences per launch on CUDA but received ", num_seqs);
+  if (q.dim(0) == 0 || num_seqs == 0 || batch.max_query_len == 0) return;
+
+  AttentionArgs a{};
+  a.out = out.ptr<bf16>();
+  a.q = q.ptr<bf16>();
+  a.k_cache = k_cache.ptr<bf16>();
+  a.v_cache = v_cache.ptr<bf16>();
+  a.block_tables = batch.block_tables.ptr<int>();
+  a.query_start = batch.query_start.ptr<int>();
+  a.seq_lens = batch.seq_lens.ptr<int>();
+  a.num_seqs = static_cast<int>(num_seqs);
+  a.heads = static_cast<int>(q.dim(1));
+  a.kv_heads = static_cast<int>(k_cache.dim(2));
+  a.block_size = static_cast<int>(k_cache.dim(1));
+  a.max_blocks = static_cast<int>(batch.block_tables.dim(1));
+  a.block_shift = -1;
+  for (int shift = 0; shift < 31; ++shift)
+    if (a.block_size == (1 << shift)) a.block_shift = shift;
+  a.scale_log2 = scale * 1.4426950408889634f;  // exp(x·scale) = 2^(x·scale·log2 e)
+
+  const AttentionLaunch l = choose_launch(batch, a.num_seqs);
+  a.split_size = l.split_size;
+  auto stream = static_cast<cudaStream_t>(cuda_runtime::stream());
+  if (dim == 64)
+    launch_attention<64>(a, l, q, k_cache, batch, stream);
+  else
+    launch_attention<128>(a, l, q, k_cache, batch, stream);
+}
 
 }  // namespace detinfer::cuda

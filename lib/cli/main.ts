@@ -3,6 +3,7 @@
 // Results go to stdout; progress, diagnostics and errors to stderr. A failure prints one line
 // (no stack trace) and exits with status 1.
 import { Command } from 'commander'
+import { checkCommand } from './check.js'
 import { generateCommand } from './generate.js'
 import { infoCommand } from './info.js'
 import { packageVersion } from './package-info.js'
@@ -12,8 +13,8 @@ const program = new Command('detinfer')
   .version(packageVersion())
   .showHelpAfterError('(run with --help for usage)')
 
-// Subcommands: generate, info; `check` and `bench` register here the same way.
-for (const command of [generateCommand(), infoCommand()]) program.addCommand(command)
+// Subcommands: generate, check, info.
+for (const command of [generateCommand(), checkCommand(), infoCommand()]) program.addCommand(command)
 
 try {
   await program.parseAsync(process.argv)

@@ -1,0 +1,134 @@
+// `detinfer check`: the determinism experiment (lib/check.ts) for any model. Completes one prompt
+// many times under varied load and reports how many distinct completions came back, whether
+// each equals the prompt's completion run alone, bit for bit, and where the first divergence is.
+// With --variant the same experiment runs again on the variant kernels, for contrast.
+import { readFileSync } from 'node:fs'
+import { Command, InvalidArgumentError, Option } from 'commander'
+import { defaultPhases, runCheck, type CheckReport } from '../check.js'
+import { resolveDevice, setVariantKernels } from '../device.js'
+import { defaultModelPath } from '../model.js'
+import { Transformer } from '../model/transformer.js'
+import { Tokenizer } from '../tokenizer.js'
+import { interactiveStderr, loadProgressReporter } from './progress.js'
+
+interface CheckFlags {
+  model?: string
+  promptFile?: string
+  runs: number
+  maxTokens: number
+  noise?: number
+  maxBatchSize?: number
+  seed: number
+  device: 'auto' | 'cpu' | 'cuda'
+  chat?: boolean
+  variant?: boolean
+  json?: boolean
+}
+
+function positive(value: string): number {
+  const n = Number(value)
+  if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError(`expected a positive integer but received "${value}"`)
+  return n
+}
+
+function describeDivergence(r: CheckReport): string {
+  const d = r.firstDivergence
+  if (!d) return 'none'
+  const what = d.expectedToken === d.actualToken ? `log-prob ${d.expectedLogprob} vs ${d.actualLogprob}` : `token ${d.expectedToken} vs ${d.actualToken}`
+  return `run ${d.run}, token ${d.index}: ${what}`
+}
+
+function table(rows: [string, CheckReport][]): string {
+  const header = ['kernels', 'runs', 'tokens', 'distinct', 'distinct texts', 'identical', 'first divergence', 'seconds', 'tok/s']
+  const body = rows.map(([name, r]) => [
+    name,
+    String(r.runs),
+    String(r.maxTokens),
+    String(r.distinctCompletions),
+    String(r.distinctTexts),
+    `${r.identicalToReference}/${r.runs}`,
+    describeDivergence(r),
+    r.seconds.toFixed(1),
+    r.tokensPerSecond.toFixed(0),
+  ])
+  const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)))
+  const line = (cells: string[]) => cells.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()
+  return [line(header), ...body.map(line)].join('\n')
+}
+
+export function checkCommand(): Command {
+  return new Command('check')
+    .description('complete one prompt many times under varied batching and count distinct completions')
+    .argument('[prompt]', 'the prompt (default: "ROMEO:")')
+    .option('-m, --model <dir>', 'Hugging Face model directory (default: the model shipped with detinfer)')
+    .option('--prompt-file <file>', 'read the prompt from a file')
+    .option('--runs <n>', 'completions of the prompt', positive, 1000)
+    .option('-n, --max-tokens <n>', 'tokens per completion (EOS does not stop them)', positive, 256)
+    .option('--noise <n>', 'other random prompts mixed in (default: half of --runs)', positive)
+    .option('--max-batch-size <n>', 'largest batch (default: 64 on CUDA, 16 on the CPU)', positive)
+    .option('--seed <n>', 'seed of the arrival order and the noise prompts', positive, 1)
+    .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .option('--chat', "wrap the prompt in the model's chat template")
+    .option('--variant', 'also run on the variant kernels (batch-dependent splits), for contrast')
+    .option('--json', 'print the reports as JSON')
+    .action(async (argument: string | undefined, flags: CheckFlags) => {
+      const dir = flags.model ?? defaultModelPath
+      const text = flags.promptFile !== undefined ? readFileSync(flags.promptFile, 'utf8') : (argument ?? 'ROMEO:')
+      const device = resolveDevice(flags.device)
+      const maxBatchSize = flags.maxBatchSize ?? (device === 'cuda' ? 64 : 16)
+      const tokenizer = await Tokenizer.load(dir)
+      const prompt = tokenizer.encodePrompt(text, flags.chat === true)
+      if (prompt.length === 0) throw new Error('the prompt is empty after tokenizing')
+      const maxNoisePrompt = 64
+      const maxBatchTokens = Math.max(256, maxBatchSize * 4)
+      const blocksPerSequence = Math.ceil((Math.max(prompt.length, maxNoisePrompt) + flags.maxTokens) / 16)
+      const progress = loadProgressReporter('model')
+      const model = await Transformer.load(dir, {
+        device,
+        maxBatchTokens,
+        kvBlocks: blocksPerSequence * (maxBatchSize + 1),
+        kvBlockSize: 16,
+        onProgress: (p) => progress.update(p.loadedBytes, p.totalBytes),
+      }).then(
+        (m) => (progress.done(true), m),
+        (err: unknown) => {
+          progress.done(false)
+          throw err
+        },
+      )
+      const reports: [string, CheckReport][] = []
+      try {
+        for (const variant of flags.variant ? [false, true] : [false]) {
+          setVariantKernels(variant)
+          const name = variant ? 'variant' : 'invariant'
+          const total = flags.runs + (flags.noise ?? Math.ceil(flags.runs / 2))
+          const report = await runCheck(model, {
+            prompt,
+            runs: flags.runs,
+            maxTokens: flags.maxTokens,
+            noise: { count: total - flags.runs, vocab: Math.min(tokenizer.vocabSize, model.config.vocabSize), maxPromptTokens: maxNoisePrompt, maxTokens: flags.maxTokens },
+            phases: defaultPhases(maxBatchSize, maxBatchTokens),
+            seed: flags.seed,
+            onProgress: (done, all) => {
+              if (interactiveStderr() ? done % 10 === 0 || done === all : done % Math.ceil(all / 4) === 0)
+                process.stderr.write(`${interactiveStderr() ? '\r' : ''}${name}: ${done}/${all} requests${interactiveStderr() ? '' : '\n'}`)
+            },
+          })
+          if (interactiveStderr()) process.stderr.write('\n')
+          reports.push([name, report])
+        }
+      } finally {
+        setVariantKernels(false)
+        model.dispose()
+      }
+      if (flags.json) {
+        process.stdout.write(JSON.stringify({ model: dir, device, prompt: text, reports: Object.fromEntries(reports) }) + '\n')
+        return
+      }
+      process.stdout.write(`model ${dir} on ${device}, prompt ${JSON.stringify(text)} (${prompt.length} tokens)\n`)
+      process.stdout.write(`reference: ${JSON.stringify(tokenizer.decode(reports[0]![1].reference.tokens).slice(0, 120))}\n\n`)
+      process.stdout.write(table(reports) + '\n')
+      const invariant = reports[0]![1]
+      if (invariant.identicalToReference !== invariant.runs) process.exitCode = 1
+    })
+}

@@ -1,0 +1,124 @@
+// Prefill/decode and batch invariance of attention, bit for bit: the output at each position of a
+// 700-token sequence (crossing the split edges at 256 and 512) is the same whether computed in one
+// prefill, in chunks of 3, 64 or 100, token by token with the decode kernel, or alongside 1 to 64
+// other sequences of random lengths, in prefill and in decode launches. Each comparison has a twin
+// under the variant configuration (split size from the batch size) that must see a difference.
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
+import { native, type DeviceName } from '../../lib/native.js'
+import { mulberry32 } from '../helpers/random.js'
+import { describeGpu } from '../helpers/gpu.js'
+import { AttentionScene, firstDifferentRow, shuffle, type AttentionShape, type Slice } from './attention-fixture.js'
+
+const L = 700
+const SHAPE: AttentionShape = { heads: 8, kvHeads: 2, dim: 128, blockSize: 16 }
+const ROW = SHAPE.heads * SHAPE.dim
+const OTHERS = 64
+const DECODE_POSITIONS = [0, 1, 63, 64, 255, 256, 257, 511, 512, 699]
+
+function makeScene(device: DeviceName): AttentionScene {
+  const rand = mulberry32(4242)
+  const others = Array.from({ length: OTHERS }, () => 1 + Math.floor(rand() * 900))
+  return new AttentionScene(device, SHAPE, [L, ...others], 4242)
+}
+
+/** Output of positions [0, L) of sequence 0 computed in chunks of `chunk` (1: the decode kernel). */
+async function chunked(scene: AttentionScene, chunk: number): Promise<Uint16Array> {
+  const out = new Uint16Array(L * ROW)
+  for (let start = 0; start < L; start += chunk) {
+    const end = Math.min(L, start + chunk)
+    const [rows] = await scene.run([{ seq: 0, start, end }])
+    out.set(rows!, start * ROW)
+  }
+  return out
+}
+
+/** Sequence 0's slice run inside a launch with `n` other sequences (random chunks, or single queries for decode). */
+async function inBatch(scene: AttentionScene, mine: Slice, n: number, seed: number, decode: boolean): Promise<Uint16Array> {
+  const rand = mulberry32(seed)
+  const others: Slice[] = shuffle([...Array(OTHERS).keys()].map((i) => i + 1), seed)
+    .slice(0, n)
+    .map((seq) => {
+      const len = scene.seqs[seq]!.len
+      const queries = decode ? 1 : 1 + Math.floor(rand() * Math.min(len, 12))
+      return { seq, start: len - queries, end: len }
+    })
+  const at = Math.floor(rand() * (n + 1))
+  const slices = [...others.slice(0, at), mine, ...others.slice(at)]
+  return (await scene.run(slices))[at]!
+}
+
+function invarianceSuite(device: DeviceName): void {
+  let scene: AttentionScene
+  let whole: Uint16Array
+  beforeAll(async () => {
+    scene = makeScene(device)
+    ;[whole] = (await scene.run([{ seq: 0, start: 0, end: L }])) as [Uint16Array]
+  })
+  afterAll(() => scene.dispose())
+  afterEach(() => native().setVariantKernels(false))
+
+  it('one prefill is reproducible run to run', async () => {
+    const [again] = await scene.run([{ seq: 0, start: 0, end: L }])
+    expect(firstDifferentRow(whole, again!, ROW)).toBe(-1)
+  })
+
+  for (const chunk of [3, 64, 100])
+    it(`chunked prefill (chunk ${chunk}) equals one prefill bit for bit`, async () => {
+      expect(firstDifferentRow(await chunked(scene, chunk), whole, ROW), 'first differing position').toBe(-1)
+    })
+
+  it('token-by-token decode equals one prefill bit for bit at every position', async () => {
+    expect(firstDifferentRow(await chunked(scene, 1), whole, ROW), 'first differing position').toBe(-1)
+  })
+
+  it('prefill alongside 1 to 64 other sequences equals prefill alone', async () => {
+    for (const [n, slice] of [
+      [1, { seq: 0, start: 0, end: L }],
+      [7, { seq: 0, start: 300, end: 600 }],
+      [33, { seq: 0, start: 0, end: L }],
+      [64, { seq: 0, start: 500, end: L }],
+    ] as [number, Slice][]) {
+      const got = await inBatch(scene, slice, n, 10 + n, false)
+      const want = whole.subarray(slice.start * ROW, slice.end * ROW)
+      expect(firstDifferentRow(got, want, ROW), `with ${n} others, positions ${slice.start}..${slice.end - 1}`).toBe(-1)
+    }
+  })
+
+  it('decode alongside 1 to 64 other sequences equals prefill alone', async () => {
+    for (const n of [1, 5, 33, 64])
+      for (const pos of DECODE_POSITIONS) {
+        const got = await inBatch(scene, { seq: 0, start: pos, end: pos + 1 }, n, 100 * n + pos, true)
+        expect(firstDifferentRow(got, whole.subarray(pos * ROW, (pos + 1) * ROW), ROW), `with ${n} others at position ${pos}`).toBe(-1)
+      }
+  })
+
+  describe('under the variant configuration', () => {
+    it('one prefill and token-by-token decode differ', async () => {
+      native().setVariantKernels(true)
+      const [prefill] = await scene.run([{ seq: 0, start: 0, end: L }])
+      expect(firstDifferentRow(await chunked(scene, 1), prefill!, ROW)).not.toBe(-1)
+    })
+
+    it('decode alone and decode alongside other sequences differ', async () => {
+      native().setVariantKernels(true)
+      let differs = 0
+      for (const pos of DECODE_POSITIONS) {
+        const [alone] = await scene.run([{ seq: 0, start: pos, end: pos + 1 }])
+        const batched = await inBatch(scene, { seq: 0, start: pos, end: pos + 1 }, 7, pos, true)
+        if (firstDifferentRow(alone!, batched, ROW) !== -1) differs++
+      }
+      expect(differs).toBeGreaterThan(0)
+    })
+
+    it('prefill alone and prefill alongside other sequences differ', async () => {
+      native().setVariantKernels(true)
+      const [alone] = await scene.run([{ seq: 0, start: 0, end: L }])
+      const batched = await inBatch(scene, { seq: 0, start: 0, end: L }, 7, 3, false)
+      expect(firstDifferentRow(alone!, batched, ROW)).not.toBe(-1)
+    })
+  })
+}
+
+describe('attention invariance (cpu)', () => invarianceSuite('cpu'))
+
+describeGpu('attention invariance (cuda)', () => invarianceSuite('cuda'))

@@ -1,0 +1,116 @@
+// Attention against a float64 reference, on the CPU backend and on CUDA: paged caches with shuffled
+// pages, grouped-query ratios 1, 4 and 8, head dims 64 and 128, block sizes 16 and 32, lengths on
+// both sides of the key-block and split edges; prefill of whole sequences, chunks over a cached
+// prefix and single-query decode. Then CUDA against the CPU backend on the same inputs.
+import { afterAll, describe, expect, it } from 'vitest'
+import type { DeviceName } from '../../lib/native.js'
+import { fromBf16 } from '../../lib/tensor.js'
+import { describeGpu } from '../helpers/gpu.js'
+import { AttentionScene, type AttentionShape, type Slice } from './attention-fixture.js'
+
+const LENGTHS = [1, 2, 15, 16, 17, 255, 256, 257, 1000, 4096]
+const TAIL_QUERIES = 24 // queries per sequence in the chunk launch: the last positions
+const FULL_PREFILL_MAX = 257 // sequences up to this length are also prefilled whole
+
+// Bounds: bf16 output (2^-9 relative) plus bf16 attention weights in P·V (2^-9 relative each, on
+// values of magnitude <= 1), with margin; and a Frobenius bound on the whole output.
+const ATOL = 2e-3
+const RTOL = 2 ** -7
+const FROBENIUS = 6e-3
+
+interface Case extends AttentionShape {
+  ratio: number
+}
+
+function cases(): Case[] {
+  const out: Case[] = []
+  for (const dim of [64, 128])
+    for (const ratio of [1, 4, 8]) out.push({ dim, ratio, kvHeads: 2, heads: 2 * ratio, blockSize: ratio === 4 ? 32 : 16 })
+  return out
+}
+
+function launches(scene: AttentionScene): { name: string; slices: Slice[] }[] {
+  const seqs = scene.seqs.map((s, i) => ({ i, len: s.len }))
+  return [
+    { name: 'chunk over cached prefix', slices: seqs.map(({ i, len }) => ({ seq: i, start: Math.max(0, len - TAIL_QUERIES), end: len })) },
+    { name: 'decode', slices: seqs.map(({ i, len }) => ({ seq: i, start: len - 1, end: len })) },
+    {
+      name: 'whole prefill',
+      slices: seqs.filter(({ len }) => len <= FULL_PREFILL_MAX).map(({ i, len }) => ({ seq: i, start: 0, end: len })),
+    },
+  ]
+}
+
+/** Max |out − ref| / (ATOL + RTOL·|ref|) over all rows of the slices, and the Frobenius relative error. */
+function compare(scene: AttentionScene, slices: Slice[], outs: Uint16Array[]): { worst: number; frob: number } {
+  const { heads, dim } = scene.shape
+  let worst = 0
+  let num = 0
+  let den = 0
+  slices.forEach((sl, i) => {
+    const got = fromBf16(outs[i]!)
+    for (let pos = sl.start; pos < sl.end; pos++)
+      for (let h = 0; h < heads; h++) {
+        const ref = scene.reference(sl.seq, pos, h)
+        const base = ((pos - sl.start) * heads + h) * dim
+        for (let d = 0; d < dim; d++) {
+          const o = got[base + d]!
+          const r = ref[d]!
+          const err = Number.isFinite(o) ? Math.abs(o - r) : Infinity
+          worst = Math.max(worst, err / (ATOL + RTOL * Math.abs(r)))
+          num += err * err
+          den += r * r
+        }
+      }
+  })
+  return { worst, frob: Math.sqrt(num / den) }
+}
+
+function referenceSuite(device: DeviceName): void {
+  for (const c of cases()) {
+    it(`matches float64 at head dim ${c.dim}, GQA ratio ${c.ratio}, block size ${c.blockSize}`, async () => {
+      const scene = new AttentionScene(device, c, LENGTHS, 1000 + c.dim + c.ratio)
+      try {
+        for (const { name, slices } of launches(scene)) {
+          const outs = await scene.run(slices)
+          const { worst, frob } = compare(scene, slices, outs)
+          console.log(`${device} D=${c.dim} ratio=${c.ratio} ${name}: worst ${worst.toFixed(3)} of bound, frobenius ${frob.toExponential(2)}`)
+          expect(worst, `${name}: |out - ref| exceeds ${ATOL} + ${RTOL}·|ref|`).toBeLessThanOrEqual(1)
+          expect(frob, `${name}: relative Frobenius error`).toBeLessThan(FROBENIUS)
+        }
+      } finally {
+        scene.dispose()
+      }
+    })
+  }
+}
+
+describe('attention (cpu) against float64', () => referenceSuite('cpu'))
+
+describeGpu('attention (cuda) against float64', () => referenceSuite('cuda'))
+
+describeGpu('attention: cuda against the cpu backend', () => {
+  const scenes: AttentionScene[] = []
+  afterAll(() => scenes.forEach((s) => s.dispose()))
+
+  it('is close to the cpu backend on the same inputs (prefill chunks and decode)', async () => {
+    const shape: AttentionShape = { heads: 8, kvHeads: 2, dim: 128, blockSize: 16 }
+    const lengths = [3, 64, 300, 777, 2048]
+    const cpu = new AttentionScene('cpu', shape, lengths, 77)
+    const gpu = new AttentionScene('cuda', shape, lengths, 77)
+    scenes.push(cpu, gpu)
+    const tail = lengths.map((len, i) => ({ seq: i, start: Math.max(0, len - 40), end: len }))
+    const decode = lengths.map((len, i) => ({ seq: i, start: len - 1, end: len }))
+    for (const slices of [tail, decode]) {
+      const [a, b] = [await cpu.run(slices), await gpu.run(slices)]
+      let worst = 0
+      slices.forEach((_, i) => {
+        const x = fromBf16(a[i]!)
+        const y = fromBf16(b[i]!)
+        for (let j = 0; j < x.length; j++) worst = Math.max(worst, Math.abs(x[j]! - y[j]!) / (ATOL + RTOL * Math.abs(x[j]!)))
+      })
+      console.log(`cuda vs cpu: worst ${worst.toFixed(3)} of bound`)
+      expect(worst).toBeLessThanOrEqual(1)
+    }
+  })
+})
