@@ -144,3 +144,25 @@ describe('detinfer generate on a tiny model', () => {
     expect(r.stdout).toBe('')
   })
 })
+
+describe('the shipped model', () => {
+  it('is what generate uses without -m', () => {
+    const r = detinfer(['generate', '--device', 'cpu', '-n', '8', '--json', 'ROMEO:'])
+    expect(r.code, r.stderr).toBe(0)
+    const out = JSON.parse(r.stdout)
+    expect(out.model).toBe(join(root, 'models', 'default'))
+    expect(out.tokens.length).toBeGreaterThan(0)
+    expect(out.tokens.length).toBeLessThanOrEqual(8)
+  })
+
+  it('runs every example, and the examples find what they claim', () => {
+    const run = (name: string) => spawnSync(process.execPath, [join(root, 'examples', name)], { cwd: root, encoding: 'utf8' })
+    for (const name of ['generate.mjs', 'stream.mjs', 'batch.mjs', 'score.mjs']) {
+      const r = run(name)
+      expect(r.status, `${name}: ${r.stderr}`).toBe(0)
+      expect(r.stdout.length).toBeGreaterThan(0)
+    }
+    expect(run('batch.mjs').stdout).toContain('prompt 0 alone gives the same tokens and log-probs as in the batch: true')
+    expect(run('score.mjs').stdout).toContain('scored log-probs equal the generated ones bit for bit: true')
+  })
+})
