@@ -131,7 +131,7 @@ void rope(Tensor& x, const Tensor& positions, const Tensor& cos_sin) {
 void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) {
   Checker c{"silu_mul"};
   c.devices({{"out", &out}, {"gate", &gate}, {"up", &up}});
-  for (auto* p : {&out}) c.dtype(*p, "out", {DType::BF16});
+  c.dtype(out, "out", {DType::BF16});
   c.dtype(gate, "gate", {DType::BF16});
   c.dtype(up, "up", {DType::BF16});
   c.same_shape(gate, "gate", up, "up");
