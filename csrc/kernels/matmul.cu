@@ -1,9 +1,321 @@
-// PLACEHOLDER: the CUDA kernels of this family are not written yet; each entry throws.
-#include "../common/error.h"
+// matmul: out[M,N] = a[M,K] · w[N,K]^T (+ bias[N])     a,w bf16; fp32 accumulate; out bf16 or f32
+// One instruction for every M: mma.sync.m16n8k16 (bf16 in, fp32 accumulator), A row-major, W
+// "col" (each W row is one column of B). Tiles are staged in shared memory by a cp.async pipeline
+// of kBlockK = 64 columns of K, 16-byte copies, XOR-swizzled rows, fragments read with ldmatrix.
+//
+// Invariant: each output element is ONE accumulator that receives the m16n8k16 MMAs of
+// k = 0, 16, 32, ... K-1 in ascending order (a K not a multiple of 16 ends with a zero-padded
+// step); the bias is added in fp32 after the last step, then the value is rounded once. BM, BN and
+// the warp layout change with M (matmul_config), but none of them changes that chain, and neither
+// kBlockK nor the instruction ever depends on M. No split-K on the invariant path.
+// Variant (variant_kernels()): M <= kVariantMaxRows splits K into kVariantSplits ranges computed by
+// separate blocks into an fp32 workspace, then added in split order: the split-K an ordinary
+// library picks for small batches, whose sums round differently from the single chain.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+
+#include "../common/config.h"
+#include "../cuda/check.h"
+#include "../cuda/runtime.h"
 #include "cuda_ops.h"
+#include "device_buffer.cuh"
 
 namespace detinfer::cuda {
+namespace {
 
-void matmul(Tensor&, const Tensor&, const Tensor&, const Tensor*) { fail("CUDA matmul is not implemented yet"); }
+constexpr int kBlockK = 64;        // K columns per pipeline stage (8 chunks of 16 bytes per row)
+constexpr int kChunk = 8;          // bf16 values per 16-byte copy
+constexpr int kMmaM = 16, kMmaN = 8, kMmaK = 16;
+constexpr int64_t kVariantMaxRows = 16;
+constexpr int kVariantSplits = 4;
+
+// Tile geometry of one configuration: a block computes BM x BN outputs with WARPS_M x WARPS_N
+// warps, each warp (BM/WARPS_M) x (BN/WARPS_N), through STAGES buffers of kBlockK.
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_>
+struct MatmulTiles {
+  static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
+  static constexpr int MIN_BLOCKS = MIN_BLOCKS_;
+  static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+  static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
+  static constexpr int MT = WM / kMmaM, NT = WN / kMmaN;  // MMA tiles per warp
+  static constexpr int SMEM_BYTES = STAGES * (BM + BN) * kBlockK * 2;
+  static_assert(WM % kMmaM == 0 && WN % kMmaN == 0, "warp tile must be a multiple of the MMA shape");
+  static_assert(NT == 1 || NT % 2 == 0, "B fragments are read two n8 tiles at a time");
+};
+
+// The configurations, by bucket of M (see matmul_config).
+using DecodeTiles = MatmulTiles<16, 32, 1, 4, 8, 1>;   // M <= 16: stream W, many blocks over N
+using SmallTiles = MatmulTiles<64, 32, 2, 2, 6, 1>;    // M <= 64
+using MediumTiles = MatmulTiles<64, 64, 2, 2, 4, 2>;   // M <= 128
+using LargeTiles = MatmulTiles<128, 128, 2, 4, 3, 2>;  // M > 128
+
+struct MatmulArgs {
+  const __nv_bfloat16* a;
+  const __nv_bfloat16* w;
+  const __nv_bfloat16* bias;  // null: none (always null for a split's partial)
+  void* out;                  // [M,N] bf16/f32, or the workspace [splits, M, N] f32 for a split
+  bool out_f32;
+  int M, N, K;
+  int k_per_split;            // multiple of kBlockK; K for the invariant path
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; src_bytes = 0 fills the destination with zeros (rows/columns past the edge).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+}
+
+// d += a · b for one m16n8k16 tile (bf16 inputs, fp32 accumulator).
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][kBlockK] bf16 tile: the chunk
+// index is XORed with the row so that the 8 rows one ldmatrix phase reads fall in distinct banks.
+__device__ __forceinline__ uint32_t tile_offset(int row, int chunk) {
+  return static_cast<uint32_t>(row * (kBlockK * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+// Copies rows [row0, row0+ROWS) x columns [k0, k0+kBlockK) of src [rows, K] into a tile; chunks
+// outside [0,rows) x [0,k_end) are zero-filled.
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void load_tile(uint32_t tile, const __nv_bfloat16* src, int rows, int K, int row0,
+                                          int k0, int k_end) {
+  constexpr int kChunksPerRow = kBlockK / kChunk;
+  constexpr int kChunks = ROWS * kChunksPerRow;
+#pragma unroll
+  for (int i = threadIdx.x; i < kChunks; i += THREADS) {
+    int row = i / kChunksPerRow, chunk = i % kChunksPerRow;
+    int grow = row0 + row, gk = k0 + chunk * kChunk;
+    bool valid = grow < rows && gk < k_end;
+    const __nv_bfloat16* p = valid ? src + static_cast<int64_t>(grow) * K + gk : src;
+    cp_async16(tile + tile_offset(row, chunk), p, valid ? 16 : 0);
+  }
+}
+
+template <typename Tiles>
+__global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kernel(MatmulArgs args) {
+  constexpr int BM = Tiles::BM, BN = Tiles::BN, STAGES = Tiles::STAGES, THREADS = Tiles::THREADS;
+  constexpr int MT = Tiles::MT, NT = Tiles::NT, WM = Tiles::WM, WN = Tiles::WN;
+  constexpr uint32_t kStageBytes = (BM + BN) * kBlockK * 2;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t smem_base = smem_addr(smem);
+
+  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+  const int k_begin = blockIdx.z * args.k_per_split;
+  const int k_end = min(args.K, k_begin + args.k_per_split);
+  const int k_tiles = (k_end - k_begin + kBlockK - 1) / kBlockK;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_m = warp / Tiles::WARPS_N, warp_n = warp % Tiles::WARPS_N;
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+  auto load_stage = [&](int stage, int kt) {
+    uint32_t a_tile = smem_base + stage * kStageBytes;
+    uint32_t w_tile = a_tile + BM * kBlockK * 2;
+    int k0 = k_begin + kt * kBlockK;
+    load_tile<BM, THREADS>(a_tile, args.a, args.M, args.K, m0, k0, k_end);
+    load_tile<BN, THREADS>(w_tile, args.w, args.N, args.K, n0, k0, k_end);
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    // The buffer refilled now was read in iteration kt-1, which every warp has finished.
+    int next = kt + STAGES - 1;
+    if (next < k_tiles) load_stage(next % STAGES, next);
+    cp_async_commit();
+
+    uint32_t a_tile = smem_base + (kt % STAGES) * kStageBytes;
+    uint32_t w_tile = a_tile + BM * kBlockK * 2;
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / kMmaK; ++kk) {
+      uint32_t af[MT][4], bf[NT][2];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        int row = warp_m * WM + i * kMmaM + (lane & 15);
+        ldmatrix_x4(af[i], a_tile + tile_offset(row, kk * 2 + (lane >> 4)));
+      }
+      if constexpr (NT == 1) {
+        int row = warp_n * WN + (lane & 7);
+        ldmatrix_x2(bf[0], w_tile + tile_offset(row, kk * 2 + ((lane >> 3) & 1)));
+      } else {
+#pragma unroll
+        for (int j = 0; j < NT; j += 2) {
+          int row = warp_n * WN + j * kMmaN + (lane & 7) + ((lane >> 4) << 3);
+          uint32_t r[4];
+          ldmatrix_x4(r, w_tile + tile_offset(row, kk * 2 + ((lane >> 3) & 1)));
+          bf[j][0] = r[0], bf[j][1] = r[1], bf[j + 1][0] = r[2], bf[j + 1][1] = r[3];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma_bf16_16816(acc[i][j], af[i], bf[j]);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: fragment (i,j) element r sits at row g (+8 for r >= 2), column 2*t + (r & 1).
+  const int g = lane >> 2, t = lane & 3;
+  float* out_f32 = static_cast<float*>(args.out) + static_cast<int64_t>(blockIdx.z) * args.M * args.N;
+  __nv_bfloat16* out_bf16 = static_cast<__nv_bfloat16*>(args.out);
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        int row = m0 + warp_m * WM + i * kMmaM + g + (r >= 2 ? 8 : 0);
+        int col = n0 + warp_n * WN + j * kMmaN + 2 * t + (r & 1);
+        if (row >= args.M || col >= args.N) continue;
+        float v = acc[i][j][r];
+        if (args.bias) v = v + __bfloat162float(args.bias[col]);
+        int64_t idx = static_cast<int64_t>(row) * args.N + col;
+        if (args.out_f32) {
+          out_f32[idx] = v;
+        } else {
+          out_bf16[idx] = __float2bfloat16_rn(v);
+        }
+      }
+}
+
+// Variant only: out[m,n] = ((ws[0,m,n] + ws[1,m,n]) + ...) + bias[n], in split order.
+__global__ void split_k_combine_kernel(void* out, bool out_f32, const float* ws, const __nv_bfloat16* bias,
+                                       int64_t MN, int N, int splits) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < MN;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = ws[i];
+    for (int s = 1; s < splits; ++s) v = v + ws[s * MN + i];
+    if (bias) v = v + __bfloat162float(bias[i % N]);
+    if (out_f32) {
+      static_cast<float*>(out)[i] = v;
+    } else {
+      static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v);
+    }
+  }
+}
+
+enum class TileConfig { Decode, Small, Medium, Large };
+
+struct MatmulLaunch {
+  TileConfig tiles;
+  int splits;       // K ranges; 1 on the invariant path
+  int k_per_split;  // multiple of kBlockK
+};
+
+// The one place the launch is chosen. Invariant: tiles may follow M, the K chain never does.
+MatmulLaunch matmul_config(int64_t M, int64_t N, int64_t K) {
+  (void)N;
+  MatmulLaunch l;
+  l.tiles = M <= 16 ? TileConfig::Decode : M <= 64 ? TileConfig::Small : M <= 128 ? TileConfig::Medium
+                                                                                  : TileConfig::Large;
+  l.splits = 1;
+  l.k_per_split = static_cast<int>(K);
+  if (variant_kernels() && M <= kVariantMaxRows) {
+    int64_t tiles = (K + kBlockK - 1) / kBlockK;
+    int64_t per = (tiles + kVariantSplits - 1) / kVariantSplits;
+    l.k_per_split = static_cast<int>(per * kBlockK);
+    l.splits = static_cast<int>((K + l.k_per_split - 1) / l.k_per_split);
+  }
+  return l;
+}
+
+template <typename Tiles>
+void launch_tiles(const MatmulArgs& args, int splits, cudaStream_t stream) {
+  static std::once_flag once;
+  static cudaError_t attr_err = cudaSuccess;
+  std::call_once(once, [] {
+    attr_err = cudaFuncSetAttribute(matmul_kernel<Tiles>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    Tiles::SMEM_BYTES);
+  });
+  CUDA_CHECK(attr_err);
+  int64_t grid_n = (args.N + Tiles::BN - 1) / Tiles::BN, grid_m = (args.M + Tiles::BM - 1) / Tiles::BM;
+  DI_CHECK(grid_m <= 65535, "matmul: M = ", args.M, " is too large for one launch");
+  dim3 grid(static_cast<unsigned>(grid_n), static_cast<unsigned>(grid_m), splits);
+  matmul_kernel<Tiles><<<grid, Tiles::THREADS, Tiles::SMEM_BYTES, stream>>>(args);
+}
+
+std::string shapes(int64_t M, int64_t N, int64_t K) {
+  return "[M=" + std::to_string(M) + ", N=" + std::to_string(N) + ", K=" + std::to_string(K) + "]";
+}
+
+}  // namespace
+
+void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
+  int64_t M = a.dim(0), K = a.dim(1), N = w.dim(0);
+  if (M == 0 || N == 0) return;
+  DI_CHECK(K % kChunk == 0, "matmul: the CUDA kernels need K to be a multiple of ", kChunk, " but received K = ", K,
+           " (a ", a.describe(), ", w ", w.describe(), ")");
+  DI_CHECK(M < (int64_t{1} << 31) && N < (int64_t{1} << 31) && K < (int64_t{1} << 31) && M * N < (int64_t{1} << 40),
+           "matmul: shape ", shapes(M, N, K), " is too large");
+  DI_CHECK(reinterpret_cast<uintptr_t>(a.data()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data()) % 16 == 0,
+           "matmul: the CUDA kernels need a and w to start on a 16-byte boundary (a view at an odd row offset?)");
+  cudaStream_t stream = static_cast<cudaStream_t>(cuda_runtime::stream());
+  MatmulLaunch l = matmul_config(M, N, K);
+
+  MatmulArgs args{a.ptr<__nv_bfloat16>(), w.ptr<__nv_bfloat16>(), bias ? bias->ptr<__nv_bfloat16>() : nullptr,
+                  out.data(), out.dtype == DType::F32, static_cast<int>(M), static_cast<int>(N),
+                  static_cast<int>(K), l.k_per_split};
+  DeviceBuffer workspace;
+  if (l.splits > 1) {
+    workspace = DeviceBuffer(static_cast<size_t>(l.splits) * M * N * sizeof(float));
+    args.out = workspace.data();
+    args.out_f32 = true;
+    args.bias = nullptr;
+  }
+  switch (l.tiles) {
+    case TileConfig::Decode: launch_tiles<DecodeTiles>(args, l.splits, stream); break;
+    case TileConfig::Small: launch_tiles<SmallTiles>(args, l.splits, stream); break;
+    case TileConfig::Medium: launch_tiles<MediumTiles>(args, l.splits, stream); break;
+    case TileConfig::Large: launch_tiles<LargeTiles>(args, l.splits, stream); break;
+  }
+  CUDA_CHECK_LAUNCH("matmul", shapes(M, N, K));
+  if (l.splits > 1) {
+    int64_t MN = M * N;
+    int blocks = static_cast<int>(std::min<int64_t>((MN + 255) / 256, 4096));
+    split_k_combine_kernel<<<blocks, 256, 0, stream>>>(out.data(), out.dtype == DType::F32,
+                                                       static_cast<const float*>(workspace.data()),
+                                                       bias ? bias->ptr<__nv_bfloat16>() : nullptr, MN,
+                                                       static_cast<int>(N), l.splits);
+    CUDA_CHECK_LAUNCH("matmul split-K combine", shapes(M, N, K));
+  }
+}
 
 }  // namespace detinfer::cuda

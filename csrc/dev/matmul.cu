@@ -1,0 +1,269 @@
+// Development harness for the matmul kernels (csrc/kernels/matmul.cu), runnable without Node.
+// Build: cmake -S . -B build-dev -DDETINFER_DEV_HARNESSES=ON && cmake --build build-dev --target dev_matmul
+//        (or `npx cmake-js compile --CDDETINFER_DEV_HARNESSES=ON`; the binary lands in build/dev/)
+// Run:   build/dev/dev_matmul check            CPU reference at small shapes (tails in M, N, K),
+//                                              bitwise invariance across M, the variant's difference
+//        build/dev/dev_matmul bench out.json   timings of every (N,K) x M of bench/matmul.mjs and
+//                                              the device-to-device copy ceiling, as JSON
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/bf16.h"
+#include "common/config.h"
+#include "cuda/check.h"
+#include "cuda/runtime.h"
+#include "ops.h"
+
+using namespace detinfer;
+
+namespace {
+
+std::vector<uint16_t> random_bf16(size_t n, uint32_t seed, float scale) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(-scale, scale);
+  std::vector<uint16_t> out(n);
+  for (auto& v : out) {
+    float x = dist(rng);
+    v = f32_to_bf16(x == 0.f ? scale * 1e-3f : x);
+  }
+  return out;
+}
+
+Tensor upload(Device device, DType dtype, std::vector<int64_t> shape, const void* data) {
+  Tensor t = make_tensor(device, dtype, shape);
+  if (device == Device::CUDA) {
+    cuda_runtime::upload(t.data(), data, t.nbytes());
+  } else {
+    std::memcpy(t.data(), data, t.nbytes());
+  }
+  return t;
+}
+
+std::vector<uint8_t> bytes_of(const Tensor& t) {
+  std::vector<uint8_t> out(t.nbytes());
+  if (t.device() == Device::CUDA) {
+    cuda_runtime::download(out.data(), t.data(), t.nbytes());
+  } else {
+    std::memcpy(out.data(), t.data(), t.nbytes());
+  }
+  return out;
+}
+
+float value_at(const std::vector<uint8_t>& b, DType dtype, size_t i) {
+  if (dtype == DType::F32) {
+    float f;
+    std::memcpy(&f, b.data() + 4 * i, 4);
+    return f;
+  }
+  uint16_t h;
+  std::memcpy(&h, b.data() + 2 * i, 2);
+  return bf16_to_f32(h);
+}
+
+// GPU against the CPU backend and a float64 reference, at one shape.
+bool check_reference(int64_t M, int64_t N, int64_t K, DType out_dtype, bool with_bias) {
+  auto a = random_bf16(M * K, 1 + M, 1.f), w = random_bf16(N * K, 2 + N, 1.f), bias = random_bf16(N, 3, 1.f);
+  Tensor ga = upload(Device::CUDA, DType::BF16, {M, K}, a.data()), gw = upload(Device::CUDA, DType::BF16, {N, K}, w.data());
+  Tensor gb = upload(Device::CUDA, DType::BF16, {N}, bias.data());
+  Tensor ca = upload(Device::CPU, DType::BF16, {M, K}, a.data()), cw = upload(Device::CPU, DType::BF16, {N, K}, w.data());
+  Tensor cb = upload(Device::CPU, DType::BF16, {N}, bias.data());
+  Tensor go = make_tensor(Device::CUDA, out_dtype, {M, N}), co = make_tensor(Device::CPU, out_dtype, {M, N});
+  ops::matmul(go, ga, gw, with_bias ? &gb : nullptr);
+  ops::matmul(co, ca, cw, with_bias ? &cb : nullptr);
+  auto g = bytes_of(go), c = bytes_of(co);
+  double num = 0, den = 0, num_cpu = 0, worst = 0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double ref = with_bias ? bf16_to_f32(bias[n]) : 0.0;
+      for (int64_t k = 0; k < K; ++k) ref += double(bf16_to_f32(a[m * K + k])) * bf16_to_f32(w[n * K + k]);
+      double gv = value_at(g, out_dtype, m * N + n), cv = value_at(c, out_dtype, m * N + n);
+      num += (gv - ref) * (gv - ref);
+      num_cpu += (cv - ref) * (cv - ref);
+      den += ref * ref;
+      worst = std::max(worst, std::abs(gv - ref) / (std::abs(ref) + 1.0));
+    }
+  double rel = std::sqrt(num / den), rel_cpu = std::sqrt(num_cpu / den);
+  double bound = out_dtype == DType::F32 ? 1e-5 : 1e-2;
+  bool ok = rel < bound && rel <= 2 * rel_cpu + 1e-6 && std::isfinite(rel);
+  std::printf("%s reference M=%ld N=%ld K=%ld %s%s: rel err gpu %.3g cpu %.3g worst %.3g\n", ok ? "ok  " : "FAIL",
+              long(M), long(N), long(K), dtype_name(out_dtype), with_bias ? " +bias" : "", rel, rel_cpu, worst);
+  return ok;
+}
+
+// Rows of one matrix, computed inside batches of every M, must be bit-identical; returns whether
+// any row differed (expected false for the invariant kernels, true somewhere for the variant).
+bool rows_differ(int64_t N, int64_t K, const std::vector<int64_t>& Ms, bool verbose) {
+  int64_t max_m = *std::max_element(Ms.begin(), Ms.end());
+  auto a = random_bf16(max_m * K, 11, 1.f), w = random_bf16(N * K, 12, 1.f);
+  Tensor ga = upload(Device::CUDA, DType::BF16, {max_m, K}, a.data()), gw = upload(Device::CUDA, DType::BF16, {N, K}, w.data());
+  Tensor full = make_tensor(Device::CUDA, DType::BF16, {max_m, N});
+  ops::matmul(full, ga, gw, nullptr);
+  auto ref = bytes_of(full);
+  bool differ = false;
+  for (int64_t M : Ms) {
+    // the first M rows, and M rows starting at an odd offset
+    for (int64_t start : {int64_t{0}, std::min<int64_t>(max_m - M, 3)}) {
+      Tensor sub = narrow_rows(ga, start, M);
+      Tensor out = make_tensor(Device::CUDA, DType::BF16, {M, N});
+      ops::matmul(out, sub, gw, nullptr);
+      auto got = bytes_of(out);
+      int64_t first = -1;
+      for (size_t i = 0; i < got.size(); ++i)
+        if (got[i] != ref[start * N * 2 + i]) {
+          first = static_cast<int64_t>(i / 2);
+          break;
+        }
+      if (first >= 0) differ = true;
+      if (verbose || first >= 0)
+        std::printf("  N=%ld K=%ld M=%ld start=%ld: %s\n", long(N), long(K), long(M), long(start),
+                    first < 0 ? "bit-identical" : ("first difference at element " + std::to_string(first)).c_str());
+    }
+  }
+  return differ;
+}
+
+int check() {
+  bool ok = true;
+  for (auto [M, N, K] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {1, 64, 64}, {3, 40, 72}, {16, 96, 128}, {17, 33, 264}, {64, 130, 512}, {100, 200, 320}, {129, 136, 1000},
+           {300, 257, 520}, {1, 1000, 4104}})
+    for (DType dt : {DType::BF16, DType::F32})
+      for (bool bias : {false, true}) ok = check_reference(M, N, K, dt, bias) && ok;
+  std::vector<int64_t> Ms{1, 2, 3, 7, 8, 16, 31, 64, 128, 257, 1024};
+  for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{{4096, 4096}, {1000, 1032}}) {
+    g_variant_kernels = false;
+    bool d = rows_differ(N, K, Ms, false);
+    std::printf("%s invariant: rows bit-identical across M for N=%ld K=%ld\n", d ? "FAIL" : "ok  ", long(N), long(K));
+    ok = ok && !d;
+    g_variant_kernels = true;
+    bool dv = rows_differ(N, K, Ms, false);
+    g_variant_kernels = false;
+    std::printf("%s variant: rows differ for some M, N=%ld K=%ld\n", dv ? "ok  " : "FAIL", long(N), long(K));
+    ok = ok && dv;
+  }
+  std::printf("%s\n", ok ? "ALL OK" : "SOME CHECKS FAILED");
+  return ok ? 0 : 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark: median of per-call CUDA-event times over inputs rotated through a pool larger than L2.
+struct Timer {
+  cudaEvent_t start, stop;
+  Timer() {
+    CUDA_CHECK(cudaEventCreate(&start));
+    CUDA_CHECK(cudaEventCreate(&stop));
+  }
+  ~Timer() {
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+  }
+};
+
+template <typename F>
+double median_us(F&& call, int iters) {
+  cudaStream_t s = static_cast<cudaStream_t>(cuda_runtime::stream());
+  Timer t;
+  std::vector<double> times;
+  for (int i = 0; i < 3; ++i) call(i);
+  for (int i = 0; i < iters; ++i) {
+    CUDA_CHECK(cudaEventRecord(t.start, s));
+    call(i);
+    CUDA_CHECK(cudaEventRecord(t.stop, s));
+    CUDA_CHECK(cudaEventSynchronize(t.stop));
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, t.start, t.stop));
+    times.push_back(ms * 1e3);
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+__global__ void fill_random_bf16(uint16_t* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    float v = (static_cast<float>(h & 0xffff) / 65536.f - 0.5f) * 0.125f + 1e-4f;
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    p[i] = static_cast<uint16_t>(bits >> 16);
+  }
+}
+
+int bench(const char* path) {
+  FILE* f = std::fopen(path, "w");
+  DI_CHECK(f, "cannot write ", path);
+  cudaStream_t s = static_cast<cudaStream_t>(cuda_runtime::stream());
+  // Ceiling: a 2 GiB device-to-device copy, bytes read + written.
+  size_t copy_bytes = size_t(2) << 30;
+  Tensor src = make_tensor(Device::CUDA, DType::BF16, {int64_t(copy_bytes / 2)});
+  Tensor dst = make_tensor(Device::CUDA, DType::BF16, {int64_t(copy_bytes / 2)});
+  fill_random_bf16<<<4096, 256, 0, s>>>(src.ptr<uint16_t>(), copy_bytes / 2, 7);
+  double copy_us = median_us([&](int) { CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), copy_bytes, cudaMemcpyDeviceToDevice, s)); }, 20);
+  double copy_gbs = 2.0 * copy_bytes / copy_us / 1e3;
+  std::printf("copy 2 GiB: %.1f us, %.1f GB/s (read + written)\n", copy_us, copy_gbs);
+  std::fprintf(f, "{\n  \"copy_gbs\": %.2f,\n  \"results\": [\n", copy_gbs);
+  src = Tensor{};
+  dst = Tensor{};
+  cuda_runtime::synchronize();
+
+  std::vector<std::pair<int64_t, int64_t>> shapes{{4096, 4096}, {12288, 4096}, {4096, 12288}, {151936, 1024}};
+  std::vector<int64_t> Ms{1, 8, 32, 128, 512, 4096};
+  bool first = true;
+  for (auto [N, K] : shapes) {
+    size_t w_bytes = size_t(N) * K * 2;
+    int pool = static_cast<int>(std::max<size_t>(2, (size_t(400) << 20) / w_bytes + 1));
+    std::vector<Tensor> ws, as;
+    for (int p = 0; p < pool; ++p) {
+      ws.push_back(make_tensor(Device::CUDA, DType::BF16, {N, K}));
+      fill_random_bf16<<<4096, 256, 0, s>>>(ws.back().ptr<uint16_t>(), size_t(N) * K, 100 + p);
+    }
+    for (int64_t M : Ms) {
+      as.clear();
+      for (int p = 0; p < pool; ++p) {
+        as.push_back(make_tensor(Device::CUDA, DType::BF16, {M, K}));
+        fill_random_bf16<<<1024, 256, 0, s>>>(as.back().ptr<uint16_t>(), size_t(M) * K, 200 + p);
+      }
+      Tensor out = make_tensor(Device::CUDA, DType::BF16, {M, N});
+      int iters = M * N * K > (int64_t(1) << 36) ? 20 : 50;
+      double us = median_us([&](int i) { ops::matmul(out, as[i % pool], ws[i % pool], nullptr); }, iters);
+      double tflops = 2.0 * M * N * K / us / 1e6;
+      double wgbs = double(w_bytes) / us / 1e3;
+      std::printf("N=%6ld K=%6ld M=%5ld: %9.1f us  %7.1f TFLOP/s  weights %7.1f GB/s (%.0f%% of copy)\n", long(N),
+                  long(K), long(M), us, tflops, wgbs, 100 * wgbs / copy_gbs);
+      std::fprintf(f, "%s    {\"N\": %ld, \"K\": %ld, \"M\": %ld, \"us\": %.3f, \"tflops\": %.2f, \"weight_gbs\": %.2f}",
+                   first ? "" : ",\n", long(N), long(K), long(M), us, tflops, wgbs);
+      first = false;
+    }
+    ws.clear();
+    as.clear();
+    cuda_runtime::synchronize();
+  }
+  std::fprintf(f, "\n  ]\n}\n");
+  std::fclose(f);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    std::string mode = argc > 1 ? argv[1] : "check";
+    if (mode == "check") return check();
+    if (mode == "bench") return bench(argc > 2 ? argv[2] : "matmul_kernels.json");
+    std::fprintf(stderr, "usage: dev_matmul check | bench OUT.json\n");
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}
