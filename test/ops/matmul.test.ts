@@ -167,7 +167,7 @@ describeGpu('matmul batch invariance on CUDA', () => {
   const shapes: [number, number, DType][] = [
     [4096, 4096, 'bf16'],
     [12288, 4096, 'bf16'],
-    [4096, 12288, 'bf16'],
+    [4096, 12288, 'f32'],
     [151936, 1024, 'f32'],
   ]
   for (const [N, K, dtype] of shapes)
@@ -175,7 +175,8 @@ describeGpu('matmul batch invariance on CUDA', () => {
       expect(await probesAcrossM(N, K, dtype, invarianceMs)).toEqual([])
     }, 120_000)
 
-  for (const [N, K, dtype] of [shapes[0]!, shapes[3]!])
+  // fp32 outputs: the split's different rounding shows in every row, not only where bf16 flips.
+  for (const [N, K, dtype] of [[4096, 4096, 'f32'], shapes[3]!] as const)
     it(`variant twin: with a split-K chosen from M, some probe rows differ (N=${N} K=${K})`, async () => {
       const problems = await withVariant(() => probesAcrossM(N, K, dtype, [1, 2, 3, 7, 8, 16, 31, 64, 128]))
       expect(problems.length).toBeGreaterThan(0)
