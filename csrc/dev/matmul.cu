@@ -4,7 +4,9 @@
 // Run:   build/dev/dev_matmul check            CPU reference at small shapes (tails in M, N, K),
 //                                              bitwise invariance across M, the variant's difference
 //        build/dev/dev_matmul bench out.json   timings of every (N,K) x M of bench/matmul.mjs and
-//                                              the device-to-device copy ceiling, as JSON
+//                                              the device-to-device copy ceiling, as JSON; then every
+//                                              tile configuration of matmul.cu on the same inputs,
+//                                              each checked to give the production kernel's bits
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -20,6 +22,7 @@
 #include "common/config.h"
 #include "cuda/check.h"
 #include "cuda/runtime.h"
+#include "kernels/matmul.cuh"
 #include "ops.h"
 
 using namespace detinfer;
@@ -186,6 +189,13 @@ double median_us(F&& call, int iters) {
   return times[times.size() / 2];
 }
 
+__global__ void count_differences(const uint16_t* a, const uint16_t* b, size_t n, unsigned long long* count) {
+  unsigned long long local = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    local += a[i] != b[i];
+  if (local) atomicAdd(count, local);
+}
+
 __global__ void fill_random_bf16(uint16_t* p, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
@@ -218,7 +228,8 @@ int bench(const char* path) {
 
   std::vector<std::pair<int64_t, int64_t>> shapes{{4096, 4096}, {12288, 4096}, {4096, 12288}, {151936, 1024}};
   std::vector<int64_t> Ms{1, 8, 32, 128, 512, 4096};
-  bool first = true;
+  bool first = true, all_same = true;
+  std::vector<std::string> sweep;
   for (auto [N, K] : shapes) {
     size_t w_bytes = size_t(N) * K * 2;
     int pool = static_cast<int>(std::max<size_t>(2, (size_t(400) << 20) / w_bytes + 1));
@@ -238,18 +249,46 @@ int bench(const char* path) {
       double us = median_us([&](int i) { ops::matmul(out, as[i % pool], ws[i % pool], nullptr); }, iters);
       double tflops = 2.0 * M * N * K / us / 1e6;
       double wgbs = double(w_bytes) / us / 1e3;
-      std::printf("N=%6ld K=%6ld M=%5ld: %9.1f us  %7.1f TFLOP/s  weights %7.1f GB/s (%.0f%% of copy)\n", long(N),
-                  long(K), long(M), us, tflops, wgbs, 100 * wgbs / copy_gbs);
-      std::fprintf(f, "%s    {\"N\": %ld, \"K\": %ld, \"M\": %ld, \"us\": %.3f, \"tflops\": %.2f, \"weight_gbs\": %.2f}",
-                   first ? "" : ",\n", long(N), long(K), long(M), us, tflops, wgbs);
+      std::printf("N=%6ld K=%6ld M=%5ld: %9.1f us  %7.1f TFLOP/s  weights %7.1f GB/s (%.0f%% of copy)  [%s]\n", long(N),
+                  long(K), long(M), us, tflops, wgbs, 100 * wgbs / copy_gbs,
+                  cuda::matmul_dev::config_name(cuda::matmul_dev::production_config(M)));
+      std::fprintf(f, "%s    {\"N\": %ld, \"K\": %ld, \"M\": %ld, \"us\": %.3f, \"tflops\": %.2f, \"weight_gbs\": %.2f, \"config\": \"%s\"}",
+                   first ? "" : ",\n", long(N), long(K), long(M), us, tflops, wgbs,
+                   cuda::matmul_dev::config_name(cuda::matmul_dev::production_config(M)));
       first = false;
+      // Every tile configuration on the same inputs: time, and the same bits as production?
+      ops::matmul(out, as[0], ws[0], nullptr);
+      Tensor other = make_tensor(Device::CUDA, DType::BF16, {M, N});
+      unsigned long long* count = nullptr;
+      CUDA_CHECK(cudaMalloc(&count, sizeof(*count)));
+      for (int c = 0; c < cuda::matmul_dev::config_count(); ++c) {
+        if (M > 64 && std::strncmp(cuda::matmul_dev::config_name(c), "16x", 3) == 0) continue;
+        double cus = median_us([&](int i) { cuda::matmul_dev::matmul_with_config(other, as[i % pool], ws[i % pool], nullptr, c); }, 10);
+        cuda::matmul_dev::matmul_with_config(other, as[0], ws[0], nullptr, c);
+        CUDA_CHECK(cudaMemsetAsync(count, 0, sizeof(*count), s));
+        count_differences<<<1024, 256, 0, s>>>(out.ptr<uint16_t>(), other.ptr<uint16_t>(), size_t(M) * N, count);
+        unsigned long long diffs = 0;
+        CUDA_CHECK(cudaMemcpyAsync(&diffs, count, sizeof(diffs), cudaMemcpyDeviceToHost, s));
+        CUDA_CHECK(cudaStreamSynchronize(s));
+        std::printf("    %-16s %9.1f us %7.1f TFLOP/s %7.1f GB/s %s\n", cuda::matmul_dev::config_name(c), cus,
+                    2.0 * M * N * K / cus / 1e6, double(w_bytes) / cus / 1e3,
+                    diffs ? ("DIFFERENT BITS: " + std::to_string(diffs)).c_str() : "same bits");
+        sweep.push_back("{\"N\": " + std::to_string(N) + ", \"K\": " + std::to_string(K) + ", \"M\": " +
+                        std::to_string(M) + ", \"config\": \"" + cuda::matmul_dev::config_name(c) +
+                        "\", \"us\": " + std::to_string(cus) + ", \"differing\": " + std::to_string(diffs) + "}");
+        all_same = all_same && diffs == 0;
+      }
+      cudaFree(count);
     }
     ws.clear();
     as.clear();
     cuda_runtime::synchronize();
   }
-  std::fprintf(f, "\n  ]\n}\n");
+  std::fprintf(f, "\n  ],\n  \"configs_same_bits\": %s,\n  \"sweep\": [\n", all_same ? "true" : "false");
+  for (size_t i = 0; i < sweep.size(); ++i) std::fprintf(f, "    %s%s\n", sweep[i].c_str(), i + 1 < sweep.size() ? "," : "");
+  std::fprintf(f, "  ]\n}\n");
   std::fclose(f);
+  std::printf("every tile configuration gave the production bits: %s\n", all_same ? "yes" : "NO");
   return 0;
 }
 

@@ -23,6 +23,7 @@
 #include "../cuda/runtime.h"
 #include "cuda_ops.h"
 #include "device_buffer.cuh"
+#include "matmul.cuh"
 
 namespace detinfer::cuda {
 namespace {
@@ -47,12 +48,9 @@ struct MatmulTiles {
   static_assert(NT == 1 || NT % 2 == 0, "B fragments are read two n8 tiles at a time");
 };
 
-// The configurations, by bucket of M (see matmul_config).
-using DecodeTiles = MatmulTiles<16, 32, 1, 4, 8, 1>;   // M <= 16: stream W, many blocks over N
-using SmallTiles = MatmulTiles<64, 32, 2, 2, 6, 1>;    // M <= 64
-using MediumTiles = MatmulTiles<64, 64, 2, 2, 4, 2>;   // M <= 128
-using LargeTiles = MatmulTiles<128, 128, 2, 4, 3, 2>;  // M > 128
-
+// The configurations. Production uses kDecode, kSmall, kMedium, kLarge by bucket of M (see
+// matmul_config); the others exist for the development harness (csrc/dev/matmul.cu), which times
+// every one and checks that all of them give the same bits (they share the K chain).
 struct MatmulArgs {
   const __nv_bfloat16* a;
   const __nv_bfloat16* w;
@@ -61,6 +59,11 @@ struct MatmulArgs {
   bool out_f32;
   int M, N, K;
   int k_per_split;            // multiple of kBlockK; K for the invariant path
+};
+
+struct TileEntry {
+  const char* name;
+  void (*launch)(const MatmulArgs&, int splits, cudaStream_t stream);
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -232,30 +235,11 @@ __global__ void split_k_combine_kernel(void* out, bool out_f32, const float* ws,
   }
 }
 
-enum class TileConfig { Decode, Small, Medium, Large };
-
 struct MatmulLaunch {
-  TileConfig tiles;
+  int tiles;        // index into kTileTable
   int splits;       // K ranges; 1 on the invariant path
   int k_per_split;  // multiple of kBlockK
 };
-
-// The one place the launch is chosen. Invariant: tiles may follow M, the K chain never does.
-MatmulLaunch matmul_config(int64_t M, int64_t N, int64_t K) {
-  (void)N;
-  MatmulLaunch l;
-  l.tiles = M <= 16 ? TileConfig::Decode : M <= 64 ? TileConfig::Small : M <= 128 ? TileConfig::Medium
-                                                                                  : TileConfig::Large;
-  l.splits = 1;
-  l.k_per_split = static_cast<int>(K);
-  if (variant_kernels() && M <= kVariantMaxRows) {
-    int64_t tiles = (K + kBlockK - 1) / kBlockK;
-    int64_t per = (tiles + kVariantSplits - 1) / kVariantSplits;
-    l.k_per_split = static_cast<int>(per * kBlockK);
-    l.splits = static_cast<int>((K + l.k_per_split - 1) / l.k_per_split);
-  }
-  return l;
-}
 
 template <typename Tiles>
 void launch_tiles(const MatmulArgs& args, int splits, cudaStream_t stream) {
@@ -272,13 +256,48 @@ void launch_tiles(const MatmulArgs& args, int splits, cudaStream_t stream) {
   matmul_kernel<Tiles><<<grid, Tiles::THREADS, Tiles::SMEM_BYTES, stream>>>(args);
 }
 
+
+// Every configuration the harness can time; all share kBlockK and the instruction.
+const TileEntry kTileTable[] = {
+    {"16x32 w1x4 s8", launch_tiles<MatmulTiles<16, 32, 1, 4, 8, 1>>},
+    {"16x64 w1x4 s6", launch_tiles<MatmulTiles<16, 64, 1, 4, 6, 1>>},
+    {"16x32 w1x2 s8", launch_tiles<MatmulTiles<16, 32, 1, 2, 8, 2>>},
+    {"16x16 w1x2 s8", launch_tiles<MatmulTiles<16, 16, 1, 2, 8, 2>>},
+    {"16x64 w1x8 s8", launch_tiles<MatmulTiles<16, 64, 1, 8, 8, 1>>},
+    {"64x32 w2x2 s6", launch_tiles<MatmulTiles<64, 32, 2, 2, 6, 1>>},
+    {"32x64 w1x4 s6", launch_tiles<MatmulTiles<32, 64, 1, 4, 6, 1>>},
+    {"64x64 w2x2 s4", launch_tiles<MatmulTiles<64, 64, 2, 2, 4, 2>>},
+    {"64x128 w2x2 s4", launch_tiles<MatmulTiles<64, 128, 2, 2, 4, 2>>},
+    {"128x64 w2x2 s4", launch_tiles<MatmulTiles<128, 64, 2, 2, 4, 2>>},
+    {"128x128 w2x4 s3", launch_tiles<MatmulTiles<128, 128, 2, 4, 3, 2>>},
+    {"128x128 w2x4 s4", launch_tiles<MatmulTiles<128, 128, 2, 4, 4, 1>>},
+    {"128x256 w2x4 s3", launch_tiles<MatmulTiles<128, 256, 2, 4, 3, 1>>},
+    {"256x128 w4x2 s3", launch_tiles<MatmulTiles<256, 128, 4, 2, 3, 1>>},
+};
+constexpr int kTileCount = sizeof(kTileTable) / sizeof(kTileTable[0]);
+constexpr int kDecode = 0, kSmall = 5, kMedium = 7, kLarge = 10;
+
+// The one place the launch is chosen. Invariant: tiles may follow M, the K chain never does.
+MatmulLaunch matmul_config(int64_t M, int64_t N, int64_t K) {
+  (void)N;
+  MatmulLaunch l;
+  l.tiles = M <= 16 ? kDecode : M <= 64 ? kSmall : M <= 128 ? kMedium : kLarge;
+  l.splits = 1;
+  l.k_per_split = static_cast<int>(K);
+  if (variant_kernels() && M <= kVariantMaxRows) {
+    int64_t tiles = (K + kBlockK - 1) / kBlockK;
+    int64_t per = (tiles + kVariantSplits - 1) / kVariantSplits;
+    l.k_per_split = static_cast<int>(per * kBlockK);
+    l.splits = static_cast<int>((K + l.k_per_split - 1) / l.k_per_split);
+  }
+  return l;
+}
+
 std::string shapes(int64_t M, int64_t N, int64_t K) {
   return "[M=" + std::to_string(M) + ", N=" + std::to_string(N) + ", K=" + std::to_string(K) + "]";
 }
 
-}  // namespace
-
-void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
+void run_matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias, bool dev_override, int dev_tiles) {
   int64_t M = a.dim(0), K = a.dim(1), N = w.dim(0);
   if (M == 0 || N == 0) return;
   DI_CHECK(K % kChunk == 0, "matmul: the CUDA kernels need K to be a multiple of ", kChunk, " but received K = ", K,
@@ -289,6 +308,7 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
            "matmul: the CUDA kernels need a and w to start on a 16-byte boundary (a view at an odd row offset?)");
   cudaStream_t stream = static_cast<cudaStream_t>(cuda_runtime::stream());
   MatmulLaunch l = matmul_config(M, N, K);
+  if (dev_override) l = {dev_tiles, 1, static_cast<int>(K)};
 
   MatmulArgs args{a.ptr<__nv_bfloat16>(), w.ptr<__nv_bfloat16>(), bias ? bias->ptr<__nv_bfloat16>() : nullptr,
                   out.data(), out.dtype == DType::F32, static_cast<int>(M), static_cast<int>(N),
@@ -300,12 +320,7 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
     args.out_f32 = true;
     args.bias = nullptr;
   }
-  switch (l.tiles) {
-    case TileConfig::Decode: launch_tiles<DecodeTiles>(args, l.splits, stream); break;
-    case TileConfig::Small: launch_tiles<SmallTiles>(args, l.splits, stream); break;
-    case TileConfig::Medium: launch_tiles<MediumTiles>(args, l.splits, stream); break;
-    case TileConfig::Large: launch_tiles<LargeTiles>(args, l.splits, stream); break;
-  }
+  kTileTable[l.tiles].launch(args, l.splits, stream);
   CUDA_CHECK_LAUNCH("matmul", shapes(M, N, K));
   if (l.splits > 1) {
     int64_t MN = M * N;
@@ -317,5 +332,21 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
     CUDA_CHECK_LAUNCH("matmul split-K combine", shapes(M, N, K));
   }
 }
+
+}  // namespace
+
+void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
+  run_matmul(out, a, w, bias, false, 0);
+}
+
+namespace matmul_dev {
+int config_count() { return kTileCount; }
+const char* config_name(int i) { return kTileTable[i].name; }
+int production_config(int64_t M) { return matmul_config(M, 0, 1).tiles; }
+void matmul_with_config(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias, int config) {
+  DI_CHECK(config >= 0 && config < kTileCount, "matmul_with_config: no configuration ", config);
+  run_matmul(out, a, w, bias, true, config);
+}
+}  // namespace matmul_dev
 
 }  // namespace detinfer::cuda

@@ -1,0 +1,16 @@
+// Development access to the matmul configurations (csrc/dev/matmul.cu): run one tile
+// configuration by index, on the invariant path. Library code calls cuda::matmul only.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/tensor.h"
+
+namespace detinfer::cuda::matmul_dev {
+
+int config_count();
+const char* config_name(int config);
+int production_config(int64_t M);  // the configuration matmul() uses for M rows
+void matmul_with_config(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias, int config);
+
+}  // namespace detinfer::cuda::matmul_dev
