@@ -94,8 +94,9 @@ bool check_reference(int64_t M, int64_t N, int64_t K, DType out_dtype, bool with
       worst = std::max(worst, std::abs(gv - ref) / (std::abs(ref) + 1.0));
     }
   double rel = std::sqrt(num / den), rel_cpu = std::sqrt(num_cpu / den);
-  double bound = out_dtype == DType::F32 ? 1e-5 : 1e-2;
-  bool ok = rel < bound && rel <= 2 * rel_cpu + 1e-6 && std::isfinite(rel);
+  // bf16 outputs: within twice the CPU backend's error. fp32 outputs carry only the accumulation
+  // error, larger on tensor cores than in the CPU's fp32 lanes: an absolute relative bound.
+  bool ok = std::isfinite(rel) && (out_dtype == DType::F32 ? rel < 2e-5 : rel < 1e-2 && rel <= 2 * rel_cpu + 1e-6);
   std::printf("%s reference M=%ld N=%ld K=%ld %s%s: rel err gpu %.3g cpu %.3g worst %.3g\n", ok ? "ok  " : "FAIL",
               long(M), long(N), long(K), dtype_name(out_dtype), with_bias ? " +bias" : "", rel, rel_cpu, worst);
   return ok;
@@ -140,6 +141,25 @@ int check() {
            {300, 257, 520}, {1, 1000, 4104}})
     for (DType dt : {DType::BF16, DType::F32})
       for (bool bias : {false, true}) ok = check_reference(M, N, K, dt, bias) && ok;
+  // Every tile configuration gives the production bits, tails in M, N and K included.
+  for (auto [M, N, K] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 40, 72}, {37, 300, 1032}, {130, 1000, 4104}}) {
+    auto a = random_bf16(M * K, 21, 1.f), w = random_bf16(N * K, 22, 1.f);
+    Tensor ga = upload(Device::CUDA, DType::BF16, {M, K}, a.data()), gw = upload(Device::CUDA, DType::BF16, {N, K}, w.data());
+    Tensor want = make_tensor(Device::CUDA, DType::F32, {M, N}), got = make_tensor(Device::CUDA, DType::F32, {M, N});
+    ops::matmul(want, ga, gw, nullptr);
+    auto wb = bytes_of(want);
+    int bad = 0;
+    for (int c = 0; c < cuda::matmul_dev::config_count(); ++c) {
+      cuda::matmul_dev::matmul_with_config(got, ga, gw, nullptr, c);
+      if (bytes_of(got) != wb) {
+        ++bad;
+        std::printf("  config %s differs at M=%ld N=%ld K=%ld\n", cuda::matmul_dev::config_name(c), long(M), long(N), long(K));
+      }
+    }
+    std::printf("%s all %d tile configurations give the same bits at M=%ld N=%ld K=%ld\n", bad ? "FAIL" : "ok  ",
+                cuda::matmul_dev::config_count(), long(M), long(N), long(K));
+    ok = ok && bad == 0;
+  }
   std::vector<int64_t> Ms{1, 2, 3, 7, 8, 16, 31, 64, 128, 257, 1024};
   for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{{4096, 4096}, {1000, 1032}}) {
     g_variant_kernels = false;
@@ -251,10 +271,10 @@ int bench(const char* path) {
       double wgbs = double(w_bytes) / us / 1e3;
       std::printf("N=%6ld K=%6ld M=%5ld: %9.1f us  %7.1f TFLOP/s  weights %7.1f GB/s (%.0f%% of copy)  [%s]\n", long(N),
                   long(K), long(M), us, tflops, wgbs, 100 * wgbs / copy_gbs,
-                  cuda::matmul_dev::config_name(cuda::matmul_dev::production_config(M)));
+                  cuda::matmul_dev::config_name(cuda::matmul_dev::production_config(M, N)));
       std::fprintf(f, "%s    {\"N\": %ld, \"K\": %ld, \"M\": %ld, \"us\": %.3f, \"tflops\": %.2f, \"weight_gbs\": %.2f, \"config\": \"%s\"}",
                    first ? "" : ",\n", long(N), long(K), long(M), us, tflops, wgbs,
-                   cuda::matmul_dev::config_name(cuda::matmul_dev::production_config(M)));
+                   cuda::matmul_dev::config_name(cuda::matmul_dev::production_config(M, N)));
       first = false;
       // Every tile configuration on the same inputs: time, and the same bits as production?
       ops::matmul(out, as[0], ws[0], nullptr);

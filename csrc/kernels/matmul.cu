@@ -35,22 +35,24 @@ constexpr int64_t kVariantMaxRows = 16;
 constexpr int kVariantSplits = 4;
 
 // Tile geometry of one configuration: a block computes BM x BN outputs with WARPS_M x WARPS_N
-// warps, each warp (BM/WARPS_M) x (BN/WARPS_N), through STAGES buffers of kBlockK.
-template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_>
+// warps, each warp (BM/WARPS_M) x (BN/WARPS_N), through a pipeline of STAGES buffers, each holding
+// KB consecutive kBlockK tiles (longer contiguous reads per W row for the weight-streaming
+// configurations; the k-blocks are still consumed one at a time in ascending order).
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_, int KB_ = 1>
 struct MatmulTiles {
   static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
-  static constexpr int MIN_BLOCKS = MIN_BLOCKS_;
+  static constexpr int MIN_BLOCKS = MIN_BLOCKS_, KB = KB_;
   static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   static constexpr int MT = WM / kMmaM, NT = WN / kMmaN;  // MMA tiles per warp
-  static constexpr int SMEM_BYTES = STAGES * (BM + BN) * kBlockK * 2;
+  static constexpr int SMEM_BYTES = STAGES * KB * (BM + BN) * kBlockK * 2;
   static_assert(WM % kMmaM == 0 && WN % kMmaN == 0, "warp tile must be a multiple of the MMA shape");
   static_assert(NT == 1 || NT % 2 == 0, "B fragments are read two n8 tiles at a time");
 };
 
-// The configurations. Production uses kDecode, kSmall, kMedium, kLarge by bucket of M (see
-// matmul_config); the others exist for the development harness (csrc/dev/matmul.cu), which times
-// every one and checks that all of them give the same bits (they share the K chain).
+// The configurations (kTileTable). Production uses a few of them by bucket of M (matmul_config);
+// the others exist for the development harness (csrc/dev/matmul.cu), which times every one and
+// checks that all of them give the same bits (they share the K chain).
 struct MatmulArgs {
   const __nv_bfloat16* a;
   const __nv_bfloat16* w;
@@ -123,14 +125,16 @@ template <typename Tiles>
 __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kernel(MatmulArgs args) {
   constexpr int BM = Tiles::BM, BN = Tiles::BN, STAGES = Tiles::STAGES, THREADS = Tiles::THREADS;
   constexpr int MT = Tiles::MT, NT = Tiles::NT, WM = Tiles::WM, WN = Tiles::WN;
-  constexpr uint32_t kStageBytes = (BM + BN) * kBlockK * 2;
+  constexpr int KB = Tiles::KB;
+  constexpr uint32_t kTileBytes = (BM + BN) * kBlockK * 2;  // one k-block of A and W
+  constexpr uint32_t kStageBytes = KB * kTileBytes;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t smem_base = smem_addr(smem);
 
   const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
   const int k_begin = blockIdx.z * args.k_per_split;
   const int k_end = min(args.K, k_begin + args.k_per_split);
-  const int k_tiles = (k_end - k_begin + kBlockK - 1) / kBlockK;
+  const int k_tiles = (k_end - k_begin + KB * kBlockK - 1) / (KB * kBlockK);  // pipeline stages
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_m = warp / Tiles::WARPS_N, warp_n = warp % Tiles::WARPS_N;
@@ -144,11 +148,14 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
 
   auto load_stage = [&](int stage, int kt) {
-    uint32_t a_tile = smem_base + stage * kStageBytes;
-    uint32_t w_tile = a_tile + BM * kBlockK * 2;
-    int k0 = k_begin + kt * kBlockK;
-    load_tile<BM, THREADS>(a_tile, args.a, args.M, args.K, m0, k0, k_end);
-    load_tile<BN, THREADS>(w_tile, args.w, args.N, args.K, n0, k0, k_end);
+#pragma unroll
+    for (int j = 0; j < KB; ++j) {
+      uint32_t a_tile = smem_base + stage * kStageBytes + j * kTileBytes;
+      uint32_t w_tile = a_tile + BM * kBlockK * 2;
+      int k0 = k_begin + (kt * KB + j) * kBlockK;
+      load_tile<BM, THREADS>(a_tile, args.a, args.M, args.K, m0, k0, k_end);
+      load_tile<BN, THREADS>(w_tile, args.w, args.N, args.K, n0, k0, k_end);
+    }
   };
 
 #pragma unroll
@@ -165,32 +172,37 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
     if (next < k_tiles) load_stage(next % STAGES, next);
     cp_async_commit();
 
-    uint32_t a_tile = smem_base + (kt % STAGES) * kStageBytes;
-    uint32_t w_tile = a_tile + BM * kBlockK * 2;
 #pragma unroll
-    for (int kk = 0; kk < kBlockK / kMmaK; ++kk) {
-      uint32_t af[MT][4], bf[NT][2];
+    for (int j = 0; j < KB; ++j) {
+      // A k-block past the end is skipped, not multiplied as zeros: the chain stays the same.
+      if (KB > 1 && k_begin + (kt * KB + j) * kBlockK >= k_end) break;
+      uint32_t a_tile = smem_base + (kt % STAGES) * kStageBytes + j * kTileBytes;
+      uint32_t w_tile = a_tile + BM * kBlockK * 2;
 #pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        int row = warp_m * WM + i * kMmaM + (lane & 15);
-        ldmatrix_x4(af[i], a_tile + tile_offset(row, kk * 2 + (lane >> 4)));
-      }
-      if constexpr (NT == 1) {
-        int row = warp_n * WN + (lane & 7);
-        ldmatrix_x2(bf[0], w_tile + tile_offset(row, kk * 2 + ((lane >> 3) & 1)));
-      } else {
+      for (int kk = 0; kk < kBlockK / kMmaK; ++kk) {
+        uint32_t af[MT][4], bf[NT][2];
 #pragma unroll
-        for (int j = 0; j < NT; j += 2) {
-          int row = warp_n * WN + j * kMmaN + (lane & 7) + ((lane >> 4) << 3);
-          uint32_t r[4];
-          ldmatrix_x4(r, w_tile + tile_offset(row, kk * 2 + ((lane >> 3) & 1)));
-          bf[j][0] = r[0], bf[j][1] = r[1], bf[j + 1][0] = r[2], bf[j + 1][1] = r[3];
+        for (int i = 0; i < MT; ++i) {
+          int row = warp_m * WM + i * kMmaM + (lane & 15);
+          ldmatrix_x4(af[i], a_tile + tile_offset(row, kk * 2 + (lane >> 4)));
         }
+        if constexpr (NT == 1) {
+          int row = warp_n * WN + (lane & 7);
+          ldmatrix_x2(bf[0], w_tile + tile_offset(row, kk * 2 + ((lane >> 3) & 1)));
+        } else {
+#pragma unroll
+          for (int jn = 0; jn < NT; jn += 2) {
+            int row = warp_n * WN + jn * kMmaN + (lane & 7) + ((lane >> 4) << 3);
+            uint32_t r[4];
+            ldmatrix_x4(r, w_tile + tile_offset(row, kk * 2 + ((lane >> 3) & 1)));
+            bf[jn][0] = r[0], bf[jn][1] = r[1], bf[jn + 1][0] = r[2], bf[jn + 1][1] = r[3];
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+          for (int jn = 0; jn < NT; ++jn) mma_bf16_16816(acc[i][jn], af[i], bf[jn]);
       }
-#pragma unroll
-      for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j) mma_bf16_16816(acc[i][j], af[i], bf[j]);
     }
   }
   cp_async_wait<0>();
@@ -257,31 +269,48 @@ void launch_tiles(const MatmulArgs& args, int splits, cudaStream_t stream) {
 }
 
 
-// Every configuration the harness can time; all share kBlockK and the instruction.
+// Every configuration the harness can time; all share kBlockK and the instruction, so all give
+// the same bits (the harness checks it at every benchmarked shape).
 const TileEntry kTileTable[] = {
     {"16x32 w1x4 s8", launch_tiles<MatmulTiles<16, 32, 1, 4, 8, 1>>},
     {"16x64 w1x4 s6", launch_tiles<MatmulTiles<16, 64, 1, 4, 6, 1>>},
-    {"16x32 w1x2 s8", launch_tiles<MatmulTiles<16, 32, 1, 2, 8, 2>>},
     {"16x16 w1x2 s8", launch_tiles<MatmulTiles<16, 16, 1, 2, 8, 2>>},
-    {"16x64 w1x8 s8", launch_tiles<MatmulTiles<16, 64, 1, 8, 8, 1>>},
-    {"64x32 w2x2 s6", launch_tiles<MatmulTiles<64, 32, 2, 2, 6, 1>>},
+    {"16x16 w1x2 s4 kb4", launch_tiles<MatmulTiles<16, 16, 1, 2, 4, 2, 4>>},
+    {"16x32 w1x4 s4 kb4", launch_tiles<MatmulTiles<16, 32, 1, 4, 4, 1, 4>>},
+    {"16x64 w1x4 s4 kb2", launch_tiles<MatmulTiles<16, 64, 1, 4, 4, 1, 2>>},
+    {"16x8 w1x1 s4 kb4", launch_tiles<MatmulTiles<16, 8, 1, 1, 4, 4, 4>>},
+    {"16x16 w1x2 s6 kb2", launch_tiles<MatmulTiles<16, 16, 1, 2, 6, 2, 2>>},
+    {"16x32 w1x4 s6 kb2", launch_tiles<MatmulTiles<16, 32, 1, 4, 6, 1, 2>>},
     {"32x64 w1x4 s6", launch_tiles<MatmulTiles<32, 64, 1, 4, 6, 1>>},
+    {"32x64 w1x4 s4 kb2", launch_tiles<MatmulTiles<32, 64, 1, 4, 4, 1, 2>>},
     {"64x64 w2x2 s4", launch_tiles<MatmulTiles<64, 64, 2, 2, 4, 2>>},
+    {"64x64 w2x2 s3 kb2", launch_tiles<MatmulTiles<64, 64, 2, 2, 3, 2, 2>>},
     {"64x128 w2x2 s4", launch_tiles<MatmulTiles<64, 128, 2, 2, 4, 2>>},
     {"128x64 w2x2 s4", launch_tiles<MatmulTiles<128, 64, 2, 2, 4, 2>>},
     {"128x128 w2x4 s3", launch_tiles<MatmulTiles<128, 128, 2, 4, 3, 2>>},
     {"128x128 w2x4 s4", launch_tiles<MatmulTiles<128, 128, 2, 4, 4, 1>>},
     {"128x256 w2x4 s3", launch_tiles<MatmulTiles<128, 256, 2, 4, 3, 1>>},
-    {"256x128 w4x2 s3", launch_tiles<MatmulTiles<256, 128, 4, 2, 3, 1>>},
 };
 constexpr int kTileCount = sizeof(kTileTable) / sizeof(kTileTable[0]);
-constexpr int kDecode = 0, kSmall = 5, kMedium = 7, kLarge = 10;
+// Indices of the configurations production uses.
+constexpr int k16x16 = 2, k16x64 = 1, k32x64 = 9, k64x64 = 11, k128x128 = 15;
+constexpr int64_t kWideN = 32768;  // an lm_head-sized N: enough blocks over N to prefer wider tiles
 
 // The one place the launch is chosen. Invariant: tiles may follow M, the K chain never does.
 MatmulLaunch matmul_config(int64_t M, int64_t N, int64_t K) {
-  (void)N;
   MatmulLaunch l;
-  l.tiles = M <= 16 ? kDecode : M <= 64 ? kSmall : M <= 128 ? kMedium : kLarge;
+  bool wide = N >= kWideN;
+  if (M <= 16) {
+    l.tiles = wide ? k16x64 : k16x16;  // decode: stream W over many blocks
+  } else if (M <= 32) {
+    l.tiles = wide ? k32x64 : k16x64;
+  } else if (M <= 64) {
+    l.tiles = wide ? k32x64 : k64x64;
+  } else if (M <= 128) {
+    l.tiles = wide ? k128x128 : k64x64;
+  } else {
+    l.tiles = k128x128;
+  }
   l.splits = 1;
   l.k_per_split = static_cast<int>(K);
   if (variant_kernels() && M <= kVariantMaxRows) {
@@ -342,7 +371,7 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
 namespace matmul_dev {
 int config_count() { return kTileCount; }
 const char* config_name(int i) { return kTileTable[i].name; }
-int production_config(int64_t M) { return matmul_config(M, 0, 1).tiles; }
+int production_config(int64_t M, int64_t N) { return matmul_config(M, N, 64).tiles; }
 void matmul_with_config(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias, int config) {
   DI_CHECK(config >= 0 && config < kTileCount, "matmul_with_config: no configuration ", config);
   run_matmul(out, a, w, bias, true, config);

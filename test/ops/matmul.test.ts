@@ -92,7 +92,10 @@ describeGpu('matmul on CUDA', () => {
           expectClose(gpu.out, gpu.ref, rtol, atol, `cuda ${M}x${N}x${K} ${dtype}`)
           const errGpu = relativeError(gpu.out, gpu.ref)
           const errCpu = relativeError(cpu.out, cpu.ref)
-          expect(errGpu).toBeLessThanOrEqual(2 * errCpu + 1e-7)
+          // bf16 out: at most twice the CPU backend's error. fp32 out carries only the
+          // accumulation error, larger on tensor cores than in the CPU's fp32 lanes.
+          if (dtype === 'bf16') expect(errGpu).toBeLessThanOrEqual(2 * errCpu + 1e-7)
+          else expect(errGpu).toBeLessThan(2e-5)
           expectClose(gpu.out, cpu.out, 2 * rtol, 2 * atol, `cuda vs cpu ${M}x${N}x${K} ${dtype}`)
         }
   })

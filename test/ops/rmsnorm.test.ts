@@ -112,8 +112,11 @@ describeGpu('rmsnorm on CUDA', () => {
       expect(await rowsAcrossCounts('cuda', H, [1, 2, 3, 4, 7, 64, 255, 256, 257, 1024], 1024)).toEqual([])
   }, 120_000)
 
+  // A split changes a row's sum of squares in its last bits at most, and with bf16 outputs that
+  // shows only where some x·inv falls next to a rounding midpoint: about one row in a few hundred
+  // whose inverse RMS moved. Many short rows make such rows certain to occur.
   it('variant twin: with rows split for small batches, some rows differ', async () => {
-    const problems = await withVariant(() => rowsAcrossCounts('cuda', 4096, [1, 2, 3, 4, 7, 64], 1024))
+    const problems = await withVariant(() => rowsAcrossCounts('cuda', 128, [1, 2, 3], 65536))
     expect(problems.length).toBeGreaterThan(0)
   }, 120_000)
 
