@@ -299,6 +299,16 @@ int bench(const char* path) {
         all_same = all_same && diffs == 0;
       }
       cudaFree(count);
+      // Exploration for a split-K fixed per (N,K) (not used by production): what S K ranges,
+      // combined in order through a workspace, would gain in decode and cost in prefill.
+      if (M == 1 || M == 4096) {
+        int c = cuda::matmul_dev::production_config(M, N);
+        for (int splits : {2, 4}) {
+          double sus = median_us([&](int i) { cuda::matmul_dev::matmul_with_config(other, as[i % pool], ws[i % pool], nullptr, c, splits); }, 10);
+          std::printf("    split-K %d (%s)  %9.1f us %7.1f TFLOP/s %7.1f GB/s (another summation order: other bits)\n", splits,
+                      cuda::matmul_dev::config_name(c), sus, 2.0 * M * N * K / sus / 1e6, double(w_bytes) / sus / 1e3);
+        }
+      }
     }
     ws.clear();
     as.clear();

@@ -293,7 +293,7 @@ const TileEntry kTileTable[] = {
 };
 constexpr int kTileCount = sizeof(kTileTable) / sizeof(kTileTable[0]);
 // Indices of the configurations production uses.
-constexpr int k16x16 = 2, k16x64 = 1, k32x64 = 9, k64x64 = 11, k128x128 = 15;
+constexpr int k16x32kb2 = 8, k16x64 = 1, k16x64kb2 = 5, k32x64 = 9, k64x64 = 11, k128x128 = 15;
 constexpr int64_t kWideN = 32768;  // an lm_head-sized N: enough blocks over N to prefer wider tiles
 
 // The one place the launch is chosen. Invariant: tiles may follow M, the K chain never does.
@@ -301,7 +301,7 @@ MatmulLaunch matmul_config(int64_t M, int64_t N, int64_t K) {
   MatmulLaunch l;
   bool wide = N >= kWideN;
   if (M <= 16) {
-    l.tiles = wide ? k16x64 : k16x16;  // decode: stream W over many blocks
+    l.tiles = wide ? k16x64kb2 : k16x32kb2;  // decode: stream W over many blocks
   } else if (M <= 32) {
     l.tiles = wide ? k32x64 : k16x64;
   } else if (M <= 64) {
@@ -326,7 +326,8 @@ std::string shapes(int64_t M, int64_t N, int64_t K) {
   return "[M=" + std::to_string(M) + ", N=" + std::to_string(N) + ", K=" + std::to_string(K) + "]";
 }
 
-void run_matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias, bool dev_override, int dev_tiles) {
+void run_matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias, bool dev_override, int dev_tiles,
+                int dev_splits) {
   int64_t M = a.dim(0), K = a.dim(1), N = w.dim(0);
   if (M == 0 || N == 0) return;
   DI_CHECK(K % kChunk == 0, "matmul: the CUDA kernels need K to be a multiple of ", kChunk, " but received K = ", K,
@@ -337,7 +338,10 @@ void run_matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bia
            "matmul: the CUDA kernels need a and w to start on a 16-byte boundary (a view at an odd row offset?)");
   cudaStream_t stream = static_cast<cudaStream_t>(cuda_runtime::stream());
   MatmulLaunch l = matmul_config(M, N, K);
-  if (dev_override) l = {dev_tiles, 1, static_cast<int>(K)};
+  if (dev_override) {
+    int64_t per = ((K + kBlockK - 1) / kBlockK + dev_splits - 1) / dev_splits * kBlockK;
+    l = {dev_tiles, static_cast<int>((K + per - 1) / per), static_cast<int>(per)};
+  }
 
   MatmulArgs args{a.ptr<__nv_bfloat16>(), w.ptr<__nv_bfloat16>(), bias ? bias->ptr<__nv_bfloat16>() : nullptr,
                   out.data(), out.dtype == DType::F32, static_cast<int>(M), static_cast<int>(N),
@@ -365,16 +369,17 @@ void run_matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bia
 }  // namespace
 
 void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
-  run_matmul(out, a, w, bias, false, 0);
+  run_matmul(out, a, w, bias, false, 0, 1);
 }
 
 namespace matmul_dev {
 int config_count() { return kTileCount; }
 const char* config_name(int i) { return kTileTable[i].name; }
 int production_config(int64_t M, int64_t N) { return matmul_config(M, N, 64).tiles; }
-void matmul_with_config(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias, int config) {
+void matmul_with_config(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias, int config, int splits) {
   DI_CHECK(config >= 0 && config < kTileCount, "matmul_with_config: no configuration ", config);
-  run_matmul(out, a, w, bias, true, config);
+  DI_CHECK(splits >= 1, "matmul_with_config: splits must be at least 1");
+  run_matmul(out, a, w, bias, true, config, splits);
 }
 }  // namespace matmul_dev
 
