@@ -1,10 +1,201 @@
-// PLACEHOLDER: the CUDA kernels of this family are not written yet; each entry throws.
-#include "../common/error.h"
+// rmsnorm: y[r,:] = bf16(bf16(x[r,:] * rsqrt(mean(x[r,:]^2) + eps)) * w)     x,y [R,H] bf16, w [H]
+// add_rmsnorm: residual[r,:] = bf16(residual[r,:] + x[r,:]), then y = rmsnorm(residual).
+// R = numel / H, so Qwen3's per-head q/k norms are the same kernel over [T*heads, D].
+// Invariant: one block of kThreads threads per row, whatever R is. Thread t owns the 8-element
+// chunks c = t, t + kThreads, ... (elements 8c..8c+7, fewer in a last partial chunk) and adds
+// their squares into one fp32 sum in increasing element order; the kThreads sums are added by a
+// fixed tree (warp xor-shuffle 16..1, then warp 0 over the warp sums the same way). The load width
+// (16 bytes or scalar) never changes that order. No atomics; row r depends on row r alone.
+// Variant (variant_kernels()): R < kVariantSplits spreads each row over kVariantSplits blocks
+// whose partial sums go through a workspace, as libraries that split rows for small batches do.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../common/config.h"
+#include "../cuda/check.h"
+#include "../cuda/runtime.h"
+#include "block_reduce.cuh"
 #include "cuda_ops.h"
+#include "device_buffer.cuh"
 
 namespace detinfer::cuda {
+namespace {
 
-void rmsnorm(Tensor&, const Tensor&, const Tensor&, float) { fail("CUDA rmsnorm is not implemented yet"); }
-void add_rmsnorm(Tensor&, Tensor&, const Tensor&, const Tensor&, float) { fail("CUDA add_rmsnorm is not implemented yet"); }
+constexpr int kThreads = 256;
+constexpr int kChunk = 8;  // elements per 16-byte load
+constexpr int kVariantSplits = 4;
+
+// Loads chunk c of a row (n = number of valid elements, 8 except for a last partial chunk).
+__device__ __forceinline__ int load_chunk(const __nv_bfloat16* row, int64_t H, int64_t c, bool vec, float (&v)[kChunk]) {
+  int64_t base = c * kChunk;
+  int n = H - base < kChunk ? static_cast<int>(H - base) : kChunk;
+  if (vec) {
+    uint4 raw = *reinterpret_cast<const uint4*>(row + base);
+    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) v[j] = __bfloat162float(h[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) v[j] = j < n ? __bfloat162float(row[base + j]) : 0.f;
+  }
+  return n;
+}
+
+// Sum of squares of chunks [c_begin, c_end) of one row, by the block's fixed order and tree.
+__device__ float row_sum_squares(const __nv_bfloat16* row, int64_t H, int64_t c_begin, int64_t c_end, bool vec) {
+  float sum = 0.f;
+  for (int64_t c = c_begin + threadIdx.x; c < c_end; c += kThreads) {
+    float v[kChunk];
+    int n = load_chunk(row, H, c, vec, v);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j)
+      if (j < n) sum = sum + v[j] * v[j];
+  }
+  return block_sum<kThreads>(sum);
+}
+
+__device__ void normalize_row(__nv_bfloat16* y, const __nv_bfloat16* x, const __nv_bfloat16* w, int64_t H,
+                              float inv, bool vec) {
+  int64_t chunks = (H + kChunk - 1) / kChunk;
+  for (int64_t c = threadIdx.x; c < chunks; c += kThreads) {
+    float v[kChunk], wv[kChunk];
+    int n = load_chunk(x, H, c, vec, v);
+    load_chunk(w, H, c, vec, wv);
+    __nv_bfloat16 out[kChunk];
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j)
+      out[j] = __float2bfloat16_rn(__bfloat162float(__float2bfloat16_rn(v[j] * inv)) * wv[j]);
+    if (vec) {
+      *reinterpret_cast<uint4*>(y + c * kChunk) = *reinterpret_cast<const uint4*>(out);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j)
+        if (j < n) y[c * kChunk + j] = out[j];
+    }
+  }
+}
+
+__device__ __forceinline__ float inverse_rms(float sum, int64_t H, float eps) {
+  float mean = sum / static_cast<float>(H);
+  return 1.0f / sqrtf(mean + eps);
+}
+
+// residual[r,:] += x[r,:] (rounded to bf16), each thread over the chunks it later reads back.
+__device__ void add_residual_row(__nv_bfloat16* res, const __nv_bfloat16* x, int64_t H, bool vec) {
+  int64_t chunks = (H + kChunk - 1) / kChunk;
+  for (int64_t c = threadIdx.x; c < chunks; c += kThreads) {
+    float a[kChunk], b[kChunk];
+    int n = load_chunk(res, H, c, vec, a);
+    load_chunk(x, H, c, vec, b);
+    __nv_bfloat16 out[kChunk];
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) out[j] = __float2bfloat16_rn(a[j] + b[j]);
+    if (vec) {
+      *reinterpret_cast<uint4*>(res + c * kChunk) = *reinterpret_cast<const uint4*>(out);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j)
+        if (j < n) res[c * kChunk + j] = out[j];
+    }
+  }
+}
+
+// One block per row. With `x_add`, the row is residual (`x`, updated in place) + x_add first.
+__global__ void __launch_bounds__(kThreads) rmsnorm_kernel(__nv_bfloat16* y, __nv_bfloat16* x,
+                                                           const __nv_bfloat16* x_add, const __nv_bfloat16* w,
+                                                           int64_t H, float eps, bool vec) {
+  int64_t r = blockIdx.x;
+  __nv_bfloat16* xr = x + r * H;
+  // Each thread reads back only the chunks it wrote itself, so no barrier is needed here.
+  if (x_add) add_residual_row(xr, x_add + r * H, H, vec);
+  float sum = row_sum_squares(xr, H, 0, (H + kChunk - 1) / kChunk, vec);
+  normalize_row(y + r * H, xr, w, H, inverse_rms(sum, H, eps), vec);
+}
+
+// Variant only: block (r, s) writes the sum of squares of part s of row r.
+__global__ void __launch_bounds__(kThreads) rmsnorm_partial_kernel(float* partial, const __nv_bfloat16* x,
+                                                                   int64_t H, int64_t chunks_per_split, bool vec) {
+  int64_t r = blockIdx.x, s = blockIdx.y;
+  int64_t chunks = (H + kChunk - 1) / kChunk;
+  int64_t begin = s * chunks_per_split, end = min(chunks, begin + chunks_per_split);
+  float sum = row_sum_squares(x + r * H, H, begin, end, vec);
+  if (threadIdx.x == 0) partial[r * gridDim.y + s] = sum;
+}
+
+__global__ void __launch_bounds__(kThreads) rmsnorm_apply_kernel(__nv_bfloat16* y, const __nv_bfloat16* x,
+                                                                 const float* partial, int splits,
+                                                                 const __nv_bfloat16* w, int64_t H, float eps,
+                                                                 bool vec) {
+  int64_t r = blockIdx.x;
+  float sum = 0.f;
+  for (int s = 0; s < splits; ++s) sum = sum + partial[r * splits + s];
+  normalize_row(y + r * H, x + r * H, w, H, inverse_rms(sum, H, eps), vec);
+}
+
+__global__ void add_kernel_bf16(__nv_bfloat16* res, const __nv_bfloat16* x, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    res[i] = __float2bfloat16_rn(__bfloat162float(res[i]) + __bfloat162float(x[i]));
+}
+
+struct NormLaunch {
+  int splits;  // blocks per row: 1 on the invariant path
+};
+
+// The one place the launch is chosen: kThreads per row always; a split only in the variant.
+NormLaunch norm_config(int64_t rows, int64_t H) {
+  if (variant_kernels() && rows < kVariantSplits && H >= kVariantSplits * kChunk) return {kVariantSplits};
+  return {1};
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+std::string shapes(int64_t rows, int64_t H) {
+  return "[rows=" + std::to_string(rows) + ", H=" + std::to_string(H) + "]";
+}
+
+void run_norm(const char* op, Tensor& out, __nv_bfloat16* x, const __nv_bfloat16* x_add, const Tensor& w,
+              int64_t rows, float eps) {
+  int64_t H = w.dim(0);
+  if (rows == 0 || H == 0) return;
+  DI_CHECK(rows <= 0x7fffffff, op, ": too many rows (", rows, ")");
+  cudaStream_t stream = static_cast<cudaStream_t>(cuda_runtime::stream());
+  bool vec = H % kChunk == 0 && aligned16(out.data()) && aligned16(x) && aligned16(w.data()) &&
+             (x_add == nullptr || aligned16(x_add));
+  NormLaunch l = norm_config(rows, H);
+  const __nv_bfloat16* wp = w.ptr<__nv_bfloat16>();
+  __nv_bfloat16* yp = out.ptr<__nv_bfloat16>();
+  if (l.splits == 1) {
+    rmsnorm_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(yp, x, x_add, wp, H, eps, vec);
+    CUDA_CHECK_LAUNCH(op, shapes(rows, H));
+    return;
+  }
+  if (x_add) {
+    int64_t n = rows * H;
+    add_kernel_bf16<<<static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096)), 256, 0, stream>>>(x, x_add, n);
+    CUDA_CHECK_LAUNCH(op, shapes(rows, H));
+  }
+  DeviceBuffer partial(static_cast<size_t>(rows) * l.splits * sizeof(float));
+  int64_t chunks = (H + kChunk - 1) / kChunk, per = (chunks + l.splits - 1) / l.splits;
+  dim3 grid(static_cast<unsigned>(rows), l.splits);
+  rmsnorm_partial_kernel<<<grid, kThreads, 0, stream>>>(static_cast<float*>(partial.data()), x, H, per, vec);
+  CUDA_CHECK_LAUNCH(op, shapes(rows, H));
+  rmsnorm_apply_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+      yp, x, static_cast<const float*>(partial.data()), l.splits, wp, H, eps, vec);
+  CUDA_CHECK_LAUNCH(op, shapes(rows, H));
+}
+
+}  // namespace
+
+void rmsnorm(Tensor& out, const Tensor& x, const Tensor& w, float eps) {
+  run_norm("rmsnorm", out, x.ptr<__nv_bfloat16>(), nullptr, w, x.numel() / w.dim(0), eps);
+}
+
+void add_rmsnorm(Tensor& out, Tensor& residual, const Tensor& x, const Tensor& w, float eps) {
+  run_norm("add_rmsnorm", out, residual.ptr<__nv_bfloat16>(), x.ptr<__nv_bfloat16>(), w, x.numel() / w.dim(0), eps);
+}
 
 }  // namespace detinfer::cuda

@@ -1,0 +1,210 @@
+// matmul: out[M,N] = a[M,K]·w[N,K]^T (+bias). Reference tests (float64, and GPU against the CPU
+// backend) and bitwise batch invariance: a row's output does not depend on M or on the other rows.
+import { describe, expect, it } from 'vitest'
+import { native, type DType, type DeviceName, type NativeTensor } from '../../lib/native.js'
+import { readBytes, readF32, tensorFrom, toBf16 } from '../../lib/tensor.js'
+import { describeGpu } from '../helpers/gpu.js'
+import { relativeError } from '../helpers/compare.js'
+import { randomArray } from '../helpers/random.js'
+import { bf16Tensor, expectClose, expectSameBits, randomBf16, refMatmul, rowBytes, withVariant } from './reference.js'
+
+const n = native()
+
+interface Product {
+  out: Float32Array
+  ref: Float64Array
+}
+
+async function product(device: DeviceName, M: number, N: number, K: number, dtype: DType, withBias: boolean, seed: number): Promise<Product> {
+  const a = randomBf16(M * K, seed)
+  const w = randomBf16(N * K, seed + 1)
+  const bias = withBias ? randomBf16(N, seed + 2) : undefined
+  const out = n.empty(device, dtype, [M, N])
+  n.matmul(out, bf16Tensor(device, [M, K], a), bf16Tensor(device, [N, K], w), bias ? bf16Tensor(device, [N], bias) : null)
+  return { out: await readF32(out), ref: refMatmul(a, w, M, N, K, bias) }
+}
+
+// bf16 outputs round once (relative 2^-9); fp32 outputs carry only the accumulation's error.
+function tolerance(dtype: DType, K: number): { rtol: number; atol: number } {
+  return dtype === 'bf16' ? { rtol: 2 ** -8, atol: 1e-3 * Math.sqrt(K) } : { rtol: 1e-5, atol: 1e-5 * Math.sqrt(K) }
+}
+
+const referenceShapes: [number, number, number][] = [
+  [1, 64, 64],
+  [3, 40, 72],
+  [17, 33, 264],
+  [64, 130, 512],
+  [129, 136, 1000],
+  [300, 257, 520],
+]
+
+/** The rows of `a` computed inside batches of every M in `Ms` (CPU, small shapes). */
+async function rowsAcrossM(device: DeviceName, N: number, K: number, Ms: number[], dtype: DType): Promise<string[]> {
+  const maxM = Math.max(...Ms)
+  const a = bf16Tensor(device, [maxM, K], randomBf16(maxM * K, 70 + N))
+  const w = bf16Tensor(device, [N, K], randomBf16(N * K, 71 + K))
+  const full = n.empty(device, dtype, [maxM, N])
+  n.matmul(full, a, w, null)
+  const problems: string[] = []
+  for (const M of Ms)
+    for (const start of [0, maxM - M]) {
+      const out = n.empty(device, dtype, [M, N])
+      n.matmul(out, n.narrow(a, start, M), w, null)
+      const got = await readBytes(out)
+      const want = await rowBytes(full, start, M)
+      const at = got.findIndex((b, i) => b !== want[i])
+      if (at >= 0) problems.push(`M=${M} start=${start}: first differing byte ${at}`)
+    }
+  return problems
+}
+
+describe('matmul on the CPU backend', () => {
+  it('matches a float64 reference (bf16 and f32 out, with and without bias)', async () => {
+    for (const [M, N, K] of referenceShapes.slice(0, 4))
+      for (const dtype of ['bf16', 'f32'] as const)
+        for (const bias of [false, true]) {
+          const { out, ref } = await product('cpu', M, N, K, dtype, bias, M + N + K)
+          const { rtol, atol } = tolerance(dtype, K)
+          expectClose(out, ref, rtol, atol, `cpu ${M}x${N}x${K} ${dtype}`)
+          expect(relativeError(out, ref)).toBeLessThan(dtype === 'bf16' ? 5e-3 : 1e-6)
+        }
+  })
+
+  it('rows are bit-identical for M in [1, 2, 3, 7, 8, 16, 31, 64]', async () => {
+    expect(await rowsAcrossM('cpu', 64, 256, [1, 2, 3, 7, 8, 16, 31, 64], 'f32')).toEqual([])
+  })
+
+  it('variant twin: with a split-K chosen from M, some rows differ', async () => {
+    const problems = await withVariant(() => rowsAcrossM('cpu', 64, 256, [1, 2, 3, 7, 8, 16, 31, 64], 'f32'))
+    expect(problems.length).toBeGreaterThan(0)
+  })
+})
+
+describeGpu('matmul on CUDA', () => {
+  it('matches a float64 reference and the CPU backend, tails in M, N and K', async () => {
+    for (const [M, N, K] of referenceShapes)
+      for (const dtype of ['bf16', 'f32'] as const)
+        for (const bias of [false, true]) {
+          const seed = 3 * M + N + K + (bias ? 1 : 0)
+          const gpu = await product('cuda', M, N, K, dtype, bias, seed)
+          const cpu = await product('cpu', M, N, K, dtype, bias, seed)
+          const { rtol, atol } = tolerance(dtype, K)
+          expectClose(gpu.out, gpu.ref, rtol, atol, `cuda ${M}x${N}x${K} ${dtype}`)
+          const errGpu = relativeError(gpu.out, gpu.ref)
+          const errCpu = relativeError(cpu.out, cpu.ref)
+          // bf16 out: at most twice the CPU backend's error. fp32 out carries only the
+          // accumulation error, larger on tensor cores than in the CPU's fp32 lanes.
+          if (dtype === 'bf16') expect(errGpu).toBeLessThanOrEqual(2 * errCpu + 1e-7)
+          else expect(errGpu).toBeLessThan(2e-5)
+          expectClose(gpu.out, cpu.out, 2 * rtol, 2 * atol, `cuda vs cpu ${M}x${N}x${K} ${dtype}`)
+        }
+  })
+
+  it('rejects K that is not a multiple of 8', () => {
+    const out = n.empty('cuda', 'bf16', [2, 4])
+    expect(() => n.matmul(out, n.empty('cuda', 'bf16', [2, 12]), n.empty('cuda', 'bf16', [4, 12]), null)).toThrow(
+      'matmul: the CUDA kernels need K to be a multiple of 8 but received K = 12',
+    )
+  })
+})
+
+// ---------------------------------------------------------------------------------------------
+// Batch invariance on realistic shapes. Three probe rows are computed alone (M = 1), then placed
+// at rows 0, M/2 and M-1 of batches of every M whose other rows are random; their outputs must
+// be the same bits. The random rows and the weights come from one device-side pool of random
+// bf16 values (uploaded once) so that large shapes stay fast.
+const invarianceMs = [1, 2, 3, 7, 8, 16, 31, 64, 128, 257, 1024, 4096]
+const poolRows = 4104
+const poolCols = 12288
+
+let pool: NativeTensor | undefined
+function randomPool(): NativeTensor {
+  pool ??= tensorFrom('cuda', 'bf16', [poolRows * poolCols], toBf16(randomArray(poolRows * poolCols, 2024)))
+  return pool
+}
+
+/** A [rows, K] tensor of random bf16 rows taken from the pool (tiled if the pool is smaller). */
+function poolMatrix(rows: number, K: number, offsetRows: number): NativeTensor {
+  const src = n.view(randomPool(), [(poolRows * poolCols) / K, K])
+  const t = n.empty('cuda', 'bf16', [rows, K])
+  for (let r = 0; r < rows; ) {
+    const from = (offsetRows + r) % src.shape[0]!
+    const count = Math.min(rows - r, src.shape[0]! - from)
+    n.copy(n.narrow(t, r, count), n.narrow(src, from, count))
+    r += count
+  }
+  return t
+}
+
+/** Descriptions of every probe row whose bits changed with M (empty: invariant). */
+async function probesAcrossM(N: number, K: number, dtype: DType, Ms: number[]): Promise<string[]> {
+  const w = poolMatrix(N, K, 17)
+  const probes = bf16Tensor('cuda', [3, K], randomBf16(3 * K, N + K))
+  const alone: Buffer[] = []
+  for (let p = 0; p < 3; p++) {
+    const out = n.empty('cuda', dtype, [1, N])
+    n.matmul(out, n.narrow(probes, p, 1), w, null)
+    alone.push(await readBytes(out))
+    out.dispose()
+  }
+  const problems: string[] = []
+  for (const M of Ms) {
+    const a = poolMatrix(M, K, M % 5)
+    const positions = [0, Math.floor(M / 2), M - 1].slice(0, Math.min(M, 3))
+    positions.forEach((row, p) => n.copy(n.narrow(a, row, 1), n.narrow(probes, p, 1)))
+    const out = n.empty('cuda', dtype, [M, N])
+    n.matmul(out, a, w, null)
+    for (let p = 0; p < positions.length; p++) {
+      const got = await rowBytes(out, positions[p]!, 1)
+      const at = got.findIndex((b, i) => b !== alone[p]![i])
+      if (at >= 0) problems.push(`N=${N} K=${K} M=${M} probe ${p} at row ${positions[p]}: first differing byte ${at}`)
+    }
+    a.dispose()
+    out.dispose()
+  }
+  w.dispose()
+  return problems
+}
+
+describeGpu('matmul batch invariance on CUDA', () => {
+  const shapes: [number, number, DType][] = [
+    [4096, 4096, 'bf16'],
+    [12288, 4096, 'bf16'],
+    [4096, 12288, 'f32'],
+    [151936, 1024, 'f32'],
+  ]
+  for (const [N, K, dtype] of shapes)
+    it(`rows are bit-identical for M in [${invarianceMs.join(', ')}], N=${N} K=${K} (${dtype} out)`, async () => {
+      expect(await probesAcrossM(N, K, dtype, invarianceMs)).toEqual([])
+    }, 120_000)
+
+  // fp32 outputs: the split's different rounding shows in every row, not only where bf16 flips.
+  for (const [N, K, dtype] of [[4096, 4096, 'f32'], shapes[3]!] as const)
+    it(`variant twin: with a split-K chosen from M, some probe rows differ (N=${N} K=${K})`, async () => {
+      const problems = await withVariant(() => probesAcrossM(N, K, dtype, [1, 2, 3, 7, 8, 16, 31, 64, 128]))
+      expect(problems.length).toBeGreaterThan(0)
+    }, 120_000)
+
+  it('a product written into a view of a larger tensor equals the same product alone', async () => {
+    const K = 1024
+    const N = 512
+    const w = poolMatrix(N, K, 3)
+    const a = poolMatrix(8, K, 40)
+    const big = n.empty('cuda', 'bf16', [20, N])
+    const alone = n.empty('cuda', 'bf16', [8, N])
+    n.matmul(n.narrow(big, 5, 8), a, w, null)
+    n.matmul(alone, a, w, null)
+    expectSameBits(await rowBytes(big, 5, 8), await readBytes(alone), 'rows 5..12 of a larger output')
+    const bias = tensorFrom('cuda', 'bf16', [N], randomBf16(N, 5))
+    n.matmul(alone, a, w, bias)
+    const cpuOut = n.empty('cpu', 'f32', [8, N])
+    const cpuA = n.empty('cpu', 'bf16', [8, K])
+    const cpuW = n.empty('cpu', 'bf16', [N, K])
+    const cpuBias = n.empty('cpu', 'bf16', [N])
+    n.upload(cpuA, await readBytes(a))
+    n.upload(cpuW, await readBytes(w))
+    n.upload(cpuBias, await readBytes(bias))
+    n.matmul(cpuOut, cpuA, cpuW, cpuBias)
+    expectClose(await readF32(alone), await readF32(cpuOut), 2 ** -7, 0.05, 'cuda with bias vs cpu')
+  })
+})
