@@ -256,4 +256,19 @@ describe.skipIf(!existsSync(casesFile))('tokenizer against the Python tokenizers
       expect(tokenizer.decode(c.ids, { skipSpecialTokens: true }), `decode without specials of ${label}`).toBe(c.decoded_skip_special)
     }
   })
+
+  it('streams every case, one id at a time, to the same text without broken characters', async () => {
+    const doc = JSON.parse(readFileSync(casesFile, 'utf8')) as { tokenizer: string; cases: TokenizerCase[] }
+    const tokenizer = await Tokenizer.load(dirname(resolve(repoRoot, doc.tokenizer)))
+    let held = 0
+    for (const c of doc.cases) {
+      const stream = tokenizer.streamDecoder({ skipSpecialTokens: false })
+      const pieces = c.ids.map((id) => stream.push(id))
+      held += pieces.filter((p) => p === '').length
+      const text = pieces.join('') + stream.flush()
+      expect(text, JSON.stringify(c.text)).toBe(c.decoded)
+      if (!c.decoded.includes('\uFFFD')) expect(pieces.some((p) => p.includes('\uFFFD')), JSON.stringify(c.text)).toBe(false)
+    }
+    expect(held).toBeGreaterThan(0) // multi-byte characters split across tokens were held back
+  })
 })
