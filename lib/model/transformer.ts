@@ -94,11 +94,43 @@ function checkInteger(value: unknown, min: number, field: string): number {
   return value
 }
 
+/** What a loaded Transformer holds besides its sizes. */
+interface TransformerState {
+  weights: ModelWeights
+  cache: KvCache
+  act: Activations
+  cosSin: NativeTensor // f32 [maxPositions, D]
+}
+
+/** The step buffers for `T` tokens and `L` logit rows. */
+function allocateActivations(alloc: (dtype: 'bf16' | 'f32', shape: number[]) => NativeTensor, c: ModelConfig, T: number, L: number): Activations {
+  const H = c.hiddenSize
+  const I = c.intermediateSize
+  const qWidth = c.numHeads * c.headDim
+  const kvWidth = c.numKvHeads * c.headDim
+  return {
+    residual: alloc('bf16', [T, H]),
+    normed: alloc('bf16', [T, H]),
+    proj: alloc('bf16', [T, H]),
+    q: alloc('bf16', [T, qWidth]),
+    k: alloc('bf16', [T, kvWidth]),
+    v: alloc('bf16', [T, kvWidth]),
+    qNormed: c.qkNorm ? alloc('bf16', [T, qWidth]) : null,
+    kNormed: c.qkNorm ? alloc('bf16', [T, kvWidth]) : null,
+    attn: alloc('bf16', [T, qWidth]),
+    gate: alloc('bf16', [T, I]),
+    up: alloc('bf16', [T, I]),
+    act: alloc('bf16', [T, I]),
+    gathered: alloc('bf16', [L, H]),
+    logits: alloc('f32', [L, c.vocabSize]),
+  }
+}
+
 export class Transformer {
-  readonly kvBlockSize: number
-  readonly maxLogitRows: number
-  /** Longest sequence: max_position_embeddings, or less when the KV cache holds fewer positions. */
-  readonly maxPositions: number
+  private readonly weights: ModelWeights
+  private readonly cache: KvCache
+  private readonly act: Activations
+  private readonly cosSin: NativeTensor
   private disposed = false
 
   private constructor(
@@ -106,17 +138,16 @@ export class Transformer {
     readonly device: DeviceName,
     readonly maxBatchTokens: number,
     readonly kvBlocks: number,
-    kvBlockSize: number,
-    maxLogitRows: number,
-    private readonly weights: ModelWeights,
-    private readonly cache: KvCache,
-    private readonly act: Activations,
-    private readonly cosSin: NativeTensor,
-    maxPositions: number,
+    readonly kvBlockSize: number,
+    readonly maxLogitRows: number,
+    /** Longest sequence: max_position_embeddings, or less when the KV cache holds fewer positions. */
+    readonly maxPositions: number,
+    state: TransformerState,
   ) {
-    this.kvBlockSize = kvBlockSize
-    this.maxLogitRows = maxLogitRows
-    this.maxPositions = maxPositions
+    this.weights = state.weights
+    this.cache = state.cache
+    this.act = state.act
+    this.cosSin = state.cosSin
   }
 
   static async load(dir: string, opts: TransformerOptions): Promise<Transformer> {
@@ -133,7 +164,7 @@ export class Transformer {
     const weights = await loadWeights(dir, config, device, opts.onProgress)
     const n = native()
     const owned: NativeTensor[] = []
-    const alloc = (dtype: 'bf16' | 'f32' | 'i32', shape: number[]) => {
+    const alloc = (dtype: 'bf16' | 'f32', shape: number[]) => {
       const t = n.empty(device, dtype, shape)
       owned.push(t)
       return t
@@ -148,28 +179,13 @@ export class Transformer {
         cache.k.push(alloc('bf16', cacheShape))
         cache.v.push(alloc('bf16', cacheShape))
       }
-      const T = maxBatchTokens
-      const H = config.hiddenSize
-      const I = config.intermediateSize
-      const qWidth = config.numHeads * config.headDim
-      const kvWidth = config.numKvHeads * config.headDim
-      const act: Activations = {
-        residual: alloc('bf16', [T, H]),
-        normed: alloc('bf16', [T, H]),
-        proj: alloc('bf16', [T, H]),
-        q: alloc('bf16', [T, qWidth]),
-        k: alloc('bf16', [T, kvWidth]),
-        v: alloc('bf16', [T, kvWidth]),
-        qNormed: config.qkNorm ? alloc('bf16', [T, qWidth]) : null,
-        kNormed: config.qkNorm ? alloc('bf16', [T, kvWidth]) : null,
-        attn: alloc('bf16', [T, qWidth]),
-        gate: alloc('bf16', [T, I]),
-        up: alloc('bf16', [T, I]),
-        act: alloc('bf16', [T, I]),
-        gathered: alloc('bf16', [maxLogitRows, H]),
-        logits: alloc('f32', [maxLogitRows, config.vocabSize]),
-      }
-      return new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, weights, cache, act, cosSin, maxPositions)
+      const act = allocateActivations(alloc, config, maxBatchTokens, maxLogitRows)
+      return new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxPositions, {
+        weights,
+        cache,
+        act,
+        cosSin,
+      })
     } catch (err) {
       for (const t of owned) t.dispose()
       disposeWeights(weights)
