@@ -45,10 +45,6 @@ export interface TransformerOptions {
 
 /** Step buffers, allocated once for maxBatchTokens rows; each forward uses views of their first rows. */
 interface Activations {
-  ids: NativeTensor // i32 [T]
-  positions: NativeTensor // i32 [T]
-  slots: NativeTensor // i32 [T]
-  logitRows: NativeTensor // i32 [L]
   residual: NativeTensor // bf16 [T, H]
   normed: NativeTensor // bf16 [T, H]
   proj: NativeTensor // bf16 [T, H], o_proj and down_proj outputs
@@ -70,20 +66,26 @@ interface KvCache {
   v: NativeTensor[]
 }
 
-/** One step's batch as host arrays, built from validated chunks. */
-interface StepPlan {
+/**
+ * One step's integer inputs, packed into one i32 array so they reach the device in one upload:
+ * ids [T] | positions [T] | slots [T] | logitRows [R] | queryStart [B+1] | seqLens [B] | blockTables [B, maxBlocks]
+ */
+interface StepLayout {
+  packed: Int32Array
   tokens: number
-  ids: Int32Array
-  positions: Int32Array
-  slots: Int32Array
-  logitRows: Int32Array
-  rowsPerChunk: number[]
-  blockTables: Int32Array // [B, maxBlocks]
+  logitRows: number
+  sequences: number
   maxBlocks: number
-  queryStart: Int32Array // [B+1]
-  seqLens: Int32Array // [B]
+  rowsPerChunk: number[]
   maxQueryLen: number
   maxSeqLen: number
+}
+
+/** Sizes of a validated step. */
+interface StepSizes {
+  tokens: number
+  logitRows: number
+  maxBlocks: number
 }
 
 function checkInteger(value: unknown, min: number, field: string): number {
@@ -92,11 +94,43 @@ function checkInteger(value: unknown, min: number, field: string): number {
   return value
 }
 
+/** What a loaded Transformer holds besides its sizes. */
+interface TransformerState {
+  weights: ModelWeights
+  cache: KvCache
+  act: Activations
+  cosSin: NativeTensor // f32 [maxPositions, D]
+}
+
+/** The step buffers for `T` tokens and `L` logit rows. */
+function allocateActivations(alloc: (dtype: 'bf16' | 'f32', shape: number[]) => NativeTensor, c: ModelConfig, T: number, L: number): Activations {
+  const H = c.hiddenSize
+  const I = c.intermediateSize
+  const qWidth = c.numHeads * c.headDim
+  const kvWidth = c.numKvHeads * c.headDim
+  return {
+    residual: alloc('bf16', [T, H]),
+    normed: alloc('bf16', [T, H]),
+    proj: alloc('bf16', [T, H]),
+    q: alloc('bf16', [T, qWidth]),
+    k: alloc('bf16', [T, kvWidth]),
+    v: alloc('bf16', [T, kvWidth]),
+    qNormed: c.qkNorm ? alloc('bf16', [T, qWidth]) : null,
+    kNormed: c.qkNorm ? alloc('bf16', [T, kvWidth]) : null,
+    attn: alloc('bf16', [T, qWidth]),
+    gate: alloc('bf16', [T, I]),
+    up: alloc('bf16', [T, I]),
+    act: alloc('bf16', [T, I]),
+    gathered: alloc('bf16', [L, H]),
+    logits: alloc('f32', [L, c.vocabSize]),
+  }
+}
+
 export class Transformer {
-  readonly kvBlockSize: number
-  readonly maxLogitRows: number
-  /** Longest sequence: max_position_embeddings, or less when the KV cache holds fewer positions. */
-  readonly maxPositions: number
+  private readonly weights: ModelWeights
+  private readonly cache: KvCache
+  private readonly act: Activations
+  private readonly cosSin: NativeTensor
   private disposed = false
 
   private constructor(
@@ -104,17 +138,16 @@ export class Transformer {
     readonly device: DeviceName,
     readonly maxBatchTokens: number,
     readonly kvBlocks: number,
-    kvBlockSize: number,
-    maxLogitRows: number,
-    private readonly weights: ModelWeights,
-    private readonly cache: KvCache,
-    private readonly act: Activations,
-    private readonly cosSin: NativeTensor,
-    maxPositions: number,
+    readonly kvBlockSize: number,
+    readonly maxLogitRows: number,
+    /** Longest sequence: max_position_embeddings, or less when the KV cache holds fewer positions. */
+    readonly maxPositions: number,
+    state: TransformerState,
   ) {
-    this.kvBlockSize = kvBlockSize
-    this.maxLogitRows = maxLogitRows
-    this.maxPositions = maxPositions
+    this.weights = state.weights
+    this.cache = state.cache
+    this.act = state.act
+    this.cosSin = state.cosSin
   }
 
   static async load(dir: string, opts: TransformerOptions): Promise<Transformer> {
@@ -131,7 +164,7 @@ export class Transformer {
     const weights = await loadWeights(dir, config, device, opts.onProgress)
     const n = native()
     const owned: NativeTensor[] = []
-    const alloc = (dtype: 'bf16' | 'f32' | 'i32', shape: number[]) => {
+    const alloc = (dtype: 'bf16' | 'f32', shape: number[]) => {
       const t = n.empty(device, dtype, shape)
       owned.push(t)
       return t
@@ -146,32 +179,13 @@ export class Transformer {
         cache.k.push(alloc('bf16', cacheShape))
         cache.v.push(alloc('bf16', cacheShape))
       }
-      const T = maxBatchTokens
-      const H = config.hiddenSize
-      const I = config.intermediateSize
-      const qWidth = config.numHeads * config.headDim
-      const kvWidth = config.numKvHeads * config.headDim
-      const act: Activations = {
-        ids: alloc('i32', [T]),
-        positions: alloc('i32', [T]),
-        slots: alloc('i32', [T]),
-        logitRows: alloc('i32', [maxLogitRows]),
-        residual: alloc('bf16', [T, H]),
-        normed: alloc('bf16', [T, H]),
-        proj: alloc('bf16', [T, H]),
-        q: alloc('bf16', [T, qWidth]),
-        k: alloc('bf16', [T, kvWidth]),
-        v: alloc('bf16', [T, kvWidth]),
-        qNormed: config.qkNorm ? alloc('bf16', [T, qWidth]) : null,
-        kNormed: config.qkNorm ? alloc('bf16', [T, kvWidth]) : null,
-        attn: alloc('bf16', [T, qWidth]),
-        gate: alloc('bf16', [T, I]),
-        up: alloc('bf16', [T, I]),
-        act: alloc('bf16', [T, I]),
-        gathered: alloc('bf16', [maxLogitRows, H]),
-        logits: alloc('f32', [maxLogitRows, config.vocabSize]),
-      }
-      return new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, weights, cache, act, cosSin, maxPositions)
+      const act = allocateActivations(alloc, config, maxBatchTokens, maxLogitRows)
+      return new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxPositions, {
+        weights,
+        cache,
+        act,
+        cosSin,
+      })
     } catch (err) {
       for (const t of owned) t.dispose()
       disposeWeights(weights)
@@ -182,25 +196,28 @@ export class Transformer {
   /** Runs one step over `chunks`; the returned logits tensor is overwritten by the next forward. */
   forward(chunks: SequenceChunk[]): ForwardOutput {
     if (this.disposed) throw new DisposedError('transformer')
-    const plan = this.plan(chunks)
+    const step = this.layout(chunks, this.checkChunks(chunks))
     const n = native()
-    const T = plan.tokens
-    const rows = (t: NativeTensor, count = T) => n.narrow(t, 0, count)
-    const ids = rows(this.act.ids)
-    const positions = rows(this.act.positions)
-    const slots = rows(this.act.slots)
-    n.upload(ids, plan.ids)
-    n.upload(positions, plan.positions)
-    n.upload(slots, plan.slots)
+    const T = step.tokens
+    const R = step.logitRows
+    const B = step.sequences
+    const inputs = n.fromBuffer(this.device, 'i32', [step.packed.length], step.packed)
+    let at = 0
+    const next = (count: number) => n.narrow(inputs, (at += count) - count, count)
+    const ids = next(T)
+    const positions = next(T)
+    const slots = next(T)
+    const logitRows = next(R)
     const batch: AttentionBatch = {
-      blockTables: n.fromBuffer(this.device, 'i32', [chunks.length, plan.maxBlocks], plan.blockTables),
-      queryStart: n.fromBuffer(this.device, 'i32', [chunks.length + 1], plan.queryStart),
-      seqLens: n.fromBuffer(this.device, 'i32', [chunks.length], plan.seqLens),
-      maxQueryLen: plan.maxQueryLen,
-      maxSeqLen: plan.maxSeqLen,
+      queryStart: next(B + 1),
+      seqLens: next(B),
+      blockTables: n.view(next(B * step.maxBlocks), [B, step.maxBlocks]),
+      maxQueryLen: step.maxQueryLen,
+      maxSeqLen: step.maxSeqLen,
     }
     try {
       const c = this.config
+      const rows = (t: NativeTensor, count = T) => n.narrow(t, 0, count)
       const residual = rows(this.act.residual)
       const normed = rows(this.act.normed)
       n.embedding(residual, this.weights.embedTokens, ids)
@@ -215,20 +232,16 @@ export class Transformer {
         // residual += down_proj; normed = next layer's input norm (or the final norm)
         n.addRmsnorm(normed, residual, rows(this.act.proj), nextNorm, c.rmsNormEps)
       }
-      const R = plan.logitRows.length
       const logits = rows(this.act.logits, R)
       if (R > 0) {
-        const logitRows = rows(this.act.logitRows, R)
-        n.upload(logitRows, plan.logitRows)
         const gathered = rows(this.act.gathered, R)
         n.embedding(gathered, normed, logitRows) // row gather: gathered[r] = normed[logitRows[r]]
         n.matmul(logits, gathered, this.weights.lmHead, null) // [R,H] · [V,H]^T -> f32 [R,V]
       }
-      return { logits, rowsPerChunk: plan.rowsPerChunk }
+      return { logits, rowsPerChunk: step.rowsPerChunk }
     } finally {
-      batch.blockTables.dispose()
-      batch.queryStart.dispose()
-      batch.seqLens.dispose()
+      // Frees in stream order on CUDA: the ops enqueued above still read it.
+      inputs.dispose()
     }
   }
 
@@ -283,15 +296,12 @@ export class Transformer {
     n.matmul(n.narrow(this.act.proj, 0, T), act, w.downProj, w.downBias) // [T,I] · [H,I]^T -> [T,H]
   }
 
-  /** Validates the chunks and lays out the step's host arrays. */
-  private plan(chunks: SequenceChunk[]): StepPlan {
+  /** Validates the chunks at the boundary, with messages that name the chunk and field. */
+  private checkChunks(chunks: SequenceChunk[]): StepSizes {
     if (!Array.isArray(chunks) || chunks.length === 0)
       throw new TypeError(`Expected a non-empty array of sequence chunks for chunks but received ${describeValue(chunks)}`)
     const vocab = this.config.vocabSize
-    const bs = this.kvBlockSize
-    let tokens = 0
-    let logitRowCount = 0
-    let maxBlocks = 1
+    const sizes: StepSizes = { tokens: 0, logitRows: 0, maxBlocks: 1 }
     for (let i = 0; i < chunks.length; i++) {
       const ch = chunks[i]!
       const at = `chunks[${i}]`
@@ -305,14 +315,16 @@ export class Transformer {
       }
       checkInteger(ch.startPosition, 0, `${at}.startPosition`)
       const end = ch.startPosition + ch.tokens.length
-      if (end > this.maxPositions)
+      if (end > this.maxPositions) {
+        const limit = this.maxPositions === this.config.maxPositionEmbeddings ? 'max_position_embeddings' : 'KV cache capacity'
         throw new RangeError(
-          `Expected positions below ${this.maxPositions} (${this.maxPositions === this.config.maxPositionEmbeddings ? 'max_position_embeddings' : 'KV cache capacity'}) for ${at} but received positions ${ch.startPosition}..${end - 1}`,
+          `Expected positions below ${this.maxPositions} (${limit}) for ${at} but received positions ${ch.startPosition}..${end - 1}`,
         )
-      const need = Math.ceil(end / bs)
+      }
+      const need = Math.ceil(end / this.kvBlockSize)
       if (!Array.isArray(ch.blockTable) || ch.blockTable.length < need)
         throw new RangeError(
-          `Expected at least ${need} block ids for ${at}.blockTable (positions 0..${end - 1}, ${bs} per block) but received ${describeValue(ch.blockTable)}`,
+          `Expected at least ${need} block ids for ${at}.blockTable (positions 0..${end - 1}, ${this.kvBlockSize} per block) but received ${describeValue(ch.blockTable)}`,
         )
       for (let j = 0; j < need; j++) {
         const b = ch.blockTable[j]
@@ -321,56 +333,56 @@ export class Transformer {
       }
       if (ch.logits !== 'none' && ch.logits !== 'last' && ch.logits !== 'all')
         throw new TypeError(`Expected 'none', 'last' or 'all' for ${at}.logits but received ${describeValue(ch.logits)}`)
-      tokens += ch.tokens.length
-      logitRowCount += ch.logits === 'all' ? ch.tokens.length : ch.logits === 'last' ? 1 : 0
-      maxBlocks = Math.max(maxBlocks, need)
+      sizes.tokens += ch.tokens.length
+      sizes.logitRows += ch.logits === 'all' ? ch.tokens.length : ch.logits === 'last' ? 1 : 0
+      sizes.maxBlocks = Math.max(sizes.maxBlocks, need)
     }
-    if (tokens > this.maxBatchTokens)
-      throw new RangeError(`Expected at most ${this.maxBatchTokens} tokens (maxBatchTokens) for chunks but received ${tokens}`)
-    if (logitRowCount > this.maxLogitRows)
-      throw new RangeError(`Expected at most ${this.maxLogitRows} logit rows (maxLogitRows) for chunks but received ${logitRowCount}`)
+    if (sizes.tokens > this.maxBatchTokens)
+      throw new RangeError(`Expected at most ${this.maxBatchTokens} tokens (maxBatchTokens) for chunks but received ${sizes.tokens}`)
+    if (sizes.logitRows > this.maxLogitRows)
+      throw new RangeError(`Expected at most ${this.maxLogitRows} logit rows (maxLogitRows) for chunks but received ${sizes.logitRows}`)
+    return sizes
+  }
 
+  /** Lays out the step's integer inputs (see StepLayout) from validated chunks. */
+  private layout(chunks: SequenceChunk[], sizes: StepSizes): StepLayout {
+    const { tokens: T, logitRows: R, maxBlocks } = sizes
     const B = chunks.length
-    const plan: StepPlan = {
-      tokens,
-      ids: new Int32Array(tokens),
-      positions: new Int32Array(tokens),
-      slots: new Int32Array(tokens),
-      logitRows: new Int32Array(logitRowCount),
-      rowsPerChunk: [],
-      blockTables: new Int32Array(B * maxBlocks),
-      maxBlocks,
-      queryStart: new Int32Array(B + 1),
-      seqLens: new Int32Array(B),
-      maxQueryLen: 0,
-      maxSeqLen: 0,
-    }
+    const bs = this.kvBlockSize
+    const packed = new Int32Array(3 * T + R + (B + 1) + B + B * maxBlocks)
+    const ids = packed.subarray(0, T)
+    const positions = packed.subarray(T, 2 * T)
+    const slots = packed.subarray(2 * T, 3 * T)
+    const logitRows = packed.subarray(3 * T, 3 * T + R)
+    const queryStart = packed.subarray(3 * T + R, 3 * T + R + B + 1)
+    const seqLens = packed.subarray(3 * T + R + B + 1, 3 * T + R + 2 * B + 1)
+    const blockTables = packed.subarray(3 * T + R + 2 * B + 1)
+    const step: StepLayout = { packed, tokens: T, logitRows: R, sequences: B, maxBlocks, rowsPerChunk: [], maxQueryLen: 0, maxSeqLen: 0 }
     let row = 0
     let logitRow = 0
     for (let b = 0; b < B; b++) {
       const ch = chunks[b]!
       const len = ch.tokens.length
       const end = ch.startPosition + len
-      const need = Math.ceil(end / bs)
-      for (let j = 0; j < need; j++) plan.blockTables[b * maxBlocks + j] = ch.blockTable[j]!
+      for (let j = 0; j < Math.ceil(end / bs); j++) blockTables[b * maxBlocks + j] = ch.blockTable[j]!
       for (let j = 0; j < len; j++) {
         const pos = ch.startPosition + j
-        plan.ids[row + j] = ch.tokens[j]!
-        plan.positions[row + j] = pos
-        plan.slots[row + j] = ch.blockTable[Math.floor(pos / bs)]! * bs + (pos % bs)
+        ids[row + j] = ch.tokens[j]!
+        positions[row + j] = pos
+        slots[row + j] = ch.blockTable[Math.floor(pos / bs)]! * bs + (pos % bs)
       }
       const first = ch.logits === 'all' ? 0 : len - 1
       const count = ch.logits === 'all' ? len : ch.logits === 'last' ? 1 : 0
-      for (let j = 0; j < count; j++) plan.logitRows[logitRow++] = row + first + j
-      plan.rowsPerChunk.push(count)
-      plan.queryStart[b] = row
-      plan.seqLens[b] = end
-      plan.maxQueryLen = Math.max(plan.maxQueryLen, len)
-      plan.maxSeqLen = Math.max(plan.maxSeqLen, end)
+      for (let j = 0; j < count; j++) logitRows[logitRow++] = row + first + j
+      step.rowsPerChunk.push(count)
+      queryStart[b] = row
+      seqLens[b] = end
+      step.maxQueryLen = Math.max(step.maxQueryLen, len)
+      step.maxSeqLen = Math.max(step.maxSeqLen, end)
       row += len
     }
-    plan.queryStart[B] = row
-    return plan
+    queryStart[B] = row
+    return step
   }
 
   /** Frees the weights, the KV cache and the step buffers. */

@@ -3,10 +3,10 @@
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { afterAll, beforeAll, expect, it } from 'vitest'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { Transformer } from '../../lib/model/transformer.js'
 import { readF32 } from '../../lib/tensor.js'
-import { describeGpu } from '../helpers/gpu.js'
+import { describeGpu, gpuAvailable } from '../helpers/gpu.js'
 import { randomInts } from '../helpers/random.js'
 import { writeTinyModel, type TinyModel } from '../helpers/tiny-model.js'
 import { blockTables, firstDifferentRow, runBatched, runChunked } from './forward-helpers.js'
@@ -18,6 +18,15 @@ beforeAll(() => {
   root = mkdtempSync(join(tmpdir(), 'detinfer-forward-gpu-'))
 })
 afterAll(() => rmSync(root, { recursive: true, force: true }))
+
+describe.skipIf(gpuAvailable)('without a usable GPU', () => {
+  it("device 'cuda' is refused with the reason", async () => {
+    const dir = writeTinyModel(join(root, 'no-gpu'), { architecture: 'LlamaForCausalLM', numLayers: 1 }).dir
+    await expect(Transformer.load(dir, { device: 'cuda', maxBatchTokens: 4, kvBlocks: 2 })).rejects.toThrow(
+      'detinfer: CUDA device requested but',
+    )
+  })
+})
 
 for (const { name, spec } of ARCHITECTURES) {
   describeGpu(`forward pass on CUDA: ${name}`, () => {
