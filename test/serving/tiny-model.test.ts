@@ -22,7 +22,7 @@ const open: Model[] = []
 beforeAll(() => {
   dir = mkdtempSync(join(tmpdir(), 'detinfer-serving-'))
   // Wide enough that matmul rows and attention splits see real reductions; context 1024 so
-  // prompts cross the 256-key attention split.
+  // prompts cross the 256-key attention split; heads of 64, a size the CUDA attention takes.
   writeTinyModel(dir, {
     architecture: 'Qwen3ForCausalLM',
     hiddenSize: 128,
@@ -30,7 +30,7 @@ beforeAll(() => {
     numLayers: 2,
     numHeads: 4,
     numKvHeads: 2,
-    headDim: 32,
+    headDim: 64,
     maxPositions: 1024,
     seed: 5,
   })
