@@ -180,16 +180,31 @@ export class Transformer {
         cache.v.push(alloc('bf16', cacheShape))
       }
       const act = allocateActivations(alloc, config, maxBatchTokens, maxLogitRows)
-      return new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxPositions, {
+      const model = new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxPositions, {
         weights,
         cache,
         act,
         cosSin,
       })
+      model.probe(dir)
+      return model
     } catch (err) {
       for (const t of owned) t.dispose()
       disposeWeights(weights)
       throw err
+    }
+  }
+
+  /**
+   * One token through every op, so that a shape the kernels do not support (the CUDA attention
+   * kernels take head dims 64 and 128) fails at load with the kernel's reason, not at the first
+   * request. It writes cache slot 0, which holds nothing yet.
+   */
+  private probe(dir: string): void {
+    try {
+      this.forward([{ tokens: [0], startPosition: 0, blockTable: [0], logits: 'last' }])
+    } catch (err) {
+      throw new Error(`The model in ${dir} cannot run on ${this.device}: ${(err as Error).message}`)
     }
   }
 
