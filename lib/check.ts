@@ -73,8 +73,8 @@ export interface CheckReport {
   phases: SchedulerOptions[]
 }
 
-/** mulberry32: a small seeded generator for the load pattern (not for sampling). */
-function random(seed: number): () => number {
+/** mulberry32: a small seeded generator for load patterns and test inputs (never for sampling). */
+export function mulberry32(seed: number): () => number {
   let a = seed >>> 0
   return () => {
     a = (a + 0x6d2b79f5) >>> 0
@@ -184,7 +184,7 @@ async function servePhase(
 
 export async function runCheck(model: ForwardModel, options: CheckOptions): Promise<CheckReport> {
   if (options.phases.length === 0) throw new RangeError('runCheck: expected at least one serving phase')
-  const rand = random(options.seed)
+  const rand = mulberry32(options.seed)
   const started = performance.now()
   const reference = await referenceCompletion(model, options.prompt, options.maxTokens)
   const jobs = jobsFor(options, rand)

@@ -9,7 +9,7 @@ import { resolveDevice, setVariantKernels } from '../device.js'
 import { defaultModelPath } from '../model.js'
 import { Transformer } from '../model/transformer.js'
 import { Tokenizer } from '../tokenizer.js'
-import { interactiveStderr, loadProgressReporter } from './progress.js'
+import { interactiveStderr, withLoadProgress } from './progress.js'
 
 interface CheckFlags {
   model?: string
@@ -82,19 +82,14 @@ export function checkCommand(): Command {
       const maxNoisePrompt = 64
       const maxBatchTokens = Math.max(256, maxBatchSize * 4)
       const blocksPerSequence = Math.ceil((Math.max(prompt.length, maxNoisePrompt) + flags.maxTokens) / 16)
-      const progress = loadProgressReporter('model')
-      const model = await Transformer.load(dir, {
-        device,
-        maxBatchTokens,
-        kvBlocks: blocksPerSequence * (maxBatchSize + 1),
-        kvBlockSize: 16,
-        onProgress: (p) => progress.update(p.loadedBytes, p.totalBytes),
-      }).then(
-        (m) => (progress.done(true), m),
-        (err: unknown) => {
-          progress.done(false)
-          throw err
-        },
+      const model = await withLoadProgress('model', (onProgress) =>
+        Transformer.load(dir, {
+          device,
+          maxBatchTokens,
+          kvBlocks: blocksPerSequence * (maxBatchSize + 1),
+          kvBlockSize: 16,
+          onProgress,
+        }),
       )
       const reports: [string, CheckReport][] = []
       try {

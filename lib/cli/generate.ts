@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs'
 import { Command, InvalidArgumentError, Option } from 'commander'
 import { defaultModelPath, loadModel } from '../model.js'
 import type { GenerateOptions } from '../generate.js'
-import { interactiveStderr, loadProgressReporter } from './progress.js'
+import { interactiveStderr, withLoadProgress } from './progress.js'
 
 interface GenerateFlags {
   model?: string
@@ -77,18 +77,9 @@ export function generateCommand(): Command {
         ...(flags.stop !== undefined && { stop: flags.stop }),
         ...(flags.chat && { chat: true }),
       }
-      const progress = loadProgressReporter('model')
       const modelDir = flags.model ?? defaultModelPath
-      const model = await loadModel(modelDir, {
-        device: flags.device,
-        maxBatchSize: 1,
-        onProgress: (p) => progress.update(p.loadedBytes, p.totalBytes),
-      }).then(
-        (m) => (progress.done(true), m),
-        (err: unknown) => {
-          progress.done(false)
-          throw err
-        },
+      const model = await withLoadProgress('model', (onProgress) =>
+        loadModel(modelDir, { device: flags.device, maxBatchSize: 1, onProgress }),
       )
       try {
         if (flags.json) {

@@ -54,3 +54,19 @@ export function loadProgressReporter(what: string): LoadProgressReporter {
     },
   }
 }
+
+/** Runs `load` with a progress reporter for `what`, closing the report whether it succeeds or fails. */
+export async function withLoadProgress<T>(
+  what: string,
+  load: (onProgress: (p: { loadedBytes: number; totalBytes: number }) => void) => Promise<T>,
+): Promise<T> {
+  const progress = loadProgressReporter(what)
+  try {
+    const result = await load((p) => progress.update(p.loadedBytes, p.totalBytes))
+    progress.done(true)
+    return result
+  } catch (err) {
+    progress.done(false)
+    throw err
+  }
+}

@@ -1,15 +1,8 @@
 // Seeded random inputs for tests (never zeros): a small counter-based generator so every test
 // can rebuild its inputs from a seed.
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
+import { mulberry32 } from '../../lib/check.js'
+
+export { mulberry32 }
 
 /** Uniform values in [-scale, scale), none exactly zero. */
 export function randomArray(n: number, seed: number, scale = 1): Float32Array {
