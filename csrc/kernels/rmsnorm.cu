@@ -57,6 +57,18 @@ __device__ float row_sum_squares(const __nv_bfloat16* row, int64_t H, int64_t c_
   return block_sum<kThreads>(sum);
 }
 
+// Chunk c of a row from out[0..n): one 16-byte store when `vec`, else element by element.
+__device__ __forceinline__ void store_chunk(__nv_bfloat16* row, int64_t c, bool vec, int n,
+                                            const __nv_bfloat16 (&out)[kChunk]) {
+  if (vec) {
+    *reinterpret_cast<uint4*>(row + c * kChunk) = *reinterpret_cast<const uint4*>(out);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j)
+      if (j < n) row[c * kChunk + j] = out[j];
+  }
+}
+
 __device__ void normalize_row(__nv_bfloat16* y, const __nv_bfloat16* x, const __nv_bfloat16* w, int64_t H,
                               float inv, bool vec) {
   int64_t chunks = (H + kChunk - 1) / kChunk;
@@ -68,13 +80,7 @@ __device__ void normalize_row(__nv_bfloat16* y, const __nv_bfloat16* x, const __
 #pragma unroll
     for (int j = 0; j < kChunk; ++j)
       out[j] = __float2bfloat16_rn(__bfloat162float(__float2bfloat16_rn(v[j] * inv)) * wv[j]);
-    if (vec) {
-      *reinterpret_cast<uint4*>(y + c * kChunk) = *reinterpret_cast<const uint4*>(out);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j)
-        if (j < n) y[c * kChunk + j] = out[j];
-    }
+    store_chunk(y, c, vec, n, out);
   }
 }
 
@@ -93,13 +99,7 @@ __device__ void add_residual_row(__nv_bfloat16* res, const __nv_bfloat16* x, int
     __nv_bfloat16 out[kChunk];
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) out[j] = __float2bfloat16_rn(a[j] + b[j]);
-    if (vec) {
-      *reinterpret_cast<uint4*>(res + c * kChunk) = *reinterpret_cast<const uint4*>(out);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j)
-        if (j < n) res[c * kChunk + j] = out[j];
-    }
+    store_chunk(res, c, vec, n, out);
   }
 }
 
