@@ -1,5 +1,9 @@
 // matmul: out[M,N] = a[M,K] · w[N,K]^T (+ bias[N])     a,w bf16; fp32 accumulate; out bf16 or f32
-// One instruction for every M: mma.sync.m16n8k16 (bf16 in, fp32 accumulator), A row-major, W
+// One instruction family per architecture, for every M: on a compute capability 9.0 device with
+// sm_90a code in the build, the wgmma kernels of matmul_sm90.cu; everywhere else the kernels below.
+// This file chooses, validates and owns the variant's split-K combine for both.
+//
+// mma.sync kernels: mma.sync.m16n8k16 (bf16 in, fp32 accumulator), A row-major, W
 // "col" (each W row is one column of B). Tiles are staged in shared memory by a cp.async pipeline
 // of kBlockK = 64 columns of K, 16-byte copies, XOR-swizzled rows, fragments read with ldmatrix.
 //
@@ -25,6 +29,7 @@
 #include "cuda_ops.h"
 #include "device_buffer.cuh"
 #include "matmul.cuh"
+#include "matmul_sm90.cuh"
 
 namespace detinfer::cuda {
 namespace {
@@ -342,8 +347,12 @@ void run_matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bia
   DI_CHECK(reinterpret_cast<uintptr_t>(a.data()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data()) % 16 == 0,
            "matmul: the CUDA kernels need a and w to start on a 16-byte boundary (a view at an odd row offset?)");
   cudaStream_t stream = static_cast<cudaStream_t>(cuda_runtime::stream());
+  // K = 0 multiplies nothing (out = bias or zeros): the mma.sync kernel writes that on any device.
+  const bool hopper = K > 0 && sm90::available();
   MatmulLaunch l = matmul_config(M, N, K);
+  if (hopper) l.tiles = sm90::production_config(M, N);
   if (dev_override) {
+    DI_CHECK(K > 0, "matmul_with_config: K must be positive");
     int64_t per = ((K + kBlockK - 1) / kBlockK + dev_splits - 1) / dev_splits * kBlockK;
     l = {dev_tiles, static_cast<int>((K + per - 1) / per), static_cast<int>(per)};
   }
@@ -358,7 +367,13 @@ void run_matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bia
     args.out_f32 = true;
     args.bias = nullptr;
   }
-  kTileTable[l.tiles].launch(args, l.splits, stream);
+  if (hopper) {
+    sm90::Problem p{args.a, args.w, args.bias, args.out, args.out_f32, args.M, args.N, args.K, args.k_per_split,
+                    l.splits};
+    sm90::launch(p, l.tiles, stream);
+  } else {
+    kTileTable[l.tiles].launch(args, l.splits, stream);
+  }
   CUDA_CHECK_LAUNCH("matmul", shapes(M, N, K));
   if (l.splits > 1) {
     int64_t MN = M * N;
@@ -377,12 +392,15 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
   run_matmul(out, a, w, bias, false, 0, 1);
 }
 
+// The configurations of the family this device runs (matmul_sm90.cu's on Hopper).
 namespace matmul_dev {
-int config_count() { return kTileCount; }
-const char* config_name(int i) { return kTileTable[i].name; }
-int production_config(int64_t M, int64_t N) { return matmul_config(M, N, 64).tiles; }
+int config_count() { return sm90::available() ? sm90::config_count() : kTileCount; }
+const char* config_name(int i) { return sm90::available() ? sm90::config_name(i) : kTileTable[i].name; }
+int production_config(int64_t M, int64_t N) {
+  return sm90::available() ? sm90::production_config(M, N) : matmul_config(M, N, 64).tiles;
+}
 void matmul_with_config(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias, int config, int splits) {
-  DI_CHECK(config >= 0 && config < kTileCount, "matmul_with_config: no configuration ", config);
+  DI_CHECK(config >= 0 && config < config_count(), "matmul_with_config: no configuration ", config);
   DI_CHECK(splits >= 1, "matmul_with_config: splits must be at least 1");
   run_matmul(out, a, w, bias, true, config, splits);
 }

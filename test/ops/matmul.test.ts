@@ -36,6 +36,8 @@ const referenceShapes: [number, number, number][] = [
   [64, 130, 512],
   [129, 136, 1000],
   [300, 257, 520],
+  [5, 24, 8],
+  [2, 16, 40],
 ]
 
 /** The rows of `a` computed inside batches of every M in `Ms` (CPU, small shapes). */
@@ -58,7 +60,25 @@ async function rowsAcrossM(device: DeviceName, N: number, K: number, Ms: number[
   return problems
 }
 
+/** K = 0: nothing to multiply, so out is the bias, or zeros. */
+async function emptyProduct(device: DeviceName, dtype: DType, withBias: boolean): Promise<Float32Array> {
+  const out = tensorFrom(device, dtype, [3, 5], new Float32Array(15).fill(7))
+  const bias = withBias ? bf16Tensor(device, [5], randomBf16(5, 9)) : null
+  n.matmul(out, n.empty(device, 'bf16', [3, 0]), n.empty(device, 'bf16', [5, 0]), bias)
+  return readF32(out)
+}
+
+function expectEmptyProduct(out: Float32Array, withBias: boolean): void {
+  const bias = randomBf16(5, 9)
+  for (let i = 0; i < 15; i++) expect(out[i]).toBe(withBias ? bias[i % 5] : 0)
+}
+
 describe('matmul on the CPU backend', () => {
+  it('K = 0 gives the bias, or zeros', async () => {
+    for (const dtype of ['bf16', 'f32'] as const)
+      for (const bias of [false, true]) expectEmptyProduct(await emptyProduct('cpu', dtype, bias), bias)
+  })
+
   it('matches a float64 reference (bf16 and f32 out, with and without bias)', async () => {
     for (const [M, N, K] of referenceShapes.slice(0, 4))
       for (const dtype of ['bf16', 'f32'] as const)
@@ -98,6 +118,11 @@ describeGpu('matmul on CUDA', () => {
           else expect(errGpu).toBeLessThan(2e-5)
           expectClose(gpu.out, cpu.out, 2 * rtol, 2 * atol, `cuda vs cpu ${M}x${N}x${K} ${dtype}`)
         }
+  })
+
+  it('K = 0 gives the bias, or zeros', async () => {
+    for (const dtype of ['bf16', 'f32'] as const)
+      for (const bias of [false, true]) expectEmptyProduct(await emptyProduct('cuda', dtype, bias), bias)
   })
 
   it('rejects K that is not a multiple of 8', () => {

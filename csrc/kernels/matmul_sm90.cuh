@@ -1,0 +1,32 @@
+// The Hopper (sm_90a) matmul, as matmul.cu sees it: the configurations and one launch. matmul.cu
+// chooses this family for every M when the device is compute capability 9.0 and the build holds
+// sm_90a code; elsewhere it uses its mma.sync kernels. The invariant is stated in matmul_sm90.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace detinfer::cuda::sm90 {
+
+struct Problem {
+  const void* a;      // [M,K] bf16, rows K apart, 16-byte aligned
+  const void* w;      // [N,K] bf16
+  const void* bias;   // [N] bf16 or null (always null for a split's partial sums)
+  void* out;          // [M,N] bf16/f32, or the f32 workspace [splits,M,N] of a split
+  bool out_f32;
+  int M, N, K;
+  int k_per_split;    // a multiple of 64; K on the invariant path
+  int splits;         // 1 on the invariant path
+};
+
+// True when this build has sm_90a code and device 0 can run it.
+bool available();
+int config_count();
+const char* config_name(int config);
+// The configuration production uses for M rows of an N-row weight. Tiles may follow M; the K
+// chain (k16 steps, ascending, one accumulator) never does.
+int production_config(int64_t M, int64_t N);
+void launch(const Problem& p, int config, cudaStream_t stream);
+
+}  // namespace detinfer::cuda::sm90
