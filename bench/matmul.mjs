@@ -31,6 +31,7 @@ const rows = ours.results.map((r) => {
   return {
     ...r,
     copy_fraction: r.weight_gbs / ours.copy_gbs,
+    copy_fraction_back_to_back: (r.N * r.K * 2) / r.us_back_to_back / 1e3 / ours.copy_gbs,
     peak_fraction: r.tflops / torch.peak_tflops,
     torch_us: t?.us,
     torch_tflops: t?.tflops,
@@ -43,13 +44,14 @@ writeFileSync(join(resultsDir, 'matmul.json'), JSON.stringify(summary, null, 2) 
 const pad = (s, w) => String(s).padStart(w)
 const f = (v, d = 1) => (v === undefined ? '-' : v.toFixed(d))
 console.log(`\nmatmul bf16 on ${torch.device}: copy ceiling ${f(ours.copy_gbs)} GB/s (read+written), torch bf16 8192^3 ${f(torch.peak_tflops)} TFLOP/s`)
-console.log(['N', 'K', 'M', 'ours us', 'TFLOP/s', 'W GB/s', '%copy', '%peak', 'torch us', 'torch TF/s', 'torch/ours'].map((h, i) => pad(h, [7, 6, 5, 9, 8, 8, 6, 6, 9, 10, 10][i])).join(' '))
+console.log(['N', 'K', 'M', 'ours us', 'TFLOP/s', 'W GB/s', '%copy', '%peak', 'torch us', 'torch TF/s', 'torch/ours', 'b2b us', 'b2b %copy'].map((h, i) => pad(h, [7, 6, 5, 9, 8, 8, 6, 6, 9, 10, 10, 8, 9][i])).join(' '))
 for (const r of rows)
   console.log(
     [
       pad(r.N, 7), pad(r.K, 6), pad(r.M, 5), pad(f(r.us), 9), pad(f(r.tflops), 8), pad(f(r.weight_gbs, 0), 8),
       pad(f(100 * r.copy_fraction, 0), 6), pad(f(100 * r.peak_fraction, 0), 6), pad(f(r.torch_us), 9),
-      pad(f(r.torch_tflops), 10), pad(f(r.speed_vs_torch, 2), 10),
+      pad(f(r.torch_tflops), 10), pad(f(r.speed_vs_torch, 2), 10), pad(f(r.us_back_to_back), 8),
+      pad(f(100 * r.copy_fraction_back_to_back, 0), 9),
     ].join(' '),
   )
-console.log(`\nwrote ${join(resultsDir, 'matmul.json')} (torch/ours > 1: ours is faster)`)
+console.log(`\nwrote ${join(resultsDir, 'matmul.json')} (torch/ours > 1: ours is faster; b2b: per call with calls queued back to back)`)
