@@ -137,6 +137,7 @@ template <typename T>
 __global__ void __launch_bounds__(T::THREADS, 1)
     matmul_sm90_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w, Args args) {
   static_assert(T::GROUP_M >= 1 && T::ACC * 2 == T::BN, "tile parameters");
+  static_assert(!T::MOVE_REGISTERS || T::THREADS == 3 * kWarpgroup, "setmaxnreg budget is for 1 producer + 2 consumers");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BM = T::BM, BN = T::BN, STAGES = T::STAGES;
   extern __shared__ unsigned char smem_raw[];
