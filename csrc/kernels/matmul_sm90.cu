@@ -68,7 +68,8 @@ struct Tiles {
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
 };
 
-// ---- PTX wrappers ---------------------------------------------------------------------------
+// ---- PTX wrappers (sm_90a only; the kernel body below is empty for other targets) -------------
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -130,6 +131,8 @@ __device__ __forceinline__ void fence_registers(float (&d)[R]) {
 #pragma unroll
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+
+#endif
 
 // ---- the kernel -------------------------------------------------------------------------------
 
