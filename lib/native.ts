@@ -42,6 +42,8 @@ export interface CudaStatus {
   runtimeVersion: number
   driverVersion: number
   devices: CudaDevice[]
+  /** The matmul kernel family device 0 runs ("wgmma (sm_90a)" or "mma.sync"); "" without a usable GPU. */
+  matmulKernels: string
 }
 
 /** Every function of the addon. Ops enqueue and return at once; download/synchronize wait off the JS thread. */

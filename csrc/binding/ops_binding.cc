@@ -6,6 +6,7 @@
 
 #include "../common/config.h"
 #include "../cuda/runtime.h"
+#include "../kernels/cuda_ops.h"
 #include "../ops.h"
 #include "args.h"
 #include "workers.h"
@@ -200,6 +201,7 @@ Napi::Value CudaStatus(const Napi::CallbackInfo& info) {
     devices[i] = dev;
   }
   o.Set("devices", devices);
+  o.Set("matmulKernels", s.available ? cuda::matmul_kernels() : "");
   return o;
 }
 

@@ -28,6 +28,7 @@ void embedding(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require();
 void rmsnorm(Tensor&, const Tensor&, const Tensor&, float) { cuda_runtime::require(); }
 void add_rmsnorm(Tensor&, Tensor&, const Tensor&, const Tensor&, float) { cuda_runtime::require(); }
 void matmul(Tensor&, const Tensor&, const Tensor&, const Tensor*) { cuda_runtime::require(); }
+const char* matmul_kernels() { return "none"; }
 void rope(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
 void silu_mul(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
 void add(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }

@@ -12,6 +12,9 @@ void embedding(Tensor& out, const Tensor& table, const Tensor& ids);
 void rmsnorm(Tensor& out, const Tensor& x, const Tensor& w, float eps);
 void add_rmsnorm(Tensor& out, Tensor& residual, const Tensor& x, const Tensor& w, float eps);
 void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias);
+// The matmul kernel family device 0 runs: "wgmma (sm_90a)" or "mma.sync". Its bits differ from
+// the other family's, so it is part of what "same architecture, same build" means.
+const char* matmul_kernels();
 void rope(Tensor& x, const Tensor& positions, const Tensor& cos_sin);
 void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up);
 void add(Tensor& out, const Tensor& a, const Tensor& b);

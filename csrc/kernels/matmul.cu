@@ -392,6 +392,8 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
   run_matmul(out, a, w, bias, false, 0, 1);
 }
 
+const char* matmul_kernels() { return sm90::available() ? "wgmma (sm_90a)" : "mma.sync"; }
+
 // The configurations of the family this device runs (matmul_sm90.cu's on Hopper).
 namespace matmul_dev {
 int config_count() { return sm90::available() ? sm90::config_count() : kTileCount; }

@@ -26,6 +26,7 @@ export function infoCommand(): Command {
           architectures: cuda.archs,
           runtime: cudaVersion(cuda.runtimeVersion),
           driver: cudaVersion(cuda.driverVersion),
+          matmulKernels: cuda.matmulKernels,
         },
         devices: cuda.devices,
         variantKernels: variantKernels(),
@@ -47,6 +48,7 @@ export function infoCommand(): Command {
                 `${(d.totalMemory / 2 ** 30).toFixed(1)} GiB, ${d.multiprocessors} SMs`,
             )
           : ['GPUs:          none found']),
+        ...(cuda.available ? [`matmul:        ${cuda.matmulKernels} kernels`] : []),
       ]
       process.stdout.write(lines.join('\n') + '\n')
     })

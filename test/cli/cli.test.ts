@@ -40,6 +40,16 @@ describe('detinfer CLI', () => {
     expect(['cpu', 'cuda']).toContain(json.backend)
     expect(json.node).toBe(process.version)
     expect(Array.isArray(json.devices)).toBe(true)
+    // The matmul family is named when a GPU runs: its bits are part of "same build, same GPU".
+    if (json.backend === 'cuda') {
+      expect(json.cuda.matmulKernels).toMatch(/^(wgmma \(sm_90a\)|mma\.sync)$/)
+      expect(r.stdout).toMatch(/^matmul: +(wgmma \(sm_90a\)|mma\.sync) kernels$/m)
+      if (json.devices[0].computeCapability === '9.0' && /90a/.test(json.cuda.architectures))
+        expect(json.cuda.matmulKernels).toBe('wgmma (sm_90a)')
+    } else {
+      expect(json.cuda.matmulKernels).toBe('')
+      expect(r.stdout).not.toMatch(/^matmul:/m)
+    }
   })
 
   it('--version prints the package version', () => {
