@@ -142,23 +142,31 @@ int check() {
     for (DType dt : {DType::BF16, DType::F32})
       for (bool bias : {false, true}) ok = check_reference(M, N, K, dt, bias) && ok;
   // Every tile configuration gives the production bits, tails in M, N and K included.
-  for (auto [M, N, K] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 40, 72}, {37, 300, 1032}, {130, 1000, 4104}}) {
+  for (auto [M, N, K] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {1, 40, 72}, {37, 300, 1032}, {130, 1000, 4104}, {300, 520, 1024}, {5, 24, 8}}) {
     auto a = random_bf16(M * K, 21, 1.f), w = random_bf16(N * K, 22, 1.f);
     Tensor ga = upload(Device::CUDA, DType::BF16, {M, K}, a.data()), gw = upload(Device::CUDA, DType::BF16, {N, K}, w.data());
-    Tensor want = make_tensor(Device::CUDA, DType::F32, {M, N}), got = make_tensor(Device::CUDA, DType::F32, {M, N});
-    ops::matmul(want, ga, gw, nullptr);
-    auto wb = bytes_of(want);
-    int bad = 0;
-    for (int c = 0; c < cuda::matmul_dev::config_count(); ++c) {
-      cuda::matmul_dev::matmul_with_config(got, ga, gw, nullptr, c);
-      if (bytes_of(got) != wb) {
-        ++bad;
-        std::printf("  config %s differs at M=%ld N=%ld K=%ld\n", cuda::matmul_dev::config_name(c), long(M), long(N), long(K));
+    Tensor gb = upload(Device::CUDA, DType::BF16, {N}, random_bf16(N, 23, 1.f).data());
+    // f32 and bf16 outputs (bf16 is where the staged-store configurations store differently),
+    // with and without a bias.
+    for (DType dt : {DType::F32, DType::BF16})
+      for (bool bias : {false, true}) {
+        Tensor want = make_tensor(Device::CUDA, dt, {M, N}), got = make_tensor(Device::CUDA, dt, {M, N});
+        ops::matmul(want, ga, gw, bias ? &gb : nullptr);
+        auto wb = bytes_of(want);
+        int bad = 0;
+        for (int c = 0; c < cuda::matmul_dev::config_count(); ++c) {
+          cuda::matmul_dev::matmul_with_config(got, ga, gw, bias ? &gb : nullptr, c);
+          if (bytes_of(got) != wb) {
+            ++bad;
+            std::printf("  config %s differs at M=%ld N=%ld K=%ld\n", cuda::matmul_dev::config_name(c), long(M), long(N),
+                        long(K));
+          }
+        }
+        std::printf("%s all %d tile configurations give the same bits at M=%ld N=%ld K=%ld %s%s\n", bad ? "FAIL" : "ok  ",
+                    cuda::matmul_dev::config_count(), long(M), long(N), long(K), dtype_name(dt), bias ? " +bias" : "");
+        ok = ok && bad == 0;
       }
-    }
-    std::printf("%s all %d tile configurations give the same bits at M=%ld N=%ld K=%ld\n", bad ? "FAIL" : "ok  ",
-                cuda::matmul_dev::config_count(), long(M), long(N), long(K));
-    ok = ok && bad == 0;
   }
   std::vector<int64_t> Ms{1, 2, 3, 7, 8, 16, 31, 64, 128, 257, 1024};
   for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{{4096, 4096}, {1000, 1032}}) {

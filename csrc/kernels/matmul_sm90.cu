@@ -44,6 +44,7 @@ struct Args {
   int k_per_split;
   int a_rows;  // rows of a per copy: BM, or M rounded up to 8 when M < BM (the rest stay zero)
   bool pairs;  // N even and out aligned: two neighbouring columns are stored at once
+  bool staged; // the tile goes out through shared memory and the copy engine (map_out)
 };
 
 // A block computes BM x BN outputs with BM/64 consumer warpgroups of 64 rows each and one producer
@@ -51,14 +52,19 @@ struct Args {
 // The grid is persistent: block b takes tiles b, b + gridDim.x, ... so that its producer fetches
 // the next tile while its consumers store the last one. GROUP_M tiles of M walk over N together,
 // so the blocks in flight share a and w in L2.
-template <int BM_, int BN_, int STAGES_, int GROUP_M_ = 8>
+// STAGED (bf16 out, no split, N a multiple of 8): each consumer writes its 64 x BN outputs to
+// shared memory and one thread hands them to the copy engine, which stores them while the
+// consumers go on with the next tile; otherwise every thread stores its own outputs.
+template <int BM_, int BN_, int STAGES_, bool STAGED_ = false, int GROUP_M_ = 8>
 struct Tiles {
   static constexpr int BM = BM_, BN = BN_, STAGES = STAGES_, GROUP_M = GROUP_M_;
+  static constexpr bool STAGED = STAGED_;
   static constexpr int CONSUMERS = BM / 64;
   static constexpr int THREADS = kWarpgroup * (CONSUMERS + 1);
   static constexpr int A_BYTES = BM * kRowBytes, W_BYTES = BN * kRowBytes;
   static constexpr int STAGE_BYTES = A_BYTES + W_BYTES;           // one K tile of a and w
-  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;  // + slack to align the ring to 1024
+  static constexpr int OUT_BYTES = STAGED ? BM * BN * 2 : 0;       // bf16 staging, 64 x 64 boxes
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + OUT_BYTES + 1024;  // + slack to align to 1024
   static constexpr int ACC = BN / 2;                               // fp32 accumulators per thread
   // 2 consumers with 128 accumulators each need more than 65536 / 384 registers: move them from
   // the producer, which needs few (setmaxnreg).
@@ -66,6 +72,7 @@ struct Tiles {
   static_assert(BM == 64 || BM == 128, "one or two consumer warpgroups");
   static_assert(BN % 8 == 0 && BN <= 256, "wgmma N is a multiple of 8 up to 256");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
+  static_assert(!STAGED || BN % 64 == 0, "staged stores go out in 64-column boxes");
 };
 
 // ---- PTX wrappers (sm_90a only; the kernel body below is empty for other targets) -------------
@@ -108,6 +115,19 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
       : "memory");
 }
 
+// Box (64 columns from col, 64 rows from row) of shared memory at src into a 2-D tensor map;
+// the copy engine skips what falls outside the tensor.
+__device__ __forceinline__ void tma_store(const CUtensorMap* map, int col, int row, uint32_t src) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(col), "r"(row), "r"(src)
+               : "memory");
+}
+
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row groups
 // 1024 bytes apart (the layout the copy engine writes with CU_TENSOR_MAP_SWIZZLE_128B into a
 // 1024-byte aligned buffer). Advancing 16 columns of K adds 32 bytes, 2 in the address field.
@@ -138,7 +158,8 @@ __device__ __forceinline__ void fence_registers(float (&d)[R]) {
 
 template <typename T>
 __global__ void __launch_bounds__(T::THREADS, 1)
-    matmul_sm90_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w, Args args) {
+    matmul_sm90_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
+                       const __grid_constant__ CUtensorMap map_out, Args args) {
   static_assert(T::GROUP_M >= 1 && T::ACC * 2 == T::BN, "tile parameters");
   static_assert(!T::MOVE_REGISTERS || T::THREADS == 3 * kWarpgroup, "setmaxnreg budget is for 1 producer + 2 consumers");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -203,6 +224,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
   } else {
     if constexpr (T::MOVE_REGISTERS) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     const int lane = threadIdx.x % 32, warp = (threadIdx.x % kWarpgroup) / 32;
+    const bool leader = threadIdx.x % kWarpgroup == 0;
     float* out_f32 = static_cast<float*>(args.out) + static_cast<int64_t>(blockIdx.z) * args.M * args.N;
     __nv_bfloat16* out_bf16 = static_cast<__nv_bfloat16*>(args.out);
     int it = 0;
@@ -238,6 +260,37 @@ __global__ void __launch_bounds__(T::THREADS, 1)
       // 4j, 4j+1) and 16w + lane/4 + 8 (4j+2, 4j+3), columns 8j + 2*(lane%4) + {0, 1}.
       const int row_base = m0 + wg * 64 + warp * 16 + lane / 4;
       const int col_base = n0 + 2 * (lane % 4);
+      if (T::STAGED && args.staged) {
+        // The copy engine must have read this warpgroup's previous tile before it is overwritten.
+        const uint32_t out_tile = ring + STAGES * T::STAGE_BYTES + wg * 64 * BN * 2;
+        if (leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+        named_barrier(1 + wg, kWarpgroup);
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int col = col_base + 8 * j;
+            float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+            if (args.bias && col < args.N) {
+              v0 = v0 + __bfloat162float(args.bias[col]);
+              if (col + 1 < args.N) v1 = v1 + __bfloat162float(args.bias[col + 1]);
+            }
+            __nv_bfloat162 pair = __floats2bfloat162_rn(v0, v1);
+            // Box j/8 of 64 columns, 128-byte rows, 16-byte chunk j%8 swizzled with the row.
+            const int r = warp * 16 + lane / 4 + 8 * h;
+            const uint32_t dst = out_tile + (j / 8) * 64 * kRowBytes + r * kRowBytes + (((j % 8) ^ (r & 7)) << 4) +
+                                 (lane % 4) * 4;
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(*reinterpret_cast<uint32_t*>(&pair)) : "memory");
+          }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        named_barrier(1 + wg, kWarpgroup);
+        if (leader) {
+#pragma unroll
+          for (int b = 0; b < BN / 64; ++b) tma_store(&map_out, n0 + 64 * b, m0 + wg * 64, out_tile + b * 64 * kRowBytes);
+          asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+        }
+        continue;
+      }
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
@@ -268,6 +321,8 @@ __global__ void __launch_bounds__(T::THREADS, 1)
           }
         }
     }
+    // Shared memory must outlive the copy engine's last reads of it.
+    if (T::STAGED && args.staged && leader) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
   }
 #endif
 }
@@ -290,7 +345,7 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_function() {
   return fn;
 }
 
-// A [rows, K] bf16 row-major matrix, read in boxes of kTileK columns x box_rows rows.
+// A [rows, K] bf16 row-major matrix, read (or written) in boxes of 64 columns x box_rows rows.
 CUtensorMap tensor_map(const void* data, int rows, int K, int box_rows, const char* what) {
   CUtensorMap map;
   cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
@@ -327,9 +382,14 @@ void launch_tiles(const Problem& p, cudaStream_t stream) {
   int64_t tiles = ((int64_t{p.M} + T::BM - 1) / T::BM) * ((int64_t{p.N} + T::BN - 1) / T::BN);
   DI_CHECK(tiles < (int64_t{1} << 31), "matmul: [M=", p.M, ", N=", p.N, "] needs too many tiles");
   const bool pairs = p.N % 2 == 0 && reinterpret_cast<uintptr_t>(p.out) % (p.out_f32 ? 8 : 4) == 0;
-  Args args{static_cast<const __nv_bfloat16*>(p.bias), p.out, p.out_f32, p.M, p.N, p.K, p.k_per_split, a_rows, pairs};
+  const bool staged = T::STAGED && !p.out_f32 && p.splits == 1 && p.N % 8 == 0 &&
+                      reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
+  // Without staging the kernel never reads map_out: any valid map will do.
+  CUtensorMap map_out = staged ? tensor_map(p.out, p.M, p.N, 64, "out") : map_w;
+  Args args{static_cast<const __nv_bfloat16*>(p.bias), p.out, p.out_f32, p.M, p.N, p.K, p.k_per_split, a_rows, pairs,
+            staged};
   dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, slots)), 1, static_cast<unsigned>(p.splits));
-  matmul_sm90_kernel<T><<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(map_a, map_w, args);
+  matmul_sm90_kernel<T><<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(map_a, map_w, map_out, args);
 }
 
 struct Entry {
@@ -349,6 +409,10 @@ const Entry kConfigs[] = {
     {"wg 128x64 s8", launch_tiles<Tiles<128, 64, 8>>},
     {"wg 128x128 s6", launch_tiles<Tiles<128, 128, 6>>},
     {"wg 128x256 s4", launch_tiles<Tiles<128, 256, 4>>},
+    // Staged stores (not used by production_config until they are measured): the same products.
+    {"wg 128x256 s3", launch_tiles<Tiles<128, 256, 3>>},
+    {"wg 128x256 s3 staged", launch_tiles<Tiles<128, 256, 3, true>>},
+    {"wg 128x128 s5 staged", launch_tiles<Tiles<128, 128, 5, true>>},
 };
 constexpr int kConfigCount = sizeof(kConfigs) / sizeof(kConfigs[0]);
 constexpr int k64x32s16 = 2, k64x64 = 3, k128x128 = 7, k128x256 = 8;
