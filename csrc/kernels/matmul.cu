@@ -307,10 +307,13 @@ constexpr int64_t kWideN = 32768;  // an lm_head-sized N: enough blocks over N t
 // 4096x12288, 151936x1024}. A split-K fixed per (N,K) was measured too and is not used: two
 // ranges lift M=1 at N=4096 from ~955 to ~1190 GB/s of weights but double the M=4096 time
 // through the fp32 workspace.
-MatmulLaunch matmul_config(int64_t M, int64_t N, int64_t K) {
+// On Hopper (`hopper`), the tiles are matmul_sm90.cu's, chosen by its production_config.
+MatmulLaunch matmul_config(int64_t M, int64_t N, int64_t K, bool hopper) {
   MatmulLaunch l;
   bool wide = N >= kWideN;
-  if (M <= 16) {
+  if (hopper) {
+    l.tiles = sm90::production_config(M, N);
+  } else if (M <= 16) {
     l.tiles = wide ? k16x64kb2 : k16x32kb2;  // decode: stream W over many blocks
   } else if (M <= 32) {
     l.tiles = wide ? k32x64 : k16x64;
@@ -323,7 +326,7 @@ MatmulLaunch matmul_config(int64_t M, int64_t N, int64_t K) {
   }
   l.splits = 1;
   l.k_per_split = static_cast<int>(K);
-  if (variant_kernels() && M <= kVariantMaxRows) {
+  if (variant_kernels() && M <= kVariantMaxRows && K > 0) {
     int64_t tiles = (K + kBlockK - 1) / kBlockK;
     int64_t per = (tiles + kVariantSplits - 1) / kVariantSplits;
     l.k_per_split = static_cast<int>(per * kBlockK);
@@ -349,8 +352,7 @@ void run_matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bia
   cudaStream_t stream = static_cast<cudaStream_t>(cuda_runtime::stream());
   // K = 0 multiplies nothing (out = bias or zeros): the mma.sync kernel writes that on any device.
   const bool hopper = K > 0 && sm90::available();
-  MatmulLaunch l = matmul_config(M, N, K);
-  if (hopper) l.tiles = sm90::production_config(M, N);
+  MatmulLaunch l = matmul_config(M, N, K, hopper);
   if (dev_override) {
     DI_CHECK(K > 0, "matmul_with_config: K must be positive");
     int64_t per = ((K + kBlockK - 1) / kBlockK + dev_splits - 1) / dev_splits * kBlockK;
@@ -399,7 +401,7 @@ namespace matmul_dev {
 int config_count() { return sm90::available() ? sm90::config_count() : kTileCount; }
 const char* config_name(int i) { return sm90::available() ? sm90::config_name(i) : kTileTable[i].name; }
 int production_config(int64_t M, int64_t N) {
-  return sm90::available() ? sm90::production_config(M, N) : matmul_config(M, N, 64).tiles;
+  return matmul_config(M, N, 64, sm90::available()).tiles;
 }
 void matmul_with_config(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias, int config, int splits) {
   DI_CHECK(config >= 0 && config < config_count(), "matmul_with_config: no configuration ", config);

@@ -74,9 +74,12 @@ function expectEmptyProduct(out: Float32Array, withBias: boolean): void {
 }
 
 describe('matmul on the CPU backend', () => {
-  it('K = 0 gives the bias, or zeros', async () => {
+  it('K = 0 gives the bias, or zeros (also under the variant)', async () => {
     for (const dtype of ['bf16', 'f32'] as const)
-      for (const bias of [false, true]) expectEmptyProduct(await emptyProduct('cpu', dtype, bias), bias)
+      for (const bias of [false, true]) {
+        expectEmptyProduct(await emptyProduct('cpu', dtype, bias), bias)
+        expectEmptyProduct(await withVariant(() => emptyProduct('cpu', dtype, bias)), bias)
+      }
   })
 
   it('matches a float64 reference (bf16 and f32 out, with and without bias)', async () => {
@@ -120,9 +123,12 @@ describeGpu('matmul on CUDA', () => {
         }
   })
 
-  it('K = 0 gives the bias, or zeros', async () => {
+  it('K = 0 gives the bias, or zeros (also under the variant)', async () => {
     for (const dtype of ['bf16', 'f32'] as const)
-      for (const bias of [false, true]) expectEmptyProduct(await emptyProduct('cuda', dtype, bias), bias)
+      for (const bias of [false, true]) {
+        expectEmptyProduct(await emptyProduct('cuda', dtype, bias), bias)
+        expectEmptyProduct(await withVariant(() => emptyProduct('cuda', dtype, bias)), bias)
+      }
   })
 
   it('rejects K that is not a multiple of 8', () => {
