@@ -39,6 +39,12 @@ export interface GenerateOptions {
   stop?: string | string[]
   /** Wrap the prompt in the model's chat template as one user message. */
   chat?: boolean
+  /**
+   * Cancels the generation when aborted: the sequence leaves the batch at the next step (its cache
+   * blocks freed), generate() rejects with the signal's reason (an AbortError unless given one)
+   * and a stream throws it. The other sequences of the batch are not affected, bit for bit.
+   */
+  signal?: AbortSignal
 }
 
 export interface GenerationTimings {
@@ -76,6 +82,7 @@ export interface ResolvedGenerateOptions {
   sampling: SamplingParams | null
   stop: string[]
   chat: boolean
+  signal?: AbortSignal
 }
 
 const MAX_SEED = 0xffffffff
@@ -88,7 +95,7 @@ export function resolveGenerateOptions(
   if (typeof options !== 'object' || options === null || Array.isArray(options))
     throw invalidArgument('options', 'object', options)
   const o = options as Record<string, unknown>
-  const known = new Set(['maxTokens', 'temperature', 'seed', 'topK', 'topP', 'stop', 'chat'])
+  const known = new Set(['maxTokens', 'temperature', 'seed', 'topK', 'topP', 'stop', 'chat', 'signal'])
   for (const key of Object.keys(o))
     if (!known.has(key)) throw invalidArgument('options', `only the keys ${[...known].join(', ')}`, key)
 
@@ -109,10 +116,11 @@ export function resolveGenerateOptions(
     stop = list as string[]
   }
   if (o.chat !== undefined && typeof o.chat !== 'boolean') throw invalidArgument('chat', 'boolean', o.chat)
+  if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw invalidArgument('signal', 'AbortSignal', o.signal)
 
   const sampling: SamplingParams | null =
     temperature === 0 ? null : { temperature, topK, topP, seed: seed ?? Math.floor(Math.random() * (MAX_SEED + 1)) }
-  return { maxTokens, sampling, stop, chat: o.chat === true }
+  return { maxTokens, sampling, stop, chat: o.chat === true, ...(o.signal ? { signal: o.signal as AbortSignal } : {}) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -187,7 +195,11 @@ export class CompletionText {
 // ---------------------------------------------------------------------------------------------
 // Running one generation
 
-/** Submits one generation and assembles its result; `onPiece` receives each token as it comes. */
+/**
+ * Submits one generation and assembles its result; `onPiece` receives each token as it comes.
+ * An aborted `options.signal` cancels it (nothing is submitted if it is aborted already) and the
+ * result rejects with the signal's reason.
+ */
 export function runGeneration(
   scheduler: Scheduler,
   tokenizer: TextTokenizer,
@@ -195,6 +207,8 @@ export function runGeneration(
   options: ResolvedGenerateOptions,
   onPiece?: (piece: StreamPiece) => void,
 ): { result: Promise<GenerateResult>; cancel(): void } {
+  const { signal } = options
+  if (signal?.aborted) return { result: Promise.reject(signal.reason), cancel() {} }
   const started = performance.now()
   const text = new CompletionText(tokenizer, options.stop, prompt)
   const tokens: number[] = []
@@ -215,7 +229,10 @@ export function runGeneration(
       return !(isEos || text.stopped)
     },
   })
-  const result = scheduled.done.then(({ finishReason, timings }) => {
+  const onAbort = () => scheduled.cancel()
+  signal?.addEventListener('abort', onAbort, { once: true })
+  const result = scheduled.done.finally(() => signal?.removeEventListener('abort', onAbort)).then(({ finishReason, timings }) => {
+    if (finishReason === 'cancelled' && signal?.aborted) throw signal.reason
     const totalMs = performance.now() - started
     const decoded = Math.max(0, timings.completionTokens - 1)
     return {

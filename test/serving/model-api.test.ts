@@ -25,7 +25,8 @@ describe('Model argument validation', () => {
     [{ stop: '' }, 'Expected non-empty string or array of non-empty strings for stop but received "" of type string'],
     [{ stop: ['a', 3] }, 'Expected non-empty string or array of non-empty strings for stop but received an array of length 2'],
     [{ chat: 'yes' }, 'Expected boolean for chat but received "yes" of type string'],
-    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, stop, chat for options but received "maxToken" of type string'],
+    [{ signal: 'stop' }, 'Expected AbortSignal for signal but received "stop" of type string'],
+    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, stop, chat, signal for options but received "maxToken" of type string'],
   ])('generate rejects %j', async (options, message) => {
     await expect(model.generate('abc', options as never)).rejects.toThrow(message)
   })

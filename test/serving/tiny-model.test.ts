@@ -162,6 +162,32 @@ function servingSuite(device: DeviceName): void {
     expect(firstDifference(Float32Array.from(s.logprobs), logprobBits(solo[3]!))).toBe(-1)
   })
 
+  it('an AbortSignal cancels its request only: the others keep their solo bits', async () => {
+    const model = await load({ maxBatchSize: 9, maxBatchTokens: 96, prefillChunkSize: 16 })
+    const controller = new AbortController()
+    const victim = model.stream(list[4]!, { maxTokens: 200, signal: controller.signal })
+    const others = list.filter((_, i) => i !== 4).map((p) => model.generate(p, greedy))
+    let pieces = 0
+    const consume = async () => {
+      for await (const _ of victim) if (++pieces === 3) controller.abort()
+    }
+    await expect(consume()).rejects.toMatchObject({ name: 'AbortError' })
+    expect(pieces).toBeLessThan(200)
+    expect(firstDifferentRequest(await Promise.all(others), reference.filter((_, i) => i !== 4))).toBe(-1)
+
+    // generate() rejects with the signal's reason; an aborted signal submits nothing.
+    const later = new AbortController()
+    const running = model.generate(list[8]!, { maxTokens: 600, signal: later.signal })
+    setTimeout(() => later.abort(new Error('client went away')), 1)
+    await expect(running).rejects.toThrow('client went away')
+    await expect(model.generate(list[0]!, { signal: later.signal })).rejects.toThrow('client went away')
+    // A signal aborted after its request finished changes nothing.
+    const after = new AbortController()
+    const done = await model.generate(list[2]!, { ...greedy, signal: after.signal })
+    after.abort()
+    expect(firstDifferentRequest([done], [reference[2]!])).toBe(-1)
+  })
+
   it('text prompts: generate, stream and stop strings agree', async () => {
     const model = await load({ maxBatchSize: 4 })
     const full = await model.generate('the cat sat on the mat', { maxTokens: 24 })
