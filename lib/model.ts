@@ -222,12 +222,18 @@ function defaultKvCacheTokens(config: ModelConfig, device: DeviceName): number {
 /** The small model that ships with the package. */
 export const defaultModelPath = join(dirname(fileURLToPath(import.meta.url)), '..', 'models', DEFAULT_MODEL_NAME)
 
-/** Loads a Hugging Face model directory (config.json, safetensors weights, tokenizer.json). */
-export async function loadModel(dir: string, options: LoadModelOptions = {}): Promise<Model> {
+/** Throws the one "No model at …" error unless `dir` holds a config.json. */
+export function checkModelDir(dir: unknown): string {
   if (typeof dir !== 'string' || dir === '') throw invalidArgument('dir', 'path of a model directory', dir)
-  if (typeof options !== 'object' || options === null) throw invalidArgument('options', 'object', options)
   if (!existsSync(join(dir, 'config.json')))
     throw new Error(`No model at ${dir}: expected a Hugging Face model directory with config.json, weights and tokenizer.json`)
+  return dir
+}
+
+/** Loads a Hugging Face model directory (config.json, safetensors weights, tokenizer.json). */
+export async function loadModel(dir: string, options: LoadModelOptions = {}): Promise<Model> {
+  checkModelDir(dir)
+  if (typeof options !== 'object' || options === null) throw invalidArgument('options', 'object', options)
   const device = resolveDevice(options.device ?? 'auto')
   const defaults = DEFAULTS[device]
   const maxBatchTokens = options.maxBatchTokens === undefined ? defaults.maxBatchTokens : checkInteger('maxBatchTokens', options.maxBatchTokens, 1, 1 << 20)

@@ -1,8 +1,9 @@
 // `detinfer generate [prompt]`: one completion, streamed to stdout as it is generated.
 import { readFileSync } from 'node:fs'
 import { Command, InvalidArgumentError, Option } from 'commander'
-import { defaultModelPath, loadModel } from '../model.js'
-import type { GenerateOptions } from '../generate.js'
+import { checkModelDir, defaultModelPath, loadModel } from '../model.js'
+import { loadModelConfig } from '../model/config.js'
+import { resolveGenerateOptions, type GenerateOptions } from '../generate.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
 
 interface GenerateFlags {
@@ -78,9 +79,18 @@ export function generateCommand(): Command {
         ...(flags.chat && { chat: true }),
       }
       const modelDir = flags.model ?? defaultModelPath
+      // Bad options fail before the weights load; the model checks them again against its cache.
+      const config = await loadModelConfig(checkModelDir(modelDir))
+      resolveGenerateOptions(options, { contextLength: config.maxPositionEmbeddings, vocabSize: config.vocabSize })
       const model = await withLoadProgress('model', (onProgress) =>
         loadModel(modelDir, { device: flags.device, maxBatchSize: 1, onProgress }),
       )
+      // Ctrl-C while generating ends the generation: what was printed stays, the exit code is 130.
+      const interrupt = new AbortController()
+      const onSigint = () => interrupt.abort()
+      process.once('SIGINT', onSigint)
+      options.signal = interrupt.signal
+      let pieces = 0
       try {
         if (flags.json) {
           const r = await model.generate(prompt, options)
@@ -92,7 +102,6 @@ export function generateCommand(): Command {
           process.stdout.write(r.text + '\n')
           return
         }
-        let pieces = 0
         const started = performance.now()
         for await (const piece of model.stream(prompt, options)) {
           process.stdout.write(piece.text)
@@ -103,7 +112,13 @@ export function generateCommand(): Command {
           const seconds = (performance.now() - started) / 1000
           process.stderr.write(`${pieces} tokens in ${seconds.toFixed(2)} s on ${model.device}\n`)
         }
+      } catch (err) {
+        if (!interrupt.signal.aborted) throw err
+        if (pieces > 0) process.stdout.write('\n')
+        process.stderr.write('detinfer: interrupted\n')
+        process.exitCode = 130
       } finally {
+        process.off('SIGINT', onSigint)
         await model.dispose()
       }
     })

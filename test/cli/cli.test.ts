@@ -1,6 +1,6 @@
 // The built `detinfer` command, run as a user would: a child process of dist/cli/main.js.
-import { spawnSync } from 'node:child_process'
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { spawn, spawnSync } from 'node:child_process'
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -152,6 +152,36 @@ describe('detinfer generate on a tiny model', () => {
     expect(r.stderr).toContain('detinfer: Expected integer between 1 and 512 for maxTokens but received 0 of type number')
     expectNoStackTrace(r.stderr)
     expect(r.stdout).toBe('')
+  })
+
+  it('checks the options before it loads the weights', () => {
+    // A directory with the config alone: the option error comes first, not the missing weights.
+    const configOnly = join(dir, 'config-only')
+    mkdirSync(configOnly, { recursive: true })
+    copyFileSync(join(dir, 'config.json'), join(configOnly, 'config.json'))
+    const r = detinfer(['generate', '-m', configOnly, '--device', 'cpu', '--top-p', '2', 'hello'])
+    expect(r.code).toBe(1)
+    expect(r.stderr).toContain('detinfer: Expected number greater than 0 and at most 1 for topP but received 2 of type number')
+    expect(detinfer(['generate', '-m', configOnly, '--device', 'cpu', 'hello']).stderr).toMatch(/^detinfer: \S+ not found/)
+  })
+
+  it('Ctrl-C while streaming keeps the text printed so far and exits with 130', async () => {
+    const child = spawn(process.execPath, [cli, 'generate', '-m', dir, '--device', 'cpu', '-n', '500', 'once upon'], {
+      cwd: root,
+      env: { ...process.env, CI: '1' },
+    })
+    let stdout = ''
+    let stderr = ''
+    child.stdout.on('data', (chunk: Buffer) => {
+      if (!stdout) child.kill('SIGINT')
+      stdout += chunk.toString()
+    })
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()))
+    const code = await new Promise<number | null>((resolve) => child.on('close', resolve))
+    expect(code).toBe(130)
+    expect(stdout.length).toBeGreaterThan(0)
+    expect(stderr).toContain('detinfer: interrupted')
+    expectNoStackTrace(stderr)
   })
 })
 
