@@ -70,6 +70,7 @@ struct Tiles {
   // the producer, which needs few (setmaxnreg).
   static constexpr bool MOVE_REGISTERS = CONSUMERS == 2 && BN >= 256;
   static_assert(BM == 64 || BM == 128, "one or two consumer warpgroups");
+  static_assert(STAGES >= 2, "a stage is released only once the next one is in flight");
   static_assert(BN % 8 == 0 && BN <= 256, "wgmma N is a multiple of 8 up to 256");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
   static_assert(!STAGED || BN % 64 == 0, "staged stores go out in 64-column boxes");
@@ -124,8 +125,14 @@ __device__ __forceinline__ void tma_store(const CUtensorMap* map, int col, int r
                : "memory");
 }
 
-__device__ __forceinline__ void named_barrier(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+// Barrier 1 + wg among the 128 threads of consumer warpgroup wg (barrier 0 is __syncthreads).
+// Immediate ids, so that the kernel reserves only the barriers it uses.
+__device__ __forceinline__ void warpgroup_barrier(int wg) {
+  if (wg == 0) {
+    asm volatile("bar.sync 1, 128;\n" ::: "memory");
+  } else {
+    asm volatile("bar.sync 2, 128;\n" ::: "memory");
+  }
 }
 
 // Shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row groups
@@ -264,7 +271,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
         // The copy engine must have read this warpgroup's previous tile before it is overwritten.
         const uint32_t out_tile = ring + STAGES * T::STAGE_BYTES + wg * 64 * BN * 2;
         if (leader) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-        named_barrier(1 + wg, kWarpgroup);
+        warpgroup_barrier(wg);
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
@@ -283,10 +290,11 @@ __global__ void __launch_bounds__(T::THREADS, 1)
             asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(dst), "r"(*reinterpret_cast<uint32_t*>(&pair)) : "memory");
           }
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        named_barrier(1 + wg, kWarpgroup);
-        if (leader) {
+        warpgroup_barrier(wg);
+        if (leader && m0 + wg * 64 < args.M) {
 #pragma unroll
-          for (int b = 0; b < BN / 64; ++b) tma_store(&map_out, n0 + 64 * b, m0 + wg * 64, out_tile + b * 64 * kRowBytes);
+          for (int b = 0; b < BN / 64; ++b)  // boxes wholly past N hold nothing to store
+            if (n0 + 64 * b < args.N) tma_store(&map_out, n0 + 64 * b, m0 + wg * 64, out_tile + b * 64 * kRowBytes);
           asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
         }
         continue;
