@@ -1,0 +1,175 @@
+#!/usr/bin/env node
+// End-to-end generation benchmark: the whole stack (forward pass, scheduler, sampling) on one
+// model, at several batch sizes, with the invariant kernels and again with the variant ones, so
+// the table shows the throughput and what batch invariance costs. Optionally (--baseline, needs
+// python3 with torch and transformers on a GPU) Hugging Face transformers' greedy generate() on
+// the same checkpoint and the same prompt ids (bench/hf_generate.py).
+//
+//   node bench/generate.mjs                          # random weights at Qwen3-0.6B's shapes on
+//                                                    # CUDA, the small qwen3-tiny shape on the CPU
+//   node bench/generate.mjs --model DIR --batches 1,8,64 --prompt-tokens 128 --new-tokens 128
+//   node bench/generate.mjs --baseline               # also transformers, same prompts
+//
+// Every request generates exactly --new-tokens tokens (EOS does not end it), greedy. Decode
+// throughput counts the tokens after each request's first; prefill throughput is one long
+// prompt's tokens over the time to its first token. Prints a table last and writes
+// bench/results/generate.json. Run `npm run build` first.
+import { execFileSync } from 'node:child_process'
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { parseArgs } from 'node:util'
+import { resolveDevice, setVariantKernels } from '../dist/device.js'
+import { defaultModelPath } from '../dist/model.js'
+import { Transformer } from '../dist/model/transformer.js'
+import { Scheduler } from '../dist/scheduler.js'
+import { mulberry32 } from '../dist/check.js'
+import { writeRandomModel } from '../scripts/make-random-model.mjs'
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..')
+const { values: args } = parseArgs({
+  options: {
+    model: { type: 'string' },
+    shape: { type: 'string' },
+    device: { type: 'string', default: 'auto' },
+    batches: { type: 'string' },
+    'prompt-tokens': { type: 'string', default: '128' },
+    'new-tokens': { type: 'string' },
+    'prefill-tokens': { type: 'string' },
+    baseline: { type: 'boolean', default: false },
+    'no-variant': { type: 'boolean', default: false },
+  },
+})
+
+const device = resolveDevice(args.device)
+const onGpu = device === 'cuda'
+const positive = (name, value) => {
+  const n = Number(value)
+  if (!Number.isInteger(n) || n < 1) throw new Error(`Expected a positive integer for --${name} but received ${value}`)
+  return n
+}
+const batches = (args.batches ?? (onGpu ? '1,8,32,64' : '1,4,16')).split(',').map((b) => positive('batches', b))
+const promptTokens = positive('prompt-tokens', args['prompt-tokens'])
+const newTokens = positive('new-tokens', args['new-tokens'] ?? (onGpu ? '128' : '32'))
+const prefillTokens = positive('prefill-tokens', args['prefill-tokens'] ?? (onGpu ? '2048' : '256'))
+
+let modelDir = args.model
+let scratch = null
+if (!modelDir) {
+  const shape = args.shape ?? (onGpu ? 'qwen3-0.6b' : 'qwen3-tiny')
+  scratch = mkdtempSync(join(tmpdir(), 'detinfer-bench-'))
+  modelDir = join(scratch, shape)
+  process.stderr.write(`writing random weights at ${shape}'s shapes to ${modelDir}\n`)
+  writeRandomModel({ shape, seed: 1234, out: modelDir, tokenizerDir: defaultModelPath })
+}
+
+const maxBatch = Math.max(...batches)
+const blockSize = 16
+const perSequence = Math.ceil((Math.max(promptTokens + newTokens, prefillTokens + 1) + 1) / blockSize)
+const maxBatchTokens = Math.max(512, maxBatch)
+const model = await Transformer.load(modelDir, {
+  device,
+  maxBatchTokens,
+  kvBlocks: perSequence * (maxBatch + 1),
+  kvBlockSize: blockSize,
+})
+const vocab = Math.min(model.config.vocabSize, 4096)
+const rand = mulberry32(7)
+const prompts = Array.from({ length: maxBatch }, () => Array.from({ length: promptTokens }, () => 1 + Math.floor(rand() * (vocab - 1))))
+const longPrompt = Array.from({ length: prefillTokens }, () => 1 + Math.floor(rand() * (vocab - 1)))
+
+/** Runs `list` together (all submitted at once), each to exactly `tokens` new tokens. */
+async function serve(list, tokens, options) {
+  const scheduler = new Scheduler(model, options)
+  const started = performance.now()
+  const outcomes = await Promise.all(
+    list.map(
+      (prompt) =>
+        scheduler.submit({ kind: 'generate', prompt, maxTokens: tokens, sampling: null, onToken: () => true }).done,
+    ),
+  )
+  const seconds = (performance.now() - started) / 1000
+  await scheduler.close(new Error('benchmark done'))
+  return { seconds, timings: outcomes.map((o) => o.timings) }
+}
+
+function measure(kernels) {
+  return (async () => {
+    setVariantKernels(kernels === 'variant')
+    try {
+      await serve([prompts[0].slice(0, 8)], 2, { maxBatchSize: 1, prefillChunkSize: 512 }) // warm-up
+      const rows = []
+      for (const batch of batches) {
+        const { seconds, timings } = await serve(prompts.slice(0, batch), newTokens, { maxBatchSize: batch, prefillChunkSize: 512 })
+        const decodeSeconds = Math.max(...timings.map((t) => t.decodeMs)) / 1000
+        rows.push({
+          kernels,
+          batch,
+          seconds,
+          tokensPerSecond: (batch * newTokens) / seconds,
+          decodeTokensPerSecond: decodeSeconds > 0 ? (batch * (newTokens - 1)) / decodeSeconds : 0,
+          firstTokenMs: Math.max(...timings.map((t) => t.queuedMs + t.prefillMs)),
+        })
+      }
+      const prefill = await serve([longPrompt], 1, { maxBatchSize: 1, prefillChunkSize: 512 })
+      const prefillTokensPerSecond = prefillTokens / ((prefill.timings[0].queuedMs + prefill.timings[0].prefillMs) / 1000)
+      return { rows, prefillTokensPerSecond }
+    } finally {
+      setVariantKernels(false)
+    }
+  })()
+}
+
+const invariant = await measure('invariant')
+const variant = args['no-variant'] ? null : await measure('variant')
+model.dispose()
+
+let baseline = null
+if (args.baseline) {
+  const input = join(scratch ?? mkdtempSync(join(tmpdir(), 'detinfer-bench-')), 'prompts.json')
+  const output = `${input}.out.json`
+  writeFileSync(input, JSON.stringify({ prompts, batches, newTokens, longPrompt }))
+  execFileSync('python3', [join(root, 'bench', 'hf_generate.py'), '--model', modelDir, '--input', input, '--out', output], {
+    stdio: 'inherit',
+    env: { ...process.env, PYTHONUNBUFFERED: '1' },
+  })
+  baseline = JSON.parse(readFileSync(output, 'utf8'))
+}
+if (scratch) rmSync(scratch, { recursive: true, force: true })
+
+const summary = {
+  model: args.model ?? `random ${args.shape ?? (onGpu ? 'qwen3-0.6b' : 'qwen3-tiny')} (seed 1234)`,
+  device,
+  promptTokens,
+  newTokens,
+  prefillTokens,
+  invariant,
+  variant,
+  baseline,
+}
+const resultsDir = join(root, 'bench', 'results')
+mkdirSync(resultsDir, { recursive: true })
+writeFileSync(join(resultsDir, 'generate.json'), JSON.stringify(summary, null, 2) + '\n')
+
+const pad = (s, w) => String(s).padStart(w)
+const f = (v, d = 1) => (v === undefined || v === null ? '-' : v.toFixed(d))
+console.log(`\ngeneration on ${device}: ${summary.model}, prompts of ${promptTokens} tokens, ${newTokens} new tokens each (greedy, EOS ignored)`)
+console.log(['batch', 'tok/s', 'decode tok/s', 'first tok ms', 'variant tok/s', 'invariant/variant', 'hf tok/s', 'ours/hf'].map((h, i) => pad(h, [5, 9, 12, 12, 13, 17, 9, 8][i])).join(' '))
+for (const [i, r] of invariant.rows.entries()) {
+  const v = variant?.rows[i]
+  const hf = baseline?.rows.find((b) => b.batch === r.batch)
+  console.log(
+    [
+      pad(r.batch, 5), pad(f(r.tokensPerSecond), 9), pad(f(r.decodeTokensPerSecond), 12), pad(f(r.firstTokenMs), 12),
+      pad(f(v?.tokensPerSecond), 13), pad(f(v ? r.tokensPerSecond / v.tokensPerSecond : undefined, 2), 17),
+      pad(f(hf?.tokensPerSecond), 9), pad(f(hf ? r.tokensPerSecond / hf.tokensPerSecond : undefined, 2), 8),
+    ].join(' '),
+  )
+}
+console.log(
+  `prefill of ${prefillTokens} tokens: ${f(invariant.prefillTokensPerSecond)} tok/s` +
+    (variant ? ` (variant ${f(variant.prefillTokensPerSecond)})` : '') +
+    (baseline ? ` (hf ${f(baseline.prefillTokensPerSecond)})` : ''),
+)
+console.log(`\nwrote ${join(resultsDir, 'generate.json')} (invariant/variant below 1: what batch invariance costs)`)
