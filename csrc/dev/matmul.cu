@@ -198,27 +198,9 @@ struct Timer {
   }
 };
 
-template <typename F>
-double median_us(F&& call, int iters) {
-  cudaStream_t s = static_cast<cudaStream_t>(cuda_runtime::stream());
-  Timer t;
-  std::vector<double> times;
-  for (int i = 0; i < 3; ++i) call(i);
-  for (int i = 0; i < iters; ++i) {
-    CUDA_CHECK(cudaEventRecord(t.start, s));
-    call(i);
-    CUDA_CHECK(cudaEventRecord(t.stop, s));
-    CUDA_CHECK(cudaEventSynchronize(t.stop));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, t.start, t.stop));
-    times.push_back(ms * 1e3);
-  }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
-
-// Per call when `calls` calls are queued back to back between two events (the steady state of a
-// forward pass, where launch and host time overlap the previous kernel): median of `reps`.
+// Per call when `calls` calls are queued back to back between two events, median of `reps`
+// repetitions. With calls = 1 that is the single-call time, launch included; with more it is the
+// steady state of a forward pass, where launch and host time overlap the previous kernel.
 template <typename F>
 double back_to_back_us(F&& call, int calls, int reps) {
   cudaStream_t s = static_cast<cudaStream_t>(cuda_runtime::stream());
@@ -236,6 +218,11 @@ double back_to_back_us(F&& call, int calls, int reps) {
   }
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
+}
+
+template <typename F>
+double median_us(F&& call, int iters) {
+  return back_to_back_us(call, 1, iters);
 }
 
 __global__ void count_differences(const uint16_t* a, const uint16_t* b, size_t n, unsigned long long* count) {
