@@ -3,11 +3,14 @@
 import { checkInteger, checkNumber, invalidArgument } from './errors.js'
 import type { SamplingParams } from './sampling.js'
 import type { FinishReason, Scheduler } from './scheduler.js'
+import type { ChatMessage } from './tokenizer.js'
 
 /** What decoding needs from a tokenizer (lib/model.ts adapts the model's tokenizer to it). */
 export interface TextTokenizer {
   /** Ids of a prompt: BOS as the model expects it, the chat template applied when `chat`. */
   encodePrompt(text: string, chat: boolean): number[]
+  /** Ids of a conversation rendered by the chat template, ending with the assistant's turn to speak. */
+  encodeChat(messages: ChatMessage[]): number[]
   /** Ids of text that continues a prompt (no BOS). */
   encodeContinuation(text: string): number[]
   /** Text of ids, special tokens left out. */

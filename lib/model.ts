@@ -20,7 +20,7 @@ import { Scheduler, type ForwardModel } from './scheduler.js'
 import { loadModelConfig, type ModelConfig } from './model/config.js'
 import { Transformer } from './model/transformer.js'
 import type { LoadProgress } from './model/weights.js'
-import { Tokenizer } from './tokenizer.js'
+import { Tokenizer, type ChatMessage } from './tokenizer.js'
 
 /** Directory name of the model shipped under models/. */
 const DEFAULT_MODEL_NAME = 'default'
@@ -93,7 +93,7 @@ export class Model {
   }
 
   /** One completion. Greedy unless `temperature` > 0; sampling with a `seed` is just as reproducible. */
-  async generate(prompt: string | number[], options?: GenerateOptions): Promise<GenerateResult> {
+  async generate(prompt: Prompt, options?: GenerateOptions): Promise<GenerateResult> {
     this.checkOpen()
     const resolved = this.resolveOptions(options)
     const ids = this.promptIds(prompt, resolved.chat)
@@ -101,7 +101,7 @@ export class Model {
   }
 
   /** Completions of many prompts, served together; result i belongs to prompt i. */
-  async generateBatch(prompts: (string | number[])[], options?: GenerateOptions): Promise<GenerateResult[]> {
+  async generateBatch(prompts: Prompt[], options?: GenerateOptions): Promise<GenerateResult[]> {
     this.checkOpen()
     if (!Array.isArray(prompts)) throw invalidArgument('prompts', 'array of prompts', prompts)
     const resolved = this.resolveOptions(options)
@@ -111,7 +111,7 @@ export class Model {
   }
 
   /** The completion piece by piece; breaking out of the loop stops the generation. */
-  stream(prompt: string | number[], options?: GenerateOptions): AsyncIterable<StreamPiece> {
+  stream(prompt: Prompt, options?: GenerateOptions): AsyncIterable<StreamPiece> {
     this.checkOpen()
     const resolved = this.resolveOptions(options)
     const ids = this.promptIds(prompt, resolved.chat)
@@ -125,7 +125,7 @@ export class Model {
    * A completion given as text is tokenized on its own, which may split it differently than
    * generation did.
    */
-  async score(prompt: string | number[], completion: string | number[], options: { chat?: boolean } = {}): Promise<ScoreResult> {
+  async score(prompt: Prompt, completion: string | number[], options: { chat?: boolean } = {}): Promise<ScoreResult> {
     this.checkOpen()
     const promptIds = this.promptIds(prompt, options.chat === true)
     const tokens =
@@ -171,7 +171,14 @@ export class Model {
       if (ids.length === 0) throw invalidArgument(name, 'text of at least one token', prompt)
       return ids
     }
-    if (!Array.isArray(prompt)) throw invalidArgument(name, 'string or array of token ids', prompt)
+    if (!Array.isArray(prompt)) throw invalidArgument(name, 'string, array of token ids or array of chat messages', prompt)
+    if (prompt.length > 0 && typeof prompt[0] === 'object' && prompt[0] !== null) {
+      prompt.forEach((m, i) => {
+        if (typeof m !== 'object' || m === null || typeof m.role !== 'string' || typeof m.content !== 'string')
+          throw invalidArgument(`${name}[${i}]`, 'chat message {role, content} with string values', m)
+      })
+      return this.parts.tokenizer.encodeChat(prompt as ChatMessage[])
+    }
     if (chat) throw invalidArgument('chat', 'false or absent when the prompt is given as token ids', chat)
     if (prompt.length === 0) throw invalidArgument(name, 'at least one token id', prompt)
     return this.checkTokens(name, prompt)
@@ -188,6 +195,13 @@ export class Model {
 // Loading
 
 export type { LoadProgress }
+
+/**
+ * What to complete: text (encoded as the model expects, or wrapped in its chat template as one
+ * user message with `chat: true`), token ids as they are, or a conversation of chat messages
+ * rendered by the model's chat template up to the assistant's turn.
+ */
+export type Prompt = string | number[] | ChatMessage[]
 
 export interface LoadModelOptions {
   /** 'auto' (default): CUDA when a usable GPU is there, else the CPU. */
@@ -267,6 +281,7 @@ function servingTokenizer(t: Tokenizer): TextTokenizer {
   const known = (ids: readonly number[]) => ids.filter((id) => id < t.vocabSize)
   return {
     encodePrompt: (text, chat) => t.encodePrompt(text, chat),
+    encodeChat: (messages) => t.encodeChat(messages),
     encodeContinuation: (text) => t.encodeContinuation(text),
     decode: (ids) => t.decode(known(ids)),
     streamDecoder: ({ context }) => {

@@ -224,6 +224,11 @@ export class Tokenizer {
     return this.encode(this.applyChatTemplate([{ role: 'user', content: text }]), { addSpecialTokens: false })
   }
 
+  /** Ids of a conversation: the chat template's text (with the generation prompt), which carries its own special tokens. */
+  encodeChat(messages: ChatMessage[]): number[] {
+    return this.encode(this.applyChatTemplate(messages), { addSpecialTokens: false })
+  }
+
   /** Ids of text that continues a prompt: no special tokens added. */
   encodeContinuation(text: string): number[] {
     return this.encode(text, { addSpecialTokens: false })

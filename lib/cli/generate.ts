@@ -17,6 +17,7 @@ interface GenerateFlags {
   stop?: string[]
   device: 'auto' | 'cpu' | 'cuda'
   chat?: boolean
+  system?: string
   json?: boolean
   stream: boolean
 }
@@ -65,10 +66,18 @@ export function generateCommand(): Command {
     .option('--stop <text>', 'stop when the text contains this (repeatable)', collect)
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--chat', "wrap the prompt in the model's chat template")
+    .option('--system <text>', 'a system message before the prompt (implies --chat)')
     .option('--json', 'print text, tokens, log-probs and timings as JSON')
     .option('--no-stream', 'print the text once it is complete')
     .action(async (argument: string | undefined, flags: GenerateFlags) => {
-      const prompt = await promptText(argument, flags)
+      const text = await promptText(argument, flags)
+      const prompt =
+        flags.system !== undefined
+          ? [
+              { role: 'system', content: flags.system },
+              { role: 'user', content: text },
+            ]
+          : text
       const options: GenerateOptions = {
         ...(flags.maxTokens !== undefined && { maxTokens: flags.maxTokens }),
         ...(flags.temperature !== undefined && { temperature: flags.temperature }),

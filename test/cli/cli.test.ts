@@ -195,6 +195,24 @@ describe('the shipped model', () => {
     expect(out.tokens.length).toBeLessThanOrEqual(8)
   })
 
+  it('--system puts a system message before the prompt, as the library does with messages', async () => {
+    const r = detinfer(['generate', '--device', 'cpu', '-n', '6', '--json', '--system', 'Speak as a king.', 'Who art thou?'])
+    expect(r.code, r.stderr).toBe(0)
+    const model = await loadModel(join(root, 'models', 'default'), { device: 'cpu' })
+    try {
+      const lib = await model.generate(
+        [
+          { role: 'system', content: 'Speak as a king.' },
+          { role: 'user', content: 'Who art thou?' },
+        ],
+        { maxTokens: 6 },
+      )
+      expect(JSON.parse(r.stdout).tokens).toEqual(lib.tokens)
+    } finally {
+      await model.dispose()
+    }
+  })
+
   it('runs every example, and the examples find what they claim', () => {
     const run = (name: string) => spawnSync(process.execPath, [join(root, 'examples', name)], { cwd: root, encoding: 'utf8' })
     for (const name of ['generate.mjs', 'stream.mjs', 'batch.mjs', 'score.mjs']) {

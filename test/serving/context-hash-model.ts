@@ -87,6 +87,7 @@ const decodeChars = (ids: readonly number[]) => ids.map((i) => (i === EOS ? '' :
 export const charTokenizer: TextTokenizer = {
   encodePrompt: (text) => [...text].map((c) => ALPHABET.indexOf(c) + 1),
   encodeContinuation: (text) => [...text].map((c) => ALPHABET.indexOf(c) + 1),
+  encodeChat: (messages) => [...messages.map((m) => m.content).join('')].map((c) => ALPHABET.indexOf(c) + 1),
   decode: decodeChars,
   streamDecoder: () => ({ push: (id) => decodeChars([id]), flush: () => '' }),
   eosTokenIds: [EOS],

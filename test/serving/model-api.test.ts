@@ -32,7 +32,7 @@ describe('Model argument validation', () => {
   })
 
   it('rejects bad prompts and completions', async () => {
-    await expect(model.generate(42 as never)).rejects.toThrow('Expected string or array of token ids for prompt but received 42 of type number')
+    await expect(model.generate(42 as never)).rejects.toThrow('Expected string, array of token ids or array of chat messages for prompt but received 42 of type number')
     await expect(model.generate([])).rejects.toThrow('Expected at least one token id for prompt but received an array of length 0')
     await expect(model.generate([1, 99])).rejects.toThrow('Expected integer between 0 and 31 for prompt[1] but received 99 of type number')
     await expect(model.generateBatch(['ab', 7] as never)).rejects.toThrow('for prompts[1] but received 7 of type number')

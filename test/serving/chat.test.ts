@@ -1,0 +1,49 @@
+// Conversations as prompts: an array of {role, content} messages goes through the model's chat
+// template (here the shipped model's ChatML) up to the assistant's turn.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { defaultModelPath, loadModel, type Model } from '../../lib/model.js'
+
+let model: Model
+
+beforeAll(async () => {
+  model = await loadModel(defaultModelPath, { device: 'cpu', maxBatchSize: 4 })
+})
+
+afterAll(() => model.dispose())
+
+describe('chat messages as the prompt', () => {
+  it('one user message is the same request as text with chat: true', async () => {
+    const messages = await model.generate([{ role: 'user', content: 'Who art thou?' }], { maxTokens: 12 })
+    const text = await model.generate('Who art thou?', { maxTokens: 12, chat: true })
+    expect(messages.tokens).toEqual(text.tokens)
+    expect(Float32Array.from(messages.logprobs)).toEqual(Float32Array.from(text.logprobs))
+  })
+
+  it('a conversation is rendered by the template, ending with the assistant turn', async () => {
+    const conversation = [
+      { role: 'system', content: 'Speak as a king.' },
+      { role: 'user', content: 'Who art thou?' },
+      { role: 'assistant', content: 'A man.' },
+      { role: 'user', content: 'What man?' },
+    ]
+    const rendered =
+      '<|im_start|>system\nSpeak as a king.<|im_end|>\n<|im_start|>user\nWho art thou?<|im_end|>\n' +
+      '<|im_start|>assistant\nA man.<|im_end|>\n<|im_start|>user\nWhat man?<|im_end|>\n<|im_start|>assistant\n'
+    const ids = model.tokenize(rendered)
+    const [fromMessages, fromIds] = await model.generateBatch([conversation, ids], { maxTokens: 10 })
+    expect(fromMessages!.timings.promptTokens).toBe(ids.length)
+    expect(fromMessages!.tokens).toEqual(fromIds!.tokens)
+    const streamed: number[] = []
+    for await (const piece of model.stream(conversation, { maxTokens: 10 })) streamed.push(piece.token)
+    expect(streamed).toEqual(fromIds!.tokens)
+    const scored = await model.score(conversation, fromIds!.tokens)
+    expect(Float32Array.from(scored.logprobs)).toEqual(Float32Array.from(fromIds!.logprobs))
+  })
+
+  it('rejects malformed messages with the element that is wrong', async () => {
+    await expect(model.generate([{ role: 'user', content: 'hi' }, { role: 'user' }] as never)).rejects.toThrow(
+      'Expected chat message {role, content} with string values for prompt[1] but received [object Object] of type object',
+    )
+    await expect(model.generateBatch(['ok', [{ content: 'x' }]] as never)).rejects.toThrow('for prompts[1][0]')
+  })
+})
