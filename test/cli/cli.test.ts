@@ -215,7 +215,7 @@ describe('the shipped model', () => {
 
   it('runs every example, and the examples find what they claim', () => {
     const run = (name: string) => spawnSync(process.execPath, [join(root, 'examples', name)], { cwd: root, encoding: 'utf8' })
-    for (const name of ['generate.mjs', 'stream.mjs', 'batch.mjs', 'score.mjs']) {
+    for (const name of ['generate.mjs', 'stream.mjs', 'batch.mjs', 'score.mjs', 'chat.mjs']) {
       const r = run(name)
       expect(r.status, `${name}: ${r.stderr}`).toBe(0)
       expect(r.stdout.length).toBeGreaterThan(0)
