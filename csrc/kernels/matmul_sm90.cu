@@ -55,10 +55,12 @@ struct Args {
 // STAGED (bf16 out, no split, N a multiple of 8): each consumer writes its 64 x BN outputs to
 // shared memory and one thread hands them to the copy engine, which stores them while the
 // consumers go on with the next tile; otherwise every thread stores its own outputs.
-template <int BM_, int BN_, int STAGES_, bool STAGED_ = false, int GROUP_M_ = 8>
+// FULL_A: copy BM rows of a even when M is smaller (the copy engine fills the missing rows with
+// zeros) instead of zeroing them once; the same products, another prologue.
+template <int BM_, int BN_, int STAGES_, bool STAGED_ = false, bool FULL_A_ = false, int GROUP_M_ = 8>
 struct Tiles {
   static constexpr int BM = BM_, BN = BN_, STAGES = STAGES_, GROUP_M = GROUP_M_;
-  static constexpr bool STAGED = STAGED_;
+  static constexpr bool STAGED = STAGED_, FULL_A = FULL_A_;
   static constexpr int CONSUMERS = BM / 64;
   static constexpr int THREADS = kWarpgroup * (CONSUMERS + 1);
   static constexpr int A_BYTES = BM * kRowBytes, W_BYTES = BN * kRowBytes;
@@ -384,7 +386,7 @@ void launch_tiles(const Problem& p, cudaStream_t stream) {
   });
   CUDA_CHECK(attr_err);
   DI_CHECK(slots > 0, "matmul: the sm_90 kernel ", T::BM, "x", T::BN, " does not fit on this device");
-  const int a_rows = p.M >= T::BM ? T::BM : (p.M + 7) / 8 * 8;
+  const int a_rows = p.M >= T::BM || T::FULL_A ? T::BM : (p.M + 7) / 8 * 8;
   CUtensorMap map_a = tensor_map(p.a, p.M, p.K, a_rows, "a");
   CUtensorMap map_w = tensor_map(p.w, p.N, p.K, T::BN, "w");
   int64_t tiles = ((int64_t{p.M} + T::BM - 1) / T::BM) * ((int64_t{p.N} + T::BN - 1) / T::BN);
@@ -417,7 +419,9 @@ const Entry kConfigs[] = {
     {"wg 128x64 s8", launch_tiles<Tiles<128, 64, 8>>},
     {"wg 128x128 s6", launch_tiles<Tiles<128, 128, 6>>},
     {"wg 128x256 s4", launch_tiles<Tiles<128, 256, 4>>},
-    // Staged stores (not used by production_config until they are measured): the same products.
+    // Development only, until measured (production_config does not choose them): the same
+    // products with a full-height copy of a, or with staged stores.
+    {"wg 64x32 s16 full-a", launch_tiles<Tiles<64, 32, 16, false, true>>},
     {"wg 128x256 s3", launch_tiles<Tiles<128, 256, 3>>},
     {"wg 128x256 s3 staged", launch_tiles<Tiles<128, 256, 3, true>>},
     {"wg 128x128 s5 staged", launch_tiles<Tiles<128, 128, 5, true>>},
