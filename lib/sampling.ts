@@ -50,8 +50,25 @@ export function keptTokens(logits: Float32Array, params: SamplingParams): Int32A
   return kept
 }
 
-function byLogitDescending(logits: Float32Array): (a: number, b: number) => number {
-  return (a, b) => logits[b]! - logits[a]! || a - b
+// Sorts ids by descending logit, lowest id first on ties, with a numeric sort of exact keys:
+// key = rank of the logit (its float32 bits made order-preserving, inverted) * 2^21 + id, below
+// 2^53, so every key is an exact double. NaN ranks as -Infinity, -0 as +0.
+const ID_BITS = 2 ** 21
+function byLogitDescending(logits: Float32Array, ids: Int32Array): Int32Array {
+  if (logits.length > ID_BITS) return Int32Array.from(ids).sort((a, b) => ordered(logits[b]!) - ordered(logits[a]!) || a - b)
+  const values = new Float32Array(ids.length)
+  const bitsOf = new Uint32Array(values.buffer)
+  for (let i = 0; i < ids.length; i++) values[i] = ordered(logits[ids[i]!]!) + 0
+  const keys = new Float64Array(ids.length)
+  for (let i = 0; i < ids.length; i++) {
+    const bits = bitsOf[i]!
+    const ascending = bits & 0x80000000 ? ~bits >>> 0 : (bits | 0x80000000) >>> 0 // order-preserving
+    keys[i] = (0xffffffff - ascending) * ID_BITS + ids[i]!
+  }
+  keys.sort()
+  const out = new Int32Array(ids.length)
+  for (let i = 0; i < ids.length; i++) out[i] = keys[i]! % ID_BITS
+  return out
 }
 
 function ordered(x: number): number {
@@ -60,7 +77,8 @@ function ordered(x: number): number {
 
 /** The k highest logits' ids, sorted: a threshold by quickselect, then a sort of k ids only. */
 function topK(logits: Float32Array, k: number): Int32Array {
-  const values = Float64Array.from(logits, ordered)
+  const values = new Float64Array(logits.length)
+  for (let v = 0; v < logits.length; v++) values[v] = ordered(logits[v]!)
   const threshold = kthLargest(values, k)
   const ids: number[] = []
   for (let v = 0; v < logits.length; v++) if (ordered(logits[v]!) > threshold) ids.push(v)
@@ -104,29 +122,46 @@ function kthLargest(a: Float64Array, k: number): number {
  */
 function topP(logits: Float32Array, candidates: Int32Array | null, params: SamplingParams): Int32Array {
   const t = params.temperature
-  const all = candidates ?? Int32Array.from({ length: logits.length }, (_, i) => i)
-  const byId = Int32Array.from(all).sort()
+  const count = candidates ? candidates.length : logits.length
+  const byId = candidates ? Int32Array.from(candidates).sort() : null // null: 0..count-1
+  const idAt = (i: number) => (byId ? byId[i]! : i)
+  // Each candidate's scaled logit and weight once (position i in id order); sums go in id order.
+  const scaled = new Float64Array(count)
   let max = -Infinity
-  for (const v of byId) max = Math.max(max, ordered(logits[v]!) / t)
-  if (max === -Infinity) return all
-  const weight = (v: number) => Math.exp(ordered(logits[v]!) / t - max)
+  for (let i = 0; i < count; i++) {
+    scaled[i] = ordered(logits[idAt(i)]!) / t
+    max = Math.max(max, scaled[i]!)
+  }
+  if (max === -Infinity) return candidates ?? Int32Array.from({ length: count }, (_, i) => i)
+  const weights = new Float64Array(count)
   let total = 0
-  for (const v of byId) total += weight(v)
+  for (let i = 0; i < count; i++) {
+    weights[i] = Math.exp(scaled[i]! - max)
+    total += weights[i]!
+  }
 
-  let sorted: Int32Array | null = candidates
+  let sorted: Int32Array | null = candidates // top-k's candidates come sorted already
   for (let gap = 8; !sorted && gap <= 64; gap *= 2) {
-    const above: number[] = []
     let mass = 0
-    for (const v of byId)
-      if (ordered(logits[v]!) / t >= max - gap) {
-        above.push(v)
-        mass += weight(v)
+    let above = 0
+    for (let i = 0; i < count; i++)
+      if (scaled[i]! >= max - gap) {
+        above++
+        mass += weights[i]!
       }
     // The margin keeps rounding in the two sums from ever deciding the outcome.
-    if (mass / total >= params.topP + 1e-6) sorted = Int32Array.from(above).sort(byLogitDescending(logits))
+    if (mass / total >= params.topP + 1e-6) {
+      const picked = new Int32Array(above)
+      for (let i = 0, n = 0; i < count; i++) if (scaled[i]! >= max - gap) picked[n++] = idAt(i)
+      sorted = byLogitDescending(logits, picked)
+    }
   }
-  sorted ??= Int32Array.from(all).sort(byLogitDescending(logits))
+  sorted ??= byLogitDescending(logits, Int32Array.from({ length: count }, (_, i) => i))
 
+  // Weights by id for the walk down the sorted prefix.
+  const weightOf = new Map<number, number>()
+  if (byId) for (let i = 0; i < count; i++) weightOf.set(byId[i]!, weights[i]!)
+  const weight = (v: number) => (byId ? weightOf.get(v)! : weights[v]!)
   let cumulative = 0
   let n = 0
   while (n < sorted.length) {

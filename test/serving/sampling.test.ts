@@ -118,4 +118,43 @@ describe('seeded sampling', () => {
         }
     expect(differentFromArgmax).toBeGreaterThan(10)
   })
+
+  // The kept set itself, in order, against the plain definition: a full sort by descending logit
+  // (lowest id first on ties), top-k, then the prefix whose probability (summed in id order for
+  // the normalization, in sorted order for the walk) reaches top-p. Flat and peaked rows, exact
+  // ties and a signed zero.
+  it('keeps exactly the tokens of the plain definition, in order', () => {
+    const vocab = 30_000
+    const flat = Float32Array.from(randomNormal(vocab, 5, 1), (x) => Math.fround(x / 4))
+    const peaked = randomNormal(vocab, 6, 3)
+    for (const row of [flat, peaked]) {
+      row[100] = row[200]! // an exact tie
+      row[300] = 0
+      row[301] = -0
+      const plain = (p: SamplingParams): number[] => {
+        let order = Array.from({ length: vocab }, (_, i) => i).sort((a, b) => row[b]! - row[a]! || a - b)
+        if (p.topK > 0) order = order.slice(0, p.topK)
+        if (p.topP >= 1) return order
+        const byId = [...order].sort((a, b) => a - b)
+        const max = Math.max(...byId.map((v) => row[v]! / p.temperature))
+        let total = 0
+        for (const v of byId) total += Math.exp(row[v]! / p.temperature - max)
+        let c = 0
+        let n = 0
+        while (n < order.length) {
+          c += Math.exp(row[order[n]!]! / p.temperature - max) / total
+          n++
+          if (c >= p.topP) break
+        }
+        return order.slice(0, n)
+      }
+      for (const temperature of [0.5, 1.3])
+        for (const topK of [0, 40, 5000])
+          for (const topP of [0.999, 0.9, 0.3]) {
+            const params = { temperature, topK, topP, seed: 1 }
+            const kept = keptTokens(row, params)
+            expect(Array.from(kept ?? []), JSON.stringify(params)).toEqual(plain(params))
+          }
+    }
+  })
 })
