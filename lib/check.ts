@@ -8,6 +8,7 @@
 // With the invariant kernels every completion must equal the reference. With the variant kernels
 // (setVariantKernels(true)) the same harness is expected to find differences: that is how we
 // know it can.
+import type { SamplingParams } from './sampling.js'
 import { Scheduler, type ForwardModel, type SchedulerOptions } from './scheduler.js'
 
 export interface NoiseOptions {
@@ -26,6 +27,11 @@ export interface CheckOptions {
   runs: number
   /** Tokens per completion (EOS does not end them: every completion has exactly this many). */
   maxTokens: number
+  /**
+   * Seeded sampling for the prompt's completions (null or absent: greedy). Every run uses the same
+   * seed, so every run must draw the same tokens; the noise prompts sample with seeds of their own.
+   */
+  sampling?: SamplingParams | null
   noise: NoiseOptions
   /** Serving configurations the runs are spread over, one phase each. */
   phases: SchedulerOptions[]
@@ -71,6 +77,7 @@ export interface CheckReport {
   /** Largest number of sequences seen running together. */
   maxConcurrentSeen: number
   phases: SchedulerOptions[]
+  sampling: SamplingParams | null
 }
 
 /** mulberry32: a small seeded generator for load patterns and test inputs (never for sampling). */
@@ -88,18 +95,19 @@ export function mulberry32(seed: number): () => number {
 interface Job {
   prompt: number[]
   maxTokens: number
+  sampling: SamplingParams | null
   run: number // index among the target's runs, -1 for noise
 }
 
 /** Generates exactly maxTokens tokens (EOS included as an ordinary token). */
-function complete(scheduler: Scheduler, prompt: number[], maxTokens: number): Promise<Completion> {
+function complete(scheduler: Scheduler, prompt: number[], maxTokens: number, sampling: SamplingParams | null): Promise<Completion> {
   const tokens: number[] = []
   const logprobs: number[] = []
   const scheduled = scheduler.submit({
     kind: 'generate',
     prompt,
     maxTokens,
-    sampling: null,
+    sampling,
     onToken(token, logprob) {
       tokens.push(token)
       logprobs.push(logprob)
@@ -132,11 +140,14 @@ function divergence(reference: Completion, c: Completion, run: number): Divergen
 function jobsFor(options: CheckOptions, rand: () => number): Job[] {
   const { noise } = options
   const jobs: Job[] = []
-  for (let r = 0; r < options.runs; r++) jobs.push({ prompt: options.prompt, maxTokens: options.maxTokens, run: -1 })
+  const sampling = options.sampling ?? null
+  for (let r = 0; r < options.runs; r++) jobs.push({ prompt: options.prompt, maxTokens: options.maxTokens, sampling, run: -1 })
   for (let i = 0; i < noise.count; i++) {
     const length = 1 + Math.floor(rand() * noise.maxPromptTokens)
     const prompt = Array.from({ length }, () => 1 + Math.floor(rand() * (noise.vocab - 1)))
-    jobs.push({ prompt, maxTokens: 1 + Math.floor(rand() * noise.maxTokens), run: -1 })
+    const maxTokens = 1 + Math.floor(rand() * noise.maxTokens)
+    const own = sampling ? { ...sampling, seed: Math.floor(rand() * 2 ** 32) } : null
+    jobs.push({ prompt, maxTokens, sampling: own, run: -1 })
   }
   for (let i = jobs.length - 1; i > 0; i--) {
     const j = Math.floor(rand() * (i + 1))
@@ -148,9 +159,14 @@ function jobsFor(options: CheckOptions, rand: () => number): Job[] {
 }
 
 /** The completion of `prompt` with nothing else running: one sequence, whole-prompt prefill. */
-export function referenceCompletion(model: ForwardModel, prompt: number[], maxTokens: number): Promise<Completion> {
+export function referenceCompletion(
+  model: ForwardModel,
+  prompt: number[],
+  maxTokens: number,
+  sampling: SamplingParams | null = null,
+): Promise<Completion> {
   const scheduler = new Scheduler(model, { maxBatchSize: 1, prefillChunkSize: model.maxBatchTokens })
-  return complete(scheduler, prompt, maxTokens)
+  return complete(scheduler, prompt, maxTokens, sampling)
 }
 
 /**
@@ -173,7 +189,7 @@ async function servePhase(
       await Promise.race(inFlight)
       target = 1 + Math.floor(rand() * 2 * scheduler.maxBatchSize)
     }
-    const p: Promise<void> = complete(scheduler, job.prompt, job.maxTokens).then((c) => {
+    const p: Promise<void> = complete(scheduler, job.prompt, job.maxTokens, job.sampling).then((c) => {
       inFlight.delete(p)
       onDone(job, c, scheduler.load.running)
     })
@@ -186,7 +202,7 @@ export async function runCheck(model: ForwardModel, options: CheckOptions): Prom
   if (options.phases.length === 0) throw new RangeError('runCheck: expected at least one serving phase')
   const rand = mulberry32(options.seed)
   const started = performance.now()
-  const reference = await referenceCompletion(model, options.prompt, options.maxTokens)
+  const reference = await referenceCompletion(model, options.prompt, options.maxTokens, options.sampling ?? null)
   const jobs = jobsFor(options, rand)
   const completions: Completion[] = new Array(options.runs)
   let generated = reference.tokens.length
@@ -231,6 +247,7 @@ export async function runCheck(model: ForwardModel, options: CheckOptions): Prom
     tokensPerSecond: generated / seconds,
     maxConcurrentSeen: maxConcurrent,
     phases: options.phases,
+    sampling: options.sampling ?? null,
   }
 }
 

@@ -5,9 +5,12 @@
 import { readFileSync } from 'node:fs'
 import { Command, InvalidArgumentError, Option } from 'commander'
 import { defaultPhases, runCheck, type CheckReport } from '../check.js'
+import { resolveGenerateOptions } from '../generate.js'
 import { resolveDevice, setVariantKernels } from '../device.js'
 import { defaultModelPath } from '../model.js'
+import { loadModelConfig } from '../model/config.js'
 import { Transformer } from '../model/transformer.js'
+import type { SamplingParams } from '../sampling.js'
 import { Tokenizer } from '../tokenizer.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
 
@@ -19,6 +22,10 @@ interface CheckFlags {
   noise?: number
   maxBatchSize?: number
   seed: number
+  temperature?: number
+  topK?: number
+  topP?: number
+  samplingSeed?: number
   device: 'auto' | 'cpu' | 'cuda'
   chat?: boolean
   variant?: boolean
@@ -29,6 +36,38 @@ function positive(value: string): number {
   const n = Number(value)
   if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError(`expected a positive integer but received "${value}"`)
   return n
+}
+
+function number(value: string): number {
+  const n = Number(value)
+  if (value.trim() === '' || !Number.isFinite(n)) throw new InvalidArgumentError(`expected a number but received "${value}"`)
+  return n
+}
+
+function integer(value: string): number {
+  const n = Number(value)
+  if (value.trim() === '' || !Number.isInteger(n)) throw new InvalidArgumentError(`expected an integer but received "${value}"`)
+  return n
+}
+
+/** The runs' sampling from the flags (null: greedy), checked like generate's options. */
+function samplingFrom(flags: CheckFlags, limits: { contextLength: number; vocabSize: number }): SamplingParams | null {
+  if (flags.temperature === undefined) {
+    if (flags.topK !== undefined || flags.topP !== undefined || flags.samplingSeed !== undefined)
+      throw new Error('--top-k, --top-p and --sampling-seed apply to sampling: give --temperature too')
+    return null
+  }
+  const options = {
+    temperature: flags.temperature,
+    seed: flags.samplingSeed ?? 0,
+    ...(flags.topK !== undefined && { topK: flags.topK }),
+    ...(flags.topP !== undefined && { topP: flags.topP }),
+  }
+  return resolveGenerateOptions(options, limits).sampling
+}
+
+function describeSampling(s: SamplingParams | null): string {
+  return s ? `sampling at temperature ${s.temperature}, top-k ${s.topK}, top-p ${s.topP}, seed ${s.seed}` : 'greedy'
 }
 
 function describeDivergence(r: CheckReport): string {
@@ -67,6 +106,10 @@ export function checkCommand(): Command {
     .option('--noise <n>', 'other random prompts mixed in (default: half of --runs)', positive)
     .option('--max-batch-size <n>', 'largest batch (default: 64 on CUDA, 16 on the CPU)', positive)
     .option('--seed <n>', 'seed of the arrival order and the noise prompts', positive, 1)
+    .option('--temperature <t>', 'sample instead of greedy decoding: every run with the same seed must draw the same tokens', number)
+    .option('--top-k <k>', 'with --temperature: sample among the k most likely tokens', integer)
+    .option('--top-p <p>', 'with --temperature: sample among the most likely tokens up to probability p', number)
+    .option('--sampling-seed <n>', 'with --temperature: the seed of every run (default 0)', integer)
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--chat', "wrap the prompt in the model's chat template")
     .option('--variant', 'also run on the variant kernels (batch-dependent splits), for contrast')
@@ -76,6 +119,8 @@ export function checkCommand(): Command {
       const text = flags.promptFile !== undefined ? readFileSync(flags.promptFile, 'utf8') : (argument ?? 'ROMEO:')
       const device = resolveDevice(flags.device)
       const maxBatchSize = flags.maxBatchSize ?? (device === 'cuda' ? 64 : 16)
+      const config = await loadModelConfig(dir)
+      const sampling = samplingFrom(flags, { contextLength: config.maxPositionEmbeddings, vocabSize: config.vocabSize })
       const tokenizer = await Tokenizer.load(dir)
       const prompt = tokenizer.encodePrompt(text, flags.chat === true)
       if (prompt.length === 0) throw new Error('the prompt is empty after tokenizing')
@@ -101,6 +146,7 @@ export function checkCommand(): Command {
             prompt,
             runs: flags.runs,
             maxTokens: flags.maxTokens,
+            sampling,
             noise: { count: total - flags.runs, vocab: Math.min(tokenizer.vocabSize, model.config.vocabSize), maxPromptTokens: maxNoisePrompt, maxTokens: flags.maxTokens },
             phases: defaultPhases(maxBatchSize, maxBatchTokens),
             seed: flags.seed,
@@ -117,10 +163,10 @@ export function checkCommand(): Command {
         model.dispose()
       }
       if (flags.json) {
-        process.stdout.write(JSON.stringify({ model: dir, device, prompt: text, reports: Object.fromEntries(reports) }) + '\n')
+        process.stdout.write(JSON.stringify({ model: dir, device, prompt: text, sampling, reports: Object.fromEntries(reports) }) + '\n')
         return
       }
-      process.stdout.write(`model ${dir} on ${device}, prompt ${JSON.stringify(text)} (${prompt.length} tokens)\n`)
+      process.stdout.write(`model ${dir} on ${device}, prompt ${JSON.stringify(text)} (${prompt.length} tokens), ${describeSampling(sampling)}\n`)
       process.stdout.write(`reference: ${JSON.stringify(tokenizer.decode(reports[0]![1].reference.tokens).slice(0, 120))}\n\n`)
       process.stdout.write(table(reports) + '\n')
       const invariant = reports[0]![1]

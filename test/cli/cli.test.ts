@@ -213,6 +213,24 @@ describe('the shipped model', () => {
     }
   })
 
+  it('check: greedy and seeded sampling runs all equal the run alone; sampling flags need --temperature', () => {
+    const greedy = detinfer(['check', '--device', 'cpu', '--runs', '12', '-n', '8', '--json'])
+    expect(greedy.code, greedy.stderr).toBe(0)
+    const g = JSON.parse(greedy.stdout)
+    expect(g.sampling).toBeNull()
+    expect(g.reports.invariant.identicalToReference).toBe(12)
+    const sampled = detinfer(['check', '--device', 'cpu', '--runs', '12', '-n', '8', '--temperature', '0.8', '--top-p', '0.9', '--sampling-seed', '3', '--json'])
+    expect(sampled.code, sampled.stderr).toBe(0)
+    const s = JSON.parse(sampled.stdout)
+    expect(s.sampling).toEqual({ temperature: 0.8, topK: 0, topP: 0.9, seed: 3 })
+    expect(s.reports.invariant.identicalToReference).toBe(12)
+    expect(s.reports.invariant.reference.tokens).not.toEqual(g.reports.invariant.reference.tokens)
+    const bad = detinfer(['check', '--device', 'cpu', '--top-k', '3'])
+    expect(bad.code).toBe(1)
+    expect(bad.stderr).toContain('detinfer: --top-k, --top-p and --sampling-seed apply to sampling: give --temperature too')
+    expectNoStackTrace(bad.stderr)
+  })
+
   it('runs every example, and the examples find what they claim', () => {
     const run = (name: string) => spawnSync(process.execPath, [join(root, 'examples', name)], { cwd: root, encoding: 'utf8' })
     for (const name of ['generate.mjs', 'stream.mjs', 'batch.mjs', 'score.mjs', 'chat.mjs']) {

@@ -60,6 +60,27 @@ describe('determinism on the CPU backend (random Qwen3, qwen3-tiny shape)', () =
     expect(r.maxConcurrentSeen).toBeGreaterThan(1)
   })
 
+  it('gives 60 identical seeded samples under varied batching, and the variant sees differences', async () => {
+    const sampling = { temperature: 1, topK: 0, topP: 0.9, seed: 12345 }
+    const sampled = { ...options(prompt, 60, 24, model.config.vocabSize), sampling }
+    const r = await runCheck(model, sampled)
+    console.log(`cpu sampled invariant: ${r.distinctCompletions} distinct of ${r.runs}`)
+    expect(r.sampling).toEqual(sampling)
+    expect(r.firstDivergence).toBeNull()
+    expect(r.identicalToReference).toBe(60)
+    // Sampling, not greedy decoding: the greedy completion of the same prompt is another one.
+    const greedy = await runCheck(model, { ...options(prompt, 1, 24, model.config.vocabSize), noise: { ...sampled.noise, count: 0 } })
+    expect(greedy.reference.tokens).not.toEqual(r.reference.tokens)
+    setVariantKernels(true)
+    try {
+      const v = await runCheck(model, sampled)
+      console.log(`cpu sampled variant: ${v.distinctCompletions} distinct of ${v.runs}, ${v.identicalToReference} identical`)
+      expect(v.identicalToReference).toBeLessThan(60)
+    } finally {
+      setVariantKernels(false)
+    }
+  })
+
   it('sees differences with the variant kernels', async () => {
     setVariantKernels(true)
     try {
