@@ -6,6 +6,7 @@ import { Command } from 'commander'
 import { checkCommand } from './check.js'
 import { generateCommand } from './generate.js'
 import { infoCommand } from './info.js'
+import { scoreCommand } from './score.js'
 import { packageVersion } from './package-info.js'
 
 const program = new Command('detinfer')
@@ -13,8 +14,8 @@ const program = new Command('detinfer')
   .version(packageVersion())
   .showHelpAfterError('(run with --help for usage)')
 
-// Subcommands: generate, check, info.
-for (const command of [generateCommand(), checkCommand(), infoCommand()]) program.addCommand(command)
+// Subcommands: generate, score, check, info.
+for (const command of [generateCommand(), scoreCommand(), checkCommand(), infoCommand()]) program.addCommand(command)
 
 try {
   await program.parseAsync(process.argv)

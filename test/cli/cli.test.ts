@@ -213,6 +213,21 @@ describe('the shipped model', () => {
     }
   })
 
+  it('score gives the log-probs generate printed, bit for bit, and a readable table', () => {
+    const gen = JSON.parse(detinfer(['generate', '--device', 'cpu', '-n', '10', '--json', 'ROMEO:']).stdout)
+    const r = detinfer(['score', '--device', 'cpu', '--completion-ids', gen.tokens.join(','), '--json', 'ROMEO:'])
+    expect(r.code, r.stderr).toBe(0)
+    const scored = JSON.parse(r.stdout)
+    expect(scored.tokens).toEqual(gen.tokens)
+    expect(scored.logprobs).toEqual(gen.logprobs)
+    const table = detinfer(['score', '--device', 'cpu', '-c', ' Is the day so young?', 'ROMEO:'])
+    expect(table.code, table.stderr).toBe(0)
+    expect(table.stdout).toMatch(/^\d+ tokens: total log-prob -\d+\.\d+, mean -\d+\.\d+, perplexity \d+\.\d+$/m)
+    const both = detinfer(['score', '--device', 'cpu', '-c', 'x', '--completion-ids', '1', 'ROMEO:'])
+    expect(both.code).toBe(1)
+    expect(both.stderr).toContain('give the completion with exactly one of --completion, --completion-file and --completion-ids')
+  })
+
   it('check: greedy and seeded sampling runs all equal the run alone; sampling flags need --temperature', () => {
     const greedy = detinfer(['check', '--device', 'cpu', '--runs', '12', '-n', '8', '--json'])
     expect(greedy.code, greedy.stderr).toBe(0)

@@ -1,0 +1,71 @@
+// `detinfer score [prompt]`: the log-prob of each token of a completion after a prompt, from the
+// same forward pass as generation. For the ids `generate --json` printed, the log-probs are the
+// ones it printed, bit for bit.
+import { readFileSync } from 'node:fs'
+import { Command, InvalidArgumentError, Option } from 'commander'
+import { checkModelDir, defaultModelPath, loadModel } from '../model.js'
+import { withLoadProgress } from './progress.js'
+
+interface ScoreFlags {
+  model?: string
+  promptFile?: string
+  completion?: string
+  completionFile?: string
+  completionIds?: number[]
+  device: 'auto' | 'cpu' | 'cuda'
+  chat?: boolean
+  json?: boolean
+}
+
+function ids(value: string): number[] {
+  const list = value.split(',').map((s) => Number(s.trim()))
+  if (value.trim() === '' || list.some((n) => !Number.isInteger(n) || n < 0))
+    throw new InvalidArgumentError(`expected token ids separated by commas but received "${value}"`)
+  return list
+}
+
+function completionOf(flags: ScoreFlags): string | number[] {
+  const given = [flags.completion, flags.completionFile, flags.completionIds].filter((c) => c !== undefined)
+  if (given.length !== 1) throw new Error('give the completion with exactly one of --completion, --completion-file and --completion-ids')
+  if (flags.completionIds !== undefined) return flags.completionIds
+  return flags.completionFile !== undefined ? readFileSync(flags.completionFile, 'utf8') : flags.completion!
+}
+
+export function scoreCommand(): Command {
+  return new Command('score')
+    .description("print the log-prob of each token of a completion after a prompt (generation's forward pass)")
+    .argument('[prompt]', 'the prompt (or use --prompt-file)')
+    .option('-m, --model <dir>', 'Hugging Face model directory (default: the model shipped with detinfer)')
+    .option('--prompt-file <file>', 'read the prompt from a file')
+    .option('-c, --completion <text>', 'the completion, as text (tokenized on its own)')
+    .option('--completion-file <file>', 'read the completion text from a file')
+    .option('--completion-ids <ids>', 'the completion as token ids, e.g. the tokens of generate --json', ids)
+    .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .option('--chat', "wrap the prompt in the model's chat template")
+    .option('--json', 'print tokens and log-probs as JSON')
+    .action(async (argument: string | undefined, flags: ScoreFlags) => {
+      if (argument !== undefined && flags.promptFile !== undefined) throw new Error('give the prompt as an argument or with --prompt-file, not both')
+      const prompt = flags.promptFile !== undefined ? readFileSync(flags.promptFile, 'utf8') : argument
+      if (prompt === undefined) throw new Error('no prompt: give it as an argument or with --prompt-file')
+      const completion = completionOf(flags)
+      const modelDir = checkModelDir(flags.model ?? defaultModelPath)
+      const model = await withLoadProgress('model', (onProgress) => loadModel(modelDir, { device: flags.device, maxBatchSize: 1, onProgress }))
+      try {
+        const { tokens, logprobs } = await model.score(prompt, completion, { chat: flags.chat === true })
+        const total = logprobs.reduce((a, b) => a + b, 0)
+        if (flags.json) {
+          process.stdout.write(JSON.stringify({ model: modelDir, device: model.device, tokens, logprobs, total }) + '\n')
+          return
+        }
+        const width = Math.max(5, ...tokens.map((t) => String(t).length))
+        for (const [i, t] of tokens.entries())
+          process.stdout.write(`${String(t).padStart(width)}  ${logprobs[i]!.toFixed(6).padStart(11)}  ${JSON.stringify(model.detokenize([t]))}\n`)
+        process.stdout.write(
+          `${tokens.length} tokens: total log-prob ${total.toFixed(6)}, mean ${(total / tokens.length).toFixed(6)}, ` +
+            `perplexity ${Math.exp(-total / tokens.length).toFixed(4)}\n`,
+        )
+      } finally {
+        await model.dispose()
+      }
+    })
+}
