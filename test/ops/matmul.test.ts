@@ -97,6 +97,11 @@ describe('matmul on the CPU backend', () => {
     expect(await rowsAcrossM('cpu', 64, 256, [1, 2, 3, 7, 8, 16, 31, 64], 'f32')).toEqual([])
   })
 
+  it('rows are bit-identical whether one thread or several computed them', async () => {
+    // N = 1000, K = 512: one row is below the work that starts a second thread, 64 rows above it.
+    expect(await rowsAcrossM('cpu', 1000, 512, [1, 3, 17, 64], 'bf16')).toEqual([])
+  })
+
   it('variant twin: with a split-K chosen from M, some rows differ', async () => {
     const problems = await withVariant(() => rowsAcrossM('cpu', 64, 256, [1, 2, 3, 7, 8, 16, 31, 64], 'f32'))
     expect(problems.length).toBeGreaterThan(0)
