@@ -3,7 +3,7 @@
 // each equals the prompt's completion run alone, bit for bit, and where the first divergence is.
 // With --variant the same experiment runs again on the variant kernels, for contrast.
 import { readFileSync } from 'node:fs'
-import { Command, InvalidArgumentError, Option } from 'commander'
+import { Command, Option } from 'commander'
 import { defaultPhases, runCheck, type CheckReport } from '../check.js'
 import { resolveGenerateOptions } from '../generate.js'
 import { resolveDevice, setVariantKernels } from '../device.js'
@@ -12,6 +12,7 @@ import { loadModelConfig } from '../model/config.js'
 import { Transformer } from '../model/transformer.js'
 import type { SamplingParams } from '../sampling.js'
 import { Tokenizer } from '../tokenizer.js'
+import { integer, number, positive } from './parse.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
 
 interface CheckFlags {
@@ -30,24 +31,6 @@ interface CheckFlags {
   chat?: boolean
   variant?: boolean
   json?: boolean
-}
-
-function positive(value: string): number {
-  const n = Number(value)
-  if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError(`expected a positive integer but received "${value}"`)
-  return n
-}
-
-function number(value: string): number {
-  const n = Number(value)
-  if (value.trim() === '' || !Number.isFinite(n)) throw new InvalidArgumentError(`expected a number but received "${value}"`)
-  return n
-}
-
-function integer(value: string): number {
-  const n = Number(value)
-  if (value.trim() === '' || !Number.isInteger(n)) throw new InvalidArgumentError(`expected an integer but received "${value}"`)
-  return n
 }
 
 /** The runs' sampling from the flags (null: greedy), checked like generate's options. */

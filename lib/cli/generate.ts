@@ -1,9 +1,10 @@
 // `detinfer generate [prompt]`: one completion, streamed to stdout as it is generated.
 import { readFileSync } from 'node:fs'
-import { Command, InvalidArgumentError, Option } from 'commander'
+import { Command, Option } from 'commander'
 import { checkModelDir, defaultModelPath, loadModel } from '../model.js'
 import { loadModelConfig } from '../model/config.js'
 import { resolveGenerateOptions, type GenerateOptions } from '../generate.js'
+import { integer, number } from './parse.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
 
 interface GenerateFlags {
@@ -20,18 +21,6 @@ interface GenerateFlags {
   system?: string
   json?: boolean
   stream: boolean
-}
-
-function integer(value: string): number {
-  const n = Number(value)
-  if (value.trim() === '' || !Number.isInteger(n)) throw new InvalidArgumentError(`expected an integer but received "${value}"`)
-  return n
-}
-
-function number(value: string): number {
-  const n = Number(value)
-  if (value.trim() === '' || !Number.isFinite(n)) throw new InvalidArgumentError(`expected a number but received "${value}"`)
-  return n
 }
 
 function collect(value: string, previous: string[] | undefined): string[] {

@@ -2,8 +2,9 @@
 // same forward pass as generation. For the ids `generate --json` printed, the log-probs are the
 // ones it printed, bit for bit.
 import { readFileSync } from 'node:fs'
-import { Command, InvalidArgumentError, Option } from 'commander'
+import { Command, Option } from 'commander'
 import { checkModelDir, defaultModelPath, loadModel } from '../model.js'
+import { ids } from './parse.js'
 import { withLoadProgress } from './progress.js'
 
 interface ScoreFlags {
@@ -15,13 +16,6 @@ interface ScoreFlags {
   device: 'auto' | 'cpu' | 'cuda'
   chat?: boolean
   json?: boolean
-}
-
-function ids(value: string): number[] {
-  const list = value.split(',').map((s) => Number(s.trim()))
-  if (value.trim() === '' || list.some((n) => !Number.isInteger(n) || n < 0))
-    throw new InvalidArgumentError(`expected token ids separated by commas but received "${value}"`)
-  return list
 }
 
 function completionOf(flags: ScoreFlags): string | number[] {

@@ -1,0 +1,28 @@
+// Parsers of numeric command-line values, shared by the subcommands (commander calls them).
+import { InvalidArgumentError } from 'commander'
+
+export function integer(value: string): number {
+  const n = Number(value)
+  if (value.trim() === '' || !Number.isInteger(n)) throw new InvalidArgumentError(`expected an integer but received "${value}"`)
+  return n
+}
+
+export function positive(value: string): number {
+  const n = Number(value)
+  if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError(`expected a positive integer but received "${value}"`)
+  return n
+}
+
+export function number(value: string): number {
+  const n = Number(value)
+  if (value.trim() === '' || !Number.isFinite(n)) throw new InvalidArgumentError(`expected a number but received "${value}"`)
+  return n
+}
+
+/** Token ids separated by commas, e.g. "12,7,3". */
+export function ids(value: string): number[] {
+  const list = value.split(',').map((s) => Number(s.trim()))
+  if (value.trim() === '' || list.some((n) => !Number.isInteger(n) || n < 0))
+    throw new InvalidArgumentError(`expected token ids separated by commas but received "${value}"`)
+  return list
+}
