@@ -290,10 +290,10 @@ int bench(const char* path) {
       std::printf("N=%6ld K=%6ld M=%5ld: %9.1f us  %7.1f TFLOP/s  weights %7.1f GB/s (%.0f%% of copy); back to back %.1f us (%.0f%%)  [%s]\n",
                   long(N), long(K), long(M), us, tflops, wgbs, 100 * wgbs / copy_gbs, b2b,
                   100 * double(w_bytes) / b2b / 1e3 / copy_gbs,
-                  cuda::matmul_dev::config_name(cuda::matmul_dev::production_config(M, N)));
+                  cuda::matmul_dev::config_name(cuda::matmul_dev::production_config(M, N, K)));
       std::fprintf(f, "%s    {\"N\": %ld, \"K\": %ld, \"M\": %ld, \"us\": %.3f, \"tflops\": %.2f, \"weight_gbs\": %.2f, \"us_back_to_back\": %.3f, \"config\": \"%s\"}",
                    first ? "" : ",\n", long(N), long(K), long(M), us, tflops, wgbs, b2b,
-                   cuda::matmul_dev::config_name(cuda::matmul_dev::production_config(M, N)));
+                   cuda::matmul_dev::config_name(cuda::matmul_dev::production_config(M, N, K)));
       first = false;
       // Every tile configuration on the same inputs: time, and the same bits as production?
       ops::matmul(out, as[0], ws[0], nullptr);
@@ -326,7 +326,7 @@ int bench(const char* path) {
       // Exploration for a split-K fixed per (N,K) (not used by production): what S K ranges,
       // combined in order through a workspace, would gain in decode and cost in prefill.
       if (M == 1 || M == 4096) {
-        int c = cuda::matmul_dev::production_config(M, N);
+        int c = cuda::matmul_dev::production_config(M, N, K);
         for (int splits : {2, 4}) {
           double sus = median_us([&](int i) { cuda::matmul_dev::matmul_with_config(other, as[i % pool], ws[i % pool], nullptr, c, splits); }, 10);
           std::printf("    split-K %d (%s)  %9.1f us %7.1f TFLOP/s %7.1f GB/s (another summation order: other bits)\n", splits,

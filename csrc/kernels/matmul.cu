@@ -312,7 +312,7 @@ MatmulLaunch matmul_config(int64_t M, int64_t N, int64_t K, bool hopper) {
   MatmulLaunch l;
   bool wide = N >= kWideN;
   if (hopper) {
-    l.tiles = sm90::production_config(M, N);
+    l.tiles = sm90::production_config(M, N, K);
   } else if (M <= 16) {
     l.tiles = wide ? k16x64kb2 : k16x32kb2;  // decode: stream W over many blocks
   } else if (M <= 32) {
@@ -400,8 +400,8 @@ const char* matmul_kernels() { return sm90::available() ? "wgmma (sm_90a)" : "mm
 namespace matmul_dev {
 int config_count() { return sm90::available() ? sm90::config_count() : kTileCount; }
 const char* config_name(int i) { return sm90::available() ? sm90::config_name(i) : kTileTable[i].name; }
-int production_config(int64_t M, int64_t N) {
-  return matmul_config(M, N, 64, sm90::available()).tiles;
+int production_config(int64_t M, int64_t N, int64_t K) {
+  return matmul_config(M, N, K, sm90::available()).tiles;
 }
 void matmul_with_config(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias, int config, int splits) {
   DI_CHECK(config >= 0 && config < config_count(), "matmul_with_config: no configuration ", config);

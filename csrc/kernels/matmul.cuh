@@ -11,7 +11,7 @@ namespace detinfer::cuda::matmul_dev {
 
 int config_count();
 const char* config_name(int config);
-int production_config(int64_t M, int64_t N);  // the configuration matmul() uses
+int production_config(int64_t M, int64_t N, int64_t K);  // the configuration matmul() uses
 void matmul_with_config(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias, int config,
                         int splits = 1);
 

@@ -24,9 +24,9 @@ struct Problem {
 bool available();
 int config_count();
 const char* config_name(int config);
-// The configuration production uses for M rows of an N-row weight. Tiles may follow M; the K
+// The configuration production uses for M rows of an [N, K] weight. Tiles may follow M; the K
 // chain (k16 steps, ascending, one accumulator) never does.
-int production_config(int64_t M, int64_t N);
+int production_config(int64_t M, int64_t N, int64_t K);
 void launch(const Problem& p, int config, cudaStream_t stream);
 
 }  // namespace detinfer::cuda::sm90
