@@ -4,7 +4,8 @@ checkpoint and the same prompt ids, bf16 on the GPU.
 
 Each batch generates exactly newTokens tokens per prompt (min_new_tokens = max_new_tokens, so EOS
 does not end it), prompts of equal length so no padding is needed; tokens per second are
-batch * newTokens over the wall time of generate() (CUDA synchronized), after one warm-up.
+batch * newTokens over the wall time of generate() (CUDA synchronized), after a short warm-up
+at the same batch size.
 Prefill: one forward pass over the long prompt, timed after a warm-up pass.
 Usage: python3 bench/hf_generate.py --model DIR --input prompts.json --out result.json
 """
@@ -53,9 +54,9 @@ def main():
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    generate_seconds([spec["prompts"][0][:8]], 2)  # warm-up
     rows = []
     for batch in spec["batches"]:
+        generate_seconds(spec["prompts"][:batch], 4)  # warm-up at this batch's shapes
         seconds = generate_seconds(spec["prompts"][:batch], new_tokens)
         rows.append({"batch": batch, "seconds": seconds, "tokensPerSecond": batch * new_tokens / seconds})
         print(f"hf batch {batch:4d}: {seconds:8.3f} s, {batch * new_tokens / seconds:9.1f} tok/s", flush=True)
