@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 
 #include "../common/attention_schedule.h"
 #include "../common/config.h"
@@ -51,7 +52,11 @@ struct PrefillTiles {
 };
 
 struct DecodeTiles {
-  static constexpr int kThreads = 32;  // one warp per split; single K and V buffers, loads overlap compute
+  static constexpr int kThreads = 32;  // one warp per split
+  template <int D, int kStages>        // the query tile and kStages key blocks of K and of V
+  static constexpr int smem_bytes() {
+    return (kTileRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16));
+  }
 };
 
 struct KvAppendTiles {
@@ -142,11 +147,19 @@ __device__ __forceinline__ void load_query_rows(bf16* dst, const bf16* q, int64_
 // ---------------------------------------------------------------------------------------------
 // Decode: grid (max_splits, kv_heads * row tiles, num_seqs), one warp. The warp's 16 tile rows are
 // (up to) 16 query heads of one kv head at the sequence's single query position len-1.
-template <int D>
+// kStages is the copy pipeline, which leaves the arithmetic alone (both give the same bits):
+//   1: one K and one V buffer (36 KiB at D=128, six warps per SM); the next block's K is
+//      requested once this block's scores are done, its V once the values are accumulated;
+//   2: K and V of two key blocks in flight (68 KiB, three warps per SM); a block's buffers are
+//      refilled with the block two further on as soon as it has been used. Faster while every
+//      warp of the grid is resident at once, slower once warps have to wait for a slot.
+template <int D, int kStages>
 __global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_kernel(AttentionArgs a) {
-  __shared__ __align__(128) bf16 q_s[kTileRows * D];
-  __shared__ __align__(128) bf16 k_s[kKeyBlock * D];
-  __shared__ __align__(128) bf16 v_s[kKeyBlock * D];
+  static_assert(kStages == 1 || kStages == 2, "single or double buffered");
+  extern __shared__ __align__(128) unsigned char decode_smem[];
+  bf16* q_s = reinterpret_cast<bf16*>(decode_smem);
+  bf16* k_s = q_s + kTileRows * D;            // kStages key blocks of K
+  bf16* v_s = k_s + kStages * kKeyBlock * D;  // and of V
 
   const int split_index = blockIdx.x, seq = blockIdx.z;
   const int group = a.heads / a.kv_heads, row_tiles = (group + kTileRows - 1) / kTileRows;
@@ -165,39 +178,60 @@ __global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_
   const int window_first = begin / a.block_size;
   const int lane_page = window_first + static_cast<int>(threadIdx.x);
   const int window_page = lane_page * a.block_size < len ? table[lane_page] : 0;
+  // K and/or V of the key block from key0 into stage `stage`.
+  const auto load = [&](auto load_k, auto load_v, int key0, int stage) {
+    load_key_block<D, DecodeTiles::kThreads, decltype(load_k)::value, decltype(load_v)::value, true>(
+        k_s + stage * kKeyBlock * D, v_s + stage * kKeyBlock * D, a, table, kv_head, key0, len, window_first,
+        window_page);
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
 
   load_query_rows<D, DecodeTiles::kThreads, kTileRows>(q_s, a.q, (static_cast<int64_t>(q_row) * a.heads + head0) * D,
                                                        D, rows);
-  load_key_block<D, DecodeTiles::kThreads, true, false, true>(k_s, nullptr, a, table, kv_head, begin, len, window_first,
-                                                              window_page);
-  cp_async_commit();
-  load_key_block<D, DecodeTiles::kThreads, false, true, true>(nullptr, v_s, a, table, kv_head, begin, len, window_first,
-                                                              window_page);
-  cp_async_commit();
-
   // The query sits at len-1, so its keys in this split are exactly [begin, end).
   const int limit[2] = {end, end};
   SplitAccum<D> acc;
   split_init(acc);
-  for (int key0 = begin; key0 < end; key0 += kKeyBlock) {
-    const bool has_next = key0 + kKeyBlock < end;
-    cp_async_wait<1>();  // K of this block (its V may still be in flight)
-    __syncwarp();
-    uint32_t p[kKeyBlock / 16][4];
-    block_scores(acc, p, q_s, k_s, key0, limit, a.scale_log2);
-    __syncwarp();
-    if (has_next)
-      load_key_block<D, DecodeTiles::kThreads, true, false, true>(k_s, nullptr, a, table, kv_head, key0 + kKeyBlock, len,
-                                                                  window_first, window_page);
+  uint32_t p[kKeyBlock / 16][4];
+  if constexpr (kStages == 1) {
+    load(Yes{}, No{}, begin, 0);
     cp_async_commit();
-    cp_async_wait<1>();  // V of this block
-    __syncwarp();
-    accumulate_values(acc, p, v_s);
-    __syncwarp();
-    if (has_next)
-      load_key_block<D, DecodeTiles::kThreads, false, true, true>(nullptr, v_s, a, table, kv_head, key0 + kKeyBlock, len,
-                                                                  window_first, window_page);
+    load(No{}, Yes{}, begin, 0);
     cp_async_commit();
+    for (int key0 = begin; key0 < end; key0 += kKeyBlock) {
+      const bool has_next = key0 + kKeyBlock < end;
+      cp_async_wait<1>();  // K of this block (its V may still be in flight)
+      __syncwarp();
+      block_scores(acc, p, q_s, k_s, key0, limit, a.scale_log2);
+      __syncwarp();
+      if (has_next) load(Yes{}, No{}, key0 + kKeyBlock, 0);
+      cp_async_commit();
+      cp_async_wait<1>();  // V of this block
+      __syncwarp();
+      accumulate_values(acc, p, v_s);
+      __syncwarp();
+      if (has_next) load(No{}, Yes{}, key0 + kKeyBlock, 0);
+      cp_async_commit();
+    }
+  } else {
+    // Key block b of the split uses stage b % kStages; one copy group per block (K and V), also
+    // an empty one past the split's end, so that the wait count below holds.
+#pragma unroll
+    for (int st = 0; st < kStages; ++st) {
+      if (begin + st * kKeyBlock < end) load(Yes{}, Yes{}, begin + st * kKeyBlock, st);
+      cp_async_commit();
+    }
+    for (int key0 = begin, b = 0; key0 < end; key0 += kKeyBlock, ++b) {
+      const int stage = b % kStages;
+      cp_async_wait<kStages - 1>();  // groups 0..b have landed: this block (and the query)
+      __syncwarp();
+      block_scores(acc, p, q_s, k_s + stage * kKeyBlock * D, key0, limit, a.scale_log2);
+      accumulate_values(acc, p, v_s + stage * kKeyBlock * D);
+      __syncwarp();
+      if (key0 + kStages * kKeyBlock < end) load(Yes{}, Yes{}, key0 + kStages * kKeyBlock, stage);
+      cp_async_commit();
+    }
   }
   finish_split(acc);
 
@@ -387,6 +421,35 @@ std::string describe_launch(const Tensor& q, const Tensor& k_cache, const Attent
          std::to_string(b.max_seq_len) + ")";
 }
 
+// Double-buffered decode while the whole grid is resident at once (three 68 KiB warps per SM);
+// from the H200 sweep of bench/attention.py (csrc/dev/attention.cu) it is up to 1.4x faster there
+// and up to 1.2x slower with more warps than slots.
+constexpr int kDeepDecodeWarpsPerSm = 3;
+
+int sm_count() {
+  static std::once_flag once;
+  static int sms = 0;
+  static cudaError_t err = cudaSuccess;
+  std::call_once(once, [] {
+    int device = 0;
+    err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  });
+  CUDA_CHECK(err);
+  return sms;
+}
+
+template <int D, int kStages>
+void launch_decode_split(const AttentionArgs& a, dim3 grid, cudaStream_t stream) {
+  constexpr int smem = DecodeTiles::smem_bytes<D, kStages>();
+  static std::once_flag configured;
+  std::call_once(configured, [] {
+    CUDA_CHECK(cudaFuncSetAttribute(attention_decode_split_kernel<D, kStages>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  });
+  attention_decode_split_kernel<D, kStages><<<grid, DecodeTiles::kThreads, smem, stream>>>(a);
+}
+
 template <int D>
 void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q, const Tensor& k_cache,
                       const AttentionBatch& batch, cudaStream_t stream) {
@@ -397,7 +460,12 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
     a.part_ml = a.part_o + partials * D;
     a.max_splits = l.max_splits;
     dim3 grid(l.max_splits, a.kv_heads * row_tiles, a.num_seqs);
-    attention_decode_split_kernel<D><<<grid, DecodeTiles::kThreads, 0, stream>>>(a);
+    const int64_t warps = int64_t{grid.x} * grid.y * grid.z;
+    if (warps <= kDeepDecodeWarpsPerSm * int64_t{sm_count()}) {
+      launch_decode_split<D, 2>(a, grid, stream);
+    } else {
+      launch_decode_split<D, 1>(a, grid, stream);
+    }
     CUDA_CHECK_LAUNCH("attention (decode splits)", describe_launch(q, k_cache, batch));
     attention_decode_combine_kernel<D><<<dim3(a.heads, a.num_seqs), D, 0, stream>>>(a);
     CUDA_CHECK_LAUNCH("attention (decode combine)", describe_launch(q, k_cache, batch));
