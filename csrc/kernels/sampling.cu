@@ -186,8 +186,9 @@ void argmax(Tensor& out, const Tensor& x) {
 // whose sums do not depend on the order of the atomics that form them, and every comparison is a
 // total order on (logit, id). The value bins below only narrow the search; the result is defined
 // without them. Row r depends on row r alone.
-// Variant (variant_kernels()): R < kVariantSplits sums each row's exp in kVariantSplits chunks
-// added at the end, as split row reductions do, so the log-probs' bits depend on R.
+// Variant (variant_kernels()): R < kVariantSplits reduces each row in kVariantSplits parts, each
+// with its own max and sum rescaled at the end, as split row reductions do, so the log-probs' bits
+// depend on R.
 namespace {
 
 namespace ch = detinfer::choice;
@@ -329,10 +330,15 @@ __device__ void gather_bins(Candidates c, const float* x, int64_t V, const Scale
   for (int i = threadIdx.x; i < kCandidates; i += kChoiceThreads) c.key[i] = 0, c.mass[i] = 0;
   if (threadIdx.x == 0) *c.count = 0;
   __syncthreads();
-  for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
-    float xv = x[v];
-    int b = s.bin(xv);
-    bool take = b >= lo && b <= hi;
+  // Every thread runs every iteration: the ballot needs whole warps.
+  for (int64_t base = 0; base < V; base += kChoiceThreads) {
+    const int64_t v = base + threadIdx.x;
+    const float xv = v < V ? x[v] : 0.f;
+    bool take = false;
+    if (v < V) {
+      int b = s.bin(xv);
+      take = b >= lo && b <= hi;
+    }
     unsigned ballot = __ballot_sync(0xffffffffu, take);
     int base = 0;
     if (threadIdx.x % 32 == 0 && ballot) base = atomicAdd(c.count, __popc(ballot));
@@ -467,13 +473,9 @@ __global__ void __launch_bounds__(kChoiceThreads)
   float sum = 0.f;
   unsigned tail_count = 0;
   unsigned long long tail_mass = 0;
-  const int64_t chunk = variant_split ? (V + kVariantSplits - 1) / kVariantSplits : V;
-  float chunk_sums[kVariantSplits] = {0.f, 0.f, 0.f, 0.f};
   for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
     float xv = xr[v];
-    float e = expf(xv - m);
-    if (variant_split) chunk_sums[v / chunk] = chunk_sums[v / chunk] + e;
-    else sum = sum + e;
+    if (!variant_split) sum = sum + expf(xv - m);
     if (!bins) continue;
     int b = s.bin(xv);
     unsigned long long w = sampling ? s.mass(xv) : 0ull;
@@ -485,8 +487,18 @@ __global__ void __launch_bounds__(kChoiceThreads)
     }
   }
   if (variant_split) {
+    // As split row reductions do: each part's own max and sum, rescaled to the row's max.
+    const int64_t chunk = (V + kVariantSplits - 1) / kVariantSplits;
     sum = 0.f;
-    for (int c = 0; c < kVariantSplits; ++c) sum = sum + block_sum<kChoiceThreads>(chunk_sums[c]);
+    for (int64_t begin = 0; begin < V; begin += chunk) {
+      const int64_t end = min(V, begin + chunk);
+      float cm = -INFINITY, cs = 0.f;
+      for (int64_t v = begin + threadIdx.x; v < end; v += kChoiceThreads) cm = fmaxf(cm, xr[v]);
+      cm = block_max<kChoiceThreads>(cm);
+      for (int64_t v = begin + threadIdx.x; v < end; v += kChoiceThreads) cs = cs + expf(xr[v] - cm);
+      cs = block_sum<kChoiceThreads>(cs);
+      if (cs > 0.f) sum = sum + cs * expf(cm - m);
+    }
   } else {
     sum = block_sum<kChoiceThreads>(sum);
   }
