@@ -140,6 +140,18 @@ void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) {
   on_cuda(out) ? cuda::silu_mul(out, gate, up) : cpu::silu_mul(out, gate, up);
 }
 
+void silu_mul_packed(Tensor& out, const Tensor& gate_up) {
+  Checker c{"silu_mul_packed"};
+  c.devices({{"out", &out}, {"gate_up", &gate_up}});
+  c.dtype(out, "out", {DType::BF16});
+  c.dtype(gate_up, "gate_up", {DType::BF16});
+  c.rank(out, "out", 2);
+  c.rank(gate_up, "gate_up", 2);
+  c.dim(gate_up, "gate_up", 0, out.dim(0), "rows of out");
+  c.dim(gate_up, "gate_up", 1, 2 * out.dim(1), "twice the columns of out: gate then up");
+  on_cuda(out) ? cuda::silu_mul_packed(out, gate_up) : cpu::silu_mul_packed(out, gate_up);
+}
+
 void add(Tensor& out, const Tensor& a, const Tensor& b) {
   Checker c{"add"};
   c.devices({{"out", &out}, {"a", &a}, {"b", &b}});
@@ -168,6 +180,45 @@ void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& 
   c.rank(slots, "slots", 1);
   c.dim(slots, "slots", 0, k.dim(0), "tokens, rows of k");
   on_cuda(k) ? cuda::kv_append(k_cache, v_cache, k, v, slots) : cpu::kv_append(k_cache, v_cache, k, v, slots);
+}
+
+void qkv_rope_append(Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, const Tensor& positions,
+                     const Tensor& cos_sin, const Tensor& slots, const Tensor* q_norm, const Tensor* k_norm,
+                     float eps) {
+  Checker c{"qkv_rope_append"};
+  c.devices({{"q_out", &q_out}, {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"qkv", &qkv},
+             {"positions", &positions}, {"cos_sin", &cos_sin}, {"slots", &slots}});
+  c.dtype(q_out, "q_out", {DType::BF16});
+  c.rank(q_out, "q_out", 3);
+  c.dtype(k_cache, "k_cache", {DType::BF16});
+  c.rank(k_cache, "k_cache", 4);
+  c.dtype(v_cache, "v_cache", {DType::BF16});
+  c.same_shape(k_cache, "k_cache", v_cache, "v_cache");
+  c.dim(q_out, "q_out", 2, k_cache.dim(3), "head dim of the cache");
+  if (q_out.dim(2) % 2 != 0) fail("qkv_rope_append: expected an even head dim but received ", q_out.describe());
+  const int64_t T = q_out.dim(0), D = q_out.dim(2);
+  c.dtype(qkv, "qkv", {DType::BF16});
+  c.rank(qkv, "qkv", 2);
+  c.dim(qkv, "qkv", 0, T, "tokens, rows of q_out");
+  c.dim(qkv, "qkv", 1, (q_out.dim(1) + 2 * k_cache.dim(2)) * D, "(heads + 2 * kv heads) * head dim");
+  c.dtype(positions, "positions", {DType::I32});
+  c.rank(positions, "positions", 1);
+  c.dim(positions, "positions", 0, T, "tokens, rows of q_out");
+  c.dtype(slots, "slots", {DType::I32});
+  c.rank(slots, "slots", 1);
+  c.dim(slots, "slots", 0, T, "tokens, rows of q_out");
+  c.dtype(cos_sin, "cos_sin", {DType::F32});
+  c.rank(cos_sin, "cos_sin", 2);
+  c.dim(cos_sin, "cos_sin", 1, D, "head dim");
+  for (auto [name, w] : {std::pair<const char*, const Tensor*>{"q_norm", q_norm}, {"k_norm", k_norm}}) {
+    if (!w) continue;
+    c.devices({{"q_out", &q_out}, {name, w}});
+    c.dtype(*w, name, {DType::BF16});
+    c.rank(*w, name, 1);
+    c.dim(*w, name, 0, D, "head dim");
+  }
+  on_cuda(q_out) ? cuda::qkv_rope_append(q_out, k_cache, v_cache, qkv, positions, cos_sin, slots, q_norm, k_norm, eps)
+                 : cpu::qkv_rope_append(q_out, k_cache, v_cache, qkv, positions, cos_sin, slots, q_norm, k_norm, eps);
 }
 
 void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,

@@ -35,11 +35,20 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias);
 void rope(Tensor& x, const Tensor& positions, const Tensor& cos_sin);
 // out = silu(gate) * up   all bf16 [T, I]
 void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up);
+// out[t,i] = silu(gate_up[t,i]) * gate_up[t,I+i]   out [T, I], gate_up [T, 2I] (the fused gate|up product)
+void silu_mul_packed(Tensor& out, const Tensor& gate_up);
 // out = a + b   bf16, same shape
 void add(Tensor& out, const Tensor& a, const Tensor& b);
 // k_cache/v_cache [blocks, block_size, kv_heads, D] bf16; k,v [T, kv_heads, D]; slots i32 [T]
 // (slot = block * block_size + offset; a negative slot skips the row)
 void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& v, const Tensor& slots);
+// From the fused projection qkv [T, (heads + 2*kv_heads)*D] bf16 (q heads, k heads, v heads per row):
+// q_out [T, heads, D] = rope(q_norm(q)); the cache rows at slots get rope(k_norm(k)) and v (a negative
+// slot skips the row). q_norm, k_norm [D] or null (Qwen3's head norms). The same bits as rmsnorm per
+// head, rope and kv_append run one after the other.
+void qkv_rope_append(Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, const Tensor& positions,
+                     const Tensor& cos_sin, const Tensor& slots, const Tensor* q_norm, const Tensor* k_norm,
+                     float eps);
 // out,q [T, heads, D] bf16; causal attention over the paged cache, fixed split size (kernels/attention.h)
 void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                const AttentionBatch& batch, float scale);

@@ -61,8 +61,26 @@ export interface NativeAddon {
   matmul(out: NativeTensor, a: NativeTensor, w: NativeTensor, bias: NativeTensor | null): void
   rope(x: NativeTensor, positions: NativeTensor, cosSin: NativeTensor): void
   siluMul(out: NativeTensor, gate: NativeTensor, up: NativeTensor): void
+  /** out [T,I] = silu(gateUp[:, :I]) * gateUp[:, I:], gateUp [T,2I] the fused gate|up product. */
+  siluMulPacked(out: NativeTensor, gateUp: NativeTensor): void
   add(out: NativeTensor, a: NativeTensor, b: NativeTensor): void
   kvAppend(kCache: NativeTensor, vCache: NativeTensor, k: NativeTensor, v: NativeTensor, slots: NativeTensor): void
+  /**
+   * From the fused projection qkv [T, (heads + 2*kvHeads)*D]: qOut [T,heads,D] = rope(qNorm(q)), and the
+   * cache rows at slots get rope(kNorm(k)) and v; the bits of rmsnorm per head, rope and kvAppend.
+   */
+  qkvRopeAppend(
+    qOut: NativeTensor,
+    kCache: NativeTensor,
+    vCache: NativeTensor,
+    qkv: NativeTensor,
+    positions: NativeTensor,
+    cosSin: NativeTensor,
+    slots: NativeTensor,
+    qNorm: NativeTensor | null,
+    kNorm: NativeTensor | null,
+    eps: number,
+  ): void
   attention(
     out: NativeTensor,
     q: NativeTensor,

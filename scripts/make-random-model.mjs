@@ -7,6 +7,9 @@
 //
 //   node scripts/make-random-model.mjs --shape qwen3-0.6b --seed 1234 --out /tmp/qwen3-0.6b-random
 //
+// Shapes: qwen3-0.6b, qwen3-8b, llama3.1-8b (the published config.json dimensions; the 8B ones
+// write about 16 GB), and qwen3-tiny for quick runs.
+//
 // The tokenizer files are copied from the shipped default model (its vocabulary is smaller than
 // the model's: prompts use its ids, and generated ids beyond it decode to nothing).
 import { closeSync, copyFileSync, existsSync, mkdirSync, openSync, writeFileSync, writeSync } from 'node:fs'
@@ -33,6 +36,52 @@ export const SHAPES = {
     hidden_act: 'silu',
     torch_dtype: 'bfloat16',
   },
+  // Qwen/Qwen3-8B's config.json dimensions.
+  'qwen3-8b': {
+    architectures: ['Qwen3ForCausalLM'],
+    model_type: 'qwen3',
+    hidden_size: 4096,
+    intermediate_size: 12288,
+    num_hidden_layers: 36,
+    num_attention_heads: 32,
+    num_key_value_heads: 8,
+    head_dim: 128,
+    vocab_size: 151936,
+    max_position_embeddings: 40960,
+    rope_theta: 1000000,
+    rms_norm_eps: 1e-6,
+    tie_word_embeddings: false,
+    attention_bias: false,
+    hidden_act: 'silu',
+    torch_dtype: 'bfloat16',
+  },
+  // meta-llama/Llama-3.1-8B's config.json dimensions (head_dim 4096/32 = 128 is implied), with
+  // its llama3 RoPE scaling.
+  'llama3.1-8b': {
+    architectures: ['LlamaForCausalLM'],
+    model_type: 'llama',
+    hidden_size: 4096,
+    intermediate_size: 14336,
+    num_hidden_layers: 32,
+    num_attention_heads: 32,
+    num_key_value_heads: 8,
+    vocab_size: 128256,
+    max_position_embeddings: 131072,
+    rope_theta: 500000,
+    rope_scaling: {
+      factor: 8,
+      low_freq_factor: 1,
+      high_freq_factor: 4,
+      original_max_position_embeddings: 8192,
+      rope_type: 'llama3',
+    },
+    rms_norm_eps: 1e-5,
+    tie_word_embeddings: false,
+    attention_bias: false,
+    mlp_bias: false,
+    hidden_act: 'silu',
+    torch_dtype: 'bfloat16',
+  },
   // A small shape for quick runs.
   'qwen3-tiny': {
     architectures: ['Qwen3ForCausalLM'],
@@ -54,10 +103,12 @@ export const SHAPES = {
   },
 }
 
-/** The tensors of a Qwen3 model: [name, shape, std] (std 0 means a norm weight of ones). */
-function qwen3Tensors(c) {
-  const q = c.num_attention_heads * c.head_dim
-  const kv = c.num_key_value_heads * c.head_dim
+/** The tensors of a Qwen3 or Llama model: [name, shape, std] (std 0 means a norm weight of ones). */
+export function modelTensors(c) {
+  const headDim = c.head_dim ?? c.hidden_size / c.num_attention_heads
+  const q = c.num_attention_heads * headDim
+  const kv = c.num_key_value_heads * headDim
+  const qkNorm = c.model_type === 'qwen3'
   const list = [['model.embed_tokens.weight', [c.vocab_size, c.hidden_size], 0.02]]
   for (let l = 0; l < c.num_hidden_layers; l++) {
     const p = `model.layers.${l}.`
@@ -67,8 +118,7 @@ function qwen3Tensors(c) {
       [p + 'self_attn.k_proj.weight', [kv, c.hidden_size], 0.02],
       [p + 'self_attn.v_proj.weight', [kv, c.hidden_size], 0.02],
       [p + 'self_attn.o_proj.weight', [c.hidden_size, q], 0.02],
-      [p + 'self_attn.q_norm.weight', [c.head_dim], 0],
-      [p + 'self_attn.k_norm.weight', [c.head_dim], 0],
+      ...(qkNorm ? [[p + 'self_attn.q_norm.weight', [headDim], 0], [p + 'self_attn.k_norm.weight', [headDim], 0]] : []),
       [p + 'post_attention_layernorm.weight', [c.hidden_size], 0],
       [p + 'mlp.gate_proj.weight', [c.intermediate_size, c.hidden_size], 0.02],
       [p + 'mlp.up_proj.weight', [c.intermediate_size, c.hidden_size], 0.02],
@@ -103,11 +153,16 @@ function fill(out, seed, index, std) {
   return out
 }
 
+/** Writes every byte (a write of a large buffer may write only part of it). */
+function writeAll(fd, bytes) {
+  for (let at = 0; at < bytes.length; ) at += writeSync(fd, bytes, at, bytes.length - at)
+}
+
 export function writeRandomModel({ shape, seed, out, tokenizerDir }) {
   const config = SHAPES[shape]
   if (!config) throw new Error(`Expected one of ${Object.keys(SHAPES).join(', ')} for shape but received ${shape}`)
   mkdirSync(out, { recursive: true })
-  const tensors = qwen3Tensors(config)
+  const tensors = modelTensors(config)
   const header = {}
   let offset = 0
   for (const [name, dims] of tensors) {
@@ -122,11 +177,11 @@ export function writeRandomModel({ shape, seed, out, tokenizerDir }) {
   try {
     const len = Buffer.alloc(8)
     len.writeBigUInt64LE(BigInt(json.length))
-    writeSync(fd, len)
-    writeSync(fd, Buffer.from(json, 'utf8'))
+    writeAll(fd, len)
+    writeAll(fd, Buffer.from(json, 'utf8'))
     tensors.forEach(([, dims, std], index) => {
       const data = fill(new Uint16Array(dims.reduce((a, b) => a * b, 1)), seed, index, std)
-      writeSync(fd, new Uint8Array(data.buffer))
+      writeAll(fd, new Uint8Array(data.buffer))
     })
   } finally {
     closeSync(fd)

@@ -108,6 +108,12 @@ Napi::Value SiluMul(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value SiluMulPacked(const Napi::CallbackInfo& info) {
+  Args a{info, "siluMulPacked"};
+  ops::silu_mul_packed(a.tensor(0, "out"), a.tensor(1, "gateUp"));
+  return info.Env().Undefined();
+}
+
 Napi::Value Add(const Napi::CallbackInfo& info) {
   Args a{info, "add"};
   ops::add(a.tensor(0, "out"), a.tensor(1, "a"), a.tensor(2, "b"));
@@ -118,6 +124,15 @@ Napi::Value KvAppend(const Napi::CallbackInfo& info) {
   Args a{info, "kvAppend"};
   ops::kv_append(a.tensor(0, "kCache"), a.tensor(1, "vCache"), a.tensor(2, "k"), a.tensor(3, "v"),
                  a.tensor(4, "slots"));
+  return info.Env().Undefined();
+}
+
+Napi::Value QkvRopeAppend(const Napi::CallbackInfo& info) {
+  Args a{info, "qkvRopeAppend"};
+  ops::qkv_rope_append(a.tensor(0, "qOut"), a.tensor(1, "kCache"), a.tensor(2, "vCache"), a.tensor(3, "qkv"),
+                       a.tensor(4, "positions"), a.tensor(5, "cosSin"), a.tensor(6, "slots"),
+                       a.optional_tensor(7, "qNorm"), a.optional_tensor(8, "kNorm"),
+                       static_cast<float>(a.number(9, "eps")));
   return info.Env().Undefined();
 }
 
@@ -227,6 +242,7 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"matmul", Matmul},       {"rope", Rope},
       {"siluMul", SiluMul},     {"add", Add},
       {"kvAppend", KvAppend},   {"attention", Attention},
+      {"siluMulPacked", SiluMulPacked}, {"qkvRopeAppend", QkvRopeAppend},
       {"logSoftmax", LogSoftmax}, {"argmax", Argmax},
       {"tokenLogprobs", TokenLogprobs}, {"chooseTokens", ChooseTokens},
       {"copy", Copy},

@@ -1,4 +1,5 @@
-// Elementwise ops (CPU): embedding gather, RoPE, SiLU·mul, add, KV-cache append, casts.
+// Elementwise ops (CPU): embedding gather, RoPE, SiLU·mul (gate and up apart, or packed in one
+// row [gate | up]), add, KV-cache append, casts.
 // Invariant by nature: each output element depends on its own inputs only.
 // Rounding follows Hugging Face's bf16 modules: every product and sum is rounded to bf16 where
 // PyTorch would round it (RoPE: bf16(bf16(x*cos) + bf16(rot(x)*sin)); SiLU·mul: bf16(bf16(silu(g))*u)).
@@ -30,27 +31,43 @@ void rope(Tensor& x, const Tensor& positions, const Tensor& cos_sin) {
     DI_CHECK(pos[t] >= 0 && pos[t] < max_pos, "rope: position ", pos[t], " at index ", t,
              " is outside the table's [0, ", max_pos, ")");
     const float* cs = cos_sin.ptr<float>() + pos[t] * dim;
-    for (int64_t h = 0; h < heads; ++h) {
-      uint16_t* v = xs + (t * heads + h) * dim;
-      for (int64_t i = 0; i < half; ++i) {
-        float c = round_bf16(cs[i]), s = round_bf16(cs[half + i]);
-        float x1 = bf16_to_f32(v[i]), x2 = bf16_to_f32(v[i + half]);
-        v[i] = f32_to_bf16(round_bf16(x1 * c) + round_bf16(-x2 * s));
-        v[i + half] = f32_to_bf16(round_bf16(x2 * c) + round_bf16(x1 * s));
-      }
-    }
+    for (int64_t h = 0; h < heads; ++h) rope_head(xs + (t * heads + h) * dim, cs, dim);
   }
 }
+
+void rope_head(uint16_t* v, const float* cs, int64_t dim) {
+  int64_t half = dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    float c = round_bf16(cs[i]), s = round_bf16(cs[half + i]);
+    float x1 = bf16_to_f32(v[i]), x2 = bf16_to_f32(v[i + half]);
+    v[i] = f32_to_bf16(round_bf16(x1 * c) + round_bf16(-x2 * s));
+    v[i + half] = f32_to_bf16(round_bf16(x2 * c) + round_bf16(x1 * s));
+  }
+}
+
+namespace {
+// bf16(bf16(silu(g)) * u): the one expression of silu_mul and silu_mul_packed.
+uint16_t silu_mul_value(uint16_t gate, uint16_t up) {
+  float g = bf16_to_f32(gate);
+  float silu = g / (1.0f + std::exp(-g));
+  return f32_to_bf16(round_bf16(silu) * bf16_to_f32(up));
+}
+}  // namespace
 
 void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) {
   int64_t n = out.numel();
   const uint16_t* g = gate.ptr<uint16_t>();
   const uint16_t* u = up.ptr<uint16_t>();
   uint16_t* o = out.ptr<uint16_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    float gv = bf16_to_f32(g[i]);
-    float silu = gv / (1.0f + std::exp(-gv));
-    o[i] = f32_to_bf16(round_bf16(silu) * bf16_to_f32(u[i]));
+  for (int64_t i = 0; i < n; ++i) o[i] = silu_mul_value(g[i], u[i]);
+}
+
+void silu_mul_packed(Tensor& out, const Tensor& gate_up) {
+  int64_t rows = out.dim(0), I = out.dim(1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* g = gate_up.ptr<uint16_t>() + r * 2 * I;
+    uint16_t* o = out.ptr<uint16_t>() + r * I;
+    for (int64_t i = 0; i < I; ++i) o[i] = silu_mul_value(g[i], g[I + i]);
   }
 }
 

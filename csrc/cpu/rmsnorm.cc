@@ -42,19 +42,19 @@ float row_sum_squares(const uint16_t* x, int64_t hidden, int64_t rows) {
   return total;
 }
 
-void normalize_row(uint16_t* y, const uint16_t* x, const uint16_t* w, int64_t hidden, int64_t rows, float eps) {
+}  // namespace
+
+void rmsnorm_row(uint16_t* y, const uint16_t* x, const uint16_t* w, int64_t hidden, int64_t rows, float eps) {
   float mean = row_sum_squares(x, hidden, rows) / static_cast<float>(hidden);
   float inv = 1.0f / std::sqrt(mean + eps);
   for (int64_t i = 0; i < hidden; ++i)
     y[i] = f32_to_bf16(round_bf16(bf16_to_f32(x[i]) * inv) * bf16_to_f32(w[i]));
 }
 
-}  // namespace
-
 void rmsnorm(Tensor& out, const Tensor& x, const Tensor& w, float eps) {
   int64_t hidden = w.dim(0), rows = x.numel() / hidden;
   for (int64_t r = 0; r < rows; ++r)
-    normalize_row(out.ptr<uint16_t>() + r * hidden, x.ptr<uint16_t>() + r * hidden, w.ptr<uint16_t>(), hidden,
+    rmsnorm_row(out.ptr<uint16_t>() + r * hidden, x.ptr<uint16_t>() + r * hidden, w.ptr<uint16_t>(), hidden,
                   rows, eps);
 }
 
@@ -64,7 +64,7 @@ void add_rmsnorm(Tensor& out, Tensor& residual, const Tensor& x, const Tensor& w
   const uint16_t* xs = x.ptr<uint16_t>();
   for (int64_t i = 0; i < rows * hidden; ++i) res[i] = f32_to_bf16(bf16_to_f32(res[i]) + bf16_to_f32(xs[i]));
   for (int64_t r = 0; r < rows; ++r)
-    normalize_row(out.ptr<uint16_t>() + r * hidden, res + r * hidden, w.ptr<uint16_t>(), hidden, rows, eps);
+    rmsnorm_row(out.ptr<uint16_t>() + r * hidden, res + r * hidden, w.ptr<uint16_t>(), hidden, rows, eps);
 }
 
 }  // namespace detinfer::cpu

@@ -31,8 +31,13 @@ void matmul(Tensor&, const Tensor&, const Tensor&, const Tensor*) { cuda_runtime
 const char* matmul_kernels() { return "none"; }
 void rope(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
 void silu_mul(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
+void silu_mul_packed(Tensor&, const Tensor&) { cuda_runtime::require(); }
 void add(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
 void kv_append(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
+void qkv_rope_append(Tensor&, Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                     const Tensor*, const Tensor*, float) {
+  cuda_runtime::require();
+}
 void attention(Tensor&, const Tensor&, const Tensor&, const Tensor&, const AttentionBatch&, float) {
   cuda_runtime::require();
 }

@@ -17,8 +17,12 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias);
 const char* matmul_kernels();
 void rope(Tensor& x, const Tensor& positions, const Tensor& cos_sin);
 void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up);
+void silu_mul_packed(Tensor& out, const Tensor& gate_up);
 void add(Tensor& out, const Tensor& a, const Tensor& b);
 void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& v, const Tensor& slots);
+void qkv_rope_append(Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, const Tensor& positions,
+                     const Tensor& cos_sin, const Tensor& slots, const Tensor* q_norm, const Tensor* k_norm,
+                     float eps);
 void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                const AttentionBatch& batch, float scale);
 void log_softmax(Tensor& out, const Tensor& x);

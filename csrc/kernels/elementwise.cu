@@ -3,6 +3,7 @@
 //   rope       x [T, heads, D] bf16 rotated in place (rotate-half) at positions i32 [T],
 //              cos_sin f32 [max_pos, D] = cos of the D/2 frequencies, then their sin
 //   silu_mul   out = bf16(bf16(silu(gate)) * up)           bf16 [T, I]
+//   silu_mul_packed  the same with gate and up the two halves of one row: gate_up [T, 2I] -> out [T, I]
 //   add        out = bf16(a + b)                           bf16
 //   cast       dst = src between f32, bf16 and f16
 // Invariant by nature: each output element is computed from its own inputs alone, so nothing
@@ -21,6 +22,7 @@
 #include "../cuda/check.h"
 #include "../cuda/runtime.h"
 #include "cuda_ops.h"
+#include "rope_pair.cuh"
 
 namespace detinfer::cuda {
 namespace {
@@ -59,20 +61,29 @@ __global__ void rope_kernel(__nv_bfloat16* x, const int32_t* positions, const fl
     int32_t pos = positions[t];
     if (pos < 0 || pos >= max_pos) continue;
     const float* cs = cos_sin + static_cast<int64_t>(pos) * dim;
-    float c = round_bf16(cs[i]), s = round_bf16(cs[half + i]);
     __nv_bfloat16* v = x + th * dim;
-    float x1 = __bfloat162float(v[i]), x2 = __bfloat162float(v[i + half]);
-    v[i] = __float2bfloat16_rn(round_bf16(x1 * c) + round_bf16(-x2 * s));
-    v[i + half] = __float2bfloat16_rn(round_bf16(x2 * c) + round_bf16(x1 * s));
+    rope_pair::rotate(v[i], v[i + half], __bfloat162float(v[i]), __bfloat162float(v[i + half]), cs[i], cs[half + i]);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
+// silu_mul: out = bf16(bf16(silu(g)) * u), the one expression of both kernels below.
+__device__ __forceinline__ __nv_bfloat16 silu_mul_value(__nv_bfloat16 gate, __nv_bfloat16 up) {
+  float g = __bfloat162float(gate);
+  float silu = g / (1.0f + expf(-g));
+  return __float2bfloat16_rn(round_bf16(silu) * __bfloat162float(up));
+}
+
 __global__ void silu_mul_kernel(__nv_bfloat16* out, const __nv_bfloat16* gate, const __nv_bfloat16* up, int64_t n) {
-  GRID_STRIDE(i, n) {
-    float g = __bfloat162float(gate[i]);
-    float silu = g / (1.0f + expf(-g));
-    out[i] = __float2bfloat16_rn(round_bf16(silu) * __bfloat162float(up[i]));
+  GRID_STRIDE(i, n) out[i] = silu_mul_value(gate[i], up[i]);
+}
+
+// silu_mul_packed: gate_up [rows, 2I] holds gate in columns [0, I) and up in [I, 2I).
+__global__ void silu_mul_packed_kernel(__nv_bfloat16* out, const __nv_bfloat16* gate_up, int64_t rows, int64_t I) {
+  GRID_STRIDE(idx, rows * I) {
+    const __nv_bfloat16* row = gate_up + (idx / I) * 2 * I;
+    int64_t i = idx % I;
+    out[idx] = silu_mul_value(row[i], row[I + i]);
   }
 }
 
@@ -145,6 +156,14 @@ void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) {
   silu_mul_kernel<<<grid_for(n), kThreads, 0, device_stream()>>>(out.ptr<__nv_bfloat16>(), gate.ptr<__nv_bfloat16>(),
                                                                  up.ptr<__nv_bfloat16>(), n);
   CUDA_CHECK_LAUNCH("silu_mul", shape_of(out));
+}
+
+void silu_mul_packed(Tensor& out, const Tensor& gate_up) {
+  int64_t rows = out.dim(0), I = out.dim(1);
+  if (rows * I == 0) return;
+  silu_mul_packed_kernel<<<grid_for(rows * I), kThreads, 0, device_stream()>>>(
+      out.ptr<__nv_bfloat16>(), gate_up.ptr<__nv_bfloat16>(), rows, I);
+  CUDA_CHECK_LAUNCH("silu_mul_packed", shape_of(gate_up));
 }
 
 void add(Tensor& out, const Tensor& a, const Tensor& b) {

@@ -17,77 +17,21 @@
 #include "../common/config.h"
 #include "../cuda/check.h"
 #include "../cuda/runtime.h"
-#include "block_reduce.cuh"
 #include "cuda_ops.h"
 #include "device_buffer.cuh"
+#include "rmsnorm_row.cuh"
 
 namespace detinfer::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kChunk = 8;  // elements per 16-byte load
+using norm_row::kChunk;
+using norm_row::kThreads;
+using norm_row::inverse_rms;
+using norm_row::load_chunk;
+using norm_row::normalize_row;
+using norm_row::row_sum_squares;
+using norm_row::store_chunk;
 constexpr int kVariantSplits = 4;
-
-// Loads chunk c of a row (n = number of valid elements, 8 except for a last partial chunk).
-__device__ __forceinline__ int load_chunk(const __nv_bfloat16* row, int64_t H, int64_t c, bool vec, float (&v)[kChunk]) {
-  int64_t base = c * kChunk;
-  int n = H - base < kChunk ? static_cast<int>(H - base) : kChunk;
-  if (vec) {
-    uint4 raw = *reinterpret_cast<const uint4*>(row + base);
-    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) v[j] = __bfloat162float(h[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) v[j] = j < n ? __bfloat162float(row[base + j]) : 0.f;
-  }
-  return n;
-}
-
-// Sum of squares of chunks [c_begin, c_end) of one row, by the block's fixed order and tree.
-__device__ float row_sum_squares(const __nv_bfloat16* row, int64_t H, int64_t c_begin, int64_t c_end, bool vec) {
-  float sum = 0.f;
-  for (int64_t c = c_begin + threadIdx.x; c < c_end; c += kThreads) {
-    float v[kChunk];
-    int n = load_chunk(row, H, c, vec, v);
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j)
-      if (j < n) sum = sum + v[j] * v[j];
-  }
-  return block_sum<kThreads>(sum);
-}
-
-// Chunk c of a row from out[0..n): one 16-byte store when `vec`, else element by element.
-__device__ __forceinline__ void store_chunk(__nv_bfloat16* row, int64_t c, bool vec, int n,
-                                            const __nv_bfloat16 (&out)[kChunk]) {
-  if (vec) {
-    *reinterpret_cast<uint4*>(row + c * kChunk) = *reinterpret_cast<const uint4*>(out);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j)
-      if (j < n) row[c * kChunk + j] = out[j];
-  }
-}
-
-__device__ void normalize_row(__nv_bfloat16* y, const __nv_bfloat16* x, const __nv_bfloat16* w, int64_t H,
-                              float inv, bool vec) {
-  int64_t chunks = (H + kChunk - 1) / kChunk;
-  for (int64_t c = threadIdx.x; c < chunks; c += kThreads) {
-    float v[kChunk], wv[kChunk];
-    int n = load_chunk(x, H, c, vec, v);
-    load_chunk(w, H, c, vec, wv);
-    __nv_bfloat16 out[kChunk];
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j)
-      out[j] = __float2bfloat16_rn(__bfloat162float(__float2bfloat16_rn(v[j] * inv)) * wv[j]);
-    store_chunk(y, c, vec, n, out);
-  }
-}
-
-__device__ __forceinline__ float inverse_rms(float sum, int64_t H, float eps) {
-  float mean = sum / static_cast<float>(H);
-  return 1.0f / sqrtf(mean + eps);
-}
 
 // residual[r,:] += x[r,:] (rounded to bf16), each thread over the chunks it later reads back.
 __device__ void add_residual_row(__nv_bfloat16* res, const __nv_bfloat16* x, int64_t H, bool vec) {

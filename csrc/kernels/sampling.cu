@@ -340,11 +340,11 @@ __device__ void gather_bins(Candidates c, const float* x, int64_t V, const Scale
       take = b >= lo && b <= hi;
     }
     unsigned ballot = __ballot_sync(0xffffffffu, take);
-    int base = 0;
-    if (threadIdx.x % 32 == 0 && ballot) base = atomicAdd(c.count, __popc(ballot));
-    base = __shfl_sync(0xffffffffu, base, 0);
+    int first = 0;
+    if (threadIdx.x % 32 == 0 && ballot) first = atomicAdd(c.count, __popc(ballot));
+    first = __shfl_sync(0xffffffffu, first, 0);
     if (take) {
-      int slot = base + __popc(ballot & ((1u << (threadIdx.x % 32)) - 1u));
+      int slot = first + __popc(ballot & ((1u << (threadIdx.x % 32)) - 1u));
       c.key[slot] = sort_key(xv, static_cast<int>(v));
       c.mass[slot] = with_mass ? s.mass(xv) : 0ull;
     }

@@ -2,9 +2,9 @@
 // KV cache. One forward() takes a ragged batch of sequence chunks (prefill chunks and decode
 // tokens alike) and enqueues every op; nothing waits for the device.
 //
-//   embed -> for each layer: [norm] q,k,v = x·Wqkv (+b) -> [q/k head norm] -> rope(q,k)
+//   embed -> for each layer: [norm] q|k|v = x·Wqkv (+b) -> [q/k head norm] -> rope(q,k)
 //            -> write k,v to the cache -> attention -> o_proj -> residual + norm
-//            -> gate,up -> silu·mul -> down_proj -> residual + norm
+//            -> gate|up = x·Wgate|up -> silu·mul -> down_proj -> residual + norm
 //   -> gather the rows that want logits -> lm_head (f32 logits) -> token choice (output-head.ts)
 //
 // Every op is batch-invariant (see DESIGN.md), so a row's logits depend only on its own sequence.
@@ -41,6 +41,11 @@ export interface TransformerOptions {
   kvBlockSize?: number
   /** Most logit rows in one forward; defaults to maxBatchTokens. */
   maxLogitRows?: number
+  /**
+   * @internal For the tests that prove fusion keeps the bits: q, k, v and gate, up as separate
+   * products through the separate ops (rmsnorm per head, rope, kvAppend, siluMul).
+   */
+  unfusedLayers?: boolean
   onProgress?: (p: LoadProgress) => void
 }
 
@@ -49,14 +54,12 @@ interface Activations {
   residual: NativeTensor // bf16 [T, H]
   normed: NativeTensor // bf16 [T, H]
   proj: NativeTensor // bf16 [T, H], o_proj and down_proj outputs
-  q: NativeTensor // bf16 [T, heads*D]
-  k: NativeTensor // bf16 [T, kvHeads*D]
-  v: NativeTensor // bf16 [T, kvHeads*D]
-  qNormed: NativeTensor | null // bf16 [T, heads*D] (Qwen3)
-  kNormed: NativeTensor | null // bf16 [T, kvHeads*D] (Qwen3)
+  qkv: NativeTensor // bf16 [T, (heads + 2*kvHeads)*D], the q|k|v product
+  q: NativeTensor // bf16 [T, heads*D], rotated q
+  qNormed: NativeTensor | null // bf16 [T, heads*D] (Qwen3, unfused layers only)
+  kNormed: NativeTensor | null // bf16 [T, kvHeads*D] (Qwen3, unfused layers only)
   attn: NativeTensor // bf16 [T, heads*D]
-  gate: NativeTensor // bf16 [T, I]
-  up: NativeTensor // bf16 [T, I]
+  gateUp: NativeTensor // bf16 [T, 2I], the gate|up product
   act: NativeTensor // bf16 [T, I]
   gathered: NativeTensor // bf16 [L, H]
   logits: NativeTensor // f32 [L, V]
@@ -105,7 +108,13 @@ interface TransformerState {
 }
 
 /** The step buffers for `T` tokens and `L` logit rows. */
-function allocateActivations(alloc: (dtype: 'bf16' | 'f32', shape: number[]) => NativeTensor, c: ModelConfig, T: number, L: number): Activations {
+function allocateActivations(
+  alloc: (dtype: 'bf16' | 'f32', shape: number[]) => NativeTensor,
+  c: ModelConfig,
+  T: number,
+  L: number,
+  unfused: boolean,
+): Activations {
   const H = c.hiddenSize
   const I = c.intermediateSize
   const qWidth = c.numHeads * c.headDim
@@ -114,14 +123,12 @@ function allocateActivations(alloc: (dtype: 'bf16' | 'f32', shape: number[]) => 
     residual: alloc('bf16', [T, H]),
     normed: alloc('bf16', [T, H]),
     proj: alloc('bf16', [T, H]),
+    qkv: alloc('bf16', [T, qWidth + 2 * kvWidth]),
     q: alloc('bf16', [T, qWidth]),
-    k: alloc('bf16', [T, kvWidth]),
-    v: alloc('bf16', [T, kvWidth]),
-    qNormed: c.qkNorm ? alloc('bf16', [T, qWidth]) : null,
-    kNormed: c.qkNorm ? alloc('bf16', [T, kvWidth]) : null,
+    qNormed: unfused && c.qkNorm ? alloc('bf16', [T, qWidth]) : null,
+    kNormed: unfused && c.qkNorm ? alloc('bf16', [T, kvWidth]) : null,
     attn: alloc('bf16', [T, qWidth]),
-    gate: alloc('bf16', [T, I]),
-    up: alloc('bf16', [T, I]),
+    gateUp: alloc('bf16', [T, 2 * I]),
     act: alloc('bf16', [T, I]),
     gathered: alloc('bf16', [L, H]),
     logits: alloc('f32', [L, c.vocabSize]),
@@ -146,6 +153,7 @@ export class Transformer {
     /** Longest sequence: max_position_embeddings, or less when the KV cache holds fewer positions. */
     readonly maxPositions: number,
     state: TransformerState,
+    private readonly unfused: boolean,
   ) {
     this.weights = state.weights
     this.cache = state.cache
@@ -163,6 +171,7 @@ export class Transformer {
     const kvBlocks = checkInteger(opts.kvBlocks, 1, 'kvBlocks')
     const kvBlockSize = checkInteger(opts.kvBlockSize ?? 16, 1, 'kvBlockSize')
     const maxLogitRows = checkInteger(opts.maxLogitRows ?? maxBatchTokens, 1, 'maxLogitRows')
+    const unfused = opts.unfusedLayers === true
 
     const config = await loadModelConfig(dir)
     const weights = await loadWeights(dir, config, device, opts.onProgress)
@@ -183,16 +192,11 @@ export class Transformer {
         cache.k.push(alloc('bf16', cacheShape))
         cache.v.push(alloc('bf16', cacheShape))
       }
-      const act = allocateActivations(alloc, config, maxBatchTokens, maxLogitRows)
+      const act = allocateActivations(alloc, config, maxBatchTokens, maxLogitRows, unfused)
       const head = new OutputHead(device, maxLogitRows)
       owned.push(head)
-      const model = new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxPositions, {
-        weights,
-        cache,
-        act,
-        cosSin,
-        head,
-      })
+      const state = { weights, cache, act, cosSin, head }
+      const model = new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxPositions, state, unfused)
       model.probe(dir)
       return model
     } catch (err) {
@@ -296,12 +300,48 @@ export class Transformer {
     const n = native()
     const c = this.config
     const D = c.headDim
-    let q = n.narrow(this.act.q, 0, T)
-    let k = n.narrow(this.act.k, 0, T)
-    const v = n.narrow(this.act.v, 0, T)
-    n.matmul(q, normed, w.qProj, w.qBias) // [T,H] · [heads*D,H]^T -> [T,heads*D]
-    n.matmul(k, normed, w.kProj, w.kBias) // [T,H] · [kv*D,H]^T -> [T,kv*D]
-    n.matmul(v, normed, w.vProj, w.vBias)
+    let q3: NativeTensor
+    if (this.unfused) {
+      q3 = this.unfusedAttentionInputs(l, w, T, normed, positions, slots)
+    } else {
+      const qkv = n.narrow(this.act.qkv, 0, T)
+      n.matmul(qkv, normed, w.qkvProj, w.qkvBias) // [T,H] · [(heads+2kv)*D,H]^T -> [T, q|k|v]
+      // q -> rope(q_norm(q)); k -> rope(k_norm(k)) and v -> the cache rows at slots
+      q3 = n.view(n.narrow(this.act.q, 0, T), [T, c.numHeads, D])
+      n.qkvRopeAppend(q3, this.cache.k[l]!, this.cache.v[l]!, qkv, positions, this.cosSin, slots, w.qNorm, w.kNorm, c.rmsNormEps)
+    }
+    const attn = n.narrow(this.act.attn, 0, T)
+    n.attention(n.view(attn, [T, c.numHeads, D]), q3, this.cache.k[l]!, this.cache.v[l]!, batch, 1 / Math.sqrt(D))
+    n.matmul(n.narrow(this.act.proj, 0, T), attn, w.oProj, w.oBias) // [T,heads*D] · [H,heads*D]^T -> [T,H]
+  }
+
+  // The same as qkvRopeAppend with one product per weight and one op per step (unfusedLayers).
+  // q, k, v live in act.qkv's memory as three [T, width] blocks; the weights are row ranges of qkvProj.
+  private unfusedAttentionInputs(
+    l: number,
+    w: LayerWeights,
+    T: number,
+    normed: NativeTensor,
+    positions: NativeTensor,
+    slots: NativeTensor,
+  ): NativeTensor {
+    const n = native()
+    const c = this.config
+    const D = c.headDim
+    const widths = [c.numHeads * D, c.numKvHeads * D, c.numKvHeads * D]
+    const flat = n.view(this.act.qkv, [this.act.qkv.shape[0]! * this.act.qkv.shape[1]!])
+    let at = 0
+    let row = 0
+    const [q0, k0, v] = widths.map((width) => {
+      const out = n.view(n.narrow(flat, (at += T * width) - T * width, T * width), [T, width])
+      const weight = n.narrow(w.qkvProj, row, width)
+      const bias = w.qkvBias && n.narrow(w.qkvBias, row, width)
+      row += width
+      n.matmul(out, normed, weight, bias) // [T,H] · [width,H]^T -> [T,width]
+      return out
+    }) as [NativeTensor, NativeTensor, NativeTensor]
+    let q = q0
+    let k = k0
     if (w.qNorm && w.kNorm) {
       // Qwen3: RMSNorm over each head's D values, before RoPE.
       const qn = n.narrow(this.act.qNormed!, 0, T)
@@ -313,24 +353,31 @@ export class Transformer {
     }
     const q3 = n.view(q, [T, c.numHeads, D])
     const k3 = n.view(k, [T, c.numKvHeads, D])
-    const v3 = n.view(v, [T, c.numKvHeads, D])
     n.rope(q3, positions, this.cosSin)
     n.rope(k3, positions, this.cosSin)
-    n.kvAppend(this.cache.k[l]!, this.cache.v[l]!, k3, v3, slots)
-    const attn = n.narrow(this.act.attn, 0, T)
-    n.attention(n.view(attn, [T, c.numHeads, D]), q3, this.cache.k[l]!, this.cache.v[l]!, batch, 1 / Math.sqrt(D))
-    n.matmul(n.narrow(this.act.proj, 0, T), attn, w.oProj, w.oBias) // [T,heads*D] · [H,heads*D]^T -> [T,H]
+    n.kvAppend(this.cache.k[l]!, this.cache.v[l]!, k3, n.view(v, [T, c.numKvHeads, D]), slots)
+    return q3
   }
 
   // x = normed [T,H] -> act.proj [T,H] = down(silu(gate(x)) * up(x))
   private mlpBlock(w: LayerWeights, T: number, normed: NativeTensor): void {
     const n = native()
-    const gate = n.narrow(this.act.gate, 0, T)
-    const up = n.narrow(this.act.up, 0, T)
+    const I = this.config.intermediateSize
     const act = n.narrow(this.act.act, 0, T)
-    n.matmul(gate, normed, w.gateProj, w.gateBias) // [T,H] · [I,H]^T -> [T,I]
-    n.matmul(up, normed, w.upProj, w.upBias)
-    n.siluMul(act, gate, up)
+    if (this.unfused) {
+      // gate and up as two products into two [T,I] blocks of act.gateUp's memory
+      const flat = n.view(this.act.gateUp, [this.act.gateUp.shape[0]! * 2 * I])
+      const [gate, up] = [0, 1].map((i) => {
+        const out = n.view(n.narrow(flat, i * T * I, T * I), [T, I])
+        n.matmul(out, normed, n.narrow(w.gateUpProj, i * I, I), w.gateUpBias && n.narrow(w.gateUpBias, i * I, I))
+        return out
+      }) as [NativeTensor, NativeTensor]
+      n.siluMul(act, gate, up)
+    } else {
+      const gateUp = n.narrow(this.act.gateUp, 0, T)
+      n.matmul(gateUp, normed, w.gateUpProj, w.gateUpBias) // [T,H] · [2I,H]^T -> [T, gate|up]
+      n.siluMulPacked(act, gateUp) // [T, gate|up] -> [T,I]
+    }
     n.matmul(n.narrow(this.act.proj, 0, T), act, w.downProj, w.downBias) // [T,I] · [H,I]^T -> [T,H]
   }
 

@@ -1,4 +1,5 @@
-// Hugging Face tensor names -> bf16 device tensors, each shape checked against the config.
+// Hugging Face tensor names -> bf16 device tensors, each shape checked against the config; q/k/v and
+// gate/up are concatenated into one tensor each (fusedTensors).
 import { native, type DeviceName, type NativeTensor } from '../native.js'
 import type { ModelConfig } from './config.js'
 import { SafetensorsCheckpoint, toBf16Bits, type TensorInfo } from './safetensors.js'
@@ -6,22 +7,18 @@ import { basename } from 'node:path'
 
 export interface LayerWeights {
   inputNorm: NativeTensor // [H]
-  qProj: NativeTensor // [heads*D, H]
-  kProj: NativeTensor // [kvHeads*D, H]
-  vProj: NativeTensor // [kvHeads*D, H]
+  /** q_proj, k_proj and v_proj concatenated by rows at load: one product gives [T, q | k | v]. */
+  qkvProj: NativeTensor // [(heads + 2*kvHeads)*D, H]
   oProj: NativeTensor // [H, heads*D]
-  qBias: NativeTensor | null // [heads*D]
-  kBias: NativeTensor | null // [kvHeads*D]
-  vBias: NativeTensor | null // [kvHeads*D]
+  qkvBias: NativeTensor | null // [(heads + 2*kvHeads)*D]
   oBias: NativeTensor | null // [H]
   qNorm: NativeTensor | null // [D] (Qwen3)
   kNorm: NativeTensor | null // [D] (Qwen3)
   postAttentionNorm: NativeTensor // [H]
-  gateProj: NativeTensor // [I, H]
-  upProj: NativeTensor // [I, H]
+  /** gate_proj and up_proj concatenated by rows at load: one product gives [T, gate | up]. */
+  gateUpProj: NativeTensor // [2I, H]
   downProj: NativeTensor // [H, I]
-  gateBias: NativeTensor | null // [I]
-  upBias: NativeTensor | null // [I]
+  gateUpBias: NativeTensor | null // [2I]
   downBias: NativeTensor | null // [H]
 }
 
@@ -82,6 +79,24 @@ export function expectedTensors(c: ModelConfig): Wanted[] {
   return list
 }
 
+/**
+ * The weights loaded as one tensor: their rows concatenated in this order (name of the fused
+ * tensor -> the checkpoint's tensors). Each output element of a product over the fused weight is
+ * the same dot product as over its own weight, so fusing changes launches, not bits.
+ */
+export function fusedTensors(c: ModelConfig): Map<string, string[]> {
+  const groups = new Map<string, string[]>()
+  for (let l = 0; l < c.numLayers; l++) {
+    const a = `model.layers.${l}.self_attn.`
+    const m = `model.layers.${l}.mlp.`
+    groups.set(`${a}qkv_proj.weight`, [`${a}q_proj.weight`, `${a}k_proj.weight`, `${a}v_proj.weight`])
+    if (c.qkvBias) groups.set(`${a}qkv_proj.bias`, [`${a}q_proj.bias`, `${a}k_proj.bias`, `${a}v_proj.bias`])
+    groups.set(`${m}gate_up_proj.weight`, [`${m}gate_proj.weight`, `${m}up_proj.weight`])
+    if (c.mlpBias) groups.set(`${m}gate_up_proj.bias`, [`${m}gate_proj.bias`, `${m}up_proj.bias`])
+  }
+  return groups
+}
+
 function shapeText(shape: readonly number[]): string {
   return `[${shape.join(', ')}]`
 }
@@ -111,6 +126,11 @@ export async function loadWeights(
 ): Promise<ModelWeights> {
   const checkpoint = await SafetensorsCheckpoint.open(dir)
   const loaded = new Map<string, NativeTensor>()
+  // A part of a fused tensor waits on the host until its group is complete, then the group is
+  // uploaded as one tensor (the parts are adjacent in expectedTensors' order).
+  const groupOf = new Map<string, [string, string[]]>()
+  for (const [name, parts] of fusedTensors(config)) for (const part of parts) groupOf.set(part, [name, parts])
+  const waiting = new Map<string, { info: TensorInfo; bits: Uint16Array }>()
   try {
     const infos = checkTensors(checkpoint, config)
     const totalBytes = infos.reduce((s, t) => s + t.nbytes, 0)
@@ -118,7 +138,18 @@ export async function loadWeights(
     onProgress?.({ loadedBytes, totalBytes })
     for (const info of infos) {
       const bits = toBf16Bits(info, await checkpoint.read(info))
-      loaded.set(info.name, native().fromBuffer(device, 'bf16', info.shape, bits))
+      const group = groupOf.get(info.name)
+      if (!group) {
+        loaded.set(info.name, native().fromBuffer(device, 'bf16', info.shape, bits))
+      } else {
+        waiting.set(info.name, { info, bits })
+        const [name, parts] = group
+        if (parts.every((p) => waiting.has(p))) {
+          const members = parts.map((p) => waiting.get(p)!)
+          loaded.set(name, native().fromBuffer(device, 'bf16', concatRows(members.map((m) => m.info.shape)), concatBits(members.map((m) => m.bits))))
+          for (const p of parts) waiting.delete(p)
+        }
+      }
       loadedBytes += info.nbytes
       onProgress?.({ loadedBytes, totalBytes })
     }
@@ -131,6 +162,21 @@ export async function loadWeights(
   return assemble(config, loaded)
 }
 
+/** Shape of tensors stacked along their first dimension. */
+function concatRows(shapes: number[][]): number[] {
+  return [shapes.reduce((s, d) => s + d[0]!, 0), ...shapes[0]!.slice(1)]
+}
+
+function concatBits(parts: Uint16Array[]): Uint16Array {
+  const out = new Uint16Array(parts.reduce((s, p) => s + p.length, 0))
+  let at = 0
+  for (const p of parts) {
+    out.set(p, at)
+    at += p.length
+  }
+  return out
+}
+
 function assemble(c: ModelConfig, t: Map<string, NativeTensor>): ModelWeights {
   const get = (name: string) => t.get(name)!
   const opt = (name: string) => t.get(name) ?? null
@@ -139,22 +185,16 @@ function assemble(c: ModelConfig, t: Map<string, NativeTensor>): ModelWeights {
     const p = `model.layers.${l}.`
     layers.push({
       inputNorm: get(`${p}input_layernorm.weight`),
-      qProj: get(`${p}self_attn.q_proj.weight`),
-      kProj: get(`${p}self_attn.k_proj.weight`),
-      vProj: get(`${p}self_attn.v_proj.weight`),
+      qkvProj: get(`${p}self_attn.qkv_proj.weight`),
       oProj: get(`${p}self_attn.o_proj.weight`),
-      qBias: opt(`${p}self_attn.q_proj.bias`),
-      kBias: opt(`${p}self_attn.k_proj.bias`),
-      vBias: opt(`${p}self_attn.v_proj.bias`),
+      qkvBias: opt(`${p}self_attn.qkv_proj.bias`),
       oBias: opt(`${p}self_attn.o_proj.bias`),
       qNorm: opt(`${p}self_attn.q_norm.weight`),
       kNorm: opt(`${p}self_attn.k_norm.weight`),
       postAttentionNorm: get(`${p}post_attention_layernorm.weight`),
-      gateProj: get(`${p}mlp.gate_proj.weight`),
-      upProj: get(`${p}mlp.up_proj.weight`),
+      gateUpProj: get(`${p}mlp.gate_up_proj.weight`),
       downProj: get(`${p}mlp.down_proj.weight`),
-      gateBias: opt(`${p}mlp.gate_proj.bias`),
-      upBias: opt(`${p}mlp.up_proj.bias`),
+      gateUpBias: opt(`${p}mlp.gate_up_proj.bias`),
       downBias: opt(`${p}mlp.down_proj.bias`),
     })
   }

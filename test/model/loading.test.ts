@@ -130,12 +130,36 @@ describe('model weights', () => {
     for (const dir of dirs) {
       const config = await loadModelConfig(dir)
       const w = await loadWeights(dir, config, 'cpu')
-      bytes.push(await Promise.all([w.embedTokens, w.layers[1]!.qBias!, w.layers[0]!.downProj, w.lmHead].map((t) => readBytes(t))))
+      bytes.push(await Promise.all([w.embedTokens, w.layers[1]!.qkvBias!, w.layers[0]!.downProj, w.lmHead].map((t) => readBytes(t))))
       disposeWeights(w)
     }
     for (let i = 0; i < 4; i++) {
       expect(bytes[1]![i]!.equals(bytes[0]![i]!)).toBe(true)
       expect(bytes[2]![i]!.equals(bytes[0]![i]!)).toBe(true)
+    }
+  })
+
+  it('hold q|k|v and gate|up as one tensor each, the checkpoint rows in that order', async () => {
+    const m = fresh({ architecture: 'Qwen2ForCausalLM', shards: 3, seed: 4 })
+    const w = await loadWeights(m.dir, await loadModelConfig(m.dir), 'cpu')
+    try {
+      const rows = (names: string[]) => {
+        const parts = names.map((name) => m.tensors.get(name)!)
+        const values = new Float32Array(parts.reduce((s, p) => s + p.values.length, 0))
+        parts.reduce((at, p) => (values.set(p.values, at), at + p.values.length), 0)
+        return Buffer.from(toBf16(values).buffer)
+      }
+      for (const l of [0, 1]) {
+        const a = `model.layers.${l}.self_attn.`
+        const mlp = `model.layers.${l}.mlp.`
+        const layer = w.layers[l]!
+        expect((await readBytes(layer.qkvProj)).equals(rows(['q_proj', 'k_proj', 'v_proj'].map((p) => `${a}${p}.weight`)))).toBe(true)
+        expect((await readBytes(layer.qkvBias!)).equals(rows(['q_proj', 'k_proj', 'v_proj'].map((p) => `${a}${p}.bias`)))).toBe(true)
+        expect((await readBytes(layer.gateUpProj)).equals(rows([`${mlp}gate_proj.weight`, `${mlp}up_proj.weight`]))).toBe(true)
+        expect(layer.gateUpBias).toBeNull()
+      }
+    } finally {
+      disposeWeights(w)
     }
   })
 
