@@ -305,9 +305,10 @@ export class Scheduler {
 
   private choiceFor(row: RowTask): TokenChoice {
     const request = row.seq.request
+    const topLogprobs = topLogprobsOf(request)
     // The noise of a sampled token is keyed by the position it will take.
-    if (request.kind === 'generate') return tokenChoice(request.sampling, row.position + 1)
-    return tokenChoice(null, row.position + 1, row.target)
+    if (request.kind === 'generate') return { ...tokenChoice(request.sampling, row.position + 1), topLogprobs }
+    return { ...tokenChoice(null, row.position + 1, row.target), topLogprobs }
   }
 
   /** Decodes first (one token each), then prompt chunks, within maxBatchTokens and maxLogitRows. */

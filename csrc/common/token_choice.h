@@ -37,9 +37,11 @@ constexpr int kTopK = 3;         // i32, 0 or >= V: off
 constexpr int kSeed = 4;         // u32 bits
 constexpr int kPosition = 5;     // i32, position of the token being chosen
 constexpr int kTarget = 6;       // i32, -1: choose; else the id whose log-prob is wanted
-constexpr int kParams = 8;       // fields per row (the last is reserved, 0)
+constexpr int kTopN = 7;         // i32, top log-probs wanted for this row (at most the output's N)
+constexpr int kParams = 8;       // fields per row
 
-// Output row layout (i32 [R, 2 + 2N]): id, logprob bits, then N top ids, then N top logprob bits.
+// Output row layout (i32 [R, 2 + 2N]): id, logprob bits, then N top ids, then N top logprob bits;
+// a row that asks for fewer than N fills the rest with id -1 and NaN.
 constexpr int kMaxTopLogprobs = 20;
 
 // Fixed-point scale of the probability mass used by top-p: 2^40.

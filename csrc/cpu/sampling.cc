@@ -201,10 +201,11 @@ void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
     }
     o[0] = id;
     o[1] = ch::float_bits(xr[id] - lse);
+    const int64_t row_top = std::clamp<int64_t>(p[ch::kTopN], 0, top_n);
     if (top_n > 0) {
-      int64_t n = std::min(top_n, vocab);
-      std::vector<uint64_t> keys(static_cast<size_t>(vocab));
-      for (int64_t v = 0; v < vocab; ++v) keys[v] = sort_key(xr[v], v);
+      int64_t n = std::min(row_top, vocab);
+      std::vector<uint64_t> keys(n > 0 ? static_cast<size_t>(vocab) : 0);
+      for (int64_t v = 0; v < vocab && n > 0; ++v) keys[v] = sort_key(xr[v], v);
       std::partial_sort(keys.begin(), keys.begin() + n, keys.end(), [](uint64_t a, uint64_t b) { return a > b; });
       for (int64_t i = 0; i < top_n; ++i) {
         int32_t v = i < n ? key_id(keys[i]) : -1;

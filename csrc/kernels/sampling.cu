@@ -206,13 +206,13 @@ constexpr size_t kChoiceSmem = kBins * (sizeof(unsigned) + sizeof(unsigned long 
 
 struct RowChoice {
   float t, top_p, min_p;
-  int top_k, position, target;
+  int top_k, position, target, top_n;
   uint32_t seed;
 };
 
 __device__ RowChoice load_choice(const int32_t* p) {
   return {ch::as_float(p[ch::kTemperature]), ch::as_float(p[ch::kTopP]), ch::as_float(p[ch::kMinP]),
-          p[ch::kTopK], p[ch::kPosition], p[ch::kTarget], static_cast<uint32_t>(p[ch::kSeed])};
+          p[ch::kTopK], p[ch::kPosition], p[ch::kTarget], p[ch::kTopN], static_cast<uint32_t>(p[ch::kSeed])};
 }
 
 // What the row's passes share: the scaled maximum and the bin of a logit.
@@ -462,7 +462,8 @@ __global__ void __launch_bounds__(kChoiceThreads)
   const bool sampling = p.target < 0 && p.t > 0.f;
   const bool filter_k = sampling && p.top_k > 0 && p.top_k < V;
   const bool filter_p = sampling && p.top_p < 1.f;
-  const bool bins = filter_k || filter_p || top_n > 0;
+  const int row_top = p.top_n < 0 ? 0 : (p.top_n > top_n ? top_n : p.top_n);
+  const bool bins = filter_k || filter_p || row_top > 0;
   const Scale s{sampling ? p.t : 1.f, sampling ? m / p.t : m};
 
   // Pass 2: the logsumexp sum (raw logits), and the bins' counts and masses when a cut is needed.
@@ -545,9 +546,9 @@ __global__ void __launch_bounds__(kChoiceThreads)
     o[1] = ch::float_bits(id >= 0 ? xr[id] - lse : NAN);
   }
 
-  if (top_n > 0) {
+  if (row_top > 0) {
     // The N best logits: every token in the bins up to the one where the count reaches N.
-    int n = top_n < V ? top_n : static_cast<int>(V);
+    int n = row_top < V ? row_top : static_cast<int>(V);
     BinCut bc = find_bin(bin_count, static_cast<unsigned long long>(n));
     unsigned long long held = bc.before + bin_count[bc.bin];
     unsigned long long cut;
@@ -578,6 +579,8 @@ __global__ void __launch_bounds__(kChoiceThreads)
         o[2 + top_n + i] = ch::float_bits(NAN);
       }
     }
+  } else {
+    for (int i = threadIdx.x; i < top_n; i += kChoiceThreads) o[2 + i] = -1, o[2 + top_n + i] = ch::float_bits(NAN);
   }
 }
 

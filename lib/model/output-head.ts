@@ -26,6 +26,8 @@ export interface TokenChoice {
   position: number
   /** -1: choose a token; otherwise the id whose log-prob is wanted (scoring). */
   target: number
+  /** Most likely tokens to report for this row (0 to the launch's topN; absent: 0). */
+  topLogprobs?: number
 }
 
 /** One of the most likely tokens at a position, with its log-prob. */
@@ -40,7 +42,7 @@ export interface StepTokens {
   ids: Int32Array
   /** log-softmax of the raw logits at the id (NaN where not finite). */
   logprobs: Float32Array
-  /** Top entries per row (0 when no row asked). */
+  /** Top entries per row (the launch's width; a row that asked for fewer has id -1 in the rest). */
   topN: number
   /** [rows * topN], most likely first, lowest id first on ties. */
   topIds: Int32Array
@@ -62,6 +64,7 @@ export function packChoices(choices: readonly TokenChoice[]): Int32Array {
     packed[at + 4] = c.seed | 0
     packed[at + 5] = c.position
     packed[at + 6] = c.target
+    packed[at + 7] = c.topLogprobs ?? 0
   })
   return packed
 }

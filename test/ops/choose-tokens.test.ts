@@ -45,9 +45,11 @@ function randomChoices(rows: number, seed: number, V: number): TokenChoice[] {
   const pick = <T,>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!
   return Array.from({ length: rows }, (_, r) => {
     const position = Math.floor(rand() * 4000)
-    if (r % 7 === 3) return { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position, target: Math.floor(rand() * V) }
-    if (r % 7 === 5) return { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position, target: -1 }
+    const topLogprobs = 20
+    if (r % 7 === 3) return { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position, target: Math.floor(rand() * V), topLogprobs }
+    if (r % 7 === 5) return { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position, target: -1, topLogprobs }
     return {
+      topLogprobs,
       temperature: pick([0.3, 0.7, 1, 1.6]),
       topK: pick([0, 0, 1, 5, 50, 1000]),
       topP: pick([1, 0.95, 0.9, 0.5]),
@@ -148,6 +150,17 @@ function suite(device: DeviceName) {
       }
     })
     expect(differ).toBeGreaterThan(0)
+  })
+
+  it('a row that asks for fewer top log-probs than the launch holds gets -1 and NaN in the rest', async () => {
+    const V = 3000
+    const x = logitRows(2, V, 41)
+    const choices = randomChoices(2, 42, V).map((c, r) => ({ ...c, topLogprobs: r === 0 ? 2 : 0 }))
+    const out = await choose(device, x, V, choices, 4)
+    const order = sortedIds(x.subarray(0, V))
+    expect(Array.from(rowOf(out, 0).topIds)).toEqual([order[0], order[1], -1, -1])
+    expect(Array.from(rowOf(out, 1).topIds)).toEqual([-1, -1, -1, -1])
+    expect(Array.from(rowOf(out, 1).topLogprobs).every(Number.isNaN)).toBe(true)
   })
 
   it('a row with NaN or infinity gives id -1 and leaves the other rows alone', async () => {
