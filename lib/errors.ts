@@ -17,7 +17,7 @@ export class RequestTooLargeError extends Error {
   }
 }
 
-function describeValue(value: unknown): string {
+export function describeValue(value: unknown): string {
   if (typeof value === 'string') return `${JSON.stringify(value)} of type string`
   if (value === null) return 'null'
   if (value === undefined) return 'undefined'

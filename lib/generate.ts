@@ -15,6 +15,8 @@ export interface TextTokenizer {
   encodeContinuation(text: string): number[]
   /** Text of ids, special tokens left out. */
   decode(ids: readonly number[]): string
+  /** The bytes one id stands for (decode([id]) as UTF-8 when absent). */
+  tokenBytes?(id: number): Uint8Array
   /** An incremental decoder for one completion; `context` (the prompt's ids) gets the first piece's leading space right. */
   streamDecoder(options: { context: readonly number[] }): TextStreamDecoder
   readonly eosTokenIds: readonly number[]
@@ -78,6 +80,8 @@ export interface StreamPiece {
   text: string
   token: number
   logprob: number
+  /** Set on the last piece of a completion: why it ended. */
+  finishReason?: 'stop' | 'length'
 }
 
 export interface ResolvedGenerateOptions {
@@ -228,7 +232,8 @@ export function runGeneration(
       const isEos = eos.has(token)
       const isLast = isEos || tokens.length === options.maxTokens
       const piece = text.push(token, isLast)
-      onPiece?.({ text: piece, token, logprob })
+      const finishReason = isEos || text.stopped ? 'stop' : isLast ? 'length' : undefined
+      onPiece?.({ text: piece, token, logprob, ...(finishReason && { finishReason }) })
       return !(isEos || text.stopped)
     },
   })

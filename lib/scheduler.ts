@@ -75,6 +75,13 @@ export interface ScoreOutcome {
   timings: SequenceTimings
 }
 
+export interface SchedulerLoad {
+  running: number
+  waiting: number
+  usedBlocks: number
+  totalBlocks: number
+}
+
 export interface SchedulerOptions {
   /** Sequences in the running batch at most. */
   maxBatchSize: number
@@ -140,7 +147,7 @@ export class Scheduler {
   }
 
   /** Sequences running and waiting, and cache blocks in use (for tests and monitoring). */
-  get load(): { running: number; waiting: number; usedBlocks: number; totalBlocks: number } {
+  get load(): SchedulerLoad {
     return {
       running: this.running.length,
       waiting: this.waiting.length,
