@@ -54,6 +54,8 @@ export interface GenerateOptions {
 
 export interface GenerationTimings {
   promptTokens: number
+  /** Prompt tokens served from the prefix cache (their KV-cache blocks reused, not computed). */
+  cachedTokens: number
   completionTokens: number
   queuedMs: number
   prefillMs: number

@@ -8,7 +8,6 @@ export class ServerMetrics {
   readonly requests: Counter<'endpoint' | 'status'>
   readonly promptTokens: Counter
   readonly completionTokens: Counter
-  readonly prefixCachedTokens: Counter
   readonly timeToFirstToken: Histogram
   readonly interTokenLatency: Histogram
   readonly requestDuration: Histogram<'endpoint'>
@@ -24,11 +23,6 @@ export class ServerMetrics {
     })
     this.promptTokens = new Counter({ name: 'detinfer_prompt_tokens_total', help: 'Prompt tokens of served completions (once per choice)', registers })
     this.completionTokens = new Counter({ name: 'detinfer_completion_tokens_total', help: 'Tokens generated', registers })
-    this.prefixCachedTokens = new Counter({
-      name: 'detinfer_prefix_cache_hit_tokens_total',
-      help: 'Prompt tokens whose KV-cache blocks were reused from the prefix cache instead of computed',
-      registers,
-    })
     this.timeToFirstToken = new Histogram({
       name: 'detinfer_time_to_first_token_seconds',
       help: 'From the request arriving to the first generated token of a choice',
@@ -62,6 +56,23 @@ export class ServerMetrics {
     gauge('detinfer_batch_size', 'Sequences in the running batch', () => load()?.running)
     gauge('detinfer_kv_cache_blocks_used', 'KV-cache blocks held by running sequences', () => load()?.usedBlocks)
     gauge('detinfer_kv_cache_blocks_total', 'KV-cache blocks of the model', () => load()?.totalBlocks)
+    gauge('detinfer_prefix_cache_blocks', 'KV-cache blocks kept by the prefix cache for reuse (no sequence holds them)', () => load()?.cachedBlocks)
+    const total = (name: string, help: string, read: () => number | undefined) =>
+      new Counter({
+        name,
+        help,
+        registers,
+        collect() {
+          this.reset()
+          this.inc(read() ?? 0)
+        },
+      })
+    total('detinfer_prefix_cache_query_tokens_total', 'Prompt tokens of sequences admitted to the batch', () => load()?.promptTokens)
+    total(
+      'detinfer_prefix_cache_hit_tokens_total',
+      'Prompt tokens whose KV-cache blocks came from the prefix cache instead of being computed',
+      () => load()?.prefixHitTokens,
+    )
     gauge('detinfer_kv_cache_usage_ratio', 'Fraction of the KV-cache blocks held by running sequences', () => {
       const l = load()
       return l && l.totalBlocks ? l.usedBlocks / l.totalBlocks : 0
