@@ -66,6 +66,8 @@ export class InferenceServer {
       logger: false,
       bodyLimit: options.bodyLimit,
       return503OnClosing: false,
+      // On close, idle keep-alive connections go at once; those with a request in flight finish it.
+      forceCloseConnections: 'idle',
       ajv: { customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false, allErrors: false, verbose: true, allowUnionTypes: true } },
     })
     this.routes()
@@ -88,10 +90,13 @@ export class InferenceServer {
   async shutdown(deadlineMs: number): Promise<void> {
     this.closing = true
     const timer = setTimeout(() => this.shutdownAbort.abort(unavailable('The server shut down before the request finished', 'shutting_down')), deadlineMs)
+    // A connection whose request finished after close() began stays open as keep-alive: close those as they go idle.
+    const sweep = setInterval(() => this.app.server.closeIdleConnections(), 50)
     try {
       await this.app.close()
     } finally {
       clearTimeout(timer)
+      clearInterval(sweep)
     }
   }
 
@@ -102,7 +107,7 @@ export class InferenceServer {
     const app = this.app
     app.setErrorHandler((err, request, reply) => {
       const e = toApiError(err)
-      if (e.status >= 500) process.stderr.write(`detinfer serve: ${request.method} ${request.url} failed: ${(err as Error)?.stack ?? err}\n`)
+      if (!(err instanceof ApiError) && e.status >= 500) process.stderr.write(`detinfer serve: ${request.method} ${request.url} failed: ${(err as Error)?.stack ?? err}\n`)
       void reply.code(e.status).headers(e.headers).send(e.body())
     })
     app.setNotFoundHandler((request, reply) => {

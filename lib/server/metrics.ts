@@ -73,6 +73,8 @@ export class ServerMetrics {
       'Prompt tokens whose KV-cache blocks came from the prefix cache instead of being computed',
       () => load()?.prefixHitTokens,
     )
+    gauge('detinfer_process_resident_memory_bytes', 'Resident memory of the server process', () => process.memoryUsage().rss)
+    gauge('detinfer_process_heap_used_bytes', 'JavaScript heap in use', () => process.memoryUsage().heapUsed)
     gauge('detinfer_kv_cache_usage_ratio', 'Fraction of the KV-cache blocks held by running sequences', () => {
       const l = load()
       return l && l.totalBlocks ? l.usedBlocks / l.totalBlocks : 0
