@@ -4,6 +4,8 @@
 // every error case, overload, authentication and graceful shutdown. (Whole characters in streamed
 // text: test/server/app.test.ts, where a scripted model makes one character span several tokens.)
 import OpenAI from 'openai'
+import type { ChatCompletionChunk } from 'openai/resources/chat/completions'
+import type { Completion } from 'openai/resources/completions'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { defaultModelPath, loadModel, type Model } from '../../lib/model.js'
 import { buildDist, metric, post, startServer, type RunningServer } from '../helpers/server.js'
@@ -49,7 +51,7 @@ async function ask(client: OpenAI, kind: Kind, body: Record<string, unknown>, st
         finish: c.finish_reason,
       }
     }
-    const s = await client.chat.completions.create({ ...(body as any), stream: true }, { signal })
+    const s = (await client.chat.completions.create({ ...(body as any), stream: true }, { signal })) as unknown as AsyncIterable<ChatCompletionChunk>
     for await (const chunk of s) {
       const c = chunk.choices[0]
       if (!c) continue
@@ -68,7 +70,7 @@ async function ask(client: OpenAI, kind: Kind, body: Record<string, unknown>, st
     const c = r.choices[0]!
     return { text: c.text, tokens: c.logprobs?.tokens ?? [], logprobs: (c.logprobs?.token_logprobs ?? []) as number[], finish: c.finish_reason }
   }
-  const s = await client.completions.create({ ...(body as any), stream: true }, { signal })
+  const s = (await client.completions.create({ ...(body as any), stream: true }, { signal })) as unknown as AsyncIterable<Completion>
   for await (const chunk of s) {
     const c = chunk.choices[0]
     if (!c) continue
