@@ -9,8 +9,12 @@
 //                                                    # CUDA, the small qwen3-tiny shape on the CPU
 //   node bench/generate.mjs --model DIR --batches 1,8,64 --prompt-tokens 128 --new-tokens 128
 //   node bench/generate.mjs --baseline               # also transformers, same prompts
+//   node bench/generate.mjs --samplings greedy,t0.7-p0.9,t0.7-k50   # sampled rows beside greedy
 //
-// Every request generates exactly --new-tokens tokens (EOS does not end it), greedy. Decode
+// Every request generates exactly --new-tokens tokens (EOS does not end it). --samplings lists
+// the token choices to measure (greedy, tT, tT-pP, tT-kK, tT-kK-pP-mM; default greedy plus
+// temperature 0.7 with top-p 0.9 and with top-k 50 on a GPU), each at every batch size; the
+// variant kernels and the baseline run greedy only. Decode
 // throughput counts the tokens after each request's first; prefill throughput is one long
 // prompt's tokens over the time to its first token. Prints a table last and writes
 // bench/results/generate.json. Run `npm run build` first.
@@ -39,6 +43,7 @@ const { values: args } = parseArgs({
     'prefill-tokens': { type: 'string' },
     baseline: { type: 'boolean', default: false },
     'no-variant': { type: 'boolean', default: false },
+    samplings: { type: 'string' },
   },
 })
 
@@ -49,10 +54,26 @@ const positive = (name, value) => {
   if (!Number.isInteger(n) || n < 1) throw new Error(`Expected a positive integer for --${name} but received ${value}`)
   return n
 }
-const batches = (args.batches ?? (onGpu ? '1,8,32,64' : '1,4,16')).split(',').map((b) => positive('batches', b))
+const batches = (args.batches ?? (onGpu ? '1,8,64,256' : '1,4,16')).split(',').map((b) => positive('batches', b))
 const promptTokens = positive('prompt-tokens', args['prompt-tokens'])
 const newTokens = positive('new-tokens', args['new-tokens'] ?? (onGpu ? '128' : '32'))
 const prefillTokens = positive('prefill-tokens', args['prefill-tokens'] ?? (onGpu ? '2048' : '256'))
+
+/** "greedy" or "t0.7-p0.9-k50-m0.05" -> sampling parameters (null: greedy). */
+function parseSampling(name) {
+  if (name === 'greedy') return null
+  const p = { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 1 }
+  for (const part of name.split('-')) {
+    const value = Number(part.slice(1))
+    const key = { t: 'temperature', p: 'topP', k: 'topK', m: 'minP' }[part[0]]
+    if (!key || !Number.isFinite(value)) throw new Error(`Expected a sampling like greedy or t0.7-p0.9 for --samplings but received ${name}`)
+    p[key] = value
+  }
+  if (!(p.temperature > 0)) throw new Error(`Expected a temperature above 0 (t0.7) in --samplings ${name}`)
+  return p
+}
+const samplings = (args.samplings ?? (onGpu ? 'greedy,t0.7-p0.9,t0.7-k50' : 'greedy,t0.7-p0.9')).split(',')
+samplings.forEach(parseSampling)
 
 let modelDir = args.model
 let scratch = null
@@ -66,12 +87,12 @@ if (!modelDir) {
 
 const maxBatch = Math.max(...batches)
 const blockSize = 16
-const perSequence = Math.ceil((Math.max(promptTokens + newTokens, prefillTokens + 1) + 1) / blockSize)
+const perSequence = Math.ceil((promptTokens + newTokens + 1) / blockSize)
 const maxBatchTokens = Math.max(512, maxBatch)
 const model = await Transformer.load(modelDir, {
   device,
   maxBatchTokens,
-  kvBlocks: perSequence * (maxBatch + 1),
+  kvBlocks: perSequence * maxBatch + Math.ceil((prefillTokens + 1) / blockSize),
   kvBlockSize: blockSize,
 })
 const vocab = Math.min(model.config.vocabSize, 4096)
@@ -80,13 +101,14 @@ const prompts = Array.from({ length: maxBatch }, () => Array.from({ length: prom
 const longPrompt = Array.from({ length: prefillTokens }, () => 1 + Math.floor(rand() * (vocab - 1)))
 
 /** Runs `list` together (all submitted at once), each to exactly `tokens` new tokens. */
-async function serve(list, tokens, options) {
+async function serve(list, tokens, options, sampling = null) {
   const scheduler = new Scheduler(model, options)
   const started = performance.now()
   const outcomes = await Promise.all(
     list.map(
-      (prompt) =>
-        scheduler.submit({ kind: 'generate', prompt, maxTokens: tokens, sampling: null, onToken: () => true }).done,
+      (prompt, i) =>
+        scheduler.submit({ kind: 'generate', prompt, maxTokens: tokens, sampling: sampling && { ...sampling, seed: i }, onToken: () => true })
+          .done,
     ),
   )
   const seconds = (performance.now() - started) / 1000
@@ -94,17 +116,19 @@ async function serve(list, tokens, options) {
   return { seconds, timings: outcomes.map((o) => o.timings) }
 }
 
-function measure(kernels) {
+function measure(kernels, samplingNames) {
   return (async () => {
     setVariantKernels(kernels === 'variant')
     try {
       await serve([prompts[0].slice(0, 8)], 2, { maxBatchSize: 1, prefillChunkSize: 512 }) // warm-up
       const rows = []
-      for (const batch of batches) {
-        const { seconds, timings } = await serve(prompts.slice(0, batch), newTokens, { maxBatchSize: batch, prefillChunkSize: 512 })
+      for (const batch of batches)
+        for (const sampling of samplingNames) {
+        const { seconds, timings } = await serve(prompts.slice(0, batch), newTokens, { maxBatchSize: batch, prefillChunkSize: 512 }, parseSampling(sampling))
         const decodeSeconds = Math.max(...timings.map((t) => t.decodeMs)) / 1000
         rows.push({
           kernels,
+          sampling,
           batch,
           seconds,
           tokensPerSecond: (batch * newTokens) / seconds,
@@ -121,8 +145,8 @@ function measure(kernels) {
   })()
 }
 
-const invariant = await measure('invariant')
-const variant = args['no-variant'] ? null : await measure('variant')
+const invariant = await measure('invariant', samplings)
+const variant = args['no-variant'] ? null : await measure('variant', ['greedy'])
 model.dispose()
 
 let baseline = null
@@ -154,14 +178,17 @@ writeFileSync(join(resultsDir, 'generate.json'), JSON.stringify(summary, null, 2
 
 const pad = (s, w) => String(s).padStart(w)
 const f = (v, d = 1) => (v === undefined || v === null ? '-' : v.toFixed(d))
-console.log(`\ngeneration on ${device}: ${summary.model}, prompts of ${promptTokens} tokens, ${newTokens} new tokens each (greedy, EOS ignored)`)
-console.log(['batch', 'tok/s', 'decode tok/s', 'first tok ms', 'variant tok/s', 'invariant/variant', 'hf tok/s', 'ours/hf'].map((h, i) => pad(h, [5, 9, 12, 12, 13, 17, 9, 8][i])).join(' '))
-for (const [i, r] of invariant.rows.entries()) {
-  const v = variant?.rows[i]
-  const hf = baseline?.rows.find((b) => b.batch === r.batch)
+console.log(`\ngeneration on ${device}: ${summary.model}, prompts of ${promptTokens} tokens, ${newTokens} new tokens each (EOS ignored)`)
+console.log(['batch', 'sampling', 'tok/s', 'decode tok/s', 'of greedy', 'first tok ms', 'variant tok/s', 'invariant/variant', 'hf tok/s', 'ours/hf'].map((h, i) => (i === 1 ? h.padEnd(14) : pad(h, [5, 0, 9, 12, 9, 12, 13, 17, 9, 8][i]))).join(' '))
+for (const r of invariant.rows) {
+  const greedy = r.sampling === 'greedy'
+  const g = invariant.rows.find((x) => x.batch === r.batch && x.sampling === 'greedy')
+  const v = greedy ? variant?.rows.find((x) => x.batch === r.batch) : undefined
+  const hf = greedy ? baseline?.rows.find((b) => b.batch === r.batch) : undefined
   console.log(
     [
-      pad(r.batch, 5), pad(f(r.tokensPerSecond), 9), pad(f(r.decodeTokensPerSecond), 12), pad(f(r.firstTokenMs), 12),
+      pad(r.batch, 5), r.sampling.padEnd(14), pad(f(r.tokensPerSecond), 9), pad(f(r.decodeTokensPerSecond), 12),
+      pad(g ? f(r.decodeTokensPerSecond / g.decodeTokensPerSecond, 2) : '-', 9), pad(f(r.firstTokenMs), 12),
       pad(f(v?.tokensPerSecond), 13), pad(f(v ? r.tokensPerSecond / v.tokensPerSecond : undefined, 2), 17),
       pad(f(hf?.tokensPerSecond), 9), pad(f(hf ? r.tokensPerSecond / hf.tokensPerSecond : undefined, 2), 8),
     ].join(' '),

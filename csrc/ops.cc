@@ -6,6 +6,7 @@
 #include <cstring>
 #include <initializer_list>
 
+#include "common/token_choice.h"
 #include "cpu/cpu_ops.h"
 #include "cuda/runtime.h"
 #include "kernels/cuda_ops.h"
@@ -238,6 +239,25 @@ void token_logprobs(Tensor& out, const Tensor& x, const Tensor& ids) {
   c.rank(ids, "ids", 1);
   c.dim(ids, "ids", 0, x.dim(0), "rows of x");
   on_cuda(out) ? cuda::token_logprobs(out, x, ids) : cpu::token_logprobs(out, x, ids);
+}
+
+void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
+  Checker c{"choose_tokens"};
+  c.devices({{"out", &out}, {"x", &x}, {"params", &params}});
+  check_rows(c, x);
+  c.dtype(out, "out", {DType::I32});
+  c.rank(out, "out", 2);
+  c.dim(out, "out", 0, x.dim(0), "rows of x");
+  int64_t width = out.dim(1);
+  if (width < 2 || width % 2 != 0 || (width - 2) / 2 > choice::kMaxTopLogprobs)
+    fail("choose_tokens: expected out to have 2 + 2N columns with N between 0 and ", choice::kMaxTopLogprobs,
+         " but received ", out.describe());
+  c.dtype(params, "params", {DType::I32});
+  c.rank(params, "params", 2);
+  c.dim(params, "params", 0, x.dim(0), "rows of x");
+  c.dim(params, "params", 1, choice::kParams, "choice::kParams");
+  if (x.dim(1) > 0x7fffffff) fail("choose_tokens: expected at most 2^31 - 1 columns but received ", x.describe());
+  on_cuda(out) ? cuda::choose_tokens(out, x, params) : cpu::choose_tokens(out, x, params);
 }
 
 void copy(Tensor& dst, const Tensor& src) {

@@ -49,6 +49,10 @@ void log_softmax(Tensor& out, const Tensor& x);
 void argmax(Tensor& out, const Tensor& x);
 // out[r] = x[r, ids[r]] - logsumexp(x[r,:])   x f32 [R,V], ids i32 [R], out f32 [R]
 void token_logprobs(Tensor& out, const Tensor& x, const Tensor& ids);
+// The output head's token choice (common/token_choice.h): for each row of logits x f32 [R,V] and
+// its parameters params i32 [R, choice::kParams], out i32 [R, 2 + 2N] receives the chosen id, its
+// log-prob (f32 bits), the N most likely ids and their log-probs (N <= choice::kMaxTopLogprobs).
+void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params);
 // dst = src (same dtype and element count, same device)
 void copy(Tensor& dst, const Tensor& src);
 // dst = src converted between f32, bf16 and f16 (same device, same element count)

@@ -17,6 +17,17 @@ export class RequestTooLargeError extends Error {
   }
 }
 
+/** The model produced a logits row with NaN or infinity: its weights or config are broken. */
+export class NonFiniteLogitsError extends Error {
+  constructor(position: number) {
+    super(
+      `The model produced logits that are not finite (NaN or infinity) at position ${position}; ` +
+        `its weights or config.json (for example rope_theta or rms_norm_eps) are likely corrupt`,
+    )
+    this.name = 'NonFiniteLogitsError'
+  }
+}
+
 export function describeValue(value: unknown): string {
   if (typeof value === 'string') return `${JSON.stringify(value)} of type string`
   if (value === null) return 'null'

@@ -2,6 +2,7 @@
 // detokenization), stop conditions (EOS ids, maxTokens, stop strings) and streaming.
 import { checkInteger, checkNumber, invalidArgument } from './errors.js'
 import type { SamplingParams } from './sampling.js'
+import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
 import type { FinishReason, Scheduler } from './scheduler.js'
 import type { ChatMessage } from './tokenizer.js'
 
@@ -40,6 +41,10 @@ export interface GenerateOptions {
   topK?: number
   /** Sample among the most likely tokens whose probabilities add up to topP (1: no limit). */
   topP?: number
+  /** Sample only among tokens at least minP times as likely as the most likely one (0: no limit). */
+  minP?: number
+  /** Report the N most likely tokens and their log-probs at every generated position (0 to 20; default 0). */
+  topLogprobs?: number
   /** Generation ends when the text contains one of these; the text is cut before it. */
   stop?: string | string[]
   /** Wrap the prompt in the model's chat template as one user message. */
@@ -71,6 +76,8 @@ export interface GenerateResult {
   tokens: number[]
   /** Log-prob of each generated token under the model (log-softmax of the unscaled logits). */
   logprobs: number[]
+  /** With topLogprobs > 0: per generated token, the most likely tokens at its position, most likely first. */
+  topLogprobs?: TopLogprob[][]
   finishReason: 'stop' | 'length'
   /** The sampling seed used (absent for greedy decoding). */
   seed?: number
@@ -82,6 +89,8 @@ export interface StreamPiece {
   text: string
   token: number
   logprob: number
+  /** With topLogprobs > 0: the most likely tokens at this position. */
+  topLogprobs?: TopLogprob[]
   /** Set on the last piece of a completion: why it ended. */
   finishReason?: 'stop' | 'length'
 }
@@ -89,6 +98,7 @@ export interface StreamPiece {
 export interface ResolvedGenerateOptions {
   maxTokens: number
   sampling: SamplingParams | null
+  topLogprobs: number
   stop: string[]
   chat: boolean
   signal?: AbortSignal
@@ -104,7 +114,7 @@ export function resolveGenerateOptions(
   if (typeof options !== 'object' || options === null || Array.isArray(options))
     throw invalidArgument('options', 'object', options)
   const o = options as Record<string, unknown>
-  const known = new Set(['maxTokens', 'temperature', 'seed', 'topK', 'topP', 'stop', 'chat', 'signal'])
+  const known = new Set(['maxTokens', 'temperature', 'seed', 'topK', 'topP', 'minP', 'topLogprobs', 'stop', 'chat', 'signal'])
   for (const key of Object.keys(o))
     if (!known.has(key)) throw invalidArgument('options', `only the keys ${[...known].join(', ')}`, key)
 
@@ -116,6 +126,8 @@ export function resolveGenerateOptions(
     if (typeof o.topP !== 'number' || !(o.topP > 0 && o.topP <= 1)) throw invalidArgument('topP', 'number greater than 0 and at most 1', o.topP)
     topP = o.topP
   }
+  const minP = o.minP === undefined ? 0 : checkNumber('minP', o.minP, 0, 1)
+  const topLogprobs = o.topLogprobs === undefined ? 0 : checkInteger('topLogprobs', o.topLogprobs, 0, MAX_TOP_LOGPROBS)
   const seed = o.seed === undefined ? undefined : checkInteger('seed', o.seed, 0, MAX_SEED)
   let stop: string[] = []
   if (o.stop !== undefined) {
@@ -128,8 +140,8 @@ export function resolveGenerateOptions(
   if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw invalidArgument('signal', 'AbortSignal', o.signal)
 
   const sampling: SamplingParams | null =
-    temperature === 0 ? null : { temperature, topK, topP, seed: seed ?? Math.floor(Math.random() * (MAX_SEED + 1)) }
-  return { maxTokens, sampling, stop, chat: o.chat === true, ...(o.signal ? { signal: o.signal as AbortSignal } : {}) }
+    temperature === 0 ? null : { temperature, topK, topP, minP, seed: seed ?? Math.floor(Math.random() * (MAX_SEED + 1)) }
+  return { maxTokens, sampling, topLogprobs, stop, chat: o.chat === true, ...(o.signal ? { signal: o.signal as AbortSignal } : {}) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -222,20 +234,23 @@ export function runGeneration(
   const text = new CompletionText(tokenizer, options.stop, prompt)
   const tokens: number[] = []
   const logprobs: number[] = []
+  const tops: TopLogprob[][] = []
   const eos = new Set(tokenizer.eosTokenIds)
   const scheduled = scheduler.submit({
     kind: 'generate',
     prompt,
     maxTokens: options.maxTokens,
     sampling: options.sampling,
-    onToken(token, logprob) {
+    topLogprobs: options.topLogprobs,
+    onToken(token, logprob, top) {
       tokens.push(token)
       logprobs.push(logprob)
+      if (top) tops.push(top)
       const isEos = eos.has(token)
       const isLast = isEos || tokens.length === options.maxTokens
       const piece = text.push(token, isLast)
       const finishReason = isEos || text.stopped ? 'stop' : isLast ? 'length' : undefined
-      onPiece?.({ text: piece, token, logprob, ...(finishReason && { finishReason }) })
+      onPiece?.({ text: piece, token, logprob, ...(top ? { topLogprobs: top } : {}), ...(finishReason && { finishReason }) })
       return !(isEos || text.stopped)
     },
   })
@@ -249,6 +264,7 @@ export function runGeneration(
       text: text.text,
       tokens,
       logprobs,
+      ...(options.topLogprobs > 0 ? { topLogprobs: tops } : {}),
       finishReason: toPublicReason(finishReason),
       ...(options.sampling ? { seed: options.sampling.seed } : {}),
       timings: {

@@ -20,6 +20,7 @@ import { Scheduler, type ForwardModel, type SchedulerLoad } from './scheduler.js
 import { loadModelConfig, type ModelConfig } from './model/config.js'
 import { Transformer } from './model/transformer.js'
 import type { LoadProgress } from './model/weights.js'
+import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
 import { Tokenizer, type ChatMessage } from './tokenizer.js'
 
 /** Directory name of the model shipped under models/. */
@@ -32,6 +33,15 @@ export interface ScoreResult {
   tokens: number[]
   /** Log-prob of each completion token given everything before it. */
   logprobs: number[]
+  /** With topLogprobs > 0: per completion token, the most likely tokens at its position. */
+  topLogprobs?: TopLogprob[][]
+}
+
+export interface ScoreOptions {
+  /** Wrap the prompt in the model's chat template as one user message. */
+  chat?: boolean
+  /** Report the N most likely tokens at every scored position (0 to 20; default 0). */
+  topLogprobs?: number
 }
 
 export interface ServingOptions {
@@ -141,8 +151,10 @@ export class Model {
    * A completion given as text is tokenized on its own, which may split it differently than
    * generation did.
    */
-  async score(prompt: Prompt, completion: string | number[], options: { chat?: boolean } = {}): Promise<ScoreResult> {
+  async score(prompt: Prompt, completion: string | number[], options: ScoreOptions = {}): Promise<ScoreResult> {
     this.checkOpen()
+    if (typeof options !== 'object' || options === null) throw invalidArgument('options', 'object', options)
+    const topLogprobs = options.topLogprobs === undefined ? 0 : checkInteger('topLogprobs', options.topLogprobs, 0, MAX_TOP_LOGPROBS)
     const promptIds = this.promptIds(prompt, options.chat === true)
     const tokens =
       typeof completion === 'string'
@@ -152,8 +164,13 @@ export class Model {
     const total = promptIds.length + tokens.length
     if (total > this.contextLength)
       throw invalidArgument('prompt and completion', `at most ${this.contextLength} tokens together`, `${total} tokens`)
-    const { logprobs } = await this.scheduler.submit({ kind: 'score', tokens: [...promptIds, ...tokens], from: promptIds.length }).done
-    return { tokens, logprobs: Array.from(logprobs) }
+    const { logprobs, top } = await this.scheduler.submit({
+      kind: 'score',
+      tokens: [...promptIds, ...tokens],
+      from: promptIds.length,
+      topLogprobs,
+    }).done
+    return { tokens, logprobs: Array.from(logprobs), ...(top ? { topLogprobs: top } : {}) }
   }
 
   /** Ends every request (they reject with a DisposedError) and frees the weights and the cache. */

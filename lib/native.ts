@@ -74,6 +74,8 @@ export interface NativeAddon {
   logSoftmax(out: NativeTensor, x: NativeTensor): void
   argmax(out: NativeTensor, x: NativeTensor): void
   tokenLogprobs(out: NativeTensor, x: NativeTensor, ids: NativeTensor): void
+  /** The output head (csrc/common/token_choice.h): out i32 [R, 2+2N], x f32 [R, V], params i32 [R, 8]. */
+  chooseTokens(out: NativeTensor, x: NativeTensor, params: NativeTensor): void
   copy(dst: NativeTensor, src: NativeTensor): void
   cast(dst: NativeTensor, src: NativeTensor): void
   setVariantKernels(enabled: boolean): void

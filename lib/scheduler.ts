@@ -1,8 +1,8 @@
 // Continuous batching. Requests join and leave the running batch between steps. Each step packs
 // one token for every decoding sequence plus prefill chunks of admitted prompts, up to the model's
-// maxBatchTokens, runs one forward pass, then picks each sequence's next token from its logits row:
-// native argmax for greedy decoding, seeded Gumbel-max on the host for sampling, and the log-prob of
-// the chosen token under the model by native tokenLogprobs.
+// maxBatchTokens, and hands them to the model's step with one token choice per logits row (greedy,
+// seeded sampling or a scored target); the model's output head returns the chosen ids and their
+// log-probs (lib/model/output-head.ts). The scheduler only batches and delivers.
 //
 // The kernels are batch-invariant and prefill/decode-invariant, so a sequence's logits do not depend
 // on what else is in the step, how its prompt was chunked or which cache blocks it holds. This file
@@ -11,16 +11,16 @@
 //
 // Reading results back is the only wait; it happens off the JS thread.
 import { KvBlockAllocator, PrefixHasher } from './kv-cache.js'
-import { native, type DeviceName, type NativeTensor } from './native.js'
-import { RequestTooLargeError } from './errors.js'
-import { sampleToken, type SamplingParams } from './sampling.js'
-import { readF32, readI32, tensorFrom } from './tensor.js'
-import type { ForwardOutput, SequenceChunk } from './model/transformer.js'
+import type { DeviceName } from './native.js'
+import { NonFiniteLogitsError, RequestTooLargeError } from './errors.js'
+import { tokenChoice, type SamplingParams } from './sampling.js'
+import type { StepTokens, TokenChoice, TopLogprob } from './model/output-head.js'
+import type { SequenceChunk } from './model/transformer.js'
 
 // ---------------------------------------------------------------------------------------------
 // The forward pass the scheduler drives (lib/model/transformer.ts implements it)
 
-export type { ForwardOutput, SequenceChunk }
+export type { SequenceChunk, StepTokens, TokenChoice, TopLogprob }
 
 /** The part of the Transformer the scheduler drives (tests substitute their own). */
 export interface ForwardModel {
@@ -33,7 +33,11 @@ export interface ForwardModel {
   readonly maxLogitRows?: number
   /** Longest sequence it runs (default config.maxPositionEmbeddings). */
   readonly maxPositions?: number
-  forward(chunks: SequenceChunk[]): ForwardOutput
+  /**
+   * Runs one step over `chunks` and chooses a token for each logits row they ask for (in chunk
+   * order), with the `topN` most likely ids of every row when topN > 0.
+   */
+  step(chunks: SequenceChunk[], choices: TokenChoice[], topN: number): Promise<StepTokens>
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -46,8 +50,10 @@ export interface GenerationRequest {
   prompt: number[]
   maxTokens: number
   sampling: SamplingParams | null // null: greedy
+  /** Most likely alternatives to report per token (0 or absent: none). */
+  topLogprobs?: number
   /** Called once per generated token, in order; returning false ends the sequence ('stop'). */
-  onToken(token: number, logprob: number): boolean
+  onToken(token: number, logprob: number, top: TopLogprob[] | null): boolean
 }
 
 export interface ScoreRequest {
@@ -55,6 +61,8 @@ export interface ScoreRequest {
   tokens: number[]
   /** Index of the first token whose log-prob is wanted (>= 1). */
   from: number
+  /** Most likely alternatives to report per scored token (0: none). */
+  topLogprobs?: number
 }
 
 export interface SequenceTimings {
@@ -74,6 +82,8 @@ export interface GenerationOutcome {
 
 export interface ScoreOutcome {
   logprobs: Float32Array // one per token in tokens[from..]
+  /** Per scored token, the most likely ids at its position (null unless asked). */
+  top: TopLogprob[][] | null
   timings: SequenceTimings
 }
 
@@ -117,6 +127,7 @@ interface Sequence {
   cacheNeed: number // cache positions reserved
   generated: number
   scores: Float32Array | null
+  topScores: TopLogprob[][] | null
   cancelled: boolean
   finish: FinishReason | null
   error: unknown // set when the request's own consumer threw
@@ -204,6 +215,7 @@ export class Scheduler {
       cacheNeed,
       generated: 0,
       scores: request.kind === 'score' ? new Float32Array(tokens.length - request.from) : null,
+      topScores: request.kind === 'score' && (request.topLogprobs ?? 0) > 0 ? [] : null,
       cancelled: false,
       finish: null,
       error: undefined,
@@ -331,18 +343,25 @@ export class Scheduler {
 
   private async step(): Promise<void> {
     const packed = this.pack()
-    const out = this.model.forward(packed.map((p) => p.chunk))
     const rows = packed.flatMap((p) => (p.chunk.logits === 'none' ? [] : p.rows))
-    const rowCount = out.rowsPerChunk.reduce((a, b) => a + b, 0)
-    if (rowCount !== rows.length)
-      throw new Error(`Scheduler: the forward pass returned ${rowCount} logits rows but ${rows.length} were asked for`)
-    const { ids, logprobs } = await this.chooseTokens(out.logits, rows)
+    const choices = rows.map((row) => this.choiceFor(row))
+    const topN = rows.reduce((n, row) => Math.max(n, topLogprobsOf(row.seq.request)), 0)
+    const out = await this.model.step(packed.map((p) => p.chunk), choices, topN)
+    if (out.ids.length !== rows.length)
+      throw new Error(`Scheduler: the model chose ${out.ids.length} tokens but ${rows.length} logits rows were asked for`)
     for (const p of packed) {
       p.seq.cached += p.chunk.tokens.length
       this.registerFullBlocks(p.seq)
     }
-    rows.forEach((row, r) => this.deliver(row, ids[r]!, logprobs[r]!))
+    rows.forEach((row, r) => this.deliver(row, out, r))
     this.retireFinished()
+  }
+
+  private choiceFor(row: RowTask): TokenChoice {
+    const request = row.seq.request
+    // The noise of a sampled token is keyed by the position it will take.
+    if (request.kind === 'generate') return tokenChoice(request.sampling, row.position + 1)
+    return tokenChoice(null, row.position + 1, row.target)
   }
 
   /** Decodes first (one token each), then prompt chunks, within maxBatchTokens and maxLogitRows. */
@@ -383,71 +402,37 @@ export class Scheduler {
     return { seq, chunk: { tokens, startPosition: start, blockTable: seq.blocks, logits }, rows }
   }
 
-  /** Token ids and their log-probs for every row: one read for greedy steps, two when sampling. */
-  private async chooseTokens(logits: NativeTensor, rows: RowTask[]): Promise<{ ids: Int32Array; logprobs: Float32Array }> {
-    const n = native()
-    const device = this.model.device
-    const count = rows.length
-    if (count === 0) return { ids: new Int32Array(0), logprobs: new Float32Array(0) }
-    const greedy = (r: RowTask) => r.target < 0 && (r.seq.request as GenerationRequest).sampling === null
-    const idsDev = n.empty(device, 'i32', [count])
-    const lpDev = n.empty(device, 'f32', [count])
-    try {
-      if (rows.every(greedy)) {
-        n.argmax(idsDev, logits)
-        n.tokenLogprobs(lpDev, logits, idsDev)
-        const [ids, logprobs] = await Promise.all([readI32(idsDev), readF32(lpDev)])
-        return { ids, logprobs }
-      }
-      // Sampled rows need their logits on the host: one row read alone, several by one download.
-      const sampled = rows.flatMap((row, r) => (row.target < 0 && !greedy(row) ? [r] : []))
-      const vocab = logits.shape[1]!
-      if (rows.some(greedy)) n.argmax(idsDev, logits)
-      const [argmaxIds, hostLogits] = await Promise.all([
-        rows.some(greedy) ? readI32(idsDev) : null,
-        sampled.length === 1 ? readF32(n.narrow(logits, sampled[0]!, 1)) : sampled.length ? readF32(logits) : null,
-      ])
-      const ids = new Int32Array(count)
-      for (const [r, row] of rows.entries()) {
-        if (row.target >= 0) ids[r] = row.target
-        else if (greedy(row)) ids[r] = argmaxIds![r]!
-        else {
-          const offset = sampled.length === 1 ? 0 : r * vocab
-          const values = hostLogits!.subarray(offset, offset + vocab)
-          ids[r] = sampleToken(values, row.position + 1, (row.seq.request as GenerationRequest).sampling!)
-        }
-      }
-      const chosen = tensorFrom(device, 'i32', [count], ids)
-      try {
-        n.tokenLogprobs(lpDev, logits, chosen)
-        return { ids, logprobs: await readF32(lpDev) }
-      } finally {
-        chosen.dispose()
-      }
-    } finally {
-      idsDev.dispose()
-      lpDev.dispose()
-    }
-  }
-
-  private deliver(row: RowTask, id: number, logprob: number): void {
+  private deliver(row: RowTask, out: StepTokens, r: number): void {
     const seq = row.seq
+    if (seq.finish || seq.cancelled) return
+    const id = out.ids[r]!
+    const logprob = out.logprobs[r]!
+    if (id < 0) {
+      // A non-finite logits row fails its own request only.
+      seq.finish = 'cancelled'
+      seq.error = new NonFiniteLogitsError(row.position)
+      return
+    }
+    const wanted = topLogprobsOf(seq.request)
+    const top = wanted > 0 ? topOf(out, r, wanted) : null
     if (seq.request.kind === 'score') {
       const index = row.position + 1 - seq.request.from
-      if (index >= 0 && index < seq.scores!.length) seq.scores![index] = logprob
+      if (index >= 0 && index < seq.scores!.length) {
+        seq.scores![index] = logprob
+        if (top) seq.topScores![index] = top
+      }
       if (row.position + 1 === seq.tokens.length - 1) {
         seq.firstTokenAt = performance.now()
         seq.finish = 'stop'
       }
       return
     }
-    if (seq.finish || seq.cancelled) return
     seq.tokens.push(id)
     seq.generated++
     if (seq.generated === 1) seq.firstTokenAt = performance.now()
     let more: boolean
     try {
-      more = seq.request.onToken(id, logprob)
+      more = seq.request.onToken(id, logprob, top)
     } catch (err) {
       // A throwing consumer ends its own request only.
       seq.finish = 'cancelled'
@@ -485,7 +470,20 @@ export class Scheduler {
       cachedTokens: seq.reused,
       completionTokens: seq.generated,
     }
-    if (seq.request.kind === 'score') return { logprobs: seq.scores!, timings }
+    if (seq.request.kind === 'score') return { logprobs: seq.scores!, top: seq.topScores, timings }
     return { finishReason: seq.finish ?? 'cancelled', timings }
   }
+}
+
+function topLogprobsOf(request: GenerationRequest | ScoreRequest): number {
+  return request.topLogprobs ?? 0
+}
+
+function topOf(out: StepTokens, r: number, wanted: number): TopLogprob[] {
+  const top: TopLogprob[] = []
+  for (let i = 0; i < Math.min(wanted, out.topN); i++) {
+    const token = out.topIds[r * out.topN + i]!
+    if (token >= 0) top.push({ token, logprob: out.topLogprobs[r * out.topN + i]! })
+  }
+  return top
 }

@@ -157,6 +157,12 @@ Napi::Value TokenLogprobs(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value ChooseTokens(const Napi::CallbackInfo& info) {
+  Args a{info, "chooseTokens"};
+  ops::choose_tokens(a.tensor(0, "out"), a.tensor(1, "x"), a.tensor(2, "params"));
+  return info.Env().Undefined();
+}
+
 Napi::Value Copy(const Napi::CallbackInfo& info) {
   Args a{info, "copy"};
   ops::copy(a.tensor(0, "dst"), a.tensor(1, "src"));
@@ -222,7 +228,8 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"siluMul", SiluMul},     {"add", Add},
       {"kvAppend", KvAppend},   {"attention", Attention},
       {"logSoftmax", LogSoftmax}, {"argmax", Argmax},
-      {"tokenLogprobs", TokenLogprobs}, {"copy", Copy},
+      {"tokenLogprobs", TokenLogprobs}, {"chooseTokens", ChooseTokens},
+      {"copy", Copy},
       {"cast", Cast},           {"setVariantKernels", SetVariantKernels},
       {"variantKernels", VariantKernels}, {"cudaStatus", CudaStatus},
   };

@@ -39,5 +39,6 @@ void attention(Tensor&, const Tensor&, const Tensor&, const Tensor&, const Atten
 void log_softmax(Tensor&, const Tensor&) { cuda_runtime::require(); }
 void argmax(Tensor&, const Tensor&) { cuda_runtime::require(); }
 void token_logprobs(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
+void choose_tokens(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
 void cast(Tensor&, const Tensor&) { cuda_runtime::require(); }
 }  // namespace detinfer::cuda

@@ -24,6 +24,7 @@ void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor
 void log_softmax(Tensor& out, const Tensor& x);
 void argmax(Tensor& out, const Tensor& x);
 void token_logprobs(Tensor& out, const Tensor& x, const Tensor& ids);
+void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params);
 void cast(Tensor& dst, const Tensor& src);
 
 }  // namespace detinfer::cuda

@@ -15,6 +15,7 @@
 #include <string>
 
 #include "../common/config.h"
+#include "../common/token_choice.h"
 #include "../cuda/check.h"
 #include "../cuda/runtime.h"
 #include "block_reduce.cuh"
@@ -171,6 +172,421 @@ void argmax(Tensor& out, const Tensor& x) {
   DI_CHECK(rows <= 0x7fffffff, "argmax: too many rows (", rows, ")");
   argmax_kernel<<<static_cast<unsigned>(rows), kThreads, 0, device_stream()>>>(out.ptr<int32_t>(), x.ptr<float>(), V);
   CUDA_CHECK_LAUNCH("argmax", shapes(rows, V));
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// choose_tokens: the model's output head (csrc/common/token_choice.h defines what it computes).
+//   out i32 [R, 2 + 2N] (id, logprob bits, N top ids, N top logprob bits), x f32 [R, V],
+//   params i32 [R, choice::kParams]
+// Invariant: one block of kChoiceThreads threads per row whatever R is; every float reduction
+// (max, the logsumexp sum) runs in an order fixed by V and kChoiceThreads (thread t visits
+// v = t, t + kChoiceThreads, ... in increasing v, then the fixed tree of block_reduce.cuh).
+// The kept set and the top-N are selected exactly: counts and fixed-point masses are integers,
+// whose sums do not depend on the order of the atomics that form them, and every comparison is a
+// total order on (logit, id). The value bins below only narrow the search; the result is defined
+// without them. Row r depends on row r alone.
+// Variant (variant_kernels()): R < kVariantSplits sums each row's exp in kVariantSplits chunks
+// added at the end, as split row reductions do, so the log-probs' bits depend on R.
+namespace {
+
+namespace ch = detinfer::choice;
+
+constexpr int kChoiceThreads = 1024;
+// Value bins of the scaled logit distance d = max/T - x/T (raw logits for greedy rows): bin
+// floor(d * kBinScale), the last bin holding everything at or beyond kBinRange.
+constexpr int kBins = 2048;
+constexpr float kBinRange = 24.f;
+constexpr float kBinScale = (kBins - 1) / kBinRange;
+// Candidates gathered into shared memory for an exact sort (one bin, or the bins up to the N-th).
+constexpr int kCandidates = 4096;
+constexpr size_t kChoiceSmem = kBins * (sizeof(unsigned) + sizeof(unsigned long long)) +
+                               kCandidates * 2 * sizeof(unsigned long long);
+
+struct RowChoice {
+  float t, top_p, min_p;
+  int top_k, position, target;
+  uint32_t seed;
+};
+
+__device__ RowChoice load_choice(const int32_t* p) {
+  return {ch::as_float(p[ch::kTemperature]), ch::as_float(p[ch::kTopP]), ch::as_float(p[ch::kMinP]),
+          p[ch::kTopK], p[ch::kPosition], p[ch::kTarget], static_cast<uint32_t>(p[ch::kSeed])};
+}
+
+// What the row's passes share: the scaled maximum and the bin of a logit.
+struct Scale {
+  float t;     // temperature (1 for greedy rows: bins on raw logits)
+  float smax;  // max / t
+  __device__ float scaled(float x) const { return x / t; }
+  __device__ int bin(float x) const {
+    float d = (smax - scaled(x)) * kBinScale;
+    return d >= static_cast<float>(kBins - 1) ? kBins - 1 : static_cast<int>(d);
+  }
+  __device__ float weight(float x) const { return expf(scaled(x) - smax); }
+  __device__ unsigned long long mass(float x) const { return __float2ull_rz(weight(x) * ch::kMassScale); }
+};
+
+// Sort key of token v: larger logit first, then lower id. Unique per token.
+__device__ __forceinline__ unsigned long long sort_key(float x, int v) {
+  return (static_cast<unsigned long long>(ch::order_key(x)) << 32) | static_cast<uint32_t>(~v);
+}
+__device__ __forceinline__ int key_id(unsigned long long k) { return static_cast<int>(~static_cast<uint32_t>(k)); }
+
+__device__ unsigned long long block_sum_u64(unsigned long long v) {
+  __shared__ unsigned long long scratch[32];
+#pragma unroll
+  for (int d = 16; d >= 1; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    unsigned long long w = threadIdx.x < kChoiceThreads / 32 ? scratch[threadIdx.x] : 0ull;
+#pragma unroll
+    for (int d = 16; d >= 1; d /= 2) w += __shfl_xor_sync(0xffffffffu, w, d);
+    if (threadIdx.x == 0) scratch[0] = w;
+  }
+  __syncthreads();
+  unsigned long long total = scratch[0];
+  __syncthreads();
+  return total;
+}
+
+// The first index (in order: descending logits) where the running total of `values` reaches
+// `target`, and the total before it; PER values per thread, kChoiceThreads * PER in all. Integer
+// sums: exact in any order. An unreachable target gives the last index.
+struct BinCut {
+  int bin;
+  unsigned long long before;
+};
+
+template <int PER, class T>
+__device__ BinCut find_running(const T* values, unsigned long long target) {
+  __shared__ unsigned long long warp_totals[32];
+  __shared__ BinCut found;
+  int t = threadIdx.x, lane = t % 32, warp = t / 32;
+  unsigned long long mine[PER];
+  unsigned long long incl = 0;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) mine[j] = values[PER * t + j], incl += mine[j];
+  const unsigned long long own = incl;
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    unsigned long long o = __shfl_up_sync(0xffffffffu, incl, d);
+    if (lane >= d) incl += o;
+  }
+  if (lane == 31) warp_totals[warp] = incl;
+  if (t == 0) found = {PER * kChoiceThreads - 1, 0};
+  __syncthreads();
+  unsigned long long run = incl - own;
+  for (int w = 0; w < warp; ++w) run += warp_totals[w];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    if (run < target && run + mine[j] >= target) found = {PER * t + j, run};
+    run += mine[j];
+  }
+  __syncthreads();
+  BinCut r = found;
+  __syncthreads();
+  return r;
+}
+
+template <class T>
+__device__ BinCut find_bin(const T* values, unsigned long long target) {
+  static_assert(kBins % kChoiceThreads == 0, "whole bins per thread");
+  return find_running<kBins / kChoiceThreads>(values, target);
+}
+
+// Candidates in shared memory: sort keys and masses, sorted by key, largest first (bitonic sort
+// of kCandidates entries; empty entries have key 0 and sort last).
+struct Candidates {
+  unsigned long long* key;
+  unsigned long long* mass;
+  int* count;  // shared counter
+};
+
+__device__ void sort_candidates(Candidates c) {
+  for (int size = 2; size <= kCandidates; size *= 2) {
+    for (int stride = size / 2; stride > 0; stride /= 2) {
+      for (int i = threadIdx.x; i < kCandidates / 2; i += kChoiceThreads) {
+        int lo = 2 * i - (i & (stride - 1));
+        int hi = lo + stride;
+        bool descending = (lo & size) == 0;
+        unsigned long long klo = c.key[lo], khi = c.key[hi];
+        if ((klo < khi) == descending) {
+          c.key[lo] = khi, c.key[hi] = klo;
+          unsigned long long m = c.mass[lo];
+          c.mass[lo] = c.mass[hi], c.mass[hi] = m;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Gathers the tokens whose bin lies in [lo, hi] (at most kCandidates; the caller checked) and
+// sorts them. Slots are taken in a racy order; the sort makes the result independent of it.
+__device__ void gather_bins(Candidates c, const float* x, int64_t V, const Scale& s, int lo, int hi, bool with_mass) {
+  for (int i = threadIdx.x; i < kCandidates; i += kChoiceThreads) c.key[i] = 0, c.mass[i] = 0;
+  if (threadIdx.x == 0) *c.count = 0;
+  __syncthreads();
+  for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
+    float xv = x[v];
+    int b = s.bin(xv);
+    bool take = b >= lo && b <= hi;
+    unsigned ballot = __ballot_sync(0xffffffffu, take);
+    int base = 0;
+    if (threadIdx.x % 32 == 0 && ballot) base = atomicAdd(c.count, __popc(ballot));
+    base = __shfl_sync(0xffffffffu, base, 0);
+    if (take) {
+      int slot = base + __popc(ballot & ((1u << (threadIdx.x % 32)) - 1u));
+      c.key[slot] = sort_key(xv, static_cast<int>(v));
+      c.mass[slot] = with_mass ? s.mass(xv) : 0ull;
+    }
+  }
+  __syncthreads();
+  sort_candidates(c);
+}
+
+// The sort key of the candidate at which the running total (count, or mass when by_mass) first
+// reaches `need` (>= 1), and in *mass_to_cut the candidates' mass up to and including it.
+__device__ unsigned long long cut_in_candidates(Candidates c, unsigned long long need, bool by_mass,
+                                                unsigned long long* mass_to_cut) {
+  static_assert(kCandidates % kChoiceThreads == 0, "whole candidates per thread");
+  int index;
+  if (by_mass) {
+    BinCut at = find_running<kCandidates / kChoiceThreads>(c.mass, need);
+    index = at.bin;
+    *mass_to_cut = at.before + c.mass[index];
+  } else {
+    index = static_cast<int>(need - 1);
+    unsigned long long local = 0;
+    for (int i = threadIdx.x; i <= index; i += kChoiceThreads) local += c.mass[i];
+    *mass_to_cut = block_sum_u64(local);
+  }
+  return c.key[index];
+}
+
+// Fallback when the bin holding the cut has more than kCandidates tokens: the sort key at which
+// the running total over tokens of bin `bin` (in sort-key order) reaches `target`, by bisection
+// on the 64-bit sort key with a block reduction per step. Slow, exact, and only reached by rows
+// with thousands of logits within 1/85 of a scaled unit of each other.
+__device__ unsigned long long cut_by_bisection(const float* x, int64_t V, const Scale& s, int bin,
+                                               unsigned long long before, unsigned long long target, bool by_mass,
+                                               unsigned long long* mass_to_cut) {
+  // Find the largest key K such that total(tokens of bin with key >= K) >= target - before.
+  unsigned long long need = target - before;
+  unsigned long long lo = 0, hi = ~0ull;  // invariant: total(key >= lo) >= need
+  while (lo < hi) {
+    unsigned long long mid = lo + (hi - lo) / 2 + 1;
+    unsigned long long local = 0;
+    for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
+      float xv = x[v];
+      if (s.bin(xv) != bin || sort_key(xv, static_cast<int>(v)) < mid) continue;
+      local += by_mass ? s.mass(xv) : 1ull;
+    }
+    if (block_sum_u64(local) >= need) lo = mid;
+    else hi = mid - 1;
+  }
+  if (mass_to_cut) {
+    unsigned long long local = 0;
+    for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
+      float xv = x[v];
+      if (s.bin(xv) == bin && sort_key(xv, static_cast<int>(v)) >= lo) local += s.mass(xv);
+    }
+    *mass_to_cut = block_sum_u64(local);
+  }
+  return lo;
+}
+
+// The sort key of the last token of the shortest prefix (in sort-key order) whose running total
+// (count, or mass when by_mass) reaches target; *prefix_mass gets that prefix's mass.
+__device__ unsigned long long prefix_cut(Candidates c, const unsigned* bin_count, const unsigned long long* bin_mass,
+                                         const float* x, int64_t V, const Scale& s, unsigned long long target,
+                                         bool by_mass, unsigned long long* prefix_mass) {
+  BinCut bc = by_mass ? find_bin(bin_mass, target) : find_bin(bin_count, target);
+  unsigned long long local = 0;
+  for (int b = threadIdx.x; b < bc.bin; b += kChoiceThreads) local += bin_mass[b];
+  unsigned long long mass_before = block_sum_u64(local);
+  unsigned long long within = 0, cut;
+  if (bin_count[bc.bin] <= static_cast<unsigned>(kCandidates)) {
+    gather_bins(c, x, V, s, bc.bin, bc.bin, true);
+    cut = cut_in_candidates(c, target - bc.before, by_mass, &within);
+  } else {
+    cut = cut_by_bisection(x, V, s, bc.bin, bc.before, target, by_mass, &within);
+  }
+  *prefix_mass = mass_before + within;
+  return cut;
+}
+
+__device__ __forceinline__ float gumbel(uint32_t seed, int position, int v) {
+  float u = ch::noise_uniform(ch::noise_bits(seed, static_cast<uint32_t>(position), static_cast<uint32_t>(v)));
+  return -logf(-logf(u));
+}
+
+__global__ void __launch_bounds__(kChoiceThreads)
+    choose_tokens_kernel(int32_t* out, const float* x, const int32_t* params, int64_t V, int top_n, bool variant_split) {
+  extern __shared__ unsigned long long smem[];
+  unsigned long long* bin_mass = smem;
+  unsigned* bin_count = reinterpret_cast<unsigned*>(bin_mass + kBins);
+  Candidates cand{bin_mass + kBins + kBins / 2, bin_mass + kBins + kBins / 2 + kCandidates, nullptr};
+  __shared__ int cand_count;
+  cand.count = &cand_count;
+
+  const int64_t r = blockIdx.x;
+  const float* xr = x + r * V;
+  int32_t* o = out + r * (2 + 2 * static_cast<int64_t>(top_n));
+  const RowChoice p = load_choice(params + r * ch::kParams);
+
+  // Pass 1: the largest logit (lowest id on ties) and whether the row is finite.
+  ArgBest best{-INFINITY, 0x7fffffff};
+  int bad = 0;
+  for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
+    float xv = xr[v];
+    bad |= isnan(xv) || (isinf(xv) && xv > 0);
+    best = arg_better(best, ArgBest{xv, static_cast<int>(v)});
+  }
+  bad = __syncthreads_or(bad);
+  best = block_argmax<kChoiceThreads>(best);
+  if (bad || best.value == -INFINITY) {
+    for (int i = threadIdx.x; i < 2 + 2 * top_n; i += kChoiceThreads)
+      o[i] = (i == 0 || (i >= 2 && i < 2 + top_n)) ? -1 : ch::float_bits(NAN);
+    return;
+  }
+  const float m = best.value;
+  const bool sampling = p.target < 0 && p.t > 0.f;
+  const bool filter_k = sampling && p.top_k > 0 && p.top_k < V;
+  const bool filter_p = sampling && p.top_p < 1.f;
+  const bool bins = filter_k || filter_p || top_n > 0;
+  const Scale s{sampling ? p.t : 1.f, sampling ? m / p.t : m};
+
+  // Pass 2: the logsumexp sum (raw logits), and the bins' counts and masses when a cut is needed.
+  if (bins) {
+    for (int b = threadIdx.x; b < kBins; b += kChoiceThreads) bin_count[b] = 0, bin_mass[b] = 0;
+    __syncthreads();
+  }
+  float sum = 0.f;
+  unsigned tail_count = 0;
+  unsigned long long tail_mass = 0;
+  const int64_t chunk = variant_split ? (V + kVariantSplits - 1) / kVariantSplits : V;
+  float chunk_sums[kVariantSplits] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
+    float xv = xr[v];
+    float e = expf(xv - m);
+    if (variant_split) chunk_sums[v / chunk] = chunk_sums[v / chunk] + e;
+    else sum = sum + e;
+    if (!bins) continue;
+    int b = s.bin(xv);
+    unsigned long long w = sampling ? s.mass(xv) : 0ull;
+    if (b == kBins - 1) {
+      tail_count += 1, tail_mass += w;  // the crowded last bin is added once per thread, below
+    } else {
+      atomicAdd(&bin_count[b], 1u);
+      if (w) atomicAdd(&bin_mass[b], w);
+    }
+  }
+  if (variant_split) {
+    sum = 0.f;
+    for (int c = 0; c < kVariantSplits; ++c) sum = sum + block_sum<kChoiceThreads>(chunk_sums[c]);
+  } else {
+    sum = block_sum<kChoiceThreads>(sum);
+  }
+  const float lse = m + logf(sum);
+  unsigned long long z_all = 0;
+  if (bins) {
+    unsigned long long tc = block_sum_u64(tail_count), tm = block_sum_u64(tail_mass);
+    if (threadIdx.x == 0) bin_count[kBins - 1] = static_cast<unsigned>(tc), bin_mass[kBins - 1] = tm;
+    __syncthreads();
+    unsigned long long local = 0;
+    for (int b = threadIdx.x; b < kBins; b += kChoiceThreads) local += bin_mass[b];
+    z_all = block_sum_u64(local);
+  }
+
+  int id;
+  if (p.target >= 0) {
+    id = p.target < V ? p.target : -1;  // the host validates targets; never read out of bounds
+  } else if (!sampling) {
+    id = best.index;
+  } else {
+    // The kept set: tokens whose sort key is at least `cut` (0: all), and min-p.
+    unsigned long long cut = 0;
+    unsigned long long z = z_all, unused;
+    if (filter_k) cut = prefix_cut(cand, bin_count, bin_mass, xr, V, s, static_cast<unsigned long long>(p.top_k), false, &z);
+    if (filter_p) {
+      unsigned long long cut_p = prefix_cut(cand, bin_count, bin_mass, xr, V, s, ch::top_p_target(p.top_p, z), true, &unused);
+      cut = cut_p > cut ? cut_p : cut;
+    }
+    // Gumbel-max over the kept set, starting from the best logit, which is always kept.
+    const float score0 = s.smax + gumbel(p.seed, p.position, best.index);
+    ArgBest pick{score0, best.index};
+    for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
+      float xv = xr[v];
+      float sv = s.scaled(xv);
+      if (sv + ch::kGumbelMax < score0 || v == best.index) continue;
+      if (sort_key(xv, static_cast<int>(v)) < cut) continue;
+      if (p.min_p > 0.f && s.weight(xv) < p.min_p) continue;
+      pick = arg_better(pick, ArgBest{sv + gumbel(p.seed, p.position, static_cast<int>(v)), static_cast<int>(v)});
+    }
+    id = block_argmax<kChoiceThreads>(pick).index;
+  }
+  if (threadIdx.x == 0) {
+    o[0] = id;
+    o[1] = ch::float_bits(id >= 0 ? xr[id] - lse : NAN);
+  }
+
+  if (top_n > 0) {
+    // The N best logits: every token in the bins up to the one where the count reaches N.
+    int n = top_n < V ? top_n : static_cast<int>(V);
+    BinCut bc = find_bin(bin_count, static_cast<unsigned long long>(n));
+    unsigned long long held = bc.before + bin_count[bc.bin];
+    unsigned long long cut;
+    if (held <= static_cast<unsigned long long>(kCandidates)) {
+      gather_bins(cand, xr, V, s, 0, bc.bin, false);
+      cut = cand.key[n - 1];
+    } else {
+      cut = cut_by_bisection(xr, V, s, bc.bin, bc.before, static_cast<unsigned long long>(n), false, nullptr);
+      // Every token before the cut: at most N of them, gathered then sorted.
+      for (int i = threadIdx.x; i < kCandidates; i += kChoiceThreads) cand.key[i] = 0, cand.mass[i] = 0;
+      if (threadIdx.x == 0) cand_count = 0;
+      __syncthreads();
+      for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
+        unsigned long long k = sort_key(xr[v], static_cast<int>(v));
+        if (k >= cut) cand.key[atomicAdd(&cand_count, 1)] = k;
+      }
+      __syncthreads();
+      sort_candidates(cand);
+    }
+    (void)cut;
+    for (int i = threadIdx.x; i < top_n; i += kChoiceThreads) {
+      if (i < n) {
+        int v = key_id(cand.key[i]);
+        o[2 + i] = v;
+        o[2 + top_n + i] = ch::float_bits(xr[v] - lse);
+      } else {
+        o[2 + i] = -1;
+        o[2 + top_n + i] = ch::float_bits(NAN);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
+  int64_t rows = x.dim(0), V = x.dim(1);
+  if (rows == 0) return;
+  DI_CHECK(V > 0, "choose_tokens: x has no columns");
+  DI_CHECK(rows <= 0x7fffffff, "choose_tokens: too many rows (", rows, ")");
+  int top_n = static_cast<int>((out.dim(1) - 2) / 2);
+  static bool configured = false;
+  if (!configured) {
+    CUDA_CHECK(cudaFuncSetAttribute(choose_tokens_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(kChoiceSmem)));
+    configured = true;
+  }
+  bool variant_split = variant_kernels() && rows < kVariantSplits;
+  choose_tokens_kernel<<<static_cast<unsigned>(rows), kChoiceThreads, kChoiceSmem, device_stream()>>>(
+      out.ptr<int32_t>(), x.ptr<float>(), params.ptr<int32_t>(), V, top_n, variant_split);
+  CUDA_CHECK_LAUNCH("choose_tokens", shapes(rows, V));
 }
 
 }  // namespace detinfer::cuda

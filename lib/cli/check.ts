@@ -26,6 +26,7 @@ interface CheckFlags {
   temperature?: number
   topK?: number
   topP?: number
+  minP?: number
   samplingSeed?: number
   device: 'auto' | 'cpu' | 'cuda'
   chat?: boolean
@@ -36,8 +37,8 @@ interface CheckFlags {
 /** The runs' sampling from the flags (null: greedy), checked like generate's options. */
 function samplingFrom(flags: CheckFlags, limits: { contextLength: number; vocabSize: number }): SamplingParams | null {
   if (flags.temperature === undefined) {
-    if (flags.topK !== undefined || flags.topP !== undefined || flags.samplingSeed !== undefined)
-      throw new Error('--top-k, --top-p and --sampling-seed apply to sampling: give --temperature too')
+    if (flags.topK !== undefined || flags.topP !== undefined || flags.minP !== undefined || flags.samplingSeed !== undefined)
+      throw new Error('--top-k, --top-p, --min-p and --sampling-seed apply to sampling: give --temperature too')
     return null
   }
   const options = {
@@ -45,12 +46,13 @@ function samplingFrom(flags: CheckFlags, limits: { contextLength: number; vocabS
     seed: flags.samplingSeed ?? 0,
     ...(flags.topK !== undefined && { topK: flags.topK }),
     ...(flags.topP !== undefined && { topP: flags.topP }),
+    ...(flags.minP !== undefined && { minP: flags.minP }),
   }
   return resolveGenerateOptions(options, limits).sampling
 }
 
 function describeSampling(s: SamplingParams | null): string {
-  return s ? `sampling at temperature ${s.temperature}, top-k ${s.topK}, top-p ${s.topP}, seed ${s.seed}` : 'greedy'
+  return s ? `sampling at temperature ${s.temperature}, top-k ${s.topK}, top-p ${s.topP}, min-p ${s.minP ?? 0}, seed ${s.seed}` : 'greedy'
 }
 
 function describeDivergence(r: CheckReport): string {
@@ -92,6 +94,7 @@ export function checkCommand(): Command {
     .option('--temperature <t>', 'sample instead of greedy decoding: every run with the same seed must draw the same tokens', number)
     .option('--top-k <k>', 'with --temperature: sample among the k most likely tokens', integer)
     .option('--top-p <p>', 'with --temperature: sample among the most likely tokens up to probability p', number)
+    .option('--min-p <p>', 'with --temperature: sample among tokens at least p times as likely as the most likely one', number)
     .option('--sampling-seed <n>', 'with --temperature: the seed of every run (default 0)', integer)
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--chat', "wrap the prompt in the model's chat template")

@@ -15,6 +15,8 @@ interface GenerateFlags {
   seed?: number
   topK?: number
   topP?: number
+  minP?: number
+  topLogprobs?: number
   stop?: string[]
   device: 'auto' | 'cpu' | 'cuda'
   chat?: boolean
@@ -52,6 +54,8 @@ export function generateCommand(): Command {
     .option('--seed <n>', 'seed of the sampling noise (same seed, same completion)', integer)
     .option('--top-k <k>', 'sample among the k most likely tokens', integer)
     .option('--top-p <p>', 'sample among the most likely tokens up to probability p', number)
+    .option('--min-p <p>', 'sample among tokens at least p times as likely as the most likely one', number)
+    .option('--top-logprobs <n>', 'with --json: the n most likely tokens and their log-probs at each position (0-20)', integer)
     .option('--stop <text>', 'stop when the text contains this (repeatable)', collect)
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--chat', "wrap the prompt in the model's chat template")
@@ -73,9 +77,12 @@ export function generateCommand(): Command {
         ...(flags.seed !== undefined && { seed: flags.seed }),
         ...(flags.topK !== undefined && { topK: flags.topK }),
         ...(flags.topP !== undefined && { topP: flags.topP }),
+        ...(flags.minP !== undefined && { minP: flags.minP }),
+        ...(flags.topLogprobs !== undefined && { topLogprobs: flags.topLogprobs }),
         ...(flags.stop !== undefined && { stop: flags.stop }),
         ...(flags.chat && { chat: true }),
       }
+      if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
       const modelDir = flags.model ?? defaultModelPath
       // Bad options fail before the weights load; the model checks them again against its cache.
       const config = await loadModelConfig(checkModelDir(modelDir))

@@ -4,7 +4,7 @@
 import { readFileSync } from 'node:fs'
 import { Command, Option } from 'commander'
 import { checkModelDir, defaultModelPath, loadModel } from '../model.js'
-import { ids } from './parse.js'
+import { ids, integer } from './parse.js'
 import { withLoadProgress } from './progress.js'
 
 interface ScoreFlags {
@@ -16,6 +16,7 @@ interface ScoreFlags {
   device: 'auto' | 'cpu' | 'cuda'
   chat?: boolean
   json?: boolean
+  topLogprobs?: number
 }
 
 function completionOf(flags: ScoreFlags): string | number[] {
@@ -37,18 +38,23 @@ export function scoreCommand(): Command {
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--chat', "wrap the prompt in the model's chat template")
     .option('--json', 'print tokens and log-probs as JSON')
+    .option('--top-logprobs <n>', 'with --json: the n most likely tokens and their log-probs at each position (0-20)', integer)
     .action(async (argument: string | undefined, flags: ScoreFlags) => {
       if (argument !== undefined && flags.promptFile !== undefined) throw new Error('give the prompt as an argument or with --prompt-file, not both')
       const prompt = flags.promptFile !== undefined ? readFileSync(flags.promptFile, 'utf8') : argument
       if (prompt === undefined) throw new Error('no prompt: give it as an argument or with --prompt-file')
       const completion = completionOf(flags)
+      if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
       const modelDir = checkModelDir(flags.model ?? defaultModelPath)
       const model = await withLoadProgress('model', (onProgress) => loadModel(modelDir, { device: flags.device, maxBatchSize: 1, onProgress }))
       try {
-        const { tokens, logprobs } = await model.score(prompt, completion, { chat: flags.chat === true })
+        const { tokens, logprobs, topLogprobs } = await model.score(prompt, completion, {
+          chat: flags.chat === true,
+          ...(flags.topLogprobs !== undefined && { topLogprobs: flags.topLogprobs }),
+        })
         const total = logprobs.reduce((a, b) => a + b, 0)
         if (flags.json) {
-          process.stdout.write(JSON.stringify({ model: modelDir, device: model.device, tokens, logprobs, total }) + '\n')
+          process.stdout.write(JSON.stringify({ model: modelDir, device: model.device, tokens, logprobs, ...(topLogprobs && { topLogprobs }), total }) + '\n')
           return
         }
         const width = Math.max(5, ...tokens.map((t) => String(t).length))

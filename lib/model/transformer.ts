@@ -5,13 +5,14 @@
 //   embed -> for each layer: [norm] q,k,v = x·Wqkv (+b) -> [q/k head norm] -> rope(q,k)
 //            -> write k,v to the cache -> attention -> o_proj -> residual + norm
 //            -> gate,up -> silu·mul -> down_proj -> residual + norm
-//   -> gather the rows that want logits -> lm_head (f32 logits)
+//   -> gather the rows that want logits -> lm_head (f32 logits) -> token choice (output-head.ts)
 //
 // Every op is batch-invariant (see DESIGN.md), so a row's logits depend only on its own sequence.
 import { resolveDevice } from '../device.js'
 import { DisposedError } from '../errors.js'
 import { native, type AttentionBatch, type DeviceName, type NativeTensor } from '../native.js'
 import { describeValue, loadModelConfig, type ModelConfig } from './config.js'
+import { OutputHead, type StepTokens, type TokenChoice } from './output-head.js'
 import { ropeTable } from './rope.js'
 import { disposeWeights, loadWeights, type LayerWeights, type LoadProgress, type ModelWeights } from './weights.js'
 
@@ -100,6 +101,7 @@ interface TransformerState {
   cache: KvCache
   act: Activations
   cosSin: NativeTensor // f32 [maxPositions, D]
+  head: OutputHead
 }
 
 /** The step buffers for `T` tokens and `L` logit rows. */
@@ -131,6 +133,7 @@ export class Transformer {
   private readonly cache: KvCache
   private readonly act: Activations
   private readonly cosSin: NativeTensor
+  private readonly head: OutputHead
   private disposed = false
 
   private constructor(
@@ -148,6 +151,7 @@ export class Transformer {
     this.cache = state.cache
     this.act = state.act
     this.cosSin = state.cosSin
+    this.head = state.head
   }
 
   static async load(dir: string, opts: TransformerOptions): Promise<Transformer> {
@@ -163,7 +167,7 @@ export class Transformer {
     const config = await loadModelConfig(dir)
     const weights = await loadWeights(dir, config, device, opts.onProgress)
     const n = native()
-    const owned: NativeTensor[] = []
+    const owned: { dispose(): void }[] = []
     const alloc = (dtype: 'bf16' | 'f32', shape: number[]) => {
       const t = n.empty(device, dtype, shape)
       owned.push(t)
@@ -180,11 +184,14 @@ export class Transformer {
         cache.v.push(alloc('bf16', cacheShape))
       }
       const act = allocateActivations(alloc, config, maxBatchTokens, maxLogitRows)
+      const head = new OutputHead(device, maxLogitRows)
+      owned.push(head)
       const model = new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxPositions, {
         weights,
         cache,
         act,
         cosSin,
+        head,
       })
       model.probe(dir)
       return model
@@ -206,6 +213,22 @@ export class Transformer {
     } catch (err) {
       throw new Error(`The model in ${dir} cannot run on ${this.device}: ${(err as Error).message}`)
     }
+  }
+
+  /**
+   * One step: the forward pass over `chunks`, then the output head's token choice for each logits
+   * row (choices[r] for row r, in chunk order). Reads back only the chosen ids, their log-probs and
+   * the top-N when topN > 0.
+   */
+  async step(chunks: SequenceChunk[], choices: TokenChoice[], topN: number): Promise<StepTokens> {
+    const out = this.forward(chunks)
+    const rows = out.logits.shape[0]!
+    if (choices.length !== rows)
+      throw new RangeError(`Expected ${rows} token choices (one per logits row) for choices but received ${choices.length}`)
+    for (const [r, c] of choices.entries())
+      if (c.target >= this.config.vocabSize)
+        throw new RangeError(`Expected an integer between -1 and ${this.config.vocabSize - 1} for choices[${r}].target but received ${c.target}`)
+    return this.head.choose(out.logits, choices, topN)
   }
 
   /** Runs one step over `chunks`; the returned logits tensor is overwritten by the next forward. */
@@ -408,6 +431,7 @@ export class Transformer {
     for (const t of [...this.cache.k, ...this.cache.v]) t.dispose()
     for (const t of Object.values(this.act)) t?.dispose()
     this.cosSin.dispose()
+    this.head.dispose()
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

@@ -140,6 +140,28 @@ describe('detinfer generate on a tiny model', () => {
     expect(b.logprobs).toEqual(a.logprobs)
   })
 
+  it('--min-p and --top-logprobs reach the JSON output, and score reports the same top log-probs', () => {
+    const args = ['generate', '--device', 'cpu', '-n', '6', '--temperature', '0.9', '--min-p', '0.1', '--seed', '5', '--top-logprobs', '3', '--json', 'ROMEO:']
+    const r = detinfer(args)
+    expect(r.code, r.stderr).toBe(0)
+    const gen = JSON.parse(r.stdout)
+    expect(gen.topLogprobs).toHaveLength(gen.tokens.length)
+    for (const top of gen.topLogprobs) {
+      expect(top).toHaveLength(3)
+      expect(top[0].logprob).toBeGreaterThanOrEqual(top[1].logprob)
+    }
+    const scored = JSON.parse(
+      detinfer(['score', '--device', 'cpu', '--completion-ids', gen.tokens.join(','), '--top-logprobs', '3', '--json', 'ROMEO:']).stdout,
+    )
+    expect(scored.logprobs).toEqual(gen.logprobs)
+    expect(scored.topLogprobs).toEqual(gen.topLogprobs)
+    const noJson = detinfer(['generate', '--device', 'cpu', '-n', '2', '--top-logprobs', '3', 'ROMEO:'])
+    expect(noJson.code).toBe(1)
+    expect(noJson.stderr).toContain('--top-logprobs shows in the --json output: give --json too')
+    const bad = detinfer(['generate', '--device', 'cpu', '--temperature', '1', '--min-p', '2', 'ROMEO:'])
+    expect(bad.stderr).toContain('Expected number between 0 and 1 for minP but received 2 of type number')
+  })
+
   it('--chat applies the chat template', () => {
     const plain = JSON.parse(detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '4', '--json', 'hi']).stdout)
     const chat = JSON.parse(detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '4', '--json', '--chat', 'hi']).stdout)
@@ -237,12 +259,12 @@ describe('the shipped model', () => {
     const sampled = detinfer(['check', '--device', 'cpu', '--runs', '12', '-n', '8', '--temperature', '0.8', '--top-p', '0.9', '--sampling-seed', '3', '--json'])
     expect(sampled.code, sampled.stderr).toBe(0)
     const s = JSON.parse(sampled.stdout)
-    expect(s.sampling).toEqual({ temperature: 0.8, topK: 0, topP: 0.9, seed: 3 })
+    expect(s.sampling).toEqual({ temperature: 0.8, topK: 0, topP: 0.9, minP: 0, seed: 3 })
     expect(s.reports.invariant.identicalToReference).toBe(12)
     expect(s.reports.invariant.reference.tokens).not.toEqual(g.reports.invariant.reference.tokens)
     const bad = detinfer(['check', '--device', 'cpu', '--top-k', '3'])
     expect(bad.code).toBe(1)
-    expect(bad.stderr).toContain('detinfer: --top-k, --top-p and --sampling-seed apply to sampling: give --temperature too')
+    expect(bad.stderr).toContain('detinfer: --top-k, --top-p, --min-p and --sampling-seed apply to sampling: give --temperature too')
     expectNoStackTrace(bad.stderr)
   })
 

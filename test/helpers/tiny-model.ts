@@ -20,6 +20,8 @@ export interface TinyModelSpec {
   numKvHeads?: number
   /** Written as head_dim when set; otherwise hidden/heads is implied. */
   headDim?: number
+  /** vocab_size (default: the tokenizer's 270 ids plus 3 of padding); larger pads further. */
+  vocabSize?: number
   maxPositions?: number
   ropeTheta?: number
   ropeScaling?: Record<string, unknown>
@@ -174,7 +176,7 @@ export function writeTinyModel(dir: string, spec: TinyModelSpec): TinyModel {
   const kvHeads = spec.numKvHeads ?? 2
   const D = spec.headDim ?? H / heads
   const { json: tokenizerJson, size: tokenizerSize } = tinyTokenizerJson()
-  const V = tokenizerSize + 3 // padded like real checkpoints
+  const V = spec.vocabSize ?? tokenizerSize + 3 // padded like real checkpoints
   const arch = spec.architecture
   const qkvBias = arch === 'Qwen2ForCausalLM' || spec.attentionBias === true
   const oBias = arch !== 'Qwen2ForCausalLM' && spec.attentionBias === true

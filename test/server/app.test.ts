@@ -3,7 +3,8 @@
 // shipped tokenizer's byte tokens come out one by one.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { defaultModelPath, Model } from '../../lib/model.js'
-import type { ForwardModel, ForwardOutput, SequenceChunk } from '../../lib/scheduler.js'
+import type { ForwardModel, SequenceChunk, StepTokens, TokenChoice } from '../../lib/scheduler.js'
+import { chooseOnLogits } from '../../lib/model/output-head.js'
 import { InferenceServer } from '../../lib/server/app.js'
 import { tensorFrom } from '../../lib/tensor.js'
 import { Tokenizer } from '../../lib/tokenizer.js'
@@ -27,7 +28,11 @@ class ScriptedModel implements ForwardModel {
     this.config = { vocabSize, maxPositionEmbeddings: 1024 }
   }
 
-  forward(chunks: SequenceChunk[]): ForwardOutput {
+  step(chunks: SequenceChunk[], choices: TokenChoice[], topN: number): Promise<StepTokens> {
+    return chooseOnLogits(this.logits(chunks), choices, topN)
+  }
+
+  private logits(chunks: SequenceChunk[]): NativeTensor {
     const V = this.config.vocabSize
     const rows: Float32Array[] = []
     for (const c of chunks) {
@@ -41,7 +46,7 @@ class ScriptedModel implements ForwardModel {
     rows.forEach((r, i) => logits.set(r, i * V))
     this.last?.dispose()
     this.last = tensorFrom('cpu', 'f32', [rows.length, V], logits)
-    return { logits: this.last, rowsPerChunk: chunks.map((c) => (c.logits === 'last' ? 1 : 0)) }
+    return this.last
   }
 
   dispose(): void {

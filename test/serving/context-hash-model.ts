@@ -3,7 +3,8 @@
 // back through the block table. A wrong block table, a lost chunk or a position fed twice changes the
 // logits, and reading a cache slot nobody wrote throws. Results are exact integers-as-floats, so
 // they are equal whatever else is in the batch, as the real kernels' are.
-import type { ForwardModel, ForwardOutput, SequenceChunk } from '../../lib/scheduler.js'
+import type { ForwardModel, SequenceChunk, StepTokens, TokenChoice } from '../../lib/scheduler.js'
+import { chooseOnLogits } from '../../lib/model/output-head.js'
 import type { TextTokenizer } from '../../lib/generate.js'
 import type { NativeTensor } from '../../lib/native.js'
 import { tensorFrom } from '../../lib/tensor.js'
@@ -39,7 +40,12 @@ export class ContextHashModel implements ForwardModel {
     this.cache = new Int32Array(opts.kvBlocks * opts.kvBlockSize).fill(-1)
   }
 
-  forward(chunks: SequenceChunk[]): ForwardOutput {
+  /** The real output head on the stand-in logits. */
+  step(chunks: SequenceChunk[], choices: TokenChoice[], topN: number): Promise<StepTokens> {
+    return chooseOnLogits(this.forward(chunks).logits, choices, topN)
+  }
+
+  forward(chunks: SequenceChunk[]): { logits: NativeTensor; rowsPerChunk: number[] } {
     if (this.disposed) throw new Error('forward after dispose')
     const tokens = chunks.reduce((n, c) => n + c.tokens.length, 0)
     if (tokens > this.maxBatchTokens) throw new Error(`${tokens} tokens exceed maxBatchTokens ${this.maxBatchTokens}`)

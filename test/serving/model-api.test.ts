@@ -24,9 +24,12 @@ describe('Model argument validation', () => {
     [{ temperature: 1, seed: 2 ** 32 }, 'Expected integer between 0 and 4294967295 for seed but received 4294967296 of type number'],
     [{ stop: '' }, 'Expected non-empty string or array of non-empty strings for stop but received "" of type string'],
     [{ stop: ['a', 3] }, 'Expected non-empty string or array of non-empty strings for stop but received an array of length 2'],
+    [{ temperature: 1, minP: 1.5 }, 'Expected number between 0 and 1 for minP but received 1.5 of type number'],
+    [{ topLogprobs: 21 }, 'Expected integer between 0 and 20 for topLogprobs but received 21 of type number'],
+    [{ topLogprobs: 2.5 }, 'Expected integer between 0 and 20 for topLogprobs but received 2.5 of type number'],
     [{ chat: 'yes' }, 'Expected boolean for chat but received "yes" of type string'],
     [{ signal: 'stop' }, 'Expected AbortSignal for signal but received "stop" of type string'],
-    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, stop, chat, signal for options but received "maxToken" of type string'],
+    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, minP, topLogprobs, stop, chat, signal for options but received "maxToken" of type string'],
   ])('generate rejects %j', async (options, message) => {
     await expect(model.generate('abc', options as never)).rejects.toThrow(message)
   })

@@ -1,0 +1,214 @@
+// Development harness for the output head's token choice (choose_tokens in
+// csrc/kernels/sampling.cu), runnable without Node.
+// Build: cmake -S . -B build/dev-harnesses -DDETINFER_DEV_HARNESSES=ON && cmake --build build/dev-harnesses --target dev_sampling
+// Run:   build/dev/dev_sampling check         GPU against the CPU backend (greedy ids, targets, top ids;
+//                                              sampled ids agree but for float32 near-ties), rows
+//                                              bit-identical alone and in batches, the variant's difference.
+//        build/dev/dev_sampling bench OUT.json  medians (CUDA events, rotating inputs) at V = 151936 for
+//                                              1..256 rows: greedy, temperature, top-k 50, top-p 0.9, top-p + 20 top log-probs.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/config.h"
+#include "common/token_choice.h"
+#include "cuda/check.h"
+#include "cuda/runtime.h"
+#include "ops.h"
+
+using namespace detinfer;
+namespace ch = detinfer::choice;
+
+namespace {
+
+constexpr int64_t kVocab = 151936;
+
+std::vector<float> random_logits(int64_t rows, int64_t V, uint32_t seed, float std) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.f, std);
+  std::vector<float> x(rows * V);
+  for (auto& v : x) v = dist(rng);
+  return x;
+}
+
+struct Choice {
+  float t, top_p, min_p;
+  int top_k, target;
+};
+
+std::vector<int32_t> params_for(int64_t rows, Choice c, uint32_t seed) {
+  std::vector<int32_t> p(rows * ch::kParams, 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    int32_t* q = p.data() + r * ch::kParams;
+    q[ch::kTemperature] = ch::float_bits(c.t);
+    q[ch::kTopP] = ch::float_bits(c.top_p);
+    q[ch::kMinP] = ch::float_bits(c.min_p);
+    q[ch::kTopK] = c.top_k;
+    q[ch::kSeed] = static_cast<int32_t>(seed + r * 7919);
+    q[ch::kPosition] = static_cast<int32_t>(100 + r);
+    q[ch::kTarget] = c.target;
+  }
+  return p;
+}
+
+template <class T>
+Tensor make(Device d, DType dt, std::vector<int64_t> shape, const std::vector<T>& host) {
+  Tensor t = make_tensor(d, dt, shape);
+  if (d == Device::CUDA) cuda_runtime::upload(t.data(), host.data(), t.nbytes());
+  else std::memcpy(t.data(), host.data(), t.nbytes());
+  return t;
+}
+
+std::vector<int32_t> run(Device d, const std::vector<float>& x, int64_t rows, int64_t V, const std::vector<int32_t>& params,
+                         int top_n) {
+  Tensor xt = make(d, DType::F32, {rows, V}, x);
+  Tensor pt = make(d, DType::I32, {rows, ch::kParams}, params);
+  Tensor out = make_tensor(d, DType::I32, {rows, 2 + 2 * top_n});
+  ops::choose_tokens(out, xt, pt);
+  std::vector<int32_t> host(out.numel());
+  if (d == Device::CUDA) cuda_runtime::download(host.data(), out.data(), out.nbytes());
+  else std::memcpy(host.data(), out.data(), out.nbytes());
+  return host;
+}
+
+const Choice kChoices[] = {
+    {0.f, 1.f, 0.f, 0, -1},      // greedy
+    {0.7f, 1.f, 0.f, 0, -1},     // temperature
+    {0.7f, 1.f, 0.f, 50, -1},    // top-k 50
+    {0.7f, 0.9f, 0.f, 0, -1},    // top-p 0.9
+    {0.7f, 0.9f, 0.05f, 40, -1}, // all three
+    {0.f, 1.f, 0.f, 0, 12345},   // a scored target
+};
+const char* kNames[] = {"greedy", "temperature 0.7", "top-k 50", "top-p 0.9", "top-k 40 top-p 0.9 min-p 0.05", "target"};
+
+bool check() {
+  bool ok = true;
+  const int64_t rows = 24, V = kVocab;
+  for (float std : {0.7f, 3.f}) {
+    auto x = random_logits(rows, V, 17, std);
+    for (size_t c = 0; c < std::size(kChoices); ++c) {
+      auto params = params_for(rows, kChoices[c], 1234);
+      auto gpu = run(Device::CUDA, x, rows, V, params, 20), cpu = run(Device::CPU, x, rows, V, params, 20);
+      int same_ids = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int32_t* g = gpu.data() + r * 42;
+        const int32_t* h = cpu.data() + r * 42;
+        same_ids += g[0] == h[0];
+        if (!std::equal(g + 2, g + 22, h + 2)) {
+          printf("FAIL %s std %.1f row %ld: top ids differ from the CPU backend\n", kNames[c], std, (long)r);
+          ok = false;
+        }
+        float lg = ch::as_float(g[1]), lh = ch::as_float(h[1]);
+        if (g[0] == h[0] && std::fabs(lg - lh) > 1e-4f * std::max(1.f, std::fabs(lh))) {
+          printf("FAIL %s row %ld: log-prob %.7g vs CPU %.7g\n", kNames[c], (long)r, lg, lh);
+          ok = false;
+        }
+      }
+      bool exact = kChoices[c].t == 0.f;
+      printf("%-32s std %.1f: %d/%ld ids equal to the CPU backend%s\n", kNames[c], std, same_ids, (long)rows,
+             exact ? " (must be all)" : " (float32 near-ties may differ)");
+      if ((exact && same_ids != rows) || same_ids < rows * 3 / 4) ok = false;
+      // Bitwise: each row alone against the batch of all rows.
+      for (int64_t r = 0; r < rows; r += 5) {
+        std::vector<float> one(x.begin() + r * V, x.begin() + (r + 1) * V);
+        std::vector<int32_t> p1(params.begin() + r * ch::kParams, params.begin() + (r + 1) * ch::kParams);
+        auto alone = run(Device::CUDA, one, 1, V, p1, 20);
+        if (!std::equal(alone.begin(), alone.end(), gpu.begin() + r * 42)) {
+          printf("FAIL %s: row %ld alone differs from the batch\n", kNames[c], (long)r);
+          ok = false;
+        }
+      }
+    }
+  }
+  // The variant: a row alone (split sums) against the batch must differ somewhere.
+  auto x = random_logits(16, V, 5, 1.f);
+  auto params = params_for(16, kChoices[0], 1);
+  auto batch = run(Device::CUDA, x, 16, V, params, 0);
+  g_variant_kernels.store(true);
+  int differ = 0;
+  for (int64_t r = 0; r < 16; ++r) {
+    std::vector<float> one(x.begin() + r * V, x.begin() + (r + 1) * V);
+    std::vector<int32_t> p1(params.begin() + r * ch::kParams, params.begin() + (r + 1) * ch::kParams);
+    auto alone = run(Device::CUDA, one, 1, V, p1, 0);
+    differ += alone[1] != batch[r * 2 + 1];
+  }
+  g_variant_kernels.store(false);
+  printf("variant: %d/16 rows alone differ from the batch (must be > 0)\n", differ);
+  if (differ == 0) ok = false;
+  printf(ok ? "ALL OK\n" : "FAILED\n");
+  return ok;
+}
+
+float median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+void bench(const char* path) {
+  FILE* json = fopen(path, "w");
+  if (!json) fail("cannot write ", path);
+  fprintf(json, "{\"vocab\": %ld, \"results\": [\n", (long)kVocab);
+  cudaStream_t s = static_cast<cudaStream_t>(cuda_runtime::stream());
+  cudaEvent_t a, b;
+  CUDA_CHECK(cudaEventCreate(&a));
+  CUDA_CHECK(cudaEventCreate(&b));
+  printf("%6s  %-32s %10s\n", "rows", "choice", "median us");
+  bool first = true;
+  for (int64_t rows : {1, 8, 64, 256}) {
+    constexpr int kRotate = 4;
+    std::vector<Tensor> xs;
+    for (int i = 0; i < kRotate; ++i)
+      xs.push_back(make(Device::CUDA, DType::F32, {rows, kVocab}, random_logits(rows, kVocab, 40 + i, 1.f)));
+    for (size_t c = 0; c + 1 < std::size(kChoices); ++c) {
+      for (int top_n : {0, 20}) {
+        if (top_n && c != 3) continue;
+        Tensor pt = make(Device::CUDA, DType::I32, {rows, ch::kParams}, params_for(rows, kChoices[c], 99));
+        Tensor out = make_tensor(Device::CUDA, DType::I32, {rows, 2 + 2 * top_n});
+        for (int i = 0; i < 5; ++i) ops::choose_tokens(out, xs[i % kRotate], pt);
+        std::vector<float> times;
+        for (int i = 0; i < 40; ++i) {
+          CUDA_CHECK(cudaEventRecord(a, s));
+          ops::choose_tokens(out, xs[i % kRotate], pt);
+          CUDA_CHECK(cudaEventRecord(b, s));
+          CUDA_CHECK(cudaEventSynchronize(b));
+          float ms;
+          CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+          times.push_back(ms * 1000.f);
+        }
+        std::string name = std::string(kNames[c]) + (top_n ? " + 20 top" : "");
+        float us = median(times);
+        printf("%6ld  %-32s %10.1f\n", (long)rows, name.c_str(), us);
+        fprintf(json, "%s  {\"rows\": %ld, \"choice\": \"%s\", \"us\": %.2f}", first ? "" : ",\n", (long)rows, name.c_str(), us);
+        first = false;
+      }
+    }
+  }
+  fprintf(json, "\n]}\n");
+  fclose(json);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    cuda_runtime::require();
+    std::string mode = argc > 1 ? argv[1] : "check";
+    if (mode == "check") return check() ? 0 : 1;
+    if (mode == "bench" && argc > 2) {
+      bench(argv[2]);
+      return 0;
+    }
+    fprintf(stderr, "usage: dev_sampling check | bench OUT.json\n");
+    return 2;
+  } catch (const std::exception& e) {
+    fprintf(stderr, "dev_sampling: %s\n", e.what());
+    return 1;
+  }
+}

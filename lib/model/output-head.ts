@@ -1,0 +1,137 @@
+// The output head's token choice: one native op (chooseTokens, csrc/common/token_choice.h) turns
+// each logits row into the chosen id, its log-prob and, when asked, the N most likely ids with
+// their log-probs. Greedy rows, seeded samples and scored targets share one launch, and a step
+// reads back a few bytes per row, never a logits row.
+//
+// Buffers are allocated once for the model's most logit rows; each step uses their first rows.
+import { native, type DeviceName, type NativeTensor } from '../native.js'
+import { readI32 } from '../tensor.js'
+
+/** Most top log-probs per row (OpenAI's top_logprobs limit). */
+export const MAX_TOP_LOGPROBS = 20
+
+/** What to do with one logits row. */
+export interface TokenChoice {
+  /** 0: greedy (argmax, lowest id on ties). */
+  temperature: number
+  /** 0: no limit. */
+  topK: number
+  /** 1: no limit. */
+  topP: number
+  /** 0: no limit. */
+  minP: number
+  /** uint32 seed of the sampling noise. */
+  seed: number
+  /** Position of the token being chosen (the noise is keyed by seed, position and token id). */
+  position: number
+  /** -1: choose a token; otherwise the id whose log-prob is wanted (scoring). */
+  target: number
+}
+
+/** One of the most likely tokens at a position, with its log-prob. */
+export interface TopLogprob {
+  token: number
+  logprob: number
+}
+
+/** One step's choices, row by row. */
+export interface StepTokens {
+  /** Chosen (or target) id per row; -1 where the row's logits were not finite. */
+  ids: Int32Array
+  /** log-softmax of the raw logits at the id (NaN where not finite). */
+  logprobs: Float32Array
+  /** Top entries per row (0 when no row asked). */
+  topN: number
+  /** [rows * topN], most likely first, lowest id first on ties. */
+  topIds: Int32Array
+  topLogprobs: Float32Array
+}
+
+const PARAMS = 8 // fields per row, in csrc/common/token_choice.h's order
+
+/** Packs the rows' parameters as the native op reads them (f32 fields as their bits). */
+export function packChoices(choices: readonly TokenChoice[]): Int32Array {
+  const packed = new Int32Array(choices.length * PARAMS)
+  const floats = new Float32Array(packed.buffer)
+  choices.forEach((c, r) => {
+    const at = r * PARAMS
+    floats[at + 0] = c.temperature
+    floats[at + 1] = c.topP
+    floats[at + 2] = c.minP
+    packed[at + 3] = c.topK
+    packed[at + 4] = c.seed | 0
+    packed[at + 5] = c.position
+    packed[at + 6] = c.target
+  })
+  return packed
+}
+
+/** Reads the op's output rows [rows, 2 + 2N]. */
+export function unpackStepTokens(out: Int32Array, rows: number, topN: number): StepTokens {
+  const width = 2 + 2 * topN
+  const asFloat = new Float32Array(out.buffer, out.byteOffset, out.length)
+  const result: StepTokens = {
+    ids: new Int32Array(rows),
+    logprobs: new Float32Array(rows),
+    topN,
+    topIds: new Int32Array(rows * topN),
+    topLogprobs: new Float32Array(rows * topN),
+  }
+  for (let r = 0; r < rows; r++) {
+    result.ids[r] = out[r * width]!
+    result.logprobs[r] = asFloat[r * width + 1]!
+    for (let i = 0; i < topN; i++) {
+      result.topIds[r * topN + i] = out[r * width + 2 + i]!
+      result.topLogprobs[r * topN + i] = asFloat[r * width + 2 + topN + i]!
+    }
+  }
+  return result
+}
+
+/** The token-choice buffers of one model: parameters in, results out. */
+export class OutputHead {
+  private readonly params: NativeTensor // i32 [maxRows, 8]
+  private readonly out: NativeTensor // i32 [maxRows * (2 + 2 * MAX_TOP_LOGPROBS)]
+
+  constructor(
+    readonly device: DeviceName,
+    readonly maxRows: number,
+  ) {
+    const n = native()
+    this.params = n.empty(device, 'i32', [maxRows, PARAMS])
+    try {
+      this.out = n.empty(device, 'i32', [maxRows * (2 + 2 * MAX_TOP_LOGPROBS)])
+    } catch (err) {
+      this.params.dispose()
+      throw err
+    }
+  }
+
+  /** Enqueues the choice for logits f32 [R, V] and reads back the results. */
+  async choose(logits: NativeTensor, choices: readonly TokenChoice[], topN: number): Promise<StepTokens> {
+    const rows = choices.length
+    if (rows === 0) return unpackStepTokens(new Int32Array(0), 0, topN)
+    const n = native()
+    const width = 2 + 2 * topN
+    const params = n.narrow(this.params, 0, rows)
+    n.upload(params, packChoices(choices))
+    const out = n.view(n.narrow(this.out, 0, rows * width), [rows, width])
+    n.chooseTokens(out, logits, params)
+    return unpackStepTokens(await readI32(out), rows, topN)
+  }
+
+  dispose(): void {
+    this.params.dispose()
+    this.out.dispose()
+  }
+}
+
+/** One launch on logits a caller already holds (tests, stand-in models): temporary buffers. */
+export async function chooseOnLogits(logits: NativeTensor, choices: readonly TokenChoice[], topN: number): Promise<StepTokens> {
+  const head = new OutputHead(logits.device, Math.max(1, choices.length))
+  try {
+    return await head.choose(logits, choices, topN)
+  } finally {
+    head.dispose()
+  }
+}

@@ -1,0 +1,94 @@
+// The plain reference of the output head's token choice (csrc/common/token_choice.h): a full
+// sort, BigInt masses and float64 noise, written for clarity, not speed. The native op computes
+// the noise and weights in float32, so the two can disagree only where the reference's own
+// margins are razor thin; each result carries those margins so tests can tell.
+export interface SamplingParams {
+  temperature: number
+  topK: number
+  topP: number
+  minP: number
+  seed: number
+}
+
+function mix32(x: number): number {
+  x ^= x >>> 16
+  x = Math.imul(x, 0x21f0aaad)
+  x ^= x >>> 15
+  x = Math.imul(x, 0x735a2d97)
+  x ^= x >>> 15
+  return x >>> 0
+}
+
+/** A uniform value in (0, 1), 24 significant bits, determined by (seed, position, tokenId) alone. */
+export function noiseUniform(seed: number, position: number, tokenId: number): number {
+  let h = mix32((seed ^ 0x9e3779b9) >>> 0)
+  h = mix32((h ^ Math.imul(position, 0x85ebca6b)) >>> 0)
+  h = mix32((h ^ Math.imul(tokenId + 1, 0xc2b2ae35)) >>> 0)
+  return (2 * (h >>> 9) + 1) / 2 ** 24
+}
+
+export function gumbelNoise(seed: number, position: number, tokenId: number): number {
+  return -Math.log(-Math.log(noiseUniform(seed, position, tokenId)))
+}
+
+const f = Math.fround
+const MASS_SCALE = 2 ** 40
+
+/** Ids by logit descending, lowest id first on ties (NaN-free rows). */
+export function sortedIds(logits: Float32Array): Int32Array {
+  return Int32Array.from({ length: logits.length }, (_, i) => i).sort((a, b) => logits[b]! - logits[a]! || a - b)
+}
+
+export interface ReferenceChoice {
+  token: number
+  /** The kept set, in sorted order. */
+  kept: Int32Array
+  /** Best Gumbel score minus the runner-up's (Infinity with one kept token). */
+  scoreMargin: number
+  /** Distance of the top-p target from the running masses on either side of the cut, over Z (Infinity without top-p). */
+  massMargin: number
+}
+
+export function referenceChoice(logits: Float32Array, position: number, p: SamplingParams): ReferenceChoice {
+  const V = logits.length
+  const order = sortedIds(logits)
+  const t = f(p.temperature)
+  const smax = f(logits[order[0]!]! / t)
+  const scaled = (v: number) => f(logits[v]! / t)
+  const weight = (v: number) => f(Math.exp(f(scaled(v) - smax)))
+  const mass = (v: number) => BigInt(Math.floor(weight(v) * MASS_SCALE))
+  let L = p.topK > 0 && p.topK < V ? p.topK : V
+  let massMargin = Infinity
+  if (p.topP < 1) {
+    let z = 0n
+    for (let i = 0; i < L; i++) z += mass(order[i]!)
+    const prod = f(p.topP) * Number(z)
+    let target = BigInt(Math.ceil(prod))
+    if (target < 1n) target = 1n
+    if (target > z) target = z
+    let cum = 0n
+    for (let i = 0; i < L; i++) {
+      const before = cum
+      cum += mass(order[i]!)
+      if (cum >= target) {
+        massMargin = Math.min(Number(target - before), Number(cum - target) + 1) / Number(z)
+        L = i + 1
+        break
+      }
+    }
+  }
+  const minP = f(p.minP)
+  const kept = order.subarray(0, L).filter((v) => minP === 0 || weight(v) >= minP)
+  let best = -Infinity
+  let second = -Infinity
+  let token = kept[0]!
+  for (const v of kept) {
+    const score = scaled(v) + gumbelNoise(p.seed, position, v)
+    if (score > best) {
+      second = best
+      best = score
+      token = v
+    } else if (score > second) second = score
+  }
+  return { token, kept, scoreMargin: best - second, massMargin }
+}

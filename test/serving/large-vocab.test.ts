@@ -1,0 +1,144 @@
+// A model with Qwen3's 151,936-token vocabulary (hidden 64, 2 layers, random weights, so its
+// next-token distributions are wide: top-p keeps tens of thousands of tokens) served end to end:
+// greedy and seeded sampling with top-k, top-p and min-p, top log-probs, and scoring, each
+// request bit-identical alone and in a batch, and score() equal to generate(). On the CPU
+// backend in CI, and on CUDA when a GPU is there. The variant twin expects the bits to move.
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { setVariantKernels } from '../../lib/device.js'
+import { NonFiniteLogitsError } from '../../lib/errors.js'
+import type { GenerateOptions, GenerateResult } from '../../lib/generate.js'
+import { loadModel, type Model } from '../../lib/model.js'
+import type { DeviceName } from '../../lib/native.js'
+import { firstDifference } from '../helpers/compare.js'
+import { describeGpu } from '../helpers/gpu.js'
+import { mulberry32 } from '../helpers/random.js'
+import { writeTinyModel } from '../helpers/tiny-model.js'
+
+const V_QWEN = 151936
+let dir: string
+
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), 'detinfer-vocab-'))
+  writeTinyModel(dir, {
+    architecture: 'Qwen3ForCausalLM',
+    hiddenSize: 64,
+    intermediateSize: 128,
+    numLayers: 2,
+    numHeads: 1,
+    numKvHeads: 1,
+    headDim: 64,
+    vocabSize: V_QWEN,
+    tieWordEmbeddings: false, // lm_head std 1/8: logits of std ~1, a wide distribution
+    maxPositions: 512,
+    seed: 11,
+  })
+})
+
+afterAll(() => {
+  setVariantKernels(false)
+  rmSync(dir, { recursive: true, force: true })
+})
+
+function prompts(seed: number, lengths: number[]): number[][] {
+  const rand = mulberry32(seed)
+  return lengths.map((n) => Array.from({ length: n }, () => Math.floor(rand() * V_QWEN)))
+}
+
+/** Everything a result carries, as bits: tokens, log-probs and top log-probs. */
+function resultBits(r: { tokens: number[]; logprobs: number[]; topLogprobs?: { token: number; logprob: number }[][] }): string {
+  const top = (r.topLogprobs ?? []).map((t) => t.map((e) => `${e.token}:${Buffer.from(Float32Array.of(e.logprob).buffer).toString('hex')}`))
+  return JSON.stringify([r.tokens, Buffer.from(Float32Array.from(r.logprobs).buffer).toString('hex'), top])
+}
+
+const CASES: GenerateOptions[] = [
+  { maxTokens: 5, topLogprobs: 3 },
+  { maxTokens: 5, temperature: 0.9, topP: 0.95, seed: 4242, topLogprobs: 2 },
+  { maxTokens: 5, temperature: 0.7, topK: 50, minP: 0.05, seed: 7 },
+  { maxTokens: 5, temperature: 1.2, seed: 99 },
+]
+
+function suite(device: DeviceName) {
+  let model: Model
+  const list = prompts(3, [1, 9, 17, 40])
+  beforeAll(async () => {
+    model = await loadModel(dir, { device, maxBatchSize: 16, maxBatchTokens: 128, prefillChunkSize: 16, kvCacheTokens: 2048 })
+  })
+  afterAll(() => model?.dispose())
+
+  it('every request alone equals the same request in a mixed batch: tokens, log-probs, top log-probs', async () => {
+    const solo: GenerateResult[][] = []
+    for (const options of CASES) {
+      const out: GenerateResult[] = []
+      for (const p of list) out.push(await model.generate(p, options))
+      solo.push(out)
+    }
+    const batched = await Promise.all(CASES.map((options) => Promise.all(list.map((p) => model.generate(p, options)))))
+    for (const [c, options] of CASES.entries())
+      for (const i of list.keys()) expect(resultBits(batched[c]![i]!), `${JSON.stringify(options)} prompt ${i}`).toBe(resultBits(solo[c]![i]!))
+    // The samples really sample: they leave the greedy path, and top log-probs are sorted and hold the greedy choice.
+    expect(solo[1]!.some((r, i) => r.tokens.join() !== solo[0]![i]!.tokens.join())).toBe(true)
+    for (const r of solo[0]!)
+      r.topLogprobs!.forEach((top, t) => {
+        expect(top).toHaveLength(3)
+        expect(top[0]!.token).toBe(r.tokens[t])
+        expect(top[0]!.logprob).toBe(r.logprobs[t])
+        expect(top[1]!.logprob).toBeLessThanOrEqual(top[0]!.logprob)
+      })
+  })
+
+  it('score() and stream() report the log-probs and top log-probs generate() saw, bit for bit', async () => {
+    const options = CASES[1]!
+    for (const p of list.slice(1, 3)) {
+      const generated = await model.generate(p, options)
+      const scored = await model.score(p, generated.tokens, { topLogprobs: 2 })
+      expect(resultBits({ ...scored, tokens: generated.tokens })).toBe(resultBits(generated))
+      const pieces = []
+      for await (const piece of model.stream(p, options)) pieces.push(piece)
+      expect(resultBits({ tokens: pieces.map((x) => x.token), logprobs: pieces.map((x) => x.logprob), topLogprobs: pieces.map((x) => x.topLogprobs!) })).toBe(resultBits(generated))
+    }
+  })
+
+  it('variant twin: batching moves the log-prob bits', async () => {
+    setVariantKernels(true)
+    try {
+      const alone = await model.generate(list[1]!, CASES[0]!)
+      const batched = await Promise.all(list.map((p) => model.generate(p, CASES[0]!)))
+      expect(firstDifference(Float32Array.from(batched[1]!.logprobs), Float32Array.from(alone.logprobs))).toBeGreaterThanOrEqual(0)
+    } finally {
+      setVariantKernels(false)
+    }
+  })
+}
+
+describe('151,936-token vocabulary on the CPU backend', () => suite('cpu'))
+describeGpu('151,936-token vocabulary on CUDA', () => suite('cuda'))
+
+describe('non-finite logits', () => {
+  it('fail the request with an error that names the cause, and leave other requests alone', async () => {
+    const bad = mkdtempSync(join(tmpdir(), 'detinfer-nan-'))
+    try {
+      writeTinyModel(bad, { architecture: 'Qwen3ForCausalLM', hiddenSize: 64, numLayers: 1, seed: 3 })
+      // model.norm.weight all NaN: every logits row is NaN.
+      const file = join(bad, 'model.safetensors')
+      const bytes = readFileSync(file)
+      const headerLength = Number(bytes.readBigUInt64LE(0))
+      const header = JSON.parse(bytes.subarray(8, 8 + headerLength).toString('utf8'))
+      const [begin, end] = header['model.norm.weight'].data_offsets as [number, number]
+      for (let at = 8 + headerLength + begin; at < 8 + headerLength + end; at += 2) bytes.writeUInt16LE(0x7fc0, at)
+      writeFileSync(file, bytes)
+      const model = await loadModel(bad, { device: 'cpu' })
+      try {
+        await expect(model.generate([1, 2, 3], { maxTokens: 4 })).rejects.toThrow(NonFiniteLogitsError)
+        await expect(model.generate([1, 2, 3], { maxTokens: 4, temperature: 1, seed: 1 })).rejects.toThrow(/not finite \(NaN or infinity\) at position 2/)
+        await expect(model.score([1, 2, 3], [4, 5])).rejects.toThrow(NonFiniteLogitsError)
+      } finally {
+        await model.dispose()
+      }
+    } finally {
+      rmSync(bad, { recursive: true, force: true })
+    }
+  })
+})
