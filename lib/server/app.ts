@@ -254,11 +254,9 @@ export class InferenceServer {
       ...(body.top_p !== undefined && body.top_p !== null && body.top_p < 1 && { topP: body.top_p }),
       ...(topK > 0 && { topK }),
       ...(body.stop !== undefined && body.stop !== null && { stop: body.stop }),
+      ...(body.min_p && { minP: body.min_p }),
+      ...(topLogprobs > 0 && { topLogprobs }),
     }
-    // Extensions of the library that may not exist in every build: passed only when asked for.
-    const extra: Record<string, number> = {}
-    if (body.min_p) extra['minP'] = body.min_p
-    if (topLogprobs > 0) extra['topLogprobs'] = topLogprobs
     const choices: ChoicePlan[] = []
     prompts.forEach((ids, p) => {
       const room = model.contextLength - ids.length
@@ -272,7 +270,7 @@ export class InferenceServer {
         choices.push({
           index: p * n + i,
           prompt: ids,
-          options: { ...base, ...extra, maxTokens, ...(seed !== undefined && { seed: seed + i }) } as GenerateOptions,
+          options: { ...base, maxTokens, ...(seed !== undefined && { seed: seed + i }) },
         })
     })
     const usagePrompt = prompts.reduce((a, ids) => a + ids.length, 0)
@@ -333,8 +331,8 @@ export class InferenceServer {
         else this.metrics.interTokenLatency.observe((now - last) / 1000)
         last = now
         this.metrics.completionTokens.inc()
-        const top = (piece as { topLogprobs?: { token: number; logprob: number }[] }).topLogprobs ?? []
-        onPiece({ text: piece.text, record: { token: piece.token, logprob: piece.logprob, top, text: piece.text }, finishReason: piece.finishReason ?? null })
+        const record = { token: piece.token, logprob: piece.logprob, top: piece.topLogprobs ?? [], text: piece.text }
+        onPiece({ text: piece.text, record, finishReason: piece.finishReason ?? null })
       }
     } catch (err) {
       if (!run.signal.aborted) run.failed.abort(err)

@@ -7,9 +7,10 @@
 // the OpenAI API that detinfer does not implement are accepted only at their neutral value.
 // Each property's `description` is the "<what>" of the error message "Expected <what> for <param>".
 
+import { MAX_TOP_LOGPROBS } from '../model/output-head.js'
+
 const MAX_SEED = 0xffffffff
 export const MAX_N = 16
-export const MAX_TOP_LOGPROBS = 20
 export const MAX_STOP = 4
 
 const nullable = (type: string) => [type, 'null']
