@@ -456,3 +456,31 @@ describe('detinfer serve: API key, overload, graceful shutdown', () => {
     expect(server.log()).toContain('stopped')
   })
 })
+
+describe('detinfer serve: the shutdown deadline', () => {
+  it('ends streams still running at --shutdown-timeout with an error event, then exits 0', async () => {
+    buildDist()
+    const server = await startServer(['--shutdown-timeout', '0'])
+    try {
+      const res = await fetch(`${server.url}/v1/completions`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'default', prompt: 'ROMEO:', max_tokens: 900, temperature: 1, seed: 3, stream: true }),
+      })
+      const reader = res.body!.getReader()
+      let text = new TextDecoder().decode((await reader.read()).value)
+      server.proc.kill('SIGTERM')
+      for (;;) {
+        const { value, done } = await reader.read()
+        if (done) break
+        text += new TextDecoder().decode(value)
+      }
+      expect(text).toContain('"code":"shutting_down"')
+      expect(text).not.toMatch(/"finish_reason":"(stop|length)"/)
+      expect(text.trimEnd().endsWith('data: [DONE]')).toBe(true)
+      expect(await server.exited).toBe(0)
+    } finally {
+      if (server.proc.exitCode === null) await server.stop('SIGKILL')
+    }
+  })
+})
