@@ -3,8 +3,11 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { gpuAvailable } from './gpu.js'
 
 export const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..')
+/** The server tests run on the GPU when there is one, else on the CPU. */
+export const DEVICE = gpuAvailable ? 'cuda' : 'cpu'
 const cli = join(root, 'dist', 'cli', 'main.js')
 
 let built = false
@@ -31,7 +34,7 @@ export interface RunningServer {
 }
 
 export async function startServer(args: string[], env: Record<string, string> = {}): Promise<RunningServer> {
-  const proc = spawn(process.execPath, [cli, 'serve', '--port', '0', '--device', 'cpu', ...args], {
+  const proc = spawn(process.execPath, [cli, 'serve', '--port', '0', '--device', DEVICE, ...args], {
     cwd: root,
     env: { ...process.env, CI: '1', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],

@@ -1,5 +1,5 @@
-// `detinfer serve` driven by the official `openai` client, as a child process on the CPU with the
-// shipped model: both endpoints streamed and not, log-probs and usage, answers that do not depend
+// `detinfer serve` driven by the official `openai` client, as a child process with the shipped
+// model, on the CPU (on the GPU when there is one): both endpoints streamed and not, log-probs and usage, answers that do not depend
 // on the load (64 concurrent requests, some cancelled, each equal to the same request sent alone),
 // every error case, overload, authentication and graceful shutdown. (Whole characters in streamed
 // text: test/server/app.test.ts, where a scripted model makes one character span several tokens.)
@@ -8,7 +8,7 @@ import type { ChatCompletionChunk } from 'openai/resources/chat/completions'
 import type { Completion } from 'openai/resources/completions'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { defaultModelPath, loadModel, type Model } from '../../lib/model.js'
-import { buildDist, metric, post, startServer, type RunningServer } from '../helpers/server.js'
+import { buildDist, DEVICE, metric, post, startServer, type RunningServer } from '../helpers/server.js'
 
 const SYSTEM = 'You are a lighthouse keeper who answers in one short sentence about the sea and the light.'
 const QUESTIONS = ['What do you see tonight?', 'Is the storm coming?', 'Who was the last ship?', 'Why do you count the steps?']
@@ -83,7 +83,7 @@ async function ask(client: OpenAI, kind: Kind, body: Record<string, unknown>, st
   return answer
 }
 
-describe('detinfer serve (openai client, CPU, shipped model)', () => {
+describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
   let server: RunningServer
   let client: OpenAI
   let model: Model // the library in this process, for comparison
@@ -92,7 +92,7 @@ describe('detinfer serve (openai client, CPU, shipped model)', () => {
     buildDist()
     server = await startServer([])
     client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'not-needed', maxRetries: 0 })
-    model = await loadModel(defaultModelPath, { device: 'cpu' })
+    model = await loadModel(defaultModelPath, { device: DEVICE })
   })
   afterAll(async () => {
     await model?.dispose()

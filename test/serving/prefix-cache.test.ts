@@ -2,7 +2,8 @@
 // exactly the tokens and log-probs of the same request computed cold: attention splits keys from
 // key 0 and prefill equals decode bitwise, so the keys and values of a block depend only on the
 // tokens from position 0 to its end. Cold, warm, partially cached and evicted-then-recomputed
-// requests are compared bit for bit on the CPU backend with the shipped model, greedy and seeded.
+// requests are compared bit for bit with the shipped model, greedy and seeded, on the CPU backend
+// (and on the GPU when there is one).
 // The variant twin shows what the test would catch: under the variant kernels a warm request,
 // which prefills only the few tokens after the cached blocks, does not give the cold bits.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -12,6 +13,7 @@ import { KvBlockAllocator, PrefixHasher } from '../../lib/kv-cache.js'
 import { defaultModelPath, loadModel, type Model } from '../../lib/model.js'
 import { Scheduler } from '../../lib/scheduler.js'
 import { firstDifference } from '../helpers/compare.js'
+import { describeGpu } from '../helpers/gpu.js'
 import { ContextHashModel } from './context-hash-model.js'
 
 const BLOCK = 16 // the KV block size loadModel uses
@@ -39,9 +41,9 @@ function expectSameBits(actual: GenerateResult, expected: GenerateResult): void 
 const GREEDY: GenerateOptions = { maxTokens: 8 }
 const SEEDED: GenerateOptions = { maxTokens: 8, temperature: 0.9, seed: 1234 }
 
-describe('prefix cache on the CPU backend (shipped model)', () => {
+function prefixCacheSuite(device: 'cpu' | 'cuda'): void {
   // kvCacheTokens 192: 12 blocks, so that one long request evicts everything cached.
-  const load = (prefixCache: boolean) => loadModel(defaultModelPath, { device: 'cpu', kvCacheTokens: 192, prefixCache })
+  const load = (prefixCache: boolean) => loadModel(defaultModelPath, { device, kvCacheTokens: 192, prefixCache })
   let cold: Model // no prefix cache: every request computed from scratch
   let cached: Model
   let base: number[]
@@ -122,7 +124,7 @@ describe('prefix cache on the CPU backend (shipped model)', () => {
   // in their last fp32 bits, and the layers round to bf16, so most prompts still give equal bits:
   // the shipped model changes the log-probs of 2 of these 12 prompts. The invariant kernels give
   // equal bits for all 12.
-  it('variant twin: under the variant kernels warm requests do not all give the cold bits', async () => {
+  it.runIf(device === 'cpu')('variant twin: under the variant kernels warm requests do not all give the cold bits', async () => {
     const prompts = Array.from({ length: 12 }, (_, i) => [...base.slice(i, i + 64), ...base.slice(0, 7)])
     const differing = async (variantKernels: boolean) => {
       const model = await load(true)
@@ -144,7 +146,10 @@ describe('prefix cache on the CPU backend (shipped model)', () => {
     expect(await differing(false)).toBe(0)
     expect(await differing(true)).toBeGreaterThan(0)
   })
-})
+}
+
+describe('prefix cache on the CPU backend (shipped model)', () => prefixCacheSuite('cpu'))
+describeGpu('prefix cache on the GPU (shipped model)', () => prefixCacheSuite('cuda'))
 
 describe('prefix-cache bookkeeping', () => {
   it('chain hashes name a block by all the tokens before it', () => {
