@@ -390,8 +390,6 @@ export class InferenceServer {
       if (plan.includeUsage) send(usageChunk(endpoint, head, usageFromCounts(plan, counts)))
     }
     if (!res.writableEnded && !res.destroyed) res.end('data: [DONE]\n\n')
-    const route = endpoint === 'chat' ? '/v1/chat/completions' : '/v1/completions'
-    this.metrics.requests.inc({ endpoint: route, status: error ? `stream_${error.status}` : '200' })
   }
 
   /** The error a failed generation answers with. */
