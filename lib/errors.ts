@@ -28,7 +28,7 @@ export class NonFiniteLogitsError extends Error {
   }
 }
 
-function describeValue(value: unknown): string {
+export function describeValue(value: unknown): string {
   if (typeof value === 'string') return `${JSON.stringify(value)} of type string`
   if (value === null) return 'null'
   if (value === undefined) return 'undefined'

@@ -16,6 +16,8 @@ export interface TextTokenizer {
   encodeContinuation(text: string): number[]
   /** Text of ids, special tokens left out. */
   decode(ids: readonly number[]): string
+  /** The bytes one id stands for (decode([id]) as UTF-8 when absent). */
+  tokenBytes?(id: number): Uint8Array
   /** An incremental decoder for one completion; `context` (the prompt's ids) gets the first piece's leading space right. */
   streamDecoder(options: { context: readonly number[] }): TextStreamDecoder
   readonly eosTokenIds: readonly number[]
@@ -57,6 +59,8 @@ export interface GenerateOptions {
 
 export interface GenerationTimings {
   promptTokens: number
+  /** Prompt tokens served from the prefix cache (their KV-cache blocks reused, not computed). */
+  cachedTokens: number
   completionTokens: number
   queuedMs: number
   prefillMs: number
@@ -87,6 +91,8 @@ export interface StreamPiece {
   logprob: number
   /** With topLogprobs > 0: the most likely tokens at this position. */
   topLogprobs?: TopLogprob[]
+  /** Set on the last piece of a completion: why it ended. */
+  finishReason?: 'stop' | 'length'
 }
 
 export interface ResolvedGenerateOptions {
@@ -243,7 +249,8 @@ export function runGeneration(
       const isEos = eos.has(token)
       const isLast = isEos || tokens.length === options.maxTokens
       const piece = text.push(token, isLast)
-      onPiece?.({ text: piece, token, logprob, ...(top ? { topLogprobs: top } : {}) })
+      const finishReason = isEos || text.stopped ? 'stop' : isLast ? 'length' : undefined
+      onPiece?.({ text: piece, token, logprob, ...(top ? { topLogprobs: top } : {}), ...(finishReason && { finishReason }) })
       return !(isEos || text.stopped)
     },
   })

@@ -4,6 +4,7 @@ export type { LoadModelOptions, LoadProgress, Prompt, ScoreOptions, ScoreResult 
 export type { TopLogprob } from './model/output-head.js'
 export type { ChatMessage } from './tokenizer.js'
 export type { GenerateOptions, GenerateResult, GenerationTimings, StreamPiece } from './generate.js'
+export type { SchedulerLoad } from './scheduler.js'
 export { DisposedError, NonFiniteLogitsError, RequestTooLargeError } from './errors.js'
 export { resolveDevice, cudaStatus, setVariantKernels, variantKernels } from './device.js'
 export type { DeviceOption } from './device.js'

@@ -16,7 +16,7 @@ import {
   type TextTokenizer,
 } from './generate.js'
 import type { DeviceName } from './native.js'
-import { Scheduler, type ForwardModel } from './scheduler.js'
+import { Scheduler, type ForwardModel, type SchedulerLoad } from './scheduler.js'
 import { loadModelConfig, type ModelConfig } from './model/config.js'
 import { Transformer } from './model/transformer.js'
 import type { LoadProgress } from './model/weights.js'
@@ -49,6 +49,8 @@ export interface ServingOptions {
   maxBatchSize: number
   /** Prompt tokens of one sequence fed per step at most. */
   prefillChunkSize: number
+  /** Reuse KV-cache blocks of shared prompt prefixes (default false here; loadModel's default is true). */
+  prefixCache?: boolean
 }
 
 /** The pieces a Model serves from; `loadModel` builds them from a model directory. */
@@ -90,11 +92,25 @@ export class Model {
     return this.disposing !== null
   }
 
-  /** Prompt ids as generate() would feed them. */
-  tokenize(text: string, options: { chat?: boolean } = {}): number[] {
+  /** Prompt ids as generate() would feed them: of a text, or of a conversation through the chat template. */
+  tokenize(text: string | ChatMessage[], options: { chat?: boolean } = {}): number[] {
     this.checkOpen()
-    if (typeof text !== 'string') throw invalidArgument('text', 'string', text)
+    if (Array.isArray(text)) return this.promptIds(text, true, 'text')
+    if (typeof text !== 'string') throw invalidArgument('text', 'string or array of chat messages', text)
     return this.parts.tokenizer.encodePrompt(text, options.chat === true)
+  }
+
+  /** The bytes token `id` stands for (part of a UTF-8 character, possibly). */
+  tokenBytes(id: number): Uint8Array {
+    this.checkOpen()
+    checkInteger('id', id, 0, this.vocabSize - 1)
+    const t = this.parts.tokenizer
+    return t.tokenBytes ? t.tokenBytes(id) : new TextEncoder().encode(t.decode([id]))
+  }
+
+  /** Sequences running and waiting, and KV-cache blocks in use (for monitoring). */
+  get load(): SchedulerLoad {
+    return this.scheduler.load
   }
 
   detokenize(tokens: readonly number[]): string {
@@ -233,6 +249,12 @@ export interface LoadModelOptions {
   kvCacheTokens?: number
   /** KV-cache capacity in blocks of the model's block size. */
   kvBlocks?: number
+  /**
+   * Keep the KV-cache blocks of block-aligned prompt prefixes after their request ends and reuse
+   * them for later requests that start with the same tokens (default true). The answers are the
+   * same bits either way; only the work differs.
+   */
+  prefixCache?: boolean
   onProgress?: (progress: LoadProgress) => void
 }
 
@@ -274,6 +296,8 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
     throw new TypeError('Expected kvBlocks or kvCacheTokens for the KV-cache size but received both')
   if (options.kvCacheTokens !== undefined) checkInteger('kvCacheTokens', options.kvCacheTokens, 1, 1 << 30)
   if (options.kvBlocks !== undefined) checkInteger('kvBlocks', options.kvBlocks, 1, 1 << 26)
+  if (options.prefixCache !== undefined && typeof options.prefixCache !== 'boolean')
+    throw invalidArgument('prefixCache', 'boolean', options.prefixCache)
   if (options.onProgress !== undefined && typeof options.onProgress !== 'function')
     throw invalidArgument('onProgress', 'function', options.onProgress)
 
@@ -290,7 +314,8 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
     maxLogitRows: Math.max(maxBatchSize, Math.min(maxBatchTokens, 512)),
     ...(options.onProgress && { onProgress: options.onProgress }),
   })
-  return new Model({ forward, tokenizer: servingTokenizer(tokenizer), path: dir }, { maxBatchSize, prefillChunkSize })
+  const serving = { maxBatchSize, prefillChunkSize, prefixCache: options.prefixCache ?? true }
+  return new Model({ forward, tokenizer: servingTokenizer(tokenizer), path: dir }, serving)
 }
 
 // Models often pad their vocabulary past the tokenizer's last id; such ids decode to nothing.
@@ -301,6 +326,7 @@ function servingTokenizer(t: Tokenizer): TextTokenizer {
     encodeChat: (messages) => t.encodeChat(messages),
     encodeContinuation: (text) => t.encodeContinuation(text),
     decode: (ids) => t.decode(known(ids)),
+    tokenBytes: (id) => (id < t.vocabSize ? t.tokenBytes(id) : new Uint8Array(0)),
     streamDecoder: ({ context }) => {
       const decoder = t.streamDecoder({ context: known(context) })
       return { push: (id) => (id < t.vocabSize ? decoder.push(id) : ''), flush: () => decoder.flush() }

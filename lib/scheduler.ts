@@ -10,7 +10,7 @@
 // random stream, no batch-dependent choice of op).
 //
 // Reading results back is the only wait; it happens off the JS thread.
-import { KvBlockAllocator } from './kv-cache.js'
+import { KvBlockAllocator, PrefixHasher } from './kv-cache.js'
 import type { DeviceName } from './native.js'
 import { NonFiniteLogitsError, RequestTooLargeError } from './errors.js'
 import { tokenChoice, type SamplingParams } from './sampling.js'
@@ -70,6 +70,8 @@ export interface SequenceTimings {
   prefillMs: number // admitted until the first token (or the scores) came back
   decodeMs: number // first token until the last
   promptTokens: number
+  /** Prompt tokens whose KV-cache blocks came from the prefix cache instead of being computed. */
+  cachedTokens: number
   completionTokens: number
 }
 
@@ -85,11 +87,26 @@ export interface ScoreOutcome {
   timings: SequenceTimings
 }
 
+export interface SchedulerLoad {
+  running: number
+  waiting: number
+  /** KV-cache blocks held by sequences. */
+  usedBlocks: number
+  totalBlocks: number
+  /** Blocks the prefix cache keeps that no sequence holds (reusable, evictable). */
+  cachedBlocks: number
+  /** Prompt tokens of admitted requests, and those of them served from the prefix cache, since the start. */
+  promptTokens: number
+  prefixHitTokens: number
+}
+
 export interface SchedulerOptions {
   /** Sequences in the running batch at most. */
   maxBatchSize: number
   /** Prompt tokens of one sequence fed in one step at most. */
   prefillChunkSize: number
+  /** Keep the KV-cache blocks of token prefixes for later sequences that start the same way (lib/kv-cache.ts). */
+  prefixCache?: boolean
 }
 
 /** A submitted request: its outcome, and a way to drop it between steps. */
@@ -102,8 +119,11 @@ interface Sequence {
   request: GenerationRequest | ScoreRequest
   tokens: number[] // prompt, then generated tokens (generate); the whole text (score)
   promptLength: number
-  cached: number // positions already written to the KV cache
+  cached: number // positions already written to the KV cache (or taken from the prefix cache)
   blocks: number[]
+  hasher: PrefixHasher // chain hashes of the sequence's full blocks
+  registered: number // leading blocks registered with the prefix cache (or taken from it)
+  reused: number // positions taken from the prefix cache
   cacheNeed: number // cache positions reserved
   generated: number
   scores: Float32Array | null
@@ -142,21 +162,26 @@ export class Scheduler {
   private running: Sequence[] = []
   private loop: Promise<void> | null = null
   private closedWith: Error | null = null
+  private promptTokens = 0
+  private prefixHitTokens = 0
 
   constructor(model: ForwardModel, options: SchedulerOptions) {
     this.model = model
     this.maxBatchSize = Math.min(options.maxBatchSize, model.maxBatchTokens, model.maxLogitRows ?? Infinity)
     this.prefillChunkSize = options.prefillChunkSize
-    this.allocator = new KvBlockAllocator(model.kvBlocks, model.kvBlockSize)
+    this.allocator = new KvBlockAllocator(model.kvBlocks, model.kvBlockSize, { prefixCache: options.prefixCache ?? false })
   }
 
   /** Sequences running and waiting, and cache blocks in use (for tests and monitoring). */
-  get load(): { running: number; waiting: number; usedBlocks: number; totalBlocks: number } {
+  get load(): SchedulerLoad {
     return {
       running: this.running.length,
       waiting: this.waiting.length,
       usedBlocks: this.allocator.usedBlocks,
       totalBlocks: this.allocator.totalBlocks,
+      cachedBlocks: this.allocator.cachedBlocks,
+      promptTokens: this.promptTokens,
+      prefixHitTokens: this.prefixHitTokens,
     }
   }
 
@@ -184,6 +209,9 @@ export class Scheduler {
       promptLength,
       cached: 0,
       blocks: [],
+      hasher: new PrefixHasher(this.allocator.blockSize),
+      registered: 0,
+      reused: 0,
       cacheNeed,
       generated: 0,
       scores: request.kind === 'score' ? new Float32Array(tokens.length - request.from) : null,
@@ -260,6 +288,7 @@ export class Scheduler {
     }
     this.running = []
     this.waiting.length = 0
+    this.allocator.dropCached()
   }
 
   private dropCancelled(): void {
@@ -275,16 +304,38 @@ export class Scheduler {
   }
 
   // First come, first served: a request that does not fit yet waits, and so do the ones behind it.
+  // Leading blocks of the prompt found in the prefix cache are taken instead of computed, except
+  // that the last prompt token is always computed (its logits row is the first choice, or the first
+  // score): at most floor((promptLength - 1) / blockSize) blocks are reused.
   private admit(): void {
     while (this.waiting.length && this.running.length < this.maxBatchSize) {
       const seq = this.waiting[0]!
-      const blocks = this.allocator.allocate(this.allocator.blocksFor(seq.cacheNeed))
-      if (!blocks) return
+      const reusable = Math.floor((seq.promptLength - 1) / this.allocator.blockSize)
+      const hashes = this.allocator.prefixCache ? seq.hasher.extend(seq.tokens, reusable) : []
+      const reused = this.allocator.acquirePrefix(hashes)
+      const fresh = this.allocator.allocate(this.allocator.blocksFor(seq.cacheNeed) - reused.length)
+      if (!fresh) {
+        this.allocator.release(reused)
+        return
+      }
       this.waiting.shift()
-      seq.blocks = blocks
+      seq.blocks = [...reused, ...fresh]
+      seq.registered = reused.length
+      seq.cached = seq.reused = reused.length * this.allocator.blockSize
+      this.promptTokens += seq.promptLength
+      this.prefixHitTokens += seq.reused
       seq.admittedAt = performance.now()
       this.running.push(seq)
     }
+  }
+
+  /** Registers the sequence's blocks that are now fully written with the prefix cache. */
+  private registerFullBlocks(seq: Sequence): void {
+    if (!this.allocator.prefixCache) return
+    const full = Math.floor(seq.cached / this.allocator.blockSize)
+    if (full <= seq.registered) return
+    const hashes = seq.hasher.extend(seq.tokens, full)
+    for (; seq.registered < full; seq.registered++) this.allocator.register(seq.blocks[seq.registered]!, hashes[seq.registered]!)
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -298,7 +349,10 @@ export class Scheduler {
     const out = await this.model.step(packed.map((p) => p.chunk), choices, topN)
     if (out.ids.length !== rows.length)
       throw new Error(`Scheduler: the model chose ${out.ids.length} tokens but ${rows.length} logits rows were asked for`)
-    for (const p of packed) p.seq.cached += p.chunk.tokens.length
+    for (const p of packed) {
+      p.seq.cached += p.chunk.tokens.length
+      this.registerFullBlocks(p.seq)
+    }
     rows.forEach((row, r) => this.deliver(row, out, r))
     this.retireFinished()
   }
@@ -414,6 +468,7 @@ export class Scheduler {
       prefillMs: first - admitted,
       decodeMs: now - first,
       promptTokens: seq.promptLength,
+      cachedTokens: seq.reused,
       completionTokens: seq.generated,
     }
     if (seq.request.kind === 'score') return { logprobs: seq.scores!, top: seq.topScores, timings }

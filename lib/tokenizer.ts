@@ -86,6 +86,8 @@ export class Tokenizer {
     private readonly chatTemplate: Template | null,
     private readonly specialTokens: Record<string, string>,
     private readonly cleanUpSpaces: boolean,
+    /** Vocabulary pieces spell bytes with GPT-2's printable alphabet (a ByteLevel decoder). */
+    private readonly byteLevel: boolean,
   ) {}
 
   /** Loads tokenizer.json, tokenizer_config.json, and generation_config.json when present, from `dir`. */
@@ -172,6 +174,7 @@ export class Tokenizer {
       chatTemplate,
       specialTokens,
       cleanUp === true,
+      decoderHas(tokenizerJson['decoder'], 'ByteLevel'),
     )
   }
 
@@ -239,6 +242,21 @@ export class Tokenizer {
     return new StreamDecoder(this, options)
   }
 
+  /** The bytes one token stands for (a token may hold part of a UTF-8 character); special tokens give their text. */
+  tokenBytes(id: number): Uint8Array {
+    this.checkIds([id])
+    const piece = this.hf.id_to_token(id)
+    if (piece === undefined) return new Uint8Array(0)
+    if (this.byteLevel) {
+      const bytes = [...piece].map((ch) => byteOfPrintable().get(ch))
+      if (bytes.every((b) => b !== undefined)) return Uint8Array.from(bytes as number[])
+      return new TextEncoder().encode(piece) // an added token, spelled as plain text
+    }
+    const fallback = /^<0x([0-9A-Fa-f]{2})>$/.exec(piece)
+    if (fallback) return Uint8Array.of(parseInt(fallback[1]!, 16))
+    return new TextEncoder().encode(piece.replace(/\u2581/g, ' ')) // SentencePiece's word marker is a space
+  }
+
   private checkIds(ids: readonly number[]): void {
     if (!Array.isArray(ids)) throw new TypeError(`Expected an array of token ids for ids but received ${describeValue(ids)}`)
     for (let i = 0; i < ids.length; i++) {
@@ -247,6 +265,27 @@ export class Tokenizer {
         throw new RangeError(`Expected an integer between 0 and ${this.vocabSize - 1} for ids[${i}] but received ${describeValue(id)}`)
     }
   }
+}
+
+function decoderHas(decoder: unknown, type: string): boolean {
+  if (!decoder || typeof decoder !== 'object') return false
+  const d = decoder as Json
+  if (d['type'] === type) return true
+  return Array.isArray(d['decoders']) && d['decoders'].some((x) => decoderHas(x, type))
+}
+
+let printableToByte: Map<string, number> | null = null
+
+/** GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte. */
+function byteOfPrintable(): Map<string, number> {
+  if (printableToByte) return printableToByte
+  const map = new Map<string, number>()
+  let extra = 0
+  for (let b = 0; b < 256; b++) {
+    const printable = (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff)
+    map.set(String.fromCodePoint(printable ? b : 256 + extra++), b)
+  }
+  return (printableToByte = map)
 }
 
 /**

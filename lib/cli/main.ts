@@ -7,6 +7,7 @@ import { checkCommand } from './check.js'
 import { generateCommand } from './generate.js'
 import { infoCommand } from './info.js'
 import { scoreCommand } from './score.js'
+import { serveCommand } from './serve.js'
 import { packageVersion } from './package-info.js'
 
 const program = new Command('detinfer')
@@ -14,8 +15,8 @@ const program = new Command('detinfer')
   .version(packageVersion())
   .showHelpAfterError('(run with --help for usage)')
 
-// Subcommands: generate, score, check, info.
-for (const command of [generateCommand(), scoreCommand(), checkCommand(), infoCommand()]) program.addCommand(command)
+// Subcommands: generate, score, check, serve, info.
+for (const command of [generateCommand(), scoreCommand(), checkCommand(), serveCommand(), infoCommand()]) program.addCommand(command)
 
 try {
   await program.parseAsync(process.argv)

@@ -112,7 +112,7 @@ describe('continuous batching (context-hash model)', () => {
     runs[4]!.cancel()
     const outcomes = await Promise.all(runs.map((r) => r.done))
     expect(outcomes.map((o) => o.finishReason)).toEqual(['length', 'cancelled', 'length', 'length', 'cancelled', 'length'])
-    expect(scheduler.load).toEqual({ running: 0, waiting: 0, usedBlocks: 0, totalBlocks: 256 })
+    expect(scheduler.load).toMatchObject({ running: 0, waiting: 0, usedBlocks: 0, totalBlocks: 256 })
   })
 })
 

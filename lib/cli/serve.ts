@@ -1,0 +1,101 @@
+// `detinfer serve`: the OpenAI-compatible HTTP server (lib/server/) over one model. It listens at
+// once (GET /health answers 503 while the weights load, 200 when ready), and on SIGINT or SIGTERM
+// stops accepting requests, lets those in flight finish within --shutdown-timeout, and exits 0.
+import { basename, resolve } from 'node:path'
+import { Command, Option } from 'commander'
+import { checkModelDir, defaultModelPath, loadModel, type LoadModelOptions, type Model } from '../model.js'
+import { loadModelConfig } from '../model/config.js'
+import { InferenceServer } from '../server/app.js'
+import { hashModelFiles, systemFingerprint } from '../server/fingerprint.js'
+import { packageVersion } from './package-info.js'
+import { integer, positive } from './parse.js'
+
+/** The environment variable that sets --api-key. */
+export const API_KEY_ENV = 'DETINFER_API_KEY'
+
+interface ServeFlags {
+  model?: string
+  host: string
+  port: number
+  servedModelName?: string
+  device: 'auto' | 'cpu' | 'cuda'
+  maxBatchSize?: number
+  maxBatchTokens?: number
+  prefillChunkSize?: number
+  kvCacheTokens?: number
+  prefixCache: boolean
+  maxQueued: number
+  apiKey?: string
+  bodyLimit: number
+  shutdownTimeout: number
+}
+
+function log(line: string): void {
+  process.stderr.write(`detinfer serve: ${line}\n`)
+}
+
+export function serveCommand(): Command {
+  return new Command('serve')
+    .description('serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)')
+    .option('-m, --model <dir>', 'Hugging Face model directory (default: the model shipped with detinfer)')
+    .option('--host <address>', 'address to listen on (0.0.0.0 opens the server to the network)', '127.0.0.1')
+    .option('--port <n>', 'port to listen on (0: any free port)', integer, 8000)
+    .option('--served-model-name <name>', "the model's name in the API (default: the directory's name)")
+    .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .option('--max-batch-size <n>', 'sequences decoded together at most', positive)
+    .option('--max-batch-tokens <n>', 'tokens in one forward pass at most', positive)
+    .option('--prefill-chunk-size <n>', 'prompt tokens of one sequence per forward pass at most', positive)
+    .option('--kv-cache-tokens <n>', 'KV-cache capacity in tokens', positive)
+    .option('--no-prefix-cache', 'do not keep KV-cache blocks of prompt prefixes for later requests')
+    .option('--max-queued <n>', 'sequences that may wait for a place in the batch; beyond them requests get 429', integer, 256)
+    .addOption(new Option('--api-key <key>', 'require Authorization: Bearer <key> on /v1/*').env(API_KEY_ENV))
+    .option('--body-limit <bytes>', 'largest request body', positive, 4 * 1024 * 1024)
+    .option('--shutdown-timeout <seconds>', 'on SIGINT/SIGTERM, how long requests in flight may take to finish', integer, 30)
+    .action(async (flags: ServeFlags) => {
+      if (flags.port < 0 || flags.port > 65535) throw new Error(`Expected integer between 0 and 65535 for --port but received ${flags.port}`)
+      if (flags.maxQueued < 0) throw new Error(`Expected integer of at least 0 for --max-queued but received ${flags.maxQueued}`)
+      if (flags.shutdownTimeout < 0) throw new Error(`Expected integer of at least 0 for --shutdown-timeout but received ${flags.shutdownTimeout}`)
+      const dir = checkModelDir(flags.model ?? defaultModelPath)
+      await loadModelConfig(dir) // a bad model directory fails before the server listens
+      const server = new InferenceServer({
+        modelName: flags.servedModelName ?? basename(resolve(dir)),
+        ...(flags.apiKey && { apiKey: flags.apiKey }),
+        maxQueued: flags.maxQueued,
+        bodyLimit: flags.bodyLimit,
+      })
+      const address = await server.app.listen({ host: flags.host, port: flags.port })
+      log(`listening on ${address} (GET /health answers 503 until the model is loaded)`)
+
+      let model: Model | null = null
+      let stopping: Promise<void> | null = null
+      const stop = (signal: string) => {
+        if (stopping) return
+        log(`${signal}: no new requests; waiting up to ${flags.shutdownTimeout} s for those in flight`)
+        stopping = (async () => {
+          await server.shutdown(flags.shutdownTimeout * 1000)
+          await model?.dispose()
+          log('stopped')
+          process.exit(0)
+        })()
+      }
+      process.on('SIGINT', () => stop('SIGINT'))
+      process.on('SIGTERM', () => stop('SIGTERM'))
+
+      const options: LoadModelOptions = {
+        device: flags.device,
+        ...(flags.maxBatchSize !== undefined && { maxBatchSize: flags.maxBatchSize }),
+        ...(flags.maxBatchTokens !== undefined && { maxBatchTokens: flags.maxBatchTokens }),
+        ...(flags.prefillChunkSize !== undefined && { prefillChunkSize: flags.prefillChunkSize }),
+        ...(flags.kvCacheTokens !== undefined && { kvCacheTokens: flags.kvCacheTokens }),
+        ...(!flags.prefixCache && { prefixCache: false }),
+      }
+      const started = performance.now()
+      const [loaded, modelHash] = await Promise.all([loadModel(dir, options), hashModelFiles(dir)])
+      model = loaded
+      if (stopping) return
+      const fingerprint = systemFingerprint(modelHash, packageVersion(), loaded.device)
+      server.setModel(loaded, fingerprint)
+      const seconds = ((performance.now() - started) / 1000).toFixed(1)
+      log(`ready: ${dir} on ${loaded.device} in ${seconds} s, model name ${JSON.stringify(server.options.modelName)}, system_fingerprint ${fingerprint}`)
+    })
+}

@@ -1,0 +1,451 @@
+// The HTTP server of `detinfer serve`: OpenAI's /v1/completions, /v1/chat/completions and
+// /v1/models, plus /health and /metrics, over one loaded Model.
+//
+// Fastify validates every body against lib/server/schemas.ts before a handler runs; every error
+// becomes OpenAI's {error: {message, type, param, code}} (lib/server/errors.ts). Each choice of a
+// request is one library generation (Model.stream with an AbortSignal), so a request's answer is
+// what the library gives that prompt alone, whatever else the server is doing.
+import { randomInt, randomUUID, timingSafeEqual } from 'node:crypto'
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
+import type { GenerateOptions, StreamPiece } from '../generate.js'
+import { RequestTooLargeError } from '../errors.js'
+import type { Model } from '../model.js'
+import type { ChatMessage } from '../tokenizer.js'
+import { ApiError, contextLengthExceeded, invalidRequest, overloaded, toApiError, unavailable } from './errors.js'
+import { ServerMetrics } from './metrics.js'
+import {
+  completionResponse,
+  streamChunk,
+  usageChunk,
+  TokenTexts,
+  type Endpoint,
+  type FinishedChoice,
+  type ResponseHeader,
+  type TokenRecord,
+  type Usage,
+} from './openai.js'
+import { chatCompletionBody, completionBody, type ChatCompletionBody, type CompletionBody } from './schemas.js'
+
+const MAX_SEED = 0xffffffff
+/** max_tokens of /v1/completions when the request gives none (OpenAI's default). */
+const DEFAULT_COMPLETION_TOKENS = 16
+/** OpenAI's default temperature: sampling, with a seed chosen and reported when none is given. */
+const DEFAULT_TEMPERATURE = 1
+
+export interface ServerOptions {
+  /** The name clients pass as `model` (GET /v1/models lists it). */
+  modelName: string
+  /** Requests need `Authorization: Bearer <apiKey>` on /v1/* when set. */
+  apiKey?: string
+  /** Sequences allowed to wait for a place in the running batch; more get 429. */
+  maxQueued: number
+  /** Largest request body in bytes. */
+  bodyLimit: number
+  /** Seconds a client is told to wait after a 429. */
+  retryAfterSeconds?: number
+}
+
+interface Loaded {
+  model: Model
+  fingerprint: string
+  texts: TokenTexts
+  created: number
+}
+
+/** What the handlers share: the model once loaded, the sequences in flight, shutdown. */
+export class InferenceServer {
+  readonly app: FastifyInstance
+  readonly metrics = new ServerMetrics()
+  private loaded: Loaded | null = null
+  private closing = false
+  private inFlight = 0
+  private readonly shutdownAbort = new AbortController()
+
+  constructor(readonly options: ServerOptions) {
+    this.app = Fastify({
+      logger: false,
+      bodyLimit: options.bodyLimit,
+      return503OnClosing: false,
+      // On close, idle keep-alive connections go at once; those with a request in flight finish it.
+      forceCloseConnections: 'idle',
+      ajv: { customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false, allErrors: false, verbose: true, allowUnionTypes: true } },
+    })
+    this.routes()
+  }
+
+  /** Serves `model` from now on (until then /health answers 503 and /v1/* 503). */
+  setModel(model: Model, fingerprint: string): void {
+    this.loaded = { model, fingerprint, texts: new TokenTexts(model), created: Math.floor(Date.now() / 1000) }
+    this.metrics.attach(model)
+  }
+
+  get sequencesInFlight(): number {
+    return this.inFlight
+  }
+
+  /**
+   * Stops accepting requests, lets those in flight finish for `deadlineMs`, then aborts what is
+   * left (a stream ends with an error event) and closes the listener.
+   */
+  async shutdown(deadlineMs: number): Promise<void> {
+    this.closing = true
+    const timer = setTimeout(() => this.shutdownAbort.abort(unavailable('The server shut down before the request finished', 'shutting_down')), deadlineMs)
+    // A connection whose request finished after close() began stays open as keep-alive: close those as they go idle.
+    const sweep = setInterval(() => this.app.server.closeIdleConnections(), 50)
+    try {
+      await this.app.close()
+    } finally {
+      clearTimeout(timer)
+      clearInterval(sweep)
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Routes
+
+  private routes(): void {
+    const app = this.app
+    app.setErrorHandler((err, request, reply) => {
+      const e = toApiError(err)
+      if (!(err instanceof ApiError) && e.status >= 500) process.stderr.write(`detinfer serve: ${request.method} ${request.url} failed: ${(err as Error)?.stack ?? err}\n`)
+      void reply.code(e.status).headers(e.headers).send(e.body())
+    })
+    app.setNotFoundHandler((request, reply) => {
+      const e = new ApiError(404, `No route ${request.method} ${request.url.split('?')[0]}`, 'invalid_request_error', null, 'not_found')
+      void reply.code(404).send(e.body())
+    })
+    app.addHook('onRequest', async (request, reply) => {
+      if (this.closing) {
+        void reply.header('connection', 'close')
+        throw unavailable('The server is shutting down', 'shutting_down')
+      }
+      if (request.url.startsWith('/v1/')) this.authorize(request)
+    })
+    app.addHook('onResponse', async (request, reply) => {
+      this.metrics.requests.inc({ endpoint: request.routeOptions.url ?? 'unknown', status: String(reply.statusCode) })
+    })
+
+    app.get('/health', async (_request, reply) => {
+      if (!this.loaded) return reply.code(503).send({ status: 'loading' })
+      return { status: 'ok', model: this.options.modelName, system_fingerprint: this.loaded.fingerprint }
+    })
+    app.get('/metrics', async (_request, reply) => {
+      void reply.header('content-type', this.metrics.registry.contentType)
+      return this.metrics.registry.metrics()
+    })
+    app.get('/v1/models', async () => {
+      const { model, created } = this.ready()
+      return {
+        object: 'list',
+        data: [{ id: this.options.modelName, object: 'model', created, owned_by: 'detinfer', max_model_len: model.contextLength }],
+      }
+    })
+    app.post('/v1/completions', { schema: { body: completionBody } }, (request, reply) =>
+      this.complete('completions', request, reply),
+    )
+    app.post('/v1/chat/completions', { schema: { body: chatCompletionBody } }, (request, reply) =>
+      this.complete('chat', request, reply),
+    )
+  }
+
+  private authorize(request: FastifyRequest): void {
+    const key = this.options.apiKey
+    if (!key) return
+    const header = request.headers.authorization ?? ''
+    const given = Buffer.from(header.startsWith('Bearer ') ? header.slice(7) : '')
+    const wanted = Buffer.from(key)
+    if (given.length !== wanted.length || !timingSafeEqual(given, wanted))
+      throw new ApiError(
+        401,
+        header ? 'Incorrect API key provided' : 'Missing API key: send the header Authorization: Bearer <key>',
+        'authentication_error',
+        null,
+        'invalid_api_key',
+      )
+  }
+
+  private ready(): Loaded {
+    if (!this.loaded) throw unavailable('The model is still loading; GET /health answers 200 once it is ready', 'model_loading')
+    return this.loaded
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Completions
+
+  private async complete(endpoint: Endpoint, request: FastifyRequest, reply: FastifyReply): Promise<void> {
+    const arrived = performance.now()
+    const loaded = this.ready()
+    const body = request.body as CompletionBody | ChatCompletionBody
+    const plan = this.plan(endpoint, body, loaded)
+    const choices = plan.choices.length
+    // The queue: whatever exceeds the running batch waits; beyond maxQueued waiting, refuse.
+    const capacity = loaded.model.maxBatchSize + this.options.maxQueued
+    if (choices > capacity)
+      throw invalidRequest(`Expected at most ${capacity} choices (n times prompts) for n but received ${choices}`, 'n', 'too_many_choices')
+    if (this.inFlight + choices > capacity)
+      throw overloaded(
+        `The server is at capacity (${this.inFlight} sequences in flight, ${this.options.maxQueued} may wait); retry later`,
+        this.options.retryAfterSeconds ?? 1,
+      )
+    this.inFlight += choices
+
+    // A client that goes away aborts its generations at the next step; so does the shutdown deadline,
+    // and so does a failure of one of the request's other choices.
+    const disconnect = new AbortController()
+    const failed = new AbortController()
+    reply.raw.on('close', () => {
+      if (!reply.raw.writableFinished) disconnect.abort(new ClientGone())
+    })
+    const signal = AbortSignal.any([disconnect.signal, this.shutdownAbort.signal, failed.signal])
+    const head: ResponseHeader = {
+      id: `${endpoint === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID().replace(/-/g, '')}`,
+      created: Math.floor(Date.now() / 1000),
+      model: this.options.modelName,
+      system_fingerprint: loaded.fingerprint,
+      ...(plan.seed !== undefined && { seed: plan.seed }),
+    }
+    const route = endpoint === 'chat' ? '/v1/chat/completions' : '/v1/completions'
+    const stopTimer = this.metrics.requestDuration.startTimer({ endpoint: route })
+    try {
+      // The library checks the options here, before a stream's headers go out.
+      const run: ChoiceRun = { loaded, plan, head, signal, failed, arrived, streams: [] }
+      run.streams = plan.choices.map((c) => loaded.model.stream(c.prompt, { ...c.options, signal }))
+      if (plan.stream) await this.streamAnswer(endpoint, run, reply)
+      else await this.wholeAnswer(endpoint, run, reply)
+    } catch (err) {
+      throw err instanceof ApiError ? err : this.generationError(err, signal)
+    } finally {
+      this.inFlight -= choices
+      stopTimer()
+    }
+  }
+
+  /** Checks a validated body against the model and turns it into one generation per choice. */
+  private plan(endpoint: Endpoint, body: CompletionBody | ChatCompletionBody, loaded: Loaded): Plan {
+    const { model } = loaded
+    if (body.model !== this.options.modelName)
+      throw new ApiError(404, `The model ${JSON.stringify(body.model)} does not exist; this server serves ${JSON.stringify(this.options.modelName)}`, 'invalid_request_error', 'model', 'model_not_found')
+    const prompts = endpoint === 'chat' ? [this.chatPrompt(body as ChatCompletionBody, model)] : this.textPrompts(body as CompletionBody, model)
+    const n = body.n ?? 1
+    const temperature = body.temperature ?? DEFAULT_TEMPERATURE
+    const topK = body.top_k ?? 0
+    if (topK > model.vocabSize) throw invalidRequest(`Expected integer between -1 and ${model.vocabSize} for top_k but received ${topK} of type number`, 'top_k', 'invalid_value')
+    let seed: number | undefined
+    if (temperature > 0) {
+      seed = body.seed ?? randomInt(0, MAX_SEED - n + 2)
+      if (seed + n - 1 > MAX_SEED)
+        throw invalidRequest(`Expected integer between 0 and ${MAX_SEED - n + 1} for seed (choice i uses seed + i, n = ${n}) but received ${seed} of type number`, 'seed', 'invalid_value')
+    }
+    let logprobs = false
+    let topLogprobs = 0
+    if (endpoint === 'chat') {
+      const chat = body as ChatCompletionBody
+      logprobs = chat.logprobs === true
+      topLogprobs = chat.top_logprobs ?? 0
+      if (topLogprobs > 0 && !logprobs) throw invalidRequest('Expected logprobs: true for logprobs when top_logprobs is given but received ' + String(chat.logprobs ?? 'undefined'), 'logprobs', 'invalid_value')
+    } else {
+      const lp = (body as CompletionBody).logprobs
+      logprobs = lp !== undefined && lp !== null
+      topLogprobs = lp ?? 0
+    }
+    const requested = endpoint === 'chat' ? ((body as ChatCompletionBody).max_completion_tokens ?? body.max_tokens) : body.max_tokens
+    const base: GenerateOptions = {
+      ...(temperature > 0 && { temperature }),
+      ...(body.top_p !== undefined && body.top_p !== null && body.top_p < 1 && { topP: body.top_p }),
+      ...(topK > 0 && { topK }),
+      ...(body.stop !== undefined && body.stop !== null && { stop: body.stop }),
+      ...(body.min_p && { minP: body.min_p }),
+      ...(topLogprobs > 0 && { topLogprobs }),
+    }
+    const choices: ChoicePlan[] = []
+    prompts.forEach((ids, p) => {
+      const room = model.contextLength - ids.length
+      if (room < 1)
+        throw contextLengthExceeded(
+          `This model's maximum context length is ${model.contextLength} tokens; the prompt has ${ids.length} tokens, which leaves no room for a completion`,
+          endpoint === 'chat' ? 'messages' : 'prompt',
+        )
+      const maxTokens = Math.min(requested ?? (endpoint === 'chat' ? room : DEFAULT_COMPLETION_TOKENS), room)
+      for (let i = 0; i < n; i++)
+        choices.push({
+          index: p * n + i,
+          prompt: ids,
+          options: { ...base, maxTokens, ...(seed !== undefined && { seed: seed + i }) },
+        })
+    })
+    const usagePrompt = prompts.reduce((a, ids) => a + ids.length, 0)
+    return {
+      choices,
+      logprobs,
+      stream: body.stream === true,
+      includeUsage: body.stream === true && body.stream_options?.include_usage === true,
+      promptTokens: usagePrompt,
+      ...(seed !== undefined && { seed }),
+    }
+  }
+
+  private chatPrompt(body: ChatCompletionBody, model: Model): number[] {
+    const messages: ChatMessage[] = body.messages.map((m) => ({
+      // "developer" is OpenAI's newer name for the system role; chat templates know "system".
+      role: m.role === 'developer' ? 'system' : m.role,
+      content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((part) => part.text).join(''),
+    }))
+    try {
+      return model.tokenize(messages)
+    } catch (err) {
+      throw invalidRequest(`Could not apply the model's chat template to messages: ${(err as Error).message}`, 'messages', 'chat_template')
+    }
+  }
+
+  private textPrompts(body: CompletionBody, model: Model): number[][] {
+    const p = body.prompt
+    const list: (string | number[])[] = typeof p === 'string' ? [p] : typeof p[0] === 'number' ? [p as number[]] : (p as (string | number[])[])
+    return list.map((one, i) => {
+      const name = typeof p === 'string' || typeof p[0] === 'number' ? 'prompt' : `prompt[${i}]`
+      if (typeof one === 'string') {
+        const ids = model.tokenize(one)
+        if (!ids.length) throw invalidRequest(`Expected text of at least one token for ${name} but received ""`, 'prompt', 'invalid_value')
+        return ids
+      }
+      const bad = one.findIndex((id) => id >= model.vocabSize)
+      if (bad >= 0)
+        throw invalidRequest(`Expected an integer between 0 and ${model.vocabSize - 1} for ${name}[${bad}] but received ${one[bad]} of type number`, 'prompt', 'invalid_value')
+      return one
+    })
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Running the choices
+
+  /** Runs choice k of a request, handing each token to `onPiece`; a failure aborts the request's other choices. */
+  private async runChoice(
+    run: ChoiceRun,
+    k: number,
+    onPiece: (piece: { text: string; record: TokenRecord; finishReason: 'stop' | 'length' | null }) => void,
+  ): Promise<void> {
+    let last = 0
+    try {
+      for await (const piece of run.streams[k]!) {
+        const now = performance.now()
+        if (last === 0) this.metrics.timeToFirstToken.observe((now - run.arrived) / 1000)
+        else this.metrics.interTokenLatency.observe((now - last) / 1000)
+        last = now
+        this.metrics.completionTokens.inc()
+        const record = { token: piece.token, logprob: piece.logprob, top: piece.topLogprobs ?? [], text: piece.text }
+        onPiece({ text: piece.text, record, finishReason: piece.finishReason ?? null })
+      }
+    } catch (err) {
+      if (!run.signal.aborted) run.failed.abort(err)
+      throw err
+    }
+  }
+
+  private async wholeAnswer(endpoint: Endpoint, run: ChoiceRun, reply: FastifyReply) {
+    const { plan } = run
+    const finished: FinishedChoice[] = plan.choices.map((c) => ({ index: c.index, text: '', records: [], finishReason: 'stop' }))
+    await Promise.all(
+      plan.choices.map((_, k) =>
+        this.runChoice(run, k, (p) => {
+          const f = finished[k]!
+          f.text += p.text
+          f.records.push(p.record)
+          if (p.finishReason) f.finishReason = p.finishReason
+        }),
+      ),
+    )
+    this.metrics.promptTokens.inc(plan.promptTokens)
+    await reply.send(completionResponse(endpoint, run.head, finished, plan.logprobs, run.loaded.texts, usageOf(plan, finished)))
+  }
+
+  private async streamAnswer(endpoint: Endpoint, run: ChoiceRun, reply: FastifyReply) {
+    const { plan, head, loaded } = run
+    const res = reply.raw
+    reply.hijack()
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' })
+    const send = (data: unknown) => {
+      if (!res.writableEnded && !res.destroyed) res.write(`data: ${JSON.stringify(data)}\n\n`)
+    }
+    const counts = plan.choices.map(() => 0)
+    const offsets = plan.choices.map(() => 0)
+    let failure: unknown = null
+    await Promise.all(
+      plan.choices.map((choice, k) =>
+        this.runChoice(run, k, (p) => {
+          // A token whose text is held back (an incomplete character) is sent with the next one,
+          // unless its log-probs were asked for.
+          if (!p.text && !plan.logprobs && !p.finishReason && counts[k]! > 0) return void counts[k]!++
+          const piece = { text: p.text, records: [p.record], textOffset: offsets[k]!, first: counts[k] === 0, finishReason: p.finishReason }
+          send(streamChunk(endpoint, head, choice.index, piece, plan.logprobs, loaded.texts, plan.includeUsage))
+          counts[k]!++
+          offsets[k]! += p.text.length
+        }).catch((err) => {
+          failure ??= err
+        }),
+      ),
+    )
+    const error = failure ? this.generationError(failure, run.signal) : null
+    if (error && !disconnected(run.signal)) send(error.body())
+    if (!error) {
+      this.metrics.promptTokens.inc(plan.promptTokens)
+      if (plan.includeUsage) send(usageChunk(endpoint, head, usageFromCounts(plan, counts)))
+    }
+    if (!res.writableEnded && !res.destroyed) res.end('data: [DONE]\n\n')
+  }
+
+  /** The error a failed generation answers with. */
+  private generationError(err: unknown, signal: AbortSignal): ApiError {
+    if (signal.aborted && signal.reason instanceof ApiError) return signal.reason
+    if (err instanceof ApiError) return err
+    if (err instanceof RequestTooLargeError) return contextLengthExceeded(err.message)
+    if (err instanceof ClientGone) return new ApiError(499, 'The client closed the connection', 'invalid_request_error', null, 'client_closed')
+    if (err instanceof TypeError && /^Expected /.test(err.message)) return invalidRequest(err.message)
+    return toApiError(err)
+  }
+}
+
+/** The reason a request's generations are aborted when its client goes away. */
+class ClientGone extends Error {
+  constructor() {
+    super('client disconnected')
+    this.name = 'ClientGone'
+  }
+}
+
+function disconnected(signal: AbortSignal): boolean {
+  return signal.aborted && signal.reason instanceof ClientGone
+}
+
+/** One request's generations in progress. */
+interface ChoiceRun {
+  loaded: Loaded
+  plan: Plan
+  head: ResponseHeader
+  signal: AbortSignal
+  failed: AbortController
+  arrived: number
+  streams: AsyncIterable<StreamPiece>[]
+}
+
+interface ChoicePlan {
+  index: number
+  prompt: number[]
+  options: GenerateOptions
+}
+
+interface Plan {
+  choices: ChoicePlan[]
+  logprobs: boolean
+  stream: boolean
+  includeUsage: boolean
+  promptTokens: number
+  seed?: number
+}
+
+function usageOf(plan: Plan, finished: FinishedChoice[]): Usage {
+  return usageFromCounts(plan, finished.map((f) => f.records.length))
+}
+
+function usageFromCounts(plan: Plan, counts: number[]): Usage {
+  const completion = counts.reduce((a, b) => a + b, 0)
+  return { prompt_tokens: plan.promptTokens, completion_tokens: completion, total_tokens: plan.promptTokens + completion }
+}

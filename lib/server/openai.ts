@@ -1,0 +1,168 @@
+// The OpenAI wire format: response bodies, stream chunks and log-probs of /v1/completions and
+// /v1/chat/completions, built from what the library returns.
+import type { Model } from '../model.js'
+
+export type Endpoint = 'completions' | 'chat'
+
+export interface Usage {
+  prompt_tokens: number
+  completion_tokens: number
+  total_tokens: number
+}
+
+/** One generated token as the server keeps it: the library's piece, reduced. */
+export interface TokenRecord {
+  token: number
+  logprob: number
+  /** Most likely alternatives, most likely first (when top log-probs were asked for). */
+  top: { token: number; logprob: number }[]
+  /** The text this token added to the answer (may be empty while a character is incomplete). */
+  text: string
+}
+
+/** Token texts and bytes for log-probs, decoded once per id. */
+export class TokenTexts {
+  private readonly cache = new Map<number, { text: string; bytes: number[] }>()
+  private readonly decoder = new TextDecoder('utf-8', { fatal: false })
+  constructor(private readonly model: Model) {}
+
+  get(id: number): { text: string; bytes: number[] } {
+    let t = this.cache.get(id)
+    if (!t) {
+      const bytes = this.model.tokenBytes(id)
+      t = { text: this.decoder.decode(bytes), bytes: Array.from(bytes) }
+      this.cache.set(id, t)
+    }
+    return t
+  }
+}
+
+/** chat: choices[i].logprobs = {content: [...]} for the given tokens. */
+export function chatLogprobs(records: TokenRecord[], texts: TokenTexts) {
+  return {
+    content: records.map((r) => {
+      const t = texts.get(r.token)
+      return {
+        token: t.text,
+        logprob: r.logprob,
+        bytes: t.bytes,
+        top_logprobs: r.top.map((a) => {
+          const at = texts.get(a.token)
+          return { token: at.text, logprob: a.logprob, bytes: at.bytes }
+        }),
+      }
+    }),
+  }
+}
+
+/** completions: choices[i].logprobs = {tokens, token_logprobs, top_logprobs, text_offset}; `offset` is where the tokens' text starts. */
+export function completionLogprobs(records: TokenRecord[], texts: TokenTexts, offset: number) {
+  const textOffset: number[] = []
+  let at = offset
+  for (const r of records) {
+    textOffset.push(at)
+    at += r.text.length
+  }
+  return {
+    tokens: records.map((r) => texts.get(r.token).text),
+    token_logprobs: records.map((r) => r.logprob),
+    top_logprobs: records.map((r) => Object.fromEntries(r.top.map((a) => [texts.get(a.token).text, a.logprob]))),
+    text_offset: textOffset,
+  }
+}
+
+export interface ResponseHeader {
+  id: string
+  created: number
+  model: string
+  system_fingerprint: string
+  /** Sampling seed of choice 0 (choice i used seed + i); absent for greedy requests. */
+  seed?: number
+}
+
+export interface FinishedChoice {
+  index: number
+  text: string
+  records: TokenRecord[]
+  finishReason: 'stop' | 'length'
+}
+
+export function completionResponse(
+  endpoint: Endpoint,
+  head: ResponseHeader,
+  choices: FinishedChoice[],
+  logprobs: boolean,
+  texts: TokenTexts,
+  usage: Usage,
+) {
+  if (endpoint === 'chat')
+    return {
+      ...head,
+      object: 'chat.completion',
+      choices: choices.map((c) => ({
+        index: c.index,
+        message: { role: 'assistant', content: c.text },
+        logprobs: logprobs ? chatLogprobs(c.records, texts) : null,
+        finish_reason: c.finishReason,
+      })),
+      usage,
+    }
+  return {
+    ...head,
+    object: 'text_completion',
+    choices: choices.map((c) => ({
+      index: c.index,
+      text: c.text,
+      logprobs: logprobs ? completionLogprobs(c.records, texts, 0) : null,
+      finish_reason: c.finishReason,
+    })),
+    usage,
+  }
+}
+
+/** One chunk of a streamed answer; `first` adds the assistant role (chat). */
+export function streamChunk(
+  endpoint: Endpoint,
+  head: ResponseHeader,
+  index: number,
+  piece: { text: string; records: TokenRecord[]; textOffset: number; first: boolean; finishReason: 'stop' | 'length' | null },
+  logprobs: boolean,
+  texts: TokenTexts,
+  withUsageField: boolean,
+) {
+  const usage = withUsageField ? { usage: null } : {}
+  if (endpoint === 'chat') {
+    const delta = piece.first ? { role: 'assistant', content: piece.text } : piece.text || !piece.finishReason ? { content: piece.text } : {}
+    return {
+      ...head,
+      object: 'chat.completion.chunk',
+      choices: [
+        {
+          index,
+          delta,
+          logprobs: logprobs && piece.records.length ? chatLogprobs(piece.records, texts) : null,
+          finish_reason: piece.finishReason,
+        },
+      ],
+      ...usage,
+    }
+  }
+  return {
+    ...head,
+    object: 'text_completion',
+    choices: [
+      {
+        index,
+        text: piece.text,
+        logprobs: logprobs && piece.records.length ? completionLogprobs(piece.records, texts, piece.textOffset) : null,
+        finish_reason: piece.finishReason,
+      },
+    ],
+    ...usage,
+  }
+}
+
+/** The last chunk when stream_options.include_usage is set: no choices, the usage of the whole request. */
+export function usageChunk(endpoint: Endpoint, head: ResponseHeader, usage: Usage) {
+  return { ...head, object: endpoint === 'chat' ? 'chat.completion.chunk' : 'text_completion', choices: [], usage }
+}

@@ -1,0 +1,155 @@
+// JSON schemas of the request bodies. Fastify validates every body against them before a handler
+// runs (ajv, no type coercion, unknown properties kept so that they are refused).
+//
+// Unknown parameters are refused with 400, not ignored: a parameter the server silently dropped
+// (frequency_penalty, logit_bias, response_format, ...) would change what the client believes it
+// asked for, and an answer that is reproducible but not the one asked for is no use. Parameters of
+// the OpenAI API that detinfer does not implement are accepted only at their neutral value.
+// Each property's `description` is the "<what>" of the error message "Expected <what> for <param>".
+
+import { MAX_TOP_LOGPROBS } from '../model/output-head.js'
+
+const MAX_SEED = 0xffffffff
+export const MAX_N = 16
+export const MAX_STOP = 4
+
+const nullable = (type: string) => [type, 'null']
+
+const maxTokens = { type: nullable('integer'), minimum: 1, description: 'integer of at least 1 or null' }
+
+/** Parameters both endpoints share. */
+const sampling = {
+  model: { type: 'string', description: 'string naming the served model (see GET /v1/models)' },
+  max_tokens: maxTokens,
+  temperature: { type: nullable('number'), minimum: 0, maximum: 2, description: 'number between 0 and 2 or null' },
+  top_p: { type: nullable('number'), exclusiveMinimum: 0, maximum: 1, description: 'number greater than 0 and at most 1 or null' },
+  top_k: { type: nullable('integer'), minimum: -1, description: 'integer of at least -1 (-1 or 0: no limit) or null' },
+  min_p: { type: nullable('number'), minimum: 0, maximum: 1, description: 'number between 0 and 1 or null' },
+  seed: { type: nullable('integer'), minimum: 0, maximum: MAX_SEED, description: `integer between 0 and ${MAX_SEED} or null` },
+  stop: {
+    description: `non-empty string or array of at most ${MAX_STOP} non-empty strings or null`,
+    anyOf: [
+      { type: 'string', minLength: 1 },
+      { type: 'array', items: { type: 'string', minLength: 1 }, maxItems: MAX_STOP },
+      { type: 'null' },
+    ],
+  },
+  n: { type: nullable('integer'), minimum: 1, maximum: MAX_N, description: `integer between 1 and ${MAX_N} or null` },
+  stream: { type: nullable('boolean'), description: 'boolean or null' },
+  stream_options: {
+    type: nullable('object'),
+    description: 'object {include_usage: boolean} or null',
+    additionalProperties: false,
+    properties: { include_usage: { type: 'boolean', description: 'boolean' } },
+  },
+  user: { type: 'string', description: 'string' },
+  // Accepted at their neutral values only (see above).
+  frequency_penalty: { enum: [0, null], description: '0 or null (penalties are not supported)' },
+  presence_penalty: { enum: [0, null], description: '0 or null (penalties are not supported)' },
+  logit_bias: { type: nullable('object'), maxProperties: 0, description: 'empty object or null (logit_bias is not supported)' },
+}
+
+const tokenIds = { type: 'array', items: { type: 'integer', minimum: 0 }, minItems: 1 }
+
+export const completionBody = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['model', 'prompt'],
+  properties: {
+    ...sampling,
+    prompt: {
+      description: 'string, array of strings, array of token ids or array of arrays of token ids',
+      anyOf: [
+        { type: 'string' },
+        { type: 'array', items: { type: 'string' }, minItems: 1 },
+        tokenIds,
+        { type: 'array', items: tokenIds, minItems: 1 },
+      ],
+    },
+    logprobs: { type: nullable('integer'), minimum: 0, maximum: MAX_TOP_LOGPROBS, description: `integer between 0 and ${MAX_TOP_LOGPROBS} or null` },
+    echo: { enum: [false, null], description: 'false or null (echo is not supported)' },
+    best_of: { enum: [1, null], description: '1 or null (best_of is not supported)' },
+    suffix: { enum: [null], description: 'null (suffix is not supported)' },
+  },
+} as const
+
+const textPart = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['type', 'text'],
+  properties: { type: { const: 'text' }, text: { type: 'string' } },
+}
+
+const message = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['role', 'content'],
+  description: 'chat message {role, content}',
+  properties: {
+    role: { enum: ['system', 'developer', 'user', 'assistant', 'tool'], description: "one of 'system', 'developer', 'user', 'assistant', 'tool'" },
+    content: {
+      description: 'string, array of text parts {type: "text", text} or null',
+      anyOf: [{ type: 'string' }, { type: 'array', items: textPart }, { type: 'null' }],
+    },
+    name: { type: 'string', description: 'string' },
+  },
+}
+
+export const chatCompletionBody = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['model', 'messages'],
+  properties: {
+    ...sampling,
+    messages: { type: 'array', items: message, minItems: 1, description: 'non-empty array of chat messages {role, content}' },
+    max_completion_tokens: maxTokens,
+    logprobs: { type: nullable('boolean'), description: 'boolean or null' },
+    top_logprobs: {
+      type: nullable('integer'),
+      minimum: 0,
+      maximum: MAX_TOP_LOGPROBS,
+      description: `integer between 0 and ${MAX_TOP_LOGPROBS} or null`,
+    },
+    response_format: {
+      type: nullable('object'),
+      additionalProperties: false,
+      required: ['type'],
+      properties: { type: { const: 'text' } },
+      description: "{type: 'text'} or null (structured output is not supported)",
+    },
+  },
+} as const
+
+/** Request bodies as the handlers see them once the schemas have passed them. */
+export interface SamplingBody {
+  model: string
+  max_tokens?: number | null
+  temperature?: number | null
+  top_p?: number | null
+  top_k?: number | null
+  min_p?: number | null
+  seed?: number | null
+  stop?: string | string[] | null
+  n?: number | null
+  stream?: boolean | null
+  stream_options?: { include_usage?: boolean } | null
+  user?: string
+}
+
+export interface CompletionBody extends SamplingBody {
+  prompt: string | string[] | number[] | number[][]
+  logprobs?: number | null
+}
+
+export interface ChatMessageBody {
+  role: string
+  content: string | { type: 'text'; text: string }[] | null
+  name?: string
+}
+
+export interface ChatCompletionBody extends SamplingBody {
+  messages: ChatMessageBody[]
+  max_completion_tokens?: number | null
+  logprobs?: boolean | null
+  top_logprobs?: number | null
+}

@@ -1,0 +1,96 @@
+// `detinfer serve` as a child process (dist/cli/main.js), the way users run it: started on a free
+// port, ready once it logs "ready", stopped by a signal.
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { gpuAvailable } from './gpu.js'
+
+export const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..')
+/** The server tests run on the GPU when there is one, else on the CPU. */
+export const DEVICE = gpuAvailable ? 'cuda' : 'cpu'
+const cli = join(root, 'dist', 'cli', 'main.js')
+
+let built = false
+
+/** Compiles lib/ to dist/ (the CLI runs from there), once per test file. */
+export function buildDist(): void {
+  if (built) return
+  built = true
+  const tsc = spawnSync(process.execPath, [join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', 'tsconfig.build.json'], {
+    cwd: root,
+    encoding: 'utf8',
+  })
+  if (tsc.status !== 0) throw new Error(`tsc failed:\n${tsc.stdout}${tsc.stderr}`)
+}
+
+export interface RunningServer {
+  url: string
+  proc: ChildProcess
+  /** Everything the server wrote to stderr so far. */
+  log(): string
+  /** Resolves with the exit code. */
+  exited: Promise<number | null>
+  stop(signal?: NodeJS.Signals): Promise<number | null>
+}
+
+export async function startServer(args: string[], env: Record<string, string> = {}): Promise<RunningServer> {
+  const proc = spawn(process.execPath, [cli, 'serve', '--port', '0', '--device', DEVICE, ...args], {
+    cwd: root,
+    env: { ...process.env, CI: '1', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  })
+  let stderr = ''
+  const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)))
+  const url = await new Promise<string>((resolve, reject) => {
+    let address = ''
+    const timer = setTimeout(() => reject(new Error(`the server did not get ready in 60 s:\n${stderr}`)), 60_000)
+    proc.stderr!.setEncoding('utf8')
+    proc.stderr!.on('data', (chunk: string) => {
+      stderr += chunk
+      address ||= /listening on (http:\/\/\S+)/.exec(stderr)?.[1] ?? ''
+      if (address && /ready: /.test(stderr)) {
+        clearTimeout(timer)
+        resolve(address)
+      }
+    })
+    void exited.then((code) => {
+      clearTimeout(timer)
+      reject(new Error(`the server exited with ${code} before it was ready:\n${stderr}`))
+    })
+  })
+  return {
+    url,
+    proc,
+    log: () => stderr,
+    exited,
+    stop: (signal = 'SIGTERM') => {
+      if (proc.exitCode === null) proc.kill(signal)
+      return exited
+    },
+  }
+}
+
+/** POSTs a JSON body (or a raw string) and returns the status, headers and parsed body. */
+export async function post(url: string, body: unknown, headers: Record<string, string> = {}) {
+  const res = await fetch(url, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', ...headers },
+    body: typeof body === 'string' ? body : JSON.stringify(body),
+  })
+  const text = await res.text()
+  let json: unknown = null
+  try {
+    json = JSON.parse(text)
+  } catch {
+    json = null
+  }
+  return { status: res.status, headers: res.headers, text, json: json as Record<string, any> }
+}
+
+/** One value of a Prometheus text exposition (the unlabelled series). */
+export async function metric(url: string, name: string): Promise<number> {
+  const text = await (await fetch(`${url}/metrics`)).text()
+  const line = text.split('\n').find((l) => l.startsWith(`${name} `))
+  if (!line) throw new Error(`no metric ${name} in:\n${text}`)
+  return Number(line.split(' ')[1])
+}

@@ -1,0 +1,486 @@
+// `detinfer serve` driven by the official `openai` client, as a child process with the shipped
+// model, on the CPU (on the GPU when there is one): both endpoints streamed and not, log-probs and usage, answers that do not depend
+// on the load (64 concurrent requests, some cancelled, each equal to the same request sent alone),
+// every error case, overload, authentication and graceful shutdown. (Whole characters in streamed
+// text: test/server/app.test.ts, where a scripted model makes one character span several tokens.)
+import OpenAI from 'openai'
+import type { ChatCompletionChunk } from 'openai/resources/chat/completions'
+import type { Completion } from 'openai/resources/completions'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { defaultModelPath, loadModel, type Model } from '../../lib/model.js'
+import { buildDist, DEVICE, metric, post, startServer, type RunningServer } from '../helpers/server.js'
+
+const SYSTEM = 'You are a lighthouse keeper who answers in one short sentence about the sea and the light.'
+const QUESTIONS = ['What do you see tonight?', 'Is the storm coming?', 'Who was the last ship?', 'Why do you count the steps?']
+const TEXTS = ['Once upon a time', 'The old lighthouse keeper', 'In the harbour the boats']
+
+/** What a client can compare of one choice: text, log-probs and why it ended. */
+interface Answer {
+  text: string
+  tokens: string[]
+  logprobs: number[]
+  finish: string | null
+}
+
+function expectNoStackTrace(text: string) {
+  expect(text).not.toMatch(/^\s+at /m)
+  expect(text).not.toMatch(/\.(ts|js):\d+/)
+}
+
+function expectErrorBody(json: Record<string, any>, status: number, code: string | null, param?: string | null) {
+  expect(Object.keys(json)).toEqual(['error'])
+  expect(Object.keys(json.error).sort()).toEqual(['code', 'message', 'param', 'type'])
+  expect(typeof json.error.message).toBe('string')
+  if (code !== null) expect(json.error.code).toBe(code)
+  if (param !== undefined) expect(json.error.param).toBe(param)
+  expect(status).toBeGreaterThanOrEqual(400)
+}
+
+type Kind = 'chat' | 'completions'
+
+async function ask(client: OpenAI, kind: Kind, body: Record<string, unknown>, stream: boolean, signal?: AbortSignal, onChunk?: () => void): Promise<Answer> {
+  const answer: Answer = { text: '', tokens: [], logprobs: [], finish: null }
+  if (kind === 'chat') {
+    if (!stream) {
+      const r = await client.chat.completions.create({ ...(body as any), stream: false }, { signal })
+      const c = r.choices[0]!
+      return {
+        text: c.message.content ?? '',
+        tokens: c.logprobs?.content?.map((t) => t.token) ?? [],
+        logprobs: c.logprobs?.content?.map((t) => t.logprob) ?? [],
+        finish: c.finish_reason,
+      }
+    }
+    const s = (await client.chat.completions.create({ ...(body as any), stream: true }, { signal })) as unknown as AsyncIterable<ChatCompletionChunk>
+    for await (const chunk of s) {
+      const c = chunk.choices[0]
+      if (!c) continue
+      answer.text += c.delta.content ?? ''
+      for (const t of c.logprobs?.content ?? []) {
+        answer.tokens.push(t.token)
+        answer.logprobs.push(t.logprob)
+      }
+      if (c.finish_reason) answer.finish = c.finish_reason
+      onChunk?.()
+    }
+    return answer
+  }
+  if (!stream) {
+    const r = await client.completions.create({ ...(body as any), stream: false }, { signal })
+    const c = r.choices[0]!
+    return { text: c.text, tokens: c.logprobs?.tokens ?? [], logprobs: (c.logprobs?.token_logprobs ?? []) as number[], finish: c.finish_reason }
+  }
+  const s = (await client.completions.create({ ...(body as any), stream: true }, { signal })) as unknown as AsyncIterable<Completion>
+  for await (const chunk of s) {
+    const c = chunk.choices[0]
+    if (!c) continue
+    answer.text += c.text
+    answer.tokens.push(...(c.logprobs?.tokens ?? []))
+    answer.logprobs.push(...((c.logprobs?.token_logprobs ?? []) as number[]))
+    if (c.finish_reason) answer.finish = c.finish_reason
+    onChunk?.()
+  }
+  return answer
+}
+
+describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
+  let server: RunningServer
+  let client: OpenAI
+  let model: Model // the library in this process, for comparison
+
+  beforeAll(async () => {
+    buildDist()
+    server = await startServer([])
+    client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'not-needed', maxRetries: 0 })
+    model = await loadModel(defaultModelPath, { device: DEVICE })
+  })
+  afterAll(async () => {
+    await model?.dispose()
+    if (server) expect(await server.stop()).toBe(0)
+  })
+
+  it('lists its model and reports health with the system fingerprint', async () => {
+    const models = await client.models.list()
+    expect(models.data.map((m) => m.id)).toEqual(['default'])
+    const health = await (await fetch(`${server.url}/health`)).json()
+    expect(health).toMatchObject({ status: 'ok', model: 'default' })
+    expect(health.system_fingerprint).toMatch(/^fp_[0-9a-f]{16}$/)
+  })
+
+  it('completions: text, log-probs, usage and finish_reason; streamed equals whole; equals the library', async () => {
+    const body = { model: 'default', prompt: TEXTS[0]!, max_tokens: 10, temperature: 0, logprobs: 0 }
+    const r = await client.completions.create(body)
+    const c = r.choices[0]!
+    expect(r.object).toBe('text_completion')
+    expect(r.system_fingerprint).toMatch(/^fp_/)
+    expect(c.finish_reason).toMatch(/^(stop|length)$/)
+    const lib = await model.generate(TEXTS[0]!, { maxTokens: 10 })
+    expect(c.text).toBe(lib.text)
+    expect(c.logprobs!.token_logprobs).toEqual(lib.logprobs)
+    expect(c.logprobs!.tokens!.length).toBe(lib.tokens.length)
+    expect(c.logprobs!.text_offset![0]).toBe(0)
+    expect(r.usage).toEqual({ prompt_tokens: model.tokenize(TEXTS[0]!).length, completion_tokens: lib.tokens.length, total_tokens: model.tokenize(TEXTS[0]!).length + lib.tokens.length })
+    const streamed = await ask(client, 'completions', body, true)
+    expect(streamed).toEqual({ text: c.text, tokens: c.logprobs!.tokens, logprobs: c.logprobs!.token_logprobs, finish: c.finish_reason })
+  })
+
+  it('chat: the template, log-probs with bytes, usage; streamed with include_usage equals whole', async () => {
+    const messages = [
+      { role: 'system' as const, content: SYSTEM },
+      { role: 'user' as const, content: QUESTIONS[0]! },
+    ]
+    const body = { model: 'default', messages, max_tokens: 10, temperature: 0.8, seed: 42, logprobs: true }
+    const r = await client.chat.completions.create(body)
+    const c = r.choices[0]!
+    expect(r.object).toBe('chat.completion')
+    expect(c.message.role).toBe('assistant')
+    const lib = await model.generate(messages, { maxTokens: 10, temperature: 0.8, seed: 42 })
+    expect(c.message.content).toBe(lib.text)
+    expect(c.logprobs!.content!.map((t) => t.logprob)).toEqual(lib.logprobs)
+    // The bytes of the tokens are the bytes of the text (special tokens aside).
+    for (const t of c.logprobs!.content!) expect(Array.isArray(t.bytes)).toBe(true)
+    expect(r.usage!.prompt_tokens).toBe(model.tokenize(messages).length)
+    expect(r.usage!.completion_tokens).toBe(lib.tokens.length)
+    expect((r as unknown as { seed: number }).seed).toBe(42)
+
+    const s = await client.chat.completions.create({ ...body, stream: true, stream_options: { include_usage: true } })
+    let text = ''
+    const lps: number[] = []
+    let usage: unknown = null
+    let roles = 0
+    for await (const chunk of s) {
+      expect(chunk.object).toBe('chat.completion.chunk')
+      expect(chunk.system_fingerprint).toBe(r.system_fingerprint)
+      if (chunk.usage) usage = chunk.usage
+      for (const ch of chunk.choices) {
+        if (ch.delta.role) roles++
+        text += ch.delta.content ?? ''
+        lps.push(...(ch.logprobs?.content ?? []).map((t) => t.logprob))
+      }
+    }
+    expect(roles).toBe(1)
+    expect(text).toBe(c.message.content)
+    expect(lps).toEqual(lib.logprobs)
+    expect(usage).toEqual(r.usage)
+  })
+
+  it('top_logprobs: the most likely alternatives, most likely first (chat and completions)', async () => {
+    const r = await client.chat.completions.create({
+      model: 'default',
+      messages: [{ role: 'user', content: QUESTIONS[1]! }],
+      max_tokens: 6,
+      temperature: 0,
+      logprobs: true,
+      top_logprobs: 3,
+    })
+    for (const t of r.choices[0]!.logprobs!.content!) {
+      expect(t.top_logprobs.length).toBe(3)
+      const lps = t.top_logprobs.map((a) => a.logprob)
+      expect([...lps].sort((a, b) => b - a)).toEqual(lps)
+      expect(t.logprob).toBe(lps[0]) // greedy: the chosen token is the most likely
+    }
+    const c = await client.completions.create({ model: 'default', prompt: TEXTS[1]!, max_tokens: 5, temperature: 0, logprobs: 2 })
+    for (const alternatives of c.choices[0]!.logprobs!.top_logprobs!) expect(Object.keys(alternatives).length).toBeGreaterThanOrEqual(1)
+  })
+
+  it('min_p (an extension) is passed to the sampler', async () => {
+    const body = { model: 'default', prompt: TEXTS[2]!, max_tokens: 8, temperature: 1.5, seed: 5, min_p: 0.2 }
+    const r = await post(`${server.url}/v1/completions`, body)
+    expect(r.status).toBe(200)
+    const lib = await model.generate(TEXTS[2]!, { maxTokens: 8, temperature: 1.5, seed: 5, minP: 0.2 } as never)
+    expect(r.json.choices[0].text).toBe(lib.text)
+  })
+
+  it('n > 1: choice i is the request with seed + i', async () => {
+    const body = { model: 'default', prompt: TEXTS[1]!, max_tokens: 8, temperature: 1, seed: 100, logprobs: 0 }
+    const r = await client.completions.create({ ...body, n: 3 })
+    expect(r.choices.map((c) => c.index)).toEqual([0, 1, 2])
+    for (let i = 0; i < 3; i++) {
+      const solo = await client.completions.create({ ...body, seed: 100 + i })
+      expect(r.choices[i]!.text).toBe(solo.choices[0]!.text)
+      expect(r.choices[i]!.logprobs!.token_logprobs).toEqual(solo.choices[0]!.logprobs!.token_logprobs)
+    }
+    expect(new Set(r.choices.map((c) => c.text)).size).toBeGreaterThan(1)
+  })
+
+  it('64 concurrent requests, some cancelled midway: every answer equals the same request sent alone', async () => {
+    const requests = Array.from({ length: 64 }, (_, i) => {
+      const kind: Kind = i % 2 === 0 ? 'chat' : 'completions'
+      const seeded = i % 4 >= 2
+      const cancel = i % 8 === 5
+      const common = {
+        model: 'default',
+        max_tokens: cancel ? 400 : 10,
+        temperature: seeded ? 0.9 : 0,
+        ...(seeded && { seed: 1000 + i, top_p: 0.95 }),
+      }
+      const body =
+        kind === 'chat'
+          ? { ...common, logprobs: true, messages: [{ role: 'system', content: SYSTEM }, { role: 'user', content: QUESTIONS[i % QUESTIONS.length]! }] }
+          : { ...common, logprobs: 0, prompt: `${TEXTS[i % TEXTS.length]!} (${i % 5})` }
+      return { kind, body, stream: cancel || i % 3 === 0, cancel }
+    })
+    const solo: (Answer | null)[] = []
+    for (const r of requests) solo.push(r.cancel ? null : await ask(client, r.kind, r.body, r.stream))
+
+    let cancelled = 0
+    const together = await Promise.all(
+      requests.map(async (r) => {
+        if (!r.cancel) return ask(client, r.kind, r.body, r.stream)
+        // Cancelled after its first chunk: the client's stream ends early (the openai client ends
+        // an aborted stream quietly), without a finish_reason.
+        const abort = new AbortController()
+        const partial = await ask(client, r.kind, r.body, true, abort.signal, () => abort.abort()).catch(() => null)
+        if (partial === null || partial.finish === null) cancelled++
+        return null
+      }),
+    )
+    expect(cancelled).toBeGreaterThanOrEqual(4)
+    for (let i = 0; i < requests.length; i++) {
+      if (requests[i]!.cancel) continue
+      expect(together[i], `request ${i}`).toEqual(solo[i])
+      expect(solo[i]!.logprobs.length).toBeGreaterThan(0)
+    }
+    // Cancelled and finished requests alike gave their cache blocks back.
+    await expect.poll(() => metric(server.url, 'detinfer_kv_cache_blocks_used'), { timeout: 5000 }).toBe(0)
+    expect(await metric(server.url, 'detinfer_batch_size')).toBe(0)
+    expect(await metric(server.url, 'detinfer_prefix_cache_hit_tokens_total')).toBeGreaterThan(0)
+  })
+
+  it('a client that disconnects mid-stream frees its KV blocks at once, and memory comes back', async () => {
+    const body = { model: 'default', prompt: TEXTS[0]!, max_tokens: 400, temperature: 0.7, seed: 1, stream: true }
+    const disconnectMany = async (count: number) => {
+      await Promise.all(
+        Array.from({ length: count }, async (_, i) => {
+          const abort = new AbortController()
+          const res = await fetch(`${server.url}/v1/completions`, {
+            method: 'POST',
+            headers: { 'content-type': 'application/json' },
+            body: JSON.stringify({ ...body, seed: i }),
+            signal: abort.signal,
+          })
+          const reader = res.body!.getReader()
+          await reader.read()
+          await reader.read()
+          abort.abort()
+        }),
+      )
+    }
+    await disconnectMany(16)
+    await expect.poll(() => metric(server.url, 'detinfer_kv_cache_blocks_used'), { timeout: 5000 }).toBe(0)
+    const before = await metric(server.url, 'detinfer_process_resident_memory_bytes')
+    await disconnectMany(48)
+    // Mid-stream: the blocks were in use while the streams ran, and come back once they are gone.
+    await expect.poll(() => metric(server.url, 'detinfer_kv_cache_blocks_used'), { timeout: 5000 }).toBe(0)
+    expect(await metric(server.url, 'detinfer_batch_size')).toBe(0)
+    expect(await metric(server.url, 'detinfer_queue_depth')).toBe(0)
+    const after = await metric(server.url, 'detinfer_process_resident_memory_bytes')
+    expect(after - before).toBeLessThan(64 * 2 ** 20)
+    // A request after all that is served as usual.
+    expect((await client.completions.create({ model: 'default', prompt: 'Hi', max_tokens: 2, temperature: 0 })).choices.length).toBe(1)
+  })
+
+  it('exports Prometheus metrics', async () => {
+    const text = await (await fetch(`${server.url}/metrics`)).text()
+    for (const name of [
+      'detinfer_requests_total',
+      'detinfer_prompt_tokens_total',
+      'detinfer_completion_tokens_total',
+      'detinfer_queue_depth',
+      'detinfer_batch_size',
+      'detinfer_kv_cache_blocks_used',
+      'detinfer_kv_cache_usage_ratio',
+      'detinfer_prefix_cache_hit_tokens_total',
+      'detinfer_prefix_cache_query_tokens_total',
+      'detinfer_time_to_first_token_seconds_bucket',
+      'detinfer_inter_token_latency_seconds_bucket',
+    ])
+      expect(text).toContain(name)
+    expect(await metric(server.url, 'detinfer_completion_tokens_total')).toBeGreaterThan(0)
+    expect(await metric(server.url, 'detinfer_time_to_first_token_seconds_count')).toBeGreaterThan(0)
+  })
+
+  describe('errors: OpenAI-style bodies, never a stack trace', () => {
+    const url = () => `${server.url}/v1/completions`
+    const chatUrl = () => `${server.url}/v1/chat/completions`
+    const ok = { model: 'default', prompt: 'Hi', max_tokens: 2 }
+
+    it('a body that is not JSON', async () => {
+      const r = await post(url(), '{"model": "default", "prompt": ')
+      expect(r.status).toBe(400)
+      expectErrorBody(r.json, r.status, 'invalid_json')
+      expectNoStackTrace(r.text)
+    })
+
+    it.each([
+      [{ ...ok, max_tokens: '8' }, 'max_tokens', 'Expected integer of at least 1 or null for max_tokens but received "8" of type string'],
+      [{ ...ok, temperature: 3 }, 'temperature', 'Expected number between 0 and 2 or null for temperature but received 3 of type number'],
+      [{ ...ok, n: 0 }, 'n', 'Expected integer between 1 and 16 or null for n but received 0 of type number'],
+      [{ ...ok, seed: -1 }, 'seed', 'Expected integer between 0 and 4294967295 or null for seed but received -1 of type number'],
+      [{ ...ok, stop: 5 }, 'stop', 'for stop but received 5 of type number'],
+      [{ ...ok, prompt: { text: 'Hi' } }, 'prompt', 'Expected string, array of strings, array of token ids or array of arrays of token ids for prompt'],
+      [{ model: 'default' }, 'prompt', 'Expected string, array of strings, array of token ids or array of arrays of token ids for prompt but received undefined'],
+      [{ ...ok, stream: 'yes' }, 'stream', 'Expected boolean or null for stream but received "yes" of type string'],
+    ])('wrong types: %j', async (body, param, message) => {
+      const r = await post(url(), body)
+      expect(r.status).toBe(400)
+      expectErrorBody(r.json, r.status, null, param)
+      expect(r.json.error.message).toContain(message)
+      expect(r.json.error.type).toBe('invalid_request_error')
+    })
+
+    it('wrong types inside chat messages name the field', async () => {
+      const r = await post(chatUrl(), { model: 'default', messages: [{ role: 'wizard', content: 'hi' }] })
+      expect(r.status).toBe(400)
+      expectErrorBody(r.json, r.status, 'invalid_value', 'messages[0].role')
+      expect(r.json.error.message).toBe(`Expected one of 'system', 'developer', 'user', 'assistant', 'tool' for messages[0].role but received "wizard" of type string`)
+    })
+
+    it('unknown parameters are refused, not ignored; unsupported ones only at their neutral value', async () => {
+      const unknown = await post(url(), { ...ok, temprature: 0.5 })
+      expect(unknown.status).toBe(400)
+      expectErrorBody(unknown.json, unknown.status, 'unknown_parameter', 'temprature')
+      expect(unknown.json.error.message).toBe('Unrecognized request argument supplied: temprature')
+      const penalty = await post(url(), { ...ok, frequency_penalty: 0.5 })
+      expect(penalty.status).toBe(400)
+      expectErrorBody(penalty.json, penalty.status, 'invalid_value', 'frequency_penalty')
+      expect((await post(url(), { ...ok, frequency_penalty: 0, presence_penalty: 0, user: 'someone' })).status).toBe(200)
+      // The official client surfaces the message.
+      await expect(client.completions.create({ ...ok, best_of: 3 })).rejects.toMatchObject({ status: 400, code: 'invalid_value', param: 'best_of' })
+    })
+
+    it('context overflow: a prompt that leaves no room is a 400; max_tokens is capped by the context', async () => {
+      const long = Array.from({ length: 1100 }, (_, i) => 3 + (i % 50))
+      const r = await post(url(), { model: 'default', prompt: long, max_tokens: 4 })
+      expect(r.status).toBe(400)
+      expectErrorBody(r.json, r.status, 'context_length_exceeded', 'prompt')
+      expect(r.json.error.message).toContain('maximum context length is 1024 tokens')
+      const capped = await post(url(), { model: 'default', prompt: long.slice(0, 1020), max_tokens: 100000, temperature: 0 })
+      expect(capped.status).toBe(200)
+      expect(capped.json.usage.completion_tokens).toBeLessThanOrEqual(4)
+    })
+
+    it('a request cannot name a file or a model directory', async () => {
+      for (const name of ['/etc/passwd', '../models/default', defaultModelPath]) {
+        const r = await post(url(), { ...ok, model: name })
+        expect(r.status).toBe(404)
+        expectErrorBody(r.json, r.status, 'model_not_found', 'model')
+      }
+      const r = await post(url(), { ...ok, model_dir: '/tmp' })
+      expect(r.status).toBe(400)
+    })
+
+    it('wrong media type, an unknown route', async () => {
+      const media = await fetch(url(), { method: 'POST', headers: { 'content-type': 'application/xml' }, body: '<prompt/>' })
+      expect(media.status).toBe(415)
+      expectErrorBody(await media.json(), 415, 'unsupported_media_type')
+      const missing = await fetch(`${server.url}/v1/engines`)
+      expect(missing.status).toBe(404)
+      expectErrorBody(await missing.json(), 404, 'not_found')
+    })
+  })
+})
+
+describe('detinfer serve: API key, overload, graceful shutdown', () => {
+  let server: RunningServer
+  beforeAll(async () => {
+    buildDist()
+    // One running sequence, one waiting: the third at once gets 429.
+    server = await startServer(['--max-batch-size', '1', '--max-queued', '1', '--body-limit', '2048'], { DETINFER_API_KEY: 'sesame' })
+  })
+  afterAll(async () => {
+    if (server?.proc.exitCode === null) await server.stop('SIGKILL')
+  })
+
+  const auth = { authorization: 'Bearer sesame' }
+  const body = { model: 'default', prompt: 'Once upon a time', max_tokens: 3, temperature: 0 }
+
+  it('needs the API key (from DETINFER_API_KEY) on /v1/*, not on /health', async () => {
+    const missing = await post(`${server.url}/v1/completions`, body)
+    expect(missing.status).toBe(401)
+    expectErrorBody(missing.json, 401, 'invalid_api_key')
+    const wrong = await post(`${server.url}/v1/completions`, body, { authorization: 'Bearer open' })
+    expect(wrong.status).toBe(401)
+    expect(wrong.json.error.type).toBe('authentication_error')
+    const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'sesame', maxRetries: 0 })
+    expect((await client.completions.create(body)).choices.length).toBe(1)
+    await expect(new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'nope', maxRetries: 0 }).models.list()).rejects.toMatchObject({ status: 401 })
+    expect((await fetch(`${server.url}/health`)).status).toBe(200)
+  })
+
+  it('refuses a body over --body-limit with 413', async () => {
+    const big = await post(`${server.url}/v1/completions`, { ...body, prompt: 'a'.repeat(3000) }, auth)
+    expect(big.status).toBe(413)
+    expectErrorBody(big.json, big.status, 'body_too_large')
+  })
+
+  it('429 with Retry-After beyond the queue bound', async () => {
+    const results = await Promise.all(
+      Array.from({ length: 5 }, () => post(`${server.url}/v1/completions`, { ...body, max_tokens: 40 }, auth)),
+    )
+    const statuses = results.map((r) => r.status).sort()
+    expect(statuses.filter((s) => s === 200).length).toBe(2)
+    expect(statuses.filter((s) => s === 429).length).toBe(3)
+    for (const r of results.filter((x) => x.status === 429)) {
+      expect(r.headers.get('retry-after')).toMatch(/^\d+$/)
+      expectErrorBody(r.json, 429, 'queue_full')
+    }
+    const n = await post(`${server.url}/v1/completions`, { ...body, n: 3, temperature: 1, seed: 1 }, auth)
+    expect(n.status).toBe(400)
+    expectErrorBody(n.json, 400, 'too_many_choices', 'n')
+  })
+
+  it('SIGTERM: the stream in flight finishes, new requests are refused, exit code 0', async () => {
+    const res = await fetch(`${server.url}/v1/completions`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', ...auth },
+      body: JSON.stringify({ ...body, max_tokens: 30, stream: true }),
+    })
+    const reader = res.body!.getReader()
+    let text = new TextDecoder().decode((await reader.read()).value)
+    server.proc.kill('SIGTERM')
+    await new Promise((r) => setTimeout(r, 100))
+    const refused = await fetch(`${server.url}/health`).then(
+      (r) => r.status,
+      () => 'refused',
+    )
+    expect([503, 'refused']).toContain(refused)
+    for (;;) {
+      const { value, done } = await reader.read()
+      if (done) break
+      text += new TextDecoder().decode(value)
+    }
+    expect(text.trimEnd().endsWith('data: [DONE]')).toBe(true)
+    expect(text).toMatch(/"finish_reason":"(stop|length)"/)
+    expect(await server.exited).toBe(0)
+    expect(server.log()).toContain('stopped')
+  })
+})
+
+describe('detinfer serve: the shutdown deadline', () => {
+  it('ends streams still running at --shutdown-timeout with an error event, then exits 0', async () => {
+    buildDist()
+    const server = await startServer(['--shutdown-timeout', '0'])
+    try {
+      const res = await fetch(`${server.url}/v1/completions`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'default', prompt: 'ROMEO:', max_tokens: 900, temperature: 1, seed: 3, stream: true }),
+      })
+      const reader = res.body!.getReader()
+      let text = new TextDecoder().decode((await reader.read()).value)
+      server.proc.kill('SIGTERM')
+      for (;;) {
+        const { value, done } = await reader.read()
+        if (done) break
+        text += new TextDecoder().decode(value)
+      }
+      expect(text).toContain('"code":"shutting_down"')
+      expect(text).not.toMatch(/"finish_reason":"(stop|length)"/)
+      expect(text.trimEnd().endsWith('data: [DONE]')).toBe(true)
+      expect(await server.exited).toBe(0)
+    } finally {
+      if (server.proc.exitCode === null) await server.stop('SIGKILL')
+    }
+  })
+})
