@@ -1,9 +1,9 @@
 // `detinfer score [prompt]`: the log-prob of each token of a completion after a prompt, from the
 // same forward pass as generation. For the ids `generate --json` printed, the log-probs are the
 // ones it printed, bit for bit.
-import { readFileSync } from 'node:fs'
 import { Command, Option } from 'commander'
 import { checkModelDir, defaultModelPath, loadModel } from '../model.js'
+import { readTextFile } from '../model/files.js'
 import { ids } from './parse.js'
 import { withLoadProgress } from './progress.js'
 
@@ -18,11 +18,11 @@ interface ScoreFlags {
   json?: boolean
 }
 
-function completionOf(flags: ScoreFlags): string | number[] {
+async function completionOf(flags: ScoreFlags): Promise<string | number[]> {
   const given = [flags.completion, flags.completionFile, flags.completionIds].filter((c) => c !== undefined)
   if (given.length !== 1) throw new Error('give the completion with exactly one of --completion, --completion-file and --completion-ids')
   if (flags.completionIds !== undefined) return flags.completionIds
-  return flags.completionFile !== undefined ? readFileSync(flags.completionFile, 'utf8') : flags.completion!
+  return flags.completionFile !== undefined ? readTextFile(flags.completionFile, '--completion-file') : flags.completion!
 }
 
 export function scoreCommand(): Command {
@@ -39,9 +39,9 @@ export function scoreCommand(): Command {
     .option('--json', 'print tokens and log-probs as JSON')
     .action(async (argument: string | undefined, flags: ScoreFlags) => {
       if (argument !== undefined && flags.promptFile !== undefined) throw new Error('give the prompt as an argument or with --prompt-file, not both')
-      const prompt = flags.promptFile !== undefined ? readFileSync(flags.promptFile, 'utf8') : argument
+      const prompt = flags.promptFile !== undefined ? await readTextFile(flags.promptFile, '--prompt-file') : argument
       if (prompt === undefined) throw new Error('no prompt: give it as an argument or with --prompt-file')
-      const completion = completionOf(flags)
+      const completion = await completionOf(flags)
       const modelDir = checkModelDir(flags.model ?? defaultModelPath)
       const model = await withLoadProgress('model', (onProgress) => loadModel(modelDir, { device: flags.device, maxBatchSize: 1, onProgress }))
       try {

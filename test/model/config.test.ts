@@ -93,19 +93,19 @@ describe('model config', () => {
 
   it('validates types and ranges with one message format', () => {
     expect(() => parse({ hidden_size: '64' })).toThrow(
-      'Expected an integer >= 1 for hidden_size in m/config.json but received "64" of type string',
+      'Expected an integer between 1 and 65536 for hidden_size in m/config.json but received "64" of type string',
     )
     expect(() => parse({ num_hidden_layers: 0 })).toThrow(
-      'Expected an integer >= 1 for num_hidden_layers in m/config.json but received 0 of type number',
+      'Expected an integer between 1 and 1024 for num_hidden_layers in m/config.json but received 0 of type number',
     )
     expect(() => parse({ num_key_value_heads: 3 })).toThrow(
       'Expected a divisor of num_attention_heads (4) for num_key_value_heads in m/config.json but received 3 of type number',
     )
-    expect(() => parse({ rms_norm_eps: -1 })).toThrow('Expected a positive number for rms_norm_eps in m/config.json but received -1 of type number')
+    expect(() => parse({ rms_norm_eps: -1 })).toThrow('Expected a number above 0 and at most 1 for rms_norm_eps in m/config.json but received -1 of type number')
     expect(() => parse({ tie_word_embeddings: 'yes' })).toThrow(
       'Expected a boolean for tie_word_embeddings in m/config.json but received "yes" of type string',
     )
-    expect(() => parse({ head_dim: 15 })).toThrow('Expected an even integer for head_dim in m/config.json but received 15 of type number')
+    expect(() => parse({ head_dim: 15 })).toThrow('Expected an even integer between 2 and 1024 for head_dim in m/config.json but received 15 of type number')
     expect(() => parse({ hidden_act: 'gelu' })).toThrow('Expected "silu" for hidden_act in m/config.json but received "gelu" of type string')
     expect(() => parse({ torch_dtype: 'int8' })).toThrow(
       'Expected "bfloat16", "float16" or "float32" for torch_dtype in m/config.json but received "int8" of type string',
@@ -114,7 +114,7 @@ describe('model config', () => {
       'RoPE scaling type "yarn" (rope_scaling in m/config.json) is not supported; supported: "default", "llama3"',
     )
     expect(() => parse({ rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4 } })).toThrow(
-      'Expected an integer >= 1 for rope_scaling.original_max_position_embeddings in m/config.json but received undefined',
+      'Expected an integer between 1 and 16777216 for rope_scaling.original_max_position_embeddings in m/config.json but received undefined',
     )
     expect(() => parseModelConfig([], 'x.json')).toThrow('Expected a JSON object for the configuration in x.json but received [] of type array')
   })

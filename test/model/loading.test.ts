@@ -254,10 +254,10 @@ describe('Transformer arguments', () => {
       `Expected 'cpu' or 'cuda' for device but received "tpu" of type string`,
     )
     await expect(Transformer.load(dir, { device: 'cpu', maxBatchTokens: 0, kvBlocks: 2 })).rejects.toThrow(
-      'Expected an integer >= 1 for maxBatchTokens but received 0 of type number',
+      'Expected integer >= 1 for maxBatchTokens but received 0 of type number',
     )
     await expect(Transformer.load(dir, { device: 'cpu', maxBatchTokens: 4, kvBlocks: 2.5 })).rejects.toThrow(
-      'Expected an integer >= 1 for kvBlocks but received 2.5 of type number',
+      'Expected integer >= 1 for kvBlocks but received 2.5 of type number',
     )
   })
 
@@ -269,7 +269,7 @@ describe('Transformer arguments', () => {
     expect(() => model.forward([ok, { ...ok, tokens: [1, V] }])).toThrow(
       `Expected an integer between 0 and ${V - 1} for chunks[1].tokens[1] but received ${V} of type number`,
     )
-    expect(() => model.forward([{ ...ok, startPosition: -1 }])).toThrow('Expected an integer >= 0 for chunks[0].startPosition but received -1 of type number')
+    expect(() => model.forward([{ ...ok, startPosition: -1 }])).toThrow('Expected integer >= 0 for chunks[0].startPosition but received -1 of type number')
     expect(() => model.forward([{ ...ok, startPosition: 39, blockTable: [0, 1, 2] }])).toThrow(
       'Expected positions below 40 (max_position_embeddings) for chunks[0] but received positions 39..40',
     )

@@ -23,7 +23,7 @@ describe('Model argument validation', () => {
     [{ temperature: 1, topK: -2 }, 'Expected integer between 0 and 32 for topK but received -2 of type number'],
     [{ temperature: 1, seed: 2 ** 32 }, 'Expected integer between 0 and 4294967295 for seed but received 4294967296 of type number'],
     [{ stop: '' }, 'Expected non-empty string or array of non-empty strings for stop but received "" of type string'],
-    [{ stop: ['a', 3] }, 'Expected non-empty string or array of non-empty strings for stop but received an array of length 2'],
+    [{ stop: ['a', 3] }, 'Expected non-empty string or array of non-empty strings for stop but received ["a",3] of type array'],
     [{ chat: 'yes' }, 'Expected boolean for chat but received "yes" of type string'],
     [{ signal: 'stop' }, 'Expected AbortSignal for signal but received "stop" of type string'],
     [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, stop, chat, signal for options but received "maxToken" of type string'],
@@ -33,10 +33,10 @@ describe('Model argument validation', () => {
 
   it('rejects bad prompts and completions', async () => {
     await expect(model.generate(42 as never)).rejects.toThrow('Expected string, array of token ids or array of chat messages for prompt but received 42 of type number')
-    await expect(model.generate([])).rejects.toThrow('Expected at least one token id for prompt but received an array of length 0')
+    await expect(model.generate([])).rejects.toThrow('Expected at least one token id for prompt but received [] of type array')
     await expect(model.generate([1, 99])).rejects.toThrow('Expected integer between 0 and 31 for prompt[1] but received 99 of type number')
     await expect(model.generateBatch(['ab', 7] as never)).rejects.toThrow('for prompts[1] but received 7 of type number')
-    await expect(model.score('ab', [])).rejects.toThrow('Expected text or ids of at least one token for completion but received an array of length 0')
+    await expect(model.score('ab', [])).rejects.toThrow('Expected text or ids of at least one token for completion but received [] of type array')
     expect(() => model.stream('ab', { maxTokens: -1 })).toThrow('Expected integer between 1 and 4096 for maxTokens but received -1 of type number')
   })
 })
