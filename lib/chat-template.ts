@@ -146,6 +146,11 @@ export class ChatTemplate {
     renderWorker()
   }
 
+  /** The origin as the subject of a sentence. */
+  private get subject(): string {
+    return this.origin.charAt(0).toUpperCase() + this.origin.slice(1)
+  }
+
   /** The template's text for `variables` (plain JSON-like data). */
   render(variables: Record<string, unknown>): string {
     const given = textSize(variables)
@@ -162,18 +167,18 @@ export class ChatTemplate {
     if (Atomics.wait(w.flags, 0, 0, RENDER_TIMEOUT_MS) === 'timed-out') {
       stopWorker(w)
       throw new Error(
-        `${this.origin} did not finish rendering within ${RENDER_TIMEOUT_MS / 1000} s ` +
+        `${this.subject} did not finish rendering within ${RENDER_TIMEOUT_MS / 1000} s ` +
           `(a loop that runs too long, or output beyond the renderer's ${WORKER_HEAP_MB} MiB of memory)`,
       )
     }
     const reply = receiveMessageOnPort(w.port)?.message as { text?: string; error?: string; tooLong?: number } | undefined
     if (!reply) {
       stopWorker(w)
-      throw new Error(`${this.origin}: the renderer signalled a result but sent none`)
+      throw new Error(`${this.subject}: the renderer signalled a result but sent none`)
     }
     if (reply.tooLong !== undefined)
-      throw new Error(`${this.origin} rendered ${reply.tooLong} characters; at most ${MAX_RENDERED_CHARS} are allowed`)
-    if (reply.error !== undefined) throw new Error(`${this.origin} failed to render: ${reply.error}`)
+      throw new Error(`${this.subject} rendered ${reply.tooLong} characters; at most ${MAX_RENDERED_CHARS} are allowed`)
+    if (reply.error !== undefined) throw new Error(`${this.subject} failed to render: ${reply.error}`)
     return reply.text!
   }
 }
