@@ -141,7 +141,10 @@ export class ChatTemplate {
     try {
       new Template(source)
     } catch (err) {
-      throw new Error(`Could not parse ${origin}: ${(err as Error).message}`)
+      // The parser's own errors say what is wrong; a TypeError is the parser tripping over
+      // input it did not expect (an unterminated tag), whose message would name its internals.
+      const reason = err instanceof TypeError ? 'it is not a valid Jinja template (an unterminated or malformed tag?)' : (err as Error).message
+      throw new Error(`Could not parse ${origin}: ${reason}`)
     }
     renderWorker()
   }

@@ -102,6 +102,15 @@ function checkTokenizerJson(json: unknown, file: string, limit: IdLimit): Json {
   } else {
     throw invalidField('an object of token ids (or a Unigram list of [piece, score])', 'model.vocab', file, vocab)
   }
+  const merges = (model as Json)['merges']
+  if (merges !== undefined && merges !== null) {
+    if (!Array.isArray(merges)) throw invalidField('an array of merges ("a b" or ["a", "b"])', 'model.merges', file, merges)
+    merges.forEach((m: unknown, i) => {
+      const pair = typeof m === 'string' ? m.split(' ') : m
+      if (!Array.isArray(pair) || pair.length !== 2 || !pair.every((p) => typeof p === 'string'))
+        throw invalidField('a merge "a b" or ["a", "b"]', `model.merges[${i}]`, file, m)
+    })
+  }
   const added = t['added_tokens'] ?? []
   if (!Array.isArray(added)) throw invalidField('an array of {id, content}', 'added_tokens', file, added)
   added.forEach((entry: unknown, i) => {
@@ -186,9 +195,10 @@ export class Tokenizer {
       if (content !== null) specialTokens[key] = content
     }
     if (!specialTokens['unk_token'] && typeof model['unk_token'] === 'string') specialTokens['unk_token'] = model['unk_token']
-    const additional = Array.isArray(config['additional_special_tokens'])
-      ? config['additional_special_tokens'].map(tokenContent).filter((t): t is string => t !== null)
-      : undefined
+    const extra = config['additional_special_tokens']
+    if (extra !== undefined && extra !== null && !(Array.isArray(extra) && extra.every((t) => tokenContent(t) !== null)))
+      throw invalidField('an array of tokens (strings or {content})', 'additional_special_tokens', configFile, extra)
+    const additional = Array.isArray(extra) ? extra.map(tokenContent).filter((t): t is string => t !== null) : undefined
     let hf: HfTokenizer
     try {
       hf = new HfTokenizer(tokenizerJson, {

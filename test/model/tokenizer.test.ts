@@ -289,6 +289,13 @@ describe('chat templates are bounded', () => {
     )
   })
 
+  it('names a template that does not parse, in its own words', async () => {
+    await expect(withTemplate('{{')).rejects.toThrow(
+      /^Could not parse the chat template of .* \(chat_template in tokenizer_config.json\): it is not a valid Jinja template \(an unterminated or malformed tag\?\)$/,
+    )
+    await expect(withTemplate('{% for %}')).rejects.toThrow(/^Could not parse the chat template of .*: (?!it is not a valid)/)
+  })
+
   it('passes the template\'s own errors on, and says when it renders nothing', async () => {
     const { t } = await withTemplate("{{ raise_exception('Conversation roles must alternate user/assistant') }}")
     expect(() => t.applyChatTemplate(user)).toThrow('failed to render: Conversation roles must alternate user/assistant')
