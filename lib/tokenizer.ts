@@ -133,6 +133,14 @@ function checkSpecialIds(json: Json, file: string, limit: IdLimit, fields: strin
   }
 }
 
+/** Text that passes through every kind of tokenizer component: words, digits, punctuation, accents, an emoji. */
+const PROBE_TEXT = 'Hello, world! 12 345 caf\u00e9 \u{1F600}\n\tend'
+
+/** An error of the tokenizer library, told as what failed, with the library's words quoted. */
+function libraryError(what: string, err: unknown): Error {
+  return new Error(`${what} (the tokenizer library said: ${err instanceof Error ? err.message : String(err)})`)
+}
+
 function pickChatTemplate(raw: unknown, file: string): string | null {
   if (raw === undefined || raw === null) return null
   if (typeof raw === 'string') return raw
@@ -207,10 +215,18 @@ export class Tokenizer {
         ...(additional && { additional_special_tokens: additional }),
       })
     } catch (err) {
-      throw new Error(`Could not build the tokenizer from ${tokenizerFile}: ${(err as Error).message}`)
+      throw libraryError(`Could not build the tokenizer from ${tokenizerFile}`, err)
     }
     let maxId = -1
     for (const id of hf.get_vocab(true).values()) maxId = Math.max(maxId, id)
+    // The normalizer, pre-tokenizer, post-processor and decoder are only run at encode and
+    // decode: try them once here, so that a broken one fails the load, naming the file.
+    try {
+      const probe = hf.encode(PROBE_TEXT, { add_special_tokens: true }).ids.filter((id: unknown) => typeof id === 'number')
+      hf.decode(probe, { skip_special_tokens: false })
+    } catch (err) {
+      throw libraryError(`${tokenizerFile} does not work: encoding and decoding a test text failed; check its normalizer, pre_tokenizer, post_processor and decoder`, err)
+    }
 
     const idOf = (token: string | null, field: string, file: string): number | null => {
       if (token === null) return null
@@ -272,7 +288,12 @@ export class Tokenizer {
   encode(text: string, options: EncodeOptions = {}): number[] {
     if (typeof text !== 'string') throw new TypeError(`Expected a string for text but received ${describeValue(text)}`)
     const addSpecial = options.addSpecialTokens ?? true
-    const ids: number[] = this.hf.encode(text, { add_special_tokens: addSpecial }).ids
+    let ids: number[]
+    try {
+      ids = this.hf.encode(text, { add_special_tokens: addSpecial }).ids
+    } catch (err) {
+      throw libraryError(`The tokenizer of ${join(this.dir, 'tokenizer.json')} failed to encode the text`, err)
+    }
     const bad = ids.findIndex((id: unknown) => typeof id !== 'number')
     if (bad >= 0)
       throw new Error(`The tokenizer has no id for token ${bad} of the text and no unk_token to stand in for it`)
@@ -288,10 +309,14 @@ export class Tokenizer {
   decode(ids: readonly number[], options: DecodeOptions = {}): string {
     this.checkIds(ids)
     if (ids.length === 0) return ''
-    return this.hf.decode([...ids], {
-      skip_special_tokens: options.skipSpecialTokens ?? true,
-      clean_up_tokenization_spaces: this.cleanUpSpaces,
-    })
+    try {
+      return this.hf.decode([...ids], {
+        skip_special_tokens: options.skipSpecialTokens ?? true,
+        clean_up_tokenization_spaces: this.cleanUpSpaces,
+      })
+    } catch (err) {
+      throw libraryError(`The tokenizer of ${join(this.dir, 'tokenizer.json')} failed to decode ${ids.length} ids`, err)
+    }
   }
 
   /** Renders the chat template (with the generation prompt by default). Throws when the model has none. */

@@ -280,7 +280,8 @@ const LEAKS = /Cannot read propert|is not a function|is not iterable|is not defi
 function judgeError(e: RunnerError, dir: string, stage: string): string | null {
   if (!e.isError) return `${stage} threw a non-Error (${e.name}): ${e.message}`
   if (!['Error', 'TypeError', 'RangeError', 'RequestTooLargeError'].includes(e.name)) return `${stage} threw ${e.name}: ${e.message}`
-  if (LEAKS.test(e.message)) return `${stage} failed with an internal message: ${e.message}`
+  // The tokenizer library's own words may follow, quoted, once the message has said what failed where.
+  if (LEAKS.test(e.message.replace(/ \(the tokenizer library said: .*\)$/s, ''))) return `${stage} failed with an internal message: ${e.message}`
   if (stage === 'load' && !e.message.includes(dir) && !FILES.some((f) => e.message.includes(f)))
     return `load failed without naming the model's file or directory: ${e.message}`
   return null

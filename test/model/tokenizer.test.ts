@@ -209,6 +209,20 @@ describe('tokenizer files that would hang or mislead', () => {
     await expect(Tokenizer.load(dir)).rejects.toThrow(`Expected a JSON object for the tokenizer in ${file} but received [] of type array`)
   })
 
+  it('tries the tokenizer once at load, so that a broken component fails there, naming the file', async () => {
+    const dir = fresh()
+    const file = join(dir, 'tokenizer.json')
+    editJson(file, (t) => (t.post_processor = { type: 'TemplateProcessing', single: 5 }))
+    await expect(Tokenizer.load(dir)).rejects.toThrow(
+      `${file} does not work: encoding and decoding a test text failed; check its normalizer, pre_tokenizer, post_processor and decoder (the tokenizer library said: `,
+    )
+    editJson(file, (t) => {
+      t.post_processor = null
+      t.model.merges = 'x'
+    })
+    await expect(Tokenizer.load(dir)).rejects.toThrow(`Expected an array of merges ("a b" or ["a", "b"]) for model.merges in ${file} but received "x" of type string`)
+  })
+
   it('refuses out-of-range special ids in generation_config.json and tokenizer_config.json', async () => {
     const dir = fresh()
     const gen = join(dir, 'generation_config.json')
