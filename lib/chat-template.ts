@@ -5,7 +5,8 @@
 // the worker is terminated and the render fails with an error that names the template; range()
 // is bounded too. One worker serves the process: it starts (in about 0.1 s, unref'd: it never
 // keeps the process alive) when a template is loaded, and it caches parsed templates, so a
-// render costs a message round trip (about 0.1 ms for a typical chat template).
+// render costs a message round trip (0.1 to 0.5 ms for a ChatML template on 2 busy cores, against
+// 0.07 to 0.13 ms in process).
 import { createRequire } from 'node:module'
 import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads'
 import { Template } from '@huggingface/jinja'

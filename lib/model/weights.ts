@@ -202,7 +202,7 @@ export async function loadWeights(
       reading = i + 1 < infos.length ? checkpoint.read(infos[i + 1]!) : null
       const bits = toBf16Bits(info, bytes)
       // A NaN or infinite weight makes every logit downstream of it non-finite; the scan costs
-      // about 1 ns per weight (10% of a CPU load, less once reads overlap), so it always runs.
+      // about 1 ns per weight, hidden by the read of the next tensor, so it always runs.
       const bad = firstNonFinite(bits)
       if (bad >= 0) throw nonFiniteError(info, bits, bad)
       loaded.set(info.name, native().fromBuffer(device, 'bf16', info.shape, bits))
