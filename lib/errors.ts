@@ -1,5 +1,21 @@
-// The errors detinfer's public API throws, and the one format for a bad argument:
-// "Expected <what> for <name> but received <value> of type <type>".
+// The errors detinfer's public API throws, and the one format for bad input:
+//   "Expected <what> for <name> but received <value> of type <type>"
+// and, for a field of a model file, "Expected <what> for <field> in <file> but received <value> of type <type>".
+//
+// Which layer checks what (sharp's rule: the outer layer checks, the inner one trusts):
+// - lib/model.ts (the public Model and loadModel) checks every argument a user passes: prompts,
+//   token ids against the model's vocabulary, options, and the context length.
+// - lib/generate.ts checks the generation options (resolveGenerateOptions).
+// - lib/model/config.ts checks every field of config.json (types and sane bounds) before anything
+//   is sized from it; lib/model/safetensors.ts checks the weight files' headers against their
+//   sizes; lib/model/weights.ts checks the tensors against the config (missing, extra, shapes,
+//   non-finite values); lib/tokenizer.ts checks tokenizer.json, tokenizer_config.json,
+//   generation_config.json and the chat template (ids against the model's vocabulary, special
+//   tokens, rendering bounded in time and size). Each names the file and the field or tensor.
+// - lib/model/transformer.ts checks the chunks of a step, in internal terms (chunks[i].tokens):
+//   a message from there means a caller above let something through.
+// - The native ops (csrc/binding) check dtypes, shapes and devices of their tensor arguments and
+//   throw; they never see a user's input unchecked and never abort the process.
 
 /** Thrown by a Model (or anything it handed out) used after `dispose()`. */
 export class DisposedError extends Error {
@@ -28,23 +44,79 @@ export class NonFiniteLogitsError extends Error {
   }
 }
 
-export function describeValue(value: unknown): string {
-  if (typeof value === 'string') return `${JSON.stringify(value)} of type string`
+const PREVIEW_CHARS = 80
+
+/** A short, JSON-like text of a value; unlike JSON, Infinity, NaN and bigints stay what they are. */
+function preview(value: unknown, budget: number): string {
+  switch (typeof value) {
+    case 'string':
+      return JSON.stringify(value.length > budget ? value.slice(0, budget) : value)
+    case 'number':
+      return Object.is(value, -0) ? '-0' : String(value)
+    case 'bigint':
+      return `${value}n`
+    case 'boolean':
+      return String(value)
+    case 'undefined':
+      return 'undefined'
+    case 'function':
+      return 'a function'
+    case 'symbol':
+      return value.toString()
+  }
   if (value === null) return 'null'
-  if (value === undefined) return 'undefined'
-  if (Array.isArray(value)) return `an array of length ${value.length}`
-  if (typeof value === 'object') return `${Object.prototype.toString.call(value)} of type object`
-  return `${String(value)} of type ${typeof value}`
+  const parts: string[] = []
+  let used = 2
+  const add = (text: string) => {
+    parts.push(text)
+    used += text.length + 1
+  }
+  if (Array.isArray(value)) {
+    for (let i = 0; i < value.length && used < budget; i++) add(preview(value[i], budget - used))
+    if (parts.length < value.length) parts.push('...')
+    return `[${parts.join(',')}]`
+  }
+  const proto = Object.getPrototypeOf(value)
+  if (proto !== Object.prototype && proto !== null) return Object.prototype.toString.call(value)
+  const keys = Object.keys(value as object)
+  for (const key of keys) {
+    if (used >= budget) break
+    add(`${JSON.stringify(key)}:${preview((value as Record<string, unknown>)[key], budget - used)}`)
+  }
+  if (parts.length < keys.length) parts.push('...')
+  return `{${parts.join(',')}}`
 }
 
+/** Formats a received value the one way every validation message does: `4 of type number`, `[1,2] of type array`. */
+export function describeValue(value: unknown): string {
+  if (value === undefined) return 'undefined'
+  if (value === null) return 'null'
+  let text = preview(value, PREVIEW_CHARS)
+  if (text.length > PREVIEW_CHARS) text = text.slice(0, PREVIEW_CHARS - 3) + '...'
+  const type = Array.isArray(value) ? 'array' : typeof value
+  return `${text} of type ${type}`
+}
+
+/** "Expected <expected> for <name> but received <value> of type <type>" */
 export function invalidArgument(name: string, expected: string, value: unknown): TypeError {
   return new TypeError(`Expected ${expected} for ${name} but received ${describeValue(value)}`)
 }
 
-export function checkInteger(name: string, value: unknown, min: number, max: number): number {
+/** "Expected <expected> for <field> in <file> but received <value> of type <type>": a field of a model file. */
+export function invalidField(expected: string, field: string, file: string, value: unknown): Error {
+  return new Error(`Expected ${expected} for ${field} in ${file} but received ${describeValue(value)}`)
+}
+
+/** An integer in [min, max]; the message leaves out a max of Infinity. */
+export function checkInteger(name: string, value: unknown, min: number, max = Infinity): number {
   if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max)
-    throw invalidArgument(name, `integer between ${min} and ${max}`, value)
+    throw invalidArgument(name, integerRange(min, max), value)
   return value
+}
+
+/** "integer between 1 and 4096", or "integer >= 1" without an upper bound. */
+export function integerRange(min: number, max: number): string {
+  return max === Infinity ? `integer >= ${min}` : `integer between ${min} and ${max}`
 }
 
 export function checkNumber(name: string, value: unknown, min: number, max: number): number {

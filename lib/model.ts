@@ -4,7 +4,7 @@ import { existsSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { cudaStatus, resolveDevice, type DeviceOption } from './device.js'
-import { DisposedError, checkInteger, invalidArgument } from './errors.js'
+import { DisposedError, RequestTooLargeError, checkInteger, invalidArgument } from './errors.js'
 import {
   resolveGenerateOptions,
   runGeneration,
@@ -158,12 +158,14 @@ export class Model {
     const promptIds = this.promptIds(prompt, options.chat === true)
     const tokens =
       typeof completion === 'string'
-        ? this.parts.tokenizer.encodeContinuation(completion)
+        ? this.checkTokenizerIds('completion', this.parts.tokenizer.encodeContinuation(completion))
         : this.checkTokens('completion', completion)
     if (tokens.length === 0) throw invalidArgument('completion', 'text or ids of at least one token', completion)
     const total = promptIds.length + tokens.length
     if (total > this.contextLength)
-      throw invalidArgument('prompt and completion', `at most ${this.contextLength} tokens together`, `${total} tokens`)
+      throw new RequestTooLargeError(
+        `The prompt plus completion is ${total} tokens (${promptIds.length} + ${tokens.length}) but the model's context is ${this.contextLength} tokens`,
+      )
     const { logprobs, top } = await this.scheduler.submit({
       kind: 'score',
       tokens: [...promptIds, ...tokens],
@@ -202,7 +204,7 @@ export class Model {
     if (typeof prompt === 'string') {
       const ids = this.parts.tokenizer.encodePrompt(prompt, chat)
       if (ids.length === 0) throw invalidArgument(name, 'text of at least one token', prompt)
-      return ids
+      return this.checkTokenizerIds(name, ids)
     }
     if (!Array.isArray(prompt)) throw invalidArgument(name, 'string, array of token ids or array of chat messages', prompt)
     if (prompt.length > 0 && typeof prompt[0] === 'object' && prompt[0] !== null) {
@@ -210,11 +212,23 @@ export class Model {
         if (typeof m !== 'object' || m === null || typeof m.role !== 'string' || typeof m.content !== 'string')
           throw invalidArgument(`${name}[${i}]`, 'chat message {role, content} with string values', m)
       })
-      return this.parts.tokenizer.encodeChat(prompt as ChatMessage[])
+      return this.checkTokenizerIds(name, this.parts.tokenizer.encodeChat(prompt as ChatMessage[]))
     }
     if (chat) throw invalidArgument('chat', 'false or absent when the prompt is given as token ids', chat)
     if (prompt.length === 0) throw invalidArgument(name, 'at least one token id', prompt)
     return this.checkTokens(name, prompt)
+  }
+
+  /** Ids the tokenizer gave for `name`: a tokenizer that does not match the model is named as the cause. */
+  private checkTokenizerIds(name: string, ids: number[]): number[] {
+    const V = this.vocabSize
+    const bad = ids.findIndex((id) => !Number.isInteger(id) || id < 0 || id >= V)
+    if (bad >= 0)
+      throw new RangeError(
+        `Expected token ids between 0 and ${V - 1} (the model's vocabulary) from the tokenizer for ${name} but received ${ids[bad]} at token ${bad}; the tokenizer does not match the model`,
+      )
+    if (ids.length === 0) throw new Error(`The tokenizer gave no tokens for ${name}`)
+    return ids
   }
 
   private checkTokens(name: string, tokens: unknown): number[] {
@@ -304,7 +318,7 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   const config = await loadModelConfig(dir)
   const kvCacheTokens = options.kvCacheTokens ?? defaultKvCacheTokens(config, device)
   const kvBlocks = options.kvBlocks ?? Math.ceil(kvCacheTokens / KV_BLOCK_SIZE)
-  const tokenizer = await Tokenizer.load(dir)
+  const tokenizer = await Tokenizer.load(dir, { modelVocabSize: config.vocabSize, modelConfigFile: join(dir, 'config.json') })
   const forward = await Transformer.load(dir, {
     device,
     maxBatchTokens,

@@ -1,11 +1,12 @@
 // Text <-> token ids for a Hugging Face model directory: tokenizer.json through
 // @huggingface/tokenizers, BOS/EOS and the chat template from tokenizer_config.json and
 // generation_config.json, and an incremental decoder for streaming.
-import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
-import { Template } from '@huggingface/jinja'
 import { Tokenizer as HfTokenizer } from '@huggingface/tokenizers'
-import { describeValue, invalidField, readJsonFile } from './model/config.js'
+import { ChatTemplate } from './chat-template.js'
+import { describeValue, invalidField } from './errors.js'
+import { CONFIG_LIMITS, readJsonFile } from './model/config.js'
+import { pathExists, readTextFile } from './model/files.js'
 
 export interface EncodeOptions {
   /** Add the special tokens the model expects around a text (BOS; default true). */
@@ -33,11 +34,7 @@ function tokenContent(value: unknown): string | null {
 }
 
 async function readOptionalJson(file: string): Promise<Json | null> {
-  try {
-    await readFile(file)
-  } catch {
-    return null
-  }
+  if (!(await pathExists(file))) return null
   const v = await readJsonFile(file)
   if (typeof v !== 'object' || v === null || Array.isArray(v)) throw invalidField('a JSON object', 'the file', file, v)
   return v as Json
@@ -58,6 +55,90 @@ function leadingTemplateToken(postProcessor: unknown): string | null {
   const first = p['single'][0] as Json | undefined
   const special = first?.['SpecialToken'] as Json | undefined
   return typeof special?.['id'] === 'string' ? (special['id'] as string) : null
+}
+
+export interface TokenizerLoadOptions {
+  /** The model's vocab_size: every id of the tokenizer must be below it. */
+  modelVocabSize?: number
+  /** The file that gave modelVocabSize, for messages (default "config.json"). */
+  modelConfigFile?: string
+}
+
+/** The bound every token id of the tokenizer files is checked against, and where it comes from. */
+interface IdLimit {
+  size: number
+  what: string
+}
+
+function checkId(id: unknown, limit: IdLimit, field: string, file: string): number {
+  if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= limit.size)
+    throw invalidField(`a token id below ${limit.size} (${limit.what})`, field, file, id)
+  return id
+}
+
+/**
+ * Checks tokenizer.json's model and added tokens before the tokenizer library sees them: the
+ * library sizes arrays by the largest id, so one id of 2e9 would stall the process.
+ */
+function checkTokenizerJson(json: unknown, file: string, limit: IdLimit): Json {
+  if (typeof json !== 'object' || json === null || Array.isArray(json)) throw invalidField('a JSON object', 'the tokenizer', file, json)
+  const t = json as Json
+  const model = t['model']
+  if (typeof model !== 'object' || model === null || Array.isArray(model))
+    throw invalidField('an object describing the tokenizer model ({type, vocab, ...})', 'model', file, model)
+  const vocab = (model as Json)['vocab']
+  if (Array.isArray(vocab)) {
+    // Unigram: [[piece, score], ...], ids are the positions.
+    if (vocab.length > limit.size)
+      throw invalidField(`at most ${limit.size} entries (${limit.what})`, 'model.vocab', file, vocab)
+    vocab.forEach((entry, i) => {
+      if (!Array.isArray(entry) || typeof entry[0] !== 'string' || typeof entry[1] !== 'number')
+        throw invalidField('a [piece, score] pair', `model.vocab[${i}]`, file, entry)
+    })
+    const unk = (model as Json)['unk_id']
+    if (unk !== undefined && unk !== null) checkId(unk, { size: vocab.length, what: 'the size of model.vocab' }, 'model.unk_id', file)
+  } else if (typeof vocab === 'object' && vocab !== null) {
+    for (const [token, id] of Object.entries(vocab)) checkId(id, limit, `model.vocab[${JSON.stringify(token)}]`, file)
+  } else {
+    throw invalidField('an object of token ids (or a Unigram list of [piece, score])', 'model.vocab', file, vocab)
+  }
+  const merges = (model as Json)['merges']
+  if (merges !== undefined && merges !== null) {
+    if (!Array.isArray(merges)) throw invalidField('an array of merges ("a b" or ["a", "b"])', 'model.merges', file, merges)
+    merges.forEach((m: unknown, i) => {
+      const pair = typeof m === 'string' ? m.split(' ') : m
+      if (!Array.isArray(pair) || pair.length !== 2 || !pair.every((p) => typeof p === 'string'))
+        throw invalidField('a merge "a b" or ["a", "b"]', `model.merges[${i}]`, file, m)
+    })
+  }
+  const added = t['added_tokens'] ?? []
+  if (!Array.isArray(added)) throw invalidField('an array of {id, content}', 'added_tokens', file, added)
+  added.forEach((entry: unknown, i) => {
+    if (typeof entry !== 'object' || entry === null || typeof (entry as Json)['content'] !== 'string')
+      throw invalidField('an object {id, content} with a string content', `added_tokens[${i}]`, file, entry)
+    checkId((entry as Json)['id'], limit, `added_tokens[${i}].id`, file)
+  })
+  return { ...t, added_tokens: added }
+}
+
+/** Token ids in a JSON file of special tokens (generation_config.json, tokenizer_config.json): each below the limit. */
+function checkSpecialIds(json: Json, file: string, limit: IdLimit, fields: string[]): void {
+  for (const field of fields) {
+    const v = json[field]
+    if (v === undefined || v === null) continue
+    const list = Array.isArray(v) ? v : [v]
+    for (const id of list)
+      if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= limit.size)
+        throw invalidField(`a token id below ${limit.size} or an array of them (${limit.what})`, field, file, v)
+  }
+}
+
+/** Text that passes through every kind of tokenizer component: words, digits, punctuation, accents, an emoji. */
+const PROBE_TEXT = 'Hello, world! 12 345 caf\u00e9 \u{1F600}\n\tend'
+
+/** An error of the tokenizer library, told as what failed, with the library's words quoted. */
+function libraryError(what: string, err: unknown): Error {
+  return new Error(`${what} (the tokenizer library said: ${err instanceof Error ? err.message : String(err)})`)
 }
 
 function pickChatTemplate(raw: unknown, file: string): string | null {
@@ -83,24 +164,38 @@ export class Tokenizer {
     /** Ids that end a generation: generation_config.json's eos_token_id, then tokenizer_config's eos_token. */
     readonly eosTokenIds: readonly number[],
     readonly eosToken: string | null,
-    private readonly chatTemplate: Template | null,
+    private readonly chatTemplate: ChatTemplate | null,
+    /** The model directory, for messages. */
+    private readonly dir: string,
     private readonly specialTokens: Record<string, string>,
     private readonly cleanUpSpaces: boolean,
     /** Vocabulary pieces spell bytes with GPT-2's printable alphabet (a ByteLevel decoder). */
     private readonly byteLevel: boolean,
   ) {}
 
-  /** Loads tokenizer.json, tokenizer_config.json, and generation_config.json when present, from `dir`. */
-  static async load(dir: string): Promise<Tokenizer> {
+  /**
+   * Loads tokenizer.json, tokenizer_config.json, and generation_config.json when present, from
+   * `dir`. With `modelVocabSize`, every token id must be below it (a tokenizer larger than its
+   * model fails here, not at the first request).
+   */
+  static async load(dir: string, options: TokenizerLoadOptions = {}): Promise<Tokenizer> {
     const tokenizerFile = join(dir, 'tokenizer.json')
     const configFile = join(dir, 'tokenizer_config.json')
-    const tokenizerJson = (await readJsonFile(tokenizerFile)) as Json
-    if (typeof tokenizerJson !== 'object' || tokenizerJson === null || typeof tokenizerJson['model'] !== 'object')
-      throw invalidField('a tokenizer object with a model', 'the file', tokenizerFile, tokenizerJson)
+    const generationFile = join(dir, 'generation_config.json')
+    const limit: IdLimit =
+      options.modelVocabSize !== undefined
+        ? { size: options.modelVocabSize, what: `vocab_size in ${options.modelConfigFile ?? 'config.json'}` }
+        : { size: CONFIG_LIMITS.vocabSize, what: 'the largest vocabulary detinfer loads' }
+    const tokenizerJson = checkTokenizerJson(await readJsonFile(tokenizerFile), tokenizerFile, limit)
     const config = (await readOptionalJson(configFile)) ?? {}
-    const generation = await readOptionalJson(join(dir, 'generation_config.json'))
+    const generation = await readOptionalJson(generationFile)
     const templateFile = join(dir, 'chat_template.jinja')
-    const templateText = await readFile(templateFile, 'utf8').catch(() => null)
+    const templateText = (await pathExists(templateFile)) ? await readTextFile(templateFile) : null
+    checkSpecialIds(config, configFile, limit, ['bos_token_id', 'eos_token_id', 'pad_token_id'])
+    const decoderIds = config['added_tokens_decoder']
+    if (decoderIds && typeof decoderIds === 'object')
+      for (const key of Object.keys(decoderIds))
+        checkId(/^\d+$/.test(key) ? Number(key) : key, limit, `the key ${JSON.stringify(key)} of added_tokens_decoder`, configFile)
 
     // The library wants special tokens as strings, and unk_token for WordLevel models.
     const model = tokenizerJson['model'] as Json
@@ -110,9 +205,10 @@ export class Tokenizer {
       if (content !== null) specialTokens[key] = content
     }
     if (!specialTokens['unk_token'] && typeof model['unk_token'] === 'string') specialTokens['unk_token'] = model['unk_token']
-    const additional = Array.isArray(config['additional_special_tokens'])
-      ? config['additional_special_tokens'].map(tokenContent).filter((t): t is string => t !== null)
-      : undefined
+    const extra = config['additional_special_tokens']
+    if (extra !== undefined && extra !== null && !(Array.isArray(extra) && extra.every((t) => tokenContent(t) !== null)))
+      throw invalidField('an array of tokens (strings or {content})', 'additional_special_tokens', configFile, extra)
+    const additional = Array.isArray(extra) ? extra.map(tokenContent).filter((t): t is string => t !== null) : undefined
     let hf: HfTokenizer
     try {
       hf = new HfTokenizer(tokenizerJson, {
@@ -121,10 +217,18 @@ export class Tokenizer {
         ...(additional && { additional_special_tokens: additional }),
       })
     } catch (err) {
-      throw new Error(`Could not build the tokenizer from ${tokenizerFile}: ${(err as Error).message}`)
+      throw libraryError(`Could not build the tokenizer from ${tokenizerFile}`, err)
     }
     let maxId = -1
     for (const id of hf.get_vocab(true).values()) maxId = Math.max(maxId, id)
+    // The normalizer, pre-tokenizer, post-processor and decoder are only run at encode and
+    // decode: try them once here, so that a broken one fails the load, naming the file.
+    try {
+      const probe = hf.encode(PROBE_TEXT, { add_special_tokens: true }).ids.filter((id: unknown) => typeof id === 'number')
+      hf.decode(probe, { skip_special_tokens: false })
+    } catch (err) {
+      throw libraryError(`${tokenizerFile} does not work: encoding and decoding a test text failed; check its normalizer, pre_tokenizer, post_processor and decoder`, err)
+    }
 
     const idOf = (token: string | null, field: string, file: string): number | null => {
       if (token === null) return null
@@ -142,26 +246,26 @@ export class Tokenizer {
     const addsBos = bosTokenId !== null && (typeof addBos === 'boolean' ? addBos : templateBos === bosToken)
 
     const eos: number[] = []
-    const genEos = generation?.['eos_token_id']
-    if (genEos !== undefined && genEos !== null) {
-      const list = Array.isArray(genEos) ? genEos : [genEos]
-      for (const id of list)
-        if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id > maxId)
-          throw invalidField(`a token id below ${maxId + 1} or an array of them`, 'eos_token_id', join(dir, 'generation_config.json'), genEos)
-      eos.push(...(list as number[]))
+    if (generation) {
+      checkSpecialIds(generation, generationFile, limit, ['bos_token_id', 'pad_token_id', 'decoder_start_token_id'])
+      const genEos = generation['eos_token_id']
+      if (genEos !== undefined && genEos !== null) {
+        const list = Array.isArray(genEos) ? genEos : [genEos]
+        for (const id of list)
+          if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id > maxId)
+            throw invalidField(`a token id below ${maxId + 1} or an array of them`, 'eos_token_id', generationFile, genEos)
+        eos.push(...(list as number[]))
+      }
     }
     const configEos = idOf(eosToken, 'eos_token', configFile)
     if (configEos !== null && !eos.includes(configEos)) eos.push(configEos)
 
-    const templateSource = pickChatTemplate(config['chat_template'], configFile) ?? templateText
-    let chatTemplate: Template | null = null
-    if (templateSource !== null) {
-      try {
-        chatTemplate = new Template(templateSource)
-      } catch (err) {
-        throw new Error(`Could not parse the chat template of ${dir}: ${(err as Error).message}`)
-      }
-    }
+    const fromConfig = pickChatTemplate(config['chat_template'], configFile)
+    const templateSource = fromConfig ?? templateText
+    const chatTemplate =
+      templateSource === null
+        ? null
+        : new ChatTemplate(templateSource, `the chat template of ${dir} (${fromConfig !== null ? 'chat_template in tokenizer_config.json' : 'chat_template.jinja'})`)
     const cleanUp = config['clean_up_tokenization_spaces']
     return new Tokenizer(
       hf,
@@ -172,6 +276,7 @@ export class Tokenizer {
       eos,
       eosToken,
       chatTemplate,
+      dir,
       specialTokens,
       cleanUp === true,
       decoderHas(tokenizerJson['decoder'], 'ByteLevel'),
@@ -186,7 +291,12 @@ export class Tokenizer {
   encode(text: string, options: EncodeOptions = {}): number[] {
     if (typeof text !== 'string') throw new TypeError(`Expected a string for text but received ${describeValue(text)}`)
     const addSpecial = options.addSpecialTokens ?? true
-    const ids: number[] = this.hf.encode(text, { add_special_tokens: addSpecial }).ids
+    let ids: number[]
+    try {
+      ids = this.hf.encode(text, { add_special_tokens: addSpecial }).ids
+    } catch (err) {
+      throw libraryError(`The tokenizer of ${join(this.dir, 'tokenizer.json')} failed to encode the text`, err)
+    }
     const bad = ids.findIndex((id: unknown) => typeof id !== 'number')
     if (bad >= 0)
       throw new Error(`The tokenizer has no id for token ${bad} of the text and no unk_token to stand in for it`)
@@ -202,10 +312,14 @@ export class Tokenizer {
   decode(ids: readonly number[], options: DecodeOptions = {}): string {
     this.checkIds(ids)
     if (ids.length === 0) return ''
-    return this.hf.decode([...ids], {
-      skip_special_tokens: options.skipSpecialTokens ?? true,
-      clean_up_tokenization_spaces: this.cleanUpSpaces,
-    })
+    try {
+      return this.hf.decode([...ids], {
+        skip_special_tokens: options.skipSpecialTokens ?? true,
+        clean_up_tokenization_spaces: this.cleanUpSpaces,
+      })
+    } catch (err) {
+      throw libraryError(`The tokenizer of ${join(this.dir, 'tokenizer.json')} failed to decode ${ids.length} ids`, err)
+    }
   }
 
   /** Renders the chat template (with the generation prompt by default). Throws when the model has none. */
@@ -224,12 +338,15 @@ export class Tokenizer {
   /** Ids of a prompt: the chat template around it when `chat` (whose text carries its own special tokens), else encode(). */
   encodePrompt(text: string, chat: boolean): number[] {
     if (!chat) return this.encode(text)
-    return this.encode(this.applyChatTemplate([{ role: 'user', content: text }]), { addSpecialTokens: false })
+    return this.encodeChat([{ role: 'user', content: text }])
   }
 
   /** Ids of a conversation: the chat template's text (with the generation prompt), which carries its own special tokens. */
   encodeChat(messages: ChatMessage[]): number[] {
-    return this.encode(this.applyChatTemplate(messages), { addSpecialTokens: false })
+    const ids = this.encode(this.applyChatTemplate(messages), { addSpecialTokens: false })
+    if (ids.length === 0)
+      throw new Error(`The chat template of ${this.dir} rendered an empty prompt for ${messages.length} message(s); a prompt needs at least one token`)
+    return ids
   }
 
   /** Ids of text that continues a prompt: no special tokens added. */

@@ -2,13 +2,13 @@
 // many times under varied load and reports how many distinct completions came back, whether
 // each equals the prompt's completion run alone, bit for bit, and where the first divergence is.
 // With --variant the same experiment runs again on the variant kernels, for contrast.
-import { readFileSync } from 'node:fs'
 import { Command, Option } from 'commander'
 import { defaultPhases, runCheck, type CheckReport } from '../check.js'
 import { resolveGenerateOptions } from '../generate.js'
 import { resolveDevice, setVariantKernels } from '../device.js'
 import { defaultModelPath } from '../model.js'
 import { loadModelConfig } from '../model/config.js'
+import { readTextFile } from '../model/files.js'
 import { Transformer } from '../model/transformer.js'
 import type { SamplingParams } from '../sampling.js'
 import { Tokenizer } from '../tokenizer.js'
@@ -102,12 +102,12 @@ export function checkCommand(): Command {
     .option('--json', 'print the reports as JSON')
     .action(async (argument: string | undefined, flags: CheckFlags) => {
       const dir = flags.model ?? defaultModelPath
-      const text = flags.promptFile !== undefined ? readFileSync(flags.promptFile, 'utf8') : (argument ?? 'ROMEO:')
+      const text = flags.promptFile !== undefined ? await readTextFile(flags.promptFile, '--prompt-file') : (argument ?? 'ROMEO:')
       const device = resolveDevice(flags.device)
       const maxBatchSize = flags.maxBatchSize ?? (device === 'cuda' ? 64 : 16)
       const config = await loadModelConfig(dir)
       const sampling = samplingFrom(flags, { contextLength: config.maxPositionEmbeddings, vocabSize: config.vocabSize })
-      const tokenizer = await Tokenizer.load(dir)
+      const tokenizer = await Tokenizer.load(dir, { modelVocabSize: config.vocabSize })
       const prompt = tokenizer.encodePrompt(text, flags.chat === true)
       if (prompt.length === 0) throw new Error('the prompt is empty after tokenizing')
       const maxNoisePrompt = 64

@@ -1,8 +1,8 @@
 // `detinfer generate [prompt]`: one completion, streamed to stdout as it is generated.
-import { readFileSync } from 'node:fs'
 import { Command, Option } from 'commander'
 import { checkModelDir, defaultModelPath, loadModel } from '../model.js'
 import { loadModelConfig } from '../model/config.js'
+import { readTextFile } from '../model/files.js'
 import { resolveGenerateOptions, type GenerateOptions } from '../generate.js'
 import { integer, number } from './parse.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
@@ -37,7 +37,7 @@ async function readStdin(): Promise<string> {
 
 async function promptText(argument: string | undefined, flags: GenerateFlags): Promise<string> {
   if (argument !== undefined && flags.promptFile !== undefined) throw new Error('give the prompt as an argument or with --prompt-file, not both')
-  if (flags.promptFile !== undefined) return readFileSync(flags.promptFile, 'utf8')
+  if (flags.promptFile !== undefined) return readTextFile(flags.promptFile, '--prompt-file')
   if (argument !== undefined) return argument
   if (!process.stdin.isTTY) return readStdin()
   throw new Error('no prompt: give it as an argument, with --prompt-file, or on stdin')

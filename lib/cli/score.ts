@@ -1,9 +1,9 @@
 // `detinfer score [prompt]`: the log-prob of each token of a completion after a prompt, from the
 // same forward pass as generation. For the ids `generate --json` printed, the log-probs are the
 // ones it printed, bit for bit.
-import { readFileSync } from 'node:fs'
 import { Command, Option } from 'commander'
 import { checkModelDir, defaultModelPath, loadModel } from '../model.js'
+import { readTextFile } from '../model/files.js'
 import { ids, integer } from './parse.js'
 import { withLoadProgress } from './progress.js'
 
@@ -19,11 +19,11 @@ interface ScoreFlags {
   topLogprobs?: number
 }
 
-function completionOf(flags: ScoreFlags): string | number[] {
+async function completionOf(flags: ScoreFlags): Promise<string | number[]> {
   const given = [flags.completion, flags.completionFile, flags.completionIds].filter((c) => c !== undefined)
   if (given.length !== 1) throw new Error('give the completion with exactly one of --completion, --completion-file and --completion-ids')
   if (flags.completionIds !== undefined) return flags.completionIds
-  return flags.completionFile !== undefined ? readFileSync(flags.completionFile, 'utf8') : flags.completion!
+  return flags.completionFile !== undefined ? readTextFile(flags.completionFile, '--completion-file') : flags.completion!
 }
 
 export function scoreCommand(): Command {
@@ -41,9 +41,9 @@ export function scoreCommand(): Command {
     .option('--top-logprobs <n>', 'with --json: the n most likely tokens and their log-probs at each position (0-20)', integer)
     .action(async (argument: string | undefined, flags: ScoreFlags) => {
       if (argument !== undefined && flags.promptFile !== undefined) throw new Error('give the prompt as an argument or with --prompt-file, not both')
-      const prompt = flags.promptFile !== undefined ? readFileSync(flags.promptFile, 'utf8') : argument
+      const prompt = flags.promptFile !== undefined ? await readTextFile(flags.promptFile, '--prompt-file') : argument
       if (prompt === undefined) throw new Error('no prompt: give it as an argument or with --prompt-file')
-      const completion = completionOf(flags)
+      const completion = await completionOf(flags)
       if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
       const modelDir = checkModelDir(flags.model ?? defaultModelPath)
       const model = await withLoadProgress('model', (onProgress) => loadModel(modelDir, { device: flags.device, maxBatchSize: 1, onProgress }))

@@ -1,7 +1,8 @@
 // Hugging Face config.json -> ModelConfig, for the decoder-only architectures detinfer runs:
 // Llama, Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorm) and Mistral (full attention only).
-import { readFile } from 'node:fs/promises'
-import { basename, join } from 'node:path'
+import { join } from 'node:path'
+import { integerRange, invalidField } from '../errors.js'
+import { readTextFile } from './files.js'
 
 export const SUPPORTED_ARCHITECTURES = [
   'LlamaForCausalLM',
@@ -48,24 +49,22 @@ export interface ModelConfig {
   eosTokenIds: number[]
 }
 
-/** Formats a received value the one way every validation message does: `4 of type number`. */
-export function describeValue(value: unknown): string {
-  if (value === undefined) return 'undefined'
-  if (value === null) return 'null'
-  let text: string
-  try {
-    text = JSON.stringify(value) ?? String(value)
-  } catch {
-    text = String(value)
-  }
-  if (text.length > 80) text = text.slice(0, 77) + '...'
-  return `${text} of type ${Array.isArray(value) ? 'array' : typeof value}`
-}
-
-/** "Expected <what> for <field> in <file> but received <value>" */
-export function invalidField(what: string, field: string, file: string, value: unknown): Error {
-  return new Error(`Expected ${what} for ${field} in ${file} but received ${describeValue(value)}`)
-}
+/**
+ * Upper bounds on config.json's sizes, far above any released model of the four architectures,
+ * so that a corrupt number fails here instead of sizing a list or an allocation.
+ */
+export const CONFIG_LIMITS = {
+  hiddenSize: 65_536,
+  intermediateSize: 262_144,
+  numLayers: 1024,
+  numHeads: 1024,
+  headDim: 1024,
+  vocabSize: 1 << 24,
+  maxPositionEmbeddings: 1 << 24,
+  /** rope_theta above 1 (a base of 1 or less gives no rotation, or frequencies that grow). */
+  ropeTheta: 1e12,
+  ropeScalingFactor: 1e6,
+} as const
 
 type Json = Record<string, unknown>
 
@@ -81,19 +80,21 @@ class FieldReader {
     return this.obj[field] !== undefined && this.obj[field] !== null
   }
 
-  integer(field: string, min: number, fallback?: number): number {
+  /** An integer in [min, max]. */
+  integer(field: string, min: number, max: number, fallback?: number): number {
     const v = this.obj[field]
     if ((v === undefined || v === null) && fallback !== undefined) return fallback
-    if (typeof v !== 'number' || !Number.isInteger(v) || v < min)
-      throw invalidField(`an integer >= ${min}`, this.prefix + field, this.file, v)
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max)
+      throw invalidField(`an ${integerRange(min, max)}`, this.prefix + field, this.file, v)
     return v
   }
 
-  positive(field: string, fallback?: number): number {
+  /** A finite number above `above` and at most `max`. */
+  number(field: string, above: number, max: number, fallback?: number): number {
     const v = this.obj[field]
     if ((v === undefined || v === null) && fallback !== undefined) return fallback
-    if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0)
-      throw invalidField('a positive number', this.prefix + field, this.file, v)
+    if (typeof v !== 'number' || !Number.isFinite(v) || v <= above || v > max)
+      throw invalidField(`a number above ${above} and at most ${max}`, this.prefix + field, this.file, v)
     return v
   }
 
@@ -111,13 +112,14 @@ class FieldReader {
     return v
   }
 
-  tokenIds(field: string): number[] {
+  /** A token id below `vocabSize`, or an array of them. */
+  tokenIds(field: string, vocabSize: number): number[] {
     const v = this.obj[field]
     if (v === undefined || v === null) return []
     const list = Array.isArray(v) ? v : [v]
     for (const id of list)
-      if (typeof id !== 'number' || !Number.isInteger(id) || id < 0)
-        throw invalidField('a token id or an array of token ids', this.prefix + field, this.file, v)
+      if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= vocabSize)
+        throw invalidField(`a token id below ${vocabSize} (the vocab_size) or an array of them`, this.prefix + field, this.file, v)
     return list as number[]
   }
 }
@@ -134,10 +136,10 @@ function parseRopeScaling(raw: unknown, field: string, file: string): Llama3Rope
     )
   const scaling: Llama3RopeScaling = {
     type: 'llama3',
-    factor: r.positive('factor'),
-    lowFreqFactor: r.positive('low_freq_factor'),
-    highFreqFactor: r.positive('high_freq_factor'),
-    originalMaxPositionEmbeddings: r.integer('original_max_position_embeddings', 1),
+    factor: r.number('factor', 0, CONFIG_LIMITS.ropeScalingFactor),
+    lowFreqFactor: r.number('low_freq_factor', 0, CONFIG_LIMITS.ropeScalingFactor),
+    highFreqFactor: r.number('high_freq_factor', 0, CONFIG_LIMITS.ropeScalingFactor),
+    originalMaxPositionEmbeddings: r.integer('original_max_position_embeddings', 1, CONFIG_LIMITS.maxPositionEmbeddings),
   }
   if (scaling.highFreqFactor <= scaling.lowFreqFactor)
     throw invalidField(
@@ -183,21 +185,32 @@ export function parseModelConfig(raw: unknown, file = 'config.json'): ModelConfi
   const act = r.string('hidden_act') ?? 'silu'
   if (act !== 'silu') throw invalidField('"silu"', 'hidden_act', file, act)
 
-  const hiddenSize = r.integer('hidden_size', 1)
-  const numHeads = r.integer('num_attention_heads', 1)
-  const numKvHeads = r.integer('num_key_value_heads', 1, numHeads)
+  const L = CONFIG_LIMITS
+  const hiddenSize = r.integer('hidden_size', 1, L.hiddenSize)
+  const intermediateSize = r.integer('intermediate_size', 1, L.intermediateSize)
+  const numLayers = r.integer('num_hidden_layers', 1, L.numLayers)
+  const numHeads = r.integer('num_attention_heads', 1, L.numHeads)
+  const numKvHeads = r.integer('num_key_value_heads', 1, numHeads, numHeads)
   if (numHeads % numKvHeads !== 0)
     throw invalidField(`a divisor of num_attention_heads (${numHeads})`, 'num_key_value_heads', file, numKvHeads)
   if (!r.has('head_dim') && hiddenSize % numHeads !== 0)
     throw invalidField(`a multiple of num_attention_heads (${numHeads}) when head_dim is absent`, 'hidden_size', file, hiddenSize)
-  const headDim = r.integer('head_dim', 2, hiddenSize / numHeads)
-  if (headDim % 2 !== 0) throw invalidField('an even integer', 'head_dim', file, headDim)
-  const maxPositionEmbeddings = r.integer('max_position_embeddings', 1)
+  const headDim = r.integer('head_dim', 2, L.headDim, hiddenSize / numHeads)
+  if (headDim % 2 !== 0 || headDim > L.headDim)
+    throw invalidField(
+      `an even integer between 2 and ${L.headDim}` + (r.has('head_dim') ? '' : ' (hidden_size / num_attention_heads, as head_dim is absent)'),
+      r.has('head_dim') ? 'head_dim' : 'hidden_size',
+      file,
+      r.has('head_dim') ? headDim : hiddenSize,
+    )
+  const vocabSize = r.integer('vocab_size', 1, L.vocabSize)
+  const maxPositionEmbeddings = r.integer('max_position_embeddings', 1, L.maxPositionEmbeddings)
+  const rmsNormEps = r.number('rms_norm_eps', 0, 1, 1e-6)
 
   const ropeParameters = r.obj['rope_parameters']
-  let ropeTheta = r.positive('rope_theta', 10000)
+  let ropeTheta = r.number('rope_theta', 1, L.ropeTheta, 10000)
   if (!r.has('rope_theta') && ropeParameters && typeof ropeParameters === 'object')
-    ropeTheta = new FieldReader(ropeParameters as Json, file, 'rope_parameters.').positive('rope_theta', 10000)
+    ropeTheta = new FieldReader(ropeParameters as Json, file, 'rope_parameters.').number('rope_theta', 1, L.ropeTheta, 10000)
   const ropeScaling = r.has('rope_scaling')
     ? parseRopeScaling(r.obj['rope_scaling'], 'rope_scaling', file)
     : parseRopeScaling(ropeParameters, 'rope_parameters', file)
@@ -209,17 +222,21 @@ export function parseModelConfig(raw: unknown, file = 'config.json'): ModelConfi
   if (dtype !== null && !['bfloat16', 'float16', 'float32'].includes(dtype))
     throw invalidField('"bfloat16", "float16" or "float32"', r.has('torch_dtype') ? 'torch_dtype' : 'dtype', file, dtype)
 
+  const bosTokenId = r.tokenIds('bos_token_id', vocabSize)[0] ?? null
+  const eosTokenIds = r.tokenIds('eos_token_id', vocabSize)
+  r.tokenIds('pad_token_id', vocabSize)
+
   return {
     architecture: arch,
     hiddenSize,
-    intermediateSize: r.integer('intermediate_size', 1),
-    numLayers: r.integer('num_hidden_layers', 1),
+    intermediateSize,
+    numLayers,
     numHeads,
     numKvHeads,
     headDim,
-    vocabSize: r.integer('vocab_size', 1),
+    vocabSize,
     maxPositionEmbeddings,
-    rmsNormEps: r.positive('rms_norm_eps', 1e-6),
+    rmsNormEps,
     ropeTheta,
     ropeScaling,
     tieWordEmbeddings: r.boolean('tie_word_embeddings', false),
@@ -228,8 +245,8 @@ export function parseModelConfig(raw: unknown, file = 'config.json'): ModelConfi
     mlpBias: arch === 'LlamaForCausalLM' && r.boolean('mlp_bias', false),
     qkNorm: arch === 'Qwen3ForCausalLM',
     dtype,
-    bosTokenId: r.tokenIds('bos_token_id')[0] ?? null,
-    eosTokenIds: r.tokenIds('eos_token_id'),
+    bosTokenId,
+    eosTokenIds,
   }
 }
 
@@ -239,16 +256,9 @@ export async function loadModelConfig(dir: string): Promise<ModelConfig> {
   return parseModelConfig(await readJsonFile(file), file)
 }
 
-/** Reads a JSON file with errors that name it (missing, unreadable, not JSON). */
+/** Reads a JSON file with errors that name it (missing, not a regular file, unreadable, not JSON). */
 export async function readJsonFile(file: string): Promise<unknown> {
-  let text: string
-  try {
-    text = await readFile(file, 'utf8')
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code
-    if (code === 'ENOENT') throw new Error(`${basename(file)} not found: ${file} does not exist`)
-    throw new Error(`Could not read ${file}: ${(err as Error).message}`)
-  }
+  const text = await readTextFile(file)
   try {
     return JSON.parse(text)
   } catch (err) {

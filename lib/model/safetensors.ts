@@ -3,9 +3,11 @@
 // relative to byte 8+N. A checkpoint is one model.safetensors or shards listed in
 // model.safetensors.index.json (weight_map). Tensors are read one at a time with positioned
 // reads; nothing beyond one tensor is held in memory.
-import { open, stat, type FileHandle } from 'node:fs/promises'
-import { basename, join } from 'node:path'
+import type { FileHandle } from 'node:fs/promises'
+import { join } from 'node:path'
+import { invalidField } from '../errors.js'
 import { readJsonFile } from './config.js'
+import { openRegularFile, pathExists } from './files.js'
 
 /** The safetensors reference implementation refuses larger headers. */
 export const MAX_HEADER_BYTES = 100_000_000
@@ -101,13 +103,7 @@ export class SafetensorsFile {
   ) {}
 
   static async open(path: string): Promise<SafetensorsFile> {
-    let handle: FileHandle
-    try {
-      handle = await open(path, 'r')
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new Error(`${basename(path)} not found: ${path} does not exist`)
-      throw new Error(`Could not open ${path}: ${(err as Error).message}`)
-    }
+    const handle = await openRegularFile(path)
     try {
       const size = (await handle.stat()).size
       if (size < 8) throw headerError(path, `the file is ${size} bytes, too short for the 8-byte header length`)
@@ -159,8 +155,8 @@ export class SafetensorsCheckpoint {
   static async open(dir: string): Promise<SafetensorsCheckpoint> {
     const single = join(dir, 'model.safetensors')
     const index = join(dir, 'model.safetensors.index.json')
-    if (await exists(index)) return SafetensorsCheckpoint.openSharded(dir, index)
-    if (await exists(single)) {
+    if (await pathExists(index)) return SafetensorsCheckpoint.openSharded(dir, index)
+    if (await pathExists(single)) {
       const file = await SafetensorsFile.open(single)
       return new SafetensorsCheckpoint(dir, [file], file.tensors)
     }
@@ -171,11 +167,11 @@ export class SafetensorsCheckpoint {
     const raw = (await readJsonFile(index)) as { weight_map?: unknown }
     const map = raw?.weight_map
     if (typeof map !== 'object' || map === null || Array.isArray(map))
-      throw new Error(`Expected an object for weight_map in ${index} but received ${JSON.stringify(map)}`)
+      throw invalidField('an object', 'weight_map', index, map)
     const byShard = new Map<string, string[]>()
     for (const [name, shard] of Object.entries(map as Record<string, unknown>)) {
       if (typeof shard !== 'string' || shard.includes('/') || shard.includes('\\'))
-        throw new Error(`Expected a shard file name for weight_map[${JSON.stringify(name)}] in ${index} but received ${JSON.stringify(shard)}`)
+        throw invalidField('a shard file name', `weight_map[${JSON.stringify(name)}]`, index, shard)
       byShard.set(shard, [...(byShard.get(shard) ?? []), name])
     }
     const files: SafetensorsFile[] = []
@@ -206,15 +202,6 @@ export class SafetensorsCheckpoint {
 
   async close(): Promise<void> {
     await Promise.all(this.files.map((f) => f.close()))
-  }
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await stat(path)
-    return true
-  } catch {
-    return false
   }
 }
 

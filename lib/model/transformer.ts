@@ -9,9 +9,9 @@
 //
 // Every op is batch-invariant (see DESIGN.md), so a row's logits depend only on its own sequence.
 import { resolveDevice } from '../device.js'
-import { DisposedError } from '../errors.js'
+import { DisposedError, checkInteger, describeValue } from '../errors.js'
 import { native, type AttentionBatch, type DeviceName, type NativeTensor } from '../native.js'
-import { describeValue, loadModelConfig, type ModelConfig } from './config.js'
+import { loadModelConfig, type ModelConfig } from './config.js'
 import { OutputHead, type StepTokens, type TokenChoice } from './output-head.js'
 import { ropeTable } from './rope.js'
 import { disposeWeights, loadWeights, type LayerWeights, type LoadProgress, type ModelWeights } from './weights.js'
@@ -92,12 +92,6 @@ interface StepSizes {
   maxBlocks: number
 }
 
-function checkInteger(value: unknown, min: number, field: string): number {
-  if (typeof value !== 'number' || !Number.isInteger(value) || value < min)
-    throw new TypeError(`Expected an integer >= ${min} for ${field} but received ${describeValue(value)}`)
-  return value
-}
-
 /** What a loaded Transformer holds besides its sizes. */
 interface TransformerState {
   weights: ModelWeights
@@ -167,10 +161,10 @@ export class Transformer {
     if (opts?.device !== 'cpu' && opts?.device !== 'cuda')
       throw new TypeError(`Expected 'cpu' or 'cuda' for device but received ${describeValue(opts?.device)}`)
     const device = resolveDevice(opts.device)
-    const maxBatchTokens = checkInteger(opts.maxBatchTokens, 1, 'maxBatchTokens')
-    const kvBlocks = checkInteger(opts.kvBlocks, 1, 'kvBlocks')
-    const kvBlockSize = checkInteger(opts.kvBlockSize ?? 16, 1, 'kvBlockSize')
-    const maxLogitRows = checkInteger(opts.maxLogitRows ?? maxBatchTokens, 1, 'maxLogitRows')
+    const maxBatchTokens = checkInteger('maxBatchTokens', opts.maxBatchTokens, 1)
+    const kvBlocks = checkInteger('kvBlocks', opts.kvBlocks, 1)
+    const kvBlockSize = checkInteger('kvBlockSize', opts.kvBlockSize ?? 16, 1)
+    const maxLogitRows = checkInteger('maxLogitRows', opts.maxLogitRows ?? maxBatchTokens, 1)
     const unfused = opts.unfusedLayers === true
 
     const config = await loadModelConfig(dir)
@@ -398,7 +392,7 @@ export class Transformer {
         if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= vocab)
           throw new RangeError(`Expected an integer between 0 and ${vocab - 1} for ${at}.tokens[${j}] but received ${describeValue(id)}`)
       }
-      checkInteger(ch.startPosition, 0, `${at}.startPosition`)
+      checkInteger(`${at}.startPosition`, ch.startPosition, 0)
       const end = ch.startPosition + ch.tokens.length
       if (end > this.maxPositions) {
         const limit = this.maxPositions === this.config.maxPositionEmbeddings ? 'max_position_embeddings' : 'KV cache capacity'

@@ -3,7 +3,8 @@
 import { native, type DeviceName, type NativeTensor } from '../native.js'
 import type { ModelConfig } from './config.js'
 import { SafetensorsCheckpoint, toBf16Bits, type TensorInfo } from './safetensors.js'
-import { basename } from 'node:path'
+import { basename, join } from 'node:path'
+import { invalidField } from '../errors.js'
 
 export interface LayerWeights {
   inputNorm: NativeTensor // [H]
@@ -101,9 +102,48 @@ function shapeText(shape: readonly number[]): string {
   return `[${shape.join(', ')}]`
 }
 
-/** Checks that every tensor the config implies is present with its shape, before reading any. */
-export function checkTensors(checkpoint: SafetensorsCheckpoint, config: ModelConfig): TensorInfo[] {
-  return expectedTensors(config).map(({ name, shape }) => {
+/** Tensors a checkpoint may hold that no architecture reads (buffers older exports saved). */
+const IGNORED_TENSOR = /\.rotary_emb\.inv_freq$/
+
+/** Why a tensor the config does not use may be there: the config field that would use it. */
+function unusedHint(name: string, c: ModelConfig): string {
+  if (/self_attn\.[qk]_norm\.weight$/.test(name)) return `; per-head q/k norms belong to Qwen3ForCausalLM, but architectures names ${c.architecture}`
+  if (/self_attn\.[qkv]_proj\.bias$/.test(name)) return '; q/k/v biases belong to Qwen2ForCausalLM, or need attention_bias: true'
+  if (/self_attn\.o_proj\.bias$/.test(name)) return '; an o_proj bias needs attention_bias: true (Llama, Qwen3)'
+  if (/mlp\.\w+_proj\.bias$/.test(name)) return '; MLP biases need mlp_bias: true (Llama)'
+  if (name === 'lm_head.weight') return '; tie_word_embeddings is true, so the output head would be model.embed_tokens.weight'
+  return ''
+}
+
+/** The layer count the tensor names imply (model.layers.<i>.*), checked against num_hidden_layers before any list is built. */
+function checkLayerCount(checkpoint: SafetensorsCheckpoint, config: ModelConfig, configFile: string): void {
+  let maxLayer = -1
+  const seen = new Set<number>()
+  for (const name of checkpoint.tensors.keys()) {
+    const m = /^model\.layers\.(\d+)\./.exec(name)
+    if (!m) continue
+    const l = Number(m[1])
+    seen.add(l)
+    maxLayer = Math.max(maxLayer, l)
+  }
+  if (maxLayer + 1 !== config.numLayers && seen.size > 0)
+    throw invalidField(
+      `the number of layers of the weights in ${checkpoint.dir} (${maxLayer + 1}: model.layers.0 to model.layers.${maxLayer})`,
+      'num_hidden_layers',
+      configFile,
+      config.numLayers,
+    )
+}
+
+/**
+ * Checks the checkpoint against the config before reading any tensor: the layer count, every
+ * tensor the config implies present with its shape, and no tensor the config leaves unused (a
+ * checkpoint of another architecture or size would otherwise load with part of it ignored).
+ */
+export function checkTensors(checkpoint: SafetensorsCheckpoint, config: ModelConfig, configFile = 'config.json'): TensorInfo[] {
+  checkLayerCount(checkpoint, config, configFile)
+  const wanted = expectedTensors(config)
+  const infos = wanted.map(({ name, shape }) => {
     const info = checkpoint.tensors.get(name)
     if (!info)
       throw new Error(
@@ -115,6 +155,43 @@ export function checkTensors(checkpoint: SafetensorsCheckpoint, config: ModelCon
       )
     return info
   })
+  const used = new Set(wanted.map((w) => w.name))
+  for (const [name, info] of checkpoint.tensors)
+    if (!used.has(name) && !IGNORED_TENSOR.test(name))
+      throw new Error(
+        `tensor ${name} in ${basename(info.file)} is not used by the ${config.architecture} configuration of ${configFile}` +
+          `${unusedHint(name, config)}; the weights must match their config.json`,
+      )
+  return infos
+}
+
+/** Index of the first NaN or infinity among bf16 bits, or -1. */
+export function firstNonFinite(bits: Uint16Array): number {
+  // Two bf16 values per 32-bit word: an exponent of all ones carries into the word's top bit of
+  // its half when 0x0080 is added (0x7f80 + 0x0080 = 0x8000); scan words, then find the element.
+  if (bits.byteOffset % 4 === 0) {
+    const words = new Uint32Array(bits.buffer, bits.byteOffset, bits.length >>> 1)
+    let acc = 0
+    for (let i = 0; i < words.length; i++) acc |= (words[i]! & 0x7f807f80) + 0x00800080
+    if ((acc & 0x80008000) === 0 && (bits.length % 2 === 0 || (bits[bits.length - 1]! & 0x7f80) !== 0x7f80)) return -1
+  }
+  for (let i = 0; i < bits.length; i++) if ((bits[i]! & 0x7f80) === 0x7f80) return i
+  return -1
+}
+
+function nonFiniteError(info: TensorInfo, bits: Uint16Array, at: number): Error {
+  const value = (bits[at]! & 0x007f) !== 0 ? 'NaN' : bits[at]! & 0x8000 ? '-Infinity' : 'Infinity'
+  const index: number[] = []
+  let rest = at
+  for (let d = info.shape.length - 1; d >= 0; d--) {
+    index.unshift(rest % info.shape[d]!)
+    rest = Math.floor(rest / info.shape[d]!)
+  }
+  return new Error(
+    `tensor ${info.name} in ${basename(info.file)} holds ${value} at [${index.join(', ')}]` +
+      (info.dtype === 'BF16' ? '' : ` (after conversion from ${info.dtype} to bf16)`) +
+      '; a model with non-finite weights gives non-finite logits',
+  )
 }
 
 /** Reads every weight of `config` from the checkpoint in `dir` onto `device` as bf16. */
@@ -131,13 +208,23 @@ export async function loadWeights(
   const groupOf = new Map<string, [string, string[]]>()
   for (const [name, parts] of fusedTensors(config)) for (const part of parts) groupOf.set(part, [name, parts])
   const waiting = new Map<string, { info: TensorInfo; bits: Uint16Array }>()
+  // The next tensor is read from disk while this one is scanned and copied to the device.
+  let reading: Promise<Buffer> | null = null
   try {
-    const infos = checkTensors(checkpoint, config)
+    const infos = checkTensors(checkpoint, config, join(dir, 'config.json'))
     const totalBytes = infos.reduce((s, t) => s + t.nbytes, 0)
     let loadedBytes = 0
     onProgress?.({ loadedBytes, totalBytes })
-    for (const info of infos) {
-      const bits = toBf16Bits(info, await checkpoint.read(info))
+    reading = infos.length > 0 ? checkpoint.read(infos[0]!) : null
+    for (let i = 0; i < infos.length; i++) {
+      const info = infos[i]!
+      const bytes = await reading!
+      reading = i + 1 < infos.length ? checkpoint.read(infos[i + 1]!) : null
+      const bits = toBf16Bits(info, bytes)
+      // A NaN or infinite weight makes every logit downstream of it non-finite; the scan costs
+      // about 1 ns per weight, hidden by the read of the next tensor, so it always runs.
+      const bad = firstNonFinite(bits)
+      if (bad >= 0) throw nonFiniteError(info, bits, bad)
       const group = groupOf.get(info.name)
       if (!group) {
         loaded.set(info.name, native().fromBuffer(device, 'bf16', info.shape, bits))
@@ -154,6 +241,8 @@ export async function loadWeights(
       onProgress?.({ loadedBytes, totalBytes })
     }
   } catch (err) {
+    // A read still in flight must settle before its file is closed, and its failure is moot.
+    await reading?.catch(() => {})
     for (const t of loaded.values()) t.dispose()
     throw err
   } finally {

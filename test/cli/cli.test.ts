@@ -84,6 +84,28 @@ describe('detinfer CLI', () => {
     expectNoStackTrace(r.stderr)
   })
 
+  it('names a prompt file that is a directory or a FIFO, without hanging', () => {
+    const tmp = mkdtempSync(join(tmpdir(), 'detinfer-cli-files-'))
+    try {
+      const r = detinfer(['generate', '--prompt-file', tmp])
+      expect(r.code).toBe(1)
+      expect(r.stderr.trim()).toBe(`detinfer: Expected a regular file for --prompt-file but ${tmp} is a directory`)
+      const score = detinfer(['score', 'hello', '--completion-file', tmp])
+      expect(score.stderr.trim()).toBe(`detinfer: Expected a regular file for --completion-file but ${tmp} is a directory`)
+      const fifo = join(tmp, 'prompt.fifo')
+      if (spawnSync('mkfifo', [fifo]).status === 0) {
+        const piped = spawnSync(process.execPath, [cli, 'generate', '--prompt-file', fifo], { cwd: root, encoding: 'utf8', timeout: 20_000 })
+        expect(piped.status).toBe(1)
+        expect(piped.stderr.trim()).toBe(`detinfer: Expected a regular file for --prompt-file but ${fifo} is a FIFO (named pipe)`)
+      }
+      expect(detinfer(['generate', '--prompt-file', join(tmp, 'none.txt')]).stderr.trim()).toBe(
+        `detinfer: --prompt-file not found: ${join(tmp, 'none.txt')} does not exist`,
+      )
+    } finally {
+      rmSync(tmp, { recursive: true, force: true })
+    }
+  })
+
   it('rejects a prompt given twice', () => {
     const r = detinfer(['generate', '--prompt-file', 'package.json', 'hello'])
     expect(r.code).toBe(1)
@@ -174,6 +196,19 @@ describe('detinfer generate on a tiny model', () => {
     expect(r.stderr).toContain('detinfer: Expected integer between 1 and 512 for maxTokens but received 0 of type number')
     expectNoStackTrace(r.stderr)
     expect(r.stdout).toBe('')
+  })
+
+  it('names a weights file that is a directory, and says when score passes the context', () => {
+    const broken = join(dir, 'weights-dir')
+    mkdirSync(join(broken, 'model.safetensors'), { recursive: true })
+    for (const f of ['config.json', 'tokenizer.json', 'tokenizer_config.json']) copyFileSync(join(dir, f), join(broken, f))
+    const r = detinfer(['generate', '-m', broken, '--device', 'cpu', 'hello'])
+    expect(r.code).toBe(1)
+    expect(r.stderr).toContain(`detinfer: Expected a regular file for model.safetensors but ${join(broken, 'model.safetensors')} is a directory\n`)
+    expectNoStackTrace(r.stderr)
+    const long = detinfer(['score', '-m', dir, '--device', 'cpu', 'x'.repeat(600), '--completion', 'y'])
+    expect(long.code).toBe(1)
+    expect(long.stderr).toMatch(/^detinfer: The prompt plus completion is \d+ tokens \(\d+ \+ 1\) but the model's context is 512 tokens$/m)
   })
 
   it('checks the options before it loads the weights', () => {

@@ -1,17 +1,19 @@
 // Loading weights: safetensors parsing (single, sharded, every loadable dtype), the checks on
 // corrupt, truncated and mismatched files, missing files and tensors, and the progress callback.
-import { mkdtempSync, readFileSync, rmSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs'
+import { spawnSync } from 'node:child_process'
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { loadModel } from '../../lib/model.js'
 import { native } from '../../lib/native.js'
 import { Transformer } from '../../lib/model/transformer.js'
 import { SafetensorsCheckpoint, SafetensorsFile, toBf16Bits } from '../../lib/model/safetensors.js'
 import { loadModelConfig } from '../../lib/model/config.js'
-import { loadWeights, disposeWeights } from '../../lib/model/weights.js'
+import { loadWeights, disposeWeights, firstNonFinite } from '../../lib/model/weights.js'
 import { readBytes, toBf16 } from '../../lib/tensor.js'
 import { randomNormal } from '../helpers/random.js'
-import { safetensorsBytes, writeTinyModel, type TinyModelSpec } from '../helpers/tiny-model.js'
+import { safetensorsBytes, writeTinyModel, type TinyModel, type TinyModelSpec } from '../helpers/tiny-model.js'
 
 let root: string
 let count = 0
@@ -278,10 +280,10 @@ describe('Transformer arguments', () => {
       `Expected 'cpu' or 'cuda' for device but received "tpu" of type string`,
     )
     await expect(Transformer.load(dir, { device: 'cpu', maxBatchTokens: 0, kvBlocks: 2 })).rejects.toThrow(
-      'Expected an integer >= 1 for maxBatchTokens but received 0 of type number',
+      'Expected integer >= 1 for maxBatchTokens but received 0 of type number',
     )
     await expect(Transformer.load(dir, { device: 'cpu', maxBatchTokens: 4, kvBlocks: 2.5 })).rejects.toThrow(
-      'Expected an integer >= 1 for kvBlocks but received 2.5 of type number',
+      'Expected integer >= 1 for kvBlocks but received 2.5 of type number',
     )
   })
 
@@ -293,7 +295,7 @@ describe('Transformer arguments', () => {
     expect(() => model.forward([ok, { ...ok, tokens: [1, V] }])).toThrow(
       `Expected an integer between 0 and ${V - 1} for chunks[1].tokens[1] but received ${V} of type number`,
     )
-    expect(() => model.forward([{ ...ok, startPosition: -1 }])).toThrow('Expected an integer >= 0 for chunks[0].startPosition but received -1 of type number')
+    expect(() => model.forward([{ ...ok, startPosition: -1 }])).toThrow('Expected integer >= 0 for chunks[0].startPosition but received -1 of type number')
     expect(() => model.forward([{ ...ok, startPosition: 39, blockTable: [0, 1, 2] }])).toThrow(
       'Expected positions below 40 (max_position_embeddings) for chunks[0] but received positions 39..40',
     )
@@ -320,5 +322,161 @@ describe('Transformer arguments', () => {
     )
     small.dispose()
     expect(() => small.forward([{ tokens: [1], startPosition: 0, blockTable: [0], logits: 'last' }])).toThrow('The transformer was disposed and cannot be used any more')
+  })
+})
+
+describe('checkpoints that do not match their config', () => {
+  const setConfig = (dir: string, over: Record<string, unknown>) => {
+    const cfg = JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8'))
+    writeFileSync(join(dir, 'config.json'), JSON.stringify({ ...cfg, ...over }))
+  }
+  const rewrite = (m: TinyModel, edit: (name: string, t: { shape: number[]; values: Float32Array }) => Float32Array | null) => {
+    const entries = [...m.tensors].flatMap(([name, t]) => {
+      const values = edit(name, t)
+      return values ? [{ name, dtype: 'F32', shape: t.shape, data: Buffer.from(values.buffer, values.byteOffset, values.byteLength) }] : []
+    })
+    writeFileSync(join(m.dir, 'model.safetensors'), safetensorsBytes(entries))
+  }
+
+  it('fail fast on a huge num_hidden_layers, naming config.json and the field', async () => {
+    const m = fresh({ architecture: 'LlamaForCausalLM' })
+    for (const layers of [1e9, 1e7, 1e308, 2 ** 31]) {
+      setConfig(m.dir, { num_hidden_layers: layers })
+      const started = performance.now()
+      await expect(load(m.dir)).rejects.toThrow(
+        `Expected an integer between 1 and 1024 for num_hidden_layers in ${join(m.dir, 'config.json')} but received ${String(layers)} of type number`,
+      )
+      expect(performance.now() - started).toBeLessThan(1000)
+    }
+  })
+
+  it('refuse a num_hidden_layers that differs from the layers of the weights', async () => {
+    const m = fresh({ architecture: 'Qwen3ForCausalLM', numLayers: 4 })
+    setConfig(m.dir, { num_hidden_layers: 3 })
+    await expect(load(m.dir)).rejects.toThrow(
+      `Expected the number of layers of the weights in ${m.dir} (4: model.layers.0 to model.layers.3) for num_hidden_layers in ${join(m.dir, 'config.json')} but received 3 of type number`,
+    )
+    setConfig(m.dir, { num_hidden_layers: 5 })
+    await expect(load(m.dir)).rejects.toThrow('(4: model.layers.0 to model.layers.3) for num_hidden_layers')
+  })
+
+  it('refuse tensors the config leaves unused', async () => {
+    // Qwen3 weights (with q_norm/k_norm) under a Llama config.
+    const qwen3 = fresh({ architecture: 'Qwen3ForCausalLM' })
+    setConfig(qwen3.dir, { architectures: ['LlamaForCausalLM'], model_type: 'llama' })
+    await expect(load(qwen3.dir)).rejects.toThrow(
+      `tensor model.layers.0.self_attn.q_norm.weight in model.safetensors is not used by the LlamaForCausalLM configuration of ${join(qwen3.dir, 'config.json')}; ` +
+        'per-head q/k norms belong to Qwen3ForCausalLM, but architectures names LlamaForCausalLM; the weights must match their config.json',
+    )
+    // Qwen2 weights (q/k/v biases) under a Llama config.
+    const qwen2 = fresh({ architecture: 'Qwen2ForCausalLM' })
+    setConfig(qwen2.dir, { architectures: ['LlamaForCausalLM'] })
+    await expect(load(qwen2.dir)).rejects.toThrow('tensor model.layers.0.self_attn.q_proj.bias in model.safetensors is not used')
+    // An untied checkpoint whose config says tied: its lm_head would be ignored.
+    const untied = fresh({ architecture: 'LlamaForCausalLM' })
+    setConfig(untied.dir, { tie_word_embeddings: true })
+    await expect(load(untied.dir)).rejects.toThrow(
+      'tensor lm_head.weight in model.safetensors is not used by the LlamaForCausalLM configuration of ' +
+        `${join(untied.dir, 'config.json')}; tie_word_embeddings is true, so the output head would be model.embed_tokens.weight`,
+    )
+    // A stray tensor, in one shard of several.
+    const sharded = fresh({ architecture: 'LlamaForCausalLM', shards: 2 })
+    const indexFile = join(sharded.dir, 'model.safetensors.index.json')
+    const index = JSON.parse(readFileSync(indexFile, 'utf8'))
+    const shard = join(sharded.dir, 'model-00002-of-00002.safetensors')
+    const f = await SafetensorsFile.open(shard)
+    const kept = await Promise.all([...f.tensors.values()].map(async (t) => ({ name: t.name, dtype: t.dtype, shape: t.shape, data: await f.read(t) })))
+    await f.close()
+    writeFileSync(shard, safetensorsBytes([...kept, { name: 'model.extra.weight', dtype: 'F32', shape: [2], data: Buffer.alloc(8) }]))
+    index.weight_map['model.extra.weight'] = 'model-00002-of-00002.safetensors'
+    writeFileSync(indexFile, JSON.stringify(index))
+    await expect(load(sharded.dir)).rejects.toThrow('tensor model.extra.weight in model-00002-of-00002.safetensors is not used by the LlamaForCausalLM configuration')
+    // Old exports' rotary inverse frequencies are buffers, not weights: they are let through.
+    const rotary = fresh({ architecture: 'LlamaForCausalLM' })
+    const entries = [...rotary.tensors].map(([name, t]) => ({ name, dtype: 'F32', shape: t.shape, data: Buffer.from(t.values.buffer) }))
+    entries.push({ name: 'model.layers.0.self_attn.rotary_emb.inv_freq', dtype: 'F32', shape: [8], data: Buffer.alloc(32) })
+    writeFileSync(join(rotary.dir, 'model.safetensors'), safetensorsBytes(entries))
+    ;(await load(rotary.dir)).dispose()
+  })
+
+  it('refuse non-finite weights, naming the tensor and the element', async () => {
+    const m = fresh({ architecture: 'Qwen3ForCausalLM' })
+    rewrite(m, (name, t) => (name === 'model.norm.weight' ? new Float32Array(t.values.length).fill(NaN) : t.values))
+    await expect(load(m.dir)).rejects.toThrow(
+      'tensor model.norm.weight in model.safetensors holds NaN at [0] (after conversion from F32 to bf16); a model with non-finite weights gives non-finite logits',
+    )
+    rewrite(m, (name, t) => {
+      if (name !== 'model.layers.1.mlp.down_proj.weight') return t.values
+      const v = t.values.slice()
+      v[2 * t.shape[1]! + 5] = -Infinity
+      return v
+    })
+    await expect(load(m.dir)).rejects.toThrow('tensor model.layers.1.mlp.down_proj.weight in model.safetensors holds -Infinity at [2, 5]')
+    // bf16 files are scanned as they are.
+    const bf = fresh({ architecture: 'LlamaForCausalLM' })
+    const entries = [...bf.tensors].map(([name, t]) => {
+      const bits = toBf16(t.values)
+      if (name === 'model.layers.0.input_layernorm.weight') bits[bits.length - 1] = 0x7f80
+      return { name, dtype: 'BF16', shape: t.shape, data: Buffer.from(bits.buffer) }
+    })
+    writeFileSync(join(bf.dir, 'model.safetensors'), safetensorsBytes(entries))
+    await expect(load(bf.dir)).rejects.toThrow('tensor model.layers.0.input_layernorm.weight in model.safetensors holds Infinity at [63];')
+  })
+
+  it('find the first non-finite bf16 value at any length and alignment', () => {
+    const one = 0x3f80
+    for (const length of [1, 2, 3, 7, 8, 9]) {
+      for (const bad of [0x7f80, 0xff80, 0x7fc0, 0x7f81]) {
+        const bits = new Uint16Array(length + 1).fill(one)
+        expect(firstNonFinite(bits.subarray(0, length))).toBe(-1)
+        expect(firstNonFinite(bits.subarray(1, length + 1))).toBe(-1)
+        bits[length] = bad
+        expect(firstNonFinite(bits)).toBe(length)
+        expect(firstNonFinite(bits.subarray(1))).toBe(length - 1)
+      }
+    }
+    // The largest finite bf16 values are not flagged.
+    expect(firstNonFinite(new Uint16Array([0x7f7f, 0xff7f, 0x0000, 0x8000, 0x0001]))).toBe(-1)
+  })
+
+  it('open only regular files: a directory or a FIFO is named, not a hang or a bare EISDIR', async () => {
+    const m = fresh({ architecture: 'LlamaForCausalLM' })
+    const weights = join(m.dir, 'model.safetensors')
+    rmSync(weights)
+    mkdirSync(weights)
+    await expect(load(m.dir)).rejects.toThrow(`Expected a regular file for model.safetensors but ${weights} is a directory`)
+    rmSync(weights, { recursive: true })
+    if (spawnSync('mkfifo', [weights]).status === 0) {
+      const started = performance.now()
+      await expect(load(m.dir)).rejects.toThrow(`Expected a regular file for model.safetensors but ${weights} is a FIFO (named pipe)`)
+      expect(performance.now() - started).toBeLessThan(2000)
+    }
+    const other = fresh({ architecture: 'LlamaForCausalLM' })
+    rmSync(join(other.dir, 'config.json'))
+    mkdirSync(join(other.dir, 'config.json'))
+    await expect(load(other.dir)).rejects.toThrow(`Expected a regular file for config.json but ${join(other.dir, 'config.json')} is a directory`)
+  })
+})
+
+describe('loadModel', () => {
+  it('refuses a tokenizer whose ids pass the vocab_size of config.json', async () => {
+    const m = fresh({ architecture: 'Qwen3ForCausalLM', numLayers: 1 })
+    const tokenizer = join(m.dir, 'tokenizer.json')
+    const json = JSON.parse(readFileSync(tokenizer, 'utf8'))
+    json.added_tokens.push({ id: 300, content: '<extra>', special: true, normalized: false, single_word: false, lstrip: false, rstrip: false })
+    writeFileSync(tokenizer, JSON.stringify(json))
+    await expect(loadModel(m.dir, { device: 'cpu' })).rejects.toThrow(
+      `Expected a token id below 273 (vocab_size in ${join(m.dir, 'config.json')}) for added_tokens[5].id in ${tokenizer} but received 300 of type number`,
+    )
+  })
+
+  it('refuses an eos_token_id outside the vocabulary, in config.json or generation_config.json', async () => {
+    const m = fresh({ architecture: 'LlamaForCausalLM', numLayers: 1, configOverrides: { eos_token_id: 1e9 } })
+    await expect(loadModel(m.dir, { device: 'cpu' })).rejects.toThrow(
+      `Expected a token id below 273 (the vocab_size) or an array of them for eos_token_id in ${join(m.dir, 'config.json')} but received 1000000000 of type number`,
+    )
+    const g = fresh({ architecture: 'LlamaForCausalLM', numLayers: 1 })
+    writeFileSync(join(g.dir, 'generation_config.json'), JSON.stringify({ eos_token_id: [1, 1e9] }))
+    await expect(loadModel(g.dir, { device: 'cpu' })).rejects.toThrow(`for eos_token_id in ${join(g.dir, 'generation_config.json')} but received [1,1000000000] of type array`)
   })
 })

@@ -1,9 +1,11 @@
 // The tokenizer on a byte-level BPE tokenizer.json written by the test: encode/decode, BOS and EOS
 // from the config files, special tokens, the chat template, and streaming detokenization.
-import { mkdtempSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs'
+import { spawnSync } from 'node:child_process'
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { MAX_RENDERED_CHARS, RENDER_TIMEOUT_MS } from '../../lib/chat-template.js'
 import { Tokenizer } from '../../lib/tokenizer.js'
 import { byteSymbols, SPECIAL_TOKENS, writeTinyModel } from '../helpers/tiny-model.js'
 
@@ -147,5 +149,181 @@ describe('tokenizer', () => {
     // chat_template.jinja beside the config (newer checkpoints) is read too.
     writeFileSync(join(dir, 'chat_template.jinja'), '{{ messages[0].content }}!')
     expect((await Tokenizer.load(dir)).applyChatTemplate([{ role: 'user', content: 'x' }])).toBe('x!')
+  })
+})
+
+describe('tokenizer files that would hang or mislead', () => {
+  let count = 0
+  const fresh = () => writeTinyModel(join(root, `bad${count++}`), { architecture: 'Qwen3ForCausalLM', numLayers: 1 }).dir
+  const editJson = (file: string, edit: (json: Record<string, any>) => void) => {
+    const json = JSON.parse(readFileSync(file, 'utf8'))
+    edit(json)
+    writeFileSync(file, JSON.stringify(json))
+  }
+
+  it('checks token ids against the vocabulary before the tokenizer library sees them', async () => {
+    const dir = fresh()
+    const file = join(dir, 'tokenizer.json')
+    const original = readFileSync(file, 'utf8')
+    editJson(file, (t) => (t.model.vocab['x'] = 2_000_000_000))
+    const started = performance.now()
+    await expect(Tokenizer.load(dir)).rejects.toThrow(
+      `Expected a token id below 16777216 (the largest vocabulary detinfer loads) for model.vocab["x"] in ${file} but received 2000000000 of type number`,
+    )
+    await expect(Tokenizer.load(dir, { modelVocabSize: 273, modelConfigFile: 'm/config.json' })).rejects.toThrow(
+      `Expected a token id below 273 (vocab_size in m/config.json) for model.vocab["x"] in ${file} but received 2000000000 of type number`,
+    )
+    writeFileSync(file, original)
+    editJson(file, (t) => (t.added_tokens[1].id = 2e9))
+    await expect(Tokenizer.load(dir)).rejects.toThrow(`for added_tokens[1].id in ${file} but received 2000000000 of type number`)
+    expect(performance.now() - started).toBeLessThan(2000)
+    editJson(file, (t) => (t.added_tokens[1].id = -1))
+    await expect(Tokenizer.load(dir)).rejects.toThrow(`for added_tokens[1].id in ${file} but received -1 of type number`)
+    editJson(file, (t) => (t.added_tokens[1].id = 'three'))
+    await expect(Tokenizer.load(dir)).rejects.toThrow(`for added_tokens[1].id in ${file} but received "three" of type string`)
+  })
+
+  it('refuses a tokenizer larger than its model', async () => {
+    // The tiny tokenizer's ids run to 269; a model of 200 ids cannot embed them.
+    await expect(Tokenizer.load(qwenDir, { modelVocabSize: 200, modelConfigFile: 'm/config.json' })).rejects.toThrow(
+      /^Expected a token id below 200 \(vocab_size in m\/config\.json\) for model\.vocab\[".+"\] in .*tokenizer\.json but received 2\d\d of type number$/,
+    )
+    expect((await Tokenizer.load(qwenDir, { modelVocabSize: 270 })).vocabSize).toBe(270)
+  })
+
+  it('says what is wrong with a null or malformed model', async () => {
+    const dir = fresh()
+    const file = join(dir, 'tokenizer.json')
+    const original = readFileSync(file, 'utf8')
+    editJson(file, (t) => (t.model = null))
+    await expect(Tokenizer.load(dir)).rejects.toThrow(
+      `Expected an object describing the tokenizer model ({type, vocab, ...}) for model in ${file} but received null`,
+    )
+    writeFileSync(file, original)
+    editJson(file, (t) => (t.model.vocab = 7))
+    await expect(Tokenizer.load(dir)).rejects.toThrow(`for model.vocab in ${file} but received 7 of type number`)
+    writeFileSync(file, original)
+    editJson(file, (t) => (t.added_tokens = { a: 1 }))
+    await expect(Tokenizer.load(dir)).rejects.toThrow(`Expected an array of {id, content} for added_tokens in ${file} but received {"a":1} of type object`)
+    writeFileSync(file, '[]')
+    await expect(Tokenizer.load(dir)).rejects.toThrow(`Expected a JSON object for the tokenizer in ${file} but received [] of type array`)
+  })
+
+  it('tries the tokenizer once at load, so that a broken component fails there, naming the file', async () => {
+    const dir = fresh()
+    const file = join(dir, 'tokenizer.json')
+    editJson(file, (t) => (t.post_processor = { type: 'TemplateProcessing', single: 5 }))
+    await expect(Tokenizer.load(dir)).rejects.toThrow(
+      `${file} does not work: encoding and decoding a test text failed; check its normalizer, pre_tokenizer, post_processor and decoder (the tokenizer library said: `,
+    )
+    editJson(file, (t) => {
+      t.post_processor = null
+      t.model.merges = 'x'
+    })
+    await expect(Tokenizer.load(dir)).rejects.toThrow(`Expected an array of merges ("a b" or ["a", "b"]) for model.merges in ${file} but received "x" of type string`)
+  })
+
+  it('refuses out-of-range special ids in generation_config.json and tokenizer_config.json', async () => {
+    const dir = fresh()
+    const gen = join(dir, 'generation_config.json')
+    writeFileSync(gen, JSON.stringify({ eos_token_id: 1e9 }))
+    await expect(Tokenizer.load(dir)).rejects.toThrow(`Expected a token id below 270 or an array of them for eos_token_id in ${gen} but received 1000000000 of type number`)
+    writeFileSync(gen, JSON.stringify({ pad_token_id: 1e9 }))
+    await expect(Tokenizer.load(dir, { modelVocabSize: 273 })).rejects.toThrow(
+      `Expected a token id below 273 or an array of them (vocab_size in config.json) for pad_token_id in ${gen} but received 1000000000 of type number`,
+    )
+    writeFileSync(gen, JSON.stringify({ bos_token_id: -3 }))
+    await expect(Tokenizer.load(dir)).rejects.toThrow(`for bos_token_id in ${gen} but received -3 of type number`)
+    unlinkSync(gen)
+    const cfg = join(dir, 'tokenizer_config.json')
+    editJson(cfg, (c) => (c.added_tokens_decoder = { '1000000000': { content: '<x>' } }))
+    await expect(Tokenizer.load(dir, { modelVocabSize: 273 })).rejects.toThrow(
+      `Expected a token id below 273 (vocab_size in config.json) for the key "1000000000" of added_tokens_decoder in ${cfg} but received 1000000000 of type number`,
+    )
+    editJson(cfg, (c) => {
+      delete c.added_tokens_decoder
+      c.eos_token_id = 1e9
+    })
+    await expect(Tokenizer.load(dir)).rejects.toThrow(`for eos_token_id in ${cfg} but received 1000000000 of type number`)
+  })
+
+  it('reads only regular files', async () => {
+    const dir = fresh()
+    const file = join(dir, 'tokenizer.json')
+    rmSync(file)
+    mkdirSync(file)
+    await expect(Tokenizer.load(dir)).rejects.toThrow(`Expected a regular file for tokenizer.json but ${file} is a directory`)
+    rmSync(file, { recursive: true })
+    if (spawnSync('mkfifo', [file]).status === 0)
+      await expect(Tokenizer.load(dir)).rejects.toThrow(`Expected a regular file for tokenizer.json but ${file} is a FIFO (named pipe)`)
+    const other = fresh()
+    mkdirSync(join(other, 'chat_template.jinja'))
+    await expect(Tokenizer.load(other)).rejects.toThrow(`Expected a regular file for chat_template.jinja but ${join(other, 'chat_template.jinja')} is a directory`)
+  })
+})
+
+describe('chat templates are bounded', () => {
+  let count = 0
+  const withTemplate = async (template: string) => {
+    const dir = writeTinyModel(join(root, `tpl${count++}`), { architecture: 'Qwen3ForCausalLM', numLayers: 1 }).dir
+    const cfg = JSON.parse(readFileSync(join(dir, 'tokenizer_config.json'), 'utf8'))
+    writeFileSync(join(dir, 'tokenizer_config.json'), JSON.stringify({ ...cfg, chat_template: template }))
+    return { dir, t: await Tokenizer.load(dir) }
+  }
+  const user = [{ role: 'user', content: 'hi' }]
+
+  it('refuses a range() of more than a million items at once', async () => {
+    const { dir, t } = await withTemplate('{% for i in range(100000000) %}x{% endfor %}')
+    const started = performance.now()
+    expect(() => t.applyChatTemplate(user)).toThrow(
+      `The chat template of ${dir} (chat_template in tokenizer_config.json) failed to render: range() of 100000000 items exceeds the limit of 1000000 items`,
+    )
+    expect(performance.now() - started).toBeLessThan(1000)
+  })
+
+  it(`stops a template that runs longer than ${RENDER_TIMEOUT_MS / 1000} s, and renders the next one`, async () => {
+    const { dir, t } = await withTemplate('{% for i in range(1000000) %}{% for j in range(1000000) %}x{% endfor %}{% endfor %}')
+    const started = performance.now()
+    expect(() => t.applyChatTemplate(user)).toThrow(
+      `The chat template of ${dir} (chat_template in tokenizer_config.json) did not finish rendering within ${RENDER_TIMEOUT_MS / 1000} s`,
+    )
+    const took = performance.now() - started
+    expect(took).toBeGreaterThanOrEqual(RENDER_TIMEOUT_MS - 50)
+    expect(took).toBeLessThan(RENDER_TIMEOUT_MS + 3000)
+    const ok = await Tokenizer.load(qwenDir)
+    expect(ok.applyChatTemplate(user)).toBe('<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n')
+  })
+
+  it('bounds the rendered text and the messages', async () => {
+    const { t } = await withTemplate('{% for i in range(20) %}{{ messages[0].content }}{% endfor %}')
+    const big = [{ role: 'user', content: 'x'.repeat(2 ** 20) }]
+    expect(() => t.applyChatTemplate(big)).toThrow(`rendered ${20 * 2 ** 20} characters; at most ${MAX_RENDERED_CHARS} are allowed`)
+    expect(() => t.applyChatTemplate([{ role: 'user', content: 'x'.repeat(MAX_RENDERED_CHARS + 1) }])).toThrow(
+      `Expected at most ${MAX_RENDERED_CHARS} characters of messages for the chat template of`,
+    )
+  })
+
+  it('names a template that does not parse, in its own words', async () => {
+    await expect(withTemplate('{{')).rejects.toThrow(
+      /^Could not parse the chat template of .* \(chat_template in tokenizer_config.json\): it is not a valid Jinja template \(an unterminated or malformed tag\?\)$/,
+    )
+    await expect(withTemplate('{% for %}')).rejects.toThrow(/^Could not parse the chat template of .*: (?!it is not a valid)/)
+  })
+
+  it('passes the template\'s own errors on, and says when it renders nothing', async () => {
+    const { t } = await withTemplate("{{ raise_exception('Conversation roles must alternate user/assistant') }}")
+    expect(() => t.applyChatTemplate(user)).toThrow('failed to render: Conversation roles must alternate user/assistant')
+    const { dir, t: empty } = await withTemplate('{% if false %}x{% endif %}')
+    expect(() => empty.encodeChat(user)).toThrow(`The chat template of ${dir} rendered an empty prompt for 1 message(s); a prompt needs at least one token`)
+    expect(() => empty.encodePrompt('hello', true)).toThrow('rendered an empty prompt')
+  })
+
+  it('costs little per render', async () => {
+    const t = await Tokenizer.load(qwenDir)
+    t.applyChatTemplate(user)
+    const started = performance.now()
+    for (let i = 0; i < 200; i++) t.applyChatTemplate(user)
+    // About 0.1 ms each on 2 cores; the bound leaves room for a loaded CI machine.
+    expect((performance.now() - started) / 200).toBeLessThan(5)
   })
 })

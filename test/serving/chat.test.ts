@@ -42,7 +42,7 @@ describe('chat messages as the prompt', () => {
 
   it('rejects malformed messages with the element that is wrong', async () => {
     await expect(model.generate([{ role: 'user', content: 'hi' }, { role: 'user' }] as never)).rejects.toThrow(
-      'Expected chat message {role, content} with string values for prompt[1] but received [object Object] of type object',
+      'Expected chat message {role, content} with string values for prompt[1] but received {"role":"user"} of type object',
     )
     await expect(model.generateBatch(['ok', [{ content: 'x' }]] as never)).rejects.toThrow('for prompts[1][0]')
   })

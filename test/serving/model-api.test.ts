@@ -1,6 +1,7 @@
 // The Model's public boundary: argument validation messages and dispose semantics.
 import { describe, expect, it } from 'vitest'
-import { DisposedError } from '../../lib/errors.js'
+import { DisposedError, RequestTooLargeError } from '../../lib/errors.js'
+import type { TextTokenizer } from '../../lib/generate.js'
 import { Model } from '../../lib/model.js'
 import { ContextHashModel, charTokenizer } from './context-hash-model.js'
 
@@ -23,7 +24,7 @@ describe('Model argument validation', () => {
     [{ temperature: 1, topK: -2 }, 'Expected integer between 0 and 32 for topK but received -2 of type number'],
     [{ temperature: 1, seed: 2 ** 32 }, 'Expected integer between 0 and 4294967295 for seed but received 4294967296 of type number'],
     [{ stop: '' }, 'Expected non-empty string or array of non-empty strings for stop but received "" of type string'],
-    [{ stop: ['a', 3] }, 'Expected non-empty string or array of non-empty strings for stop but received an array of length 2'],
+    [{ stop: ['a', 3] }, 'Expected non-empty string or array of non-empty strings for stop but received ["a",3] of type array'],
     [{ temperature: 1, minP: 1.5 }, 'Expected number between 0 and 1 for minP but received 1.5 of type number'],
     [{ topLogprobs: 21 }, 'Expected integer between 0 and 20 for topLogprobs but received 21 of type number'],
     [{ topLogprobs: 2.5 }, 'Expected integer between 0 and 20 for topLogprobs but received 2.5 of type number'],
@@ -36,11 +37,29 @@ describe('Model argument validation', () => {
 
   it('rejects bad prompts and completions', async () => {
     await expect(model.generate(42 as never)).rejects.toThrow('Expected string, array of token ids or array of chat messages for prompt but received 42 of type number')
-    await expect(model.generate([])).rejects.toThrow('Expected at least one token id for prompt but received an array of length 0')
+    await expect(model.generate([])).rejects.toThrow('Expected at least one token id for prompt but received [] of type array')
     await expect(model.generate([1, 99])).rejects.toThrow('Expected integer between 0 and 31 for prompt[1] but received 99 of type number')
     await expect(model.generateBatch(['ab', 7] as never)).rejects.toThrow('for prompts[1] but received 7 of type number')
-    await expect(model.score('ab', [])).rejects.toThrow('Expected text or ids of at least one token for completion but received an array of length 0')
+    await expect(model.score('ab', [])).rejects.toThrow('Expected text or ids of at least one token for completion but received [] of type array')
     expect(() => model.stream('ab', { maxTokens: -1 })).toThrow('Expected integer between 1 and 4096 for maxTokens but received -1 of type number')
+  })
+
+  it('says in tokens when the prompt plus completion passes the context', async () => {
+    await expect(model.score('a'.repeat(4000), 'b'.repeat(97))).rejects.toThrow(
+      "The prompt plus completion is 4097 tokens (4000 + 97) but the model's context is 4096 tokens",
+    )
+    await expect(model.score('a'.repeat(4000), 'b'.repeat(97))).rejects.toBeInstanceOf(RequestTooLargeError)
+  })
+
+  it("names the tokenizer when a user's tokenizer gives ids outside the model's vocabulary", async () => {
+    const forward = new ContextHashModel({ kvBlocks: 64, kvBlockSize: 4, maxBatchTokens: 32, context: 256 })
+    const stray: TextTokenizer = { ...charTokenizer, encodePrompt: () => [1, 40], encodeChat: () => [], encodeContinuation: () => [2, -1] }
+    const odd = new Model({ forward, tokenizer: stray, path: 'stray' }, { maxBatchSize: 2, prefillChunkSize: 8 })
+    const message = "Expected token ids between 0 and 31 (the model's vocabulary) from the tokenizer for prompt but received 40 at token 1; the tokenizer does not match the model"
+    await expect(odd.generate('ab')).rejects.toThrow(message)
+    await expect(odd.generate([{ role: 'user', content: 'x' }])).rejects.toThrow('The tokenizer gave no tokens for prompt')
+    await expect(odd.score([1, 2], 'x')).rejects.toThrow('from the tokenizer for completion but received -1 at token 1')
+    await odd.dispose()
   })
 })
 
