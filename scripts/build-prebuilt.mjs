@@ -95,7 +95,7 @@ if (status.compiled === cpuOnly) fail(`${addonPath} was built ${status.compiled 
 
 const mb = (statSync(addonPath).size / 1e6).toFixed(1)
 console.log(
-  `build-prebuilt: ${addonPath} (${mb} MB, ${cpuOnly ? 'CPU only' : `CUDA ${status.archs}`}) in ${seconds} s; ` +
+  `build-prebuilt: ${addonPath} (${mb} MB, ${cpuOnly ? 'CPU only' : `CUDA ${status.archs}, runtime ${Math.floor(status.runtimeVersion / 1000)}.${(status.runtimeVersion % 1000) / 10}`}) in ${seconds} s; ` +
     `shared libraries: ${needed.join(', ')}; newest symbol versions: GLIBC_${found.glibc}, GLIBCXX_${found.glibcxx} ` +
     `(declared: glibc ${prebuilt.detinfer.glibc}, glibcxx ${prebuilt.detinfer.glibcxx})`,
 )
