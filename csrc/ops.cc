@@ -6,10 +6,20 @@
 #include <cstring>
 #include <initializer_list>
 
+#include "common/config.h"
 #include "common/token_choice.h"
 #include "cpu/cpu_ops.h"
 #include "cuda/runtime.h"
 #include "kernels/cuda_ops.h"
+
+namespace detinfer {
+
+Tensor make_tensor(Device device, DType dtype, const std::vector<int64_t>& shape) {
+  static const Allocator cuda_allocator{cuda_runtime::alloc, cuda_runtime::free};
+  return allocate_tensor(device, device == Device::CPU ? kHostAllocator : cuda_allocator, dtype, shape);
+}
+
+}  // namespace detinfer
 
 namespace detinfer::ops {
 namespace {
@@ -334,5 +344,9 @@ void cast(Tensor& dst, const Tensor& src) {
          src.describe());
   on_cuda(dst) ? cuda::cast(dst, src) : cpu::cast(dst, src);
 }
+
+void set_variant_kernels(bool enabled) { g_variant_kernels.store(enabled); }
+
+const char* cuda_matmul_kernels() { return cuda::matmul_kernels(); }
 
 }  // namespace detinfer::ops

@@ -1,6 +1,6 @@
 // Many prompts served together by continuous batching. Each completion is the same as it would
 // be alone: the check below generates the first prompt on its own and compares bit for bit.
-//   npm run build && node examples/batch.mjs [model-dir]
+//   node examples/batch.mjs [model-dir]
 import { defaultModelPath, loadModel } from 'detinfer'
 
 const prompts = ['Once upon a time', 'The weather today', 'In a small village', 'My favourite food is', 'Long ago']

@@ -1,6 +1,6 @@
 // A conversation as the prompt (rendered by the model's chat template), streamed, with a time
 // limit: the AbortSignal takes the request out of the batch when it fires.
-//   npm run build && node examples/chat.mjs [model-dir]
+//   node examples/chat.mjs [model-dir]
 import { defaultModelPath, loadModel } from 'detinfer'
 
 const model = await loadModel(process.argv[2] ?? defaultModelPath)

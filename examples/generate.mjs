@@ -1,5 +1,5 @@
 // Greedy completion of one prompt, then a seeded sample: run both twice, get the same text twice.
-//   npm run build && node examples/generate.mjs [model-dir]
+//   node examples/generate.mjs [model-dir]
 import { defaultModelPath, loadModel } from 'detinfer'
 
 const model = await loadModel(process.argv[2] ?? defaultModelPath, { device: 'auto' })

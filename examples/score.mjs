@@ -1,5 +1,5 @@
 // Score a completion: the log-probs equal, bit for bit, those reported while generating it.
-//   npm run build && node examples/score.mjs [model-dir]
+//   node examples/score.mjs [model-dir]
 import { defaultModelPath, loadModel } from 'detinfer'
 
 const model = await loadModel(process.argv[2] ?? defaultModelPath)

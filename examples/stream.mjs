@@ -1,5 +1,5 @@
 // Print a completion as it is generated.
-//   npm run build && node examples/stream.mjs [model-dir]
+//   node examples/stream.mjs [model-dir]
 import { defaultModelPath, loadModel } from 'detinfer'
 
 const model = await loadModel(process.argv[2] ?? defaultModelPath)

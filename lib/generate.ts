@@ -30,8 +30,11 @@ export interface TextStreamDecoder {
   flush(): string
 }
 
+/** Tokens generated at most when `maxTokens` is not given (fewer when the context has less room). */
+export const DEFAULT_MAX_TOKENS = 128
+
 export interface GenerateOptions {
-  /** Tokens to generate at most (default 128). */
+  /** Tokens to generate at most (default DEFAULT_MAX_TOKENS, 128, or fewer when the context has less room). */
   maxTokens?: number
   /** 0 (default): greedy. Above 0: seeded sampling. */
   temperature?: number
@@ -118,7 +121,7 @@ export function resolveGenerateOptions(
   for (const key of Object.keys(o))
     if (!known.has(key)) throw invalidArgument('options', `only the keys ${[...known].join(', ')}`, key)
 
-  const maxTokens = o.maxTokens === undefined ? Math.min(128, limits.contextLength - 1) : checkInteger('maxTokens', o.maxTokens, 1, limits.contextLength)
+  const maxTokens = o.maxTokens === undefined ? Math.min(DEFAULT_MAX_TOKENS, limits.contextLength - 1) : checkInteger('maxTokens', o.maxTokens, 1, limits.contextLength)
   const temperature = o.temperature === undefined ? 0 : checkNumber('temperature', o.temperature, 0, 100)
   const topK = o.topK === undefined ? 0 : checkInteger('topK', o.topK, 0, limits.vocabSize)
   let topP = 1

@@ -286,7 +286,10 @@ function defaultKvCacheTokens(config: ModelConfig, device: DeviceName): number {
   return Math.max(KV_BLOCK_SIZE, Math.min(131_072, Math.floor(budget / bytesPerPosition)))
 }
 
-/** The small model that ships with the package. */
+/**
+ * The directory of the small model that ships with the package (models/default: a 3.4 M-parameter
+ * Qwen3-architecture model trained on Shakespeare); `loadModel()` without a directory loads it.
+ */
 export const defaultModelPath = join(dirname(fileURLToPath(import.meta.url)), '..', 'models', DEFAULT_MODEL_NAME)
 
 /** Throws the one "No model at …" error unless `dir` holds a config.json. */
@@ -297,8 +300,11 @@ export function checkModelDir(dir: unknown): string {
   return dir
 }
 
-/** Loads a Hugging Face model directory (config.json, safetensors weights, tokenizer.json). */
-export async function loadModel(dir: string, options: LoadModelOptions = {}): Promise<Model> {
+/**
+ * Loads a Hugging Face model directory (config.json, safetensors weights, tokenizer.json); without
+ * one (`loadModel()`, `loadModel(undefined, options)`), the shipped model at `defaultModelPath`.
+ */
+export async function loadModel(dir: string = defaultModelPath, options: LoadModelOptions = {}): Promise<Model> {
   checkModelDir(dir)
   if (typeof options !== 'object' || options === null) throw invalidArgument('options', 'object', options)
   const device = resolveDevice(options.device ?? 'auto')

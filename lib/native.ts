@@ -1,5 +1,8 @@
-// The only module that loads the compiled addon (build/Release/detinfer.node), and the one type
-// that describes every native function. Everything else imports `native()` from here.
+// The only module that loads the compiled addon, and the one type that describes every native
+// function. Everything else imports `native()` from here. The addon comes from a build from source
+// (build/Release/detinfer.node, made by `npm install`'s script or `npm run build:native`) when there
+// is one, and otherwise from the prebuilt package for this platform (@detinfer/linux-x64).
+import { existsSync, readFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -102,21 +105,76 @@ export interface NativeAddon {
 }
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..')
-let addon: NativeAddon | undefined
+/** The addon built from source in this package. */
+export const sourceBuildPath = join(packageRoot, 'build', 'Release', 'detinfer.node')
+/** The optional package that holds a prebuilt addon for this platform. */
+export const prebuiltPackage = `@detinfer/${process.platform}-${process.arch}`
 
-/** The loaded addon; throws an error that says how to build it when it is missing. */
+/** The prebuilt package as installed: its addon and the oldest glibc it runs on. */
+export interface PrebuiltAddon {
+  path: string
+  glibc: string
+}
+
+let addon: NativeAddon | undefined
+let addonPath = ''
+
+/** The loaded addon; throws an error that says how to get one when there is none or it does not load. */
 export function native(): NativeAddon {
   if (addon) return addon
-  const require = createRequire(import.meta.url)
-  const bindings = require('bindings') as (opts: { bindings: string; module_root: string }) => NativeAddon
+  const fromSource = existsSync(sourceBuildPath)
+  const prebuilt = fromSource ? null : prebuiltAddon()
+  if (!fromSource && prebuilt === null) {
+    throw new Error(
+      `detinfer: no native addon: ${sourceBuildPath} does not exist and ${prebuiltPackage} is not installed. ` +
+        `Reinstall detinfer without --ignore-scripts (it uses the prebuilt package where there is one for this ` +
+        `platform and builds from source otherwise), or run \`npm run build:native\` in the package (needs CMake ` +
+        `and a C++ compiler; CUDA's nvcc for the GPU backend).`,
+    )
+  }
+  const path = prebuilt?.path ?? sourceBuildPath
   try {
-    addon = bindings({ bindings: 'detinfer.node', module_root: packageRoot })
+    addon = createRequire(import.meta.url)(path) as NativeAddon
+    addonPath = path
   } catch (err) {
     const reason = err instanceof Error ? err.message.split('\n')[0] : String(err)
     throw new Error(
-      `detinfer: the native addon could not be loaded (${reason}). ` +
-        `Build it with \`npm run build:native\` (needs CMake and a C++ compiler; CUDA's nvcc for the GPU backend).`,
+      `detinfer: the native addon ${path} could not be loaded (${reason}). ` +
+        (prebuilt
+          ? `The prebuilt addon needs Linux x64 with glibc ${prebuilt.glibc} or newer; elsewhere reinstall with ` +
+            `DETINFER_BUILD_FROM_SOURCE=1 to build from source (needs CMake and a C++ compiler).`
+          : `Rebuild it with \`npm run build:native\` (needs CMake and a C++ compiler; CUDA's nvcc for the GPU backend).`),
     )
   }
   return addon
+}
+
+/** The file the addon was loaded from ('' before the first `native()`). */
+export function nativeAddonPath(): string {
+  return addonPath
+}
+
+/**
+ * The prebuilt package of this platform, or null when it is not installed (or holds no addon). One
+ * of another version than this package is an error: its ops may differ.
+ */
+export function prebuiltAddon(): PrebuiltAddon | null {
+  let manifestPath: string
+  try {
+    manifestPath = createRequire(join(packageRoot, 'package.json')).resolve(`${prebuiltPackage}/package.json`)
+  } catch {
+    return null
+  }
+  const ours = readManifest(join(packageRoot, 'package.json'))
+  const theirs = readManifest(manifestPath)
+  if (theirs.version !== ours.version)
+    throw new Error(
+      `detinfer: ${prebuiltPackage} ${theirs.version} is installed beside detinfer ${ours.version}; install the same version of both`,
+    )
+  const path = join(dirname(manifestPath), 'detinfer.node')
+  return existsSync(path) ? { path, glibc: theirs.detinfer?.glibc ?? 'unknown' } : null
+}
+
+function readManifest(file: string): { version: string; detinfer?: { glibc?: string } } {
+  return JSON.parse(readFileSync(file, 'utf8')) as { version: string; detinfer?: { glibc?: string } }
 }

@@ -6,7 +6,6 @@
 
 #include "../common/config.h"
 #include "../cuda/runtime.h"
-#include "../kernels/cuda_ops.h"
 #include "../ops.h"
 #include "args.h"
 #include "workers.h"
@@ -192,7 +191,7 @@ Napi::Value Cast(const Napi::CallbackInfo& info) {
 
 Napi::Value SetVariantKernels(const Napi::CallbackInfo& info) {
   Args a{info, "setVariantKernels"};
-  g_variant_kernels.store(a.boolean(0, "enabled"));
+  ops::set_variant_kernels(a.boolean(0, "enabled"));
   return info.Env().Undefined();
 }
 
@@ -222,7 +221,7 @@ Napi::Value CudaStatus(const Napi::CallbackInfo& info) {
     devices[i] = dev;
   }
   o.Set("devices", devices);
-  o.Set("matmulKernels", s.available ? cuda::matmul_kernels() : "");
+  o.Set("matmulKernels", s.available ? ops::cuda_matmul_kernels() : "");
   return o;
 }
 

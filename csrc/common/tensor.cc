@@ -4,7 +4,6 @@
 #include <cstring>
 #include <sstream>
 
-#include "../cuda/runtime.h"
 #include "bf16.h"
 
 namespace detinfer {
@@ -47,24 +46,24 @@ Device parse_device(const std::string& name) {
   fail("Expected 'cpu' or 'cuda' for device but received '", name, "'");
 }
 
-Storage::Storage(Device device_, size_t nbytes_) : device(device_), nbytes(nbytes_) {
-  size_t n = nbytes == 0 ? 1 : nbytes;
-  if (device == Device::CPU) {
-    // 64-byte alignment so that vector loads in the CPU backend never straddle lines.
-    data = std::aligned_alloc(64, (n + 63) / 64 * 64);
-    if (data == nullptr) fail("out of host memory allocating ", nbytes, " bytes");
-  } else {
-    data = cuda_runtime::alloc(n);
-  }
+namespace {
+void* host_alloc(size_t nbytes) {
+  // 64-byte alignment so that vector loads in the CPU backend never straddle lines.
+  void* data = std::aligned_alloc(64, (nbytes + 63) / 64 * 64);
+  if (data == nullptr) fail("out of host memory allocating ", nbytes, " bytes");
+  return data;
+}
+void host_free(void* ptr) noexcept { std::free(ptr); }
+}  // namespace
+
+const Allocator kHostAllocator{host_alloc, host_free};
+
+Storage::Storage(Device device_, const Allocator& allocator_, size_t nbytes_)
+    : device(device_), allocator(&allocator_), nbytes(nbytes_) {
+  data = allocator->alloc(nbytes == 0 ? 1 : nbytes);
 }
 
-Storage::~Storage() {
-  if (device == Device::CPU) {
-    std::free(data);
-  } else {
-    cuda_runtime::free(data);
-  }
-}
+Storage::~Storage() { allocator->free(data); }
 
 int64_t Tensor::numel() const {
   int64_t n = 1;
@@ -84,14 +83,14 @@ std::string Tensor::describe() const {
   return std::string(dtype_name(dtype)) + shape_string(shape) + " on " + device_name(device());
 }
 
-Tensor make_tensor(Device device, DType dtype, const std::vector<int64_t>& shape) {
+Tensor allocate_tensor(Device device, const Allocator& allocator, DType dtype, const std::vector<int64_t>& shape) {
   int64_t n = 1;
   for (int64_t d : shape) {
     DI_CHECK(d >= 0, "Expected non-negative dimensions for shape but received ", shape_string(shape));
     n *= d;
   }
   Tensor t;
-  t.storage = std::make_shared<Storage>(device, static_cast<size_t>(n) * dtype_size(dtype));
+  t.storage = std::make_shared<Storage>(device, allocator, static_cast<size_t>(n) * dtype_size(dtype));
   t.dtype = dtype;
   t.shape = shape;
   return t;

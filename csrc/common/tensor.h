@@ -20,12 +20,22 @@ DType parse_dtype(const std::string& name);
 const char* device_name(Device device);
 Device parse_device(const std::string& name);
 
-// A block of memory owned by one device; freed by the backend that allocated it.
+// Where a storage's memory comes from and where it goes back. common/ knows host memory alone;
+// make_tensor (ops.h) picks the CUDA runtime's allocator for CUDA tensors.
+struct Allocator {
+  void* (*alloc)(size_t nbytes);  // throws an Error when out of memory
+  void (*free)(void* ptr) noexcept;
+};
+// 64-byte aligned host memory.
+extern const Allocator kHostAllocator;
+
+// A block of memory owned by one device; freed by the allocator that gave it.
 struct Storage {
   Device device;
+  const Allocator* allocator;
   void* data = nullptr;
   size_t nbytes = 0;
-  Storage(Device device, size_t nbytes);
+  Storage(Device device, const Allocator& allocator, size_t nbytes);
   ~Storage();
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
@@ -48,7 +58,8 @@ struct Tensor {
   std::string describe() const;  // "bf16[4,4096] on cuda"
 };
 
-Tensor make_tensor(Device device, DType dtype, const std::vector<int64_t>& shape);
+// An uninitialised tensor of `shape` whose memory comes from `allocator` (see make_tensor in ops.h).
+Tensor allocate_tensor(Device device, const Allocator& allocator, DType dtype, const std::vector<int64_t>& shape);
 // Same memory, new shape; the element count must match.
 Tensor reshape(const Tensor& t, const std::vector<int64_t>& shape);
 // Rows [start, start+count) of dimension 0.

@@ -2,7 +2,6 @@
 #include "runtime.h"
 
 #include "../common/error.h"
-#include "../kernels/cuda_ops.h"
 
 namespace detinfer::cuda_runtime {
 
@@ -21,29 +20,3 @@ void synchronize() { require(); }
 void* stream() { require(); return nullptr; }
 
 }  // namespace detinfer::cuda_runtime
-
-// The CUDA ops cannot be reached without a CUDA tensor, which cannot be made; they still must link.
-namespace detinfer::cuda {
-void embedding(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
-void rmsnorm(Tensor&, const Tensor&, const Tensor&, float) { cuda_runtime::require(); }
-void add_rmsnorm(Tensor&, Tensor&, const Tensor&, const Tensor&, float) { cuda_runtime::require(); }
-void matmul(Tensor&, const Tensor&, const Tensor&, const Tensor*) { cuda_runtime::require(); }
-const char* matmul_kernels() { return "none"; }
-void rope(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
-void silu_mul(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
-void silu_mul_packed(Tensor&, const Tensor&) { cuda_runtime::require(); }
-void add(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
-void kv_append(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
-void qkv_rope_append(Tensor&, Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                     const Tensor*, const Tensor*, float) {
-  cuda_runtime::require();
-}
-void attention(Tensor&, const Tensor&, const Tensor&, const Tensor&, const AttentionBatch&, float) {
-  cuda_runtime::require();
-}
-void log_softmax(Tensor&, const Tensor&) { cuda_runtime::require(); }
-void argmax(Tensor&, const Tensor&) { cuda_runtime::require(); }
-void token_logprobs(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
-void choose_tokens(Tensor&, const Tensor&, const Tensor&) { cuda_runtime::require(); }
-void cast(Tensor&, const Tensor&) { cuda_runtime::require(); }
-}  // namespace detinfer::cuda

@@ -3,7 +3,7 @@ import { Command, Option } from 'commander'
 import { checkModelDir, defaultModelPath, loadModel } from '../model.js'
 import { loadModelConfig } from '../model/config.js'
 import { readTextFile } from '../model/files.js'
-import { resolveGenerateOptions, type GenerateOptions } from '../generate.js'
+import { DEFAULT_MAX_TOKENS, resolveGenerateOptions, type GenerateOptions } from '../generate.js'
 import { integer, number } from './parse.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
 
@@ -49,7 +49,7 @@ export function generateCommand(): Command {
     .argument('[prompt]', 'the prompt (or use --prompt-file, or stdin)')
     .option('-m, --model <dir>', 'Hugging Face model directory (default: the model shipped with detinfer)')
     .option('--prompt-file <file>', 'read the prompt from a file')
-    .option('-n, --max-tokens <n>', 'tokens to generate at most', integer)
+    .option('-n, --max-tokens <n>', `tokens to generate at most (default: ${DEFAULT_MAX_TOKENS}, or what the context leaves)`, integer)
     .option('--temperature <t>', 'sampling temperature; 0 is greedy', number)
     .option('--seed <n>', 'seed of the sampling noise (same seed, same completion)', integer)
     .option('--top-k <k>', 'sample among the k most likely tokens', integer)

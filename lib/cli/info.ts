@@ -1,6 +1,7 @@
 // `detinfer info`: what this installation can run on.
 import { Command } from 'commander'
 import { cudaStatus, variantKernels } from '../device.js'
+import { nativeAddonPath } from '../native.js'
 import { packageVersion } from './package-info.js'
 
 function cudaVersion(v: number): string {
@@ -19,6 +20,7 @@ export function infoCommand(): Command {
         node: process.version,
         napi: process.versions.napi,
         backend: cuda.available ? 'cuda' : 'cpu',
+        addon: nativeAddonPath(),
         cuda: {
           compiled: cuda.compiled,
           available: cuda.available,
@@ -37,6 +39,7 @@ export function infoCommand(): Command {
       }
       const lines = [
         `detinfer ${info.version} (Node.js ${info.node}, N-API ${info.napi})`,
+        `addon:         ${info.addon}`,
         `backend:       ${info.backend}${cuda.available ? '' : ` (CUDA: ${cuda.reason || 'not available'})`}`,
         `CUDA build:    ${cuda.compiled ? `compiled for ${cuda.archs || 'unknown architectures'}` : 'not compiled (CPU only)'}`,
         `CUDA runtime:  ${info.cuda.runtime}`,

@@ -11,6 +11,20 @@ beforeAll(async () => {
 
 afterAll(() => model.dispose())
 
+describe('the shipped model', () => {
+  it('is what loadModel() loads without a directory', async () => {
+    const shipped = await loadModel(undefined, { device: 'cpu' })
+    try {
+      expect(shipped.path).toBe(defaultModelPath)
+      const a = await shipped.generate('ROMEO:', { maxTokens: 8 })
+      const b = await model.generate('ROMEO:', { maxTokens: 8 })
+      expect(a.tokens).toEqual(b.tokens)
+    } finally {
+      await shipped.dispose()
+    }
+  })
+})
+
 describe('chat messages as the prompt', () => {
   it('one user message is the same request as text with chat: true', async () => {
     const messages = await model.generate([{ role: 'user', content: 'Who art thou?' }], { maxTokens: 12 })

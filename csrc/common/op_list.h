@@ -1,0 +1,69 @@
+// The op list: every op that both backends implement, with its parameters and shapes, written once.
+// It is expanded into
+//   - detinfer::ops   (ops.h: validation, then dispatch to a backend),
+//   - detinfer::cpu   (cpu/cpu_ops.h: the CPU backend),
+//   - detinfer::cuda  (kernels/cuda_ops.h: the CUDA kernels, and kernels/cuda_ops_stub.cc, which
+//                      stands in for them in a build without CUDA).
+// The binding (binding/ops_binding.cc) exposes op `snake_name` to JS as `camelName`, and
+// lib/native.ts types it; test/layering.test.ts checks both against this list.
+//
+// Adding an op: a line here; its checks and dispatch in ops.cc; its CPU code in cpu/<family>.cc; its
+// kernel in kernels/<family>.cu; a binding function and its entry in ops_binding.cc; its line in
+// lib/native.ts. Ops that only one layer implements (ops::copy, cuda::matmul_kernels) are declared
+// where they live, not here.
+//
+// Shapes use T for tokens (rows), H for hidden size, V for vocabulary, D for head dim.
+#pragma once
+
+#include "attention_batch.h"
+#include "tensor.h"
+
+// X(name, (parameters)) for each op; each returns void.
+#define DETINFER_BACKEND_OPS(X)                                                                       \
+  /* out[T,H] = table[ids[t], :]  (any dtype; table [V,H], ids i32 [T]). Also gathers rows. */        \
+  X(embedding, (Tensor & out, const Tensor& table, const Tensor& ids))                                \
+  /* out[r,:] = x[r,:] * rsqrt(mean(x[r,:]^2) + eps) * w   x,out [R,H] bf16, w [H] bf16 */            \
+  X(rmsnorm, (Tensor & out, const Tensor& x, const Tensor& w, float eps))                             \
+  /* residual = residual + x (bf16), then out = rmsnorm(residual) */                                  \
+  X(add_rmsnorm, (Tensor & out, Tensor & residual, const Tensor& x, const Tensor& w, float eps))      \
+  /* out[M,N] = a[M,K] · w[N,K]^T (+ bias[N])   bf16 in, fp32 accumulate, out bf16 or f32 */          \
+  X(matmul, (Tensor & out, const Tensor& a, const Tensor& w, const Tensor* bias))                     \
+  /* x [T, heads, D] bf16 rotated in place (rotate-half); positions i32 [T]; */                       \
+  /* cos_sin f32 [max_pos, D]: cos of the D/2 frequencies, then their sin */                          \
+  X(rope, (Tensor & x, const Tensor& positions, const Tensor& cos_sin))                               \
+  /* out = silu(gate) * up   all bf16 [T, I] */                                                       \
+  X(silu_mul, (Tensor & out, const Tensor& gate, const Tensor& up))                                   \
+  /* out = a + b   bf16, same shape */                                                                \
+  X(add, (Tensor & out, const Tensor& a, const Tensor& b))                                            \
+  /* k_cache/v_cache [blocks, block_size, kv_heads, D] bf16; k,v [T, kv_heads, D]; slots i32 [T] */   \
+  /* (slot = block * block_size + offset; a negative slot skips the row) */                           \
+  X(kv_append, (Tensor & k_cache, Tensor & v_cache, const Tensor& k, const Tensor& v,                 \
+                const Tensor& slots))                                                                 \
+  /* out[t,i] = silu(gate_up[t,i]) * gate_up[t,I+i]   out [T, I], gate_up [T, 2I] (fused gate|up) */  \
+  X(silu_mul_packed, (Tensor & out, const Tensor& gate_up))                                           \
+  /* From the fused projection qkv [T, (heads + 2*kv_heads)*D] bf16 (q, k, v heads per row): */       \
+  /* q_out [T, heads, D] = rope(q_norm(q)); the cache rows at slots get rope(k_norm(k)) and v (a */   \
+  /* negative slot skips the row). q_norm, k_norm [D] or null (Qwen3's head norms). The same bits */  \
+  /* as rmsnorm per head, rope and kv_append run one after the other. */                              \
+  X(qkv_rope_append, (Tensor & q_out, Tensor & k_cache, Tensor & v_cache, const Tensor& qkv,          \
+                      const Tensor& positions, const Tensor& cos_sin, const Tensor& slots,            \
+                      const Tensor* q_norm, const Tensor* k_norm, float eps))                         \
+  /* out,q [T, heads, D] bf16; causal attention over the paged cache, fixed split size */             \
+  /* (common/attention_schedule.h) */                                                                 \
+  X(attention, (Tensor & out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,          \
+                const AttentionBatch& batch, float scale))                                            \
+  /* out[r,:] = x[r,:] - logsumexp(x[r,:])   f32 [R,V] */                                             \
+  X(log_softmax, (Tensor & out, const Tensor& x))                                                     \
+  /* out[r] = argmax_v x[r,v], lowest index on ties   x f32 [R,V], out i32 [R] */                     \
+  X(argmax, (Tensor & out, const Tensor& x))                                                          \
+  /* out[r] = x[r, ids[r]] - logsumexp(x[r,:])   x f32 [R,V], ids i32 [R], out f32 [R] */             \
+  X(token_logprobs, (Tensor & out, const Tensor& x, const Tensor& ids))                               \
+  /* The output head's token choice (common/token_choice.h): for each row of logits x f32 [R,V] */   \
+  /* and its parameters params i32 [R, choice::kParams], out i32 [R, 2 + 2N] gets the chosen id, */  \
+  /* its log-prob (f32 bits), the N most likely ids and their log-probs (N <= kMaxTopLogprobs). */   \
+  X(choose_tokens, (Tensor & out, const Tensor& x, const Tensor& params))                             \
+  /* dst = src converted between f32, bf16 and f16 (same device, same element count) */               \
+  X(cast, (Tensor & dst, const Tensor& src))
+
+// Expands to the declaration `void name(parameters);` (used with DETINFER_BACKEND_OPS).
+#define DETINFER_DECLARE_OP(name, params) void name params;

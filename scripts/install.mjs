@@ -1,0 +1,77 @@
+#!/usr/bin/env node
+// `npm install`'s script. Uses the prebuilt addon (@detinfer/linux-x64, an optional dependency) when
+// it is installed and loads on this machine; otherwise builds the addon from source with cmake-js,
+// which needs CMake and a C++ compiler (and CUDA's nvcc for the GPU backend).
+//
+//   DETINFER_CPU_ONLY=1           build from source, CPU backend only (no nvcc needed)
+//   DETINFER_BUILD_FROM_SOURCE=1  build from source even when the prebuilt addon loads
+//   DETINFER_CUDA_ARCHS=...       build from source for these CUDA architectures (see CMakeLists.txt)
+//
+// In a checkout of the repository (a .git beside package.json) it always builds from source. An
+// installed package (inside node_modules) keeps only build/Release/detinfer.node of its build:
+// CMake's intermediates are removed.
+import { spawnSync } from 'node:child_process'
+import { existsSync, readdirSync, rmSync } from 'node:fs'
+import { createRequire } from 'node:module'
+import { dirname, join, sep } from 'node:path'
+import { pathToFileURL } from 'node:url'
+
+const root = join(import.meta.dirname, '..')
+const env = process.env
+const isSet = (name) => env[name] !== undefined && !/^(|0|false|off)$/i.test(env[name])
+
+const cpuOnly = isSet('DETINFER_CPU_ONLY')
+const checkout = existsSync(join(root, '.git'))
+const reason = cpuOnly
+  ? 'DETINFER_CPU_ONLY is set'
+  : isSet('DETINFER_BUILD_FROM_SOURCE')
+    ? 'DETINFER_BUILD_FROM_SOURCE is set'
+    : isSet('DETINFER_CUDA_ARCHS')
+      ? 'DETINFER_CUDA_ARCHS is set'
+      : checkout
+        ? 'this is a checkout of the repository'
+        : await prebuiltUnusable()
+
+if (reason === null) process.exit(0)
+console.log(`detinfer: building the native addon from source (${reason})${cpuOnly ? ', CPU backend only' : ''}`)
+const require = createRequire(import.meta.url)
+const cmakeJs = join(dirname(require.resolve('cmake-js/package.json')), 'bin', 'cmake-js')
+const args = [cmakeJs, 'compile', ...(cpuOnly ? ['--CDDETINFER_CUDA=OFF'] : [])]
+const build = spawnSync(process.execPath, args, { cwd: root, stdio: 'inherit' })
+if (build.status !== 0) {
+  console.error(
+    'detinfer: the build from source failed. It needs CMake (3.18 or newer) and a C++17 compiler on PATH; ' +
+      'set DETINFER_CPU_ONLY=1 to leave out the CUDA backend.',
+  )
+  process.exit(build.status ?? 1)
+}
+if (root.split(sep).includes('node_modules')) keepOnlyAddon(join(root, 'build'))
+
+// Why the prebuilt addon cannot be used, or null when it loads here (through lib/native.ts, the one
+// module that loads the addon, as the package's users will).
+async function prebuiltUnusable() {
+  const nativeJs = join(root, 'dist', 'native.js')
+  if (!existsSync(nativeJs)) return 'dist/native.js is not built'
+  // An earlier build from source (npm rebuild) would be loaded before the prebuilt addon.
+  rmSync(join(root, 'build'), { recursive: true, force: true })
+  const { native, nativeAddonPath, prebuiltAddon, prebuiltPackage } = await import(pathToFileURL(nativeJs).href)
+  try {
+    if (prebuiltAddon() === null) return `${prebuiltPackage} is not installed`
+    native().cudaStatus()
+    console.log(`detinfer: using the prebuilt addon ${nativeAddonPath()}`)
+    return null
+  } catch (err) {
+    return `the prebuilt addon does not load: ${err instanceof Error ? err.message : err}`
+  }
+}
+
+// Removes everything of a cmake-js build but build/Release/detinfer.node.
+function keepOnlyAddon(buildDir) {
+  for (const entry of readdirSync(buildDir)) {
+    if (entry !== 'Release') rmSync(join(buildDir, entry), { recursive: true, force: true })
+  }
+  const release = join(buildDir, 'Release')
+  for (const entry of readdirSync(release)) {
+    if (entry !== 'detinfer.node') rmSync(join(release, entry), { recursive: true, force: true })
+  }
+}
