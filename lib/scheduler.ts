@@ -13,8 +13,7 @@
 import { KvBlockAllocator, PrefixHasher } from './kv-cache.js'
 import type { DeviceName } from './native.js'
 import { NonFiniteLogitsError, RequestTooLargeError } from './errors.js'
-import { tokenChoice, type SamplingParams } from './sampling.js'
-import type { StepTokens, TokenChoice, TopLogprob } from './model/output-head.js'
+import { tokenChoice, type SamplingParams, type StepTokens, type TokenChoice, type TopLogprob } from './sampling.js'
 import type { SequenceChunk } from './model/transformer.js'
 
 // ---------------------------------------------------------------------------------------------

@@ -6,48 +6,12 @@
 // Buffers are allocated once for the model's most logit rows; each step uses their first rows.
 import { native, type DeviceName, type NativeTensor } from '../native.js'
 import { readI32 } from '../tensor.js'
+import type { StepTokens, TokenChoice, TopLogprob } from '../sampling.js'
+
+export type { StepTokens, TokenChoice, TopLogprob }
 
 /** Most top log-probs per row (OpenAI's top_logprobs limit). */
 export const MAX_TOP_LOGPROBS = 20
-
-/** What to do with one logits row. */
-export interface TokenChoice {
-  /** 0: greedy (argmax, lowest id on ties). */
-  temperature: number
-  /** 0: no limit. */
-  topK: number
-  /** 1: no limit. */
-  topP: number
-  /** 0: no limit. */
-  minP: number
-  /** uint32 seed of the sampling noise. */
-  seed: number
-  /** Position of the token being chosen (the noise is keyed by seed, position and token id). */
-  position: number
-  /** -1: choose a token; otherwise the id whose log-prob is wanted (scoring). */
-  target: number
-  /** Most likely tokens to report for this row (0 to the launch's topN; absent: 0). */
-  topLogprobs?: number
-}
-
-/** One of the most likely tokens at a position, with its log-prob. */
-export interface TopLogprob {
-  token: number
-  logprob: number
-}
-
-/** One step's choices, row by row. */
-export interface StepTokens {
-  /** Chosen (or target) id per row; -1 where the row's logits were not finite. */
-  ids: Int32Array
-  /** log-softmax of the raw logits at the id (NaN where not finite). */
-  logprobs: Float32Array
-  /** Top entries per row (the launch's width; a row that asked for fewer has id -1 in the rest). */
-  topN: number
-  /** [rows * topN], most likely first, lowest id first on ties. */
-  topIds: Int32Array
-  topLogprobs: Float32Array
-}
 
 const PARAMS = 8 // fields per row, in csrc/common/token_choice.h's order
 

@@ -86,11 +86,12 @@ export const LIB_LAYERS: readonly (readonly { group: string; modules: readonly s
   [{ group: 'runtime', modules: ['tensor.ts', 'device.ts', 'kv-cache.ts', 'sampling.ts'] }],
   [
     { group: 'model', modules: ['model/*'] },
-    { group: 'tokenizer', modules: ['tokenizer.ts'] },
+    { group: 'tokenizer', modules: ['tokenizer.ts', 'chat-template.ts'] },
     { group: 'scheduler', modules: ['scheduler.ts'] },
   ],
   [{ group: 'generation', modules: ['generate.ts', 'check.ts'] }],
   [{ group: 'api', modules: ['model.ts'] }],
+  [{ group: 'server', modules: ['server/*'] }],
   [{ group: 'cli', modules: ['cli/*'] }],
   [{ group: 'index', modules: ['index.ts'] }],
 ]
