@@ -60,10 +60,15 @@ DI_HOST_DEVICE uint32_t mix32(uint32_t x) {
   return x;
 }
 
+// The hash of (seed, position): one per row, shared by its tokens' noise.
+DI_HOST_DEVICE uint32_t noise_row(uint32_t seed, uint32_t position) {
+  return mix32(mix32(seed ^ 0x9e3779b9u) ^ (position * 0x85ebca6bu));
+}
+
+DI_HOST_DEVICE uint32_t noise_token(uint32_t row, uint32_t token) { return mix32(row ^ ((token + 1u) * 0xc2b2ae35u)); }
+
 DI_HOST_DEVICE uint32_t noise_bits(uint32_t seed, uint32_t position, uint32_t token) {
-  uint32_t h = mix32(seed ^ 0x9e3779b9u);
-  h = mix32(h ^ (position * 0x85ebca6bu));
-  return mix32(h ^ ((token + 1u) * 0xc2b2ae35u));
+  return noise_token(noise_row(seed, position), token);
 }
 
 // A uniform value in (0, 1) with 24 significant bits, exact in float32: (2 * (h >> 9) + 1) / 2^24.

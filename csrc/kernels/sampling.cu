@@ -234,6 +234,52 @@ __device__ __forceinline__ unsigned long long sort_key(float x, int v) {
 }
 __device__ __forceinline__ int key_id(unsigned long long k) { return static_cast<int>(~static_cast<uint32_t>(k)); }
 
+// Visits x[0..V) of one row, f(v, x[v]). Thread t takes the float4 groups t, t + kChoiceThreads,
+// ... (kUnroll groups loaded before any is used, so that many loads are in flight) and their four
+// values in order: each thread sees its values in increasing v, an order fixed by V alone.
+// Rows that are not 16-byte aligned (V not a multiple of 4) go value by value, in the same order.
+constexpr int kUnroll = 2;
+
+template <class F>
+__device__ __forceinline__ void for_each_logit(const float* x, int64_t V, bool vec, F&& f) {
+  if (vec) {
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    const int64_t groups = V / 4;
+    for (int64_t g0 = threadIdx.x; g0 < groups; g0 += int64_t{kChoiceThreads} * kUnroll) {
+      float4 buf[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t g = g0 + int64_t{u} * kChoiceThreads;
+        if (g < groups) buf[u] = x4[g];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t g = g0 + int64_t{u} * kChoiceThreads;
+        if (g < groups) {
+          f(4 * g, buf[u].x);
+          f(4 * g + 1, buf[u].y);
+          f(4 * g + 2, buf[u].z);
+          f(4 * g + 3, buf[u].w);
+        }
+      }
+    }
+  } else {
+    for (int64_t v0 = threadIdx.x; v0 < V; v0 += int64_t{kChoiceThreads} * kUnroll) {
+      float buf[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + int64_t{u} * kChoiceThreads;
+        if (v < V) buf[u] = x[v];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + int64_t{u} * kChoiceThreads;
+        if (v < V) f(v, buf[u]);
+      }
+    }
+  }
+}
+
 __device__ unsigned long long block_sum_u64(unsigned long long v) {
   __shared__ unsigned long long scratch[32];
 #pragma unroll
@@ -330,23 +376,28 @@ __device__ void gather_bins(Candidates c, const float* x, int64_t V, const Scale
   for (int i = threadIdx.x; i < kCandidates; i += kChoiceThreads) c.key[i] = 0, c.mass[i] = 0;
   if (threadIdx.x == 0) *c.count = 0;
   __syncthreads();
-  // Every thread runs every iteration: the ballot needs whole warps.
-  for (int64_t base = 0; base < V; base += kChoiceThreads) {
-    const int64_t v = base + threadIdx.x;
-    const float xv = v < V ? x[v] : 0.f;
-    bool take = false;
-    if (v < V) {
-      int b = s.bin(xv);
-      take = b >= lo && b <= hi;
-    }
-    unsigned ballot = __ballot_sync(0xffffffffu, take);
-    int first = 0;
-    if (threadIdx.x % 32 == 0 && ballot) first = atomicAdd(c.count, __popc(ballot));
-    first = __shfl_sync(0xffffffffu, first, 0);
-    if (take) {
-      int slot = first + __popc(ballot & ((1u << (threadIdx.x % 32)) - 1u));
-      c.key[slot] = sort_key(xv, static_cast<int>(v));
-      c.mass[slot] = with_mass ? s.mass(xv) : 0ull;
+  // Every thread runs every iteration: the ballot needs whole warps. Four values per thread per
+  // iteration (v = 4g .. 4g+3 of group g), each claimed by a warp-wide ballot.
+  const int64_t groups = (V + 3) / 4;
+  for (int64_t g0 = 0; g0 < groups; g0 += kChoiceThreads) {
+    const int64_t g = g0 + threadIdx.x;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t v = 4 * g + j;
+      const float xv = v < V ? x[v] : 0.f;
+      bool take = false;
+      if (v < V) {
+        int b = s.bin(xv);
+        take = b >= lo && b <= hi;
+      }
+      unsigned ballot = __ballot_sync(0xffffffffu, take);
+      int first = 0;
+      if (threadIdx.x % 32 == 0 && ballot) first = atomicAdd(c.count, __popc(ballot));
+      first = __shfl_sync(0xffffffffu, first, 0);
+      if (take) {
+        int slot = first + __popc(ballot & ((1u << (threadIdx.x % 32)) - 1u));
+        c.key[slot] = sort_key(xv, static_cast<int>(v));
+        c.mass[slot] = with_mass ? s.mass(xv) : 0ull;
+      }
     }
   }
   __syncthreads();
@@ -424,13 +475,15 @@ __device__ unsigned long long prefix_cut(Candidates c, const unsigned* bin_count
   return cut;
 }
 
-__device__ __forceinline__ float gumbel(uint32_t seed, int position, int v) {
-  float u = ch::noise_uniform(ch::noise_bits(seed, static_cast<uint32_t>(position), static_cast<uint32_t>(v)));
+__device__ __forceinline__ float gumbel(uint32_t noise_row, int v) {
+  float u = ch::noise_uniform(ch::noise_token(noise_row, static_cast<uint32_t>(v)));
   return -logf(-logf(u));
 }
 
 __global__ void __launch_bounds__(kChoiceThreads)
     choose_tokens_kernel(int32_t* out, const float* x, const int32_t* params, int64_t V, int top_n, bool variant_split) {
+  // float4 loads when every row starts 16-byte aligned (the visiting order is the same either way).
+  const bool vec = V % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   extern __shared__ unsigned long long smem[];
   unsigned long long* bin_mass = smem;
   unsigned* bin_count = reinterpret_cast<unsigned*>(bin_mass + kBins);
@@ -446,11 +499,10 @@ __global__ void __launch_bounds__(kChoiceThreads)
   // Pass 1: the largest logit (lowest id on ties) and whether the row is finite.
   ArgBest best{-INFINITY, 0x7fffffff};
   int bad = 0;
-  for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
-    float xv = xr[v];
+  for_each_logit(xr, V, vec, [&](int64_t v, float xv) {
     bad |= isnan(xv) || (isinf(xv) && xv > 0);
     best = arg_better(best, ArgBest{xv, static_cast<int>(v)});
-  }
+  });
   bad = __syncthreads_or(bad);
   best = block_argmax<kChoiceThreads>(best);
   if (bad || best.value == -INFINITY) {
@@ -474,10 +526,9 @@ __global__ void __launch_bounds__(kChoiceThreads)
   float sum = 0.f;
   unsigned tail_count = 0;
   unsigned long long tail_mass = 0;
-  for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
-    float xv = xr[v];
+  for_each_logit(xr, V, vec, [&](int64_t, float xv) {
     if (!variant_split) sum = sum + expf(xv - m);
-    if (!bins) continue;
+    if (!bins) return;
     int b = s.bin(xv);
     unsigned long long w = sampling ? s.mass(xv) : 0ull;
     if (b == kBins - 1) {
@@ -486,7 +537,7 @@ __global__ void __launch_bounds__(kChoiceThreads)
       atomicAdd(&bin_count[b], 1u);
       if (w) atomicAdd(&bin_mass[b], w);
     }
-  }
+  });
   if (variant_split) {
     // As split row reductions do: each part's own max and sum, rescaled to the row's max.
     const int64_t chunk = (V + kVariantSplits - 1) / kVariantSplits;
@@ -529,16 +580,17 @@ __global__ void __launch_bounds__(kChoiceThreads)
       cut = cut_p > cut ? cut_p : cut;
     }
     // Gumbel-max over the kept set, starting from the best logit, which is always kept.
-    const float score0 = s.smax + gumbel(p.seed, p.position, best.index);
+    const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
+    const float score0 = s.smax + gumbel(noise_row, best.index);
     ArgBest pick{score0, best.index};
-    for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
-      float xv = xr[v];
-      float sv = s.scaled(xv);
-      if (sv + ch::kGumbelMax < score0 || v == best.index) continue;
-      if (sort_key(xv, static_cast<int>(v)) < cut) continue;
-      if (p.min_p > 0.f && s.weight(xv) < p.min_p) continue;
-      pick = arg_better(pick, ArgBest{sv + gumbel(p.seed, p.position, static_cast<int>(v)), static_cast<int>(v)});
-    }
+    for_each_logit(xr, V, vec, [&](int64_t v, float xv) {
+      const float sv = s.scaled(xv);
+      // Pruned against the thread's best so far: the noise of a token this far below cannot win.
+      if (sv + ch::kGumbelMax < pick.value || v == best.index) return;
+      if (sort_key(xv, static_cast<int>(v)) < cut) return;
+      if (p.min_p > 0.f && s.weight(xv) < p.min_p) return;
+      pick = arg_better(pick, ArgBest{sv + gumbel(noise_row, static_cast<int>(v)), static_cast<int>(v)});
+    });
     id = block_argmax<kChoiceThreads>(pick).index;
   }
   if (threadIdx.x == 0) {
