@@ -20,6 +20,17 @@ export interface NativeTensor {
   dispose(): void
 }
 
+/**
+ * A CUDA graph captured from the stream (graphBegin ... graphEnd). replay() enqueues the recorded
+ * work again, on the same tensors; bytes is the GPU memory its instantiation took.
+ */
+export interface NativeGraph {
+  readonly bytes: number
+  readonly disposed: boolean
+  replay(): void
+  dispose(): void
+}
+
 /** A ragged batch of sequences for attention (see csrc/ops.h). */
 export interface AttentionBatch {
   blockTables: NativeTensor // i32 [B, maxBlocksPerSeq]
@@ -54,6 +65,11 @@ export interface NativeAddon {
   empty(device: DeviceName, dtype: DType, shape: number[]): NativeTensor
   fromBuffer(device: DeviceName, dtype: DType, shape: number[], data: ArrayBufferView): NativeTensor
   upload(tensor: NativeTensor, data: ArrayBufferView): void
+  /**
+   * Like upload, but a CUDA tensor's copy is enqueued from a pinned staging buffer and not waited
+   * for (data may be reused at once). Not allowed while a graph is being captured.
+   */
+  uploadAsync(tensor: NativeTensor, data: ArrayBufferView): void
   download(tensor: NativeTensor): Promise<Buffer>
   synchronize(device: DeviceName): Promise<void>
   view(tensor: NativeTensor, shape: number[]): NativeTensor
@@ -102,6 +118,12 @@ export interface NativeAddon {
   setVariantKernels(enabled: boolean): void
   variantKernels(): boolean
   cudaStatus(): CudaStatus
+  /** Starts recording the CUDA stream's work into a graph instead of running it. */
+  graphBegin(): void
+  /** Ends the recording and instantiates it; throws when the capture was invalidated (call graphAbort then). */
+  graphEnd(): NativeGraph
+  /** Ends a capture after an error, discarding it and clearing the error; does nothing when none is running. */
+  graphAbort(): void
 }
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..')

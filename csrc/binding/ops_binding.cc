@@ -8,6 +8,7 @@
 #include "../cuda/runtime.h"
 #include "../ops.h"
 #include "args.h"
+#include "graph_wrap.h"
 #include "workers.h"
 
 namespace detinfer::binding {
@@ -20,8 +21,9 @@ Napi::Value Empty(const Napi::CallbackInfo& info) {
   return TensorWrap::New(info.Env(), make_tensor(device, dtype, a.shape(2, "shape")));
 }
 
-// Copies host bytes (a TypedArray or Buffer of exactly nbytes) into an existing tensor.
-void UploadInto(const Args& a, Tensor& t, size_t arg) {
+// Copies host bytes (a TypedArray or Buffer of exactly nbytes) into an existing tensor; to a CUDA
+// tensor either waiting for the copy or, when async, through the pinned staging ring without waiting.
+void UploadInto(const Args& a, Tensor& t, size_t arg, bool async = false) {
   if (arg >= a.info.Length() || !a.info[arg].IsTypedArray()) a.type_error(arg, "data", "a TypedArray or Buffer");
   Napi::TypedArray ta = a.info[arg].As<Napi::TypedArray>();
   size_t nbytes = ta.ByteLength();
@@ -30,6 +32,8 @@ void UploadInto(const Args& a, Tensor& t, size_t arg) {
   const char* src = static_cast<const char*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
   if (t.device() == Device::CPU) {
     std::memcpy(t.data(), src, nbytes);
+  } else if (async) {
+    cuda_runtime::upload_async(t.data(), src, nbytes);
   } else {
     cuda_runtime::upload(t.data(), src, nbytes);
   }
@@ -47,6 +51,29 @@ Napi::Value FromBuffer(const Napi::CallbackInfo& info) {
 Napi::Value Upload(const Napi::CallbackInfo& info) {
   Args a{info, "upload"};
   UploadInto(a, a.tensor(0, "tensor"), 1);
+  return info.Env().Undefined();
+}
+
+Napi::Value UploadAsync(const Napi::CallbackInfo& info) {
+  Args a{info, "uploadAsync"};
+  UploadInto(a, a.tensor(0, "tensor"), 1, true);
+  return info.Env().Undefined();
+}
+
+Napi::Value GraphBegin(const Napi::CallbackInfo& info) {
+  cuda_runtime::capture_begin();
+  return info.Env().Undefined();
+}
+
+Napi::Value GraphEnd(const Napi::CallbackInfo& info) {
+  size_t bytes = 0;
+  void* exec = cuda_runtime::capture_end(&bytes);
+  return GraphWrap::New(info.Env(), exec, bytes);
+}
+
+Napi::Value GraphAbort(const Napi::CallbackInfo& info) {
+  cuda_runtime::require();
+  cuda_runtime::capture_abort();
   return info.Env().Undefined();
 }
 
@@ -245,6 +272,8 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"logSoftmax", LogSoftmax}, {"argmax", Argmax},
       {"tokenLogprobs", TokenLogprobs}, {"chooseTokens", ChooseTokens},
       {"copy", Copy},
+      {"uploadAsync", UploadAsync}, {"graphBegin", GraphBegin},
+      {"graphEnd", GraphEnd},   {"graphAbort", GraphAbort},
       {"cast", Cast},           {"setVariantKernels", SetVariantKernels},
       {"variantKernels", VariantKernels}, {"cudaStatus", CudaStatus},
   };

@@ -1,15 +1,11 @@
 #include "tensor_wrap.h"
 
+#include "instance_data.h"
+
 namespace detinfer::binding {
-namespace {
-// The constructor, kept per environment (worker threads each load the addon).
-struct Constructors {
-  Napi::FunctionReference tensor;
-};
-}  // namespace
 
 Napi::Function TensorWrap::Init(Napi::Env env) {
-  Napi::Function ctor = DefineClass(env, "Tensor",
+  return DefineClass(env, "Tensor",
                                     {
                                         InstanceAccessor<&TensorWrap::Dtype>("dtype"),
                                         InstanceAccessor<&TensorWrap::Device>("device"),
@@ -18,15 +14,12 @@ Napi::Function TensorWrap::Init(Napi::Env env) {
                                         InstanceAccessor<&TensorWrap::Disposed>("disposed"),
                                         InstanceMethod<&TensorWrap::Dispose>("dispose"),
                                     });
-  auto* data = new Constructors{Napi::Persistent(ctor)};
-  env.SetInstanceData<Constructors>(data);
-  return ctor;
 }
 
 Napi::Object TensorWrap::New(Napi::Env env, Tensor tensor) {
   auto* holder = new Tensor(std::move(tensor));
   Napi::External<Tensor> ext = Napi::External<Tensor>::New(env, holder);
-  Napi::Object obj = env.GetInstanceData<Constructors>()->tensor.New({ext});
+  Napi::Object obj = instance_data(env).tensor.New({ext});
   delete holder;
   return obj;
 }
@@ -42,7 +35,7 @@ TensorWrap::TensorWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Tensor
 
 Tensor& TensorWrap::FromValue(const Napi::Value& value, const char* op, const char* name) {
   Napi::Env env = value.Env();
-  auto ctor = env.GetInstanceData<Constructors>()->tensor.Value();
+  auto ctor = instance_data(env).tensor.Value();
   if (!value.IsObject() || !value.As<Napi::Object>().InstanceOf(ctor))
     throw Napi::TypeError::New(env, std::string(op) + ": expected a Tensor for " + name + " but received " +
                                         (value.IsNull() ? "null" : value.IsUndefined() ? "undefined" : value.ToString().Utf8Value()));

@@ -1,5 +1,7 @@
 #include "runtime.h"
 
+#include <algorithm>
+#include <cstring>
 #include <mutex>
 
 #include "check.h"
@@ -49,6 +51,23 @@ void init() {
       g_init_error = explain(err);
     }
   });
+}
+
+// The pinned staging ring of upload_async.
+struct StagingRing {
+  std::mutex mutex;
+  char* host = nullptr;
+  size_t capacity = 0;
+  size_t offset = 0;  // where the next region may start; everything before it may still be in flight
+};
+StagingRing g_ring;
+constexpr size_t kRingMinBytes = size_t{4} << 20;
+constexpr size_t kRingAlign = 256;
+
+cudaStreamCaptureStatus capture_status() {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  CUDA_CHECK(cudaStreamIsCapturing(g_stream, &st));
+  return st;
 }
 
 }  // namespace
@@ -128,6 +147,109 @@ void synchronize() {
 void* stream() {
   require();
   return g_stream;
+}
+
+void upload_async(void* dst, const void* src, size_t nbytes) {
+  require();
+  if (nbytes == 0) return;
+  std::lock_guard<std::mutex> lock(g_ring.mutex);
+  if (capture_status() != cudaStreamCaptureStatusNone)
+    fail("an asynchronous upload cannot run while a CUDA graph is being captured: the graph would replay "
+         "the staging buffer's bytes of replay time, not these; upload the inputs before the capture begins "
+         "or between replays");
+  if (nbytes > g_ring.capacity) {
+    // Regions of the old ring may still be read by queued copies: wait for them before freeing it.
+    CUDA_CHECK(cudaStreamSynchronize(g_stream));
+    size_t capacity = std::max(kRingMinBytes, 2 * g_ring.capacity);
+    while (capacity < nbytes) capacity *= 2;
+    if (g_ring.host != nullptr) {
+      char* old = g_ring.host;
+      g_ring.host = nullptr;
+      g_ring.capacity = 0;
+      CUDA_CHECK(cudaFreeHost(old));
+    }
+    void* host = nullptr;
+    cudaError_t err = cudaMallocHost(&host, capacity);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      fail("out of pinned host memory allocating a ", capacity, "-byte staging buffer for an upload of ", nbytes,
+           " bytes: ", cudaGetErrorString(err));
+    }
+    g_ring.host = static_cast<char*>(host);
+    g_ring.capacity = capacity;
+    g_ring.offset = 0;
+  }
+  size_t start = (g_ring.offset + kRingAlign - 1) / kRingAlign * kRingAlign;
+  if (start > g_ring.capacity || nbytes > g_ring.capacity - start) {
+    // Wrap around: the copies that read the start of the ring must have run before it is rewritten.
+    CUDA_CHECK(cudaStreamSynchronize(g_stream));
+    start = 0;
+  }
+  std::memcpy(g_ring.host + start, src, nbytes);
+  CUDA_CHECK(cudaMemcpyAsync(dst, g_ring.host + start, nbytes, cudaMemcpyHostToDevice, g_stream));
+  g_ring.offset = start + nbytes;
+}
+
+void capture_begin() {
+  require();
+  if (capture_status() != cudaStreamCaptureStatusNone)
+    fail("a CUDA graph capture is already in progress; end it (or abort it) before beginning another");
+  CUDA_CHECK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal));
+}
+
+void* capture_end(size_t* bytes) {
+  require();
+  if (capture_status() == cudaStreamCaptureStatusNone)
+    fail("no CUDA graph capture is in progress to end; begin one first");
+  cudaGraph_t graph = nullptr;
+  cudaError_t err = cudaStreamEndCapture(g_stream, &graph);
+  if (err != cudaSuccess) {
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    fail("the CUDA graph capture was invalidated (an operation that cannot be captured, such as a "
+         "synchronization or a copy from pageable memory, ran during it): ", cudaGetErrorString(err), " (",
+         cudaGetErrorName(err), ")");
+  }
+  size_t free_before = 0, free_after = 0, total = 0;
+  cudaError_t info_err = cudaMemGetInfo(&free_before, &total);
+  cudaGraphExec_t exec = nullptr;
+  err = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    fail("cudaGraphInstantiate failed: ", cudaGetErrorString(err), " (", cudaGetErrorName(err), ")");
+  }
+  if (info_err == cudaSuccess) info_err = cudaMemGetInfo(&free_after, &total);
+  if (info_err != cudaSuccess) {
+    cudaGetLastError();
+    *bytes = 0;
+  } else {
+    *bytes = free_before > free_after ? free_before - free_after : 0;
+  }
+  return exec;
+}
+
+void capture_abort() noexcept {
+  init();
+  if (g_stream == nullptr) return;
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(g_stream, &st) == cudaSuccess && st != cudaStreamCaptureStatusNone) {
+    cudaGraph_t graph = nullptr;
+    cudaStreamEndCapture(g_stream, &graph);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+  }
+  cudaGetLastError();
+}
+
+void graph_launch(void* exec) {
+  require();
+  DI_CHECK(exec != nullptr, "graph_launch: no executable graph");
+  CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec), g_stream));
+}
+
+void graph_destroy(void* exec) noexcept {
+  if (exec == nullptr) return;
+  if (cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec)) != cudaSuccess) cudaGetLastError();
 }
 
 }  // namespace detinfer::cuda_runtime

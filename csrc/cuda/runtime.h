@@ -39,4 +39,21 @@ void synchronize();
 // The stream every op is enqueued on (a cudaStream_t, as void* so that headers stay CUDA-free).
 void* stream();
 
+// host -> device without waiting: src is copied into a pinned staging ring and the device copy is
+// enqueued from there, so src may be reused at once. A ring region is written again only after the
+// stream has been synchronized past its copy. Throws while the stream is being captured (a captured
+// copy would replay whatever the staging bytes hold at replay time).
+void upload_async(void* dst, const void* src, size_t nbytes);
+
+// CUDA graphs of the one stream. capture_begin starts recording (thread-local mode: only this
+// thread's unsafe calls invalidate it); capture_end stops, instantiates and returns the executable
+// graph (a cudaGraphExec_t), with *bytes the GPU memory its instantiation took; a capture
+// invalidated by an unsafe call (a synchronization, say) throws. capture_abort ends a capture after
+// an error and clears the error; it does nothing when no capture is running.
+void capture_begin();
+void* capture_end(size_t* bytes);
+void capture_abort() noexcept;
+void graph_launch(void* exec);
+void graph_destroy(void* exec) noexcept;
+
 }  // namespace detinfer::cuda_runtime

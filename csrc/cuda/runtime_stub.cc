@@ -18,5 +18,11 @@ void download(void*, const void*, size_t) { require(); }
 void copy_async(void*, const void*, size_t) { require(); }
 void synchronize() { require(); }
 void* stream() { require(); return nullptr; }
+void upload_async(void*, const void*, size_t) { require(); }
+void capture_begin() { require(); }
+void* capture_end(size_t*) { require(); return nullptr; }
+void capture_abort() noexcept {}
+void graph_launch(void*) { require(); }
+void graph_destroy(void*) noexcept {}
 
 }  // namespace detinfer::cuda_runtime
