@@ -269,6 +269,11 @@ export interface LoadModelOptions {
    * same bits either way; only the work differs.
    */
   prefixCache?: boolean
+  /**
+   * Replay decode steps as CUDA graphs (default true on CUDA; ignored on the CPU). The bits are
+   * the same either way; graphs take the host's launch work out of each decode step.
+   */
+  cudaGraphs?: boolean
   onProgress?: (progress: LoadProgress) => void
 }
 
@@ -318,6 +323,8 @@ export async function loadModel(dir: string = defaultModelPath, options: LoadMod
   if (options.kvBlocks !== undefined) checkInteger('kvBlocks', options.kvBlocks, 1, 1 << 26)
   if (options.prefixCache !== undefined && typeof options.prefixCache !== 'boolean')
     throw invalidArgument('prefixCache', 'boolean', options.prefixCache)
+  if (options.cudaGraphs !== undefined && typeof options.cudaGraphs !== 'boolean')
+    throw invalidArgument('cudaGraphs', 'boolean', options.cudaGraphs)
   if (options.onProgress !== undefined && typeof options.onProgress !== 'function')
     throw invalidArgument('onProgress', 'function', options.onProgress)
 
@@ -332,6 +339,7 @@ export async function loadModel(dir: string = defaultModelPath, options: LoadMod
     kvBlockSize: KV_BLOCK_SIZE,
     // Logits are f32 [rows, vocab]: rows for every decoding sequence, and scored chunks up to 512 tokens.
     maxLogitRows: Math.max(maxBatchSize, Math.min(maxBatchTokens, 512)),
+    cudaGraphs: device === 'cuda' && options.cudaGraphs !== false,
     ...(options.onProgress && { onProgress: options.onProgress }),
   })
   const serving = { maxBatchSize, prefillChunkSize, prefixCache: options.prefixCache ?? true }

@@ -29,6 +29,7 @@ interface CheckFlags {
   minP?: number
   samplingSeed?: number
   device: 'auto' | 'cpu' | 'cuda'
+  cudaGraphs: boolean
   chat?: boolean
   variant?: boolean
   json?: boolean
@@ -97,6 +98,7 @@ export function checkCommand(): Command {
     .option('--min-p <p>', 'with --temperature: sample among tokens at least p times as likely as the most likely one', number)
     .option('--sampling-seed <n>', 'with --temperature: the seed of every run (default 0)', integer)
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
     .option('--chat', "wrap the prompt in the model's chat template")
     .option('--variant', 'also run on the variant kernels (batch-dependent splits), for contrast')
     .option('--json', 'print the reports as JSON')
@@ -119,6 +121,7 @@ export function checkCommand(): Command {
           maxBatchTokens,
           kvBlocks: blocksPerSequence * (maxBatchSize + 1),
           kvBlockSize: 16,
+          cudaGraphs: device === 'cuda' && flags.cudaGraphs,
           onProgress,
         }),
       )

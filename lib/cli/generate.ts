@@ -19,6 +19,7 @@ interface GenerateFlags {
   topLogprobs?: number
   stop?: string[]
   device: 'auto' | 'cpu' | 'cuda'
+  cudaGraphs: boolean
   chat?: boolean
   system?: string
   json?: boolean
@@ -58,6 +59,7 @@ export function generateCommand(): Command {
     .option('--top-logprobs <n>', 'with --json: the n most likely tokens and their log-probs at each position (0-20)', integer)
     .option('--stop <text>', 'stop when the text contains this (repeatable)', collect)
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
     .option('--chat', "wrap the prompt in the model's chat template")
     .option('--system <text>', 'a system message before the prompt (implies --chat)')
     .option('--json', 'print text, tokens, log-probs and timings as JSON')
@@ -88,7 +90,7 @@ export function generateCommand(): Command {
       const config = await loadModelConfig(checkModelDir(modelDir))
       resolveGenerateOptions(options, { contextLength: config.maxPositionEmbeddings, vocabSize: config.vocabSize })
       const model = await withLoadProgress('model', (onProgress) =>
-        loadModel(modelDir, { device: flags.device, maxBatchSize: 1, onProgress }),
+        loadModel(modelDir, { device: flags.device, maxBatchSize: 1, cudaGraphs: flags.cudaGraphs, onProgress }),
       )
       // Ctrl-C while generating ends the generation: what was printed stays, the exit code is 130.
       const interrupt = new AbortController()

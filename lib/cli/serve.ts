@@ -24,6 +24,7 @@ interface ServeFlags {
   prefillChunkSize?: number
   kvCacheTokens?: number
   prefixCache: boolean
+  cudaGraphs: boolean
   maxQueued: number
   apiKey?: string
   bodyLimit: number
@@ -47,6 +48,7 @@ export function serveCommand(): Command {
     .option('--prefill-chunk-size <n>', 'prompt tokens of one sequence per forward pass at most', positive)
     .option('--kv-cache-tokens <n>', 'KV-cache capacity in tokens', positive)
     .option('--no-prefix-cache', 'do not keep KV-cache blocks of prompt prefixes for later requests')
+    .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
     .option('--max-queued <n>', 'sequences that may wait for a place in the batch; beyond them requests get 429', integer, 256)
     .addOption(new Option('--api-key <key>', 'require Authorization: Bearer <key> on /v1/*').env(API_KEY_ENV))
     .option('--body-limit <bytes>', 'largest request body', positive, 4 * 1024 * 1024)
@@ -88,6 +90,7 @@ export function serveCommand(): Command {
         ...(flags.prefillChunkSize !== undefined && { prefillChunkSize: flags.prefillChunkSize }),
         ...(flags.kvCacheTokens !== undefined && { kvCacheTokens: flags.kvCacheTokens }),
         ...(!flags.prefixCache && { prefixCache: false }),
+        ...(!flags.cudaGraphs && { cudaGraphs: false }),
       }
       const started = performance.now()
       const [loaded, modelHash] = await Promise.all([loadModel(dir, options), hashModelFiles(dir)])

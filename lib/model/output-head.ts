@@ -74,17 +74,37 @@ export class OutputHead {
     }
   }
 
+  /** Views of the first `rows` rows: params i32 [rows, 8] and out i32 [rows, 2 + 2 * topN]. */
+  views(rows: number, topN: number): [NativeTensor, NativeTensor] {
+    const n = native()
+    const width = 2 + 2 * topN
+    return [n.narrow(this.params, 0, rows), n.view(n.narrow(this.out, 0, rows * width), [rows, width])]
+  }
+
+  /** Copies the rows' parameters into `params` (a view from views()), in stream order. */
+  uploadParams(params: NativeTensor, choices: readonly TokenChoice[]): void {
+    native().uploadAsync(params, packChoices(choices))
+  }
+
+  /** Enqueues the token choice for logits f32 [R, V] into `out`. */
+  enqueue(logits: NativeTensor, params: NativeTensor, out: NativeTensor): void {
+    native().chooseTokens(out, logits, params)
+  }
+
+  /** Reads back the first `rows` rows of `out` (a view from views() with topN top entries). */
+  async read(out: NativeTensor, rows: number, topN: number): Promise<StepTokens> {
+    const first = rows === out.shape[0] ? out : native().narrow(out, 0, rows)
+    return unpackStepTokens(await readI32(first), rows, topN)
+  }
+
   /** Enqueues the choice for logits f32 [R, V] and reads back the results. */
   async choose(logits: NativeTensor, choices: readonly TokenChoice[], topN: number): Promise<StepTokens> {
     const rows = choices.length
     if (rows === 0) return unpackStepTokens(new Int32Array(0), 0, topN)
-    const n = native()
-    const width = 2 + 2 * topN
-    const params = n.narrow(this.params, 0, rows)
-    n.upload(params, packChoices(choices))
-    const out = n.view(n.narrow(this.out, 0, rows * width), [rows, width])
-    n.chooseTokens(out, logits, params)
-    return unpackStepTokens(await readI32(out), rows, topN)
+    const [params, out] = this.views(rows, topN)
+    this.uploadParams(params, choices)
+    this.enqueue(logits, params, out)
+    return this.read(out, rows, topN)
   }
 
   dispose(): void {

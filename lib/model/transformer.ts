@@ -12,19 +12,13 @@ import { resolveDevice } from '../device.js'
 import { DisposedError, checkInteger, describeValue } from '../errors.js'
 import { native, type AttentionBatch, type DeviceName, type NativeTensor } from '../native.js'
 import { loadModelConfig, type ModelConfig } from './config.js'
+import { DecodeGraphs, type GraphStats } from './decode-graphs.js'
 import { OutputHead, type StepTokens, type TokenChoice } from './output-head.js'
+import { StepInputs, checkChunks, inputInts, layoutStep, type SequenceChunk, type StepLimits, type StepViews } from './step-layout.js'
+
+export type { SequenceChunk }
 import { ropeTable } from './rope.js'
 import { disposeWeights, loadWeights, type LayerWeights, type LoadProgress, type ModelWeights } from './weights.js'
-
-export interface SequenceChunk {
-  /** This step's new tokens of one sequence (a prefill chunk, or 1 decode token). */
-  tokens: number[]
-  /** Position of tokens[0]; positions before it are already in the KV cache. */
-  startPosition: number
-  /** Physical KV block ids covering positions 0 .. startPosition+tokens.length-1. */
-  blockTable: number[]
-  logits: 'none' | 'last' | 'all'
-}
 
 export interface ForwardOutput {
   /** f32 [R, vocab]: rows of all chunks that asked, in chunk order ('last' gives 1 row, 'all' tokens.length rows). */
@@ -46,6 +40,11 @@ export interface TransformerOptions {
    * products through the separate ops (rmsnorm per head, rope, kvAppend, siluMul).
    */
   unfusedLayers?: boolean
+  /**
+   * Decode steps replayed as CUDA graphs (lib/model/decode-graphs.ts); default true on CUDA. On
+   * the CPU, true runs the same padded decode buckets eagerly (what the tests compare).
+   */
+  cudaGraphs?: boolean
   onProgress?: (p: LoadProgress) => void
 }
 
@@ -70,28 +69,6 @@ interface KvCache {
   v: NativeTensor[]
 }
 
-/**
- * One step's integer inputs, packed into one i32 array so they reach the device in one upload:
- * ids [T] | positions [T] | slots [T] | logitRows [R] | queryStart [B+1] | seqLens [B] | blockTables [B, maxBlocks]
- */
-interface StepLayout {
-  packed: Int32Array
-  tokens: number
-  logitRows: number
-  sequences: number
-  maxBlocks: number
-  rowsPerChunk: number[]
-  maxQueryLen: number
-  maxSeqLen: number
-}
-
-/** Sizes of a validated step. */
-interface StepSizes {
-  tokens: number
-  logitRows: number
-  maxBlocks: number
-}
-
 /** What a loaded Transformer holds besides its sizes. */
 interface TransformerState {
   weights: ModelWeights
@@ -99,6 +76,7 @@ interface TransformerState {
   act: Activations
   cosSin: NativeTensor // f32 [maxPositions, D]
   head: OutputHead
+  inputs: StepInputs
 }
 
 /** The step buffers for `T` tokens and `L` logit rows. */
@@ -134,7 +112,11 @@ export class Transformer {
   private readonly cache: KvCache
   private readonly act: Activations
   private readonly cosSin: NativeTensor
-  private readonly head: OutputHead
+  /** @internal The output head and the step inputs (decode-graphs.ts replays over them). */
+  readonly head: OutputHead
+  /** @internal */
+  readonly inputs: StepInputs
+  private readonly graphs: DecodeGraphs | null
   private disposed = false
 
   private constructor(
@@ -148,12 +130,33 @@ export class Transformer {
     readonly maxPositions: number,
     state: TransformerState,
     private readonly unfused: boolean,
+    cudaGraphs: boolean,
   ) {
     this.weights = state.weights
     this.cache = state.cache
     this.act = state.act
     this.cosSin = state.cosSin
     this.head = state.head
+    this.inputs = state.inputs
+    const maxRows = Math.min(maxBatchTokens, maxLogitRows)
+    this.graphs = cudaGraphs ? new DecodeGraphs(this, maxRows, maxPositions, device === 'cuda') : null
+  }
+
+  private get limits(): StepLimits {
+    return {
+      vocabSize: this.config.vocabSize,
+      maxPositionEmbeddings: this.config.maxPositionEmbeddings,
+      maxPositions: this.maxPositions,
+      kvBlockSize: this.kvBlockSize,
+      kvBlocks: this.kvBlocks,
+      maxBatchTokens: this.maxBatchTokens,
+      maxLogitRows: this.maxLogitRows,
+    }
+  }
+
+  /** The decode buckets and the graphs captured so far (null when graphs are off). */
+  graphStats(): GraphStats | null {
+    return this.graphs?.stats() ?? null
   }
 
   static async load(dir: string, opts: TransformerOptions): Promise<Transformer> {
@@ -166,6 +169,9 @@ export class Transformer {
     const kvBlockSize = checkInteger('kvBlockSize', opts.kvBlockSize ?? 16, 1)
     const maxLogitRows = checkInteger('maxLogitRows', opts.maxLogitRows ?? maxBatchTokens, 1)
     const unfused = opts.unfusedLayers === true
+    if (opts.cudaGraphs !== undefined && typeof opts.cudaGraphs !== 'boolean')
+      throw new TypeError(`Expected a boolean for cudaGraphs but received ${describeValue(opts.cudaGraphs)}`)
+    const cudaGraphs = opts.cudaGraphs ?? device === 'cuda'
 
     const config = await loadModelConfig(dir)
     const weights = await loadWeights(dir, config, device, opts.onProgress)
@@ -189,8 +195,11 @@ export class Transformer {
       const act = allocateActivations(alloc, config, maxBatchTokens, maxLogitRows, unfused)
       const head = new OutputHead(device, maxLogitRows)
       owned.push(head)
-      const state = { weights, cache, act, cosSin, head }
-      const model = new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxPositions, state, unfused)
+      const maxBlocks = Math.ceil(maxPositions / kvBlockSize)
+      const inputs = new StepInputs(device, inputInts(maxBatchTokens, maxLogitRows, maxBatchTokens, maxBlocks))
+      owned.push(inputs)
+      const state = { weights, cache, act, cosSin, head, inputs }
+      const model = new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxPositions, state, unfused, cudaGraphs)
       model.probe(dir)
       return model
     } catch (err) {
@@ -219,66 +228,58 @@ export class Transformer {
    * the top-N when topN > 0.
    */
   async step(chunks: SequenceChunk[], choices: TokenChoice[], topN: number): Promise<StepTokens> {
-    const out = this.forward(chunks)
-    const rows = out.logits.shape[0]!
-    if (choices.length !== rows)
-      throw new RangeError(`Expected ${rows} token choices (one per logits row) for choices but received ${choices.length}`)
+    if (this.disposed) throw new DisposedError('transformer')
+    const sizes = checkChunks(chunks, this.limits)
+    if (choices.length !== sizes.logitRows)
+      throw new RangeError(`Expected ${sizes.logitRows} token choices (one per logits row) for choices but received ${choices.length}`)
     for (const [r, c] of choices.entries())
       if (c.target >= this.config.vocabSize)
         throw new RangeError(`Expected an integer between -1 and ${this.config.vocabSize - 1} for choices[${r}].target but received ${c.target}`)
+    if (this.graphs?.accepts(chunks)) return this.graphs.run(chunks, choices)
+    const out = this.forward(chunks)
     return this.head.choose(out.logits, choices, topN)
   }
 
   /** Runs one step over `chunks`; the returned logits tensor is overwritten by the next forward. */
   forward(chunks: SequenceChunk[]): ForwardOutput {
     if (this.disposed) throw new DisposedError('transformer')
-    const step = this.layout(chunks, this.checkChunks(chunks))
+    const step = layoutStep(chunks, checkChunks(chunks, this.limits), this.kvBlockSize)
+    this.inputs.upload(step.packed)
+    const views = this.inputs.views(step)
+    return { logits: this.enqueueForward(views), rowsPerChunk: step.rowsPerChunk }
+  }
+
+  /**
+   * @internal The forward pass over a step's input views: every op enqueued, nothing waits.
+   * Returns the logits view f32 [R, V] (overwritten by the next step).
+   */
+  enqueueForward(v: StepViews): NativeTensor {
     const n = native()
-    const T = step.tokens
-    const R = step.logitRows
-    const B = step.sequences
-    const inputs = n.fromBuffer(this.device, 'i32', [step.packed.length], step.packed)
-    let at = 0
-    const next = (count: number) => n.narrow(inputs, (at += count) - count, count)
-    const ids = next(T)
-    const positions = next(T)
-    const slots = next(T)
-    const logitRows = next(R)
-    const batch: AttentionBatch = {
-      queryStart: next(B + 1),
-      seqLens: next(B),
-      blockTables: n.view(next(B * step.maxBlocks), [B, step.maxBlocks]),
-      maxQueryLen: step.maxQueryLen,
-      maxSeqLen: step.maxSeqLen,
+    const c = this.config
+    const T = v.tokens
+    const R = v.logitRows
+    const rows = (t: NativeTensor, count = T) => n.narrow(t, 0, count)
+    const residual = rows(this.act.residual)
+    const normed = rows(this.act.normed)
+    n.embedding(residual, this.weights.embedTokens, v.ids)
+    n.rmsnorm(normed, residual, this.weights.layers[0]!.inputNorm, c.rmsNormEps)
+    for (let l = 0; l < c.numLayers; l++) {
+      const layer = this.weights.layers[l]!
+      const nextNorm = l + 1 < c.numLayers ? this.weights.layers[l + 1]!.inputNorm : this.weights.norm
+      this.attentionBlock(l, layer, T, normed, v.positions, v.slots, v.batch)
+      // residual += o_proj; normed = post_attention_layernorm(residual)
+      n.addRmsnorm(normed, residual, rows(this.act.proj), layer.postAttentionNorm, c.rmsNormEps)
+      this.mlpBlock(layer, T, normed)
+      // residual += down_proj; normed = next layer's input norm (or the final norm)
+      n.addRmsnorm(normed, residual, rows(this.act.proj), nextNorm, c.rmsNormEps)
     }
-    try {
-      const c = this.config
-      const rows = (t: NativeTensor, count = T) => n.narrow(t, 0, count)
-      const residual = rows(this.act.residual)
-      const normed = rows(this.act.normed)
-      n.embedding(residual, this.weights.embedTokens, ids)
-      n.rmsnorm(normed, residual, this.weights.layers[0]!.inputNorm, c.rmsNormEps)
-      for (let l = 0; l < c.numLayers; l++) {
-        const layer = this.weights.layers[l]!
-        const nextNorm = l + 1 < c.numLayers ? this.weights.layers[l + 1]!.inputNorm : this.weights.norm
-        this.attentionBlock(l, layer, T, normed, positions, slots, batch)
-        // residual += o_proj; normed = post_attention_layernorm(residual)
-        n.addRmsnorm(normed, residual, rows(this.act.proj), layer.postAttentionNorm, c.rmsNormEps)
-        this.mlpBlock(layer, T, normed)
-        // residual += down_proj; normed = next layer's input norm (or the final norm)
-        n.addRmsnorm(normed, residual, rows(this.act.proj), nextNorm, c.rmsNormEps)
-      }
-      const logits = rows(this.act.logits, R)
-      if (R > 0) {
-        const gathered = rows(this.act.gathered, R)
-        n.embedding(gathered, normed, logitRows) // row gather: gathered[r] = normed[logitRows[r]]
-        n.matmul(logits, gathered, this.weights.lmHead, null) // [R,H] · [V,H]^T -> f32 [R,V]
-      }
-      return { logits, rowsPerChunk: step.rowsPerChunk }
-    } finally {
-      // Frees in stream order on CUDA: the ops enqueued above still read it.
-      inputs.dispose()
+    const logits = rows(this.act.logits, R)
+    if (R > 0) {
+      const gathered = rows(this.act.gathered, R)
+      n.embedding(gathered, normed, v.rows) // row gather: gathered[r] = normed[rows[r]]
+      n.matmul(logits, gathered, this.weights.lmHead, null) // [R,H] · [V,H]^T -> f32 [R,V]
     }
+    return logits
   }
 
   // x = normed [T,H] -> act.proj [T,H] = o_proj(attention(rope(q), cache))
@@ -375,95 +376,6 @@ export class Transformer {
     n.matmul(n.narrow(this.act.proj, 0, T), act, w.downProj, w.downBias) // [T,I] · [H,I]^T -> [T,H]
   }
 
-  /** Validates the chunks at the boundary, with messages that name the chunk and field. */
-  private checkChunks(chunks: SequenceChunk[]): StepSizes {
-    if (!Array.isArray(chunks) || chunks.length === 0)
-      throw new TypeError(`Expected a non-empty array of sequence chunks for chunks but received ${describeValue(chunks)}`)
-    const vocab = this.config.vocabSize
-    const sizes: StepSizes = { tokens: 0, logitRows: 0, maxBlocks: 1 }
-    for (let i = 0; i < chunks.length; i++) {
-      const ch = chunks[i]!
-      const at = `chunks[${i}]`
-      if (typeof ch !== 'object' || ch === null) throw new TypeError(`Expected a sequence chunk for ${at} but received ${describeValue(ch)}`)
-      if (!Array.isArray(ch.tokens) || ch.tokens.length === 0)
-        throw new TypeError(`Expected a non-empty array of token ids for ${at}.tokens but received ${describeValue(ch.tokens)}`)
-      for (let j = 0; j < ch.tokens.length; j++) {
-        const id = ch.tokens[j]
-        if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= vocab)
-          throw new RangeError(`Expected an integer between 0 and ${vocab - 1} for ${at}.tokens[${j}] but received ${describeValue(id)}`)
-      }
-      checkInteger(`${at}.startPosition`, ch.startPosition, 0)
-      const end = ch.startPosition + ch.tokens.length
-      if (end > this.maxPositions) {
-        const limit = this.maxPositions === this.config.maxPositionEmbeddings ? 'max_position_embeddings' : 'KV cache capacity'
-        throw new RangeError(
-          `Expected positions below ${this.maxPositions} (${limit}) for ${at} but received positions ${ch.startPosition}..${end - 1}`,
-        )
-      }
-      const need = Math.ceil(end / this.kvBlockSize)
-      if (!Array.isArray(ch.blockTable) || ch.blockTable.length < need)
-        throw new RangeError(
-          `Expected at least ${need} block ids for ${at}.blockTable (positions 0..${end - 1}, ${this.kvBlockSize} per block) but received ${describeValue(ch.blockTable)}`,
-        )
-      for (let j = 0; j < need; j++) {
-        const b = ch.blockTable[j]
-        if (typeof b !== 'number' || !Number.isInteger(b) || b < 0 || b >= this.kvBlocks)
-          throw new RangeError(`Expected an integer between 0 and ${this.kvBlocks - 1} for ${at}.blockTable[${j}] but received ${describeValue(b)}`)
-      }
-      if (ch.logits !== 'none' && ch.logits !== 'last' && ch.logits !== 'all')
-        throw new TypeError(`Expected 'none', 'last' or 'all' for ${at}.logits but received ${describeValue(ch.logits)}`)
-      sizes.tokens += ch.tokens.length
-      sizes.logitRows += ch.logits === 'all' ? ch.tokens.length : ch.logits === 'last' ? 1 : 0
-      sizes.maxBlocks = Math.max(sizes.maxBlocks, need)
-    }
-    if (sizes.tokens > this.maxBatchTokens)
-      throw new RangeError(`Expected at most ${this.maxBatchTokens} tokens (maxBatchTokens) for chunks but received ${sizes.tokens}`)
-    if (sizes.logitRows > this.maxLogitRows)
-      throw new RangeError(`Expected at most ${this.maxLogitRows} logit rows (maxLogitRows) for chunks but received ${sizes.logitRows}`)
-    return sizes
-  }
-
-  /** Lays out the step's integer inputs (see StepLayout) from validated chunks. */
-  private layout(chunks: SequenceChunk[], sizes: StepSizes): StepLayout {
-    const { tokens: T, logitRows: R, maxBlocks } = sizes
-    const B = chunks.length
-    const bs = this.kvBlockSize
-    const packed = new Int32Array(3 * T + R + (B + 1) + B + B * maxBlocks)
-    const ids = packed.subarray(0, T)
-    const positions = packed.subarray(T, 2 * T)
-    const slots = packed.subarray(2 * T, 3 * T)
-    const logitRows = packed.subarray(3 * T, 3 * T + R)
-    const queryStart = packed.subarray(3 * T + R, 3 * T + R + B + 1)
-    const seqLens = packed.subarray(3 * T + R + B + 1, 3 * T + R + 2 * B + 1)
-    const blockTables = packed.subarray(3 * T + R + 2 * B + 1)
-    const step: StepLayout = { packed, tokens: T, logitRows: R, sequences: B, maxBlocks, rowsPerChunk: [], maxQueryLen: 0, maxSeqLen: 0 }
-    let row = 0
-    let logitRow = 0
-    for (let b = 0; b < B; b++) {
-      const ch = chunks[b]!
-      const len = ch.tokens.length
-      const end = ch.startPosition + len
-      for (let j = 0; j < Math.ceil(end / bs); j++) blockTables[b * maxBlocks + j] = ch.blockTable[j]!
-      for (let j = 0; j < len; j++) {
-        const pos = ch.startPosition + j
-        ids[row + j] = ch.tokens[j]!
-        positions[row + j] = pos
-        slots[row + j] = ch.blockTable[Math.floor(pos / bs)]! * bs + (pos % bs)
-      }
-      const first = ch.logits === 'all' ? 0 : len - 1
-      const count = ch.logits === 'all' ? len : ch.logits === 'last' ? 1 : 0
-      for (let j = 0; j < count; j++) logitRows[logitRow++] = row + first + j
-      step.rowsPerChunk.push(count)
-      queryStart[b] = row
-      seqLens[b] = end
-      step.maxQueryLen = Math.max(step.maxQueryLen, len)
-      step.maxSeqLen = Math.max(step.maxSeqLen, end)
-      row += len
-    }
-    queryStart[B] = row
-    return step
-  }
-
   /** Frees the weights, the KV cache and the step buffers. */
   dispose(): void {
     if (this.disposed) return
@@ -472,7 +384,9 @@ export class Transformer {
     for (const t of [...this.cache.k, ...this.cache.v]) t.dispose()
     for (const t of Object.values(this.act)) t?.dispose()
     this.cosSin.dispose()
+    this.graphs?.dispose()
     this.head.dispose()
+    this.inputs.dispose()
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

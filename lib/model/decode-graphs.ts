@@ -1,0 +1,181 @@
+// Decode steps replayed as CUDA graphs. A step in which every sequence decodes one token is padded
+// up to a bucket of rows (1, 2, 4, 8, 16, 24, 32, 48, 64, ...) and of attention context (256, 512,
+// ... keys, up to the model's maxPositions), and each (rows, context) bucket is captured once: the
+// forward pass and the output head's token choice, over views of buffers allocated at load. A
+// replay is one native call; the step's inputs and token-choice parameters reach the device by
+// asynchronous copies before it, and only the chosen ids and log-probs come back after it.
+//
+// Padding rows carry slot -1 and attend to one key; every op is batch-invariant, so they cannot
+// change a real row's bits. A bucket runs eagerly the first time it is seen (which also sets up
+// every kernel's one-time state), is captured the second time, and is replayed from then on.
+// Before the first capture, one eager step at the largest bucket sizes the attention workspace
+// for good, so that no captured pointer is ever freed by a later step.
+import { variantKernels } from '../device.js'
+import { native, type NativeGraph, type NativeTensor } from '../native.js'
+import type { StepTokens, TokenChoice } from '../sampling.js'
+import { MAX_TOP_LOGPROBS, type OutputHead } from './output-head.js'
+import { layoutDecode, type SequenceChunk, type StepInputs, type StepViews } from './step-layout.js'
+
+/** Decode batch sizes that get a graph; a step is padded up to the next one. */
+export const BATCH_BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+/** The smallest attention context bucket; the others double up to maxPositions. */
+export const MIN_CONTEXT_BUCKET = 256
+
+/** What the graphs need from the model they belong to. */
+export interface GraphHost {
+  readonly inputs: StepInputs
+  readonly head: OutputHead
+  readonly kvBlockSize: number
+  /** Enqueues the forward pass over `views`; returns the logits view f32 [R, V]. */
+  enqueueForward(views: StepViews): NativeTensor
+}
+
+export interface CapturedGraph {
+  rows: number
+  context: number
+  /** GPU memory the captured graph took when it was instantiated. */
+  bytes: number
+}
+
+export interface GraphStats {
+  batchBuckets: number[]
+  contextBuckets: number[]
+  captured: CapturedGraph[]
+  bytes: number
+}
+
+interface Bucket {
+  rows: number
+  context: number
+  views: StepViews
+  params: NativeTensor // i32 [rows, 8]
+  out: NativeTensor // i32 [rows, 2 + 2 * MAX_TOP_LOGPROBS]
+  seen: boolean
+  graph: NativeGraph | null
+}
+
+/** Batch buckets up to `max` (and `max` itself). */
+export function batchBuckets(max: number): number[] {
+  const list = BATCH_BUCKETS.filter((b) => b < max)
+  return [...list, max]
+}
+
+/** Context buckets: 256, 512, ... up to maxPositions (itself the last). */
+export function contextBuckets(maxPositions: number): number[] {
+  const list: number[] = []
+  for (let c = MIN_CONTEXT_BUCKET; c < maxPositions; c *= 2) list.push(c)
+  return [...list, maxPositions]
+}
+
+export class DecodeGraphs {
+  readonly batchBuckets: number[]
+  readonly contextBuckets: number[]
+  private readonly buckets = new Map<string, Bucket>()
+  private reserved = false
+
+  /** capture false: the padded buckets run eagerly every time (the CPU, and tests of the padding). */
+  constructor(
+    private readonly host: GraphHost,
+    maxRows: number,
+    maxPositions: number,
+    private readonly capture: boolean,
+  ) {
+    this.batchBuckets = batchBuckets(maxRows)
+    this.contextBuckets = contextBuckets(maxPositions)
+  }
+
+  /**
+   * Whether this step is a decode step the buckets hold. Under the variant kernels nothing is
+   * captured (their split workspaces are allocated per launch), but the padding still applies.
+   */
+  accepts(chunks: SequenceChunk[]): boolean {
+    if (chunks.length > this.batchBuckets[this.batchBuckets.length - 1]! || (this.capture && variantKernels())) return false
+    return chunks.every((c) => c.tokens.length === 1 && c.logits === 'last')
+  }
+
+  async run(chunks: SequenceChunk[], choices: TokenChoice[]): Promise<StepTokens> {
+    const n = native()
+    const maxSeqLen = chunks.reduce((m, c) => Math.max(m, c.startPosition + 1), 0)
+    const rows = this.batchBuckets.find((b) => b >= chunks.length)!
+    const context = this.contextBuckets.find((c) => c >= maxSeqLen)!
+    const bucket = this.bucket(rows, context)
+    if (this.capture && bucket.seen && !bucket.graph) this.captureBucket(bucket)
+    this.host.inputs.upload(layoutDecode(chunks, rows, bucket.views.batch.blockTables.shape[1]!, context, this.host.kvBlockSize).packed)
+    this.host.head.uploadParams(bucket.params, padChoices(choices, rows))
+    if (bucket.graph) bucket.graph.replay()
+    else this.enqueue(bucket)
+    bucket.seen = true
+    return this.host.head.read(bucket.out, chunks.length, MAX_TOP_LOGPROBS)
+  }
+
+  stats(): GraphStats {
+    const captured = [...this.buckets.values()]
+      .filter((b) => b.graph)
+      .map((b) => ({ rows: b.rows, context: b.context, bytes: b.graph!.bytes }))
+    return {
+      batchBuckets: this.batchBuckets,
+      contextBuckets: this.contextBuckets,
+      captured,
+      bytes: captured.reduce((s, c) => s + c.bytes, 0),
+    }
+  }
+
+  dispose(): void {
+    for (const b of this.buckets.values()) b.graph?.dispose()
+    this.buckets.clear()
+  }
+
+  private bucket(rows: number, context: number): Bucket {
+    const key = `${rows}/${context}`
+    let b = this.buckets.get(key)
+    if (!b) {
+      const maxBlocks = Math.ceil(context / this.host.kvBlockSize)
+      const views = this.host.inputs.views({ tokens: rows, logitRows: rows, sequences: rows, maxBlocks, maxQueryLen: 1, maxSeqLen: context })
+      const [params, out] = this.host.head.views(rows, MAX_TOP_LOGPROBS)
+      b = { rows, context, views, params, out, seen: false, graph: null }
+      this.buckets.set(key, b)
+    }
+    return b
+  }
+
+  private enqueue(b: Bucket): void {
+    this.host.head.enqueue(this.host.enqueueForward(b.views), b.params, b.out)
+  }
+
+  private captureBucket(b: Bucket): void {
+    if (!this.reserved) this.reserveLargest()
+    const n = native()
+    n.graphBegin()
+    try {
+      this.enqueue(b)
+    } catch (err) {
+      n.graphAbort()
+      throw err
+    }
+    try {
+      b.graph = n.graphEnd()
+    } catch (err) {
+      n.graphAbort()
+      throw err
+    }
+  }
+
+  // One eager step of padding rows only at the largest bucket: the attention kernel's decode
+  // workspace grows to its final size here, before any graph holds a pointer into it.
+  private reserveLargest(): void {
+    const rows = this.batchBuckets[this.batchBuckets.length - 1]!
+    const context = this.contextBuckets[this.contextBuckets.length - 1]!
+    const b = this.bucket(rows, context)
+    this.host.inputs.upload(layoutDecode([], rows, b.views.batch.blockTables.shape[1]!, context, this.host.kvBlockSize).packed)
+    this.host.head.uploadParams(b.params, padChoices([], rows))
+    this.enqueue(b)
+    b.seen = true
+    this.reserved = true
+  }
+}
+
+const GREEDY: TokenChoice = { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: 0, target: -1 }
+
+function padChoices(choices: TokenChoice[], rows: number): TokenChoice[] {
+  return choices.length === rows ? choices : [...choices, ...new Array<TokenChoice>(rows - choices.length).fill(GREEDY)]
+}

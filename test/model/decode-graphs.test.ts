@@ -1,0 +1,145 @@
+// Decode steps padded to graph buckets, and replayed as CUDA graphs: the same bits as launching
+// every op of the unpadded step. On the CPU the padded buckets run eagerly (cudaGraphs: true
+// there means exactly that), which proves that padding rows never touch a real row; on a GPU the
+// buckets are captured and replayed. The variant twin shows that padding would change real rows if
+// the kernels were not batch-invariant.
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { setVariantKernels } from '../../lib/device.js'
+import type { DeviceName } from '../../lib/native.js'
+import { batchBuckets, contextBuckets } from '../../lib/model/decode-graphs.js'
+import { layoutDecode } from '../../lib/model/step-layout.js'
+import { Transformer } from '../../lib/model/transformer.js'
+import type { SamplingParams } from '../../lib/sampling.js'
+import { Scheduler } from '../../lib/scheduler.js'
+import { describeGpu } from '../helpers/gpu.js'
+import { mulberry32 } from '../helpers/random.js'
+import { writeTinyModel } from '../helpers/tiny-model.js'
+
+let dir: string
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), 'detinfer-graphs-'))
+  writeTinyModel(dir, { architecture: 'Qwen3ForCausalLM', hiddenSize: 128, intermediateSize: 256, numLayers: 2, numHeads: 4, numKvHeads: 2, headDim: 64, maxPositions: 1024, seed: 9 })
+})
+afterAll(() => {
+  setVariantKernels(false)
+  rmSync(dir, { recursive: true, force: true })
+})
+
+interface Run {
+  tokens: number[]
+  logprobs: Float32Array
+  top: string
+}
+
+/** A workload of mixed prompts (some sampled, some with top log-probs) arriving in two waves. */
+async function workload(model: Transformer, maxBatchSize: number): Promise<Run[]> {
+  const rand = mulberry32(77)
+  const scheduler = new Scheduler(model, { maxBatchSize, prefillChunkSize: 32 })
+  const requests = Array.from({ length: 11 }, (_, i) => {
+    const prompt = Array.from({ length: 3 + Math.floor(rand() * 60) }, () => Math.floor(rand() * 260))
+    const sampling: SamplingParams | null = i % 3 === 1 ? { temperature: 0.8, topK: 0, topP: 0.9, minP: 0, seed: i } : null
+    return { prompt, sampling, maxTokens: 6 + (i % 5) * 5, topLogprobs: i % 4 === 0 ? 3 : 0 }
+  })
+  const run = (r: (typeof requests)[number]) => {
+    const out: Run = { tokens: [], logprobs: new Float32Array(0), top: '' }
+    const lps: number[] = []
+    const done = scheduler.submit({
+      kind: 'generate',
+      ...r,
+      onToken(token, logprob, top) {
+        out.tokens.push(token)
+        lps.push(logprob)
+        if (top) out.top += top.map((t) => `${t.token}:${t.logprob}`).join(',') + ';'
+        return true
+      },
+    }).done
+    return done.then(() => {
+      out.logprobs = Float32Array.from(lps)
+      return out
+    })
+  }
+  const first = requests.slice(0, 6).map(run)
+  await new Promise((r) => setTimeout(r, 0))
+  const second = requests.slice(6).map(run)
+  const results = await Promise.all([...first, ...second])
+  await scheduler.close(new Error('done'))
+  return results
+}
+
+function bits(runs: Run[]): string[] {
+  return runs.map((r) => `${r.tokens.join(',')}|${Buffer.from(r.logprobs.buffer).toString('hex')}|${r.top}`)
+}
+
+const load = (device: DeviceName, cudaGraphs: boolean) =>
+  Transformer.load(dir, { device, maxBatchTokens: 128, kvBlocks: 200, kvBlockSize: 16, maxLogitRows: 64, cudaGraphs })
+
+describe('decode buckets', () => {
+  it('pad batch sizes up to 1, 2, 4, 8, 16, 24, 32, 48, 64, ... and contexts up to doubling sizes from 256', () => {
+    expect(batchBuckets(64)).toEqual([1, 2, 4, 8, 16, 24, 32, 48, 64])
+    expect(batchBuckets(50)).toEqual([1, 2, 4, 8, 16, 24, 32, 48, 50])
+    expect(contextBuckets(1024)).toEqual([256, 512, 1024])
+    expect(contextBuckets(1000)).toEqual([256, 512, 1000])
+  })
+
+  it('lay out padding rows with slot -1, position 0 and one key', () => {
+    const chunks = [
+      { tokens: [7], startPosition: 20, blockTable: [3, 5], logits: 'last' as const },
+      { tokens: [9], startPosition: 0, blockTable: [4], logits: 'last' as const },
+    ]
+    const l = layoutDecode(chunks, 4, 2, 256, 16)
+    const T = 4
+    const ints = Array.from(l.packed)
+    expect(ints.slice(0, T)).toEqual([7, 9, 0, 0]) // ids
+    expect(ints.slice(T, 2 * T)).toEqual([20, 0, 0, 0]) // positions
+    expect(ints.slice(2 * T, 3 * T)).toEqual([5 * 16 + 4, 4 * 16, -1, -1]) // slots
+    expect(ints.slice(4 * T + T + 1, 4 * T + T + 1 + T)).toEqual([21, 1, 1, 1]) // seqLens
+    expect(ints.slice(4 * T + 2 * T + 1)).toEqual([3, 5, 4, 0, 0, 0, 0, 0]) // block tables
+    expect(l.rowsPerChunk).toEqual([1, 1])
+  })
+})
+
+describe('padded decode buckets on the CPU backend', () => {
+  it('give the bits of unpadded steps: greedy, sampled and top log-probs, in mixed batches', async () => {
+    const [padded, plain] = await Promise.all([load('cpu', true), load('cpu', false)])
+    try {
+      expect(bits(await workload(padded, 6))).toEqual(bits(await workload(plain, 6)))
+      expect(padded.graphStats()?.captured).toEqual([])
+    } finally {
+      padded.dispose()
+      plain.dispose()
+    }
+  })
+
+  it('variant twin: under the variant kernels padding changes some real rows', async () => {
+    const [padded, plain] = await Promise.all([load('cpu', true), load('cpu', false)])
+    setVariantKernels(true)
+    try {
+      const a = bits(await workload(padded, 6))
+      const b = bits(await workload(plain, 6))
+      expect(a.some((x, i) => x !== b[i])).toBe(true)
+    } finally {
+      setVariantKernels(false)
+      padded.dispose()
+      plain.dispose()
+    }
+  })
+})
+
+describeGpu('CUDA graphs', () => {
+  it('replayed decode steps give the bits of eager steps, with prefill and mixed steps eager', async () => {
+    const [graphs, eager] = await Promise.all([load('cuda', true), load('cuda', false)])
+    try {
+      expect(bits(await workload(graphs, 6))).toEqual(bits(await workload(eager, 6)))
+      const stats = graphs.graphStats()!
+      console.log(`captured ${stats.captured.map((c) => `${c.rows}x${c.context} (${c.bytes} B)`).join(', ')}`)
+      expect(stats.captured.length).toBeGreaterThan(0)
+      expect(eager.graphStats()).toBeNull()
+    } finally {
+      graphs.dispose()
+      eager.dispose()
+    }
+  })
+})
