@@ -25,6 +25,7 @@ import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { resolveDevice, setVariantKernels } from '../dist/device.js'
+import { native } from '../dist/native.js'
 import { defaultModelPath } from '../dist/model.js'
 import { Transformer } from '../dist/model/transformer.js'
 import { Scheduler } from '../dist/scheduler.js'
@@ -44,6 +45,7 @@ const { values: args } = parseArgs({
     baseline: { type: 'boolean', default: false },
     'no-variant': { type: 'boolean', default: false },
     samplings: { type: 'string' },
+    graphs: { type: 'string' },
   },
 })
 
@@ -85,16 +87,65 @@ if (!modelDir) {
   writeRandomModel({ shape, seed: 1234, out: modelDir, tokenizerDir: defaultModelPath })
 }
 
+// Graphs on and off (GPU), each a model of its own: --graphs on,off (default), on, or off.
+const graphModes = onGpu ? (args.graphs ?? 'on,off').split(',').map((g) => {
+  if (g !== 'on' && g !== 'off') throw new Error(`Expected on, off or on,off for --graphs but received ${args.graphs}`)
+  return g
+}) : ['off']
+
 const maxBatch = Math.max(...batches)
 const blockSize = 16
 const perSequence = Math.ceil((promptTokens + newTokens + 1) / blockSize)
 const maxBatchTokens = Math.max(512, maxBatch)
-const model = await Transformer.load(modelDir, {
-  device,
-  maxBatchTokens,
-  kvBlocks: perSequence * maxBatch + Math.ceil((prefillTokens + 1) / blockSize),
-  kvBlockSize: blockSize,
-})
+const loadWith = (graphs) =>
+  Transformer.load(modelDir, {
+    device,
+    maxBatchTokens,
+    kvBlocks: perSequence * maxBatch + Math.ceil((prefillTokens + 1) / blockSize),
+    kvBlockSize: blockSize,
+    cudaGraphs: graphs === 'on',
+  })
+const models = new Map()
+for (const g of graphModes) models.set(g, await loadWith(g))
+let model = models.get(graphModes[0])
+
+// The roofline of a decode step: the bytes it must read (every weight once, and the KV cache of
+// every sequence) over the copy bandwidth measured here, in this run.
+const c = model.config
+const weightBytes = 2 * (c.vocabSize * c.hiddenSize * (c.tieWordEmbeddings ? 1 : 2) + c.hiddenSize +
+  c.numLayers * (2 * c.hiddenSize + c.hiddenSize * (c.numHeads + 2 * c.numKvHeads) * c.headDim + c.numHeads * c.headDim * c.hiddenSize +
+    3 * c.hiddenSize * c.intermediateSize + (c.qkNorm ? 2 * c.headDim : 0)))
+const kvBytesPerPosition = c.numLayers * c.numKvHeads * c.headDim * 2 * 2
+const copyGBs = onGpu ? await copyBandwidth() : null
+
+async function copyBandwidth() {
+  const n = native()
+  const elements = 2 ** 29 // 1 GiB of bf16
+  const a = n.empty('cuda', 'bf16', [elements])
+  const b = n.empty('cuda', 'bf16', [elements])
+  try {
+    n.copy(b, a)
+    await n.synchronize('cuda')
+    const times = []
+    for (let i = 0; i < 5; i++) {
+      const started = performance.now()
+      for (let j = 0; j < 4; j++) n.copy(i % 2 ? a : b, i % 2 ? b : a)
+      await n.synchronize('cuda')
+      times.push((performance.now() - started) / 4)
+    }
+    times.sort((x, y) => x - y)
+    return (2 * 2 * elements) / (times[2] / 1000) / 1e9 // bytes read + written
+  } finally {
+    a.dispose()
+    b.dispose()
+  }
+}
+
+function roofline(batch) {
+  const context = promptTokens + newTokens / 2 // the average position a decode step attends to
+  const bytes = weightBytes + batch * context * kvBytesPerPosition
+  return copyGBs ? (batch * copyGBs * 1e9) / bytes : null
+}
 const vocab = Math.min(model.config.vocabSize, 4096)
 const rand = mulberry32(7)
 const prompts = Array.from({ length: maxBatch }, () => Array.from({ length: promptTokens }, () => 1 + Math.floor(rand() * (vocab - 1))))
@@ -116,20 +167,29 @@ async function serve(list, tokens, options, sampling = null) {
   return { seconds, timings: outcomes.map((o) => o.timings) }
 }
 
-function measure(kernels, samplingNames) {
+function measure(kernels, samplingNames, graphs) {
   return (async () => {
     setVariantKernels(kernels === 'variant')
+    model = models.get(graphs)
     try {
       await serve([prompts[0].slice(0, 8)], 2, { maxBatchSize: 1, prefillChunkSize: 512 }) // warm-up
       const rows = []
       for (const batch of batches)
         for (const sampling of samplingNames) {
+        // Warm-up at this batch size: the decode buckets it needs are captured before timing.
+        await serve(prompts.slice(0, batch), 4, { maxBatchSize: batch, prefillChunkSize: 512 }, parseSampling(sampling))
         const { seconds, timings } = await serve(prompts.slice(0, batch), newTokens, { maxBatchSize: batch, prefillChunkSize: 512 }, parseSampling(sampling))
         const decodeSeconds = Math.max(...timings.map((t) => t.decodeMs)) / 1000
+        const decodeTokensPerSecond = decodeSeconds > 0 ? (batch * (newTokens - 1)) / decodeSeconds : 0
+        const ceiling = roofline(batch)
         rows.push({
           kernels,
+          graphs,
           sampling,
           batch,
+          stepMs: decodeTokensPerSecond > 0 ? (1000 * batch) / decodeTokensPerSecond : 0,
+          rooflineTokensPerSecond: ceiling,
+          ofRoofline: ceiling ? decodeTokensPerSecond / ceiling : null,
           seconds,
           tokensPerSecond: (batch * newTokens) / seconds,
           decodeTokensPerSecond: decodeSeconds > 0 ? (batch * (newTokens - 1)) / decodeSeconds : 0,
@@ -145,9 +205,15 @@ function measure(kernels, samplingNames) {
   })()
 }
 
-const invariant = await measure('invariant', samplings)
-const variant = args['no-variant'] ? null : await measure('variant', ['greedy'])
-model.dispose()
+const invariant = { rows: [], prefillTokensPerSecond: 0 }
+for (const g of graphModes) {
+  const r = await measure('invariant', g === graphModes[0] ? samplings : ['greedy'], g)
+  invariant.rows.push(...r.rows)
+  if (g === graphModes[0]) invariant.prefillTokensPerSecond = r.prefillTokensPerSecond
+}
+const graphStats = models.get('on')?.graphStats() ?? null
+const variant = args['no-variant'] ? null : await measure('variant', ['greedy'], models.has('off') ? 'off' : graphModes[0])
+for (const m of models.values()) m.dispose()
 
 let baseline = null
 if (args.baseline) {
@@ -168,6 +234,9 @@ const summary = {
   promptTokens,
   newTokens,
   prefillTokens,
+  copyGBs,
+  weightBytes,
+  graphs: graphStats,
   invariant,
   variant,
   baseline,
@@ -179,21 +248,31 @@ writeFileSync(join(resultsDir, 'generate.json'), JSON.stringify(summary, null, 2
 const pad = (s, w) => String(s).padStart(w)
 const f = (v, d = 1) => (v === undefined || v === null ? '-' : v.toFixed(d))
 console.log(`\ngeneration on ${device}: ${summary.model}, prompts of ${promptTokens} tokens, ${newTokens} new tokens each (EOS ignored)`)
-console.log(['batch', 'sampling', 'tok/s', 'decode tok/s', 'of greedy', 'first tok ms', 'variant tok/s', 'invariant/variant', 'hf tok/s', 'ours/hf'].map((h, i) => (i === 1 ? h.padEnd(14) : pad(h, [5, 0, 9, 12, 9, 12, 13, 17, 9, 8][i]))).join(' '))
+console.log(
+  ['batch', 'graphs', 'sampling', 'tok/s', 'decode tok/s', 'step ms', 'of roofline', 'of greedy', 'first tok ms', 'variant tok/s', 'inv/variant', 'hf tok/s', 'ours/hf']
+    .map((h, i) => (i === 2 ? h.padEnd(14) : pad(h, [5, 6, 0, 9, 12, 8, 11, 9, 12, 13, 11, 9, 8][i])))
+    .join(' '),
+)
 for (const r of invariant.rows) {
   const greedy = r.sampling === 'greedy'
-  const g = invariant.rows.find((x) => x.batch === r.batch && x.sampling === 'greedy')
-  const v = greedy ? variant?.rows.find((x) => x.batch === r.batch) : undefined
+  const g = invariant.rows.find((x) => x.batch === r.batch && x.sampling === 'greedy' && x.graphs === r.graphs)
+  const v = greedy && r.graphs === 'off' ? variant?.rows.find((x) => x.batch === r.batch) : undefined
   const hf = greedy ? baseline?.rows.find((b) => b.batch === r.batch) : undefined
   console.log(
     [
-      pad(r.batch, 5), r.sampling.padEnd(14), pad(f(r.tokensPerSecond), 9), pad(f(r.decodeTokensPerSecond), 12),
+      pad(r.batch, 5), pad(r.graphs, 6), r.sampling.padEnd(14), pad(f(r.tokensPerSecond), 9), pad(f(r.decodeTokensPerSecond), 12),
+      pad(f(r.stepMs, 2), 8), pad(r.ofRoofline === null ? '-' : `${(100 * r.ofRoofline).toFixed(0)}%`, 11),
       pad(g ? f(r.decodeTokensPerSecond / g.decodeTokensPerSecond, 2) : '-', 9), pad(f(r.firstTokenMs), 12),
-      pad(f(v?.tokensPerSecond), 13), pad(f(v ? r.tokensPerSecond / v.tokensPerSecond : undefined, 2), 17),
+      pad(f(v?.tokensPerSecond), 13), pad(f(v ? r.tokensPerSecond / v.tokensPerSecond : undefined, 2), 11),
       pad(f(hf?.tokensPerSecond), 9), pad(f(hf ? r.tokensPerSecond / hf.tokensPerSecond : undefined, 2), 8),
     ].join(' '),
   )
 }
+if (copyGBs) console.log(`roofline: ${(weightBytes / 1e9).toFixed(2)} GB of weights plus the KV cache per decode step, at ${copyGBs.toFixed(0)} GB/s (a 1 GiB device copy, read + written, measured in this run)`)
+if (graphStats)
+  console.log(
+    `CUDA graphs captured: ${graphStats.captured.map((g) => `${g.rows}x${g.context}`).join(', ')} (${(graphStats.bytes / 2 ** 20).toFixed(1)} MiB)`,
+  )
 console.log(
   `prefill of ${prefillTokens} tokens: ${f(invariant.prefillTokensPerSecond)} tok/s` +
     (variant ? ` (variant ${f(variant.prefillTokensPerSecond)})` : '') +
