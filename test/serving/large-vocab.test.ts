@@ -102,11 +102,15 @@ function suite(device: DeviceName) {
   })
 
   it('variant twin: batching moves the log-prob bits', async () => {
+    // One last bit of a logsumexp moves only now and then: every case and prompt, alone and batched.
     setVariantKernels(true)
     try {
-      const alone = await model.generate(list[1]!, CASES[0]!)
-      const batched = await Promise.all(list.map((p) => model.generate(p, CASES[0]!)))
-      expect(firstDifference(Float32Array.from(batched[1]!.logprobs), Float32Array.from(alone.logprobs))).toBeGreaterThanOrEqual(0)
+      let differ = 0
+      for (const options of CASES) {
+        const batched = await Promise.all(list.map((p) => model.generate(p, options)))
+        for (const [i, p] of list.entries()) if (resultBits(await model.generate(p, options)) !== resultBits(batched[i]!)) differ++
+      }
+      expect(differ).toBeGreaterThan(0)
     } finally {
       setVariantKernels(false)
     }
