@@ -124,6 +124,8 @@ export interface NativeAddon {
   graphEnd(): NativeGraph
   /** Ends a capture after an error, discarding it and clearing the error; does nothing when none is running. */
   graphAbort(): void
+  /** GPU memory free and in all, in bytes, once the stream's work has run (CUDA only). */
+  memoryInfo(): { free: number; total: number }
 }
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..')

@@ -71,6 +71,15 @@ Napi::Value GraphEnd(const Napi::CallbackInfo& info) {
   return GraphWrap::New(info.Env(), exec, bytes);
 }
 
+Napi::Value MemoryInfo(const Napi::CallbackInfo& info) {
+  size_t free_bytes = 0, total_bytes = 0;
+  cuda_runtime::memory_info(&free_bytes, &total_bytes);
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("free", static_cast<double>(free_bytes));
+  o.Set("total", static_cast<double>(total_bytes));
+  return o;
+}
+
 Napi::Value GraphAbort(const Napi::CallbackInfo& info) {
   cuda_runtime::require();
   cuda_runtime::capture_abort();
@@ -274,6 +283,7 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"copy", Copy},
       {"uploadAsync", UploadAsync}, {"graphBegin", GraphBegin},
       {"graphEnd", GraphEnd},   {"graphAbort", GraphAbort},
+      {"memoryInfo", MemoryInfo},
       {"cast", Cast},           {"setVariantKernels", SetVariantKernels},
       {"variantKernels", VariantKernels}, {"cudaStatus", CudaStatus},
   };

@@ -252,4 +252,15 @@ void graph_destroy(void* exec) noexcept {
   if (cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec)) != cudaSuccess) cudaGetLastError();
 }
 
+void memory_info(size_t* free_bytes, size_t* total_bytes) {
+  require();
+  CUDA_CHECK(cudaStreamSynchronize(g_stream));
+  cudaMemPool_t pool = nullptr;
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+  CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
+  CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
+}
+
 }  // namespace detinfer::cuda_runtime

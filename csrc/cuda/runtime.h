@@ -55,5 +55,8 @@ void* capture_end(size_t* bytes);
 void capture_abort() noexcept;
 void graph_launch(void* exec);
 void graph_destroy(void* exec) noexcept;
+// Free and total device memory (cudaMemGetInfo) after the stream's work has run and the
+// stream-ordered pool has handed unused memory back.
+void memory_info(size_t* free_bytes, size_t* total_bytes);
 
 }  // namespace detinfer::cuda_runtime

@@ -143,3 +143,20 @@ describeGpu('CUDA graphs', () => {
     }
   })
 })
+
+describeGpu('dispose', () => {
+  it('gives the KV cache, the buffers and the captured graphs back to the GPU', async () => {
+    const { native } = await import('../../lib/native.js')
+    const before = native().memoryInfo().free
+    const model = await load('cuda', true)
+    await workload(model, 6)
+    const loaded = native().memoryInfo().free
+    expect(model.graphStats()!.captured.length).toBeGreaterThan(0)
+    model.dispose()
+    const after = native().memoryInfo().free
+    console.log(`free GPU memory: ${before} before load, ${loaded} loaded, ${after} after dispose`)
+    expect(before - loaded).toBeGreaterThan(0)
+    // Within 8 MiB of where it started (the CUDA context's own allocations may move a little).
+    expect(Math.abs(before - after)).toBeLessThan(8 * 2 ** 20)
+  })
+})
