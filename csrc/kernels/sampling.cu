@@ -475,9 +475,24 @@ __device__ unsigned long long prefix_cut(Candidates c, const unsigned* bin_count
   return cut;
 }
 
+__device__ __forceinline__ float gumbel_of(uint32_t bits) { return -logf(-logf(ch::noise_uniform(bits))); }
+
 __device__ __forceinline__ float gumbel(uint32_t noise_row, int v) {
-  float u = ch::noise_uniform(ch::noise_token(noise_row, static_cast<uint32_t>(v)));
-  return -logf(-logf(u));
+  return gumbel_of(ch::noise_token(noise_row, static_cast<uint32_t>(v)));
+}
+
+// Whether a token whose scaled logit is `gap` above the best score so far, `best` (gap <= 0
+// mostly), can come near that score with noise drawn from u. Its noise -log(-log u) would have to
+// exceed -gap - tol, that is u > exp(-exp(gap + tol)), where tol (1e-3, and 16 float32 ulps of
+// the score) is far above the rounding of a score; the bound uses the fast exponentials,
+// loosened by a factor (1 - 2^-10) far beyond their error. A token it rules out has an exact score
+// below best - tol, so it could not have won (nor tied): every other token gets its exact noise.
+// It saves the two logarithms of most tokens and changes no choice.
+__device__ __forceinline__ bool may_win(float gap, float best, float u) {
+  const float tol = 1e-3f + fabsf(best) * 2e-6f;
+  if (gap + tol >= 0.f) return true;
+  const float threshold = __expf(-__expf(gap + tol));
+  return u >= threshold * (1.f - 0.0009765625f);
 }
 
 __global__ void __launch_bounds__(kChoiceThreads)
@@ -589,7 +604,9 @@ __global__ void __launch_bounds__(kChoiceThreads)
       if (sv + ch::kGumbelMax < pick.value || v == best.index) return;
       if (sort_key(xv, static_cast<int>(v)) < cut) return;
       if (p.min_p > 0.f && s.weight(xv) < p.min_p) return;
-      pick = arg_better(pick, ArgBest{sv + gumbel(noise_row, static_cast<int>(v)), static_cast<int>(v)});
+      const uint32_t bits = ch::noise_token(noise_row, static_cast<uint32_t>(v));
+      if (!may_win(sv - pick.value, pick.value, ch::noise_uniform(bits))) return;
+      pick = arg_better(pick, ArgBest{sv + gumbel_of(bits), static_cast<int>(v)});
     });
     id = block_argmax<kChoiceThreads>(pick).index;
   }
