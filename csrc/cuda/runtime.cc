@@ -122,6 +122,12 @@ void free(void* ptr) noexcept {
   if (cudaFreeAsync(ptr, g_stream) != cudaSuccess) cudaGetLastError();
 }
 
+// Held from capture_begin to capture_end/capture_abort (on the JS thread), and by the worker
+// threads' downloads and synchronizations around their stream work: a worker's copy never lands
+// in another model's graph capture, it waits for the capture to end.
+static std::mutex g_capture_mutex;
+static std::unique_lock<std::mutex> g_capture_lock(g_capture_mutex, std::defer_lock);
+
 void upload(void* dst, const void* src, size_t nbytes) {
   require();
   CUDA_CHECK(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyHostToDevice, g_stream));
@@ -130,6 +136,7 @@ void upload(void* dst, const void* src, size_t nbytes) {
 
 void download(void* dst, const void* src, size_t nbytes) {
   require();
+  std::lock_guard<std::mutex> no_capture(g_capture_mutex);
   CUDA_CHECK(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyDeviceToHost, g_stream));
   CUDA_CHECK(cudaStreamSynchronize(g_stream));
 }
@@ -141,6 +148,7 @@ void copy_async(void* dst, const void* src, size_t nbytes) {
 
 void synchronize() {
   require();
+  std::lock_guard<std::mutex> no_capture(g_capture_mutex);
   CUDA_CHECK(cudaStreamSynchronize(g_stream));
 }
 
@@ -194,7 +202,10 @@ void capture_begin() {
   require();
   if (capture_status() != cudaStreamCaptureStatusNone)
     fail("a CUDA graph capture is already in progress; end it (or abort it) before beginning another");
-  CUDA_CHECK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal));
+  g_capture_lock.lock();
+  cudaError_t err = cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal);
+  if (err != cudaSuccess) g_capture_lock.unlock();
+  CUDA_CHECK(err);
 }
 
 void* capture_end(size_t* bytes) {
@@ -203,6 +214,7 @@ void* capture_end(size_t* bytes) {
     fail("no CUDA graph capture is in progress to end; begin one first");
   cudaGraph_t graph = nullptr;
   cudaError_t err = cudaStreamEndCapture(g_stream, &graph);
+  if (g_capture_lock.owns_lock()) g_capture_lock.unlock();
   if (err != cudaSuccess) {
     if (graph != nullptr) cudaGraphDestroy(graph);
     cudaGetLastError();
@@ -238,6 +250,7 @@ void capture_abort() noexcept {
     cudaStreamEndCapture(g_stream, &graph);
     if (graph != nullptr) cudaGraphDestroy(graph);
   }
+  if (g_capture_lock.owns_lock()) g_capture_lock.unlock();
   cudaGetLastError();
 }
 
