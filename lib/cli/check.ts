@@ -1,14 +1,15 @@
-// `detinfer check`: the determinism experiment (lib/check.ts) for any model. Completes one prompt
-// many times under varied load and reports how many distinct completions came back, whether
-// each equals the prompt's completion run alone, bit for bit, and where the first divergence is.
+// `detinfer check`: the determinism experiment (lib/determinism-check.ts) for any model. Completes
+// one prompt many times under varied load and reports how many distinct completions came back,
+// whether each equals the prompt's completion run alone, bit for bit, and where the first
+// divergence is.
 // With --variant the same experiment runs again on the variant kernels, for contrast.
 import { Command, Option } from 'commander'
-import { defaultPhases, runCheck, type CheckReport } from '../check.js'
+import { defaultPhases, runCheck, type CheckReport } from '../determinism-check.js'
 import { resolveGenerateOptions } from '../generate.js'
 import { resolveDevice, setVariantKernels } from '../device.js'
-import { defaultModelPath } from '../model.js'
+import { defaultModelPath } from '../api.js'
 import { loadModelConfig } from '../model/config.js'
-import { readTextFile } from '../model/files.js'
+import { readTextFile } from '../files.js'
 import { Transformer } from '../model/transformer.js'
 import type { SamplingParams } from '../sampling.js'
 import { Tokenizer } from '../tokenizer.js'

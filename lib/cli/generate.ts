@@ -1,8 +1,8 @@
 // `detinfer generate [prompt]`: one completion, streamed to stdout as it is generated.
 import { Command, Option } from 'commander'
-import { checkModelDir, defaultModelPath, loadModel } from '../model.js'
+import { checkModelDir, defaultModelPath, loadModel } from '../api.js'
 import { loadModelConfig } from '../model/config.js'
-import { readTextFile } from '../model/files.js'
+import { readTextFile } from '../files.js'
 import { DEFAULT_MAX_TOKENS, resolveGenerateOptions, type GenerateOptions } from '../generate.js'
 import { integer, number } from './parse.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'

@@ -3,7 +3,7 @@
 // stops accepting requests, lets those in flight finish within --shutdown-timeout, and exits 0.
 import { basename, resolve } from 'node:path'
 import { Command, Option } from 'commander'
-import { checkModelDir, defaultModelPath, loadModel, type LoadModelOptions, type Model } from '../model.js'
+import { checkModelDir, defaultModelPath, loadModel, type LoadModelOptions, type Model } from '../api.js'
 import { loadModelConfig } from '../model/config.js'
 import { InferenceServer } from '../server/app.js'
 import { hashModelFiles, systemFingerprint } from '../server/fingerprint.js'
