@@ -26,10 +26,10 @@ import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { resolveDevice, setVariantKernels } from '../dist/device.js'
 import { native } from '../dist/native.js'
-import { defaultModelPath } from '../dist/model.js'
+import { defaultModelPath } from '../dist/api.js'
 import { Transformer } from '../dist/model/transformer.js'
 import { Scheduler } from '../dist/scheduler.js'
-import { mulberry32 } from '../dist/check.js'
+import { mulberry32 } from '../dist/determinism-check.js'
 import { writeRandomModel } from '../scripts/make-random-model.mjs'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')

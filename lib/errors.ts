@@ -3,7 +3,7 @@
 // and, for a field of a model file, "Expected <what> for <field> in <file> but received <value> of type <type>".
 //
 // Which layer checks what (sharp's rule: the outer layer checks, the inner one trusts):
-// - lib/model.ts (the public Model and loadModel) checks every argument a user passes: prompts,
+// - lib/api.ts (the public Model and loadModel) checks every argument a user passes: prompts,
 //   token ids against the model's vocabulary, options, and the context length.
 // - lib/generate.ts checks the generation options (resolveGenerateOptions).
 // - lib/model/config.ts checks every field of config.json (types and sane bounds) before anything

@@ -6,7 +6,7 @@ import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
 import type { FinishReason, Scheduler } from './scheduler.js'
 import type { ChatMessage } from './tokenizer.js'
 
-/** What decoding needs from a tokenizer (lib/model.ts adapts the model's tokenizer to it). */
+/** What decoding needs from a tokenizer (lib/api.ts adapts the model's tokenizer to it). */
 export interface TextTokenizer {
   /** Ids of a prompt: BOS as the model expects it, the chat template applied when `chat`. */
   encodePrompt(text: string, chat: boolean): number[]

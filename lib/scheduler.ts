@@ -14,7 +14,7 @@ import { KvBlockAllocator, PrefixHasher } from './kv-cache.js'
 import type { DeviceName } from './native.js'
 import { NonFiniteLogitsError, RequestTooLargeError } from './errors.js'
 import { tokenChoice, type SamplingParams, type StepTokens, type TokenChoice, type TopLogprob } from './sampling.js'
-import type { SequenceChunk } from './model/transformer.js'
+import type { SequenceChunk } from './step.js'
 
 // ---------------------------------------------------------------------------------------------
 // The forward pass the scheduler drives (lib/model/transformer.ts implements it)

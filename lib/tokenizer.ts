@@ -5,8 +5,8 @@ import { join } from 'node:path'
 import { Tokenizer as HfTokenizer } from '@huggingface/tokenizers'
 import { ChatTemplate } from './chat-template.js'
 import { describeValue, invalidField } from './errors.js'
-import { CONFIG_LIMITS, readJsonFile } from './model/config.js'
-import { pathExists, readTextFile } from './model/files.js'
+import { pathExists, readJsonFile, readTextFile } from './files.js'
+import { MAX_VOCAB_SIZE } from './step.js'
 
 export interface EncodeOptions {
   /** Add the special tokens the model expects around a text (BOS; default true). */
@@ -185,7 +185,7 @@ export class Tokenizer {
     const limit: IdLimit =
       options.modelVocabSize !== undefined
         ? { size: options.modelVocabSize, what: `vocab_size in ${options.modelConfigFile ?? 'config.json'}` }
-        : { size: CONFIG_LIMITS.vocabSize, what: 'the largest vocabulary detinfer loads' }
+        : { size: MAX_VOCAB_SIZE, what: 'the largest vocabulary detinfer loads' }
     const tokenizerJson = checkTokenizerJson(await readJsonFile(tokenizerFile), tokenizerFile, limit)
     const config = (await readOptionalJson(configFile)) ?? {}
     const generation = await readOptionalJson(generationFile)

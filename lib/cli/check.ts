@@ -1,17 +1,15 @@
-// `detinfer check`: the determinism experiment (lib/check.ts) for any model. Completes one prompt
-// many times under varied load and reports how many distinct completions came back, whether
-// each equals the prompt's completion run alone, bit for bit, and where the first divergence is.
+// `detinfer check`: the determinism experiment (lib/determinism-check.ts) for any model. Completes
+// one prompt many times under varied load and reports how many distinct completions came back,
+// whether each equals the prompt's completion run alone, bit for bit, and where the first
+// divergence is.
 // With --variant the same experiment runs again on the variant kernels, for contrast.
 import { Command, Option } from 'commander'
-import { defaultPhases, runCheck, type CheckReport } from '../check.js'
+import { defaultModelPath, forwardOf, loadModelFrom, loadTokenizer, readModelDir } from '../api.js'
+import { defaultPhases, runCheck, type CheckReport } from '../determinism-check.js'
 import { resolveGenerateOptions } from '../generate.js'
 import { resolveDevice, setVariantKernels } from '../device.js'
-import { defaultModelPath } from '../model.js'
-import { loadModelConfig } from '../model/config.js'
-import { readTextFile } from '../model/files.js'
-import { Transformer } from '../model/transformer.js'
+import { readTextFile } from '../files.js'
 import type { SamplingParams } from '../sampling.js'
-import { Tokenizer } from '../tokenizer.js'
 import { integer, number, positive } from './parse.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
 
@@ -107,36 +105,41 @@ export function checkCommand(): Command {
       const text = flags.promptFile !== undefined ? await readTextFile(flags.promptFile, '--prompt-file') : (argument ?? 'ROMEO:')
       const device = resolveDevice(flags.device)
       const maxBatchSize = flags.maxBatchSize ?? (device === 'cuda' ? 64 : 16)
-      const config = await loadModelConfig(dir)
+      const { path, config } = await readModelDir(dir)
       const sampling = samplingFrom(flags, { contextLength: config.maxPositionEmbeddings, vocabSize: config.vocabSize })
-      const tokenizer = await Tokenizer.load(dir, { modelVocabSize: config.vocabSize })
+      const tokenizer = await loadTokenizer({ path, config })
       const prompt = tokenizer.encodePrompt(text, flags.chat === true)
       if (prompt.length === 0) throw new Error('the prompt is empty after tokenizing')
       const maxNoisePrompt = 64
       const maxBatchTokens = Math.max(256, maxBatchSize * 4)
       const blocksPerSequence = Math.ceil((Math.max(prompt.length, maxNoisePrompt) + flags.maxTokens) / 16)
       const model = await withLoadProgress('model', (onProgress) =>
-        Transformer.load(dir, {
-          device,
-          maxBatchTokens,
-          kvBlocks: blocksPerSequence * (maxBatchSize + 1),
-          kvBlockSize: 16,
-          cudaGraphs: device === 'cuda' && flags.cudaGraphs,
-          onProgress,
-        }),
+        loadModelFrom(
+          { path, config, device, tokenizer },
+          {
+            maxBatchTokens,
+            maxBatchSize,
+            // maxBatchSize sequences in the largest phase, and room for one more.
+            kvBlocks: blocksPerSequence * (maxBatchSize + 1),
+            prefixCache: false,
+            cudaGraphs: flags.cudaGraphs,
+            onProgress,
+          },
+        ),
       )
+      const forward = forwardOf(model)
       const reports: [string, CheckReport][] = []
       try {
         for (const variant of flags.variant ? [false, true] : [false]) {
           setVariantKernels(variant)
           const name = variant ? 'variant' : 'invariant'
           const total = flags.runs + (flags.noise ?? Math.ceil(flags.runs / 2))
-          const report = await runCheck(model, {
+          const report = await runCheck(forward, {
             prompt,
             runs: flags.runs,
             maxTokens: flags.maxTokens,
             sampling,
-            noise: { count: total - flags.runs, vocab: Math.min(tokenizer.vocabSize, model.config.vocabSize), maxPromptTokens: maxNoisePrompt, maxTokens: flags.maxTokens },
+            noise: { count: total - flags.runs, vocab: Math.min(tokenizer.vocabSize, model.vocabSize), maxPromptTokens: maxNoisePrompt, maxTokens: flags.maxTokens },
             phases: defaultPhases(maxBatchSize, maxBatchTokens),
             seed: flags.seed,
             onProgress: (done, all) => {
@@ -149,7 +152,7 @@ export function checkCommand(): Command {
         }
       } finally {
         setVariantKernels(false)
-        model.dispose()
+        await model.dispose()
       }
       if (flags.json) {
         process.stdout.write(JSON.stringify({ model: dir, device, prompt: text, sampling, reports: Object.fromEntries(reports) }) + '\n')

@@ -1,8 +1,7 @@
 // `detinfer generate [prompt]`: one completion, streamed to stdout as it is generated.
 import { Command, Option } from 'commander'
-import { checkModelDir, defaultModelPath, loadModel } from '../model.js'
-import { loadModelConfig } from '../model/config.js'
-import { readTextFile } from '../model/files.js'
+import { defaultModelPath, loadModelFrom, readModelDir } from '../api.js'
+import { readTextFile } from '../files.js'
 import { DEFAULT_MAX_TOKENS, resolveGenerateOptions, type GenerateOptions } from '../generate.js'
 import { integer, number } from './parse.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
@@ -87,10 +86,10 @@ export function generateCommand(): Command {
       if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
       const modelDir = flags.model ?? defaultModelPath
       // Bad options fail before the weights load; the model checks them again against its cache.
-      const config = await loadModelConfig(checkModelDir(modelDir))
-      resolveGenerateOptions(options, { contextLength: config.maxPositionEmbeddings, vocabSize: config.vocabSize })
+      const source = await readModelDir(modelDir)
+      resolveGenerateOptions(options, { contextLength: source.config.maxPositionEmbeddings, vocabSize: source.config.vocabSize })
       const model = await withLoadProgress('model', (onProgress) =>
-        loadModel(modelDir, { device: flags.device, maxBatchSize: 1, cudaGraphs: flags.cudaGraphs, onProgress }),
+        loadModelFrom(source, { device: flags.device, maxBatchSize: 1, cudaGraphs: flags.cudaGraphs, onProgress }),
       )
       // Ctrl-C while generating ends the generation: what was printed stays, the exit code is 130.
       const interrupt = new AbortController()

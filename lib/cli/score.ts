@@ -2,8 +2,8 @@
 // same forward pass as generation. For the ids `generate --json` printed, the log-probs are the
 // ones it printed, bit for bit.
 import { Command, Option } from 'commander'
-import { checkModelDir, defaultModelPath, loadModel } from '../model.js'
-import { readTextFile } from '../model/files.js'
+import { checkModelDir, defaultModelPath, loadModel } from '../api.js'
+import { readTextFile } from '../files.js'
 import { ids, integer } from './parse.js'
 import { withLoadProgress } from './progress.js'
 

@@ -3,8 +3,7 @@
 // stops accepting requests, lets those in flight finish within --shutdown-timeout, and exits 0.
 import { basename, resolve } from 'node:path'
 import { Command, Option } from 'commander'
-import { checkModelDir, defaultModelPath, loadModel, type LoadModelOptions, type Model } from '../model.js'
-import { loadModelConfig } from '../model/config.js'
+import { defaultModelPath, loadModelFrom, readModelDir, type LoadModelOptions, type Model } from '../api.js'
 import { InferenceServer } from '../server/app.js'
 import { hashModelFiles, systemFingerprint } from '../server/fingerprint.js'
 import { packageVersion } from './package-info.js'
@@ -57,8 +56,8 @@ export function serveCommand(): Command {
       if (flags.port < 0 || flags.port > 65535) throw new Error(`Expected integer between 0 and 65535 for --port but received ${flags.port}`)
       if (flags.maxQueued < 0) throw new Error(`Expected integer of at least 0 for --max-queued but received ${flags.maxQueued}`)
       if (flags.shutdownTimeout < 0) throw new Error(`Expected integer of at least 0 for --shutdown-timeout but received ${flags.shutdownTimeout}`)
-      const dir = checkModelDir(flags.model ?? defaultModelPath)
-      await loadModelConfig(dir) // a bad model directory fails before the server listens
+      const source = await readModelDir(flags.model ?? defaultModelPath) // a bad model directory fails before the server listens
+      const dir = source.path
       const server = new InferenceServer({
         modelName: flags.servedModelName ?? basename(resolve(dir)),
         ...(flags.apiKey && { apiKey: flags.apiKey }),
@@ -93,7 +92,7 @@ export function serveCommand(): Command {
         ...(!flags.cudaGraphs && { cudaGraphs: false }),
       }
       const started = performance.now()
-      const [loaded, modelHash] = await Promise.all([loadModel(dir, options), hashModelFiles(dir)])
+      const [loaded, modelHash] = await Promise.all([loadModelFrom(source, options), hashModelFiles(dir)])
       model = loaded
       if (stopping) return
       const fingerprint = systemFingerprint(modelHash, packageVersion(), loaded.device)

@@ -2,7 +2,8 @@
 // Llama, Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorm) and Mistral (full attention only).
 import { join } from 'node:path'
 import { integerRange, invalidField } from '../errors.js'
-import { readTextFile } from './files.js'
+import { readJsonFile } from '../files.js'
+import { MAX_VOCAB_SIZE } from '../step.js'
 
 export const SUPPORTED_ARCHITECTURES = [
   'LlamaForCausalLM',
@@ -59,7 +60,7 @@ export const CONFIG_LIMITS = {
   numLayers: 1024,
   numHeads: 1024,
   headDim: 1024,
-  vocabSize: 1 << 24,
+  vocabSize: MAX_VOCAB_SIZE,
   maxPositionEmbeddings: 1 << 24,
   /** rope_theta above 1 (a base of 1 or less gives no rotation, or frequencies that grow). */
   ropeTheta: 1e12,
@@ -254,14 +255,4 @@ export function parseModelConfig(raw: unknown, file = 'config.json'): ModelConfi
 export async function loadModelConfig(dir: string): Promise<ModelConfig> {
   const file = join(dir, 'config.json')
   return parseModelConfig(await readJsonFile(file), file)
-}
-
-/** Reads a JSON file with errors that name it (missing, not a regular file, unreadable, not JSON). */
-export async function readJsonFile(file: string): Promise<unknown> {
-  const text = await readTextFile(file)
-  try {
-    return JSON.parse(text)
-  } catch (err) {
-    throw new Error(`${file} is not valid JSON: ${(err as Error).message}`)
-  }
 }

@@ -6,8 +6,7 @@
 import type { FileHandle } from 'node:fs/promises'
 import { join } from 'node:path'
 import { invalidField } from '../errors.js'
-import { readJsonFile } from './config.js'
-import { openRegularFile, pathExists } from './files.js'
+import { openRegularFile, pathExists, readJsonFile } from '../files.js'
 
 /** The safetensors reference implementation refuses larger headers. */
 export const MAX_HEADER_BYTES = 100_000_000

@@ -6,16 +6,9 @@
 // so they cannot change a real row.
 import { checkInteger, describeValue } from '../errors.js'
 import { native, type AttentionBatch, type DeviceName, type NativeTensor } from '../native.js'
+import type { SequenceChunk } from '../step.js'
 
-export interface SequenceChunk {
-  /** This step's new tokens of one sequence (a prefill chunk, or 1 decode token). */
-  tokens: number[]
-  /** Position of tokens[0]; positions before it are already in the KV cache. */
-  startPosition: number
-  /** Physical KV block ids covering positions 0 .. startPosition+tokens.length-1. */
-  blockTable: number[]
-  logits: 'none' | 'last' | 'all'
-}
+export type { SequenceChunk }
 
 /** What a step may hold (the model's sizes). */
 export interface StepLimits {

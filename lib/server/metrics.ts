@@ -1,7 +1,7 @@
 // Prometheus metrics of one server (GET /metrics), in a registry of their own so that two servers
 // in one process do not mix. Gauges of the scheduler's state are read when scraped.
 import { Counter, Gauge, Histogram, Registry } from 'prom-client'
-import type { Model } from '../model.js'
+import type { Model } from '../api.js'
 
 export class ServerMetrics {
   readonly registry = new Registry()

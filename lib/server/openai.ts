@@ -1,6 +1,6 @@
 // The OpenAI wire format: response bodies, stream chunks and log-probs of /v1/completions and
 // /v1/chat/completions, built from what the library returns.
-import type { Model } from '../model.js'
+import type { Model } from '../api.js'
 
 export type Endpoint = 'completions' | 'chat'
 

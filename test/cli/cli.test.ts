@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { loadModel } from '../../lib/model.js'
+import { loadModel } from '../../lib/api.js'
 import { writeTinyModel } from '../helpers/tiny-model.js'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..')

@@ -1,5 +1,5 @@
 // The test users asked for by name: 1000 greedy completions of one prompt on an NVIDIA GPU, served
-// under varied load (lib/check.ts: random arrival order among other random prompts of random
+// under varied load (lib/determinism-check.ts: random arrival order among other random prompts of random
 // lengths, batch sizes from 1 to 64, prefill chunk sizes from 1 to the whole prompt), each
 // identical — tokens and log-probs, bit for bit — to the prompt's completion run alone. The same
 // harness on the variant kernels must find differences.
@@ -11,9 +11,9 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, expect, it } from 'vitest'
-import { defaultPhases, runCheck, type CheckReport } from '../../lib/check.js'
+import { defaultPhases, runCheck, type CheckReport } from '../../lib/determinism-check.js'
 import { setVariantKernels } from '../../lib/device.js'
-import { defaultModelPath } from '../../lib/model.js'
+import { defaultModelPath } from '../../lib/api.js'
 import { Transformer } from '../../lib/model/transformer.js'
 import { Tokenizer } from '../../lib/tokenizer.js'
 // @ts-expect-error: a plain ESM script without type declarations

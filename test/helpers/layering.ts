@@ -82,15 +82,15 @@ export function csrcIncludeEdges(csrc: string): { edges: Edge[]; systemIncludes:
  * forward model, the tokenizer knows no model files).
  */
 export const LIB_LAYERS: readonly (readonly { group: string; modules: readonly string[] }[])[] = [
-  [{ group: 'base', modules: ['errors.ts', 'native.ts'] }],
-  [{ group: 'runtime', modules: ['tensor.ts', 'device.ts', 'kv-cache.ts', 'sampling.ts'] }],
+  [{ group: 'base', modules: ['errors.ts', 'native.ts', 'files.ts'] }],
+  [{ group: 'runtime', modules: ['tensor.ts', 'device.ts', 'kv-cache.ts', 'sampling.ts', 'step.ts'] }],
   [
     { group: 'model', modules: ['model/*'] },
     { group: 'tokenizer', modules: ['tokenizer.ts', 'chat-template.ts'] },
     { group: 'scheduler', modules: ['scheduler.ts'] },
   ],
-  [{ group: 'generation', modules: ['generate.ts', 'check.ts'] }],
-  [{ group: 'api', modules: ['model.ts'] }],
+  [{ group: 'generation', modules: ['generate.ts', 'determinism-check.ts'] }],
+  [{ group: 'api', modules: ['api.ts'] }],
   [{ group: 'server', modules: ['server/*'] }],
   [{ group: 'cli', modules: ['cli/*'] }],
   [{ group: 'index', modules: ['index.ts'] }],

@@ -1,6 +1,6 @@
 // Seeded random inputs for tests (never zeros): a small counter-based generator so every test
 // can rebuild its inputs from a seed.
-import { mulberry32 } from '../../lib/check.js'
+import { mulberry32 } from '../../lib/determinism-check.js'
 
 export { mulberry32 }
 

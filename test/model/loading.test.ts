@@ -5,7 +5,7 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, unlinkSync,
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { loadModel } from '../../lib/model.js'
+import { loadModel } from '../../lib/api.js'
 import { native } from '../../lib/native.js'
 import { Transformer } from '../../lib/model/transformer.js'
 import { SafetensorsCheckpoint, SafetensorsFile, toBf16Bits } from '../../lib/model/safetensors.js'

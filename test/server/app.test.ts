@@ -2,7 +2,7 @@
 // text that never splits a multi-byte character, with a scripted forward pass that makes the
 // shipped tokenizer's byte tokens come out one by one.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { defaultModelPath, Model } from '../../lib/model.js'
+import { defaultModelPath, Model } from '../../lib/api.js'
 import type { ForwardModel, SequenceChunk, StepTokens, TokenChoice } from '../../lib/scheduler.js'
 import { chooseOnLogits } from '../../lib/model/output-head.js'
 import { InferenceServer } from '../../lib/server/app.js'

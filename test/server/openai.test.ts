@@ -7,7 +7,7 @@ import OpenAI from 'openai'
 import type { ChatCompletionChunk } from 'openai/resources/chat/completions'
 import type { Completion } from 'openai/resources/completions'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { defaultModelPath, loadModel, type Model } from '../../lib/model.js'
+import { defaultModelPath, loadModel, type Model } from '../../lib/api.js'
 import { buildDist, DEVICE, metric, post, startServer, type RunningServer } from '../helpers/server.js'
 
 const SYSTEM = 'You are a lighthouse keeper who answers in one short sentence about the sea and the light.'

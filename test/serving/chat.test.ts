@@ -1,7 +1,7 @@
 // Conversations as prompts: an array of {role, content} messages goes through the model's chat
 // template (here the shipped model's ChatML) up to the assistant's turn.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { defaultModelPath, loadModel, type Model } from '../../lib/model.js'
+import { defaultModelPath, loadModel, type Model } from '../../lib/api.js'
 
 let model: Model
 

@@ -2,7 +2,7 @@
 import { describe, expect, it } from 'vitest'
 import { DisposedError, RequestTooLargeError } from '../../lib/errors.js'
 import type { TextTokenizer } from '../../lib/generate.js'
-import { Model } from '../../lib/model.js'
+import { Model } from '../../lib/api.js'
 import { ContextHashModel, charTokenizer } from './context-hash-model.js'
 
 function makeModel() {

@@ -2,7 +2,7 @@
 // through the block table: results must not depend on batching, chunking, or which blocks a
 // sequence got; every step must respect the token budget; admission must queue or refuse cleanly.
 import { describe, expect, it } from 'vitest'
-import { Model } from '../../lib/model.js'
+import { Model } from '../../lib/api.js'
 import { Scheduler } from '../../lib/scheduler.js'
 import { RequestTooLargeError } from '../../lib/errors.js'
 import { mulberry32 } from '../helpers/random.js'

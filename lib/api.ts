@@ -310,9 +310,40 @@ export function checkModelDir(dir: unknown): string {
  * one (`loadModel()`, `loadModel(undefined, options)`), the shipped model at `defaultModelPath`.
  */
 export async function loadModel(dir: string = defaultModelPath, options: LoadModelOptions = {}): Promise<Model> {
-  checkModelDir(dir)
+  return loadFrom(checkModelDir(dir), null, options)
+}
+
+/**
+ * @internal A model directory with its config.json parsed, and optionally the device once resolved
+ * and the tokenizer once loaded: the CLI checks its options against them, then loads from them
+ * (loadModelFrom) without reading or resolving again.
+ */
+export interface ModelSource {
+  readonly path: string
+  readonly config: ModelConfig
+  readonly device?: DeviceName
+  readonly tokenizer?: Tokenizer
+}
+
+/** @internal Checks `dir` like loadModel and parses its config.json. */
+export async function readModelDir(dir: unknown): Promise<ModelSource> {
+  const path = checkModelDir(dir)
+  return { path, config: await loadModelConfig(path) }
+}
+
+/** @internal The tokenizer of a model directory, as loadModel loads it (every id below the config's vocab_size). */
+export function loadTokenizer(source: ModelSource): Promise<Tokenizer> {
+  return Tokenizer.load(source.path, { modelVocabSize: source.config.vocabSize, modelConfigFile: join(source.path, 'config.json') })
+}
+
+/** @internal loadModel from a source read already; `source.device`, when given, overrides options.device. */
+export function loadModelFrom(source: ModelSource, options: LoadModelOptions = {}): Promise<Model> {
+  return loadFrom(source.path, source, options)
+}
+
+async function loadFrom(dir: string, source: ModelSource | null, options: LoadModelOptions): Promise<Model> {
   if (typeof options !== 'object' || options === null) throw invalidArgument('options', 'object', options)
-  const device = resolveDevice(options.device ?? 'auto')
+  const device = source?.device ?? resolveDevice(options.device ?? 'auto')
   const defaults = DEFAULTS[device]
   const maxBatchTokens = options.maxBatchTokens === undefined ? defaults.maxBatchTokens : checkInteger('maxBatchTokens', options.maxBatchTokens, 1, 1 << 20)
   const maxBatchSize = options.maxBatchSize === undefined ? Math.min(defaults.maxBatchSize, maxBatchTokens) : checkInteger('maxBatchSize', options.maxBatchSize, 1, maxBatchTokens)
@@ -328,10 +359,10 @@ export async function loadModel(dir: string = defaultModelPath, options: LoadMod
   if (options.onProgress !== undefined && typeof options.onProgress !== 'function')
     throw invalidArgument('onProgress', 'function', options.onProgress)
 
-  const config = await loadModelConfig(dir)
+  const config = source?.config ?? (await loadModelConfig(dir))
   const kvCacheTokens = options.kvCacheTokens ?? defaultKvCacheTokens(config, device)
   const kvBlocks = options.kvBlocks ?? Math.ceil(kvCacheTokens / KV_BLOCK_SIZE)
-  const tokenizer = await Tokenizer.load(dir, { modelVocabSize: config.vocabSize, modelConfigFile: join(dir, 'config.json') })
+  const tokenizer = source?.tokenizer ?? (await loadTokenizer({ path: dir, config }))
   const forward = await Transformer.load(dir, {
     device,
     maxBatchTokens,
@@ -344,6 +375,15 @@ export async function loadModel(dir: string = defaultModelPath, options: LoadMod
   })
   const serving = { maxBatchSize, prefillChunkSize, prefixCache: options.prefixCache ?? true }
   return new Model({ forward, tokenizer: servingTokenizer(tokenizer), path: dir }, serving)
+}
+
+/**
+ * @internal The forward pass a Model serves from, for `detinfer check`: the determinism check
+ * drives it with schedulers of its own to vary the batch size and the prefill chunk size between
+ * phases. The Model must serve nothing else meanwhile (they share its KV cache).
+ */
+export function forwardOf(model: Model): ForwardModel {
+  return model['parts'].forward
 }
 
 // Models often pad their vocabulary past the tokenizer's last id; such ids decode to nothing.

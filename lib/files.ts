@@ -1,5 +1,5 @@
-// Opening the files of a model directory (and the CLI's prompt files): only regular files, with
-// errors that name the path. A FIFO would block open() forever and a directory fails with a bare
+// Reading files (a model directory's, the CLI's prompt files): only regular files, with errors
+// that name the path. A FIFO would block open() forever and a directory fails with a bare
 // EISDIR, so both are refused before any read.
 import { constants } from 'node:fs'
 import { open, stat, type FileHandle } from 'node:fs/promises'
@@ -71,5 +71,15 @@ export async function readTextFile(path: string, name = basename(path)): Promise
     })
   } finally {
     await handle.close()
+  }
+}
+
+/** Reads a JSON file with errors that name it (missing, not a regular file, unreadable, not JSON). */
+export async function readJsonFile(file: string): Promise<unknown> {
+  const text = await readTextFile(file)
+  try {
+    return JSON.parse(text)
+  } catch (err) {
+    throw new Error(`${file} is not valid JSON: ${(err as Error).message}`)
   }
 }
