@@ -39,7 +39,7 @@
   X(matmul_partials, (Tensor & partials, const Tensor& a, const Tensor& w))                          \
   /* out[M,N] = ((p0+p1)+(p2+p3))+((p4+p5)+(p6+p7)) (+ bias), partials f32 [8,M,N], out bf16/f32. */  \
   /* ranks (1, 2, 4 or 8: the TP degree that computed them) changes nothing, except in the */         \
-  /* variant (variant_kernels()): an NCCL-style ring sum over per-rank subtotals. */                  \
+  /* variant (variant_kernels()): per-rank subtotals rounded to bf16, then an NCCL-style ring sum. */ \
   X(combine_partials, (Tensor & out, const Tensor& partials, const Tensor* bias, int ranks))          \
   /* x [T, heads, D] bf16 rotated in place (rotate-half); positions i32 [T]; */                       \
   /* cos_sin f32 [max_pos, D]: cos of the D/2 frequencies, then their sin */                          \

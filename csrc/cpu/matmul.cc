@@ -11,9 +11,10 @@
 // then one rounding. matmul_partials computes any run of Q consecutive partitions from the
 // columns of a and w they cover (a TP rank's shard), each with the same chain, so a TP rank's
 // partials are the single device's partials bit for bit. Threads split N as in matmul.
-// Variant of combine_partials (variant_kernels()): the sum an NCCL ring all-reduce would make,
-// whose order follows the rank count: each rank's partials added in sequence, then the ranks'
-// subtotals in ring order from rank 1 (a single rank: p0 + p1 + ... + p7 in sequence).
+// Variant of combine_partials (variant_kernels()): ordinary tensor parallelism, whose result
+// follows the rank count: each rank's partials added in sequence and rounded to bf16 (its
+// row-parallel output), the ranks' outputs summed in ring order from rank 1 as an NCCL all-reduce
+// of the activations would (a single rank: p0 + ... + p7 in sequence, rounded once).
 #include <algorithm>
 #include <cstdint>
 #include <functional>
@@ -128,7 +129,7 @@ void partials_into(float* partials, int64_t Q, const Tensor& a, const Tensor& w)
   });
 }
 
-// The variant's combine: per-rank subtotals in sequence, then the ring from rank 1.
+// The variant's combine: per-rank subtotals in sequence, rounded to bf16, then the ring from rank 1.
 float ring_sum(const float* p, int64_t stride, int ranks) {
   const int64_t per = partitions::kPartitions / ranks;
   float total = 0.f;
@@ -136,6 +137,7 @@ float ring_sum(const float* p, int64_t stride, int ranks) {
     const int64_t r = (1 + i) % ranks;
     float subtotal = p[r * per * stride];
     for (int64_t j = 1; j < per; ++j) subtotal = subtotal + p[(r * per + j) * stride];
+    subtotal = bf16_to_f32(f32_to_bf16(subtotal));  // a rank's output, exchanged in bf16
     total = i == 0 ? subtotal : total + subtotal;
   }
   return total;

@@ -11,8 +11,9 @@
 // are added by the fixed tree in fp32, then the bias, then one rounding. No float atomics; the
 // tiles may follow M, the partition ranges, the chains and the tree never do. A TP rank calls
 // matmul_partials on its K columns with Q = 8/TP: its partials are the one-device partials.
-// Variant (variant_kernels()): combine_partials adds the partials as an NCCL ring would, in an
-// order that follows `ranks` (per-rank subtotals in sequence, then the ranks from rank 1).
+// Variant (variant_kernels()): combine_partials adds the partials as ordinary tensor parallelism
+// would, in a way that follows `ranks`: per-rank subtotals in sequence, rounded to bf16 (a rank's
+// row-parallel output), then summed over the ranks in ring order from rank 1 (an NCCL all-reduce).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -48,6 +49,7 @@ __global__ void combine_partials_kernel(void* out, bool out_f32, const float* ws
         const int r = (1 + k) % ranks;
         float subtotal = p[static_cast<int64_t>(r * per) * MN];
         for (int j = 1; j < per; ++j) subtotal = subtotal + p[static_cast<int64_t>(r * per + j) * MN];
+        subtotal = __bfloat162float(__float2bfloat16_rn(subtotal));  // a rank's output, exchanged in bf16
         v = k == 0 ? subtotal : v + subtotal;
       }
     }
