@@ -20,6 +20,7 @@ interface GenerateFlags {
   stop?: string[]
   device: 'auto' | 'cpu' | 'cuda'
   cudaGraphs: boolean
+  tensorParallel?: number
   chat?: boolean
   system?: string
   json?: boolean
@@ -59,6 +60,7 @@ export function generateCommand(): Command {
     .option('--top-logprobs <n>', 'with --json: the n most likely tokens and their log-probs at each position (0-20)', integer)
     .option('--stop <text>', 'stop when the text contains this (repeatable)', collect)
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .option('--tensor-parallel <n>', 'emulate tensor parallelism over n ranks (1, 2, 4 or 8; above 1 on the CPU only): the same bits at every n', integer)
     .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
     .option('--chat', "wrap the prompt in the model's chat template")
     .option('--system <text>', 'a system message before the prompt (implies --chat)')
@@ -90,7 +92,13 @@ export function generateCommand(): Command {
       const config = await loadModelConfig(checkModelDir(modelDir))
       resolveGenerateOptions(options, { contextLength: config.maxPositionEmbeddings, vocabSize: config.vocabSize })
       const model = await withLoadProgress('model', (onProgress) =>
-        loadModel(modelDir, { device: flags.device, maxBatchSize: 1, cudaGraphs: flags.cudaGraphs, onProgress }),
+        loadModel(modelDir, {
+          device: flags.device,
+          maxBatchSize: 1,
+          cudaGraphs: flags.cudaGraphs,
+          ...(flags.tensorParallel !== undefined && { tensorParallel: flags.tensorParallel }),
+          onProgress,
+        }),
       )
       // Ctrl-C while generating ends the generation: what was printed stays, the exit code is 130.
       const interrupt = new AbortController()
