@@ -13,6 +13,7 @@ import { checkTensorParallel } from '../../lib/model/tensor-parallel.js'
 import { Transformer } from '../../lib/model/transformer.js'
 import { native } from '../../lib/native.js'
 import { readBytes, readF32 } from '../../lib/tensor.js'
+import { describeGpu } from '../helpers/gpu.js'
 import { randomInts } from '../helpers/random.js'
 import { writeTinyModel, type TinyModel, type TinyModelSpec } from '../helpers/tiny-model.js'
 import { bf16Tensor, expectClose, randomBf16, refMatmul } from '../ops/reference.js'
@@ -254,5 +255,44 @@ describe('loadModel({ tensorParallel })', () => {
     expect(() => checkTensorParallel(2, config, 'cuda')).toThrow(/needs 2 GPUs and NCCL, which this build does not have/)
     expect(checkTensorParallel(1, config, 'cuda')).toBe(1)
     expect(checkTensorParallel(8, config, 'cpu')).toBe(8)
+  })
+})
+
+describeGpu('matmulPartitioned on CUDA', () => {
+  // K/8 = 48 (the mma.sync kernels on every device) and 128 (wgmma on an sm_90a build on Hopper).
+  it.each([
+    [1, 72, 384],
+    [37, 200, 1024],
+    [130, 96, 1024],
+  ])('matches float64 (M=%i, N=%i, K=%i), and each rank of TP 2, 4, 8 gives the one-device partials', async (M, N, K) => {
+    const a = randomBf16(M * K, M + 1)
+    const w = randomBf16(N * K, N + 2)
+    const bias = randomBf16(N, 3)
+    const out = n.empty('cuda', 'f32', [M, N])
+    n.matmulPartitioned(out, bf16Tensor('cuda', [M, K], a), bf16Tensor('cuda', [N, K], w), bf16Tensor('cuda', [N], bias))
+    expectClose(await readF32(out), refMatmul(a, w, M, N, K, bias), 1e-5, 1e-5 * Math.sqrt(K), 'cuda f32')
+    const full = n.empty('cuda', 'f32', [8, M, N])
+    n.matmulPartials(full, bf16Tensor('cuda', [M, K], a), bf16Tensor('cuda', [N, K], w))
+    const combined = n.empty('cuda', 'f32', [M, N])
+    n.combinePartials(combined, full, bf16Tensor('cuda', [N], bias), 1)
+    expect((await readBytes(combined)).equals(await readBytes(out))).toBe(true)
+    const fullBytes = await readBytes(full)
+    const part = fullBytes.length / 8
+    for (const N_ of [2, 4, 8])
+      for (let r = 0; r < N_; r++) {
+        const cols = K / N_
+        const slice = (x: Float32Array, rows: number) => {
+          const o = new Float32Array(rows * cols)
+          for (let i = 0; i < rows; i++) o.set(x.subarray(i * K + r * cols, i * K + (r + 1) * cols), i * cols)
+          return o
+        }
+        const mine = n.empty('cuda', 'f32', [8 / N_, M, N])
+        n.matmulPartials(mine, bf16Tensor('cuda', [M, cols], slice(a, M)), bf16Tensor('cuda', [N, cols], slice(w, N)))
+        expect((await readBytes(mine)).equals(fullBytes.subarray(((r * 8) / N_) * part, (((r + 1) * 8) / N_) * part)), `TP${N_} rank ${r}`).toBe(true)
+      }
+    // A row's output does not depend on M: row 0 alone equals row 0 of the whole product.
+    const one = n.empty('cuda', 'f32', [1, N])
+    n.matmulPartitioned(one, bf16Tensor('cuda', [1, K], a.subarray(0, K)), bf16Tensor('cuda', [N, K], w), bf16Tensor('cuda', [N], bias))
+    expect((await readBytes(one)).equals((await readBytes(out)).subarray(0, N * 4))).toBe(true)
   })
 })
