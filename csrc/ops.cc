@@ -7,6 +7,7 @@
 #include <initializer_list>
 
 #include "common/config.h"
+#include "common/partitions.h"
 #include "common/token_choice.h"
 #include "cpu/cpu_ops.h"
 #include "cuda/runtime.h"
@@ -122,6 +123,73 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
     c.dim(*bias, "bias", 0, w.dim(0), "N, rows of w");
   }
   on_cuda(out) ? cuda::matmul(out, a, w, bias) : cpu::matmul(out, a, w, bias);
+}
+
+// K cut into `parts` partitions of a multiple of partitions::kStep columns each.
+static void check_partition(const Checker& c, int64_t K, int64_t parts, const Tensor& a) {
+  if (K <= 0 || K % parts != 0 || (K / parts) % partitions::kStep != 0)
+    fail(c.op, ": expected K (the second dimension of a) to be a multiple of ", parts * partitions::kStep, " (", parts,
+         " equal partitions, each a positive multiple of ", partitions::kStep, " columns) but received ", a.describe());
+}
+
+static void check_product(const Checker& c, const Tensor& a, const Tensor& w) {
+  c.rank(a, "a", 2);
+  c.rank(w, "w", 2);
+  c.dtype(a, "a", {DType::BF16});
+  c.dtype(w, "w", {DType::BF16});
+  c.dim(a, "a", 1, w.dim(1), "K, the second dimension of w");
+}
+
+static void check_bias(const Checker& c, const Tensor& out, const Tensor* bias, int64_t N) {
+  if (!bias) return;
+  c.devices({{"out", &out}, {"bias", bias}});
+  c.dtype(*bias, "bias", {DType::BF16});
+  c.rank(*bias, "bias", 1);
+  c.dim(*bias, "bias", 0, N, "N, columns of out");
+}
+
+void matmul_partitioned(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
+  Checker c{"matmul_partitioned"};
+  c.devices({{"out", &out}, {"a", &a}, {"w", &w}});
+  check_product(c, a, w);
+  c.rank(out, "out", 2);
+  c.dtype(out, "out", {DType::BF16, DType::F32});
+  c.dim(out, "out", 0, a.dim(0), "M, rows of a");
+  c.dim(out, "out", 1, w.dim(0), "N, rows of w");
+  check_bias(c, out, bias, w.dim(0));
+  check_partition(c, a.dim(1), partitions::kPartitions, a);
+  on_cuda(out) ? cuda::matmul_partitioned(out, a, w, bias) : cpu::matmul_partitioned(out, a, w, bias);
+}
+
+void matmul_partials(Tensor& partials, const Tensor& a, const Tensor& w) {
+  Checker c{"matmul_partials"};
+  c.devices({{"partials", &partials}, {"a", &a}, {"w", &w}});
+  check_product(c, a, w);
+  c.rank(partials, "partials", 3);
+  c.dtype(partials, "partials", {DType::F32});
+  if (partials.dim(0) < 1 || partials.dim(0) > partitions::kPartitions)
+    fail("matmul_partials: expected dimension 0 of partials (the partitions) to be between 1 and ",
+         partitions::kPartitions, " but received ", partials.describe());
+  c.dim(partials, "partials", 1, a.dim(0), "M, rows of a");
+  c.dim(partials, "partials", 2, w.dim(0), "N, rows of w");
+  check_partition(c, a.dim(1), partials.dim(0), a);
+  on_cuda(partials) ? cuda::matmul_partials(partials, a, w) : cpu::matmul_partials(partials, a, w);
+}
+
+void combine_partials(Tensor& out, const Tensor& partials, const Tensor* bias, int ranks) {
+  Checker c{"combine_partials"};
+  c.devices({{"out", &out}, {"partials", &partials}});
+  c.rank(out, "out", 2);
+  c.dtype(out, "out", {DType::BF16, DType::F32});
+  c.rank(partials, "partials", 3);
+  c.dtype(partials, "partials", {DType::F32});
+  c.dim(partials, "partials", 0, partitions::kPartitions, "the fixed number of partitions");
+  c.dim(partials, "partials", 1, out.dim(0), "rows of out");
+  c.dim(partials, "partials", 2, out.dim(1), "columns of out");
+  check_bias(c, out, bias, out.dim(1));
+  if (ranks != 1 && ranks != 2 && ranks != 4 && ranks != 8)
+    fail("combine_partials: expected ranks to be 1, 2, 4 or 8 but received ", ranks);
+  on_cuda(out) ? cuda::combine_partials(out, partials, bias, ranks) : cpu::combine_partials(out, partials, bias, ranks);
 }
 
 void rope(Tensor& x, const Tensor& positions, const Tensor& cos_sin) {

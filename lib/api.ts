@@ -274,6 +274,12 @@ export interface LoadModelOptions {
    * the same either way; graphs take the host's launch work out of each decode step.
    */
   cudaGraphs?: boolean
+  /**
+   * Tensor parallelism, emulated in one process: 1, 2, 4 or 8 ranks, every degree giving the
+   * same bits (README "Tensor parallelism (emulated)"). Unset: no partition of the row-parallel
+   * products (today's bits, which differ from every degree's). Above 1 on the CPU only.
+   */
+  tensorParallel?: number
   onProgress?: (progress: LoadProgress) => void
 }
 
@@ -371,6 +377,7 @@ async function loadFrom(dir: string, source: ModelSource | null, options: LoadMo
     // Logits are f32 [rows, vocab]: rows for every decoding sequence, and scored chunks up to 512 tokens.
     maxLogitRows: Math.max(maxBatchSize, Math.min(maxBatchTokens, 512)),
     cudaGraphs: device === 'cuda' && options.cudaGraphs !== false,
+    ...(options.tensorParallel !== undefined && { tensorParallel: options.tensorParallel }),
     ...(options.onProgress && { onProgress: options.onProgress }),
   })
   const serving = { maxBatchSize, prefillChunkSize, prefixCache: options.prefixCache ?? true }

@@ -78,6 +78,15 @@ export interface NativeAddon {
   rmsnorm(out: NativeTensor, x: NativeTensor, w: NativeTensor, eps: number): void
   addRmsnorm(out: NativeTensor, residual: NativeTensor, x: NativeTensor, w: NativeTensor, eps: number): void
   matmul(out: NativeTensor, a: NativeTensor, w: NativeTensor, bias: NativeTensor | null): void
+  /**
+   * The row-parallel product: K in 8 equal partitions (K/8 a multiple of 16), each partition's
+   * product in fp32, the partials added by the fixed tree ((p0+p1)+(p2+p3))+((p4+p5)+(p6+p7)), + bias.
+   */
+  matmulPartitioned(out: NativeTensor, a: NativeTensor, w: NativeTensor, bias: NativeTensor | null): void
+  /** partials f32 [Q,M,N]: the products over Q equal K ranges of a [M,K] and w [N,K], each as one partition of matmulPartitioned. */
+  matmulPartials(partials: NativeTensor, a: NativeTensor, w: NativeTensor): void
+  /** out = the fixed tree over partials f32 [8,M,N] (+ bias); ranks (1, 2, 4, 8) matters only to the variant's ring order. */
+  combinePartials(out: NativeTensor, partials: NativeTensor, bias: NativeTensor | null, ranks: number): void
   rope(x: NativeTensor, positions: NativeTensor, cosSin: NativeTensor): void
   siluMul(out: NativeTensor, gate: NativeTensor, up: NativeTensor): void
   /** out [T,I] = silu(gateUp[:, :I]) * gateUp[:, I:], gateUp [T,2I] the fused gate|up product. */

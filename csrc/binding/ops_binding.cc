@@ -131,6 +131,25 @@ Napi::Value Matmul(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value MatmulPartitioned(const Napi::CallbackInfo& info) {
+  Args a{info, "matmulPartitioned"};
+  ops::matmul_partitioned(a.tensor(0, "out"), a.tensor(1, "a"), a.tensor(2, "w"), a.optional_tensor(3, "bias"));
+  return info.Env().Undefined();
+}
+
+Napi::Value MatmulPartials(const Napi::CallbackInfo& info) {
+  Args a{info, "matmulPartials"};
+  ops::matmul_partials(a.tensor(0, "partials"), a.tensor(1, "a"), a.tensor(2, "w"));
+  return info.Env().Undefined();
+}
+
+Napi::Value CombinePartials(const Napi::CallbackInfo& info) {
+  Args a{info, "combinePartials"};
+  ops::combine_partials(a.tensor(0, "out"), a.tensor(1, "partials"), a.optional_tensor(2, "bias"),
+                        a.integer(3, "ranks"));
+  return info.Env().Undefined();
+}
+
 Napi::Value Rope(const Napi::CallbackInfo& info) {
   Args a{info, "rope"};
   ops::rope(a.tensor(0, "x"), a.tensor(1, "positions"), a.tensor(2, "cosSin"));
@@ -275,6 +294,8 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"narrow", Narrow},       {"embedding", Embedding},
       {"rmsnorm", Rmsnorm},     {"addRmsnorm", AddRmsnorm},
       {"matmul", Matmul},       {"rope", Rope},
+      {"matmulPartitioned", MatmulPartitioned}, {"matmulPartials", MatmulPartials},
+      {"combinePartials", CombinePartials},
       {"siluMul", SiluMul},     {"add", Add},
       {"kvAppend", KvAppend},   {"attention", Attention},
       {"siluMulPacked", SiluMulPacked}, {"qkvRopeAppend", QkvRopeAppend},

@@ -28,6 +28,19 @@
   X(add_rmsnorm, (Tensor & out, Tensor & residual, const Tensor& x, const Tensor& w, float eps))      \
   /* out[M,N] = a[M,K] · w[N,K]^T (+ bias[N])   bf16 in, fp32 accumulate, out bf16 or f32 */          \
   X(matmul, (Tensor & out, const Tensor& a, const Tensor& w, const Tensor* bias))                     \
+  /* The row-parallel product (cpu/matmul.cc, kernels/matmul_partitioned.cu): K cut into 8 equal */ \
+  /* contiguous partitions (K % 8 == 0, K/8 a multiple of 16), each partition's product in fp32 */    \
+  /* in the plain matmul's order over its range, the 8 partials added by the fixed tree */            \
+  /* ((p0+p1)+(p2+p3))+((p4+p5)+(p6+p7)) in fp32, then + bias, then rounded (out bf16 or f32). */    \
+  X(matmul_partitioned, (Tensor & out, const Tensor& a, const Tensor& w, const Tensor* bias))         \
+  /* partials f32 [Q,M,N]: partials[q] = a[:, q*K/Q, (q+1)*K/Q) · w[:, same range]^T, each as one */  \
+  /* partition of matmul_partitioned (K % Q == 0, K/Q a multiple of 16). A rank of a TP run */        \
+  /* computes its Q = 8/TP partitions of the row-parallel product with it. */                         \
+  X(matmul_partials, (Tensor & partials, const Tensor& a, const Tensor& w))                          \
+  /* out[M,N] = ((p0+p1)+(p2+p3))+((p4+p5)+(p6+p7)) (+ bias), partials f32 [8,M,N], out bf16/f32. */  \
+  /* ranks (1, 2, 4 or 8: the TP degree that computed them) changes nothing, except in the */         \
+  /* variant (variant_kernels()): per-rank subtotals rounded to bf16, then an NCCL-style ring sum. */ \
+  X(combine_partials, (Tensor & out, const Tensor& partials, const Tensor* bias, int ranks))          \
   /* x [T, heads, D] bf16 rotated in place (rotate-half); positions i32 [T]; */                       \
   /* cos_sin f32 [max_pos, D]: cos of the D/2 frequencies, then their sin */                          \
   X(rope, (Tensor & x, const Tensor& positions, const Tensor& cos_sin))                               \

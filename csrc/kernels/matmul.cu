@@ -394,6 +394,31 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
   run_matmul(out, a, w, bias, false, 0, 1);
 }
 
+void matmul_k_partitions(float* partials, const Tensor& a, const Tensor& w, int partitions) {
+  int64_t M = a.dim(0), K = a.dim(1), N = w.dim(0);
+  if (M == 0 || N == 0) return;
+  DI_CHECK(partitions >= 1 && K % partitions == 0 && (K / partitions) % 16 == 0,
+           "matmul_partials: K = ", K, " is not ", partitions, " partitions of a multiple of 16 columns");
+  DI_CHECK(M < (int64_t{1} << 31) && N < (int64_t{1} << 31) && K < (int64_t{1} << 31) && M * N < (int64_t{1} << 40),
+           "matmul_partials: shape ", shapes(M, N, K), " is too large");
+  DI_CHECK(reinterpret_cast<uintptr_t>(a.data()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data()) % 16 == 0,
+           "matmul_partials: the CUDA kernels need a and w to start on a 16-byte boundary");
+  cudaStream_t stream = static_cast<cudaStream_t>(cuda_runtime::stream());
+  const int64_t width = K / partitions;
+  // The family follows the partition's width only, never M: the same for every TP degree.
+  const bool hopper = sm90::available() && width % kBlockK == 0;
+  MatmulLaunch l = matmul_config(M, N, K, hopper);
+  MatmulArgs args{a.ptr<__nv_bfloat16>(), w.ptr<__nv_bfloat16>(), nullptr, partials, true, static_cast<int>(M),
+                  static_cast<int>(N), static_cast<int>(K), static_cast<int>(width)};
+  if (hopper) {
+    sm90::Problem p{args.a, args.w, nullptr, partials, true, args.M, args.N, args.K, args.k_per_split, partitions};
+    sm90::launch(p, l.tiles, stream);
+  } else {
+    kTileTable[l.tiles].launch(args, partitions, stream);
+  }
+  CUDA_CHECK_LAUNCH("matmul_partials", shapes(M, N, K));
+}
+
 const char* matmul_kernels() { return sm90::available() ? "wgmma (sm_90a)" : "mma.sync"; }
 
 // The configurations of the family this device runs (matmul_sm90.cu's on Hopper).

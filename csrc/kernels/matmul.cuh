@@ -16,3 +16,15 @@ void matmul_with_config(Tensor& out, const Tensor& a, const Tensor& w, const Ten
                         int splits = 1);
 
 }  // namespace detinfer::cuda::matmul_dev
+
+namespace detinfer::cuda {
+
+// The K partitions of the row-parallel product (matmul_partitioned.cu): partials f32 [Q, M, N] =
+// the product over each of Q equal ranges of K (K/Q a multiple of 16), each as the plain matmul's
+// chain over its range (ascending k16 steps, one fp32 accumulator), in one launch whose
+// blockIdx.z is the partition. The wgmma kernels when K/Q is a multiple of their 64-column tile
+// (their copies do not stop inside a tile), the mma.sync kernels otherwise (they zero-fill past
+// the range's end); the choice follows K/Q only.
+void matmul_k_partitions(float* partials, const Tensor& a, const Tensor& w, int partitions);
+
+}  // namespace detinfer::cuda

@@ -28,6 +28,7 @@ interface CheckFlags {
   samplingSeed?: number
   device: 'auto' | 'cpu' | 'cuda'
   cudaGraphs: boolean
+  tensorParallel?: number
   chat?: boolean
   variant?: boolean
   json?: boolean
@@ -96,6 +97,7 @@ export function checkCommand(): Command {
     .option('--min-p <p>', 'with --temperature: sample among tokens at least p times as likely as the most likely one', number)
     .option('--sampling-seed <n>', 'with --temperature: the seed of every run (default 0)', integer)
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .option('--tensor-parallel <n>', 'emulate tensor parallelism over n ranks (1, 2, 4 or 8; above 1 on the CPU only): the same bits at every n', integer)
     .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
     .option('--chat', "wrap the prompt in the model's chat template")
     .option('--variant', 'also run on the variant kernels (batch-dependent splits), for contrast')
@@ -123,6 +125,7 @@ export function checkCommand(): Command {
             kvBlocks: blocksPerSequence * (maxBatchSize + 1),
             prefixCache: false,
             cudaGraphs: flags.cudaGraphs,
+            ...(flags.tensorParallel !== undefined && { tensorParallel: flags.tensorParallel }),
             onProgress,
           },
         ),

@@ -19,6 +19,7 @@ interface GenerateFlags {
   stop?: string[]
   device: 'auto' | 'cpu' | 'cuda'
   cudaGraphs: boolean
+  tensorParallel?: number
   chat?: boolean
   system?: string
   json?: boolean
@@ -58,6 +59,7 @@ export function generateCommand(): Command {
     .option('--top-logprobs <n>', 'with --json: the n most likely tokens and their log-probs at each position (0-20)', integer)
     .option('--stop <text>', 'stop when the text contains this (repeatable)', collect)
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
+    .option('--tensor-parallel <n>', 'emulate tensor parallelism over n ranks (1, 2, 4 or 8; above 1 on the CPU only): the same bits at every n', integer)
     .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
     .option('--chat', "wrap the prompt in the model's chat template")
     .option('--system <text>', 'a system message before the prompt (implies --chat)')
@@ -89,7 +91,13 @@ export function generateCommand(): Command {
       const source = await readModelDir(modelDir)
       resolveGenerateOptions(options, { contextLength: source.config.maxPositionEmbeddings, vocabSize: source.config.vocabSize })
       const model = await withLoadProgress('model', (onProgress) =>
-        loadModelFrom(source, { device: flags.device, maxBatchSize: 1, cudaGraphs: flags.cudaGraphs, onProgress }),
+        loadModelFrom(source, {
+          device: flags.device,
+          maxBatchSize: 1,
+          cudaGraphs: flags.cudaGraphs,
+          ...(flags.tensorParallel !== undefined && { tensorParallel: flags.tensorParallel }),
+          onProgress,
+        }),
       )
       // Ctrl-C while generating ends the generation: what was printed stays, the exit code is 130.
       const interrupt = new AbortController()

@@ -24,6 +24,7 @@ interface ServeFlags {
   kvCacheTokens?: number
   prefixCache: boolean
   cudaGraphs: boolean
+  tensorParallel?: number
   maxQueued: number
   apiKey?: string
   bodyLimit: number
@@ -47,6 +48,7 @@ export function serveCommand(): Command {
     .option('--prefill-chunk-size <n>', 'prompt tokens of one sequence per forward pass at most', positive)
     .option('--kv-cache-tokens <n>', 'KV-cache capacity in tokens', positive)
     .option('--no-prefix-cache', 'do not keep KV-cache blocks of prompt prefixes for later requests')
+    .option('--tensor-parallel <n>', 'emulate tensor parallelism over n ranks (1, 2, 4 or 8; above 1 on the CPU only): the same bits at every n', integer)
     .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
     .option('--max-queued <n>', 'sequences that may wait for a place in the batch; beyond them requests get 429', integer, 256)
     .addOption(new Option('--api-key <key>', 'require Authorization: Bearer <key> on /v1/*').env(API_KEY_ENV))
@@ -90,6 +92,7 @@ export function serveCommand(): Command {
         ...(flags.kvCacheTokens !== undefined && { kvCacheTokens: flags.kvCacheTokens }),
         ...(!flags.prefixCache && { prefixCache: false }),
         ...(!flags.cudaGraphs && { cudaGraphs: false }),
+        ...(flags.tensorParallel !== undefined && { tensorParallel: flags.tensorParallel }),
       }
       const started = performance.now()
       const [loaded, modelHash] = await Promise.all([loadModelFrom(source, options), hashModelFiles(dir)])

@@ -19,6 +19,7 @@ import { StepInputs, checkChunks, inputInts, layoutStep, type SequenceChunk, typ
 export type { SequenceChunk }
 import { ropeTable } from './rope.js'
 import { disposeWeights, loadWeights, type LayerWeights, type LoadProgress, type ModelWeights } from './weights.js'
+import { checkTensorParallel, disposeRankLayers, rankLayers, type RankLayer } from './tensor-parallel.js'
 
 export interface ForwardOutput {
   /** f32 [R, vocab]: rows of all chunks that asked, in chunk order ('last' gives 1 row, 'all' tokens.length rows). */
@@ -45,7 +46,35 @@ export interface TransformerOptions {
    * the CPU, true runs the same padded decode buckets eagerly (what the tests compare).
    */
   cudaGraphs?: boolean
+  /**
+   * Tensor parallelism, emulated in this process (lib/model/tensor-parallel.ts): 1, 2, 4 or 8
+   * ranks whose row-parallel products (o_proj, down_proj) use the fixed 8-way K partition and
+   * tree, so every degree gives the same bits. Unset: the unpartitioned products (other bits
+   * than any degree). Above 1 on the CPU only.
+   */
+  tensorParallel?: number
   onProgress?: (p: LoadProgress) => void
+}
+
+/** One rank's step buffers (rank 0 of TP1: the model's own). */
+interface RankBuffers {
+  qkv: NativeTensor // bf16 [T, (heads + 2*kvHeads)/N * D]
+  q: NativeTensor // bf16 [T, heads/N * D]
+  attn: NativeTensor // bf16 [T, heads/N * D]
+  gateUp: NativeTensor // bf16 [T, 2I/N]
+  act: NativeTensor // bf16 [T, I/N]
+}
+
+/** The emulated ranks: their weights, caches and buffers, and the shared workspaces. */
+interface TensorParallelState {
+  ranks: number
+  layers: RankLayer[][] // [rank][layer]
+  caches: KvCache[] // [rank], kvHeads/N heads each (rank 0: the model's cache)
+  buffers: RankBuffers[]
+  partials: NativeTensor // f32 [8 * T * H] flat: the row-parallel partials of a step, [8, T, H]
+  logitShards: NativeTensor | null // f32 [L * V] flat: each rank's [L, V/N] vocabulary rows (N > 1)
+  gatherIds: Map<number, NativeTensor> // rows -> i32 [rows * N]: the all-gather of the logit shards
+  owned: NativeTensor[]
 }
 
 /** Step buffers, allocated once for maxBatchTokens rows; each forward uses views of their first rows. */
@@ -107,6 +136,58 @@ function allocateActivations(
   }
 }
 
+/** The emulated ranks' state: rank 0 shares the model's cache (and, at TP1, its buffers). */
+function allocateTensorParallel(
+  alloc: (dtype: 'bf16' | 'f32', shape: number[]) => NativeTensor,
+  c: ModelConfig,
+  T: number,
+  L: number,
+  N: number,
+  act: Activations,
+  cache: KvCache,
+  newCache: () => KvCache,
+  layers: RankLayer[][],
+): TensorParallelState {
+  const owned: NativeTensor[] = []
+  const own = (dtype: 'bf16' | 'f32', shape: number[]) => {
+    const t = alloc(dtype, shape)
+    owned.push(t)
+    return t
+  }
+  const D = c.headDim
+  const I = c.intermediateSize
+  const buffers: RankBuffers[] = []
+  const caches: KvCache[] = [cache]
+  for (let r = 0; r < N; r++) {
+    if (N === 1) {
+      buffers.push({ qkv: act.qkv, q: act.q, attn: act.attn, gateUp: act.gateUp, act: act.act })
+      continue
+    }
+    if (r > 0) {
+      const rankCache = newCache()
+      owned.push(...rankCache.k, ...rankCache.v)
+      caches.push(rankCache)
+    }
+    buffers.push({
+      qkv: own('bf16', [T, ((c.numHeads + 2 * c.numKvHeads) / N) * D]),
+      q: own('bf16', [T, (c.numHeads / N) * D]),
+      attn: own('bf16', [T, (c.numHeads / N) * D]),
+      gateUp: own('bf16', [T, (2 * I) / N]),
+      act: own('bf16', [T, I / N]),
+    })
+  }
+  return {
+    ranks: N,
+    layers,
+    caches,
+    buffers,
+    partials: own('f32', [8 * T * c.hiddenSize]),
+    logitShards: N > 1 ? own('f32', [L * c.vocabSize]) : null,
+    gatherIds: new Map(),
+    owned,
+  }
+}
+
 export class Transformer {
   private readonly weights: ModelWeights
   private readonly cache: KvCache
@@ -117,6 +198,7 @@ export class Transformer {
   /** @internal */
   readonly inputs: StepInputs
   private readonly graphs: DecodeGraphs | null
+  private readonly tp: TensorParallelState | null
   private disposed = false
 
   private constructor(
@@ -131,7 +213,9 @@ export class Transformer {
     state: TransformerState,
     private readonly unfused: boolean,
     cudaGraphs: boolean,
+    tp: TensorParallelState | null = null,
   ) {
+    this.tp = tp
     this.weights = state.weights
     this.cache = state.cache
     this.act = state.act
@@ -172,9 +256,13 @@ export class Transformer {
     if (opts.cudaGraphs !== undefined && typeof opts.cudaGraphs !== 'boolean')
       throw new TypeError(`Expected a boolean for cudaGraphs but received ${describeValue(opts.cudaGraphs)}`)
     const cudaGraphs = opts.cudaGraphs ?? device === 'cuda'
+    if (opts.tensorParallel !== undefined && unfused)
+      throw new TypeError('Expected unfusedLayers or tensorParallel but received both')
 
     const config = await loadModelConfig(dir)
+    const tpRanks = opts.tensorParallel === undefined ? 0 : checkTensorParallel(opts.tensorParallel, config, device)
     const weights = await loadWeights(dir, config, device, opts.onProgress)
+    let rankWeights: RankLayer[][] = []
     const n = native()
     const owned: { dispose(): void }[] = []
     const alloc = (dtype: 'bf16' | 'f32', shape: number[]) => {
@@ -186,24 +274,34 @@ export class Transformer {
       const maxPositions = Math.min(config.maxPositionEmbeddings, kvBlocks * kvBlockSize)
       const cosSin = n.fromBuffer(device, 'f32', [maxPositions, config.headDim], ropeTable(config, maxPositions))
       owned.push(cosSin)
-      const cacheShape = [kvBlocks, kvBlockSize, config.numKvHeads, config.headDim]
-      const cache: KvCache = { k: [], v: [] }
-      for (let l = 0; l < config.numLayers; l++) {
-        cache.k.push(alloc('bf16', cacheShape))
-        cache.v.push(alloc('bf16', cacheShape))
+      const cacheShape = [kvBlocks, kvBlockSize, config.numKvHeads / Math.max(1, tpRanks), config.headDim]
+      const newCache = (): KvCache => {
+        const cache: KvCache = { k: [], v: [] }
+        for (let l = 0; l < config.numLayers; l++) {
+          cache.k.push(alloc('bf16', cacheShape))
+          cache.v.push(alloc('bf16', cacheShape))
+        }
+        return cache
       }
+      const cache = newCache()
       const act = allocateActivations(alloc, config, maxBatchTokens, maxLogitRows, unfused)
+      let tp: TensorParallelState | null = null
+      if (tpRanks > 0) {
+        rankWeights = await rankLayers(weights, config, device, tpRanks)
+        tp = allocateTensorParallel(alloc, config, maxBatchTokens, maxLogitRows, tpRanks, act, cache, newCache, rankWeights)
+      }
       const head = new OutputHead(device, maxLogitRows)
       owned.push(head)
       const maxBlocks = Math.ceil(maxPositions / kvBlockSize)
       const inputs = new StepInputs(device, inputInts(maxBatchTokens, maxLogitRows, maxBatchTokens, maxBlocks))
       owned.push(inputs)
       const state = { weights, cache, act, cosSin, head, inputs }
-      const model = new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxPositions, state, unfused, cudaGraphs)
+      const model = new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxPositions, state, unfused, cudaGraphs, tp)
       model.probe(dir)
       return model
     } catch (err) {
       for (const t of owned) t.dispose()
+      disposeRankLayers(rankWeights)
       disposeWeights(weights)
       throw err
     }
@@ -277,7 +375,8 @@ export class Transformer {
     if (R > 0) {
       const gathered = rows(this.act.gathered, R)
       n.embedding(gathered, normed, v.rows) // row gather: gathered[r] = normed[rows[r]]
-      n.matmul(logits, gathered, this.weights.lmHead, null) // [R,H] · [V,H]^T -> f32 [R,V]
+      if (this.tp) this.lmHeadRanks(this.tp, logits, gathered, R)
+      else n.matmul(logits, gathered, this.weights.lmHead, null) // [R,H] · [V,H]^T -> f32 [R,V]
     }
     return logits
   }
@@ -292,6 +391,7 @@ export class Transformer {
     slots: NativeTensor,
     batch: AttentionBatch,
   ): void {
+    if (this.tp) return this.attentionRanks(this.tp, l, T, normed, positions, slots, batch)
     const n = native()
     const c = this.config
     const D = c.headDim
@@ -356,6 +456,7 @@ export class Transformer {
 
   // x = normed [T,H] -> act.proj [T,H] = down(silu(gate(x)) * up(x))
   private mlpBlock(w: LayerWeights, T: number, normed: NativeTensor): void {
+    if (this.tp) return this.mlpRanks(this.tp, this.weights.layers.indexOf(w), T, normed, w.downBias)
     const n = native()
     const I = this.config.intermediateSize
     const act = n.narrow(this.act.act, 0, T)
@@ -376,10 +477,95 @@ export class Transformer {
     n.matmul(n.narrow(this.act.proj, 0, T), act, w.downProj, w.downBias) // [T,I] · [H,I]^T -> [T,H]
   }
 
+  // The emulated ranks' attention: each its heads' q|k|v, cache and attention, then its o_proj
+  // partitions' partials; one combine by the fixed tree (+ o_proj's bias) into act.proj.
+  private attentionRanks(
+    tp: TensorParallelState,
+    l: number,
+    T: number,
+    normed: NativeTensor,
+    positions: NativeTensor,
+    slots: NativeTensor,
+    batch: AttentionBatch,
+  ): void {
+    const n = native()
+    const c = this.config
+    const D = c.headDim
+    const N = tp.ranks
+    const w = this.weights.layers[l]!
+    const partials = this.stepPartials(tp, T)
+    for (let r = 0; r < N; r++) {
+      const rw = tp.layers[r]![l]!
+      const buf = tp.buffers[r]!
+      const cache = tp.caches[r]!
+      const qkv = n.narrow(buf.qkv, 0, T)
+      n.matmul(qkv, normed, rw.qkvProj, rw.qkvBias) // column-parallel: the rank's heads of q|k|v
+      const q3 = n.view(n.narrow(buf.q, 0, T), [T, c.numHeads / N, D])
+      n.qkvRopeAppend(q3, cache.k[l]!, cache.v[l]!, qkv, positions, this.cosSin, slots, w.qNorm, w.kNorm, c.rmsNormEps)
+      const attn = n.narrow(buf.attn, 0, T)
+      n.attention(n.view(attn, [T, c.numHeads / N, D]), q3, cache.k[l]!, cache.v[l]!, batch, 1 / Math.sqrt(D))
+      n.matmulPartials(n.narrow(partials, (r * 8) / N, 8 / N), attn, rw.oProj) // row-parallel: partitions of rank r
+    }
+    n.combinePartials(n.narrow(this.act.proj, 0, T), partials, w.oBias, N)
+  }
+
+  // The emulated ranks' MLP: each its columns of gate|up, then its down_proj partitions' partials.
+  private mlpRanks(tp: TensorParallelState, l: number, T: number, normed: NativeTensor, downBias: NativeTensor | null): void {
+    const n = native()
+    const N = tp.ranks
+    const partials = this.stepPartials(tp, T)
+    for (let r = 0; r < N; r++) {
+      const rw = tp.layers[r]![l]!
+      const buf = tp.buffers[r]!
+      const gateUp = n.narrow(buf.gateUp, 0, T)
+      n.matmul(gateUp, normed, rw.gateUpProj, rw.gateUpBias) // [T, gate_r | up_r]
+      const act = n.narrow(buf.act, 0, T)
+      n.siluMulPacked(act, gateUp)
+      n.matmulPartials(n.narrow(partials, (r * 8) / N, 8 / N), act, rw.downProj)
+    }
+    n.combinePartials(n.narrow(this.act.proj, 0, T), partials, downBias, N)
+  }
+
+  // The partials workspace of a T-token step: f32 [8, T, H].
+  private stepPartials(tp: TensorParallelState, T: number): NativeTensor {
+    const H = this.config.hiddenSize
+    return native().view(native().narrow(tp.partials, 0, 8 * T * H), [8, T, H])
+  }
+
+  // lm_head by vocabulary rows: rank r's [R, V/N] logits, then the all-gather into [R, V] (a row
+  // gather over [R*N, V/N] views: logits row i, shard r <- shard r's row i).
+  private lmHeadRanks(tp: TensorParallelState, logits: NativeTensor, gathered: NativeTensor, R: number): void {
+    const n = native()
+    const N = tp.ranks
+    if (N === 1 || !tp.logitShards) {
+      n.matmul(logits, gathered, this.weights.lmHead, null)
+      return
+    }
+    const V = this.config.vocabSize
+    const width = V / N
+    for (let r = 0; r < N; r++) {
+      const shard = n.view(n.narrow(tp.logitShards, r * R * width, R * width), [R, width])
+      n.matmul(shard, gathered, n.narrow(this.weights.lmHead, r * width, width), null)
+    }
+    let ids = tp.gatherIds.get(R)
+    if (!ids) {
+      const order = new Int32Array(R * N)
+      for (let i = 0; i < R; i++) for (let r = 0; r < N; r++) order[i * N + r] = r * R + i
+      ids = n.fromBuffer(this.device, 'i32', [R * N], order)
+      tp.gatherIds.set(R, ids)
+    }
+    const shards = n.view(n.narrow(tp.logitShards, 0, R * V), [N * R, width])
+    n.embedding(n.view(logits, [R * N, width]), shards, ids)
+  }
+
   /** Frees the weights, the KV cache and the step buffers. */
   dispose(): void {
     if (this.disposed) return
     this.disposed = true
+    if (this.tp) {
+      disposeRankLayers(this.tp.layers)
+      for (const t of [...this.tp.owned, ...this.tp.gatherIds.values()]) t.dispose()
+    }
     disposeWeights(this.weights)
     for (const t of [...this.cache.k, ...this.cache.v]) t.dispose()
     for (const t of Object.values(this.act)) t?.dispose()

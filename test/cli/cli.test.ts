@@ -52,6 +52,25 @@ describe('detinfer CLI', () => {
     }
   })
 
+  it('generate --tensor-parallel: the same tokens and log-probs at 1 and 2, and clear errors for 3 and for heads that do not divide', () => {
+    const run = (tp: string) => detinfer(['generate', 'To be or not', '-n', '8', '--device', 'cpu', '--tensor-parallel', tp, '--json', '--no-stream'])
+    const [one, two] = [run('1'), run('2')]
+    expect(one.code).toBe(0)
+    expect(two.code).toBe(0)
+    const a = JSON.parse(one.stdout)
+    const b = JSON.parse(two.stdout)
+    expect(a.tokens).toHaveLength(8)
+    expect(b.tokens).toEqual(a.tokens)
+    expect(b.logprobs).toEqual(a.logprobs)
+    const three = run('3')
+    expect(three.code).not.toBe(0)
+    expect(three.stderr).toContain('Expected 1, 2, 4 or 8 for tensorParallel but received 3 of type number')
+    const four = run('4') // the shipped model has 2 kv heads
+    expect(four.code).not.toBe(0)
+    expect(four.stderr).toContain('Expected num_key_value_heads of the model to be divisible by tensorParallel 4 but received num_key_value_heads 2')
+    expectNoStackTrace(four.stderr)
+  })
+
   it('--version prints the package version', () => {
     const r = detinfer(['--version'])
     expect(r.code).toBe(0)
