@@ -371,6 +371,7 @@ async function loadFrom(dir: string, source: ModelSource | null, options: LoadMo
   const tokenizer = source?.tokenizer ?? (await loadTokenizer({ path: dir, config }))
   const forward = await Transformer.load(dir, {
     device,
+    config,
     maxBatchTokens,
     kvBlocks,
     kvBlockSize: KV_BLOCK_SIZE,

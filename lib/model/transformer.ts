@@ -53,6 +53,8 @@ export interface TransformerOptions {
    * than any degree). Above 1 on the CPU only.
    */
   tensorParallel?: number
+  /** @internal dir's config.json, when the caller parsed it already. */
+  config?: ModelConfig
   onProgress?: (p: LoadProgress) => void
 }
 
@@ -259,7 +261,7 @@ export class Transformer {
     if (opts.tensorParallel !== undefined && unfused)
       throw new TypeError('Expected unfusedLayers or tensorParallel but received both')
 
-    const config = await loadModelConfig(dir)
+    const config = opts.config ?? (await loadModelConfig(dir))
     const tpRanks = opts.tensorParallel === undefined ? 0 : checkTensorParallel(opts.tensorParallel, config, device)
     const weights = await loadWeights(dir, config, device, opts.onProgress)
     let rankWeights: RankLayer[][] = []
