@@ -620,12 +620,11 @@ __global__ void __launch_bounds__(kChoiceThreads)
     int n = row_top < V ? row_top : static_cast<int>(V);
     BinCut bc = find_bin(bin_count, static_cast<unsigned long long>(n));
     unsigned long long held = bc.before + bin_count[bc.bin];
-    unsigned long long cut;
     if (held <= static_cast<unsigned long long>(kCandidates)) {
-      gather_bins(cand, xr, V, s, 0, bc.bin, false);
-      cut = cand.key[n - 1];
+      gather_bins(cand, xr, V, s, 0, bc.bin, false);  // sorted: the first n are the answer
     } else {
-      cut = cut_by_bisection(xr, V, s, bc.bin, bc.before, static_cast<unsigned long long>(n), false, nullptr);
+      const unsigned long long cut =
+          cut_by_bisection(xr, V, s, bc.bin, bc.before, static_cast<unsigned long long>(n), false, nullptr);
       // Every token before the cut: at most N of them, gathered then sorted.
       for (int i = threadIdx.x; i < kCandidates; i += kChoiceThreads) cand.key[i] = 0, cand.mass[i] = 0;
       if (threadIdx.x == 0) cand_count = 0;
@@ -637,7 +636,6 @@ __global__ void __launch_bounds__(kChoiceThreads)
       __syncthreads();
       sort_candidates(cand);
     }
-    (void)cut;
     for (int i = threadIdx.x; i < top_n; i += kChoiceThreads) {
       if (i < n) {
         int v = key_id(cand.key[i]);
