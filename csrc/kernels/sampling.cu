@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 #include "../common/config.h"
@@ -659,12 +660,11 @@ void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
   DI_CHECK(V > 0, "choose_tokens: x has no columns");
   DI_CHECK(rows <= 0x7fffffff, "choose_tokens: too many rows (", rows, ")");
   int top_n = static_cast<int>((out.dim(1) - 2) / 2);
-  static bool configured = false;
-  if (!configured) {
+  static std::once_flag configured;
+  std::call_once(configured, [] {
     CUDA_CHECK(cudaFuncSetAttribute(choose_tokens_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(kChoiceSmem)));
-    configured = true;
-  }
+  });
   bool variant_split = variant_kernels() && rows < kVariantSplits;
   choose_tokens_kernel<<<static_cast<unsigned>(rows), kChoiceThreads, kChoiceSmem, device_stream()>>>(
       out.ptr<int32_t>(), x.ptr<float>(), params.ptr<int32_t>(), V, top_n, variant_split);

@@ -94,14 +94,12 @@ export class DecodeGraphs {
   }
 
   async run(chunks: SequenceChunk[], choices: TokenChoice[]): Promise<StepTokens> {
-    const n = native()
     const maxSeqLen = chunks.reduce((m, c) => Math.max(m, c.startPosition + 1), 0)
     const rows = this.batchBuckets.find((b) => b >= chunks.length)!
     const context = this.contextBuckets.find((c) => c >= maxSeqLen)!
     const bucket = this.bucket(rows, context)
     if (this.capture && bucket.seen && !bucket.graph) this.captureBucket(bucket)
-    this.host.inputs.upload(layoutDecode(chunks, rows, bucket.views.batch.blockTables.shape[1]!, context, this.host.kvBlockSize).packed)
-    this.host.head.uploadParams(bucket.params, padChoices(choices, rows))
+    this.fill(bucket, chunks, choices)
     if (bucket.graph) bucket.graph.replay()
     else this.enqueue(bucket)
     bucket.seen = true
@@ -138,6 +136,13 @@ export class DecodeGraphs {
     return b
   }
 
+  // Copies a step's inputs and token-choice parameters, padded to the bucket, to the device.
+  private fill(b: Bucket, chunks: SequenceChunk[], choices: TokenChoice[]): void {
+    const maxBlocks = b.views.batch.blockTables.shape[1]!
+    this.host.inputs.upload(layoutDecode(chunks, b.rows, maxBlocks, b.context, this.host.kvBlockSize).packed)
+    this.host.head.uploadParams(b.params, padChoices(choices, b.rows))
+  }
+
   private enqueue(b: Bucket): void {
     this.host.head.enqueue(this.host.enqueueForward(b.views), b.params, b.out)
   }
@@ -166,8 +171,7 @@ export class DecodeGraphs {
     const rows = this.batchBuckets[this.batchBuckets.length - 1]!
     const context = this.contextBuckets[this.contextBuckets.length - 1]!
     const b = this.bucket(rows, context)
-    this.host.inputs.upload(layoutDecode([], rows, b.views.batch.blockTables.shape[1]!, context, this.host.kvBlockSize).packed)
-    this.host.head.uploadParams(b.params, padChoices([], rows))
+    this.fill(b, [], [])
     this.enqueue(b)
     b.seen = true
     this.reserved = true

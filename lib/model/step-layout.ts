@@ -55,7 +55,7 @@ export interface StepViews {
 }
 
 export function inputInts(tokens: number, logitRows: number, sequences: number, maxBlocks: number): number {
-  return 3 * tokens + logitRows + 2 * sequences + 1 + sequences * maxBlocks
+  return offsets(tokens, logitRows, sequences).blockTables + sequences * maxBlocks
 }
 
 /** Validates the chunks at the boundary, with messages that name the chunk and field. */
@@ -112,14 +112,15 @@ export function layoutStep(chunks: SequenceChunk[], sizes: StepSizes, blockSize:
   const { tokens: T, logitRows: R, maxBlocks } = sizes
   const B = chunks.length
   const bs = blockSize
-  const packed = new Int32Array(3 * T + R + (B + 1) + B + B * maxBlocks)
-  const ids = packed.subarray(0, T)
-  const positions = packed.subarray(T, 2 * T)
-  const slots = packed.subarray(2 * T, 3 * T)
-  const logitRows = packed.subarray(3 * T, 3 * T + R)
-  const queryStart = packed.subarray(3 * T + R, 3 * T + R + B + 1)
-  const seqLens = packed.subarray(3 * T + R + B + 1, 3 * T + R + 2 * B + 1)
-  const blockTables = packed.subarray(3 * T + R + 2 * B + 1)
+  const packed = new Int32Array(inputInts(T, R, B, maxBlocks))
+  const at = offsets(T, R, B)
+  const ids = packed.subarray(at.ids, at.ids + T)
+  const positions = packed.subarray(at.positions, at.positions + T)
+  const slots = packed.subarray(at.slots, at.slots + T)
+  const logitRows = packed.subarray(at.rows, at.rows + R)
+  const queryStart = packed.subarray(at.queryStart, at.queryStart + B + 1)
+  const seqLens = packed.subarray(at.seqLens, at.seqLens + B)
+  const blockTables = packed.subarray(at.blockTables)
   const step: StepLayout = { packed, tokens: T, logitRows: R, sequences: B, maxBlocks, rowsPerChunk: [], maxQueryLen: 0, maxSeqLen: 0 }
   let row = 0
   let logitRow = 0

@@ -14,7 +14,7 @@ import { native, type AttentionBatch, type DeviceName, type NativeTensor } from 
 import { loadModelConfig, type ModelConfig } from './config.js'
 import { DecodeGraphs, type GraphStats } from './decode-graphs.js'
 import { OutputHead, type StepTokens, type TokenChoice } from './output-head.js'
-import { StepInputs, checkChunks, inputInts, layoutStep, type SequenceChunk, type StepLimits, type StepViews } from './step-layout.js'
+import { StepInputs, checkChunks, inputInts, layoutStep, type SequenceChunk, type StepLimits, type StepSizes, type StepViews } from './step-layout.js'
 
 export type { SequenceChunk }
 import { ropeTable } from './rope.js'
@@ -336,14 +336,17 @@ export class Transformer {
       if (c.target >= this.config.vocabSize)
         throw new RangeError(`Expected an integer between -1 and ${this.config.vocabSize - 1} for choices[${r}].target but received ${c.target}`)
     if (this.graphs?.accepts(chunks)) return this.graphs.run(chunks, choices)
-    const out = this.forward(chunks)
-    return this.head.choose(out.logits, choices, topN)
+    return this.head.choose(this.forwardChecked(chunks, sizes).logits, choices, topN)
   }
 
   /** Runs one step over `chunks`; the returned logits tensor is overwritten by the next forward. */
   forward(chunks: SequenceChunk[]): ForwardOutput {
     if (this.disposed) throw new DisposedError('transformer')
-    const step = layoutStep(chunks, checkChunks(chunks, this.limits), this.kvBlockSize)
+    return this.forwardChecked(chunks, checkChunks(chunks, this.limits))
+  }
+
+  private forwardChecked(chunks: SequenceChunk[], sizes: StepSizes): ForwardOutput {
+    const step = layoutStep(chunks, sizes, this.kvBlockSize)
     this.inputs.upload(step.packed)
     const views = this.inputs.views(step)
     return { logits: this.enqueueForward(views), rowsPerChunk: step.rowsPerChunk }
@@ -369,7 +372,7 @@ export class Transformer {
       this.attentionBlock(l, layer, T, normed, v.positions, v.slots, v.batch)
       // residual += o_proj; normed = post_attention_layernorm(residual)
       n.addRmsnorm(normed, residual, rows(this.act.proj), layer.postAttentionNorm, c.rmsNormEps)
-      this.mlpBlock(layer, T, normed)
+      this.mlpBlock(l, layer, T, normed)
       // residual += down_proj; normed = next layer's input norm (or the final norm)
       n.addRmsnorm(normed, residual, rows(this.act.proj), nextNorm, c.rmsNormEps)
     }
@@ -457,8 +460,8 @@ export class Transformer {
   }
 
   // x = normed [T,H] -> act.proj [T,H] = down(silu(gate(x)) * up(x))
-  private mlpBlock(w: LayerWeights, T: number, normed: NativeTensor): void {
-    if (this.tp) return this.mlpRanks(this.tp, this.weights.layers.indexOf(w), T, normed, w.downBias)
+  private mlpBlock(l: number, w: LayerWeights, T: number, normed: NativeTensor): void {
+    if (this.tp) return this.mlpRanks(this.tp, l, T, normed, w.downBias)
     const n = native()
     const I = this.config.intermediateSize
     const act = n.narrow(this.act.act, 0, T)
