@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -134,6 +135,12 @@ bool rows_differ(int64_t N, int64_t K, const std::vector<int64_t>& Ms, bool verb
   return differ;
 }
 
+// The decode configurations with compact a ("... a8", "... a16") take M up to that many rows.
+bool config_takes(int config, int64_t M) {
+  const char* a = std::strstr(cuda::matmul_dev::config_name(config), " a");
+  return a == nullptr || M <= std::atoi(a + 2);
+}
+
 int check() {
   bool ok = true;
   for (auto [M, N, K] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
@@ -143,7 +150,8 @@ int check() {
       for (bool bias : {false, true}) ok = check_reference(M, N, K, dt, bias) && ok;
   // Every tile configuration gives the production bits, tails in M, N and K included.
   for (auto [M, N, K] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
-           {1, 40, 72}, {37, 300, 1032}, {130, 1000, 4104}, {300, 520, 1024}, {5, 24, 8}}) {
+           {1, 40, 72}, {37, 300, 1032}, {130, 1000, 4104}, {300, 520, 1024}, {5, 24, 8}, {13, 200, 1000},
+           {8, 1024, 3072}}) {
     auto a = random_bf16(M * K, 21, 1.f), w = random_bf16(N * K, 22, 1.f);
     Tensor ga = upload(Device::CUDA, DType::BF16, {M, K}, a.data()), gw = upload(Device::CUDA, DType::BF16, {N, K}, w.data());
     Tensor gb = upload(Device::CUDA, DType::BF16, {N}, random_bf16(N, 23, 1.f).data());
@@ -156,6 +164,7 @@ int check() {
         auto wb = bytes_of(want);
         int bad = 0;
         for (int c = 0; c < cuda::matmul_dev::config_count(); ++c) {
+          if (!config_takes(c, M)) continue;
           cuda::matmul_dev::matmul_with_config(got, ga, gw, bias ? &gb : nullptr, c);
           if (bytes_of(got) != wb) {
             ++bad;
@@ -262,11 +271,14 @@ int bench(const char* path) {
   dst = Tensor{};
   cuda_runtime::synchronize();
 
-  std::vector<std::pair<int64_t, int64_t>> shapes{{4096, 4096}, {12288, 4096}, {4096, 12288}, {151936, 1024}};
-  std::vector<int64_t> Ms{1, 8, 32, 128, 512, 4096};
+  // 8B-class shapes, then Qwen3-0.6B's decode products (q|k|v, o, gate|up, down) at small M.
+  std::vector<std::pair<int64_t, int64_t>> shapes{{4096, 4096}, {12288, 4096}, {4096, 12288}, {151936, 1024},
+                                                  {4096, 1024}, {1024, 2048},  {6144, 1024},  {1024, 3072}};
+  const std::vector<int64_t> all_ms{1, 8, 32, 128, 512, 4096}, decode_ms{1, 8, 16, 64};
   bool first = true, all_same = true;
   std::vector<std::string> sweep;
   for (auto [N, K] : shapes) {
+    const std::vector<int64_t>& Ms = N * K <= 4096 * 4096 / 2 ? decode_ms : all_ms;
     size_t w_bytes = size_t(N) * K * 2;
     int pool = static_cast<int>(std::max<size_t>(2, (size_t(400) << 20) / w_bytes + 1));
     std::vector<Tensor> ws, as;
@@ -302,6 +314,7 @@ int bench(const char* path) {
       CUDA_CHECK(cudaMalloc(&count, sizeof(*count)));
       for (int c = 0; c < cuda::matmul_dev::config_count(); ++c) {
         if (M > 64 && std::strncmp(cuda::matmul_dev::config_name(c), "16x", 3) == 0) continue;
+        if (!config_takes(c, M)) continue;
         auto run = [&](int i) { cuda::matmul_dev::matmul_with_config(other, as[i % pool], ws[i % pool], nullptr, c); };
         double cus = median_us(run, 10);
         // Decode-sized products: also back to back, which leaves out the launch and host time.
