@@ -32,7 +32,6 @@
 #include "../cuda/runtime.h"
 #include "attention_tile.cuh"
 #include "cuda_ops.h"
-#include "dependent_launch.cuh"
 
 namespace detinfer::cuda {
 namespace {
@@ -157,8 +156,6 @@ __device__ __forceinline__ void load_query_rows(bf16* dst, const bf16* q, int64_
 template <int D, int kStages>
 __global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_kernel(AttentionArgs a) {
   static_assert(kStages == 1 || kStages == 2, "single or double buffered");
-  wait_for_previous();
-  allow_next();
   extern __shared__ __align__(128) unsigned char decode_smem[];
   bf16* q_s = reinterpret_cast<bf16*>(decode_smem);
   bf16* k_s = q_s + kTileRows * D;            // kStages key blocks of K
@@ -259,8 +256,6 @@ __global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_
 // output element d in ascending split order, exactly as the prefill kernel merges its registers.
 template <int D>
 __global__ void __launch_bounds__(D) attention_decode_combine_kernel(AttentionArgs a) {
-  wait_for_previous();
-  allow_next();
   const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
   const int q_row = a.query_start[seq];
   if (a.query_start[seq + 1] - q_row != 1) return;
@@ -452,8 +447,7 @@ void launch_decode_split(const AttentionArgs& a, dim3 grid, cudaStream_t stream)
     CUDA_CHECK(cudaFuncSetAttribute(attention_decode_split_kernel<D, kStages>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   });
-  launch_dependent("attention (decode splits)", attention_decode_split_kernel<D, kStages>, grid,
-                   dim3(DecodeTiles::kThreads), smem, stream, a);
+  attention_decode_split_kernel<D, kStages><<<grid, DecodeTiles::kThreads, smem, stream>>>(a);
 }
 
 template <int D>
@@ -472,8 +466,9 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
     } else {
       launch_decode_split<D, 1>(a, grid, stream);
     }
-    launch_dependent("attention (decode combine)", attention_decode_combine_kernel<D>, dim3(a.heads, a.num_seqs), dim3(D),
-                     0, stream, a);
+    CUDA_CHECK_LAUNCH("attention (decode splits)", describe_launch(q, k_cache, batch));
+    attention_decode_combine_kernel<D><<<dim3(a.heads, a.num_seqs), D, 0, stream>>>(a);
+    CUDA_CHECK_LAUNCH("attention (decode combine)", describe_launch(q, k_cache, batch));
   } else {
     constexpr int smem = PrefillTiles::smem_bytes<D>();
     static std::once_flag configured;

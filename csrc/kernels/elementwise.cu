@@ -22,7 +22,6 @@
 #include "../cuda/check.h"
 #include "../cuda/runtime.h"
 #include "cuda_ops.h"
-#include "dependent_launch.cuh"
 #include "rope_pair.cuh"
 
 namespace detinfer::cuda {
@@ -45,8 +44,6 @@ __device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(_
 // embedding: one block per row; the row copied in `Word` units (16 bytes when sizes allow).
 template <typename Word>
 __global__ void embedding_kernel(Word* out, const Word* table, const int32_t* ids, int64_t vocab, int64_t words) {
-  wait_for_previous();
-  allow_next();
   int64_t t = blockIdx.x;
   int32_t id = ids[t];
   bool valid = id >= 0 && id < vocab;
@@ -83,8 +80,6 @@ __global__ void silu_mul_kernel(__nv_bfloat16* out, const __nv_bfloat16* gate, c
 
 // silu_mul_packed: gate_up [rows, 2I] holds gate in columns [0, I) and up in [I, 2I).
 __global__ void silu_mul_packed_kernel(__nv_bfloat16* out, const __nv_bfloat16* gate_up, int64_t rows, int64_t I) {
-  wait_for_previous();
-  allow_next();
   GRID_STRIDE(idx, rows * I) {
     const __nv_bfloat16* row = gate_up + (idx / I) * 2 * I;
     int64_t i = idx % I;
@@ -93,8 +88,6 @@ __global__ void silu_mul_packed_kernel(__nv_bfloat16* out, const __nv_bfloat16* 
 }
 
 __global__ void add_kernel(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* b, int64_t n) {
-  wait_for_previous();
-  allow_next();
   GRID_STRIDE(i, n) out[i] = __float2bfloat16_rn(__bfloat162float(a[i]) + __bfloat162float(b[i]));
 }
 
@@ -132,18 +125,19 @@ void embedding(Tensor& out, const Tensor& table, const Tensor& ids) {
   if (rows == 0 || row_bytes == 0) return;
   DI_CHECK(rows <= 0x7fffffff, "embedding: too many ids (", rows, ")");
   cudaStream_t stream = device_stream();
-  dim3 grid(static_cast<unsigned>(rows));
+  unsigned grid = static_cast<unsigned>(rows);
   const int32_t* id = ids.ptr<int32_t>();
   if (row_bytes % 16 == 0 && aligned(out.data(), 16) && aligned(table.data(), 16)) {
-    launch_dependent("embedding", embedding_kernel<uint4>, grid, dim3(kThreads), 0, stream, out.ptr<uint4>(),
-                     table.ptr<uint4>(), id, vocab, static_cast<int64_t>(row_bytes / 16));
+    embedding_kernel<uint4><<<grid, kThreads, 0, stream>>>(out.ptr<uint4>(), table.ptr<uint4>(), id, vocab,
+                                                           static_cast<int64_t>(row_bytes / 16));
   } else if (row_bytes % 4 == 0 && aligned(out.data(), 4) && aligned(table.data(), 4)) {
-    launch_dependent("embedding", embedding_kernel<uint32_t>, grid, dim3(kThreads), 0, stream, out.ptr<uint32_t>(),
-                     table.ptr<uint32_t>(), id, vocab, static_cast<int64_t>(row_bytes / 4));
+    embedding_kernel<uint32_t><<<grid, kThreads, 0, stream>>>(out.ptr<uint32_t>(), table.ptr<uint32_t>(), id, vocab,
+                                                              static_cast<int64_t>(row_bytes / 4));
   } else {
-    launch_dependent("embedding", embedding_kernel<uint16_t>, grid, dim3(kThreads), 0, stream, out.ptr<uint16_t>(),
-                     table.ptr<uint16_t>(), id, vocab, static_cast<int64_t>(row_bytes / 2));
+    embedding_kernel<uint16_t><<<grid, kThreads, 0, stream>>>(out.ptr<uint16_t>(), table.ptr<uint16_t>(), id, vocab,
+                                                              static_cast<int64_t>(row_bytes / 2));
   }
+  CUDA_CHECK_LAUNCH("embedding", shape_of(out) + " from " + shape_of(table));
 }
 
 void rope(Tensor& x, const Tensor& positions, const Tensor& cos_sin) {
@@ -167,15 +161,17 @@ void silu_mul(Tensor& out, const Tensor& gate, const Tensor& up) {
 void silu_mul_packed(Tensor& out, const Tensor& gate_up) {
   int64_t rows = out.dim(0), I = out.dim(1);
   if (rows * I == 0) return;
-  launch_dependent("silu_mul_packed", silu_mul_packed_kernel, dim3(grid_for(rows * I)), dim3(kThreads), 0,
-                   device_stream(), out.ptr<__nv_bfloat16>(), gate_up.ptr<__nv_bfloat16>(), rows, I);
+  silu_mul_packed_kernel<<<grid_for(rows * I), kThreads, 0, device_stream()>>>(
+      out.ptr<__nv_bfloat16>(), gate_up.ptr<__nv_bfloat16>(), rows, I);
+  CUDA_CHECK_LAUNCH("silu_mul_packed", shape_of(gate_up));
 }
 
 void add(Tensor& out, const Tensor& a, const Tensor& b) {
   int64_t n = out.numel();
   if (n == 0) return;
-  launch_dependent("add", add_kernel, dim3(grid_for(n)), dim3(kThreads), 0, device_stream(), out.ptr<__nv_bfloat16>(),
-                   a.ptr<__nv_bfloat16>(), b.ptr<__nv_bfloat16>(), n);
+  add_kernel<<<grid_for(n), kThreads, 0, device_stream()>>>(out.ptr<__nv_bfloat16>(), a.ptr<__nv_bfloat16>(),
+                                                            b.ptr<__nv_bfloat16>(), n);
+  CUDA_CHECK_LAUNCH("add", shape_of(out));
 }
 
 void cast(Tensor& dst, const Tensor& src) {

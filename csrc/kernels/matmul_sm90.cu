@@ -27,7 +27,6 @@
 #include <mutex>
 
 #include "../cuda/check.h"
-#include "dependent_launch.cuh"
 #include "matmul_sm90.cuh"
 #include "wgmma_bf16.cuh"
 
@@ -221,10 +220,6 @@ __global__ void __launch_bounds__(T::THREADS, 1)
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   }
   __syncthreads();
-  // Only shared memory was touched so far: a launch_dependent() kernel may have begun while the
-  // previous kernel, which may write a or read out, still runs.
-  wait_for_previous();
-  allow_next();
 
   if (wg == T::CONSUMERS) {
     // Producer warpgroup: one thread issues every copy.
@@ -417,8 +412,7 @@ void launch_tiles(const Problem& p, cudaStream_t stream) {
   Args args{static_cast<const __nv_bfloat16*>(p.bias), p.out, p.out_f32, p.M, p.N, p.K, p.k_per_split, a_rows, pairs,
             staged};
   dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, slots)), 1, static_cast<unsigned>(p.splits));
-  launch_dependent("matmul (sm_90)", matmul_sm90_kernel<T>, grid, dim3(T::THREADS), T::SMEM_BYTES, stream, map_a, map_w,
-                   map_out, args);
+  matmul_sm90_kernel<T><<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(map_a, map_w, map_out, args);
 }
 
 struct Entry {

@@ -21,7 +21,6 @@
 #include "../cuda/check.h"
 #include "../cuda/runtime.h"
 #include "cuda_ops.h"
-#include "dependent_launch.cuh"
 #include "rmsnorm_row.cuh"
 #include "rope_pair.cuh"
 
@@ -48,8 +47,6 @@ struct QkvRopeArgs {
 // Grid (T, heads + 2*kv_heads): block (t, h) owns head row h of token t. Dynamic shared memory:
 // the D bf16 values of the normalized head.
 __global__ void __launch_bounds__(norm_row::kThreads) qkv_rope_append_kernel(QkvRopeArgs a) {
-  wait_for_previous();
-  allow_next();
   const int64_t t = blockIdx.x;
   const int h = blockIdx.y;
   const int D = a.dim, half = D / 2;
@@ -124,8 +121,8 @@ void qkv_rope_append(Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tens
           (!k_norm || aligned16(k_norm->data()));
   dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(heads + 2 * kv_heads));
   size_t smem = static_cast<size_t>(D) * sizeof(__nv_bfloat16);
-  launch_dependent("qkv_rope_append", qkv_rope_append_kernel, grid, dim3(norm_row::kThreads), smem,
-                   static_cast<cudaStream_t>(cuda_runtime::stream()), a);
+  qkv_rope_append_kernel<<<grid, norm_row::kThreads, smem, static_cast<cudaStream_t>(cuda_runtime::stream())>>>(a);
+  CUDA_CHECK_LAUNCH("qkv_rope_append", qkv.describe() + " -> " + q_out.describe());
 }
 
 }  // namespace detinfer::cuda

@@ -18,7 +18,6 @@
 #include "../cuda/check.h"
 #include "../cuda/runtime.h"
 #include "cuda_ops.h"
-#include "dependent_launch.cuh"
 #include "device_buffer.cuh"
 #include "rmsnorm_row.cuh"
 
@@ -52,8 +51,6 @@ __device__ void add_residual_row(__nv_bfloat16* res, const __nv_bfloat16* x, int
 __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(__nv_bfloat16* y, __nv_bfloat16* x,
                                                            const __nv_bfloat16* x_add, const __nv_bfloat16* w,
                                                            int64_t H, float eps, bool vec) {
-  wait_for_previous();
-  allow_next();
   int64_t r = blockIdx.x;
   __nv_bfloat16* xr = x + r * H;
   // Each thread reads back only the chunks it wrote itself, so no barrier is needed here.
@@ -116,8 +113,8 @@ void run_norm(const char* op, Tensor& out, __nv_bfloat16* x, const __nv_bfloat16
   const __nv_bfloat16* wp = w.ptr<__nv_bfloat16>();
   __nv_bfloat16* yp = out.ptr<__nv_bfloat16>();
   if (l.splits == 1) {
-    launch_dependent(op, rmsnorm_kernel, dim3(static_cast<unsigned>(rows)), dim3(kThreads), 0, stream, yp, x, x_add, wp,
-                     H, eps, vec);
+    rmsnorm_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(yp, x, x_add, wp, H, eps, vec);
+    CUDA_CHECK_LAUNCH(op, shapes(rows, H));
     return;
   }
   if (x_add) {
