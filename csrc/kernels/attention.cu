@@ -153,12 +153,9 @@ __device__ __forceinline__ void load_query_rows(bf16* dst, const bf16* q, int64_
 //   2: K and V of two key blocks in flight (68 KiB, three warps per SM); a block's buffers are
 //      refilled with the block two further on as soon as it has been used. Faster while every
 //      warp of the grid is resident at once, slower once warps have to wait for a slot.
-//   4: a whole split of K and V requested at once (132 KiB, one warp per SM), for grids of at
-//      most one warp per SM (short contexts at small batches), where the warp's chain of key
-//      blocks would otherwise wait for memory at every block.
 template <int D, int kStages>
 __global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_kernel(AttentionArgs a) {
-  static_assert(kStages == 1 || kStages == 2 || kStages == 4, "one, two or a split's four key blocks in flight");
+  static_assert(kStages == 1 || kStages == 2, "single or double buffered");
   extern __shared__ __align__(128) unsigned char decode_smem[];
   bf16* q_s = reinterpret_cast<bf16*>(decode_smem);
   bf16* k_s = q_s + kTileRows * D;            // kStages key blocks of K
@@ -426,10 +423,8 @@ std::string describe_launch(const Tensor& q, const Tensor& k_cache, const Attent
 
 // Double-buffered decode while the whole grid is resident at once (three 68 KiB warps per SM).
 // Both pipelines timed with bench/attention.py on an H200: the double-buffered one is up to 1.4x
-// faster on such grids and up to 1.2x slower on grids with more warps than slots. A grid of at
-// most one warp per SM takes the four-block pipeline.
+// faster on such grids and up to 1.2x slower on grids with more warps than slots.
 constexpr int kDeepDecodeWarpsPerSm = 3;
-static_assert(kSplitSize == 4 * kKeyBlock, "the four-block pipeline holds one whole split");
 
 int sm_count() {
   static std::once_flag once;
@@ -466,9 +461,7 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
     a.max_splits = l.max_splits;
     dim3 grid(l.max_splits, a.kv_heads * row_tiles, a.num_seqs);
     const int64_t warps = int64_t{grid.x} * grid.y * grid.z;
-    if (warps <= int64_t{sm_count()}) {
-      launch_decode_split<D, 4>(a, grid, stream);
-    } else if (warps <= kDeepDecodeWarpsPerSm * int64_t{sm_count()}) {
+    if (warps <= kDeepDecodeWarpsPerSm * int64_t{sm_count()}) {
       launch_decode_split<D, 2>(a, grid, stream);
     } else {
       launch_decode_split<D, 1>(a, grid, stream);

@@ -3,10 +3,8 @@
 // prefill, in chunks of 3, 64 or 100, token by token with the decode kernel, or alongside 1 to 64
 // other sequences of random lengths, in prefill and in decode launches. Each comparison has a twin
 // under the variant configuration (split size from the batch size) that must see a difference.
-// On CUDA every decode pipeline depth is compared with prefill: decode alone and among 5 others
-// (at most one warp per SM) runs the four-block pipeline, among 33 others (272 warps) the
-// double-buffered one on GPUs of 91 to 132 SMs, and among 64 others (520 warps, more than three
-// per SM up to 173 SMs) the single-buffered one.
+// On CUDA, decode alone runs the double-buffered decode pipeline and decode among 64 others (520
+// warps, more than three per SM up to 173 SMs) the single-buffered one: both must match prefill.
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { native, type DeviceName } from '../../lib/native.js'
 import { mulberry32 } from '../helpers/random.js'
