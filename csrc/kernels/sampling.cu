@@ -425,6 +425,12 @@ __device__ __forceinline__ void gumbel_step(ArgBest& pick, int64_t v, float xv, 
   pick = arg_better(pick, ArgBest{sv + gumbel_of(bits), static_cast<int>(v)});
 }
 
+// The Gumbel-max score of a token that is certainly kept (the row's best logit, or in the stats
+// kernel, where everything is kept, the slice's): a lower bound of the final best, to start from.
+__device__ __forceinline__ ArgBest gumbel_seed(float xv, int v, const Scale& s, uint32_t noise_row) {
+  return ArgBest{s.scaled(xv) + gumbel_of(ch::noise_token(noise_row, static_cast<uint32_t>(v))), v};
+}
+
 // Appends `key` to a row's candidate list for the threads that `take` (warp-aggregated). The whole
 // warp must call it. The plan counted the list's tokens; slots past kCandidates are never written.
 __device__ __forceinline__ void append(bool take, unsigned long long* list, unsigned* held, unsigned long long key) {
@@ -508,7 +514,7 @@ __global__ void __launch_bounds__(kSliceThreads, 2)
     // No cut and no min-p: every token is kept, and the maximum is not needed.
     const Scale sc{p.t, 0.f};
     const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
-    ArgBest pick{-INFINITY, 0x7fffffff};
+    ArgBest pick = gumbel_seed(m, best.index, sc, noise_row);
 #pragma unroll
     for (int j = 0; j < kSliceGroups; ++j)
 #pragma unroll
@@ -574,7 +580,7 @@ __global__ void __launch_bounds__(kSliceThreads, 2)
   if (mode.gumbel == 2) {
     // min-p without a cut: needs the row's maximum, hence this pass.
     const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
-    ArgBest pick{-INFINITY, 0x7fffffff};
+    ArgBest pick = gumbel_seed(st.max, st.index, sc, noise_row);
 #pragma unroll
     for (int j = 0; j < kSliceGroups; ++j)
 #pragma unroll
@@ -874,7 +880,7 @@ __global__ void __launch_bounds__(kSliceThreads, 2)
   unsigned long long* list_a = w.list_a + r * kCandidates;
   unsigned long long* list_b = w.list_b + r * kCandidates;
   const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
-  ArgBest pick{-INFINITY, 0x7fffffff};
+  ArgBest pick = picks ? gumbel_seed(st.max, st.index, sc, noise_row) : ArgBest{-INFINITY, 0x7fffffff};
 #pragma unroll
   for (int j = 0; j < kSliceGroups; ++j)
 #pragma unroll
@@ -943,7 +949,7 @@ __global__ void __launch_bounds__(kChoiceThreads)
       // The kept set: tokens whose sort key is at least `cut`, and min-p.
       const RowPlan plan = w.plan[r];
       unsigned long long cut = 0, z = plan.z_all, unused;
-      ArgBest mine{-INFINITY, 0x7fffffff};
+      ArgBest mine = gumbel_seed(m, st.index, s, noise_row);  // the best logit is always kept
       if (!plan.overflow_b) {
         // The tokens of bins [lo, hi], sorted; the bins below lo hold plan.count_before tokens of
         // mass plan.mass_before, all kept, their Gumbel-max in the slices' picks.
