@@ -216,7 +216,7 @@ constexpr int kSliceThreads = 512;    // slice kernels: one block per (slice, ro
 constexpr int kSliceGroups = 8;       // float4 groups per thread and slice
 constexpr int kSlice = 4 * kSliceThreads * kSliceGroups;  // 16384 logits per slice
 static_assert(kSliceGroups % kVariantSplits == 0, "the variant's parts are whole groups");
-// Rows per round of launches; bounds the workspace (about 90 KiB per row).
+// Rows per round of launches; sizes the workspace (about 90 KiB per row).
 constexpr int64_t kChunkRows = 256;
 // Value bins of the scaled logit distance d = max/T - x/T (raw logits for greedy rows): bin
 // floor(d * kBinScale), the last bin holding everything at or beyond kBinRange.
@@ -1035,12 +1035,14 @@ __global__ void __launch_bounds__(kChoiceThreads)
   }
 }
 
-// The workspace for `rows` rows of P slices, kept between launches and grown (doubling) when a
-// launch needs more, as attention's decode workspace is: all launches share the one stream, so
-// reuse is ordered. Never released (it lives as long as the process's CUDA context).
-ChoiceWork choice_workspace(int64_t rows, int P) {
+// The workspace: kChunkRows rows of P slices (about 22 MiB at V = 151936), allocated at the first
+// call and grown only for a wider vocabulary. CUDA graphs hold pointers into it, so it never
+// shrinks, never grows with the number of rows, and a buffer it outgrows is kept, not freed (a
+// graph captured earlier may still use it). All launches share the one stream, so reuse between
+// calls is ordered.
+ChoiceWork choice_workspace(int P) {
   auto round = [](size_t n) { return (n + 255) / 256 * 256; };
-  const size_t R = static_cast<size_t>(rows), S = static_cast<size_t>(P);
+  const size_t R = static_cast<size_t>(kChunkRows), S = static_cast<size_t>(P);
   const size_t sizes[] = {
       round(R * kCandidates * sizeof(unsigned long long)),  // list_a
       round(R * kCandidates * sizeof(unsigned long long)),  // list_b
@@ -1060,11 +1062,8 @@ ChoiceWork choice_workspace(int64_t rows, int P) {
   {
     std::lock_guard<std::mutex> lock(mutex);
     if (bytes > capacity) {
-      const size_t grown = std::max(bytes, 2 * capacity);
-      void* fresh = cuda_runtime::alloc(grown);
-      cuda_runtime::free(ptr);  // stream-ordered: after the launches that used it
-      ptr = fresh;
-      capacity = grown;
+      ptr = cuda_runtime::alloc(bytes);  // the previous buffer stays allocated (see above)
+      capacity = bytes;
     }
     base = static_cast<char*>(ptr);
   }
@@ -1103,8 +1102,8 @@ void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
   });
   const int P = static_cast<int>((V + kSlice - 1) / kSlice);
   const bool variant_split = variant_kernels() && rows < kVariantSplits;
-  const int64_t chunk = std::min(rows, kChunkRows);
-  const ChoiceWork w = choice_workspace(chunk, P);
+  const int64_t chunk = kChunkRows;
+  const ChoiceWork w = choice_workspace(P);
   cudaStream_t stream = device_stream();
   const int64_t out_cols = 2 + 2 * static_cast<int64_t>(top_n);
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
