@@ -11,6 +11,7 @@
 // (partial max and sum each, combined through a workspace), as split row reductions do.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -180,27 +181,49 @@ void argmax(Tensor& out, const Tensor& x) {
 // choose_tokens: the model's output head (csrc/common/token_choice.h defines what it computes).
 //   out i32 [R, 2 + 2N] (id, logprob bits, N top ids, N top logprob bits), x f32 [R, V],
 //   params i32 [R, choice::kParams]
-// Invariant: one block of kChoiceThreads threads per row whatever R is; every float reduction
-// (max, the logsumexp sum) runs in an order fixed by V and kChoiceThreads (thread t visits
-// v = t, t + kChoiceThreads, ... in increasing v, then the fixed tree of block_reduce.cuh).
-// The kept set and the top-N are selected exactly: counts and fixed-point masses are integers,
-// whose sums do not depend on the order of the atomics that form them, and every comparison is a
-// total order on (logit, id). The value bins below only narrow the search; the result is defined
-// without them. Row r depends on row r alone.
-// Variant (variant_kernels()): R < kVariantSplits reduces each row in kVariantSplits parts, each
-// with its own max and sum rescaled at the end, as split row reductions do, so the log-probs' bits
-// depend on R.
+// Invariant: each row is cut into P = ceil(V / kSlice) slices of kSlice logits, P fixed by V
+// alone, never by R. Block (s, r) of a slice kernel reads slice s of row r; its thread t holds the
+// values 4 (t + kSliceThreads j) + c (j < kSliceGroups, c < 4) of the slice, visited in that order
+// (float4 loads when rows are 16-byte aligned, single loads otherwise: the same values either way).
+// Float reductions: each slice's max and its sum of expf(x - slice max) by the block's fixed
+// tree (block_reduce.cuh); the P slices' (max, sum) are combined in slice order 0..P-1 as
+// sum = sum_s sum_s * expf(max_s - max), lse = max + logf(sum), in one place (the select
+// kernel). Argmax and Gumbel-max are maxima of a total order on (value, id): exact, whatever the
+// partition. The kept set and the top-N are selected exactly: counts and fixed-point masses are
+// integers, whose sums do not depend on the order of the atomics that form them, and every
+// comparison is a total order on (logit, id). The value bins only narrow the search; the result
+// is defined without them. Row r depends on row r alone.
+// Five short launches per chunk of kChunkRows rows, on the stream (no host synchronisation):
+//   stats  (P x R blocks)  per slice: max, argmax, finiteness, sum of exp; Gumbel-max of rows
+//                          that sample without a cut or min-p; zeroes the row's bins if it needs them
+//   bins   (P x R)         the row's value bins (counts; fixed-point masses for top-p), through
+//                          shared-memory bins then global integer atomics; Gumbel-max of min-p rows
+//   plan   (R)             finds the bins that hold the top-k / top-p cuts and the top-N
+//   gather (P x R)         copies the tokens of those bins into per-row candidate lists; Gumbel-max
+//                          over the tokens above those bins (kept whatever the cut)
+//   select (R)             lse; sorts the candidates, finds the cuts, Gumbel-max over the kept
+//                          candidates; top-N; writes the row. A row whose cut bins hold more than
+//                          kCandidates tokens takes the exact one-block path over the whole row.
+// Variant (variant_kernels()): R < kVariantSplits reduces each slice's sum in kVariantSplits
+// parts, each with its own max, rescaled at the end, as if the row were split over more blocks
+// because the batch is small: the log-probs' bits then depend on R.
 namespace {
 
 namespace ch = detinfer::choice;
 
-constexpr int kChoiceThreads = 1024;
+constexpr int kChoiceThreads = 1024;  // plan and select kernels: one block per row
+constexpr int kSliceThreads = 512;    // slice kernels: one block per (slice, row)
+constexpr int kSliceGroups = 8;       // float4 groups per thread and slice
+constexpr int kSlice = 4 * kSliceThreads * kSliceGroups;  // 16384 logits per slice
+static_assert(kSliceGroups % kVariantSplits == 0, "the variant's parts are whole groups");
+// Rows per round of launches; sizes the workspace (about 90 KiB per row).
+constexpr int64_t kChunkRows = 256;
 // Value bins of the scaled logit distance d = max/T - x/T (raw logits for greedy rows): bin
 // floor(d * kBinScale), the last bin holding everything at or beyond kBinRange.
 constexpr int kBins = 2048;
 constexpr float kBinRange = 24.f;
 constexpr float kBinScale = (kBins - 1) / kBinRange;
-// Candidates gathered into shared memory for an exact sort (one bin, or the bins up to the N-th).
+// Candidates gathered for an exact sort (the bins of the cuts, or the bins up to the N-th).
 constexpr int kCandidates = 4096;
 constexpr size_t kChoiceSmem = kBins * (sizeof(unsigned) + sizeof(unsigned long long)) +
                                kCandidates * 2 * sizeof(unsigned long long);
@@ -216,6 +239,25 @@ __device__ RowChoice load_choice(const int32_t* p) {
           p[ch::kTopK], p[ch::kPosition], p[ch::kTarget], p[ch::kTopN], static_cast<uint32_t>(p[ch::kSeed])};
 }
 
+// What a row needs, from its parameters alone (every block of the row agrees).
+struct RowMode {
+  bool sampling, filter_k, filter_p, bins;
+  int row_top;  // top log-probs wanted
+  int gumbel;   // the kernel that runs the row's Gumbel-max over the slices: 0 none (greedy or
+                // scored), 1 stats (no cut, no min-p), 2 bins (min-p, no cut), 3 gather (a cut)
+};
+
+__device__ RowMode row_mode(const RowChoice& p, int64_t V, int top_n) {
+  RowMode m;
+  m.sampling = p.target < 0 && p.t > 0.f;
+  m.filter_k = m.sampling && p.top_k > 0 && p.top_k < V;
+  m.filter_p = m.sampling && p.top_p < 1.f;
+  m.row_top = p.top_n < 0 ? 0 : (p.top_n > top_n ? top_n : p.top_n);
+  m.bins = m.filter_k || m.filter_p || m.row_top > 0;
+  m.gumbel = !m.sampling ? 0 : (m.filter_k || m.filter_p) ? 3 : p.min_p > 0.f ? 2 : 1;
+  return m;
+}
+
 // What the row's passes share: the scaled maximum and the bin of a logit.
 struct Scale {
   float t;     // temperature (1 for greedy rows: bins on raw logits)
@@ -229,58 +271,112 @@ struct Scale {
   __device__ unsigned long long mass(float x) const { return __float2ull_rz(weight(x) * ch::kMassScale); }
 };
 
+__device__ Scale row_scale(const RowChoice& p, const RowMode& mode, float m) {
+  return {mode.sampling ? p.t : 1.f, mode.sampling ? m / p.t : m};
+}
+
 // Sort key of token v: larger logit first, then lower id. Unique per token.
 __device__ __forceinline__ unsigned long long sort_key(float x, int v) {
   return (static_cast<unsigned long long>(ch::order_key(x)) << 32) | static_cast<uint32_t>(~v);
 }
 __device__ __forceinline__ int key_id(unsigned long long k) { return static_cast<int>(~static_cast<uint32_t>(k)); }
+__device__ __forceinline__ float key_logit(unsigned long long k) { return ch::key_value(static_cast<uint32_t>(k >> 32)); }
 
-// Visits x[0..V) of one row, f(v, x[v]). Thread t takes the float4 groups t, t + kChoiceThreads,
-// ... (kUnroll groups loaded before any is used, so that many loads are in flight) and their four
-// values in order: each thread sees its values in increasing v, an order fixed by V alone.
-// Rows that are not 16-byte aligned (V not a multiple of 4) go value by value, in the same order.
-constexpr int kUnroll = 2;
+// ---- The workspace: per row, slice partials, bins, the plan, candidate lists. ----
 
-template <class F>
-__device__ __forceinline__ void for_each_logit(const float* x, int64_t V, bool vec, F&& f) {
-  if (vec) {
-    const float4* x4 = reinterpret_cast<const float4*>(x);
-    const int64_t groups = V / 4;
-    for (int64_t g0 = threadIdx.x; g0 < groups; g0 += int64_t{kChoiceThreads} * kUnroll) {
-      float4 buf[kUnroll];
+struct SliceStats {
+  float max;  // the slice's largest logit (-inf if none is larger)
+  float sum;  // sum of expf(x - max) over the slice (0 when max is -inf)
+  int index;  // lowest id holding max
+  int bad;    // a NaN or +infinity in the slice
+};
+
+struct RowPlan {
+  unsigned long long count_before;  // tokens in bins below lo
+  unsigned long long mass_before;   // their mass
+  unsigned long long z_all;         // the row's mass
+  int lo, hi;                       // list B: the tokens of bins [lo, hi] (lo > hi: none)
+  int top_bin;                      // list A: the tokens of bins [0, top_bin] (-1: none)
+  int overflow_b, overflow_a;       // more than kCandidates tokens: the select kernel's exact path
+};
+
+struct ChoiceWork {
+  SliceStats* stats;              // [rows, P]
+  ArgBest* picks;                 // [rows, P] the slices' Gumbel-max (score, id)
+  unsigned* bin_count;            // [rows, kBins]
+  unsigned long long* bin_mass;   // [rows, kBins]
+  RowPlan* plan;                  // [rows]
+  unsigned* held;                 // [rows, 2] tokens appended to lists A and B
+  unsigned long long* list_a;     // [rows, kCandidates] sort keys (top-N)
+  unsigned long long* list_b;     // [rows, kCandidates] sort keys (the cuts)
+  int slices;                     // P
+};
+
+struct RowStats {
+  float max;
+  int index;
+  bool bad;
+};
+
+// The row's max, argmax and finiteness from its slices' partials (exact in any order).
+__device__ RowStats row_stats(const SliceStats* st, int P) {
+  ArgBest best{-INFINITY, 0x7fffffff};
+  bool bad = false;
+  for (int s = 0; s < P; ++s) {
+    const SliceStats a = st[s];
+    bad |= a.bad != 0;
+    best = arg_better(best, ArgBest{a.max, a.index});
+  }
+  return {best.value, best.index, bad || best.value == -INFINITY};
+}
+
+// lse = m + logf(sum over slices, in slice order, of sum_s * expf(max_s - m)).
+__device__ float row_lse(const SliceStats* st, int P, float m) {
+  float sum = 0.f;
+  for (int s = 0; s < P; ++s) {
+    const SliceStats a = st[s];
+    if (a.sum > 0.f) sum = sum + a.sum * expf(a.max - m);
+  }
+  return m + logf(sum);
+}
+
+// ---- Slice kernels ----
+
+// Offset in its slice of this thread's value (j, c). Ids fit in int (V < 2^31).
+__device__ __forceinline__ int slice_offset(int j, int c) { return 4 * (static_cast<int>(threadIdx.x) + kSliceThreads * j) + c; }
+
+struct SliceRange {
+  int begin, len;  // ids [begin, begin + len)
+};
+
+__device__ SliceRange slice_range(int64_t V) {
+  const int begin = static_cast<int>(blockIdx.x) * kSlice;
+  return {begin, V - begin < kSlice ? static_cast<int>(V - begin) : kSlice};
+}
+
+// This thread's values of the slice (-inf past its end; visitors check the offset).
+__device__ __forceinline__ void load_slice(float (&v)[kSliceGroups][4], const float* xr, SliceRange sl, bool vec) {
+  const float* xs = xr + sl.begin;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t g = g0 + int64_t{u} * kChoiceThreads;
-        if (g < groups) buf[u] = x4[g];
-      }
+  for (int j = 0; j < kSliceGroups; ++j) {
+    const int e = slice_offset(j, 0);
+    if (vec) {
+      // V % 4 == 0: a group lies wholly before the end or wholly past it.
+      const float4 q = e < sl.len ? __ldg(reinterpret_cast<const float4*>(xs + e))
+                                  : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+      v[j][0] = q.x, v[j][1] = q.y, v[j][2] = q.z, v[j][3] = q.w;
+    } else {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t g = g0 + int64_t{u} * kChoiceThreads;
-        if (g < groups) {
-          f(4 * g, buf[u].x);
-          f(4 * g + 1, buf[u].y);
-          f(4 * g + 2, buf[u].z);
-          f(4 * g + 3, buf[u].w);
-        }
-      }
-    }
-  } else {
-    for (int64_t v0 = threadIdx.x; v0 < V; v0 += int64_t{kChoiceThreads} * kUnroll) {
-      float buf[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = v0 + int64_t{u} * kChoiceThreads;
-        if (v < V) buf[u] = x[v];
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = v0 + int64_t{u} * kChoiceThreads;
-        if (v < V) f(v, buf[u]);
-      }
+      for (int c = 0; c < 4; ++c) v[j][c] = e + c < sl.len ? __ldg(xs + e + c) : -INFINITY;
     }
   }
 }
 
+__device__ __forceinline__ bool row_vec(const float* x, int64_t V) {
+  return V % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+}
+
+template <int THREADS>
 __device__ unsigned long long block_sum_u64(unsigned long long v) {
   __shared__ unsigned long long scratch[32];
 #pragma unroll
@@ -288,7 +384,7 @@ __device__ unsigned long long block_sum_u64(unsigned long long v) {
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
   __syncthreads();
   if (threadIdx.x < 32) {
-    unsigned long long w = threadIdx.x < kChoiceThreads / 32 ? scratch[threadIdx.x] : 0ull;
+    unsigned long long w = threadIdx.x < THREADS / 32 ? scratch[threadIdx.x] : 0ull;
 #pragma unroll
     for (int d = 16; d >= 1; d /= 2) w += __shfl_xor_sync(0xffffffffu, w, d);
     if (threadIdx.x == 0) scratch[0] = w;
@@ -298,6 +394,205 @@ __device__ unsigned long long block_sum_u64(unsigned long long v) {
   __syncthreads();
   return total;
 }
+
+__device__ __forceinline__ float gumbel_of(uint32_t bits) { return -logf(-logf(ch::noise_uniform(bits))); }
+
+// Whether a token whose scaled logit is `gap` above the best score so far, `best` (gap <= 0
+// mostly), can come near that score with noise drawn from u. Its noise -log(-log u) would have to
+// exceed -gap - tol, that is u > exp(-exp(gap + tol)), where tol (1e-3, and 16 float32 ulps of
+// the score) is far above the rounding of a score; the bound uses the fast exponentials,
+// loosened by a factor (1 - 2^-10) far beyond their error. A token it rules out has an exact score
+// below best - tol, so it could not have won (nor tied): every other token gets its exact noise.
+// It saves the two logarithms of most tokens and changes no choice. Before any score (best =
+// -inf) every finite token may win.
+__device__ __forceinline__ bool may_win(float gap, float best, float u) {
+  const float tol = 1e-3f + fabsf(best) * 2e-6f;
+  if (gap + tol >= 0.f) return true;
+  const float threshold = __expf(-__expf(gap + tol));
+  return u >= threshold * (1.f - 0.0009765625f);
+}
+
+// One step of Gumbel-max: token v with logit xv, kept by the cut (the caller checked), against the
+// thread's best so far. Pruning against a lower bound of the final best never changes the choice,
+// so the result is the exact maximum of (x/T + noise, lowest id on ties) over the visited tokens.
+__device__ __forceinline__ void gumbel_step(ArgBest& pick, int64_t v, float xv, const Scale& s, uint32_t noise_row,
+                                            float min_p) {
+  const float sv = s.scaled(xv);
+  if (sv + ch::kGumbelMax < pick.value) return;
+  if (min_p > 0.f && s.weight(xv) < min_p) return;
+  const uint32_t bits = ch::noise_token(noise_row, static_cast<uint32_t>(v));
+  if (!may_win(sv - pick.value, pick.value, ch::noise_uniform(bits))) return;
+  pick = arg_better(pick, ArgBest{sv + gumbel_of(bits), static_cast<int>(v)});
+}
+
+// The Gumbel-max score of a token that is certainly kept (the row's best logit, or in the stats
+// kernel, where everything is kept, the slice's): a lower bound of the final best, to start from.
+__device__ __forceinline__ ArgBest gumbel_seed(float xv, int v, const Scale& s, uint32_t noise_row) {
+  return ArgBest{s.scaled(xv) + gumbel_of(ch::noise_token(noise_row, static_cast<uint32_t>(v))), v};
+}
+
+// Appends `key` to a row's candidate list for the threads that `take` (warp-aggregated). The whole
+// warp must call it. The plan counted the list's tokens; slots past kCandidates are never written.
+__device__ __forceinline__ void append(bool take, unsigned long long* list, unsigned* held, unsigned long long key) {
+  const unsigned ballot = __ballot_sync(0xffffffffu, take);
+  if (ballot == 0) return;
+  const int lane = threadIdx.x % 32, leader = __ffs(ballot) - 1;
+  unsigned first = 0;
+  if (lane == leader) first = atomicAdd(held, static_cast<unsigned>(__popc(ballot)));
+  first = __shfl_sync(0xffffffffu, first, leader);
+  if (take) {
+    const unsigned slot = first + __popc(ballot & ((1u << lane) - 1u));
+    if (slot < static_cast<unsigned>(kCandidates)) list[slot] = key;
+  }
+}
+
+__global__ void __launch_bounds__(kSliceThreads, 2)
+    choice_stats_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, bool variant_split) {
+  const int P = w.slices, s = blockIdx.x;
+  const int64_t r = blockIdx.y;
+  const float* xr = x + r * V;
+  const SliceRange sl = slice_range(V);
+  float v[kSliceGroups][4];
+  load_slice(v, xr, sl, row_vec(x, V));
+  ArgBest best{-INFINITY, 0x7fffffff};
+  int bad = 0;
+#pragma unroll
+  for (int j = 0; j < kSliceGroups; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (slice_offset(j, c) >= sl.len) continue;
+      const float xv = v[j][c];
+      bad |= isnan(xv) || (isinf(xv) && xv > 0);
+      best = arg_better(best, ArgBest{xv, sl.begin + slice_offset(j, c)});
+    }
+  bad = __syncthreads_or(bad);
+  best = block_argmax<kSliceThreads>(best);
+  const float m = best.value;
+  float sum = 0.f;
+  if (!bad && m != -INFINITY) {
+    if (!variant_split) {
+      float local = 0.f;
+#pragma unroll
+      for (int j = 0; j < kSliceGroups; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          if (slice_offset(j, c) < sl.len) local = local + expf(v[j][c] - m);
+      sum = block_sum<kSliceThreads>(local);
+    } else {
+      // Contiguous quarters of the slice (groups 2q, 2q + 1 of every thread), each with its own max.
+      constexpr int kPart = kSliceGroups / kVariantSplits;
+#pragma unroll
+      for (int q = 0; q < kVariantSplits; ++q) {
+        float pm = -INFINITY;
+#pragma unroll
+        for (int j = q * kPart; j < (q + 1) * kPart; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) pm = fmaxf(pm, v[j][c]);
+        pm = block_max<kSliceThreads>(pm);
+        if (pm == -INFINITY) continue;
+        float ps = 0.f;
+#pragma unroll
+        for (int j = q * kPart; j < (q + 1) * kPart; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            if (slice_offset(j, c) < sl.len) ps = ps + expf(v[j][c] - pm);
+        ps = block_sum<kSliceThreads>(ps);
+        if (ps > 0.f) sum = sum + ps * expf(pm - m);
+      }
+    }
+  }
+  if (threadIdx.x == 0) w.stats[r * P + s] = SliceStats{m, sum, best.index, bad};
+
+  const RowChoice p = load_choice(params + r * ch::kParams);
+  const RowMode mode = row_mode(p, V, top_n);
+  if (mode.bins) {
+    // This block's share of the row's bins, zeroed for the bins kernel (the next launch).
+    for (int b = s * kSliceThreads + threadIdx.x; b < kBins; b += P * kSliceThreads)
+      w.bin_count[r * kBins + b] = 0, w.bin_mass[r * kBins + b] = 0;
+  }
+  if (mode.gumbel == 1) {
+    // No cut and no min-p: every token is kept, and the maximum is not needed.
+    const Scale sc{p.t, 0.f};
+    const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
+    ArgBest pick = gumbel_seed(m, best.index, sc, noise_row);
+#pragma unroll
+    for (int j = 0; j < kSliceGroups; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (slice_offset(j, c) < sl.len) gumbel_step(pick, sl.begin + slice_offset(j, c), v[j][c], sc, noise_row, 0.f);
+      }
+    pick = block_argmax<kSliceThreads>(pick);
+    if (threadIdx.x == 0) w.picks[r * P + s] = pick;
+  }
+}
+
+__global__ void __launch_bounds__(kSliceThreads, 2)
+    choice_bins_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n) {
+  __shared__ unsigned long long bin_mass[kBins];
+  __shared__ unsigned bin_count[kBins];
+  const int P = w.slices, s = blockIdx.x;
+  const int64_t r = blockIdx.y;
+  const RowChoice p = load_choice(params + r * ch::kParams);
+  const RowMode mode = row_mode(p, V, top_n);
+  if (!mode.bins && mode.gumbel != 2) return;
+  const RowStats st = row_stats(w.stats + r * P, P);
+  if (st.bad) return;
+  const Scale sc = row_scale(p, mode, st.max);
+  const SliceRange sl = slice_range(V);
+  float v[kSliceGroups][4];
+  load_slice(v, x + r * V, sl, row_vec(x, V));
+
+  if (mode.bins) {
+    for (int b = threadIdx.x; b < kBins; b += kSliceThreads) bin_count[b] = 0, bin_mass[b] = 0;
+    __syncthreads();
+    unsigned tail_count = 0;
+    unsigned long long tail_mass = 0;
+#pragma unroll
+    for (int j = 0; j < kSliceGroups; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (slice_offset(j, c) >= sl.len) continue;
+        const float xv = v[j][c];
+        const int b = sc.bin(xv);
+        const unsigned long long wv = mode.filter_p ? sc.mass(xv) : 0ull;  // masses serve top-p alone
+        if (b == kBins - 1) {
+          tail_count += 1, tail_mass += wv;  // the crowded last bin is added once per block, below
+        } else {
+          atomicAdd(&bin_count[b], 1u);
+          if (wv) atomicAdd(&bin_mass[b], wv);
+        }
+      }
+    __syncthreads();
+    const unsigned long long tc = block_sum_u64<kSliceThreads>(tail_count);
+    const unsigned long long tm = block_sum_u64<kSliceThreads>(tail_mass);
+    unsigned* gc = w.bin_count + r * kBins;
+    unsigned long long* gm = w.bin_mass + r * kBins;
+    for (int b = threadIdx.x; b < kBins - 1; b += kSliceThreads) {
+      if (bin_count[b]) atomicAdd(&gc[b], bin_count[b]);
+      if (bin_mass[b]) atomicAdd(&gm[b], bin_mass[b]);
+    }
+    if (threadIdx.x == 0) {
+      if (tc) atomicAdd(&gc[kBins - 1], static_cast<unsigned>(tc));
+      if (tm) atomicAdd(&gm[kBins - 1], tm);
+    }
+  }
+
+  if (mode.gumbel == 2) {
+    // min-p without a cut: needs the row's maximum, hence this pass.
+    const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
+    ArgBest pick = gumbel_seed(st.max, st.index, sc, noise_row);
+#pragma unroll
+    for (int j = 0; j < kSliceGroups; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (slice_offset(j, c) < sl.len) gumbel_step(pick, sl.begin + slice_offset(j, c), v[j][c], sc, noise_row, p.min_p);
+      }
+    pick = block_argmax<kSliceThreads>(pick);
+    if (threadIdx.x == 0) w.picks[r * P + s] = pick;
+  }
+}
+
+// ---- One block of kChoiceThreads per row: running totals, sorting, the exact fallback ----
 
 // The first index (in order: descending logits) where the running total of `values` reaches
 // `target`, and the total before it; PER values per thread, kChoiceThreads * PER in all. Integer
@@ -344,30 +639,56 @@ __device__ BinCut find_bin(const T* values, unsigned long long target) {
   return find_running<kBins / kChoiceThreads>(values, target);
 }
 
-// Candidates in shared memory: sort keys and masses, sorted by key, largest first (bitonic sort
-// of kCandidates entries; empty entries have key 0 and sort last).
+// Visits x[0..V) of one row with the whole block, f(v, x[v]) (the exact fallback's passes; their
+// sums are integers, so the visiting order does not matter).
+template <class F>
+__device__ __forceinline__ void for_each_logit(const float* x, int64_t V, F&& f) {
+  for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) f(v, x[v]);
+}
+
+// Candidates in shared memory: sort keys and masses, sorted by key, largest first (bitonic sort;
+// empty entries have key 0 and sort last).
 struct Candidates {
   unsigned long long* key;
   unsigned long long* mass;
   int* count;  // shared counter
 };
 
-__device__ void sort_candidates(Candidates c) {
-  for (int size = 2; size <= kCandidates; size *= 2) {
+// Sorts the first n2 entries (a power of two, at most kCandidates); masses move with their keys
+// when with_mass.
+__device__ void sort_candidates(Candidates c, int n2, bool with_mass) {
+  for (int size = 2; size <= n2; size *= 2) {
     for (int stride = size / 2; stride > 0; stride /= 2) {
-      for (int i = threadIdx.x; i < kCandidates / 2; i += kChoiceThreads) {
+      for (int i = threadIdx.x; i < n2 / 2; i += kChoiceThreads) {
         int lo = 2 * i - (i & (stride - 1));
         int hi = lo + stride;
         bool descending = (lo & size) == 0;
         unsigned long long klo = c.key[lo], khi = c.key[hi];
         if ((klo < khi) == descending) {
           c.key[lo] = khi, c.key[hi] = klo;
-          unsigned long long m = c.mass[lo];
-          c.mass[lo] = c.mass[hi], c.mass[hi] = m;
+          if (with_mass) {
+            unsigned long long m = c.mass[lo];
+            c.mass[lo] = c.mass[hi], c.mass[hi] = m;
+          }
         }
       }
       __syncthreads();
     }
+  }
+}
+
+// Loads a gathered list of n keys (n <= kCandidates) and sorts it; with_mass, the masses of the
+// sorted keys follow (mass(key) for the first n, 0 for the rest of the kCandidates entries).
+__device__ void load_sorted(Candidates c, const unsigned long long* list, int n, const Scale& s, bool with_mass) {
+  int n2 = 2;
+  while (n2 < n) n2 *= 2;
+  __syncthreads();  // the previous use of the candidates is over
+  for (int i = threadIdx.x; i < n2; i += kChoiceThreads) c.key[i] = i < n ? list[i] : 0ull;
+  __syncthreads();
+  sort_candidates(c, n2, false);
+  if (with_mass) {
+    for (int i = threadIdx.x; i < kCandidates; i += kChoiceThreads) c.mass[i] = i < n ? s.mass(key_logit(c.key[i])) : 0ull;
+    __syncthreads();
   }
 }
 
@@ -377,32 +698,29 @@ __device__ void gather_bins(Candidates c, const float* x, int64_t V, const Scale
   for (int i = threadIdx.x; i < kCandidates; i += kChoiceThreads) c.key[i] = 0, c.mass[i] = 0;
   if (threadIdx.x == 0) *c.count = 0;
   __syncthreads();
-  // Every thread runs every iteration: the ballot needs whole warps. Four values per thread per
-  // iteration (v = 4g .. 4g+3 of group g), each claimed by a warp-wide ballot.
-  const int64_t groups = (V + 3) / 4;
-  for (int64_t g0 = 0; g0 < groups; g0 += kChoiceThreads) {
-    const int64_t g = g0 + threadIdx.x;
-    for (int j = 0; j < 4; ++j) {
-      const int64_t v = 4 * g + j;
-      const float xv = v < V ? x[v] : 0.f;
-      bool take = false;
-      if (v < V) {
-        int b = s.bin(xv);
-        take = b >= lo && b <= hi;
-      }
-      unsigned ballot = __ballot_sync(0xffffffffu, take);
-      int first = 0;
-      if (threadIdx.x % 32 == 0 && ballot) first = atomicAdd(c.count, __popc(ballot));
-      first = __shfl_sync(0xffffffffu, first, 0);
-      if (take) {
-        int slot = first + __popc(ballot & ((1u << (threadIdx.x % 32)) - 1u));
+  // Every thread runs every iteration: the ballot needs whole warps.
+  for (int64_t v0 = 0; v0 < V; v0 += kChoiceThreads) {
+    const int64_t v = v0 + threadIdx.x;
+    const float xv = v < V ? x[v] : 0.f;
+    bool take = false;
+    if (v < V) {
+      int b = s.bin(xv);
+      take = b >= lo && b <= hi;
+    }
+    unsigned ballot = __ballot_sync(0xffffffffu, take);
+    int first = 0;
+    if (threadIdx.x % 32 == 0 && ballot) first = atomicAdd(c.count, __popc(ballot));
+    first = __shfl_sync(0xffffffffu, first, 0);
+    if (take) {
+      int slot = first + __popc(ballot & ((1u << (threadIdx.x % 32)) - 1u));
+      if (slot < kCandidates) {
         c.key[slot] = sort_key(xv, static_cast<int>(v));
         c.mass[slot] = with_mass ? s.mass(xv) : 0ull;
       }
     }
   }
   __syncthreads();
-  sort_candidates(c);
+  sort_candidates(c, kCandidates, true);
 }
 
 // The sort key of the candidate at which the running total (count, or mass when by_mass) first
@@ -416,18 +734,19 @@ __device__ unsigned long long cut_in_candidates(Candidates c, unsigned long long
     index = at.bin;
     *mass_to_cut = at.before + c.mass[index];
   } else {
-    index = static_cast<int>(need - 1);
+    index = need - 1 < static_cast<unsigned long long>(kCandidates) ? static_cast<int>(need - 1) : kCandidates - 1;
     unsigned long long local = 0;
     for (int i = threadIdx.x; i <= index; i += kChoiceThreads) local += c.mass[i];
-    *mass_to_cut = block_sum_u64(local);
+    *mass_to_cut = block_sum_u64<kChoiceThreads>(local);
   }
   return c.key[index];
 }
 
 // Fallback when the bin holding the cut has more than kCandidates tokens: the sort key at which
 // the running total over tokens of bin `bin` (in sort-key order) reaches `target`, by bisection
-// on the 64-bit sort key with a block reduction per step. Slow, exact, and only reached by rows
-// with thousands of logits within 1/85 of a scaled unit of each other.
+// on the 64-bit sort key with a block reduction per step (at most 64 steps). Slow, exact, and
+// only reached by rows with thousands of logits within 1/85 of a scaled unit of each other (or in
+// the last bin).
 __device__ unsigned long long cut_by_bisection(const float* x, int64_t V, const Scale& s, int bin,
                                                unsigned long long before, unsigned long long target, bool by_mass,
                                                unsigned long long* mass_to_cut) {
@@ -437,34 +756,33 @@ __device__ unsigned long long cut_by_bisection(const float* x, int64_t V, const 
   while (lo < hi) {
     unsigned long long mid = lo + (hi - lo) / 2 + 1;
     unsigned long long local = 0;
-    for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
-      float xv = x[v];
-      if (s.bin(xv) != bin || sort_key(xv, static_cast<int>(v)) < mid) continue;
+    for_each_logit(x, V, [&](int64_t v, float xv) {
+      if (s.bin(xv) != bin || sort_key(xv, static_cast<int>(v)) < mid) return;
       local += by_mass ? s.mass(xv) : 1ull;
-    }
-    if (block_sum_u64(local) >= need) lo = mid;
+    });
+    if (block_sum_u64<kChoiceThreads>(local) >= need) lo = mid;
     else hi = mid - 1;
   }
   if (mass_to_cut) {
     unsigned long long local = 0;
-    for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
-      float xv = x[v];
+    for_each_logit(x, V, [&](int64_t v, float xv) {
       if (s.bin(xv) == bin && sort_key(xv, static_cast<int>(v)) >= lo) local += s.mass(xv);
-    }
-    *mass_to_cut = block_sum_u64(local);
+    });
+    *mass_to_cut = block_sum_u64<kChoiceThreads>(local);
   }
   return lo;
 }
 
 // The sort key of the last token of the shortest prefix (in sort-key order) whose running total
-// (count, or mass when by_mass) reaches target; *prefix_mass gets that prefix's mass.
+// (count, or mass when by_mass) reaches target; *prefix_mass gets that prefix's mass. The exact
+// one-block path: the bins are in shared memory, the row is scanned by the block.
 __device__ unsigned long long prefix_cut(Candidates c, const unsigned* bin_count, const unsigned long long* bin_mass,
                                          const float* x, int64_t V, const Scale& s, unsigned long long target,
                                          bool by_mass, unsigned long long* prefix_mass) {
   BinCut bc = by_mass ? find_bin(bin_mass, target) : find_bin(bin_count, target);
   unsigned long long local = 0;
   for (int b = threadIdx.x; b < bc.bin; b += kChoiceThreads) local += bin_mass[b];
-  unsigned long long mass_before = block_sum_u64(local);
+  unsigned long long mass_before = block_sum_u64<kChoiceThreads>(local);
   unsigned long long within = 0, cut;
   if (bin_count[bc.bin] <= static_cast<unsigned>(kCandidates)) {
     gather_bins(c, x, V, s, bc.bin, bc.bin, true);
@@ -476,30 +794,114 @@ __device__ unsigned long long prefix_cut(Candidates c, const unsigned* bin_count
   return cut;
 }
 
-__device__ __forceinline__ float gumbel_of(uint32_t bits) { return -logf(-logf(ch::noise_uniform(bits))); }
+__global__ void __launch_bounds__(kChoiceThreads)
+    choice_plan_kernel(ChoiceWork w, const int32_t* params, int64_t V, int top_n) {
+  __shared__ unsigned long long bin_mass[kBins];
+  __shared__ unsigned bin_count[kBins];
+  const int P = w.slices;
+  const int64_t r = blockIdx.x;
+  const RowChoice p = load_choice(params + r * ch::kParams);
+  const RowMode mode = row_mode(p, V, top_n);
+  if (!mode.bins) return;
+  const RowStats st = row_stats(w.stats + r * P, P);
+  if (st.bad) return;
+  for (int b = threadIdx.x; b < kBins; b += kChoiceThreads)
+    bin_count[b] = w.bin_count[r * kBins + b], bin_mass[b] = w.bin_mass[r * kBins + b];
+  __syncthreads();
+  unsigned long long local = 0;
+  for (int b = threadIdx.x; b < kBins; b += kChoiceThreads) local += bin_mass[b];
+  const unsigned long long z_all = block_sum_u64<kChoiceThreads>(local);
 
-__device__ __forceinline__ float gumbel(uint32_t noise_row, int v) {
-  return gumbel_of(ch::noise_token(noise_row, static_cast<uint32_t>(v)));
+  // List B: the bins that can hold the top-k cut and the top-p cut. With top-k, the mass Z of the
+  // top-k set lies between the mass of the bins before the k-th token's bin and that plus its
+  // bin's; the top-p target ceil(p Z) and the bin where it is reached grow with Z.
+  int lo = kBins, hi = -1;
+  unsigned long long z_lo = z_all, z_hi = z_all;
+  if (mode.filter_k) {
+    const BinCut kb = find_bin(bin_count, static_cast<unsigned long long>(p.top_k));
+    lo = hi = kb.bin;
+    local = 0;
+    for (int b = threadIdx.x; b < kb.bin; b += kChoiceThreads) local += bin_mass[b];
+    z_lo = block_sum_u64<kChoiceThreads>(local);
+    z_hi = z_lo + bin_mass[kb.bin];
+  }
+  if (mode.filter_p) {
+    const BinCut a = find_bin(bin_mass, ch::top_p_target(p.top_p, z_lo));
+    const BinCut b = find_bin(bin_mass, ch::top_p_target(p.top_p, z_hi));
+    // (z_lo is 0 only when the k-th token lies in bin 0: then lo is 0 already.)
+    lo = a.bin < lo ? a.bin : lo;
+    hi = b.bin > hi ? b.bin : hi;
+  }
+  RowPlan plan{};
+  plan.z_all = z_all;
+  plan.lo = lo, plan.hi = hi;
+  plan.top_bin = -1;
+  if (lo <= hi) {
+    unsigned long long count_before = 0, mass_before = 0, held = 0;
+    for (int b = threadIdx.x; b < kBins; b += kChoiceThreads) {
+      if (b < lo) count_before += bin_count[b], mass_before += bin_mass[b];
+      else if (b <= hi) held += bin_count[b];
+    }
+    plan.count_before = block_sum_u64<kChoiceThreads>(count_before);
+    plan.mass_before = block_sum_u64<kChoiceThreads>(mass_before);
+    plan.overflow_b = block_sum_u64<kChoiceThreads>(held) > static_cast<unsigned long long>(kCandidates);
+  }
+  if (mode.row_top > 0) {
+    const int n = mode.row_top < V ? mode.row_top : static_cast<int>(V);
+    const BinCut nb = find_bin(bin_count, static_cast<unsigned long long>(n));
+    plan.top_bin = nb.bin;
+    plan.overflow_a = nb.before + bin_count[nb.bin] > static_cast<unsigned long long>(kCandidates);
+  }
+  if (threadIdx.x == 0) {
+    w.plan[r] = plan;
+    w.held[2 * r] = 0, w.held[2 * r + 1] = 0;
+  }
 }
 
-// Whether a token whose scaled logit is `gap` above the best score so far, `best` (gap <= 0
-// mostly), can come near that score with noise drawn from u. Its noise -log(-log u) would have to
-// exceed -gap - tol, that is u > exp(-exp(gap + tol)), where tol (1e-3, and 16 float32 ulps of
-// the score) is far above the rounding of a score; the bound uses the fast exponentials,
-// loosened by a factor (1 - 2^-10) far beyond their error. A token it rules out has an exact score
-// below best - tol, so it could not have won (nor tied): every other token gets its exact noise.
-// It saves the two logarithms of most tokens and changes no choice.
-__device__ __forceinline__ bool may_win(float gap, float best, float u) {
-  const float tol = 1e-3f + fabsf(best) * 2e-6f;
-  if (gap + tol >= 0.f) return true;
-  const float threshold = __expf(-__expf(gap + tol));
-  return u >= threshold * (1.f - 0.0009765625f);
+__global__ void __launch_bounds__(kSliceThreads, 2)
+    choice_gather_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n) {
+  const int P = w.slices, s = blockIdx.x;
+  const int64_t r = blockIdx.y;
+  const RowChoice p = load_choice(params + r * ch::kParams);
+  const RowMode mode = row_mode(p, V, top_n);
+  if (!mode.bins) return;
+  const RowStats st = row_stats(w.stats + r * P, P);
+  if (st.bad) return;
+  const RowPlan plan = w.plan[r];
+  const bool take_b = plan.lo <= plan.hi && !plan.overflow_b;
+  const bool take_a = plan.top_bin >= 0 && !plan.overflow_a;
+  const bool picks = mode.gumbel == 3 && take_b;
+  if (!take_a && !take_b) return;
+  const Scale sc = row_scale(p, mode, st.max);
+  const SliceRange sl = slice_range(V);
+  float v[kSliceGroups][4];
+  load_slice(v, x + r * V, sl, row_vec(x, V));
+  unsigned* held = w.held + 2 * r;
+  unsigned long long* list_a = w.list_a + r * kCandidates;
+  unsigned long long* list_b = w.list_b + r * kCandidates;
+  const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
+  ArgBest pick = picks ? gumbel_seed(st.max, st.index, sc, noise_row) : ArgBest{-INFINITY, 0x7fffffff};
+#pragma unroll
+  for (int j = 0; j < kSliceGroups; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int e = sl.begin + slice_offset(j, c);
+      const float xv = v[j][c];
+      const int b = slice_offset(j, c) < sl.len ? sc.bin(xv) : kBins;
+      const unsigned long long key = sort_key(xv, e);
+      append(take_b && b >= plan.lo && b <= plan.hi, list_b, held + 1, key);
+      append(take_a && b <= plan.top_bin, list_a, held, key);
+      // Tokens above the cut bins are kept whatever the cut: their Gumbel-max is done here.
+      if (picks && b < plan.lo) gumbel_step(pick, e, xv, sc, noise_row, p.min_p);
+    }
+  if (picks) {
+    pick = block_argmax<kSliceThreads>(pick);
+    if (threadIdx.x == 0) w.picks[r * P + s] = pick;
+  }
 }
 
 __global__ void __launch_bounds__(kChoiceThreads)
-    choose_tokens_kernel(int32_t* out, const float* x, const int32_t* params, int64_t V, int top_n, bool variant_split) {
-  // float4 loads when every row starts 16-byte aligned (the visiting order is the same either way).
-  const bool vec = V % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+    choice_select_kernel(int32_t* out, ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n) {
   extern __shared__ unsigned long long smem[];
   unsigned long long* bin_mass = smem;
   unsigned* bin_count = reinterpret_cast<unsigned*>(bin_mass + kBins);
@@ -507,135 +909,116 @@ __global__ void __launch_bounds__(kChoiceThreads)
   __shared__ int cand_count;
   cand.count = &cand_count;
 
+  const int P = w.slices;
   const int64_t r = blockIdx.x;
   const float* xr = x + r * V;
   int32_t* o = out + r * (2 + 2 * static_cast<int64_t>(top_n));
   const RowChoice p = load_choice(params + r * ch::kParams);
-
-  // Pass 1: the largest logit (lowest id on ties) and whether the row is finite.
-  ArgBest best{-INFINITY, 0x7fffffff};
-  int bad = 0;
-  for_each_logit(xr, V, vec, [&](int64_t v, float xv) {
-    bad |= isnan(xv) || (isinf(xv) && xv > 0);
-    best = arg_better(best, ArgBest{xv, static_cast<int>(v)});
-  });
-  bad = __syncthreads_or(bad);
-  best = block_argmax<kChoiceThreads>(best);
-  if (bad || best.value == -INFINITY) {
+  const RowMode mode = row_mode(p, V, top_n);
+  const SliceStats* stats = w.stats + r * P;
+  const RowStats st = row_stats(stats, P);
+  if (st.bad) {
     for (int i = threadIdx.x; i < 2 + 2 * top_n; i += kChoiceThreads)
       o[i] = (i == 0 || (i >= 2 && i < 2 + top_n)) ? -1 : ch::float_bits(NAN);
     return;
   }
-  const float m = best.value;
-  const bool sampling = p.target < 0 && p.t > 0.f;
-  const bool filter_k = sampling && p.top_k > 0 && p.top_k < V;
-  const bool filter_p = sampling && p.top_p < 1.f;
-  const int row_top = p.top_n < 0 ? 0 : (p.top_n > top_n ? top_n : p.top_n);
-  const bool bins = filter_k || filter_p || row_top > 0;
-  const Scale s{sampling ? p.t : 1.f, sampling ? m / p.t : m};
-
-  // Pass 2: the logsumexp sum (raw logits), and the bins' counts and masses when a cut is needed.
-  if (bins) {
-    for (int b = threadIdx.x; b < kBins; b += kChoiceThreads) bin_count[b] = 0, bin_mass[b] = 0;
+  const float m = st.max;
+  const float lse = row_lse(stats, P, m);
+  const Scale s = row_scale(p, mode, m);
+  // The exact one-block path reads the bins from shared memory.
+  bool bins_loaded = false;
+  auto load_bins = [&] {
+    if (bins_loaded) return;
+    for (int b = threadIdx.x; b < kBins; b += kChoiceThreads)
+      bin_count[b] = w.bin_count[r * kBins + b], bin_mass[b] = w.bin_mass[r * kBins + b];
     __syncthreads();
-  }
-  float sum = 0.f;
-  unsigned tail_count = 0;
-  unsigned long long tail_mass = 0;
-  for_each_logit(xr, V, vec, [&](int64_t, float xv) {
-    if (!variant_split) sum = sum + expf(xv - m);
-    if (!bins) return;
-    int b = s.bin(xv);
-    unsigned long long w = sampling ? s.mass(xv) : 0ull;
-    if (b == kBins - 1) {
-      tail_count += 1, tail_mass += w;  // the crowded last bin is added once per thread, below
-    } else {
-      atomicAdd(&bin_count[b], 1u);
-      if (w) atomicAdd(&bin_mass[b], w);
-    }
-  });
-  if (variant_split) {
-    // As split row reductions do: each part's own max and sum, rescaled to the row's max.
-    const int64_t chunk = (V + kVariantSplits - 1) / kVariantSplits;
-    sum = 0.f;
-    for (int64_t begin = 0; begin < V; begin += chunk) {
-      const int64_t end = min(V, begin + chunk);
-      float cm = -INFINITY, cs = 0.f;
-      for (int64_t v = begin + threadIdx.x; v < end; v += kChoiceThreads) cm = fmaxf(cm, xr[v]);
-      cm = block_max<kChoiceThreads>(cm);
-      for (int64_t v = begin + threadIdx.x; v < end; v += kChoiceThreads) cs = cs + expf(xr[v] - cm);
-      cs = block_sum<kChoiceThreads>(cs);
-      if (cs > 0.f) sum = sum + cs * expf(cm - m);
-    }
-  } else {
-    sum = block_sum<kChoiceThreads>(sum);
-  }
-  const float lse = m + logf(sum);
-  unsigned long long z_all = 0;
-  if (bins) {
-    unsigned long long tc = block_sum_u64(tail_count), tm = block_sum_u64(tail_mass);
-    if (threadIdx.x == 0) bin_count[kBins - 1] = static_cast<unsigned>(tc), bin_mass[kBins - 1] = tm;
-    __syncthreads();
-    unsigned long long local = 0;
-    for (int b = threadIdx.x; b < kBins; b += kChoiceThreads) local += bin_mass[b];
-    z_all = block_sum_u64(local);
-  }
+    bins_loaded = true;
+  };
 
   int id;
   if (p.target >= 0) {
     id = p.target < V ? p.target : -1;  // the host validates targets; never read out of bounds
-  } else if (!sampling) {
-    id = best.index;
+  } else if (!mode.sampling) {
+    id = st.index;
   } else {
-    // The kept set: tokens whose sort key is at least `cut` (0: all), and min-p.
-    unsigned long long cut = 0;
-    unsigned long long z = z_all, unused;
-    if (filter_k) cut = prefix_cut(cand, bin_count, bin_mass, xr, V, s, static_cast<unsigned long long>(p.top_k), false, &z);
-    if (filter_p) {
-      unsigned long long cut_p = prefix_cut(cand, bin_count, bin_mass, xr, V, s, ch::top_p_target(p.top_p, z), true, &unused);
-      cut = cut_p > cut ? cut_p : cut;
-    }
-    // Gumbel-max over the kept set, starting from the best logit, which is always kept.
     const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
-    const float score0 = s.smax + gumbel(noise_row, best.index);
-    ArgBest pick{score0, best.index};
-    for_each_logit(xr, V, vec, [&](int64_t v, float xv) {
-      const float sv = s.scaled(xv);
-      // Pruned against the thread's best so far: the noise of a token this far below cannot win.
-      if (sv + ch::kGumbelMax < pick.value || v == best.index) return;
-      if (sort_key(xv, static_cast<int>(v)) < cut) return;
-      if (p.min_p > 0.f && s.weight(xv) < p.min_p) return;
-      const uint32_t bits = ch::noise_token(noise_row, static_cast<uint32_t>(v));
-      if (!may_win(sv - pick.value, pick.value, ch::noise_uniform(bits))) return;
-      pick = arg_better(pick, ArgBest{sv + gumbel_of(bits), static_cast<int>(v)});
-    });
-    id = block_argmax<kChoiceThreads>(pick).index;
+    ArgBest pick{-INFINITY, 0x7fffffff};
+    if (mode.gumbel != 3) {
+      for (int k = 0; k < P; ++k) pick = arg_better(pick, w.picks[r * P + k]);
+    } else {
+      // The kept set: tokens whose sort key is at least `cut`, and min-p.
+      const RowPlan plan = w.plan[r];
+      unsigned long long cut = 0, z = plan.z_all, unused;
+      ArgBest mine = gumbel_seed(m, st.index, s, noise_row);  // the best logit is always kept
+      if (!plan.overflow_b) {
+        // The tokens of bins [lo, hi], sorted; the bins below lo hold plan.count_before tokens of
+        // mass plan.mass_before, all kept, their Gumbel-max in the slices' picks.
+        for (int k = 0; k < P; ++k) pick = arg_better(pick, w.picks[r * P + k]);
+        const unsigned held = w.held[2 * r + 1];
+        const int n = held < static_cast<unsigned>(kCandidates) ? static_cast<int>(held) : kCandidates;
+        load_sorted(cand, w.list_b + r * kCandidates, n, s, true);
+        if (mode.filter_k) {
+          cut = cut_in_candidates(cand, static_cast<unsigned long long>(p.top_k) - plan.count_before, false, &z);
+          z += plan.mass_before;
+        }
+        if (mode.filter_p) {
+          const unsigned long long cut_p =
+              cut_in_candidates(cand, ch::top_p_target(p.top_p, z) - plan.mass_before, true, &unused);
+          cut = cut_p > cut ? cut_p : cut;
+        }
+        for (int i = threadIdx.x; i < n; i += kChoiceThreads) {
+          const unsigned long long k = cand.key[i];
+          if (k >= cut) gumbel_step(mine, key_id(k), key_logit(k), s, noise_row, p.min_p);
+        }
+      } else {
+        load_bins();
+        if (mode.filter_k)
+          cut = prefix_cut(cand, bin_count, bin_mass, xr, V, s, static_cast<unsigned long long>(p.top_k), false, &z);
+        if (mode.filter_p) {
+          const unsigned long long cut_p =
+              prefix_cut(cand, bin_count, bin_mass, xr, V, s, ch::top_p_target(p.top_p, z), true, &unused);
+          cut = cut_p > cut ? cut_p : cut;
+        }
+        for_each_logit(xr, V, [&](int64_t v, float xv) {
+          if (sort_key(xv, static_cast<int>(v)) >= cut) gumbel_step(mine, v, xv, s, noise_row, p.min_p);
+        });
+      }
+      pick = arg_better(pick, block_argmax<kChoiceThreads>(mine));
+    }
+    id = pick.index;
   }
   if (threadIdx.x == 0) {
     o[0] = id;
-    o[1] = ch::float_bits(id >= 0 ? xr[id] - lse : NAN);
+    o[1] = ch::float_bits(id >= 0 && id < V ? xr[id] - lse : NAN);
   }
 
-  if (row_top > 0) {
+  if (mode.row_top > 0) {
     // The N best logits: every token in the bins up to the one where the count reaches N.
-    int n = row_top < V ? row_top : static_cast<int>(V);
-    BinCut bc = find_bin(bin_count, static_cast<unsigned long long>(n));
-    unsigned long long held = bc.before + bin_count[bc.bin];
-    if (held <= static_cast<unsigned long long>(kCandidates)) {
-      gather_bins(cand, xr, V, s, 0, bc.bin, false);  // sorted: the first n are the answer
+    const int n = mode.row_top < V ? mode.row_top : static_cast<int>(V);
+    const RowPlan plan = w.plan[r];
+    if (!plan.overflow_a) {
+      const unsigned held = w.held[2 * r];
+      load_sorted(cand, w.list_a + r * kCandidates, held < static_cast<unsigned>(kCandidates) ? held : kCandidates, s,
+                  false);
     } else {
+      load_bins();
+      __syncthreads();  // the candidates' previous use is over
+      BinCut bc = find_bin(bin_count, static_cast<unsigned long long>(n));
       const unsigned long long cut =
           cut_by_bisection(xr, V, s, bc.bin, bc.before, static_cast<unsigned long long>(n), false, nullptr);
       // Every token before the cut: at most N of them, gathered then sorted.
       for (int i = threadIdx.x; i < kCandidates; i += kChoiceThreads) cand.key[i] = 0, cand.mass[i] = 0;
       if (threadIdx.x == 0) cand_count = 0;
       __syncthreads();
-      for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) {
-        unsigned long long k = sort_key(xr[v], static_cast<int>(v));
-        if (k >= cut) cand.key[atomicAdd(&cand_count, 1)] = k;
-      }
+      for_each_logit(xr, V, [&](int64_t v, float xv) {
+        unsigned long long k = sort_key(xv, static_cast<int>(v));
+        if (k >= cut) {
+          const int slot = atomicAdd(&cand_count, 1);
+          if (slot < kCandidates) cand.key[slot] = k;
+        }
+      });
       __syncthreads();
-      sort_candidates(cand);
+      sort_candidates(cand, kCandidates, false);
     }
     for (int i = threadIdx.x; i < top_n; i += kChoiceThreads) {
       if (i < n) {
@@ -652,6 +1035,57 @@ __global__ void __launch_bounds__(kChoiceThreads)
   }
 }
 
+// The workspace: kChunkRows rows of P slices (about 22 MiB at V = 151936), allocated at the first
+// call and grown only for a wider vocabulary. CUDA graphs hold pointers into it, so it never
+// shrinks, never grows with the number of rows, and a buffer it outgrows is kept, not freed (a
+// graph captured earlier may still use it). All launches share the one stream, so reuse between
+// calls is ordered.
+ChoiceWork choice_workspace(int P) {
+  auto round = [](size_t n) { return (n + 255) / 256 * 256; };
+  const size_t R = static_cast<size_t>(kChunkRows), S = static_cast<size_t>(P);
+  const size_t sizes[] = {
+      round(R * kCandidates * sizeof(unsigned long long)),  // list_a
+      round(R * kCandidates * sizeof(unsigned long long)),  // list_b
+      round(R * kBins * sizeof(unsigned long long)),        // bin_mass
+      round(R * kBins * sizeof(unsigned)),                  // bin_count
+      round(R * S * sizeof(SliceStats)),                    // stats
+      round(R * S * sizeof(ArgBest)),                       // picks
+      round(R * sizeof(RowPlan)),                           // plan
+      round(R * 2 * sizeof(unsigned)),                      // held
+  };
+  size_t bytes = 0;
+  for (size_t n : sizes) bytes += n;
+  static std::mutex mutex;
+  static void* ptr = nullptr;
+  static size_t capacity = 0;
+  char* base;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (bytes > capacity) {
+      ptr = cuda_runtime::alloc(bytes);  // the previous buffer stays allocated (see above)
+      capacity = bytes;
+    }
+    base = static_cast<char*>(ptr);
+  }
+  ChoiceWork w;
+  size_t at = 0;
+  auto next = [&](size_t i) {
+    char* q = base + at;
+    at += sizes[i];
+    return q;
+  };
+  w.list_a = reinterpret_cast<unsigned long long*>(next(0));
+  w.list_b = reinterpret_cast<unsigned long long*>(next(1));
+  w.bin_mass = reinterpret_cast<unsigned long long*>(next(2));
+  w.bin_count = reinterpret_cast<unsigned*>(next(3));
+  w.stats = reinterpret_cast<SliceStats*>(next(4));
+  w.picks = reinterpret_cast<ArgBest*>(next(5));
+  w.plan = reinterpret_cast<RowPlan*>(next(6));
+  w.held = reinterpret_cast<unsigned*>(next(7));
+  w.slices = P;
+  return w;
+}
+
 }  // namespace
 
 void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
@@ -659,16 +1093,36 @@ void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
   if (rows == 0) return;
   DI_CHECK(V > 0, "choose_tokens: x has no columns");
   DI_CHECK(rows <= 0x7fffffff, "choose_tokens: too many rows (", rows, ")");
-  int top_n = static_cast<int>((out.dim(1) - 2) / 2);
+  DI_CHECK(V <= 0x7fffffff, "choose_tokens: too many columns (", V, ")");
+  const int top_n = static_cast<int>((out.dim(1) - 2) / 2);
   static std::once_flag configured;
   std::call_once(configured, [] {
-    CUDA_CHECK(cudaFuncSetAttribute(choose_tokens_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CUDA_CHECK(cudaFuncSetAttribute(choice_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(kChoiceSmem)));
   });
-  bool variant_split = variant_kernels() && rows < kVariantSplits;
-  choose_tokens_kernel<<<static_cast<unsigned>(rows), kChoiceThreads, kChoiceSmem, device_stream()>>>(
-      out.ptr<int32_t>(), x.ptr<float>(), params.ptr<int32_t>(), V, top_n, variant_split);
-  CUDA_CHECK_LAUNCH("choose_tokens", shapes(rows, V));
+  const int P = static_cast<int>((V + kSlice - 1) / kSlice);
+  const bool variant_split = variant_kernels() && rows < kVariantSplits;
+  const int64_t chunk = kChunkRows;
+  const ChoiceWork w = choice_workspace(P);
+  cudaStream_t stream = device_stream();
+  const int64_t out_cols = 2 + 2 * static_cast<int64_t>(top_n);
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const unsigned n = static_cast<unsigned>(std::min(chunk, rows - r0));
+    const float* xc = x.ptr<float>() + r0 * V;
+    const int32_t* pc = params.ptr<int32_t>() + r0 * choice::kParams;
+    int32_t* oc = out.ptr<int32_t>() + r0 * out_cols;
+    const dim3 slices(static_cast<unsigned>(P), n);
+    choice_stats_kernel<<<slices, kSliceThreads, 0, stream>>>(w, xc, pc, V, top_n, variant_split);
+    CUDA_CHECK_LAUNCH("choose_tokens (stats)", shapes(rows, V));
+    choice_bins_kernel<<<slices, kSliceThreads, 0, stream>>>(w, xc, pc, V, top_n);
+    CUDA_CHECK_LAUNCH("choose_tokens (bins)", shapes(rows, V));
+    choice_plan_kernel<<<n, kChoiceThreads, 0, stream>>>(w, pc, V, top_n);
+    CUDA_CHECK_LAUNCH("choose_tokens (plan)", shapes(rows, V));
+    choice_gather_kernel<<<slices, kSliceThreads, 0, stream>>>(w, xc, pc, V, top_n);
+    CUDA_CHECK_LAUNCH("choose_tokens (gather)", shapes(rows, V));
+    choice_select_kernel<<<n, kChoiceThreads, kChoiceSmem, stream>>>(oc, w, xc, pc, V, top_n);
+    CUDA_CHECK_LAUNCH("choose_tokens (select)", shapes(rows, V));
+  }
 }
 
 }  // namespace detinfer::cuda
