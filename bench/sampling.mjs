@@ -33,9 +33,9 @@ const rows = ours.results.map((r) => {
   return { ...r, torchUs: t?.us ?? null, torchOverOurs: t ? t.us / r.us : null }
 })
 writeFileSync(join(resultsDir, 'sampling.json'), JSON.stringify({ vocab: ours.vocab, torch: torch.torch, rows }, null, 2))
-console.log(`\ntoken choice at V = ${ours.vocab} (CUDA events, medians; torch ${torch.torch} eager recipes on the same shapes)`)
-console.log(`${'rows'.padStart(5)}  ${'choice'.padEnd(32)} ${'ours us'.padStart(9)} ${'torch us'.padStart(9)} ${'torch/ours'.padStart(10)}`)
+console.log(`\ntoken choice at V = ${ours.vocab} (CUDA events, medians; ours: one call, and the same call replayed from a CUDA graph as in a decode step; torch ${torch.torch} eager recipes on the same shapes)`)
+console.log(`${'rows'.padStart(5)}  ${'choice'.padEnd(32)} ${'ours us'.padStart(9)} ${'graph us'.padStart(9)} ${'torch us'.padStart(9)} ${'torch/ours'.padStart(10)}`)
 for (const r of rows)
   console.log(
-    `${String(r.rows).padStart(5)}  ${r.choice.padEnd(32)} ${r.us.toFixed(1).padStart(9)} ${(r.torchUs?.toFixed(1) ?? '-').padStart(9)} ${(r.torchOverOurs?.toFixed(2) ?? '-').padStart(10)}`,
+    `${String(r.rows).padStart(5)}  ${r.choice.padEnd(32)} ${r.us.toFixed(1).padStart(9)} ${(r.graph_us?.toFixed(1) ?? '-').padStart(9)} ${(r.torchUs?.toFixed(1) ?? '-').padStart(9)} ${(r.torchOverOurs?.toFixed(2) ?? '-').padStart(10)}`,
   )

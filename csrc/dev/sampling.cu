@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -296,7 +297,7 @@ void bench(const char* path) {
   cudaEvent_t a, b;
   CUDA_CHECK(cudaEventCreate(&a));
   CUDA_CHECK(cudaEventCreate(&b));
-  printf("%6s  %-32s %10s\n", "rows", "choice", "median us");
+  printf("%6s  %-32s %10s %10s\n", "rows", "choice", "median us", "graph us");
   bool first = true;
   for (int64_t rows : {1, 8, 64, 256}) {
     constexpr int kRotate = 4;
@@ -319,10 +320,30 @@ void bench(const char* path) {
           CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
           times.push_back(ms * 1000.f);
         }
+        // The same call replayed from a CUDA graph, as inside a decode step: no host launch cost.
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+        ops::choose_tokens(out, xs[0], pt);
+        CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+        CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+        std::vector<float> replays;
+        for (int i = 0; i < 45; ++i) {
+          CUDA_CHECK(cudaEventRecord(a, s));
+          CUDA_CHECK(cudaGraphLaunch(exec, s));
+          CUDA_CHECK(cudaEventRecord(b, s));
+          CUDA_CHECK(cudaEventSynchronize(b));
+          float ms;
+          CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+          if (i >= 5) replays.push_back(ms * 1000.f);
+        }
+        CUDA_CHECK(cudaGraphExecDestroy(exec));
+        CUDA_CHECK(cudaGraphDestroy(graph));
         std::string name = std::string(kNames[c]) + (top_n ? " + 20 top" : "");
-        float us = median(times);
-        printf("%6ld  %-32s %10.1f\n", (long)rows, name.c_str(), us);
-        fprintf(json, "%s  {\"rows\": %ld, \"choice\": \"%s\", \"us\": %.2f}", first ? "" : ",\n", (long)rows, name.c_str(), us);
+        float us = median(times), graph_us = median(replays);
+        printf("%6ld  %-32s %10.1f %10.1f\n", (long)rows, name.c_str(), us, graph_us);
+        fprintf(json, "%s  {\"rows\": %ld, \"choice\": \"%s\", \"us\": %.2f, \"graph_us\": %.2f}", first ? "" : ",\n",
+                (long)rows, name.c_str(), us, graph_us);
         first = false;
       }
     }
@@ -338,6 +359,18 @@ int main(int argc, char** argv) {
     cuda_runtime::require();
     std::string mode = argc > 1 ? argv[1] : "check";
     if (mode == "check") return check() ? 0 : 1;
+    if (mode == "profile" && argc > 3) {
+      // A fixed number of calls of one case, for Nsight Compute: profile ROWS CHOICE (index of kChoices).
+      const int64_t rows = std::atol(argv[2]);
+      const int c = std::atoi(argv[3]);
+      if (rows < 1 || c < 0 || c >= static_cast<int>(std::size(kChoices))) fail("profile: bad ROWS or CHOICE");
+      Tensor x = make(Device::CUDA, DType::F32, {rows, kVocab}, random_logits(rows, kVocab, 40, 1.f));
+      Tensor pt = make(Device::CUDA, DType::I32, {rows, ch::kParams}, params_for(rows, kChoices[c], 99, 0));
+      Tensor out = make_tensor(Device::CUDA, DType::I32, {rows, 2});
+      for (int i = 0; i < 10; ++i) ops::choose_tokens(out, x, pt);
+      cuda_runtime::synchronize();
+      return 0;
+    }
     if (mode == "bench" && argc > 2) {
       bench(argv[2]);
       return 0;
