@@ -11,8 +11,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (151936, 1024)]
+# 8B-class shapes, then Qwen3-0.6B's decode products (q|k|v, o, gate|up, down) at small M only.
+SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (151936, 1024), (4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]
 MS = [1, 8, 32, 128, 512, 4096]
+DECODE_MS = [1, 8, 16, 64]
 
 
 def median_us(call, iters):
@@ -49,7 +51,7 @@ def main():
         w_bytes = n * k * 2
         pool = max(2, (400 << 20) // w_bytes + 1)
         ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.05 for _ in range(pool)]
-        for m in MS:
+        for m in (DECODE_MS if n * k <= 4096 * 4096 // 2 else MS):
             xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _ in range(pool)]
             iters = 20 if m * n * k > (1 << 36) else 50
             us = median_us(lambda i: F.linear(xs[i % pool], ws[i % pool]), iters)

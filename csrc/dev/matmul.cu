@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <tuple>
@@ -43,7 +44,8 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Configurations measured and not chosen. mma.sync: smaller and wider decode tiles, other depths
 // and k-blocks per stage, larger prefill tiles. wgmma: other widths and depths, a full-height copy
-// of a, and 128x256 with one stage fewer than s4 and no staging.
+// of a, 128x256 with one stage fewer than s4 and no staging, and narrow tiles with compact a
+// between the two decode widths production chooses.
 namespace explored {
 using mma_sync::MatmulTiles;
 using sm90::Tiles;
@@ -71,6 +73,8 @@ const sm90::Entry kWgmma[] = {
     {"wg 128x128 s6", sm90::launch_tiles<Tiles<128, 128, 6>>},
     {"wg 64x32 s16 full-a", sm90::launch_tiles<Tiles<64, 32, 16, false, true>>},
     {"wg 128x256 s3", sm90::launch_tiles<Tiles<128, 256, 3>>},
+    {"wg 64x16 s24 a8", sm90::launch_tiles<Tiles<64, 16, 24, false, false, 8, 8>>},
+    {"wg 64x64 s12 a8", sm90::launch_tiles<Tiles<64, 64, 12, false, false, 8, 8>>},
 };
 }  // namespace explored
 
@@ -90,6 +94,12 @@ std::vector<Config> all_configs() {
   for (int i = 0; i < n; ++i)
     out.push_back({wgmma ? explored::kWgmma[i].name : explored::kMmaSync[i].name, -1, i});
   return out;
+}
+
+// The decode configurations with compact a ("... a8", "... a16") take M up to that many rows.
+bool config_takes(const Config& c, int64_t M) {
+  const char* a = std::strstr(c.name.c_str(), " a");
+  return a == nullptr || M <= std::atoi(a + 2);
 }
 
 // out = a · w^T (+ bias) with configuration c, on the invariant path (one K chain, no split).
@@ -197,7 +207,8 @@ int check() {
       for (bool bias : {false, true}) ok = check_reference(M, N, K, dt, bias) && ok;
   // Every tile configuration gives the production bits, tails in M, N and K included.
   for (auto [M, N, K] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
-           {1, 40, 72}, {37, 300, 1032}, {130, 1000, 4104}, {300, 520, 1024}, {5, 24, 8}}) {
+           {1, 40, 72}, {37, 300, 1032}, {130, 1000, 4104}, {300, 520, 1024}, {5, 24, 8}, {13, 200, 1000},
+           {8, 1024, 3072}}) {
     auto a = random_bf16(M * K, 21, -1.f, 1.f), w = random_bf16(N * K, 22, -1.f, 1.f);
     Tensor ga = upload(Device::CUDA, DType::BF16, {M, K}, a.data()), gw = upload(Device::CUDA, DType::BF16, {N, K}, w.data());
     Tensor gb = upload(Device::CUDA, DType::BF16, {N}, random_bf16(N, 23, -1.f, 1.f).data());
@@ -208,9 +219,10 @@ int check() {
         Tensor want = make_tensor(Device::CUDA, dt, {M, N}), got = make_tensor(Device::CUDA, dt, {M, N});
         ops::matmul(want, ga, gw, bias ? &gb : nullptr);
         auto wb = download<uint8_t>(want);
-        int bad = 0;
-        const std::vector<Config> configs = all_configs();
-        for (const Config& c : configs) {
+        int bad = 0, run = 0;
+        for (const Config& c : all_configs()) {
+          if (!config_takes(c, M)) continue;
+          ++run;
           matmul_with(c, got, ga, gw, bias ? &gb : nullptr);
           if (download<uint8_t>(got) != wb) {
             ++bad;
@@ -218,7 +230,7 @@ int check() {
           }
         }
         std::printf("%s all %d tile configurations give the same bits at M=%ld N=%ld K=%ld %s%s\n", bad ? "FAIL" : "ok  ",
-                    static_cast<int>(configs.size()), long(M), long(N), long(K), dtype_name(dt), bias ? " +bias" : "");
+                    run, long(M), long(N), long(K), dtype_name(dt), bias ? " +bias" : "");
         ok = ok && bad == 0;
       }
   }
@@ -245,12 +257,15 @@ int bench(const char* path) {
   const double copy = copy_gbs(size_t(2) << 30);
   std::printf("copy 2 GiB: %.1f GB/s (read + written)\n", copy);
 
-  std::vector<std::pair<int64_t, int64_t>> shapes{{4096, 4096}, {12288, 4096}, {4096, 12288}, {151936, 1024}};
-  std::vector<int64_t> Ms{1, 8, 32, 128, 512, 4096};
+  // 8B-class shapes, then Qwen3-0.6B's decode products (q|k|v, o, gate|up, down) at small M.
+  std::vector<std::pair<int64_t, int64_t>> shapes{{4096, 4096}, {12288, 4096}, {4096, 12288}, {151936, 1024},
+                                                  {4096, 1024}, {1024, 2048},  {6144, 1024},  {1024, 3072}};
+  const std::vector<int64_t> all_ms{1, 8, 32, 128, 512, 4096}, decode_ms{1, 8, 16, 64};
   const std::vector<Config> configs = all_configs();
   bool all_same = true;
   std::vector<std::string> results, sweep;
   for (auto [N, K] : shapes) {
+    const std::vector<int64_t>& Ms = N * K <= 4096 * 4096 / 2 ? decode_ms : all_ms;
     size_t w_bytes = size_t(N) * K * 2;
     int pool = static_cast<int>(std::max<size_t>(2, (size_t(400) << 20) / w_bytes + 1));
     std::vector<Tensor> ws, as;
@@ -290,6 +305,7 @@ int bench(const char* path) {
       Tensor other = make_tensor(Device::CUDA, DType::BF16, {M, N});
       for (const Config& c : configs) {
         if (M > 64 && c.name.rfind("16x", 0) == 0) continue;
+        if (!config_takes(c, M)) continue;
         auto run = [&](int i) { matmul_with(c, other, as[i % pool], ws[i % pool], nullptr); };
         double cus = median_us(run, 10);
         // Decode-sized products: also back to back, which leaves out the launch and host time.

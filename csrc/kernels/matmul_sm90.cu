@@ -71,9 +71,15 @@ const Entry kConfigs[] = {
     {"wg 128x256 s4", launch_tiles<Tiles<128, 256, 4>>},
     {"wg 128x256 s3 staged", launch_tiles<Tiles<128, 256, 3, true>>},
     {"wg 128x128 s5 staged", launch_tiles<Tiles<128, 128, 5, true>>},
+    // Decode: compact a (M <= 8 or 16), narrow w tiles for many blocks, deep rings.
+    {"wg 64x8 s32 a8", launch_tiles<Tiles<64, 8, 32, false, false, 8, 8>>},
+    {"wg 64x32 s16 a8", launch_tiles<Tiles<64, 32, 16, false, false, 8, 8>>},
+    {"wg 64x16 s16 a16", launch_tiles<Tiles<64, 16, 16, false, false, 8, 16>>},
+    {"wg 64x32 s16 a16", launch_tiles<Tiles<64, 32, 16, false, false, 8, 16>>},
 };
 constexpr int kConfigCount = sizeof(kConfigs) / sizeof(kConfigs[0]);
 constexpr int k64x32 = 0, k64x64 = 1, k64x128 = 2, k128x256 = 3, k128x256_staged = 4, k128x128_staged = 5;
+constexpr int k64x8_a8 = 6, k64x32_a8 = 7, k64x16_a16 = 8, k64x32_a16 = 9;
 
 struct DeviceInfo {
   bool hopper = false;
@@ -120,6 +126,14 @@ const char* config_name(int config) { return kConfigs[config].name; }
 int production_config(int64_t M, int64_t N, int64_t K) {
   const int64_t sms = device_info().sms;
   const auto fills = [&](int64_t BM, int64_t BN) { return 10 * tile_count(M, N, BM, BN) >= 7 * sms; };
+  if (M <= 16 && !fills(64, 128)) {
+    // Decode (bench/matmul.mjs sweep, H200, N up to 6144 at K 1024-12288): compact a and a deep
+    // ring, 32 columns wide once that still gives every SM a block, else 8 (16) for more blocks.
+    // 5-12% faster back to back than 64x32 s8; the time per call still grows with K by about
+    // 170 ns per 64 columns, the latency of the fixed chain of k16 steps, whatever the tile.
+    if (fills(64, 32)) return M <= 8 ? k64x32_a8 : k64x32_a16;
+    return M <= 8 ? k64x8_a8 : k64x16_a16;
+  }
   if (M > 128 && tile_count(M, N, 128, 256) >= 3 * sms) return K <= 4096 ? k128x256_staged : k128x256;
   if (M > 64 && fills(128, 128)) return k128x128_staged;
   if (fills(64, 128)) return k64x128;

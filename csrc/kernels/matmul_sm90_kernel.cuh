@@ -63,16 +63,23 @@ struct Args {
 // consumers go on with the next tile; otherwise every thread stores its own outputs.
 // FULL_A: copy BM rows of a even when M is smaller (the copy engine fills the missing rows with
 // zeros) instead of zeroing them once; the same products, another prologue.
-template <int BM_, int BN_, int STAGES_, bool STAGED_ = false, bool FULL_A_ = false, int GROUP_M_ = 8>
+// A_ROWS < BM (compact a, decode only: M <= A_ROWS): a stage keeps only A_ROWS rows of a, so
+// that a stage is mostly w and many more of them fit. The MMA still reads BM rows from the stage's
+// start; rows past A_ROWS are whatever bytes follow (the next stages' tiles), and they only feed
+// output rows past M, which are never stored. The ring ends with (BM - A_ROWS) rows of slack so
+// that the last stage's reads stay inside the block's shared memory.
+template <int BM_, int BN_, int STAGES_, bool STAGED_ = false, bool FULL_A_ = false, int GROUP_M_ = 8,
+          int A_ROWS_ = BM_>
 struct Tiles {
-  static constexpr int BM = BM_, BN = BN_, STAGES = STAGES_, GROUP_M = GROUP_M_;
+  static constexpr int BM = BM_, BN = BN_, STAGES = STAGES_, GROUP_M = GROUP_M_, A_ROWS = A_ROWS_;
   static constexpr bool STAGED = STAGED_, FULL_A = FULL_A_;
   static constexpr int CONSUMERS = BM / 64;
   static constexpr int THREADS = kWarpgroup * (CONSUMERS + 1);
-  static constexpr int A_BYTES = BM * kRowBytes, W_BYTES = BN * kRowBytes;
+  static constexpr int A_BYTES = A_ROWS * kRowBytes, W_BYTES = BN * kRowBytes;
   static constexpr int STAGE_BYTES = A_BYTES + W_BYTES;           // one K tile of a and w
+  static constexpr int A_SLACK = (BM - A_ROWS) * kRowBytes;        // compact a: the last stage's overhang
   static constexpr int OUT_BYTES = STAGED ? BM * BN * 2 : 0;       // bf16 staging, 64 x 64 boxes
-  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + OUT_BYTES + 1024;  // + slack to align to 1024
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + A_SLACK + OUT_BYTES + 1024;  // + slack to align to 1024
   static constexpr int ACC = BN / 2;                               // fp32 accumulators per thread
   // 2 consumers with 128 accumulators each need more than 65536 / 384 registers: move them from
   // the producer, which needs few (setmaxnreg).
@@ -82,6 +89,8 @@ struct Tiles {
   static_assert(BN % 8 == 0 && BN <= 256, "wgmma N is a multiple of 8 up to 256");
   static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
   static_assert(!STAGED || BN % 64 == 0, "staged stores go out in 64-column boxes");
+  static_assert(A_ROWS == BM || (BM == 64 && A_ROWS % 8 == 0 && !STAGED && !FULL_A),
+                "compact a: one consumer, whole 1024-byte groups of 8 rows");
 };
 
 // One configuration of a table: its name (as the harness and the benchmarks print it) and its launch.
@@ -125,9 +134,10 @@ __global__ void __launch_bounds__(T::THREADS, 1)
     }
     ptx::fence_mbarrier_init();
   }
-  // Rows of a past a_rows are never copied: zero them once, for the tensor cores to read.
-  if (args.a_rows < BM) {
-    const int row_bytes = (BM - args.a_rows) * kRowBytes;
+  // Rows of a past a_rows (up to the stage's A_ROWS) are never copied: zero them once, for the
+  // tensor cores to read.
+  if (args.a_rows < T::A_ROWS) {
+    const int row_bytes = (T::A_ROWS - args.a_rows) * kRowBytes;
     for (int i = threadIdx.x; i < STAGES * row_bytes / 16; i += T::THREADS) {
       const int stage = i / (row_bytes / 16), off = i % (row_bytes / 16);
       const uint32_t dst = ring + stage * T::STAGE_BYTES + args.a_rows * kRowBytes + off * 16;
@@ -198,7 +208,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
       const int col_base = n0 + 2 * (lane % 4);
       if (T::STAGED && args.staged) {
         // The copy engine must have read this warpgroup's previous tile before it is overwritten.
-        const uint32_t out_tile = ring + STAGES * T::STAGE_BYTES + wg * 64 * BN * 2;
+        const uint32_t out_tile = ring + STAGES * T::STAGE_BYTES + T::A_SLACK + wg * 64 * BN * 2;
         if (leader) ptx::bulk_wait_read<0>();
         ptx::warpgroup_barrier(wg);
 #pragma unroll
@@ -288,6 +298,8 @@ void launch_tiles(const Problem& p, cudaStream_t stream) {
   });
   CUDA_CHECK(attr_err);
   DI_CHECK(slots > 0, "matmul: the sm_90 kernel ", T::BM, "x", T::BN, " does not fit on this device");
+  DI_CHECK(T::A_ROWS == T::BM || p.M <= T::A_ROWS, "matmul: the sm_90 tiles with ", T::A_ROWS,
+           " rows of a take M <= ", T::A_ROWS, ", not ", p.M);
   const int a_rows = p.M >= T::BM || T::FULL_A ? T::BM : (p.M + 7) / 8 * 8;
   CUtensorMap map_a = tensor_map(p.a, p.M, p.K, a_rows, "a");
   CUtensorMap map_w = tensor_map(p.w, p.N, p.K, T::BN, "w");

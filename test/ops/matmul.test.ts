@@ -208,6 +208,8 @@ describeGpu('matmul batch invariance on CUDA', () => {
     [12288, 4096, 'bf16'],
     [4096, 12288, 'f32'],
     [151936, 1024, 'f32'],
+    // Narrow decode tiles (few columns per block): Qwen3-0.6B's down projection.
+    [1024, 3072, 'bf16'],
   ]
   for (const [N, K, dtype] of shapes)
     it(`rows are bit-identical for M in [${invarianceMs.join(', ')}], N=${N} K=${K} (${dtype} out)`, async () => {
