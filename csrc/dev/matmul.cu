@@ -2,11 +2,16 @@
 // Build: cmake -S . -B build-dev -DDETINFER_DEV_HARNESSES=ON && cmake --build build-dev --target dev_matmul
 //        (or `npx cmake-js compile --CDDETINFER_DEV_HARNESSES=ON`; the binary lands in build/dev/)
 // Run:   build/dev/dev_matmul check            CPU reference at small shapes (tails in M, N, K),
-//                                              bitwise invariance across M, the variant's difference
+//                                              bitwise invariance across M, the variant's difference,
+//                                              every configuration's bits against production's
 //        build/dev/dev_matmul bench out.json   timings of every (N,K) x M of bench/matmul.mjs and
 //                                              the device-to-device copy ceiling, as JSON; then every
-//                                              tile configuration of matmul.cu on the same inputs,
-//                                              each checked to give the production kernel's bits
+//                                              tile configuration on the same inputs, each checked to
+//                                              give the production kernel's bits
+// The configurations: the library holds the ones production chooses (cuda::matmul_dev); the ones
+// explored and not chosen are instantiated here, from the kernel templates the library uses
+// (matmul_tiles.cuh for mma.sync, matmul_sm90_kernel.cuh for wgmma), so each still gives the same
+// K chain and is checked to give the same bits.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -15,50 +20,108 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/bf16.h"
 #include "common/config.h"
 #include "cuda/check.h"
 #include "cuda/runtime.h"
+#include "dev/harness.cuh"
 #include "kernels/matmul.cuh"
+#include "kernels/matmul_sm90_kernel.cuh"
+#include "kernels/matmul_tiles.cuh"
 #include "ops.h"
 
 using namespace detinfer;
+using namespace detinfer::dev;
+namespace mma_sync = detinfer::cuda::mma_sync;
+namespace sm90 = detinfer::cuda::sm90;
 
 namespace {
 
-std::vector<uint16_t> random_bf16(size_t n, uint32_t seed, float scale) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> dist(-scale, scale);
-  std::vector<uint16_t> out(n);
-  for (auto& v : out) {
-    float x = dist(rng);
-    v = f32_to_bf16(x == 0.f ? scale * 1e-3f : x);
-  }
+// ---------------------------------------------------------------------------------------------
+// Configurations measured and not chosen. mma.sync: smaller and wider decode tiles, other depths
+// and k-blocks per stage, larger prefill tiles. wgmma: other widths and depths, a full-height copy
+// of a, 128x256 with one stage fewer than s4 and no staging, and narrow tiles with compact a
+// between the two decode widths production chooses.
+namespace explored {
+using mma_sync::MatmulTiles;
+using sm90::Tiles;
+
+const mma_sync::TileEntry kMmaSync[] = {
+    {"16x32 w1x4 s8", mma_sync::launch_tiles<MatmulTiles<16, 32, 1, 4, 8, 1>>},
+    {"16x16 w1x2 s8", mma_sync::launch_tiles<MatmulTiles<16, 16, 1, 2, 8, 2>>},
+    {"16x16 w1x2 s4 kb4", mma_sync::launch_tiles<MatmulTiles<16, 16, 1, 2, 4, 2, 4>>},
+    {"16x32 w1x4 s4 kb4", mma_sync::launch_tiles<MatmulTiles<16, 32, 1, 4, 4, 1, 4>>},
+    {"16x8 w1x1 s4 kb4", mma_sync::launch_tiles<MatmulTiles<16, 8, 1, 1, 4, 4, 4>>},
+    {"16x16 w1x2 s6 kb2", mma_sync::launch_tiles<MatmulTiles<16, 16, 1, 2, 6, 2, 2>>},
+    {"32x64 w1x4 s4 kb2", mma_sync::launch_tiles<MatmulTiles<32, 64, 1, 4, 4, 1, 2>>},
+    {"64x64 w2x2 s3 kb2", mma_sync::launch_tiles<MatmulTiles<64, 64, 2, 2, 3, 2, 2>>},
+    {"64x128 w2x2 s4", mma_sync::launch_tiles<MatmulTiles<64, 128, 2, 2, 4, 2>>},
+    {"128x64 w2x2 s4", mma_sync::launch_tiles<MatmulTiles<128, 64, 2, 2, 4, 2>>},
+    {"128x128 w2x4 s4", mma_sync::launch_tiles<MatmulTiles<128, 128, 2, 4, 4, 1>>},
+    {"128x256 w2x4 s3", mma_sync::launch_tiles<MatmulTiles<128, 256, 2, 4, 3, 1>>},
+};
+
+const sm90::Entry kWgmma[] = {
+    {"wg 64x16 s8", sm90::launch_tiles<Tiles<64, 16, 8>>},
+    {"wg 64x32 s16", sm90::launch_tiles<Tiles<64, 32, 16>>},
+    {"wg 64x256 s4", sm90::launch_tiles<Tiles<64, 256, 4>>},
+    {"wg 128x64 s8", sm90::launch_tiles<Tiles<128, 64, 8>>},
+    {"wg 128x128 s6", sm90::launch_tiles<Tiles<128, 128, 6>>},
+    {"wg 64x32 s16 full-a", sm90::launch_tiles<Tiles<64, 32, 16, false, true>>},
+    {"wg 128x256 s3", sm90::launch_tiles<Tiles<128, 256, 3>>},
+    {"wg 64x16 s24 a8", sm90::launch_tiles<Tiles<64, 16, 24, false, false, 8, 8>>},
+    {"wg 64x64 s12 a8", sm90::launch_tiles<Tiles<64, 64, 12, false, false, 8, 8>>},
+};
+}  // namespace explored
+
+// Every configuration of the family this device runs: first the library's (production's, by
+// their index there), then the explored ones of this file.
+struct Config {
+  std::string name;
+  int library_index;  // -1: explored
+  int explored_index;
+};
+
+std::vector<Config> all_configs() {
+  std::vector<Config> out;
+  for (int i = 0; i < cuda::matmul_dev::config_count(); ++i) out.push_back({cuda::matmul_dev::config_name(i), i, -1});
+  const bool wgmma = cuda::matmul_dev::wgmma();
+  const int n = wgmma ? static_cast<int>(std::size(explored::kWgmma)) : static_cast<int>(std::size(explored::kMmaSync));
+  for (int i = 0; i < n; ++i)
+    out.push_back({wgmma ? explored::kWgmma[i].name : explored::kMmaSync[i].name, -1, i});
   return out;
 }
 
-Tensor upload(Device device, DType dtype, std::vector<int64_t> shape, const void* data) {
-  Tensor t = make_tensor(device, dtype, shape);
-  if (device == Device::CUDA) {
-    cuda_runtime::upload(t.data(), data, t.nbytes());
-  } else {
-    std::memcpy(t.data(), data, t.nbytes());
-  }
-  return t;
+// The decode configurations with compact a ("... a8", "... a16") take M up to that many rows.
+bool config_takes(const Config& c, int64_t M) {
+  const char* a = std::strstr(c.name.c_str(), " a");
+  return a == nullptr || M <= std::atoi(a + 2);
 }
 
-std::vector<uint8_t> bytes_of(const Tensor& t) {
-  std::vector<uint8_t> out(t.nbytes());
-  if (t.device() == Device::CUDA) {
-    cuda_runtime::download(out.data(), t.data(), t.nbytes());
-  } else {
-    std::memcpy(out.data(), t.data(), t.nbytes());
+// out = a · w^T (+ bias) with configuration c, on the invariant path (one K chain, no split).
+// The inputs are the harness's own: K a multiple of 8, rows 16-byte aligned, as ops::matmul checks.
+void matmul_with(const Config& c, Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
+  if (c.library_index >= 0) {
+    cuda::matmul_dev::matmul_with_config(out, a, w, bias, c.library_index);
+    return;
   }
-  return out;
+  const int M = static_cast<int>(a.dim(0)), K = static_cast<int>(a.dim(1)), N = static_cast<int>(w.dim(0));
+  DI_CHECK(K > 0 && K % mma_sync::kChunk == 0, "dev_matmul: K = ", K, " is not a positive multiple of ", mma_sync::kChunk);
+  const void* b = bias ? bias->data() : nullptr;
+  const bool f32 = out.dtype == DType::F32;
+  if (cuda::matmul_dev::wgmma()) {
+    sm90::Problem p{a.data(), w.data(), b, out.data(), f32, M, N, K, K, 1};
+    explored::kWgmma[c.explored_index].launch(p, stream());
+  } else {
+    mma_sync::MatmulArgs args{a.ptr<__nv_bfloat16>(), w.ptr<__nv_bfloat16>(), static_cast<const __nv_bfloat16*>(b),
+                              out.data(), f32, M, N, K, K};
+    explored::kMmaSync[c.explored_index].launch(args, 1, stream());
+  }
+  CUDA_CHECK_LAUNCH("dev_matmul " + c.name, a.describe() + " x " + w.describe());
 }
 
 float value_at(const std::vector<uint8_t>& b, DType dtype, size_t i) {
@@ -74,7 +137,7 @@ float value_at(const std::vector<uint8_t>& b, DType dtype, size_t i) {
 
 // GPU against the CPU backend and a float64 reference, at one shape.
 bool check_reference(int64_t M, int64_t N, int64_t K, DType out_dtype, bool with_bias) {
-  auto a = random_bf16(M * K, 1 + M, 1.f), w = random_bf16(N * K, 2 + N, 1.f), bias = random_bf16(N, 3, 1.f);
+  auto a = random_bf16(M * K, 1 + M, -1.f, 1.f), w = random_bf16(N * K, 2 + N, -1.f, 1.f), bias = random_bf16(N, 3, -1.f, 1.f);
   Tensor ga = upload(Device::CUDA, DType::BF16, {M, K}, a.data()), gw = upload(Device::CUDA, DType::BF16, {N, K}, w.data());
   Tensor gb = upload(Device::CUDA, DType::BF16, {N}, bias.data());
   Tensor ca = upload(Device::CPU, DType::BF16, {M, K}, a.data()), cw = upload(Device::CPU, DType::BF16, {N, K}, w.data());
@@ -82,7 +145,7 @@ bool check_reference(int64_t M, int64_t N, int64_t K, DType out_dtype, bool with
   Tensor go = make_tensor(Device::CUDA, out_dtype, {M, N}), co = make_tensor(Device::CPU, out_dtype, {M, N});
   ops::matmul(go, ga, gw, with_bias ? &gb : nullptr);
   ops::matmul(co, ca, cw, with_bias ? &cb : nullptr);
-  auto g = bytes_of(go), c = bytes_of(co);
+  auto g = download<uint8_t>(go), c = download<uint8_t>(co);
   double num = 0, den = 0, num_cpu = 0, worst = 0;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
@@ -107,11 +170,11 @@ bool check_reference(int64_t M, int64_t N, int64_t K, DType out_dtype, bool with
 // any row differed (expected false for the invariant kernels, true somewhere for the variant).
 bool rows_differ(int64_t N, int64_t K, const std::vector<int64_t>& Ms, bool verbose) {
   int64_t max_m = *std::max_element(Ms.begin(), Ms.end());
-  auto a = random_bf16(max_m * K, 11, 1.f), w = random_bf16(N * K, 12, 1.f);
+  auto a = random_bf16(max_m * K, 11, -1.f, 1.f), w = random_bf16(N * K, 12, -1.f, 1.f);
   Tensor ga = upload(Device::CUDA, DType::BF16, {max_m, K}, a.data()), gw = upload(Device::CUDA, DType::BF16, {N, K}, w.data());
   Tensor full = make_tensor(Device::CUDA, DType::BF16, {max_m, N});
   ops::matmul(full, ga, gw, nullptr);
-  auto ref = bytes_of(full);
+  auto ref = download<uint8_t>(full);
   bool differ = false;
   for (int64_t M : Ms) {
     // the first M rows, and M rows starting at an odd offset
@@ -119,7 +182,7 @@ bool rows_differ(int64_t N, int64_t K, const std::vector<int64_t>& Ms, bool verb
       Tensor sub = narrow_rows(ga, start, M);
       Tensor out = make_tensor(Device::CUDA, DType::BF16, {M, N});
       ops::matmul(out, sub, gw, nullptr);
-      auto got = bytes_of(out);
+      auto got = download<uint8_t>(out);
       int64_t first = -1;
       for (size_t i = 0; i < got.size(); ++i)
         if (got[i] != ref[start * N * 2 + i]) {
@@ -135,12 +198,6 @@ bool rows_differ(int64_t N, int64_t K, const std::vector<int64_t>& Ms, bool verb
   return differ;
 }
 
-// The decode configurations with compact a ("... a8", "... a16") take M up to that many rows.
-bool config_takes(int config, int64_t M) {
-  const char* a = std::strstr(cuda::matmul_dev::config_name(config), " a");
-  return a == nullptr || M <= std::atoi(a + 2);
-}
-
 int check() {
   bool ok = true;
   for (auto [M, N, K] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
@@ -152,28 +209,28 @@ int check() {
   for (auto [M, N, K] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
            {1, 40, 72}, {37, 300, 1032}, {130, 1000, 4104}, {300, 520, 1024}, {5, 24, 8}, {13, 200, 1000},
            {8, 1024, 3072}}) {
-    auto a = random_bf16(M * K, 21, 1.f), w = random_bf16(N * K, 22, 1.f);
+    auto a = random_bf16(M * K, 21, -1.f, 1.f), w = random_bf16(N * K, 22, -1.f, 1.f);
     Tensor ga = upload(Device::CUDA, DType::BF16, {M, K}, a.data()), gw = upload(Device::CUDA, DType::BF16, {N, K}, w.data());
-    Tensor gb = upload(Device::CUDA, DType::BF16, {N}, random_bf16(N, 23, 1.f).data());
+    Tensor gb = upload(Device::CUDA, DType::BF16, {N}, random_bf16(N, 23, -1.f, 1.f).data());
     // f32 and bf16 outputs (bf16 is where the staged-store configurations store differently),
     // with and without a bias.
     for (DType dt : {DType::F32, DType::BF16})
       for (bool bias : {false, true}) {
         Tensor want = make_tensor(Device::CUDA, dt, {M, N}), got = make_tensor(Device::CUDA, dt, {M, N});
         ops::matmul(want, ga, gw, bias ? &gb : nullptr);
-        auto wb = bytes_of(want);
-        int bad = 0;
-        for (int c = 0; c < cuda::matmul_dev::config_count(); ++c) {
+        auto wb = download<uint8_t>(want);
+        int bad = 0, run = 0;
+        for (const Config& c : all_configs()) {
           if (!config_takes(c, M)) continue;
-          cuda::matmul_dev::matmul_with_config(got, ga, gw, bias ? &gb : nullptr, c);
-          if (bytes_of(got) != wb) {
+          ++run;
+          matmul_with(c, got, ga, gw, bias ? &gb : nullptr);
+          if (download<uint8_t>(got) != wb) {
             ++bad;
-            std::printf("  config %s differs at M=%ld N=%ld K=%ld\n", cuda::matmul_dev::config_name(c), long(M), long(N),
-                        long(K));
+            std::printf("  config %s differs at M=%ld N=%ld K=%ld\n", c.name.c_str(), long(M), long(N), long(K));
           }
         }
         std::printf("%s all %d tile configurations give the same bits at M=%ld N=%ld K=%ld %s%s\n", bad ? "FAIL" : "ok  ",
-                    cuda::matmul_dev::config_count(), long(M), long(N), long(K), dtype_name(dt), bias ? " +bias" : "");
+                    run, long(M), long(N), long(K), dtype_name(dt), bias ? " +bias" : "");
         ok = ok && bad == 0;
       }
   }
@@ -195,88 +252,18 @@ int check() {
 
 // ---------------------------------------------------------------------------------------------
 // Benchmark: median of per-call CUDA-event times over inputs rotated through a pool larger than L2.
-struct Timer {
-  cudaEvent_t start, stop;
-  Timer() {
-    CUDA_CHECK(cudaEventCreate(&start));
-    CUDA_CHECK(cudaEventCreate(&stop));
-  }
-  ~Timer() {
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-  }
-};
-
-// Per call when `calls` calls are queued back to back between two events, median of `reps`
-// repetitions. With calls = 1 that is the single-call time, launch included; with more it is the
-// steady state of a forward pass, where launch and host time overlap the previous kernel.
-template <typename F>
-double back_to_back_us(F&& call, int calls, int reps) {
-  cudaStream_t s = static_cast<cudaStream_t>(cuda_runtime::stream());
-  Timer t;
-  std::vector<double> times;
-  for (int i = 0; i < 3; ++i) call(i);
-  for (int r = 0; r < reps; ++r) {
-    CUDA_CHECK(cudaEventRecord(t.start, s));
-    for (int i = 0; i < calls; ++i) call(r * calls + i);
-    CUDA_CHECK(cudaEventRecord(t.stop, s));
-    CUDA_CHECK(cudaEventSynchronize(t.stop));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, t.start, t.stop));
-    times.push_back(ms * 1e3 / calls);
-  }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
-
-template <typename F>
-double median_us(F&& call, int iters) {
-  return back_to_back_us(call, 1, iters);
-}
-
-__global__ void count_differences(const uint16_t* a, const uint16_t* b, size_t n, unsigned long long* count) {
-  unsigned long long local = 0;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    local += a[i] != b[i];
-  if (local) atomicAdd(count, local);
-}
-
-__global__ void fill_random_bf16(uint16_t* p, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    h ^= h >> 15;
-    h *= 2246822519u;
-    h ^= h >> 13;
-    float v = (static_cast<float>(h & 0xffff) / 65536.f - 0.5f) * 0.125f + 1e-4f;
-    uint32_t bits;
-    memcpy(&bits, &v, 4);
-    p[i] = static_cast<uint16_t>(bits >> 16);
-  }
-}
-
 int bench(const char* path) {
-  FILE* f = std::fopen(path, "w");
-  DI_CHECK(f, "cannot write ", path);
-  cudaStream_t s = static_cast<cudaStream_t>(cuda_runtime::stream());
   // Ceiling: a 2 GiB device-to-device copy, bytes read + written.
-  size_t copy_bytes = size_t(2) << 30;
-  Tensor src = make_tensor(Device::CUDA, DType::BF16, {int64_t(copy_bytes / 2)});
-  Tensor dst = make_tensor(Device::CUDA, DType::BF16, {int64_t(copy_bytes / 2)});
-  fill_random_bf16<<<4096, 256, 0, s>>>(src.ptr<uint16_t>(), copy_bytes / 2, 7);
-  double copy_us = median_us([&](int) { CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), copy_bytes, cudaMemcpyDeviceToDevice, s)); }, 20);
-  double copy_gbs = 2.0 * copy_bytes / copy_us / 1e3;
-  std::printf("copy 2 GiB: %.1f us, %.1f GB/s (read + written)\n", copy_us, copy_gbs);
-  std::fprintf(f, "{\n  \"copy_gbs\": %.2f,\n  \"results\": [\n", copy_gbs);
-  src = Tensor{};
-  dst = Tensor{};
-  cuda_runtime::synchronize();
+  const double copy = copy_gbs(size_t(2) << 30);
+  std::printf("copy 2 GiB: %.1f GB/s (read + written)\n", copy);
 
   // 8B-class shapes, then Qwen3-0.6B's decode products (q|k|v, o, gate|up, down) at small M.
   std::vector<std::pair<int64_t, int64_t>> shapes{{4096, 4096}, {12288, 4096}, {4096, 12288}, {151936, 1024},
                                                   {4096, 1024}, {1024, 2048},  {6144, 1024},  {1024, 3072}};
   const std::vector<int64_t> all_ms{1, 8, 32, 128, 512, 4096}, decode_ms{1, 8, 16, 64};
-  bool first = true, all_same = true;
-  std::vector<std::string> sweep;
+  const std::vector<Config> configs = all_configs();
+  bool all_same = true;
+  std::vector<std::string> results, sweep;
   for (auto [N, K] : shapes) {
     const std::vector<int64_t>& Ms = N * K <= 4096 * 4096 / 2 ? decode_ms : all_ms;
     size_t w_bytes = size_t(N) * K * 2;
@@ -284,13 +271,13 @@ int bench(const char* path) {
     std::vector<Tensor> ws, as;
     for (int p = 0; p < pool; ++p) {
       ws.push_back(make_tensor(Device::CUDA, DType::BF16, {N, K}));
-      fill_random_bf16<<<4096, 256, 0, s>>>(ws.back().ptr<uint16_t>(), size_t(N) * K, 100 + p);
+      fill_random(ws.back(), 100 + p, 0.0625f);
     }
     for (int64_t M : Ms) {
       as.clear();
       for (int p = 0; p < pool; ++p) {
         as.push_back(make_tensor(Device::CUDA, DType::BF16, {M, K}));
-        fill_random_bf16<<<1024, 256, 0, s>>>(as.back().ptr<uint16_t>(), size_t(M) * K, 200 + p);
+        fill_random(as.back(), 200 + p, 0.0625f);
       }
       Tensor out = make_tensor(Device::CUDA, DType::BF16, {M, N});
       int iters = M * N * K > (int64_t(1) << 36) ? 20 : 50;
@@ -299,43 +286,49 @@ int bench(const char* path) {
       double wgbs = double(w_bytes) / us / 1e3;
       double b2b = back_to_back_us([&](int i) { ops::matmul(out, as[i % pool], ws[i % pool], nullptr); },
                                    M * N * K > (int64_t(1) << 36) ? 5 : 20, 7);
+      const char* production = cuda::matmul_dev::config_name(cuda::matmul_dev::production_config(M, N, K));
       std::printf("N=%6ld K=%6ld M=%5ld: %9.1f us  %7.1f TFLOP/s  weights %7.1f GB/s (%.0f%% of copy); back to back %.1f us (%.0f%%)  [%s]\n",
-                  long(N), long(K), long(M), us, tflops, wgbs, 100 * wgbs / copy_gbs, b2b,
-                  100 * double(w_bytes) / b2b / 1e3 / copy_gbs,
-                  cuda::matmul_dev::config_name(cuda::matmul_dev::production_config(M, N, K)));
-      std::fprintf(f, "%s    {\"N\": %ld, \"K\": %ld, \"M\": %ld, \"us\": %.3f, \"tflops\": %.2f, \"weight_gbs\": %.2f, \"us_back_to_back\": %.3f, \"config\": \"%s\"}",
-                   first ? "" : ",\n", long(N), long(K), long(M), us, tflops, wgbs, b2b,
-                   cuda::matmul_dev::config_name(cuda::matmul_dev::production_config(M, N, K)));
-      first = false;
+                  long(N), long(K), long(M), us, tflops, wgbs, 100 * wgbs / copy, b2b,
+                  100 * double(w_bytes) / b2b / 1e3 / copy, production);
+      results.push_back(JsonObject()
+                            .integer("N", N)
+                            .integer("K", K)
+                            .integer("M", M)
+                            .number("us", us, 3)
+                            .number("tflops", tflops, 2)
+                            .number("weight_gbs", wgbs, 2)
+                            .number("us_back_to_back", b2b, 3)
+                            .string("config", production)
+                            .text());
       // Every tile configuration on the same inputs: time, and the same bits as production?
       ops::matmul(out, as[0], ws[0], nullptr);
       Tensor other = make_tensor(Device::CUDA, DType::BF16, {M, N});
-      unsigned long long* count = nullptr;
-      CUDA_CHECK(cudaMalloc(&count, sizeof(*count)));
-      for (int c = 0; c < cuda::matmul_dev::config_count(); ++c) {
-        if (M > 64 && std::strncmp(cuda::matmul_dev::config_name(c), "16x", 3) == 0) continue;
+      for (const Config& c : configs) {
+        if (M > 64 && c.name.rfind("16x", 0) == 0) continue;
         if (!config_takes(c, M)) continue;
-        auto run = [&](int i) { cuda::matmul_dev::matmul_with_config(other, as[i % pool], ws[i % pool], nullptr, c); };
+        auto run = [&](int i) { matmul_with(c, other, as[i % pool], ws[i % pool], nullptr); };
         double cus = median_us(run, 10);
         // Decode-sized products: also back to back, which leaves out the launch and host time.
         double cb2b = M <= 128 ? back_to_back_us(run, 20, 5) : 0.0;
-        cuda::matmul_dev::matmul_with_config(other, as[0], ws[0], nullptr, c);
-        CUDA_CHECK(cudaMemsetAsync(count, 0, sizeof(*count), s));
-        count_differences<<<1024, 256, 0, s>>>(out.ptr<uint16_t>(), other.ptr<uint16_t>(), size_t(M) * N, count);
-        unsigned long long diffs = 0;
-        CUDA_CHECK(cudaMemcpyAsync(&diffs, count, sizeof(diffs), cudaMemcpyDeviceToHost, s));
-        CUDA_CHECK(cudaStreamSynchronize(s));
-        std::string b2b = cb2b > 0 ? " (back to back " + std::to_string(cb2b).substr(0, 6) + " us)" : "";
-        std::printf("    %-22s %9.1f us %7.1f TFLOP/s %7.1f GB/s%s %s\n", cuda::matmul_dev::config_name(c), cus,
-                    2.0 * M * N * K / cus / 1e6, double(w_bytes) / cus / 1e3, b2b.c_str(),
-                    diffs ? ("DIFFERENT BITS: " + std::to_string(diffs)).c_str() : "same bits");
-        sweep.push_back("{\"N\": " + std::to_string(N) + ", \"K\": " + std::to_string(K) + ", \"M\": " +
-                        std::to_string(M) + ", \"config\": \"" + cuda::matmul_dev::config_name(c) +
-                        "\", \"us\": " + std::to_string(cus) + ", \"us_back_to_back\": " + std::to_string(cb2b) +
-                        ", \"differing\": " + std::to_string(diffs) + "}");
+        matmul_with(c, other, as[0], ws[0], nullptr);
+        const uint64_t diffs = count_differences(out, other);
+        std::string b2b_text = cb2b > 0 ? " (back to back " + std::to_string(cb2b).substr(0, 6) + " us)" : "";
+        std::printf("    %-22s %9.1f us %7.1f TFLOP/s %7.1f GB/s%s %s%s\n", c.name.c_str(), cus, 2.0 * M * N * K / cus / 1e6,
+                    double(w_bytes) / cus / 1e3, b2b_text.c_str(),
+                    diffs ? ("DIFFERENT BITS: " + std::to_string(diffs)).c_str() : "same bits",
+                    c.library_index >= 0 ? "" : " (explored)");
+        sweep.push_back(JsonObject()
+                            .integer("N", N)
+                            .integer("K", K)
+                            .integer("M", M)
+                            .string("config", c.name)
+                            .boolean("production", c.library_index >= 0)
+                            .number("us", cus, 6)
+                            .number("us_back_to_back", cb2b, 6)
+                            .integer("differing", static_cast<int64_t>(diffs))
+                            .text());
         all_same = all_same && diffs == 0;
       }
-      cudaFree(count);
       // Exploration for a split-K fixed per (N,K) (not used by production): what S K ranges,
       // combined in order through a workspace, would gain in decode and cost in prefill.
       if (M == 1 || M == 4096) {
@@ -351,10 +344,9 @@ int bench(const char* path) {
     as.clear();
     cuda_runtime::synchronize();
   }
-  std::fprintf(f, "\n  ],\n  \"configs_same_bits\": %s,\n  \"sweep\": [\n", all_same ? "true" : "false");
-  for (size_t i = 0; i < sweep.size(); ++i) std::fprintf(f, "    %s%s\n", sweep[i].c_str(), i + 1 < sweep.size() ? "," : "");
-  std::fprintf(f, "  ]\n}\n");
-  std::fclose(f);
+  write_file(path, "{\n  \"copy_gbs\": " + std::to_string(copy) + ",\n  \"results\": " + json_array(results, "    ") +
+                       ",\n  \"configs_same_bits\": " + (all_same ? "true" : "false") +
+                       ",\n  \"sweep\": " + json_array(sweep, "    ") + "\n}\n");
   std::printf("every tile configuration gave the production bits: %s\n", all_same ? "yes" : "NO");
   return 0;
 }

@@ -9,50 +9,22 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "common/bf16.h"
 #include "common/config.h"
-#include "cuda/check.h"
-#include "cuda/runtime.h"
+#include "dev/harness.cuh"
 #include "ops.h"
 
 using namespace detinfer;
+using namespace detinfer::dev;
 
 namespace {
 
-std::vector<uint16_t> random_bf16(size_t n, uint32_t seed, float lo, float hi) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<uint16_t> out(n);
-  for (auto& v : out) {
-    float x = dist(rng);
-    v = f32_to_bf16(x == 0.f ? 1e-3f : x);
-  }
-  return out;
-}
-
-Tensor upload(Device device, std::vector<int64_t> shape, const std::vector<uint16_t>& data) {
-  Tensor t = make_tensor(device, DType::BF16, shape);
-  if (device == Device::CUDA) {
-    cuda_runtime::upload(t.data(), data.data(), t.nbytes());
-  } else {
-    std::memcpy(t.data(), data.data(), t.nbytes());
-  }
-  return t;
-}
-
-std::vector<uint16_t> read(const Tensor& t) {
-  std::vector<uint16_t> out(t.numel());
-  if (t.device() == Device::CUDA) {
-    cuda_runtime::download(out.data(), t.data(), t.nbytes());
-  } else {
-    std::memcpy(out.data(), t.data(), t.nbytes());
-  }
-  return out;
+// A [shape] bf16 tensor on `device` holding `data`.
+Tensor upload(Device device, const std::vector<int64_t>& shape, const std::vector<uint16_t>& data) {
+  return dev::upload(device, DType::BF16, shape, data.data());
 }
 
 bool check_reference(int64_t rows, int64_t H, bool fused) {
@@ -69,7 +41,8 @@ bool check_reference(int64_t rows, int64_t H, bool fused) {
     ops::rmsnorm(go, gx, gw, eps);
     ops::rmsnorm(co, cx, cw, eps);
   }
-  auto g = read(go), c = read(co), gres = read(gr), cres = read(cr);
+  auto g = download<uint16_t>(go), c = download<uint16_t>(co);
+  auto gres = download<uint16_t>(gr), cres = download<uint16_t>(cr);
   double num = 0, den = 0, num_cpu = 0;
   int64_t same_bits = 0;
   for (int64_t i = 0; i < rows; ++i) {
@@ -110,7 +83,7 @@ bool rows_differ(int64_t H, int64_t max_rows, const std::vector<int64_t>& counts
   g_variant_kernels = false;
   ops::rmsnorm(full, gx, gw, 1e-6f);
   g_variant_kernels = variant;
-  auto ref = read(full);
+  auto ref = download<uint16_t>(full);
   bool differ = false;
   for (int64_t n : counts) {
     Tensor out = make_tensor(Device::CUDA, DType::BF16, {max_rows, H});
@@ -119,7 +92,7 @@ bool rows_differ(int64_t H, int64_t max_rows, const std::vector<int64_t>& counts
       Tensor dst = narrow_rows(out, start, n);
       ops::rmsnorm(dst, narrow_rows(gx, start, n), gw, 1e-6f);
     }
-    auto got = read(out);
+    auto got = download<uint16_t>(out);
     int64_t rows_differing = 0;
     for (int64_t r = 0; r < covered; ++r)
       rows_differing += !std::equal(got.begin() + r * H, got.begin() + (r + 1) * H, ref.begin() + r * H);
@@ -147,27 +120,12 @@ int run() {
   std::printf("%s variant H=128: rows differ for some row count\n", dv ? "ok  " : "FAIL");
   ok = ok && dv;
   // Bandwidth (bytes read + written) of rmsnorm at H = 4096.
-  cudaStream_t s = static_cast<cudaStream_t>(cuda_runtime::stream());
-  cudaEvent_t a, b;
-  CUDA_CHECK(cudaEventCreate(&a));
-  CUDA_CHECK(cudaEventCreate(&b));
   for (int64_t rows : {1, 16, 256, 4096, 32768}) {
     int64_t H = 4096;
     auto x = random_bf16(rows * H, 9, -1.f, 1.f), w = random_bf16(H, 10, 0.5f, 1.5f);
     Tensor gx = upload(Device::CUDA, {rows, H}, x), gw = upload(Device::CUDA, {H}, w);
     Tensor out = make_tensor(Device::CUDA, DType::BF16, {rows, H});
-    std::vector<float> times;
-    for (int i = 0; i < 30; ++i) {
-      CUDA_CHECK(cudaEventRecord(a, s));
-      ops::rmsnorm(out, gx, gw, 1e-6f);
-      CUDA_CHECK(cudaEventRecord(b, s));
-      CUDA_CHECK(cudaEventSynchronize(b));
-      float ms;
-      CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-      times.push_back(ms * 1e3f);
-    }
-    std::sort(times.begin(), times.end());
-    double us = times[times.size() / 2];
+    double us = median_us([&](int) { ops::rmsnorm(out, gx, gw, 1e-6f); }, 30);
     std::printf("rmsnorm rows=%ld H=4096: %.1f us, %.1f GB/s\n", long(rows), us, 2.0 * rows * H * 2 / us / 1e3);
   }
   std::printf("%s\n", ok ? "ALL OK" : "SOME CHECKS FAILED");

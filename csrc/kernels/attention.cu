@@ -125,8 +125,8 @@ __device__ __forceinline__ void load_key_block(bf16* k_dst, bf16* v_dst, const A
       const int64_t slot = static_cast<int64_t>(page) * a.block_size + (key - page_index * a.block_size);
       offset = (slot * a.kv_heads + kv_head) * D + chunk * 8;
     }
-    if (kLoadK) cp_async16(k_dst + tile_offset<D>(r, chunk), a.k_cache + offset, valid);
-    if (kLoadV) cp_async16(v_dst + tile_offset<D>(r, chunk), a.v_cache + offset, valid);
+    if (kLoadK) ptx::cp_async16(ptx::smem_addr(k_dst + tile_offset<D>(r, chunk)), a.k_cache + offset, valid ? 16 : 0);
+    if (kLoadV) ptx::cp_async16(ptx::smem_addr(v_dst + tile_offset<D>(r, chunk)), a.v_cache + offset, valid ? 16 : 0);
   }
 }
 
@@ -140,7 +140,8 @@ __device__ __forceinline__ void load_query_rows(bf16* dst, const bf16* q, int64_
     const int c = static_cast<int>(threadIdx.x) + i * kThreads;
     const int r = c / kChunks, chunk = c % kChunks;
     const bool valid = r < rows;
-    cp_async16(dst + tile_offset<D>(r, chunk), valid ? q + first + r * stride + chunk * 8 : q, valid);
+    ptx::cp_async16(ptx::smem_addr(dst + tile_offset<D>(r, chunk)), valid ? q + first + r * stride + chunk * 8 : q,
+                    valid ? 16 : 0);
   }
 }
 
@@ -196,23 +197,23 @@ __global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_
   uint32_t p[kKeyBlock / 16][4];
   if constexpr (kStages == 1) {
     load(Yes{}, No{}, begin, 0);
-    cp_async_commit();
+    ptx::cp_async_commit();
     load(No{}, Yes{}, begin, 0);
-    cp_async_commit();
+    ptx::cp_async_commit();
     for (int key0 = begin; key0 < end; key0 += kKeyBlock) {
       const bool has_next = key0 + kKeyBlock < end;
-      cp_async_wait<1>();  // K of this block (its V may still be in flight)
+      ptx::cp_async_wait<1>();  // K of this block (its V may still be in flight)
       __syncwarp();
       block_scores(acc, p, q_s, k_s, key0, limit, a.scale_log2);
       __syncwarp();
       if (has_next) load(Yes{}, No{}, key0 + kKeyBlock, 0);
-      cp_async_commit();
-      cp_async_wait<1>();  // V of this block
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();  // V of this block
       __syncwarp();
       accumulate_values(acc, p, v_s);
       __syncwarp();
       if (has_next) load(No{}, Yes{}, key0 + kKeyBlock, 0);
-      cp_async_commit();
+      ptx::cp_async_commit();
     }
   } else {
     // Key block b of the split uses stage b % kStages; one copy group per block (K and V), also
@@ -220,17 +221,17 @@ __global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_
 #pragma unroll
     for (int st = 0; st < kStages; ++st) {
       if (begin + st * kKeyBlock < end) load(Yes{}, Yes{}, begin + st * kKeyBlock, st);
-      cp_async_commit();
+      ptx::cp_async_commit();
     }
     for (int key0 = begin, b = 0; key0 < end; key0 += kKeyBlock, ++b) {
       const int stage = b % kStages;
-      cp_async_wait<kStages - 1>();  // groups 0..b have landed: this block (and the query)
+      ptx::cp_async_wait<kStages - 1>();  // groups 0..b have landed: this block (and the query)
       __syncwarp();
       block_scores(acc, p, q_s, k_s + stage * kKeyBlock * D, key0, limit, a.scale_log2);
       accumulate_values(acc, p, v_s + stage * kKeyBlock * D);
       __syncwarp();
       if (key0 + kStages * kKeyBlock < end) load(Yes{}, Yes{}, key0 + kStages * kKeyBlock, stage);
-      cp_async_commit();
+      ptx::cp_async_commit();
     }
   }
   finish_split(acc);
@@ -304,7 +305,7 @@ __global__ void __launch_bounds__(PrefillTiles::kThreads) attention_prefill_kern
   load_query_rows<D, T::kThreads, T::kRows>(q_s, a.q, (static_cast<int64_t>(q_begin + row0) * a.heads + head) * D,
                                             static_cast<int64_t>(a.heads) * D, rows);
   load_key_block<D, T::kThreads, true, true>(k_s, v_s, a, table, kv_head, 0, len);
-  cp_async_commit();
+  ptx::cp_async_commit();
 
   SplitAccum<D> total, part;
   split_init(total);
@@ -321,8 +322,8 @@ __global__ void __launch_bounds__(PrefillTiles::kThreads) attention_prefill_kern
     if (has_next)
       load_key_block<D, T::kThreads, true, true>(k_s + (stage ^ 1) * kKeyBlock * D, v_s + (stage ^ 1) * kKeyBlock * D, a,
                                                  table, kv_head, next_key0, len);
-    cp_async_commit();
-    cp_async_wait<1>();
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<1>();
     __syncthreads();
 
     if (key0 == split_begin) split_init(part);

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "../common/attention_schedule.h"
+#include "ptx.cuh"
 
 namespace detinfer::cuda::attn {
 
@@ -30,42 +31,6 @@ static_assert(kKeyBlock % 16 == 0, "a key block is a whole number of mma k-steps
 template <int D>
 __device__ __forceinline__ int tile_offset(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
-}
-
-__device__ __forceinline__ uint32_t smem_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; zero-filled when !valid (src is then not read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_address(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_address(p)));
-}
-
-// c[16x8] += a[16x16] · b[16x8]
-__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -118,13 +83,14 @@ __device__ __forceinline__ void block_scores(SplitAccum<D>& acc, uint32_t p[kKey
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t a[4];
-    ldmatrix_x4(a, q_tile + tile_offset<D>(lane & 15, kk * 2 + (lane >> 4)));
+    ptx::ldmatrix_x4(a, ptx::smem_addr(q_tile + tile_offset<D>(lane & 15, kk * 2 + (lane >> 4))));
 #pragma unroll
     for (int j = 0; j < kKeyBlock / 16; ++j) {
       uint32_t b[4];
-      ldmatrix_x4(b, k_tile + tile_offset<D>(j * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1)));
-      mma_bf16(s[2 * j], a, b[0], b[1]);
-      mma_bf16(s[2 * j + 1], a, b[2], b[3]);
+      ptx::ldmatrix_x4(b, ptx::smem_addr(k_tile + tile_offset<D>(j * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                                  kk * 2 + ((lane >> 3) & 1))));
+      ptx::mma_bf16_16816(s[2 * j], a, b[0], b[1]);
+      ptx::mma_bf16_16816(s[2 * j + 1], a, b[2], b[3]);
     }
   }
 
@@ -189,9 +155,10 @@ __device__ __forceinline__ void accumulate_values(SplitAccum<D>& acc, const uint
 #pragma unroll
     for (int dn = 0; dn < D / 16; ++dn) {
       uint32_t b[4];
-      ldmatrix_x4_trans(b, v_tile + tile_offset<D>(i * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), dn * 2 + (lane >> 4)));
-      mma_bf16(acc.o[2 * dn], p[i], b[0], b[1]);
-      mma_bf16(acc.o[2 * dn + 1], p[i], b[2], b[3]);
+      ptx::ldmatrix_x4_trans(
+          b, ptx::smem_addr(v_tile + tile_offset<D>(i * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), dn * 2 + (lane >> 4))));
+      ptx::mma_bf16_16816(acc.o[2 * dn], p[i], b[0], b[1]);
+      ptx::mma_bf16_16816(acc.o[2 * dn + 1], p[i], b[2], b[3]);
     }
 }
 

@@ -1,6 +1,9 @@
-// Development access to the matmul configurations (csrc/dev/matmul.cu): run one tile
-// configuration by index, with `splits` K ranges combined in order through a workspace (1: the
-// invariant path's single chain). Library code calls cuda::matmul only.
+// Development access to the matmul configurations production uses (csrc/dev/matmul.cu): run one
+// of them by index, with `splits` K ranges combined in order through a workspace (1: the
+// invariant path's single chain). The library holds only the configurations its choice
+// (matmul_config, sm90::production_config) can return; the harness instantiates the others it
+// explores itself, from matmul_tiles.cuh and matmul_sm90_kernel.cuh. Library code calls
+// cuda::matmul only.
 #pragma once
 
 #include <cstdint>
@@ -9,6 +12,9 @@
 
 namespace detinfer::cuda::matmul_dev {
 
+// Which family this device runs: the wgmma kernels (Hopper with sm_90a code in the build) or the
+// mma.sync ones. The configurations below are that family's.
+bool wgmma();
 int config_count();
 const char* config_name(int config);
 int production_config(int64_t M, int64_t N, int64_t K);  // the configuration matmul() uses

@@ -1,6 +1,7 @@
-// The Hopper (sm_90a) matmul, as matmul.cu sees it: the configurations and one launch. matmul.cu
-// chooses this family for every M when the device is compute capability 9.0 and the build holds
-// sm_90a code; elsewhere it uses its mma.sync kernels. The invariant is stated in matmul_sm90.cu.
+// The Hopper (sm_90a) matmul, as matmul.cu sees it: the production configurations and one launch.
+// matmul.cu chooses this family for every M when the device is compute capability 9.0 and the
+// build holds sm_90a code; elsewhere it uses its mma.sync kernels. The invariant is stated in
+// matmul_sm90.cu; the kernel template is matmul_sm90_kernel.cuh.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -22,6 +23,7 @@ struct Problem {
 
 // True when this build has sm_90a code and device 0 can run it.
 bool available();
+// The configurations production_config can return (the library instantiates no others).
 int config_count();
 const char* config_name(int config);
 // The configuration production uses for M rows of an [N, K] weight. Tiles may follow M; the K

@@ -1,0 +1,319 @@
+// The Hopper matmul kernel (sm_90a), as a template over its tile configuration:
+//   out[M,N] = a[M,K] · w[N,K]^T (+ bias[N]), bf16 in, fp32 accumulate.
+// One instruction family for every configuration: wgmma.mma_async m64nBNk16 (wgmma_bf16.cuh),
+// both operands read from shared memory in the 128-byte swizzled K-major layout. A producer
+// warpgroup streams 64-column K tiles of a and w into a ring of STAGES buffers with the tensor copy
+// engine (cp.async.bulk.tensor, completion on an mbarrier); 1 or 2 consumer warpgroups, 64 rows
+// each, multiply them. Columns past K and rows past M or N arrive as zeros from the copy engine
+// (when M is below the tile, only M rounded up to 8 rows are copied and the rest of the tile is
+// zeroed once); rows past M are computed and never stored. A tile's rows never mix: output row m
+// reads only row m of a, whichever rows share its tile.
+//
+// Invariant: each output element is ONE fp32 accumulator that receives the k16 steps
+// k = 0, 16, 32, ..., 64*ceil(K/64) - 16 in ascending order, each `D += A·B` (scale-d = 1, also
+// for the first step, onto zeros); columns past K are zeros. The bias is added in fp32 after the
+// last step and the value is rounded once. BM, BN, the pipeline depth, the staging of the stores
+// and the order of the tiles over the persistent grid change none of that, so every instantiation
+// gives the same bits. A split (blockIdx.z) covers k_per_split columns of K into its own slice of
+// an fp32 workspace; the invariant path has one split.
+//
+// The kernel body exists only in sm_90a code (__CUDA_ARCH_FEAT_SM90_ALL); the build's other
+// targets compile it empty and never launch it (sm90::available()). matmul_sm90.cu instantiates
+// the configurations production_config chooses; the development harness (csrc/dev/matmul.cu)
+// instantiates the others it times against them.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+
+#include "../cuda/check.h"
+#include "matmul_sm90.cuh"
+#include "ptx.cuh"
+#include "wgmma_bf16.cuh"
+
+namespace detinfer::cuda::sm90 {
+
+constexpr int kTileK = 64;         // K columns per stage: one 128-byte swizzle row of bf16
+constexpr int kRowBytes = kTileK * 2;
+constexpr int kWarpgroup = 128;
+
+struct Args {
+  const __nv_bfloat16* bias;
+  void* out;
+  bool out_f32;
+  int M, N, K;
+  int k_per_split;
+  int a_rows;  // rows of a per copy: BM, or M rounded up to 8 when M < BM (the rest stay zero)
+  bool pairs;  // N even and out aligned: two neighbouring columns are stored at once
+  bool staged; // the tile goes out through shared memory and the copy engine (map_out)
+};
+
+// A block computes BM x BN outputs with BM/64 consumer warpgroups of 64 rows each and one producer
+// warpgroup, through STAGES buffers that each hold one 64-column K tile of a and of w.
+// The grid is persistent: block b takes tiles b, b + gridDim.x, ... so that its producer fetches
+// the next tile while its consumers store the last one. GROUP_M tiles of M walk over N together,
+// so the blocks in flight share a and w in L2.
+// STAGED (bf16 out, no split, N a multiple of 8): each consumer writes its 64 x BN outputs to
+// shared memory and one thread hands them to the copy engine, which stores them while the
+// consumers go on with the next tile; otherwise every thread stores its own outputs.
+// FULL_A: copy BM rows of a even when M is smaller (the copy engine fills the missing rows with
+// zeros) instead of zeroing them once; the same products, another prologue.
+// A_ROWS < BM (compact a, decode only: M <= A_ROWS): a stage keeps only A_ROWS rows of a, so
+// that a stage is mostly w and many more of them fit. The MMA still reads BM rows from the stage's
+// start; rows past A_ROWS are whatever bytes follow (the next stages' tiles), and they only feed
+// output rows past M, which are never stored. The ring ends with (BM - A_ROWS) rows of slack so
+// that the last stage's reads stay inside the block's shared memory.
+template <int BM_, int BN_, int STAGES_, bool STAGED_ = false, bool FULL_A_ = false, int GROUP_M_ = 8,
+          int A_ROWS_ = BM_>
+struct Tiles {
+  static constexpr int BM = BM_, BN = BN_, STAGES = STAGES_, GROUP_M = GROUP_M_, A_ROWS = A_ROWS_;
+  static constexpr bool STAGED = STAGED_, FULL_A = FULL_A_;
+  static constexpr int CONSUMERS = BM / 64;
+  static constexpr int THREADS = kWarpgroup * (CONSUMERS + 1);
+  static constexpr int A_BYTES = A_ROWS * kRowBytes, W_BYTES = BN * kRowBytes;
+  static constexpr int STAGE_BYTES = A_BYTES + W_BYTES;           // one K tile of a and w
+  static constexpr int A_SLACK = (BM - A_ROWS) * kRowBytes;        // compact a: the last stage's overhang
+  static constexpr int OUT_BYTES = STAGED ? BM * BN * 2 : 0;       // bf16 staging, 64 x 64 boxes
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + A_SLACK + OUT_BYTES + 1024;  // + slack to align to 1024
+  static constexpr int ACC = BN / 2;                               // fp32 accumulators per thread
+  // 2 consumers with 128 accumulators each need more than 65536 / 384 registers: move them from
+  // the producer, which needs few (setmaxnreg).
+  static constexpr bool MOVE_REGISTERS = CONSUMERS == 2 && BN >= 256;
+  static_assert(BM == 64 || BM == 128, "one or two consumer warpgroups");
+  static_assert(STAGES >= 2, "a stage is released only once the next one is in flight");
+  static_assert(BN % 8 == 0 && BN <= 256, "wgmma N is a multiple of 8 up to 256");
+  static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
+  static_assert(!STAGED || BN % 64 == 0, "staged stores go out in 64-column boxes");
+  static_assert(A_ROWS == BM || (BM == 64 && A_ROWS % 8 == 0 && !STAGED && !FULL_A),
+                "compact a: one consumer, whole 1024-byte groups of 8 rows");
+};
+
+// One configuration of a table: its name (as the harness and the benchmarks print it) and its launch.
+struct Entry {
+  const char* name;
+  void (*launch)(const Problem&, cudaStream_t);
+};
+
+// ---- the kernel -------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(T::THREADS, 1)
+    matmul_sm90_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
+                       const __grid_constant__ CUtensorMap map_out, Args args) {
+  static_assert(T::GROUP_M >= 1 && T::ACC * 2 == T::BN, "tile parameters");
+  static_assert(!T::MOVE_REGISTERS || T::THREADS == 3 * kWarpgroup, "setmaxnreg budget is for 1 producer + 2 consumers");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BM = T::BM, BN = T::BN, STAGES = T::STAGES;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
+  const uint32_t ring = (ptx::smem_addr(smem_raw) + 1023) & ~1023u;
+
+  const int m_tiles = (args.M + BM - 1) / BM, n_tiles = (args.N + BN - 1) / BN;
+  const int tiles = m_tiles * n_tiles;
+  const int group_tiles = T::GROUP_M * n_tiles;
+  auto tile_origin = [&](int tile, int& m0, int& n0) {
+    const int group = tile / group_tiles, in_group = tile % group_tiles;
+    const int first_m = group * T::GROUP_M, group_m = min(m_tiles - first_m, T::GROUP_M);
+    m0 = (first_m + in_group % group_m) * BM;
+    n0 = (in_group / group_m) * BN;
+  };
+  const int k_begin = blockIdx.z * args.k_per_split;
+  const int k_end = min(args.K, k_begin + args.k_per_split);
+  const int k_tiles = (k_end - k_begin + kTileK - 1) / kTileK;  // K tiles per output tile
+  const int wg = threadIdx.x / kWarpgroup;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      ptx::mbar_init(ptx::smem_addr(&full[s]), 1);
+      ptx::mbar_init(ptx::smem_addr(&empty[s]), T::CONSUMERS * 4);  // one arrival per consumer warp
+    }
+    ptx::fence_mbarrier_init();
+  }
+  // Rows of a past a_rows (up to the stage's A_ROWS) are never copied: zero them once, for the
+  // tensor cores to read.
+  if (args.a_rows < T::A_ROWS) {
+    const int row_bytes = (T::A_ROWS - args.a_rows) * kRowBytes;
+    for (int i = threadIdx.x; i < STAGES * row_bytes / 16; i += T::THREADS) {
+      const int stage = i / (row_bytes / 16), off = i % (row_bytes / 16);
+      const uint32_t dst = ring + stage * T::STAGE_BYTES + args.a_rows * kRowBytes + off * 16;
+      ptx::st_shared_zero16(dst);
+    }
+    ptx::fence_proxy_async_smem();
+  }
+  __syncthreads();
+
+  if (wg == T::CONSUMERS) {
+    // Producer warpgroup: one thread issues every copy.
+    if constexpr (T::MOVE_REGISTERS) ptx::setmaxnreg_dec<40>();
+    if (threadIdx.x == T::CONSUMERS * kWarpgroup) {
+      const uint32_t stage_tx = args.a_rows * kRowBytes + T::W_BYTES;
+      int it = 0;  // stages filled so far, over all of this block's tiles
+      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        int m0, n0;
+        tile_origin(tile, m0, n0);
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+          const int s = it % STAGES;
+          if (it >= STAGES) ptx::mbar_wait(ptx::smem_addr(&empty[s]), ((it / STAGES) - 1) & 1);
+          const uint32_t bar = ptx::smem_addr(&full[s]), a_dst = ring + s * T::STAGE_BYTES;
+          const int k = k_begin + kt * kTileK;
+          ptx::mbar_expect_tx(bar, stage_tx);
+          ptx::tma_load(a_dst, &map_a, k, m0, bar);
+          ptx::tma_load(a_dst + T::A_BYTES, &map_w, k, n0, bar);
+        }
+      }
+    }
+  } else {
+    if constexpr (T::MOVE_REGISTERS) ptx::setmaxnreg_inc<232>();
+    const int lane = threadIdx.x % 32, warp = (threadIdx.x % kWarpgroup) / 32;
+    const bool leader = threadIdx.x % kWarpgroup == 0;
+    float* out_f32 = static_cast<float*>(args.out) + static_cast<int64_t>(blockIdx.z) * args.M * args.N;
+    __nv_bfloat16* out_bf16 = static_cast<__nv_bfloat16*>(args.out);
+    int it = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      int m0, n0;
+      tile_origin(tile, m0, n0);
+      float acc[T::ACC];
+#pragma unroll
+      for (int i = 0; i < T::ACC; ++i) acc[i] = 0.f;
+
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % STAGES;
+        ptx::mbar_wait(ptx::smem_addr(&full[s]), (it / STAGES) & 1);
+        const uint32_t stage = ring + s * T::STAGE_BYTES;
+        const uint64_t da = ptx::smem_desc(stage + wg * 64 * kRowBytes), dw = ptx::smem_desc(stage + T::A_BYTES);
+        ptx::wgmma_fence();
+        ptx::fence_registers(acc);
+        // All four k16 steps, also in a last tile that K ends inside: its columns past K are zeros.
+#pragma unroll
+        for (int kk = 0; kk < kTileK / 16; ++kk) Wgmma<BN>::mma(acc, da + 2 * kk, dw + 2 * kk);
+        ptx::wgmma_commit();
+        ptx::fence_registers(acc);
+        // The previous stage's MMAs have finished once at most this stage's group is in flight.
+        ptx::wgmma_wait<1>();
+        ptx::fence_registers(acc);
+        if (kt > 0 && lane == 0) ptx::mbar_arrive(ptx::smem_addr(&empty[(it - 1) % STAGES]));
+      }
+      ptx::wgmma_wait<0>();
+      ptx::fence_registers(acc);
+      if (k_tiles > 0 && lane == 0) ptx::mbar_arrive(ptx::smem_addr(&empty[(it - 1) % STAGES]));
+
+      // Accumulator layout of m64nBN: warp w of the warpgroup holds rows 16w + lane/4 (registers
+      // 4j, 4j+1) and 16w + lane/4 + 8 (4j+2, 4j+3), columns 8j + 2*(lane%4) + {0, 1}.
+      const int row_base = m0 + wg * 64 + warp * 16 + lane / 4;
+      const int col_base = n0 + 2 * (lane % 4);
+      if (T::STAGED && args.staged) {
+        // The copy engine must have read this warpgroup's previous tile before it is overwritten.
+        const uint32_t out_tile = ring + STAGES * T::STAGE_BYTES + T::A_SLACK + wg * 64 * BN * 2;
+        if (leader) ptx::bulk_wait_read<0>();
+        ptx::warpgroup_barrier(wg);
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int col = col_base + 8 * j;
+            float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+            if (args.bias && col < args.N) {
+              v0 = v0 + __bfloat162float(args.bias[col]);
+              if (col + 1 < args.N) v1 = v1 + __bfloat162float(args.bias[col + 1]);
+            }
+            __nv_bfloat162 pair = __floats2bfloat162_rn(v0, v1);
+            // Box j/8 of 64 columns, 128-byte rows, 16-byte chunk j%8 swizzled with the row.
+            const int r = warp * 16 + lane / 4 + 8 * h;
+            const uint32_t dst = out_tile + (j / 8) * 64 * kRowBytes + r * kRowBytes + (((j % 8) ^ (r & 7)) << 4) +
+                                 (lane % 4) * 4;
+            ptx::st_shared_b32(dst, *reinterpret_cast<uint32_t*>(&pair));
+          }
+        ptx::fence_proxy_async_smem();
+        ptx::warpgroup_barrier(wg);
+        if (leader && m0 + wg * 64 < args.M) {
+#pragma unroll
+          for (int b = 0; b < BN / 64; ++b)  // boxes wholly past N hold nothing to store
+            if (n0 + 64 * b < args.N) ptx::tma_store(&map_out, n0 + 64 * b, m0 + wg * 64, out_tile + b * 64 * kRowBytes);
+          ptx::bulk_commit();
+        }
+        continue;
+      }
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = row_base + 8 * h, col = col_base + 8 * j;
+          if (row >= args.M || col >= args.N) continue;
+          float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+          const bool second = col + 1 < args.N;
+          if (args.bias) {
+            v0 = v0 + __bfloat162float(args.bias[col]);
+            if (second) v1 = v1 + __bfloat162float(args.bias[col + 1]);
+          }
+          const int64_t idx = static_cast<int64_t>(row) * args.N + col;
+          if (args.out_f32) {
+            if (second && args.pairs) {
+              *reinterpret_cast<float2*>(out_f32 + idx) = make_float2(v0, v1);
+            } else {
+              out_f32[idx] = v0;
+              if (second) out_f32[idx + 1] = v1;
+            }
+          } else {
+            if (second && args.pairs) {
+              *reinterpret_cast<__nv_bfloat162*>(out_bf16 + idx) = __floats2bfloat162_rn(v0, v1);
+            } else {
+              out_bf16[idx] = __float2bfloat16_rn(v0);
+              if (second) out_bf16[idx + 1] = __float2bfloat16_rn(v1);
+            }
+          }
+        }
+    }
+    // Shared memory must outlive the copy engine's last reads of it.
+    if (T::STAGED && args.staged && leader) ptx::bulk_wait<0>();
+  }
+#endif
+}
+
+// ---- host side --------------------------------------------------------------------------------
+
+// A [rows, K] bf16 row-major matrix, read (or written) in boxes of 64 columns x box_rows rows
+// (matmul_sm90.cu).
+CUtensorMap tensor_map(const void* data, int rows, int K, int box_rows, const char* what);
+
+// One launch of configuration T: a persistent grid of as many blocks as fit on the device (at
+// most one per tile), p.splits deep.
+template <typename T>
+void launch_tiles(const Problem& p, cudaStream_t stream) {
+  static std::once_flag once;
+  static cudaError_t attr_err = cudaSuccess;
+  static int slots = 0;  // blocks resident on the whole device
+  std::call_once(once, [] {
+    attr_err = cudaFuncSetAttribute(matmul_sm90_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, T::SMEM_BYTES);
+    int device = 0, sms = 0, per_sm = 0;
+    if (attr_err == cudaSuccess) attr_err = cudaGetDevice(&device);
+    if (attr_err == cudaSuccess) attr_err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (attr_err == cudaSuccess)
+      attr_err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, matmul_sm90_kernel<T>, T::THREADS, T::SMEM_BYTES);
+    slots = sms * per_sm;
+  });
+  CUDA_CHECK(attr_err);
+  DI_CHECK(slots > 0, "matmul: the sm_90 kernel ", T::BM, "x", T::BN, " does not fit on this device");
+  DI_CHECK(T::A_ROWS == T::BM || p.M <= T::A_ROWS, "matmul: the sm_90 tiles with ", T::A_ROWS,
+           " rows of a take M <= ", T::A_ROWS, ", not ", p.M);
+  const int a_rows = p.M >= T::BM || T::FULL_A ? T::BM : (p.M + 7) / 8 * 8;
+  CUtensorMap map_a = tensor_map(p.a, p.M, p.K, a_rows, "a");
+  CUtensorMap map_w = tensor_map(p.w, p.N, p.K, T::BN, "w");
+  int64_t tiles = ((int64_t{p.M} + T::BM - 1) / T::BM) * ((int64_t{p.N} + T::BN - 1) / T::BN);
+  DI_CHECK(tiles < (int64_t{1} << 31), "matmul: [M=", p.M, ", N=", p.N, "] needs too many tiles");
+  const bool pairs = p.N % 2 == 0 && reinterpret_cast<uintptr_t>(p.out) % (p.out_f32 ? 8 : 4) == 0;
+  const bool staged = T::STAGED && !p.out_f32 && p.splits == 1 && p.N % 8 == 0 &&
+                      reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
+  // Without staging the kernel never reads map_out: any valid map will do.
+  CUtensorMap map_out = staged ? tensor_map(p.out, p.M, p.N, 64, "out") : map_w;
+  Args args{static_cast<const __nv_bfloat16*>(p.bias), p.out, p.out_f32, p.M, p.N, p.K, p.k_per_split, a_rows, pairs,
+            staged};
+  dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, slots)), 1, static_cast<unsigned>(p.splits));
+  matmul_sm90_kernel<T><<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(map_a, map_w, map_out, args);
+}
+
+}  // namespace detinfer::cuda::sm90

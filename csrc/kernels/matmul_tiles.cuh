@@ -1,0 +1,216 @@
+// The mma.sync matmul kernel (sm_80 and newer), as a template over its tile geometry:
+//   out[M,N] = a[M,K] · w[N,K]^T (+ bias[N])     a,w bf16; fp32 accumulate; out bf16 or f32
+// mma.sync.m16n8k16 (bf16 in, fp32 accumulator), A row-major, W "col" (each W row is one column
+// of B). Tiles are staged in shared memory by a cp.async pipeline of kBlockK = 64 columns of K,
+// 16-byte copies, XOR-swizzled rows, fragments read with ldmatrix.
+//
+// Invariant: each output element is ONE accumulator that receives the m16n8k16 MMAs of
+// k = 0, 16, 32, ... K-1 in ascending order (a K not a multiple of 16 ends with a zero-padded
+// step); the bias is added in fp32 after the last step, then the value is rounded once. The tile
+// geometry (BM, BN, the warp layout, the pipeline depth, KB) changes none of that, so every
+// instantiation gives the same bits. A split (blockIdx.z) covers k_per_split columns of K into its
+// own slice of an fp32 workspace; the invariant path has one split.
+//
+// matmul.cu instantiates the configurations production chooses (matmul_config); the development
+// harness (csrc/dev/matmul.cu) instantiates the others it times against them.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <mutex>
+
+#include "../cuda/check.h"
+#include "ptx.cuh"
+
+namespace detinfer::cuda::mma_sync {
+
+constexpr int kBlockK = 64;        // K columns per pipeline stage (8 chunks of 16 bytes per row)
+constexpr int kChunk = 8;          // bf16 values per 16-byte copy
+constexpr int kMmaM = 16, kMmaN = 8, kMmaK = 16;
+
+// Tile geometry of one configuration: a block computes BM x BN outputs with WARPS_M x WARPS_N
+// warps, each warp (BM/WARPS_M) x (BN/WARPS_N), through a pipeline of STAGES buffers, each holding
+// KB consecutive kBlockK tiles (longer contiguous reads per W row for the weight-streaming
+// configurations; the k-blocks are still consumed one at a time in ascending order).
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_, int KB_ = 1>
+struct MatmulTiles {
+  static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
+  static constexpr int MIN_BLOCKS = MIN_BLOCKS_, KB = KB_;
+  static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+  static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
+  static constexpr int MT = WM / kMmaM, NT = WN / kMmaN;  // MMA tiles per warp
+  static constexpr int SMEM_BYTES = STAGES * KB * (BM + BN) * kBlockK * 2;
+  static_assert(WM % kMmaM == 0 && WN % kMmaN == 0, "warp tile must be a multiple of the MMA shape");
+  static_assert(NT == 1 || NT % 2 == 0, "B fragments are read two n8 tiles at a time");
+};
+
+struct MatmulArgs {
+  const __nv_bfloat16* a;
+  const __nv_bfloat16* w;
+  const __nv_bfloat16* bias;  // null: none (always null for a split's partial)
+  void* out;                  // [M,N] bf16/f32, or the workspace [splits, M, N] f32 for a split
+  bool out_f32;
+  int M, N, K;
+  int k_per_split;            // multiple of kBlockK; K for the invariant path
+};
+
+// One configuration of a table: its name (as the harness and the benchmarks print it) and its
+// launch over `splits` K ranges (1 on the invariant path).
+struct TileEntry {
+  const char* name;
+  void (*launch)(const MatmulArgs&, int splits, cudaStream_t stream);
+};
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][kBlockK] bf16 tile: the chunk
+// index is XORed with the row so that the 8 rows one ldmatrix phase reads fall in distinct banks.
+__device__ __forceinline__ uint32_t tile_offset(int row, int chunk) {
+  return static_cast<uint32_t>(row * (kBlockK * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+// Copies rows [row0, row0+ROWS) x columns [k0, k0+kBlockK) of src [rows, K] into a tile; chunks
+// outside [0,rows) x [0,k_end) are zero-filled.
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void load_tile(uint32_t tile, const __nv_bfloat16* src, int rows, int K, int row0,
+                                          int k0, int k_end) {
+  constexpr int kChunksPerRow = kBlockK / kChunk;
+  constexpr int kChunks = ROWS * kChunksPerRow;
+#pragma unroll
+  for (int i = threadIdx.x; i < kChunks; i += THREADS) {
+    int row = i / kChunksPerRow, chunk = i % kChunksPerRow;
+    int grow = row0 + row, gk = k0 + chunk * kChunk;
+    bool valid = grow < rows && gk < k_end;
+    const __nv_bfloat16* p = valid ? src + static_cast<int64_t>(grow) * K + gk : src;
+    ptx::cp_async16(tile + tile_offset(row, chunk), p, valid ? 16 : 0);
+  }
+}
+
+template <typename Tiles>
+__global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kernel(MatmulArgs args) {
+  constexpr int BM = Tiles::BM, BN = Tiles::BN, STAGES = Tiles::STAGES, THREADS = Tiles::THREADS;
+  constexpr int MT = Tiles::MT, NT = Tiles::NT, WM = Tiles::WM, WN = Tiles::WN;
+  constexpr int KB = Tiles::KB;
+  constexpr uint32_t kTileBytes = (BM + BN) * kBlockK * 2;  // one k-block of A and W
+  constexpr uint32_t kStageBytes = KB * kTileBytes;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t smem_base = ptx::smem_addr(smem);
+
+  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+  const int k_begin = blockIdx.z * args.k_per_split;
+  const int k_end = min(args.K, k_begin + args.k_per_split);
+  const int k_tiles = (k_end - k_begin + KB * kBlockK - 1) / (KB * kBlockK);  // pipeline stages
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_m = warp / Tiles::WARPS_N, warp_n = warp % Tiles::WARPS_N;
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+  auto load_stage = [&](int stage, int kt) {
+#pragma unroll
+    for (int j = 0; j < KB; ++j) {
+      uint32_t a_tile = smem_base + stage * kStageBytes + j * kTileBytes;
+      uint32_t w_tile = a_tile + BM * kBlockK * 2;
+      int k0 = k_begin + (kt * KB + j) * kBlockK;
+      load_tile<BM, THREADS>(a_tile, args.a, args.M, args.K, m0, k0, k_end);
+      load_tile<BN, THREADS>(w_tile, args.w, args.N, args.K, n0, k0, k_end);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    ptx::cp_async_commit();
+  }
+
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    ptx::cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    // The buffer refilled now was read in iteration kt-1, which every warp has finished.
+    int next = kt + STAGES - 1;
+    if (next < k_tiles) load_stage(next % STAGES, next);
+    ptx::cp_async_commit();
+
+#pragma unroll
+    for (int j = 0; j < KB; ++j) {
+      // A k-block past the end is skipped, not multiplied as zeros: the chain stays the same.
+      if (KB > 1 && k_begin + (kt * KB + j) * kBlockK >= k_end) break;
+      uint32_t a_tile = smem_base + (kt % STAGES) * kStageBytes + j * kTileBytes;
+      uint32_t w_tile = a_tile + BM * kBlockK * 2;
+#pragma unroll
+      for (int kk = 0; kk < kBlockK / kMmaK; ++kk) {
+        uint32_t af[MT][4], bf[NT][2];
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          int row = warp_m * WM + i * kMmaM + (lane & 15);
+          ptx::ldmatrix_x4(af[i], a_tile + tile_offset(row, kk * 2 + (lane >> 4)));
+        }
+        if constexpr (NT == 1) {
+          int row = warp_n * WN + (lane & 7);
+          ptx::ldmatrix_x2(bf[0], w_tile + tile_offset(row, kk * 2 + ((lane >> 3) & 1)));
+        } else {
+#pragma unroll
+          for (int jn = 0; jn < NT; jn += 2) {
+            int row = warp_n * WN + jn * kMmaN + (lane & 7) + ((lane >> 4) << 3);
+            uint32_t r[4];
+            ptx::ldmatrix_x4(r, w_tile + tile_offset(row, kk * 2 + ((lane >> 3) & 1)));
+            bf[jn][0] = r[0], bf[jn][1] = r[1], bf[jn + 1][0] = r[2], bf[jn + 1][1] = r[3];
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+          for (int jn = 0; jn < NT; ++jn) ptx::mma_bf16_16816(acc[i][jn], af[i], bf[jn][0], bf[jn][1]);
+      }
+    }
+  }
+  ptx::cp_async_wait<0>();
+
+  // Epilogue: fragment (i,j) element r sits at row g (+8 for r >= 2), column 2*t + (r & 1).
+  const int g = lane >> 2, t = lane & 3;
+  float* out_f32 = static_cast<float*>(args.out) + static_cast<int64_t>(blockIdx.z) * args.M * args.N;
+  __nv_bfloat16* out_bf16 = static_cast<__nv_bfloat16*>(args.out);
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        int row = m0 + warp_m * WM + i * kMmaM + g + (r >= 2 ? 8 : 0);
+        int col = n0 + warp_n * WN + j * kMmaN + 2 * t + (r & 1);
+        if (row >= args.M || col >= args.N) continue;
+        float v = acc[i][j][r];
+        if (args.bias) v = v + __bfloat162float(args.bias[col]);
+        int64_t idx = static_cast<int64_t>(row) * args.N + col;
+        if (args.out_f32) {
+          out_f32[idx] = v;
+        } else {
+          out_bf16[idx] = __float2bfloat16_rn(v);
+        }
+      }
+}
+
+// One launch of configuration Tiles over `splits` K ranges (blockIdx.z). The caller has checked
+// the shapes and alignment (matmul.cu's run_matmul).
+template <typename Tiles>
+void launch_tiles(const MatmulArgs& args, int splits, cudaStream_t stream) {
+  static std::once_flag once;
+  static cudaError_t attr_err = cudaSuccess;
+  std::call_once(once, [] {
+    attr_err = cudaFuncSetAttribute(matmul_kernel<Tiles>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    Tiles::SMEM_BYTES);
+  });
+  CUDA_CHECK(attr_err);
+  int64_t grid_n = (args.N + Tiles::BN - 1) / Tiles::BN, grid_m = (args.M + Tiles::BM - 1) / Tiles::BM;
+  DI_CHECK(grid_m <= 65535, "matmul: M = ", args.M, " is too large for one launch");
+  dim3 grid(static_cast<unsigned>(grid_n), static_cast<unsigned>(grid_m), splits);
+  matmul_kernel<Tiles><<<grid, Tiles::THREADS, Tiles::SMEM_BYTES, stream>>>(args);
+}
+
+}  // namespace detinfer::cuda::mma_sync
