@@ -3,7 +3,7 @@
 // -DDETINFER_DEV_HARNESSES=ON into build/dev/dev_matmul) and PyTorch's (bench/torch_matmul.py) on
 // the same shapes in the same run, with the ceilings measured there too: a 2 GiB device-to-device
 // copy (bytes read + written) and PyTorch's bf16 8192^3 matmul. Prints the table last and writes
-// bench/results/matmul.json.   Usage: node bench/matmul.mjs [path/to/dev_matmul]
+// bench/results/matmul.json.   Usage: node bench/matmul.mjs [path/to/dev_matmul] [--mma-sync]
 import { execFileSync } from 'node:child_process'
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { dirname, join } from 'node:path'
@@ -12,11 +12,15 @@ import { fileURLToPath } from 'node:url'
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const resultsDir = join(root, 'bench', 'results')
 mkdirSync(resultsDir, { recursive: true })
-const harness = process.argv[2] ?? join(root, 'build', 'dev', 'dev_matmul')
-const oursPath = join(resultsDir, 'matmul_kernels.json')
+// --mma-sync: the sm_80-89 kernels (mma.sync) on this GPU too, a development switch of the harness
+// that measures on a Hopper what Ampere and Ada GPUs run.
+const mmaSync = process.argv.includes('--mma-sync')
+const harness = process.argv.slice(2).find((a) => !a.startsWith('--')) ?? join(root, 'build', 'dev', 'dev_matmul')
+const suffix = mmaSync ? '_mma_sync' : ''
+const oursPath = join(resultsDir, `matmul_kernels${suffix}.json`)
 const torchPath = join(resultsDir, 'matmul_torch.json')
 
-execFileSync(harness, ['bench', oursPath], { stdio: 'inherit' })
+execFileSync(harness, ['bench', oursPath, ...(mmaSync ? ['--mma-sync'] : [])], { stdio: 'inherit' })
 execFileSync('python3', [join(root, 'bench', 'torch_matmul.py'), torchPath], {
   stdio: 'inherit',
   env: { ...process.env, PYTHONUNBUFFERED: '1' },
@@ -39,11 +43,11 @@ const rows = ours.results.map((r) => {
   }
 })
 const summary = { device: torch.device, torch: torch.torch, copy_gbs: ours.copy_gbs, peak_tflops: torch.peak_tflops, results: rows }
-writeFileSync(join(resultsDir, 'matmul.json'), JSON.stringify(summary, null, 2) + '\n')
+writeFileSync(join(resultsDir, `matmul${suffix}.json`), JSON.stringify(summary, null, 2) + '\n')
 
 const pad = (s, w) => String(s).padStart(w)
 const f = (v, d = 1) => (v === undefined ? '-' : v.toFixed(d))
-console.log(`\nmatmul bf16 on ${torch.device}: copy ceiling ${f(ours.copy_gbs)} GB/s (read+written), torch bf16 8192^3 ${f(torch.peak_tflops)} TFLOP/s`)
+console.log(`\nmatmul bf16 on ${torch.device}${mmaSync ? ', forced to the mma.sync kernels of sm_80-89' : ''}: copy ceiling ${f(ours.copy_gbs)} GB/s (read+written), torch bf16 8192^3 ${f(torch.peak_tflops)} TFLOP/s`)
 console.log(['N', 'K', 'M', 'ours us', 'TFLOP/s', 'W GB/s', '%copy', '%peak', 'torch us', 'torch TF/s', 'torch/ours', 'b2b us', 'b2b %copy'].map((h, i) => pad(h, [7, 6, 5, 9, 8, 8, 6, 6, 9, 10, 10, 8, 9][i])).join(' '))
 for (const r of rows)
   console.log(
@@ -54,4 +58,4 @@ for (const r of rows)
       pad(f(100 * r.copy_fraction_back_to_back, 0), 9),
     ].join(' '),
   )
-console.log(`\nwrote ${join(resultsDir, 'matmul.json')} (torch/ours > 1: ours is faster; b2b: per call with calls queued back to back)`)
+console.log(`\nwrote ${join(resultsDir, `matmul${suffix}.json`)} (torch/ours > 1: ours is faster; b2b: per call with calls queued back to back)`)

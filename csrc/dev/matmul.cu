@@ -356,9 +356,15 @@ int bench(const char* path) {
 int main(int argc, char** argv) {
   try {
     std::string mode = argc > 1 ? argv[1] : "check";
+    // --mma-sync (last argument): the sm_80-89 family on this GPU too (a Hopper measures it so).
+    if (argc > 2 && std::string(argv[argc - 1]) == "--mma-sync") {
+      cuda::matmul_dev::force_mma_sync(true);
+      --argc;
+      std::printf("forced: the mma.sync family\n");
+    }
     if (mode == "check") return check();
     if (mode == "bench") return bench(argc > 2 ? argv[2] : "matmul_kernels.json");
-    std::fprintf(stderr, "usage: dev_matmul check | bench OUT.json\n");
+    std::fprintf(stderr, "usage: dev_matmul check | bench OUT.json [--mma-sync]\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

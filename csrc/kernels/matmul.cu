@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -32,6 +33,12 @@
 
 namespace detinfer::cuda {
 namespace {
+
+// Development switch (matmul_dev::force_mma_sync): the mma.sync family on a Hopper GPU too, to
+// measure the kernels that sm_80-89 run on a machine that has only an H100/H200. Off in the
+// library; the partitioned product ignores it.
+std::atomic<bool> g_force_mma_sync{false};
+bool use_wgmma() { return sm90::available() && !g_force_mma_sync.load(std::memory_order_relaxed); }
 
 using mma_sync::kBlockK;
 using mma_sync::kChunk;
@@ -128,7 +135,7 @@ void run_matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bia
            "matmul: the CUDA kernels need a and w to start on a 16-byte boundary (a view at an odd row offset?)");
   cudaStream_t stream = static_cast<cudaStream_t>(cuda_runtime::stream());
   // K = 0 multiplies nothing (out = bias or zeros): the mma.sync kernel writes that on any device.
-  const bool hopper = K > 0 && sm90::available();
+  const bool hopper = K > 0 && use_wgmma();
   MatmulLaunch l = matmul_config(M, N, K, hopper);
   if (dev_override) {
     DI_CHECK(K > 0, "matmul_with_config: K must be positive");
@@ -200,12 +207,11 @@ const char* matmul_kernels() { return sm90::available() ? "wgmma (sm_90a)" : "mm
 
 // The production configurations of the family this device runs (matmul_sm90.cu's on Hopper).
 namespace matmul_dev {
-bool wgmma() { return sm90::available(); }
-int config_count() { return sm90::available() ? sm90::config_count() : kTileCount; }
-const char* config_name(int i) { return sm90::available() ? sm90::config_name(i) : kTileTable[i].name; }
-int production_config(int64_t M, int64_t N, int64_t K) {
-  return matmul_config(M, N, K, sm90::available()).tiles;
-}
+void force_mma_sync(bool on) { g_force_mma_sync.store(on); }
+bool wgmma() { return use_wgmma(); }
+int config_count() { return use_wgmma() ? sm90::config_count() : kTileCount; }
+const char* config_name(int i) { return use_wgmma() ? sm90::config_name(i) : kTileTable[i].name; }
+int production_config(int64_t M, int64_t N, int64_t K) { return matmul_config(M, N, K, use_wgmma()).tiles; }
 void matmul_with_config(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias, int config, int splits) {
   DI_CHECK(config >= 0 && config < config_count(), "matmul_with_config: no configuration ", config);
   DI_CHECK(splits >= 1, "matmul_with_config: splits must be at least 1");

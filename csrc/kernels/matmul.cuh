@@ -15,6 +15,8 @@ namespace detinfer::cuda::matmul_dev {
 // Which family this device runs: the wgmma kernels (Hopper with sm_90a code in the build) or the
 // mma.sync ones. The configurations below are that family's.
 bool wgmma();
+// Development only: run the mma.sync family even where the wgmma one is available.
+void force_mma_sync(bool on);
 int config_count();
 const char* config_name(int config);
 int production_config(int64_t M, int64_t N, int64_t K);  // the configuration matmul() uses
