@@ -59,6 +59,19 @@ struct DecodeTiles {
   }
 };
 
+// Decode with four warps per split (small grids): the same products, sums and roundings as the
+// one-warp kernel, spread over the warps (attention_decode_wide_kernel).
+struct DecodeWideTiles {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kStages = 2;
+  template <int D>  // query tile, kStages key blocks of K and V, the block's p (f32), p fragments, row maxima
+  static constexpr int smem_bytes() {
+    return (kTileRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16)) +
+           kTileRows * kKeyBlock * 4 + kWarps * 32 * 4 * 4 + kWarps * kTileRows * 4;
+  }
+};
+
 struct KvAppendTiles {
   static constexpr int kThreads = 128;
 };
@@ -253,6 +266,189 @@ __global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_
   }
 }
 
+// Decode, four warps per (sequence, kv head, split): for grids too small to fill the GPU, where the
+// one-warp kernel's time is its own chain of key blocks. Every value is computed by the same
+// instructions on the same operands in the same order as block_scores / accumulate_values /
+// finish_split compute it in one warp, so both kernels give the same bits:
+//   scores: warp w computes keys 16w..16w+15 of each key block (the one-warp kernel's j = w), each
+//           score the same chain of mma k-steps over D;
+//   row max: each warp's exact max, then the exact max of the four (max is exact in any order);
+//   m, the offsets and alpha: the same expressions, by every warp;
+//   l: warp 0 adds the block's p in the one-warp order (j, then the lane's two columns), reading
+//           them from shared memory, then the same quad shuffles at the end of the split;
+//   o: warp w owns output columns [D/4·w, D/4·(w+1)); each element is rescaled by alpha and then
+//           takes the block's four 16-key k-steps in ascending order, from the same bf16(p)
+//           fragments (exchanged through shared memory).
+template <int D>
+__global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wide_kernel(AttentionArgs a) {
+  using T = DecodeWideTiles;
+  static_assert(kKeyBlock == 16 * T::kWarps, "one 16-key k-step of the block per warp");
+  static_assert(D % (16 * T::kWarps) == 0, "whole 16-column steps of the output per warp");
+  constexpr int kDn = D / 16 / T::kWarps;  // 16-column steps of o per warp
+  constexpr int kStages = T::kStages;
+  extern __shared__ __align__(128) unsigned char decode_smem[];
+  bf16* q_s = reinterpret_cast<bf16*>(decode_smem);
+  bf16* k_s = q_s + kTileRows * D;
+  bf16* v_s = k_s + kStages * kKeyBlock * D;
+  float* p32 = reinterpret_cast<float*>(v_s + kStages * kKeyBlock * D);  // [kTileRows][kKeyBlock]
+  uint32_t* pfrag = reinterpret_cast<uint32_t*>(p32 + kTileRows * kKeyBlock);  // [kWarps][32][4]
+  float* wmax = reinterpret_cast<float*>(pfrag + T::kWarps * 32 * 4);          // [kWarps][kTileRows]
+
+  const int split_index = blockIdx.x, seq = blockIdx.z;
+  const int group = a.heads / a.kv_heads, row_tiles = (group + kTileRows - 1) / kTileRows;
+  const int kv_head = blockIdx.y / row_tiles, tile = blockIdx.y % row_tiles;
+  const int head0 = kv_head * group + tile * kTileRows, rows = min(kTileRows, group - tile * kTileRows);
+  const int q_row = a.query_start[seq];
+  if (a.query_start[seq + 1] - q_row != 1) return;
+  const int len = keys_of(a, seq);
+  const int split = split_size_of(a, len);
+  const int n_splits = min((len + split - 1) / split, a.max_splits);
+  if (split_index >= n_splits) return;
+  const int begin = split_index * split, end = min(begin + split, len);
+  const int* table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, col = 2 * (lane & 3);
+
+  load_query_rows<D, T::kThreads, kTileRows>(q_s, a.q, (static_cast<int64_t>(q_row) * a.heads + head0) * D, D, rows);
+#pragma unroll
+  for (int st = 0; st < kStages; ++st) {
+    if (begin + st * kKeyBlock < end)
+      load_key_block<D, T::kThreads, true, true>(k_s + st * kKeyBlock * D, v_s + st * kKeyBlock * D, a, table,
+                                                 kv_head, begin + st * kKeyBlock, len);
+    ptx::cp_async_commit();
+  }
+
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: warp 0's lanes hold the one-warp shares
+  float o[2 * kDn][4];
+#pragma unroll
+  for (int i = 0; i < 2 * kDn; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[i][e] = 0.f;
+
+  for (int key0 = begin, b = 0; key0 < end; key0 += kKeyBlock, ++b) {
+    const int stage = b % kStages;
+    const bf16* k_tile = k_s + stage * kKeyBlock * D;
+    const bf16* v_tile = v_s + stage * kKeyBlock * D;
+    ptx::cp_async_wait<kStages - 1>();
+    __syncthreads();
+
+    // Scores of keys key0 + 16·warp .. +15 (the one-warp kernel's s[2j], s[2j+1] with j = warp).
+    float sc[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[h][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[4], kb[4];
+      ptx::ldmatrix_x4(qa, ptx::smem_addr(q_s + tile_offset<D>(lane & 15, kk * 2 + (lane >> 4))));
+      ptx::ldmatrix_x4(kb, ptx::smem_addr(k_tile + tile_offset<D>(warp * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                                   kk * 2 + ((lane >> 3) & 1))));
+      ptx::mma_bf16_16816(sc[0], qa, kb[0], kb[1]);
+      ptx::mma_bf16_16816(sc[1], qa, kb[2], kb[3]);
+    }
+    if (key0 + kKeyBlock > end) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (key0 + (2 * warp + h) * 8 + col + (e & 1) >= end) sc[h][e] = -INFINITY;
+    }
+    float bm[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) bm[e >> 1] = fmaxf(bm[e >> 1], sc[h][e]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      bm[r] = fmaxf(bm[r], __shfl_xor_sync(0xffffffffu, bm[r], 1));
+      bm[r] = fmaxf(bm[r], __shfl_xor_sync(0xffffffffu, bm[r], 2));
+      if ((lane & 3) == 0) wmax[warp * kTileRows + (lane >> 2) + 8 * r] = bm[r];
+    }
+    __syncthreads();
+
+    float offset[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = (lane >> 2) + 8 * r;
+      float block_max = wmax[row];
+#pragma unroll
+      for (int w = 1; w < T::kWarps; ++w) block_max = fmaxf(block_max, wmax[w * kTileRows + row]);
+      const float m_new = fmaxf(m[r], block_max);
+      offset[r] = scaled_max(m_new, a.scale_log2);
+      const float alpha = exp2f(m[r] * a.scale_log2 - offset[r]);
+      m[r] = m_new;
+      l[r] = l[r] * alpha;
+#pragma unroll
+      for (int i = 0; i < 2 * kDn; ++i) {
+        o[i][2 * r] = o[i][2 * r] * alpha;
+        o[i][2 * r + 1] = o[i][2 * r + 1] * alpha;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pe = exp2f(__fmaf_rn(sc[h][e], a.scale_log2, -offset[e >> 1]));
+        sc[h][e] = pe;
+        p32[((lane >> 2) + 8 * (e >> 1)) * kKeyBlock + (2 * warp + h) * 8 + col + (e & 1)] = pe;
+      }
+    uint4 mine;
+    mine.x = pack_bf16(sc[0][0], sc[0][1]);
+    mine.y = pack_bf16(sc[0][2], sc[0][3]);
+    mine.z = pack_bf16(sc[1][0], sc[1][1]);
+    mine.w = pack_bf16(sc[1][2], sc[1][3]);
+    reinterpret_cast<uint4*>(pfrag)[warp * 32 + lane] = mine;
+    __syncthreads();
+
+    if (warp == 0) {
+      // The one-warp kernel's additions to this lane's shares, in its order.
+#pragma unroll
+      for (int j = 0; j < kKeyBlock / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) l[e >> 1] = l[e >> 1] + p32[((lane >> 2) + 8 * (e >> 1)) * kKeyBlock + j * 8 + col + (e & 1)];
+    }
+#pragma unroll
+    for (int i = 0; i < kKeyBlock / 16; ++i) {
+      const uint4 f = reinterpret_cast<const uint4*>(pfrag)[i * 32 + lane];
+      const uint32_t pa[4] = {f.x, f.y, f.z, f.w};
+#pragma unroll
+      for (int t = 0; t < kDn; ++t) {
+        const int dn = warp * kDn + t;
+        uint32_t vb[4];
+        ptx::ldmatrix_x4_trans(vb, ptx::smem_addr(v_tile + tile_offset<D>(i * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                                           dn * 2 + (lane >> 4))));
+        ptx::mma_bf16_16816(o[2 * t], pa, vb[0], vb[1]);
+        ptx::mma_bf16_16816(o[2 * t + 1], pa, vb[2], vb[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage, p32, pfrag and wmax
+    if (key0 + kStages * kKeyBlock < end)
+      load_key_block<D, T::kThreads, true, true>(k_s + stage * kKeyBlock * D, v_s + stage * kKeyBlock * D, a, table,
+                                                 kv_head, key0 + kStages * kKeyBlock, len);
+    ptx::cp_async_commit();
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] = l[r] + __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] = l[r] + __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = (lane >> 2) + 8 * r;
+    if (row >= rows) continue;
+    const int64_t idx = (static_cast<int64_t>(seq) * a.heads + head0 + row) * a.max_splits + split_index;
+    if (warp == 0 && (lane & 3) == 0) {
+      a.part_ml[2 * idx] = m[r];
+      a.part_ml[2 * idx + 1] = l[r];
+    }
+    float* out = a.part_o + idx * D;
+#pragma unroll
+    for (int t = 0; t < 2 * kDn; ++t)
+      *reinterpret_cast<float2*>(out + 8 * (2 * warp * kDn + t) + col) = make_float2(o[t][2 * r], o[t][2 * r + 1]);
+  }
+}
+
 // Decode combine: grid (heads, num_seqs), D threads; thread d merges the splits' partials of
 // output element d in ascending split order, exactly as the prefill kernel merges its registers.
 template <int D>
@@ -426,6 +622,8 @@ std::string describe_launch(const Tensor& q, const Tensor& k_cache, const Attent
 // Both pipelines timed with bench/attention.py on an H200: the double-buffered one is up to 1.4x
 // faster on such grids and up to 1.2x slower on grids with more warps than slots.
 constexpr int kDeepDecodeWarpsPerSm = 3;
+// Four warps per split while the grid has at most this many blocks per SM.
+constexpr int kWideDecodeBlocksPerSm = 1;
 
 int sm_count() {
   static std::once_flag once;
@@ -462,7 +660,15 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
     a.max_splits = l.max_splits;
     dim3 grid(l.max_splits, a.kv_heads * row_tiles, a.num_seqs);
     const int64_t warps = int64_t{grid.x} * grid.y * grid.z;
-    if (warps <= kDeepDecodeWarpsPerSm * int64_t{sm_count()}) {
+    if (warps <= kWideDecodeBlocksPerSm * int64_t{sm_count()}) {
+      constexpr int smem = DecodeWideTiles::smem_bytes<D>();
+      static std::once_flag configured;
+      std::call_once(configured, [] {
+        CUDA_CHECK(cudaFuncSetAttribute(attention_decode_wide_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        smem));
+      });
+      attention_decode_wide_kernel<D><<<grid, DecodeWideTiles::kThreads, smem, stream>>>(a);
+    } else if (warps <= kDeepDecodeWarpsPerSm * int64_t{sm_count()}) {
       launch_decode_split<D, 2>(a, grid, stream);
     } else {
       launch_decode_split<D, 1>(a, grid, stream);
