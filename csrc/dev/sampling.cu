@@ -5,7 +5,7 @@
 //                                              sampled ids agree but for float32 near-ties), rows
 //                                              bit-identical alone and in batches, the variant's difference;
 //                                              at V = 151936 and at the vocabularies that meet each edge of
-//                                              the kernel's 16384-logit slices (one slice, less than one, a
+//                                              the kernel's 8192-logit slices (one slice, less than one, a
 //                                              one-logit last slice, odd V without float4 loads), with rows
 //                                              of many equal logits that take the exact one-block path.
 //                                              Prints PASS / FAIL lines; exits 1 on any failure.
@@ -252,8 +252,8 @@ bool check() {
   }
   // Every slice edge: mixed parameters per row, rows of several shapes, each row alone and in a
   // batch in another order, bit for bit; against the CPU backend.
-  for (int64_t V : {int64_t{151936}, int64_t{4096}, int64_t{16384}, int64_t{16385}, int64_t{5000}, int64_t{32771},
-                    int64_t{1000}}) {
+  for (int64_t V : {int64_t{151936}, int64_t{4096}, int64_t{8192}, int64_t{8193}, int64_t{16384}, int64_t{16385},
+                    int64_t{5000}, int64_t{32771}, int64_t{1000}}) {
     if (!check_mixed(V, 24)) ok = false;
   }
   // More rows than one round of launches holds (kChunkRows = 256 in csrc/kernels/sampling.cu).

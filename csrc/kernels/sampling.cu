@@ -197,10 +197,14 @@ void argmax(Tensor& out, const Tensor& x) {
 //   stats  (P x R blocks)  per slice: max, argmax, finiteness, sum of exp; Gumbel-max of rows
 //                          that sample without a cut or min-p; zeroes the row's bins if it needs them
 //   bins   (P x R)         the row's value bins (counts; fixed-point masses for top-p), through
-//                          shared-memory bins then global integer atomics; Gumbel-max of min-p rows
+//                          shared-memory bins (32-bit atomics only: a mass is added as a low and a
+//                          high word with an exact carry) then one global integer atomic per
+//                          nonzero bin and block; Gumbel-max of min-p rows
 //   plan   (R)             finds the bins that hold the top-k / top-p cuts and the top-N
-//   gather (P x R)         copies the tokens of those bins into per-row candidate lists; Gumbel-max
-//                          over the tokens above those bins (kept whatever the cut)
+//   gather (P x R)         Gumbel-max over the tokens above those bins (kept whatever the cut), and
+//                          a bit per value for the lists; then, warp by warp and only for the values
+//                          some lane takes, copies the tokens of those bins into per-row candidate
+//                          lists (warp-aggregated atomics on the row's list counters)
 //   select (R)             lse; sorts the candidates, finds the cuts, Gumbel-max over the kept
 //                          candidates; top-N; writes the row. A row whose cut bins hold more than
 //                          kCandidates tokens takes the exact one-block path over the whole row.
@@ -213,8 +217,10 @@ namespace ch = detinfer::choice;
 
 constexpr int kChoiceThreads = 1024;  // plan and select kernels: one block per row
 constexpr int kSliceThreads = 512;    // slice kernels: one block per (slice, row)
-constexpr int kSliceGroups = 8;       // float4 groups per thread and slice
-constexpr int kSlice = 4 * kSliceThreads * kSliceGroups;  // 16384 logits per slice
+constexpr int kSliceGroups = 4;       // float4 groups per thread and slice
+constexpr int kSlice = 4 * kSliceThreads * kSliceGroups;  // 8192 logits per slice
+// Blocks per SM the slice kernels are compiled for: 3 (at most 40 registers) for stats and gather,
+// so that more slices stream at once; 2 for bins, which needs more registers and 24 KiB of bins.
 static_assert(kSliceGroups % kVariantSplits == 0, "the variant's parts are whole groups");
 // Rows per round of launches; sizes the workspace (about 90 KiB per row).
 constexpr int64_t kChunkRows = 256;
@@ -446,7 +452,7 @@ __device__ __forceinline__ void append(bool take, unsigned long long* list, unsi
   }
 }
 
-__global__ void __launch_bounds__(kSliceThreads, 2)
+__global__ void __launch_bounds__(kSliceThreads, 3)
     choice_stats_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, bool variant_split) {
   const int P = w.slices, s = blockIdx.x;
   const int64_t r = blockIdx.y;
@@ -528,7 +534,8 @@ __global__ void __launch_bounds__(kSliceThreads, 2)
 
 __global__ void __launch_bounds__(kSliceThreads, 2)
     choice_bins_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n) {
-  __shared__ unsigned long long bin_mass[kBins];
+  // Masses as two 32-bit words (low, high) so that every shared atomic is a native 32-bit add.
+  __shared__ unsigned mass_lo[kBins], mass_hi[kBins];
   __shared__ unsigned bin_count[kBins];
   const int P = w.slices, s = blockIdx.x;
   const int64_t r = blockIdx.y;
@@ -543,7 +550,7 @@ __global__ void __launch_bounds__(kSliceThreads, 2)
   load_slice(v, x + r * V, sl, row_vec(x, V));
 
   if (mode.bins) {
-    for (int b = threadIdx.x; b < kBins; b += kSliceThreads) bin_count[b] = 0, bin_mass[b] = 0;
+    for (int b = threadIdx.x; b < kBins; b += kSliceThreads) bin_count[b] = 0, mass_lo[b] = 0, mass_hi[b] = 0;
     __syncthreads();
     unsigned tail_count = 0;
     unsigned long long tail_mass = 0;
@@ -559,7 +566,15 @@ __global__ void __launch_bounds__(kSliceThreads, 2)
           tail_count += 1, tail_mass += wv;  // the crowded last bin is added once per block, below
         } else {
           atomicAdd(&bin_count[b], 1u);
-          if (wv) atomicAdd(&bin_mass[b], wv);
+          if (wv) {
+            // A 64-bit add as 32-bit ones: the add that wraps the low word past 2^32 (its old value
+            // plus its addend wraps) carries one into the high word. Every wrap is seen by exactly
+            // one add, so high * 2^32 + low is the exact sum (below 2^55 per slice).
+            const unsigned lo = static_cast<unsigned>(wv), hi = static_cast<unsigned>(wv >> 32);
+            const unsigned old = atomicAdd(&mass_lo[b], lo);
+            const unsigned up = hi + (old + lo < old ? 1u : 0u);
+            if (up) atomicAdd(&mass_hi[b], up);
+          }
         }
       }
     __syncthreads();
@@ -569,7 +584,8 @@ __global__ void __launch_bounds__(kSliceThreads, 2)
     unsigned long long* gm = w.bin_mass + r * kBins;
     for (int b = threadIdx.x; b < kBins - 1; b += kSliceThreads) {
       if (bin_count[b]) atomicAdd(&gc[b], bin_count[b]);
-      if (bin_mass[b]) atomicAdd(&gm[b], bin_mass[b]);
+      const unsigned long long mass = (static_cast<unsigned long long>(mass_hi[b]) << 32) | mass_lo[b];
+      if (mass) atomicAdd(&gm[b], mass);
     }
     if (threadIdx.x == 0) {
       if (tc) atomicAdd(&gc[kBins - 1], static_cast<unsigned>(tc));
@@ -858,7 +874,7 @@ __global__ void __launch_bounds__(kChoiceThreads)
   }
 }
 
-__global__ void __launch_bounds__(kSliceThreads, 2)
+__global__ void __launch_bounds__(kSliceThreads, 3)
     choice_gather_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n) {
   const int P = w.slices, s = blockIdx.x;
   const int64_t r = blockIdx.y;
@@ -881,19 +897,34 @@ __global__ void __launch_bounds__(kSliceThreads, 2)
   unsigned long long* list_b = w.list_b + r * kCandidates;
   const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
   ArgBest pick = picks ? gumbel_seed(st.max, st.index, sc, noise_row) : ArgBest{-INFINITY, 0x7fffffff};
+  // First the per-thread work, without warp-wide steps: the bin of each value, one bit per value
+  // for each list, and the Gumbel-max of the tokens above the cut bins (kept whatever the cut).
+  static_assert(kSliceGroups * 4 <= 32, "one bit per value of a thread");
+  unsigned want_a = 0, want_b = 0;
 #pragma unroll
   for (int j = 0; j < kSliceGroups; ++j)
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const int e = sl.begin + slice_offset(j, c);
+      if (slice_offset(j, c) >= sl.len) continue;
       const float xv = v[j][c];
-      const int b = slice_offset(j, c) < sl.len ? sc.bin(xv) : kBins;
-      const unsigned long long key = sort_key(xv, e);
-      append(take_b && b >= plan.lo && b <= plan.hi, list_b, held + 1, key);
-      append(take_a && b <= plan.top_bin, list_a, held, key);
-      // Tokens above the cut bins are kept whatever the cut: their Gumbel-max is done here.
-      if (picks && b < plan.lo) gumbel_step(pick, e, xv, sc, noise_row, p.min_p);
+      const int b = sc.bin(xv);
+      want_b |= (take_b && b >= plan.lo && b <= plan.hi ? 1u : 0u) << (4 * j + c);
+      want_a |= (take_a && b <= plan.top_bin ? 1u : 0u) << (4 * j + c);
+      if (picks && b < plan.lo) gumbel_step(pick, sl.begin + slice_offset(j, c), xv, sc, noise_row, p.min_p);
     }
+  // Then the appends, warp by warp, for the values that some lane of the warp takes (few: the
+  // lists hold at most kCandidates tokens per row); the value is read again from memory.
+  unsigned any = __reduce_or_sync(0xffffffffu, want_a | want_b);
+  const float* xs = x + r * V + sl.begin;
+  while (any) {
+    const int i = __ffs(any) - 1;
+    any &= any - 1;
+    const int e = slice_offset(i / 4, i % 4);
+    const bool in_a = (want_a >> i) & 1u, in_b = (want_b >> i) & 1u;
+    const unsigned long long key = in_a || in_b ? sort_key(__ldg(xs + e), sl.begin + e) : 0ull;
+    append(in_b, list_b, held + 1, key);
+    append(in_a, list_a, held, key);
+  }
   if (picks) {
     pick = block_argmax<kSliceThreads>(pick);
     if (threadIdx.x == 0) w.picks[r * P + s] = pick;
