@@ -258,24 +258,35 @@ bool check() {
   }
   // More rows than one round of launches holds (kChunkRows = 256 in csrc/kernels/sampling.cu).
   if (!check_mixed(5000, 600)) ok = false;
-  // The variant: a row alone (split sums) against the batch must differ somewhere. Rows of several
-  // widths, since a logsumexp's last bit moves only now and then.
+  // The variant: a row alone (split sums) against the batch must differ somewhere. Narrow rows
+  // (std 0.3) with one logit at 12, so that the sum is near 2 and log(sum)'s last bit follows
+  // the sum's (on spread rows the last bit of a logsumexp near 12 moves only now and then); the
+  // same rows with the invariant kernel must not differ.
   const int64_t vrows = 64;
   std::vector<float> x(vrows * V);
   for (int64_t r = 0; r < vrows; ++r) {
-    auto row = random_logits(1, V, 500 + r, 0.5f + 0.25f * (r % 16));
+    auto row = random_logits(1, V, 500 + r, 0.3f);
+    row[(r * 7919) % V] = 12.f;
     std::copy(row.begin(), row.end(), x.begin() + r * V);
   }
   auto params = params_for(vrows, kChoices[0], 1, 0);
-  auto batch = run(Device::CUDA, x, vrows, V, params, 0);
+  const auto differing = [&] {
+    auto batch = run(Device::CUDA, x, vrows, V, params, 0);
+    int differ = 0;
+    for (int64_t r = 0; r < vrows; ++r) {
+      std::vector<float> one(x.begin() + r * V, x.begin() + (r + 1) * V);
+      std::vector<int32_t> p1(params.begin() + r * ch::kParams, params.begin() + (r + 1) * ch::kParams);
+      auto alone = run(Device::CUDA, one, 1, V, p1, 0);
+      differ += alone[0] != batch[r * 2] || alone[1] != batch[r * 2 + 1];
+    }
+    return differ;
+  };
+  const int invariant_differ = differing();
+  printf("%s invariant: %d/%ld of the same rows alone differ from the batch (must be 0)\n",
+         invariant_differ == 0 ? "PASS" : "FAIL", invariant_differ, (long)vrows);
+  if (invariant_differ != 0) ok = false;
   g_variant_kernels.store(true);
-  int differ = 0;
-  for (int64_t r = 0; r < vrows; ++r) {
-    std::vector<float> one(x.begin() + r * V, x.begin() + (r + 1) * V);
-    std::vector<int32_t> p1(params.begin() + r * ch::kParams, params.begin() + (r + 1) * ch::kParams);
-    auto alone = run(Device::CUDA, one, 1, V, p1, 0);
-    differ += alone[1] != batch[r * 2 + 1];
-  }
+  const int differ = differing();
   g_variant_kernels.store(false);
   printf("%s variant: %d/%ld rows alone differ from the batch (must be > 0)\n", differ > 0 ? "PASS" : "FAIL", differ,
          (long)vrows);
