@@ -3,8 +3,11 @@
 // prefill, in chunks of 3, 64 or 100, token by token with the decode kernel, or alongside 1 to 64
 // other sequences of random lengths, in prefill and in decode launches. Each comparison has a twin
 // under the variant configuration (split size from the batch size) that must see a difference.
-// On CUDA, decode alone runs the double-buffered decode pipeline and decode among 64 others (520
-// warps, more than three per SM up to 173 SMs) the single-buffered one: both must match prefill.
+// On CUDA every decode kernel production can pick must match prefill: decode alone and among 5
+// others (6 and about 48 blocks, at most one per SM) runs the four-warp kernel, among 33 others
+// (about 272 blocks, one to three per SM on GPUs of 91 to 272 SMs) the double-buffered one-warp
+// kernel, and among 64 others (520 blocks, more than three per SM up to 173 SMs) the
+// single-buffered one.
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { native, type DeviceName } from '../../lib/native.js'
 import { mulberry32 } from '../helpers/random.js'
