@@ -10,7 +10,9 @@
 // P rounded to bf16); split partials are merged in ascending split order by merge_weights /
 // merge_value. Two kernels implement it with the same device functions:
 //   decode  (every sequence has one query): one warp per (sequence, kv head, split) holding the
-//           group's query heads as tile rows, partials to a workspace, then a combine pass;
+//           group's query heads as tile rows, partials to a workspace, then a combine pass; on
+//           grids of at most one block per SM, four warps share each split with the same
+//           operations in the same order (attention_decode_wide_kernel);
 //   prefill (any number of queries): one block per (sequence, head, 64 query positions), four warps
 //           of 16 positions, looping over the splits and merging each in registers as it ends.
 // Neither the split size nor the key block depends on the batch, the lengths or the SM count; the
