@@ -5,7 +5,7 @@
 // under the variant configuration (split size from the batch size) that must see a difference.
 // On CUDA every decode kernel production can pick must match prefill: decode alone and among 5
 // others (6 and about 48 blocks, at most one per SM) runs the four-warp kernel, among 33 others
-// (about 272 blocks, one to three per SM on GPUs of 91 to 272 SMs) the double-buffered one-warp
+// (about 272 blocks, one to three per SM on GPUs of 91 to 271 SMs) the double-buffered one-warp
 // kernel, and among 64 others (520 blocks, more than three per SM up to 173 SMs) the
 // single-buffered one.
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
