@@ -27,6 +27,7 @@
 #include "common/token_choice.h"
 #include "cuda/check.h"
 #include "cuda/runtime.h"
+#include "dev/harness.cuh"
 #include "ops.h"
 
 using namespace detinfer;
@@ -67,10 +68,7 @@ std::vector<int32_t> params_for(int64_t rows, Choice c, uint32_t seed, int top_n
 
 template <class T>
 Tensor make(Device d, DType dt, std::vector<int64_t> shape, const std::vector<T>& host) {
-  Tensor t = make_tensor(d, dt, shape);
-  if (d == Device::CUDA) cuda_runtime::upload(t.data(), host.data(), t.nbytes());
-  else std::memcpy(t.data(), host.data(), t.nbytes());
-  return t;
+  return dev::upload(d, dt, shape, host.data());
 }
 
 std::vector<int32_t> run(Device d, const std::vector<float>& x, int64_t rows, int64_t V, const std::vector<int32_t>& params,
@@ -79,10 +77,7 @@ std::vector<int32_t> run(Device d, const std::vector<float>& x, int64_t rows, in
   Tensor pt = make(d, DType::I32, {rows, ch::kParams}, params);
   Tensor out = make_tensor(d, DType::I32, {rows, 2 + 2 * top_n});
   ops::choose_tokens(out, xt, pt);
-  std::vector<int32_t> host(out.numel());
-  if (d == Device::CUDA) cuda_runtime::download(host.data(), out.data(), out.nbytes());
-  else std::memcpy(host.data(), out.data(), out.nbytes());
-  return host;
+  return dev::download<int32_t>(out);
 }
 
 // A row of one of several shapes: normal of several widths, an exact tie for the best logit,
@@ -295,19 +290,12 @@ bool check() {
   return ok;
 }
 
-float median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 void bench(const char* path) {
   FILE* json = fopen(path, "w");
   if (!json) fail("cannot write ", path);
   fprintf(json, "{\"vocab\": %ld, \"results\": [\n", (long)kVocab);
   cudaStream_t s = static_cast<cudaStream_t>(cuda_runtime::stream());
-  cudaEvent_t a, b;
-  CUDA_CHECK(cudaEventCreate(&a));
-  CUDA_CHECK(cudaEventCreate(&b));
+  dev::EventPair events;
   printf("%6s  %-32s %10s %10s\n", "rows", "choice", "median us", "graph us");
   bool first = true;
   for (int64_t rows : {1, 8, 64, 256}) {
@@ -321,15 +309,12 @@ void bench(const char* path) {
         Tensor pt = make(Device::CUDA, DType::I32, {rows, ch::kParams}, params_for(rows, kChoices[c], 99, top_n));
         Tensor out = make_tensor(Device::CUDA, DType::I32, {rows, 2 + 2 * top_n});
         for (int i = 0; i < 5; ++i) ops::choose_tokens(out, xs[i % kRotate], pt);
-        std::vector<float> times;
+        std::vector<double> times;
         for (int i = 0; i < 40; ++i) {
-          CUDA_CHECK(cudaEventRecord(a, s));
+          CUDA_CHECK(cudaEventRecord(events.start, s));
           ops::choose_tokens(out, xs[i % kRotate], pt);
-          CUDA_CHECK(cudaEventRecord(b, s));
-          CUDA_CHECK(cudaEventSynchronize(b));
-          float ms;
-          CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-          times.push_back(ms * 1000.f);
+          CUDA_CHECK(cudaEventRecord(events.stop, s));
+          times.push_back(events.elapsed_ms() * 1000.0);
         }
         // The same call replayed from a CUDA graph, as inside a decode step: no host launch cost.
         cudaGraph_t graph;
@@ -338,20 +323,17 @@ void bench(const char* path) {
         ops::choose_tokens(out, xs[0], pt);
         CUDA_CHECK(cudaStreamEndCapture(s, &graph));
         CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-        std::vector<float> replays;
+        std::vector<double> replays;
         for (int i = 0; i < 45; ++i) {
-          CUDA_CHECK(cudaEventRecord(a, s));
+          CUDA_CHECK(cudaEventRecord(events.start, s));
           CUDA_CHECK(cudaGraphLaunch(exec, s));
-          CUDA_CHECK(cudaEventRecord(b, s));
-          CUDA_CHECK(cudaEventSynchronize(b));
-          float ms;
-          CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-          if (i >= 5) replays.push_back(ms * 1000.f);
+          CUDA_CHECK(cudaEventRecord(events.stop, s));
+          if (i >= 5) replays.push_back(events.elapsed_ms() * 1000.0);
         }
         CUDA_CHECK(cudaGraphExecDestroy(exec));
         CUDA_CHECK(cudaGraphDestroy(graph));
         std::string name = std::string(kNames[c]) + (top_n ? " + 20 top" : "");
-        float us = median(times), graph_us = median(replays);
+        const double us = dev::median(times), graph_us = dev::median(replays);
         printf("%6ld  %-32s %10.1f %10.1f\n", (long)rows, name.c_str(), us, graph_us);
         fprintf(json, "%s  {\"rows\": %ld, \"choice\": \"%s\", \"us\": %.2f, \"graph_us\": %.2f}", first ? "" : ",\n",
                 (long)rows, name.c_str(), us, graph_us);
