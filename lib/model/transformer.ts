@@ -110,6 +110,30 @@ interface TransformerState {
   inputs: StepInputs
 }
 
+/**
+ * The unfused layers' products, one per row block of a packed weight: output i is [T, widths[i]],
+ * the i-th consecutive [T, widths[i]] block of `buffer`'s memory, = x · (rows of `weight` and
+ * `bias` of block i)^T. The same K chain per element as the fused product over the whole weight.
+ */
+function blockProducts(
+  buffer: NativeTensor,
+  T: number,
+  x: NativeTensor,
+  weight: NativeTensor,
+  bias: NativeTensor | null,
+  widths: number[],
+): NativeTensor[] {
+  const n = native()
+  const flat = n.view(buffer, [buffer.shape[0]! * buffer.shape[1]!])
+  let row = 0
+  return widths.map((width) => {
+    const out = n.view(n.narrow(flat, T * row, T * width), [T, width])
+    n.matmul(out, x, n.narrow(weight, row, width), bias ? n.narrow(bias, row, width) : null) // [T,H] · [width,H]^T
+    row += width
+    return out
+  })
+}
+
 /** The step buffers for `T` tokens and `L` logit rows. */
 function allocateActivations(
   alloc: (dtype: 'bf16' | 'f32', shape: number[]) => NativeTensor,
@@ -429,17 +453,11 @@ export class Transformer {
     const c = this.config
     const D = c.headDim
     const widths = [c.numHeads * D, c.numKvHeads * D, c.numKvHeads * D]
-    const flat = n.view(this.act.qkv, [this.act.qkv.shape[0]! * this.act.qkv.shape[1]!])
-    let at = 0
-    let row = 0
-    const [q0, k0, v] = widths.map((width) => {
-      const out = n.view(n.narrow(flat, (at += T * width) - T * width, T * width), [T, width])
-      const weight = n.narrow(w.qkvProj, row, width)
-      const bias = w.qkvBias && n.narrow(w.qkvBias, row, width)
-      row += width
-      n.matmul(out, normed, weight, bias) // [T,H] · [width,H]^T -> [T,width]
-      return out
-    }) as [NativeTensor, NativeTensor, NativeTensor]
+    const [q0, k0, v] = blockProducts(this.act.qkv, T, normed, w.qkvProj, w.qkvBias, widths) as [
+      NativeTensor,
+      NativeTensor,
+      NativeTensor,
+    ]
     let q = q0
     let k = k0
     if (w.qNorm && w.kNorm) {
@@ -467,12 +485,10 @@ export class Transformer {
     const act = n.narrow(this.act.act, 0, T)
     if (this.unfused) {
       // gate and up as two products into two [T,I] blocks of act.gateUp's memory
-      const flat = n.view(this.act.gateUp, [this.act.gateUp.shape[0]! * 2 * I])
-      const [gate, up] = [0, 1].map((i) => {
-        const out = n.view(n.narrow(flat, i * T * I, T * I), [T, I])
-        n.matmul(out, normed, n.narrow(w.gateUpProj, i * I, I), w.gateUpBias && n.narrow(w.gateUpBias, i * I, I))
-        return out
-      }) as [NativeTensor, NativeTensor]
+      const [gate, up] = blockProducts(this.act.gateUp, T, normed, w.gateUpProj, w.gateUpBias, [I, I]) as [
+        NativeTensor,
+        NativeTensor,
+      ]
       n.siluMul(act, gate, up)
     } else {
       const gateUp = n.narrow(this.act.gateUp, 0, T)
