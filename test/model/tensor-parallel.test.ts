@@ -32,6 +32,35 @@ afterAll(() => {
   rmSync(root, { recursive: true, force: true })
 })
 
+/**
+ * For TP 2, 4 and 8, each rank r's matmulPartials over its own columns of a [M,K] and w [N,K] must
+ * give partitions [r*8/N_, (r+1)*8/N_) of the one-device partials (`fullBytes`, f32 [8, M, N]).
+ */
+async function expectRanksGivePartitions(
+  device: 'cpu' | 'cuda',
+  a: Float32Array,
+  w: Float32Array,
+  M: number,
+  N: number,
+  K: number,
+  fullBytes: Buffer,
+): Promise<void> {
+  const part = fullBytes.length / 8
+  for (const N_ of [2, 4, 8])
+    for (let r = 0; r < N_; r++) {
+      const cols = K / N_
+      const slice = (x: Float32Array, rows: number) => {
+        const out = new Float32Array(rows * cols)
+        for (let i = 0; i < rows; i++) out.set(x.subarray(i * K + r * cols, i * K + (r + 1) * cols), i * cols)
+        return out
+      }
+      const mine = n.empty(device, 'f32', [8 / N_, M, N])
+      n.matmulPartials(mine, bf16Tensor(device, [M, cols], slice(a, M)), bf16Tensor(device, [N, cols], slice(w, N)))
+      const want = fullBytes.subarray(((r * 8) / N_) * part, (((r + 1) * 8) / N_) * part)
+      expect((await readBytes(mine)).equals(want), `TP${N_} rank ${r}`).toBe(true)
+    }
+}
+
 describe('matmulPartitioned: K in 8 partitions, the partials added by a fixed tree', () => {
   // [M, N, K]: K/8 a multiple of 16.
   const shapes: [number, number, number][] = [
@@ -74,19 +103,7 @@ describe('matmulPartitioned: K in 8 partitions, the partials added by a fixed tr
     const part = fullBytes.length / 8
     expect(fullBytes.subarray(0, part).equals(fullBytes.subarray(part, 2 * part))).toBe(false)
     // ... and each TP degree's rank r, from its own columns of a and w, gives partitions [r*8/N, (r+1)*8/N).
-    for (const N_ of [2, 4, 8])
-      for (let r = 0; r < N_; r++) {
-        const cols = K / N_
-        const slice = (x: Float32Array, rows: number) => {
-          const out = new Float32Array(rows * cols)
-          for (let i = 0; i < rows; i++) out.set(x.subarray(i * K + r * cols, i * K + (r + 1) * cols), i * cols)
-          return out
-        }
-        const mine = n.empty('cpu', 'f32', [8 / N_, M, N])
-        n.matmulPartials(mine, bf16Tensor('cpu', [M, cols], slice(a, M)), bf16Tensor('cpu', [N, cols], slice(w, N)))
-        const want = fullBytes.subarray(((r * 8) / N_) * part, (((r + 1) * 8) / N_) * part)
-        expect((await readBytes(mine)).equals(want), `TP${N_} rank ${r}`).toBe(true)
-      }
+    await expectRanksGivePartitions('cpu', a, w, M, N, K, fullBytes)
   })
 
   it('differs from the unpartitioned matmul somewhere (the partition changes the bits)', async () => {
@@ -276,20 +293,7 @@ describeGpu('matmulPartitioned on CUDA', () => {
     const combined = n.empty('cuda', 'f32', [M, N])
     n.combinePartials(combined, full, bf16Tensor('cuda', [N], bias), 1)
     expect((await readBytes(combined)).equals(await readBytes(out))).toBe(true)
-    const fullBytes = await readBytes(full)
-    const part = fullBytes.length / 8
-    for (const N_ of [2, 4, 8])
-      for (let r = 0; r < N_; r++) {
-        const cols = K / N_
-        const slice = (x: Float32Array, rows: number) => {
-          const o = new Float32Array(rows * cols)
-          for (let i = 0; i < rows; i++) o.set(x.subarray(i * K + r * cols, i * K + (r + 1) * cols), i * cols)
-          return o
-        }
-        const mine = n.empty('cuda', 'f32', [8 / N_, M, N])
-        n.matmulPartials(mine, bf16Tensor('cuda', [M, cols], slice(a, M)), bf16Tensor('cuda', [N, cols], slice(w, N)))
-        expect((await readBytes(mine)).equals(fullBytes.subarray(((r * 8) / N_) * part, (((r + 1) * 8) / N_) * part)), `TP${N_} rank ${r}`).toBe(true)
-      }
+    await expectRanksGivePartitions('cuda', a, w, M, N, K, await readBytes(full))
     // A row's output does not depend on M: row 0 alone equals row 0 of the whole product.
     const one = n.empty('cuda', 'f32', [1, N])
     n.matmulPartitioned(one, bf16Tensor('cuda', [1, K], a.subarray(0, K)), bf16Tensor('cuda', [N, K], w), bf16Tensor('cuda', [N], bias))
