@@ -196,7 +196,8 @@ void argmax(Tensor& out, const Tensor& x) {
 // Five short launches per chunk of kChunkRows rows, on the stream (no host synchronisation):
 //   stats  (P x R blocks)  per slice: max, argmax, finiteness, sum of exp; Gumbel-max of rows
 //                          that sample without a cut or min-p; zeroes the row's bins if it needs them
-//   bins   (P x R)         the row's value bins (counts; fixed-point masses for top-p), through
+//   bins   (P/g x R)       the row's value bins (counts; fixed-point masses for top-p), g slices
+//                          per block (1 to 4, more when the rows are many), through
 //                          shared-memory bins (32-bit atomics only: a mass is added as a low and a
 //                          high word with an exact carry) then one global integer atomic per
 //                          nonzero bin and block; Gumbel-max of min-p rows
@@ -346,6 +347,21 @@ __device__ float row_lse(const SliceStats* st, int P, float m) {
   return m + logf(sum);
 }
 
+// A row's per-slice partials (stats, picks) copied into shared memory by the whole block with one
+// load each, when they fit (P <= kStagedSlices, V up to 524,288), so that the loops over slices
+// above read shared memory instead of waiting on P global loads one after another. Larger rows
+// read them where they are. Every thread of the block must call it; the loops read the same
+// values in the same order either way.
+constexpr int kStagedSlices = 64;
+
+template <class T>
+__device__ const T* stage_row(const T* g, int P, T* staged) {
+  if (P > kStagedSlices) return g;
+  for (int i = threadIdx.x; i < P; i += blockDim.x) staged[i] = g[i];
+  __syncthreads();
+  return staged;
+}
+
 // ---- Slice kernels ----
 
 // Offset in its slice of this thread's value (j, c). Ids fit in int (V < 2^31).
@@ -355,8 +371,8 @@ struct SliceRange {
   int begin, len;  // ids [begin, begin + len)
 };
 
-__device__ SliceRange slice_range(int64_t V) {
-  const int begin = static_cast<int>(blockIdx.x) * kSlice;
+__device__ SliceRange slice_range(int64_t V, int s) {
+  const int begin = s * kSlice;
   return {begin, V - begin < kSlice ? static_cast<int>(V - begin) : kSlice};
 }
 
@@ -457,7 +473,7 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   const int P = w.slices, s = blockIdx.x;
   const int64_t r = blockIdx.y;
   const float* xr = x + r * V;
-  const SliceRange sl = slice_range(V);
+  const SliceRange sl = slice_range(V, static_cast<int>(blockIdx.x));
   float v[kSliceGroups][4];
   load_slice(v, xr, sl, row_vec(x, V));
   ArgBest best{-INFINITY, 0x7fffffff};
@@ -533,50 +549,76 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
 }
 
 __global__ void __launch_bounds__(kSliceThreads, 2)
-    choice_bins_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n) {
+    choice_bins_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, int per_block) {
   // Masses as two 32-bit words (low, high) so that every shared atomic is a native 32-bit add.
   __shared__ unsigned mass_lo[kBins], mass_hi[kBins];
   __shared__ unsigned bin_count[kBins];
-  const int P = w.slices, s = blockIdx.x;
+  const int P = w.slices;
+  const int first = static_cast<int>(blockIdx.x) * per_block, last = min(P, first + per_block);
   const int64_t r = blockIdx.y;
   const RowChoice p = load_choice(params + r * ch::kParams);
   const RowMode mode = row_mode(p, V, top_n);
   if (!mode.bins && mode.gumbel != 2) return;
-  const RowStats st = row_stats(w.stats + r * P, P);
+  // The first slice's loads go out first; the row's stats arrive while they are in flight.
+  const float* xr = x + r * V;
+  const bool vec = row_vec(x, V);
+  float v[kSliceGroups][4];
+  load_slice(v, xr, slice_range(V, first), vec);
+  __shared__ SliceStats staged[kStagedSlices];
+  const RowStats st = row_stats(stage_row(w.stats + r * P, P, staged), P);
   if (st.bad) return;
   const Scale sc = row_scale(p, mode, st.max);
-  const SliceRange sl = slice_range(V);
-  float v[kSliceGroups][4];
-  load_slice(v, x + r * V, sl, row_vec(x, V));
+  const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
 
   if (mode.bins) {
     for (int b = threadIdx.x; b < kBins; b += kSliceThreads) bin_count[b] = 0, mass_lo[b] = 0, mass_hi[b] = 0;
     __syncthreads();
-    unsigned tail_count = 0;
-    unsigned long long tail_mass = 0;
+  }
+  unsigned tail_count = 0;
+  unsigned long long tail_mass = 0;
+  for (int s = first; s < last; ++s) {
+    const SliceRange sl = slice_range(V, s);
+    if (s > first) load_slice(v, xr, sl, vec);
+    if (mode.bins) {
 #pragma unroll
-    for (int j = 0; j < kSliceGroups; ++j)
+      for (int j = 0; j < kSliceGroups; ++j)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        if (slice_offset(j, c) >= sl.len) continue;
-        const float xv = v[j][c];
-        const int b = sc.bin(xv);
-        const unsigned long long wv = mode.filter_p ? sc.mass(xv) : 0ull;  // masses serve top-p alone
-        if (b == kBins - 1) {
-          tail_count += 1, tail_mass += wv;  // the crowded last bin is added once per block, below
-        } else {
-          atomicAdd(&bin_count[b], 1u);
-          if (wv) {
-            // A 64-bit add as 32-bit ones: the add that wraps the low word past 2^32 (its old value
-            // plus its addend wraps) carries one into the high word. Every wrap is seen by exactly
-            // one add, so high * 2^32 + low is the exact sum (below 2^55 per slice).
-            const unsigned lo = static_cast<unsigned>(wv), hi = static_cast<unsigned>(wv >> 32);
-            const unsigned old = atomicAdd(&mass_lo[b], lo);
-            const unsigned up = hi + (old + lo < old ? 1u : 0u);
-            if (up) atomicAdd(&mass_hi[b], up);
+        for (int c = 0; c < 4; ++c) {
+          if (slice_offset(j, c) >= sl.len) continue;
+          const float xv = v[j][c];
+          const int b = sc.bin(xv);
+          const unsigned long long wv = mode.filter_p ? sc.mass(xv) : 0ull;  // masses serve top-p alone
+          if (b == kBins - 1) {
+            tail_count += 1, tail_mass += wv;  // the crowded last bin is added once per block, below
+          } else {
+            atomicAdd(&bin_count[b], 1u);
+            if (wv) {
+              // A 64-bit add as 32-bit ones: the add that wraps the low word past 2^32 (its old
+              // value plus its addend wraps) carries one into the high word. Every wrap is seen by
+              // exactly one add, so high * 2^32 + low is the exact sum (below 2^56 per block).
+              const unsigned lo = static_cast<unsigned>(wv), hi = static_cast<unsigned>(wv >> 32);
+              const unsigned old = atomicAdd(&mass_lo[b], lo);
+              const unsigned up = hi + (old + lo < old ? 1u : 0u);
+              if (up) atomicAdd(&mass_hi[b], up);
+            }
           }
         }
-      }
+    }
+    if (mode.gumbel == 2) {
+      // min-p without a cut: needs the row's maximum, hence this pass.
+      ArgBest pick = gumbel_seed(st.max, st.index, sc, noise_row);
+#pragma unroll
+      for (int j = 0; j < kSliceGroups; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          if (slice_offset(j, c) < sl.len) gumbel_step(pick, sl.begin + slice_offset(j, c), v[j][c], sc, noise_row, p.min_p);
+        }
+      pick = block_argmax<kSliceThreads>(pick);
+      if (threadIdx.x == 0) w.picks[r * P + s] = pick;
+    }
+  }
+
+  if (mode.bins) {
     __syncthreads();
     const unsigned long long tc = block_sum_u64<kSliceThreads>(tail_count);
     const unsigned long long tm = block_sum_u64<kSliceThreads>(tail_mass);
@@ -591,20 +633,6 @@ __global__ void __launch_bounds__(kSliceThreads, 2)
       if (tc) atomicAdd(&gc[kBins - 1], static_cast<unsigned>(tc));
       if (tm) atomicAdd(&gm[kBins - 1], tm);
     }
-  }
-
-  if (mode.gumbel == 2) {
-    // min-p without a cut: needs the row's maximum, hence this pass.
-    const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
-    ArgBest pick = gumbel_seed(st.max, st.index, sc, noise_row);
-#pragma unroll
-    for (int j = 0; j < kSliceGroups; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        if (slice_offset(j, c) < sl.len) gumbel_step(pick, sl.begin + slice_offset(j, c), v[j][c], sc, noise_row, p.min_p);
-      }
-    pick = block_argmax<kSliceThreads>(pick);
-    if (threadIdx.x == 0) w.picks[r * P + s] = pick;
   }
 }
 
@@ -819,7 +847,8 @@ __global__ void __launch_bounds__(kChoiceThreads)
   const RowChoice p = load_choice(params + r * ch::kParams);
   const RowMode mode = row_mode(p, V, top_n);
   if (!mode.bins) return;
-  const RowStats st = row_stats(w.stats + r * P, P);
+  __shared__ SliceStats staged[kStagedSlices];
+  const RowStats st = row_stats(stage_row(w.stats + r * P, P, staged), P);
   if (st.bad) return;
   for (int b = threadIdx.x; b < kBins; b += kChoiceThreads)
     bin_count[b] = w.bin_count[r * kBins + b], bin_mass[b] = w.bin_mass[r * kBins + b];
@@ -881,17 +910,19 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   const RowChoice p = load_choice(params + r * ch::kParams);
   const RowMode mode = row_mode(p, V, top_n);
   if (!mode.bins) return;
-  const RowStats st = row_stats(w.stats + r * P, P);
-  if (st.bad) return;
+  // The slice's loads go out first; the row's stats and plan arrive while they are in flight.
+  const SliceRange sl = slice_range(V, static_cast<int>(blockIdx.x));
+  float v[kSliceGroups][4];
+  load_slice(v, x + r * V, sl, row_vec(x, V));
   const RowPlan plan = w.plan[r];
+  __shared__ SliceStats staged[kStagedSlices];
+  const RowStats st = row_stats(stage_row(w.stats + r * P, P, staged), P);
+  if (st.bad) return;
   const bool take_b = plan.lo <= plan.hi && !plan.overflow_b;
   const bool take_a = plan.top_bin >= 0 && !plan.overflow_a;
   const bool picks = mode.gumbel == 3 && take_b;
   if (!take_a && !take_b) return;
   const Scale sc = row_scale(p, mode, st.max);
-  const SliceRange sl = slice_range(V);
-  float v[kSliceGroups][4];
-  load_slice(v, x + r * V, sl, row_vec(x, V));
   unsigned* held = w.held + 2 * r;
   unsigned long long* list_a = w.list_a + r * kCandidates;
   unsigned long long* list_b = w.list_b + r * kCandidates;
@@ -946,7 +977,11 @@ __global__ void __launch_bounds__(kChoiceThreads)
   int32_t* o = out + r * (2 + 2 * static_cast<int64_t>(top_n));
   const RowChoice p = load_choice(params + r * ch::kParams);
   const RowMode mode = row_mode(p, V, top_n);
-  const SliceStats* stats = w.stats + r * P;
+  __shared__ SliceStats staged_stats[kStagedSlices];
+  __shared__ ArgBest staged_picks[kStagedSlices];
+  const SliceStats* stats = stage_row(w.stats + r * P, P, staged_stats);
+  // The slices' Gumbel-max picks (written by the rows that sample; read only by them).
+  const ArgBest* picks = stage_row(w.picks + r * P, P, staged_picks);
   const RowStats st = row_stats(stats, P);
   if (st.bad) {
     for (int i = threadIdx.x; i < 2 + 2 * top_n; i += kChoiceThreads)
@@ -975,7 +1010,7 @@ __global__ void __launch_bounds__(kChoiceThreads)
     const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
     ArgBest pick{-INFINITY, 0x7fffffff};
     if (mode.gumbel != 3) {
-      for (int k = 0; k < P; ++k) pick = arg_better(pick, w.picks[r * P + k]);
+      for (int k = 0; k < P; ++k) pick = arg_better(pick, picks[k]);
     } else {
       // The kept set: tokens whose sort key is at least `cut`, and min-p.
       const RowPlan plan = w.plan[r];
@@ -984,7 +1019,7 @@ __global__ void __launch_bounds__(kChoiceThreads)
       if (!plan.overflow_b) {
         // The tokens of bins [lo, hi], sorted; the bins below lo hold plan.count_before tokens of
         // mass plan.mass_before, all kept, their Gumbel-max in the slices' picks.
-        for (int k = 0; k < P; ++k) pick = arg_better(pick, w.picks[r * P + k]);
+        for (int k = 0; k < P; ++k) pick = arg_better(pick, picks[k]);
         const unsigned held = w.held[2 * r + 1];
         const int n = held < static_cast<unsigned>(kCandidates) ? static_cast<int>(held) : kCandidates;
         load_sorted(cand, w.list_b + r * kCandidates, n, s, true);
@@ -1066,6 +1101,13 @@ __global__ void __launch_bounds__(kChoiceThreads)
   }
 }
 
+// Slices per block of the bins kernel: one while the rows are few (every slice in flight at
+// once), up to 4 once there are several waves of blocks, so that a row's bins take a quarter of
+// the global atomics. Bins are integer sums: the result is the same for any grouping.
+int bins_slices_per_block(int P, unsigned rows) {
+  return static_cast<int>(std::clamp<int64_t>(int64_t{P} * rows / 1024, 1, 4));
+}
+
 // The workspace: kChunkRows rows of P slices (about 22 MiB at V = 151936), allocated at the first
 // call and grown only for a wider vocabulary. CUDA graphs hold pointers into it, so it never
 // shrinks, never grows with the number of rows, and a buffer it outgrows is kept, not freed (a
@@ -1145,7 +1187,9 @@ void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
     const dim3 slices(static_cast<unsigned>(P), n);
     choice_stats_kernel<<<slices, kSliceThreads, 0, stream>>>(w, xc, pc, V, top_n, variant_split);
     CUDA_CHECK_LAUNCH("choose_tokens (stats)", shapes(rows, V));
-    choice_bins_kernel<<<slices, kSliceThreads, 0, stream>>>(w, xc, pc, V, top_n);
+    const int per_block = bins_slices_per_block(P, n);
+    choice_bins_kernel<<<dim3(static_cast<unsigned>((P + per_block - 1) / per_block), n), kSliceThreads, 0, stream>>>(
+        w, xc, pc, V, top_n, per_block);
     CUDA_CHECK_LAUNCH("choose_tokens (bins)", shapes(rows, V));
     choice_plan_kernel<<<n, kChoiceThreads, 0, stream>>>(w, pc, V, top_n);
     CUDA_CHECK_LAUNCH("choose_tokens (plan)", shapes(rows, V));
