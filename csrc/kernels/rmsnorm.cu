@@ -59,6 +59,55 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(__nv_bfloat16* y, __n
   normalize_row(y + r * H, xr, w, H, inverse_rms(sum, H, eps), vec);
 }
 
+// The same row in registers, for rows of at most PER chunks per thread (H <= PER * kThreads *
+// kChunk): each thread loads its chunks (c = t, t + kThreads, ...) and the weights' once, and
+// keeps them, instead of reading the row back after the residual add and again to normalize.
+// The same sums in the same order and the same roundings as rmsnorm_kernel, so the same bits.
+template <int PER>
+__global__ void __launch_bounds__(kThreads) rmsnorm_regs_kernel(__nv_bfloat16* y, __nv_bfloat16* x,
+                                                                const __nv_bfloat16* x_add, const __nv_bfloat16* w,
+                                                                int64_t H, float eps, bool vec) {
+  const int64_t r = blockIdx.x, chunks = (H + kChunk - 1) / kChunk;
+  __nv_bfloat16* xr = x + r * H;
+  float v[PER][kChunk], wv[PER][kChunk];
+  int n[PER];
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int64_t c = threadIdx.x + int64_t{k} * kThreads;
+    n[k] = 0;
+    if (c >= chunks) continue;
+    n[k] = load_chunk(xr, H, c, vec, v[k]);
+    load_chunk(w, H, c, vec, wv[k]);
+    if (x_add) {
+      float b[kChunk];
+      load_chunk(x_add + r * H, H, c, vec, b);
+      __nv_bfloat16 out[kChunk];
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        out[j] = __float2bfloat16_rn(v[k][j] + b[j]);
+        v[k][j] = __bfloat162float(out[j]);
+      }
+      store_chunk(xr, c, vec, n[k], out);
+    }
+  }
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < PER; ++k)
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j)
+      if (j < n[k]) sum = sum + v[k][j] * v[k][j];
+  const float inv = inverse_rms(block_sum<kThreads>(sum), H, eps);
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    if (n[k] == 0) continue;
+    __nv_bfloat16 out[kChunk];
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j)
+      out[j] = __float2bfloat16_rn(__bfloat162float(__float2bfloat16_rn(v[k][j] * inv)) * wv[k][j]);
+    store_chunk(y + r * H, threadIdx.x + int64_t{k} * kThreads, vec, n[k], out);
+  }
+}
+
 // Variant only: block (r, s) writes the sum of squares of part s of row r.
 __global__ void __launch_bounds__(kThreads) rmsnorm_partial_kernel(float* partial, const __nv_bfloat16* x,
                                                                    int64_t H, int64_t chunks_per_split, bool vec) {
@@ -113,7 +162,12 @@ void run_norm(const char* op, Tensor& out, __nv_bfloat16* x, const __nv_bfloat16
   const __nv_bfloat16* wp = w.ptr<__nv_bfloat16>();
   __nv_bfloat16* yp = out.ptr<__nv_bfloat16>();
   if (l.splits == 1) {
-    rmsnorm_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(yp, x, x_add, wp, H, eps, vec);
+    const int64_t per = (H + kThreads * kChunk - 1) / (kThreads * kChunk);  // chunks per thread
+    const unsigned grid = static_cast<unsigned>(rows);
+    if (per <= 1) rmsnorm_regs_kernel<1><<<grid, kThreads, 0, stream>>>(yp, x, x_add, wp, H, eps, vec);
+    else if (per <= 2) rmsnorm_regs_kernel<2><<<grid, kThreads, 0, stream>>>(yp, x, x_add, wp, H, eps, vec);
+    else if (per <= 4) rmsnorm_regs_kernel<4><<<grid, kThreads, 0, stream>>>(yp, x, x_add, wp, H, eps, vec);
+    else rmsnorm_kernel<<<grid, kThreads, 0, stream>>>(yp, x, x_add, wp, H, eps, vec);
     CUDA_CHECK_LAUNCH(op, shapes(rows, H));
     return;
   }
