@@ -8,8 +8,8 @@
 // norm is rmsnorm.cu's row code (rmsnorm_row.cuh: the same chunks, order and tree, computed by one
 // warp per head row, see the kernel), and the rotation is the rope kernel's (rope_pair.cuh),
 // applied to the norm's bf16 output. Invariant: one warp per (token, head row) whatever T is;
-// nothing is reduced across rows. A slot outside the cache (or negative) skips the row's cache write, as
-// kv_append does; a position outside cos_sin leaves the heads unrotated, as rope does.
+// nothing is reduced across rows. A slot outside the cache (or negative) skips the row's cache
+// write, as kv_append does; a position outside cos_sin leaves the heads unrotated, as rope does.
 // Not reproduced: the variant configuration's split of norm rows when fewer than 4 rows are
 // normalized (rmsnorm.cu), since q and k have at least 4 head rows in every supported model.
 #include <cuda_bf16.h>
@@ -58,7 +58,8 @@ struct QkvRopeArgs {
 constexpr int kMaxWarps = 8;
 
 // Chunk c of a head as it is stored (bit for bit, NaN payloads included).
-__device__ __forceinline__ void load_raw(const __nv_bfloat16* x, int c, bool vec, __nv_bfloat16 (&r)[norm_row::kChunk]) {
+__device__ __forceinline__ void load_raw(const __nv_bfloat16* x, int c, bool vec,
+                                         __nv_bfloat16 (&r)[norm_row::kChunk]) {
   if (vec) {
     const uint4 q = *reinterpret_cast<const uint4*>(x + c * norm_row::kChunk);
     memcpy(r, &q, sizeof(q));
@@ -134,9 +135,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32) qkv_rope_append_kernel(QkvRope
       for (int j = 0; j < kChunk; ++j) sum = sum + xv[j] * xv[j];
     sum = warp_sum(sum);
     const float inv = norm_row::inverse_rms(sum, D, a.eps);
+    if (mine)
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j)
-      y[j] = mine ? __float2bfloat16_rn(__bfloat162float(__float2bfloat16_rn(xv[j] * inv)) * wv[j]) : __float2bfloat16_rn(0.f);
+      for (int j = 0; j < kChunk; ++j)
+        y[j] = __float2bfloat16_rn(__bfloat162float(__float2bfloat16_rn(xv[j] * inv)) * wv[j]);
   }
 
   // The rotation partner's chunk (l + D/16 for the first half, l - D/16 for the second).
@@ -194,8 +196,8 @@ void qkv_rope_append(Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tens
   // As rmsnorm.cu decides: 16-byte accesses when the row and every pointer allow them.
   a.vec = D % norm_row::kChunk == 0 && aligned16(qkv.data()) && aligned16(q_out.data()) && aligned16(k_cache.data()) &&
           aligned16(v_cache.data()) && (!q_norm || aligned16(q_norm->data())) && (!k_norm || aligned16(k_norm->data()));
-  DI_CHECK(D % 16 == 0 && D <= 256, "qkv_rope_append: the CUDA kernel takes head dims that are multiples of 16 up to 256 but received ",
-           D);
+  DI_CHECK(D % 16 == 0 && D <= 256,
+           "qkv_rope_append: the CUDA kernel takes head dims that are multiples of 16 up to 256 but received ", D);
   a.vec_table = aligned16(cos_sin.data());  // rows of D floats, D a multiple of 16
   const int warps = T <= 16 ? 2 : kMaxWarps;
   dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>((heads + 2 * kv_heads + warps - 1) / warps));
