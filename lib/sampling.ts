@@ -59,9 +59,12 @@ export interface SamplingParams {
   seed: number // uint32
 }
 
-/** The output head's parameters for the token at `position` (greedy when `sampling` is null). */
-export function tokenChoice(sampling: SamplingParams | null, position: number, target = -1): TokenChoice {
-  if (!sampling || target >= 0) return { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position, target }
+/**
+ * The output head's parameters for the token at `position` (greedy when `sampling` is null), with
+ * `topLogprobs` most likely tokens to report. Every choice has the same fields, in the same order.
+ */
+export function tokenChoice(sampling: SamplingParams | null, position: number, target = -1, topLogprobs = 0): TokenChoice {
+  if (!sampling || target >= 0) return { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position, target, topLogprobs }
   const { temperature, topK, topP, seed } = sampling
-  return { temperature, topK, topP, minP: sampling.minP ?? 0, seed, position, target: -1 }
+  return { temperature, topK, topP, minP: sampling.minP ?? 0, seed, position, target: -1, topLogprobs }
 }

@@ -360,8 +360,8 @@ export class Scheduler {
     const request = row.seq.request
     const topLogprobs = topLogprobsOf(request)
     // The noise of a sampled token is keyed by the position it will take.
-    if (request.kind === 'generate') return { ...tokenChoice(request.sampling, row.position + 1), topLogprobs }
-    return { ...tokenChoice(null, row.position + 1, row.target), topLogprobs }
+    if (request.kind === 'generate') return tokenChoice(request.sampling, row.position + 1, -1, topLogprobs)
+    return tokenChoice(null, row.position + 1, row.target, topLogprobs)
   }
 
   /** Decodes first (one token each), then prompt chunks, within maxBatchTokens and maxLogitRows. */
@@ -369,8 +369,9 @@ export class Scheduler {
     const packed: PackedChunk[] = []
     let tokenBudget = this.model.maxBatchTokens
     let rowBudget = this.model.maxLogitRows ?? this.model.maxBatchTokens
-    const decoding = this.running.filter((s) => s.tokens.length - s.cached === 1 && s.request.kind === 'generate')
-    const prefilling = this.running.filter((s) => !decoding.includes(s))
+    const decoding: Sequence[] = []
+    const prefilling: Sequence[] = []
+    for (const s of this.running) (s.tokens.length - s.cached === 1 && s.request.kind === 'generate' ? decoding : prefilling).push(s)
     for (const seq of [...decoding, ...prefilling]) {
       if (tokenBudget === 0) break
       let p = this.chunkFor(seq, Math.min(seq.tokens.length - seq.cached, tokenBudget, this.prefillChunkSize))
