@@ -398,6 +398,17 @@ __device__ __forceinline__ bool row_vec(const float* x, int64_t V) {
   return V % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
 }
 
+// Visits this thread's values of the slice in their fixed order, f(i, e, x): value i = 4j + c of
+// the thread (its bit in a per-thread mask), at offset e in the slice; values past the end are skipped.
+template <class F>
+__device__ __forceinline__ void for_each_value(const float (&v)[kSliceGroups][4], SliceRange sl, F&& f) {
+#pragma unroll
+  for (int j = 0; j < kSliceGroups; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      if (slice_offset(j, c) < sl.len) f(4 * j + c, slice_offset(j, c), v[j][c]);
+}
+
 template <int THREADS>
 __device__ unsigned long long block_sum_u64(unsigned long long v) {
   __shared__ unsigned long long scratch[32];
@@ -478,15 +489,10 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   load_slice(v, xr, sl, row_vec(x, V));
   ArgBest best{-INFINITY, 0x7fffffff};
   int bad = 0;
-#pragma unroll
-  for (int j = 0; j < kSliceGroups; ++j)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      if (slice_offset(j, c) >= sl.len) continue;
-      const float xv = v[j][c];
-      bad |= isnan(xv) || (isinf(xv) && xv > 0);
-      best = arg_better(best, ArgBest{xv, sl.begin + slice_offset(j, c)});
-    }
+  for_each_value(v, sl, [&](int, int e, float xv) {
+    bad |= isnan(xv) || (isinf(xv) && xv > 0);
+    best = arg_better(best, ArgBest{xv, sl.begin + e});
+  });
   bad = __syncthreads_or(bad);
   best = block_argmax<kSliceThreads>(best);
   const float m = best.value;
@@ -494,11 +500,7 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   if (!bad && m != -INFINITY) {
     if (!variant_split) {
       float local = 0.f;
-#pragma unroll
-      for (int j = 0; j < kSliceGroups; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          if (slice_offset(j, c) < sl.len) local = local + expf(v[j][c] - m);
+      for_each_value(v, sl, [&](int, int, float xv) { local = local + expf(xv - m); });
       sum = block_sum<kSliceThreads>(local);
     } else {
       // Contiguous quarters of the slice (groups 2q, 2q + 1 of every thread), each with its own max.
@@ -537,12 +539,7 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
     const Scale sc{p.t, 0.f};
     const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
     ArgBest pick = gumbel_seed(m, best.index, sc, noise_row);
-#pragma unroll
-    for (int j = 0; j < kSliceGroups; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        if (slice_offset(j, c) < sl.len) gumbel_step(pick, sl.begin + slice_offset(j, c), v[j][c], sc, noise_row, 0.f);
-      }
+    for_each_value(v, sl, [&](int, int e, float xv) { gumbel_step(pick, sl.begin + e, xv, sc, noise_row, 0.f); });
     pick = block_argmax<kSliceThreads>(pick);
     if (threadIdx.x == 0) w.picks[r * P + s] = pick;
   }
@@ -580,39 +577,30 @@ __global__ void __launch_bounds__(kSliceThreads, 2)
     const SliceRange sl = slice_range(V, s);
     if (s > first) load_slice(v, xr, sl, vec);
     if (mode.bins) {
-#pragma unroll
-      for (int j = 0; j < kSliceGroups; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          if (slice_offset(j, c) >= sl.len) continue;
-          const float xv = v[j][c];
-          const int b = sc.bin(xv);
-          const unsigned long long wv = mode.filter_p ? sc.mass(xv) : 0ull;  // masses serve top-p alone
-          if (b == kBins - 1) {
-            tail_count += 1, tail_mass += wv;  // the crowded last bin is added once per block, below
-          } else {
-            atomicAdd(&bin_count[b], 1u);
-            if (wv) {
-              // A 64-bit add as 32-bit ones: the add that wraps the low word past 2^32 (its old
-              // value plus its addend wraps) carries one into the high word. Every wrap is seen by
-              // exactly one add, so high * 2^32 + low is the exact sum (below 2^56 per block).
-              const unsigned lo = static_cast<unsigned>(wv), hi = static_cast<unsigned>(wv >> 32);
-              const unsigned old = atomicAdd(&mass_lo[b], lo);
-              const unsigned up = hi + (old + lo < old ? 1u : 0u);
-              if (up) atomicAdd(&mass_hi[b], up);
-            }
-          }
+      for_each_value(v, sl, [&](int, int, float xv) {
+        const int b = sc.bin(xv);
+        const unsigned long long wv = mode.filter_p ? sc.mass(xv) : 0ull;  // masses serve top-p alone
+        if (b == kBins - 1) {
+          tail_count += 1, tail_mass += wv;  // the crowded last bin is added once per block, below
+          return;
         }
+        atomicAdd(&bin_count[b], 1u);
+        if (wv) {
+          // A 64-bit add as 32-bit ones: the add that wraps the low word past 2^32 (its old value
+          // plus its addend wraps) carries one into the high word. Every wrap is seen by exactly
+          // one add, so high * 2^32 + low is the exact sum (below 2^56 per block).
+          const unsigned lo = static_cast<unsigned>(wv), hi = static_cast<unsigned>(wv >> 32);
+          const unsigned old = atomicAdd(&mass_lo[b], lo);
+          const unsigned up = hi + (old + lo < old ? 1u : 0u);
+          if (up) atomicAdd(&mass_hi[b], up);
+        }
+      });
     }
     if (mode.gumbel == 2) {
       // min-p without a cut: needs the row's maximum, hence this pass.
       ArgBest pick = gumbel_seed(st.max, st.index, sc, noise_row);
-#pragma unroll
-      for (int j = 0; j < kSliceGroups; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          if (slice_offset(j, c) < sl.len) gumbel_step(pick, sl.begin + slice_offset(j, c), v[j][c], sc, noise_row, p.min_p);
-        }
+      for_each_value(v, sl,
+                     [&](int, int e, float xv) { gumbel_step(pick, sl.begin + e, xv, sc, noise_row, p.min_p); });
       pick = block_argmax<kSliceThreads>(pick);
       if (threadIdx.x == 0) w.picks[r * P + s] = pick;
     }
@@ -932,17 +920,12 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   // for each list, and the Gumbel-max of the tokens above the cut bins (kept whatever the cut).
   static_assert(kSliceGroups * 4 <= 32, "one bit per value of a thread");
   unsigned want_a = 0, want_b = 0;
-#pragma unroll
-  for (int j = 0; j < kSliceGroups; ++j)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      if (slice_offset(j, c) >= sl.len) continue;
-      const float xv = v[j][c];
-      const int b = sc.bin(xv);
-      want_b |= (take_b && b >= plan.lo && b <= plan.hi ? 1u : 0u) << (4 * j + c);
-      want_a |= (take_a && b <= plan.top_bin ? 1u : 0u) << (4 * j + c);
-      if (picks && b < plan.lo) gumbel_step(pick, sl.begin + slice_offset(j, c), xv, sc, noise_row, p.min_p);
-    }
+  for_each_value(v, sl, [&](int i, int e, float xv) {
+    const int b = sc.bin(xv);
+    want_b |= (take_b && b >= plan.lo && b <= plan.hi ? 1u : 0u) << i;
+    want_a |= (take_a && b <= plan.top_bin ? 1u : 0u) << i;
+    if (picks && b < plan.lo) gumbel_step(pick, sl.begin + e, xv, sc, noise_row, p.min_p);
+  });
   // Then the appends, warp by warp, for the values that some lane of the warp takes (few: the
   // lists hold at most kCandidates tokens per row); the value is read again from memory.
   unsigned any = __reduce_or_sync(0xffffffffu, want_a | want_b);
