@@ -161,6 +161,39 @@ __device__ __forceinline__ void load_query_rows(bf16* dst, const bf16* q, int64_
 }
 
 // ---------------------------------------------------------------------------------------------
+// Where a decode block works (both decode kernels): grid (max_splits, kv_heads * row tiles,
+// num_seqs); block (split, kv head and tile of its query heads, sequence). Inactive when the
+// sequence does not decode (more than one query) or has fewer splits.
+struct DecodeSplit {
+  bool active;
+  int seq, split_index, kv_head;
+  int head0, rows;   // the tile's first query head, and its query heads (at most kTileRows)
+  int q_row;         // the sequence's query row
+  int len;           // its keys
+  int begin, end;    // the split's keys [begin, end)
+  const int* table;  // its block table
+};
+
+__device__ __forceinline__ DecodeSplit decode_split(const AttentionArgs& a) {
+  DecodeSplit d{};
+  d.split_index = blockIdx.x, d.seq = blockIdx.z;
+  const int group = a.heads / a.kv_heads, row_tiles = (group + kTileRows - 1) / kTileRows;
+  const int tile = blockIdx.y % row_tiles;
+  d.kv_head = blockIdx.y / row_tiles;
+  d.head0 = d.kv_head * group + tile * kTileRows, d.rows = min(kTileRows, group - tile * kTileRows);
+  d.q_row = a.query_start[d.seq];
+  if (a.query_start[d.seq + 1] - d.q_row != 1) return d;
+  d.len = keys_of(a, d.seq);
+  const int split = split_size_of(a, d.len);
+  const int n_splits = min((d.len + split - 1) / split, a.max_splits);
+  if (d.split_index >= n_splits) return d;
+  d.begin = d.split_index * split, d.end = min(d.begin + split, d.len);
+  d.table = a.block_tables + static_cast<int64_t>(d.seq) * a.max_blocks;
+  d.active = true;
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Decode: grid (max_splits, kv_heads * row tiles, num_seqs), one warp. The warp's 16 tile rows are
 // (up to) 16 query heads of one kv head at the sequence's single query position len-1.
 // kStages is the copy pipeline, which leaves the arithmetic alone (both give the same bits):
@@ -177,18 +210,11 @@ __global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_
   bf16* k_s = q_s + kTileRows * D;            // kStages key blocks of K
   bf16* v_s = k_s + kStages * kKeyBlock * D;  // and of V
 
-  const int split_index = blockIdx.x, seq = blockIdx.z;
-  const int group = a.heads / a.kv_heads, row_tiles = (group + kTileRows - 1) / kTileRows;
-  const int kv_head = blockIdx.y / row_tiles, tile = blockIdx.y % row_tiles;
-  const int head0 = kv_head * group + tile * kTileRows, rows = min(kTileRows, group - tile * kTileRows);
-  const int q_row = a.query_start[seq];
-  if (a.query_start[seq + 1] - q_row != 1) return;
-  const int len = keys_of(a, seq);
-  const int split = split_size_of(a, len);
-  const int n_splits = min((len + split - 1) / split, a.max_splits);
-  if (split_index >= n_splits) return;
-  const int begin = split_index * split, end = min(begin + split, len);
-  const int* table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
+  const DecodeSplit ds = decode_split(a);
+  if (!ds.active) return;
+  const int split_index = ds.split_index, seq = ds.seq, kv_head = ds.kv_head, head0 = ds.head0, rows = ds.rows;
+  const int q_row = ds.q_row, len = ds.len, begin = ds.begin, end = ds.end;
+  const int* table = ds.table;
 
   // The split's first 32 block-table entries, one per lane (a split of kSplitSize keys needs 256 / block_size).
   const int window_first = begin / a.block_size;
@@ -296,18 +322,11 @@ __global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wi
   uint32_t* pfrag = reinterpret_cast<uint32_t*>(p32 + kTileRows * kKeyBlock);  // [kWarps][32][4]
   float* wmax = reinterpret_cast<float*>(pfrag + T::kWarps * 32 * 4);          // [kWarps][kTileRows]
 
-  const int split_index = blockIdx.x, seq = blockIdx.z;
-  const int group = a.heads / a.kv_heads, row_tiles = (group + kTileRows - 1) / kTileRows;
-  const int kv_head = blockIdx.y / row_tiles, tile = blockIdx.y % row_tiles;
-  const int head0 = kv_head * group + tile * kTileRows, rows = min(kTileRows, group - tile * kTileRows);
-  const int q_row = a.query_start[seq];
-  if (a.query_start[seq + 1] - q_row != 1) return;
-  const int len = keys_of(a, seq);
-  const int split = split_size_of(a, len);
-  const int n_splits = min((len + split - 1) / split, a.max_splits);
-  if (split_index >= n_splits) return;
-  const int begin = split_index * split, end = min(begin + split, len);
-  const int* table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
+  const DecodeSplit ds = decode_split(a);
+  if (!ds.active) return;
+  const int split_index = ds.split_index, seq = ds.seq, kv_head = ds.kv_head, head0 = ds.head0, rows = ds.rows;
+  const int q_row = ds.q_row, len = ds.len, begin = ds.begin, end = ds.end;
+  const int* table = ds.table;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, col = 2 * (lane & 3);
 
   load_query_rows<D, T::kThreads, kTileRows>(q_s, a.q, (static_cast<int64_t>(q_row) * a.heads + head0) * D, D, rows);
