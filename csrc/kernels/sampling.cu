@@ -687,10 +687,17 @@ struct Candidates {
 };
 
 // Sorts the first n2 entries (a power of two, at most kCandidates); masses move with their keys
-// when with_mass.
+// when with_mass. Pair i of a pass is (lo, lo + stride), lo = 2i - (i mod stride); thread t takes
+// pairs t, t + kChoiceThreads, ... While the stride is at most 32, warp w's pairs lie within its
+// own 64-entry chunks (64w .. 64w + 63, and 2048 further), so two such passes in a row need only
+// the warp's own barrier; a block barrier comes before and after every pass of a larger stride.
 __device__ void sort_candidates(Candidates c, int n2, bool with_mass) {
+  int last_stride = 0;
   for (int size = 2; size <= n2; size *= 2) {
     for (int stride = size / 2; stride > 0; stride /= 2) {
+      if (stride > 32 || last_stride > 32) __syncthreads();
+      else __syncwarp();
+      last_stride = stride;
       for (int i = threadIdx.x; i < n2 / 2; i += kChoiceThreads) {
         int lo = 2 * i - (i & (stride - 1));
         int hi = lo + stride;
@@ -704,9 +711,9 @@ __device__ void sort_candidates(Candidates c, int n2, bool with_mass) {
           }
         }
       }
-      __syncthreads();
     }
   }
+  __syncthreads();
 }
 
 // Loads a gathered list of n keys (n <= kCandidates) and sorts it; with_mass, the masses of the
