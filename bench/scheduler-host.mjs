@@ -37,7 +37,8 @@ async function run(batch) {
         layoutMs += performance.now() - t0
       }
       const rows = choices.length
-      return { ids: new Int32Array(rows).fill(7), logprobs: new Float32Array(rows).fill(-1), topN: 0, topIds: new Int32Array(0), topLogprobs: new Float32Array(0) }
+      const none = { topN: 0, topIds: new Int32Array(0), topLogprobs: new Float32Array(0) }
+      return { ids: new Int32Array(rows).fill(7), logprobs: new Float32Array(rows).fill(-1), ...none }
     },
   }
   const scheduler = new Scheduler(model, { maxBatchSize: batch, prefillChunkSize: 512 })
@@ -55,5 +56,6 @@ async function run(batch) {
 console.log('batch  steps  host us/step  of which decode layout us')
 for (const b of args.batches.split(',').map(Number)) {
   const r = await run(b)
-  console.log(`${String(r.batch).padStart(5)} ${String(r.steps).padStart(6)} ${r.usPerStep.toFixed(1).padStart(13)} ${r.layoutUsPerStep.toFixed(1).padStart(26)}`)
+  const cells = [String(r.batch).padStart(5), String(r.steps).padStart(6), r.usPerStep.toFixed(1).padStart(13)]
+  console.log(`${cells.join(' ')} ${r.layoutUsPerStep.toFixed(1).padStart(26)}`)
 }

@@ -60,8 +60,9 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(__nv_bfloat16* y, __n
 }
 
 // The same row in registers, for rows of at most PER chunks per thread (H <= PER * kThreads *
-// kChunk): each thread loads its chunks (c = t, t + kThreads, ...) and the weights' once, and
-// keeps them, instead of reading the row back after the residual add and again to normalize.
+// kChunk): each thread loads its chunks (c = t, t + kThreads, ...) of the row and of the weights
+// once and keeps them, instead of reading the row back after the residual add and again to
+// normalize.
 // The same sums in the same order and the same roundings as rmsnorm_kernel, so the same bits.
 template <int PER>
 __global__ void __launch_bounds__(kThreads) rmsnorm_regs_kernel(__nv_bfloat16* y, __nv_bfloat16* x,
