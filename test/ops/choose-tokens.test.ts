@@ -1,7 +1,7 @@
 // The output head's token choice (chooseTokens): greedy, seeded sampling with top-k / top-p /
 // min-p, scored targets and top-N log-probs, at a 151,936-token vocabulary. Reference tests
 // against the plain definition (test/helpers/sampling-reference.ts), bitwise invariance of each
-// row alone and among 1, 7 and 63 others with other parameters, the variant twin, and non-finite
+// row alone and among 1, 7 and 255 others with other parameters, the variant twin, and non-finite
 // rows. The same suite runs on the CPU backend and on CUDA.
 import { describe, expect, it } from 'vitest'
 import { chooseOnLogits, type StepTokens, type TokenChoice } from '../../lib/model/output-head.js'
@@ -108,13 +108,14 @@ function suite(device: DeviceName) {
     }
   })
 
-  it('rows are bit-identical alone and among 1, 7 and 63 others with other parameters', async () => {
+  // 256 rows: the CUDA bins kernel then takes 4 slices per block, against 1 for the few rows below.
+  it('rows are bit-identical alone and among 1, 7 and 255 others with other parameters', async () => {
     const V = V_QWEN
-    const rows = 64
+    const rows = 256
     const x = logitRows(rows, V, 5)
     const choices = randomChoices(rows, 6, V)
     const full = await choose(device, x, V, choices, 20)
-    const probes = [0, 1, 2, 4, 6, 9, 33, 63]
+    const probes = [0, 1, 2, 4, 6, 9, 33, 63, 130, 255]
     for (const r of probes) {
       for (const count of [1, 2, 8]) {
         // Row r first, then `count - 1` others taken from the far end, with other parameters.
