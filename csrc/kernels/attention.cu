@@ -12,7 +12,10 @@
 //   decode  (every sequence has one query): one warp per (sequence, kv head, split) holding the
 //           group's query heads as tile rows, partials to a workspace, then a combine pass; on
 //           grids of at most one block per SM, four warps share each split with the same
-//           operations in the same order (attention_decode_wide_kernel);
+//           operations in the same order (attention_decode_wide_kernel). When no sequence can
+//           have a second split (max_seq_len <= kSplitSize), the split kernel merges its one
+//           split with the combine's functions and writes the output itself (OnlySplit): the
+//           same bits, one launch fewer;
 //   prefill (any number of queries): one block per (sequence, head, 64 query positions), four warps
 //           of 16 positions, looping over the splits and merging each in registers as it ends.
 // Neither the split size nor the key block depends on the batch, the lengths or the SM count; the
@@ -91,6 +94,7 @@ struct AttentionArgs {
   int block_shift;  // log2(block_size) when it is a power of two, else -1
   int split_size;  // keys per split; 0: variant_split_size(num_seqs, length) per sequence
   int max_splits;  // decode: the workspace's splits per (sequence, head)
+  bool direct;     // decode with max_splits == 1: the split kernel writes out, no combine pass
   float scale_log2;
   float* part_o;   // decode workspace [num_seqs, heads, max_splits, D] f32
   float* part_ml;  // decode workspace [num_seqs, heads, max_splits, 2] f32: (max, sum)
@@ -104,6 +108,20 @@ __device__ __forceinline__ int split_size_of(const AttentionArgs& a, int len) {
 __device__ __forceinline__ int keys_of(const AttentionArgs& a, int seq) {
   return min(a.seq_lens[seq], a.max_blocks * a.block_size);
 }
+
+// A decode row's output when its sequence has one split (direct launches): what the combine kernel
+// computes from that split's partials, merged alone onto (m, l, o) = (-inf, 0, 0) by the same
+// functions, so the same bits without the workspace and the combine launch.
+struct OnlySplit {
+  MergeWeights w;
+  float l;
+  __device__ OnlySplit(float m, float l_part, float scale_log2)
+      : w(merge_weights(-INFINITY, m, scale_log2)), l(merge_value(0.f, l_part, w)) {}
+  __device__ float value(float o_part) const { return normalize(merge_value(0.f, o_part, w), l); }
+  __device__ void store(bf16* out, float o0, float o1) const {
+    *reinterpret_cast<__nv_bfloat162*>(out) = __floats2bfloat162_rn(value(o0), value(o1));
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Loading tiles into shared memory (16-byte cp.async; rows past the end are zero-filled).
@@ -282,6 +300,13 @@ __global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_
   for (int r = 0; r < 2; ++r) {
     const int row = (lane >> 2) + 8 * r;
     if (row >= rows) continue;
+    if (a.direct) {
+      const OnlySplit only(acc.m[r], acc.l[r], a.scale_log2);
+      bf16* out = a.out + (static_cast<int64_t>(q_row) * a.heads + head0 + row) * D;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) only.store(out + 8 * i + col, acc.o[i][2 * r], acc.o[i][2 * r + 1]);
+      continue;
+    }
     const int64_t idx = (static_cast<int64_t>(seq) * a.heads + head0 + row) * a.max_splits + split_index;
     if ((lane & 3) == 0) {
       a.part_ml[2 * idx] = acc.m[r];
@@ -453,11 +478,26 @@ __global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wi
     l[r] = l[r] + __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] = l[r] + __shfl_xor_sync(0xffffffffu, l[r], 2);
   }
+  if (a.direct) {
+    // Only warp 0 holds the row sums; every warp normalizes its own columns (wmax is free: the
+    // last key block ended with a barrier).
+    if (warp == 0 && (lane & 3) == 0) wmax[lane >> 2] = l[0], wmax[(lane >> 2) + 8] = l[1];
+    __syncthreads();
+    l[0] = wmax[lane >> 2], l[1] = wmax[(lane >> 2) + 8];
+  }
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = (lane >> 2) + 8 * r;
     if (row >= rows) continue;
+    if (a.direct) {
+      const OnlySplit only(m[r], l[r], a.scale_log2);
+      bf16* out = a.out + (static_cast<int64_t>(q_row) * a.heads + head0 + row) * D;
+#pragma unroll
+      for (int t = 0; t < 2 * kDn; ++t)
+        only.store(out + 8 * (2 * warp * kDn + t) + col, o[t][2 * r], o[t][2 * r + 1]);
+      continue;
+    }
     const int64_t idx = (static_cast<int64_t>(seq) * a.heads + head0 + row) * a.max_splits + split_index;
     if (warp == 0 && (lane & 3) == 0) {
       a.part_ml[2 * idx] = m[r];
@@ -679,6 +719,7 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
     a.part_o = decode_workspace(partials * (D + 2) * sizeof(float));
     a.part_ml = a.part_o + partials * D;
     a.max_splits = l.max_splits;
+    a.direct = l.max_splits == 1;
     dim3 grid(l.max_splits, a.kv_heads * row_tiles, a.num_seqs);
     const int64_t warps = int64_t{grid.x} * grid.y * grid.z;
     if (warps <= kWideDecodeBlocksPerSm * int64_t{sm_count()}) {
@@ -695,6 +736,7 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
       launch_decode_split<D, 1>(a, grid, stream);
     }
     CUDA_CHECK_LAUNCH("attention (decode splits)", describe_launch(q, k_cache, batch));
+    if (a.direct) return;
     attention_decode_combine_kernel<D><<<dim3(a.heads, a.num_seqs), D, 0, stream>>>(a);
     CUDA_CHECK_LAUNCH("attention (decode combine)", describe_launch(q, k_cache, batch));
   } else {
