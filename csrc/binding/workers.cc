@@ -11,11 +11,20 @@ DownloadWorker::DownloadWorker(Napi::Env env, const Tensor& tensor)
 
 Napi::Promise DownloadWorker::Start(Napi::Env env, const Tensor& tensor) {
   auto* worker = new DownloadWorker(env, tensor);
-  // CPU ops run on the JS thread as they are called, so the bytes are read now, before any later
-  // op can change them: the same order a CUDA stream gives the copy.
+  // The bytes read are those of the ops called before the download, never of a later one. CPU ops
+  // run on the JS thread as they are called, so the bytes are read now; a CUDA copy of up to
+  // kMaxStagedDownload bytes is enqueued now, on the stream, and waited for off the JS thread (a
+  // larger one is enqueued by the worker: call it once the ops that must not change it are done).
   if (tensor.device() == Device::CPU) {
     worker->host_.resize(tensor.nbytes());
     std::memcpy(worker->host_.data(), tensor.data(), worker->host_.size());
+  } else if (tensor.nbytes() > 0 && tensor.nbytes() <= cuda_runtime::kMaxStagedDownload) {
+    try {
+      worker->staged_ = cuda_runtime::download_begin(tensor.data(), tensor.nbytes());
+    } catch (...) {
+      delete worker;
+      throw;
+    }
   }
   Napi::Promise promise = worker->deferred_.Promise();
   worker->Queue();
@@ -26,7 +35,13 @@ void DownloadWorker::Execute() {
   try {
     if (tensor_.device() == Device::CUDA) {
       host_.resize(tensor_.nbytes());
-      cuda_runtime::download(host_.data(), tensor_.data(), host_.size());
+      if (staged_) {
+        void* staged = staged_;
+        staged_ = nullptr;
+        cuda_runtime::download_finish(staged, host_.data());
+      } else {
+        cuda_runtime::download(host_.data(), tensor_.data(), host_.size());
+      }
     }
   } catch (const std::exception& e) {
     SetError(e.what());

@@ -22,6 +22,7 @@ class DownloadWorker : public Napi::AsyncWorker {
 
   Tensor tensor_;  // holds the storage alive until the copy is done
   std::vector<char> host_;
+  void* staged_ = nullptr;  // a CUDA copy enqueued at Start (cuda_runtime::download_begin)
   Napi::Promise::Deferred deferred_;
 };
 

@@ -1,8 +1,10 @@
 #include "runtime.h"
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <mutex>
+#include <vector>
 
 #include "check.h"
 
@@ -196,6 +198,76 @@ void upload_async(void* dst, const void* src, size_t nbytes) {
   std::memcpy(g_ring.host + start, src, nbytes);
   CUDA_CHECK(cudaMemcpyAsync(dst, g_ring.host + start, nbytes, cudaMemcpyHostToDevice, g_stream));
   g_ring.offset = start + nbytes;
+}
+
+// Staged downloads: pinned blocks and events, reused (a handle is one of each).
+struct StagedDownload {
+  char* host = nullptr;
+  size_t capacity = 0;
+  cudaEvent_t landed = nullptr;
+  size_t nbytes = 0;
+};
+static std::mutex g_staged_mutex;
+static std::vector<StagedDownload*> g_staged_free;
+
+void* download_begin(const void* src, size_t nbytes) {
+  require();
+  if (nbytes > kMaxStagedDownload)
+    fail("a staged download holds at most ", kMaxStagedDownload, " bytes but ", nbytes, " were asked for");
+  if (capture_status() != cudaStreamCaptureStatusNone)
+    fail("a download cannot be enqueued while a CUDA graph is being captured");
+  StagedDownload* d = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(g_staged_mutex);
+    for (size_t i = 0; i < g_staged_free.size(); ++i)
+      if (g_staged_free[i]->capacity >= nbytes) {
+        d = g_staged_free[i];
+        g_staged_free.erase(g_staged_free.begin() + static_cast<std::ptrdiff_t>(i));
+        break;
+      }
+  }
+  if (d == nullptr) {
+    d = new StagedDownload();
+    size_t capacity = size_t{64} << 10;
+    while (capacity < nbytes) capacity *= 2;
+    void* host = nullptr;
+    cudaError_t err = cudaMallocHost(&host, capacity);
+    if (err == cudaSuccess) err = cudaEventCreateWithFlags(&d->landed, cudaEventDisableTiming);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      if (host) cudaFreeHost(host);
+      delete d;
+      fail("could not set up a staged download of ", nbytes, " bytes: ", cudaGetErrorString(err));
+    }
+    d->host = static_cast<char*>(host);
+    d->capacity = capacity;
+  }
+  d->nbytes = nbytes;
+  cudaError_t err = cudaMemcpyAsync(d->host, src, nbytes, cudaMemcpyDeviceToHost, g_stream);
+  if (err == cudaSuccess) err = cudaEventRecord(d->landed, g_stream);
+  if (err != cudaSuccess) {
+    download_abandon(d);
+    CUDA_CHECK(err);
+  }
+  return d;
+}
+
+void download_finish(void* handle, void* dst) {
+  auto* d = static_cast<StagedDownload*>(handle);
+  cudaError_t err = cudaEventSynchronize(d->landed);
+  if (err == cudaSuccess) std::memcpy(dst, d->host, d->nbytes);
+  download_abandon(d);
+  CUDA_CHECK(err);
+}
+
+void download_abandon(void* handle) noexcept {
+  auto* d = static_cast<StagedDownload*>(handle);
+  if (d == nullptr) return;
+  try {
+    std::lock_guard<std::mutex> lock(g_staged_mutex);
+    g_staged_free.push_back(d);
+  } catch (...) {
+  }
 }
 
 void capture_begin() {

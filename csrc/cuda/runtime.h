@@ -45,6 +45,16 @@ void* stream();
 // copy would replay whatever the staging bytes hold at replay time).
 void upload_async(void* dst, const void* src, size_t nbytes);
 
+// device -> host, enqueued now and waited for later: download_begin enqueues the copy of src on
+// the stream, behind every op enqueued so far and ahead of every later one, into a pinned staging
+// block, and returns its handle; download_finish (any thread) waits for that copy, copies the bytes
+// to dst and gives the block back (also when it throws); download_abandon gives it back unread.
+// At most kMaxStagedDownload bytes; throws while the stream is being captured.
+constexpr size_t kMaxStagedDownload = size_t{1} << 20;
+void* download_begin(const void* src, size_t nbytes);
+void download_finish(void* handle, void* dst);
+void download_abandon(void* handle) noexcept;
+
 // CUDA graphs of the one stream. capture_begin starts recording (thread-local mode: only this
 // thread's unsafe calls invalidate it); capture_end stops, instantiates and returns the executable
 // graph (a cudaGraphExec_t), with *bytes the GPU memory its instantiation took; a capture

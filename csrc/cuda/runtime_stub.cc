@@ -25,5 +25,8 @@ void capture_abort() noexcept {}
 void graph_launch(void*) { require(); }
 void graph_destroy(void*) noexcept {}
 void memory_info(size_t*, size_t*) { require(); }
+void* download_begin(const void*, size_t) { require(); return nullptr; }
+void download_finish(void*, void*) { require(); }
+void download_abandon(void*) noexcept {}
 
 }  // namespace detinfer::cuda_runtime
