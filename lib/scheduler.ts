@@ -14,7 +14,7 @@ import { KvBlockAllocator, PrefixHasher } from './kv-cache.js'
 import type { DeviceName } from './native.js'
 import { NonFiniteLogitsError, RequestTooLargeError } from './errors.js'
 import { tokenChoice, type SamplingParams, type StepTokens, type TokenChoice, type TopLogprob } from './sampling.js'
-import type { SequenceChunk } from './step.js'
+import type { LaunchedStep, SequenceChunk } from './step.js'
 
 // ---------------------------------------------------------------------------------------------
 // The forward pass the scheduler drives (lib/model/transformer.ts implements it)
@@ -37,6 +37,12 @@ export interface ForwardModel {
    * order), with the `topN` most likely ids of every row when topN > 0.
    */
   step(chunks: SequenceChunk[], choices: TokenChoice[], topN: number): Promise<StepTokens>
+  /**
+   * Optional: step() without the wait, and with `after`, a decode step whose tokens are the ids
+   * chosen by that earlier launched step, taken on the device. A model that has it lets the
+   * scheduler enqueue step n + 1 while step n runs.
+   */
+  launch?(chunks: SequenceChunk[], choices: TokenChoice[], topN: number, after?: LaunchedStep): LaunchedStep
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -150,6 +156,14 @@ interface PackedChunk {
   rows: RowTask[] // the chunk's logits rows when it asks for any
 }
 
+/** A step enqueued on the model and not yet read back. */
+interface InFlight {
+  packed: PackedChunk[]
+  rows: RowTask[]
+  topN: number
+  launched: LaunchedStep
+}
+
 // ---------------------------------------------------------------------------------------------
 
 export class Scheduler {
@@ -160,6 +174,8 @@ export class Scheduler {
   private readonly waiting: Sequence[] = []
   private running: Sequence[] = []
   private loop: Promise<void> | null = null
+  // The decode step enqueued ahead of the one being read (launchAhead), taken by the next step().
+  private ahead: InFlight | null = null
   private closedWith: Error | null = null
   private promptTokens = 0
   private prefixHitTokens = 0
@@ -280,6 +296,7 @@ export class Scheduler {
   }
 
   private failAll(err: unknown): void {
+    this.ahead = null
     for (const seq of [...this.running, ...this.waiting]) {
       this.allocator.release(seq.blocks)
       seq.blocks = []
@@ -340,20 +357,68 @@ export class Scheduler {
   // ---------------------------------------------------------------------------------------------
   // One step: pack, forward, choose tokens, deliver.
 
+  // A decode step whose sequences all go on can be enqueued before the step ahead of it is read
+  // back (the model takes its tokens on the device): the host's work overlaps the device's. A
+  // sequence that stops at the earlier step leaves one wasted row in the later one, whose result is
+  // dropped; its cache write lands past its last position, in a block no prefix entry covers.
   private async step(): Promise<void> {
-    const packed = this.pack()
-    const rows = packed.flatMap((p) => (p.chunk.logits === 'none' ? [] : p.rows))
-    const choices = rows.map((row) => this.choiceFor(row))
-    const topN = rows.reduce((n, row) => Math.max(n, topLogprobsOf(row.seq.request)), 0)
-    const out = await this.model.step(packed.map((p) => p.chunk), choices, topN)
-    if (out.ids.length !== rows.length)
-      throw new Error(`Scheduler: the model chose ${out.ids.length} tokens but ${rows.length} logits rows were asked for`)
-    for (const p of packed) {
+    const current = this.ahead ?? this.launch(this.pack())
+    this.ahead = null
+    if (this.mayLaunchAhead(current)) this.ahead = this.launchAhead(current)
+    const out = await current.launched.tokens
+    if (out.ids.length !== current.rows.length)
+      throw new Error(`Scheduler: the model chose ${out.ids.length} tokens but ${current.rows.length} logits rows were asked for`)
+    for (const p of current.packed) {
+      if (p.seq.finish) continue // retired while this step was in flight
       p.seq.cached += p.chunk.tokens.length
       this.registerFullBlocks(p.seq)
     }
-    rows.forEach((row, r) => this.deliver(row, out, r))
+    current.rows.forEach((row, r) => this.deliver(row, out, r))
     this.retireFinished()
+  }
+
+  private launch(packed: PackedChunk[], after?: InFlight): InFlight {
+    const rows = packed.flatMap((p) => (p.chunk.logits === 'none' ? [] : p.rows))
+    const choices = rows.map((row) => this.choiceFor(row))
+    const topN = rows.reduce((n, row) => Math.max(n, topLogprobsOf(row.seq.request)), 0)
+    const chunks = packed.map((p) => p.chunk)
+    const launched = after
+      ? this.model.launch!(chunks, choices, topN, after.launched)
+      : this.model.launch
+        ? this.model.launch(chunks, choices, topN)
+        : { tokens: this.model.step(chunks, choices, topN), chosen: null }
+    // Awaited later (or never, if an earlier step fails first): no unhandled rejection meanwhile.
+    launched.tokens.catch(() => {})
+    return { packed, rows, topN, launched }
+  }
+
+  // Whether the step after `current` is known before current's results: every running sequence
+  // decodes in it and will still be running after it (it has tokens left whatever it chooses), and
+  // no request waits to be admitted.
+  private mayLaunchAhead(current: InFlight): boolean {
+    if (!this.model.launch || this.waiting.length || current.packed.length !== this.running.length) return false
+    return current.packed.every(
+      (p) =>
+        p.chunk.tokens.length === 1 &&
+        p.chunk.logits === 'last' &&
+        p.seq.request.kind === 'generate' &&
+        !p.seq.finish &&
+        !p.seq.cancelled &&
+        p.seq.generated + 1 < p.seq.request.maxTokens,
+    )
+  }
+
+  // The next decode step of current's sequences, one position further, its tokens current's choices.
+  private launchAhead(current: InFlight): InFlight {
+    const packed = current.packed.map((p): PackedChunk => {
+      const position = p.chunk.startPosition + 1
+      return {
+        seq: p.seq,
+        chunk: { tokens: [0], startPosition: position, blockTable: p.seq.blocks, logits: 'last' },
+        rows: [{ seq: p.seq, position, target: -1 }],
+      }
+    })
+    return this.launch(packed, current)
   }
 
   private choiceFor(row: RowTask): TokenChoice {

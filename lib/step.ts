@@ -1,6 +1,7 @@
 // The step contract between the scheduler and the forward pass: what one step asks of the model
 // for one sequence. The scheduler builds these and the model (lib/model/) runs them; neither side
 // imports the other. The token choices of a step and the tokens it returns are in sampling.ts.
+import type { StepTokens } from './sampling.js'
 
 /**
  * The largest vocabulary detinfer loads, far above any released model's, so that a corrupt
@@ -16,4 +17,15 @@ export interface SequenceChunk {
   /** Physical KV block ids covering positions 0 .. startPosition+tokens.length-1. */
   blockTable: number[]
   logits: 'none' | 'last' | 'all'
+}
+
+/**
+ * A step the model has enqueued but not yet read back: its chosen tokens (`tokens`), and where those
+ * ids lie on the device (`chosen`, opaque outside the model). A decode step launched `after` it takes
+ * them as its input tokens on the device, so the host can prepare and enqueue that step before this
+ * one's results have come back.
+ */
+export interface LaunchedStep {
+  readonly tokens: Promise<StepTokens>
+  readonly chosen: unknown
 }

@@ -9,11 +9,13 @@
 // change a real row's bits. A bucket runs eagerly the first time it is seen (which also sets up
 // every kernel's one-time state), is captured the second time, and is replayed from then on.
 // Before the first capture, one eager step at the largest bucket sizes the attention workspace
-// for good, so that no captured pointer is ever freed by a later step.
+// for good, so that no captured pointer is ever freed by a later step. That step overwrites the
+// shared step inputs and results, so it runs before a step that takes its tokens from the
+// previous step's results on the device (launch with `after`) could need them.
 import { variantKernels } from '../device.js'
 import { native, type NativeGraph, type NativeTensor } from '../native.js'
 import type { StepTokens, TokenChoice } from '../sampling.js'
-import { MAX_TOP_LOGPROBS, type OutputHead } from './output-head.js'
+import { MAX_TOP_LOGPROBS, type ChosenIds, type OutputHead } from './output-head.js'
 import { layoutDecode, type SequenceChunk, type StepInputs, type StepViews } from './step-layout.js'
 
 /** Decode batch sizes that get a graph; a step is padded up to the next one. */
@@ -94,16 +96,30 @@ export class DecodeGraphs {
   }
 
   async run(chunks: SequenceChunk[], choices: TokenChoice[]): Promise<StepTokens> {
+    return this.launch(chunks, choices).tokens
+  }
+
+  /**
+   * Enqueues the step and the read-back of its results and returns at once. With `after`, row r's
+   * token is the id chosen for row r of that earlier step, taken on the device (the chunks' tokens
+   * are not read).
+   */
+  launch(chunks: SequenceChunk[], choices: TokenChoice[], after?: ChosenIds): { tokens: Promise<StepTokens>; chosen: ChosenIds } {
     const maxSeqLen = chunks.reduce((m, c) => Math.max(m, c.startPosition + 1), 0)
     const rows = this.batchBuckets.find((b) => b >= chunks.length)!
     const context = this.contextBuckets.find((c) => c >= maxSeqLen)!
     const bucket = this.bucket(rows, context)
-    if (this.capture && bucket.seen && !bucket.graph) this.captureBucket(bucket)
+    // The reserving step writes the shared inputs and results, so it runs only at a launch that
+    // takes nothing from the previous step's results; a chained launch before it stays eager.
+    if (this.capture && !this.reserved && !after) this.reserveLargest()
+    if (this.capture && this.reserved && bucket.seen && !bucket.graph) this.captureBucket(bucket)
     this.fill(bucket, chunks, choices)
+    if (after) this.host.head.takeIds(bucket.views.ids, after)
     if (bucket.graph) bucket.graph.replay()
     else this.enqueue(bucket)
     bucket.seen = true
-    return this.host.head.read(bucket.out, chunks.length, MAX_TOP_LOGPROBS)
+    const tokens = this.host.head.read(bucket.out, chunks.length, MAX_TOP_LOGPROBS)
+    return { tokens, chosen: { out: bucket.out, rows: chunks.length, width: 2 + 2 * MAX_TOP_LOGPROBS } }
   }
 
   stats(): GraphStats {
@@ -148,7 +164,6 @@ export class DecodeGraphs {
   }
 
   private captureBucket(b: Bucket): void {
-    if (!this.reserved) this.reserveLargest()
     const n = native()
     n.graphBegin()
     try {

@@ -55,10 +55,19 @@ export function unpackStepTokens(out: Int32Array, rows: number, topN: number): S
   return result
 }
 
+/** Where a launched step's chosen ids lie: column 0 of the first `rows` rows of `out`, i32 [R, width], on the device. */
+export interface ChosenIds {
+  readonly out: NativeTensor
+  readonly rows: number
+  readonly width: number
+}
+
 /** The token-choice buffers of one model: parameters in, results out. */
 export class OutputHead {
   private readonly params: NativeTensor // i32 [maxRows, 8]
   private readonly out: NativeTensor // i32 [maxRows * (2 + 2 * MAX_TOP_LOGPROBS)]
+  // i32 [rows]: r * width, the offsets of the ids in a flattened out (takeIds), by rows/width.
+  private readonly idOffsets = new Map<string, NativeTensor>()
 
   constructor(
     readonly device: DeviceName,
@@ -99,17 +108,45 @@ export class OutputHead {
 
   /** Enqueues the choice for logits f32 [R, V] and reads back the results. */
   async choose(logits: NativeTensor, choices: readonly TokenChoice[], topN: number): Promise<StepTokens> {
+    if (choices.length === 0) return unpackStepTokens(new Int32Array(0), 0, topN)
+    return this.launch(logits, choices, topN).tokens
+  }
+
+  /**
+   * Enqueues the choice for logits f32 [R, V] and the read-back of its results (in stream order,
+   * now), and returns at once: the results to await, and where the chosen ids lie for takeIds.
+   */
+  launch(logits: NativeTensor, choices: readonly TokenChoice[], topN: number): { tokens: Promise<StepTokens>; chosen: ChosenIds } {
     const rows = choices.length
-    if (rows === 0) return unpackStepTokens(new Int32Array(0), 0, topN)
+    if (rows === 0) throw new RangeError('OutputHead.launch: a step with no logits rows chooses nothing')
     const [params, out] = this.views(rows, topN)
     this.uploadParams(params, choices)
     this.enqueue(logits, params, out)
-    return this.read(out, rows, topN)
+    return { tokens: this.read(out, rows, topN), chosen: { out, rows, width: 2 + 2 * topN } }
+  }
+
+  /**
+   * Enqueues ids[r] = the id chosen for row r of `chosen`, for r < chosen.rows: a gather on the
+   * device, in stream order, so a step can take the previous step's tokens before the host has them.
+   */
+  takeIds(ids: NativeTensor, chosen: ChosenIds): void {
+    const n = native()
+    const key = `${chosen.rows}/${chosen.width}`
+    let offsets = this.idOffsets.get(key)
+    if (!offsets) {
+      offsets = n.empty(this.device, 'i32', [chosen.rows])
+      n.uploadAsync(offsets, Int32Array.from({ length: chosen.rows }, (_, r) => r * chosen.width))
+      this.idOffsets.set(key, offsets)
+    }
+    const flat = n.view(n.narrow(chosen.out, 0, chosen.rows), [chosen.rows * chosen.width, 1])
+    n.embedding(n.view(n.narrow(ids, 0, chosen.rows), [chosen.rows, 1]), flat, offsets)
   }
 
   dispose(): void {
     this.params.dispose()
     this.out.dispose()
+    for (const t of this.idOffsets.values()) t.dispose()
+    this.idOffsets.clear()
   }
 }
 

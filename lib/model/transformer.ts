@@ -13,8 +13,9 @@ import { DisposedError, checkInteger, describeValue } from '../errors.js'
 import { native, type AttentionBatch, type DeviceName, type NativeTensor } from '../native.js'
 import { loadModelConfig, type ModelConfig } from './config.js'
 import { DecodeGraphs, type GraphStats } from './decode-graphs.js'
-import { OutputHead, type StepTokens, type TokenChoice } from './output-head.js'
+import { OutputHead, type ChosenIds, type StepTokens, type TokenChoice } from './output-head.js'
 import { StepInputs, checkChunks, inputInts, layoutStep, type SequenceChunk, type StepLimits, type StepSizes, type StepViews } from './step-layout.js'
+import type { LaunchedStep } from '../step.js'
 
 export type { SequenceChunk }
 import { ropeTable } from './rope.js'
@@ -352,6 +353,17 @@ export class Transformer {
    * the top-N when topN > 0.
    */
   async step(chunks: SequenceChunk[], choices: TokenChoice[], topN: number): Promise<StepTokens> {
+    return this.launch(chunks, choices, topN).tokens
+  }
+
+  /**
+   * step() without the wait: enqueues the step and the read-back of its results and returns at
+   * once. With `after` (a step launched earlier by this model, whose results need not be back),
+   * every chunk is one decode token whose id is the one chosen for the same row of `after`, taken
+   * on the device: the chunks' own tokens are not read. The rows compute exactly what they would
+   * with those ids given by the host.
+   */
+  launch(chunks: SequenceChunk[], choices: TokenChoice[], topN: number, after?: LaunchedStep): LaunchedStep {
     if (this.disposed) throw new DisposedError('transformer')
     const sizes = checkChunks(chunks, this.limits)
     if (choices.length !== sizes.logitRows)
@@ -359,8 +371,19 @@ export class Transformer {
     for (const [r, c] of choices.entries())
       if (c.target >= this.config.vocabSize)
         throw new RangeError(`Expected an integer between -1 and ${this.config.vocabSize - 1} for choices[${r}].target but received ${c.target}`)
-    if (this.graphs?.accepts(chunks)) return this.graphs.run(chunks, choices)
-    return this.head.choose(this.forwardChecked(chunks, sizes).logits, choices, topN)
+    const chosen = after?.chosen as ChosenIds | undefined
+    if (after && (!chosen || chunks.length !== chosen.rows || !chunks.every((c) => c.tokens.length === 1 && c.logits === 'last')))
+      throw new RangeError(
+        `Expected ${chosen?.rows ?? 0} decode chunks (one token each, logits 'last') after a launched step but received ${chunks.length} chunks`,
+      )
+    if (this.graphs?.accepts(chunks)) return this.graphs.launch(chunks, choices, chosen)
+    const step = layoutStep(chunks, sizes, this.kvBlockSize)
+    this.inputs.upload(step.packed)
+    const views = this.inputs.views(step)
+    if (chosen) this.head.takeIds(views.ids, chosen)
+    const logits = this.enqueueForward(views)
+    if (choices.length === 0) return { tokens: this.head.choose(logits, choices, topN), chosen: null }
+    return this.head.launch(logits, choices, topN)
   }
 
   /** Runs one step over `chunks`; the returned logits tensor is overwritten by the next forward. */

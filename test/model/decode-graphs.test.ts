@@ -13,7 +13,8 @@ import { batchBuckets, contextBuckets } from '../../lib/model/decode-graphs.js'
 import { layoutDecode } from '../../lib/model/step-layout.js'
 import { Transformer } from '../../lib/model/transformer.js'
 import type { SamplingParams } from '../../lib/sampling.js'
-import { Scheduler } from '../../lib/scheduler.js'
+import { Scheduler, type ForwardModel } from '../../lib/scheduler.js'
+import type { LaunchedStep } from '../../lib/step.js'
 import { describeGpu } from '../helpers/gpu.js'
 import { mulberry32 } from '../helpers/random.js'
 import { writeTinyModel } from '../helpers/tiny-model.js'
@@ -34,8 +35,12 @@ interface Run {
   top: string
 }
 
-/** A workload of mixed prompts (some sampled, some with top log-probs) arriving in two waves. */
-async function workload(model: Transformer, maxBatchSize: number): Promise<Run[]> {
+/**
+ * A workload of mixed prompts (some sampled, some with top log-probs) arriving in two waves. With
+ * `stops`, a request also ends when its consumer says so (after 3 tokens, at a token divisible by 13),
+ * so that sequences end at steps the scheduler could not foresee.
+ */
+async function workload(model: ForwardModel, maxBatchSize: number, stops = false): Promise<Run[]> {
   const rand = mulberry32(77)
   const scheduler = new Scheduler(model, { maxBatchSize, prefillChunkSize: 32 })
   const requests = Array.from({ length: 11 }, (_, i) => {
@@ -53,7 +58,7 @@ async function workload(model: Transformer, maxBatchSize: number): Promise<Run[]
         out.tokens.push(token)
         lps.push(logprob)
         if (top) out.top += top.map((t) => `${t.token}:${t.logprob}`).join(',') + ';'
-        return true
+        return !(stops && out.tokens.length >= 3 && token % 13 === 0)
       },
     }).done
     return done.then(() => {
@@ -71,6 +76,36 @@ async function workload(model: Transformer, maxBatchSize: number): Promise<Run[]
 
 function bits(runs: Run[]): string[] {
   return runs.map((r) => `${r.tokens.join(',')}|${Buffer.from(r.logprobs.buffer).toString('hex')}|${r.top}`)
+}
+
+/** The model without launch(): the scheduler runs its steps one after another. */
+function oneAtATime(model: Transformer): ForwardModel {
+  const m = Object.create(model) as Transformer & { launch?: unknown }
+  m.launch = undefined
+  m.step = (chunks, choices, topN) => model.step(chunks, choices, topN)
+  return m
+}
+
+/** The model with launch(), counting the steps launched after another (tokens taken on the device). */
+function counted(model: Transformer, counter: { ahead: number }, takeIds = true): ForwardModel {
+  const m = Object.create(model) as Transformer
+  m.step = (chunks, choices, topN) => model.step(chunks, choices, topN)
+  m.launch = (chunks, choices, topN, after?: LaunchedStep) => {
+    if (after) counter.ahead++
+    // takeIds false, the variant twin: the chained step reads the chunks' placeholder tokens.
+    return model.launch(chunks, choices, topN, takeIds ? after : undefined)
+  }
+  return m
+}
+
+/** Steps launched ahead give the bits of steps run one after another (CPU and GPU alike). */
+async function expectAheadMatches(model: Transformer) {
+  for (const stops of [false, true]) {
+    const counter = { ahead: 0 }
+    const ahead = bits(await workload(counted(model, counter), 6, stops))
+    expect(counter.ahead).toBeGreaterThan(stops ? 4 : 10)
+    expect(ahead).toEqual(bits(await workload(oneAtATime(model), 6, stops)))
+  }
 }
 
 const load = (device: DeviceName, cudaGraphs: boolean) =>
@@ -113,6 +148,30 @@ describe('padded decode buckets on the CPU backend', () => {
     }
   })
 
+  it('steps launched before the previous one is read back give the bits of steps one at a time', async () => {
+    for (const graphs of [true, false]) {
+      const model = await load('cpu', graphs)
+      try {
+        await expectAheadMatches(model)
+      } finally {
+        model.dispose()
+      }
+    }
+  })
+
+  it('variant twin: a chained step that does not take the previous tokens on the device changes the completions', async () => {
+    const model = await load('cpu', true)
+    try {
+      const counter = { ahead: 0 }
+      const broken = bits(await workload(counted(model, counter, false), 6))
+      expect(counter.ahead).toBeGreaterThan(10)
+      const plain = bits(await workload(oneAtATime(model), 6))
+      expect(broken.some((x, i) => x !== plain[i])).toBe(true)
+    } finally {
+      model.dispose()
+    }
+  })
+
   it('variant twin: under the variant kernels padding changes some real rows', async () => {
     const [padded, plain] = await Promise.all([load('cpu', true), load('cpu', false)])
     setVariantKernels(true)
@@ -137,6 +196,8 @@ describeGpu('CUDA graphs', () => {
       console.log(`captured ${stats.captured.map((c) => `${c.rows}x${c.context} (${c.bytes} B)`).join(', ')}`)
       expect(stats.captured.length).toBeGreaterThan(0)
       expect(eager.graphStats()).toBeNull()
+      await expectAheadMatches(graphs)
+      await expectAheadMatches(eager)
     } finally {
       graphs.dispose()
       eager.dispose()
