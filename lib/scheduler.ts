@@ -39,10 +39,10 @@ export interface ForwardModel {
   step(chunks: SequenceChunk[], choices: TokenChoice[], topN: number): Promise<StepTokens>
   /**
    * Optional: step() without the wait, and with `after`, a decode step whose tokens are the ids
-   * chosen by that earlier launched step, taken on the device. A model that has it lets the
-   * scheduler enqueue step n + 1 while step n runs.
+   * chosen by that earlier launched step (chunk i's, row afterRows[i], default i), taken on the
+   * device. A model that has it lets the scheduler enqueue step n + 1 while step n runs.
    */
-  launch?(chunks: SequenceChunk[], choices: TokenChoice[], topN: number, after?: LaunchedStep): LaunchedStep
+  launch?(chunks: SequenceChunk[], choices: TokenChoice[], topN: number, after?: LaunchedStep, afterRows?: readonly number[]): LaunchedStep
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -364,7 +364,8 @@ export class Scheduler {
   private async step(): Promise<void> {
     const current = this.ahead ?? this.launch(this.pack())
     this.ahead = null
-    if (this.mayLaunchAhead(current)) this.ahead = this.launchAhead(current)
+    const next = this.continuing(current)
+    if (next) this.ahead = this.launchAhead(current, next)
     const out = await current.launched.tokens
     if (out.ids.length !== current.rows.length)
       throw new Error(`Scheduler: the model chose ${out.ids.length} tokens but ${current.rows.length} logits rows were asked for`)
@@ -377,13 +378,13 @@ export class Scheduler {
     this.retireFinished()
   }
 
-  private launch(packed: PackedChunk[], after?: InFlight): InFlight {
+  private launch(packed: PackedChunk[], after?: InFlight, afterRows?: number[]): InFlight {
     const rows = packed.flatMap((p) => (p.chunk.logits === 'none' ? [] : p.rows))
     const choices = rows.map((row) => this.choiceFor(row))
     const topN = rows.reduce((n, row) => Math.max(n, topLogprobsOf(row.seq.request)), 0)
     const chunks = packed.map((p) => p.chunk)
     const launched = after
-      ? this.model.launch!(chunks, choices, topN, after.launched)
+      ? this.model.launch!(chunks, choices, topN, after.launched, afterRows)
       : this.model.launch
         ? this.model.launch(chunks, choices, topN)
         : { tokens: this.model.step(chunks, choices, topN), chosen: null }
@@ -392,25 +393,28 @@ export class Scheduler {
     return { packed, rows, topN, launched }
   }
 
-  // Whether the step after `current` is known before current's results: every running sequence
-  // decodes in it and will still be running after it (it has tokens left whatever it chooses), and
-  // no request waits to be admitted.
-  private mayLaunchAhead(current: InFlight): boolean {
-    if (!this.model.launch || this.waiting.length || current.packed.length !== this.running.length) return false
-    return current.packed.every(
-      (p) =>
-        p.chunk.tokens.length === 1 &&
-        p.chunk.logits === 'last' &&
-        p.seq.request.kind === 'generate' &&
-        !p.seq.finish &&
-        !p.seq.cancelled &&
-        p.seq.generated + 1 < p.seq.request.maxTokens,
-    )
+  // The step after `current`, when it is known before current's results: current is a decode step
+  // of every running sequence, and the next step decodes those that will still be running after it
+  // (they have tokens left whatever they choose). Null when none will, or when a waiting request
+  // could be admitted (a free slot, or one that a sequence ending at current frees): it goes first.
+  private continuing(current: InFlight): PackedChunk[] | null {
+    if (!this.model.launch) return null
+    const inCurrent = new Set(current.packed.map((p) => p.seq))
+    if (!this.running.every((seq) => inCurrent.has(seq))) return null
+    const next: PackedChunk[] = []
+    for (const p of current.packed) {
+      if (p.chunk.tokens.length !== 1 || p.chunk.logits !== 'last' || p.seq.request.kind !== 'generate') return null
+      if (!p.seq.finish && !p.seq.cancelled && p.seq.generated + 1 < p.seq.request.maxTokens) next.push(p)
+    }
+    const freed = next.length < current.packed.length || this.running.length < this.maxBatchSize
+    return next.length && !(this.waiting.length && freed) ? next : null
   }
 
-  // The next decode step of current's sequences, one position further, its tokens current's choices.
-  private launchAhead(current: InFlight): InFlight {
-    const packed = current.packed.map((p): PackedChunk => {
+  // The next decode step of `next` (chunks of current), one position further, each token the one
+  // current chooses for its row.
+  private launchAhead(current: InFlight, next: PackedChunk[]): InFlight {
+    const rowOf = new Map(current.rows.map((row, r) => [row.seq, r]))
+    const packed = next.map((p): PackedChunk => {
       const position = p.chunk.startPosition + 1
       return {
         seq: p.seq,
@@ -418,7 +422,8 @@ export class Scheduler {
         rows: [{ seq: p.seq, position, target: -1 }],
       }
     })
-    return this.launch(packed, current)
+    const afterRows = next.map((p) => rowOf.get(p.seq)!)
+    return this.launch(packed, current, afterRows.every((r, i) => r === i) && afterRows.length === current.rows.length ? undefined : afterRows)
   }
 
   private choiceFor(row: RowTask): TokenChoice {

@@ -101,10 +101,15 @@ export class DecodeGraphs {
 
   /**
    * Enqueues the step and the read-back of its results and returns at once. With `after`, row r's
-   * token is the id chosen for row r of that earlier step, taken on the device (the chunks' tokens
-   * are not read).
+   * token is the id chosen for row afterRows[r] (default r) of that earlier step, taken on the
+   * device (the chunks' tokens are not read).
    */
-  launch(chunks: SequenceChunk[], choices: TokenChoice[], after?: ChosenIds): { tokens: Promise<StepTokens>; chosen: ChosenIds } {
+  launch(
+    chunks: SequenceChunk[],
+    choices: TokenChoice[],
+    after?: ChosenIds,
+    afterRows?: readonly number[],
+  ): { tokens: Promise<StepTokens>; chosen: ChosenIds } {
     const maxSeqLen = chunks.reduce((m, c) => Math.max(m, c.startPosition + 1), 0)
     const rows = this.batchBuckets.find((b) => b >= chunks.length)!
     const context = this.contextBuckets.find((c) => c >= maxSeqLen)!
@@ -114,7 +119,7 @@ export class DecodeGraphs {
     if (this.capture && !this.reserved && !after) this.reserveLargest()
     if (this.capture && this.reserved && bucket.seen && !bucket.graph) this.captureBucket(bucket)
     this.fill(bucket, chunks, choices)
-    if (after) this.host.head.takeIds(bucket.views.ids, after)
+    if (after) this.host.head.takeIds(bucket.views.ids, after, afterRows)
     if (bucket.graph) bucket.graph.replay()
     else this.enqueue(bucket)
     bucket.seen = true

@@ -68,6 +68,7 @@ export class OutputHead {
   private readonly out: NativeTensor // i32 [maxRows * (2 + 2 * MAX_TOP_LOGPROBS)]
   // i32 [rows]: r * width, the offsets of the ids in a flattened out (takeIds), by rows/width.
   private readonly idOffsets = new Map<string, NativeTensor>()
+  private readonly remap: NativeTensor // i32 [maxRows]: the offsets of a row map (takeIds)
 
   constructor(
     readonly device: DeviceName,
@@ -75,10 +76,13 @@ export class OutputHead {
   ) {
     const n = native()
     this.params = n.empty(device, 'i32', [maxRows, PARAMS])
+    const owned = [this.params]
     try {
       this.out = n.empty(device, 'i32', [maxRows * (2 + 2 * MAX_TOP_LOGPROBS)])
+      owned.push(this.out)
+      this.remap = n.empty(device, 'i32', [maxRows])
     } catch (err) {
-      this.params.dispose()
+      for (const t of owned) t.dispose()
       throw err
     }
   }
@@ -126,25 +130,36 @@ export class OutputHead {
   }
 
   /**
-   * Enqueues ids[r] = the id chosen for row r of `chosen`, for r < chosen.rows: a gather on the
-   * device, in stream order, so a step can take the previous step's tokens before the host has them.
+   * Enqueues ids[i] = the id chosen for row rows[i] of `chosen` (row i when `rows` is absent, for
+   * i < chosen.rows): a gather on the device, in stream order, so that a step can take the previous
+   * step's tokens before the host has them.
    */
-  takeIds(ids: NativeTensor, chosen: ChosenIds): void {
+  takeIds(ids: NativeTensor, chosen: ChosenIds, rows?: readonly number[]): void {
     const n = native()
-    const key = `${chosen.rows}/${chosen.width}`
-    let offsets = this.idOffsets.get(key)
-    if (!offsets) {
-      offsets = n.empty(this.device, 'i32', [chosen.rows])
-      n.uploadAsync(offsets, Int32Array.from({ length: chosen.rows }, (_, r) => r * chosen.width))
-      this.idOffsets.set(key, offsets)
+    const count = rows?.length ?? chosen.rows
+    let offsets: NativeTensor
+    if (rows) {
+      // The map changes from step to step: one buffer, rewritten in stream order.
+      offsets = n.narrow(this.remap, 0, count)
+      n.uploadAsync(offsets, Int32Array.from(rows, (r) => r * chosen.width))
+    } else {
+      const key = `${chosen.rows}/${chosen.width}`
+      let cached = this.idOffsets.get(key)
+      if (!cached) {
+        cached = n.empty(this.device, 'i32', [chosen.rows])
+        n.uploadAsync(cached, Int32Array.from({ length: chosen.rows }, (_, r) => r * chosen.width))
+        this.idOffsets.set(key, cached)
+      }
+      offsets = cached
     }
     const flat = n.view(n.narrow(chosen.out, 0, chosen.rows), [chosen.rows * chosen.width, 1])
-    n.embedding(n.view(n.narrow(ids, 0, chosen.rows), [chosen.rows, 1]), flat, offsets)
+    n.embedding(n.view(n.narrow(ids, 0, count), [count, 1]), flat, offsets)
   }
 
   dispose(): void {
     this.params.dispose()
     this.out.dispose()
+    this.remap.dispose()
     for (const t of this.idOffsets.values()) t.dispose()
     this.idOffsets.clear()
   }

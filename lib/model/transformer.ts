@@ -359,11 +359,11 @@ export class Transformer {
   /**
    * step() without the wait: enqueues the step and the read-back of its results and returns at
    * once. With `after` (a step launched earlier by this model, whose results need not be back),
-   * every chunk is one decode token whose id is the one chosen for the same row of `after`, taken
-   * on the device: the chunks' own tokens are not read. The rows compute exactly what they would
+   * every chunk is one decode token whose id is the one chosen for row afterRows[i] (default: the
+   * same row i) of `after`, taken on the device: the chunks' own tokens are not read. The rows compute exactly what they would
    * with those ids given by the host.
    */
-  launch(chunks: SequenceChunk[], choices: TokenChoice[], topN: number, after?: LaunchedStep): LaunchedStep {
+  launch(chunks: SequenceChunk[], choices: TokenChoice[], topN: number, after?: LaunchedStep, afterRows?: readonly number[]): LaunchedStep {
     if (this.disposed) throw new DisposedError('transformer')
     const sizes = checkChunks(chunks, this.limits)
     if (choices.length !== sizes.logitRows)
@@ -372,15 +372,24 @@ export class Transformer {
       if (c.target >= this.config.vocabSize)
         throw new RangeError(`Expected an integer between -1 and ${this.config.vocabSize - 1} for choices[${r}].target but received ${c.target}`)
     const chosen = after?.chosen as ChosenIds | undefined
-    if (after && (!chosen || chunks.length !== chosen.rows || !chunks.every((c) => c.tokens.length === 1 && c.logits === 'last')))
-      throw new RangeError(
-        `Expected ${chosen?.rows ?? 0} decode chunks (one token each, logits 'last') after a launched step but received ${chunks.length} chunks`,
-      )
-    if (this.graphs?.accepts(chunks)) return this.graphs.launch(chunks, choices, chosen)
+    if (after) {
+      const from = chosen?.rows ?? 0
+      const expected = afterRows?.length ?? from
+      if (!chosen || chunks.length !== expected || !chunks.every((c) => c.tokens.length === 1 && c.logits === 'last'))
+        throw new RangeError(
+          `Expected ${expected} decode chunks (one token each, logits 'last') after a launched step but received ${chunks.length} chunks`,
+        )
+      for (const [i, r] of (afterRows ?? []).entries())
+        if (!Number.isInteger(r) || r < 0 || r >= from)
+          throw new RangeError(`Expected an integer between 0 and ${from - 1} for afterRows[${i}] but received ${describeValue(r)}`)
+    } else if (afterRows) {
+      throw new RangeError('afterRows needs a launched step to take the tokens from (after)')
+    }
+    if (this.graphs?.accepts(chunks)) return this.graphs.launch(chunks, choices, chosen, afterRows)
     const step = layoutStep(chunks, sizes, this.kvBlockSize)
     this.inputs.upload(step.packed)
     const views = this.inputs.views(step)
-    if (chosen) this.head.takeIds(views.ids, chosen)
+    if (chosen) this.head.takeIds(views.ids, chosen, afterRows)
     const logits = this.enqueueForward(views)
     if (choices.length === 0) return { tokens: this.head.choose(logits, choices, topN), chosen: null }
     return this.head.launch(logits, choices, topN)

@@ -86,14 +86,18 @@ function oneAtATime(model: Transformer): ForwardModel {
   return m
 }
 
-/** The model with launch(), counting the steps launched after another (tokens taken on the device). */
-function counted(model: Transformer, counter: { ahead: number }, takeIds = true): ForwardModel {
+/**
+ * The model with launch(), counting the steps launched after another (tokens taken on the device),
+ * and those of them that take the tokens of some rows only (sequences that end drop out).
+ */
+function counted(model: Transformer, counter: { ahead: number; remapped: number }, takeIds = true): ForwardModel {
   const m = Object.create(model) as Transformer
   m.step = (chunks, choices, topN) => model.step(chunks, choices, topN)
-  m.launch = (chunks, choices, topN, after?: LaunchedStep) => {
+  m.launch = (chunks, choices, topN, after?: LaunchedStep, afterRows?: readonly number[]) => {
     if (after) counter.ahead++
+    if (afterRows) counter.remapped++
     // takeIds false, the variant twin: the chained step reads the chunks' placeholder tokens.
-    return model.launch(chunks, choices, topN, takeIds ? after : undefined)
+    return takeIds ? model.launch(chunks, choices, topN, after, afterRows) : model.launch(chunks, choices, topN)
   }
   return m
 }
@@ -101,9 +105,10 @@ function counted(model: Transformer, counter: { ahead: number }, takeIds = true)
 /** Steps launched ahead give the bits of steps run one after another (CPU and GPU alike). */
 async function expectAheadMatches(model: Transformer) {
   for (const stops of [false, true]) {
-    const counter = { ahead: 0 }
+    const counter = { ahead: 0, remapped: 0 }
     const ahead = bits(await workload(counted(model, counter), 6, stops))
     expect(counter.ahead).toBeGreaterThan(stops ? 4 : 10)
+    expect(counter.remapped).toBeGreaterThan(0)
     expect(ahead).toEqual(bits(await workload(oneAtATime(model), 6, stops)))
   }
 }
@@ -159,10 +164,28 @@ describe('padded decode buckets on the CPU backend', () => {
     }
   })
 
+  it('launch() checks the rows a chained step takes its tokens from', async () => {
+    const model = await load('cpu', true)
+    try {
+      const greedy = { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: 1, target: -1 }
+      const chunk = (block: number, start: number) => ({ tokens: [7], startPosition: start, blockTable: [block], logits: 'last' as const })
+      const first = model.launch([chunk(0, 0), chunk(1, 0)], [greedy, greedy], 0)
+      expect(() => model.launch([chunk(0, 1)], [greedy], 0, first, [2])).toThrow(/afterRows\[0\]/)
+      expect(() => model.launch([chunk(0, 1)], [greedy], 0, first)).toThrow(/Expected 2 decode chunks/)
+      expect(() => model.launch([chunk(0, 1)], [greedy], 0, undefined, [0])).toThrow(/needs a launched step/)
+      const second = model.launch([chunk(1, 1)], [greedy], 0, first, [1])
+      const [a, b] = await Promise.all([first.tokens, second.tokens])
+      expect(a.ids.length).toBe(2)
+      expect(b.ids.length).toBe(1)
+    } finally {
+      model.dispose()
+    }
+  })
+
   it('variant twin: a chained step that does not take the previous tokens on the device changes the completions', async () => {
     const model = await load('cpu', true)
     try {
-      const counter = { ahead: 0 }
+      const counter = { ahead: 0, remapped: 0 }
       const broken = bits(await workload(counted(model, counter, false), 6))
       expect(counter.ahead).toBeGreaterThan(10)
       const plain = bits(await workload(oneAtATime(model), 6))
