@@ -10,6 +10,8 @@
 //   node bench/generate.mjs --model DIR --batches 1,8,64 --prompt-tokens 128 --new-tokens 128
 //   node bench/generate.mjs --baseline               # also transformers, same prompts
 //   node bench/generate.mjs --samplings greedy,t0.7-p0.9,t0.7-k50   # sampled rows beside greedy
+//   node bench/generate.mjs --launch-ahead off        # decode steps one after another (default on:
+//                                                    # step n + 1 enqueued before step n is read)
 //
 // Every request generates exactly --new-tokens tokens (EOS does not end it). --samplings lists
 // the token choices to measure (greedy, tT, tT-pP, tT-kK, tT-kK-pP-mM; default greedy plus
@@ -46,6 +48,7 @@ const { values: args } = parseArgs({
     'no-variant': { type: 'boolean', default: false },
     samplings: { type: 'string' },
     graphs: { type: 'string' },
+    'launch-ahead': { type: 'string', default: 'on' },
   },
 })
 
@@ -56,6 +59,10 @@ const positive = (name, value) => {
   if (!Number.isInteger(n) || n < 1) throw new Error(`Expected a positive integer for --${name} but received ${value}`)
   return n
 }
+if (args['launch-ahead'] !== 'on' && args['launch-ahead'] !== 'off')
+  throw new Error(`Expected on or off for --launch-ahead but received ${args['launch-ahead']}`)
+// Decode steps enqueued before the previous one is read back (the scheduler's default), or not.
+const launchAhead = args['launch-ahead'] === 'on'
 const batches = (args.batches ?? (onGpu ? '1,8,64,256' : '1,4,16')).split(',').map((b) => positive('batches', b))
 const promptTokens = positive('prompt-tokens', args['prompt-tokens'])
 const newTokens = positive('new-tokens', args['new-tokens'] ?? (onGpu ? '128' : '32'))
@@ -153,7 +160,7 @@ const longPrompt = Array.from({ length: prefillTokens }, () => 1 + Math.floor(ra
 
 /** Runs `list` together (all submitted at once), each to exactly `tokens` new tokens. */
 async function serve(list, tokens, options, sampling = null) {
-  const scheduler = new Scheduler(model, options)
+  const scheduler = new Scheduler(model, { ...options, launchAhead })
   const started = performance.now()
   const outcomes = await Promise.all(
     list.map(
@@ -234,6 +241,7 @@ const summary = {
   promptTokens,
   newTokens,
   prefillTokens,
+  launchAhead,
   copyGBs,
   weightBytes,
   graphs: graphStats,
@@ -247,7 +255,10 @@ writeFileSync(join(resultsDir, 'generate.json'), JSON.stringify(summary, null, 2
 
 const pad = (s, w) => String(s).padStart(w)
 const f = (v, d = 1) => (v === undefined || v === null ? '-' : v.toFixed(d))
-console.log(`\ngeneration on ${device}: ${summary.model}, prompts of ${promptTokens} tokens, ${newTokens} new tokens each (EOS ignored)`)
+console.log(
+  `\ngeneration on ${device}: ${summary.model}, prompts of ${promptTokens} tokens, ${newTokens} new tokens each (EOS ignored), ` +
+    `decode steps ${launchAhead ? 'launched ahead' : 'one after another'}`,
+)
 console.log(
   ['batch', 'graphs', 'sampling', 'tok/s', 'decode tok/s', 'step ms', 'of roofline', 'of greedy', 'first tok ms', 'variant tok/s', 'inv/variant', 'hf tok/s', 'ours/hf']
     .map((h, i) => (i === 2 ? h.padEnd(14) : pad(h, [5, 6, 0, 9, 12, 8, 11, 9, 12, 13, 11, 9, 8][i])))

@@ -112,6 +112,12 @@ export interface SchedulerOptions {
   prefillChunkSize: number
   /** Keep the KV-cache blocks of token prefixes for later sequences that start the same way (lib/kv-cache.ts). */
   prefixCache?: boolean
+  /**
+   * Enqueue a decode step before the previous one is read back when the model can take its tokens
+   * on the device (ForwardModel.launch), so that the host's work overlaps the device's (default
+   * true). False runs the steps one after another; the results are the same bits either way.
+   */
+  launchAhead?: boolean
 }
 
 /** A submitted request: its outcome, and a way to drop it between steps. */
@@ -168,6 +174,7 @@ interface InFlight {
 
 export class Scheduler {
   readonly maxBatchSize: number
+  private readonly launchesAhead: boolean
   readonly prefillChunkSize: number
   private readonly model: ForwardModel
   private readonly allocator: KvBlockAllocator
@@ -183,6 +190,7 @@ export class Scheduler {
   constructor(model: ForwardModel, options: SchedulerOptions) {
     this.model = model
     this.maxBatchSize = Math.min(options.maxBatchSize, model.maxBatchTokens, model.maxLogitRows ?? Infinity)
+    this.launchesAhead = options.launchAhead ?? true
     this.prefillChunkSize = options.prefillChunkSize
     this.allocator = new KvBlockAllocator(model.kvBlocks, model.kvBlockSize, { prefixCache: options.prefixCache ?? false })
   }
@@ -398,7 +406,7 @@ export class Scheduler {
   // (they have tokens left whatever they choose). Null when none will, or when a waiting request
   // could be admitted (a free slot, or one that a sequence ending at current frees): it goes first.
   private continuing(current: InFlight): PackedChunk[] | null {
-    if (!this.model.launch) return null
+    if (!this.launchesAhead || !this.model.launch) return null
     const inCurrent = new Set(current.packed.map((p) => p.seq))
     if (!this.running.every((seq) => inCurrent.has(seq))) return null
     const next: PackedChunk[] = []

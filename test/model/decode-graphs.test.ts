@@ -40,9 +40,9 @@ interface Run {
  * `stops`, a request also ends when its consumer says so (after 3 tokens, at a token divisible by 13),
  * so that sequences end at steps the scheduler could not foresee.
  */
-async function workload(model: ForwardModel, maxBatchSize: number, stops = false): Promise<Run[]> {
+async function workload(model: ForwardModel, maxBatchSize: number, stops = false, launchAhead = true): Promise<Run[]> {
   const rand = mulberry32(77)
-  const scheduler = new Scheduler(model, { maxBatchSize, prefillChunkSize: 32 })
+  const scheduler = new Scheduler(model, { maxBatchSize, prefillChunkSize: 32, launchAhead })
   const requests = Array.from({ length: 11 }, (_, i) => {
     const prompt = Array.from({ length: 3 + Math.floor(rand() * 60) }, () => Math.floor(rand() * 260))
     const sampling: SamplingParams | null = i % 3 === 1 ? { temperature: 0.8, topK: 0, topP: 0.9, minP: 0, seed: i } : null
@@ -110,6 +110,10 @@ async function expectAheadMatches(model: Transformer) {
     expect(counter.ahead).toBeGreaterThan(stops ? 4 : 10)
     expect(counter.remapped).toBeGreaterThan(0)
     expect(ahead).toEqual(bits(await workload(oneAtATime(model), 6, stops)))
+    // launchAhead: false, with the same model: no step is launched ahead, and the same bits.
+    const off = { ahead: 0, remapped: 0 }
+    expect(bits(await workload(counted(model, off), 6, stops, false))).toEqual(ahead)
+    expect(off.ahead).toBe(0)
   }
 }
 
