@@ -70,6 +70,12 @@ export interface NativeAddon {
    * for (data may be reused at once). Not allowed while a graph is being captured.
    */
   uploadAsync(tensor: NativeTensor, data: ArrayBufferView): void
+  /**
+   * The tensor's bytes, waited for off the JS thread. They are those left by the ops called before
+   * download, never by a later one: a CPU tensor is copied at the call, and a CUDA tensor of up to
+   * 1 MiB is copied by a read-back enqueued on the stream at the call (a larger one when the worker
+   * runs: call it once the ops that must not change the tensor are done).
+   */
   download(tensor: NativeTensor): Promise<Buffer>
   synchronize(device: DeviceName): Promise<void>
   view(tensor: NativeTensor, shape: number[]): NativeTensor
