@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest'
 import { native } from '../../lib/native.js'
 import { bf16BitsToF32, f32ToBf16Bits, readF32, readI32, tensorFrom } from '../../lib/tensor.js'
+import { describeGpu } from '../helpers/gpu.js'
 import { randomArray } from '../helpers/random.js'
 
 describe('tensors', () => {
@@ -48,5 +49,22 @@ describe('tensors', () => {
     n.cast(back, half)
     const y = await readF32(back)
     for (let i = 0; i < 64; i++) expect(Math.abs(y[i]! - x[i]!)).toBeLessThanOrEqual(Math.abs(x[i]!) * 2 ** -11)
+  })
+})
+
+describeGpu('tensors on CUDA', () => {
+  it('a download sees the tensor as it was when it was asked for, not after ops enqueued later', async () => {
+    const n = native()
+    const t = tensorFrom('cuda', 'i32', [4], [1, 2, 3, 4])
+    const other = tensorFrom('cuda', 'i32', [4], [9, 9, 9, 9])
+    const before = n.download(t)
+    n.uploadAsync(t, new Int32Array([5, 6, 7, 8])) // enqueued on the stream, not waited for
+    const middle = n.download(t)
+    n.copy(t, other)
+    const [a, b, c] = await Promise.all([before, middle, n.download(t)])
+    expect(Array.from(new Int32Array(a.buffer, a.byteOffset, 4))).toEqual([1, 2, 3, 4])
+    expect(Array.from(new Int32Array(b.buffer, b.byteOffset, 4))).toEqual([5, 6, 7, 8])
+    expect(Array.from(new Int32Array(c.buffer, c.byteOffset, 4))).toEqual([9, 9, 9, 9])
+    for (const x of [t, other]) x.dispose()
   })
 })
