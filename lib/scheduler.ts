@@ -166,7 +166,6 @@ interface PackedChunk {
 interface InFlight {
   packed: PackedChunk[]
   rows: RowTask[]
-  topN: number
   launched: LaunchedStep
 }
 
@@ -365,10 +364,11 @@ export class Scheduler {
   // ---------------------------------------------------------------------------------------------
   // One step: pack, forward, choose tokens, deliver.
 
-  // A decode step whose sequences all go on can be enqueued before the step ahead of it is read
-  // back (the model takes its tokens on the device): the host's work overlaps the device's. A
-  // sequence that stops at the earlier step leaves one wasted row in the later one, whose result is
-  // dropped; its cache write lands past its last position, in a block no prefix entry covers.
+  // The next decode step of the sequences that certainly go on is enqueued before this step is
+  // read back (the model takes its tokens on the device): the host's work overlaps the device's. A
+  // sequence that stops at this step because of its token leaves one wasted row in the next one,
+  // whose result is dropped; its cache write lands past its last position, in a block no prefix
+  // entry covers.
   private async step(): Promise<void> {
     const current = this.ahead ?? this.launch(this.pack())
     this.ahead = null
@@ -398,7 +398,7 @@ export class Scheduler {
         : { tokens: this.model.step(chunks, choices, topN), chosen: null }
     // Awaited later (or never, if an earlier step fails first): no unhandled rejection meanwhile.
     launched.tokens.catch(() => {})
-    return { packed, rows, topN, launched }
+    return { packed, rows, launched }
   }
 
   // The step after `current`, when it is known before current's results: current is a decode step

@@ -360,8 +360,8 @@ export class Transformer {
    * step() without the wait: enqueues the step and the read-back of its results and returns at
    * once. With `after` (a step launched earlier by this model, whose results need not be back),
    * every chunk is one decode token whose id is the one chosen for row afterRows[i] (default: the
-   * same row i) of `after`, taken on the device: the chunks' own tokens are not read. The rows compute exactly what they would
-   * with those ids given by the host.
+   * same row i) of `after`, taken on the device: the chunks' own tokens are not read. The rows
+   * compute exactly what they would with those ids given by the host.
    */
   launch(chunks: SequenceChunk[], choices: TokenChoice[], topN: number, after?: LaunchedStep, afterRows?: readonly number[]): LaunchedStep {
     if (this.disposed) throw new DisposedError('transformer')
