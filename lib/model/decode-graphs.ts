@@ -95,10 +95,6 @@ export class DecodeGraphs {
     return chunks.every((c) => c.tokens.length === 1 && c.logits === 'last')
   }
 
-  async run(chunks: SequenceChunk[], choices: TokenChoice[]): Promise<StepTokens> {
-    return this.launch(chunks, choices).tokens
-  }
-
   /**
    * Enqueues the step and the read-back of its results and returns at once. With `after`, row r's
    * token is the id chosen for row afterRows[r] (default r) of that earlier step, taken on the

@@ -66,8 +66,8 @@ export interface ChosenIds {
 export class OutputHead {
   private readonly params: NativeTensor // i32 [maxRows, 8]
   private readonly out: NativeTensor // i32 [maxRows * (2 + 2 * MAX_TOP_LOGPROBS)]
-  // i32 [rows]: r * width, the offsets of the ids in a flattened out (takeIds), by rows/width.
-  private readonly idOffsets = new Map<string, NativeTensor>()
+  // i32 [maxRows]: r * width, the offsets of the ids in a flattened out (takeIds), by width.
+  private readonly idOffsets = new Map<number, NativeTensor>()
   private readonly remap: NativeTensor // i32 [maxRows]: the offsets of a row map (takeIds)
 
   constructor(
@@ -143,14 +143,13 @@ export class OutputHead {
       offsets = n.narrow(this.remap, 0, count)
       n.uploadAsync(offsets, Int32Array.from(rows, (r) => r * chosen.width))
     } else {
-      const key = `${chosen.rows}/${chosen.width}`
-      let cached = this.idOffsets.get(key)
+      let cached = this.idOffsets.get(chosen.width)
       if (!cached) {
-        cached = n.empty(this.device, 'i32', [chosen.rows])
-        n.uploadAsync(cached, Int32Array.from({ length: chosen.rows }, (_, r) => r * chosen.width))
-        this.idOffsets.set(key, cached)
+        cached = n.empty(this.device, 'i32', [this.maxRows])
+        n.uploadAsync(cached, Int32Array.from({ length: this.maxRows }, (_, r) => r * chosen.width))
+        this.idOffsets.set(chosen.width, cached)
       }
-      offsets = cached
+      offsets = n.narrow(cached, 0, count)
     }
     const flat = n.view(n.narrow(chosen.out, 0, chosen.rows), [chosen.rows * chosen.width, 1])
     n.embedding(n.view(n.narrow(ids, 0, count), [count, 1]), flat, offsets)

@@ -386,11 +386,7 @@ export class Transformer {
       throw new RangeError('afterRows needs a launched step to take the tokens from (after)')
     }
     if (this.graphs?.accepts(chunks)) return this.graphs.launch(chunks, choices, chosen, afterRows)
-    const step = layoutStep(chunks, sizes, this.kvBlockSize)
-    this.inputs.upload(step.packed)
-    const views = this.inputs.views(step)
-    if (chosen) this.head.takeIds(views.ids, chosen, afterRows)
-    const logits = this.enqueueForward(views)
+    const { logits } = this.forwardChecked(chunks, sizes, chosen, afterRows)
     if (choices.length === 0) return { tokens: this.head.choose(logits, choices, topN), chosen: null }
     return this.head.launch(logits, choices, topN)
   }
@@ -401,10 +397,13 @@ export class Transformer {
     return this.forwardChecked(chunks, checkChunks(chunks, this.limits))
   }
 
-  private forwardChecked(chunks: SequenceChunk[], sizes: StepSizes): ForwardOutput {
+  // The forward pass over checked chunks; with `chosen`, the tokens come from a launched step's
+  // results on the device (launch).
+  private forwardChecked(chunks: SequenceChunk[], sizes: StepSizes, chosen?: ChosenIds, afterRows?: readonly number[]): ForwardOutput {
     const step = layoutStep(chunks, sizes, this.kvBlockSize)
     this.inputs.upload(step.packed)
     const views = this.inputs.views(step)
+    if (chosen) this.head.takeIds(views.ids, chosen, afterRows)
     return { logits: this.enqueueForward(views), rowsPerChunk: step.rowsPerChunk }
   }
 
