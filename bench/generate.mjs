@@ -16,10 +16,15 @@
 // Every request generates exactly --new-tokens tokens (EOS does not end it). --samplings lists
 // the token choices to measure (greedy, tT, tT-pP, tT-kK, tT-kK-pP-mM; default greedy plus
 // temperature 0.7 with top-p 0.9 and with top-k 50 on a GPU), each at every batch size; the
-// variant kernels and the baseline run greedy only. Decode
-// throughput counts the tokens after each request's first; prefill throughput is one long
-// prompt's tokens over the time to its first token. Prints a table last and writes
-// bench/results/generate.json. Run `npm run build` first.
+// variant kernels and the baseline run greedy only. Decode throughput and the step time are
+// measured while every request of the batch decodes: from the last request's first token (the
+// end of the batch's prefill) to the first request's last token, so they are those of pure decode
+// steps, which the roofline describes (the window must hold at least 8 steps: at large batches
+// the prefill takes batch * prompt / 512 steps, so --new-tokens must exceed that by 8; else '-').
+// `span tok/s` is the older measure, each request's tokens after its first over the time between
+// them (the slowest request), which also counts the steps that prefill the other requests' prompts.
+// Prefill throughput is one long prompt's tokens over the time to its first token. Prints a table
+// last and writes bench/results/generate.json. Run `npm run build` first.
 import { execFileSync } from 'node:child_process'
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -158,20 +163,46 @@ const rand = mulberry32(7)
 const prompts = Array.from({ length: maxBatch }, () => Array.from({ length: promptTokens }, () => 1 + Math.floor(rand() * (vocab - 1))))
 const longPrompt = Array.from({ length: prefillTokens }, () => 1 + Math.floor(rand() * (vocab - 1)))
 
-/** Runs `list` together (all submitted at once), each to exactly `tokens` new tokens. */
+/**
+ * Runs `list` together (all submitted at once), each to exactly `tokens` new tokens; `arrivals[i]`
+ * holds the times (ms) at which request i's tokens arrived.
+ */
 async function serve(list, tokens, options, sampling = null) {
   const scheduler = new Scheduler(model, { ...options, launchAhead })
+  const arrivals = list.map(() => [])
   const started = performance.now()
   const outcomes = await Promise.all(
     list.map(
       (prompt, i) =>
-        scheduler.submit({ kind: 'generate', prompt, maxTokens: tokens, sampling: sampling && { ...sampling, seed: i }, onToken: () => true })
-          .done,
+        scheduler.submit({
+          kind: 'generate',
+          prompt,
+          maxTokens: tokens,
+          sampling: sampling && { ...sampling, seed: i },
+          onToken: () => {
+            arrivals[i].push(performance.now())
+            return true
+          },
+        }).done,
     ),
   )
   const seconds = (performance.now() - started) / 1000
   await scheduler.close(new Error('benchmark done'))
-  return { seconds, timings: outcomes.map((o) => o.timings) }
+  return { seconds, timings: outcomes.map((o) => o.timings), arrivals }
+}
+
+/**
+ * The decode steps during which every request decodes: from the last request's first token to
+ * the first request's last, and the steps in between (the median over requests of the tokens each
+ * received in that window: one per step, give or take the order within a step's delivery). Null
+ * when the window holds fewer than 8 steps.
+ */
+function steadyDecode(arrivals) {
+  const start = Math.max(...arrivals.map((a) => a[0]))
+  const end = Math.min(...arrivals.map((a) => a[a.length - 1]))
+  const counts = arrivals.map((a) => a.filter((t) => t > start && t <= end).length).sort((x, y) => x - y)
+  const steps = counts[Math.floor(counts.length / 2)]
+  return steps >= 8 ? { steps, stepMs: (end - start) / steps } : null
 }
 
 function measure(kernels, samplingNames, graphs) {
@@ -185,21 +216,24 @@ function measure(kernels, samplingNames, graphs) {
         for (const sampling of samplingNames) {
         // Warm-up at this batch size: the decode buckets it needs are captured before timing.
         await serve(prompts.slice(0, batch), 4, { maxBatchSize: batch, prefillChunkSize: 512 }, parseSampling(sampling))
-        const { seconds, timings } = await serve(prompts.slice(0, batch), newTokens, { maxBatchSize: batch, prefillChunkSize: 512 }, parseSampling(sampling))
-        const decodeSeconds = Math.max(...timings.map((t) => t.decodeMs)) / 1000
-        const decodeTokensPerSecond = decodeSeconds > 0 ? (batch * (newTokens - 1)) / decodeSeconds : 0
+        const { seconds, timings, arrivals } = await serve(prompts.slice(0, batch), newTokens, { maxBatchSize: batch, prefillChunkSize: 512 }, parseSampling(sampling))
+        const spanSeconds = Math.max(...timings.map((t) => t.decodeMs)) / 1000
+        const steady = steadyDecode(arrivals)
+        const decodeTokensPerSecond = steady ? (1000 * batch) / steady.stepMs : null
         const ceiling = roofline(batch)
         rows.push({
           kernels,
           graphs,
           sampling,
           batch,
-          stepMs: decodeTokensPerSecond > 0 ? (1000 * batch) / decodeTokensPerSecond : 0,
+          steadySteps: steady?.steps ?? 0,
+          stepMs: steady?.stepMs ?? null,
           rooflineTokensPerSecond: ceiling,
-          ofRoofline: ceiling ? decodeTokensPerSecond / ceiling : null,
+          ofRoofline: ceiling && decodeTokensPerSecond ? decodeTokensPerSecond / ceiling : null,
           seconds,
           tokensPerSecond: (batch * newTokens) / seconds,
-          decodeTokensPerSecond: decodeSeconds > 0 ? (batch * (newTokens - 1)) / decodeSeconds : 0,
+          decodeTokensPerSecond,
+          spanDecodeTokensPerSecond: spanSeconds > 0 ? (batch * (newTokens - 1)) / spanSeconds : 0,
           firstTokenMs: Math.max(...timings.map((t) => t.queuedMs + t.prefillMs)),
         })
       }
@@ -260,8 +294,8 @@ console.log(
     `decode steps ${launchAhead ? 'launched ahead' : 'one after another'}`,
 )
 console.log(
-  ['batch', 'graphs', 'sampling', 'tok/s', 'decode tok/s', 'step ms', 'of roofline', 'of greedy', 'first tok ms', 'variant tok/s', 'inv/variant', 'hf tok/s', 'ours/hf']
-    .map((h, i) => (i === 2 ? h.padEnd(14) : pad(h, [5, 6, 0, 9, 12, 8, 11, 9, 12, 13, 11, 9, 8][i])))
+  ['batch', 'graphs', 'sampling', 'tok/s', 'decode tok/s', 'step ms', 'of roofline', 'of greedy', 'span tok/s', 'first tok ms', 'variant tok/s', 'inv/variant', 'hf tok/s', 'ours/hf']
+    .map((h, i) => (i === 2 ? h.padEnd(14) : pad(h, [5, 6, 0, 9, 12, 8, 11, 9, 10, 12, 13, 11, 9, 8][i])))
     .join(' '),
 )
 for (const r of invariant.rows) {
@@ -273,12 +307,17 @@ for (const r of invariant.rows) {
     [
       pad(r.batch, 5), pad(r.graphs, 6), r.sampling.padEnd(14), pad(f(r.tokensPerSecond), 9), pad(f(r.decodeTokensPerSecond), 12),
       pad(f(r.stepMs, 2), 8), pad(r.ofRoofline === null ? '-' : `${(100 * r.ofRoofline).toFixed(0)}%`, 11),
-      pad(g ? f(r.decodeTokensPerSecond / g.decodeTokensPerSecond, 2) : '-', 9), pad(f(r.firstTokenMs), 12),
+      pad(g?.decodeTokensPerSecond && r.decodeTokensPerSecond ? f(r.decodeTokensPerSecond / g.decodeTokensPerSecond, 2) : '-', 9),
+      pad(f(r.spanDecodeTokensPerSecond), 10), pad(f(r.firstTokenMs), 12),
       pad(f(v?.tokensPerSecond), 13), pad(f(v ? r.tokensPerSecond / v.tokensPerSecond : undefined, 2), 11),
       pad(f(hf?.tokensPerSecond), 9), pad(f(hf ? r.tokensPerSecond / hf.tokensPerSecond : undefined, 2), 8),
     ].join(' '),
   )
 }
+console.log(
+  'decode tok/s and step ms: steps in which every request decodes (the last first token to the first last token); ' +
+    'span tok/s: each request from its first token to its last, prefill steps of the other requests included',
+)
 if (copyGBs) console.log(`roofline: ${(weightBytes / 1e9).toFixed(2)} GB of weights plus the KV cache per decode step, at ${copyGBs.toFixed(0)} GB/s (a 1 GiB device copy, read + written, measured in this run)`)
 if (graphStats)
   console.log(
