@@ -230,6 +230,29 @@ void silu_mul_packed(Tensor& out, const Tensor& gate_up) {
   on_cuda(out) ? cuda::silu_mul_packed(out, gate_up) : cpu::silu_mul_packed(out, gate_up);
 }
 
+void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor& w, const Tensor* bias) {
+  Checker c{"matmul_silu_mul"};
+  c.devices({{"out", &out}, {"gate_up", &gate_up}, {"a", &a}, {"w", &w}});
+  check_product(c, a, w);
+  if (w.dim(0) % 2 != 0)
+    fail("matmul_silu_mul: expected w to hold gate then up rows (an even number) but received ", w.describe());
+  c.rank(out, "out", 2);
+  c.dtype(out, "out", {DType::BF16});
+  c.dim(out, "out", 0, a.dim(0), "M, rows of a");
+  c.dim(out, "out", 1, w.dim(0) / 2, "I, half the rows of w");
+  c.rank(gate_up, "gate_up", 2);
+  c.dtype(gate_up, "gate_up", {DType::BF16});
+  c.dim(gate_up, "gate_up", 0, a.dim(0), "M, rows of a");
+  c.dim(gate_up, "gate_up", 1, w.dim(0), "2I, rows of w");
+  if (bias) {
+    c.devices({{"out", &out}, {"bias", bias}});
+    c.dtype(*bias, "bias", {DType::BF16});
+    c.rank(*bias, "bias", 1);
+    c.dim(*bias, "bias", 0, w.dim(0), "2I, rows of w");
+  }
+  on_cuda(out) ? cuda::matmul_silu_mul(out, gate_up, a, w, bias) : cpu::matmul_silu_mul(out, gate_up, a, w, bias);
+}
+
 void add(Tensor& out, const Tensor& a, const Tensor& b) {
   Checker c{"add"};
   c.devices({{"out", &out}, {"a", &a}, {"b", &b}});

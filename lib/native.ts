@@ -97,6 +97,12 @@ export interface NativeAddon {
   siluMul(out: NativeTensor, gate: NativeTensor, up: NativeTensor): void
   /** out [T,I] = silu(gateUp[:, :I]) * gateUp[:, I:], gateUp [T,2I] the fused gate|up product. */
   siluMulPacked(out: NativeTensor, gateUp: NativeTensor): void
+  /**
+   * out [M,I] = silu(a·w[:I]ᵀ) * (a·w[I:]ᵀ), w [2I,K] the fused gate|up weight (+ bias [2I]): the bits of
+   * matmul into gateUp then siluMulPacked, in one launch where the kernels fuse it (Hopper). gateUp
+   * [M,2I] is scratch, written by the paths that do not fuse; its contents afterwards are unspecified.
+   */
+  matmulSiluMul(out: NativeTensor, gateUp: NativeTensor, a: NativeTensor, w: NativeTensor, bias: NativeTensor | null): void
   add(out: NativeTensor, a: NativeTensor, b: NativeTensor): void
   kvAppend(kCache: NativeTensor, vCache: NativeTensor, k: NativeTensor, v: NativeTensor, slots: NativeTensor): void
   /**

@@ -168,6 +168,13 @@ Napi::Value SiluMulPacked(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value MatmulSiluMul(const Napi::CallbackInfo& info) {
+  Args a{info, "matmulSiluMul"};
+  ops::matmul_silu_mul(a.tensor(0, "out"), a.tensor(1, "gateUp"), a.tensor(2, "a"), a.tensor(3, "w"),
+                       a.optional_tensor(4, "bias"));
+  return info.Env().Undefined();
+}
+
 Napi::Value Add(const Napi::CallbackInfo& info) {
   Args a{info, "add"};
   ops::add(a.tensor(0, "out"), a.tensor(1, "a"), a.tensor(2, "b"));
@@ -299,6 +306,7 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"siluMul", SiluMul},     {"add", Add},
       {"kvAppend", KvAppend},   {"attention", Attention},
       {"siluMulPacked", SiluMulPacked}, {"qkvRopeAppend", QkvRopeAppend},
+      {"matmulSiluMul", MatmulSiluMul},
       {"logSoftmax", LogSoftmax}, {"argmax", Argmax},
       {"tokenLogprobs", TokenLogprobs}, {"chooseTokens", ChooseTokens},
       {"copy", Copy},

@@ -28,15 +28,15 @@
   X(add_rmsnorm, (Tensor & out, Tensor & residual, const Tensor& x, const Tensor& w, float eps))      \
   /* out[M,N] = a[M,K] · w[N,K]^T (+ bias[N])   bf16 in, fp32 accumulate, out bf16 or f32 */          \
   X(matmul, (Tensor & out, const Tensor& a, const Tensor& w, const Tensor* bias))                     \
-  /* The row-parallel product (cpu/matmul.cc, kernels/matmul_partitioned.cu): K cut into 8 equal */ \
+  /* The row-parallel product (cpu/matmul.cc, kernels/matmul_partitioned.cu): K cut into 8 equal */   \
   /* contiguous partitions (K % 8 == 0, K/8 a multiple of 16), each partition's product in fp32 */    \
   /* in the plain matmul's order over its range, the 8 partials added by the fixed tree */            \
-  /* ((p0+p1)+(p2+p3))+((p4+p5)+(p6+p7)) in fp32, then + bias, then rounded (out bf16 or f32). */    \
+  /* ((p0+p1)+(p2+p3))+((p4+p5)+(p6+p7)) in fp32, then + bias, then rounded (out bf16 or f32). */     \
   X(matmul_partitioned, (Tensor & out, const Tensor& a, const Tensor& w, const Tensor* bias))         \
   /* partials f32 [Q,M,N]: partials[q] = a[:, q*K/Q, (q+1)*K/Q) · w[:, same range]^T, each as one */  \
   /* partition of matmul_partitioned (K % Q == 0, K/Q a multiple of 16). A rank of a TP run */        \
   /* computes its Q = 8/TP partitions of the row-parallel product with it. */                         \
-  X(matmul_partials, (Tensor & partials, const Tensor& a, const Tensor& w))                          \
+  X(matmul_partials, (Tensor & partials, const Tensor& a, const Tensor& w))                           \
   /* out[M,N] = ((p0+p1)+(p2+p3))+((p4+p5)+(p6+p7)) (+ bias), partials f32 [8,M,N], out bf16/f32. */  \
   /* ranks (1, 2, 4 or 8: the TP degree that computed them) changes nothing, except in the */         \
   /* variant (variant_kernels()): per-rank subtotals rounded to bf16, then an NCCL-style ring sum. */ \
@@ -54,6 +54,12 @@
                 const Tensor& slots))                                                                 \
   /* out[t,i] = silu(gate_up[t,i]) * gate_up[t,I+i]   out [T, I], gate_up [T, 2I] (fused gate|up) */  \
   X(silu_mul_packed, (Tensor & out, const Tensor& gate_up))                                           \
+  /* The gate/up product and its SiLU·mul in one op (w [2I,K] the fused gate|up weight, bias [2I]) */ \
+  /* out [M,I] gets the bits of matmul(gate_up, a, w, bias) then silu_mul_packed(out, gate_up). */    \
+  /* gate_up bf16 [M,2I] is scratch: the paths that do not fuse write the product there (the CPU, */  \
+  /* mma.sync, the variant); its contents afterwards are unspecified. */                              \
+  X(matmul_silu_mul, (Tensor & out, Tensor & gate_up, const Tensor& a, const Tensor& w,               \
+                      const Tensor* bias))                                                            \
   /* From the fused projection qkv [T, (heads + 2*kv_heads)*D] bf16 (q, k, v heads per row): */       \
   /* q_out [T, heads, D] = rope(q_norm(q)); the cache rows at slots get rope(k_norm(k)) and v (a */   \
   /* negative slot skips the row). q_norm, k_norm [D] or null (Qwen3's head norms). The same bits */  \
@@ -71,9 +77,9 @@
   X(argmax, (Tensor & out, const Tensor& x))                                                          \
   /* out[r] = x[r, ids[r]] - logsumexp(x[r,:])   x f32 [R,V], ids i32 [R], out f32 [R] */             \
   X(token_logprobs, (Tensor & out, const Tensor& x, const Tensor& ids))                               \
-  /* The output head's token choice (common/token_choice.h): for each row of logits x f32 [R,V] */   \
-  /* and its parameters params i32 [R, choice::kParams], out i32 [R, 2 + 2N] gets the chosen id, */  \
-  /* its log-prob (f32 bits), the N most likely ids and their log-probs (N <= kMaxTopLogprobs). */   \
+  /* The output head's token choice (common/token_choice.h): for each row of logits x f32 [R,V] */    \
+  /* and its parameters params i32 [R, choice::kParams], out i32 [R, 2 + 2N] gets the chosen id, */   \
+  /* its log-prob (f32 bits), the N most likely ids and their log-probs (N <= kMaxTopLogprobs). */    \
   X(choose_tokens, (Tensor & out, const Tensor& x, const Tensor& params))                             \
   /* dst = src converted between f32, bf16 and f16 (same device, same element count) */               \
   X(cast, (Tensor & dst, const Tensor& src))

@@ -2,6 +2,7 @@
 // Invariant: each output element is one dot product over k = 0..K-1 in 8 fixed lanes (lane =
 // k % 8), lanes added in a fixed tree, then the bias; nothing depends on M.
 // Variant: M < 8 splits K into 4 chunks reduced separately and added (a split-K chosen from M).
+// matmul_silu_mul: matmul into its gate_up scratch, then silu_mul_packed (elementwise.cc).
 //
 // matmul_partitioned / matmul_partials / combine_partials (the row-parallel product of tensor
 // parallelism, common/partitions.h): K cut into 8 equal contiguous partitions, K/8 a multiple of
@@ -171,6 +172,12 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
   for_columns(N, M * N * K, [&](int64_t n_begin, int64_t n_end) {
     matmul_columns(out, rows, ws, bs, M, N, K, n_begin, n_end);
   });
+}
+
+// The product into gate_up, then SiLU·mul: on the CPU the op is the two ops in sequence.
+void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor& w, const Tensor* bias) {
+  matmul(gate_up, a, w, bias);
+  silu_mul_packed(out, gate_up);
 }
 
 void matmul_partials(Tensor& partials, const Tensor& a, const Tensor& w) {

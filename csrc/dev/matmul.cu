@@ -8,6 +8,8 @@
 //                                              the device-to-device copy ceiling, as JSON; then every
 //                                              tile configuration on the same inputs, each checked to
 //                                              give the production kernel's bits
+//        build/dev/dev_matmul gate-up          matmul + silu_mul_packed against matmul_silu_mul at
+//                                              the 0.6B and 8B gate|up shapes: time and bits
 // The configurations: the library holds the ones production chooses (cuda::matmul_dev); the ones
 // explored and not chosen are instantiated here, from the kernel templates the library uses
 // (matmul_tiles.cuh for mma.sync, matmul_sm90_kernel.cuh for wgmma), so each still gives the same
@@ -351,6 +353,48 @@ int bench(const char* path) {
   return 0;
 }
 
+// The gate|up product with its SiLU·mul: matmul then silu_mul_packed (two launches) against
+// matmul_silu_mul (one on Hopper), back to back, at Qwen3-0.6B's and Qwen3-8B's gate|up shapes;
+// the two must give the same bits.
+int gate_up() {
+  bool ok = true;
+  for (auto [I, K] : std::vector<std::pair<int64_t, int64_t>>{{3072, 1024}, {12288, 4096}}) {
+    const int64_t N = 2 * I;
+    const size_t w_bytes = size_t(N) * K * 2;
+    const int pool = static_cast<int>(std::max<size_t>(2, (size_t(400) << 20) / w_bytes + 1));
+    std::vector<Tensor> ws;
+    for (int p = 0; p < pool; ++p) {
+      ws.push_back(make_tensor(Device::CUDA, DType::BF16, {N, K}));
+      fill_random(ws.back(), 300 + p, 0.0625f);
+    }
+    for (int64_t M : {1, 8, 64, 512}) {
+      std::vector<Tensor> as;
+      for (int p = 0; p < pool; ++p) {
+        as.push_back(make_tensor(Device::CUDA, DType::BF16, {M, K}));
+        fill_random(as.back(), 400 + p, 1.f);
+      }
+      Tensor gate_up = make_tensor(Device::CUDA, DType::BF16, {M, N});
+      Tensor separate = make_tensor(Device::CUDA, DType::BF16, {M, I}), fused = make_tensor(Device::CUDA, DType::BF16, {M, I});
+      auto two = [&](int i) {
+        ops::matmul(gate_up, as[i % pool], ws[i % pool], nullptr);
+        ops::silu_mul_packed(separate, gate_up);
+      };
+      auto one = [&](int i) { ops::matmul_silu_mul(fused, gate_up, as[i % pool], ws[i % pool], nullptr); };
+      const int calls = M >= 512 ? 5 : 20;
+      const double us_two = back_to_back_us(two, calls, 7), us_one = back_to_back_us(one, calls, 7);
+      two(0);
+      one(0);
+      const uint64_t diffs = count_differences(separate, fused);
+      std::printf("I=%6ld K=%5ld M=%4ld: matmul + silu_mul_packed %8.1f us, matmul_silu_mul %8.1f us (x%.3f) %s\n",
+                  long(I), long(K), long(M), us_two, us_one, us_two / us_one,
+                  diffs ? ("DIFFERENT BITS: " + std::to_string(diffs)).c_str() : "same bits");
+      ok = ok && diffs == 0;
+    }
+  }
+  std::printf("%s\n", ok ? "ALL OK" : "SOME CHECKS FAILED");
+  return ok ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -364,7 +408,8 @@ int main(int argc, char** argv) {
     }
     if (mode == "check") return check();
     if (mode == "bench") return bench(argc > 2 ? argv[2] : "matmul_kernels.json");
-    std::fprintf(stderr, "usage: dev_matmul check | bench OUT.json [--mma-sync]\n");
+    if (mode == "gate-up") return gate_up();
+    std::fprintf(stderr, "usage: dev_matmul check | bench OUT.json | gate-up [--mma-sync]\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

@@ -23,6 +23,7 @@
 #include "../cuda/runtime.h"
 #include "cuda_ops.h"
 #include "rope_pair.cuh"
+#include "silu_mul.cuh"
 
 namespace detinfer::cuda {
 namespace {
@@ -37,8 +38,6 @@ unsigned grid_for(int64_t n) { return static_cast<unsigned>(std::max<int64_t>(1,
 #define GRID_STRIDE(i, n)                                                                 \
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-
-__device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
 // ---------------------------------------------------------------------------------------------
 // embedding: one block per row; the row copied in `Word` units (16 bytes when sizes allow).
@@ -67,13 +66,8 @@ __global__ void rope_kernel(__nv_bfloat16* x, const int32_t* positions, const fl
 }
 
 // ---------------------------------------------------------------------------------------------
-// silu_mul: out = bf16(bf16(silu(g)) * u), the one expression of both kernels below.
-__device__ __forceinline__ __nv_bfloat16 silu_mul_value(__nv_bfloat16 gate, __nv_bfloat16 up) {
-  float g = __bfloat162float(gate);
-  float silu = g / (1.0f + expf(-g));
-  return __float2bfloat16_rn(round_bf16(silu) * __bfloat162float(up));
-}
-
+// silu_mul: out = bf16(bf16(silu(g)) * u), silu_mul.cuh's expression (also the fused gate/up
+// product's epilogue).
 __global__ void silu_mul_kernel(__nv_bfloat16* out, const __nv_bfloat16* gate, const __nv_bfloat16* up, int64_t n) {
   GRID_STRIDE(i, n) out[i] = silu_mul_value(gate[i], up[i]);
 }

@@ -123,16 +123,22 @@ std::string shapes(int64_t M, int64_t N, int64_t K) {
   return "[M=" + std::to_string(M) + ", N=" + std::to_string(N) + ", K=" + std::to_string(K) + "]";
 }
 
+// What every kernel of both families needs of a product's operands.
+void check_operands(const char* op, const Tensor& a, const Tensor& w) {
+  const int64_t M = a.dim(0), K = a.dim(1), N = w.dim(0);
+  DI_CHECK(K % kChunk == 0, op, ": the CUDA kernels need K to be a multiple of ", kChunk, " but received K = ", K,
+           " (a ", a.describe(), ", w ", w.describe(), ")");
+  DI_CHECK(M < (int64_t{1} << 31) && N < (int64_t{1} << 31) && K < (int64_t{1} << 31) && M * N < (int64_t{1} << 40),
+           op, ": shape ", shapes(M, N, K), " is too large");
+  DI_CHECK(reinterpret_cast<uintptr_t>(a.data()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data()) % 16 == 0, op,
+           ": the CUDA kernels need a and w to start on a 16-byte boundary (a view at an odd row offset?)");
+}
+
 void run_matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias, bool dev_override, int dev_tiles,
                 int dev_splits) {
   int64_t M = a.dim(0), K = a.dim(1), N = w.dim(0);
   if (M == 0 || N == 0) return;
-  DI_CHECK(K % kChunk == 0, "matmul: the CUDA kernels need K to be a multiple of ", kChunk, " but received K = ", K,
-           " (a ", a.describe(), ", w ", w.describe(), ")");
-  DI_CHECK(M < (int64_t{1} << 31) && N < (int64_t{1} << 31) && K < (int64_t{1} << 31) && M * N < (int64_t{1} << 40),
-           "matmul: shape ", shapes(M, N, K), " is too large");
-  DI_CHECK(reinterpret_cast<uintptr_t>(a.data()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data()) % 16 == 0,
-           "matmul: the CUDA kernels need a and w to start on a 16-byte boundary (a view at an odd row offset?)");
+  check_operands("matmul", a, w);
   cudaStream_t stream = static_cast<cudaStream_t>(cuda_runtime::stream());
   // K = 0 multiplies nothing (out = bias or zeros): the mma.sync kernel writes that on any device.
   const bool hopper = K > 0 && use_wgmma();
@@ -155,7 +161,7 @@ void run_matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bia
   }
   if (hopper) {
     sm90::Problem p{args.a, args.w, args.bias, args.out, args.out_f32, args.M, args.N, args.K, args.k_per_split,
-                    l.splits};
+                    l.splits, false};
     sm90::launch(p, l.tiles, stream);
   } else {
     kTileTable[l.tiles].launch(args, l.splits, stream);
@@ -178,6 +184,27 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
   run_matmul(out, a, w, bias, false, 0, 1);
 }
 
+// On Hopper the product's epilogue applies SiLU·mul to each (gate, up) pair it holds (sm90
+// gate_up tiles) and gate_up is never written; elsewhere, and in the variant (whose split-K goes
+// through a workspace), the plain product into gate_up and then silu_mul_packed. Either way each
+// output is silu_mul_value(bf16(gate), bf16(up)) of the same K chains: the same bits.
+void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor& w, const Tensor* bias) {
+  const int64_t M = a.dim(0), K = a.dim(1), N = w.dim(0);
+  if (M == 0 || N == 0) return;
+  check_operands("matmul_silu_mul", a, w);
+  const bool hopper = K > 0 && use_wgmma();
+  const MatmulLaunch l = matmul_config(M, N, K, hopper);
+  if (!hopper || l.splits > 1) {
+    run_matmul(gate_up, a, w, bias, false, 0, 1);
+    silu_mul_packed(out, gate_up);
+    return;
+  }
+  sm90::Problem p{a.data(), w.data(), bias ? bias->data() : nullptr, out.data(), false, static_cast<int>(M),
+                  static_cast<int>(N), static_cast<int>(K), static_cast<int>(K), 1, true};
+  sm90::launch(p, sm90::gate_up_config(l.tiles), static_cast<cudaStream_t>(cuda_runtime::stream()));
+  CUDA_CHECK_LAUNCH("matmul_silu_mul", shapes(M, N, K));
+}
+
 void matmul_k_partitions(float* partials, const Tensor& a, const Tensor& w, int partitions) {
   int64_t M = a.dim(0), K = a.dim(1), N = w.dim(0);
   if (M == 0 || N == 0) return;
@@ -195,7 +222,8 @@ void matmul_k_partitions(float* partials, const Tensor& a, const Tensor& w, int 
   MatmulArgs args{a.ptr<__nv_bfloat16>(), w.ptr<__nv_bfloat16>(), nullptr, partials, true, static_cast<int>(M),
                   static_cast<int>(N), static_cast<int>(K), static_cast<int>(width)};
   if (hopper) {
-    sm90::Problem p{args.a, args.w, nullptr, partials, true, args.M, args.N, args.K, args.k_per_split, partitions};
+    sm90::Problem p{args.a, args.w, nullptr, partials, true, args.M, args.N, args.K, args.k_per_split, partitions,
+                    false};
     sm90::launch(p, l.tiles, stream);
   } else {
     kTileTable[l.tiles].launch(args, partitions, stream);

@@ -141,6 +141,8 @@ int production_config(int64_t M, int64_t N, int64_t K) {
   return k64x32;
 }
 
+int gate_up_config(int config) { return config == k64x8_a8 ? k64x16_a16 : config; }
+
 void launch(const Problem& p, int config, cudaStream_t stream) {
   DI_CHECK(config >= 0 && config < kConfigCount, "matmul: no sm_90 configuration ", config);
   kConfigs[config].launch(p, stream);

@@ -19,6 +19,9 @@ struct Problem {
   int M, N, K;
   int k_per_split;    // a multiple of 64; K on the invariant path
   int splits;         // 1 on the invariant path
+  // w holds N/2 gate rows then N/2 up rows, and out [M, N/2] bf16 gets
+  // silu_mul_value(bf16(gate), bf16(up)) of each pair (splits 1, bf16 out, N even).
+  bool gate_up = false;
 };
 
 // True when this build has sm_90a code and device 0 can run it.
@@ -29,6 +32,9 @@ const char* config_name(int config);
 // The configuration production uses for M rows of an [N, K] weight. Tiles may follow M; the K
 // chain (k16 steps, ascending, one accumulator) never does.
 int production_config(int64_t M, int64_t N, int64_t K);
+// The configuration of a gate_up product whose plain product would run `config`: the same, or
+// one whose w tile is wide enough for a gate half and an up half of 8 rows or more.
+int gate_up_config(int config);
 void launch(const Problem& p, int config, cudaStream_t stream);
 
 }  // namespace detinfer::cuda::sm90

@@ -16,6 +16,12 @@
 // and the order of the tiles over the persistent grid change none of that, so every instantiation
 // gives the same bits. A split (blockIdx.z) covers k_per_split columns of K into its own slice of
 // an fp32 workspace; the invariant path has one split.
+// gate_up (matmul_silu_mul): w is the fused [gate | up] weight of 2I rows and out is [M, I]. A
+// tile's w stage holds BN/2 gate rows n0.. then the BN/2 up rows I + n0.., copied as two boxes, so
+// each thread holds the gate and the up accumulator of the same output (groups j and j + BN/16);
+// the epilogue rounds both to bf16 (after their biases) and stores silu_mul_value of them. The
+// MMAs and each accumulator's K chain are the plain product's: the bits of matmul then
+// silu_mul_packed.
 //
 // The kernel body exists only in sm_90a code (__CUDA_ARCH_FEAT_SM90_ALL); the build's other
 // targets compile it empty and never launch it (sm90::available()). matmul_sm90.cu instantiates
@@ -34,6 +40,7 @@
 #include "../cuda/check.h"
 #include "matmul_sm90.cuh"
 #include "ptx.cuh"
+#include "silu_mul.cuh"
 #include "wgmma_bf16.cuh"
 
 namespace detinfer::cuda::sm90 {
@@ -47,6 +54,8 @@ struct Args {
   void* out;
   bool out_f32;
   int M, N, K;
+  int n_out;    // columns of out: N, or N/2 for a gate_up product
+  bool gate_up; // w is N/2 gate rows then N/2 up rows; out gets SiLU·mul of each (gate, up) pair
   int k_per_split;
   int a_rows;  // rows of a per copy: BM, or M rounded up to 8 when M < BM (the rest stay zero)
   bool pairs;  // N even and out aligned: two neighbouring columns are stored at once
@@ -113,14 +122,17 @@ __global__ void __launch_bounds__(T::THREADS, 1)
   __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
   const uint32_t ring = (ptx::smem_addr(smem_raw) + 1023) & ~1023u;
 
-  const int m_tiles = (args.M + BM - 1) / BM, n_tiles = (args.N + BN - 1) / BN;
+  // A gate_up tile holds BN/2 columns of out: w rows n0.. (gate) in the first half of the w stage
+  // and N/2 + n0.. (up) in the second, so that accumulator groups j and j + BN/16 pair up.
+  const int bn_out = args.gate_up ? BN / 2 : BN;
+  const int m_tiles = (args.M + BM - 1) / BM, n_tiles = (args.n_out + bn_out - 1) / bn_out;
   const int tiles = m_tiles * n_tiles;
   const int group_tiles = T::GROUP_M * n_tiles;
   auto tile_origin = [&](int tile, int& m0, int& n0) {
     const int group = tile / group_tiles, in_group = tile % group_tiles;
     const int first_m = group * T::GROUP_M, group_m = min(m_tiles - first_m, T::GROUP_M);
     m0 = (first_m + in_group % group_m) * BM;
-    n0 = (in_group / group_m) * BN;
+    n0 = (in_group / group_m) * bn_out;
   };
   const int k_begin = blockIdx.z * args.k_per_split;
   const int k_end = min(args.K, k_begin + args.k_per_split);
@@ -163,7 +175,12 @@ __global__ void __launch_bounds__(T::THREADS, 1)
           const int k = k_begin + kt * kTileK;
           ptx::mbar_expect_tx(bar, stage_tx);
           ptx::tma_load(a_dst, &map_a, k, m0, bar);
-          ptx::tma_load(a_dst + T::A_BYTES, &map_w, k, n0, bar);
+          if (args.gate_up) {
+            ptx::tma_load(a_dst + T::A_BYTES, &map_w, k, n0, bar);
+            ptx::tma_load(a_dst + T::A_BYTES + (BN / 2) * kRowBytes, &map_w, k, args.n_out + n0, bar);
+          } else {
+            ptx::tma_load(a_dst + T::A_BYTES, &map_w, k, n0, bar);
+          }
         }
       }
     }
@@ -206,6 +223,29 @@ __global__ void __launch_bounds__(T::THREADS, 1)
       // 4j, 4j+1) and 16w + lane/4 + 8 (4j+2, 4j+3), columns 8j + 2*(lane%4) + {0, 1}.
       const int row_base = m0 + wg * 64 + warp * 16 + lane / 4;
       const int col_base = n0 + 2 * (lane % 4);
+      // Group j's two outputs in row half h, at columns col and col + 1 of out: the product plus
+      // the bias in fp32, rounded once by the store; or (gate_up, j < BN/16) the gate pair of group
+      // j and the up pair of group j + BN/16, each plus its bias and rounded to bf16, then
+      // silu_mul_value: values exact in bf16, which the store keeps. The up group's index is taken
+      // modulo BN/8 so that every unrolled j indexes acc in range (the groups j >= BN/16 of a
+      // gate_up tile are skipped).
+      auto output_pair = [&](int j, int h, int col, float& v0, float& v1) {
+        v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+        const bool first = col < args.n_out, second = col + 1 < args.n_out;
+        if (args.bias && first) {
+          v0 = v0 + __bfloat162float(args.bias[col]);
+          if (second) v1 = v1 + __bfloat162float(args.bias[col + 1]);
+        }
+        if (!args.gate_up) return;
+        const int u = (j + BN / 16) % (BN / 8);
+        float u0 = acc[4 * u + 2 * h], u1 = acc[4 * u + 2 * h + 1];
+        if (args.bias && first) {
+          u0 = u0 + __bfloat162float(args.bias[args.n_out + col]);
+          if (second) u1 = u1 + __bfloat162float(args.bias[args.n_out + col + 1]);
+        }
+        v0 = __bfloat162float(silu_mul_value(__float2bfloat16_rn(v0), __float2bfloat16_rn(u0)));
+        v1 = __bfloat162float(silu_mul_value(__float2bfloat16_rn(v1), __float2bfloat16_rn(u1)));
+      };
       if (T::STAGED && args.staged) {
         // The copy engine must have read this warpgroup's previous tile before it is overwritten.
         const uint32_t out_tile = ring + STAGES * T::STAGE_BYTES + T::A_SLACK + wg * 64 * BN * 2;
@@ -215,12 +255,9 @@ __global__ void __launch_bounds__(T::THREADS, 1)
         for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const int col = col_base + 8 * j;
-            float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-            if (args.bias && col < args.N) {
-              v0 = v0 + __bfloat162float(args.bias[col]);
-              if (col + 1 < args.N) v1 = v1 + __bfloat162float(args.bias[col + 1]);
-            }
+            if (args.gate_up && j >= BN / 16) continue;
+            float v0, v1;
+            output_pair(j, h, col_base + 8 * j, v0, v1);
             __nv_bfloat162 pair = __floats2bfloat162_rn(v0, v1);
             // Box j/8 of 64 columns, 128-byte rows, 16-byte chunk j%8 swizzled with the row.
             const int r = warp * 16 + lane / 4 + 8 * h;
@@ -232,8 +269,8 @@ __global__ void __launch_bounds__(T::THREADS, 1)
         ptx::warpgroup_barrier(wg);
         if (leader && m0 + wg * 64 < args.M) {
 #pragma unroll
-          for (int b = 0; b < BN / 64; ++b)  // boxes wholly past N hold nothing to store
-            if (n0 + 64 * b < args.N) ptx::tma_store(&map_out, n0 + 64 * b, m0 + wg * 64, out_tile + b * 64 * kRowBytes);
+          for (int b = 0; b < BN / 64; ++b)  // boxes wholly past the tile or out hold nothing to store
+            if (64 * b < bn_out && n0 + 64 * b < args.n_out) ptx::tma_store(&map_out, n0 + 64 * b, m0 + wg * 64, out_tile + b * 64 * kRowBytes);
           ptx::bulk_commit();
         }
         continue;
@@ -243,14 +280,11 @@ __global__ void __launch_bounds__(T::THREADS, 1)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int row = row_base + 8 * h, col = col_base + 8 * j;
-          if (row >= args.M || col >= args.N) continue;
-          float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-          const bool second = col + 1 < args.N;
-          if (args.bias) {
-            v0 = v0 + __bfloat162float(args.bias[col]);
-            if (second) v1 = v1 + __bfloat162float(args.bias[col + 1]);
-          }
-          const int64_t idx = static_cast<int64_t>(row) * args.N + col;
+          if ((args.gate_up && j >= BN / 16) || row >= args.M || col >= args.n_out) continue;
+          float v0, v1;
+          output_pair(j, h, col, v0, v1);
+          const bool second = col + 1 < args.n_out;
+          const int64_t idx = static_cast<int64_t>(row) * args.n_out + col;
           if (args.out_f32) {
             if (second && args.pairs) {
               *reinterpret_cast<float2*>(out_f32 + idx) = make_float2(v0, v1);
@@ -300,18 +334,22 @@ void launch_tiles(const Problem& p, cudaStream_t stream) {
   DI_CHECK(slots > 0, "matmul: the sm_90 kernel ", T::BM, "x", T::BN, " does not fit on this device");
   DI_CHECK(T::A_ROWS == T::BM || p.M <= T::A_ROWS, "matmul: the sm_90 tiles with ", T::A_ROWS,
            " rows of a take M <= ", T::A_ROWS, ", not ", p.M);
+  DI_CHECK(!p.gate_up || (T::BN >= 16 && p.N % 2 == 0 && p.splits == 1 && !p.out_f32),
+           "matmul: a gate_up product needs a w tile of 16 rows or more, an even N, one split and bf16 out");
   const int a_rows = p.M >= T::BM || T::FULL_A ? T::BM : (p.M + 7) / 8 * 8;
+  // A gate_up tile's w arrives as two boxes of BN/2 rows (gate, up), each whole swizzle atoms of 8 rows.
+  const int n_out = p.gate_up ? p.N / 2 : p.N, bn_out = p.gate_up ? T::BN / 2 : T::BN;
   CUtensorMap map_a = tensor_map(p.a, p.M, p.K, a_rows, "a");
-  CUtensorMap map_w = tensor_map(p.w, p.N, p.K, T::BN, "w");
-  int64_t tiles = ((int64_t{p.M} + T::BM - 1) / T::BM) * ((int64_t{p.N} + T::BN - 1) / T::BN);
+  CUtensorMap map_w = tensor_map(p.w, p.N, p.K, bn_out, "w");
+  int64_t tiles = ((int64_t{p.M} + T::BM - 1) / T::BM) * ((int64_t{n_out} + bn_out - 1) / bn_out);
   DI_CHECK(tiles < (int64_t{1} << 31), "matmul: [M=", p.M, ", N=", p.N, "] needs too many tiles");
-  const bool pairs = p.N % 2 == 0 && reinterpret_cast<uintptr_t>(p.out) % (p.out_f32 ? 8 : 4) == 0;
-  const bool staged = T::STAGED && !p.out_f32 && p.splits == 1 && p.N % 8 == 0 &&
+  const bool pairs = n_out % 2 == 0 && reinterpret_cast<uintptr_t>(p.out) % (p.out_f32 ? 8 : 4) == 0;
+  const bool staged = T::STAGED && !p.out_f32 && p.splits == 1 && n_out % 8 == 0 && bn_out % 64 == 0 &&
                       reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
   // Without staging the kernel never reads map_out: any valid map will do.
-  CUtensorMap map_out = staged ? tensor_map(p.out, p.M, p.N, 64, "out") : map_w;
-  Args args{static_cast<const __nv_bfloat16*>(p.bias), p.out, p.out_f32, p.M, p.N, p.K, p.k_per_split, a_rows, pairs,
-            staged};
+  CUtensorMap map_out = staged ? tensor_map(p.out, p.M, n_out, 64, "out") : map_w;
+  Args args{static_cast<const __nv_bfloat16*>(p.bias), p.out, p.out_f32, p.M, p.N, p.K, n_out, p.gate_up,
+            p.k_per_split, a_rows, pairs, staged};
   dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, slots)), 1, static_cast<unsigned>(p.splits));
   matmul_sm90_kernel<T><<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(map_a, map_w, map_out, args);
 }

@@ -4,7 +4,7 @@
 //
 //   embed -> for each layer: [norm] q|k|v = x·Wqkv (+b) -> [q/k head norm] -> rope(q,k)
 //            -> write k,v to the cache -> attention -> o_proj -> residual + norm
-//            -> gate|up = x·Wgate|up -> silu·mul -> down_proj -> residual + norm
+//            -> gate|up = x·Wgate|up -> silu·mul (one op, fused on Hopper) -> down_proj -> residual + norm
 //   -> gather the rows that want logits -> lm_head (f32 logits) -> token choice (output-head.ts)
 //
 // Every op is batch-invariant (see DESIGN.md), so a row's logits depend only on its own sequence.
@@ -90,7 +90,7 @@ interface Activations {
   qNormed: NativeTensor | null // bf16 [T, heads*D] (Qwen3, unfused layers only)
   kNormed: NativeTensor | null // bf16 [T, kvHeads*D] (Qwen3, unfused layers only)
   attn: NativeTensor // bf16 [T, heads*D]
-  gateUp: NativeTensor // bf16 [T, 2I], the gate|up product
+  gateUp: NativeTensor // bf16 [T, 2I], the gate|up product (matmulSiluMul's scratch where it does not fuse)
   act: NativeTensor // bf16 [T, I]
   gathered: NativeTensor // bf16 [L, H]
   logits: NativeTensor // f32 [L, V]
@@ -522,9 +522,8 @@ export class Transformer {
       ]
       n.siluMul(act, gate, up)
     } else {
-      const gateUp = n.narrow(this.act.gateUp, 0, T)
-      n.matmul(gateUp, normed, w.gateUpProj, w.gateUpBias) // [T,H] · [2I,H]^T -> [T, gate|up]
-      n.siluMulPacked(act, gateUp) // [T, gate|up] -> [T,I]
+      // [T,H] · [2I,H]^T -> [T, gate|up] -> silu·mul -> [T,I], one launch where the kernels fuse it
+      n.matmulSiluMul(act, n.narrow(this.act.gateUp, 0, T), normed, w.gateUpProj, w.gateUpBias)
     }
     n.matmul(n.narrow(this.act.proj, 0, T), act, w.downProj, w.downBias) // [T,I] · [H,I]^T -> [T,H]
   }
@@ -569,10 +568,8 @@ export class Transformer {
     for (let r = 0; r < N; r++) {
       const rw = tp.layers[r]![l]!
       const buf = tp.buffers[r]!
-      const gateUp = n.narrow(buf.gateUp, 0, T)
-      n.matmul(gateUp, normed, rw.gateUpProj, rw.gateUpBias) // [T, gate_r | up_r]
       const act = n.narrow(buf.act, 0, T)
-      n.siluMulPacked(act, gateUp)
+      n.matmulSiluMul(act, n.narrow(buf.gateUp, 0, T), normed, rw.gateUpProj, rw.gateUpBias) // [T, gate_r | up_r] -> [T, I/N]
       n.matmulPartials(n.narrow(partials, (r * 8) / N, 8 / N), act, rw.downProj)
     }
     n.combinePartials(n.narrow(this.act.proj, 0, T), partials, downBias, N)
