@@ -99,7 +99,7 @@ export interface NativeAddon {
   siluMulPacked(out: NativeTensor, gateUp: NativeTensor): void
   /**
    * out [M,I] = silu(a·w[:I]ᵀ) * (a·w[I:]ᵀ), w [2I,K] the fused gate|up weight (+ bias [2I]): the bits of
-   * matmul into gateUp then siluMulPacked, in one launch where the kernels fuse it (Hopper). gateUp
+   * matmul into gateUp then siluMulPacked, in one launch on CUDA (the CPU runs the two ops). gateUp
    * [M,2I] is scratch, written by the paths that do not fuse; its contents afterwards are unspecified.
    */
   matmulSiluMul(out: NativeTensor, gateUp: NativeTensor, a: NativeTensor, w: NativeTensor, bias: NativeTensor | null): void

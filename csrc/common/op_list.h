@@ -57,7 +57,7 @@
   /* The gate/up product and its SiLU·mul in one op (w [2I,K] the fused gate|up weight, bias [2I]) */ \
   /* out [M,I] gets the bits of matmul(gate_up, a, w, bias) then silu_mul_packed(out, gate_up). */    \
   /* gate_up bf16 [M,2I] is scratch: the paths that do not fuse write the product there (the CPU, */  \
-  /* mma.sync, the variant); its contents afterwards are unspecified. */                              \
+  /* the variant); its contents afterwards are unspecified. */                                        \
   X(matmul_silu_mul, (Tensor & out, Tensor & gate_up, const Tensor& a, const Tensor& w,               \
                       const Tensor* bias))                                                            \
   /* From the fused projection qkv [T, (heads + 2*kv_heads)*D] bf16 (q, k, v heads per row): */       \

@@ -184,24 +184,35 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
   run_matmul(out, a, w, bias, false, 0, 1);
 }
 
-// On Hopper the product's epilogue applies SiLU·mul to each (gate, up) pair it holds (sm90
-// gate_up tiles) and gate_up is never written; elsewhere, and in the variant (whose split-K goes
-// through a workspace), the plain product into gate_up and then silu_mul_packed. Either way each
-// output is silu_mul_value(bf16(gate), bf16(up)) of the same K chains: the same bits.
+// The product's epilogue applies SiLU·mul to each (gate, up) pair of accumulators a thread holds
+// (gate_up tiles of either family) and gate_up is never written. In the variant (whose split-K
+// goes through a workspace), and for K = 0, the plain product into gate_up and then
+// silu_mul_packed. Either way each output is silu_mul_value(bf16(gate), bf16(up)) of the same K
+// chains: the same bits.
 void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor& w, const Tensor* bias) {
   const int64_t M = a.dim(0), K = a.dim(1), N = w.dim(0);
   if (M == 0 || N == 0) return;
   check_operands("matmul_silu_mul", a, w);
   const bool hopper = K > 0 && use_wgmma();
   const MatmulLaunch l = matmul_config(M, N, K, hopper);
-  if (!hopper || l.splits > 1) {
+  if (K == 0 || l.splits > 1) {
     run_matmul(gate_up, a, w, bias, false, 0, 1);
     silu_mul_packed(out, gate_up);
     return;
   }
-  sm90::Problem p{a.data(), w.data(), bias ? bias->data() : nullptr, out.data(), false, static_cast<int>(M),
-                  static_cast<int>(N), static_cast<int>(K), static_cast<int>(K), 1, true};
-  sm90::launch(p, sm90::gate_up_config(l.tiles), static_cast<cudaStream_t>(cuda_runtime::stream()));
+  cudaStream_t stream = static_cast<cudaStream_t>(cuda_runtime::stream());
+  const auto* bias_ptr = bias ? bias->ptr<__nv_bfloat16>() : nullptr;
+  if (hopper) {
+    sm90::Problem p{a.data(), w.data(), bias_ptr, out.data(), false, static_cast<int>(M), static_cast<int>(N),
+                    static_cast<int>(K), static_cast<int>(K), 1, true};
+    sm90::launch(p, sm90::gate_up_config(l.tiles), stream);
+  } else {
+    // The 8-column warps of the narrow decode tile cannot pair: its 16-column sibling instead.
+    const int tiles = l.tiles == k16x32kb2 ? k16x64kb2 : l.tiles;
+    MatmulArgs args{a.ptr<__nv_bfloat16>(), w.ptr<__nv_bfloat16>(), bias_ptr, out.data(), false, static_cast<int>(M),
+                    static_cast<int>(N), static_cast<int>(K), static_cast<int>(K), true};
+    kTileTable[tiles].launch(args, 1, stream);
+  }
   CUDA_CHECK_LAUNCH("matmul_silu_mul", shapes(M, N, K));
 }
 

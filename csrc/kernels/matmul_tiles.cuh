@@ -10,6 +10,12 @@
 // geometry (BM, BN, the warp layout, the pipeline depth, KB) changes none of that, so every
 // instantiation gives the same bits. A split (blockIdx.z) covers k_per_split columns of K into its
 // own slice of an fp32 workspace; the invariant path has one split.
+// gate_up (matmul_silu_mul): w is the fused [gate | up] weight of 2I rows and out is [M, I]. Each
+// warp's WN rows of the w tile are WN/2 gate rows followed by the matching WN/2 up rows, so the
+// thread that holds the gate accumulator of an output in n8 tile j holds its up accumulator in
+// tile j + NT/2; the epilogue rounds both to bf16 (after their biases) and stores silu_mul_value
+// of them (NT >= 2). The MMAs and each accumulator's K chain are the plain product's: the bits of
+// matmul then silu_mul_packed.
 //
 // matmul.cu instantiates the configurations production chooses (matmul_config); the development
 // harness (csrc/dev/matmul.cu) instantiates the others it times against them.
@@ -23,6 +29,7 @@
 
 #include "../cuda/check.h"
 #include "ptx.cuh"
+#include "silu_mul.cuh"
 
 namespace detinfer::cuda::mma_sync {
 
@@ -54,6 +61,8 @@ struct MatmulArgs {
   bool out_f32;
   int M, N, K;
   int k_per_split;            // multiple of kBlockK; K for the invariant path
+  bool gate_up = false;       // w holds N/2 gate rows then N/2 up rows; out [M, N/2] bf16 gets
+                              // silu_mul_value of each (gate, up) pair (one split, N even)
 };
 
 // One configuration of a table: its name (as the harness and the benchmarks print it) and its
@@ -69,21 +78,28 @@ __device__ __forceinline__ uint32_t tile_offset(int row, int chunk) {
   return static_cast<uint32_t>(row * (kBlockK * 2) + ((chunk ^ (row & 7)) << 4));
 }
 
-// Copies rows [row0, row0+ROWS) x columns [k0, k0+kBlockK) of src [rows, K] into a tile; chunks
-// outside [0,rows) x [0,k_end) are zero-filled.
-template <int ROWS, int THREADS>
-__device__ __forceinline__ void load_tile(uint32_t tile, const __nv_bfloat16* src, int rows, int K, int row0,
-                                          int k0, int k_end) {
+// Copies columns [k0, k0+kBlockK) of rows source_row(0 .. ROWS-1) of src [*, K] into a tile;
+// chunks of rows mapped to -1, or at or past k_end, are zero-filled.
+template <int ROWS, int THREADS, typename RowMap>
+__device__ __forceinline__ void load_tile_rows(uint32_t tile, const __nv_bfloat16* src, int K, int k0, int k_end,
+                                               RowMap source_row) {
   constexpr int kChunksPerRow = kBlockK / kChunk;
   constexpr int kChunks = ROWS * kChunksPerRow;
 #pragma unroll
   for (int i = threadIdx.x; i < kChunks; i += THREADS) {
     int row = i / kChunksPerRow, chunk = i % kChunksPerRow;
-    int grow = row0 + row, gk = k0 + chunk * kChunk;
-    bool valid = grow < rows && gk < k_end;
+    int grow = source_row(row), gk = k0 + chunk * kChunk;
+    bool valid = grow >= 0 && gk < k_end;
     const __nv_bfloat16* p = valid ? src + static_cast<int64_t>(grow) * K + gk : src;
     ptx::cp_async16(tile + tile_offset(row, chunk), p, valid ? 16 : 0);
   }
+}
+
+// Rows [row0, row0+ROWS) of src [rows, K]; rows past the end are zero-filled.
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void load_tile(uint32_t tile, const __nv_bfloat16* src, int rows, int K, int row0,
+                                          int k0, int k_end) {
+  load_tile_rows<ROWS, THREADS>(tile, src, K, k0, k_end, [&](int row) { return row0 + row < rows ? row0 + row : -1; });
 }
 
 template <typename Tiles>
@@ -96,7 +112,9 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t smem_base = ptx::smem_addr(smem);
 
-  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM;
+  // A gate_up block covers BN/2 columns of out (n0 counts them); plain blocks cover BN.
+  const int n_out = args.gate_up ? args.N / 2 : args.N;
+  const int n0 = blockIdx.x * (args.gate_up ? BN / 2 : BN), m0 = blockIdx.y * BM;
   const int k_begin = blockIdx.z * args.k_per_split;
   const int k_end = min(args.K, k_begin + args.k_per_split);
   const int k_tiles = (k_end - k_begin + KB * kBlockK - 1) / (KB * kBlockK);  // pipeline stages
@@ -119,7 +137,16 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
       uint32_t w_tile = a_tile + BM * kBlockK * 2;
       int k0 = k_begin + (kt * KB + j) * kBlockK;
       load_tile<BM, THREADS>(a_tile, args.a, args.M, args.K, m0, k0, k_end);
-      load_tile<BN, THREADS>(w_tile, args.w, args.N, args.K, n0, k0, k_end);
+      if (args.gate_up) {
+        // Warp block b of the tile (rows b*WN ..): WN/2 gate rows, then the same columns' up rows.
+        load_tile_rows<BN, THREADS>(w_tile, args.w, args.K, k0, k_end, [&](int row) {
+          const int half = WN / 2, b = row / WN, o = row % WN;
+          const int c = n0 + b * half + (o < half ? o : o - half);
+          return c < n_out ? (o < half ? c : n_out + c) : -1;
+        });
+      } else {
+        load_tile<BN, THREADS>(w_tile, args.w, args.N, args.K, n0, k0, k_end);
+      }
     }
   };
 
@@ -174,6 +201,29 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
 
   // Epilogue: fragment (i,j) element r sits at row g (+8 for r >= 2), column 2*t + (r & 1).
   const int g = lane >> 2, t = lane & 3;
+  if (args.gate_up) {
+    // Tile j < NT/2 holds gate columns, tile j + NT/2 the up columns of the same outputs (the
+    // partner index is taken modulo NT so that every unrolled j indexes acc in range).
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(args.out);
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          if (j >= NT / 2) continue;
+          const int row = m0 + warp_m * WM + i * kMmaM + g + (r >= 2 ? 8 : 0);
+          const int col = n0 + warp_n * (WN / 2) + j * kMmaN + 2 * t + (r & 1);
+          if (row >= args.M || col >= n_out) continue;
+          float gv = acc[i][j][r], uv = acc[i][(j + NT / 2) % NT][r];
+          if (args.bias) {
+            gv = gv + __bfloat162float(args.bias[col]);
+            uv = uv + __bfloat162float(args.bias[n_out + col]);
+          }
+          out[static_cast<int64_t>(row) * n_out + col] = silu_mul_value(__float2bfloat16_rn(gv), __float2bfloat16_rn(uv));
+        }
+    return;
+  }
   float* out_f32 = static_cast<float*>(args.out) + static_cast<int64_t>(blockIdx.z) * args.M * args.N;
   __nv_bfloat16* out_bf16 = static_cast<__nv_bfloat16*>(args.out);
 #pragma unroll
@@ -207,7 +257,10 @@ void launch_tiles(const MatmulArgs& args, int splits, cudaStream_t stream) {
                                     Tiles::SMEM_BYTES);
   });
   CUDA_CHECK(attr_err);
-  int64_t grid_n = (args.N + Tiles::BN - 1) / Tiles::BN, grid_m = (args.M + Tiles::BM - 1) / Tiles::BM;
+  DI_CHECK(!args.gate_up || (Tiles::NT >= 2 && args.N % 2 == 0 && splits == 1 && !args.out_f32),
+           "matmul: a gate_up product needs warps of 2 or more n8 tiles, an even N, one split and bf16 out");
+  const int64_t block_n = args.gate_up ? Tiles::BN / 2 : Tiles::BN, n_out = args.gate_up ? args.N / 2 : args.N;
+  int64_t grid_n = (n_out + block_n - 1) / block_n, grid_m = (args.M + Tiles::BM - 1) / Tiles::BM;
   DI_CHECK(grid_m <= 65535, "matmul: M = ", args.M, " is too large for one launch");
   dim3 grid(static_cast<unsigned>(grid_n), static_cast<unsigned>(grid_m), splits);
   matmul_kernel<Tiles><<<grid, Tiles::THREADS, Tiles::SMEM_BYTES, stream>>>(args);

@@ -4,7 +4,7 @@
 //
 //   embed -> for each layer: [norm] q|k|v = x·Wqkv (+b) -> [q/k head norm] -> rope(q,k)
 //            -> write k,v to the cache -> attention -> o_proj -> residual + norm
-//            -> gate|up = x·Wgate|up -> silu·mul (one op, fused on Hopper) -> down_proj -> residual + norm
+//            -> gate|up = x·Wgate|up -> silu·mul (one op, fused on CUDA) -> down_proj -> residual + norm
 //   -> gather the rows that want logits -> lm_head (f32 logits) -> token choice (output-head.ts)
 //
 // Every op is batch-invariant (see DESIGN.md), so a row's logits depend only on its own sequence.

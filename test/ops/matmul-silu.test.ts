@@ -1,8 +1,10 @@
 // matmulSiluMul: out[M,I] = silu(a·w[:I]ᵀ (+b[:I])) * (a·w[I:]ᵀ (+b[I:])), each product rounded to
 // bf16 first. It must give the bits of matmul into [M, 2I] then siluMulPacked, which the model
-// ran before (on Hopper the product's epilogue does the SiLU·mul on the (gate, up) accumulator
-// pairs each thread holds; elsewhere it is those two ops). Also against a float64 reference, and
-// bitwise batch invariance across M with its variant twin.
+// ran before (on CUDA the product's epilogue does the SiLU·mul on the (gate, up) accumulator
+// pairs each thread holds; on the CPU and in the variant it is those two ops). Also against a
+// float64 reference, and bitwise batch invariance across M with its variant twin. These run the
+// family the GPU runs (wgmma on Hopper); `build/dev/dev_matmul gate-up --mma-sync` checks the
+// mma.sync family's bits on a Hopper too.
 import { describe, expect, it } from 'vitest'
 import { native, type DeviceName, type NativeTensor } from '../../lib/native.js'
 import { readBytes, readF32, tensorFrom } from '../../lib/tensor.js'
