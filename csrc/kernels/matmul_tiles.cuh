@@ -201,29 +201,9 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
 
   // Epilogue: fragment (i,j) element r sits at row g (+8 for r >= 2), column 2*t + (r & 1).
   const int g = lane >> 2, t = lane & 3;
-  if (args.gate_up) {
-    // Tile j < NT/2 holds gate columns, tile j + NT/2 the up columns of the same outputs (the
-    // partner index is taken modulo NT so that every unrolled j indexes acc in range).
-    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(args.out);
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          if (j >= NT / 2) continue;
-          const int row = m0 + warp_m * WM + i * kMmaM + g + (r >= 2 ? 8 : 0);
-          const int col = n0 + warp_n * (WN / 2) + j * kMmaN + 2 * t + (r & 1);
-          if (row >= args.M || col >= n_out) continue;
-          float gv = acc[i][j][r], uv = acc[i][(j + NT / 2) % NT][r];
-          if (args.bias) {
-            gv = gv + __bfloat162float(args.bias[col]);
-            uv = uv + __bfloat162float(args.bias[n_out + col]);
-          }
-          out[static_cast<int64_t>(row) * n_out + col] = silu_mul_value(__float2bfloat16_rn(gv), __float2bfloat16_rn(uv));
-        }
-    return;
-  }
+  // gate_up: n8 tile j < NT/2 holds gate columns, tile j + NT/2 the up columns of the same outputs
+  // (the partner index is taken modulo NT so that every unrolled j indexes acc in range).
+  const int warp_cols = args.gate_up ? WN / 2 : WN;
   float* out_f32 = static_cast<float*>(args.out) + static_cast<int64_t>(blockIdx.z) * args.M * args.N;
   __nv_bfloat16* out_bf16 = static_cast<__nv_bfloat16*>(args.out);
 #pragma unroll
@@ -232,13 +212,18 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
+        if (args.gate_up && j >= NT / 2) continue;
         int row = m0 + warp_m * WM + i * kMmaM + g + (r >= 2 ? 8 : 0);
-        int col = n0 + warp_n * WN + j * kMmaN + 2 * t + (r & 1);
-        if (row >= args.M || col >= args.N) continue;
+        int col = n0 + warp_n * warp_cols + j * kMmaN + 2 * t + (r & 1);
+        if (row >= args.M || col >= n_out) continue;
         float v = acc[i][j][r];
         if (args.bias) v = v + __bfloat162float(args.bias[col]);
-        int64_t idx = static_cast<int64_t>(row) * args.N + col;
-        if (args.out_f32) {
+        int64_t idx = static_cast<int64_t>(row) * n_out + col;
+        if (args.gate_up) {
+          float u = acc[i][(j + NT / 2) % NT][r];
+          if (args.bias) u = u + __bfloat162float(args.bias[n_out + col]);
+          out_bf16[idx] = silu_mul_value(__float2bfloat16_rn(v), __float2bfloat16_rn(u));
+        } else if (args.out_f32) {
           out_f32[idx] = v;
         } else {
           out_bf16[idx] = __float2bfloat16_rn(v);
