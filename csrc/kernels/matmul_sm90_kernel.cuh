@@ -54,8 +54,7 @@ struct Args {
   void* out;
   bool out_f32;
   int M, N, K;
-  int n_out;    // columns of out: N, or N/2 for a gate_up product
-  bool gate_up; // w is N/2 gate rows then N/2 up rows; out gets SiLU·mul of each (gate, up) pair
+  int n_out;    // columns of out: N, or N/2 for a gate_up product (the kernel's GATE_UP)
   int k_per_split;
   int a_rows;  // rows of a per copy: BM, or M rounded up to 8 when M < BM (the rest stay zero)
   bool pairs;  // N even and out aligned: two neighbouring columns are stored at once
@@ -110,7 +109,9 @@ struct Entry {
 
 // ---- the kernel -------------------------------------------------------------------------------
 
-template <typename T>
+// GATE_UP: w is N/2 gate rows then N/2 up rows, and out gets SiLU·mul of each (gate, up) pair.
+// A template argument, so that the plain product's code is the one it was without the fusion.
+template <typename T, bool GATE_UP>
 __global__ void __launch_bounds__(T::THREADS, 1)
     matmul_sm90_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
                        const __grid_constant__ CUtensorMap map_out, Args args) {
@@ -124,7 +125,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
 
   // A gate_up tile holds BN/2 columns of out: w rows n0.. (gate) in the first half of the w stage
   // and N/2 + n0.. (up) in the second, so that accumulator groups j and j + BN/16 pair up.
-  const int bn_out = args.gate_up ? BN / 2 : BN;
+  constexpr int bn_out = GATE_UP ? BN / 2 : BN;
   const int m_tiles = (args.M + BM - 1) / BM, n_tiles = (args.n_out + bn_out - 1) / bn_out;
   const int tiles = m_tiles * n_tiles;
   const int group_tiles = T::GROUP_M * n_tiles;
@@ -175,7 +176,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
           const int k = k_begin + kt * kTileK;
           ptx::mbar_expect_tx(bar, stage_tx);
           ptx::tma_load(a_dst, &map_a, k, m0, bar);
-          if (args.gate_up) {
+          if constexpr (GATE_UP) {
             ptx::tma_load(a_dst + T::A_BYTES, &map_w, k, n0, bar);
             ptx::tma_load(a_dst + T::A_BYTES + (BN / 2) * kRowBytes, &map_w, k, args.n_out + n0, bar);
           } else {
@@ -236,15 +237,16 @@ __global__ void __launch_bounds__(T::THREADS, 1)
           v0 = v0 + __bfloat162float(args.bias[col]);
           if (second) v1 = v1 + __bfloat162float(args.bias[col + 1]);
         }
-        if (!args.gate_up) return;
-        const int u = (j + BN / 16) % (BN / 8);
-        float u0 = acc[4 * u + 2 * h], u1 = acc[4 * u + 2 * h + 1];
-        if (args.bias && first) {
-          u0 = u0 + __bfloat162float(args.bias[args.n_out + col]);
-          if (second) u1 = u1 + __bfloat162float(args.bias[args.n_out + col + 1]);
+        if constexpr (GATE_UP) {
+          const int u = (j + BN / 16) % (BN / 8);
+          float u0 = acc[4 * u + 2 * h], u1 = acc[4 * u + 2 * h + 1];
+          if (args.bias && first) {
+            u0 = u0 + __bfloat162float(args.bias[args.n_out + col]);
+            if (second) u1 = u1 + __bfloat162float(args.bias[args.n_out + col + 1]);
+          }
+          v0 = __bfloat162float(silu_mul_value(__float2bfloat16_rn(v0), __float2bfloat16_rn(u0)));
+          v1 = __bfloat162float(silu_mul_value(__float2bfloat16_rn(v1), __float2bfloat16_rn(u1)));
         }
-        v0 = __bfloat162float(silu_mul_value(__float2bfloat16_rn(v0), __float2bfloat16_rn(u0)));
-        v1 = __bfloat162float(silu_mul_value(__float2bfloat16_rn(v1), __float2bfloat16_rn(u1)));
       };
       if (T::STAGED && args.staged) {
         // The copy engine must have read this warpgroup's previous tile before it is overwritten.
@@ -255,7 +257,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
         for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            if (args.gate_up && j >= BN / 16) continue;
+            if (GATE_UP && j >= BN / 16) continue;
             float v0, v1;
             output_pair(j, h, col_base + 8 * j, v0, v1);
             __nv_bfloat162 pair = __floats2bfloat162_rn(v0, v1);
@@ -280,7 +282,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int row = row_base + 8 * h, col = col_base + 8 * j;
-          if ((args.gate_up && j >= BN / 16) || row >= args.M || col >= args.n_out) continue;
+          if ((GATE_UP && j >= BN / 16) || row >= args.M || col >= args.n_out) continue;
           float v0, v1;
           output_pair(j, h, col, v0, v1);
           const bool second = col + 1 < args.n_out;
@@ -314,24 +316,33 @@ __global__ void __launch_bounds__(T::THREADS, 1)
 // (matmul_sm90.cu).
 CUtensorMap tensor_map(const void* data, int rows, int K, int box_rows, const char* what);
 
-// One launch of configuration T: a persistent grid of as many blocks as fit on the device (at
-// most one per tile), p.splits deep.
-template <typename T>
-void launch_tiles(const Problem& p, cudaStream_t stream) {
+// Blocks of matmul_sm90_kernel<T, GATE_UP> resident on the whole device (its shared-memory size
+// is set once).
+template <typename T, bool GATE_UP>
+int resident_blocks() {
   static std::once_flag once;
   static cudaError_t attr_err = cudaSuccess;
-  static int slots = 0;  // blocks resident on the whole device
+  static int slots = 0;
   std::call_once(once, [] {
-    attr_err = cudaFuncSetAttribute(matmul_sm90_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, T::SMEM_BYTES);
+    attr_err = cudaFuncSetAttribute(matmul_sm90_kernel<T, GATE_UP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    T::SMEM_BYTES);
     int device = 0, sms = 0, per_sm = 0;
     if (attr_err == cudaSuccess) attr_err = cudaGetDevice(&device);
     if (attr_err == cudaSuccess) attr_err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (attr_err == cudaSuccess)
-      attr_err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, matmul_sm90_kernel<T>, T::THREADS, T::SMEM_BYTES);
+      attr_err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, matmul_sm90_kernel<T, GATE_UP>, T::THREADS,
+                                                               T::SMEM_BYTES);
     slots = sms * per_sm;
   });
   CUDA_CHECK(attr_err);
   DI_CHECK(slots > 0, "matmul: the sm_90 kernel ", T::BM, "x", T::BN, " does not fit on this device");
+  return slots;
+}
+
+// One launch of configuration T: a persistent grid of as many blocks as fit on the device (at
+// most one per tile), p.splits deep.
+template <typename T>
+void launch_tiles(const Problem& p, cudaStream_t stream) {
   DI_CHECK(T::A_ROWS == T::BM || p.M <= T::A_ROWS, "matmul: the sm_90 tiles with ", T::A_ROWS,
            " rows of a take M <= ", T::A_ROWS, ", not ", p.M);
   DI_CHECK(!p.gate_up || (T::BN >= 16 && p.N % 2 == 0 && p.splits == 1 && !p.out_f32),
@@ -348,10 +359,18 @@ void launch_tiles(const Problem& p, cudaStream_t stream) {
                       reinterpret_cast<uintptr_t>(p.out) % 16 == 0;
   // Without staging the kernel never reads map_out: any valid map will do.
   CUtensorMap map_out = staged ? tensor_map(p.out, p.M, n_out, 64, "out") : map_w;
-  Args args{static_cast<const __nv_bfloat16*>(p.bias), p.out, p.out_f32, p.M, p.N, p.K, n_out, p.gate_up,
+  Args args{static_cast<const __nv_bfloat16*>(p.bias), p.out, p.out_f32, p.M, p.N, p.K, n_out,
             p.k_per_split, a_rows, pairs, staged};
-  dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, slots)), 1, static_cast<unsigned>(p.splits));
-  matmul_sm90_kernel<T><<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(map_a, map_w, map_out, args);
+  if constexpr (T::BN >= 16) {
+    if (p.gate_up) {
+      dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, resident_blocks<T, true>())), 1, 1);
+      matmul_sm90_kernel<T, true><<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(map_a, map_w, map_out, args);
+      return;
+    }
+  }
+  dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, resident_blocks<T, false>())), 1,
+            static_cast<unsigned>(p.splits));
+  matmul_sm90_kernel<T, false><<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(map_a, map_w, map_out, args);
 }
 
 }  // namespace detinfer::cuda::sm90

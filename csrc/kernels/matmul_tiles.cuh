@@ -102,7 +102,9 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const __nv_bfloat16* sr
   load_tile_rows<ROWS, THREADS>(tile, src, K, k0, k_end, [&](int row) { return row0 + row < rows ? row0 + row : -1; });
 }
 
-template <typename Tiles>
+// GATE_UP: args.gate_up, as a template argument, so that the plain product's code is the one it
+// was without the fusion.
+template <typename Tiles, bool GATE_UP>
 __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kernel(MatmulArgs args) {
   constexpr int BM = Tiles::BM, BN = Tiles::BN, STAGES = Tiles::STAGES, THREADS = Tiles::THREADS;
   constexpr int MT = Tiles::MT, NT = Tiles::NT, WM = Tiles::WM, WN = Tiles::WN;
@@ -113,8 +115,8 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
   const uint32_t smem_base = ptx::smem_addr(smem);
 
   // A gate_up block covers BN/2 columns of out (n0 counts them); plain blocks cover BN.
-  const int n_out = args.gate_up ? args.N / 2 : args.N;
-  const int n0 = blockIdx.x * (args.gate_up ? BN / 2 : BN), m0 = blockIdx.y * BM;
+  const int n_out = GATE_UP ? args.N / 2 : args.N;
+  const int n0 = blockIdx.x * (GATE_UP ? BN / 2 : BN), m0 = blockIdx.y * BM;
   const int k_begin = blockIdx.z * args.k_per_split;
   const int k_end = min(args.K, k_begin + args.k_per_split);
   const int k_tiles = (k_end - k_begin + KB * kBlockK - 1) / (KB * kBlockK);  // pipeline stages
@@ -137,7 +139,7 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
       uint32_t w_tile = a_tile + BM * kBlockK * 2;
       int k0 = k_begin + (kt * KB + j) * kBlockK;
       load_tile<BM, THREADS>(a_tile, args.a, args.M, args.K, m0, k0, k_end);
-      if (args.gate_up) {
+      if constexpr (GATE_UP) {
         // Warp block b of the tile (rows b*WN ..): WN/2 gate rows, then the same columns' up rows.
         load_tile_rows<BN, THREADS>(w_tile, args.w, args.K, k0, k_end, [&](int row) {
           const int half = WN / 2, b = row / WN, o = row % WN;
@@ -203,7 +205,7 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
   const int g = lane >> 2, t = lane & 3;
   // gate_up: n8 tile j < NT/2 holds gate columns, tile j + NT/2 the up columns of the same outputs
   // (the partner index is taken modulo NT so that every unrolled j indexes acc in range).
-  const int warp_cols = args.gate_up ? WN / 2 : WN;
+  constexpr int warp_cols = GATE_UP ? WN / 2 : WN;
   float* out_f32 = static_cast<float*>(args.out) + static_cast<int64_t>(blockIdx.z) * args.M * args.N;
   __nv_bfloat16* out_bf16 = static_cast<__nv_bfloat16*>(args.out);
 #pragma unroll
@@ -212,14 +214,14 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        if (args.gate_up && j >= NT / 2) continue;
+        if (GATE_UP && j >= NT / 2) continue;
         int row = m0 + warp_m * WM + i * kMmaM + g + (r >= 2 ? 8 : 0);
         int col = n0 + warp_n * warp_cols + j * kMmaN + 2 * t + (r & 1);
         if (row >= args.M || col >= n_out) continue;
         float v = acc[i][j][r];
         if (args.bias) v = v + __bfloat162float(args.bias[col]);
         int64_t idx = static_cast<int64_t>(row) * n_out + col;
-        if (args.gate_up) {
+        if constexpr (GATE_UP) {
           float u = acc[i][(j + NT / 2) % NT][r];
           if (args.bias) u = u + __bfloat162float(args.bias[n_out + col]);
           out_bf16[idx] = silu_mul_value(__float2bfloat16_rn(v), __float2bfloat16_rn(u));
@@ -233,22 +235,30 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
 
 // One launch of configuration Tiles over `splits` K ranges (blockIdx.z). The caller has checked
 // the shapes and alignment (matmul.cu's run_matmul).
-template <typename Tiles>
-void launch_tiles(const MatmulArgs& args, int splits, cudaStream_t stream) {
+template <typename Tiles, bool GATE_UP>
+void launch_kernel(const MatmulArgs& args, dim3 grid, cudaStream_t stream) {
   static std::once_flag once;
   static cudaError_t attr_err = cudaSuccess;
   std::call_once(once, [] {
-    attr_err = cudaFuncSetAttribute(matmul_kernel<Tiles>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    attr_err = cudaFuncSetAttribute(matmul_kernel<Tiles, GATE_UP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     Tiles::SMEM_BYTES);
   });
   CUDA_CHECK(attr_err);
+  matmul_kernel<Tiles, GATE_UP><<<grid, Tiles::THREADS, Tiles::SMEM_BYTES, stream>>>(args);
+}
+
+template <typename Tiles>
+void launch_tiles(const MatmulArgs& args, int splits, cudaStream_t stream) {
   DI_CHECK(!args.gate_up || (Tiles::NT >= 2 && args.N % 2 == 0 && splits == 1 && !args.out_f32),
            "matmul: a gate_up product needs warps of 2 or more n8 tiles, an even N, one split and bf16 out");
   const int64_t block_n = args.gate_up ? Tiles::BN / 2 : Tiles::BN, n_out = args.gate_up ? args.N / 2 : args.N;
   int64_t grid_n = (n_out + block_n - 1) / block_n, grid_m = (args.M + Tiles::BM - 1) / Tiles::BM;
   DI_CHECK(grid_m <= 65535, "matmul: M = ", args.M, " is too large for one launch");
   dim3 grid(static_cast<unsigned>(grid_n), static_cast<unsigned>(grid_m), splits);
-  matmul_kernel<Tiles><<<grid, Tiles::THREADS, Tiles::SMEM_BYTES, stream>>>(args);
+  if constexpr (Tiles::NT >= 2) {
+    if (args.gate_up) return launch_kernel<Tiles, true>(args, grid, stream);
+  }
+  launch_kernel<Tiles, false>(args, grid, stream);
 }
 
 }  // namespace detinfer::cuda::mma_sync
