@@ -195,7 +195,10 @@ void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor
   check_operands("matmul_silu_mul", a, w);
   const bool hopper = K > 0 && use_wgmma();
   const MatmulLaunch l = matmul_config(M, N, K, hopper);
-  if (K == 0 || l.splits > 1) {
+  // The mma.sync decode tile (16x32, one n8 tile per warp) cannot pair gate and up, and its 16x64
+  // sibling halves the blocks: on the H200 that made Qwen3-8B's gate|up 12% slower at M = 1
+  // (dev_matmul gate-up --mma-sync), so those products keep the two ops.
+  if (K == 0 || l.splits > 1 || (!hopper && l.tiles == k16x32kb2)) {
     run_matmul(gate_up, a, w, bias, false, 0, 1);
     silu_mul_packed(out, gate_up);
     return;
@@ -207,11 +210,9 @@ void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor
                     static_cast<int>(K), static_cast<int>(K), 1, true};
     sm90::launch(p, sm90::gate_up_config(l.tiles), stream);
   } else {
-    // The 8-column warps of the narrow decode tile cannot pair: its 16-column sibling instead.
-    const int tiles = l.tiles == k16x32kb2 ? k16x64kb2 : l.tiles;
     MatmulArgs args{a.ptr<__nv_bfloat16>(), w.ptr<__nv_bfloat16>(), bias_ptr, out.data(), false, static_cast<int>(M),
                     static_cast<int>(N), static_cast<int>(K), static_cast<int>(K), true};
-    kTileTable[tiles].launch(args, 1, stream);
+    kTileTable[l.tiles].launch(args, 1, stream);
   }
   CUDA_CHECK_LAUNCH("matmul_silu_mul", shapes(M, N, K));
 }
