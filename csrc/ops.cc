@@ -140,12 +140,13 @@ static void check_product(const Checker& c, const Tensor& a, const Tensor& w) {
   c.dim(a, "a", 1, w.dim(1), "K, the second dimension of w");
 }
 
-static void check_bias(const Checker& c, const Tensor& out, const Tensor* bias, int64_t N) {
+static void check_bias(const Checker& c, const Tensor& out, const Tensor* bias, int64_t N,
+                       const char* what = "N, columns of out") {
   if (!bias) return;
   c.devices({{"out", &out}, {"bias", bias}});
   c.dtype(*bias, "bias", {DType::BF16});
   c.rank(*bias, "bias", 1);
-  c.dim(*bias, "bias", 0, N, "N, columns of out");
+  c.dim(*bias, "bias", 0, N, what);
 }
 
 void matmul_partitioned(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
@@ -244,12 +245,7 @@ void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor
   c.dtype(gate_up, "gate_up", {DType::BF16});
   c.dim(gate_up, "gate_up", 0, a.dim(0), "M, rows of a");
   c.dim(gate_up, "gate_up", 1, w.dim(0), "2I, rows of w");
-  if (bias) {
-    c.devices({{"out", &out}, {"bias", bias}});
-    c.dtype(*bias, "bias", {DType::BF16});
-    c.rank(*bias, "bias", 1);
-    c.dim(*bias, "bias", 0, w.dim(0), "2I, rows of w");
-  }
+  check_bias(c, out, bias, w.dim(0), "2I, rows of w");
   on_cuda(out) ? cuda::matmul_silu_mul(out, gate_up, a, w, bias) : cpu::matmul_silu_mul(out, gate_up, a, w, bias);
 }
 
