@@ -225,8 +225,8 @@ constexpr int kSlice = 4 * kSliceThreads * kSliceGroups;  // 8192 logits per sli
 static_assert(kSliceGroups % kVariantSplits == 0, "the variant's parts are whole groups");
 // Rows per round of launches; sizes the workspace (about 90 KiB per row).
 constexpr int64_t kChunkRows = 256;
-// Value bins of the scaled logit distance d = max/T - x/T (raw logits for greedy rows): bin
-// floor(d * kBinScale), the last bin holding everything at or beyond kBinRange.
+// Value bins of the scaled logit distance d = (max - x)/T (raw logits for greedy rows): bin
+// floor(d * kBinScale), the last bin holding everything at or beyond kBinRange (Scale::bin).
 constexpr int kBins = 2048;
 constexpr float kBinRange = 24.f;
 constexpr float kBinScale = (kBins - 1) / kBinRange;
@@ -265,13 +265,22 @@ __device__ RowMode row_mode(const RowChoice& p, int64_t V, int top_n) {
   return m;
 }
 
-// What the row's passes share: the scaled maximum and the bin of a logit.
+// What the row's passes share: the scaled maximum, the bin of a logit and its mass.
+// The bin of x is floor((max - x) * kBinScale / T), the last bin holding everything at or beyond
+// kBins - 1: a non-increasing function of x (each rounding step is monotone), computed the same
+// way by every kernel. Bins only narrow the search (a token's bin decides which list it goes to,
+// never whether it is kept), so they need not use the exact scaled logit x / T; masses do.
 struct Scale {
-  float t;     // temperature (1 for greedy rows: bins on raw logits)
-  float smax;  // max / t
+  float t;          // temperature (1 for greedy rows: bins on raw logits)
+  float smax;       // max / t
+  float max;        // the row's largest logit
+  float bin_scale;  // kBinScale / t
+  float inv_t;      // 1 / t, for bounds only (approx below)
   __device__ float scaled(float x) const { return x / t; }
+  // x / t within two ulps (one rounding of 1/t, one of the product): for the pruning bounds.
+  __device__ float approx(float x) const { return x * inv_t; }
   __device__ int bin(float x) const {
-    float d = (smax - scaled(x)) * kBinScale;
+    float d = (max - x) * bin_scale;
     return d >= static_cast<float>(kBins - 1) ? kBins - 1 : static_cast<int>(d);
   }
   __device__ float weight(float x) const { return expf(scaled(x) - smax); }
@@ -279,7 +288,8 @@ struct Scale {
 };
 
 __device__ Scale row_scale(const RowChoice& p, const RowMode& mode, float m) {
-  return {mode.sampling ? p.t : 1.f, mode.sampling ? m / p.t : m};
+  const float t = mode.sampling ? p.t : 1.f;
+  return {t, mode.sampling ? m / p.t : m, m, kBinScale / t, 1.f / t};
 }
 
 // Sort key of token v: larger logit first, then lower id. Unique per token.
@@ -305,6 +315,9 @@ struct RowPlan {
   int lo, hi;                       // list B: the tokens of bins [lo, hi] (lo > hi: none)
   int top_bin;                      // list A: the tokens of bins [0, top_bin] (-1: none)
   int overflow_b, overflow_a;       // more than kCandidates tokens: the select kernel's exact path
+  int bad;                          // the row is not finite (nothing else is set)
+  float max;                        // the row's largest logit
+  float bound;                      // the gather kernel's Gumbel-max bound (-inf: none)
 };
 
 struct ChoiceWork {
@@ -325,41 +338,72 @@ struct RowStats {
   bool bad;
 };
 
-// The row's max, argmax and finiteness from its slices' partials (exact in any order).
-__device__ RowStats row_stats(const SliceStats* st, int P) {
-  ArgBest best{-INFINITY, 0x7fffffff};
-  bool bad = false;
-  for (int s = 0; s < P; ++s) {
-    const SliceStats a = st[s];
-    bad |= a.bad != 0;
-    best = arg_better(best, ArgBest{a.max, a.index});
+// The row's max, argmax and finiteness from its slices' partials: warp 0 folds them (a total order
+// on (value, id) and an OR, exact in any order) and the block shares the result. Every thread of
+// the block calls it, at most once per kernel.
+__device__ RowStats load_row_stats(const SliceStats* st, int P) {
+  __shared__ RowStats shared;
+  if (threadIdx.x < 32) {
+    ArgBest best{-INFINITY, 0x7fffffff};
+    bool bad = false;
+    for (int s = threadIdx.x; s < P; s += 32) {
+      const SliceStats a = st[s];
+      bad |= a.bad != 0;
+      best = arg_better(best, ArgBest{a.max, a.index});
+    }
+    best = warp_argmax(best);
+    bad = __any_sync(0xffffffffu, bad);
+    if (threadIdx.x == 0) shared = RowStats{best.value, best.index, bad || best.value == -INFINITY};
   }
-  return {best.value, best.index, bad || best.value == -INFINITY};
-}
-
-// lse = m + logf(sum over slices, in slice order, of sum_s * expf(max_s - m)).
-__device__ float row_lse(const SliceStats* st, int P, float m) {
-  float sum = 0.f;
-  for (int s = 0; s < P; ++s) {
-    const SliceStats a = st[s];
-    if (a.sum > 0.f) sum = sum + a.sum * expf(a.max - m);
-  }
-  return m + logf(sum);
-}
-
-// A row's per-slice partials (stats, picks) copied into shared memory by the whole block with one
-// load each, when they fit (P <= kStagedSlices, V up to 524,288), so that the loops over slices
-// above read shared memory instead of waiting on P global loads one after another. Larger rows
-// read them where they are. Every thread of the block must call it; the loops read the same
-// values in the same order either way.
-constexpr int kStagedSlices = 64;
-
-template <class T>
-__device__ const T* stage_row(const T* g, int P, T* staged) {
-  if (P > kStagedSlices) return g;
-  for (int i = threadIdx.x; i < P; i += blockDim.x) staged[i] = g[i];
   __syncthreads();
-  return staged;
+  return shared;
+}
+
+// The best of the slices' Gumbel-max picks (exact in any order), as load_row_stats.
+__device__ ArgBest load_best_pick(const ArgBest* picks, int P) {
+  __shared__ ArgBest shared;
+  if (threadIdx.x < 32) {
+    ArgBest best{-INFINITY, 0x7fffffff};
+    for (int s = threadIdx.x; s < P; s += 32) best = arg_better(best, picks[s]);
+    best = warp_argmax(best);
+    if (threadIdx.x == 0) shared = best;
+  }
+  __syncthreads();
+  return shared;
+}
+
+// lse = m + logf(sum over slices, in slice order, of sum_s * expf(max_s - m)). Warp 0 forms the
+// terms in parallel; one thread adds them in slice order (a slice with no sum adds +0, which
+// leaves a sum >= 0 as it is). Every thread calls it, at most once per kernel, and gets lse.
+constexpr int kTermSlices = 64;  // V up to 524,288 keeps its terms in shared memory
+
+__device__ float load_row_lse(const SliceStats* st, int P, float m) {
+  __shared__ float terms[kTermSlices];
+  __shared__ float lse;
+  if (P <= kTermSlices) {
+    if (threadIdx.x < 32) {
+      for (int s = threadIdx.x; s < P; s += 32) {
+        const SliceStats a = st[s];
+        terms[s] = a.sum > 0.f ? a.sum * expf(a.max - m) : 0.f;
+      }
+      __syncwarp();
+      if (threadIdx.x == 0) {
+        float sum = 0.f;
+#pragma unroll 8
+        for (int s = 0; s < P; ++s) sum = sum + terms[s];
+        lse = m + logf(sum);
+      }
+    }
+  } else if (threadIdx.x == 0) {
+    float sum = 0.f;
+    for (int s = 0; s < P; ++s) {
+      const SliceStats a = st[s];
+      if (a.sum > 0.f) sum = sum + a.sum * expf(a.max - m);
+    }
+    lse = m + logf(sum);
+  }
+  __syncthreads();
+  return lse;
 }
 
 // ---- Slice kernels ----
@@ -399,14 +443,22 @@ __device__ __forceinline__ bool row_vec(const float* x, int64_t V) {
 }
 
 // Visits this thread's values of the slice in their fixed order, f(i, e, x): value i = 4j + c of
-// the thread (its bit in a per-thread mask), at offset e in the slice; values past the end are skipped.
-template <class F>
+// the thread (its bit in a per-thread mask), at offset e in the slice; values past the end are
+// skipped. Every slice but perhaps a row's last is full: visit_slice checks the end once, and the
+// full case runs without a check per value.
+template <bool FULL, class F>
 __device__ __forceinline__ void for_each_value(const float (&v)[kSliceGroups][4], SliceRange sl, F&& f) {
 #pragma unroll
   for (int j = 0; j < kSliceGroups; ++j)
 #pragma unroll
     for (int c = 0; c < 4; ++c)
-      if (slice_offset(j, c) < sl.len) f(4 * j + c, slice_offset(j, c), v[j][c]);
+      if (FULL || slice_offset(j, c) < sl.len) f(4 * j + c, slice_offset(j, c), v[j][c]);
+}
+
+template <class F>
+__device__ __forceinline__ void visit_slice(const float (&v)[kSliceGroups][4], SliceRange sl, F&& f) {
+  if (sl.len == kSlice) for_each_value<true>(v, sl, f);
+  else for_each_value<false>(v, sl, f);
 }
 
 template <int THREADS>
@@ -430,32 +482,41 @@ __device__ unsigned long long block_sum_u64(unsigned long long v) {
 
 __device__ __forceinline__ float gumbel_of(uint32_t bits) { return -logf(-logf(ch::noise_uniform(bits))); }
 
-// Whether a token whose scaled logit is `gap` above the best score so far, `best` (gap <= 0
-// mostly), can come near that score with noise drawn from u. Its noise -log(-log u) would have to
-// exceed -gap - tol, that is u > exp(-exp(gap + tol)), where tol (1e-3, and 16 float32 ulps of
-// the score) is far above the rounding of a score; the bound uses the fast exponentials,
-// loosened by a factor (1 - 2^-10) far beyond their error. A token it rules out has an exact score
-// below best - tol, so it could not have won (nor tied): every other token gets its exact noise.
-// It saves the two logarithms of most tokens and changes no choice. Before any score (best =
-// -inf) every finite token may win.
-__device__ __forceinline__ bool may_win(float gap, float best, float u) {
-  const float tol = 1e-3f + fabsf(best) * 2e-6f;
+// Whether a token whose scaled logit is about `gap` above `bound`, the exact score of a kept token
+// (gap <= 0 mostly), can come near that score with noise drawn from u. Its noise -log(-log u)
+// would have to exceed -gap - tol, that is u > exp(-exp(gap + tol)). The gap comes from
+// Scale::approx, within two ulps of the scaled logit; tol (2e-3, and 32 float32 ulps of the bound)
+// is far above that and the rounding of a score (the gap matters only within kGumbelMax of the
+// bound, where the scaled logit's ulps are the bound's or smaller). The bound uses the fast
+// exponentials, loosened by a factor (1 - 2^-10) far beyond their error. A token it rules out has
+// an exact score below the bound, so it could not have won (nor tied): every other token gets its
+// exact score. It saves the two logarithms of most tokens and changes no choice. Before any
+// score (bound = -inf) every finite token may win.
+__device__ __forceinline__ float prune_tol(float bound) { return 2e-3f + fabsf(bound) * 4e-6f; }
+
+__device__ __forceinline__ bool may_win(float gap, float tol, float u) {
   if (gap + tol >= 0.f) return true;
   const float threshold = __expf(-__expf(gap + tol));
   return u >= threshold * (1.f - 0.0009765625f);
 }
 
-// One step of Gumbel-max: token v with logit xv, kept by the cut (the caller checked), against the
-// thread's best so far. Pruning against a lower bound of the final best never changes the choice,
-// so the result is the exact maximum of (x/T + noise, lowest id on ties) over the visited tokens.
-__device__ __forceinline__ void gumbel_step(ArgBest& pick, int64_t v, float xv, const Scale& s, uint32_t noise_row,
-                                            float min_p) {
-  const float sv = s.scaled(xv);
-  if (sv + ch::kGumbelMax < pick.value) return;
+// One step of Gumbel-max: token v with logit xv, kept by the cut (the caller checked), against
+// `bound`, the exact score of a kept token (the best of this thread so far, or one given: every
+// call that passes a bound must visit the token it comes from, or one at least as good). Pruning
+// against a lower bound of the final best never changes the choice, so the result is the exact
+// maximum of (x/T + noise, lowest id on ties) over the visited tokens. Only tokens that may win
+// pay the exact division and logarithms.
+__device__ __forceinline__ void gumbel_step(ArgBest& pick, float& bound, int64_t v, float xv, const Scale& s,
+                                            uint32_t noise_row, float min_p) {
+  const float sa = s.approx(xv);
+  const float tol = prune_tol(bound);
+  if (sa + (ch::kGumbelMax + tol) < bound) return;
   if (min_p > 0.f && s.weight(xv) < min_p) return;
   const uint32_t bits = ch::noise_token(noise_row, static_cast<uint32_t>(v));
-  if (!may_win(sv - pick.value, pick.value, ch::noise_uniform(bits))) return;
-  pick = arg_better(pick, ArgBest{sv + gumbel_of(bits), static_cast<int>(v)});
+  if (!may_win(sa - bound, tol, ch::noise_uniform(bits))) return;
+  const ArgBest score{s.scaled(xv) + gumbel_of(bits), static_cast<int>(v)};
+  pick = arg_better(pick, score);
+  bound = fmaxf(bound, score.value);
 }
 
 // The Gumbel-max score of a token that is certainly kept (the row's best logit, or in the stats
@@ -479,6 +540,24 @@ __device__ __forceinline__ void append(bool take, unsigned long long* list, unsi
   }
 }
 
+// Shared-memory atomics on a 32-bit shared address plus a constant offset: the address is
+// formed once per kernel (opaque to the compiler, which would otherwise form it again per add).
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  uint32_t at = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("mov.b32 %0, %0;" : "+r"(at));
+  return at;
+}
+template <int OFFSET>
+__device__ __forceinline__ void shared_add(uint32_t at, unsigned v) {
+  asm volatile("red.shared.add.u32 [%0+%2], %1;" ::"r"(at), "r"(v), "n"(OFFSET) : "memory");
+}
+template <int OFFSET>
+__device__ __forceinline__ unsigned shared_fetch_add(uint32_t at, unsigned v) {
+  unsigned old;
+  asm volatile("atom.shared.add.u32 %0, [%1+%3], %2;" : "=r"(old) : "r"(at), "r"(v), "n"(OFFSET) : "memory");
+  return old;
+}
+
 __global__ void __launch_bounds__(kSliceThreads, 3)
     choice_stats_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, bool variant_split) {
   const int P = w.slices, s = blockIdx.x;
@@ -487,12 +566,19 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   const SliceRange sl = slice_range(V, static_cast<int>(blockIdx.x));
   float v[kSliceGroups][4];
   load_slice(v, xr, sl, row_vec(x, V));
+  // Values past the end are -inf (load_slice): they are not bad, never beat an earlier value (a
+  // thread visits its values in increasing id, so the first of equal values is its lowest id), and
+  // add expf(-inf) = +0 to a sum >= 0, which leaves it as it is. So no value needs an end check.
   ArgBest best{-INFINITY, 0x7fffffff};
-  int bad = 0;
-  for_each_value(v, sl, [&](int, int e, float xv) {
-    bad |= isnan(xv) || (isinf(xv) && xv > 0);
-    best = arg_better(best, ArgBest{xv, sl.begin + e});
-  });
+  bool bad = false;
+#pragma unroll
+  for (int j = 0; j < kSliceGroups; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const float xv = v[j][c];
+      bad |= !(xv < INFINITY);  // NaN or +infinity
+      if (xv > best.value) best = ArgBest{xv, sl.begin + slice_offset(j, c)};
+    }
   bad = __syncthreads_or(bad);
   best = block_argmax<kSliceThreads>(best);
   const float m = best.value;
@@ -500,7 +586,10 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   if (!bad && m != -INFINITY) {
     if (!variant_split) {
       float local = 0.f;
-      for_each_value(v, sl, [&](int, int, float xv) { local = local + expf(xv - m); });
+#pragma unroll
+      for (int j = 0; j < kSliceGroups; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) local = local + expf(v[j][c] - m);
       sum = block_sum<kSliceThreads>(local);
     } else {
       // Contiguous quarters of the slice (groups 2q, 2q + 1 of every thread), each with its own max.
@@ -525,7 +614,7 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
       }
     }
   }
-  if (threadIdx.x == 0) w.stats[r * P + s] = SliceStats{m, sum, best.index, bad};
+  if (threadIdx.x == 0) w.stats[r * P + s] = SliceStats{m, sum, best.index, bad ? 1 : 0};
 
   const RowChoice p = load_choice(params + r * ch::kParams);
   const RowMode mode = row_mode(p, V, top_n);
@@ -536,10 +625,12 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   }
   if (mode.gumbel == 1) {
     // No cut and no min-p: every token is kept, and the maximum is not needed.
-    const Scale sc{p.t, 0.f};
+    const Scale sc{p.t, 0.f, 0.f, 0.f, 1.f / p.t};
     const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
     ArgBest pick = gumbel_seed(m, best.index, sc, noise_row);
-    for_each_value(v, sl, [&](int, int e, float xv) { gumbel_step(pick, sl.begin + e, xv, sc, noise_row, 0.f); });
+    float bound = pick.value;
+    visit_slice(v, sl,
+                [&](int, int e, float xv) { gumbel_step(pick, bound, sl.begin + e, xv, sc, noise_row, 0.f); });
     pick = block_argmax<kSliceThreads>(pick);
     if (threadIdx.x == 0) w.picks[r * P + s] = pick;
   }
@@ -547,9 +638,13 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
 
 __global__ void __launch_bounds__(kSliceThreads, 2)
     choice_bins_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, int per_block) {
-  // Masses as two 32-bit words (low, high) so that every shared atomic is a native 32-bit add.
-  __shared__ unsigned mass_lo[kBins], mass_hi[kBins];
-  __shared__ unsigned bin_count[kBins];
+  // Per bin: the count, and the mass as two 32-bit words (low, high) so that every shared atomic
+  // is a native 32-bit add; one array, so that one address serves all three.
+  __shared__ unsigned bins[3 * kBins];
+  unsigned* bin_count = bins;
+  unsigned* mass_lo = bins + kBins;
+  unsigned* mass_hi = bins + 2 * kBins;
+  constexpr int kLoOffset = 4 * kBins, kHiOffset = 8 * kBins;  // bytes
   const int P = w.slices;
   const int first = static_cast<int>(blockIdx.x) * per_block, last = min(P, first + per_block);
   const int64_t r = blockIdx.y;
@@ -561,11 +656,13 @@ __global__ void __launch_bounds__(kSliceThreads, 2)
   const bool vec = row_vec(x, V);
   float v[kSliceGroups][4];
   load_slice(v, xr, slice_range(V, first), vec);
-  __shared__ SliceStats staged[kStagedSlices];
-  const RowStats st = row_stats(stage_row(w.stats + r * P, P, staged), P);
+  const RowStats st = load_row_stats(w.stats + r * P, P);
   if (st.bad) return;
   const Scale sc = row_scale(p, mode, st.max);
   const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
+  // Counts serve top-k and the top-N alone (a top-p row's lists are counted as they are gathered).
+  const bool counts = mode.filter_k || mode.row_top > 0;
+  const uint32_t bins_at = shared_address(bins);
 
   if (mode.bins) {
     for (int b = threadIdx.x; b < kBins; b += kSliceThreads) bin_count[b] = 0, mass_lo[b] = 0, mass_hi[b] = 0;
@@ -577,30 +674,33 @@ __global__ void __launch_bounds__(kSliceThreads, 2)
     const SliceRange sl = slice_range(V, s);
     if (s > first) load_slice(v, xr, sl, vec);
     if (mode.bins) {
-      for_each_value(v, sl, [&](int, int, float xv) {
+      visit_slice(v, sl, [&](int, int, float xv) {
         const int b = sc.bin(xv);
         const unsigned long long wv = mode.filter_p ? sc.mass(xv) : 0ull;  // masses serve top-p alone
         if (b == kBins - 1) {
           tail_count += 1, tail_mass += wv;  // the crowded last bin is added once per block, below
           return;
         }
-        atomicAdd(&bin_count[b], 1u);
+        const uint32_t at = bins_at + 4u * static_cast<uint32_t>(b);
+        if (counts) shared_add<0>(at, 1u);
         if (wv) {
           // A 64-bit add as 32-bit ones: the add that wraps the low word past 2^32 (its old value
           // plus its addend wraps) carries one into the high word. Every wrap is seen by exactly
           // one add, so high * 2^32 + low is the exact sum (below 2^56 per block).
           const unsigned lo = static_cast<unsigned>(wv), hi = static_cast<unsigned>(wv >> 32);
-          const unsigned old = atomicAdd(&mass_lo[b], lo);
+          const unsigned old = shared_fetch_add<kLoOffset>(at, lo);
           const unsigned up = hi + (old + lo < old ? 1u : 0u);
-          if (up) atomicAdd(&mass_hi[b], up);
+          if (up) shared_add<kHiOffset>(at, up);
         }
       });
     }
     if (mode.gumbel == 2) {
       // min-p without a cut: needs the row's maximum, hence this pass.
       ArgBest pick = gumbel_seed(st.max, st.index, sc, noise_row);
-      for_each_value(v, sl,
-                     [&](int, int e, float xv) { gumbel_step(pick, sl.begin + e, xv, sc, noise_row, p.min_p); });
+      float bound = pick.value;
+      visit_slice(v, sl, [&](int, int e, float xv) {
+        gumbel_step(pick, bound, sl.begin + e, xv, sc, noise_row, p.min_p);
+      });
       pick = block_argmax<kSliceThreads>(pick);
       if (threadIdx.x == 0) w.picks[r * P + s] = pick;
     }
@@ -823,12 +923,14 @@ __device__ unsigned long long prefix_cut(Candidates c, const unsigned* bin_count
   for (int b = threadIdx.x; b < bc.bin; b += kChoiceThreads) local += bin_mass[b];
   unsigned long long mass_before = block_sum_u64<kChoiceThreads>(local);
   unsigned long long within = 0, cut;
+  // (A top-p row without top-k or top-N has no counts: its bin is gathered, and counted then.)
+  bool gathered = false;
   if (bin_count[bc.bin] <= static_cast<unsigned>(kCandidates)) {
     gather_bins(c, x, V, s, bc.bin, bc.bin, true);
-    cut = cut_in_candidates(c, target - bc.before, by_mass, &within);
-  } else {
-    cut = cut_by_bisection(x, V, s, bc.bin, bc.before, target, by_mass, &within);
+    gathered = *c.count <= kCandidates;
   }
+  if (gathered) cut = cut_in_candidates(c, target - bc.before, by_mass, &within);
+  else cut = cut_by_bisection(x, V, s, bc.bin, bc.before, target, by_mass, &within);
   *prefix_mass = mass_before + within;
   return cut;
 }
@@ -842,9 +944,15 @@ __global__ void __launch_bounds__(kChoiceThreads)
   const RowChoice p = load_choice(params + r * ch::kParams);
   const RowMode mode = row_mode(p, V, top_n);
   if (!mode.bins) return;
-  __shared__ SliceStats staged[kStagedSlices];
-  const RowStats st = row_stats(stage_row(w.stats + r * P, P, staged), P);
-  if (st.bad) return;
+  const RowStats st = load_row_stats(w.stats + r * P, P);
+  if (st.bad) {
+    if (threadIdx.x == 0) {
+      RowPlan plan{};
+      plan.bad = 1;
+      w.plan[r] = plan;
+    }
+    return;
+  }
   for (int b = threadIdx.x; b < kBins; b += kChoiceThreads)
     bin_count[b] = w.bin_count[r * kBins + b], bin_mass[b] = w.bin_mass[r * kBins + b];
   __syncthreads();
@@ -876,6 +984,23 @@ __global__ void __launch_bounds__(kChoiceThreads)
   plan.z_all = z_all;
   plan.lo = lo, plan.hi = hi;
   plan.top_bin = -1;
+  plan.max = st.max;
+  plan.bound = -INFINITY;
+  if (mode.gumbel == 3 && threadIdx.x < 32) {
+    // The gather kernel's bound: the best exact score among the slices' largest logits that are
+    // kept whatever the cut (in bins below lo, and min-p), the row's largest always among them
+    // (its weight is 1). The gather kernel visits each of them, so it may prune against it.
+    const Scale sc = row_scale(p, mode, st.max);
+    const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
+    float bound = threadIdx.x == 0 ? gumbel_seed(st.max, st.index, sc, noise_row).value : -INFINITY;
+    for (int s = threadIdx.x; s < P; s += 32) {
+      const SliceStats a = w.stats[r * P + s];
+      if (a.max == -INFINITY || sc.bin(a.max) >= lo) continue;
+      if (p.min_p > 0.f && sc.weight(a.max) < p.min_p) continue;
+      bound = fmaxf(bound, gumbel_seed(a.max, a.index, sc, noise_row).value);
+    }
+    plan.bound = warp_max(bound);
+  }
   if (lo <= hi) {
     unsigned long long count_before = 0, mass_before = 0, held = 0;
     for (int b = threadIdx.x; b < kBins; b += kChoiceThreads) {
@@ -899,56 +1024,92 @@ __global__ void __launch_bounds__(kChoiceThreads)
 }
 
 __global__ void __launch_bounds__(kSliceThreads, 3)
-    choice_gather_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n) {
-  const int P = w.slices, s = blockIdx.x;
+    choice_gather_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, int per_block) {
+  const int P = w.slices;
+  const int first = static_cast<int>(blockIdx.x) * per_block, last = min(P, first + per_block);
   const int64_t r = blockIdx.y;
   const RowChoice p = load_choice(params + r * ch::kParams);
   const RowMode mode = row_mode(p, V, top_n);
   if (!mode.bins) return;
-  // The slice's loads go out first; the row's stats and plan arrive while they are in flight.
-  const SliceRange sl = slice_range(V, static_cast<int>(blockIdx.x));
+  // The first slice's loads go out first; the row's plan arrives while they are in flight.
+  const float* xr = x + r * V;
+  const bool vec = row_vec(x, V);
   float v[kSliceGroups][4];
-  load_slice(v, x + r * V, sl, row_vec(x, V));
+  load_slice(v, xr, slice_range(V, first), vec);
   const RowPlan plan = w.plan[r];
-  __shared__ SliceStats staged[kStagedSlices];
-  const RowStats st = row_stats(stage_row(w.stats + r * P, P, staged), P);
-  if (st.bad) return;
+  if (plan.bad) return;
   const bool take_b = plan.lo <= plan.hi && !plan.overflow_b;
   const bool take_a = plan.top_bin >= 0 && !plan.overflow_a;
   const bool picks = mode.gumbel == 3 && take_b;
   if (!take_a && !take_b) return;
-  const Scale sc = row_scale(p, mode, st.max);
+  const Scale sc = row_scale(p, mode, plan.max);
   unsigned* held = w.held + 2 * r;
   unsigned long long* list_a = w.list_a + r * kCandidates;
   unsigned long long* list_b = w.list_b + r * kCandidates;
   const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
-  ArgBest pick = picks ? gumbel_seed(st.max, st.index, sc, noise_row) : ArgBest{-INFINITY, 0x7fffffff};
-  // First the per-thread work, without warp-wide steps: the bin of each value, one bit per value
-  // for each list, and the Gumbel-max of the tokens above the cut bins (kept whatever the cut).
+  ArgBest pick{-INFINITY, 0x7fffffff};
+  const float bound = plan.bound;
+  // The lists as ranges of bins (an empty range when a list is not taken): list B holds bins
+  // b with b - b_lo <= b_span (unsigned), list A bins b <= a_top, and the Gumbel-max visits b < kept_below.
+  const int b_lo = take_b ? plan.lo : 0x7fffffff;
+  const unsigned b_span = take_b ? static_cast<unsigned>(plan.hi - plan.lo) : 0u;
+  const int a_top = take_a ? plan.top_bin : -1;
+  const int kept_below = picks ? plan.lo : 0;
+  // win_u[b]: the least noise draw u with which a token of bin b (b < kept_below) can reach the
+  // bound: may_win at the largest scaled logit of the bin. A token of bin b lies at most b/kBinScale
+  // below the scaled maximum, within rounding (relative 4e-7 of the bin's distance, 1.2e-7 of the
+  // scaled logits: see Scale::bin); sv_max adds a whole bin, 1e-3 and 1e-6 of the scaled maximum,
+  // far more. A token with u below it cannot win; the others get their exact score.
+  __shared__ float win_u[kBins];
+  if (picks) {
+    const float tol = prune_tol(bound);
+    for (int b = threadIdx.x; b < kept_below; b += kSliceThreads) {
+      const float sv_max = sc.smax - static_cast<float>(b - 1) / kBinScale + (1e-3f + fabsf(sc.smax) * 1e-6f);
+      const float gap = sv_max - bound;
+      win_u[b] = gap + tol >= 0.f ? 0.f : __expf(-__expf(gap + tol)) * (1.f - 0.0009765625f);
+    }
+    __syncthreads();
+  }
   static_assert(kSliceGroups * 4 <= 32, "one bit per value of a thread");
-  unsigned want_a = 0, want_b = 0;
-  for_each_value(v, sl, [&](int i, int e, float xv) {
-    const int b = sc.bin(xv);
-    want_b |= (take_b && b >= plan.lo && b <= plan.hi ? 1u : 0u) << i;
-    want_a |= (take_a && b <= plan.top_bin ? 1u : 0u) << i;
-    if (picks && b < plan.lo) gumbel_step(pick, sl.begin + e, xv, sc, noise_row, p.min_p);
-  });
-  // Then the appends, warp by warp, for the values that some lane of the warp takes (few: the
-  // lists hold at most kCandidates tokens per row); the value is read again from memory.
-  unsigned any = __reduce_or_sync(0xffffffffu, want_a | want_b);
-  const float* xs = x + r * V + sl.begin;
-  while (any) {
-    const int i = __ffs(any) - 1;
-    any &= any - 1;
-    const int e = slice_offset(i / 4, i % 4);
-    const bool in_a = (want_a >> i) & 1u, in_b = (want_b >> i) & 1u;
-    const unsigned long long key = in_a || in_b ? sort_key(__ldg(xs + e), sl.begin + e) : 0ull;
-    append(in_b, list_b, held + 1, key);
-    append(in_a, list_a, held, key);
+  for (int s = first; s < last; ++s) {
+    const SliceRange sl = slice_range(V, s);
+    if (s > first) load_slice(v, xr, sl, vec);
+    // First the per-thread work, without warp-wide steps: the bin of each value, one bit per value
+    // for each list, and the Gumbel-max of the tokens above the cut bins (kept whatever the cut).
+    unsigned want_a = 0, want_b = 0;
+    visit_slice(v, sl, [&](int i, int e, float xv) {
+      const int b = sc.bin(xv);
+      want_b |= (static_cast<unsigned>(b - b_lo) <= b_span ? 1u : 0u) << i;
+      want_a |= (b <= a_top ? 1u : 0u) << i;
+      if (b < kept_below) {
+        const uint32_t id = static_cast<uint32_t>(sl.begin + e);
+        const uint32_t bits = ch::noise_token(noise_row, id);
+        if (ch::noise_uniform(bits) >= win_u[b]) {
+          if (p.min_p > 0.f && sc.weight(xv) < p.min_p) return;
+          const ArgBest score{sc.scaled(xv) + gumbel_of(bits), static_cast<int>(id)};
+          pick = arg_better(pick, score);
+        }
+      }
+    });
+    // Then the appends, warp by warp, for the values that some lane of the warp takes (few: the
+    // lists hold at most kCandidates tokens per row); the value is read again from memory.
+    unsigned any = __reduce_or_sync(0xffffffffu, want_a | want_b);
+    const float* xs = xr + sl.begin;
+    while (any) {
+      const int i = __ffs(any) - 1;
+      any &= any - 1;
+      const int e = slice_offset(i / 4, i % 4);
+      const bool in_a = (want_a >> i) & 1u, in_b = (want_b >> i) & 1u;
+      const unsigned long long key = in_a || in_b ? sort_key(__ldg(xs + e), sl.begin + e) : 0ull;
+      append(in_b, list_b, held + 1, key);
+      append(in_a, list_a, held, key);
+    }
   }
   if (picks) {
+    // One pick for the block's slices, in the slot of its first; the others are emptied.
     pick = block_argmax<kSliceThreads>(pick);
-    if (threadIdx.x == 0) w.picks[r * P + s] = pick;
+    if (threadIdx.x == 0)
+      for (int s = first; s < last; ++s) w.picks[r * P + s] = s == first ? pick : ArgBest{-INFINITY, 0x7fffffff};
   }
 }
 
@@ -967,19 +1128,16 @@ __global__ void __launch_bounds__(kChoiceThreads)
   int32_t* o = out + r * (2 + 2 * static_cast<int64_t>(top_n));
   const RowChoice p = load_choice(params + r * ch::kParams);
   const RowMode mode = row_mode(p, V, top_n);
-  __shared__ SliceStats staged_stats[kStagedSlices];
-  __shared__ ArgBest staged_picks[kStagedSlices];
-  const SliceStats* stats = stage_row(w.stats + r * P, P, staged_stats);
-  // The slices' Gumbel-max picks (written by the rows that sample; read only by them).
-  const ArgBest* picks = stage_row(w.picks + r * P, P, staged_picks);
-  const RowStats st = row_stats(stats, P);
+  const RowStats st = load_row_stats(w.stats + r * P, P);
   if (st.bad) {
     for (int i = threadIdx.x; i < 2 + 2 * top_n; i += kChoiceThreads)
       o[i] = (i == 0 || (i >= 2 && i < 2 + top_n)) ? -1 : ch::float_bits(NAN);
     return;
   }
   const float m = st.max;
-  const float lse = row_lse(stats, P, m);
+  const float lse = load_row_lse(w.stats + r * P, P, m);
+  // The slices' Gumbel-max picks (written by the rows that sample; read only by them).
+  const ArgBest* picks = w.picks + r * P;
   const Scale s = row_scale(p, mode, m);
   // The exact one-block path reads the bins from shared memory.
   bool bins_loaded = false;
@@ -1000,18 +1158,20 @@ __global__ void __launch_bounds__(kChoiceThreads)
     const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
     ArgBest pick{-INFINITY, 0x7fffffff};
     if (mode.gumbel != 3) {
-      for (int k = 0; k < P; ++k) pick = arg_better(pick, picks[k]);
+      pick = load_best_pick(picks, P);
     } else {
       // The kept set: tokens whose sort key is at least `cut`, and min-p.
       const RowPlan plan = w.plan[r];
       unsigned long long cut = 0, z = plan.z_all, unused;
       ArgBest mine = gumbel_seed(m, st.index, s, noise_row);  // the best logit is always kept
-      if (!plan.overflow_b) {
+      // List B holds every token of bins [lo, hi] unless they were too many (the plan knew it from
+      // the counts, or, for a row without counts, the gather kernel counted past the list's end).
+      const unsigned held = w.held[2 * r + 1];
+      if (!plan.overflow_b && held <= static_cast<unsigned>(kCandidates)) {
         // The tokens of bins [lo, hi], sorted; the bins below lo hold plan.count_before tokens of
         // mass plan.mass_before, all kept, their Gumbel-max in the slices' picks.
-        for (int k = 0; k < P; ++k) pick = arg_better(pick, picks[k]);
-        const unsigned held = w.held[2 * r + 1];
-        const int n = held < static_cast<unsigned>(kCandidates) ? static_cast<int>(held) : kCandidates;
+        pick = load_best_pick(picks, P);
+        const int n = static_cast<int>(held);
         load_sorted(cand, w.list_b + r * kCandidates, n, s, true);
         if (mode.filter_k) {
           cut = cut_in_candidates(cand, static_cast<unsigned long long>(p.top_k) - plan.count_before, false, &z);
@@ -1022,9 +1182,10 @@ __global__ void __launch_bounds__(kChoiceThreads)
               cut_in_candidates(cand, ch::top_p_target(p.top_p, z) - plan.mass_before, true, &unused);
           cut = cut_p > cut ? cut_p : cut;
         }
+        float bound = fmaxf(mine.value, pick.value);  // both exact scores of kept tokens
         for (int i = threadIdx.x; i < n; i += kChoiceThreads) {
           const unsigned long long k = cand.key[i];
-          if (k >= cut) gumbel_step(mine, key_id(k), key_logit(k), s, noise_row, p.min_p);
+          if (k >= cut) gumbel_step(mine, bound, key_id(k), key_logit(k), s, noise_row, p.min_p);
         }
       } else {
         load_bins();
@@ -1035,8 +1196,9 @@ __global__ void __launch_bounds__(kChoiceThreads)
               prefix_cut(cand, bin_count, bin_mass, xr, V, s, ch::top_p_target(p.top_p, z), true, &unused);
           cut = cut_p > cut ? cut_p : cut;
         }
+        float bound = mine.value;
         for_each_logit(xr, V, [&](int64_t v, float xv) {
-          if (sort_key(xv, static_cast<int>(v)) >= cut) gumbel_step(mine, v, xv, s, noise_row, p.min_p);
+          if (sort_key(xv, static_cast<int>(v)) >= cut) gumbel_step(mine, bound, v, xv, s, noise_row, p.min_p);
         });
       }
       pick = arg_better(pick, block_argmax<kChoiceThreads>(mine));
@@ -1091,9 +1253,10 @@ __global__ void __launch_bounds__(kChoiceThreads)
   }
 }
 
-// Slices per block of the bins kernel: one while the rows are few (every slice in flight at
-// once), up to 4 once there are several waves of blocks, so that a row's bins take a quarter of
-// the global atomics. Bins are integer sums: the result is the same for any grouping.
+// Slices per block of the bins and gather kernels: one while the rows are few (every slice in
+// flight at once), up to 4 once there are several waves of blocks, so that a block's setup (its
+// bins, the row's plan) serves more values and a row's bins take a quarter of the global atomics.
+// Bins are integer sums and Gumbel-max an exact maximum: the result is the same for any grouping.
 int bins_slices_per_block(int P, unsigned rows) {
   return static_cast<int>(std::clamp<int64_t>(int64_t{P} * rows / 1024, 1, 4));
 }
@@ -1183,7 +1346,8 @@ void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
     CUDA_CHECK_LAUNCH("choose_tokens (bins)", shapes(rows, V));
     choice_plan_kernel<<<n, kChoiceThreads, 0, stream>>>(w, pc, V, top_n);
     CUDA_CHECK_LAUNCH("choose_tokens (plan)", shapes(rows, V));
-    choice_gather_kernel<<<slices, kSliceThreads, 0, stream>>>(w, xc, pc, V, top_n);
+    choice_gather_kernel<<<dim3(static_cast<unsigned>((P + per_block - 1) / per_block), n), kSliceThreads, 0, stream>>>(
+        w, xc, pc, V, top_n, per_block);
     CUDA_CHECK_LAUNCH("choose_tokens (gather)", shapes(rows, V));
     choice_select_kernel<<<n, kChoiceThreads, kChoiceSmem, stream>>>(oc, w, xc, pc, V, top_n);
     CUDA_CHECK_LAUNCH("choose_tokens (select)", shapes(rows, V));
