@@ -1055,18 +1055,25 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   const unsigned b_span = take_b ? static_cast<unsigned>(plan.hi - plan.lo) : 0u;
   const int a_top = take_a ? plan.top_bin : -1;
   const int kept_below = picks ? plan.lo : 0;
-  // win_u[b]: the least noise draw u with which a token of bin b (b < kept_below) can reach the
-  // bound: may_win at the largest scaled logit of the bin. A token of bin b lies at most b/kBinScale
-  // below the scaled maximum, within rounding (relative 4e-7 of the bin's distance, 1.2e-7 of the
-  // scaled logits: see Scale::bin); sv_max adds a whole bin, 1e-3 and 1e-6 of the scaled maximum,
-  // far more. A token with u below it cannot win; the others get their exact score.
-  __shared__ float win_u[kBins];
+  // win_h[b]: a token of bin b can reach the bound only if its noise hash is at least win_h[b]
+  // (0xffffffff: never, but for a hash of all ones, which then just gets its exact score). From
+  // may_win at the largest scaled logit of the bin: a token of bin b lies at most b/kBinScale below
+  // the scaled maximum, within rounding (relative 4e-7 of the bin's distance, 1.2e-7 of the scaled
+  // logits: see Scale::bin); sv_max adds a whole bin, 1e-3 and 1e-6 of the scaled maximum, far
+  // more. The least u is W, and u = (2 (h >> 9) + 1) / 2^24 >= W exactly when
+  // h >> 9 >= floor(ceil(W 2^24) / 2). Bins at or past kept_below hold no token to visit.
+  __shared__ uint32_t win_h[kBins];
   if (picks) {
     const float tol = prune_tol(bound);
-    for (int b = threadIdx.x; b < kept_below; b += kSliceThreads) {
-      const float sv_max = sc.smax - static_cast<float>(b - 1) / kBinScale + (1e-3f + fabsf(sc.smax) * 1e-6f);
-      const float gap = sv_max - bound;
-      win_u[b] = gap + tol >= 0.f ? 0.f : __expf(-__expf(gap + tol)) * (1.f - 0.0009765625f);
+    for (int b = threadIdx.x; b < kBins; b += kSliceThreads) {
+      float least = 2.f;  // never
+      if (b < kept_below) {
+        const float sv_max = sc.smax - static_cast<float>(b - 1) / kBinScale + (1e-3f + fabsf(sc.smax) * 1e-6f);
+        const float gap = sv_max - bound;
+        least = gap + tol >= 0.f ? 0.f : __expf(-__expf(gap + tol)) * (1.f - 0.0009765625f);
+      }
+      const uint32_t half = static_cast<uint32_t>(ceilf(least * 16777216.f)) >> 1;
+      win_h[b] = half >= (1u << 23) ? 0xffffffffu : half << 9;
     }
     __syncthreads();
   }
@@ -1074,27 +1081,33 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   for (int s = first; s < last; ++s) {
     const SliceRange sl = slice_range(V, s);
     if (s > first) load_slice(v, xr, sl, vec);
-    // First the per-thread work, without warp-wide steps: the bin of each value, one bit per value
-    // for each list, and the Gumbel-max of the tokens above the cut bins (kept whatever the cut).
-    unsigned want_a = 0, want_b = 0;
+    // First the per-thread work, without branches: the bin of each value, one bit per value for
+    // each list, and for the tokens above the cut bins (kept whatever the cut) a bit when their
+    // noise may reach the bound.
+    unsigned want_a = 0, want_b = 0, maybe = 0;
     visit_slice(v, sl, [&](int i, int e, float xv) {
       const int b = sc.bin(xv);
       want_b |= (static_cast<unsigned>(b - b_lo) <= b_span ? 1u : 0u) << i;
       want_a |= (b <= a_top ? 1u : 0u) << i;
-      if (b < kept_below) {
-        const uint32_t id = static_cast<uint32_t>(sl.begin + e);
-        const uint32_t bits = ch::noise_token(noise_row, id);
-        if (ch::noise_uniform(bits) >= win_u[b]) {
-          if (p.min_p > 0.f && sc.weight(xv) < p.min_p) return;
-          const ArgBest score{sc.scaled(xv) + gumbel_of(bits), static_cast<int>(id)};
-          pick = arg_better(pick, score);
-        }
+      if (picks) {
+        const uint32_t bits = ch::noise_token(noise_row, static_cast<uint32_t>(sl.begin + e));
+        maybe |= (bits >= win_h[b] ? 1u : 0u) << i;
       }
     });
+    // The exact scores of those few (the value is read again from memory).
+    const float* xs = xr + sl.begin;
+    while (maybe) {
+      const int i = __ffs(maybe) - 1;
+      maybe &= maybe - 1;
+      const int e = slice_offset(i / 4, i % 4);
+      const float xv = __ldg(xs + e);
+      if (p.min_p > 0.f && sc.weight(xv) < p.min_p) continue;
+      const uint32_t id = static_cast<uint32_t>(sl.begin + e);
+      pick = arg_better(pick, ArgBest{sc.scaled(xv) + gumbel_of(ch::noise_token(noise_row, id)), static_cast<int>(id)});
+    }
     // Then the appends, warp by warp, for the values that some lane of the warp takes (few: the
     // lists hold at most kCandidates tokens per row); the value is read again from memory.
     unsigned any = __reduce_or_sync(0xffffffffu, want_a | want_b);
-    const float* xs = xr + sl.begin;
     while (any) {
       const int i = __ffs(any) - 1;
       any &= any - 1;
