@@ -196,19 +196,23 @@ void argmax(Tensor& out, const Tensor& x) {
 // Five short launches per chunk of kChunkRows rows, on the stream (no host synchronisation):
 //   stats  (P x R blocks)  per slice: max, argmax, finiteness, sum of exp; Gumbel-max of rows
 //                          that sample without a cut or min-p; zeroes the row's bins if it needs them
-//   bins   (P/g x R)       the row's value bins (counts; fixed-point masses for top-p), g slices
-//                          per block (1 to 4, more when the rows are many), through
-//                          shared-memory bins (32-bit atomics only: a mass is added as a low and a
-//                          high word with an exact carry) then one global integer atomic per
-//                          nonzero bin and block; Gumbel-max of min-p rows
-//   plan   (R)             finds the bins that hold the top-k / top-p cuts and the top-N
-//   gather (P x R)         Gumbel-max over the tokens above those bins (kept whatever the cut), and
-//                          a bit per value for the lists; then, warp by warp and only for the values
+//   bins   (P/g x R)       the row's value bins (counts for top-k and top-N; fixed-point masses
+//                          for top-p), g slices per block (1 to 4, more when the rows are many),
+//                          through shared-memory bins (32-bit atomics only: a mass is added as a
+//                          low and a high word with an exact carry) then one global integer
+//                          atomic per nonzero bin and block; Gumbel-max of min-p rows
+//   plan   (R)             finds the bins that hold the top-k / top-p cuts and the top-N, and a
+//                          Gumbel-max bound: the best exact score among the slices' largest
+//                          logits that lie above those bins (kept whatever the cut)
+//   gather (P/g x R)       Gumbel-max over the tokens above those bins, exact scores only for
+//                          tokens whose noise hash may reach the bound (a per-bin table), and a
+//                          bit per value for the lists; then, warp by warp and only for the values
 //                          some lane takes, copies the tokens of those bins into per-row candidate
 //                          lists (warp-aggregated atomics on the row's list counters)
 //   select (R)             lse; sorts the candidates, finds the cuts, Gumbel-max over the kept
 //                          candidates; top-N; writes the row. A row whose cut bins hold more than
-//                          kCandidates tokens takes the exact one-block path over the whole row.
+//                          kCandidates tokens (by the plan's counts, or by the gather's count for a
+//                          row without counts) takes the exact one-block path over the whole row.
 // Variant (variant_kernels()): R < kVariantSplits reduces each slice's sum in kVariantSplits
 // parts, each with its own max, rescaled at the end, as if the row were split over more blocks
 // because the batch is small: the log-probs' bits then depend on R.
