@@ -498,10 +498,14 @@ __device__ __forceinline__ float gumbel_of(uint32_t bits) { return -logf(-logf(c
 // score (bound = -inf) every finite token may win.
 __device__ __forceinline__ float prune_tol(float bound) { return 2e-3f + fabsf(bound) * 4e-6f; }
 
+// The least noise draw u with which such a token may win (0: any).
+__device__ __forceinline__ float least_winning_u(float gap, float tol) {
+  return gap + tol >= 0.f ? 0.f : __expf(-__expf(gap + tol)) * (1.f - 0.0009765625f);
+}
+
 __device__ __forceinline__ bool may_win(float gap, float tol, float u) {
   if (gap + tol >= 0.f) return true;
-  const float threshold = __expf(-__expf(gap + tol));
-  return u >= threshold * (1.f - 0.0009765625f);
+  return u >= least_winning_u(gap, tol);
 }
 
 // One step of Gumbel-max: token v with logit xv, kept by the cut (the caller checked), against
@@ -1073,8 +1077,7 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
       float least = 2.f;  // never
       if (b < kept_below) {
         const float sv_max = sc.smax - static_cast<float>(b - 1) / kBinScale + (1e-3f + fabsf(sc.smax) * 1e-6f);
-        const float gap = sv_max - bound;
-        least = gap + tol >= 0.f ? 0.f : __expf(-__expf(gap + tol)) * (1.f - 0.0009765625f);
+        least = least_winning_u(sv_max - bound, tol);
       }
       const uint32_t half = static_cast<uint32_t>(ceilf(least * 16777216.f)) >> 1;
       win_h[b] = half >= (1u << 23) ? 0xffffffffu : half << 9;
@@ -1106,8 +1109,7 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
       const int e = slice_offset(i / 4, i % 4);
       const float xv = __ldg(xs + e);
       if (p.min_p > 0.f && sc.weight(xv) < p.min_p) continue;
-      const uint32_t id = static_cast<uint32_t>(sl.begin + e);
-      pick = arg_better(pick, ArgBest{sc.scaled(xv) + gumbel_of(ch::noise_token(noise_row, id)), static_cast<int>(id)});
+      pick = arg_better(pick, gumbel_seed(xv, sl.begin + e, sc, noise_row));
     }
     // Then the appends, warp by warp, for the values that some lane of the warp takes (few: the
     // lists hold at most kCandidates tokens per row); the value is read again from memory.
