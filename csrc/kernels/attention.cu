@@ -37,6 +37,7 @@
 #include "../cuda/runtime.h"
 #include "attention_tile.cuh"
 #include "cuda_ops.h"
+#include "pdl.cuh"
 
 namespace detinfer::cuda {
 namespace {
@@ -222,6 +223,8 @@ __device__ __forceinline__ DecodeSplit decode_split(const AttentionArgs& a) {
 //      warp of the grid is resident at once, slower once warps have to wait for a slot.
 template <int D, int kStages>
 __global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_kernel(AttentionArgs a) {
+  pdl_wait();
+  pdl_launch_dependents();
   static_assert(kStages == 1 || kStages == 2, "single or double buffered");
   extern __shared__ __align__(128) unsigned char decode_smem[];
   bf16* q_s = reinterpret_cast<bf16*>(decode_smem);
@@ -334,6 +337,8 @@ __global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_
 //           fragments (exchanged through shared memory).
 template <int D>
 __global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wide_kernel(AttentionArgs a) {
+  pdl_wait();
+  pdl_launch_dependents();
   using T = DecodeWideTiles;
   static_assert(kKeyBlock == 16 * T::kWarps, "one 16-key k-step of the block per warp");
   static_assert(D % (16 * T::kWarps) == 0, "whole 16-column steps of the output per warp");
@@ -514,6 +519,8 @@ __global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wi
 // output element d in ascending split order, exactly as the prefill kernel merges its registers.
 template <int D>
 __global__ void __launch_bounds__(D) attention_decode_combine_kernel(AttentionArgs a) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
   const int q_row = a.query_start[seq];
   if (a.query_start[seq + 1] - q_row != 1) return;
@@ -707,7 +714,7 @@ void launch_decode_split(const AttentionArgs& a, dim3 grid, cudaStream_t stream)
     CUDA_CHECK(cudaFuncSetAttribute(attention_decode_split_kernel<D, kStages>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   });
-  attention_decode_split_kernel<D, kStages><<<grid, DecodeTiles::kThreads, smem, stream>>>(a);
+  launch_overlapped(attention_decode_split_kernel<D, kStages>, grid, DecodeTiles::kThreads, smem, stream, a);
 }
 
 template <int D>
@@ -729,7 +736,7 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
         CUDA_CHECK(cudaFuncSetAttribute(attention_decode_wide_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         smem));
       });
-      attention_decode_wide_kernel<D><<<grid, DecodeWideTiles::kThreads, smem, stream>>>(a);
+      launch_overlapped(attention_decode_wide_kernel<D>, grid, DecodeWideTiles::kThreads, smem, stream, a);
     } else if (warps <= kDeepDecodeWarpsPerSm * int64_t{sm_count()}) {
       launch_decode_split<D, 2>(a, grid, stream);
     } else {
@@ -737,7 +744,7 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
     }
     CUDA_CHECK_LAUNCH("attention (decode splits)", describe_launch(q, k_cache, batch));
     if (a.direct) return;
-    attention_decode_combine_kernel<D><<<dim3(a.heads, a.num_seqs), D, 0, stream>>>(a);
+    launch_overlapped(attention_decode_combine_kernel<D>, dim3(a.heads, a.num_seqs), D, 0, stream, a);
     CUDA_CHECK_LAUNCH("attention (decode combine)", describe_launch(q, k_cache, batch));
   } else {
     constexpr int smem = PrefillTiles::smem_bytes<D>();

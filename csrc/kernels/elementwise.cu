@@ -22,6 +22,7 @@
 #include "../cuda/check.h"
 #include "../cuda/runtime.h"
 #include "cuda_ops.h"
+#include "pdl.cuh"
 #include "rope_pair.cuh"
 #include "silu_mul.cuh"
 
@@ -43,6 +44,8 @@ unsigned grid_for(int64_t n) { return static_cast<unsigned>(std::max<int64_t>(1,
 // embedding: one block per row; the row copied in `Word` units (16 bytes when sizes allow).
 template <typename Word>
 __global__ void embedding_kernel(Word* out, const Word* table, const int32_t* ids, int64_t vocab, int64_t words) {
+  pdl_wait();
+  pdl_launch_dependents();
   int64_t t = blockIdx.x;
   int32_t id = ids[t];
   bool valid = id >= 0 && id < vocab;
@@ -122,14 +125,14 @@ void embedding(Tensor& out, const Tensor& table, const Tensor& ids) {
   unsigned grid = static_cast<unsigned>(rows);
   const int32_t* id = ids.ptr<int32_t>();
   if (row_bytes % 16 == 0 && aligned(out.data(), 16) && aligned(table.data(), 16)) {
-    embedding_kernel<uint4><<<grid, kThreads, 0, stream>>>(out.ptr<uint4>(), table.ptr<uint4>(), id, vocab,
-                                                           static_cast<int64_t>(row_bytes / 16));
+    launch_overlapped(embedding_kernel<uint4>, grid, kThreads, 0, stream, out.ptr<uint4>(), table.ptr<uint4>(), id,
+                      vocab, static_cast<int64_t>(row_bytes / 16));
   } else if (row_bytes % 4 == 0 && aligned(out.data(), 4) && aligned(table.data(), 4)) {
-    embedding_kernel<uint32_t><<<grid, kThreads, 0, stream>>>(out.ptr<uint32_t>(), table.ptr<uint32_t>(), id, vocab,
-                                                              static_cast<int64_t>(row_bytes / 4));
+    launch_overlapped(embedding_kernel<uint32_t>, grid, kThreads, 0, stream, out.ptr<uint32_t>(),
+                      table.ptr<uint32_t>(), id, vocab, static_cast<int64_t>(row_bytes / 4));
   } else {
-    embedding_kernel<uint16_t><<<grid, kThreads, 0, stream>>>(out.ptr<uint16_t>(), table.ptr<uint16_t>(), id, vocab,
-                                                              static_cast<int64_t>(row_bytes / 2));
+    launch_overlapped(embedding_kernel<uint16_t>, grid, kThreads, 0, stream, out.ptr<uint16_t>(),
+                      table.ptr<uint16_t>(), id, vocab, static_cast<int64_t>(row_bytes / 2));
   }
   CUDA_CHECK_LAUNCH("embedding", shape_of(out) + " from " + shape_of(table));
 }

@@ -39,6 +39,7 @@
 
 #include "../cuda/check.h"
 #include "matmul_sm90.cuh"
+#include "pdl.cuh"
 #include "ptx.cuh"
 #include "silu_mul.cuh"
 #include "wgmma_bf16.cuh"
@@ -165,6 +166,23 @@ __global__ void __launch_bounds__(T::THREADS, 1)
     if constexpr (T::MOVE_REGISTERS) ptx::setmaxnreg_dec<40>();
     if (threadIdx.x == T::CONSUMERS * kWarpgroup) {
       const uint32_t stage_tx = args.a_rows * kRowBytes + T::W_BYTES;
+      // Stage s's weights at K column k for the tile at n0 (a gate_up tile: its gate and up boxes).
+      auto load_w = [&](int s, int k, int n0) {
+        const uint32_t bar = ptx::smem_addr(&full[s]), w_dst = ring + s * T::STAGE_BYTES + T::A_BYTES;
+        ptx::mbar_expect_tx(bar, stage_tx);
+        ptx::tma_load(w_dst, &map_w, k, n0, bar);
+        if constexpr (GATE_UP) ptx::tma_load(w_dst + (BN / 2) * kRowBytes, &map_w, k, args.n_out + n0, bar);
+      };
+      // Launched overlapped (pdl.cuh): the first STAGES stages' weights, which no kernel writes,
+      // are requested before the kernels before this one have finished; a only after.
+      int ahead = 0;
+      for (int tile = blockIdx.x; tile < tiles && ahead < STAGES; tile += gridDim.x) {
+        int m0, n0;
+        tile_origin(tile, m0, n0);
+        for (int kt = 0; kt < k_tiles && ahead < STAGES; ++kt, ++ahead) load_w(ahead, k_begin + kt * kTileK, n0);
+      }
+      pdl_wait();
+      pdl_launch_dependents();
       int it = 0;  // stages filled so far, over all of this block's tiles
       for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         int m0, n0;
@@ -172,21 +190,17 @@ __global__ void __launch_bounds__(T::THREADS, 1)
         for (int kt = 0; kt < k_tiles; ++kt, ++it) {
           const int s = it % STAGES;
           if (it >= STAGES) ptx::mbar_wait(ptx::smem_addr(&empty[s]), ((it / STAGES) - 1) & 1);
-          const uint32_t bar = ptx::smem_addr(&full[s]), a_dst = ring + s * T::STAGE_BYTES;
           const int k = k_begin + kt * kTileK;
-          ptx::mbar_expect_tx(bar, stage_tx);
-          ptx::tma_load(a_dst, &map_a, k, m0, bar);
-          if constexpr (GATE_UP) {
-            ptx::tma_load(a_dst + T::A_BYTES, &map_w, k, n0, bar);
-            ptx::tma_load(a_dst + T::A_BYTES + (BN / 2) * kRowBytes, &map_w, k, args.n_out + n0, bar);
-          } else {
-            ptx::tma_load(a_dst + T::A_BYTES, &map_w, k, n0, bar);
-          }
+          if (it >= ahead) load_w(s, k, n0);
+          ptx::tma_load(ring + s * T::STAGE_BYTES, &map_a, k, m0, ptx::smem_addr(&full[s]));
         }
       }
+    } else {
+      pdl_wait();
     }
   } else {
     if constexpr (T::MOVE_REGISTERS) ptx::setmaxnreg_inc<232>();
+    pdl_wait();
     const int lane = threadIdx.x % 32, warp = (threadIdx.x % kWarpgroup) / 32;
     const bool leader = threadIdx.x % kWarpgroup == 0;
     float* out_f32 = static_cast<float*>(args.out) + static_cast<int64_t>(blockIdx.z) * args.M * args.N;
@@ -364,13 +378,14 @@ void launch_tiles(const Problem& p, cudaStream_t stream) {
   if constexpr (T::BN >= 16) {
     if (p.gate_up) {
       dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, resident_blocks<T, true>())), 1, 1);
-      matmul_sm90_kernel<T, true><<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(map_a, map_w, map_out, args);
+      launch_overlapped(matmul_sm90_kernel<T, true>, grid, T::THREADS, T::SMEM_BYTES, stream, map_a, map_w, map_out,
+                        args);
       return;
     }
   }
   dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, resident_blocks<T, false>())), 1,
             static_cast<unsigned>(p.splits));
-  matmul_sm90_kernel<T, false><<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(map_a, map_w, map_out, args);
+  launch_overlapped(matmul_sm90_kernel<T, false>, grid, T::THREADS, T::SMEM_BYTES, stream, map_a, map_w, map_out, args);
 }
 
 }  // namespace detinfer::cuda::sm90

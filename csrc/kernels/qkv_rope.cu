@@ -22,6 +22,7 @@
 #include "../cuda/check.h"
 #include "../cuda/runtime.h"
 #include "cuda_ops.h"
+#include "pdl.cuh"
 #include "rmsnorm_row.cuh"
 #include "rope_pair.cuh"
 
@@ -70,6 +71,8 @@ __device__ __forceinline__ void load_raw(const __nv_bfloat16* x, int c, bool vec
 }
 
 __global__ void __launch_bounds__(kMaxWarps * 32) qkv_rope_append_kernel(QkvRopeArgs a) {
+  pdl_wait();
+  pdl_launch_dependents();
   using norm_row::kChunk;
   const int64_t t = blockIdx.x;
   const int h = static_cast<int>(blockIdx.y * (blockDim.x / 32) + threadIdx.x / 32);
@@ -201,7 +204,7 @@ void qkv_rope_append(Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tens
   a.vec_table = aligned16(cos_sin.data());  // rows of D floats, D a multiple of 16
   const int warps = T <= 16 ? 2 : kMaxWarps;
   dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>((heads + 2 * kv_heads + warps - 1) / warps));
-  qkv_rope_append_kernel<<<grid, warps * 32, 0, static_cast<cudaStream_t>(cuda_runtime::stream())>>>(a);
+  launch_overlapped(qkv_rope_append_kernel, grid, warps * 32, 0, static_cast<cudaStream_t>(cuda_runtime::stream()), a);
   CUDA_CHECK_LAUNCH("qkv_rope_append", qkv.describe() + " -> " + q_out.describe());
 }
 

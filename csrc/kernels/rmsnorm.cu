@@ -18,6 +18,7 @@
 #include "../cuda/check.h"
 #include "../cuda/runtime.h"
 #include "cuda_ops.h"
+#include "pdl.cuh"
 #include "device_buffer.cuh"
 #include "rmsnorm_row.cuh"
 
@@ -51,6 +52,8 @@ __device__ void add_residual_row(__nv_bfloat16* res, const __nv_bfloat16* x, int
 __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(__nv_bfloat16* y, __nv_bfloat16* x,
                                                            const __nv_bfloat16* x_add, const __nv_bfloat16* w,
                                                            int64_t H, float eps, bool vec) {
+  pdl_wait();
+  pdl_launch_dependents();
   int64_t r = blockIdx.x;
   __nv_bfloat16* xr = x + r * H;
   // Each thread reads back only the chunks it wrote itself, so no barrier is needed here.
@@ -68,6 +71,8 @@ template <int PER>
 __global__ void __launch_bounds__(kThreads) rmsnorm_regs_kernel(__nv_bfloat16* y, __nv_bfloat16* x,
                                                                 const __nv_bfloat16* x_add, const __nv_bfloat16* w,
                                                                 int64_t H, float eps, bool vec) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t r = blockIdx.x, chunks = (H + kChunk - 1) / kChunk;
   __nv_bfloat16* xr = x + r * H;
   float v[PER][kChunk], wv[PER][kChunk];
@@ -165,10 +170,11 @@ void run_norm(const char* op, Tensor& out, __nv_bfloat16* x, const __nv_bfloat16
   if (l.splits == 1) {
     const int64_t per = (H + kThreads * kChunk - 1) / (kThreads * kChunk);  // chunks per thread
     const unsigned grid = static_cast<unsigned>(rows);
-    if (per <= 1) rmsnorm_regs_kernel<1><<<grid, kThreads, 0, stream>>>(yp, x, x_add, wp, H, eps, vec);
-    else if (per <= 2) rmsnorm_regs_kernel<2><<<grid, kThreads, 0, stream>>>(yp, x, x_add, wp, H, eps, vec);
-    else if (per <= 4) rmsnorm_regs_kernel<4><<<grid, kThreads, 0, stream>>>(yp, x, x_add, wp, H, eps, vec);
-    else rmsnorm_kernel<<<grid, kThreads, 0, stream>>>(yp, x, x_add, wp, H, eps, vec);
+    auto* kernel = per <= 1   ? rmsnorm_regs_kernel<1>
+                   : per <= 2 ? rmsnorm_regs_kernel<2>
+                   : per <= 4 ? rmsnorm_regs_kernel<4>
+                              : rmsnorm_kernel;
+    launch_overlapped(kernel, grid, kThreads, 0, stream, yp, x, x_add, wp, H, eps, vec);
     CUDA_CHECK_LAUNCH(op, shapes(rows, H));
     return;
   }

@@ -22,6 +22,7 @@
 #include "../cuda/runtime.h"
 #include "block_reduce.cuh"
 #include "cuda_ops.h"
+#include "pdl.cuh"
 #include "device_buffer.cuh"
 
 namespace detinfer::cuda {
@@ -568,6 +569,8 @@ __device__ __forceinline__ unsigned shared_fetch_add(uint32_t at, unsigned v) {
 
 __global__ void __launch_bounds__(kSliceThreads, 3)
     choice_stats_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, bool variant_split) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int P = w.slices, s = blockIdx.x;
   const int64_t r = blockIdx.y;
   const float* xr = x + r * V;
@@ -646,6 +649,8 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
 
 __global__ void __launch_bounds__(kSliceThreads, 2)
     choice_bins_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, int per_block) {
+  pdl_wait();
+  pdl_launch_dependents();
   // Per bin: the count, and the mass as two 32-bit words (low, high) so that every shared atomic
   // is a native 32-bit add; one array, so that one address serves all three.
   __shared__ unsigned bins[3 * kBins];
@@ -945,6 +950,8 @@ __device__ unsigned long long prefix_cut(Candidates c, const unsigned* bin_count
 
 __global__ void __launch_bounds__(kChoiceThreads)
     choice_plan_kernel(ChoiceWork w, const int32_t* params, int64_t V, int top_n) {
+  pdl_wait();
+  pdl_launch_dependents();
   __shared__ unsigned long long bin_mass[kBins];
   __shared__ unsigned bin_count[kBins];
   const int P = w.slices;
@@ -1033,6 +1040,8 @@ __global__ void __launch_bounds__(kChoiceThreads)
 
 __global__ void __launch_bounds__(kSliceThreads, 3)
     choice_gather_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, int per_block) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int P = w.slices;
   const int first = static_cast<int>(blockIdx.x) * per_block, last = min(P, first + per_block);
   const int64_t r = blockIdx.y;
@@ -1134,6 +1143,8 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
 
 __global__ void __launch_bounds__(kChoiceThreads)
     choice_select_kernel(int32_t* out, ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n) {
+  pdl_wait();
+  pdl_launch_dependents();
   extern __shared__ unsigned long long smem[];
   unsigned long long* bin_mass = smem;
   unsigned* bin_count = reinterpret_cast<unsigned*>(bin_mass + kBins);
@@ -1357,18 +1368,17 @@ void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
     const int32_t* pc = params.ptr<int32_t>() + r0 * choice::kParams;
     int32_t* oc = out.ptr<int32_t>() + r0 * out_cols;
     const dim3 slices(static_cast<unsigned>(P), n);
-    choice_stats_kernel<<<slices, kSliceThreads, 0, stream>>>(w, xc, pc, V, top_n, variant_split);
+    launch_overlapped(choice_stats_kernel, slices, kSliceThreads, 0, stream, w, xc, pc, V, top_n, variant_split);
     CUDA_CHECK_LAUNCH("choose_tokens (stats)", shapes(rows, V));
     const int per_block = bins_slices_per_block(P, n);
-    choice_bins_kernel<<<dim3(static_cast<unsigned>((P + per_block - 1) / per_block), n), kSliceThreads, 0, stream>>>(
-        w, xc, pc, V, top_n, per_block);
+    const dim3 groups(static_cast<unsigned>((P + per_block - 1) / per_block), n);
+    launch_overlapped(choice_bins_kernel, groups, kSliceThreads, 0, stream, w, xc, pc, V, top_n, per_block);
     CUDA_CHECK_LAUNCH("choose_tokens (bins)", shapes(rows, V));
-    choice_plan_kernel<<<n, kChoiceThreads, 0, stream>>>(w, pc, V, top_n);
+    launch_overlapped(choice_plan_kernel, n, kChoiceThreads, 0, stream, w, pc, V, top_n);
     CUDA_CHECK_LAUNCH("choose_tokens (plan)", shapes(rows, V));
-    choice_gather_kernel<<<dim3(static_cast<unsigned>((P + per_block - 1) / per_block), n), kSliceThreads, 0, stream>>>(
-        w, xc, pc, V, top_n, per_block);
+    launch_overlapped(choice_gather_kernel, groups, kSliceThreads, 0, stream, w, xc, pc, V, top_n, per_block);
     CUDA_CHECK_LAUNCH("choose_tokens (gather)", shapes(rows, V));
-    choice_select_kernel<<<n, kChoiceThreads, kChoiceSmem, stream>>>(oc, w, xc, pc, V, top_n);
+    launch_overlapped(choice_select_kernel, n, kChoiceThreads, kChoiceSmem, stream, oc, w, xc, pc, V, top_n);
     CUDA_CHECK_LAUNCH("choose_tokens (select)", shapes(rows, V));
   }
 }

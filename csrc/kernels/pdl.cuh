@@ -1,0 +1,69 @@
+// Programmatic dependent launch (sm_90 and newer): a kernel launched with launch_overlapped may
+// start while the kernel before it on the stream is still running, so that its launch, its
+// prologue and whatever it reads that no earlier kernel writes (weights) overlap that kernel's
+// tail. Every such kernel calls pdl_wait() before it reads anything an earlier kernel wrote and
+// before it writes anything: the wait returns once the kernels before it have completed and their
+// writes are visible, exactly the order of a plain launch. It then calls pdl_launch_dependents(),
+// which lets the next overlapped kernel start. Nothing a kernel computes changes, so neither does
+// any bit; the overlap only moves when a kernel starts waiting.
+// A kernel that never waits must never be launched overlapped: the kernel after it would wait
+// only for it, not for the ones before. Plain launches (<<<>>>) after or before an overlapped one
+// keep the full order.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+namespace detinfer::cuda {
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Device 0 is compute capability 9.0 or newer, and DETINFER_PDL is not "0" (a switch for
+// measuring the overlap; the bits are the same either way).
+inline bool pdl_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("DETINFER_PDL");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return major >= 9;
+  }();
+  return on;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), overlapped with the kernel before it where
+// pdl_enabled(). A failed launch is left for CUDA_CHECK_LAUNCH (cudaGetLastError), as with <<<>>>.
+template <typename... Params, typename... Args>
+void launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args&&... args) {
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = pdl_enabled() ? 1 : 0;
+  (void)cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+}  // namespace detinfer::cuda
