@@ -9,13 +9,13 @@
 // ascending order (attention_tile.cuh: one warp, mma.sync m16n8k16, fp32 online softmax with exp2,
 // P rounded to bf16); split partials are merged in ascending split order by merge_weights /
 // merge_value. Two kernels implement it with the same device functions:
-//   decode  (every sequence has one query): one warp per (sequence, kv head, split) holding the
-//           group's query heads as tile rows, partials to a workspace, then a combine pass; on
-//           grids of at most one block per SM, four warps share each split with the same
-//           operations in the same order (attention_decode_wide_kernel). When no sequence can
-//           have a second split (max_seq_len <= kSplitSize), the split kernel merges its one
-//           split with the combine's functions and writes the output itself (OnlySplit): the
-//           same bits, one launch fewer;
+//   decode  (every sequence has one query): four warps per (sequence, kv head, split) holding the
+//           group's query heads as tile rows, each warp a quarter of every key block, with the
+//           operations of one warp of the prefill kernel in the same order
+//           (attention_decode_wide_kernel); partials to a workspace, then a combine pass. When no
+//           sequence can have a second split (max_seq_len <= kSplitSize), the decode kernel merges
+//           its one split with the combine's functions and writes the output itself (OnlySplit):
+//           the same bits, one launch fewer;
 //   prefill (any number of queries): one block per (sequence, head, 64 query positions), four warps
 //           of 16 positions, looping over the splits and merging each in registers as it ends.
 // Neither the split size nor the key block depends on the batch, the lengths or the SM count; the
@@ -57,16 +57,8 @@ struct PrefillTiles {
   }
 };
 
-struct DecodeTiles {
-  static constexpr int kThreads = 32;  // one warp per split
-  template <int D, int kStages>        // the query tile and kStages key blocks of K and of V
-  static constexpr int smem_bytes() {
-    return (kTileRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16));
-  }
-};
-
-// Decode with four warps per split (small grids): the same products, sums and roundings as the
-// one-warp kernel, spread over the warps (attention_decode_wide_kernel).
+// Decode with four warps per split: the same products, sums and roundings as one warp of the
+// prefill kernel, spread over the warps (attention_decode_wide_kernel).
 struct DecodeWideTiles {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
@@ -95,7 +87,7 @@ struct AttentionArgs {
   int block_shift;  // log2(block_size) when it is a power of two, else -1
   int split_size;  // keys per split; 0: variant_split_size(num_seqs, length) per sequence
   int max_splits;  // decode: the workspace's splits per (sequence, head)
-  bool direct;     // decode with max_splits == 1: the split kernel writes out, no combine pass
+  bool direct;     // decode with max_splits == 1: the decode kernel writes out, no combine pass
   float scale_log2;
   float* part_o;   // decode workspace [num_seqs, heads, max_splits, D] f32
   float* part_ml;  // decode workspace [num_seqs, heads, max_splits, 2] f32: (max, sum)
@@ -128,14 +120,9 @@ struct OnlySplit {
 // Loading tiles into shared memory (16-byte cp.async; rows past the end are zero-filled).
 
 // kKeyBlock cache rows key0.. of kv head `kv_head` into k_dst and/or v_dst ([kKeyBlock][D], swizzled).
-// With kWindow (one warp, kThreads == 32), lane i holds window_page = table[window_first + i] and a
-// key's page comes from that lane by shuffle instead of a dependent global load; pages outside the
-// window are read from the table.
-template <int D, int kThreads, bool kLoadK, bool kLoadV, bool kWindow = false>
+template <int D, int kThreads, bool kLoadK, bool kLoadV>
 __device__ __forceinline__ void load_key_block(bf16* k_dst, bf16* v_dst, const AttentionArgs& a, const int* table,
-                                               int kv_head, int key0, int len, int window_first = 0,
-                                               int window_page = 0) {
-  static_assert(!kWindow || kThreads == 32, "the page window is shared within one warp");
+                                               int kv_head, int key0, int len) {
   constexpr int kChunks = D / 8;
   static_assert(kKeyBlock * kChunks % kThreads == 0, "every thread runs the same number of iterations");
   // A constant trip count, unrolled by 8: the page lookups and copies of 8 iterations overlap.
@@ -146,14 +133,7 @@ __device__ __forceinline__ void load_key_block(bf16* k_dst, bf16* v_dst, const A
     const int key = key0 + r;
     const bool valid = key < len;
     const int page_index = a.block_shift >= 0 ? key >> a.block_shift : key / a.block_size;
-    int page;
-    if (kWindow) {
-      const int rel = page_index - window_first;
-      page = __shfl_sync(0xffffffffu, window_page, rel & 31);
-      if (valid && (rel < 0 || rel >= 32)) page = table[page_index];
-    } else {
-      page = valid ? table[page_index] : 0;
-    }
+    const int page = valid ? table[page_index] : 0;
     int64_t offset = 0;
     if (valid) {
       const int64_t slot = static_cast<int64_t>(page) * a.block_size + (key - page_index * a.block_size);
@@ -212,125 +192,20 @@ __device__ __forceinline__ DecodeSplit decode_split(const AttentionArgs& a) {
   return d;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Decode: grid (max_splits, kv_heads * row tiles, num_seqs), one warp. The warp's 16 tile rows are
-// (up to) 16 query heads of one kv head at the sequence's single query position len-1.
-// kStages is the copy pipeline, which leaves the arithmetic alone (both give the same bits):
-//   1: one K and one V buffer (36 KiB at D=128, six warps per SM); the next block's K is
-//      requested once this block's scores are done, its V once the values are accumulated;
-//   2: K and V of two key blocks in flight (68 KiB, three warps per SM); a block's buffers are
-//      refilled with the block two further on as soon as it has been used. Faster while every
-//      warp of the grid is resident at once, slower once warps have to wait for a slot.
-template <int D, int kStages>
-__global__ void __launch_bounds__(DecodeTiles::kThreads) attention_decode_split_kernel(AttentionArgs a) {
-  pdl_wait();
-  pdl_launch_dependents();
-  static_assert(kStages == 1 || kStages == 2, "single or double buffered");
-  extern __shared__ __align__(128) unsigned char decode_smem[];
-  bf16* q_s = reinterpret_cast<bf16*>(decode_smem);
-  bf16* k_s = q_s + kTileRows * D;            // kStages key blocks of K
-  bf16* v_s = k_s + kStages * kKeyBlock * D;  // and of V
-
-  const DecodeSplit ds = decode_split(a);
-  if (!ds.active) return;
-  const int split_index = ds.split_index, seq = ds.seq, kv_head = ds.kv_head, head0 = ds.head0, rows = ds.rows;
-  const int q_row = ds.q_row, len = ds.len, begin = ds.begin, end = ds.end;
-  const int* table = ds.table;
-
-  // The split's first 32 block-table entries, one per lane (a split of kSplitSize keys needs 256 / block_size).
-  const int window_first = begin / a.block_size;
-  const int lane_page = window_first + static_cast<int>(threadIdx.x);
-  const int window_page = lane_page * a.block_size < len ? table[lane_page] : 0;
-  // K and/or V of the key block from key0 into stage `stage`.
-  const auto load = [&](auto load_k, auto load_v, int key0, int stage) {
-    load_key_block<D, DecodeTiles::kThreads, decltype(load_k)::value, decltype(load_v)::value, true>(
-        k_s + stage * kKeyBlock * D, v_s + stage * kKeyBlock * D, a, table, kv_head, key0, len, window_first,
-        window_page);
-  };
-  using Yes = std::true_type;
-  using No = std::false_type;
-
-  load_query_rows<D, DecodeTiles::kThreads, kTileRows>(q_s, a.q, (static_cast<int64_t>(q_row) * a.heads + head0) * D,
-                                                       D, rows);
-  // The query sits at len-1, so its keys in this split are exactly [begin, end).
-  const int limit[2] = {end, end};
-  SplitAccum<D> acc;
-  split_init(acc);
-  uint32_t p[kKeyBlock / 16][4];
-  if constexpr (kStages == 1) {
-    load(Yes{}, No{}, begin, 0);
-    ptx::cp_async_commit();
-    load(No{}, Yes{}, begin, 0);
-    ptx::cp_async_commit();
-    for (int key0 = begin; key0 < end; key0 += kKeyBlock) {
-      const bool has_next = key0 + kKeyBlock < end;
-      ptx::cp_async_wait<1>();  // K of this block (its V may still be in flight)
-      __syncwarp();
-      block_scores(acc, p, q_s, k_s, key0, limit, a.scale_log2);
-      __syncwarp();
-      if (has_next) load(Yes{}, No{}, key0 + kKeyBlock, 0);
-      ptx::cp_async_commit();
-      ptx::cp_async_wait<1>();  // V of this block
-      __syncwarp();
-      accumulate_values(acc, p, v_s);
-      __syncwarp();
-      if (has_next) load(No{}, Yes{}, key0 + kKeyBlock, 0);
-      ptx::cp_async_commit();
-    }
-  } else {
-    // Key block b of the split uses stage b % kStages; one copy group per block (K and V), also
-    // an empty one past the split's end, so that the wait count below holds.
-#pragma unroll
-    for (int st = 0; st < kStages; ++st) {
-      if (begin + st * kKeyBlock < end) load(Yes{}, Yes{}, begin + st * kKeyBlock, st);
-      ptx::cp_async_commit();
-    }
-    for (int key0 = begin, b = 0; key0 < end; key0 += kKeyBlock, ++b) {
-      const int stage = b % kStages;
-      ptx::cp_async_wait<kStages - 1>();  // groups 0..b have landed: this block (and the query)
-      __syncwarp();
-      block_scores(acc, p, q_s, k_s + stage * kKeyBlock * D, key0, limit, a.scale_log2);
-      accumulate_values(acc, p, v_s + stage * kKeyBlock * D);
-      __syncwarp();
-      if (key0 + kStages * kKeyBlock < end) load(Yes{}, Yes{}, key0 + kStages * kKeyBlock, stage);
-      ptx::cp_async_commit();
-    }
-  }
-  finish_split(acc);
-
-  const int lane = threadIdx.x & 31, col = 2 * (lane & 3);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = (lane >> 2) + 8 * r;
-    if (row >= rows) continue;
-    if (a.direct) {
-      const OnlySplit only(acc.m[r], acc.l[r], a.scale_log2);
-      bf16* out = a.out + (static_cast<int64_t>(q_row) * a.heads + head0 + row) * D;
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) only.store(out + 8 * i + col, acc.o[i][2 * r], acc.o[i][2 * r + 1]);
-      continue;
-    }
-    const int64_t idx = (static_cast<int64_t>(seq) * a.heads + head0 + row) * a.max_splits + split_index;
-    if ((lane & 3) == 0) {
-      a.part_ml[2 * idx] = acc.m[r];
-      a.part_ml[2 * idx + 1] = acc.l[r];
-    }
-    float* o = a.part_o + idx * D;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i)
-      *reinterpret_cast<float2*>(o + 8 * i + col) = make_float2(acc.o[i][2 * r], acc.o[i][2 * r + 1]);
-  }
-}
-
-// Decode, four warps per (sequence, kv head, split): for grids too small to fill the GPU, where the
-// one-warp kernel's time is its own chain of key blocks. Every value is computed by the same
-// instructions on the same operands in the same order as block_scores / accumulate_values /
-// finish_split compute it in one warp, so both kernels give the same bits:
-//   scores: warp w computes keys 16w..16w+15 of each key block (the one-warp kernel's j = w), each
+// Decode: grid (max_splits, kv_heads * row tiles, num_seqs), four warps per (sequence, kv head,
+// split). The 16 tile rows are (up to) 16 query heads of one kv head at the sequence's single query
+// position len-1. One warp of the prefill kernel would take the split's key blocks one after
+// another (block_scores, accumulate_values, finish_split of attention_tile.cuh); here the four
+// warps share every key block. On the H200 that streams the cache at 74-96% of copy bandwidth at 8
+// and 64 sequences of 8k-32k keys where one warp per split reached 55-66% (dev_attention).
+// Every value is computed by the same instructions on the same operands in the same order as
+// block_scores / accumulate_values / finish_split compute it in one warp, so decode gives
+// prefill's bits:
+//   scores: warp w computes keys 16w..16w+15 of each key block (one warp's j = w), each
 //           score the same chain of mma k-steps over D;
 //   row max: each warp's exact max, then the exact max of the four (max is exact in any order);
 //   m, the offsets and alpha: the same expressions, by every warp;
-//   l: warp 0 adds the block's p in the one-warp order (j, then the lane's two columns), reading
+//   l: warp 0 adds the block's p in one warp's order (j, then the lane's two columns), reading
 //           them from shared memory, then the same quad shuffles at the end of the split;
 //   o: warp w owns output columns [D/4·w, D/4·(w+1)); each element is rescaled by alpha and then
 //           takes the block's four 16-key k-steps in ascending order, from the same bf16(p)
@@ -368,7 +243,7 @@ __global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wi
     ptx::cp_async_commit();
   }
 
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: warp 0's lanes hold the one-warp shares
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: warp 0's lanes hold one warp's shares
   float o[2 * kDn][4];
 #pragma unroll
   for (int i = 0; i < 2 * kDn; ++i)
@@ -382,7 +257,7 @@ __global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wi
     ptx::cp_async_wait<kStages - 1>();
     __syncthreads();
 
-    // Scores of keys key0 + 16·warp .. +15 (the one-warp kernel's s[2j], s[2j+1] with j = warp).
+    // Scores of keys key0 + 16·warp .. +15 (one warp's s[2j], s[2j+1] with j = warp).
     float sc[2][4];
 #pragma unroll
     for (int h = 0; h < 2; ++h)
@@ -452,7 +327,7 @@ __global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wi
     __syncthreads();
 
     if (warp == 0) {
-      // The one-warp kernel's additions to this lane's shares, in its order.
+      // One warp's additions to this lane's shares, in its order.
 #pragma unroll
       for (int j = 0; j < kKeyBlock / 8; ++j)
 #pragma unroll
@@ -686,37 +561,6 @@ std::string describe_launch(const Tensor& q, const Tensor& k_cache, const Attent
          std::to_string(b.max_seq_len) + ")";
 }
 
-// Double-buffered decode while the whole grid is resident at once (three 68 KiB warps per SM).
-// Both pipelines timed with bench/attention.py on an H200: the double-buffered one is up to 1.4x
-// faster on such grids and up to 1.2x slower on grids with more warps than slots.
-constexpr int kDeepDecodeWarpsPerSm = 3;
-// Four warps per split while the grid has at most this many blocks per SM.
-constexpr int kWideDecodeBlocksPerSm = 1;
-
-int sm_count() {
-  static std::once_flag once;
-  static int sms = 0;
-  static cudaError_t err = cudaSuccess;
-  std::call_once(once, [] {
-    int device = 0;
-    err = cudaGetDevice(&device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  });
-  CUDA_CHECK(err);
-  return sms;
-}
-
-template <int D, int kStages>
-void launch_decode_split(const AttentionArgs& a, dim3 grid, cudaStream_t stream) {
-  constexpr int smem = DecodeTiles::smem_bytes<D, kStages>();
-  static std::once_flag configured;
-  std::call_once(configured, [] {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_decode_split_kernel<D, kStages>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  });
-  launch_overlapped(attention_decode_split_kernel<D, kStages>, grid, DecodeTiles::kThreads, smem, stream, a);
-}
-
 template <int D>
 void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q, const Tensor& k_cache,
                       const AttentionBatch& batch, cudaStream_t stream) {
@@ -727,21 +571,14 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
     a.part_ml = a.part_o + partials * D;
     a.max_splits = l.max_splits;
     a.direct = l.max_splits == 1;
-    dim3 grid(l.max_splits, a.kv_heads * row_tiles, a.num_seqs);
-    const int64_t warps = int64_t{grid.x} * grid.y * grid.z;
-    if (warps <= kWideDecodeBlocksPerSm * int64_t{sm_count()}) {
-      constexpr int smem = DecodeWideTiles::smem_bytes<D>();
-      static std::once_flag configured;
-      std::call_once(configured, [] {
-        CUDA_CHECK(cudaFuncSetAttribute(attention_decode_wide_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        smem));
-      });
-      launch_overlapped(attention_decode_wide_kernel<D>, grid, DecodeWideTiles::kThreads, smem, stream, a);
-    } else if (warps <= kDeepDecodeWarpsPerSm * int64_t{sm_count()}) {
-      launch_decode_split<D, 2>(a, grid, stream);
-    } else {
-      launch_decode_split<D, 1>(a, grid, stream);
-    }
+    const dim3 grid(l.max_splits, a.kv_heads * row_tiles, a.num_seqs);
+    constexpr int smem = DecodeWideTiles::smem_bytes<D>();
+    static std::once_flag configured;
+    std::call_once(configured, [] {
+      CUDA_CHECK(cudaFuncSetAttribute(attention_decode_wide_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      smem));
+    });
+    launch_overlapped(attention_decode_wide_kernel<D>, grid, DecodeWideTiles::kThreads, smem, stream, a);
     CUDA_CHECK_LAUNCH("attention (decode splits)", describe_launch(q, k_cache, batch));
     if (a.direct) return;
     launch_overlapped(attention_decode_combine_kernel<D>, dim3(a.heads, a.num_seqs), D, 0, stream, a);
