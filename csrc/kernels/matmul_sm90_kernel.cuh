@@ -174,7 +174,9 @@ __global__ void __launch_bounds__(T::THREADS, 1)
         if constexpr (GATE_UP) ptx::tma_load(w_dst + (BN / 2) * kRowBytes, &map_w, k, args.n_out + n0, bar);
       };
       // Launched overlapped (pdl.cuh): the first STAGES stages' weights, which no kernel writes,
-      // are requested before the kernels before this one have finished; a only after.
+      // are requested before the kernels before this one have finished; a only after, its
+      // descriptor fetched in the meantime.
+      ptx::prefetch_tensor_map(&map_a);
       int ahead = 0;
       for (int tile = blockIdx.x; tile < tiles && ahead < STAGES; tile += gridDim.x) {
         int m0, n0;

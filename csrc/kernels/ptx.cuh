@@ -91,6 +91,12 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 
 // Box (box columns from k, box rows from row) of a 2-D tensor map into shared memory at dst;
 // completes its bytes on bar. Elements outside the tensor arrive as zeros.
+// Brings a tensor map (a __grid_constant__ kernel parameter) into the descriptor cache ahead of
+// its first copy.
+__device__ __forceinline__ void prefetch_tensor_map(const void* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
 __device__ __forceinline__ void tma_load(uint32_t dst, const void* map, int k, int row, uint32_t bar) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
