@@ -18,8 +18,8 @@
 #include "../cuda/check.h"
 #include "../cuda/runtime.h"
 #include "cuda_ops.h"
-#include "pdl.cuh"
 #include "device_buffer.cuh"
+#include "pdl.cuh"
 #include "rmsnorm_row.cuh"
 
 namespace detinfer::cuda {

@@ -22,8 +22,8 @@
 #include "../cuda/runtime.h"
 #include "block_reduce.cuh"
 #include "cuda_ops.h"
-#include "pdl.cuh"
 #include "device_buffer.cuh"
+#include "pdl.cuh"
 
 namespace detinfer::cuda {
 namespace {
