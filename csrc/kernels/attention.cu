@@ -29,7 +29,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
-#include <type_traits>
 
 #include "../common/attention_schedule.h"
 #include "../common/config.h"
