@@ -1,6 +1,6 @@
 // SiLU·mul of one element, bf16(bf16(silu(g)) * u) with silu(g) = g / (1 + expf(-g)) in fp32: the
 // one expression of the silu_mul kernels (elementwise.cu) and of the gate/up product's fused
-// epilogue (matmul_sm90_kernel.cuh), so both give the same bits.
+// epilogues (matmul_sm90_kernel.cuh, matmul_tiles.cuh), so all give the same bits.
 #pragma once
 
 #include <cuda_bf16.h>
