@@ -12,9 +12,12 @@
 // The kept set is a prefix of the tokens sorted by logit descending, lowest id first on ties:
 //   top-k: the first k;
 //   top-p: the shortest prefix (of the top-k set) whose mass reaches P = ceil(p * Z), where the
-//          mass of v is W(v) = floor(expf(x[v]/T - max/T) * 2^40), an integer, and Z the mass of
-//          the top-k set; integer sums are exact, so the prefix does not depend on any order;
-//   min-p: then only the tokens with expf(x[v]/T - max/T) >= min_p.
+//          mass of v is W(v) = floor(w(v) * 2^40), an integer, and Z the mass of the top-k set;
+//          integer sums are exact, so the prefix does not depend on any order;
+//   min-p: then only the tokens with w(v) >= min_p;
+// with w(v) = exp2((x[v] - max) * E), E = log2(e) / T (weight_scale), each step one float32
+// rounding and exp2 the backend's (CUDA: the hardware's ex2.approx; CPU: exp2f): w approximates
+// exp(x[v]/T - max/T) within a few ulps and costs one multiply and one exp2 per token.
 // A row holding NaN or +infinity, or only -infinity, is not finite: id = -1, logprob NaN.
 #pragma once
 
@@ -102,6 +105,9 @@ DI_HOST_DEVICE int32_t float_bits(float f) {
   memcpy(&bits, &f, sizeof bits);
   return bits;
 }
+
+// E = log2(e) / T in float32: the factor of a token's weight exponent (see the top of the file).
+DI_HOST_DEVICE float weight_scale(float t) { return 1.44269504088896341f / t; }
 
 // P = ceil(p * Z) in IEEE double: the mass the top-p prefix must reach.
 DI_HOST_DEVICE uint64_t top_p_target(float p, uint64_t z) {

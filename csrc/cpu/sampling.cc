@@ -91,9 +91,10 @@ uint64_t sort_key(float x, int64_t v) {
 int32_t key_id(uint64_t k) { return static_cast<int32_t>(~static_cast<uint32_t>(k)); }
 
 struct RowScale {
-  float t, smax;
+  float t, smax, max;
+  float e = ch::weight_scale(t);
   float scaled(float x) const { return x / t; }
-  float weight(float x) const { return std::exp(scaled(x) - smax); }
+  float weight(float x) const { return std::exp2((x - max) * e); }
   uint64_t mass(float x) const { return static_cast<uint64_t>(weight(x) * ch::kMassScale); }
 };
 
@@ -139,7 +140,7 @@ int32_t sample(const float* x, int64_t V, const int32_t* p, float max, int64_t b
   const float min_p = ch::as_float(p[ch::kMinP]);
   const int32_t top_k = p[ch::kTopK], position = p[ch::kPosition];
   const uint32_t seed = static_cast<uint32_t>(p[ch::kSeed]);
-  const RowScale s{t, max / t};
+  const RowScale s{t, max / t, max};
   uint64_t cut = 0;
   if ((top_k > 0 && top_k < V) || top_p < 1.f) {
     uint64_t z = 0;

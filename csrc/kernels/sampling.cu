@@ -270,31 +270,42 @@ __device__ RowMode row_mode(const RowChoice& p, int64_t V, int top_n) {
   return m;
 }
 
-// What the row's passes share: the scaled maximum, the bin of a logit and its mass.
+__device__ __forceinline__ float exp2_hw(float y) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+  return r;
+}
+
+// What the row's passes share: the scaled maximum, the bin of a logit, its weight and mass.
 // The bin of x is floor((max - x) * kBinScale / T), the last bin holding everything at or beyond
 // kBins - 1: a non-increasing function of x (each rounding step is monotone), computed the same
 // way by every kernel. Bins only narrow the search (a token's bin decides which list it goes to,
-// never whether it is kept), so they need not use the exact scaled logit x / T; masses do.
+// never whether it is kept), so they need not use the exact scaled logit x / T; nor do weights,
+// which token_choice.h defines as exp2((x - max) * E), in every kernel by this one function.
 struct Scale {
   float t;          // temperature (1 for greedy rows: bins on raw logits)
   float smax;       // max / t
   float max;        // the row's largest logit
   float bin_scale;  // kBinScale / t
   float inv_t;      // 1 / t, for bounds only (approx below)
+  float e;          // ch::weight_scale(t)
   __device__ float scaled(float x) const { return x / t; }
   // x / t within two ulps (one rounding of 1/t, one of the product): for the pruning bounds.
   __device__ float approx(float x) const { return x * inv_t; }
+  // floor(d) for d in [0, 2^23) by one add rounded down (2^23 + d keeps d's integer part in the
+  // low mantissa bits): the value a float-to-int conversion gives, on the FMA pipe instead of the
+  // conversion unit, which runs at an eighth of its rate. d >= 0 as max >= x.
   __device__ int bin(float x) const {
-    float d = (max - x) * bin_scale;
-    return d >= static_cast<float>(kBins - 1) ? kBins - 1 : static_cast<int>(d);
+    const float d = fminf((max - x) * bin_scale, static_cast<float>(kBins - 1));
+    return __float_as_int(__fadd_rd(d, 8388608.f)) - 0x4B000000;
   }
-  __device__ float weight(float x) const { return expf(scaled(x) - smax); }
+  __device__ float weight(float x) const { return exp2_hw((x - max) * e); }
   __device__ unsigned long long mass(float x) const { return __float2ull_rz(weight(x) * ch::kMassScale); }
 };
 
 __device__ Scale row_scale(const RowChoice& p, const RowMode& mode, float m) {
   const float t = mode.sampling ? p.t : 1.f;
-  return {t, mode.sampling ? m / p.t : m, m, kBinScale / t, 1.f / t};
+  return {t, mode.sampling ? m / p.t : m, m, kBinScale / t, 1.f / t, ch::weight_scale(t)};
 }
 
 // Sort key of token v: larger logit first, then lower id. Unique per token.
@@ -636,7 +647,7 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   }
   if (mode.gumbel == 1) {
     // No cut and no min-p: every token is kept, and the maximum is not needed.
-    const Scale sc{p.t, 0.f, 0.f, 0.f, 1.f / p.t};
+    const Scale sc{p.t, 0.f, 0.f, 0.f, 1.f / p.t, 0.f};
     const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
     ArgBest pick = gumbel_seed(m, best.index, sc, noise_row);
     float bound = pick.value;
@@ -1073,7 +1084,7 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   const int a_top = take_a ? plan.top_bin : -1;
   const int kept_below = picks ? plan.lo : 0;
   // win_h[b]: a token of bin b can reach the bound only if its noise hash is at least win_h[b]
-  // (0xffffffff: never, but for a hash of all ones, which then just gets its exact score). From
+  // (0xffffffff: never, but for a hash of all ones, which the exact-score loop checks). From
   // may_win at the largest scaled logit of the bin: a token of bin b lies at most b/kBinScale below
   // the scaled maximum, within rounding (relative 4e-7 of the bin's distance, 1.2e-7 of the scaled
   // logits: see Scale::bin); sv_max adds a whole bin, 1e-3 and 1e-6 of the scaled maximum, far
@@ -1117,7 +1128,8 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
       maybe &= maybe - 1;
       const int e = slice_offset(i / 4, i % 4);
       const float xv = __ldg(xs + e);
-      if (p.min_p > 0.f && sc.weight(xv) < p.min_p) continue;
+      // A hash of all ones passes win_h's "never" too: only tokens kept whatever the cut count.
+      if (sc.bin(xv) >= kept_below || (p.min_p > 0.f && sc.weight(xv) < p.min_p)) continue;
       pick = arg_better(pick, gumbel_seed(xv, sl.begin + e, sc, noise_row));
     }
     // Then the appends, warp by warp, for the values that some lane of the warp takes (few: the

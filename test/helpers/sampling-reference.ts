@@ -53,9 +53,11 @@ export function referenceChoice(logits: Float32Array, position: number, p: Sampl
   const V = logits.length
   const order = sortedIds(logits)
   const t = f(p.temperature)
-  const smax = f(logits[order[0]!]! / t)
+  const max = logits[order[0]!]!
+  const e = f(f(Math.LOG2E) / t)
   const scaled = (v: number) => f(logits[v]! / t)
-  const weight = (v: number) => f(Math.exp(f(scaled(v) - smax)))
+  // exp2((x - max) * E) (csrc/common/token_choice.h), each step rounded to float32.
+  const weight = (v: number) => f(2 ** f(f(logits[v]! - max) * e))
   const mass = (v: number) => BigInt(Math.floor(weight(v) * MASS_SCALE))
   let L = p.topK > 0 && p.topK < V ? p.topK : V
   let massMargin = Infinity

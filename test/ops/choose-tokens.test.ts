@@ -9,7 +9,7 @@ import { native, type DeviceName } from '../../lib/native.js'
 import { tensorFrom } from '../../lib/tensor.js'
 import { describeGpu } from '../helpers/gpu.js'
 import { mulberry32, randomNormal } from '../helpers/random.js'
-import { referenceChoice, sortedIds } from '../helpers/sampling-reference.js'
+import { noiseUniform, referenceChoice, sortedIds } from '../helpers/sampling-reference.js'
 import { expectClose, expectSameBits, refLogsumexp, withVariant } from './reference.js'
 
 const V_QWEN = 151936
@@ -59,6 +59,22 @@ function randomChoices(rows: number, seed: number, V: number): TokenChoice[] {
       target: -1,
     }
   })
+}
+
+// Inverse of the noise hash's mix32 (token_choice.h): xorshifts and odd multipliers undone in reverse.
+function unmix32(x: number): number {
+  x = (x ^ (x >>> 15) ^ (x >>> 30)) >>> 0
+  x = Math.imul(x, 0x97132227) >>> 0
+  x = (x ^ (x >>> 15) ^ (x >>> 30)) >>> 0
+  x = Math.imul(x, 0x333c4925) >>> 0
+  return (x ^ (x >>> 16)) >>> 0
+}
+
+/** The seed whose noise hash at (position, token) is all ones: the largest noise there is. */
+function seedWithLargestNoise(position: number, token: number): number {
+  const row = (unmix32(0xffffffff) ^ Math.imul(token + 1, 0xc2b2ae35)) >>> 0
+  const first = (unmix32(row) ^ Math.imul(position, 0x85ebca6b)) >>> 0
+  return (unmix32(first) ^ 0x9e3779b9) >>> 0
 }
 
 function rowOf(out: StepTokens, r: number) {
@@ -173,6 +189,38 @@ function suite(device: DeviceName) {
     expect(Array.from(rowOf(out, 0).topIds)).toEqual([order[0], order[1], -1, -1])
     expect(Array.from(rowOf(out, 1).topIds)).toEqual([-1, -1, -1, -1])
     expect(Array.from(rowOf(out, 1).topLogprobs).every(Number.isNaN)).toBe(true)
+  })
+
+  it('a token outside the kept set is never chosen, even with the largest noise there is', async () => {
+    // For each row, the seed that gives one token just past the cut a noise hash of all ones
+    // (noise 16.6, so it would win if it were looked at): found by inverting the hash.
+    const V = V_QWEN
+    const cases = [
+      { temperature: 0.7, topK: 5, topP: 1 },
+      { temperature: 0.7, topK: 0, topP: 0.5 },
+      { temperature: 1, topK: 50, topP: 0.9 },
+    ]
+    const x = new Float32Array(cases.length * V)
+    const choices: TokenChoice[] = []
+    const outsiders: number[] = []
+    for (const [r, c] of cases.entries()) {
+      const row = randomNormal(V, 300 + r, 1)
+      x.set(row, r * V)
+      const position = 77 + r
+      const base = { temperature: c.temperature, topK: c.topK, topP: c.topP, minP: 0, seed: 0, position, target: -1, topLogprobs: 0 }
+      const kept = referenceChoice(row, position, base).kept.length
+      const v = sortedIds(row)[kept + 3]!
+      const seed = seedWithLargestNoise(position, v)
+      expect(noiseUniform(seed, position, v)).toBe(1 - 2 ** -24)
+      choices.push({ ...base, seed })
+      outsiders.push(v)
+    }
+    const out = await choose(device, x, V, choices, 0)
+    for (let r = 0; r < cases.length; r++) {
+      const ref = referenceChoice(x.subarray(r * V, (r + 1) * V), choices[r]!.position, choices[r]!)
+      expect(out.ids[r], `row ${r}`).not.toBe(outsiders[r])
+      expect(Array.from(ref.kept), `row ${r}`).toContain(out.ids[r])
+    }
   })
 
   it('a row with NaN or infinity gives id -1 and leaves the other rows alone', async () => {
