@@ -959,32 +959,130 @@ __device__ unsigned long long prefix_cut(Candidates c, const unsigned* bin_count
   return cut;
 }
 
-__global__ void __launch_bounds__(kChoiceThreads)
+// ---- The plan: one block of kPlanThreads per row, the row's bins in registers ----
+
+constexpr int kPlanThreads = 512;
+constexpr int kPlanPer = kBins / kPlanThreads;  // thread t holds bins kPlanPer t ... kPlanPer t + kPlanPer - 1
+static_assert(kBins % kPlanThreads == 0, "whole bins per thread");
+
+// A thread's bins (counts or masses) and the total of the bins before them.
+struct BinRun {
+  unsigned long long v[kPlanPer];
+  unsigned long long before;
+};
+
+// The first bin where the running total reaches `target`, and the total before it, if this thread
+// holds it (find_running's rule: integer sums, so exact; an unreachable target is found nowhere).
+__device__ __forceinline__ bool find_own(const BinRun& run, unsigned long long target, BinCut& out) {
+  unsigned long long total = run.before;
+#pragma unroll
+  for (int j = 0; j < kPlanPer; ++j) {
+    if (total < target && total + run.v[j] >= target) {
+      out = {kPlanPer * static_cast<int>(threadIdx.x) + j, total};
+      return true;
+    }
+    total += run.v[j];
+  }
+  return false;
+}
+
+// Bin b's value, for the thread that holds it (a select per bin: no indexing into registers).
+__device__ __forceinline__ unsigned long long own_value(const BinRun& run, int b) {
+  const int j = b - kPlanPer * static_cast<int>(threadIdx.x);
+  unsigned long long v = 0;
+#pragma unroll
+  for (int i = 0; i < kPlanPer; ++i)
+    if (i == j) v = run.v[i];
+  return v;
+}
+
+// The total of the bins before bin b, if this thread holds bin b.
+__device__ __forceinline__ bool total_before_own(const BinRun& run, int b, unsigned long long& out) {
+  const int j = b - kPlanPer * static_cast<int>(threadIdx.x);
+  if (j < 0 || j >= kPlanPer) return false;
+  unsigned long long total = run.before;
+#pragma unroll
+  for (int i = 0; i < kPlanPer; ++i)
+    if (i < j) total += run.v[i];
+  out = total;
+  return true;
+}
+
+// Finds the bins that hold the top-k / top-p cuts and the top-N, from one scan of the row's bin
+// counts and masses (every total below is an integer sum, exact in any order), and the gather
+// kernel's Gumbel-max bound. Each step's results are published by the thread that holds the bin,
+// one barrier per step.
+__global__ void __launch_bounds__(kPlanThreads)
     choice_plan_kernel(ChoiceWork w, const int32_t* params, int64_t V, int top_n) {
   pdl_wait();
   pdl_launch_dependents();
-  __shared__ unsigned long long bin_mass[kBins];
-  __shared__ unsigned bin_count[kBins];
   const int P = w.slices;
   const int64_t r = blockIdx.x;
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   const RowChoice p = load_choice(params + r * ch::kParams);
   const RowMode mode = row_mode(p, V, top_n);
   if (!mode.bins) return;
+  // This thread's bins go out first; the row's stats arrive while they are in flight.
+  BinRun count, mass;
+  const unsigned* gc = w.bin_count + r * kBins + kPlanPer * t;
+  const unsigned long long* gm = w.bin_mass + r * kBins + kPlanPer * t;
+#pragma unroll
+  for (int j = 0; j < kPlanPer; ++j) count.v[j] = gc[j], mass.v[j] = gm[j];
   const RowStats st = load_row_stats(w.stats + r * P, P);
   if (st.bad) {
-    if (threadIdx.x == 0) {
+    if (t == 0) {
       RowPlan plan{};
       plan.bad = 1;
       w.plan[r] = plan;
     }
     return;
   }
-  for (int b = threadIdx.x; b < kBins; b += kChoiceThreads)
-    bin_count[b] = w.bin_count[r * kBins + b], bin_mass[b] = w.bin_mass[r * kBins + b];
+
+  // Scan: each thread's totals before its bins, and the row's mass.
+  __shared__ unsigned long long warp_count[kPlanThreads / 32], warp_mass[kPlanThreads / 32];
+  __shared__ BinCut k_cut, n_cut, p_lo, p_hi;
+  __shared__ unsigned long long z_lo_shared, k_bin_mass, n_bin_count;
+  __shared__ unsigned long long count_before_lo, mass_before_lo, count_through_hi;
+  unsigned long long c = 0, m = 0;
+#pragma unroll
+  for (int j = 0; j < kPlanPer; ++j) c += count.v[j], m += mass.v[j];
+  unsigned long long ic = c, im = m;
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    const unsigned long long oc = __shfl_up_sync(0xffffffffu, ic, d), om = __shfl_up_sync(0xffffffffu, im, d);
+    if (lane >= d) ic += oc, im += om;
+  }
+  if (lane == 31) warp_count[warp] = ic, warp_mass[warp] = im;
+  if (t == 0) {
+    const BinCut none{kBins - 1, 0};
+    k_cut = n_cut = p_lo = p_hi = none;
+  }
   __syncthreads();
-  unsigned long long local = 0;
-  for (int b = threadIdx.x; b < kBins; b += kChoiceThreads) local += bin_mass[b];
-  const unsigned long long z_all = block_sum_u64<kChoiceThreads>(local);
+  count.before = ic - c, mass.before = im - m;
+  unsigned long long z_all = 0;
+  for (int i = 0; i < kPlanThreads / 32; ++i) {
+    if (i < warp) count.before += warp_count[i], mass.before += warp_mass[i];
+    z_all += warp_mass[i];
+  }
+
+  // Step 1: the k-th token's bin and the mass before it; the N-th token's bin and its count.
+  const int n = mode.row_top > 0 ? (mode.row_top < V ? mode.row_top : static_cast<int>(V)) : 0;
+  if (mode.filter_k) {
+    BinCut kb;
+    if (find_own(count, static_cast<unsigned long long>(p.top_k), kb)) {
+      k_cut = kb;
+      total_before_own(mass, kb.bin, z_lo_shared);
+      k_bin_mass = own_value(mass, kb.bin);
+    }
+  }
+  if (n > 0) {
+    BinCut nb;
+    if (find_own(count, static_cast<unsigned long long>(n), nb)) {
+      n_cut = nb;
+      n_bin_count = own_value(count, nb.bin);
+    }
+  }
+  __syncthreads();
 
   // List B: the bins that can hold the top-k cut and the top-p cut. With top-k, the mass Z of the
   // top-k set lies between the mass of the bins before the k-th token's bin and that plus its
@@ -992,19 +1090,20 @@ __global__ void __launch_bounds__(kChoiceThreads)
   int lo = kBins, hi = -1;
   unsigned long long z_lo = z_all, z_hi = z_all;
   if (mode.filter_k) {
-    const BinCut kb = find_bin(bin_count, static_cast<unsigned long long>(p.top_k));
-    lo = hi = kb.bin;
-    local = 0;
-    for (int b = threadIdx.x; b < kb.bin; b += kChoiceThreads) local += bin_mass[b];
-    z_lo = block_sum_u64<kChoiceThreads>(local);
-    z_hi = z_lo + bin_mass[kb.bin];
+    lo = hi = k_cut.bin;
+    z_lo = z_lo_shared;
+    z_hi = z_lo + k_bin_mass;
   }
   if (mode.filter_p) {
-    const BinCut a = find_bin(bin_mass, ch::top_p_target(p.top_p, z_lo));
-    const BinCut b = find_bin(bin_mass, ch::top_p_target(p.top_p, z_hi));
+    // Step 2: the bins where the top-p targets are reached (one target without top-k).
+    BinCut a, b;
+    const unsigned long long target_lo = ch::top_p_target(p.top_p, z_lo), target_hi = ch::top_p_target(p.top_p, z_hi);
+    if (find_own(mass, target_lo, a)) p_lo = a;
+    if (find_own(mass, target_hi, b)) p_hi = b;
+    __syncthreads();
     // (z_lo is 0 only when the k-th token lies in bin 0: then lo is 0 already.)
-    lo = a.bin < lo ? a.bin : lo;
-    hi = b.bin > hi ? b.bin : hi;
+    lo = p_lo.bin < lo ? p_lo.bin : lo;
+    hi = p_hi.bin > hi ? p_hi.bin : hi;
   }
   RowPlan plan{};
   plan.z_all = z_all;
@@ -1012,14 +1111,14 @@ __global__ void __launch_bounds__(kChoiceThreads)
   plan.top_bin = -1;
   plan.max = st.max;
   plan.bound = -INFINITY;
-  if (mode.gumbel == 3 && threadIdx.x < 32) {
+  if (mode.gumbel == 3 && t < 32) {
     // The gather kernel's bound: the best exact score among the slices' largest logits that are
     // kept whatever the cut (in bins below lo, and min-p), the row's largest always among them
     // (its weight is 1). The gather kernel visits each of them, so it may prune against it.
     const Scale sc = row_scale(p, mode, st.max);
     const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
-    float bound = threadIdx.x == 0 ? gumbel_seed(st.max, st.index, sc, noise_row).value : -INFINITY;
-    for (int s = threadIdx.x; s < P; s += 32) {
+    float bound = t == 0 ? gumbel_seed(st.max, st.index, sc, noise_row).value : -INFINITY;
+    for (int s = t; s < P; s += 32) {
       const SliceStats a = w.stats[r * P + s];
       if (a.max == -INFINITY || sc.bin(a.max) >= lo) continue;
       if (p.min_p > 0.f && sc.weight(a.max) < p.min_p) continue;
@@ -1028,22 +1127,20 @@ __global__ void __launch_bounds__(kChoiceThreads)
     plan.bound = warp_max(bound);
   }
   if (lo <= hi) {
-    unsigned long long count_before = 0, mass_before = 0, held = 0;
-    for (int b = threadIdx.x; b < kBins; b += kChoiceThreads) {
-      if (b < lo) count_before += bin_count[b], mass_before += bin_mass[b];
-      else if (b <= hi) held += bin_count[b];
-    }
-    plan.count_before = block_sum_u64<kChoiceThreads>(count_before);
-    plan.mass_before = block_sum_u64<kChoiceThreads>(mass_before);
-    plan.overflow_b = block_sum_u64<kChoiceThreads>(held) > static_cast<unsigned long long>(kCandidates);
+    // Step 3: the tokens and mass before bin lo, and the tokens up to bin hi.
+    total_before_own(count, lo, count_before_lo);
+    total_before_own(mass, lo, mass_before_lo);
+    if (total_before_own(count, hi, count_through_hi)) count_through_hi += own_value(count, hi);
+    __syncthreads();
+    plan.count_before = count_before_lo;
+    plan.mass_before = mass_before_lo;
+    plan.overflow_b = count_through_hi - count_before_lo > static_cast<unsigned long long>(kCandidates);
   }
-  if (mode.row_top > 0) {
-    const int n = mode.row_top < V ? mode.row_top : static_cast<int>(V);
-    const BinCut nb = find_bin(bin_count, static_cast<unsigned long long>(n));
-    plan.top_bin = nb.bin;
-    plan.overflow_a = nb.before + bin_count[nb.bin] > static_cast<unsigned long long>(kCandidates);
+  if (n > 0) {
+    plan.top_bin = n_cut.bin;
+    plan.overflow_a = n_cut.before + n_bin_count > static_cast<unsigned long long>(kCandidates);
   }
-  if (threadIdx.x == 0) {
+  if (t == 0) {
     w.plan[r] = plan;
     w.held[2 * r] = 0, w.held[2 * r + 1] = 0;
   }
@@ -1386,7 +1483,7 @@ void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
     const dim3 groups(static_cast<unsigned>((P + per_block - 1) / per_block), n);
     launch_overlapped(choice_bins_kernel, groups, kSliceThreads, 0, stream, w, xc, pc, V, top_n, per_block);
     CUDA_CHECK_LAUNCH("choose_tokens (bins)", shapes(rows, V));
-    launch_overlapped(choice_plan_kernel, n, kChoiceThreads, 0, stream, w, pc, V, top_n);
+    launch_overlapped(choice_plan_kernel, n, kPlanThreads, 0, stream, w, pc, V, top_n);
     CUDA_CHECK_LAUNCH("choose_tokens (plan)", shapes(rows, V));
     launch_overlapped(choice_gather_kernel, groups, kSliceThreads, 0, stream, w, xc, pc, V, top_n, per_block);
     CUDA_CHECK_LAUNCH("choose_tokens (gather)", shapes(rows, V));
