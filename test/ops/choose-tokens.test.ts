@@ -223,6 +223,18 @@ function suite(device: DeviceName) {
     }
   })
 
+  it('min-p 1 keeps only the most likely token', async () => {
+    const V = V_QWEN
+    const temperatures = [0.3, 0.7, 1, 1.6]
+    const x = new Float32Array(temperatures.length * V)
+    for (let r = 0; r < temperatures.length; r++) x.set(randomNormal(V, 500 + r, 2), r * V)
+    const choices: TokenChoice[] = temperatures.map((temperature, r) => ({
+      temperature, topK: 0, topP: r % 2 ? 0.9 : 1, minP: 1, seed: 1000 + r, position: 5, target: -1, topLogprobs: 0,
+    }))
+    const out = await choose(device, x, V, choices, 0)
+    for (let r = 0; r < temperatures.length; r++) expect(out.ids[r], `row ${r}`).toBe(sortedIds(x.subarray(r * V, (r + 1) * V))[0])
+  })
+
   it('a row with NaN or infinity gives id -1 and leaves the other rows alone', async () => {
     const V = 5000
     const rows = 5
