@@ -1114,7 +1114,7 @@ __global__ void __launch_bounds__(kPlanThreads)
   if (mode.gumbel == 3 && t < 32) {
     // The gather kernel's bound: the best exact score among the slices' largest logits that are
     // kept whatever the cut (in bins below lo, and min-p), the row's largest always among them
-    // (its weight is 1). The gather kernel visits each of them, so it may prune against it.
+    // (every pass keeps it). The gather kernel visits each of them, so it may prune against it.
     const Scale sc = row_scale(p, mode, st.max);
     const uint32_t noise_row = ch::noise_row(p.seed, static_cast<uint32_t>(p.position));
     float bound = t == 0 ? gumbel_seed(st.max, st.index, sc, noise_row).value : -INFINITY;

@@ -10,6 +10,10 @@ export interface SamplingParams {
   seed: number
 }
 
+const SEED_KEY = 0x9e3779b9
+const POSITION_MUL = 0x85ebca6b
+const TOKEN_MUL = 0xc2b2ae35
+
 function mix32(x: number): number {
   x ^= x >>> 16
   x = Math.imul(x, 0x21f0aaad)
@@ -19,12 +23,29 @@ function mix32(x: number): number {
   return x >>> 0
 }
 
+// mix32 undone: its xorshifts and odd multipliers (0x333c4925 and 0x97132227 are the inverses of
+// 0x21f0aaad and 0x735a2d97 modulo 2^32) in reverse order.
+function unmix32(x: number): number {
+  x = (x ^ (x >>> 15) ^ (x >>> 30)) >>> 0
+  x = Math.imul(x, 0x97132227) >>> 0
+  x = (x ^ (x >>> 15) ^ (x >>> 30)) >>> 0
+  x = Math.imul(x, 0x333c4925) >>> 0
+  return (x ^ (x >>> 16)) >>> 0
+}
+
 /** A uniform value in (0, 1), 24 significant bits, determined by (seed, position, tokenId) alone. */
 export function noiseUniform(seed: number, position: number, tokenId: number): number {
-  let h = mix32((seed ^ 0x9e3779b9) >>> 0)
-  h = mix32((h ^ Math.imul(position, 0x85ebca6b)) >>> 0)
-  h = mix32((h ^ Math.imul(tokenId + 1, 0xc2b2ae35)) >>> 0)
+  let h = mix32((seed ^ SEED_KEY) >>> 0)
+  h = mix32((h ^ Math.imul(position, POSITION_MUL)) >>> 0)
+  h = mix32((h ^ Math.imul(tokenId + 1, TOKEN_MUL)) >>> 0)
   return (2 * (h >>> 9) + 1) / 2 ** 24
+}
+
+/** The seed whose noise hash at (position, tokenId) is all ones: the largest noise there is. */
+export function seedWithLargestNoise(position: number, tokenId: number): number {
+  const row = (unmix32(0xffffffff) ^ Math.imul(tokenId + 1, TOKEN_MUL)) >>> 0
+  const first = (unmix32(row) ^ Math.imul(position, POSITION_MUL)) >>> 0
+  return (unmix32(first) ^ SEED_KEY) >>> 0
 }
 
 export function gumbelNoise(seed: number, position: number, tokenId: number): number {

@@ -9,7 +9,7 @@ import { native, type DeviceName } from '../../lib/native.js'
 import { tensorFrom } from '../../lib/tensor.js'
 import { describeGpu } from '../helpers/gpu.js'
 import { mulberry32, randomNormal } from '../helpers/random.js'
-import { noiseUniform, referenceChoice, sortedIds } from '../helpers/sampling-reference.js'
+import { noiseUniform, referenceChoice, seedWithLargestNoise, sortedIds } from '../helpers/sampling-reference.js'
 import { expectClose, expectSameBits, refLogsumexp, withVariant } from './reference.js'
 
 const V_QWEN = 151936
@@ -59,22 +59,6 @@ function randomChoices(rows: number, seed: number, V: number): TokenChoice[] {
       target: -1,
     }
   })
-}
-
-// Inverse of the noise hash's mix32 (token_choice.h): xorshifts and odd multipliers undone in reverse.
-function unmix32(x: number): number {
-  x = (x ^ (x >>> 15) ^ (x >>> 30)) >>> 0
-  x = Math.imul(x, 0x97132227) >>> 0
-  x = (x ^ (x >>> 15) ^ (x >>> 30)) >>> 0
-  x = Math.imul(x, 0x333c4925) >>> 0
-  return (x ^ (x >>> 16)) >>> 0
-}
-
-/** The seed whose noise hash at (position, token) is all ones: the largest noise there is. */
-function seedWithLargestNoise(position: number, token: number): number {
-  const row = (unmix32(0xffffffff) ^ Math.imul(token + 1, 0xc2b2ae35)) >>> 0
-  const first = (unmix32(row) ^ Math.imul(position, 0x85ebca6b)) >>> 0
-  return (unmix32(first) ^ 0x9e3779b9) >>> 0
 }
 
 function rowOf(out: StepTokens, r: number) {
