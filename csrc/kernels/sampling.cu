@@ -886,6 +886,132 @@ __device__ void gather_bins(Candidates c, const float* x, int64_t V, const Scale
   sort_candidates(c, kCandidates, true);
 }
 
+// Loads a gathered list of n keys (n <= kCandidates) and their masses, in list order.
+__device__ void load_candidates(Candidates c, const unsigned long long* list, int n, const Scale& s) {
+  __syncthreads();  // the previous use of the candidates is over
+  for (int i = threadIdx.x; i < n; i += kChoiceThreads) {
+    const unsigned long long k = list[i];
+    c.key[i] = k, c.mass[i] = s.mass(key_logit(k));
+  }
+  __syncthreads();
+}
+
+// The key at which the running total over keys[0, n) in descending key order (count, or mass when
+// by_mass) first reaches `need` (>= 1), the keys unique and unsorted: a radix select. The bits
+// that all keys share are skipped (a block AND and OR); then, from the highest bit where they
+// differ, 8 bits at a time, each round keeps the digit in which the total is reached (integer
+// totals: exact in any order), until one key is left in it or every bit is decided. The same key
+// a sort and a running total give. *mass_to_cut gets the mass of the keys at or above it. An
+// unreachable need (the plan rules it out) gives key 0: every key kept.
+__device__ unsigned long long cut_by_radix(Candidates c, int n, unsigned long long need, bool by_mass,
+                                           unsigned long long* mass_to_cut) {
+  // Per digit: the count and the mass as low and high words, one array (one address serves all three).
+  __shared__ unsigned digits[3 * 256];
+  unsigned* digit_count = digits;
+  unsigned* digit_lo = digits + 256;
+  unsigned* digit_hi = digits + 512;
+  __shared__ unsigned warp_and[2][32], warp_or[2][32];
+  __shared__ unsigned long long prefix, mask, above, cut;
+  __shared__ int state, high;  // state 0: searching, 1: one key left in the kept digit, 2: unreachable
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  unsigned long long all_and = ~0ull, all_or = 0, total_local = 0;
+  for (int i = threadIdx.x; i < n; i += kChoiceThreads) {
+    all_and &= c.key[i], all_or |= c.key[i];
+    total_local += by_mass ? c.mass[i] : 1ull;
+  }
+  const unsigned a_hi = __reduce_and_sync(0xffffffffu, static_cast<unsigned>(all_and >> 32));
+  const unsigned a_lo = __reduce_and_sync(0xffffffffu, static_cast<unsigned>(all_and));
+  const unsigned o_hi = __reduce_or_sync(0xffffffffu, static_cast<unsigned>(all_or >> 32));
+  const unsigned o_lo = __reduce_or_sync(0xffffffffu, static_cast<unsigned>(all_or));
+  if (lane == 0) warp_and[0][warp] = a_hi, warp_and[1][warp] = a_lo, warp_or[0][warp] = o_hi, warp_or[1][warp] = o_lo;
+  const unsigned long long total = block_sum_u64<kChoiceThreads>(total_local);  // (its barriers order the above)
+  if (threadIdx.x == 0) {
+    unsigned long long ka = ~0ull, ko = 0;
+    for (int w = 0; w < kChoiceThreads / 32; ++w) {
+      ka &= (static_cast<unsigned long long>(warp_and[0][w]) << 32) | warp_and[1][w];
+      ko |= (static_cast<unsigned long long>(warp_or[0][w]) << 32) | warp_or[1][w];
+    }
+    const unsigned long long diff = ka ^ ko;
+    high = diff ? 63 - __clzll(static_cast<long long>(diff)) : -1;
+    mask = high >= 63 ? 0ull : ~0ull << (high + 1);
+    prefix = ka & mask;
+    above = 0, cut = n > 0 ? ka : 0ull;
+    state = total < need ? 2 : high < 0 ? 1 : 0;  // no differing bit: at most one key
+  }
+  __syncthreads();
+  const uint32_t digits_at = shared_address(digits);
+  constexpr int kLoOffset = 4 * 256, kHiOffset = 8 * 256;  // bytes from digit_count
+  while (state == 0) {
+    const int h = high, shift = h >= 7 ? h - 7 : 0;
+    const unsigned dmask = (2u << (h - shift)) - 1u;
+    for (int d = threadIdx.x; d < 256; d += kChoiceThreads) digit_count[d] = 0, digit_lo[d] = 0, digit_hi[d] = 0;
+    __syncthreads();
+    const unsigned long long pre = prefix, msk = mask;
+    for (int i = threadIdx.x; i < n; i += kChoiceThreads) {
+      const unsigned long long k = c.key[i];
+      if ((k & msk) != pre) continue;
+      const uint32_t at = digits_at + 4u * static_cast<uint32_t>((k >> shift) & dmask);
+      shared_add<0>(at, 1u);
+      if (by_mass) {
+        // A 64-bit add as 32-bit ones, as in the bins kernel: the add that wraps the low word
+        // carries one into the high word.
+        const unsigned long long m = c.mass[i];
+        const unsigned lo = static_cast<unsigned>(m), hi = static_cast<unsigned>(m >> 32);
+        const unsigned old = shared_fetch_add<kLoOffset>(at, lo);
+        const unsigned up = hi + (old + lo < old ? 1u : 0u);
+        if (up) shared_add<kHiOffset>(at, up);
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      // Lane l takes digits 255 - 8l ... 248 - 8l: the running total goes from the largest digit down.
+      const unsigned long long base = above;
+      auto digit_total = [&](int d) -> unsigned long long {
+        return by_mass ? (static_cast<unsigned long long>(digit_hi[d]) << 32) | digit_lo[d] : digit_count[d];
+      };
+      unsigned long long own = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) own += digit_total(255 - (8 * lane + j));
+      unsigned long long incl = own;
+#pragma unroll
+      for (int o = 1; o < 32; o *= 2) {
+        const unsigned long long q = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += q;
+      }
+      __syncwarp();  // every lane has read `above`
+      unsigned long long run = base + incl - own;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int d = 255 - (8 * lane + j);
+        const unsigned long long v = digit_total(d);
+        if (run < need && run + v >= need) {
+          prefix = pre | (static_cast<unsigned long long>(d) << shift);
+          mask = msk | (static_cast<unsigned long long>(dmask) << shift);
+          above = run;
+          state = digit_count[d] == 1 ? 1 : shift == 0 ? 3 : 0;  // 3: every bit decided
+          high = shift - 1;
+        }
+        run += v;
+      }
+    }
+    __syncthreads();
+  }
+  if (state == 1) {  // one key left in the kept digit (or in all): find it
+    const unsigned long long pre = prefix, msk = mask;
+    for (int i = threadIdx.x; i < n; i += kChoiceThreads)
+      if ((c.key[i] & msk) == pre) cut = c.key[i];
+  } else if (state == 3 && threadIdx.x == 0) {
+    cut = prefix;
+  }
+  __syncthreads();
+  const unsigned long long k_cut = state == 2 ? 0ull : cut;
+  unsigned long long local = 0;
+  for (int i = threadIdx.x; i < n; i += kChoiceThreads)
+    if (c.key[i] >= k_cut) local += c.mass[i];
+  *mass_to_cut = block_sum_u64<kChoiceThreads>(local);
+  return k_cut;
+}
+
 // The sort key of the candidate at which the running total (count, or mass when by_mass) first
 // reaches `need` (>= 1), and in *mass_to_cut the candidates' mass up to and including it.
 __device__ unsigned long long cut_in_candidates(Candidates c, unsigned long long need, bool by_mass,
@@ -1311,14 +1437,14 @@ __global__ void __launch_bounds__(kChoiceThreads)
         // mass plan.mass_before, all kept, their Gumbel-max in the slices' picks.
         pick = load_best_pick(picks, P);
         const int n = static_cast<int>(held);
-        load_sorted(cand, w.list_b + r * kCandidates, n, s, true);
+        load_candidates(cand, w.list_b + r * kCandidates, n, s);
         if (mode.filter_k) {
-          cut = cut_in_candidates(cand, static_cast<unsigned long long>(p.top_k) - plan.count_before, false, &z);
+          cut = cut_by_radix(cand, n, static_cast<unsigned long long>(p.top_k) - plan.count_before, false, &z);
           z += plan.mass_before;
         }
         if (mode.filter_p) {
           const unsigned long long cut_p =
-              cut_in_candidates(cand, ch::top_p_target(p.top_p, z) - plan.mass_before, true, &unused);
+              cut_by_radix(cand, n, ch::top_p_target(p.top_p, z) - plan.mass_before, true, &unused);
           cut = cut_p > cut ? cut_p : cut;
         }
         float bound = fmaxf(mine.value, pick.value);  // both exact scores of kept tokens
