@@ -210,8 +210,9 @@ void argmax(Tensor& out, const Tensor& x) {
 //                          bit per value for the lists; then, warp by warp and only for the values
 //                          some lane takes, copies the tokens of those bins into per-row candidate
 //                          lists (warp-aggregated atomics on the row's list counters)
-//   select (R)             lse; sorts the candidates, finds the cuts, Gumbel-max over the kept
-//                          candidates; top-N; writes the row. A row whose cut bins hold more than
+//   select (R)             lse; the cuts in list B by a radix select, Gumbel-max over the kept
+//                          candidates; top-N (list A sorted); writes the row; 512 threads, so
+//                          that two rows share an SM and 256 rows run in one wave. A row whose cut bins hold more than
 //                          kCandidates tokens (by the plan's counts, or by the gather's count for a
 //                          row without counts) takes the exact one-block path over the whole row.
 // Variant (variant_kernels()): R < kVariantSplits reduces each slice's sum in kVariantSplits
@@ -221,7 +222,7 @@ namespace {
 
 namespace ch = detinfer::choice;
 
-constexpr int kChoiceThreads = 1024;  // plan and select kernels: one block per row
+constexpr int kChoiceThreads = 512;  // select kernel: one block per row, two per SM
 constexpr int kSliceThreads = 512;    // slice kernels: one block per (slice, row)
 constexpr int kSliceGroups = 4;       // float4 groups per thread and slice
 constexpr int kSlice = 4 * kSliceThreads * kSliceGroups;  // 8192 logits per slice
@@ -1376,7 +1377,7 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   }
 }
 
-__global__ void __launch_bounds__(kChoiceThreads)
+__global__ void __launch_bounds__(kChoiceThreads, 2)
     choice_select_kernel(int32_t* out, ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n) {
   pdl_wait();
   pdl_launch_dependents();
