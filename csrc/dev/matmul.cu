@@ -77,6 +77,10 @@ const sm90::Entry kWgmma[] = {
     {"wg 128x256 s3", sm90::launch_tiles<Tiles<128, 256, 3>>},
     {"wg 64x16 s24 a8", sm90::launch_tiles<Tiles<64, 16, 24, false, false, 8, 8>>},
     {"wg 64x64 s12 a8", sm90::launch_tiles<Tiles<64, 64, 12, false, false, 8, 8>>},
+    {"wg 64x8 s16 a8 kt2", sm90::launch_tiles<Tiles<64, 8, 16, false, false, 8, 8, 2>>},
+    {"wg 64x8 s4 a8 kt8", sm90::launch_tiles<Tiles<64, 8, 4, false, false, 8, 8, 8>>},
+    {"wg 64x32 s8 a16 kt2", sm90::launch_tiles<Tiles<64, 32, 8, false, false, 8, 16, 2>>},
+    {"wg 64x16 s8 a16 kt4", sm90::launch_tiles<Tiles<64, 16, 8, false, false, 8, 16, 4>>},
 };
 }  // namespace explored
 
@@ -98,9 +102,12 @@ std::vector<Config> all_configs() {
   return out;
 }
 
-// The decode configurations with compact a ("... a8", "... a16") take M up to that many rows.
-bool config_takes(const Config& c, int64_t M) {
+// The decode configurations with compact a ("... a8", "... a16") take M up to that many rows;
+// those with several K tiles per copy ("... kt4") take K a multiple of that many tiles of 64.
+bool config_takes(const Config& c, int64_t M, int64_t K) {
   const char* a = std::strstr(c.name.c_str(), " a");
+  const char* kt = std::strstr(c.name.c_str(), " kt");
+  if (kt && K % (64 * std::atoi(kt + 3)) != 0) return false;
   return a == nullptr || M <= std::atoi(a + 2);
 }
 
@@ -210,7 +217,7 @@ int check() {
   // Every tile configuration gives the production bits, tails in M, N and K included.
   for (auto [M, N, K] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
            {1, 40, 72}, {37, 300, 1032}, {130, 1000, 4104}, {300, 520, 1024}, {5, 24, 8}, {13, 200, 1000},
-           {8, 1024, 3072}}) {
+           {8, 1024, 3072}, {3, 136, 1024}, {1, 72, 512}, {16, 264, 1536}, {9, 48, 2048}}) {
     auto a = random_bf16(M * K, 21, -1.f, 1.f), w = random_bf16(N * K, 22, -1.f, 1.f);
     Tensor ga = upload(Device::CUDA, DType::BF16, {M, K}, a.data()), gw = upload(Device::CUDA, DType::BF16, {N, K}, w.data());
     Tensor gb = upload(Device::CUDA, DType::BF16, {N}, random_bf16(N, 23, -1.f, 1.f).data());
@@ -223,7 +230,7 @@ int check() {
         auto wb = download<uint8_t>(want);
         int bad = 0, run = 0;
         for (const Config& c : all_configs()) {
-          if (!config_takes(c, M)) continue;
+          if (!config_takes(c, M, K)) continue;
           ++run;
           matmul_with(c, got, ga, gw, bias ? &gb : nullptr);
           if (download<uint8_t>(got) != wb) {
@@ -254,7 +261,7 @@ int check() {
 
 // ---------------------------------------------------------------------------------------------
 // Benchmark: median of per-call CUDA-event times over inputs rotated through a pool larger than L2.
-int bench(const char* path) {
+int bench(const char* path, bool decode_only) {
   // Ceiling: a 2 GiB device-to-device copy, bytes read + written.
   const double copy = copy_gbs(size_t(2) << 30);
   std::printf("copy 2 GiB: %.1f GB/s (read + written)\n", copy);
@@ -267,7 +274,8 @@ int bench(const char* path) {
   bool all_same = true;
   std::vector<std::string> results, sweep;
   for (auto [N, K] : shapes) {
-    const std::vector<int64_t>& Ms = N * K <= 4096 * 4096 / 2 ? decode_ms : all_ms;
+    const std::vector<int64_t> one_eight{1, 8};
+    const std::vector<int64_t>& Ms = decode_only ? one_eight : N * K <= 4096 * 4096 / 2 ? decode_ms : all_ms;
     size_t w_bytes = size_t(N) * K * 2;
     int pool = static_cast<int>(std::max<size_t>(2, (size_t(400) << 20) / w_bytes + 1));
     std::vector<Tensor> ws, as;
@@ -307,7 +315,7 @@ int bench(const char* path) {
       Tensor other = make_tensor(Device::CUDA, DType::BF16, {M, N});
       for (const Config& c : configs) {
         if (M > 64 && c.name.rfind("16x", 0) == 0) continue;
-        if (!config_takes(c, M)) continue;
+        if (!config_takes(c, M, K)) continue;
         auto run = [&](int i) { matmul_with(c, other, as[i % pool], ws[i % pool], nullptr); };
         double cus = median_us(run, 10);
         // Decode-sized products: also back to back, which leaves out the launch and host time.
@@ -407,7 +415,7 @@ int main(int argc, char** argv) {
       std::printf("forced: the mma.sync family\n");
     }
     if (mode == "check") return check();
-    if (mode == "bench") return bench(argc > 2 ? argv[2] : "matmul_kernels.json");
+    if (mode == "bench") return bench(argc > 2 ? argv[2] : "matmul_kernels.json", argc > 3 && std::string(argv[3]) == "decode");
     if (mode == "gate-up") return gate_up();
     std::fprintf(stderr, "usage: dev_matmul check | bench OUT.json | gate-up [--mma-sync]\n");
     return 2;

@@ -59,6 +59,28 @@ CUtensorMap tensor_map(const void* data, int rows, int K, int box_rows, const ch
   return map;
 }
 
+CUtensorMap tensor_map_tiles(const void* data, int rows, int K, int box_rows, int tiles, int halves, const char* what) {
+  DI_CHECK(K % kTileK == 0 && (halves == 1 || (halves == 2 && rows % 2 == 0)), "matmul: ", what,
+           " cannot be viewed as K tiles (rows ", rows, ", K ", K, ")");
+  CUtensorMap map;
+  const cuuint64_t row_bytes = static_cast<cuuint64_t>(K) * 2, k_tiles = static_cast<cuuint64_t>(K / kTileK);
+  const cuuint64_t half_rows = static_cast<cuuint64_t>(rows / halves);
+  // Innermost first: 64 columns (128 bytes), the rows, [the halves,] the K tiles 128 bytes apart.
+  cuuint64_t dims3[3] = {kTileK, static_cast<cuuint64_t>(rows), k_tiles}, strides3[2] = {row_bytes, kRowBytes};
+  cuuint64_t dims4[4] = {kTileK, half_rows, 2, k_tiles}, strides4[3] = {row_bytes, half_rows * row_bytes, kRowBytes};
+  cuuint32_t box3[3] = {kTileK, static_cast<cuuint32_t>(box_rows), static_cast<cuuint32_t>(tiles)};
+  cuuint32_t box4[4] = {kTileK, static_cast<cuuint32_t>(box_rows), 2, static_cast<cuuint32_t>(tiles)};
+  cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const bool two = halves == 2;
+  CUresult r = encode_function()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, two ? 4 : 3, const_cast<void*>(data),
+                                 two ? dims4 : dims3, two ? strides4 : strides3, two ? box4 : box3, element_strides,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  DI_CHECK(r == CUDA_SUCCESS, "matmul: cuTensorMapEncodeTiled failed for ", what, " as K tiles (CUresult ",
+           static_cast<int>(r), ", rows ", rows, ", K ", K, ", tiles per copy ", tiles, ")");
+  return map;
+}
+
 namespace {
 
 // The configurations production_config chooses. They share the K chain, so they give the same
@@ -76,10 +98,16 @@ const Entry kConfigs[] = {
     {"wg 64x32 s16 a8", launch_tiles<Tiles<64, 32, 16, false, false, 8, 8>>},
     {"wg 64x16 s16 a16", launch_tiles<Tiles<64, 16, 16, false, false, 8, 16>>},
     {"wg 64x32 s16 a16", launch_tiles<Tiles<64, 32, 16, false, false, 8, 16>>},
+    // The same with 4 K tiles per copy (K a multiple of 256): a quarter of the copies, the same bytes in flight.
+    {"wg 64x8 s8 a8 kt4", launch_tiles<Tiles<64, 8, 8, false, false, 8, 8, 4>>},
+    {"wg 64x32 s4 a8 kt4", launch_tiles<Tiles<64, 32, 4, false, false, 8, 8, 4>>},
+    {"wg 64x16 s4 a16 kt4", launch_tiles<Tiles<64, 16, 4, false, false, 8, 16, 4>>},
+    {"wg 64x32 s4 a16 kt4", launch_tiles<Tiles<64, 32, 4, false, false, 8, 16, 4>>},
 };
 constexpr int kConfigCount = sizeof(kConfigs) / sizeof(kConfigs[0]);
 constexpr int k64x32 = 0, k64x64 = 1, k64x128 = 2, k128x256 = 3, k128x256_staged = 4, k128x128_staged = 5;
 constexpr int k64x8_a8 = 6, k64x32_a8 = 7, k64x16_a16 = 8, k64x32_a16 = 9;
+constexpr int kTiles4 = 4;  // k64x8_a8 + kTiles4: the same tile with 4 K tiles per copy
 
 struct DeviceInfo {
   bool hopper = false;
@@ -129,10 +157,15 @@ int production_config(int64_t M, int64_t N, int64_t K) {
   if (M <= 16 && !fills(64, 128)) {
     // Decode (bench/matmul.mjs sweep, H200, N up to 6144 at K 1024-12288): compact a and a deep
     // ring, 32 columns wide once that still gives every SM a block, else 8 (16) for more blocks.
-    // 5-12% faster back to back than 64x32 s8; the time per call still grows with K by about
-    // 170 ns per 64 columns, the latency of the fixed chain of k16 steps, whatever the tile.
-    if (fills(64, 32)) return M <= 8 ? k64x32_a8 : k64x32_a16;
-    return M <= 8 ? k64x8_a8 : k64x16_a16;
+    // 5-12% faster back to back than 64x32 s8. With one K tile per copy the time per call grew
+    // with K by about 170 ns per 64 columns whatever the tile: not the chain of k16 steps (a
+    // dependent chain of m64n8k16 / m64n32k16 wgmmas takes 18 / 24 cycles a step on the H200,
+    // about 40-50 ns per 64 columns) but the copy engine, whose cost is per copy (about 100 ns
+    // per copy and block), a stage being one copy of a and one of w. So with K a multiple of
+    // 256, 4 K tiles per copy: N = 1024, K = 3072 back to back 10.0 -> 6.1 us, the same bits.
+    const int tiles4 = K % (4 * kTileK) == 0 ? kTiles4 : 0;
+    if (fills(64, 32)) return (M <= 8 ? k64x32_a8 : k64x32_a16) + tiles4;
+    return (M <= 8 ? k64x8_a8 : k64x16_a16) + tiles4;
   }
   if (M > 128 && tile_count(M, N, 128, 256) >= 3 * sms) return K <= 4096 ? k128x256_staged : k128x256;
   if (M > 64 && fills(128, 128)) return k128x128_staged;
@@ -141,10 +174,14 @@ int production_config(int64_t M, int64_t N, int64_t K) {
   return k64x32;
 }
 
-int gate_up_config(int config) { return config == k64x8_a8 ? k64x16_a16 : config; }
+int gate_up_config(int config) {
+  return config == k64x8_a8 ? k64x16_a16 : config == k64x8_a8 + kTiles4 ? k64x16_a16 + kTiles4 : config;
+}
 
 void launch(const Problem& p, int config, cudaStream_t stream) {
   DI_CHECK(config >= 0 && config < kConfigCount, "matmul: no sm_90 configuration ", config);
+  // The variant's splits need not be whole stages of 4 K tiles: the same tile, a copy per K tile.
+  if (config >= k64x8_a8 + kTiles4 && p.k_per_split % (4 * kTileK) != 0) config -= kTiles4;
   kConfigs[config].launch(p, stream);
 }
 

@@ -77,15 +77,21 @@ struct Args {
 // start; rows past A_ROWS are whatever bytes follow (the next stages' tiles), and they only feed
 // output rows past M, which are never stored. The ring ends with (BM - A_ROWS) rows of slack so
 // that the last stage's reads stay inside the block's shared memory.
+// KT > 1 (compact a only; K and the split multiples of 64 * KT): a stage holds KT consecutive K
+// tiles, those of a and those of w each brought by ONE copy of a 3-D view of the matrix (4-D for
+// gate_up's two halves), K tile t of a at t * A_ROWS rows and of w at t * BN rows past the stage's
+// w. The copy engine's cost per copy, not per byte, is what bounds a decode product's stream of
+// small tiles (about 100 ns per copy and block on the H200), so fewer, larger copies; the MMAs,
+// in the same order on the same tiles, are the same.
 template <int BM_, int BN_, int STAGES_, bool STAGED_ = false, bool FULL_A_ = false, int GROUP_M_ = 8,
-          int A_ROWS_ = BM_>
+          int A_ROWS_ = BM_, int KT_ = 1>
 struct Tiles {
-  static constexpr int BM = BM_, BN = BN_, STAGES = STAGES_, GROUP_M = GROUP_M_, A_ROWS = A_ROWS_;
+  static constexpr int BM = BM_, BN = BN_, STAGES = STAGES_, GROUP_M = GROUP_M_, A_ROWS = A_ROWS_, KT = KT_;
   static constexpr bool STAGED = STAGED_, FULL_A = FULL_A_;
   static constexpr int CONSUMERS = BM / 64;
   static constexpr int THREADS = kWarpgroup * (CONSUMERS + 1);
-  static constexpr int A_BYTES = A_ROWS * kRowBytes, W_BYTES = BN * kRowBytes;
-  static constexpr int STAGE_BYTES = A_BYTES + W_BYTES;           // one K tile of a and w
+  static constexpr int A_BYTES = KT * A_ROWS * kRowBytes, W_BYTES = KT * BN * kRowBytes;
+  static constexpr int STAGE_BYTES = A_BYTES + W_BYTES;           // KT K tiles of a, then of w
   static constexpr int A_SLACK = (BM - A_ROWS) * kRowBytes;        // compact a: the last stage's overhang
   static constexpr int OUT_BYTES = STAGED ? BM * BN * 2 : 0;       // bf16 staging, 64 x 64 boxes
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + A_SLACK + OUT_BYTES + 1024;  // + slack to align to 1024
@@ -100,6 +106,7 @@ struct Tiles {
   static_assert(!STAGED || BN % 64 == 0, "staged stores go out in 64-column boxes");
   static_assert(A_ROWS == BM || (BM == 64 && A_ROWS % 8 == 0 && !STAGED && !FULL_A),
                 "compact a: one consumer, whole 1024-byte groups of 8 rows");
+  static_assert(KT == 1 || (A_ROWS < BM && KT >= 2), "several K tiles per copy: compact a only");
 };
 
 // One configuration of a table: its name (as the harness and the benchmarks print it) and its launch.
@@ -139,6 +146,9 @@ __global__ void __launch_bounds__(T::THREADS, 1)
   const int k_begin = blockIdx.z * args.k_per_split;
   const int k_end = min(args.K, k_begin + args.k_per_split);
   const int k_tiles = (k_end - k_begin + kTileK - 1) / kTileK;  // K tiles per output tile
+  constexpr int KT = T::KT;
+  const int kt_begin = k_begin / kTileK;                       // (KT > 1: k_begin is a multiple of 64)
+  const int k_stages = (k_tiles + KT - 1) / KT;                 // stages per output tile
   const int wg = threadIdx.x / kWarpgroup;
 
   if (threadIdx.x == 0) {
@@ -165,13 +175,19 @@ __global__ void __launch_bounds__(T::THREADS, 1)
     // Producer warpgroup: one thread issues every copy.
     if constexpr (T::MOVE_REGISTERS) ptx::setmaxnreg_dec<40>();
     if (threadIdx.x == T::CONSUMERS * kWarpgroup) {
-      const uint32_t stage_tx = args.a_rows * kRowBytes + T::W_BYTES;
-      // Stage s's weights at K column k for the tile at n0 (a gate_up tile: its gate and up boxes).
-      auto load_w = [&](int s, int k, int n0) {
+      const uint32_t stage_tx = KT * args.a_rows * kRowBytes + T::W_BYTES;
+      // Stage s's weights from K tile kt for the tile at n0 (a gate_up tile: its gate and up boxes;
+      // with KT > 1, one copy of KT tiles of both halves, each tile's gate rows then its up rows).
+      auto load_w = [&](int s, int kt, int n0) {
         const uint32_t bar = ptx::smem_addr(&full[s]), w_dst = ring + s * T::STAGE_BYTES + T::A_BYTES;
         ptx::mbar_expect_tx(bar, stage_tx);
-        ptx::tma_load(w_dst, &map_w, k, n0, bar);
-        if constexpr (GATE_UP) ptx::tma_load(w_dst + (BN / 2) * kRowBytes, &map_w, k, args.n_out + n0, bar);
+        if constexpr (KT > 1) {
+          if constexpr (GATE_UP) ptx::tma_load_4d(w_dst, &map_w, 0, n0, 0, kt, bar);
+          else ptx::tma_load_3d(w_dst, &map_w, 0, n0, kt, bar);
+        } else {
+          ptx::tma_load(w_dst, &map_w, kt * kTileK, n0, bar);
+          if constexpr (GATE_UP) ptx::tma_load(w_dst + (BN / 2) * kRowBytes, &map_w, kt * kTileK, args.n_out + n0, bar);
+        }
       };
       // Launched overlapped (pdl.cuh): the first STAGES stages' weights, which no kernel writes,
       // are requested before the kernels before this one have finished; a only after, its
@@ -181,7 +197,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
       for (int tile = blockIdx.x; tile < tiles && ahead < STAGES; tile += gridDim.x) {
         int m0, n0;
         tile_origin(tile, m0, n0);
-        for (int kt = 0; kt < k_tiles && ahead < STAGES; ++kt, ++ahead) load_w(ahead, k_begin + kt * kTileK, n0);
+        for (int ks = 0; ks < k_stages && ahead < STAGES; ++ks, ++ahead) load_w(ahead, kt_begin + ks * KT, n0);
       }
       pdl_wait();
       pdl_launch_dependents();
@@ -189,12 +205,14 @@ __global__ void __launch_bounds__(T::THREADS, 1)
       for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         int m0, n0;
         tile_origin(tile, m0, n0);
-        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        for (int ks = 0; ks < k_stages; ++ks, ++it) {
           const int s = it % STAGES;
           if (it >= STAGES) ptx::mbar_wait(ptx::smem_addr(&empty[s]), ((it / STAGES) - 1) & 1);
-          const int k = k_begin + kt * kTileK;
-          if (it >= ahead) load_w(s, k, n0);
-          ptx::tma_load(ring + s * T::STAGE_BYTES, &map_a, k, m0, ptx::smem_addr(&full[s]));
+          const int kt = kt_begin + ks * KT;
+          if (it >= ahead) load_w(s, kt, n0);
+          const uint32_t a_dst = ring + s * T::STAGE_BYTES, bar = ptx::smem_addr(&full[s]);
+          if constexpr (KT > 1) ptx::tma_load_3d(a_dst, &map_a, 0, m0, kt, bar);
+          else ptx::tma_load(a_dst, &map_a, kt * kTileK, m0, bar);
         }
       }
     } else {
@@ -215,26 +233,32 @@ __global__ void __launch_bounds__(T::THREADS, 1)
 #pragma unroll
       for (int i = 0; i < T::ACC; ++i) acc[i] = 0.f;
 
-      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+      for (int ks = 0; ks < k_stages; ++ks, ++it) {
         const int s = it % STAGES;
         ptx::mbar_wait(ptx::smem_addr(&full[s]), (it / STAGES) & 1);
         const uint32_t stage = ring + s * T::STAGE_BYTES;
-        const uint64_t da = ptx::smem_desc(stage + wg * 64 * kRowBytes), dw = ptx::smem_desc(stage + T::A_BYTES);
         ptx::wgmma_fence();
         ptx::fence_registers(acc);
-        // All four k16 steps, also in a last tile that K ends inside: its columns past K are zeros.
+        // All four k16 steps of each K tile, also in a last tile that K ends inside: its columns
+        // past K are zeros. (KT > 1: every stage is whole, K being a multiple of 64 * KT; no
+        // branch around the MMAs, which would make the compiler serialize them.)
 #pragma unroll
-        for (int kk = 0; kk < kTileK / 16; ++kk) Wgmma<BN>::mma(acc, da + 2 * kk, dw + 2 * kk);
+        for (int t = 0; t < KT; ++t) {
+          const uint64_t da = ptx::smem_desc(stage + (wg * 64 + t * T::A_ROWS) * kRowBytes),
+                         dw = ptx::smem_desc(stage + T::A_BYTES + t * BN * kRowBytes);
+#pragma unroll
+          for (int kk = 0; kk < kTileK / 16; ++kk) Wgmma<BN>::mma(acc, da + 2 * kk, dw + 2 * kk);
+        }
         ptx::wgmma_commit();
         ptx::fence_registers(acc);
         // The previous stage's MMAs have finished once at most this stage's group is in flight.
         ptx::wgmma_wait<1>();
         ptx::fence_registers(acc);
-        if (kt > 0 && lane == 0) ptx::mbar_arrive(ptx::smem_addr(&empty[(it - 1) % STAGES]));
+        if (ks > 0 && lane == 0) ptx::mbar_arrive(ptx::smem_addr(&empty[(it - 1) % STAGES]));
       }
       ptx::wgmma_wait<0>();
       ptx::fence_registers(acc);
-      if (k_tiles > 0 && lane == 0) ptx::mbar_arrive(ptx::smem_addr(&empty[(it - 1) % STAGES]));
+      if (k_stages > 0 && lane == 0) ptx::mbar_arrive(ptx::smem_addr(&empty[(it - 1) % STAGES]));
 
       // Accumulator layout of m64nBN: warp w of the warpgroup holds rows 16w + lane/4 (registers
       // 4j, 4j+1) and 16w + lane/4 + 8 (4j+2, 4j+3), columns 8j + 2*(lane%4) + {0, 1}.
@@ -331,6 +355,10 @@ __global__ void __launch_bounds__(T::THREADS, 1)
 // A [rows, K] bf16 row-major matrix, read (or written) in boxes of 64 columns x box_rows rows
 // (matmul_sm90.cu).
 CUtensorMap tensor_map(const void* data, int rows, int K, int box_rows, const char* what);
+// The same matrix (K a multiple of 64) as `tiles` K tiles of box_rows rows per copy: a 3-D view
+// {64 columns, rows, K/64 tiles}, or with halves = 2 (gate_up) a 4-D view {64, rows/2, 2 halves,
+// K/64} whose box holds each tile's rows of both halves, first half first.
+CUtensorMap tensor_map_tiles(const void* data, int rows, int K, int box_rows, int tiles, int halves, const char* what);
 
 // Blocks of matmul_sm90_kernel<T, GATE_UP> resident on the whole device (its shared-memory size
 // is set once).
@@ -363,11 +391,18 @@ void launch_tiles(const Problem& p, cudaStream_t stream) {
            " rows of a take M <= ", T::A_ROWS, ", not ", p.M);
   DI_CHECK(!p.gate_up || (T::BN >= 16 && p.N % 2 == 0 && p.splits == 1 && !p.out_f32),
            "matmul: a gate_up product needs a w tile of 16 rows or more, an even N, one split and bf16 out");
-  const int a_rows = p.M >= T::BM || T::FULL_A ? T::BM : (p.M + 7) / 8 * 8;
+  DI_CHECK(T::KT == 1 || (p.K % (kTileK * T::KT) == 0 && p.k_per_split % (kTileK * T::KT) == 0),
+           "matmul: the sm_90 tiles of ", T::KT, " K tiles per copy take K and the split a multiple of ",
+           kTileK * T::KT, ", not ", p.K, " and ", p.k_per_split);
+  // KT > 1: every copy of a brings A_ROWS rows (those past M arrive as zeros), so that k-tile t
+  // sits at t * A_ROWS rows.
+  const int a_rows = T::KT > 1 ? T::A_ROWS : p.M >= T::BM || T::FULL_A ? T::BM : (p.M + 7) / 8 * 8;
   // A gate_up tile's w arrives as two boxes of BN/2 rows (gate, up), each whole swizzle atoms of 8 rows.
   const int n_out = p.gate_up ? p.N / 2 : p.N, bn_out = p.gate_up ? T::BN / 2 : T::BN;
-  CUtensorMap map_a = tensor_map(p.a, p.M, p.K, a_rows, "a");
-  CUtensorMap map_w = tensor_map(p.w, p.N, p.K, bn_out, "w");
+  CUtensorMap map_a = T::KT > 1 ? tensor_map_tiles(p.a, p.M, p.K, a_rows, T::KT, 1, "a")
+                                 : tensor_map(p.a, p.M, p.K, a_rows, "a");
+  CUtensorMap map_w = T::KT > 1 ? tensor_map_tiles(p.w, p.N, p.K, bn_out, T::KT, p.gate_up ? 2 : 1, "w")
+                                 : tensor_map(p.w, p.N, p.K, bn_out, "w");
   int64_t tiles = ((int64_t{p.M} + T::BM - 1) / T::BM) * ((int64_t{n_out} + bn_out - 1) / bn_out);
   DI_CHECK(tiles < (int64_t{1} << 31), "matmul: [M=", p.M, ", N=", p.N, "] needs too many tiles");
   const bool pairs = n_out % 2 == 0 && reinterpret_cast<uintptr_t>(p.out) % (p.out_f32 ? 8 : 4) == 0;

@@ -105,6 +105,24 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const void* map, int k, i
       : "memory");
 }
 
+// The same for a 3-D and a 4-D tensor map (coordinates innermost first): several boxes of one
+// 2-D tile shape in one copy (matmul_sm90's k-tiles per stage).
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* map, int c0, int c1, int c2, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::
+          "r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* map, int c0, int c1, int c2, int c3,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::
+          "r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+
 // Box (from column col, row row) of shared memory at src into a 2-D tensor map; the copy engine
 // skips what falls outside the tensor.
 __device__ __forceinline__ void tma_store(const void* map, int col, int row, uint32_t src) {

@@ -108,6 +108,8 @@ describe('matmulSiluMul on the CPU', () => {
 describeGpu('matmulSiluMul on CUDA', () => {
   suite('cuda', 1024, [3072], [1, 7, 16, 17, 64, 100, 300, 4096], 2)
   suite('cuda', 1024, [3080, 64, 37], [1, 9, 64, 300], 2)
+  // K not a multiple of 256: the decode tiles copy one K tile at a time instead of four.
+  suite('cuda', 1088, [1024], [1, 16, 64], 2)
   // K above 4096: the 128x256 tile without staged stores (M 2100 gives it enough tiles).
   suite('cuda', 4160, [3072], [1, 2100], 1)
 

@@ -1,0 +1,303 @@
+// Development harness: what bounds a decode-shaped product on Hopper (sm_90a builds on an sm_90
+// GPU), measured apart from the matmul kernel.
+//   build/dev/dev_copy_engine chain    cycles per step of a dependent chain of wgmma k16 steps into
+//                                      one accumulator (data in shared memory, no copies), by N,
+//                                      steps per commit group and wait depth, and two independent
+//                                      chains against one
+//   build/dev/dev_copy_engine stream   one block per 8 (32) rows of w [1024, K] bf16 streams its rows
+//                                      through a ring of stages with the tensor copy engine, one
+//                                      thread copying and one warp releasing each stage as it lands
+//                                      (no math), with or without the matmul's 8-row tile of a, 1 to
+//                                      8 K tiles of 64 columns per copy; the time at K = 512, 1536 and
+//                                      3072 and its slope per K tile, weights rotated through more
+//                                      than L2
+// Findings on the H200 (README, "Four K tiles per copy"): the chain costs 18 (N = 8) to 24 (N = 32)
+// cycles a step, and two chains twice that; the stream's slope is about 100 ns per K tile with one
+// copy per tile and 33-50 ns with 4 to 8 tiles per copy, the same bytes in flight.
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "dev/harness.cuh"
+#include "kernels/ptx.cuh"
+#include "kernels/wgmma_bf16.cuh"
+
+using namespace detinfer;
+using namespace detinfer::cuda;
+using namespace detinfer::cuda::sm90;
+
+namespace {
+
+// Writes 1 only where the build holds sm_90a code for this GPU; the kernels below are empty elsewhere.
+__global__ void probe_kernel(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *out = 1;
+#endif
+}
+
+bool have_sm90a() {
+  int* flag;
+  int host = 0;
+  CUDA_CHECK(cudaMalloc(&flag, sizeof(int)));
+  CUDA_CHECK(cudaMemset(flag, 0, sizeof(int)));
+  probe_kernel<<<1, 1, 0, dev::stream()>>>(flag);
+  CUDA_CHECK(cudaGetLastError());
+  CUDA_CHECK(cudaMemcpyAsync(&host, flag, sizeof(int), cudaMemcpyDeviceToHost, dev::stream()));
+  CUDA_CHECK(cudaStreamSynchronize(dev::stream()));
+  cudaFree(flag);
+  return host == 1;
+}
+
+// ---- chain ------------------------------------------------------------------------------------
+
+constexpr int kChainSteps = 1024;
+
+// One warpgroup, both operands in shared memory (64 rows of a, BN rows of w, one 64-column swizzled
+// tile each): CHAINS accumulators each take kChainSteps k16 steps, PER_GROUP per commit group,
+// waiting until at most WAIT groups are in flight after each.
+template <int BN, int PER_GROUP, int WAIT, int CHAINS>
+__global__ void __launch_bounds__(128) chain_kernel(long long* cycles, float* sink) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem[];
+  const uint32_t base = (ptx::smem_addr(smem) + 1023) & ~1023u;
+  unsigned char* p = smem + (base - ptx::smem_addr(smem));
+  for (int i = threadIdx.x; i < (64 + BN) * 128 / 4; i += 128)
+    reinterpret_cast<uint32_t*>(p)[i] = 0x3c003c00u ^ ((i * 2654435761u) & 0x00ff00ffu);  // small bf16 pairs
+  ptx::fence_proxy_async_smem();
+  __syncthreads();
+  const uint64_t da = ptx::smem_desc(base), dw = ptx::smem_desc(base + 64 * 128);
+  float acc[CHAINS][BN / 2];
+  for (int c = 0; c < CHAINS; ++c)
+    for (int i = 0; i < BN / 2; ++i) acc[c][i] = 0.f;
+  const long long t0 = clock64();
+  for (int s = 0; s < kChainSteps; s += PER_GROUP) {
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int c = 0; c < CHAINS; ++c) ptx::fence_registers(acc[c]);
+#pragma unroll
+    for (int g = 0; g < PER_GROUP; ++g)
+#pragma unroll
+      for (int c = 0; c < CHAINS; ++c) Wgmma<BN>::mma(acc[c], da + 2 * (g % 4), dw + 2 * (g % 4));
+    ptx::wgmma_commit();
+#pragma unroll
+    for (int c = 0; c < CHAINS; ++c) ptx::fence_registers(acc[c]);
+    ptx::wgmma_wait<WAIT>();
+#pragma unroll
+    for (int c = 0; c < CHAINS; ++c) ptx::fence_registers(acc[c]);
+  }
+  ptx::wgmma_wait<0>();
+  for (int c = 0; c < CHAINS; ++c) ptx::fence_registers(acc[c]);
+  const long long t1 = clock64();
+  float total = 0.f;
+  for (int c = 0; c < CHAINS; ++c)
+    for (int i = 0; i < BN / 2; ++i) total += acc[c][i];
+  sink[threadIdx.x] = total;
+  if (threadIdx.x == 0) *cycles = t1 - t0;
+#endif
+}
+
+template <int BN, int PER_GROUP, int WAIT, int CHAINS>
+void chain(const char* note) {
+  long long* cycles;
+  float* sink;
+  CUDA_CHECK(cudaMalloc(&cycles, sizeof(long long)));
+  CUDA_CHECK(cudaMalloc(&sink, 128 * sizeof(float)));
+  const int smem = (64 + BN) * 128 + 1024;
+  auto kernel = chain_kernel<BN, PER_GROUP, WAIT, CHAINS>;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  long long best = -1;
+  for (int r = 0; r < 5; ++r) {
+    kernel<<<1, 128, smem, dev::stream()>>>(cycles, sink);
+    CUDA_CHECK(cudaGetLastError());
+    long long c = 0;
+    CUDA_CHECK(cudaMemcpyAsync(&c, cycles, sizeof c, cudaMemcpyDeviceToHost, dev::stream()));
+    CUDA_CHECK(cudaStreamSynchronize(dev::stream()));
+    if (best < 0 || c < best) best = c;
+  }
+  std::printf("m64n%-3d k16  %2d steps per group, wait<%d>, %d chain%s: %6.1f cycles per step of a chain  %s\n", BN,
+              PER_GROUP, WAIT, CHAINS, CHAINS > 1 ? "s" : " ", double(best) / kChainSteps, note);
+  cudaFree(cycles);
+  cudaFree(sink);
+}
+
+void chains() {
+  chain<8, 4, 1, 1>("(the decode kernel's grouping)");
+  chain<8, 4, 0, 1>("");
+  chain<8, 16, 1, 1>("");
+  chain<8, 4, 1, 2>("(independent chains)");
+  chain<32, 4, 1, 1>("(the decode kernel's grouping)");
+  chain<32, 4, 0, 1>("");
+  chain<32, 16, 1, 1>("");
+  chain<32, 4, 1, 2>("(independent chains)");
+  chain<64, 4, 1, 1>("");
+  chain<128, 4, 1, 1>("");
+  chain<256, 4, 1, 1>("");
+}
+
+// ---- stream -----------------------------------------------------------------------------------
+
+constexpr int kN = 1024, kK = 3072, kKTiles = kK / 64;
+constexpr int kCopies = 12;  // 12 x 6 MiB of weights rotated: more than L2
+
+PFN_cuTensorMapEncodeTiled_v12000 encode() {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found;
+  CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+  DI_CHECK(found == cudaDriverEntryPointSuccess && fn, "dev_copy_engine: no cuTensorMapEncodeTiled");
+  return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+}
+
+// [rows, kK] bf16 in boxes of box_rows rows: 2-D with one 64-column tile per copy, else the 3-D
+// view {64, rows, K/64} with `tiles` tiles per copy (matmul_sm90.cu's tensor_map_tiles).
+CUtensorMap map_of(void* data, int rows, int box_rows, int tiles) {
+  CUtensorMap m;
+  cuuint32_t es[3] = {1, 1, 1};
+  CUresult r;
+  if (tiles == 1) {
+    cuuint64_t dims[2] = {kK, static_cast<cuuint64_t>(rows)}, strides[1] = {kK * 2};
+    cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+    r = encode()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, data, dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  } else {
+    cuuint64_t dims[3] = {64, static_cast<cuuint64_t>(rows), kKTiles}, strides[2] = {kK * 2, 128};
+    cuuint32_t box[3] = {64, static_cast<cuuint32_t>(box_rows), static_cast<cuuint32_t>(tiles)};
+    r = encode()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, data, dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  }
+  DI_CHECK(r == CUDA_SUCCESS, "dev_copy_engine: cuTensorMapEncodeTiled failed (", static_cast<int>(r), ")");
+  return m;
+}
+
+template <int BN, int TILES, bool WITH_A>
+struct StreamTiles {
+  static constexpr int W_BYTES = TILES * BN * 128, A_BYTES = WITH_A ? TILES * 8 * 128 : 0;
+  static constexpr int STAGE = A_BYTES + W_BYTES;
+  static constexpr int STAGES = 64 * 1024 / STAGE < 32 ? 64 * 1024 / STAGE : 32;  // 64 KiB in flight
+  static constexpr int SMEM = STAGES * STAGE + 1024;
+};
+
+template <int BN, int TILES, bool WITH_A>
+__global__ void __launch_bounds__(160) stream_kernel(const __grid_constant__ CUtensorMap map_w,
+                                                     const __grid_constant__ CUtensorMap map_a, int k_tiles) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = StreamTiles<BN, TILES, WITH_A>;
+  extern __shared__ unsigned char smem[];
+  __shared__ __align__(8) uint64_t full[T::STAGES], empty[T::STAGES];
+  const uint32_t ring = (ptx::smem_addr(smem) + 1023) & ~1023u;
+  const int n0 = blockIdx.x * BN, stages = k_tiles / TILES;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < T::STAGES; ++s) {
+      ptx::mbar_init(ptx::smem_addr(&full[s]), 1);
+      ptx::mbar_init(ptx::smem_addr(&empty[s]), 1);
+    }
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+  if (threadIdx.x == 128) {  // the copying thread
+    for (int it = 0; it < stages; ++it) {
+      const int s = it % T::STAGES;
+      if (it >= T::STAGES) ptx::mbar_wait(ptx::smem_addr(&empty[s]), ((it / T::STAGES) - 1) & 1);
+      const uint32_t bar = ptx::smem_addr(&full[s]), stage = ring + s * T::STAGE;
+      ptx::mbar_expect_tx(bar, T::STAGE);
+      if (TILES == 1) ptx::tma_load(stage + T::A_BYTES, &map_w, it * 64, n0, bar);
+      else ptx::tma_load_3d(stage + T::A_BYTES, &map_w, 0, n0, it * TILES, bar);
+      if (WITH_A) {
+        if (TILES == 1) ptx::tma_load(stage, &map_a, it * 64, 0, bar);
+        else ptx::tma_load_3d(stage, &map_a, 0, 0, it * TILES, bar);
+      }
+    }
+  } else if (threadIdx.x == 0) {  // the releasing thread
+    for (int it = 0; it < stages; ++it) {
+      const int s = it % T::STAGES;
+      ptx::mbar_wait(ptx::smem_addr(&full[s]), (it / T::STAGES) & 1);
+      ptx::mbar_arrive(ptx::smem_addr(&empty[s]));
+    }
+  }
+#endif
+}
+
+template <int BN, int TILES, bool WITH_A>
+void stream(std::vector<void*>& weights, void* a) {
+  using T = StreamTiles<BN, TILES, WITH_A>;
+  std::vector<CUtensorMap> maps;
+  for (void* w : weights) maps.push_back(map_of(w, kN, BN, TILES));
+  const CUtensorMap map_a = map_of(a, 8, 8, TILES);
+  auto kernel = stream_kernel<BN, TILES, WITH_A>;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::SMEM));
+  dev::EventPair events;
+  const int k_tiles[3] = {8, 24, 48};
+  double us[3];
+  for (int q = 0; q < 3; ++q) {
+    std::vector<double> times;
+    for (int i = 0; i < 60; ++i) {
+      CUDA_CHECK(cudaEventRecord(events.start, dev::stream()));
+      kernel<<<kN / BN, 160, T::SMEM, dev::stream()>>>(maps[i % maps.size()], map_a, k_tiles[q]);
+      CUDA_CHECK(cudaGetLastError());
+      CUDA_CHECK(cudaEventRecord(events.stop, dev::stream()));
+      const double t = events.elapsed_ms() * 1e3;
+      if (i >= 10) times.push_back(t);
+    }
+    us[q] = dev::median(times);
+  }
+  std::printf("w %2d rows per block, %d K tile%s per copy, a %-3s (%2d stages, %3d blocks): K 512 / 1536 / 3072 "
+              "%6.2f %6.2f %6.2f us, slope %4.0f ns per K tile\n",
+              BN, TILES, TILES > 1 ? "s" : " ", WITH_A ? "yes" : "no", T::STAGES, kN / BN, us[0], us[1], us[2],
+              (us[2] - us[0]) * 1e3 / (k_tiles[2] - k_tiles[0]));
+}
+
+void streams() {
+  std::vector<void*> weights;
+  const std::vector<uint16_t> values = dev::random_bf16(size_t{kN} * kK, 7, -1.f, 1.f);
+  for (int c = 0; c < kCopies; ++c) {
+    void* w;
+    CUDA_CHECK(cudaMalloc(&w, values.size() * 2));
+    CUDA_CHECK(cudaMemcpy(w, values.data(), values.size() * 2, cudaMemcpyHostToDevice));
+    weights.push_back(w);
+  }
+  void* a;
+  CUDA_CHECK(cudaMalloc(&a, size_t{8} * kK * 2));
+  CUDA_CHECK(cudaMemcpy(a, values.data(), size_t{8} * kK * 2, cudaMemcpyHostToDevice));
+  stream<8, 1, false>(weights, a);
+  stream<8, 1, true>(weights, a);
+  stream<8, 2, true>(weights, a);
+  stream<8, 4, true>(weights, a);
+  stream<8, 8, true>(weights, a);
+  stream<32, 1, true>(weights, a);
+  stream<32, 4, true>(weights, a);
+  for (void* w : weights) cudaFree(w);
+  cudaFree(a);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    cuda_runtime::require();
+    int device = 0, major = 0, minor = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    if (major != 9 || minor != 0 || !have_sm90a()) {
+      std::fprintf(stderr, "dev_copy_engine: needs an sm_90 GPU and a build with sm_90a code (this GPU is sm_%d%d)\n",
+                   major, minor);
+      return 2;
+    }
+    const std::string mode = argc > 1 ? argv[1] : "all";
+    if (mode == "chain" || mode == "all") chains();
+    if (mode == "stream" || mode == "all") streams();
+    if (mode != "chain" && mode != "stream" && mode != "all") {
+      std::fprintf(stderr, "usage: dev_copy_engine [chain | stream]\n");
+      return 2;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dev_copy_engine: %s\n", e.what());
+    return 1;
+  }
+}
