@@ -8,6 +8,7 @@
 //                                              the device-to-device copy ceiling, as JSON; then every
 //                                              tile configuration on the same inputs, each checked to
 //                                              give the production kernel's bits
+//        build/dev/dev_matmul bench out.json decode   the same at M = 1, 8 and 64 only
 //        build/dev/dev_matmul gate-up          matmul + silu_mul_packed against matmul_silu_mul at
 //                                              the 0.6B and 8B gate|up shapes: time and bits
 // The configurations: the library holds the ones production chooses (cuda::matmul_dev); the ones
@@ -81,6 +82,11 @@ const sm90::Entry kWgmma[] = {
     {"wg 64x8 s4 a8 kt8", sm90::launch_tiles<Tiles<64, 8, 4, false, false, 8, 8, 8>>},
     {"wg 64x32 s8 a16 kt2", sm90::launch_tiles<Tiles<64, 32, 8, false, false, 8, 16, 2>>},
     {"wg 64x16 s8 a16 kt4", sm90::launch_tiles<Tiles<64, 16, 8, false, false, 8, 16, 4>>},
+    // Several K tiles per copy for the 64-row tiles (M 17-64: batch 64 decode), a copied as 64 rows.
+    {"wg 64x32 s4 kt2", sm90::launch_tiles<Tiles<64, 32, 4, false, false, 8, 64, 2>>},
+    {"wg 64x64 s4 kt2", sm90::launch_tiles<Tiles<64, 64, 4, false, false, 8, 64, 2>>},
+    {"wg 64x128 s4 kt2", sm90::launch_tiles<Tiles<64, 128, 4, false, false, 8, 64, 2>>},
+    {"wg 128x128 s2 kt2 staged", sm90::launch_tiles<Tiles<128, 128, 2, true, false, 8, 128, 2>>},
 };
 }  // namespace explored
 
@@ -217,7 +223,7 @@ int check() {
   // Every tile configuration gives the production bits, tails in M, N and K included.
   for (auto [M, N, K] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
            {1, 40, 72}, {37, 300, 1032}, {130, 1000, 4104}, {300, 520, 1024}, {5, 24, 8}, {13, 200, 1000},
-           {8, 1024, 3072}, {3, 136, 1024}, {1, 72, 512}, {16, 264, 1536}, {9, 48, 2048}}) {
+           {8, 1024, 3072}, {3, 136, 1024}, {1, 72, 512}, {16, 264, 1536}, {9, 48, 2048}, {50, 136, 2048}}) {
     auto a = random_bf16(M * K, 21, -1.f, 1.f), w = random_bf16(N * K, 22, -1.f, 1.f);
     Tensor ga = upload(Device::CUDA, DType::BF16, {M, K}, a.data()), gw = upload(Device::CUDA, DType::BF16, {N, K}, w.data());
     Tensor gb = upload(Device::CUDA, DType::BF16, {N}, random_bf16(N, 23, -1.f, 1.f).data());
@@ -274,8 +280,8 @@ int bench(const char* path, bool decode_only) {
   bool all_same = true;
   std::vector<std::string> results, sweep;
   for (auto [N, K] : shapes) {
-    const std::vector<int64_t> one_eight{1, 8};
-    const std::vector<int64_t>& Ms = decode_only ? one_eight : N * K <= 4096 * 4096 / 2 ? decode_ms : all_ms;
+    const std::vector<int64_t> decode_steps{1, 8, 64};
+    const std::vector<int64_t>& Ms = decode_only ? decode_steps : N * K <= 4096 * 4096 / 2 ? decode_ms : all_ms;
     size_t w_bytes = size_t(N) * K * 2;
     int pool = static_cast<int>(std::max<size_t>(2, (size_t(400) << 20) / w_bytes + 1));
     std::vector<Tensor> ws, as;
@@ -417,7 +423,7 @@ int main(int argc, char** argv) {
     if (mode == "check") return check();
     if (mode == "bench") return bench(argc > 2 ? argv[2] : "matmul_kernels.json", argc > 3 && std::string(argv[3]) == "decode");
     if (mode == "gate-up") return gate_up();
-    std::fprintf(stderr, "usage: dev_matmul check | bench OUT.json | gate-up [--mma-sync]\n");
+    std::fprintf(stderr, "usage: dev_matmul check | bench OUT.json [decode] | gate-up [--mma-sync]\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

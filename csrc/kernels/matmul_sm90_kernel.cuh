@@ -77,10 +77,10 @@ struct Args {
 // start; rows past A_ROWS are whatever bytes follow (the next stages' tiles), and they only feed
 // output rows past M, which are never stored. The ring ends with (BM - A_ROWS) rows of slack so
 // that the last stage's reads stay inside the block's shared memory.
-// KT > 1 (compact a only; K and the split multiples of 64 * KT): a stage holds KT consecutive K
-// tiles, those of a and those of w each brought by ONE copy of a 3-D view of the matrix (4-D for
-// gate_up's two halves), K tile t of a at t * A_ROWS rows and of w at t * BN rows past the stage's
-// w. The copy engine's cost per copy, not per byte, is what bounds a decode product's stream of
+// KT > 1 (K and the split multiples of 64 * KT): a stage holds KT consecutive K tiles, those of a
+// and those of w each brought by ONE copy of a 3-D view of the matrix (4-D for gate_up's two
+// halves), K tile t of a at t * A_ROWS rows (A_ROWS rows copied, those past M arriving as zeros)
+// and of w at t * BN rows past the stage's w. The copy engine's cost per copy, not per byte, is what bounds a decode product's stream of
 // small tiles (about 100 ns per copy and block on the H200), so fewer, larger copies; the MMAs,
 // in the same order on the same tiles, are the same.
 template <int BM_, int BN_, int STAGES_, bool STAGED_ = false, bool FULL_A_ = false, int GROUP_M_ = 8,
@@ -106,7 +106,7 @@ struct Tiles {
   static_assert(!STAGED || BN % 64 == 0, "staged stores go out in 64-column boxes");
   static_assert(A_ROWS == BM || (BM == 64 && A_ROWS % 8 == 0 && !STAGED && !FULL_A),
                 "compact a: one consumer, whole 1024-byte groups of 8 rows");
-  static_assert(KT == 1 || (A_ROWS < BM && KT >= 2), "several K tiles per copy: compact a only");
+  static_assert(KT >= 1, "K tiles per stage");
 };
 
 // One configuration of a table: its name (as the harness and the benchmarks print it) and its launch.

@@ -80,7 +80,7 @@ function bits(runs: Run[]): string[] {
 
 /** The model without launch(): the scheduler runs its steps one after another. */
 function oneAtATime(model: Transformer): ForwardModel {
-  const m = Object.create(model) as Transformer & { launch?: unknown }
+  const m = Object.create(model) as Omit<Transformer, 'launch'> & { launch?: Transformer['launch'] }
   m.launch = undefined
   m.step = (chunks, choices, topN) => model.step(chunks, choices, topN)
   return m
