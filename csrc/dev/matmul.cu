@@ -82,6 +82,10 @@ const sm90::Entry kWgmma[] = {
     {"wg 64x8 s4 a8 kt8", sm90::launch_tiles<Tiles<64, 8, 4, false, false, 8, 8, 8>>},
     {"wg 64x32 s8 a16 kt2", sm90::launch_tiles<Tiles<64, 32, 8, false, false, 8, 16, 2>>},
     {"wg 64x16 s8 a16 kt4", sm90::launch_tiles<Tiles<64, 16, 8, false, false, 8, 16, 4>>},
+    // More bytes per copy for N = K = 4096 at M <= 8 (62% of copy with 64x32 s4 a8 kt4).
+    {"wg 64x32 s3 a8 kt8", sm90::launch_tiles<Tiles<64, 32, 3, false, false, 8, 8, 8>>},
+    {"wg 64x64 s4 a8 kt4", sm90::launch_tiles<Tiles<64, 64, 4, false, false, 8, 8, 4>>},
+    {"wg 64x64 s2 a8 kt8", sm90::launch_tiles<Tiles<64, 64, 2, false, false, 8, 8, 8>>},
     // Several K tiles per copy for the 64-row tiles (M 17-64: batch 64 decode), a copied as 64 rows.
     {"wg 64x32 s4 kt2", sm90::launch_tiles<Tiles<64, 32, 4, false, false, 8, 64, 2>>},
     {"wg 64x64 s4 kt2", sm90::launch_tiles<Tiles<64, 64, 4, false, false, 8, 64, 2>>},
