@@ -180,8 +180,10 @@ int gate_up_config(int config) {
 
 void launch(const Problem& p, int config, cudaStream_t stream) {
   DI_CHECK(config >= 0 && config < kConfigCount, "matmul: no sm_90 configuration ", config);
-  // The variant's splits need not be whole stages of 4 K tiles: the same tile, a copy per K tile.
-  if (config >= k64x8_a8 + kTiles4 && p.k_per_split % (4 * kTileK) != 0) config -= kTiles4;
+  // K, or the variant's splits, in parts that are not whole stages of 4 K tiles: the same tile
+  // with a copy per K tile (the same bits).
+  if (config >= k64x8_a8 + kTiles4 && (p.K % (4 * kTileK) != 0 || p.k_per_split % (4 * kTileK) != 0))
+    config -= kTiles4;
   kConfigs[config].launch(p, stream);
 }
 
