@@ -16,7 +16,6 @@
 // copy per tile and 33-50 ns with 4 to 8 tiles per copy, the same bytes in flight.
 #include <cuda.h>
 #include <cuda_runtime.h>
-#include <cudaTypedefs.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -25,6 +24,7 @@
 #include <vector>
 
 #include "dev/harness.cuh"
+#include "kernels/matmul_sm90_kernel.cuh"
 #include "kernels/ptx.cuh"
 #include "kernels/wgmma_bf16.cuh"
 
@@ -142,36 +142,14 @@ void chains() {
 
 // ---- stream -----------------------------------------------------------------------------------
 
-constexpr int kN = 1024, kK = 3072, kKTiles = kK / 64;
+constexpr int kN = 1024, kK = 3072;
 constexpr int kCopies = 12;  // 12 x 6 MiB of weights rotated: more than L2
 
-PFN_cuTensorMapEncodeTiled_v12000 encode() {
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult found;
-  CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
-  DI_CHECK(found == cudaDriverEntryPointSuccess && fn, "dev_copy_engine: no cuTensorMapEncodeTiled");
-  return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-}
-
-// [rows, kK] bf16 in boxes of box_rows rows: 2-D with one 64-column tile per copy, else the 3-D
-// view {64, rows, K/64} with `tiles` tiles per copy (matmul_sm90.cu's tensor_map_tiles).
+// [rows, kK] bf16 in boxes of box_rows rows, with the matmul's own tensor maps: one 64-column K
+// tile per copy (2-D), or `tiles` per copy (the 3-D view of tensor_map_tiles).
 CUtensorMap map_of(void* data, int rows, int box_rows, int tiles) {
-  CUtensorMap m;
-  cuuint32_t es[3] = {1, 1, 1};
-  CUresult r;
-  if (tiles == 1) {
-    cuuint64_t dims[2] = {kK, static_cast<cuuint64_t>(rows)}, strides[1] = {kK * 2};
-    cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
-    r = encode()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, data, dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  } else {
-    cuuint64_t dims[3] = {64, static_cast<cuuint64_t>(rows), kKTiles}, strides[2] = {kK * 2, 128};
-    cuuint32_t box[3] = {64, static_cast<cuuint32_t>(box_rows), static_cast<cuuint32_t>(tiles)};
-    r = encode()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, data, dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  }
-  DI_CHECK(r == CUDA_SUCCESS, "dev_copy_engine: cuTensorMapEncodeTiled failed (", static_cast<int>(r), ")");
-  return m;
+  return tiles == 1 ? tensor_map(data, rows, kK, box_rows, "w")
+                    : tensor_map_tiles(data, rows, kK, box_rows, tiles, 1, "w");
 }
 
 template <int BN, int TILES, bool WITH_A>
