@@ -3,6 +3,8 @@
 //   build: cmake -S . -B build-dev -DDETINFER_DEV_HARNESSES=ON && cmake --build build-dev -j
 //          (or npx cmake-js compile --CDDETINFER_DEV_HARNESSES=ON); the binary is build/dev/dev_attention
 //   run:   build/dev/dev_attention [--json PATH] [--quick]
+//          build/dev/dev_attention --decode BATCH CONTEXT [HEADS]   one decode shape only (for Nsight
+//          Compute: -k regex:decode_wide), 8 kv heads, no validation
 // 1. validation: CUDA against the CPU backend (prefill, chunk over a cached prefix, decode), and the
 //    decode kernel against the prefill kernel bit for bit at every position of a 700-token sequence;
 // 2. benchmark (CUDA events around each launch, medians, rotating KV caches larger than L2, a
@@ -13,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -154,11 +157,11 @@ int rotations_for(double bytes) { return static_cast<int>(std::clamp(std::ceil(1
 struct DecodeResult { int batch, context; double ms, gbps; };
 struct PrefillResult { int tokens; double ms, tflops; };
 
-DecodeResult bench_decode(int batch, int context) {
+DecodeResult bench_decode(int batch, int context, int heads = kHeads) {
   const double kv_bytes = 2.0 * batch * context * kKvHeads * kDim * 2;
   const int rot = rotations_for(kv_bytes);
   PagedCache cache = make_cache(batch, context, kKvHeads, kDim, kBlockSize, rot, 1234 + batch + context);
-  Tensor q = make_tensor(Device::CUDA, DType::BF16, {batch, kHeads, kDim});
+  Tensor q = make_tensor(Device::CUDA, DType::BF16, {batch, heads, kDim});
   fill_random(q, 99, 3.f);
   Tensor out = make_tensor(Device::CUDA, DType::BF16, q.shape);
   std::vector<int32_t> starts(batch + 1), lens(batch, context);
@@ -191,9 +194,14 @@ PrefillResult bench_prefill(int tokens) {
 int main(int argc, char** argv) {
   std::string json_path;
   bool quick = false;
+  int only_batch = 0, only_context = 0, only_heads = kHeads;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
     if (!std::strcmp(argv[i], "--quick")) quick = true;
+    if (!std::strcmp(argv[i], "--decode") && i + 2 < argc) {
+      only_batch = std::atoi(argv[++i]), only_context = std::atoi(argv[++i]);
+      if (i + 1 < argc && argv[i + 1][0] != '-') only_heads = std::atoi(argv[++i]);
+    }
   }
   try {
     cuda_runtime::Status st = cuda_runtime::status();
@@ -202,6 +210,13 @@ int main(int argc, char** argv) {
       return 1;
     }
     std::printf("device: %s\n", st.devices[0].name.c_str());
+    if (only_batch > 0) {
+      const double copy = copy_gbs(size_t{1} << 30);
+      const DecodeResult r = bench_decode(only_batch, only_context, only_heads);
+      std::printf("decode batch %d context %d heads %d kv heads %d: %.1f us, %.0f GB/s, %.0f%% of copy (%.0f GB/s)\n",
+                  r.batch, r.context, only_heads, kKvHeads, r.ms * 1e3, r.gbps, 100 * r.gbps / copy, copy);
+      return 0;
+    }
     bool ok = validate();
 
     const double copy = copy_gbs(size_t{1} << 30);

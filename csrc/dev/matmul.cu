@@ -91,6 +91,10 @@ const sm90::Entry kWgmma[] = {
     {"wg 64x64 s4 kt2", sm90::launch_tiles<Tiles<64, 64, 4, false, false, 8, 64, 2>>},
     {"wg 64x128 s4 kt2", sm90::launch_tiles<Tiles<64, 128, 4, false, false, 8, 64, 2>>},
     {"wg 128x128 s2 kt2 staged", sm90::launch_tiles<Tiles<128, 128, 2, true, false, 8, 128, 2>>},
+    // 4 K tiles per copy for the 64-row tiles, narrower and wider than the two production takes.
+    {"wg 64x8 s5 kt4", sm90::launch_tiles<Tiles<64, 8, 5, false, false, 8, 64, 4>>},
+    {"wg 64x64 s3 kt4", sm90::launch_tiles<Tiles<64, 64, 3, false, false, 8, 64, 4>>},
+    {"wg 64x16 s8 kt2", sm90::launch_tiles<Tiles<64, 16, 8, false, false, 8, 64, 2>>},
 };
 }  // namespace explored
 

@@ -103,11 +103,15 @@ const Entry kConfigs[] = {
     {"wg 64x32 s4 a8 kt4", launch_tiles<Tiles<64, 32, 4, false, false, 8, 8, 4>>},
     {"wg 64x16 s4 a16 kt4", launch_tiles<Tiles<64, 16, 4, false, false, 8, 16, 4>>},
     {"wg 64x32 s4 a16 kt4", launch_tiles<Tiles<64, 32, 4, false, false, 8, 16, 4>>},
+    // Batch-sized decode (M 17-64) at small N: the 64-row tiles with 4 K tiles per copy.
+    {"wg 64x32 s4 kt4", launch_tiles<Tiles<64, 32, 4, false, false, 8, 64, 4>>},
+    {"wg 64x16 s5 kt4", launch_tiles<Tiles<64, 16, 5, false, false, 8, 64, 4>>},
 };
 constexpr int kConfigCount = sizeof(kConfigs) / sizeof(kConfigs[0]);
 constexpr int k64x32 = 0, k64x64 = 1, k64x128 = 2, k128x256 = 3, k128x256_staged = 4, k128x128_staged = 5;
 constexpr int k64x8_a8 = 6, k64x32_a8 = 7, k64x16_a16 = 8, k64x32_a16 = 9;
 constexpr int kTiles4 = 4;  // k64x8_a8 + kTiles4: the same tile with 4 K tiles per copy
+constexpr int k64x32_kt4 = 14, k64x16_kt4 = 15;
 
 struct DeviceInfo {
   bool hopper = false;
@@ -171,6 +175,12 @@ int production_config(int64_t M, int64_t N, int64_t K) {
   if (M > 64 && fills(128, 128)) return k128x128_staged;
   if (fills(64, 128)) return k64x128;
   if (fills(64, 64)) return k64x64;
+  // One tile of 64 rows (batch-sized decode) where N gives fewer than about one block per SM at
+  // 64 columns: 4 K tiles per copy, 32 columns wide once that gives every SM a block, else 16.
+  // Back to back on the H200 at M = 64 (dev_matmul bench decode): N = 1024, K = 3072 11.6 -> 6.8 us,
+  // K = 2048 8.4 -> 5.5; N = 4096, K = 1024 6.4 -> 5.8, K = 4096 16.3 -> 13.5, K = 12288 42.0 -> 31.5.
+  // The wider tiles (fills(64, 64) and up) gained nothing from it.
+  if (M <= 64 && K % (4 * kTileK) == 0) return fills(64, 32) ? k64x32_kt4 : k64x16_kt4;
   return k64x32;
 }
 
@@ -180,10 +190,10 @@ int gate_up_config(int config) {
 
 void launch(const Problem& p, int config, cudaStream_t stream) {
   DI_CHECK(config >= 0 && config < kConfigCount, "matmul: no sm_90 configuration ", config);
-  // K, or the variant's splits, in parts that are not whole stages of 4 K tiles: the same tile
-  // with a copy per K tile (the same bits).
+  // K, or the variant's splits, in parts that are not whole stages of 4 K tiles: a tile with a
+  // copy per K tile (the same bits): the compact-a tile itself, or 64x32 for the 64-row tiles.
   if (config >= k64x8_a8 + kTiles4 && (p.K % (4 * kTileK) != 0 || p.k_per_split % (4 * kTileK) != 0))
-    config -= kTiles4;
+    config = config >= k64x32_kt4 ? k64x32 : config - kTiles4;
   kConfigs[config].launch(p, stream);
 }
 

@@ -104,10 +104,12 @@ describe('matmulSiluMul on the CPU', () => {
 // Qwen3-0.6B's gate|up (I 3072, K 1024) over every tile production picks: decode tiles (M <= 16),
 // 64-row and 128x128 staged tiles, and 128x256 staged at M = 4096; I = 3080 ends inside a tile;
 // I = 64 is narrow enough for the 8-column decode tile (taken as 16 columns when fused); I = 37
-// is odd (no paired stores); K = 4160 takes the 128x256 tile that does not stage its stores.
+// is odd (no paired stores); K = 4160 takes the 128x256 tile that does not stage its stores. At
+// M 17-64 with K a multiple of 256, I = 2048 takes the 64-row tile of 32 columns with 4 K tiles per
+// copy and I = 64 and 37 the one of 16 columns.
 describeGpu('matmulSiluMul on CUDA', () => {
   suite('cuda', 1024, [3072], [1, 7, 16, 17, 64, 100, 300, 4096], 2)
-  suite('cuda', 1024, [3080, 64, 37], [1, 9, 64, 300], 2)
+  suite('cuda', 1024, [3080, 2048, 64, 37], [1, 9, 17, 64, 300], 2)
   // K not a multiple of 256: the decode tiles copy one K tile at a time instead of four.
   suite('cuda', 1088, [1024], [1, 16, 64], 2)
   // K above 4096: the 128x256 tile without staged stores (M 2100 gives it enough tiles).
