@@ -119,30 +119,35 @@ struct OnlySplit {
 // Loading tiles into shared memory (16-byte cp.async; rows past the end are zero-filled).
 
 // kKeyBlock cache rows key0.. of kv head `kv_head` into k_dst and/or v_dst ([kKeyBlock][D], swizzled).
-// Thread t copies 16-byte chunk t % (D/8) of rows t / (D/8) + i·(kThreads / (D/8)); a row's page
-// and place in it come from shifts when the block size is a power of two (kPow2), else from a
-// division, chosen once per call and not per row.
+// Thread t copies 16-byte chunk t % (D/8) of rows t / (D/8) + i·(kThreads / (D/8)): rows that
+// far apart share their swizzle, so the thread's shared-memory address only steps by a constant.
+// A row's page and place in it come from shifts when the block size is a power of two (kPow2),
+// else from a division, chosen once per call and not per row.
 template <int D, int kThreads, bool kLoadK, bool kLoadV, bool kPow2>
 __device__ __forceinline__ void load_key_block_rows(bf16* k_dst, bf16* v_dst, const AttentionArgs& a, const int* table,
                                                     int kv_head, int key0, int len) {
   constexpr int kChunks = D / 8;
-  static_assert(kThreads % kChunks == 0 && kKeyBlock % (kThreads / kChunks) == 0,
-                "every thread copies one chunk column of whole row steps");
   constexpr int kRowStep = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kKeyBlock % kRowStep == 0 && kRowStep % 8 == 0,
+                "every thread copies one chunk column of whole row steps, each a multiple of the swizzle period");
   const int chunk = static_cast<int>(threadIdx.x) % kChunks, row0 = static_cast<int>(threadIdx.x) / kChunks;
-  const int64_t row_elems = static_cast<int64_t>(a.kv_heads) * D;  // one cache slot, all kv heads
+  const int tile = tile_offset<D>(row0, chunk);  // + i * kRowStep * D for the thread's i-th row
+  const uint32_t k_s = ptx::smem_addr(k_dst + tile), v_s = ptx::smem_addr(v_dst + tile);
+  const int row_elems = a.kv_heads * D;  // one cache slot, every kv head
   const bf16* k_src = a.k_cache + kv_head * D + chunk * 8;
   const bf16* v_src = a.v_cache + kv_head * D + chunk * 8;
   // A constant trip count, unrolled: the page lookups and copies of the rows overlap.
 #pragma unroll
   for (int i = 0; i < kKeyBlock / kRowStep; ++i) {
-    const int r = row0 + i * kRowStep, key = key0 + r;
+    const int key = key0 + row0 + i * kRowStep;
     const bool valid = key < len;
     const int page_index = kPow2 ? key >> a.block_shift : key / a.block_size;
     const int in_page = kPow2 ? key & (a.block_size - 1) : key - page_index * a.block_size;
-    const int64_t offset = valid ? (static_cast<int64_t>(table[page_index]) * a.block_size + in_page) * row_elems : 0;
-    if (kLoadK) ptx::cp_async16(ptx::smem_addr(k_dst + tile_offset<D>(r, chunk)), valid ? k_src + offset : a.k_cache, valid ? 16 : 0);
-    if (kLoadV) ptx::cp_async16(ptx::smem_addr(v_dst + tile_offset<D>(r, chunk)), valid ? v_src + offset : a.v_cache, valid ? 16 : 0);
+    const int slot = valid ? table[page_index] * a.block_size + in_page : 0;
+    const int64_t offset = static_cast<int64_t>(slot) * row_elems;
+    const uint32_t dst = static_cast<uint32_t>(i * kRowStep * D * sizeof(bf16));
+    if (kLoadK) ptx::cp_async16(k_s + dst, k_src + offset, valid ? 16 : 0);
+    if (kLoadV) ptx::cp_async16(v_s + dst, v_src + offset, valid ? 16 : 0);
   }
 }
 

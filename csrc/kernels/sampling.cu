@@ -214,7 +214,9 @@ void argmax(Tensor& out, const Tensor& x) {
 //                          candidates; top-N (list A sorted); writes the row; 512 threads, so
 //                          that two rows share an SM and 256 rows run in one wave. A row whose cut bins hold more than
 //                          kCandidates tokens (by the plan's counts, or by the gather's count for a
-//                          row without counts) takes the exact one-block path over the whole row.
+//                          row without counts) takes the exact one-block path over the whole row:
+//                          the bin of each cut gathered and cut by the same radix select, or by
+//                          bisection over the row when even that bin holds more than kCandidates.
 // Variant (variant_kernels()): R < kVariantSplits reduces each slice's sum in kVariantSplits
 // parts, each with its own max, rescaled at the end, as if the row were split over more blocks
 // because the batch is small: the log-probs' bits then depend on R.
@@ -803,20 +805,20 @@ __device__ __forceinline__ void for_each_logit(const float* x, int64_t V, F&& f)
   for (int64_t v = threadIdx.x; v < V; v += kChoiceThreads) f(v, x[v]);
 }
 
-// Candidates in shared memory: sort keys and masses, sorted by key, largest first (bitonic sort;
-// empty entries have key 0 and sort last).
+// Candidates in shared memory: sort keys and masses. List A is sorted by key, largest first
+// (bitonic sort; empty entries have key 0 and sort last); list B and a gathered bin stay in list
+// order, and their cuts come from a radix select (cut_by_radix), which does not depend on it.
 struct Candidates {
   unsigned long long* key;
   unsigned long long* mass;
   int* count;  // shared counter
 };
 
-// Sorts the first n2 entries (a power of two, at most kCandidates); masses move with their keys
-// when with_mass. Pair i of a pass is (lo, lo + stride), lo = 2i - (i mod stride); thread t takes
+// Sorts the first n2 keys (a power of two, at most kCandidates). Pair i of a pass is (lo, lo + stride), lo = 2i - (i mod stride); thread t takes
 // pairs t, t + kChoiceThreads, ... While the stride is at most 32, warp w's pairs lie within its
 // own 64-entry chunks (64w .. 64w + 63, and 2048 further), so two such passes in a row need only
 // the warp's own barrier; a block barrier comes before and after every pass of a larger stride.
-__device__ void sort_candidates(Candidates c, int n2, bool with_mass) {
+__device__ void sort_candidates(Candidates c, int n2) {
   int last_stride = 0;
   for (int size = 2; size <= n2; size *= 2) {
     for (int stride = size / 2; stride > 0; stride /= 2) {
@@ -828,13 +830,7 @@ __device__ void sort_candidates(Candidates c, int n2, bool with_mass) {
         int hi = lo + stride;
         bool descending = (lo & size) == 0;
         unsigned long long klo = c.key[lo], khi = c.key[hi];
-        if ((klo < khi) == descending) {
-          c.key[lo] = khi, c.key[hi] = klo;
-          if (with_mass) {
-            unsigned long long m = c.mass[lo];
-            c.mass[lo] = c.mass[hi], c.mass[hi] = m;
-          }
-        }
+        if ((klo < khi) == descending) c.key[lo] = khi, c.key[hi] = klo;
       }
     }
   }
@@ -849,17 +845,16 @@ __device__ void load_sorted(Candidates c, const unsigned long long* list, int n,
   __syncthreads();  // the previous use of the candidates is over
   for (int i = threadIdx.x; i < n2; i += kChoiceThreads) c.key[i] = i < n ? list[i] : 0ull;
   __syncthreads();
-  sort_candidates(c, n2, false);
+  sort_candidates(c, n2);
   if (with_mass) {
     for (int i = threadIdx.x; i < kCandidates; i += kChoiceThreads) c.mass[i] = i < n ? s.mass(key_logit(c.key[i])) : 0ull;
     __syncthreads();
   }
 }
 
-// Gathers the tokens whose bin lies in [lo, hi] (at most kCandidates; the caller checked) and
-// sorts them. Slots are taken in a racy order; the sort makes the result independent of it.
+// Gathers the tokens whose bin lies in [lo, hi] (at most kCandidates are kept; *c.count gets how
+// many there are). Slots are taken in a racy order: whatever reads them must not depend on it.
 __device__ void gather_bins(Candidates c, const float* x, int64_t V, const Scale& s, int lo, int hi, bool with_mass) {
-  for (int i = threadIdx.x; i < kCandidates; i += kChoiceThreads) c.key[i] = 0, c.mass[i] = 0;
   if (threadIdx.x == 0) *c.count = 0;
   __syncthreads();
   // Every thread runs every iteration: the ballot needs whole warps.
@@ -884,7 +879,6 @@ __device__ void gather_bins(Candidates c, const float* x, int64_t V, const Scale
     }
   }
   __syncthreads();
-  sort_candidates(c, kCandidates, true);
 }
 
 // Loads a gathered list of n keys (n <= kCandidates) and their masses, in list order.
@@ -1013,25 +1007,6 @@ __device__ unsigned long long cut_by_radix(Candidates c, int n, unsigned long lo
   return k_cut;
 }
 
-// The sort key of the candidate at which the running total (count, or mass when by_mass) first
-// reaches `need` (>= 1), and in *mass_to_cut the candidates' mass up to and including it.
-__device__ unsigned long long cut_in_candidates(Candidates c, unsigned long long need, bool by_mass,
-                                                unsigned long long* mass_to_cut) {
-  static_assert(kCandidates % kChoiceThreads == 0, "whole candidates per thread");
-  int index;
-  if (by_mass) {
-    BinCut at = find_running<kCandidates / kChoiceThreads>(c.mass, need);
-    index = at.bin;
-    *mass_to_cut = at.before + c.mass[index];
-  } else {
-    index = need - 1 < static_cast<unsigned long long>(kCandidates) ? static_cast<int>(need - 1) : kCandidates - 1;
-    unsigned long long local = 0;
-    for (int i = threadIdx.x; i <= index; i += kChoiceThreads) local += c.mass[i];
-    *mass_to_cut = block_sum_u64<kChoiceThreads>(local);
-  }
-  return c.key[index];
-}
-
 // Fallback when the bin holding the cut has more than kCandidates tokens: the sort key at which
 // the running total over tokens of bin `bin` (in sort-key order) reaches `target`, by bisection
 // on the 64-bit sort key with a block reduction per step (at most 64 steps). Slow, exact, and
@@ -1080,7 +1055,7 @@ __device__ unsigned long long prefix_cut(Candidates c, const unsigned* bin_count
     gather_bins(c, x, V, s, bc.bin, bc.bin, true);
     gathered = *c.count <= kCandidates;
   }
-  if (gathered) cut = cut_in_candidates(c, target - bc.before, by_mass, &within);
+  if (gathered) cut = cut_by_radix(c, static_cast<int>(*c.count), target - bc.before, by_mass, &within);
   else cut = cut_by_bisection(x, V, s, bc.bin, bc.before, target, by_mass, &within);
   *prefix_mass = mass_before + within;
   return cut;
@@ -1434,7 +1409,7 @@ __global__ void __launch_bounds__(kChoiceThreads, 2)
       // the counts, or, for a row without counts, the gather kernel counted past the list's end).
       const unsigned held = w.held[2 * r + 1];
       if (!plan.overflow_b && held <= static_cast<unsigned>(kCandidates)) {
-        // The tokens of bins [lo, hi], sorted; the bins below lo hold plan.count_before tokens of
+        // The tokens of bins [lo, hi], in list order; the bins below lo hold plan.count_before tokens of
         // mass plan.mass_before, all kept, their Gumbel-max in the slices' picks.
         pick = load_best_pick(picks, P);
         const int n = static_cast<int>(held);
@@ -1502,7 +1477,7 @@ __global__ void __launch_bounds__(kChoiceThreads, 2)
         }
       });
       __syncthreads();
-      sort_candidates(cand, kCandidates, false);
+      sort_candidates(cand, kCandidates);
     }
     for (int i = threadIdx.x; i < top_n; i += kChoiceThreads) {
       if (i < n) {
