@@ -814,10 +814,11 @@ struct Candidates {
   int* count;  // shared counter
 };
 
-// Sorts the first n2 keys (a power of two, at most kCandidates). Pair i of a pass is (lo, lo + stride), lo = 2i - (i mod stride); thread t takes
-// pairs t, t + kChoiceThreads, ... While the stride is at most 32, warp w's pairs lie within its
-// own 64-entry chunks (64w .. 64w + 63, and 2048 further), so two such passes in a row need only
-// the warp's own barrier; a block barrier comes before and after every pass of a larger stride.
+// Sorts the first n2 keys (a power of two, at most kCandidates). Pair i of a pass is
+// (lo, lo + stride), lo = 2i - (i mod stride); thread t takes pairs t, t + kChoiceThreads, ...
+// While the stride is at most 32, warp w's pairs lie within its own 64-entry chunks (64w .. 64w +
+// 63, and 2048 further), so two such passes in a row need only the warp's own barrier; a block
+// barrier comes before and after every pass of a larger stride.
 __device__ void sort_candidates(Candidates c, int n2) {
   int last_stride = 0;
   for (int size = 2; size <= n2; size *= 2) {
@@ -1409,8 +1410,8 @@ __global__ void __launch_bounds__(kChoiceThreads, 2)
       // the counts, or, for a row without counts, the gather kernel counted past the list's end).
       const unsigned held = w.held[2 * r + 1];
       if (!plan.overflow_b && held <= static_cast<unsigned>(kCandidates)) {
-        // The tokens of bins [lo, hi], in list order; the bins below lo hold plan.count_before tokens of
-        // mass plan.mass_before, all kept, their Gumbel-max in the slices' picks.
+        // The tokens of bins [lo, hi], in list order; the bins below lo hold plan.count_before
+        // tokens of mass plan.mass_before, all kept, their Gumbel-max in the slices' picks.
         pick = load_best_pick(picks, P);
         const int n = static_cast<int>(held);
         load_candidates(cand, w.list_b + r * kCandidates, n, s);
