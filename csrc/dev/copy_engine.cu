@@ -201,28 +201,22 @@ __global__ void __launch_bounds__(160) stream_kernel(const __grid_constant__ CUt
 }
 
 template <int BN, int TILES, bool WITH_A>
-void stream(std::vector<void*>& weights, void* a) {
+void stream(std::vector<Tensor>& weights, Tensor& a) {
   using T = StreamTiles<BN, TILES, WITH_A>;
   std::vector<CUtensorMap> maps;
-  for (void* w : weights) maps.push_back(map_of(w, kN, BN, TILES));
-  const CUtensorMap map_a = map_of(a, 8, 8, TILES);
+  for (Tensor& w : weights) maps.push_back(map_of(w.data(), kN, BN, TILES));
+  const CUtensorMap map_a = map_of(a.data(), 8, 8, TILES);
   auto kernel = stream_kernel<BN, TILES, WITH_A>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::SMEM));
-  dev::EventPair events;
   const int k_tiles[3] = {8, 24, 48};
   double us[3];
-  for (int q = 0; q < 3; ++q) {
-    std::vector<double> times;
-    for (int i = 0; i < 60; ++i) {
-      CUDA_CHECK(cudaEventRecord(events.start, dev::stream()));
-      kernel<<<kN / BN, 160, T::SMEM, dev::stream()>>>(maps[i % maps.size()], map_a, k_tiles[q]);
-      CUDA_CHECK(cudaGetLastError());
-      CUDA_CHECK(cudaEventRecord(events.stop, dev::stream()));
-      const double t = events.elapsed_ms() * 1e3;
-      if (i >= 10) times.push_back(t);
-    }
-    us[q] = dev::median(times);
-  }
+  for (int q = 0; q < 3; ++q)
+    us[q] = dev::median_us(
+        [&](int i) {
+          kernel<<<kN / BN, 160, T::SMEM, dev::stream()>>>(maps[i % maps.size()], map_a, k_tiles[q]);
+          CUDA_CHECK(cudaGetLastError());
+        },
+        50);
   std::printf("w %2d rows per block, %d K tile%s per copy, a %-3s (%2d stages, %3d blocks): K 512 / 1536 / 3072 "
               "%6.2f %6.2f %6.2f us, slope %4.0f ns per K tile\n",
               BN, TILES, TILES > 1 ? "s" : " ", WITH_A ? "yes" : "no", T::STAGES, kN / BN, us[0], us[1], us[2],
@@ -230,17 +224,10 @@ void stream(std::vector<void*>& weights, void* a) {
 }
 
 void streams() {
-  std::vector<void*> weights;
+  std::vector<Tensor> weights;
   const std::vector<uint16_t> values = dev::random_bf16(size_t{kN} * kK, 7, -1.f, 1.f);
-  for (int c = 0; c < kCopies; ++c) {
-    void* w;
-    CUDA_CHECK(cudaMalloc(&w, values.size() * 2));
-    CUDA_CHECK(cudaMemcpy(w, values.data(), values.size() * 2, cudaMemcpyHostToDevice));
-    weights.push_back(w);
-  }
-  void* a;
-  CUDA_CHECK(cudaMalloc(&a, size_t{8} * kK * 2));
-  CUDA_CHECK(cudaMemcpy(a, values.data(), size_t{8} * kK * 2, cudaMemcpyHostToDevice));
+  for (int c = 0; c < kCopies; ++c) weights.push_back(dev::upload(Device::CUDA, DType::BF16, {kN, kK}, values.data()));
+  Tensor a = dev::upload(Device::CUDA, DType::BF16, {8, kK}, values.data());
   stream<8, 1, false>(weights, a);
   stream<8, 1, true>(weights, a);
   stream<8, 2, true>(weights, a);
@@ -248,8 +235,6 @@ void streams() {
   stream<8, 8, true>(weights, a);
   stream<32, 1, true>(weights, a);
   stream<32, 4, true>(weights, a);
-  for (void* w : weights) cudaFree(w);
-  cudaFree(a);
 }
 
 }  // namespace

@@ -283,12 +283,11 @@ int bench(const char* path, bool decode_only) {
   // 8B-class shapes, then Qwen3-0.6B's decode products (q|k|v, o, gate|up, down) at small M.
   std::vector<std::pair<int64_t, int64_t>> shapes{{4096, 4096}, {12288, 4096}, {4096, 12288}, {151936, 1024},
                                                   {4096, 1024}, {1024, 2048},  {6144, 1024},  {1024, 3072}};
-  const std::vector<int64_t> all_ms{1, 8, 32, 128, 512, 4096}, decode_ms{1, 8, 16, 64};
+  const std::vector<int64_t> all_ms{1, 8, 32, 128, 512, 4096}, decode_ms{1, 8, 16, 64}, decode_steps{1, 8, 64};
   const std::vector<Config> configs = all_configs();
   bool all_same = true;
   std::vector<std::string> results, sweep;
   for (auto [N, K] : shapes) {
-    const std::vector<int64_t> decode_steps{1, 8, 64};
     const std::vector<int64_t>& Ms = decode_only ? decode_steps : N * K <= 4096 * 4096 / 2 ? decode_ms : all_ms;
     size_t w_bytes = size_t(N) * K * 2;
     int pool = static_cast<int>(std::max<size_t>(2, (size_t(400) << 20) / w_bytes + 1));
