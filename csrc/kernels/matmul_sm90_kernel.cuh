@@ -80,9 +80,9 @@ struct Args {
 // KT > 1 (K and the split multiples of 64 * KT): a stage holds KT consecutive K tiles, those of a
 // and those of w each brought by ONE copy of a 3-D view of the matrix (4-D for gate_up's two
 // halves), K tile t of a at t * A_ROWS rows (A_ROWS rows copied, those past M arriving as zeros)
-// and of w at t * BN rows past the stage's w. The copy engine's cost per copy, not per byte, is what bounds a decode product's stream of
-// small tiles (about 100 ns per copy and block on the H200), so fewer, larger copies; the MMAs,
-// in the same order on the same tiles, are the same.
+// and of w at t * BN rows past the stage's w. The copy engine's cost per copy, not per byte, is
+// what bounds a decode product's stream of small tiles (about 100 ns per copy and block on the
+// H200), so fewer, larger copies; the MMAs, in the same order on the same tiles, are the same.
 template <int BM_, int BN_, int STAGES_, bool STAGED_ = false, bool FULL_A_ = false, int GROUP_M_ = 8,
           int A_ROWS_ = BM_, int KT_ = 1>
 struct Tiles {

@@ -212,9 +212,10 @@ void argmax(Tensor& out, const Tensor& x) {
 //                          lists (warp-aggregated atomics on the row's list counters)
 //   select (R)             lse; the cuts in list B by a radix select, Gumbel-max over the kept
 //                          candidates; top-N (list A sorted); writes the row; 512 threads, so
-//                          that two rows share an SM and 256 rows run in one wave. A row whose cut bins hold more than
-//                          kCandidates tokens (by the plan's counts, or by the gather's count for a
-//                          row without counts) takes the exact one-block path over the whole row:
+//                          that two rows share an SM and 256 rows run in one wave. A row whose
+//                          cut bins hold more than kCandidates tokens (by the plan's counts, or
+//                          by the gather's count for a row without counts) takes the exact
+//                          one-block path over the whole row:
 //                          the bin of each cut gathered and cut by the same radix select, or by
 //                          bisection over the row when even that bin holds more than kCandidates.
 // Variant (variant_kernels()): R < kVariantSplits reduces each slice's sum in kVariantSplits
@@ -908,7 +909,8 @@ __device__ unsigned long long cut_by_radix(Candidates c, int n, unsigned long lo
   unsigned* digit_hi = digits + 512;
   __shared__ unsigned warp_and[2][32], warp_or[2][32];
   __shared__ unsigned long long prefix, mask, above, cut;
-  __shared__ int state, high;  // state 0: searching, 1: one key left in the kept digit, 2: unreachable
+  // state 0: searching, 1: one key left in the kept digit, 2: unreachable, 3: every bit decided
+  __shared__ int state, high;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   unsigned long long all_and = ~0ull, all_or = 0, total_local = 0;
   for (int i = threadIdx.x; i < n; i += kChoiceThreads) {
