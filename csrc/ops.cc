@@ -434,6 +434,13 @@ void cast(Tensor& dst, const Tensor& src) {
 
 void set_variant_kernels(bool enabled) { g_variant_kernels.store(enabled); }
 
+void set_decode_pipeline(const std::string& pipeline) {
+  const int value = pipeline == "auto" ? 0 : pipeline == "paired" ? 1 : pipeline == "rotating" ? 2 : -1;
+  if (value < 0)
+    fail("setDecodePipeline: expected \"auto\", \"paired\" or \"rotating\" but received \"", pipeline, "\"");
+  g_decode_pipeline.store(value);
+}
+
 const char* cuda_matmul_kernels() { return cuda::matmul_kernels(); }
 
 }  // namespace detinfer::ops

@@ -5,6 +5,7 @@
 // The op list, with each op's shapes, is common/op_list.h.
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "common/attention_batch.h"
@@ -27,6 +28,9 @@ void copy(Tensor& dst, const Tensor& src);
 
 // Switches matmul, the row reductions and attention to the batch-dependent variant (common/config.h).
 void set_variant_kernels(bool enabled);
+// Development: how every CUDA decode attention launch streams K and V, "paired" or "rotating";
+// "auto" restores the library's choice (common/config.h).
+void set_decode_pipeline(const std::string& pipeline);
 // The matmul kernel family the CUDA device runs: "wgmma (sm_90a)" or "mma.sync" ("none" in a build
 // without CUDA). Its bits differ from the other family's, so it is part of what "same
 // architecture, same build" means.

@@ -137,6 +137,8 @@ export interface NativeAddon {
   copy(dst: NativeTensor, src: NativeTensor): void
   cast(dst: NativeTensor, src: NativeTensor): void
   setVariantKernels(enabled: boolean): void
+  /** Development: how every CUDA decode attention launch streams K and V; 'auto' restores the library's choice by grid size. Same bits either way. */
+  setDecodePipeline(pipeline: 'auto' | 'paired' | 'rotating'): void
   variantKernels(): boolean
   cudaStatus(): CudaStatus
   /** Starts recording the CUDA stream's work into a graph instead of running it. */

@@ -257,6 +257,12 @@ Napi::Value SetVariantKernels(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value SetDecodePipeline(const Napi::CallbackInfo& info) {
+  Args a{info, "setDecodePipeline"};
+  ops::set_decode_pipeline(a.string(0, "pipeline"));
+  return info.Env().Undefined();
+}
+
 Napi::Value VariantKernels(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), variant_kernels());
 }
@@ -314,6 +320,7 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"graphEnd", GraphEnd},   {"graphAbort", GraphAbort},
       {"memoryInfo", MemoryInfo},
       {"cast", Cast},           {"setVariantKernels", SetVariantKernels},
+      {"setDecodePipeline", SetDecodePipeline},
       {"variantKernels", VariantKernels}, {"cudaStatus", CudaStatus},
   };
   for (const Entry& e : entries) exports.Set(e.name, Napi::Function::New(env, e.fn, e.name));

@@ -2,4 +2,5 @@
 
 namespace detinfer {
 std::atomic<bool> g_variant_kernels{false};
+std::atomic<int> g_decode_pipeline{0};
 }

@@ -5,6 +5,8 @@
 //   run:   build/dev/dev_attention [--json PATH] [--quick]
 //          build/dev/dev_attention --decode BATCH CONTEXT [HEADS]   one decode shape only (for Nsight
 //          Compute: -k regex:decode_wide), 8 kv heads, no validation
+//          build/dev/dev_attention --pipeline paired|rotating ...   every decode launch streams K/V so
+//          build/dev/dev_attention --sweep   decode shapes with each pipeline beside the library's choice
 // 1. validation: CUDA against the CPU backend (prefill, chunk over a cached prefix, decode), and the
 //    decode kernel against the prefill kernel bit for bit at every position of a 700-token sequence;
 // 2. benchmark (CUDA events around each launch, medians, rotating KV caches larger than L2, a
@@ -129,10 +131,14 @@ int first_decode_mismatch(int heads, int kv_heads, int dim, int block_size, int 
   return -1;
 }
 
+// Every shape with each of the decode kernel's pipelines (paired and rotating K/V copies).
 bool validate() {
   bool ok = true;
   struct Shape { int heads, kv_heads, dim, block_size; };
+  for (const char* pipeline : {"paired", "rotating"})
   for (Shape s : {Shape{8, 2, 128, 16}, Shape{4, 4, 64, 32}, Shape{16, 2, 64, 16}, Shape{32, 1, 128, 16}}) {
+    ops::set_decode_pipeline(pipeline);
+    std::printf("%-8s ", pipeline);
     double w1 = compare_backends(s.heads, s.kv_heads, s.dim, s.block_size, {1, 17, 256, 300, 1100}, {1, 17, 200, 9, 33}, 11);
     double w2 = compare_backends(s.heads, s.kv_heads, s.dim, s.block_size, {1, 17, 256, 300, 1100}, {1, 1, 1, 1, 1}, 12);
     int mismatch = first_decode_mismatch(s.heads, s.kv_heads, s.dim, s.block_size, 600, 13);
@@ -144,6 +150,7 @@ bool validate() {
                 mismatch < 0 ? "bitwise equal at all 600 positions" : ("differ at " + std::to_string(mismatch)).c_str(),
                 pass ? "PASS" : "FAIL");
   }
+  ops::set_decode_pipeline("auto");
   return ok;
 }
 
@@ -193,11 +200,13 @@ PrefillResult bench_prefill(int tokens) {
 
 int main(int argc, char** argv) {
   std::string json_path;
-  bool quick = false;
+  bool quick = false, sweep = false;
   int only_batch = 0, only_context = 0, only_heads = kHeads;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
     if (!std::strcmp(argv[i], "--quick")) quick = true;
+    if (!std::strcmp(argv[i], "--sweep")) sweep = true;
+    if (!std::strcmp(argv[i], "--pipeline") && i + 1 < argc) ops::set_decode_pipeline(argv[++i]);
     if (!std::strcmp(argv[i], "--decode") && i + 2 < argc) {
       only_batch = std::atoi(argv[++i]), only_context = std::atoi(argv[++i]);
       if (i + 1 < argc && argv[i + 1][0] != '-') only_heads = std::atoi(argv[++i]);
@@ -212,9 +221,27 @@ int main(int argc, char** argv) {
     std::printf("device: %s\n", st.devices[0].name.c_str());
     if (only_batch > 0) {
       const double copy = copy_gbs(size_t{1} << 30);
+      bench_decode(only_batch, only_context, only_heads);  // warm-up: the clocks leave idle
       const DecodeResult r = bench_decode(only_batch, only_context, only_heads);
       std::printf("decode batch %d context %d heads %d kv heads %d: %.1f us, %.0f GB/s, %.0f%% of copy (%.0f GB/s)\n",
                   r.batch, r.context, only_heads, kKvHeads, r.ms * 1e3, r.gbps, 100 * r.gbps / copy, copy);
+      return 0;
+    }
+    if (sweep) {
+      const double copy = copy_gbs(size_t{1} << 30);
+      std::printf("copy %.0f GB/s\n batch  context   paired us rotating us  library us  of copy\n", copy);
+      for (auto [batch, context] : std::vector<std::pair<int, int>>{
+               {1, 256}, {1, 1024}, {1, 8192}, {1, 32768}, {8, 256}, {8, 1024}, {8, 8192}, {8, 32768}, {16, 256},
+               {32, 256}, {32, 1024}, {64, 128}, {64, 256}, {64, 512}, {64, 1024}, {64, 8192}, {128, 256}}) {
+        bench_decode(batch, context);  // warm-up
+        double us[3];
+        for (int p = 0; p < 3; ++p) {
+          ops::set_decode_pipeline(p == 0 ? "paired" : p == 1 ? "rotating" : "auto");
+          const DecodeResult r = bench_decode(batch, context);
+          us[p] = r.ms * 1e3;
+          if (p == 2) std::printf("%6d %8d %11.1f %11.1f %11.1f %7.0f%%\n", batch, context, us[0], us[1], us[2], 100 * r.gbps / copy);
+        }
+      }
       return 0;
     }
     bool ok = validate();

@@ -12,7 +12,8 @@
 //   decode  (every sequence has one query): four warps per (sequence, kv head, split) holding the
 //           group's query heads as tile rows, each warp a quarter of every key block, with the
 //           operations of one warp of the prefill kernel in the same order
-//           (attention_decode_wide_kernel); partials to a workspace, then a combine pass. When no
+//           (attention_decode_wide_kernel), its K and V copied paired or rotating by the grid's
+//           size (decode_paired); partials to a workspace, then a combine pass. When no
 //           sequence can have a second split (max_seq_len <= kSplitSize), the decode kernel merges
 //           its one split with the combine's functions and writes the output itself (OnlySplit):
 //           the same bits, one launch fewer;
@@ -57,15 +58,27 @@ struct PrefillTiles {
 };
 
 // Decode with four warps per split: the same products, sums and roundings as one warp of the
-// prefill kernel, spread over the warps (attention_decode_wide_kernel).
+// prefill kernel, spread over the warps (attention_decode_wide_kernel). Two ways to stream the
+// split's K and V through shared memory (launch geometry only, the same bits):
+//   paired (PAIRED): K and V of a key block are copied together, two key blocks in flight, into a
+//           16-row query tile: 74 KB, three blocks per SM. The lowest latency per block, for grids
+//           that fit in one wave of three blocks per SM;
+//   rotating: K and V tiles take turns in kRotatingSlots buffers (K0, V0, K1, V1, ...), each tile
+//           requested as soon as the tile kRotatingSlots before it has been used, and the query
+//           tile holds only the group's heads plus one zero row that the tensor cores read for
+//           the others: 56 KB at four query heads per kv head, four blocks per SM. Larger grids
+//           take fewer waves, and the tail of the last one is shorter.
+template <bool PAIRED>
 struct DecodeWideTiles {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kStages = 2;
-  template <int D>  // query tile, kStages key blocks of K and V, the block's p (f32), p fragments, row maxima
-  static constexpr int smem_bytes() {
-    return (kTileRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16)) +
-           kTileRows * kKeyBlock * 4 + kWarps * 32 * 4 * 4 + kWarps * kTileRows * 4;
+  static constexpr int kRotatingSlots = 3;
+  static constexpr int kTiles = PAIRED ? 4 : kRotatingSlots;  // [kKeyBlock][D] K or V tiles
+  // K/V tiles, the block's p (f32), p fragments, row maxima; then the query tile
+  template <int D>
+  static constexpr int smem_bytes(int q_rows) {
+    return kTiles * kKeyBlock * D * static_cast<int>(sizeof(bf16)) + kTileRows * kKeyBlock * 4 + kWarps * 32 * 4 * 4 +
+           kWarps * kTileRows * 4 + (PAIRED ? kTileRows : q_rows + 1) * D * static_cast<int>(sizeof(bf16));
   }
 };
 
@@ -226,22 +239,20 @@ __device__ __forceinline__ DecodeSplit decode_split(const AttentionArgs& a) {
 //   o: warp w owns output columns [D/4·w, D/4·(w+1)); each element is rescaled by alpha and then
 //           takes the block's four 16-key k-steps in ascending order, from the same bf16(p)
 //           fragments (exchanged through shared memory).
-template <int D>
-__global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wide_kernel(AttentionArgs a) {
+template <int D, bool PAIRED>
+__global__ void __launch_bounds__(DecodeWideTiles<PAIRED>::kThreads) attention_decode_wide_kernel(AttentionArgs a) {
   pdl_wait();
   pdl_launch_dependents();
-  using T = DecodeWideTiles;
+  using T = DecodeWideTiles<PAIRED>;
   static_assert(kKeyBlock == 16 * T::kWarps, "one 16-key k-step of the block per warp");
   static_assert(D % (16 * T::kWarps) == 0, "whole 16-column steps of the output per warp");
   constexpr int kDn = D / 16 / T::kWarps;  // 16-column steps of o per warp
-  constexpr int kStages = T::kStages;
   extern __shared__ __align__(128) unsigned char decode_smem[];
-  bf16* q_s = reinterpret_cast<bf16*>(decode_smem);
-  bf16* k_s = q_s + kTileRows * D;
-  bf16* v_s = k_s + kStages * kKeyBlock * D;
-  float* p32 = reinterpret_cast<float*>(v_s + kStages * kKeyBlock * D);  // [kTileRows][kKeyBlock]
+  bf16* kv_s = reinterpret_cast<bf16*>(decode_smem);  // [kTiles][kKeyBlock][D]
+  float* p32 = reinterpret_cast<float*>(kv_s + T::kTiles * kKeyBlock * D);     // [kTileRows][kKeyBlock]
   uint32_t* pfrag = reinterpret_cast<uint32_t*>(p32 + kTileRows * kKeyBlock);  // [kWarps][32][4]
   float* wmax = reinterpret_cast<float*>(pfrag + T::kWarps * 32 * 4);          // [kWarps][kTileRows]
+  bf16* q_s = reinterpret_cast<bf16*>(wmax + T::kWarps * kTileRows);           // the query tile
 
   const DecodeSplit ds = decode_split(a);
   if (!ds.active) return;
@@ -250,13 +261,46 @@ __global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wi
   const int* table = ds.table;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, col = 2 * (lane & 3);
 
-  load_query_rows<D, T::kThreads, kTileRows>(q_s, a.q, (static_cast<int64_t>(q_row) * a.heads + head0) * D, D, rows);
-#pragma unroll
-  for (int st = 0; st < kStages; ++st) {
-    if (begin + st * kKeyBlock < end)
-      load_key_block<D, T::kThreads, true, true>(k_s + st * kKeyBlock * D, v_s + st * kKeyBlock * D, a, table,
-                                                 kv_head, begin + st * kKeyBlock, len);
+  // Paired: 16 query rows, those past the group zero-filled. Rotating: the group's rows, then one
+  // zero row that the lanes of the other tile rows read (all of its chunks are zero, so its
+  // swizzle does not matter).
+  const int64_t q_first = (static_cast<int64_t>(q_row) * a.heads + head0) * D;
+  int q_lane_row = lane & 15;  // the row this lane addresses in ldmatrix
+  if constexpr (PAIRED) {
+    load_query_rows<D, T::kThreads, kTileRows>(q_s, a.q, q_first, D, rows);
+  } else {
+    constexpr int kChunks = D / 8;
+    for (int c = threadIdx.x; c < rows * kChunks; c += T::kThreads)
+      ptx::cp_async16(ptx::smem_addr(q_s + tile_offset<D>(c / kChunks, c % kChunks)), a.q + q_first + c * 8, 16);
+    for (int c = threadIdx.x; c < kChunks; c += T::kThreads)
+      reinterpret_cast<uint4*>(q_s + rows * D)[c] = make_uint4(0, 0, 0, 0);
+    q_lane_row = min(q_lane_row, rows);
+  }
+  // Paired: key block b's K in tile 2(b%2), its V in tile 2(b%2)+1, one cp.async group per block.
+  // Rotating: tile t of the split (K of key block t/2 for even t, else its V) in buffer t % kTiles,
+  // one group per tile. Groups are committed also past the split's end (empty), so that the count
+  // stays in step with the waits.
+  auto tile_of = [&](int t) { return kv_s + (PAIRED ? t % 4 : t % T::kTiles) * kKeyBlock * D; };
+  auto load_tile = [&](int t) {
+    const int key0 = begin + (t >> 1) * kKeyBlock;
+    if (key0 < end) {
+      if (PAIRED)
+        load_key_block<D, T::kThreads, true, true>(tile_of(t), tile_of(t + 1), a, table, kv_head, key0, len);
+      else if (t & 1)
+        load_key_block<D, T::kThreads, false, true>(tile_of(t), tile_of(t), a, table, kv_head, key0, len);
+      else
+        load_key_block<D, T::kThreads, true, false>(tile_of(t), tile_of(t), a, table, kv_head, key0, len);
+    }
     ptx::cp_async_commit();
+  };
+  // Groups that may still be pending when a block's K (and, rotating, its V) must have landed.
+  constexpr int kAhead = PAIRED ? 1 : T::kTiles - 1;
+  if constexpr (PAIRED) {
+    load_tile(0);  // K0 and V0, with the query rows
+    load_tile(2);  // K1 and V1
+  } else {
+#pragma unroll
+    for (int t = 0; t < T::kTiles; ++t) load_tile(t);  // K0 (with the query rows), V0, K1
   }
 
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: warp 0's lanes hold one warp's shares
@@ -267,10 +311,9 @@ __global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wi
     for (int e = 0; e < 4; ++e) o[i][e] = 0.f;
 
   for (int key0 = begin, b = 0; key0 < end; key0 += kKeyBlock, ++b) {
-    const int stage = b % kStages;
-    const bf16* k_tile = k_s + stage * kKeyBlock * D;
-    const bf16* v_tile = v_s + stage * kKeyBlock * D;
-    ptx::cp_async_wait<kStages - 1>();
+    const bf16* k_tile = tile_of(2 * b);
+    const bf16* v_tile = tile_of(2 * b + 1);
+    ptx::cp_async_wait<kAhead>();  // K of this block (paired: and its V)
     __syncthreads();
 
     // Scores of keys key0 + 16·warp .. +15 (one warp's s[2j], s[2j+1] with j = warp).
@@ -282,7 +325,7 @@ __global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wi
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t qa[4], kb[4];
-      ptx::ldmatrix_x4(qa, ptx::smem_addr(q_s + tile_offset<D>(lane & 15, kk * 2 + (lane >> 4))));
+      ptx::ldmatrix_x4(qa, ptx::smem_addr(q_s + tile_offset<D>(q_lane_row, kk * 2 + (lane >> 4))));
       ptx::ldmatrix_x4(kb, ptx::smem_addr(k_tile + tile_offset<D>(warp * 16 + (lane & 7) + ((lane >> 4) << 3),
                                                                    kk * 2 + ((lane >> 3) & 1))));
       ptx::mma_bf16_16816(sc[0], qa, kb[0], kb[1]);
@@ -307,6 +350,7 @@ __global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wi
       if ((lane & 3) == 0) wmax[warp * kTileRows + (lane >> 2) + 8 * r] = bm[r];
     }
     __syncthreads();
+    if (!PAIRED) load_tile(2 * b + T::kTiles);  // into this block's K buffer, which every warp is done with
 
     float offset[2];
 #pragma unroll
@@ -340,6 +384,7 @@ __global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wi
     mine.z = pack_bf16(sc[1][0], sc[1][1]);
     mine.w = pack_bf16(sc[1][2], sc[1][3]);
     reinterpret_cast<uint4*>(pfrag)[warp * 32 + lane] = mine;
+    if (!PAIRED) ptx::cp_async_wait<kAhead>();  // V of this block
     __syncthreads();
 
     if (warp == 0) {
@@ -363,11 +408,8 @@ __global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wi
         ptx::mma_bf16_16816(o[2 * t + 1], pa, vb[2], vb[3]);
       }
     }
-    __syncthreads();  // every warp is done with this stage, p32, pfrag and wmax
-    if (key0 + kStages * kKeyBlock < end)
-      load_key_block<D, T::kThreads, true, true>(k_s + stage * kKeyBlock * D, v_s + stage * kKeyBlock * D, a, table,
-                                                 kv_head, key0 + kStages * kKeyBlock, len);
-    ptx::cp_async_commit();
+    __syncthreads();  // every warp is done with this block's V, p32, pfrag and wmax
+    load_tile(PAIRED ? 2 * b + 4 : 2 * b + 1 + T::kTiles);  // paired: block b+2; rotating: into this V buffer
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -408,23 +450,67 @@ __global__ void __launch_bounds__(DecodeWideTiles::kThreads) attention_decode_wi
 
 // Decode combine: grid (heads, num_seqs), D threads; thread d merges the splits' partials of
 // output element d in ascending split order, exactly as the prefill kernel merges its registers.
+// The weights of split s (merge_weights) depend only on split s's max and on the running max
+// before it, a prefix max, which is exact in any order. So the splits are taken 32 at a time:
+// warp 0 computes the chunk's weights (lane t: split c0 + t) into shared memory while the
+// chunk's partial outputs, one contiguous [32][D] block of the workspace, are copied into shared
+// memory (cp.async, the next chunk's copy in flight during this chunk's merge); then every thread
+// runs its own chains (o of element d, and l) over the chunk in ascending order with
+// merge_value. The sequential merge's bits, without a dependent global load per split.
 template <int D>
 __global__ void __launch_bounds__(D) attention_decode_combine_kernel(AttentionArgs a) {
+  static_assert(D % 32 == 0, "whole warps");
+  constexpr int kChunk = 32;                             // splits per chunk: one per lane of warp 0
+  __shared__ __align__(16) float o_part[2][kChunk * D];  // double-buffered chunks of partials
+  __shared__ float2 weights[kChunk];                      // the chunk's (total, part) merge weights
+  __shared__ float l_part[kChunk];
   pdl_wait();
   pdl_launch_dependents();
-  const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
+  const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x, lane = d % 32;
   const int q_row = a.query_start[seq];
   if (a.query_start[seq + 1] - q_row != 1) return;
   const int len = keys_of(a, seq);
   const int split = split_size_of(a, len);
   const int n_splits = min((len + split - 1) / split, a.max_splits);
   const int64_t idx0 = (static_cast<int64_t>(seq) * a.heads + head) * a.max_splits;
-  float m = -INFINITY, l = 0.f, o = 0.f;
-  for (int s = 0; s < n_splits; ++s) {
-    const MergeWeights w = merge_weights(m, a.part_ml[2 * (idx0 + s)], a.scale_log2);
-    l = merge_value(l, a.part_ml[2 * (idx0 + s) + 1], w);
-    o = merge_value(o, a.part_o[(idx0 + s) * D + d], w);
-    m = w.m;
+  // Splits [c0, c0 + kChunk) of the partial outputs into buffer b (16-byte copies).
+  auto load_chunk = [&](int b, int c0) {
+    const int pieces = min(kChunk, n_splits - c0) * D / 4;
+    const float* src = a.part_o + (idx0 + c0) * D;
+    for (int i = d; i < pieces; i += D) ptx::cp_async16(ptx::smem_addr(&o_part[b][4 * i]), src + 4 * i, 16);
+  };
+  load_chunk(0, 0);
+  ptx::cp_async_commit();
+  float m_run = -INFINITY;  // warp 0: the running max before the chunk
+  float l = 0.f, o = 0.f;
+  for (int c0 = 0, b = 0; c0 < n_splits; c0 += kChunk, b ^= 1) {
+    if (c0 + kChunk < n_splits) load_chunk(b ^ 1, c0 + kChunk);
+    ptx::cp_async_commit();
+    if (d < 32) {
+      const int s = c0 + lane;
+      const float m_part = s < n_splits ? a.part_ml[2 * (idx0 + s)] : -INFINITY;
+      l_part[lane] = s < n_splits ? a.part_ml[2 * (idx0 + s) + 1] : 0.f;
+      float incl = m_part;  // max of the chunk's splits up to this lane's
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const float v = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl = fmaxf(incl, v);
+      }
+      const float before = __shfl_up_sync(0xffffffffu, incl, 1);
+      const MergeWeights mw = merge_weights(lane > 0 ? fmaxf(m_run, before) : m_run, m_part, a.scale_log2);
+      weights[lane] = make_float2(mw.total, mw.part);
+      m_run = fmaxf(m_run, __shfl_sync(0xffffffffu, incl, 31));
+    }
+    ptx::cp_async_wait<1>();
+    __syncthreads();
+    const int n = min(kChunk, n_splits - c0);
+    for (int j = 0; j < n; ++j) {
+      const float2 w2 = weights[j];
+      const MergeWeights w{w2.x, w2.y, 0.f};
+      l = merge_value(l, l_part[j], w);
+      o = merge_value(o, o_part[b][j * D + d], w);
+    }
+    __syncthreads();  // the next chunk rewrites weights and l_part; the one after, this buffer
   }
   a.out[(static_cast<int64_t>(q_row) * a.heads + head) * D + d] = __float2bfloat16_rn(normalize(o, l));
 }
@@ -577,6 +663,39 @@ std::string describe_launch(const Tensor& q, const Tensor& k_cache, const Attent
          std::to_string(b.max_seq_len) + ")";
 }
 
+// Whether a decode grid of `blocks` streams paired. Rotating (four blocks per SM) only for grids
+// of more than one wave of three blocks per SM and at most two waves of four, where the fourth
+// block per SM saves a wave or most of the last one's tail; paired elsewhere: in one wave each
+// block's latency is what counts, and over many waves its deeper copies stream 1-3% faster
+// (dev_attention --sweep on the H200; the blocks per SM are those of head dim 128 with four query
+// heads per kv head). Launch geometry only: either gives the same bits.
+bool decode_paired(int64_t blocks) {
+  const int forced = forced_decode_pipeline();  // development switch (common/config.h)
+  if (forced != 0) return forced == 1;
+  static const int sms = [] {
+    int device = 0, count = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  }();
+  return blocks <= 3 * static_cast<int64_t>(sms) || blocks > 8 * static_cast<int64_t>(sms);
+}
+
+template <int D, bool PAIRED>
+void launch_decode(const AttentionArgs& a, dim3 grid, int q_rows, cudaStream_t stream) {
+  using T = DecodeWideTiles<PAIRED>;
+  static std::once_flag configured;
+  static cudaError_t configure_error = cudaSuccess;
+  std::call_once(configured, [] {
+    configure_error = cudaFuncSetAttribute(attention_decode_wide_kernel<D, PAIRED>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           T::template smem_bytes<D>(kTileRows));
+  });
+  CUDA_CHECK(configure_error);
+  launch_overlapped(attention_decode_wide_kernel<D, PAIRED>, grid, T::kThreads, T::template smem_bytes<D>(q_rows),
+                    stream, a);
+}
+
 template <int D>
 void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q, const Tensor& k_cache,
                       const AttentionBatch& batch, cudaStream_t stream) {
@@ -588,13 +707,11 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
     a.max_splits = l.max_splits;
     a.direct = l.max_splits == 1;
     const dim3 grid(l.max_splits, a.kv_heads * row_tiles, a.num_seqs);
-    constexpr int smem = DecodeWideTiles::smem_bytes<D>();
-    static std::once_flag configured;
-    std::call_once(configured, [] {
-      CUDA_CHECK(cudaFuncSetAttribute(attention_decode_wide_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      smem));
-    });
-    launch_overlapped(attention_decode_wide_kernel<D>, grid, DecodeWideTiles::kThreads, smem, stream, a);
+    const int q_rows = std::min(a.heads / a.kv_heads, kTileRows);
+    if (decode_paired(static_cast<int64_t>(grid.x) * grid.y * grid.z))
+      launch_decode<D, true>(a, grid, q_rows, stream);
+    else
+      launch_decode<D, false>(a, grid, q_rows, stream);
     CUDA_CHECK_LAUNCH("attention (decode splits)", describe_launch(q, k_cache, batch));
     if (a.direct) return;
     launch_overlapped(attention_decode_combine_kernel<D>, dim3(a.heads, a.num_seqs), D, 0, stream, a);

@@ -3,11 +3,9 @@
 // prefill, in chunks of 3, 64 or 100, token by token with the decode kernel, or alongside 1 to 64
 // other sequences of random lengths, in prefill and in decode launches. Each comparison has a twin
 // under the variant configuration (split size from the batch size) that must see a difference.
-// On CUDA every decode kernel production can pick must match prefill: decode alone and among 5
-// others (6 and about 48 blocks, at most one per SM) runs the four-warp kernel, among 33 others
-// (about 272 blocks, one to three per SM on GPUs of 91 to 271 SMs) the double-buffered one-warp
-// kernel, and among 64 others (520 blocks, more than three per SM up to 173 SMs) the
-// single-buffered one.
+// On CUDA every decode pipeline production can pick must match prefill: the decode kernel copies
+// K and V paired or rotating, chosen by the grid's size, and the tests run each one forced
+// (setDecodePipeline) as well as the library's choice.
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { native, type DeviceName } from '../../lib/native.js'
 import { mulberry32 } from '../helpers/random.js'
@@ -60,7 +58,10 @@ function invarianceSuite(device: DeviceName): void {
     ;[whole] = (await scene.run([{ seq: 0, start: 0, end: L }])) as [Uint16Array]
   })
   afterAll(() => scene.dispose())
-  afterEach(() => native().setVariantKernels(false))
+  afterEach(() => {
+    native().setVariantKernels(false)
+    native().setDecodePipeline('auto')
+  })
 
   it('one prefill is reproducible run to run', async () => {
     const [again] = await scene.run([{ seq: 0, start: 0, end: L }])
@@ -75,6 +76,17 @@ function invarianceSuite(device: DeviceName): void {
   it('token-by-token decode equals one prefill bit for bit at every position', async () => {
     expect(firstDifferentRow(await chunked(scene, 1), whole, ROW), 'first differing position').toBe(-1)
   })
+
+  if (device === 'cuda')
+    for (const [i, pipeline] of (['paired', 'rotating'] as const).entries())
+      it(`decode with ${pipeline} K/V copies, token by token and alongside 64 others, equals prefill bit for bit`, async () => {
+        native().setDecodePipeline(pipeline)
+        expect(firstDifferentRow(await chunked(scene, 1), whole, ROW), 'first differing position').toBe(-1)
+        for (const pos of DECODE_POSITIONS) {
+          const got = await inBatch(scene, { seq: 0, start: pos, end: pos + 1 }, OTHERS, 7 * pos + i, true)
+          expect(firstDifferentRow(got, whole.subarray(pos * ROW, (pos + 1) * ROW), ROW), `at position ${pos}`).toBe(-1)
+        }
+      })
 
   it('prefill alongside 1 to 64 other sequences equals prefill alone', async () => {
     for (const [n, slice] of [
@@ -127,3 +139,13 @@ function invarianceSuite(device: DeviceName): void {
 describe('attention invariance (cpu)', () => invarianceSuite('cpu'))
 
 describeGpu('attention invariance (cuda)', () => invarianceSuite('cuda'))
+
+describe('setDecodePipeline (development switch)', () => {
+  it("takes 'paired', 'rotating' or 'auto' and names anything else", () => {
+    for (const p of ['paired', 'rotating', 'auto'] as const) native().setDecodePipeline(p)
+    expect(() => native().setDecodePipeline('fast' as 'auto')).toThrow(
+      /setDecodePipeline: expected "auto", "paired" or "rotating" but received "fast"/,
+    )
+    expect(() => native().setDecodePipeline(3 as unknown as 'auto')).toThrow(/pipeline/)
+  })
+})
