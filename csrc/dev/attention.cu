@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "common/attention_schedule.h"
 #include "common/bf16.h"
 #include "common/config.h"
 #include "dev/harness.cuh"
@@ -229,7 +230,7 @@ int main(int argc, char** argv) {
     }
     if (sweep) {
       const double copy = copy_gbs(size_t{1} << 30);
-      std::printf("copy %.0f GB/s\n batch  context   paired us rotating us  library us  of copy\n", copy);
+      std::printf("copy %.0f GB/s\n batch  context  blocks   paired us rotating us  library us  of copy\n", copy);
       for (auto [batch, context] : std::vector<std::pair<int, int>>{
                {1, 256}, {1, 1024}, {1, 8192}, {1, 32768}, {8, 256}, {8, 1024}, {8, 8192}, {8, 32768}, {16, 256},
                {32, 256}, {32, 1024}, {64, 128}, {64, 256}, {64, 512}, {64, 1024}, {64, 8192}, {128, 256}}) {
@@ -239,7 +240,12 @@ int main(int argc, char** argv) {
           ops::set_decode_pipeline(p == 0 ? "paired" : p == 1 ? "rotating" : "auto");
           const DecodeResult r = bench_decode(batch, context);
           us[p] = r.ms * 1e3;
-          if (p == 2) std::printf("%6d %8d %11.1f %11.1f %11.1f %7.0f%%\n", batch, context, us[0], us[1], us[2], 100 * r.gbps / copy);
+          // Decode blocks: one per (sequence, kv head, split); four query heads per kv head.
+          constexpr int kSplit = attention_schedule::kSplitSize;
+          const int blocks = batch * kKvHeads * ((context + kSplit - 1) / kSplit);
+          if (p == 2)
+            std::printf("%6d %8d %7d %11.1f %11.1f %11.1f %7.0f%%\n", batch, context, blocks, us[0], us[1], us[2],
+                        100 * r.gbps / copy);
         }
       }
       return 0;
