@@ -5,7 +5,7 @@
 //   run:   build/dev/dev_attention [--json PATH] [--quick]
 //          build/dev/dev_attention --decode BATCH CONTEXT [HEADS]   one decode shape only (for Nsight
 //          Compute: -k regex:decode_wide), 8 kv heads, no validation
-//          build/dev/dev_attention --pipeline paired|rotating ...   every decode launch streams K/V so
+//          build/dev/dev_attention --pipeline paired|rotating ...   every decode launch with that pipeline
 //          build/dev/dev_attention --sweep   decode shapes with each pipeline beside the library's choice
 // 1. validation: CUDA against the CPU backend (prefill, chunk over a cached prefix, decode), and the
 //    decode kernel against the prefill kernel bit for bit at every position of a 700-token sequence;
@@ -234,19 +234,18 @@ int main(int argc, char** argv) {
       for (auto [batch, context] : std::vector<std::pair<int, int>>{
                {1, 256}, {1, 1024}, {1, 8192}, {1, 32768}, {8, 256}, {8, 1024}, {8, 8192}, {8, 32768}, {16, 256},
                {32, 256}, {32, 1024}, {64, 128}, {64, 256}, {64, 512}, {64, 1024}, {64, 8192}, {128, 256}}) {
+        // Decode blocks: one per (sequence, kv head, split); four query heads per kv head.
+        constexpr int kSplit = attention_schedule::kSplitSize;
+        const int blocks = batch * kKvHeads * ((context + kSplit - 1) / kSplit);
         bench_decode(batch, context);  // warm-up
-        double us[3];
+        double us[3], gbps = 0;
         for (int p = 0; p < 3; ++p) {
           ops::set_decode_pipeline(p == 0 ? "paired" : p == 1 ? "rotating" : "auto");
           const DecodeResult r = bench_decode(batch, context);
-          us[p] = r.ms * 1e3;
-          // Decode blocks: one per (sequence, kv head, split); four query heads per kv head.
-          constexpr int kSplit = attention_schedule::kSplitSize;
-          const int blocks = batch * kKvHeads * ((context + kSplit - 1) / kSplit);
-          if (p == 2)
-            std::printf("%6d %8d %7d %11.1f %11.1f %11.1f %7.0f%%\n", batch, context, blocks, us[0], us[1], us[2],
-                        100 * r.gbps / copy);
+          us[p] = r.ms * 1e3, gbps = r.gbps;
         }
+        std::printf("%6d %8d %7d %11.1f %11.1f %11.1f %7.0f%%\n", batch, context, blocks, us[0], us[1], us[2],
+                    100 * gbps / copy);
       }
       return 0;
     }
