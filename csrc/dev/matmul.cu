@@ -11,6 +11,8 @@
 //        build/dev/dev_matmul bench out.json decode   the same at M = 1, 8 and 64 only
 //        build/dev/dev_matmul gate-up          matmul + silu_mul_packed against matmul_silu_mul at
 //                                              the 0.6B and 8B gate|up shapes: time and bits
+//        build/dev/dev_matmul families         Hopper: fp32 outputs of the wgmma and the mma.sync
+//                                              family on the same inputs, compared bit for bit
 // The configurations: the library holds the ones production chooses (cuda::matmul_dev); the ones
 // explored and not chosen are instantiated here, from the kernel templates the library uses
 // (matmul_tiles.cuh for mma.sync, matmul_sm90_kernel.cuh for wgmma), so each still gives the same
@@ -416,6 +418,53 @@ int gate_up() {
   return ok ? 0 : 1;
 }
 
+// Whether the two instruction families give the same fp32 accumulator bits: every product of a
+// list of shapes, fp32 out (the accumulator itself, no rounding to bf16), once with this device's
+// family and once with the mma.sync family forced. Both walk K in ascending k16 steps into one
+// accumulator, so any difference is the tensor cores' own arithmetic (wgmma m64nNk16 against
+// mma.sync m16n8k16). A Hopper question: elsewhere both runs are mma.sync. If the bits are equal,
+// a wgmma kernel that keeps the k16 chain gives the bits of an mma.sync one (e.g. a wgmma prefill
+// attention beside the mma.sync decode kernel).
+int families() {
+  if (!cuda::matmul_dev::wgmma()) {
+    std::printf("this device runs the mma.sync family only: nothing to compare\n");
+    return 0;
+  }
+  bool same = true;
+  struct Shape { int64_t M, N, K; };
+  // K = 64: a single wgmma tile (four k16 steps); longer K: long chains. Values in [-1, 1) and,
+  // for the last two, a in [-64, 64): products of several exponents.
+  const Shape shapes[] = {{64, 256, 64}, {64, 256, 1024}, {1, 4096, 4096}, {128, 1024, 4096}, {300, 3072, 1024}, {64, 512, 4096}};
+  for (size_t i = 0; i < std::size(shapes); ++i) {
+    const auto [M, N, K] = shapes[i];
+    const float range = i + 2 >= std::size(shapes) ? 64.f : 1.f;
+    Tensor a = upload(Device::CUDA, DType::BF16, {M, K}, random_bf16(M * K, 31 + i, -range, range).data());
+    Tensor w = upload(Device::CUDA, DType::BF16, {N, K}, random_bf16(N * K, 41 + i, -1.f, 1.f).data());
+    Tensor out_wgmma = make_tensor(Device::CUDA, DType::F32, {M, N}), out_mma = make_tensor(Device::CUDA, DType::F32, {M, N});
+    cuda::matmul_dev::force_mma_sync(false);
+    ops::matmul(out_wgmma, a, w, nullptr);
+    cuda::matmul_dev::force_mma_sync(true);
+    ops::matmul(out_mma, a, w, nullptr);
+    cuda::matmul_dev::force_mma_sync(false);
+    const std::vector<uint32_t> x = download<uint32_t>(out_wgmma), y = download<uint32_t>(out_mma);
+    int64_t diffs = 0, first = -1;
+    for (size_t j = 0; j < x.size(); ++j)
+      if (x[j] != y[j] && diffs++ == 0) first = static_cast<int64_t>(j);
+    std::printf("M=%5ld N=%5ld K=%5ld a in [-%g, %g): %ld of %zu fp32 outputs differ", long(M), long(N), long(K), range,
+                range, long(diffs), x.size());
+    if (first >= 0) {
+      float fx, fy;
+      std::memcpy(&fx, &x[first], 4);
+      std::memcpy(&fy, &y[first], 4);
+      std::printf(" (first at row %ld col %ld: wgmma %.9g, mma.sync %.9g)", long(first / N), long(first % N), fx, fy);
+    }
+    std::printf("\n");
+    same = same && diffs == 0;
+  }
+  std::printf("%s\n", same ? "SAME BITS in both families" : "THE FAMILIES DIFFER");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -430,7 +479,8 @@ int main(int argc, char** argv) {
     if (mode == "check") return check();
     if (mode == "bench") return bench(argc > 2 ? argv[2] : "matmul_kernels.json", argc > 3 && std::string(argv[3]) == "decode");
     if (mode == "gate-up") return gate_up();
-    std::fprintf(stderr, "usage: dev_matmul check | bench OUT.json [decode] | gate-up [--mma-sync]\n");
+    if (mode == "families") return families();
+    std::fprintf(stderr, "usage: dev_matmul check | bench OUT.json [decode] | gate-up [--mma-sync] | families\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
