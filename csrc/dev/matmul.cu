@@ -13,6 +13,7 @@
 //                                              the 0.6B and 8B gate|up shapes: time and bits
 //        build/dev/dev_matmul families         Hopper: fp32 outputs of the wgmma and the mma.sync
 //                                              family on the same inputs, compared bit for bit
+//        build/dev/dev_matmul mma-peak         the mma.sync tensor-core ceiling (TFLOP/s, registers only)
 // The configurations: the library holds the ones production chooses (cuda::matmul_dev); the ones
 // explored and not chosen are instantiated here, from the kernel templates the library uses
 // (matmul_tiles.cuh for mma.sync, matmul_sm90_kernel.cuh for wgmma), so each still gives the same
@@ -418,6 +419,46 @@ int gate_up() {
   return ok ? 0 : 1;
 }
 
+// The mma.sync family's tensor-core ceiling on this GPU: every warp runs kChains independent
+// m16n8k16 bf16 accumulations from registers, no memory traffic, on four blocks of eight warps per
+// SM. The ceiling against which the mma.sync kernels' large-M times are read on a GPU whose
+// library matmul uses other instructions (wgmma on Hopper).
+__global__ void __launch_bounds__(256) mma_sync_peak_kernel(int iters, float* sink) {
+  constexpr int kChains = 8;
+  const uint32_t x = 0x3c003c00u ^ (threadIdx.x & 7);  // bf16 pairs near 2^-7: the sums stay finite
+  const uint32_t a[4] = {x, x ^ 1u, x ^ 2u, x ^ 3u};
+  float acc[kChains][4] = {};
+  for (int i = 0; i < iters; ++i)
+#pragma unroll
+    for (int c = 0; c < kChains; ++c) cuda::ptx::mma_bf16_16816(acc[c], a, x ^ 4u, x ^ 5u);
+  float total = 0.f;
+#pragma unroll
+  for (int c = 0; c < kChains; ++c)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) total += acc[c][r];
+  if (total == -1.f) *sink = total;  // never true; keeps the products alive
+}
+
+int mma_sync_peak() {
+  int device = 0, sms = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  float* sink = nullptr;
+  CUDA_CHECK(cudaMalloc(&sink, sizeof(float)));
+  const int blocks = 4 * sms, iters = 4096;
+  const double us = median_us(
+      [&](int) {
+        mma_sync_peak_kernel<<<blocks, 256, 0, stream()>>>(iters, sink);
+        CUDA_CHECK_LAUNCH("mma_sync_peak_kernel", "");
+      },
+      20);
+  CUDA_CHECK(cudaFree(sink));
+  const double flops = 2.0 * 16 * 8 * 16 * 8 /* chains */ * iters * 8 /* warps */ * blocks;
+  std::printf("mma.sync m16n8k16 bf16 -> f32, registers only, %d SMs: %.1f us, %.1f TFLOP/s\n", sms, us,
+              flops / (us * 1e-6) / 1e12);
+  return 0;
+}
+
 // Whether the two instruction families give the same fp32 accumulator bits: every product of a
 // list of shapes, fp32 out (the accumulator itself, no rounding to bf16), once with this device's
 // family and once with the mma.sync family forced. Both walk K in ascending k16 steps into one
@@ -480,7 +521,9 @@ int main(int argc, char** argv) {
     if (mode == "bench") return bench(argc > 2 ? argv[2] : "matmul_kernels.json", argc > 3 && std::string(argv[3]) == "decode");
     if (mode == "gate-up") return gate_up();
     if (mode == "families") return families();
-    std::fprintf(stderr, "usage: dev_matmul check | bench OUT.json [decode] | gate-up [--mma-sync] | families\n");
+    if (mode == "mma-peak") return mma_sync_peak();
+    std::fprintf(stderr,
+                 "usage: dev_matmul check | bench OUT.json [decode] | gate-up [--mma-sync] | families | mma-peak\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
