@@ -61,13 +61,13 @@ struct PrefillTiles {
 // prefill kernel, spread over the warps (attention_decode_wide_kernel). Two ways to stream the
 // split's K and V through shared memory (launch geometry only, the same bits):
 //   paired (PAIRED): K and V of a key block are copied together, two key blocks in flight, into a
-//           16-row query tile: 74 KB, three blocks per SM. The lowest latency per block, for grids
-//           that fit in one wave of three blocks per SM;
+//           16-row query tile: 74 KB, three blocks per SM. The lowest latency per block, and the
+//           deepest copies for grids of many waves;
 //   rotating: K and V tiles take turns in kRotatingSlots buffers (K0, V0, K1, V1, ...), each tile
 //           requested as soon as the tile kRotatingSlots before it has been used, and the query
 //           tile holds only the group's heads plus one zero row that the tensor cores read for
-//           the others: 56 KB at four query heads per kv head, four blocks per SM. Larger grids
-//           take fewer waves, and the tail of the last one is shorter.
+//           the others: 56 KB at four query heads per kv head, four blocks per SM, so that a grid
+//           of one or two waves takes fewer of them (decode_paired chooses).
 template <bool PAIRED>
 struct DecodeWideTiles {
   static constexpr int kWarps = 4;
