@@ -13,7 +13,7 @@
 //           group's query heads as tile rows, each warp a quarter of every key block, with the
 //           operations of one warp of the prefill kernel in the same order
 //           (attention_decode_wide_kernel), its K and V copied paired or rotating by the grid's
-//           size (decode_paired); partials to a workspace, then a combine pass. When no
+//           size against the resident blocks (decode_paired); partials to a workspace, then a combine pass. When no
 //           sequence can have a second split (max_seq_len <= kSplitSize), the decode kernel merges
 //           its one split with the combine's functions and writes the output itself (OnlySplit):
 //           the same bits, one launch fewer;
@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRED>::kThreads) attention_d
   // Rotating: tile t of the split (K of key block t/2 for even t, else its V) in buffer t % kTiles,
   // one group per tile. Groups are committed also past the split's end (empty), so that the count
   // stays in step with the waits.
-  auto tile_of = [&](int t) { return kv_s + (PAIRED ? t % 4 : t % T::kTiles) * kKeyBlock * D; };
+  auto tile_of = [&](int t) { return kv_s + (t % T::kTiles) * kKeyBlock * D; };
   auto load_tile = [&](int t) {
     const int key0 = begin + (t >> 1) * kKeyBlock;
     if (key0 < end) {
@@ -663,35 +663,48 @@ std::string describe_launch(const Tensor& q, const Tensor& k_cache, const Attent
          std::to_string(b.max_seq_len) + ")";
 }
 
-// Whether a decode grid of `blocks` streams paired. Rotating (four blocks per SM) only for grids
-// of more than one wave of three blocks per SM and at most two waves of four, where the fourth
-// block per SM saves a wave or most of the last one's tail; paired elsewhere: in one wave each
-// block's latency is what counts, and over many waves its deeper copies stream 1-3% faster
-// (dev_attention --sweep on the H200; the blocks per SM are those of head dim 128 with four query
-// heads per kv head). Launch geometry only: either gives the same bits.
-bool decode_paired(int64_t blocks) {
+// The decode kernel's blocks resident on the device at once, by the query rows of its tile
+// (1 .. kTileRows): SMs × blocks per SM at that shared memory. The first call also raises the
+// kernel's shared-memory limit, which every launch needs.
+template <int D, bool PAIRED>
+int64_t decode_slots(int q_rows) {
+  using T = DecodeWideTiles<PAIRED>;
+  static std::once_flag once;
+  static cudaError_t err = cudaSuccess;
+  static int64_t slots[kTileRows + 1] = {};
+  std::call_once(once, [] {
+    const auto kernel = attention_decode_wide_kernel<D, PAIRED>;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::template smem_bytes<D>(kTileRows));
+    int device = 0, sms = 0;
+    if (err == cudaSuccess) err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    for (int rows = 1; rows <= kTileRows && err == cudaSuccess; ++rows) {
+      int per_sm = 0;
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, T::kThreads, T::template smem_bytes<D>(rows));
+      slots[rows] = static_cast<int64_t>(sms) * per_sm;
+    }
+  });
+  CUDA_CHECK(err);
+  return slots[q_rows];
+}
+
+// Whether a decode grid of `blocks` streams paired. Rotating only for grids of more than one wave
+// of paired blocks and at most two waves of rotating ones, where the extra rotating blocks per SM
+// (four against three at head dim 128 and four query heads per kv head) save a wave or most of
+// the last one's tail; paired elsewhere: in one wave each block's latency is what counts, and over
+// many waves its deeper copies stream 1-3% faster (dev_attention --sweep on the H200). Launch
+// geometry only: either gives the same bits.
+template <int D>
+bool decode_paired(int64_t blocks, int q_rows) {
   const int forced = forced_decode_pipeline();  // development switch (common/config.h)
   if (forced != 0) return forced == 1;
-  static const int sms = [] {
-    int device = 0, count = 0;
-    CUDA_CHECK(cudaGetDevice(&device));
-    CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    return count;
-  }();
-  return blocks <= 3 * static_cast<int64_t>(sms) || blocks > 8 * static_cast<int64_t>(sms);
+  return blocks <= decode_slots<D, true>(q_rows) || blocks > 2 * decode_slots<D, false>(q_rows);
 }
 
 template <int D, bool PAIRED>
 void launch_decode(const AttentionArgs& a, dim3 grid, int q_rows, cudaStream_t stream) {
   using T = DecodeWideTiles<PAIRED>;
-  static std::once_flag configured;
-  static cudaError_t configure_error = cudaSuccess;
-  std::call_once(configured, [] {
-    configure_error = cudaFuncSetAttribute(attention_decode_wide_kernel<D, PAIRED>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           T::template smem_bytes<D>(kTileRows));
-  });
-  CUDA_CHECK(configure_error);
+  decode_slots<D, PAIRED>(q_rows);  // the kernel's shared-memory limit, set once
   launch_overlapped(attention_decode_wide_kernel<D, PAIRED>, grid, T::kThreads, T::template smem_bytes<D>(q_rows),
                     stream, a);
 }
@@ -708,7 +721,7 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
     a.direct = l.max_splits == 1;
     const dim3 grid(l.max_splits, a.kv_heads * row_tiles, a.num_seqs);
     const int q_rows = std::min(a.heads / a.kv_heads, kTileRows);
-    if (decode_paired(static_cast<int64_t>(grid.x) * grid.y * grid.z))
+    if (decode_paired<D>(static_cast<int64_t>(grid.x) * grid.y * grid.z, q_rows))
       launch_decode<D, true>(a, grid, q_rows, stream);
     else
       launch_decode<D, false>(a, grid, q_rows, stream);
