@@ -441,6 +441,13 @@ void set_decode_pipeline(const std::string& pipeline) {
   g_decode_pipeline.store(value);
 }
 
+void set_prefill_kernel(const std::string& kernel) {
+  const int value = kernel == "auto" ? 0 : kernel == "mma.sync" ? 1 : -1;
+  if (value < 0) fail("setPrefillKernel: expected \"auto\" or \"mma.sync\" but received \"", kernel, "\"");
+  g_prefill_kernel.store(value);
+}
+
 const char* cuda_matmul_kernels() { return cuda::matmul_kernels(); }
+const char* cuda_prefill_kernel() { return cuda::prefill_kernel(); }
 
 }  // namespace detinfer::ops

@@ -31,10 +31,12 @@ void set_variant_kernels(bool enabled);
 // Development: how every CUDA decode attention launch streams K and V, "paired" or "rotating";
 // "auto" restores the library's choice (common/config.h).
 void set_decode_pipeline(const std::string& pipeline);
+void set_prefill_kernel(const std::string& kernel);
 // The matmul kernel family the CUDA device runs: "wgmma (sm_90a)" or "mma.sync" ("none" in a build
 // without CUDA). Its bits differ from the other family's, so it is part of what "same
 // architecture, same build" means.
 const char* cuda_matmul_kernels();
+const char* cuda_prefill_kernel();
 
 }  // namespace ops
 }  // namespace detinfer

@@ -139,6 +139,8 @@ export interface NativeAddon {
   setVariantKernels(enabled: boolean): void
   /** Development: how every CUDA decode attention launch streams K and V; 'auto' restores the library's choice by grid size. Same bits either way. */
   setDecodePipeline(pipeline: 'auto' | 'paired' | 'rotating'): void
+  /** Development: 'mma.sync' runs every CUDA prefill attention launch with the sm_80-89 kernel, on Hopper too; 'auto' restores the library's choice (wgmma on Hopper). Same bits either way. */
+  setPrefillKernel(kernel: 'auto' | 'mma.sync'): void
   variantKernels(): boolean
   cudaStatus(): CudaStatus
   /** Starts recording the CUDA stream's work into a graph instead of running it. */

@@ -263,6 +263,12 @@ Napi::Value SetDecodePipeline(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value SetPrefillKernel(const Napi::CallbackInfo& info) {
+  Args a{info, "setPrefillKernel"};
+  ops::set_prefill_kernel(a.string(0, "kernel"));
+  return info.Env().Undefined();
+}
+
 Napi::Value VariantKernels(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), variant_kernels());
 }
@@ -321,6 +327,7 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"memoryInfo", MemoryInfo},
       {"cast", Cast},           {"setVariantKernels", SetVariantKernels},
       {"setDecodePipeline", SetDecodePipeline},
+      {"setPrefillKernel", SetPrefillKernel},
       {"variantKernels", VariantKernels}, {"cudaStatus", CudaStatus},
   };
   for (const Entry& e : entries) exports.Set(e.name, Napi::Function::New(env, e.fn, e.name));

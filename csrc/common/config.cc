@@ -3,4 +3,5 @@
 namespace detinfer {
 std::atomic<bool> g_variant_kernels{false};
 std::atomic<int> g_decode_pipeline{0};
+std::atomic<int> g_prefill_kernel{0};
 }

@@ -19,4 +19,11 @@ extern std::atomic<int> g_decode_pipeline;
 
 inline int forced_decode_pipeline() { return g_decode_pipeline.load(std::memory_order_relaxed); }
 
+// Development switch: 1 runs every CUDA prefill attention launch with the mma.sync kernel, as on
+// sm_80-89; 0 (the default): the library's choice, wgmma on Hopper (attention.cu). The same bits
+// either way; it lets the tests compare the two families and the harness time them.
+extern std::atomic<int> g_prefill_kernel;
+
+inline int forced_prefill_kernel() { return g_prefill_kernel.load(std::memory_order_relaxed); }
+
 }  // namespace detinfer

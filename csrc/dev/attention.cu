@@ -7,11 +7,13 @@
 //          Compute: -k regex:decode_wide), 8 kv heads, no validation
 //          build/dev/dev_attention --pipeline paired|rotating ...   every decode launch with that pipeline
 //          build/dev/dev_attention --sweep   decode shapes with each pipeline beside the library's choice
+//          build/dev/dev_attention --prefill TOKENS DIM [mma.sync]   one prefill shape only (Nsight Compute)
 // 1. validation: CUDA against the CPU backend (prefill, chunk over a cached prefix, decode), and the
 //    decode kernel against the prefill kernel bit for bit at every position of a 700-token sequence;
 // 2. benchmark (CUDA events around each launch, medians, rotating KV caches larger than L2, a
 //    device-to-device copy measured in the same run as the bandwidth ceiling):
-//    decode at batch 1, 8, 64 x context 1k, 8k, 32k; prefill of one sequence of 512, 2048, 8192 tokens.
+//    decode at batch 1, 8, 64 x context 1k, 8k, 32k; prefill of one sequence of 512 to 32768 tokens
+//    at head dims 128 and 64, with the library's prefill kernel and with the mma.sync one forced.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -132,14 +134,17 @@ int first_decode_mismatch(int heads, int kv_heads, int dim, int block_size, int 
   return -1;
 }
 
-// Every shape with each of the decode kernel's pipelines (paired and rotating K/V copies).
+// Every shape with each of the decode kernel's pipelines (paired and rotating K/V copies) and each
+// prefill family (the library's: wgmma on Hopper; mma.sync forced).
 bool validate() {
   bool ok = true;
   struct Shape { int heads, kv_heads, dim, block_size; };
+  for (const char* prefill : {"auto", "mma.sync"})
   for (const char* pipeline : {"paired", "rotating"})
   for (Shape s : {Shape{8, 2, 128, 16}, Shape{4, 4, 64, 32}, Shape{16, 2, 64, 16}, Shape{32, 1, 128, 16}}) {
     ops::set_decode_pipeline(pipeline);
-    std::printf("%-8s ", pipeline);
+    ops::set_prefill_kernel(prefill);
+    std::printf("prefill %-8s decode %-8s ", prefill, pipeline);
     double w1 = compare_backends(s.heads, s.kv_heads, s.dim, s.block_size, {1, 17, 256, 300, 1100}, {1, 17, 200, 9, 33}, 11);
     double w2 = compare_backends(s.heads, s.kv_heads, s.dim, s.block_size, {1, 17, 256, 300, 1100}, {1, 1, 1, 1, 1}, 12);
     int mismatch = first_decode_mismatch(s.heads, s.kv_heads, s.dim, s.block_size, 600, 13);
@@ -152,6 +157,7 @@ bool validate() {
                 pass ? "PASS" : "FAIL");
   }
   ops::set_decode_pipeline("auto");
+  ops::set_prefill_kernel("auto");
   return ok;
 }
 
@@ -163,7 +169,7 @@ constexpr int kHeads = 32, kKvHeads = 8, kDim = 128, kBlockSize = 16;
 int rotations_for(double bytes) { return static_cast<int>(std::clamp(std::ceil(1e9 / bytes), 1.0, 64.0)); }
 
 struct DecodeResult { int batch, context; double ms, gbps; };
-struct PrefillResult { int tokens; double ms, tflops; };
+struct PrefillResult { int tokens, dim; std::string kernel; double ms, tflops; };
 
 DecodeResult bench_decode(int batch, int context, int heads = kHeads) {
   const double kv_bytes = 2.0 * batch * context * kKvHeads * kDim * 2;
@@ -181,20 +187,25 @@ DecodeResult bench_decode(int batch, int context, int heads = kHeads) {
   return {batch, context, ms, kv_bytes / (ms * 1e-3) / 1e9};
 }
 
-PrefillResult bench_prefill(int tokens) {
-  const double kv_bytes = 2.0 * tokens * kKvHeads * kDim * 2;
+// One causal prefill of `tokens` positions, 32 heads and 8 kv heads of head dim `dim`, with the
+// prefill family `kernel` ("auto": the library's choice; "mma.sync").
+PrefillResult bench_prefill(int tokens, int dim, const char* kernel) {
+  const double kv_bytes = 2.0 * tokens * kKvHeads * dim * 2;
   const int rot = std::min(rotations_for(kv_bytes), 8);
-  PagedCache cache = make_cache(1, tokens, kKvHeads, kDim, kBlockSize, rot, 77 + tokens);
-  Tensor q = make_tensor(Device::CUDA, DType::BF16, {tokens, kHeads, kDim});
+  PagedCache cache = make_cache(1, tokens, kKvHeads, dim, kBlockSize, rot, 77 + tokens);
+  Tensor q = make_tensor(Device::CUDA, DType::BF16, {tokens, kHeads, dim});
   fill_random(q, 98, 3.f);
   Tensor out = make_tensor(Device::CUDA, DType::BF16, q.shape);
   std::vector<AttentionBatch> batches;
   for (int r = 0; r < rot; ++r) batches.push_back(make_batch(cache.tables[r], {0, tokens}, {tokens}, Device::CUDA));
-  const float scale = 1.f / std::sqrt(static_cast<float>(kDim));
-  double ms = median_gpu_us([&](int i) { ops::attention(out, q, cache.k, cache.v, batches[i % rot], scale); }, 20) / 1e3;
+  const float scale = 1.f / std::sqrt(static_cast<float>(dim));
+  ops::set_prefill_kernel(kernel);
+  const int reps = tokens >= 16384 ? 7 : 20;
+  double ms = median_gpu_us([&](int i) { ops::attention(out, q, cache.k, cache.v, batches[i % rot], scale); }, reps) / 1e3;
+  ops::set_prefill_kernel("auto");
   // Causal work: query p sees p+1 keys; 2 flops per multiply-add in Q·K^T and in P·V.
-  const double flops = 4.0 * kHeads * kDim * (static_cast<double>(tokens) * (tokens + 1) / 2);
-  return {tokens, ms, flops / (ms * 1e-3) / 1e12};
+  const double flops = 4.0 * kHeads * dim * (static_cast<double>(tokens) * (tokens + 1) / 2);
+  return {tokens, dim, kernel, ms, flops / (ms * 1e-3) / 1e12};
 }
 
 }  // namespace
@@ -202,12 +213,17 @@ PrefillResult bench_prefill(int tokens) {
 int main(int argc, char** argv) {
   std::string json_path;
   bool quick = false, sweep = false;
-  int only_batch = 0, only_context = 0, only_heads = kHeads;
+  int only_batch = 0, only_context = 0, only_heads = kHeads, only_prefill = 0, prefill_dim = kDim;
+  std::string prefill_kernel = "auto";
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     if (!std::strcmp(argv[i], "--sweep")) sweep = true;
     if (!std::strcmp(argv[i], "--pipeline") && i + 1 < argc) ops::set_decode_pipeline(argv[++i]);
+    if (!std::strcmp(argv[i], "--prefill") && i + 2 < argc) {
+      only_prefill = std::atoi(argv[++i]), prefill_dim = std::atoi(argv[++i]);
+      if (i + 1 < argc && argv[i + 1][0] != '-') prefill_kernel = argv[++i];
+    }
     if (!std::strcmp(argv[i], "--decode") && i + 2 < argc) {
       only_batch = std::atoi(argv[++i]), only_context = std::atoi(argv[++i]);
       if (i + 1 < argc && argv[i + 1][0] != '-') only_heads = std::atoi(argv[++i]);
@@ -226,6 +242,13 @@ int main(int argc, char** argv) {
       const DecodeResult r = bench_decode(only_batch, only_context, only_heads);
       std::printf("decode batch %d context %d heads %d kv heads %d: %.1f us, %.0f GB/s, %.0f%% of copy (%.0f GB/s)\n",
                   r.batch, r.context, only_heads, kKvHeads, r.ms * 1e3, r.gbps, 100 * r.gbps / copy, copy);
+      return 0;
+    }
+    if (only_prefill > 0) {
+      bench_prefill(only_prefill, prefill_dim, prefill_kernel.c_str());  // warm-up
+      const PrefillResult r = bench_prefill(only_prefill, prefill_dim, prefill_kernel.c_str());
+      std::printf("prefill %d tokens D=%d %s: %.1f us, %.1f TFLOP/s\n", r.tokens, r.dim,
+                  r.kernel == "auto" ? ops::cuda_prefill_kernel() : r.kernel.c_str(), r.ms * 1e3, r.tflops);
       return 0;
     }
     if (sweep) {
@@ -259,15 +282,21 @@ int main(int argc, char** argv) {
         dec.push_back(bench_decode(batch, context));
       }
     std::vector<PrefillResult> pre;
-    for (int tokens : {512, 2048, 8192}) pre.push_back(bench_prefill(tokens));
+    for (int dim : {128, 64})
+      for (int tokens : {512, 2048, 8192, 32768}) {
+        if (quick && tokens > 8192) continue;
+        for (const char* kernel : {"auto", "mma.sync"}) pre.push_back(bench_prefill(tokens, dim, kernel));
+      }
 
     std::printf("\ncopy (device to device, read + write): %.0f GB/s\n", copy);
     std::printf("\ndecode, %d heads, %d kv heads, D=%d, block %d, paged (shuffled pages)\n", kHeads, kKvHeads, kDim, kBlockSize);
     std::printf("%6s %8s %10s %10s %8s\n", "batch", "context", "time us", "KV GB/s", "of copy");
     for (auto& r : dec)
       std::printf("%6d %8d %10.1f %10.0f %7.0f%%\n", r.batch, r.context, r.ms * 1e3, r.gbps, 100 * r.gbps / copy);
-    std::printf("\nprefill, one sequence, causal\n%8s %10s %10s\n", "tokens", "time us", "TFLOP/s");
-    for (auto& r : pre) std::printf("%8d %10.1f %10.1f\n", r.tokens, r.ms * 1e3, r.tflops);
+    std::printf("\nprefill, one sequence, causal, %d heads, %d kv heads (auto: %s)\n%8s %4s %9s %10s %10s\n", kHeads,
+                kKvHeads, ops::cuda_prefill_kernel(), "tokens", "D", "kernel", "time us", "TFLOP/s");
+    for (auto& r : pre)
+      std::printf("%8d %4d %9s %10.1f %10.1f\n", r.tokens, r.dim, r.kernel.c_str(), r.ms * 1e3, r.tflops);
 
     if (!json_path.empty()) {
       std::vector<std::string> dec_json, pre_json;
@@ -279,7 +308,13 @@ int main(int argc, char** argv) {
                                .number("kv_gbps", r.gbps, 1)
                                .text());
       for (auto& r : pre)
-        pre_json.push_back(JsonObject().integer("tokens", r.tokens).number("ms", r.ms, 5).number("tflops", r.tflops, 2).text());
+        pre_json.push_back(JsonObject()
+                               .integer("tokens", r.tokens)
+                               .integer("dim", r.dim)
+                               .string("kernel", r.kernel == "auto" ? ops::cuda_prefill_kernel() : r.kernel)
+                               .number("ms", r.ms, 5)
+                               .number("tflops", r.tflops, 2)
+                               .text());
       const std::string shape = JsonObject()
                                     .integer("heads", kHeads)
                                     .integer("kv_heads", kKvHeads)

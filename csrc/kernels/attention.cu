@@ -18,7 +18,9 @@
 //           its one split with the combine's functions and writes the output itself (OnlySplit):
 //           the same bits, one launch fewer;
 //   prefill (any number of queries): one block per (sequence, head, 64 query positions), four warps
-//           of 16 positions, looping over the splits and merging each in registers as it ends.
+//           of 16 positions, looping over the splits and merging each in registers as it ends. On
+//           sm_90a the four warps are one warpgroup whose products are wgmma (attention_wgmma.cuh):
+//           the same k16 steps in the same order, and wgmma's k16 step gives mma.sync's bits.
 // Neither the split size nor the key block depends on the batch, the lengths or the SM count; the
 // grid does, which changes who computes a row but not how. Only the variant configuration
 // (choose_launch) takes the split size from the batch size.
@@ -36,7 +38,9 @@
 #include "../cuda/check.h"
 #include "../cuda/runtime.h"
 #include "attention_tile.cuh"
+#include "attention_wgmma.cuh"
 #include "cuda_ops.h"
+#include "matmul_sm90.cuh"
 #include "pdl.cuh"
 
 namespace detinfer::cuda {
@@ -46,14 +50,17 @@ using namespace attn;
 using attention_schedule::kSplitSize;
 
 // Launch geometry (the reduction order above does not depend on any of it).
+// Prefill, either family: four warps (the Hopper kernel: one warpgroup) of 16 query rows.
 struct PrefillTiles {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRows = kWarps * kTileRows;  // query positions per block
   static constexpr int kStages = 2;                 // K/V key blocks in flight
-  template <int D>
+  static_assert(kRows == kWgRows, "the Hopper kernel's block is one warpgroup");
+  template <int D, bool WGMMA>
   static constexpr int smem_bytes() {
-    return (kRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16));
+    // wgmma's tiles start 1024-byte aligned: room to align the dynamic buffer.
+    return (kRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16)) + (WGMMA ? 1024 : 0);
   }
 };
 
@@ -131,20 +138,23 @@ struct OnlySplit {
 // ---------------------------------------------------------------------------------------------
 // Loading tiles into shared memory (16-byte cp.async; rows past the end are zero-filled).
 
-// kKeyBlock cache rows key0.. of kv head `kv_head` into k_dst and/or v_dst ([kKeyBlock][D], swizzled).
-// Thread t copies 16-byte chunk t % (D/8) of rows t / (D/8) + i·(kThreads / (D/8)): rows that
-// far apart share their swizzle, so the thread's shared-memory address only steps by a constant.
-// A row's page and place in it come from shifts when the block size is a power of two (kPow2),
-// else from a division, chosen once per call and not per row.
-template <int D, int kThreads, bool kLoadK, bool kLoadV, bool kPow2>
+// kKeyBlock cache rows key0.. of kv head `kv_head` into k_dst and/or v_dst ([kKeyBlock][D], swizzled:
+// tile_offset, or slab_offset when kSlabs). Thread t copies 16-byte chunk t % (D/8) of rows
+// t / (D/8) + i·(kThreads / (D/8)): rows that far apart share their swizzle, so the thread's
+// shared-memory address only steps by a constant. A row's page and place in it come from shifts
+// when the block size is a power of two (kPow2), else from a division, chosen once per call and
+// not per row.
+template <int D, int kThreads, bool kLoadK, bool kLoadV, bool kPow2, bool kSlabs>
 __device__ __forceinline__ void load_key_block_rows(bf16* k_dst, bf16* v_dst, const AttentionArgs& a, const int* table,
                                                     int kv_head, int key0, int len) {
   constexpr int kChunks = D / 8;
   constexpr int kRowStep = kThreads / kChunks;
+  constexpr int kPitch = kSlabs ? 64 : D;  // elements from one row to the next
   static_assert(kThreads % kChunks == 0 && kKeyBlock % kRowStep == 0 && kRowStep % 8 == 0,
                 "every thread copies one chunk column of whole row steps, each a multiple of the swizzle period");
   const int chunk = static_cast<int>(threadIdx.x) % kChunks, row0 = static_cast<int>(threadIdx.x) / kChunks;
-  const int tile = tile_offset<D>(row0, chunk);  // + i * kRowStep * D for the thread's i-th row
+  // + i * kRowStep * kPitch for the thread's i-th row
+  const int tile = kSlabs ? slab_offset<D, kKeyBlock>(row0, chunk) : tile_offset<D>(row0, chunk);
   const uint32_t k_s = ptx::smem_addr(k_dst + tile), v_s = ptx::smem_addr(v_dst + tile);
   const int row_elems = a.kv_heads * D;  // one cache slot, every kv head
   const bf16* k_src = a.k_cache + kv_head * D + chunk * 8;
@@ -158,23 +168,24 @@ __device__ __forceinline__ void load_key_block_rows(bf16* k_dst, bf16* v_dst, co
     const int in_page = kPow2 ? key & (a.block_size - 1) : key - page_index * a.block_size;
     const int slot = valid ? table[page_index] * a.block_size + in_page : 0;
     const int64_t offset = static_cast<int64_t>(slot) * row_elems;
-    const uint32_t dst = static_cast<uint32_t>(i * kRowStep * D * sizeof(bf16));
+    const uint32_t dst = static_cast<uint32_t>(i * kRowStep * kPitch * sizeof(bf16));
     if (kLoadK) ptx::cp_async16(k_s + dst, k_src + offset, valid ? 16 : 0);
     if (kLoadV) ptx::cp_async16(v_s + dst, v_src + offset, valid ? 16 : 0);
   }
 }
 
-template <int D, int kThreads, bool kLoadK, bool kLoadV>
+template <int D, int kThreads, bool kLoadK, bool kLoadV, bool kSlabs = false>
 __device__ __forceinline__ void load_key_block(bf16* k_dst, bf16* v_dst, const AttentionArgs& a, const int* table,
                                                int kv_head, int key0, int len) {
   if (a.block_shift >= 0)
-    load_key_block_rows<D, kThreads, kLoadK, kLoadV, true>(k_dst, v_dst, a, table, kv_head, key0, len);
+    load_key_block_rows<D, kThreads, kLoadK, kLoadV, true, kSlabs>(k_dst, v_dst, a, table, kv_head, key0, len);
   else
-    load_key_block_rows<D, kThreads, kLoadK, kLoadV, false>(k_dst, v_dst, a, table, kv_head, key0, len);
+    load_key_block_rows<D, kThreads, kLoadK, kLoadV, false, kSlabs>(k_dst, v_dst, a, table, kv_head, key0, len);
 }
 
-// `rows` query rows into dst ([n_rows][D], swizzled): row r comes from q + first + r * stride.
-template <int D, int kThreads, int kRowsTile>
+// `rows` query rows into dst ([kRowsTile][D], swizzled: tile_offset, or slab_offset when kSlabs):
+// row r comes from q + first + r * stride.
+template <int D, int kThreads, int kRowsTile, bool kSlabs = false>
 __device__ __forceinline__ void load_query_rows(bf16* dst, const bf16* q, int64_t first, int64_t stride, int rows) {
   constexpr int kChunks = D / 8;
   static_assert(kRowsTile * kChunks % kThreads == 0, "every thread runs the same number of iterations");
@@ -183,8 +194,8 @@ __device__ __forceinline__ void load_query_rows(bf16* dst, const bf16* q, int64_
     const int c = static_cast<int>(threadIdx.x) + i * kThreads;
     const int r = c / kChunks, chunk = c % kChunks;
     const bool valid = r < rows;
-    ptx::cp_async16(ptx::smem_addr(dst + tile_offset<D>(r, chunk)), valid ? q + first + r * stride + chunk * 8 : q,
-                    valid ? 16 : 0);
+    const int at = kSlabs ? slab_offset<D, kRowsTile>(r, chunk) : tile_offset<D>(r, chunk);
+    ptx::cp_async16(ptx::smem_addr(dst + at), valid ? q + first + r * stride + chunk * 8 : q, valid ? 16 : 0);
   }
 }
 
@@ -517,10 +528,17 @@ __global__ void __launch_bounds__(D) attention_decode_combine_kernel(AttentionAr
 
 // ---------------------------------------------------------------------------------------------
 // Prefill: grid (query tiles, heads, num_seqs), four warps. Tiles are taken longest first.
-template <int D>
+// WGMMA (sm_90a): the four warps are one warpgroup and the products wgmma (attention_wgmma.cuh),
+// over tiles in slab_offset's layout; the same operations in the same order per element.
+template <int D, bool WGMMA>
 __global__ void __launch_bounds__(PrefillTiles::kThreads) attention_prefill_kernel(AttentionArgs a) {
   using T = PrefillTiles;
-  extern __shared__ __align__(128) unsigned char smem[];
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (WGMMA) return;  // sm_90a machine code only; the host launches it nowhere else
+#endif
+  extern __shared__ __align__(128) unsigned char smem_buffer[];
+  unsigned char* smem = smem_buffer;
+  if constexpr (WGMMA) smem += (1024 - (ptx::smem_addr(smem_buffer) & 1023)) & 1023;
   bf16* q_s = reinterpret_cast<bf16*>(smem);  // [kRows][D]
   bf16* k_s = q_s + T::kRows * D;              // [kStages][kKeyBlock][D]
   bf16* v_s = k_s + T::kStages * kKeyBlock * D;
@@ -543,9 +561,9 @@ __global__ void __launch_bounds__(PrefillTiles::kThreads) attention_prefill_kern
   const int pos[2] = {r_lo < rows ? pos0 + r_lo : -1, r_lo + 8 < rows ? pos0 + r_lo + 8 : -1};
   const int warp_pmax = warp * kTileRows < rows ? min(pos0 + warp * kTileRows + kTileRows - 1, pmax) : -1;
 
-  load_query_rows<D, T::kThreads, T::kRows>(q_s, a.q, (static_cast<int64_t>(q_begin + row0) * a.heads + head) * D,
-                                            static_cast<int64_t>(a.heads) * D, rows);
-  load_key_block<D, T::kThreads, true, true>(k_s, v_s, a, table, kv_head, 0, len);
+  load_query_rows<D, T::kThreads, T::kRows, WGMMA>(q_s, a.q, (static_cast<int64_t>(q_begin + row0) * a.heads + head) * D,
+                                                   static_cast<int64_t>(a.heads) * D, rows);
+  load_key_block<D, T::kThreads, true, true, WGMMA>(k_s, v_s, a, table, kv_head, 0, len);
   ptx::cp_async_commit();
 
   SplitAccum<D> total, part;
@@ -561,17 +579,25 @@ __global__ void __launch_bounds__(PrefillTiles::kThreads) attention_prefill_kern
     }
     const bool has_next = next_key0 <= pmax;
     if (has_next)
-      load_key_block<D, T::kThreads, true, true>(k_s + (stage ^ 1) * kKeyBlock * D, v_s + (stage ^ 1) * kKeyBlock * D, a,
-                                                 table, kv_head, next_key0, len);
+      load_key_block<D, T::kThreads, true, true, WGMMA>(k_s + (stage ^ 1) * kKeyBlock * D,
+                                                        v_s + (stage ^ 1) * kKeyBlock * D, a, table, kv_head, next_key0, len);
     ptx::cp_async_commit();
     ptx::cp_async_wait<1>();
+    if constexpr (WGMMA) wg_copies_visible();
     __syncthreads();
 
     if (key0 == split_begin) split_init(part);
-    // A block past all of this warp's positions would only add masked keys: skipping it is exact.
-    if (key0 <= warp_pmax) {
-      const int limit[2] = {min(pos[0] + 1, split_begin + split), min(pos[1] + 1, split_begin + split)};
-      uint32_t p[kKeyBlock / 16][4];
+    const int limit[2] = {min(pos[0] + 1, split_begin + split), min(pos[1] + 1, split_begin + split)};
+    uint32_t p[kKeyBlock / 16][4];
+    if constexpr (WGMMA) {
+      // The warpgroup takes every block of the tile. For a warp whose positions all precede the
+      // block every key is masked: m, l and o keep their values exactly (alpha = 1 or, before
+      // the row's first key, 0 on zeros; p = 0), as if it had skipped the block.
+      wg_block_scores<D>(part, p, ptx::smem_addr(q_s), ptx::smem_addr(k_s + stage * kKeyBlock * D), key0, limit,
+                         a.scale_log2);
+      wg_accumulate_values<D>(part, p, ptx::smem_addr(v_s + stage * kKeyBlock * D));
+    } else if (key0 <= warp_pmax) {
+      // A block past all of this warp's positions would only add masked keys: skipping it is exact.
       block_scores(part, p, q_s + warp * kTileRows * D, k_s + stage * kKeyBlock * D, key0, limit, a.scale_log2);
       accumulate_values(part, p, v_s + stage * kKeyBlock * D);
     }
@@ -709,6 +735,20 @@ void launch_decode(const AttentionArgs& a, dim3 grid, int q_rows, cudaStream_t s
                     stream, a);
 }
 
+// The prefill family: wgmma where this build has sm_90a code and the device runs it, unless the
+// development switch forces mma.sync (common/config.h). Either gives the same bits.
+bool prefill_wgmma() { return forced_prefill_kernel() != 1 && sm90::available(); }
+
+template <int D, bool WGMMA>
+void launch_prefill(const AttentionArgs& a, dim3 grid, cudaStream_t stream) {
+  constexpr int smem = PrefillTiles::smem_bytes<D, WGMMA>();
+  static std::once_flag configured;
+  std::call_once(configured, [] {
+    CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_kernel<D, WGMMA>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  });
+  attention_prefill_kernel<D, WGMMA><<<grid, PrefillTiles::kThreads, smem, stream>>>(a);
+}
+
 template <int D>
 void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q, const Tensor& k_cache,
                       const AttentionBatch& batch, cudaStream_t stream) {
@@ -730,13 +770,11 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
     launch_overlapped(attention_decode_combine_kernel<D>, dim3(a.heads, a.num_seqs), D, 0, stream, a);
     CUDA_CHECK_LAUNCH("attention (decode combine)", describe_launch(q, k_cache, batch));
   } else {
-    constexpr int smem = PrefillTiles::smem_bytes<D>();
-    static std::once_flag configured;
-    std::call_once(configured, [] {
-      CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    });
-    dim3 grid((batch.max_query_len + PrefillTiles::kRows - 1) / PrefillTiles::kRows, a.heads, a.num_seqs);
-    attention_prefill_kernel<D><<<grid, PrefillTiles::kThreads, smem, stream>>>(a);
+    const dim3 grid((batch.max_query_len + PrefillTiles::kRows - 1) / PrefillTiles::kRows, a.heads, a.num_seqs);
+    if (prefill_wgmma())
+      launch_prefill<D, true>(a, grid, stream);
+    else
+      launch_prefill<D, false>(a, grid, stream);
     CUDA_CHECK_LAUNCH("attention (prefill)", describe_launch(q, k_cache, batch));
   }
 }
@@ -744,6 +782,8 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data()) % 16 == 0; }
 
 }  // namespace
+
+const char* prefill_kernel() { return prefill_wgmma() ? "wgmma" : "mma.sync"; }
 
 void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& v, const Tensor& slots) {
   const int64_t tokens = k.dim(0), row = k.dim(1) * k.dim(2), capacity = k_cache.dim(0) * k_cache.dim(1);

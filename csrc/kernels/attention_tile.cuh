@@ -33,6 +33,15 @@ __device__ __forceinline__ int tile_offset(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
+// The layout of the Hopper prefill (attention_wgmma.cuh), the one wgmma reads with 128-byte swizzle
+// descriptors: a [kRows][D] tile as D/64 slabs of [kRows][64], every row 128 bytes, chunk c of
+// row r at chunk c ^ (r % 8) of its slab (the same swizzle as tile_offset; at D = 64 the same
+// layout). Slabs start 1024-byte aligned when the tile does.
+template <int D, int kRows>
+__device__ __forceinline__ int slab_offset(int row, int chunk) {
+  return (chunk >> 3) * (kRows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+}
+
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
@@ -66,34 +75,15 @@ __device__ __forceinline__ float scaled_max(float m, float scale_log2) {
   return (m == -INFINITY ? 0.f : m) * scale_log2;
 }
 
-// Scores of the tile's 16 rows against the key block in k_tile (keys key0 .. key0+kKeyBlock-1),
-// masked to keys < limit[row], then one online-softmax step: updates m, rescales o and l, adds the
-// block's p to l and returns bf16(p) as mma A fragments for accumulate_values.
-//   q_tile [16][D], k_tile [kKeyBlock][D]: shared, swizzled (tile_offset)
+// One online-softmax step over a key block's raw scores s [16 rows][kKeyBlock keys] (accumulator
+// layout), for block_scores here and its wgmma twin (attention_wgmma.cuh): masks keys at or past
+// each row's limit, updates m, rescales o and l, adds the block's p to l and returns bf16(p) as
+// the A fragments of the P·V k-steps.
 template <int D>
-__device__ __forceinline__ void block_scores(SplitAccum<D>& acc, uint32_t p[kKeyBlock / 16][4], const bf16* q_tile,
-                                             const bf16* k_tile, int key0, const int limit[2], float scale_log2) {
+__device__ __forceinline__ void softmax_block(SplitAccum<D>& acc, float (&s)[kKeyBlock / 8][4],
+                                              uint32_t p[kKeyBlock / 16][4], int key0, const int limit[2],
+                                              float scale_log2) {
   const int lane = threadIdx.x & 31;
-  float s[kKeyBlock / 8][4];
-#pragma unroll
-  for (int j = 0; j < kKeyBlock / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
-
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    ptx::ldmatrix_x4(a, ptx::smem_addr(q_tile + tile_offset<D>(lane & 15, kk * 2 + (lane >> 4))));
-#pragma unroll
-    for (int j = 0; j < kKeyBlock / 16; ++j) {
-      uint32_t b[4];
-      ptx::ldmatrix_x4(b, ptx::smem_addr(k_tile + tile_offset<D>(j * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                                                  kk * 2 + ((lane >> 3) & 1))));
-      ptx::mma_bf16_16816(s[2 * j], a, b[0], b[1]);
-      ptx::mma_bf16_16816(s[2 * j + 1], a, b[2], b[3]);
-    }
-  }
-
   // Mask keys at or past each row's limit; a block wholly below both limits has nothing to mask.
   if (key0 + kKeyBlock > min(limit[0], limit[1])) {
     const int col = 2 * (lane & 3);
@@ -143,6 +133,37 @@ __device__ __forceinline__ void block_scores(SplitAccum<D>& acc, uint32_t p[kKey
     p[i][2] = pack_bf16(s[2 * i + 1][0], s[2 * i + 1][1]);
     p[i][3] = pack_bf16(s[2 * i + 1][2], s[2 * i + 1][3]);
   }
+}
+
+// Scores of the tile's 16 rows against the key block in k_tile (keys key0 .. key0+kKeyBlock-1),
+// masked to keys < limit[row], then one online-softmax step: updates m, rescales o and l, adds the
+// block's p to l and returns bf16(p) as mma A fragments for accumulate_values.
+//   q_tile [16][D], k_tile [kKeyBlock][D]: shared, swizzled (tile_offset)
+template <int D>
+__device__ __forceinline__ void block_scores(SplitAccum<D>& acc, uint32_t p[kKeyBlock / 16][4], const bf16* q_tile,
+                                             const bf16* k_tile, int key0, const int limit[2], float scale_log2) {
+  const int lane = threadIdx.x & 31;
+  float s[kKeyBlock / 8][4];
+#pragma unroll
+  for (int j = 0; j < kKeyBlock / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ptx::ldmatrix_x4(a, ptx::smem_addr(q_tile + tile_offset<D>(lane & 15, kk * 2 + (lane >> 4))));
+#pragma unroll
+    for (int j = 0; j < kKeyBlock / 16; ++j) {
+      uint32_t b[4];
+      ptx::ldmatrix_x4(b, ptx::smem_addr(k_tile + tile_offset<D>(j * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                                  kk * 2 + ((lane >> 3) & 1))));
+      ptx::mma_bf16_16816(s[2 * j], a, b[0], b[1]);
+      ptx::mma_bf16_16816(s[2 * j + 1], a, b[2], b[3]);
+    }
+  }
+
+  softmax_block<D>(acc, s, p, key0, limit, scale_log2);
 }
 
 // o += bf16(p) · V for the key block in v_tile [kKeyBlock][D] (shared, swizzled).

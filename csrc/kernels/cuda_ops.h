@@ -15,4 +15,8 @@ DETINFER_BACKEND_OPS(DETINFER_DECLARE_OP)
 // the other family's, so it is part of what "same architecture, same build" means.
 const char* matmul_kernels();
 
+// The prefill attention kernel this process runs now: "wgmma" (sm_90a) or "mma.sync" (elsewhere,
+// or forced by setPrefillKernel). Either gives the same bits.
+const char* prefill_kernel();
+
 }  // namespace detinfer::cuda

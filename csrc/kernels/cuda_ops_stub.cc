@@ -11,5 +11,6 @@ DETINFER_BACKEND_OPS(DETINFER_STUB_OP)
 #undef DETINFER_STUB_OP
 
 const char* matmul_kernels() { return "none"; }
+const char* prefill_kernel() { return "none"; }
 
 }  // namespace detinfer::cuda

@@ -5,7 +5,8 @@
 // under the variant configuration (split size from the batch size) that must see a difference.
 // On CUDA every decode pipeline production can pick must match prefill: the decode kernel copies
 // K and V paired or rotating, chosen by the grid's size, and the tests run each one forced
-// (setDecodePipeline) as well as the library's choice.
+// (setDecodePipeline) as well as the library's choice. Likewise both prefill kernels: on Hopper the
+// library's is the wgmma one, and the mma.sync kernel of sm_80-89 is forced (setPrefillKernel).
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { native, type DeviceName } from '../../lib/native.js'
 import { mulberry32 } from '../helpers/random.js'
@@ -61,6 +62,7 @@ function invarianceSuite(device: DeviceName): void {
   afterEach(() => {
     native().setVariantKernels(false)
     native().setDecodePipeline('auto')
+    native().setPrefillKernel('auto')
   })
 
   it('one prefill is reproducible run to run', async () => {
@@ -87,6 +89,16 @@ function invarianceSuite(device: DeviceName): void {
           expect(firstDifferentRow(got, whole.subarray(pos * ROW, (pos + 1) * ROW), ROW), `at position ${pos}`).toBe(-1)
         }
       })
+
+  if (device === 'cuda')
+    it('prefill with the mma.sync kernel forced equals the library prefill bit for bit, whole and in chunks', async () => {
+      native().setPrefillKernel('mma.sync')
+      const [forced] = await scene.run([{ seq: 0, start: 0, end: L }])
+      expect(firstDifferentRow(forced!, whole, ROW), 'first differing position').toBe(-1)
+      expect(firstDifferentRow(await chunked(scene, 100), whole, ROW), 'first differing position').toBe(-1)
+      const got = await inBatch(scene, { seq: 0, start: 300, end: 600 }, 33, 5, false)
+      expect(firstDifferentRow(got, whole.subarray(300 * ROW, 600 * ROW), ROW), 'alongside 33 others').toBe(-1)
+    })
 
   it('prefill alongside 1 to 64 other sequences equals prefill alone', async () => {
     for (const [n, slice] of [
@@ -139,6 +151,16 @@ function invarianceSuite(device: DeviceName): void {
 describe('attention invariance (cpu)', () => invarianceSuite('cpu'))
 
 describeGpu('attention invariance (cuda)', () => invarianceSuite('cuda'))
+
+describe('setPrefillKernel (development switch)', () => {
+  it("takes 'mma.sync' or 'auto' and names anything else", () => {
+    for (const k of ['mma.sync', 'auto'] as const) native().setPrefillKernel(k)
+    expect(() => native().setPrefillKernel('wgmma' as 'auto')).toThrow(
+      /setPrefillKernel: expected "auto" or "mma.sync" but received "wgmma"/,
+    )
+    expect(() => native().setPrefillKernel(1 as unknown as 'auto')).toThrow(/kernel/)
+  })
+})
 
 describe('setDecodePipeline (development switch)', () => {
   it("takes 'paired', 'rotating' or 'auto' and names anything else", () => {
