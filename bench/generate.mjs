@@ -10,6 +10,7 @@
 //   node bench/generate.mjs --model DIR --batches 1,8,64 --prompt-tokens 128 --new-tokens 128
 //   node bench/generate.mjs --baseline               # also transformers, same prompts
 //   node bench/generate.mjs --samplings greedy,t0.7-p0.9,t0.7-k50   # sampled rows beside greedy
+//   node bench/generate.mjs --prefill-kernel mma.sync # (development) prefill attention with the sm_80-89 kernel
 //   node bench/generate.mjs --launch-ahead off        # decode steps one after another (default on:
 //                                                    # step n + 1 enqueued before step n is read)
 //
@@ -54,6 +55,7 @@ const { values: args } = parseArgs({
     samplings: { type: 'string' },
     graphs: { type: 'string' },
     'launch-ahead': { type: 'string', default: 'on' },
+    'prefill-kernel': { type: 'string', default: 'auto' },
   },
 })
 
@@ -68,6 +70,10 @@ if (args['launch-ahead'] !== 'on' && args['launch-ahead'] !== 'off')
   throw new Error(`Expected on or off for --launch-ahead but received ${args['launch-ahead']}`)
 // Decode steps enqueued before the previous one is read back (the scheduler's default), or not.
 const launchAhead = args['launch-ahead'] === 'on'
+// Development: the sm_80-89 prefill attention kernel on Hopper too (the same bits, for timing).
+if (args['prefill-kernel'] !== 'auto' && args['prefill-kernel'] !== 'mma.sync')
+  throw new Error(`Expected auto or mma.sync for --prefill-kernel but received ${args['prefill-kernel']}`)
+if (onGpu) native().setPrefillKernel(args['prefill-kernel'])
 const batches = (args.batches ?? (onGpu ? '1,8,64,256' : '1,4,16')).split(',').map((b) => positive('batches', b))
 const promptTokens = positive('prompt-tokens', args['prompt-tokens'])
 const newTokens = positive('new-tokens', args['new-tokens'] ?? (onGpu ? '128' : '32'))

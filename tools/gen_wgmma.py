@@ -23,34 +23,40 @@ out.append("namespace detinfer::cuda::sm90 {")
 out.append("")
 out.append("template <int N>")
 out.append("struct Wgmma;")
-for n in NS:
+def emit(name, n, params, a_operands, tail, inputs):
+    """One specialization: `params` after the accumulator, the instruction's operands after the
+    accumulator list (`a_operands` given the first free operand number, then `tail`), and the asm
+    inputs."""
     regs = n // 2
-    dlist = ", ".join(f"%{i}" for i in range(regs))
-    operands = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
     out.append("")
     out.append("template <>")
-    out.append(f"struct Wgmma<{n}> {{")
+    out.append(f"struct {name}<{n}> {{")
     out.append(f"  static constexpr int kRegs = {regs};")
-    out.append(f"  static __device__ __forceinline__ void mma(float (&d)[{regs}], uint64_t a, uint64_t b) {{")
+    out.append(f"  static __device__ __forceinline__ void mma(float (&d)[{regs}], {params}) {{")
     out.append("#if defined(__CUDA_ARCH_FEAT_SM90_ALL)")
     out.append("    asm volatile(")
     out.append('        "{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"')
     out.append(f'        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 "')
-    # split the register list over lines of ~16 registers
+    # the register list over lines of 16 registers
     regs_txt = [f"%{i}" for i in range(regs)]
     chunks = [", ".join(regs_txt[i:i + 16]) for i in range(0, regs, 16)]
     for j, c in enumerate(chunks):
         prefix = "{" if j == 0 else ""
         suffix = ", " if j + 1 < len(chunks) else "}, "
         out.append(f'        "{prefix}{c}{suffix}"')
-    out.append(f'        "%{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n}}\\n"')
+    out.append(f'        "{a_operands(regs)}, p, 1, 1, {tail};\\n}}\\n"')
     ops = [f'"+f"(d[{i}])' for i in range(regs)]
     lines = [", ".join(ops[i:i + 8]) for i in range(0, regs, 8)]
     out.append("        : " + (",\n          ".join(lines)))
-    out.append('        : "l"(a), "l"(b));')
+    out.append(f"        : {inputs});")
     out.append("#endif")
     out.append("  }")
     out.append("};")
+
+
+# Both operands from shared memory, K-major (imm-trans-a = imm-trans-b = 0).
+for n in NS:
+    emit("Wgmma", n, "uint64_t a, uint64_t b", lambda r: f"%{r}, %{r + 1}", "0, 0", '"l"(a), "l"(b)')
 
 # A from registers (the fragments of mma.sync m16n8k16's A, one 16-row slice per warp), B from
 # shared memory N-major (imm-trans-b = 1): attention's P·V, whose V tile is [keys][D] (keys are K).
@@ -60,30 +66,9 @@ out.append("// fragments) and B N-major in shared memory (imm-trans-b = 1), D +=
 out.append("template <int N>")
 out.append("struct WgmmaRegA;")
 for n in NS_REG_A:
-    regs = n // 2
-    out.append("")
-    out.append("template <>")
-    out.append(f"struct WgmmaRegA<{n}> {{")
-    out.append(f"  static constexpr int kRegs = {regs};")
-    out.append(f"  static __device__ __forceinline__ void mma(float (&d)[{regs}], const uint32_t (&a)[4], uint64_t b) {{")
-    out.append("#if defined(__CUDA_ARCH_FEAT_SM90_ALL)")
-    out.append("    asm volatile(")
-    out.append('        "{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"')
-    out.append(f'        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 "')
-    regs_txt = [f"%{i}" for i in range(regs)]
-    chunks = [", ".join(regs_txt[i:i + 16]) for i in range(0, regs, 16)]
-    for j, c in enumerate(chunks):
-        prefix = "{" if j == 0 else ""
-        suffix = ", " if j + 1 < len(chunks) else "}, "
-        out.append(f'        "{prefix}{c}{suffix}"')
-    out.append(f'        "{{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}, %{regs + 4}, p, 1, 1, 1;\\n}}\\n"')
-    ops = [f'"+f"(d[{i}])' for i in range(regs)]
-    lines = [", ".join(ops[i:i + 8]) for i in range(0, regs, 8)]
-    out.append("        : " + (",\n          ".join(lines)))
-    out.append('        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));')
-    out.append("#endif")
-    out.append("  }")
-    out.append("};")
+    emit("WgmmaRegA", n, "const uint32_t (&a)[4], uint64_t b",
+         lambda r: f"{{%{r}, %{r + 1}, %{r + 2}, %{r + 3}}}, %{r + 4}", "1",
+         '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b)')
 out.append("")
 out.append("}  // namespace detinfer::cuda::sm90")
 out.append("")

@@ -18,9 +18,11 @@
 //           its one split with the combine's functions and writes the output itself (OnlySplit):
 //           the same bits, one launch fewer;
 //   prefill (any number of queries): one block per (sequence, head, 64 query positions), four warps
-//           of 16 positions, looping over the splits and merging each in registers as it ends. On
-//           sm_90a the four warps are one warpgroup whose products are wgmma (attention_wgmma.cuh):
-//           the same k16 steps in the same order, and wgmma's k16 step gives mma.sync's bits.
+//           of 16 positions, looping over the splits and merging each in registers as it ends
+//           (attention_prefill_kernel). On sm_90a one warpgroup of 64 positions runs the same
+//           operations with wgmma, each key block's P·V beside the next block's softmax
+//           (attention_prefill_wgmma_kernel): the same k16 steps in the same order, and wgmma's
+//           k16 step gives mma.sync's bits.
 // Neither the split size nor the key block depends on the batch, the lengths or the SM count; the
 // grid does, which changes who computes a row but not how. Only the variant configuration
 // (choose_launch) takes the split size from the batch size.
@@ -32,6 +34,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 
 #include "../common/attention_schedule.h"
 #include "../common/config.h"
@@ -50,17 +53,41 @@ using namespace attn;
 using attention_schedule::kSplitSize;
 
 // Launch geometry (the reduction order above does not depend on any of it).
-// Prefill, either family: four warps (the Hopper kernel: one warpgroup) of 16 query rows.
+// Prefill, mma.sync (sm_80-89): four warps of 16 query rows, two K/V key blocks in flight.
 struct PrefillTiles {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRows = kWarps * kTileRows;  // query positions per block
   static constexpr int kStages = 2;                 // K/V key blocks in flight
-  static_assert(kRows == kWgRows, "the Hopper kernel's block is one warpgroup");
-  template <int D, bool WGMMA>
+  template <int D>
   static constexpr int smem_bytes() {
-    // wgmma's tiles start 1024-byte aligned: room to align the dynamic buffer.
-    return (kRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16)) + (WGMMA ? 1024 : 0);
+    return (kRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16));
+  }
+};
+
+// Prefill, wgmma (sm_90a): one warpgroup of 64 query rows, three K/V key blocks in flight (block n
+// in stage n % 3), tiles in slab_offset's layout from a 1024-byte aligned base; two blocks per SM.
+struct PrefillWgmmaTiles {
+  static constexpr int kThreads = 128;
+  static constexpr int kRows = kWgRows;
+  static constexpr int kStages = 3;
+  template <int D>
+  static constexpr int smem_bytes() {
+    return (kRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16)) + 1024;  // + alignment
+  }
+};
+
+// The key blocks a prefill tile reduces, in order: split s, its blocks of kKeyBlock keys from
+// the split's first key, up to the tile's last position pmax.
+struct KeyBlockWalk {
+  int s = 0, key0 = 0;
+  __device__ bool within(int pmax) const { return key0 <= pmax; }
+  __device__ void next(int split, int pmax) {
+    key0 += kKeyBlock;
+    if (key0 >= min((s + 1) * split, pmax + 1)) {
+      ++s;
+      key0 = s * split;
+    }
   }
 };
 
@@ -527,102 +554,249 @@ __global__ void __launch_bounds__(D) attention_decode_combine_kernel(AttentionAr
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prefill: grid (query tiles, heads, num_seqs), four warps. Tiles are taken longest first.
-// WGMMA (sm_90a): the four warps are one warpgroup and the products wgmma (attention_wgmma.cuh),
-// over tiles in slab_offset's layout; the same operations in the same order per element.
-template <int D, bool WGMMA>
-__global__ void __launch_bounds__(PrefillTiles::kThreads) attention_prefill_kernel(AttentionArgs a) {
-  using T = PrefillTiles;
-#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (WGMMA) return;  // sm_90a machine code only; the host launches it nowhere else
-#endif
-  extern __shared__ __align__(128) unsigned char smem_buffer[];
-  unsigned char* smem = smem_buffer;
-  if constexpr (WGMMA) smem += (1024 - (ptx::smem_addr(smem_buffer) & 1023)) & 1023;
-  bf16* q_s = reinterpret_cast<bf16*>(smem);  // [kRows][D]
-  bf16* k_s = q_s + T::kRows * D;              // [kStages][kKeyBlock][D]
-  bf16* v_s = k_s + T::kStages * kKeyBlock * D;
+// Prefill: grid (query tiles, heads, num_seqs); tiles are taken longest first.
 
+// Where a prefill block works: a tile of kRows query rows of one sequence and head.
+struct PrefillTile {
+  int q_begin, row0, rows;  // the sequence's first query row, the tile's first (of the sequence's), its rows
+  int len, split, kv_head;  // the sequence's keys, its split size, the head's kv head
+  int pmax;                 // position of the tile's last row
+  const int* table;         // the sequence's block table
+  int pos[2];               // this lane's two rows' positions (-1: past the tile's rows)
+  int r_lo;                 // the lane's first row in the tile (the second is r_lo + 8)
+};
+
+// false when the block has no rows (its tile lies past the sequence's queries).
+template <int kRows>
+__device__ __forceinline__ bool prefill_tile(const AttentionArgs& a, PrefillTile& t) {
   const int seq = blockIdx.z, head = blockIdx.y, tile = gridDim.x - 1 - blockIdx.x;
-  const int q_begin = a.query_start[seq];
-  const int n = a.query_start[seq + 1] - q_begin;
-  const int row0 = tile * T::kRows;
-  if (row0 >= n) return;
-  const int len = keys_of(a, seq);
-  const int split = split_size_of(a, len);
-  const int kv_head = head / (a.heads / a.kv_heads);
-  const int* table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
-  const int rows = min(T::kRows, n - row0);
-  const int pos0 = len - n + row0;  // position of the tile's first row
-  const int pmax = pos0 + rows - 1;
-
+  t.q_begin = a.query_start[seq];
+  const int n = a.query_start[seq + 1] - t.q_begin;
+  t.row0 = tile * kRows;
+  if (t.row0 >= n) return false;
+  t.len = keys_of(a, seq);
+  t.split = split_size_of(a, t.len);
+  t.kv_head = head / (a.heads / a.kv_heads);
+  t.table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
+  t.rows = min(kRows, n - t.row0);
+  const int pos0 = t.len - n + t.row0;  // position of the tile's first row
+  t.pmax = pos0 + t.rows - 1;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int r_lo = warp * kTileRows + (lane >> 2);
-  const int pos[2] = {r_lo < rows ? pos0 + r_lo : -1, r_lo + 8 < rows ? pos0 + r_lo + 8 : -1};
-  const int warp_pmax = warp * kTileRows < rows ? min(pos0 + warp * kTileRows + kTileRows - 1, pmax) : -1;
+  t.r_lo = warp * kTileRows + (lane >> 2);
+  t.pos[0] = t.r_lo < t.rows ? pos0 + t.r_lo : -1;
+  t.pos[1] = t.r_lo + 8 < t.rows ? pos0 + t.r_lo + 8 : -1;
+  return true;
+}
 
-  load_query_rows<D, T::kThreads, T::kRows, WGMMA>(q_s, a.q, (static_cast<int64_t>(q_begin + row0) * a.heads + head) * D,
-                                                   static_cast<int64_t>(a.heads) * D, rows);
-  load_key_block<D, T::kThreads, true, true, WGMMA>(k_s, v_s, a, table, kv_head, 0, len);
-  ptx::cp_async_commit();
+// The key limits of this lane's rows in a block of split s: keys below the row's position + 1 and
+// below the split's end.
+__device__ __forceinline__ void prefill_limits(const PrefillTile& t, int s, int (&limit)[2]) {
+  const int split_end = s * t.split + t.split;
+  limit[0] = min(t.pos[0] + 1, split_end);
+  limit[1] = min(t.pos[1] + 1, split_end);
+}
 
-  SplitAccum<D> total, part;
-  split_init(total);
-  int s = 0, key0 = 0, stage = 0;
-  while (true) {
-    const int split_begin = s * split;
-    const int split_end = min(split_begin + split, pmax + 1);  // keys of split s any row of the tile sees
-    int next_s = s, next_key0 = key0 + kKeyBlock;
-    if (next_key0 >= split_end) {
-      next_s = s + 1;
-      next_key0 = next_s * split;
-    }
-    const bool has_next = next_key0 <= pmax;
-    if (has_next)
-      load_key_block<D, T::kThreads, true, true, WGMMA>(k_s + (stage ^ 1) * kKeyBlock * D,
-                                                        v_s + (stage ^ 1) * kKeyBlock * D, a, table, kv_head, next_key0, len);
-    ptx::cp_async_commit();
-    ptx::cp_async_wait<1>();
-    if constexpr (WGMMA) wg_copies_visible();
-    __syncthreads();
-
-    if (key0 == split_begin) split_init(part);
-    const int limit[2] = {min(pos[0] + 1, split_begin + split), min(pos[1] + 1, split_begin + split)};
-    uint32_t p[kKeyBlock / 16][4];
-    if constexpr (WGMMA) {
-      // The warpgroup takes every block of the tile. For a warp whose positions all precede the
-      // block every key is masked: m, l and o keep their values exactly (alpha = 1 or, before
-      // the row's first key, 0 on zeros; p = 0), as if it had skipped the block.
-      wg_block_scores<D>(part, p, ptx::smem_addr(q_s), ptx::smem_addr(k_s + stage * kKeyBlock * D), key0, limit,
-                         a.scale_log2);
-      wg_accumulate_values<D>(part, p, ptx::smem_addr(v_s + stage * kKeyBlock * D));
-    } else if (key0 <= warp_pmax) {
-      // A block past all of this warp's positions would only add masked keys: skipping it is exact.
-      block_scores(part, p, q_s + warp * kTileRows * D, k_s + stage * kKeyBlock * D, key0, limit, a.scale_log2);
-      accumulate_values(part, p, v_s + stage * kKeyBlock * D);
-    }
-    if (next_s != s) {
-      finish_split(part);
-      merge_split(total, part, a.scale_log2);
-    }
-    __syncthreads();
-    if (!has_next) break;
-    s = next_s;
-    key0 = next_key0;
-    stage ^= 1;
-  }
-
-  const int col = 2 * (lane & 3);
+// The tile's output: this lane's rows of total, normalized, as bf16.
+template <int D>
+__device__ __forceinline__ void prefill_store(const AttentionArgs& a, const PrefillTile& t, const SplitAccum<D>& total) {
+  const int col = 2 * (threadIdx.x & 3);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = r_lo + 8 * r;
-    if (row >= rows) continue;
-    bf16* o = a.out + (static_cast<int64_t>(q_begin + row0 + row) * a.heads + head) * D;
+    const int row = t.r_lo + 8 * r;
+    if (row >= t.rows) continue;
+    bf16* o = a.out + (static_cast<int64_t>(t.q_begin + t.row0 + row) * a.heads + blockIdx.y) * D;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i)
       *reinterpret_cast<uint32_t*>(o + 8 * i + col) =
           pack_bf16(normalize(total.o[i][2 * r], total.l[r]), normalize(total.o[i][2 * r + 1], total.l[r]));
   }
+}
+
+// mma.sync: four warps of 16 rows; each warp reduces the tile's key blocks up to its last position.
+template <int D>
+__global__ void __launch_bounds__(PrefillTiles::kThreads) attention_prefill_kernel(AttentionArgs a) {
+  using T = PrefillTiles;
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* q_s = reinterpret_cast<bf16*>(smem);  // [kRows][D]
+  bf16* k_s = q_s + T::kRows * D;              // [kStages][kKeyBlock][D]
+  bf16* v_s = k_s + T::kStages * kKeyBlock * D;
+
+  PrefillTile t;
+  if (!prefill_tile<T::kRows>(a, t)) return;
+  const int warp = threadIdx.x >> 5;
+  const int pos0 = t.pmax - t.rows + 1;
+  const int warp_pmax = warp * kTileRows < t.rows ? min(pos0 + warp * kTileRows + kTileRows - 1, t.pmax) : -1;
+  auto load = [&](const KeyBlockWalk& b, int stage) {
+    load_key_block<D, T::kThreads, true, true>(k_s + stage * kKeyBlock * D, v_s + stage * kKeyBlock * D, a, t.table,
+                                               t.kv_head, b.key0, t.len);
+  };
+
+  load_query_rows<D, T::kThreads, T::kRows>(q_s, a.q, (static_cast<int64_t>(t.q_begin + t.row0) * a.heads + blockIdx.y) * D,
+                                            static_cast<int64_t>(a.heads) * D, t.rows);
+  KeyBlockWalk b, ahead;
+  load(ahead, 0);
+  ptx::cp_async_commit();
+  ahead.next(t.split, t.pmax);
+
+  SplitAccum<D> total, part;
+  split_init(total);
+  split_init(part);
+  for (int stage = 0;; stage ^= 1) {
+    if (ahead.within(t.pmax)) load(ahead, stage ^ 1);
+    ptx::cp_async_commit();
+    ahead.next(t.split, t.pmax);
+    ptx::cp_async_wait<1>();
+    __syncthreads();
+
+    // A block past all of this warp's positions would only add masked keys: skipping it is exact.
+    if (b.key0 <= warp_pmax) {
+      int limit[2];
+      prefill_limits(t, b.s, limit);
+      uint32_t p[kKeyBlock / 16][4];
+      block_scores(part, p, q_s + warp * kTileRows * D, k_s + stage * kKeyBlock * D, b.key0, limit, a.scale_log2);
+      accumulate_values(part, p, v_s + stage * kKeyBlock * D);
+    }
+    const int s = b.s;
+    b.next(t.split, t.pmax);
+    if (b.s != s) {
+      finish_split(part);
+      merge_split(total, part, a.scale_log2);
+      split_init(part);  // here rather than at the split's first block, where it compiled to selects
+    }
+    __syncthreads();
+    if (!b.within(t.pmax)) break;
+  }
+  prefill_store(a, t, total);
+}
+
+// wgmma (sm_90a): one warpgroup of 64 rows (attention_wgmma.cuh), whose products of neighbouring
+// key blocks overlap: while the softmax of block n runs on the CUDA cores, the tensor cores finish
+// o += P(n-1)·V(n-1); o is then rescaled by block n's alpha, or, when block n starts a split, the
+// ended split is merged first. Every value takes the operations of attention_prefill_kernel in the
+// same order, o included: o·alpha(n-1) + P(n-1)·V(n-1), then ·alpha(n), then + P(n)·V(n). The
+// warpgroup takes every block up to the tile's last position: for a warp whose positions all
+// precede a block every key is masked, and m, l and o keep their values exactly (alpha = 1 or,
+// before the row's first key, 0 on zeros; p = 0), as if it had skipped the block.
+template <int D>
+__global__ void __launch_bounds__(PrefillWgmmaTiles::kThreads) attention_prefill_wgmma_kernel(AttentionArgs a) {
+  using T = PrefillWgmmaTiles;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // sm_90a machine code only; the host launches it nowhere else
+  extern __shared__ __align__(128) unsigned char smem_buffer[];
+  unsigned char* smem = smem_buffer + ((1024 - (ptx::smem_addr(smem_buffer) & 1023)) & 1023);
+  bf16* q_s = reinterpret_cast<bf16*>(smem);  // [kRows][D] in slabs
+  bf16* k_s = q_s + T::kRows * D;              // [kStages][kKeyBlock][D] in slabs
+  bf16* v_s = k_s + T::kStages * kKeyBlock * D;
+
+  PrefillTile t;
+  if (!prefill_tile<T::kRows>(a, t)) return;
+  auto load = [&](const KeyBlockWalk& b, int stage) {
+    load_key_block<D, T::kThreads, true, true, true>(k_s + stage * kKeyBlock * D, v_s + stage * kKeyBlock * D, a,
+                                                     t.table, t.kv_head, b.key0, t.len);
+  };
+  const uint64_t q_desc = ptx::smem_desc(ptx::smem_addr(q_s));
+  auto k_desc = [&](int stage) { return ptx::smem_desc(ptx::smem_addr(k_s + stage * kKeyBlock * D)); };
+  auto v_desc = [&](int stage) { return n_major_desc(ptx::smem_addr(v_s + stage * kKeyBlock * D)); };
+
+  load_query_rows<D, T::kThreads, T::kRows, true>(
+      q_s, a.q, (static_cast<int64_t>(t.q_begin + t.row0) * a.heads + blockIdx.y) * D, static_cast<int64_t>(a.heads) * D,
+      t.rows);
+  KeyBlockWalk ahead;  // blocks 0, 1 and 2, one commit group each (empty past the tile's keys)
+  for (int st = 0; st < T::kStages; ++st) {
+    if (ahead.within(t.pmax)) load(ahead, st);
+    ptx::cp_async_commit();
+    ahead.next(t.split, t.pmax);
+  }
+
+  SplitAccum<D> total, part;
+  split_init(total);
+  split_init(part);
+  uint32_t p_a[kKeyBlock / 16][4], p_b[kKeyBlock / 16][4];
+  float s[kKeyBlock / 8][4], alpha[2];
+  auto fence_scores = [&] { ptx::fence_registers(*reinterpret_cast<float(*)[kKeyBlock / 2]>(&s[0][0])); };
+  auto fence_output = [&] { ptx::fence_registers(*reinterpret_cast<float(*)[D / 2]>(&part.o[0][0])); };
+
+  // Block 0: its scores and softmax (o is zero: rescaling it is exact); its values go with block 1.
+  KeyBlockWalk b;
+  ptx::cp_async_wait<T::kStages - 1>();
+  ptx::fence_proxy_async_smem();  // the copies, seen by wgmma's reads (the async proxy)
+  __syncthreads();
+  {
+    wg_issue_scores<D, T::kRows>(s, q_desc, k_desc(0));
+    ptx::wgmma_wait<0>();
+    fence_scores();
+    int limit[2];
+    prefill_limits(t, b.s, limit);
+    softmax_block<D>(part, s, p_a, b.key0, limit, a.scale_log2);
+  }
+
+  // One block per step: its scores and softmax beside the previous block's values. The P fragments
+  // alternate between two arrays, so no copy can fold them into the registers the values in
+  // flight read. false, doing nothing, when the tile has no next block.
+  int stage_prev = 0, stage = 1;
+  auto step = [&](uint32_t(&p_prev)[kKeyBlock / 16][4], uint32_t(&p_next)[kKeyBlock / 16][4]) {
+    KeyBlockWalk next = b;
+    next.next(t.split, t.pmax);
+    if (!next.within(t.pmax)) return false;
+    ptx::cp_async_wait<T::kStages - 2>();  // block `next`, in `stage`
+    ptx::fence_proxy_async_smem();
+    __syncthreads();
+    wg_issue_scores<D, T::kRows>(s, q_desc, k_desc(stage));
+    wg_issue_values<D>(part, p_prev, v_desc(stage_prev));
+    ptx::wgmma_wait<1>();
+    fence_scores();
+    const bool new_split = next.s != b.s;
+    const float m_old[2] = {part.m[0], part.m[1]}, l_old[2] = {part.l[0], part.l[1]};
+    if (new_split)
+      for (int r = 0; r < 2; ++r) part.m[r] = -INFINITY, part.l[r] = 0.f;
+    int limit[2];
+    prefill_limits(t, next.s, limit);
+    softmax_block<D, false>(part, s, p_next, next.key0, limit, a.scale_log2, alpha);
+    ptx::wgmma_wait<0>();
+    fence_output();
+    fence_fragments(p_prev);
+    if (new_split) {
+      // The ended split's (m, l, o), merged as attention_prefill_kernel merges it; the new
+      // split's o is 0 · alpha = 0.
+      const float m_new[2] = {part.m[0], part.m[1]}, l_new[2] = {part.l[0], part.l[1]};
+      for (int r = 0; r < 2; ++r) part.m[r] = m_old[r], part.l[r] = l_old[r];
+      finish_split(part);
+      merge_split(total, part, a.scale_log2);
+      split_init(part);
+      for (int r = 0; r < 2; ++r) part.m[r] = m_new[r], part.l[r] = l_new[r];
+    } else {
+      rescale_output(part, alpha);
+    }
+    __syncthreads();  // stage_prev (block b's K and V) is free: block b + 3 goes there
+    if (ahead.within(t.pmax)) load(ahead, stage_prev);
+    ptx::cp_async_commit();
+    ahead.next(t.split, t.pmax);
+    stage_prev = stage;
+    stage = stage + 1 == T::kStages ? 0 : stage + 1;
+    b = next;
+    return true;
+  };
+  bool last_in_a = true;  // which array holds the last block's P
+  while (step(p_a, p_b)) {
+    if (!step(p_b, p_a)) {
+      last_in_a = false;
+      break;
+    }
+  }
+  // The last block's values, then its split.
+  if (last_in_a) {
+    wg_issue_values<D>(part, p_a, v_desc(stage_prev));
+    ptx::wgmma_wait<0>();
+    fence_fragments(p_a);
+  } else {
+    wg_issue_values<D>(part, p_b, v_desc(stage_prev));
+    ptx::wgmma_wait<0>();
+    fence_fragments(p_b);
+  }
+  fence_output();
+  finish_split(part);
+  merge_split(total, part, a.scale_log2);
+  prefill_store(a, t, total);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -740,13 +914,14 @@ void launch_decode(const AttentionArgs& a, dim3 grid, int q_rows, cudaStream_t s
 bool prefill_wgmma() { return forced_prefill_kernel() != 1 && sm90::available(); }
 
 template <int D, bool WGMMA>
-void launch_prefill(const AttentionArgs& a, dim3 grid, cudaStream_t stream) {
-  constexpr int smem = PrefillTiles::smem_bytes<D, WGMMA>();
+void launch_prefill(const AttentionArgs& a, int max_query_len, cudaStream_t stream) {
+  using T = std::conditional_t<WGMMA, PrefillWgmmaTiles, PrefillTiles>;
+  const auto kernel = WGMMA ? attention_prefill_wgmma_kernel<D> : attention_prefill_kernel<D>;
+  constexpr int smem = T::template smem_bytes<D>();
   static std::once_flag configured;
-  std::call_once(configured, [] {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_kernel<D, WGMMA>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  });
-  attention_prefill_kernel<D, WGMMA><<<grid, PrefillTiles::kThreads, smem, stream>>>(a);
+  std::call_once(configured, [&] { CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)); });
+  const dim3 grid((max_query_len + T::kRows - 1) / T::kRows, a.heads, a.num_seqs);
+  kernel<<<grid, T::kThreads, smem, stream>>>(a);
 }
 
 template <int D>
@@ -770,11 +945,10 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
     launch_overlapped(attention_decode_combine_kernel<D>, dim3(a.heads, a.num_seqs), D, 0, stream, a);
     CUDA_CHECK_LAUNCH("attention (decode combine)", describe_launch(q, k_cache, batch));
   } else {
-    const dim3 grid((batch.max_query_len + PrefillTiles::kRows - 1) / PrefillTiles::kRows, a.heads, a.num_seqs);
     if (prefill_wgmma())
-      launch_prefill<D, true>(a, grid, stream);
+      launch_prefill<D, true>(a, batch.max_query_len, stream);
     else
-      launch_prefill<D, false>(a, grid, stream);
+      launch_prefill<D, false>(a, batch.max_query_len, stream);
     CUDA_CHECK_LAUNCH("attention (prefill)", describe_launch(q, k_cache, batch));
   }
 }

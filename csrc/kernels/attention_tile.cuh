@@ -75,14 +75,30 @@ __device__ __forceinline__ float scaled_max(float m, float scale_log2) {
   return (m == -INFINITY ? 0.f : m) * scale_log2;
 }
 
-// One online-softmax step over a key block's raw scores s [16 rows][kKeyBlock keys] (accumulator
-// layout), for block_scores here and its wgmma twin (attention_wgmma.cuh): masks keys at or past
-// each row's limit, updates m, rescales o and l, adds the block's p to l and returns bf16(p) as
-// the A fragments of the P·V k-steps.
+// o · alpha per row; skipped when every alpha of the warp is 1 (no row's max moved), as x · 1 = x
+// exactly.
 template <int D>
+__device__ __forceinline__ void rescale_output(SplitAccum<D>& acc, const float alpha[2]) {
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        acc.o[i][2 * r] = acc.o[i][2 * r] * alpha[r];
+        acc.o[i][2 * r + 1] = acc.o[i][2 * r + 1] * alpha[r];
+      }
+  }
+}
+
+// One online-softmax step over a key block's raw scores s [16 rows][kKeyBlock keys] (accumulator
+// layout), for block_scores here and the Hopper prefill (attention.cu): masks keys at or past
+// each row's limit, updates m, rescales o and l, adds the block's p to l and returns bf16(p) as
+// the A fragments of the P·V k-steps. kRescaleO = false leaves o · alpha to the caller
+// (rescale_output with the alphas returned), which first finishes the previous block's P·V into o.
+template <int D, bool kRescaleO = true>
 __device__ __forceinline__ void softmax_block(SplitAccum<D>& acc, float (&s)[kKeyBlock / 8][4],
                                               uint32_t p[kKeyBlock / 16][4], int key0, const int limit[2],
-                                              float scale_log2) {
+                                              float scale_log2, float* alpha_out = nullptr) {
   const int lane = threadIdx.x & 31;
   // Mask keys at or past each row's limit; a block wholly below both limits has nothing to mask.
   if (key0 + kKeyBlock > min(limit[0], limit[1])) {
@@ -99,21 +115,22 @@ __device__ __forceinline__ void softmax_block(SplitAccum<D>& acc, float (&s)[kKe
 #pragma unroll
     for (int e = 0; e < 4; ++e) block_max[e >> 1] = fmaxf(block_max[e >> 1], s[j][e]);
 
-  float offset[2];
+  float offset[2], alpha[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 1));
     block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 2));
     const float m_new = fmaxf(acc.m[r], block_max[r]);
     offset[r] = scaled_max(m_new, scale_log2);
-    const float alpha = exp2f(acc.m[r] * scale_log2 - offset[r]);
+    alpha[r] = exp2f(acc.m[r] * scale_log2 - offset[r]);
     acc.m[r] = m_new;
-    acc.l[r] = acc.l[r] * alpha;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      acc.o[i][2 * r] = acc.o[i][2 * r] * alpha;
-      acc.o[i][2 * r + 1] = acc.o[i][2 * r + 1] * alpha;
-    }
+    acc.l[r] = acc.l[r] * alpha[r];
+  }
+  if constexpr (kRescaleO) {
+    rescale_output(acc, alpha);
+  } else {
+    alpha_out[0] = alpha[0];
+    alpha_out[1] = alpha[1];
   }
 
 #pragma unroll

@@ -34,49 +34,32 @@ __device__ __forceinline__ uint64_t n_major_desc(uint32_t addr) {
   return d;
 }
 
-// Makes the block's cp.async copies into shared memory visible to wgmma's reads (the async proxy);
-// each copying thread, before the barrier that precedes the products.
-__device__ __forceinline__ void wg_copies_visible() {
+// The two products, issued: wg_issue_scores starts S = Q·K^T into s (zeroed here) and
+// wg_issue_values starts o += bf16(p)·V, each one commit group. The caller waits (wgmma_wait) and
+// fences the registers before it reads them, and keeps p alive (fence_fragments) until the
+// values' group is done.
+template <int D, int kQRows>
+__device__ __forceinline__ void wg_issue_scores(float (&s)[kKeyBlock / 8][4], uint64_t q_desc, uint64_t k_desc) {
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  ptx::fence_proxy_async_smem();
-#endif
-}
-
-// block_scores for the warpgroup's 64 rows: q_tile [64][D] and k_tile [kKeyBlock][D] in slabs.
-template <int D>
-__device__ __forceinline__ void wg_block_scores(SplitAccum<D>& acc, uint32_t p[kKeyBlock / 16][4], uint32_t q_tile,
-                                                uint32_t k_tile, int key0, const int limit[2], float scale_log2) {
-  static_assert(kKeyBlock == 64, "one m64n64 product per k-step");
-#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)  // sm_90a code only, as in ptx.cuh
-  float s[kKeyBlock / 8][4];
 #pragma unroll
   for (int j = 0; j < kKeyBlock / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
   float(&flat)[kKeyBlock / 2] = *reinterpret_cast<float(*)[kKeyBlock / 2]>(&s[0][0]);
-
   ptx::wgmma_fence();
   ptx::fence_registers(flat);
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    // k-step kk: slab kk / 4, 32 bytes per step within it.
-    const uint32_t q = q_tile + (kk >> 2) * (kWgRows * 128) + (kk & 3) * 32;
-    const uint32_t k = k_tile + (kk >> 2) * (kKeyBlock * 128) + (kk & 3) * 32;
-    sm90::Wgmma<kKeyBlock>::mma(flat, ptx::smem_desc(q), ptx::smem_desc(k));
-  }
+  for (int kk = 0; kk < D / 16; ++kk)
+    sm90::Wgmma<kKeyBlock>::mma(flat, q_desc + (((kk >> 2) * (kQRows * 128) + (kk & 3) * 32) >> 4),
+                                k_desc + (((kk >> 2) * (kKeyBlock * 128) + (kk & 3) * 32) >> 4));
   ptx::wgmma_commit();
   ptx::fence_registers(flat);
-  ptx::wgmma_wait<0>();
-  ptx::fence_registers(flat);
-
-  softmax_block<D>(acc, s, p, key0, limit, scale_log2);
 #endif
 }
 
-// accumulate_values for the warpgroup's 64 rows: v_tile [kKeyBlock][D] in slabs.
 template <int D>
-__device__ __forceinline__ void wg_accumulate_values(SplitAccum<D>& acc, const uint32_t (&p)[kKeyBlock / 16][4],
-                                                     uint32_t v_tile) {
+__device__ __forceinline__ void wg_issue_values(SplitAccum<D>& acc, const uint32_t (&p)[kKeyBlock / 16][4],
+                                                uint64_t v_desc) {
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
   float(&o)[D / 2] = *reinterpret_cast<float(*)[D / 2]>(&acc.o[0][0]);
   ptx::wgmma_fence();
@@ -86,12 +69,19 @@ __device__ __forceinline__ void wg_accumulate_values(SplitAccum<D>& acc, const u
 #pragma unroll
     for (int h = 0; h < D / 64; ++h)
       sm90::WgmmaRegA<64>::mma(*reinterpret_cast<float(*)[32]>(&acc.o[8 * h][0]), p[i],
-                               n_major_desc(v_tile + h * (kKeyBlock * 128) + i * (16 * 128)));
+                               v_desc + ((h * (kKeyBlock * 128) + i * (16 * 128)) >> 4));
   ptx::wgmma_commit();
   ptx::fence_registers(o);
-  ptx::wgmma_wait<0>();
-  ptx::fence_registers(o);
 #endif
+}
+
+// Keeps registers an asynchronous wgmma reads (P fragments) alive and in place until this point.
+template <int N>
+__device__ __forceinline__ void fence_fragments(uint32_t (&p)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(p[i][e])::"memory");
 }
 
 }  // namespace detinfer::cuda::attn
