@@ -66,7 +66,8 @@ struct PrefillTiles {
 };
 
 // Prefill, wgmma (sm_90a): one warpgroup of 64 query rows, three K/V key blocks in flight (block n
-// in stage n % 3), tiles in slab_offset's layout from a 1024-byte aligned base; two blocks per SM.
+// in stage n % 3), tiles in slab_offset's layout from a 1024-byte aligned base; two blocks per SM
+// at head dim 128, three at 64.
 struct PrefillWgmmaTiles {
   static constexpr int kThreads = 128;
   static constexpr int kRows = kWgRows;
