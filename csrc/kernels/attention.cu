@@ -561,7 +561,7 @@ __global__ void __launch_bounds__(D) attention_decode_combine_kernel(AttentionAr
 struct PrefillTile {
   int q_begin, row0, rows;  // the sequence's first query row, the tile's first (of the sequence's), its rows
   int len, split, kv_head;  // the sequence's keys, its split size, the head's kv head
-  int pmax;                 // position of the tile's last row
+  int pos0, pmax;           // positions of the tile's first and last rows
   const int* table;         // the sequence's block table
   int pos[2];               // this lane's two rows' positions (-1: past the tile's rows)
   int r_lo;                 // the lane's first row in the tile (the second is r_lo + 8)
@@ -580,12 +580,12 @@ __device__ __forceinline__ bool prefill_tile(const AttentionArgs& a, PrefillTile
   t.kv_head = head / (a.heads / a.kv_heads);
   t.table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
   t.rows = min(kRows, n - t.row0);
-  const int pos0 = t.len - n + t.row0;  // position of the tile's first row
-  t.pmax = pos0 + t.rows - 1;
+  t.pos0 = t.len - n + t.row0;
+  t.pmax = t.pos0 + t.rows - 1;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   t.r_lo = warp * kTileRows + (lane >> 2);
-  t.pos[0] = t.r_lo < t.rows ? pos0 + t.r_lo : -1;
-  t.pos[1] = t.r_lo + 8 < t.rows ? pos0 + t.r_lo + 8 : -1;
+  t.pos[0] = t.r_lo < t.rows ? t.pos0 + t.r_lo : -1;
+  t.pos[1] = t.r_lo + 8 < t.rows ? t.pos0 + t.r_lo + 8 : -1;
   return true;
 }
 
@@ -625,8 +625,7 @@ __global__ void __launch_bounds__(PrefillTiles::kThreads) attention_prefill_kern
   PrefillTile t;
   if (!prefill_tile<T::kRows>(a, t)) return;
   const int warp = threadIdx.x >> 5;
-  const int pos0 = t.pmax - t.rows + 1;
-  const int warp_pmax = warp * kTileRows < t.rows ? min(pos0 + warp * kTileRows + kTileRows - 1, t.pmax) : -1;
+  const int warp_pmax = warp * kTileRows < t.rows ? min(t.pos0 + warp * kTileRows + kTileRows - 1, t.pmax) : -1;
   auto load = [&](const KeyBlockWalk& b, int stage) {
     load_key_block<D, T::kThreads, true, true>(k_s + stage * kKeyBlock * D, v_s + stage * kKeyBlock * D, a, t.table,
                                                t.kv_head, b.key0, t.len);
@@ -784,15 +783,15 @@ __global__ void __launch_bounds__(PrefillWgmmaTiles::kThreads) attention_prefill
     }
   }
   // The last block's values, then its split.
-  if (last_in_a) {
-    wg_issue_values<D>(part, p_a, v_desc(stage_prev));
+  auto last_values = [&](uint32_t(&p)[kKeyBlock / 16][4]) {
+    wg_issue_values<D>(part, p, v_desc(stage_prev));
     ptx::wgmma_wait<0>();
-    fence_fragments(p_a);
-  } else {
-    wg_issue_values<D>(part, p_b, v_desc(stage_prev));
-    ptx::wgmma_wait<0>();
-    fence_fragments(p_b);
-  }
+    fence_fragments(p);
+  };
+  if (last_in_a)
+    last_values(p_a);
+  else
+    last_values(p_b);
   fence_output();
   finish_split(part);
   merge_split(total, part, a.scale_log2);
