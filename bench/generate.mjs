@@ -11,6 +11,7 @@
 //   node bench/generate.mjs --baseline               # also transformers, same prompts
 //   node bench/generate.mjs --samplings greedy,t0.7-p0.9,t0.7-k50   # sampled rows beside greedy
 //   node bench/generate.mjs --prefill-kernel mma.sync # (development) prefill attention with the sm_80-89 kernel
+//   node bench/generate.mjs --matmul-kernels mma.sync # (development) every matmul with the sm_80-89 kernels
 //   node bench/generate.mjs --launch-ahead off        # decode steps one after another (default on:
 //                                                    # step n + 1 enqueued before step n is read)
 //
@@ -56,6 +57,7 @@ const { values: args } = parseArgs({
     graphs: { type: 'string' },
     'launch-ahead': { type: 'string', default: 'on' },
     'prefill-kernel': { type: 'string', default: 'auto' },
+    'matmul-kernels': { type: 'string', default: 'auto' },
   },
 })
 
@@ -74,6 +76,9 @@ const launchAhead = args['launch-ahead'] === 'on'
 if (args['prefill-kernel'] !== 'auto' && args['prefill-kernel'] !== 'mma.sync')
   throw new Error(`Expected auto or mma.sync for --prefill-kernel but received ${args['prefill-kernel']}`)
 if (onGpu) native().setPrefillKernel(args['prefill-kernel'])
+if (args['matmul-kernels'] !== 'auto' && args['matmul-kernels'] !== 'mma.sync')
+  throw new Error(`Expected auto or mma.sync for --matmul-kernels but received ${args['matmul-kernels']}`)
+if (onGpu) native().setMatmulKernels(args['matmul-kernels'])
 const batches = (args.batches ?? (onGpu ? '1,8,64,256' : '1,4,16')).split(',').map((b) => positive('batches', b))
 const promptTokens = positive('prompt-tokens', args['prompt-tokens'])
 const newTokens = positive('new-tokens', args['new-tokens'] ?? (onGpu ? '128' : '32'))

@@ -447,6 +447,12 @@ void set_prefill_kernel(const std::string& kernel) {
   g_prefill_kernel.store(value);
 }
 
+void set_matmul_kernels(const std::string& kernels) {
+  const int value = kernels == "auto" ? 0 : kernels == "mma.sync" ? 1 : -1;
+  if (value < 0) fail("setMatmulKernels: expected \"auto\" or \"mma.sync\" but received \"", kernels, "\"");
+  g_matmul_kernels.store(value);
+}
+
 const char* cuda_matmul_kernels() { return cuda::matmul_kernels(); }
 const char* cuda_prefill_kernel() { return cuda::prefill_kernel(); }
 

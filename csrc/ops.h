@@ -32,6 +32,7 @@ void set_variant_kernels(bool enabled);
 // "auto" restores the library's choice (common/config.h).
 void set_decode_pipeline(const std::string& pipeline);
 void set_prefill_kernel(const std::string& kernel);
+void set_matmul_kernels(const std::string& kernels);
 // The matmul kernel family the CUDA device runs: "wgmma (sm_90a)" or "mma.sync" ("none" in a build
 // without CUDA). Its bits differ from the other family's, so it is part of what "same
 // architecture, same build" means.

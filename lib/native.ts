@@ -141,6 +141,8 @@ export interface NativeAddon {
   setDecodePipeline(pipeline: 'auto' | 'paired' | 'rotating'): void
   /** Development: 'mma.sync' runs every CUDA prefill attention launch with the sm_80-89 kernel, on Hopper too; 'auto' restores the library's choice (wgmma on Hopper). Same bits either way. */
   setPrefillKernel(kernel: 'auto' | 'mma.sync'): void
+  /** Development: 'mma.sync' runs every CUDA matmul with the sm_80-89 kernels, on Hopper too; 'auto' restores the library's choice (wgmma on an sm_90a build on Hopper). Same bits either way. */
+  setMatmulKernels(kernels: 'auto' | 'mma.sync'): void
   variantKernels(): boolean
   cudaStatus(): CudaStatus
   /** Starts recording the CUDA stream's work into a graph instead of running it. */

@@ -269,6 +269,12 @@ Napi::Value SetPrefillKernel(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value SetMatmulKernels(const Napi::CallbackInfo& info) {
+  Args a{info, "setMatmulKernels"};
+  ops::set_matmul_kernels(a.string(0, "kernels"));
+  return info.Env().Undefined();
+}
+
 Napi::Value VariantKernels(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), variant_kernels());
 }
@@ -328,6 +334,7 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"cast", Cast},           {"setVariantKernels", SetVariantKernels},
       {"setDecodePipeline", SetDecodePipeline},
       {"setPrefillKernel", SetPrefillKernel},
+      {"setMatmulKernels", SetMatmulKernels},
       {"variantKernels", VariantKernels}, {"cudaStatus", CudaStatus},
   };
   for (const Entry& e : entries) exports.Set(e.name, Napi::Function::New(env, e.fn, e.name));

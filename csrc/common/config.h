@@ -26,4 +26,11 @@ extern std::atomic<int> g_prefill_kernel;
 
 inline int forced_prefill_kernel() { return g_prefill_kernel.load(std::memory_order_relaxed); }
 
+// Development switch: 1 runs every CUDA matmul with the mma.sync family, as on sm_80-89; 0 (the
+// default): the library's choice, wgmma on Hopper with sm_90a code (matmul.cu). The same bits
+// either way; it lets the tests run the sm_80-89 tiles on a Hopper and the harness time them.
+extern std::atomic<int> g_matmul_kernels;
+
+inline int forced_matmul_kernels() { return g_matmul_kernels.load(std::memory_order_relaxed); }
+
 }  // namespace detinfer

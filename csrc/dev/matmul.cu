@@ -9,11 +9,14 @@
 //                                              tile configuration on the same inputs, each checked to
 //                                              give the production kernel's bits
 //        build/dev/dev_matmul bench out.json decode   the same at M = 1, 8 and 64 only
+//        build/dev/dev_matmul bench out.json prefill  the 8B-class shapes at M = 512, 2048 and 4096 only
 //        build/dev/dev_matmul gate-up          matmul + silu_mul_packed against matmul_silu_mul at
 //                                              the 0.6B and 8B gate|up shapes: time and bits
 //        build/dev/dev_matmul families         Hopper: fp32 outputs of the wgmma and the mma.sync
 //                                              family on the same inputs, compared bit for bit
 //        build/dev/dev_matmul mma-peak         the mma.sync tensor-core ceiling (TFLOP/s, registers only)
+//        build/dev/dev_matmul mma-chain        cycles per step of dependent mma.sync chains in one warp
+//        build/dev/dev_matmul run CONFIG M N K one configuration at one shape (for a profiler)
 // The configurations: the library holds the ones production chooses (cuda::matmul_dev); the ones
 // explored and not chosen are instantiated here, from the kernel templates the library uses
 // (matmul_tiles.cuh for mma.sync, matmul_sm90_kernel.cuh for wgmma), so each still gives the same
@@ -60,15 +63,19 @@ const mma_sync::TileEntry kMmaSync[] = {
     {"16x32 w1x4 s8", mma_sync::launch_tiles<MatmulTiles<16, 32, 1, 4, 8, 1>>},
     {"16x16 w1x2 s8", mma_sync::launch_tiles<MatmulTiles<16, 16, 1, 2, 8, 2>>},
     {"16x16 w1x2 s4 kb4", mma_sync::launch_tiles<MatmulTiles<16, 16, 1, 2, 4, 2, 4>>},
-    {"16x32 w1x4 s4 kb4", mma_sync::launch_tiles<MatmulTiles<16, 32, 1, 4, 4, 1, 4>>},
     {"16x8 w1x1 s4 kb4", mma_sync::launch_tiles<MatmulTiles<16, 8, 1, 1, 4, 4, 4>>},
     {"16x16 w1x2 s6 kb2", mma_sync::launch_tiles<MatmulTiles<16, 16, 1, 2, 6, 2, 2>>},
     {"32x64 w1x4 s4 kb2", mma_sync::launch_tiles<MatmulTiles<32, 64, 1, 4, 4, 1, 2>>},
     {"64x64 w2x2 s3 kb2", mma_sync::launch_tiles<MatmulTiles<64, 64, 2, 2, 3, 2, 2>>},
-    {"64x128 w2x2 s4", mma_sync::launch_tiles<MatmulTiles<64, 128, 2, 2, 4, 2>>},
     {"128x64 w2x2 s4", mma_sync::launch_tiles<MatmulTiles<128, 64, 2, 2, 4, 2>>},
     {"128x128 w2x4 s4", mma_sync::launch_tiles<MatmulTiles<128, 128, 2, 4, 4, 1>>},
     {"128x256 w2x4 s3", mma_sync::launch_tiles<MatmulTiles<128, 256, 2, 4, 3, 1>>},
+    {"16x64 w1x4 s6", mma_sync::launch_tiles<MatmulTiles<16, 64, 1, 4, 6, 1>>},
+    // Fragments double-buffered across k16 steps and k-blocks ("f2"; production takes 128x256).
+    {"256x128 w4x2 s3 f2", mma_sync::launch_tiles<MatmulTiles<256, 128, 4, 2, 3, 1, 1, true>>},
+    {"128x128 w2x4 s3 f2", mma_sync::launch_tiles<MatmulTiles<128, 128, 2, 4, 3, 2, 1, true>>},
+    {"64x64 w2x2 s4 f2", mma_sync::launch_tiles<MatmulTiles<64, 64, 2, 2, 4, 2, 1, true>>},
+    {"16x32 w1x4 s12 f2", mma_sync::launch_tiles<MatmulTiles<16, 32, 1, 4, 12, 1, 1, true>>},
 };
 
 const sm90::Entry kWgmma[] = {
@@ -278,7 +285,10 @@ int check() {
 
 // ---------------------------------------------------------------------------------------------
 // Benchmark: median of per-call CUDA-event times over inputs rotated through a pool larger than L2.
-int bench(const char* path, bool decode_only) {
+// subset: "" every shape and M; "decode" M = 1, 8 and 64 only; "prefill" the 8B-class shapes at
+// M = 512, 2048 and 4096 only.
+int bench(const char* path, const std::string& subset) {
+  const bool decode_only = subset == "decode", prefill_only = subset == "prefill";
   // Ceiling: a 2 GiB device-to-device copy, bytes read + written.
   const double copy = copy_gbs(size_t(2) << 30);
   std::printf("copy 2 GiB: %.1f GB/s (read + written)\n", copy);
@@ -286,12 +296,18 @@ int bench(const char* path, bool decode_only) {
   // 8B-class shapes, then Qwen3-0.6B's decode products (q|k|v, o, gate|up, down) at small M.
   std::vector<std::pair<int64_t, int64_t>> shapes{{4096, 4096}, {12288, 4096}, {4096, 12288}, {151936, 1024},
                                                   {4096, 1024}, {1024, 2048},  {6144, 1024},  {1024, 3072}};
-  const std::vector<int64_t> all_ms{1, 8, 32, 128, 512, 4096}, decode_ms{1, 8, 16, 64}, decode_steps{1, 8, 64};
+  const std::vector<int64_t> all_ms{1, 8, 32, 128, 512, 4096}, decode_ms{1, 8, 16, 64}, decode_steps{1, 8, 64},
+      prefill_ms{512, 2048, 4096};
   const std::vector<Config> configs = all_configs();
   bool all_same = true;
   std::vector<std::string> results, sweep;
   for (auto [N, K] : shapes) {
-    const std::vector<int64_t>& Ms = decode_only ? decode_steps : N * K <= 4096 * 4096 / 2 ? decode_ms : all_ms;
+    const bool small = N * K <= 4096 * 4096 / 2;
+    if (prefill_only && (small || K < 4096)) continue;
+    const std::vector<int64_t>& Ms = decode_only    ? decode_steps
+                                     : prefill_only ? prefill_ms
+                                     : small        ? decode_ms
+                                                    : all_ms;
     size_t w_bytes = size_t(N) * K * 2;
     int pool = static_cast<int>(std::max<size_t>(2, (size_t(400) << 20) / w_bytes + 1));
     std::vector<Tensor> ws, as;
@@ -439,6 +455,64 @@ __global__ void __launch_bounds__(256) mma_sync_peak_kernel(int iters, float* si
   if (total == -1.f) *sink = total;  // never true; keeps the products alive
 }
 
+// The latency of a dependent mma.sync chain: one warp runs CHAINS independent m16n8k16
+// accumulations, each step depending on the previous one of its chain, and reports cycles per
+// step (clock64 around the loop). With one chain this is the instruction's latency; the step time
+// stays flat with more chains until the tensor pipe's issue rate takes over. A decode product
+// has N/8 chains of K/16 steps (one per n8 tile of columns), however it is tiled.
+template <int CHAINS>
+__global__ void mma_chain_kernel(int iters, long long* cycles, float* sink) {
+  const uint32_t x = 0x3c003c00u ^ (threadIdx.x & 7);
+  const uint32_t a[4] = {x, x ^ 1u, x ^ 2u, x ^ 3u};
+  float acc[CHAINS][4] = {};
+  const long long start = clock64();
+  for (int i = 0; i < iters; ++i)
+#pragma unroll
+    for (int c = 0; c < CHAINS; ++c) cuda::ptx::mma_bf16_16816(acc[c], a, x ^ 4u, x ^ 5u);
+  // The products are complete before the second clock read (volatile statements keep their order).
+#pragma unroll
+  for (int c = 0; c < CHAINS; ++c)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(acc[c][r]));
+  const long long stop = clock64();
+  float total = 0.f;
+#pragma unroll
+  for (int c = 0; c < CHAINS; ++c)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) total += acc[c][r];
+  if (threadIdx.x == 0) *cycles = stop - start;
+  if (total == -1.f) *sink = total;
+}
+
+template <int CHAINS>
+void mma_chain(long long* cycles, float* sink) {
+  const int iters = 4096;
+  mma_chain_kernel<CHAINS><<<1, 32, 0, stream()>>>(iters, cycles, sink);  // warm-up
+  mma_chain_kernel<CHAINS><<<1, 32, 0, stream()>>>(iters, cycles, sink);
+  CUDA_CHECK_LAUNCH("mma_chain_kernel", "");
+  long long c = 0;
+  CUDA_CHECK(cudaMemcpy(&c, cycles, sizeof(c), cudaMemcpyDeviceToHost));
+  std::printf("  %2d chain%s: %6.1f cycles per step, %5.1f cycles per mma\n", CHAINS, CHAINS == 1 ? " " : "s",
+              double(c) / iters, double(c) / iters / CHAINS);
+}
+
+int mma_chains() {
+  long long* cycles = nullptr;
+  float* sink = nullptr;
+  CUDA_CHECK(cudaMalloc(&cycles, sizeof(long long)));
+  CUDA_CHECK(cudaMalloc(&sink, sizeof(float)));
+  std::printf("mma.sync m16n8k16 bf16 -> f32, dependent chains in one warp:\n");
+  mma_chain<1>(cycles, sink);
+  mma_chain<2>(cycles, sink);
+  mma_chain<4>(cycles, sink);
+  mma_chain<8>(cycles, sink);
+  mma_chain<16>(cycles, sink);
+  mma_chain<32>(cycles, sink);
+  CUDA_CHECK(cudaFree(cycles));
+  CUDA_CHECK(cudaFree(sink));
+  return 0;
+}
+
 int mma_sync_peak() {
   int device = 0, sms = 0;
   CUDA_CHECK(cudaGetDevice(&device));
@@ -506,6 +580,23 @@ int families() {
   return 0;
 }
 
+// One configuration at one shape, 3 warm-up calls then 5 timed (for a profiler: skip 3, count 1).
+int run_config(const std::string& name, int64_t M, int64_t N, int64_t K) {
+  for (const Config& c : all_configs()) {
+    if (c.name != name) continue;
+    Tensor a = make_tensor(Device::CUDA, DType::BF16, {M, K}), w = make_tensor(Device::CUDA, DType::BF16, {N, K});
+    fill_random(a, 1, 0.0625f);
+    fill_random(w, 2, 0.0625f);
+    Tensor out = make_tensor(Device::CUDA, DType::BF16, {M, N});
+    const double us = median_us([&](int) { matmul_with(c, out, a, w, nullptr); }, 5);
+    std::printf("%s M=%ld N=%ld K=%ld: %.1f us, %.1f TFLOP/s\n", name.c_str(), long(M), long(N), long(K), us,
+                2.0 * M * N * K / us / 1e6);
+    return 0;
+  }
+  std::fprintf(stderr, "no configuration named '%s'\n", name.c_str());
+  return 2;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -518,12 +609,15 @@ int main(int argc, char** argv) {
       std::printf("forced: the mma.sync family\n");
     }
     if (mode == "check") return check();
-    if (mode == "bench") return bench(argc > 2 ? argv[2] : "matmul_kernels.json", argc > 3 && std::string(argv[3]) == "decode");
+    if (mode == "bench") return bench(argc > 2 ? argv[2] : "matmul_kernels.json", argc > 3 ? argv[3] : "");
+    if (mode == "run" && argc > 5) return run_config(argv[2], std::atoll(argv[3]), std::atoll(argv[4]), std::atoll(argv[5]));
     if (mode == "gate-up") return gate_up();
     if (mode == "families") return families();
     if (mode == "mma-peak") return mma_sync_peak();
+    if (mode == "mma-chain") return mma_chains();
     std::fprintf(stderr,
-                 "usage: dev_matmul check | bench OUT.json [decode] | gate-up [--mma-sync] | families | mma-peak\n");
+                 "usage: dev_matmul check | bench OUT.json [decode|prefill] | run CONFIG M N K | gate-up [--mma-sync] | "
+                 "families | mma-peak | mma-chain\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

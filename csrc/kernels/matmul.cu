@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 #include "../common/config.h"
@@ -34,11 +35,10 @@
 namespace detinfer::cuda {
 namespace {
 
-// Development switch (matmul_dev::force_mma_sync): the mma.sync family on a Hopper GPU too, to
-// measure the kernels that sm_80-89 run on a machine that has only an H100/H200. Off in the
-// library; the partitioned product ignores it.
-std::atomic<bool> g_force_mma_sync{false};
-bool use_wgmma() { return sm90::available() && !g_force_mma_sync.load(std::memory_order_relaxed); }
+// The development switch (setMatmulKernels, matmul_dev::force_mma_sync) runs the mma.sync family on
+// a Hopper GPU too, to test and measure the kernels that sm_80-89 run on a machine that has only an
+// H100/H200. Off in the library; the partitioned product ignores it.
+bool use_wgmma() { return sm90::available() && forced_matmul_kernels() != 1; }
 
 using mma_sync::kBlockK;
 using mma_sync::kChunk;
@@ -75,38 +75,81 @@ struct MatmulLaunch {
 // instruction, so they give the same bits; the development harness (csrc/dev/matmul.cu) times
 // them beside the configurations it explores and checks that all give these bits.
 const TileEntry kTileTable[] = {
-    {"16x64 w1x4 s6", launch_tiles<MatmulTiles<16, 64, 1, 4, 6, 1>>},
-    {"16x64 w1x4 s4 kb2", launch_tiles<MatmulTiles<16, 64, 1, 4, 4, 1, 2>>},
+    {"16x32 w1x4 s4 kb4", launch_tiles<MatmulTiles<16, 32, 1, 4, 4, 1, 4>>},
     {"16x32 w1x4 s6 kb2", launch_tiles<MatmulTiles<16, 32, 1, 4, 6, 1, 2>>},
+    {"16x64 w1x4 s4 kb2", launch_tiles<MatmulTiles<16, 64, 1, 4, 4, 1, 2>>},
     {"32x64 w1x4 s6", launch_tiles<MatmulTiles<32, 64, 1, 4, 6, 1>>},
     {"64x64 w2x2 s4", launch_tiles<MatmulTiles<64, 64, 2, 2, 4, 2>>},
+    {"64x128 w2x2 s4", launch_tiles<MatmulTiles<64, 128, 2, 2, 4, 2>>},
     {"128x128 w2x4 s3", launch_tiles<MatmulTiles<128, 128, 2, 4, 3, 2>>},
+    {"128x256 w2x4 s3 f2", launch_tiles<MatmulTiles<128, 256, 2, 4, 3, 1, 1, true>>},
 };
 constexpr int kTileCount = sizeof(kTileTable) / sizeof(kTileTable[0]);
-constexpr int k16x64 = 0, k16x64kb2 = 1, k16x32kb2 = 2, k32x64 = 3, k64x64 = 4, k128x128 = 5;
+constexpr int k16x32kb4 = 0, k16x32kb2 = 1, k16x64kb2 = 2, k32x64 = 3, k64x64 = 4, k64x128 = 5, k128x128 = 6,
+              k128x256 = 7;
+// The 16x32 tiles have one n8 tile per warp, which cannot pair gate and up columns.
+bool pairs_gate_up(int tiles) { return tiles != k16x32kb4 && tiles != k16x32kb2; }
+constexpr int kLargeTileSmem = MatmulTiles<128, 256, 2, 4, 3, 1, 1, true>::SMEM_BYTES;  // 144 KiB
+
+// What the tile choice needs of the current device: its SMs, and whether a block may take the
+// 128x256 tile's shared memory (sm_80, sm_87 and sm_90 can; sm_86 and sm_89 stop at 99 KiB, which
+// every other tile fits).
+struct MmaSyncDevice {
+  int sms = 0;
+  bool large_tiles = false;
+};
+const MmaSyncDevice& mma_sync_device() {
+  static std::once_flag once;
+  static MmaSyncDevice info;
+  static cudaError_t err = cudaSuccess;
+  std::call_once(once, [] {
+    int device = 0, optin = 0;
+    err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    info.large_tiles = err == cudaSuccess && optin >= kLargeTileSmem;
+  });
+  CUDA_CHECK(err);
+  return info;
+}
 constexpr int64_t kWideN = 32768;  // an lm_head-sized N: enough blocks over N to prefer wider tiles
 
 // The one place the launch is chosen. Invariant: tiles may follow M, the K chain never does.
-// The tiles are the fastest of the harness's sweep on an H100 at N,K in {4096x4096, 12288x4096,
-// 4096x12288, 151936x1024}. A split-K fixed per (N,K) was measured too and is not used: two
-// ranges lift M=1 at N=4096 from ~955 to ~1190 GB/s of weights but double the M=4096 time
-// through the fp32 workspace.
 // On Hopper (`hopper`), the tiles are matmul_sm90.cu's, chosen by its production_config.
+// The mma.sync rule comes from the harness's sweep on an H200 with that family forced
+// (`node bench/matmul.mjs --mma-sync`; N,K in {4096x4096, 12288x4096, 4096x12288, 151936x1024} and
+// Qwen3-0.6B's decode products, M from 1 to 4096), in blocks per SM so that it carries over to
+// GPUs with other SM counts. Decode (M <= 64) streams w: the 16-row tile with four K tiles per stage
+// while it gives at most two blocks per SM (more of them queue behind each other), then 16x32 with
+// two (M <= 16) or 32x64. Prefill: 128x256 with double-buffered fragments once it gives a wave and
+// a half of blocks and a block may hold its 144 KiB (5-13% faster than 128x128 at M = 2048-4096),
+// else 128x128, or 64x128 while 128x128 would leave SMs idle. Of the sweep's 40 points this picks
+// the fastest tile or one within 3% at 29 and within 8% at all. A split-K fixed per (N,K) was
+// measured too and is not used: it changes the bits and costs prefill a workspace pass.
 MatmulLaunch matmul_config(int64_t M, int64_t N, int64_t K, bool hopper) {
   MatmulLaunch l;
-  bool wide = N >= kWideN;
+  const bool wide = N >= kWideN;
+  const auto blocks = [&](int64_t BM, int64_t BN) { return ((M + BM - 1) / BM) * ((N + BN - 1) / BN); };
   if (hopper) {
     l.tiles = sm90::production_config(M, N, K);
-  } else if (M <= 16) {
-    l.tiles = wide ? k16x64kb2 : k16x32kb2;  // decode: stream W over many blocks
-  } else if (M <= 32) {
-    l.tiles = wide ? k32x64 : k16x64;
-  } else if (M <= 64) {
-    l.tiles = wide ? k32x64 : k64x64;
-  } else if (M <= 128) {
-    l.tiles = wide ? k128x128 : k64x64;
   } else {
-    l.tiles = k128x128;
+    const MmaSyncDevice& dev = mma_sync_device();
+    const int64_t sms = dev.sms;
+    if (M <= 64 && wide) {
+      l.tiles = M <= 16 ? k16x64kb2 : k32x64;
+    } else if (M <= 64 && blocks(16, 32) <= 2 * sms) {
+      l.tiles = k16x32kb4;
+    } else if (M <= 16) {
+      l.tiles = k16x32kb2;
+    } else if (M <= 64) {
+      l.tiles = blocks(32, 64) <= 2 * sms ? k32x64 : k64x64;
+    } else if (dev.large_tiles && 2 * blocks(128, 256) >= 3 * sms) {
+      l.tiles = k128x256;
+    } else if (M <= 128) {
+      l.tiles = wide ? k128x128 : k64x64;
+    } else {
+      l.tiles = blocks(128, 128) < sms ? k64x128 : k128x128;
+    }
   }
   l.splits = 1;
   l.k_per_split = static_cast<int>(K);
@@ -195,10 +238,10 @@ void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor
   check_operands("matmul_silu_mul", a, w);
   const bool hopper = K > 0 && use_wgmma();
   const MatmulLaunch l = matmul_config(M, N, K, hopper);
-  // The mma.sync decode tile (16x32, one n8 tile per warp) cannot pair gate and up, and its 16x64
-  // sibling halves the blocks: on the H200 that made Qwen3-8B's gate|up 12% slower at M = 1
+  // The mma.sync decode tiles (16x32, one n8 tile per warp) cannot pair gate and up, and their
+  // 16x64 sibling halves the blocks: on the H200 that made Qwen3-8B's gate|up 12% slower at M = 1
   // (dev_matmul gate-up --mma-sync), so those products keep the two ops.
-  if (K == 0 || l.splits > 1 || (!hopper && l.tiles == k16x32kb2)) {
+  if (K == 0 || l.splits > 1 || (!hopper && !pairs_gate_up(l.tiles))) {
     run_matmul(gate_up, a, w, bias, false, 0, 1);
     silu_mul_packed(out, gate_up);
     return;
@@ -243,11 +286,12 @@ void matmul_k_partitions(float* partials, const Tensor& a, const Tensor& w, int 
   CUDA_CHECK_LAUNCH("matmul_partials", shapes(M, N, K));
 }
 
-const char* matmul_kernels() { return sm90::available() ? "wgmma (sm_90a)" : "mma.sync"; }
+// The family the next product runs: wgmma on Hopper with sm_90a code unless setMatmulKernels forced mma.sync.
+const char* matmul_kernels() { return use_wgmma() ? "wgmma (sm_90a)" : "mma.sync"; }
 
 // The production configurations of the family this device runs (matmul_sm90.cu's on Hopper).
 namespace matmul_dev {
-void force_mma_sync(bool on) { g_force_mma_sync.store(on); }
+void force_mma_sync(bool on) { g_matmul_kernels.store(on ? 1 : 0); }
 bool wgmma() { return use_wgmma(); }
 int config_count() { return use_wgmma() ? sm90::config_count() : kTileCount; }
 const char* config_name(int i) { return use_wgmma() ? sm90::config_name(i) : kTileTable[i].name; }

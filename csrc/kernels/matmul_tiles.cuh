@@ -41,10 +41,15 @@ constexpr int kMmaM = 16, kMmaN = 8, kMmaK = 16;
 // warps, each warp (BM/WARPS_M) x (BN/WARPS_N), through a pipeline of STAGES buffers, each holding
 // KB consecutive kBlockK tiles (longer contiguous reads per W row for the weight-streaming
 // configurations; the k-blocks are still consumed one at a time in ascending order).
-template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_, int KB_ = 1>
+// FRAGS2: the fragments of the next k16 step are read from shared memory while this step's MMAs
+// run, across the k-block boundary too (each warp waits for the next stage before its last k16
+// step of the current one). The MMAs and their order are the same (KB = 1 only).
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_, int KB_ = 1, bool FRAGS2_ = false>
 struct MatmulTiles {
   static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
   static constexpr int MIN_BLOCKS = MIN_BLOCKS_, KB = KB_;
+  static constexpr bool FRAGS2 = FRAGS2_;
+  static_assert(!FRAGS2 || KB == 1, "fragment double buffering walks one k-block per stage");
   static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   static constexpr int MT = WM / kMmaM, NT = WN / kMmaN;  // MMA tiles per warp
@@ -85,8 +90,14 @@ __device__ __forceinline__ void load_tile_rows(uint32_t tile, const __nv_bfloat1
                                                RowMap source_row) {
   constexpr int kChunksPerRow = kBlockK / kChunk;
   constexpr int kChunks = ROWS * kChunksPerRow;
+  // A trip count the compiler knows: a bound that depends on threadIdx.x made every unrolled copy
+  // a guarded, divergent branch (BSYNC per copy; most of a decode tile's code and a third of its
+  // warps' stalls waited for instructions).
+  constexpr int kPerThread = (kChunks + THREADS - 1) / THREADS;
 #pragma unroll
-  for (int i = threadIdx.x; i < kChunks; i += THREADS) {
+  for (int j = 0; j < kPerThread; ++j) {
+    const int i = static_cast<int>(threadIdx.x) + j * THREADS;
+    if (kChunks % THREADS != 0 && i >= kChunks) break;
     int row = i / kChunksPerRow, chunk = i % kChunksPerRow;
     int grow = source_row(row), gk = k0 + chunk * kChunk;
     bool valid = grow >= 0 && gk < k_end;
@@ -158,7 +169,70 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
     ptx::cp_async_commit();
   }
 
-  for (int kt = 0; kt < k_tiles; ++kt) {
+  // The A and B fragments of k16 step kk of the k-block at a_tile (its W tile follows it).
+  auto load_fragments = [&](uint32_t (&af)[MT][4], uint32_t (&bf)[NT][2], uint32_t a_tile, int kk) {
+    const uint32_t w_tile = a_tile + BM * kBlockK * 2;
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      int row = warp_m * WM + i * kMmaM + (lane & 15);
+      ptx::ldmatrix_x4(af[i], a_tile + tile_offset(row, kk * 2 + (lane >> 4)));
+    }
+    if constexpr (NT == 1) {
+      int row = warp_n * WN + (lane & 7);
+      ptx::ldmatrix_x2(bf[0], w_tile + tile_offset(row, kk * 2 + ((lane >> 3) & 1)));
+    } else {
+#pragma unroll
+      for (int jn = 0; jn < NT; jn += 2) {
+        int row = warp_n * WN + jn * kMmaN + (lane & 7) + ((lane >> 4) << 3);
+        uint32_t r[4];
+        ptx::ldmatrix_x4(r, w_tile + tile_offset(row, kk * 2 + ((lane >> 3) & 1)));
+        bf[jn][0] = r[0], bf[jn][1] = r[1], bf[jn + 1][0] = r[2], bf[jn + 1][1] = r[3];
+      }
+    }
+  };
+  auto mma_step = [&](const uint32_t (&af)[MT][4], const uint32_t (&bf)[NT][2]) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int jn = 0; jn < NT; ++jn) ptx::mma_bf16_16816(acc[i][jn], af[i], bf[jn][0], bf[jn][1]);
+  };
+
+  if constexpr (Tiles::FRAGS2) {
+    constexpr int kSteps = kBlockK / kMmaK;
+    static_assert(kSteps == 4, "the loop below spells out the four k16 steps of a k-block");
+    uint32_t af0[MT][4], bf0[NT][2], af1[MT][4], bf1[NT][2];
+    ptx::cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    if (k_tiles > 0) load_fragments(af0, bf0, smem_base, 0);
+    // Step kk of k-block kt: at the first, issue the copies of stage kt + STAGES - 1 (into the
+    // buffer last read before the barrier of iteration kt-1's last step); read the next step's
+    // fragments into (an, bn); multiply (ac, bc).
+    auto step = [&](int kt, int kk, const uint32_t (&ac)[MT][4], const uint32_t (&bc)[NT][2], uint32_t (&an)[MT][4],
+                    uint32_t (&bn)[NT][2]) {
+      const uint32_t a_tile = smem_base + (kt % STAGES) * kStageBytes;
+      if (kk == 0) {
+        const int next = kt + STAGES - 1;
+        if (next < k_tiles) load_stage(next % STAGES, next);
+        ptx::cp_async_commit();
+      }
+      if (kk + 1 < kSteps) {
+        load_fragments(an, bn, a_tile, kk + 1);
+      } else {
+        ptx::cp_async_wait<STAGES - 2>();  // k-block kt+1 has landed (this thread's copies)
+        __syncthreads();                   // ... and every thread's
+        if (kt + 1 < k_tiles) load_fragments(an, bn, smem_base + ((kt + 1) % STAGES) * kStageBytes, 0);
+      }
+      mma_step(ac, bc);
+    };
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      step(kt, 0, af0, bf0, af1, bf1);
+      step(kt, 1, af1, bf1, af0, bf0);
+      step(kt, 2, af0, bf0, af1, bf1);
+      step(kt, 3, af1, bf1, af0, bf0);
+    }
+  }
+
+  for (int kt = 0; !Tiles::FRAGS2 && kt < k_tiles; ++kt) {
     ptx::cp_async_wait<STAGES - 2>();
     __syncthreads();
     // The buffer refilled now was read in iteration kt-1, which every warp has finished.
@@ -171,31 +245,11 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
       // A k-block past the end is skipped, not multiplied as zeros: the chain stays the same.
       if (KB > 1 && k_begin + (kt * KB + j) * kBlockK >= k_end) break;
       uint32_t a_tile = smem_base + (kt % STAGES) * kStageBytes + j * kTileBytes;
-      uint32_t w_tile = a_tile + BM * kBlockK * 2;
 #pragma unroll
       for (int kk = 0; kk < kBlockK / kMmaK; ++kk) {
         uint32_t af[MT][4], bf[NT][2];
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-          int row = warp_m * WM + i * kMmaM + (lane & 15);
-          ptx::ldmatrix_x4(af[i], a_tile + tile_offset(row, kk * 2 + (lane >> 4)));
-        }
-        if constexpr (NT == 1) {
-          int row = warp_n * WN + (lane & 7);
-          ptx::ldmatrix_x2(bf[0], w_tile + tile_offset(row, kk * 2 + ((lane >> 3) & 1)));
-        } else {
-#pragma unroll
-          for (int jn = 0; jn < NT; jn += 2) {
-            int row = warp_n * WN + jn * kMmaN + (lane & 7) + ((lane >> 4) << 3);
-            uint32_t r[4];
-            ptx::ldmatrix_x4(r, w_tile + tile_offset(row, kk * 2 + ((lane >> 3) & 1)));
-            bf[jn][0] = r[0], bf[jn][1] = r[1], bf[jn + 1][0] = r[2], bf[jn + 1][1] = r[3];
-          }
-        }
-#pragma unroll
-        for (int i = 0; i < MT; ++i)
-#pragma unroll
-          for (int jn = 0; jn < NT; ++jn) ptx::mma_bf16_16816(acc[i][jn], af[i], bf[jn][0], bf[jn][1]);
+        load_fragments(af, bf, a_tile, kk);
+        mma_step(af, bf);
       }
     }
   }

@@ -3,9 +3,9 @@
 // ran before (on CUDA the product's epilogue does the SiLU·mul on the (gate, up) accumulator
 // pairs each thread holds; on the CPU and in the variant it is those two ops). Also against a
 // float64 reference, and bitwise batch invariance across M with its variant twin. These run the
-// family the GPU runs (wgmma on Hopper); `build/dev/dev_matmul gate-up --mma-sync` checks the
-// mma.sync family's bits on a Hopper too.
-import { describe, expect, it } from 'vitest'
+// family the GPU runs (wgmma on Hopper), and again with the mma.sync family of sm_80-89 forced
+// (setMatmulKernels), whose tiles a Hopper would not otherwise run.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { native, type DeviceName, type NativeTensor } from '../../lib/native.js'
 import { readBytes, readF32, tensorFrom } from '../../lib/tensor.js'
 import { describeGpu } from '../helpers/gpu.js'
@@ -107,6 +107,14 @@ describe('matmulSiluMul on the CPU', () => {
 // is odd (no paired stores); K = 4160 takes the 128x256 tile that does not stage its stores. At
 // M 17-64 with K a multiple of 256, I = 2048 takes the 64-row tile of 32 columns with 4 K tiles per
 // copy and I = 64 and 37 the one of 16 columns.
+// The sm_80-89 kernels: at M = 4096 the product takes the 128x256 tile (on a GPU whose blocks may
+// hold its 144 KiB of shared memory), 128x128 at 300, the decode tiles below.
+describeGpu('matmulSiluMul on CUDA with the mma.sync kernels forced', () => {
+  beforeAll(() => n.setMatmulKernels('mma.sync'))
+  afterAll(() => n.setMatmulKernels('auto'))
+  suite('cuda', 1024, [3072], [1, 16, 17, 64, 300, 4096], 2)
+})
+
 describeGpu('matmulSiluMul on CUDA', () => {
   suite('cuda', 1024, [3072], [1, 7, 16, 17, 64, 100, 300, 4096], 2)
   suite('cuda', 1024, [3080, 2048, 64, 37], [1, 9, 17, 64, 300], 2)

@@ -1,6 +1,6 @@
 // matmul: out[M,N] = a[M,K]·w[N,K]^T (+bias). Reference tests (float64, and GPU against the CPU
 // backend) and bitwise batch invariance: a row's output does not depend on M or on the other rows.
-import { describe, expect, it } from 'vitest'
+import { afterEach, describe, expect, it } from 'vitest'
 import { native, type DType, type DeviceName, type NativeTensor } from '../../lib/native.js'
 import { readBytes, readF32, tensorFrom, toBf16 } from '../../lib/tensor.js'
 import { describeGpu } from '../helpers/gpu.js'
@@ -249,5 +249,58 @@ describeGpu('matmul batch invariance on CUDA', () => {
     n.upload(cpuBias, await readBytes(bias))
     n.matmul(cpuOut, cpuA, cpuW, cpuBias)
     expectClose(await readF32(alone), await readF32(cpuOut), 2 ** -7, 0.05, 'cuda with bias vs cpu')
+  })
+})
+
+// The mma.sync family of sm_80-89 forced (setMatmulKernels) on this GPU, whose library matmul on
+// Hopper is wgmma: the same invariance across M (every tile production can pick, the 128x256 one
+// at M = 4096 where a block may hold 144 KiB of shared memory), and the same fp32 bits as the
+// library's family, which walks K in the same k16 steps into one accumulator.
+describeGpu('matmul on CUDA with the mma.sync kernels forced', () => {
+  afterEach(() => n.setMatmulKernels('auto'))
+
+  // 4096 x 4096 runs every tile but the lm_head-wide ones, which 151936 x 1024 runs.
+  for (const [N, K, dtype] of [[4096, 4096, 'bf16'], [12288, 4096, 'f32'], [151936, 1024, 'f32']] as const)
+    it(`rows are bit-identical for M in [${invarianceMs.join(', ')}], N=${N} K=${K} (${dtype} out)`, async () => {
+      n.setMatmulKernels('mma.sync')
+      expect(await probesAcrossM(N, K, dtype, invarianceMs)).toEqual([])
+    }, 180_000)
+
+  it('gives the fp32 bits of the library family at M 1 to 4096', async () => {
+    const K = 4096
+    const N = 4096
+    const w = poolMatrix(N, K, 11)
+    const differing: string[] = []
+    for (const M of [1, 16, 64, 128, 512, 4096]) {
+      const a = poolMatrix(M, K, 5 + M)
+      const library = n.empty('cuda', 'f32', [M, N])
+      const forced = n.empty('cuda', 'f32', [M, N])
+      n.matmul(library, a, w, null)
+      n.setMatmulKernels('mma.sync')
+      n.matmul(forced, a, w, null)
+      n.setMatmulKernels('auto')
+      const x = await readBytes(library)
+      const y = await readBytes(forced)
+      const at = x.findIndex((b, i) => b !== y[i])
+      if (at >= 0) differing.push(`M=${M}: first differing byte ${at}`)
+      for (const t of [a, library, forced]) t.dispose()
+    }
+    w.dispose()
+    expect(differing).toEqual([])
+  }, 120_000)
+
+  it('variant twin: with a split-K chosen from M, some probe rows differ (N=4096 K=4096)', async () => {
+    n.setMatmulKernels('mma.sync')
+    const problems = await withVariant(() => probesAcrossM(4096, 4096, 'f32', [1, 2, 3, 7, 8, 16, 31, 64, 128]))
+    expect(problems.length).toBeGreaterThan(0)
+  }, 120_000)
+})
+
+describe('setMatmulKernels', () => {
+  it("takes 'mma.sync' or 'auto' and names anything else", () => {
+    for (const k of ['mma.sync', 'auto'] as const) n.setMatmulKernels(k)
+    expect(() => n.setMatmulKernels('wgmma' as 'auto')).toThrow(
+      'setMatmulKernels: expected "auto" or "mma.sync" but received "wgmma"',
+    )
   })
 })
