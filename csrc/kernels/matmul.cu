@@ -122,7 +122,7 @@ constexpr int64_t kWideN = 32768;  // an lm_head-sized N: enough blocks over N t
 // GPUs with other SM counts. Decode (M <= 64) streams w: the 16-row tile with four K tiles per stage
 // while it gives at most two blocks per SM (more of them queue behind each other), then 16x32 with
 // two (M <= 16) or 32x64. Prefill: 128x256 with double-buffered fragments once it gives a wave and
-// a half of blocks and a block may hold its 144 KiB (5-13% faster than 128x128 at M = 2048-4096),
+// a half of blocks and a block may hold its 144 KiB (7-17% faster than 128x128 at M = 2048-4096),
 // else 128x128, or 64x128 while 128x128 would leave SMs idle. Of the sweep's 40 points this picks
 // the fastest tile or one within 3% at 29 and within 8% at all. A split-K fixed per (N,K) was
 // measured too and is not used: it changes the bits and costs prefill a workspace pass.
