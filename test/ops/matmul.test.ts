@@ -259,7 +259,9 @@ describeGpu('matmul batch invariance on CUDA', () => {
 describeGpu('matmul on CUDA with the mma.sync kernels forced', () => {
   afterEach(() => n.setMatmulKernels('auto'))
 
-  // 4096 x 4096 runs every tile but the lm_head-wide ones, which 151936 x 1024 runs.
+  // Together every tile production can pick: 4096 x 4096 the 16x32 one with four K tiles per
+  // stage, 32x64, 64x64, 64x128, 128x128 and 128x256; 12288 x 4096 the 16x32 one with two at
+  // M <= 16; 151936 x 1024 the lm_head-wide ones.
   for (const [N, K, dtype] of [[4096, 4096, 'bf16'], [12288, 4096, 'f32'], [151936, 1024, 'f32']] as const)
     it(`rows are bit-identical for M in [${invarianceMs.join(', ')}], N=${N} K=${K} (${dtype} out)`, async () => {
       n.setMatmulKernels('mma.sync')
