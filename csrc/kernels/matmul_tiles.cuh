@@ -230,26 +230,26 @@ __global__ void __launch_bounds__(Tiles::THREADS, Tiles::MIN_BLOCKS) matmul_kern
       step(kt, 2, af0, bf0, af1, bf1);
       step(kt, 3, af1, bf1, af0, bf0);
     }
-  }
-
-  for (int kt = 0; !Tiles::FRAGS2 && kt < k_tiles; ++kt) {
-    ptx::cp_async_wait<STAGES - 2>();
-    __syncthreads();
-    // The buffer refilled now was read in iteration kt-1, which every warp has finished.
-    int next = kt + STAGES - 1;
-    if (next < k_tiles) load_stage(next % STAGES, next);
-    ptx::cp_async_commit();
+  } else {
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      ptx::cp_async_wait<STAGES - 2>();
+      __syncthreads();
+      // The buffer refilled now was read in iteration kt-1, which every warp has finished.
+      int next = kt + STAGES - 1;
+      if (next < k_tiles) load_stage(next % STAGES, next);
+      ptx::cp_async_commit();
 
 #pragma unroll
-    for (int j = 0; j < KB; ++j) {
-      // A k-block past the end is skipped, not multiplied as zeros: the chain stays the same.
-      if (KB > 1 && k_begin + (kt * KB + j) * kBlockK >= k_end) break;
-      uint32_t a_tile = smem_base + (kt % STAGES) * kStageBytes + j * kTileBytes;
+      for (int j = 0; j < KB; ++j) {
+        // A k-block past the end is skipped, not multiplied as zeros: the chain stays the same.
+        if (KB > 1 && k_begin + (kt * KB + j) * kBlockK >= k_end) break;
+        uint32_t a_tile = smem_base + (kt % STAGES) * kStageBytes + j * kTileBytes;
 #pragma unroll
-      for (int kk = 0; kk < kBlockK / kMmaK; ++kk) {
-        uint32_t af[MT][4], bf[NT][2];
-        load_fragments(af, bf, a_tile, kk);
-        mma_step(af, bf);
+        for (int kk = 0; kk < kBlockK / kMmaK; ++kk) {
+          uint32_t af[MT][4], bf[NT][2];
+          load_fragments(af, bf, a_tile, kk);
+          mma_step(af, bf);
+        }
       }
     }
   }
