@@ -441,16 +441,19 @@ void set_decode_pipeline(const std::string& pipeline) {
   g_decode_pipeline.store(value);
 }
 
+// The development switches of the two kernel families: 0 for "auto", 1 for "mma.sync".
+static int auto_or_mma_sync(const char* op, const std::string& value) {
+  if (value != "auto" && value != "mma.sync")
+    fail(op, ": expected \"auto\" or \"mma.sync\" but received \"", value, "\"");
+  return value == "mma.sync" ? 1 : 0;
+}
+
 void set_prefill_kernel(const std::string& kernel) {
-  const int value = kernel == "auto" ? 0 : kernel == "mma.sync" ? 1 : -1;
-  if (value < 0) fail("setPrefillKernel: expected \"auto\" or \"mma.sync\" but received \"", kernel, "\"");
-  g_prefill_kernel.store(value);
+  g_prefill_kernel.store(auto_or_mma_sync("setPrefillKernel", kernel));
 }
 
 void set_matmul_kernels(const std::string& kernels) {
-  const int value = kernels == "auto" ? 0 : kernels == "mma.sync" ? 1 : -1;
-  if (value < 0) fail("setMatmulKernels: expected \"auto\" or \"mma.sync\" but received \"", kernels, "\"");
-  g_matmul_kernels.store(value);
+  g_matmul_kernels.store(auto_or_mma_sync("setMatmulKernels", kernels));
 }
 
 const char* cuda_matmul_kernels() { return cuda::matmul_kernels(); }
