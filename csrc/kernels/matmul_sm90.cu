@@ -106,12 +106,16 @@ const Entry kConfigs[] = {
     // Batch-sized decode (M 17-64) at small N: the 64-row tiles with 4 K tiles per copy.
     {"wg 64x32 s4 kt4", launch_tiles<Tiles<64, 32, 4, false, false, 8, 64, 4>>},
     {"wg 64x16 s5 kt4", launch_tiles<Tiles<64, 16, 5, false, false, 8, 64, 4>>},
+    // The narrow compact-a tiles with a ring of 12 stages (48 K tiles): the whole w of a block up
+    // to K = 3072 requested before the kernels before it finish (pdl.cuh).
+    {"wg 64x8 s12 a8 kt4", launch_tiles<Tiles<64, 8, 12, false, false, 8, 8, 4>>},
+    {"wg 64x16 s12 a16 kt4", launch_tiles<Tiles<64, 16, 12, false, false, 8, 16, 4>>},
 };
 constexpr int kConfigCount = sizeof(kConfigs) / sizeof(kConfigs[0]);
 constexpr int k64x32 = 0, k64x64 = 1, k64x128 = 2, k128x256 = 3, k128x256_staged = 4, k128x128_staged = 5;
 constexpr int k64x8_a8 = 6, k64x32_a8 = 7, k64x16_a16 = 8, k64x32_a16 = 9;
 constexpr int kTiles4 = 4;  // k64x8_a8 + kTiles4: the same tile with 4 K tiles per copy
-constexpr int k64x32_kt4 = 14, k64x16_kt4 = 15;
+constexpr int k64x32_kt4 = 14, k64x16_kt4 = 15, k64x8_a8_deep = 16, k64x16_a16_deep = 17;
 
 struct DeviceInfo {
   bool hopper = false;
@@ -169,6 +173,8 @@ int production_config(int64_t M, int64_t N, int64_t K) {
     // 256, 4 K tiles per copy: N = 1024, K = 3072 back to back 10.0 -> 6.1 us, the same bits.
     const int tiles4 = K % (4 * kTileK) == 0 ? kTiles4 : 0;
     if (fills(64, 32)) return (M <= 8 ? k64x32_a8 : k64x32_a16) + tiles4;
+    // The narrow tiles hold 32 (16) K tiles in their rings; a longer K takes the 12-stage ring.
+    if (tiles4 && K > (M <= 8 ? 32 : 16) * kTileK) return M <= 8 ? k64x8_a8_deep : k64x16_a16_deep;
     return (M <= 8 ? k64x8_a8 : k64x16_a16) + tiles4;
   }
   if (M > 128 && tile_count(M, N, 128, 256) >= 3 * sms) return K <= 4096 ? k128x256_staged : k128x256;
@@ -185,7 +191,10 @@ int production_config(int64_t M, int64_t N, int64_t K) {
 }
 
 int gate_up_config(int config) {
-  return config == k64x8_a8 ? k64x16_a16 : config == k64x8_a8 + kTiles4 ? k64x16_a16 + kTiles4 : config;
+  return config == k64x8_a8            ? k64x16_a16
+         : config == k64x8_a8 + kTiles4 ? k64x16_a16 + kTiles4
+         : config == k64x8_a8_deep      ? k64x16_a16_deep
+                                        : config;
 }
 
 void launch(const Problem& p, int config, cudaStream_t stream) {
@@ -193,7 +202,10 @@ void launch(const Problem& p, int config, cudaStream_t stream) {
   // K, or the variant's splits, in parts that are not whole stages of 4 K tiles: a tile with a
   // copy per K tile (the same bits): the compact-a tile itself, or 64x32 for the 64-row tiles.
   if (config >= k64x8_a8 + kTiles4 && (p.K % (4 * kTileK) != 0 || p.k_per_split % (4 * kTileK) != 0))
-    config = config >= k64x32_kt4 ? k64x32 : config - kTiles4;
+    config = config == k64x8_a8_deep     ? k64x8_a8
+             : config == k64x16_a16_deep ? k64x16_a16
+             : config >= k64x32_kt4      ? k64x32
+                                         : config - kTiles4;
   kConfigs[config].launch(p, stream);
 }
 

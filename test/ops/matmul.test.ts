@@ -210,8 +210,9 @@ describeGpu('matmul batch invariance on CUDA', () => {
     [4096, 12288, 'f32'],
     [151936, 1024, 'f32'],
     // Narrow decode tiles (few columns per block): Qwen3-0.6B's down projection. On sm_90a its
-    // decode tiles copy 4 K tiles at a time (K a multiple of 256), compact ones at M <= 16 and
-    // 64-row ones of 16 columns at M 17-64 (as N = K = 4096 takes 32 columns there)...
+    // decode tiles copy 4 K tiles at a time (K a multiple of 256), compact ones with a ring of 12
+    // stages at M <= 16 and 64-row ones of 16 columns at M 17-64 (as N = K = 4096 takes 32
+    // columns there)...
     [1024, 3072, 'bf16'],
     // ...and one at a time when K is not (17 tiles of 64): the same chain either way.
     [1024, 1088, 'bf16'],
