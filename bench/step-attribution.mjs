@@ -1,0 +1,106 @@
+// Where a replayed decode step's device time goes: the captured step replayed back to back (no
+// host work between replays), once with every op and once per kind of op left out of the capture.
+// A kind's row is the step's time with it left out, and `saved` the difference: what that kind
+// adds to the chain of dependent kernels, which with programmatic dependent launch is not the sum
+// of the kernels' times measured alone. The outputs of a step with ops left out are garbage; only
+// the time is read.
+//   npm run build:ts && node bench/step-attribution.mjs [--shape qwen3-0.6b] [--model DIR]
+//     [--batches 1,8,64] [--leave-out norm,qkv-rope,attention,qkv,o-proj,gate-up,down,lm-head]
+// Development measurement: it wraps the addon's op functions and reads the model's captured
+// graphs, neither of which is part of the API.
+import { existsSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { parseArgs } from 'node:util'
+import { defaultModelPath } from '../dist/api.js'
+import { Transformer } from '../dist/model/transformer.js'
+import { native } from '../dist/native.js'
+import { writeRandomModel } from '../scripts/make-random-model.mjs'
+
+const KINDS = ['norm', 'qkv-rope', 'attention', 'qkv', 'o-proj', 'gate-up', 'down', 'lm-head']
+const { values } = parseArgs({
+  options: {
+    shape: { type: 'string', default: 'qwen3-0.6b' },
+    model: { type: 'string' },
+    batches: { type: 'string', default: '1,8,64' },
+    'leave-out': { type: 'string', default: KINDS.join(',') },
+    replays: { type: 'string', default: '200' },
+  },
+})
+const batches = values.batches.split(',').map(Number)
+const leaveOut = values['leave-out'].split(',').filter(Boolean)
+for (const kind of leaveOut) if (!KINDS.includes(kind)) throw new Error(`--leave-out: no kind ${kind} (${KINDS.join(', ')})`)
+const dir = values.model ?? join(tmpdir(), `detinfer-attribution-${values.shape}`)
+if (!existsSync(join(dir, 'config.json'))) {
+  console.log(`writing a random ${values.shape} model to ${dir}`)
+  writeRandomModel({ shape: values.shape, seed: 1, out: dir, tokenizerDir: defaultModelPath })
+}
+
+const n = native()
+// Every op a decode step launches, by kind; products by their weight's shape.
+const ops = Object.fromEntries(['addRmsnorm', 'qkvRopeAppend', 'attention', 'matmul', 'matmulSiluMul'].map((k) => [k, n[k]]))
+let skip = new Set()
+let config = null
+n.addRmsnorm = (...a) => (skip.has('norm') ? undefined : ops.addRmsnorm.apply(n, a))
+n.qkvRopeAppend = (...a) => (skip.has('qkv-rope') ? undefined : ops.qkvRopeAppend.apply(n, a))
+n.attention = (...a) => (skip.has('attention') ? undefined : ops.attention.apply(n, a))
+n.matmulSiluMul = (...a) => (skip.has('gate-up') ? undefined : ops.matmulSiluMul.apply(n, a))
+n.matmul = (out, a, w, bias) => {
+  const [N, K] = w.shape
+  const H = config?.hiddenSize
+  const kind = N === config?.vocabSize ? 'lm-head' : N !== H ? 'qkv' : K === config?.intermediateSize ? 'down' : 'o-proj'
+  return skip.has(kind) ? undefined : ops.matmul.call(n, out, a, w, bias)
+}
+
+const CONTEXT = 128 // cache positions per sequence
+const BLOCK = 16
+const START = 100 // the decoded token's position: 101 keys
+/** Median µs of a replayed step at each batch size, with the kinds in `left` left out. */
+async function measure(left) {
+  skip = new Set(left)
+  const maxB = Math.max(...batches)
+  const model = await Transformer.load(dir, {
+    device: 'cuda',
+    maxBatchTokens: 512,
+    kvBlocks: maxB * (CONTEXT / BLOCK) + 8,
+    kvBlockSize: BLOCK,
+    cudaGraphs: true,
+  })
+  config = model.config
+  const result = []
+  try {
+    for (const B of batches) {
+      const chunks = []
+      const choices = []
+      for (let s = 0; s < B; s++) {
+        const blockTable = Array.from({ length: CONTEXT / BLOCK }, (_, i) => s * (CONTEXT / BLOCK) + i)
+        chunks.push({ tokens: [5 + s], startPosition: START, blockTable, logits: 'last' })
+        choices.push({ temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: START, target: -1 })
+      }
+      for (let i = 0; i < 3; i++) await model.step(chunks, choices, 0) // the third step replays the capture
+      const bucket = [...model.graphs.buckets.values()].find((b) => b.rows === B && b.graph)
+      if (!bucket) throw new Error(`no graph was captured for batch ${B}`)
+      const times = []
+      for (let rep = 0; rep < 5; rep++) {
+        await n.synchronize('cuda')
+        const start = performance.now()
+        for (let i = 0; i < Number(values.replays); i++) bucket.graph.replay()
+        await n.synchronize('cuda')
+        times.push(((performance.now() - start) / Number(values.replays)) * 1000)
+      }
+      result.push(times.sort((a, b) => a - b)[2])
+    }
+  } finally {
+    model.dispose()
+  }
+  return result
+}
+
+const all = await measure([])
+console.log(`${values.model ?? values.shape}, ${START + 1} keys, µs per replayed step (saved: what leaving the kind out takes off)`)
+console.log(['left out'.padEnd(12), ...batches.map((b) => `batch ${b}`.padStart(18))].join(''))
+console.log(['nothing'.padEnd(12), ...all.map((t) => t.toFixed(1).padStart(18))].join(''))
+for (const kind of leaveOut) {
+  const t = await measure([kind])
+  console.log([kind.padEnd(12), ...t.map((v, i) => `${v.toFixed(1)} (${(all[i] - v).toFixed(1)})`.padStart(18))].join(''))
+}
