@@ -28,6 +28,7 @@ const { values } = parseArgs({
   },
 })
 const batches = values.batches.split(',').map(Number)
+const replays = Number(values.replays)
 const leaveOut = values['leave-out'].split(',').filter(Boolean)
 for (const kind of leaveOut) if (!KINDS.includes(kind)) throw new Error(`--leave-out: no kind ${kind} (${KINDS.join(', ')})`)
 const dir = values.model ?? join(tmpdir(), `detinfer-attribution-${values.shape}`)
@@ -84,9 +85,9 @@ async function measure(left) {
       for (let rep = 0; rep < 5; rep++) {
         await n.synchronize('cuda')
         const start = performance.now()
-        for (let i = 0; i < Number(values.replays); i++) bucket.graph.replay()
+        for (let i = 0; i < replays; i++) bucket.graph.replay()
         await n.synchronize('cuda')
-        times.push(((performance.now() - start) / Number(values.replays)) * 1000)
+        times.push(((performance.now() - start) / replays) * 1000)
       }
       result.push(times.sort((a, b) => a - b)[2])
     }

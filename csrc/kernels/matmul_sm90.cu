@@ -83,6 +83,11 @@ CUtensorMap tensor_map_tiles(const void* data, int rows, int K, int box_rows, in
 
 namespace {
 
+// The narrow compact-a tiles with 4 K tiles per copy, whose ring depth production_config compares
+// with K.
+using Narrow8 = Tiles<64, 8, 8, false, false, 8, 8, 4>;
+using Narrow16 = Tiles<64, 16, 4, false, false, 8, 16, 4>;
+
 // The configurations production_config chooses. They share the K chain, so they give the same
 // bits; the development harness (csrc/dev/matmul.cu) times them beside the configurations it
 // explores and checks that all give these bits.
@@ -99,9 +104,9 @@ const Entry kConfigs[] = {
     {"wg 64x16 s16 a16", launch_tiles<Tiles<64, 16, 16, false, false, 8, 16>>},
     {"wg 64x32 s16 a16", launch_tiles<Tiles<64, 32, 16, false, false, 8, 16>>},
     // The same with 4 K tiles per copy (K a multiple of 256): a quarter of the copies, the same bytes in flight.
-    {"wg 64x8 s8 a8 kt4", launch_tiles<Tiles<64, 8, 8, false, false, 8, 8, 4>>},
+    {"wg 64x8 s8 a8 kt4", launch_tiles<Narrow8>},
     {"wg 64x32 s4 a8 kt4", launch_tiles<Tiles<64, 32, 4, false, false, 8, 8, 4>>},
-    {"wg 64x16 s4 a16 kt4", launch_tiles<Tiles<64, 16, 4, false, false, 8, 16, 4>>},
+    {"wg 64x16 s4 a16 kt4", launch_tiles<Narrow16>},
     {"wg 64x32 s4 a16 kt4", launch_tiles<Tiles<64, 32, 4, false, false, 8, 16, 4>>},
     // Batch-sized decode (M 17-64) at small N: the 64-row tiles with 4 K tiles per copy.
     {"wg 64x32 s4 kt4", launch_tiles<Tiles<64, 32, 4, false, false, 8, 64, 4>>},
@@ -173,8 +178,9 @@ int production_config(int64_t M, int64_t N, int64_t K) {
     // 256, 4 K tiles per copy: N = 1024, K = 3072 back to back 10.0 -> 6.1 us, the same bits.
     const int tiles4 = K % (4 * kTileK) == 0 ? kTiles4 : 0;
     if (fills(64, 32)) return (M <= 8 ? k64x32_a8 : k64x32_a16) + tiles4;
-    // The narrow tiles hold 32 (16) K tiles in their rings; a longer K takes the 12-stage ring.
-    if (tiles4 && K > (M <= 8 ? 32 : 16) * kTileK) return M <= 8 ? k64x8_a8_deep : k64x16_a16_deep;
+    // A K longer than the narrow tile's ring holds (32 or 16 K tiles) takes the 12-stage ring.
+    const int ring_k = M <= 8 ? Narrow8::STAGES * Narrow8::KT * kTileK : Narrow16::STAGES * Narrow16::KT * kTileK;
+    if (tiles4 && K > ring_k) return M <= 8 ? k64x8_a8_deep : k64x16_a16_deep;
     return (M <= 8 ? k64x8_a8 : k64x16_a16) + tiles4;
   }
   if (M > 128 && tile_count(M, N, 128, 256) >= 3 * sms) return K <= 4096 ? k128x256_staged : k128x256;
