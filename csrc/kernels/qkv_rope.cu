@@ -71,8 +71,7 @@ __device__ __forceinline__ void load_raw(const __nv_bfloat16* x, int c, bool vec
 }
 
 __global__ void __launch_bounds__(kMaxWarps * 32) qkv_rope_append_kernel(QkvRopeArgs a) {
-  pdl_wait();
-  pdl_launch_dependents();
+  pdl_start_small_batch();  // one block per row (token)
   using norm_row::kChunk;
   const int64_t t = blockIdx.x;
   const int h = static_cast<int>(blockIdx.y * (blockDim.x / 32) + threadIdx.x / 32);
