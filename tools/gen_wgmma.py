@@ -7,7 +7,7 @@ with N/2 operands; this script spells them out. Run from the repository root aft
 """
 from pathlib import Path
 
-NS = [8, 16, 32, 64, 128, 256]
+NS = [8, 16, 32, 48, 64, 128, 256]
 NS_REG_A = [64]
 
 out = []

@@ -251,7 +251,7 @@ void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor
   if (hopper) {
     sm90::Problem p{a.data(), w.data(), bias_ptr, out.data(), false, static_cast<int>(M), static_cast<int>(N),
                     static_cast<int>(K), static_cast<int>(K), 1, true};
-    sm90::launch(p, sm90::gate_up_config(l.tiles), stream);
+    sm90::launch(p, sm90::gate_up_config(l.tiles, M, N), stream);
   } else {
     MatmulArgs args{a.ptr<__nv_bfloat16>(), w.ptr<__nv_bfloat16>(), bias_ptr, out.data(), false, static_cast<int>(M),
                     static_cast<int>(N), static_cast<int>(K), static_cast<int>(K), true};

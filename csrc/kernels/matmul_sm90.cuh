@@ -32,9 +32,10 @@ const char* config_name(int config);
 // The configuration production uses for M rows of an [N, K] weight. Tiles may follow M; the K
 // chain (k16 steps, ascending, one accumulator) never does.
 int production_config(int64_t M, int64_t N, int64_t K);
-// The configuration of a gate_up product whose plain product would run `config`: the same, or
-// one whose w tile is wide enough for a gate half and an up half of 8 rows or more.
-int gate_up_config(int config);
+// The configuration of a gate_up product of M rows of an [N, K] w whose plain product would run
+// `config`: the same, one whose w tile is wide enough for a gate half and an up half of 8 rows or
+// more, or at M <= 8 a wider one that gives every SM at most one tile.
+int gate_up_config(int config, int64_t M, int64_t N);
 void launch(const Problem& p, int config, cudaStream_t stream);
 
 }  // namespace detinfer::cuda::sm90
