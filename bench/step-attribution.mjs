@@ -5,7 +5,7 @@
 // of the kernels' times measured alone. The outputs of a step with ops left out are garbage; only
 // the time is read.
 //   npm run build:ts && node bench/step-attribution.mjs [--shape qwen3-0.6b] [--model DIR]
-//     [--batches 1,8,64] [--leave-out norm,qkv-rope,attention,qkv,o-proj,gate-up,down,lm-head]
+//     [--batches 1,8,64] [--keys 101] [--leave-out norm,qkv-rope,attention,qkv,o-proj,gate-up,down,lm-head]
 // Development measurement: it wraps the addon's op functions and reads the model's captured
 // graphs, neither of which is part of the API.
 import { existsSync } from 'node:fs'
@@ -25,10 +25,13 @@ const { values } = parseArgs({
     batches: { type: 'string', default: '1,8,64' },
     'leave-out': { type: 'string', default: KINDS.join(',') },
     replays: { type: 'string', default: '200' },
+    keys: { type: 'string', default: '101' },
   },
 })
 const batches = values.batches.split(',').map(Number)
 const replays = Number(values.replays)
+const keys = Number(values.keys)
+if (!Number.isInteger(keys) || keys < 1) throw new Error(`--keys: expected a positive integer but received ${values.keys}`)
 const leaveOut = values['leave-out'].split(',').filter(Boolean)
 for (const kind of leaveOut) if (!KINDS.includes(kind)) throw new Error(`--leave-out: no kind ${kind} (${KINDS.join(', ')})`)
 const dir = values.model ?? join(tmpdir(), `detinfer-attribution-${values.shape}`)
@@ -53,9 +56,9 @@ n.matmul = (out, a, w, bias) => {
   return skip.has(kind) ? undefined : ops.matmul.call(n, out, a, w, bias)
 }
 
-const CONTEXT = 128 // cache positions per sequence
 const BLOCK = 16
-const START = 100 // the decoded token's position: 101 keys
+const CONTEXT = Math.ceil(keys / BLOCK) * BLOCK // cache positions per sequence
+const START = keys - 1 // the decoded token's position
 /** Median µs of a replayed step at each batch size, with the kinds in `left` left out. */
 async function measure(left) {
   skip = new Set(left)
