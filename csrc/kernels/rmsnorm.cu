@@ -52,7 +52,7 @@ __device__ void add_residual_row(__nv_bfloat16* res, const __nv_bfloat16* x, int
 __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(__nv_bfloat16* y, __nv_bfloat16* x,
                                                            const __nv_bfloat16* x_add, const __nv_bfloat16* w,
                                                            int64_t H, float eps, bool vec) {
-  pdl_start_small_batch();  // one block per row (token)
+  pdl_start_small_batch();  // one block per row
   int64_t r = blockIdx.x;
   __nv_bfloat16* xr = x + r * H;
   // Each thread reads back only the chunks it wrote itself, so no barrier is needed here.
@@ -70,7 +70,7 @@ template <int PER>
 __global__ void __launch_bounds__(kThreads) rmsnorm_regs_kernel(__nv_bfloat16* y, __nv_bfloat16* x,
                                                                 const __nv_bfloat16* x_add, const __nv_bfloat16* w,
                                                                 int64_t H, float eps, bool vec) {
-  pdl_start_small_batch();  // one block per row (token)
+  pdl_start_small_batch();  // one block per row
   const int64_t r = blockIdx.x, chunks = (H + kChunk - 1) / kChunk;
   __nv_bfloat16* xr = x + r * H;
   float v[PER][kChunk], wv[PER][kChunk];
