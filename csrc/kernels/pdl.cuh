@@ -4,7 +4,8 @@
 // tail. Every such kernel calls pdl_wait() before it reads anything an earlier kernel wrote and
 // before it writes anything: the wait returns once the kernels before it have completed and their
 // writes are visible, exactly the order of a plain launch. It then calls pdl_launch_dependents(),
-// which lets the next overlapped kernel start. Nothing a kernel computes changes, so neither does
+// which lets the next overlapped kernel start (the norms and the q/k/v kernel call it first at
+// small batches: pdl_start_small_batch). Nothing a kernel computes changes, so neither does
 // any bit; the overlap only moves when a kernel starts waiting.
 // A kernel that never waits must never be launched overlapped: the kernel after it would wait
 // only for it, not for the ones before. Plain launches (<<<>>>) after or before an overlapped one
