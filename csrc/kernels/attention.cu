@@ -268,6 +268,7 @@ constexpr int kPrefetchSeqs = 16;
 template <int D>
 __device__ __forceinline__ void prefetch_split_l2(const AttentionArgs& a, const DecodeSplit& d) {
   constexpr int kLines = D * static_cast<int>(sizeof(bf16)) / 128;  // of one kv head's row
+  static_assert(kLines >= 1 && D * sizeof(bf16) % 128 == 0, "whole 128-byte lines per row");
   const int64_t row_elems = static_cast<int64_t>(a.kv_heads) * D;
   for (int i = threadIdx.x; i < (d.end - d.begin) * 2 * kLines; i += blockDim.x) {
     const int key = d.begin + i / (2 * kLines), line = i % (2 * kLines);
