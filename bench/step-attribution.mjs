@@ -6,6 +6,11 @@
 // the time is read.
 //   npm run build:ts && node bench/step-attribution.mjs [--shape qwen3-0.6b] [--model DIR]
 //     [--batches 1,8,64] [--keys 101] [--leave-out norm,qkv-rope,attention,qkv,o-proj,gate-up,down,lm-head]
+//     [--separate-norms]
+// The norms before q|k|v and gate|up run inside those products (normMatmul), so leaving out qkv
+// or gate-up leaves out the norm before it too, and `norm` is the final norm alone. With
+// --separate-norms every norm is its own kernel again (addRmsnorm, then the product), as the step
+// was before the products took them in, and `norm` leaves out all of them.
 // Development measurement: it wraps the addon's op functions and reads the model's captured
 // graphs, neither of which is part of the API.
 import { existsSync } from 'node:fs'
@@ -26,6 +31,7 @@ const { values } = parseArgs({
     'leave-out': { type: 'string', default: KINDS.join(',') },
     replays: { type: 'string', default: '200' },
     keys: { type: 'string', default: '101' },
+    'separate-norms': { type: 'boolean', default: false },
   },
 })
 const batches = values.batches.split(',').map(Number)
@@ -42,13 +48,34 @@ if (!existsSync(join(dir, 'config.json'))) {
 
 const n = native()
 // Every op a decode step launches, by kind; products by their weight's shape.
-const ops = Object.fromEntries(['addRmsnorm', 'qkvRopeAppend', 'attention', 'matmul', 'matmulSiluMul'].map((k) => [k, n[k]]))
+const ops = Object.fromEntries(
+  ['addRmsnorm', 'rmsnorm', 'qkvRopeAppend', 'attention', 'matmul', 'matmulSiluMul', 'normMatmul', 'normMatmulSiluMul'].map((k) => [k, n[k]]),
+)
+const separate = values['separate-norms']
 let skip = new Set()
 let config = null
 n.addRmsnorm = (...a) => (skip.has('norm') ? undefined : ops.addRmsnorm.apply(n, a))
 n.qkvRopeAppend = (...a) => (skip.has('qkv-rope') ? undefined : ops.qkvRopeAppend.apply(n, a))
 n.attention = (...a) => (skip.has('attention') ? undefined : ops.attention.apply(n, a))
 n.matmulSiluMul = (...a) => (skip.has('gate-up') ? undefined : ops.matmulSiluMul.apply(n, a))
+// Separate norms: the norm in place in residualIn (the stream's values go astray from there, the
+// time does not), then the product.
+const norm = (normed, residualIn, x, normW, eps) => {
+  if (skip.has('norm')) return
+  if (x) ops.addRmsnorm.call(n, normed, residualIn, x, normW, eps)
+  else ops.rmsnorm.call(n, normed, residualIn, normW, eps)
+}
+n.normMatmul = (out, normed, residualOut, residualIn, x, normW, eps, w, bias) => {
+  if (!separate) return skip.has('qkv') ? undefined : ops.normMatmul.call(n, out, normed, residualOut, residualIn, x, normW, eps, w, bias)
+  norm(normed, residualIn, x, normW, eps)
+  if (!skip.has('qkv')) ops.matmul.call(n, out, normed, w, bias)
+}
+n.normMatmulSiluMul = (out, gateUp, normed, residualOut, residualIn, x, normW, eps, w, bias) => {
+  if (!separate)
+    return skip.has('gate-up') ? undefined : ops.normMatmulSiluMul.call(n, out, gateUp, normed, residualOut, residualIn, x, normW, eps, w, bias)
+  norm(normed, residualIn, x, normW, eps)
+  if (!skip.has('gate-up')) ops.matmulSiluMul.call(n, out, gateUp, normed, w, bias)
+}
 n.matmul = (out, a, w, bias) => {
   const [N, K] = w.shape
   const H = config?.hiddenSize
@@ -101,7 +128,9 @@ async function measure(left) {
 }
 
 const all = await measure([])
-console.log(`${values.model ?? values.shape}, ${START + 1} keys, µs per replayed step (saved: what leaving the kind out takes off)`)
+console.log(
+  `${values.model ?? values.shape}, ${START + 1} keys, ${separate ? 'separate norms' : 'norms in the products'}, µs per replayed step (saved: what leaving the kind out takes off)`,
+)
 console.log(['left out'.padEnd(12), ...batches.map((b) => `batch ${b}`.padStart(18))].join(''))
 console.log(['nothing'.padEnd(12), ...all.map((t) => t.toFixed(1).padStart(18))].join(''))
 for (const kind of leaveOut) {

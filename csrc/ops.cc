@@ -249,6 +249,63 @@ void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor
   on_cuda(out) ? cuda::matmul_silu_mul(out, gate_up, a, w, bias) : cpu::matmul_silu_mul(out, gate_up, a, w, bias);
 }
 
+// The norm before a product: residual_in [M,K] (+ x) -> residual_out, normed [M,K]; norm_w [K].
+static void check_norm_input(const Checker& c, const Tensor& normed, const Tensor& residual_out,
+                             const Tensor& residual_in, const Tensor* x, const Tensor& norm_w) {
+  c.devices({{"residual_in", &residual_in}, {"normed", &normed}, {"residual_out", &residual_out}, {"norm_w", &norm_w}});
+  c.rank(residual_in, "residual_in", 2);
+  c.dtype(residual_in, "residual_in", {DType::BF16});
+  c.dtype(norm_w, "norm_w", {DType::BF16});
+  c.rank(norm_w, "norm_w", 1);
+  c.dim(residual_in, "residual_in", 1, norm_w.dim(0), "K, the size of norm_w");
+  c.dtype(normed, "normed", {DType::BF16});
+  c.same_shape(normed, "normed", residual_in, "residual_in");
+  c.dtype(residual_out, "residual_out", {DType::BF16});
+  c.same_shape(residual_out, "residual_out", residual_in, "residual_in");
+  if (x) {
+    c.devices({{"residual_in", &residual_in}, {"x", x}});
+    c.dtype(*x, "x", {DType::BF16});
+    c.same_shape(*x, "x", residual_in, "residual_in");
+  }
+}
+
+void norm_matmul(Tensor& out, Tensor& normed, Tensor& residual_out, const Tensor& residual_in, const Tensor* x,
+                 const Tensor& norm_w, float eps, const Tensor& w, const Tensor* bias) {
+  Checker c{"norm_matmul"};
+  check_norm_input(c, normed, residual_out, residual_in, x, norm_w);
+  c.devices({{"out", &out}, {"residual_in", &residual_in}, {"w", &w}});
+  check_product(c, normed, w);
+  c.rank(out, "out", 2);
+  c.dtype(out, "out", {DType::BF16});
+  c.dim(out, "out", 0, residual_in.dim(0), "M, rows of residual_in");
+  c.dim(out, "out", 1, w.dim(0), "N, rows of w");
+  check_bias(c, out, bias, w.dim(0));
+  on_cuda(out) ? cuda::norm_matmul(out, normed, residual_out, residual_in, x, norm_w, eps, w, bias)
+               : cpu::norm_matmul(out, normed, residual_out, residual_in, x, norm_w, eps, w, bias);
+}
+
+void norm_matmul_silu_mul(Tensor& out, Tensor& gate_up, Tensor& normed, Tensor& residual_out,
+                          const Tensor& residual_in, const Tensor* x, const Tensor& norm_w, float eps, const Tensor& w,
+                          const Tensor* bias) {
+  Checker c{"norm_matmul_silu_mul"};
+  check_norm_input(c, normed, residual_out, residual_in, x, norm_w);
+  c.devices({{"out", &out}, {"gate_up", &gate_up}, {"residual_in", &residual_in}, {"w", &w}});
+  check_product(c, normed, w);
+  if (w.dim(0) % 2 != 0)
+    fail("norm_matmul_silu_mul: expected w to hold gate then up rows (an even number) but received ", w.describe());
+  c.rank(out, "out", 2);
+  c.dtype(out, "out", {DType::BF16});
+  c.dim(out, "out", 0, residual_in.dim(0), "M, rows of residual_in");
+  c.dim(out, "out", 1, w.dim(0) / 2, "I, half the rows of w");
+  c.rank(gate_up, "gate_up", 2);
+  c.dtype(gate_up, "gate_up", {DType::BF16});
+  c.dim(gate_up, "gate_up", 0, residual_in.dim(0), "M, rows of residual_in");
+  c.dim(gate_up, "gate_up", 1, w.dim(0), "2I, rows of w");
+  check_bias(c, out, bias, w.dim(0), "2I, rows of w");
+  on_cuda(out) ? cuda::norm_matmul_silu_mul(out, gate_up, normed, residual_out, residual_in, x, norm_w, eps, w, bias)
+               : cpu::norm_matmul_silu_mul(out, gate_up, normed, residual_out, residual_in, x, norm_w, eps, w, bias);
+}
+
 void add(Tensor& out, const Tensor& a, const Tensor& b) {
   Checker c{"add"};
   c.devices({{"out", &out}, {"a", &a}, {"b", &b}});

@@ -103,6 +103,35 @@ export interface NativeAddon {
    * [M,2I] is scratch, written by the paths that do not fuse; its contents afterwards are unspecified.
    */
   matmulSiluMul(out: NativeTensor, gateUp: NativeTensor, a: NativeTensor, w: NativeTensor, bias: NativeTensor | null): void
+  /**
+   * out [M,N] = rmsnorm(rows)·wᵀ (+ bias), rows = residualIn + x written to residualOut (x null: rows =
+   * residualIn, residualOut not written): the bits of addRmsnorm then matmul, in one launch on
+   * Hopper at decode sizes. normed [M,K] is scratch for the paths that do not fuse.
+   */
+  normMatmul(
+    out: NativeTensor,
+    normed: NativeTensor,
+    residualOut: NativeTensor,
+    residualIn: NativeTensor,
+    x: NativeTensor | null,
+    normW: NativeTensor,
+    eps: number,
+    w: NativeTensor,
+    bias: NativeTensor | null,
+  ): void
+  /** normMatmul before matmulSiluMul: out [M,I], gateUp [M,2I] and normed [M,K] scratch. */
+  normMatmulSiluMul(
+    out: NativeTensor,
+    gateUp: NativeTensor,
+    normed: NativeTensor,
+    residualOut: NativeTensor,
+    residualIn: NativeTensor,
+    x: NativeTensor | null,
+    normW: NativeTensor,
+    eps: number,
+    w: NativeTensor,
+    bias: NativeTensor | null,
+  ): void
   add(out: NativeTensor, a: NativeTensor, b: NativeTensor): void
   kvAppend(kCache: NativeTensor, vCache: NativeTensor, k: NativeTensor, v: NativeTensor, slots: NativeTensor): void
   /**

@@ -175,6 +175,23 @@ Napi::Value MatmulSiluMul(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value NormMatmul(const Napi::CallbackInfo& info) {
+  Args a{info, "normMatmul"};
+  ops::norm_matmul(a.tensor(0, "out"), a.tensor(1, "normed"), a.tensor(2, "residualOut"), a.tensor(3, "residualIn"),
+                   a.optional_tensor(4, "x"), a.tensor(5, "normW"), static_cast<float>(a.number(6, "eps")),
+                   a.tensor(7, "w"), a.optional_tensor(8, "bias"));
+  return info.Env().Undefined();
+}
+
+Napi::Value NormMatmulSiluMul(const Napi::CallbackInfo& info) {
+  Args a{info, "normMatmulSiluMul"};
+  ops::norm_matmul_silu_mul(a.tensor(0, "out"), a.tensor(1, "gateUp"), a.tensor(2, "normed"),
+                            a.tensor(3, "residualOut"), a.tensor(4, "residualIn"), a.optional_tensor(5, "x"),
+                            a.tensor(6, "normW"), static_cast<float>(a.number(7, "eps")), a.tensor(8, "w"),
+                            a.optional_tensor(9, "bias"));
+  return info.Env().Undefined();
+}
+
 Napi::Value Add(const Napi::CallbackInfo& info) {
   Args a{info, "add"};
   ops::add(a.tensor(0, "out"), a.tensor(1, "a"), a.tensor(2, "b"));
@@ -324,7 +341,8 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"siluMul", SiluMul},     {"add", Add},
       {"kvAppend", KvAppend},   {"attention", Attention},
       {"siluMulPacked", SiluMulPacked}, {"qkvRopeAppend", QkvRopeAppend},
-      {"matmulSiluMul", MatmulSiluMul},
+      {"matmulSiluMul", MatmulSiluMul}, {"normMatmul", NormMatmul},
+      {"normMatmulSiluMul", NormMatmulSiluMul},
       {"logSoftmax", LogSoftmax}, {"argmax", Argmax},
       {"tokenLogprobs", TokenLogprobs}, {"chooseTokens", ChooseTokens},
       {"copy", Copy},

@@ -60,6 +60,18 @@
   /* the variant); its contents afterwards are unspecified. */                                        \
   X(matmul_silu_mul, (Tensor & out, Tensor & gate_up, const Tensor& a, const Tensor& w,               \
                       const Tensor* bias))                                                            \
+  /* A product with the RMSNorm before it (on Hopper, one row's norm runs in the product's */        \
+  /* prologue): with x, residual_out = residual_in + x (bf16) and the rows are that; without, */     \
+  /* the rows are residual_in and residual_out is not written. out = rmsnorm(rows, norm_w, eps) */   \
+  /* · w^T (+ bias): the bits of add_rmsnorm then matmul. normed [M,K] is scratch (the paths */      \
+  /* that do not fuse write the norm there). residual_out may be residual_in. */                     \
+  X(norm_matmul, (Tensor & out, Tensor & normed, Tensor & residual_out, const Tensor& residual_in,   \
+                  const Tensor* x, const Tensor& norm_w, float eps, const Tensor& w,                 \
+                  const Tensor* bias))                                                               \
+  /* The same before matmul_silu_mul (gate_up [M,2I] its scratch, out [M,I]). */                     \
+  X(norm_matmul_silu_mul, (Tensor & out, Tensor & gate_up, Tensor & normed, Tensor & residual_out,   \
+                           const Tensor& residual_in, const Tensor* x, const Tensor& norm_w,         \
+                           float eps, const Tensor& w, const Tensor* bias))                          \
   /* From the fused projection qkv [T, (heads + 2*kv_heads)*D] bf16 (q, k, v heads per row): */       \
   /* q_out [T, heads, D] = rope(q_norm(q)); the cache rows at slots get rope(k_norm(k)) and v (a */   \
   /* negative slot skips the row). q_norm, k_norm [D] or null (Qwen3's head norms). The same bits */  \

@@ -18,6 +18,7 @@
 // of the activations would (a single rank: p0 + ... + p7 in sequence, rounded once).
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <system_error>
 #include <thread>
@@ -178,6 +179,28 @@ void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
 void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor& w, const Tensor* bias) {
   matmul(gate_up, a, w, bias);
   silu_mul_packed(out, gate_up);
+}
+
+// The norm into normed (rmsnorm.cc), then the product: on the CPU the op is the ops in sequence.
+static void norm_rows(Tensor& normed, Tensor& residual_out, const Tensor& residual_in, const Tensor* x,
+                      const Tensor& norm_w, float eps) {
+  if (!x) return rmsnorm(normed, residual_in, norm_w, eps);
+  if (residual_out.data() != residual_in.data())
+    std::memcpy(residual_out.data(), residual_in.data(), static_cast<size_t>(residual_in.numel()) * 2);
+  add_rmsnorm(normed, residual_out, *x, norm_w, eps);
+}
+
+void norm_matmul(Tensor& out, Tensor& normed, Tensor& residual_out, const Tensor& residual_in, const Tensor* x,
+                 const Tensor& norm_w, float eps, const Tensor& w, const Tensor* bias) {
+  norm_rows(normed, residual_out, residual_in, x, norm_w, eps);
+  matmul(out, normed, w, bias);
+}
+
+void norm_matmul_silu_mul(Tensor& out, Tensor& gate_up, Tensor& normed, Tensor& residual_out,
+                          const Tensor& residual_in, const Tensor* x, const Tensor& norm_w, float eps, const Tensor& w,
+                          const Tensor* bias) {
+  norm_rows(normed, residual_out, residual_in, x, norm_w, eps);
+  matmul_silu_mul(out, gate_up, normed, w, bias);
 }
 
 void matmul_partials(Tensor& partials, const Tensor& a, const Tensor& w) {

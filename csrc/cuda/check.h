@@ -1,5 +1,7 @@
 // CUDA_CHECK(call): a failing CUDA call becomes a detinfer::Error naming the call, the error and
-// the place. CUDA_CHECK_LAUNCH(op, shapes): the same for the kernel launch just made.
+// the place; the runtime's record of it is cleared (cudaGetLastError), so that the next launch's
+// check does not report it again. CUDA_CHECK_LAUNCH(op, shapes): the same for the kernel launch
+// just made.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,9 +11,11 @@
 #define CUDA_CHECK(call)                                                                  \
   do {                                                                                    \
     cudaError_t di_err_ = (call);                                                         \
-    if (di_err_ != cudaSuccess)                                                           \
+    if (di_err_ != cudaSuccess) {                                                         \
+      (void)cudaGetLastError();                                                           \
       ::detinfer::fail(#call, " failed: ", cudaGetErrorString(di_err_), " (",             \
                        cudaGetErrorName(di_err_), ") at ", __FILE__, ":", __LINE__);      \
+    }                                                                                     \
   } while (0)
 
 #define CUDA_CHECK_LAUNCH(op, shapes)                                                     \

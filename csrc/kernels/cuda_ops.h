@@ -11,6 +11,11 @@ namespace detinfer::cuda {
 // Every op of common/op_list.h.
 DETINFER_BACKEND_OPS(DETINFER_DECLARE_OP)
 
+// norm_matmul's unfused norm (rmsnorm.cu): with x, residual_out = residual_in + x and out =
+// rmsnorm(residual_out); without, out = rmsnorm(residual_in). residual_out may be residual_in.
+void add_rmsnorm_to(Tensor& out, Tensor& residual_out, const Tensor& residual_in, const Tensor* x, const Tensor& w,
+                    float eps);
+
 // The matmul kernel family device 0 runs: "wgmma (sm_90a)" or "mma.sync". Its bits differ from
 // the other family's, so it is part of what "same architecture, same build" means.
 const char* matmul_kernels();

@@ -260,6 +260,53 @@ void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor
   CUDA_CHECK_LAUNCH("matmul_silu_mul", shapes(M, N, K));
 }
 
+namespace {
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The norm in the product's prologue where a Hopper tile can compute it (sm90::norm_fuses: one
+// row, one split, so never in the variant), else add_rmsnorm_to into normed and the product.
+// Either way out gets the bits of add_rmsnorm then matmul (matmul_silu_mul with gate_up).
+void run_norm_matmul(const char* op, Tensor& out, Tensor* gate_up, Tensor& normed, Tensor& residual_out,
+                     const Tensor& residual_in, const Tensor* x, const Tensor& norm_w, float eps, const Tensor& w,
+                     const Tensor* bias) {
+  const int64_t M = residual_in.dim(0), K = residual_in.dim(1), N = w.dim(0);
+  if (M == 0) return;
+  const bool distinct = !x || residual_out.data() != residual_in.data();  // block 0 writes residual_out as the others read
+  const bool aligned = aligned16(residual_in.data()) && aligned16(norm_w.data()) && (!x || (aligned16(x->data()) &&
+                       aligned16(residual_out.data())));
+  if (N > 0 && K > 0 && M == 1 && distinct && aligned && use_wgmma()) {
+    const MatmulLaunch l = matmul_config(M, N, K, true);
+    const int config = gate_up ? sm90::gate_up_config(l.tiles, M, N) : l.tiles;
+    if (l.splits == 1 && sm90::norm_fuses(config, M, K)) {
+      check_operands(op, residual_in, w);
+      sm90::Problem p{residual_in.data(), w.data(), bias ? bias->data() : nullptr, out.data(), false,
+                      static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(K), 1,
+                      gate_up != nullptr};
+      p.norm = {residual_in.data(), x ? x->data() : nullptr, x ? residual_out.data() : nullptr, norm_w.data(), eps};
+      sm90::launch(p, config, static_cast<cudaStream_t>(cuda_runtime::stream()));
+      CUDA_CHECK_LAUNCH(op, shapes(M, N, K));
+      return;
+    }
+  }
+  add_rmsnorm_to(normed, residual_out, residual_in, x, norm_w, eps);
+  if (gate_up) matmul_silu_mul(out, *gate_up, normed, w, bias);
+  else matmul(out, normed, w, bias);
+}
+
+}  // namespace
+
+void norm_matmul(Tensor& out, Tensor& normed, Tensor& residual_out, const Tensor& residual_in, const Tensor* x,
+                 const Tensor& norm_w, float eps, const Tensor& w, const Tensor* bias) {
+  run_norm_matmul("norm_matmul", out, nullptr, normed, residual_out, residual_in, x, norm_w, eps, w, bias);
+}
+
+void norm_matmul_silu_mul(Tensor& out, Tensor& gate_up, Tensor& normed, Tensor& residual_out,
+                          const Tensor& residual_in, const Tensor* x, const Tensor& norm_w, float eps, const Tensor& w,
+                          const Tensor* bias) {
+  run_norm_matmul("norm_matmul_silu_mul", out, &gate_up, normed, residual_out, residual_in, x, norm_w, eps, w, bias);
+}
+
 void matmul_k_partitions(float* partials, const Tensor& a, const Tensor& w, int partitions) {
   int64_t M = a.dim(0), K = a.dim(1), N = w.dim(0);
   if (M == 0 || N == 0) return;

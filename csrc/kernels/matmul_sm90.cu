@@ -88,35 +88,41 @@ namespace {
 using Narrow8 = Tiles<64, 8, 8, false, false, 8, 8, 4>;
 using Narrow16 = Tiles<64, 16, 4, false, false, 8, 16, 4>;
 
+// A table entry of tile T (Entry), with what norm_fuses needs to know of it.
+template <typename T>
+constexpr Entry entry(const char* name) {
+  return {name, launch_tiles<T>, kNormTile<T> ? T::A_ROWS : 0, kNormTile<T> ? norm_fixed_bytes<T>() : 0};
+}
+
 // The configurations production_config chooses. They share the K chain, so they give the same
 // bits; the development harness (csrc/dev/matmul.cu) times them beside the configurations it
 // explores and checks that all give these bits.
 const Entry kConfigs[] = {
-    {"wg 64x32 s8", launch_tiles<Tiles<64, 32, 8>>},
-    {"wg 64x64 s8", launch_tiles<Tiles<64, 64, 8>>},
-    {"wg 64x128 s8", launch_tiles<Tiles<64, 128, 8>>},
-    {"wg 128x256 s4", launch_tiles<Tiles<128, 256, 4>>},
-    {"wg 128x256 s3 staged", launch_tiles<Tiles<128, 256, 3, true>>},
-    {"wg 128x128 s5 staged", launch_tiles<Tiles<128, 128, 5, true>>},
+    entry<Tiles<64, 32, 8>>("wg 64x32 s8"),
+    entry<Tiles<64, 64, 8>>("wg 64x64 s8"),
+    entry<Tiles<64, 128, 8>>("wg 64x128 s8"),
+    entry<Tiles<128, 256, 4>>("wg 128x256 s4"),
+    entry<Tiles<128, 256, 3, true>>("wg 128x256 s3 staged"),
+    entry<Tiles<128, 128, 5, true>>("wg 128x128 s5 staged"),
     // Decode: compact a (M <= 8 or 16), narrow w tiles for many blocks, deep rings.
-    {"wg 64x8 s32 a8", launch_tiles<Tiles<64, 8, 32, false, false, 8, 8>>},
-    {"wg 64x32 s16 a8", launch_tiles<Tiles<64, 32, 16, false, false, 8, 8>>},
-    {"wg 64x16 s16 a16", launch_tiles<Tiles<64, 16, 16, false, false, 8, 16>>},
-    {"wg 64x32 s16 a16", launch_tiles<Tiles<64, 32, 16, false, false, 8, 16>>},
+    entry<Tiles<64, 8, 32, false, false, 8, 8>>("wg 64x8 s32 a8"),
+    entry<Tiles<64, 32, 16, false, false, 8, 8>>("wg 64x32 s16 a8"),
+    entry<Tiles<64, 16, 16, false, false, 8, 16>>("wg 64x16 s16 a16"),
+    entry<Tiles<64, 32, 16, false, false, 8, 16>>("wg 64x32 s16 a16"),
     // The same with 4 K tiles per copy (K a multiple of 256): a quarter of the copies, the same bytes in flight.
-    {"wg 64x8 s8 a8 kt4", launch_tiles<Narrow8>},
-    {"wg 64x32 s4 a8 kt4", launch_tiles<Tiles<64, 32, 4, false, false, 8, 8, 4>>},
-    {"wg 64x16 s4 a16 kt4", launch_tiles<Narrow16>},
-    {"wg 64x32 s4 a16 kt4", launch_tiles<Tiles<64, 32, 4, false, false, 8, 16, 4>>},
+    entry<Narrow8>("wg 64x8 s8 a8 kt4"),
+    entry<Tiles<64, 32, 4, false, false, 8, 8, 4>>("wg 64x32 s4 a8 kt4"),
+    entry<Narrow16>("wg 64x16 s4 a16 kt4"),
+    entry<Tiles<64, 32, 4, false, false, 8, 16, 4>>("wg 64x32 s4 a16 kt4"),
     // Batch-sized decode (M 17-64) at small N: the 64-row tiles with 4 K tiles per copy.
-    {"wg 64x32 s4 kt4", launch_tiles<Tiles<64, 32, 4, false, false, 8, 64, 4>>},
-    {"wg 64x16 s5 kt4", launch_tiles<Tiles<64, 16, 5, false, false, 8, 64, 4>>},
+    entry<Tiles<64, 32, 4, false, false, 8, 64, 4>>("wg 64x32 s4 kt4"),
+    entry<Tiles<64, 16, 5, false, false, 8, 64, 4>>("wg 64x16 s5 kt4"),
     // The narrow compact-a tiles with a ring of 12 stages (48 K tiles): the whole w of a block up
     // to K = 3072 requested before the kernels before it finish (pdl.cuh).
-    {"wg 64x8 s12 a8 kt4", launch_tiles<Tiles<64, 8, 12, false, false, 8, 8, 4>>},
-    {"wg 64x16 s12 a16 kt4", launch_tiles<Tiles<64, 16, 12, false, false, 8, 16, 4>>},
+    entry<Tiles<64, 8, 12, false, false, 8, 8, 4>>("wg 64x8 s12 a8 kt4"),
+    entry<Tiles<64, 16, 12, false, false, 8, 16, 4>>("wg 64x16 s12 a16 kt4"),
     // gate_up decode (M <= 8): 24 outputs a tile (gate_up_config).
-    {"wg 64x48 s4 a8 kt4", launch_tiles<Tiles<64, 48, 4, false, false, 8, 8, 4>>},
+    entry<Tiles<64, 48, 4, false, false, 8, 8, 4>>("wg 64x48 s4 a8 kt4"),
 };
 constexpr int kConfigCount = sizeof(kConfigs) / sizeof(kConfigs[0]);
 constexpr int k64x32 = 0, k64x64 = 1, k64x128 = 2, k128x256 = 3, k128x256_staged = 4, k128x128_staged = 5;
@@ -214,6 +220,13 @@ int gate_up_config(int config, int64_t M, int64_t N) {
   if (config == k64x8_a8) return k64x16_a16;
   if (config == k64x8_a8 + kTiles4 || config == k64x8_a8_deep || config == k64x16_a16_deep) return k64x16_a16 + kTiles4;
   return config;
+}
+
+bool norm_fuses(int config, int64_t M, int64_t K) {
+  if (config < 0 || config >= kConfigCount) return false;
+  const Entry& e = kConfigs[config];
+  return e.norm_a_rows > 0 && M == 1 && K > 0 && K % (4 * kTileK) == 0 && K <= kNormMaxK &&
+         e.norm_fixed_bytes + (K / kTileK) * e.norm_a_rows * kRowBytes <= kMaxSmemBytes;
 }
 
 void launch(const Problem& p, int config, cudaStream_t stream) {

@@ -10,6 +10,18 @@
 
 namespace detinfer::cuda::sm90 {
 
+// A product's one row (M = 1) computed in its prologue instead of read from a: the row =
+// residual_in (+ x, the sum rounded to bf16 and written to residual_out by block 0), then RMSNorm
+// with weight [K] and eps, as the rmsnorm kernels compute it (rmsnorm_row.cuh), into the block's
+// shared memory.
+struct NormPrologue {
+  const void* residual_in = nullptr;  // [M,K] bf16; null: no prologue, a is read as given
+  const void* x = nullptr;            // [M,K] bf16 or null
+  void* residual_out = nullptr;       // [M,K] bf16, not residual_in (with x only)
+  const void* weight = nullptr;       // [K] bf16
+  float eps = 0.f;
+};
+
 struct Problem {
   const void* a;      // [M,K] bf16, rows K apart, 16-byte aligned
   const void* w;      // [N,K] bf16
@@ -22,6 +34,7 @@ struct Problem {
   // w holds N/2 gate rows then N/2 up rows, and out [M, N/2] bf16 gets
   // silu_mul_value(bf16(gate), bf16(up)) of each pair (splits 1, bf16 out, N even).
   bool gate_up = false;
+  NormPrologue norm{};  // with norm.residual_in, a is not read (norm_fuses must have said yes)
 };
 
 // True when this build has sm_90a code and device 0 can run it.
@@ -37,5 +50,8 @@ int production_config(int64_t M, int64_t N, int64_t K);
 // more, or at M <= 8 a wider one that gives every SM at most one tile.
 int gate_up_config(int config, int64_t M, int64_t N);
 void launch(const Problem& p, int config, cudaStream_t stream);
+// True when `config` computes a NormPrologue of M rows with K columns: one row, a compact-a tile
+// with 4 K tiles per copy, K a multiple of 256 up to 4096 that the block's shared memory holds.
+bool norm_fuses(int config, int64_t M, int64_t K);
 
 }  // namespace detinfer::cuda::sm90

@@ -39,8 +39,10 @@
 
 #include "../cuda/check.h"
 #include "matmul_sm90.cuh"
+#include "block_reduce.cuh"
 #include "pdl.cuh"
 #include "ptx.cuh"
+#include "rmsnorm_row.cuh"
 #include "silu_mul.cuh"
 #include "wgmma_bf16.cuh"
 
@@ -60,6 +62,7 @@ struct Args {
   int a_rows;  // rows of a per copy: BM, or M rounded up to 8 when M < BM (the rest stay zero)
   bool pairs;  // N even and out aligned: two neighbouring columns are stored at once
   bool staged; // the tile goes out through shared memory and the copy engine (map_out)
+  NormPrologue norm;  // the kernel's NORM: the rows of a computed in the prologue
 };
 
 // A block computes BM x BN outputs with BM/64 consumer warpgroups of 64 rows each and one producer
@@ -109,27 +112,127 @@ struct Tiles {
   static_assert(KT >= 1, "K tiles per stage");
 };
 
-// One configuration of a table: its name (as the harness and the benchmarks print it) and its launch.
+// One configuration of a table: its name (as the harness and the benchmarks print it) and its
+// launch; for a tile that can compute a NormPrologue, its rows of a per K tile and its shared
+// memory besides them (norm_a_rows 0: it cannot).
 struct Entry {
   const char* name;
   void (*launch)(const Problem&, cudaStream_t);
+  int norm_a_rows = 0;
+  int norm_fixed_bytes = 0;
 };
 
 // ---- the kernel -------------------------------------------------------------------------------
 
+// A tile that can compute a NormPrologue: compact a (one consumer, M <= A_ROWS) with 4 K tiles per
+// copy, so that K is a multiple of 256 and a's rows sit in shared memory as the stages lay them out.
+template <typename T>
+constexpr bool kNormTile = T::A_ROWS < T::BM && T::KT > 1;
+
+// NORM: the one row of a (M = 1, a decode step of one sequence), computed from args.norm, into
+// shared memory at `row_a` as the MMAs read it: K tile t at t * A_ROWS rows of 128 bytes (row 0 of
+// each, whose 16-byte chunks the copy engine's 128-byte swizzle leaves in place). The row is the
+// rmsnorm kernels' (rmsnorm_regs_kernel): their block of norm_row::kThreads = 256 threads is
+// played by the 128 threads of this warpgroup, thread t as threads t and t + 128. Chunk c (8
+// elements) belongs to thread c % 256 of that block, whose fp32 sum takes its chunks' squares in
+// increasing element order; the 8 warp sums then go through block_sum's tree (warp_sum in warp 0
+// over lanes 0-7, zeros elsewhere). The same operations on the same values in the same order: the
+// bits of add_rmsnorm (or rmsnorm). Block 0 alone writes residual_out, which no block reads.
+// `w0`: the norm weight's chunk t, loaded before the kernel's wait (no kernel writes it).
+// H200, replayed Qwen3-0.6B decode step at batch 1: 960 -> 901 us. A prologue of more rows, one
+// after another in each block, lost to the separate norm kernel (980 -> 1003 us at batch 2, 991
+// -> 1097 at 4), and so did one that kept each row in registers (973 us at batch 1).
+constexpr int kNormChunks = 4;  // chunks of the row a thread handles at most
+constexpr int kNormMaxK = kNormChunks * kWarpgroup * norm_row::kChunk;
+
+template <int A_ROWS>
+__device__ void norm_row_to_smem(const Args& args, unsigned char* row_a, float* sums, float* inv, uint4 w0) {
+  using namespace norm_row;
+  static_assert(kThreads == 2 * kWarpgroup, "each consumer thread plays two threads of the norm's block");
+  const int t = threadIdx.x % kWarpgroup, lane = t % 32, warp = t / 32;
+  const int K = args.K, chunks = K / kChunk;
+  const auto* res_in = static_cast<const __nv_bfloat16*>(args.norm.residual_in);
+  const auto* x = static_cast<const __nv_bfloat16*>(args.norm.x);
+  auto* res_out = static_cast<__nv_bfloat16*>(args.norm.residual_out);
+  const auto* weight = static_cast<const __nv_bfloat16*>(args.norm.weight);
+  const bool write_out = x != nullptr && blockIdx.x == 0;
+  // Chunk c: K tile c / 8, 16-byte column c % 8 of the tile's row 0.
+  auto chunk_at = [&](int c) { return reinterpret_cast<uint4*>(row_a + (c / 8) * A_ROWS * kRowBytes + ((c % 8) << 4)); };
+  float lo = 0.f, hi = 0.f;  // the sums of the norm block's threads t and t + 128
+  for (int c = t; c < chunks; c += kWarpgroup) {
+    float v[kChunk];
+    load_chunk(res_in, K, c, true, v);
+    __nv_bfloat16 row[kChunk];
+    if (x) {
+      float b[kChunk];
+      load_chunk(x, K, c, true, b);
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        row[j] = __float2bfloat16_rn(v[j] + b[j]);
+        v[j] = __bfloat162float(row[j]);
+      }
+      if (write_out) store_chunk(res_out, c, true, kChunk, row);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) row[j] = __float2bfloat16_rn(v[j]);  // exact: v came from bf16
+    }
+    float s = (c / kWarpgroup) % 2 ? hi : lo;
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) s = s + v[j] * v[j];
+    if ((c / kWarpgroup) % 2) hi = s;
+    else lo = s;
+    *chunk_at(c) = *reinterpret_cast<const uint4*>(row);
+  }
+  lo = warp_sum(lo);
+  hi = warp_sum(hi);
+  if (lane == 0) sums[warp] = lo, sums[4 + warp] = hi;
+  ptx::warpgroup_barrier(0);
+  if (warp == 0) {
+    const float total = warp_sum(lane < 8 ? sums[lane] : 0.f);
+    if (lane == 0) *inv = inverse_rms(total, K, args.norm.eps);
+  }
+  ptx::warpgroup_barrier(0);
+  const float scale = *inv;
+  for (int c = t; c < chunks; c += kWarpgroup) {
+    float wv[kChunk];
+    if (c == t) {
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) wv[j] = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(&w0)[j]);
+    } else {
+      load_chunk(weight, K, c, true, wv);
+    }
+    uint4 raw = *chunk_at(c);
+    __nv_bfloat16* row = reinterpret_cast<__nv_bfloat16*>(&raw);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j)
+      row[j] = __float2bfloat16_rn(__bfloat162float(__float2bfloat16_rn(__bfloat162float(row[j]) * scale)) * wv[j]);
+    *chunk_at(c) = raw;
+  }
+  // The MMAs read the row through the async proxy.
+  ptx::fence_proxy_async_smem();
+  ptx::warpgroup_barrier(0);
+}
+
 // GATE_UP: w is N/2 gate rows then N/2 up rows, and out gets SiLU·mul of each (gate, up) pair.
 // A template argument, so that the plain product's code is the one it was without the fusion.
-template <typename T, bool GATE_UP>
+// NORM (kNormTile tiles, M = 1): a is not read; the prologue computes its row (norm_row_to_smem)
+// into shared memory past the ring, whose stages then hold only w.
+template <typename T, bool GATE_UP, bool NORM = false>
 __global__ void __launch_bounds__(T::THREADS, 1)
     matmul_sm90_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
                        const __grid_constant__ CUtensorMap map_out, Args args) {
   static_assert(T::GROUP_M >= 1 && T::ACC * 2 == T::BN, "tile parameters");
   static_assert(!T::MOVE_REGISTERS || T::THREADS == 3 * kWarpgroup, "setmaxnreg budget is for 1 producer + 2 consumers");
+  static_assert(!NORM || kNormTile<T>, "a norm prologue needs a compact-a tile with 4 K tiles per copy");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BM = T::BM, BN = T::BN, STAGES = T::STAGES;
+  // A stage holds KT K tiles of a (not with NORM), then KT K tiles of w.
+  constexpr int A_STAGE = NORM ? 0 : T::A_BYTES, STAGE_BYTES = A_STAGE + T::W_BYTES;
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
+  __shared__ float norm_sums[NORM ? 8 : 1], norm_inv;  // NORM: the row's 8 warp sums, its inverse rms
   const uint32_t ring = (ptx::smem_addr(smem_raw) + 1023) & ~1023u;
+  const uint32_t rows_a = ring + STAGES * STAGE_BYTES;  // NORM: a's row, K tile t at t * A_ROWS rows
 
   // A gate_up tile holds BN/2 columns of out: w rows n0.. (gate) in the first half of the w stage
   // and N/2 + n0.. (up) in the second, so that accumulator groups j and j + BN/16 pair up.
@@ -160,11 +263,11 @@ __global__ void __launch_bounds__(T::THREADS, 1)
   }
   // Rows of a past a_rows (up to the stage's A_ROWS) are never copied: zero them once, for the
   // tensor cores to read.
-  if (args.a_rows < T::A_ROWS) {
+  if (!NORM && args.a_rows < T::A_ROWS) {
     const int row_bytes = (T::A_ROWS - args.a_rows) * kRowBytes;
     for (int i = threadIdx.x; i < STAGES * row_bytes / 16; i += T::THREADS) {
       const int stage = i / (row_bytes / 16), off = i % (row_bytes / 16);
-      const uint32_t dst = ring + stage * T::STAGE_BYTES + args.a_rows * kRowBytes + off * 16;
+      const uint32_t dst = ring + stage * STAGE_BYTES + args.a_rows * kRowBytes + off * 16;
       ptx::st_shared_zero16(dst);
     }
     ptx::fence_proxy_async_smem();
@@ -175,11 +278,11 @@ __global__ void __launch_bounds__(T::THREADS, 1)
     // Producer warpgroup: one thread issues every copy.
     if constexpr (T::MOVE_REGISTERS) ptx::setmaxnreg_dec<40>();
     if (threadIdx.x == T::CONSUMERS * kWarpgroup) {
-      const uint32_t stage_tx = KT * args.a_rows * kRowBytes + T::W_BYTES;
+      const uint32_t stage_tx = (NORM ? 0 : KT * args.a_rows * kRowBytes) + T::W_BYTES;
       // Stage s's weights from K tile kt for the tile at n0 (a gate_up tile: its gate and up boxes;
       // with KT > 1, one copy of KT tiles of both halves, each tile's gate rows then its up rows).
       auto load_w = [&](int s, int kt, int n0) {
-        const uint32_t bar = ptx::smem_addr(&full[s]), w_dst = ring + s * T::STAGE_BYTES + T::A_BYTES;
+        const uint32_t bar = ptx::smem_addr(&full[s]), w_dst = ring + s * STAGE_BYTES + A_STAGE;
         ptx::mbar_expect_tx(bar, stage_tx);
         if constexpr (KT > 1) {
           if constexpr (GATE_UP) ptx::tma_load_4d(w_dst, &map_w, 0, n0, 0, kt, bar);
@@ -210,7 +313,8 @@ __global__ void __launch_bounds__(T::THREADS, 1)
           if (it >= STAGES) ptx::mbar_wait(ptx::smem_addr(&empty[s]), ((it / STAGES) - 1) & 1);
           const int kt = kt_begin + ks * KT;
           if (it >= ahead) load_w(s, kt, n0);
-          const uint32_t a_dst = ring + s * T::STAGE_BYTES, bar = ptx::smem_addr(&full[s]);
+          if constexpr (NORM) continue;
+          const uint32_t a_dst = ring + s * STAGE_BYTES, bar = ptx::smem_addr(&full[s]);
           if constexpr (KT > 1) ptx::tma_load_3d(a_dst, &map_a, 0, m0, kt, bar);
           else ptx::tma_load(a_dst, &map_a, kt * kTileK, m0, bar);
         }
@@ -220,7 +324,11 @@ __global__ void __launch_bounds__(T::THREADS, 1)
     }
   } else {
     if constexpr (T::MOVE_REGISTERS) ptx::setmaxnreg_inc<232>();
+    uint4 w0{};
+    if constexpr (NORM)
+      if (threadIdx.x % kWarpgroup < args.K / norm_row::kChunk) w0 = static_cast<const uint4*>(args.norm.weight)[threadIdx.x % kWarpgroup];
     pdl_wait();
+    if constexpr (NORM) norm_row_to_smem<T::A_ROWS>(args, smem_raw + (rows_a - ptx::smem_addr(smem_raw)), norm_sums, &norm_inv, w0);
     const int lane = threadIdx.x % 32, warp = (threadIdx.x % kWarpgroup) / 32;
     const bool leader = threadIdx.x % kWarpgroup == 0;
     float* out_f32 = static_cast<float*>(args.out) + static_cast<int64_t>(blockIdx.z) * args.M * args.N;
@@ -236,7 +344,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
       for (int ks = 0; ks < k_stages; ++ks, ++it) {
         const int s = it % STAGES;
         ptx::mbar_wait(ptx::smem_addr(&full[s]), (it / STAGES) & 1);
-        const uint32_t stage = ring + s * T::STAGE_BYTES;
+        const uint32_t stage = ring + s * STAGE_BYTES;
         ptx::wgmma_fence();
         ptx::fence_registers(acc);
         // All four k16 steps of each K tile, also in a last tile that K ends inside: its columns
@@ -244,8 +352,9 @@ __global__ void __launch_bounds__(T::THREADS, 1)
         // branch around the MMAs, which would make the compiler serialize them.)
 #pragma unroll
         for (int t = 0; t < KT; ++t) {
-          const uint64_t da = ptx::smem_desc(stage + (wg * 64 + t * T::A_ROWS) * kRowBytes),
-                         dw = ptx::smem_desc(stage + T::A_BYTES + t * BN * kRowBytes);
+          const uint64_t da = ptx::smem_desc(NORM ? rows_a + ((ks * KT + t) * T::A_ROWS) * kRowBytes
+                                                  : stage + (wg * 64 + t * T::A_ROWS) * kRowBytes),
+                         dw = ptx::smem_desc(stage + A_STAGE + t * BN * kRowBytes);
 #pragma unroll
           for (int kk = 0; kk < kTileK / 16; ++kk) Wgmma<BN>::mma(acc, da + 2 * kk, dw + 2 * kk);
         }
@@ -290,7 +399,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
       };
       if (T::STAGED && args.staged) {
         // The copy engine must have read this warpgroup's previous tile before it is overwritten.
-        const uint32_t out_tile = ring + STAGES * T::STAGE_BYTES + T::A_SLACK + wg * 64 * BN * 2;
+        const uint32_t out_tile = ring + STAGES * STAGE_BYTES + T::A_SLACK + wg * 64 * BN * 2;
         if (leader) ptx::bulk_wait_read<0>();
         ptx::warpgroup_barrier(wg);
 #pragma unroll
@@ -383,6 +492,52 @@ int resident_blocks() {
   return slots;
 }
 
+// Shared memory of a NormPrologue launch of tile T besides a's rows (kNormTile tiles): the ring of
+// w stages, the slack past the last K tile's rows (the MMA reads BM rows from its start), the
+// alignment.
+template <typename T>
+constexpr int norm_fixed_bytes() {
+  return T::STAGES * T::W_BYTES + T::A_SLACK + 1024;
+}
+// The most dynamic shared memory norm_fuses lets a NormPrologue launch take: the H100's and H200's
+// 227 KiB a block, less 1 KiB for the kernel's static shared memory (its barriers and the norm's
+// sums, under 1 KiB).
+constexpr int kMaxSmemBytes = 226 * 1024;
+
+// The NormPrologue launch of tile T (launch_tiles): a's rows of K tiles in shared memory, whose
+// size follows K, so the blocks per SM are asked of the occupancy calculator per launch.
+template <typename T, bool GATE_UP>
+void launch_norm_tiles(const Problem& p, const CUtensorMap& map_w, const Args& args, int64_t tiles,
+                       cudaStream_t stream) {
+  const int smem = norm_fixed_bytes<T>() + (p.K / kTileK) * T::A_ROWS * kRowBytes;
+  auto* kernel = matmul_sm90_kernel<T, GATE_UP, true>;
+  // The block may take what the device allows less the kernel's static shared memory.
+  static std::once_flag once;
+  static cudaError_t attr_err = cudaSuccess;
+  static int max_dynamic = 0;
+  std::call_once(once, [&] {
+    cudaFuncAttributes attrs{};
+    int device = 0, optin = 0;
+    attr_err = cudaFuncGetAttributes(&attrs, kernel);
+    if (attr_err == cudaSuccess) attr_err = cudaGetDevice(&device);
+    if (attr_err == cudaSuccess) attr_err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    max_dynamic = optin - static_cast<int>(attrs.sharedSizeBytes);
+    if (attr_err == cudaSuccess)
+      attr_err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic);
+  });
+  CUDA_CHECK(attr_err);
+  DI_CHECK(smem <= max_dynamic, "matmul: a norm prologue of K = ", p.K, " needs ", smem,
+           " bytes of shared memory and the block may take ", max_dynamic);
+  int device = 0, sms = 0, per_sm = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, T::THREADS, smem));
+  DI_CHECK(per_sm > 0, "matmul: the sm_90 norm prologue kernel ", T::BM, "x", T::BN, " does not fit on this device");
+  dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, int64_t{sms} * per_sm)), 1, 1);
+  // The kernel never reads map_a or map_out: any valid map will do.
+  launch_overlapped(kernel, grid, T::THREADS, smem, stream, map_w, map_w, map_w, args);
+}
+
 // One launch of configuration T: a persistent grid of as many blocks as fit on the device (at
 // most one per tile), p.splits deep.
 template <typename T>
@@ -394,15 +549,20 @@ void launch_tiles(const Problem& p, cudaStream_t stream) {
   DI_CHECK(T::KT == 1 || (p.K % (kTileK * T::KT) == 0 && p.k_per_split % (kTileK * T::KT) == 0),
            "matmul: the sm_90 tiles of ", T::KT, " K tiles per copy take K and the split a multiple of ",
            kTileK * T::KT, ", not ", p.K, " and ", p.k_per_split);
+  const bool norm = p.norm.residual_in != nullptr;
+  DI_CHECK(!norm || (kNormTile<T> && p.splits == 1 && !p.out_f32 && p.M == 1 && p.K <= kNormMaxK),
+           "matmul: the sm_90 tile ", T::BM, "x", T::BN, " cannot compute a norm prologue of ", p.M, " rows and K = ", p.K);
   // KT > 1: every copy of a brings A_ROWS rows (those past M arrive as zeros), so that k-tile t
   // sits at t * A_ROWS rows.
   const int a_rows = T::KT > 1 ? T::A_ROWS : p.M >= T::BM || T::FULL_A ? T::BM : (p.M + 7) / 8 * 8;
   // A gate_up tile's w arrives as two boxes of BN/2 rows (gate, up), each whole swizzle atoms of 8 rows.
   const int n_out = p.gate_up ? p.N / 2 : p.N, bn_out = p.gate_up ? T::BN / 2 : T::BN;
-  CUtensorMap map_a = T::KT > 1 ? tensor_map_tiles(p.a, p.M, p.K, a_rows, T::KT, 1, "a")
-                                 : tensor_map(p.a, p.M, p.K, a_rows, "a");
   CUtensorMap map_w = T::KT > 1 ? tensor_map_tiles(p.w, p.N, p.K, bn_out, T::KT, p.gate_up ? 2 : 1, "w")
                                  : tensor_map(p.w, p.N, p.K, bn_out, "w");
+  // With a norm prologue there is no a to read: any valid map will do.
+  CUtensorMap map_a = norm        ? map_w
+                      : T::KT > 1 ? tensor_map_tiles(p.a, p.M, p.K, a_rows, T::KT, 1, "a")
+                                  : tensor_map(p.a, p.M, p.K, a_rows, "a");
   int64_t tiles = ((int64_t{p.M} + T::BM - 1) / T::BM) * ((int64_t{n_out} + bn_out - 1) / bn_out);
   DI_CHECK(tiles < (int64_t{1} << 31), "matmul: [M=", p.M, ", N=", p.N, "] needs too many tiles");
   const bool pairs = n_out % 2 == 0 && reinterpret_cast<uintptr_t>(p.out) % (p.out_f32 ? 8 : 4) == 0;
@@ -411,7 +571,14 @@ void launch_tiles(const Problem& p, cudaStream_t stream) {
   // Without staging the kernel never reads map_out: any valid map will do.
   CUtensorMap map_out = staged ? tensor_map(p.out, p.M, n_out, 64, "out") : map_w;
   Args args{static_cast<const __nv_bfloat16*>(p.bias), p.out, p.out_f32, p.M, p.N, p.K, n_out,
-            p.k_per_split, a_rows, pairs, staged};
+            p.k_per_split, a_rows, pairs, staged, p.norm};
+  if constexpr (kNormTile<T>) {
+    if (norm) {
+      if constexpr (T::BN >= 16)
+        if (p.gate_up) return launch_norm_tiles<T, true>(p, map_w, args, tiles, stream);
+      return launch_norm_tiles<T, false>(p, map_w, args, tiles, stream);
+    }
+  }
   if constexpr (T::BN >= 16) {
     if (p.gate_up) {
       dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, resident_blocks<T, true>())), 1, 1);

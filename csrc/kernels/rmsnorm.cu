@@ -1,5 +1,6 @@
 // rmsnorm: y[r,:] = bf16(bf16(x[r,:] * rsqrt(mean(x[r,:]^2) + eps)) * w)     x,y [R,H] bf16, w [H]
 // add_rmsnorm: residual[r,:] = bf16(residual[r,:] + x[r,:]), then y = rmsnorm(residual).
+// add_rmsnorm_to (norm_matmul's unfused path): the same with the sum written to another tensor.
 // R = numel / H, so Qwen3's per-head q/k norms are the same kernel over [T*heads, D].
 // Invariant: one block of kThreads threads per row, whatever R is. Thread t owns the 8-element
 // chunks c = t, t + kThreads, ... (elements 8c..8c+7, fewer in a last partial chunk) and adds
@@ -34,29 +35,35 @@ using norm_row::row_sum_squares;
 using norm_row::store_chunk;
 constexpr int kVariantSplits = 4;
 
-// residual[r,:] += x[r,:] (rounded to bf16), each thread over the chunks it later reads back.
-__device__ void add_residual_row(__nv_bfloat16* res, const __nv_bfloat16* x, int64_t H, bool vec) {
+// res_out[r,:] = res_in[r,:] + x[r,:] (rounded to bf16), each thread over the chunks it later
+// reads back.
+__device__ void add_residual_row(__nv_bfloat16* res_out, const __nv_bfloat16* res_in, const __nv_bfloat16* x,
+                                 int64_t H, bool vec) {
   int64_t chunks = (H + kChunk - 1) / kChunk;
   for (int64_t c = threadIdx.x; c < chunks; c += kThreads) {
     float a[kChunk], b[kChunk];
-    int n = load_chunk(res, H, c, vec, a);
+    int n = load_chunk(res_in, H, c, vec, a);
     load_chunk(x, H, c, vec, b);
     __nv_bfloat16 out[kChunk];
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) out[j] = __float2bfloat16_rn(a[j] + b[j]);
-    store_chunk(res, c, vec, n, out);
+    store_chunk(res_out, c, vec, n, out);
   }
 }
 
-// One block per row. With `x_add`, the row is residual (`x`, updated in place) + x_add first.
-__global__ void __launch_bounds__(kThreads) rmsnorm_kernel(__nv_bfloat16* y, __nv_bfloat16* x,
-                                                           const __nv_bfloat16* x_add, const __nv_bfloat16* w,
-                                                           int64_t H, float eps, bool vec) {
+// One block per row. With `x_add`, the row is the residual x_in + x_add first, written to x_out
+// (which may be x_in).
+__global__ void __launch_bounds__(kThreads) rmsnorm_kernel(__nv_bfloat16* y, const __nv_bfloat16* x_in,
+                                                           __nv_bfloat16* x_out, const __nv_bfloat16* x_add,
+                                                           const __nv_bfloat16* w, int64_t H, float eps, bool vec) {
   pdl_start_small_batch();  // one block per row
   int64_t r = blockIdx.x;
-  __nv_bfloat16* xr = x + r * H;
+  const __nv_bfloat16* xr = x_in + r * H;
   // Each thread reads back only the chunks it wrote itself, so no barrier is needed here.
-  if (x_add) add_residual_row(xr, x_add + r * H, H, vec);
+  if (x_add) {
+    add_residual_row(x_out + r * H, xr, x_add + r * H, H, vec);
+    xr = x_out + r * H;
+  }
   float sum = row_sum_squares(xr, H, 0, (H + kChunk - 1) / kChunk, vec);
   normalize_row(y + r * H, xr, w, H, inverse_rms(sum, H, eps), vec);
 }
@@ -67,12 +74,13 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(__nv_bfloat16* y, __n
 // normalize.
 // The same sums in the same order and the same roundings as rmsnorm_kernel, so the same bits.
 template <int PER>
-__global__ void __launch_bounds__(kThreads) rmsnorm_regs_kernel(__nv_bfloat16* y, __nv_bfloat16* x,
-                                                                const __nv_bfloat16* x_add, const __nv_bfloat16* w,
-                                                                int64_t H, float eps, bool vec) {
+__global__ void __launch_bounds__(kThreads) rmsnorm_regs_kernel(__nv_bfloat16* y, const __nv_bfloat16* x_in,
+                                                                __nv_bfloat16* x_out, const __nv_bfloat16* x_add,
+                                                                const __nv_bfloat16* w, int64_t H, float eps,
+                                                                bool vec) {
   pdl_start_small_batch();  // one block per row
   const int64_t r = blockIdx.x, chunks = (H + kChunk - 1) / kChunk;
-  __nv_bfloat16* xr = x + r * H;
+  const __nv_bfloat16* xr = x_in + r * H;
   float v[PER][kChunk], wv[PER][kChunk];
   int n[PER];
 #pragma unroll
@@ -91,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_regs_kernel(__nv_bfloat16* y
         out[j] = __float2bfloat16_rn(v[k][j] + b[j]);
         v[k][j] = __bfloat162float(out[j]);
       }
-      store_chunk(xr, c, vec, n[k], out);
+      store_chunk(x_out + r * H, c, vec, n[k], out);
     }
   }
   float sum = 0.f;
@@ -132,10 +140,11 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_apply_kernel(__nv_bfloat16* 
   normalize_row(y + r * H, x + r * H, w, H, inverse_rms(sum, H, eps), vec);
 }
 
-__global__ void add_kernel_bf16(__nv_bfloat16* res, const __nv_bfloat16* x, int64_t n) {
+__global__ void add_kernel_bf16(__nv_bfloat16* res_out, const __nv_bfloat16* res_in, const __nv_bfloat16* x,
+                                int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    res[i] = __float2bfloat16_rn(__bfloat162float(res[i]) + __bfloat162float(x[i]));
+    res_out[i] = __float2bfloat16_rn(__bfloat162float(res_in[i]) + __bfloat162float(x[i]));
 }
 
 struct NormLaunch {
@@ -154,14 +163,15 @@ std::string shapes(int64_t rows, int64_t H) {
   return "[rows=" + std::to_string(rows) + ", H=" + std::to_string(H) + "]";
 }
 
-void run_norm(const char* op, Tensor& out, __nv_bfloat16* x, const __nv_bfloat16* x_add, const Tensor& w,
-              int64_t rows, float eps) {
+// y = rmsnorm(x_in) or, with x_add, x_out = x_in + x_add and y = rmsnorm(x_out); x_out may be x_in.
+void run_norm(const char* op, Tensor& out, const __nv_bfloat16* x_in, __nv_bfloat16* x_out,
+              const __nv_bfloat16* x_add, const Tensor& w, int64_t rows, float eps) {
   int64_t H = w.dim(0);
   if (rows == 0 || H == 0) return;
   DI_CHECK(rows <= 0x7fffffff, op, ": too many rows (", rows, ")");
   cudaStream_t stream = static_cast<cudaStream_t>(cuda_runtime::stream());
-  bool vec = H % kChunk == 0 && aligned16(out.data()) && aligned16(x) && aligned16(w.data()) &&
-             (x_add == nullptr || aligned16(x_add));
+  bool vec = H % kChunk == 0 && aligned16(out.data()) && aligned16(x_in) && aligned16(w.data()) &&
+             (x_add == nullptr || (aligned16(x_add) && aligned16(x_out)));
   NormLaunch l = norm_config(rows, H);
   const __nv_bfloat16* wp = w.ptr<__nv_bfloat16>();
   __nv_bfloat16* yp = out.ptr<__nv_bfloat16>();
@@ -172,14 +182,17 @@ void run_norm(const char* op, Tensor& out, __nv_bfloat16* x, const __nv_bfloat16
                    : per <= 2 ? rmsnorm_regs_kernel<2>
                    : per <= 4 ? rmsnorm_regs_kernel<4>
                               : rmsnorm_kernel;
-    launch_overlapped(kernel, grid, kThreads, 0, stream, yp, x, x_add, wp, H, eps, vec);
+    launch_overlapped(kernel, grid, kThreads, 0, stream, yp, x_in, x_out, x_add, wp, H, eps, vec);
     CUDA_CHECK_LAUNCH(op, shapes(rows, H));
     return;
   }
+  const __nv_bfloat16* x = x_in;
   if (x_add) {
     int64_t n = rows * H;
-    add_kernel_bf16<<<static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096)), 256, 0, stream>>>(x, x_add, n);
+    add_kernel_bf16<<<static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096)), 256, 0, stream>>>(
+        x_out, x_in, x_add, n);
     CUDA_CHECK_LAUNCH(op, shapes(rows, H));
+    x = x_out;
   }
   DeviceBuffer partial(static_cast<size_t>(rows) * l.splits * sizeof(float));
   int64_t chunks = (H + kChunk - 1) / kChunk, per = (chunks + l.splits - 1) / l.splits;
@@ -194,11 +207,18 @@ void run_norm(const char* op, Tensor& out, __nv_bfloat16* x, const __nv_bfloat16
 }  // namespace
 
 void rmsnorm(Tensor& out, const Tensor& x, const Tensor& w, float eps) {
-  run_norm("rmsnorm", out, x.ptr<__nv_bfloat16>(), nullptr, w, x.numel() / w.dim(0), eps);
+  run_norm("rmsnorm", out, x.ptr<__nv_bfloat16>(), nullptr, nullptr, w, x.numel() / w.dim(0), eps);
 }
 
 void add_rmsnorm(Tensor& out, Tensor& residual, const Tensor& x, const Tensor& w, float eps) {
-  run_norm("add_rmsnorm", out, residual.ptr<__nv_bfloat16>(), x.ptr<__nv_bfloat16>(), w, x.numel() / w.dim(0), eps);
+  __nv_bfloat16* res = residual.ptr<__nv_bfloat16>();
+  run_norm("add_rmsnorm", out, res, res, x.ptr<__nv_bfloat16>(), w, x.numel() / w.dim(0), eps);
+}
+
+void add_rmsnorm_to(Tensor& out, Tensor& residual_out, const Tensor& residual_in, const Tensor* x, const Tensor& w,
+                    float eps) {
+  run_norm("norm_matmul", out, residual_in.ptr<__nv_bfloat16>(), x ? residual_out.ptr<__nv_bfloat16>() : nullptr,
+           x ? x->ptr<__nv_bfloat16>() : nullptr, w, residual_in.numel() / w.dim(0), eps);
 }
 
 }  // namespace detinfer::cuda

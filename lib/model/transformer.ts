@@ -83,6 +83,7 @@ interface TensorParallelState {
 /** Step buffers, allocated once for maxBatchTokens rows; each forward uses views of their first rows. */
 interface Activations {
   residual: NativeTensor // bf16 [T, H]
+  residualNext: NativeTensor // bf16 [T, H]: where a fused norm writes residual + x (NormedRows)
   normed: NativeTensor // bf16 [T, H]
   proj: NativeTensor // bf16 [T, H], o_proj and down_proj outputs
   qkv: NativeTensor // bf16 [T, (heads + 2*kvHeads)*D], the q|k|v product
@@ -94,6 +95,17 @@ interface Activations {
   act: NativeTensor // bf16 [T, I]
   gathered: NativeTensor // bf16 [L, H]
   logits: NativeTensor // f32 [L, V]
+}
+
+/**
+ * The rows a product normalizes before it multiplies (normMatmul): rmsnorm(residualIn + x) with
+ * weight `norm`, the sum written to residualOut; without x, rmsnorm(residualIn).
+ */
+interface NormedRows {
+  residualIn: NativeTensor
+  x: NativeTensor | null
+  residualOut: NativeTensor
+  norm: NativeTensor
 }
 
 interface KvCache {
@@ -149,6 +161,7 @@ function allocateActivations(
   const kvWidth = c.numKvHeads * c.headDim
   return {
     residual: alloc('bf16', [T, H]),
+    residualNext: alloc('bf16', [T, H]),
     normed: alloc('bf16', [T, H]),
     proj: alloc('bf16', [T, H]),
     qkv: alloc('bf16', [T, qWidth + 2 * kvWidth]),
@@ -417,19 +430,43 @@ export class Transformer {
     const T = v.tokens
     const R = v.logitRows
     const rows = (t: NativeTensor, count = T) => n.narrow(t, 0, count)
-    const residual = rows(this.act.residual)
     const normed = rows(this.act.normed)
-    n.embedding(residual, this.weights.embedTokens, v.ids)
-    n.rmsnorm(normed, residual, this.weights.layers[0]!.inputNorm, c.rmsNormEps)
-    for (let l = 0; l < c.numLayers; l++) {
-      const layer = this.weights.layers[l]!
-      const nextNorm = l + 1 < c.numLayers ? this.weights.layers[l + 1]!.inputNorm : this.weights.norm
-      this.attentionBlock(l, layer, T, normed, v.positions, v.slots, v.batch)
-      // residual += o_proj; normed = post_attention_layernorm(residual)
-      n.addRmsnorm(normed, residual, rows(this.act.proj), layer.postAttentionNorm, c.rmsNormEps)
-      this.mlpBlock(l, layer, T, normed)
-      // residual += down_proj; normed = next layer's input norm (or the final norm)
-      n.addRmsnorm(normed, residual, rows(this.act.proj), nextNorm, c.rmsNormEps)
+    if (this.tp || this.unfused) {
+      const residual = rows(this.act.residual)
+      n.embedding(residual, this.weights.embedTokens, v.ids)
+      n.rmsnorm(normed, residual, this.weights.layers[0]!.inputNorm, c.rmsNormEps)
+      for (let l = 0; l < c.numLayers; l++) {
+        const layer = this.weights.layers[l]!
+        const nextNorm = l + 1 < c.numLayers ? this.weights.layers[l + 1]!.inputNorm : this.weights.norm
+        this.attentionBlock(l, layer, T, normed, v.positions, v.slots, v.batch)
+        // residual += o_proj; normed = post_attention_layernorm(residual)
+        n.addRmsnorm(normed, residual, rows(this.act.proj), layer.postAttentionNorm, c.rmsNormEps)
+        this.mlpBlock(l, layer, T, normed)
+        // residual += down_proj; normed = next layer's input norm (or the final norm)
+        n.addRmsnorm(normed, residual, rows(this.act.proj), nextNorm, c.rmsNormEps)
+      }
+    } else {
+      // Each norm inside the product after it (normMatmul; one launch on Hopper at decode sizes):
+      // the residual stream alternates between two buffers, since the product reads one while it
+      // writes the sum to the other.
+      let residual = rows(this.act.residual)
+      let other = rows(this.act.residualNext)
+      const next = (x: NativeTensor | null, norm: NativeTensor): NormedRows => {
+        const input = { residualIn: residual, x, residualOut: other, norm }
+        if (x) [residual, other] = [other, residual]
+        return input
+      }
+      const proj = rows(this.act.proj)
+      n.embedding(residual, this.weights.embedTokens, v.ids)
+      for (let l = 0; l < c.numLayers; l++) {
+        const layer = this.weights.layers[l]!
+        // residual (+= down_proj of the layer before) -> input_layernorm -> attention
+        this.attentionBlock(l, layer, T, next(l === 0 ? null : proj, layer.inputNorm), v.positions, v.slots, v.batch)
+        // residual += o_proj -> post_attention_layernorm -> MLP
+        this.mlpBlock(l, layer, T, next(proj, layer.postAttentionNorm))
+      }
+      // residual += the last down_proj; normed = the final norm
+      n.addRmsnorm(normed, residual, proj, this.weights.norm, c.rmsNormEps)
     }
     const logits = rows(this.act.logits, R)
     if (R > 0) {
@@ -441,26 +478,27 @@ export class Transformer {
     return logits
   }
 
-  // x = normed [T,H] -> act.proj [T,H] = o_proj(attention(rope(q), cache))
+  // x = normed [T,H] (or the rows the first product normalizes) -> act.proj [T,H] =
+  // o_proj(attention(rope(q), cache)). The emulated ranks and the unfused layers take normed rows.
   private attentionBlock(
     l: number,
     w: LayerWeights,
     T: number,
-    normed: NativeTensor,
+    input: NativeTensor | NormedRows,
     positions: NativeTensor,
     slots: NativeTensor,
     batch: AttentionBatch,
   ): void {
-    if (this.tp) return this.attentionRanks(this.tp, l, T, normed, positions, slots, batch)
     const n = native()
     const c = this.config
     const D = c.headDim
     let q3: NativeTensor
-    if (this.unfused) {
-      q3 = this.unfusedAttentionInputs(l, w, T, normed, positions, slots)
+    if (!('residualIn' in input)) {
+      if (this.tp) return this.attentionRanks(this.tp, l, T, input, positions, slots, batch)
+      q3 = this.unfusedAttentionInputs(l, w, T, input, positions, slots)
     } else {
       const qkv = n.narrow(this.act.qkv, 0, T)
-      n.matmul(qkv, normed, w.qkvProj, w.qkvBias) // [T,H] · [(heads+2kv)*D,H]^T -> [T, q|k|v]
+      this.normProduct(qkv, null, input, w.qkvProj, w.qkvBias) // [T,H] · [(heads+2kv)*D,H]^T -> [T, q|k|v]
       // q -> rope(q_norm(q)); k -> rope(k_norm(k)) and v -> the cache rows at slots
       q3 = n.view(n.narrow(this.act.q, 0, T), [T, c.numHeads, D])
       n.qkvRopeAppend(q3, this.cache.k[l]!, this.cache.v[l]!, qkv, positions, this.cosSin, slots, w.qNorm, w.kNorm, c.rmsNormEps)
@@ -468,6 +506,22 @@ export class Transformer {
     const attn = n.narrow(this.act.attn, 0, T)
     n.attention(n.view(attn, [T, c.numHeads, D]), q3, this.cache.k[l]!, this.cache.v[l]!, batch, 1 / Math.sqrt(D))
     n.matmul(n.narrow(this.act.proj, 0, T), attn, w.oProj, w.oBias) // [T,heads*D] · [H,heads*D]^T -> [T,H]
+  }
+
+  // out = rmsnorm(rows) · weight^T (+ bias); with gateUp (its scratch), SiLU·mul of the gate|up product.
+  private normProduct(
+    out: NativeTensor,
+    gateUp: NativeTensor | null,
+    rows: NormedRows,
+    weight: NativeTensor,
+    bias: NativeTensor | null,
+  ): void {
+    const n = native()
+    const eps = this.config.rmsNormEps
+    const normed = n.narrow(this.act.normed, 0, rows.residualIn.shape[0]!)
+    const { residualIn, x, residualOut, norm } = rows
+    if (gateUp) n.normMatmulSiluMul(out, gateUp, normed, residualOut, residualIn, x, norm, eps, weight, bias)
+    else n.normMatmul(out, normed, residualOut, residualIn, x, norm, eps, weight, bias)
   }
 
   // The same as qkvRopeAppend with one product per weight and one op per step (unfusedLayers).
@@ -508,13 +562,15 @@ export class Transformer {
     return q3
   }
 
-  // x = normed [T,H] -> act.proj [T,H] = down(silu(gate(x)) * up(x))
-  private mlpBlock(l: number, w: LayerWeights, T: number, normed: NativeTensor): void {
-    if (this.tp) return this.mlpRanks(this.tp, l, T, normed, w.downBias)
+  // x = normed [T,H] (or the rows the gate|up product normalizes) -> act.proj [T,H] =
+  // down(silu(gate(x)) * up(x))
+  private mlpBlock(l: number, w: LayerWeights, T: number, input: NativeTensor | NormedRows): void {
     const n = native()
     const I = this.config.intermediateSize
     const act = n.narrow(this.act.act, 0, T)
-    if (this.unfused) {
+    if (!('residualIn' in input)) {
+      if (this.tp) return this.mlpRanks(this.tp, l, T, input, w.downBias)
+      const normed = input
       // gate and up as two products into two [T,I] blocks of act.gateUp's memory
       const [gate, up] = blockProducts(this.act.gateUp, T, normed, w.gateUpProj, w.gateUpBias, [I, I]) as [
         NativeTensor,
@@ -523,7 +579,7 @@ export class Transformer {
       n.siluMul(act, gate, up)
     } else {
       // [T,H] · [2I,H]^T -> [T, gate|up] -> silu·mul -> [T,I], one launch where the kernels fuse it
-      n.matmulSiluMul(act, n.narrow(this.act.gateUp, 0, T), normed, w.gateUpProj, w.gateUpBias)
+      this.normProduct(act, n.narrow(this.act.gateUp, 0, T), input, w.gateUpProj, w.gateUpBias)
     }
     n.matmul(n.narrow(this.act.proj, 0, T), act, w.downProj, w.downBias) // [T,I] · [H,I]^T -> [T,H]
   }

@@ -4,7 +4,12 @@
 // architectures of test/fixtures/hf, through prefill, chunked prefill mixed with decoding, and
 // greedy decoding. On the CPU here; on CUDA (describeGpu) the same, since every fixture has
 // head_dim 64.
-import { existsSync } from 'node:fs'
+// The fixtures' hidden size (128) is too small for the Hopper products that compute the norm
+// before them in their prologue (normMatmul: K a multiple of 256); on CUDA, two layers at
+// Qwen3-0.6B's and Qwen2's layer shapes (hidden 1024, q|k|v biases for Qwen2) run them at every
+// decode step, against the unfused layers' separate addRmsnorm.
+import { existsSync, mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -13,6 +18,7 @@ import { Transformer, type SequenceChunk } from '../../lib/model/transformer.js'
 import { readBytes } from '../../lib/tensor.js'
 import { describeGpu } from '../helpers/gpu.js'
 import { firstDifference } from '../helpers/compare.js'
+import { writeTinyModel } from '../helpers/tiny-model.js'
 import { blockTables, splitRows, asF32 } from './forward-helpers.js'
 
 const fixtures = join(resolve(dirname(fileURLToPath(import.meta.url)), '..', '..'), 'test', 'fixtures', 'hf')
@@ -65,15 +71,19 @@ async function trace(model: Transformer, prompts: number[][]): Promise<Trace> {
   return out
 }
 
-function fusedSuite(device: DeviceName): void {
-  for (const name of MODELS.filter((m) => existsSync(join(fixtures, m, 'config.json')))) {
+/** The fixtures present, each as a name and its directory. */
+const fixtureModels = MODELS.filter((m) => existsSync(join(fixtures, m, 'config.json'))).map((m) => ({ name: m, dir: () => join(fixtures, m) }))
+
+/** `models`' directories are read when the suite runs (they may be written by a beforeAll). */
+function fusedSuite(device: DeviceName, models = fixtureModels): void {
+  for (const { name, dir } of models) {
     describe(name, () => {
       let fused: Transformer
       let unfused: Transformer
       const opts = { device, maxBatchTokens: 96, kvBlocks: 8, kvBlockSize: 16 }
       beforeAll(async () => {
-        fused = await Transformer.load(join(fixtures, name), opts)
-        unfused = await Transformer.load(join(fixtures, name), { ...opts, unfusedLayers: true })
+        fused = await Transformer.load(dir(), opts)
+        unfused = await Transformer.load(dir(), { ...opts, unfusedLayers: true })
       })
       afterAll(() => {
         fused?.dispose()
@@ -98,3 +108,15 @@ function fusedSuite(device: DeviceName): void {
 
 describe('fused layers on the CPU', () => fusedSuite('cpu'))
 describeGpu('fused layers on CUDA', () => fusedSuite('cuda'))
+
+describeGpu('fused layers and norms on CUDA at hidden size 1024', () => {
+  let root: string
+  beforeAll(() => {
+    root = mkdtempSync(join(tmpdir(), 'detinfer-fused-'))
+    const layer = { hiddenSize: 1024, intermediateSize: 3072, numLayers: 2, numHeads: 16, numKvHeads: 8, headDim: 128, maxPositions: 1024, vocabSize: 4096 }
+    writeTinyModel(join(root, 'qwen3'), { architecture: 'Qwen3ForCausalLM', ...layer, seed: 21 })
+    writeTinyModel(join(root, 'qwen2'), { architecture: 'Qwen2ForCausalLM', ...layer, attentionBias: true, seed: 22 })
+  })
+  afterAll(() => rmSync(root, { recursive: true, force: true }))
+  fusedSuite('cuda', ['qwen3', 'qwen2'].map((m) => ({ name: `${m} at 0.6B layer shapes`, dir: () => join(root, m) })))
+})
