@@ -132,12 +132,12 @@ static void check_partition(const Checker& c, int64_t K, int64_t parts, const Te
          " equal partitions, each a positive multiple of ", partitions::kStep, " columns) but received ", a.describe());
 }
 
-static void check_product(const Checker& c, const Tensor& a, const Tensor& w) {
-  c.rank(a, "a", 2);
+static void check_product(const Checker& c, const Tensor& a, const Tensor& w, const char* a_name = "a") {
+  c.rank(a, a_name, 2);
   c.rank(w, "w", 2);
-  c.dtype(a, "a", {DType::BF16});
+  c.dtype(a, a_name, {DType::BF16});
   c.dtype(w, "w", {DType::BF16});
-  c.dim(a, "a", 1, w.dim(1), "K, the second dimension of w");
+  c.dim(a, a_name, 1, w.dim(1), "K, the second dimension of w");
 }
 
 static void check_bias(const Checker& c, const Tensor& out, const Tensor* bias, int64_t N,
@@ -231,21 +231,28 @@ void silu_mul_packed(Tensor& out, const Tensor& gate_up) {
   on_cuda(out) ? cuda::silu_mul_packed(out, gate_up) : cpu::silu_mul_packed(out, gate_up);
 }
 
-void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor& w, const Tensor* bias) {
-  Checker c{"matmul_silu_mul"};
-  c.devices({{"out", &out}, {"gate_up", &gate_up}, {"a", &a}, {"w", &w}});
-  check_product(c, a, w);
+// A gate|up product of a [M,K] (named a_name) and w [2I,K] into out [M,I], gate_up [M,2I] its scratch.
+static void check_gate_up_product(const Checker& c, const Tensor& out, const Tensor& gate_up, const Tensor& a,
+                                  const char* a_name, const Tensor& w, const Tensor* bias) {
+  check_product(c, a, w, a_name);
   if (w.dim(0) % 2 != 0)
-    fail("matmul_silu_mul: expected w to hold gate then up rows (an even number) but received ", w.describe());
+    fail(c.op, ": expected w to hold gate then up rows (an even number) but received ", w.describe());
+  const std::string rows = std::string("M, rows of ") + a_name;
   c.rank(out, "out", 2);
   c.dtype(out, "out", {DType::BF16});
-  c.dim(out, "out", 0, a.dim(0), "M, rows of a");
+  c.dim(out, "out", 0, a.dim(0), rows.c_str());
   c.dim(out, "out", 1, w.dim(0) / 2, "I, half the rows of w");
   c.rank(gate_up, "gate_up", 2);
   c.dtype(gate_up, "gate_up", {DType::BF16});
-  c.dim(gate_up, "gate_up", 0, a.dim(0), "M, rows of a");
+  c.dim(gate_up, "gate_up", 0, a.dim(0), rows.c_str());
   c.dim(gate_up, "gate_up", 1, w.dim(0), "2I, rows of w");
   check_bias(c, out, bias, w.dim(0), "2I, rows of w");
+}
+
+void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor& w, const Tensor* bias) {
+  Checker c{"matmul_silu_mul"};
+  c.devices({{"out", &out}, {"gate_up", &gate_up}, {"a", &a}, {"w", &w}});
+  check_gate_up_product(c, out, gate_up, a, "a", w, bias);
   on_cuda(out) ? cuda::matmul_silu_mul(out, gate_up, a, w, bias) : cpu::matmul_silu_mul(out, gate_up, a, w, bias);
 }
 
@@ -274,7 +281,7 @@ void norm_matmul(Tensor& out, Tensor& normed, Tensor& residual_out, const Tensor
   Checker c{"norm_matmul"};
   check_norm_input(c, normed, residual_out, residual_in, x, norm_w);
   c.devices({{"out", &out}, {"residual_in", &residual_in}, {"w", &w}});
-  check_product(c, normed, w);
+  check_product(c, residual_in, w, "residual_in");
   c.rank(out, "out", 2);
   c.dtype(out, "out", {DType::BF16});
   c.dim(out, "out", 0, residual_in.dim(0), "M, rows of residual_in");
@@ -290,18 +297,7 @@ void norm_matmul_silu_mul(Tensor& out, Tensor& gate_up, Tensor& normed, Tensor& 
   Checker c{"norm_matmul_silu_mul"};
   check_norm_input(c, normed, residual_out, residual_in, x, norm_w);
   c.devices({{"out", &out}, {"gate_up", &gate_up}, {"residual_in", &residual_in}, {"w", &w}});
-  check_product(c, normed, w);
-  if (w.dim(0) % 2 != 0)
-    fail("norm_matmul_silu_mul: expected w to hold gate then up rows (an even number) but received ", w.describe());
-  c.rank(out, "out", 2);
-  c.dtype(out, "out", {DType::BF16});
-  c.dim(out, "out", 0, residual_in.dim(0), "M, rows of residual_in");
-  c.dim(out, "out", 1, w.dim(0) / 2, "I, half the rows of w");
-  c.rank(gate_up, "gate_up", 2);
-  c.dtype(gate_up, "gate_up", {DType::BF16});
-  c.dim(gate_up, "gate_up", 0, residual_in.dim(0), "M, rows of residual_in");
-  c.dim(gate_up, "gate_up", 1, w.dim(0), "2I, rows of w");
-  check_bias(c, out, bias, w.dim(0), "2I, rows of w");
+  check_gate_up_product(c, out, gate_up, residual_in, "residual_in", w, bias);
   on_cuda(out) ? cuda::norm_matmul_silu_mul(out, gate_up, normed, residual_out, residual_in, x, norm_w, eps, w, bias)
                : cpu::norm_matmul_silu_mul(out, gate_up, normed, residual_out, residual_in, x, norm_w, eps, w, bias);
 }
