@@ -446,7 +446,7 @@ export class Transformer {
         n.addRmsnorm(normed, residual, rows(this.act.proj), nextNorm, c.rmsNormEps)
       }
     } else {
-      // Each norm inside the product after it (normMatmul; one launch on Hopper at decode sizes):
+      // Each norm inside the product after it (normMatmul; one launch on Hopper at one row):
       // the residual stream alternates between two buffers, since the product reads one while it
       // writes the sum to the other.
       let residual = rows(this.act.residual)
