@@ -166,8 +166,8 @@ describe('normMatmul on the CPU', () => {
 //   Qwen3-0.6B's q|k|v (N 4096, K 1024): the 32-column tile; its gate|up (2I 6144): the
 //     48-column one;
 //   Qwen3-8B's q|k|v (N 6144, K 4096), 64 K tiles of the row in shared memory, and a gate|up of
-//     K 4096 (the 48-column tile); 2I 8192, too many 48-column tiles for one per SM, takes the
-//     32-column gate|up tile as Qwen3-8B's gate|up (2I 24576) does;
+//     K 4096 (the 48-column tile); 2I 8192, more 48-column tiles than SMs, takes the 32-column
+//     gate|up tile (Qwen3-8B's own gate|up, 2I 24576, takes the 64x128 tile and does not fuse);
 //   N 512: the 8-column tile; 2I 128: gate|up's 16-column tile; N 1024 at K 3072: the 12-stage ring;
 //   K 1088, not a multiple of 256: never fused.
 describeGpu('normMatmul on CUDA', () => {
