@@ -4,9 +4,14 @@
 // states its invariant.
 #pragma once
 
+#include <cstdint>
+
 #include "../common/op_list.h"
 
 namespace detinfer::cuda {
+
+// Whether p starts on a 16-byte boundary (the kernels' vector loads and stores need it).
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Every op of common/op_list.h.
 DETINFER_BACKEND_OPS(DETINFER_DECLARE_OP)

@@ -262,8 +262,6 @@ void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor
 
 namespace {
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // The norm in the product's prologue where a Hopper tile can compute it (sm90::norm_fuses: one
 // row, one split, so never in the variant), else add_rmsnorm_to into normed and the product.
 // Either way out gets the bits of add_rmsnorm then matmul (matmul_silu_mul with gate_up).

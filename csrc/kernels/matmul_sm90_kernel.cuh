@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
 #include <mutex>
 
 #include "../cuda/check.h"
@@ -204,8 +205,7 @@ __device__ void norm_row_to_smem(const Args& args, unsigned char* row_a, float* 
     uint4 raw = *chunk_at(c);
     __nv_bfloat16* row = reinterpret_cast<__nv_bfloat16*>(&raw);
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j)
-      row[j] = __float2bfloat16_rn(__bfloat162float(__float2bfloat16_rn(__bfloat162float(row[j]) * scale)) * wv[j]);
+    for (int j = 0; j < kChunk; ++j) row[j] = normalized(__bfloat162float(row[j]), scale, wv[j]);
     *chunk_at(c) = raw;
   }
   // The MMAs read the row through the async proxy.
@@ -469,6 +469,18 @@ CUtensorMap tensor_map(const void* data, int rows, int K, int box_rows, const ch
 // K/64} whose box holds each tile's rows of both halves, first half first.
 CUtensorMap tensor_map_tiles(const void* data, int rows, int K, int box_rows, int tiles, int halves, const char* what);
 
+// Blocks of `kernel` (of `threads` threads, `smem` bytes of dynamic shared memory, allowed
+// already) that fit on the whole device at once.
+template <typename Kernel>
+cudaError_t device_blocks(Kernel kernel, int threads, int smem, int& blocks) {
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  blocks = sms * per_sm;
+  return err;
+}
+
 // Blocks of matmul_sm90_kernel<T, GATE_UP> resident on the whole device (its shared-memory size
 // is set once).
 template <typename T, bool GATE_UP>
@@ -479,13 +491,7 @@ int resident_blocks() {
   std::call_once(once, [] {
     attr_err = cudaFuncSetAttribute(matmul_sm90_kernel<T, GATE_UP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     T::SMEM_BYTES);
-    int device = 0, sms = 0, per_sm = 0;
-    if (attr_err == cudaSuccess) attr_err = cudaGetDevice(&device);
-    if (attr_err == cudaSuccess) attr_err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (attr_err == cudaSuccess)
-      attr_err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, matmul_sm90_kernel<T, GATE_UP>, T::THREADS,
-                                                               T::SMEM_BYTES);
-    slots = sms * per_sm;
+    if (attr_err == cudaSuccess) attr_err = device_blocks(matmul_sm90_kernel<T, GATE_UP>, T::THREADS, T::SMEM_BYTES, slots);
   });
   CUDA_CHECK(attr_err);
   DI_CHECK(slots > 0, "matmul: the sm_90 kernel ", T::BM, "x", T::BN, " does not fit on this device");
@@ -505,7 +511,7 @@ constexpr int norm_fixed_bytes() {
 constexpr int kMaxSmemBytes = 226 * 1024;
 
 // The NormPrologue launch of tile T (launch_tiles): a's rows of K tiles in shared memory, whose
-// size follows K, so the blocks per SM are asked of the occupancy calculator per launch.
+// size follows K, so the blocks that fit are found once per size.
 template <typename T, bool GATE_UP>
 void launch_norm_tiles(const Problem& p, const CUtensorMap& map_w, const Args& args, int64_t tiles,
                        cudaStream_t stream) {
@@ -528,12 +534,20 @@ void launch_norm_tiles(const Problem& p, const CUtensorMap& map_w, const Args& a
   CUDA_CHECK(attr_err);
   DI_CHECK(smem <= max_dynamic, "matmul: a norm prologue of K = ", p.K, " needs ", smem,
            " bytes of shared memory and the block may take ", max_dynamic);
-  int device = 0, sms = 0, per_sm = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, T::THREADS, smem));
-  DI_CHECK(per_sm > 0, "matmul: the sm_90 norm prologue kernel ", T::BM, "x", T::BN, " does not fit on this device");
-  dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, int64_t{sms} * per_sm)), 1, 1);
+  static std::mutex mutex;
+  static std::map<int, int> blocks_by_smem;
+  int blocks = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto found = blocks_by_smem.find(smem);
+    if (found == blocks_by_smem.end()) {
+      CUDA_CHECK(device_blocks(kernel, T::THREADS, smem, blocks));
+      found = blocks_by_smem.emplace(smem, blocks).first;
+    }
+    blocks = found->second;
+  }
+  DI_CHECK(blocks > 0, "matmul: the sm_90 norm prologue kernel ", T::BM, "x", T::BN, " does not fit on this device");
+  dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, blocks)), 1, 1);
   // The kernel never reads map_a or map_out: any valid map will do.
   launch_overlapped(kernel, grid, T::THREADS, smem, stream, map_w, map_w, map_w, args);
 }

@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) qkv_rope_append_kernel(QkvRope
     if (mine)
 #pragma unroll
       for (int j = 0; j < kChunk; ++j)
-        y[j] = __float2bfloat16_rn(__bfloat162float(__float2bfloat16_rn(xv[j] * inv)) * wv[j]);
+        y[j] = norm_row::normalized(xv[j], inv, wv[j]);
   }
 
   // The rotation partner's chunk (l + D/16 for the first half, l - D/16 for the second).
@@ -166,8 +166,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32) qkv_rope_append_kernel(QkvRope
                    : rope_pair::rotate_second(__bfloat162float(z[j]), __bfloat162float(y[j]), cosv[j], sinv[j]);
   norm_row::store_chunk(dst, lane, a.vec, kChunk, out);
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
 

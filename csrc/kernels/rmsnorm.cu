@@ -31,6 +31,7 @@ using norm_row::kThreads;
 using norm_row::inverse_rms;
 using norm_row::load_chunk;
 using norm_row::normalize_row;
+using norm_row::normalized;
 using norm_row::row_sum_squares;
 using norm_row::store_chunk;
 constexpr int kVariantSplits = 4;
@@ -115,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_regs_kernel(__nv_bfloat16* y
     __nv_bfloat16 out[kChunk];
 #pragma unroll
     for (int j = 0; j < kChunk; ++j)
-      out[j] = __float2bfloat16_rn(__bfloat162float(__float2bfloat16_rn(v[k][j] * inv)) * wv[k][j]);
+      out[j] = normalized(v[k][j], inv, wv[k][j]);
     store_chunk(y + r * H, threadIdx.x + int64_t{k} * kThreads, vec, n[k], out);
   }
 }
@@ -156,8 +157,6 @@ NormLaunch norm_config(int64_t rows, int64_t H) {
   if (variant_kernels() && rows < kVariantSplits && H >= kVariantSplits * kChunk) return {kVariantSplits};
   return {1};
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 std::string shapes(int64_t rows, int64_t H) {
   return "[rows=" + std::to_string(rows) + ", H=" + std::to_string(H) + "]";

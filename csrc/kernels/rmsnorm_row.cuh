@@ -58,6 +58,12 @@ __device__ __forceinline__ void store_chunk(__nv_bfloat16* row, int64_t c, bool 
   }
 }
 
+// One normalized element: v times the row's inverse rms, rounded to bf16, times the weight,
+// rounded again. Every kernel that normalizes rows computes each element with this.
+__device__ __forceinline__ __nv_bfloat16 normalized(float v, float inv, float w) {
+  return __float2bfloat16_rn(__bfloat162float(__float2bfloat16_rn(v * inv)) * w);
+}
+
 __device__ inline void normalize_row(__nv_bfloat16* y, const __nv_bfloat16* x, const __nv_bfloat16* w, int64_t H,
                               float inv, bool vec) {
   int64_t chunks = (H + kChunk - 1) / kChunk;
@@ -68,7 +74,7 @@ __device__ inline void normalize_row(__nv_bfloat16* y, const __nv_bfloat16* x, c
     __nv_bfloat16 out[kChunk];
 #pragma unroll
     for (int j = 0; j < kChunk; ++j)
-      out[j] = __float2bfloat16_rn(__bfloat162float(__float2bfloat16_rn(v[j] * inv)) * wv[j]);
+      out[j] = normalized(v[j], inv, wv[j]);
     store_chunk(y, c, vec, n, out);
   }
 }
