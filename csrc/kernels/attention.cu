@@ -261,8 +261,20 @@ __device__ __forceinline__ DecodeSplit decode_split(const AttentionArgs& a) {
 }
 
 // Decode blocks prefetch their split's keys and values into L2 before their wait up to this many
-// sequences (attention_decode_wide_kernel says what it measured).
+// sequences (attention_decode_wide_kernel says what it measured), and past kPrefetchAnyLength of
+// them only while the batch's keys (sequences × the block's sequence length) are at most
+// kPrefetchKeys. H200, random Qwen3-0.6B, replayed decode step, two rounds each: batch 16 at 200
+// keys 1244.5 / 1240.7 -> 1227.5 / 1227.9 us; batch 16 at 101 keys and batches 1, 8, 24 and 32 at
+// 101 and 200 keys within 0.5% (bench/step-attribution.mjs). Bounding every batch so lost batch 1
+// at 3000 keys, 1081 -> 1100 us.
 constexpr int kPrefetchSeqs = 16;
+constexpr int kPrefetchAnyLength = 8;
+constexpr int64_t kPrefetchKeys = 2048;
+
+__device__ __forceinline__ bool prefetches(int num_seqs, int len) {
+  return num_seqs <= kPrefetchAnyLength ||
+         (num_seqs <= kPrefetchSeqs && static_cast<int64_t>(num_seqs) * len <= kPrefetchKeys);
+}
 
 // The lines of the split's keys and values in the cache (K, then V, of each key), into L2.
 template <int D>
@@ -301,14 +313,13 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRED>::kThreads) attention_d
   // The step's lengths and block tables come from the host, by copies before the step's first
   // kernel, and no kernel writes them; this kernel starts at the earliest once the q|k|v product
   // before it has passed its own wait, so those copies have landed and they may be read before
-  // the wait. Up to kPrefetchSeqs sequences, the split's keys
-  // and values are then requested into L2 (ptx::prefetch_l2, which the kernels still running
-  // cannot make stale) while the q/k/v product and kernel before this one run (they release it
+  // the wait. At the batches `prefetches` takes, the split's keys and values are then requested
+  // into L2 (ptx::prefetch_l2, which the kernels still running cannot make stale) while the q/k/v product and kernel before this one run (they release it
   // early at such batches, pdl.cuh). H200, random Qwen3-0.6B, replayed decode step, 101 keys:
   // 977 -> 962 us at batch 1, 1006 -> 991 at 8, 1099 -> 1071 at 16; at 32 it lost 1338 -> 1383,
   // the prefetches competing with the product's weights.
   const DecodeSplit ds = decode_split(a);
-  if (ds.active && a.num_seqs <= kPrefetchSeqs) prefetch_split_l2<D>(a, ds);
+  if (ds.active && prefetches(a.num_seqs, ds.len)) prefetch_split_l2<D>(a, ds);
   pdl_wait();
   pdl_launch_dependents();
   using T = DecodeWideTiles<PAIRED>;
