@@ -314,10 +314,11 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRED>::kThreads) attention_d
   // kernel, and no kernel writes them; this kernel starts at the earliest once the q|k|v product
   // before it has passed its own wait, so those copies have landed and they may be read before
   // the wait. At the batches `prefetches` takes, the split's keys and values are then requested
-  // into L2 (ptx::prefetch_l2, which the kernels still running cannot make stale) while the q/k/v product and kernel before this one run (they release it
-  // early at such batches, pdl.cuh). H200, random Qwen3-0.6B, replayed decode step, 101 keys:
-  // 977 -> 962 us at batch 1, 1006 -> 991 at 8, 1099 -> 1071 at 16; at 32 it lost 1338 -> 1383,
-  // the prefetches competing with the product's weights.
+  // into L2 (ptx::prefetch_l2, which the kernels still running cannot make stale) while the q/k/v
+  // product and kernel before this one run (they release it early at such batches, pdl.cuh).
+  // H200, random Qwen3-0.6B, replayed decode step, 101 keys: 977 -> 962 us at batch 1, 1006 ->
+  // 991 at 8, 1099 -> 1071 at 16; at 32 it lost 1338 -> 1383, the prefetches competing with the
+  // product's weights.
   const DecodeSplit ds = decode_split(a);
   if (ds.active && prefetches(a.num_seqs, ds.len)) prefetch_split_l2<D>(a, ds);
   pdl_wait();
