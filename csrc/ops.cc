@@ -104,27 +104,6 @@ void add_rmsnorm(Tensor& out, Tensor& residual, const Tensor& x, const Tensor& w
   on_cuda(out) ? cuda::add_rmsnorm(out, residual, x, w, eps) : cpu::add_rmsnorm(out, residual, x, w, eps);
 }
 
-void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
-  Checker c{"matmul"};
-  c.devices({{"out", &out}, {"a", &a}, {"w", &w}});
-  c.rank(a, "a", 2);
-  c.rank(w, "w", 2);
-  c.rank(out, "out", 2);
-  c.dtype(a, "a", {DType::BF16});
-  c.dtype(w, "w", {DType::BF16});
-  c.dtype(out, "out", {DType::BF16, DType::F32});
-  c.dim(a, "a", 1, w.dim(1), "K, the second dimension of w");
-  c.dim(out, "out", 0, a.dim(0), "M, rows of a");
-  c.dim(out, "out", 1, w.dim(0), "N, rows of w");
-  if (bias) {
-    c.devices({{"out", &out}, {"bias", bias}});
-    c.dtype(*bias, "bias", {DType::BF16});
-    c.rank(*bias, "bias", 1);
-    c.dim(*bias, "bias", 0, w.dim(0), "N, rows of w");
-  }
-  on_cuda(out) ? cuda::matmul(out, a, w, bias) : cpu::matmul(out, a, w, bias);
-}
-
 // K cut into `parts` partitions of a multiple of partitions::kStep columns each.
 static void check_partition(const Checker& c, int64_t K, int64_t parts, const Tensor& a) {
   if (K <= 0 || K % parts != 0 || (K / parts) % partitions::kStep != 0)
@@ -149,15 +128,30 @@ static void check_bias(const Checker& c, const Tensor& out, const Tensor* bias, 
   c.dim(*bias, "bias", 0, N, what);
 }
 
+// A plain product: a [M,K] (named a_name) · w [N,K]^T (+ bias [N]) into out [M,N] of out_types.
+static void check_plain_product(const Checker& c, const Tensor& out, std::initializer_list<DType> out_types,
+                                const Tensor& a, const char* a_name, const Tensor& w, const Tensor* bias,
+                                const char* bias_what = "N, columns of out") {
+  check_product(c, a, w, a_name);
+  const std::string rows = std::string("M, rows of ") + a_name;
+  c.rank(out, "out", 2);
+  c.dtype(out, "out", out_types);
+  c.dim(out, "out", 0, a.dim(0), rows.c_str());
+  c.dim(out, "out", 1, w.dim(0), "N, rows of w");
+  check_bias(c, out, bias, w.dim(0), bias_what);
+}
+
+void matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
+  Checker c{"matmul"};
+  c.devices({{"out", &out}, {"a", &a}, {"w", &w}});
+  check_plain_product(c, out, {DType::BF16, DType::F32}, a, "a", w, bias, "N, rows of w");
+  on_cuda(out) ? cuda::matmul(out, a, w, bias) : cpu::matmul(out, a, w, bias);
+}
+
 void matmul_partitioned(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bias) {
   Checker c{"matmul_partitioned"};
   c.devices({{"out", &out}, {"a", &a}, {"w", &w}});
-  check_product(c, a, w);
-  c.rank(out, "out", 2);
-  c.dtype(out, "out", {DType::BF16, DType::F32});
-  c.dim(out, "out", 0, a.dim(0), "M, rows of a");
-  c.dim(out, "out", 1, w.dim(0), "N, rows of w");
-  check_bias(c, out, bias, w.dim(0));
+  check_plain_product(c, out, {DType::BF16, DType::F32}, a, "a", w, bias);
   check_partition(c, a.dim(1), partitions::kPartitions, a);
   on_cuda(out) ? cuda::matmul_partitioned(out, a, w, bias) : cpu::matmul_partitioned(out, a, w, bias);
 }
@@ -281,12 +275,7 @@ void norm_matmul(Tensor& out, Tensor& normed, Tensor& residual_out, const Tensor
   Checker c{"norm_matmul"};
   check_norm_input(c, normed, residual_out, residual_in, x, norm_w);
   c.devices({{"out", &out}, {"residual_in", &residual_in}, {"w", &w}});
-  check_product(c, residual_in, w, "residual_in");
-  c.rank(out, "out", 2);
-  c.dtype(out, "out", {DType::BF16});
-  c.dim(out, "out", 0, residual_in.dim(0), "M, rows of residual_in");
-  c.dim(out, "out", 1, w.dim(0), "N, rows of w");
-  check_bias(c, out, bias, w.dim(0));
+  check_plain_product(c, out, {DType::BF16}, residual_in, "residual_in", w, bias);
   on_cuda(out) ? cuda::norm_matmul(out, normed, residual_out, residual_in, x, norm_w, eps, w, bias)
                : cpu::norm_matmul(out, normed, residual_out, residual_in, x, norm_w, eps, w, bias);
 }
