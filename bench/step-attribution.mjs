@@ -6,11 +6,12 @@
 // the time is read.
 //   npm run build:ts && node bench/step-attribution.mjs [--shape qwen3-0.6b] [--model DIR]
 //     [--batches 1,8,64] [--keys 101] [--leave-out norm,qkv-rope,attention,qkv,o-proj,gate-up,down,lm-head]
-//     [--separate-norms]
+//     [--separate-norms] [--decode-pipeline auto|paired|rotating|paired3]
 // The norms before q|k|v and gate|up run inside those products (normMatmul), so leaving out qkv
 // or gate-up leaves out the norm before it too, and `norm` is the final norm alone. With
 // --separate-norms every norm is its own kernel again (addRmsnorm, then the product), as the step
-// was before the products took them in, and `norm` leaves out all of them.
+// was before the products took them in, and `norm` leaves out all of them. --decode-pipeline
+// forces how decode attention streams K and V (setDecodePipeline; the same bits).
 // Development measurement: it wraps the addon's op functions and reads the model's captured
 // graphs, neither of which is part of the API.
 import { existsSync } from 'node:fs'
@@ -32,6 +33,7 @@ const { values } = parseArgs({
     replays: { type: 'string', default: '200' },
     keys: { type: 'string', default: '101' },
     'separate-norms': { type: 'boolean', default: false },
+    'decode-pipeline': { type: 'string', default: 'auto' },
   },
 })
 const batches = values.batches.split(',').map(Number)
@@ -47,6 +49,7 @@ if (!existsSync(join(dir, 'config.json'))) {
 }
 
 const n = native()
+n.setDecodePipeline(values['decode-pipeline'])
 // Every op a decode step launches, by kind; products by their weight's shape.
 const ops = Object.fromEntries(
   ['addRmsnorm', 'rmsnorm', 'qkvRopeAppend', 'attention', 'matmul', 'matmulSiluMul', 'normMatmul', 'normMatmulSiluMul'].map((k) => [k, n[k]]),
@@ -129,7 +132,7 @@ async function measure(left) {
 
 const all = await measure([])
 console.log(
-  `${values.model ?? values.shape}, ${START + 1} keys, ${separate ? 'separate norms' : 'norms in the products'}, µs per replayed step (saved: what leaving the kind out takes off)`,
+  `${values.model ?? values.shape}, ${START + 1} keys, ${separate ? 'separate norms' : 'norms in the products'}, decode attention ${values['decode-pipeline']}, µs per replayed step (saved: what leaving the kind out takes off)`,
 )
 console.log(['left out'.padEnd(12), ...batches.map((b) => `batch ${b}`.padStart(18))].join(''))
 console.log(['nothing'.padEnd(12), ...all.map((t) => t.toFixed(1).padStart(18))].join(''))

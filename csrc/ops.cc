@@ -477,9 +477,14 @@ void cast(Tensor& dst, const Tensor& src) {
 void set_variant_kernels(bool enabled) { g_variant_kernels.store(enabled); }
 
 void set_decode_pipeline(const std::string& pipeline) {
-  const int value = pipeline == "auto" ? 0 : pipeline == "paired" ? 1 : pipeline == "rotating" ? 2 : -1;
+  const int value = pipeline == "auto"       ? 0
+                    : pipeline == "paired"   ? 1
+                    : pipeline == "rotating" ? 2
+                    : pipeline == "paired3"  ? 3
+                                             : -1;
   if (value < 0)
-    fail("setDecodePipeline: expected \"auto\", \"paired\" or \"rotating\" but received \"", pipeline, "\"");
+    fail("setDecodePipeline: expected \"auto\", \"paired\", \"rotating\" or \"paired3\" but received \"",
+         pipeline, "\"");
   g_decode_pipeline.store(value);
 }
 

@@ -167,7 +167,7 @@ export interface NativeAddon {
   cast(dst: NativeTensor, src: NativeTensor): void
   setVariantKernels(enabled: boolean): void
   /** Development: how every CUDA decode attention launch streams K and V; 'auto' restores the library's choice by grid size. Same bits either way. */
-  setDecodePipeline(pipeline: 'auto' | 'paired' | 'rotating'): void
+  setDecodePipeline(pipeline: 'auto' | 'paired' | 'rotating' | 'paired3'): void
   /** Development: 'mma.sync' runs every CUDA prefill attention launch with the sm_80-89 kernel, on Hopper too; 'auto' restores the library's choice (wgmma on Hopper). Same bits either way. */
   setPrefillKernel(kernel: 'auto' | 'mma.sync'): void
   /** Development: 'mma.sync' runs every CUDA matmul with the sm_80-89 kernels, on Hopper too; 'auto' restores the library's choice (wgmma on an sm_90a build on Hopper). Same bits either way. */

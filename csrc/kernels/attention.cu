@@ -12,11 +12,12 @@
 //   decode  (every sequence has one query): four warps per (sequence, kv head, split) holding the
 //           group's query heads as tile rows, each warp a quarter of every key block, with the
 //           operations of one warp of the prefill kernel in the same order
-//           (attention_decode_wide_kernel), its K and V copied paired or rotating by the grid's
-//           size against the resident blocks (decode_paired); partials to a workspace, then a combine pass. When no
-//           sequence can have a second split (max_seq_len <= kSplitSize), the decode kernel merges
-//           its one split with the combine's functions and writes the output itself (OnlySplit):
-//           the same bits, one launch fewer;
+//           (attention_decode_wide_kernel), its K and V copied paired, three key blocks deep
+//           or rotating by the grid's size against the resident blocks (decode_pipeline); partials
+//           to a workspace, then a combine pass. When no sequence can have a second split
+//           (max_seq_len <= kSplitSize), the decode kernel merges its one split with the
+//           combine's functions and writes the output itself (OnlySplit): the same bits, one
+//           launch fewer;
 //   prefill (any number of queries): one block per (sequence, head, 64 query positions), four warps
 //           of 16 positions, looping over the splits and merging each in registers as it ends
 //           (attention_prefill_kernel). On sm_90a one warpgroup of 64 positions runs the same
@@ -93,27 +94,32 @@ struct KeyBlockWalk {
 };
 
 // Decode with four warps per split: the same products, sums and roundings as one warp of the
-// prefill kernel, spread over the warps (attention_decode_wide_kernel). Two ways to stream the
-// split's K and V through shared memory (launch geometry only, the same bits):
-//   paired (PAIRED): K and V of a key block are copied together, two key blocks in flight, into a
-//           16-row query tile: 74 KB, three blocks per SM. The lowest latency per block, and the
-//           deepest copies for grids of many waves;
-//   rotating: K and V tiles take turns in kRotatingSlots buffers (K0, V0, K1, V1, ...), each tile
-//           requested as soon as the tile kRotatingSlots before it has been used, and the query
-//           tile holds only the group's heads plus one zero row that the tensor cores read for
-//           the others: 56 KB at four query heads per kv head, four blocks per SM, so that a grid
-//           of one or two waves takes fewer of them (decode_paired chooses).
-template <bool PAIRED>
+// prefill kernel, spread over the warps (attention_decode_wide_kernel). Three ways to stream the
+// split's K and V through shared memory (launch geometry only, the same bits), by PAIRS:
+//   paired (2): K and V of a key block are copied together, two key blocks in flight, into a
+//           16-row query tile: 74 KB, three blocks per SM. The lowest latency per block of the
+//           two that share SMs, and the deepest copies for grids of many waves;
+//   three deep (3): the same with three key blocks in flight: 106 KB, one block per SM, which
+//           fits beside a 100 KB product block launched before it;
+//   rotating (0): K and V tiles take turns in kRotatingSlots buffers (K0, V0, K1, V1, ...), each
+//           tile requested as soon as the tile kRotatingSlots before it has been used, and the
+//           query tile holds only the group's heads plus one zero row that the tensor cores read
+//           for the others: 56 KB at four query heads per kv head, four blocks per SM, so that a
+//           grid of one or two waves takes fewer of them.
+// decode_pipeline chooses.
+template <int PAIRS>
 struct DecodeWideTiles {
+  static_assert(PAIRS == 0 || PAIRS == 2 || PAIRS == 3, "rotating, or paired 2 or 3 key blocks deep");
+  static constexpr bool kPaired = PAIRS > 0;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRotatingSlots = 3;
-  static constexpr int kTiles = PAIRED ? 4 : kRotatingSlots;  // [kKeyBlock][D] K or V tiles
+  static constexpr int kTiles = kPaired ? 2 * PAIRS : kRotatingSlots;  // [kKeyBlock][D] K or V tiles
   // K/V tiles, the block's p (f32), p fragments, row maxima; then the query tile
   template <int D>
   static constexpr int smem_bytes(int q_rows) {
     return kTiles * kKeyBlock * D * static_cast<int>(sizeof(bf16)) + kTileRows * kKeyBlock * 4 + kWarps * 32 * 4 * 4 +
-           kWarps * kTileRows * 4 + (PAIRED ? kTileRows : q_rows + 1) * D * static_cast<int>(sizeof(bf16));
+           kWarps * kTileRows * 4 + (kPaired ? kTileRows : q_rows + 1) * D * static_cast<int>(sizeof(bf16));
   }
 };
 
@@ -172,9 +178,10 @@ struct OnlySplit {
 // shared-memory address only steps by a constant. A row's page and place in it come from shifts
 // when the block size is a power of two (kPow2), else from a division, chosen once per call and
 // not per row.
-template <int D, int kThreads, bool kLoadK, bool kLoadV, bool kPow2, bool kSlabs>
+// kSkip: key `skip` is left out, no copy at all into its row.
+template <int D, int kThreads, bool kLoadK, bool kLoadV, bool kPow2, bool kSlabs, bool kSkip = false>
 __device__ __forceinline__ void load_key_block_rows(bf16* k_dst, bf16* v_dst, const AttentionArgs& a, const int* table,
-                                                    int kv_head, int key0, int len) {
+                                                    int kv_head, int key0, int len, int skip) {
   constexpr int kChunks = D / 8;
   constexpr int kRowStep = kThreads / kChunks;
   constexpr int kPitch = kSlabs ? 64 : D;  // elements from one row to the next
@@ -197,18 +204,33 @@ __device__ __forceinline__ void load_key_block_rows(bf16* k_dst, bf16* v_dst, co
     const int slot = valid ? table[page_index] * a.block_size + in_page : 0;
     const int64_t offset = static_cast<int64_t>(slot) * row_elems;
     const uint32_t dst = static_cast<uint32_t>(i * kRowStep * kPitch * sizeof(bf16));
+    if (kSkip && key == skip) continue;
     if (kLoadK) ptx::cp_async16(k_s + dst, k_src + offset, valid ? 16 : 0);
     if (kLoadV) ptx::cp_async16(v_s + dst, v_src + offset, valid ? 16 : 0);
   }
 }
 
-template <int D, int kThreads, bool kLoadK, bool kLoadV, bool kSlabs = false>
+template <int D, int kThreads, bool kLoadK, bool kLoadV, bool kSlabs = false, bool kSkip = false>
 __device__ __forceinline__ void load_key_block(bf16* k_dst, bf16* v_dst, const AttentionArgs& a, const int* table,
-                                               int kv_head, int key0, int len) {
+                                               int kv_head, int key0, int len, int skip = -1) {
   if (a.block_shift >= 0)
-    load_key_block_rows<D, kThreads, kLoadK, kLoadV, true, kSlabs>(k_dst, v_dst, a, table, kv_head, key0, len);
+    load_key_block_rows<D, kThreads, kLoadK, kLoadV, true, kSlabs, kSkip>(k_dst, v_dst, a, table, kv_head, key0, len, skip);
   else
-    load_key_block_rows<D, kThreads, kLoadK, kLoadV, false, kSlabs>(k_dst, v_dst, a, table, kv_head, key0, len);
+    load_key_block_rows<D, kThreads, kLoadK, kLoadV, false, kSlabs, kSkip>(k_dst, v_dst, a, table, kv_head, key0, len,
+                                                                           skip);
+}
+
+// The cache row of key `key` (K and V of kv head `kv_head`) into row `row` of k_dst and v_dst
+// ([kKeyBlock][D], tile_offset), by threads 0 .. D/8 - 1.
+template <int D>
+__device__ __forceinline__ void load_key_row(bf16* k_dst, bf16* v_dst, const AttentionArgs& a, const int* table,
+                                             int kv_head, int key, int row) {
+  if (static_cast<int>(threadIdx.x) >= D / 8) return;
+  const int chunk = threadIdx.x, page = key / a.block_size;
+  const int64_t slot = static_cast<int64_t>(table[page]) * a.block_size + (key - page * a.block_size);
+  const int64_t offset = slot * a.kv_heads * D + kv_head * D + chunk * 8;
+  ptx::cp_async16(ptx::smem_addr(k_dst + tile_offset<D>(row, chunk)), a.k_cache + offset, 16);
+  ptx::cp_async16(ptx::smem_addr(v_dst + tile_offset<D>(row, chunk)), a.v_cache + offset, 16);
 }
 
 // `rows` query rows into dst ([kRowsTile][D], swizzled: tile_offset, or slab_offset when kSlabs):
@@ -308,8 +330,8 @@ __device__ __forceinline__ void prefetch_split_l2(const AttentionArgs& a, const 
 //   o: warp w owns output columns [D/4·w, D/4·(w+1)); each element is rescaled by alpha and then
 //           takes the block's four 16-key k-steps in ascending order, from the same bf16(p)
 //           fragments (exchanged through shared memory).
-template <int D, bool PAIRED>
-__global__ void __launch_bounds__(DecodeWideTiles<PAIRED>::kThreads) attention_decode_wide_kernel(AttentionArgs a) {
+template <int D, int PAIRS>
+__global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_decode_wide_kernel(AttentionArgs a) {
   // The step's lengths and block tables come from the host, by copies before the step's first
   // kernel, and no kernel writes them; this kernel starts at the earliest once the q|k|v product
   // before it has passed its own wait, so those copies have landed and they may be read before
@@ -319,16 +341,38 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRED>::kThreads) attention_d
   // H200, random Qwen3-0.6B, replayed decode step, 101 keys: 977 -> 962 us at batch 1, 1006 ->
   // 991 at 8, 1099 -> 1071 at 16; at 32 it lost 1338 -> 1383, the prefetches competing with the
   // product's weights.
+  // Paired: the first PAIRS key blocks are then copied into shared memory before the wait too,
+  // all but the row of key len-1, which the q/k/v kernel before this one writes in this step; no
+  // other row of the cache is written by a kernel that can still be running (each step's q/k/v
+  // kernel writes only its tokens' rows, and the ones before this step's have completed). That
+  // row, and the query rows, follow after the wait. The same values in shared memory, so the same
+  // bits. H200, random Qwen3-0.6B, replayed decode step, paired forced: 868 -> 845 us at batch 1
+  // and 101 keys, 956 -> 946 at 200, 1039 -> 1008 at 1000; 1049 -> 1021 at batch 16 and 101 keys.
   const DecodeSplit ds = decode_split(a);
   if (ds.active && prefetches(a.num_seqs, ds.len)) prefetch_split_l2<D>(a, ds);
+  using T = DecodeWideTiles<PAIRS>;
+  constexpr bool PAIRED = T::kPaired;
+  extern __shared__ __align__(128) unsigned char decode_smem[];
+  bf16* const kv_early = reinterpret_cast<bf16*>(decode_smem);
+  if constexpr (PAIRED) {
+    if (ds.active) {
+#pragma unroll
+      for (int b = 0; b < PAIRS; ++b) {
+        const int key0 = ds.begin + b * kKeyBlock;
+        if (key0 < ds.end)
+          load_key_block<D, T::kThreads, true, true, false, true>(kv_early + 2 * b * kKeyBlock * D,
+                                                                  kv_early + (2 * b + 1) * kKeyBlock * D, a, ds.table,
+                                                                  ds.kv_head, key0, ds.len, ds.len - 1);
+        ptx::cp_async_commit();
+      }
+    }
+  }
   pdl_wait();
   pdl_launch_dependents();
-  using T = DecodeWideTiles<PAIRED>;
   static_assert(kKeyBlock == 16 * T::kWarps, "one 16-key k-step of the block per warp");
   static_assert(D % (16 * T::kWarps) == 0, "whole 16-column steps of the output per warp");
   constexpr int kDn = D / 16 / T::kWarps;  // 16-column steps of o per warp
-  extern __shared__ __align__(128) unsigned char decode_smem[];
-  bf16* kv_s = reinterpret_cast<bf16*>(decode_smem);  // [kTiles][kKeyBlock][D]
+  bf16* kv_s = kv_early;  // [kTiles][kKeyBlock][D]
   float* p32 = reinterpret_cast<float*>(kv_s + T::kTiles * kKeyBlock * D);     // [kTileRows][kKeyBlock]
   uint32_t* pfrag = reinterpret_cast<uint32_t*>(p32 + kTileRows * kKeyBlock);  // [kWarps][32][4]
   float* wmax = reinterpret_cast<float*>(pfrag + T::kWarps * 32 * 4);          // [kWarps][kTileRows]
@@ -355,7 +399,8 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRED>::kThreads) attention_d
       reinterpret_cast<uint4*>(q_s + rows * D)[c] = make_uint4(0, 0, 0, 0);
     q_lane_row = min(q_lane_row, rows);
   }
-  // Paired: key block b's K in tile 2(b%2), its V in tile 2(b%2)+1, one cp.async group per block.
+  // Paired: key block b's K in tile 2(b%PAIRS), its V in tile 2(b%PAIRS)+1, one cp.async group per
+  // block.
   // Rotating: tile t of the split (K of key block t/2 for even t, else its V) in buffer t % kTiles,
   // one group per tile. Groups are committed also past the split's end (empty), so that the count
   // stays in step with the waits.
@@ -373,10 +418,13 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRED>::kThreads) attention_d
     ptx::cp_async_commit();
   };
   // Groups that may still be pending when a block's K (and, rotating, its V) must have landed.
-  constexpr int kAhead = PAIRED ? 1 : T::kTiles - 1;
+  constexpr int kAhead = PAIRED ? PAIRS - 1 : T::kTiles - 1;
   if constexpr (PAIRED) {
-    load_tile(0);  // K0 and V0, with the query rows
-    load_tile(2);  // K1 and V1
+    // The query rows and the row of key len-1, if one of the early blocks holds it: one group.
+    const int last = len - 1, b_last = (last - begin) / kKeyBlock;
+    if (last >= begin && last < end && b_last < PAIRS)
+      load_key_row<D>(tile_of(2 * b_last), tile_of(2 * b_last + 1), a, table, kv_head, last, last - begin - b_last * kKeyBlock);
+    ptx::cp_async_commit();
   } else {
 #pragma unroll
     for (int t = 0; t < T::kTiles; ++t) load_tile(t);  // K0 (with the query rows), V0, K1
@@ -392,7 +440,12 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRED>::kThreads) attention_d
   for (int key0 = begin, b = 0; key0 < end; key0 += kKeyBlock, ++b) {
     const bf16* k_tile = tile_of(2 * b);
     const bf16* v_tile = tile_of(2 * b + 1);
-    ptx::cp_async_wait<kAhead>();  // K of this block (paired: and its V)
+    // K of this block (paired: and its V); paired, at the first block: every early group and the
+    // one after the wait.
+    if (PAIRED && b == 0)
+      ptx::cp_async_wait<0>();
+    else
+      ptx::cp_async_wait<kAhead>();
     __syncthreads();
 
     // Scores of keys key0 + 16·warp .. +15 (one warp's s[2j], s[2j+1] with j = warp).
@@ -488,7 +541,7 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRED>::kThreads) attention_d
       }
     }
     __syncthreads();  // every warp is done with this block's V, p32, pfrag and wmax
-    load_tile(PAIRED ? 2 * b + 4 : 2 * b + 1 + T::kTiles);  // paired: block b+2; rotating: into this V buffer
+    load_tile(PAIRED ? 2 * (b + PAIRS) : 2 * b + 1 + T::kTiles);  // paired: block b+PAIRS; rotating: into this V buffer
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -906,14 +959,14 @@ std::string describe_launch(const Tensor& q, const Tensor& k_cache, const Attent
 // The decode kernel's blocks resident on the device at once, by the query rows of its tile
 // (1 .. kTileRows): SMs × blocks per SM at that shared memory. The first call also raises the
 // kernel's shared-memory limit, which every launch needs.
-template <int D, bool PAIRED>
+template <int D, int PAIRS>
 int64_t decode_slots(int q_rows) {
-  using T = DecodeWideTiles<PAIRED>;
+  using T = DecodeWideTiles<PAIRS>;
   static std::once_flag once;
   static cudaError_t err = cudaSuccess;
   static int64_t slots[kTileRows + 1] = {};
   std::call_once(once, [] {
-    const auto kernel = attention_decode_wide_kernel<D, PAIRED>;
+    const auto kernel = attention_decode_wide_kernel<D, PAIRS>;
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::template smem_bytes<D>(kTileRows));
     int device = 0, sms = 0;
     if (err == cudaSuccess) err = cudaGetDevice(&device);
@@ -928,24 +981,30 @@ int64_t decode_slots(int q_rows) {
   return slots[q_rows];
 }
 
-// Whether a decode grid of `blocks` streams paired. Rotating only for grids of more than one wave
-// of paired blocks and at most two waves of rotating ones, where the extra rotating blocks per SM
-// (four against three at head dim 128 and four query heads per kv head) save a wave or most of
-// the last one's tail; paired elsewhere: in one wave each block's latency is what counts, and over
-// many waves its deeper copies stream 1-3% faster (dev_attention --sweep on the H200). Launch
-// geometry only: either gives the same bits.
+// How a decode grid streams K and V (DecodeWideTiles' PAIRS). Three deep for a grid of one wave
+// of three-deep blocks (one per SM): H200, random Qwen3-0.6B, replayed decode step, against
+// paired (both with the early copies): batches 2-16 at 101 keys 962-1021 -> 927-987 us, at 200
+// keys 1048-1149 -> 991-1090; batch 1 at 200 keys 946 -> 914, at 1000 keys 1008 -> 970 (at 101,
+// 845 and 847). Past one such wave: rotating for grids of more than one wave of paired blocks
+// and at most two waves of rotating ones, where the extra rotating blocks per SM (four against
+// three at head dim 128 and four query heads per kv head) save a wave or most of the last one's
+// tail; paired elsewhere: in one wave each block's latency is what counts, and over many waves
+// its deeper copies stream 1-3% faster (dev_attention --sweep on the H200). Launch geometry only:
+// each gives the same bits.
 template <int D>
-bool decode_paired(int64_t blocks, int q_rows) {
+int decode_pipeline(dim3 grid, int q_rows) {
   const int forced = forced_decode_pipeline();  // development switch (common/config.h)
-  if (forced != 0) return forced == 1;
-  return blocks <= decode_slots<D, true>(q_rows) || blocks > 2 * decode_slots<D, false>(q_rows);
+  if (forced != 0) return forced == 1 ? 2 : forced == 2 ? 0 : 3;
+  const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+  if (blocks <= decode_slots<D, 3>(q_rows)) return 3;
+  return blocks <= decode_slots<D, 2>(q_rows) || blocks > 2 * decode_slots<D, 0>(q_rows) ? 2 : 0;
 }
 
-template <int D, bool PAIRED>
+template <int D, int PAIRS>
 void launch_decode(const AttentionArgs& a, dim3 grid, int q_rows, cudaStream_t stream) {
-  using T = DecodeWideTiles<PAIRED>;
-  decode_slots<D, PAIRED>(q_rows);  // the kernel's shared-memory limit, set once
-  launch_overlapped(attention_decode_wide_kernel<D, PAIRED>, grid, T::kThreads, T::template smem_bytes<D>(q_rows),
+  using T = DecodeWideTiles<PAIRS>;
+  decode_slots<D, PAIRS>(q_rows);  // the kernel's shared-memory limit, set once
+  launch_overlapped(attention_decode_wide_kernel<D, PAIRS>, grid, T::kThreads, T::template smem_bytes<D>(q_rows),
                     stream, a);
 }
 
@@ -976,10 +1035,11 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
     a.direct = l.max_splits == 1;
     const dim3 grid(l.max_splits, a.kv_heads * row_tiles, a.num_seqs);
     const int q_rows = std::min(a.heads / a.kv_heads, kTileRows);
-    if (decode_paired<D>(static_cast<int64_t>(grid.x) * grid.y * grid.z, q_rows))
-      launch_decode<D, true>(a, grid, q_rows, stream);
-    else
-      launch_decode<D, false>(a, grid, q_rows, stream);
+    switch (decode_pipeline<D>(grid, q_rows)) {
+      case 3: launch_decode<D, 3>(a, grid, q_rows, stream); break;
+      case 2: launch_decode<D, 2>(a, grid, q_rows, stream); break;
+      default: launch_decode<D, 0>(a, grid, q_rows, stream);
+    }
     CUDA_CHECK_LAUNCH("attention (decode splits)", describe_launch(q, k_cache, batch));
     if (a.direct) return;
     launch_overlapped(attention_decode_combine_kernel<D>, dim3(a.heads, a.num_seqs), D, 0, stream, a);

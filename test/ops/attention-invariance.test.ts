@@ -80,7 +80,7 @@ function invarianceSuite(device: DeviceName): void {
   })
 
   if (device === 'cuda')
-    for (const [i, pipeline] of (['paired', 'rotating'] as const).entries())
+    for (const [i, pipeline] of (['paired', 'rotating', 'paired3'] as const).entries())
       it(`decode with ${pipeline} K/V copies, token by token and alongside 64 others, equals prefill bit for bit`, async () => {
         native().setDecodePipeline(pipeline)
         expect(firstDifferentRow(await chunked(scene, 1), whole, ROW), 'first differing position').toBe(-1)
@@ -163,10 +163,10 @@ describe('setPrefillKernel (development switch)', () => {
 })
 
 describe('setDecodePipeline (development switch)', () => {
-  it("takes 'paired', 'rotating' or 'auto' and names anything else", () => {
-    for (const p of ['paired', 'rotating', 'auto'] as const) native().setDecodePipeline(p)
+  it("takes 'paired', 'rotating', 'paired3' or 'auto' and names anything else", () => {
+    for (const p of ['paired', 'rotating', 'paired3', 'auto'] as const) native().setDecodePipeline(p)
     expect(() => native().setDecodePipeline('fast' as 'auto')).toThrow(
-      /setDecodePipeline: expected "auto", "paired" or "rotating" but received "fast"/,
+      /setDecodePipeline: expected "auto", "paired", "rotating" or "paired3" but received "fast"/,
     )
     expect(() => native().setDecodePipeline(3 as unknown as 'auto')).toThrow(/pipeline/)
   })

@@ -32,7 +32,7 @@ for (const shape of SHAPES) {
       native().setDecodePipeline('auto')
     })
 
-    for (const pipeline of ['auto', 'paired', 'rotating'] as const) {
+    for (const pipeline of ['auto', 'paired', 'rotating', 'paired3'] as const) {
       const how = pipeline === 'auto' ? "the library's choice of K/V copies" : `${pipeline} K/V copies`
       it(`decode at 8k-20k keys with ${how} equals one prefill bit for bit, alone and beside a short sequence`, async () => {
         native().setDecodePipeline(pipeline)
