@@ -5,7 +5,7 @@
 //   run:   build/dev/dev_attention [--json PATH] [--quick]
 //          build/dev/dev_attention --decode BATCH CONTEXT [HEADS]   one decode shape only (for Nsight
 //          Compute: -k regex:decode_wide), 8 kv heads, no validation
-//          build/dev/dev_attention --pipeline paired|rotating ...   every decode launch with that pipeline
+//          build/dev/dev_attention --pipeline paired|rotating|paired3 ...   every decode launch with that pipeline
 //          build/dev/dev_attention --sweep   decode shapes with each pipeline beside the library's choice
 //          build/dev/dev_attention --prefill TOKENS DIM [mma.sync]   one prefill shape only (Nsight Compute)
 // 1. validation: CUDA against the CPU backend (prefill, chunk over a cached prefix, decode), and the
@@ -134,13 +134,14 @@ int first_decode_mismatch(int heads, int kv_heads, int dim, int block_size, int 
   return -1;
 }
 
-// Every shape with each of the decode kernel's pipelines (paired and rotating K/V copies) and each
+// Every shape with each of the decode kernel's pipelines (paired, rotating and three-deep paired
+// K/V copies) and each
 // prefill family (the library's: wgmma on Hopper; mma.sync forced).
 bool validate() {
   bool ok = true;
   struct Shape { int heads, kv_heads, dim, block_size; };
   for (const char* prefill : {"auto", "mma.sync"})
-  for (const char* pipeline : {"paired", "rotating"})
+  for (const char* pipeline : {"paired", "rotating", "paired3"})
   for (Shape s : {Shape{8, 2, 128, 16}, Shape{4, 4, 64, 32}, Shape{16, 2, 64, 16}, Shape{32, 1, 128, 16}}) {
     ops::set_decode_pipeline(pipeline);
     ops::set_prefill_kernel(prefill);
@@ -253,7 +254,8 @@ int main(int argc, char** argv) {
     }
     if (sweep) {
       const double copy = copy_gbs(size_t{1} << 30);
-      std::printf("copy %.0f GB/s\n batch  context  blocks   paired us rotating us  library us  of copy\n", copy);
+      std::printf("copy %.0f GB/s\n batch  context  blocks   paired us rotating us  paired3 us  library us  of copy\n",
+                  copy);
       for (auto [batch, context] : std::vector<std::pair<int, int>>{
                {1, 256}, {1, 1024}, {1, 8192}, {1, 32768}, {8, 256}, {8, 1024}, {8, 8192}, {8, 32768}, {16, 256},
                {32, 256}, {32, 1024}, {64, 128}, {64, 256}, {64, 512}, {64, 1024}, {64, 8192}, {128, 256}}) {
@@ -261,14 +263,14 @@ int main(int argc, char** argv) {
         constexpr int kSplit = attention_schedule::kSplitSize;
         const int blocks = batch * kKvHeads * ((context + kSplit - 1) / kSplit);
         bench_decode(batch, context);  // warm-up
-        double us[3], gbps = 0;
-        for (int p = 0; p < 3; ++p) {
-          ops::set_decode_pipeline(p == 0 ? "paired" : p == 1 ? "rotating" : "auto");
+        double us[4], gbps = 0;
+        for (int p = 0; p < 4; ++p) {
+          ops::set_decode_pipeline(p == 0 ? "paired" : p == 1 ? "rotating" : p == 2 ? "paired3" : "auto");
           const DecodeResult r = bench_decode(batch, context);
           us[p] = r.ms * 1e3, gbps = r.gbps;
         }
-        std::printf("%6d %8d %7d %11.1f %11.1f %11.1f %7.0f%%\n", batch, context, blocks, us[0], us[1], us[2],
-                    100 * gbps / copy);
+        std::printf("%6d %8d %7d %11.1f %11.1f %11.1f %11.1f %7.0f%%\n", batch, context, blocks, us[0], us[1], us[2],
+                    us[3], 100 * gbps / copy);
       }
       return 0;
     }

@@ -99,8 +99,8 @@ struct KeyBlockWalk {
 //   paired (2): K and V of a key block are copied together, two key blocks in flight, into a
 //           16-row query tile: 74 KB, three blocks per SM. The lowest latency per block of the
 //           two that share SMs, and the deepest copies for grids of many waves;
-//   three deep (3): the same with three key blocks in flight: 106 KB, one block per SM, which
-//           fits beside a 100 KB product block launched before it;
+//   three deep (3): the same with three key blocks in flight: 106 KB, two blocks per SM at head
+//           dim 128, or one beside a 100 KB product block launched before it;
 //   rotating (0): K and V tiles take turns in kRotatingSlots buffers (K0, V0, K1, V1, ...), each
 //           tile requested as soon as the tile kRotatingSlots before it has been used, and the
 //           query tile holds only the group's heads plus one zero row that the tensor cores read
@@ -982,10 +982,11 @@ int64_t decode_slots(int q_rows) {
 }
 
 // How a decode grid streams K and V (DecodeWideTiles' PAIRS). Three deep for a grid of one wave
-// of three-deep blocks (one per SM): H200, random Qwen3-0.6B, replayed decode step, against
-// paired (both with the early copies): batches 2-16 at 101 keys 962-1021 -> 927-987 us, at 200
-// keys 1048-1149 -> 991-1090; batch 1 at 200 keys 946 -> 914, at 1000 keys 1008 -> 970 (at 101,
-// 845 and 847). Past one such wave: rotating for grids of more than one wave of paired blocks
+// of three-deep blocks (264 on the H200 at head dim 128): H200, random Qwen3-0.6B, replayed
+// decode step, against paired (both with the early copies): batches 2-16 at 101 keys 962-1021 ->
+// 927-987 us, at 200 keys 1048-1149 -> 991-1090, batch 32 at 200 keys 1389 -> 1359; batch 1 at
+// 200 keys 946 -> 914, at 1000 keys 1008 -> 970 (at 101, 845 and 847); it lost at batch 8 of
+// 1000 keys, 1325 -> 1345. Past one such wave: rotating for grids of more than one wave of paired blocks
 // and at most two waves of rotating ones, where the extra rotating blocks per SM (four against
 // three at head dim 128 and four query heads per kv head) save a wave or most of the last one's
 // tail; paired elsewhere: in one wave each block's latency is what counts, and over many waves
