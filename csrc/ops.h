@@ -28,8 +28,8 @@ void copy(Tensor& dst, const Tensor& src);
 
 // Switches matmul, the row reductions and attention to the batch-dependent variant (common/config.h).
 void set_variant_kernels(bool enabled);
-// Development: how every CUDA decode attention launch streams K and V, "paired" or "rotating";
-// "auto" restores the library's choice (common/config.h).
+// Development: how every CUDA decode attention launch streams K and V, "paired", "rotating" or
+// "paired3" (three key blocks deep); "auto" restores the library's choice (common/config.h).
 void set_decode_pipeline(const std::string& pipeline);
 void set_prefill_kernel(const std::string& kernel);
 void set_matmul_kernels(const std::string& kernels);

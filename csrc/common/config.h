@@ -13,8 +13,8 @@ inline bool variant_kernels() { return g_variant_kernels.load(std::memory_order_
 
 // Development switch: how every CUDA decode attention launch streams K and V, 1 paired, 2
 // rotating, 3 paired three key blocks deep; 0 (the default): the library's choice by grid size
-// (attention.cu). Launch geometry only, the bits are the same either way; it lets the
-// tests and the harness run each pipeline production can pick.
+// (attention.cu). Launch geometry only, the bits are the same either way; it lets the tests and
+// the harness run each pipeline production can pick.
 extern std::atomic<int> g_decode_pipeline;
 
 inline int forced_decode_pipeline() { return g_decode_pipeline.load(std::memory_order_relaxed); }

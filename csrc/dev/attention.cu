@@ -135,8 +135,7 @@ int first_decode_mismatch(int heads, int kv_heads, int dim, int block_size, int 
 }
 
 // Every shape with each of the decode kernel's pipelines (paired, rotating and three-deep paired
-// K/V copies) and each
-// prefill family (the library's: wgmma on Hopper; mma.sync forced).
+// K/V copies) and each prefill family (the library's: wgmma on Hopper; mma.sync forced).
 bool validate() {
   bool ok = true;
   struct Shape { int heads, kv_heads, dim, block_size; };

@@ -982,16 +982,16 @@ int64_t decode_slots(int q_rows) {
 }
 
 // How a decode grid streams K and V (DecodeWideTiles' PAIRS). Three deep for a grid of one wave
-// of three-deep blocks (264 on the H200 at head dim 128): H200, random Qwen3-0.6B, replayed
-// decode step, against paired (both with the early copies): batches 2-16 at 101 keys 962-1021 ->
-// 927-987 us, at 200 keys 1048-1149 -> 991-1090, batch 32 at 200 keys 1389 -> 1359; batch 1 at
-// 200 keys 946 -> 914, at 1000 keys 1008 -> 970 (at 101, 845 and 847); it lost at batch 8 of
-// 1000 keys, 1325 -> 1345. Past one such wave: rotating for grids of more than one wave of paired blocks
-// and at most two waves of rotating ones, where the extra rotating blocks per SM (four against
-// three at head dim 128 and four query heads per kv head) save a wave or most of the last one's
-// tail; paired elsewhere: in one wave each block's latency is what counts, and over many waves
-// its deeper copies stream 1-3% faster (dev_attention --sweep on the H200). Launch geometry only:
-// each gives the same bits.
+// of three-deep blocks (two per SM at head dim 128: 264 on the H200's 132 SMs). H200, random
+// Qwen3-0.6B, replayed decode step, against paired (both with the early copies): batches 2-16 at
+// 101 keys 962-1021 -> 927-987 us, at 200 keys 1048-1149 -> 991-1090, batch 32 at 200 keys
+// 1389 -> 1359; batch 1 at 200 keys 946 -> 914, at 1000 keys 1008 -> 970, at 101 keys 845 ->
+// 847; it lost at batch 8 of 1000 keys, 1325 -> 1345. Past one such wave: rotating for grids of
+// more than one wave of paired blocks and at most two waves of rotating ones, where the extra
+// rotating blocks per SM (four against three at head dim 128 and four query heads per kv head)
+// save a wave or most of the last one's tail; paired elsewhere: in one wave each block's latency
+// is what counts, and over many waves its deeper copies stream 1-3% faster (dev_attention
+// --sweep on the H200). Launch geometry only: each gives the same bits.
 template <int D>
 int decode_pipeline(dim3 grid, int q_rows) {
   const int forced = forced_decode_pipeline();  // development switch (common/config.h)
