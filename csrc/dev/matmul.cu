@@ -132,6 +132,10 @@ bool config_takes(const Config& c, int64_t M, int64_t K) {
   const char* a = std::strstr(c.name.c_str(), " a");
   const char* kt = std::strstr(c.name.c_str(), " kt");
   if (kt && K % (64 * std::atoi(kt + 3)) != 0) return false;
+  // The explored wgmma tiles run the library's accumulator chains for K, which the 256-column ones
+  // cannot hold at two (sm90::launch takes 128x128 for its own configurations instead).
+  if (c.library_index < 0 && cuda::matmul_dev::wgmma() && sm90::chains(K) == 2 && std::strstr(c.name.c_str(), "x256"))
+    return false;
   return a == nullptr || M <= std::atoi(a + 2);
 }
 
@@ -148,6 +152,7 @@ void matmul_with(const Config& c, Tensor& out, const Tensor& a, const Tensor& w,
   const bool f32 = out.dtype == DType::F32;
   if (cuda::matmul_dev::wgmma()) {
     sm90::Problem p{a.data(), w.data(), b, out.data(), f32, M, N, K, K, 1};
+    p.chains = sm90::chains(K);
     explored::kWgmma[c.explored_index].launch(p, stream());
   } else {
     mma_sync::MatmulArgs args{a.ptr<__nv_bfloat16>(), w.ptr<__nv_bfloat16>(), static_cast<const __nv_bfloat16*>(b),

@@ -5,7 +5,8 @@
 // K). This file chooses, validates and owns the variant's split-K combine for both, and
 // instantiates only the mma.sync configurations that matmul_config chooses.
 //
-// Invariant: each output element is ONE accumulator that receives the m16n8k16 MMAs of
+// Invariant (mma.sync; the wgmma family's, with its chains fixed by K, is in matmul_sm90.cu):
+// each output element is ONE accumulator that receives the m16n8k16 MMAs of
 // k = 0, 16, 32, ... K-1 in ascending order (a K not a multiple of 16 ends with a zero-padded
 // step); the bias is added in fp32 after the last step, then the value is rounded once. BM, BN,
 // the warp layout and the pipeline depth change with M and N (matmul_config), but none of them
@@ -205,6 +206,7 @@ void run_matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bia
   if (hopper) {
     sm90::Problem p{args.a, args.w, args.bias, args.out, args.out_f32, args.M, args.N, args.K, args.k_per_split,
                     l.splits, false};
+    p.chains = sm90::chains(l.k_per_split);
     sm90::launch(p, l.tiles, stream);
   } else {
     kTileTable[l.tiles].launch(args, l.splits, stream);
@@ -251,6 +253,7 @@ void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor
   if (hopper) {
     sm90::Problem p{a.data(), w.data(), bias_ptr, out.data(), false, static_cast<int>(M), static_cast<int>(N),
                     static_cast<int>(K), static_cast<int>(K), 1, true};
+    p.chains = sm90::chains(K);
     sm90::launch(p, sm90::gate_up_config(l.tiles, M, N), stream);
   } else {
     MatmulArgs args{a.ptr<__nv_bfloat16>(), w.ptr<__nv_bfloat16>(), bias_ptr, out.data(), false, static_cast<int>(M),
@@ -282,6 +285,7 @@ void run_norm_matmul(const char* op, Tensor& out, Tensor* gate_up, Tensor& norme
                       static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(K), 1,
                       gate_up != nullptr};
       p.norm = {residual_in.data(), x ? x->data() : nullptr, x ? residual_out.data() : nullptr, norm_w.data(), eps};
+      p.chains = sm90::chains(K);
       sm90::launch(p, config, static_cast<cudaStream_t>(cuda_runtime::stream()));
       CUDA_CHECK_LAUNCH(op, shapes(M, N, K));
       return;

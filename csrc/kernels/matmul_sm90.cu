@@ -3,12 +3,13 @@
 // or 2 consumer warpgroups) is matmul_sm90_kernel.cuh's template; this file instantiates the
 // configurations production_config chooses, and owns the tensor maps and the choice.
 //
-// Invariant: each output element is ONE fp32 accumulator that receives the k16 steps
-// k = 0, 16, 32, ..., 64*ceil(K/64) - 16 in ascending order, each `D += A·B` (scale-d = 1, also
-// for the first step, onto zeros); columns past K are zeros. The bias is added in fp32 after the
-// last step and the value is rounded once. BM, BN, the pipeline depth, the staging of the stores
-// and the order of the tiles over the persistent grid follow the shape and the device's SM count
-// (production_config); none of them changes that chain.
+// Invariant: each output element is chains(K) fp32 accumulators (1 or 2, a function of K alone);
+// the k16 steps k = 0, 16, 32, ..., 64*ceil(K/64) - 16 go in ascending order, step k to chain
+// (k / 16) % chains(K), each `D += A·B` (scale-d = 1, also for the first step, onto zeros);
+// columns past K are zeros. Two chains are then added, chain 0 + chain 1, in fp32. The bias is
+// added in fp32 after that and the value is rounded once. BM, BN, the pipeline depth, the staging
+// of the stores and the order of the tiles over the persistent grid follow the shape and the
+// device's SM count (production_config); none of them changes those chains.
 // No split-K on the invariant path.
 // Variant: the caller asks for `splits` K ranges (blockIdx.z), written to an fp32 workspace that
 // matmul.cu adds up in split order: the small-batch split-K of ordinary libraries.
@@ -229,8 +230,21 @@ bool norm_fuses(int config, int64_t M, int64_t K) {
          e.norm_fixed_bytes + (K / kTileK) * e.norm_a_rows * kRowBytes <= kMaxSmemBytes;
 }
 
+// Two chains for 2048 <= K < 4096 (Qwen3-0.6B's o_proj and down_proj, K 2048 and 3072). Replayed
+// decode step on the H200, random Qwen3-0.6B at 200 keys, one chain -> two: batch 16 1091 ->
+// 1066 us, 24 1299 -> 1290, 32 1375 -> 1370, 64 1560 -> 1533; batch 1-8 within 2 us (918 -> 920
+// at batch 1): the products of 9-64 rows, whose 16- and 64-row tiles wait on the chain of wgmmas
+// into one accumulator, overlap two. At batch 1 the chain is not what the product waits for (4
+// chains did no better, nor did copying all of a at once). Not taken at K >= 4096: the 128x256
+// tile that prefill takes there holds one chain's accumulators only, and no decode gain was
+// measured at those K (Qwen3-8B's products stream enough weights to hide the chain).
+int chains(int64_t K) { return K >= 2048 && K < 4096 ? 2 : 1; }
+
 void launch(const Problem& p, int config, cudaStream_t stream) {
   DI_CHECK(config >= 0 && config < kConfigCount, "matmul: no sm_90 configuration ", config);
+  DI_CHECK(p.chains == 1 || p.chains == 2, "matmul: ", p.chains, " accumulator chains");
+  // The 128x256 tiles cannot hold two chains' accumulators (kChainsFit): 128x128 does, the same bits.
+  if (p.chains == 2 && (config == k128x256 || config == k128x256_staged)) config = k128x128_staged;
   // K, or the variant's splits, in parts that are not whole stages of 4 K tiles: a tile with a
   // copy per K tile (the same bits): the compact-a tile itself, or 64x32 for the 64-row tiles.
   if (config >= k64x8_a8 + kTiles4 && (p.K % (4 * kTileK) != 0 || p.k_per_split % (4 * kTileK) != 0))

@@ -35,6 +35,9 @@ struct Problem {
   // silu_mul_value(bf16(gate), bf16(up)) of each pair (splits 1, bf16 out, N even).
   bool gate_up = false;
   NormPrologue norm{};  // with norm.residual_in, a is not read (norm_fuses must have said yes)
+  // Accumulators per output element (1, 2 or 4): k16 step k/16 goes to chain (k/16) % chains,
+  // and the chains are added by a fixed tree at the end. `chains(K)` on the invariant path.
+  int chains = 1;
 };
 
 // True when this build has sm_90a code and device 0 can run it.
@@ -49,6 +52,11 @@ int production_config(int64_t M, int64_t N, int64_t K);
 // `config`: the same, one whose w tile is wide enough for a gate half and an up half of 8 rows or
 // more, or at M <= 8 a wider one that gives every SM at most one tile.
 int gate_up_config(int config, int64_t M, int64_t N);
+// The accumulator chains of every product with K columns: a function of K alone, never of M or N
+// (so fused and separate products of the same K agree, and every M gives the same bits).
+int chains(int64_t K);
+// Launches `config`, or, where its accumulators for p.chains would not fit, the nearest tile whose
+// do (the same bits: the chains, not the tile, fix them).
 void launch(const Problem& p, int config, cudaStream_t stream);
 // True when `config` computes a NormPrologue of M rows with K columns: one row, a compact-a tile
 // with 4 K tiles per copy, K a multiple of 256 up to 4096 that the block's shared memory holds.

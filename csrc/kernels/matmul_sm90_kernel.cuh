@@ -9,12 +9,14 @@
 // zeroed once); rows past M are computed and never stored. A tile's rows never mix: output row m
 // reads only row m of a, whichever rows share its tile.
 //
-// Invariant: each output element is ONE fp32 accumulator that receives the k16 steps
-// k = 0, 16, 32, ..., 64*ceil(K/64) - 16 in ascending order, each `D += A·B` (scale-d = 1, also
-// for the first step, onto zeros); columns past K are zeros. The bias is added in fp32 after the
-// last step and the value is rounded once. BM, BN, the pipeline depth, the staging of the stores
-// and the order of the tiles over the persistent grid change none of that, so every instantiation
-// gives the same bits. A split (blockIdx.z) covers k_per_split columns of K into its own slice of
+// Invariant: each output element is CHAINS fp32 accumulators (the caller's p.chains, a function of
+// K alone: matmul_sm90.cu's chains); the k16 steps k = 0, 16, 32, ..., 64*ceil(K/64) - 16 go in
+// ascending order, step k to chain (k / 16) % CHAINS, each `D += A·B` (scale-d = 1, also for the
+// first step, onto zeros); columns past K are zeros. Two chains are added, chain 0 + chain 1, in
+// fp32. The bias is added in fp32 after that and the value is rounded once. BM, BN, the pipeline
+// depth, the staging of the stores and the order of the tiles over the persistent grid change none
+// of that, so every instantiation of the same CHAINS gives the same bits. Two chains let the
+// wgmmas of one stage overlap in pairs where one chain would have each wait for the one before. A split (blockIdx.z) covers k_per_split columns of K into its own slice of
 // an fp32 workspace; the invariant path has one split.
 // gate_up (matmul_silu_mul): w is the fused [gate | up] weight of 2I rows and out is [M, I]. A
 // tile's w stage holds BN/2 gate rows n0.. then the BN/2 up rows I + n0.., copied as two boxes, so
@@ -99,10 +101,7 @@ struct Tiles {
   static constexpr int A_SLACK = (BM - A_ROWS) * kRowBytes;        // compact a: the last stage's overhang
   static constexpr int OUT_BYTES = STAGED ? BM * BN * 2 : 0;       // bf16 staging, 64 x 64 boxes
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + A_SLACK + OUT_BYTES + 1024;  // + slack to align to 1024
-  static constexpr int ACC = BN / 2;                               // fp32 accumulators per thread
-  // 2 consumers with 128 accumulators each need more than 65536 / 384 registers: move them from
-  // the producer, which needs few (setmaxnreg).
-  static constexpr bool MOVE_REGISTERS = CONSUMERS == 2 && BN >= 256;
+  static constexpr int ACC = BN / 2;                               // fp32 accumulators per thread (a chain)
   static_assert(BM == 64 || BM == 128, "one or two consumer warpgroups");
   static_assert(STAGES >= 2, "a stage is released only once the next one is in flight");
   static_assert(BN % 8 == 0 && BN <= 256, "wgmma N is a multiple of 8 up to 256");
@@ -112,6 +111,15 @@ struct Tiles {
                 "compact a: one consumer, whole 1024-byte groups of 8 rows");
   static_assert(KT >= 1, "K tiles per stage");
 };
+
+// CHAINS (1 or 2) accumulators a thread, ACC registers each (matmul_sm90.cu: chains): at most 128
+// registers of them.
+template <typename T, int CHAINS>
+constexpr bool kChainsFit = CHAINS == 1 || (CHAINS == 2 && T::ACC * 2 <= 128);
+// 2 consumers with 128 accumulators each need more than 65536 / 384 registers: move them from the
+// producer, which needs few (setmaxnreg).
+template <typename T, int CHAINS>
+constexpr bool kMoveRegisters = T::CONSUMERS == 2 && T::ACC * CHAINS >= 128;
 
 // One configuration of a table: its name (as the harness and the benchmarks print it) and its
 // launch; for a tile that can compute a NormPrologue, its rows of a per K tile and its shared
@@ -217,12 +225,14 @@ __device__ void norm_row_to_smem(const Args& args, unsigned char* row_a, float* 
 // A template argument, so that the plain product's code is the one it was without the fusion.
 // NORM (kNormTile tiles, M = 1): a is not read; the prologue computes its row (norm_row_to_smem)
 // into shared memory past the ring, whose stages then hold only w.
-template <typename T, bool GATE_UP, bool NORM = false>
+template <typename T, bool GATE_UP, bool NORM = false, int CHAINS = 1>
 __global__ void __launch_bounds__(T::THREADS, 1)
     matmul_sm90_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
                        const __grid_constant__ CUtensorMap map_out, Args args) {
   static_assert(T::GROUP_M >= 1 && T::ACC * 2 == T::BN, "tile parameters");
-  static_assert(!T::MOVE_REGISTERS || T::THREADS == 3 * kWarpgroup, "setmaxnreg budget is for 1 producer + 2 consumers");
+  static_assert(kChainsFit<T, CHAINS>, "the chains' accumulators must fit a consumer thread's registers");
+  constexpr bool kMove = kMoveRegisters<T, CHAINS>;
+  static_assert(!kMove || T::THREADS == 3 * kWarpgroup, "setmaxnreg budget is for 1 producer + 2 consumers");
   static_assert(!NORM || kNormTile<T>, "a norm prologue needs a compact-a tile with 4 K tiles per copy");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BM = T::BM, BN = T::BN, STAGES = T::STAGES;
@@ -276,7 +286,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
 
   if (wg == T::CONSUMERS) {
     // Producer warpgroup: one thread issues every copy.
-    if constexpr (T::MOVE_REGISTERS) ptx::setmaxnreg_dec<40>();
+    if constexpr (kMove) ptx::setmaxnreg_dec<40>();
     if (threadIdx.x == T::CONSUMERS * kWarpgroup) {
       const uint32_t stage_tx = (NORM ? 0 : KT * args.a_rows * kRowBytes) + T::W_BYTES;
       // Stage s's weights from K tile kt for the tile at n0 (a gate_up tile: its gate and up boxes;
@@ -323,7 +333,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
       pdl_wait();
     }
   } else {
-    if constexpr (T::MOVE_REGISTERS) ptx::setmaxnreg_inc<232>();
+    if constexpr (kMove) ptx::setmaxnreg_inc<232>();
     uint4 w0{};
     if constexpr (NORM)
       if (threadIdx.x % kWarpgroup < args.K / norm_row::kChunk) w0 = static_cast<const uint4*>(args.norm.weight)[threadIdx.x % kWarpgroup];
@@ -337,37 +347,52 @@ __global__ void __launch_bounds__(T::THREADS, 1)
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
       int m0, n0;
       tile_origin(tile, m0, n0);
-      float acc[T::ACC];
+      float chain[CHAINS][T::ACC];
 #pragma unroll
-      for (int i = 0; i < T::ACC; ++i) acc[i] = 0.f;
+      for (int c = 0; c < CHAINS; ++c)
+#pragma unroll
+        for (int i = 0; i < T::ACC; ++i) chain[c][i] = 0.f;
+      auto fence_chains = [&] {
+#pragma unroll
+        for (int c = 0; c < CHAINS; ++c) ptx::fence_registers(chain[c]);
+      };
 
       for (int ks = 0; ks < k_stages; ++ks, ++it) {
         const int s = it % STAGES;
         ptx::mbar_wait(ptx::smem_addr(&full[s]), (it / STAGES) & 1);
         const uint32_t stage = ring + s * STAGE_BYTES;
         ptx::wgmma_fence();
-        ptx::fence_registers(acc);
+        fence_chains();
         // All four k16 steps of each K tile, also in a last tile that K ends inside: its columns
         // past K are zeros. (KT > 1: every stage is whole, K being a multiple of 64 * KT; no
-        // branch around the MMAs, which would make the compiler serialize them.)
+        // branch around the MMAs, which would make the compiler serialize them.) Step kk of K
+        // tile t is k16 step 4t + kk of the stage, and a stage starts at a multiple of 64 columns,
+        // so its chain, (k / 16) % CHAINS, is (4t + kk) % CHAINS: known when compiled.
 #pragma unroll
         for (int t = 0; t < KT; ++t) {
           const uint64_t da = ptx::smem_desc(NORM ? rows_a + ((ks * KT + t) * T::A_ROWS) * kRowBytes
                                                   : stage + (wg * 64 + t * T::A_ROWS) * kRowBytes),
                          dw = ptx::smem_desc(stage + A_STAGE + t * BN * kRowBytes);
 #pragma unroll
-          for (int kk = 0; kk < kTileK / 16; ++kk) Wgmma<BN>::mma(acc, da + 2 * kk, dw + 2 * kk);
+          for (int kk = 0; kk < kTileK / 16; ++kk)
+            Wgmma<BN>::mma(chain[(4 * t + kk) % CHAINS], da + 2 * kk, dw + 2 * kk);
         }
         ptx::wgmma_commit();
-        ptx::fence_registers(acc);
+        fence_chains();
         // The previous stage's MMAs have finished once at most this stage's group is in flight.
         ptx::wgmma_wait<1>();
-        ptx::fence_registers(acc);
+        fence_chains();
         if (ks > 0 && lane == 0) ptx::mbar_arrive(ptx::smem_addr(&empty[(it - 1) % STAGES]));
       }
       ptx::wgmma_wait<0>();
-      ptx::fence_registers(acc);
+      fence_chains();
       if (k_stages > 0 && lane == 0) ptx::mbar_arrive(ptx::smem_addr(&empty[(it - 1) % STAGES]));
+      // The output's value before its bias: chain 0, or chain 0 + chain 1 in fp32.
+      float (&acc)[T::ACC] = chain[0];
+      if constexpr (CHAINS == 2) {
+#pragma unroll
+        for (int i = 0; i < T::ACC; ++i) acc[i] = chain[0][i] + chain[1][i];
+      }
 
       // Accumulator layout of m64nBN: warp w of the warpgroup holds rows 16w + lane/4 (registers
       // 4j, 4j+1) and 16w + lane/4 + 8 (4j+2, 4j+3), columns 8j + 2*(lane%4) + {0, 1}.
@@ -481,17 +506,17 @@ cudaError_t device_blocks(Kernel kernel, int threads, int smem, int& blocks) {
   return err;
 }
 
-// Blocks of matmul_sm90_kernel<T, GATE_UP> resident on the whole device (its shared-memory size
-// is set once).
-template <typename T, bool GATE_UP>
+// Blocks of matmul_sm90_kernel<T, GATE_UP, false, CHAINS> resident on the whole device (its
+// shared-memory size is set once).
+template <typename T, bool GATE_UP, int CHAINS>
 int resident_blocks() {
   static std::once_flag once;
   static cudaError_t attr_err = cudaSuccess;
   static int slots = 0;
   std::call_once(once, [] {
-    attr_err = cudaFuncSetAttribute(matmul_sm90_kernel<T, GATE_UP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    T::SMEM_BYTES);
-    if (attr_err == cudaSuccess) attr_err = device_blocks(matmul_sm90_kernel<T, GATE_UP>, T::THREADS, T::SMEM_BYTES, slots);
+    auto* kernel = matmul_sm90_kernel<T, GATE_UP, false, CHAINS>;
+    attr_err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::SMEM_BYTES);
+    if (attr_err == cudaSuccess) attr_err = device_blocks(kernel, T::THREADS, T::SMEM_BYTES, slots);
   });
   CUDA_CHECK(attr_err);
   DI_CHECK(slots > 0, "matmul: the sm_90 kernel ", T::BM, "x", T::BN, " does not fit on this device");
@@ -512,11 +537,11 @@ constexpr int kMaxSmemBytes = 226 * 1024;
 
 // The NormPrologue launch of tile T (launch_tiles): a's rows of K tiles in shared memory, whose
 // size follows K, so the blocks that fit are found once per size.
-template <typename T, bool GATE_UP>
+template <typename T, bool GATE_UP, int CHAINS>
 void launch_norm_tiles(const Problem& p, const CUtensorMap& map_w, const Args& args, int64_t tiles,
                        cudaStream_t stream) {
   const int smem = norm_fixed_bytes<T>() + (p.K / kTileK) * T::A_ROWS * kRowBytes;
-  auto* kernel = matmul_sm90_kernel<T, GATE_UP, true>;
+  auto* kernel = matmul_sm90_kernel<T, GATE_UP, true, CHAINS>;
   // The block may take what the device allows less the kernel's static shared memory.
   static std::once_flag once;
   static cudaError_t attr_err = cudaSuccess;
@@ -550,6 +575,31 @@ void launch_norm_tiles(const Problem& p, const CUtensorMap& map_w, const Args& a
   dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, blocks)), 1, 1);
   // The kernel never reads map_a or map_out: any valid map will do.
   launch_overlapped(kernel, grid, T::THREADS, smem, stream, map_w, map_w, map_w, args);
+}
+
+// The launch of tile T with CHAINS accumulator chains (kChainsFit), its maps and arguments made.
+template <typename T, int CHAINS>
+void launch_chains(const Problem& p, const CUtensorMap& map_a, const CUtensorMap& map_w, const CUtensorMap& map_out,
+                   const Args& args, int64_t tiles, cudaStream_t stream) {
+  if constexpr (kNormTile<T>) {
+    if (p.norm.residual_in != nullptr) {
+      if constexpr (T::BN >= 16)
+        if (p.gate_up) return launch_norm_tiles<T, true, CHAINS>(p, map_w, args, tiles, stream);
+      return launch_norm_tiles<T, false, CHAINS>(p, map_w, args, tiles, stream);
+    }
+  }
+  if constexpr (T::BN >= 16) {
+    if (p.gate_up) {
+      dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, resident_blocks<T, true, CHAINS>())), 1, 1);
+      launch_overlapped(matmul_sm90_kernel<T, true, false, CHAINS>, grid, T::THREADS, T::SMEM_BYTES, stream, map_a,
+                        map_w, map_out, args);
+      return;
+    }
+  }
+  dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, resident_blocks<T, false, CHAINS>())), 1,
+            static_cast<unsigned>(p.splits));
+  launch_overlapped(matmul_sm90_kernel<T, false, false, CHAINS>, grid, T::THREADS, T::SMEM_BYTES, stream, map_a, map_w,
+                    map_out, args);
 }
 
 // One launch of configuration T: a persistent grid of as many blocks as fit on the device (at
@@ -586,24 +636,12 @@ void launch_tiles(const Problem& p, cudaStream_t stream) {
   CUtensorMap map_out = staged ? tensor_map(p.out, p.M, n_out, 64, "out") : map_w;
   Args args{static_cast<const __nv_bfloat16*>(p.bias), p.out, p.out_f32, p.M, p.N, p.K, n_out,
             p.k_per_split, a_rows, pairs, staged, p.norm};
-  if constexpr (kNormTile<T>) {
-    if (norm) {
-      if constexpr (T::BN >= 16)
-        if (p.gate_up) return launch_norm_tiles<T, true>(p, map_w, args, tiles, stream);
-      return launch_norm_tiles<T, false>(p, map_w, args, tiles, stream);
-    }
+  switch (p.chains) {
+    case 1: return launch_chains<T, 1>(p, map_a, map_w, map_out, args, tiles, stream);
+    case 2: if constexpr (kChainsFit<T, 2>) return launch_chains<T, 2>(p, map_a, map_w, map_out, args, tiles, stream);
+            break;
   }
-  if constexpr (T::BN >= 16) {
-    if (p.gate_up) {
-      dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, resident_blocks<T, true>())), 1, 1);
-      launch_overlapped(matmul_sm90_kernel<T, true>, grid, T::THREADS, T::SMEM_BYTES, stream, map_a, map_w, map_out,
-                        args);
-      return;
-    }
-  }
-  dim3 grid(static_cast<unsigned>(std::min<int64_t>(tiles, resident_blocks<T, false>())), 1,
-            static_cast<unsigned>(p.splits));
-  launch_overlapped(matmul_sm90_kernel<T, false>, grid, T::THREADS, T::SMEM_BYTES, stream, map_a, map_w, map_out, args);
+  DI_CHECK(false, "matmul: the sm_90 tile ", T::BM, "x", T::BN, " has no kernel of ", p.chains, " chains");
 }
 
 }  // namespace detinfer::cuda::sm90

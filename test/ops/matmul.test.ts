@@ -38,6 +38,10 @@ const referenceShapes: [number, number, number][] = [
   [300, 257, 520],
   [5, 24, 8],
   [2, 16, 40],
+  // K of two accumulator chains on Hopper (matmul_sm90.cu: chains), one with a partial last K tile
+  [9, 72, 2048],
+  [70, 40, 3072],
+  [130, 24, 2056],
 ]
 
 /** The rows of `a` computed inside batches of every M in `Ms` (CPU, small shapes). */
