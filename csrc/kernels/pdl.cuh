@@ -16,6 +16,8 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <unordered_set>
 #include <utility>
 
 namespace detinfer::cuda {
@@ -70,6 +72,26 @@ inline bool pdl_enabled() {
   return on;
 }
 
+// Asks, once per kernel, that an SM running it keep the most shared memory its L1 allows (on
+// Hopper 228 KB of 256): kernels that share an SM must run under one split of L1 and shared
+// memory, so a kernel launched overlapped can place its blocks beside those of the kernel before
+// it only if that split leaves it room. A hint; a failure to take it changes nothing else.
+// DETINFER_SMEM_CARVEOUT=0 leaves the driver's choice (a switch for measuring it).
+inline void prefer_shared_memory(const void* kernel) {
+  static const bool on = [] {
+    const char* env = std::getenv("DETINFER_SMEM_CARVEOUT");
+    return !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  if (!on) return;
+  static std::mutex mutex;
+  static std::unordered_set<const void*> done;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!done.insert(kernel).second) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared) !=
+      cudaSuccess)
+    cudaGetLastError();
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), overlapped with the kernel before it where
 // pdl_enabled(). A failed launch is left for CUDA_CHECK_LAUNCH (cudaGetLastError), as with <<<>>>.
 template <typename... Params, typename... Args>
@@ -85,6 +107,7 @@ void launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, size_t 
   config.stream = stream;
   config.attrs = &attribute;
   config.numAttrs = pdl_enabled() ? 1 : 0;
+  prefer_shared_memory(reinterpret_cast<const void*>(kernel));
   (void)cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
