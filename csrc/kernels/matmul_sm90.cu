@@ -210,7 +210,9 @@ int production_config(int64_t M, int64_t N, int64_t K) {
 // per SM takes 48-column tiles (24 outputs each) where those are at most one per SM. Qwen3-0.6B's
 // gate|up (N 6144, K 1024) on 132 SMs: 128 tiles instead of 192, so no SM holds two blocks, and
 // the 120 KB block leaves room beside it for the down product's 104 KB block launched overlapped
-// (pdl.cuh). Replayed decode step on the H200: 1035 -> 1006 us at batch 8, about the same at 1-4.
+// (pdl.cuh, whose launches ask for the largest shared-memory carveout so that the SM's split of
+// L1 has that room). Replayed decode step on the H200: 1035 -> 1006 us at batch 8, about the same
+// at 1-4 (measured before the carveout was asked for).
 // At 9-16 rows (a 16-row a tile) the same change lost 1064 -> 1099 us at batch 16.
 // The 12-stage rings are not taken for gate_up products (none of the models measured has one
 // narrow enough): the 4-stage tile of 16 columns, whose gate_up kernel the tests run.
