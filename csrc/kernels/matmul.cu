@@ -326,6 +326,8 @@ void matmul_k_partitions(float* partials, const Tensor& a, const Tensor& w, int 
   MatmulArgs args{a.ptr<__nv_bfloat16>(), w.ptr<__nv_bfloat16>(), nullptr, partials, true, static_cast<int>(M),
                   static_cast<int>(N), static_cast<int>(K), static_cast<int>(width)};
   if (hopper) {
+    // One accumulator chain (Problem::chains' default): a rank's K differs with the TP degree,
+    // the partition's chain must not.
     sm90::Problem p{args.a, args.w, nullptr, partials, true, args.M, args.N, args.K, args.k_per_split, partitions,
                     false};
     sm90::launch(p, l.tiles, stream);

@@ -237,9 +237,10 @@ bool norm_fuses(int config, int64_t M, int64_t K) {
 // 1066 us, 24 1299 -> 1290, 32 1375 -> 1370, 64 1560 -> 1533; batch 1-8 within 2 us (918 -> 920
 // at batch 1): the products of 9-64 rows, whose 16- and 64-row tiles wait on the chain of wgmmas
 // into one accumulator, overlap two. At batch 1 the chain is not what the product waits for (4
-// chains did no better, nor did copying all of a at once). Not taken at K >= 4096: the 128x256
-// tile that prefill takes there holds one chain's accumulators only, and no decode gain was
-// measured at those K (Qwen3-8B's products stream enough weights to hide the chain).
+// chains did no better, nor did copying all of a at once). Not taken at K >= 4096 (every product
+// of Qwen3-8B and Llama-3.1-8B), where two chains were not measured: the 128x256 tile that
+// their prefill takes holds one chain's accumulators only, and their decode products stream
+// several times more weight bytes per block than the chain takes.
 int chains(int64_t K) { return K >= 2048 && K < 4096 ? 2 : 1; }
 
 void launch(const Problem& p, int config, cudaStream_t stream) {

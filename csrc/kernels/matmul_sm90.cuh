@@ -35,8 +35,9 @@ struct Problem {
   // silu_mul_value(bf16(gate), bf16(up)) of each pair (splits 1, bf16 out, N even).
   bool gate_up = false;
   NormPrologue norm{};  // with norm.residual_in, a is not read (norm_fuses must have said yes)
-  // Accumulators per output element (1, 2 or 4): k16 step k/16 goes to chain (k/16) % chains,
-  // and the chains are added by a fixed tree at the end. `chains(K)` on the invariant path.
+  // Accumulators per output element (1 or 2): the k16 step at column k goes to chain
+  // (k / 16) % chains, and two chains are added at the end, chain 0 + chain 1. `chains(K)` on
+  // the invariant path (the partitioned products of tensor parallelism keep 1).
   int chains = 1;
 };
 
