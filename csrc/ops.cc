@@ -506,4 +506,10 @@ void set_matmul_kernels(const std::string& kernels) {
 const char* cuda_matmul_kernels() { return cuda::matmul_kernels(); }
 const char* cuda_prefill_kernel() { return cuda::prefill_kernel(); }
 
+#if defined(DETINFER_STAMPS)
+void matmul_stamps(std::vector<MatmulStampRecord>& records, std::vector<unsigned long long>& data, long long& next) {
+  cuda::sm90::stamps::snapshot(records, data, next);
+}
+#endif
+
 }  // namespace detinfer::ops

@@ -11,6 +11,9 @@
 #include "common/attention_batch.h"
 #include "common/op_list.h"
 #include "common/tensor.h"
+#if defined(DETINFER_STAMPS)
+#include "kernels/matmul_sm90.cuh"
+#endif
 
 namespace detinfer {
 
@@ -38,6 +41,14 @@ void set_matmul_kernels(const std::string& kernels);
 // architecture, same build" means.
 const char* cuda_matmul_kernels();
 const char* cuda_prefill_kernel();
+
+#if defined(DETINFER_STAMPS)
+// Development (cmake -DDETINFER_STAMPS=ON): the descriptions of the last sm_90 matmul launches, by
+// slot, and their blocks' timestamps [slots][blocks][events] (matmul_sm90_kernel.cuh), which are
+// then cleared; `next` is the sequence number the next launch gets.
+using MatmulStampRecord = cuda::sm90::stamps::Record;
+void matmul_stamps(std::vector<MatmulStampRecord>& records, std::vector<unsigned long long>& data, long long& next);
+#endif
 
 }  // namespace ops
 }  // namespace detinfer

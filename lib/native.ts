@@ -61,6 +61,21 @@ export interface CudaStatus {
 }
 
 /** Every function of the addon. Ops enqueue and return at once; download/synchronize wait off the JS thread. */
+/** One Hopper matmul launch of a DETINFER_STAMPS build (NativeAddon.stamps). */
+export interface MatmulStampRecord {
+  slot: number
+  seq: number
+  M: number
+  N: number
+  K: number
+  /** "BMxBN sSTAGES aA_ROWS ktKT" */
+  tile: string
+  tiles: number
+  chains: number
+  gateUp: boolean
+  norm: boolean
+}
+
 export interface NativeAddon {
   empty(device: DeviceName, dtype: DType, shape: number[]): NativeTensor
   fromBuffer(device: DeviceName, dtype: DType, shape: number[], data: ArrayBufferView): NativeTensor
@@ -174,6 +189,12 @@ export interface NativeAddon {
   setMatmulKernels(kernels: 'auto' | 'mma.sync'): void
   variantKernels(): boolean
   cudaStatus(): CudaStatus
+  /**
+   * Development, only in an addon built with `--CDDETINFER_STAMPS=ON` (bench/step-stamps.mjs): the
+   * last Hopper matmul launches (by slot) and their blocks' timestamps, u64 [slots][blocks][events]
+   * as csrc/kernels/matmul_sm90_kernel.cuh lists them; the device's copy is cleared.
+   */
+  stamps?(): { next: number; records: MatmulStampRecord[]; data: ArrayBuffer }
   /** Starts recording the CUDA stream's work into a graph instead of running it. */
   graphBegin(): void
   /** Ends the recording and instantiates it; throws when the capture was invalidated (call graphAbort then). */

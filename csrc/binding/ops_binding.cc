@@ -322,6 +322,45 @@ Napi::Value CudaStatus(const Napi::CallbackInfo& info) {
   return o;
 }
 
+#if defined(DETINFER_STAMPS)
+// Development (DETINFER_STAMPS builds): {next, records: [{slot, seq, M, N, K, tile, tiles, chains,
+// gateUp, norm}], data: ArrayBuffer of u64 [slots][blocks][events]} of the sm_90 matmul launches'
+// per-block stamps (matmul_sm90_kernel.cuh), which it then clears.
+Napi::Value Stamps(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::vector<ops::MatmulStampRecord> records;
+  std::vector<unsigned long long> data;
+  long long next = 0;
+  ops::matmul_stamps(records, data, next);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("next", static_cast<double>(next));
+  Napi::Array rs = Napi::Array::New(env);
+  uint32_t n = 0;
+  for (size_t i = 0; i < records.size(); ++i) {
+    const auto& r = records[i];
+    if (r.seq < 0) continue;
+    Napi::Object x = Napi::Object::New(env);
+    x.Set("slot", static_cast<double>(i));
+    x.Set("seq", static_cast<double>(r.seq));
+    x.Set("M", r.M);
+    x.Set("N", r.N);
+    x.Set("K", r.K);
+    x.Set("tile", std::to_string(r.bm) + "x" + std::to_string(r.bn) + " s" + std::to_string(r.stages) + " a" +
+                      std::to_string(r.a_rows) + " kt" + std::to_string(r.kt));
+    x.Set("tiles", r.tiles);
+    x.Set("chains", r.chains);
+    x.Set("gateUp", r.gate_up);
+    x.Set("norm", r.norm);
+    rs[n++] = x;
+  }
+  o.Set("records", rs);
+  auto buf = Napi::ArrayBuffer::New(env, data.size() * sizeof(unsigned long long));
+  std::memcpy(buf.Data(), data.data(), buf.ByteLength());
+  o.Set("data", buf);
+  return o;
+}
+#endif
+
 }  // namespace
 
 void RegisterOps(Napi::Env env, Napi::Object exports) {
@@ -356,6 +395,9 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"variantKernels", VariantKernels}, {"cudaStatus", CudaStatus},
   };
   for (const Entry& e : entries) exports.Set(e.name, Napi::Function::New(env, e.fn, e.name));
+#if defined(DETINFER_STAMPS)
+  exports.Set("stamps", Napi::Function::New(env, Stamps, "stamps"));
+#endif
 }
 
 }  // namespace detinfer::binding

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <vector>
 
 #include "../cuda/check.h"
 #include "matmul_sm90.cuh"
@@ -258,5 +259,49 @@ void launch(const Problem& p, int config, cudaStream_t stream) {
                                          : config - kTiles4;
   kConfigs[config].launch(p, stream);
 }
+
+#if defined(DETINFER_STAMPS)
+namespace stamps {
+namespace {
+std::mutex g_mutex;
+unsigned long long* g_data = nullptr;
+std::vector<Record> g_records(kLaunches);
+long long g_next = 0;
+}  // namespace
+
+// Allocated at the first stamped launch, which is an eager one (a decode step runs eagerly before
+// it is captured); kept for the process's life.
+unsigned long long* device_data() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!g_data) {
+    const size_t bytes = sizeof(unsigned long long) * kLaunches * kBlocks * kEvents;
+    CUDA_CHECK(cudaMalloc(&g_data, bytes));
+    CUDA_CHECK(cudaMemset(g_data, 0, bytes));
+  }
+  return g_data;
+}
+
+int record(const Problem& p, int bm, int bn, int stages, int a_rows, int kt, int tiles) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const int slot = static_cast<int>(g_next % kLaunches);
+  g_records[slot] = Record{g_next, p.M, p.N, p.K, bm, bn, stages, a_rows, kt, tiles, p.chains, p.gate_up,
+                           p.norm.residual_in != nullptr};
+  ++g_next;
+  return slot;
+}
+
+void snapshot(std::vector<Record>& records, std::vector<unsigned long long>& data, long long& next) {
+  unsigned long long* device = device_data();
+  std::lock_guard<std::mutex> lock(g_mutex);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  data.resize(static_cast<size_t>(kLaunches) * kBlocks * kEvents);
+  CUDA_CHECK(cudaMemcpy(data.data(), device, data.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
+  CUDA_CHECK(cudaMemset(device, 0, data.size() * sizeof(unsigned long long)));
+  CUDA_CHECK(cudaDeviceSynchronize());
+  records = g_records;
+  next = g_next;
+}
+}  // namespace stamps
+#endif
 
 }  // namespace detinfer::cuda::sm90

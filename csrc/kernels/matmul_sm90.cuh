@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace detinfer::cuda::sm90 {
 
@@ -40,6 +41,21 @@ struct Problem {
   // the invariant path (the partitioned products of tensor parallelism keep 1).
   int chains = 1;
 };
+
+#if defined(DETINFER_STAMPS)
+// Development (DETINFER_STAMPS builds): per-block timestamps of the sm_90 matmul launches
+// (matmul_sm90_kernel.cuh says which), and what each launch was.
+namespace stamps {
+struct Record {
+  long long seq = -1;
+  int M = 0, N = 0, K = 0, bm = 0, bn = 0, stages = 0, a_rows = 0, kt = 0, tiles = 0, chains = 0;
+  bool gate_up = false, norm = false;
+};
+// The records by slot (seq -1: a slot not used yet), the stamps [slots][blocks][events], and the
+// next launch's sequence number; the device's stamps are cleared after the copy.
+void snapshot(std::vector<Record>& records, std::vector<unsigned long long>& data, long long& next);
+}  // namespace stamps
+#endif
 
 // True when this build has sm_90a code and device 0 can run it.
 bool available();

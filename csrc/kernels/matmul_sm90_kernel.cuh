@@ -66,7 +66,38 @@ struct Args {
   bool pairs;  // N even and out aligned: two neighbouring columns are stored at once
   bool staged; // the tile goes out through shared memory and the copy engine (map_out)
   NormPrologue norm;  // the kernel's NORM: the rows of a computed in the prologue
+#if defined(DETINFER_STAMPS)
+  int stamp = -1;                             // this launch's slot of stamps::kLaunches
+  unsigned long long* stamps_base = nullptr;  // stamps::device_data()
+#endif
 };
+
+// Development (cmake -DDETINFER_STAMPS=ON, bench/step-stamps.mjs): thread 0 of each block (of
+// the first stamps::kBlocks) writes %globaltimer at kernel events into its row of kEvents values:
+// 0 start, 1 the producer's weight requests issued, 2 the producer past its wait, 3 the consumer
+// past its wait, 4 the first stage full, 5 the last MMA done, 6 the end; 7 the SM; 8 the clock64
+// cycles the consumer spent waiting for full stages, 9 those from the first full stage to the last
+// MMA. Without the option DI_STAMP is nothing and the kernel is the same code.
+#if defined(DETINFER_STAMPS)
+namespace stamps {
+constexpr int kLaunches = 1024, kBlocks = 256, kEvents = 10;
+unsigned long long* device_data();  // matmul_sm90.cu
+// Records a launch's description and returns its slot (launches take the slots in turn).
+int record(const Problem& p, int bm, int bn, int stages, int a_rows, int kt, int tiles);
+}  // namespace stamps
+#define DI_STAMP(i)                                             \
+  do {                                                          \
+    if (stamp_row) {                                            \
+      unsigned long long t_;                                    \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));  \
+      stamp_row[i] = t_;                                        \
+    }                                                           \
+  } while (0)
+#else
+#define DI_STAMP(i) \
+  do {              \
+  } while (0)
+#endif
 
 // A block computes BM x BN outputs with BM/64 consumer warpgroups of 64 rows each and one producer
 // warpgroup, through STAGES buffers that each hold one 64-column K tile of a and of w.
@@ -241,6 +272,15 @@ __global__ void __launch_bounds__(T::THREADS, 1)
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
   __shared__ float norm_sums[NORM ? 8 : 1], norm_inv;  // NORM: the row's 8 warp sums, its inverse rms
+#if defined(DETINFER_STAMPS)
+  unsigned long long* stamp_row = nullptr;
+  {
+    const int b = blockIdx.z * gridDim.x + blockIdx.x;
+    if (args.stamp >= 0 && b < stamps::kBlocks && args.stamps_base)
+      stamp_row = args.stamps_base + (static_cast<int64_t>(args.stamp) * stamps::kBlocks + b) * stamps::kEvents;
+  }
+#endif
+  if (threadIdx.x == 0) DI_STAMP(0);
   const uint32_t ring = (ptx::smem_addr(smem_raw) + 1023) & ~1023u;
   const uint32_t rows_a = ring + STAGES * STAGE_BYTES;  // NORM: a's row, K tile t at t * A_ROWS rows
 
@@ -312,7 +352,9 @@ __global__ void __launch_bounds__(T::THREADS, 1)
         tile_origin(tile, m0, n0);
         for (int ks = 0; ks < k_stages && ahead < STAGES; ++ks, ++ahead) load_w(ahead, kt_begin + ks * KT, n0);
       }
+      DI_STAMP(1);
       pdl_wait();
+      DI_STAMP(2);
       pdl_launch_dependents();
       int it = 0;  // stages filled so far, over all of this block's tiles
       for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -338,7 +380,12 @@ __global__ void __launch_bounds__(T::THREADS, 1)
     if constexpr (NORM)
       if (threadIdx.x % kWarpgroup < args.K / norm_row::kChunk) w0 = static_cast<const uint4*>(args.norm.weight)[threadIdx.x % kWarpgroup];
     pdl_wait();
+    if (threadIdx.x == 0) DI_STAMP(3);
     if constexpr (NORM) norm_row_to_smem<T::A_ROWS>(args, smem_raw + (rows_a - ptx::smem_addr(smem_raw)), norm_sums, &norm_inv, w0);
+#if defined(DETINFER_STAMPS)
+    bool first_stage = true;
+    long long wait_cycles = 0, first_clock = 0;
+#endif
     const int lane = threadIdx.x % 32, warp = (threadIdx.x % kWarpgroup) / 32;
     const bool leader = threadIdx.x % kWarpgroup == 0;
     float* out_f32 = static_cast<float*>(args.out) + static_cast<int64_t>(blockIdx.z) * args.M * args.N;
@@ -359,7 +406,17 @@ __global__ void __launch_bounds__(T::THREADS, 1)
 
       for (int ks = 0; ks < k_stages; ++ks, ++it) {
         const int s = it % STAGES;
+#if defined(DETINFER_STAMPS)
+        const long long w_begin = clock64();
+#endif
         ptx::mbar_wait(ptx::smem_addr(&full[s]), (it / STAGES) & 1);
+#if defined(DETINFER_STAMPS)
+        const long long w_end = clock64();
+        wait_cycles += w_end - w_begin;
+        if (first_stage) first_clock = w_end;
+        if (first_stage && threadIdx.x == 0) DI_STAMP(4);  // (thread 0's own cycles: 8 and 9)
+        first_stage = false;
+#endif
         const uint32_t stage = ring + s * STAGE_BYTES;
         ptx::wgmma_fence();
         fence_chains();
@@ -386,6 +443,12 @@ __global__ void __launch_bounds__(T::THREADS, 1)
       }
       ptx::wgmma_wait<0>();
       fence_chains();
+#if defined(DETINFER_STAMPS)
+      if (threadIdx.x == 0 && stamp_row) {
+        DI_STAMP(5);
+        stamp_row[8] = wait_cycles, stamp_row[9] = clock64() - first_clock;
+      }
+#endif
       if (k_stages > 0 && lane == 0) ptx::mbar_arrive(ptx::smem_addr(&empty[(it - 1) % STAGES]));
       // The output's value before its bias: chain 0, or chain 0 + chain 1 in fp32.
       float (&acc)[T::ACC] = chain[0];
@@ -480,6 +543,14 @@ __global__ void __launch_bounds__(T::THREADS, 1)
     }
     // Shared memory must outlive the copy engine's last reads of it.
     if (T::STAGED && args.staged && leader) ptx::bulk_wait<0>();
+#if defined(DETINFER_STAMPS)
+    if (threadIdx.x == 0 && stamp_row) {
+      DI_STAMP(6);
+      unsigned smid;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+      stamp_row[7] = smid;
+    }
+#endif
   }
 #endif
 }
@@ -636,6 +707,10 @@ void launch_tiles(const Problem& p, cudaStream_t stream) {
   CUtensorMap map_out = staged ? tensor_map(p.out, p.M, n_out, 64, "out") : map_w;
   Args args{static_cast<const __nv_bfloat16*>(p.bias), p.out, p.out_f32, p.M, p.N, p.K, n_out,
             p.k_per_split, a_rows, pairs, staged, p.norm};
+#if defined(DETINFER_STAMPS)
+  args.stamps_base = stamps::device_data();
+  args.stamp = stamps::record(p, T::BM, T::BN, T::STAGES, T::A_ROWS, T::KT, static_cast<int>(tiles));
+#endif
   switch (p.chains) {
     case 1: return launch_chains<T, 1>(p, map_a, map_w, map_out, args, tiles, stream);
     case 2: if constexpr (kChainsFit<T, 2>) return launch_chains<T, 2>(p, map_a, map_w, map_out, args, tiles, stream);
