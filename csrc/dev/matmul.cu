@@ -16,6 +16,9 @@
 //                                              family on the same inputs, compared bit for bit
 //        build/dev/dev_matmul mma-peak         the mma.sync tensor-core ceiling (TFLOP/s, registers only)
 //        build/dev/dev_matmul mma-chain        cycles per step of dependent mma.sync chains in one warp
+//        build/dev/dev_matmul wgmma-rate       Hopper: cycles per k16 step of wgmma m64nNk16 with both
+//                                              operands in shared memory, issued as the decode tiles
+//                                              issue them, by N, warpgroups per block and chains
 //        build/dev/dev_matmul run CONFIG M N K one configuration at one shape (for a profiler)
 // The configurations: the library holds the ones production chooses (cuda::matmul_dev); the ones
 // explored and not chosen are instantiated here, from the kernel templates the library uses
@@ -526,6 +529,96 @@ int mma_chains() {
   return 0;
 }
 
+// wgmma-rate: one block per SM; each of WGS warpgroups issues kWgmmaSteps k16 steps of
+// m64nNk16 (both operands K-major in shared memory, 128-byte swizzle, random bf16) in groups of
+// 16 with wgmma_wait<1> between groups, as matmul_sm90_kernel's stages of 4 K tiles do, step k
+// into chain k % CHAINS. Thread 0 of each warpgroup times its steps with clock64.
+constexpr int kWgmmaSteps = 192;  // Qwen3-0.6B's down_proj: K = 3072
+template <int N, int WGS, int CHAINS>
+__global__ void __launch_bounds__(128 * WGS, 1) wgmma_rate_kernel(long long* cycles, float* sink) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char raw[];
+  const uint32_t a = (cuda::ptx::smem_addr(raw) + 1023) & ~1023u, b = a + 64 * 128;
+  for (int i = threadIdx.x; i < (64 + N) * 32; i += blockDim.x)  // bf16 pairs in [1, 2)
+    cuda::ptx::st_shared_b32(a + 4 * i, 0x3f803f80u | ((i * 2654435761u) & 0x007f007fu));
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  float acc[CHAINS][N / 2] = {};
+  const uint64_t da = cuda::ptx::smem_desc(a), db = cuda::ptx::smem_desc(b);
+  const auto clock = [] {
+    long long t;
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(t)::"memory");
+    return t;
+  };
+  const long long start = clock();
+  for (int g = 0; g < kWgmmaSteps / 16; ++g) {
+    cuda::ptx::wgmma_fence();
+#pragma unroll
+    for (int c = 0; c < CHAINS; ++c) cuda::ptx::fence_registers(acc[c]);
+#pragma unroll
+    for (int k = 0; k < 16; ++k) sm90::Wgmma<N>::mma(acc[k % CHAINS], da + 2 * (k % 4), db + 2 * (k % 4));
+    cuda::ptx::wgmma_commit();
+#pragma unroll
+    for (int c = 0; c < CHAINS; ++c) cuda::ptx::fence_registers(acc[c]);
+    cuda::ptx::wgmma_wait<1>();
+  }
+  cuda::ptx::wgmma_wait<0>();
+#pragma unroll
+  for (int c = 0; c < CHAINS; ++c) cuda::ptx::fence_registers(acc[c]);
+  const long long stop = clock();
+  float total = 0.f;
+#pragma unroll
+  for (int c = 0; c < CHAINS; ++c)
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) total += acc[c][i];
+  if (threadIdx.x % 128 == 0) cycles[blockIdx.x * WGS + threadIdx.x / 128] = stop - start;
+  if (total == -1.f) *sink = total;
+#endif
+}
+
+template <int N, int WGS, int CHAINS>
+void wgmma_rate(int sms, long long* cycles, float* sink) {
+  const auto kernel = wgmma_rate_kernel<N, WGS, CHAINS>;
+  const int smem = (64 + N) * 128 + 1024;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  for (int rep = 0; rep < 2; ++rep) kernel<<<sms, 128 * WGS, smem, stream()>>>(cycles, sink);  // warm-up, then timed
+  CUDA_CHECK_LAUNCH("wgmma_rate_kernel", "");
+  std::vector<long long> c(sms * WGS);
+  CUDA_CHECK(cudaMemcpy(c.data(), cycles, c.size() * sizeof(long long), cudaMemcpyDeviceToHost));
+  std::vector<double> per_step;
+  for (long long v : c) per_step.push_back(double(v) / kWgmmaSteps);
+  std::printf("  N %3d  %d warpgroup%s  %d chain%s: %6.1f cycles per k16 step per warpgroup (median of %d)\n", N, WGS,
+              WGS == 1 ? " " : "s", CHAINS, CHAINS == 1 ? " " : "s", median(per_step), sms * WGS);
+}
+
+int wgmma_rates() {
+  DI_CHECK(sm90::available(), "wgmma-rate: needs a Hopper GPU and a build with sm_90a code");
+  int device = 0, sms = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  long long* cycles = nullptr;
+  float* sink = nullptr;
+  CUDA_CHECK(cudaMalloc(&cycles, 2 * sms * sizeof(long long)));
+  CUDA_CHECK(cudaMalloc(&sink, sizeof(float)));
+  std::printf("wgmma m64nNk16 bf16 -> f32, A and B in shared memory, %d steps in groups of 16, one block per SM:\n",
+              kWgmmaSteps);
+  wgmma_rate<8, 1, 1>(sms, cycles, sink);
+  wgmma_rate<8, 1, 2>(sms, cycles, sink);
+  wgmma_rate<8, 1, 4>(sms, cycles, sink);
+  wgmma_rate<8, 2, 1>(sms, cycles, sink);
+  wgmma_rate<16, 1, 1>(sms, cycles, sink);
+  wgmma_rate<32, 1, 1>(sms, cycles, sink);
+  wgmma_rate<32, 2, 1>(sms, cycles, sink);
+  wgmma_rate<48, 1, 1>(sms, cycles, sink);
+  wgmma_rate<64, 1, 1>(sms, cycles, sink);
+  wgmma_rate<128, 1, 1>(sms, cycles, sink);
+  wgmma_rate<128, 2, 1>(sms, cycles, sink);
+  wgmma_rate<256, 1, 1>(sms, cycles, sink);
+  CUDA_CHECK(cudaFree(cycles));
+  CUDA_CHECK(cudaFree(sink));
+  return 0;
+}
+
 int mma_sync_peak() {
   int device = 0, sms = 0;
   CUDA_CHECK(cudaGetDevice(&device));
@@ -628,9 +721,10 @@ int main(int argc, char** argv) {
     if (mode == "families") return families();
     if (mode == "mma-peak") return mma_sync_peak();
     if (mode == "mma-chain") return mma_chains();
+    if (mode == "wgmma-rate") return wgmma_rates();
     std::fprintf(stderr,
                  "usage: dev_matmul check | bench OUT.json [decode|prefill] | run CONFIG M N K | gate-up [--mma-sync] | "
-                 "families | mma-peak | mma-chain\n");
+                 "families | mma-peak | mma-chain | wgmma-rate\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
