@@ -50,8 +50,8 @@ const model = await Transformer.load(dir, {
   kvBlockSize: BLOCK,
   cudaGraphs: true,
 })
-const EVENTS = 10, BLOCKS = 256 // matmul_sm90_kernel.cuh: stamps::kEvents, stamps::kBlocks
-const [START_, WAIT_P, FIRST, MMA, END, SM, WAIT_CYCLES, PHASE_CYCLES] = [0, 2, 4, 5, 6, 7, 8, 9]
+const EVENTS = 11, BLOCKS = 256 // matmul_sm90_kernel.cuh: stamps::kEvents, stamps::kBlocks
+const [START_, WAIT_P, WAIT_C, FIRST, MMA, END, SM, WAIT_CYCLES, PHASE_CYCLES, PROLOGUE] = [0, 2, 3, 4, 5, 6, 7, 8, 9, 10]
 const sorted = (v) => [...v].sort((a, b) => a - b)
 const med = (v) => sorted(v)[v.length >> 1]
 try {
@@ -92,10 +92,12 @@ try {
       const times = sorted(blocks.flatMap((x) => x.slice(0, END + 1)).map(Number))
       for (let j = 1; j < times.length; j++) if (times[j] > times[j - 1]) resolution = Math.min(resolution, times[j] - times[j - 1])
       const us = (e) => sorted(blocks.map((x) => Number(x[e] - t0) / 1000))
-      const start = us(START_), release = us(WAIT_P), first = us(FIRST), mma = us(MMA), end = us(END)
+      const start = us(START_), release = us(WAIT_P), consumer = us(WAIT_C), prologue = us(PROLOGUE)
+      const first = us(FIRST), mma = us(MMA), end = us(END)
       const x = {
         i, kind: kindOf(r), tile: r.tile, blocks: blocks.length,
-        start: start[0], release: release[0], releaseLast: release.at(-1), first: med(first), mma: med(mma),
+        start: start[0], release: release[0], releaseLast: release.at(-1), consumer: med(consumer), prologue: med(prologue),
+        first: med(first), mma: med(mma),
         endMed: med(end), end: end.at(-1),
         waitCycles: med(blocks.map((b) => Number(b[WAIT_CYCLES]))), phaseCycles: med(blocks.map((b) => Number(b[PHASE_CYCLES]))),
         perBlock: blocks.map((b) => ({ sm: Number(b[SM]), start: Number(b[START_] - t0) / 1000, end: Number(b[END] - t0) / 1000 })),
@@ -109,6 +111,8 @@ try {
           'start→release': x.release - x.start, // how early the blocks start (weights prefetched meanwhile)
           'release spread': x.releaseLast - x.release,
           'release→first': x.first - x.release, // the first stage full: a's copy, or the norm prologue
+          'consumer wait': x.consumer - x.release, // the consumer's release past the producer's
+          prologue: x.prologue - x.consumer, // the norm prologue (NORM products)
           'first→mma': x.mma - x.first, // the MMAs of all stages
           'mma→end': x.endMed - x.mma, // the epilogue
           'release→end': x.end - x.release,

@@ -72,15 +72,17 @@ struct Args {
 #endif
 };
 
-// Development (cmake -DDETINFER_STAMPS=ON, bench/step-stamps.mjs): thread 0 of each block (of
-// the first stamps::kBlocks) writes %globaltimer at kernel events into its row of kEvents values:
+// Development (cmake -DDETINFER_STAMPS=ON, bench/step-stamps.mjs): each block (of the first
+// stamps::kBlocks) writes %globaltimer at kernel events into its row of kEvents values, the
+// producer's issuing thread events 1 and 2 and the first consumer thread the others:
 // 0 start, 1 the producer's weight requests issued, 2 the producer past its wait, 3 the consumer
 // past its wait, 4 the first stage full, 5 the last MMA done, 6 the end; 7 the SM; 8 the clock64
 // cycles the consumer spent waiting for full stages, 9 those from the first full stage to the last
-// MMA. Without the option DI_STAMP is nothing and the kernel is the same code.
+// MMA, 10 the consumer past its norm prologue (NORM; else right after 3). Without the option
+// DI_STAMP is nothing and the kernel is the same code.
 #if defined(DETINFER_STAMPS)
 namespace stamps {
-constexpr int kLaunches = 1024, kBlocks = 256, kEvents = 10;
+constexpr int kLaunches = 1024, kBlocks = 256, kEvents = 11;
 unsigned long long* device_data();  // matmul_sm90.cu
 // Records a launch's description and returns its slot (launches take the slots in turn).
 int record(const Problem& p, int bm, int bn, int stages, int a_rows, int kt, int tiles);
@@ -382,6 +384,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
     pdl_wait();
     if (threadIdx.x == 0) DI_STAMP(3);
     if constexpr (NORM) norm_row_to_smem<T::A_ROWS>(args, smem_raw + (rows_a - ptx::smem_addr(smem_raw)), norm_sums, &norm_inv, w0);
+    if (threadIdx.x == 0) DI_STAMP(10);
 #if defined(DETINFER_STAMPS)
     bool first_stage = true;
     long long wait_cycles = 0, first_clock = 0;
