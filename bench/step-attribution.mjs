@@ -19,9 +19,9 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 import { defaultModelPath } from '../dist/api.js'
-import { Transformer } from '../dist/model/transformer.js'
 import { native } from '../dist/native.js'
 import { writeRandomModel } from '../scripts/make-random-model.mjs'
+import { capturedStep, loadForSteps } from './replayed-step.mjs'
 
 const KINDS = ['norm', 'qkv-rope', 'attention', 'qkv', 'o-proj', 'gate-up', 'down', 'lm-head']
 const { values } = parseArgs({
@@ -86,34 +86,15 @@ n.matmul = (out, a, w, bias) => {
   return skip.has(kind) ? undefined : ops.matmul.call(n, out, a, w, bias)
 }
 
-const BLOCK = 16
-const CONTEXT = Math.ceil(keys / BLOCK) * BLOCK // cache positions per sequence
-const START = keys - 1 // the decoded token's position
 /** Median µs of a replayed step at each batch size, with the kinds in `left` left out. */
 async function measure(left) {
   skip = new Set(left)
-  const maxB = Math.max(...batches)
-  const model = await Transformer.load(dir, {
-    device: 'cuda',
-    maxBatchTokens: 512,
-    kvBlocks: maxB * (CONTEXT / BLOCK) + 8,
-    kvBlockSize: BLOCK,
-    cudaGraphs: true,
-  })
+  const model = await loadForSteps(dir, Math.max(...batches), keys)
   config = model.config
   const result = []
   try {
     for (const B of batches) {
-      const chunks = []
-      const choices = []
-      for (let s = 0; s < B; s++) {
-        const blockTable = Array.from({ length: CONTEXT / BLOCK }, (_, i) => s * (CONTEXT / BLOCK) + i)
-        chunks.push({ tokens: [5 + s], startPosition: START, blockTable, logits: 'last' })
-        choices.push({ temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: START, target: -1 })
-      }
-      for (let i = 0; i < 3; i++) await model.step(chunks, choices, 0) // the third step replays the capture
-      const bucket = [...model.graphs.buckets.values()].find((b) => b.rows === B && b.graph)
-      if (!bucket) throw new Error(`no graph was captured for batch ${B}`)
+      const bucket = await capturedStep(model, B, keys)
       const times = []
       for (let rep = 0; rep < 5; rep++) {
         await n.synchronize('cuda')
@@ -132,7 +113,7 @@ async function measure(left) {
 
 const all = await measure([])
 console.log(
-  `${values.model ?? values.shape}, ${START + 1} keys, ${separate ? 'separate norms' : 'norms in the products'}, decode attention ${values['decode-pipeline']}, µs per replayed step (saved: what leaving the kind out takes off)`,
+  `${values.model ?? values.shape}, ${keys} keys, ${separate ? 'separate norms' : 'norms in the products'}, decode attention ${values['decode-pipeline']}, µs per replayed step (saved: what leaving the kind out takes off)`,
 )
 console.log(['left out'.padEnd(12), ...batches.map((b) => `batch ${b}`.padStart(18))].join(''))
 console.log(['nothing'.padEnd(12), ...all.map((t) => t.toFixed(1).padStart(18))].join(''))

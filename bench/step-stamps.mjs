@@ -17,9 +17,9 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 import { defaultModelPath } from '../dist/api.js'
-import { Transformer } from '../dist/model/transformer.js'
 import { native } from '../dist/native.js'
 import { writeRandomModel } from '../scripts/make-random-model.mjs'
+import { capturedStep, loadForSteps } from './replayed-step.mjs'
 
 const { values } = parseArgs({
   options: {
@@ -41,30 +41,14 @@ if (!n.stamps) throw new Error('this addon was built without the stamps: npx cma
 const dir = join(tmpdir(), `detinfer-attribution-${values.shape}`)
 if (!existsSync(join(dir, 'config.json'))) writeRandomModel({ shape: values.shape, seed: 1, out: dir, tokenizerDir: defaultModelPath })
 
-// One decode token per sequence at position keys-1, as bench/step-attribution.mjs lays the step out.
-const BLOCK = 16, CONTEXT = Math.ceil(keys / BLOCK) * BLOCK, START = keys - 1
-const model = await Transformer.load(dir, {
-  device: 'cuda',
-  maxBatchTokens: 512,
-  kvBlocks: B * (CONTEXT / BLOCK) + 8,
-  kvBlockSize: BLOCK,
-  cudaGraphs: true,
-})
+const model = await loadForSteps(dir, B, keys)
 const EVENTS = 11, BLOCKS = 256 // matmul_sm90_kernel.cuh: stamps::kEvents, stamps::kBlocks
-const [START_, WAIT_P, WAIT_C, FIRST, MMA, END, SM, WAIT_CYCLES, PHASE_CYCLES, PROLOGUE] = [0, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+const [START, WAIT_P, WAIT_C, FIRST, MMA, END, SM, WAIT_CYCLES, PHASE_CYCLES, PROLOGUE] = [0, 2, 3, 4, 5, 6, 7, 8, 9, 10]
 const sorted = (v) => [...v].sort((a, b) => a - b)
 const med = (v) => sorted(v)[v.length >> 1]
 try {
   const cfg = model.config
-  const chunks = [], choices = []
-  for (let s = 0; s < B; s++) {
-    const blockTable = Array.from({ length: CONTEXT / BLOCK }, (_, i) => s * (CONTEXT / BLOCK) + i)
-    chunks.push({ tokens: [5 + s], startPosition: START, blockTable, logits: 'last' })
-    choices.push({ temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: START, target: -1 })
-  }
-  for (let i = 0; i < 3; i++) await model.step(chunks, choices, 0) // the third step replays the capture
-  const bucket = [...model.graphs.buckets.values()].find((b) => b.rows === B && b.graph)
-  if (!bucket) throw new Error(`no graph was captured for batch ${B}`)
+  const bucket = await capturedStep(model, B, keys)
   for (let i = 0; i < 50; i++) bucket.graph.replay()
   const L = 4 * cfg.numLayers + 1
   const kindOf = (r) =>
@@ -88,11 +72,11 @@ try {
         if (data[o] !== 0n) blocks.push(Array.from({ length: EVENTS }, (_, e) => data[o + e]))
       }
       if (!blocks.length) throw new Error(`launch ${i} (${kindOf(r)}) wrote no stamps`)
-      t0 ??= blocks.reduce((m, x) => (x[START_] < m ? x[START_] : m), blocks[0][START_])
+      t0 ??= blocks.reduce((m, x) => (x[START] < m ? x[START] : m), blocks[0][START])
       const times = sorted(blocks.flatMap((x) => x.slice(0, END + 1)).map(Number))
       for (let j = 1; j < times.length; j++) if (times[j] > times[j - 1]) resolution = Math.min(resolution, times[j] - times[j - 1])
       const us = (e) => sorted(blocks.map((x) => Number(x[e] - t0) / 1000))
-      const start = us(START_), release = us(WAIT_P), consumer = us(WAIT_C), prologue = us(PROLOGUE)
+      const start = us(START), release = us(WAIT_P), consumer = us(WAIT_C), prologue = us(PROLOGUE)
       const first = us(FIRST), mma = us(MMA), end = us(END)
       const x = {
         i, kind: kindOf(r), tile: r.tile, blocks: blocks.length,
@@ -100,7 +84,7 @@ try {
         first: med(first), mma: med(mma),
         endMed: med(end), end: end.at(-1),
         waitCycles: med(blocks.map((b) => Number(b[WAIT_CYCLES]))), phaseCycles: med(blocks.map((b) => Number(b[PHASE_CYCLES]))),
-        perBlock: blocks.map((b) => ({ sm: Number(b[SM]), start: Number(b[START_] - t0) / 1000, end: Number(b[END] - t0) / 1000 })),
+        perBlock: blocks.map((b) => ({ sm: Number(b[SM]), start: Number(b[START] - t0) / 1000, end: Number(b[END] - t0) / 1000 })),
       }
       const gap = prevEnd === null ? NaN : x.release - prevEnd
       prevEnd = x.end
