@@ -127,6 +127,27 @@ try {
         `  end ${x.endMed.toFixed(2)} / ${x.end.toFixed(2)}`,
     )
   }
+  // SMs that ran two or more of a product's blocks, and how late those blocks end against the
+  // median block, beside the blocks alone on their SM (the last round, layers 2 .. L-2).
+  console.log('\nlast round, SMs shared by blocks of one product: SMs per launch; end − median end, µs (median / max)')
+  for (const kind of ['qkv', 'o', 'gate_up', 'down']) {
+    const launches = last.filter((x) => x.kind === kind && x.i >= 8 && Math.floor(x.i / 4) < cfg.numLayers - 1)
+    let sharedSms = 0
+    const shared = [], alone = []
+    for (const x of launches) {
+      const bySm = new Map()
+      for (const b of x.perBlock) bySm.set(b.sm, [...(bySm.get(b.sm) ?? []), b])
+      const endMed = med(x.perBlock.map((b) => b.end))
+      for (const blocks of bySm.values()) {
+        if (blocks.length > 1) sharedSms++
+        for (const b of blocks) (blocks.length > 1 ? shared : alone).push(b.end - endMed)
+      }
+    }
+    const both = (v) => (v.length ? `${med(v).toFixed(2)} / ${Math.max(...v).toFixed(2)}` : '-')
+    console.log(
+      `${kind.padEnd(8)} ${(sharedSms / launches.length).toFixed(1)} shared SMs per launch, their blocks ${both(shared)}; blocks alone ${both(alone)}`,
+    )
+  }
   if (values.dump) writeFileSync(values.dump, JSON.stringify(last)) // every launch of the last round, with each block's SM
 } finally {
   model.dispose()
