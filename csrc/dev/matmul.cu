@@ -463,6 +463,14 @@ __global__ void __launch_bounds__(256) mma_sync_peak_kernel(int iters, float* si
   if (total == -1.f) *sink = total;  // never true; keeps the products alive
 }
 
+// The SM's cycle counter, read by volatile asm like the MMAs, so that neither read moves across
+// them (clock64() may: with one mma.sync chain it was read twice before the loop).
+__device__ __forceinline__ long long cycle_clock() {
+  long long t;
+  asm volatile("mov.u64 %0, %%clock64;" : "=l"(t)::"memory");
+  return t;
+}
+
 // The latency of a dependent mma.sync chain: one warp runs CHAINS independent m16n8k16
 // accumulations, each step depending on the previous one of its chain, and reports cycles per
 // step (the clock read around the loop). While the step time stays flat with more chains it is
@@ -473,14 +481,7 @@ __global__ void mma_chain_kernel(int iters, long long* cycles, float* sink) {
   const uint32_t x = 0x3c003c00u ^ (threadIdx.x & 7);
   const uint32_t a[4] = {x, x ^ 1u, x ^ 2u, x ^ 3u};
   float acc[CHAINS][4] = {};
-  // The clock is read by volatile asm, like the MMAs, so that neither read moves across them
-  // (clock64() may: with one chain it was read twice before the loop).
-  const auto clock = [] {
-    long long t;
-    asm volatile("mov.u64 %0, %%clock64;" : "=l"(t)::"memory");
-    return t;
-  };
-  const long long start = clock();
+  const long long start = cycle_clock();
   for (int i = 0; i < iters; ++i)
 #pragma unroll
     for (int c = 0; c < CHAINS; ++c) cuda::ptx::mma_bf16_16816(acc[c], a, x ^ 4u, x ^ 5u);
@@ -489,7 +490,7 @@ __global__ void mma_chain_kernel(int iters, long long* cycles, float* sink) {
   for (int c = 0; c < CHAINS; ++c)
 #pragma unroll
     for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(acc[c][r]));
-  const long long stop = clock();
+  const long long stop = cycle_clock();
   float total = 0.f;
 #pragma unroll
   for (int c = 0; c < CHAINS; ++c)
@@ -545,12 +546,7 @@ __global__ void __launch_bounds__(128 * WGS, 1) wgmma_rate_kernel(long long* cyc
   __syncthreads();
   float acc[CHAINS][N / 2] = {};
   const uint64_t da = cuda::ptx::smem_desc(a), db = cuda::ptx::smem_desc(b);
-  const auto clock = [] {
-    long long t;
-    asm volatile("mov.u64 %0, %%clock64;" : "=l"(t)::"memory");
-    return t;
-  };
-  const long long start = clock();
+  const long long start = cycle_clock();
   for (int g = 0; g < kWgmmaSteps / 16; ++g) {
     cuda::ptx::wgmma_fence();
 #pragma unroll
@@ -565,7 +561,7 @@ __global__ void __launch_bounds__(128 * WGS, 1) wgmma_rate_kernel(long long* cyc
   cuda::ptx::wgmma_wait<0>();
 #pragma unroll
   for (int c = 0; c < CHAINS; ++c) cuda::ptx::fence_registers(acc[c]);
-  const long long stop = clock();
+  const long long stop = cycle_clock();
   float total = 0.f;
 #pragma unroll
   for (int c = 0; c < CHAINS; ++c)
