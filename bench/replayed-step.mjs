@@ -32,3 +32,13 @@ export async function capturedStep(model, B, keys) {
   if (!bucket) throw new Error(`no graph was captured for batch ${B}`)
   return bucket
 }
+
+/**
+ * The kind of a product in the step by its weight's shape [N, K] (step-attribution's names): the
+ * LM head, the q|k|v product, down_proj or o_proj; gate|up is a separate op, named by its caller.
+ */
+export function productKind(config, N, K) {
+  if (N === config.vocabSize) return 'lm-head'
+  if (N !== config.hiddenSize) return 'qkv'
+  return K === config.intermediateSize ? 'down' : 'o-proj'
+}

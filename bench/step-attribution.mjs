@@ -21,7 +21,7 @@ import { parseArgs } from 'node:util'
 import { defaultModelPath } from '../dist/api.js'
 import { native } from '../dist/native.js'
 import { writeRandomModel } from '../scripts/make-random-model.mjs'
-import { capturedStep, loadForSteps } from './replayed-step.mjs'
+import { capturedStep, loadForSteps, productKind } from './replayed-step.mjs'
 
 const KINDS = ['norm', 'qkv-rope', 'attention', 'qkv', 'o-proj', 'gate-up', 'down', 'lm-head']
 const { values } = parseArgs({
@@ -81,8 +81,7 @@ n.normMatmulSiluMul = (out, gateUp, normed, residualOut, residualIn, x, normW, e
 }
 n.matmul = (out, a, w, bias) => {
   const [N, K] = w.shape
-  const H = config?.hiddenSize
-  const kind = N === config?.vocabSize ? 'lm-head' : N !== H ? 'qkv' : K === config?.intermediateSize ? 'down' : 'o-proj'
+  const kind = productKind(config, N, K)
   return skip.has(kind) ? undefined : ops.matmul.call(n, out, a, w, bias)
 }
 

@@ -19,7 +19,7 @@ import { parseArgs } from 'node:util'
 import { defaultModelPath } from '../dist/api.js'
 import { native } from '../dist/native.js'
 import { writeRandomModel } from '../scripts/make-random-model.mjs'
-import { capturedStep, loadForSteps } from './replayed-step.mjs'
+import { capturedStep, loadForSteps, productKind } from './replayed-step.mjs'
 
 const { values } = parseArgs({
   options: {
@@ -51,8 +51,7 @@ try {
   const bucket = await capturedStep(model, B, keys)
   for (let i = 0; i < 50; i++) bucket.graph.replay()
   const L = 4 * cfg.numLayers + 1
-  const kindOf = (r) =>
-    r.N === cfg.vocabSize ? 'lm' : r.gateUp ? 'gate_up' : r.N !== cfg.hiddenSize ? 'qkv' : r.K === cfg.intermediateSize ? 'down' : 'o'
+  const kindOf = (r) => (r.gateUp ? 'gate-up' : productKind(cfg, r.N, r.K))
   const fields = {} // kind -> column -> values over layers and rounds
   let resolution = Infinity
   let last = []
@@ -62,7 +61,7 @@ try {
     const st = n.stamps()
     const data = new BigUint64Array(st.data)
     const launches = st.records.sort((a, b) => a.seq - b.seq).slice(-L)
-    if (launches.length !== L || kindOf(launches[0]) !== 'qkv' || kindOf(launches[L - 1]) !== 'lm')
+    if (launches.length !== L || kindOf(launches[0]) !== 'qkv' || kindOf(launches[L - 1]) !== 'lm-head')
       throw new Error(`the step's products are not the last ${L} launches: ${launches.map(kindOf).join(',')}`)
     let t0 = null, prevEnd = null
     last = launches.map((r, i) => {
@@ -89,7 +88,7 @@ try {
       const gap = prevEnd === null ? NaN : x.release - prevEnd
       prevEnd = x.end
       const layer = Math.floor(i / 4)
-      if (x.kind === 'lm' || (layer >= 2 && layer < cfg.numLayers - 1)) {
+      if (x.kind === 'lm-head' || (layer >= 2 && layer < cfg.numLayers - 1)) {
         const columns = {
           'last end→release': gap, // the kernels between this product and the one before, handoffs included
           'start→release': x.release - x.start, // how early the blocks start (weights prefetched meanwhile)
@@ -120,7 +119,7 @@ try {
   for (const [kind, f] of Object.entries(fields)) console.log([kind.padEnd(8), ...names.map((k) => med(f[k]).toFixed(2).padStart(17))].join(''))
   console.log("\nlast round, layers 0 and 1 and the LM head, µs from the step's first stamp (first, mma, end: median block / last block):")
   for (const x of last) {
-    if (Math.floor(x.i / 4) > 1 && x.kind !== 'lm') continue
+    if (Math.floor(x.i / 4) > 1 && x.kind !== 'lm-head') continue
     console.log(
       `${String(x.i).padStart(4)} ${x.kind.padEnd(8)} ${x.tile.padEnd(18)} ${String(x.blocks).padStart(3)} blocks  start ${x.start.toFixed(2)}` +
         `  release ${x.release.toFixed(2)}..${x.releaseLast.toFixed(2)}  first ${x.first.toFixed(2)}  mma ${x.mma.toFixed(2)}` +
@@ -130,7 +129,7 @@ try {
   // SMs that ran two or more of a product's blocks, and how late those blocks end against the
   // median block, beside the blocks alone on their SM (the last round, layers 2 .. L-2).
   console.log('\nlast round, SMs shared by blocks of one product: SMs per launch; end − median end, µs (median / max)')
-  for (const kind of ['qkv', 'o', 'gate_up', 'down']) {
+  for (const kind of ['qkv', 'o-proj', 'gate-up', 'down']) {
     const launches = last.filter((x) => x.kind === kind && x.i >= 8 && Math.floor(x.i / 4) < cfg.numLayers - 1)
     let sharedSms = 0
     const shared = [], alone = []
