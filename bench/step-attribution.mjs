@@ -11,10 +11,7 @@
 // or gate-up leaves out the norm before it too, and `norm` is the final norm alone. With
 // --separate-norms every norm is its own kernel again (addRmsnorm, then the product), as the step
 // was before the products took them in, and `norm` leaves out all of them. --decode-pipeline
-// forces how decode attention streams K and V (setDecodePipeline; the same bits). On CUDA a
-// decode step's q/k/v preparation runs inside its attention kernel (qkvRopeAttention): leaving out
-// qkv-rope runs attention alone, leaving out attention runs qkvRopeAppend alone, and
-// DETINFER_FUSED_DECODE=0 runs the two ops as two kernels again.
+// forces how decode attention streams K and V (setDecodePipeline; the same bits).
 // Development measurement: it wraps the addon's op functions and reads the model's captured
 // graphs, neither of which is part of the API.
 import { existsSync } from 'node:fs'
@@ -55,7 +52,7 @@ const n = native()
 n.setDecodePipeline(values['decode-pipeline'])
 // Every op a decode step launches, by kind; products by their weight's shape.
 const ops = Object.fromEntries(
-  ['addRmsnorm', 'rmsnorm', 'qkvRopeAppend', 'attention', 'qkvRopeAttention', 'matmul', 'matmulSiluMul', 'normMatmul', 'normMatmulSiluMul'].map((k) => [k, n[k]]),
+  ['addRmsnorm', 'rmsnorm', 'qkvRopeAppend', 'attention', 'matmul', 'matmulSiluMul', 'normMatmul', 'normMatmulSiluMul'].map((k) => [k, n[k]]),
 )
 const separate = values['separate-norms']
 let skip = new Set()
@@ -63,13 +60,6 @@ let config = null
 n.addRmsnorm = (...a) => (skip.has('norm') ? undefined : ops.addRmsnorm.apply(n, a))
 n.qkvRopeAppend = (...a) => (skip.has('qkv-rope') ? undefined : ops.qkvRopeAppend.apply(n, a))
 n.attention = (...a) => (skip.has('attention') ? undefined : ops.attention.apply(n, a))
-// The fused op (a decode step's one kernel on CUDA): leaving out either kind runs the other op alone.
-n.qkvRopeAttention = (out, q, k, v, qkv, positions, cosSin, slots, qNorm, kNorm, eps, batch, scale) => {
-  const [rope, attend] = [!skip.has('qkv-rope'), !skip.has('attention')]
-  if (rope && attend) ops.qkvRopeAttention.call(n, out, q, k, v, qkv, positions, cosSin, slots, qNorm, kNorm, eps, batch, scale)
-  else if (rope) ops.qkvRopeAppend.call(n, q, k, v, qkv, positions, cosSin, slots, qNorm, kNorm, eps)
-  else if (attend) ops.attention.call(n, out, q, k, v, batch, scale)
-}
 n.matmulSiluMul = (...a) => (skip.has('gate-up') ? undefined : ops.matmulSiluMul.apply(n, a))
 // Separate norms: the norm in place in residualIn (the stream's values go astray from there, the
 // time does not), then the product.

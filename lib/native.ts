@@ -173,26 +173,6 @@ export interface NativeAddon {
     batch: AttentionBatch,
     scale: number,
   ): void
-  /**
-   * qkvRopeAppend then attention of its qOut, in one op, with the bits of the two. qOut is scratch: on CUDA a
-   * decode step (batch.maxQueryLen 1) computes q inside the attention kernel. Every token's slot must be its
-   * own sequence's cache row, one that no other sequence of the batch attends to.
-   */
-  qkvRopeAttention(
-    out: NativeTensor,
-    qOut: NativeTensor,
-    kCache: NativeTensor,
-    vCache: NativeTensor,
-    qkv: NativeTensor,
-    positions: NativeTensor,
-    cosSin: NativeTensor,
-    slots: NativeTensor,
-    qNorm: NativeTensor | null,
-    kNorm: NativeTensor | null,
-    eps: number,
-    batch: AttentionBatch,
-    scale: number,
-  ): void
   logSoftmax(out: NativeTensor, x: NativeTensor): void
   argmax(out: NativeTensor, x: NativeTensor): void
   tokenLogprobs(out: NativeTensor, x: NativeTensor, ids: NativeTensor): void

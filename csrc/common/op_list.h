@@ -83,13 +83,6 @@
   /* (common/attention_schedule.h) */                                                                 \
   X(attention, (Tensor & out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,          \
                 const AttentionBatch& batch, float scale))                                            \
-  /* qkv_rope_append then attention of its q_out, in one op: the bits of the two. q_out is */          \
-  /* scratch (the CUDA decode steps compute q inside the attention kernel and never write it). */     \
-  /* Every token's slot must be its own sequence's row, one no other sequence attends to. */          \
-  X(qkv_rope_attention, (Tensor & out, Tensor & q_out, Tensor & k_cache, Tensor & v_cache,            \
-                         const Tensor& qkv, const Tensor& positions, const Tensor& cos_sin,           \
-                         const Tensor& slots, const Tensor* q_norm, const Tensor* k_norm, float eps,  \
-                         const AttentionBatch& batch, float scale))                                   \
   /* out[r,:] = x[r,:] - logsumexp(x[r,:])   f32 [R,V] */                                             \
   X(log_softmax, (Tensor & out, const Tensor& x))                                                     \
   /* out[r] = argmax_v x[r,v], lowest index on ties   x f32 [R,V], out i32 [R] */                     \

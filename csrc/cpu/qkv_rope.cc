@@ -51,15 +51,3 @@ void qkv_rope_append(Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tens
 }
 
 }  // namespace detinfer::cpu
-
-namespace detinfer::cpu {
-
-// qkv_rope_attention: the two ops, one after the other.
-void qkv_rope_attention(Tensor& out, Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
-                        const Tensor& positions, const Tensor& cos_sin, const Tensor& slots, const Tensor* q_norm,
-                        const Tensor* k_norm, float eps, const AttentionBatch& batch, float scale) {
-  qkv_rope_append(q_out, k_cache, v_cache, qkv, positions, cos_sin, slots, q_norm, k_norm, eps);
-  attention(out, q_out, k_cache, v_cache, batch, scale);
-}
-
-}  // namespace detinfer::cpu

@@ -34,8 +34,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <type_traits>
 
@@ -48,7 +46,6 @@
 #include "cuda_ops.h"
 #include "matmul_sm90.cuh"
 #include "pdl.cuh"
-#include "qkv_head.cuh"
 
 namespace detinfer::cuda {
 namespace {
@@ -147,12 +144,6 @@ struct AttentionArgs {
   float scale_log2;
   float* part_o;   // decode workspace [num_seqs, heads, max_splits, D] f32
   float* part_ml;  // decode workspace [num_seqs, heads, max_splits, 2] f32: (max, sum)
-  // qkv_rope_attention's decode (fused): the query rows and the step's cache rows are computed
-  // from in.qkv by the decode kernel (decode_inputs), not read from q and written by a kernel before.
-  bool fused;
-  QkvHeads in;
-  bf16* k_write;  // the caches, written by the fused decode kernel
-  bf16* v_write;
 };
 
 __device__ __forceinline__ int split_size_of(const AttentionArgs& a, int len) {
@@ -270,7 +261,6 @@ struct DecodeSplit {
   int len;           // its keys
   int begin, end;    // the split's keys [begin, end)
   const int* table;  // its block table
-  bool writer;       // fused: this block writes the step's k and v rows (its split holds key len-1)
 };
 
 __device__ __forceinline__ DecodeSplit decode_split(const AttentionArgs& a) {
@@ -289,40 +279,7 @@ __device__ __forceinline__ DecodeSplit decode_split(const AttentionArgs& a) {
   d.begin = d.split_index * split, d.end = min(d.begin + split, d.len);
   d.table = a.block_tables + static_cast<int64_t>(d.seq) * a.max_blocks;
   d.active = true;
-  d.writer = a.fused && d.end == d.len;
   return d;
-}
-
-// Fused decode (qkv_rope_attention): a block's query rows and, by its writer, the sequence's new
-// k and v rows, computed from the q|k|v projection by qkv_head_chunk (qkv_rope.cu's head code,
-// so the bits of qkv_rope_append), one head row per warp. The query rows go into the query tile
-// q_s as the copies of q would have put them (tile_offset), followed by `zero_rows` zero rows;
-// the k and v rows go to the cache at the token's slot, as qkv_rope_append writes them, and the
-// writer then fences them at device scope so that the block's copies of that cache row after its
-// next barrier read them. Every block of the last split (one per row tile of the kv head's query
-// heads) writes the row and reads only its own write or another's identical bytes; no other block
-// of the launch reads or writes it, since no decode token's slot is a row that another sequence
-// of the step attends to (qkv_rope_attention's contract).
-template <int D, int kWarps>
-__device__ void decode_inputs(const AttentionArgs& a, const DecodeSplit& ds, bf16* q_s, int zero_rows) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int heads = ds.rows + (ds.writer ? 2 : 0);
-  for (int r = warp; r < heads; r += kWarps) {  // whole warps: qkv_head_chunk shuffles
-    const bool is_q = r < ds.rows;
-    const int h = is_q ? ds.head0 + r : a.heads + ds.kv_head + (r - ds.rows) * a.kv_heads;
-    bf16 out[norm_row::kChunk];
-    if (!qkv_head_chunk(a.in, ds.q_row, h, lane, out)) continue;
-    if (is_q) {
-      *reinterpret_cast<uint4*>(q_s + tile_offset<D>(r, lane)) = *reinterpret_cast<const uint4*>(out);
-    } else {
-      const int64_t at = qkv_head_cache_offset(a.in, ds.q_row, ds.kv_head);
-      if (at >= 0) norm_row::store_chunk((r == ds.rows ? a.k_write : a.v_write) + at, lane, a.in.vec, norm_row::kChunk, out);
-    }
-  }
-  constexpr int kChunks = D / 8;
-  for (int c = threadIdx.x; c < zero_rows * kChunks; c += kWarps * 32)
-    *reinterpret_cast<uint4*>(q_s + tile_offset<D>(ds.rows + c / kChunks, c % kChunks)) = make_uint4(0, 0, 0, 0);
-  if (ds.writer) __threadfence();
 }
 
 // Decode blocks prefetch their split's keys and values into L2 before their wait up to this many
@@ -432,11 +389,7 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_de
   // swizzle does not matter).
   const int64_t q_first = (static_cast<int64_t>(q_row) * a.heads + head0) * D;
   int q_lane_row = lane & 15;  // the row this lane addresses in ldmatrix
-  if (a.fused) {
-    decode_inputs<D, T::kWarps>(a, ds, q_s, PAIRED ? kTileRows - rows : 1);
-    if (!PAIRED) q_lane_row = min(q_lane_row, rows);
-    __syncthreads();  // the writer's cache rows before any copy of them
-  } else if constexpr (PAIRED) {
+  if constexpr (PAIRED) {
     load_query_rows<D, T::kThreads, kTileRows>(q_s, a.q, q_first, D, rows);
   } else {
     constexpr int kChunks = D / 8;
@@ -1123,20 +1076,17 @@ void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& 
   CUDA_CHECK_LAUNCH("kv_append", "(k " + k.describe() + ", cache " + k_cache.describe() + ")");
 }
 
-namespace {
-
-// The arguments of an attention launch, checked; false when there is nothing to compute.
-bool attention_args(AttentionArgs& a, Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                    const AttentionBatch& batch, float scale) {
+void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const AttentionBatch& batch,
+               float scale) {
   const int64_t dim = q.dim(2), num_seqs = batch.seq_lens.dim(0);
   if (dim != 64 && dim != 128)
     fail("attention: the CUDA kernels support head dims 64 and 128 but received ", dim, " (q ", q.describe(), ")");
   if (!(aligned16(q) && aligned16(out) && aligned16(k_cache) && aligned16(v_cache)))
     fail("attention: expected q, out and the caches to start on 16-byte boundaries (q ", q.describe(), ")");
   if (num_seqs > 65535) fail("attention: at most 65535 sequences per launch on CUDA but received ", num_seqs);
-  if (q.dim(0) == 0 || num_seqs == 0 || batch.max_query_len == 0) return false;
+  if (q.dim(0) == 0 || num_seqs == 0 || batch.max_query_len == 0) return;
 
-  a = AttentionArgs{};
+  AttentionArgs a{};
   a.out = out.ptr<bf16>();
   a.q = q.ptr<bf16>();
   a.k_cache = k_cache.ptr<bf16>();
@@ -1153,56 +1103,14 @@ bool attention_args(AttentionArgs& a, Tensor& out, const Tensor& q, const Tensor
   for (int shift = 0; shift < 31; ++shift)
     if (a.block_size == (1 << shift)) a.block_shift = shift;
   a.scale_log2 = scale * 1.4426950408889634f;  // exp(x·scale) = 2^(x·scale·log2 e)
-  return true;
-}
 
-void launch(AttentionArgs& a, const Tensor& q, const Tensor& k_cache, const AttentionBatch& batch) {
   const AttentionLaunch l = choose_launch(batch, a.num_seqs);
   a.split_size = l.split_size;
   auto stream = static_cast<cudaStream_t>(cuda_runtime::stream());
-  if (q.dim(2) == 64)
+  if (dim == 64)
     launch_attention<64>(a, l, q, k_cache, batch, stream);
   else
     launch_attention<128>(a, l, q, k_cache, batch, stream);
-}
-
-// DETINFER_FUSED_DECODE=0 runs qkv_rope_attention's decode steps as qkv_rope_append then
-// attention (a switch for measuring the fusion; the bits are the same either way).
-bool fused_decode_enabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("DETINFER_FUSED_DECODE");
-    return !(env != nullptr && std::strcmp(env, "0") == 0);
-  }();
-  return on;
-}
-
-}  // namespace
-
-void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const AttentionBatch& batch,
-               float scale) {
-  AttentionArgs a;
-  if (attention_args(a, out, q, k_cache, v_cache, batch, scale)) launch(a, q, k_cache, batch);
-}
-
-// Decode steps (every sequence one query) in one kernel, the decode kernel computing its query rows
-// and the new cache rows itself (decode_inputs); anything else as the two ops. H200, random
-// Qwen3-0.6B, replayed decode step: see the README (DETINFER_FUSED_DECODE).
-void qkv_rope_attention(Tensor& out, Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
-                        const Tensor& positions, const Tensor& cos_sin, const Tensor& slots, const Tensor* q_norm,
-                        const Tensor* k_norm, float eps, const AttentionBatch& batch, float scale) {
-  AttentionArgs a;
-  if (batch.max_query_len != 1 || !fused_decode_enabled() || q_out.dim(0) == 0 ||
-      !attention_args(a, out, q_out, k_cache, v_cache, batch, scale)) {
-    qkv_rope_append(q_out, k_cache, v_cache, qkv, positions, cos_sin, slots, q_norm, k_norm, eps);
-    attention(out, q_out, k_cache, v_cache, batch, scale);
-    return;
-  }
-  DI_CHECK(q_out.dim(0) <= 0x7fffffff, "qkv_rope_attention: too many tokens (", q_out.dim(0), ")");
-  a.fused = true;
-  a.in = qkv_heads(q_out, k_cache, v_cache, qkv, positions, cos_sin, slots, q_norm, k_norm, eps);
-  a.k_write = k_cache.ptr<bf16>();
-  a.v_write = v_cache.ptr<bf16>();
-  launch(a, q_out, k_cache, batch);
 }
 
 }  // namespace detinfer::cuda
