@@ -81,8 +81,9 @@ n.normMatmulSiluMul = (out, gateUp, normed, residualOut, residualIn, x, normW, e
 }
 n.matmul = (out, a, w, bias) => {
   const [N, K] = w.shape
-  const kind = productKind(config, N, K)
-  return skip.has(kind) ? undefined : ops.matmul.call(n, out, a, w, bias)
+  // (config is null while the first model loads: its probe's products always run)
+  const kind = config && productKind(config, N, K)
+  return kind && skip.has(kind) ? undefined : ops.matmul.call(n, out, a, w, bias)
 }
 
 /** Median µs of a replayed step at each batch size, with the kinds in `left` left out. */
