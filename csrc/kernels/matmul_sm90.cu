@@ -18,6 +18,8 @@
 #include <cudaTypedefs.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -85,6 +87,11 @@ CUtensorMap tensor_map_tiles(const void* data, int rows, int K, int box_rows, in
 
 namespace {
 
+// Idle warpgroups of the solo tiles: 7 warpgroups take 35,840 (at 40 registers a thread, the
+// 64x8 kernels of one chain use 37) or 43,008 (48; two chains use 44) of an SM's 65,536, so two
+// blocks never share an SM, and one still fits beside a 16,384-register block of another product.
+constexpr int kSoloIdle = 5;
+
 // The narrow compact-a tiles with 4 K tiles per copy, whose ring depth production_config compares
 // with K.
 using Narrow8 = Tiles<64, 8, 8, false, false, 8, 8, 4>;
@@ -125,13 +132,16 @@ const Entry kConfigs[] = {
     entry<Tiles<64, 16, 12, false, false, 8, 16, 4>>("wg 64x16 s12 a16 kt4"),
     // gate_up decode (M <= 8): 24 outputs a tile (gate_up_config).
     entry<Tiles<64, 48, 4, false, false, 8, 8, 4>>("wg 64x48 s4 a8 kt4"),
+    // The narrow decode tiles with idle warpgroups: one block per SM (Tiles' IDLE).
+    entry<Tiles<64, 8, 8, false, false, 8, 8, 4, kSoloIdle>>("wg 64x8 s8 a8 kt4 solo"),
+    entry<Tiles<64, 8, 12, false, false, 8, 8, 4, kSoloIdle>>("wg 64x8 s12 a8 kt4 solo"),
 };
 constexpr int kConfigCount = sizeof(kConfigs) / sizeof(kConfigs[0]);
 constexpr int k64x32 = 0, k64x64 = 1, k64x128 = 2, k128x256 = 3, k128x256_staged = 4, k128x128_staged = 5;
 constexpr int k64x8_a8 = 6, k64x32_a8 = 7, k64x16_a16 = 8, k64x32_a16 = 9;
 constexpr int kTiles4 = 4;  // k64x8_a8 + kTiles4: the same tile with 4 K tiles per copy
 constexpr int k64x32_kt4 = 14, k64x16_kt4 = 15, k64x8_a8_deep = 16, k64x16_a16_deep = 17;
-constexpr int k64x48_a8_kt4 = 18;
+constexpr int k64x48_a8_kt4 = 18, k64x8_a8_kt4_solo = 19, k64x8_a8_deep_solo = 20;
 
 struct DeviceInfo {
   bool hopper = false;
@@ -244,6 +254,15 @@ bool norm_fuses(int config, int64_t M, int64_t K) {
 // several times more weight bytes per block than the chain takes.
 int chains(int64_t K) { return K >= 2048 && K < 4096 ? 2 : 1; }
 
+// DETINFER_SOLO=1: the narrow decode tiles run as their solo forms (launch geometry only).
+bool solo_tiles() {
+  static const bool on = [] {
+    const char* env = std::getenv("DETINFER_SOLO");
+    return env != nullptr && std::strcmp(env, "1") == 0;
+  }();
+  return on;
+}
+
 void launch(const Problem& p, int config, cudaStream_t stream) {
   DI_CHECK(config >= 0 && config < kConfigCount, "matmul: no sm_90 configuration ", config);
   DI_CHECK(p.chains == 1 || p.chains == 2, "matmul: ", p.chains, " accumulator chains");
@@ -257,6 +276,10 @@ void launch(const Problem& p, int config, cudaStream_t stream) {
              : config == k64x48_a8_kt4   ? k64x32_a8
              : config >= k64x32_kt4      ? k64x32
                                          : config - kTiles4;
+  if (solo_tiles() && !p.gate_up) {
+    if (config == k64x8_a8 + kTiles4) config = k64x8_a8_kt4_solo;
+    if (config == k64x8_a8_deep) config = k64x8_a8_deep_solo;
+  }
   kConfigs[config].launch(p, stream);
 }
 

@@ -122,13 +122,18 @@ int record(const Problem& p, int bm, int bn, int stages, int a_rows, int kt, int
 // and of w at t * BN rows past the stage's w. The copy engine's cost per copy, not per byte, is
 // what bounds a decode product's stream of small tiles (about 100 ns per copy and block on the
 // H200), so fewer, larger copies; the MMAs, in the same order on the same tiles, are the same.
+// IDLE > 0: the block has IDLE more warpgroups, which leave right after the block's setup. They
+// only make the block's register allocation larger than half an SM's (kSoloRegisters), so that
+// the block scheduler cannot put two blocks of the kernel on one SM, while one still fits beside a
+// block of another product (matmul_sm90.cu says where and what it measured).
 template <int BM_, int BN_, int STAGES_, bool STAGED_ = false, bool FULL_A_ = false, int GROUP_M_ = 8,
-          int A_ROWS_ = BM_, int KT_ = 1>
+          int A_ROWS_ = BM_, int KT_ = 1, int IDLE_ = 0>
 struct Tiles {
   static constexpr int BM = BM_, BN = BN_, STAGES = STAGES_, GROUP_M = GROUP_M_, A_ROWS = A_ROWS_, KT = KT_;
   static constexpr bool STAGED = STAGED_, FULL_A = FULL_A_;
-  static constexpr int CONSUMERS = BM / 64;
-  static constexpr int THREADS = kWarpgroup * (CONSUMERS + 1);
+  static constexpr int CONSUMERS = BM / 64, IDLE = IDLE_;
+  static constexpr int WORKERS = kWarpgroup * (CONSUMERS + 1);  // the threads that do the work
+  static constexpr int THREADS = WORKERS + kWarpgroup * IDLE;
   static constexpr int A_BYTES = KT * A_ROWS * kRowBytes, W_BYTES = KT * BN * kRowBytes;
   static constexpr int STAGE_BYTES = A_BYTES + W_BYTES;           // KT K tiles of a, then of w
   static constexpr int A_SLACK = (BM - A_ROWS) * kRowBytes;        // compact a: the last stage's overhang
@@ -143,6 +148,7 @@ struct Tiles {
   static_assert(A_ROWS == BM || (BM == 64 && A_ROWS % 8 == 0 && !STAGED && !FULL_A),
                 "compact a: one consumer, whole 1024-byte groups of 8 rows");
   static_assert(KT >= 1, "K tiles per stage");
+  static_assert(IDLE == 0 || CONSUMERS == 1, "idle warpgroups only beside one consumer");
 };
 
 // CHAINS (1 or 2) accumulators a thread, ACC registers each (matmul_sm90.cu: chains): at most 128
@@ -325,6 +331,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
     ptx::fence_proxy_async_smem();
   }
   __syncthreads();
+  if (wg > T::CONSUMERS) return;  // an idle warpgroup (T::IDLE)
 
   if (wg == T::CONSUMERS) {
     // Producer warpgroup: one thread issues every copy.
