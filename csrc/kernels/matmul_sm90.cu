@@ -254,11 +254,19 @@ bool norm_fuses(int config, int64_t M, int64_t K) {
 // several times more weight bytes per block than the chain takes.
 int chains(int64_t K) { return K >= 2048 && K < 4096 ? 2 : 1; }
 
-// DETINFER_SOLO=1: the narrow decode tiles run as their solo forms (launch geometry only).
+// The narrow decode tiles of 8 columns (o_proj and down_proj of the 0.6B shapes at 1-8 rows: 128
+// blocks on 132 SMs) run as their solo forms (Tiles' IDLE), so that no SM holds two of their
+// blocks. Launched overlapped (pdl.cuh), the plain forms' blocks did not spread: in every layer 4
+// SMs held two of o_proj's and 4 two of down_proj's at batch 1, and at batch 8 o_proj's 128 blocks
+// ran on 68 SMs; a doubled block ends 1.0-1.3 us after the median one (bench/step-stamps.mjs).
+// H200, random Qwen3-0.6B, replayed decode step at 200 keys (bench/step-attribution.mjs, two
+// rounds): batch 1 915.1 / 913.3 -> 889.3 / 889.9 us, batch 8 1003.6 / 1003.7 -> 990.3 / 990.6,
+// 16 and 64 unchanged (1076, 1503: other tiles); step-stamps then counts no shared SM. The same
+// kernels, so the same bits. DETINFER_SOLO=0 launches the plain forms, for measuring.
 bool solo_tiles() {
   static const bool on = [] {
     const char* env = std::getenv("DETINFER_SOLO");
-    return env != nullptr && std::strcmp(env, "1") == 0;
+    return env == nullptr || std::strcmp(env, "0") != 0;
   }();
   return on;
 }

@@ -218,6 +218,8 @@ describeGpu('matmul batch invariance on CUDA', () => {
     // stages at M <= 16 and 64-row ones of 16 columns at M 17-64 (as N = K = 4096 takes 32
     // columns there)...
     [1024, 3072, 'bf16'],
+    // ...and its o_proj, whose K fits the 8-stage ring (the solo 64x8 tile at M <= 8)...
+    [1024, 2048, 'bf16'],
     // ...and one at a time when K is not (17 tiles of 64): the same chain either way.
     [1024, 1088, 'bf16'],
   ]
