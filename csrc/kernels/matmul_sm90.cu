@@ -18,8 +18,6 @@
 #include <cudaTypedefs.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -264,10 +262,7 @@ int chains(int64_t K) { return K >= 2048 && K < 4096 ? 2 : 1; }
 // 16 and 64 unchanged (1076, 1503: other tiles); step-stamps then counts no shared SM. The same
 // kernels, so the same bits. DETINFER_SOLO=0 launches the plain forms, for measuring.
 bool solo_tiles() {
-  static const bool on = [] {
-    const char* env = std::getenv("DETINFER_SOLO");
-    return env == nullptr || std::strcmp(env, "0") != 0;
-  }();
+  static const bool on = !switched_off("DETINFER_SOLO");
   return on;
 }
 

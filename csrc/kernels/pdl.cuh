@@ -55,12 +55,18 @@ __device__ __forceinline__ void pdl_start_small_batch() {
   }
 }
 
+// The environment variable `name` is "0": a development switch that turns a launch choice off,
+// for measuring it (the bits are the same either way).
+inline bool switched_off(const char* name) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, "0") == 0;
+}
+
 // Device 0 is compute capability 9.0 or newer, and DETINFER_PDL is not "0" (a switch for
 // measuring the overlap; the bits are the same either way).
 inline bool pdl_enabled() {
   static const bool on = [] {
-    const char* env = std::getenv("DETINFER_PDL");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    if (switched_off("DETINFER_PDL")) return false;
     int device = 0, major = 0;
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
@@ -78,10 +84,7 @@ inline bool pdl_enabled() {
 // it only if that split leaves it room. A hint; a failure to take it changes nothing else.
 // DETINFER_SMEM_CARVEOUT=0 leaves the driver's choice (a switch for measuring it).
 inline void prefer_shared_memory(const void* kernel) {
-  static const bool on = [] {
-    const char* env = std::getenv("DETINFER_SMEM_CARVEOUT");
-    return !(env != nullptr && std::strcmp(env, "0") == 0);
-  }();
+  static const bool on = !switched_off("DETINFER_SMEM_CARVEOUT");
   if (!on) return;
   static std::mutex mutex;
   static std::unordered_set<const void*> done;
