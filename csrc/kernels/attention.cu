@@ -6,9 +6,9 @@
 //
 // Invariant (common/attention_schedule.h): for a query at position p, keys 0..p are cut into splits
 // of kSplitSize keys counted from key 0; a split is reduced over key blocks of kKeyBlock keys in
-// ascending order (attention_tile.cuh: one warp, mma.sync m16n8k16, fp32 online softmax with exp2,
-// P rounded to bf16); split partials are merged in ascending split order by merge_weights /
-// merge_value. Two kernels implement it with the same device functions:
+// ascending order (attention_tile.cuh: one warp, mma.sync m16n8k16, fp32 online softmax with exp2
+// as exp2_ftz computes it, P rounded to bf16); split partials are merged in ascending split order
+// by merge_weights / merge_value. Two kernels implement it with the same device functions:
 //   decode  (every sequence has one query): four warps per (sequence, kv head, split) holding the
 //           group's query heads as tile rows, each warp a quarter of every key block, with the
 //           operations of one warp of the prefill kernel in the same order
@@ -282,20 +282,23 @@ __device__ __forceinline__ DecodeSplit decode_split(const AttentionArgs& a) {
   return d;
 }
 
-// Decode blocks prefetch their split's keys and values into L2 before their wait up to this many
-// sequences (attention_decode_wide_kernel says what it measured), and past kPrefetchAnyLength of
-// them only while the batch's keys (sequences × the block's sequence length) are at most
-// kPrefetchKeys. H200, random Qwen3-0.6B, replayed decode step, two rounds each: batch 16 at 200
-// keys 1244.5 / 1240.7 -> 1227.5 / 1227.9 us; batch 16 at 101 keys and batches 1, 8, 24 and 32 at
-// 101 and 200 keys within 0.5% (bench/step-attribution.mjs). Bounding every batch so lost batch 1
-// at 3000 keys, 1081 -> 1100 us.
+// Decode blocks prefetch their split's keys and values into L2 before their wait while the batch
+// has at most kPrefetchSeqs sequences and its keys (sequences × the block's sequence length) are
+// at most kPrefetchKeys (attention_decode_wide_kernel says what the prefetch gains). H200, random
+// Qwen3-0.6B, replayed decode step, two rounds each: batch 16 at 200 keys 1244.5 / 1240.7 ->
+// 1227.5 / 1227.9 us when that bound came in for 9-16 sequences (bench/step-attribution.mjs).
+// Up to 8 sequences prefetched at any length until a later release; against never prefetching,
+// µs at batch 1 / 8: 200 keys 882.6 / 991.0 against 893.6 / 995.4 (kept: 1,600 keys at batch 8),
+// 1,000 keys 948.4 / 1278.8 against 950.9 / 1201.8 (kept at batch 1 only), 3,000 keys 993.7 /
+// 1992.2 against 976.8 / 1817.7, 8,000 keys 1121.3 / 3152.7 against 1073.3 / 3065.6 (both
+// rounds within 1.3 us). Alone (dev_attention --decode, 32 heads, 8 kv heads), 1 × 32k keys
+// took 62.0 us prefetching and 48.4 without, 8 × 8k 91.6 and 80.5: past a wave of blocks the
+// prefetches only compete with the copies of the blocks running.
 constexpr int kPrefetchSeqs = 16;
-constexpr int kPrefetchAnyLength = 8;
 constexpr int64_t kPrefetchKeys = 2048;
 
 __device__ __forceinline__ bool prefetches(int num_seqs, int len) {
-  return num_seqs <= kPrefetchAnyLength ||
-         (num_seqs <= kPrefetchSeqs && static_cast<int64_t>(num_seqs) * len <= kPrefetchKeys);
+  return num_seqs <= kPrefetchSeqs && static_cast<int64_t>(num_seqs) * len <= kPrefetchKeys;
 }
 
 // The lines of the split's keys and values in the cache (K, then V, of each key), into L2.
@@ -493,7 +496,7 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_de
       for (int w = 1; w < T::kWarps; ++w) block_max = fmaxf(block_max, wmax[w * kTileRows + row]);
       const float m_new = fmaxf(m[r], block_max);
       offset[r] = scaled_max(m_new, a.scale_log2);
-      const float alpha = exp2f(m[r] * a.scale_log2 - offset[r]);
+      const float alpha = exp2_ftz(m[r] * a.scale_log2 - offset[r]);
       m[r] = m_new;
       l[r] = l[r] * alpha;
 #pragma unroll
@@ -506,7 +509,7 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_de
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float pe = exp2f(__fmaf_rn(sc[h][e], a.scale_log2, -offset[e >> 1]));
+        const float pe = exp2_ftz(__fmaf_rn(sc[h][e], a.scale_log2, -offset[e >> 1]));
         sc[h][e] = pe;
         p32[((lane >> 2) + 8 * (e >> 1)) * kKeyBlock + (2 * warp + h) * 8 + col + (e & 1)] = pe;
       }

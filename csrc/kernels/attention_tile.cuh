@@ -3,7 +3,7 @@
 //
 // One warp owns a tile of 16 query rows (mma.sync m16n8k16, bf16 in, fp32 accumulate):
 //   S[16, kKeyBlock] = Q[16, D] · K[kKeyBlock, D]^T     k-steps of 16 dims in ascending order
-//   online softmax in fp32 over S (raw scores; scale folded into exp2: p = 2^(fma(s, c, −m·c)))
+//   online softmax in fp32 over S (raw scores; scale folded into exp2: p = 2^(fma(s, c, −m·c)), exp2_ftz)
 //   O[16, D] += bf16(P)[16, kKeyBlock] · V[kKeyBlock, D] k-steps of 16 keys in ascending order
 // A row's result depends only on its own Q row, the keys and its key limit: which other rows share
 // the tile (heads of a GQA group in decode, neighbouring positions in prefill) never matters.
@@ -40,6 +40,16 @@ __device__ __forceinline__ int tile_offset(int row, int chunk) {
 template <int D, int kRows>
 __device__ __forceinline__ int slab_offset(int row, int chunk) {
   return (chunk >> 3) * (kRows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+}
+
+// 2^x as the hardware's ex2.approx.ftz computes it: one instruction, and a result below 2^-126
+// (a p or a weight that small beside the row's max of 2^0) flushes to 0. exp2f keeps such results
+// as subnormals by scaling around the same instruction, four instructions a call. Every CUDA
+// kernel takes its exponentials from here, so each gives the others' bits.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -122,7 +132,7 @@ __device__ __forceinline__ void softmax_block(SplitAccum<D>& acc, float (&s)[kKe
     block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xffffffffu, block_max[r], 2));
     const float m_new = fmaxf(acc.m[r], block_max[r]);
     offset[r] = scaled_max(m_new, scale_log2);
-    alpha[r] = exp2f(acc.m[r] * scale_log2 - offset[r]);
+    alpha[r] = exp2_ftz(acc.m[r] * scale_log2 - offset[r]);
     acc.m[r] = m_new;
     acc.l[r] = acc.l[r] * alpha[r];
   }
@@ -138,7 +148,7 @@ __device__ __forceinline__ void softmax_block(SplitAccum<D>& acc, float (&s)[kKe
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       // One explicit fma (s·c − m·c): --fmad=false forbids only contractions the compiler chooses.
-      const float pe = exp2f(__fmaf_rn(s[j][e], scale_log2, -offset[e >> 1]));
+      const float pe = exp2_ftz(__fmaf_rn(s[j][e], scale_log2, -offset[e >> 1]));
       acc.l[e >> 1] = acc.l[e >> 1] + pe;
       s[j][e] = pe;
     }
@@ -223,7 +233,7 @@ struct MergeWeights {
 __device__ __forceinline__ MergeWeights merge_weights(float m_total, float m_part, float scale_log2) {
   const float m = fmaxf(m_total, m_part);
   const float offset = scaled_max(m, scale_log2);
-  return {exp2f(m_total * scale_log2 - offset), exp2f(m_part * scale_log2 - offset), m};
+  return {exp2_ftz(m_total * scale_log2 - offset), exp2_ftz(m_part * scale_log2 - offset), m};
 }
 
 __device__ __forceinline__ float merge_value(float total, float part, const MergeWeights& w) {
