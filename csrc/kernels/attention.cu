@@ -287,8 +287,8 @@ __device__ __forceinline__ DecodeSplit decode_split(const AttentionArgs& a) {
 // at most kPrefetchKeys (attention_decode_wide_kernel says what the prefetch gains). H200, random
 // Qwen3-0.6B, replayed decode step, two rounds each: batch 16 at 200 keys 1244.5 / 1240.7 ->
 // 1227.5 / 1227.9 us when that bound came in for 9-16 sequences (bench/step-attribution.mjs).
-// Up to 8 sequences prefetched at any length until a later release; against never prefetching,
-// µs at batch 1 / 8: 200 keys 882.6 / 991.0 against 893.6 / 995.4 (kept: 1,600 keys at batch 8),
+// Up to 8 sequences used to prefetch at any length; that rule against never prefetching, µs at
+// batch 1 / 8: 200 keys 882.6 / 991.0 against 893.6 / 995.4 (kept: 1,600 keys at batch 8),
 // 1,000 keys 948.4 / 1278.8 against 950.9 / 1201.8 (kept at batch 1 only), 3,000 keys 993.7 /
 // 1992.2 against 976.8 / 1817.7, 8,000 keys 1121.3 / 3152.7 against 1073.3 / 3065.6 (both
 // rounds within 1.3 us). Alone (dev_attention --decode, 32 heads, 8 kv heads), 1 × 32k keys
