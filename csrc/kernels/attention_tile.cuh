@@ -45,7 +45,7 @@ __device__ __forceinline__ int slab_offset(int row, int chunk) {
 // 2^x as the hardware's ex2.approx.ftz computes it: one instruction, and a result below 2^-126
 // (a p or a weight that small beside the row's max of 2^0) flushes to 0. exp2f keeps such results
 // as subnormals by scaling around the same instruction, four instructions a call. Every CUDA
-// kernel takes its exponentials from here, so each gives the others' bits.
+// attention kernel takes its exponentials from here, so each gives the others' bits.
 __device__ __forceinline__ float exp2_ftz(float x) {
   float r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));

@@ -102,7 +102,10 @@ function invarianceSuite(device: DeviceName): void {
 
   it('prefill from caches of block size 24 and 12 equals prefill from block size 16 bit for bit', async () => {
     // Sequence 0 draws the same queries, keys and values whatever the block size; its pages lie
-    // elsewhere, and the slots past its last key, like the pages nobody owns, hold NaN.
+    // elsewhere, and the slots past its last key, like the pages nobody owns, hold NaN. No
+    // configuration takes anything from the block size, so this has no variant twin: what it
+    // catches is a copy path that reads a slot it should not, or pages by a wrong rule (12 is not
+    // a power of two: the kernels divide instead of shifting).
     for (const blockSize of [24, 12]) {
       const paged = new AttentionScene(device, { ...SHAPE, blockSize }, [L], 4242)
       try {
