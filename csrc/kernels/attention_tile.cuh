@@ -42,15 +42,9 @@ __device__ __forceinline__ int slab_offset(int row, int chunk) {
   return (chunk >> 3) * (kRows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
 }
 
-// 2^x as the hardware's ex2.approx.ftz computes it: one instruction, and a result below 2^-126
-// (a p or a weight that small beside the row's max of 2^0) flushes to 0. exp2f keeps such results
-// as subnormals by scaling around the same instruction, four instructions a call. Every CUDA
-// attention kernel takes its exponentials from here, so each gives the others' bits.
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
+// Every CUDA attention kernel takes its exponentials from ptx::exp2_ftz, so each gives the
+// others' bits; a p or weight below 2^-126 (beside the row's max of 2^0) is 0.
+using ptx::exp2_ftz;
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);

@@ -59,6 +59,16 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 2^x as the hardware's ex2.approx.ftz computes it: one instruction, and a result below 2^-126
+// flushes to 0 (exp2f keeps such results as subnormals by scaling around the same instruction,
+// four instructions a call). Token choice's weights and attention's p, rescale and merge
+// weights take their exponentials from here.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
 // Asks for the 128-byte line at p to be brought into L2. A hint: it changes nothing that a later
 // load reads (L2 is where the device's writes meet), so it may run before pdl_wait().
 __device__ __forceinline__ void prefetch_l2(const void* p) {

@@ -24,6 +24,7 @@
 #include "cuda_ops.h"
 #include "device_buffer.cuh"
 #include "pdl.cuh"
+#include "ptx.cuh"
 
 namespace detinfer::cuda {
 namespace {
@@ -274,12 +275,6 @@ __device__ RowMode row_mode(const RowChoice& p, int64_t V, int top_n) {
   return m;
 }
 
-__device__ __forceinline__ float exp2_hw(float y) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
-  return r;
-}
-
 // What the row's passes share: the scaled maximum, the bin of a logit, its weight and mass.
 // The bin of x is floor((max - x) * kBinScale / T), the last bin holding everything at or beyond
 // kBins - 1: a non-increasing function of x (each rounding step is monotone), computed the same
@@ -303,7 +298,7 @@ struct Scale {
     const float d = fminf((max - x) * bin_scale, static_cast<float>(kBins - 1));
     return __float_as_int(__fadd_rd(d, 8388608.f)) - 0x4B000000;
   }
-  __device__ float weight(float x) const { return exp2_hw((x - max) * e); }
+  __device__ float weight(float x) const { return ptx::exp2_ftz((x - max) * e); }
   __device__ unsigned long long mass(float x) const { return __float2ull_rz(weight(x) * ch::kMassScale); }
 };
 
