@@ -141,7 +141,7 @@ bool validate() {
   struct Shape { int heads, kv_heads, dim, block_size; };
   for (const char* prefill : {"auto", "mma.sync"})
   for (const char* pipeline : {"paired", "rotating", "paired3"})
-  for (Shape s : {Shape{8, 2, 128, 16}, Shape{4, 4, 64, 32}, Shape{16, 2, 64, 16}, Shape{32, 1, 128, 16}}) {
+  for (Shape s : {Shape{8, 2, 128, 16}, Shape{4, 4, 64, 32}, Shape{16, 2, 64, 16}, Shape{32, 1, 128, 16}, Shape{6, 2, 128, 16}}) {
     ops::set_decode_pipeline(pipeline);
     ops::set_prefill_kernel(prefill);
     std::printf("prefill %-8s decode %-8s ", prefill, pipeline);

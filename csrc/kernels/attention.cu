@@ -234,9 +234,9 @@ __device__ __forceinline__ void load_key_row(bf16* k_dst, bf16* v_dst, const Att
 }
 
 // `rows` query rows into dst ([kRowsTile][D], swizzled: tile_offset, or slab_offset when kSlabs):
-// row r comes from q + first + r * stride.
-template <int D, int kThreads, int kRowsTile, bool kSlabs = false>
-__device__ __forceinline__ void load_query_rows(bf16* dst, const bf16* q, int64_t first, int64_t stride, int rows) {
+// row r comes from q + row_src(r), an element offset.
+template <int D, int kThreads, int kRowsTile, bool kSlabs = false, typename RowSrc>
+__device__ __forceinline__ void load_query_rows(bf16* dst, const bf16* q, RowSrc row_src, int rows) {
   constexpr int kChunks = D / 8;
   static_assert(kRowsTile * kChunks % kThreads == 0, "every thread runs the same number of iterations");
 #pragma unroll
@@ -245,7 +245,7 @@ __device__ __forceinline__ void load_query_rows(bf16* dst, const bf16* q, int64_
     const int r = c / kChunks, chunk = c % kChunks;
     const bool valid = r < rows;
     const int at = kSlabs ? slab_offset<D, kRowsTile>(r, chunk) : tile_offset<D>(r, chunk);
-    ptx::cp_async16(ptx::smem_addr(dst + at), valid ? q + first + r * stride + chunk * 8 : q, valid ? 16 : 0);
+    ptx::cp_async16(ptx::smem_addr(dst + at), valid ? q + row_src(r) + chunk * 8 : q, valid ? 16 : 0);
   }
 }
 
@@ -393,7 +393,7 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_de
   const int64_t q_first = (static_cast<int64_t>(q_row) * a.heads + head0) * D;
   int q_lane_row = lane & 15;  // the row this lane addresses in ldmatrix
   if constexpr (PAIRED) {
-    load_query_rows<D, T::kThreads, kTileRows>(q_s, a.q, q_first, D, rows);
+    load_query_rows<D, T::kThreads, kTileRows>(q_s, a.q, [&](int r) { return q_first + r * D; }, rows);
   } else {
     constexpr int kChunks = D / 8;
     for (int c = threadIdx.x; c < rows * kChunks; c += T::kThreads)
@@ -651,37 +651,61 @@ __global__ void __launch_bounds__(D) attention_decode_combine_kernel(AttentionAr
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prefill: grid (query tiles, heads, num_seqs); tiles are taken longest first.
-
-// Where a prefill block works: a tile of kRows query rows of one sequence and head.
+// Prefill: grid (position tiles, kv heads × head tiles, num_seqs); tiles are taken longest first.
+// A tile's kRows rows are the query heads of one kv head (all of its group, or kRows of them when
+// the group is larger) at consecutive positions, head fastest: row r is head head0 + r % heads at
+// the tile's position r / heads. The heads of a group read the same keys and values, so one copy
+// of each key block serves all of them: a group of 4 heads takes a quarter of the copies that a
+// tile of one head at 64 positions took. Which rows share a tile changes nothing about a row's
+// value (attention_tile.cuh).
 struct PrefillTile {
-  int q_begin, row0, rows;  // the sequence's first query row, the tile's first (of the sequence's), its rows
-  int len, split, kv_head;  // the sequence's keys, its split size, the head's kv head
+  int q_begin, row0, rows;  // the sequence's first query row, the tile's first position (of the sequence's), its rows
+  int heads, head0;         // query heads per position in the tile, the first of them
+  int len, split, kv_head;  // the sequence's keys, its split size, the tile's kv head
   int pos0, pmax;           // positions of the tile's first and last rows
   const int* table;         // the sequence's block table
   int pos[2];               // this lane's two rows' positions (-1: past the tile's rows)
   int r_lo;                 // the lane's first row in the tile (the second is r_lo + 8)
+
+  // Element offset of row r's query (and output) vector in q [T, heads, D].
+  template <int D>
+  __device__ __forceinline__ int64_t row_offset(const AttentionArgs& a, int r) const {
+    return (static_cast<int64_t>(q_begin + row0 + r / heads) * a.heads + head0 + r % heads) * D;
+  }
 };
+
+// The tile's geometry (host and device): heads per tile at most kRows, positions per tile.
+struct PrefillHeads {
+  int tile_heads, head_tiles, positions;
+};
+__host__ __device__ __forceinline__ PrefillHeads prefill_heads(int heads, int kv_heads, int kRows) {
+  const int group = heads / kv_heads, tile_heads = group < kRows ? group : kRows;
+  return {tile_heads, (group + tile_heads - 1) / tile_heads, kRows / tile_heads};
+}
 
 // false when the block has no rows (its tile lies past the sequence's queries).
 template <int kRows>
 __device__ __forceinline__ bool prefill_tile(const AttentionArgs& a, PrefillTile& t) {
-  const int seq = blockIdx.z, head = blockIdx.y, tile = gridDim.x - 1 - blockIdx.x;
+  const int seq = blockIdx.z, tile = gridDim.x - 1 - blockIdx.x;
+  const PrefillHeads g = prefill_heads(a.heads, a.kv_heads, kRows);
+  const int group = a.heads / a.kv_heads, head_tile = blockIdx.y % g.head_tiles;
+  t.kv_head = blockIdx.y / g.head_tiles;
+  t.head0 = t.kv_head * group + head_tile * g.tile_heads;
+  t.heads = min(g.tile_heads, group - head_tile * g.tile_heads);  // the last of a large group's tiles may be narrower
   t.q_begin = a.query_start[seq];
   const int n = a.query_start[seq + 1] - t.q_begin;
-  t.row0 = tile * kRows;
+  t.row0 = tile * g.positions;
   if (t.row0 >= n) return false;
   t.len = keys_of(a, seq);
   t.split = split_size_of(a, t.len);
-  t.kv_head = head / (a.heads / a.kv_heads);
   t.table = a.block_tables + static_cast<int64_t>(seq) * a.max_blocks;
-  t.rows = min(kRows, n - t.row0);
+  t.rows = min(g.positions, n - t.row0) * t.heads;
   t.pos0 = t.len - n + t.row0;
-  t.pmax = t.pos0 + t.rows - 1;
+  t.pmax = t.pos0 + (t.rows - 1) / t.heads;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   t.r_lo = warp * kTileRows + (lane >> 2);
-  t.pos[0] = t.r_lo < t.rows ? t.pos0 + t.r_lo : -1;
-  t.pos[1] = t.r_lo + 8 < t.rows ? t.pos0 + t.r_lo + 8 : -1;
+  t.pos[0] = t.r_lo < t.rows ? t.pos0 + t.r_lo / t.heads : -1;
+  t.pos[1] = t.r_lo + 8 < t.rows ? t.pos0 + (t.r_lo + 8) / t.heads : -1;
   return true;
 }
 
@@ -701,7 +725,7 @@ __device__ __forceinline__ void prefill_store(const AttentionArgs& a, const Pref
   for (int r = 0; r < 2; ++r) {
     const int row = t.r_lo + 8 * r;
     if (row >= t.rows) continue;
-    bf16* o = a.out + (static_cast<int64_t>(t.q_begin + t.row0 + row) * a.heads + blockIdx.y) * D;
+    bf16* o = a.out + t.row_offset<D>(a, row);
 #pragma unroll
     for (int i = 0; i < D / 8; ++i)
       *reinterpret_cast<uint32_t*>(o + 8 * i + col) =
@@ -721,14 +745,13 @@ __global__ void __launch_bounds__(PrefillTiles::kThreads) attention_prefill_kern
   PrefillTile t;
   if (!prefill_tile<T::kRows>(a, t)) return;
   const int warp = threadIdx.x >> 5;
-  const int warp_pmax = warp * kTileRows < t.rows ? min(t.pos0 + warp * kTileRows + kTileRows - 1, t.pmax) : -1;
+  const int warp_pmax = warp * kTileRows < t.rows ? t.pos0 + (min(warp * kTileRows + kTileRows, t.rows) - 1) / t.heads : -1;
   auto load = [&](const KeyBlockWalk& b, int stage) {
     load_key_block<D, T::kThreads, true, true>(k_s + stage * kKeyBlock * D, v_s + stage * kKeyBlock * D, a, t.table,
                                                t.kv_head, b.key0, t.len);
   };
 
-  load_query_rows<D, T::kThreads, T::kRows>(q_s, a.q, (static_cast<int64_t>(t.q_begin + t.row0) * a.heads + blockIdx.y) * D,
-                                            static_cast<int64_t>(a.heads) * D, t.rows);
+  load_query_rows<D, T::kThreads, T::kRows>(q_s, a.q, [&](int r) { return t.row_offset<D>(a, r); }, t.rows);
   KeyBlockWalk b, ahead;
   load(ahead, 0);
   ptx::cp_async_commit();
@@ -793,9 +816,7 @@ __global__ void __launch_bounds__(PrefillWgmmaTiles::kThreads) attention_prefill
   auto k_desc = [&](int stage) { return ptx::smem_desc(ptx::smem_addr(k_s + stage * kKeyBlock * D)); };
   auto v_desc = [&](int stage) { return n_major_desc(ptx::smem_addr(v_s + stage * kKeyBlock * D)); };
 
-  load_query_rows<D, T::kThreads, T::kRows, true>(
-      q_s, a.q, (static_cast<int64_t>(t.q_begin + t.row0) * a.heads + blockIdx.y) * D, static_cast<int64_t>(a.heads) * D,
-      t.rows);
+  load_query_rows<D, T::kThreads, T::kRows, true>(q_s, a.q, [&](int r) { return t.row_offset<D>(a, r); }, t.rows);
   KeyBlockWalk ahead;  // blocks 0, 1 and 2, one commit group each (empty past the tile's keys)
   for (int st = 0; st < T::kStages; ++st) {
     if (ahead.within(t.pmax)) load(ahead, st);
@@ -1023,7 +1044,8 @@ void launch_prefill(const AttentionArgs& a, int max_query_len, cudaStream_t stre
   constexpr int smem = T::template smem_bytes<D>();
   static std::once_flag configured;
   std::call_once(configured, [&] { CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)); });
-  const dim3 grid((max_query_len + T::kRows - 1) / T::kRows, a.heads, a.num_seqs);
+  const PrefillHeads g = prefill_heads(a.heads, a.kv_heads, T::kRows);
+  const dim3 grid((max_query_len + g.positions - 1) / g.positions, a.kv_heads * g.head_tiles, a.num_seqs);
   kernel<<<grid, T::kThreads, smem, stream>>>(a);
 }
 

@@ -1,5 +1,5 @@
 // Attention against a float64 reference, on the CPU backend and on CUDA: paged caches with shuffled
-// pages, grouped-query ratios 1, 4 and 8, head dims 64 and 128, block sizes 16 and 32, lengths on
+// pages, grouped-query ratios 1, 3, 4 and 8 (and 66, wider than a prefill tile), head dims 64 and 128, block sizes 16 and 32, lengths on
 // both sides of the key-block and split edges; prefill of whole sequences, chunks over a cached
 // prefix and single-query decode. Then CUDA against the CPU backend on the same inputs.
 import { afterAll, describe, expect, it } from 'vitest'
@@ -20,12 +20,18 @@ const FROBENIUS = 6e-3
 
 interface Case extends AttentionShape {
   ratio: number
+  lengths: number[]
 }
 
+// CUDA prefill tiles hold the query heads of one kv head at consecutive positions, head fastest
+// (csrc/kernels/attention.cu, PrefillTile): ratio 3 leaves a row of the 64 unused, and ratio 66
+// takes two head tiles, the second 2 heads wide.
 function cases(): Case[] {
   const out: Case[] = []
   for (const dim of [64, 128])
-    for (const ratio of [1, 4, 8]) out.push({ dim, ratio, kvHeads: 2, heads: 2 * ratio, blockSize: ratio === 4 ? 32 : 16 })
+    for (const ratio of [1, 3, 4, 8])
+      out.push({ dim, ratio, kvHeads: 2, heads: 2 * ratio, blockSize: ratio === 4 ? 32 : 16, lengths: LENGTHS })
+  out.push({ dim: 64, ratio: 66, kvHeads: 1, heads: 66, blockSize: 16, lengths: [1, 17, 100, 257, 300] })
   return out
 }
 
@@ -69,7 +75,7 @@ function compare(scene: AttentionScene, slices: Slice[], outs: Uint16Array[]): {
 function referenceSuite(device: DeviceName): void {
   for (const c of cases()) {
     it(`matches float64 at head dim ${c.dim}, GQA ratio ${c.ratio}, block size ${c.blockSize}`, async () => {
-      const scene = new AttentionScene(device, c, LENGTHS, 1000 + c.dim + c.ratio)
+      const scene = new AttentionScene(device, c, c.lengths, 1000 + c.dim + c.ratio)
       try {
         for (const { name, slices } of launches(scene)) {
           const outs = await scene.run(slices)
