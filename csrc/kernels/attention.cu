@@ -1010,19 +1010,23 @@ int64_t decode_slots(int q_rows) {
 // Qwen3-0.6B, replayed decode step, against paired (both with the early copies): batches 2-16 at
 // 101 keys 962-1021 -> 927-987 us, at 200 keys 1048-1149 -> 991-1090, batch 32 at 200 keys
 // 1389 -> 1359; batch 1 at 200 keys 946 -> 914, at 1000 keys 1008 -> 970, at 101 keys 845 ->
-// 847; it lost at batch 8 of 1000 keys, 1325 -> 1345. Past one such wave: rotating for grids of
-// more than one wave of paired blocks and at most two waves of rotating ones, where the extra
-// rotating blocks per SM (four against three at head dim 128 and four query heads per kv head)
-// save a wave or most of the last one's tail; paired elsewhere: in one wave each block's latency
-// is what counts, and over many waves its deeper copies stream 1-3% faster (dev_attention
-// --sweep on the H200). Launch geometry only: each gives the same bits.
+// 847; it lost at batch 8 of 1000 keys, 1325 -> 1345. Past one such wave: paired while the grid
+// is one wave of paired blocks, where each block's latency is what counts; rotating beyond, where
+// its extra blocks per SM (four against three at head dim 128 and four query heads per kv head)
+// save a wave or most of the last one's tail. Grids of more than two waves of rotating blocks
+// took paired (their deeper copies streamed 1-3% faster in an older dev_attention --sweep); at the
+// long contexts of a replayed step rotating is faster there: H200, random Qwen3-0.6B, replayed
+// decode step, paired -> rotating, µs: 8,000 keys at batch 8 (2,048 blocks) 3066.9 -> 2874.9,
+// at batch 16 4982.9 -> 4605.0; 3,000 keys at batch 16 2474.0 -> 2419.1 (bench/step-attribution.mjs
+// --decode-pipeline), and alone (dev_attention --decode) 64 x 8k 522.8 -> 519.5, 8 x 32k 272.6
+// -> 270.7, 64 x 1k 82.4 -> 79.8. Launch geometry only: each gives the same bits.
 template <int D>
 int decode_pipeline(dim3 grid, int q_rows) {
   const int forced = forced_decode_pipeline();  // development switch (common/config.h)
   if (forced != 0) return forced == 1 ? 2 : forced == 2 ? 0 : 3;
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
   if (blocks <= decode_slots<D, 3>(q_rows)) return 3;
-  return blocks <= decode_slots<D, 2>(q_rows) || blocks > 2 * decode_slots<D, 0>(q_rows) ? 2 : 0;
+  return blocks <= decode_slots<D, 2>(q_rows) ? 2 : 0;
 }
 
 template <int D, int PAIRS>
