@@ -180,10 +180,11 @@ struct OnlySplit {
 // not per row.
 // kLean (the wgmma prefill at head dim 128): addresses are byte offsets from 32 × 32 → 64-bit
 // products (pages, slots and a slot's bytes are below 2^31), one instruction each, and kFull
-// blocks, wholly below len (all but a sequence's last), test and zero-fill no row. About 60 fewer
-// instructions per thread and key block there: 8,192 tokens 1597 -> 1476 µs on the H200. Not
-// elsewhere: at head dim 64 the wgmma prefill's registers grew past three blocks per SM (1.1×
-// slower), and the decode kernels measured the same either way.
+// blocks, wholly below len (all but a sequence's last), test and zero-fill no row: about 100 PTX
+// instructions per thread and key block where there were 168. H200, 8,192 tokens: 1597 -> 1476
+// µs. Not elsewhere: at head dim 64 the wgmma prefill's registers grew from 168 to 172, past
+// three blocks per SM (916 -> 1004 µs at 8,192 tokens), and the decode kernels measured the same
+// either way.
 // kSkip: key `skip` is left out, no copy at all into its row.
 template <int D, int kThreads, bool kLoadK, bool kLoadV, bool kPow2, bool kSlabs, bool kSkip, bool kLean, bool kFull>
 __device__ __forceinline__ void load_key_block_rows(bf16* k_dst, bf16* v_dst, const AttentionArgs& a, const int* table,
