@@ -18,9 +18,10 @@
 //           (max_seq_len <= kSplitSize), the decode kernel merges its one split with the
 //           combine's functions and writes the output itself (OnlySplit): the same bits, one
 //           launch fewer;
-//   prefill (any number of queries): one block per (sequence, head, 64 query positions), four warps
-//           of 16 positions, looping over the splits and merging each in registers as it ends
-//           (attention_prefill_kernel). On sm_90a one warpgroup of 64 positions runs the same
+//   prefill (any number of queries): one block per (sequence, kv head, tile of 64 query rows: the
+//           kv head's query heads at consecutive positions, PrefillTile), four warps of 16 rows,
+//           looping over the splits and merging each in registers as it ends
+//           (attention_prefill_kernel). On sm_90a one warpgroup of the 64 rows runs the same
 //           operations with wgmma, each key block's P·V beside the next block's softmax
 //           (attention_prefill_wgmma_kernel): the same k16 steps in the same order, and wgmma's
 //           k16 step gives mma.sync's bits.
