@@ -1,7 +1,8 @@
 // Attention against a float64 reference, on the CPU backend and on CUDA: paged caches with shuffled
-// pages, grouped-query ratios 1, 3, 4 and 8 (and 66, wider than a prefill tile), head dims 64 and 128, block sizes 16 and 32, lengths on
-// both sides of the key-block and split edges; prefill of whole sequences, chunks over a cached
-// prefix and single-query decode. Then CUDA against the CPU backend on the same inputs.
+// pages, grouped-query ratios 1, 3, 4 and 8 (and 66, wider than a prefill tile), head dims 64 and
+// 128, block sizes 16 and 32, lengths on both sides of the key-block and split edges; prefill of
+// whole sequences, chunks over a cached prefix and single-query decode. Then CUDA against the CPU
+// backend on the same inputs.
 import { afterAll, describe, expect, it } from 'vitest'
 import type { DeviceName } from '../../lib/native.js'
 import { fromBf16 } from '../../lib/tensor.js'
