@@ -78,6 +78,13 @@ struct PrefillWgmmaTiles {
   static constexpr int smem_bytes() {
     return (kRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16)) + 1024;  // + alignment
   }
+  // Blocks per SM that the kernel's registers must allow (0: no bound). At head dim 64 three fit by
+  // shared memory, and the lean copies (load_key_block) would take ptxas past 168 registers, two
+  // blocks per SM, without the bound.
+  template <int D>
+  static constexpr int min_blocks() {
+    return D == 64 ? 3 : 0;
+  }
 };
 
 // The key blocks a prefill tile reduces, in order: split s, its blocks of kKeyBlock keys from
@@ -179,13 +186,13 @@ struct OnlySplit {
 // shared-memory address only steps by a constant. A row's page and place in it come from shifts
 // when the block size is a power of two (kPow2), else from a division, chosen once per call and
 // not per row.
-// kLean (the wgmma prefill at head dim 128): addresses are byte offsets from 32 × 32 → 64-bit
-// products (pages, slots and a slot's bytes are below 2^31), one instruction each, and kFull
-// blocks, wholly below len (all but a sequence's last), test and zero-fill no row: about 100 PTX
-// instructions per thread and key block where there were 168. H200, 8,192 tokens: 1597 -> 1476
-// µs. Not elsewhere: at head dim 64 the wgmma prefill's registers grew from 168 to 172, past
-// three blocks per SM (916 -> 1004 µs at 8,192 tokens), and the decode kernels measured the same
-// either way.
+// kLean (the wgmma prefill): addresses are byte offsets from 32 × 32 → 64-bit products (pages,
+// slots and a slot's bytes are below 2^31), one instruction each, and kFull blocks, wholly below
+// len (all but a sequence's last), test and zero-fill no row: about 100 PTX instructions per
+// thread and key block where there were 168 at head dim 128. H200, 8,192 tokens: 1597 -> 1476 µs
+// at head dim 128; at 64, with the kernel's registers bounded for three blocks per SM
+// (PrefillWgmmaTiles::min_blocks; 172 registers and two blocks without it, 916 -> 1004 µs),
+// 922 -> 881 µs. The decode kernels measured the same either way and keep the plain copies.
 // kSkip: key `skip` is left out, no copy at all into its row.
 template <int D, int kThreads, bool kLoadK, bool kLoadV, bool kPow2, bool kSlabs, bool kSkip, bool kLean, bool kFull>
 __device__ __forceinline__ void load_key_block_rows(bf16* k_dst, bf16* v_dst, const AttentionArgs& a, const int* table,
@@ -825,7 +832,8 @@ __global__ void __launch_bounds__(PrefillTiles::kThreads) attention_prefill_kern
 // precede a block every key is masked, and m, l and o keep their values exactly (alpha = 1 or,
 // before the row's first key, 0 on zeros; p = 0), as if it had skipped the block.
 template <int D>
-__global__ void __launch_bounds__(PrefillWgmmaTiles::kThreads) attention_prefill_wgmma_kernel(AttentionArgs a) {
+__global__ void __launch_bounds__(PrefillWgmmaTiles::kThreads, PrefillWgmmaTiles::min_blocks<D>())
+    attention_prefill_wgmma_kernel(AttentionArgs a) {
   using T = PrefillWgmmaTiles;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // sm_90a machine code only; the host launches it nowhere else
   extern __shared__ __align__(128) unsigned char smem_buffer[];
@@ -837,9 +845,8 @@ __global__ void __launch_bounds__(PrefillWgmmaTiles::kThreads) attention_prefill
   PrefillTile t;
   if (!prefill_tile<T::kRows>(a, t)) return;
   auto load = [&](const KeyBlockWalk& b, int stage) {
-    load_key_block<D, T::kThreads, true, true, true, false, D == 128>(k_s + stage * kKeyBlock * D,
-                                                                      v_s + stage * kKeyBlock * D, a, t.table, t.kv_head,
-                                                                      b.key0, t.len);
+    load_key_block<D, T::kThreads, true, true, true, false, true>(k_s + stage * kKeyBlock * D, v_s + stage * kKeyBlock * D,
+                                                                  a, t.table, t.kv_head, b.key0, t.len);
   };
   const uint64_t q_desc = ptx::smem_desc(ptx::smem_addr(q_s));
   auto k_desc = [&](int stage) { return ptx::smem_desc(ptx::smem_addr(k_s + stage * kKeyBlock * D)); };
