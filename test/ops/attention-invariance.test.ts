@@ -27,11 +27,12 @@ function makeScene(device: DeviceName): AttentionScene {
 
 /** Output of positions [0, L) of sequence 0 computed in chunks of `chunk` (1: the decode kernel). */
 async function chunked(scene: AttentionScene, chunk: number): Promise<Uint16Array> {
-  const out = new Uint16Array(L * ROW)
+  const row = scene.shape.heads * scene.shape.dim
+  const out = new Uint16Array(L * row)
   for (let start = 0; start < L; start += chunk) {
     const end = Math.min(L, start + chunk)
     const [rows] = await scene.run([{ seq: 0, start, end }])
-    out.set(rows!, start * ROW)
+    out.set(rows!, start * row)
   }
   return out
 }
@@ -100,20 +101,34 @@ function invarianceSuite(device: DeviceName): void {
       expect(firstDifferentRow(got, whole.subarray(300 * ROW, 600 * ROW), ROW), 'alongside 33 others').toBe(-1)
     })
 
-  it('prefill from caches of block size 24 and 12 equals prefill from block size 16 bit for bit', async () => {
+  it('prefill from caches of block size 24 and 12 equals prefill from block size 16 bit for bit, head dims 128 and 64', async () => {
     // Sequence 0 draws the same queries, keys and values whatever the block size; its pages lie
     // elsewhere, and the slots past its last key, like the pages nobody owns, hold NaN. No
     // configuration takes anything from the block size, so this has no variant twin: what it
     // catches is a copy path that reads a slot it should not, or pages by a wrong rule (12 is not
-    // a power of two: the kernels divide instead of shifting).
-    for (const blockSize of [24, 12]) {
-      const paged = new AttentionScene(device, { ...SHAPE, blockSize }, [L], 4242)
-      try {
-        const [one] = await paged.run([{ seq: 0, start: 0, end: L }])
-        expect(firstDifferentRow(one!, whole, ROW), `block size ${blockSize}: first differing position`).toBe(-1)
-        expect(firstDifferentRow(await chunked(paged, 100), whole, ROW), `block size ${blockSize}, chunks of 100`).toBe(-1)
-      } finally {
-        paged.dispose()
+    // a power of two: the kernels divide instead of shifting). Both head dims, since the Hopper
+    // prefill's copies are compiled per head dim.
+    for (const dim of [128, 64]) {
+      const row = SHAPE.heads * dim
+      let reference = whole
+      if (dim !== SHAPE.dim) {
+        const base = new AttentionScene(device, { ...SHAPE, dim }, [L], 4242)
+        try {
+          reference = (await base.run([{ seq: 0, start: 0, end: L }]))[0]!
+        } finally {
+          base.dispose()
+        }
+      }
+      for (const blockSize of [24, 12]) {
+        const paged = new AttentionScene(device, { ...SHAPE, dim, blockSize }, [L], 4242)
+        const what = `head dim ${dim}, block size ${blockSize}`
+        try {
+          const [one] = await paged.run([{ seq: 0, start: 0, end: L }])
+          expect(firstDifferentRow(one!, reference, row), `${what}: first differing position`).toBe(-1)
+          expect(firstDifferentRow(await chunked(paged, 100), reference, row), `${what}, chunks of 100`).toBe(-1)
+        } finally {
+          paged.dispose()
+        }
       }
     }
   })
