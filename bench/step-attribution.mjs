@@ -52,9 +52,7 @@ const n = native()
 n.setDecodePipeline(values['decode-pipeline'])
 // Every op a decode step launches, by kind; products by their weight's shape.
 const ops = Object.fromEntries(
-  ['addRmsnorm', 'rmsnorm', 'qkvRopeAppend', 'attention', 'qkvRopeAttention', 'matmul', 'matmulSiluMul', 'normMatmul', 'normMatmulSiluMul'].map(
-    (k) => [k, n[k]],
-  ),
+  ['addRmsnorm', 'rmsnorm', 'qkvRopeAppend', 'attention', 'matmul', 'matmulSiluMul', 'normMatmul', 'normMatmulSiluMul'].map((k) => [k, n[k]]),
 )
 const separate = values['separate-norms']
 let skip = new Set()
@@ -62,15 +60,6 @@ let config = null
 n.addRmsnorm = (...a) => (skip.has('norm') ? undefined : ops.addRmsnorm.apply(n, a))
 n.qkvRopeAppend = (...a) => (skip.has('qkv-rope') ? undefined : ops.qkvRopeAppend.apply(n, a))
 n.attention = (...a) => (skip.has('attention') ? undefined : ops.attention.apply(n, a))
-// The q/k/v rows and attention in one op (one kernel in a decode step): leaving out one kind runs
-// the other's op alone (attention then reads stale query rows).
-n.qkvRopeAttention = (out, qOut, kCache, vCache, qkv, positions, cosSin, slots, qNorm, kNorm, eps, batch, scale) => {
-  const rows = !skip.has('qkv-rope')
-  const attend = !skip.has('attention')
-  if (rows && attend) return ops.qkvRopeAttention.call(n, out, qOut, kCache, vCache, qkv, positions, cosSin, slots, qNorm, kNorm, eps, batch, scale)
-  if (rows) ops.qkvRopeAppend.call(n, qOut, kCache, vCache, qkv, positions, cosSin, slots, qNorm, kNorm, eps)
-  if (attend) ops.attention.call(n, out, qOut, kCache, vCache, batch, scale)
-}
 n.matmulSiluMul = (...a) => (skip.has('gate-up') ? undefined : ops.matmulSiluMul.apply(n, a))
 // Separate norms: the norm in place in residualIn (the stream's values go astray from there, the
 // time does not), then the product.

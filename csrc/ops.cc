@@ -321,9 +321,10 @@ void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& 
   on_cuda(k) ? cuda::kv_append(k_cache, v_cache, k, v, slots) : cpu::kv_append(k_cache, v_cache, k, v, slots);
 }
 
-static void check_qkv_rope(const Checker& c, const Tensor& q_out, const Tensor& k_cache, const Tensor& v_cache,
-                           const Tensor& qkv, const Tensor& positions, const Tensor& cos_sin, const Tensor& slots,
-                           const Tensor* q_norm, const Tensor* k_norm) {
+void qkv_rope_append(Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, const Tensor& positions,
+                     const Tensor& cos_sin, const Tensor& slots, const Tensor* q_norm, const Tensor* k_norm,
+                     float eps) {
+  Checker c{"qkv_rope_append"};
   c.devices({{"q_out", &q_out}, {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"qkv", &qkv},
              {"positions", &positions}, {"cos_sin", &cos_sin}, {"slots", &slots}});
   c.dtype(q_out, "q_out", {DType::BF16});
@@ -333,7 +334,7 @@ static void check_qkv_rope(const Checker& c, const Tensor& q_out, const Tensor& 
   c.dtype(v_cache, "v_cache", {DType::BF16});
   c.same_shape(k_cache, "k_cache", v_cache, "v_cache");
   c.dim(q_out, "q_out", 2, k_cache.dim(3), "head dim of the cache");
-  if (q_out.dim(2) % 2 != 0) fail(c.op, ": expected an even head dim but received ", q_out.describe());
+  if (q_out.dim(2) % 2 != 0) fail("qkv_rope_append: expected an even head dim but received ", q_out.describe());
   const int64_t T = q_out.dim(0), D = q_out.dim(2);
   c.dtype(qkv, "qkv", {DType::BF16});
   c.rank(qkv, "qkv", 2);
@@ -355,19 +356,13 @@ static void check_qkv_rope(const Checker& c, const Tensor& q_out, const Tensor& 
     c.rank(*w, name, 1);
     c.dim(*w, name, 0, D, "head dim");
   }
-}
-
-void qkv_rope_append(Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, const Tensor& positions,
-                     const Tensor& cos_sin, const Tensor& slots, const Tensor* q_norm, const Tensor* k_norm,
-                     float eps) {
-  Checker c{"qkv_rope_append"};
-  check_qkv_rope(c, q_out, k_cache, v_cache, qkv, positions, cos_sin, slots, q_norm, k_norm);
   on_cuda(q_out) ? cuda::qkv_rope_append(q_out, k_cache, v_cache, qkv, positions, cos_sin, slots, q_norm, k_norm, eps)
                  : cpu::qkv_rope_append(q_out, k_cache, v_cache, qkv, positions, cos_sin, slots, q_norm, k_norm, eps);
 }
 
-static void check_attention(const Checker& c, const Tensor& out, const Tensor& q, const Tensor& k_cache,
-                            const Tensor& v_cache, const AttentionBatch& b) {
+void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+               const AttentionBatch& b, float scale) {
+  Checker c{"attention"};
   c.devices({{"out", &out}, {"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache},
              {"block_tables", &b.block_tables}, {"query_start", &b.query_start}, {"seq_lens", &b.seq_lens}});
   c.dtype(q, "q", {DType::BF16});
@@ -380,7 +375,7 @@ static void check_attention(const Checker& c, const Tensor& out, const Tensor& q
   c.same_shape(k_cache, "k_cache", v_cache, "v_cache");
   c.dim(q, "q", 2, k_cache.dim(3), "head dim of the cache");
   if (q.dim(1) % k_cache.dim(2) != 0)
-    fail(c.op, ": expected the query heads of q (", q.dim(1), ") to be a multiple of the cache's kv heads (",
+    fail("attention: expected the query heads of q (", q.dim(1), ") to be a multiple of the cache's kv heads (",
          k_cache.dim(2), ")");
   c.dtype(b.block_tables, "block_tables", {DType::I32});
   c.rank(b.block_tables, "block_tables", 2);
@@ -392,28 +387,11 @@ static void check_attention(const Checker& c, const Tensor& out, const Tensor& q
   c.dim(b.query_start, "query_start", 0, batch + 1, "sequences + 1");
   c.dim(b.block_tables, "block_tables", 0, batch, "sequences");
   if (b.max_query_len < 0 || b.max_seq_len < b.max_query_len)
-    fail(c.op, ": expected 0 <= maxQueryLen <= maxSeqLen but received ", b.max_query_len, " and ", b.max_seq_len);
+    fail("attention: expected 0 <= maxQueryLen <= maxSeqLen but received ", b.max_query_len, " and ", b.max_seq_len);
   if (b.max_seq_len > b.block_tables.dim(1) * k_cache.dim(1))
-    fail(c.op, ": maxSeqLen ", b.max_seq_len, " exceeds the block table's capacity of ",
+    fail("attention: maxSeqLen ", b.max_seq_len, " exceeds the block table's capacity of ",
          b.block_tables.dim(1) * k_cache.dim(1), " keys");
-}
-
-void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-               const AttentionBatch& b, float scale) {
-  Checker c{"attention"};
-  check_attention(c, out, q, k_cache, v_cache, b);
   on_cuda(out) ? cuda::attention(out, q, k_cache, v_cache, b, scale) : cpu::attention(out, q, k_cache, v_cache, b, scale);
-}
-
-void qkv_rope_attention(Tensor& out, Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
-                        const Tensor& positions, const Tensor& cos_sin, const Tensor& slots, const Tensor* q_norm,
-                        const Tensor* k_norm, float eps, const AttentionBatch& b, float scale) {
-  Checker c{"qkv_rope_attention"};
-  check_qkv_rope(c, q_out, k_cache, v_cache, qkv, positions, cos_sin, slots, q_norm, k_norm);
-  check_attention(c, out, q_out, k_cache, v_cache, b);
-  c.devices({{"out", &out}, {"qkv", &qkv}});
-  (on_cuda(out) ? cuda::qkv_rope_attention : cpu::qkv_rope_attention)(out, q_out, k_cache, v_cache, qkv, positions,
-                                                                      cos_sin, slots, q_norm, k_norm, eps, b, scale);
 }
 
 static void check_rows(const Checker& c, const Tensor& x) {

@@ -173,27 +173,6 @@ export interface NativeAddon {
     batch: AttentionBatch,
     scale: number,
   ): void
-  /**
-   * qkvRopeAppend(qOut, …) then attention(out, qOut, …), with the same bits. On CUDA a decode launch
-   * (batch.maxQueryLen 1) is one kernel that computes its query rows and writes each sequence's newest
-   * cache row itself; qOut is then scratch left unwritten, and each query token's slot must be the slot
-   * of its sequence's last key (seqLens - 1) in the block table, as a step's packing makes it.
-   */
-  qkvRopeAttention(
-    out: NativeTensor,
-    qOut: NativeTensor,
-    kCache: NativeTensor,
-    vCache: NativeTensor,
-    qkv: NativeTensor,
-    positions: NativeTensor,
-    cosSin: NativeTensor,
-    slots: NativeTensor,
-    qNorm: NativeTensor | null,
-    kNorm: NativeTensor | null,
-    eps: number,
-    batch: AttentionBatch,
-    scale: number,
-  ): void
   logSoftmax(out: NativeTensor, x: NativeTensor): void
   argmax(out: NativeTensor, x: NativeTensor): void
   tokenLogprobs(out: NativeTensor, x: NativeTensor, ids: NativeTensor): void

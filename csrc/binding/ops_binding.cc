@@ -214,37 +214,21 @@ Napi::Value QkvRopeAppend(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// Argument i of op `op`: an attention batch ({blockTables, queryStart, seqLens, maxQueryLen, maxSeqLen}).
-AttentionBatch attention_batch(Args& a, int i, const char* op) {
-  Napi::Object batch = a.object(i, "batch");
-  Napi::Value fields[] = {batch.Get("blockTables"), batch.Get("queryStart"), batch.Get("seqLens")};
-  AttentionBatch b;
-  b.block_tables = TensorWrap::FromValue(fields[0], op, "batch.blockTables");
-  b.query_start = TensorWrap::FromValue(fields[1], op, "batch.queryStart");
-  b.seq_lens = TensorWrap::FromValue(fields[2], op, "batch.seqLens");
-  Napi::Value mq = batch.Get("maxQueryLen"), ms = batch.Get("maxSeqLen");
-  if (!mq.IsNumber()) a.type_error(i, "batch.maxQueryLen", "a number");
-  if (!ms.IsNumber()) a.type_error(i, "batch.maxSeqLen", "a number");
-  b.max_query_len = mq.As<Napi::Number>().Int32Value();
-  b.max_seq_len = ms.As<Napi::Number>().Int32Value();
-  return b;
-}
-
 Napi::Value Attention(const Napi::CallbackInfo& info) {
   Args a{info, "attention"};
-  const AttentionBatch b = attention_batch(a, 4, "attention");
+  Napi::Object batch = a.object(4, "batch");
+  Napi::Value fields[] = {batch.Get("blockTables"), batch.Get("queryStart"), batch.Get("seqLens")};
+  AttentionBatch b;
+  b.block_tables = TensorWrap::FromValue(fields[0], "attention", "batch.blockTables");
+  b.query_start = TensorWrap::FromValue(fields[1], "attention", "batch.queryStart");
+  b.seq_lens = TensorWrap::FromValue(fields[2], "attention", "batch.seqLens");
+  Napi::Value mq = batch.Get("maxQueryLen"), ms = batch.Get("maxSeqLen");
+  if (!mq.IsNumber()) a.type_error(4, "batch.maxQueryLen", "a number");
+  if (!ms.IsNumber()) a.type_error(4, "batch.maxSeqLen", "a number");
+  b.max_query_len = mq.As<Napi::Number>().Int32Value();
+  b.max_seq_len = ms.As<Napi::Number>().Int32Value();
   ops::attention(a.tensor(0, "out"), a.tensor(1, "q"), a.tensor(2, "kCache"), a.tensor(3, "vCache"), b,
                  static_cast<float>(a.number(5, "scale")));
-  return info.Env().Undefined();
-}
-
-Napi::Value QkvRopeAttention(const Napi::CallbackInfo& info) {
-  Args a{info, "qkvRopeAttention"};
-  const AttentionBatch b = attention_batch(a, 11, "qkvRopeAttention");
-  ops::qkv_rope_attention(a.tensor(0, "out"), a.tensor(1, "qOut"), a.tensor(2, "kCache"), a.tensor(3, "vCache"),
-                          a.tensor(4, "qkv"), a.tensor(5, "positions"), a.tensor(6, "cosSin"), a.tensor(7, "slots"),
-                          a.optional_tensor(8, "qNorm"), a.optional_tensor(9, "kNorm"),
-                          static_cast<float>(a.number(10, "eps")), b, static_cast<float>(a.number(12, "scale")));
   return info.Env().Undefined();
 }
 
@@ -396,7 +380,6 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"siluMul", SiluMul},     {"add", Add},
       {"kvAppend", KvAppend},   {"attention", Attention},
       {"siluMulPacked", SiluMulPacked}, {"qkvRopeAppend", QkvRopeAppend},
-      {"qkvRopeAttention", QkvRopeAttention},
       {"matmulSiluMul", MatmulSiluMul}, {"normMatmul", NormMatmul},
       {"normMatmulSiluMul", NormMatmulSiluMul},
       {"logSoftmax", LogSoftmax}, {"argmax", Argmax},

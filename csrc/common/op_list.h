@@ -83,15 +83,6 @@
   /* (common/attention_schedule.h) */                                                                 \
   X(attention, (Tensor & out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,          \
                 const AttentionBatch& batch, float scale))                                            \
-  /* qkv_rope_append(q_out, ...) then attention(out, q_out, ...): the same bits. On CUDA a decode */ \
-  /* launch (batch.max_query_len == 1) is one kernel that computes its query rows and writes each */  \
-  /* sequence's newest cache row itself, and q_out [T, heads, D] is then scratch left unwritten. */   \
-  /* There, the slot of each sequence's query token must be its key len-1's slot in its block */      \
-  /* table, as a step's packing makes it. */                                                          \
-  X(qkv_rope_attention, (Tensor & out, Tensor & q_out, Tensor & k_cache, Tensor & v_cache,            \
-                         const Tensor& qkv, const Tensor& positions, const Tensor& cos_sin,           \
-                         const Tensor& slots, const Tensor* q_norm, const Tensor* k_norm, float eps,  \
-                         const AttentionBatch& batch, float scale))                                   \
   /* out[r,:] = x[r,:] - logsumexp(x[r,:])   f32 [R,V] */                                             \
   X(log_softmax, (Tensor & out, const Tensor& x))                                                     \
   /* out[r] = argmax_v x[r,v], lowest index on ties   x f32 [R,V], out i32 [R] */                     \

@@ -1,5 +1,4 @@
-// qkv_rope_append (CPU): one layer's attention inputs from the fused q|k|v projection; and
-// qkv_rope_attention, the same followed by attention.
+// qkv_rope_append (CPU): one layer's attention inputs from the fused q|k|v projection.
 //   qkv [T, (heads + 2*kv_heads) * D] bf16: each row holds the q heads, then the k heads, then v
 //   q_out[t] = rope(norm_q(q heads)), k_cache[slot[t]] = rope(norm_k(k heads)), v_cache[slot[t]] = v
 // The same bits as rmsnorm over [T*heads, D] and [T*kv_heads, D], then rope, then kv_append: each
@@ -49,14 +48,6 @@ void qkv_rope_append(Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tens
       std::memcpy(v_cache.ptr<uint16_t>() + at, x + (heads + kv_heads + h) * D, head_bytes);
     }
   }
-}
-
-// The two ops one after the other: the CUDA backend's one decode launch gives these bits.
-void qkv_rope_attention(Tensor& out, Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
-                        const Tensor& positions, const Tensor& cos_sin, const Tensor& slots, const Tensor* q_norm,
-                        const Tensor* k_norm, float eps, const AttentionBatch& batch, float scale) {
-  qkv_rope_append(q_out, k_cache, v_cache, qkv, positions, cos_sin, slots, q_norm, k_norm, eps);
-  attention(out, q_out, k_cache, v_cache, batch, scale);
 }
 
 }  // namespace detinfer::cpu

@@ -3,8 +3,6 @@
 //   sequence b's queries are rows query_start[b] .. query_start[b+1]-1 at positions
 //   seq_lens[b]-n .. seq_lens[b]-1; query head h reads kv head h / (heads / kv_heads).
 // kv_append: k, v [T, kv_heads, D] -> the cache rows at slots[T] (negative slot: skipped).
-// qkv_rope_attention: qkv_rope_append then attention; a decode launch is one kernel that takes the
-//   q|k|v product and computes its query rows and its sequences' newest cache rows itself.
 //
 // Invariant (common/attention_schedule.h): for a query at position p, keys 0..p are cut into splits
 // of kSplitSize keys counted from key 0; a split is reduced over key blocks of kKeyBlock keys in
@@ -19,8 +17,7 @@
 //           to a workspace, then a combine pass. When no sequence can have a second split
 //           (max_seq_len <= kSplitSize), the decode kernel merges its one split with the
 //           combine's functions and writes the output itself (OnlySplit): the same bits, one
-//           launch fewer. From the q|k|v product (qkv_rope_attention) it also runs
-//           qkv_rope_append's row function for its own rows: one kernel fewer per layer;
+//           launch fewer;
 //   prefill (any number of queries): one block per (sequence, kv head, tile of 64 query rows: the
 //           kv head's query heads at consecutive positions, PrefillTile), four warps of 16 rows,
 //           looping over the splits and merging each in registers as it ends
@@ -50,7 +47,6 @@
 #include "cuda_ops.h"
 #include "matmul_sm90.cuh"
 #include "pdl.cuh"
-#include "qkv_rope_row.cuh"
 
 namespace detinfer::cuda {
 namespace {
@@ -127,12 +123,11 @@ struct DecodeWideTiles {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRotatingSlots = 3;
   static constexpr int kTiles = kPaired ? 2 * PAIRS : kRotatingSlots;  // [kKeyBlock][D] K or V tiles
-  // K/V tiles, the block's p (f32), p fragments, row maxima; then the query tile, then the K and V
-  // rows of key len-1
+  // K/V tiles, the block's p (f32), p fragments, row maxima; then the query tile
   template <int D>
   static constexpr int smem_bytes(int q_rows) {
     return kTiles * kKeyBlock * D * static_cast<int>(sizeof(bf16)) + kTileRows * kKeyBlock * 4 + kWarps * 32 * 4 * 4 +
-           kWarps * kTileRows * 4 + ((kPaired ? kTileRows : q_rows + 1) + 2) * D * static_cast<int>(sizeof(bf16));
+           kWarps * kTileRows * 4 + (kPaired ? kTileRows : q_rows + 1) * D * static_cast<int>(sizeof(bf16));
   }
 };
 
@@ -157,9 +152,6 @@ struct AttentionArgs {
   float scale_log2;
   float* part_o;   // decode workspace [num_seqs, heads, max_splits, D] f32
   float* part_ml;  // decode workspace [num_seqs, heads, max_splits, 2] f32: (max, sum)
-  // Decode from the q|k|v product (qkv_rope_attention) where rope.qkv is set: the decode kernel
-  // computes its query rows from it (q is not read) and writes its sequences' newest cache rows.
-  QkvRopeArgs rope;
 };
 
 __device__ __forceinline__ int split_size_of(const AttentionArgs& a, int len) {
@@ -376,15 +368,7 @@ __device__ __forceinline__ void prefetch_split_l2(const AttentionArgs& a, const 
 //   o: warp w owns output columns [D/4·w, D/4·(w+1)); each element is rescaled by alpha and then
 //           takes the block's four 16-key k-steps in ascending order, from the same bf16(p)
 //           fragments (exchanged through shared memory).
-// The row of key len-1 (the sequence's query token's own key, written in this step) reaches its
-// K and V tiles from a staging copy in shared memory, not from the cache copies of its key block.
-// ROPE (qkv_rope_attention): the kernel takes the q|k|v product instead of q and computes what
-// qkv_rope_append would have written for it, with that kernel's function (qkv_row::head_chunk):
-// its query rows, and in the block whose split holds key len-1 that key's k and v rows, which go
-// to the cache at the token's slot for the steps after and to the staging copy for this one (the
-// cache row at the slot is key len-1's when the step's slots and block tables agree, as the step's
-// packing makes them). The product's kernel is then followed by attention directly.
-template <int D, int PAIRS, bool ROPE>
+template <int D, int PAIRS>
 __global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_decode_wide_kernel(AttentionArgs a) {
   // The step's lengths and block tables come from the host, by copies before the step's first
   // kernel, and no kernel writes them; this kernel starts at the earliest once the q|k|v product
@@ -396,9 +380,9 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_de
   // 991 at 8, 1099 -> 1071 at 16; at 32 it lost 1338 -> 1383, the prefetches competing with the
   // product's weights.
   // Paired: the first PAIRS key blocks are then copied into shared memory before the wait too,
-  // all but the row of key len-1, which this step writes (this kernel with ROPE, else the q/k/v
-  // kernel before it); no other row of the cache is written by a kernel that can still be running
-  // (each step writes only its tokens' rows, and the steps before this one have completed). That
+  // all but the row of key len-1, which the q/k/v kernel before this one writes in this step; no
+  // other row of the cache is written by a kernel that can still be running (each step's q/k/v
+  // kernel writes only its tokens' rows, and the ones before this step's have completed). That
   // row, and the query rows, follow after the wait. The same values in shared memory, so the same
   // bits. H200, random Qwen3-0.6B, replayed decode step, paired forced: 868 -> 845 us at batch 1
   // and 101 keys, 956 -> 946 at 200, 1039 -> 1008 at 1000; 1049 -> 1021 at batch 16 and 101 keys.
@@ -421,21 +405,6 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_de
       }
     }
   }
-  // ROPE: what the rows take besides the product (positions, slots, the head norms' weights, cos and
-  // sin), read before the wait too: host inputs and weights, which no kernel writes. The q rows
-  // share their constants (one position, one norm weight); the warp of the k row has its own.
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t slot = ROPE && ds.active ? a.rope.slots[ds.q_row] : -1;
-  const bool holds_last = ds.active && ds.len - 1 >= ds.begin && ds.len - 1 < ds.end;
-  const bool writes_last = ROPE && holds_last && slot >= 0 && slot < a.rope.capacity;
-  qkv_row::RowConstants q_const, k_const;
-  if constexpr (ROPE) {
-    if (ds.active) {
-      qkv_row::row_constants(a.rope, ds.q_row, ds.head0, lane, q_const);
-      if (writes_last && warp == ds.rows % T::kWarps)
-        qkv_row::row_constants(a.rope, ds.q_row, a.heads + ds.kv_head, lane, k_const);
-    }
-  }
   pdl_wait();
   pdl_launch_dependents();
   static_assert(kKeyBlock == 16 * T::kWarps, "one 16-key k-step of the block per warp");
@@ -446,94 +415,54 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_de
   uint32_t* pfrag = reinterpret_cast<uint32_t*>(p32 + kTileRows * kKeyBlock);  // [kWarps][32][4]
   float* wmax = reinterpret_cast<float*>(pfrag + T::kWarps * 32 * 4);          // [kWarps][kTileRows]
   bf16* q_s = reinterpret_cast<bf16*>(wmax + T::kWarps * kTileRows);           // the query tile
-  bf16* last_kv = q_s + (PAIRED ? kTileRows : ds.rows + 1) * D;  // [2][D]: K, V of key len-1
 
   if (!ds.active) return;
   const int split_index = ds.split_index, seq = ds.seq, kv_head = ds.kv_head, head0 = ds.head0, rows = ds.rows;
   const int q_row = ds.q_row, len = ds.len, begin = ds.begin, end = ds.end;
   const int* table = ds.table;
-  const int col = 2 * (lane & 3);
-  constexpr int kChunks = D / 8;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, col = 2 * (lane & 3);
 
   // Paired: 16 query rows, those past the group zero-filled. Rotating: the group's rows, then one
   // zero row that the lanes of the other tile rows read (all of its chunks are zero, so its
-  // swizzle does not matter). The K and V rows of key len-1 into last_kv.
-  const int q_tile_rows = PAIRED ? kTileRows : rows + 1;
+  // swizzle does not matter).
+  const int64_t q_first = (static_cast<int64_t>(q_row) * a.heads + head0) * D;
   int q_lane_row = lane & 15;  // the row this lane addresses in ldmatrix
-  if constexpr (!PAIRED) q_lane_row = min(q_lane_row, rows);
-  if constexpr (ROPE) {
-    // Warp w takes rows w, w + kWarps, ... of: the query rows, then the k row and the v row.
-    const QkvRopeArgs& r = a.rope;
-    const int tasks = rows + (writes_last ? 2 : 0);
-    for (int task = warp; task < tasks; task += T::kWarps) {
-      bf16 chunk[qkv_row::kChunk];
-      uint4 v;
-      if (task < rows) {
-        if (qkv_row::head_chunk(r, q_row, head0 + task, lane, q_const, chunk)) {
-          memcpy(&v, chunk, sizeof(v));
-          *reinterpret_cast<uint4*>(q_s + tile_offset<D>(task, lane)) = v;
-        }
-      } else {
-        const bool k = task == rows;
-        if (qkv_row::head_chunk(r, q_row, (k ? r.heads : r.heads + r.kv_heads) + kv_head, lane, k_const, chunk)) {
-          norm_row::store_chunk((k ? r.k_cache : r.v_cache) + (slot * r.kv_heads + kv_head) * D, lane, r.vec,
-                                qkv_row::kChunk, chunk);
-          memcpy(&v, chunk, sizeof(v));
-          reinterpret_cast<uint4*>(last_kv + (k ? 0 : D))[lane] = v;
-        }
-      }
-    }
-    for (int c = threadIdx.x; c < (q_tile_rows - rows) * kChunks; c += T::kThreads)
-      *reinterpret_cast<uint4*>(q_s + tile_offset<D>(rows + c / kChunks, c % kChunks)) = make_uint4(0, 0, 0, 0);
+  if constexpr (PAIRED) {
+    load_query_rows<D, T::kThreads, kTileRows>(q_s, a.q, [&](int r) { return q_first + r * D; }, rows);
   } else {
-    const int64_t q_first = (static_cast<int64_t>(q_row) * a.heads + head0) * D;
-    if constexpr (PAIRED) {
-      load_query_rows<D, T::kThreads, kTileRows>(q_s, a.q, [&](int r) { return q_first + r * D; }, rows);
-    } else {
-      for (int c = threadIdx.x; c < rows * kChunks; c += T::kThreads)
-        ptx::cp_async16(ptx::smem_addr(q_s + tile_offset<D>(c / kChunks, c % kChunks)), a.q + q_first + c * 8, 16);
-      for (int c = threadIdx.x; c < kChunks; c += T::kThreads)
-        reinterpret_cast<uint4*>(q_s + rows * D)[c] = make_uint4(0, 0, 0, 0);
-    }
+    constexpr int kChunks = D / 8;
+    for (int c = threadIdx.x; c < rows * kChunks; c += T::kThreads)
+      ptx::cp_async16(ptx::smem_addr(q_s + tile_offset<D>(c / kChunks, c % kChunks)), a.q + q_first + c * 8, 16);
+    for (int c = threadIdx.x; c < kChunks; c += T::kThreads)
+      reinterpret_cast<uint4*>(q_s + rows * D)[c] = make_uint4(0, 0, 0, 0);
+    q_lane_row = min(q_lane_row, rows);
   }
-  // Key len-1 from the cache when this kernel did not compute it (one copy group with the query
-  // rows; rotating: K0's group).
-  if (holds_last && !writes_last) load_key_row<D>(last_kv, last_kv + D, a, table, kv_head, len - 1, 0);
-  if (ROPE) __syncthreads();  // the rows computed above, before any thread reads them
-  // The staged K (and, paired, V) row of key len-1 into block b's tiles: after their copies have
-  // landed, before the barrier after which they are read. By the threads that staged it from the
-  // cache, whose own copies it waits for.
-  const int b_last = holds_last ? (len - 1 - begin) / kKeyBlock : -1, r_last = len - 1 - begin - b_last * kKeyBlock;
-  auto place_last = [&](bf16* tile, const bf16* staged) {
-    if (static_cast<int>(threadIdx.x) < kChunks)
-      *reinterpret_cast<uint4*>(tile + tile_offset<D>(r_last, threadIdx.x)) =
-          reinterpret_cast<const uint4*>(staged)[threadIdx.x];
-  };
   // Paired: key block b's K in tile 2(b%PAIRS), its V in tile 2(b%PAIRS)+1, one cp.async group per
   // block.
   // Rotating: tile t of the split (K of key block t/2 for even t, else its V) in buffer t % kTiles,
   // one group per tile. Groups are committed also past the split's end (empty), so that the count
   // stays in step with the waits.
   auto tile_of = [&](int t) { return kv_s + (t % T::kTiles) * kKeyBlock * D; };
-  auto load_tile = [&](int t) {  // every row but key len-1's
+  auto load_tile = [&](int t) {
     const int key0 = begin + (t >> 1) * kKeyBlock;
     if (key0 < end) {
       if (PAIRED)
-        load_key_block<D, T::kThreads, true, true, false, true>(tile_of(t), tile_of(t + 1), a, table, kv_head, key0,
-                                                                len, len - 1);
+        load_key_block<D, T::kThreads, true, true>(tile_of(t), tile_of(t + 1), a, table, kv_head, key0, len);
       else if (t & 1)
-        load_key_block<D, T::kThreads, false, true, false, true>(tile_of(t), tile_of(t), a, table, kv_head, key0, len,
-                                                                 len - 1);
+        load_key_block<D, T::kThreads, false, true>(tile_of(t), tile_of(t), a, table, kv_head, key0, len);
       else
-        load_key_block<D, T::kThreads, true, false, false, true>(tile_of(t), tile_of(t), a, table, kv_head, key0, len,
-                                                                 len - 1);
+        load_key_block<D, T::kThreads, true, false>(tile_of(t), tile_of(t), a, table, kv_head, key0, len);
     }
     ptx::cp_async_commit();
   };
   // Groups that may still be pending when a block's K (and, rotating, its V) must have landed.
   constexpr int kAhead = PAIRED ? PAIRS - 1 : T::kTiles - 1;
   if constexpr (PAIRED) {
-    ptx::cp_async_commit();  // the query rows and the staged row of key len-1: one group
+    // The query rows and the row of key len-1, if one of the early blocks holds it: one group.
+    const int last = len - 1, b_last = (last - begin) / kKeyBlock;
+    if (last >= begin && last < end && b_last < PAIRS)
+      load_key_row<D>(tile_of(2 * b_last), tile_of(2 * b_last + 1), a, table, kv_head, last, last - begin - b_last * kKeyBlock);
+    ptx::cp_async_commit();
   } else {
 #pragma unroll
     for (int t = 0; t < T::kTiles; ++t) load_tile(t);  // K0 (with the query rows), V0, K1
@@ -547,18 +476,14 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_de
     for (int e = 0; e < 4; ++e) o[i][e] = 0.f;
 
   for (int key0 = begin, b = 0; key0 < end; key0 += kKeyBlock, ++b) {
-    bf16* const k_tile = tile_of(2 * b);
-    bf16* const v_tile = tile_of(2 * b + 1);
+    const bf16* k_tile = tile_of(2 * b);
+    const bf16* v_tile = tile_of(2 * b + 1);
     // K of this block (paired: and its V); paired, at the first block: every early group and the
     // one after the wait.
     if (PAIRED && b == 0)
       ptx::cp_async_wait<0>();
     else
       ptx::cp_async_wait<kAhead>();
-    if (b == b_last) {
-      place_last(k_tile, last_kv);
-      if (PAIRED) place_last(v_tile, last_kv + D);
-    }
     __syncthreads();
 
     // Scores of keys key0 + 16·warp .. +15 (one warp's s[2j], s[2j+1] with j = warp).
@@ -629,10 +554,7 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_de
     mine.z = pack_bf16(sc[1][0], sc[1][1]);
     mine.w = pack_bf16(sc[1][2], sc[1][3]);
     reinterpret_cast<uint4*>(pfrag)[warp * 32 + lane] = mine;
-    if (!PAIRED) {
-      ptx::cp_async_wait<kAhead>();  // V of this block
-      if (b == b_last) place_last(v_tile, last_kv + D);
-    }
+    if (!PAIRED) ptx::cp_async_wait<kAhead>();  // V of this block
     __syncthreads();
 
     if (warp == 0) {
@@ -1097,14 +1019,14 @@ std::string describe_launch(const Tensor& q, const Tensor& k_cache, const Attent
 // The decode kernel's blocks resident on the device at once, by the query rows of its tile
 // (1 .. kTileRows): SMs × blocks per SM at that shared memory. The first call also raises the
 // kernel's shared-memory limit, which every launch needs.
-template <int D, int PAIRS, bool ROPE>
+template <int D, int PAIRS>
 int64_t decode_slots(int q_rows) {
   using T = DecodeWideTiles<PAIRS>;
   static std::once_flag once;
   static cudaError_t err = cudaSuccess;
   static int64_t slots[kTileRows + 1] = {};
   std::call_once(once, [] {
-    const auto kernel = attention_decode_wide_kernel<D, PAIRS, ROPE>;
+    const auto kernel = attention_decode_wide_kernel<D, PAIRS>;
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::template smem_bytes<D>(kTileRows));
     int device = 0, sms = 0;
     if (err == cudaSuccess) err = cudaGetDevice(&device);
@@ -1134,30 +1056,21 @@ int64_t decode_slots(int q_rows) {
 // at batch 16 4982.9 -> 4605.0; 3,000 keys at batch 16 2474.0 -> 2419.1 (bench/step-attribution.mjs
 // --decode-pipeline), and alone (dev_attention --decode) 64 x 8k 522.8 -> 519.5, 8 x 32k 272.6
 // -> 270.7, 64 x 1k 82.4 -> 79.8. Launch geometry only: each gives the same bits.
-template <int D, bool ROPE>
+template <int D>
 int decode_pipeline(dim3 grid, int q_rows) {
   const int forced = forced_decode_pipeline();  // development switch (common/config.h)
   if (forced != 0) return forced == 1 ? 2 : forced == 2 ? 0 : 3;
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
-  if (blocks <= decode_slots<D, 3, ROPE>(q_rows)) return 3;
-  return blocks <= decode_slots<D, 2, ROPE>(q_rows) ? 2 : 0;
+  if (blocks <= decode_slots<D, 3>(q_rows)) return 3;
+  return blocks <= decode_slots<D, 2>(q_rows) ? 2 : 0;
 }
 
-template <int D, int PAIRS, bool ROPE>
+template <int D, int PAIRS>
 void launch_decode(const AttentionArgs& a, dim3 grid, int q_rows, cudaStream_t stream) {
   using T = DecodeWideTiles<PAIRS>;
-  decode_slots<D, PAIRS, ROPE>(q_rows);  // the kernel's shared-memory limit, set once
-  launch_overlapped(attention_decode_wide_kernel<D, PAIRS, ROPE>, grid, T::kThreads,
-                    T::template smem_bytes<D>(q_rows), stream, a);
-}
-
-template <int D, bool ROPE>
-void launch_decode(const AttentionArgs& a, dim3 grid, int q_rows, cudaStream_t stream) {
-  switch (decode_pipeline<D, ROPE>(grid, q_rows)) {
-    case 3: launch_decode<D, 3, ROPE>(a, grid, q_rows, stream); break;
-    case 2: launch_decode<D, 2, ROPE>(a, grid, q_rows, stream); break;
-    default: launch_decode<D, 0, ROPE>(a, grid, q_rows, stream);
-  }
+  decode_slots<D, PAIRS>(q_rows);  // the kernel's shared-memory limit, set once
+  launch_overlapped(attention_decode_wide_kernel<D, PAIRS>, grid, T::kThreads, T::template smem_bytes<D>(q_rows),
+                    stream, a);
 }
 
 // The prefill family: wgmma where this build has sm_90a code and the device runs it, unless the
@@ -1188,10 +1101,11 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
     a.direct = l.max_splits == 1;
     const dim3 grid(l.max_splits, a.kv_heads * row_tiles, a.num_seqs);
     const int q_rows = std::min(a.heads / a.kv_heads, kTileRows);
-    if (a.rope.qkv)
-      launch_decode<D, true>(a, grid, q_rows, stream);
-    else
-      launch_decode<D, false>(a, grid, q_rows, stream);
+    switch (decode_pipeline<D>(grid, q_rows)) {
+      case 3: launch_decode<D, 3>(a, grid, q_rows, stream); break;
+      case 2: launch_decode<D, 2>(a, grid, q_rows, stream); break;
+      default: launch_decode<D, 0>(a, grid, q_rows, stream);
+    }
     CUDA_CHECK_LAUNCH("attention (decode splits)", describe_launch(q, k_cache, batch));
     if (a.direct) return;
     launch_overlapped(attention_decode_combine_kernel<D>, dim3(a.heads, a.num_seqs), D, 0, stream, a);
@@ -1227,12 +1141,8 @@ void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& 
   CUDA_CHECK_LAUNCH("kv_append", "(k " + k.describe() + ", cache " + k_cache.describe() + ")");
 }
 
-namespace {
-
-// attention, or with rope (decode only) qkv_rope_attention's one launch: q then gives the shapes
-// and is not read.
-void run_attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                   const AttentionBatch& batch, float scale, const QkvRopeArgs* rope) {
+void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const AttentionBatch& batch,
+               float scale) {
   const int64_t dim = q.dim(2), num_seqs = batch.seq_lens.dim(0);
   if (dim != 64 && dim != 128)
     fail("attention: the CUDA kernels support head dims 64 and 128 but received ", dim, " (q ", q.describe(), ")");
@@ -1258,7 +1168,6 @@ void run_attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Te
   for (int shift = 0; shift < 31; ++shift)
     if (a.block_size == (1 << shift)) a.block_shift = shift;
   a.scale_log2 = scale * 1.4426950408889634f;  // exp(x·scale) = 2^(x·scale·log2 e)
-  if (rope) a.rope = *rope;
 
   const AttentionLaunch l = choose_launch(batch, a.num_seqs);
   a.split_size = l.split_size;
@@ -1267,31 +1176,6 @@ void run_attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Te
     launch_attention<64>(a, l, q, k_cache, batch, stream);
   else
     launch_attention<128>(a, l, q, k_cache, batch, stream);
-}
-
-}  // namespace
-
-void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const AttentionBatch& batch,
-               float scale) {
-  run_attention(out, q, k_cache, v_cache, batch, scale, nullptr);
-}
-
-// A decode launch (every sequence has at most one query) computes its query rows and its
-// sequences' newest cache rows itself (rope_rows): the q|k|v product is followed by attention
-// directly, one kernel and one dependent launch fewer per layer. Elsewhere (prefill and mixed
-// steps, or DETINFER_ROPE_ATTENTION=0, a switch for measuring) the two ops. The same bits
-// either way.
-void qkv_rope_attention(Tensor& out, Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
-                        const Tensor& positions, const Tensor& cos_sin, const Tensor& slots, const Tensor* q_norm,
-                        const Tensor* k_norm, float eps, const AttentionBatch& batch, float scale) {
-  static const bool fused = !switched_off("DETINFER_ROPE_ATTENTION");
-  if (!fused || batch.max_query_len != 1) {
-    qkv_rope_append(q_out, k_cache, v_cache, qkv, positions, cos_sin, slots, q_norm, k_norm, eps);
-    attention(out, q_out, k_cache, v_cache, batch, scale);
-    return;
-  }
-  const QkvRopeArgs rope = qkv_rope_args(nullptr, k_cache, v_cache, qkv, positions, cos_sin, slots, q_norm, k_norm, eps);
-  run_attention(out, q_out, k_cache, v_cache, batch, scale, &rope);
 }
 
 }  // namespace detinfer::cuda

@@ -492,22 +492,19 @@ export class Transformer {
     const n = native()
     const c = this.config
     const D = c.headDim
-    const attn = n.narrow(this.act.attn, 0, T)
-    const attn3 = n.view(attn, [T, c.numHeads, D])
-    const scale = 1 / Math.sqrt(D)
+    let q3: NativeTensor
     if (!('residualIn' in input)) {
       if (this.tp) return this.attentionRanks(this.tp, l, T, input, positions, slots, batch)
-      const q3 = this.unfusedAttentionInputs(l, w, T, input, positions, slots)
-      n.attention(attn3, q3, this.cache.k[l]!, this.cache.v[l]!, batch, scale)
+      q3 = this.unfusedAttentionInputs(l, w, T, input, positions, slots)
     } else {
       const qkv = n.narrow(this.act.qkv, 0, T)
       this.normProduct(qkv, null, input, w.qkvProj, w.qkvBias) // [T,H] · [(heads+2kv)*D,H]^T -> [T, q|k|v]
-      // q -> rope(q_norm(q)); k -> rope(k_norm(k)) and v -> the cache rows at slots; then attention
-      // (one kernel in decode steps on CUDA, with q computed where it is used)
-      const q3 = n.view(n.narrow(this.act.q, 0, T), [T, c.numHeads, D])
-      const [kc, vc] = [this.cache.k[l]!, this.cache.v[l]!]
-      n.qkvRopeAttention(attn3, q3, kc, vc, qkv, positions, this.cosSin, slots, w.qNorm, w.kNorm, c.rmsNormEps, batch, scale)
+      // q -> rope(q_norm(q)); k -> rope(k_norm(k)) and v -> the cache rows at slots
+      q3 = n.view(n.narrow(this.act.q, 0, T), [T, c.numHeads, D])
+      n.qkvRopeAppend(q3, this.cache.k[l]!, this.cache.v[l]!, qkv, positions, this.cosSin, slots, w.qNorm, w.kNorm, c.rmsNormEps)
     }
+    const attn = n.narrow(this.act.attn, 0, T)
+    n.attention(n.view(attn, [T, c.numHeads, D]), q3, this.cache.k[l]!, this.cache.v[l]!, batch, 1 / Math.sqrt(D))
     n.matmul(n.narrow(this.act.proj, 0, T), attn, w.oProj, w.oBias) // [T,heads*D] · [H,heads*D]^T -> [T,H]
   }
 
@@ -611,10 +608,9 @@ export class Transformer {
       const qkv = n.narrow(buf.qkv, 0, T)
       n.matmul(qkv, normed, rw.qkvProj, rw.qkvBias) // column-parallel: the rank's heads of q|k|v
       const q3 = n.view(n.narrow(buf.q, 0, T), [T, c.numHeads / N, D])
+      n.qkvRopeAppend(q3, cache.k[l]!, cache.v[l]!, qkv, positions, this.cosSin, slots, w.qNorm, w.kNorm, c.rmsNormEps)
       const attn = n.narrow(buf.attn, 0, T)
-      const attn3 = n.view(attn, [T, c.numHeads / N, D])
-      const [kc, vc] = [cache.k[l]!, cache.v[l]!]
-      n.qkvRopeAttention(attn3, q3, kc, vc, qkv, positions, this.cosSin, slots, w.qNorm, w.kNorm, c.rmsNormEps, batch, 1 / Math.sqrt(D))
+      n.attention(n.view(attn, [T, c.numHeads / N, D]), q3, cache.k[l]!, cache.v[l]!, batch, 1 / Math.sqrt(D))
       n.matmulPartials(n.narrow(partials, (r * 8) / N, 8 / N), attn, rw.oProj) // row-parallel: partitions of rank r
     }
     n.combinePartials(n.narrow(this.act.proj, 0, T), partials, w.oBias, N)
