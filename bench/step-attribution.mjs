@@ -65,7 +65,7 @@ let config = null
 // --shared-weights: the first weight of each shape stands for every later one (set per model)
 let firstWeights = new Map()
 const weight = (w) => {
-  if (!values['shared-weights'] || !config || w.shape[0] === config.vocabSize) return w
+  if (!values['shared-weights'] || !config || productKind(config, ...w.shape) === 'lm-head') return w
   const key = w.shape.join('x')
   if (!firstWeights.has(key)) firstWeights.set(key, w)
   return firstWeights.get(key)
