@@ -597,8 +597,9 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_de
     l[r] = l[r] + __shfl_xor_sync(0xffffffffu, l[r], 2);
   }
   if (a.direct) {
-    // Only warp 0 holds the row sums; every warp normalizes its own columns (wmax is free: the
-    // last key block ended with a barrier).
+    // Only warp 0 holds the row sums; every warp normalizes its own columns (wmax is free: every
+    // warp read the last key block's maxima before that block's third barrier, which warp 0 has
+    // passed).
     if (warp == 0 && (lane & 3) == 0) wmax[lane >> 2] = l[0], wmax[(lane >> 2) + 8] = l[1];
     __syncthreads();
     l[0] = wmax[lane >> 2], l[1] = wmax[(lane >> 2) + 8];
