@@ -21,7 +21,7 @@
 // (the narrow products) and one block per SM. The difference between a row and the floor is what a
 // dependency costs; 140 times it is what the step pays for them. KB (default 0) gives each stage
 // kernel that much dynamic shared memory, as large as the library's blocks (100-120 KB).
-// Findings on the H200 (README, "What a dependency costs"), 140 stages, 0 KB, µs per stage, plain /
+// Findings on the H200 (docs/performance.md, "What a dependency costs"), 140 stages, 0 KB, µs per stage, plain /
 // overlapped / early / counter / no sync: 8 blocks 1.22 / 1.03 / 0.88 / 1.83 / 0.49; 132 blocks
 // 1.68 / 1.40 / 1.31 / 2.69 / 0.85. An overlapped kernel boundary costs 0.4-0.6 µs over the
 // stage's own work, and the counter barrier 1.3-1.8 µs. The flag barrier and the KB argument came

@@ -460,7 +460,8 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_de
   // reaches that barrier, and the fourth barrier has nothing else to guard: iteration b + 1 writes
   // wmax only after its first barrier and p32 and pfrag only after its second, by when every warp
   // has read iteration b's. H200, random Qwen3-0.6B, replayed decode step at 200 keys, medians of
-  // three rounds, µs: batch 1 885.5 -> 876.2, 8 986.7 -> 983.0, 16 1047.8 -> 1052.5 (README).
+  // three rounds, µs: batch 1 885.5 -> 876.2, 8 986.7 -> 983.0, 16 1047.8 -> 1052.5
+  // (docs/performance.md, "Three barriers a key block in the three-deep decode").
   constexpr bool kLateLoad = PAIRS == 3;
   // Groups that may still be pending when a block's K (and, rotating, its V) must have landed.
   constexpr int kAhead = kLateLoad ? PAIRS - 2 : PAIRED ? PAIRS - 1 : T::kTiles - 1;

@@ -72,8 +72,8 @@ struct Args {
 #endif
 };
 // The kernel's parameters, three tensor maps and Args, stay within 512 bytes: on the H200 48 bytes
-// past them cost a replayed 0.6B decode step up to 39 us (README, "Kernel parameters past 512
-// bytes").
+// past them cost a replayed 0.6B decode step up to 39 us (docs/performance.md, "Kernel parameters
+// past 512 bytes").
 static_assert(3 * sizeof(CUtensorMap) + sizeof(Args) <= 512, "matmul_sm90_kernel's parameters past 512 bytes");
 
 // Development (cmake -DDETINFER_STAMPS=ON, bench/step-stamps.mjs): each block (of the first
