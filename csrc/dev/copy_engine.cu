@@ -11,9 +11,9 @@
 //                                      8 K tiles of 64 columns per copy; the time at K = 512, 1536 and
 //                                      3072 and its slope per K tile, weights rotated through more
 //                                      than L2
-// Findings on the H200 (docs/performance.md, "Four K tiles per copy"): the chain costs 18 (N = 8) to 24 (N = 32)
-// cycles a step, and two chains twice that; the stream's slope is about 100 ns per K tile with one
-// copy per tile and 33-50 ns with 4 to 8 tiles per copy, the same bytes in flight.
+// Findings on the H200 (docs/performance.md, "Four K tiles per copy"): the chain costs 18 (N = 8)
+// to 24 (N = 32) cycles a step, and two chains twice that; the stream's slope is about 100 ns per
+// K tile with one copy per tile and 33-50 ns with 4 to 8 tiles per copy, the same bytes in flight.
 #include <cuda.h>
 #include <cuda_runtime.h>
 
