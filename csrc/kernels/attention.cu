@@ -108,7 +108,8 @@ struct KeyBlockWalk {
 //           16-row query tile: 74 KB, three blocks per SM. The lowest latency per block of the
 //           two that share SMs, and the deepest copies for grids of many waves;
 //   three deep (3): the same with three key blocks in flight: 106 KB, two blocks per SM at head
-//           dim 128, or one beside a 100 KB product block launched before it;
+//           dim 128, or one beside a 100 KB product block launched before it (a grid of at most
+//           one block per SM launches with more, so that its blocks spread: launch_decode);
 //   rotating (0): K and V tiles take turns in kRotatingSlots buffers (K0, V0, K1, V1, ...), each
 //           tile requested as soon as the tile kRotatingSlots before it has been used, and the
 //           query tile holds only the group's heads plus one zero row that the tensor cores read
@@ -1031,6 +1032,31 @@ std::string describe_launch(const Tensor& q, const Tensor& k_cache, const Attent
 // The decode kernel's blocks resident on the device at once, by the query rows of its tile
 // (1 .. kTileRows): SMs × blocks per SM at that shared memory. The first call also raises the
 // kernel's shared-memory limit, which every launch needs.
+// The dynamic shared memory that keeps a second block of the kernel off an SM: more than half of
+// what an SM holds, less each block's reservation (H200: 113 KB of 228). 0 with
+// DETINFER_SOLO_ATTENTION=0, for measuring.
+int solo_smem_bytes() {
+  static const int bytes = [] {
+    if (switched_off("DETINFER_SOLO_ATTENTION")) return 0;
+    int device = 0, per_sm = 0, reserved = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+    return per_sm / 2 - reserved + 128;
+  }();
+  return bytes;
+}
+
+int device_sms() {
+  static const int sms = [] {
+    int device = 0, count = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  }();
+  return sms;
+}
+
 template <int D, int PAIRS>
 int64_t decode_slots(int q_rows) {
   using T = DecodeWideTiles<PAIRS>;
@@ -1039,7 +1065,8 @@ int64_t decode_slots(int q_rows) {
   static int64_t slots[kTileRows + 1] = {};
   std::call_once(once, [] {
     const auto kernel = attention_decode_wide_kernel<D, PAIRS>;
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::template smem_bytes<D>(kTileRows));
+    const int most = std::max(T::template smem_bytes<D>(kTileRows), PAIRS == 3 ? solo_smem_bytes() : 0);
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
     int device = 0, sms = 0;
     if (err == cudaSuccess) err = cudaGetDevice(&device);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
@@ -1077,12 +1104,21 @@ int decode_pipeline(dim3 grid, int q_rows) {
   return blocks <= decode_slots<D, 2>(q_rows) ? 2 : 0;
 }
 
+// A three-deep grid of at most one block per SM asks for the solo shared memory (solo_smem_bytes),
+// which only its placement uses: two of its blocks never share an SM, as with the narrow matmul
+// tiles (matmul_sm90.cu, solo_tiles); at 106 KB a block, two fit on one SM and the block scheduler
+// need not spread them. H200, random Qwen3-0.6B, replayed decode step, medians of three rounds,
+// µs: 200 keys, batch 1 877.1 -> 870.1, 8 982.4 -> 979.8, 16 1058.1 -> 1042.8; 1,000 keys, batch 1
+// 941.6 -> 939.2 (docs/performance.md, "Solo three-deep decode blocks"). The same kernel, the same
+// bits.
 template <int D, int PAIRS>
 void launch_decode(const AttentionArgs& a, dim3 grid, int q_rows, cudaStream_t stream) {
   using T = DecodeWideTiles<PAIRS>;
   decode_slots<D, PAIRS>(q_rows);  // the kernel's shared-memory limit, set once
-  launch_overlapped(attention_decode_wide_kernel<D, PAIRS>, grid, T::kThreads, T::template smem_bytes<D>(q_rows),
-                    stream, a);
+  int smem = T::template smem_bytes<D>(q_rows);
+  if (PAIRS == 3 && static_cast<int64_t>(grid.x) * grid.y * grid.z <= device_sms())
+    smem = std::max(smem, solo_smem_bytes());
+  launch_overlapped(attention_decode_wide_kernel<D, PAIRS>, grid, T::kThreads, smem, stream, a);
 }
 
 // The prefill family: wgmma where this build has sm_90a code and the device runs it, unless the
