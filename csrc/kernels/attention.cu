@@ -1065,7 +1065,7 @@ int64_t decode_slots(int q_rows) {
   static int64_t slots[kTileRows + 1] = {};
   std::call_once(once, [] {
     const auto kernel = attention_decode_wide_kernel<D, PAIRS>;
-    const int most = std::max(T::template smem_bytes<D>(kTileRows), PAIRS == 3 ? solo_smem_bytes() : 0);
+    const int most = std::max(T::template smem_bytes<D>(kTileRows), PAIRS == 3 && D == 128 ? solo_smem_bytes() : 0);
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
     int device = 0, sms = 0;
     if (err == cudaSuccess) err = cudaGetDevice(&device);
@@ -1110,13 +1110,13 @@ int decode_pipeline(dim3 grid, int q_rows) {
 // need not spread them. H200, random Qwen3-0.6B, replayed decode step, medians of three rounds,
 // µs: 200 keys, batch 1 877.1 -> 870.1, 8 982.4 -> 979.8, 16 1058.1 -> 1042.8; 1,000 keys, batch 1
 // 941.6 -> 939.2 (docs/performance.md, "Solo three-deep decode blocks"). The same kernel, the same
-// bits.
+// bits. Head dim 128 only, the one measured.
 template <int D, int PAIRS>
 void launch_decode(const AttentionArgs& a, dim3 grid, int q_rows, cudaStream_t stream) {
   using T = DecodeWideTiles<PAIRS>;
   decode_slots<D, PAIRS>(q_rows);  // the kernel's shared-memory limit, set once
   int smem = T::template smem_bytes<D>(q_rows);
-  if (PAIRS == 3 && static_cast<int64_t>(grid.x) * grid.y * grid.z <= device_sms())
+  if (PAIRS == 3 && D == 128 && static_cast<int64_t>(grid.x) * grid.y * grid.z <= device_sms())
     smem = std::max(smem, solo_smem_bytes());
   launch_overlapped(attention_decode_wide_kernel<D, PAIRS>, grid, T::kThreads, smem, stream, a);
 }
