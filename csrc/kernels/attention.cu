@@ -1029,9 +1029,6 @@ std::string describe_launch(const Tensor& q, const Tensor& k_cache, const Attent
          std::to_string(b.max_seq_len) + ")";
 }
 
-// The decode kernel's blocks resident on the device at once, by the query rows of its tile
-// (1 .. kTileRows): SMs × blocks per SM at that shared memory. The first call also raises the
-// kernel's shared-memory limit, which every launch needs.
 // The dynamic shared memory that keeps a second block of the kernel off an SM: more than half of
 // what an SM holds, less each block's reservation (H200: 113 KB of 228). 0 with
 // DETINFER_SOLO_ATTENTION=0, for measuring.
@@ -1057,6 +1054,9 @@ int device_sms() {
   return sms;
 }
 
+// The decode kernel's blocks resident on the device at once, by the query rows of its tile
+// (1 .. kTileRows): SMs × blocks per SM at that shared memory. The first call also raises the
+// kernel's shared-memory limit, which every launch needs.
 template <int D, int PAIRS>
 int64_t decode_slots(int q_rows) {
   using T = DecodeWideTiles<PAIRS>;
