@@ -1044,6 +1044,10 @@ int solo_smem_bytes() {
   return bytes;
 }
 
+// Head dim 128's three-deep grids of one wave launch solo (launch_decode); 64 was not measured.
+template <int D, int PAIRS>
+constexpr bool kSoloDecode = PAIRS == 3 && D == 128;
+
 int device_sms() {
   static const int sms = [] {
     int device = 0, count = 0;
@@ -1065,15 +1069,13 @@ int64_t decode_slots(int q_rows) {
   static int64_t slots[kTileRows + 1] = {};
   std::call_once(once, [] {
     const auto kernel = attention_decode_wide_kernel<D, PAIRS>;
-    const int most = std::max(T::template smem_bytes<D>(kTileRows), PAIRS == 3 && D == 128 ? solo_smem_bytes() : 0);
+    const int most = std::max(T::template smem_bytes<D>(kTileRows), kSoloDecode<D, PAIRS> ? solo_smem_bytes() : 0);
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
-    int device = 0, sms = 0;
-    if (err == cudaSuccess) err = cudaGetDevice(&device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    const int64_t sms = device_sms();
     for (int rows = 1; rows <= kTileRows && err == cudaSuccess; ++rows) {
       int per_sm = 0;
       err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, T::kThreads, T::template smem_bytes<D>(rows));
-      slots[rows] = static_cast<int64_t>(sms) * per_sm;
+      slots[rows] = sms * per_sm;
     }
   });
   CUDA_CHECK(err);
@@ -1110,13 +1112,13 @@ int decode_pipeline(dim3 grid, int q_rows) {
 // need not spread them. H200, random Qwen3-0.6B, replayed decode step, medians of three rounds,
 // µs: 200 keys, batch 1 877.1 -> 870.1, 8 982.4 -> 979.8, 16 1058.1 -> 1042.8; 1,000 keys, batch 1
 // 941.6 -> 939.2 (docs/performance.md, "Solo three-deep decode blocks"). The same kernel, the same
-// bits. Head dim 128 only, the one measured.
+// bits. Head dim 128 only (kSoloDecode), the one measured.
 template <int D, int PAIRS>
 void launch_decode(const AttentionArgs& a, dim3 grid, int q_rows, cudaStream_t stream) {
   using T = DecodeWideTiles<PAIRS>;
   decode_slots<D, PAIRS>(q_rows);  // the kernel's shared-memory limit, set once
   int smem = T::template smem_bytes<D>(q_rows);
-  if (PAIRS == 3 && D == 128 && static_cast<int64_t>(grid.x) * grid.y * grid.z <= device_sms())
+  if (kSoloDecode<D, PAIRS> && static_cast<int64_t>(grid.x) * grid.y * grid.z <= device_sms())
     smem = std::max(smem, solo_smem_bytes());
   launch_overlapped(attention_decode_wide_kernel<D, PAIRS>, grid, T::kThreads, smem, stream, a);
 }
