@@ -6,6 +6,8 @@
 // builds of one source, and one with an extra kernel never launched, stayed within 1.3 µs).
 //   node bench/compare-builds.mjs --builds main=/tmp/main.node,new=/tmp/new.node
 //     [--keys 200,1000] [--batches 1,8,16,64] [--rounds 3] [-- more step-attribution options]
+// A build may carry environment variables for its runs, `name=path@VAR=value@VAR2=value`, so that
+// one addon under two development switches takes turns like two builds.
 // The addon in build/Release is put back afterwards. Development measurement, on a GPU machine.
 import { spawnSync } from 'node:child_process'
 import { copyFileSync, existsSync, mkdtempSync, rmSync } from 'node:fs'
@@ -28,7 +30,14 @@ if (!values.builds) throw new Error('--builds: expected name=path[,name=path...]
 const builds = values.builds.split(',').map((entry) => {
   const at = entry.indexOf('=')
   if (at < 1) throw new Error(`--builds: expected name=path but received ${entry}`)
-  const build = { name: entry.slice(0, at), path: entry.slice(at + 1) }
+  const [path, ...settings] = entry.slice(at + 1).split('@')
+  const env = {}
+  for (const setting of settings) {
+    const eq = setting.indexOf('=')
+    if (eq < 1) throw new Error(`--builds: expected VAR=value after @ but received ${setting} (build ${entry.slice(0, at)})`)
+    env[setting.slice(0, eq)] = setting.slice(eq + 1)
+  }
+  const build = { name: entry.slice(0, at), path, env }
   if (!existsSync(build.path)) throw new Error(`--builds: no addon at ${build.path} (build ${build.name})`)
   return build
 })
@@ -45,7 +54,7 @@ if (existsSync(addon)) copyFileSync(addon, saved)
 function step(build, keys) {
   copyFileSync(build.path, addon)
   const args = ['bench/step-attribution.mjs', '--leave-out', '', '--keys', keys, '--batches', batches.join(','), ...positionals]
-  const run = spawnSync(process.execPath, args, { cwd: root, encoding: 'utf8' })
+  const run = spawnSync(process.execPath, args, { cwd: root, encoding: 'utf8', env: { ...process.env, ...build.env } })
   const row = run.stdout.split('\n').find((line) => line.startsWith('nothing'))
   if (run.status !== 0 || !row) throw new Error(`step-attribution failed with build ${build.name}:\n${run.stdout}${run.stderr}`)
   return row.trim().split(/\s+/).slice(1).map(Number)
