@@ -159,6 +159,19 @@ void* stream() {
   return g_stream;
 }
 
+int multiprocessors() {
+  static std::once_flag once;
+  static cudaError_t err = cudaSuccess;
+  static int count = 0;
+  std::call_once(once, [] {
+    int device = 0;
+    err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+  });
+  CUDA_CHECK(err);
+  return count;
+}
+
 void upload_async(void* dst, const void* src, size_t nbytes) {
   require();
   if (nbytes == 0) return;

@@ -38,6 +38,8 @@ void copy_async(void* dst, const void* src, size_t nbytes);      // device -> de
 void synchronize();
 // The stream every op is enqueued on (a cudaStream_t, as void* so that headers stay CUDA-free).
 void* stream();
+// The current device's multiprocessors (SMs), queried once: what the kernels' launch rules count.
+int multiprocessors();
 
 // host -> device without waiting: src is copied into a pinned staging ring and the device copy is
 // enqueued from there, so src may be reused at once. A ring region is written again only after the

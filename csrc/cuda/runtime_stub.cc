@@ -18,6 +18,7 @@ void download(void*, const void*, size_t) { require(); }
 void copy_async(void*, const void*, size_t) { require(); }
 void synchronize() { require(); }
 void* stream() { require(); return nullptr; }
+int multiprocessors() { require(); return 0; }
 void upload_async(void*, const void*, size_t) { require(); }
 void capture_begin() { require(); }
 void* capture_end(size_t*) { require(); return nullptr; }

@@ -46,6 +46,7 @@
 #include "attention_wgmma.cuh"
 #include "cuda_ops.h"
 #include "matmul_sm90.cuh"
+#include "occupancy.cuh"
 #include "pdl.cuh"
 
 namespace detinfer::cuda {
@@ -1048,16 +1049,6 @@ int solo_smem_bytes() {
 template <int D, int PAIRS>
 constexpr bool kSoloDecode = PAIRS == 3 && D == 128;
 
-int device_sms() {
-  static const int sms = [] {
-    int device = 0, count = 0;
-    CUDA_CHECK(cudaGetDevice(&device));
-    CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    return count;
-  }();
-  return sms;
-}
-
 // The decode kernel's blocks resident on the device at once, by the query rows of its tile
 // (1 .. kTileRows): SMs × blocks per SM at that shared memory. The first call also raises the
 // kernel's shared-memory limit, which every launch needs.
@@ -1071,11 +1062,10 @@ int64_t decode_slots(int q_rows) {
     const auto kernel = attention_decode_wide_kernel<D, PAIRS>;
     const int most = std::max(T::template smem_bytes<D>(kTileRows), kSoloDecode<D, PAIRS> ? solo_smem_bytes() : 0);
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
-    const int64_t sms = device_sms();
     for (int rows = 1; rows <= kTileRows && err == cudaSuccess; ++rows) {
-      int per_sm = 0;
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, T::kThreads, T::template smem_bytes<D>(rows));
-      slots[rows] = sms * per_sm;
+      int blocks = 0;
+      err = device_blocks(kernel, T::kThreads, T::template smem_bytes<D>(rows), blocks);
+      slots[rows] = blocks;
     }
   });
   CUDA_CHECK(err);
@@ -1118,7 +1108,7 @@ void launch_decode(const AttentionArgs& a, dim3 grid, int q_rows, cudaStream_t s
   using T = DecodeWideTiles<PAIRS>;
   decode_slots<D, PAIRS>(q_rows);  // the kernel's shared-memory limit, set once
   int smem = T::template smem_bytes<D>(q_rows);
-  if (kSoloDecode<D, PAIRS> && static_cast<int64_t>(grid.x) * grid.y * grid.z <= device_sms())
+  if (kSoloDecode<D, PAIRS> && static_cast<int64_t>(grid.x) * grid.y * grid.z <= cuda_runtime::multiprocessors())
     smem = std::max(smem, solo_smem_bytes());
   launch_overlapped(attention_decode_wide_kernel<D, PAIRS>, grid, T::kThreads, smem, stream, a);
 }

@@ -105,8 +105,8 @@ const MmaSyncDevice& mma_sync_device() {
   static cudaError_t err = cudaSuccess;
   std::call_once(once, [] {
     int device = 0, optin = 0;
+    info.sms = cuda_runtime::multiprocessors();
     err = cudaGetDevice(&device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     info.large_tiles = err == cudaSuccess && optin >= kLargeTileSmem;
   });

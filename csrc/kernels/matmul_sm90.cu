@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../cuda/check.h"
+#include "../cuda/runtime.h"
 #include "matmul_sm90.cuh"
 #include "matmul_sm90_kernel.cuh"
 
@@ -141,25 +142,20 @@ constexpr int kTiles4 = 4;  // k64x8_a8 + kTiles4: the same tile with 4 K tiles 
 constexpr int k64x32_kt4 = 14, k64x16_kt4 = 15, k64x8_a8_deep = 16, k64x16_a16_deep = 17;
 constexpr int k64x48_a8_kt4 = 18, k64x8_a8_kt4_solo = 19, k64x8_a8_deep_solo = 20;
 
-struct DeviceInfo {
-  bool hopper = false;
-  int sms = 0;
-};
-
-const DeviceInfo& device_info() {
+// The current device is compute capability 9.0, the one the sm_90a code runs on.
+bool hopper_device() {
   static std::once_flag once;
-  static DeviceInfo info;
+  static bool hopper = false;
   static cudaError_t err = cudaSuccess;
   std::call_once(once, [] {
     int device = 0, major = 0, minor = 0;
     err = cudaGetDevice(&device);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device);
-    info.hopper = err == cudaSuccess && major == 9 && minor == 0;
+    hopper = err == cudaSuccess && major == 9 && minor == 0;
   });
   CUDA_CHECK(err);
-  return info;
+  return hopper;
 }
 
 int64_t tile_count(int64_t M, int64_t N, int64_t BM, int64_t BN) { return ((M + BM - 1) / BM) * ((N + BN - 1) / BN); }
@@ -167,7 +163,7 @@ int64_t tile_count(int64_t M, int64_t N, int64_t BM, int64_t BN) { return ((M + 
 
 bool available() {
 #if defined(DETINFER_HAVE_SM90A) && DETINFER_HAVE_SM90A
-  return device_info().hopper;
+  return hopper_device();
 #else
   return false;
 #endif
@@ -184,7 +180,7 @@ const char* config_name(int config) { return kConfigs[config].name; }
 // waves of them. Staging the stores (bf16 out) pays off where the epilogue is a large share, that
 // is with K up to 4096; with longer K a fourth stage is worth more.
 int production_config(int64_t M, int64_t N, int64_t K) {
-  const int64_t sms = device_info().sms;
+  const int64_t sms = cuda_runtime::multiprocessors();
   const auto fills = [&](int64_t BM, int64_t BN) { return 10 * tile_count(M, N, BM, BN) >= 7 * sms; };
   if (M <= 16 && !fills(64, 128)) {
     // Decode (bench/matmul.mjs sweep, H200, N up to 6144 at K 1024-12288): compact a and a deep
@@ -226,7 +222,7 @@ int production_config(int64_t M, int64_t N, int64_t K) {
 // The 12-stage rings are not taken for gate_up products (none of the models measured has one
 // narrow enough): the 4-stage tile of 16 columns, whose gate_up kernel the tests run.
 int gate_up_config(int config, int64_t M, int64_t N) {
-  const int64_t sms = device_info().sms;
+  const int64_t sms = cuda_runtime::multiprocessors();
   if (config == k64x32_a8 + kTiles4 && tile_count(M, N, 64, 48) <= sms && tile_count(M, N, 64, 32) > sms)
     return k64x48_a8_kt4;
   if (config == k64x8_a8) return k64x16_a16;

@@ -43,6 +43,7 @@
 #include "../cuda/check.h"
 #include "matmul_sm90.cuh"
 #include "block_reduce.cuh"
+#include "occupancy.cuh"
 #include "pdl.cuh"
 #include "ptx.cuh"
 #include "rmsnorm_row.cuh"
@@ -578,18 +579,6 @@ CUtensorMap tensor_map(const void* data, int rows, int K, int box_rows, const ch
 // {64 columns, rows, K/64 tiles}, or with halves = 2 (gate_up) a 4-D view {64, rows/2, 2 halves,
 // K/64} whose box holds each tile's rows of both halves, first half first.
 CUtensorMap tensor_map_tiles(const void* data, int rows, int K, int box_rows, int tiles, int halves, const char* what);
-
-// Blocks of `kernel` (of `threads` threads, `smem` bytes of dynamic shared memory, allowed
-// already) that fit on the whole device at once.
-template <typename Kernel>
-cudaError_t device_blocks(Kernel kernel, int threads, int smem, int& blocks) {
-  int device = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
-  blocks = sms * per_sm;
-  return err;
-}
 
 // Blocks of matmul_sm90_kernel<T, GATE_UP, false, CHAINS> resident on the whole device (its
 // shared-memory size is set once).
