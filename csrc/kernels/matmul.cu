@@ -163,6 +163,14 @@ MatmulLaunch matmul_config(int64_t M, int64_t N, int64_t K, bool hopper) {
   return l;
 }
 
+// Rows of K columns that a's storage holds from a's first row on (a [M,K] view of a larger
+// activation buffer holds more than M): the Hopper copies of a may read them (sm90::Problem).
+int64_t readable_rows(const Tensor& a) {
+  const size_t row_bytes = static_cast<size_t>(a.dim(1)) * dtype_size(a.dtype);
+  if (row_bytes == 0 || a.offset > a.storage->nbytes) return a.dim(0);
+  return std::max<int64_t>(a.dim(0), static_cast<int64_t>((a.storage->nbytes - a.offset) / row_bytes));
+}
+
 std::string shapes(int64_t M, int64_t N, int64_t K) {
   return "[M=" + std::to_string(M) + ", N=" + std::to_string(N) + ", K=" + std::to_string(K) + "]";
 }
@@ -207,6 +215,7 @@ void run_matmul(Tensor& out, const Tensor& a, const Tensor& w, const Tensor* bia
     sm90::Problem p{args.a, args.w, args.bias, args.out, args.out_f32, args.M, args.N, args.K, args.k_per_split,
                     l.splits, false};
     p.chains = sm90::chains(l.k_per_split);
+    p.a_readable_rows = readable_rows(a);
     sm90::launch(p, l.tiles, stream);
   } else {
     kTileTable[l.tiles].launch(args, l.splits, stream);
@@ -254,6 +263,7 @@ void matmul_silu_mul(Tensor& out, Tensor& gate_up, const Tensor& a, const Tensor
     sm90::Problem p{a.data(), w.data(), bias_ptr, out.data(), false, static_cast<int>(M), static_cast<int>(N),
                     static_cast<int>(K), static_cast<int>(K), 1, true};
     p.chains = sm90::chains(K);
+    p.a_readable_rows = readable_rows(a);
     sm90::launch(p, sm90::gate_up_config(l.tiles, M, N), stream);
   } else {
     MatmulArgs args{a.ptr<__nv_bfloat16>(), w.ptr<__nv_bfloat16>(), bias_ptr, out.data(), false, static_cast<int>(M),

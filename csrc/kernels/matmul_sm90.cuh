@@ -40,6 +40,10 @@ struct Problem {
   // (k / 16) % chains, and two chains are added at the end, chain 0 + chain 1. `chains(K)` on
   // the invariant path (the partitioned products of tensor parallelism keep 1).
   int chains = 1;
+  // Rows of a that may be read from `a` (M or more; 0: M): a copy of a's rows past M takes them
+  // from memory, up to this, instead of as the copy engine's zeros. Whatever they hold feeds only
+  // output rows past M, which are never stored.
+  int64_t a_readable_rows = 0;
 };
 
 #if defined(DETINFER_STAMPS)

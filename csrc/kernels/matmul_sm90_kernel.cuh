@@ -4,10 +4,12 @@
 // both operands read from shared memory in the 128-byte swizzled K-major layout. A producer
 // warpgroup streams 64-column K tiles of a and w into a ring of STAGES buffers with the tensor copy
 // engine (cp.async.bulk.tensor, completion on an mbarrier); 1 or 2 consumer warpgroups, 64 rows
-// each, multiply them. Columns past K and rows past M or N arrive as zeros from the copy engine
+// each, multiply them. Columns past K and rows past N arrive as zeros from the copy engine; rows
+// of a past M arrive from a's memory where it holds them (Problem::a_readable_rows), else as zeros
 // (when M is below the tile, only M rounded up to 8 rows are copied and the rest of the tile is
 // zeroed once); rows past M are computed and never stored. A tile's rows never mix: output row m
-// reads only row m of a, whichever rows share its tile.
+// reads only row m of a, whichever rows share its tile, so what the rows past M hold (NaN too)
+// reaches no stored output.
 //
 // Invariant: each output element is CHAINS fp32 accumulators (the caller's p.chains, a function of
 // K alone: matmul_sm90.cu's chains); the k16 steps k = 0, 16, 32, ..., 64*ceil(K/64) - 16 go in
@@ -697,10 +699,19 @@ void launch_tiles(const Problem& p, cudaStream_t stream) {
   const int n_out = p.gate_up ? p.N / 2 : p.N, bn_out = p.gate_up ? T::BN / 2 : T::BN;
   CUtensorMap map_w = T::KT > 1 ? tensor_map_tiles(p.w, p.N, p.K, bn_out, T::KT, p.gate_up ? 2 : 1, "w")
                                  : tensor_map(p.w, p.N, p.K, bn_out, "w");
-  // With a norm prologue there is no a to read: any valid map will do.
+  // With a norm prologue there is no a to read: any valid map will do. The map spans the rows
+  // that the copies of a read, where a's memory holds them (Problem::a_readable_rows), so that
+  // they come from memory and not as zeros past the map's end. With the zeros, 32 rows took longer
+  // than 64 on the same 64-row tile (N = 1024, K = 3072, a of exactly M rows, back to back in a
+  // graph: 6.3 us a call at M = 32, 5.0 at 64), and taking the rows from memory gave, H200, random
+  // Qwen3-0.6B, replayed decode step at 200 keys, three rounds: batch 24 1262.7 -> 1206.8 us,
+  // 32 1316.7 -> 1249.4, 48 1368.2 -> 1362.7; batches 1, 16 and 64 within 0.5 us. The same
+  // products of the same rows, so the same bits (test/ops/matmul.test.ts puts NaN there).
+  const int64_t a_copied_rows = (int64_t{p.M} + a_rows - 1) / a_rows * a_rows;
+  const int a_map_rows = static_cast<int>(std::max<int64_t>(p.M, std::min(p.a_readable_rows, a_copied_rows)));
   CUtensorMap map_a = norm        ? map_w
-                      : T::KT > 1 ? tensor_map_tiles(p.a, p.M, p.K, a_rows, T::KT, 1, "a")
-                                  : tensor_map(p.a, p.M, p.K, a_rows, "a");
+                      : T::KT > 1 ? tensor_map_tiles(p.a, a_map_rows, p.K, a_rows, T::KT, 1, "a")
+                                  : tensor_map(p.a, a_map_rows, p.K, a_rows, "a");
   int64_t tiles = ((int64_t{p.M} + T::BM - 1) / T::BM) * ((int64_t{n_out} + bn_out - 1) / bn_out);
   DI_CHECK(tiles < (int64_t{1} << 31), "matmul: [M=", p.M, ", N=", p.N, "] needs too many tiles");
   const bool pairs = n_out % 2 == 0 && reinterpret_cast<uintptr_t>(p.out) % (p.out_f32 ? 8 : 4) == 0;

@@ -235,6 +235,39 @@ describeGpu('matmul batch invariance on CUDA', () => {
       expect(problems.length).toBeGreaterThan(0)
     }, 120_000)
 
+  // In a model a product's a is the first M rows of a larger activation buffer, and the Hopper
+  // copies of a take the rows past M that a tile reads from that buffer (sm90::Problem::
+  // a_readable_rows) instead of as zeros: NaN there must reach no output. Qwen3-0.6B's down
+  // projection, every decode tile (compact 8- and 16-row ones, 64-row ones with 4 K tiles a copy)
+  // and a prefill one, against the same rows as a tensor of their own.
+  it('rows of the buffer past a view of M rows (NaN) change none of its outputs', async () => {
+    const N = 1024
+    const K = 3072
+    const w = poolMatrix(N, K, 23)
+    const nanBits = Buffer.alloc(128 * K * 2)
+    for (let i = 0; i < 128 * K; i++) nanBits.writeUInt16LE(0x7fc0, 2 * i)
+    const nanRows = n.fromBuffer('cuda', 'bf16', [128, K], nanBits)
+    const differing: string[] = []
+    for (const M of [1, 5, 8, 13, 16, 24, 32, 48, 64, 100]) {
+      const a = poolMatrix(M, K, 7 * M)
+      const buffer = n.empty('cuda', 'bf16', [M + 128, K])
+      n.copy(n.narrow(buffer, 0, M), a)
+      n.copy(n.narrow(buffer, M, 128), nanRows)
+      const alone = n.empty('cuda', 'bf16', [M, N])
+      const viewed = n.empty('cuda', 'bf16', [M, N])
+      n.matmul(alone, a, w, null)
+      n.matmul(viewed, n.narrow(buffer, 0, M), w, null)
+      const x = await readBytes(alone)
+      const y = await readBytes(viewed)
+      const at = x.findIndex((b, i) => b !== y[i])
+      if (at >= 0) differing.push(`M=${M}: first differing byte ${at}`)
+      for (const t of [a, buffer, alone, viewed]) t.dispose()
+    }
+    nanRows.dispose()
+    w.dispose()
+    expect(differing).toEqual([])
+  }, 60_000)
+
   it('a product written into a view of a larger tensor equals the same product alone', async () => {
     const K = 1024
     const N = 512
