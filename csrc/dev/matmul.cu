@@ -10,6 +10,8 @@
 //                                              give the production kernel's bits
 //        build/dev/dev_matmul bench out.json decode   the same at M = 1, 8 and 64 only
 //        build/dev/dev_matmul bench out.json prefill  the 8B-class shapes at M = 512, 2048 and 4096 only
+//        build/dev/dev_matmul bench out.json lmhead   the 151936 x 1024 LM head at M = 1, 8, 16 and 64 only
+//        build/dev/dev_matmul bench out.json batch    Qwen3-0.6B's decode products at M = 16 to 64 only
 //        build/dev/dev_matmul gate-up          matmul + silu_mul_packed against matmul_silu_mul at
 //                                              the 0.6B and 8B gate|up shapes: time and bits
 //        build/dev/dev_matmul families         Hopper: fp32 outputs of the wgmma and the mma.sync
@@ -108,6 +110,19 @@ const sm90::Entry kWgmma[] = {
     {"wg 64x8 s5 kt4", sm90::launch_tiles<Tiles<64, 8, 5, false, false, 8, 64, 4>>},
     {"wg 64x64 s3 kt4", sm90::launch_tiles<Tiles<64, 64, 3, false, false, 8, 64, 4>>},
     {"wg 64x16 s8 kt2", sm90::launch_tiles<Tiles<64, 16, 8, false, false, 8, 64, 2>>},
+    // The LM head (151936 x 1024) at decode M: compact a beside the wide tiles production takes
+    // (64x128 s8 copies all 64 rows of a), shallower rings for two or three blocks per SM, and
+    // 256 columns.
+    {"wg 64x128 s8 a8", sm90::launch_tiles<Tiles<64, 128, 8, false, false, 8, 8>>},
+    {"wg 64x128 s12 a8", sm90::launch_tiles<Tiles<64, 128, 12, false, false, 8, 8>>},
+    {"wg 64x128 s4 a8", sm90::launch_tiles<Tiles<64, 128, 4, false, false, 8, 8>>},
+    {"wg 64x128 s3 a8 kt2", sm90::launch_tiles<Tiles<64, 128, 3, false, false, 8, 8, 2>>},
+    {"wg 64x128 s8 a16", sm90::launch_tiles<Tiles<64, 128, 8, false, false, 8, 16>>},
+    {"wg 64x256 s6 a8", sm90::launch_tiles<Tiles<64, 256, 6, false, false, 8, 8>>},
+    {"wg 64x128 s4", sm90::launch_tiles<Tiles<64, 128, 4>>},
+    // Batch-sized decode in output tiles of 32 rows of a compact a (production takes 64x32 and
+    // 64x16 at M 17-32), 8 columns wide.
+    {"wg 64x8 s8 a32 kt4", sm90::launch_tiles<Tiles<64, 8, 8, false, false, 8, 32, 4>>},
 };
 }  // namespace explored
 
@@ -129,8 +144,9 @@ std::vector<Config> all_configs() {
   return out;
 }
 
-// The decode configurations with compact a ("... a8", "... a16") take M up to that many rows;
-// those with several K tiles per copy ("... kt4") take K a multiple of that many tiles of 64.
+// The decode configurations with compact a ("... a8", "... a16") and one K tile per copy take M up
+// to that many rows (with several, any M, in output tiles of that many rows); those with several
+// K tiles per copy ("... kt4") take K a multiple of that many tiles of 64.
 bool config_takes(const Config& c, int64_t M, int64_t K) {
   const char* a = std::strstr(c.name.c_str(), " a");
   const char* kt = std::strstr(c.name.c_str(), " kt");
@@ -139,7 +155,7 @@ bool config_takes(const Config& c, int64_t M, int64_t K) {
   // cannot hold at two (sm90::launch takes 128x128 for its own configurations instead).
   if (c.library_index < 0 && cuda::matmul_dev::wgmma() && sm90::chains(K) == 2 && std::strstr(c.name.c_str(), "x256"))
     return false;
-  return a == nullptr || M <= std::atoi(a + 2);
+  return a == nullptr || kt != nullptr || M <= std::atoi(a + 2);
 }
 
 // out = a · w^T (+ bias) with configuration c, on the invariant path (one K chain, no split).
@@ -294,9 +310,11 @@ int check() {
 // ---------------------------------------------------------------------------------------------
 // Benchmark: median of per-call CUDA-event times over inputs rotated through a pool larger than L2.
 // subset: "" every shape and M; "decode" M = 1, 8 and 64 only; "prefill" the 8B-class shapes at
-// M = 512, 2048 and 4096 only.
+// M = 512, 2048 and 4096 only; "lmhead" the 151936 x 1024 LM head at M = 1, 8, 16 and 64 only;
+// "batch" Qwen3-0.6B's decode products at M = 16, 24, 32, 48 and 64 only.
 int bench(const char* path, const std::string& subset) {
-  const bool decode_only = subset == "decode", prefill_only = subset == "prefill";
+  const bool decode_only = subset == "decode", prefill_only = subset == "prefill", lm_head_only = subset == "lmhead",
+             batch_only = subset == "batch";
   // Ceiling: a 2 GiB device-to-device copy, bytes read + written.
   const double copy = copy_gbs(size_t(2) << 30);
   std::printf("copy 2 GiB: %.1f GB/s (read + written)\n", copy);
@@ -305,6 +323,7 @@ int bench(const char* path, const std::string& subset) {
   std::vector<std::pair<int64_t, int64_t>> shapes{{4096, 4096}, {12288, 4096}, {4096, 12288}, {151936, 1024},
                                                   {4096, 1024}, {1024, 2048},  {6144, 1024},  {1024, 3072}};
   const std::vector<int64_t> all_ms{1, 8, 32, 128, 512, 4096}, decode_ms{1, 8, 16, 64}, decode_steps{1, 8, 64},
+      batch_ms{16, 24, 32, 48, 64},
       prefill_ms{512, 2048, 4096};
   const std::vector<Config> configs = all_configs();
   bool all_same = true;
@@ -312,7 +331,11 @@ int bench(const char* path, const std::string& subset) {
   for (auto [N, K] : shapes) {
     const bool small = N * K <= 4096 * 4096 / 2;
     if (prefill_only && (small || K < 4096)) continue;
-    const std::vector<int64_t>& Ms = decode_only    ? decode_steps
+    if (lm_head_only && N != 151936) continue;
+    if (batch_only && !small) continue;
+    const std::vector<int64_t>& Ms = lm_head_only   ? decode_ms
+                                     : batch_only   ? batch_ms
+                                     : decode_only  ? decode_steps
                                      : prefill_only ? prefill_ms
                                      : small        ? decode_ms
                                                     : all_ms;
@@ -719,7 +742,7 @@ int main(int argc, char** argv) {
     if (mode == "mma-chain") return mma_chains();
     if (mode == "wgmma-rate") return wgmma_rates();
     std::fprintf(stderr,
-                 "usage: dev_matmul check | bench OUT.json [decode|prefill] | run CONFIG M N K | gate-up [--mma-sync] | "
+                 "usage: dev_matmul check | bench OUT.json [decode|prefill|lmhead|batch] | run CONFIG M N K | gate-up [--mma-sync] | "
                  "families | mma-peak | mma-chain | wgmma-rate\n");
     return 2;
   } catch (const std::exception& e) {

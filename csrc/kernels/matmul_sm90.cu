@@ -134,6 +134,9 @@ const Entry kConfigs[] = {
     // The narrow decode tiles with idle warpgroups: one block per SM (Tiles' IDLE).
     entry<Tiles<64, 8, 8, false, false, 8, 8, 4, kSoloIdle>>("wg 64x8 s8 a8 kt4 solo"),
     entry<Tiles<64, 8, 12, false, false, 8, 8, 4, kSoloIdle>>("wg 64x8 s12 a8 kt4 solo"),
+    // Batch-sized decode (M 17-32) at small N: output tiles of 32 rows from a compact a.
+    entry<Tiles<64, 32, 4, false, false, 8, 32, 4>>("wg 64x32 s4 a32 kt4"),
+    entry<Tiles<64, 16, 5, false, false, 8, 32, 4>>("wg 64x16 s5 a32 kt4"),
 };
 constexpr int kConfigCount = sizeof(kConfigs) / sizeof(kConfigs[0]);
 constexpr int k64x32 = 0, k64x64 = 1, k64x128 = 2, k128x256 = 3, k128x256_staged = 4, k128x128_staged = 5;
@@ -141,6 +144,7 @@ constexpr int k64x8_a8 = 6, k64x32_a8 = 7, k64x16_a16 = 8, k64x32_a16 = 9;
 constexpr int kTiles4 = 4;  // k64x8_a8 + kTiles4: the same tile with 4 K tiles per copy
 constexpr int k64x32_kt4 = 14, k64x16_kt4 = 15, k64x8_a8_deep = 16, k64x16_a16_deep = 17;
 constexpr int k64x48_a8_kt4 = 18, k64x8_a8_kt4_solo = 19, k64x8_a8_deep_solo = 20;
+constexpr int k64x32_a32_kt4 = 21, k64x16_a32_kt4 = 22;
 
 // The current device is compute capability 9.0, the one the sm_90a code runs on.
 bool hopper_device() {
@@ -207,6 +211,13 @@ int production_config(int64_t M, int64_t N, int64_t K) {
   // Back to back on the H200 at M = 64 (dev_matmul bench decode): N = 1024, K = 3072 11.6 -> 6.8 us,
   // K = 2048 8.4 -> 5.5; N = 4096, K = 1024 6.4 -> 5.8, K = 4096 16.3 -> 13.5, K = 12288 42.0 -> 31.5.
   // The wider tiles (fills(64, 64) and up) gained nothing from it.
+  // At M 17-32 the same widths take a compact a of 32 rows: the MMAs read the 64 rows of a stage
+  // from its start, but a copy brings 32 rows instead of 64, and each block's reads of a from L2
+  // are halved. Back to back on the H200 at M = 24 / 32 (dev_matmul bench OUT batch): N = 4096,
+  // K = 1024 6.01 / 5.98 -> 5.56 / 5.60 us; N = 1024, K = 2048 5.59 / 5.42 -> 5.05 / 5.05; K = 3072
+  // 7.74 / 7.07 -> 6.29 / 6.26. At 48 and 64 rows the 32-row tiles (two a tile) were slower, and
+  // K past 3072 (the 8B-class products) was not measured.
+  if (M <= 32 && K <= 3072 && K % (4 * kTileK) == 0) return fills(64, 32) ? k64x32_a32_kt4 : k64x16_a32_kt4;
   if (M <= 64 && K % (4 * kTileK) == 0) return fills(64, 32) ? k64x32_kt4 : k64x16_kt4;
   return k64x32;
 }

@@ -118,10 +118,11 @@ int record(const Problem& p, int bm, int bn, int stages, int a_rows, int kt, int
 // consumers go on with the next tile; otherwise every thread stores its own outputs.
 // FULL_A: copy BM rows of a even when M is smaller (the copy engine fills the missing rows with
 // zeros) instead of zeroing them once; the same products, another prologue.
-// A_ROWS < BM (compact a, decode only: M <= A_ROWS): a stage keeps only A_ROWS rows of a, so
-// that a stage is mostly w and many more of them fit. The MMA still reads BM rows from the stage's
-// start; rows past A_ROWS are whatever bytes follow (the next stages' tiles), and they only feed
-// output rows past M, which are never stored. The ring ends with (BM - A_ROWS) rows of slack so
+// A_ROWS < BM (compact a, decode only): a stage keeps only A_ROWS rows of a, so that a stage is
+// mostly w and many more of them fit, and an output tile is A_ROWS rows tall (M <= A_ROWS with one
+// K tile per copy). The MMA still reads BM rows from the stage's start; rows past A_ROWS are
+// whatever bytes follow (the next stages' tiles), and they only feed output rows past the tile's,
+// which are never stored. The ring ends with (BM - A_ROWS) rows of slack so
 // that the last stage's reads stay inside the block's shared memory.
 // KT > 1 (K and the split multiples of 64 * KT): a stage holds KT consecutive K tiles, those of a
 // and those of w each brought by ONE copy of a 3-D view of the matrix (4-D for gate_up's two
@@ -281,7 +282,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
   static_assert(!kMove || T::THREADS == 3 * kWarpgroup, "setmaxnreg budget is for 1 producer + 2 consumers");
   static_assert(!NORM || kNormTile<T>, "a norm prologue needs a compact-a tile with 4 K tiles per copy");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int BM = T::BM, BN = T::BN, STAGES = T::STAGES;
+  constexpr int BN = T::BN, STAGES = T::STAGES;
   // A stage holds KT K tiles of a (not with NORM), then KT K tiles of w.
   constexpr int A_STAGE = NORM ? 0 : T::A_BYTES, STAGE_BYTES = A_STAGE + T::W_BYTES;
   extern __shared__ unsigned char smem_raw[];
@@ -302,13 +303,15 @@ __global__ void __launch_bounds__(T::THREADS, 1)
   // A gate_up tile holds BN/2 columns of out: w rows n0.. (gate) in the first half of the w stage
   // and N/2 + n0.. (up) in the second, so that accumulator groups j and j + BN/16 pair up.
   constexpr int bn_out = GATE_UP ? BN / 2 : BN;
-  const int m_tiles = (args.M + BM - 1) / BM, n_tiles = (args.n_out + bn_out - 1) / bn_out;
+  // Output tiles are A_ROWS rows tall (BM, or a compact a's rows: the MMAs' rows past A_ROWS read
+  // whatever follows a in the stage, and are never stored).
+  const int m_tiles = (args.M + T::A_ROWS - 1) / T::A_ROWS, n_tiles = (args.n_out + bn_out - 1) / bn_out;
   const int tiles = m_tiles * n_tiles;
   const int group_tiles = T::GROUP_M * n_tiles;
   auto tile_origin = [&](int tile, int& m0, int& n0) {
     const int group = tile / group_tiles, in_group = tile % group_tiles;
     const int first_m = group * T::GROUP_M, group_m = min(m_tiles - first_m, T::GROUP_M);
-    m0 = (first_m + in_group % group_m) * BM;
+    m0 = (first_m + in_group % group_m) * T::A_ROWS;
     n0 = (in_group / group_m) * bn_out;
   };
   const int k_begin = blockIdx.z * args.k_per_split;
@@ -478,6 +481,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
       // 4j, 4j+1) and 16w + lane/4 + 8 (4j+2, 4j+3), columns 8j + 2*(lane%4) + {0, 1}.
       const int row_base = m0 + wg * 64 + warp * 16 + lane / 4;
       const int col_base = n0 + 2 * (lane % 4);
+      const int row_end = min(args.M, m0 + T::A_ROWS);  // the tile's rows that are stored
       // Group j's two outputs in row half h, at columns col and col + 1 of out: the product plus
       // the bias in fp32, rounded once by the store; or (gate_up, j < BN/16) the gate pair of group
       // j and the up pair of group j + BN/16, each plus its bias and rounded to bf16, then
@@ -536,7 +540,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int row = row_base + 8 * h, col = col_base + 8 * j;
-          if ((GATE_UP && j >= BN / 16) || row >= args.M || col >= args.n_out) continue;
+          if ((GATE_UP && j >= BN / 16) || row >= row_end || col >= args.n_out) continue;
           float v0, v1;
           output_pair(j, h, col, v0, v1);
           const bool second = col + 1 < args.n_out;
@@ -682,7 +686,10 @@ void launch_chains(const Problem& p, const CUtensorMap& map_a, const CUtensorMap
 // most one per tile), p.splits deep.
 template <typename T>
 void launch_tiles(const Problem& p, cudaStream_t stream) {
-  DI_CHECK(T::A_ROWS == T::BM || p.M <= T::A_ROWS, "matmul: the sm_90 tiles with ", T::A_ROWS,
+  // A compact a of one K tile per copy brings M rows rounded up to 8 (a_rows below), which must fit
+  // its A_ROWS; with several K tiles per copy every copy brings A_ROWS rows, and M takes as many
+  // tiles of A_ROWS rows as it needs.
+  DI_CHECK(T::A_ROWS == T::BM || T::KT > 1 || p.M <= T::A_ROWS, "matmul: the sm_90 tiles with ", T::A_ROWS,
            " rows of a take M <= ", T::A_ROWS, ", not ", p.M);
   DI_CHECK(!p.gate_up || (T::BN >= 16 && p.N % 2 == 0 && p.splits == 1 && !p.out_f32),
            "matmul: a gate_up product needs a w tile of 16 rows or more, an even N, one split and bf16 out");
@@ -712,7 +719,7 @@ void launch_tiles(const Problem& p, cudaStream_t stream) {
   CUtensorMap map_a = norm        ? map_w
                       : T::KT > 1 ? tensor_map_tiles(p.a, a_map_rows, p.K, a_rows, T::KT, 1, "a")
                                   : tensor_map(p.a, a_map_rows, p.K, a_rows, "a");
-  int64_t tiles = ((int64_t{p.M} + T::BM - 1) / T::BM) * ((int64_t{n_out} + bn_out - 1) / bn_out);
+  int64_t tiles = ((int64_t{p.M} + T::A_ROWS - 1) / T::A_ROWS) * ((int64_t{n_out} + bn_out - 1) / bn_out);
   DI_CHECK(tiles < (int64_t{1} << 31), "matmul: [M=", p.M, ", N=", p.N, "] needs too many tiles");
   const bool pairs = n_out % 2 == 0 && reinterpret_cast<uintptr_t>(p.out) % (p.out_f32 ? 8 : 4) == 0;
   const bool staged = T::STAGED && !p.out_f32 && p.splits == 1 && n_out % 8 == 0 && bn_out % 64 == 0 &&
