@@ -153,7 +153,7 @@ describeGpu('matmul on CUDA', () => {
 // at rows 0, M/2 and M-1 of batches of every M whose other rows are random; their outputs must
 // be the same bits. The random rows and the weights come from one device-side pool of random
 // bf16 values (uploaded once) so that large shapes stay fast.
-const invarianceMs = [1, 2, 3, 7, 8, 16, 24, 31, 64, 128, 257, 1024, 4096]
+const invarianceMs = [1, 2, 3, 7, 8, 16, 24, 31, 40, 64, 128, 257, 1024, 4096]
 const poolRows = 4104
 const poolCols = 12288
 
@@ -215,10 +215,10 @@ describeGpu('matmul batch invariance on CUDA', () => {
     [151936, 1024, 'f32'],
     // Narrow decode tiles (few columns per block): Qwen3-0.6B's down projection. On sm_90a its
     // decode tiles copy 4 K tiles at a time (K a multiple of 256), compact ones with a ring of 12
-    // stages at M <= 16, output tiles of 32 rows of a compact a at M 17-32 and 64-row ones of 16
-    // columns at M 33-64 (as N = K = 4096 takes 32 columns there)...
+    // stages at M <= 16, output tiles of 32 and 48 rows of a compact a at M 17-32 and 33-48, and
+    // 64-row ones of 16 columns at M 49-64 (as N = K = 4096 takes 32 columns there)...
     [1024, 3072, 'bf16'],
-    // ...its q|k|v product, 32 columns wide from M 17 (compact a of 32 rows up to 32)...
+    // ...its q|k|v product, 32 columns wide from M 17 (compact a of 32 and 48 rows up to 48)...
     [4096, 1024, 'bf16'],
     // ...and its o_proj, whose K fits the 8-stage ring (the solo 64x8 tile at M <= 8)...
     [1024, 2048, 'bf16'],
