@@ -612,9 +612,7 @@ void wgmma_rate(int sms, long long* cycles, float* sink) {
 
 int wgmma_rates() {
   DI_CHECK(sm90::available(), "wgmma-rate: needs a Hopper GPU and a build with sm_90a code");
-  int device = 0, sms = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = cuda_runtime::multiprocessors();
   long long* cycles = nullptr;
   float* sink = nullptr;
   CUDA_CHECK(cudaMalloc(&cycles, 2 * sms * sizeof(long long)));
@@ -639,9 +637,7 @@ int wgmma_rates() {
 }
 
 int mma_sync_peak() {
-  int device = 0, sms = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = cuda_runtime::multiprocessors();
   float* sink = nullptr;
   CUDA_CHECK(cudaMalloc(&sink, sizeof(float)));
   const int blocks = 4 * sms, iters = 4096;

@@ -240,8 +240,8 @@ describeGpu('matmul batch invariance on CUDA', () => {
   // In a model a product's a is the first M rows of a larger activation buffer, and the Hopper
   // copies of a take the rows past M that a tile reads from that buffer (sm90::Problem::
   // a_readable_rows) instead of as zeros: NaN there must reach no output. Qwen3-0.6B's down
-  // projection, every decode tile (compact 8- and 16-row ones, 64-row ones with 4 K tiles a copy)
-  // and a prefill one, against the same rows as a tensor of their own.
+  // projection, every decode tile (compact 8-, 16-, 32- and 48-row ones, 64-row ones with 4 K
+  // tiles a copy) and a prefill one, against the same rows as a tensor of their own.
   it('rows of the buffer past a view of M rows (NaN) change none of its outputs', async () => {
     const N = 1024
     const K = 3072
