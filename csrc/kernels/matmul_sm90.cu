@@ -217,12 +217,15 @@ int production_config(int64_t M, int64_t N, int64_t K) {
   // from its start, but a copy brings 32 rows instead of 64, and each block's reads of a from L2
   // are halved. Back to back on the H200 at M = 24 / 32 (dev_matmul bench OUT batch): N = 4096,
   // K = 1024 6.01 / 5.98 -> 5.56 / 5.60 us; N = 1024, K = 2048 5.59 / 5.42 -> 5.05 / 5.05; K = 3072
-  // 7.74 / 7.07 -> 6.29 / 6.26. At 48 and 64 rows the 32-row tiles (two a tile) were slower, and
-  // K past 3072 (the 8B-class products) was not measured. M 33-48 takes tiles of 48 rows: at M = 48
-  // 5.87 -> 5.75, 5.23 -> 5.17 and 6.53 -> 6.36 us, and the replayed step of random Qwen3-0.6B at
-  // 200 keys, batch 48, 1365.7 -> 1347.4 us (32 rows: batch 24 1209.5 -> 1192.0, 32 1249.3 -> 1221.1).
-  if (M <= 32 && K <= 3072 && K % (4 * kTileK) == 0) return fills(64, 32) ? k64x32_a32_kt4 : k64x16_a32_kt4;
-  if (M <= 48 && K <= 3072 && K % (4 * kTileK) == 0) return fills(64, 32) ? k64x32_a48_kt4 : k64x16_a48_kt4;
+  // 7.74 / 7.07 -> 6.29 / 6.26. At 48 and 64 rows the 32-row tiles (two a tile) were slower. M 33-48
+  // takes tiles of 48 rows: at M = 48 5.87 -> 5.75, 5.23 -> 5.17 and 6.53 -> 6.36 us, and the
+  // replayed step of random Qwen3-0.6B at 200 keys, batch 48, 1365.7 -> 1347.4 us (32 rows: batch
+  // 24 1209.5 -> 1192.0, 32 1249.3 -> 1221.1). The 8B-class o and down products gain more (dev_matmul
+  // bench OUT batch8b, M = 24 / 32 / 48): N = 4096, K = 4096 17.1 / 16.1 / 13.9 -> 12.9 / 13.0 /
+  // 13.3 us; K = 12288 51.9 / 49.0 / 34.5 -> 29.7 / 30.3 / 31.1, where the 64-row tile at M = 24
+  // took longer than at M = 64 (32.1).
+  if (M <= 32 && K % (4 * kTileK) == 0) return fills(64, 32) ? k64x32_a32_kt4 : k64x16_a32_kt4;
+  if (M <= 48 && K % (4 * kTileK) == 0) return fills(64, 32) ? k64x32_a48_kt4 : k64x16_a48_kt4;
   if (M <= 64 && K % (4 * kTileK) == 0) return fills(64, 32) ? k64x32_kt4 : k64x16_kt4;
   return k64x32;
 }
