@@ -209,8 +209,8 @@ async function probesAcrossM(N: number, K: number, dtype: DType, Ms: number[]): 
 
 describeGpu('matmul batch invariance on CUDA', () => {
   const shapes: [number, number, DType][] = [
-    // The 8B-class o and down products; on sm_90a they take the compact 32- and 48-row tiles at
-    // M 24, 31 and 40 and the 64-row one at 64.
+    // 8B-class shapes. 4096 x 4096 and 4096 x 12288 (o and down) take, on sm_90a, the compact 32-
+    // and 48-row tiles at M 24, 31 and 40 and the 64-row one at 64.
     [4096, 4096, 'bf16'],
     [12288, 4096, 'bf16'],
     [4096, 12288, 'f32'],
