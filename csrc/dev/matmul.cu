@@ -12,7 +12,7 @@
 //        build/dev/dev_matmul bench out.json prefill  the 8B-class shapes at M = 512, 2048 and 4096 only
 //        build/dev/dev_matmul bench out.json lmhead   the 151936 x 1024 LM head at M = 1, 8, 16 and 64 only
 //        build/dev/dev_matmul bench out.json batch    Qwen3-0.6B's decode products at M = 16 to 64 only
-//        build/dev/dev_matmul bench out.json batch8b  Qwen3-8B's decode products at M = 16 to 64 only
+//        build/dev/dev_matmul bench out.json batch8b  Qwen3-8B's decode products at M = 1 to 64 only
 //        build/dev/dev_matmul gate-up          matmul + silu_mul_packed against matmul_silu_mul at
 //                                              the 0.6B and 8B gate|up shapes: time and bits
 //        build/dev/dev_matmul families         Hopper: fp32 outputs of the wgmma and the mma.sync
@@ -313,7 +313,7 @@ int check() {
 // subset: "" every shape and M; "decode" M = 1, 8 and 64 only; "prefill" the 8B-class shapes at
 // M = 512, 2048 and 4096 only; "lmhead" the 151936 x 1024 LM head at M = 1, 8, 16 and 64 only;
 // "batch" Qwen3-0.6B's decode products at M = 16, 24, 32, 48 and 64 only; "batch8b" Qwen3-8B's
-// (q|k|v 6144 x 4096, o 4096 x 4096, gate|up 24576 x 4096, down 4096 x 12288) at those M.
+// (q|k|v 6144 x 4096, o 4096 x 4096, gate|up 24576 x 4096, down 4096 x 12288) at M = 1, 8 and those.
 int bench(const char* path, const std::string& subset) {
   const bool decode_only = subset == "decode", prefill_only = subset == "prefill", lm_head_only = subset == "lmhead",
              batch_only = subset == "batch", batch8b_only = subset == "batch8b";
@@ -326,7 +326,7 @@ int bench(const char* path, const std::string& subset) {
                                                   {4096, 1024}, {1024, 2048},  {6144, 1024},  {1024, 3072}};
   if (batch8b_only) shapes = {{6144, 4096}, {4096, 4096}, {24576, 4096}, {4096, 12288}};
   const std::vector<int64_t> all_ms{1, 8, 32, 128, 512, 4096}, decode_ms{1, 8, 16, 64}, decode_steps{1, 8, 64},
-      batch_ms{16, 24, 32, 48, 64},
+      batch_ms{16, 24, 32, 48, 64}, batch8b_ms{1, 8, 16, 24, 32, 48, 64},
       prefill_ms{512, 2048, 4096};
   const std::vector<Config> configs = all_configs();
   bool all_same = true;
@@ -337,7 +337,8 @@ int bench(const char* path, const std::string& subset) {
     if (lm_head_only && N != 151936) continue;
     if (batch_only && !small) continue;
     const std::vector<int64_t>& Ms = lm_head_only                 ? decode_ms
-                                     : batch_only || batch8b_only ? batch_ms
+                                     : batch8b_only               ? batch8b_ms
+                                     : batch_only                 ? batch_ms
                                      : decode_only  ? decode_steps
                                      : prefill_only ? prefill_ms
                                      : small        ? decode_ms

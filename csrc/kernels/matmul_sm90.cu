@@ -188,7 +188,13 @@ const char* config_name(int config) { return kConfigs[config].name; }
 int production_config(int64_t M, int64_t N, int64_t K) {
   const int64_t sms = cuda_runtime::multiprocessors();
   const auto fills = [&](int64_t BM, int64_t BN) { return 10 * tile_count(M, N, BM, BN) >= 7 * sms; };
-  if (M <= 16 && !fills(64, 128)) {
+  // Between one and two waves of 64x128 tiles (Qwen3-8B's gate|up, N 24576: 192 tiles on 132 SMs)
+  // the second wave runs on a third of the SMs; the compact tiles spread the same bytes evenly,
+  // and at M = 1 take the norm into their prologue. Back to back (dev_matmul bench OUT batch8b)
+  // at M = 1 / 8 / 16: 52.9 / 54.0 / 55.0 -> 51.2 / 50.7 / 51.1 us; the replayed step of random
+  // Qwen3-8B at 200 keys, batch 1 / 8 / 16: 5030.9 / 5330.4 / 5163.0 -> 4772.6 / 4847.2 / 4819.1 us.
+  const int64_t wide_tiles = tile_count(M, N, 64, 128);
+  if (M <= 16 && (!fills(64, 128) || (wide_tiles > sms && wide_tiles < 2 * sms))) {
     // Decode (bench/matmul.mjs sweep, H200, N up to 6144 at K 1024-12288): compact a and a deep
     // ring, 32 columns wide once that still gives every SM a block, else 8 (16) for more blocks.
     // 5-12% faster back to back than 64x32 s8. With one K tile per copy the time per call grew

@@ -167,7 +167,8 @@ describe('normMatmul on the CPU', () => {
 //     48-column one;
 //   Qwen3-8B's q|k|v (N 6144, K 4096), 64 K tiles of the row in shared memory, and a gate|up of
 //     K 4096 (the 48-column tile); 2I 8192, more 48-column tiles than SMs, takes the 32-column
-//     gate|up tile (Qwen3-8B's own gate|up, 2I 24576, takes the 64x128 tile and does not fuse);
+//     gate|up tile, and so does Qwen3-8B's own gate|up, 2I 24576 at K 4096 (its 64x128 tiles
+//     would be between one and two waves);
 //   N 512: the 8-column tile; 2I 128: gate|up's 16-column tile; N 1024 at K 3072: the 12-stage ring;
 //   K 1088, not a multiple of 256: never fused.
 describeGpu('normMatmul on CUDA', () => {
@@ -179,6 +180,7 @@ describeGpu('normMatmul on CUDA', () => {
     { N: 6144, K: 4096, gateUp: false },
     { N: 6144, K: 4096, gateUp: true },
     { N: 8192, K: 1024, gateUp: true },
+    { N: 24576, K: 4096, gateUp: true },
     { N: 512, K: 1024, gateUp: false },
     { N: 128, K: 1024, gateUp: true },
     { N: 1024, K: 3072, gateUp: false },
