@@ -193,6 +193,8 @@ int production_config(int64_t M, int64_t N, int64_t K) {
   // and at M = 1 take the norm into their prologue. Back to back (dev_matmul bench OUT batch8b)
   // at M = 1 / 8 / 16: 52.9 / 54.0 / 55.0 -> 51.2 / 50.7 / 51.1 us; the replayed step of random
   // Qwen3-8B at 200 keys, batch 1 / 8 / 16: 5030.9 / 5330.4 / 5163.0 -> 4772.6 / 4847.2 / 4819.1 us.
+  // On 132 SMs the rule covers N 16,897-33,791 (Llama-3.1-8B's gate|up, 28672, and 32k-token LM
+  // heads too); only N 24576 at K 4096 was measured.
   const int64_t wide_tiles = tile_count(M, N, 64, 128);
   if (M <= 16 && (!fills(64, 128) || (wide_tiles > sms && wide_tiles < 2 * sms))) {
     // Decode (bench/matmul.mjs sweep, H200, N up to 6144 at K 1024-12288): compact a and a deep
