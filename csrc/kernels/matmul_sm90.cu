@@ -230,8 +230,9 @@ int production_config(int64_t M, int64_t N, int64_t K) {
   // replayed step of random Qwen3-0.6B at 200 keys, batch 48, 1365.7 -> 1347.4 us (32 rows: batch
   // 24 1209.5 -> 1192.0, 32 1249.3 -> 1221.1). The 8B-class o and down products gain more (dev_matmul
   // bench OUT batch8b, M = 24 / 32 / 48): N = 4096, K = 4096 17.1 / 16.1 / 13.9 -> 12.9 / 13.0 /
-  // 13.3 us; K = 12288 51.9 / 49.0 / 34.5 -> 29.7 / 30.3 / 31.1, where the 64-row tile at M = 24
-  // took longer than at M = 64 (32.1); the replayed step of random Qwen3-8B at 200 keys, batch
+  // 13.3 us; K = 12288 51.9 / 49.0 / 34.5 -> 29.7 / 30.3 / 31.1 (a of exactly M rows there, so the
+  // 64-row copies fill most rows with zeros; the model's a_readable_rows spares it that, hence the
+  // smaller gain in the step); the replayed step of random Qwen3-8B at 200 keys, batch
   // 24 / 32 / 48: 5371.2 / 5447.4 / 5554.5 -> 5295.7 / 5355.4 / 5514.0 us.
   if (M <= 32 && K % (4 * kTileK) == 0) return fills(64, 32) ? k64x32_a32_kt4 : k64x16_a32_kt4;
   if (M <= 48 && K % (4 * kTileK) == 0) return fills(64, 32) ? k64x32_a48_kt4 : k64x16_a48_kt4;
