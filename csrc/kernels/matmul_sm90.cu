@@ -234,9 +234,12 @@ int production_config(int64_t M, int64_t N, int64_t K) {
   // 64-row copies fill most rows with zeros; the model's a_readable_rows spares it that, hence the
   // smaller gain in the step); the replayed step of random Qwen3-8B at 200 keys, batch
   // 24 / 32 / 48: 5371.2 / 5447.4 / 5554.5 -> 5295.7 / 5355.4 / 5514.0 us.
-  if (M <= 32 && K % (4 * kTileK) == 0) return fills(64, 32) ? k64x32_a32_kt4 : k64x16_a32_kt4;
-  if (M <= 48 && K % (4 * kTileK) == 0) return fills(64, 32) ? k64x32_a48_kt4 : k64x16_a48_kt4;
-  if (M <= 64 && K % (4 * kTileK) == 0) return fills(64, 32) ? k64x32_kt4 : k64x16_kt4;
+  if (M <= 64 && K % (4 * kTileK) == 0) {
+    const bool wide = fills(64, 32);
+    if (M <= 32) return wide ? k64x32_a32_kt4 : k64x16_a32_kt4;
+    if (M <= 48) return wide ? k64x32_a48_kt4 : k64x16_a48_kt4;
+    return wide ? k64x32_kt4 : k64x16_kt4;
+  }
   return k64x32;
 }
 
