@@ -193,8 +193,9 @@ int production_config(int64_t M, int64_t N, int64_t K) {
   // and at M = 1 take the norm into their prologue. Back to back (dev_matmul bench OUT batch8b)
   // at M = 1 / 8 / 16: 52.9 / 54.0 / 55.0 -> 51.2 / 50.7 / 51.1 us; the replayed step of random
   // Qwen3-8B at 200 keys, batch 1 / 8 / 16: 5030.9 / 5330.4 / 5163.0 -> 4772.6 / 4847.2 / 4819.1 us.
-  // On 132 SMs the rule covers N 16,897-33,791 (Llama-3.1-8B's gate|up, 28672, and 32k-token LM
-  // heads too); only N 24576 at K 4096 was measured.
+  // On 132 SMs the rule covers N 16,897-33,791: Llama-3.1-8B's gate|up (28672) too, whose replayed
+  // step at 200 keys, batch 1 / 8 / 16, went 4807.0 / 5179.6 / 4935.2 -> 4630.9 / 4795.0 / 4849.8 us;
+  // the LM heads of 32k-token vocabularies, also covered, were not measured.
   const int64_t wide_tiles = tile_count(M, N, 64, 128);
   if (M <= 16 && (!fills(64, 128) || (wide_tiles > sms && wide_tiles < 2 * sms))) {
     // Decode (bench/matmul.mjs sweep, H200, N up to 6144 at K 1024-12288): compact a and a deep
@@ -212,6 +213,13 @@ int production_config(int64_t M, int64_t N, int64_t K) {
     if (tiles4 && K > ring_k) return M <= 8 ? k64x8_a8_deep : k64x16_a16_deep;
     return (M <= 8 ? k64x8_a8 : k64x16_a16) + tiles4;
   }
+  // The same waves at M 17-64 take 64x64 tiles (two waves and more: 384 for Qwen3-8B's gate|up).
+  // Back to back (dev_matmul bench OUT batch8b) at M = 24 / 32 / 48 / 64: 54.1 / 55.1 / 55.1 / 58.8
+  // -> 53.4 / 53.8 / 54.5 / 55.1 us, one call 66.7 / 66.9 / 62.9 / 63.1 -> 59.1 / 58.9 / 59.3 /
+  // 60.1; the replayed step of random Qwen3-8B at 200 keys, batch 24 / 48 / 64: 5267.9 / 5546.1 /
+  // 5805.3 -> 5143.5 / 5469.3 / 5769.5 us. Llama-3.1-8B's gate|up (224 tiles) takes it too; not
+  // measured at these rows.
+  if (M <= 64 && wide_tiles > sms && wide_tiles < 2 * sms) return k64x64;
   if (M > 128 && tile_count(M, N, 128, 256) >= 3 * sms) return K <= 4096 ? k128x256_staged : k128x256;
   if (M > 64 && fills(128, 128)) return k128x128_staged;
   if (fills(64, 128)) return k64x128;

@@ -122,6 +122,9 @@ describeGpu('matmulSiluMul on CUDA', () => {
   suite('cuda', 1088, [1024], [1, 16, 64], 2)
   // K above 4096: the 128x256 tile without staged stores (M 2100 gives it enough tiles).
   suite('cuda', 4160, [3072], [1, 2100], 1)
+  // Qwen3-8B's gate|up (I 12288, K 4096): on sm_90a the compact decode tiles at M <= 16 and 64x64
+  // tiles at 17-64, since its 192 tiles of 64x128 would run between one and two waves.
+  suite('cuda', 4096, [12288], [1, 16, 24, 64], 1)
 
   /** Descriptions of every probe row whose bits changed with M (empty: invariant). */
   async function probesAcrossM(I: number, K: number, Ms: number[]): Promise<string[]> {
@@ -152,6 +155,11 @@ describeGpu('matmulSiluMul on CUDA', () => {
   const Ms = [2, 3, 7, 8, 16, 31, 64, 128, 300, 1024]
   it(`rows are bit-identical for M in [${Ms}] (I 3072, K 4096)`, async () => {
     expect(await probesAcrossM(3072, 4096, Ms)).toEqual([])
+  }, 120_000)
+
+  const Ms8B = [8, 16, 24, 40, 64, 128]
+  it(`rows are bit-identical for M in [${Ms8B}] (I 12288, K 4096)`, async () => {
+    expect(await probesAcrossM(12288, 4096, Ms8B)).toEqual([])
   }, 120_000)
 
   // bf16 outputs show the split's other rounding only where it flips a value: a long K and 3072
