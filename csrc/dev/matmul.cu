@@ -336,9 +336,9 @@ int bench(const char* path, const std::string& subset) {
     if (prefill_only && (small || K < 4096)) continue;
     if (lm_head_only && N != 151936) continue;
     if (batch_only && !small) continue;
-    const std::vector<int64_t>& Ms = lm_head_only                 ? decode_ms
-                                     : batch8b_only               ? batch8b_ms
-                                     : batch_only                 ? batch_ms
+    const std::vector<int64_t>& Ms = lm_head_only   ? decode_ms
+                                     : batch8b_only ? batch8b_ms
+                                     : batch_only   ? batch_ms
                                      : decode_only  ? decode_steps
                                      : prefill_only ? prefill_ms
                                      : small        ? decode_ms

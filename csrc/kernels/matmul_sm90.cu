@@ -197,7 +197,8 @@ int production_config(int64_t M, int64_t N, int64_t K) {
   // step at 200 keys, batch 1 / 8 / 16, went 4807.0 / 5179.6 / 4935.2 -> 4630.9 / 4795.0 / 4849.8 us;
   // the LM heads of 32k-token vocabularies, also covered, were not measured.
   const int64_t wide_tiles = tile_count(M, N, 64, 128);
-  if (M <= 16 && (!fills(64, 128) || (wide_tiles > sms && wide_tiles < 2 * sms))) {
+  const bool ragged_waves = wide_tiles > sms && wide_tiles < 2 * sms;
+  if (M <= 16 && (!fills(64, 128) || ragged_waves)) {
     // Decode (bench/matmul.mjs sweep, H200, N up to 6144 at K 1024-12288): compact a and a deep
     // ring, 32 columns wide once that still gives every SM a block, else 8 (16) for more blocks.
     // 5-12% faster back to back than 64x32 s8. With one K tile per copy the time per call grew
@@ -219,7 +220,7 @@ int production_config(int64_t M, int64_t N, int64_t K) {
   // 60.1; the replayed step of random Qwen3-8B at 200 keys, batch 24 / 48 / 64: 5267.9 / 5546.1 /
   // 5805.3 -> 5143.5 / 5469.3 / 5769.5 us. Llama-3.1-8B's gate|up (224 tiles) takes it too; not
   // measured at these rows.
-  if (M <= 64 && wide_tiles > sms && wide_tiles < 2 * sms) return k64x64;
+  if (M <= 64 && ragged_waves) return k64x64;
   if (M > 128 && tile_count(M, N, 128, 256) >= 3 * sms) return K <= 4096 ? k128x256_staged : k128x256;
   if (M > 64 && fills(128, 128)) return k128x128_staged;
   if (fills(64, 128)) return k64x128;
