@@ -13,6 +13,8 @@
 //        build/dev/dev_matmul bench out.json lmhead   the 151936 x 1024 LM head at M = 1, 8, 16 and 64 only
 //        build/dev/dev_matmul bench out.json batch    Qwen3-0.6B's decode products at M = 16 to 64 only
 //        build/dev/dev_matmul bench out.json batch8b  Qwen3-8B's decode products at M = 1 to 64 only
+//        build/dev/dev_matmul bench out.json ragged   Llama-3.1-8B's gate|up and 32k-vocabulary LM heads
+//                                              at M = 1 to 64 only
 //        build/dev/dev_matmul gate-up          matmul + silu_mul_packed against matmul_silu_mul at
 //                                              the 0.6B and 8B gate|up shapes: time and bits
 //        build/dev/dev_matmul families         Hopper: fp32 outputs of the wgmma and the mma.sync
@@ -313,10 +315,13 @@ int check() {
 // subset: "" every shape and M; "decode" M = 1, 8 and 64 only; "prefill" the 8B-class shapes at
 // M = 512, 2048 and 4096 only; "lmhead" the 151936 x 1024 LM head at M = 1, 8, 16 and 64 only;
 // "batch" Qwen3-0.6B's decode products at M = 16, 24, 32, 48 and 64 only; "batch8b" Qwen3-8B's
-// (q|k|v 6144 x 4096, o 4096 x 4096, gate|up 24576 x 4096, down 4096 x 12288) at M = 1, 8 and those.
+// (q|k|v 6144 x 4096, o 4096 x 4096, gate|up 24576 x 4096, down 4096 x 12288) at M = 1, 8 and those;
+// "ragged" the other shapes of one to two waves of 64x128 tiles on 132 SMs (production_config's
+// ragged_waves): Llama-3.1-8B's gate|up (28672 x 4096) and the LM heads of 32,000- and 32,768-token
+// vocabularies at K 4096, at the M of "batch8b".
 int bench(const char* path, const std::string& subset) {
   const bool decode_only = subset == "decode", prefill_only = subset == "prefill", lm_head_only = subset == "lmhead",
-             batch_only = subset == "batch", batch8b_only = subset == "batch8b";
+             batch_only = subset == "batch", batch8b_only = subset == "batch8b", ragged_only = subset == "ragged";
   // Ceiling: a 2 GiB device-to-device copy, bytes read + written.
   const double copy = copy_gbs(size_t(2) << 30);
   std::printf("copy 2 GiB: %.1f GB/s (read + written)\n", copy);
@@ -325,6 +330,7 @@ int bench(const char* path, const std::string& subset) {
   std::vector<std::pair<int64_t, int64_t>> shapes{{4096, 4096}, {12288, 4096}, {4096, 12288}, {151936, 1024},
                                                   {4096, 1024}, {1024, 2048},  {6144, 1024},  {1024, 3072}};
   if (batch8b_only) shapes = {{6144, 4096}, {4096, 4096}, {24576, 4096}, {4096, 12288}};
+  if (ragged_only) shapes = {{28672, 4096}, {32000, 4096}, {32768, 4096}};
   const std::vector<int64_t> all_ms{1, 8, 32, 128, 512, 4096}, decode_ms{1, 8, 16, 64}, decode_steps{1, 8, 64},
       batch_ms{16, 24, 32, 48, 64}, batch8b_ms{1, 8, 16, 24, 32, 48, 64},
       prefill_ms{512, 2048, 4096};
@@ -337,7 +343,7 @@ int bench(const char* path, const std::string& subset) {
     if (lm_head_only && N != 151936) continue;
     if (batch_only && !small) continue;
     const std::vector<int64_t>& Ms = lm_head_only   ? decode_ms
-                                     : batch8b_only ? batch8b_ms
+                                     : batch8b_only || ragged_only ? batch8b_ms
                                      : batch_only   ? batch_ms
                                      : decode_only  ? decode_steps
                                      : prefill_only ? prefill_ms
@@ -742,7 +748,7 @@ int main(int argc, char** argv) {
     if (mode == "mma-chain") return mma_chains();
     if (mode == "wgmma-rate") return wgmma_rates();
     std::fprintf(stderr,
-                 "usage: dev_matmul check | bench OUT.json [decode|prefill|lmhead|batch|batch8b] | run CONFIG M N K | gate-up [--mma-sync] | "
+                 "usage: dev_matmul check | bench OUT.json [decode|prefill|lmhead|batch|batch8b|ragged] | run CONFIG M N K | gate-up [--mma-sync] | "
                  "families | mma-peak | mma-chain | wgmma-rate\n");
     return 2;
   } catch (const std::exception& e) {

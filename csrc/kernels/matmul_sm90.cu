@@ -214,13 +214,17 @@ int production_config(int64_t M, int64_t N, int64_t K) {
     if (tiles4 && K > ring_k) return M <= 8 ? k64x8_a8_deep : k64x16_a16_deep;
     return (M <= 8 ? k64x8_a8 : k64x16_a16) + tiles4;
   }
-  // The same waves at M 17-64 take 64x64 tiles (two waves and more: 384 for Qwen3-8B's gate|up).
-  // Back to back (dev_matmul bench OUT batch8b) at M = 24 / 32 / 48 / 64: 54.1 / 55.1 / 55.1 / 58.8
-  // -> 53.4 / 53.8 / 54.5 / 55.1 us, one call 66.7 / 66.9 / 62.9 / 63.1 -> 59.1 / 58.9 / 59.3 /
-  // 60.1; the replayed step of random Qwen3-8B at 200 keys, batch 24 / 48 / 64: 5267.9 / 5546.1 /
-  // 5805.3 -> 5143.5 / 5469.3 / 5769.5 us. Llama-3.1-8B's gate|up (224 tiles) takes it too; not
-  // measured at these rows.
-  if (M <= 64 && ragged_waves) return k64x64;
+  // At M 17-64 the same waves take 64x64 tiles (two waves and more: 384 for Qwen3-8B's gate|up)
+  // where the second wave of 64x128 tiles is at most half full. Back to back (dev_matmul bench OUT
+  // batch8b) at M = 24 / 32 / 48 / 64: 54.1 / 55.1 / 55.1 / 58.8 -> 53.4 / 53.8 / 54.5 / 55.1 us,
+  // one call 66.7 / 66.9 / 62.9 / 63.1 -> 59.1 / 58.9 / 59.3 / 60.1; the replayed step of random
+  // Qwen3-8B at 200 keys, batch 24 / 48 / 64: 5267.9 / 5546.1 / 5805.3 -> 5143.5 / 5469.3 / 5769.5
+  // us. With a fuller second wave 64x128 stays ahead (dev_matmul bench OUT ragged, back to back at
+  // M = 24 / 32 / 48 / 64, 64x64 against 64x128: Llama-3.1-8B's gate|up, 224 tiles, 67.2 / 67.8 /
+  // 69.0 / 69.7 against 64.6 / 65.0 / 65.8 / 66.4 us; a 32,000-token LM head at K 4096, 250 tiles,
+  // 69.3 at M = 24 against 66.7), and Llama-3.1-8B's replayed step at 200 keys, batch 24 / 48 / 64,
+  // took 5190.9 / 5514.3 / 5774.7 us with 64x64 and 5000.8 / 5276.0 / 5528.6 without.
+  if (M <= 64 && ragged_waves && 2 * wide_tiles <= 3 * sms) return k64x64;
   if (M > 128 && tile_count(M, N, 128, 256) >= 3 * sms) return K <= 4096 ? k128x256_staged : k128x256;
   if (M > 64 && fills(128, 128)) return k128x128_staged;
   if (fills(64, 128)) return k64x128;
