@@ -7,8 +7,8 @@
 //
 //   node scripts/make-random-model.mjs --shape qwen3-0.6b --seed 1234 --out /tmp/qwen3-0.6b-random
 //
-// Shapes: qwen3-0.6b, qwen3-8b, llama3.1-8b (the published config.json dimensions; the 8B ones
-// write about 16 GB), and qwen3-tiny for quick runs.
+// Shapes: qwen3-0.6b, qwen3-8b, llama3.1-8b, mistral-7b (the published config.json dimensions;
+// the 7B and 8B ones write 14.5-16 GB), and qwen3-tiny for quick runs.
 //
 // The tokenizer files are copied from the shipped default model (its vocabulary is smaller than
 // the model's: prompts use its ids, and generated ids beyond it decode to nothing).
@@ -79,6 +79,26 @@ export const SHAPES = {
     tie_word_embeddings: false,
     attention_bias: false,
     mlp_bias: false,
+    hidden_act: 'silu',
+    torch_dtype: 'bfloat16',
+  },
+  // mistralai/Mistral-7B-v0.3's config.json dimensions: a 32,768-token vocabulary, so an LM head
+  // of 32,768 x 4,096 beside gate|up's 28,672 x 4,096 (sliding_window null: full attention).
+  'mistral-7b': {
+    architectures: ['MistralForCausalLM'],
+    model_type: 'mistral',
+    hidden_size: 4096,
+    intermediate_size: 14336,
+    num_hidden_layers: 32,
+    num_attention_heads: 32,
+    num_key_value_heads: 8,
+    head_dim: 128,
+    vocab_size: 32768,
+    max_position_embeddings: 32768,
+    rope_theta: 1000000,
+    sliding_window: null,
+    rms_norm_eps: 1e-5,
+    tie_word_embeddings: false,
     hidden_act: 'silu',
     torch_dtype: 'bfloat16',
   },
