@@ -636,18 +636,18 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_de
 // output element d in ascending split order, exactly as the prefill kernel merges its registers.
 // The weights of split s (merge_weights) depend only on split s's max and on the running max
 // before it, a prefix max, which is exact in any order. So the splits are taken 32 at a time:
-// each chunk's partial outputs, one contiguous [32][D] block of the workspace, and its (max, sum)
-// pairs are copied into shared memory (cp.async, the next chunk's copies in flight during this
-// chunk's merge); warp 0 computes the chunk's weights (lane t: split c0 + t) from them, then
-// every thread runs its own chains (o of element d, and l) over the chunk in ascending order with
-// merge_value. The sequential merge's bits, without a dependent global load in the loop.
+// warp 0 computes the chunk's weights (lane t: split c0 + t) into shared memory while the
+// chunk's partial outputs, one contiguous [32][D] block of the workspace, are copied into shared
+// memory (cp.async, the next chunk's copy in flight during this chunk's merge); then every thread
+// runs its own chains (o of element d, and l) over the chunk in ascending order with
+// merge_value. The sequential merge's bits, without a dependent global load per split.
 template <int D>
 __global__ void __launch_bounds__(D) attention_decode_combine_kernel(AttentionArgs a) {
   static_assert(D % 32 == 0, "whole warps");
   constexpr int kChunk = 32;                             // splits per chunk: one per lane of warp 0
   __shared__ __align__(16) float o_part[2][kChunk * D];  // double-buffered chunks of partials
-  __shared__ float2 ml_part[2][kChunk];                   // and of their (max, sum) pairs
   __shared__ float2 weights[kChunk];                      // the chunk's (total, part) merge weights
+  __shared__ float l_part[kChunk];
   pdl_wait();
   pdl_launch_dependents();
   const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x, lane = d % 32;
@@ -657,13 +657,11 @@ __global__ void __launch_bounds__(D) attention_decode_combine_kernel(AttentionAr
   const int split = split_size_of(a, len);
   const int n_splits = min((len + split - 1) / split, a.max_splits);
   const int64_t idx0 = (static_cast<int64_t>(seq) * a.heads + head) * a.max_splits;
-  // Splits [c0, c0 + kChunk) into buffer b: the partial outputs in 16-byte copies, the (max, sum)
-  // pairs in 8-byte ones (a row's pairs start at an 8-byte boundary only).
+  // Splits [c0, c0 + kChunk) of the partial outputs into buffer b (16-byte copies).
   auto load_chunk = [&](int b, int c0) {
-    const int n = min(kChunk, n_splits - c0), pieces = n * D / 4;
+    const int pieces = min(kChunk, n_splits - c0) * D / 4;
     const float* src = a.part_o + (idx0 + c0) * D;
     for (int i = d; i < pieces; i += D) ptx::cp_async16(ptx::smem_addr(&o_part[b][4 * i]), src + 4 * i, 16);
-    if (d < n) ptx::cp_async8(ptx::smem_addr(&ml_part[b][d]), a.part_ml + 2 * (idx0 + c0 + d));
   };
   load_chunk(0, 0);
   ptx::cp_async_commit();
@@ -672,11 +670,10 @@ __global__ void __launch_bounds__(D) attention_decode_combine_kernel(AttentionAr
   for (int c0 = 0, b = 0; c0 < n_splits; c0 += kChunk, b ^= 1) {
     if (c0 + kChunk < n_splits) load_chunk(b ^ 1, c0 + kChunk);
     ptx::cp_async_commit();
-    ptx::cp_async_wait<1>();
-    __syncthreads();  // the chunk's copies, every thread's, have landed
-    const int n = min(kChunk, n_splits - c0);
     if (d < 32) {
-      const float m_part = lane < n ? ml_part[b][lane].x : -INFINITY;
+      const int s = c0 + lane;
+      const float m_part = s < n_splits ? a.part_ml[2 * (idx0 + s)] : -INFINITY;
+      l_part[lane] = s < n_splits ? a.part_ml[2 * (idx0 + s) + 1] : 0.f;
       float incl = m_part;  // max of the chunk's splits up to this lane's
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
@@ -688,22 +685,24 @@ __global__ void __launch_bounds__(D) attention_decode_combine_kernel(AttentionAr
       weights[lane] = make_float2(mw.total, mw.part);
       m_run = fmaxf(m_run, __shfl_sync(0xffffffffu, incl, 31));
     }
+    ptx::cp_async_wait<1>();
     __syncthreads();
     // A full chunk's loop unrolled, so that its shared-memory loads are all in flight and only
     // the two chains of merges wait on each other; the same merges in the same order.
     const auto merge = [&](int j) {
       const float2 w2 = weights[j];
       const MergeWeights w{w2.x, w2.y, 0.f};
-      l = merge_value(l, ml_part[b][j].y, w);
+      l = merge_value(l, l_part[j], w);
       o = merge_value(o, o_part[b][j * D + d], w);
     };
+    const int n = min(kChunk, n_splits - c0);
     if (n == kChunk) {
 #pragma unroll
       for (int j = 0; j < kChunk; ++j) merge(j);
     } else {
       for (int j = 0; j < n; ++j) merge(j);
     }
-    __syncthreads();  // the next chunk rewrites weights; the one after, this chunk's buffers
+    __syncthreads();  // the next chunk rewrites weights and l_part; the one after, this buffer
   }
   a.out[(static_cast<int64_t>(q_row) * a.heads + head) * D + d] = __float2bfloat16_rn(normalize(o, l));
 }

@@ -27,10 +27,6 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
-// 8-byte asynchronous copy global -> shared (both addresses 8-byte aligned), through L1.
-__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
-}
 // a · b as a 64-bit product of two 32-bit unsigned values: one instruction (mul.wide.u32).
 __device__ __forceinline__ uint64_t mul_wide_u32(uint32_t a, uint32_t b) {
   uint64_t r;
