@@ -123,7 +123,8 @@ describeGpu('matmulSiluMul on CUDA', () => {
   // K above 4096: the 128x256 tile without staged stores (M 2100 gives it enough tiles).
   suite('cuda', 4160, [3072], [1, 2100], 1)
   // Qwen3-8B's gate|up (I 12288, K 4096): on sm_90a the compact decode tiles at M <= 16 and 64x64
-  // tiles at 17-64, since its 192 tiles of 64x128 would run between one and two waves.
+  // tiles at 17-64, since its 192 tiles of 64x128 would run between one and two waves (the second
+  // less than half full on 132 SMs).
   suite('cuda', 4096, [12288], [1, 16, 24, 64], 1)
 
   /** Descriptions of every probe row whose bits changed with M (empty: invariant). */

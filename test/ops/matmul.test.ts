@@ -215,7 +215,7 @@ describeGpu('matmul batch invariance on CUDA', () => {
     [12288, 4096, 'bf16'],
     [4096, 12288, 'f32'],
     // Qwen3-8B's gate|up as one product: compact decode tiles up to M 16 and 64x64 ones at 17-64,
-    // where its 64x128 tiles would run between one and two waves.
+    // where its 64x128 tiles would run between one and two waves, the second less than half full.
     [24576, 4096, 'bf16'],
     [151936, 1024, 'f32'],
     // Narrow decode tiles (few columns per block): Qwen3-0.6B's down projection. On sm_90a its
