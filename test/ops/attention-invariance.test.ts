@@ -9,6 +9,7 @@
 // library's is the wgmma one, and the mma.sync kernel of sm_80-89 is forced (setPrefillKernel).
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { native, type DeviceName } from '../../lib/native.js'
+import { fromBf16, tensorFrom } from '../../lib/tensor.js'
 import { mulberry32 } from '../helpers/random.js'
 import { describeGpu } from '../helpers/gpu.js'
 import { AttentionScene, firstDifferentRow, shuffle, type AttentionShape, type Slice } from './attention-fixture.js'
@@ -18,11 +19,22 @@ const SHAPE: AttentionShape = { heads: 8, kvHeads: 2, dim: 128, blockSize: 16 }
 const ROW = SHAPE.heads * SHAPE.dim
 const OTHERS = 64
 const DECODE_POSITIONS = [0, 1, 63, 64, 255, 256, 257, 511, 512, 699]
+const NAN_BF16 = 0x7fc0
 
 function makeScene(device: DeviceName): AttentionScene {
   const rand = mulberry32(4242)
   const others = Array.from({ length: OTHERS }, () => 1 + Math.floor(rand() * 900))
   return new AttentionScene(device, SHAPE, [L, ...others], 4242)
+}
+
+/** Leaves NaN in the shared memory of every SM: a product of NaN operands stages them there. */
+function poisonSharedMemory(): void {
+  const [m, n, k] = [64, 4096, 4096]
+  const a = tensorFrom('cuda', 'bf16', [m, k], new Uint16Array(m * k).fill(NAN_BF16))
+  const w = tensorFrom('cuda', 'bf16', [n, k], new Uint16Array(n * k).fill(NAN_BF16))
+  const out = native().empty('cuda', 'bf16', [m, n])
+  native().matmul(out, a, w, null)
+  for (const t of [a, w, out]) t.dispose()
 }
 
 /** Output of positions [0, L) of sequence 0 computed in chunks of `chunk` (1: the decode kernel). */
@@ -171,6 +183,44 @@ function invarianceSuite(device: DeviceName): void {
       }
       expect(differs).toBeGreaterThan(0)
     })
+
+    if (device === 'cuda')
+      it('decode splits that end inside a key block read no stale shared memory (paired copies)', async () => {
+        // The variant's splits need not end at a key block's edge: 17 sequences at position 192
+        // split into 65 keys each, and the second split's last key block runs to key 192, the row
+        // the step's q/k/v kernel writes. The paired copies before the kernel's wait leave that
+        // row out; it must still be copied after the wait, masked or not, since p·V reads it with
+        // p = 0 and 0 × NaN is NaN. A product of NaN operands first leaves NaN in shared memory.
+        native().setVariantKernels(true)
+        const slices = scene.seqs
+          .map((s, seq) => ({ seq, len: s.len }))
+          .filter((s) => s.len >= 193)
+          .slice(0, 17)
+          .map(({ seq }) => ({ seq, start: 192, end: 193 }))
+        expect(slices).toHaveLength(17)
+        for (const pipeline of ['paired', 'paired3'] as const) {
+          native().setDecodePipeline(pipeline)
+          for (let round = 0; round < 3; round++) {
+            poisonSharedMemory()
+            const rows = await scene.run(slices)
+            let nonFinite = 0
+            let worst = 0 // |got - reference| over its bound, as in attention.test.ts
+            rows.forEach((bits, i) => {
+              const got = fromBf16(bits)
+              for (let h = 0; h < SHAPE.heads; h++) {
+                const want = scene.reference(slices[i]!.seq, 192, h)
+                for (let d = 0; d < SHAPE.dim; d++) {
+                  const g = got[h * SHAPE.dim + d]!
+                  if (!Number.isFinite(g)) nonFinite++
+                  else worst = Math.max(worst, Math.abs(g - want[d]!) / (2e-3 + 2 ** -7 * Math.abs(want[d]!)))
+                }
+              }
+            })
+            expect(nonFinite, `${pipeline} copies, round ${round}: outputs not finite`).toBe(0)
+            expect(worst, `${pipeline} copies, round ${round}: worst error over its bound`).toBeLessThanOrEqual(1)
+          }
+        }
+      })
 
     it('prefill alone and prefill alongside other sequences differ', async () => {
       native().setVariantKernels(true)
