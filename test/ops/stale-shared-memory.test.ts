@@ -1,0 +1,193 @@
+// No kernel reads shared memory it has not written: every op gives the same bits whether the shared
+// memory its blocks are handed holds NaN, a huge finite value, or what the kernels before it left.
+// Kernels see whatever the last block on the SM left there, so a tile row a kernel forgets to copy
+// or zero-fill reads stale values that a fresh GPU often holds as zeros; a masked score's p of 0
+// then hides it until a NaN comes along (0 × NaN = NaN), as the paired decode copies did under the
+// variant configuration (attention-invariance.test.ts). Here each op runs once, then again after a
+// product of NaN operands and after one of -1.7e38 operands has staged those values into the shared
+// memory of every SM, and the three results are compared bit for bit: matmul (both kernel
+// families, ragged and decode shapes), rmsnorm, log_softmax and argmax at a 151,936-token
+// vocabulary, and attention (prefill with both kernels, prefill of chunks over a cached prefix,
+// decode with each K/V pipeline, head dims 128 and 64, lengths on both sides of the key block and
+// split edges) in the library's configuration and in the variant one.
+import { afterAll, afterEach, beforeAll, describe, it } from 'vitest'
+import { native, type NativeTensor } from '../../lib/native.js'
+import { readBytes, tensorFrom } from '../../lib/tensor.js'
+import { describeGpu } from '../helpers/gpu.js'
+import { randomArray } from '../helpers/random.js'
+import { AttentionScene, type Slice } from './attention-fixture.js'
+import { bf16Tensor, expectSameBits, randomBf16 } from './reference.js'
+
+const n = native()
+
+/** bf16 bit patterns staged into shared memory before an op runs: NaN, and a huge finite value. */
+const POISONS = [
+  { name: 'NaN', bits: 0x7fc0 },
+  { name: '-1.7e38', bits: 0xff00 },
+]
+
+/**
+ * Products of operands that all hold `bits`, at a decode shape and a prefill shape, so that their
+ * tiles fill the shared memory of every SM (with the library's kernels: an op under test that
+ * forces the mma.sync family sets it only around its own launch).
+ */
+function poison(bits: number): void {
+  for (const [m, nOut, k] of [
+    [64, 8192, 4096],
+    [1024, 8192, 1024],
+  ] as const) {
+    const a = tensorFrom('cuda', 'bf16', [m, k], new Uint16Array(m * k).fill(bits))
+    const w = tensorFrom('cuda', 'bf16', [nOut, k], new Uint16Array(nOut * k).fill(bits))
+    const out = n.empty('cuda', 'bf16', [m, nOut])
+    n.matmul(out, a, w, null)
+    for (const t of [a, w, out]) t.dispose()
+  }
+}
+
+/** The op's output bytes, run as is and after each poison; the three must be equal. */
+async function expectNoStaleReads(what: string, run: () => Promise<ArrayBufferView>): Promise<void> {
+  const clean = await run()
+  for (const p of POISONS) {
+    poison(p.bits)
+    expectSameBits(await run(), clean, `${what}, after ${p.name} in shared memory`)
+  }
+}
+
+async function output(out: NativeTensor, inputs: NativeTensor[]): Promise<Buffer> {
+  const bytes = await readBytes(out)
+  for (const t of [out, ...inputs]) t.dispose()
+  return bytes
+}
+
+describeGpu('kernels read no stale shared memory (cuda)', () => {
+  afterEach(() => {
+    n.setMatmulKernels('auto')
+    n.setDecodePipeline('auto')
+    n.setPrefillKernel('auto')
+    n.setVariantKernels(false)
+  })
+
+  // [M, N, K]: ragged tiles in every dimension, and Qwen3-0.6B's decode products.
+  const PRODUCTS = [
+    [1, 64, 64],
+    [3, 40, 72],
+    [17, 33, 264],
+    [129, 136, 1000],
+    [300, 257, 520],
+    [130, 24, 2056],
+    [1, 4096, 1024],
+    [16, 1024, 3072],
+    [64, 6144, 1024],
+  ] as const
+  for (const kernels of ['auto', 'mma.sync'] as const)
+    it(`matmul (${kernels} kernels)`, async () => {
+      for (const [M, N, K] of PRODUCTS) {
+        const a = randomBf16(M * K, M + N + K)
+        const w = randomBf16(N * K, M + N + K + 1)
+        await expectNoStaleReads(`${M}×${N}×${K}`, () => {
+          const at = bf16Tensor('cuda', [M, K], a)
+          const wt = bf16Tensor('cuda', [N, K], w)
+          const out = n.empty('cuda', 'f32', [M, N])
+          n.setMatmulKernels(kernels)
+          n.matmul(out, at, wt, null)
+          n.setMatmulKernels('auto')
+          return output(out, [at, wt])
+        })
+      }
+    })
+
+  it('rmsnorm, log_softmax and argmax', async () => {
+    for (const [rows, H] of [
+      [1, 1024],
+      [7, 4096],
+      [64, 1000],
+    ] as const) {
+      const x = randomBf16(rows * H, rows + H, 2)
+      const w = randomBf16(H, rows + H + 1)
+      await expectNoStaleReads(`rmsnorm ${rows}×${H}`, () => {
+        const xt = bf16Tensor('cuda', [rows, H], x)
+        const wt = bf16Tensor('cuda', [H], w)
+        const out = n.empty('cuda', 'bf16', [rows, H])
+        n.rmsnorm(out, xt, wt, 1e-6)
+        return output(out, [xt, wt])
+      })
+    }
+    for (const [rows, V] of [
+      [3, 151936],
+      [5, 1000],
+    ] as const) {
+      const x = randomArray(rows * V, rows + V, 8)
+      await expectNoStaleReads(`log_softmax ${rows}×${V}`, () => {
+        const xt = tensorFrom('cuda', 'f32', [rows, V], x)
+        const out = n.empty('cuda', 'f32', [rows, V])
+        n.logSoftmax(out, xt)
+        return output(out, [xt])
+      })
+      await expectNoStaleReads(`argmax ${rows}×${V}`, () => {
+        const xt = tensorFrom('cuda', 'f32', [rows, V], x)
+        const out = n.empty('cuda', 'i32', [rows])
+        n.argmax(out, xt)
+        return output(out, [xt])
+      })
+    }
+  })
+
+  describe('attention', () => {
+    // Lengths on both sides of the 16-key page, 64-key block and 256-key split edges.
+    const LENGTHS = [1, 17, 63, 65, 193, 256, 257, 700]
+    const scenes: AttentionScene[] = []
+    beforeAll(() => {
+      scenes.push(new AttentionScene('cuda', { heads: 8, kvHeads: 2, dim: 128, blockSize: 16 }, LENGTHS, 91))
+      scenes.push(new AttentionScene('cuda', { heads: 16, kvHeads: 2, dim: 64, blockSize: 16 }, LENGTHS, 92))
+    })
+    afterAll(() => scenes.forEach((s) => s.dispose()))
+
+    const bits = async (scene: AttentionScene, slices: Slice[]): Promise<Uint16Array> => {
+      const rows = await scene.run(slices)
+      const all = new Uint16Array(rows.reduce((s, r) => s + r.length, 0))
+      let at = 0
+      for (const r of rows) {
+        all.set(r, at)
+        at += r.length
+      }
+      return all
+    }
+    const whole = (scene: AttentionScene): Slice[] => scene.seqs.map((s, seq) => ({ seq, start: 0, end: s.len }))
+    const tails = (scene: AttentionScene): Slice[] =>
+      scene.seqs.map((s, seq) => ({ seq, start: Math.max(0, s.len - 24), end: s.len }))
+    const decode = (scene: AttentionScene): Slice[] => scene.seqs.map((s, seq) => ({ seq, start: s.len - 1, end: s.len }))
+
+    it('prefill, whole and in chunks over a cached prefix, with either kernel', async () => {
+      for (const scene of scenes)
+        for (const kernel of ['auto', 'mma.sync'] as const) {
+          n.setPrefillKernel(kernel)
+          const what = `head dim ${scene.shape.dim}, ${kernel} prefill`
+          await expectNoStaleReads(`${what}, whole`, () => bits(scene, whole(scene)))
+          await expectNoStaleReads(`${what}, last 24 queries`, () => bits(scene, tails(scene)))
+        }
+    })
+
+    it('decode with each K/V pipeline', async () => {
+      for (const scene of scenes)
+        for (const pipeline of ['auto', 'paired', 'rotating', 'paired3'] as const) {
+          n.setDecodePipeline(pipeline)
+          await expectNoStaleReads(`head dim ${scene.shape.dim}, ${pipeline} decode`, () => bits(scene, decode(scene)))
+        }
+    })
+
+    it('decode and prefill under the variant configuration', async () => {
+      n.setVariantKernels(true)
+      for (const scene of scenes) {
+        // 17 sequences at position 192: the variant splits them into 65 keys, which end inside key blocks.
+        const at192: Slice[] = Array.from({ length: 17 }, (_, i) => ({ seq: scene.seqs.length - 1 - (i % 3), start: 192, end: 193 }))
+        for (const pipeline of ['paired', 'rotating', 'paired3'] as const) {
+          n.setDecodePipeline(pipeline)
+          const what = `head dim ${scene.shape.dim}, variant, ${pipeline} decode`
+          await expectNoStaleReads(what, () => bits(scene, decode(scene)))
+          await expectNoStaleReads(`${what}, 17 sequences at position 192`, () => bits(scene, at192))
+        }
+        await expectNoStaleReads(`head dim ${scene.shape.dim}, variant prefill`, () => bits(scene, whole(scene)))
+      }
+    })
+  })
+})
