@@ -5,16 +5,18 @@
 // then hides it until a NaN comes along (0 × NaN = NaN), as the paired decode copies did under the
 // variant configuration (attention-invariance.test.ts). Here each op runs once, then again after a
 // product of NaN operands and after one of -1.7e38 operands has staged those values into the shared
-// memory of every SM, and the three results are compared bit for bit: matmul (both kernel
-// families, ragged and decode shapes), rmsnorm, log_softmax and argmax at a 151,936-token
-// vocabulary, and attention (prefill with both kernels, prefill of chunks over a cached prefix,
+// memory of every SM, and the three results are compared bit for bit: matmul and gate|up with
+// SiLU·mul (both kernel families, ragged and decode shapes), the products with the norm in their
+// prologue, token choice (greedy, sampled, scored, top log-probs), rmsnorm, log_softmax and
+// argmax at a 151,936-token vocabulary, and attention (prefill with both kernels, prefill of chunks over a cached prefix,
 // decode with each K/V pipeline, head dims 128 and 64, lengths on both sides of the key block and
 // split edges) in the library's configuration and in the variant one.
 import { afterAll, afterEach, beforeAll, describe, it } from 'vitest'
+import { chooseOnLogits, type TokenChoice } from '../../lib/model/output-head.js'
 import { native, type NativeTensor } from '../../lib/native.js'
 import { readBytes, tensorFrom } from '../../lib/tensor.js'
 import { describeGpu } from '../helpers/gpu.js'
-import { randomArray } from '../helpers/random.js'
+import { randomArray, randomNormal } from '../helpers/random.js'
 import { AttentionScene, type Slice } from './attention-fixture.js'
 import { bf16Tensor, expectSameBits, randomBf16 } from './reference.js'
 
@@ -53,11 +55,15 @@ async function expectNoStaleReads(what: string, run: () => Promise<ArrayBufferVi
   }
 }
 
-async function output(out: NativeTensor, inputs: NativeTensor[]): Promise<Buffer> {
-  const bytes = await readBytes(out)
-  for (const t of [out, ...inputs]) t.dispose()
+/** The bytes of `outs`, one after another; then every tensor named is disposed. */
+async function output(outs: NativeTensor | NativeTensor[], inputs: NativeTensor[]): Promise<Buffer> {
+  const list = Array.isArray(outs) ? outs : [outs]
+  const bytes = Buffer.concat(await Promise.all(list.map((t) => readBytes(t))))
+  for (const t of [...list, ...inputs]) t.dispose()
   return bytes
 }
+
+const bytesOf = (v: ArrayBufferView): Buffer => Buffer.from(v.buffer, v.byteOffset, v.byteLength)
 
 describeGpu('kernels read no stale shared memory (cuda)', () => {
   afterEach(() => {
@@ -95,6 +101,81 @@ describeGpu('kernels read no stale shared memory (cuda)', () => {
         })
       }
     })
+
+  it('gate|up with SiLU·mul (both kernel families), and the products with the norm in their prologue', async () => {
+    for (const kernels of ['auto', 'mma.sync'] as const)
+      for (const [M, I, K] of [
+        [1, 3072, 1024],
+        [9, 3072, 1024],
+        [64, 1000, 520],
+      ] as const) {
+        const a = randomBf16(M * K, M + I + K)
+        const w = randomBf16(2 * I * K, M + I + K + 1)
+        await expectNoStaleReads(`gate|up ${M}×${I}×${K}, ${kernels} kernels`, () => {
+          const at = bf16Tensor('cuda', [M, K], a)
+          const wt = bf16Tensor('cuda', [2 * I, K], w)
+          const gateUp = n.empty('cuda', 'bf16', [M, 2 * I])
+          const out = n.empty('cuda', 'bf16', [M, I])
+          n.setMatmulKernels(kernels)
+          n.matmulSiluMul(out, gateUp, at, wt, null)
+          n.setMatmulKernels('auto')
+          return output(out, [at, wt, gateUp])
+        })
+      }
+    // [M, N, K]: Qwen3-0.6B's q|k|v, o_proj and gate|up at decode sizes, where Hopper fuses the norm.
+    for (const [M, N, K] of [
+      [1, 4096, 1024],
+      [7, 1024, 2048],
+      [16, 6144, 1024],
+    ] as const) {
+      const residual = randomBf16(M * K, M + N + K, 2)
+      const x = randomBf16(M * K, M + N + K + 1, 2)
+      const normW = randomBf16(K, M + N + K + 2)
+      const w = randomBf16(N * K, M + N + K + 3)
+      for (const silu of [false, true])
+        await expectNoStaleReads(`${silu ? 'normMatmulSiluMul' : 'normMatmul'} ${M}×${N}×${K}`, () => {
+          const inputs = [
+            bf16Tensor('cuda', [M, K], residual),
+            bf16Tensor('cuda', [M, K], x),
+            bf16Tensor('cuda', [K], normW),
+            bf16Tensor('cuda', [N, K], w),
+          ] as const
+          const [residualIn, xt, normWt, wt] = inputs
+          const normed = n.empty('cuda', 'bf16', [M, K])
+          const residualOut = n.empty('cuda', 'bf16', [M, K])
+          if (silu) {
+            const out = n.empty('cuda', 'bf16', [M, N / 2])
+            const gateUp = n.empty('cuda', 'bf16', [M, N])
+            n.normMatmulSiluMul(out, gateUp, normed, residualOut, residualIn, xt, normWt, 1e-6, wt, null)
+            return output([out, residualOut], [...inputs, normed, gateUp])
+          }
+          const out = n.empty('cuda', 'bf16', [M, N])
+          n.normMatmul(out, normed, residualOut, residualIn, xt, normWt, 1e-6, wt, null)
+          return output([out, residualOut], [...inputs, normed])
+        })
+    }
+  })
+
+  it('token choice at a 151,936-token vocabulary: greedy, sampled, scored, with top log-probs', async () => {
+    const V = 151936
+    const choices: TokenChoice[] = [
+      { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: 5, target: -1, topLogprobs: 20 },
+      { temperature: 0.7, topK: 0, topP: 0.95, minP: 0, seed: 4242, position: 9, target: -1, topLogprobs: 20 },
+      { temperature: 1, topK: 50, topP: 1, minP: 0.05, seed: 7, position: 300, target: -1, topLogprobs: 20 },
+      { temperature: 1.6, topK: 1000, topP: 0.5, minP: 0, seed: 99, position: 2, target: -1, topLogprobs: 20 },
+      { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: 40, target: 1234, topLogprobs: 20 },
+    ]
+    const x = randomNormal(choices.length * V, 17, 3)
+    await expectNoStaleReads('chooseTokens', async () => {
+      const logits = tensorFrom('cuda', 'f32', [choices.length, V], x)
+      try {
+        const r = await chooseOnLogits(logits, choices, 20)
+        return Buffer.concat([r.ids, r.logprobs, r.topIds, r.topLogprobs].map(bytesOf))
+      } finally {
+        logits.dispose()
+      }
+    })
+  })
 
   it('rmsnorm, log_softmax and argmax', async () => {
     for (const [rows, H] of [
