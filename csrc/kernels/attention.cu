@@ -469,10 +469,10 @@ __global__ void __launch_bounds__(DecodeWideTiles<PAIRS>::kThreads) attention_de
   constexpr int kAhead = kLateLoad ? PAIRS - 2 : PAIRED ? PAIRS - 1 : T::kTiles - 1;
   if constexpr (PAIRED) {
     // The query rows and the row of key len-1, if one of the early blocks holds it: one group.
-    // Also when that row lies past the split's end, in a block that ends past it (the variant
-    // configuration's splits, which need not end at a key block's edge; this configuration's
-    // always do): its score is masked and its p is 0, but p·V would read the row's shared memory
-    // as it was left, and 0 times a stale NaN or infinity is NaN.
+    // Also when that row lies past the split's end, in the split's last block (splits of
+    // kSplitSize keys end at a key block's edge, the variant configuration's need not): its score
+    // is masked and its p is 0, but p·V reads the row all the same, and 0 times a stale NaN or
+    // infinity left in shared memory is NaN.
     const int last = len - 1, b_last = (last - begin) / kKeyBlock;
     if (last >= begin && b_last < PAIRS && begin + b_last * kKeyBlock < end)
       load_key_row<D>(tile_of(2 * b_last), tile_of(2 * b_last + 1), a, table, kv_head, last, last - begin - b_last * kKeyBlock);
