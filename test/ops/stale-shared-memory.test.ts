@@ -223,16 +223,7 @@ describeGpu('kernels read no stale shared memory (cuda)', () => {
     })
     afterAll(() => scenes.forEach((s) => s.dispose()))
 
-    const bits = async (scene: AttentionScene, slices: Slice[]): Promise<Uint16Array> => {
-      const rows = await scene.run(slices)
-      const all = new Uint16Array(rows.reduce((s, r) => s + r.length, 0))
-      let at = 0
-      for (const r of rows) {
-        all.set(r, at)
-        at += r.length
-      }
-      return all
-    }
+    const bits = async (scene: AttentionScene, slices: Slice[]): Promise<Buffer> => Buffer.concat((await scene.run(slices)).map(bytesOf))
     const whole = (scene: AttentionScene): Slice[] => scene.seqs.map((s, seq) => ({ seq, start: 0, end: s.len }))
     const tails = (scene: AttentionScene): Slice[] =>
       scene.seqs.map((s, seq) => ({ seq, start: Math.max(0, s.len - 24), end: s.len }))
