@@ -7,10 +7,10 @@
 // product of NaN operands and after one of -1.7e38 operands has staged those values into the shared
 // memory of every SM, and the three results are compared bit for bit: matmul and gate|up with
 // SiLU·mul (both kernel families, ragged and decode shapes), the products with the norm in their
-// prologue, token choice (greedy, sampled, scored, top log-probs), rmsnorm, log_softmax and
-// argmax at a 151,936-token vocabulary, and attention (prefill with both kernels, prefill of chunks over a cached prefix,
-// decode with each K/V pipeline, head dims 128 and 64, lengths on both sides of the key block and
-// split edges) in the library's configuration and in the variant one.
+// prologue, token choice (greedy, sampled, scored, top log-probs) at a 151,936-token vocabulary,
+// rmsnorm, log_softmax and argmax, and attention (prefill with both kernels, prefill of chunks
+// over a cached prefix, decode with each K/V pipeline, head dims 128 and 64, lengths on both sides
+// of the key block and split edges) in the library's configuration and in the variant one.
 import { afterAll, afterEach, beforeAll, describe, it } from 'vitest'
 import { chooseOnLogits, type TokenChoice } from '../../lib/model/output-head.js'
 import { native, type NativeTensor } from '../../lib/native.js'
