@@ -4,6 +4,7 @@
 import { native, type DeviceName, type NativeTensor } from '../../lib/native.js'
 import { readBytes, roundBf16, tensorFrom } from '../../lib/tensor.js'
 import { mulberry32, randomArray } from '../helpers/random.js'
+import { NAN_BF16 } from './reference.js'
 
 export interface AttentionShape {
   heads: number
@@ -27,7 +28,6 @@ export interface Slice {
   end: number
 }
 
-const NAN_BF16 = 0x7fc0
 
 export class AttentionScene {
   readonly seqs: SequenceData[] = []

@@ -9,32 +9,22 @@
 // library's is the wgmma one, and the mma.sync kernel of sm_80-89 is forced (setPrefillKernel).
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { native, type DeviceName } from '../../lib/native.js'
-import { fromBf16, tensorFrom } from '../../lib/tensor.js'
+import { fromBf16 } from '../../lib/tensor.js'
 import { mulberry32 } from '../helpers/random.js'
 import { describeGpu } from '../helpers/gpu.js'
 import { AttentionScene, firstDifferentRow, shuffle, type AttentionShape, type Slice } from './attention-fixture.js'
+import { poisonSharedMemory } from './reference.js'
 
 const L = 700
 const SHAPE: AttentionShape = { heads: 8, kvHeads: 2, dim: 128, blockSize: 16 }
 const ROW = SHAPE.heads * SHAPE.dim
 const OTHERS = 64
 const DECODE_POSITIONS = [0, 1, 63, 64, 255, 256, 257, 511, 512, 699]
-const NAN_BF16 = 0x7fc0
 
 function makeScene(device: DeviceName): AttentionScene {
   const rand = mulberry32(4242)
   const others = Array.from({ length: OTHERS }, () => 1 + Math.floor(rand() * 900))
   return new AttentionScene(device, SHAPE, [L, ...others], 4242)
-}
-
-/** Leaves NaN in the shared memory of every SM: a product of NaN operands stages them there. */
-function poisonSharedMemory(): void {
-  const [m, n, k] = [64, 4096, 4096]
-  const a = tensorFrom('cuda', 'bf16', [m, k], new Uint16Array(m * k).fill(NAN_BF16))
-  const w = tensorFrom('cuda', 'bf16', [n, k], new Uint16Array(n * k).fill(NAN_BF16))
-  const out = native().empty('cuda', 'bf16', [m, n])
-  native().matmul(out, a, w, null)
-  for (const t of [a, w, out]) t.dispose()
 }
 
 /** Output of positions [0, L) of sequence 0 computed in chunks of `chunk` (1: the decode kernel). */

@@ -90,3 +90,25 @@ export async function withVariant<T>(fn: () => Promise<T>): Promise<T> {
     native().setVariantKernels(false)
   }
 }
+
+/** bf16 bits of a quiet NaN. */
+export const NAN_BF16 = 0x7fc0
+
+/**
+ * Leaves `bits` (bf16) in the shared memory of every SM: products of operands that all hold them,
+ * at a decode shape and a prefill shape, whose tiles fill it (with the matmul kernel family that
+ * is set: the library's unless a test forces another).
+ */
+export function poisonSharedMemory(bits = NAN_BF16): void {
+  const n = native()
+  for (const [m, nOut, k] of [
+    [64, 8192, 4096],
+    [1024, 8192, 1024],
+  ] as const) {
+    const a = tensorFrom('cuda', 'bf16', [m, k], new Uint16Array(m * k).fill(bits))
+    const w = tensorFrom('cuda', 'bf16', [nOut, k], new Uint16Array(nOut * k).fill(bits))
+    const out = n.empty('cuda', 'bf16', [m, nOut])
+    n.matmul(out, a, w, null)
+    for (const t of [a, w, out]) t.dispose()
+  }
+}

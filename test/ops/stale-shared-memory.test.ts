@@ -18,39 +18,24 @@ import { readBytes, tensorFrom } from '../../lib/tensor.js'
 import { describeGpu } from '../helpers/gpu.js'
 import { randomArray, randomNormal } from '../helpers/random.js'
 import { AttentionScene, type Slice } from './attention-fixture.js'
-import { bf16Tensor, expectSameBits, randomBf16 } from './reference.js'
+import { bf16Tensor, expectSameBits, NAN_BF16, poisonSharedMemory, randomBf16 } from './reference.js'
 
 const n = native()
 
 /** bf16 bit patterns staged into shared memory before an op runs: NaN, and a huge finite value. */
 const POISONS = [
-  { name: 'NaN', bits: 0x7fc0 },
+  { name: 'NaN', bits: NAN_BF16 },
   { name: '-1.7e38', bits: 0xff00 },
 ]
 
 /**
- * Products of operands that all hold `bits`, at a decode shape and a prefill shape, so that their
- * tiles fill the shared memory of every SM (with the library's kernels: an op under test that
- * forces the mma.sync family sets it only around its own launch).
+ * The op's output bytes, run as is and after each poison; the three must be equal. The poison
+ * runs with the library's kernels: a test that forces mma.sync sets it only around its own launch.
  */
-function poison(bits: number): void {
-  for (const [m, nOut, k] of [
-    [64, 8192, 4096],
-    [1024, 8192, 1024],
-  ] as const) {
-    const a = tensorFrom('cuda', 'bf16', [m, k], new Uint16Array(m * k).fill(bits))
-    const w = tensorFrom('cuda', 'bf16', [nOut, k], new Uint16Array(nOut * k).fill(bits))
-    const out = n.empty('cuda', 'bf16', [m, nOut])
-    n.matmul(out, a, w, null)
-    for (const t of [a, w, out]) t.dispose()
-  }
-}
-
-/** The op's output bytes, run as is and after each poison; the three must be equal. */
 async function expectNoStaleReads(what: string, run: () => Promise<ArrayBufferView>): Promise<void> {
   const clean = await run()
   for (const p of POISONS) {
-    poison(p.bits)
+    poisonSharedMemory(p.bits)
     expectSameBits(await run(), clean, `${what}, after ${p.name} in shared memory`)
   }
 }
