@@ -7,10 +7,12 @@
 // product of NaN operands and after one of -1.7e38 operands has staged those values into the shared
 // memory of every SM, and the three results are compared bit for bit: matmul and gate|up with
 // SiLU·mul (both kernel families, ragged and decode shapes), the products with the norm in their
-// prologue, token choice (greedy, sampled, scored, top log-probs) at a 151,936-token vocabulary,
+// prologue, the row-parallel products of tensor parallelism, token choice (greedy, sampled, scored, top log-probs) at a 151,936-token vocabulary,
 // rmsnorm, log_softmax and argmax, and attention (prefill with both kernels, prefill of chunks
 // over a cached prefix, decode with each K/V pipeline, head dims 128 and 64, lengths on both sides
 // of the key block and split edges) in the library's configuration and in the variant one.
+// The kernels that keep no shared memory (qkvRopeAppend, kvAppend, embedding, rope, siluMul, the
+// partials' combine) cannot read it stale and are not run here.
 import { afterAll, afterEach, beforeAll, describe, it } from 'vitest'
 import { chooseOnLogits, type TokenChoice } from '../../lib/model/output-head.js'
 import { native, type NativeTensor } from '../../lib/native.js'
@@ -138,6 +140,40 @@ describeGpu('kernels read no stale shared memory (cuda)', () => {
           n.normMatmul(out, normed, residualOut, residualIn, xt, normWt, 1e-6, wt, null)
           return output([out, residualOut], [...inputs, normed])
         })
+    }
+  })
+
+  it('the row-parallel products: matmulPartitioned, and matmulPartials over a rank\'s columns', async () => {
+    // [M, N, K]: K/8 a multiple of 16; ragged M and N, and Qwen3-0.6B's o_proj and down_proj.
+    for (const [M, N, K] of [
+      [3, 40, 256],
+      [33, 130, 1024],
+      [1, 1024, 2048],
+      [64, 1024, 3072],
+    ] as const) {
+      const a = randomBf16(M * K, M + N + K + 5)
+      const w = randomBf16(N * K, M + N + K + 6)
+      const bias = randomBf16(N, M + N + K + 7)
+      await expectNoStaleReads(`matmulPartitioned ${M}×${N}×${K}`, () => {
+        const inputs = [bf16Tensor('cuda', [M, K], a), bf16Tensor('cuda', [N, K], w), bf16Tensor('cuda', [N], bias)]
+        const out = n.empty('cuda', 'bf16', [M, N])
+        n.matmulPartitioned(out, inputs[0]!, inputs[1]!, inputs[2]!)
+        return output(out, inputs)
+      })
+      // Rank 1 of two: the second half of K's columns, partitions 4-7.
+      const half = (x: Float32Array, rows: number): Float32Array => {
+        const h = new Float32Array((rows * K) / 2)
+        for (let i = 0; i < rows; i++) h.set(x.subarray(i * K + K / 2, (i + 1) * K), (i * K) / 2)
+        return h
+      }
+      const aHalf = half(a, M)
+      const wHalf = half(w, N)
+      await expectNoStaleReads(`matmulPartials ${M}×${N}×${K / 2} (rank 1 of 2)`, () => {
+        const inputs = [bf16Tensor('cuda', [M, K / 2], aHalf), bf16Tensor('cuda', [N, K / 2], wHalf)]
+        const partials = n.empty('cuda', 'f32', [4, M, N])
+        n.matmulPartials(partials, inputs[0]!, inputs[1]!)
+        return output(partials, inputs)
+      })
     }
   })
 
