@@ -7,10 +7,11 @@
 // product of NaN operands and after one of -1.7e38 operands has staged those values into the shared
 // memory of every SM, and the three results are compared bit for bit: matmul and gate|up with
 // SiLU·mul (both kernel families, ragged and decode shapes), the products with the norm in their
-// prologue, the row-parallel products of tensor parallelism, token choice (greedy, sampled, scored, top log-probs) at a 151,936-token vocabulary,
-// rmsnorm, log_softmax and argmax, and attention (prefill with both kernels, prefill of chunks
-// over a cached prefix, decode with each K/V pipeline, head dims 128 and 64, lengths on both sides
-// of the key block and split edges) in the library's configuration and in the variant one.
+// prologue, the row-parallel products of tensor parallelism, token choice (greedy, sampled,
+// scored, top log-probs) at a 151,936-token vocabulary, rmsnorm, log_softmax and argmax, and
+// attention (prefill with both kernels, prefill of chunks over a cached prefix, decode with each
+// K/V pipeline, head dims 128 and 64, lengths on both sides of the key block and split edges) in
+// the library's configuration and in the variant one.
 // The kernels that keep no shared memory (qkvRopeAppend, kvAppend, embedding, rope, siluMul, the
 // partials' combine) cannot read it stale and are not run here.
 import { afterAll, afterEach, beforeAll, describe, it } from 'vitest'
