@@ -11,16 +11,25 @@
 //                                      8 K tiles of 64 columns per copy; the time at K = 512, 1536 and
 //                                      3072 and its slope per K tile, weights rotated through more
 //                                      than L2
+//   build/dev/dev_copy_engine boxes    the copy engine streaming boxes of 128 bytes by 8-64 rows, one
+//                                      per K tile, at 1, 2 and 4 blocks per SM, or 2-8 copying threads
+//                                      in one block, 64 or 128 KB in flight per SM: GB/s against a
+//                                      device copy
 // Findings on the H200 (docs/performance.md, "Four K tiles per copy"): the chain costs 18 (N = 8)
 // to 24 (N = 32) cycles a step, and two chains twice that; the stream's slope is about 100 ns per
 // K tile with one copy per tile and 33-50 ns with 4 to 8 tiles per copy, the same bytes in flight.
+// Boxes ("The copy engine's rate is per copying thread"): one copying thread issues a box about
+// every 75-110 ns whatever its size, so 1-2 KB boxes need 2-4 copying threads per SM (blocks, or
+// threads of one block) to stream at 80-99% of a device copy, and 4-8 KB boxes need one.
 #include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <set>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "dev/harness.cuh"
@@ -237,6 +246,102 @@ void streams() {
   stream<32, 4, true>(weights, a);
 }
 
+// ---- boxes ------------------------------------------------------------------------------------
+
+// The copy engine streaming boxes of 64 columns (128 bytes) by box_rows rows, by the box's rows
+// and by blocks per SM: whether it can feed attention over a paged cache, whose pages give boxes
+// of 8-16 rows per kv head (a 16-slot page of one head's K is 16 rows of 256 bytes, two boxes),
+// where the weight products copy 8-64 rows by 4 K tiles. Each block streams its own box_rows rows
+// of a tall [rows, 3072] bf16 matrix, one box per K tile, through a ring of `stages` boxes with
+// one copying and one releasing thread (no math); the blocks of a launch start at a row that moves
+// from launch to launch, so that a launch reads what L2 no longer holds.
+constexpr int kBoxMaxStages = 64;
+constexpr int64_t kBoxRows = 34816;  // 528 blocks of 64 rows, and a little more
+
+__global__ void __launch_bounds__(160) box_kernel(const __grid_constant__ CUtensorMap map, int box_rows, int stages,
+                                                  int issuers, int k_tiles, int row0) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem[];
+  __shared__ __align__(8) uint64_t full[kBoxMaxStages], empty[kBoxMaxStages];
+  const uint32_t ring = (ptx::smem_addr(smem) + 1023) & ~1023u, box = box_rows * 128;
+  const int per = stages / issuers;  // stages of each issuer's share of the ring
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) {
+      ptx::mbar_init(ptx::smem_addr(&full[s]), 1);
+      ptx::mbar_init(ptx::smem_addr(&empty[s]), 1);
+    }
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+  // Issuer p (thread 128 + p) copies rows [row, row + box_rows) of band p of the block; thread p
+  // releases its stages.
+  const int p = threadIdx.x >= 128 ? threadIdx.x - 128 : threadIdx.x;
+  if (p >= issuers) return;
+  const int row = row0 + (blockIdx.x * issuers + p) * box_rows, first = p * per;
+  if (threadIdx.x >= 128) {  // a copying thread
+    for (int it = 0; it < k_tiles; ++it) {
+      const int s = first + it % per;
+      if (it >= per) ptx::mbar_wait(ptx::smem_addr(&empty[s]), ((it / per) - 1) & 1);
+      const uint32_t bar = ptx::smem_addr(&full[s]);
+      ptx::mbar_expect_tx(bar, box);
+      ptx::tma_load(ring + s * box, &map, it * 64, row, bar);
+    }
+  } else {  // a releasing thread
+    for (int it = 0; it < k_tiles; ++it) {
+      const int s = first + it % per;
+      ptx::mbar_wait(ptx::smem_addr(&full[s]), (it / per) & 1);
+      ptx::mbar_arrive(ptx::smem_addr(&empty[s]));
+    }
+  }
+#endif
+}
+
+void boxes() {
+  const int sms = cuda_runtime::multiprocessors();
+  std::vector<Tensor> copies;
+  const std::vector<uint16_t> values = dev::random_bf16(size_t{kBoxRows} * kK, 11, -1.f, 1.f);
+  for (int c = 0; c < 2; ++c) copies.push_back(dev::upload(Device::CUDA, DType::BF16, {kBoxRows, kK}, values.data()));
+  const double copy = dev::copy_gbs(size_t{1} << 30);
+  std::printf("copy %.0f GB/s; boxes of 64 columns x R rows, one per K tile, %d SMs\n", copy, sms);
+  std::printf(" rows  box KB  blocks/SM  issuers  KB in flight/SM  stages   K 512 us  K 3072 us   GB/s  of copy\n");
+  auto kernel = box_kernel;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+  std::set<std::tuple<int, int, int, int>> done;  // a ring capped at kBoxMaxStages runs once
+  auto run = [&](int rows, int per_sm, int issuers, int flight_kb) {
+    const int box = rows * 128;
+    const int stages = std::min(kBoxMaxStages, flight_kb * 1024 / per_sm / box) / issuers * issuers;
+    const int smem = stages * box + 1024;
+    if (stages < 2 * issuers || smem * per_sm > 220 * 1024) return;
+    if (!done.insert({rows, per_sm, issuers, stages}).second) return;
+    const int blocks = sms * per_sm;
+    const int64_t span = int64_t{blocks} * issuers * rows, places = kBoxRows / span;
+    if (places < 1) return;
+    std::vector<CUtensorMap> maps;
+    for (Tensor& t : copies) maps.push_back(tensor_map(t.data(), static_cast<int>(kBoxRows), kK, rows, "boxes"));
+    double us[2];
+    const int k_tiles[2] = {8, 48};
+    for (int q = 0; q < 2; ++q)
+      us[q] = dev::median_us(
+          [&](int i) {
+            const int row0 = static_cast<int>((i % places) * span);
+            kernel<<<blocks, 160, smem, dev::stream()>>>(maps[i % maps.size()], rows, stages, issuers, k_tiles[q], row0);
+            CUDA_CHECK(cudaGetLastError());
+          },
+          40);
+    const double bytes = double(blocks) * issuers * box * (k_tiles[1] - k_tiles[0]);
+    const double gbs = bytes / ((us[1] - us[0]) * 1e3);
+    std::printf("%5d %7.0f %10d %8d %16d %7d %10.2f %10.2f %6.0f %7.0f%%\n", rows, box / 1024.0, per_sm, issuers,
+                stages * box * per_sm / 1024, stages, us[0], us[1], gbs, 100 * gbs / copy);
+  };
+  for (int rows : {8, 16, 32, 64})
+    for (int per_sm : {1, 2, 4})
+      for (int flight_kb : {64, 128}) run(rows, per_sm, 1, flight_kb);
+  // Several copying threads in one block, each with its own rows and share of the ring.
+  for (int rows : {8, 16})
+    for (int issuers : {2, 4, 8})
+      for (int flight_kb : {64, 128}) run(rows, 1, issuers, flight_kb);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -254,8 +359,9 @@ int main(int argc, char** argv) {
     const std::string mode = argc > 1 ? argv[1] : "all";
     if (mode == "chain" || mode == "all") chains();
     if (mode == "stream" || mode == "all") streams();
-    if (mode != "chain" && mode != "stream" && mode != "all") {
-      std::fprintf(stderr, "usage: dev_copy_engine [chain | stream]\n");
+    if (mode == "boxes" || mode == "all") boxes();
+    if (mode != "chain" && mode != "stream" && mode != "boxes" && mode != "all") {
+      std::fprintf(stderr, "usage: dev_copy_engine [chain | stream | boxes]\n");
       return 2;
     }
     return 0;
