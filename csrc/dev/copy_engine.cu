@@ -18,9 +18,10 @@
 // Findings on the H200 (docs/performance.md, "Four K tiles per copy"): the chain costs 18 (N = 8)
 // to 24 (N = 32) cycles a step, and two chains twice that; the stream's slope is about 100 ns per
 // K tile with one copy per tile and 33-50 ns with 4 to 8 tiles per copy, the same bytes in flight.
-// Boxes ("The copy engine's rate is per copying thread"): one copying thread issues a box about
-// every 75-110 ns whatever its size, so 1-2 KB boxes need 2-4 copying threads per SM (blocks, or
-// threads of one block) to stream at 80-99% of a device copy, and 4-8 KB boxes need one.
+// Boxes ("The copy engine's rate is per copying thread"): one copying thread issues a 1-2 KB box
+// about every 90-110 ns, and eight lanes of one warp together one about every 67 ns, so 1-2 KB
+// boxes need 2-4 copying threads per SM (blocks, or lanes of a warp) and 128 KB in flight to
+// stream at 84-100% of a device copy, where 4-8 KB boxes need one thread.
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -251,10 +252,11 @@ void streams() {
 // The copy engine streaming boxes of 64 columns (128 bytes) by box_rows rows, by the box's rows
 // and by blocks per SM: whether it can feed attention over a paged cache, whose pages give boxes
 // of 8-16 rows per kv head (a 16-slot page of one head's K is 16 rows of 256 bytes, two boxes),
-// where the weight products copy 8-64 rows by 4 K tiles. Each block streams its own box_rows rows
-// of a tall [rows, 3072] bf16 matrix, one box per K tile, through a ring of `stages` boxes with
-// one copying and one releasing thread (no math); the blocks of a launch start at a row that moves
-// from launch to launch, so that a launch reads what L2 no longer holds.
+// where the weight products copy 8-64 rows by 4 K tiles. Each of a block's `issuers` copying
+// threads (lanes of warp 4) streams its own box_rows rows of a tall [rows, 3072] bf16 matrix, one
+// box per K tile, through its share of a ring of `stages` boxes, released by a thread of warp 0 as
+// each lands (no math); the blocks of a launch start at a row that moves from launch to launch, so
+// that a launch reads what L2 no longer holds.
 constexpr int kBoxMaxStages = 64;
 constexpr int64_t kBoxRows = 34816;  // 528 blocks of 64 rows, and a little more
 
