@@ -2,7 +2,7 @@
 // launches the attention tests make over it. Each sequence owns shuffled, non-contiguous pages;
 // pages nobody owns hold NaN so that reading one shows up in the output.
 import { native, type DeviceName, type NativeTensor } from '../../lib/native.js'
-import { readBytes, roundBf16, tensorFrom } from '../../lib/tensor.js'
+import { fromBf16, readBytes, roundBf16, tensorFrom } from '../../lib/tensor.js'
 import { mulberry32, randomArray } from '../helpers/random.js'
 import { NAN_BF16 } from './reference.js'
 
@@ -28,6 +28,44 @@ export interface Slice {
   end: number
 }
 
+// Bounds of an output against the float64 reference: bf16 output (2^-9 relative) plus bf16
+// attention weights in P·V (2^-9 relative each, on values of magnitude <= 1), with margin.
+export const ATOL = 2e-3
+export const RTOL = 2 ** -7
+
+/**
+ * Max |out − ref| / (ATOL + RTOL·|ref|) over all rows of the slices (a non-finite output counts as
+ * infinitely far), the Frobenius relative error, and how many outputs are not finite.
+ */
+export function compareToReference(
+  scene: AttentionScene,
+  slices: Slice[],
+  outs: Uint16Array[],
+): { worst: number; frob: number; nonFinite: number } {
+  const { heads, dim } = scene.shape
+  let worst = 0
+  let num = 0
+  let den = 0
+  let nonFinite = 0
+  slices.forEach((sl, i) => {
+    const got = fromBf16(outs[i]!)
+    for (let pos = sl.start; pos < sl.end; pos++)
+      for (let h = 0; h < heads; h++) {
+        const ref = scene.reference(sl.seq, pos, h)
+        const base = ((pos - sl.start) * heads + h) * dim
+        for (let d = 0; d < dim; d++) {
+          const o = got[base + d]!
+          const r = ref[d]!
+          if (!Number.isFinite(o)) nonFinite++
+          const err = Number.isFinite(o) ? Math.abs(o - r) : Infinity
+          worst = Math.max(worst, err / (ATOL + RTOL * Math.abs(r)))
+          num += err * err
+          den += r * r
+        }
+      }
+  })
+  return { worst, frob: Math.sqrt(num / den), nonFinite }
+}
 
 export class AttentionScene {
   readonly seqs: SequenceData[] = []

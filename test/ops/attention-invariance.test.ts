@@ -9,10 +9,9 @@
 // library's is the wgmma one, and the mma.sync kernel of sm_80-89 is forced (setPrefillKernel).
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { native, type DeviceName } from '../../lib/native.js'
-import { fromBf16 } from '../../lib/tensor.js'
 import { mulberry32 } from '../helpers/random.js'
 import { describeGpu } from '../helpers/gpu.js'
-import { AttentionScene, firstDifferentRow, shuffle, type AttentionShape, type Slice } from './attention-fixture.js'
+import { AttentionScene, compareToReference, firstDifferentRow, shuffle, type AttentionShape, type Slice } from './attention-fixture.js'
 import { poisonSharedMemory } from './reference.js'
 
 const L = 700
@@ -192,20 +191,7 @@ function invarianceSuite(device: DeviceName): void {
           native().setDecodePipeline(pipeline)
           for (let round = 0; round < 3; round++) {
             poisonSharedMemory()
-            const rows = await scene.run(slices)
-            let nonFinite = 0
-            let worst = 0 // |got - reference| over its bound, as in attention.test.ts
-            rows.forEach((bits, i) => {
-              const got = fromBf16(bits)
-              for (let h = 0; h < SHAPE.heads; h++) {
-                const want = scene.reference(slices[i]!.seq, 192, h)
-                for (let d = 0; d < SHAPE.dim; d++) {
-                  const g = got[h * SHAPE.dim + d]!
-                  if (!Number.isFinite(g)) nonFinite++
-                  else worst = Math.max(worst, Math.abs(g - want[d]!) / (2e-3 + 2 ** -7 * Math.abs(want[d]!)))
-                }
-              }
-            })
+            const { worst, nonFinite } = compareToReference(scene, slices, await scene.run(slices))
             expect(nonFinite, `${pipeline} copies, round ${round}: outputs not finite`).toBe(0)
             expect(worst, `${pipeline} copies, round ${round}: worst error over its bound`).toBeLessThanOrEqual(1)
           }
