@@ -24,7 +24,8 @@
 //           (attention_prefill_kernel). On sm_90a one warpgroup of the 64 rows runs the same
 //           operations with wgmma, each key block's P·V beside the next block's softmax
 //           (attention_prefill_wgmma_kernel): the same k16 steps in the same order, and wgmma's
-//           k16 step gives mma.sync's bits.
+//           k16 step gives mma.sync's bits. At head dim 128 two such warpgroups a block take
+//           two tiles of a kv head, fed by a producer warpgroup (attention_prefill_ws_kernel).
 // Neither the split size nor the key block depends on the batch, the lengths or the SM count; the
 // grid does, which changes who computes a row but not how. Only the variant configuration
 // (choose_launch) takes the split size from the batch size.
@@ -68,9 +69,9 @@ struct PrefillTiles {
   }
 };
 
-// Prefill, wgmma (sm_90a): one warpgroup of 64 query rows, three K/V key blocks in flight (block n
-// in stage n % 3), tiles in slab_offset's layout from a 1024-byte aligned base; two blocks per SM
-// at head dim 128, three at 64.
+// Prefill, wgmma (sm_90a, head dim 64): one warpgroup of 64 query rows, three K/V key blocks in
+// flight (block n in stage n % 3), tiles in slab_offset's layout from a 1024-byte aligned base;
+// three blocks per SM. Head dim 128 takes the warp-specialized kernel (PrefillWsTiles).
 struct PrefillWgmmaTiles {
   static constexpr int kThreads = 128;
   static constexpr int kRows = kWgRows;
@@ -744,10 +745,12 @@ __host__ __device__ __forceinline__ PrefillHeads prefill_heads(int heads, int kv
   return {tile_heads, (group + tile_heads - 1) / tile_heads, kRows / tile_heads};
 }
 
-// false when the block has no rows (its tile lies past the sequence's queries).
+// Tile `tile` of the block's sequence (blockIdx.z) and head tile (blockIdx.y), for the lane's rows
+// in warp `warp` of the tile's warpgroup; false when the tile has no rows (it lies past the
+// sequence's queries).
 template <int kRows>
-__device__ __forceinline__ bool prefill_tile(const AttentionArgs& a, PrefillTile& t) {
-  const int seq = blockIdx.z, tile = gridDim.x - 1 - blockIdx.x;
+__device__ __forceinline__ bool prefill_tile_at(const AttentionArgs& a, PrefillTile& t, int tile, int warp) {
+  const int seq = blockIdx.z;
   const PrefillHeads g = prefill_heads(a.heads, a.kv_heads, kRows);
   const int group = a.heads / a.kv_heads, head_tile = blockIdx.y % g.head_tiles;
   t.kv_head = blockIdx.y / g.head_tiles;
@@ -763,11 +766,17 @@ __device__ __forceinline__ bool prefill_tile(const AttentionArgs& a, PrefillTile
   t.rows = min(g.positions, n - t.row0) * t.heads;
   t.pos0 = t.len - n + t.row0;
   t.pmax = t.pos0 + (t.rows - 1) / t.heads;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31;
   t.r_lo = warp * kTileRows + (lane >> 2);
   t.pos[0] = t.r_lo < t.rows ? t.pos0 + t.r_lo / t.heads : -1;
   t.pos[1] = t.r_lo + 8 < t.rows ? t.pos0 + (t.r_lo + 8) / t.heads : -1;
   return true;
+}
+
+// The block's one tile: the grid's tiles from the last (the most keys) to the first.
+template <int kRows>
+__device__ __forceinline__ bool prefill_tile(const AttentionArgs& a, PrefillTile& t) {
+  return prefill_tile_at<kRows>(a, t, gridDim.x - 1 - blockIdx.x, threadIdx.x >> 5);
 }
 
 // The key limits of this lane's rows in a block of split s: keys below the row's position + 1 and
@@ -978,6 +987,205 @@ __global__ void __launch_bounds__(PrefillWgmmaTiles::kThreads, PrefillWgmmaTiles
 #endif
 }
 
+// Prefill, warp-specialized wgmma (sm_90a, head dim 128): a producer warpgroup and two consumer
+// warpgroups a block, one block per SM. The producer copies the queries of two neighbouring tiles
+// of one kv head and the key blocks of the later tile's walk (the earlier tile's walk is a prefix
+// of it) into a ring of kStages stages, each completing on its full barrier
+// (cp.async.mbarrier.arrive); consumer c reduces tile 2 * pair + c with
+// attention_prefill_wgmma_kernel's operations in its order, and frees a stage on its empty barrier
+// once its four warps' products have read it. A consumer whose walk ends first goes on freeing the
+// stages of the other's blocks, in order. A grid of few tiles takes one tile a block, consumer 1
+// idle (launch_prefill_ws). Launch geometry only, the bits of the one-warpgroup kernel; what it
+// gains is that the consumers issue no copies (H200, one sequence, 32 heads over 8 kv heads:
+// 1,479 -> 1,438 µs at 8,192 tokens, 23,300 -> 21,800 at 32,768, the same at 2,048;
+// docs/performance.md, "A producer warpgroup for the Hopper prefill").
+struct PrefillWsTiles {
+  static constexpr int kThreads = 3 * 128;
+  static constexpr int kRows = kWgRows;  // query rows of each consumer's tile
+  static constexpr int kTiles = 2;
+  static constexpr int kStages = 5;  // key blocks in flight
+  // setmaxnreg.inc takes only what the block's dec gave back: 2 * consumer + producer <= 3 * 168
+  // (launched with 168 a thread). The consumers' 240 are what the one-warpgroup kernel takes.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  template <int D>
+  static constexpr int smem_bytes() {
+    return (kTiles * kRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16)) +
+           (2 * kStages + 1) * static_cast<int>(sizeof(uint64_t)) + 1024;  // + barriers, alignment
+  }
+};
+
+template <int D>
+__global__ void __launch_bounds__(PrefillWsTiles::kThreads, 1)
+    attention_prefill_ws_kernel(AttentionArgs a, int tiles_per_block) {
+  using T = PrefillWsTiles;
+  constexpr int S = T::kStages;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // sm_90a machine code only; the host launches it nowhere else
+  extern __shared__ __align__(128) unsigned char smem_buffer[];
+  unsigned char* smem = smem_buffer + ((1024 - (ptx::smem_addr(smem_buffer) & 1023)) & 1023);
+  bf16* q_s = reinterpret_cast<bf16*>(smem);   // [kTiles][kRows][D] in slabs
+  bf16* k_s = q_s + T::kTiles * T::kRows * D;  // [S][kKeyBlock][D] in slabs
+  bf16* v_s = k_s + S * kKeyBlock * D;
+  uint64_t* full = reinterpret_cast<uint64_t*>(v_s + S * kKeyBlock * D);  // a stage's K and V have arrived
+  uint64_t* empty = full + S;                                             // every consumer warp has read it
+  uint64_t* q_full = empty + S;                                           // both tiles' queries have arrived
+  auto k_stage = [&](int i) { return k_s + (i % S) * kKeyBlock * D; };  // key block i of the walk
+  auto v_stage = [&](int i) { return v_s + (i % S) * kKeyBlock * D; };
+  auto bar = [&](uint64_t* barriers, int i) { return ptx::smem_addr(&barriers[i % S]); };
+
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x >> 5) & 3;
+  const int first = (gridDim.x - 1 - blockIdx.x) * tiles_per_block;  // the block's tiles, the most keys first
+  PrefillTile t0, t1;
+  if (!prefill_tile_at<T::kRows>(a, t0, first, warp)) return;
+  const bool has1 = tiles_per_block == 2 && prefill_tile_at<T::kRows>(a, t1, first + 1, warp);
+  const int pmax = has1 ? t1.pmax : t0.pmax;  // the producer's walk
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < S; ++i) {
+      ptx::mbar_init(bar(full, i), 128);  // one arrival per producer thread, when its copies land
+      ptx::mbar_init(bar(empty, i), has1 ? 8 : 4);  // one per working consumer warp
+    }
+    ptx::mbar_init(ptx::smem_addr(q_full), 128);
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    ptx::setmaxnreg_dec<T::kProducerRegs>();
+    load_query_rows<D, 128, T::kRows, true>(q_s, a.q, [&](int r) { return t0.row_offset<D>(a, r); }, t0.rows);
+    if (has1)
+      load_query_rows<D, 128, T::kRows, true>(q_s + T::kRows * D, a.q, [&](int r) { return t1.row_offset<D>(a, r); },
+                                              t1.rows);
+    ptx::cp_async_mbar_arrive(ptx::smem_addr(q_full));
+    KeyBlockWalk w;
+    for (int i = 0; w.within(pmax); w.next(t0.split, pmax), ++i) {
+      if (i >= S) ptx::mbar_wait(bar(empty, i), ((i / S) - 1) & 1);
+      load_key_block<D, 128, true, true, true, false, true>(k_stage(i), v_stage(i), a, t0.table, t0.kv_head, w.key0,
+                                                           t0.len);
+      ptx::cp_async_mbar_arrive(bar(full, i));
+    }
+    ptx::cp_async_wait<0>();
+    return;
+  }
+
+  const int c = wg - 1;
+  if (c == 1 && !has1) return;
+  ptx::setmaxnreg_inc<T::kConsumerRegs>();
+  const PrefillTile t = c == 0 ? t0 : t1;
+  auto wait_full = [&](int i) {
+    ptx::mbar_wait(bar(full, i), (i / S) & 1);
+    ptx::fence_proxy_async_smem();  // the copies, seen by wgmma's reads (the async proxy)
+  };
+  auto release = [&](int i) {
+    if ((threadIdx.x & 31) == 0) ptx::mbar_arrive(bar(empty, i));
+  };
+  KeyBlockWalk b;  // the last key block this warpgroup has taken
+  int it = 0;      // its index in the producer's walk
+  {
+    const uint64_t q_desc = ptx::smem_desc(ptx::smem_addr(q_s + c * T::kRows * D));
+    auto k_desc = [&](int i) { return ptx::smem_desc(ptx::smem_addr(k_stage(i))); };
+    auto v_desc = [&](int i) { return n_major_desc(ptx::smem_addr(v_stage(i))); };
+    SplitAccum<D> total, part;
+    split_init(total);
+    split_init(part);
+    uint32_t p_a[kKeyBlock / 16][4], p_b[kKeyBlock / 16][4];
+    float s[kKeyBlock / 8][4], alpha[2];
+    auto fence_scores = [&] { ptx::fence_registers(*reinterpret_cast<float(*)[kKeyBlock / 2]>(&s[0][0])); };
+    auto fence_output = [&] { ptx::fence_registers(*reinterpret_cast<float(*)[D / 2]>(&part.o[0][0])); };
+
+    ptx::mbar_wait(ptx::smem_addr(q_full), 0);
+    wait_full(0);
+    {
+      wg_issue_scores<D, T::kRows>(s, q_desc, k_desc(0));
+      ptx::wgmma_wait<0>();
+      fence_scores();
+      int limit[2];
+      prefill_limits(t, b.s, limit);
+      softmax_block<D>(part, s, p_a, b.key0, limit, a.scale_log2);
+    }
+    auto step = [&](uint32_t(&p_prev)[kKeyBlock / 16][4], uint32_t(&p_next)[kKeyBlock / 16][4]) {
+      KeyBlockWalk next = b;
+      next.next(t.split, t.pmax);
+      if (!next.within(t.pmax)) return false;
+      wait_full(it + 1);
+      wg_issue_scores<D, T::kRows>(s, q_desc, k_desc(it + 1));
+      wg_issue_values<D>(part, p_prev, v_desc(it));
+      ptx::wgmma_wait<1>();
+      fence_scores();
+      const bool new_split = next.s != b.s;
+      const float m_old[2] = {part.m[0], part.m[1]}, l_old[2] = {part.l[0], part.l[1]};
+      if (new_split)
+        for (int r = 0; r < 2; ++r) part.m[r] = -INFINITY, part.l[r] = 0.f;
+      int limit[2];
+      prefill_limits(t, next.s, limit);
+      softmax_block<D, false>(part, s, p_next, next.key0, limit, a.scale_log2, alpha);
+      ptx::wgmma_wait<0>();
+      fence_output();
+      fence_fragments(p_prev);
+      release(it);  // block b's K and V are read
+      if (new_split) {
+        const float m_new[2] = {part.m[0], part.m[1]}, l_new[2] = {part.l[0], part.l[1]};
+        for (int r = 0; r < 2; ++r) part.m[r] = m_old[r], part.l[r] = l_old[r];
+        finish_split(part);
+        merge_split(total, part, a.scale_log2);
+        split_init(part);
+        for (int r = 0; r < 2; ++r) part.m[r] = m_new[r], part.l[r] = l_new[r];
+      } else {
+        rescale_output(part, alpha);
+      }
+      b = next;
+      ++it;
+      return true;
+    };
+    bool last_in_a = true;
+    while (step(p_a, p_b)) {
+      if (!step(p_b, p_a)) {
+        last_in_a = false;
+        break;
+      }
+    }
+    auto last_values = [&](uint32_t(&p)[kKeyBlock / 16][4]) {
+      wg_issue_values<D>(part, p, v_desc(it));
+      ptx::wgmma_wait<0>();
+      fence_fragments(p);
+    };
+    if (last_in_a)
+      last_values(p_a);
+    else
+      last_values(p_b);
+    release(it);
+    fence_output();
+    finish_split(part);
+    merge_split(total, part, a.scale_log2);
+    prefill_store(a, t, total);
+  }
+  // Consumer 0 of two: the rest of the later tile's walk, freed unread, in order (a stage's barrier
+  // phases alternate).
+  b.next(t0.split, pmax);
+  for (++it; b.within(pmax); b.next(t0.split, pmax), ++it) {
+    ptx::mbar_wait(bar(full, it), (it / S) & 1);
+    release(it);
+  }
+#endif
+}
+
+template <int D>
+void launch_prefill_ws(const AttentionArgs& a, int max_query_len, cudaStream_t stream) {
+  using T = PrefillWsTiles;
+  constexpr int smem = T::smem_bytes<D>();
+  static std::once_flag configured;
+  std::call_once(configured, [&] {
+    CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_ws_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  });
+  const PrefillHeads g = prefill_heads(a.heads, a.kv_heads, T::kRows);
+  const int tiles = (max_query_len + g.positions - 1) / g.positions;
+  // Two tiles a block once the grid's tiles outnumber the SMs, else one a block, so that a small
+  // grid (a 512-query chunk of Qwen3-0.6B: 128 tiles) still spreads over as many SMs: two a block
+  // there took a chunked prefill of 8,192 tokens from 108,447 to 93,912 tok/s.
+  const int64_t grid_tiles = static_cast<int64_t>(tiles) * a.kv_heads * g.head_tiles * a.num_seqs;
+  const int per_block = grid_tiles > cuda_runtime::multiprocessors() ? 2 : 1;
+  const dim3 grid((tiles + per_block - 1) / per_block, a.kv_heads * g.head_tiles, a.num_seqs);
+  attention_prefill_ws_kernel<D><<<grid, T::kThreads, smem, stream>>>(a, per_block);
+}
+
 // ---------------------------------------------------------------------------------------------
 // kv_append: grid T, one block per token row. A slot outside the cache is skipped like a negative
 // one (the CPU backend throws; here the slots are on the device and checking them would sync).
@@ -1132,13 +1340,29 @@ bool prefill_wgmma() { return forced_prefill_kernel() != 1 && sm90::available();
 template <int D, bool WGMMA>
 void launch_prefill(const AttentionArgs& a, int max_query_len, cudaStream_t stream) {
   using T = std::conditional_t<WGMMA, PrefillWgmmaTiles, PrefillTiles>;
-  const auto kernel = WGMMA ? attention_prefill_wgmma_kernel<D> : attention_prefill_kernel<D>;
+  const auto kernel = [] {
+    if constexpr (WGMMA)
+      return attention_prefill_wgmma_kernel<D>;
+    else
+      return attention_prefill_kernel<D>;
+  }();
   constexpr int smem = T::template smem_bytes<D>();
   static std::once_flag configured;
   std::call_once(configured, [&] { CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)); });
   const PrefillHeads g = prefill_heads(a.heads, a.kv_heads, T::kRows);
   const dim3 grid((max_query_len + g.positions - 1) / g.positions, a.kv_heads * g.head_tiles, a.num_seqs);
   kernel<<<grid, T::kThreads, smem, stream>>>(a);
+}
+
+// The Hopper prefill: at head dim 128 the warp-specialized kernel, two tiles a block; at 64 the
+// one-warpgroup kernel, three blocks per SM (two consumer warpgroups a block measured 10-13%
+// slower there: docs/performance.md, "A producer warpgroup for the Hopper prefill").
+template <int D>
+void launch_prefill_wgmma(const AttentionArgs& a, int max_query_len, cudaStream_t stream) {
+  if constexpr (D == 128)
+    launch_prefill_ws<D>(a, max_query_len, stream);
+  else
+    launch_prefill<D, true>(a, max_query_len, stream);
 }
 
 template <int D>
@@ -1164,7 +1388,7 @@ void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q
     CUDA_CHECK_LAUNCH("attention (decode combine)", describe_launch(q, k_cache, batch));
   } else {
     if (prefill_wgmma())
-      launch_prefill<D, true>(a, batch.max_query_len, stream);
+      launch_prefill_wgmma<D>(a, batch.max_query_len, stream);
     else
       launch_prefill<D, false>(a, batch.max_query_len, stream);
     CUDA_CHECK_LAUNCH("attention (prefill)", describe_launch(q, k_cache, batch));
