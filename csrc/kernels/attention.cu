@@ -991,7 +991,7 @@ __global__ void __launch_bounds__(PrefillWgmmaTiles::kThreads, PrefillWgmmaTiles
 // warpgroups a block, one block per SM. The producer copies the queries of two neighbouring tiles
 // of one kv head and the key blocks of the later tile's walk (the earlier tile's walk is a prefix
 // of it) into a ring of kStages stages, each completing on its full barrier
-// (cp.async.mbarrier.arrive); consumer c reduces tile 2 * pair + c with
+// (cp.async.mbarrier.arrive); consumer c reduces the block's tile c with
 // attention_prefill_wgmma_kernel's operations in its order, and frees a stage on its empty barrier
 // once its four warps' products have read it. A consumer whose walk ends first goes on freeing the
 // stages of the other's blocks, in order. A grid of few tiles takes one tile a block, consumer 1
@@ -1354,7 +1354,7 @@ void launch_prefill(const AttentionArgs& a, int max_query_len, cudaStream_t stre
   kernel<<<grid, T::kThreads, smem, stream>>>(a);
 }
 
-// The Hopper prefill: at head dim 128 the warp-specialized kernel, two tiles a block; at 64 the
+// The Hopper prefill: at head dim 128 the warp-specialized kernel, one or two tiles a block; at 64 the
 // one-warpgroup kernel, three blocks per SM (two consumer warpgroups a block measured 10-13%
 // slower there: docs/performance.md, "A producer warpgroup for the Hopper prefill").
 template <int D>
