@@ -858,14 +858,166 @@ __global__ void __launch_bounds__(PrefillTiles::kThreads) attention_prefill_kern
   prefill_store(a, t, total);
 }
 
-// wgmma (sm_90a): one warpgroup of 64 rows (attention_wgmma.cuh), whose products of neighbouring
-// key blocks overlap: while the softmax of block n runs on the CUDA cores, the tensor cores finish
-// o += P(n-1)·V(n-1); o is then rescaled by block n's alpha, or, when block n starts a split, the
-// ended split is merged first. Every value takes the operations of attention_prefill_kernel in the
-// same order, o included: o·alpha(n-1) + P(n-1)·V(n-1), then ·alpha(n), then + P(n)·V(n). The
-// warpgroup takes every block up to the tile's last position: for a warp whose positions all
-// precede a block every key is masked, and m, l and o keep their values exactly (alpha = 1 or,
-// before the row's first key, 0 on zeros; p = 0), as if it had skipped the block.
+// A stage of a ring of key blocks and the phase of its barriers' use: the next block's with advance.
+struct RingSlot {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ void advance(int stages) {
+    if (++stage == stages) stage = 0, phase ^= 1;
+  }
+};
+
+// The Hopper prefill's reduction of one tile (sm_90a), shared by both kernels below: one warpgroup
+// of 64 rows (attention_wgmma.cuh) takes the tile's key blocks from a ring of shared-memory stages,
+// and the products of neighbouring key blocks overlap: while the softmax of block n runs on the
+// CUDA cores, the tensor cores finish o += P(n-1)·V(n-1); o is then rescaled by block n's alpha,
+// or, when block n starts a split, the ended split is merged first. Every value takes the
+// operations of attention_prefill_kernel in the same order, o included: o·alpha(n-1) +
+// P(n-1)·V(n-1), then ·alpha(n), then + P(n)·V(n). The warpgroup takes every block up to the tile's
+// last position: for a warp whose positions all precede a block every key is masked, and m, l and
+// o keep their values exactly (alpha = 1 or, before the row's first key, 0 on zeros; p = 0), as if
+// it had skipped the block.
+//
+// Ring: where the walk's key blocks lie (KeyBlockWalk's order; the slot of block i: stage i %
+// Ring::kStages, phase (i / Ring::kStages) & 1) and when:
+//   wait_first(), wait(slot)   block 0's, a later block's stage holds it, visible to wgmma (the
+//                              async proxy);
+//   k_desc(stage), v_desc(stage)   the stage's K and V tiles;
+//   consumed(slot)   this warp's products have read the slot's block (the step has waited for them);
+//   recycle(slot)    the end of the step that consumed it.
+// Stores the tile's output; b then holds the tile's last key block, and the result is its slot.
+template <int D, int kRows, typename Ring>
+__device__ __forceinline__ RingSlot prefill_wgmma_tile(const AttentionArgs& a, const PrefillTile& t, uint64_t q_desc,
+                                                       Ring& ring, KeyBlockWalk& b) {
+  SplitAccum<D> total, part;
+  split_init(total);
+  split_init(part);
+  uint32_t p_a[kKeyBlock / 16][4], p_b[kKeyBlock / 16][4];
+  float s[kKeyBlock / 8][4], alpha[2];
+  auto fence_scores = [&] { ptx::fence_registers(*reinterpret_cast<float(*)[kKeyBlock / 2]>(&s[0][0])); };
+  auto fence_output = [&] { ptx::fence_registers(*reinterpret_cast<float(*)[D / 2]>(&part.o[0][0])); };
+
+  // Block 0: its scores and softmax (o is zero: rescaling it is exact); its values go with block 1.
+  b = KeyBlockWalk{};
+  RingSlot slot;  // block b's
+  ring.wait_first();
+  {
+    wg_issue_scores<D, kRows>(s, q_desc, ring.k_desc(0));
+    ptx::wgmma_wait<0>();
+    fence_scores();
+    int limit[2];
+    prefill_limits(t, b.s, limit);
+    softmax_block<D>(part, s, p_a, b.key0, limit, a.scale_log2);
+  }
+
+  // One block per step: its scores and softmax beside the previous block's values. The P fragments
+  // alternate between two arrays, so no copy can fold them into the registers the values in
+  // flight read. false, doing nothing, when the tile has no next block.
+  auto step = [&](uint32_t(&p_prev)[kKeyBlock / 16][4], uint32_t(&p_next)[kKeyBlock / 16][4]) {
+    KeyBlockWalk next = b;
+    next.next(t.split, t.pmax);
+    if (!next.within(t.pmax)) return false;
+    RingSlot slot_next = slot;
+    slot_next.advance(Ring::kStages);
+    ring.wait(slot_next);
+    wg_issue_scores<D, kRows>(s, q_desc, ring.k_desc(slot_next.stage));
+    wg_issue_values<D>(part, p_prev, ring.v_desc(slot.stage));
+    ptx::wgmma_wait<1>();
+    fence_scores();
+    const bool new_split = next.s != b.s;
+    const float m_old[2] = {part.m[0], part.m[1]}, l_old[2] = {part.l[0], part.l[1]};
+    if (new_split)
+      for (int r = 0; r < 2; ++r) part.m[r] = -INFINITY, part.l[r] = 0.f;
+    int limit[2];
+    prefill_limits(t, next.s, limit);
+    softmax_block<D, false>(part, s, p_next, next.key0, limit, a.scale_log2, alpha);
+    ptx::wgmma_wait<0>();
+    fence_output();
+    fence_fragments(p_prev);
+    ring.consumed(slot);
+    if (new_split) {
+      // The ended split's (m, l, o), merged as attention_prefill_kernel merges it; the new
+      // split's o is 0 · alpha = 0.
+      const float m_new[2] = {part.m[0], part.m[1]}, l_new[2] = {part.l[0], part.l[1]};
+      for (int r = 0; r < 2; ++r) part.m[r] = m_old[r], part.l[r] = l_old[r];
+      finish_split(part);
+      merge_split(total, part, a.scale_log2);
+      split_init(part);
+      for (int r = 0; r < 2; ++r) part.m[r] = m_new[r], part.l[r] = l_new[r];
+    } else {
+      rescale_output(part, alpha);
+    }
+    ring.recycle(slot);
+    b = next;
+    slot = slot_next;
+    return true;
+  };
+  bool last_in_a = true;  // which array holds the last block's P
+  while (step(p_a, p_b)) {
+    if (!step(p_b, p_a)) {
+      last_in_a = false;
+      break;
+    }
+  }
+  // The last block's values, then its split.
+  auto last_values = [&](uint32_t(&p)[kKeyBlock / 16][4]) {
+    wg_issue_values<D>(part, p, ring.v_desc(slot.stage));
+    ptx::wgmma_wait<0>();
+    fence_fragments(p);
+  };
+  if (last_in_a)
+    last_values(p_a);
+  else
+    last_values(p_b);
+  ring.consumed(slot);
+  fence_output();
+  finish_split(part);
+  merge_split(total, part, a.scale_log2);
+  prefill_store(a, t, total);
+  return slot;
+}
+
+// The one-warpgroup kernel's ring: kStages stages that the warpgroup itself fills with cp.async,
+// one commit group per key block (empty past the tile's keys); a stage is refilled with the block
+// kStages on once every warp has finished the step that read it.
+template <int D>
+struct CpAsyncRing {
+  static constexpr int kStages = PrefillWgmmaTiles::kStages;
+  const AttentionArgs& a;
+  const PrefillTile& t;
+  bf16* k_s;  // [kStages][kKeyBlock][D] in slabs
+  bf16* v_s;
+  KeyBlockWalk ahead;  // the next block to copy
+
+  __device__ void copy_ahead(int stage) {
+    if (ahead.within(t.pmax))
+      load_key_block<D, PrefillWgmmaTiles::kThreads, true, true, true, false, true>(
+          k_s + stage * kKeyBlock * D, v_s + stage * kKeyBlock * D, a, t.table, t.kv_head, ahead.key0, t.len);
+    ptx::cp_async_commit();
+    ahead.next(t.split, t.pmax);
+  }
+  __device__ void start() {
+    for (int st = 0; st < kStages; ++st) copy_ahead(st);
+  }
+  // Block i is commit group i: kStages groups were in flight before block 0, and each step adds one.
+  template <int kInFlight>
+  __device__ void wait_groups() {
+    ptx::cp_async_wait<kInFlight>();
+    ptx::fence_proxy_async_smem();  // the copies, seen by wgmma's reads (the async proxy)
+    __syncthreads();
+  }
+  __device__ void wait_first() { wait_groups<kStages - 1>(); }
+  __device__ void wait(RingSlot) { wait_groups<kStages - 2>(); }
+  __device__ uint64_t k_desc(int stage) const { return ptx::smem_desc(ptx::smem_addr(k_s + stage * kKeyBlock * D)); }
+  __device__ uint64_t v_desc(int stage) const { return n_major_desc(ptx::smem_addr(v_s + stage * kKeyBlock * D)); }
+  __device__ void consumed(RingSlot) {}
+  __device__ void recycle(RingSlot slot) {
+    __syncthreads();  // the slot's stage is free: the block kStages on goes there
+    copy_ahead(slot.stage);
+  }
+};
+
+// wgmma (sm_90a): one warpgroup of 64 rows reduces the block's tile with prefill_wgmma_tile.
 template <int D>
 __global__ void __launch_bounds__(PrefillWgmmaTiles::kThreads, PrefillWgmmaTiles::min_blocks<D>())
     attention_prefill_wgmma_kernel(AttentionArgs a) {
@@ -879,139 +1031,68 @@ __global__ void __launch_bounds__(PrefillWgmmaTiles::kThreads, PrefillWgmmaTiles
 
   PrefillTile t;
   if (!prefill_tile<T::kRows>(a, t)) return;
-  auto load = [&](const KeyBlockWalk& b, int stage) {
-    load_key_block<D, T::kThreads, true, true, true, false, true>(k_s + stage * kKeyBlock * D, v_s + stage * kKeyBlock * D,
-                                                                  a, t.table, t.kv_head, b.key0, t.len);
-  };
-  const uint64_t q_desc = ptx::smem_desc(ptx::smem_addr(q_s));
-  auto k_desc = [&](int stage) { return ptx::smem_desc(ptx::smem_addr(k_s + stage * kKeyBlock * D)); };
-  auto v_desc = [&](int stage) { return n_major_desc(ptx::smem_addr(v_s + stage * kKeyBlock * D)); };
-
   load_query_rows<D, T::kThreads, T::kRows, true>(q_s, a.q, [&](int r) { return t.row_offset<D>(a, r); }, t.rows);
-  KeyBlockWalk ahead;  // blocks 0, 1 and 2, one commit group each (empty past the tile's keys)
-  for (int st = 0; st < T::kStages; ++st) {
-    if (ahead.within(t.pmax)) load(ahead, st);
-    ptx::cp_async_commit();
-    ahead.next(t.split, t.pmax);
-  }
-
-  SplitAccum<D> total, part;
-  split_init(total);
-  split_init(part);
-  uint32_t p_a[kKeyBlock / 16][4], p_b[kKeyBlock / 16][4];
-  float s[kKeyBlock / 8][4], alpha[2];
-  auto fence_scores = [&] { ptx::fence_registers(*reinterpret_cast<float(*)[kKeyBlock / 2]>(&s[0][0])); };
-  auto fence_output = [&] { ptx::fence_registers(*reinterpret_cast<float(*)[D / 2]>(&part.o[0][0])); };
-
-  // Block 0: its scores and softmax (o is zero: rescaling it is exact); its values go with block 1.
+  CpAsyncRing<D> ring{a, t, k_s, v_s};
+  ring.start();  // the queries go with block 0's commit group
   KeyBlockWalk b;
-  ptx::cp_async_wait<T::kStages - 1>();
-  ptx::fence_proxy_async_smem();  // the copies, seen by wgmma's reads (the async proxy)
-  __syncthreads();
-  {
-    wg_issue_scores<D, T::kRows>(s, q_desc, k_desc(0));
-    ptx::wgmma_wait<0>();
-    fence_scores();
-    int limit[2];
-    prefill_limits(t, b.s, limit);
-    softmax_block<D>(part, s, p_a, b.key0, limit, a.scale_log2);
-  }
-
-  // One block per step: its scores and softmax beside the previous block's values. The P fragments
-  // alternate between two arrays, so no copy can fold them into the registers the values in
-  // flight read. false, doing nothing, when the tile has no next block.
-  int stage_prev = 0, stage = 1;
-  auto step = [&](uint32_t(&p_prev)[kKeyBlock / 16][4], uint32_t(&p_next)[kKeyBlock / 16][4]) {
-    KeyBlockWalk next = b;
-    next.next(t.split, t.pmax);
-    if (!next.within(t.pmax)) return false;
-    ptx::cp_async_wait<T::kStages - 2>();  // block `next`, in `stage`
-    ptx::fence_proxy_async_smem();
-    __syncthreads();
-    wg_issue_scores<D, T::kRows>(s, q_desc, k_desc(stage));
-    wg_issue_values<D>(part, p_prev, v_desc(stage_prev));
-    ptx::wgmma_wait<1>();
-    fence_scores();
-    const bool new_split = next.s != b.s;
-    const float m_old[2] = {part.m[0], part.m[1]}, l_old[2] = {part.l[0], part.l[1]};
-    if (new_split)
-      for (int r = 0; r < 2; ++r) part.m[r] = -INFINITY, part.l[r] = 0.f;
-    int limit[2];
-    prefill_limits(t, next.s, limit);
-    softmax_block<D, false>(part, s, p_next, next.key0, limit, a.scale_log2, alpha);
-    ptx::wgmma_wait<0>();
-    fence_output();
-    fence_fragments(p_prev);
-    if (new_split) {
-      // The ended split's (m, l, o), merged as attention_prefill_kernel merges it; the new
-      // split's o is 0 · alpha = 0.
-      const float m_new[2] = {part.m[0], part.m[1]}, l_new[2] = {part.l[0], part.l[1]};
-      for (int r = 0; r < 2; ++r) part.m[r] = m_old[r], part.l[r] = l_old[r];
-      finish_split(part);
-      merge_split(total, part, a.scale_log2);
-      split_init(part);
-      for (int r = 0; r < 2; ++r) part.m[r] = m_new[r], part.l[r] = l_new[r];
-    } else {
-      rescale_output(part, alpha);
-    }
-    __syncthreads();  // stage_prev (block b's K and V) is free: block b + 3 goes there
-    if (ahead.within(t.pmax)) load(ahead, stage_prev);
-    ptx::cp_async_commit();
-    ahead.next(t.split, t.pmax);
-    stage_prev = stage;
-    stage = stage + 1 == T::kStages ? 0 : stage + 1;
-    b = next;
-    return true;
-  };
-  bool last_in_a = true;  // which array holds the last block's P
-  while (step(p_a, p_b)) {
-    if (!step(p_b, p_a)) {
-      last_in_a = false;
-      break;
-    }
-  }
-  // The last block's values, then its split.
-  auto last_values = [&](uint32_t(&p)[kKeyBlock / 16][4]) {
-    wg_issue_values<D>(part, p, v_desc(stage_prev));
-    ptx::wgmma_wait<0>();
-    fence_fragments(p);
-  };
-  if (last_in_a)
-    last_values(p_a);
-  else
-    last_values(p_b);
-  fence_output();
-  finish_split(part);
-  merge_split(total, part, a.scale_log2);
-  prefill_store(a, t, total);
+  prefill_wgmma_tile<D, T::kRows>(a, t, ptx::smem_desc(ptx::smem_addr(q_s)), ring, b);
 #endif
 }
 
-// Prefill, warp-specialized wgmma (sm_90a, head dim 128): a producer warpgroup and two consumer
-// warpgroups a block, one block per SM. The producer copies the queries of two neighbouring tiles
-// of one kv head and the key blocks of the later tile's walk (the earlier tile's walk is a prefix
-// of it) into a ring of kStages stages, each completing on its full barrier
-// (cp.async.mbarrier.arrive); consumer c reduces the block's tile c with
-// attention_prefill_wgmma_kernel's operations in its order, and frees a stage on its empty barrier
-// once its four warps' products have read it. A consumer whose walk ends first goes on freeing the
-// stages of the other's blocks, in order. A grid of few tiles takes one tile a block, consumer 1
-// idle (launch_prefill_ws). Launch geometry only, the bits of the one-warpgroup kernel; what it
-// gains is that the consumers issue no copies (H200, one sequence, 32 heads over 8 kv heads:
-// 1,479 -> 1,438 µs at 8,192 tokens, 23,300 -> 21,800 at 32,768, the same at 2,048;
-// docs/performance.md, "A producer warpgroup for the Hopper prefill").
+// Prefill, warp-specialized wgmma (sm_90a, head dim 128): a producer warpgroup and kTiles consumer
+// warpgroups a block, one block per SM. The producer copies the queries of the block's neighbouring
+// tiles of one kv head and the key blocks of the last tile's walk (an earlier tile's walk is a
+// prefix of it) into a ring of kStages stages, each completing on its full barrier
+// (cp.async.mbarrier.arrive); consumer c reduces the block's tile c with prefill_wgmma_tile, and
+// frees a stage on its empty barrier once its four warps' products have read it. A consumer whose
+// walk ends before the last one's goes on freeing the stages of the others' blocks, in order. A grid
+// of few tiles takes one tile a block, the other consumer idle (launch_prefill_ws). Launch geometry
+// only, the bits of the one-warpgroup kernel; what it gains is that the consumers issue no copies
+// (H200, one sequence, 32 heads over 8 kv heads: 1,479 -> 1,377 µs at 8,192 tokens, 23,300 ->
+// 21,100 at 32,768, 137 -> 135 at 2,048; docs/performance.md, "A producer warpgroup for the Hopper
+// prefill" and "One tile reduction for both Hopper prefill kernels").
 struct PrefillWsTiles {
-  static constexpr int kThreads = 3 * 128;
-  static constexpr int kRows = kWgRows;  // query rows of each consumer's tile
   static constexpr int kTiles = 2;
-  static constexpr int kStages = 5;  // key blocks in flight
-  // setmaxnreg.inc takes only what the block's dec gave back: 2 * consumer + producer <= 3 * 168
-  // (launched with 168 a thread). The consumers' 240 are what the one-warpgroup kernel takes.
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static constexpr int kThreads = (kTiles + 1) * 128;
+  static constexpr int kRows = kWgRows;  // query rows of each consumer's tile
+  static constexpr int kStages = 5;      // key blocks in flight
+  // setmaxnreg.inc takes only what the block's dec gave back: kTiles * consumer + producer <=
+  // (kTiles + 1) * the registers a thread launched with (65,536 / threads, rounded down to 8). The
+  // consumers take 232 (the one-warpgroup kernel 241 unbounded, but 240/24 spilled 60 bytes where
+  // 232/40 spill 4).
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  static_assert(kTiles * kConsumerRegs + kProducerRegs <= (kTiles + 1) * (65536 / kThreads / 8 * 8),
+                "the consumers' registers must come from the producer's");
   template <int D>
   static constexpr int smem_bytes() {
     return (kTiles * kRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16)) +
            (2 * kStages + 1) * static_cast<int>(sizeof(uint64_t)) + 1024;  // + barriers, alignment
   }
+};
+
+// A consumer's view of the producer's ring: a slot's full barrier completes its phase when the
+// block's copies land; lane 0 of each warp arrives on the slot's empty barrier once the warp's
+// products have read it.
+template <int D>
+struct MbarrierRing {
+  static constexpr int kStages = PrefillWsTiles::kStages;
+  bf16* k_s;  // [kStages][kKeyBlock][D] in slabs
+  bf16* v_s;
+  uint64_t* full;
+  uint64_t* empty;
+
+  __device__ uint32_t bar(uint64_t* barriers, int stage) const { return ptx::smem_addr(&barriers[stage]); }
+  __device__ void wait(RingSlot slot) const {
+    ptx::mbar_wait(bar(full, slot.stage), slot.phase);
+    ptx::fence_proxy_async_smem();  // the copies, seen by wgmma's reads (the async proxy)
+  }
+  __device__ void wait_first() const { wait(RingSlot{}); }
+  __device__ uint64_t k_desc(int stage) const { return ptx::smem_desc(ptx::smem_addr(k_s + stage * kKeyBlock * D)); }
+  __device__ uint64_t v_desc(int stage) const { return n_major_desc(ptx::smem_addr(v_s + stage * kKeyBlock * D)); }
+  __device__ void consumed(RingSlot slot) const {
+    if ((threadIdx.x & 31) == 0) ptx::mbar_arrive(bar(empty, slot.stage));
+  }
+  __device__ void recycle(RingSlot) const {}
 };
 
 template <int D>
@@ -1027,21 +1108,25 @@ __global__ void __launch_bounds__(PrefillWsTiles::kThreads, 1)
   bf16* v_s = k_s + S * kKeyBlock * D;
   uint64_t* full = reinterpret_cast<uint64_t*>(v_s + S * kKeyBlock * D);  // a stage's K and V have arrived
   uint64_t* empty = full + S;                                             // every consumer warp has read it
-  uint64_t* q_full = empty + S;                                           // both tiles' queries have arrived
-  auto k_stage = [&](int i) { return k_s + (i % S) * kKeyBlock * D; };  // key block i of the walk
-  auto v_stage = [&](int i) { return v_s + (i % S) * kKeyBlock * D; };
-  auto bar = [&](uint64_t* barriers, int i) { return ptx::smem_addr(&barriers[i % S]); };
+  uint64_t* q_full = empty + S;                                           // every tile's queries have arrived
+  const MbarrierRing<D> ring{k_s, v_s, full, empty};
 
   const int wg = threadIdx.x / 128, warp = (threadIdx.x >> 5) & 3;
   const int first = (gridDim.x - 1 - blockIdx.x) * tiles_per_block;  // the block's tiles, the most keys first
-  PrefillTile t0, t1;
-  if (!prefill_tile_at<T::kRows>(a, t0, first, warp)) return;
-  const bool has1 = tiles_per_block == 2 && prefill_tile_at<T::kRows>(a, t1, first + 1, warp);
-  const int pmax = has1 ? t1.pmax : t0.pmax;  // the producer's walk
+  // The block's tiles that have rows: 0 .. tiles - 1 (the grid's last block may hold fewer).
+  PrefillTile last;
+  int tiles = 0;
+  for (int c = 0; c < tiles_per_block; ++c) {
+    PrefillTile t;
+    if (!prefill_tile_at<T::kRows>(a, t, first + c, warp)) break;
+    last = t, tiles = c + 1;
+  }
+  if (tiles == 0) return;
+  const int pmax = last.pmax;  // the producer's walk: the last tile's
   if (threadIdx.x == 0) {
     for (int i = 0; i < S; ++i) {
-      ptx::mbar_init(bar(full, i), 128);  // one arrival per producer thread, when its copies land
-      ptx::mbar_init(bar(empty, i), has1 ? 8 : 4);  // one per working consumer warp
+      ptx::mbar_init(ring.bar(full, i), 128);        // one arrival per producer thread, when its copies land
+      ptx::mbar_init(ring.bar(empty, i), 4 * tiles);  // one per working consumer warp
     }
     ptx::mbar_init(ptx::smem_addr(q_full), 128);
     ptx::fence_mbarrier_init();
@@ -1050,119 +1135,41 @@ __global__ void __launch_bounds__(PrefillWsTiles::kThreads, 1)
 
   if (wg == 0) {
     ptx::setmaxnreg_dec<T::kProducerRegs>();
-    load_query_rows<D, 128, T::kRows, true>(q_s, a.q, [&](int r) { return t0.row_offset<D>(a, r); }, t0.rows);
-    if (has1)
-      load_query_rows<D, 128, T::kRows, true>(q_s + T::kRows * D, a.q, [&](int r) { return t1.row_offset<D>(a, r); },
-                                              t1.rows);
+    for (int c = 0; c < tiles; ++c) {
+      PrefillTile t;
+      prefill_tile_at<T::kRows>(a, t, first + c, warp);
+      load_query_rows<D, 128, T::kRows, true>(q_s + c * T::kRows * D, a.q, [&](int r) { return t.row_offset<D>(a, r); },
+                                              t.rows);
+    }
     ptx::cp_async_mbar_arrive(ptx::smem_addr(q_full));
     KeyBlockWalk w;
-    for (int i = 0; w.within(pmax); w.next(t0.split, pmax), ++i) {
-      if (i >= S) ptx::mbar_wait(bar(empty, i), ((i / S) - 1) & 1);
-      load_key_block<D, 128, true, true, true, false, true>(k_stage(i), v_stage(i), a, t0.table, t0.kv_head, w.key0,
-                                                           t0.len);
-      ptx::cp_async_mbar_arrive(bar(full, i));
+    RingSlot slot;
+    for (bool reuse = false; w.within(pmax); w.next(last.split, pmax)) {
+      if (reuse) ptx::mbar_wait(ring.bar(empty, slot.stage), slot.phase ^ 1);  // read in the previous round
+      load_key_block<D, 128, true, true, true, false, true>(k_s + slot.stage * kKeyBlock * D,
+                                                           v_s + slot.stage * kKeyBlock * D, a, last.table,
+                                                           last.kv_head, w.key0, last.len);
+      ptx::cp_async_mbar_arrive(ring.bar(full, slot.stage));
+      slot.advance(S);
+      reuse = reuse || slot.stage == 0;
     }
     ptx::cp_async_wait<0>();
     return;
   }
 
   const int c = wg - 1;
-  if (c == 1 && !has1) return;
+  if (c >= tiles) return;
   ptx::setmaxnreg_inc<T::kConsumerRegs>();
-  const PrefillTile t = c == 0 ? t0 : t1;
-  auto wait_full = [&](int i) {
-    ptx::mbar_wait(bar(full, i), (i / S) & 1);
-    ptx::fence_proxy_async_smem();  // the copies, seen by wgmma's reads (the async proxy)
-  };
-  auto release = [&](int i) {
-    if ((threadIdx.x & 31) == 0) ptx::mbar_arrive(bar(empty, i));
-  };
-  KeyBlockWalk b;  // the last key block this warpgroup has taken
-  int it = 0;      // its index in the producer's walk
-  {
-    const uint64_t q_desc = ptx::smem_desc(ptx::smem_addr(q_s + c * T::kRows * D));
-    auto k_desc = [&](int i) { return ptx::smem_desc(ptx::smem_addr(k_stage(i))); };
-    auto v_desc = [&](int i) { return n_major_desc(ptx::smem_addr(v_stage(i))); };
-    SplitAccum<D> total, part;
-    split_init(total);
-    split_init(part);
-    uint32_t p_a[kKeyBlock / 16][4], p_b[kKeyBlock / 16][4];
-    float s[kKeyBlock / 8][4], alpha[2];
-    auto fence_scores = [&] { ptx::fence_registers(*reinterpret_cast<float(*)[kKeyBlock / 2]>(&s[0][0])); };
-    auto fence_output = [&] { ptx::fence_registers(*reinterpret_cast<float(*)[D / 2]>(&part.o[0][0])); };
-
-    ptx::mbar_wait(ptx::smem_addr(q_full), 0);
-    wait_full(0);
-    {
-      wg_issue_scores<D, T::kRows>(s, q_desc, k_desc(0));
-      ptx::wgmma_wait<0>();
-      fence_scores();
-      int limit[2];
-      prefill_limits(t, b.s, limit);
-      softmax_block<D>(part, s, p_a, b.key0, limit, a.scale_log2);
-    }
-    auto step = [&](uint32_t(&p_prev)[kKeyBlock / 16][4], uint32_t(&p_next)[kKeyBlock / 16][4]) {
-      KeyBlockWalk next = b;
-      next.next(t.split, t.pmax);
-      if (!next.within(t.pmax)) return false;
-      wait_full(it + 1);
-      wg_issue_scores<D, T::kRows>(s, q_desc, k_desc(it + 1));
-      wg_issue_values<D>(part, p_prev, v_desc(it));
-      ptx::wgmma_wait<1>();
-      fence_scores();
-      const bool new_split = next.s != b.s;
-      const float m_old[2] = {part.m[0], part.m[1]}, l_old[2] = {part.l[0], part.l[1]};
-      if (new_split)
-        for (int r = 0; r < 2; ++r) part.m[r] = -INFINITY, part.l[r] = 0.f;
-      int limit[2];
-      prefill_limits(t, next.s, limit);
-      softmax_block<D, false>(part, s, p_next, next.key0, limit, a.scale_log2, alpha);
-      ptx::wgmma_wait<0>();
-      fence_output();
-      fence_fragments(p_prev);
-      release(it);  // block b's K and V are read
-      if (new_split) {
-        const float m_new[2] = {part.m[0], part.m[1]}, l_new[2] = {part.l[0], part.l[1]};
-        for (int r = 0; r < 2; ++r) part.m[r] = m_old[r], part.l[r] = l_old[r];
-        finish_split(part);
-        merge_split(total, part, a.scale_log2);
-        split_init(part);
-        for (int r = 0; r < 2; ++r) part.m[r] = m_new[r], part.l[r] = l_new[r];
-      } else {
-        rescale_output(part, alpha);
-      }
-      b = next;
-      ++it;
-      return true;
-    };
-    bool last_in_a = true;
-    while (step(p_a, p_b)) {
-      if (!step(p_b, p_a)) {
-        last_in_a = false;
-        break;
-      }
-    }
-    auto last_values = [&](uint32_t(&p)[kKeyBlock / 16][4]) {
-      wg_issue_values<D>(part, p, v_desc(it));
-      ptx::wgmma_wait<0>();
-      fence_fragments(p);
-    };
-    if (last_in_a)
-      last_values(p_a);
-    else
-      last_values(p_b);
-    release(it);
-    fence_output();
-    finish_split(part);
-    merge_split(total, part, a.scale_log2);
-    prefill_store(a, t, total);
-  }
-  // Consumer 0 of two: the rest of the later tile's walk, freed unread, in order (a stage's barrier
-  // phases alternate).
-  b.next(t0.split, pmax);
-  for (++it; b.within(pmax); b.next(t0.split, pmax), ++it) {
-    ptx::mbar_wait(bar(full, it), (it / S) & 1);
-    release(it);
+  PrefillTile t;
+  prefill_tile_at<T::kRows>(a, t, first + c, warp);
+  ptx::mbar_wait(ptx::smem_addr(q_full), 0);
+  KeyBlockWalk b;
+  RingSlot slot = prefill_wgmma_tile<D, T::kRows>(a, t, ptx::smem_desc(ptx::smem_addr(q_s + c * T::kRows * D)), ring, b);
+  // The rest of the producer's walk, freed unread, in order (a stage's barrier phases alternate).
+  for (b.next(t.split, pmax); b.within(pmax); b.next(t.split, pmax)) {
+    slot.advance(S);
+    ring.wait(slot);
+    ring.consumed(slot);
   }
 #endif
 }
@@ -1170,18 +1177,20 @@ __global__ void __launch_bounds__(PrefillWsTiles::kThreads, 1)
 template <int D>
 void launch_prefill_ws(const AttentionArgs& a, int max_query_len, cudaStream_t stream) {
   using T = PrefillWsTiles;
-  constexpr int smem = T::smem_bytes<D>();
+  constexpr int smem = T::template smem_bytes<D>();
   static std::once_flag configured;
   std::call_once(configured, [&] {
     CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_ws_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   });
   const PrefillHeads g = prefill_heads(a.heads, a.kv_heads, T::kRows);
   const int tiles = (max_query_len + g.positions - 1) / g.positions;
-  // Two tiles a block once the grid's tiles outnumber the SMs, else one a block, so that a small
-  // grid (a 512-query chunk of Qwen3-0.6B: 128 tiles) still spreads over as many SMs: two a block
-  // there took a chunked prefill of 8,192 tokens from 108,447 to 93,912 tok/s.
+  // As few tiles a block as keep every SM's block busy: one while the grid's tiles are no more than
+  // the SMs, so that a small grid (a 512-query chunk of Qwen3-0.6B: 128 tiles) still spreads over
+  // as many SMs (two a block there took a chunked prefill of 8,192 tokens from 108,447 to 93,912
+  // tok/s), then one more for each multiple of the SMs, up to kTiles.
   const int64_t grid_tiles = static_cast<int64_t>(tiles) * a.kv_heads * g.head_tiles * a.num_seqs;
-  const int per_block = grid_tiles > cuda_runtime::multiprocessors() ? 2 : 1;
+  const int64_t sms = cuda_runtime::multiprocessors();
+  const int per_block = static_cast<int>(std::min<int64_t>(T::kTiles, (grid_tiles + sms - 1) / sms));
   const dim3 grid((tiles + per_block - 1) / per_block, a.kv_heads * g.head_tiles, a.num_seqs);
   attention_prefill_ws_kernel<D><<<grid, T::kThreads, smem, stream>>>(a, per_block);
 }
@@ -1356,7 +1365,9 @@ void launch_prefill(const AttentionArgs& a, int max_query_len, cudaStream_t stre
 
 // The Hopper prefill: at head dim 128 the warp-specialized kernel, one or two tiles a block; at 64 the
 // one-warpgroup kernel, three blocks per SM (two consumer warpgroups a block measured 10-13%
-// slower there: docs/performance.md, "A producer warpgroup for the Hopper prefill").
+// slower there, three 8% slower at 2,048 tokens and 5% faster only at 32,768: docs/performance.md,
+// "A producer warpgroup for the Hopper prefill", "One tile reduction for both Hopper prefill
+// kernels").
 template <int D>
 void launch_prefill_wgmma(const AttentionArgs& a, int max_query_len, cudaStream_t stream) {
   if constexpr (D == 128)
