@@ -14,6 +14,8 @@
 //   node bench/generate.mjs --matmul-kernels mma.sync # (development) every matmul with the sm_80-89 kernels
 //   node bench/generate.mjs --launch-ahead off        # decode steps one after another (default on:
 //                                                    # step n + 1 enqueued before step n is read)
+//   node bench/generate.mjs --prefill-chunk 2048      # prompt tokens per prefill step (default 512;
+//                                                    # the library's default on CUDA is 2048)
 //
 // Every request generates exactly --new-tokens tokens (EOS does not end it). --samplings lists
 // the token choices to measure (greedy, tT, tT-pP, tT-kK, tT-kK-pP-mM; default greedy plus
@@ -22,7 +24,7 @@
 // measured while every request of the batch decodes: from the last request's first token (the
 // end of the batch's prefill) to the first request's last token, so they are those of pure decode
 // steps, which the roofline describes (the window must hold at least 8 steps: at large batches
-// the prefill takes batch * prompt / 512 steps, so --new-tokens must exceed that by 8; else '-').
+// the prefill takes batch * prompt / chunk steps, so --new-tokens must exceed that by 8; else '-').
 // `span tok/s` is the older measure, each request's tokens after its first over the time between
 // them (the slowest request), which also counts the steps that prefill the other requests' prompts.
 // Each configuration (batch size, token choice, kernels) runs once untimed, which captures the
@@ -62,6 +64,7 @@ const { values: args } = parseArgs({
     repeats: { type: 'string', default: '3' },
     'prefill-kernel': { type: 'string', default: 'auto' },
     'matmul-kernels': { type: 'string', default: 'auto' },
+    'prefill-chunk': { type: 'string', default: '512' },
   },
 })
 
@@ -88,6 +91,7 @@ const promptTokens = positive('prompt-tokens', args['prompt-tokens'])
 const newTokens = positive('new-tokens', args['new-tokens'] ?? (onGpu ? '128' : '32'))
 const repeats = positive('repeats', args.repeats)
 const prefillTokens = positive('prefill-tokens', args['prefill-tokens'] ?? (onGpu ? '2048' : '256'))
+const prefillChunk = positive('prefill-chunk', args['prefill-chunk'])
 
 /** "greedy" or "t0.7-p0.9-k50-m0.05" -> sampling parameters (null: greedy). */
 function parseSampling(name) {
@@ -124,7 +128,7 @@ const graphModes = onGpu ? (args.graphs ?? 'on,off').split(',').map((g) => {
 const maxBatch = Math.max(...batches)
 const blockSize = 16
 const perSequence = Math.ceil((promptTokens + newTokens + 1) / blockSize)
-const maxBatchTokens = Math.max(512, maxBatch)
+const maxBatchTokens = Math.max(prefillChunk, maxBatch)
 const loadWith = (graphs) =>
   Transformer.load(modelDir, {
     device,
@@ -226,7 +230,7 @@ function measure(kernels, samplingNames, graphs) {
     setVariantKernels(kernels === 'variant')
     model = models.get(graphs)
     try {
-      await serve([prompts[0].slice(0, 8)], 2, { maxBatchSize: 1, prefillChunkSize: 512 }) // warm-up
+      await serve([prompts[0].slice(0, 8)], 2, { maxBatchSize: 1, prefillChunkSize: prefillChunk }) // warm-up
       const rows = []
       for (const batch of batches)
         for (const sampling of samplingNames) {
@@ -235,7 +239,7 @@ function measure(kernels, samplingNames, graphs) {
         // 512 tokens a step, decodes first, so a batch of 64 128-token prompts takes over 20 steps
         // to admit, and with 4 new tokens its first requests were done before the last were admitted
         // (no step of 64 decodes, whose bucket the timed run then ran eagerly and captured).
-        const timedRun = () => serve(prompts.slice(0, batch), newTokens, { maxBatchSize: batch, prefillChunkSize: 512 }, parseSampling(sampling))
+        const timedRun = () => serve(prompts.slice(0, batch), newTokens, { maxBatchSize: batch, prefillChunkSize: prefillChunk }, parseSampling(sampling))
         await timedRun()
         const runs = []
         for (let r = 0; r < repeats; r++) {
@@ -264,7 +268,7 @@ function measure(kernels, samplingNames, graphs) {
           firstTokenMs: Math.max(...timings.map((t) => t.queuedMs + t.prefillMs)),
         })
       }
-      const prefill = await serve([longPrompt], 1, { maxBatchSize: 1, prefillChunkSize: 512 })
+      const prefill = await serve([longPrompt], 1, { maxBatchSize: 1, prefillChunkSize: prefillChunk })
       const prefillTokensPerSecond = prefillTokens / ((prefill.timings[0].queuedMs + prefill.timings[0].prefillMs) / 1000)
       return { rows, prefillTokensPerSecond }
     } finally {
@@ -302,6 +306,7 @@ const summary = {
   promptTokens,
   newTokens,
   prefillTokens,
+  prefillChunk,
   launchAhead,
   copyGBs,
   weightBytes,
@@ -351,7 +356,7 @@ if (graphStats)
     `CUDA graphs captured: ${graphStats.captured.map((g) => `${g.rows}x${g.context}`).join(', ')} (${(graphStats.bytes / 2 ** 20).toFixed(1)} MiB)`,
   )
 console.log(
-  `prefill of ${prefillTokens} tokens: ${f(invariant.prefillTokensPerSecond)} tok/s` +
+  `prefill of ${prefillTokens} tokens in chunks of ${prefillChunk}: ${f(invariant.prefillTokensPerSecond)} tok/s` +
     (variant ? ` (variant ${f(variant.prefillTokensPerSecond)})` : '') +
     (baseline ? ` (hf ${f(baseline.prefillTokensPerSecond)})` : ''),
 )
