@@ -1048,9 +1048,9 @@ __global__ void __launch_bounds__(PrefillWgmmaTiles::kThreads, PrefillWgmmaTiles
 // walk ends before the last one's goes on freeing the stages of the others' blocks, in order. A grid
 // of few tiles takes one tile a block, the other consumer idle (launch_prefill_ws). Launch geometry
 // only, the bits of the one-warpgroup kernel; what it gains is that the consumers issue no copies
-// (H200, one sequence, 32 heads over 8 kv heads: 1,479 -> 1,377 µs at 8,192 tokens, 23,300 ->
-// 21,100 at 32,768, 137 -> 135 at 2,048; docs/performance.md, "A producer warpgroup for the Hopper
-// prefill" and "One tile reduction for both Hopper prefill kernels").
+// (H200, one sequence, 32 heads over 8 kv heads: 1,369 µs at 8,192 tokens and 20,864 at 32,768,
+// where the one-warpgroup kernel took 1,479 and 23,300; docs/performance.md, "A producer
+// warpgroup for the Hopper prefill" and "One tile reduction for both Hopper prefill kernels").
 struct PrefillWsTiles {
   static constexpr int kTiles = 2;
   static constexpr int kThreads = (kTiles + 1) * 128;
