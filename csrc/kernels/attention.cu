@@ -91,13 +91,14 @@ struct PrefillWgmmaTiles {
 
 // The key blocks a prefill tile reduces, in order: split s, its blocks of kKeyBlock keys from
 // the split's first key, up to the tile's last position pmax.
+// stride 2: every other split (the interleaved Hopper prefill's consumers).
 struct KeyBlockWalk {
   int s = 0, key0 = 0;
   __device__ bool within(int pmax) const { return key0 <= pmax; }
-  __device__ void next(int split, int pmax) {
+  __device__ void next(int split, int pmax, int stride = 1) {
     key0 += kKeyBlock;
     if (key0 >= min((s + 1) * split, pmax + 1)) {
-      ++s;
+      s += stride;
       key0 = s * split;
     }
   }
@@ -878,17 +879,24 @@ struct RingSlot {
 // o keep their values exactly (alpha = 1 or, before the row's first key, 0 on zeros; p = 0), as if
 // it had skipped the block.
 //
-// Ring: where the walk's key blocks lie (KeyBlockWalk's order; the slot of block i: stage i %
-// Ring::kStages, phase (i / Ring::kStages) & 1) and when:
-//   wait_first(), wait(slot)   block 0's, a later block's stage holds it, visible to wgmma (the
-//                              async proxy);
-//   k_desc(stage), v_desc(stage)   the stage's K and V tiles;
+// Ring: which of the tile's key blocks this warpgroup takes, where they lie and when, and what
+// becomes of an ended split:
+//   walk_start(t), walk_next(walk, t)   the blocks, in KeyBlockWalk's order (every split, or every
+//                                       other one);
+//   Slot, first(), next(slot)   where the walk's first and following blocks lie (a stage and its
+//                               barriers' phase);
+//   wait_first(), wait(slot)    the first block's, a later block's stage holds it, visible to
+//                               wgmma (the async proxy);
+//   k_desc(slot), v_desc(slot)  its K and V tiles;
 //   consumed(slot)   this warp's products have read the slot's block (the step has waited for them);
-//   recycle(slot)    the end of the step that consumed it.
-// Stores the tile's output; b then holds the tile's last key block, and the result is its slot.
+//   recycle(slot)    the end of the step that consumed it;
+//   merge_ended(total, part, s, c)   split s has ended, its (m, l, o) in part: total <- total ⊕ it,
+//                                    with the splits before it first;
+//   finish(total, s, c)   after the walk's last split s: whether total is the tile's, to store.
+// b then holds the walk's last key block, and the result is its slot.
 template <int D, int kRows, typename Ring>
-__device__ __forceinline__ RingSlot prefill_wgmma_tile(const AttentionArgs& a, const PrefillTile& t, uint64_t q_desc,
-                                                       Ring& ring, KeyBlockWalk& b) {
+__device__ __forceinline__ typename Ring::Slot prefill_wgmma_tile(const AttentionArgs& a, const PrefillTile& t,
+                                                                  uint64_t q_desc, Ring& ring, KeyBlockWalk& b) {
   SplitAccum<D> total, part;
   split_init(total);
   split_init(part);
@@ -898,11 +906,11 @@ __device__ __forceinline__ RingSlot prefill_wgmma_tile(const AttentionArgs& a, c
   auto fence_output = [&] { ptx::fence_registers(*reinterpret_cast<float(*)[D / 2]>(&part.o[0][0])); };
 
   // Block 0: its scores and softmax (o is zero: rescaling it is exact); its values go with block 1.
-  b = KeyBlockWalk{};
-  RingSlot slot;  // block b's
+  b = ring.walk_start(t);
+  typename Ring::Slot slot = ring.first();  // block b's
   ring.wait_first();
   {
-    wg_issue_scores<D, kRows>(s, q_desc, ring.k_desc(0));
+    wg_issue_scores<D, kRows>(s, q_desc, ring.k_desc(slot));
     ptx::wgmma_wait<0>();
     fence_scores();
     int limit[2];
@@ -915,13 +923,12 @@ __device__ __forceinline__ RingSlot prefill_wgmma_tile(const AttentionArgs& a, c
   // flight read. false, doing nothing, when the tile has no next block.
   auto step = [&](uint32_t(&p_prev)[kKeyBlock / 16][4], uint32_t(&p_next)[kKeyBlock / 16][4]) {
     KeyBlockWalk next = b;
-    next.next(t.split, t.pmax);
+    ring.walk_next(next, t);
     if (!next.within(t.pmax)) return false;
-    RingSlot slot_next = slot;
-    slot_next.advance(Ring::kStages);
+    const typename Ring::Slot slot_next = ring.next(slot);
     ring.wait(slot_next);
-    wg_issue_scores<D, kRows>(s, q_desc, ring.k_desc(slot_next.stage));
-    wg_issue_values<D>(part, p_prev, ring.v_desc(slot.stage));
+    wg_issue_scores<D, kRows>(s, q_desc, ring.k_desc(slot_next));
+    wg_issue_values<D>(part, p_prev, ring.v_desc(slot));
     ptx::wgmma_wait<1>();
     fence_scores();
     const bool new_split = next.s != b.s;
@@ -941,7 +948,7 @@ __device__ __forceinline__ RingSlot prefill_wgmma_tile(const AttentionArgs& a, c
       const float m_new[2] = {part.m[0], part.m[1]}, l_new[2] = {part.l[0], part.l[1]};
       for (int r = 0; r < 2; ++r) part.m[r] = m_old[r], part.l[r] = l_old[r];
       finish_split(part);
-      merge_split(total, part, a.scale_log2);
+      ring.merge_ended(total, part, b.s, a.scale_log2);
       split_init(part);
       for (int r = 0; r < 2; ++r) part.m[r] = m_new[r], part.l[r] = l_new[r];
     } else {
@@ -961,7 +968,7 @@ __device__ __forceinline__ RingSlot prefill_wgmma_tile(const AttentionArgs& a, c
   }
   // The last block's values, then its split.
   auto last_values = [&](uint32_t(&p)[kKeyBlock / 16][4]) {
-    wg_issue_values<D>(part, p, ring.v_desc(slot.stage));
+    wg_issue_values<D>(part, p, ring.v_desc(slot));
     ptx::wgmma_wait<0>();
     fence_fragments(p);
   };
@@ -972,8 +979,8 @@ __device__ __forceinline__ RingSlot prefill_wgmma_tile(const AttentionArgs& a, c
   ring.consumed(slot);
   fence_output();
   finish_split(part);
-  merge_split(total, part, a.scale_log2);
-  prefill_store(a, t, total);
+  ring.merge_ended(total, part, b.s, a.scale_log2);
+  if (ring.finish(total, b.s, a.scale_log2)) prefill_store(a, t, total);
   return slot;
 }
 
@@ -1006,15 +1013,27 @@ struct CpAsyncRing {
     ptx::fence_proxy_async_smem();  // the copies, seen by wgmma's reads (the async proxy)
     __syncthreads();
   }
+  using Slot = RingSlot;
+  __device__ Slot first() const { return {}; }
+  __device__ Slot next(Slot slot) const {
+    slot.advance(kStages);
+    return slot;
+  }
   __device__ void wait_first() { wait_groups<kStages - 1>(); }
-  __device__ void wait(RingSlot) { wait_groups<kStages - 2>(); }
-  __device__ uint64_t k_desc(int stage) const { return ptx::smem_desc(ptx::smem_addr(k_s + stage * kKeyBlock * D)); }
-  __device__ uint64_t v_desc(int stage) const { return n_major_desc(ptx::smem_addr(v_s + stage * kKeyBlock * D)); }
-  __device__ void consumed(RingSlot) {}
-  __device__ void recycle(RingSlot slot) {
+  __device__ void wait(Slot) { wait_groups<kStages - 2>(); }
+  __device__ uint64_t k_desc(Slot slot) const { return ptx::smem_desc(ptx::smem_addr(k_s + slot.stage * kKeyBlock * D)); }
+  __device__ uint64_t v_desc(Slot slot) const { return n_major_desc(ptx::smem_addr(v_s + slot.stage * kKeyBlock * D)); }
+  __device__ void consumed(Slot) {}
+  __device__ void recycle(Slot slot) {
     __syncthreads();  // the slot's stage is free: the block kStages on goes there
     copy_ahead(slot.stage);
   }
+  __device__ KeyBlockWalk walk_start(const PrefillTile&) const { return {}; }
+  __device__ void walk_next(KeyBlockWalk& w, const PrefillTile& tile) const { w.next(tile.split, tile.pmax); }
+  __device__ void merge_ended(SplitAccum<D>& total, const SplitAccum<D>& part, int, float scale_log2) {
+    merge_split(total, part, scale_log2);
+  }
+  __device__ bool finish(SplitAccum<D>&, int, float) { return true; }
 };
 
 // wgmma (sm_90a): one warpgroup of 64 rows reduces the block's tile with prefill_wgmma_tile.
@@ -1039,18 +1058,26 @@ __global__ void __launch_bounds__(PrefillWgmmaTiles::kThreads, PrefillWgmmaTiles
 #endif
 }
 
-// Prefill, warp-specialized wgmma (sm_90a, head dim 128): a producer warpgroup and kTiles consumer
-// warpgroups a block, one block per SM. The producer copies the queries of the block's neighbouring
-// tiles of one kv head and the key blocks of the last tile's walk (an earlier tile's walk is a
-// prefix of it) into a ring of kStages stages, each completing on its full barrier
-// (cp.async.mbarrier.arrive); consumer c reduces the block's tile c with prefill_wgmma_tile, and
-// frees a stage on its empty barrier once its four warps' products have read it. A consumer whose
-// walk ends before the last one's goes on freeing the stages of the others' blocks, in order. A grid
-// of few tiles takes one tile a block, the other consumer idle (launch_prefill_ws). Launch geometry
-// only, the bits of the one-warpgroup kernel; what it gains is that the consumers issue no copies
-// (H200, one sequence, 32 heads over 8 kv heads: 1,369 µs at 8,192 tokens and 20,864 at 32,768,
-// where the one-warpgroup kernel took 1,479 and 23,300; docs/performance.md, "A producer
-// warpgroup for the Hopper prefill" and "One tile reduction for both Hopper prefill kernels").
+// Prefill, warp-specialized wgmma (sm_90a, head dim 128): a producer warpgroup and two consumer
+// warpgroups a block, one block per SM. The producer copies the queries and the key blocks the
+// consumers take into a ring of kStages stages, each completing on its full barrier
+// (cp.async.mbarrier.arrive); a consumer reduces with prefill_wgmma_tile and frees a stage on its
+// empty barrier once its four warps' products have read it. Two ways to share a block:
+//   tiles: consumer c reduces the block's tile c, of kTiles neighbouring tiles of one kv head; the
+//          producer copies the last tile's walk (an earlier tile's walk is a prefix of it), and a
+//          consumer whose walk ends first goes on freeing the stages of the others' blocks, in
+//          order. The grid's tiles outnumber the SMs.
+//   interleaved (kInterleave): the block's one tile, consumer 0 taking the even splits and
+//          consumer 1 the odd ones (InterleavedRing). Consumer 1 hands each finished split over
+//          in shared memory, and consumer 0 merges it into the tile's total in its turn, so the
+//          splits are merged in ascending order as ever. The grid's tiles are no more than the SMs,
+//          which would otherwise leave consumer 1 idle (random Qwen3-0.6B, a 32,768-token prompt
+//          in 512-token chunks of 128 tiles: 55.9k -> 62.8k tok/s end to end).
+// Launch geometry only, the bits of the one-warpgroup kernel; what the tiles form gains is that
+// the consumers issue no copies (H200, one sequence, 32 heads over 8 kv heads: 1,369 µs at 8,192
+// tokens and 20,864 at 32,768, where the one-warpgroup kernel took 1,479 and 23,300;
+// docs/performance.md, "A producer warpgroup for the Hopper prefill", "One tile reduction for
+// both Hopper prefill kernels" and "Alternate splits for a grid of few tiles").
 struct PrefillWsTiles {
   static constexpr int kTiles = 2;
   static constexpr int kThreads = (kTiles + 1) * 128;
@@ -1063,16 +1090,24 @@ struct PrefillWsTiles {
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
   static_assert(kTiles * kConsumerRegs + kProducerRegs <= (kTiles + 1) * (65536 / kThreads / 8 * 8),
                 "the consumers' registers must come from the producer's");
+  // A split handed from consumer 1 to consumer 0: each thread's o, m and l (SplitAccum) at its own
+  // place, [handoff_words][128] floats, as both warpgroups hold the same fragment layout.
   template <int D>
+  static constexpr int handoff_words() {
+    return D / 2 + 4;
+  }
+  // Shared memory: the query tiles, the ring, the handoff (interleaved only) and the barriers.
+  template <int D, bool kInterleave>
   static constexpr int smem_bytes() {
-    return (kTiles * kRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16)) +
-           (2 * kStages + 1) * static_cast<int>(sizeof(uint64_t)) + 1024;  // + barriers, alignment
+    return ((kInterleave ? 1 : kTiles) * kRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16)) +
+           (kInterleave ? handoff_words<D>() * 128 * static_cast<int>(sizeof(float)) : 0) +
+           (2 * kStages + 3) * static_cast<int>(sizeof(uint64_t)) + 1024;  // + alignment
   }
 };
 
-// A consumer's view of the producer's ring: a slot's full barrier completes its phase when the
-// block's copies land; lane 0 of each warp arrives on the slot's empty barrier once the warp's
-// products have read it.
+// A consumer's view of the producer's ring, every split of its tile in order: a slot's full
+// barrier completes its phase when the block's copies land; lane 0 of each warp arrives on the
+// slot's empty barrier once the warp's products have read it.
 template <int D>
 struct MbarrierRing {
   static constexpr int kStages = PrefillWsTiles::kStages;
@@ -1081,34 +1116,166 @@ struct MbarrierRing {
   uint64_t* full;
   uint64_t* empty;
 
+  using Slot = RingSlot;
+  __device__ Slot first() const { return {}; }
+  __device__ Slot next(Slot slot) const {
+    slot.advance(kStages);
+    return slot;
+  }
   __device__ uint32_t bar(uint64_t* barriers, int stage) const { return ptx::smem_addr(&barriers[stage]); }
-  __device__ void wait(RingSlot slot) const {
+  __device__ void wait(Slot slot) const {
     ptx::mbar_wait(bar(full, slot.stage), slot.phase);
     ptx::fence_proxy_async_smem();  // the copies, seen by wgmma's reads (the async proxy)
   }
-  __device__ void wait_first() const { wait(RingSlot{}); }
-  __device__ uint64_t k_desc(int stage) const { return ptx::smem_desc(ptx::smem_addr(k_s + stage * kKeyBlock * D)); }
-  __device__ uint64_t v_desc(int stage) const { return n_major_desc(ptx::smem_addr(v_s + stage * kKeyBlock * D)); }
-  __device__ void consumed(RingSlot slot) const {
+  __device__ void wait_first() const { wait(first()); }
+  __device__ uint64_t k_desc(Slot slot) const { return ptx::smem_desc(ptx::smem_addr(k_s + slot.stage * kKeyBlock * D)); }
+  __device__ uint64_t v_desc(Slot slot) const { return n_major_desc(ptx::smem_addr(v_s + slot.stage * kKeyBlock * D)); }
+  __device__ void consumed(Slot slot) const {
     if ((threadIdx.x & 31) == 0) ptx::mbar_arrive(bar(empty, slot.stage));
   }
-  __device__ void recycle(RingSlot) const {}
+  __device__ void recycle(Slot) const {}
+  __device__ KeyBlockWalk walk_start(const PrefillTile&) const { return {}; }
+  __device__ void walk_next(KeyBlockWalk& w, const PrefillTile& tile) const { w.next(tile.split, tile.pmax); }
+  __device__ void merge_ended(SplitAccum<D>& total, const SplitAccum<D>& part, int, float scale_log2) const {
+    merge_split(total, part, scale_log2);
+  }
+  __device__ bool finish(SplitAccum<D>&, int, float) const { return true; }
 };
 
+// Key blocks of the splits first, first + 2, ... of a tile whose last position is pmax (the
+// blocks KeyBlockWalk visits with stride 2 from split `first`).
+__device__ __forceinline__ int alternate_split_blocks(int first, int split, int pmax) {
+  int blocks = 0;
+  for (int s = first; s * split <= pmax; s += 2) blocks += (min((s + 1) * split, pmax + 1) - s * split + kKeyBlock - 1) / kKeyBlock;
+  return blocks;
+}
+
+// The interleaved order of the producer's walk: the two consumers' blocks taking turns, 0 first,
+// while both have blocks, then the rest of the longer walk. Block j of consumer c is walk index
+// index(c, j).
+struct InterleavedWalk {
+  int blocks[2];  // each consumer's key blocks
+  int paired;     // blocks of each consumer that take turns: the fewer of the two
+  __device__ InterleavedWalk(int split, int pmax)
+      : blocks{alternate_split_blocks(0, split, pmax), alternate_split_blocks(1, split, pmax)},
+        paired(min(blocks[0], blocks[1])) {}
+  __device__ int total() const { return blocks[0] + blocks[1]; }
+  __device__ int index(int c, int j) const { return j < paired ? 2 * j + c : paired + j; }
+  __device__ int consumer(int i) const { return i < 2 * paired ? (i & 1) : (blocks[1] > blocks[0] ? 1 : 0); }
+};
+
+// Consumer c of the interleaved form: the splits c, c + 2, ... of the block's tile from the
+// producer's ring, where its block j lies at walk index InterleavedWalk::index(c, j). Consumer 1
+// hands each of its ended splits to consumer 0 through shared memory (handoff_words floats a
+// thread); consumer 0 merges consumer 1's split s - 1 before its own split s, and at the end the
+// split after its last one if consumer 1 has it: the ascending order of a single walk. Everything
+// it reads lies at a constant offset from the block's shared memory, so that it holds few
+// registers beside the tile's.
 template <int D>
+struct InterleavedRing {
+  using T = PrefillWsTiles;
+  static constexpr int kStages = T::kStages;
+  static constexpr uint32_t kStageBytes = kKeyBlock * D * sizeof(bf16);
+  static constexpr uint32_t kK = T::kRows * D * sizeof(bf16);  // after the one query tile
+  static constexpr uint32_t kV = kK + kStages * kStageBytes;
+  static constexpr uint32_t kHand = kV + kStages * kStageBytes;
+  static constexpr uint32_t kFull = kHand + T::handoff_words<D>() * 128 * sizeof(float);
+  static constexpr uint32_t kEmpty = kFull + kStages * sizeof(uint64_t);
+  static constexpr uint32_t kHandFull = kEmpty + (kStages + 1) * sizeof(uint64_t);  // after q_full
+  static constexpr uint32_t kHandEmpty = kHandFull + sizeof(uint64_t);
+  uint32_t base;  // the block's shared memory, 1024-byte aligned
+  InterleavedWalk walk;
+  int c;
+  int odd_splits;    // the tile's splits 1, 3, ...: consumer 1's
+  int handoffs = 0;  // splits this consumer has handed over or taken
+
+  struct Slot {
+    int j;
+    RingSlot at;
+  };
+  __device__ Slot slot_of(int j) const {
+    const int i = walk.index(c, j);
+    return {j, RingSlot{i % kStages, static_cast<uint32_t>((i / kStages) & 1)}};
+  }
+  __device__ Slot first() const { return slot_of(0); }
+  __device__ Slot next(Slot slot) const { return slot_of(slot.j + 1); }
+  __device__ void wait(Slot slot) const {
+    ptx::mbar_wait(base + kFull + slot.at.stage * sizeof(uint64_t), slot.at.phase);
+    ptx::fence_proxy_async_smem();  // the copies, seen by wgmma's reads (the async proxy)
+  }
+  __device__ void wait_first() const { wait(first()); }
+  __device__ uint64_t k_desc(Slot slot) const { return ptx::smem_desc(base + kK + slot.at.stage * kStageBytes); }
+  __device__ uint64_t v_desc(Slot slot) const { return n_major_desc(base + kV + slot.at.stage * kStageBytes); }
+  __device__ void consumed(Slot slot) const {
+    if ((threadIdx.x & 31) == 0) ptx::mbar_arrive(base + kEmpty + slot.at.stage * sizeof(uint64_t));
+  }
+  __device__ void recycle(Slot) const {}
+  __device__ KeyBlockWalk walk_start(const PrefillTile& tile) const { return {c, c * tile.split}; }
+  __device__ void walk_next(KeyBlockWalk& w, const PrefillTile& tile) const { w.next(tile.split, tile.pmax, 2); }
+
+  __device__ uint32_t word(int k) const { return base + kHand + (k * 128 + (threadIdx.x & 127)) * sizeof(float); }
+  // Consumer 1: part, ended, to consumer 0 (once it has read the split before).
+  __device__ void give(const SplitAccum<D>& part) {
+    if (handoffs > 0) ptx::mbar_wait(base + kHandEmpty, (handoffs - 1) & 1);
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ptx::st_shared_b32(word(4 * i + e), __float_as_uint(part.o[i][e]));
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      ptx::st_shared_b32(word(D / 2 + r), __float_as_uint(part.m[r]));
+      ptx::st_shared_b32(word(D / 2 + 2 + r), __float_as_uint(part.l[r]));
+    }
+    ptx::mbar_arrive(base + kHandFull);
+    ++handoffs;
+  }
+  // Consumer 0: total <- total ⊕ consumer 1's next split, merge_split's operations on its words.
+  __device__ void take(SplitAccum<D>& total, float scale_log2) {
+    ptx::mbar_wait(base + kHandFull, handoffs & 1);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const MergeWeights w = merge_weights(total.m[r], ptx::ld_shared_f32(word(D / 2 + r)), scale_log2);
+      total.m[r] = w.m;
+      total.l[r] = merge_value(total.l[r], ptx::ld_shared_f32(word(D / 2 + 2 + r)), w);
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        total.o[i][2 * r] = merge_value(total.o[i][2 * r], ptx::ld_shared_f32(word(4 * i + 2 * r)), w);
+        total.o[i][2 * r + 1] = merge_value(total.o[i][2 * r + 1], ptx::ld_shared_f32(word(4 * i + 2 * r + 1)), w);
+      }
+    }
+    ptx::mbar_arrive(base + kHandEmpty);
+    ++handoffs;
+  }
+  __device__ void merge_ended(SplitAccum<D>& total, const SplitAccum<D>& part, int s, float scale_log2) {
+    if (c == 1) return give(part);
+    if (s > 0) take(total, scale_log2);  // split s - 1, consumer 1's
+    merge_split(total, part, scale_log2);
+  }
+  // Consumer 0 after its last split: consumer 1's split after it, if the tile has one.
+  __device__ bool finish(SplitAccum<D>& total, int, float scale_log2) {
+    if (c == 1) return false;
+    if (handoffs < odd_splits) take(total, scale_log2);
+    return true;
+  }
+};
+
+template <int D, bool kInterleave>
 __global__ void __launch_bounds__(PrefillWsTiles::kThreads, 1)
     attention_prefill_ws_kernel(AttentionArgs a, int tiles_per_block) {
   using T = PrefillWsTiles;
   constexpr int S = T::kStages;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // sm_90a machine code only; the host launches it nowhere else
+  constexpr int kQTiles = kInterleave ? 1 : T::kTiles;
   extern __shared__ __align__(128) unsigned char smem_buffer[];
   unsigned char* smem = smem_buffer + ((1024 - (ptx::smem_addr(smem_buffer) & 1023)) & 1023);
-  bf16* q_s = reinterpret_cast<bf16*>(smem);   // [kTiles][kRows][D] in slabs
-  bf16* k_s = q_s + T::kTiles * T::kRows * D;  // [S][kKeyBlock][D] in slabs
+  bf16* q_s = reinterpret_cast<bf16*>(smem);  // [kQTiles][kRows][D] in slabs
+  bf16* k_s = q_s + kQTiles * T::kRows * D;   // [S][kKeyBlock][D] in slabs
   bf16* v_s = k_s + S * kKeyBlock * D;
-  uint64_t* full = reinterpret_cast<uint64_t*>(v_s + S * kKeyBlock * D);  // a stage's K and V have arrived
-  uint64_t* empty = full + S;                                             // every consumer warp has read it
-  uint64_t* q_full = empty + S;                                           // every tile's queries have arrived
+  float* hand = reinterpret_cast<float*>(v_s + S * kKeyBlock * D);  // interleaved: [handoff_words][128]
+  uint64_t* full = reinterpret_cast<uint64_t*>(hand + (kInterleave ? T::handoff_words<D>() * 128 : 0));
+  uint64_t* empty = full + S;   // a stage's K and V have arrived; every consumer warp has read it
+  uint64_t* q_full = empty + S;  // every tile's queries have arrived
+  uint64_t* hand_bars = q_full + 1;  // interleaved: full, empty
   const MbarrierRing<D> ring{k_s, v_s, full, empty};
 
   const int wg = threadIdx.x / 128, warp = (threadIdx.x >> 5) & 3;
@@ -1125,10 +1292,14 @@ __global__ void __launch_bounds__(PrefillWsTiles::kThreads, 1)
   const int pmax = last.pmax;  // the producer's walk: the last tile's
   if (threadIdx.x == 0) {
     for (int i = 0; i < S; ++i) {
-      ptx::mbar_init(ring.bar(full, i), 128);        // one arrival per producer thread, when its copies land
-      ptx::mbar_init(ring.bar(empty, i), 4 * tiles);  // one per working consumer warp
+      ptx::mbar_init(ring.bar(full, i), 128);  // one arrival per producer thread, when its copies land
+      ptx::mbar_init(ring.bar(empty, i), kInterleave ? 4 : 4 * tiles);  // one per warp reading it
     }
     ptx::mbar_init(ptx::smem_addr(q_full), 128);
+    if constexpr (kInterleave) {
+      ptx::mbar_init(ptx::smem_addr(&hand_bars[0]), 128);
+      ptx::mbar_init(ptx::smem_addr(&hand_bars[1]), 128);
+    }
     ptx::fence_mbarrier_init();
   }
   __syncthreads();
@@ -1142,34 +1313,60 @@ __global__ void __launch_bounds__(PrefillWsTiles::kThreads, 1)
                                               t.rows);
     }
     ptx::cp_async_mbar_arrive(ptx::smem_addr(q_full));
-    KeyBlockWalk w;
-    RingSlot slot;
-    for (bool reuse = false; w.within(pmax); w.next(last.split, pmax)) {
+    auto copy = [&](RingSlot slot, bool reuse, int key0) {
       if (reuse) ptx::mbar_wait(ring.bar(empty, slot.stage), slot.phase ^ 1);  // read in the previous round
       load_key_block<D, 128, true, true, true, false, true>(k_s + slot.stage * kKeyBlock * D,
                                                            v_s + slot.stage * kKeyBlock * D, a, last.table,
-                                                           last.kv_head, w.key0, last.len);
+                                                           last.kv_head, key0, last.len);
       ptx::cp_async_mbar_arrive(ring.bar(full, slot.stage));
-      slot.advance(S);
-      reuse = reuse || slot.stage == 0;
+    };
+    RingSlot slot;
+    bool reuse = false;
+    if constexpr (kInterleave) {
+      const InterleavedWalk order(last.split, pmax);
+      KeyBlockWalk w0{0, 0}, w1{1, last.split};  // consumer 0's and 1's
+      for (int i = 0; i < order.total(); ++i) {
+        const bool to1 = order.consumer(i) == 1;
+        copy(slot, reuse, to1 ? w1.key0 : w0.key0);
+        if (to1)
+          w1.next(last.split, pmax, 2);
+        else
+          w0.next(last.split, pmax, 2);
+        slot.advance(S);
+        reuse = reuse || slot.stage == 0;
+      }
+    } else {
+      for (KeyBlockWalk w; w.within(pmax); w.next(last.split, pmax)) {
+        copy(slot, reuse, w.key0);
+        slot.advance(S);
+        reuse = reuse || slot.stage == 0;
+      }
     }
     ptx::cp_async_wait<0>();
     return;
   }
 
   const int c = wg - 1;
-  if (c >= tiles) return;
+  if (c >= (kInterleave ? 2 : tiles)) return;
   ptx::setmaxnreg_inc<T::kConsumerRegs>();
+  const int tile = kInterleave ? 0 : c;  // the block's tile this consumer reduces
   PrefillTile t;
-  prefill_tile_at<T::kRows>(a, t, first + c, warp);
+  prefill_tile_at<T::kRows>(a, t, first + tile, warp);
   ptx::mbar_wait(ptx::smem_addr(q_full), 0);
+  const uint64_t q_desc = ptx::smem_desc(ptx::smem_addr(q_s + tile * T::kRows * D));
   KeyBlockWalk b;
-  RingSlot slot = prefill_wgmma_tile<D, T::kRows>(a, t, ptx::smem_desc(ptx::smem_addr(q_s + c * T::kRows * D)), ring, b);
-  // The rest of the producer's walk, freed unread, in order (a stage's barrier phases alternate).
-  for (b.next(t.split, pmax); b.within(pmax); b.next(t.split, pmax)) {
-    slot.advance(S);
-    ring.wait(slot);
-    ring.consumed(slot);
+  if constexpr (kInterleave) {
+    InterleavedRing<D> sched{ptx::smem_addr(smem), InterleavedWalk(t.split, t.pmax), c, (t.pmax / t.split + 1) / 2};
+    if ((c == 0 ? sched.walk.blocks[0] : sched.walk.blocks[1]) == 0) return;  // one split: consumer 0 alone
+    prefill_wgmma_tile<D, T::kRows>(a, t, q_desc, sched, b);
+  } else {
+    RingSlot slot = prefill_wgmma_tile<D, T::kRows>(a, t, q_desc, ring, b);
+    // The rest of the producer's walk, freed unread, in order (a stage's barrier phases alternate).
+    for (b.next(t.split, pmax); b.within(pmax); b.next(t.split, pmax)) {
+      slot.advance(S);
+      ring.wait(slot);
+      ring.consumed(slot);
+    }
   }
 #endif
 }
@@ -1177,22 +1374,28 @@ __global__ void __launch_bounds__(PrefillWsTiles::kThreads, 1)
 template <int D>
 void launch_prefill_ws(const AttentionArgs& a, int max_query_len, cudaStream_t stream) {
   using T = PrefillWsTiles;
-  constexpr int smem = T::template smem_bytes<D>();
   static std::once_flag configured;
   std::call_once(configured, [&] {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_ws_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_ws_kernel<D, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    T::template smem_bytes<D, false>()));
+    CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_ws_kernel<D, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    T::template smem_bytes<D, true>()));
   });
   const PrefillHeads g = prefill_heads(a.heads, a.kv_heads, T::kRows);
   const int tiles = (max_query_len + g.positions - 1) / g.positions;
   // As few tiles a block as keep every SM's block busy: one while the grid's tiles are no more than
   // the SMs, so that a small grid (a 512-query chunk of Qwen3-0.6B: 128 tiles) still spreads over
   // as many SMs (two a block there took a chunked prefill of 8,192 tokens from 108,447 to 93,912
-  // tok/s), then one more for each multiple of the SMs, up to kTiles.
+  // tok/s), its consumers then taking alternate splits; then one more for each multiple of the
+  // SMs, up to kTiles.
   const int64_t grid_tiles = static_cast<int64_t>(tiles) * a.kv_heads * g.head_tiles * a.num_seqs;
   const int64_t sms = cuda_runtime::multiprocessors();
   const int per_block = static_cast<int>(std::min<int64_t>(T::kTiles, (grid_tiles + sms - 1) / sms));
   const dim3 grid((tiles + per_block - 1) / per_block, a.kv_heads * g.head_tiles, a.num_seqs);
-  attention_prefill_ws_kernel<D><<<grid, T::kThreads, smem, stream>>>(a, per_block);
+  if (per_block == 1 && !switched_off("DETINFER_PREFILL_INTERLEAVE"))
+    attention_prefill_ws_kernel<D, true><<<grid, T::kThreads, T::template smem_bytes<D, true>(), stream>>>(a, 1);
+  else
+    attention_prefill_ws_kernel<D, false><<<grid, T::kThreads, T::template smem_bytes<D, false>(), stream>>>(a, per_block);
 }
 
 // ---------------------------------------------------------------------------------------------

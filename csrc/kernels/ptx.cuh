@@ -184,6 +184,11 @@ __device__ __forceinline__ void st_shared_zero16(uint32_t addr) {
 __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
+__device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
+  return v;
+}
 
 // Barrier 1 + wg among the 128 threads of consumer warpgroup wg (barrier 0 is __syncthreads).
 // Immediate ids, so that the kernel reserves only the barriers it uses.

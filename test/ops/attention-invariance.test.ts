@@ -8,8 +8,10 @@
 // (setDecodePipeline) as well as the library's choice. Likewise both prefill kernels: on Hopper the
 // library's is the wgmma one, and the mma.sync kernel of sm_80-89 is forced (setPrefillKernel).
 // At head dim 128 the Hopper prefill takes one tile a block when the grid has no more tiles than
-// SMs, else two: the sequence alone is 88 tiles (one a block), beside 1 to 64 others a grid of
-// 176 or more (two a block), so "prefill alongside ... equals prefill alone" compares the two.
+// SMs, its two consumers taking alternate splits and consumer 1 handing its splits to consumer 0,
+// else two tiles a block, one a consumer: the sequence alone is 88 tiles (one a block; its later
+// tiles span three splits, so one handoff each), beside 1 to 64 others a grid of 176 or more (two
+// a block), so "prefill alongside ... equals prefill alone" compares the two.
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { native, type DeviceName } from '../../lib/native.js'
 import { mulberry32 } from '../helpers/random.js'
