@@ -1392,7 +1392,8 @@ void launch_prefill_ws(const AttentionArgs& a, int max_query_len, cudaStream_t s
   const int64_t sms = cuda_runtime::multiprocessors();
   const int per_block = static_cast<int>(std::min<int64_t>(T::kTiles, (grid_tiles + sms - 1) / sms));
   const dim3 grid((tiles + per_block - 1) / per_block, a.kv_heads * g.head_tiles, a.num_seqs);
-  if (per_block == 1 && !switched_off("DETINFER_PREFILL_INTERLEAVE"))
+  static const bool interleave = !switched_off("DETINFER_PREFILL_INTERLEAVE");
+  if (per_block == 1 && interleave)
     attention_prefill_ws_kernel<D, true><<<grid, T::kThreads, T::template smem_bytes<D, true>(), stream>>>(a, 1);
   else
     attention_prefill_ws_kernel<D, false><<<grid, T::kThreads, T::template smem_bytes<D, false>(), stream>>>(a, per_block);
