@@ -8,6 +8,9 @@
 //          build/dev/dev_attention --pipeline paired|rotating|paired3 ...   every decode launch with that pipeline
 //          build/dev/dev_attention --sweep   decode shapes with each pipeline beside the library's choice
 //          build/dev/dev_attention --prefill TOKENS DIM [mma.sync]   one prefill shape only (Nsight Compute)
+//          build/dev/dev_attention --chunk QUERIES CONTEXT [HEADS]   the last QUERIES positions of a
+//          CONTEXT-key sequence (a prefill chunk over a cached prefix), HEADS query heads (default
+//          16, Qwen3-0.6B's) over 8 kv heads at head dim 128: grids of few tiles with long walks
 // 1. validation: CUDA against the CPU backend (prefill, chunk over a cached prefix, decode), and the
 //    decode kernel against the prefill kernel bit for bit at every position of a 700-token sequence;
 // 2. benchmark (CUDA events around each launch, medians, rotating KV caches larger than L2, a
@@ -187,24 +190,28 @@ DecodeResult bench_decode(int batch, int context, int heads = kHeads) {
   return {batch, context, ms, kv_bytes / (ms * 1e-3) / 1e9};
 }
 
-// One causal prefill of `tokens` positions, 32 heads and 8 kv heads of head dim `dim`, with the
-// prefill family `kernel` ("auto": the library's choice; "mma.sync").
-PrefillResult bench_prefill(int tokens, int dim, const char* kernel) {
+// One causal prefill of the last `queries` of `tokens` positions (0: all of them), `heads` query
+// heads over 8 kv heads of head dim `dim`, with the prefill family `kernel` ("auto": the library's
+// choice; "mma.sync").
+PrefillResult bench_prefill(int tokens, int dim, const char* kernel, int queries = 0, int heads = kHeads) {
+  if (queries <= 0 || queries > tokens) queries = tokens;
   const double kv_bytes = 2.0 * tokens * kKvHeads * dim * 2;
   const int rot = std::min(rotations_for(kv_bytes), 8);
   PagedCache cache = make_cache(1, tokens, kKvHeads, dim, kBlockSize, rot, 77 + tokens);
-  Tensor q = make_tensor(Device::CUDA, DType::BF16, {tokens, kHeads, dim});
+  Tensor q = make_tensor(Device::CUDA, DType::BF16, {queries, heads, dim});
   fill_random(q, 98, 3.f);
   Tensor out = make_tensor(Device::CUDA, DType::BF16, q.shape);
   std::vector<AttentionBatch> batches;
-  for (int r = 0; r < rot; ++r) batches.push_back(make_batch(cache.tables[r], {0, tokens}, {tokens}, Device::CUDA));
+  for (int r = 0; r < rot; ++r) batches.push_back(make_batch(cache.tables[r], {0, queries}, {tokens}, Device::CUDA));
   const float scale = 1.f / std::sqrt(static_cast<float>(dim));
   ops::set_prefill_kernel(kernel);
-  const int reps = tokens >= 16384 ? 7 : 20;
+  const int reps = tokens >= 16384 && queries == tokens ? 7 : 20;
   double ms = median_gpu_us([&](int i) { ops::attention(out, q, cache.k, cache.v, batches[i % rot], scale); }, reps) / 1e3;
   ops::set_prefill_kernel("auto");
-  // Causal work: query p sees p+1 keys; 2 flops per multiply-add in Q·K^T and in P·V.
-  const double flops = 4.0 * kHeads * dim * (static_cast<double>(tokens) * (tokens + 1) / 2);
+  // Causal work: query p sees p+1 keys (p from tokens - queries); 2 flops per multiply-add in Q·K^T
+  // and in P·V.
+  const double keys = static_cast<double>(queries) * (tokens - queries) + static_cast<double>(queries) * (queries + 1) / 2;
+  const double flops = 4.0 * heads * dim * keys;
   return {tokens, dim, kernel, ms, flops / (ms * 1e-3) / 1e12};
 }
 
@@ -214,6 +221,7 @@ int main(int argc, char** argv) {
   std::string json_path;
   bool quick = false, sweep = false;
   int only_batch = 0, only_context = 0, only_heads = kHeads, only_prefill = 0, prefill_dim = kDim;
+  int chunk_queries = 0, chunk_context = 0, chunk_heads = 16;
   std::string prefill_kernel = "auto";
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
@@ -223,6 +231,10 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--prefill") && i + 2 < argc) {
       only_prefill = std::atoi(argv[++i]), prefill_dim = std::atoi(argv[++i]);
       if (i + 1 < argc && argv[i + 1][0] != '-') prefill_kernel = argv[++i];
+    }
+    if (!std::strcmp(argv[i], "--chunk") && i + 2 < argc) {
+      chunk_queries = std::atoi(argv[++i]), chunk_context = std::atoi(argv[++i]);
+      if (i + 1 < argc && argv[i + 1][0] != '-') chunk_heads = std::atoi(argv[++i]);
     }
     if (!std::strcmp(argv[i], "--decode") && i + 2 < argc) {
       only_batch = std::atoi(argv[++i]), only_context = std::atoi(argv[++i]);
@@ -242,6 +254,14 @@ int main(int argc, char** argv) {
       const DecodeResult r = bench_decode(only_batch, only_context, only_heads);
       std::printf("decode batch %d context %d heads %d kv heads %d: %.1f us, %.0f GB/s, %.0f%% of copy (%.0f GB/s)\n",
                   r.batch, r.context, only_heads, kKvHeads, r.ms * 1e3, r.gbps, 100 * r.gbps / copy, copy);
+      return 0;
+    }
+    if (chunk_queries > 0) {
+      bench_prefill(chunk_context, kDim, "auto", chunk_queries, chunk_heads);  // warm-up
+      const PrefillResult r = bench_prefill(chunk_context, kDim, "auto", chunk_queries, chunk_heads);
+      std::printf("prefill chunk of %d queries over %d keys, %d heads over %d kv heads, D=%d %s: %.1f us, %.1f TFLOP/s\n",
+                  std::min(chunk_queries, chunk_context), r.tokens, chunk_heads, kKvHeads, r.dim, ops::cuda_prefill_kernel(),
+                  r.ms * 1e3, r.tflops);
       return 0;
     }
     if (only_prefill > 0) {
