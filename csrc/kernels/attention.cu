@@ -984,11 +984,31 @@ __device__ __forceinline__ typename Ring::Slot prefill_wgmma_tile(const Attentio
   return slot;
 }
 
+// What the rings that take every split of a tile share (prefill_wgmma_tile's Ring): the tile's key
+// blocks in KeyBlockWalk's order, one after another through kStages stages, each ended split
+// merged into the total at once.
+template <int D, int kStages>
+struct EverySplit {
+  using Slot = RingSlot;
+  __device__ Slot first() const { return {}; }
+  __device__ Slot next(Slot slot) const {
+    slot.advance(kStages);
+    return slot;
+  }
+  __device__ KeyBlockWalk walk_start(const PrefillTile&) const { return {}; }
+  __device__ void walk_next(KeyBlockWalk& w, const PrefillTile& tile) const { w.next(tile.split, tile.pmax); }
+  __device__ void merge_ended(SplitAccum<D>& total, const SplitAccum<D>& part, int, float scale_log2) const {
+    merge_split(total, part, scale_log2);
+  }
+  __device__ bool finish(SplitAccum<D>&, int, float) const { return true; }
+};
+
 // The one-warpgroup kernel's ring: kStages stages that the warpgroup itself fills with cp.async,
 // one commit group per key block (empty past the tile's keys); a stage is refilled with the block
 // kStages on once every warp has finished the step that read it.
 template <int D>
-struct CpAsyncRing {
+struct CpAsyncRing : EverySplit<D, PrefillWgmmaTiles::kStages> {
+  using Slot = RingSlot;
   static constexpr int kStages = PrefillWgmmaTiles::kStages;
   const AttentionArgs& a;
   const PrefillTile& t;
@@ -1013,12 +1033,6 @@ struct CpAsyncRing {
     ptx::fence_proxy_async_smem();  // the copies, seen by wgmma's reads (the async proxy)
     __syncthreads();
   }
-  using Slot = RingSlot;
-  __device__ Slot first() const { return {}; }
-  __device__ Slot next(Slot slot) const {
-    slot.advance(kStages);
-    return slot;
-  }
   __device__ void wait_first() { wait_groups<kStages - 1>(); }
   __device__ void wait(Slot) { wait_groups<kStages - 2>(); }
   __device__ uint64_t k_desc(Slot slot) const { return ptx::smem_desc(ptx::smem_addr(k_s + slot.stage * kKeyBlock * D)); }
@@ -1028,12 +1042,6 @@ struct CpAsyncRing {
     __syncthreads();  // the slot's stage is free: the block kStages on goes there
     copy_ahead(slot.stage);
   }
-  __device__ KeyBlockWalk walk_start(const PrefillTile&) const { return {}; }
-  __device__ void walk_next(KeyBlockWalk& w, const PrefillTile& tile) const { w.next(tile.split, tile.pmax); }
-  __device__ void merge_ended(SplitAccum<D>& total, const SplitAccum<D>& part, int, float scale_log2) {
-    merge_split(total, part, scale_log2);
-  }
-  __device__ bool finish(SplitAccum<D>&, int, float) { return true; }
 };
 
 // wgmma (sm_90a): one warpgroup of 64 rows reduces the block's tile with prefill_wgmma_tile.
@@ -1051,7 +1059,7 @@ __global__ void __launch_bounds__(PrefillWgmmaTiles::kThreads, PrefillWgmmaTiles
   PrefillTile t;
   if (!prefill_tile<T::kRows>(a, t)) return;
   load_query_rows<D, T::kThreads, T::kRows, true>(q_s, a.q, [&](int r) { return t.row_offset<D>(a, r); }, t.rows);
-  CpAsyncRing<D> ring{a, t, k_s, v_s};
+  CpAsyncRing<D> ring{{}, a, t, k_s, v_s};
   ring.start();  // the queries go with block 0's commit group
   KeyBlockWalk b;
   prefill_wgmma_tile<D, T::kRows>(a, t, ptx::smem_desc(ptx::smem_addr(q_s)), ring, b);
@@ -1096,12 +1104,25 @@ struct PrefillWsTiles {
   static constexpr int handoff_words() {
     return D / 2 + 4;
   }
-  // Shared memory: the query tiles, the ring, the handoff (interleaved only) and the barriers.
+  // The block's shared memory, byte offsets from its 1024-byte aligned start: the query tiles, the
+  // K and V stages, the handoff (interleaved only), then the barriers: full[kStages],
+  // empty[kStages], q_full, and (interleaved) the handoff's full and empty.
+  template <int D, bool kInterleave>
+  struct Layout {
+    static constexpr uint32_t kStageBytes = kKeyBlock * D * sizeof(bf16);
+    static constexpr uint32_t kK = (kInterleave ? 1 : kTiles) * kRows * D * sizeof(bf16);
+    static constexpr uint32_t kV = kK + kStages * kStageBytes;
+    static constexpr uint32_t kHand = kV + kStages * kStageBytes;
+    static constexpr uint32_t kFull = kHand + (kInterleave ? handoff_words<D>() * 128 * sizeof(float) : 0);
+    static constexpr uint32_t kEmpty = kFull + kStages * sizeof(uint64_t);
+    static constexpr uint32_t kQFull = kEmpty + kStages * sizeof(uint64_t);
+    static constexpr uint32_t kHandFull = kQFull + sizeof(uint64_t);
+    static constexpr uint32_t kHandEmpty = kHandFull + sizeof(uint64_t);
+    static constexpr uint32_t kEnd = kHandEmpty + sizeof(uint64_t);
+  };
   template <int D, bool kInterleave>
   static constexpr int smem_bytes() {
-    return ((kInterleave ? 1 : kTiles) * kRows * D + 2 * kStages * kKeyBlock * D) * static_cast<int>(sizeof(bf16)) +
-           (kInterleave ? handoff_words<D>() * 128 * static_cast<int>(sizeof(float)) : 0) +
-           (2 * kStages + 3) * static_cast<int>(sizeof(uint64_t)) + 1024;  // + alignment
+    return static_cast<int>(Layout<D, kInterleave>::kEnd) + 1024;  // + alignment
   }
 };
 
@@ -1109,37 +1130,25 @@ struct PrefillWsTiles {
 // barrier completes its phase when the block's copies land; lane 0 of each warp arrives on the
 // slot's empty barrier once the warp's products have read it.
 template <int D>
-struct MbarrierRing {
-  static constexpr int kStages = PrefillWsTiles::kStages;
+struct MbarrierRing : EverySplit<D, PrefillWsTiles::kStages> {
+  using Slot = RingSlot;
   bf16* k_s;  // [kStages][kKeyBlock][D] in slabs
   bf16* v_s;
   uint64_t* full;
   uint64_t* empty;
 
-  using Slot = RingSlot;
-  __device__ Slot first() const { return {}; }
-  __device__ Slot next(Slot slot) const {
-    slot.advance(kStages);
-    return slot;
-  }
   __device__ uint32_t bar(uint64_t* barriers, int stage) const { return ptx::smem_addr(&barriers[stage]); }
   __device__ void wait(Slot slot) const {
     ptx::mbar_wait(bar(full, slot.stage), slot.phase);
     ptx::fence_proxy_async_smem();  // the copies, seen by wgmma's reads (the async proxy)
   }
-  __device__ void wait_first() const { wait(first()); }
+  __device__ void wait_first() const { wait(Slot{}); }
   __device__ uint64_t k_desc(Slot slot) const { return ptx::smem_desc(ptx::smem_addr(k_s + slot.stage * kKeyBlock * D)); }
   __device__ uint64_t v_desc(Slot slot) const { return n_major_desc(ptx::smem_addr(v_s + slot.stage * kKeyBlock * D)); }
   __device__ void consumed(Slot slot) const {
     if ((threadIdx.x & 31) == 0) ptx::mbar_arrive(bar(empty, slot.stage));
   }
   __device__ void recycle(Slot) const {}
-  __device__ KeyBlockWalk walk_start(const PrefillTile&) const { return {}; }
-  __device__ void walk_next(KeyBlockWalk& w, const PrefillTile& tile) const { w.next(tile.split, tile.pmax); }
-  __device__ void merge_ended(SplitAccum<D>& total, const SplitAccum<D>& part, int, float scale_log2) const {
-    merge_split(total, part, scale_log2);
-  }
-  __device__ bool finish(SplitAccum<D>&, int, float) const { return true; }
 };
 
 // Key blocks of the splits first, first + 2, ... of a tile whose last position is pmax (the
@@ -1175,14 +1184,9 @@ template <int D>
 struct InterleavedRing {
   using T = PrefillWsTiles;
   static constexpr int kStages = T::kStages;
-  static constexpr uint32_t kStageBytes = kKeyBlock * D * sizeof(bf16);
-  static constexpr uint32_t kK = T::kRows * D * sizeof(bf16);  // after the one query tile
-  static constexpr uint32_t kV = kK + kStages * kStageBytes;
-  static constexpr uint32_t kHand = kV + kStages * kStageBytes;
-  static constexpr uint32_t kFull = kHand + T::handoff_words<D>() * 128 * sizeof(float);
-  static constexpr uint32_t kEmpty = kFull + kStages * sizeof(uint64_t);
-  static constexpr uint32_t kHandFull = kEmpty + (kStages + 1) * sizeof(uint64_t);  // after q_full
-  static constexpr uint32_t kHandEmpty = kHandFull + sizeof(uint64_t);
+  using L = T::Layout<D, true>;
+  static constexpr uint32_t kStageBytes = L::kStageBytes, kK = L::kK, kV = L::kV, kHand = L::kHand;
+  static constexpr uint32_t kFull = L::kFull, kEmpty = L::kEmpty, kHandFull = L::kHandFull, kHandEmpty = L::kHandEmpty;
   uint32_t base;  // the block's shared memory, 1024-byte aligned
   InterleavedWalk walk;
   int c;
@@ -1213,36 +1217,32 @@ struct InterleavedRing {
   __device__ KeyBlockWalk walk_start(const PrefillTile& tile) const { return {c, c * tile.split}; }
   __device__ void walk_next(KeyBlockWalk& w, const PrefillTile& tile) const { w.next(tile.split, tile.pmax, 2); }
 
+  // A thread's words: o[i][e] at 4i + e, then m[0], m[1], l[0], l[1].
   __device__ uint32_t word(int k) const { return base + kHand + (k * 128 + (threadIdx.x & 127)) * sizeof(float); }
+  __device__ uint32_t o_word(int i, int e) const { return word(4 * i + e); }
+  __device__ uint32_t m_word(int r) const { return word(D / 2 + r); }
+  __device__ uint32_t l_word(int r) const { return word(D / 2 + 2 + r); }
   // Consumer 1: part, ended, to consumer 0 (once it has read the split before).
   __device__ void give(const SplitAccum<D>& part) {
     if (handoffs > 0) ptx::mbar_wait(base + kHandEmpty, (handoffs - 1) & 1);
 #pragma unroll
     for (int i = 0; i < D / 8; ++i)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ptx::st_shared_b32(word(4 * i + e), __float_as_uint(part.o[i][e]));
+      for (int e = 0; e < 4; ++e) ptx::st_shared_b32(o_word(i, e), __float_as_uint(part.o[i][e]));
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      ptx::st_shared_b32(word(D / 2 + r), __float_as_uint(part.m[r]));
-      ptx::st_shared_b32(word(D / 2 + 2 + r), __float_as_uint(part.l[r]));
+      ptx::st_shared_b32(m_word(r), __float_as_uint(part.m[r]));
+      ptx::st_shared_b32(l_word(r), __float_as_uint(part.l[r]));
     }
     ptx::mbar_arrive(base + kHandFull);
     ++handoffs;
   }
-  // Consumer 0: total <- total ⊕ consumer 1's next split, merge_split's operations on its words.
+  // Consumer 0: total <- total ⊕ consumer 1's next split, read from its words.
   __device__ void take(SplitAccum<D>& total, float scale_log2) {
     ptx::mbar_wait(base + kHandFull, handoffs & 1);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const MergeWeights w = merge_weights(total.m[r], ptx::ld_shared_f32(word(D / 2 + r)), scale_log2);
-      total.m[r] = w.m;
-      total.l[r] = merge_value(total.l[r], ptx::ld_shared_f32(word(D / 2 + 2 + r)), w);
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        total.o[i][2 * r] = merge_value(total.o[i][2 * r], ptx::ld_shared_f32(word(4 * i + 2 * r)), w);
-        total.o[i][2 * r + 1] = merge_value(total.o[i][2 * r + 1], ptx::ld_shared_f32(word(4 * i + 2 * r + 1)), w);
-      }
-    }
+    merge_split_from(
+        total, [&](int r) { return ptx::ld_shared_f32(m_word(r)); }, [&](int r) { return ptx::ld_shared_f32(l_word(r)); },
+        [&](int i, int e) { return ptx::ld_shared_f32(o_word(i, e)); }, scale_log2);
     ptx::mbar_arrive(base + kHandEmpty);
     ++handoffs;
   }
@@ -1265,18 +1265,16 @@ __global__ void __launch_bounds__(PrefillWsTiles::kThreads, 1)
   using T = PrefillWsTiles;
   constexpr int S = T::kStages;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // sm_90a machine code only; the host launches it nowhere else
-  constexpr int kQTiles = kInterleave ? 1 : T::kTiles;
+  using L = T::Layout<D, kInterleave>;
   extern __shared__ __align__(128) unsigned char smem_buffer[];
   unsigned char* smem = smem_buffer + ((1024 - (ptx::smem_addr(smem_buffer) & 1023)) & 1023);
-  bf16* q_s = reinterpret_cast<bf16*>(smem);  // [kQTiles][kRows][D] in slabs
-  bf16* k_s = q_s + kQTiles * T::kRows * D;   // [S][kKeyBlock][D] in slabs
-  bf16* v_s = k_s + S * kKeyBlock * D;
-  float* hand = reinterpret_cast<float*>(v_s + S * kKeyBlock * D);  // interleaved: [handoff_words][128]
-  uint64_t* full = reinterpret_cast<uint64_t*>(hand + (kInterleave ? T::handoff_words<D>() * 128 : 0));
-  uint64_t* empty = full + S;   // a stage's K and V have arrived; every consumer warp has read it
-  uint64_t* q_full = empty + S;  // every tile's queries have arrived
-  uint64_t* hand_bars = q_full + 1;  // interleaved: full, empty
-  const MbarrierRing<D> ring{k_s, v_s, full, empty};
+  bf16* q_s = reinterpret_cast<bf16*>(smem);             // [tiles][kRows][D] in slabs
+  bf16* k_s = reinterpret_cast<bf16*>(smem + L::kK);     // [S][kKeyBlock][D] in slabs
+  bf16* v_s = reinterpret_cast<bf16*>(smem + L::kV);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kFull);    // a stage's K and V have arrived
+  uint64_t* empty = reinterpret_cast<uint64_t*>(smem + L::kEmpty);  // every consumer warp has read it
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + L::kQFull);  // every tile's queries have arrived
+  const MbarrierRing<D> ring{{}, k_s, v_s, full, empty};
 
   const int wg = threadIdx.x / 128, warp = (threadIdx.x >> 5) & 3;
   const int first = (gridDim.x - 1 - blockIdx.x) * tiles_per_block;  // the block's tiles, the most keys first
@@ -1297,8 +1295,8 @@ __global__ void __launch_bounds__(PrefillWsTiles::kThreads, 1)
     }
     ptx::mbar_init(ptx::smem_addr(q_full), 128);
     if constexpr (kInterleave) {
-      ptx::mbar_init(ptx::smem_addr(&hand_bars[0]), 128);
-      ptx::mbar_init(ptx::smem_addr(&hand_bars[1]), 128);
+      ptx::mbar_init(ptx::smem_addr(smem + L::kHandFull), 128);
+      ptx::mbar_init(ptx::smem_addr(smem + L::kHandEmpty), 128);
     }
     ptx::fence_mbarrier_init();
   }

@@ -234,20 +234,29 @@ __device__ __forceinline__ float merge_value(float total, float part, const Merg
   return total * w.total + part * w.part;
 }
 
+// total <- total ⊕ part for the warp's rows, the part's values read through part_m(r), part_l(r)
+// and part_o(i, e) (SplitAccum's layout) wherever they are held.
+template <int D, typename M, typename L, typename O>
+__device__ __forceinline__ void merge_split_from(SplitAccum<D>& total, M part_m, L part_l, O part_o, float scale_log2) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const MergeWeights w = merge_weights(total.m[r], part_m(r), scale_log2);
+    total.m[r] = w.m;
+    total.l[r] = merge_value(total.l[r], part_l(r), w);
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      total.o[i][2 * r] = merge_value(total.o[i][2 * r], part_o(i, 2 * r), w);
+      total.o[i][2 * r + 1] = merge_value(total.o[i][2 * r + 1], part_o(i, 2 * r + 1), w);
+    }
+  }
+}
+
 // total <- total ⊕ part for the warp's rows (prefill: splits are merged in registers as they end).
 template <int D>
 __device__ __forceinline__ void merge_split(SplitAccum<D>& total, const SplitAccum<D>& part, float scale_log2) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const MergeWeights w = merge_weights(total.m[r], part.m[r], scale_log2);
-    total.m[r] = w.m;
-    total.l[r] = merge_value(total.l[r], part.l[r], w);
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      total.o[i][2 * r] = merge_value(total.o[i][2 * r], part.o[i][2 * r], w);
-      total.o[i][2 * r + 1] = merge_value(total.o[i][2 * r + 1], part.o[i][2 * r + 1], w);
-    }
-  }
+  merge_split_from(
+      total, [&](int r) { return part.m[r]; }, [&](int r) { return part.l[r]; },
+      [&](int i, int e) { return part.o[i][e]; }, scale_log2);
 }
 
 // The final output value of a row: o / l, rounded to bf16 by the caller.
