@@ -45,7 +45,6 @@ function launches(scene: AttentionScene): { name: string; slices: Slice[] }[] {
   ]
 }
 
-
 function referenceSuite(device: DeviceName): void {
   for (const c of cases()) {
     it(`matches float64 at head dim ${c.dim}, GQA ratio ${c.ratio}, block size ${c.blockSize}`, async () => {
