@@ -34,18 +34,6 @@ __device__ __forceinline__ uint64_t n_major_desc(uint32_t addr) {
   return d;
 }
 
-// desc with `units` 16-byte units added to its start address. The address field is the low word's
-// low 14 bits (shared memory ends below 256 KB), and no tile offset here takes an address past
-// the block's shared memory, so the low word's add never carries: the same value as the 64-bit
-// add, without the carry chain and with the high word left a constant.
-__device__ __forceinline__ uint64_t desc_add(uint64_t desc, uint32_t units) {
-  uint32_t lo, hi;
-  asm("mov.b64 {%0, %1}, %2;" : "=r"(lo), "=r"(hi) : "l"(desc));
-  uint64_t out;
-  asm("mov.b64 %0, {%1, %2};" : "=l"(out) : "r"(lo + units), "r"(hi));
-  return out;
-}
-
 // The two products, issued: wg_issue_scores starts S = Q·K^T into s (zeroed here) and
 // wg_issue_values starts o += bf16(p)·V, each one commit group. The caller waits (wgmma_wait) and
 // fences the registers before it reads them, and keeps p alive (fence_fragments) until the
@@ -62,8 +50,8 @@ __device__ __forceinline__ void wg_issue_scores(float (&s)[kKeyBlock / 8][4], ui
   ptx::fence_registers(flat);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
-    sm90::Wgmma<kKeyBlock>::mma(flat, desc_add(q_desc, ((kk >> 2) * (kQRows * 128) + (kk & 3) * 32) >> 4),
-                                desc_add(k_desc, ((kk >> 2) * (kKeyBlock * 128) + (kk & 3) * 32) >> 4));
+    sm90::Wgmma<kKeyBlock>::mma(flat, q_desc + (((kk >> 2) * (kQRows * 128) + (kk & 3) * 32) >> 4),
+                                k_desc + (((kk >> 2) * (kKeyBlock * 128) + (kk & 3) * 32) >> 4));
   ptx::wgmma_commit();
   ptx::fence_registers(flat);
 #endif
@@ -81,20 +69,10 @@ __device__ __forceinline__ void wg_issue_values(SplitAccum<D>& acc, const uint32
 #pragma unroll
     for (int h = 0; h < D / 64; ++h)
       sm90::WgmmaRegA<64>::mma(*reinterpret_cast<float(*)[32]>(&acc.o[8 * h][0]), p[i],
-                               desc_add(v_desc, (h * (kKeyBlock * 128) + i * (16 * 128)) >> 4));
+                               v_desc + ((h * (kKeyBlock * 128) + i * (16 * 128)) >> 4));
   ptx::wgmma_commit();
   ptx::fence_registers(o);
 #endif
-}
-
-// wgmma.wait_group 0, in one of two spellings (kTag), for the two branches of a step that each
-// wait: identical asm statements would be hoisted above the branch, back beside the softmax.
-template <int kTag>
-__device__ __forceinline__ void wg_wait_values() {
-  if constexpr (kTag == 0)
-    asm volatile("wgmma.wait_group.sync.aligned 0; // a split ends\n" ::: "memory");
-  else
-    asm volatile("wgmma.wait_group.sync.aligned 0; // the split goes on\n" ::: "memory");
 }
 
 // Keeps registers an asynchronous wgmma reads (P fragments) alive and in place until this point.
