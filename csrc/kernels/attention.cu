@@ -985,11 +985,16 @@ __device__ __forceinline__ typename Ring::Slot prefill_wgmma_tile(const Attentio
 }
 
 // What the rings that take every split of a tile share (prefill_wgmma_tile's Ring): the tile's key
-// blocks in KeyBlockWalk's order, one after another through kStages stages, each ended split
-// merged into the total at once.
-template <int D, int kStages>
+// blocks in KeyBlockWalk's order, one after another through kStages stages of K and V tiles, each
+// ended split merged into the total at once.
+template <int D, int kStages_>
 struct EverySplit {
   using Slot = RingSlot;
+  static constexpr int kStages = kStages_;
+  bf16* k_s;  // [kStages][kKeyBlock][D] in slabs
+  bf16* v_s;
+  __device__ uint64_t k_desc(Slot slot) const { return ptx::smem_desc(ptx::smem_addr(k_s + slot.stage * kKeyBlock * D)); }
+  __device__ uint64_t v_desc(Slot slot) const { return n_major_desc(ptx::smem_addr(v_s + slot.stage * kKeyBlock * D)); }
   __device__ Slot first() const { return {}; }
   __device__ Slot next(Slot slot) const {
     slot.advance(kStages);
@@ -1008,12 +1013,11 @@ struct EverySplit {
 // kStages on once every warp has finished the step that read it.
 template <int D>
 struct CpAsyncRing : EverySplit<D, PrefillWgmmaTiles::kStages> {
-  using Slot = RingSlot;
-  static constexpr int kStages = PrefillWgmmaTiles::kStages;
+  using Base = EverySplit<D, PrefillWgmmaTiles::kStages>;
+  using typename Base::Slot;
+  using Base::k_s, Base::kStages, Base::v_s;
   const AttentionArgs& a;
   const PrefillTile& t;
-  bf16* k_s;  // [kStages][kKeyBlock][D] in slabs
-  bf16* v_s;
   KeyBlockWalk ahead;  // the next block to copy
 
   __device__ void copy_ahead(int stage) {
@@ -1035,8 +1039,6 @@ struct CpAsyncRing : EverySplit<D, PrefillWgmmaTiles::kStages> {
   }
   __device__ void wait_first() { wait_groups<kStages - 1>(); }
   __device__ void wait(Slot) { wait_groups<kStages - 2>(); }
-  __device__ uint64_t k_desc(Slot slot) const { return ptx::smem_desc(ptx::smem_addr(k_s + slot.stage * kKeyBlock * D)); }
-  __device__ uint64_t v_desc(Slot slot) const { return n_major_desc(ptx::smem_addr(v_s + slot.stage * kKeyBlock * D)); }
   __device__ void consumed(Slot) {}
   __device__ void recycle(Slot slot) {
     __syncthreads();  // the slot's stage is free: the block kStages on goes there
@@ -1059,7 +1061,7 @@ __global__ void __launch_bounds__(PrefillWgmmaTiles::kThreads, PrefillWgmmaTiles
   PrefillTile t;
   if (!prefill_tile<T::kRows>(a, t)) return;
   load_query_rows<D, T::kThreads, T::kRows, true>(q_s, a.q, [&](int r) { return t.row_offset<D>(a, r); }, t.rows);
-  CpAsyncRing<D> ring{{}, a, t, k_s, v_s};
+  CpAsyncRing<D> ring{{k_s, v_s}, a, t};
   ring.start();  // the queries go with block 0's commit group
   KeyBlockWalk b;
   prefill_wgmma_tile<D, T::kRows>(a, t, ptx::smem_desc(ptx::smem_addr(q_s)), ring, b);
@@ -1131,9 +1133,7 @@ struct PrefillWsTiles {
 // slot's empty barrier once the warp's products have read it.
 template <int D>
 struct MbarrierRing : EverySplit<D, PrefillWsTiles::kStages> {
-  using Slot = RingSlot;
-  bf16* k_s;  // [kStages][kKeyBlock][D] in slabs
-  bf16* v_s;
+  using typename EverySplit<D, PrefillWsTiles::kStages>::Slot;
   uint64_t* full;
   uint64_t* empty;
 
@@ -1143,8 +1143,6 @@ struct MbarrierRing : EverySplit<D, PrefillWsTiles::kStages> {
     ptx::fence_proxy_async_smem();  // the copies, seen by wgmma's reads (the async proxy)
   }
   __device__ void wait_first() const { wait(Slot{}); }
-  __device__ uint64_t k_desc(Slot slot) const { return ptx::smem_desc(ptx::smem_addr(k_s + slot.stage * kKeyBlock * D)); }
-  __device__ uint64_t v_desc(Slot slot) const { return n_major_desc(ptx::smem_addr(v_s + slot.stage * kKeyBlock * D)); }
   __device__ void consumed(Slot slot) const {
     if ((threadIdx.x & 31) == 0) ptx::mbar_arrive(bar(empty, slot.stage));
   }
@@ -1274,7 +1272,7 @@ __global__ void __launch_bounds__(PrefillWsTiles::kThreads, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kFull);    // a stage's K and V have arrived
   uint64_t* empty = reinterpret_cast<uint64_t*>(smem + L::kEmpty);  // every consumer warp has read it
   uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + L::kQFull);  // every tile's queries have arrived
-  const MbarrierRing<D> ring{{}, k_s, v_s, full, empty};
+  const MbarrierRing<D> ring{{k_s, v_s}, full, empty};
 
   const int wg = threadIdx.x / 128, warp = (threadIdx.x >> 5) & 3;
   const int first = (gridDim.x - 1 - blockIdx.x) * tiles_per_block;  // the block's tiles, the most keys first
