@@ -4,7 +4,7 @@ import { existsSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { cudaStatus, resolveDevice, type DeviceOption } from './device.js'
-import { DisposedError, RequestTooLargeError, checkInteger, invalidArgument } from './errors.js'
+import { DisposedError, RequestTooLargeError, checkInteger, contextText, invalidArgument } from './errors.js'
 import {
   resolveGenerateOptions,
   runGeneration,
@@ -191,13 +191,23 @@ export class Model {
   }
 
   private resolveOptions(options: GenerateOptions | undefined) {
-    return resolveGenerateOptions(options, { contextLength: this.contextLength, vocabSize: this.vocabSize })
+    return resolveGenerateOptions(options, {
+      contextLength: this.contextLength,
+      vocabSize: this.vocabSize,
+      maxPositionEmbeddings: this.parts.forward.config.maxPositionEmbeddings,
+    })
   }
 
-  // The default maxTokens shrinks to what the context leaves after the prompt; an explicit one does not.
+  // The default maxTokens shrinks to what the context leaves after the prompt; an explicit one does
+  // not. A prompt that leaves no room at all is named as what does not fit.
   private fitDefault(resolved: ResolvedGenerateOptions, options: GenerateOptions | undefined, prompt: number[]) {
     if (options?.maxTokens !== undefined) return resolved
-    return { ...resolved, maxTokens: Math.max(1, Math.min(resolved.maxTokens, this.contextLength - prompt.length)) }
+    if (prompt.length >= this.contextLength)
+      throw new RequestTooLargeError(
+        `The prompt (${prompt.length} tokens) leaves no room for a completion in ` +
+          contextText(this.contextLength, this.parts.forward.config.maxPositionEmbeddings),
+      )
+    return { ...resolved, maxTokens: Math.min(resolved.maxTokens, this.contextLength - prompt.length) }
   }
 
   private promptIds(prompt: unknown, chat: boolean, name = 'prompt'): number[] {
@@ -283,6 +293,20 @@ export interface LoadModelOptions {
   onProgress?: (progress: LoadProgress) => void
 }
 
+// Every key of LoadModelOptions (a key added there and not here fails to compile).
+const LOAD_OPTION_KEYS = Object.keys({
+  device: true,
+  maxBatchTokens: true,
+  maxBatchSize: true,
+  prefillChunkSize: true,
+  kvCacheTokens: true,
+  kvBlocks: true,
+  prefixCache: true,
+  cudaGraphs: true,
+  tensorParallel: true,
+  onProgress: true,
+} satisfies Record<keyof LoadModelOptions, true>)
+
 const DEFAULTS = {
   cpu: { maxBatchTokens: 256, maxBatchSize: 16 },
   cuda: { maxBatchTokens: 2048, maxBatchSize: 64 },
@@ -348,7 +372,11 @@ export function loadModelFrom(source: ModelSource, options: LoadModelOptions = {
 }
 
 async function loadFrom(dir: string, source: ModelSource | null, options: LoadModelOptions): Promise<Model> {
-  if (typeof options !== 'object' || options === null) throw invalidArgument('options', 'object', options)
+  if (typeof options !== 'object' || options === null || Array.isArray(options)) throw invalidArgument('options', 'object', options)
+  // A misspelt key (devic: 'cuda') must fail, not load with the default it meant to change.
+  for (const key of Object.keys(options))
+    if (!LOAD_OPTION_KEYS.includes(key))
+      throw invalidArgument('options', `only the keys ${LOAD_OPTION_KEYS.join(', ')}`, key)
   const device = source?.device ?? resolveDevice(options.device ?? 'auto')
   const defaults = DEFAULTS[device]
   const maxBatchTokens = options.maxBatchTokens === undefined ? defaults.maxBatchTokens : checkInteger('maxBatchTokens', options.maxBatchTokens, 1, 1 << 20)

@@ -87,6 +87,17 @@ function preview(value: unknown, budget: number): string {
   return `{${parts.join(',')}}`
 }
 
+/**
+ * "the model's context of N tokens", and when the KV cache the model was loaded with holds fewer
+ * positions than its config's max_position_embeddings, which of the two limits that is.
+ */
+export function contextText(context: number, maxPositionEmbeddings: number): string {
+  const base = `the model's context of ${context} tokens`
+  return context < maxPositionEmbeddings
+    ? `${base} (the positions its KV cache holds as loaded; max_position_embeddings is ${maxPositionEmbeddings})`
+    : base
+}
+
 /** Formats a received value the one way every validation message does: `4 of type number`, `[1,2] of type array`. */
 export function describeValue(value: unknown): string {
   if (value === undefined) return 'undefined'

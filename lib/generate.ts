@@ -1,6 +1,6 @@
 // Decoding on top of the scheduler: options and their validation, text assembly (incremental
 // detokenization), stop conditions (EOS ids, maxTokens, stop strings) and streaming.
-import { checkInteger, checkNumber, invalidArgument } from './errors.js'
+import { RequestTooLargeError, checkInteger, checkNumber, contextText, invalidArgument } from './errors.js'
 import type { SamplingParams } from './sampling.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
 import type { FinishReason, Scheduler } from './scheduler.js'
@@ -111,7 +111,7 @@ const MAX_SEED = 0xffffffff
 
 export function resolveGenerateOptions(
   options: unknown,
-  limits: { contextLength: number; vocabSize: number },
+  limits: { contextLength: number; vocabSize: number; maxPositionEmbeddings?: number },
 ): ResolvedGenerateOptions {
   if (options === undefined) options = {}
   if (typeof options !== 'object' || options === null || Array.isArray(options))
@@ -121,6 +121,10 @@ export function resolveGenerateOptions(
   for (const key of Object.keys(o))
     if (!known.has(key)) throw invalidArgument('options', `only the keys ${[...known].join(', ')}`, key)
 
+  // More tokens than the context holds can never be served: a RequestTooLargeError, like every
+  // request too large for the model, not a bad argument.
+  if (typeof o.maxTokens === 'number' && Number.isInteger(o.maxTokens) && o.maxTokens > limits.contextLength)
+    throw new RequestTooLargeError(`maxTokens (${o.maxTokens}) exceeds ${contextText(limits.contextLength, limits.maxPositionEmbeddings ?? limits.contextLength)}`)
   const maxTokens = o.maxTokens === undefined ? Math.min(DEFAULT_MAX_TOKENS, limits.contextLength - 1) : checkInteger('maxTokens', o.maxTokens, 1, limits.contextLength)
   const temperature = o.temperature === undefined ? 0 : checkNumber('temperature', o.temperature, 0, 100)
   const topK = o.topK === undefined ? 0 : checkInteger('topK', o.topK, 0, limits.vocabSize)

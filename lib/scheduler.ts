@@ -12,7 +12,7 @@
 // Reading results back is the only wait; it happens off the JS thread.
 import { KvBlockAllocator, PrefixHasher } from './kv-cache.js'
 import type { DeviceName } from './native.js'
-import { NonFiniteLogitsError, RequestTooLargeError } from './errors.js'
+import { NonFiniteLogitsError, RequestTooLargeError, contextText } from './errors.js'
 import { tokenChoice, type SamplingParams, type StepTokens, type TokenChoice, type TopLogprob } from './sampling.js'
 import type { LaunchedStep, SequenceChunk } from './step.js'
 
@@ -262,7 +262,7 @@ export class Scheduler {
     const context = this.model.maxPositions ?? this.model.config.maxPositionEmbeddings
     if (contextTokens + maxTokens > context)
       throw new RequestTooLargeError(
-        `The prompt (${contextTokens} tokens) plus maxTokens (${maxTokens}) exceeds the model's context of ${context} tokens`,
+        `The prompt (${contextTokens} tokens) plus maxTokens (${maxTokens}) exceeds ${contextText(context, this.model.config.maxPositionEmbeddings)}`,
       )
     const blocks = this.allocator.blocksFor(cacheNeed)
     if (blocks > this.allocator.totalBlocks)

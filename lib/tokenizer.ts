@@ -21,6 +21,8 @@ export interface DecodeOptions {
 export interface ChatMessage {
   role: string
   content: string
+  /** A tool message's call id, handed to the chat template like the rest of the message. */
+  tool_call_id?: string
 }
 
 type Json = Record<string, unknown>

@@ -10,7 +10,7 @@ import { resolveGenerateOptions } from '../generate.js'
 import { resolveDevice, setVariantKernels } from '../device.js'
 import { readTextFile } from '../files.js'
 import type { SamplingParams } from '../sampling.js'
-import { integer, number, positive } from './parse.js'
+import { integer, nonNegative, number, positive } from './parse.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
 
 interface CheckFlags {
@@ -88,9 +88,9 @@ export function checkCommand(): Command {
     .option('--prompt-file <file>', 'read the prompt from a file')
     .option('--runs <n>', 'completions of the prompt', positive, 1000)
     .option('-n, --max-tokens <n>', 'tokens per completion (EOS does not stop them)', positive, 256)
-    .option('--noise <n>', 'other random prompts mixed in (default: half of --runs)', positive)
+    .option('--noise <n>', 'other random prompts mixed in (default: half of --runs)', nonNegative)
     .option('--max-batch-size <n>', 'largest batch (default: 64 on CUDA, 16 on the CPU)', positive)
-    .option('--seed <n>', 'seed of the arrival order and the noise prompts', positive, 1)
+    .option('--seed <n>', 'seed of the arrival order and the noise prompts', nonNegative, 1)
     .option('--temperature <t>', 'sample instead of greedy decoding: every run with the same seed must draw the same tokens', number)
     .option('--top-k <k>', 'with --temperature: sample among the k most likely tokens', integer)
     .option('--top-p <p>', 'with --temperature: sample among the most likely tokens up to probability p', number)

@@ -86,6 +86,9 @@ export function generateCommand(): Command {
         ...(flags.chat && { chat: true }),
       }
       if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
+      // Without --temperature the completion is greedy, which these would not change (as check).
+      if (flags.temperature === undefined && [flags.seed, flags.topK, flags.topP, flags.minP].some((v) => v !== undefined))
+        throw new Error('--seed, --top-k, --top-p and --min-p apply to sampling: give --temperature too')
       const modelDir = flags.model ?? defaultModelPath
       // Bad options fail before the weights load; the model checks them again against its cache.
       const source = await readModelDir(modelDir)

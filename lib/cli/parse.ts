@@ -13,16 +13,23 @@ export function positive(value: string): number {
   return n
 }
 
+export function nonNegative(value: string): number {
+  const n = Number(value)
+  if (value.trim() === '' || !Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`expected an integer of at least 0 but received "${value}"`)
+  return n
+}
+
 export function number(value: string): number {
   const n = Number(value)
   if (value.trim() === '' || !Number.isFinite(n)) throw new InvalidArgumentError(`expected a number but received "${value}"`)
   return n
 }
 
-/** Token ids separated by commas, e.g. "12,7,3". */
+/** Token ids separated by commas, e.g. "12,7,3", or as a JSON array ("[12,7,3]", as generate --json prints them). */
 export function ids(value: string): number[] {
-  const list = value.split(',').map((s) => Number(s.trim()))
-  if (value.trim() === '' || list.some((n) => !Number.isInteger(n) || n < 0))
-    throw new InvalidArgumentError(`expected token ids separated by commas but received "${value}"`)
+  const inner = value.trim().replace(/^\[([^]*)\]$/, '$1')
+  const list = inner.split(',').map((s) => Number(s.trim()))
+  if (inner.trim() === '' || list.some((n) => !Number.isInteger(n) || n < 0))
+    throw new InvalidArgumentError(`expected token ids separated by commas (or a JSON array of them) but received "${value}"`)
   return list
 }

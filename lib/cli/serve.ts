@@ -1,6 +1,7 @@
 // `detinfer serve`: the OpenAI-compatible HTTP server (lib/server/) over one model. It listens at
-// once (GET /health answers 503 while the weights load, 200 when ready), and on SIGINT or SIGTERM
-// stops accepting requests, lets those in flight finish within --shutdown-timeout, and exits 0.
+// once (GET /health answers 503 while the weights load, 200 when ready; a model that fails to load
+// closes the server and exits with status 1), and on SIGINT or SIGTERM stops accepting requests,
+// lets those in flight finish within --shutdown-timeout, and exits 0.
 import { basename, resolve } from 'node:path'
 import { Command, Option } from 'commander'
 import { defaultModelPath, loadModelFrom, readModelDir, type LoadModelOptions, type Model } from '../api.js'
@@ -51,13 +52,15 @@ export function serveCommand(): Command {
     .option('--tensor-parallel <n>', 'emulate tensor parallelism over n ranks (1, 2, 4 or 8; above 1 on the CPU only): the same bits at every n', integer)
     .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
     .option('--max-queued <n>', 'sequences that may wait for a place in the batch; beyond them requests get 429', integer, 256)
-    .addOption(new Option('--api-key <key>', 'require Authorization: Bearer <key> on /v1/*').env(API_KEY_ENV))
+    .addOption(new Option('--api-key <key>', 'require Authorization: Bearer <key> on every route but /health and /metrics').env(API_KEY_ENV))
     .option('--body-limit <bytes>', 'largest request body', positive, 4 * 1024 * 1024)
     .option('--shutdown-timeout <seconds>', 'on SIGINT/SIGTERM, how long requests in flight may take to finish', integer, 30)
     .action(async (flags: ServeFlags) => {
       if (flags.port < 0 || flags.port > 65535) throw new Error(`Expected integer between 0 and 65535 for --port but received ${flags.port}`)
       if (flags.maxQueued < 0) throw new Error(`Expected integer of at least 0 for --max-queued but received ${flags.maxQueued}`)
       if (flags.shutdownTimeout < 0) throw new Error(`Expected integer of at least 0 for --shutdown-timeout but received ${flags.shutdownTimeout}`)
+      // An empty key (`--api-key "$KEY"` with KEY unset) would otherwise serve without one.
+      if (flags.apiKey === '') throw new Error(`Expected a non-empty key for --api-key (or ${API_KEY_ENV}) but received ""`)
       const source = await readModelDir(flags.model ?? defaultModelPath) // a bad model directory fails before the server listens
       const dir = source.path
       const server = new InferenceServer({
@@ -95,10 +98,20 @@ export function serveCommand(): Command {
         ...(flags.tensorParallel !== undefined && { tensorParallel: flags.tensorParallel }),
       }
       const started = performance.now()
-      const [loaded, modelHash] = await Promise.all([loadModelFrom(source, options), hashModelFiles(dir)])
+      const loading = loadModelFrom(source, options)
+      let loaded: Model, modelHash: string
+      try {
+        ;[loaded, modelHash] = await Promise.all([loading, hashModelFiles(dir)])
+      } catch (err) {
+        // A server that cannot load its model must not stay up answering 503: stop listening,
+        // free what did load, and fail (status 1).
+        await server.shutdown(0)
+        await loading.then((m) => m.dispose(), () => {})
+        throw err
+      }
       model = loaded
       if (stopping) return
-      const fingerprint = systemFingerprint(modelHash, packageVersion(), loaded.device)
+      const fingerprint = systemFingerprint(modelHash, packageVersion(), loaded.device, flags.tensorParallel)
       server.setModel(loaded, fingerprint)
       const seconds = ((performance.now() - started) / 1000).toFixed(1)
       log(`ready: ${dir} on ${loaded.device} in ${seconds} s, model name ${JSON.stringify(server.options.modelName)}, system_fingerprint ${fingerprint}`)

@@ -114,15 +114,29 @@ export class InferenceServer {
       const e = new ApiError(404, `No route ${request.method} ${request.url.split('?')[0]}`, 'invalid_request_error', null, 'not_found')
       void reply.code(404).send(e.body())
     })
+    // JSON bodies through JSON.parse, whose objects take "__proto__" and "constructor" as plain keys,
+    // which the schemas then refuse as unknown parameters by name; and no text/plain parser, so
+    // that a body of another type gets 415 instead of a string the schemas refuse.
+    app.removeAllContentTypeParsers()
+    app.addContentTypeParser('application/json', { parseAs: 'string' }, (_request, body, done) => {
+      try {
+        done(null, JSON.parse(body as string))
+      } catch (err) {
+        done(invalidRequest(`Could not parse the request body as JSON: ${(err as Error).message}`, null, 'invalid_json'), undefined)
+      }
+    })
     app.addHook('onRequest', async (request, reply) => {
       if (this.closing) {
         void reply.header('connection', 'close')
         throw unavailable('The server is shutting down', 'shutting_down')
       }
-      if (request.url.startsWith('/v1/')) this.authorize(request)
+      // By the route the router matched, not the raw URL: the router decodes percent-escapes, so
+      // /%76%31/models is /v1/models. Every route but the open ones needs the key, unknown ones too.
+      if (!OPEN_ROUTES.has(request.routeOptions.url ?? '')) this.authorize(request)
     })
+    // (A completion whose client went away is counted by complete(), as 499.)
     app.addHook('onResponse', async (request, reply) => {
-      this.metrics.requests.inc({ endpoint: request.routeOptions.url ?? 'unknown', status: String(reply.statusCode) })
+      if (reply.statusCode !== 499) this.metrics.requests.inc({ endpoint: request.routeOptions.url ?? 'unknown', status: String(reply.statusCode) })
     })
 
     app.get('/health', async (_request, reply) => {
@@ -133,12 +147,11 @@ export class InferenceServer {
       void reply.header('content-type', this.metrics.registry.contentType)
       return this.metrics.registry.metrics()
     })
-    app.get('/v1/models', async () => {
-      const { model, created } = this.ready()
-      return {
-        object: 'list',
-        data: [{ id: this.options.modelName, object: 'model', created, owned_by: 'detinfer', max_model_len: model.contextLength }],
-      }
+    app.get('/v1/models', async () => ({ object: 'list', data: [this.modelObject()] }))
+    app.get<{ Params: { model: string } }>('/v1/models/:model', async (request) => {
+      const model = this.modelObject()
+      if (request.params.model !== model.id) throw modelNotFound(request.params.model, model.id)
+      return model
     })
     app.post('/v1/completions', { schema: { body: completionBody } }, (request, reply) =>
       this.complete('completions', request, reply),
@@ -164,6 +177,12 @@ export class InferenceServer {
       )
   }
 
+  /** The served model as GET /v1/models lists it. */
+  private modelObject() {
+    const { model, created } = this.ready()
+    return { id: this.options.modelName, object: 'model', created, owned_by: 'detinfer', max_model_len: model.contextLength }
+  }
+
   private ready(): Loaded {
     if (!this.loaded) throw unavailable('The model is still loading; GET /health answers 200 once it is ready', 'model_loading')
     return this.loaded
@@ -180,8 +199,15 @@ export class InferenceServer {
     const choices = plan.choices.length
     // The queue: whatever exceeds the running batch waits; beyond maxQueued waiting, refuse.
     const capacity = loaded.model.maxBatchSize + this.options.maxQueued
-    if (choices > capacity)
-      throw invalidRequest(`Expected at most ${capacity} choices (n times prompts) for n but received ${choices}`, 'n', 'too_many_choices')
+    if (choices > capacity) {
+      const n = body.n ?? 1
+      throw invalidRequest(
+        `Expected at most ${capacity} choices (n times prompts: the sequences that can run or wait at once) but the request ` +
+          `asks for ${choices} (${choices / n} prompt${choices / n === 1 ? '' : 's'} times n = ${n})`,
+        n > 1 ? 'n' : 'prompt',
+        'too_many_choices',
+      )
+    }
     if (this.inFlight + choices > capacity)
       throw overloaded(
         `The server is at capacity (${this.inFlight} sequences in flight, ${this.options.maxQueued} may wait); retry later`,
@@ -217,15 +243,16 @@ export class InferenceServer {
     } finally {
       this.inFlight -= choices
       stopTimer()
+      // No response reaches a client that went away, so no onResponse counts it.
+      if (disconnected(signal)) this.metrics.requests.inc({ endpoint: route, status: '499' })
     }
   }
 
   /** Checks a validated body against the model and turns it into one generation per choice. */
   private plan(endpoint: Endpoint, body: CompletionBody | ChatCompletionBody, loaded: Loaded): Plan {
     const { model } = loaded
-    if (body.model !== this.options.modelName)
-      throw new ApiError(404, `The model ${JSON.stringify(body.model)} does not exist; this server serves ${JSON.stringify(this.options.modelName)}`, 'invalid_request_error', 'model', 'model_not_found')
-    const prompts = endpoint === 'chat' ? [this.chatPrompt(body as ChatCompletionBody, model)] : this.textPrompts(body as CompletionBody, model)
+    if (body.model !== this.options.modelName) throw modelNotFound(body.model, this.options.modelName)
+    const prompts = endpoint === 'chat' ? [this.chatPrompt(body as ChatCompletionBody, loaded)] : this.textPrompts(body as CompletionBody, loaded)
     const n = body.n ?? 1
     const temperature = body.temperature ?? DEFAULT_TEMPERATURE
     const topK = body.top_k ?? 0
@@ -249,12 +276,15 @@ export class InferenceServer {
       topLogprobs = lp ?? 0
     }
     const requested = endpoint === 'chat' ? ((body as ChatCompletionBody).max_completion_tokens ?? body.max_tokens) : body.max_tokens
+    // top_p, top_k and min_p only narrow what a sample is drawn from, which always keeps the most
+    // likely token: at temperature 0 (greedy) they change nothing and are not passed on.
+    const sampled = temperature > 0
     const base: GenerateOptions = {
-      ...(temperature > 0 && { temperature }),
-      ...(body.top_p !== undefined && body.top_p !== null && body.top_p < 1 && { topP: body.top_p }),
-      ...(topK > 0 && { topK }),
+      ...(sampled && { temperature }),
+      ...(sampled && body.top_p !== undefined && body.top_p !== null && body.top_p < 1 && { topP: body.top_p }),
+      ...(sampled && topK > 0 && { topK }),
       ...(body.stop !== undefined && body.stop !== null && { stop: body.stop }),
-      ...(body.min_p && { minP: body.min_p }),
+      ...(sampled && body.min_p && { minP: body.min_p }),
       ...(topLogprobs > 0 && { topLogprobs }),
     }
     const choices: ChoicePlan[] = []
@@ -284,25 +314,55 @@ export class InferenceServer {
     }
   }
 
-  private chatPrompt(body: ChatCompletionBody, model: Model): number[] {
-    const messages: ChatMessage[] = body.messages.map((m) => ({
-      // "developer" is OpenAI's newer name for the system role; chat templates know "system".
-      role: m.role === 'developer' ? 'system' : m.role,
-      content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((part) => part.text).join(''),
-    }))
+  private chatPrompt(body: ChatCompletionBody, loaded: Loaded): number[] {
+    const messages: ChatMessage[] = body.messages.map((m, i) => {
+      if (m.name !== undefined)
+        throw invalidRequest(
+          `Unsupported request argument supplied: messages[${i}].name (a chat template has no place for a participant's name)`,
+          `messages[${i}].name`,
+          'unsupported_parameter',
+        )
+      return {
+        // "developer" is OpenAI's newer name for the system role; chat templates know "system".
+        role: m.role === 'developer' ? 'system' : m.role,
+        content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((part) => part.text).join(''),
+        ...(m.tool_call_id !== undefined && { tool_call_id: m.tool_call_id }),
+      }
+    })
+    this.checkTextSize(messages.map((m) => m.content), 'messages', loaded)
     try {
-      return model.tokenize(messages)
+      return loaded.model.tokenize(messages)
     } catch (err) {
       throw invalidRequest(`Could not apply the model's chat template to messages: ${(err as Error).message}`, 'messages', 'chat_template')
     }
   }
 
-  private textPrompts(body: CompletionBody, model: Model): number[][] {
+  /**
+   * Refuses text that has more tokens than the context can hold before tokenizing it, which for
+   * megabytes of text would hold up every other request. No token is longer than the vocabulary's
+   * longest, and a tokenizer's Unicode normalization (NFC, NFKC) makes text at most 4 times
+   * shorter in UTF-8 (NFKC turns the 4-byte mathematical letters into ASCII ones), so the text
+   * has at least bytes / (4 * longest) tokens.
+   */
+  private checkTextSize(texts: string[], param: string, loaded: Loaded): void {
+    const bytes = texts.reduce((a, t) => a + Buffer.byteLength(t, 'utf8'), 0)
+    const atLeast = Math.ceil(bytes / (4 * loaded.texts.longestTokenBytes))
+    if (atLeast >= loaded.model.contextLength)
+      throw contextLengthExceeded(
+        `This model's maximum context length is ${loaded.model.contextLength} tokens; the prompt's ${bytes} bytes of text ` +
+          `are at least ${atLeast} tokens`,
+        param,
+      )
+  }
+
+  private textPrompts(body: CompletionBody, loaded: Loaded): number[][] {
+    const { model } = loaded
     const p = body.prompt
     const list: (string | number[])[] = typeof p === 'string' ? [p] : typeof p[0] === 'number' ? [p as number[]] : (p as (string | number[])[])
     return list.map((one, i) => {
       const name = typeof p === 'string' || typeof p[0] === 'number' ? 'prompt' : `prompt[${i}]`
       if (typeof one === 'string') {
+        this.checkTextSize([one], 'prompt', loaded)
         const ids = model.tokenize(one)
         if (!ids.length) throw invalidRequest(`Expected text of at least one token for ${name} but received ""`, 'prompt', 'invalid_value')
         return ids
@@ -402,6 +462,12 @@ export class InferenceServer {
     return toApiError(err)
   }
 }
+
+/** Routes that answer without the API key. */
+const OPEN_ROUTES = new Set(['/health', '/metrics'])
+
+const modelNotFound = (asked: string, served: string) =>
+  new ApiError(404, `The model ${JSON.stringify(asked)} does not exist; this server serves ${JSON.stringify(served)}`, 'invalid_request_error', 'model', 'model_not_found')
 
 /** The reason a request's generations are aborted when its client goes away. */
 class ClientGone extends Error {

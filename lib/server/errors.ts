@@ -63,6 +63,9 @@ export function schemaError(errors: SchemaError[]): ApiError {
   const e = errors.find((x) => x.keyword === 'anyOf') ?? errors[0]!
   if (e.keyword === 'additionalProperties') {
     const name = paramName(e.instancePath, String(e.params['additionalProperty']))
+    // An object accepted only at a neutral value (response_format) is named whole, with why.
+    if (e.parentSchema?.description && /not supported/.test(e.parentSchema.description))
+      return invalidRequest(`Expected ${e.parentSchema.description} for ${paramName(e.instancePath)} but received ${describeValue(e.data)}`, paramName(e.instancePath), 'invalid_value')
     return invalidRequest(`Unrecognized request argument supplied: ${name}`, name, 'unknown_parameter')
   }
   if (e.keyword === 'required') {

@@ -1,7 +1,8 @@
 // system_fingerprint: the name of a determinism domain. Two answers with equal fingerprints to
 // equal requests are equal bit for bit, so the fingerprint covers everything the bits depend on:
 // the model's files (weights, config, tokenizer and chat template), the package version, the
-// backend, and on the GPU the kernel family and the architecture they were built for.
+// backend, on the GPU the kernel family and the architecture they were built for, and the
+// tensor-parallel setting (unset gives other bits than any degree, every degree the same ones).
 import { createHash } from 'node:crypto'
 import { createReadStream } from 'node:fs'
 import { readdir } from 'node:fs/promises'
@@ -30,7 +31,8 @@ export function kernelFamily(device: DeviceName): string {
   return `cuda ${s.matmulKernels} sm_${(s.devices[0]?.computeCapability ?? '?').replace('.', '')}`
 }
 
-export function systemFingerprint(modelHash: string, version: string, device: DeviceName): string {
-  const domain = `${modelHash}\n${version}\n${device}\n${kernelFamily(device)}`
+export function systemFingerprint(modelHash: string, version: string, device: DeviceName, tensorParallel?: number): string {
+  const partition = tensorParallel === undefined ? 'no tensor parallelism' : 'tensor parallel'
+  const domain = `${modelHash}\n${version}\n${device}\n${kernelFamily(device)}\n${partition}`
   return `fp_${createHash('sha256').update(domain).digest('hex').slice(0, 16)}`
 }

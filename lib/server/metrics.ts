@@ -21,7 +21,7 @@ export class ServerMetrics {
       labelNames: ['endpoint', 'status'] as const,
       registers,
     })
-    this.promptTokens = new Counter({ name: 'detinfer_prompt_tokens_total', help: 'Prompt tokens of served completions (once per choice)', registers })
+    this.promptTokens = new Counter({ name: 'detinfer_prompt_tokens_total', help: 'Prompt tokens of served completions (once per request, as usage.prompt_tokens counts them)', registers })
     this.completionTokens = new Counter({ name: 'detinfer_completion_tokens_total', help: 'Tokens generated', registers })
     this.timeToFirstToken = new Histogram({
       name: 'detinfer_time_to_first_token_seconds',

@@ -24,7 +24,13 @@ export interface TokenRecord {
 export class TokenTexts {
   private readonly cache = new Map<number, { text: string; bytes: number[] }>()
   private readonly decoder = new TextDecoder('utf-8', { fatal: false })
-  constructor(private readonly model: Model) {}
+  /** The bytes of the vocabulary's longest token (special tokens by their text). */
+  readonly longestTokenBytes: number
+  constructor(private readonly model: Model) {
+    let longest = 1
+    for (let id = 0; id < model.vocabSize; id++) longest = Math.max(longest, model.tokenBytes(id).length)
+    this.longestTokenBytes = longest
+  }
 
   get(id: number): { text: string; bytes: number[] } {
     let t = this.cache.get(id)

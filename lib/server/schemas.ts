@@ -53,6 +53,7 @@ const tokenIds = { type: 'array', items: { type: 'integer', minimum: 0 }, minIte
 
 export const completionBody = {
   type: 'object',
+  description: 'JSON object',
   additionalProperties: false,
   required: ['model', 'prompt'],
   properties: {
@@ -77,7 +78,8 @@ const textPart = {
   type: 'object',
   additionalProperties: false,
   required: ['type', 'text'],
-  properties: { type: { const: 'text' }, text: { type: 'string' } },
+  description: 'text part {type: "text", text}',
+  properties: { type: { const: 'text', description: "'text' (only text parts are supported)" }, text: { type: 'string', description: 'string' } },
 }
 
 const message = {
@@ -91,12 +93,15 @@ const message = {
       description: 'string, array of text parts {type: "text", text} or null',
       anyOf: [{ type: 'string' }, { type: 'array', items: textPart }, { type: 'null' }],
     },
+    // Refused with its own message by the handler (a chat template has no place for it).
     name: { type: 'string', description: 'string' },
+    tool_call_id: { type: 'string', description: 'string' },
   },
 }
 
 export const chatCompletionBody = {
   type: 'object',
+  description: 'JSON object',
   additionalProperties: false,
   required: ['model', 'messages'],
   properties: {
@@ -114,7 +119,7 @@ export const chatCompletionBody = {
       type: nullable('object'),
       additionalProperties: false,
       required: ['type'],
-      properties: { type: { const: 'text' } },
+      properties: { type: { const: 'text', description: "'text' (structured output is not supported)" } },
       description: "{type: 'text'} or null (structured output is not supported)",
     },
   },
@@ -145,6 +150,7 @@ export interface ChatMessageBody {
   role: string
   content: string | { type: 'text'; text: string }[] | null
   name?: string
+  tool_call_id?: string
 }
 
 export interface ChatCompletionBody extends SamplingBody {

@@ -1,6 +1,6 @@
 // The built `detinfer` command, run as a user would: a child process of dist/cli/main.js.
 import { spawn, spawnSync } from 'node:child_process'
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -125,6 +125,44 @@ describe('detinfer CLI', () => {
     }
   })
 
+  it("the README's `detinfer serve --help` is the command's", () => {
+    const readme = readFileSync(join(root, 'README.md'), 'utf8')
+    const block = /`detinfer serve --help`:\n\n```\n([^]*?)```/.exec(readme)?.[1]
+    expect(block).toBeDefined()
+    const r = detinfer(['serve', '--help'])
+    expect(r.code).toBe(0)
+    expect(r.stdout).toBe(block)
+  })
+
+  it('serve: a model that fails to load stops the server with status 1; an empty API key is refused', () => {
+    const tmp = mkdtempSync(join(tmpdir(), 'detinfer-serve-bad-'))
+    try {
+      for (const f of ['config.json', 'tokenizer.json', 'tokenizer_config.json', 'model.safetensors'])
+        copyFileSync(join(root, 'models', 'default', f), join(tmp, f))
+      truncateSync(join(tmp, 'model.safetensors'), 3_000_000)
+      const serve = (args: string[], env: Record<string, string> = {}) =>
+        spawnSync(process.execPath, [cli, 'serve', '--port', '0', '--device', 'cpu', ...args], {
+          cwd: root,
+          encoding: 'utf8',
+          timeout: 60_000,
+          env: { ...process.env, CI: '1', ...env },
+        })
+      const bad = serve(['-m', tmp])
+      expect(bad.status).toBe(1)
+      expect(bad.stderr).toMatch(/listening on/)
+      expect(bad.stderr).toContain(`detinfer: Invalid safetensors file ${join(tmp, 'model.safetensors')}`)
+      expectNoStackTrace(bad.stderr)
+      const message = 'detinfer: Expected a non-empty key for --api-key (or DETINFER_API_KEY) but received ""\n'
+      for (const [args, env] of [[['--api-key', ''], {}], [[], { DETINFER_API_KEY: '' }]] as const) {
+        const empty = serve([...args], env)
+        expect(empty.status).toBe(1)
+        expect(empty.stderr).toBe(message)
+      }
+    } finally {
+      rmSync(tmp, { recursive: true, force: true })
+    }
+  })
+
   it('rejects a prompt given twice', () => {
     const r = detinfer(['generate', '--prompt-file', 'package.json', 'hello'])
     expect(r.code).toBe(1)
@@ -235,7 +273,7 @@ describe('detinfer generate on a tiny model', () => {
     const configOnly = join(dir, 'config-only')
     mkdirSync(configOnly, { recursive: true })
     copyFileSync(join(dir, 'config.json'), join(configOnly, 'config.json'))
-    const r = detinfer(['generate', '-m', configOnly, '--device', 'cpu', '--top-p', '2', 'hello'])
+    const r = detinfer(['generate', '-m', configOnly, '--device', 'cpu', '--temperature', '1', '--top-p', '2', 'hello'])
     expect(r.code).toBe(1)
     expect(r.stderr).toContain('detinfer: Expected number greater than 0 and at most 1 for topP but received 2 of type number')
     expect(detinfer(['generate', '-m', configOnly, '--device', 'cpu', 'hello']).stderr).toMatch(/^detinfer: \S+ not found/)
@@ -296,6 +334,10 @@ describe('the shipped model', () => {
     const scored = JSON.parse(r.stdout)
     expect(scored.tokens).toEqual(gen.tokens)
     expect(scored.logprobs).toEqual(gen.logprobs)
+    // The tokens as generate --json prints them, a JSON array, are taken too.
+    const asJson = detinfer(['score', '--device', 'cpu', '--completion-ids', JSON.stringify(gen.tokens), '--json', 'ROMEO:'])
+    expect(asJson.code, asJson.stderr).toBe(0)
+    expect(JSON.parse(asJson.stdout).logprobs).toEqual(gen.logprobs)
     const table = detinfer(['score', '--device', 'cpu', '-c', ' Is the day so young?', 'ROMEO:'])
     expect(table.code, table.stderr).toBe(0)
     expect(table.stdout).toMatch(/^\d+ tokens: total log-prob -\d+\.\d+, mean -\d+\.\d+, perplexity \d+\.\d+$/m)
@@ -320,6 +362,13 @@ describe('the shipped model', () => {
     expect(bad.code).toBe(1)
     expect(bad.stderr).toContain('detinfer: --top-k, --top-p, --min-p and --sampling-seed apply to sampling: give --temperature too')
     expectNoStackTrace(bad.stderr)
+    // generate likewise; and check takes no noise prompts and seed 0.
+    const greedyFlags = detinfer(['generate', '--device', 'cpu', '-n', '2', '--seed', '4', '--top-p', '0.9', 'ROMEO:'])
+    expect(greedyFlags.code).toBe(1)
+    expect(greedyFlags.stderr).toBe('detinfer: --seed, --top-k, --top-p and --min-p apply to sampling: give --temperature too\n')
+    const quiet = detinfer(['check', '--device', 'cpu', '--runs', '3', '-n', '4', '--noise', '0', '--seed', '0', '--json'])
+    expect(quiet.code, quiet.stderr).toBe(0)
+    expect(JSON.parse(quiet.stdout).reports.invariant.identicalToReference).toBe(3)
   })
 
   it('runs every example, and the examples find what they claim', () => {

@@ -6,6 +6,7 @@ import { defaultModelPath, Model } from '../../lib/api.js'
 import type { ForwardModel, SequenceChunk, StepTokens, TokenChoice } from '../../lib/scheduler.js'
 import { chooseOnLogits } from '../../lib/model/output-head.js'
 import { InferenceServer } from '../../lib/server/app.js'
+import { systemFingerprint } from '../../lib/server/fingerprint.js'
 import { tensorFrom } from '../../lib/tensor.js'
 import { Tokenizer } from '../../lib/tokenizer.js'
 import type { NativeTensor } from '../../lib/native.js'
@@ -113,5 +114,19 @@ describe('InferenceServer in-process', () => {
     expect(tokens.length).toBe(script.length + 1) // and the EOS
     expect(chunks.at(-1).choices[0].finish_reason).toBe('stop')
     await model.dispose()
+  })
+})
+
+describe('system_fingerprint', () => {
+  it('tells the tensor-parallel setting apart (unset gives other bits than any degree) and nothing else of the same domain', () => {
+    const unset = systemFingerprint('ab', '1.0.0', 'cpu')
+    expect(unset).toMatch(/^fp_[0-9a-f]{16}$/)
+    expect(systemFingerprint('ab', '1.0.0', 'cpu')).toBe(unset)
+    // Every degree gives the same bits, so one fingerprint; unset gives others.
+    const tp = [1, 2, 4, 8].map((n) => systemFingerprint('ab', '1.0.0', 'cpu', n))
+    expect(new Set(tp).size).toBe(1)
+    expect(tp[0]).not.toBe(unset)
+    expect(systemFingerprint('ac', '1.0.0', 'cpu')).not.toBe(unset)
+    expect(systemFingerprint('ab', '1.0.1', 'cpu')).not.toBe(unset)
   })
 })

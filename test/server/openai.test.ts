@@ -102,6 +102,8 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
   it('lists its model and reports health with the system fingerprint', async () => {
     const models = await client.models.list()
     expect(models.data.map((m) => m.id)).toEqual(['default'])
+    expect(await client.models.retrieve('default')).toEqual(models.data[0])
+    await expect(client.models.retrieve('other')).rejects.toMatchObject({ status: 404, code: 'model_not_found' })
     const health = await (await fetch(`${server.url}/health`)).json()
     expect(health).toMatchObject({ status: 'ok', model: 'default' })
     expect(health.system_fingerprint).toMatch(/^fp_[0-9a-f]{16}$/)
@@ -266,8 +268,12 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
         }),
       )
     }
+    const gone = () => metric(server.url, 'detinfer_requests_total{endpoint="/v1/completions",status="499"}').catch(() => 0)
+    const goneBefore = await gone()
     await disconnectMany(16)
     await expect.poll(() => metric(server.url, 'detinfer_kv_cache_blocks_used'), { timeout: 5000 }).toBe(0)
+    // Requests whose client went away get no response, and are counted as 499.
+    await expect.poll(gone, { timeout: 5000 }).toBe(goneBefore + 16)
     const before = await metric(server.url, 'detinfer_process_resident_memory_bytes')
     await disconnectMany(48)
     // Mid-stream: the blocks were in use while the streams ran, and come back once they are gone.
@@ -370,10 +376,64 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
       expect(r.status).toBe(400)
     })
 
+    it('a body that is JSON but not an object, and keys that name an object\'s prototype', async () => {
+      const array = await post(url(), '[1,2]')
+      expect(array.status).toBe(400)
+      expect(array.json.error.message).toBe('Expected JSON object for body but received [1,2] of type array')
+      for (const key of ['__proto__', 'constructor']) {
+        const r = await post(chatUrl(), `{"model":"default","messages":[{"role":"user","content":"x"}],"${key}":{"prototype":{}}}`)
+        expect(r.status).toBe(400)
+        expectErrorBody(r.json, r.status, 'unknown_parameter', key)
+        expect(r.json.error.message).toBe(`Unrecognized request argument supplied: ${key}`)
+      }
+    })
+
+    it('structured output and message names are refused with what is supported; a tool message\'s call id is taken', async () => {
+      const messages = [{ role: 'user', content: 'x' }]
+      const json = await post(chatUrl(), { model: 'default', messages, max_tokens: 2, response_format: { type: 'json_object' } })
+      expect(json.status).toBe(400)
+      expect(json.json.error.message).toBe(`Expected 'text' (structured output is not supported) for response_format.type but received "json_object" of type string`)
+      const schema = await post(chatUrl(), { model: 'default', messages, max_tokens: 2, response_format: { type: 'json_schema', json_schema: { name: 'x' } } })
+      expect(schema.status).toBe(400)
+      expectErrorBody(schema.json, schema.status, 'invalid_value', 'response_format')
+      expect(schema.json.error.message).toContain("Expected {type: 'text'} or null (structured output is not supported) for response_format")
+      const named = await post(chatUrl(), { model: 'default', messages: [{ role: 'user', content: 'x', name: 'bob' }], max_tokens: 2 })
+      expect(named.status).toBe(400)
+      expectErrorBody(named.json, named.status, 'unsupported_parameter', 'messages[0].name')
+      const tool = await client.chat.completions.create({
+        model: 'default',
+        messages: [{ role: 'user', content: 'x' }, { role: 'tool', content: '42', tool_call_id: 'call_1' }],
+        max_tokens: 2,
+        temperature: 0,
+      })
+      expect(tool.choices.length).toBe(1)
+    })
+
+    it('too many choices name the prompts or n; megabytes of prompt are refused before tokenizing', async () => {
+      const many = await post(url(), { model: 'default', prompt: Array.from({ length: 1000 }, () => 'a'), max_tokens: 1 })
+      expect(many.status).toBe(400)
+      expectErrorBody(many.json, many.status, 'too_many_choices', 'prompt')
+      expect(many.json.error.message).toMatch(/asks for 1000 \(1000 prompts times n = 1\)$/)
+      // 2.1 MB of text, far more tokens than the context holds.
+      const text = 'ROMEO, speak! '.repeat(150_000)
+      for (const [at, body] of [
+        [url(), { model: 'default', prompt: text, max_tokens: 1 }],
+        [chatUrl(), { model: 'default', messages: [{ role: 'user', content: text }], max_tokens: 1 }],
+      ] as const) {
+        const r = await post(at, body)
+        expect(r.status).toBe(400)
+        expectErrorBody(r.json, r.status, 'context_length_exceeded', at === url() ? 'prompt' : 'messages')
+        expect(r.json.error.message).toMatch(/the prompt's 2100000 bytes of text are at least \d+ tokens$/)
+      }
+    })
+
     it('wrong media type, an unknown route', async () => {
       const media = await fetch(url(), { method: 'POST', headers: { 'content-type': 'application/xml' }, body: '<prompt/>' })
       expect(media.status).toBe(415)
       expectErrorBody(await media.json(), 415, 'unsupported_media_type')
+      // text/plain too: no parser turns it into a string for the schemas to refuse.
+      const plain = await fetch(url(), { method: 'POST', headers: { 'content-type': 'text/plain' }, body: JSON.stringify(ok) })
+      expect(plain.status).toBe(415)
       const missing = await fetch(`${server.url}/v1/engines`)
       expect(missing.status).toBe(404)
       expectErrorBody(await missing.json(), 404, 'not_found')
@@ -406,6 +466,14 @@ describe('detinfer serve: API key, overload, graceful shutdown', () => {
     expect((await client.completions.create(body)).choices.length).toBe(1)
     await expect(new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'nope', maxRetries: 0 }).models.list()).rejects.toMatchObject({ status: 401 })
     expect((await fetch(`${server.url}/health`)).status).toBe(200)
+    expect((await fetch(`${server.url}/metrics`)).status).toBe(200)
+    // The router decodes percent-escapes before it matches a route; the check goes by the route.
+    for (const path of ['/%76%31/models', '/v%31/completions', '/%761/chat/completions'])
+      expect((await post(`${server.url}${path}`, body)).status).toBe(401)
+    await expect(new OpenAI({ baseURL: `${server.url}/%761`, apiKey: 'wrong', maxRetries: 0 }).models.list()).rejects.toMatchObject({ status: 401 })
+    // An unknown route too, so that nothing answers without the key but /health and /metrics.
+    expect((await fetch(`${server.url}/v1/engines`)).status).toBe(401)
+    expect((await fetch(`${server.url}/v1/engines`, { headers: auth })).status).toBe(404)
   })
 
   it('refuses a body over --body-limit with 413', async () => {

@@ -30,6 +30,8 @@ export class ContextHashModel implements ForwardModel {
   readonly steps: SequenceChunk[][] = []
   eosBias = 0
   disposed = false
+  /** The positions the model serves, when fewer than config.maxPositionEmbeddings (a small KV cache). */
+  maxPositions?: number
   private lastLogits: NativeTensor | null = null
 
   constructor(opts: { kvBlocks: number; kvBlockSize: number; maxBatchTokens: number; context?: number; vocab?: number }) {

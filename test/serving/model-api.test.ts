@@ -44,6 +44,26 @@ describe('Model argument validation', () => {
     expect(() => model.stream('ab', { maxTokens: -1 })).toThrow('Expected integer between 1 and 4096 for maxTokens but received -1 of type number')
   })
 
+  it('refuses what can never fit the context with a RequestTooLargeError naming the numbers', async () => {
+    // More tokens than the context holds: too large, not a bad argument.
+    await expect(model.generate('abc', { maxTokens: 4097 })).rejects.toThrow(new RequestTooLargeError("maxTokens (4097) exceeds the model's context of 4096 tokens"))
+    // A prompt that fills the context: the default maxTokens cannot shrink to nothing.
+    await expect(model.generate('a'.repeat(4096))).rejects.toThrow(
+      new RequestTooLargeError("The prompt (4096 tokens) leaves no room for a completion in the model's context of 4096 tokens"),
+    )
+  })
+
+  it('names the KV cache when it, not max_position_embeddings, bounds the context', async () => {
+    // 16 blocks of 4 positions: 64 positions as loaded, below the config's 4096.
+    const forward = new ContextHashModel({ kvBlocks: 16, kvBlockSize: 4, maxBatchTokens: 32, context: 4096 })
+    forward.maxPositions = 64
+    const small = new Model({ forward, tokenizer: charTokenizer, path: 'small-cache' }, { maxBatchSize: 2, prefillChunkSize: 8 })
+    const cache = "the model's context of 64 tokens (the positions its KV cache holds as loaded; max_position_embeddings is 4096)"
+    await expect(small.generate('abc', { maxTokens: 65 })).rejects.toThrow(`maxTokens (65) exceeds ${cache}`)
+    await expect(small.generate('abc', { maxTokens: 62 })).rejects.toThrow(`The prompt (3 tokens) plus maxTokens (62) exceeds ${cache}`)
+    await small.dispose()
+  })
+
   it('says in tokens when the prompt plus completion passes the context', async () => {
     await expect(model.score('a'.repeat(4000), 'b'.repeat(97))).rejects.toThrow(
       "The prompt plus completion is 4097 tokens (4000 + 97) but the model's context is 4096 tokens",

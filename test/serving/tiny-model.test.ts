@@ -227,6 +227,11 @@ function servingSuite(device: DeviceName): void {
       'Expected kvBlocks or kvCacheTokens for the KV-cache size but received both',
     )
     await expect(loadModel(join(dir, 'missing'))).rejects.toThrow(`No model at ${join(dir, 'missing')}`)
+    // A misspelt key fails instead of loading with the default it meant to change.
+    await expect(loadModel(dir, { device, maxBatchsize: 1 } as never)).rejects.toThrow(
+      'Expected only the keys device, maxBatchTokens, maxBatchSize, prefillChunkSize, kvCacheTokens, kvBlocks, prefixCache, ' +
+        'cudaGraphs, tensorParallel, onProgress for options but received "maxBatchsize" of type string',
+    )
   })
 }
 
