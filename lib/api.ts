@@ -9,6 +9,7 @@ import {
   resolveGenerateOptions,
   runGeneration,
   streamGeneration,
+  whenAborted,
   type GenerateOptions,
   type GenerateResult,
   type ResolvedGenerateOptions,
@@ -42,6 +43,8 @@ export interface ScoreOptions {
   chat?: boolean
   /** Report the N most likely tokens at every scored position (0 to 20; default 0). */
   topLogprobs?: number
+  /** Aborting it takes the request out of the batch at the next step and rejects with its reason. */
+  signal?: AbortSignal
 }
 
 export interface ServingOptions {
@@ -95,9 +98,10 @@ export class Model {
   /** Prompt ids as generate() would feed them: of a text, or of a conversation through the chat template. */
   tokenize(text: string | ChatMessage[], options: { chat?: boolean } = {}): number[] {
     this.checkOpen()
+    const chat = checkOptions(options, { chat: 'boolean' }).chat === true
     if (Array.isArray(text)) return this.promptIds(text, true, 'text')
     if (typeof text !== 'string') throw invalidArgument('text', 'string or array of chat messages', text)
-    return this.parts.tokenizer.encodePrompt(text, options.chat === true)
+    return this.parts.tokenizer.encodePrompt(text, chat)
   }
 
   /** The bytes token `id` stands for (part of a UTF-8 character, possibly). */
@@ -123,17 +127,29 @@ export class Model {
     this.checkOpen()
     const resolved = this.resolveOptions(options)
     const ids = this.promptIds(prompt, resolved.chat)
-    return runGeneration(this.scheduler, this.parts.tokenizer, ids, this.fitDefault(resolved, options, ids)).result
+    return runGeneration(this.scheduler, this.parts.tokenizer, ids, this.fitted(resolved, options, ids)).result
   }
 
-  /** Completions of many prompts, served together; result i belongs to prompt i. */
+  /**
+   * Completions of many prompts, served together; result i belongs to prompt i. Every prompt is
+   * checked before any is submitted, and when one generation fails the others are cancelled.
+   */
   async generateBatch(prompts: Prompt[], options?: GenerateOptions): Promise<GenerateResult[]> {
     this.checkOpen()
     if (!Array.isArray(prompts)) throw invalidArgument('prompts', 'array of prompts', prompts)
     const resolved = this.resolveOptions(options)
-    const ids = prompts.map((p, i) => this.promptIds(p, resolved.chat, `prompts[${i}]`))
-    const runs = ids.map((p) => runGeneration(this.scheduler, this.parts.tokenizer, p, this.fitDefault(resolved, options, p)))
-    return Promise.all(runs.map((r) => r.result))
+    // Every index, holes included (map and forEach skip them).
+    const planned = Array.from(prompts, (p, i) => {
+      const ids = this.promptIds(p, resolved.chat, `prompts[${i}]`)
+      return { ids, options: this.fitted(resolved, options, ids) }
+    })
+    const runs = planned.map((p) => runGeneration(this.scheduler, this.parts.tokenizer, p.ids, p.options))
+    try {
+      return await Promise.all(runs.map((r) => r.result))
+    } catch (err) {
+      for (const r of runs) r.cancel()
+      throw err
+    }
   }
 
   /** The completion piece by piece; breaking out of the loop stops the generation. */
@@ -141,7 +157,7 @@ export class Model {
     this.checkOpen()
     const resolved = this.resolveOptions(options)
     const ids = this.promptIds(prompt, resolved.chat)
-    const fitted = this.fitDefault(resolved, options, ids)
+    const fitted = this.fitted(resolved, options, ids) // a request too large throws here, not when iterated
     return streamGeneration((onPiece) => runGeneration(this.scheduler, this.parts.tokenizer, ids, fitted, onPiece))
   }
 
@@ -153,25 +169,29 @@ export class Model {
    */
   async score(prompt: Prompt, completion: string | number[], options: ScoreOptions = {}): Promise<ScoreResult> {
     this.checkOpen()
-    if (typeof options !== 'object' || options === null) throw invalidArgument('options', 'object', options)
-    const topLogprobs = options.topLogprobs === undefined ? 0 : checkInteger('topLogprobs', options.topLogprobs, 0, MAX_TOP_LOGPROBS)
-    const promptIds = this.promptIds(prompt, options.chat === true)
-    const tokens =
-      typeof completion === 'string'
-        ? this.checkTokenizerIds('completion', this.parts.tokenizer.encodeContinuation(completion))
-        : this.checkTokens('completion', completion)
+    const o = checkOptions(options, { chat: 'boolean', topLogprobs: 'number', signal: 'AbortSignal' })
+    const topLogprobs = o.topLogprobs === undefined ? 0 : checkInteger('topLogprobs', o.topLogprobs, 0, MAX_TOP_LOGPROBS)
+    const promptIds = this.promptIds(prompt, o.chat === true)
+    let tokens: number[]
+    if (typeof completion === 'string') {
+      const ids = this.parts.tokenizer.encodeContinuation(completion)
+      if (ids.length === 0) throw invalidArgument('completion', 'text or ids of at least one token', completion)
+      tokens = this.checkTokenizerIds('completion', ids)
+    } else {
+      tokens = this.checkTokens('completion', completion)
+    }
     if (tokens.length === 0) throw invalidArgument('completion', 'text or ids of at least one token', completion)
     const total = promptIds.length + tokens.length
     if (total > this.contextLength)
       throw new RequestTooLargeError(
         `The prompt plus completion is ${total} tokens (${promptIds.length} + ${tokens.length}) but the model's context is ${this.contextLength} tokens`,
       )
-    const { logprobs, top } = await this.scheduler.submit({
-      kind: 'score',
-      tokens: [...promptIds, ...tokens],
-      from: promptIds.length,
-      topLogprobs,
-    }).done
+    const signal = o.signal as AbortSignal | undefined
+    if (signal?.aborted) throw signal.reason
+    const scheduled = this.scheduler.submit({ kind: 'score', tokens: [...promptIds, ...tokens], from: promptIds.length, topLogprobs })
+    const stopListening = signal ? whenAborted(signal, () => scheduled.cancel()) : () => {}
+    const { logprobs, top } = await scheduled.done.finally(stopListening)
+    if (signal?.aborted) throw signal.reason
     return { tokens, logprobs: Array.from(logprobs), ...(top ? { topLogprobs: top } : {}) }
   }
 
@@ -199,15 +219,20 @@ export class Model {
   }
 
   // The default maxTokens shrinks to what the context leaves after the prompt; an explicit one does
-  // not. A prompt that leaves no room at all is named as what does not fit.
-  private fitDefault(resolved: ResolvedGenerateOptions, options: GenerateOptions | undefined, prompt: number[]) {
-    if (options?.maxTokens !== undefined) return resolved
-    if (prompt.length >= this.contextLength)
-      throw new RequestTooLargeError(
-        `The prompt (${prompt.length} tokens) leaves no room for a completion in ` +
-          contextText(this.contextLength, this.parts.forward.config.maxPositionEmbeddings),
-      )
-    return { ...resolved, maxTokens: Math.min(resolved.maxTokens, this.contextLength - prompt.length) }
+  // not. A prompt that leaves no room at all is named as what does not fit. Then the request is
+  // checked against the context and the KV cache as the scheduler will check it.
+  private fitted(resolved: ResolvedGenerateOptions, options: GenerateOptions | undefined, prompt: number[]) {
+    let fit = resolved
+    if (options?.maxTokens === undefined) {
+      if (prompt.length >= this.contextLength)
+        throw new RequestTooLargeError(
+          `The prompt (${prompt.length} tokens) leaves no room for a completion in ` +
+            contextText(this.contextLength, this.parts.forward.config.maxPositionEmbeddings),
+        )
+      fit = { ...resolved, maxTokens: Math.min(resolved.maxTokens, this.contextLength - prompt.length) }
+    }
+    this.scheduler.checkGeneration(prompt.length, fit.maxTokens)
+    return fit
   }
 
   private promptIds(prompt: unknown, chat: boolean, name = 'prompt'): number[] {
@@ -218,10 +243,11 @@ export class Model {
     }
     if (!Array.isArray(prompt)) throw invalidArgument(name, 'string, array of token ids or array of chat messages', prompt)
     if (prompt.length > 0 && typeof prompt[0] === 'object' && prompt[0] !== null) {
-      prompt.forEach((m, i) => {
+      for (let i = 0; i < prompt.length; i++) {
+        const m = prompt[i] as ChatMessage | undefined // a hole reads as undefined
         if (typeof m !== 'object' || m === null || typeof m.role !== 'string' || typeof m.content !== 'string')
           throw invalidArgument(`${name}[${i}]`, 'chat message {role, content} with string values', m)
-      })
+      }
       return this.checkTokenizerIds(name, this.parts.tokenizer.encodeChat(prompt as ChatMessage[]))
     }
     if (chat) throw invalidArgument('chat', 'false or absent when the prompt is given as token ids', chat)
@@ -243,9 +269,24 @@ export class Model {
 
   private checkTokens(name: string, tokens: unknown): number[] {
     if (!Array.isArray(tokens)) throw invalidArgument(name, 'array of token ids', tokens)
-    tokens.forEach((t, i) => checkInteger(`${name}[${i}]`, t, 0, this.vocabSize - 1))
+    // Every index, holes included (forEach skips them).
+    for (let i = 0; i < tokens.length; i++) checkInteger(`${name}[${i}]`, tokens[i], 0, this.vocabSize - 1)
     return tokens as number[]
   }
+}
+
+/** `options` as an object of only the given keys, each of its type when present. */
+function checkOptions(options: unknown, keys: Record<string, 'boolean' | 'number' | 'AbortSignal'>): Record<string, unknown> {
+  if (typeof options !== 'object' || options === null || Array.isArray(options)) throw invalidArgument('options', 'object', options)
+  const o = options as Record<string, unknown>
+  for (const [key, value] of Object.entries(o)) {
+    const type = keys[key]
+    if (!type) throw invalidArgument('options', `only the keys ${Object.keys(keys).join(', ')}`, key)
+    if (value === undefined) continue
+    const ok = type === 'AbortSignal' ? value instanceof AbortSignal : typeof value === type
+    if (!ok) throw invalidArgument(key, type, value)
+  }
+  return o
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -179,8 +179,8 @@ async function servePhase(
   serving: SchedulerOptions,
   jobs: Job[],
   rand: () => number,
-  onDone: (job: Job, c: Completion, running: number) => void,
-): Promise<void> {
+  onDone: (job: Job, c: Completion) => void,
+): Promise<number> {
   const scheduler = new Scheduler(model, serving)
   const inFlight = new Set<Promise<void>>()
   let target = 1
@@ -191,11 +191,12 @@ async function servePhase(
     }
     const p: Promise<void> = complete(scheduler, job.prompt, job.maxTokens, job.sampling).then((c) => {
       inFlight.delete(p)
-      onDone(job, c, scheduler.load.running)
+      onDone(job, c)
     })
     inFlight.add(p)
   }
   await Promise.all(inFlight)
+  return scheduler.load.peakRunning
 }
 
 export async function runCheck(model: ForwardModel, options: CheckOptions): Promise<CheckReport> {
@@ -211,12 +212,12 @@ export async function runCheck(model: ForwardModel, options: CheckOptions): Prom
   const perPhase = Math.ceil(jobs.length / options.phases.length)
   for (let p = 0; p < options.phases.length; p++) {
     const slice = jobs.slice(p * perPhase, (p + 1) * perPhase)
-    await servePhase(model, options.phases[p]!, slice, rand, (job, c, running) => {
+    const peak = await servePhase(model, options.phases[p]!, slice, rand, (job, c) => {
       generated += c.tokens.length
-      maxConcurrent = Math.max(maxConcurrent, running + 1)
       if (job.run >= 0) completions[job.run] = c
       options.onProgress?.(++done, jobs.length)
     })
+    maxConcurrent = Math.max(maxConcurrent, peak)
   }
   const seconds = (performance.now() - started) / 1000
 

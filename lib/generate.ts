@@ -261,9 +261,8 @@ export function runGeneration(
       return !(isEos || text.stopped)
     },
   })
-  const onAbort = () => scheduled.cancel()
-  signal?.addEventListener('abort', onAbort, { once: true })
-  const result = scheduled.done.finally(() => signal?.removeEventListener('abort', onAbort)).then(({ finishReason, timings }) => {
+  const stopListening = signal ? whenAborted(signal, () => scheduled.cancel()) : () => {}
+  const result = scheduled.done.finally(stopListening).then(({ finishReason, timings }) => {
     if (finishReason === 'cancelled' && signal?.aborted) throw signal.reason
     const totalMs = performance.now() - started
     const decoded = Math.max(0, timings.completionTokens - 1)
@@ -288,19 +287,52 @@ function toPublicReason(reason: FinishReason): 'stop' | 'length' {
   return reason === 'length' ? 'length' : 'stop'
 }
 
-/** An async iterable of pieces; leaving the loop early cancels the generation. */
+// One 'abort' listener per signal, whatever the number of requests that share it (a batch, or
+// many calls given one signal): a listener each made Node warn of a leak past ten.
+const abortCallbacks = new WeakMap<AbortSignal, Set<() => void>>()
+
+/** Calls `fn` once when `signal` aborts; the returned function stops that (call it when done). */
+export function whenAborted(signal: AbortSignal, fn: () => void): () => void {
+  let callbacks = abortCallbacks.get(signal)
+  if (!callbacks) {
+    const set = new Set<() => void>()
+    callbacks = set
+    abortCallbacks.set(signal, set)
+    signal.addEventListener(
+      'abort',
+      () => {
+        abortCallbacks.delete(signal)
+        for (const f of set) f()
+      },
+      { once: true },
+    )
+  }
+  callbacks.add(fn)
+  const set = callbacks
+  return () => void set.delete(fn)
+}
+
+/**
+ * An async iterable of pieces; leaving the loop early cancels the generation. Like an async
+ * generator's, calls of next() that overlap are answered in order, and after the error a failed
+ * generation throws once, next() is done.
+ */
 export function streamGeneration(
   start: (onPiece: (piece: StreamPiece) => void) => { result: Promise<GenerateResult>; cancel(): void },
 ): AsyncIterable<StreamPiece> {
   return {
     [Symbol.asyncIterator](): AsyncIterator<StreamPiece> {
       const queue: StreamPiece[] = []
-      let wake: (() => void) | null = null
+      const waiting: (() => void)[] = []
+      const wakeAll = () => {
+        for (const wake of waiting.splice(0)) wake()
+      }
       let finished = false
       let failure: unknown = null
+      let thrown = false
       const run = start((piece) => {
         queue.push(piece)
-        wake?.()
+        wakeAll()
       })
       run.result.then(
         () => (finished = true),
@@ -308,13 +340,16 @@ export function streamGeneration(
           failure = err ?? new Error('generation failed')
           finished = true
         },
-      ).finally(() => wake?.())
+      ).finally(wakeAll)
       return {
         async next(): Promise<IteratorResult<StreamPiece>> {
-          while (!queue.length && !finished) await new Promise<void>((r) => (wake = r))
-          wake = null
+          // Waiters wake in the order they came, so overlapping calls take the pieces in order.
+          while (!queue.length && !finished) await new Promise<void>((r) => waiting.push(r))
           if (queue.length) return { value: queue.shift()!, done: false }
-          if (failure) throw failure
+          if (failure && !thrown) {
+            thrown = true
+            throw failure
+          }
           return { value: undefined, done: true }
         },
         async return(): Promise<IteratorResult<StreamPiece>> {

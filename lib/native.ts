@@ -60,7 +60,10 @@ export interface CudaStatus {
   matmulKernels: string
 }
 
-/** Every function of the addon. Ops enqueue and return at once; download/synchronize wait off the JS thread. */
+/**
+ * Every function of the addon. On CUDA, ops enqueue and return at once, and download/synchronize
+ * wait off the JS thread; on the CPU backend an op computes before it returns, on the JS thread.
+ */
 /** One Hopper matmul launch of a DETINFER_STAMPS build (NativeAddon.stamps). */
 export interface MatmulStampRecord {
   slot: number

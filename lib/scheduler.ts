@@ -9,7 +9,8 @@
 // must keep it that way: nothing a sequence receives may depend on another sequence (no shared
 // random stream, no batch-dependent choice of op).
 //
-// Reading results back is the only wait; it happens off the JS thread.
+// On CUDA, reading results back is the only wait, and it happens off the JS thread; on the CPU
+// backend the ops compute on the JS thread, so a step holds it for the step's time.
 import { KvBlockAllocator, PrefixHasher } from './kv-cache.js'
 import type { DeviceName } from './native.js'
 import { NonFiniteLogitsError, RequestTooLargeError, contextText } from './errors.js'
@@ -95,6 +96,8 @@ export interface ScoreOutcome {
 export interface SchedulerLoad {
   running: number
   waiting: number
+  /** The most sequences that have run in one step since the start. */
+  peakRunning: number
   /** KV-cache blocks held by sequences. */
   usedBlocks: number
   totalBlocks: number
@@ -185,6 +188,7 @@ export class Scheduler {
   private closedWith: Error | null = null
   private promptTokens = 0
   private prefixHitTokens = 0
+  private peakRunning = 0
 
   constructor(model: ForwardModel, options: SchedulerOptions) {
     this.model = model
@@ -199,12 +203,21 @@ export class Scheduler {
     return {
       running: this.running.length,
       waiting: this.waiting.length,
+      peakRunning: this.peakRunning,
       usedBlocks: this.allocator.usedBlocks,
       totalBlocks: this.allocator.totalBlocks,
       cachedBlocks: this.allocator.cachedBlocks,
       promptTokens: this.promptTokens,
       prefixHitTokens: this.prefixHitTokens,
     }
+  }
+
+  /**
+   * Throws the RequestTooLargeError submit() would throw for a generation of `promptLength` tokens
+   * and `maxTokens`, without submitting it: a caller with several requests checks them all first.
+   */
+  checkGeneration(promptLength: number, maxTokens: number): void {
+    this.checkFits(promptLength, maxTokens, promptLength + maxTokens - 1)
   }
 
   submit(request: GenerationRequest): Scheduled<GenerationOutcome>
@@ -293,6 +306,7 @@ export class Scheduler {
         if (this.waiting.length) this.failAll(new Error('Scheduler: no request can be admitted although none is running'))
         continue
       }
+      this.peakRunning = Math.max(this.peakRunning, this.running.length)
       try {
         await this.step()
       } catch (err) {

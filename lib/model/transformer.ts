@@ -7,7 +7,7 @@
 //            -> gate|up = x·Wgate|up -> silu·mul (one op, fused on CUDA) -> down_proj -> residual + norm
 //   -> gather the rows that want logits -> lm_head (f32 logits) -> token choice (output-head.ts)
 //
-// Every op is batch-invariant (see DESIGN.md), so a row's logits depend only on its own sequence.
+// Every op is batch-invariant (README.md, "The determinism contract"), so a row's logits depend only on its own sequence.
 import { resolveDevice } from '../device.js'
 import { DisposedError, checkInteger, describeValue } from '../errors.js'
 import { native, type AttentionBatch, type DeviceName, type NativeTensor } from '../native.js'

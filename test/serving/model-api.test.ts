@@ -115,3 +115,110 @@ describe('Model.dispose', () => {
     await expect(model.generate('ab')).rejects.toThrow(DisposedError)
   })
 })
+
+describe('Model: what a caller passes is checked before anything runs', () => {
+  it('generateBatch checks every prompt before submitting any, and a rejected batch leaves nothing running', async () => {
+    const { model } = makeModel()
+    const unhandled: unknown[] = []
+    const onUnhandled = (reason: unknown) => unhandled.push(reason)
+    process.on('unhandledRejection', onUnhandled)
+    try {
+      const long = Array.from({ length: 4000 }, () => 1)
+      await expect(model.generateBatch(['ab', 'cd', long], { maxTokens: 100 })).rejects.toThrow(
+        new RequestTooLargeError("The prompt (4000 tokens) plus maxTokens (100) exceeds the model's context of 4096 tokens"),
+      )
+      expect(model.load).toMatchObject({ running: 0, waiting: 0, usedBlocks: 0 })
+      // One that fails while running cancels the others: an aborted signal shared by the batch.
+      const abort = new AbortController()
+      const batch = model.generateBatch(['ab', 'cd', 'ef'], { maxTokens: 400, signal: abort.signal })
+      await new Promise((r) => setTimeout(r, 5))
+      abort.abort(new Error('enough'))
+      await expect(batch).rejects.toThrow('enough')
+      await expect.poll(() => model.load.usedBlocks).toBe(0)
+      await model.dispose()
+      await new Promise((r) => setTimeout(r, 10))
+      expect(unhandled).toEqual([])
+    } finally {
+      process.off('unhandledRejection', onUnhandled)
+    }
+  })
+
+  it('refuses holes in token ids, prompts and messages by index; a bad request never fails the others', async () => {
+    const { model } = makeModel()
+    const victim = model.generate('abcdef', { maxTokens: 50 })
+    // eslint-disable-next-line no-sparse-arrays
+    const holey = [1, , 3] as number[]
+    await expect(model.generate(holey)).rejects.toThrow('Expected integer between 0 and 31 for prompt[1] but received undefined')
+    await expect(model.score('ab', holey)).rejects.toThrow('for completion[1] but received undefined')
+    expect(() => model.detokenize(holey)).toThrow('for tokens[1] but received undefined')
+    // eslint-disable-next-line no-sparse-arrays
+    await expect(model.generateBatch(['ab', , 'cd'] as string[])).rejects.toThrow('for prompts[1] but received undefined')
+    // eslint-disable-next-line no-sparse-arrays
+    const messages = [{ role: 'user', content: 'ab' }, , { role: 'user', content: 'c' }] as { role: string; content: string }[]
+    await expect(model.generate(messages)).rejects.toThrow('Expected chat message {role, content} with string values for prompt[1] but received undefined')
+    expect((await victim).tokens).toHaveLength(50)
+    await model.dispose()
+  })
+
+  it('stream() throws a request too large at once, not when iterated', () => {
+    const { model } = makeModel()
+    expect(() => model.stream(Array.from({ length: 4000 }, () => 1), { maxTokens: 100 })).toThrow(RequestTooLargeError)
+    expect(() => model.stream(Array.from({ length: 4096 }, () => 1))).toThrow(RequestTooLargeError)
+  })
+
+  it("a stream's overlapping next() calls are answered in order; after its error it is done", async () => {
+    const { model } = makeModel()
+    const alone = await model.generate('abc', { maxTokens: 6 })
+    const it = model.stream('abc', { maxTokens: 6 })[Symbol.asyncIterator]()
+    const results = await Promise.all(Array.from({ length: 8 }, () => it.next()))
+    expect(results.map((r) => (r.done ? null : r.value.token))).toEqual([...alone.tokens, null, null])
+    const abort = new AbortController()
+    const failing = model.stream('abc', { maxTokens: 400, signal: abort.signal })[Symbol.asyncIterator]()
+    await failing.next()
+    abort.abort(new Error('stop now'))
+    const drain = async () => {
+      while (!(await failing.next()).done);
+    }
+    await expect(drain()).rejects.toThrow('stop now')
+    expect(await failing.next()).toEqual({ value: undefined, done: true })
+    await model.dispose()
+  })
+
+  it("score's options are checked like generate's, and its signal cancels it", async () => {
+    const { model } = makeModel()
+    await expect(model.score('ab', 'cd', { toplogprobs: 5 } as never)).rejects.toThrow(
+      'Expected only the keys chat, topLogprobs, signal for options but received "toplogprobs" of type string',
+    )
+    await expect(model.score('ab', 'cd', { chat: 'yes' } as never)).rejects.toThrow('Expected boolean for chat but received "yes" of type string')
+    await expect(model.score('ab', '')).rejects.toThrow('Expected text or ids of at least one token for completion but received "" of type string')
+    const reason = new Error('not now')
+    await expect(model.score('ab', 'cd', { signal: AbortSignal.abort(reason) })).rejects.toBe(reason)
+    const abort = new AbortController()
+    const long = model.score('a'.repeat(1000), 'b'.repeat(500), { signal: abort.signal })
+    abort.abort(reason)
+    await expect(long).rejects.toBe(reason)
+    await expect.poll(() => model.load.usedBlocks).toBe(0)
+    expect(() => model.tokenize('ab', null as never)).toThrow('Expected object for options but received null')
+    expect(() => model.tokenize('ab', { chat: 'yes' } as never)).toThrow('Expected boolean for chat but received "yes" of type string')
+    await model.dispose()
+  })
+
+  it('one signal shared by many requests adds one listener (no leak warning past ten)', async () => {
+    const { model } = makeModel()
+    const warnings: Error[] = []
+    const onWarning = (w: Error) => warnings.push(w)
+    process.on('warning', onWarning)
+    try {
+      const abort = new AbortController()
+      const prompts = Array.from({ length: 24 }, (_, i) => 'ab' + 'cdefgh'[i % 6])
+      const batch = await model.generateBatch(prompts, { maxTokens: 2, signal: abort.signal })
+      const alone = await Promise.all(prompts.map((p) => model.generate(p, { maxTokens: 2, signal: abort.signal })))
+      expect(batch.map((r) => r.tokens)).toEqual(alone.map((r) => r.tokens))
+      await new Promise((r) => setTimeout(r, 10))
+      expect(warnings.filter((w) => w.name === 'MaxListenersExceededWarning')).toEqual([])
+    } finally {
+      process.off('warning', onWarning)
+      await model.dispose()
+    }
+  })
+})
