@@ -404,7 +404,11 @@ export async function readModelDir(dir: unknown): Promise<ModelSource> {
 
 /** @internal The tokenizer of a model directory, as loadModel loads it (every id below the config's vocab_size). */
 export function loadTokenizer(source: ModelSource): Promise<Tokenizer> {
-  return Tokenizer.load(source.path, { modelVocabSize: source.config.vocabSize, modelConfigFile: join(source.path, 'config.json') })
+  return Tokenizer.load(source.path, {
+    modelVocabSize: source.config.vocabSize,
+    modelConfigFile: join(source.path, 'config.json'),
+    modelEosTokenIds: source.config.eosTokenIds,
+  })
 }
 
 /** @internal loadModel from a source read already; `source.device`, when given, overrides options.device. */

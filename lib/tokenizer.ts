@@ -64,6 +64,11 @@ export interface TokenizerLoadOptions {
   modelVocabSize?: number
   /** The file that gave modelVocabSize, for messages (default "config.json"). */
   modelConfigFile?: string
+  /**
+   * config.json's eos_token_id: the ids that end a generation when generation_config.json gives
+   * none (as Hugging Face derives a model's generation config from its config).
+   */
+  modelEosTokenIds?: readonly number[]
 }
 
 /** The bound every token id of the tokenizer files is checked against, and where it comes from. */
@@ -254,20 +259,24 @@ export class Tokenizer {
       if (genEos !== undefined && genEos !== null) {
         const list = Array.isArray(genEos) ? genEos : [genEos]
         for (const id of list)
-          if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id > maxId)
-            throw invalidField(`a token id below ${maxId + 1} or an array of them`, 'eos_token_id', generationFile, genEos)
+          if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= limit.size)
+            throw invalidField(`a token id below ${limit.size} or an array of them (${limit.what})`, 'eos_token_id', generationFile, genEos)
         eos.push(...(list as number[]))
       }
     }
+    // Without an eos_token_id from generation_config.json, config.json's (checked by its parser).
+    if (!eos.length && options.modelEosTokenIds) eos.push(...options.modelEosTokenIds)
     const configEos = idOf(eosToken, 'eos_token', configFile)
     if (configEos !== null && !eos.includes(configEos)) eos.push(configEos)
 
-    const fromConfig = pickChatTemplate(config['chat_template'], configFile)
-    const templateSource = fromConfig ?? templateText
+    // chat_template.jinja first, as Hugging Face transformers reads them (it saves the template
+    // there), then tokenizer_config.json's chat_template.
+    const fromConfig = templateText === null ? pickChatTemplate(config['chat_template'], configFile) : null
+    const templateSource = templateText ?? fromConfig
     const chatTemplate =
       templateSource === null
         ? null
-        : new ChatTemplate(templateSource, `the chat template of ${dir} (${fromConfig !== null ? 'chat_template in tokenizer_config.json' : 'chat_template.jinja'})`)
+        : new ChatTemplate(templateSource, `the chat template of ${dir} (${templateText !== null ? 'chat_template.jinja' : 'chat_template in tokenizer_config.json'})`)
     const cleanUp = config['clean_up_tokenization_spaces']
     return new Tokenizer(
       hf,

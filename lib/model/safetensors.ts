@@ -168,10 +168,13 @@ export class SafetensorsCheckpoint {
     if (typeof map !== 'object' || map === null || Array.isArray(map))
       throw invalidField('an object', 'weight_map', index, map)
     const byShard = new Map<string, string[]>()
+    const shardOf = new Map<string, string>()
     for (const [name, shard] of Object.entries(map as Record<string, unknown>)) {
-      if (typeof shard !== 'string' || shard.includes('/') || shard.includes('\\'))
-        throw invalidField('a shard file name', `weight_map[${JSON.stringify(name)}]`, index, shard)
+      // A file of this directory: no path, not "." or "..", a .safetensors name.
+      if (typeof shard !== 'string' || shard.includes('/') || shard.includes('\\') || !/^[^.].*\.safetensors$/.test(shard))
+        throw invalidField('a shard file name (NAME.safetensors in the same directory)', `weight_map[${JSON.stringify(name)}]`, index, shard)
       byShard.set(shard, [...(byShard.get(shard) ?? []), name])
+      shardOf.set(name, shard)
     }
     const files: SafetensorsFile[] = []
     const tensors = new Map<string, TensorInfo>()
@@ -182,6 +185,18 @@ export class SafetensorsCheckpoint {
         for (const name of names) {
           const info = file.tensors.get(name)
           if (!info) throw new Error(`${index} maps tensor ${name} to ${shard}, but ${file.path} does not contain it`)
+          tensors.set(name, info)
+        }
+        // A shard's other tensors are part of the checkpoint too (Hugging Face loads whole shards),
+        // so the checks of the weights against the config see them; one the index maps to
+        // another shard is there twice.
+        for (const [name, info] of file.tensors) {
+          const listed = shardOf.get(name)
+          if (listed === shard) continue
+          if (listed !== undefined)
+            throw new Error(`${file.path} holds tensor ${name}, which ${index} maps to ${listed}: a tensor must be in one shard`)
+          const other = tensors.get(name)
+          if (other) throw new Error(`${file.path} and ${other.file} both hold tensor ${name}: a tensor must be in one shard`)
           tensors.set(name, info)
         }
       }

@@ -232,6 +232,38 @@ describe('model weights', () => {
     )
     writeFileSync(indexFile, JSON.stringify({ weight_map: ['x'] }))
     await expect(load(m.dir)).rejects.toThrow(`Expected an object for weight_map in ${indexFile} but received ["x"]`)
+    // A shard is a NAME.safetensors file of the directory: no path, no "." or "..".
+    for (const bad of ['..', '.', '', '../x.safetensors', 'sub/x.safetensors', 'model.bin', '.safetensors']) {
+      writeFileSync(indexFile, JSON.stringify({ weight_map: { 'model.norm.weight': bad } }))
+      await expect(load(m.dir)).rejects.toThrow(
+        `Expected a shard file name (NAME.safetensors in the same directory) for weight_map["model.norm.weight"] in ${indexFile} but received ${JSON.stringify(bad)}`,
+      )
+    }
+  })
+
+  it('check every tensor of every shard, those the index leaves out too, and refuse one held twice', async () => {
+    const m = fresh({ architecture: 'LlamaForCausalLM', shards: 2, tieWordEmbeddings: true })
+    const first = join(m.dir, 'model-00001-of-00002.safetensors')
+    const second = join(m.dir, 'model-00002-of-00002.safetensors')
+    const entriesOf = async (file: string) => {
+      const f = await SafetensorsFile.open(file)
+      const list = await Promise.all([...f.tensors.values()].map(async (t) => ({ name: t.name, dtype: t.dtype, shape: t.shape, data: await f.read(t) })))
+      await f.close()
+      return list
+    }
+    const firstEntries = await entriesOf(first)
+    const secondEntries = await entriesOf(second)
+    // A stray lm_head in a shard, not in the index, with tied embeddings: unused, as in one file.
+    const head = secondEntries.find((e) => e.name === 'model.embed_tokens.weight') ?? firstEntries.find((e) => e.name === 'model.embed_tokens.weight')!
+    writeFileSync(second, safetensorsBytes([...secondEntries, { ...head, name: 'lm_head.weight' }]))
+    await expect(load(m.dir)).rejects.toThrow('tensor lm_head.weight in model-00002-of-00002.safetensors is not used by the LlamaForCausalLM configuration')
+    // A tensor the index maps to one shard, also in the other.
+    writeFileSync(second, safetensorsBytes(secondEntries))
+    const moved = secondEntries[0]!
+    writeFileSync(first, safetensorsBytes([...firstEntries, moved]))
+    await expect(load(m.dir)).rejects.toThrow(
+      `${first} holds tensor ${moved.name}, which ${join(m.dir, 'model.safetensors.index.json')} maps to model-00002-of-00002.safetensors: a tensor must be in one shard`,
+    )
   })
 
   it('name missing files', async () => {

@@ -83,8 +83,29 @@ describe('tokenizer', () => {
     expect((await Tokenizer.load(dir)).eosTokenIds).toEqual([specialId('<|im_end|>'), specialId('</s>')])
     writeFileSync(join(dir, 'generation_config.json'), JSON.stringify({ eos_token_id: 'x' }))
     await expect(Tokenizer.load(dir)).rejects.toThrow(
-      `Expected a token id below 270 or an array of them for eos_token_id in ${join(dir, 'generation_config.json')} but received "x" of type string`,
+      `Expected a token id below 16777216 or an array of them (the largest vocabulary detinfer loads) for eos_token_id in ${join(dir, 'generation_config.json')} but received "x" of type string`,
     )
+    // The bound is the model's vocab_size, named, not the tokenizer's largest id (models pad).
+    const limits = { modelVocabSize: 300, modelConfigFile: join(dir, 'config.json') }
+    writeFileSync(join(dir, 'generation_config.json'), JSON.stringify({ eos_token_id: [specialId('<|im_end|>'), 290] }))
+    expect((await Tokenizer.load(dir, limits)).eosTokenIds).toEqual([specialId('<|im_end|>'), 290, specialId('</s>')])
+    writeFileSync(join(dir, 'generation_config.json'), JSON.stringify({ eos_token_id: [300] }))
+    await expect(Tokenizer.load(dir, limits)).rejects.toThrow(
+      `Expected a token id below 300 or an array of them (vocab_size in ${join(dir, 'config.json')}) for eos_token_id in ${join(dir, 'generation_config.json')} but received [300] of type array`,
+    )
+  })
+
+  it("takes config.json's eos_token_id when generation_config.json gives none, as Hugging Face does", async () => {
+    const dir = writeTinyModel(join(root, 'config-eos'), { architecture: 'Qwen3ForCausalLM', numLayers: 1 }).dir
+    unlinkSync(join(dir, 'generation_config.json'))
+    const fromModel = { modelEosTokenIds: [specialId('<|endoftext|>'), specialId('<|im_end|>')] }
+    expect((await Tokenizer.load(dir, fromModel)).eosTokenIds).toEqual([specialId('<|endoftext|>'), specialId('<|im_end|>'), specialId('</s>')])
+    // A generation config without eos_token_id: config.json's still.
+    writeFileSync(join(dir, 'generation_config.json'), JSON.stringify({ do_sample: false }))
+    expect((await Tokenizer.load(dir, fromModel)).eosTokenIds).toEqual([specialId('<|endoftext|>'), specialId('<|im_end|>'), specialId('</s>')])
+    // One with its own: only those (and tokenizer_config's eos_token).
+    writeFileSync(join(dir, 'generation_config.json'), JSON.stringify({ eos_token_id: specialId('<|im_end|>') }))
+    expect((await Tokenizer.load(dir, fromModel)).eosTokenIds).toEqual([specialId('<|im_end|>'), specialId('</s>')])
   })
 
   it('keeps special tokens whole and skips them on request', async () => {
@@ -149,6 +170,11 @@ describe('tokenizer', () => {
     // chat_template.jinja beside the config (newer checkpoints) is read too.
     writeFileSync(join(dir, 'chat_template.jinja'), '{{ messages[0].content }}!')
     expect((await Tokenizer.load(dir)).applyChatTemplate([{ role: 'user', content: 'x' }])).toBe('x!')
+    // And it wins over tokenizer_config.json's, as transformers reads them.
+    writeFileSync(join(dir, 'tokenizer_config.json'), JSON.stringify({ ...cfg, chat_template: '{{ messages[0].content }}?' }))
+    expect((await Tokenizer.load(dir)).applyChatTemplate([{ role: 'user', content: 'x' }])).toBe('x!')
+    unlinkSync(join(dir, 'chat_template.jinja'))
+    expect((await Tokenizer.load(dir)).applyChatTemplate([{ role: 'user', content: 'x' }])).toBe('x?')
   })
 })
 
@@ -227,7 +253,9 @@ describe('tokenizer files that would hang or mislead', () => {
     const dir = fresh()
     const gen = join(dir, 'generation_config.json')
     writeFileSync(gen, JSON.stringify({ eos_token_id: 1e9 }))
-    await expect(Tokenizer.load(dir)).rejects.toThrow(`Expected a token id below 270 or an array of them for eos_token_id in ${gen} but received 1000000000 of type number`)
+    await expect(Tokenizer.load(dir, { modelVocabSize: 273 })).rejects.toThrow(
+      `Expected a token id below 273 or an array of them (vocab_size in config.json) for eos_token_id in ${gen} but received 1000000000 of type number`,
+    )
     writeFileSync(gen, JSON.stringify({ pad_token_id: 1e9 }))
     await expect(Tokenizer.load(dir, { modelVocabSize: 273 })).rejects.toThrow(
       `Expected a token id below 273 or an array of them (vocab_size in config.json) for pad_token_id in ${gen} but received 1000000000 of type number`,
