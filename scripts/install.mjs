@@ -11,12 +11,16 @@
 // installed package (inside node_modules) keeps only build/Release/detinfer.node of its build:
 // CMake's intermediates are removed.
 import { spawnSync } from 'node:child_process'
-import { existsSync, readdirSync, rmSync } from 'node:fs'
+import { existsSync, readdirSync, renameSync, rmSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { dirname, join, sep } from 'node:path'
 import { pathToFileURL } from 'node:url'
 
 const root = join(import.meta.dirname, '..')
+const buildDir = join(root, 'build')
+// An earlier build from source (npm rebuild), set aside while the prebuilt addon is tried and
+// while a new build runs: put back if the new build fails, removed once something else works.
+const previousBuild = join(root, 'build-previous')
 const env = process.env
 const isSet = (name) => env[name] !== undefined && !/^(|0|false|off)$/i.test(env[name])
 
@@ -32,31 +36,46 @@ const reason = cpuOnly
         ? 'this is a checkout of the repository'
         : await prebuiltUnusable()
 
-if (reason === null) process.exit(0)
+if (reason === null) {
+  rmSync(previousBuild, { recursive: true, force: true })
+  process.exit(0)
+}
 console.log(`detinfer: building the native addon from source (${reason})${cpuOnly ? ', CPU backend only' : ''}`)
 const require = createRequire(import.meta.url)
 const cmakeJs = join(dirname(require.resolve('cmake-js/package.json')), 'bin', 'cmake-js')
 const args = [cmakeJs, 'compile', ...(cpuOnly ? ['--CDDETINFER_CUDA=OFF'] : [])]
 const build = spawnSync(process.execPath, args, { cwd: root, stdio: 'inherit' })
 if (build.status !== 0) {
+  const kept = existsSync(previousBuild)
+  if (kept) {
+    rmSync(buildDir, { recursive: true, force: true })
+    renameSync(previousBuild, buildDir)
+  }
   console.error(
-    'detinfer: the build from source failed. It needs CMake (3.18 or newer) and a C++17 compiler on PATH; ' +
-      'set DETINFER_CPU_ONLY=1 to leave out the CUDA backend.',
+    'detinfer: the build from source failed (its own messages are above). It needs CMake (3.18 or newer) and a C++17 ' +
+      'compiler on PATH' +
+      (cpuOnly ? '' : ', and for the GPU backend CUDA 12.4 or newer; set DETINFER_CPU_ONLY=1 to leave out the CUDA backend') +
+      '.' +
+      (kept ? ' The addon built before is kept.' : ''),
   )
   process.exit(build.status ?? 1)
 }
-if (root.split(sep).includes('node_modules')) keepOnlyAddon(join(root, 'build'))
+rmSync(previousBuild, { recursive: true, force: true })
+if (root.split(sep).includes('node_modules')) keepOnlyAddon(buildDir)
 
 // Why the prebuilt addon cannot be used, or null when it loads here (through lib/native.ts, the one
 // module that loads the addon, as the package's users will).
 async function prebuiltUnusable() {
   const nativeJs = join(root, 'dist', 'native.js')
   if (!existsSync(nativeJs)) return 'dist/native.js is not built'
-  // An earlier build from source (npm rebuild) would be loaded before the prebuilt addon.
-  rmSync(join(root, 'build'), { recursive: true, force: true })
   const { native, nativeAddonPath, prebuiltAddon, prebuiltPackage } = await import(pathToFileURL(nativeJs).href)
   try {
     if (prebuiltAddon() === null) return `${prebuiltPackage} is not installed`
+    // An earlier build from source (npm rebuild) would be loaded before the prebuilt addon: set it aside.
+    if (existsSync(buildDir)) {
+      rmSync(previousBuild, { recursive: true, force: true })
+      renameSync(buildDir, previousBuild)
+    }
     native().cudaStatus()
     console.log(`detinfer: using the prebuilt addon ${nativeAddonPath()}`)
     return null

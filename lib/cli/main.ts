@@ -10,6 +10,13 @@ import { scoreCommand } from './score.js'
 import { serveCommand } from './serve.js'
 import { packageVersion } from './package-info.js'
 
+// Output piped into a reader that stops early (`detinfer generate ... | head -1`): stop quietly, as
+// command-line tools do, instead of failing on the write.
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code === 'EPIPE') process.exit(0)
+  throw err
+})
+
 const program = new Command('detinfer')
   .description('Deterministic LLM inference: the same prompt gives the same completion, bit for bit')
   .version(packageVersion())

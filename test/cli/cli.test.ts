@@ -163,6 +163,17 @@ describe('detinfer CLI', () => {
     }
   })
 
+  it('stops quietly with status 0 when the reader of its output goes away (| head)', () => {
+    // The command's own status, through a pipe that closes early.
+    const own = spawnSync('bash', ['-c', `set -o pipefail; "${process.execPath}" "${cli}" generate --device cpu -n 300 "ROMEO:" | head -c 1 >/dev/null`], {
+      cwd: root,
+      encoding: 'utf8',
+      env: { ...process.env, CI: '1' },
+    })
+    expect(own.status, own.stderr).toBe(0)
+    expectNoStackTrace(own.stderr)
+  })
+
   it('rejects a prompt given twice', () => {
     const r = detinfer(['generate', '--prompt-file', 'package.json', 'hello'])
     expect(r.code).toBe(1)
