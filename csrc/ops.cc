@@ -374,6 +374,9 @@ void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor
   c.rank(k_cache, "k_cache", 4);
   c.same_shape(k_cache, "k_cache", v_cache, "v_cache");
   c.dim(q, "q", 2, k_cache.dim(3), "head dim of the cache");
+  if (k_cache.dim(2) < 1 || k_cache.dim(1) < 1)
+    fail("attention: expected a cache of at least one kv head and one position a block but received ",
+         k_cache.describe());
   if (q.dim(1) % k_cache.dim(2) != 0)
     fail("attention: expected the query heads of q (", q.dim(1), ") to be a multiple of the cache's kv heads (",
          k_cache.dim(2), ")");
@@ -391,6 +394,10 @@ void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor
   if (b.max_seq_len > b.block_tables.dim(1) * k_cache.dim(1))
     fail("attention: maxSeqLen ", b.max_seq_len, " exceeds the block table's capacity of ",
          b.block_tables.dim(1) * k_cache.dim(1), " keys");
+  // The contents of the batch tensors (query rows, lengths, block ids) are checked by the CPU
+  // backend, which reads them on the host. On CUDA they are device memory, which the step's packing
+  // (lib/model/step-layout.ts) fills from the cache allocator's own block ids; a wrong block id there
+  // would fault on the device and come back as a CUDA error, not end the process.
   on_cuda(out) ? cuda::attention(out, q, k_cache, v_cache, b, scale) : cpu::attention(out, q, k_cache, v_cache, b, scale);
 }
 

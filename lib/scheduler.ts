@@ -310,10 +310,15 @@ export class Scheduler {
       try {
         await this.step()
       } catch (err) {
+        // A step that fails (a device error, say) leaves the model's state in doubt: every request
+        // running or waiting fails with it.
         this.failAll(err)
         return
       }
     }
+    // A step launched ahead for sequences that have all ended since: no one reads it, and the next
+    // request must not start behind it (its rejection is already handled, launch()).
+    this.ahead = null
   }
 
   private failAll(err: unknown): void {
@@ -387,7 +392,7 @@ export class Scheduler {
     const current = this.ahead ?? this.launch(this.pack())
     this.ahead = null
     const next = this.continuing(current)
-    if (next) this.ahead = this.launchAhead(current, next)
+    if (next) this.ahead = this.tryLaunchAhead(current, next)
     const out = await current.launched.tokens
     if (out.ids.length !== current.rows.length)
       throw new Error(`Scheduler: the model chose ${out.ids.length} tokens but ${current.rows.length} logits rows were asked for`)
@@ -430,6 +435,19 @@ export class Scheduler {
     }
     const freed = next.length < current.packed.length || this.running.length < this.maxBatchSize
     return next.length && !(this.waiting.length && freed) ? next : null
+  }
+
+  // launchAhead, or null when the launch throws: a backend that computes as it launches (the CPU)
+  // refuses a token id of -1, the choice of a non-finite logits row, which only this step's results
+  // will reveal. The step is then packed again once they are in, with the same bits (launching
+  // ahead never changes them), and the row's request fails with its NonFiniteLogitsError alone. An
+  // error that is not about the launched-ahead tokens recurs at that launch and is reported there.
+  private tryLaunchAhead(current: InFlight, next: PackedChunk[]): InFlight | null {
+    try {
+      return this.launchAhead(current, next)
+    } catch {
+      return null
+    }
   }
 
   // The next decode step of `next` (chunks of current), one position further, each token the one

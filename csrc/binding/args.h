@@ -4,9 +4,11 @@
 
 #include <napi.h>
 
+#include <deque>
 #include <string>
 #include <vector>
 
+#include "describe.h"
 #include "tensor_wrap.h"
 
 namespace detinfer::binding {
@@ -14,19 +16,27 @@ namespace detinfer::binding {
 struct Args {
   const Napi::CallbackInfo& info;
   const char* op;
+  // The tensors of this call, copied as they are read: each holds its storage until the op returns,
+  // whatever JS runs meanwhile (a getter of a later argument that disposes an earlier one).
+  mutable std::deque<Tensor> held{};
 
   Napi::Env env() const { return info.Env(); }
 
   [[noreturn]] void type_error(size_t i, const char* name, const char* expected) const {
-    Napi::Value v = i < info.Length() ? info[i] : env().Undefined();
-    std::string got = v.IsUndefined() ? "undefined" : v.IsNull() ? "null" : v.ToString().Utf8Value();
-    if (got.size() > 60) got = got.substr(0, 60) + "...";
+    value_error(i < info.Length() ? info[i] : env().Undefined(), name, expected);
+  }
+
+  [[noreturn]] void value_error(const Napi::Value& v, const char* name, const char* expected) const {
     throw Napi::TypeError::New(env(), std::string(op) + ": expected " + expected + " for " + name +
-                                          " but received " + got);
+                                          " but received " + describe_js(v));
   }
 
   Tensor& tensor(size_t i, const char* name) const {
-    return TensorWrap::FromValue(i < info.Length() ? info[i] : env().Undefined(), op, name);
+    return held.emplace_back(TensorWrap::FromValue(i < info.Length() ? info[i] : env().Undefined(), op, name));
+  }
+
+  Tensor& tensor_value(const Napi::Value& v, const char* name) const {
+    return held.emplace_back(TensorWrap::FromValue(v, op, name));
   }
 
   const Tensor* optional_tensor(size_t i, const char* name) const {
@@ -40,8 +50,15 @@ struct Args {
   }
 
   int integer(size_t i, const char* name) const {
-    double d = number(i, name);
-    if (d != static_cast<double>(static_cast<int>(d))) type_error(i, name, "an integer");
+    return integer_value(i < info.Length() ? info[i] : env().Undefined(), name);
+  }
+
+  // A 32-bit integer (not NaN, not Infinity, not wrapped around).
+  int integer_value(const Napi::Value& v, const char* name) const {
+    if (!v.IsNumber()) value_error(v, name, "an integer");
+    const double d = v.As<Napi::Number>().DoubleValue();
+    if (!(d >= -2147483648.0 && d <= 2147483647.0) || d != static_cast<double>(static_cast<int>(d)))
+      value_error(v, name, "an integer");
     return static_cast<int>(d);
   }
 

@@ -25,11 +25,17 @@ Napi::Value Empty(const Napi::CallbackInfo& info) {
 // tensor either waiting for the copy or, when async, through the pinned staging ring without waiting.
 void UploadInto(const Args& a, Tensor& t, size_t arg, bool async = false) {
   if (arg >= a.info.Length() || !a.info[arg].IsTypedArray()) a.type_error(arg, "data", "a TypedArray or Buffer");
+  // The bytes through napi_get_typedarray_info, which also takes a view of a SharedArrayBuffer.
+  napi_typedarray_type type;
+  size_t length = 0, offset = 0;
+  void* data = nullptr;
+  NAPI_THROW_IF_FAILED_VOID(a.env(), napi_get_typedarray_info(a.env(), a.info[arg], &type, &length, &data, nullptr, &offset));
   Napi::TypedArray ta = a.info[arg].As<Napi::TypedArray>();
   size_t nbytes = ta.ByteLength();
   if (nbytes != t.nbytes())
     fail(a.op, ": expected ", t.nbytes(), " bytes of data for ", t.describe(), " but received ", nbytes);
-  const char* src = static_cast<const char*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
+  if (nbytes > 0 && data == nullptr) a.type_error(arg, "data", "a TypedArray whose buffer is not detached");
+  const char* src = static_cast<const char*>(data);
   if (t.device() == Device::CPU) {
     std::memcpy(t.data(), src, nbytes);
   } else if (async) {
@@ -217,16 +223,12 @@ Napi::Value QkvRopeAppend(const Napi::CallbackInfo& info) {
 Napi::Value Attention(const Napi::CallbackInfo& info) {
   Args a{info, "attention"};
   Napi::Object batch = a.object(4, "batch");
-  Napi::Value fields[] = {batch.Get("blockTables"), batch.Get("queryStart"), batch.Get("seqLens")};
   AttentionBatch b;
-  b.block_tables = TensorWrap::FromValue(fields[0], "attention", "batch.blockTables");
-  b.query_start = TensorWrap::FromValue(fields[1], "attention", "batch.queryStart");
-  b.seq_lens = TensorWrap::FromValue(fields[2], "attention", "batch.seqLens");
-  Napi::Value mq = batch.Get("maxQueryLen"), ms = batch.Get("maxSeqLen");
-  if (!mq.IsNumber()) a.type_error(4, "batch.maxQueryLen", "a number");
-  if (!ms.IsNumber()) a.type_error(4, "batch.maxSeqLen", "a number");
-  b.max_query_len = mq.As<Napi::Number>().Int32Value();
-  b.max_seq_len = ms.As<Napi::Number>().Int32Value();
+  b.block_tables = a.tensor_value(batch.Get("blockTables"), "batch.blockTables");
+  b.query_start = a.tensor_value(batch.Get("queryStart"), "batch.queryStart");
+  b.seq_lens = a.tensor_value(batch.Get("seqLens"), "batch.seqLens");
+  b.max_query_len = a.integer_value(batch.Get("maxQueryLen"), "batch.maxQueryLen");
+  b.max_seq_len = a.integer_value(batch.Get("maxSeqLen"), "batch.maxSeqLen");
   ops::attention(a.tensor(0, "out"), a.tensor(1, "q"), a.tensor(2, "kCache"), a.tensor(3, "vCache"), b,
                  static_cast<float>(a.number(5, "scale")));
   return info.Env().Undefined();

@@ -1,8 +1,13 @@
 #include "tensor_wrap.h"
 
+#include "describe.h"
 #include "instance_data.h"
 
 namespace detinfer::binding {
+namespace {
+// Marks the objects that are Tensors of this addon (napi_type_tag_object): random, fixed.
+constexpr napi_type_tag kTensorTag = {0x6a1c5e9b03d24f87ULL, 0xb2e07c4d9a6f1385ULL};
+}  // namespace
 
 Napi::Function TensorWrap::Init(Napi::Env env) {
   return DefineClass(env, "Tensor",
@@ -31,14 +36,13 @@ TensorWrap::TensorWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Tensor
     return;
   }
   tensor_ = *info[0].As<Napi::External<Tensor>>().Data();
+  info.This().As<Napi::Object>().TypeTag(&kTensorTag);
 }
 
-Tensor& TensorWrap::FromValue(const Napi::Value& value, const char* op, const char* name) {
+Tensor TensorWrap::FromValue(const Napi::Value& value, const char* op, const char* name) {
   Napi::Env env = value.Env();
-  auto ctor = instance_data(env).tensor.Value();
-  if (!value.IsObject() || !value.As<Napi::Object>().InstanceOf(ctor))
-    throw Napi::TypeError::New(env, std::string(op) + ": expected a Tensor for " + name + " but received " +
-                                        (value.IsNull() ? "null" : value.IsUndefined() ? "undefined" : value.ToString().Utf8Value()));
+  if (!value.IsObject() || !value.As<Napi::Object>().CheckTypeTag(&kTensorTag))
+    throw Napi::TypeError::New(env, std::string(op) + ": expected a Tensor for " + name + " but received " + describe_js(value));
   TensorWrap* wrap = ObjectWrap<TensorWrap>::Unwrap(value.As<Napi::Object>());
   if (!wrap->tensor_) throw Napi::Error::New(env, std::string(op) + ": tensor " + name + " was disposed");
   return *wrap->tensor_;

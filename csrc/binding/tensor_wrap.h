@@ -16,8 +16,10 @@ class TensorWrap : public Napi::ObjectWrap<TensorWrap> {
   static Napi::Object New(Napi::Env env, Tensor tensor);
   explicit TensorWrap(const Napi::CallbackInfo& info);
 
-  // The tensor behind a JS value, or a TypeError naming the op and the argument.
-  static Tensor& FromValue(const Napi::Value& value, const char* op, const char* name);
+  // A copy of the tensor behind a JS value (sharing its storage), or a TypeError naming the op and
+  // the argument. A Tensor is recognized by a type tag set when it is made, so nothing of the value's
+  // (a prototype, Symbol.hasInstance, a proxy) runs.
+  static Tensor FromValue(const Napi::Value& value, const char* op, const char* name);
 
  private:
   Napi::Value Dtype(const Napi::CallbackInfo& info);

@@ -48,13 +48,24 @@ void DownloadWorker::Execute() {
   }
 }
 
+// OnOK and OnError run from the event loop after the work; when the environment is going away (a
+// worker thread that exits with a download pending) making the buffer or settling the promise
+// fails, and an exception escaping here would end the whole process: nothing is left to tell then.
 void DownloadWorker::OnOK() {
-  Napi::Env env = Env();
-  Napi::Buffer<char> buf = Napi::Buffer<char>::Copy(env, host_.data(), host_.size());
-  deferred_.Resolve(buf);
+  try {
+    Napi::Env env = Env();
+    Napi::Buffer<char> buf = Napi::Buffer<char>::Copy(env, host_.data(), host_.size());
+    deferred_.Resolve(buf);
+  } catch (...) {
+  }
 }
 
-void DownloadWorker::OnError(const Napi::Error& e) { deferred_.Reject(e.Value()); }
+void DownloadWorker::OnError(const Napi::Error& e) {
+  try {
+    deferred_.Reject(e.Value());
+  } catch (...) {
+  }
+}
 
 SynchronizeWorker::SynchronizeWorker(Napi::Env env, Device device)
     : Napi::AsyncWorker(env, "detinfer.synchronize"), device_(device), deferred_(Napi::Promise::Deferred::New(env)) {}
@@ -74,7 +85,18 @@ void SynchronizeWorker::Execute() {
   }
 }
 
-void SynchronizeWorker::OnOK() { deferred_.Resolve(Env().Undefined()); }
-void SynchronizeWorker::OnError(const Napi::Error& e) { deferred_.Reject(e.Value()); }
+void SynchronizeWorker::OnOK() {
+  try {
+    deferred_.Resolve(Env().Undefined());
+  } catch (...) {
+  }
+}
+
+void SynchronizeWorker::OnError(const Napi::Error& e) {
+  try {
+    deferred_.Reject(e.Value());
+  } catch (...) {
+  }
+}
 
 }  // namespace detinfer::binding

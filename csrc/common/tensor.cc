@@ -83,12 +83,22 @@ std::string Tensor::describe() const {
   return std::string(dtype_name(dtype)) + shape_string(shape) + " on " + device_name(device());
 }
 
-Tensor allocate_tensor(Device device, const Allocator& allocator, DType dtype, const std::vector<int64_t>& shape) {
+// The element count of `shape` and its bytes at `dtype`, refused when a dimension is negative or
+// the bytes pass 2^62 (a product that wrapped around would give a tensor of that shape a small
+// allocation, and every op a write past it).
+static int64_t checked_numel(const std::vector<int64_t>& shape, DType dtype) {
+  constexpr int64_t kMaxBytes = int64_t{1} << 62;
   int64_t n = 1;
   for (int64_t d : shape) {
     DI_CHECK(d >= 0, "Expected non-negative dimensions for shape but received ", shape_string(shape));
-    n *= d;
+    DI_CHECK(!__builtin_mul_overflow(n, d, &n) && n <= kMaxBytes / static_cast<int64_t>(dtype_size(dtype)),
+             "Expected a shape of at most 2^62 bytes but received ", shape_string(shape), " of ", dtype_name(dtype));
   }
+  return n;
+}
+
+Tensor allocate_tensor(Device device, const Allocator& allocator, DType dtype, const std::vector<int64_t>& shape) {
+  const int64_t n = checked_numel(shape, dtype);
   Tensor t;
   t.storage = std::make_shared<Storage>(device, allocator, static_cast<size_t>(n) * dtype_size(dtype));
   t.dtype = dtype;
@@ -99,7 +109,7 @@ Tensor allocate_tensor(Device device, const Allocator& allocator, DType dtype, c
 Tensor reshape(const Tensor& t, const std::vector<int64_t>& shape) {
   Tensor v = t;
   v.shape = shape;
-  DI_CHECK(v.numel() == t.numel(), "cannot view ", t.describe(), " as ", shape_string(shape),
+  DI_CHECK(checked_numel(shape, t.dtype) == t.numel(), "cannot view ", t.describe(), " as ", shape_string(shape),
            ": element counts differ");
   return v;
 }

@@ -103,14 +103,26 @@ void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor
   int64_t group = heads / kv_heads, num_seqs = batch.seq_lens.dim(0), max_blocks = batch.block_tables.dim(1);
   const int32_t* starts = batch.query_start.ptr<int32_t>();
   const int32_t* lens = batch.seq_lens.ptr<int32_t>();
+  const int32_t* tables = batch.block_tables.ptr<int32_t>();
+  // Every index the loops below follow, checked before anything is read or written through it:
+  // query rows within q, keys within the block table, and the blocks they use within the cache.
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const int64_t n_queries = int64_t{starts[b + 1]} - starts[b], len = lens[b];
+    DI_CHECK(starts[b] >= 0 && n_queries >= 0 && starts[b + 1] <= q.dim(0), "attention: sequence ", b,
+             " has query rows [", starts[b], ", ", starts[b + 1], ") outside q's ", q.dim(0), " rows");
+    DI_CHECK(n_queries <= len, "attention: sequence ", b, " has ", n_queries, " queries and ", len, " keys");
+    DI_CHECK(len <= max_blocks * block_size, "attention: sequence ", b, " has ", len,
+             " keys, more than its block table holds");
+    for (int64_t j = 0; j < (len + block_size - 1) / block_size; ++j) {
+      const int32_t block = tables[b * max_blocks + j];
+      DI_CHECK(block >= 0 && block < k_cache.dim(0), "attention: block ", j, " of sequence ", b, " is ", block,
+               ", outside the cache's ", k_cache.dim(0), " blocks");
+    }
+  }
   std::vector<float> qf(dim);
   const float c = scale * 1.4426950408889634f;
   for (int64_t b = 0; b < num_seqs; ++b) {
     int64_t n_queries = starts[b + 1] - starts[b], len = lens[b];
-    DI_CHECK(n_queries >= 0 && n_queries <= len && starts[b + 1] <= q.dim(0),
-             "attention: sequence ", b, " has ", n_queries, " queries and ", len, " keys");
-    DI_CHECK(len <= max_blocks * block_size, "attention: sequence ", b, " has ", len,
-             " keys, more than its block table holds");
     int64_t split = variant_kernels() ? attention_schedule::variant_split_size(num_seqs, len) : kSplitSize;
     for (int64_t i = 0; i < n_queries; ++i) {
       int64_t row = starts[b] + i, pos = len - n_queries + i;

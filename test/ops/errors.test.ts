@@ -1,7 +1,8 @@
 // Bad input to any op is a JS exception with a message naming the op, the argument, what was
 // expected and what was given; never a crash.
+import { spawnSync } from 'node:child_process'
 import { describe, expect, it } from 'vitest'
-import { native } from '../../lib/native.js'
+import { native, nativeAddonPath } from '../../lib/native.js'
 import { tensorFrom } from '../../lib/tensor.js'
 
 const n = native()
@@ -61,5 +62,101 @@ describe('op argument validation', () => {
     const status = n.cudaStatus()
     if (status.available) return
     expect(() => n.empty('cuda', 'f32', [1])).toThrow(/CUDA device requested but .*use device: 'cpu'/)
+  })
+})
+
+// Each case in a child process of its own: a crash there (a signal, an abort) fails the case
+// instead of the test runner, and a hang hits the deadline.
+function isolated(body: string): { status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string } {
+  const script = `const n = require(${JSON.stringify(nativeAddonPath())});\n${body}`
+  const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 30_000 })
+  return { status: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr }
+}
+
+describe('native robustness: what an op reads never takes the process down', () => {
+  const attentionCall = (tables: string, starts: string, kvHeads = 2) => `
+    const i32 = (a) => n.fromBuffer('cpu', 'i32', [a.length], new Int32Array(a))
+    const bf16 = (s) => n.fromBuffer('cpu', 'bf16', s, new Uint16Array(s.reduce((x, y) => x * y, 1)))
+    const q = bf16([1, 2, 8]), out = bf16([1, 2, 8]), k = bf16([4, 4, ${kvHeads}, 8]), v = bf16([4, 4, ${kvHeads}, 8])
+    try {
+      n.attention(out, q, k, v, { blockTables: n.view(i32(${tables}), [1, 2]), queryStart: i32(${starts}), seqLens: i32([1]), maxQueryLen: 1, maxSeqLen: 1 }, 1)
+      console.log('returned')
+    } catch (e) { console.log(e.constructor.name + ': ' + e.message) }`
+
+  it('attention checks the block ids, query rows and kv heads of the CPU batch before it reads through them', () => {
+    for (const [tables, starts, message] of [
+      ['[1e9, 0]', '[0, 1]', 'attention: block 0 of sequence 0 is 1000000000, outside the cache\'s 4 blocks'],
+      ['[-1, 0]', '[0, 1]', 'attention: block 0 of sequence 0 is -1, outside the cache\'s 4 blocks'],
+      ['[4, 0]', '[0, 1]', 'attention: block 0 of sequence 0 is 4, outside the cache\'s 4 blocks'],
+      ['[0, 0]', '[-100000000, -99999999]', 'attention: sequence 0 has query rows [-100000000, -99999999) outside q\'s 1 rows'],
+    ]) {
+      const r = isolated(attentionCall(tables!, starts!))
+      expect([r.status, r.signal, r.stderr]).toEqual([0, null, ''])
+      expect(r.stdout.trim()).toBe(`Error: ${message}`)
+    }
+    const zeroHeads = isolated(attentionCall('[0, 0]', '[0, 1]', 0))
+    expect([zeroHeads.status, zeroHeads.signal]).toEqual([0, null])
+    expect(zeroHeads.stdout).toContain('attention: expected a cache of at least one kv head and one position a block')
+    // maxQueryLen and maxSeqLen are integers, not whatever Int32 conversion makes of NaN or 2^32 + 3.
+    const i32 = (values: number[]) => tensorFrom('cpu', 'i32', [values.length], values)
+    const batch = { blockTables: n.view(i32([0, 0]), [1, 2]), queryStart: i32([0, 1]), seqLens: i32([1]), maxQueryLen: NaN, maxSeqLen: 2 ** 32 + 3 }
+    expect(() => n.attention(bf([1, 2, 8]), bf([1, 2, 8]), bf([4, 4, 2, 8]), bf([4, 4, 2, 8]), batch, 1)).toThrow(
+      'attention: expected an integer for batch.maxQueryLen but received NaN',
+    )
+  })
+
+  it('refuses shapes whose byte count wraps around, instead of a small allocation under a huge shape', () => {
+    expect(() => n.empty('cpu', 'f32', [2 ** 52 + 1, 4096])).toThrow('Expected a shape of at most 2^62 bytes but received [4503599627370497,4096] of f32')
+    expect(() => n.empty('cpu', 'f32', [2 ** 32, 2 ** 32])).toThrow('Expected a shape of at most 2^62 bytes')
+    expect(() => n.view(f32([4096]), [2 ** 52 + 1, 4096])).toThrow('Expected a shape of at most 2^62 bytes')
+  })
+
+  it('recognizes tensors by a tag, so no JS runs while an op reads its tensors, and holds them until it returns', () => {
+    // A Symbol.hasInstance that disposes the tensors checked before: never called.
+    const hasInstance = isolated(`
+      const N = 1 << 22
+      const base = n.empty('cpu', 'bf16', [N]); const row = n.narrow(base, N - 1, 1)
+      const src = n.view(row, []); base.dispose(); row.dispose()
+      const dst = n.empty('cpu', 'bf16', [])
+      const checked = []
+      Object.defineProperty(n.Tensor, Symbol.hasInstance, { value(v) { for (const t of checked) t.dispose(); checked.push(v); return true } })
+      n.copy(dst, src)
+      console.log('returned')`)
+    expect([hasInstance.status, hasInstance.signal, hasInstance.stdout.trim()]).toEqual([0, null, 'returned'])
+    // A getter of a later argument that disposes a tensor read before it: the op still has it.
+    const getter = isolated(`
+      const i32 = (a) => n.fromBuffer('cpu', 'i32', [a.length], new Int32Array(a))
+      const bf16 = (s) => n.fromBuffer('cpu', 'bf16', s, new Uint16Array(s.reduce((x, y) => x * y, 1)))
+      const q = bf16([1, 2, 8]), out = bf16([1, 2, 8]), k = bf16([4, 4, 2, 8]), v = bf16([4, 4, 2, 8])
+      const batch = { get blockTables() { q.dispose(); out.dispose(); k.dispose(); return n.view(i32([0, 0]), [1, 2]) }, queryStart: i32([0, 1]), seqLens: i32([1]), maxQueryLen: 1, maxSeqLen: 1 }
+      try { n.attention(out, q, k, v, batch, 1); console.log('returned') } catch (e) { console.log(e.message) }`)
+    expect([getter.status, getter.signal]).toEqual([0, null])
+    // Things that look like tensors are named as what they are, and nothing of theirs runs.
+    const t = f32([2])
+    const TensorClass = (n as unknown as { Tensor: { prototype: object } }).Tensor
+    expect(() => n.copy(f32([2]), Object.create(TensorClass.prototype))).toThrow('copy: expected a Tensor for src but received an object')
+    expect(() => n.copy(f32([2]), new Proxy(t, {}))).toThrow('copy: expected a Tensor for src but received an object')
+    expect(() => n.copy(f32([2]), Symbol('x') as never)).toThrow('copy: expected a Tensor for src but received a symbol')
+    const loud = { toString: () => { throw new Error('toString ran') } }
+    expect(() => n.copy(f32([2]), loud as never)).toThrow('copy: expected a Tensor for src but received an object')
+  })
+
+  it('takes data from a SharedArrayBuffer', () => {
+    const shared = new Float32Array(new SharedArrayBuffer(8))
+    shared.set([1.5, -2])
+    const t = n.fromBuffer('cpu', 'f32', [2], shared)
+    expect(t.nbytes).toBe(8)
+  })
+
+  it('a worker thread that exits with downloads and synchronizations pending ends only itself', () => {
+    for (const call of ['n.download(t)', "n.synchronize('cpu')"]) {
+      const r = isolated(`
+        const { Worker } = require('node:worker_threads')
+        const w = new Worker(${JSON.stringify(`const n = require(${JSON.stringify(nativeAddonPath())}); const t = n.empty('cpu', 'f32', [1 << 16]); for (let i = 0; i < 100; i++) `)} + ${JSON.stringify(call)} + '; process.exit(0)', { eval: true })
+        w.on('exit', (code) => console.log('worker exited ' + code))`)
+      expect([r.status, r.signal], r.stderr).toEqual([0, null])
+      expect(r.stderr).not.toContain('terminate called')
+      expect(r.stdout.trim()).toBe('worker exited 0')
+    }
   })
 })

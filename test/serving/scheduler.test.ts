@@ -3,7 +3,8 @@
 // sequence got; every step must respect the token budget; admission must queue or refuse cleanly.
 import { describe, expect, it } from 'vitest'
 import { Model } from '../../lib/api.js'
-import { Scheduler } from '../../lib/scheduler.js'
+import { Scheduler, type SequenceChunk, type StepTokens, type TokenChoice } from '../../lib/scheduler.js'
+import type { LaunchedStep } from '../../lib/step.js'
 import { RequestTooLargeError } from '../../lib/errors.js'
 import { mulberry32 } from '../helpers/random.js'
 import { ALPHABET, ContextHashModel, EOS, charTokenizer } from './context-hash-model.js'
@@ -208,5 +209,91 @@ describe('seeded sampling (context-hash model)', () => {
     expect(r.seed).toBeTypeOf('number')
     const again = await model.generate('seed', { maxTokens: 10, temperature: 1, seed: r.seed })
     expect(again.tokens).toEqual(r.tokens)
+  })
+})
+
+// A stand-in for a backend that computes as it launches (the CPU): launch() with `after` takes each
+// chunk's token from the earlier step's chosen ids, and, like the CPU embedding, refuses an id of -1
+// (the choice of a non-finite logits row) by throwing. Its logits rows are non-finite (id -1) for
+// sequences whose first token is 15, from position 5 on; otherwise the next id is a function of the
+// position and the first token. With `failAt`, the step of that number rejects.
+class ComputingModel {
+  readonly device = 'cpu' as const
+  readonly config = { vocabSize: 16, maxPositionEmbeddings: 64 }
+  readonly kvBlockSize = 4
+  readonly kvBlocks = 32
+  readonly maxBatchTokens = 32
+  readonly cache = new Int32Array(32 * 4).fill(-1)
+  steps = 0
+  failAt = -1
+
+  step(chunks: SequenceChunk[], choices: TokenChoice[], topN: number): Promise<StepTokens> {
+    return this.launch(chunks, choices, topN).tokens
+  }
+
+  launch(chunks: SequenceChunk[], _choices: TokenChoice[], _topN: number, after?: LaunchedStep, afterRows?: readonly number[]): LaunchedStep {
+    const fed = chunks.map((c, i) => {
+      if (!after) return c
+      const id = (after.chosen as number[])[afterRows?.[i] ?? i]!
+      if (id < 0 || id >= 16) throw new Error(`embedding: id ${id} at index ${i} is out of range [0, 16)`)
+      return { ...c, tokens: [id] }
+    })
+    const step = ++this.steps
+    const ids: number[] = []
+    for (const c of fed) {
+      c.tokens.forEach((t, i) => {
+        const p = c.startPosition + i
+        this.cache[c.blockTable[Math.floor(p / 4)]! * 4 + (p % 4)] = t
+      })
+      if (c.logits === 'none') continue
+      const p = c.startPosition + c.tokens.length - 1
+      const first = this.cache[c.blockTable[0]! * 4]!
+      ids.push(first === 15 && p >= 5 ? -1 : ((p * 7 + first) % 15) + 1)
+    }
+    const tokens: StepTokens = {
+      ids: Int32Array.from(ids),
+      logprobs: Float32Array.from(ids, (x) => (x < 0 ? NaN : -1)),
+      topN: 0,
+      topIds: new Int32Array(0),
+      topLogprobs: new Float32Array(0),
+    }
+    const result = step === this.failAt ? Promise.reject(new Error(`failure at step ${step}`)) : Promise.resolve(tokens)
+    result.catch(() => {})
+    return { tokens: result, chosen: ids }
+  }
+}
+
+describe('steps launched ahead', () => {
+  const generate = (s: Scheduler, prompt: number[], maxTokens = 8, stopAfter = Infinity) => {
+    const tokens: number[] = []
+    return s
+      .submit({ kind: 'generate', prompt, maxTokens, sampling: null, onToken: (t) => (tokens.push(t), tokens.length < stopAfter) })
+      .done.then((o) => ({ ...o, tokens }))
+  }
+  const outcome = (r: PromiseSettledResult<{ tokens: number[] }>) =>
+    r.status === 'fulfilled' ? `ok ${r.value.tokens}` : `${(r.reason as Error).constructor.name}: ${(r.reason as Error).message}`
+
+  it('a non-finite row fails only its own request, as without launching ahead', async () => {
+    const run = async (launchAhead: boolean) => {
+      const s = new Scheduler(new ComputingModel() as never, { maxBatchSize: 4, prefillChunkSize: 16, launchAhead })
+      return (await Promise.allSettled([generate(s, [15, 1, 2]), generate(s, [1, 2, 3])])).map(outcome)
+    }
+    const plain = await run(false)
+    expect(plain[0]).toMatch(/^NonFiniteLogitsError/)
+    expect(plain[1]).toMatch(/^ok /)
+    expect(await run(true)).toEqual(plain)
+  })
+
+  it('a step launched ahead for sequences that all ended is dropped: the next request does not start behind it', async () => {
+    const model = new ComputingModel()
+    const s = new Scheduler(model as never, { maxBatchSize: 4, prefillChunkSize: 16, launchAhead: true })
+    // The request stops itself after 3 tokens; the step launched ahead of its third read-back (step 4) fails.
+    model.failAt = 4
+    expect((await generate(s, [1, 2, 3], 8, 3)).tokens).toHaveLength(3)
+    await new Promise((r) => setTimeout(r, 10))
+    const before = model.steps
+    const next = await generate(s, [5, 6, 7], 1)
+    expect(next.tokens).toHaveLength(1)
+    expect(model.steps - before).toBe(1) // one step: its own prefill
   })
 })
