@@ -17,8 +17,12 @@ export const RENDER_TIMEOUT_MS = 2000
 const STARTUP_TIMEOUT_MS = 10_000
 /** The longest text a template may render, and the most text its variables may carry. */
 export const MAX_RENDERED_CHARS = 16 * 2 ** 20
-/** The most items range() gives inside a template. */
+/** The most items range() gives inside a template, and the most a list it builds may hold. */
 export const MAX_RANGE_ITEMS = 1_000_000
+/** The longest template source: published chat templates are a few KB, the largest some 20 KB. */
+export const MAX_TEMPLATE_CHARS = 2 ** 20
+/** The longest error message a render passes on (raise_exception's text is the template's). */
+const MAX_ERROR_CHARS = 2000
 /** The render worker's heap: the variables, the parsed templates and the output fit well inside. */
 const WORKER_HEAP_MB = 256
 
@@ -26,8 +30,8 @@ const WORKER_HEAP_MB = 256
 // and from dist/*.js). It renders one request at a time and signals the waiting caller.
 const WORKER_SOURCE = `
 const { workerData } = require('node:worker_threads')
-const { Template, Environment } = require(workerData.jinjaPath)
-const { port, signal, maxChars, maxRange } = workerData
+const { Template, Environment, Interpreter } = require(workerData.jinjaPath)
+const { port, signal, maxChars, maxRange, maxErrorChars } = workerData
 const flags = new Int32Array(signal)
 const templates = new Map()
 function range(start, stop, step = 1) {
@@ -47,6 +51,19 @@ const declare = Environment.prototype.set
 Environment.prototype.set = function (name, value) {
   return declare.call(this, name, name === 'range' && typeof value === 'function' ? range : value)
 }
+// Lists and strings a template builds are bounded as range() is: x + x + x + x doubled forty
+// times made one allocation past the heap's limit, which ends the whole process, not just the
+// worker. Each operand has passed this check, so one operation builds at most twice the bound.
+const binary = Interpreter.prototype.evaluateBinaryExpression
+Interpreter.prototype.evaluateBinaryExpression = function (node, environment) {
+  const result = binary.call(this, node, environment)
+  const value = result && result.value
+  if (Array.isArray(value) && value.length > maxRange)
+    throw new Error('a list of ' + value.length + ' items exceeds the limit of ' + maxRange + ' items')
+  if (typeof value === 'string' && value.length > maxChars)
+    throw new Error('a string of ' + value.length + ' characters exceeds the limit of ' + maxChars + ' characters')
+  return result
+}
 function reply(message) {
   port.postMessage(message)
   Atomics.store(flags, 0, 1)
@@ -65,7 +82,8 @@ port.on('message', ({ source, variables }) => {
     else if (text.length > maxChars) reply({ tooLong: text.length })
     else reply({ text })
   } catch (err) {
-    reply({ error: err && err.message ? String(err.message) : String(err) })
+    const text = err && err.message ? String(err.message) : String(err)
+    reply({ error: text.length > maxErrorChars ? text.slice(0, maxErrorChars) + '... (' + text.length + ' characters)' : text })
   }
 })
 Atomics.store(flags, 1, 1)
@@ -87,7 +105,7 @@ function startWorker(): RenderWorker {
   const signal = new SharedArrayBuffer(8)
   const worker = new Worker(WORKER_SOURCE, {
     eval: true,
-    workerData: { jinjaPath, port: port2, signal, maxChars: MAX_RENDERED_CHARS, maxRange: MAX_RANGE_ITEMS },
+    workerData: { jinjaPath, port: port2, signal, maxChars: MAX_RENDERED_CHARS, maxRange: MAX_RANGE_ITEMS, maxErrorChars: MAX_ERROR_CHARS },
     transferList: [port2],
     resourceLimits: { maxOldGenerationSizeMb: WORKER_HEAP_MB, stackSizeMb: 4 },
     stdout: false,
@@ -139,6 +157,9 @@ export class ChatTemplate {
     /** Where it came from, for error messages ("the chat template of <dir>"). */
     readonly origin: string,
   ) {
+    // Parsed here, on the caller's thread: a template of megabytes would take seconds and gigabytes.
+    if (source.length > MAX_TEMPLATE_CHARS)
+      throw new Error(`Expected a template of at most ${MAX_TEMPLATE_CHARS} characters for ${origin} but received ${source.length} characters`)
     try {
       new Template(source)
     } catch (err) {

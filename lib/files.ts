@@ -2,8 +2,8 @@
 // that name the path. A FIFO would block open() forever and a directory fails with a bare
 // EISDIR, so both are refused before any read.
 import { constants } from 'node:fs'
-import { open, stat, type FileHandle } from 'node:fs/promises'
-import { basename } from 'node:path'
+import { open, realpath, stat, type FileHandle } from 'node:fs/promises'
+import { basename, sep } from 'node:path'
 
 /** The largest text file read whole (tokenizer.json of the largest vocabularies is ~30 MB). */
 export const MAX_TEXT_FILE_BYTES = 512 * 2 ** 20
@@ -15,6 +15,8 @@ function kindOf(s: { isDirectory(): boolean; isFIFO(): boolean; isSocket(): bool
   if (s.isCharacterDevice() || s.isBlockDevice()) return 'a device'
   return 'not a regular file'
 }
+
+const KERNEL_FILES = ['/proc', '/sys']
 
 function notRegular(name: string, path: string, kind: string): Error {
   return new Error(`Expected a regular file for ${name} but ${path} is ${kind}`)
@@ -34,6 +36,11 @@ export async function openRegularFile(path: string, name = basename(path)): Prom
     throw new Error(`Could not open ${path}: ${(err as Error).message}`)
   }
   if (!info.isFile()) throw notRegular(name, path, kindOf(info))
+  // The kernel's files (/proc/self/environ, say) look regular, report a size of 0 and hold the
+  // process's secrets: a model file linked to one would pass them into prompts or messages.
+  const real = await realpath(path).catch(() => path)
+  if (KERNEL_FILES.some((root) => real === root || real.startsWith(root + sep)))
+    throw notRegular(name, path, `a kernel file (${real})`)
   let handle: FileHandle
   try {
     // O_NONBLOCK: should the path have become a FIFO since the stat, open() returns at once.

@@ -288,28 +288,33 @@ function toPublicReason(reason: FinishReason): 'stop' | 'length' {
 }
 
 // One 'abort' listener per signal, whatever the number of requests that share it (a batch, or
-// many calls given one signal): a listener each made Node warn of a leak past ten.
-const abortCallbacks = new WeakMap<AbortSignal, Set<() => void>>()
+// many calls given one signal): a listener each made Node warn of a leak past ten. The listener
+// goes once no request waits on the signal: a signal that keeps a listener stays alive as long as
+// its sources (Node keeps AbortSignal.any's signals with listeners), and so would all it holds.
+const abortCallbacks = new WeakMap<AbortSignal, { callbacks: Set<() => void>; listener: () => void }>()
 
 /** Calls `fn` once when `signal` aborts; the returned function stops that (call it when done). */
 export function whenAborted(signal: AbortSignal, fn: () => void): () => void {
-  let callbacks = abortCallbacks.get(signal)
-  if (!callbacks) {
-    const set = new Set<() => void>()
-    callbacks = set
-    abortCallbacks.set(signal, set)
-    signal.addEventListener(
-      'abort',
-      () => {
-        abortCallbacks.delete(signal)
-        for (const f of set) f()
-      },
-      { once: true },
-    )
+  let entry = abortCallbacks.get(signal)
+  if (!entry) {
+    const callbacks = new Set<() => void>()
+    const listener = () => {
+      abortCallbacks.delete(signal)
+      for (const f of callbacks) f()
+    }
+    entry = { callbacks, listener }
+    abortCallbacks.set(signal, entry)
+    signal.addEventListener('abort', listener, { once: true })
   }
+  const { callbacks, listener } = entry
   callbacks.add(fn)
-  const set = callbacks
-  return () => void set.delete(fn)
+  return () => {
+    callbacks.delete(fn)
+    if (callbacks.size === 0 && abortCallbacks.get(signal)?.callbacks === callbacks) {
+      abortCallbacks.delete(signal)
+      signal.removeEventListener('abort', listener)
+    }
+  }
 }
 
 /**

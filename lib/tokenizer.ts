@@ -261,11 +261,11 @@ export class Tokenizer {
         for (const id of list)
           if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= limit.size)
             throw invalidField(`a token id below ${limit.size} or an array of them (${limit.what})`, 'eos_token_id', generationFile, genEos)
-        eos.push(...(list as number[]))
+        for (const id of list as number[]) eos.push(id)
       }
     }
     // Without an eos_token_id from generation_config.json, config.json's (checked by its parser).
-    if (!eos.length && options.modelEosTokenIds) eos.push(...options.modelEosTokenIds)
+    if (!eos.length && options.modelEosTokenIds) for (const id of options.modelEosTokenIds) eos.push(id)
     const configEos = idOf(eosToken, 'eos_token', configFile)
     if (configEos !== null && !eos.includes(configEos)) eos.push(configEos)
 
@@ -395,11 +395,18 @@ export class Tokenizer {
   }
 }
 
+// Whether a decoder, or one nested in a Sequence of them, is of `type`; walked without recursion
+// (a file can nest them a million deep), and only where a Sequence's decoders are.
 function decoderHas(decoder: unknown, type: string): boolean {
-  if (!decoder || typeof decoder !== 'object') return false
-  const d = decoder as Json
-  if (d['type'] === type) return true
-  return Array.isArray(d['decoders']) && d['decoders'].some((x) => decoderHas(x, type))
+  const pending: unknown[] = [decoder]
+  while (pending.length) {
+    const d = pending.pop()
+    if (!d || typeof d !== 'object') continue
+    if ((d as Json)['type'] === type) return true
+    const inner = (d as Json)['decoders']
+    if ((d as Json)['type'] === 'Sequence' && Array.isArray(inner)) for (const x of inner) pending.push(x)
+  }
+  return false
 }
 
 let printableToByte: Map<string, number> | null = null

@@ -173,7 +173,9 @@ export class SafetensorsCheckpoint {
       // A file of this directory: no path, not "." or "..", a .safetensors name.
       if (typeof shard !== 'string' || shard.includes('/') || shard.includes('\\') || !/^[^.].*\.safetensors$/.test(shard))
         throw invalidField('a shard file name (NAME.safetensors in the same directory)', `weight_map[${JSON.stringify(name)}]`, index, shard)
-      byShard.set(shard, [...(byShard.get(shard) ?? []), name])
+      const names = byShard.get(shard)
+      if (names) names.push(name)
+      else byShard.set(shard, [name])
       shardOf.set(name, shard)
     }
     const files: SafetensorsFile[] = []

@@ -68,6 +68,22 @@ export class InferenceServer {
       return503OnClosing: false,
       // On close, idle keep-alive connections go at once; those with a request in flight finish it.
       forceCloseConnections: 'idle',
+      // A request (headers and body) must have arrived within this, so that connections holding a
+      // half-sent body cannot pin memory or hold up the shutdown; answers may take any time.
+      requestTimeout: REQUEST_TIMEOUT_MS,
+      // Requests that are not valid HTTP are answered in the API's error format too.
+      clientErrorHandler: (err, socket) => {
+        if (!socket.writable) return void socket.destroy()
+        const tooLarge = (err as NodeJS.ErrnoException).code === 'HPE_HEADER_OVERFLOW'
+        const status = tooLarge ? 431 : 400
+        const body = JSON.stringify(
+          new ApiError(status, `The request is not valid HTTP: ${err.message}`, 'invalid_request_error', null, tooLarge ? 'headers_too_large' : 'bad_http').body(),
+        )
+        socket.end(
+          `HTTP/1.1 ${status} ${tooLarge ? 'Request Header Fields Too Large' : 'Bad Request'}\r\ncontent-type: application/json\r\n` +
+            `content-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
+        )
+      },
       ajv: { customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false, allErrors: false, verbose: true, allowUnionTypes: true } },
     })
     this.routes()
@@ -89,13 +105,20 @@ export class InferenceServer {
    */
   async shutdown(deadlineMs: number): Promise<void> {
     this.closing = true
-    const timer = setTimeout(() => this.shutdownAbort.abort(unavailable('The server shut down before the request finished', 'shutting_down')), deadlineMs)
+    // At the deadline the generations end (a stream gets its error event); a moment later every
+    // connection still open goes, such as one whose request never finished arriving.
+    let closeAll: NodeJS.Timeout | undefined
+    const timer = setTimeout(() => {
+      this.shutdownAbort.abort(unavailable('The server shut down before the request finished', 'shutting_down'))
+      closeAll = setTimeout(() => this.app.server.closeAllConnections(), CLOSE_GRACE_MS)
+    }, deadlineMs)
     // A connection whose request finished after close() began stays open as keep-alive: close those as they go idle.
     const sweep = setInterval(() => this.app.server.closeIdleConnections(), 50)
     try {
       await this.app.close()
     } finally {
       clearTimeout(timer)
+      clearTimeout(closeAll)
       clearInterval(sweep)
     }
   }
@@ -422,8 +445,12 @@ export class InferenceServer {
     const res = reply.raw
     reply.hijack()
     res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' })
+    // A client that does not read its stream would have the whole answer buffered here: past
+    // MAX_UNREAD_BYTES waiting to be sent, its connection goes (and with it the generation).
     const send = (data: unknown) => {
-      if (!res.writableEnded && !res.destroyed) res.write(`data: ${JSON.stringify(data)}\n\n`)
+      if (res.writableEnded || res.destroyed) return
+      res.write(`data: ${JSON.stringify(data)}\n\n`)
+      if (res.writableLength > MAX_UNREAD_BYTES) res.destroy()
     }
     const counts = plan.choices.map(() => 0)
     const offsets = plan.choices.map(() => 0)
@@ -449,7 +476,15 @@ export class InferenceServer {
       this.metrics.promptTokens.inc(plan.promptTokens)
       if (plan.includeUsage) send(usageChunk(endpoint, head, usageFromCounts(plan, counts)))
     }
-    if (!res.writableEnded && !res.destroyed) res.end('data: [DONE]\n\n')
+    if (!res.writableEnded && !res.destroyed) {
+      res.end('data: [DONE]\n\n')
+      // An answer the client never takes would stay buffered as long as the connection: it gets
+      // UNREAD_TIMEOUT_MS to be read.
+      if (res.writableLength > 0) {
+        const timer = setTimeout(() => res.destroy(), UNREAD_TIMEOUT_MS)
+        res.once('finish', () => clearTimeout(timer)).once('close', () => clearTimeout(timer))
+      }
+    }
   }
 
   /** The error a failed generation answers with. */
@@ -462,6 +497,15 @@ export class InferenceServer {
     return toApiError(err)
   }
 }
+
+/** Time for a request's headers and body to arrive. */
+const REQUEST_TIMEOUT_MS = 60_000
+/** After the shutdown deadline, time for the streams' error events to go out before every connection is closed. */
+const CLOSE_GRACE_MS = 1_000
+/** A stream's bytes waiting for a client that does not read, at most. */
+const MAX_UNREAD_BYTES = 64 * 2 ** 20
+/** Time for a client to take the rest of a finished streamed answer. */
+const UNREAD_TIMEOUT_MS = 60_000
 
 /** Routes that answer without the API key. */
 const OPEN_ROUTES = new Set(['/health', '/metrics'])

@@ -1,7 +1,7 @@
 // The tokenizer on a byte-level BPE tokenizer.json written by the test: encode/decode, BOS and EOS
 // from the config files, special tokens, the chat template, and streaming detokenization.
 import { spawnSync } from 'node:child_process'
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -10,6 +10,7 @@ import { Tokenizer } from '../../lib/tokenizer.js'
 import { byteSymbols, SPECIAL_TOKENS, writeTinyModel } from '../helpers/tiny-model.js'
 
 let root: string
+const repoRoot = join(import.meta.dirname, '..', '..')
 let llamaDir: string
 let qwenDir: string
 beforeAll(() => {
@@ -275,6 +276,16 @@ describe('tokenizer files that would hang or mislead', () => {
     await expect(Tokenizer.load(dir)).rejects.toThrow(`for eos_token_id in ${cfg} but received 1000000000 of type number`)
   })
 
+  it("refuses the kernel's files (/proc, /sys) in place of a model file, and loads a million EOS ids without recursion", async () => {
+    const dir = fresh()
+    const template = join(dir, 'chat_template.jinja')
+    symlinkSync('/proc/self/environ', template)
+    await expect(Tokenizer.load(dir)).rejects.toThrow(`Expected a regular file for chat_template.jinja but ${template} is a kernel file (/proc/`)
+    unlinkSync(template)
+    writeFileSync(join(dir, 'generation_config.json'), JSON.stringify({ eos_token_id: new Array(1_000_000).fill(0) }))
+    expect((await Tokenizer.load(dir)).eosTokenIds.length).toBeGreaterThanOrEqual(1_000_000)
+  })
+
   it('reads only regular files', async () => {
     const dir = fresh()
     const file = join(dir, 'tokenizer.json')
@@ -299,6 +310,23 @@ describe('chat templates are bounded', () => {
     return { dir, t: await Tokenizer.load(dir) }
   }
   const user = [{ role: 'user', content: 'hi' }]
+  // A render in a child process of its own, so that a crash fails the case, not the test runner.
+  const isolatedRender = (template: string) => {
+    const dir = writeTinyModel(join(root, `tpl${count++}`), { architecture: 'Qwen3ForCausalLM', numLayers: 1 }).dir
+    const cfg = JSON.parse(readFileSync(join(dir, 'tokenizer_config.json'), 'utf8'))
+    writeFileSync(join(dir, 'tokenizer_config.json'), JSON.stringify({ ...cfg, chat_template: template }))
+    // A script file: a renderer worker started from `node -e` code does not start (found while
+    // writing this test; not understood yet).
+    const script = join(dir, 'render.mjs')
+    writeFileSync(
+      script,
+      `import { Tokenizer } from ${JSON.stringify(join(repoRoot, 'dist', 'tokenizer.js'))}
+      const t = await Tokenizer.load(${JSON.stringify(dir)})
+      try { console.log(t.applyChatTemplate([{ role: 'user', content: 'hi' }])) } catch (e) { console.log(e.message) }`,
+    )
+    const r = spawnSync(process.execPath, [script], { encoding: 'utf8', timeout: 60_000 })
+    return { status: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr }
+  }
 
   it('refuses a range() of more than a million items at once', async () => {
     const { dir, t } = await withTemplate('{% for i in range(100000000) %}x{% endfor %}')
@@ -328,6 +356,27 @@ describe('chat templates are bounded', () => {
     expect(() => t.applyChatTemplate(big)).toThrow(`rendered ${20 * 2 ** 20} characters; at most ${MAX_RENDERED_CHARS} are allowed`)
     expect(() => t.applyChatTemplate([{ role: 'user', content: 'x'.repeat(MAX_RENDERED_CHARS + 1) }])).toThrow(
       `Expected at most ${MAX_RENDERED_CHARS} characters of messages for the chat template of`,
+    )
+  })
+
+  it('bounds the lists and strings a template builds, the template itself, and the errors it raises', async () => {
+    // A list quadrupled forty times: one allocation past the renderer's heap used to end the process.
+    const lists = isolatedRender('{% set x = [0] %}{% for i in range(40) %}{% set x = x + x + x + x %}{% endfor %}{{ x | length }}')
+    expect([lists.status, lists.signal], lists.stderr).toEqual([0, null])
+    expect(lists.stdout).toMatch(/failed to render: a list of \d+ items exceeds the limit of 1000000 items/)
+    const { t: strings } = await withTemplate("{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(30) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}")
+    expect(() => strings.applyChatTemplate(user)).toThrow(/failed to render: a string of \d+ characters exceeds the limit of 16777216 characters/)
+    // raise_exception's text is the template's: passed on cut to 2,000 characters.
+    const { t: loud } = await withTemplate("{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(20) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ raise_exception(ns.s) }}")
+    let message = ''
+    try {
+      loud.applyChatTemplate(user)
+    } catch (err) {
+      message = (err as Error).message
+    }
+    expect(message).toMatch(/failed to render: x{2000}\.\.\. \(8388608 characters\)$/)
+    await expect(withTemplate('{{ a }}'.repeat(200_000))).rejects.toThrow(
+      /^Expected a template of at most 1048576 characters for the chat template of .* but received 1400000 characters$/,
     )
   })
 

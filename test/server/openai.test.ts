@@ -3,6 +3,7 @@
 // on the load (64 concurrent requests, some cancelled, each equal to the same request sent alone),
 // every error case, overload, authentication and graceful shutdown. (Whole characters in streamed
 // text: test/server/app.test.ts, where a scripted model makes one character span several tokens.)
+import { connect, type Socket } from 'node:net'
 import OpenAI from 'openai'
 import type { ChatCompletionChunk } from 'openai/resources/chat/completions'
 import type { Completion } from 'openai/resources/completions'
@@ -547,6 +548,36 @@ describe('detinfer serve: the shutdown deadline', () => {
       expect(text).not.toMatch(/"finish_reason":"(stop|length)"/)
       expect(text.trimEnd().endsWith('data: [DONE]')).toBe(true)
       expect(await server.exited).toBe(0)
+    } finally {
+      if (server.proc.exitCode === null) await server.stop('SIGKILL')
+    }
+  })
+
+  it('a connection whose request never finishes arriving does not hold the exit past the deadline; bad HTTP gets a JSON error', async () => {
+    buildDist()
+    const server = await startServer(['--shutdown-timeout', '1'])
+    const { hostname, port } = new URL(server.url)
+    const raw = (text: string) =>
+      new Promise<{ socket: Socket; received: () => string }>((resolve) => {
+        let received = ''
+        const socket = connect(Number(port), hostname, () => {
+          socket.write(text)
+          resolve({ socket, received: () => received })
+        })
+        socket.on('data', (d) => (received += d))
+        socket.on('error', () => {})
+      })
+    try {
+      const bad = await raw('GARBAGE\r\n\r\n')
+      await expect.poll(bad.received, { timeout: 5000 }).toMatch(/^HTTP\/1\.1 400 Bad Request\r\n/)
+      expect(JSON.parse(bad.received().split('\r\n\r\n')[1]!).error.code).toBe('bad_http')
+      // Half a body, then silence.
+      const stuck = await raw('POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model":')
+      const started = Date.now()
+      server.proc.kill('SIGTERM')
+      expect(await server.exited).toBe(0)
+      expect(Date.now() - started).toBeLessThan(10_000)
+      stuck.socket.destroy()
     } finally {
       if (server.proc.exitCode === null) await server.stop('SIGKILL')
     }

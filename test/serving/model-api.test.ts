@@ -1,4 +1,5 @@
 // The Model's public boundary: argument validation messages and dispose semantics.
+import { getEventListeners } from 'node:events'
 import { describe, expect, it } from 'vitest'
 import { DisposedError, RequestTooLargeError } from '../../lib/errors.js'
 import type { TextTokenizer } from '../../lib/generate.js'
@@ -216,6 +217,14 @@ describe('Model: what a caller passes is checked before anything runs', () => {
       expect(batch.map((r) => r.tokens)).toEqual(alone.map((r) => r.tokens))
       await new Promise((r) => setTimeout(r, 10))
       expect(warnings.filter((w) => w.name === 'MaxListenersExceededWarning')).toEqual([])
+      // While they run, one listener; once they are done, none: a signal that kept a listener
+      // would stay alive as long as its sources (the server combines each request's with one that
+      // lives as long as the process) and keep what the listener holds.
+      const pending = model.generateBatch(prompts, { maxTokens: 2, signal: abort.signal })
+      expect(getEventListeners(abort.signal, 'abort')).toHaveLength(1)
+      await pending
+      await model.score('ab', 'cd', { signal: abort.signal })
+      expect(getEventListeners(abort.signal, 'abort')).toHaveLength(0)
     } finally {
       process.off('warning', onWarning)
       await model.dispose()
