@@ -108,6 +108,9 @@ function startWorker(): RenderWorker {
     workerData: { jinjaPath, port: port2, signal, maxChars: MAX_RENDERED_CHARS, maxRange: MAX_RANGE_ITEMS, maxErrorChars: MAX_ERROR_CHARS },
     transferList: [port2],
     resourceLimits: { maxOldGenerationSizeMb: WORKER_HEAP_MB, stackSizeMb: 4 },
+    // Not the process's flags: under `node --input-type=module -e`, the worker's CommonJS source was
+    // read as an ES module, failed, and the renderer never started.
+    execArgv: [],
     stdout: false,
     stderr: false,
   })

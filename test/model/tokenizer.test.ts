@@ -7,6 +7,7 @@ import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { MAX_RENDERED_CHARS, RENDER_TIMEOUT_MS } from '../../lib/chat-template.js'
 import { Tokenizer } from '../../lib/tokenizer.js'
+import { buildDist } from '../helpers/server.js'
 import { byteSymbols, SPECIAL_TOKENS, writeTinyModel } from '../helpers/tiny-model.js'
 
 let root: string
@@ -312,19 +313,16 @@ describe('chat templates are bounded', () => {
   const user = [{ role: 'user', content: 'hi' }]
   // A render in a child process of its own, so that a crash fails the case, not the test runner.
   const isolatedRender = (template: string) => {
+    buildDist()
     const dir = writeTinyModel(join(root, `tpl${count++}`), { architecture: 'Qwen3ForCausalLM', numLayers: 1 }).dir
     const cfg = JSON.parse(readFileSync(join(dir, 'tokenizer_config.json'), 'utf8'))
     writeFileSync(join(dir, 'tokenizer_config.json'), JSON.stringify({ ...cfg, chat_template: template }))
-    // A script file: a renderer worker started from `node -e` code does not start (found while
-    // writing this test; not understood yet).
-    const script = join(dir, 'render.mjs')
-    writeFileSync(
-      script,
-      `import { Tokenizer } from ${JSON.stringify(join(repoRoot, 'dist', 'tokenizer.js'))}
+    // Evaluated with --input-type=module, whose flag the render worker used to inherit: its
+    // CommonJS source was then read as an ES module and it never started.
+    const script = `import { Tokenizer } from ${JSON.stringify(join(repoRoot, 'dist', 'tokenizer.js'))}
       const t = await Tokenizer.load(${JSON.stringify(dir)})
-      try { console.log(t.applyChatTemplate([{ role: 'user', content: 'hi' }])) } catch (e) { console.log(e.message) }`,
-    )
-    const r = spawnSync(process.execPath, [script], { encoding: 'utf8', timeout: 60_000 })
+      try { console.log(t.applyChatTemplate([{ role: 'user', content: 'hi' }])) } catch (e) { console.log(e.message) }`
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 60_000 })
     return { status: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr }
   }
 
@@ -357,6 +355,12 @@ describe('chat templates are bounded', () => {
     expect(() => t.applyChatTemplate([{ role: 'user', content: 'x'.repeat(MAX_RENDERED_CHARS + 1) }])).toThrow(
       `Expected at most ${MAX_RENDERED_CHARS} characters of messages for the chat template of`,
     )
+  })
+
+  it('renders in a process started with flags of its own (node --input-type=module -e)', () => {
+    const r = isolatedRender('{{ messages[0].content }}!')
+    expect([r.status, r.signal], r.stderr).toEqual([0, null])
+    expect(r.stdout.trim()).toBe('hi!')
   })
 
   it('bounds the lists and strings a template builds, the template itself, and the errors it raises', async () => {
