@@ -171,9 +171,10 @@ export class InferenceServer {
       return this.metrics.registry.metrics()
     })
     app.get('/v1/models', async () => ({ object: 'list', data: [this.modelObject()] }))
-    app.get<{ Params: { model: string } }>('/v1/models/:model', async (request) => {
+    // The rest of the path, slashes included: a served name may be "org/model".
+    app.get<{ Params: { '*': string } }>('/v1/models/*', async (request) => {
       const model = this.modelObject()
-      if (request.params.model !== model.id) throw modelNotFound(request.params.model, model.id)
+      if (request.params['*'] !== model.id) throw modelNotFound(request.params['*'], model.id)
       return model
     })
     app.post('/v1/completions', { schema: { body: completionBody } }, (request, reply) =>
