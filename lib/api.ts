@@ -4,12 +4,12 @@ import { existsSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { cudaStatus, resolveDevice, type DeviceOption } from './device.js'
-import { DisposedError, RequestTooLargeError, checkInteger, contextText, invalidArgument } from './errors.js'
+import { DisposedError, RequestTooLargeError, checkInteger, checkOptionKeys, contextText, invalidArgument } from './errors.js'
 import {
   resolveGenerateOptions,
   runGeneration,
+  settledUnlessAborted,
   streamGeneration,
-  whenAborted,
   type GenerateOptions,
   type GenerateResult,
   type ResolvedGenerateOptions,
@@ -189,8 +189,7 @@ export class Model {
     const signal = o.signal as AbortSignal | undefined
     if (signal?.aborted) throw signal.reason
     const scheduled = this.scheduler.submit({ kind: 'score', tokens: [...promptIds, ...tokens], from: promptIds.length, topLogprobs })
-    const stopListening = signal ? whenAborted(signal, () => scheduled.cancel()) : () => {}
-    const { logprobs, top } = await scheduled.done.finally(stopListening)
+    const { logprobs, top } = await settledUnlessAborted(scheduled, signal)
     if (signal?.aborted) throw signal.reason
     return { tokens, logprobs: Array.from(logprobs), ...(top ? { topLogprobs: top } : {}) }
   }
@@ -277,11 +276,9 @@ export class Model {
 
 /** `options` as an object of only the given keys, each of its type when present. */
 function checkOptions(options: unknown, keys: Record<string, 'boolean' | 'number' | 'AbortSignal'>): Record<string, unknown> {
-  if (typeof options !== 'object' || options === null || Array.isArray(options)) throw invalidArgument('options', 'object', options)
-  const o = options as Record<string, unknown>
+  const o = checkOptionKeys(options, Object.keys(keys))
   for (const [key, value] of Object.entries(o)) {
-    const type = keys[key]
-    if (!type) throw invalidArgument('options', `only the keys ${Object.keys(keys).join(', ')}`, key)
+    const type = keys[key]!
     if (value === undefined) continue
     const ok = type === 'AbortSignal' ? value instanceof AbortSignal : typeof value === type
     if (!ok) throw invalidArgument(key, type, value)
@@ -417,11 +414,7 @@ export function loadModelFrom(source: ModelSource, options: LoadModelOptions = {
 }
 
 async function loadFrom(dir: string, source: ModelSource | null, options: LoadModelOptions): Promise<Model> {
-  if (typeof options !== 'object' || options === null || Array.isArray(options)) throw invalidArgument('options', 'object', options)
-  // A misspelt key (devic: 'cuda') must fail, not load with the default it meant to change.
-  for (const key of Object.keys(options))
-    if (!LOAD_OPTION_KEYS.includes(key))
-      throw invalidArgument('options', `only the keys ${LOAD_OPTION_KEYS.join(', ')}`, key)
+  checkOptionKeys(options, LOAD_OPTION_KEYS) // devic: 'cuda' must fail, not load on the CPU
   const device = source?.device ?? resolveDevice(options.device ?? 'auto')
   const defaults = DEFAULTS[device]
   const maxBatchTokens = options.maxBatchTokens === undefined ? defaults.maxBatchTokens : checkInteger('maxBatchTokens', options.maxBatchTokens, 1, 1 << 20)

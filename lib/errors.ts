@@ -118,6 +118,16 @@ export function invalidField(expected: string, field: string, file: string, valu
   return new Error(`Expected ${expected} for ${field} in ${file} but received ${describeValue(value)}`)
 }
 
+/**
+ * `options` as a record, refused unless it is a plain object of only `keys`: a misspelt key must
+ * fail, not leave the default it meant to change.
+ */
+export function checkOptionKeys(options: unknown, keys: readonly string[]): Record<string, unknown> {
+  if (typeof options !== 'object' || options === null || Array.isArray(options)) throw invalidArgument('options', 'object', options)
+  for (const key of Object.keys(options)) if (!keys.includes(key)) throw invalidArgument('options', `only the keys ${keys.join(', ')}`, key)
+  return options as Record<string, unknown>
+}
+
 /** An integer in [min, max]; the message leaves out a max of Infinity. */
 export function checkInteger(name: string, value: unknown, min: number, max = Infinity): number {
   if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max)

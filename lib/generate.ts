@@ -1,6 +1,6 @@
 // Decoding on top of the scheduler: options and their validation, text assembly (incremental
 // detokenization), stop conditions (EOS ids, maxTokens, stop strings) and streaming.
-import { RequestTooLargeError, checkInteger, checkNumber, contextText, invalidArgument } from './errors.js'
+import { RequestTooLargeError, checkInteger, checkNumber, checkOptionKeys, contextText, invalidArgument } from './errors.js'
 import type { SamplingParams } from './sampling.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
 import type { FinishReason, Scheduler } from './scheduler.js'
@@ -113,13 +113,7 @@ export function resolveGenerateOptions(
   options: unknown,
   limits: { contextLength: number; vocabSize: number; maxPositionEmbeddings?: number },
 ): ResolvedGenerateOptions {
-  if (options === undefined) options = {}
-  if (typeof options !== 'object' || options === null || Array.isArray(options))
-    throw invalidArgument('options', 'object', options)
-  const o = options as Record<string, unknown>
-  const known = new Set(['maxTokens', 'temperature', 'seed', 'topK', 'topP', 'minP', 'topLogprobs', 'stop', 'chat', 'signal'])
-  for (const key of Object.keys(o))
-    if (!known.has(key)) throw invalidArgument('options', `only the keys ${[...known].join(', ')}`, key)
+  const o = checkOptionKeys(options === undefined ? {} : options, ['maxTokens', 'temperature', 'seed', 'topK', 'topP', 'minP', 'topLogprobs', 'stop', 'chat', 'signal'])
 
   // More tokens than the context holds can never be served: a RequestTooLargeError, like every
   // request too large for the model, not a bad argument.
@@ -261,8 +255,7 @@ export function runGeneration(
       return !(isEos || text.stopped)
     },
   })
-  const stopListening = signal ? whenAborted(signal, () => scheduled.cancel()) : () => {}
-  const result = scheduled.done.finally(stopListening).then(({ finishReason, timings }) => {
+  const result = settledUnlessAborted(scheduled, signal).then(({ finishReason, timings }) => {
     if (finishReason === 'cancelled' && signal?.aborted) throw signal.reason
     const totalMs = performance.now() - started
     const decoded = Math.max(0, timings.completionTokens - 1)
@@ -293,8 +286,14 @@ function toPublicReason(reason: FinishReason): 'stop' | 'length' {
 // its sources (Node keeps AbortSignal.any's signals with listeners), and so would all it holds.
 const abortCallbacks = new WeakMap<AbortSignal, { callbacks: Set<() => void>; listener: () => void }>()
 
+/** A scheduled request's outcome, the request cancelled should `signal` abort first. */
+export function settledUnlessAborted<T>(scheduled: { done: Promise<T>; cancel(): void }, signal?: AbortSignal): Promise<T> {
+  if (!signal) return scheduled.done
+  return scheduled.done.finally(whenAborted(signal, () => scheduled.cancel()))
+}
+
 /** Calls `fn` once when `signal` aborts; the returned function stops that (call it when done). */
-export function whenAborted(signal: AbortSignal, fn: () => void): () => void {
+function whenAborted(signal: AbortSignal, fn: () => void): () => void {
   let entry = abortCallbacks.get(signal)
   if (!entry) {
     const callbacks = new Set<() => void>()

@@ -217,7 +217,7 @@ export class Scheduler {
    * and `maxTokens`, without submitting it: a caller with several requests checks them all first.
    */
   checkGeneration(promptLength: number, maxTokens: number): void {
-    this.checkFits(promptLength, maxTokens, promptLength + maxTokens - 1)
+    this.checkFits(promptLength, maxTokens, generationPositions(promptLength, maxTokens))
   }
 
   submit(request: GenerationRequest): Scheduled<GenerationOutcome>
@@ -228,8 +228,7 @@ export class Scheduler {
       throw new RangeError(`Scheduler: a score request needs 1 <= from < ${request.tokens.length} but from is ${request.from}`)
     const tokens = request.kind === 'generate' ? [...request.prompt] : [...request.tokens]
     const promptLength = request.kind === 'generate' ? tokens.length : request.from
-    // A generated sequence never feeds its last token back, so it writes prompt + maxTokens - 1 positions.
-    const cacheNeed = request.kind === 'generate' ? tokens.length + request.maxTokens - 1 : tokens.length
+    const cacheNeed = request.kind === 'generate' ? generationPositions(tokens.length, request.maxTokens) : tokens.length
     this.checkFits(tokens.length, request.kind === 'generate' ? request.maxTokens : 0, cacheNeed)
 
     let resolve!: (v: unknown) => void
@@ -584,6 +583,11 @@ export class Scheduler {
     if (seq.request.kind === 'score') return { logprobs: seq.scores!, top: seq.topScores, timings }
     return { finishReason: seq.finish ?? 'cancelled', timings }
   }
+}
+
+/** The cache positions a generation writes: it never feeds its last token back. */
+function generationPositions(promptLength: number, maxTokens: number): number {
+  return promptLength + maxTokens - 1
 }
 
 function topLogprobsOf(request: GenerationRequest | ScoreRequest): number {

@@ -254,15 +254,9 @@ export class Tokenizer {
 
     const eos: number[] = []
     if (generation) {
-      checkSpecialIds(generation, generationFile, limit, ['bos_token_id', 'pad_token_id', 'decoder_start_token_id'])
+      checkSpecialIds(generation, generationFile, limit, ['bos_token_id', 'eos_token_id', 'pad_token_id', 'decoder_start_token_id'])
       const genEos = generation['eos_token_id']
-      if (genEos !== undefined && genEos !== null) {
-        const list = Array.isArray(genEos) ? genEos : [genEos]
-        for (const id of list)
-          if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= limit.size)
-            throw invalidField(`a token id below ${limit.size} or an array of them (${limit.what})`, 'eos_token_id', generationFile, genEos)
-        for (const id of list as number[]) eos.push(id)
-      }
+      if (genEos !== undefined && genEos !== null) for (const id of Array.isArray(genEos) ? genEos : [genEos]) eos.push(id as number)
     }
     // Without an eos_token_id from generation_config.json, config.json's (checked by its parser).
     if (!eos.length && options.modelEosTokenIds) for (const id of options.modelEosTokenIds) eos.push(id)
