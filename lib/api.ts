@@ -23,6 +23,7 @@ import { Transformer } from './model/transformer.js'
 import type { LoadProgress } from './model/weights.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
 import { Tokenizer, type ChatMessage } from './tokenizer.js'
+import type { EncodeRequestOptions } from './encode-worker.js'
 
 /** Directory name of the model shipped under models/. */
 const DEFAULT_MODEL_NAME = 'default'
@@ -54,6 +55,15 @@ export interface ServingOptions {
   prefillChunkSize: number
   /** Reuse KV-cache blocks of shared prompt prefixes (default false here; loadModel's default is true). */
   prefixCache?: boolean
+}
+
+export interface TokenizeAsyncOptions {
+  /** Wrap a text in the chat template as one user message (default false). */
+  chat?: boolean
+  /** Stop waiting: the promise rejects with the signal's reason. */
+  signal?: AbortSignal
+  /** Milliseconds the text may take to encode once its turn comes (default 10,000). */
+  timeoutMs?: number
 }
 
 /** The pieces a Model serves from; `loadModel` builds them from a model directory. */
@@ -102,6 +112,30 @@ export class Model {
     if (Array.isArray(text)) return this.promptIds(text, true, 'text')
     if (typeof text !== 'string') throw invalidArgument('text', 'string or array of chat messages', text)
     return this.parts.tokenizer.encodePrompt(text, chat)
+  }
+
+  /**
+   * tokenize() with the text encoded in a worker thread: the same ids, while this thread goes on
+   * serving (a 512 KB prompt takes about 0.3 s to encode). Texts are encoded one at a time in
+   * arrival order; one that takes longer than `timeoutMs` (default 10 s) rejects with an
+   * EncodeTimeoutError, and `signal` stops waiting for one.
+   */
+  async tokenizeAsync(text: string | ChatMessage[], options: TokenizeAsyncOptions = {}): Promise<number[]> {
+    this.checkOpen()
+    const o = checkOptions(options, { chat: 'boolean', signal: 'AbortSignal', timeoutMs: 'number' })
+    const chat = o.chat === true
+    const encode: EncodeRequestOptions = {
+      ...(options.signal && { signal: options.signal }),
+      ...(options.timeoutMs !== undefined && { timeoutMs: checkInteger('timeoutMs', options.timeoutMs, 1, 2 ** 31 - 1) }),
+    }
+    const t = this.parts.tokenizer
+    if (Array.isArray(text)) {
+      checkMessages('text', text)
+      const ids = t.encodeChatAsync ? await t.encodeChatAsync(text, encode) : t.encodeChat(text)
+      return this.checkTokenizerIds('text', ids)
+    }
+    if (typeof text !== 'string') throw invalidArgument('text', 'string or array of chat messages', text)
+    return t.encodePromptAsync ? t.encodePromptAsync(text, chat, encode) : t.encodePrompt(text, chat)
   }
 
   /** The bytes token `id` stands for (part of a UTF-8 character, possibly). */
@@ -197,7 +231,10 @@ export class Model {
   /** Ends every request (they reject with a DisposedError) and frees the weights and the cache. */
   dispose(): Promise<void> {
     if (!this.disposing)
-      this.disposing = this.scheduler.close(new DisposedError()).finally(() => this.parts.forward.dispose())
+      this.disposing = this.scheduler.close(new DisposedError()).finally(() => {
+        this.parts.tokenizer.close?.()
+        this.parts.forward.dispose()
+      })
     return this.disposing
   }
 
@@ -242,11 +279,7 @@ export class Model {
     }
     if (!Array.isArray(prompt)) throw invalidArgument(name, 'string, array of token ids or array of chat messages', prompt)
     if (prompt.length > 0 && typeof prompt[0] === 'object' && prompt[0] !== null) {
-      for (let i = 0; i < prompt.length; i++) {
-        const m = prompt[i] as ChatMessage | undefined // a hole reads as undefined
-        if (typeof m !== 'object' || m === null || typeof m.role !== 'string' || typeof m.content !== 'string')
-          throw invalidArgument(`${name}[${i}]`, 'chat message {role, content} with string values', m)
-      }
+      checkMessages(name, prompt)
       return this.checkTokenizerIds(name, this.parts.tokenizer.encodeChat(prompt as ChatMessage[]))
     }
     if (chat) throw invalidArgument('chat', 'false or absent when the prompt is given as token ids', chat)
@@ -271,6 +304,15 @@ export class Model {
     // Every index, holes included (forEach skips them).
     for (let i = 0; i < tokens.length; i++) checkInteger(`${name}[${i}]`, tokens[i], 0, this.vocabSize - 1)
     return tokens as number[]
+  }
+}
+
+/** Each item of `messages` a chat message {role, content} with string values; holes included. */
+function checkMessages(name: string, messages: unknown[]): asserts messages is ChatMessage[] {
+  for (let i = 0; i < messages.length; i++) {
+    const m = messages[i] as ChatMessage | undefined // a hole reads as undefined
+    if (typeof m !== 'object' || m === null || typeof m.role !== 'string' || typeof m.content !== 'string')
+      throw invalidArgument(`${name}[${i}]`, 'chat message {role, content} with string values', m)
   }
 }
 
@@ -467,6 +509,9 @@ function servingTokenizer(t: Tokenizer): TextTokenizer {
     encodePrompt: (text, chat) => t.encodePrompt(text, chat),
     encodeChat: (messages) => t.encodeChat(messages),
     encodeContinuation: (text) => t.encodeContinuation(text),
+    encodePromptAsync: (text, chat, options) => t.encodePromptAsync(text, chat, options),
+    encodeChatAsync: (messages, options) => t.encodeChatAsync(messages, options),
+    close: () => t.close(),
     decode: (ids) => t.decode(known(ids)),
     tokenBytes: (id) => (id < t.vocabSize ? t.tokenBytes(id) : new Uint8Array(0)),
     streamDecoder: ({ context }) => {

@@ -5,6 +5,7 @@ import type { SamplingParams } from './sampling.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
 import type { FinishReason, Scheduler } from './scheduler.js'
 import type { ChatMessage } from './tokenizer.js'
+import type { EncodeRequestOptions } from './encode-worker.js'
 
 /** What decoding needs from a tokenizer (lib/api.ts adapts the model's tokenizer to it). */
 export interface TextTokenizer {
@@ -14,6 +15,11 @@ export interface TextTokenizer {
   encodeChat(messages: ChatMessage[]): number[]
   /** Ids of text that continues a prompt (no BOS). */
   encodeContinuation(text: string): number[]
+  /** encodePrompt and encodeChat off the calling thread, when the tokenizer can (the same ids). */
+  encodePromptAsync?(text: string, chat: boolean, options: EncodeRequestOptions): Promise<number[]>
+  encodeChatAsync?(messages: ChatMessage[], options: EncodeRequestOptions): Promise<number[]>
+  /** Frees what the tokenizer holds (its encode worker). */
+  close?(): void
   /** Text of ids, special tokens left out. */
   decode(ids: readonly number[]): string
   /** The bytes one id stands for (decode([id]) as UTF-8 when absent). */

@@ -1,11 +1,12 @@
 // The public surface of detinfer (re-exports only).
 export { loadModel, defaultModelPath, Model } from './api.js'
-export type { LoadModelOptions, LoadProgress, Prompt, ScoreOptions, ScoreResult } from './api.js'
+export type { LoadModelOptions, LoadProgress, Prompt, ScoreOptions, ScoreResult, TokenizeAsyncOptions } from './api.js'
 export type { TopLogprob } from './model/output-head.js'
 export type { ChatMessage } from './tokenizer.js'
 export type { GenerateOptions, GenerateResult, GenerationTimings, StreamPiece } from './generate.js'
 export type { SchedulerLoad } from './scheduler.js'
 export { DisposedError, NonFiniteLogitsError, RequestTooLargeError } from './errors.js'
+export { EncodeTimeoutError } from './encode-worker.js'
 export { resolveDevice, cudaStatus, setVariantKernels, variantKernels } from './device.js'
 export type { DeviceOption } from './device.js'
 export type { CudaStatus, CudaDevice, DeviceName } from './native.js'

@@ -4,6 +4,7 @@
 import { join } from 'node:path'
 import { Tokenizer as HfTokenizer } from '@huggingface/tokenizers'
 import { ChatTemplate } from './chat-template.js'
+import { EncodeWorker, type EncodeRequestOptions } from './encode-worker.js'
 import { describeValue, invalidField } from './errors.js'
 import { pathExists, readJsonFile, readTextFile } from './files.js'
 import { MAX_VOCAB_SIZE } from './step.js'
@@ -162,6 +163,8 @@ function pickChatTemplate(raw: unknown, file: string): string | null {
 export class Tokenizer {
   private constructor(
     private readonly hf: HfTokenizer,
+    /** The same tokenizer in a worker thread, for encodeAsync (started at its first text). */
+    private readonly encoder: EncodeWorker,
     /** Size of the id space (the largest id + 1). */
     readonly vocabSize: number,
     readonly bosToken: string | null,
@@ -193,7 +196,14 @@ export class Tokenizer {
       options.modelVocabSize !== undefined
         ? { size: options.modelVocabSize, what: `vocab_size in ${options.modelConfigFile ?? 'config.json'}` }
         : { size: MAX_VOCAB_SIZE, what: 'the largest vocabulary detinfer loads' }
-    const tokenizerJson = checkTokenizerJson(await readJsonFile(tokenizerFile), tokenizerFile, limit)
+    const tokenizerText = await readTextFile(tokenizerFile)
+    let parsed: unknown
+    try {
+      parsed = JSON.parse(tokenizerText)
+    } catch (err) {
+      throw new Error(`${tokenizerFile} is not valid JSON: ${(err as Error).message}`)
+    }
+    const tokenizerJson = checkTokenizerJson(parsed, tokenizerFile, limit)
     const config = (await readOptionalJson(configFile)) ?? {}
     const generation = await readOptionalJson(generationFile)
     const templateFile = join(dir, 'chat_template.jinja')
@@ -216,13 +226,11 @@ export class Tokenizer {
     if (extra !== undefined && extra !== null && !(Array.isArray(extra) && extra.every((t) => tokenContent(t) !== null)))
       throw invalidField('an array of tokens (strings or {content})', 'additional_special_tokens', configFile, extra)
     const additional = Array.isArray(extra) ? extra.map(tokenContent).filter((t): t is string => t !== null) : undefined
+    // The encode worker builds its tokenizer from the same text and options.
+    const libraryOptions = { ...config, ...specialTokens, ...(additional && { additional_special_tokens: additional }) }
     let hf: HfTokenizer
     try {
-      hf = new HfTokenizer(tokenizerJson, {
-        ...config,
-        ...specialTokens,
-        ...(additional && { additional_special_tokens: additional }),
-      })
+      hf = new HfTokenizer(tokenizerJson, libraryOptions)
     } catch (err) {
       throw libraryError(`Could not build the tokenizer from ${tokenizerFile}`, err)
     }
@@ -274,6 +282,7 @@ export class Tokenizer {
     const cleanUp = config['clean_up_tokenization_spaces']
     return new Tokenizer(
       hf,
+      new EncodeWorker({ json: tokenizerText, options: libraryOptions, file: tokenizerFile }),
       maxId + 1,
       bosToken,
       bosTokenId,
@@ -296,21 +305,44 @@ export class Tokenizer {
   encode(text: string, options: EncodeOptions = {}): number[] {
     if (typeof text !== 'string') throw new TypeError(`Expected a string for text but received ${describeValue(text)}`)
     const addSpecial = options.addSpecialTokens ?? true
-    let ids: number[]
+    let ids: (number | undefined)[]
     try {
       ids = this.hf.encode(text, { add_special_tokens: addSpecial }).ids
     } catch (err) {
       throw libraryError(`The tokenizer of ${join(this.dir, 'tokenizer.json')} failed to encode the text`, err)
     }
-    const bad = ids.findIndex((id: unknown) => typeof id !== 'number')
+    return this.finishEncode(text, ids, addSpecial)
+  }
+
+  /**
+   * encode() in a worker thread: the same ids, while the calling thread goes on with other work.
+   * Texts are encoded one at a time in arrival order; one that takes longer than `timeoutMs`
+   * (default 10 s) rejects with EncodeTimeoutError.
+   */
+  async encodeAsync(text: string, options: EncodeOptions & EncodeRequestOptions = {}): Promise<number[]> {
+    if (typeof text !== 'string') throw new TypeError(`Expected a string for text but received ${describeValue(text)}`)
+    const addSpecial = options.addSpecialTokens ?? true
+    const raw = await this.encoder.encode(text, addSpecial, options)
+    return this.finishEncode(text, Array.from(raw, (id) => (id < 0 ? undefined : id)), addSpecial)
+  }
+
+  /** The library's ids of `text`, checked, with BOS as the model expects. */
+  private finishEncode(text: string, raw: (number | undefined)[], addSpecial: boolean): number[] {
+    const bad = raw.findIndex((id) => typeof id !== 'number')
     if (bad >= 0)
       throw new Error(`The tokenizer has no id for token ${bad} of the text and no unk_token to stand in for it`)
+    const ids = raw as number[]
     if (addSpecial && this.bosTokenId !== null) {
       // tokenizer_config.json's add_bos_token decides, whatever the post-processor does.
       if (this.addsBos && ids[0] !== this.bosTokenId) ids.unshift(this.bosTokenId)
       else if (!this.addsBos && ids[0] === this.bosTokenId && !text.startsWith(this.bosToken!)) ids.shift()
     }
     return ids
+  }
+
+  /** Stops the encode worker, if it started; encodeAsync rejects from then on. */
+  close(): void {
+    this.encoder.close()
   }
 
   /** The text of `ids`; special tokens are left out unless skipSpecialTokens is false. */
@@ -348,7 +380,22 @@ export class Tokenizer {
 
   /** Ids of a conversation: the chat template's text (with the generation prompt), which carries its own special tokens. */
   encodeChat(messages: ChatMessage[]): number[] {
-    const ids = this.encode(this.applyChatTemplate(messages), { addSpecialTokens: false })
+    return this.checkChatIds(this.encode(this.applyChatTemplate(messages), { addSpecialTokens: false }), messages)
+  }
+
+  /** encodePrompt() with the text encoded in the worker thread (the chat template renders in its own). */
+  encodePromptAsync(text: string, chat: boolean, options: EncodeRequestOptions = {}): Promise<number[]> {
+    if (!chat) return this.encodeAsync(text, options)
+    return this.encodeChatAsync([{ role: 'user', content: text }], options)
+  }
+
+  /** encodeChat() with the text encoded in the worker thread. */
+  async encodeChatAsync(messages: ChatMessage[], options: EncodeRequestOptions = {}): Promise<number[]> {
+    const text = this.applyChatTemplate(messages)
+    return this.checkChatIds(await this.encodeAsync(text, { ...options, addSpecialTokens: false }), messages)
+  }
+
+  private checkChatIds(ids: number[], messages: ChatMessage[]): number[] {
     if (ids.length === 0)
       throw new Error(`The chat template of ${this.dir} rendered an empty prompt for ${messages.length} message(s); a prompt needs at least one token`)
     return ids

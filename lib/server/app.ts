@@ -9,6 +9,7 @@ import { randomInt, randomUUID, timingSafeEqual } from 'node:crypto'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import type { GenerateOptions, StreamPiece } from '../generate.js'
 import { RequestTooLargeError } from '../errors.js'
+import { EncodeTimeoutError } from '../encode-worker.js'
 import type { Model } from '../api.js'
 import type { ChatMessage } from '../tokenizer.js'
 import { ApiError, contextLengthExceeded, invalidRequest, overloaded, toApiError, unavailable } from './errors.js'
@@ -93,6 +94,9 @@ export class InferenceServer {
   setModel(model: Model, fingerprint: string): void {
     this.loaded = { model, fingerprint, texts: new TokenTexts(model), created: Math.floor(Date.now() / 1000) }
     this.metrics.attach(model)
+    // Prompts are encoded in the tokenizer's worker thread: one text now has it build its
+    // tokenizer (a second or so for a 150k-token vocabulary) before the first request.
+    model.tokenizeAsync(' ').catch(() => {})
   }
 
   get sequencesInFlight(): number {
@@ -219,12 +223,12 @@ export class InferenceServer {
     const arrived = performance.now()
     const loaded = this.ready()
     const body = request.body as CompletionBody | ChatCompletionBody
-    const plan = this.plan(endpoint, body, loaded)
-    const choices = plan.choices.length
+    const draft = this.draft(endpoint, body, loaded)
+    const choices = draft.prompts.length * draft.n
     // The queue: whatever exceeds the running batch waits; beyond maxQueued waiting, refuse.
     const capacity = loaded.model.maxBatchSize + this.options.maxQueued
     if (choices > capacity) {
-      const n = body.n ?? 1
+      const n = draft.n
       throw invalidRequest(
         `Expected at most ${capacity} choices (n times prompts: the sequences that can run or wait at once) but the request ` +
           `asks for ${choices} (${choices / n} prompt${choices / n === 1 ? '' : 's'} times n = ${n})`,
@@ -252,11 +256,12 @@ export class InferenceServer {
       created: Math.floor(Date.now() / 1000),
       model: this.options.modelName,
       system_fingerprint: loaded.fingerprint,
-      ...(plan.seed !== undefined && { seed: plan.seed }),
+      ...(draft.seed !== undefined && { seed: draft.seed }),
     }
     const route = endpoint === 'chat' ? '/v1/chat/completions' : '/v1/completions'
     const stopTimer = this.metrics.requestDuration.startTimer({ endpoint: route })
     try {
+      const plan = this.plan(endpoint, draft, await this.promptIds(endpoint, draft, loaded, signal), loaded)
       // The library checks the options here, before a stream's headers go out.
       const run: ChoiceRun = { loaded, plan, head, signal, failed, arrived, streams: [] }
       run.streams = plan.choices.map((c) => loaded.model.stream(c.prompt, { ...c.options, signal }))
@@ -272,8 +277,11 @@ export class InferenceServer {
     }
   }
 
-  /** Checks a validated body against the model and turns it into one generation per choice. */
-  private plan(endpoint: Endpoint, body: CompletionBody | ChatCompletionBody, loaded: Loaded): Plan {
+  /**
+   * Checks a validated body against the model, all but its prompts' tokens: those are encoded
+   * off the event loop (promptIds) once the request has its place.
+   */
+  private draft(endpoint: Endpoint, body: CompletionBody | ChatCompletionBody, loaded: Loaded): Draft {
     const { model } = loaded
     if (body.model !== this.options.modelName) throw modelNotFound(body.model, this.options.modelName)
     const prompts = endpoint === 'chat' ? [this.chatPrompt(body as ChatCompletionBody, loaded)] : this.textPrompts(body as CompletionBody, loaded)
@@ -303,7 +311,7 @@ export class InferenceServer {
     // top_p, top_k and min_p only narrow what a sample is drawn from, which always keeps the most
     // likely token: at temperature 0 (greedy) they change nothing and are not passed on.
     const sampled = temperature > 0
-    const base: GenerateOptions = {
+    const options: GenerateOptions = {
       ...(sampled && { temperature }),
       ...(sampled && body.top_p !== undefined && body.top_p !== null && body.top_p < 1 && { topP: body.top_p }),
       ...(sampled && topK > 0 && { topK }),
@@ -311,12 +319,49 @@ export class InferenceServer {
       ...(sampled && body.min_p && { minP: body.min_p }),
       ...(topLogprobs > 0 && { topLogprobs }),
     }
+    return {
+      prompts,
+      n,
+      requested,
+      options,
+      logprobs,
+      stream: body.stream === true,
+      includeUsage: body.stream === true && body.stream_options?.include_usage === true,
+      ...(seed !== undefined && { seed }),
+    }
+  }
+
+  /** The draft's prompts as token ids; texts are encoded in the tokenizer's worker thread, in turn with other requests'. */
+  private async promptIds(endpoint: Endpoint, draft: Draft, loaded: Loaded, signal: AbortSignal): Promise<number[][]> {
+    const ids: number[][] = []
+    for (const [i, prompt] of draft.prompts.entries()) {
+      if ('ids' in prompt) {
+        ids.push(prompt.ids)
+        continue
+      }
+      const param = endpoint === 'chat' ? 'messages' : 'prompt'
+      try {
+        ids.push(await loaded.model.tokenizeAsync('messages' in prompt ? prompt.messages : prompt.text, { signal }))
+      } catch (err) {
+        if (signal.aborted) throw signal.reason
+        if (err instanceof EncodeTimeoutError) throw invalidRequest(`Could not tokenize ${param}: ${err.message}`, param, 'tokenize_timeout')
+        if ('messages' in prompt) throw invalidRequest(`Could not apply the model's chat template to messages: ${(err as Error).message}`, 'messages', 'chat_template')
+        throw err
+      }
+      if (!ids[i]!.length) throw invalidRequest(`Expected text of at least one token for ${prompt.name} but received ""`, 'prompt', 'invalid_value')
+    }
+    return ids
+  }
+
+  /** One generation per choice: n for each prompt, each with the room its prompt leaves in the context. */
+  private plan(endpoint: Endpoint, draft: Draft, prompts: number[][], loaded: Loaded): Plan {
+    const { n, requested, seed } = draft
     const choices: ChoicePlan[] = []
     prompts.forEach((ids, p) => {
-      const room = model.contextLength - ids.length
+      const room = loaded.model.contextLength - ids.length
       if (room < 1)
         throw contextLengthExceeded(
-          `This model's maximum context length is ${model.contextLength} tokens; the prompt has ${ids.length} tokens, which leaves no room for a completion`,
+          `This model's maximum context length is ${loaded.model.contextLength} tokens; the prompt has ${ids.length} tokens, which leaves no room for a completion`,
           endpoint === 'chat' ? 'messages' : 'prompt',
         )
       const maxTokens = Math.min(requested ?? (endpoint === 'chat' ? room : DEFAULT_COMPLETION_TOKENS), room)
@@ -324,21 +369,20 @@ export class InferenceServer {
         choices.push({
           index: p * n + i,
           prompt: ids,
-          options: { ...base, maxTokens, ...(seed !== undefined && { seed: seed + i }) },
+          options: { ...draft.options, maxTokens, ...(seed !== undefined && { seed: seed + i }) },
         })
     })
-    const usagePrompt = prompts.reduce((a, ids) => a + ids.length, 0)
     return {
       choices,
-      logprobs,
-      stream: body.stream === true,
-      includeUsage: body.stream === true && body.stream_options?.include_usage === true,
-      promptTokens: usagePrompt,
+      logprobs: draft.logprobs,
+      stream: draft.stream,
+      includeUsage: draft.includeUsage,
+      promptTokens: prompts.reduce((a, ids) => a + ids.length, 0),
       ...(seed !== undefined && { seed }),
     }
   }
 
-  private chatPrompt(body: ChatCompletionBody, loaded: Loaded): number[] {
+  private chatPrompt(body: ChatCompletionBody, loaded: Loaded): PromptSource {
     const messages: ChatMessage[] = body.messages.map((m, i) => {
       if (m.name !== undefined)
         throw invalidRequest(
@@ -354,19 +398,15 @@ export class InferenceServer {
       }
     })
     this.checkTextSize(messages.map((m) => m.content), 'messages', loaded)
-    try {
-      return loaded.model.tokenize(messages)
-    } catch (err) {
-      throw invalidRequest(`Could not apply the model's chat template to messages: ${(err as Error).message}`, 'messages', 'chat_template')
-    }
+    return { messages, name: 'messages' }
   }
 
   /**
    * Refuses text that has more tokens than the context can hold before tokenizing it, which for
-   * megabytes of text would hold up every other request. No token is longer than the vocabulary's
-   * longest, and a tokenizer's Unicode normalization (NFC, NFKC) makes text at most 4 times
-   * shorter in UTF-8 (NFKC turns the 4-byte mathematical letters into ASCII ones), so the text
-   * has at least bytes / (4 * longest) tokens.
+   * megabytes of text would keep the tokenizer from other requests. No token is longer than the
+   * vocabulary's longest, and a tokenizer's Unicode normalization (NFC, NFKC) makes text at most
+   * 4 times shorter in UTF-8 (NFKC turns the 4-byte mathematical letters into ASCII ones), so the
+   * text has at least bytes / (4 * longest) tokens.
    */
   private checkTextSize(texts: string[], param: string, loaded: Loaded): void {
     const bytes = texts.reduce((a, t) => a + Buffer.byteLength(t, 'utf8'), 0)
@@ -379,7 +419,7 @@ export class InferenceServer {
       )
   }
 
-  private textPrompts(body: CompletionBody, loaded: Loaded): number[][] {
+  private textPrompts(body: CompletionBody, loaded: Loaded): PromptSource[] {
     const { model } = loaded
     const p = body.prompt
     const list: (string | number[])[] = typeof p === 'string' ? [p] : typeof p[0] === 'number' ? [p as number[]] : (p as (string | number[])[])
@@ -387,14 +427,12 @@ export class InferenceServer {
       const name = typeof p === 'string' || typeof p[0] === 'number' ? 'prompt' : `prompt[${i}]`
       if (typeof one === 'string') {
         this.checkTextSize([one], 'prompt', loaded)
-        const ids = model.tokenize(one)
-        if (!ids.length) throw invalidRequest(`Expected text of at least one token for ${name} but received ""`, 'prompt', 'invalid_value')
-        return ids
+        return { text: one, name }
       }
       const bad = one.findIndex((id) => id >= model.vocabSize)
       if (bad >= 0)
         throw invalidRequest(`Expected an integer between 0 and ${model.vocabSize - 1} for ${name}[${bad}] but received ${one[bad]} of type number`, 'prompt', 'invalid_value')
-      return one
+      return { ids: one, name }
     })
   }
 
@@ -541,6 +579,22 @@ interface ChoicePlan {
   index: number
   prompt: number[]
   options: GenerateOptions
+}
+
+/** A prompt as the request gives it (`name` for messages: "prompt[1]"). */
+type PromptSource = { name: string } & ({ ids: number[] } | { text: string } | { messages: ChatMessage[] })
+
+/** A request checked against the model, its prompts not yet tokenized. */
+interface Draft {
+  prompts: PromptSource[]
+  n: number
+  /** max_tokens (or max_completion_tokens) as the request gives it. */
+  requested: number | null | undefined
+  options: GenerateOptions
+  logprobs: boolean
+  stream: boolean
+  includeUsage: boolean
+  seed?: number
 }
 
 interface Plan {

@@ -86,7 +86,7 @@ export const LIB_LAYERS: readonly (readonly { group: string; modules: readonly s
   [{ group: 'runtime', modules: ['tensor.ts', 'device.ts', 'kv-cache.ts', 'sampling.ts', 'step.ts'] }],
   [
     { group: 'model', modules: ['model/*'] },
-    { group: 'tokenizer', modules: ['tokenizer.ts', 'chat-template.ts'] },
+    { group: 'tokenizer', modules: ['tokenizer.ts', 'chat-template.ts', 'encode-worker.ts'] },
     { group: 'scheduler', modules: ['scheduler.ts'] },
   ],
   [{ group: 'generation', modules: ['generate.ts', 'determinism-check.ts'] }],

@@ -302,6 +302,87 @@ describe('tokenizer files that would hang or mislead', () => {
   })
 })
 
+describe('encoding off the calling thread', () => {
+  const texts = ['hi', '<s>hi', 'x the a', 'naïve café, 日本語 🙂\n\ttabs  and  spaces', '<|im_start|>user\nhi<|im_end|>', 'the '.repeat(20_000)]
+
+  it('gives the ids encode() gives, in the order asked, BOS and chat template included', async () => {
+    for (const dir of [qwenDir, llamaDir]) {
+      const t = await Tokenizer.load(dir)
+      const asked = texts.flatMap((text) => [
+        t.encodeAsync(text),
+        t.encodeAsync(text, { addSpecialTokens: false }),
+        t.encodePromptAsync(text, true),
+      ])
+      const got = await Promise.all(asked)
+      expect(got).toEqual(texts.flatMap((text) => [t.encode(text), t.encode(text, { addSpecialTokens: false }), t.encodePrompt(text, true)]))
+      expect(await t.encodeChatAsync([{ role: 'user', content: 'Who art thou?' }])).toEqual(t.encodeChat([{ role: 'user', content: 'Who art thou?' }]))
+      t.close()
+      await expect(t.encodeAsync('hi')).rejects.toThrow('The tokenizer was closed and cannot encode any more')
+    }
+  })
+
+  it('leaves the event loop free while a text encodes', async () => {
+    const t = await Tokenizer.load(qwenDir)
+    await t.encodeAsync('warm') // the worker builds its tokenizer
+    const text = 'the quick brown fox, naïve café 12 345\n'.repeat(10_000) // 400 KB: about 0.3 s of encoding here
+    let ticks = 0
+    const timer = setInterval(() => ticks++, 1)
+    const ids = await t.encodeAsync(text)
+    clearInterval(timer)
+    // The same encode on this thread would let no timer run before it returned.
+    expect(ticks).toBeGreaterThan(5)
+    expect(ids).toEqual(t.encode(text))
+    t.close()
+  })
+
+  it('stops a text whose pre-processing backtracks without end, and encodes the next one', async () => {
+    const dir = writeTinyModel(join(root, 'backtracking'), { architecture: 'Qwen3ForCausalLM', numLayers: 1 }).dir
+    const file = join(dir, 'tokenizer.json')
+    const json = JSON.parse(readFileSync(file, 'utf8'))
+    // Nested alternatives before an anchor: exponential backtracking on a run of "a"s not at the end.
+    json.normalizer = { type: 'Replace', pattern: { Regex: '(a|aa)+$' }, content: '' }
+    writeFileSync(file, JSON.stringify(json))
+    const t = await Tokenizer.load(dir)
+    const hang = 'a'.repeat(80) + 'b'
+    let ticks = 0
+    const timer = setInterval(() => ticks++, 5)
+    const started = performance.now()
+    const stuck = t.encodeAsync(hang, { timeoutMs: 500 })
+    const queued = t.encodeAsync('hi there') // waits its turn, then runs in a new worker
+    await expect(stuck).rejects.toThrow(
+      `Encoding a text of 81 characters took longer than 0.5 s and was stopped: the text is too long for this limit, ` +
+        `or a regular expression of ${file} (normalizer or pre_tokenizer) backtracks without end on it`,
+    )
+    await expect(stuck).rejects.toMatchObject({ name: 'EncodeTimeoutError' })
+    clearInterval(timer)
+    expect(performance.now() - started).toBeGreaterThanOrEqual(450)
+    expect(ticks).toBeGreaterThan(20)
+    expect(await queued).toEqual(t.encode('hi there'))
+    t.close()
+  })
+
+  it('drops a text whose caller stopped waiting', async () => {
+    const t = await Tokenizer.load(qwenDir)
+    const controller = new AbortController()
+    const first = t.encodeAsync('the '.repeat(50_000), { signal: controller.signal })
+    const second = t.encodeAsync('kept', { signal: new AbortController().signal })
+    const third = t.encodeAsync('dropped while waiting', { signal: controller.signal })
+    controller.abort(new Error('caller left'))
+    await expect(first).rejects.toThrow('caller left')
+    await expect(third).rejects.toThrow('caller left')
+    expect(await second).toEqual(t.encode('kept'))
+    await expect(t.encodeAsync('x', { signal: controller.signal })).rejects.toThrow('caller left')
+    t.close()
+  })
+
+  it('rejects what is waiting when closed', async () => {
+    const t = await Tokenizer.load(qwenDir)
+    const pending = [t.encodeAsync('the '.repeat(50_000)), t.encodeAsync('next')]
+    t.close()
+    for (const p of pending) await expect(p).rejects.toThrow('The tokenizer was closed before the text was encoded')
+  })
+})
+
 describe('chat templates are bounded', () => {
   let count = 0
   const withTemplate = async (template: string) => {

@@ -3,12 +3,16 @@
 // on the load (64 concurrent requests, some cancelled, each equal to the same request sent alone),
 // every error case, overload, authentication and graceful shutdown. (Whole characters in streamed
 // text: test/server/app.test.ts, where a scripted model makes one character span several tokens.)
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { connect, type Socket } from 'node:net'
+import { tmpdir } from 'node:os'
+import { dirname, join } from 'node:path'
 import OpenAI from 'openai'
 import type { ChatCompletionChunk } from 'openai/resources/chat/completions'
 import type { Completion } from 'openai/resources/completions'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { defaultModelPath, loadModel, type Model } from '../../lib/api.js'
+import { ENCODE_TIMEOUT_MS } from '../../lib/encode-worker.js'
 import { buildDist, DEVICE, metric, post, startServer, type RunningServer } from '../helpers/server.js'
 
 const SYSTEM = 'You are a lighthouse keeper who answers in one short sentence about the sea and the light.'
@@ -524,6 +528,40 @@ describe('detinfer serve: API key, overload, graceful shutdown', () => {
     expect(await server.exited).toBe(0)
     expect(server.log()).toContain('stopped')
   })
+})
+
+describe('detinfer serve: a prompt the tokenizer cannot finish', () => {
+  it(`answers other requests meanwhile, then refuses it after ${ENCODE_TIMEOUT_MS / 1000} s with tokenize_timeout, and goes on`, async () => {
+    buildDist()
+    // The shipped model with a normalizer that backtracks without end on a run of "a"s before another letter.
+    const dir = join(mkdtempSync(join(tmpdir(), 'detinfer-backtracking-')), 'slow')
+    cpSync(defaultModelPath, dir, { recursive: true })
+    const file = join(dir, 'tokenizer.json')
+    writeFileSync(file, JSON.stringify({ ...JSON.parse(readFileSync(file, 'utf8')), normalizer: { type: 'Replace', pattern: { Regex: '(a|aa)+$' }, content: '' } }))
+    const server = await startServer(['--model', dir])
+    try {
+      const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'not-needed', maxRetries: 0 })
+      let stuckSettled = false
+      const stuck = post(`${server.url}/v1/completions`, { model: 'slow', prompt: 'a'.repeat(80) + 'b', max_tokens: 2 }).finally(() => (stuckSettled = true))
+      await new Promise((r) => setTimeout(r, 300))
+      // The event loop is free: health, metrics and a prompt of token ids (nothing to encode) are answered meanwhile.
+      expect((await fetch(`${server.url}/health`)).status).toBe(200)
+      const ids = await client.completions.create({ model: 'slow', prompt: [10, 20, 30], max_tokens: 4, temperature: 0 })
+      expect(ids.choices[0]!.finish_reason).toBeTruthy()
+      expect(stuckSettled).toBe(false)
+      const refused = await stuck
+      expect(refused.status).toBe(400)
+      expectErrorBody(refused.json, 400, 'tokenize_timeout', 'prompt')
+      expect(refused.json.error.message).toContain('(normalizer or pre_tokenizer) backtracks without end on it')
+      expectNoStackTrace(refused.json.error.message)
+      // The next text is encoded by a new worker.
+      const text = await client.completions.create({ model: 'slow', prompt: 'Once upon a time', max_tokens: 4, temperature: 0 })
+      expect(text.usage!.prompt_tokens).toBeGreaterThan(1)
+    } finally {
+      expect(await server.stop()).toBe(0)
+      rmSync(dirname(dir), { recursive: true, force: true })
+    }
+  }, 60_000)
 })
 
 describe('detinfer serve: the shutdown deadline', () => {

@@ -25,6 +25,35 @@ describe('the shipped model', () => {
   })
 })
 
+describe('tokenizeAsync', () => {
+  it('gives the ids tokenize() gives, for text, chat text and messages, and checks its arguments', async () => {
+    const conversation = [
+      { role: 'system', content: 'Speak as a king.' },
+      { role: 'user', content: 'Who art thou?' },
+    ]
+    expect(await model.tokenizeAsync('ROMEO: naïve 🙂')).toEqual(model.tokenize('ROMEO: naïve 🙂'))
+    expect(await model.tokenizeAsync('Who art thou?', { chat: true })).toEqual(model.tokenize('Who art thou?', { chat: true }))
+    expect(await model.tokenizeAsync(conversation, { signal: new AbortController().signal, timeoutMs: 5000 })).toEqual(model.tokenize(conversation))
+    await expect(model.tokenizeAsync(7 as never)).rejects.toThrow('Expected string or array of chat messages for text but received 7 of type number')
+    await expect(model.tokenizeAsync([{ role: 'user' }] as never)).rejects.toThrow(
+      'Expected chat message {role, content} with string values for text[0] but received {"role":"user"} of type object',
+    )
+    await expect(model.tokenizeAsync('x', { timeoutMs: 0 })).rejects.toThrow('Expected integer between 1 and 2147483647 for timeoutMs but received 0')
+    await expect(model.tokenizeAsync('x', { chat: 1 } as never)).rejects.toThrow('Expected boolean for chat but received 1 of type number')
+    await expect(model.tokenizeAsync('x', { wait: 1 } as never)).rejects.toThrow('wait')
+    const reason = new Error('gone')
+    await expect(model.tokenizeAsync('x', { signal: AbortSignal.abort(reason) })).rejects.toBe(reason)
+  })
+
+  it('stops its worker thread on dispose', async () => {
+    const own = await loadModel(defaultModelPath, { device: 'cpu' })
+    const pending = own.tokenizeAsync('ROMEO: '.repeat(40_000))
+    await own.dispose()
+    await expect(pending).rejects.toThrow('The tokenizer was closed before the text was encoded')
+    await expect(own.tokenizeAsync('x')).rejects.toThrow('The model was disposed and cannot be used any more')
+  })
+})
+
 describe('chat messages as the prompt', () => {
   it('one user message is the same request as text with chat: true', async () => {
     const messages = await model.generate([{ role: 'user', content: 'Who art thou?' }], { maxTokens: 12 })
