@@ -16,6 +16,7 @@ import {
   type StreamPiece,
   type TextTokenizer,
 } from './generate.js'
+import { hubSnapshotDir, parseRepoId } from './hub-cache.js'
 import type { DeviceName } from './native.js'
 import { Scheduler, type ForwardModel, type SchedulerLoad } from './scheduler.js'
 import { loadModelConfig, type ModelConfig } from './model/config.js'
@@ -74,7 +75,7 @@ export interface ModelParts {
 }
 
 export class Model {
-  /** The model directory it was loaded from. */
+  /** The model directory it was loaded from: for a repo id, its snapshot directory in the Hugging Face cache. */
   readonly path: string
   readonly device: DeviceName
   readonly maxBatchSize: number
@@ -407,17 +408,29 @@ function defaultKvCacheTokens(config: ModelConfig, device: DeviceName): number {
  */
 export const defaultModelPath = join(dirname(fileURLToPath(import.meta.url)), '..', 'models', DEFAULT_MODEL_NAME)
 
-/** Throws the one "No model at …" error unless `dir` holds a config.json. */
-export function checkModelDir(dir: unknown): string {
-  if (typeof dir !== 'string' || dir === '') throw invalidArgument('dir', 'path of a model directory', dir)
-  if (!existsSync(join(dir, 'config.json')))
-    throw new Error(`No model at ${dir}: expected a Hugging Face model directory with config.json, weights and tokenizer.json`)
-  return dir
+/**
+ * The directory `model` names: a model directory (an existing path always is one), or else a
+ * Hugging Face repo id `owner/name[@revision]` found in the local Hugging Face cache (never
+ * downloaded; lib/hub-cache.ts). Throws the one "No model at …" error unless the directory
+ * holds a config.json.
+ */
+export function resolveModelDir(model: unknown): { path: string; repoId?: string } {
+  if (typeof model !== 'string' || model === '') throw invalidArgument('dir', 'path of a model directory or a Hugging Face repo id', model)
+  if (existsSync(join(model, 'config.json'))) return { path: model }
+  const ref = existsSync(model) ? null : parseRepoId(model)
+  if (ref) return { path: hubSnapshotDir(model, ref), repoId: ref.repoId }
+  throw new Error(`No model at ${model}: expected a Hugging Face model directory with config.json, weights and tokenizer.json`)
+}
+
+/** The directory `model` names (resolveModelDir), or the one "No model at …" error. */
+export function checkModelDir(model: unknown): string {
+  return resolveModelDir(model).path
 }
 
 /**
- * Loads a Hugging Face model directory (config.json, safetensors weights, tokenizer.json); without
- * one (`loadModel()`, `loadModel(undefined, options)`), the shipped model at `defaultModelPath`.
+ * Loads a Hugging Face model: a model directory (config.json, safetensors weights,
+ * tokenizer.json), or a repo id `owner/name[@revision]` already in the local Hugging Face cache;
+ * without one (`loadModel()`, `loadModel(undefined, options)`), the shipped model at `defaultModelPath`.
  */
 export async function loadModel(dir: string = defaultModelPath, options: LoadModelOptions = {}): Promise<Model> {
   return loadFrom(checkModelDir(dir), null, options)
@@ -430,15 +443,17 @@ export async function loadModel(dir: string = defaultModelPath, options: LoadMod
  */
 export interface ModelSource {
   readonly path: string
+  /** The Hugging Face repo id when `path` is its snapshot in the cache: the model's name. */
+  readonly repoId?: string
   readonly config: ModelConfig
   readonly device?: DeviceName
   readonly tokenizer?: Tokenizer
 }
 
-/** @internal Checks `dir` like loadModel and parses its config.json. */
+/** @internal Resolves `dir` like loadModel and parses its config.json. */
 export async function readModelDir(dir: unknown): Promise<ModelSource> {
-  const path = checkModelDir(dir)
-  return { path, config: await loadModelConfig(path) }
+  const { path, repoId } = resolveModelDir(dir)
+  return { path, ...(repoId !== undefined && { repoId }), config: await loadModelConfig(path) }
 }
 
 /** @internal The tokenizer of a model directory, as loadModel loads it (every id below the config's vocab_size). */

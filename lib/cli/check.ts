@@ -84,7 +84,7 @@ export function checkCommand(): Command {
   return new Command('check')
     .description('complete one prompt many times under varied batching and count distinct completions')
     .argument('[prompt]', 'the prompt (default: "ROMEO:")')
-    .option('-m, --model <dir>', 'Hugging Face model directory (default: the model shipped with detinfer)')
+    .option('-m, --model <dir|repo-id>', 'Hugging Face model directory, or repo id (owner/name[@revision]) already in the Hugging Face cache (default: the model shipped with detinfer)')
     .option('--prompt-file <file>', 'read the prompt from a file')
     .option('--runs <n>', 'completions of the prompt', positive, 1000)
     .option('-n, --max-tokens <n>', 'tokens per completion (EOS does not stop them)', positive, 256)

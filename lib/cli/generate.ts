@@ -48,7 +48,7 @@ export function generateCommand(): Command {
   return new Command('generate')
     .description('generate a completion of a prompt (greedy unless --temperature > 0)')
     .argument('[prompt]', 'the prompt (or use --prompt-file, or stdin)')
-    .option('-m, --model <dir>', 'Hugging Face model directory (default: the model shipped with detinfer)')
+    .option('-m, --model <dir|repo-id>', 'Hugging Face model directory, or repo id (owner/name[@revision]) already in the Hugging Face cache (default: the model shipped with detinfer)')
     .option('--prompt-file <file>', 'read the prompt from a file')
     .option('-n, --max-tokens <n>', `tokens to generate at most (default: ${DEFAULT_MAX_TOKENS}, or what the context leaves)`, integer)
     .option('--temperature <t>', 'sampling temperature; 0 is greedy', number)

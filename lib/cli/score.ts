@@ -30,7 +30,7 @@ export function scoreCommand(): Command {
   return new Command('score')
     .description("print the log-prob of each token of a completion after a prompt (generation's forward pass)")
     .argument('[prompt]', 'the prompt (or use --prompt-file)')
-    .option('-m, --model <dir>', 'Hugging Face model directory (default: the model shipped with detinfer)')
+    .option('-m, --model <dir|repo-id>', 'Hugging Face model directory, or repo id (owner/name[@revision]) already in the Hugging Face cache (default: the model shipped with detinfer)')
     .option('--prompt-file <file>', 'read the prompt from a file')
     .option('-c, --completion <text>', 'the completion, as text (tokenized on its own)')
     .option('--completion-file <file>', 'read the completion text from a file')
@@ -45,7 +45,8 @@ export function scoreCommand(): Command {
       if (prompt === undefined) throw new Error('no prompt: give it as an argument or with --prompt-file')
       const completion = await completionOf(flags)
       if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
-      const modelDir = checkModelDir(flags.model ?? defaultModelPath)
+      const modelName = flags.model ?? defaultModelPath
+      const modelDir = checkModelDir(modelName)
       const model = await withLoadProgress('model', (onProgress) => loadModel(modelDir, { device: flags.device, maxBatchSize: 1, onProgress }))
       try {
         const { tokens, logprobs, topLogprobs } = await model.score(prompt, completion, {
@@ -54,7 +55,7 @@ export function scoreCommand(): Command {
         })
         const total = logprobs.reduce((a, b) => a + b, 0)
         if (flags.json) {
-          process.stdout.write(JSON.stringify({ model: modelDir, device: model.device, tokens, logprobs, ...(topLogprobs && { topLogprobs }), total }) + '\n')
+          process.stdout.write(JSON.stringify({ model: modelName, device: model.device, tokens, logprobs, ...(topLogprobs && { topLogprobs }), total }) + '\n')
           return
         }
         const width = Math.max(5, ...tokens.map((t) => String(t).length))

@@ -39,10 +39,10 @@ function log(line: string): void {
 export function serveCommand(): Command {
   return new Command('serve')
     .description('serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)')
-    .option('-m, --model <dir>', 'Hugging Face model directory (default: the model shipped with detinfer)')
+    .option('-m, --model <dir|repo-id>', 'Hugging Face model directory, or repo id (owner/name[@revision]) already in the Hugging Face cache (default: the model shipped with detinfer)')
     .option('--host <address>', 'address to listen on (0.0.0.0 opens the server to the network)', '127.0.0.1')
     .option('--port <n>', 'port to listen on (0: any free port)', integer, 8000)
-    .option('--served-model-name <name>', "the model's name in the API (default: the directory's name)")
+    .option('--served-model-name <name>', "the model's name in the API (default: the repo id, or the directory's name)")
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--max-batch-size <n>', 'sequences decoded together at most', positive)
     .option('--max-batch-tokens <n>', 'tokens in one forward pass at most', positive)
@@ -64,7 +64,8 @@ export function serveCommand(): Command {
       const source = await readModelDir(flags.model ?? defaultModelPath) // a bad model directory fails before the server listens
       const dir = source.path
       const server = new InferenceServer({
-        modelName: flags.servedModelName ?? basename(resolve(dir)),
+        // A model from the Hugging Face cache goes by its repo id, not its snapshot's commit hash.
+        modelName: flags.servedModelName ?? source.repoId ?? basename(resolve(dir)),
         ...(flags.apiKey && { apiKey: flags.apiKey }),
         maxQueued: flags.maxQueued,
         bodyLimit: flags.bodyLimit,
@@ -114,6 +115,7 @@ export function serveCommand(): Command {
       const fingerprint = systemFingerprint(modelHash, packageVersion(), loaded.device, flags.tensorParallel)
       server.setModel(loaded, fingerprint)
       const seconds = ((performance.now() - started) / 1000).toFixed(1)
-      log(`ready: ${dir} on ${loaded.device} in ${seconds} s, model name ${JSON.stringify(server.options.modelName)}, system_fingerprint ${fingerprint}`)
+      const where = source.repoId === undefined ? dir : `${flags.model} (${dir})`
+      log(`ready: ${where} on ${loaded.device} in ${seconds} s, model name ${JSON.stringify(server.options.modelName)}, system_fingerprint ${fingerprint}`)
     })
 }
