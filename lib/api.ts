@@ -58,9 +58,14 @@ export interface ServingOptions {
   prefixCache?: boolean
 }
 
-export interface TokenizeAsyncOptions {
+export interface TokenizeOptions {
   /** Wrap a text in the chat template as one user message (default false). */
   chat?: boolean
+  /** A text (without chat) with the special tokens the model expects around it, BOS (default true). */
+  addSpecialTokens?: boolean
+}
+
+export interface TokenizeAsyncOptions extends TokenizeOptions {
   /** Stop waiting: the promise rejects with the signal's reason. */
   signal?: AbortSignal
   /** Milliseconds the text may take to encode once its turn comes (default 10,000). */
@@ -106,13 +111,21 @@ export class Model {
     return this.disposing !== null
   }
 
-  /** Prompt ids as generate() would feed them: of a text, or of a conversation through the chat template. */
-  tokenize(text: string | ChatMessage[], options: { chat?: boolean } = {}): number[] {
+  /**
+   * Prompt ids as generate() would feed them: of a text, or of a conversation through the chat
+   * template. `addSpecialTokens: false` leaves out of a text the special tokens the model expects
+   * around it (BOS); a chat template's text carries its own.
+   */
+  tokenize(text: string | ChatMessage[], options: TokenizeOptions = {}): number[] {
     this.checkOpen()
-    const chat = checkOptions(options, { chat: 'boolean' }).chat === true
+    const o = checkOptions(options, { chat: 'boolean', addSpecialTokens: 'boolean' })
+    const chat = o.chat === true
+    if (Array.isArray(text) || chat) checkNoSpecialTokensOption(o)
     if (Array.isArray(text)) return this.promptIds(text, true, 'text')
     if (typeof text !== 'string') throw invalidArgument('text', 'string or array of chat messages', text)
-    return this.parts.tokenizer.encodePrompt(text, chat)
+    const t = this.parts.tokenizer
+    if (o.addSpecialTokens === false) return t.encodeText ? t.encodeText(text, false) : t.encodeContinuation(text)
+    return t.encodePrompt(text, chat)
   }
 
   /**
@@ -123,8 +136,9 @@ export class Model {
    */
   async tokenizeAsync(text: string | ChatMessage[], options: TokenizeAsyncOptions = {}): Promise<number[]> {
     this.checkOpen()
-    const o = checkOptions(options, { chat: 'boolean', signal: 'AbortSignal', timeoutMs: 'number' })
+    const o = checkOptions(options, { chat: 'boolean', addSpecialTokens: 'boolean', signal: 'AbortSignal', timeoutMs: 'number' })
     const chat = o.chat === true
+    if (Array.isArray(text) || chat) checkNoSpecialTokensOption(o)
     const encode: EncodeRequestOptions = {
       ...(options.signal && { signal: options.signal }),
       ...(options.timeoutMs !== undefined && { timeoutMs: checkInteger('timeoutMs', options.timeoutMs, 1, 2 ** 31 - 1) }),
@@ -136,7 +150,23 @@ export class Model {
       return this.checkTokenizerIds('text', ids)
     }
     if (typeof text !== 'string') throw invalidArgument('text', 'string or array of chat messages', text)
-    return t.encodePromptAsync ? t.encodePromptAsync(text, chat, encode) : t.encodePrompt(text, chat)
+    if (chat) {
+      const user = [{ role: 'user', content: text }]
+      return t.encodeChatAsync ? t.encodeChatAsync(user, encode) : t.encodeChat(user)
+    }
+    const special = o.addSpecialTokens !== false
+    if (t.encodeTextAsync) return t.encodeTextAsync(text, special, encode)
+    return special ? t.encodePrompt(text, false) : t.encodeContinuation(text)
+  }
+
+  /** The special tokens by their tokenizer_config.json names (bos_token, eos_token, pad_token, ...), as text. */
+  get specialTokens(): Readonly<Record<string, string>> {
+    return this.parts.tokenizer.specialTokenTexts ?? {}
+  }
+
+  /** The chat template's source (chat_template.jinja, or tokenizer_config.json's chat_template), or null. */
+  get chatTemplate(): string | null {
+    return this.parts.tokenizer.chatTemplateSource ?? null
   }
 
   /** The bytes token `id` stands for (part of a UTF-8 character, possibly). */
@@ -306,6 +336,12 @@ export class Model {
     for (let i = 0; i < tokens.length; i++) checkInteger(`${name}[${i}]`, tokens[i], 0, this.vocabSize - 1)
     return tokens as number[]
   }
+}
+
+/** addSpecialTokens is for a text without chat: a chat template's text carries its own special tokens. */
+function checkNoSpecialTokensOption(o: Record<string, unknown>): void {
+  if (o.addSpecialTokens !== undefined)
+    throw invalidArgument('addSpecialTokens', 'nothing (with chat messages or chat: true, the chat template places its own special tokens)', o.addSpecialTokens)
 }
 
 /** Each item of `messages` a chat message {role, content} with string values; holes included. */
@@ -524,8 +560,11 @@ function servingTokenizer(t: Tokenizer): TextTokenizer {
     encodePrompt: (text, chat) => t.encodePrompt(text, chat),
     encodeChat: (messages) => t.encodeChat(messages),
     encodeContinuation: (text) => t.encodeContinuation(text),
-    encodePromptAsync: (text, chat, options) => t.encodePromptAsync(text, chat, options),
+    encodeText: (text, addSpecialTokens) => t.encode(text, { addSpecialTokens }),
+    encodeTextAsync: (text, addSpecialTokens, options) => t.encodeAsync(text, { ...options, addSpecialTokens }),
     encodeChatAsync: (messages, options) => t.encodeChatAsync(messages, options),
+    specialTokenTexts: t.specialTokenTexts,
+    chatTemplateSource: t.chatTemplateSource,
     close: () => t.close(),
     decode: (ids) => t.decode(known(ids)),
     tokenBytes: (id) => (id < t.vocabSize ? t.tokenBytes(id) : new Uint8Array(0)),

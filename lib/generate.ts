@@ -15,9 +15,14 @@ export interface TextTokenizer {
   encodeChat(messages: ChatMessage[]): number[]
   /** Ids of text that continues a prompt (no BOS). */
   encodeContinuation(text: string): number[]
-  /** encodePrompt and encodeChat off the calling thread, when the tokenizer can (the same ids). */
-  encodePromptAsync?(text: string, chat: boolean, options: EncodeRequestOptions): Promise<number[]>
+  /** Ids of a text, with or without the special tokens the model expects around it (BOS). */
+  encodeText?(text: string, addSpecialTokens: boolean): number[]
+  /** encodeText and encodeChat off the calling thread, when the tokenizer can (the same ids). */
+  encodeTextAsync?(text: string, addSpecialTokens: boolean, options: EncodeRequestOptions): Promise<number[]>
   encodeChatAsync?(messages: ChatMessage[], options: EncodeRequestOptions): Promise<number[]>
+  /** The special tokens by their tokenizer_config.json names (bos_token, eos_token, ...), and the chat template's source. */
+  readonly specialTokenTexts?: Readonly<Record<string, string>>
+  readonly chatTemplateSource?: string | null
   /** Frees what the tokenizer holds (its encode worker). */
   close?(): void
   /** Text of ids, special tokens left out. */

@@ -1,6 +1,6 @@
 // The public surface of detinfer (re-exports only).
 export { loadModel, defaultModelPath, Model } from './api.js'
-export type { LoadModelOptions, LoadProgress, Prompt, ScoreOptions, ScoreResult, TokenizeAsyncOptions } from './api.js'
+export type { LoadModelOptions, LoadProgress, Prompt, ScoreOptions, ScoreResult, TokenizeAsyncOptions, TokenizeOptions } from './api.js'
 export type { TopLogprob } from './model/output-head.js'
 export type { ChatMessage } from './tokenizer.js'
 export type { GenerateOptions, GenerateResult, GenerationTimings, StreamPiece } from './generate.js'

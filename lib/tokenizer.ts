@@ -301,6 +301,16 @@ export class Tokenizer {
     return this.chatTemplate !== null
   }
 
+  /** The chat template's source (chat_template.jinja, or tokenizer_config.json's), or null. */
+  get chatTemplateSource(): string | null {
+    return this.chatTemplate?.source ?? null
+  }
+
+  /** The special tokens by their tokenizer_config.json names (bos_token, eos_token, pad_token, ...), as text. */
+  get specialTokenTexts(): Readonly<Record<string, string>> {
+    return { ...this.specialTokens }
+  }
+
   /** Token ids of `text`; with special tokens (the default) BOS leads when the model expects it. */
   encode(text: string, options: EncodeOptions = {}): number[] {
     if (typeof text !== 'string') throw new TypeError(`Expected a string for text but received ${describeValue(text)}`)

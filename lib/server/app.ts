@@ -21,11 +21,21 @@ import {
   TokenTexts,
   type Endpoint,
   type FinishedChoice,
+  type PromptRecord,
   type ResponseHeader,
   type TokenRecord,
   type Usage,
 } from './openai.js'
-import { chatCompletionBody, completionBody, type ChatCompletionBody, type CompletionBody } from './schemas.js'
+import {
+  chatCompletionBody,
+  completionBody,
+  detokenizeBody,
+  tokenizeBody,
+  type ChatCompletionBody,
+  type CompletionBody,
+  type DetokenizeBody,
+  type TokenizeBody,
+} from './schemas.js'
 
 const MAX_SEED = 0xffffffff
 /** max_tokens of /v1/completions when the request gives none (OpenAI's default). */
@@ -181,12 +191,70 @@ export class InferenceServer {
       if (request.params['*'] !== model.id) throw modelNotFound(request.params['*'], model.id)
       return model
     })
+    // vLLM's tokenizer routes (lm-evaluation-harness's remote tokenizer uses them): the served
+    // model's own tokenization, so that a client counts and builds prompts as the server will.
+    app.post('/tokenize', { schema: { body: tokenizeBody } }, async (request) => this.tokenize(request.body as TokenizeBody))
+    app.post('/detokenize', { schema: { body: detokenizeBody } }, async (request) => this.detokenize(request.body as DetokenizeBody))
+    app.get('/tokenizer_info', async () => this.tokenizerInfo())
     app.post('/v1/completions', { schema: { body: completionBody } }, (request, reply) =>
       this.complete('completions', request, reply),
     )
     app.post('/v1/chat/completions', { schema: { body: chatCompletionBody } }, (request, reply) =>
       this.complete('chat', request, reply),
     )
+  }
+
+  private async tokenize(body: TokenizeBody) {
+    const loaded = this.ready()
+    const { model } = loaded
+    if (body.model !== undefined && body.model !== this.options.modelName) throw modelNotFound(body.model, this.options.modelName)
+    if ((body.prompt === undefined) === (body.messages === undefined))
+      throw invalidRequest(
+        `Expected exactly one of prompt (a text) and messages (a conversation) but received ${body.prompt === undefined ? 'neither' : 'both'}`,
+        body.prompt === undefined ? 'prompt' : 'messages',
+        'invalid_value',
+      )
+    let tokens: number[]
+    if (body.messages !== undefined) {
+      // A chat template places its own special tokens; adding BOS on top is not offered.
+      if (body.add_special_tokens === true)
+        throw invalidRequest('Expected false or null for add_special_tokens with messages (the chat template places its special tokens) but received true', 'add_special_tokens', 'invalid_value')
+      const source = this.chatPrompt({ messages: body.messages }, loaded)
+      tokens = await this.encodeSource(source, 'messages', loaded, undefined)
+    } else {
+      this.checkTextSize([body.prompt!], 'prompt', loaded)
+      try {
+        tokens = await model.tokenizeAsync(body.prompt!, { addSpecialTokens: body.add_special_tokens !== false })
+      } catch (err) {
+        if (err instanceof EncodeTimeoutError) throw invalidRequest(`Could not tokenize prompt: ${err.message}`, 'prompt', 'tokenize_timeout')
+        throw err
+      }
+    }
+    return { count: tokens.length, max_model_len: model.contextLength, tokens }
+  }
+
+  private detokenize(body: DetokenizeBody) {
+    const { model } = this.ready()
+    if (body.model !== undefined && body.model !== this.options.modelName) throw modelNotFound(body.model, this.options.modelName)
+    const bad = body.tokens.findIndex((id) => id >= model.vocabSize)
+    if (bad >= 0)
+      throw invalidRequest(`Expected an integer between 0 and ${model.vocabSize - 1} for tokens[${bad}] but received ${body.tokens[bad]} of type number`, 'tokens', 'invalid_value')
+    return { prompt: model.detokenize(body.tokens) }
+  }
+
+  /** The tokenizer's special tokens and chat template, as vLLM's /tokenizer_info gives them. */
+  private tokenizerInfo() {
+    const { model } = this.ready()
+    const special = model.specialTokens
+    return {
+      tokenizer_class: 'PreTrainedTokenizerFast',
+      bos_token: special['bos_token'] ?? null,
+      eos_token: special['eos_token'] ?? null,
+      pad_token: special['pad_token'] ?? null,
+      unk_token: special['unk_token'] ?? null,
+      chat_template: model.chatTemplate,
+      model_max_length: model.contextLength,
+    }
   }
 
   private authorize(request: FastifyRequest): void {
@@ -261,10 +329,12 @@ export class InferenceServer {
     const route = endpoint === 'chat' ? '/v1/chat/completions' : '/v1/completions'
     const stopTimer = this.metrics.requestDuration.startTimer({ endpoint: route })
     try {
-      const plan = this.plan(endpoint, draft, await this.promptIds(endpoint, draft, loaded, signal), loaded)
+      const prompts = await this.promptIds(endpoint, draft, loaded, signal)
+      const echoes = await Promise.all(prompts.map((ids, p) => (draft.echo ? this.echo(draft, p, ids, loaded, signal) : null)))
+      const plan = this.plan(endpoint, draft, prompts, echoes, loaded)
       // The library checks the options here, before a stream's headers go out.
       const run: ChoiceRun = { loaded, plan, head, signal, failed, arrived, streams: [] }
-      run.streams = plan.choices.map((c) => loaded.model.stream(c.prompt, { ...c.options, signal }))
+      run.streams = plan.choices.map((c) => (c.options.maxTokens === 0 ? noPieces() : loaded.model.stream(c.prompt, { ...c.options, signal })))
       if (plan.stream) await this.streamAnswer(endpoint, run, reply)
       else await this.wholeAnswer(endpoint, run, reply)
     } catch (err) {
@@ -308,6 +378,9 @@ export class InferenceServer {
       topLogprobs = lp ?? 0
     }
     const requested = endpoint === 'chat' ? ((body as ChatCompletionBody).max_completion_tokens ?? body.max_tokens) : body.max_tokens
+    const echo = endpoint === 'completions' && (body as CompletionBody).echo === true
+    if (requested === 0 && !echo)
+      throw invalidRequest('Expected integer of at least 1 or null for max_tokens (0 only with echo: true) but received 0 of type number', 'max_tokens', 'invalid_value')
     // top_p, top_k and min_p only narrow what a sample is drawn from, which always keeps the most
     // likely token: at temperature 0 (greedy) they change nothing and are not passed on.
     const sampled = temperature > 0
@@ -325,6 +398,7 @@ export class InferenceServer {
       requested,
       options,
       logprobs,
+      echo,
       stream: body.stream === true,
       includeUsage: body.stream === true && body.stream_options?.include_usage === true,
       ...(seed !== undefined && { seed }),
@@ -339,27 +413,32 @@ export class InferenceServer {
         ids.push(prompt.ids)
         continue
       }
-      const param = endpoint === 'chat' ? 'messages' : 'prompt'
-      try {
-        ids.push(await loaded.model.tokenizeAsync('messages' in prompt ? prompt.messages : prompt.text, { signal }))
-      } catch (err) {
-        if (signal.aborted) throw signal.reason
-        if (err instanceof EncodeTimeoutError) throw invalidRequest(`Could not tokenize ${param}: ${err.message}`, param, 'tokenize_timeout')
-        if ('messages' in prompt) throw invalidRequest(`Could not apply the model's chat template to messages: ${(err as Error).message}`, 'messages', 'chat_template')
-        throw err
-      }
+      ids.push(await this.encodeSource(prompt, endpoint === 'chat' ? 'messages' : 'prompt', loaded, signal))
       if (!ids[i]!.length) throw invalidRequest(`Expected text of at least one token for ${prompt.name} but received ""`, 'prompt', 'invalid_value')
     }
     return ids
   }
 
+  /** A text or a conversation as ids, encoded in the tokenizer's worker thread; its failures as the API's errors. */
+  private async encodeSource(prompt: TextSource, param: string, loaded: Loaded, signal: AbortSignal | undefined): Promise<number[]> {
+    try {
+      return await loaded.model.tokenizeAsync('messages' in prompt ? prompt.messages : prompt.text, signal ? { signal } : {})
+    } catch (err) {
+      if (signal?.aborted) throw signal.reason
+      if (err instanceof EncodeTimeoutError) throw invalidRequest(`Could not tokenize ${param}: ${err.message}`, param, 'tokenize_timeout')
+      if ('messages' in prompt) throw invalidRequest(`Could not apply the model's chat template to messages: ${(err as Error).message}`, 'messages', 'chat_template')
+      throw err
+    }
+  }
+
   /** One generation per choice: n for each prompt, each with the room its prompt leaves in the context. */
-  private plan(endpoint: Endpoint, draft: Draft, prompts: number[][], loaded: Loaded): Plan {
+  private plan(endpoint: Endpoint, draft: Draft, prompts: number[][], echoes: (Echo | null)[], loaded: Loaded): Plan {
     const { n, requested, seed } = draft
     const choices: ChoicePlan[] = []
     prompts.forEach((ids, p) => {
       const room = loaded.model.contextLength - ids.length
-      if (room < 1)
+      // max_tokens 0 (echo) scores the prompt alone, which may fill the context.
+      if (room < (requested === 0 ? 0 : 1))
         throw contextLengthExceeded(
           `This model's maximum context length is ${loaded.model.contextLength} tokens; the prompt has ${ids.length} tokens, which leaves no room for a completion`,
           endpoint === 'chat' ? 'messages' : 'prompt',
@@ -369,6 +448,7 @@ export class InferenceServer {
         choices.push({
           index: p * n + i,
           prompt: ids,
+          echo: echoes[p]!,
           options: { ...draft.options, maxTokens, ...(seed !== undefined && { seed: seed + i }) },
         })
     })
@@ -382,7 +462,27 @@ export class InferenceServer {
     }
   }
 
-  private chatPrompt(body: ChatCompletionBody, loaded: Loaded): PromptSource {
+  /**
+   * Prompt p as its answer starts with echo: the text as given (token ids decoded), and with
+   * logprobs its tokens, each scored given those before it by the generation's forward pass
+   * (Model.score), so the log-probs are those a generation of the same tokens would report.
+   */
+  private async echo(draft: Draft, p: number, ids: number[], loaded: Loaded, signal: AbortSignal): Promise<Echo> {
+    const source = draft.prompts[p]!
+    const text = 'text' in source ? source.text : loaded.model.detokenize(ids)
+    if (!draft.logprobs) return { text, records: [] }
+    const { texts, model } = loaded
+    const records: PromptRecord[] = [{ token: ids[0]!, logprob: null, top: null, text: texts.get(ids[0]!).text }]
+    if (ids.length > 1) {
+      const scored = await model.score(ids.slice(0, 1), ids.slice(1), { topLogprobs: draft.options.topLogprobs ?? 0, signal })
+      scored.tokens.forEach((token, i) =>
+        records.push({ token, logprob: scored.logprobs[i]!, top: scored.topLogprobs?.[i] ?? [], text: texts.get(token).text }),
+      )
+    }
+    return { text, records }
+  }
+
+  private chatPrompt(body: Pick<ChatCompletionBody, 'messages'>, loaded: Loaded): TextSource {
     const messages: ChatMessage[] = body.messages.map((m, i) => {
       if (m.name !== undefined)
         throw invalidRequest(
@@ -464,7 +564,12 @@ export class InferenceServer {
 
   private async wholeAnswer(endpoint: Endpoint, run: ChoiceRun, reply: FastifyReply) {
     const { plan } = run
-    const finished: FinishedChoice[] = plan.choices.map((c) => ({ index: c.index, text: '', records: [], finishReason: 'stop' }))
+    const finished: FinishedChoice[] = plan.choices.map((c) => ({
+      index: c.index,
+      text: c.echo?.text ?? '',
+      records: [...(c.echo?.records ?? [])],
+      finishReason: c.options.maxTokens === 0 ? 'length' : 'stop',
+    }))
     await Promise.all(
       plan.choices.map((_, k) =>
         this.runChoice(run, k, (p) => {
@@ -476,7 +581,8 @@ export class InferenceServer {
       ),
     )
     this.metrics.promptTokens.inc(plan.promptTokens)
-    await reply.send(completionResponse(endpoint, run.head, finished, plan.logprobs, run.loaded.texts, usageOf(plan, finished)))
+    const generated = finished.map((f, k) => f.records.length - (plan.choices[k]!.echo?.records.length ?? 0))
+    await reply.send(completionResponse(endpoint, run.head, finished, plan.logprobs, run.loaded.texts, usageFromCounts(plan, generated)))
   }
 
   private async streamAnswer(endpoint: Endpoint, run: ChoiceRun, reply: FastifyReply) {
@@ -493,6 +599,14 @@ export class InferenceServer {
     }
     const counts = plan.choices.map(() => 0)
     const offsets = plan.choices.map(() => 0)
+    // An echoed prompt comes first, as one chunk (with max_tokens 0, the last one).
+    plan.choices.forEach((choice, k) => {
+      if (!choice.echo) return
+      const finishReason = choice.options.maxTokens === 0 ? 'length' : null
+      const piece = { text: choice.echo.text, records: choice.echo.records, textOffset: 0, first: true, finishReason } as const
+      send(streamChunk(endpoint, head, choice.index, piece, plan.logprobs, loaded.texts, plan.includeUsage))
+      offsets[k] = choice.echo.text.length
+    })
     let failure: unknown = null
     await Promise.all(
       plan.choices.map((choice, k) =>
@@ -552,6 +666,9 @@ const OPEN_ROUTES = new Set(['/health', '/metrics'])
 const modelNotFound = (asked: string, served: string) =>
   new ApiError(404, `The model ${JSON.stringify(asked)} does not exist; this server serves ${JSON.stringify(served)}`, 'invalid_request_error', 'model', 'model_not_found')
 
+/** The pieces of a choice that generates nothing (max_tokens 0 with echo). */
+async function* noPieces(): AsyncGenerator<StreamPiece> {}
+
 /** The reason a request's generations are aborted when its client goes away. */
 class ClientGone extends Error {
   constructor() {
@@ -578,11 +695,20 @@ interface ChoiceRun {
 interface ChoicePlan {
   index: number
   prompt: number[]
+  /** What the answer starts with (completions with echo): the prompt's text and, with logprobs, its tokens. */
+  echo: Echo | null
   options: GenerateOptions
+}
+
+interface Echo {
+  text: string
+  records: PromptRecord[]
 }
 
 /** A prompt as the request gives it (`name` for messages: "prompt[1]"). */
 type PromptSource = { name: string } & ({ ids: number[] } | { text: string } | { messages: ChatMessage[] })
+/** A prompt that needs tokenizing. */
+type TextSource = { name: string } & ({ text: string } | { messages: ChatMessage[] })
 
 /** A request checked against the model, its prompts not yet tokenized. */
 interface Draft {
@@ -592,6 +718,8 @@ interface Draft {
   requested: number | null | undefined
   options: GenerateOptions
   logprobs: boolean
+  /** completions: the answer starts with the prompt (and its log-probs with logprobs). */
+  echo: boolean
   stream: boolean
   includeUsage: boolean
   seed?: number
@@ -604,10 +732,6 @@ interface Plan {
   includeUsage: boolean
   promptTokens: number
   seed?: number
-}
-
-function usageOf(plan: Plan, finished: FinishedChoice[]): Usage {
-  return usageFromCounts(plan, finished.map((f) => f.records.length))
 }
 
 function usageFromCounts(plan: Plan, counts: number[]): Usage {

@@ -20,6 +20,17 @@ export interface TokenRecord {
   text: string
 }
 
+/**
+ * A token of an echoed prompt (completions with echo): like a generated one, but the first
+ * token has no log-prob (nothing comes before it) and no alternatives.
+ */
+export interface PromptRecord {
+  token: number
+  logprob: number | null
+  top: { token: number; logprob: number }[] | null
+  text: string
+}
+
 /** Token texts and bytes for log-probs, decoded once per id. */
 export class TokenTexts {
   private readonly cache = new Map<number, { text: string; bytes: number[] }>()
@@ -61,8 +72,11 @@ export function chatLogprobs(records: TokenRecord[], texts: TokenTexts) {
   }
 }
 
-/** completions: choices[i].logprobs = {tokens, token_logprobs, top_logprobs, text_offset}; `offset` is where the tokens' text starts. */
-export function completionLogprobs(records: TokenRecord[], texts: TokenTexts, offset: number) {
+/**
+ * completions: choices[i].logprobs = {tokens, token_logprobs, top_logprobs, text_offset}; `offset` is where the tokens' text starts.
+ * An echoed prompt's first token has null for its log-prob and its alternatives, as OpenAI's API gives it.
+ */
+export function completionLogprobs(records: readonly PromptRecord[], texts: TokenTexts, offset: number) {
   const textOffset: number[] = []
   let at = offset
   for (const r of records) {
@@ -72,7 +86,7 @@ export function completionLogprobs(records: TokenRecord[], texts: TokenTexts, of
   return {
     tokens: records.map((r) => texts.get(r.token).text),
     token_logprobs: records.map((r) => r.logprob),
-    top_logprobs: records.map((r) => Object.fromEntries(r.top.map((a) => [texts.get(a.token).text, a.logprob]))),
+    top_logprobs: records.map((r) => (r.top === null ? null : Object.fromEntries(r.top.map((a) => [texts.get(a.token).text, a.logprob])))),
     text_offset: textOffset,
   }
 }
@@ -88,8 +102,10 @@ export interface ResponseHeader {
 
 export interface FinishedChoice {
   index: number
+  /** The answer's text: the echoed prompt's, then the completion's. */
   text: string
-  records: TokenRecord[]
+  /** The echoed prompt's tokens (with echo and logprobs), then the completion's. */
+  records: PromptRecord[]
   finishReason: 'stop' | 'length'
 }
 
@@ -108,7 +124,7 @@ export function completionResponse(
       choices: choices.map((c) => ({
         index: c.index,
         message: { role: 'assistant', content: c.text },
-        logprobs: logprobs ? chatLogprobs(c.records, texts) : null,
+        logprobs: logprobs ? chatLogprobs(c.records as TokenRecord[], texts) : null,
         finish_reason: c.finishReason,
       })),
       usage,
@@ -131,7 +147,7 @@ export function streamChunk(
   endpoint: Endpoint,
   head: ResponseHeader,
   index: number,
-  piece: { text: string; records: TokenRecord[]; textOffset: number; first: boolean; finishReason: 'stop' | 'length' | null },
+  piece: { text: string; records: PromptRecord[]; textOffset: number; first: boolean; finishReason: 'stop' | 'length' | null },
   logprobs: boolean,
   texts: TokenTexts,
   withUsageField: boolean,
@@ -146,7 +162,7 @@ export function streamChunk(
         {
           index,
           delta,
-          logprobs: logprobs && piece.records.length ? chatLogprobs(piece.records, texts) : null,
+          logprobs: logprobs && piece.records.length ? chatLogprobs(piece.records as TokenRecord[], texts) : null,
           finish_reason: piece.finishReason,
         },
       ],

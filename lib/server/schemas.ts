@@ -68,7 +68,9 @@ export const completionBody = {
       ],
     },
     logprobs: { type: nullable('integer'), minimum: 0, maximum: MAX_TOP_LOGPROBS, description: `integer between 0 and ${MAX_TOP_LOGPROBS} or null` },
-    echo: { enum: [false, null], description: 'false or null (echo is not supported)' },
+    echo: { type: nullable('boolean'), description: 'boolean or null' },
+    // 0 asks for the prompt's log-probs alone, with echo (the handler refuses it without).
+    max_tokens: { type: nullable('integer'), minimum: 0, description: 'integer of at least 0 (0 only with echo: true) or null' },
     best_of: { enum: [1, null], description: '1 or null (best_of is not supported)' },
     suffix: { enum: [null], description: 'null (suffix is not supported)' },
   },
@@ -125,6 +127,37 @@ export const chatCompletionBody = {
   },
 } as const
 
+/**
+ * POST /tokenize, as vLLM serves it (lm-evaluation-harness's remote tokenizer calls it): a text
+ * (`prompt`, special tokens added unless add_special_tokens is false) or a conversation
+ * (`messages`, through the chat template up to the assistant's turn). The handler requires exactly one.
+ */
+export const tokenizeBody = {
+  type: 'object',
+  description: 'JSON object',
+  additionalProperties: false,
+  properties: {
+    model: { type: 'string', description: 'string naming the served model (see GET /v1/models)' },
+    prompt: { type: 'string', description: 'string' },
+    messages: { type: 'array', items: message, minItems: 1, description: 'non-empty array of chat messages {role, content}' },
+    add_special_tokens: { type: nullable('boolean'), description: 'boolean or null' },
+    add_generation_prompt: { enum: [true, null], description: 'true or null (a conversation is tokenized up to the assistant\'s turn)' },
+    return_token_strs: { enum: [false, null], description: 'false or null (token strings are not returned)' },
+  },
+} as const
+
+/** POST /detokenize: token ids to text, special tokens left out (as completions give text). */
+export const detokenizeBody = {
+  type: 'object',
+  description: 'JSON object',
+  additionalProperties: false,
+  required: ['tokens'],
+  properties: {
+    model: { type: 'string', description: 'string naming the served model (see GET /v1/models)' },
+    tokens: { type: 'array', items: { type: 'integer', minimum: 0 }, description: 'array of token ids' },
+  },
+} as const
+
 /** Request bodies as the handlers see them once the schemas have passed them. */
 export interface SamplingBody {
   model: string
@@ -144,6 +177,19 @@ export interface SamplingBody {
 export interface CompletionBody extends SamplingBody {
   prompt: string | string[] | number[] | number[][]
   logprobs?: number | null
+  echo?: boolean | null
+}
+
+export interface TokenizeBody {
+  model?: string
+  prompt?: string
+  messages?: ChatMessageBody[]
+  add_special_tokens?: boolean | null
+}
+
+export interface DetokenizeBody {
+  model?: string
+  tokens: number[]
 }
 
 export interface ChatMessageBody {

@@ -291,6 +291,106 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     expect((await client.completions.create({ model: 'default', prompt: 'Hi', max_tokens: 2, temperature: 0 })).choices.length).toBe(1)
   })
 
+  it('echo with logprobs, as lm-evaluation-harness asks for log-likelihoods: the prompt scored bit for bit as the library scores it', async () => {
+    // local-completions' loglikelihood request: token-id prompts, one greedy token, the prompt echoed with top-1 log-probs.
+    const contexts = [model.tokenize('ROMEO: What say'), model.tokenize('The old lighthouse keeper')]
+    const continuations = [model.tokenize(' you, my lord', { addSpecialTokens: false }), model.tokenize(' counts the steps', { addSpecialTokens: false })]
+    const prompts = contexts.map((c, i) => [...c, ...continuations[i]!])
+    const r = await post(`${server.url}/v1/completions`, { model: 'default', prompt: prompts, temperature: 0, max_tokens: 1, logprobs: 1, seed: 1234, echo: true })
+    expect(r.status).toBe(200)
+    const choices = [...r.json.choices].sort((a: any, b: any) => a.index - b.index)
+    expect(choices.length).toBe(2)
+    for (const [i, ids] of prompts.entries()) {
+      const lp = choices[i].logprobs
+      expect(lp.tokens.length).toBe(ids.length + 1)
+      expect(lp.token_logprobs[0]).toBeNull()
+      expect(lp.top_logprobs[0]).toBeNull()
+      const scored = await model.score(ids.slice(0, 1), ids.slice(1), { topLogprobs: 1 })
+      expect(lp.token_logprobs.slice(1, -1)).toEqual(scored.logprobs)
+      // The harness's is_greedy: a token is the greedy one when its log-prob is the top one's.
+      scored.tokens.forEach((token, k) => {
+        const top = lp.top_logprobs[k + 1] as Record<string, number>
+        expect(Object.keys(top).length).toBe(1)
+        expect(Object.values(top)[0] === lp.token_logprobs[k + 1]).toBe(scored.topLogprobs![k]![0]!.token === token)
+      })
+      // The generated token after the echo is the library's, and the text starts with the prompt's.
+      const generated = await model.generate(ids, { maxTokens: 1 })
+      expect(lp.token_logprobs.at(-1)).toBe(generated.logprobs[0])
+      expect(choices[i].text).toBe(model.detokenize(ids) + generated.text)
+      expect(choices[i].finish_reason).toBe(generated.finishReason === 'length' ? 'length' : 'stop')
+    }
+    expect(r.json.usage).toEqual({ prompt_tokens: prompts[0]!.length + prompts[1]!.length, completion_tokens: 2, total_tokens: prompts[0]!.length + prompts[1]!.length + 2 })
+  })
+
+  it('echo of a text prompt: whole and streamed agree, text offsets run on into the completion, and max_tokens 0 scores the prompt alone', async () => {
+    const body = { model: 'default', prompt: TEXTS[1]!, max_tokens: 4, temperature: 0, logprobs: 0, echo: true }
+    const whole = await client.completions.create(body)
+    const c = whole.choices[0]!
+    const lib = await model.generate(TEXTS[1]!, { maxTokens: 4 })
+    expect(c.text).toBe(TEXTS[1]! + lib.text)
+    const promptIds = model.tokenize(TEXTS[1]!)
+    expect(c.logprobs!.tokens!.length).toBe(promptIds.length + lib.tokens.length)
+    expect(c.logprobs!.token_logprobs!.slice(promptIds.length)).toEqual(lib.logprobs)
+    expect(c.logprobs!.text_offset![promptIds.length]).toBe(TEXTS[1]!.length)
+    expect(whole.usage!.completion_tokens).toBe(lib.tokens.length)
+    const streamed = await ask(client, 'completions', body, true)
+    expect(streamed).toEqual({ text: c.text, tokens: c.logprobs!.tokens, logprobs: c.logprobs!.token_logprobs, finish: c.finish_reason })
+
+    const alone = await client.completions.create({ ...body, max_tokens: 0 })
+    expect(alone.choices[0]!.text).toBe(TEXTS[1]!)
+    expect(alone.choices[0]!.finish_reason).toBe('length')
+    expect(alone.choices[0]!.logprobs!.token_logprobs).toEqual(c.logprobs!.token_logprobs!.slice(0, promptIds.length))
+    expect(alone.usage).toEqual({ prompt_tokens: promptIds.length, completion_tokens: 0, total_tokens: promptIds.length })
+    expect(await ask(client, 'completions', { ...body, max_tokens: 0 }, true)).toEqual({
+      text: TEXTS[1]!,
+      tokens: alone.choices[0]!.logprobs!.tokens,
+      logprobs: alone.choices[0]!.logprobs!.token_logprobs,
+      finish: 'length',
+    })
+    // Without logprobs the prompt's text alone comes first.
+    const plain = await client.completions.create({ model: 'default', prompt: TEXTS[1]!, max_tokens: 4, temperature: 0, echo: true })
+    expect(plain.choices[0]!.text).toBe(c.text)
+    expect(plain.choices[0]!.logprobs).toBeNull()
+  })
+
+  it('/tokenize, /detokenize and /tokenizer_info as vLLM serves them: the model\'s own tokenization', async () => {
+    const tokenize = (body: unknown) => post(`${server.url}/tokenize`, body)
+    const text = 'ROMEO: naïve 🙂'
+    expect((await tokenize({ prompt: text })).json).toEqual({ count: model.tokenize(text).length, max_model_len: model.contextLength, tokens: model.tokenize(text) })
+    const bare = model.tokenize(text, { addSpecialTokens: false })
+    expect((await tokenize({ model: 'default', prompt: text, add_special_tokens: false })).json.tokens).toEqual(bare)
+    const messages = [{ role: 'user', content: 'Who art thou?' }]
+    expect((await tokenize({ messages })).json.tokens).toEqual(model.tokenize(messages))
+    for (const [body, param, message] of [
+      [{}, 'prompt', 'Expected exactly one of prompt (a text) and messages (a conversation) but received neither'],
+      [{ prompt: 'a', messages }, 'messages', 'Expected exactly one of prompt (a text) and messages (a conversation) but received both'],
+      [{ messages, add_special_tokens: true }, 'add_special_tokens', 'Expected false or null for add_special_tokens with messages'],
+      [{ messages, add_generation_prompt: false }, 'add_generation_prompt', "Expected true or null (a conversation is tokenized up to the assistant's turn) for add_generation_prompt"],
+      [{ prompt: 'a', model: 'other' }, 'model', 'The model "other" does not exist'],
+    ] as const) {
+      const r = await tokenize(body)
+      expectErrorBody(r.json, r.status, null, param)
+      expect(r.json.error.message).toContain(message)
+    }
+    const ids = model.tokenize('The old lighthouse keeper')
+    expect((await post(`${server.url}/detokenize`, { tokens: ids })).json).toEqual({ prompt: model.detokenize(ids) })
+    const bad = await post(`${server.url}/detokenize`, { tokens: [1, model.vocabSize] })
+    expectErrorBody(bad.json, bad.status, 'invalid_value', 'tokens')
+    expect(bad.json.error.message).toBe(`Expected an integer between 0 and ${model.vocabSize - 1} for tokens[1] but received ${model.vocabSize} of type number`)
+    const info = await (await fetch(`${server.url}/tokenizer_info`)).json()
+    expect(info).toEqual({
+      tokenizer_class: 'PreTrainedTokenizerFast',
+      bos_token: model.specialTokens['bos_token'] ?? null,
+      eos_token: '<|endoftext|>',
+      pad_token: model.specialTokens['pad_token'] ?? null,
+      unk_token: model.specialTokens['unk_token'] ?? null,
+      chat_template: model.chatTemplate,
+      model_max_length: model.contextLength,
+    })
+    // A remote tokenizer finds EOS's id by encoding its text.
+    expect((await tokenize({ prompt: info.eos_token, add_special_tokens: false })).json.tokens).toEqual([model.tokenize(info.eos_token, { addSpecialTokens: false })[0]])
+  })
+
   it('exports Prometheus metrics', async () => {
     const text = await (await fetch(`${server.url}/metrics`)).text()
     for (const name of [
@@ -324,7 +424,9 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     })
 
     it.each([
-      [{ ...ok, max_tokens: '8' }, 'max_tokens', 'Expected integer of at least 1 or null for max_tokens but received "8" of type string'],
+      [{ ...ok, max_tokens: '8' }, 'max_tokens', 'Expected integer of at least 0 (0 only with echo: true) or null for max_tokens but received "8" of type string'],
+      [{ ...ok, max_tokens: 0 }, 'max_tokens', 'Expected integer of at least 1 or null for max_tokens (0 only with echo: true) but received 0 of type number'],
+      [{ ...ok, echo: 'yes' }, 'echo', 'Expected boolean or null for echo but received "yes" of type string'],
       [{ ...ok, temperature: 3 }, 'temperature', 'Expected number between 0 and 2 or null for temperature but received 3 of type number'],
       [{ ...ok, n: 0 }, 'n', 'Expected integer between 1 and 16 or null for n but received 0 of type number'],
       [{ ...ok, seed: -1 }, 'seed', 'Expected integer between 0 and 4294967295 or null for seed but received -1 of type number'],

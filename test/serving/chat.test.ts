@@ -43,6 +43,16 @@ describe('tokenizeAsync', () => {
     await expect(model.tokenizeAsync('x', { wait: 1 } as never)).rejects.toThrow('wait')
     const reason = new Error('gone')
     await expect(model.tokenizeAsync('x', { signal: AbortSignal.abort(reason) })).rejects.toBe(reason)
+    expect(await model.tokenizeAsync('ROMEO:', { addSpecialTokens: false })).toEqual(model.tokenize('ROMEO:', { addSpecialTokens: false }))
+    const withChat = 'Expected nothing (with chat messages or chat: true, the chat template places its own special tokens) for addSpecialTokens but received false'
+    expect(() => model.tokenize('x', { chat: true, addSpecialTokens: false })).toThrow(withChat)
+    expect(() => model.tokenize(conversation, { addSpecialTokens: false })).toThrow(withChat)
+    await expect(model.tokenizeAsync(conversation, { addSpecialTokens: false })).rejects.toThrow(withChat)
+  })
+
+  it('names the special tokens and gives the chat template', () => {
+    expect(model.specialTokens).toMatchObject({ eos_token: '<|endoftext|>' })
+    expect(model.chatTemplate).toContain('<|im_start|>')
   })
 
   it('stops its worker thread on dispose', async () => {
