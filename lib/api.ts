@@ -6,6 +6,7 @@ import { fileURLToPath } from 'node:url'
 import { cudaStatus, resolveDevice, type DeviceOption } from './device.js'
 import { DisposedError, RequestTooLargeError, checkInteger, checkOptionKeys, contextText, invalidArgument } from './errors.js'
 import {
+  checkChatTemplateVariables,
   resolveGenerateOptions,
   runGeneration,
   settledUnlessAborted,
@@ -23,7 +24,7 @@ import { loadModelConfig, type ModelConfig } from './model/config.js'
 import { Transformer } from './model/transformer.js'
 import type { LoadProgress } from './model/weights.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
-import { Tokenizer, type ChatMessage } from './tokenizer.js'
+import { Tokenizer, type ChatMessage, type ChatTemplateVariables } from './tokenizer.js'
 import type { EncodeRequestOptions } from './encode-worker.js'
 
 /** Directory name of the model shipped under models/. */
@@ -43,6 +44,8 @@ export interface ScoreResult {
 export interface ScoreOptions {
   /** Wrap the prompt in the model's chat template as one user message. */
   chat?: boolean
+  /** Variables for the chat template beside the messages (with chat messages or `chat: true`). */
+  chatTemplateVariables?: ChatTemplateVariables
   /** Report the N most likely tokens at every scored position (0 to 20; default 0). */
   topLogprobs?: number
   /** Aborting it takes the request out of the batch at the next step and rejects with its reason. */
@@ -61,6 +64,8 @@ export interface ServingOptions {
 export interface TokenizeOptions {
   /** Wrap a text in the chat template as one user message (default false). */
   chat?: boolean
+  /** Variables for the chat template beside the messages (with chat messages or `chat: true`). */
+  chatTemplateVariables?: ChatTemplateVariables
   /** A text (without chat) with the special tokens the model expects around it, BOS (default true). */
   addSpecialTokens?: boolean
 }
@@ -118,14 +123,16 @@ export class Model {
    */
   tokenize(text: string | ChatMessage[], options: TokenizeOptions = {}): number[] {
     this.checkOpen()
-    const o = checkOptions(options, { chat: 'boolean', addSpecialTokens: 'boolean' })
+    const o = checkOptions(options, { chat: 'boolean', chatTemplateVariables: 'checked', addSpecialTokens: 'boolean' })
     const chat = o.chat === true
+    const variables = o.chatTemplateVariables === undefined ? undefined : checkChatTemplateVariables(o.chatTemplateVariables)
     if (Array.isArray(text) || chat) checkNoSpecialTokensOption(o)
-    if (Array.isArray(text)) return this.promptIds(text, true, 'text')
+    if (Array.isArray(text)) return this.promptIds(text, true, 'text', variables)
     if (typeof text !== 'string') throw invalidArgument('text', 'string or array of chat messages', text)
+    if (variables && !chat) throw invalidArgument('chatTemplateVariables', 'nothing unless the prompt is chat messages or chat is true', variables)
     const t = this.parts.tokenizer
     if (o.addSpecialTokens === false) return t.encodeText ? t.encodeText(text, false) : t.encodeContinuation(text)
-    return t.encodePrompt(text, chat)
+    return t.encodePrompt(text, chat, variables)
   }
 
   /**
@@ -136,24 +143,30 @@ export class Model {
    */
   async tokenizeAsync(text: string | ChatMessage[], options: TokenizeAsyncOptions = {}): Promise<number[]> {
     this.checkOpen()
-    const o = checkOptions(options, { chat: 'boolean', addSpecialTokens: 'boolean', signal: 'AbortSignal', timeoutMs: 'number' })
+    const o = checkOptions(options, {
+      chat: 'boolean',
+      chatTemplateVariables: 'checked',
+      addSpecialTokens: 'boolean',
+      signal: 'AbortSignal',
+      timeoutMs: 'number',
+    })
     const chat = o.chat === true
+    const variables = o.chatTemplateVariables === undefined ? undefined : checkChatTemplateVariables(o.chatTemplateVariables)
     if (Array.isArray(text) || chat) checkNoSpecialTokensOption(o)
     const encode: EncodeRequestOptions = {
       ...(options.signal && { signal: options.signal }),
       ...(options.timeoutMs !== undefined && { timeoutMs: checkInteger('timeoutMs', options.timeoutMs, 1, 2 ** 31 - 1) }),
     }
     const t = this.parts.tokenizer
+    const encodeChat = (messages: ChatMessage[]) =>
+      t.encodeChatAsync ? t.encodeChatAsync(messages, { ...encode, ...(variables && { variables }) }) : Promise.resolve(t.encodeChat(messages, variables))
     if (Array.isArray(text)) {
       checkMessages('text', text)
-      const ids = t.encodeChatAsync ? await t.encodeChatAsync(text, encode) : t.encodeChat(text)
-      return this.checkTokenizerIds('text', ids)
+      return this.checkTokenizerIds('text', await encodeChat(text))
     }
     if (typeof text !== 'string') throw invalidArgument('text', 'string or array of chat messages', text)
-    if (chat) {
-      const user = [{ role: 'user', content: text }]
-      return t.encodeChatAsync ? t.encodeChatAsync(user, encode) : t.encodeChat(user)
-    }
+    if (chat) return encodeChat([{ role: 'user', content: text }])
+    if (variables) throw invalidArgument('chatTemplateVariables', 'nothing unless the prompt is chat messages or chat is true', variables)
     const special = o.addSpecialTokens !== false
     if (t.encodeTextAsync) return t.encodeTextAsync(text, special, encode)
     return special ? t.encodePrompt(text, false) : t.encodeContinuation(text)
@@ -191,7 +204,7 @@ export class Model {
   async generate(prompt: Prompt, options?: GenerateOptions): Promise<GenerateResult> {
     this.checkOpen()
     const resolved = this.resolveOptions(options)
-    const ids = this.promptIds(prompt, resolved.chat)
+    const ids = this.promptIds(prompt, resolved.chat, 'prompt', resolved.chatTemplateVariables)
     return runGeneration(this.scheduler, this.parts.tokenizer, ids, this.fitted(resolved, options, ids)).result
   }
 
@@ -205,7 +218,7 @@ export class Model {
     const resolved = this.resolveOptions(options)
     // Every index, holes included (map and forEach skip them).
     const planned = Array.from(prompts, (p, i) => {
-      const ids = this.promptIds(p, resolved.chat, `prompts[${i}]`)
+      const ids = this.promptIds(p, resolved.chat, `prompts[${i}]`, resolved.chatTemplateVariables)
       return { ids, options: this.fitted(resolved, options, ids) }
     })
     const runs = planned.map((p) => runGeneration(this.scheduler, this.parts.tokenizer, p.ids, p.options))
@@ -221,7 +234,7 @@ export class Model {
   stream(prompt: Prompt, options?: GenerateOptions): AsyncIterable<StreamPiece> {
     this.checkOpen()
     const resolved = this.resolveOptions(options)
-    const ids = this.promptIds(prompt, resolved.chat)
+    const ids = this.promptIds(prompt, resolved.chat, 'prompt', resolved.chatTemplateVariables)
     const fitted = this.fitted(resolved, options, ids) // a request too large throws here, not when iterated
     return streamGeneration((onPiece) => runGeneration(this.scheduler, this.parts.tokenizer, ids, fitted, onPiece))
   }
@@ -234,9 +247,10 @@ export class Model {
    */
   async score(prompt: Prompt, completion: string | number[], options: ScoreOptions = {}): Promise<ScoreResult> {
     this.checkOpen()
-    const o = checkOptions(options, { chat: 'boolean', topLogprobs: 'number', signal: 'AbortSignal' })
+    const o = checkOptions(options, { chat: 'boolean', chatTemplateVariables: 'checked', topLogprobs: 'number', signal: 'AbortSignal' })
     const topLogprobs = o.topLogprobs === undefined ? 0 : checkInteger('topLogprobs', o.topLogprobs, 0, MAX_TOP_LOGPROBS)
-    const promptIds = this.promptIds(prompt, o.chat === true)
+    const variables = o.chatTemplateVariables === undefined ? undefined : checkChatTemplateVariables(o.chatTemplateVariables)
+    const promptIds = this.promptIds(prompt, o.chat === true, 'prompt', variables)
     let tokens: number[]
     if (typeof completion === 'string') {
       const ids = this.parts.tokenizer.encodeContinuation(completion)
@@ -302,16 +316,19 @@ export class Model {
     return fit
   }
 
-  private promptIds(prompt: unknown, chat: boolean, name = 'prompt'): number[] {
+  private promptIds(prompt: unknown, chat: boolean, name = 'prompt', variables?: ChatTemplateVariables): number[] {
+    const messages = Array.isArray(prompt) && prompt.length > 0 && typeof prompt[0] === 'object' && prompt[0] !== null
+    if (variables && !chat && !messages)
+      throw invalidArgument('chatTemplateVariables', 'nothing unless the prompt is chat messages or chat is true', variables)
     if (typeof prompt === 'string') {
-      const ids = this.parts.tokenizer.encodePrompt(prompt, chat)
+      const ids = this.parts.tokenizer.encodePrompt(prompt, chat, variables)
       if (ids.length === 0) throw invalidArgument(name, 'text of at least one token', prompt)
       return this.checkTokenizerIds(name, ids)
     }
     if (!Array.isArray(prompt)) throw invalidArgument(name, 'string, array of token ids or array of chat messages', prompt)
-    if (prompt.length > 0 && typeof prompt[0] === 'object' && prompt[0] !== null) {
+    if (messages) {
       checkMessages(name, prompt)
-      return this.checkTokenizerIds(name, this.parts.tokenizer.encodeChat(prompt as ChatMessage[]))
+      return this.checkTokenizerIds(name, this.parts.tokenizer.encodeChat(prompt as ChatMessage[], variables))
     }
     if (chat) throw invalidArgument('chat', 'false or absent when the prompt is given as token ids', chat)
     if (prompt.length === 0) throw invalidArgument(name, 'at least one token id', prompt)
@@ -353,12 +370,12 @@ function checkMessages(name: string, messages: unknown[]): asserts messages is C
   }
 }
 
-/** `options` as an object of only the given keys, each of its type when present. */
-function checkOptions(options: unknown, keys: Record<string, 'boolean' | 'number' | 'AbortSignal'>): Record<string, unknown> {
+/** `options` as an object of only the given keys, each of its type when present ('checked' ones the caller checks). */
+function checkOptions(options: unknown, keys: Record<string, 'boolean' | 'number' | 'AbortSignal' | 'checked'>): Record<string, unknown> {
   const o = checkOptionKeys(options, Object.keys(keys))
   for (const [key, value] of Object.entries(o)) {
     const type = keys[key]!
-    if (value === undefined) continue
+    if (value === undefined || type === 'checked') continue
     const ok = type === 'AbortSignal' ? value instanceof AbortSignal : typeof value === type
     if (!ok) throw invalidArgument(key, type, value)
   }
@@ -557,8 +574,8 @@ export function forwardOf(model: Model): ForwardModel {
 function servingTokenizer(t: Tokenizer): TextTokenizer {
   const known = (ids: readonly number[]) => ids.filter((id) => id < t.vocabSize)
   return {
-    encodePrompt: (text, chat) => t.encodePrompt(text, chat),
-    encodeChat: (messages) => t.encodeChat(messages),
+    encodePrompt: (text, chat, variables) => t.encodePrompt(text, chat, variables),
+    encodeChat: (messages, variables) => t.encodeChat(messages, variables),
     encodeContinuation: (text) => t.encodeContinuation(text),
     encodeText: (text, addSpecialTokens) => t.encode(text, { addSpecialTokens }),
     encodeTextAsync: (text, addSpecialTokens, options) => t.encodeAsync(text, { ...options, addSpecialTokens }),

@@ -4,22 +4,22 @@ import { RequestTooLargeError, checkInteger, checkNumber, checkOptionKeys, conte
 import type { SamplingParams } from './sampling.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
 import type { FinishReason, Scheduler } from './scheduler.js'
-import type { ChatMessage } from './tokenizer.js'
+import type { ChatMessage, ChatTemplateVariables } from './tokenizer.js'
 import type { EncodeRequestOptions } from './encode-worker.js'
 
 /** What decoding needs from a tokenizer (lib/api.ts adapts the model's tokenizer to it). */
 export interface TextTokenizer {
-  /** Ids of a prompt: BOS as the model expects it, the chat template applied when `chat`. */
-  encodePrompt(text: string, chat: boolean): number[]
+  /** Ids of a prompt: BOS as the model expects it, the chat template applied when `chat` (with `variables`). */
+  encodePrompt(text: string, chat: boolean, variables?: ChatTemplateVariables): number[]
   /** Ids of a conversation rendered by the chat template, ending with the assistant's turn to speak. */
-  encodeChat(messages: ChatMessage[]): number[]
+  encodeChat(messages: ChatMessage[], variables?: ChatTemplateVariables): number[]
   /** Ids of text that continues a prompt (no BOS). */
   encodeContinuation(text: string): number[]
   /** Ids of a text, with or without the special tokens the model expects around it (BOS). */
   encodeText?(text: string, addSpecialTokens: boolean): number[]
   /** encodeText and encodeChat off the calling thread, when the tokenizer can (the same ids). */
   encodeTextAsync?(text: string, addSpecialTokens: boolean, options: EncodeRequestOptions): Promise<number[]>
-  encodeChatAsync?(messages: ChatMessage[], options: EncodeRequestOptions): Promise<number[]>
+  encodeChatAsync?(messages: ChatMessage[], options: EncodeRequestOptions & { variables?: ChatTemplateVariables }): Promise<number[]>
   /** The special tokens by their tokenizer_config.json names (bos_token, eos_token, ...), and the chat template's source. */
   readonly specialTokenTexts?: Readonly<Record<string, string>>
   readonly chatTemplateSource?: string | null
@@ -63,6 +63,11 @@ export interface GenerateOptions {
   stop?: string | string[]
   /** Wrap the prompt in the model's chat template as one user message. */
   chat?: boolean
+  /**
+   * Variables for the chat template beside the messages, for chat-message prompts and `chat: true`
+   * (Qwen3's `{ enable_thinking: false }`, for instance).
+   */
+  chatTemplateVariables?: ChatTemplateVariables
   /**
    * Cancels the generation when aborted: the sequence leaves the batch at the next step (its cache
    * blocks freed), generate() rejects with the signal's reason (an AbortError unless given one)
@@ -115,6 +120,7 @@ export interface ResolvedGenerateOptions {
   topLogprobs: number
   stop: string[]
   chat: boolean
+  chatTemplateVariables?: ChatTemplateVariables
   signal?: AbortSignal
 }
 
@@ -124,7 +130,7 @@ export function resolveGenerateOptions(
   options: unknown,
   limits: { contextLength: number; vocabSize: number; maxPositionEmbeddings?: number },
 ): ResolvedGenerateOptions {
-  const o = checkOptionKeys(options === undefined ? {} : options, ['maxTokens', 'temperature', 'seed', 'topK', 'topP', 'minP', 'topLogprobs', 'stop', 'chat', 'signal'])
+  const o = checkOptionKeys(options === undefined ? {} : options, ['maxTokens', 'temperature', 'seed', 'topK', 'topP', 'minP', 'topLogprobs', 'stop', 'chat', 'chatTemplateVariables', 'signal'])
 
   // More tokens than the context holds can never be served: a RequestTooLargeError, like every
   // request too large for the model, not a bad argument.
@@ -153,7 +159,29 @@ export function resolveGenerateOptions(
 
   const sampling: SamplingParams | null =
     temperature === 0 ? null : { temperature, topK, topP, minP, seed: seed ?? Math.floor(Math.random() * (MAX_SEED + 1)) }
-  return { maxTokens, sampling, topLogprobs, stop, chat: o.chat === true, ...(o.signal ? { signal: o.signal as AbortSignal } : {}) }
+  const variables = o.chatTemplateVariables === undefined ? undefined : checkChatTemplateVariables(o.chatTemplateVariables)
+  return {
+    maxTokens,
+    sampling,
+    topLogprobs,
+    stop,
+    chat: o.chat === true,
+    ...(variables && { chatTemplateVariables: variables }),
+    ...(o.signal ? { signal: o.signal as AbortSignal } : {}),
+  }
+}
+
+/** Template variables a request fills itself, which chatTemplateVariables may not set. */
+export const REQUEST_TEMPLATE_VARIABLES = ['messages', 'add_generation_prompt'] as const
+
+/** A plain object of template variables, without those of REQUEST_TEMPLATE_VARIABLES. */
+export function checkChatTemplateVariables(value: unknown): ChatTemplateVariables {
+  if (typeof value !== 'object' || value === null || Array.isArray(value) || ![Object.prototype, null].includes(Object.getPrototypeOf(value)))
+    throw invalidArgument('chatTemplateVariables', 'plain object of template variables', value)
+  for (const key of REQUEST_TEMPLATE_VARIABLES)
+    if (Object.hasOwn(value, key))
+      throw invalidArgument(`chatTemplateVariables.${key}`, 'nothing (the messages and the generation prompt are given by the request)', (value as Record<string, unknown>)[key])
+  return value as ChatTemplateVariables
 }
 
 // ---------------------------------------------------------------------------------------------

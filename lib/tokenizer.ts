@@ -19,6 +19,9 @@ export interface DecodeOptions {
   skipSpecialTokens?: boolean
 }
 
+/** Variables a chat template reads besides the messages (Qwen3's enable_thinking, a date, tools, ...). */
+export type ChatTemplateVariables = Readonly<Record<string, unknown>>
+
 export interface ChatMessage {
   role: string
   content: string
@@ -383,26 +386,30 @@ export class Tokenizer {
   }
 
   /** Ids of a prompt: the chat template around it when `chat` (whose text carries its own special tokens), else encode(). */
-  encodePrompt(text: string, chat: boolean): number[] {
+  encodePrompt(text: string, chat: boolean, variables?: ChatTemplateVariables): number[] {
     if (!chat) return this.encode(text)
-    return this.encodeChat([{ role: 'user', content: text }])
+    return this.encodeChat([{ role: 'user', content: text }], variables)
   }
 
-  /** Ids of a conversation: the chat template's text (with the generation prompt), which carries its own special tokens. */
-  encodeChat(messages: ChatMessage[]): number[] {
-    return this.checkChatIds(this.encode(this.applyChatTemplate(messages), { addSpecialTokens: false }), messages)
+  /**
+   * Ids of a conversation: the chat template's text (with the generation prompt), which carries
+   * its own special tokens; `variables` are passed to the template beside the messages.
+   */
+  encodeChat(messages: ChatMessage[], variables?: ChatTemplateVariables): number[] {
+    return this.checkChatIds(this.encode(this.applyChatTemplate(messages, { ...variables }), { addSpecialTokens: false }), messages)
   }
 
   /** encodePrompt() with the text encoded in the worker thread (the chat template renders in its own). */
-  encodePromptAsync(text: string, chat: boolean, options: EncodeRequestOptions = {}): Promise<number[]> {
+  encodePromptAsync(text: string, chat: boolean, options: EncodeRequestOptions & { variables?: ChatTemplateVariables } = {}): Promise<number[]> {
     if (!chat) return this.encodeAsync(text, options)
     return this.encodeChatAsync([{ role: 'user', content: text }], options)
   }
 
   /** encodeChat() with the text encoded in the worker thread. */
-  async encodeChatAsync(messages: ChatMessage[], options: EncodeRequestOptions = {}): Promise<number[]> {
-    const text = this.applyChatTemplate(messages)
-    return this.checkChatIds(await this.encodeAsync(text, { ...options, addSpecialTokens: false }), messages)
+  async encodeChatAsync(messages: ChatMessage[], options: EncodeRequestOptions & { variables?: ChatTemplateVariables } = {}): Promise<number[]> {
+    const { variables, ...encode } = options
+    const text = this.applyChatTemplate(messages, { ...variables })
+    return this.checkChatIds(await this.encodeAsync(text, { ...encode, addSpecialTokens: false }), messages)
   }
 
   private checkChatIds(ids: number[], messages: ChatMessage[]): number[] {

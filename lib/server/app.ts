@@ -7,11 +7,11 @@
 // what the library gives that prompt alone, whatever else the server is doing.
 import { randomInt, randomUUID, timingSafeEqual } from 'node:crypto'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
-import type { GenerateOptions, StreamPiece } from '../generate.js'
 import { RequestTooLargeError } from '../errors.js'
 import { EncodeTimeoutError } from '../encode-worker.js'
 import type { Model } from '../api.js'
-import type { ChatMessage } from '../tokenizer.js'
+import type { ChatMessage, ChatTemplateVariables } from '../tokenizer.js'
+import { REQUEST_TEMPLATE_VARIABLES, type GenerateOptions, type StreamPiece } from '../generate.js'
 import { ApiError, contextLengthExceeded, invalidRequest, overloaded, toApiError, unavailable } from './errors.js'
 import { ServerMetrics } from './metrics.js'
 import {
@@ -219,7 +219,7 @@ export class InferenceServer {
       // A chat template places its own special tokens; adding BOS on top is not offered.
       if (body.add_special_tokens === true)
         throw invalidRequest('Expected false or null for add_special_tokens with messages (the chat template places its special tokens) but received true', 'add_special_tokens', 'invalid_value')
-      const source = this.chatPrompt({ messages: body.messages }, loaded)
+      const source = this.chatPrompt({ messages: body.messages, chat_template_kwargs: body.chat_template_kwargs ?? null }, loaded)
       tokens = await this.encodeSource(source, 'messages', loaded, undefined)
     } else {
       this.checkTextSize([body.prompt!], 'prompt', loaded)
@@ -422,7 +422,8 @@ export class InferenceServer {
   /** A text or a conversation as ids, encoded in the tokenizer's worker thread; its failures as the API's errors. */
   private async encodeSource(prompt: TextSource, param: string, loaded: Loaded, signal: AbortSignal | undefined): Promise<number[]> {
     try {
-      return await loaded.model.tokenizeAsync('messages' in prompt ? prompt.messages : prompt.text, signal ? { signal } : {})
+      const options = { ...(signal && { signal }), ...('variables' in prompt && prompt.variables && { chatTemplateVariables: prompt.variables }) }
+      return await loaded.model.tokenizeAsync('messages' in prompt ? prompt.messages : prompt.text, options)
     } catch (err) {
       if (signal?.aborted) throw signal.reason
       if (err instanceof EncodeTimeoutError) throw invalidRequest(`Could not tokenize ${param}: ${err.message}`, param, 'tokenize_timeout')
@@ -482,7 +483,15 @@ export class InferenceServer {
     return { text, records }
   }
 
-  private chatPrompt(body: Pick<ChatCompletionBody, 'messages'>, loaded: Loaded): TextSource {
+  private chatPrompt(body: Pick<ChatCompletionBody, 'messages' | 'chat_template_kwargs'>, loaded: Loaded): TextSource {
+    const variables: ChatTemplateVariables | undefined = body.chat_template_kwargs ?? undefined
+    for (const key of REQUEST_TEMPLATE_VARIABLES)
+      if (variables && Object.hasOwn(variables, key))
+        throw invalidRequest(
+          `Unsupported request argument supplied: chat_template_kwargs.${key} (the request's messages and its generation prompt set it)`,
+          `chat_template_kwargs.${key}`,
+          'unsupported_parameter',
+        )
     const messages: ChatMessage[] = body.messages.map((m, i) => {
       if (m.name !== undefined)
         throw invalidRequest(
@@ -498,7 +507,7 @@ export class InferenceServer {
       }
     })
     this.checkTextSize(messages.map((m) => m.content), 'messages', loaded)
-    return { messages, name: 'messages' }
+    return { messages, name: 'messages', ...(variables && { variables }) }
   }
 
   /**
@@ -708,7 +717,7 @@ interface Echo {
 /** A prompt as the request gives it (`name` for messages: "prompt[1]"). */
 type PromptSource = { name: string } & ({ ids: number[] } | { text: string } | { messages: ChatMessage[] })
 /** A prompt that needs tokenizing. */
-type TextSource = { name: string } & ({ text: string } | { messages: ChatMessage[] })
+type TextSource = { name: string } & ({ text: string } | { messages: ChatMessage[]; variables?: ChatTemplateVariables })
 
 /** A request checked against the model, its prompts not yet tokenized. */
 interface Draft {

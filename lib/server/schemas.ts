@@ -117,6 +117,8 @@ export const chatCompletionBody = {
       maximum: MAX_TOP_LOGPROBS,
       description: `integer between 0 and ${MAX_TOP_LOGPROBS} or null`,
     },
+    // vLLM's extension: variables for the chat template (Qwen3's enable_thinking, for instance).
+    chat_template_kwargs: { type: nullable('object'), description: 'object of chat template variables or null' },
     response_format: {
       type: nullable('object'),
       additionalProperties: false,
@@ -142,6 +144,7 @@ export const tokenizeBody = {
     messages: { type: 'array', items: message, minItems: 1, description: 'non-empty array of chat messages {role, content}' },
     add_special_tokens: { type: nullable('boolean'), description: 'boolean or null' },
     add_generation_prompt: { enum: [true, null], description: 'true or null (a conversation is tokenized up to the assistant\'s turn)' },
+    chat_template_kwargs: { type: nullable('object'), description: 'object of chat template variables or null' },
     return_token_strs: { enum: [false, null], description: 'false or null (token strings are not returned)' },
   },
 } as const
@@ -184,6 +187,7 @@ export interface TokenizeBody {
   model?: string
   prompt?: string
   messages?: ChatMessageBody[]
+  chat_template_kwargs?: Record<string, unknown> | null
   add_special_tokens?: boolean | null
 }
 
@@ -201,6 +205,7 @@ export interface ChatMessageBody {
 
 export interface ChatCompletionBody extends SamplingBody {
   messages: ChatMessageBody[]
+  chat_template_kwargs?: Record<string, unknown> | null
   max_completion_tokens?: number | null
   logprobs?: boolean | null
   top_logprobs?: number | null

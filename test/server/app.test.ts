@@ -1,8 +1,11 @@
 // The server in-process (Fastify's inject, no socket): /health while the model loads, and streamed
 // text that never splits a multi-byte character, with a scripted forward pass that makes the
 // shipped tokenizer's byte tokens come out one by one.
+import { cpSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { defaultModelPath, Model } from '../../lib/api.js'
+import { defaultModelPath, loadModel, Model } from '../../lib/api.js'
 import type { ForwardModel, SequenceChunk, StepTokens, TokenChoice } from '../../lib/scheduler.js'
 import { chooseOnLogits } from '../../lib/model/output-head.js'
 import { InferenceServer } from '../../lib/server/app.js'
@@ -114,6 +117,56 @@ describe('InferenceServer in-process', () => {
     expect(tokens.length).toBe(script.length + 1) // and the EOS
     expect(chunks.at(-1).choices[0].finish_reason).toBe('stop')
     await model.dispose()
+  })
+})
+
+describe('chat_template_kwargs (in-process)', () => {
+  it('passes variables to the chat template on /v1/chat/completions and /tokenize, and refuses those the request sets', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'detinfer-kwargs-'))
+    cpSync(defaultModelPath, dir, { recursive: true })
+    writeFileSync(
+      join(dir, 'chat_template.jinja'),
+      "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}" +
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}",
+    )
+    const model = await loadModel(dir, { device: 'cpu' })
+    const server = new InferenceServer({ modelName: 'kw', maxQueued: 8, bodyLimit: 1 << 20 })
+    try {
+      server.setModel(model, 'fp_kw')
+      const messages = [{ role: 'user', content: 'Who art thou?' }]
+      const kwargs = { enable_thinking: false }
+      const ids = model.tokenize(messages, { chatTemplateVariables: kwargs })
+      expect(ids.length).toBeGreaterThan(model.tokenize(messages).length)
+      const chat = await server.app.inject({
+        method: 'POST',
+        url: '/v1/chat/completions',
+        payload: { model: 'kw', messages, chat_template_kwargs: kwargs, max_tokens: 4, temperature: 0 },
+      })
+      expect(chat.statusCode).toBe(200)
+      expect(chat.json().usage.prompt_tokens).toBe(ids.length)
+      expect(chat.json().choices[0].message.content).toBe((await model.generate(ids, { maxTokens: 4 })).text)
+      const tokenized = await server.app.inject({ method: 'POST', url: '/tokenize', payload: { messages, chat_template_kwargs: kwargs } })
+      expect(tokenized.json().tokens).toEqual(ids)
+      const reserved = await server.app.inject({
+        method: 'POST',
+        url: '/v1/chat/completions',
+        payload: { model: 'kw', messages, chat_template_kwargs: { add_generation_prompt: false }, max_tokens: 4 },
+      })
+      expect(reserved.statusCode).toBe(400)
+      expect(reserved.json().error).toEqual({
+        message: "Unsupported request argument supplied: chat_template_kwargs.add_generation_prompt (the request's messages and its generation prompt set it)",
+        type: 'invalid_request_error',
+        param: 'chat_template_kwargs.add_generation_prompt',
+        code: 'unsupported_parameter',
+      })
+      const wrong = await server.app.inject({ method: 'POST', url: '/v1/chat/completions', payload: { model: 'kw', messages, chat_template_kwargs: [1] } })
+      expect(wrong.statusCode).toBe(400)
+      expect(wrong.json().error.message).toBe('Expected object of chat template variables or null for chat_template_kwargs but received [1] of type array')
+    } finally {
+      await server.app.close()
+      await model.dispose()
+      rmSync(dir, { recursive: true, force: true })
+    }
   })
 })
 

@@ -1,5 +1,8 @@
 // Conversations as prompts: an array of {role, content} messages goes through the model's chat
 // template (here the shipped model's ChatML) up to the assistant's turn.
+import { cpSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { defaultModelPath, loadModel, type Model } from '../../lib/api.js'
 
@@ -98,5 +101,65 @@ describe('chat messages as the prompt', () => {
       'Expected chat message {role, content} with string values for prompt[1] but received {"role":"user"} of type object',
     )
     await expect(model.generateBatch(['ok', [{ content: 'x' }]] as never)).rejects.toThrow('for prompts[1][0]')
+  })
+})
+
+describe('chat template variables', () => {
+  // The shipped model with a template that reads a variable besides the messages, as Qwen3's
+  // reads enable_thinking: false to open its answer with an empty thinking block.
+  const TEMPLATE =
+    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}" +
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}" +
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}"
+  let dir: string
+  let thinking: Model
+
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'detinfer-template-variables-'))
+    cpSync(defaultModelPath, dir, { recursive: true })
+    writeFileSync(join(dir, 'chat_template.jinja'), TEMPLATE)
+    thinking = await loadModel(dir, { device: 'cpu', maxBatchSize: 4 })
+  })
+  afterAll(async () => {
+    await thinking?.dispose()
+    rmSync(dir, { recursive: true, force: true })
+  })
+
+  const messages = [{ role: 'user', content: 'Who art thou?' }]
+  const off = { chatTemplateVariables: { enable_thinking: false } }
+
+  it('reach the template in every call that takes a conversation or chat: true', async () => {
+    const plain = thinking.tokenize(messages)
+    const closed = thinking.tokenize(messages, off)
+    expect(thinking.detokenize(closed.slice(plain.length))).toBe('<think>\n\n</think>\n\n')
+    expect(thinking.tokenize('Who art thou?', { chat: true, ...off })).toEqual(closed)
+    expect(await thinking.tokenizeAsync(messages, off)).toEqual(closed)
+    expect(await thinking.tokenizeAsync('Who art thou?', { chat: true, ...off })).toEqual(closed)
+    const generated = await thinking.generate(messages, { maxTokens: 6, ...off })
+    expect(generated.timings.promptTokens).toBe(closed.length)
+    expect(generated.tokens).toEqual((await thinking.generate(closed, { maxTokens: 6 })).tokens)
+    const [batched] = await thinking.generateBatch([messages], { maxTokens: 6, ...off })
+    expect(batched!.tokens).toEqual(generated.tokens)
+    const streamed: number[] = []
+    for await (const piece of thinking.stream(messages, { maxTokens: 6, ...off })) streamed.push(piece.token)
+    expect(streamed).toEqual(generated.tokens)
+    const scored = await thinking.score(messages, generated.tokens, off)
+    expect(Float32Array.from(scored.logprobs)).toEqual(Float32Array.from(generated.logprobs))
+  })
+
+  it('are refused where no template renders, and may not set what the request sets', async () => {
+    const nothing = 'Expected nothing unless the prompt is chat messages or chat is true for chatTemplateVariables but received {"enable_thinking":false}'
+    expect(() => thinking.tokenize('text', off)).toThrow(nothing)
+    await expect(thinking.tokenizeAsync('text', off)).rejects.toThrow(nothing)
+    await expect(thinking.generate('text', off)).rejects.toThrow(nothing)
+    await expect(thinking.generate([1, 2, 3], off)).rejects.toThrow(nothing)
+    await expect(thinking.score('text', 'more', off)).rejects.toThrow(nothing)
+    await expect(thinking.generate(messages, { chatTemplateVariables: 'x' as never })).rejects.toThrow(
+      'Expected plain object of template variables for chatTemplateVariables but received "x" of type string',
+    )
+    expect(() => thinking.tokenize(messages, { chatTemplateVariables: { messages: [] } })).toThrow(
+      'Expected nothing (the messages and the generation prompt are given by the request) for chatTemplateVariables.messages but received [] of type array',
+    )
+    await expect(thinking.generate(messages, { chatTemplateVariables: { add_generation_prompt: false } })).rejects.toThrow('for chatTemplateVariables.add_generation_prompt')
   })
 })
