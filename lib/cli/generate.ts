@@ -3,7 +3,7 @@ import { Command, Option } from 'commander'
 import { defaultModelPath, loadModelFrom, readModelDir } from '../api.js'
 import { readTextFile } from '../files.js'
 import { DEFAULT_MAX_TOKENS, resolveGenerateOptions, type GenerateOptions } from '../generate.js'
-import { integer, number } from './parse.js'
+import { integer, jsonObject, number } from './parse.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
 
 interface GenerateFlags {
@@ -21,6 +21,7 @@ interface GenerateFlags {
   cudaGraphs: boolean
   tensorParallel?: number
   chat?: boolean
+  chatTemplateKwargs?: Record<string, unknown>
   system?: string
   json?: boolean
   stream: boolean
@@ -63,6 +64,7 @@ export function generateCommand(): Command {
     .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
     .option('--chat', "wrap the prompt in the model's chat template")
     .option('--system <text>', 'a system message before the prompt (implies --chat)')
+    .option('--chat-template-kwargs <json>', 'variables for the chat template, e.g. \'{"enable_thinking": false}\' (with --chat or --system)', jsonObject)
     .option('--json', 'print text, tokens, log-probs and timings as JSON')
     .option('--no-stream', 'print the text once it is complete')
     .action(async (argument: string | undefined, flags: GenerateFlags) => {
@@ -84,7 +86,9 @@ export function generateCommand(): Command {
         ...(flags.topLogprobs !== undefined && { topLogprobs: flags.topLogprobs }),
         ...(flags.stop !== undefined && { stop: flags.stop }),
         ...(flags.chat && { chat: true }),
+        ...(flags.chatTemplateKwargs && { chatTemplateVariables: flags.chatTemplateKwargs }),
       }
+      if (flags.chatTemplateKwargs && !flags.chat && flags.system === undefined) throw new Error('--chat-template-kwargs applies to the chat template: give --chat or --system too')
       if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
       // Without --temperature the completion is greedy, which these would not change (as check).
       if (flags.temperature === undefined && [flags.seed, flags.topK, flags.topP, flags.minP].some((v) => v !== undefined))

@@ -33,3 +33,16 @@ export function ids(value: string): number[] {
     throw new InvalidArgumentError(`expected token ids separated by commas (or a JSON array of them) but received "${value}"`)
   return list
 }
+
+/** A JSON object, e.g. '{"enable_thinking": false}' (chat template variables). */
+export function jsonObject(value: string): Record<string, unknown> {
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(value)
+  } catch {
+    throw new InvalidArgumentError(`expected a JSON object such as '{"enable_thinking": false}' but received "${value}"`)
+  }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed))
+    throw new InvalidArgumentError(`expected a JSON object such as '{"enable_thinking": false}' but received "${value}"`)
+  return parsed as Record<string, unknown>
+}

@@ -1,6 +1,6 @@
 // The built `detinfer` command, run as a user would: a child process of dist/cli/main.js.
 import { spawn, spawnSync } from 'node:child_process'
-import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
+import { copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -335,6 +335,37 @@ describe('the shipped model', () => {
       expect(JSON.parse(r.stdout).tokens).toEqual(lib.tokens)
     } finally {
       await model.dispose()
+    }
+  })
+
+  it('--chat-template-kwargs passes variables to the chat template, and needs --chat or --system', async () => {
+    const copy = mkdtempSync(join(tmpdir(), 'detinfer-cli-kwargs-'))
+    try {
+      cpSync(join(root, 'models', 'default'), copy, { recursive: true })
+      writeFileSync(
+        join(copy, 'chat_template.jinja'),
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}" +
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}",
+      )
+      const r = detinfer(['generate', '-m', copy, '--device', 'cpu', '-n', '4', '--json', '--chat', '--chat-template-kwargs', '{"enable_thinking": false}', 'Who art thou?'])
+      expect(r.code, r.stderr).toBe(0)
+      const model = await loadModel(copy, { device: 'cpu' })
+      try {
+        const lib = await model.generate('Who art thou?', { chat: true, chatTemplateVariables: { enable_thinking: false }, maxTokens: 4 })
+        const out = JSON.parse(r.stdout)
+        expect(out.tokens).toEqual(lib.tokens)
+        expect(out.timings.promptTokens).toBe(model.tokenize('Who art thou?', { chat: true }).length + model.tokenize('<think>\n\n</think>\n\n', { addSpecialTokens: false }).length)
+      } finally {
+        await model.dispose()
+      }
+      const without = detinfer(['generate', '-m', copy, '--device', 'cpu', '--chat-template-kwargs', '{"enable_thinking": false}', 'hi'])
+      expect(without.code).toBe(1)
+      expect(without.stderr).toContain('--chat-template-kwargs applies to the chat template: give --chat or --system too')
+      const bad = detinfer(['generate', '-m', copy, '--device', 'cpu', '--chat', '--chat-template-kwargs', 'enable_thinking=false', 'hi'])
+      expect(bad.code).not.toBe(0)
+      expect(bad.stderr).toContain(`expected a JSON object such as '{"enable_thinking": false}' but received "enable_thinking=false"`)
+    } finally {
+      rmSync(copy, { recursive: true, force: true })
     }
   })
 
