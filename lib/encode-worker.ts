@@ -174,6 +174,9 @@ export class EncodeWorker {
     const startup = setTimeout(() => this.fail(r, new Error(`The tokenizer's worker thread did not start within ${STARTUP_TIMEOUT_MS / 1000} s`)), STARTUP_TIMEOUT_MS)
     startup.unref()
     worker.on('message', (message: { ready?: true; ids?: Int32Array; error?: string }) => {
+      // A worker stopped by a time limit can still deliver the answer it posted just before: when
+      // the event loop was busy past the limit, the timer runs first, and the answer has no request.
+      if (this.running !== r) return
       if (message.ready) {
         clearTimeout(startup)
         r.ready = true

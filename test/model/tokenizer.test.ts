@@ -361,6 +361,34 @@ describe('encoding off the calling thread', () => {
     t.close()
   })
 
+  it('survives the answer of a worker stopped by its time limit arriving after the limit', async () => {
+    const t = await Tokenizer.load(qwenDir)
+    await t.encodeAsync('warm')
+    const thrown: unknown[] = []
+    const onUncaught = (err: unknown) => thrown.push(err)
+    process.prependListener('uncaughtException', onUncaught)
+    try {
+      // The text is sent, then a long step holds this thread: the worker answers meanwhile, and
+      // once the step ends, the next turn of the event loop runs the expired timer (timers come
+      // first) before the answer is delivered.
+      const { late } = await new Promise<{ late: Promise<number[]> }>((sent) =>
+        setImmediate(() => {
+          const late = t.encodeAsync('hi', { timeoutMs: 50 })
+          const end = performance.now() + 500
+          while (performance.now() < end);
+          sent({ late })
+        }),
+      )
+      await expect(late).rejects.toMatchObject({ name: 'EncodeTimeoutError' })
+      expect(await t.encodeAsync('next')).toEqual(t.encode('next'))
+      await new Promise((done) => setTimeout(done, 50))
+      expect(thrown).toEqual([])
+    } finally {
+      process.removeListener('uncaughtException', onUncaught)
+      t.close()
+    }
+  })
+
   it('drops a text whose caller stopped waiting', async () => {
     const t = await Tokenizer.load(qwenDir)
     const controller = new AbortController()
