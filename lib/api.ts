@@ -277,7 +277,7 @@ export class Model {
   dispose(): Promise<void> {
     if (!this.disposing)
       this.disposing = this.scheduler.close(new DisposedError()).finally(() => {
-        this.parts.tokenizer.close?.()
+        this.parts.tokenizer.close?.(new DisposedError())
         this.parts.forward.dispose()
       })
     return this.disposing
@@ -582,7 +582,7 @@ function servingTokenizer(t: Tokenizer): TextTokenizer {
     encodeChatAsync: (messages, options) => t.encodeChatAsync(messages, options),
     specialTokenTexts: t.specialTokenTexts,
     chatTemplateSource: t.chatTemplateSource,
-    close: () => t.close(),
+    close: (reason) => t.close(reason),
     decode: (ids) => t.decode(known(ids)),
     tokenBytes: (id) => (id < t.vocabSize ? t.tokenBytes(id) : new Uint8Array(0)),
     streamDecoder: ({ context }) => {

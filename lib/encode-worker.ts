@@ -120,11 +120,11 @@ export class EncodeWorker {
     })
   }
 
-  /** Stops the worker; requests not yet answered reject. */
-  close(): void {
+  /** Stops the worker; requests not yet answered reject, with `reason` when given. */
+  close(reason?: Error): void {
     if (this.closed) return
     this.closed = true
-    const err = new Error('The tokenizer was closed before the text was encoded')
+    const err = reason ?? new Error('The tokenizer was closed before the text was encoded')
     const r = this.running
     const current = r?.current
     if (current) this.settle(current, () => current.reject(err))

@@ -23,8 +23,8 @@ export interface TextTokenizer {
   /** The special tokens by their tokenizer_config.json names (bos_token, eos_token, ...), and the chat template's source. */
   readonly specialTokenTexts?: Readonly<Record<string, string>>
   readonly chatTemplateSource?: string | null
-  /** Frees what the tokenizer holds (its encode worker). */
-  close?(): void
+  /** Frees what the tokenizer holds (its encode worker); texts still waiting reject with `reason`. */
+  close?(reason?: Error): void
   /** Text of ids, special tokens left out. */
   decode(ids: readonly number[]): string
   /** The bytes one id stands for (decode([id]) as UTF-8 when absent). */

@@ -353,9 +353,9 @@ export class Tokenizer {
     return ids
   }
 
-  /** Stops the encode worker, if it started; encodeAsync rejects from then on. */
-  close(): void {
-    this.encoder.close()
+  /** Stops the encode worker, if it started; encodeAsync rejects from then on (what waits, with `reason` when given). */
+  close(reason?: Error): void {
+    this.encoder.close(reason)
   }
 
   /** The text of `ids`; special tokens are left out unless skipSpecialTokens is false. */

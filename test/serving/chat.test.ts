@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { defaultModelPath, loadModel, type Model } from '../../lib/api.js'
+import { DisposedError } from '../../lib/errors.js'
 
 let model: Model
 
@@ -58,11 +59,12 @@ describe('tokenizeAsync', () => {
     expect(model.chatTemplate).toContain('<|im_start|>')
   })
 
-  it('stops its worker thread on dispose', async () => {
+  it('stops its worker thread on dispose: what waits rejects with a DisposedError, as every other call does', async () => {
     const own = await loadModel(defaultModelPath, { device: 'cpu' })
     const pending = own.tokenizeAsync('ROMEO: '.repeat(40_000))
+    const queued = own.tokenizeAsync('ROMEO:', { chat: true })
     await own.dispose()
-    await expect(pending).rejects.toThrow('The tokenizer was closed before the text was encoded')
+    for (const p of [pending, queued]) await expect(p).rejects.toBeInstanceOf(DisposedError)
     await expect(own.tokenizeAsync('x')).rejects.toThrow('The model was disposed and cannot be used any more')
   })
 })
