@@ -9,7 +9,7 @@
 // A revision with no file under refs/ is taken as a commit hash itself.
 import { readdirSync, readFileSync, statSync } from 'node:fs'
 import { homedir } from 'node:os'
-import { join, resolve } from 'node:path'
+import { join, resolve, sep } from 'node:path'
 
 /** A repo id `owner/name` and the revision after its `@`, if any. */
 export interface HubModelRef {
@@ -45,16 +45,25 @@ export function parseRepoId(spec: string): HubModelRef | null {
 /**
  * The hub cache's root, as huggingface_hub finds it: HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE
  * (its older name), else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else
- * ~/.cache/huggingface/hub. A leading ~ means the home directory; an empty variable counts as unset.
+ * ~/.cache/huggingface/hub. A leading ~ means the home directory, and $NAME or ${NAME} a variable
+ * of `env` (os.path.expanduser, then os.path.expandvars, as constants.py does: a systemd unit or
+ * an .env file passes HF_HOME=$HOME/hf as written); an empty variable counts as unset.
  */
 export function hubCacheDir(env: NodeJS.ProcessEnv = process.env): string {
   const set = (name: string) => (env[name] ? env[name] : undefined)
-  const home = set('HF_HOME') ?? join(set('XDG_CACHE_HOME') ?? join(homedir(), '.cache'), 'huggingface')
-  return resolve(expandHome(set('HF_HUB_CACHE') ?? set('HUGGINGFACE_HUB_CACHE') ?? join(expandHome(home), 'hub')))
+  const expand = (path: string) => expandVariables(expandHome(path), env)
+  // Joined as text, not with join(): "$X/.." must expand before ".." is resolved, as in Python.
+  const home = expand(set('HF_HOME') ?? `${set('XDG_CACHE_HOME') ?? join(homedir(), '.cache')}${sep}huggingface`)
+  return resolve(expand(set('HF_HUB_CACHE') ?? set('HUGGINGFACE_HUB_CACHE') ?? `${home}${sep}hub`))
 }
 
 function expandHome(path: string): string {
   return path === '~' || path.startsWith('~/') ? join(homedir(), path.slice(1)) : path
+}
+
+/** $NAME and ${NAME} replaced by the variable's value; an unset one stays as written (posixpath.expandvars). */
+function expandVariables(path: string, env: NodeJS.ProcessEnv): string {
+  return path.replace(/\$(?:(\w+)|\{([^}]+)\})/g, (text, bare: string | undefined, braced: string | undefined) => env[bare ?? braced!] ?? text)
 }
 
 /**

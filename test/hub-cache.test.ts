@@ -135,6 +135,16 @@ describe('the cache directory', () => {
     expect(hubCacheDir({ HF_HUB_CACHE: 'rel/hub' })).toBe(resolve('rel/hub'))
   })
 
+  it('expands $NAME and ${NAME} in the variables, as huggingface_hub does (os.path.expandvars)', () => {
+    // As a systemd unit or an .env file passes them: no shell has expanded them.
+    expect(hubCacheDir({ HF_HOME: '$BASE/hf', BASE: '/c' })).toBe('/c/hf/hub')
+    expect(hubCacheDir({ HF_HUB_CACHE: '${BASE}/hub', BASE: '/c' })).toBe('/c/hub')
+    expect(hubCacheDir({ XDG_CACHE_HOME: '$BASE/cache', BASE: '/c' })).toBe('/c/cache/huggingface/hub')
+    // Expanded before ".." is resolved; an unset variable stays as written.
+    expect(hubCacheDir({ HF_HOME: '$BASE/../x', BASE: '/c/d' })).toBe('/c/x/hub')
+    expect(hubCacheDir({ HF_HUB_CACHE: '/c/$UNSET/hub' })).toBe('/c/$UNSET/hub')
+  })
+
   it('is found through the process environment: HF_HUB_CACHE over HF_HOME over XDG_CACHE_HOME', async () => {
     const main = snapshotDir(cache, REPO, MAIN)
     const empty = join(tmp, 'empty')
