@@ -127,7 +127,10 @@ export class Model {
     const chat = o.chat === true
     const variables = o.chatTemplateVariables === undefined ? undefined : checkChatTemplateVariables(o.chatTemplateVariables)
     if (Array.isArray(text) || chat) checkNoSpecialTokensOption(o)
-    if (Array.isArray(text)) return this.promptIds(text, true, 'text', variables)
+    if (Array.isArray(text)) {
+      checkConversation('text', text)
+      return this.checkTokenizerIds('text', this.parts.tokenizer.encodeChat(text, variables))
+    }
     if (typeof text !== 'string') throw invalidArgument('text', 'string or array of chat messages', text)
     if (variables && !chat) throw invalidArgument('chatTemplateVariables', 'nothing unless the prompt is chat messages or chat is true', variables)
     const t = this.parts.tokenizer
@@ -161,7 +164,7 @@ export class Model {
     const encodeChat = (messages: ChatMessage[]) =>
       t.encodeChatAsync ? t.encodeChatAsync(messages, { ...encode, ...(variables && { variables }) }) : Promise.resolve(t.encodeChat(messages, variables))
     if (Array.isArray(text)) {
-      checkMessages('text', text)
+      checkConversation('text', text)
       return this.checkTokenizerIds('text', await encodeChat(text))
     }
     if (typeof text !== 'string') throw invalidArgument('text', 'string or array of chat messages', text)
@@ -359,6 +362,12 @@ export class Model {
 function checkNoSpecialTokensOption(o: Record<string, unknown>): void {
   if (o.addSpecialTokens !== undefined)
     throw invalidArgument('addSpecialTokens', 'nothing (with chat messages or chat: true, the chat template places its own special tokens)', o.addSpecialTokens)
+}
+
+/** A conversation to tokenize: at least one chat message, each checked. */
+function checkConversation(name: string, messages: unknown[]): asserts messages is ChatMessage[] {
+  if (messages.length === 0) throw invalidArgument(name, 'string or non-empty array of chat messages', messages)
+  checkMessages(name, messages)
 }
 
 /** Each item of `messages` a chat message {role, content} with string values; holes included. */

@@ -11,34 +11,41 @@
 // replaces). The worker starts at the first request (about 0.1 s for the shipped tokenizer, more
 // for a 150k-token vocabulary) and holds the process open only while it has work.
 import { createRequire } from 'node:module'
-import { Worker } from 'node:worker_threads'
+import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads'
 
 /** How long one text may take to encode, unless the caller says otherwise. */
 export const ENCODE_TIMEOUT_MS = 10_000
 /** How long the worker may take to build its tokenizer. */
 const STARTUP_TIMEOUT_MS = 60_000
+/**
+ * A text its caller stopped waiting for is abandoned after this long on the worker: the worker
+ * is stopped and replaced (0.05 s for the shipped tokenizer, about a second for a 150k-token
+ * vocabulary), so that the texts behind it need not wait for it. Shorter ones finish.
+ */
+const ABANDON_AFTER_MS = 200
 /** The longest error message the worker passes on. */
 const MAX_ERROR_CHARS = 2000
 
 // The worker's code: CommonJS, evaluated (the same text works from lib/*.ts under a test runner
 // and from dist/*.js). Ids come back as an Int32Array, -1 where the library gave no id.
 const WORKER_SOURCE = `
-const { workerData, parentPort } = require('node:worker_threads')
+const { workerData } = require('node:worker_threads')
 const { Tokenizer } = require(workerData.libraryPath)
+const port = workerData.port
 const json = JSON.parse(workerData.json)
 const tokenizer = new Tokenizer({ ...json, added_tokens: json.added_tokens ?? [] }, workerData.options)
-parentPort.on('message', ({ text, addSpecialTokens }) => {
+port.on('message', ({ text, addSpecialTokens }) => {
   try {
     const ids = tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids
     const out = new Int32Array(ids.length)
     for (let i = 0; i < ids.length; i++) out[i] = typeof ids[i] === 'number' ? ids[i] : -1
-    parentPort.postMessage({ ids: out }, [out.buffer])
+    port.postMessage({ ids: out }, [out.buffer])
   } catch (err) {
     const text = err && err.message ? String(err.message) : String(err)
-    parentPort.postMessage({ error: text.length > ${MAX_ERROR_CHARS} ? text.slice(0, ${MAX_ERROR_CHARS}) + '... (' + text.length + ' characters)' : text })
+    port.postMessage({ error: text.length > ${MAX_ERROR_CHARS} ? text.slice(0, ${MAX_ERROR_CHARS}) + '... (' + text.length + ' characters)' : text })
   }
 })
-parentPort.postMessage({ ready: true })
+port.postMessage({ ready: true })
 `
 
 /** What the worker builds its tokenizer from: tokenizer.json's text and the library's options. */
@@ -82,11 +89,16 @@ interface Pending {
 
 interface Running {
   worker: Worker
+  /** The worker's replies. */
+  port: MessagePort
   ready: boolean
-  /** The request the worker is on, and its timer. */
+  /** The request the worker is on, when it went there, and its timer. */
   current: Pending | null
+  since: number
   timer: NodeJS.Timeout | undefined
 }
+
+type Reply = { ready?: true; ids?: Int32Array; error?: string }
 
 /** One worker thread that encodes texts for one tokenizer, in arrival order. */
 export class EncodeWorker {
@@ -110,8 +122,13 @@ export class EncodeWorker {
         request.onAbort = () => {
           const waiting = this.queue.indexOf(request)
           if (waiting >= 0) this.queue.splice(waiting, 1)
-          // A text the worker is on finishes there (or times out); its result is dropped.
           this.settle(request, () => reject(signal.reason))
+          // A text the worker has been on for a while is abandoned with its worker; a short one finishes, unread.
+          const r = this.running
+          if (r?.current === request && performance.now() - r.since > ABANDON_AFTER_MS) {
+            this.stop(r)
+            this.next()
+          }
         }
         signal.addEventListener('abort', request.onAbort, { once: true })
       }
@@ -147,48 +164,59 @@ export class EncodeWorker {
     const request = this.queue.shift()
     if (!request) {
       r.worker.unref()
+      r.port.unref()
       return
     }
     r.worker.ref()
+    r.port.ref()
     r.current = request
+    r.since = performance.now()
     r.timer = setTimeout(() => {
+      // An answer posted before the limit but not yet read (this thread was busy) still counts.
+      const posted = receiveMessageOnPort(r.port)
+      if (posted) return this.onReply(r, posted.message as Reply)
       this.stop(r)
       this.settle(request, () => request.reject(new EncodeTimeoutError(this.source.file, request.text.length, request.timeoutMs)))
-      if (this.queue.length) this.next()
+      this.next()
     }, request.timeoutMs)
-    r.worker.postMessage({ text: request.text, addSpecialTokens: request.addSpecialTokens })
+    r.port.postMessage({ text: request.text, addSpecialTokens: request.addSpecialTokens })
+  }
+
+  private onReply(r: Running, message: Reply): void {
+    // A worker that was stopped (time limit, abandoned text) may have posted an answer before it was.
+    if (this.running !== r) return
+    if (message.ready) {
+      r.ready = true
+    } else {
+      const request = r.current!
+      clearTimeout(r.timer)
+      r.current = null
+      this.settle(request, () =>
+        message.ids ? request.resolve(message.ids) : request.reject(new Error(`${this.source.file} failed to encode the text (the tokenizer library said: ${message.error})`)),
+      )
+    }
+    this.next()
   }
 
   private start(): Running {
     const libraryPath = createRequire(import.meta.url).resolve('@huggingface/tokenizers')
+    const { port1, port2 } = new MessageChannel()
     const worker = new Worker(WORKER_SOURCE, {
       eval: true,
-      workerData: { libraryPath, json: this.source.json, options: this.source.options },
+      workerData: { libraryPath, json: this.source.json, options: this.source.options, port: port2 },
+      transferList: [port2],
       // Not the process's flags (see chat-template.ts: `node --input-type=module -e`).
       execArgv: [],
       stdout: false,
       stderr: false,
     })
-    const r: Running = { worker, ready: false, current: null, timer: undefined }
+    const r: Running = { worker, port: port1, ready: false, current: null, since: 0, timer: undefined }
     this.running = r
     const startup = setTimeout(() => this.fail(r, new Error(`The tokenizer's worker thread did not start within ${STARTUP_TIMEOUT_MS / 1000} s`)), STARTUP_TIMEOUT_MS)
     startup.unref()
-    worker.on('message', (message: { ready?: true; ids?: Int32Array; error?: string }) => {
-      // A worker stopped by a time limit can still deliver the answer it posted just before: when
-      // the event loop was busy past the limit, the timer runs first, and the answer has no request.
-      if (this.running !== r) return
-      if (message.ready) {
-        clearTimeout(startup)
-        r.ready = true
-      } else {
-        const request = r.current!
-        clearTimeout(r.timer)
-        r.current = null
-        this.settle(request, () =>
-          message.ids ? request.resolve(message.ids) : request.reject(new Error(`${this.source.file} failed to encode the text (the tokenizer library said: ${message.error})`)),
-        )
-      }
-      this.next()
+    port1.on('message', (message: Reply) => {
+      if (message.ready) clearTimeout(startup)
+      this.onReply(r, message)
     })
     worker.on('error', (err) => {
       clearTimeout(startup)
@@ -216,6 +244,7 @@ export class EncodeWorker {
     if (this.running === r) this.running = null
     clearTimeout(r.timer)
     r.current = null
+    r.port.close()
     void r.worker.terminate()
   }
 }

@@ -68,7 +68,7 @@ function expandVariables(path: string, env: NodeJS.ProcessEnv): string {
 
 /**
  * The snapshot directory that `spec` (the text the user gave, for messages) names in the cache at
- * `cacheDir`, holding a config.json; otherwise one error that says what is missing.
+ * `cacheDir`, holding config.json, tokenizer.json and weights; otherwise one error that says what is missing.
  */
 export function hubSnapshotDir(spec: string, ref: HubModelRef, cacheDir: string = hubCacheDir()): string {
   const { repoId } = ref
@@ -96,9 +96,16 @@ export function hubSnapshotDir(spec: string, ref: HubModelRef, cacheDir: string 
     const at = commit === revision ? `commit ${commit}` : `${revision} (commit ${commit})`
     throw missing(`the Hugging Face cache has no snapshot of ${repoId} at ${at} (no ${snapshot})`)
   }
-  if (!isFile(join(snapshot, 'config.json')))
+  // The files every model needs: a download cut short (or limited to some files) lacks some.
+  const absent = [
+    ...['config.json', 'tokenizer.json'].filter((f) => !isFile(join(snapshot, f))),
+    ...(isFile(join(snapshot, 'model.safetensors')) || isFile(join(snapshot, 'model.safetensors.index.json'))
+      ? []
+      : ['model.safetensors (or model.safetensors.index.json)']),
+  ]
+  if (absent.length)
     throw new Error(
-      `No model at ${spec}: the Hugging Face cache's snapshot of ${repoId} (${snapshot}) has no config.json, ` +
+      `No model at ${spec}: the Hugging Face cache's snapshot of ${repoId} (${snapshot}) has no ${absent.join(', no ')}, ` +
         `a partial download; detinfer does not download models: run \`${download}\` to complete it`,
     )
   return snapshot

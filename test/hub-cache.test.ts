@@ -79,6 +79,8 @@ beforeAll(() => {
   setRef(cache, 'test-org/copied', 'main', MAIN)
   addSnapshot(cache, 'test-org/partial', MAIN, defaultModelPath, ['model.safetensors', 'tokenizer.json'])
   setRef(cache, 'test-org/partial', 'main', MAIN)
+  addSnapshot(cache, 'test-org/config-only', MAIN, defaultModelPath, ['config.json'])
+  setRef(cache, 'test-org/config-only', 'main', MAIN)
 })
 
 afterAll(() => {
@@ -256,13 +258,18 @@ describe('not found', () => {
       `No model at test-org/partial: the Hugging Face cache's snapshot of test-org/partial (${snapshotDir(cache, 'test-org/partial', MAIN)}) ` +
         `has no config.json, a partial download; ${download} \`hf download test-org/partial\` to complete it`,
     ],
+    [
+      'test-org/config-only',
+      `No model at test-org/config-only: the Hugging Face cache's snapshot of test-org/config-only (${snapshotDir(cache, 'test-org/config-only', MAIN)}) ` +
+        `has no tokenizer.json, no model.safetensors (or model.safetensors.index.json), a partial download; ${download} \`hf download test-org/config-only\` to complete it`,
+    ],
     // Not repo ids: the message of a missing directory, as before.
     ['/nonexistent/model', 'No model at /nonexistent/model: expected a Hugging Face model directory with config.json, weights and tokenizer.json'],
     ['./test-org/nothing', 'No model at ./test-org/nothing: expected a Hugging Face model directory with config.json, weights and tokenizer.json'],
     ['a/b/c', 'No model at a/b/c: expected a Hugging Face model directory with config.json, weights and tokenizer.json'],
   ]
 
-  it('says what is missing: the repo, the revision (naming those cached), the snapshot, a commit hash, config.json', async () => {
+  it('says what is missing: the repo, the revision (naming those cached), the snapshot, a commit hash, the files of a partial download', async () => {
     await withHubEnv({ HF_HUB_CACHE: cache }, async () => {
       for (const [spec, message] of cases()) {
         expect(() => checkModelDir(spec), spec).toThrow(message)

@@ -1,6 +1,7 @@
 // `detinfer info`: what this installation can run on.
 import { Command } from 'commander'
 import { cudaStatus, variantKernels } from '../device.js'
+import { hubCacheDir } from '../hub-cache.js'
 import { BATCH_BUCKETS, MIN_CONTEXT_BUCKET } from '../model/decode-graphs.js'
 import { nativeAddonPath } from '../native.js'
 import { packageVersion } from './package-info.js'
@@ -32,6 +33,8 @@ export function infoCommand(): Command {
           matmulKernels: cuda.matmulKernels,
         },
         devices: cuda.devices,
+        // Where -m owner/name finds models (the Hugging Face cache, as huggingface_hub finds it).
+        huggingFaceCache: hubCacheDir(),
         variantKernels: variantKernels(),
         // Decode steps padded to these buckets are replayed as CUDA graphs (README: CUDA graphs).
         cudaGraphs: {
@@ -59,6 +62,7 @@ export function infoCommand(): Command {
             )
           : ['GPUs:          none found']),
         ...(cuda.available ? [`matmul:        ${cuda.matmulKernels} kernels`] : []),
+        `HF cache:      ${info.huggingFaceCache} (models by repo id, -m owner/name)`,
         `CUDA graphs:   decode steps padded to ${BATCH_BUCKETS.join(', ')} sequences (up to maxBatchSize)`,
         `               and ${MIN_CONTEXT_BUCKET}, ${2 * MIN_CONTEXT_BUCKET}, ... keys of context; ${info.cudaGraphs.memory}`,
       ]

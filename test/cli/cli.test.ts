@@ -6,6 +6,7 @@ import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { loadModel } from '../../lib/api.js'
+import { hubCacheDir } from '../../lib/hub-cache.js'
 import { writeTinyModel } from '../helpers/tiny-model.js'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..')
@@ -37,6 +38,8 @@ describe('detinfer CLI', () => {
     expect(r.stdout).toMatch(/^CUDA build: /m)
     expect(r.stdout).toMatch(/^CUDA driver: /m)
     const json = JSON.parse(detinfer(['info', '--json']).stdout)
+    expect(json.huggingFaceCache).toBe(hubCacheDir())
+    expect(r.stdout).toContain(`HF cache:      ${hubCacheDir()} (models by repo id, -m owner/name)`)
     expect(['cpu', 'cuda']).toContain(json.backend)
     expect(json.node).toBe(process.version)
     expect(Array.isArray(json.devices)).toBe(true)

@@ -42,6 +42,11 @@ describe('tokenizeAsync', () => {
     await expect(model.tokenizeAsync([{ role: 'user' }] as never)).rejects.toThrow(
       'Expected chat message {role, content} with string values for text[0] but received {"role":"user"} of type object',
     )
+    for (const bad of [[], [1, 2, 3]] as unknown[][]) {
+      const message = bad.length ? 'Expected chat message {role, content} with string values for text[0] but received 1' : 'Expected string or non-empty array of chat messages for text but received []'
+      expect(() => model.tokenize(bad as never)).toThrow(message)
+      await expect(model.tokenizeAsync(bad as never)).rejects.toThrow(message)
+    }
     await expect(model.tokenizeAsync('x', { timeoutMs: 0 })).rejects.toThrow('Expected integer between 1 and 2147483647 for timeoutMs but received 0')
     await expect(model.tokenizeAsync('x', { chat: 1 } as never)).rejects.toThrow('Expected boolean for chat but received 1 of type number')
     await expect(model.tokenizeAsync('x', { wait: 1 } as never)).rejects.toThrow('wait')
