@@ -61,6 +61,10 @@ export interface GenerateOptions {
   topLogprobs?: number
   /** Generation ends when the text contains one of these; the text is cut before it. */
   stop?: string | string[]
+  /** Generation also ends at these ids (kept in `tokens`, as EOS is). */
+  stopTokenIds?: number[]
+  /** Go on past the model's EOS ids (to maxTokens or a stop): for fixed-length benchmarks. */
+  ignoreEos?: boolean
   /** Wrap the prompt in the model's chat template as one user message. */
   chat?: boolean
   /**
@@ -119,6 +123,8 @@ export interface ResolvedGenerateOptions {
   sampling: SamplingParams | null
   topLogprobs: number
   stop: string[]
+  stopTokenIds: number[]
+  ignoreEos: boolean
   chat: boolean
   chatTemplateVariables?: ChatTemplateVariables
   signal?: AbortSignal
@@ -130,7 +136,21 @@ export function resolveGenerateOptions(
   options: unknown,
   limits: { contextLength: number; vocabSize: number; maxPositionEmbeddings?: number },
 ): ResolvedGenerateOptions {
-  const o = checkOptionKeys(options === undefined ? {} : options, ['maxTokens', 'temperature', 'seed', 'topK', 'topP', 'minP', 'topLogprobs', 'stop', 'chat', 'chatTemplateVariables', 'signal'])
+  const o = checkOptionKeys(options === undefined ? {} : options, [
+    'maxTokens',
+    'temperature',
+    'seed',
+    'topK',
+    'topP',
+    'minP',
+    'topLogprobs',
+    'stop',
+    'stopTokenIds',
+    'ignoreEos',
+    'chat',
+    'chatTemplateVariables',
+    'signal',
+  ])
 
   // More tokens than the context holds can never be served: a RequestTooLargeError, like every
   // request too large for the model, not a bad argument.
@@ -154,6 +174,13 @@ export function resolveGenerateOptions(
       throw invalidArgument('stop', 'non-empty string or array of non-empty strings', o.stop)
     stop = list as string[]
   }
+  let stopTokenIds: number[] = []
+  if (o.stopTokenIds !== undefined) {
+    if (!Array.isArray(o.stopTokenIds)) throw invalidArgument('stopTokenIds', 'array of token ids', o.stopTokenIds)
+    // Every index, holes included.
+    stopTokenIds = Array.from(o.stopTokenIds, (id, i) => checkInteger(`stopTokenIds[${i}]`, id, 0, limits.vocabSize - 1))
+  }
+  if (o.ignoreEos !== undefined && typeof o.ignoreEos !== 'boolean') throw invalidArgument('ignoreEos', 'boolean', o.ignoreEos)
   if (o.chat !== undefined && typeof o.chat !== 'boolean') throw invalidArgument('chat', 'boolean', o.chat)
   if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw invalidArgument('signal', 'AbortSignal', o.signal)
 
@@ -165,6 +192,8 @@ export function resolveGenerateOptions(
     sampling,
     topLogprobs,
     stop,
+    stopTokenIds,
+    ignoreEos: o.ignoreEos === true,
     chat: o.chat === true,
     ...(variables && { chatTemplateVariables: variables }),
     ...(o.signal ? { signal: o.signal as AbortSignal } : {}),
@@ -275,7 +304,8 @@ export function runGeneration(
   const tokens: number[] = []
   const logprobs: number[] = []
   const tops: TopLogprob[][] = []
-  const eos = new Set(tokenizer.eosTokenIds)
+  // The ids that end a generation: the model's EOS (unless ignored) and the caller's.
+  const stopIds = new Set([...(options.ignoreEos ? [] : tokenizer.eosTokenIds), ...options.stopTokenIds])
   const scheduled = scheduler.submit({
     kind: 'generate',
     prompt,
@@ -286,12 +316,12 @@ export function runGeneration(
       tokens.push(token)
       logprobs.push(logprob)
       if (top) tops.push(top)
-      const isEos = eos.has(token)
-      const isLast = isEos || tokens.length === options.maxTokens
+      const ends = stopIds.has(token)
+      const isLast = ends || tokens.length === options.maxTokens
       const piece = text.push(token, isLast)
-      const finishReason = isEos || text.stopped ? 'stop' : isLast ? 'length' : undefined
+      const finishReason = ends || text.stopped ? 'stop' : isLast ? 'length' : undefined
       onPiece?.({ text: piece, token, logprob, ...(top ? { topLogprobs: top } : {}), ...(finishReason && { finishReason }) })
-      return !(isEos || text.stopped)
+      return !(ends || text.stopped)
     },
   })
   const result = settledUnlessAborted(scheduled, signal).then(({ finishReason, timings }) => {

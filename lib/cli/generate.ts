@@ -17,6 +17,7 @@ interface GenerateFlags {
   minP?: number
   topLogprobs?: number
   stop?: string[]
+  ignoreEos?: boolean
   device: 'auto' | 'cpu' | 'cuda'
   cudaGraphs: boolean
   tensorParallel?: number
@@ -59,6 +60,7 @@ export function generateCommand(): Command {
     .option('--min-p <p>', 'sample among tokens at least p times as likely as the most likely one', number)
     .option('--top-logprobs <n>', 'with --json: the n most likely tokens and their log-probs at each position (0-20)', integer)
     .option('--stop <text>', 'stop when the text contains this (repeatable)', collect)
+    .option('--ignore-eos', "go on past the model's end-of-sequence token (to --max-tokens or a --stop)")
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--tensor-parallel <n>', 'emulate tensor parallelism over n ranks (1, 2, 4 or 8; above 1 on the CPU only): the same bits at every n', integer)
     .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
@@ -85,6 +87,7 @@ export function generateCommand(): Command {
         ...(flags.minP !== undefined && { minP: flags.minP }),
         ...(flags.topLogprobs !== undefined && { topLogprobs: flags.topLogprobs }),
         ...(flags.stop !== undefined && { stop: flags.stop }),
+        ...(flags.ignoreEos && { ignoreEos: true }),
         ...(flags.chat && { chat: true }),
         ...(flags.chatTemplateKwargs && { chatTemplateVariables: flags.chatTemplateKwargs }),
       }

@@ -211,6 +211,24 @@ describe('detinfer generate on a tiny model', () => {
     }
   })
 
+  it('--ignore-eos goes on past the end-of-sequence token, as the library does', async () => {
+    // The tiny model ends "the end" with EOS after 34 tokens.
+    const ended = JSON.parse(detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '60', '--json', 'the end']).stdout)
+    expect(ended.finishReason).toBe('stop')
+    const r = detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '60', '--json', '--ignore-eos', 'the end'])
+    expect(r.code, r.stderr).toBe(0)
+    const out = JSON.parse(r.stdout)
+    expect(out.finishReason).toBe('length')
+    expect(out.tokens.length).toBe(60)
+    expect(out.tokens.slice(0, ended.tokens.length)).toEqual(ended.tokens)
+    const model = await loadModel(dir, { device: 'cpu' })
+    try {
+      expect(out.tokens).toEqual((await model.generate('the end', { maxTokens: 60, ignoreEos: true })).tokens)
+    } finally {
+      await model.dispose()
+    }
+  })
+
   it('streams the same text to stdout, with the prompt from an argument, a file or stdin', () => {
     const json = JSON.parse(detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '12', '--json', 'once upon']).stdout)
     const streamed = detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '12', 'once upon'])

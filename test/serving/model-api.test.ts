@@ -4,7 +4,7 @@ import { describe, expect, it } from 'vitest'
 import { DisposedError, RequestTooLargeError } from '../../lib/errors.js'
 import type { TextTokenizer } from '../../lib/generate.js'
 import { Model } from '../../lib/api.js'
-import { ContextHashModel, charTokenizer } from './context-hash-model.js'
+import { ContextHashModel, EOS, charTokenizer } from './context-hash-model.js'
 
 function makeModel() {
   const forward = new ContextHashModel({ kvBlocks: 512, kvBlockSize: 4, maxBatchTokens: 32, context: 4096 })
@@ -31,7 +31,7 @@ describe('Model argument validation', () => {
     [{ topLogprobs: 2.5 }, 'Expected integer between 0 and 20 for topLogprobs but received 2.5 of type number'],
     [{ chat: 'yes' }, 'Expected boolean for chat but received "yes" of type string'],
     [{ signal: 'stop' }, 'Expected AbortSignal for signal but received "stop" of type string'],
-    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, minP, topLogprobs, stop, chat, chatTemplateVariables, signal for options but received "maxToken" of type string'],
+    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, minP, topLogprobs, stop, stopTokenIds, ignoreEos, chat, chatTemplateVariables, signal for options but received "maxToken" of type string'],
   ])('generate rejects %j', async (options, message) => {
     await expect(model.generate('abc', options as never)).rejects.toThrow(message)
   })
@@ -229,5 +229,43 @@ describe('Model: what a caller passes is checked before anything runs', () => {
       process.off('warning', onWarning)
       await model.dispose()
     }
+  })
+})
+
+describe('stopTokenIds and ignoreEos', () => {
+  it('end a generation at the given ids too, or go on past EOS to maxTokens, with the same tokens before', async () => {
+    const forward = new ContextHashModel({ kvBlocks: 512, kvBlockSize: 4, maxBatchTokens: 32, context: 4096 })
+    forward.eosBias = 5 // EOS comes within a few tokens
+    const model = new Model({ forward, tokenizer: charTokenizer, path: 'context-hash' }, { maxBatchSize: 8, prefillChunkSize: 8 })
+    try {
+      const ended = await model.generate('to be or', { maxTokens: 64 })
+      expect(ended.finishReason).toBe('stop')
+      expect(ended.tokens.at(-1)).toBe(EOS)
+      const past = await model.generate('to be or', { maxTokens: ended.tokens.length + 8, ignoreEos: true })
+      expect(past.finishReason).toBe('length')
+      expect(past.tokens.length).toBe(ended.tokens.length + 8)
+      expect(past.tokens.slice(0, ended.tokens.length)).toEqual(ended.tokens)
+      expect(past.logprobs.slice(0, ended.tokens.length)).toEqual(ended.logprobs)
+      // A stop id ends it at its first occurrence, which stays in the tokens (as EOS does).
+      const id = past.tokens.find((t, i) => t !== EOS && i > 0)!
+      const at = past.tokens.indexOf(id)
+      const stopped = await model.generate('to be or', { maxTokens: past.tokens.length, ignoreEos: true, stopTokenIds: [id] })
+      expect(stopped.finishReason).toBe('stop')
+      expect(stopped.tokens).toEqual(past.tokens.slice(0, at + 1))
+      const streamed: number[] = []
+      for await (const piece of model.stream('to be or', { maxTokens: past.tokens.length, ignoreEos: true, stopTokenIds: [id] })) streamed.push(piece.token)
+      expect(streamed).toEqual(stopped.tokens)
+    } finally {
+      await model.dispose()
+    }
+  })
+
+  it('are checked like the other options', async () => {
+    const { model } = makeModel()
+    await expect(model.generate('ab', { stopTokenIds: 3 } as never)).rejects.toThrow('Expected array of token ids for stopTokenIds but received 3 of type number')
+    await expect(model.generate('ab', { stopTokenIds: [1, 99] })).rejects.toThrow('Expected integer between 0 and 31 for stopTokenIds[1] but received 99 of type number')
+    await expect(model.generate('ab', { stopTokenIds: [1, , 2] as number[] })).rejects.toThrow('for stopTokenIds[1] but received undefined')
+    await expect(model.generate('ab', { ignoreEos: 'yes' } as never)).rejects.toThrow('Expected boolean for ignoreEos but received "yes" of type string')
+    await model.dispose()
   })
 })
