@@ -399,12 +399,6 @@ export class Tokenizer {
     return this.checkChatIds(this.encode(this.applyChatTemplate(messages, { ...variables }), { addSpecialTokens: false }), messages)
   }
 
-  /** encodePrompt() with the text encoded in the worker thread (the chat template renders in its own). */
-  encodePromptAsync(text: string, chat: boolean, options: EncodeRequestOptions & { variables?: ChatTemplateVariables } = {}): Promise<number[]> {
-    if (!chat) return this.encodeAsync(text, options)
-    return this.encodeChatAsync([{ role: 'user', content: text }], options)
-  }
-
   /** encodeChat() with the text encoded in the worker thread. */
   async encodeChatAsync(messages: ChatMessage[], options: EncodeRequestOptions & { variables?: ChatTemplateVariables } = {}): Promise<number[]> {
     const { variables, ...encode } = options

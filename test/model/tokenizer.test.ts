@@ -311,7 +311,7 @@ describe('encoding off the calling thread', () => {
       const asked = texts.flatMap((text) => [
         t.encodeAsync(text),
         t.encodeAsync(text, { addSpecialTokens: false }),
-        t.encodePromptAsync(text, true),
+        t.encodeChatAsync([{ role: 'user', content: text }]),
       ])
       const got = await Promise.all(asked)
       expect(got).toEqual(texts.flatMap((text) => [t.encode(text), t.encode(text, { addSpecialTokens: false }), t.encodePrompt(text, true)]))
