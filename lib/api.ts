@@ -24,7 +24,7 @@ import { loadModelConfig, type ModelConfig } from './model/config.js'
 import { Transformer } from './model/transformer.js'
 import type { LoadProgress } from './model/weights.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
-import { Tokenizer, type ChatMessage, type ChatTemplateVariables } from './tokenizer.js'
+import { Tokenizer, type ChatMessage, type ChatTemplateVariables, type ChatToolCall } from './tokenizer.js'
 import type { EncodeRequestOptions } from './encode-worker.js'
 
 /** Directory name of the model shipped under models/. */
@@ -376,7 +376,18 @@ function checkMessages(name: string, messages: unknown[]): asserts messages is C
     const m = messages[i] as ChatMessage | undefined // a hole reads as undefined
     if (typeof m !== 'object' || m === null || typeof m.role !== 'string' || typeof m.content !== 'string')
       throw invalidArgument(`${name}[${i}]`, 'chat message {role, content} with string values', m)
+    if (m.tool_calls !== undefined) checkToolCalls(`${name}[${i}].tool_calls`, m.tool_calls)
   }
+}
+
+function checkToolCalls(name: string, calls: unknown): void {
+  if (!Array.isArray(calls)) throw invalidArgument(name, 'array of tool calls {function: {name, arguments}}', calls)
+  calls.forEach((call: unknown, j) => {
+    const f = (call as ChatToolCall | null)?.function
+    const args = f?.arguments
+    if (typeof f?.name !== 'string' || (typeof args !== 'string' && (typeof args !== 'object' || args === null || Array.isArray(args))))
+      throw invalidArgument(`${name}[${j}]`, 'tool call {function: {name, arguments}} with a string name and arguments a JSON string or an object', call)
+  })
 }
 
 /** `options` as an object of only the given keys, each of its type when present ('checked' ones the caller checks). */

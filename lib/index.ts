@@ -2,7 +2,7 @@
 export { loadModel, defaultModelPath, Model } from './api.js'
 export type { LoadModelOptions, LoadProgress, Prompt, ScoreOptions, ScoreResult, TokenizeAsyncOptions, TokenizeOptions } from './api.js'
 export type { TopLogprob } from './model/output-head.js'
-export type { ChatMessage, ChatTemplateVariables } from './tokenizer.js'
+export type { ChatMessage, ChatTemplateVariables, ChatToolCall } from './tokenizer.js'
 export type { GenerateOptions, GenerateResult, GenerationTimings, StreamPiece } from './generate.js'
 export type { SchedulerLoad } from './scheduler.js'
 export { DisposedError, NonFiniteLogitsError, RequestTooLargeError } from './errors.js'

@@ -27,6 +27,18 @@ export interface ChatMessage {
   content: string
   /** A tool message's call id, handed to the chat template like the rest of the message. */
   tool_call_id?: string
+  /** An assistant message's tool calls, in the OpenAI API's shape, as tool-use chat templates read them. */
+  tool_calls?: ChatToolCall[]
+}
+
+/**
+ * A call an assistant message made. Templates read `function.name` and `function.arguments`:
+ * Qwen's and Hermes' write a string of arguments as it is and an object through tojson.
+ */
+export interface ChatToolCall {
+  id?: string
+  type?: 'function'
+  function: { name: string; arguments: string | Record<string, unknown> }
 }
 
 type Json = Record<string, unknown>

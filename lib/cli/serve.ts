@@ -7,6 +7,7 @@ import { Command, Option } from 'commander'
 import { defaultModelPath, loadModelFrom, readModelDir, type LoadModelOptions, type Model } from '../api.js'
 import { InferenceServer } from '../server/app.js'
 import { hashModelFiles, systemFingerprint } from '../server/fingerprint.js'
+import { TOOL_CALL_PARSERS, type ToolCallParser } from '../server/tool-calls.js'
 import { packageVersion } from './package-info.js'
 import { integer, positive } from './parse.js'
 
@@ -30,6 +31,7 @@ interface ServeFlags {
   apiKey?: string
   bodyLimit: number
   shutdownTimeout: number
+  toolCallParser?: ToolCallParser
 }
 
 function log(line: string): void {
@@ -55,6 +57,9 @@ export function serveCommand(): Command {
     .addOption(new Option('--api-key <key>', 'require Authorization: Bearer <key> on every route but /health and /metrics').env(API_KEY_ENV))
     .option('--body-limit <bytes>', 'largest request body', positive, 4 * 1024 * 1024)
     .option('--shutdown-timeout <seconds>', 'on SIGINT/SIGTERM, how long requests in flight may take to finish', integer, 30)
+    .addOption(
+      new Option('--tool-call-parser <format>', 'read tool calls in chat answers (hermes: the <tool_call> blocks of Qwen2.5, Qwen3 and Hermes models); without it, chat requests with tools are refused unless tool_choice is "none"').choices(TOOL_CALL_PARSERS),
+    )
     .action(async (flags: ServeFlags) => {
       if (flags.port < 0 || flags.port > 65535) throw new Error(`Expected integer between 0 and 65535 for --port but received ${flags.port}`)
       if (flags.maxQueued < 0) throw new Error(`Expected integer of at least 0 for --max-queued but received ${flags.maxQueued}`)
@@ -69,6 +74,7 @@ export function serveCommand(): Command {
         ...(flags.apiKey && { apiKey: flags.apiKey }),
         maxQueued: flags.maxQueued,
         bodyLimit: flags.bodyLimit,
+        ...(flags.toolCallParser && { toolCallParser: flags.toolCallParser }),
       })
       const address = await server.app.listen({ host: flags.host, port: flags.port })
       log(`listening on ${address} (GET /health answers 503 until the model is loaded)`)

@@ -17,9 +17,11 @@ import { ServerMetrics } from './metrics.js'
 import {
   completionResponse,
   streamChunk,
+  toolCallChunk,
   usageChunk,
   TokenTexts,
   type Endpoint,
+  type FinishReason,
   type FinishedChoice,
   type PromptRecord,
   type ResponseHeader,
@@ -35,7 +37,9 @@ import {
   type CompletionBody,
   type DetokenizeBody,
   type TokenizeBody,
+  type ToolBody,
 } from './schemas.js'
+import { parseHermesToolCalls, toolCallId, withIds, ToolCallStream, type ToolCall, type ToolCallParser } from './tool-calls.js'
 
 const MAX_SEED = 0xffffffff
 /** max_tokens of /v1/completions when the request gives none (OpenAI's default). */
@@ -54,6 +58,11 @@ export interface ServerOptions {
   bodyLimit: number
   /** Seconds a client is told to wait after a 429. */
   retryAfterSeconds?: number
+  /**
+   * How chat answers are read for tool calls (`--tool-call-parser`); without it, requests that
+   * let the model call tools are refused.
+   */
+  toolCallParser?: ToolCallParser
 }
 
 interface Loaded {
@@ -219,7 +228,7 @@ export class InferenceServer {
       // A chat template places its own special tokens; adding BOS on top is not offered.
       if (body.add_special_tokens === true)
         throw invalidRequest('Expected false or null for add_special_tokens with messages (the chat template places its special tokens) but received true', 'add_special_tokens', 'invalid_value')
-      const source = this.chatPrompt({ messages: body.messages, chat_template_kwargs: body.chat_template_kwargs ?? null }, loaded)
+      const source = this.chatPrompt({ messages: body.messages, chat_template_kwargs: body.chat_template_kwargs ?? null, tools: body.tools ?? null }, loaded)
       tokens = await this.encodeSource(source, 'messages', loaded, undefined)
     } else {
       this.checkTextSize([body.prompt!], 'prompt', loaded)
@@ -367,8 +376,10 @@ export class InferenceServer {
     }
     let logprobs = false
     let topLogprobs = 0
+    let toolCalls: ToolCallPlan | null = null
     if (endpoint === 'chat') {
       const chat = body as ChatCompletionBody
+      toolCalls = this.toolCallPlan(chat)
       logprobs = chat.logprobs === true
       topLogprobs = chat.top_logprobs ?? 0
       if (topLogprobs > 0 && !logprobs) throw invalidRequest('Expected logprobs: true for logprobs when top_logprobs is given but received ' + String(chat.logprobs ?? 'undefined'), 'logprobs', 'invalid_value')
@@ -401,8 +412,36 @@ export class InferenceServer {
       echo,
       stream: body.stream === true,
       includeUsage: body.stream === true && body.stream_options?.include_usage === true,
+      toolCalls,
       ...(seed !== undefined && { seed }),
     }
+  }
+
+  /**
+   * Whether and how the answers are read for tool calls: with tools and tool_choice "auto" (the
+   * default with tools), by the server's parser; with "none", the tools are still rendered into
+   * the prompt (as vLLM does) and nothing is parsed. Forcing a call ("required", a named function)
+   * would need constrained decoding, which is refused rather than left to chance.
+   */
+  private toolCallPlan(body: ChatCompletionBody): ToolCallPlan | null {
+    const choice = body.tool_choice ?? null
+    if (choice === 'required' || (choice !== null && typeof choice === 'object'))
+      throw invalidRequest(
+        `Unsupported value for tool_choice: ${choice === 'required' ? '"required"' : 'a named function'} (forcing a tool call needs constrained decoding, ` +
+          `which detinfer does not have); use "auto" (the model decides) or "none"`,
+        'tool_choice',
+        'unsupported_parameter',
+      )
+    if (!body.tools?.length || choice === 'none') return null
+    if (!this.options.toolCallParser)
+      throw invalidRequest(
+        'Tool calling is off on this server: start it with --tool-call-parser hermes to have tool calls read from the answers ' +
+          '(or send tool_choice: "none" to only show the tools to the model)',
+        'tools',
+        'unsupported_parameter',
+      )
+    // parallel_tool_calls: false keeps the first call; the model itself is not held to one.
+    return { limit: body.parallel_tool_calls === false ? 1 : Infinity }
   }
 
   /** The draft's prompts as token ids; texts are encoded in the tokenizer's worker thread, in turn with other requests'. */
@@ -458,6 +497,7 @@ export class InferenceServer {
       logprobs: draft.logprobs,
       stream: draft.stream,
       includeUsage: draft.includeUsage,
+      toolCalls: draft.toolCalls,
       promptTokens: prompts.reduce((a, ids) => a + ids.length, 0),
       ...(seed !== undefined && { seed }),
     }
@@ -483,15 +523,18 @@ export class InferenceServer {
     return { text, records }
   }
 
-  private chatPrompt(body: Pick<ChatCompletionBody, 'messages' | 'chat_template_kwargs'>, loaded: Loaded): TextSource {
-    const variables: ChatTemplateVariables | undefined = body.chat_template_kwargs ?? undefined
-    for (const key of REQUEST_TEMPLATE_VARIABLES)
-      if (variables && Object.hasOwn(variables, key))
+  private chatPrompt(body: Pick<ChatCompletionBody, 'messages' | 'chat_template_kwargs' | 'tools'>, loaded: Loaded): TextSource {
+    const kwargs = body.chat_template_kwargs ?? undefined
+    for (const key of [...REQUEST_TEMPLATE_VARIABLES, 'tools'])
+      if (kwargs && Object.hasOwn(kwargs, key))
         throw invalidRequest(
-          `Unsupported request argument supplied: chat_template_kwargs.${key} (the request's messages and its generation prompt set it)`,
+          `Unsupported request argument supplied: chat_template_kwargs.${key} (${key === 'tools' ? "the request's tools set it" : "the request's messages and its generation prompt set it"})`,
           `chat_template_kwargs.${key}`,
           'unsupported_parameter',
         )
+    // The tools as the request gives them: Qwen's and Hermes' templates write each with tojson.
+    const tools: readonly ToolBody[] | undefined = body.tools?.length ? body.tools : undefined
+    const variables: ChatTemplateVariables | undefined = tools ? { ...kwargs, tools } : kwargs
     const messages: ChatMessage[] = body.messages.map((m, i) => {
       if (m.name !== undefined)
         throw invalidRequest(
@@ -499,14 +542,24 @@ export class InferenceServer {
           `messages[${i}].name`,
           'unsupported_parameter',
         )
+      if (m.tool_calls !== undefined && m.role !== 'assistant')
+        throw invalidRequest(
+          `Unsupported request argument supplied: messages[${i}].tool_calls (only assistant messages carry tool calls)`,
+          `messages[${i}].tool_calls`,
+          'unsupported_parameter',
+        )
       return {
         // "developer" is OpenAI's newer name for the system role; chat templates know "system".
         role: m.role === 'developer' ? 'system' : m.role,
+        // An assistant message with tool calls may have null content, which templates take as ''.
         content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((part) => part.text).join(''),
         ...(m.tool_call_id !== undefined && { tool_call_id: m.tool_call_id }),
+        // Arguments stay the JSON text the client sends (Qwen's template writes a string as it is).
+        ...(m.tool_calls?.length && { tool_calls: m.tool_calls.map((c) => ({ id: c.id, type: c.type, function: { name: c.function.name, arguments: c.function.arguments } })) }),
       }
     })
-    this.checkTextSize(messages.map((m) => m.content), 'messages', loaded)
+    const calls = messages.flatMap((m) => (m.tool_calls ?? []).map((c) => `${c.function.name}${c.function.arguments}`))
+    this.checkTextSize([...messages.map((m) => m.content), ...calls, ...(tools ? [JSON.stringify(tools)] : [])], 'messages', loaded)
     return { messages, name: 'messages', ...(variables && { variables }) }
   }
 
@@ -589,9 +642,19 @@ export class InferenceServer {
         }),
       ),
     )
+    if (plan.toolCalls) for (const [k, f] of finished.entries()) this.readToolCalls(plan.toolCalls, plan.choices[k]!, f)
     this.metrics.promptTokens.inc(plan.promptTokens)
     const generated = finished.map((f, k) => f.records.length - (plan.choices[k]!.echo?.records.length ?? 0))
     await reply.send(completionResponse(endpoint, run.head, finished, plan.logprobs, run.loaded.texts, usageFromCounts(plan, generated)))
+  }
+
+  /** A whole chat answer's tool calls, when its text has any: the content becomes the text before them. */
+  private readToolCalls(tools: ToolCallPlan, choice: ChoicePlan, f: FinishedChoice): void {
+    const parsed = parseHermesToolCalls(f.text)
+    if (!parsed) return
+    const generated = f.records.map((r) => r.token)
+    f.toolCalls = { content: parsed.content, calls: withIds(parsed, tools.limit, (i) => toolCallId(choice.prompt, choice.index, generated, i)) }
+    if (f.finishReason === 'stop') f.finishReason = 'tool_calls'
   }
 
   private async streamAnswer(endpoint: Endpoint, run: ChoiceRun, reply: FastifyReply) {
@@ -608,6 +671,8 @@ export class InferenceServer {
     }
     const counts = plan.choices.map(() => 0)
     const offsets = plan.choices.map(() => 0)
+    // With a tool-call parser, content goes out until a call begins; the calls come at the end.
+    const toolStreams = plan.toolCalls ? plan.choices.map(() => ({ text: new ToolCallStream(), generated: [] as number[] })) : null
     // An echoed prompt comes first, as one chunk (with max_tokens 0, the last one).
     plan.choices.forEach((choice, k) => {
       if (!choice.echo) return
@@ -620,13 +685,33 @@ export class InferenceServer {
     await Promise.all(
       plan.choices.map((choice, k) =>
         this.runChoice(run, k, (p) => {
-          // A token whose text is held back (an incomplete character) is sent with the next one,
-          // unless its log-probs were asked for.
-          if (!p.text && !plan.logprobs && !p.finishReason && counts[k]! > 0) return void counts[k]!++
-          const piece = { text: p.text, records: [p.record], textOffset: offsets[k]!, first: counts[k] === 0, finishReason: p.finishReason }
-          send(streamChunk(endpoint, head, choice.index, piece, plan.logprobs, loaded.texts, plan.includeUsage))
+          let text = p.text
+          let calls: { finishReason: FinishReason; list: ToolCall[] } | null = null
+          const tools = toolStreams?.[k]
+          if (tools) {
+            tools.generated.push(p.record.token)
+            text = tools.text.push(p.text)
+            if (p.finishReason) {
+              const end = tools.text.finish()
+              text += end.content
+              const ids = (i: number) => toolCallId(choice.prompt, choice.index, tools.generated, i)
+              if (end.parsed) calls = { finishReason: p.finishReason === 'stop' ? 'tool_calls' : p.finishReason, list: withIds(end.parsed, plan.toolCalls!.limit, ids) }
+            }
+          }
+          // A token whose text is held back (an incomplete character, or what may be a tool call)
+          // is sent with the next one, unless its log-probs were asked for.
+          const finishReason = calls ? null : p.finishReason
+          if (text || plan.logprobs || finishReason || counts[k] === 0) {
+            const piece = { text, records: [p.record], textOffset: offsets[k]!, first: counts[k] === 0, finishReason }
+            send(streamChunk(endpoint, head, choice.index, piece, plan.logprobs, loaded.texts, plan.includeUsage))
+          }
           counts[k]!++
-          offsets[k]! += p.text.length
+          offsets[k]! += text.length
+          // The calls, each whole, then the finish reason.
+          if (calls) {
+            calls.list.forEach((call, i) => send(toolCallChunk(head, choice.index, { index: i, call }, null, plan.includeUsage)))
+            send(toolCallChunk(head, choice.index, null, calls.finishReason, plan.includeUsage))
+          }
         }).catch((err) => {
           failure ??= err
         }),
@@ -731,7 +816,14 @@ interface Draft {
   echo: boolean
   stream: boolean
   includeUsage: boolean
+  /** chat: how the answers are read for tool calls (null: they are not). */
+  toolCalls: ToolCallPlan | null
   seed?: number
+}
+
+interface ToolCallPlan {
+  /** Calls kept of an answer (1 with parallel_tool_calls: false). */
+  limit: number
 }
 
 interface Plan {
@@ -739,6 +831,7 @@ interface Plan {
   logprobs: boolean
   stream: boolean
   includeUsage: boolean
+  toolCalls: ToolCallPlan | null
   promptTokens: number
   seed?: number
 }

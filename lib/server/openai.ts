@@ -1,6 +1,7 @@
 // The OpenAI wire format: response bodies, stream chunks and log-probs of /v1/completions and
 // /v1/chat/completions, built from what the library returns.
 import type { Model } from '../api.js'
+import type { ToolCall } from './tool-calls.js'
 
 export type Endpoint = 'completions' | 'chat'
 
@@ -106,8 +107,12 @@ export interface FinishedChoice {
   text: string
   /** The echoed prompt's tokens (with echo and logprobs), then the completion's. */
   records: PromptRecord[]
-  finishReason: 'stop' | 'length'
+  finishReason: FinishReason
+  /** chat with a tool-call parser, when the text held calls: the content before them and the calls. */
+  toolCalls?: { content: string | null; calls: ToolCall[] }
 }
+
+export type FinishReason = 'stop' | 'length' | 'tool_calls'
 
 export function completionResponse(
   endpoint: Endpoint,
@@ -123,7 +128,7 @@ export function completionResponse(
       object: 'chat.completion',
       choices: choices.map((c) => ({
         index: c.index,
-        message: { role: 'assistant', content: c.text },
+        message: c.toolCalls ? { role: 'assistant', content: c.toolCalls.content, tool_calls: c.toolCalls.calls } : { role: 'assistant', content: c.text },
         logprobs: logprobs ? chatLogprobs(c.records as TokenRecord[], texts) : null,
         finish_reason: c.finishReason,
       })),
@@ -147,7 +152,7 @@ export function streamChunk(
   endpoint: Endpoint,
   head: ResponseHeader,
   index: number,
-  piece: { text: string; records: PromptRecord[]; textOffset: number; first: boolean; finishReason: 'stop' | 'length' | null },
+  piece: { text: string; records: PromptRecord[]; textOffset: number; first: boolean; finishReason: FinishReason | null },
   logprobs: boolean,
   texts: TokenTexts,
   withUsageField: boolean,
@@ -181,6 +186,20 @@ export function streamChunk(
       },
     ],
     ...usage,
+  }
+}
+
+/**
+ * A streamed chat choice's tool call, whole, in OpenAI's delta shape (the openai client's helpers
+ * join the deltas of one index); `finishReason` goes on a chunk with an empty delta.
+ */
+export function toolCallChunk(head: ResponseHeader, index: number, call: { index: number; call: ToolCall } | null, finishReason: FinishReason | null, withUsageField: boolean) {
+  const delta = call ? { tool_calls: [{ index: call.index, ...call.call }] } : {}
+  return {
+    ...head,
+    object: 'chat.completion.chunk',
+    choices: [{ index, delta, logprobs: null, finish_reason: finishReason }],
+    ...(withUsageField ? { usage: null } : {}),
   }
 }
 

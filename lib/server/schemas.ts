@@ -76,6 +76,27 @@ export const completionBody = {
   },
 } as const
 
+const toolName = { type: 'string', pattern: '^[a-zA-Z0-9_-]{1,64}$', description: 'name of 1 to 64 letters, digits, underscores and dashes' }
+
+/** A call of an earlier assistant message, as the OpenAI API gives it back. */
+const messageToolCall = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['id', 'type', 'function'],
+  description: 'tool call {id, type: "function", function: {name, arguments}}',
+  properties: {
+    id: { type: 'string', description: 'string' },
+    type: { const: 'function', description: "'function'" },
+    function: {
+      type: 'object',
+      additionalProperties: false,
+      required: ['name', 'arguments'],
+      description: 'function call {name, arguments}',
+      properties: { name: { type: 'string', description: 'string' }, arguments: { type: 'string', description: 'string (the arguments as JSON)' } },
+    },
+  },
+}
+
 const textPart = {
   type: 'object',
   additionalProperties: false,
@@ -98,6 +119,36 @@ const message = {
     // Refused with its own message by the handler (a chat template has no place for it).
     name: { type: 'string', description: 'string' },
     tool_call_id: { type: 'string', description: 'string' },
+    // An assistant's earlier calls (the handler refuses them on other roles).
+    tool_calls: { type: 'array', items: messageToolCall, description: 'array of tool calls {id, type: "function", function: {name, arguments}}' },
+    // What the openai client's helpers (stream, runTools) leave in the assistant messages they
+    // return and send back.
+    refusal: { enum: [null], description: 'null (refusals are not supported)' },
+    parsed: { enum: [null], description: 'null (structured output is not supported)' },
+  },
+}
+
+/** A tool the model may call, as OpenAI's API takes it. */
+const tool = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['type', 'function'],
+  description: 'tool {type: "function", function: {name, description, parameters}}',
+  properties: {
+    type: { const: 'function', description: "'function'" },
+    function: {
+      type: 'object',
+      additionalProperties: false,
+      required: ['name'],
+      description: 'function {name, description, parameters}',
+      properties: {
+        name: toolName,
+        description: { type: 'string', description: 'string' },
+        parameters: { type: 'object', description: 'JSON Schema object' },
+        // Adherence to the schema would need constrained decoding.
+        strict: { enum: [false, null], description: 'false or null (strict schema adherence needs constrained decoding, which detinfer does not have)' },
+      },
+    },
   },
 }
 
@@ -119,6 +170,13 @@ export const chatCompletionBody = {
     },
     // vLLM's extension: variables for the chat template (Qwen3's enable_thinking, for instance).
     chat_template_kwargs: { type: nullable('object'), description: 'object of chat template variables or null' },
+    tools: { type: nullable('array'), items: tool, description: 'array of tools {type: "function", function: {name, description, parameters}} or null' },
+    // The handler refuses 'required' and a named function (constrained decoding) with their own message.
+    tool_choice: {
+      description: "'none', 'auto', 'required', a named function {type: 'function', function: {name}} or null",
+      anyOf: [{ enum: ['none', 'auto', 'required', null] }, { type: 'object' }],
+    },
+    parallel_tool_calls: { type: nullable('boolean'), description: 'boolean or null' },
     response_format: {
       type: nullable('object'),
       additionalProperties: false,
@@ -142,6 +200,7 @@ export const tokenizeBody = {
     model: { type: 'string', description: 'string naming the served model (see GET /v1/models)' },
     prompt: { type: 'string', description: 'string' },
     messages: { type: 'array', items: message, minItems: 1, description: 'non-empty array of chat messages {role, content}' },
+    tools: { type: nullable('array'), items: tool, description: 'array of tools {type: "function", function: {name, description, parameters}} or null' },
     add_special_tokens: { type: nullable('boolean'), description: 'boolean or null' },
     add_generation_prompt: { enum: [true, null], description: 'true or null (a conversation is tokenized up to the assistant\'s turn)' },
     chat_template_kwargs: { type: nullable('object'), description: 'object of chat template variables or null' },
@@ -183,10 +242,16 @@ export interface CompletionBody extends SamplingBody {
   echo?: boolean | null
 }
 
+export interface ToolBody {
+  type: 'function'
+  function: { name: string; description?: string; parameters?: Record<string, unknown>; strict?: false | null }
+}
+
 export interface TokenizeBody {
   model?: string
   prompt?: string
   messages?: ChatMessageBody[]
+  tools?: ToolBody[] | null
   chat_template_kwargs?: Record<string, unknown> | null
   add_special_tokens?: boolean | null
 }
@@ -201,11 +266,17 @@ export interface ChatMessageBody {
   content: string | { type: 'text'; text: string }[] | null
   name?: string
   tool_call_id?: string
+  tool_calls?: { id: string; type: 'function'; function: { name: string; arguments: string } }[]
+  refusal?: null
+  parsed?: null
 }
 
 export interface ChatCompletionBody extends SamplingBody {
   messages: ChatMessageBody[]
   chat_template_kwargs?: Record<string, unknown> | null
+  tools?: ToolBody[] | null
+  tool_choice?: 'none' | 'auto' | 'required' | Record<string, unknown> | null
+  parallel_tool_calls?: boolean | null
   max_completion_tokens?: number | null
   logprobs?: boolean | null
   top_logprobs?: number | null

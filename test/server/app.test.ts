@@ -1,17 +1,20 @@
-// The server in-process (Fastify's inject, no socket): /health while the model loads, and streamed
-// text that never splits a multi-byte character, with a scripted forward pass that makes the
-// shipped tokenizer's byte tokens come out one by one.
-import { cpSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+// The server in-process (Fastify's inject, or a socket for the openai client): /health while the
+// model loads, streamed text that never splits a multi-byte character, and tool calls, with a
+// scripted forward pass that makes the shipped tokenizer's tokens come out as the test wants.
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import OpenAI from 'openai'
+import type { ChatCompletionCreateParamsNonStreaming, ChatCompletionMessageParam, ChatCompletionTool } from 'openai/resources/chat/completions'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { defaultModelPath, loadModel, Model } from '../../lib/api.js'
 import type { ForwardModel, SequenceChunk, StepTokens, TokenChoice } from '../../lib/scheduler.js'
 import { chooseOnLogits } from '../../lib/model/output-head.js'
 import { InferenceServer } from '../../lib/server/app.js'
+import { pythonJson } from '../../lib/server/tool-calls.js'
 import { systemFingerprint } from '../../lib/server/fingerprint.js'
 import { tensorFrom } from '../../lib/tensor.js'
-import { Tokenizer } from '../../lib/tokenizer.js'
+import { Tokenizer, type ChatMessage } from '../../lib/tokenizer.js'
 import type { NativeTensor } from '../../lib/native.js'
 
 /** Logits that make `script[i]` the greedy choice at generated position i (after a prompt of `promptLength` tokens). */
@@ -25,8 +28,9 @@ class ScriptedModel implements ForwardModel {
 
   constructor(
     vocabSize: number,
-    private readonly promptLength: number,
-    private readonly script: number[],
+    /** Set before a request whose prompt has another length, or for another script. */
+    public promptLength: number,
+    public script: number[],
     private readonly eos: number,
   ) {
     this.config = { vocabSize, maxPositionEmbeddings: 1024 }
@@ -181,5 +185,256 @@ describe('system_fingerprint', () => {
     expect(tp[0]).not.toBe(unset)
     expect(systemFingerprint('ac', '1.0.0', 'cpu')).not.toBe(unset)
     expect(systemFingerprint('ab', '1.0.1', 'cpu')).not.toBe(unset)
+  })
+})
+
+// Tool calls. The shipped tokenizer gets <tool_call> and </tool_call> as added tokens that are not
+// special (as in Qwen's tokenizer.json, where skip_special_tokens keeps them in the text), and a
+// chat template that renders tools, an assistant's tool calls and a tool message's call id.
+const TOOL_TAG_IDS = [4094, 4095]
+const TOOL_TEMPLATE =
+  // (A newline right after a block tag is dropped, as Hugging Face renders templates: hence {{ '\n' }}.)
+  "{% if tools %}<|im_start|>system\n<tools>{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}</tools><|im_end|>\n{% endif %}" +
+  "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}" +
+  '{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>\n{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments }}}\n</tool_call>{% endfor %}{% endif %}' +
+  "{% if m.tool_call_id %} [{{ m.tool_call_id }}]{% endif %}<|im_end|>\n{% endfor %}" +
+  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+
+function toolModelDir(): string {
+  const dir = mkdtempSync(join(tmpdir(), 'detinfer-tools-'))
+  cpSync(defaultModelPath, dir, { recursive: true })
+  const file = join(dir, 'tokenizer.json')
+  const t = JSON.parse(readFileSync(file, 'utf8'))
+  const vocab = t.model.vocab as Record<string, number>
+  // The tags take the places of the vocabulary's last two pieces, and of the merges that make them.
+  const gone = new Set(Object.keys(vocab).filter((piece) => TOOL_TAG_IDS.includes(vocab[piece]!)))
+  for (const piece of gone) delete vocab[piece]
+  t.model.merges = (t.model.merges as (string | string[])[]).filter((m) => {
+    const [a, b] = typeof m === 'string' ? m.split(' ') : m
+    return !gone.has(a! + b!) && !gone.has(a!) && !gone.has(b!)
+  })
+  t.added_tokens.push(
+    ...['<tool_call>', '</tool_call>'].map((content, i) => ({ id: TOOL_TAG_IDS[i], content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: false })),
+  )
+  writeFileSync(file, JSON.stringify(t))
+  writeFileSync(join(dir, 'chat_template.jinja'), TOOL_TEMPLATE)
+  return dir
+}
+
+const TOOLS: ChatCompletionTool[] = [
+  {
+    type: 'function',
+    function: {
+      name: 'get_weather',
+      description: 'The weather in a city',
+      parameters: { type: 'object', properties: { city: { type: 'string' }, unit: { enum: ['celsius', 'fahrenheit'] } }, required: ['city'] },
+    },
+  },
+  { type: 'function', function: { name: 'get_time', parameters: { type: 'object', properties: { zone: { type: 'string' } } } } },
+]
+const WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+const TIME = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "Europe/Paris"}}\n</tool_call>'
+const ONE_CALL = `Let me look.\n${WEATHER}`
+const TWO_CALLS = `${WEATHER}\n${TIME}`
+const MALFORMED = 'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>'
+const ID = expect.stringMatching(/^call_[0-9a-f]{24}$/)
+const weatherCall = { id: ID, type: 'function', function: { name: 'get_weather', arguments: '{"city": "Paris", "unit": "celsius"}' } }
+const timeCall = { id: ID, type: 'function', function: { name: 'get_time', arguments: '{"zone": "Europe/Paris"}' } }
+
+/** The server's SSE body as chunks. */
+function sseChunks(body: string): any[] {
+  const events = body.split('\n\n').filter((e) => e.startsWith('data: '))
+  expect(events.at(-1)).toBe('data: [DONE]')
+  return events.slice(0, -1).map((e) => JSON.parse(e.slice(6)))
+}
+
+describe('tool calls (--tool-call-parser hermes, in-process, the openai client)', () => {
+  let dir: string
+  let tokenizer: Tokenizer
+  let scripted: ScriptedModel
+  let model: Model
+  let server: InferenceServer
+  let client: OpenAI
+  const messages: ChatCompletionMessageParam[] = [{ role: 'user', content: 'Weather in Paris?' }]
+
+  beforeAll(async () => {
+    dir = toolModelDir()
+    tokenizer = await Tokenizer.load(dir)
+    scripted = new ScriptedModel(4096, 0, [], tokenizer.eosTokenIds[0]!)
+    model = new Model({ forward: scripted, tokenizer, path: 'scripted' }, { maxBatchSize: 4, prefillChunkSize: 256 })
+    server = new InferenceServer({ modelName: 'tools', maxQueued: 8, bodyLimit: 1 << 20, toolCallParser: 'hermes' })
+    server.setModel(model, 'fp_tools')
+    const address = await server.app.listen({ host: '127.0.0.1', port: 0 })
+    client = new OpenAI({ baseURL: `${address}/v1`, apiKey: 'unused', maxRetries: 0 })
+  })
+  afterAll(async () => {
+    await server?.app.close()
+    await model?.dispose()
+    rmSync(dir, { recursive: true, force: true })
+  })
+
+  /** Has the model answer `text` to `conversation` with TOOLS. */
+  function answer(text: string, conversation = messages) {
+    const chat = conversation.map((m) => ({ ...m, content: m.content ?? '' })) as ChatMessage[]
+    scripted.promptLength = model.tokenize(chat, { chatTemplateVariables: { tools: TOOLS } }).length
+    scripted.script = tokenizer.encodeContinuation(text)
+  }
+
+  /** The same request whole, twice, and streamed through the client's helper: the three agree. */
+  async function wholeAndStreamed(body: ChatCompletionCreateParamsNonStreaming) {
+    const whole = await client.chat.completions.create(body)
+    expect((await client.chat.completions.create(body)).choices).toEqual(whole.choices)
+    const streamed = await client.chat.completions.stream({ ...body, stream: true }).finalChatCompletion()
+    const [w, s] = [whole.choices[0]!, streamed.choices[0]!]
+    expect(s.message.content).toBe(w.message.content)
+    expect(s.message.tool_calls).toEqual(w.message.tool_calls)
+    expect(s.finish_reason).toBe(w.finish_reason)
+    // (Streamed log-probs are compared chunk by chunk below: the client's helper counts the first chunk's twice.)
+    return { whole, streamed }
+  }
+
+  it('the tags are single tokens that stay in the decoded text', () => {
+    expect(tokenizer.encodeContinuation('<tool_call>\n</tool_call>')).toEqual([TOOL_TAG_IDS[0], tokenizer.encodeContinuation('\n')[0], TOOL_TAG_IDS[1]])
+    expect(tokenizer.decode(tokenizer.encodeContinuation(WEATHER))).toBe(WEATHER)
+  })
+
+  it('text and one call: content before the call, the call with its arguments as JSON text, finish_reason tool_calls', async () => {
+    answer(ONE_CALL)
+    expect(scripted.script).toContain(TOOL_TAG_IDS[0])
+    const { whole, streamed } = await wholeAndStreamed({ model: 'tools', messages, tools: TOOLS, temperature: 0, logprobs: true })
+    expect(whole.choices[0]!.message).toEqual({ role: 'assistant', content: 'Let me look.\n', tool_calls: [weatherCall] })
+    expect(whole.choices[0]!.finish_reason).toBe('tool_calls')
+    // Log-probs stay per token, the tags' and the calls' included.
+    expect(whole.choices[0]!.logprobs!.content!.map((t) => t.token).join('')).toBe(ONE_CALL + tokenizer.eosToken)
+    expect(whole.usage).toEqual({ prompt_tokens: scripted.promptLength, completion_tokens: scripted.script.length + 1, total_tokens: scripted.promptLength + scripted.script.length + 1 })
+    expect(streamed.system_fingerprint).toBe('fp_tools')
+  })
+
+  it('streamed: content deltas until the call, then the call whole in OpenAI\'s delta shape, then finish_reason', async () => {
+    answer(ONE_CALL)
+    const body = { model: 'tools', messages, tools: TOOLS, temperature: 0, logprobs: true }
+    const res = await server.app.inject({ method: 'POST', url: '/v1/chat/completions', payload: { ...body, stream: true } })
+    const chunks = sseChunks(res.body)
+    const content = chunks.map((c) => c.choices[0].delta.content ?? '').join('')
+    expect(content).toBe('Let me look.\n')
+    const calls = chunks.filter((c) => c.choices[0].delta.tool_calls)
+    expect(calls.map((c) => c.choices[0])).toEqual([{ index: 0, delta: { tool_calls: [{ index: 0, ...weatherCall }] }, logprobs: null, finish_reason: null }])
+    expect(chunks.at(-1).choices[0]).toEqual({ index: 0, delta: {}, logprobs: null, finish_reason: 'tool_calls' })
+    expect(chunks.filter((c) => c.choices[0].finish_reason).length).toBe(1)
+    const whole = (await server.app.inject({ method: 'POST', url: '/v1/chat/completions', payload: body })).json()
+    expect(calls[0].choices[0].delta.tool_calls[0].id).toBe(whole.choices[0].message.tool_calls[0].id)
+    // Log-probs per token, as without tools: one chunk per token, the held ones with empty content.
+    expect(chunks.flatMap((c) => c.choices[0].logprobs?.content ?? [])).toEqual(whole.choices[0].logprobs.content)
+  })
+
+  it('two calls and no text: content null, both calls with their own ids; parallel_tool_calls false keeps the first', async () => {
+    answer(TWO_CALLS)
+    const { whole, streamed } = await wholeAndStreamed({ model: 'tools', messages, tools: TOOLS, temperature: 0 })
+    expect(whole.choices[0]!.message).toEqual({ role: 'assistant', content: null, tool_calls: [weatherCall, timeCall] })
+    expect(streamed.choices[0]!.message.content).toBe(null)
+    const [a, b] = whole.choices[0]!.message.tool_calls!
+    expect(a!.id).not.toBe(b!.id)
+    const one = await wholeAndStreamed({ model: 'tools', messages, tools: TOOLS, temperature: 0, parallel_tool_calls: false })
+    expect(one.whole.choices[0]!.message.tool_calls).toEqual([{ ...weatherCall, id: a!.id }])
+    expect(one.whole.choices[0]!.finish_reason).toBe('tool_calls')
+  })
+
+  it('a malformed call: the whole text is the content, finish_reason stop', async () => {
+    answer(MALFORMED)
+    const { whole } = await wholeAndStreamed({ model: 'tools', messages, tools: TOOLS, temperature: 0 })
+    expect(whole.choices[0]!.message).toEqual({ role: 'assistant', content: MALFORMED })
+    expect(whole.choices[0]!.finish_reason).toBe('stop')
+  })
+
+  it('tool_choice none: the tools are rendered, nothing is parsed', async () => {
+    answer(TWO_CALLS)
+    const { whole } = await wholeAndStreamed({ model: 'tools', messages, tools: TOOLS, tool_choice: 'none', temperature: 0 })
+    expect(whole.choices[0]!.message).toEqual({ role: 'assistant', content: TWO_CALLS })
+    expect(whole.choices[0]!.finish_reason).toBe('stop')
+    expect(whole.usage!.prompt_tokens).toBe(scripted.promptLength)
+  })
+
+  it('the tools reach the template as sent; an assistant message with calls and the tool messages too', async () => {
+    const tools = tokenizer.encode(
+      `<|im_start|>system\n<tools>\n${pythonJson(TOOLS[0])}\n${pythonJson(TOOLS[1])}\n</tools><|im_end|>\n` +
+        '<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n',
+      { addSpecialTokens: false },
+    )
+    const tokenized = await server.app.inject({ method: 'POST', url: '/tokenize', payload: { messages, tools: TOOLS } })
+    expect(tokenized.json().tokens).toEqual(tools)
+    // The next turn, as an agent sends it: the helper's assistant message as it is, then the results.
+    answer(TWO_CALLS)
+    const streamed = await client.chat.completions.stream({ model: 'tools', messages, tools: TOOLS, temperature: 0, stream: true }).finalChatCompletion()
+    const message = streamed.choices[0]!.message
+    const [a, b] = message.tool_calls!
+    const turn: ChatCompletionMessageParam[] = [
+      ...messages,
+      message as ChatCompletionMessageParam,
+      { role: 'tool', tool_call_id: a!.id, content: '18 C' },
+      { role: 'tool', tool_call_id: b!.id, content: '14:05' },
+    ]
+    const expected = tokenizer.encode(
+      `<|im_start|>system\n<tools>\n${pythonJson(TOOLS[0])}\n${pythonJson(TOOLS[1])}\n</tools><|im_end|>\n` +
+        '<|im_start|>user\nWeather in Paris?<|im_end|>\n' +
+        `<|im_start|>assistant\n${WEATHER}${TIME}<|im_end|>\n` +
+        `<|im_start|>tool\n18 C [${a!.id}]<|im_end|>\n<|im_start|>tool\n14:05 [${b!.id}]<|im_end|>\n<|im_start|>assistant\n`,
+      { addSpecialTokens: false },
+    )
+    expect((await server.app.inject({ method: 'POST', url: '/tokenize', payload: { messages: turn, tools: TOOLS } })).json().tokens).toEqual(expected)
+    answer('It is 18 C.', turn)
+    const next = await client.chat.completions.create({ model: 'tools', messages: turn, tools: TOOLS, temperature: 0 })
+    expect(next.usage!.prompt_tokens).toBe(expected.length)
+    expect(next.choices[0]!.message).toEqual({ role: 'assistant', content: 'It is 18 C.' })
+    expect(next.choices[0]!.finish_reason).toBe('stop')
+  })
+
+  it.each([
+    [{ tool_choice: 'required' }, 'tool_choice', 'Unsupported value for tool_choice: "required" (forcing a tool call needs constrained decoding, which detinfer does not have); use "auto" (the model decides) or "none"', 'unsupported_parameter'],
+    [{ tool_choice: { type: 'function', function: { name: 'get_weather' } } }, 'tool_choice', 'Unsupported value for tool_choice: a named function (forcing a tool call needs constrained decoding, which detinfer does not have); use "auto" (the model decides) or "none"', 'unsupported_parameter'],
+    [{ tool_choice: 'sometimes' }, 'tool_choice', `Expected 'none', 'auto', 'required', a named function {type: 'function', function: {name}} or null for tool_choice but received "sometimes" of type string`, 'invalid_value'],
+    [{ chat_template_kwargs: { tools: [] } }, 'chat_template_kwargs.tools', "Unsupported request argument supplied: chat_template_kwargs.tools (the request's tools set it)", 'unsupported_parameter'],
+    [{ tools: [{ type: 'function', function: { name: 'get weather' } }] }, 'tools[0].function.name', 'Expected name of 1 to 64 letters, digits, underscores and dashes for tools[0].function.name but received "get weather" of type string', 'invalid_value'],
+    [{ tools: [{ type: 'function', function: { name: 'f', strict: true } }] }, 'tools[0].function.strict', 'Expected false or null (strict schema adherence needs constrained decoding, which detinfer does not have) for tools[0].function.strict but received true of type boolean', 'invalid_value'],
+    [{ tools: [{ type: 'retrieval', function: { name: 'f' } }] }, 'tools[0].type', `Expected 'function' for tools[0].type but received "retrieval" of type string`, 'invalid_value'],
+    [{ messages: [{ role: 'user', content: 'x', tool_calls: [] }] }, 'messages[0].tool_calls', 'Unsupported request argument supplied: messages[0].tool_calls (only assistant messages carry tool calls)', 'unsupported_parameter'],
+  ])('refuses %j', async (extra, param, message, code) => {
+    const res = await server.app.inject({ method: 'POST', url: '/v1/chat/completions', payload: { model: 'tools', messages, tools: TOOLS, ...extra } })
+    expect(res.statusCode).toBe(400)
+    expect(res.json().error).toEqual({ message, type: 'invalid_request_error', param, code })
+  })
+})
+
+describe('tool calls without --tool-call-parser (in-process)', () => {
+  it('refuses requests that let the model call tools, naming the flag; tool_choice none only shows them', async () => {
+    const dir = toolModelDir()
+    const model = await loadModel(dir, { device: 'cpu' })
+    const server = new InferenceServer({ modelName: 'plain', maxQueued: 8, bodyLimit: 1 << 20 })
+    try {
+      server.setModel(model, 'fp_plain')
+      const messages = [{ role: 'user', content: 'Weather in Paris?' }]
+      const refused = await server.app.inject({ method: 'POST', url: '/v1/chat/completions', payload: { model: 'plain', messages, tools: TOOLS, max_tokens: 2 } })
+      expect(refused.statusCode).toBe(400)
+      expect(refused.json().error).toEqual({
+        message:
+          'Tool calling is off on this server: start it with --tool-call-parser hermes to have tool calls read from the answers ' +
+          '(or send tool_choice: "none" to only show the tools to the model)',
+        type: 'invalid_request_error',
+        param: 'tools',
+        code: 'unsupported_parameter',
+      })
+      const shown = await server.app.inject({ method: 'POST', url: '/v1/chat/completions', payload: { model: 'plain', messages, tools: TOOLS, tool_choice: 'none', max_tokens: 2, temperature: 0 } })
+      expect(shown.statusCode).toBe(200)
+      expect(shown.json().usage.prompt_tokens).toBe(model.tokenize(messages, { chatTemplateVariables: { tools: TOOLS } }).length)
+      expect(shown.json().usage.prompt_tokens).toBeGreaterThan(model.tokenize(messages).length)
+      // No tools (or none given): nothing to call, nothing refused.
+      for (const extra of [{ tools: [] }, { tool_choice: 'auto' }, { parallel_tool_calls: false }]) {
+        const res = await server.app.inject({ method: 'POST', url: '/v1/chat/completions', payload: { model: 'plain', messages, max_tokens: 2, ...extra } })
+        expect(res.statusCode).toBe(200)
+      }
+    } finally {
+      await server.app.close()
+      await model.dispose()
+      rmSync(dir, { recursive: true, force: true })
+    }
   })
 })

@@ -516,6 +516,15 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
       expect(tool.choices.length).toBe(1)
     })
 
+    it('tools without --tool-call-parser are refused, naming the flag', async () => {
+      const tools = [{ type: 'function' as const, function: { name: 'get_weather', parameters: { type: 'object', properties: {} } } }]
+      const body = { model: 'default', messages: [{ role: 'user' as const, content: 'x' }], max_tokens: 2, tools }
+      const refused = client.chat.completions.create(body)
+      await expect(refused).rejects.toMatchObject({ status: 400, code: 'unsupported_parameter', param: 'tools' })
+      await expect(refused).rejects.toThrow(/start it with --tool-call-parser hermes/)
+      expect((await client.chat.completions.create({ ...body, tool_choice: 'none' })).choices.length).toBe(1)
+    })
+
     it('too many choices name the prompts or n; megabytes of prompt are refused before tokenizing', async () => {
       const many = await post(url(), { model: 'default', prompt: Array.from({ length: 1000 }, () => 'a'), max_tokens: 1 })
       expect(many.status).toBe(400)
@@ -545,6 +554,50 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
       expect(missing.status).toBe(404)
       expectErrorBody(await missing.json(), 404, 'not_found')
     })
+  })
+})
+
+describe('detinfer serve --tool-call-parser hermes (openai client, a chat template that renders tools)', () => {
+  const tools = [
+    { type: 'function' as const, function: { name: 'get_weather', description: 'The weather in a city', parameters: { type: 'object', properties: { city: { type: 'string' } } } } },
+  ]
+  const messages = [{ role: 'user' as const, content: QUESTIONS[1]! }]
+  let dir: string
+  let server: RunningServer
+  let model: Model
+
+  beforeAll(async () => {
+    buildDist()
+    dir = join(mkdtempSync(join(tmpdir(), 'detinfer-serve-tools-')), 'tooly')
+    cpSync(defaultModelPath, dir, { recursive: true })
+    writeFileSync(
+      join(dir, 'chat_template.jinja'),
+      "{% if tools %}<|im_start|>system\n{% for tool in tools %}{{ tool | tojson }}{% endfor %}<|im_end|>\n{% endif %}" +
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    )
+    server = await startServer(['--model', dir, '--tool-call-parser', 'hermes'])
+    model = await loadModel(dir, { device: DEVICE })
+  })
+  afterAll(async () => {
+    await model?.dispose()
+    if (server) expect(await server.stop()).toBe(0)
+    if (dir) rmSync(dirname(dir), { recursive: true, force: true })
+  })
+
+  it('renders the tools into the prompt; an answer without calls is plain content, streamed equal to whole', async () => {
+    const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'unused', maxRetries: 0 })
+    const ids = model.tokenize(messages, { chatTemplateVariables: { tools } })
+    expect(ids.length).toBeGreaterThan(model.tokenize(messages).length)
+    const body = { model: 'tooly', messages, tools, max_tokens: 8, temperature: 0 }
+    const r = await client.chat.completions.create(body)
+    expect(r.usage!.prompt_tokens).toBe(ids.length)
+    const lib = await model.generate(ids, { maxTokens: 8 })
+    expect(r.choices[0]!.message).toEqual({ role: 'assistant', content: lib.text })
+    const streamed = await client.chat.completions.stream({ ...body, stream: true }).finalChatCompletion()
+    expect(streamed.choices[0]!.message.content).toBe(lib.text)
+    expect(streamed.choices[0]!.message.tool_calls).toBeUndefined()
+    expect(streamed.choices[0]!.finish_reason).toBe(r.choices[0]!.finish_reason)
+    await expect(client.chat.completions.create({ ...body, tool_choice: 'required' })).rejects.toMatchObject({ status: 400, code: 'unsupported_parameter', param: 'tool_choice' })
   })
 })
 

@@ -1,0 +1,97 @@
+// The Hermes tool-call reader of `detinfer serve --tool-call-parser hermes`: what a text parses to,
+// and that a streamed answer, cut into pieces anywhere, gives the content and calls of the whole.
+import { describe, expect, it } from 'vitest'
+import { parseHermesToolCalls, pythonJson, toolCallId, ToolCallStream } from '../../lib/server/tool-calls.js'
+
+const CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n</tool_call>'
+const CALL2 = '<tool_call>\n{"name":"get_time","arguments":{"zone":"Europe/Paris","utc":false}}\n</tool_call>'
+
+describe('parseHermesToolCalls', () => {
+  it('text before the first call is the content; each block is a call, arguments as Python writes JSON', () => {
+    expect(parseHermesToolCalls(`Let me check.\n${CALL}`)).toEqual({
+      content: 'Let me check.\n',
+      calls: [{ name: 'get_weather', arguments: '{"city": "Paris", "days": [1, 2]}' }],
+    })
+    expect(parseHermesToolCalls(`${CALL}\n${CALL2}`)).toEqual({
+      content: null,
+      calls: [
+        { name: 'get_weather', arguments: '{"city": "Paris", "days": [1, 2]}' },
+        { name: 'get_time', arguments: '{"zone": "Europe/Paris", "utc": false}' },
+      ],
+    })
+  })
+
+  it('whitespace alone before the calls is no content; text between and after blocks is dropped (as vLLM)', () => {
+    expect(parseHermesToolCalls(`\n\n ${CALL} and then ${CALL2} done`)?.content).toBe(null)
+    expect(parseHermesToolCalls(`\n\n ${CALL} and then ${CALL2} done`)?.calls.map((c) => c.name)).toEqual(['get_weather', 'get_time'])
+  })
+
+  it('a last block left unclosed is a call when its JSON is whole', () => {
+    expect(parseHermesToolCalls('<tool_call>\n{"name": "f", "arguments": {}}\n')).toEqual({ content: null, calls: [{ name: 'f', arguments: '{}' }] })
+  })
+
+  it.each([
+    ['no tag', 'Just an answer.'],
+    ['malformed JSON', `Sure.\n<tool_call>\n{"name": "f", "arguments": {"a": }\n</tool_call>`],
+    ['a block cut short', `${CALL}\n<tool_call>\n{"name": "f", "argu`],
+    ['no name', '<tool_call>\n{"arguments": {}}\n</tool_call>'],
+    ['an empty name', '<tool_call>\n{"name": "", "arguments": {}}\n</tool_call>'],
+    ['arguments not an object', '<tool_call>\n{"name": "f", "arguments": "{}"}\n</tool_call>'],
+    ['no arguments', '<tool_call>\n{"name": "f"}\n</tool_call>'],
+    ['not an object', '<tool_call>\n[1]\n</tool_call>'],
+  ])('%s: no calls, the whole text is the content', (_, text) => {
+    expect(parseHermesToolCalls(text)).toBe(null)
+  })
+
+  it('pythonJson writes as json.dumps(ensure_ascii=False)', () => {
+    expect(pythonJson({ a: [1, 2.5, null, true], b: { c: 'é "q"\n' }, d: [], e: {} })).toBe('{"a": [1, 2.5, null, true], "b": {"c": "é \\"q\\"\\n"}, "d": [], "e": {}}')
+  })
+
+  it('call ids are derived from the prompt, the choice, the generated ids and the call', () => {
+    const id = toolCallId([1, 2], 0, [3, 4], 0)
+    expect(id).toMatch(/^call_[0-9a-f]{24}$/)
+    expect(toolCallId([1, 2], 0, [3, 4], 0)).toBe(id)
+    for (const other of [toolCallId([1, 3], 0, [3, 4], 0), toolCallId([1, 2], 1, [3, 4], 0), toolCallId([1, 2], 0, [3, 5], 0), toolCallId([1, 2], 0, [3, 4], 1)])
+      expect(other).not.toBe(id)
+  })
+})
+
+describe('ToolCallStream', () => {
+  /** The text in `pieces` as a stream gives it: content sent as it comes, then what finish() adds. */
+  function stream(pieces: string[]) {
+    const s = new ToolCallStream()
+    const sent = pieces.map((p) => s.push(p))
+    const end = s.finish()
+    return { sent, content: sent.join('') + end.content, parsed: end.parsed }
+  }
+
+  const texts = [
+    `Let me check.\n${CALL}`,
+    `${CALL}\n${CALL2}`,
+    `  \n${CALL}`,
+    'A plain answer with a < sign and <tool_ but no call.',
+    'Ends with a partial tag <tool_c',
+    `Sure.\n<tool_call>\n{"name": "f", "arguments": {"a": }\n</tool_call>`,
+    '   ',
+    '',
+  ]
+
+  it.each(texts)('every cut of %j streams the content and calls of the whole', (text) => {
+    const whole = parseHermesToolCalls(text)
+    const wholeContent = whole ? (whole.content ?? '') : text
+    // Every split into two pieces, and into single characters.
+    const splits = [...Array.from({ length: text.length + 1 }, (_, i) => [text.slice(0, i), text.slice(i)]), [...text]]
+    for (const pieces of splits) {
+      const s = stream(pieces)
+      expect(s.content).toBe(wholeContent)
+      expect(s.parsed).toEqual(whole)
+    }
+  })
+
+  it('sends content at once up to what may begin a tag, and nothing after a tag begins', () => {
+    expect(stream(['Let me', ' check.', '\n<', 'tool_call>', '\n{"name"']).sent).toEqual(['Let me', ' check.', '\n', '', ''])
+    expect(stream(['a <tool', 'box> b']).sent).toEqual(['a ', '<toolbox> b'])
+    // Leading whitespace waits for text: before calls it is no content.
+    expect(stream([' \n', 'Hi']).sent).toEqual(['', ' \nHi'])
+  })
+})
