@@ -554,11 +554,18 @@ export class InferenceServer {
         // An assistant message with tool calls may have null content, which templates take as ''.
         content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((part) => part.text).join(''),
         ...(m.tool_call_id !== undefined && { tool_call_id: m.tool_call_id }),
-        // Arguments stay the JSON text the client sends (Qwen's template writes a string as it is).
-        ...(m.tool_calls?.length && { tool_calls: m.tool_calls.map((c) => ({ id: c.id, type: c.type, function: { name: c.function.name, arguments: c.function.arguments } })) }),
+        // Arguments as an object, as transformers' templates expect them (and vLLM passes them):
+        // Llama 3.1's writes them with tojson, Qwen's with tojson unless they are a string.
+        ...(m.tool_calls?.length && {
+          tool_calls: m.tool_calls.map((c, j) => ({
+            id: c.id,
+            type: c.type,
+            function: { name: c.function.name, arguments: toolArguments(c.function.arguments, `messages[${i}].tool_calls[${j}].function.arguments`) },
+          })),
+        }),
       }
     })
-    const calls = messages.flatMap((m) => (m.tool_calls ?? []).map((c) => `${c.function.name}${c.function.arguments}`))
+    const calls = messages.flatMap((m) => (m.tool_calls ?? []).map((c) => `${c.function.name}${JSON.stringify(c.function.arguments)}`))
     this.checkTextSize([...messages.map((m) => m.content), ...calls, ...(tools ? [JSON.stringify(tools)] : [])], 'messages', loaded)
     return { messages, name: 'messages', ...(variables && { variables }) }
   }
@@ -759,6 +766,20 @@ const OPEN_ROUTES = new Set(['/health', '/metrics'])
 
 const modelNotFound = (asked: string, served: string) =>
   new ApiError(404, `The model ${JSON.stringify(asked)} does not exist; this server serves ${JSON.stringify(served)}`, 'invalid_request_error', 'model', 'model_not_found')
+
+/** A tool call's arguments as the client sends them (a JSON text of an object; empty for none) as an object. */
+function toolArguments(text: string, param: string): Record<string, unknown> {
+  if (text.trim() === '') return {}
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(text)
+  } catch {
+    parsed = undefined
+  }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed))
+    throw invalidRequest(`Expected a JSON object as text for ${param} but received ${JSON.stringify(text.length > 80 ? text.slice(0, 80) + '...' : text)}`, param, 'invalid_value')
+  return parsed as Record<string, unknown>
+}
 
 /** The pieces of a choice that generates nothing (max_tokens 0 with echo). */
 async function* noPieces(): AsyncGenerator<StreamPiece> {}

@@ -397,6 +397,12 @@ describe('tool calls (--tool-call-parser hermes, in-process, the openai client)'
     [{ tools: [{ type: 'function', function: { name: 'f', strict: true } }] }, 'tools[0].function.strict', 'Expected false or null (strict schema adherence needs constrained decoding, which detinfer does not have) for tools[0].function.strict but received true of type boolean', 'invalid_value'],
     [{ tools: [{ type: 'retrieval', function: { name: 'f' } }] }, 'tools[0].type', `Expected 'function' for tools[0].type but received "retrieval" of type string`, 'invalid_value'],
     [{ messages: [{ role: 'user', content: 'x', tool_calls: [] }] }, 'messages[0].tool_calls', 'Unsupported request argument supplied: messages[0].tool_calls (only assistant messages carry tool calls)', 'unsupported_parameter'],
+    [
+      { messages: [{ role: 'user', content: 'x' }, { role: 'assistant', content: null, tool_calls: [{ id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '{"city": Paris}' } }] }] },
+      'messages[1].tool_calls[0].function.arguments',
+      'Expected a JSON object as text for messages[1].tool_calls[0].function.arguments but received "{\\"city\\": Paris}"',
+      'invalid_value',
+    ],
   ])('refuses %j', async (extra, param, message, code) => {
     const res = await server.app.inject({ method: 'POST', url: '/v1/chat/completions', payload: { model: 'tools', messages, tools: TOOLS, ...extra } })
     expect(res.statusCode).toBe(400)
