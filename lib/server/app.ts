@@ -367,6 +367,13 @@ export class InferenceServer {
     const n = body.n ?? 1
     const temperature = body.temperature ?? DEFAULT_TEMPERATURE
     const topK = body.top_k ?? 0
+    const badStop = (body.stop_token_ids ?? []).findIndex((id) => id >= model.vocabSize)
+    if (badStop >= 0)
+      throw invalidRequest(
+        `Expected an integer between 0 and ${model.vocabSize - 1} for stop_token_ids[${badStop}] but received ${body.stop_token_ids![badStop]} of type number`,
+        'stop_token_ids',
+        'invalid_value',
+      )
     if (topK > model.vocabSize) throw invalidRequest(`Expected integer between -1 and ${model.vocabSize} for top_k but received ${topK} of type number`, 'top_k', 'invalid_value')
     let seed: number | undefined
     if (temperature > 0) {
@@ -400,6 +407,8 @@ export class InferenceServer {
       ...(sampled && body.top_p !== undefined && body.top_p !== null && body.top_p < 1 && { topP: body.top_p }),
       ...(sampled && topK > 0 && { topK }),
       ...(body.stop !== undefined && body.stop !== null && { stop: body.stop }),
+      ...(body.stop_token_ids?.length && { stopTokenIds: body.stop_token_ids }),
+      ...(body.ignore_eos === true && { ignoreEos: true }),
       ...(sampled && body.min_p && { minP: body.min_p }),
       ...(topLogprobs > 0 && { topLogprobs }),
     }

@@ -43,6 +43,9 @@ const sampling = {
     properties: { include_usage: { type: 'boolean', description: 'boolean' } },
   },
   user: { type: 'string', description: 'string' },
+  // vLLM's extensions: ids that end a choice besides EOS, and going on past EOS (fixed-length benchmarks).
+  stop_token_ids: { type: nullable('array'), items: { type: 'integer', minimum: 0 }, maxItems: 1024, description: 'array of at most 1024 token ids or null' },
+  ignore_eos: { type: nullable('boolean'), description: 'boolean or null' },
   // Accepted at their neutral values only (see above).
   frequency_penalty: { enum: [0, null], description: '0 or null (penalties are not supported)' },
   presence_penalty: { enum: [0, null], description: '0 or null (penalties are not supported)' },
@@ -234,6 +237,8 @@ export interface SamplingBody {
   stream?: boolean | null
   stream_options?: { include_usage?: boolean } | null
   user?: string
+  stop_token_ids?: number[] | null
+  ignore_eos?: boolean | null
 }
 
 export interface CompletionBody extends SamplingBody {

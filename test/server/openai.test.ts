@@ -391,6 +391,24 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     expect((await tokenize({ prompt: info.eos_token, add_special_tokens: false })).json.tokens).toEqual([model.tokenize(info.eos_token, { addSpecialTokens: false })[0]])
   })
 
+  it('stop_token_ids end a choice at an id, kept as EOS is; ignore_eos reaches the library; both as the library gives them', async () => {
+    const lib = await model.generate(TEXTS[2]!, { maxTokens: 12 })
+    const id = lib.tokens[4]!
+    const at = lib.tokens.indexOf(id)
+    const body = { model: 'default', prompt: TEXTS[2]!, max_tokens: 12, temperature: 0, logprobs: 0, stop_token_ids: [id], ignore_eos: true }
+    const r = await post(`${server.url}/v1/completions`, body)
+    expect(r.status).toBe(200)
+    const stopped = await model.generate(TEXTS[2]!, { maxTokens: 12, stopTokenIds: [id], ignoreEos: true })
+    expect(stopped.tokens).toEqual(lib.tokens.slice(0, at + 1))
+    expect(r.json.choices[0].finish_reason).toBe('stop')
+    expect(r.json.choices[0].text).toBe(stopped.text)
+    expect(r.json.choices[0].logprobs.token_logprobs).toEqual(stopped.logprobs)
+    expect(r.json.usage.completion_tokens).toBe(at + 1)
+    const bad = await post(`${server.url}/v1/completions`, { ...body, stop_token_ids: [1, model.vocabSize] })
+    expectErrorBody(bad.json, bad.status, 'invalid_value', 'stop_token_ids')
+    expect(bad.json.error.message).toBe(`Expected an integer between 0 and ${model.vocabSize - 1} for stop_token_ids[1] but received ${model.vocabSize} of type number`)
+  })
+
   it('exports Prometheus metrics', async () => {
     const text = await (await fetch(`${server.url}/metrics`)).text()
     for (const name of [
