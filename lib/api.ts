@@ -444,6 +444,12 @@ export interface LoadModelOptions {
    * products (today's bits, which differ from every degree's). Above 1 on the CPU only.
    */
   tensorParallel?: number
+  /**
+   * A chat template (Jinja source) to use instead of the model's (chat_template.jinja or
+   * tokenizer_config.json's chat_template), for a model without one or to change how
+   * conversations are written.
+   */
+  chatTemplate?: string
   onProgress?: (progress: LoadProgress) => void
 }
 
@@ -458,6 +464,7 @@ const LOAD_OPTION_KEYS = Object.keys({
   prefixCache: true,
   cudaGraphs: true,
   tensorParallel: true,
+  chatTemplate: true,
   onProgress: true,
 } satisfies Record<keyof LoadModelOptions, true>)
 
@@ -529,12 +536,16 @@ export async function readModelDir(dir: unknown): Promise<ModelSource> {
   return { path, ...(repoId !== undefined && { repoId }), config: await loadModelConfig(path) }
 }
 
-/** @internal The tokenizer of a model directory, as loadModel loads it (every id below the config's vocab_size). */
-export function loadTokenizer(source: ModelSource): Promise<Tokenizer> {
+/**
+ * @internal The tokenizer of a model directory, as loadModel loads it (every id below the
+ * config's vocab_size), with `chatTemplate` (and where it came from) instead of the model's.
+ */
+export function loadTokenizer(source: ModelSource, chatTemplate?: { source: string; origin: string }): Promise<Tokenizer> {
   return Tokenizer.load(source.path, {
     modelVocabSize: source.config.vocabSize,
     modelConfigFile: join(source.path, 'config.json'),
     modelEosTokenIds: source.config.eosTokenIds,
+    ...(chatTemplate && { chatTemplate }),
   })
 }
 
@@ -564,7 +575,11 @@ async function loadFrom(dir: string, source: ModelSource | null, options: LoadMo
   const config = source?.config ?? (await loadModelConfig(dir))
   const kvCacheTokens = options.kvCacheTokens ?? defaultKvCacheTokens(config, device)
   const kvBlocks = options.kvBlocks ?? Math.ceil(kvCacheTokens / KV_BLOCK_SIZE)
-  const tokenizer = source?.tokenizer ?? (await loadTokenizer({ path: dir, config }))
+  if (options.chatTemplate !== undefined && typeof options.chatTemplate !== 'string')
+    throw invalidArgument('chatTemplate', 'string (the Jinja source of a chat template)', options.chatTemplate)
+  if (source?.tokenizer && options.chatTemplate !== undefined) throw new TypeError('Expected no chatTemplate for a model source whose tokenizer is loaded already')
+  const template = options.chatTemplate === undefined ? undefined : { source: options.chatTemplate, origin: 'given to loadModel' }
+  const tokenizer = source?.tokenizer ?? (await loadTokenizer({ path: dir, config }, template))
   const forward = await Transformer.load(dir, {
     device,
     config,

@@ -85,6 +85,8 @@ export interface TokenizerLoadOptions {
    * none (as Hugging Face derives a model's generation config from its config).
    */
   modelEosTokenIds?: readonly number[]
+  /** A chat template to use instead of the model's, and where it came from (for messages: "from --chat-template x.jinja"). */
+  chatTemplate?: { source: string; origin: string }
 }
 
 /** The bound every token id of the tokenizer files is checked against, and where it comes from. */
@@ -286,14 +288,19 @@ export class Tokenizer {
     const configEos = idOf(eosToken, 'eos_token', configFile)
     if (configEos !== null && !eos.includes(configEos)) eos.push(configEos)
 
-    // chat_template.jinja first, as Hugging Face transformers reads them (it saves the template
-    // there), then tokenizer_config.json's chat_template.
-    const fromConfig = templateText === null ? pickChatTemplate(config['chat_template'], configFile) : null
-    const templateSource = templateText ?? fromConfig
-    const chatTemplate =
-      templateSource === null
-        ? null
-        : new ChatTemplate(templateSource, `the chat template of ${dir} (${templateText !== null ? 'chat_template.jinja' : 'chat_template in tokenizer_config.json'})`)
+    // A template given by the caller; else chat_template.jinja, as Hugging Face transformers reads
+    // them (it saves the template there), then tokenizer_config.json's chat_template.
+    let chatTemplate: ChatTemplate | null
+    if (options.chatTemplate !== undefined) {
+      chatTemplate = new ChatTemplate(options.chatTemplate.source, `the chat template ${options.chatTemplate.origin}`)
+    } else {
+      const fromConfig = templateText === null ? pickChatTemplate(config['chat_template'], configFile) : null
+      const templateSource = templateText ?? fromConfig
+      chatTemplate =
+        templateSource === null
+          ? null
+          : new ChatTemplate(templateSource, `the chat template of ${dir} (${templateText !== null ? 'chat_template.jinja' : 'chat_template in tokenizer_config.json'})`)
+    }
     const cleanUp = config['clean_up_tokenization_spaces']
     return new Tokenizer(
       hf,

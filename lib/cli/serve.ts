@@ -9,7 +9,9 @@ import { InferenceServer } from '../server/app.js'
 import { hashModelFiles, systemFingerprint } from '../server/fingerprint.js'
 import { TOOL_CALL_PARSERS, type ToolCallParser } from '../server/tool-calls.js'
 import { packageVersion } from './package-info.js'
-import { integer, positive } from './parse.js'
+import { readTextFile } from '../files.js'
+import { REQUEST_TEMPLATE_VARIABLES } from '../generate.js'
+import { integer, jsonObject, positive } from './parse.js'
 
 /** The environment variable that sets --api-key. */
 export const API_KEY_ENV = 'DETINFER_API_KEY'
@@ -32,6 +34,8 @@ interface ServeFlags {
   bodyLimit: number
   shutdownTimeout: number
   toolCallParser?: ToolCallParser
+  chatTemplate?: string
+  defaultChatTemplateKwargs?: Record<string, unknown>
 }
 
 function log(line: string): void {
@@ -57,6 +61,8 @@ export function serveCommand(): Command {
     .addOption(new Option('--api-key <key>', 'require Authorization: Bearer <key> on every route but /health and /metrics').env(API_KEY_ENV))
     .option('--body-limit <bytes>', 'largest request body', positive, 4 * 1024 * 1024)
     .option('--shutdown-timeout <seconds>', 'on SIGINT/SIGTERM, how long requests in flight may take to finish', integer, 30)
+    .option('--chat-template <file>', "a chat template (Jinja) to use instead of the model's")
+    .option('--default-chat-template-kwargs <json>', 'chat template variables of every chat request, under the request\'s chat_template_kwargs, e.g. \'{"enable_thinking": false}\'', jsonObject)
     .addOption(
       new Option('--tool-call-parser <format>', 'read tool calls in chat answers (hermes: the <tool_call> blocks of Qwen2.5, Qwen3 and Hermes models); without it, chat requests with tools are refused unless tool_choice is "none"').choices(TOOL_CALL_PARSERS),
     )
@@ -66,6 +72,11 @@ export function serveCommand(): Command {
       if (flags.shutdownTimeout < 0) throw new Error(`Expected integer of at least 0 for --shutdown-timeout but received ${flags.shutdownTimeout}`)
       // An empty key (`--api-key "$KEY"` with KEY unset) would otherwise serve without one.
       if (flags.apiKey === '') throw new Error(`Expected a non-empty key for --api-key (or ${API_KEY_ENV}) but received ""`)
+      const defaults = flags.defaultChatTemplateKwargs
+      for (const key of [...REQUEST_TEMPLATE_VARIABLES, 'tools'])
+        if (defaults && Object.hasOwn(defaults, key))
+          throw new Error(`Expected no ${key} in --default-chat-template-kwargs (each request sets it) but received ${JSON.stringify(defaults[key])}`)
+      const chatTemplate = flags.chatTemplate === undefined ? undefined : await readTextFile(flags.chatTemplate, '--chat-template')
       const source = await readModelDir(flags.model ?? defaultModelPath) // a bad model directory fails before the server listens
       const dir = source.path
       const server = new InferenceServer({
@@ -75,6 +86,7 @@ export function serveCommand(): Command {
         maxQueued: flags.maxQueued,
         bodyLimit: flags.bodyLimit,
         ...(flags.toolCallParser && { toolCallParser: flags.toolCallParser }),
+        ...(defaults && { defaultChatTemplateKwargs: defaults }),
       })
       const address = await server.app.listen({ host: flags.host, port: flags.port })
       log(`listening on ${address} (GET /health answers 503 until the model is loaded)`)
@@ -103,6 +115,7 @@ export function serveCommand(): Command {
         ...(!flags.prefixCache && { prefixCache: false }),
         ...(!flags.cudaGraphs && { cudaGraphs: false }),
         ...(flags.tensorParallel !== undefined && { tensorParallel: flags.tensorParallel }),
+        ...(chatTemplate !== undefined && { chatTemplate }),
       }
       const started = performance.now()
       const loading = loadModelFrom(source, options)
@@ -118,7 +131,12 @@ export function serveCommand(): Command {
       }
       model = loaded
       if (stopping) return
-      const fingerprint = systemFingerprint(modelHash, packageVersion(), loaded.device, flags.tensorParallel)
+      // The server's own template and default variables change the prompts, so they are part of the domain.
+      const prompts = [
+        ...(chatTemplate !== undefined ? [`chat template\0${chatTemplate}`] : []),
+        ...(defaults ? [`default chat template kwargs\0${JSON.stringify(defaults)}`] : []),
+      ].join('\n')
+      const fingerprint = systemFingerprint(modelHash, packageVersion(), loaded.device, flags.tensorParallel, prompts)
       server.setModel(loaded, fingerprint)
       const seconds = ((performance.now() - started) / 1000).toFixed(1)
       const where = source.repoId === undefined ? dir : `${flags.model} (${dir})`

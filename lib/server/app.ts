@@ -63,6 +63,8 @@ export interface ServerOptions {
    * let the model call tools are refused.
    */
   toolCallParser?: ToolCallParser
+  /** Chat template variables of every chat request, under those the request gives (`--default-chat-template-kwargs`). */
+  defaultChatTemplateKwargs?: ChatTemplateVariables
 }
 
 interface Loaded {
@@ -533,9 +535,9 @@ export class InferenceServer {
   }
 
   private chatPrompt(body: Pick<ChatCompletionBody, 'messages' | 'chat_template_kwargs' | 'tools'>, loaded: Loaded): TextSource {
-    const kwargs = body.chat_template_kwargs ?? undefined
+    const given = body.chat_template_kwargs ?? undefined
     for (const key of [...REQUEST_TEMPLATE_VARIABLES, 'tools'])
-      if (kwargs && Object.hasOwn(kwargs, key))
+      if (given && Object.hasOwn(given, key))
         throw invalidRequest(
           `Unsupported request argument supplied: chat_template_kwargs.${key} (${key === 'tools' ? "the request's tools set it" : "the request's messages and its generation prompt set it"})`,
           `chat_template_kwargs.${key}`,
@@ -543,6 +545,9 @@ export class InferenceServer {
         )
     // The tools as the request gives them: Qwen's and Hermes' templates write each with tojson.
     const tools: readonly ToolBody[] | undefined = body.tools?.length ? body.tools : undefined
+    // The server's defaults, then the request's variables over them.
+    const defaults = this.options.defaultChatTemplateKwargs
+    const kwargs = defaults || given ? { ...defaults, ...given } : undefined
     const variables: ChatTemplateVariables | undefined = tools ? { ...kwargs, tools } : kwargs
     const messages: ChatMessage[] = body.messages.map((m, i) => {
       if (m.name !== undefined)

@@ -1,8 +1,9 @@
 // system_fingerprint: the name of a determinism domain. Two answers with equal fingerprints to
 // equal requests are equal bit for bit, so the fingerprint covers everything the bits depend on:
 // the model's files (weights, config, tokenizer and chat template), the package version, the
-// backend, on the GPU the kernel family and the architecture they were built for, and the
-// tensor-parallel setting (unset gives other bits than any degree, every degree the same ones).
+// backend, on the GPU the kernel family and the architecture they were built for, the
+// tensor-parallel setting (unset gives other bits than any degree, every degree the same ones),
+// and the server's own chat template or default template variables when it has them.
 import { createHash } from 'node:crypto'
 import { createReadStream } from 'node:fs'
 import { readdir } from 'node:fs/promises'
@@ -31,8 +32,13 @@ export function kernelFamily(device: DeviceName): string {
   return `cuda ${s.matmulKernels} sm_${(s.devices[0]?.computeCapability ?? '?').replace('.', '')}`
 }
 
-export function systemFingerprint(modelHash: string, version: string, device: DeviceName, tensorParallel?: number): string {
+/**
+ * `prompts` names what the server changes in how prompts are written, when it does: a chat
+ * template given instead of the model's, default chat template variables (equal requests would
+ * otherwise get other prompts, hence other bits, under one fingerprint).
+ */
+export function systemFingerprint(modelHash: string, version: string, device: DeviceName, tensorParallel?: number, prompts?: string): string {
   const partition = tensorParallel === undefined ? 'no tensor parallelism' : 'tensor parallel'
-  const domain = `${modelHash}\n${version}\n${device}\n${kernelFamily(device)}\n${partition}`
+  const domain = `${modelHash}\n${version}\n${device}\n${kernelFamily(device)}\n${partition}${prompts ? `\n${prompts}` : ''}`
   return `fp_${createHash('sha256').update(domain).digest('hex').slice(0, 16)}`
 }

@@ -3,6 +3,7 @@
 // on the load (64 concurrent requests, some cancelled, each equal to the same request sent alone),
 // every error case, overload, authentication and graceful shutdown. (Whole characters in streamed
 // text: test/server/app.test.ts, where a scripted model makes one character span several tokens.)
+import { spawnSync } from 'node:child_process'
 import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { connect, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
@@ -734,6 +735,41 @@ describe('detinfer serve: a prompt the tokenizer cannot finish', () => {
       expect(await server.stop()).toBe(0)
       rmSync(dirname(dir), { recursive: true, force: true })
     }
+  }, 60_000)
+})
+
+describe('detinfer serve: --chat-template and --default-chat-template-kwargs', () => {
+  it("render chat requests with the server's template and default variables (the request's over them), in a fingerprint of their own", async () => {
+    buildDist()
+    const dir = mkdtempSync(join(tmpdir(), 'detinfer-serve-template-'))
+    const file = join(dir, 'thinking.jinja')
+    const template =
+      "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}" +
+      "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}"
+    writeFileSync(file, template)
+    const plain = await startServer([])
+    const server = await startServer(['--chat-template', file, '--default-chat-template-kwargs', '{"enable_thinking": false}'])
+    const model = await loadModel(defaultModelPath, { device: DEVICE, chatTemplate: template })
+    try {
+      const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'not-needed', maxRetries: 0 })
+      const messages = [{ role: 'user' as const, content: 'Who art thou?' }]
+      const closed = model.tokenize(messages, { chatTemplateVariables: { enable_thinking: false } })
+      const r = await client.chat.completions.create({ model: 'default', messages, max_tokens: 4, temperature: 0 })
+      expect(r.usage!.prompt_tokens).toBe(closed.length)
+      expect(r.choices[0]!.message.content).toBe((await model.generate(closed, { maxTokens: 4 })).text)
+      const open = await client.chat.completions.create({ model: 'default', messages, max_tokens: 4, temperature: 0, chat_template_kwargs: { enable_thinking: true } } as never)
+      expect(open.usage!.prompt_tokens).toBe(model.tokenize(messages).length)
+      const fingerprint = async (url: string) => (await (await fetch(`${url}/health`)).json()).system_fingerprint
+      expect(await fingerprint(server.url)).not.toBe(await fingerprint(plain.url))
+    } finally {
+      await model.dispose()
+      expect(await server.stop()).toBe(0)
+      expect(await plain.stop()).toBe(0)
+      rmSync(dir, { recursive: true, force: true })
+    }
+    const refused = spawnSync(process.execPath, [join(import.meta.dirname, '..', '..', 'dist', 'cli', 'main.js'), 'serve', '--port', '0', '--default-chat-template-kwargs', '{"tools": []}'], { encoding: 'utf8', env: { ...process.env, CI: '1' } })
+    expect(refused.status).toBe(1)
+    expect(refused.stderr).toContain('Expected no tools in --default-chat-template-kwargs (each request sets it) but received []')
   }, 60_000)
 })
 

@@ -154,6 +154,21 @@ describe('chat template variables', () => {
     expect(Float32Array.from(scored.logprobs)).toEqual(Float32Array.from(generated.logprobs))
   })
 
+  it("loadModel's chatTemplate replaces the model's template", async () => {
+    const given = await loadModel(defaultModelPath, { device: 'cpu', chatTemplate: TEMPLATE })
+    try {
+      expect(given.chatTemplate).toBe(TEMPLATE)
+      expect(given.tokenize(messages, off)).toEqual(thinking.tokenize(messages, off))
+      expect(given.tokenize(messages, off)).not.toEqual(model.tokenize(messages, off))
+    } finally {
+      await given.dispose()
+    }
+    await expect(loadModel(defaultModelPath, { device: 'cpu', chatTemplate: '{% for %}' })).rejects.toThrow('Could not parse the chat template given to loadModel: ')
+    await expect(loadModel(defaultModelPath, { device: 'cpu', chatTemplate: 7 as never })).rejects.toThrow(
+      'Expected string (the Jinja source of a chat template) for chatTemplate but received 7 of type number',
+    )
+  })
+
   it('are refused where no template renders, and may not set what the request sets', async () => {
     const nothing = 'Expected nothing unless the prompt is chat messages or chat is true for chatTemplateVariables but received {"enable_thinking":false}'
     expect(() => thinking.tokenize('text', off)).toThrow(nothing)
