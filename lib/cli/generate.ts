@@ -23,6 +23,7 @@ interface GenerateFlags {
   tensorParallel?: number
   chat?: boolean
   chatTemplateKwargs?: Record<string, unknown>
+  chatTemplate?: string
   system?: string
   json?: boolean
   stream: boolean
@@ -66,6 +67,7 @@ export function generateCommand(): Command {
     .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
     .option('--chat', "wrap the prompt in the model's chat template")
     .option('--system <text>', 'a system message before the prompt (implies --chat)')
+    .option('--chat-template <file>', "a chat template (Jinja) to use instead of the model's (with --chat or --system)")
     .option('--chat-template-kwargs <json>', 'variables for the chat template, e.g. \'{"enable_thinking": false}\' (with --chat or --system)', jsonObject)
     .option('--json', 'print text, tokens, log-probs and timings as JSON')
     .option('--no-stream', 'print the text once it is complete')
@@ -92,6 +94,8 @@ export function generateCommand(): Command {
         ...(flags.chatTemplateKwargs && { chatTemplateVariables: flags.chatTemplateKwargs }),
       }
       if (flags.chatTemplateKwargs && !flags.chat && flags.system === undefined) throw new Error('--chat-template-kwargs applies to the chat template: give --chat or --system too')
+      if (flags.chatTemplate !== undefined && !flags.chat && flags.system === undefined) throw new Error('--chat-template applies to chat prompts: give --chat or --system too')
+      const chatTemplate = flags.chatTemplate === undefined ? undefined : await readTextFile(flags.chatTemplate, '--chat-template')
       if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
       // Without --temperature the completion is greedy, which these would not change (as check).
       if (flags.temperature === undefined && [flags.seed, flags.topK, flags.topP, flags.minP].some((v) => v !== undefined))
@@ -102,6 +106,7 @@ export function generateCommand(): Command {
       resolveGenerateOptions(options, { contextLength: source.config.maxPositionEmbeddings, vocabSize: source.config.vocabSize })
       const model = await withLoadProgress('model', (onProgress) =>
         loadModelFrom(source, {
+          ...(chatTemplate !== undefined && { chatTemplate }),
           device: flags.device,
           maxBatchSize: 1,
           cudaGraphs: flags.cudaGraphs,

@@ -359,7 +359,7 @@ describe('the shipped model', () => {
     }
   })
 
-  it('--chat-template-kwargs passes variables to the chat template, and needs --chat or --system', async () => {
+  it('--chat-template-kwargs passes variables to the chat template, --chat-template replaces it, and both need --chat or --system', async () => {
     const copy = mkdtempSync(join(tmpdir(), 'detinfer-cli-kwargs-'))
     try {
       cpSync(join(root, 'models', 'default'), copy, { recursive: true })
@@ -379,6 +379,13 @@ describe('the shipped model', () => {
       } finally {
         await model.dispose()
       }
+      // The same template given with --chat-template to the shipped model (the same weights) gives the same tokens.
+      const given = detinfer(['generate', '--chat-template', join(copy, 'chat_template.jinja'), '--device', 'cpu', '-n', '4', '--json', '--chat', '--chat-template-kwargs', '{"enable_thinking": false}', 'Who art thou?'])
+      expect(given.code, given.stderr).toBe(0)
+      expect(JSON.parse(given.stdout).tokens).toEqual(JSON.parse(r.stdout).tokens)
+      expect(detinfer(['generate', '--chat-template', join(copy, 'chat_template.jinja'), '--device', 'cpu', 'hi']).stderr).toContain(
+        '--chat-template applies to chat prompts: give --chat or --system too',
+      )
       const without = detinfer(['generate', '-m', copy, '--device', 'cpu', '--chat-template-kwargs', '{"enable_thinking": false}', 'hi'])
       expect(without.code).toBe(1)
       expect(without.stderr).toContain('--chat-template-kwargs applies to the chat template: give --chat or --system too')
