@@ -230,7 +230,7 @@ function servingSuite(device: DeviceName): void {
     // A misspelt key fails instead of loading with the default it meant to change.
     await expect(loadModel(dir, { device, maxBatchsize: 1 } as never)).rejects.toThrow(
       'Expected only the keys device, maxBatchTokens, maxBatchSize, prefillChunkSize, kvCacheTokens, kvBlocks, prefixCache, ' +
-        'cudaGraphs, tensorParallel, onProgress for options but received "maxBatchsize" of type string',
+        'cudaGraphs, tensorParallel, chatTemplate, onProgress for options but received "maxBatchsize" of type string',
     )
   })
 }
