@@ -17,6 +17,7 @@ import { ServerMetrics } from './metrics.js'
 import {
   completionResponse,
   streamChunk,
+  tokenPieces,
   toolCallChunk,
   usageChunk,
   TokenTexts,
@@ -523,13 +524,13 @@ export class InferenceServer {
     const source = draft.prompts[p]!
     const text = 'text' in source ? source.text : loaded.model.detokenize(ids)
     if (!draft.logprobs) return { text, records: [] }
-    const { texts, model } = loaded
-    const records: PromptRecord[] = [{ token: ids[0]!, logprob: null, top: null, text: texts.get(ids[0]!).text }]
+    const { model } = loaded
+    // Each token's text as generated tokens' is counted, so that text_offset points into the text.
+    const pieces = tokenPieces(model, ids)
+    const records: PromptRecord[] = [{ token: ids[0]!, logprob: null, top: null, text: pieces[0]! }]
     if (ids.length > 1) {
       const scored = await model.score(ids.slice(0, 1), ids.slice(1), { topLogprobs: draft.options.topLogprobs ?? 0, signal })
-      scored.tokens.forEach((token, i) =>
-        records.push({ token, logprob: scored.logprobs[i]!, top: scored.topLogprobs?.[i] ?? [], text: texts.get(token).text }),
-      )
+      scored.tokens.forEach((token, i) => records.push({ token, logprob: scored.logprobs[i]!, top: scored.topLogprobs?.[i] ?? [], text: pieces[i + 1]! }))
     }
     return { text, records }
   }
@@ -652,6 +653,7 @@ export class InferenceServer {
       text: c.echo?.text ?? '',
       records: [...(c.echo?.records ?? [])],
       finishReason: c.options.maxTokens === 0 ? 'length' : 'stop',
+      ...(c.echo && { echoed: { records: c.echo.records.length, textLength: c.echo.text.length } }),
     }))
     await Promise.all(
       plan.choices.map((_, k) =>

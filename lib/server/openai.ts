@@ -55,6 +55,42 @@ export class TokenTexts {
   }
 }
 
+/**
+ * The text each of `ids` adds to the text of those before it, as a generation's tokens are
+ * decoded (a window of ids decoded less its first part, '' while a character is incomplete), so
+ * that an echoed prompt's tokens have text offsets into the text, as generated ones do. A token
+ * that is left out of the text (a special one) adds ''. A run of more than MAX_HELD_PIECES ids
+ * that never completes a character is given out as it decodes (U+FFFD), so that ids chosen to
+ * never complete one cost no more than others.
+ */
+export function tokenPieces(model: Pick<Model, 'detokenize'>, ids: readonly number[]): string[] {
+  const pieces: string[] = []
+  let prefix = 0
+  let read = 0
+  for (let i = 0; i < ids.length; i++) {
+    const before = model.detokenize(ids.slice(prefix, read))
+    const full = model.detokenize(ids.slice(prefix, i + 1))
+    const ready = full.length > before.length && (!full.endsWith('\uFFFD') || i + 1 - read > MAX_HELD_PIECES)
+    if (!ready) {
+      pieces.push('')
+      continue
+    }
+    pieces.push(full.slice(before.length))
+    prefix = read
+    read = i + 1
+  }
+  // What is still held goes with the last token.
+  if (read < ids.length) {
+    const before = model.detokenize(ids.slice(prefix, read))
+    const full = model.detokenize(ids.slice(prefix))
+    if (full.length > before.length) pieces[pieces.length - 1] += full.slice(before.length)
+  }
+  return pieces
+}
+
+/** Ids whose text may be held back at most (a UTF-8 character spans at most 4 byte tokens). */
+const MAX_HELD_PIECES = 8
+
 /** chat: choices[i].logprobs = {content: [...]} for the given tokens. */
 export function chatLogprobs(records: TokenRecord[], texts: TokenTexts) {
   return {
@@ -92,6 +128,19 @@ export function completionLogprobs(records: readonly PromptRecord[], texts: Toke
   }
 }
 
+/** A whole completion's log-probs: an echoed prompt's offsets from 0, the generated tokens' from the end of the prompt's text (as streamed). */
+function echoedLogprobs(c: FinishedChoice, texts: TokenTexts) {
+  if (!c.echoed) return completionLogprobs(c.records, texts, 0)
+  const prompt = completionLogprobs(c.records.slice(0, c.echoed.records), texts, 0)
+  const generated = completionLogprobs(c.records.slice(c.echoed.records), texts, c.echoed.textLength)
+  return {
+    tokens: [...prompt.tokens, ...generated.tokens],
+    token_logprobs: [...prompt.token_logprobs, ...generated.token_logprobs],
+    top_logprobs: [...prompt.top_logprobs, ...generated.top_logprobs],
+    text_offset: [...prompt.text_offset, ...generated.text_offset],
+  }
+}
+
 export interface ResponseHeader {
   id: string
   created: number
@@ -108,6 +157,8 @@ export interface FinishedChoice {
   /** The echoed prompt's tokens (with echo and logprobs), then the completion's. */
   records: PromptRecord[]
   finishReason: FinishReason
+  /** completions with echo: the prompt's records and the length of its text, where the generated text's offsets start. */
+  echoed?: { records: number; textLength: number }
   /** chat with a tool-call parser, when the text held calls: the content before them and the calls. */
   toolCalls?: { content: string | null; calls: ToolCall[] }
 }
@@ -140,7 +191,7 @@ export function completionResponse(
     choices: choices.map((c) => ({
       index: c.index,
       text: c.text,
-      logprobs: logprobs ? completionLogprobs(c.records, texts, 0) : null,
+      logprobs: logprobs ? echoedLogprobs(c, texts) : null,
       finish_reason: c.finishReason,
     })),
     usage,

@@ -444,3 +444,36 @@ describe('tool calls without --tool-call-parser (in-process)', () => {
     }
   })
 })
+
+describe('echo (in-process, the shipped model)', () => {
+  it('text_offset points into the text, whole and streamed alike, for a token-id prompt with special tokens and characters split over byte tokens', async () => {
+    const model = await loadModel(defaultModelPath, { device: 'cpu' })
+    const server = new InferenceServer({ modelName: 'echo', maxQueued: 8, bodyLimit: 1 << 20 })
+    try {
+      server.setModel(model, 'fp_echo')
+      const ids = model.tokenize([{ role: 'user', content: 'hé 😀' }], { chatTemplateVariables: {} })
+      // The point of the test: special tokens, which the text leaves out, and characters of several byte tokens.
+      expect(ids.filter((id) => model.detokenize([id]) === '').length).toBeGreaterThan(1)
+      expect(ids.filter((id) => model.tokenBytes(id).length === 1 && model.tokenBytes(id)[0]! >= 0x80).length).toBeGreaterThan(3)
+      const body = { model: 'echo', prompt: ids, max_tokens: 3, temperature: 0, logprobs: 1, echo: true }
+      const whole = (await server.app.inject({ method: 'POST', url: '/v1/completions', payload: body })).json().choices[0]
+      const text = model.detokenize(ids)
+      expect(whole.text.startsWith(text)).toBe(true)
+      const offsets: number[] = whole.logprobs.text_offset
+      expect(offsets.length).toBe(ids.length + 3)
+      // Each token's offset is where the text it completes ends up: the generated ones start after the prompt.
+      expect(offsets[ids.length]).toBe(text.length)
+      expect(offsets.slice(0, ids.length).every((o) => o <= text.length)).toBe(true)
+      expect(offsets.every((o, i) => i === 0 || o >= offsets[i - 1]!)).toBe(true)
+      expect(offsets[ids.indexOf(model.tokenize('h', { addSpecialTokens: false })[0]!)]).toBe(text.indexOf('h'))
+      const res = await server.app.inject({ method: 'POST', url: '/v1/completions', payload: { ...body, stream: true } })
+      const chunks = sseChunks(res.body)
+      expect(chunks.map((c) => c.choices[0].text).join('')).toBe(whole.text)
+      expect(chunks.flatMap((c) => c.choices[0].logprobs.text_offset)).toEqual(offsets)
+      expect(chunks.flatMap((c) => c.choices[0].logprobs.token_logprobs)).toEqual(whole.logprobs.token_logprobs)
+    } finally {
+      await server.app.close()
+      await model.dispose()
+    }
+  })
+})
