@@ -234,6 +234,10 @@ export class InferenceServer {
       const source = this.chatPrompt({ messages: body.messages, chat_template_kwargs: body.chat_template_kwargs ?? null, tools: body.tools ?? null }, loaded)
       tokens = await this.encodeSource(source, 'messages', loaded, undefined)
     } else {
+      // What only a conversation uses would be dropped without a word: refused instead.
+      for (const key of ['tools', 'chat_template_kwargs', 'add_generation_prompt'] as const)
+        if (body[key] !== undefined && body[key] !== null)
+          throw invalidRequest(`Unsupported request argument supplied: ${key} (it applies to messages, not to a prompt)`, key, 'unsupported_parameter')
       this.checkTextSize([body.prompt!], 'prompt', loaded)
       try {
         tokens = await model.tokenizeAsync(body.prompt!, { addSpecialTokens: body.add_special_tokens !== false })

@@ -259,6 +259,7 @@ export interface TokenizeBody {
   tools?: ToolBody[] | null
   chat_template_kwargs?: Record<string, unknown> | null
   add_special_tokens?: boolean | null
+  add_generation_prompt?: true | null
 }
 
 export interface DetokenizeBody {

@@ -477,3 +477,26 @@ describe('echo (in-process, the shipped model)', () => {
     }
   })
 })
+
+describe('/tokenize (in-process)', () => {
+  it('refuses with a prompt what applies to messages alone, instead of dropping it', async () => {
+    const model = await loadModel(defaultModelPath, { device: 'cpu' })
+    const server = new InferenceServer({ modelName: 'tok', maxQueued: 8, bodyLimit: 1 << 20 })
+    try {
+      server.setModel(model, 'fp_tok')
+      const tools = [{ type: 'function', function: { name: 'f' } }]
+      for (const [key, value] of [['tools', tools], ['chat_template_kwargs', { enable_thinking: false }], ['add_generation_prompt', true]] as const) {
+        const res = await server.app.inject({ method: 'POST', url: '/tokenize', payload: { prompt: 'Hi', [key]: value } })
+        expect(res.statusCode).toBe(400)
+        expect(res.json()).toEqual({
+          error: { message: `Unsupported request argument supplied: ${key} (it applies to messages, not to a prompt)`, type: 'invalid_request_error', param: key, code: 'unsupported_parameter' },
+        })
+      }
+      const plain = await server.app.inject({ method: 'POST', url: '/tokenize', payload: { prompt: 'Hi', tools: null, chat_template_kwargs: null } })
+      expect(plain.json().tokens).toEqual(model.tokenize('Hi'))
+    } finally {
+      await server.app.close()
+      await model.dispose()
+    }
+  })
+})
