@@ -61,7 +61,7 @@ export interface GenerateOptions {
   topLogprobs?: number
   /** Generation ends when the text contains one of these; the text is cut before it. */
   stop?: string | string[]
-  /** Generation also ends at these ids (kept in `tokens`, as EOS is). */
+  /** Generation also ends at these ids (kept in `tokens`, as EOS is; their text left out of `text`). */
   stopTokenIds?: number[]
   /** Go on past the model's EOS ids (to maxTokens or a stop): for fixed-length benchmarks. */
   ignoreEos?: boolean
@@ -234,7 +234,15 @@ export class CompletionText {
 
   /** Adds one id; returns the text now safe to show. Sets `stopped` when a stop string appeared. */
   push(id: number, isLast: boolean): string {
-    const piece = this.decoder.push(id) + (isLast ? this.decoder.flush() : '')
+    return this.add(this.decoder.push(id) + (isLast ? this.decoder.flush() : ''), isLast)
+  }
+
+  /** Ends the text without adding an id (one that ended the generation); returns the rest of it. */
+  end(): string {
+    return this.add(this.decoder.flush(), true)
+  }
+
+  private add(piece: string, isLast: boolean): string {
     if (piece) {
       const searchFrom = Math.max(0, this.text.length - this.longestStop() + 1)
       this.text += piece
@@ -318,7 +326,8 @@ export function runGeneration(
       if (top) tops.push(top)
       const ends = stopIds.has(token)
       const isLast = ends || tokens.length === options.maxTokens
-      const piece = text.push(token, isLast)
+      // The id that ends the generation adds no text (as vLLM leaves a stop token's text out).
+      const piece = ends ? text.end() : text.push(token, isLast)
       const finishReason = ends || text.stopped ? 'stop' : isLast ? 'length' : undefined
       onPiece?.({ text: piece, token, logprob, ...(top ? { topLogprobs: top } : {}), ...(finishReason && { finishReason }) })
       return !(ends || text.stopped)

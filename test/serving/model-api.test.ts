@@ -252,9 +252,17 @@ describe('stopTokenIds and ignoreEos', () => {
       const stopped = await model.generate('to be or', { maxTokens: past.tokens.length, ignoreEos: true, stopTokenIds: [id] })
       expect(stopped.finishReason).toBe('stop')
       expect(stopped.tokens).toEqual(past.tokens.slice(0, at + 1))
+      // Its text is left out of the text, as vLLM leaves it out.
+      expect(model.detokenize([id])).not.toBe('')
+      expect(stopped.text).toBe(model.detokenize(past.tokens.slice(0, at)))
       const streamed: number[] = []
-      for await (const piece of model.stream('to be or', { maxTokens: past.tokens.length, ignoreEos: true, stopTokenIds: [id] })) streamed.push(piece.token)
+      let streamedText = ''
+      for await (const piece of model.stream('to be or', { maxTokens: past.tokens.length, ignoreEos: true, stopTokenIds: [id] })) {
+        streamed.push(piece.token)
+        streamedText += piece.text
+      }
       expect(streamed).toEqual(stopped.tokens)
+      expect(streamedText).toBe(stopped.text)
     } finally {
       await model.dispose()
     }
