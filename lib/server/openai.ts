@@ -123,9 +123,21 @@ export function completionLogprobs(records: readonly PromptRecord[], texts: Toke
   return {
     tokens: records.map((r) => texts.get(r.token).text),
     token_logprobs: records.map((r) => r.logprob),
-    top_logprobs: records.map((r) => (r.top === null ? null : Object.fromEntries(r.top.map((a) => [texts.get(a.token).text, a.logprob])))),
+    top_logprobs: records.map((r) => (r.top === null ? null : topWithChosen(r, texts))),
     text_offset: textOffset,
   }
+}
+
+/**
+ * A token's alternatives as completions give them: the most likely first, and the chosen token
+ * always among them (OpenAI: "up to logprobs+1 elements"), so `logprobs: 0` gives the chosen
+ * one alone, and a token is the most likely exactly when its log-prob is the largest value.
+ */
+function topWithChosen(r: PromptRecord, texts: TokenTexts): Record<string, number> {
+  const top: Record<string, number> = Object.fromEntries(r.top!.map((a) => [texts.get(a.token).text, a.logprob]))
+  const chosen = texts.get(r.token).text
+  if (!r.top!.some((a) => a.token === r.token) && !Object.hasOwn(top, chosen)) top[chosen] = r.logprob!
+  return top
 }
 
 /** A whole completion's log-probs: an echoed prompt's offsets from 0, the generated tokens' from the end of the prompt's text (as streamed). */

@@ -172,7 +172,7 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     expect(usage).toEqual(r.usage)
   })
 
-  it('top_logprobs: the most likely alternatives, most likely first (chat and completions)', async () => {
+  it('top_logprobs: the most likely alternatives, most likely first (chat and completions), and the chosen token among them (completions)', async () => {
     const r = await client.chat.completions.create({
       model: 'default',
       messages: [{ role: 'user', content: QUESTIONS[1]! }],
@@ -189,6 +189,15 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     }
     const c = await client.completions.create({ model: 'default', prompt: TEXTS[1]!, max_tokens: 5, temperature: 0, logprobs: 2 })
     for (const alternatives of c.choices[0]!.logprobs!.top_logprobs!) expect(Object.keys(alternatives).length).toBeGreaterThanOrEqual(1)
+    // Completions' alternatives always hold the chosen token (OpenAI: up to logprobs + 1 of them), so logprobs: 0 gives it alone.
+    const sampled = await client.completions.create({ model: 'default', prompt: TEXTS[1]!, max_tokens: 8, temperature: 1.5, seed: 9, logprobs: 0 })
+    const lp = sampled.choices[0]!.logprobs!
+    lp.top_logprobs!.forEach((alternatives, k) => expect(alternatives).toEqual({ [lp.tokens![k]!]: lp.token_logprobs![k] }))
+    const two = await client.completions.create({ model: 'default', prompt: TEXTS[1]!, max_tokens: 8, temperature: 1.5, seed: 9, logprobs: 2 })
+    two.choices[0]!.logprobs!.top_logprobs!.forEach((alternatives, k) => {
+      expect(alternatives[lp.tokens![k]!]).toBe(lp.token_logprobs![k])
+      expect(Object.keys(alternatives).length).toBeLessThanOrEqual(3)
+    })
   })
 
   it('min_p (an extension) is passed to the sampler', async () => {
@@ -308,11 +317,14 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
       expect(lp.top_logprobs[0]).toBeNull()
       const scored = await model.score(ids.slice(0, 1), ids.slice(1), { topLogprobs: 1 })
       expect(lp.token_logprobs.slice(1, -1)).toEqual(scored.logprobs)
-      // The harness's is_greedy: a token is the greedy one when its log-prob is the top one's.
+      // The harness's is_greedy: a token is the greedy one when its log-prob is the largest of its
+      // top_logprobs, which hold the most likely token and the chosen one (OpenAI's logprobs + 1).
       scored.tokens.forEach((token, k) => {
         const top = lp.top_logprobs[k + 1] as Record<string, number>
-        expect(Object.keys(top).length).toBe(1)
-        expect(Object.values(top)[0] === lp.token_logprobs[k + 1]).toBe(scored.topLogprobs![k]![0]!.token === token)
+        const best = scored.topLogprobs![k]![0]!
+        expect(top[model.detokenize([best.token])]).toBe(best.logprob)
+        expect(Object.keys(top).length).toBe(best.token === token ? 1 : 2)
+        expect(Math.max(...Object.values(top)) === lp.token_logprobs[k + 1]).toBe(best.token === token)
       })
       // The generated token after the echo is the library's, and the text starts with the prompt's.
       const generated = await model.generate(ids, { maxTokens: 1 })
