@@ -346,7 +346,11 @@ export class InferenceServer {
     const stopTimer = this.metrics.requestDuration.startTimer({ endpoint: route })
     try {
       const prompts = await this.promptIds(endpoint, draft, loaded, signal)
-      const echoes = await Promise.all(prompts.map((ids, p) => (draft.echo ? this.echo(draft, p, ids, loaded, signal) : null)))
+      // One echo failing ends the others' scoring too (the request's places are freed when it ends).
+      const echoes = await Promise.all(prompts.map((ids, p) => (draft.echo ? this.echo(draft, p, ids, loaded, signal) : null))).catch((err) => {
+        failed.abort(err)
+        throw err
+      })
       const plan = this.plan(endpoint, draft, prompts, echoes, loaded)
       // The library checks the options here, before a stream's headers go out.
       const run: ChoiceRun = { loaded, plan, head, signal, failed, arrived, streams: [] }
