@@ -40,7 +40,7 @@ import {
   type TokenizeBody,
   type ToolBody,
 } from './schemas.js'
-import { parseHermesToolCalls, toolCallId, withIds, ToolCallStream, type ToolCall, type ToolCallParser } from './tool-calls.js'
+import { parseToolCalls, toolCallId, withIds, ToolCallStream, type ToolCall, type ToolCallParser } from './tool-calls.js'
 
 const MAX_SEED = 0xffffffff
 /** max_tokens of /v1/completions when the request gives none (OpenAI's default). */
@@ -455,13 +455,13 @@ export class InferenceServer {
     if (!body.tools?.length || choice === 'none') return null
     if (!this.options.toolCallParser)
       throw invalidRequest(
-        'Tool calling is off on this server: start it with --tool-call-parser hermes to have tool calls read from the answers ' +
+        'Tool calling is off on this server: start it with --tool-call-parser (hermes or llama3_json) to have tool calls read from the answers ' +
           '(or send tool_choice: "none" to only show the tools to the model)',
         'tools',
         'unsupported_parameter',
       )
     // parallel_tool_calls: false keeps the first call; the model itself is not held to one.
-    return { limit: body.parallel_tool_calls === false ? 1 : Infinity }
+    return { parser: this.options.toolCallParser, limit: body.parallel_tool_calls === false ? 1 : Infinity }
   }
 
   /** The draft's prompts as token ids; texts are encoded in the tokenizer's worker thread, in turn with other requests'. */
@@ -681,7 +681,7 @@ export class InferenceServer {
 
   /** A whole chat answer's tool calls, when its text has any: the content becomes the text before them. */
   private readToolCalls(tools: ToolCallPlan, choice: ChoicePlan, f: FinishedChoice): void {
-    const parsed = parseHermesToolCalls(f.text)
+    const parsed = parseToolCalls(tools.parser, f.text)
     if (!parsed) return
     const generated = f.records.map((r) => r.token)
     f.toolCalls = { content: parsed.content, calls: withIds(parsed, tools.limit, (i) => toolCallId(choice.prompt, choice.index, generated, i)) }
@@ -703,7 +703,7 @@ export class InferenceServer {
     const counts = plan.choices.map(() => 0)
     const offsets = plan.choices.map(() => 0)
     // With a tool-call parser, content goes out until a call begins; the calls come at the end.
-    const toolStreams = plan.toolCalls ? plan.choices.map(() => ({ text: new ToolCallStream(), generated: [] as number[] })) : null
+    const toolStreams = plan.toolCalls ? plan.choices.map(() => ({ text: new ToolCallStream(plan.toolCalls!.parser), generated: [] as number[] })) : null
     // An echoed prompt comes first, as one chunk (with max_tokens 0, the last one).
     plan.choices.forEach((choice, k) => {
       if (!choice.echo) return
@@ -867,6 +867,7 @@ interface Draft {
 }
 
 interface ToolCallPlan {
+  parser: ToolCallParser
   /** Calls kept of an answer (1 with parallel_tool_calls: false). */
   limit: number
 }

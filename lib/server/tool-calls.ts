@@ -1,5 +1,6 @@
-// Tool calls in generated text, as `detinfer serve --tool-call-parser hermes` reads them: the
-// Hermes format of Qwen2.5, Qwen3, Hermes 2/3 and others, one block per call:
+// Tool calls in generated text, as `detinfer serve --tool-call-parser` reads them.
+//
+// hermes: the format of Qwen2.5, Qwen3, Hermes 2/3 and others, one block per call:
 //
 //   <tool_call>
 //   {"name": "get_weather", "arguments": {"city": "Paris"}}
@@ -8,11 +9,23 @@
 // The reading follows vLLM's hermes parser: the content is the text before the first <tool_call>;
 // every block (a last one left unclosed included) is one call; text between and after blocks is
 // dropped; if any block is not {"name": string, "arguments": object} JSON, nothing is a call and the
-// whole text is the content. It is a pure function of the text, so equal answers give equal calls.
+// whole text is the content.
+//
+// llama3_json: Llama 3.1's and 3.2's JSON calls, an answer that is nothing but calls, separated
+// by ";" (<|python_tag|> before them is a special token, left out of the text):
+//
+//   {"name": "get_weather", "parameters": {"city": "Paris"}}
+//
+// An answer whose text (after leading whitespace) starts with "{" is read as calls, "parameters"
+// or "arguments" an object; if it is not a sequence of such objects, nothing is a call. This is
+// how vLLM's llama3_json parser reads a streamed answer; its whole answers also take JSON from the
+// middle of prose, which would make streamed and whole answers differ, so that is not done here.
+//
+// Both are pure functions of the text, so equal answers give equal calls.
 import { createHash } from 'node:crypto'
 
 /** The parsers `--tool-call-parser` takes. */
-export const TOOL_CALL_PARSERS = ['hermes'] as const
+export const TOOL_CALL_PARSERS = ['hermes', 'llama3_json'] as const
 export type ToolCallParser = (typeof TOOL_CALL_PARSERS)[number]
 
 const START = '<tool_call>'
@@ -46,6 +59,70 @@ export function parseHermesToolCalls(text: string): ParsedToolCalls | null {
   }
   const content = text.slice(0, first)
   return { content: content.trim() === '' ? null : content, calls }
+}
+
+/** The calls in `text` as `parser` reads them, or null when it has none: then all of it is content. */
+export function parseToolCalls(parser: ToolCallParser, text: string): ParsedToolCalls | null {
+  return parser === 'hermes' ? parseHermesToolCalls(text) : parseLlamaJsonToolCalls(text)
+}
+
+/** Llama 3's calls: the whole text (after leading whitespace) JSON objects separated by ";". */
+export function parseLlamaJsonToolCalls(text: string): ParsedToolCalls | null {
+  const t = text.trimStart()
+  if (!t.startsWith('{')) return null
+  const calls: ParsedToolCalls['calls'] = []
+  for (let at = 0; at < t.length; ) {
+    const end = objectEnd(t, at)
+    if (end < 0) return null
+    const call = parseLlamaCall(t.slice(at, end))
+    if (!call) return null
+    calls.push(call)
+    at = skipSpace(t, end)
+    if (at === t.length) break
+    if (t[at] !== ';') return null
+    at = skipSpace(t, at + 1)
+  }
+  return { content: null, calls }
+}
+
+function parseLlamaCall(json: string): ParsedToolCalls['calls'][number] | null {
+  let value: unknown
+  try {
+    value = JSON.parse(json)
+  } catch {
+    return null
+  }
+  if (!isPlainObject(value)) return null
+  const { name } = value
+  // Llama's prompts say "parameters"; some write "arguments". Both at once is not a call.
+  if ('parameters' in value && 'arguments' in value) return null
+  const args = 'parameters' in value ? value['parameters'] : value['arguments']
+  if (typeof name !== 'string' || name === '' || !isPlainObject(args)) return null
+  return { name, arguments: pythonJson(args) }
+}
+
+/** The index after the JSON object that starts at `at` (its braces balanced outside strings), or -1. */
+function objectEnd(text: string, at: number): number {
+  let depth = 0
+  let inString = false
+  for (let i = at; i < text.length; i++) {
+    const c = text[i]
+    if (inString) {
+      if (c === '\\') i++
+      else if (c === '"') inString = false
+    } else if (c === '"') inString = true
+    else if (c === '{' || c === '[') depth++
+    else if (c === '}' || c === ']') {
+      depth--
+      if (depth === 0) return i + 1
+    }
+  }
+  return -1
+}
+
+function skipSpace(text: string, at: number): number {
+  while (at < text.length && /\s/.test(text[at]!)) at++
+  return at
 }
 
 function parseCall(json: string): ParsedToolCalls['calls'][number] | null {
@@ -93,29 +170,47 @@ export function withIds(parsed: ParsedToolCalls, limit: number, id: (call: numbe
 
 /**
  * One streamed choice's text, split as the whole answer would be: content goes out as it comes
- * until a <tool_call> begins; from there the text is held and parsed at the end. Text that may be
- * the start of the tag is held back until it is told apart, and so is leading whitespace, which
- * is no content when calls follow it (so the streamed content equals the whole answer's).
+ * until calls begin (hermes: a <tool_call>; llama3_json: an answer starting with "{"); from there
+ * the text is held and parsed at the end. Text that may be the start of the tag is held back until
+ * it is told apart, and so is leading whitespace, which is no content when calls follow it (so the
+ * streamed content equals the whole answer's).
  */
 export class ToolCallStream {
   /** Content sent so far: always a prefix of the content the whole text parses to. */
   private sent = ''
   private held = ''
   private inCalls = false
+  /** llama3_json: the answer's first character has shown it is content. */
+  private content = false
+
+  constructor(private readonly parser: ToolCallParser = 'hermes') {}
 
   /** Adds generated text; returns the content that can go out now. */
   push(text: string): string {
     this.held += text
     if (this.inCalls) return ''
     let ready: string
-    const at = this.held.indexOf(START)
-    if (at >= 0) {
-      this.inCalls = true
-      ready = this.held.slice(0, at)
+    if (this.parser === 'llama3_json') {
+      if (!this.content) {
+        const start = this.held.trimStart()
+        if (start === '') return ''
+        if (start.startsWith('{')) {
+          this.inCalls = true
+          return ''
+        }
+        this.content = true
+      }
+      ready = this.held
     } else {
-      ready = this.held.slice(0, this.held.length - partialTagLength(this.held))
+      const at = this.held.indexOf(START)
+      if (at >= 0) {
+        this.inCalls = true
+        ready = this.held.slice(0, at)
+      } else {
+        ready = this.held.slice(0, this.held.length - partialTagLength(this.held))
+      }
+      if (this.sent === '' && ready.trim() === '') return ''
     }
-    if (this.sent === '' && ready.trim() === '') return ''
     this.held = this.held.slice(ready.length)
     this.sent += ready
     return ready
@@ -124,7 +219,7 @@ export class ToolCallStream {
   /** At the end of the generation: the content still to send, and the calls (null: none, all of it was content). */
   finish(): { content: string; parsed: ParsedToolCalls | null } {
     const text = this.sent + this.held
-    const parsed = parseHermesToolCalls(text)
+    const parsed = parseToolCalls(this.parser, text)
     const content = parsed ? (parsed.content ?? '') : text
     return { content: content.slice(this.sent.length), parsed }
   }

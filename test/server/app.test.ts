@@ -410,6 +410,44 @@ describe('tool calls (--tool-call-parser hermes, in-process, the openai client)'
   })
 })
 
+describe('tool calls (--tool-call-parser llama3_json, in-process, the openai client)', () => {
+  it("reads an answer of JSON calls, whole and streamed alike, and leaves prose as content", async () => {
+    const dir = toolModelDir()
+    const tokenizer = await Tokenizer.load(dir)
+    const scripted = new ScriptedModel(4096, 0, [], tokenizer.eosTokenIds[0]!)
+    const model = new Model({ forward: scripted, tokenizer, path: 'scripted' }, { maxBatchSize: 4, prefillChunkSize: 256 })
+    const server = new InferenceServer({ modelName: 'llama', maxQueued: 8, bodyLimit: 1 << 20, toolCallParser: 'llama3_json' })
+    try {
+      server.setModel(model, 'fp_llama')
+      const client = new OpenAI({ baseURL: `${await server.app.listen({ host: '127.0.0.1', port: 0 })}/v1`, apiKey: 'unused', maxRetries: 0 })
+      const messages: ChatCompletionMessageParam[] = [{ role: 'user', content: 'Weather in Paris?' }]
+      const say = (text: string) => {
+        scripted.promptLength = model.tokenize(messages as ChatMessage[], { chatTemplateVariables: { tools: TOOLS } }).length
+        scripted.script = tokenizer.encodeContinuation(text)
+      }
+      const body = { model: 'llama', messages, tools: TOOLS, temperature: 0, max_tokens: 400 }
+      say('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; {"name": "get_time", "parameters": {"zone": "Europe/Paris"}}')
+      const whole = await client.chat.completions.create(body)
+      expect(whole.choices[0]!.message.content).toBe(null)
+      expect(whole.choices[0]!.message.tool_calls).toEqual([weatherCall, timeCall])
+      expect(whole.choices[0]!.finish_reason).toBe('tool_calls')
+      const streamed = await client.chat.completions.stream({ ...body, stream: true }).finalChatCompletion()
+      expect(streamed.choices[0]!.message.tool_calls).toEqual(whole.choices[0]!.message.tool_calls)
+      expect(streamed.choices[0]!.message.content ?? null).toBe(null)
+      expect(streamed.choices[0]!.finish_reason).toBe('tool_calls')
+      say('It is sunny in Paris.')
+      const prose = await client.chat.completions.create(body)
+      expect(prose.choices[0]!.message.content).toBe('It is sunny in Paris.')
+      expect(prose.choices[0]!.message.tool_calls ?? []).toEqual([])
+      expect(prose.choices[0]!.finish_reason).toBe('stop')
+    } finally {
+      await server.app.close()
+      await model.dispose()
+      rmSync(dir, { recursive: true, force: true })
+    }
+  })
+})
+
 describe('tool calls without --tool-call-parser (in-process)', () => {
   it('refuses requests that let the model call tools, naming the flag; tool_choice none only shows them', async () => {
     const dir = toolModelDir()
@@ -422,7 +460,7 @@ describe('tool calls without --tool-call-parser (in-process)', () => {
       expect(refused.statusCode).toBe(400)
       expect(refused.json().error).toEqual({
         message:
-          'Tool calling is off on this server: start it with --tool-call-parser hermes to have tool calls read from the answers ' +
+          'Tool calling is off on this server: start it with --tool-call-parser (hermes or llama3_json) to have tool calls read from the answers ' +
           '(or send tool_choice: "none" to only show the tools to the model)',
         type: 'invalid_request_error',
         param: 'tools',

@@ -552,7 +552,7 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
       const body = { model: 'default', messages: [{ role: 'user' as const, content: 'x' }], max_tokens: 2, tools }
       const refused = client.chat.completions.create(body)
       await expect(refused).rejects.toMatchObject({ status: 400, code: 'unsupported_parameter', param: 'tools' })
-      await expect(refused).rejects.toThrow(/start it with --tool-call-parser hermes/)
+      await expect(refused).rejects.toThrow(/start it with --tool-call-parser \(hermes or llama3_json\)/)
       expect((await client.chat.completions.create({ ...body, tool_choice: 'none' })).choices.length).toBe(1)
     })
 

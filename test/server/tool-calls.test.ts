@@ -1,7 +1,7 @@
 // The Hermes tool-call reader of `detinfer serve --tool-call-parser hermes`: what a text parses to,
 // and that a streamed answer, cut into pieces anywhere, gives the content and calls of the whole.
 import { describe, expect, it } from 'vitest'
-import { parseHermesToolCalls, pythonJson, toolCallId, ToolCallStream } from '../../lib/server/tool-calls.js'
+import { parseHermesToolCalls, parseLlamaJsonToolCalls, parseToolCalls, pythonJson, toolCallId, ToolCallStream } from '../../lib/server/tool-calls.js'
 
 const CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n</tool_call>'
 const CALL2 = '<tool_call>\n{"name":"get_time","arguments":{"zone":"Europe/Paris","utc":false}}\n</tool_call>'
@@ -93,5 +93,62 @@ describe('ToolCallStream', () => {
     expect(stream(['a <tool', 'box> b']).sent).toEqual(['a ', '<toolbox> b'])
     // Leading whitespace waits for text: before calls it is no content.
     expect(stream([' \n', 'Hi']).sent).toEqual(['', ' \nHi'])
+  })
+})
+
+describe('llama3_json', () => {
+  const WEATHER = '{"name": "get_weather", "parameters": {"city": "Paris", "days": [1, 2]}}'
+  const TIME = '{"name":"get_time","arguments":{"zone":"Europe/Paris","note":"a } and a ; in a string"}}'
+
+  it('an answer of JSON calls separated by ";" is calls, "parameters" or "arguments", written as Python writes JSON', () => {
+    expect(parseLlamaJsonToolCalls(WEATHER)).toEqual({ content: null, calls: [{ name: 'get_weather', arguments: '{"city": "Paris", "days": [1, 2]}' }] })
+    expect(parseLlamaJsonToolCalls(`\n ${WEATHER}; ${TIME};\n`)).toEqual({
+      content: null,
+      calls: [
+        { name: 'get_weather', arguments: '{"city": "Paris", "days": [1, 2]}' },
+        { name: 'get_time', arguments: '{"zone": "Europe/Paris", "note": "a } and a ; in a string"}' },
+      ],
+    })
+    expect(parseToolCalls('llama3_json', WEATHER)).toEqual(parseLlamaJsonToolCalls(WEATHER))
+    expect(parseToolCalls('hermes', WEATHER)).toBe(null)
+  })
+
+  it.each([
+    ['prose', 'The weather is fine.'],
+    ['prose before the JSON (not read, unlike vLLM on whole answers)', `Calling: ${WEATHER}`],
+    ['text after the calls', `${WEATHER} and more`],
+    ['malformed JSON', '{"name": "f", "parameters": {"a": }}'],
+    ['a call cut short', `${WEATHER}; {"name": "f", "param`],
+    ['no name', '{"parameters": {}}'],
+    ['both parameters and arguments', '{"name": "f", "parameters": {}, "arguments": {}}'],
+    ['parameters not an object', '{"name": "f", "parameters": "{}"}'],
+    ['two calls without ";"', `${WEATHER} ${WEATHER}`],
+  ])('%s: no calls, the whole text is the content', (_, text) => {
+    expect(parseLlamaJsonToolCalls(text)).toBe(null)
+  })
+
+  it.each([WEATHER, `${WEATHER}; ${TIME}`, ` \n${WEATHER}`, 'A plain answer { with a brace.', '  Indented answer.', '{"name": "f", "parameters": {"a": }}', ''])(
+    'every cut of %j streams the content and calls of the whole',
+    (text) => {
+      const whole = parseLlamaJsonToolCalls(text)
+      const wholeContent = whole ? (whole.content ?? '') : text
+      const splits = [...Array.from({ length: text.length + 1 }, (_, i) => [text.slice(0, i), text.slice(i)]), [...text]]
+      for (const pieces of splits) {
+        const s = new ToolCallStream('llama3_json')
+        const sent = pieces.map((p) => s.push(p)).join('')
+        const end = s.finish()
+        expect(sent + end.content).toBe(wholeContent)
+        expect(end.parsed).toEqual(whole)
+      }
+    },
+  )
+
+  it('streams content at once once the first character shows it is content, and nothing of an answer that starts with "{"', () => {
+    const sent = (pieces: string[]) => {
+      const s = new ToolCallStream('llama3_json')
+      return pieces.map((p) => s.push(p))
+    }
+    expect(sent([' \n', 'Hi', ' there'])).toEqual(['', ' \nHi', ' there'])
+    expect(sent(['{"name"', ': "f"'])).toEqual(['', ''])
   })
 })
