@@ -24,7 +24,7 @@ import { loadModelConfig, type ModelConfig } from './model/config.js'
 import { Transformer } from './model/transformer.js'
 import type { LoadProgress } from './model/weights.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
-import { Tokenizer, type ChatMessage, type ChatTemplateVariables, type ChatToolCall } from './tokenizer.js'
+import { Tokenizer, type ChatMessage, type ChatRender, type ChatTemplateVariables, type ChatToolCall } from './tokenizer.js'
 import type { EncodeRequestOptions } from './encode-worker.js'
 
 /** Directory name of the model shipped under models/. */
@@ -46,6 +46,8 @@ export interface ScoreOptions {
   chat?: boolean
   /** Variables for the chat template beside the messages (with chat messages or `chat: true`). */
   chatTemplateVariables?: ChatTemplateVariables
+  /** Chat messages whose last is an assistant's: end the prompt inside its text, to be continued (default false). */
+  continueFinalMessage?: boolean
   /** Report the N most likely tokens at every scored position (0 to 20; default 0). */
   topLogprobs?: number
   /** Aborting it takes the request out of the batch at the next step and rejects with its reason. */
@@ -66,6 +68,8 @@ export interface TokenizeOptions {
   chat?: boolean
   /** Variables for the chat template beside the messages (with chat messages or `chat: true`). */
   chatTemplateVariables?: ChatTemplateVariables
+  /** Chat messages whose last is an assistant's: end the prompt inside its text, to be continued (default false). */
+  continueFinalMessage?: boolean
   /** A text (without chat) with the special tokens the model expects around it, BOS (default true). */
   addSpecialTokens?: boolean
 }
@@ -123,19 +127,16 @@ export class Model {
    */
   tokenize(text: string | ChatMessage[], options: TokenizeOptions = {}): number[] {
     this.checkOpen()
-    const o = checkOptions(options, { chat: 'boolean', chatTemplateVariables: 'checked', addSpecialTokens: 'boolean' })
+    const o = checkOptions(options, { chat: 'boolean', chatTemplateVariables: 'checked', continueFinalMessage: 'boolean', addSpecialTokens: 'boolean' })
     const chat = o.chat === true
-    const variables = o.chatTemplateVariables === undefined ? undefined : checkChatTemplateVariables(o.chatTemplateVariables)
     if (Array.isArray(text) || chat) checkNoSpecialTokensOption(o)
-    if (Array.isArray(text)) {
-      checkConversation('text', text)
-      return this.checkTokenizerIds('text', this.parts.tokenizer.encodeChat(text, variables))
-    }
-    if (typeof text !== 'string') throw invalidArgument('text', 'string or array of chat messages', text)
-    if (variables && !chat) throw invalidArgument('chatTemplateVariables', 'nothing unless the prompt is chat messages or chat is true', variables)
+    if (Array.isArray(text)) checkConversation('text', text)
+    else if (typeof text !== 'string') throw invalidArgument('text', 'string or array of chat messages', text)
+    const render = chatRender(o, text, chat)
     const t = this.parts.tokenizer
+    if (Array.isArray(text)) return this.checkTokenizerIds('text', t.encodeChat(text, render))
     if (o.addSpecialTokens === false) return t.encodeText ? t.encodeText(text, false) : t.encodeContinuation(text)
-    return t.encodePrompt(text, chat, variables)
+    return t.encodePrompt(text, chat, render)
   }
 
   /**
@@ -149,27 +150,25 @@ export class Model {
     const o = checkOptions(options, {
       chat: 'boolean',
       chatTemplateVariables: 'checked',
+      continueFinalMessage: 'boolean',
       addSpecialTokens: 'boolean',
       signal: 'AbortSignal',
       timeoutMs: 'number',
     })
     const chat = o.chat === true
-    const variables = o.chatTemplateVariables === undefined ? undefined : checkChatTemplateVariables(o.chatTemplateVariables)
     if (Array.isArray(text) || chat) checkNoSpecialTokensOption(o)
+    if (Array.isArray(text)) checkConversation('text', text)
+    else if (typeof text !== 'string') throw invalidArgument('text', 'string or array of chat messages', text)
+    const render = chatRender(o, text, chat)
     const encode: EncodeRequestOptions = {
       ...(options.signal && { signal: options.signal }),
       ...(options.timeoutMs !== undefined && { timeoutMs: checkInteger('timeoutMs', options.timeoutMs, 1, 2 ** 31 - 1) }),
     }
     const t = this.parts.tokenizer
     const encodeChat = (messages: ChatMessage[]) =>
-      t.encodeChatAsync ? t.encodeChatAsync(messages, { ...encode, ...(variables && { variables }) }) : Promise.resolve(t.encodeChat(messages, variables))
-    if (Array.isArray(text)) {
-      checkConversation('text', text)
-      return this.checkTokenizerIds('text', await encodeChat(text))
-    }
-    if (typeof text !== 'string') throw invalidArgument('text', 'string or array of chat messages', text)
+      t.encodeChatAsync ? t.encodeChatAsync(messages, { ...encode, ...render }) : Promise.resolve(t.encodeChat(messages, render))
+    if (Array.isArray(text)) return this.checkTokenizerIds('text', await encodeChat(text))
     if (chat) return encodeChat([{ role: 'user', content: text }])
-    if (variables) throw invalidArgument('chatTemplateVariables', 'nothing unless the prompt is chat messages or chat is true', variables)
     const special = o.addSpecialTokens !== false
     if (t.encodeTextAsync) return t.encodeTextAsync(text, special, encode)
     return special ? t.encodePrompt(text, false) : t.encodeContinuation(text)
@@ -207,7 +206,7 @@ export class Model {
   async generate(prompt: Prompt, options?: GenerateOptions): Promise<GenerateResult> {
     this.checkOpen()
     const resolved = this.resolveOptions(options)
-    const ids = this.promptIds(prompt, resolved.chat, 'prompt', resolved.chatTemplateVariables)
+    const ids = this.promptIds(prompt, resolved.chat, 'prompt', resolved)
     return runGeneration(this.scheduler, this.parts.tokenizer, ids, this.fitted(resolved, options, ids)).result
   }
 
@@ -221,7 +220,7 @@ export class Model {
     const resolved = this.resolveOptions(options)
     // Every index, holes included (map and forEach skip them).
     const planned = Array.from(prompts, (p, i) => {
-      const ids = this.promptIds(p, resolved.chat, `prompts[${i}]`, resolved.chatTemplateVariables)
+      const ids = this.promptIds(p, resolved.chat, `prompts[${i}]`, resolved)
       return { ids, options: this.fitted(resolved, options, ids) }
     })
     const runs = planned.map((p) => runGeneration(this.scheduler, this.parts.tokenizer, p.ids, p.options))
@@ -237,7 +236,7 @@ export class Model {
   stream(prompt: Prompt, options?: GenerateOptions): AsyncIterable<StreamPiece> {
     this.checkOpen()
     const resolved = this.resolveOptions(options)
-    const ids = this.promptIds(prompt, resolved.chat, 'prompt', resolved.chatTemplateVariables)
+    const ids = this.promptIds(prompt, resolved.chat, 'prompt', resolved)
     const fitted = this.fitted(resolved, options, ids) // a request too large throws here, not when iterated
     return streamGeneration((onPiece) => runGeneration(this.scheduler, this.parts.tokenizer, ids, fitted, onPiece))
   }
@@ -250,10 +249,13 @@ export class Model {
    */
   async score(prompt: Prompt, completion: string | number[], options: ScoreOptions = {}): Promise<ScoreResult> {
     this.checkOpen()
-    const o = checkOptions(options, { chat: 'boolean', chatTemplateVariables: 'checked', topLogprobs: 'number', signal: 'AbortSignal' })
+    const o = checkOptions(options, { chat: 'boolean', chatTemplateVariables: 'checked', continueFinalMessage: 'boolean', topLogprobs: 'number', signal: 'AbortSignal' })
     const topLogprobs = o.topLogprobs === undefined ? 0 : checkInteger('topLogprobs', o.topLogprobs, 0, MAX_TOP_LOGPROBS)
     const variables = o.chatTemplateVariables === undefined ? undefined : checkChatTemplateVariables(o.chatTemplateVariables)
-    const promptIds = this.promptIds(prompt, o.chat === true, 'prompt', variables)
+    const promptIds = this.promptIds(prompt, o.chat === true, 'prompt', {
+      ...(variables && { chatTemplateVariables: variables }),
+      continueFinalMessage: o.continueFinalMessage === true,
+    })
     let tokens: number[]
     if (typeof completion === 'string') {
       const ids = this.parts.tokenizer.encodeContinuation(completion)
@@ -319,20 +321,22 @@ export class Model {
     return fit
   }
 
-  private promptIds(prompt: unknown, chat: boolean, name = 'prompt', variables?: ChatTemplateVariables): number[] {
+  private promptIds(
+    prompt: unknown,
+    chat: boolean,
+    name = 'prompt',
+    options: { chatTemplateVariables?: ChatTemplateVariables; continueFinalMessage?: boolean } = {},
+  ): number[] {
     const messages = Array.isArray(prompt) && prompt.length > 0 && typeof prompt[0] === 'object' && prompt[0] !== null
-    if (variables && !chat && !messages)
-      throw invalidArgument('chatTemplateVariables', 'nothing unless the prompt is chat messages or chat is true', variables)
+    if (messages) checkMessages(name, prompt)
+    const render = chatRender(options, messages ? (prompt as ChatMessage[]) : '', chat)
     if (typeof prompt === 'string') {
-      const ids = this.parts.tokenizer.encodePrompt(prompt, chat, variables)
+      const ids = this.parts.tokenizer.encodePrompt(prompt, chat, render)
       if (ids.length === 0) throw invalidArgument(name, 'text of at least one token', prompt)
       return this.checkTokenizerIds(name, ids)
     }
     if (!Array.isArray(prompt)) throw invalidArgument(name, 'string, array of token ids or array of chat messages', prompt)
-    if (messages) {
-      checkMessages(name, prompt)
-      return this.checkTokenizerIds(name, this.parts.tokenizer.encodeChat(prompt as ChatMessage[], variables))
-    }
+    if (messages) return this.checkTokenizerIds(name, this.parts.tokenizer.encodeChat(prompt as ChatMessage[], render))
     if (chat) throw invalidArgument('chat', 'false or absent when the prompt is given as token ids', chat)
     if (prompt.length === 0) throw invalidArgument(name, 'at least one token id', prompt)
     return this.checkTokens(name, prompt)
@@ -356,6 +360,22 @@ export class Model {
     for (let i = 0; i < tokens.length; i++) checkInteger(`${name}[${i}]`, tokens[i], 0, this.vocabSize - 1)
     return tokens as number[]
   }
+}
+
+/**
+ * How a prompt's conversation is rendered, from options checked already: template variables and
+ * continueFinalMessage apply to chat messages (and variables to chat: true); continueFinalMessage
+ * needs a last message of the assistant's to continue.
+ */
+function chatRender(o: { chatTemplateVariables?: unknown; continueFinalMessage?: unknown }, prompt: string | ChatMessage[], chat: boolean): ChatRender | undefined {
+  const messages = Array.isArray(prompt)
+  const variables = o.chatTemplateVariables === undefined ? undefined : checkChatTemplateVariables(o.chatTemplateVariables)
+  if (variables && !chat && !messages) throw invalidArgument('chatTemplateVariables', 'nothing unless the prompt is chat messages or chat is true', variables)
+  const continued = o.continueFinalMessage === true
+  if (continued && (!messages || prompt.at(-1)?.role !== 'assistant'))
+    throw invalidArgument('continueFinalMessage', "true only for chat messages whose last is the assistant's (the text to continue)", true)
+  if (!variables && !continued) return undefined
+  return { ...(variables && { variables }), ...(continued && { continueFinalMessage: true }) }
 }
 
 /** addSpecialTokens is for a text without chat: a chat template's text carries its own special tokens. */
@@ -609,8 +629,8 @@ export function forwardOf(model: Model): ForwardModel {
 function servingTokenizer(t: Tokenizer): TextTokenizer {
   const known = (ids: readonly number[]) => ids.filter((id) => id < t.vocabSize)
   return {
-    encodePrompt: (text, chat, variables) => t.encodePrompt(text, chat, variables),
-    encodeChat: (messages, variables) => t.encodeChat(messages, variables),
+    encodePrompt: (text, chat, render) => t.encodePrompt(text, chat, render),
+    encodeChat: (messages, render) => t.encodeChat(messages, render),
     encodeContinuation: (text) => t.encodeContinuation(text),
     encodeText: (text, addSpecialTokens) => t.encode(text, { addSpecialTokens }),
     encodeTextAsync: (text, addSpecialTokens, options) => t.encodeAsync(text, { ...options, addSpecialTokens }),

@@ -4,22 +4,22 @@ import { RequestTooLargeError, checkInteger, checkNumber, checkOptionKeys, conte
 import type { SamplingParams } from './sampling.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
 import type { FinishReason, Scheduler } from './scheduler.js'
-import type { ChatMessage, ChatTemplateVariables } from './tokenizer.js'
+import type { ChatMessage, ChatRender, ChatTemplateVariables } from './tokenizer.js'
 import type { EncodeRequestOptions } from './encode-worker.js'
 
 /** What decoding needs from a tokenizer (lib/api.ts adapts the model's tokenizer to it). */
 export interface TextTokenizer {
-  /** Ids of a prompt: BOS as the model expects it, the chat template applied when `chat` (with `variables`). */
-  encodePrompt(text: string, chat: boolean, variables?: ChatTemplateVariables): number[]
-  /** Ids of a conversation rendered by the chat template, ending with the assistant's turn to speak. */
-  encodeChat(messages: ChatMessage[], variables?: ChatTemplateVariables): number[]
+  /** Ids of a prompt: BOS as the model expects it, the chat template applied when `chat` (rendered as `render` says). */
+  encodePrompt(text: string, chat: boolean, render?: ChatRender): number[]
+  /** Ids of a conversation rendered by the chat template, ending with the assistant's turn to speak unless `render` says otherwise. */
+  encodeChat(messages: ChatMessage[], render?: ChatRender): number[]
   /** Ids of text that continues a prompt (no BOS). */
   encodeContinuation(text: string): number[]
   /** Ids of a text, with or without the special tokens the model expects around it (BOS). */
   encodeText?(text: string, addSpecialTokens: boolean): number[]
   /** encodeText and encodeChat off the calling thread, when the tokenizer can (the same ids). */
   encodeTextAsync?(text: string, addSpecialTokens: boolean, options: EncodeRequestOptions): Promise<number[]>
-  encodeChatAsync?(messages: ChatMessage[], options: EncodeRequestOptions & { variables?: ChatTemplateVariables }): Promise<number[]>
+  encodeChatAsync?(messages: ChatMessage[], options: EncodeRequestOptions & ChatRender): Promise<number[]>
   /** The special tokens by their tokenizer_config.json names (bos_token, eos_token, ...), and the chat template's source. */
   readonly specialTokenTexts?: Readonly<Record<string, string>>
   readonly chatTemplateSource?: string | null
@@ -72,6 +72,12 @@ export interface GenerateOptions {
    * (Qwen3's `{ enable_thinking: false }`, for instance).
    */
   chatTemplateVariables?: ChatTemplateVariables
+  /**
+   * With chat messages ending in an assistant message: the prompt ends inside that message's
+   * text (no end of turn, no generation prompt), so the completion continues it, as prefilled
+   * assistant text ("Sure, here is the JSON: {"). Default false.
+   */
+  continueFinalMessage?: boolean
   /**
    * Cancels the generation when aborted: the sequence leaves the batch at the next step (its cache
    * blocks freed), generate() rejects with the signal's reason (an AbortError unless given one)
@@ -127,6 +133,7 @@ export interface ResolvedGenerateOptions {
   ignoreEos: boolean
   chat: boolean
   chatTemplateVariables?: ChatTemplateVariables
+  continueFinalMessage: boolean
   signal?: AbortSignal
 }
 
@@ -149,6 +156,7 @@ export function resolveGenerateOptions(
     'ignoreEos',
     'chat',
     'chatTemplateVariables',
+    'continueFinalMessage',
     'signal',
   ])
 
@@ -182,6 +190,8 @@ export function resolveGenerateOptions(
   }
   if (o.ignoreEos !== undefined && typeof o.ignoreEos !== 'boolean') throw invalidArgument('ignoreEos', 'boolean', o.ignoreEos)
   if (o.chat !== undefined && typeof o.chat !== 'boolean') throw invalidArgument('chat', 'boolean', o.chat)
+  if (o.continueFinalMessage !== undefined && typeof o.continueFinalMessage !== 'boolean')
+    throw invalidArgument('continueFinalMessage', 'boolean', o.continueFinalMessage)
   if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw invalidArgument('signal', 'AbortSignal', o.signal)
 
   const sampling: SamplingParams | null =
@@ -196,6 +206,7 @@ export function resolveGenerateOptions(
     ignoreEos: o.ignoreEos === true,
     chat: o.chat === true,
     ...(variables && { chatTemplateVariables: variables }),
+    continueFinalMessage: o.continueFinalMessage === true,
     ...(o.signal ? { signal: o.signal as AbortSignal } : {}),
   }
 }

@@ -22,6 +22,15 @@ export interface DecodeOptions {
 /** Variables a chat template reads besides the messages (Qwen3's enable_thinking, a date, tools, ...). */
 export type ChatTemplateVariables = Readonly<Record<string, unknown>>
 
+/** How a conversation is rendered: the template's variables, and how it ends. */
+export interface ChatRender {
+  variables?: ChatTemplateVariables
+  /** End with the assistant's turn to speak (default true). */
+  addGenerationPrompt?: boolean
+  /** End inside the last message, an assistant's, so that the model continues its text (default false). */
+  continueFinalMessage?: boolean
+}
+
 export interface ChatMessage {
   role: string
   content: string
@@ -405,24 +414,43 @@ export class Tokenizer {
   }
 
   /** Ids of a prompt: the chat template around it when `chat` (whose text carries its own special tokens), else encode(). */
-  encodePrompt(text: string, chat: boolean, variables?: ChatTemplateVariables): number[] {
+  encodePrompt(text: string, chat: boolean, render?: ChatRender): number[] {
     if (!chat) return this.encode(text)
-    return this.encodeChat([{ role: 'user', content: text }], variables)
+    return this.encodeChat([{ role: 'user', content: text }], render)
   }
 
   /**
-   * Ids of a conversation: the chat template's text (with the generation prompt), which carries
-   * its own special tokens; `variables` are passed to the template beside the messages.
+   * Ids of a conversation: the chat template's text, which carries its own special tokens, with
+   * the generation prompt unless `render` says otherwise (see ChatRender).
    */
-  encodeChat(messages: ChatMessage[], variables?: ChatTemplateVariables): number[] {
-    return this.checkChatIds(this.encode(this.applyChatTemplate(messages, { ...variables }), { addSpecialTokens: false }), messages)
+  encodeChat(messages: ChatMessage[], render?: ChatRender): number[] {
+    return this.checkChatIds(this.encode(this.renderChat(messages, render), { addSpecialTokens: false }), messages)
   }
 
   /** encodeChat() with the text encoded in the worker thread. */
-  async encodeChatAsync(messages: ChatMessage[], options: EncodeRequestOptions & { variables?: ChatTemplateVariables } = {}): Promise<number[]> {
-    const { variables, ...encode } = options
-    const text = this.applyChatTemplate(messages, { ...variables })
+  async encodeChatAsync(messages: ChatMessage[], options: EncodeRequestOptions & ChatRender = {}): Promise<number[]> {
+    const { variables, addGenerationPrompt, continueFinalMessage, ...encode } = options
+    const text = this.renderChat(messages, { ...(variables && { variables }), ...(addGenerationPrompt !== undefined && { addGenerationPrompt }), ...(continueFinalMessage !== undefined && { continueFinalMessage }) })
     return this.checkChatIds(await this.encodeAsync(text, { ...encode, addSpecialTokens: false }), messages)
+  }
+
+  /**
+   * The conversation's text. With continueFinalMessage, the text ends with the last (assistant)
+   * message's own text, as transformers cuts it: the template renders without the generation
+   * prompt, and what follows the message's last occurrence (its end-of-turn marker) is left out.
+   */
+  private renderChat(messages: ChatMessage[], render: ChatRender = {}): string {
+    const continued = render.continueFinalMessage === true
+    const text = this.applyChatTemplate(messages, { ...render.variables, addGenerationPrompt: continued ? false : (render.addGenerationPrompt ?? true) })
+    if (!continued) return text
+    const final = messages.at(-1)!.content
+    for (const piece of [final, final.trim()]) {
+      const at = piece === '' ? -1 : text.lastIndexOf(piece)
+      if (at >= 0) return text.slice(0, at + piece.length)
+    }
+    throw new Error(
+      `The chat template of ${this.dir} does not write the last message's text as it is (it changes it), so the message cannot be continued`,
+    )
   }
 
   private checkChatIds(ids: number[], messages: ChatMessage[]): number[] {

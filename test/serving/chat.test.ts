@@ -103,6 +103,26 @@ describe('chat messages as the prompt', () => {
     expect(Float32Array.from(scored.logprobs)).toEqual(Float32Array.from(fromIds!.logprobs))
   })
 
+  it('continueFinalMessage ends the prompt inside the last assistant message, so that generation continues its text', async () => {
+    const conversation = [
+      { role: 'user', content: 'Who art thou?' },
+      { role: 'assistant', content: 'I am a' },
+    ]
+    const rendered = '<|im_start|>user\nWho art thou?<|im_end|>\n<|im_start|>assistant\nI am a'
+    const ids = model.tokenize(rendered)
+    expect(model.tokenize(conversation, { continueFinalMessage: true })).toEqual(ids)
+    expect(await model.tokenizeAsync(conversation, { continueFinalMessage: true })).toEqual(ids)
+    const continued = await model.generate(conversation, { maxTokens: 8, continueFinalMessage: true })
+    expect(continued.tokens).toEqual((await model.generate(ids, { maxTokens: 8 })).tokens)
+    const scored = await model.score(conversation, continued.tokens, { continueFinalMessage: true })
+    expect(Float32Array.from(scored.logprobs)).toEqual(Float32Array.from(continued.logprobs))
+    const last = "true only for chat messages whose last is the assistant's (the text to continue) for continueFinalMessage but received true"
+    await expect(model.generate([{ role: 'user', content: 'hi' }], { continueFinalMessage: true })).rejects.toThrow(last)
+    await expect(model.generate('hi', { chat: true, continueFinalMessage: true })).rejects.toThrow(last)
+    expect(() => model.tokenize('hi', { continueFinalMessage: true })).toThrow(last)
+    await expect(model.generate(conversation, { continueFinalMessage: 'yes' } as never)).rejects.toThrow('Expected boolean for continueFinalMessage but received "yes" of type string')
+  })
+
   it('rejects malformed messages with the element that is wrong', async () => {
     await expect(model.generate([{ role: 'user', content: 'hi' }, { role: 'user' }] as never)).rejects.toThrow(
       'Expected chat message {role, content} with string values for prompt[1] but received {"role":"user"} of type object',
@@ -167,6 +187,23 @@ describe('chat template variables', () => {
     await expect(loadModel(defaultModelPath, { device: 'cpu', chatTemplate: 7 as never })).rejects.toThrow(
       'Expected string (the Jinja source of a chat template) for chatTemplate but received 7 of type number',
     )
+  })
+
+  it('continueFinalMessage needs a template that writes the message as it is', async () => {
+    const upper = await loadModel(defaultModelPath, { device: 'cpu', chatTemplate: "{% for m in messages %}{{ m.role }}: {{ m.content | trim | upper }}\n{% endfor %}" })
+    try {
+      const conversation = [
+        { role: 'user', content: 'hi' },
+        { role: 'assistant', content: 'well met' },
+      ]
+      expect(() => upper.tokenize(conversation, { continueFinalMessage: true })).toThrow(
+        "does not write the last message's text as it is (it changes it), so the message cannot be continued",
+      )
+      // Whitespace the template trims is not a change: the message's trimmed text is found.
+      expect(upper.detokenize(upper.tokenize([{ role: 'user', content: 'hi' }, { role: 'assistant', content: ' WELL ' }], { continueFinalMessage: true }))).toBe('user: HI\nassistant: WELL')
+    } finally {
+      await upper.dispose()
+    }
   })
 
   it('are refused where no template renders, and may not set what the request sets', async () => {

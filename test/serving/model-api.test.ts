@@ -31,7 +31,7 @@ describe('Model argument validation', () => {
     [{ topLogprobs: 2.5 }, 'Expected integer between 0 and 20 for topLogprobs but received 2.5 of type number'],
     [{ chat: 'yes' }, 'Expected boolean for chat but received "yes" of type string'],
     [{ signal: 'stop' }, 'Expected AbortSignal for signal but received "stop" of type string'],
-    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, minP, topLogprobs, stop, stopTokenIds, ignoreEos, chat, chatTemplateVariables, signal for options but received "maxToken" of type string'],
+    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, minP, topLogprobs, stop, stopTokenIds, ignoreEos, chat, chatTemplateVariables, continueFinalMessage, signal for options but received "maxToken" of type string'],
   ])('generate rejects %j', async (options, message) => {
     await expect(model.generate('abc', options as never)).rejects.toThrow(message)
   })
@@ -188,7 +188,7 @@ describe('Model: what a caller passes is checked before anything runs', () => {
   it("score's options are checked like generate's, and its signal cancels it", async () => {
     const { model } = makeModel()
     await expect(model.score('ab', 'cd', { toplogprobs: 5 } as never)).rejects.toThrow(
-      'Expected only the keys chat, chatTemplateVariables, topLogprobs, signal for options but received "toplogprobs" of type string',
+      'Expected only the keys chat, chatTemplateVariables, continueFinalMessage, topLogprobs, signal for options but received "toplogprobs" of type string',
     )
     await expect(model.score('ab', 'cd', { chat: 'yes' } as never)).rejects.toThrow('Expected boolean for chat but received "yes" of type string')
     await expect(model.score('ab', '')).rejects.toThrow('Expected text or ids of at least one token for completion but received "" of type string')
