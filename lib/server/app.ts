@@ -231,11 +231,20 @@ export class InferenceServer {
       // A chat template places its own special tokens; adding BOS on top is not offered.
       if (body.add_special_tokens === true)
         throw invalidRequest('Expected false or null for add_special_tokens with messages (the chat template places its special tokens) but received true', 'add_special_tokens', 'invalid_value')
-      const source = this.chatPrompt({ messages: body.messages, chat_template_kwargs: body.chat_template_kwargs ?? null, tools: body.tools ?? null }, loaded)
+      const source = this.chatPrompt(
+        {
+          messages: body.messages,
+          chat_template_kwargs: body.chat_template_kwargs ?? null,
+          tools: body.tools ?? null,
+          add_generation_prompt: body.add_generation_prompt ?? null,
+          continue_final_message: body.continue_final_message ?? null,
+        },
+        loaded,
+      )
       tokens = await this.encodeSource(source, 'messages', loaded, undefined)
     } else {
       // What only a conversation uses would be dropped without a word: refused instead.
-      for (const key of ['tools', 'chat_template_kwargs', 'add_generation_prompt'] as const)
+      for (const key of ['tools', 'chat_template_kwargs', 'add_generation_prompt', 'continue_final_message'] as const)
         if (body[key] !== undefined && body[key] !== null)
           throw invalidRequest(`Unsupported request argument supplied: ${key} (it applies to messages, not to a prompt)`, key, 'unsupported_parameter')
       this.checkTextSize([body.prompt!], 'prompt', loaded)
@@ -481,7 +490,11 @@ export class InferenceServer {
   /** A text or a conversation as ids, encoded in the tokenizer's worker thread; its failures as the API's errors. */
   private async encodeSource(prompt: TextSource, param: string, loaded: Loaded, signal: AbortSignal | undefined): Promise<number[]> {
     try {
-      const options = { ...(signal && { signal }), ...('variables' in prompt && prompt.variables && { chatTemplateVariables: prompt.variables }) }
+      const options = {
+        ...(signal && { signal }),
+        ...('variables' in prompt && prompt.variables && { chatTemplateVariables: prompt.variables }),
+        ...('continueFinalMessage' in prompt && prompt.continueFinalMessage && { continueFinalMessage: true }),
+      }
       return await loaded.model.tokenizeAsync('messages' in prompt ? prompt.messages : prompt.text, options)
     } catch (err) {
       if (signal?.aborted) throw signal.reason
@@ -543,7 +556,31 @@ export class InferenceServer {
     return { text, records }
   }
 
-  private chatPrompt(body: Pick<ChatCompletionBody, 'messages' | 'chat_template_kwargs' | 'tools'>, loaded: Loaded): TextSource {
+  private chatPrompt(
+    body: Pick<ChatCompletionBody, 'messages' | 'chat_template_kwargs' | 'tools' | 'add_generation_prompt' | 'continue_final_message'>,
+    loaded: Loaded,
+  ): TextSource {
+    // The prompt ends with the assistant's turn to speak, or, with continue_final_message, inside
+    // the last message (an assistant's), which the answer then continues.
+    const continued = body.continue_final_message === true
+    if (continued && body.add_generation_prompt === true)
+      throw invalidRequest(
+        'Expected false or null for add_generation_prompt with continue_final_message: true (the prompt ends inside the last message) but received true',
+        'add_generation_prompt',
+        'invalid_value',
+      )
+    if (body.add_generation_prompt === false && !continued)
+      throw invalidRequest(
+        "Unsupported value for add_generation_prompt: false without continue_final_message: true (a chat prompt ends with the assistant's turn or inside its last message)",
+        'add_generation_prompt',
+        'unsupported_parameter',
+      )
+    if (continued && body.messages.at(-1)!.role !== 'assistant')
+      throw invalidRequest(
+        `Expected a last message of role 'assistant' (the text to continue) for continue_final_message: true but received one of role '${body.messages.at(-1)!.role}'`,
+        'continue_final_message',
+        'invalid_value',
+      )
     const given = body.chat_template_kwargs ?? undefined
     for (const key of [...REQUEST_TEMPLATE_VARIABLES, 'tools'])
       if (given && Object.hasOwn(given, key))
@@ -590,7 +627,7 @@ export class InferenceServer {
     })
     const calls = messages.flatMap((m) => (m.tool_calls ?? []).map((c) => `${c.function.name}${JSON.stringify(c.function.arguments)}`))
     this.checkTextSize([...messages.map((m) => m.content), ...calls, ...(tools ? [JSON.stringify(tools)] : [])], 'messages', loaded)
-    return { messages, name: 'messages', ...(variables && { variables }) }
+    return { messages, name: 'messages', ...(variables && { variables }), ...(continued && { continueFinalMessage: true as const }) }
   }
 
   /**
@@ -847,7 +884,7 @@ interface Echo {
 /** A prompt as the request gives it (`name` for messages: "prompt[1]"). */
 type PromptSource = { name: string } & ({ ids: number[] } | { text: string } | { messages: ChatMessage[] })
 /** A prompt that needs tokenizing. */
-type TextSource = { name: string } & ({ text: string } | { messages: ChatMessage[]; variables?: ChatTemplateVariables })
+type TextSource = { name: string } & ({ text: string } | { messages: ChatMessage[]; variables?: ChatTemplateVariables; continueFinalMessage?: true })
 
 /** A request checked against the model, its prompts not yet tokenized. */
 interface Draft {

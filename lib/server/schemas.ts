@@ -173,6 +173,9 @@ export const chatCompletionBody = {
     },
     // vLLM's extension: variables for the chat template (Qwen3's enable_thinking, for instance).
     chat_template_kwargs: { type: nullable('object'), description: 'object of chat template variables or null' },
+    // vLLM's extensions: the prompt ends inside the last (assistant) message, which the answer continues.
+    add_generation_prompt: { type: nullable('boolean'), description: 'boolean or null (false only with continue_final_message)' },
+    continue_final_message: { type: nullable('boolean'), description: 'boolean or null' },
     tools: { type: nullable('array'), items: tool, description: 'array of tools {type: "function", function: {name, description, parameters}} or null' },
     // The handler refuses 'required' and a named function (constrained decoding) with their own message.
     tool_choice: {
@@ -205,7 +208,8 @@ export const tokenizeBody = {
     messages: { type: 'array', items: message, minItems: 1, description: 'non-empty array of chat messages {role, content}' },
     tools: { type: nullable('array'), items: tool, description: 'array of tools {type: "function", function: {name, description, parameters}} or null' },
     add_special_tokens: { type: nullable('boolean'), description: 'boolean or null' },
-    add_generation_prompt: { enum: [true, null], description: 'true or null (a conversation is tokenized up to the assistant\'s turn)' },
+    add_generation_prompt: { type: nullable('boolean'), description: 'boolean or null (false only with continue_final_message)' },
+    continue_final_message: { type: nullable('boolean'), description: 'boolean or null' },
     chat_template_kwargs: { type: nullable('object'), description: 'object of chat template variables or null' },
     return_token_strs: { enum: [false, null], description: 'false or null (token strings are not returned)' },
   },
@@ -259,7 +263,8 @@ export interface TokenizeBody {
   tools?: ToolBody[] | null
   chat_template_kwargs?: Record<string, unknown> | null
   add_special_tokens?: boolean | null
-  add_generation_prompt?: true | null
+  add_generation_prompt?: boolean | null
+  continue_final_message?: boolean | null
 }
 
 export interface DetokenizeBody {
@@ -279,6 +284,8 @@ export interface ChatMessageBody {
 
 export interface ChatCompletionBody extends SamplingBody {
   messages: ChatMessageBody[]
+  add_generation_prompt?: boolean | null
+  continue_final_message?: boolean | null
   chat_template_kwargs?: Record<string, unknown> | null
   tools?: ToolBody[] | null
   tool_choice?: 'none' | 'auto' | 'required' | Record<string, unknown> | null

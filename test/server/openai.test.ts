@@ -378,7 +378,7 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
       [{}, 'prompt', 'Expected exactly one of prompt (a text) and messages (a conversation) but received neither'],
       [{ prompt: 'a', messages }, 'messages', 'Expected exactly one of prompt (a text) and messages (a conversation) but received both'],
       [{ messages, add_special_tokens: true }, 'add_special_tokens', 'Expected false or null for add_special_tokens with messages'],
-      [{ messages, add_generation_prompt: false }, 'add_generation_prompt', "Expected true or null (a conversation is tokenized up to the assistant's turn) for add_generation_prompt"],
+      [{ messages, add_generation_prompt: false }, 'add_generation_prompt', 'Unsupported value for add_generation_prompt: false without continue_final_message: true'],
       [{ prompt: 'a', model: 'other' }, 'model', 'The model "other" does not exist'],
     ] as const) {
       const r = await tokenize(body)
@@ -420,6 +420,29 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     const bad = await post(`${server.url}/v1/completions`, { ...body, stop_token_ids: [1, model.vocabSize] })
     expectErrorBody(bad.json, bad.status, 'invalid_value', 'stop_token_ids')
     expect(bad.json.error.message).toBe(`Expected an integer between 0 and ${model.vocabSize - 1} for stop_token_ids[1] but received ${model.vocabSize} of type number`)
+  })
+
+  it('continue_final_message: the answer continues the last assistant message, as the library continues it', async () => {
+    const messages = [
+      { role: 'user' as const, content: QUESTIONS[0]! },
+      { role: 'assistant' as const, content: 'I see the' },
+    ]
+    const body = { model: 'default', messages, max_tokens: 6, temperature: 0, add_generation_prompt: false, continue_final_message: true }
+    const r = await post(`${server.url}/v1/chat/completions`, body)
+    expect(r.status).toBe(200)
+    const lib = await model.generate(messages, { maxTokens: 6, continueFinalMessage: true })
+    expect(r.json.choices[0].message.content).toBe(lib.text)
+    expect(r.json.usage.prompt_tokens).toBe(model.tokenize(messages, { continueFinalMessage: true }).length)
+    expect((await post(`${server.url}/tokenize`, { messages, continue_final_message: true })).json.tokens).toEqual(model.tokenize(messages, { continueFinalMessage: true }))
+    for (const [extra, param, message] of [
+      [{ add_generation_prompt: true }, 'add_generation_prompt', 'Expected false or null for add_generation_prompt with continue_final_message: true'],
+      [{ continue_final_message: false }, 'add_generation_prompt', 'Unsupported value for add_generation_prompt: false without continue_final_message: true'],
+      [{ messages: [messages[0]] }, 'continue_final_message', "Expected a last message of role 'assistant' (the text to continue) for continue_final_message: true but received one of role 'user'"],
+    ] as const) {
+      const bad = await post(`${server.url}/v1/chat/completions`, { ...body, ...extra })
+      expectErrorBody(bad.json, bad.status, null, param)
+      expect(bad.json.error.message).toContain(message)
+    }
   })
 
   it('exports Prometheus metrics', async () => {
