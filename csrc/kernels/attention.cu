@@ -938,11 +938,17 @@ __device__ __forceinline__ typename Ring::Slot prefill_wgmma_tile(const Attentio
     int limit[2];
     prefill_limits(t, next.s, limit);
     softmax_block<D, false>(part, s, p_next, next.key0, limit, a.scale_log2, alpha);
-    ptx::wgmma_wait<0>();
-    fence_output();
-    fence_fragments(p_prev);
-    ring.consumed(slot);
+    // Block b's values, waited for in each branch: in one basic block with the softmax, ptxas put
+    // the wait above it, and the softmax ran only after the values, with this warpgroup's tensor
+    // work done. The two waits differ in a comment, so that no pass merges them above the branch.
+    auto values_in = [&] {
+      fence_output();
+      fence_fragments(p_prev);
+      ring.consumed(slot);
+    };
     if (new_split) {
+      wg_wait_values<0>();
+      values_in();
       // The ended split's (m, l, o), merged as attention_prefill_kernel merges it; the new
       // split's o is 0 · alpha = 0.
       const float m_new[2] = {part.m[0], part.m[1]}, l_new[2] = {part.l[0], part.l[1]};
@@ -952,6 +958,8 @@ __device__ __forceinline__ typename Ring::Slot prefill_wgmma_tile(const Attentio
       split_init(part);
       for (int r = 0; r < 2; ++r) part.m[r] = m_new[r], part.l[r] = l_new[r];
     } else {
+      wg_wait_values<1>();
+      values_in();
       rescale_output(part, alpha);
     }
     ring.recycle(slot);
@@ -1274,7 +1282,9 @@ __global__ void __launch_bounds__(PrefillWsTiles::kThreads, 1)
   uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + L::kQFull);  // every tile's queries have arrived
   const MbarrierRing<D> ring{{k_s, v_s}, full, empty};
 
-  const int wg = threadIdx.x / 128, warp = (threadIdx.x >> 5) & 3;
+  // Broadcast from lane 0, so that ptxas knows them uniform across the warp: then so are the tiles,
+  // the walks and the stages, and the products' descriptors are computed in uniform registers.
+  const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0), warp = __shfl_sync(0xffffffffu, (threadIdx.x >> 5) & 3, 0);
   const int first = (gridDim.x - 1 - blockIdx.x) * tiles_per_block;  // the block's tiles, the most keys first
   // The block's tiles that have rows: 0 .. tiles - 1 (the grid's last block may hold fewer).
   PrefillTile last;

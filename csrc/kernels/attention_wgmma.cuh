@@ -50,8 +50,8 @@ __device__ __forceinline__ void wg_issue_scores(float (&s)[kKeyBlock / 8][4], ui
   ptx::fence_registers(flat);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
-    sm90::Wgmma<kKeyBlock>::mma(flat, q_desc + (((kk >> 2) * (kQRows * 128) + (kk & 3) * 32) >> 4),
-                                k_desc + (((kk >> 2) * (kKeyBlock * 128) + (kk & 3) * 32) >> 4));
+    sm90::Wgmma<kKeyBlock>::mma(flat, ptx::desc_add(q_desc, ((kk >> 2) * (kQRows * 128) + (kk & 3) * 32) >> 4),
+                                ptx::desc_add(k_desc, ((kk >> 2) * (kKeyBlock * 128) + (kk & 3) * 32) >> 4));
   ptx::wgmma_commit();
   ptx::fence_registers(flat);
 #endif
@@ -69,10 +69,20 @@ __device__ __forceinline__ void wg_issue_values(SplitAccum<D>& acc, const uint32
 #pragma unroll
     for (int h = 0; h < D / 64; ++h)
       sm90::WgmmaRegA<64>::mma(*reinterpret_cast<float(*)[32]>(&acc.o[8 * h][0]), p[i],
-                               v_desc + ((h * (kKeyBlock * 128) + i * (16 * 128)) >> 4));
+                               ptx::desc_add(v_desc, (h * (kKeyBlock * 128) + i * (16 * 128)) >> 4));
   ptx::wgmma_commit();
   ptx::fence_registers(o);
 #endif
+}
+
+// wgmma.wait_group 0, in one of two spellings (kTag), for the two branches of a step that each
+// wait: identical asm statements would be hoisted above the branch, back beside the softmax.
+template <int kTag>
+__device__ __forceinline__ void wg_wait_values() {
+  if constexpr (kTag == 0)
+    asm volatile("wgmma.wait_group.sync.aligned 0; // a split ends\n" ::: "memory");
+  else
+    asm volatile("wgmma.wait_group.sync.aligned 0; // the split goes on\n" ::: "memory");
 }
 
 // Keeps registers an asynchronous wgmma reads (P fragments) alive and in place until this point.

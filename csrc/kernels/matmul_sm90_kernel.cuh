@@ -320,7 +320,10 @@ __global__ void __launch_bounds__(T::THREADS, 1)
   constexpr int KT = T::KT;
   const int kt_begin = k_begin / kTileK;                       // (KT > 1: k_begin is a multiple of 64)
   const int k_stages = (k_tiles + KT - 1) / KT;                 // stages per output tile
-  const int wg = threadIdx.x / kWarpgroup;
+  // Broadcast from lane 0, so that ptxas knows it uniform across the warp: the consumer's stages
+  // and descriptors are then computed in uniform registers, not in vector registers moved to
+  // uniform ones before every wgmma.
+  const int wg = __shfl_sync(0xffffffffu, threadIdx.x / kWarpgroup, 0);
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -452,7 +455,7 @@ __global__ void __launch_bounds__(T::THREADS, 1)
                          dw = ptx::smem_desc(stage + A_STAGE + t * BN * kRowBytes);
 #pragma unroll
           for (int kk = 0; kk < kTileK / 16; ++kk)
-            Wgmma<BN>::mma(chain[(4 * t + kk) % CHAINS], da + 2 * kk, dw + 2 * kk);
+            Wgmma<BN>::mma(chain[(4 * t + kk) % CHAINS], ptx::desc_add(da, 2 * kk), ptx::desc_add(dw, 2 * kk));
         }
         ptx::wgmma_commit();
         fence_chains();

@@ -222,6 +222,18 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
   return d;
 }
 
+// A descriptor with `units` 16-byte units added to its start address. The address field is the
+// low word's low 14 bits (shared memory ends below 256 KB), and every offset added here stays
+// inside the block's shared memory, so the low word's add never carries: the 64-bit add's value,
+// without its carry, and the high word stays a constant the compiler can see.
+__device__ __forceinline__ uint64_t desc_add(uint64_t desc, uint32_t units) {
+  uint32_t lo, hi;
+  asm("mov.b64 {%0, %1}, %2;" : "=r"(lo), "=r"(hi) : "l"(desc));
+  uint64_t out;
+  asm("mov.b64 %0, {%1, %2};" : "=l"(out) : "r"(lo + units), "r"(hi));
+  return out;
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
