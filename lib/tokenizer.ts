@@ -437,16 +437,21 @@ export class Tokenizer {
   /**
    * The conversation's text. With continueFinalMessage, the text ends with the last (assistant)
    * message's own text, as transformers cuts it: the template renders without the generation
-   * prompt, and what follows the message's last occurrence (its end-of-turn marker) is left out.
+   * prompt, and what follows the last occurrence of the message's trimmed text (its end-of-turn
+   * marker) is left out; the message's trailing whitespace stays where the template wrote it.
+   * The trimmed text is what is looked for, as a template that trims the message writes it; the
+   * text as given may still be found earlier, in another message, which is not the one continued.
    */
   private renderChat(messages: ChatMessage[], render: ChatRender = {}): string {
     const continued = render.continueFinalMessage === true
     const text = this.applyChatTemplate(messages, { ...render.variables, addGenerationPrompt: continued ? false : (render.addGenerationPrompt ?? true) })
     if (!continued) return text
     const final = messages.at(-1)!.content
-    for (const piece of [final, final.trim()]) {
-      const at = piece === '' ? -1 : text.lastIndexOf(piece)
-      if (at >= 0) return text.slice(0, at + piece.length)
+    const trimmed = final.trim()
+    const at = trimmed === '' ? -1 : text.lastIndexOf(trimmed)
+    if (at >= 0) {
+      const kept = final.trimStart()
+      return text.slice(0, at + (text.startsWith(kept, at) ? kept.length : trimmed.length))
     }
     throw new Error(
       `The chat template of ${this.dir} does not write the last message's text as it is (it changes it), so the message cannot be continued`,

@@ -206,6 +206,26 @@ describe('chat template variables', () => {
     }
   })
 
+  it('continueFinalMessage continues the last message when a template that trims it leaves its text as given only in an earlier one', async () => {
+    const trims = await loadModel(defaultModelPath, { device: 'cpu', chatTemplate: '{% for m in messages %}{{ m.role }}: {{ m.content | trim }}\n{% endfor %}' })
+    try {
+      const conversation = [
+        { role: 'user', content: "Start with 'Answer: ' and go on" },
+        { role: 'assistant', content: 'Answer: ' },
+      ]
+      expect(trims.detokenize(trims.tokenize(conversation, { continueFinalMessage: true }))).toBe("user: Start with 'Answer: ' and go on\nassistant: Answer:")
+      // Trailing whitespace the template writes stays.
+      const kept = await loadModel(defaultModelPath, { device: 'cpu', chatTemplate: '{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}' })
+      try {
+        expect(kept.detokenize(kept.tokenize(conversation, { continueFinalMessage: true }))).toBe("user: Start with 'Answer: ' and go on\nassistant: Answer: ")
+      } finally {
+        await kept.dispose()
+      }
+    } finally {
+      await trims.dispose()
+    }
+  })
+
   it('are refused where no template renders, and may not set what the request sets', async () => {
     const nothing = 'Expected nothing unless the prompt is chat messages or chat is true for chatTemplateVariables but received {"enable_thinking":false}'
     expect(() => thinking.tokenize('text', off)).toThrow(nothing)
