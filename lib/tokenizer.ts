@@ -444,11 +444,19 @@ export class Tokenizer {
    */
   private renderChat(messages: ChatMessage[], render: ChatRender = {}): string {
     const continued = render.continueFinalMessage === true
-    const text = this.applyChatTemplate(messages, { ...render.variables, addGenerationPrompt: continued ? false : (render.addGenerationPrompt ?? true) })
-    if (!continued) return text
-    const final = messages.at(-1)!.content
+    const variables = { ...render.variables, addGenerationPrompt: continued ? false : (render.addGenerationPrompt ?? true) }
+    const rendered = this.applyChatTemplate(messages, variables)
+    if (!continued) return rendered
+    // The message is looked for before what the template writes after it, so that a text that
+    // also occurs in the end-of-turn marker ("m" in "<|im_end|>", "\n") or no text at all is
+    // found where the message is. That end is what the text shares with renderings of other
+    // final texts; two that end differently, so that no end of the message's own text is taken.
+    const last = messages.at(-1)!
+    const others = ['a', 'b'].map((probe) => this.applyChatTemplate([...messages.slice(0, -1), { ...last, content: probe }], variables))
+    const text = rendered.slice(0, rendered.length - Math.min(...others.map((o) => commonSuffixLength(rendered, o))))
+    const final = last.content
     const trimmed = final.trim()
-    const at = trimmed === '' ? -1 : text.lastIndexOf(trimmed)
+    const at = text.lastIndexOf(trimmed)
     if (at >= 0) {
       const kept = final.trimStart()
       return text.slice(0, at + (text.startsWith(kept, at) ? kept.length : trimmed.length))
@@ -567,4 +575,11 @@ export class StreamDecoder {
     this.prefixOffset = this.readOffset = this.ids.length
     return full.length > prefix.length ? full.slice(prefix.length) : ''
   }
+}
+
+/** How many characters `a` and `b` share at their ends. */
+function commonSuffixLength(a: string, b: string): number {
+  let n = 0
+  while (n < a.length && n < b.length && a[a.length - 1 - n] === b[b.length - 1 - n]) n++
+  return n
 }

@@ -123,6 +123,12 @@ describe('chat messages as the prompt', () => {
     await expect(model.generate(conversation, { continueFinalMessage: 'yes' } as never)).rejects.toThrow('Expected boolean for continueFinalMessage but received "yes" of type string')
   })
 
+  it("continueFinalMessage ends the prompt at the last message's text when the end-of-turn marker holds it too, or when it is empty", async () => {
+    const start = '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n'
+    for (const content of ['m', 'end|>', '\n', ' ', ''])
+      expect(model.tokenize([{ role: 'user', content: 'Hi' }, { role: 'assistant', content }], { continueFinalMessage: true })).toEqual(model.tokenize(start + content))
+  })
+
   it('rejects malformed messages with the element that is wrong', async () => {
     await expect(model.generate([{ role: 'user', content: 'hi' }, { role: 'user' }] as never)).rejects.toThrow(
       'Expected chat message {role, content} with string values for prompt[1] but received {"role":"user"} of type object',
