@@ -134,7 +134,13 @@ export function completionLogprobs(records: readonly PromptRecord[], texts: Toke
  * one alone, and a token is the most likely exactly when its log-prob is the largest value.
  */
 function topWithChosen(r: PromptRecord, texts: TokenTexts): Record<string, number> {
-  const top: Record<string, number> = Object.fromEntries(r.top!.map((a) => [texts.get(a.token).text, a.logprob]))
+  // Tokens of the same text (byte pieces of one character decode alike) share a key: it holds
+  // the first, the most likely, so that the largest value is still the most likely token's.
+  const top: Record<string, number> = {}
+  for (const a of r.top!) {
+    const text = texts.get(a.token).text
+    if (!Object.hasOwn(top, text)) top[text] = a.logprob
+  }
   const chosen = texts.get(r.token).text
   if (!r.top!.some((a) => a.token === r.token) && !Object.hasOwn(top, chosen)) top[chosen] = r.logprob!
   return top

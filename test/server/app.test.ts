@@ -11,6 +11,7 @@ import { defaultModelPath, loadModel, Model } from '../../lib/api.js'
 import type { ForwardModel, SequenceChunk, StepTokens, TokenChoice } from '../../lib/scheduler.js'
 import { chooseOnLogits } from '../../lib/model/output-head.js'
 import { InferenceServer } from '../../lib/server/app.js'
+import { completionLogprobs, TokenTexts } from '../../lib/server/openai.js'
 import { pythonJson } from '../../lib/server/tool-calls.js'
 import { systemFingerprint } from '../../lib/server/fingerprint.js'
 import { tensorFrom } from '../../lib/tensor.js'
@@ -61,6 +62,25 @@ class ScriptedModel implements ForwardModel {
     this.last?.dispose()
   }
 }
+
+describe('completion top_logprobs', () => {
+  it('keep the most likely of tokens that decode to the same text under their key', () => {
+    // Ids 0 and 1 are bytes of a character split over tokens: both decode to U+FFFD.
+    const bytes = [[0xe4], [0xe5], [0x61]]
+    const texts = new TokenTexts({ vocabSize: 3, tokenBytes: (id: number) => Uint8Array.from(bytes[id]!) } as never)
+    const record = (token: number, logprob: number) => ({
+      token,
+      logprob,
+      top: [
+        { token: 0, logprob: -0.5 },
+        { token: 1, logprob: -2 },
+      ],
+      text: '',
+    })
+    expect(completionLogprobs([record(2, -1)], texts, 0).top_logprobs).toEqual([{ '\uFFFD': -0.5, a: -1 }])
+    expect(completionLogprobs([record(1, -2)], texts, 0).top_logprobs).toEqual([{ '\uFFFD': -0.5 }])
+  })
+})
 
 describe('InferenceServer in-process', () => {
   let tokenizer: Tokenizer
