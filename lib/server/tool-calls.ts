@@ -86,18 +86,13 @@ export function parseLlamaJsonToolCalls(text: string): ParsedToolCalls | null {
 }
 
 function parseLlamaCall(json: string): ParsedToolCalls['calls'][number] | null {
-  let value: unknown
-  try {
-    value = JSON.parse(json)
-  } catch {
-    return null
-  }
-  if (!isPlainObject(value)) return null
-  const { name } = value
+  const value = readJson(json)
+  if (!(value instanceof Map)) return null
+  const name = value.get('name')
   // Llama's prompts say "parameters"; some write "arguments". Both at once is not a call.
-  if ('parameters' in value && 'arguments' in value) return null
-  const args = 'parameters' in value ? value['parameters'] : value['arguments']
-  if (typeof name !== 'string' || name === '' || !isPlainObject(args)) return null
+  if (value.has('parameters') && value.has('arguments')) return null
+  const args = value.has('parameters') ? value.get('parameters') : value.get('arguments')
+  if (typeof name !== 'string' || name === '' || !(args instanceof Map)) return null
   return { name, arguments: pythonJson(args) }
 }
 
@@ -126,16 +121,88 @@ function skipSpace(text: string, at: number): number {
 }
 
 function parseCall(json: string): ParsedToolCalls['calls'][number] | null {
-  let value: unknown
-  try {
-    value = JSON.parse(json)
-  } catch {
-    return null
-  }
-  if (!isPlainObject(value)) return null
-  const { name, arguments: args } = value
-  if (typeof name !== 'string' || name === '' || !isPlainObject(args)) return null
+  const value = readJson(json)
+  if (!(value instanceof Map)) return null
+  const name = value.get('name')
+  const args = value.get('arguments')
+  if (typeof name !== 'string' || name === '' || !(args instanceof Map)) return null
   return { name, arguments: pythonJson(args) }
+}
+
+/**
+ * A JSON value as Python's json.loads reads it, for arguments to be written back as vLLM writes
+ * them: an object is a Map (its keys in the order written, a repeated key's last value in its
+ * first place, as a dict keeps them; a JS object would put "2" before "a"), a number keeps its
+ * text (a JS number would turn 12345678901234567890 into another integer).
+ */
+type JsonValue = null | boolean | string | JsonNumber | JsonValue[] | Map<string, JsonValue>
+
+class JsonNumber {
+  constructor(readonly text: string) {}
+}
+
+/** `json` read as a JsonValue, or undefined when it is not JSON. */
+function readJson(json: string): JsonValue | undefined {
+  try {
+    JSON.parse(json) // the syntax is checked here; the reading below trusts it
+  } catch {
+    return undefined
+  }
+  let at = 0
+  const match = (pattern: RegExp): string => {
+    pattern.lastIndex = at
+    const found = pattern.exec(json)![0]
+    at += found.length
+    return found
+  }
+  const value = (): JsonValue => {
+    match(SPACE)
+    const c = json[at]
+    if (c === '"') return JSON.parse(match(STRING)) as string
+    if (c === '{' || c === '[') {
+      at++
+      const items: [string, JsonValue][] = []
+      const list: JsonValue[] = []
+      match(SPACE)
+      while (json[at] !== (c === '{' ? '}' : ']')) {
+        if (c === '{') {
+          match(SPACE)
+          const key = JSON.parse(match(STRING)) as string
+          match(SPACE)
+          at++ // ':'
+          items.push([key, value()])
+        } else list.push(value())
+        match(SPACE)
+        if (json[at] === ',') at++
+      }
+      at++
+      return c === '{' ? new Map(items) : list
+    }
+    const word = match(WORD)
+    return word === 'null' ? null : word === 'true' ? true : word === 'false' ? false : new JsonNumber(word)
+  }
+  return value()
+}
+
+const SPACE = /[ \t\n\r]*/y
+const STRING = /"(?:[^"\\]|\\.)*"/y
+const WORD = /[-+.\w]+/y
+
+/** A JSON number as Python writes the value json.loads reads from it: an int as it is, a float as repr(). */
+function pythonNumber(text: string): string {
+  if (!/[.eE]/.test(text)) return text === '-0' ? '0' : text
+  const x = Number(text)
+  if (!Number.isFinite(x)) return x > 0 ? 'Infinity' : '-Infinity'
+  if (x === 0) return Object.is(x, -0) ? '-0.0' : '0.0'
+  // repr: the shortest digits that read back as x (as toExponential gives them), in positional
+  // notation from 1e-4 up to 1e16 (with '.0' when whole) and in e-notation outside it.
+  const [mantissa, e] = x.toExponential().split('e') as [string, string]
+  const exp = Number(e)
+  const sign = x < 0 ? '-' : ''
+  const digits = mantissa.replace('-', '').replace('.', '')
+  if (exp < -4 || exp >= 16) return `${sign}${digits[0]}${digits.length > 1 ? `.${digits.slice(1)}` : ''}e${exp < 0 ? '-' : '+'}${String(Math.abs(exp)).padStart(2, '0')}`
+  if (exp < 0) return `${sign}0.${'0'.repeat(-exp - 1)}${digits}`
+  return `${sign}${digits.slice(0, exp + 1).padEnd(exp + 1, '0')}.${digits.slice(exp + 1) || '0'}`
 }
 
 function isPlainObject(value: unknown): value is Record<string, unknown> {
@@ -149,7 +216,9 @@ function isPlainObject(value: unknown): value is Record<string, unknown> {
  */
 export function pythonJson(value: unknown): string {
   if (Array.isArray(value)) return `[${value.map(pythonJson).join(', ')}]`
-  if (isPlainObject(value)) return `{${Object.entries(value).map(([k, v]) => `${JSON.stringify(k)}: ${pythonJson(v)}`).join(', ')}}`
+  if (value instanceof JsonNumber) return pythonNumber(value.text)
+  const entries = value instanceof Map ? [...value] : isPlainObject(value) ? Object.entries(value) : null
+  if (entries) return `{${entries.map(([k, v]) => `${JSON.stringify(k)}: ${pythonJson(v)}`).join(', ')}}`
   return JSON.stringify(value)
 }
 

@@ -47,6 +47,13 @@ describe('parseHermesToolCalls', () => {
     expect(pythonJson({ a: [1, 2.5, null, true], b: { c: 'é "q"\n' }, d: [], e: {} })).toBe('{"a": [1, 2.5, null, true], "b": {"c": "é \\"q\\"\\n"}, "d": [], "e": {}}')
   })
 
+  it("arguments keep their numbers and key order as json.loads reads them and json.dumps writes them back (vLLM's text)", () => {
+    const args = '{"id": 12345678901234567890, "x": 1.0, "y": 1e5, "z": -0.0, "w": 1.5e-7, "v": 1e16, "u": 0.00001, "10": "a", "2": "b", "t": 1, "t": 2}'
+    const written = '{"id": 12345678901234567890, "x": 1.0, "y": 100000.0, "z": -0.0, "w": 1.5e-07, "v": 1e+16, "u": 1e-05, "10": "a", "2": "b", "t": 2}'
+    expect(parseHermesToolCalls(`<tool_call>\n{"name": "f", "arguments": ${args}}\n</tool_call>`)).toEqual({ content: null, calls: [{ name: 'f', arguments: written }] })
+    expect(parseLlamaJsonToolCalls(`{"name": "f", "parameters": ${args}}`)).toEqual({ content: null, calls: [{ name: 'f', arguments: written }] })
+  })
+
   it('call ids are derived from the prompt, the choice, the generated ids and the call', () => {
     const id = toolCallId([1, 2], 0, [3, 4], 0)
     expect(id).toMatch(/^call_[0-9a-f]{24}$/)
