@@ -612,7 +612,8 @@ export class InferenceServer {
         // "developer" is OpenAI's newer name for the system role; chat templates know "system".
         role: m.role === 'developer' ? 'system' : m.role,
         // An assistant message with tool calls may have null content, which templates take as ''.
-        content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((part) => part.text).join(''),
+        // Text parts are joined by newlines, as vLLM joins them for templates that take text.
+        content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((part) => part.text).join('\n'),
         ...(m.tool_call_id !== undefined && { tool_call_id: m.tool_call_id }),
         // Arguments as an object, as transformers' templates expect them (and vLLM passes them):
         // Llama 3.1's writes them with tojson, Qwen's with tojson unless they are a string.

@@ -422,6 +422,11 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     expect(bad.json.error.message).toBe(`Expected an integer between 0 and ${model.vocabSize - 1} for stop_token_ids[1] but received ${model.vocabSize} of type number`)
   })
 
+  it("a message's text parts are joined by newlines, as vLLM joins them", async () => {
+    const parts = await post(`${server.url}/tokenize`, { messages: [{ role: 'user', content: [{ type: 'text', text: 'Who art' }, { type: 'text', text: 'thou?' }] }] })
+    expect(parts.json.tokens).toEqual(model.tokenize([{ role: 'user', content: 'Who art\nthou?' }]))
+  })
+
   it('continue_final_message: the answer continues the last assistant message, as the library continues it', async () => {
     const messages = [
       { role: 'user' as const, content: QUESTIONS[0]! },
