@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { loadModel } from '../../lib/api.js'
 import { hubCacheDir } from '../../lib/hub-cache.js'
+import { buildDist } from '../helpers/server.js'
 import { writeTinyModel } from '../helpers/tiny-model.js'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..')
@@ -17,13 +18,7 @@ function detinfer(args: string[], input?: string) {
   return { code: r.status, stdout: r.stdout, stderr: r.stderr }
 }
 
-beforeAll(() => {
-  const tsc = spawnSync(process.execPath, [join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', 'tsconfig.build.json'], {
-    cwd: root,
-    encoding: 'utf8',
-  })
-  if (tsc.status !== 0) throw new Error(`tsc failed:\n${tsc.stdout}${tsc.stderr}`)
-})
+beforeAll(() => buildDist())
 
 function expectNoStackTrace(stderr: string) {
   expect(stderr).not.toMatch(/^\s+at /m)

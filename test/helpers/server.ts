@@ -1,7 +1,9 @@
 // `detinfer serve` as a child process (dist/cli/main.js), the way users run it: started on a free
 // port, ready once it logs "ready", stopped by a signal.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
-import { dirname, join } from 'node:path'
+import { createHash } from 'node:crypto'
+import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { dirname, join, relative } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { gpuAvailable } from './gpu.js'
 
@@ -12,15 +14,37 @@ const cli = join(root, 'dist', 'cli', 'main.js')
 
 let built = false
 
-/** Compiles lib/ to dist/ (the CLI runs from there), once per test file. */
+/** A hash of what dist/ is compiled from: every file under lib/ and the tsconfigs. */
+function sourceHash(): string {
+  const hash = createHash('sha256')
+  const files = [join(root, 'tsconfig.json'), join(root, 'tsconfig.build.json')]
+  const walk = (dir: string) => {
+    for (const e of readdirSync(dir, { withFileTypes: true }).sort((a, b) => (a.name < b.name ? -1 : 1)))
+      if (e.isDirectory()) walk(join(dir, e.name))
+      else files.push(join(dir, e.name))
+  }
+  walk(join(root, 'lib'))
+  for (const f of files) hash.update(`${relative(root, f)}\0`).update(readFileSync(f)).update('\0')
+  return hash.digest('hex')
+}
+
+/**
+ * Compiles lib/ to dist/ (the CLI runs from there), once per test file, unless dist/ was compiled
+ * from this very lib/ (the hash noted in dist/.source-hash): then a machine without
+ * typescript (the GPU machine's payload leaves it out) runs the tests on the dist/ it was given.
+ */
 export function buildDist(): void {
   if (built) return
-  built = true
-  const tsc = spawnSync(process.execPath, [join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', 'tsconfig.build.json'], {
-    cwd: root,
-    encoding: 'utf8',
-  })
+  // Beside what it describes; package.json's files leave it out of the package.
+  const stamp = join(root, 'dist', '.source-hash')
+  const wanted = sourceHash()
+  if (existsSync(stamp) && readFileSync(stamp, 'utf8') === wanted) return void (built = true)
+  const compiler = join(root, 'node_modules', 'typescript', 'bin', 'tsc')
+  if (!existsSync(compiler)) throw new Error('dist/ was not compiled from this lib/, and typescript (to compile it) is not installed')
+  const tsc = spawnSync(process.execPath, [compiler, '-p', 'tsconfig.build.json'], { cwd: root, encoding: 'utf8' })
   if (tsc.status !== 0) throw new Error(`tsc failed:\n${tsc.stdout}${tsc.stderr}`)
+  writeFileSync(stamp, wanted)
+  built = true
 }
 
 export interface RunningServer {
