@@ -9,6 +9,7 @@ import { loadModel } from '../../lib/api.js'
 import { hubCacheDir } from '../../lib/hub-cache.js'
 import { buildDist } from '../helpers/server.js'
 import { writeTinyModel } from '../helpers/tiny-model.js'
+import { THINKING_TEMPLATE } from '../helpers/templates.js'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..')
 const cli = join(root, 'dist', 'cli', 'main.js')
@@ -358,11 +359,7 @@ describe('the shipped model', () => {
     const copy = mkdtempSync(join(tmpdir(), 'detinfer-cli-kwargs-'))
     try {
       cpSync(join(root, 'models', 'default'), copy, { recursive: true })
-      writeFileSync(
-        join(copy, 'chat_template.jinja'),
-        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}" +
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}",
-      )
+      writeFileSync(join(copy, 'chat_template.jinja'), THINKING_TEMPLATE)
       const r = detinfer(['generate', '-m', copy, '--device', 'cpu', '-n', '4', '--json', '--chat', '--chat-template-kwargs', '{"enable_thinking": false}', 'Who art thou?'])
       expect(r.code, r.stderr).toBe(0)
       const model = await loadModel(copy, { device: 'cpu' })

@@ -9,6 +9,7 @@ import { MAX_RENDERED_CHARS, RENDER_TIMEOUT_MS } from '../../lib/chat-template.j
 import { Tokenizer } from '../../lib/tokenizer.js'
 import { buildDist } from '../helpers/server.js'
 import { byteSymbols, SPECIAL_TOKENS, writeTinyModel } from '../helpers/tiny-model.js'
+import { BACKTRACKING_NORMALIZER } from '../helpers/templates.js'
 
 let root: string
 const repoRoot = join(import.meta.dirname, '..', '..')
@@ -335,13 +336,16 @@ describe('encoding off the calling thread', () => {
     t.close()
   })
 
-  it('stops a text whose pre-processing backtracks without end, and encodes the next one', async () => {
-    const dir = writeTinyModel(join(root, 'backtracking'), { architecture: 'Qwen3ForCausalLM', numLayers: 1 }).dir
+  /** A tiny tokenizer.json whose normalizer backtracks without end on a run of "a"s before another letter. */
+  function backtracking(name: string): { dir: string; file: string } {
+    const dir = writeTinyModel(join(root, name), { architecture: 'Qwen3ForCausalLM', numLayers: 1 }).dir
     const file = join(dir, 'tokenizer.json')
-    const json = JSON.parse(readFileSync(file, 'utf8'))
-    // Nested alternatives before an anchor: exponential backtracking on a run of "a"s not at the end.
-    json.normalizer = { type: 'Replace', pattern: { Regex: '(a|aa)+$' }, content: '' }
-    writeFileSync(file, JSON.stringify(json))
+    writeFileSync(file, JSON.stringify({ ...JSON.parse(readFileSync(file, 'utf8')), normalizer: BACKTRACKING_NORMALIZER }))
+    return { dir, file }
+  }
+
+  it('stops a text whose pre-processing backtracks without end, and encodes the next one', async () => {
+    const { dir, file } = backtracking('backtracking')
     const t = await Tokenizer.load(dir)
     const hang = 'a'.repeat(80) + 'b'
     let ticks = 0
@@ -404,12 +408,7 @@ describe('encoding off the calling thread', () => {
   })
 
   it('abandons a long text its caller stopped waiting for, so that the next one need not wait for it', async () => {
-    const dir = writeTinyModel(join(root, 'abandoned'), { architecture: 'Qwen3ForCausalLM', numLayers: 1 }).dir
-    const file = join(dir, 'tokenizer.json')
-    const json = JSON.parse(readFileSync(file, 'utf8'))
-    json.normalizer = { type: 'Replace', pattern: { Regex: '(a|aa)+$' }, content: '' }
-    writeFileSync(file, JSON.stringify(json))
-    const t = await Tokenizer.load(dir)
+    const t = await Tokenizer.load(backtracking('abandoned').dir)
     await t.encodeAsync('warm')
     const controller = new AbortController()
     const stuck = t.encodeAsync('a'.repeat(80) + 'b', { signal: controller.signal }) // 10 s limit

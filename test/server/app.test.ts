@@ -17,6 +17,7 @@ import { systemFingerprint } from '../../lib/server/fingerprint.js'
 import { tensorFrom } from '../../lib/tensor.js'
 import { Tokenizer, type ChatMessage } from '../../lib/tokenizer.js'
 import type { NativeTensor } from '../../lib/native.js'
+import { THINKING_TEMPLATE } from '../helpers/templates.js'
 
 /** Logits that make `script[i]` the greedy choice at generated position i (after a prompt of `promptLength` tokens). */
 class ScriptedModel implements ForwardModel {
@@ -148,11 +149,7 @@ describe('chat_template_kwargs (in-process)', () => {
   it('passes variables to the chat template on /v1/chat/completions and /tokenize, and refuses those the request sets', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'detinfer-kwargs-'))
     cpSync(defaultModelPath, dir, { recursive: true })
-    writeFileSync(
-      join(dir, 'chat_template.jinja'),
-      "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}" +
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}",
-    )
+    writeFileSync(join(dir, 'chat_template.jinja'), THINKING_TEMPLATE)
     const model = await loadModel(dir, { device: 'cpu' })
     const server = new InferenceServer({ modelName: 'kw', maxQueued: 8, bodyLimit: 1 << 20 })
     try {

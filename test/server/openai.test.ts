@@ -15,6 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { defaultModelPath, loadModel, type Model } from '../../lib/api.js'
 import { ENCODE_TIMEOUT_MS } from '../../lib/encode-worker.js'
 import { buildDist, DEVICE, metric, post, startServer, type RunningServer } from '../helpers/server.js'
+import { BACKTRACKING_NORMALIZER, THINKING_TEMPLATE } from '../helpers/templates.js'
 
 const SYSTEM = 'You are a lighthouse keeper who answers in one short sentence about the sea and the light.'
 const QUESTIONS = ['What do you see tonight?', 'Is the storm coming?', 'Who was the last ship?', 'Why do you count the steps?']
@@ -751,7 +752,7 @@ describe('detinfer serve: a prompt the tokenizer cannot finish', () => {
     const dir = join(mkdtempSync(join(tmpdir(), 'detinfer-backtracking-')), 'slow')
     cpSync(defaultModelPath, dir, { recursive: true })
     const file = join(dir, 'tokenizer.json')
-    writeFileSync(file, JSON.stringify({ ...JSON.parse(readFileSync(file, 'utf8')), normalizer: { type: 'Replace', pattern: { Regex: '(a|aa)+$' }, content: '' } }))
+    writeFileSync(file, JSON.stringify({ ...JSON.parse(readFileSync(file, 'utf8')), normalizer: BACKTRACKING_NORMALIZER }))
     const server = await startServer(['--model', dir])
     try {
       const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'not-needed', maxRetries: 0 })
@@ -783,9 +784,7 @@ describe('detinfer serve: --chat-template and --default-chat-template-kwargs', (
     buildDist()
     const dir = mkdtempSync(join(tmpdir(), 'detinfer-serve-template-'))
     const file = join(dir, 'thinking.jinja')
-    const template =
-      "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}" +
-      "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}"
+    const template = THINKING_TEMPLATE
     writeFileSync(file, template)
     const plain = await startServer([])
     const server = await startServer(['--chat-template', file, '--default-chat-template-kwargs', '{"enable_thinking": false}'])

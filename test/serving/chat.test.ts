@@ -6,6 +6,7 @@ import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { defaultModelPath, loadModel, type Model } from '../../lib/api.js'
 import { DisposedError } from '../../lib/errors.js'
+import { THINKING_TEMPLATE } from '../helpers/templates.js'
 
 let model: Model
 
@@ -138,12 +139,7 @@ describe('chat messages as the prompt', () => {
 })
 
 describe('chat template variables', () => {
-  // The shipped model with a template that reads a variable besides the messages, as Qwen3's
-  // reads enable_thinking: false to open its answer with an empty thinking block.
-  const TEMPLATE =
-    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}" +
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}" +
-    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}"
+  const TEMPLATE = THINKING_TEMPLATE
   let dir: string
   let thinking: Model
 
