@@ -5,12 +5,11 @@
 import { basename, resolve } from 'node:path'
 import { Command, Option } from 'commander'
 import { defaultModelPath, loadModelFrom, readModelDir, type LoadModelOptions, type Model } from '../api.js'
-import { InferenceServer } from '../server/app.js'
+import { CHAT_REQUEST_VARIABLES, InferenceServer } from '../server/app.js'
 import { hashModelFiles, systemFingerprint } from '../server/fingerprint.js'
 import { TOOL_CALL_PARSERS, type ToolCallParser } from '../server/tool-calls.js'
 import { packageVersion } from './package-info.js'
 import { readTextFile } from '../files.js'
-import { REQUEST_TEMPLATE_VARIABLES } from '../generate.js'
 import { integer, jsonObject, positive } from './parse.js'
 
 /** The environment variable that sets --api-key. */
@@ -73,7 +72,7 @@ export function serveCommand(): Command {
       // An empty key (`--api-key "$KEY"` with KEY unset) would otherwise serve without one.
       if (flags.apiKey === '') throw new Error(`Expected a non-empty key for --api-key (or ${API_KEY_ENV}) but received ""`)
       const defaults = flags.defaultChatTemplateKwargs
-      for (const key of [...REQUEST_TEMPLATE_VARIABLES, 'tools'])
+      for (const key of CHAT_REQUEST_VARIABLES)
         if (defaults && Object.hasOwn(defaults, key))
           throw new Error(`Expected no ${key} in --default-chat-template-kwargs (each request sets it) but received ${JSON.stringify(defaults[key])}`)
       const chatTemplate = flags.chatTemplate === undefined ? undefined : await readTextFile(flags.chatTemplate, '--chat-template')

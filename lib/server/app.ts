@@ -248,12 +248,8 @@ export class InferenceServer {
         if (body[key] !== undefined && body[key] !== null)
           throw invalidRequest(`Unsupported request argument supplied: ${key} (it applies to messages, not to a prompt)`, key, 'unsupported_parameter')
       this.checkTextSize([body.prompt!], 'prompt', loaded)
-      try {
-        tokens = await model.tokenizeAsync(body.prompt!, { addSpecialTokens: body.add_special_tokens !== false })
-      } catch (err) {
-        if (err instanceof EncodeTimeoutError) throw invalidRequest(`Could not tokenize prompt: ${err.message}`, 'prompt', 'tokenize_timeout')
-        throw err
-      }
+      const source: TextSource = { text: body.prompt!, name: 'prompt', ...(body.add_special_tokens === false && { addSpecialTokens: false as const }) }
+      tokens = await this.encodeSource(source, 'prompt', loaded, undefined)
     }
     return { count: tokens.length, max_model_len: model.contextLength, tokens }
   }
@@ -494,6 +490,7 @@ export class InferenceServer {
         ...(signal && { signal }),
         ...('variables' in prompt && prompt.variables && { chatTemplateVariables: prompt.variables }),
         ...('continueFinalMessage' in prompt && prompt.continueFinalMessage && { continueFinalMessage: true }),
+        ...('addSpecialTokens' in prompt && prompt.addSpecialTokens === false && { addSpecialTokens: false }),
       }
       return await loaded.model.tokenizeAsync('messages' in prompt ? prompt.messages : prompt.text, options)
     } catch (err) {
@@ -582,7 +579,7 @@ export class InferenceServer {
         'invalid_value',
       )
     const given = body.chat_template_kwargs ?? undefined
-    for (const key of [...REQUEST_TEMPLATE_VARIABLES, 'tools'])
+    for (const key of CHAT_REQUEST_VARIABLES)
       if (given && Object.hasOwn(given, key))
         throw invalidRequest(
           `Unsupported request argument supplied: chat_template_kwargs.${key} (${key === 'tools' ? "the request's tools set it" : "the request's messages and its generation prompt set it"})`,
@@ -823,6 +820,9 @@ const MAX_UNREAD_BYTES = 64 * 2 ** 20
 /** Time for a client to take the rest of a finished streamed answer. */
 const UNREAD_TIMEOUT_MS = 60_000
 
+/** Chat template variables a chat request sets itself: its messages, its generation prompt and its tools. */
+export const CHAT_REQUEST_VARIABLES = [...REQUEST_TEMPLATE_VARIABLES, 'tools'] as const
+
 /** Routes that answer without the API key. */
 const OPEN_ROUTES = new Set(['/health', '/metrics'])
 
@@ -885,7 +885,10 @@ interface Echo {
 /** A prompt as the request gives it (`name` for messages: "prompt[1]"). */
 type PromptSource = { name: string } & ({ ids: number[] } | { text: string } | { messages: ChatMessage[] })
 /** A prompt that needs tokenizing. */
-type TextSource = { name: string } & ({ text: string } | { messages: ChatMessage[]; variables?: ChatTemplateVariables; continueFinalMessage?: true })
+type TextSource = { name: string } & (
+  | { text: string; addSpecialTokens?: false }
+  | { messages: ChatMessage[]; variables?: ChatTemplateVariables; continueFinalMessage?: true }
+)
 
 /** A request checked against the model, its prompts not yet tokenized. */
 interface Draft {
