@@ -108,6 +108,8 @@ export interface GenerateResult {
   /** With topLogprobs > 0: per generated token, the most likely tokens at its position, most likely first. */
   topLogprobs?: TopLogprob[][]
   finishReason: 'stop' | 'length'
+  /** What ended a 'stop' (vLLM's stop_reason): the stop string, or the id of `stopTokenIds`; null for the model's EOS and for 'length'. */
+  stopReason: StopReason
   /** The sampling seed used (absent for greedy decoding). */
   seed?: number
   timings: GenerationTimings
@@ -122,7 +124,12 @@ export interface StreamPiece {
   topLogprobs?: TopLogprob[]
   /** Set on the last piece of a completion: why it ended. */
   finishReason?: 'stop' | 'length'
+  /** Set on the last piece of a completion, as GenerateResult's. */
+  stopReason?: StopReason
 }
+
+/** The stop string that ended a completion, the id of `stopTokenIds` that did, or null (EOS, length). */
+export type StopReason = string | number | null
 
 export interface ResolvedGenerateOptions {
   maxTokens: number
@@ -233,7 +240,8 @@ export function checkChatTemplateVariables(value: unknown): ChatTemplateVariable
  */
 export class CompletionText {
   text = ''
-  stopped = false
+  /** The stop string the text was cut at, once one appeared. */
+  stopString: string | null = null
   private emitted = 0
   private readonly decoder: TextStreamDecoder
   private readonly stop: string[]
@@ -243,7 +251,11 @@ export class CompletionText {
     this.stop = stop
   }
 
-  /** Adds one id; returns the text now safe to show. Sets `stopped` when a stop string appeared. */
+  get stopped(): boolean {
+    return this.stopString !== null
+  }
+
+  /** Adds one id; returns the text now safe to show. Sets `stopString` when a stop string appeared. */
   push(id: number, isLast: boolean): string {
     return this.add(this.decoder.push(id) + (isLast ? this.decoder.flush() : ''), isLast)
   }
@@ -258,9 +270,9 @@ export class CompletionText {
       const searchFrom = Math.max(0, this.text.length - this.longestStop() + 1)
       this.text += piece
       const cut = this.firstStop(searchFrom)
-      if (cut >= 0) {
-        this.text = this.text.slice(0, cut)
-        this.stopped = true
+      if (cut) {
+        this.text = this.text.slice(0, cut.at)
+        this.stopString = cut.stop
       }
     }
     return this.take(isLast || this.stopped)
@@ -279,11 +291,12 @@ export class CompletionText {
     return this.stop.reduce((m, s) => Math.max(m, s.length), 0)
   }
 
-  private firstStop(from: number): number {
-    let cut = -1
+  // The earliest stop string in the text (the first listed of those found at one place).
+  private firstStop(from: number): { at: number; stop: string } | null {
+    let cut: { at: number; stop: string } | null = null
     for (const s of this.stop) {
       const i = this.text.indexOf(s, from)
-      if (i >= 0 && (cut < 0 || i < cut)) cut = i
+      if (i >= 0 && (!cut || i < cut.at)) cut = { at: i, stop: s }
     }
     return cut
   }
@@ -324,7 +337,9 @@ export function runGeneration(
   const logprobs: number[] = []
   const tops: TopLogprob[][] = []
   // The ids that end a generation: the model's EOS (unless ignored) and the caller's.
-  const stopIds = new Set([...(options.ignoreEos ? [] : tokenizer.eosTokenIds), ...options.stopTokenIds])
+  const eosIds = new Set(options.ignoreEos ? [] : tokenizer.eosTokenIds)
+  const stopIds = new Set([...eosIds, ...options.stopTokenIds])
+  let stopReason: StopReason = null
   const scheduled = scheduler.submit({
     kind: 'generate',
     prompt,
@@ -340,7 +355,10 @@ export function runGeneration(
       // The id that ends the generation adds no text (as vLLM leaves a stop token's text out).
       const piece = ends ? text.end() : text.push(token, isLast)
       const finishReason = ends || text.stopped ? 'stop' : isLast ? 'length' : undefined
-      onPiece?.({ text: piece, token, logprob, ...(top ? { topLogprobs: top } : {}), ...(finishReason && { finishReason }) })
+      // As vLLM's stop_reason: the stop string, else the caller's stop id; EOS gives null, even when
+      // stopTokenIds lists it too (vLLM checks EOS first).
+      if (finishReason === 'stop') stopReason = text.stopString ?? (eosIds.has(token) ? null : token)
+      onPiece?.({ text: piece, token, logprob, ...(top ? { topLogprobs: top } : {}), ...(finishReason && { finishReason, stopReason }) })
       return !(ends || text.stopped)
     },
   })
@@ -354,6 +372,7 @@ export function runGeneration(
       logprobs,
       ...(options.topLogprobs > 0 ? { topLogprobs: tops } : {}),
       finishReason: toPublicReason(finishReason),
+      stopReason,
       ...(options.sampling ? { seed: options.sampling.seed } : {}),
       timings: {
         ...timings,

@@ -11,7 +11,7 @@ import { RequestTooLargeError } from '../errors.js'
 import { EncodeTimeoutError } from '../encode-worker.js'
 import type { Model } from '../api.js'
 import type { ChatMessage, ChatTemplateVariables } from '../tokenizer.js'
-import { REQUEST_TEMPLATE_VARIABLES, type GenerateOptions, type StreamPiece } from '../generate.js'
+import { REQUEST_TEMPLATE_VARIABLES, type GenerateOptions, type StopReason, type StreamPiece } from '../generate.js'
 import { ApiError, contextLengthExceeded, invalidRequest, overloaded, toApiError, unavailable } from './errors.js'
 import { ServerMetrics } from './metrics.js'
 import {
@@ -670,7 +670,7 @@ export class InferenceServer {
   private async runChoice(
     run: ChoiceRun,
     k: number,
-    onPiece: (piece: { text: string; record: TokenRecord; finishReason: 'stop' | 'length' | null }) => void,
+    onPiece: (piece: { text: string; record: TokenRecord; finishReason: 'stop' | 'length' | null; stopReason: StopReason }) => void,
   ): Promise<void> {
     let last = 0
     try {
@@ -681,7 +681,7 @@ export class InferenceServer {
         last = now
         this.metrics.completionTokens.inc()
         const record = { token: piece.token, logprob: piece.logprob, top: piece.topLogprobs ?? [], text: piece.text }
-        onPiece({ text: piece.text, record, finishReason: piece.finishReason ?? null })
+        onPiece({ text: piece.text, record, finishReason: piece.finishReason ?? null, stopReason: piece.stopReason ?? null })
       }
     } catch (err) {
       if (!run.signal.aborted) run.failed.abort(err)
@@ -696,6 +696,7 @@ export class InferenceServer {
       text: c.echo?.text ?? '',
       records: [...(c.echo?.records ?? [])],
       finishReason: c.options.maxTokens === 0 ? 'length' : 'stop',
+      stopReason: null,
       ...(c.echo && { echoed: { records: c.echo.records.length, textLength: c.echo.text.length } }),
     }))
     await Promise.all(
@@ -704,7 +705,10 @@ export class InferenceServer {
           const f = finished[k]!
           f.text += p.text
           f.records.push(p.record)
-          if (p.finishReason) f.finishReason = p.finishReason
+          if (p.finishReason) {
+            f.finishReason = p.finishReason
+            f.stopReason = p.stopReason
+          }
         }),
       ),
     )
@@ -743,7 +747,7 @@ export class InferenceServer {
     plan.choices.forEach((choice, k) => {
       if (!choice.echo) return
       const finishReason = choice.options.maxTokens === 0 ? 'length' : null
-      const piece = { text: choice.echo.text, records: choice.echo.records, textOffset: 0, first: true, finishReason } as const
+      const piece = { text: choice.echo.text, records: choice.echo.records, textOffset: 0, first: true, finishReason, stopReason: null } as const
       send(streamChunk(endpoint, head, choice.index, piece, plan.logprobs, loaded.texts, plan.includeUsage))
       offsets[k] = choice.echo.text.length
     })
@@ -768,7 +772,7 @@ export class InferenceServer {
           // is sent with the next one, unless its log-probs were asked for.
           const finishReason = calls ? null : p.finishReason
           if (text || plan.logprobs || finishReason || counts[k] === 0) {
-            const piece = { text, records: [p.record], textOffset: offsets[k]!, first: counts[k] === 0, finishReason }
+            const piece = { text, records: [p.record], textOffset: offsets[k]!, first: counts[k] === 0, finishReason, stopReason: p.stopReason }
             send(streamChunk(endpoint, head, choice.index, piece, plan.logprobs, loaded.texts, plan.includeUsage))
           }
           counts[k]!++
@@ -776,7 +780,7 @@ export class InferenceServer {
           // The calls, each whole, then the finish reason.
           if (calls) {
             calls.list.forEach((call, i) => send(toolCallChunk(head, choice.index, { index: i, call }, null, plan.includeUsage)))
-            send(toolCallChunk(head, choice.index, null, calls.finishReason, plan.includeUsage))
+            send(toolCallChunk(head, choice.index, null, { finishReason: calls.finishReason, stopReason: p.stopReason }, plan.includeUsage))
           }
         }).catch((err) => {
           failure ??= err

@@ -1,6 +1,7 @@
 // The OpenAI wire format: response bodies, stream chunks and log-probs of /v1/completions and
 // /v1/chat/completions, built from what the library returns.
 import type { Model } from '../api.js'
+import type { StopReason } from '../generate.js'
 import type { ToolCall } from './tool-calls.js'
 
 export type Endpoint = 'completions' | 'chat'
@@ -175,6 +176,8 @@ export interface FinishedChoice {
   /** The echoed prompt's tokens (with echo and logprobs), then the completion's. */
   records: PromptRecord[]
   finishReason: FinishReason
+  /** vLLM's stop_reason: the stop string or stop_token_ids id that ended the choice; null for EOS and length. */
+  stopReason: StopReason
   /** completions with echo: the prompt's records and the length of its text, where the generated text's offsets start. */
   echoed?: { records: number; textLength: number }
   /** chat with a tool-call parser, when the text held calls: the content before them and the calls. */
@@ -200,6 +203,7 @@ export function completionResponse(
         message: c.toolCalls ? { role: 'assistant', content: c.toolCalls.content, tool_calls: c.toolCalls.calls } : { role: 'assistant', content: c.text },
         logprobs: logprobs ? chatLogprobs(c.records as TokenRecord[], texts) : null,
         finish_reason: c.finishReason,
+        stop_reason: c.stopReason,
       })),
       usage,
     }
@@ -211,17 +215,22 @@ export function completionResponse(
       text: c.text,
       logprobs: logprobs ? echoedLogprobs(c, texts) : null,
       finish_reason: c.finishReason,
+      stop_reason: c.stopReason,
     })),
     usage,
   }
 }
 
-/** One chunk of a streamed answer; `first` adds the assistant role (chat). */
+/**
+ * One chunk of a streamed answer; `first` adds the assistant role (chat). `stopReason` goes with
+ * `finishReason`, as vLLM sends it: on every completions chunk (null until the last), and on the
+ * last chat chunk only.
+ */
 export function streamChunk(
   endpoint: Endpoint,
   head: ResponseHeader,
   index: number,
-  piece: { text: string; records: PromptRecord[]; textOffset: number; first: boolean; finishReason: FinishReason | null },
+  piece: { text: string; records: PromptRecord[]; textOffset: number; first: boolean; finishReason: FinishReason | null; stopReason: StopReason },
   logprobs: boolean,
   texts: TokenTexts,
   withUsageField: boolean,
@@ -238,6 +247,7 @@ export function streamChunk(
           delta,
           logprobs: logprobs && piece.records.length ? chatLogprobs(piece.records as TokenRecord[], texts) : null,
           finish_reason: piece.finishReason,
+          ...(piece.finishReason && { stop_reason: piece.stopReason }),
         },
       ],
       ...usage,
@@ -252,6 +262,7 @@ export function streamChunk(
         text: piece.text,
         logprobs: logprobs && piece.records.length ? completionLogprobs(piece.records, texts, piece.textOffset) : null,
         finish_reason: piece.finishReason,
+        stop_reason: piece.finishReason ? piece.stopReason : null,
       },
     ],
     ...usage,
@@ -260,14 +271,21 @@ export function streamChunk(
 
 /**
  * A streamed chat choice's tool call, whole, in OpenAI's delta shape (the openai client's helpers
- * join the deltas of one index); `finishReason` goes on a chunk with an empty delta.
+ * join the deltas of one index); `finish` goes on a chunk with an empty delta.
  */
-export function toolCallChunk(head: ResponseHeader, index: number, call: { index: number; call: ToolCall } | null, finishReason: FinishReason | null, withUsageField: boolean) {
+export function toolCallChunk(
+  head: ResponseHeader,
+  index: number,
+  call: { index: number; call: ToolCall } | null,
+  finish: { finishReason: FinishReason; stopReason: StopReason } | null,
+  withUsageField: boolean,
+) {
   const delta = call ? { tool_calls: [{ index: call.index, ...call.call }] } : {}
+  const reasons = finish ? { finish_reason: finish.finishReason, stop_reason: finish.stopReason } : { finish_reason: null }
   return {
     ...head,
     object: 'chat.completion.chunk',
-    choices: [{ index, delta, logprobs: null, finish_reason: finishReason }],
+    choices: [{ index, delta, logprobs: null, ...reasons }],
     ...(withUsageField ? { usage: null } : {}),
   }
 }

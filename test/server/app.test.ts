@@ -143,6 +143,43 @@ describe('InferenceServer in-process', () => {
     expect(chunks.at(-1).choices[0].finish_reason).toBe('stop')
     await model.dispose()
   })
+
+  it("stop_reason is null when the model's EOS ends a choice (whole and streamed, both endpoints), and EOS's id when stop_token_ids ends it under ignore_eos", async () => {
+    // A tokenizer of its own: disposing a model closes its tokenizer.
+    const own = await Tokenizer.load(defaultModelPath)
+    const script = own.encodeContinuation(' to be or not')
+    const eos = own.eosTokenIds[0]!
+    const scripted = new ScriptedModel(4096, 0, script, eos)
+    const model = new Model({ forward: scripted, tokenizer: own, path: 'scripted' }, { maxBatchSize: 4, prefillChunkSize: 256 })
+    server.setModel(model, 'fp_scripted')
+    try {
+      const messages = [{ role: 'user' as const, content: PROMPT }]
+      for (const [url, prompt, length] of [
+        ['/v1/completions', { prompt: PROMPT }, model.tokenize(PROMPT).length],
+        ['/v1/chat/completions', { messages }, model.tokenize(messages).length],
+      ] as const) {
+        scripted.promptLength = length
+        // Room for more than the script and its EOS: nothing but EOS ends the choice.
+        const body = { model: 'scripted', ...prompt, max_tokens: script.length + 4, temperature: 0 }
+        for (const [extra, expected] of [
+          [{}, null],
+          [{ stop_token_ids: [eos] }, null],
+          [{ stop_token_ids: [eos], ignore_eos: true }, eos],
+        ] as const) {
+          const whole = await server.app.inject({ method: 'POST', url, payload: { ...body, ...extra } })
+          expect(whole.statusCode).toBe(200)
+          const streamed = sseChunks((await server.app.inject({ method: 'POST', url, payload: { ...body, ...extra, stream: true } })).body)
+          for (const choice of [whole.json().choices[0], streamed.at(-1).choices[0]]) {
+            expect(choice.finish_reason, `${url} ${JSON.stringify(extra)}`).toBe('stop')
+            expect(choice, `${url} ${JSON.stringify(extra)}`).toHaveProperty('stop_reason', expected)
+          }
+          expect(whole.json().usage.completion_tokens).toBe(script.length + 1)
+        }
+      }
+    } finally {
+      await model.dispose()
+    }
+  })
 })
 
 describe('chat_template_kwargs (in-process)', () => {
@@ -336,7 +373,7 @@ describe('tool calls (--tool-call-parser hermes, in-process, the openai client)'
     expect(content).toBe('Let me look.\n')
     const calls = chunks.filter((c) => c.choices[0].delta.tool_calls)
     expect(calls.map((c) => c.choices[0])).toEqual([{ index: 0, delta: { tool_calls: [{ index: 0, ...weatherCall }] }, logprobs: null, finish_reason: null }])
-    expect(chunks.at(-1).choices[0]).toEqual({ index: 0, delta: {}, logprobs: null, finish_reason: 'tool_calls' })
+    expect(chunks.at(-1).choices[0]).toEqual({ index: 0, delta: {}, logprobs: null, finish_reason: 'tool_calls', stop_reason: null })
     expect(chunks.filter((c) => c.choices[0].finish_reason).length).toBe(1)
     const whole = (await server.app.inject({ method: 'POST', url: '/v1/chat/completions', payload: body })).json()
     expect(calls[0].choices[0].delta.tool_calls[0].id).toBe(whole.choices[0].message.tool_calls[0].id)

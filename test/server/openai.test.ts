@@ -21,13 +21,17 @@ const SYSTEM = 'You are a lighthouse keeper who answers in one short sentence ab
 const QUESTIONS = ['What do you see tonight?', 'Is the storm coming?', 'Who was the last ship?', 'Why do you count the steps?']
 const TEXTS = ['Once upon a time', 'The old lighthouse keeper', 'In the harbour the boats']
 
-/** What a client can compare of one choice: text, log-probs and why it ended. */
+/** What a client can compare of one choice: text, log-probs and why it ended (finish_reason, and vLLM's stop_reason). */
 interface Answer {
   text: string
   tokens: string[]
   logprobs: number[]
   finish: string | null
+  stop?: unknown
 }
+
+/** vLLM's stop_reason of a choice or chunk (the openai client's types do not have it). */
+const stopReason = (choice: object): unknown => (choice as { stop_reason?: unknown }).stop_reason
 
 function expectNoStackTrace(text: string) {
   expect(text).not.toMatch(/^\s+at /m)
@@ -45,7 +49,14 @@ function expectErrorBody(json: Record<string, any>, status: number, code: string
 
 type Kind = 'chat' | 'completions'
 
-async function ask(client: OpenAI, kind: Kind, body: Record<string, unknown>, stream: boolean, signal?: AbortSignal, onChunk?: () => void): Promise<Answer> {
+async function ask(
+  client: OpenAI,
+  kind: Kind,
+  body: Record<string, unknown>,
+  stream: boolean,
+  signal?: AbortSignal,
+  onChunk?: (choice: ChatCompletionChunk.Choice | Completion['choices'][number]) => void,
+): Promise<Answer> {
   const answer: Answer = { text: '', tokens: [], logprobs: [], finish: null }
   if (kind === 'chat') {
     if (!stream) {
@@ -56,6 +67,7 @@ async function ask(client: OpenAI, kind: Kind, body: Record<string, unknown>, st
         tokens: c.logprobs?.content?.map((t) => t.token) ?? [],
         logprobs: c.logprobs?.content?.map((t) => t.logprob) ?? [],
         finish: c.finish_reason,
+        stop: stopReason(c),
       }
     }
     const s = (await client.chat.completions.create({ ...(body as any), stream: true }, { signal })) as unknown as AsyncIterable<ChatCompletionChunk>
@@ -67,15 +79,18 @@ async function ask(client: OpenAI, kind: Kind, body: Record<string, unknown>, st
         answer.tokens.push(t.token)
         answer.logprobs.push(t.logprob)
       }
-      if (c.finish_reason) answer.finish = c.finish_reason
-      onChunk?.()
+      if (c.finish_reason) {
+        answer.finish = c.finish_reason
+        answer.stop = stopReason(c)
+      }
+      onChunk?.(c)
     }
     return answer
   }
   if (!stream) {
     const r = await client.completions.create({ ...(body as any), stream: false }, { signal })
     const c = r.choices[0]!
-    return { text: c.text, tokens: c.logprobs?.tokens ?? [], logprobs: (c.logprobs?.token_logprobs ?? []) as number[], finish: c.finish_reason }
+    return { text: c.text, tokens: c.logprobs?.tokens ?? [], logprobs: (c.logprobs?.token_logprobs ?? []) as number[], finish: c.finish_reason, stop: stopReason(c) }
   }
   const s = (await client.completions.create({ ...(body as any), stream: true }, { signal })) as unknown as AsyncIterable<Completion>
   for await (const chunk of s) {
@@ -84,8 +99,11 @@ async function ask(client: OpenAI, kind: Kind, body: Record<string, unknown>, st
     answer.text += c.text
     answer.tokens.push(...(c.logprobs?.tokens ?? []))
     answer.logprobs.push(...((c.logprobs?.token_logprobs ?? []) as number[]))
-    if (c.finish_reason) answer.finish = c.finish_reason
-    onChunk?.()
+    if (c.finish_reason) {
+      answer.finish = c.finish_reason
+      answer.stop = stopReason(c)
+    }
+    onChunk?.(c)
   }
   return answer
 }
@@ -130,7 +148,7 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     expect(c.logprobs!.text_offset![0]).toBe(0)
     expect(r.usage).toEqual({ prompt_tokens: model.tokenize(TEXTS[0]!).length, completion_tokens: lib.tokens.length, total_tokens: model.tokenize(TEXTS[0]!).length + lib.tokens.length })
     const streamed = await ask(client, 'completions', body, true)
-    expect(streamed).toEqual({ text: c.text, tokens: c.logprobs!.tokens, logprobs: c.logprobs!.token_logprobs, finish: c.finish_reason })
+    expect(streamed).toEqual({ text: c.text, tokens: c.logprobs!.tokens, logprobs: c.logprobs!.token_logprobs, finish: c.finish_reason, stop: stopReason(c) })
   })
 
   it('chat: the template, log-probs with bytes, usage; streamed with include_usage equals whole', async () => {
@@ -348,7 +366,7 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     expect(c.logprobs!.text_offset![promptIds.length]).toBe(TEXTS[1]!.length)
     expect(whole.usage!.completion_tokens).toBe(lib.tokens.length)
     const streamed = await ask(client, 'completions', body, true)
-    expect(streamed).toEqual({ text: c.text, tokens: c.logprobs!.tokens, logprobs: c.logprobs!.token_logprobs, finish: c.finish_reason })
+    expect(streamed).toEqual({ text: c.text, tokens: c.logprobs!.tokens, logprobs: c.logprobs!.token_logprobs, finish: c.finish_reason, stop: stopReason(c) })
 
     const alone = await client.completions.create({ ...body, max_tokens: 0 })
     expect(alone.choices[0]!.text).toBe(TEXTS[1]!)
@@ -360,6 +378,7 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
       tokens: alone.choices[0]!.logprobs!.tokens,
       logprobs: alone.choices[0]!.logprobs!.token_logprobs,
       finish: 'length',
+      stop: null,
     })
     // Without logprobs the prompt's text alone comes first.
     const plain = await client.completions.create({ model: 'default', prompt: TEXTS[1]!, max_tokens: 4, temperature: 0, echo: true })
@@ -421,6 +440,34 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     const bad = await post(`${server.url}/v1/completions`, { ...body, stop_token_ids: [1, model.vocabSize] })
     expectErrorBody(bad.json, bad.status, 'invalid_value', 'stop_token_ids')
     expect(bad.json.error.message).toBe(`Expected an integer between 0 and ${model.vocabSize - 1} for stop_token_ids[1] but received ${model.vocabSize} of type number`)
+  })
+
+  it("stop_reason, as vLLM's: the stop string or stop_token_ids id that ended a choice, null at max_tokens; streamed on the finish_reason chunk, as whole", async () => {
+    // (The model's EOS gives null: test/server/app.test.ts, where a scripted model reaches it.)
+    const prompts = { completions: TEXTS[0]!, chat: [{ role: 'user' as const, content: QUESTIONS[0]! }] }
+    for (const kind of ['completions', 'chat'] as const) {
+      const lib = await model.generate(prompts[kind], { maxTokens: 16, ignoreEos: true })
+      const stop = lib.text.slice(6, 9)
+      const id = lib.tokens[5]!
+      const absent = Array.from({ length: model.vocabSize }, (_, t) => t).find((t) => !lib.tokens.includes(t))!
+      const common = { model: 'default', ...(kind === 'chat' ? { messages: prompts.chat } : { prompt: prompts.completions }), max_tokens: 16, temperature: 0, ignore_eos: true }
+      // The one that ended the choice is listed second, after one that never occurs.
+      for (const [extra, finish, expected] of [
+        [{ stop: ['never in it', stop] }, 'stop', stop],
+        [{ stop_token_ids: [absent, id] }, 'stop', id],
+        [{ max_tokens: 4 }, 'length', null],
+      ] as const) {
+        const body = { ...common, ...extra }
+        const whole = await ask(client, kind, body, false)
+        expect(whole.finish, `${kind} ${JSON.stringify(extra)}`).toBe(finish)
+        expect(whole.stop, `${kind} ${JSON.stringify(extra)}`).toBe(expected)
+        const chunks: object[] = []
+        expect(await ask(client, kind, body, true, undefined, (c) => chunks.push(c))).toEqual(whole)
+        // completions: on every chunk, null before the last; chat: on the last alone.
+        const last = chunks.length - 1
+        expect(chunks.map((c) => ('stop_reason' in c ? stopReason(c) : 'absent'))).toEqual(chunks.map((_, i) => (i === last ? expected : kind === 'chat' ? 'absent' : null)))
+      }
+    }
   })
 
   it("a message's text parts are joined by newlines, as vLLM joins them", async () => {

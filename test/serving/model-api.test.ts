@@ -233,16 +233,18 @@ describe('Model: what a caller passes is checked before anything runs', () => {
 })
 
 describe('stopTokenIds and ignoreEos', () => {
-  it('end a generation at the given ids too, or go on past EOS to maxTokens, with the same tokens before', async () => {
+  it('end a generation at the given ids too, or go on past EOS to maxTokens, with the same tokens before; stopReason names the stop id alone', async () => {
     const forward = new ContextHashModel({ kvBlocks: 512, kvBlockSize: 4, maxBatchTokens: 32, context: 4096 })
     forward.eosBias = 5 // EOS comes within a few tokens
     const model = new Model({ forward, tokenizer: charTokenizer, path: 'context-hash' }, { maxBatchSize: 8, prefillChunkSize: 8 })
     try {
       const ended = await model.generate('to be or', { maxTokens: 64 })
       expect(ended.finishReason).toBe('stop')
+      expect(ended.stopReason).toBe(null)
       expect(ended.tokens.at(-1)).toBe(EOS)
       const past = await model.generate('to be or', { maxTokens: ended.tokens.length + 8, ignoreEos: true })
       expect(past.finishReason).toBe('length')
+      expect(past.stopReason).toBe(null)
       expect(past.tokens.length).toBe(ended.tokens.length + 8)
       expect(past.tokens.slice(0, ended.tokens.length)).toEqual(ended.tokens)
       expect(past.logprobs.slice(0, ended.tokens.length)).toEqual(ended.logprobs)
@@ -251,18 +253,27 @@ describe('stopTokenIds and ignoreEos', () => {
       const at = past.tokens.indexOf(id)
       const stopped = await model.generate('to be or', { maxTokens: past.tokens.length, ignoreEos: true, stopTokenIds: [id] })
       expect(stopped.finishReason).toBe('stop')
+      expect(stopped.stopReason).toBe(id)
       expect(stopped.tokens).toEqual(past.tokens.slice(0, at + 1))
       // Its text is left out of the text, as vLLM leaves it out.
       expect(model.detokenize([id])).not.toBe('')
       expect(stopped.text).toBe(model.detokenize(past.tokens.slice(0, at)))
       const streamed: number[] = []
       let streamedText = ''
+      const reasons: unknown[] = []
       for await (const piece of model.stream('to be or', { maxTokens: past.tokens.length, ignoreEos: true, stopTokenIds: [id] })) {
         streamed.push(piece.token)
         streamedText += piece.text
+        reasons.push(piece.stopReason)
       }
       expect(streamed).toEqual(stopped.tokens)
       expect(streamedText).toBe(stopped.text)
+      expect(reasons).toEqual([...streamed.slice(1).map(() => undefined), id])
+      // EOS is EOS when stopTokenIds lists it too (null, as vLLM checks EOS first), and a stop id under ignoreEos.
+      expect((await model.generate('to be or', { maxTokens: 64, stopTokenIds: [EOS] })).stopReason).toBe(null)
+      const eosAsStopId = await model.generate('to be or', { maxTokens: 64, ignoreEos: true, stopTokenIds: [EOS] })
+      expect(eosAsStopId.tokens).toEqual(ended.tokens)
+      expect(eosAsStopId.stopReason).toBe(EOS)
     } finally {
       await model.dispose()
     }

@@ -199,6 +199,7 @@ function servingSuite(device: DeviceName): void {
       const stop = full.text.slice(3, 5)
       const cut = await model.generate('the cat sat on the mat', { maxTokens: 24, stop })
       expect(cut.finishReason).toBe('stop')
+      expect(cut.stopReason).toBe(stop)
       expect(cut.text).toBe(full.text.slice(0, full.text.indexOf(stop)))
       expect(cut.tokens).toEqual(full.tokens.slice(0, cut.tokens.length))
     }
