@@ -7,13 +7,14 @@
 // internals fails the test, which lists every such case with its seed.
 //
 //   DETINFER_FUZZ_CASES=2000 DETINFER_FUZZ_SEED=7 npx vitest run test/model/fuzz.test.ts
-import { fork, spawnSync, type ChildProcess } from 'node:child_process'
+import { fork, type ChildProcess } from 'node:child_process'
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { mulberry32 } from '../helpers/random.js'
+import { buildDist } from '../helpers/server.js'
 
 const repo = join(dirname(fileURLToPath(import.meta.url)), '..', '..')
 const shipped = join(repo, 'models', 'default')
@@ -353,8 +354,7 @@ describe(`fuzzed copies of the shipped model (${CASES} cases, seed ${SEED})`, ()
   const runner = new Runner()
   const originals: Record<string, Buffer> = {}
   beforeAll(() => {
-    const tsc = spawnSync(process.execPath, [join(repo, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', 'tsconfig.build.json'], { cwd: repo, encoding: 'utf8' })
-    if (tsc.status !== 0) throw new Error(`tsc failed:\n${tsc.stdout}${tsc.stderr}`)
+    buildDist()
     root = mkdtempSync(join(tmpdir(), 'detinfer-fuzz-'))
     for (const f of FILES) {
       originals[f] = readFileSync(join(shipped, f))
