@@ -7,6 +7,7 @@
 #include <initializer_list>
 
 #include "common/config.h"
+#include "common/logit_processors.h"
 #include "common/partitions.h"
 #include "common/token_choice.h"
 #include "cpu/cpu_ops.h"
@@ -438,7 +439,7 @@ void token_logprobs(Tensor& out, const Tensor& x, const Tensor& ids) {
   on_cuda(out) ? cuda::token_logprobs(out, x, ids) : cpu::token_logprobs(out, x, ids);
 }
 
-void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
+void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params, const Tensor* live) {
   Checker c{"choose_tokens"};
   c.devices({{"out", &out}, {"x", &x}, {"params", &params}});
   check_rows(c, x);
@@ -453,8 +454,80 @@ void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
   c.rank(params, "params", 2);
   c.dim(params, "params", 0, x.dim(0), "rows of x");
   c.dim(params, "params", 1, choice::kParams, "choice::kParams");
+  if (live) {
+    c.devices({{"out", &out}, {"live", live}});
+    c.dtype(*live, "live", {DType::I32});
+    if (live->rank() != 1 || live->dim(0) < 1)
+      fail("choose_tokens: expected live to be i32 [n] with n >= 1 (the count of rows to choose for) but received ",
+           live->describe());
+  }
   if (x.dim(1) > 0x7fffffff) fail("choose_tokens: expected at most 2^31 - 1 columns but received ", x.describe());
-  on_cuda(out) ? cuda::choose_tokens(out, x, params) : cpu::choose_tokens(out, x, params);
+  on_cuda(out) ? cuda::choose_tokens(out, x, params, live) : cpu::choose_tokens(out, x, params, live);
+}
+
+// The plan of the logit processors' ops: i32 [1 + kPlanFields * J] for J processed rows.
+static int64_t check_plan(const Checker& c, const Tensor& plan) {
+  c.dtype(plan, "plan", {DType::I32});
+  c.rank(plan, "plan", 1);
+  if (plan.dim(0) < 1 || (plan.dim(0) - 1) % processors::kPlanFields != 0)
+    fail(c.op, ": expected plan to be i32 [1 + ", processors::kPlanFields, "J] but received ", plan.describe());
+  return (plan.dim(0) - 1) / processors::kPlanFields;
+}
+
+void apply_logit_processors(Tensor& adjusted, Tensor& adjusted_params, Tensor& counts, const Tensor& x,
+                            const Tensor& params, const Tensor& plan, const Tensor& settings) {
+  Checker c{"apply_logit_processors"};
+  c.devices({{"adjusted", &adjusted},
+             {"adjusted_params", &adjusted_params},
+             {"counts", &counts},
+             {"x", &x},
+             {"params", &params},
+             {"plan", &plan},
+             {"settings", &settings}});
+  check_rows(c, x);
+  const int64_t V = x.dim(1);
+  const int64_t J = check_plan(c, plan);
+  c.dtype(adjusted, "adjusted", {DType::F32});
+  c.rank(adjusted, "adjusted", 2);
+  c.dim(adjusted, "adjusted", 0, J, "rows of the plan");
+  c.dim(adjusted, "adjusted", 1, V, "columns of x");
+  c.dtype(adjusted_params, "adjusted_params", {DType::I32});
+  c.rank(adjusted_params, "adjusted_params", 2);
+  c.dim(adjusted_params, "adjusted_params", 0, J, "rows of the plan");
+  c.dim(adjusted_params, "adjusted_params", 1, choice::kParams, "choice::kParams");
+  c.dtype(params, "params", {DType::I32});
+  c.rank(params, "params", 2);
+  c.dim(params, "params", 0, x.dim(0), "rows of x");
+  c.dim(params, "params", 1, choice::kParams, "choice::kParams");
+  c.dtype(counts, "counts", {DType::U16});
+  c.rank(counts, "counts", 2);
+  c.dim(counts, "counts", 1, V, "columns of x");
+  c.dtype(settings, "settings", {DType::I32});
+  c.rank(settings, "settings", 2);
+  c.dim(settings, "settings", 0, counts.dim(0), "rows of counts");
+  c.dim(settings, "settings", 1, processors::kSettings, "processors::kSettings");
+  if (V > 0x7fffffff) fail("apply_logit_processors: expected at most 2^31 - 1 columns but received ", x.describe());
+  if (J == 0 || V == 0) return;
+  on_cuda(x) ? cuda::apply_logit_processors(adjusted, adjusted_params, counts, x, params, plan, settings)
+             : cpu::apply_logit_processors(adjusted, adjusted_params, counts, x, params, plan, settings);
+}
+
+void record_logit_choices(Tensor& params, Tensor& counts, const Tensor& chosen, const Tensor& plan) {
+  Checker c{"record_logit_choices"};
+  c.devices({{"params", &params}, {"counts", &counts}, {"chosen", &chosen}, {"plan", &plan}});
+  const int64_t J = check_plan(c, plan);
+  c.dtype(params, "params", {DType::I32});
+  c.rank(params, "params", 2);
+  c.dim(params, "params", 1, choice::kParams, "choice::kParams");
+  c.dtype(counts, "counts", {DType::U16});
+  c.rank(counts, "counts", 2);
+  c.dtype(chosen, "chosen", {DType::I32});
+  c.rank(chosen, "chosen", 2);
+  c.dim(chosen, "chosen", 0, J, "rows of the plan");
+  if (chosen.dim(1) < 2) fail("record_logit_choices: expected chosen to have at least 2 columns but received ", chosen.describe());
+  if (J == 0) return;
+  on_cuda(params) ? cuda::record_logit_choices(params, counts, chosen, plan)
+                  : cpu::record_logit_choices(params, counts, chosen, plan);
 }
 
 void copy(Tensor& dst, const Tensor& src) {

@@ -7,7 +7,7 @@ import { createRequire } from 'node:module'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
-export type DType = 'bf16' | 'f16' | 'f32' | 'i32'
+export type DType = 'bf16' | 'f16' | 'f32' | 'i32' | 'u16'
 export type DeviceName = 'cpu' | 'cuda'
 
 /** A device or host tensor owned by the native layer. */
@@ -179,8 +179,27 @@ export interface NativeAddon {
   logSoftmax(out: NativeTensor, x: NativeTensor): void
   argmax(out: NativeTensor, x: NativeTensor): void
   tokenLogprobs(out: NativeTensor, x: NativeTensor, ids: NativeTensor): void
-  /** The output head (csrc/common/token_choice.h): out i32 [R, 2+2N], x f32 [R, V], params i32 [R, 8]. */
-  chooseTokens(out: NativeTensor, x: NativeTensor, params: NativeTensor): void
+  /**
+   * The output head (csrc/common/token_choice.h): out i32 [R, 2+2N], x f32 [R, V], params i32 [R, 8].
+   * With `live` (i32 [n]), rows at or past live[0] are skipped (their out rows are not written).
+   */
+  chooseTokens(out: NativeTensor, x: NativeTensor, params: NativeTensor, live?: NativeTensor | null): void
+  /**
+   * Logit processors (csrc/common/logit_processors.h): for the plan's rows j < plan[0], adjusted[j]
+   * = the penalized and biased row plan[1+3j] of x (counts u16 [S, V] and settings i32 [S, 604] of
+   * table row plan[2+3j], its counts zeroed first when plan[3+3j] is 1), adjustedParams[j] = its params.
+   */
+  applyLogitProcessors(
+    adjusted: NativeTensor,
+    adjustedParams: NativeTensor,
+    counts: NativeTensor,
+    x: NativeTensor,
+    params: NativeTensor,
+    plan: NativeTensor,
+    settings: NativeTensor,
+  ): void
+  /** After chooseTokens on the adjusted rows: params[plan row].target = the chosen id, and its count + 1. */
+  recordLogitChoices(params: NativeTensor, counts: NativeTensor, chosen: NativeTensor, plan: NativeTensor): void
   copy(dst: NativeTensor, src: NativeTensor): void
   cast(dst: NativeTensor, src: NativeTensor): void
   setVariantKernels(enabled: boolean): void

@@ -12,6 +12,32 @@
 // output head's chooseTokens op; csrc/common/token_choice.h gives its exact arithmetic (float32
 // logits and noise, probability mass in 2^-40 fixed point so the top-p prefix is exact).
 
+/**
+ * OpenAI's frequency_penalty, presence_penalty and logit_bias for one completion, applied to its
+ * logits before every choice (csrc/common/logit_processors.h has the arithmetic):
+ * `y = c > 0 ? (x - frequencyPenalty * c) - presencePenalty : x`, then `y + bias` for a token
+ * logitBias names, c the times the token was chosen so far in this completion. Values as they
+ * reach the device: float32.
+ */
+export interface LogitProcessors {
+  frequencyPenalty: number
+  presencePenalty: number
+  /** [token id, bias] pairs: ids distinct, biases not 0, at most MAX_LOGIT_BIAS pairs. */
+  logitBias: readonly (readonly [number, number])[]
+}
+
+/** Tokens logitBias may name per completion (csrc/common/logit_processors.h's kMaxBias). */
+export const MAX_LOGIT_BIAS = 300
+
+/** A row's logit processors: its sequence's row of the model's processor table. */
+export interface RowProcessors {
+  /** The sequence's row of the processor table, its own while it runs (distinct within a step). */
+  row: number
+  /** The sequence's first choice: it takes the row now (its counts start from 0, its settings are loaded). */
+  first: boolean
+  settings: LogitProcessors
+}
+
 /** What to do with one logits row. */
 export interface TokenChoice {
   /** 0: greedy (argmax, lowest id on ties). */
@@ -30,6 +56,12 @@ export interface TokenChoice {
   target: number
   /** Most likely tokens to report for this row (0 to the launch's topN; absent: 0). */
   topLogprobs?: number
+  /**
+   * Penalties and biases of the row's completion (absent: none). The token is chosen from the
+   * processed logits; the log-probs the row reports stay those of the raw logits (the chosen
+   * token's is the one scoring it gives).
+   */
+  processors?: RowProcessors
 }
 
 /** One of the most likely tokens at a position, with its log-prob. */
@@ -61,10 +93,17 @@ export interface SamplingParams {
 
 /**
  * The output head's parameters for the token at `position` (greedy when `sampling` is null), with
- * `topLogprobs` most likely tokens to report. Every choice has the same fields, in the same order.
+ * `topLogprobs` most likely tokens to report and the completion's logit processors, if any. Every
+ * choice has the same fields, in the same order.
  */
-export function tokenChoice(sampling: SamplingParams | null, position: number, target = -1, topLogprobs = 0): TokenChoice {
-  if (!sampling || target >= 0) return { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position, target, topLogprobs }
+export function tokenChoice(
+  sampling: SamplingParams | null,
+  position: number,
+  target = -1,
+  topLogprobs = 0,
+  processors?: RowProcessors,
+): TokenChoice {
+  if (!sampling || target >= 0) return { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position, target, topLogprobs, processors }
   const { temperature, topK, topP, seed } = sampling
-  return { temperature, topK, topP, minP: sampling.minP ?? 0, seed, position, target: -1, topLogprobs }
+  return { temperature, topK, topP, minP: sampling.minP ?? 0, seed, position, target: -1, topLogprobs, processors }
 }

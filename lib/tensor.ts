@@ -64,10 +64,12 @@ export function hostBuffer(dtype: DType, data: ArrayLike<number> | ArrayBufferVi
       return Int32Array.from(data)
     case 'f16':
       throw new Error('Expected a Uint16Array of f16 bits for an f16 tensor but received an array of numbers')
+    case 'u16':
+      return Uint16Array.from(data)
   }
 }
 
-/** Reads a tensor back as float32 values (bf16 and f32 tensors) or int32 values (i32). */
+/** Reads a tensor back as float32 values (bf16 and f32 tensors) or int32 values (i32, and u16 widened). */
 export async function readTensor(t: NativeTensor): Promise<Float32Array | Int32Array> {
   const buf = await native().download(t)
   const ab = buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength)
@@ -78,6 +80,8 @@ export async function readTensor(t: NativeTensor): Promise<Float32Array | Int32A
       return new Int32Array(ab)
     case 'bf16':
       return fromBf16(new Uint16Array(ab))
+    case 'u16':
+      return Int32Array.from(new Uint16Array(ab))
     case 'f16':
       throw new Error('readTensor: f16 tensors are read with native().download')
   }

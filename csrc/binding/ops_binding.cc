@@ -254,7 +254,20 @@ Napi::Value TokenLogprobs(const Napi::CallbackInfo& info) {
 
 Napi::Value ChooseTokens(const Napi::CallbackInfo& info) {
   Args a{info, "chooseTokens"};
-  ops::choose_tokens(a.tensor(0, "out"), a.tensor(1, "x"), a.tensor(2, "params"));
+  ops::choose_tokens(a.tensor(0, "out"), a.tensor(1, "x"), a.tensor(2, "params"), a.optional_tensor(3, "live"));
+  return info.Env().Undefined();
+}
+
+Napi::Value ApplyLogitProcessors(const Napi::CallbackInfo& info) {
+  Args a{info, "applyLogitProcessors"};
+  ops::apply_logit_processors(a.tensor(0, "adjusted"), a.tensor(1, "adjustedParams"), a.tensor(2, "counts"),
+                              a.tensor(3, "x"), a.tensor(4, "params"), a.tensor(5, "plan"), a.tensor(6, "settings"));
+  return info.Env().Undefined();
+}
+
+Napi::Value RecordLogitChoices(const Napi::CallbackInfo& info) {
+  Args a{info, "recordLogitChoices"};
+  ops::record_logit_choices(a.tensor(0, "params"), a.tensor(1, "counts"), a.tensor(2, "chosen"), a.tensor(3, "plan"));
   return info.Env().Undefined();
 }
 
@@ -386,6 +399,7 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"normMatmulSiluMul", NormMatmulSiluMul},
       {"logSoftmax", LogSoftmax}, {"argmax", Argmax},
       {"tokenLogprobs", TokenLogprobs}, {"chooseTokens", ChooseTokens},
+      {"applyLogitProcessors", ApplyLogitProcessors}, {"recordLogitChoices", RecordLogitChoices},
       {"copy", Copy},
       {"uploadAsync", UploadAsync}, {"graphBegin", GraphBegin},
       {"graphEnd", GraphEnd},   {"graphAbort", GraphAbort},

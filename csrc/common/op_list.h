@@ -92,7 +92,21 @@
   /* The output head's token choice (common/token_choice.h): for each row of logits x f32 [R,V] */    \
   /* and its parameters params i32 [R, choice::kParams], out i32 [R, 2 + 2N] gets the chosen id, */   \
   /* its log-prob (f32 bits), the N most likely ids and their log-probs (N <= kMaxTopLogprobs). */    \
-  X(choose_tokens, (Tensor & out, const Tensor& x, const Tensor& params))                             \
+  /* With live (i32 [>= 1]), rows r >= live[0] are skipped: their out rows are not written. */        \
+  X(choose_tokens, (Tensor & out, const Tensor& x, const Tensor& params, const Tensor* live))         \
+  /* Logit processors (common/logit_processors.h): for j < plan[0], adjusted[j,:] = the penalized */ \
+  /* and biased logits of row r = plan[1+3j] of x with the counts and settings of table row */        \
+  /* k = plan[2+3j] (its counts read as 0 and zeroed when plan[3+3j] is 1), and */                    \
+  /* adjusted_params[j,:] = params[r,:]. adjusted f32 [J,V], adjusted_params i32 [J,kParams], */      \
+  /* counts u16 [S,V], x f32 [R,V], params i32 [R,kParams], plan i32 [1+3J], settings i32 */         \
+  /* [S,kSettings]. Rows j >= plan[0] are left as they are. */                                         \
+  X(apply_logit_processors, (Tensor & adjusted, Tensor & adjusted_params, Tensor & counts,            \
+                             const Tensor& x, const Tensor& params, const Tensor& plan,               \
+                             const Tensor& settings))                                                 \
+  /* After choose_tokens on the adjusted rows (chosen i32 [J, >= 2]): for j < plan[0] whose id = */   \
+  /* chosen[j,0] is a token, params[plan[1+3j], target] = id and counts[plan[2+3j], id] += 1 */       \
+  /* (saturating at 65535). params i32 [R,kParams], counts u16 [S,V], plan i32 [1+3J]. */             \
+  X(record_logit_choices, (Tensor & params, Tensor & counts, const Tensor& chosen, const Tensor& plan)) \
   /* dst = src converted between f32, bf16 and f16 (same device, same element count) */               \
   X(cast, (Tensor & dst, const Tensor& src))
 

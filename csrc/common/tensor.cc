@@ -12,6 +12,7 @@ size_t dtype_size(DType dtype) {
   switch (dtype) {
     case DType::BF16:
     case DType::F16:
+    case DType::U16:
       return 2;
     case DType::F32:
     case DType::I32:
@@ -26,6 +27,7 @@ const char* dtype_name(DType dtype) {
     case DType::F16: return "f16";
     case DType::F32: return "f32";
     case DType::I32: return "i32";
+    case DType::U16: return "u16";
   }
   return "?";
 }
@@ -35,7 +37,8 @@ DType parse_dtype(const std::string& name) {
   if (name == "f16") return DType::F16;
   if (name == "f32") return DType::F32;
   if (name == "i32") return DType::I32;
-  fail("Expected one of bf16, f16, f32, i32 for dtype but received '", name, "'");
+  if (name == "u16") return DType::U16;
+  fail("Expected one of bf16, f16, f32, i32, u16 for dtype but received '", name, "'");
 }
 
 const char* device_name(Device device) { return device == Device::CPU ? "cpu" : "cuda"; }

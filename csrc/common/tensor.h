@@ -11,7 +11,8 @@
 
 namespace detinfer {
 
-enum class DType : int { BF16 = 0, F16 = 1, F32 = 2, I32 = 3 };
+// U16: unsigned counts (the logit processors' token counts, common/logit_processors.h).
+enum class DType : int { BF16 = 0, F16 = 1, F32 = 2, I32 = 3, U16 = 4 };
 enum class Device : int { CPU = 0, CUDA = 1 };
 
 size_t dtype_size(DType dtype);

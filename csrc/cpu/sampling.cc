@@ -170,8 +170,11 @@ int32_t sample(const float* x, int64_t V, const int32_t* p, float max, int64_t b
 
 }  // namespace
 
-void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
-  const int64_t rows = x.dim(0), vocab = x.dim(1), width = out.dim(1);
+void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params, const Tensor* live) {
+  const int64_t vocab = x.dim(1), width = out.dim(1);
+  // Rows past live[0] are skipped (the logit processors' rows not in use this step).
+  const int64_t rows = live ? std::clamp<int64_t>(live->ptr<int32_t>()[0], 0, x.dim(0)) : x.dim(0);
+  const int64_t launch_rows = x.dim(0);  // what the variant's split follows, as on CUDA
   const int64_t top_n = (width - 2) / 2;
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x.ptr<float>() + r * vocab;
@@ -188,7 +191,7 @@ void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
       for (int64_t i = 0; i < width; ++i) o[i] = (i == 0 || (i >= 2 && i < 2 + top_n)) ? -1 : ch::float_bits(NAN);
       continue;
     }
-    const float lse = logsumexp(xr, vocab, rows);
+    const float lse = logsumexp(xr, vocab, launch_rows);
     const int32_t target = p[ch::kTarget];
     const float t = ch::as_float(p[ch::kTemperature]);
     int32_t id;

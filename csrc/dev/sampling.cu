@@ -76,7 +76,7 @@ std::vector<int32_t> run(Device d, const std::vector<float>& x, int64_t rows, in
   Tensor xt = make(d, DType::F32, {rows, V}, x);
   Tensor pt = make(d, DType::I32, {rows, ch::kParams}, params);
   Tensor out = make_tensor(d, DType::I32, {rows, 2 + 2 * top_n});
-  ops::choose_tokens(out, xt, pt);
+  ops::choose_tokens(out, xt, pt, nullptr);
   return dev::download<int32_t>(out);
 }
 
@@ -308,11 +308,11 @@ void bench(const char* path) {
         if (top_n && c != 3) continue;
         Tensor pt = make(Device::CUDA, DType::I32, {rows, ch::kParams}, params_for(rows, kChoices[c], 99, top_n));
         Tensor out = make_tensor(Device::CUDA, DType::I32, {rows, 2 + 2 * top_n});
-        for (int i = 0; i < 5; ++i) ops::choose_tokens(out, xs[i % kRotate], pt);
+        for (int i = 0; i < 5; ++i) ops::choose_tokens(out, xs[i % kRotate], pt, nullptr);
         std::vector<double> times;
         for (int i = 0; i < 40; ++i) {
           CUDA_CHECK(cudaEventRecord(events.start, s));
-          ops::choose_tokens(out, xs[i % kRotate], pt);
+          ops::choose_tokens(out, xs[i % kRotate], pt, nullptr);
           CUDA_CHECK(cudaEventRecord(events.stop, s));
           times.push_back(events.elapsed_ms() * 1000.0);
         }
@@ -320,7 +320,7 @@ void bench(const char* path) {
         cudaGraph_t graph;
         cudaGraphExec_t exec;
         CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-        ops::choose_tokens(out, xs[0], pt);
+        ops::choose_tokens(out, xs[0], pt, nullptr);
         CUDA_CHECK(cudaStreamEndCapture(s, &graph));
         CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
         std::vector<double> replays;
@@ -360,7 +360,7 @@ int main(int argc, char** argv) {
       Tensor x = make(Device::CUDA, DType::F32, {rows, kVocab}, random_logits(rows, kVocab, 40, 1.f));
       Tensor pt = make(Device::CUDA, DType::I32, {rows, ch::kParams}, params_for(rows, kChoices[c], 99, 0));
       Tensor out = make_tensor(Device::CUDA, DType::I32, {rows, 2});
-      for (int i = 0; i < 10; ++i) ops::choose_tokens(out, x, pt);
+      for (int i = 0; i < 10; ++i) ops::choose_tokens(out, x, pt, nullptr);
       cuda_runtime::synchronize();
       return 0;
     }

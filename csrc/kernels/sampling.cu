@@ -219,6 +219,8 @@ void argmax(Tensor& out, const Tensor& x) {
 //                          one-block path over the whole row:
 //                          the bin of each cut gathered and cut by the same radix select, or by
 //                          bisection over the row when even that bin holds more than kCandidates.
+// With a live count (the logit processors' adjusted rows, of which a step uses the first K of a
+// launch captured for J), the blocks of rows at or past it return at once, in all five kernels.
 // Variant (variant_kernels()): R < kVariantSplits reduces each slice's sum in kVariantSplits
 // parts, each with its own max, rescaled at the end, as if the row were split over more blocks
 // because the batch is small: the log-probs' bits then depend on R.
@@ -421,6 +423,16 @@ __device__ float load_row_lse(const SliceStats* st, int P, float m) {
   return lse;
 }
 
+// Rows at or past *count (when the launch has a count: choose_tokens' live) are skipped by every
+// kernel of the launch, at its start (after the PDL calls, which every block makes). row0: the
+// first row of this round of launches (kChunkRows rows a round). The launches without a count use
+// the kernels' other instantiation (kLive false), which holds no such check.
+struct RowsLive {
+  const int32_t* count;
+  int64_t row0;
+  __device__ bool skip(int64_t r) const { return row0 + r >= static_cast<int64_t>(*count); }
+};
+
 // ---- Slice kernels ----
 
 // Offset in its slice of this thread's value (j, c). Ids fit in int (V < 2^31).
@@ -577,12 +589,16 @@ __device__ __forceinline__ unsigned shared_fetch_add(uint32_t at, unsigned v) {
   return old;
 }
 
+template <bool kLive>
 __global__ void __launch_bounds__(kSliceThreads, 3)
-    choice_stats_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, bool variant_split) {
+    choice_stats_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, bool variant_split,
+                        RowsLive live) {
   pdl_wait();
   pdl_launch_dependents();
   const int P = w.slices, s = blockIdx.x;
   const int64_t r = blockIdx.y;
+  if constexpr (kLive)
+    if (live.skip(r)) return;
   const float* xr = x + r * V;
   const SliceRange sl = slice_range(V, static_cast<int>(blockIdx.x));
   float v[kSliceGroups][4];
@@ -657,10 +673,14 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   }
 }
 
+template <bool kLive>
 __global__ void __launch_bounds__(kSliceThreads, 2)
-    choice_bins_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, int per_block) {
+    choice_bins_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, int per_block,
+                       RowsLive live) {
   pdl_wait();
   pdl_launch_dependents();
+  if constexpr (kLive)
+    if (live.skip(blockIdx.y)) return;
   // Per bin: the count, and the mass as two 32-bit words (low, high) so that every shared atomic
   // is a native 32-bit add; one array, so that one address serves all three.
   __shared__ unsigned bins[3 * kBins];
@@ -1112,10 +1132,13 @@ __device__ __forceinline__ bool total_before_own(const BinRun& run, int b, unsig
 // counts and masses (every total below is an integer sum, exact in any order), and the gather
 // kernel's Gumbel-max bound. Each step's results are published by the thread that holds the bin,
 // one barrier per step.
+template <bool kLive>
 __global__ void __launch_bounds__(kPlanThreads)
-    choice_plan_kernel(ChoiceWork w, const int32_t* params, int64_t V, int top_n) {
+    choice_plan_kernel(ChoiceWork w, const int32_t* params, int64_t V, int top_n, RowsLive live) {
   pdl_wait();
   pdl_launch_dependents();
+  if constexpr (kLive)
+    if (live.skip(blockIdx.x)) return;
   const int P = w.slices;
   const int64_t r = blockIdx.x;
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
@@ -1246,10 +1269,14 @@ __global__ void __launch_bounds__(kPlanThreads)
   }
 }
 
+template <bool kLive>
 __global__ void __launch_bounds__(kSliceThreads, 3)
-    choice_gather_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, int per_block) {
+    choice_gather_kernel(ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n, int per_block,
+                         RowsLive live) {
   pdl_wait();
   pdl_launch_dependents();
+  if constexpr (kLive)
+    if (live.skip(blockIdx.y)) return;
   const int P = w.slices;
   const int first = static_cast<int>(blockIdx.x) * per_block, last = min(P, first + per_block);
   const int64_t r = blockIdx.y;
@@ -1350,10 +1377,14 @@ __global__ void __launch_bounds__(kSliceThreads, 3)
   }
 }
 
+template <bool kLive>
 __global__ void __launch_bounds__(kChoiceThreads, 2)
-    choice_select_kernel(int32_t* out, ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n) {
+    choice_select_kernel(int32_t* out, ChoiceWork w, const float* x, const int32_t* params, int64_t V, int top_n,
+                         RowsLive live) {
   pdl_wait();
   pdl_launch_dependents();
+  if constexpr (kLive)
+    if (live.skip(blockIdx.x)) return;
   extern __shared__ unsigned long long smem[];
   unsigned long long* bin_mass = smem;
   unsigned* bin_count = reinterpret_cast<unsigned*>(bin_mass + kBins);
@@ -1551,18 +1582,15 @@ ChoiceWork choice_workspace(int P) {
   return w;
 }
 
-}  // namespace
-
-void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
+// The five launches of each round of kChunkRows rows; kLive: the instantiation that skips the rows
+// at or past *live (choose_tokens' live), which the other holds no check for.
+template <bool kLive>
+void launch_choice(Tensor& out, const Tensor& x, const Tensor& params, const int32_t* live) {
   int64_t rows = x.dim(0), V = x.dim(1);
-  if (rows == 0) return;
-  DI_CHECK(V > 0, "choose_tokens: x has no columns");
-  DI_CHECK(rows <= 0x7fffffff, "choose_tokens: too many rows (", rows, ")");
-  DI_CHECK(V <= 0x7fffffff, "choose_tokens: too many columns (", V, ")");
   const int top_n = static_cast<int>((out.dim(1) - 2) / 2);
   static std::once_flag configured;
   std::call_once(configured, [] {
-    CUDA_CHECK(cudaFuncSetAttribute(choice_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CUDA_CHECK(cudaFuncSetAttribute(choice_select_kernel<kLive>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(kChoiceSmem)));
   });
   const int P = static_cast<int>((V + kSlice - 1) / kSlice);
@@ -1576,20 +1604,35 @@ void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params) {
     const float* xc = x.ptr<float>() + r0 * V;
     const int32_t* pc = params.ptr<int32_t>() + r0 * choice::kParams;
     int32_t* oc = out.ptr<int32_t>() + r0 * out_cols;
+    const RowsLive lc{live, r0};
     const dim3 slices(static_cast<unsigned>(P), n);
-    launch_overlapped(choice_stats_kernel, slices, kSliceThreads, 0, stream, w, xc, pc, V, top_n, variant_split);
+    launch_overlapped(choice_stats_kernel<kLive>, slices, kSliceThreads, 0, stream, w, xc, pc, V, top_n, variant_split,
+                      lc);
     CUDA_CHECK_LAUNCH("choose_tokens (stats)", shapes(rows, V));
     const int per_block = bins_slices_per_block(P, n);
     const dim3 groups(static_cast<unsigned>((P + per_block - 1) / per_block), n);
-    launch_overlapped(choice_bins_kernel, groups, kSliceThreads, 0, stream, w, xc, pc, V, top_n, per_block);
+    launch_overlapped(choice_bins_kernel<kLive>, groups, kSliceThreads, 0, stream, w, xc, pc, V, top_n, per_block, lc);
     CUDA_CHECK_LAUNCH("choose_tokens (bins)", shapes(rows, V));
-    launch_overlapped(choice_plan_kernel, n, kPlanThreads, 0, stream, w, pc, V, top_n);
+    launch_overlapped(choice_plan_kernel<kLive>, n, kPlanThreads, 0, stream, w, pc, V, top_n, lc);
     CUDA_CHECK_LAUNCH("choose_tokens (plan)", shapes(rows, V));
-    launch_overlapped(choice_gather_kernel, groups, kSliceThreads, 0, stream, w, xc, pc, V, top_n, per_block);
+    launch_overlapped(choice_gather_kernel<kLive>, groups, kSliceThreads, 0, stream, w, xc, pc, V, top_n, per_block,
+                      lc);
     CUDA_CHECK_LAUNCH("choose_tokens (gather)", shapes(rows, V));
-    launch_overlapped(choice_select_kernel, n, kChoiceThreads, kChoiceSmem, stream, oc, w, xc, pc, V, top_n);
+    launch_overlapped(choice_select_kernel<kLive>, n, kChoiceThreads, kChoiceSmem, stream, oc, w, xc, pc, V, top_n, lc);
     CUDA_CHECK_LAUNCH("choose_tokens (select)", shapes(rows, V));
   }
+}
+
+}  // namespace
+
+void choose_tokens(Tensor& out, const Tensor& x, const Tensor& params, const Tensor* live) {
+  int64_t rows = x.dim(0), V = x.dim(1);
+  if (rows == 0) return;
+  DI_CHECK(V > 0, "choose_tokens: x has no columns");
+  DI_CHECK(rows <= 0x7fffffff, "choose_tokens: too many rows (", rows, ")");
+  DI_CHECK(V <= 0x7fffffff, "choose_tokens: too many columns (", V, ")");
+  if (live) launch_choice<true>(out, x, params, live->ptr<int32_t>());
+  else launch_choice<false>(out, x, params, nullptr);
 }
 
 }  // namespace detinfer::cuda

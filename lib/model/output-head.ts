@@ -4,9 +4,13 @@
 // reads back a few bytes per row, never a logits row.
 //
 // Buffers are allocated once for the model's most logit rows; each step uses their first rows.
+// Rows whose completion has logit processors (penalties, logit bias: lib/model/logit-processors.ts)
+// are chosen from their processed logits first, and that choice is then scored by the same launch
+// as every other row: one op on the raw logits, whose log-probs are what every row reports.
 import { native, type DeviceName, type NativeTensor } from '../native.js'
 import { readI32 } from '../tensor.js'
 import type { StepTokens, TokenChoice, TopLogprob } from '../sampling.js'
+import { LogitProcessorTable, usesProcessors } from './logit-processors.js'
 
 export type { StepTokens, TokenChoice, TopLogprob }
 
@@ -69,10 +73,13 @@ export class OutputHead {
   // i32 [maxRows]: r * width, the offsets of the ids in a flattened out (takeIds), by width.
   private readonly idOffsets = new Map<number, NativeTensor>()
   private readonly remap: NativeTensor // i32 [maxRows]: the offsets of a row map (takeIds)
+  private table: LogitProcessorTable | null = null
 
+  /** `processors`: the rows of the logit processors' table and the vocabulary (none: no processors). */
   constructor(
     readonly device: DeviceName,
     readonly maxRows: number,
+    readonly processors: { rows: number; vocab: number } | null = null,
   ) {
     const n = native()
     this.params = n.empty(device, 'i32', [maxRows, PARAMS])
@@ -104,6 +111,14 @@ export class OutputHead {
     native().chooseTokens(out, logits, params)
   }
 
+  /** The logit processors' table, allocated at its first use (lib/model/logit-processors.ts says why). */
+  processorTable(): LogitProcessorTable {
+    if (!this.processors || this.processors.rows === 0)
+      throw new RangeError('This output head has no logit processor rows: a choice with processors cannot run here')
+    this.table ??= new LogitProcessorTable(this.device, this.processors.rows, this.processors.vocab)
+    return this.table
+  }
+
   /** Reads back the first `rows` rows of `out` (a view from views() with topN top entries). */
   async read(out: NativeTensor, rows: number, topN: number): Promise<StepTokens> {
     const first = rows === out.shape[0] ? out : native().narrow(out, 0, rows)
@@ -125,6 +140,10 @@ export class OutputHead {
     if (rows === 0) throw new RangeError('OutputHead.launch: a step with no logits rows chooses nothing')
     const [params, out] = this.views(rows, topN)
     this.uploadParams(params, choices)
+    if (usesProcessors(choices)) {
+      const table = this.processorTable()
+      table.enqueue(logits, params, table.prepare(choices))
+    }
     this.enqueue(logits, params, out)
     return { tokens: this.read(out, rows, topN), chosen: { out, rows, width: 2 + 2 * topN } }
   }
@@ -161,6 +180,8 @@ export class OutputHead {
     this.remap.dispose()
     for (const t of this.idOffsets.values()) t.dispose()
     this.idOffsets.clear()
+    this.table?.dispose()
+    this.table = null
   }
 }
 

@@ -115,3 +115,37 @@ export function referenceChoice(logits: Float32Array, position: number, p: Sampl
   }
   return { token, kept, scoreMargin: best - second, massMargin }
 }
+
+/** A completion's penalties and biases as the device holds them (float32 values). */
+export interface ProcessorSettings {
+  frequencyPenalty: number
+  presencePenalty: number
+  logitBias: readonly (readonly [number, number])[]
+}
+
+/**
+ * The processed logit of a token chosen `count` times, in csrc/common/logit_processors.h's order,
+ * every step rounded to float32 (Math.fround of a float64 sum, difference or product of float32
+ * values is the float32 operation's result):
+ *   count == 0: y = x;  count > 0: y = (x - f * count) - p;  then y + bias for a biased token.
+ */
+export function processedLogit(x: number, count: number, frequency: number, presence: number, bias?: number): number {
+  let y = f(x)
+  if (count > 0) y = f(f(y - f(f(frequency) * count)) - f(presence))
+  return bias === undefined ? y : f(y + f(bias))
+}
+
+/** A whole processed row: logits x [V], the row's counts [V] (zeros for a fresh row) and settings. */
+export function processedRow(x: Float32Array, counts: ArrayLike<number>, s: ProcessorSettings): Float32Array {
+  const y = new Float32Array(x.length)
+  for (let v = 0; v < x.length; v++) y[v] = processedLogit(x[v]!, counts[v]!, s.frequencyPenalty, s.presencePenalty)
+  for (const [id, bias] of s.logitBias) y[id] = processedLogit(x[id]!, counts[id]!, s.frequencyPenalty, s.presencePenalty, bias)
+  return y
+}
+
+/** The greedy choice: the largest logit, lowest id on ties. */
+export function argmaxLowest(x: Float32Array): number {
+  let best = 0
+  for (let v = 1; v < x.length; v++) if (x[v]! > x[best]!) best = v
+  return best
+}

@@ -42,7 +42,7 @@ describe('op argument validation', () => {
 
   it('rejects bad tensor construction', () => {
     expect(() => n.empty('tpu' as never, 'f32', [2])).toThrow("Expected 'cpu' or 'cuda' for device but received 'tpu'")
-    expect(() => n.empty('cpu', 'f64' as never, [2])).toThrow('Expected one of bf16, f16, f32, i32 for dtype')
+    expect(() => n.empty('cpu', 'f64' as never, [2])).toThrow('Expected one of bf16, f16, f32, i32, u16 for dtype')
     expect(() => n.empty('cpu', 'f32', [2, -1])).toThrow('empty: expected an array of non-negative integers for shape')
     expect(() => n.fromBuffer('cpu', 'f32', [3], new Float32Array(2))).toThrow(
       'fromBuffer: expected 12 bytes of data for f32[3] on cpu but received 8',

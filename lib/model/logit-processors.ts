@@ -1,0 +1,154 @@
+// The logit processors' state on the device: frequency and presence penalties and logit bias
+// (csrc/common/logit_processors.h defines them). A completion that uses them holds a row of the
+// table while it runs, given by the scheduler (not its KV-cache blocks): its token counts, u16
+// [rows, V], and its settings (penalties and up to 300 biases). The counts are kept on the device
+// and updated there, in stream order, right after each choice, so that a step launched before the
+// previous one is read back penalizes the tokens that step chose, which the host does not know yet.
+//
+// Memory: per row, V counts (u16) and an adjusted logits row (f32), 6 bytes a token: 0.87 MiB at
+// V = 151,936, so 56 MiB for 64 rows (the CUDA default maxBatchSize) and 223 MiB for 256. u16 and
+// not i32: a count can only reach 65,535 in a completion of 65,535 tokens or more (contexts of 40k
+// fit with room to spare), it saturates there, and the counts take half the memory i32 would.
+//
+// Allocated at the first step that uses a processor, not at load: a model that never serves one
+// spends nothing. No captured CUDA graph is invalidated by it: the plain decode graphs never
+// reference these buffers, and the graphs of steps with processors are captured only after a
+// first eager run of their bucket, when the buffers exist; they are never freed or moved before
+// the model is disposed.
+//
+// A row is zeroed when a sequence takes it, by the first step that chooses for the sequence (its
+// prefill's last chunk, or a one-token prompt's decode-shaped step), in stream order on the device:
+// a step launched ahead for a sequence that had just ended (its wasted row) adds to the old
+// owner's counts before the new owner's first step zeroes them, whatever the host knew.
+import { describeValue } from '../errors.js'
+import { native, type DeviceName, type NativeTensor } from '../native.js'
+import { MAX_LOGIT_BIAS, type TokenChoice } from '../sampling.js'
+
+const PARAMS = 8 // choice::kParams
+const SETTINGS = 604 // processors::kSettings: frequency, presence, bias count, (unused), 300 (id, bias) pairs
+const BIAS_AT = 4 // processors::kBias
+const PLAN_FIELDS = 3 // processors::kPlanFields
+
+/** Whether any row of a step uses a logit processor. */
+export function usesProcessors(choices: readonly TokenChoice[]): boolean {
+  return choices.some((c) => c.processors !== undefined)
+}
+
+/**
+ * Checks a choice's processors at the model's boundary (the scheduler builds them from checked
+ * options, so a message from here means a caller above let something through): a row of the table,
+ * not taken by another row of the step (`taken` collects them), on a row that chooses its token;
+ * and on the first choice, where they reach the device, settings of at most MAX_LOGIT_BIAS biases
+ * of distinct ids in the vocabulary, all values finite.
+ */
+export function checkRowProcessors(at: string, choice: TokenChoice, tableRows: number, vocab: number, taken: Set<number>): void {
+  const p = choice.processors!
+  if (!Number.isInteger(p.row) || p.row < 0 || p.row >= tableRows)
+    throw new RangeError(`Expected an integer between 0 and ${tableRows - 1} (a row of the logit processors' table) for ${at}.processors.row but received ${describeValue(p.row)}`)
+  if (taken.has(p.row)) throw new RangeError(`Expected a table row no other row of the step holds for ${at}.processors.row but received ${p.row} again`)
+  taken.add(p.row)
+  if (choice.target >= 0) throw new RangeError(`Expected no processors for ${at}, a scored row (target ${choice.target})`)
+  if (!p.first) return
+  const { frequencyPenalty, presencePenalty, logitBias } = p.settings
+  for (const [name, v] of [['frequencyPenalty', frequencyPenalty], ['presencePenalty', presencePenalty]] as const)
+    if (!Number.isFinite(v)) throw new RangeError(`Expected a finite number for ${at}.processors.settings.${name} but received ${describeValue(v)}`)
+  if (logitBias.length > MAX_LOGIT_BIAS)
+    throw new RangeError(`Expected at most ${MAX_LOGIT_BIAS} entries for ${at}.processors.settings.logitBias but received ${logitBias.length}`)
+  const ids = new Set<number>()
+  for (const [i, [id, bias]] of logitBias.entries()) {
+    if (!Number.isInteger(id) || id < 0 || id >= vocab || ids.has(id))
+      throw new RangeError(`Expected a distinct token id between 0 and ${vocab - 1} for ${at}.processors.settings.logitBias[${i}][0] but received ${describeValue(id)}`)
+    if (!Number.isFinite(bias)) throw new RangeError(`Expected a finite number for ${at}.processors.settings.logitBias[${i}][1] but received ${describeValue(bias)}`)
+    ids.add(id)
+  }
+}
+
+/** The table row's settings as the kernels read them (float fields as float32 bits). */
+export function packSettings(c: NonNullable<TokenChoice['processors']>['settings']): Int32Array {
+  const packed = new Int32Array(SETTINGS)
+  const floats = new Float32Array(packed.buffer)
+  floats[0] = c.frequencyPenalty
+  floats[1] = c.presencePenalty
+  packed[2] = c.logitBias.length
+  c.logitBias.forEach(([id, bias], i) => {
+    packed[BIAS_AT + 2 * i] = id
+    floats[BIAS_AT + 2 * i + 1] = bias
+  })
+  return packed
+}
+
+export class LogitProcessorTable {
+  /** u16 [rows, V]: times each token was chosen by the row's completion so far. */
+  readonly counts: NativeTensor
+  /** i32 [rows, 604]: the row's penalties and biases (csrc/common/logit_processors.h). */
+  readonly settings: NativeTensor
+  private readonly adjusted: NativeTensor // f32 [rows, V]: a step's processed logits, by plan row
+  private readonly adjustedParams: NativeTensor // i32 [rows, 8]
+  private readonly adjustedOut: NativeTensor // i32 [rows, 2]: the choice on the processed logits
+  private readonly plan: NativeTensor // i32 [1 + 3 rows]
+
+  constructor(
+    readonly device: DeviceName,
+    readonly rows: number,
+    readonly vocab: number,
+  ) {
+    const n = native()
+    const owned: NativeTensor[] = []
+    const alloc = (dtype: 'u16' | 'i32' | 'f32', shape: number[]) => {
+      const t = n.empty(device, dtype, shape)
+      owned.push(t)
+      return t
+    }
+    try {
+      this.counts = alloc('u16', [rows, vocab])
+      this.settings = alloc('i32', [rows, SETTINGS])
+      this.adjusted = alloc('f32', [rows, vocab])
+      this.adjustedParams = alloc('i32', [rows, PARAMS])
+      this.adjustedOut = alloc('i32', [rows, 2])
+      this.plan = alloc('i32', [1 + PLAN_FIELDS * rows])
+    } catch (err) {
+      for (const t of owned) t.dispose()
+      throw err
+    }
+  }
+
+  /**
+   * Uploads the step's plan, and the settings of the sequences that take their row at this step
+   * (in stream order, before the step's kernels; never during a graph capture). Returns K, the rows
+   * of the step that use processors.
+   */
+  prepare(choices: readonly TokenChoice[]): number {
+    const n = native()
+    const entries: number[] = []
+    choices.forEach((c, r) => {
+      if (!c.processors) return
+      const { row, first, settings } = c.processors
+      if (first) n.uploadAsync(n.narrow(this.settings, row, 1), packSettings(settings))
+      entries.push(r, row, first ? 1 : 0)
+    })
+    const plan = Int32Array.from([entries.length / PLAN_FIELDS, ...entries])
+    n.uploadAsync(n.narrow(this.plan, 0, plan.length), plan)
+    return entries.length / PLAN_FIELDS
+  }
+
+  /**
+   * Enqueues, for the first `j` plan rows (the launch's size; the plan's K of them are used): the
+   * processed logits of the rows that use processors, the choice on them, and that choice written
+   * into `params` as the row's target, its count added. The output head's choice on the raw logits
+   * then scores those targets: the log-probs the rows report are the raw ones.
+   */
+  enqueue(logits: NativeTensor, params: NativeTensor, j: number): void {
+    const n = native()
+    const plan = n.narrow(this.plan, 0, 1 + PLAN_FIELDS * j)
+    const adjusted = n.narrow(this.adjusted, 0, j)
+    const adjustedParams = n.narrow(this.adjustedParams, 0, j)
+    const chosen = n.narrow(this.adjustedOut, 0, j)
+    n.applyLogitProcessors(adjusted, adjustedParams, this.counts, logits, params, plan, this.settings)
+    n.chooseTokens(chosen, adjusted, adjustedParams, plan)
+    n.recordLogitChoices(params, this.counts, chosen, plan)
+  }
+
+  dispose(): void {
+    for (const t of [this.counts, this.settings, this.adjusted, this.adjustedParams, this.adjustedOut, this.plan]) t.dispose()
+  }
+}

@@ -1,0 +1,447 @@
+// Logit processors (frequency and presence penalties, logit bias) at a 151,936-token vocabulary:
+// the processed logits against the float32 reference of csrc/common/logit_processors.h's order,
+// bit for bit; the output head's choice on them (greedy: the reference's argmax; sampled: the
+// plain choice on the reference's logits) with the raw log-probs (those of scoring the chosen
+// token), in launches that mix rows with and without processors; each processed row alone and
+// among others, bit for bit, with its variant twin; and the counts: zeroed when a sequence takes
+// its row, one more per choice, saturating. The same suite runs on the CPU backend and on CUDA.
+import { describe, expect, it } from 'vitest'
+import { packSettings } from '../../lib/model/logit-processors.js'
+import { OutputHead, chooseOnLogits, packChoices, type StepTokens, type TokenChoice } from '../../lib/model/output-head.js'
+import { native, type DeviceName, type NativeTensor } from '../../lib/native.js'
+import { readBytes, readF32, readI32, tensorFrom } from '../../lib/tensor.js'
+import { describeGpu } from '../helpers/gpu.js'
+import { mulberry32, randomNormal } from '../helpers/random.js'
+import { argmaxLowest, processedRow, referenceChoice, type ProcessorSettings } from '../helpers/sampling-reference.js'
+import { expectClose, expectSameBits, refLogsumexp, withVariant } from './reference.js'
+
+const V_QWEN = 151936
+const SETTINGS = 604 // processors::kSettings
+
+/** Logits rows of several spreads (none exactly zero), from seeds no other test uses. */
+function logitRows(rows: number, V: number, seed: number): Float32Array {
+  const x = new Float32Array(rows * V)
+  for (let r = 0; r < rows; r++) x.set(randomNormal(V, seed + 7 * r, [2, 1, 0.5, 4][r % 4]!), r * V)
+  return x
+}
+
+/**
+ * Counts of a row as a completion leaves them: most tokens never chosen, some chosen a few times,
+ * and a few at 40,000, 65,534 and 65,535 (the saturation).
+ */
+function countsRow(V: number, seed: number): Uint16Array {
+  const rand = mulberry32(seed)
+  const c = new Uint16Array(V)
+  for (let v = 0; v < V; v++) {
+    const u = rand()
+    c[v] = u < 0.7 ? 0 : u < 0.98 ? 1 + Math.floor(rand() * 6) : Math.floor(rand() * 200)
+  }
+  for (const [v, n] of [[3, 40000], [V - 1, 65535], [8191, 65534], [8192, 65535]] as const) c[v] = n
+  return c
+}
+
+/** Penalties and up to `biases` biases (distinct ids, some on slice and block edges), from a seed. */
+function settings(seed: number, V: number, frequencyPenalty: number, presencePenalty: number, biases: number): ProcessorSettings {
+  const rand = mulberry32(seed)
+  const ids = new Set<number>([0, V - 1, 2047, 2048, 8191, 8192].slice(0, biases))
+  while (ids.size < biases) ids.add(Math.floor(rand() * V))
+  const logitBias = [...ids].map((id) => [id, Math.fround((rand() * 2 - 1) * (rand() < 0.2 ? 100 : 7.3))] as const)
+  return { frequencyPenalty, presencePenalty, logitBias }
+}
+
+/** The settings of a table; the first rows as the suite uses them. */
+function tableSettings(V: number, rows: number, seed: number): ProcessorSettings[] {
+  const base = [
+    settings(seed, V, 0.5, 0.25, 3),
+    settings(seed + 1, V, -1.3, 2, 300), // the most biases there may be
+    settings(seed + 2, V, 0, -0.7, 0),
+    settings(seed + 3, V, 2, -2, 10),
+    settings(seed + 4, V, 0, 0, 40), // biases alone
+    settings(seed + 5, V, 0.1, 1.7, 1),
+  ]
+  return Array.from({ length: rows }, (_, k) => base[k % base.length]!)
+}
+
+function rowOf(out: StepTokens, r: number) {
+  return {
+    id: out.ids[r]!,
+    logprob: out.logprobs.subarray(r, r + 1),
+    topIds: out.topIds.subarray(r * out.topN, (r + 1) * out.topN),
+    topLogprobs: out.topLogprobs.subarray(r * out.topN, (r + 1) * out.topN),
+  }
+}
+
+function expectSameRow(a: StepTokens, ra: number, b: StepTokens, rb: number, what: string) {
+  const x = rowOf(a, ra)
+  const y = rowOf(b, rb)
+  expect(x.id, `id of ${what}`).toBe(y.id)
+  expectSameBits(x.logprob, y.logprob, `log-prob of ${what}`)
+  expectSameBits(x.topIds, y.topIds, `top ids of ${what}`)
+  expectSameBits(x.topLogprobs, y.topLogprobs, `top log-probs of ${what}`)
+}
+
+/** An output head with a processor table whose counts and settings are set as given. */
+async function headWith(device: DeviceName, rows: number, V: number, counts: Uint16Array[], table: ProcessorSettings[]): Promise<OutputHead> {
+  const n = native()
+  const head = new OutputHead(device, rows, { rows: table.length, vocab: V })
+  const t = head.processorTable()
+  const all = new Uint16Array(table.length * V)
+  counts.forEach((c, k) => all.set(c, k * V))
+  n.upload(t.counts, all)
+  table.forEach((s, k) => n.upload(n.narrow(t.settings, k, 1), packSettings(s)))
+  return head
+}
+
+async function countsOf(head: OutputHead, V: number): Promise<Uint16Array[]> {
+  const bytes = await readBytes(head.processorTable().counts)
+  const all = new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2)
+  return Array.from({ length: all.length / V }, (_, k) => all.slice(k * V, (k + 1) * V))
+}
+
+async function chooseOn(device: DeviceName, x: Float32Array, V: number, choices: TokenChoice[], topN: number): Promise<StepTokens> {
+  const logits = tensorFrom(device, 'f32', [choices.length, V], x)
+  try {
+    return await chooseOnLogits(logits, choices, topN)
+  } finally {
+    logits.dispose()
+  }
+}
+
+/** The choice of a processed row with its processors left out (the plain op, on logits given). */
+function plain(c: TokenChoice): TokenChoice {
+  const { processors: _, ...rest } = c
+  return rest
+}
+
+function suite(device: DeviceName) {
+  it('processed logits equal the float32 reference bit for bit; only the plan\'s rows are written', async () => {
+    const n = native()
+    const V = V_QWEN
+    const R = 7
+    const S = 5
+    const J = 5
+    const K = 4
+    const x = logitRows(R, V, 90_001)
+    const table = tableSettings(V, S, 90_100)
+    const counts = Array.from({ length: S }, (_, k) => countsRow(V, 90_200 + k))
+    const choices = Array.from({ length: R }, (_, r): TokenChoice => ({ temperature: 0.5 + r / 10, topK: r, topP: 1, minP: 0, seed: r, position: 100 + r, target: -1 }))
+    // (logits row, table row, fresh): out of order, one fresh, and a fifth entry past K.
+    const entries = [[5, 1, 0], [0, 3, 1], [2, 0, 0], [6, 4, 0], [1, 2, 0]] as const
+    const plan = tensorFrom(device, 'i32', [1 + 3 * J], [K, ...entries.flat()])
+    const sentinel = new Float32Array(J * V).fill(12345.5)
+    const adjusted = tensorFrom(device, 'f32', [J, V], sentinel)
+    const adjustedParams = tensorFrom(device, 'i32', [J, 8], new Int32Array(J * 8).fill(-7))
+    const countsT = tensorFrom(device, 'u16', [S, V], Uint16Array.from(counts.flatMap((c) => Array.from(c))))
+    const settingsT = tensorFrom(device, 'i32', [S, SETTINGS], Int32Array.from(table.flatMap((s) => Array.from(packSettings(s)))))
+    const logits = tensorFrom(device, 'f32', [R, V], x)
+    const params = tensorFrom(device, 'i32', [R, 8], packChoices(choices))
+    try {
+      n.applyLogitProcessors(adjusted, adjustedParams, countsT, logits, params, plan, settingsT)
+      const got = await readF32(adjusted)
+      const gotParams = await readI32(adjustedParams)
+      const after = await readBytes(countsT)
+      const afterCounts = new Uint16Array(after.buffer, after.byteOffset, after.byteLength / 2)
+      const packed = packChoices(choices)
+      for (let j = 0; j < K; j++) {
+        const [r, k, fresh] = entries[j]!
+        const want = processedRow(x.subarray(r * V, (r + 1) * V), fresh ? new Uint16Array(V) : counts[k]!, table[k]!)
+        expectSameBits(got.subarray(j * V, (j + 1) * V), want, `processed row ${j} (logits row ${r}, table row ${k})`)
+        expect(Array.from(gotParams.subarray(j * 8, (j + 1) * 8))).toEqual(Array.from(packed.subarray(r * 8, (r + 1) * 8)))
+        // A fresh row's counts are zeroed; the others' are only read.
+        expectSameBits(afterCounts.subarray(k * V, (k + 1) * V), fresh ? new Uint16Array(V) : counts[k]!, `counts of table row ${k}`)
+      }
+      // Plan rows past K are left as they were, and so is the table row only they name.
+      expectSameBits(got.subarray(K * V), sentinel.subarray(K * V), 'rows past K')
+      expect(Array.from(gotParams.subarray(K * 8))).toEqual(new Array(8).fill(-7))
+      expectSameBits(afterCounts.subarray(2 * V, 3 * V), counts[2]!, 'counts of table row 2')
+    } finally {
+      for (const t of [plan, adjusted, adjustedParams, countsT, settingsT, logits, params]) t.dispose()
+    }
+  })
+
+  it('chooses from the processed logits and reports the raw log-probs, with rows without processors in the same launch', async () => {
+    const V = V_QWEN
+    const rows = 12
+    const S = 6
+    const x = logitRows(rows, V, 91_001)
+    const table = tableSettings(V, S, 91_100)
+    const counts = Array.from({ length: S }, (_, k) => countsRow(V, 91_200 + k))
+    const rand = mulberry32(91_300)
+    const position = () => 50 + Math.floor(rand() * 3000)
+    const seed = () => Math.floor(rand() * 2 ** 32)
+    const greedy = (topLogprobs: number): TokenChoice => ({ temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: position(), target: -1, topLogprobs })
+    const sampled = (temperature: number, topK: number, topP: number, minP: number, topLogprobs = 0): TokenChoice => ({
+      temperature, topK, topP, minP, seed: seed(), position: position(), target: -1, topLogprobs,
+    })
+    const withRow = (c: TokenChoice, row: number, first = false): TokenChoice => ({ ...c, processors: { row, first, settings: table[row]! } })
+    const choices: TokenChoice[] = [
+      withRow(greedy(5), 0),
+      greedy(5),
+      withRow(sampled(0.8, 0, 0.9, 0), 1),
+      sampled(1, 0, 1, 0, 2),
+      withRow(greedy(0), 2, true), // a sequence's first choice: its counts start from zero
+      { ...greedy(4), target: 777 }, // scoring
+      withRow(sampled(1.2, 50, 1, 0.05, 3), 3),
+      withRow(greedy(1), 4),
+      sampled(0.7, 5, 0.95, 0),
+      withRow(sampled(0.7, 0, 1, 0), 5),
+      greedy(0),
+      sampled(1.6, 1000, 0.5, 0, 5),
+    ]
+    const head = await headWith(device, rows, V, counts, table)
+    const logits = tensorFrom(device, 'f32', [rows, V], x)
+    try {
+      const out = await head.choose(logits, choices, 5)
+      const after = await countsOf(head, V)
+      const processed = choices.flatMap((c, r) => (c.processors ? [r] : []))
+      const adjusted = processed.map((r) => {
+        const k = choices[r]!.processors!.row
+        const fresh = choices[r]!.processors!.first
+        return processedRow(x.subarray(r * V, (r + 1) * V), fresh ? new Uint16Array(V) : counts[k]!, table[k]!)
+      })
+      // The choice is the plain choice on the reference's processed logits, bit for bit.
+      const onAdjusted = await chooseOn(device, concat(adjusted), V, processed.map((r) => plain(choices[r]!)), 0)
+      let checked = 0
+      processed.forEach((r, i) => {
+        const c = choices[r]!
+        expect(out.ids[r], `row ${r}`).toBe(onAdjusted.ids[i])
+        if (c.temperature === 0) expect(out.ids[r], `greedy row ${r}`).toBe(argmaxLowest(adjusted[i]!))
+        else {
+          const ref = referenceChoice(adjusted[i]!, c.position, c)
+          if (ref.scoreMargin > 1e-3 && ref.massMargin > 1e-6) {
+            checked++
+            expect(out.ids[r], `sampled row ${r}`).toBe(ref.token)
+          }
+        }
+      })
+      expect(checked).toBeGreaterThan(0)
+      // Penalties and biases moved the choice away from the raw logits' at some rows: not a no-op.
+      expect(processed.some((r, i) => argmaxLowest(x.subarray(r * V, (r + 1) * V)) !== argmaxLowest(adjusted[i]!))).toBe(true)
+      // The log-probs are the raw ones: those of scoring the chosen token, and the raw top-N; the
+      // rows without processors are what the plain op gives them.
+      const scored = await chooseOn(device, x, V, choices.map((c, r) => (c.processors ? { ...plain(c), target: out.ids[r]! } : c)), 5)
+      for (let r = 0; r < rows; r++) expectSameRow(out, r, scored, r, `row ${r}`)
+      const lse = refLogsumexp(x, rows, V)
+      for (const r of processed)
+        expectClose([out.logprobs[r]!], [x[r * V + out.ids[r]!]! - lse[r]!], 1e-5, 1e-4, `raw log-prob of row ${r}`)
+      // One more count for each chosen token, in its row; the fresh row starts from zero.
+      for (const r of processed) {
+        const { row: k, first } = choices[r]!.processors!
+        const want = first ? new Uint16Array(V) : Uint16Array.from(counts[k]!)
+        want[out.ids[r]!] = Math.min(65535, want[out.ids[r]!]! + 1)
+        expectSameBits(after[k]!, want, `counts of table row ${k}`)
+      }
+    } finally {
+      logits.dispose()
+      head.dispose()
+    }
+  })
+
+  it('a processed row gives the same bits alone and among 3 and 39 others, with and without processors', async () => {
+    const V = V_QWEN
+    const rows = 40
+    const x = logitRows(rows, V, 92_001)
+    const table = tableSettings(V, rows, 92_100)
+    const counts = Array.from({ length: rows }, (_, k) => countsRow(V, 92_200 + k))
+    const rand = mulberry32(92_300)
+    // Row r uses table row r when r % 3 != 2 (the others have no processors).
+    const choices = Array.from({ length: rows }, (_, r): TokenChoice => {
+      const sampledRow = r % 2 === 1
+      const c: TokenChoice = {
+        temperature: sampledRow ? [0.6, 1, 1.4][r % 3]! : 0,
+        topK: sampledRow && r % 5 === 1 ? 40 : 0,
+        topP: sampledRow && r % 7 === 3 ? 0.9 : 1,
+        minP: 0,
+        seed: Math.floor(rand() * 2 ** 32),
+        position: 10 + r,
+        target: -1,
+        topLogprobs: r % 4 === 0 ? 20 : 3,
+      }
+      return r % 3 === 2 ? c : { ...c, processors: { row: r, first: false, settings: table[r]! } }
+    })
+    const launch = async (pick: number[]) => {
+      // The same counts before every launch (a launch adds to them).
+      const head = await headWith(device, pick.length, V, counts, table)
+      const xs = concat(pick.map((r) => x.subarray(r * V, (r + 1) * V)))
+      const logits = tensorFrom(device, 'f32', [pick.length, V], xs)
+      try {
+        return await head.choose(logits, pick.map((r) => choices[r]!), 20)
+      } finally {
+        logits.dispose()
+        head.dispose()
+      }
+    }
+    const all = Array.from({ length: rows }, (_, r) => r)
+    const full = await launch(all)
+    for (const r of [0, 1, 4, 9, 13, 22, 39]) {
+      expect(choices[r]!.processors, `row ${r}`).toBeDefined()
+      for (const count of [1, 4]) {
+        const pick = [r, ...Array.from({ length: count - 1 }, (_, i) => (r + 11 + 5 * i) % rows)]
+        const part = await launch(pick)
+        expectSameRow(part, 0, full, r, `row ${r} among ${count}`)
+      }
+    }
+  })
+
+  it('variant twin: with rows split for small batches, some processed rows differ alone', async () => {
+    // As in choose-tokens.test.ts: narrow rows with one logit at 12, whose log-sum-exp's last bit
+    // follows the sum's order; every row has processors.
+    const V = V_QWEN
+    const rows = 16
+    const x = new Float32Array(rows * V)
+    for (let r = 0; r < rows; r++) {
+      const row = randomNormal(V, 93_001 + r, 0.3)
+      row[(r * 7919) % V] = 12
+      x.set(row, r * V)
+    }
+    const table = tableSettings(V, rows, 93_100)
+    const counts = Array.from({ length: rows }, (_, k) => countsRow(V, 93_200 + k))
+    const choices = Array.from({ length: rows }, (_, r): TokenChoice => ({
+      temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: r, target: -1, processors: { row: r, first: false, settings: table[r]! },
+    }))
+    const launch = async (pick: number[]) => {
+      const head = await headWith(device, pick.length, V, counts, table)
+      const logits = tensorFrom(device, 'f32', [pick.length, V], concat(pick.map((r) => x.subarray(r * V, (r + 1) * V))))
+      try {
+        return await head.choose(logits, pick.map((r) => choices[r]!), 0)
+      } finally {
+        logits.dispose()
+        head.dispose()
+      }
+    }
+    const differing = async () => {
+      const full = await launch(Array.from({ length: rows }, (_, r) => r))
+      let differ = 0
+      for (let r = 0; r < rows; r++) {
+        const alone = await launch([r])
+        const a = new Uint8Array(alone.logprobs.buffer, 0, 4)
+        const b = new Uint8Array(full.logprobs.buffer, r * 4, 4)
+        if (alone.ids[0] !== full.ids[r] || a.some((byte, i) => byte !== b[i])) differ++
+      }
+      return differ
+    }
+    expect(await differing()).toBe(0)
+    expect(await withVariant(differing)).toBeGreaterThan(0)
+  })
+
+  it('counts start from zero when a sequence takes its row, count each choice and saturate at 65535', async () => {
+    const V = 3000
+    const table: ProcessorSettings[] = [
+      { frequencyPenalty: 0, presencePenalty: 0, logitBias: [[7, 100]] },
+      { frequencyPenalty: 0, presencePenalty: 0, logitBias: [[9, 100]] },
+    ]
+    const garbage = Uint16Array.from({ length: V }, (_, v) => (v * 37) % 5)
+    const nearFull = new Uint16Array(V)
+    nearFull[9] = 65534
+    const head = await headWith(device, 2, V, [garbage, nearFull], table)
+    const logits = tensorFrom(device, 'f32', [2, V], logitRows(2, V, 94_001))
+    const choice = (row: number, first: boolean): TokenChoice => ({
+      temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: 3, target: -1, processors: { row, first, settings: table[row]! },
+    })
+    try {
+      for (const step of [0, 1, 2]) {
+        const out = await head.choose(logits, [choice(0, step === 0), choice(1, false)], 0)
+        expect(Array.from(out.ids)).toEqual([7, 9])
+        const [c0, c1] = await countsOf(head, V)
+        const want0 = new Uint16Array(V)
+        want0[7] = step + 1
+        expectSameBits(c0!, want0, `counts of the row taken at step 0, after step ${step}`)
+        expect(c1![9]).toBe(65535)
+        expect(c1!.reduce((a, b) => a + b, 0)).toBe(65535)
+      }
+      // Taken again: zero again, whatever the last owner left.
+      const out = await head.choose(native().narrow(logits, 0, 1), [choice(0, true)], 0)
+      expect(out.ids[0]).toBe(7)
+      expect((await countsOf(head, V))[0]![7]).toBe(1)
+    } finally {
+      logits.dispose()
+      head.dispose()
+    }
+  })
+}
+
+function concat(rows: Float32Array[]): Float32Array {
+  const out = new Float32Array(rows.reduce((s, r) => s + r.length, 0))
+  let at = 0
+  for (const r of rows) {
+    out.set(r, at)
+    at += r.length
+  }
+  return out
+}
+
+describe('logit processors on the CPU backend', () => suite('cpu'))
+
+describeGpu('logit processors on CUDA', () => {
+  suite('cuda')
+
+  it('agree with the CPU backend: processed logits bit for bit, and the greedy choices', async () => {
+    const V = V_QWEN
+    const rows = 6
+    const x = logitRows(rows, V, 95_001)
+    const table = tableSettings(V, rows, 95_100)
+    const counts = Array.from({ length: rows }, (_, k) => countsRow(V, 95_200 + k))
+    const choices = Array.from({ length: rows }, (_, r): TokenChoice => ({
+      temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: r, target: -1, topLogprobs: 20, processors: { row: r, first: r === 2, settings: table[r]! },
+    }))
+    const run = async (device: DeviceName) => {
+      const head = await headWith(device, rows, V, counts, table)
+      const logits = tensorFrom(device, 'f32', [rows, V], x)
+      try {
+        return { out: await head.choose(logits, choices, 20), counts: await countsOf(head, V) }
+      } finally {
+        logits.dispose()
+        head.dispose()
+      }
+    }
+    const [gpu, cpu] = [await run('cuda'), await run('cpu')]
+    expect(Array.from(gpu.out.ids)).toEqual(Array.from(cpu.out.ids))
+    expect(Array.from(gpu.out.topIds)).toEqual(Array.from(cpu.out.topIds))
+    expectClose(gpu.out.logprobs, cpu.out.logprobs, 1e-5, 1e-5, 'log-probs')
+    for (let k = 0; k < rows; k++) expectSameBits(gpu.counts[k]!, cpu.counts[k]!, `counts of table row ${k}`)
+    // The processed logits themselves: the op on both devices.
+    const processedOn = async (device: DeviceName) => {
+      const n = native()
+      const plan = tensorFrom(device, 'i32', [1 + 3 * rows], [rows, ...Array.from({ length: rows }, (_, r) => [r, r, r === 2 ? 1 : 0]).flat()])
+      const adjusted = n.empty(device, 'f32', [rows, V])
+      const adjustedParams = n.empty(device, 'i32', [rows, 8])
+      const countsT = tensorFrom(device, 'u16', [rows, V], Uint16Array.from(counts.flatMap((c) => Array.from(c))))
+      const settingsT = tensorFrom(device, 'i32', [rows, SETTINGS], Int32Array.from(table.flatMap((s) => Array.from(packSettings(s)))))
+      const logits = tensorFrom(device, 'f32', [rows, V], x)
+      const params = tensorFrom(device, 'i32', [rows, 8], packChoices(choices))
+      const held: NativeTensor[] = [plan, adjusted, adjustedParams, countsT, settingsT, logits, params]
+      try {
+        n.applyLogitProcessors(adjusted, adjustedParams, countsT, logits, params, plan, settingsT)
+        return await readF32(adjusted)
+      } finally {
+        for (const t of held) t.dispose()
+      }
+    }
+    expectSameBits(await processedOn('cuda'), await processedOn('cpu'), 'processed logits, CUDA against the CPU')
+  })
+})
+
+describe('logit processor op arguments', () => {
+  it('refuse tensors of the wrong dtype or shape, and (on the CPU) plans that name rows outside the tensors', () => {
+    const n = native()
+    const V = 10
+    const x = tensorFrom('cpu', 'f32', [2, V], new Float32Array(2 * V).fill(1))
+    const params = n.empty('cpu', 'i32', [2, 8])
+    const adjusted = n.empty('cpu', 'f32', [1, V])
+    const adjustedParams = n.empty('cpu', 'i32', [1, 8])
+    const counts = tensorFrom('cpu', 'u16', [1, V], new Uint16Array(V))
+    const settings = tensorFrom('cpu', 'i32', [1, SETTINGS], new Int32Array(SETTINGS))
+    const plan = (entries: number[]) => tensorFrom('cpu', 'i32', [entries.length], entries)
+    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, n.empty('cpu', 'i32', [1, V]), x, params, plan([1, 0, 0, 0]), settings)).toThrow(
+      /expected counts to be u16/,
+    )
+    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 0, 0]), settings)).toThrow(/plan to be i32 \[1 \+ 3J\]/)
+    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 0, 0, 0]), n.empty('cpu', 'i32', [1, 8]))).toThrow(
+      /settings/,
+    )
+    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 2, 0, 0]), settings)).toThrow(/names logits row 2/)
+    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 0, 1, 0]), settings)).toThrow(/names table row 1/)
+    expect(() => n.recordLogitChoices(params, counts, n.empty('cpu', 'i32', [1, 1]), plan([1, 0, 0, 0]))).toThrow(/at least 2 columns/)
+    expect(() => n.chooseTokens(n.empty('cpu', 'i32', [2, 2]), x, params, n.empty('cpu', 'i32', [0]))).toThrow(/live/)
+  })
+})
