@@ -1,7 +1,7 @@
 // Decoding on top of the scheduler: options and their validation, text assembly (incremental
 // detokenization), stop conditions (EOS ids, maxTokens, stop strings) and streaming.
 import { RequestTooLargeError, checkInteger, checkNumber, checkOptionKeys, contextText, invalidArgument } from './errors.js'
-import type { SamplingParams } from './sampling.js'
+import { MAX_LOGIT_BIAS, type LogitProcessors, type SamplingParams } from './sampling.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
 import type { FinishReason, Scheduler } from './scheduler.js'
 import type { ChatMessage, ChatRender, ChatTemplateVariables } from './tokenizer.js'
@@ -59,6 +59,21 @@ export interface GenerateOptions {
   minP?: number
   /** Report the N most likely tokens and their log-probs at every generated position (0 to 20; default 0). */
   topLogprobs?: number
+  /**
+   * OpenAI's frequency_penalty, -2 to 2 (default 0): subtracted from a token's logit once per time
+   * the completion has chosen it so far. With presencePenalty and logitBias: y = c > 0 ? (x - f·c)
+   * - p : x, then y + bias, each step rounded to float32, before temperature and the filters
+   * (README, "Penalties and logit bias"). The log-probs reported stay those of the raw logits.
+   */
+  frequencyPenalty?: number
+  /** OpenAI's presence_penalty, -2 to 2 (default 0): subtracted once from the logit of every token the completion has chosen. */
+  presencePenalty?: number
+  /**
+   * OpenAI's logit_bias: token id -> bias between -100 and 100, added to that token's logit before
+   * every choice; at most 300 ids, each in the vocabulary. An object (keys as decimal ids, as JSON
+   * gives them) or a Map.
+   */
+  logitBias?: Record<number, number> | Map<number, number>
   /** Generation ends when the text contains one of these; the text is cut before it. */
   stop?: string | string[]
   /** Generation also ends at these ids (kept in `tokens`, as EOS is; their text left out of `text`). */
@@ -135,6 +150,8 @@ export interface ResolvedGenerateOptions {
   maxTokens: number
   sampling: SamplingParams | null
   topLogprobs: number
+  /** Penalties and biases; null when none applies (every value neutral), so such a request is a plain one. */
+  processors: LogitProcessors | null
   stop: string[]
   stopTokenIds: number[]
   ignoreEos: boolean
@@ -158,6 +175,9 @@ export function resolveGenerateOptions(
     'topP',
     'minP',
     'topLogprobs',
+    'frequencyPenalty',
+    'presencePenalty',
+    'logitBias',
     'stop',
     'stopTokenIds',
     'ignoreEos',
@@ -182,6 +202,7 @@ export function resolveGenerateOptions(
   const minP = o.minP === undefined ? 0 : checkNumber('minP', o.minP, 0, 1)
   const topLogprobs = o.topLogprobs === undefined ? 0 : checkInteger('topLogprobs', o.topLogprobs, 0, MAX_TOP_LOGPROBS)
   const seed = o.seed === undefined ? undefined : checkInteger('seed', o.seed, 0, MAX_SEED)
+  const processors = resolveLogitProcessors(o, limits.vocabSize)
   let stop: string[] = []
   if (o.stop !== undefined) {
     const list: unknown = typeof o.stop === 'string' ? [o.stop] : o.stop
@@ -208,6 +229,7 @@ export function resolveGenerateOptions(
     maxTokens,
     sampling,
     topLogprobs,
+    processors,
     stop,
     stopTokenIds,
     ignoreEos: o.ignoreEos === true,
@@ -216,6 +238,38 @@ export function resolveGenerateOptions(
     continueFinalMessage: o.continueFinalMessage === true,
     ...(o.signal ? { signal: o.signal as AbortSignal } : {}),
   }
+}
+
+/** Penalties -2 to 2 (OpenAI's range) and biases -100 to 100 (its range too). */
+const MAX_PENALTY = 2
+const MAX_BIAS = 100
+
+// The penalties and biases of the options, null when all are neutral: 0 penalties and no bias
+// other than 0 change no logit, and such a request then takes the plain path, bit for bit.
+function resolveLogitProcessors(o: Record<string, unknown>, vocabSize: number): LogitProcessors | null {
+  const frequencyPenalty = o.frequencyPenalty === undefined ? 0 : checkNumber('frequencyPenalty', o.frequencyPenalty, -MAX_PENALTY, MAX_PENALTY)
+  const presencePenalty = o.presencePenalty === undefined ? 0 : checkNumber('presencePenalty', o.presencePenalty, -MAX_PENALTY, MAX_PENALTY)
+  const logitBias: [number, number][] = []
+  if (o.logitBias !== undefined) {
+    const given = o.logitBias
+    const isMap = given instanceof Map
+    if (!isMap && (typeof given !== 'object' || given === null || Array.isArray(given) || ![Object.prototype, null].includes(Object.getPrototypeOf(given))))
+      throw invalidArgument('logitBias', 'object or Map of token ids to biases', given)
+    const entries: [unknown, unknown][] = isMap ? [...(given as Map<unknown, unknown>)] : Object.entries(given as object)
+    if (entries.length > MAX_LOGIT_BIAS)
+      throw new RangeError(`Expected at most ${MAX_LOGIT_BIAS} token ids for logitBias but received ${entries.length}`)
+    const seen = new Set<number>()
+    for (const [key, value] of entries) {
+      // An object's keys are strings: decimal ids, as JSON's logit_bias gives them.
+      const id = checkInteger('a key of logitBias', typeof key === 'string' && /^(0|[1-9][0-9]*)$/.test(key) ? Number(key) : key, 0, vocabSize - 1)
+      if (seen.has(id)) throw invalidArgument('logitBias', 'each token id once', given)
+      seen.add(id)
+      const bias = checkNumber(`logitBias[${id}]`, value, -MAX_BIAS, MAX_BIAS)
+      if (bias !== 0) logitBias.push([id, bias])
+    }
+  }
+  if (frequencyPenalty === 0 && presencePenalty === 0 && logitBias.length === 0) return null
+  return { frequencyPenalty, presencePenalty, logitBias }
 }
 
 /** Template variables a request fills itself, which chatTemplateVariables may not set. */
@@ -346,6 +400,7 @@ export function runGeneration(
     maxTokens: options.maxTokens,
     sampling: options.sampling,
     topLogprobs: options.topLogprobs,
+    processors: options.processors,
     onToken(token, logprob, top) {
       tokens.push(token)
       logprobs.push(logprob)

@@ -14,7 +14,7 @@
 import { KvBlockAllocator, PrefixHasher } from './kv-cache.js'
 import type { DeviceName } from './native.js'
 import { NonFiniteLogitsError, RequestTooLargeError, contextText } from './errors.js'
-import { tokenChoice, type SamplingParams, type StepTokens, type TokenChoice, type TopLogprob } from './sampling.js'
+import { tokenChoice, type LogitProcessors, type SamplingParams, type StepTokens, type TokenChoice, type TopLogprob } from './sampling.js'
 import type { LaunchedStep, SequenceChunk } from './step.js'
 
 // ---------------------------------------------------------------------------------------------
@@ -33,6 +33,11 @@ export interface ForwardModel {
   readonly maxLogitRows?: number
   /** Longest sequence it runs (default config.maxPositionEmbeddings). */
   readonly maxPositions?: number
+  /**
+   * Sequences with logit processors (TokenChoice.processors) it can run at once: the rows of its
+   * processor table (absent or 0: none; generations with processors are refused).
+   */
+  readonly logitProcessorRows?: number
   /**
    * Runs one step over `chunks` and chooses a token for each logits row they ask for (in chunk
    * order), with the `topN` most likely ids of every row when topN > 0.
@@ -58,6 +63,8 @@ export interface GenerationRequest {
   sampling: SamplingParams | null // null: greedy
   /** Most likely alternatives to report per token (0 or absent: none). */
   topLogprobs?: number
+  /** Penalties and logit bias, applied on the device before every choice (absent or null: none). */
+  processors?: LogitProcessors | null
   /** Called once per generated token, in order; returning false ends the sequence ('stop'). */
   onToken(token: number, logprob: number, top: TopLogprob[] | null): boolean
 }
@@ -139,6 +146,7 @@ interface Sequence {
   registered: number // leading blocks registered with the prefix cache (or taken from it)
   reused: number // positions taken from the prefix cache
   cacheNeed: number // cache positions reserved
+  processorRow: number // the sequence's row of the model's processor table while it runs (-1: none)
   generated: number
   scores: Float32Array | null
   topScores: TopLogprob[][] | null
@@ -189,10 +197,14 @@ export class Scheduler {
   private promptTokens = 0
   private prefixHitTokens = 0
   private peakRunning = 0
+  // Rows of the model's logit processor table no running sequence holds.
+  private readonly freeProcessorRows: number[]
 
   constructor(model: ForwardModel, options: SchedulerOptions) {
     this.model = model
     this.maxBatchSize = Math.min(options.maxBatchSize, model.maxBatchTokens, model.maxLogitRows ?? Infinity)
+    const processorRows = Math.min(this.maxBatchSize, model.logitProcessorRows ?? 0)
+    this.freeProcessorRows = Array.from({ length: processorRows }, (_, i) => processorRows - 1 - i)
     this.launchesAhead = options.launchAhead ?? true
     this.prefillChunkSize = options.prefillChunkSize
     this.allocator = new KvBlockAllocator(model.kvBlocks, model.kvBlockSize, { prefixCache: options.prefixCache ?? false })
@@ -226,6 +238,8 @@ export class Scheduler {
     if (this.closedWith) throw this.closedWith
     if (request.kind === 'score' && !(request.from >= 1 && request.from < request.tokens.length))
       throw new RangeError(`Scheduler: a score request needs 1 <= from < ${request.tokens.length} but from is ${request.from}`)
+    if (request.kind === 'generate' && request.processors && !this.model.logitProcessorRows)
+      throw new RangeError('Scheduler: the model has no logit processor rows, so it cannot apply penalties or logit bias')
     const tokens = request.kind === 'generate' ? [...request.prompt] : [...request.tokens]
     const promptLength = request.kind === 'generate' ? tokens.length : request.from
     const cacheNeed = request.kind === 'generate' ? generationPositions(tokens.length, request.maxTokens) : tokens.length
@@ -247,6 +261,7 @@ export class Scheduler {
       registered: 0,
       reused: 0,
       cacheNeed,
+      processorRow: -1,
       generated: 0,
       scores: request.kind === 'score' ? new Float32Array(tokens.length - request.from) : null,
       topScores: request.kind === 'score' && (request.topLogprobs ?? 0) > 0 ? [] : null,
@@ -325,6 +340,7 @@ export class Scheduler {
     for (const seq of [...this.running, ...this.waiting]) {
       this.allocator.release(seq.blocks)
       seq.blocks = []
+      this.releaseProcessorRow(seq)
       seq.reject(err)
     }
     this.running = []
@@ -347,10 +363,14 @@ export class Scheduler {
   // First come, first served: a request that does not fit yet waits, and so do the ones behind it.
   // Leading blocks of the prompt found in the prefix cache are taken instead of computed, except
   // that the last prompt token is always computed (its logits row is the first choice, or the first
-  // score): at most floor((promptLength - 1) / blockSize) blocks are reused.
+  // score): at most floor((promptLength - 1) / blockSize) blocks are reused. A generation with
+  // logit processors also takes a row of the model's processor table (there is one per place in
+  // the batch unless the model has fewer).
   private admit(): void {
     while (this.waiting.length && this.running.length < this.maxBatchSize) {
       const seq = this.waiting[0]!
+      const needsRow = seq.request.kind === 'generate' && !!seq.request.processors
+      if (needsRow && this.freeProcessorRows.length === 0) return
       const reusable = Math.floor((seq.promptLength - 1) / this.allocator.blockSize)
       const hashes = this.allocator.prefixCache ? seq.hasher.extend(seq.tokens, reusable) : []
       const reused = this.allocator.acquirePrefix(hashes)
@@ -360,6 +380,7 @@ export class Scheduler {
         return
       }
       this.waiting.shift()
+      if (needsRow) seq.processorRow = this.freeProcessorRows.pop()!
       seq.blocks = [...reused, ...fresh]
       seq.registered = reused.length
       seq.cached = seq.reused = reused.length * this.allocator.blockSize
@@ -466,11 +487,18 @@ export class Scheduler {
   }
 
   private choiceFor(row: RowTask): TokenChoice {
-    const request = row.seq.request
+    const seq = row.seq
+    const request = seq.request
     const topLogprobs = topLogprobsOf(request)
     // The noise of a sampled token is keyed by the position it will take.
-    if (request.kind === 'generate') return tokenChoice(request.sampling, row.position + 1, -1, topLogprobs)
-    return tokenChoice(null, row.position + 1, row.target, topLogprobs)
+    if (request.kind !== 'generate') return tokenChoice(null, row.position + 1, row.target, topLogprobs)
+    // The row that chooses the first token (the prompt's last) takes the table row: that step
+    // zeroes its counts on the device, after every step enqueued before it.
+    const processors =
+      request.processors && seq.processorRow >= 0
+        ? { row: seq.processorRow, first: row.position + 1 === seq.promptLength, settings: request.processors }
+        : undefined
+    return tokenChoice(request.sampling, row.position + 1, -1, topLogprobs, processors)
   }
 
   /** Decodes first (one token each), then prompt chunks, within maxBatchTokens and maxLogitRows. */
@@ -562,10 +590,19 @@ export class Scheduler {
       }
       this.allocator.release(seq.blocks)
       seq.blocks = []
+      // The row may still be in a step launched ahead (a wasted row): the next sequence to take it
+      // zeroes it in a later step, after that one on the device.
+      this.releaseProcessorRow(seq)
       if (seq.error !== undefined) seq.reject(seq.error)
       else seq.resolve(this.outcome(seq))
     }
     this.running = still
+  }
+
+  private releaseProcessorRow(seq: Sequence): void {
+    if (seq.processorRow < 0) return
+    this.freeProcessorRows.push(seq.processorRow)
+    seq.processorRow = -1
   }
 
   private outcome(seq: Sequence): GenerationOutcome | ScoreOutcome {

@@ -12,9 +12,21 @@
 // for good, so that no captured pointer is ever freed by a later step. That step overwrites the
 // shared step inputs and results, so it runs before a step that takes its tokens from the
 // previous step's results on the device (launch with `after`) could need them.
+//
+// Logit processors (penalties, logit bias: lib/model/logit-processors.ts) add kernels before the
+// token choice. A bucket has two captures: the plain one, with no processor kernel at all, which
+// every step whose rows use none replays (so such requests pay nothing for the feature), and one
+// with the processor kernels, replayed by the steps that have at least one such row. The latter's
+// kernels run over min(rows, table rows) plan rows and return at once past the step's K rows
+// that use processors (K read on the device from the plan uploaded before the replay), so one
+// capture serves any mix of rows with and without processors; a row without them never reaches
+// a processor kernel. Each capture follows the same rule: eager the first time, captured the
+// second. (One graph with per-row early exits would make every plain step pay the processor
+// kernels' launches; a graph per K would multiply the captures.)
 import { variantKernels } from '../device.js'
 import { native, type NativeGraph, type NativeTensor } from '../native.js'
 import type { StepTokens, TokenChoice } from '../sampling.js'
+import { usesProcessors } from './logit-processors.js'
 import { MAX_TOP_LOGPROBS, type ChosenIds, type OutputHead } from './output-head.js'
 import { layoutDecode, type SequenceChunk, type StepInputs, type StepViews } from './step-layout.js'
 
@@ -35,6 +47,8 @@ export interface GraphHost {
 export interface CapturedGraph {
   rows: number
   context: number
+  /** The capture with the logit processors' kernels (steps with a row that uses them). */
+  processors: boolean
   /** GPU memory the captured graph took when it was instantiated. */
   bytes: number
 }
@@ -46,14 +60,20 @@ export interface GraphStats {
   bytes: number
 }
 
+/** One capture of a bucket: plain, or with the logit processors' kernels. */
+interface Capture {
+  seen: boolean
+  graph: NativeGraph | null
+}
+
 interface Bucket {
   rows: number
   context: number
   views: StepViews
   params: NativeTensor // i32 [rows, 8]
   out: NativeTensor // i32 [rows, 2 + 2 * MAX_TOP_LOGPROBS]
-  seen: boolean
-  graph: NativeGraph | null
+  plain: Capture
+  processed: Capture
 }
 
 /** Batch buckets up to `max` (and `max` itself). */
@@ -110,23 +130,25 @@ export class DecodeGraphs {
     const rows = this.batchBuckets.find((b) => b >= chunks.length)!
     const context = this.contextBuckets.find((c) => c >= maxSeqLen)!
     const bucket = this.bucket(rows, context)
+    const processed = usesProcessors(choices)
+    const capture = processed ? bucket.processed : bucket.plain
     // The reserving step writes the shared inputs and results, so it runs only at a launch that
     // takes nothing from the previous step's results; a chained launch before it stays eager.
     if (this.capture && !this.reserved && !after) this.reserveLargest()
-    if (this.capture && this.reserved && bucket.seen && !bucket.graph) this.captureBucket(bucket)
-    this.fill(bucket, chunks, choices)
+    if (this.capture && this.reserved && capture.seen && !capture.graph) this.captureBucket(bucket, processed)
+    this.fill(bucket, chunks, choices, processed)
     if (after) this.host.head.takeIds(bucket.views.ids, after, afterRows)
-    if (bucket.graph) bucket.graph.replay()
-    else this.enqueue(bucket)
-    bucket.seen = true
+    if (capture.graph) capture.graph.replay()
+    else this.enqueue(bucket, processed)
+    capture.seen = true
     const tokens = this.host.head.read(bucket.out, chunks.length, MAX_TOP_LOGPROBS)
     return { tokens, chosen: { out: bucket.out, rows: chunks.length, width: 2 + 2 * MAX_TOP_LOGPROBS } }
   }
 
   stats(): GraphStats {
-    const captured = [...this.buckets.values()]
-      .filter((b) => b.graph)
-      .map((b) => ({ rows: b.rows, context: b.context, bytes: b.graph!.bytes }))
+    const captured = [...this.buckets.values()].flatMap((b) =>
+      [b.plain, b.processed].flatMap((c) => (c.graph ? [{ rows: b.rows, context: b.context, processors: c === b.processed, bytes: c.graph.bytes }] : [])),
+    )
     return {
       batchBuckets: this.batchBuckets,
       contextBuckets: this.contextBuckets,
@@ -136,7 +158,10 @@ export class DecodeGraphs {
   }
 
   dispose(): void {
-    for (const b of this.buckets.values()) b.graph?.dispose()
+    for (const b of this.buckets.values()) {
+      b.plain.graph?.dispose()
+      b.processed.graph?.dispose()
+    }
     this.buckets.clear()
   }
 
@@ -147,34 +172,43 @@ export class DecodeGraphs {
       const maxBlocks = Math.ceil(context / this.host.kvBlockSize)
       const views = this.host.inputs.views({ tokens: rows, logitRows: rows, sequences: rows, maxBlocks, maxQueryLen: 1, maxSeqLen: context })
       const [params, out] = this.host.head.views(rows, MAX_TOP_LOGPROBS)
-      b = { rows, context, views, params, out, seen: false, graph: null }
+      b = { rows, context, views, params, out, plain: { seen: false, graph: null }, processed: { seen: false, graph: null } }
       this.buckets.set(key, b)
     }
     return b
   }
 
-  // Copies a step's inputs and token-choice parameters, padded to the bucket, to the device.
-  private fill(b: Bucket, chunks: SequenceChunk[], choices: TokenChoice[]): void {
+  // Copies a step's inputs and token-choice parameters, padded to the bucket, to the device; with
+  // processors, the plan of the rows that use them (padding rows use none).
+  private fill(b: Bucket, chunks: SequenceChunk[], choices: TokenChoice[], processed: boolean): void {
     const maxBlocks = b.views.batch.blockTables.shape[1]!
     this.host.inputs.upload(layoutDecode(chunks, b.rows, maxBlocks, b.context, this.host.kvBlockSize).packed)
     this.host.head.uploadParams(b.params, padChoices(choices, b.rows))
+    if (processed) this.host.head.processorTable().prepare(choices)
   }
 
-  private enqueue(b: Bucket): void {
-    this.host.head.enqueue(this.host.enqueueForward(b.views), b.params, b.out)
+  private enqueue(b: Bucket, processed: boolean): void {
+    const logits = this.host.enqueueForward(b.views)
+    if (processed) {
+      const table = this.host.head.processorTable()
+      table.enqueue(logits, b.params, Math.min(b.rows, table.rows))
+    }
+    this.host.head.enqueue(logits, b.params, b.out)
   }
 
-  private captureBucket(b: Bucket): void {
+  private captureBucket(b: Bucket, processed: boolean): void {
     const n = native()
     n.graphBegin()
     try {
-      this.enqueue(b)
+      this.enqueue(b, processed)
     } catch (err) {
       n.graphAbort()
       throw err
     }
     try {
-      b.graph = n.graphEnd()
+      const graph = n.graphEnd()
+      if (processed) b.processed.graph = graph
+      else b.plain.graph = graph
     } catch (err) {
       n.graphAbort()
       throw err
@@ -187,9 +221,9 @@ export class DecodeGraphs {
     const rows = this.batchBuckets[this.batchBuckets.length - 1]!
     const context = this.contextBuckets[this.contextBuckets.length - 1]!
     const b = this.bucket(rows, context)
-    this.fill(b, [], [])
-    this.enqueue(b)
-    b.seen = true
+    this.fill(b, [], [], false)
+    this.enqueue(b, false)
+    b.plain.seen = true
     this.reserved = true
   }
 }

@@ -13,6 +13,7 @@ import { DisposedError, checkInteger, describeValue } from '../errors.js'
 import { native, type AttentionBatch, type DeviceName, type NativeTensor } from '../native.js'
 import { loadModelConfig, type ModelConfig } from './config.js'
 import { DecodeGraphs, type GraphStats } from './decode-graphs.js'
+import { checkRowProcessors } from './logit-processors.js'
 import { OutputHead, type ChosenIds, type StepTokens, type TokenChoice } from './output-head.js'
 import { StepInputs, checkChunks, inputInts, layoutStep, type SequenceChunk, type StepLimits, type StepSizes, type StepViews } from './step-layout.js'
 import type { LaunchedStep } from '../step.js'
@@ -37,6 +38,12 @@ export interface TransformerOptions {
   kvBlockSize?: number
   /** Most logit rows in one forward; defaults to maxBatchTokens. */
   maxLogitRows?: number
+  /**
+   * Rows of the logit processors' table (penalties and logit bias, lib/model/logit-processors.ts):
+   * the most sequences with processors that can run at once. Default: the most rows of a decode
+   * step, min(maxBatchTokens, maxLogitRows). The table is allocated at its first use.
+   */
+  logitProcessorRows?: number
   /**
    * @internal For the tests that prove fusion keeps the bits: q, k, v and gate, up as separate
    * products through the separate ops (rmsnorm per head, rope, kvAppend, siluMul).
@@ -235,6 +242,8 @@ export class Transformer {
   private readonly cosSin: NativeTensor
   /** @internal The output head and the step inputs (decode-graphs.ts replays over them). */
   readonly head: OutputHead
+  /** Sequences with logit processors (penalties, logit bias) that can run at once. */
+  readonly logitProcessorRows: number
   /** @internal */
   readonly inputs: StepInputs
   private readonly graphs: DecodeGraphs | null
@@ -261,6 +270,7 @@ export class Transformer {
     this.act = state.act
     this.cosSin = state.cosSin
     this.head = state.head
+    this.logitProcessorRows = state.head.processors?.rows ?? 0
     this.inputs = state.inputs
     const maxRows = Math.min(maxBatchTokens, maxLogitRows)
     this.graphs = cudaGraphs ? new DecodeGraphs(this, maxRows, maxPositions, device === 'cuda') : null
@@ -292,6 +302,7 @@ export class Transformer {
     const kvBlocks = checkInteger('kvBlocks', opts.kvBlocks, 1)
     const kvBlockSize = checkInteger('kvBlockSize', opts.kvBlockSize ?? 16, 1)
     const maxLogitRows = checkInteger('maxLogitRows', opts.maxLogitRows ?? maxBatchTokens, 1)
+    const logitProcessorRows = checkInteger('logitProcessorRows', opts.logitProcessorRows ?? Math.min(maxBatchTokens, maxLogitRows), 0, 65535)
     const unfused = opts.unfusedLayers === true
     if (opts.cudaGraphs !== undefined && typeof opts.cudaGraphs !== 'boolean')
       throw new TypeError(`Expected a boolean for cudaGraphs but received ${describeValue(opts.cudaGraphs)}`)
@@ -330,7 +341,7 @@ export class Transformer {
         rankWeights = await rankLayers(weights, config, device, tpRanks)
         tp = allocateTensorParallel(alloc, config, maxBatchTokens, maxLogitRows, tpRanks, act, cache, newCache, rankWeights)
       }
-      const head = new OutputHead(device, maxLogitRows)
+      const head = new OutputHead(device, maxLogitRows, { rows: logitProcessorRows, vocab: config.vocabSize })
       owned.push(head)
       const maxBlocks = Math.ceil(maxPositions / kvBlockSize)
       const inputs = new StepInputs(device, inputInts(maxBatchTokens, maxLogitRows, maxBatchTokens, maxBlocks))
@@ -381,9 +392,12 @@ export class Transformer {
     const sizes = checkChunks(chunks, this.limits)
     if (choices.length !== sizes.logitRows)
       throw new RangeError(`Expected ${sizes.logitRows} token choices (one per logits row) for choices but received ${choices.length}`)
-    for (const [r, c] of choices.entries())
+    const processorRows = new Set<number>()
+    for (const [r, c] of choices.entries()) {
       if (c.target >= this.config.vocabSize)
         throw new RangeError(`Expected an integer between -1 and ${this.config.vocabSize - 1} for choices[${r}].target but received ${c.target}`)
+      if (c.processors) checkRowProcessors(`choices[${r}]`, c, this.logitProcessorRows, this.config.vocabSize, processorRows)
+    }
     const chosen = after?.chosen as ChosenIds | undefined
     if (after) {
       const from = chosen?.rows ?? 0

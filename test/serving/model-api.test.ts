@@ -31,9 +31,27 @@ describe('Model argument validation', () => {
     [{ topLogprobs: 2.5 }, 'Expected integer between 0 and 20 for topLogprobs but received 2.5 of type number'],
     [{ chat: 'yes' }, 'Expected boolean for chat but received "yes" of type string'],
     [{ signal: 'stop' }, 'Expected AbortSignal for signal but received "stop" of type string'],
-    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, minP, topLogprobs, stop, stopTokenIds, ignoreEos, chat, chatTemplateVariables, continueFinalMessage, signal for options but received "maxToken" of type string'],
+    [{ presencePenalty: 2.5 }, 'Expected number between -2 and 2 for presencePenalty but received 2.5 of type number'],
+    [{ frequencyPenalty: Number.NaN }, 'Expected number between -2 and 2 for frequencyPenalty but received NaN of type number'],
+    [{ logitBias: [[1, 2]] }, 'Expected object or Map of token ids to biases for logitBias but received [[1,2]] of type array'],
+    [{ logitBias: { 32: 1 } }, 'Expected integer between 0 and 31 for a key of logitBias but received 32 of type number'],
+    [{ logitBias: { x: 1 } }, 'Expected integer between 0 and 31 for a key of logitBias but received "x" of type string'],
+    [{ logitBias: new Map([[1.5, 1]]) }, 'Expected integer between 0 and 31 for a key of logitBias but received 1.5 of type number'],
+    [{ logitBias: new Map<unknown, number>([[3, 1], ['3', 2]]) }, 'Expected each token id once for logitBias'],
+    [{ logitBias: { 3: 101 } }, 'Expected number between -100 and 100 for logitBias[3] but received 101 of type number'],
+    [{ logitBias: { 3: '1' } }, 'Expected number between -100 and 100 for logitBias[3] but received "1" of type string'],
+    [{ logitBias: Object.fromEntries(Array.from({ length: 301 }, (_, i) => [i, 1])) }, 'Expected at most 300 token ids for logitBias but received 301'],
+    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, minP, topLogprobs, frequencyPenalty, presencePenalty, logitBias, stop, stopTokenIds, ignoreEos, chat, chatTemplateVariables, continueFinalMessage, signal for options but received "maxToken" of type string'],
   ])('generate rejects %j', async (options, message) => {
     await expect(model.generate('abc', options as never)).rejects.toThrow(message)
+  })
+
+  it('penalties and biases at their neutral values make a plain request; others need a model with processor rows', async () => {
+    const plain = await model.generate('abc', { maxTokens: 6 })
+    const neutral = await model.generate('abc', { maxTokens: 6, presencePenalty: 0, frequencyPenalty: -0, logitBias: { 3: 0, 5: -0 } })
+    expect(neutral).toMatchObject({ tokens: plain.tokens, logprobs: plain.logprobs, text: plain.text })
+    // This stand-in model has no processor table.
+    await expect(model.generate('abc', { presencePenalty: 1 })).rejects.toThrow('the model has no logit processor rows')
   })
 
   it('rejects bad prompts and completions', async () => {
