@@ -3,7 +3,7 @@ import { Command, Option } from 'commander'
 import { defaultModelPath, loadModelFrom, readModelDir } from '../api.js'
 import { readTextFile } from '../files.js'
 import { DEFAULT_MAX_TOKENS, resolveGenerateOptions, type GenerateOptions } from '../generate.js'
-import { integer, jsonObject, number } from './parse.js'
+import { integer, jsonObject, logitBiasJson, number } from './parse.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
 
 interface GenerateFlags {
@@ -15,6 +15,9 @@ interface GenerateFlags {
   topK?: number
   topP?: number
   minP?: number
+  frequencyPenalty?: number
+  presencePenalty?: number
+  logitBias?: Record<string, unknown>
   topLogprobs?: number
   stop?: string[]
   ignoreEos?: boolean
@@ -59,6 +62,9 @@ export function generateCommand(): Command {
     .option('--top-k <k>', 'sample among the k most likely tokens', integer)
     .option('--top-p <p>', 'sample among the most likely tokens up to probability p', number)
     .option('--min-p <p>', 'sample among tokens at least p times as likely as the most likely one', number)
+    .option('--frequency-penalty <f>', "subtract f times a token's count in the completion so far from its logit (-2 to 2)", number)
+    .option('--presence-penalty <p>', 'subtract p from the logit of every token the completion has chosen (-2 to 2)', number)
+    .option('--logit-bias <json>', 'add biases to token logits, e.g. \'{"1234": -100}\' (ids to -100..100, at most 300)', logitBiasJson)
     .option('--top-logprobs <n>', 'with --json: the n most likely tokens and their log-probs at each position (0-20)', integer)
     .option('--stop <text>', 'stop when the text contains this (repeatable)', collect)
     .option('--ignore-eos', "go on past the model's end-of-sequence token (to --max-tokens or a --stop)")
@@ -87,6 +93,9 @@ export function generateCommand(): Command {
         ...(flags.topK !== undefined && { topK: flags.topK }),
         ...(flags.topP !== undefined && { topP: flags.topP }),
         ...(flags.minP !== undefined && { minP: flags.minP }),
+        ...(flags.frequencyPenalty !== undefined && { frequencyPenalty: flags.frequencyPenalty }),
+        ...(flags.presencePenalty !== undefined && { presencePenalty: flags.presencePenalty }),
+        ...(flags.logitBias !== undefined && { logitBias: flags.logitBias as Record<number, number> }),
         ...(flags.topLogprobs !== undefined && { topLogprobs: flags.topLogprobs }),
         ...(flags.stop !== undefined && { stop: flags.stop }),
         ...(flags.ignoreEos && { ignoreEos: true }),

@@ -46,3 +46,16 @@ export function jsonObject(value: string): Record<string, unknown> {
     throw new InvalidArgumentError(`expected a JSON object such as '{"enable_thinking": false}' but received "${value}"`)
   return parsed as Record<string, unknown>
 }
+
+/** A JSON object of token ids to biases, e.g. '{"1234": -100, "567": 5}' (OpenAI's logit_bias). */
+export function logitBiasJson(value: string): Record<string, unknown> {
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(value)
+  } catch {
+    parsed = undefined
+  }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed))
+    throw new InvalidArgumentError(`expected a JSON object of token ids to biases such as '{"1234": -100}' but received "${value}"`)
+  return parsed as Record<string, unknown>
+}

@@ -391,6 +391,15 @@ export class InferenceServer {
         'invalid_value',
       )
     if (topK > model.vocabSize) throw invalidRequest(`Expected integer between -1 and ${model.vocabSize} for top_k but received ${topK} of type number`, 'top_k', 'invalid_value')
+    // logit_bias: the schema checked the values and the count; the keys must be ids of this vocabulary.
+    const logitBias = body.logit_bias ?? {}
+    for (const key of Object.keys(logitBias))
+      if (!/^(0|[1-9][0-9]*)$/.test(key) || Number(key) >= model.vocabSize)
+        throw invalidRequest(
+          `Expected token ids between 0 and ${model.vocabSize - 1} as the keys of logit_bias but received ${JSON.stringify(key)}`,
+          'logit_bias',
+          'invalid_value',
+        )
     let seed: number | undefined
     if (temperature > 0) {
       seed = body.seed ?? randomInt(0, MAX_SEED - n + 2)
@@ -427,6 +436,10 @@ export class InferenceServer {
       ...(body.ignore_eos === true && { ignoreEos: true }),
       ...(sampled && body.min_p && { minP: body.min_p }),
       ...(topLogprobs > 0 && { topLogprobs }),
+      // Penalties and biases apply to greedy choices too (n > 1: each choice counts its own tokens).
+      ...(body.frequency_penalty && { frequencyPenalty: body.frequency_penalty }),
+      ...(body.presence_penalty && { presencePenalty: body.presence_penalty }),
+      ...(Object.keys(logitBias).length > 0 && { logitBias }),
     }
     return {
       prompts,

@@ -2,12 +2,13 @@
 // runs (ajv, no type coercion, unknown properties kept so that they are refused).
 //
 // Unknown parameters are refused with 400, not ignored: a parameter the server silently dropped
-// (frequency_penalty, logit_bias, response_format, ...) would change what the client believes it
-// asked for, and an answer that is reproducible but not the one asked for is no use. Parameters of
-// the OpenAI API that detinfer does not implement are accepted only at their neutral value.
+// (response_format, best_of, ...) would change what the client believes it asked for, and an
+// answer that is reproducible but not the one asked for is no use. Parameters of the OpenAI API
+// that detinfer does not implement are accepted only at their neutral value.
 // Each property's `description` is the "<what>" of the error message "Expected <what> for <param>".
 
 import { MAX_TOP_LOGPROBS } from '../model/output-head.js'
+import { MAX_LOGIT_BIAS } from '../sampling.js'
 
 const MAX_SEED = 0xffffffff
 export const MAX_N = 16
@@ -46,10 +47,16 @@ const sampling = {
   // vLLM's extensions: ids that end a choice besides EOS, and going on past EOS (fixed-length benchmarks).
   stop_token_ids: { type: nullable('array'), items: { type: 'integer', minimum: 0 }, maxItems: 1024, description: 'array of at most 1024 token ids or null' },
   ignore_eos: { type: nullable('boolean'), description: 'boolean or null' },
-  // Accepted at their neutral values only (see above).
-  frequency_penalty: { enum: [0, null], description: '0 or null (penalties are not supported)' },
-  presence_penalty: { enum: [0, null], description: '0 or null (penalties are not supported)' },
-  logit_bias: { type: nullable('object'), maxProperties: 0, description: 'empty object or null (logit_bias is not supported)' },
+  // Applied on the device before every choice (README, "Penalties and logit bias"); the handler
+  // checks logit_bias's keys against the vocabulary.
+  frequency_penalty: { type: nullable('number'), minimum: -2, maximum: 2, description: 'number between -2 and 2 or null' },
+  presence_penalty: { type: nullable('number'), minimum: -2, maximum: 2, description: 'number between -2 and 2 or null' },
+  logit_bias: {
+    type: nullable('object'),
+    maxProperties: MAX_LOGIT_BIAS,
+    additionalProperties: { type: 'number', minimum: -100, maximum: 100, description: 'number between -100 and 100' },
+    description: `object of at most ${MAX_LOGIT_BIAS} token ids to biases between -100 and 100, or null`,
+  },
 }
 
 const tokenIds = { type: 'array', items: { type: 'integer', minimum: 0 }, minItems: 1 }
@@ -243,6 +250,9 @@ export interface SamplingBody {
   user?: string
   stop_token_ids?: number[] | null
   ignore_eos?: boolean | null
+  frequency_penalty?: number | null
+  presence_penalty?: number | null
+  logit_bias?: Record<string, number> | null
 }
 
 export interface CompletionBody extends SamplingBody {

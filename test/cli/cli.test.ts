@@ -269,6 +269,30 @@ describe('detinfer generate on a tiny model', () => {
     expect(bad.stderr).toContain('Expected number between 0 and 1 for minP but received 2 of type number')
   })
 
+  it('--logit-bias, --presence-penalty and --frequency-penalty reach the library; bad values are refused before loading', async () => {
+    const base = ['generate', '-m', dir, '--device', 'cpu', '-n', '8', '--json']
+    const plain = JSON.parse(detinfer([...base, 'the weather is']).stdout)
+    const id = plain.tokens[2]
+    const forced = detinfer([...base, '--logit-bias', `{"${id}": 100}`, 'the weather is'])
+    expect(forced.code, forced.stderr).toBe(0)
+    expect(JSON.parse(forced.stdout).tokens).toEqual(new Array(8).fill(id))
+    const penalized = JSON.parse(detinfer([...base, '--presence-penalty', '2', '--frequency-penalty', '1.5', 'the weather is']).stdout)
+    const model = await loadModel(dir, { device: 'cpu' })
+    try {
+      const lib = await model.generate('the weather is', { maxTokens: 8, presencePenalty: 2, frequencyPenalty: 1.5 })
+      expect(penalized.tokens).toEqual(lib.tokens)
+      expect(Float32Array.from(penalized.logprobs)).toEqual(Float32Array.from(lib.logprobs))
+    } finally {
+      await model.dispose()
+    }
+    const bad = detinfer(['generate', '--device', 'cpu', '--presence-penalty', '3', 'ROMEO:'])
+    expect(bad.code).toBe(1)
+    expect(bad.stderr).toContain('Expected number between -2 and 2 for presencePenalty but received 3 of type number')
+    const notJson = detinfer(['generate', '--device', 'cpu', '--logit-bias', '[1]', 'ROMEO:'])
+    expect(notJson.code).toBe(1)
+    expect(notJson.stderr).toContain(`expected a JSON object of token ids to biases such as '{"1234": -100}' but received "[1]"`)
+  })
+
   it('--chat applies the chat template', () => {
     const plain = JSON.parse(detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '4', '--json', 'hi']).stdout)
     const chat = JSON.parse(detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '4', '--json', '--chat', 'hi']).stdout)

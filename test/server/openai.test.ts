@@ -498,6 +498,54 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     }
   })
 
+  it('logit_bias: 100 forces a token, -100 bans one; penalties change the answer; each as the library gives it, log-probs raw', async () => {
+    const prompt = TEXTS[2]!
+    const lib = await model.generate(prompt, { maxTokens: 16 })
+    // A token with text of its own (not EOS) to force, and the first token to ban.
+    const forcedId = lib.tokens.find((id, i) => i > 0 && model.detokenize([id]).trim() !== '')!
+    const bannedId = lib.tokens[0]!
+    const forced = await client.completions.create({ model: 'default', prompt, max_tokens: 6, temperature: 0, logprobs: 0, logit_bias: { [forcedId]: 100 } })
+    const forcedLib = await model.generate(prompt, { maxTokens: 6, logitBias: { [forcedId]: 100 } })
+    expect(forcedLib.tokens).toEqual(new Array(6).fill(forcedId))
+    expect(forced.choices[0]!.text).toBe(model.detokenize(forcedLib.tokens))
+    expect(forced.choices[0]!.logprobs!.tokens).toEqual(new Array(6).fill(model.detokenize([forcedId])))
+    // The log-probs are the raw model's (vLLM's default raw_logprobs): what scoring the tokens gives.
+    expect(forced.choices[0]!.logprobs!.token_logprobs).toEqual(forcedLib.logprobs)
+    expect((await model.score(prompt, forcedLib.tokens)).logprobs).toEqual(forcedLib.logprobs)
+    const chat = await client.chat.completions.create({
+      model: 'default', messages: [{ role: 'user', content: QUESTIONS[2]! }], max_tokens: 4, temperature: 0, logit_bias: { [forcedId]: 100 },
+    })
+    expect(chat.choices[0]!.message.content).toBe(model.detokenize(new Array(4).fill(forcedId)))
+
+    const banned = await client.completions.create({ model: 'default', prompt, max_tokens: 16, temperature: 0, logprobs: 0, logit_bias: { [bannedId]: -100 } })
+    const bannedLib = await model.generate(prompt, { maxTokens: 16, logitBias: new Map([[bannedId, -100]]) })
+    expect(bannedLib.tokens).not.toContain(bannedId)
+    expect(banned.choices[0]!.text).toBe(bannedLib.text)
+    expect(banned.choices[0]!.logprobs!.token_logprobs).toEqual(bannedLib.logprobs)
+
+    const penalties = { presence_penalty: 2, frequency_penalty: 1.5 }
+    const penalized = await client.completions.create({ model: 'default', prompt, max_tokens: 16, temperature: 0, logprobs: 0, ...penalties })
+    const penalizedLib = await model.generate(prompt, { maxTokens: 16, presencePenalty: 2, frequencyPenalty: 1.5 })
+    expect(penalizedLib.tokens).not.toEqual(lib.tokens)
+    expect(penalized.choices[0]!.text).toBe(penalizedLib.text)
+    expect(penalized.choices[0]!.logprobs!.token_logprobs).toEqual(penalizedLib.logprobs)
+    // n > 1: each choice is its own completion, counting its own tokens (choice i samples with seed + i).
+    const body = { model: 'default', messages: [{ role: 'user' as const, content: QUESTIONS[3]! }], max_tokens: 12, temperature: 0.9, seed: 77, n: 3, logprobs: true, ...penalties }
+    const r = await client.chat.completions.create(body)
+    for (const [i, c] of r.choices.entries()) {
+      const one = await model.generate(body.messages, { maxTokens: 12, temperature: 0.9, seed: 77 + i, presencePenalty: 2, frequencyPenalty: 1.5 })
+      expect(c.message.content).toBe(one.text)
+      expect(c.logprobs!.content!.map((t) => t.logprob)).toEqual(one.logprobs)
+    }
+    // Streamed equals whole.
+    expect(await ask(client, 'completions', { model: 'default', prompt, max_tokens: 16, temperature: 0, logprobs: 0, ...penalties }, true)).toEqual({
+      text: penalized.choices[0]!.text,
+      tokens: penalized.choices[0]!.logprobs!.tokens,
+      logprobs: penalized.choices[0]!.logprobs!.token_logprobs,
+      finish: penalized.choices[0]!.finish_reason,
+    })
+  })
+
   it('exports Prometheus metrics', async () => {
     const text = await (await fetch(`${server.url}/metrics`)).text()
     for (const name of [
@@ -561,12 +609,42 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
       expect(unknown.status).toBe(400)
       expectErrorBody(unknown.json, unknown.status, 'unknown_parameter', 'temprature')
       expect(unknown.json.error.message).toBe('Unrecognized request argument supplied: temprature')
-      const penalty = await post(url(), { ...ok, frequency_penalty: 0.5 })
-      expect(penalty.status).toBe(400)
-      expectErrorBody(penalty.json, penalty.status, 'invalid_value', 'frequency_penalty')
-      expect((await post(url(), { ...ok, frequency_penalty: 0, presence_penalty: 0, user: 'someone' })).status).toBe(200)
+      const suffix = await post(url(), { ...ok, suffix: 'the end' })
+      expect(suffix.status).toBe(400)
+      expectErrorBody(suffix.json, suffix.status, 'invalid_value', 'suffix')
+      expect((await post(url(), { ...ok, frequency_penalty: 0, presence_penalty: null, logit_bias: {}, suffix: null, user: 'someone' })).status).toBe(200)
       // The official client surfaces the message.
       await expect(client.completions.create({ ...ok, best_of: 3 })).rejects.toMatchObject({ status: 400, code: 'invalid_value', param: 'best_of' })
+    })
+
+    it('penalties and logit_bias out of range are refused with 400 naming the parameter and the limit', async () => {
+      const vocab = model.vocabSize
+      const many = Object.fromEntries(Array.from({ length: 301 }, (_, i) => [String(i), 1]))
+      for (const [extra, param, message] of [
+        [{ frequency_penalty: 2.5 }, 'frequency_penalty', 'Expected number between -2 and 2 or null for frequency_penalty but received 2.5 of type number'],
+        [{ presence_penalty: -3 }, 'presence_penalty', 'Expected number between -2 and 2 or null for presence_penalty but received -3 of type number'],
+        [{ presence_penalty: '1' }, 'presence_penalty', 'Expected number between -2 and 2 or null for presence_penalty but received "1" of type string'],
+        [{ logit_bias: { '5': 101 } }, 'logit_bias[5]', 'Expected number between -100 and 100 for logit_bias[5] but received 101 of type number'],
+        [{ logit_bias: { '5': 'ban' } }, 'logit_bias[5]', 'Expected number between -100 and 100 for logit_bias[5] but received "ban" of type string'],
+        [{ logit_bias: [5] }, 'logit_bias', 'Expected object of at most 300 token ids to biases between -100 and 100, or null for logit_bias but received [5] of type array'],
+        [{ logit_bias: many }, 'logit_bias', 'Expected object of at most 300 token ids to biases between -100 and 100, or null for logit_bias but received {'],
+        [{ logit_bias: { the: -100 } }, 'logit_bias', `Expected token ids between 0 and ${vocab - 1} as the keys of logit_bias but received "the"`],
+        [{ logit_bias: { [String(vocab)]: -100 } }, 'logit_bias', `Expected token ids between 0 and ${vocab - 1} as the keys of logit_bias but received "${vocab}"`],
+        [{ logit_bias: { '007': 1 } }, 'logit_bias', 'as the keys of logit_bias but received "007"'],
+      ] as const) {
+        for (const target of [url(), chatUrl()]) {
+          const body = target === url() ? { ...ok, ...extra } : { model: 'default', messages: [{ role: 'user', content: 'x' }], max_tokens: 2, ...extra }
+          const r = await post(target, body)
+          expect(r.status, JSON.stringify(extra)).toBe(400)
+          expectErrorBody(r.json, r.status, 'invalid_value', param)
+          expect(r.json.error.message).toContain(message)
+        }
+      }
+      // The official client surfaces them.
+      await expect(client.completions.create({ ...ok, logit_bias: { '5': 200 } })).rejects.toMatchObject({ status: 400, code: 'invalid_value', param: 'logit_bias[5]' })
+      // Up to 300 ids are taken.
+      const most = Object.fromEntries(Array.from({ length: 300 }, (_, i) => [String(i), -1]))
+      expect((await post(url(), { ...ok, logit_bias: most, frequency_penalty: -2, presence_penalty: 2 })).status).toBe(200)
     })
 
     it('context overflow: a prompt that leaves no room is a 400; max_tokens is capped by the context', async () => {
