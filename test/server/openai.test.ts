@@ -543,6 +543,7 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
       tokens: penalized.choices[0]!.logprobs!.tokens,
       logprobs: penalized.choices[0]!.logprobs!.token_logprobs,
       finish: penalized.choices[0]!.finish_reason,
+      stop: stopReason(penalized.choices[0]!),
     })
   })
 
