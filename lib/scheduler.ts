@@ -39,6 +39,11 @@ export interface ForwardModel {
    */
   readonly logitProcessorRows?: number
   /**
+   * Optional: allocates what those sequences need on the device, if not yet allocated; throws when
+   * it cannot. Called before admitting a generation with logit processors.
+   */
+  reserveLogitProcessors?(): void
+  /**
    * Runs one step over `chunks` and chooses a token for each logits row they ask for (in chunk
    * order), with the `topN` most likely ids of every row when topN > 0.
    */
@@ -199,6 +204,7 @@ export class Scheduler {
   private peakRunning = 0
   // Rows of the model's logit processor table no running sequence holds.
   private readonly freeProcessorRows: number[]
+  private processorsReserved = false
 
   constructor(model: ForwardModel, options: SchedulerOptions) {
     this.model = model
@@ -371,6 +377,17 @@ export class Scheduler {
       const seq = this.waiting[0]!
       const needsRow = seq.request.kind === 'generate' && !!seq.request.processors
       if (needsRow && this.freeProcessorRows.length === 0) return
+      if (needsRow && !this.processorsReserved) {
+        // The table is allocated at its first use; when that fails, this request alone is refused.
+        try {
+          this.model.reserveLogitProcessors?.()
+          this.processorsReserved = true
+        } catch (err) {
+          this.waiting.shift()
+          seq.reject(err)
+          continue
+        }
+      }
       const reusable = Math.floor((seq.promptLength - 1) / this.allocator.blockSize)
       const hashes = this.allocator.prefixCache ? seq.hasher.extend(seq.tokens, reusable) : []
       const reused = this.allocator.acquirePrefix(hashes)

@@ -78,6 +78,11 @@ export function packSettings(c: NonNullable<TokenChoice['processors']>['settings
 }
 
 export class LogitProcessorTable {
+  /** Device bytes of a table of `rows` rows at a vocabulary of `vocab` tokens. */
+  static bytes(rows: number, vocab: number): number {
+    return rows * (vocab * (2 + 4) + 4 * (SETTINGS + PARAMS + 2 + PLAN_FIELDS)) + 4
+  }
+
   /** u16 [rows, V]: times each token was chosen by the row's completion so far. */
   readonly counts: NativeTensor
   /** i32 [rows, 604]: the row's penalties and biases (csrc/common/logit_processors.h). */

@@ -115,7 +115,16 @@ export class OutputHead {
   processorTable(): LogitProcessorTable {
     if (!this.processors || this.processors.rows === 0)
       throw new RangeError('This output head has no logit processor rows: a choice with processors cannot run here')
-    this.table ??= new LogitProcessorTable(this.device, this.processors.rows, this.processors.vocab)
+    if (!this.table) {
+      const { rows, vocab } = this.processors
+      try {
+        this.table = new LogitProcessorTable(this.device, rows, vocab)
+      } catch (err) {
+        const mib = (LogitProcessorTable.bytes(rows, vocab) / 2 ** 20).toFixed(1)
+        const why = err instanceof Error ? err.message : String(err)
+        throw new Error(`Could not allocate the table of penalties and logit bias (${mib} MiB for ${rows} sequences at ${vocab} tokens) on ${this.device}: ${why}`, { cause: err })
+      }
+    }
     return this.table
   }
 

@@ -288,6 +288,15 @@ export class Transformer {
     }
   }
 
+  /**
+   * Allocates the table of penalties and logit bias if it is not yet (the scheduler calls this
+   * when it admits a generation that uses them, so that a failed allocation refuses that request
+   * alone instead of failing a step and every request in it).
+   */
+  reserveLogitProcessors(): void {
+    this.head.processorTable()
+  }
+
   /** The decode buckets and the graphs captured so far (null when graphs are off). */
   graphStats(): GraphStats | null {
     return this.graphs?.stats() ?? null

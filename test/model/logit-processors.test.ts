@@ -242,6 +242,40 @@ describe('logit processors at the model boundary', () => {
       model.dispose()
     }
   })
+
+  it('a table that cannot be allocated refuses the request that needs it, not the others', async () => {
+    const model = await Transformer.load(dir, { device: 'cpu', maxBatchTokens: 64, kvBlocks: 40, kvBlockSize: 16, logitProcessorRows: 2 })
+    try {
+      let tries = 0
+      // The model as the scheduler sees it, with the table's allocation failing once.
+      const failing = Object.create(model, {
+        reserveLogitProcessors: {
+          value: () => {
+            if (tries++ === 0) throw new Error('out of memory (a stand-in)')
+            model.reserveLogitProcessors()
+          },
+        },
+      }) as ForwardModel
+      const scheduler = new Scheduler(failing, { maxBatchSize: 4, prefillChunkSize: 64 })
+      const processors = { frequencyPenalty: 0.5, presencePenalty: 0.5, logitBias: [] as [number, number][] }
+      const plain: number[] = []
+      const go = (p: LogitProcessors | null, into: number[] = []) =>
+        scheduler.submit({ kind: 'generate', prompt: [5, 6, 7], maxTokens: 6, sampling: null, processors: p, onToken: (t) => into.push(t) > 0 }).done
+      const [refused, served] = await Promise.allSettled([go(processors), go(null, plain)])
+      expect(refused.status).toBe('rejected')
+      expect(String((refused as PromiseRejectedResult).reason)).toContain('out of memory (a stand-in)')
+      expect(served.status).toBe('fulfilled')
+      expect(plain.length).toBe(6)
+      // The next request with processors allocates it and runs.
+      const again: number[] = []
+      await go(processors, again)
+      expect(again.length).toBe(6)
+      expect(tries).toBe(2)
+      await scheduler.close(new Error('done'))
+    } finally {
+      model.dispose()
+    }
+  })
 })
 
 /** Greedy completions of "ROMEO:" by the shipped model: its tokens repeat, unless a strong presence penalty forbids it. */
