@@ -10,6 +10,7 @@
 //   node bench/generate.mjs --model DIR --batches 1,8,64 --prompt-tokens 128 --new-tokens 128
 //   node bench/generate.mjs --baseline               # also transformers, same prompts
 //   node bench/generate.mjs --samplings greedy,t0.7-p0.9,t0.7-k50   # sampled rows beside greedy
+//   node bench/generate.mjs --samplings greedy,f0.5-q0.5-b50,t0.7-p0.9-f0.5  # penalties and logit bias (f, q, b)
 //   node bench/generate.mjs --prefill-kernel mma.sync # (development) prefill attention with the sm_80-89 kernel
 //   node bench/generate.mjs --matmul-kernels mma.sync # (development) every matmul with the sm_80-89 kernels
 //   node bench/generate.mjs --launch-ahead off        # decode steps one after another (default on:
@@ -93,21 +94,36 @@ const repeats = positive('repeats', args.repeats)
 const prefillTokens = positive('prefill-tokens', args['prefill-tokens'] ?? (onGpu ? '2048' : '256'))
 const prefillChunk = positive('prefill-chunk', args['prefill-chunk'])
 
-/** "greedy" or "t0.7-p0.9-k50-m0.05" -> sampling parameters (null: greedy). */
-function parseSampling(name) {
-  if (name === 'greedy') return null
+/**
+ * "greedy" or "t0.7-p0.9-k50-m0.05" -> the sampling parameters (null: greedy) and the processors
+ * (null: none) of a request. Penalties and logit
+ * bias may follow, or stand alone for greedy: f (frequency_penalty), q (presence_penalty), b (that
+ * many logit_bias entries, ids spread over the vocabulary, biases of +-1), e.g. "f0.5-q0.5-b50".
+ */
+function parseChoice(name) {
+  if (name === 'greedy') return { sampling: null, processors: null }
   const p = { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 1 }
+  const proc = { frequencyPenalty: 0, presencePenalty: 0, logitBias: [] }
+  let sampled = false
+  let processed = false
   for (const part of name.split('-')) {
     const value = Number(part.slice(1))
     const key = { t: 'temperature', p: 'topP', k: 'topK', m: 'minP' }[part[0]]
-    if (!key || !Number.isFinite(value)) throw new Error(`Expected a sampling like greedy or t0.7-p0.9 for --samplings but received ${name}`)
-    p[key] = value
+    const procKey = { f: 'frequencyPenalty', q: 'presencePenalty', b: 'logitBias' }[part[0]]
+    if ((!key && !procKey) || !Number.isFinite(value)) throw new Error(`Expected a sampling like greedy, t0.7-p0.9 or f0.5-q0.5-b50 for --samplings but received ${name}`)
+    if (key) {
+      p[key] = value
+      sampled = true
+    } else {
+      proc[procKey] = procKey === 'logitBias' ? Array.from({ length: value }, (_, i) => [(i * 7919 + 13) % 4096, i % 2 ? -1 : 1]) : value
+      processed = true
+    }
   }
-  if (!(p.temperature > 0)) throw new Error(`Expected a temperature above 0 (t0.7) in --samplings ${name}`)
-  return p
+  if (sampled && !(p.temperature > 0)) throw new Error(`Expected a temperature above 0 (t0.7) in --samplings ${name}`)
+  return { sampling: sampled ? p : null, processors: processed ? proc : null }
 }
 const samplings = (args.samplings ?? (onGpu ? 'greedy,t0.7-p0.9,t0.7-k50' : 'greedy,t0.7-p0.9')).split(',')
-samplings.forEach(parseSampling)
+samplings.forEach(parseChoice)
 
 let modelDir = args.model
 let scratch = null
@@ -187,7 +203,8 @@ const longPrompt = Array.from({ length: prefillTokens }, () => 1 + Math.floor(ra
  * Runs `list` together (all submitted at once), each to exactly `tokens` new tokens; `arrivals[i]`
  * holds the times (ms) at which request i's tokens arrived.
  */
-async function serve(list, tokens, options, sampling = null) {
+async function serve(list, tokens, options, choice = { sampling: null, processors: null }) {
+  const { sampling, processors } = choice
   const scheduler = new Scheduler(model, { ...options, launchAhead })
   const arrivals = list.map(() => [])
   const started = performance.now()
@@ -199,6 +216,7 @@ async function serve(list, tokens, options, sampling = null) {
           prompt,
           maxTokens: tokens,
           sampling: sampling && { ...sampling, seed: i },
+          processors,
           onToken: () => {
             arrivals[i].push(performance.now())
             return true
@@ -239,7 +257,7 @@ function measure(kernels, samplingNames, graphs) {
         // 512 tokens a step, decodes first, so a batch of 64 128-token prompts takes over 20 steps
         // to admit, and with 4 new tokens its first requests were done before the last were admitted
         // (no step of 64 decodes, whose bucket the timed run then ran eagerly and captured).
-        const timedRun = () => serve(prompts.slice(0, batch), newTokens, { maxBatchSize: batch, prefillChunkSize: prefillChunk }, parseSampling(sampling))
+        const timedRun = () => serve(prompts.slice(0, batch), newTokens, { maxBatchSize: batch, prefillChunkSize: prefillChunk }, parseChoice(sampling))
         await timedRun()
         const runs = []
         for (let r = 0; r < repeats; r++) {
