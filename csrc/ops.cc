@@ -585,6 +585,7 @@ void set_matmul_kernels(const std::string& kernels) {
 
 const char* cuda_matmul_kernels() { return cuda::matmul_kernels(); }
 const char* cuda_prefill_kernel() { return cuda::prefill_kernel(); }
+size_t cuda_decode_workspace_bytes() { return cuda::decode_workspace_bytes(); }
 
 #if defined(DETINFER_STAMPS)
 void matmul_stamps(std::vector<MatmulStampRecord>& records, std::vector<unsigned long long>& data, long long& next) {

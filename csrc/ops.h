@@ -41,6 +41,8 @@ void set_matmul_kernels(const std::string& kernels);
 // architecture, same build" means.
 const char* cuda_matmul_kernels();
 const char* cuda_prefill_kernel();
+// Bytes of the CUDA decode attention workspace the process holds (0 in a build without CUDA).
+size_t cuda_decode_workspace_bytes();
 
 #if defined(DETINFER_STAMPS)
 // Development (cmake -DDETINFER_STAMPS=ON): the descriptions of the last sm_90 matmul launches, by

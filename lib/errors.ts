@@ -12,6 +12,8 @@
 //   non-finite values); lib/tokenizer.ts checks tokenizer.json, tokenizer_config.json,
 //   generation_config.json and the chat template (ids against the model's vocabulary, special
 //   tokens, rendering bounded in time and size). Each names the file and the field or tensor.
+// - lib/model/load-memory.ts checks, before the first weight is uploaded to a GPU, that the load
+//   fits in the device's free memory (DeviceMemoryError).
 // - lib/model/transformer.ts checks the chunks of a step, in internal terms (chunks[i].tokens):
 //   a message from there means a caller above let something through.
 // - The native ops (csrc/binding) check dtypes, shapes and devices of their tensor arguments and
@@ -41,6 +43,30 @@ export class NonFiniteLogitsError extends Error {
         `its weights or config.json (for example rope_theta or rms_norm_eps) are likely corrupt`,
     )
     this.name = 'NonFiniteLogitsError'
+  }
+}
+
+/** Bytes a load needs on its GPU (by part), the margin the check keeps, and what the device has. */
+export interface DeviceMemoryNeeds {
+  weights: number
+  kvCache: number
+  other: number
+  margin: number
+  free: number
+  total: number
+}
+
+/**
+ * Loading a model on a GPU whose free memory cannot hold its weights, KV cache and step buffers,
+ * found before the first weight is uploaded (lib/model/load-memory.ts).
+ */
+export class DeviceMemoryError extends Error {
+  constructor(
+    message: string,
+    readonly needs: DeviceMemoryNeeds,
+  ) {
+    super(message)
+    this.name = 'DeviceMemoryError'
   }
 }
 

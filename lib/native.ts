@@ -223,8 +223,12 @@ export interface NativeAddon {
   graphEnd(): NativeGraph
   /** Ends a capture after an error, discarding it and clearing the error; does nothing when none is running. */
   graphAbort(): void
-  /** GPU memory free and in all, in bytes, once the stream's work has run (CUDA only). */
-  memoryInfo(): { free: number; total: number }
+  /**
+   * GPU memory free and in all, in bytes, once the stream's work has run (CUDA only), and the
+   * bytes of the decode attention workspace the process holds (grown by decode steps, never
+   * released: a model loaded later reuses it).
+   */
+  memoryInfo(): { free: number; total: number; decodeWorkspace: number }
 }
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..')

@@ -83,6 +83,7 @@ Napi::Value MemoryInfo(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(info.Env());
   o.Set("free", static_cast<double>(free_bytes));
   o.Set("total", static_cast<double>(total_bytes));
+  o.Set("decodeWorkspace", static_cast<double>(ops::cuda_decode_workspace_bytes()));
   return o;
 }
 

@@ -1448,19 +1448,24 @@ AttentionLaunch choose_launch(const AttentionBatch& batch, int num_seqs) {
 // more: allocating per launch costs tens of microseconds, since the stream-ordered pool hands its
 // memory back at every synchronize. All launches share the one stream, so reuse is ordered.
 // Never released (it lives as long as the process's CUDA context).
+struct DecodeWorkspace {
+  std::mutex mutex;
+  void* ptr = nullptr;
+  size_t capacity = 0;
+};
+DecodeWorkspace g_decode_workspace;
+
 float* decode_workspace(size_t bytes) {
-  static std::mutex mutex;
-  static void* ptr = nullptr;
-  static size_t capacity = 0;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (bytes > capacity) {
-    const size_t grown = std::max(bytes, 2 * capacity);
+  DecodeWorkspace& w = g_decode_workspace;
+  std::lock_guard<std::mutex> lock(w.mutex);
+  if (bytes > w.capacity) {
+    const size_t grown = std::max(bytes, 2 * w.capacity);
     void* fresh = cuda_runtime::alloc(grown);
-    cuda_runtime::free(ptr);  // stream-ordered: after the launches that used it
-    ptr = fresh;
-    capacity = grown;
+    cuda_runtime::free(w.ptr);  // stream-ordered: after the launches that used it
+    w.ptr = fresh;
+    w.capacity = grown;
   }
-  return static_cast<float*>(ptr);
+  return static_cast<float*>(w.ptr);
 }
 
 std::string describe_launch(const Tensor& q, const Tensor& k_cache, const AttentionBatch& b) {
@@ -1621,6 +1626,11 @@ bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data()) %
 }  // namespace
 
 const char* prefill_kernel() { return prefill_wgmma() ? "wgmma" : "mma.sync"; }
+
+size_t decode_workspace_bytes() {
+  std::lock_guard<std::mutex> lock(g_decode_workspace.mutex);
+  return g_decode_workspace.capacity;
+}
 
 void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& v, const Tensor& slots) {
   const int64_t tokens = k.dim(0), row = k.dim(1) * k.dim(2), capacity = k_cache.dim(0) * k_cache.dim(1);

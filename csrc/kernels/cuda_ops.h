@@ -4,6 +4,7 @@
 // states its invariant.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "../common/op_list.h"
@@ -28,5 +29,9 @@ const char* matmul_kernels();
 // The prefill attention kernel this process runs now: "wgmma" (sm_90a) or "mma.sync" (elsewhere,
 // or forced by setPrefillKernel). Either gives the same bits.
 const char* prefill_kernel();
+
+// Bytes of the decode attention workspace this process holds (attention.cu): grown, never
+// released, so a model loaded later reuses it. 0 before the first decode attention launch.
+size_t decode_workspace_bytes();
 
 }  // namespace detinfer::cuda

@@ -12,5 +12,6 @@ DETINFER_BACKEND_OPS(DETINFER_STUB_OP)
 
 const char* matmul_kernels() { return "none"; }
 const char* prefill_kernel() { return "none"; }
+size_t decode_workspace_bytes() { return 0; }
 
 }  // namespace detinfer::cuda

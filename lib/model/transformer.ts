@@ -14,13 +14,14 @@ import { native, type AttentionBatch, type DeviceName, type NativeTensor } from 
 import { loadModelConfig, type ModelConfig } from './config.js'
 import { DecodeGraphs, type GraphStats } from './decode-graphs.js'
 import { checkRowProcessors } from './logit-processors.js'
-import { OutputHead, type ChosenIds, type StepTokens, type TokenChoice } from './output-head.js'
+import { MAX_TOP_LOGPROBS, OutputHead, type ChosenIds, type StepTokens, type TokenChoice } from './output-head.js'
 import { StepInputs, checkChunks, inputInts, layoutStep, type SequenceChunk, type StepLimits, type StepSizes, type StepViews } from './step-layout.js'
 import type { LaunchedStep } from '../step.js'
 
 export type { SequenceChunk }
 import { ropeTable } from './rope.js'
-import { disposeWeights, loadWeights, type LayerWeights, type LoadProgress, type ModelWeights } from './weights.js'
+import { allocationError, disposeWeights, loadWeights, type LayerWeights, type LoadProgress, type ModelWeights } from './weights.js'
+import { checkDeviceMemory, deviceWeightBytes, type DeviceMemory, type LoadSizes } from './load-memory.js'
 import { checkTensorParallel, disposeRankLayers, rankLayers, type RankLayer } from './tensor-parallel.js'
 
 export interface ForwardOutput {
@@ -63,6 +64,11 @@ export interface TransformerOptions {
   tensorParallel?: number
   /** @internal dir's config.json, when the caller parsed it already. */
   config?: ModelConfig
+  /**
+   * @internal Reads the CUDA device's free and total memory for the check before the weights
+   * upload (default: the device's own figures); tests give a smaller free figure.
+   */
+  deviceMemory?: () => DeviceMemory
   onProgress?: (p: LoadProgress) => void
 }
 
@@ -154,9 +160,12 @@ function blockProducts(
   })
 }
 
+/** Allocates a tensor that `what` names in the error when it fails. */
+type Allocate = (what: string, dtype: 'bf16' | 'f32', shape: number[]) => NativeTensor
+
 /** The step buffers for `T` tokens and `L` logit rows. */
 function allocateActivations(
-  alloc: (dtype: 'bf16' | 'f32', shape: number[]) => NativeTensor,
+  alloc: Allocate,
   c: ModelConfig,
   T: number,
   L: number,
@@ -166,38 +175,39 @@ function allocateActivations(
   const I = c.intermediateSize
   const qWidth = c.numHeads * c.headDim
   const kvWidth = c.numKvHeads * c.headDim
+  const step = (name: string, dtype: 'bf16' | 'f32', shape: number[]) => alloc(`the step buffer ${name}`, dtype, shape)
   return {
-    residual: alloc('bf16', [T, H]),
-    residualNext: alloc('bf16', [T, H]),
-    normed: alloc('bf16', [T, H]),
-    proj: alloc('bf16', [T, H]),
-    qkv: alloc('bf16', [T, qWidth + 2 * kvWidth]),
-    q: alloc('bf16', [T, qWidth]),
-    qNormed: unfused && c.qkNorm ? alloc('bf16', [T, qWidth]) : null,
-    kNormed: unfused && c.qkNorm ? alloc('bf16', [T, kvWidth]) : null,
-    attn: alloc('bf16', [T, qWidth]),
-    gateUp: alloc('bf16', [T, 2 * I]),
-    act: alloc('bf16', [T, I]),
-    gathered: alloc('bf16', [L, H]),
-    logits: alloc('f32', [L, c.vocabSize]),
+    residual: step('residual', 'bf16', [T, H]),
+    residualNext: step('residualNext', 'bf16', [T, H]),
+    normed: step('normed', 'bf16', [T, H]),
+    proj: step('proj', 'bf16', [T, H]),
+    qkv: step('qkv', 'bf16', [T, qWidth + 2 * kvWidth]),
+    q: step('q', 'bf16', [T, qWidth]),
+    qNormed: unfused && c.qkNorm ? step('qNormed', 'bf16', [T, qWidth]) : null,
+    kNormed: unfused && c.qkNorm ? step('kNormed', 'bf16', [T, kvWidth]) : null,
+    attn: step('attn', 'bf16', [T, qWidth]),
+    gateUp: step('gateUp', 'bf16', [T, 2 * I]),
+    act: step('act', 'bf16', [T, I]),
+    gathered: step('gathered', 'bf16', [L, H]),
+    logits: step('logits', 'f32', [L, c.vocabSize]),
   }
 }
 
 /** The emulated ranks' state: rank 0 shares the model's cache (and, at TP1, its buffers). */
 function allocateTensorParallel(
-  alloc: (dtype: 'bf16' | 'f32', shape: number[]) => NativeTensor,
+  alloc: Allocate,
   c: ModelConfig,
   T: number,
   L: number,
   N: number,
   act: Activations,
   cache: KvCache,
-  newCache: () => KvCache,
+  newCache: (rank: number) => KvCache,
   layers: RankLayer[][],
 ): TensorParallelState {
   const owned: NativeTensor[] = []
-  const own = (dtype: 'bf16' | 'f32', shape: number[]) => {
-    const t = alloc(dtype, shape)
+  const own = (what: string, dtype: 'bf16' | 'f32', shape: number[]) => {
+    const t = alloc(what, dtype, shape)
     owned.push(t)
     return t
   }
@@ -211,16 +221,17 @@ function allocateTensorParallel(
       continue
     }
     if (r > 0) {
-      const rankCache = newCache()
+      const rankCache = newCache(r)
       owned.push(...rankCache.k, ...rankCache.v)
       caches.push(rankCache)
     }
+    const rank = (name: string, shape: number[]) => own(`rank ${r}'s step buffer ${name}`, 'bf16', shape)
     buffers.push({
-      qkv: own('bf16', [T, ((c.numHeads + 2 * c.numKvHeads) / N) * D]),
-      q: own('bf16', [T, (c.numHeads / N) * D]),
-      attn: own('bf16', [T, (c.numHeads / N) * D]),
-      gateUp: own('bf16', [T, (2 * I) / N]),
-      act: own('bf16', [T, I / N]),
+      qkv: rank('qkv', [T, ((c.numHeads + 2 * c.numKvHeads) / N) * D]),
+      q: rank('q', [T, (c.numHeads / N) * D]),
+      attn: rank('attn', [T, (c.numHeads / N) * D]),
+      gateUp: rank('gateUp', [T, (2 * I) / N]),
+      act: rank('act', [T, I / N]),
     })
   }
   return {
@@ -228,11 +239,17 @@ function allocateTensorParallel(
     layers,
     caches,
     buffers,
-    partials: own('f32', [8 * T * c.hiddenSize]),
-    logitShards: N > 1 ? own('f32', [L * c.vocabSize]) : null,
+    partials: own('the row-parallel partials', 'f32', [8 * T * c.hiddenSize]),
+    logitShards: N > 1 ? own('the logit shards', 'f32', [L * c.vocabSize]) : null,
     gatherIds: new Map(),
     owned,
   }
+}
+
+/** The CUDA device's free and total memory, and the decode attention workspace the process holds. */
+function cudaDeviceMemory(): DeviceMemory {
+  const n = native()
+  return { ...n.memoryInfo(), name: n.cudaStatus().devices[0]?.name ?? 'device 0' }
 }
 
 export class Transformer {
@@ -321,25 +338,52 @@ export class Transformer {
 
     const config = opts.config ?? (await loadModelConfig(dir))
     const tpRanks = opts.tensorParallel === undefined ? 0 : checkTensorParallel(opts.tensorParallel, config, device)
-    const weights = await loadWeights(dir, config, device, opts.onProgress)
+    // On CUDA, what the load allocates must fit in the device's free memory: checked once the
+    // weights' headers are, before the first upload (lib/model/load-memory.ts).
+    const sizes: LoadSizes = {
+      maxBatchTokens,
+      maxLogitRows,
+      kvBlocks,
+      kvBlockSize,
+      tensorParallel: tpRanks,
+      capturedGraphs: cudaGraphs && device === 'cuda',
+      unfusedLayers: unfused,
+    }
+    const readMemory = opts.deviceMemory ?? cudaDeviceMemory
+    const weights = await loadWeights(dir, config, device, {
+      ...(opts.onProgress && { onProgress: opts.onProgress }),
+      ...(device === 'cuda' && {
+        beforeUpload: (tensors) => void checkDeviceMemory(dir, config, sizes, readMemory(), deviceWeightBytes(tensors)),
+      }),
+    })
     let rankWeights: RankLayer[][] = []
     const n = native()
+    // Everything allocated here, freed if a later allocation (or anything else) fails; an
+    // allocation that fails names what it was for.
     const owned: { dispose(): void }[] = []
-    const alloc = (dtype: 'bf16' | 'f32', shape: number[]) => {
-      const t = n.empty(device, dtype, shape)
+    const named = <T extends { dispose(): void }>(what: string, dtype: 'bf16' | 'f32' | 'i32', shape: number[], make: () => T): T => {
+      let t: T
+      try {
+        t = make()
+      } catch (err) {
+        throw allocationError(`allocate ${what} on ${device}`, dtype, shape, dir, err)
+      }
       owned.push(t)
       return t
     }
+    const alloc: Allocate = (what, dtype, shape) => named(what, dtype, shape, () => n.empty(device, dtype, shape))
+    let model: Transformer
     try {
       const maxPositions = Math.min(config.maxPositionEmbeddings, kvBlocks * kvBlockSize)
-      const cosSin = n.fromBuffer(device, 'f32', [maxPositions, config.headDim], ropeTable(config, maxPositions))
-      owned.push(cosSin)
+      const ropeShape = [maxPositions, config.headDim]
+      const cosSin = named('the RoPE table', 'f32', ropeShape, () => n.fromBuffer(device, 'f32', ropeShape, ropeTable(config, maxPositions)))
       const cacheShape = [kvBlocks, kvBlockSize, config.numKvHeads / Math.max(1, tpRanks), config.headDim]
-      const newCache = (): KvCache => {
+      const newCache = (rank = 0): KvCache => {
         const cache: KvCache = { k: [], v: [] }
+        const of = tpRanks > 1 ? ` of rank ${rank}` : ''
         for (let l = 0; l < config.numLayers; l++) {
-          cache.k.push(alloc('bf16', cacheShape))
-          cache.v.push(alloc('bf16', cacheShape))
+          cache.k.push(alloc(`the KV cache's keys of layer ${l}${of}`, 'bf16', cacheShape))
+          cache.v.push(alloc(`the KV cache's values of layer ${l}${of}`, 'bf16', cacheShape))
         }
         return cache
       }
@@ -350,21 +394,27 @@ export class Transformer {
         rankWeights = await rankLayers(weights, config, device, tpRanks)
         tp = allocateTensorParallel(alloc, config, maxBatchTokens, maxLogitRows, tpRanks, act, cache, newCache, rankWeights)
       }
-      const head = new OutputHead(device, maxLogitRows, { rows: logitProcessorRows, vocab: config.vocabSize })
-      owned.push(head)
+      // params [L, 8], results [L, 2 + 2 * MAX_TOP_LOGPROBS] and a row map [L], i32
+      const headShape = [maxLogitRows, 8 + 2 + 2 * MAX_TOP_LOGPROBS + 1]
+      const head = named('the token-choice buffers', 'i32', headShape, () => new OutputHead(device, maxLogitRows, { rows: logitProcessorRows, vocab: config.vocabSize }))
       const maxBlocks = Math.ceil(maxPositions / kvBlockSize)
-      const inputs = new StepInputs(device, inputInts(maxBatchTokens, maxLogitRows, maxBatchTokens, maxBlocks))
-      owned.push(inputs)
+      const inputCount = inputInts(maxBatchTokens, maxLogitRows, maxBatchTokens, maxBlocks)
+      const inputs = named('the step inputs', 'i32', [inputCount], () => new StepInputs(device, inputCount))
       const state = { weights, cache, act, cosSin, head, inputs }
-      const model = new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxPositions, state, unfused, cudaGraphs, tp)
-      model.probe(dir)
-      return model
+      model = new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxPositions, state, unfused, cudaGraphs, tp)
     } catch (err) {
       for (const t of owned) t.dispose()
       disposeRankLayers(rankWeights)
       disposeWeights(weights)
       throw err
     }
+    try {
+      model.probe(dir)
+    } catch (err) {
+      model.dispose() // everything above, and whatever the probe's step made
+      throw err
+    }
+    return model
   }
 
   /**

@@ -194,12 +194,26 @@ function nonFiniteError(info: TensorInfo, bits: Uint16Array, at: number): Error 
   )
 }
 
-/** Reads every weight of `config` from the checkpoint in `dir` onto `device` as bf16. */
+export interface LoadWeightsOptions {
+  onProgress?: (p: LoadProgress) => void
+  /**
+   * Called with the checkpoint's tensors once their headers are checked against the config, before
+   * any is read or uploaded: where a load that cannot fit on the device is refused. A throw ends
+   * the load.
+   */
+  beforeUpload?: (tensors: readonly TensorInfo[]) => void
+}
+
+/**
+ * Reads every weight of `config` from the checkpoint in `dir` onto `device` as bf16. When an
+ * upload fails (out of device memory, say), the tensors uploaded so far are freed and the error
+ * names the tensor.
+ */
 export async function loadWeights(
   dir: string,
   config: ModelConfig,
   device: DeviceName,
-  onProgress?: (p: LoadProgress) => void,
+  { onProgress, beforeUpload }: LoadWeightsOptions = {},
 ): Promise<ModelWeights> {
   const checkpoint = await SafetensorsCheckpoint.open(dir)
   const loaded = new Map<string, NativeTensor>()
@@ -208,10 +222,18 @@ export async function loadWeights(
   const groupOf = new Map<string, [string, string[]]>()
   for (const [name, parts] of fusedTensors(config)) for (const part of parts) groupOf.set(part, [name, parts])
   const waiting = new Map<string, { info: TensorInfo; bits: Uint16Array }>()
+  const upload = (what: string, shape: number[], bits: Uint16Array): NativeTensor => {
+    try {
+      return native().fromBuffer(device, 'bf16', shape, bits)
+    } catch (err) {
+      throw allocationError(`load ${what} onto ${device}`, 'bf16', shape, dir, err)
+    }
+  }
   // The next tensor is read from disk while this one is scanned and copied to the device.
   let reading: Promise<Buffer> | null = null
   try {
     const infos = checkTensors(checkpoint, config, join(dir, 'config.json'))
+    beforeUpload?.(infos)
     const totalBytes = infos.reduce((s, t) => s + t.nbytes, 0)
     let loadedBytes = 0
     onProgress?.({ loadedBytes, totalBytes })
@@ -227,13 +249,14 @@ export async function loadWeights(
       if (bad >= 0) throw nonFiniteError(info, bits, bad)
       const group = groupOf.get(info.name)
       if (!group) {
-        loaded.set(info.name, native().fromBuffer(device, 'bf16', info.shape, bits))
+        loaded.set(info.name, upload(`tensor ${info.name}`, info.shape, bits))
       } else {
         waiting.set(info.name, { info, bits })
         const [name, parts] = group
         if (parts.every((p) => waiting.has(p))) {
           const members = parts.map((p) => waiting.get(p)!)
-          loaded.set(name, native().fromBuffer(device, 'bf16', concatRows(members.map((m) => m.info.shape)), concatBits(members.map((m) => m.bits))))
+          const what = `tensors ${parts.join(', ')} (concatenated)`
+          loaded.set(name, upload(what, concatRows(members.map((m) => m.info.shape)), concatBits(members.map((m) => m.bits))))
           for (const p of parts) waiting.delete(p)
         }
       }
@@ -249,6 +272,17 @@ export async function loadWeights(
     await checkpoint.close()
   }
   return assemble(config, loaded)
+}
+
+/**
+ * The error of a failed allocation or upload while loading the model in `dir` (`action`: what was
+ * being done, naming the tensor), with the native error as its message's end and its cause.
+ */
+export function allocationError(action: string, dtype: string, shape: readonly number[], dir: string, cause: unknown): Error {
+  const reason = cause instanceof Error ? cause.message : String(cause)
+  const bytes = shape.reduce((a, b) => a * b, 1) * (dtype === 'bf16' ? 2 : 4)
+  const size = bytes >= 2 ** 20 ? `${(bytes / 2 ** 20).toFixed(2)} MiB` : `${bytes} bytes`
+  return new Error(`Could not ${action} (${dtype} ${shapeText(shape)}, ${size}) while loading the model in ${dir}: ${reason}`, { cause })
 }
 
 /** Shape of tensors stacked along their first dimension. */

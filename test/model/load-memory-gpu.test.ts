@@ -1,0 +1,154 @@
+// The device memory check on a real GPU: a load refused for lack of free memory (a smaller free
+// figure given through the loader's internal reading) leaves the device's memory as it was; an
+// allocation that fails midway through a load frees what the load made and names what failed; and
+// the estimate is what a load takes from the device.
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { afterAll, beforeAll, expect, it } from 'vitest'
+import { DeviceMemoryError } from '../../lib/errors.js'
+import { loadModelConfig } from '../../lib/model/config.js'
+import { estimateLoadMemory, type DeviceMemory, type LoadSizes } from '../../lib/model/load-memory.js'
+import { Transformer, type TransformerOptions } from '../../lib/model/transformer.js'
+import { native, type NativeTensor } from '../../lib/native.js'
+import type { TokenChoice } from '../../lib/sampling.js'
+import { describeGpu } from '../helpers/gpu.js'
+import { writeTinyModel } from '../helpers/tiny-model.js'
+
+const MiB = 2 ** 20
+const GiB = 2 ** 30
+
+let root: string
+beforeAll(() => {
+  root = mkdtempSync(join(tmpdir(), 'detinfer-load-memory-gpu-'))
+})
+afterAll(() => rmSync(root, { recursive: true, force: true }))
+
+/** Plenty of free memory, whatever the device has: the check passes and the allocations decide. */
+const plenty = (): DeviceMemory => ({ free: 2 ** 50, total: 2 ** 50 })
+
+describeGpu('the device memory check on CUDA', () => {
+  // Head dim 64, which the CUDA attention kernels take; about 116 MiB of weights in 4 layers.
+  let dir: string
+  beforeAll(() => {
+    dir = writeTinyModel(join(root, 'model'), {
+      architecture: 'LlamaForCausalLM',
+      hiddenSize: 1024,
+      intermediateSize: 4096,
+      numLayers: 4,
+      numHeads: 16,
+      numKvHeads: 4,
+      headDim: 64,
+      maxPositions: 4096,
+    }).dir
+  })
+  const opts = (extra: Partial<TransformerOptions> = {}): TransformerOptions => ({
+    device: 'cuda',
+    maxBatchTokens: 128,
+    maxLogitRows: 64,
+    kvBlocks: 256,
+    kvBlockSize: 16,
+    ...extra,
+  })
+
+  it('refuses a load that the free memory cannot hold before uploading anything, and the memory stays as it was', async () => {
+    const before = native().memoryInfo()
+    const small = (): DeviceMemory => ({ ...native().memoryInfo(), free: 64 * MiB })
+    const error = await Transformer.load(dir, opts({ deviceMemory: small })).catch((err: unknown) => err)
+    expect(error).toBeInstanceOf(DeviceMemoryError)
+    const message = (error as Error).message
+    console.log(message)
+    expect(message).toContain(`Not enough free memory on GPU 0 to load the model in ${dir}: it needs`)
+    expect(message).toContain("but 64.00 MiB of the device's")
+    expect(message).toContain('The weights alone do not fit')
+    // Nothing was allocated (1 MiB of slack for another process on the GPU).
+    expect(Math.abs(native().memoryInfo().free - before.free)).toBeLessThan(MiB)
+  })
+
+  it('names the device and the KV cache that would fit when the free memory is short of the cache', async () => {
+    const config = await loadModelConfig(dir)
+    const sizes: LoadSizes = { maxBatchTokens: 128, maxLogitRows: 64, kvBlocks: 256, kvBlockSize: 16, tensorParallel: 0, capturedGraphs: true }
+    const need = estimateLoadMemory(config, sizes)
+    const { total } = native().memoryInfo()
+    const margin = 256 * MiB + Math.ceil(total / 100)
+    const short = (): DeviceMemory => ({ free: need.total + margin - need.kvCache / 2, total, name: native().cudaStatus().devices[0]!.name })
+    const error = await Transformer.load(dir, opts({ deviceMemory: short })).catch((err: unknown) => err)
+    expect(error).toBeInstanceOf(DeviceMemoryError)
+    expect((error as Error).message).toContain(`Not enough free memory on GPU 0 (${native().cudaStatus().devices[0]!.name})`)
+    expect((error as Error).message).toMatch(/A KV cache of at most [\d,]+ positions fits with the rest unchanged/)
+  })
+
+  it('an allocation that fails after the weights frees them and what came after, and names the tensor', async () => {
+    const before = native().memoryInfo()
+    // KV-cache tensors of two sevenths of the free memory each: layer 0's keys and values and
+    // layer 1's keys fit, its values do not.
+    const perBlock = 16 * 4 * 64 * 2
+    const kvBlocks = Math.ceil((before.free * 2) / 7 / perBlock)
+    const error = await Transformer.load(dir, opts({ kvBlocks, deviceMemory: plenty })).catch((err: unknown) => err)
+    expect(error).toBeInstanceOf(Error)
+    const message = (error as Error).message
+    console.log(message)
+    expect(message).toContain(`Could not allocate the KV cache's values of layer 1 on cuda (bf16 [${kvBlocks}, 16, 4, 64]`)
+    expect(message).toContain(`while loading the model in ${dir}: out of GPU memory allocating`)
+    const after = native().memoryInfo()
+    expect(Math.abs(after.free - before.free)).toBeLessThan(8 * MiB)
+  })
+
+  it('an upload that fails midway through the weights frees those uploaded, and names the tensor', async () => {
+    // Fill the device until less than half the weights' 116 MiB stays free.
+    const fill: NativeTensor[] = []
+    const n = native()
+    const before = n.memoryInfo()
+    try {
+      let free = before.free
+      while (free > 56 * MiB) {
+        const elements = free > 2 * GiB ? Math.floor((free - GiB) / 2) : 4 * MiB
+        fill.push(n.empty('cuda', 'bf16', [elements]))
+        free = n.memoryInfo().free
+      }
+      const held = n.memoryInfo()
+      console.log(`filled: ${held.free} bytes free of ${held.total}`)
+      const error = await Transformer.load(dir, opts({ deviceMemory: plenty })).catch((err: unknown) => err)
+      expect(error).toBeInstanceOf(Error)
+      const message = (error as Error).message
+      console.log(message)
+      expect(message).toMatch(/^Could not load tensors? model\.layers\.\d+\.\S+ /)
+      expect(message).toContain(`onto cuda (bf16 [`)
+      expect(message).toContain('out of GPU memory allocating')
+      expect(Math.abs(n.memoryInfo().free - held.free)).toBeLessThan(8 * MiB)
+    } finally {
+      for (const t of fill) t.dispose()
+    }
+    expect(Math.abs(n.memoryInfo().free - before.free)).toBeLessThan(8 * MiB)
+  })
+
+  it('a load takes what the estimate says, and the first decode step reserves the workspace it counts', async () => {
+    const config = await loadModelConfig(dir)
+    const kvBlocks = 20_480 // 160 MiB a layer's keys or values (whole 2 MiB pages of the pool): 1.25 GiB in all
+    const sizes: LoadSizes = { maxBatchTokens: 128, maxLogitRows: 64, kvBlocks, kvBlockSize: 16, tensorParallel: 0, capturedGraphs: true }
+    // A first load brings in the kernels' code (CUDA loads it lazily, at the probe's step).
+    ;(await Transformer.load(dir, opts({ kvBlocks }))).dispose()
+    const before = native().memoryInfo()
+    const model = await Transformer.load(dir, opts({ kvBlocks }))
+    try {
+      const loaded = native().memoryInfo()
+      const estimate = estimateLoadMemory(config, sizes, { decodeWorkspaceHeld: before.decodeWorkspace })
+      const workspace = estimate.other.find((o) => o.what.startsWith('decode attention workspace'))?.bytes ?? 0
+      const atLoad = estimate.total - workspace // the workspace comes with the first decode step
+      const taken = before.free - loaded.free
+      console.log(`a load took ${taken} bytes; the estimate without the decode workspace is ${atLoad} (${workspace} more at the first decode step)`)
+      // The pool rounds allocations up to its pages, and small ones share a page.
+      expect(Math.abs(taken - atLoad)).toBeLessThan(32 * MiB)
+
+      const greedy: TokenChoice = { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: 0, target: -1 }
+      await model.step([{ tokens: [1], startPosition: 0, blockTable: [0], logits: 'last' }], [greedy], 0)
+      const need = estimateLoadMemory(config, sizes).other.find((o) => o.what.startsWith('decode attention workspace'))!.bytes
+      const held = native().memoryInfo().decodeWorkspace
+      console.log(`decode attention workspace: ${held} bytes held, ${need} needed by the largest graph bucket`)
+      expect(held).toBeGreaterThanOrEqual(need)
+      expect(estimateLoadMemory(config, sizes, { decodeWorkspaceHeld: held }).other.some((o) => o.what.startsWith('decode'))).toBe(false)
+    } finally {
+      model.dispose()
+    }
+  })
+})
