@@ -3,7 +3,7 @@ import { Command, Option } from 'commander'
 import { defaultModelPath, loadModelFrom, readModelDir } from '../api.js'
 import { readTextFile } from '../files.js'
 import { DEFAULT_MAX_TOKENS, resolveGenerateOptions, type GenerateOptions } from '../generate.js'
-import { integer, jsonObject, logitBiasJson, number } from './parse.js'
+import { KV_CACHE_TOKENS_HELP, integer, jsonObject, logitBiasJson, number, positive } from './parse.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
 
 interface GenerateFlags {
@@ -24,6 +24,7 @@ interface GenerateFlags {
   device: 'auto' | 'cpu' | 'cuda'
   cudaGraphs: boolean
   tensorParallel?: number
+  kvCacheTokens?: number
   chat?: boolean
   chatTemplateKwargs?: Record<string, unknown>
   chatTemplate?: string
@@ -71,6 +72,7 @@ export function generateCommand(): Command {
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--tensor-parallel <n>', 'emulate tensor parallelism over n ranks (1, 2, 4 or 8; above 1 on the CPU only): the same bits at every n', integer)
     .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
+    .option('--kv-cache-tokens <n>', KV_CACHE_TOKENS_HELP, positive)
     .option('--chat', "wrap the prompt in the model's chat template")
     .option('--system <text>', 'a system message before the prompt (implies --chat)')
     .option('--chat-template <file>', "a chat template (Jinja) to use instead of the model's (with --chat or --system)")
@@ -120,6 +122,7 @@ export function generateCommand(): Command {
           maxBatchSize: 1,
           cudaGraphs: flags.cudaGraphs,
           ...(flags.tensorParallel !== undefined && { tensorParallel: flags.tensorParallel }),
+          ...(flags.kvCacheTokens !== undefined && { kvCacheTokens: flags.kvCacheTokens }),
           onProgress,
         }),
       )

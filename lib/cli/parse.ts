@@ -59,3 +59,7 @@ export function logitBiasJson(value: string): Record<string, unknown> {
     throw new InvalidArgumentError(`expected a JSON object of token ids to biases such as '{"1234": -100}' but received "${value}"`)
   return parsed as Record<string, unknown>
 }
+
+/** --kv-cache-tokens of generate and score: loadModel's kvCacheTokens. */
+export const KV_CACHE_TOKENS_HELP =
+  "KV-cache capacity in tokens (default: what a quarter of the GPU's memory holds, 1 GiB's worth on the CPU, at most 131,072); fewer also bound the context"

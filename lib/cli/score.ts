@@ -4,7 +4,7 @@
 import { Command, Option } from 'commander'
 import { checkModelDir, defaultModelPath, loadModel } from '../api.js'
 import { readTextFile } from '../files.js'
-import { ids, integer } from './parse.js'
+import { KV_CACHE_TOKENS_HELP, ids, integer, positive } from './parse.js'
 import { withLoadProgress } from './progress.js'
 
 interface ScoreFlags {
@@ -17,6 +17,7 @@ interface ScoreFlags {
   chat?: boolean
   json?: boolean
   topLogprobs?: number
+  kvCacheTokens?: number
 }
 
 async function completionOf(flags: ScoreFlags): Promise<string | number[]> {
@@ -39,6 +40,7 @@ export function scoreCommand(): Command {
     .option('--chat', "wrap the prompt in the model's chat template")
     .option('--json', 'print tokens and log-probs as JSON')
     .option('--top-logprobs <n>', 'with --json: the n most likely tokens and their log-probs at each position (0-20)', integer)
+    .option('--kv-cache-tokens <n>', KV_CACHE_TOKENS_HELP, positive)
     .action(async (argument: string | undefined, flags: ScoreFlags) => {
       if (argument !== undefined && flags.promptFile !== undefined) throw new Error('give the prompt as an argument or with --prompt-file, not both')
       const prompt = flags.promptFile !== undefined ? await readTextFile(flags.promptFile, '--prompt-file') : argument
@@ -47,7 +49,9 @@ export function scoreCommand(): Command {
       if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
       const modelName = flags.model ?? defaultModelPath
       const modelDir = checkModelDir(modelName)
-      const model = await withLoadProgress('model', (onProgress) => loadModel(modelDir, { device: flags.device, maxBatchSize: 1, onProgress }))
+      const model = await withLoadProgress('model', (onProgress) =>
+        loadModel(modelDir, { device: flags.device, maxBatchSize: 1, ...(flags.kvCacheTokens !== undefined && { kvCacheTokens: flags.kvCacheTokens }), onProgress }),
+      )
       try {
         const { tokens, logprobs, topLogprobs } = await model.score(prompt, completion, {
           chat: flags.chat === true,

@@ -219,7 +219,7 @@ export function deviceMemoryMessage(
     lines.push(
       `A KV cache of at most ${positions} positions fits with the rest unchanged: kvCacheTokens ${positions} or ` +
         `kvBlocks ${count(fitBlocks)} (now ${count(need.kvPositions)} positions; ` +
-        '`detinfer serve --kv-cache-tokens`); it also bounds the longest sequence.',
+        '`--kv-cache-tokens` of `detinfer generate`, `score` and `serve`); it also bounds the longest sequence.',
     )
   } else {
     lines.push('Even a KV cache of one block does not fit beside the other buffers.')

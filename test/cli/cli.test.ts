@@ -320,6 +320,21 @@ describe('detinfer generate on a tiny model', () => {
     expect(long.stderr).toMatch(/^detinfer: The prompt plus completion is \d+ tokens \(\d+ \+ 1\) but the model's context is 512 tokens$/m)
   })
 
+  it('--kv-cache-tokens sizes the KV cache of generate and score, which bounds their context', () => {
+    const gen = detinfer(['generate', '-m', dir, '--device', 'cpu', '--kv-cache-tokens', '64', '-n', '100', 'hello'])
+    expect(gen.code).toBe(1)
+    expect(gen.stderr).toContain("detinfer: maxTokens (100) exceeds the model's context of 64 tokens (the positions its KV cache holds as loaded")
+    const fits = detinfer(['generate', '-m', dir, '--device', 'cpu', '--kv-cache-tokens', '64', '-n', '8', '--json', 'hello'])
+    expect(fits.code, fits.stderr).toBe(0)
+    expect(JSON.parse(fits.stdout).tokens).toHaveLength(8)
+    const score = detinfer(['score', '-m', dir, '--device', 'cpu', '--kv-cache-tokens', '16', 'x'.repeat(40), '--completion', 'y'])
+    expect(score.code).toBe(1)
+    expect(score.stderr).toMatch(/^detinfer: The prompt plus completion is \d+ tokens \(\d+ \+ 1\) but the model's context is 16 tokens$/m)
+    const zero = detinfer(['generate', '-m', dir, '--device', 'cpu', '--kv-cache-tokens', '0', 'hello'])
+    expect(zero.code).not.toBe(0)
+    expect(zero.stderr).toContain("option '--kv-cache-tokens <n>' argument '0' is invalid")
+  })
+
   it('checks the options before it loads the weights', () => {
     // A directory with the config alone: the option error comes first, not the missing weights.
     const configOnly = join(dir, 'config-only')
