@@ -227,10 +227,11 @@ export function deviceMemoryMessage(
   const workspace = need.other.find((o) => o.what.startsWith('decode attention workspace'))
   lines.push(
     `The activations and logits shrink with maxBatchTokens (tokens per forward pass, now ${count(s.maxBatchTokens)}; ` +
-      '`--max-batch-tokens`)' +
+      '`detinfer serve --max-batch-tokens`)' +
       (workspace
-        ? `, and cudaGraphs: false (\`--no-cuda-graphs\`) leaves out the ${formatBytes(workspace.bytes)} decode ` +
-          'attention workspace of the CUDA graphs (same bits, slower decoding).'
+        ? `, and cudaGraphs: false (\`--no-cuda-graphs\` of \`detinfer generate\`, \`check\` and \`serve\`) leaves out the ` +
+          `${formatBytes(workspace.bytes)} decode attention workspace of the CUDA graphs (same bits, slower decoding; ` +
+          'eager steps then take a workspace for the rows they run).'
         : '.'),
   )
   return lines.join(' ')

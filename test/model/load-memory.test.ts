@@ -227,9 +227,9 @@ describe('the check against the free memory', () => {
     expect(blocks).toBeGreaterThan(0)
     expect(m).toContain(`A KV cache of at most ${(blocks * 16).toLocaleString('en-US')} positions fits with the rest unchanged`)
     expect(m).toContain(`kvCacheTokens ${(blocks * 16).toLocaleString('en-US')} or kvBlocks ${blocks.toLocaleString('en-US')} (now 40,960 positions`)
-    expect(m).toContain('--kv-cache-tokens')
-    expect(m).toContain('maxBatchTokens (tokens per forward pass, now 2,048; `--max-batch-tokens`)')
-    expect(m).toContain('cudaGraphs: false (`--no-cuda-graphs`) leaves out the 1.27 GiB decode attention workspace')
+    expect(m).toContain('`--kv-cache-tokens` of `detinfer generate`, `score` and `serve`')
+    expect(m).toContain('maxBatchTokens (tokens per forward pass, now 2,048; `detinfer serve --max-batch-tokens`)')
+    expect(m).toContain('cudaGraphs: false (`--no-cuda-graphs` of `detinfer generate`, `check` and `serve`) leaves out the 1.27 GiB decode attention workspace')
   })
 
   it('says when the weights alone do not fit, and that there is no smaller dtype and no multi-GPU tensor parallelism', () => {
@@ -258,7 +258,7 @@ describe('the check against the free memory', () => {
 
   it('leaves the decode workspace out of the advice without CUDA graphs', () => {
     const sizes = { ...CUDA_SIZES, capturedGraphs: false }
-    expect(() => checkDeviceMemory('/m', QWEN3_0_6B, sizes, { free: 4 * GiB, total: 8 * GiB })).toThrow(/`--max-batch-tokens`\)\.$/)
+    expect(() => checkDeviceMemory('/m', QWEN3_0_6B, sizes, { free: 4 * GiB, total: 8 * GiB })).toThrow(/`detinfer serve --max-batch-tokens`\)\.$/)
   })
 })
 
