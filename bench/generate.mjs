@@ -371,7 +371,7 @@ console.log(
 if (copyGBs) console.log(`roofline: ${(weightBytes / 1e9).toFixed(2)} GB of weights plus the KV cache per decode step, at ${copyGBs.toFixed(0)} GB/s (a 1 GiB device copy, read + written, measured in this run)`)
 if (graphStats)
   console.log(
-    `CUDA graphs captured: ${graphStats.captured.map((g) => `${g.rows}x${g.context}`).join(', ')} (${(graphStats.bytes / 2 ** 20).toFixed(1)} MiB)`,
+    `CUDA graphs captured: ${graphStats.captured.map((g) => `${g.rows}x${g.context}${g.processors ? ' (penalties)' : ''}`).join(', ')} (${(graphStats.bytes / 2 ** 20).toFixed(1)} MiB)`,
   )
 console.log(
   `prefill of ${prefillTokens} tokens in chunks of ${prefillChunk}: ${f(invariant.prefillTokensPerSecond)} tok/s` +

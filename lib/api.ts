@@ -22,6 +22,7 @@ import type { DeviceName } from './native.js'
 import { Scheduler, type ForwardModel, type SchedulerLoad } from './scheduler.js'
 import { loadModelConfig, type ModelConfig } from './model/config.js'
 import { Transformer } from './model/transformer.js'
+import { MAX_LOGIT_PROCESSOR_ROWS } from './model/logit-processors.js'
 import type { LoadProgress } from './model/weights.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
 import { Tokenizer, type ChatMessage, type ChatRender, type ChatTemplateVariables, type ChatToolCall } from './tokenizer.js'
@@ -609,7 +610,7 @@ async function loadFrom(dir: string, source: ModelSource | null, options: LoadMo
     // Logits are f32 [rows, vocab]: rows for every decoding sequence, and scored chunks up to 512 tokens.
     maxLogitRows: Math.max(maxBatchSize, Math.min(maxBatchTokens, 512)),
     // A row of the penalties' and logit bias' table per sequence of the batch (allocated at first use).
-    logitProcessorRows: maxBatchSize,
+    logitProcessorRows: Math.min(maxBatchSize, MAX_LOGIT_PROCESSOR_ROWS),
     cudaGraphs: device === 'cuda' && options.cudaGraphs !== false,
     ...(options.tensorParallel !== undefined && { tensorParallel: options.tensorParallel }),
     ...(options.onProgress && { onProgress: options.onProgress }),

@@ -60,6 +60,17 @@ export interface DeviceMemoryNeeds {
  * Loading a model on a GPU whose free memory cannot hold its weights, KV cache and step buffers,
  * found before the first weight is uploaded (lib/model/load-memory.ts).
  */
+/**
+ * The device had no room for the table of penalties and logit bias when the first request that
+ * uses them came: that request is refused (the others go on); a later one tries again.
+ */
+export class LogitProcessorTableError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options)
+    this.name = 'LogitProcessorTableError'
+  }
+}
+
 export class DeviceMemoryError extends Error {
   constructor(
     message: string,

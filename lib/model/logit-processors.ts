@@ -10,19 +10,24 @@
 // not i32: a count can only reach 65,535 in a completion of 65,535 tokens or more (contexts of 40k
 // fit with room to spare), it saturates there, and the counts take half the memory i32 would.
 //
-// Allocated at the first step that uses a processor, not at load: a model that never serves one
-// spends nothing. No captured CUDA graph is invalidated by it: the plain decode graphs never
+// Allocated when the scheduler admits the first request that uses a processor, not at load: a
+// model that never serves one spends nothing, and a failed allocation refuses that request alone
+// (a LogitProcessorTableError; the server answers 503). No captured CUDA graph is invalidated by it: the plain decode graphs never
 // reference these buffers, and the graphs of steps with processors are captured only after a
 // first eager run of their bucket, when the buffers exist; they are never freed or moved before
 // the model is disposed.
 //
 // A row is zeroed when a sequence takes it, by the first step that chooses for the sequence (its
-// prefill's last chunk, or a one-token prompt's decode-shaped step), in stream order on the device:
+// prefill's last chunk, or a decode-shaped step when one prompt token is left to compute), in
+// stream order on the device:
 // a step launched ahead for a sequence that had just ended (its wasted row) adds to the old
 // owner's counts before the new owner's first step zeroes them, whatever the host knew.
 import { describeValue } from '../errors.js'
 import { native, type DeviceName, type NativeTensor } from '../native.js'
 import { MAX_LOGIT_BIAS, type TokenChoice } from '../sampling.js'
+
+/** Most rows of the table: one launch's plan rows run along the grid's y, at most 65,535. */
+export const MAX_LOGIT_PROCESSOR_ROWS = 65535
 
 const PARAMS = 8 // choice::kParams
 const SETTINGS = 604 // processors::kSettings: frequency, presence, bias count, (unused), 300 (id, bias) pairs

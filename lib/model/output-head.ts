@@ -10,6 +10,7 @@
 import { native, type DeviceName, type NativeTensor } from '../native.js'
 import { readI32 } from '../tensor.js'
 import type { StepTokens, TokenChoice, TopLogprob } from '../sampling.js'
+import { LogitProcessorTableError } from '../errors.js'
 import { LogitProcessorTable, usesProcessors } from './logit-processors.js'
 
 export type { StepTokens, TokenChoice, TopLogprob }
@@ -122,7 +123,7 @@ export class OutputHead {
       } catch (err) {
         const mib = (LogitProcessorTable.bytes(rows, vocab) / 2 ** 20).toFixed(1)
         const why = err instanceof Error ? err.message : String(err)
-        throw new Error(`Could not allocate the table of penalties and logit bias (${mib} MiB for ${rows} sequences at ${vocab} tokens) on ${this.device}: ${why}`, { cause: err })
+        throw new LogitProcessorTableError(`Could not allocate the table of penalties and logit bias (${mib} MiB for ${rows} sequences at ${vocab} tokens) on ${this.device}: ${why}`, { cause: err })
       }
     }
     return this.table

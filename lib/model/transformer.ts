@@ -13,7 +13,7 @@ import { DisposedError, checkInteger, describeValue } from '../errors.js'
 import { native, type AttentionBatch, type DeviceName, type NativeTensor } from '../native.js'
 import { loadModelConfig, type ModelConfig } from './config.js'
 import { DecodeGraphs, type GraphStats } from './decode-graphs.js'
-import { checkRowProcessors } from './logit-processors.js'
+import { MAX_LOGIT_PROCESSOR_ROWS, checkRowProcessors } from './logit-processors.js'
 import { MAX_TOP_LOGPROBS, OutputHead, type ChosenIds, type StepTokens, type TokenChoice } from './output-head.js'
 import { StepInputs, checkChunks, inputInts, layoutStep, type SequenceChunk, type StepLimits, type StepSizes, type StepViews } from './step-layout.js'
 import type { LaunchedStep } from '../step.js'
@@ -328,7 +328,7 @@ export class Transformer {
     const kvBlocks = checkInteger('kvBlocks', opts.kvBlocks, 1)
     const kvBlockSize = checkInteger('kvBlockSize', opts.kvBlockSize ?? 16, 1)
     const maxLogitRows = checkInteger('maxLogitRows', opts.maxLogitRows ?? maxBatchTokens, 1)
-    const logitProcessorRows = checkInteger('logitProcessorRows', opts.logitProcessorRows ?? Math.min(maxBatchTokens, maxLogitRows), 0, 65535)
+    const logitProcessorRows = checkInteger('logitProcessorRows', opts.logitProcessorRows ?? Math.min(maxBatchTokens, maxLogitRows, MAX_LOGIT_PROCESSOR_ROWS), 0, MAX_LOGIT_PROCESSOR_ROWS)
     const unfused = opts.unfusedLayers === true
     if (opts.cudaGraphs !== undefined && typeof opts.cudaGraphs !== 'boolean')
       throw new TypeError(`Expected a boolean for cudaGraphs but received ${describeValue(opts.cudaGraphs)}`)

@@ -7,7 +7,7 @@
 // what the library gives that prompt alone, whatever else the server is doing.
 import { randomInt, randomUUID, timingSafeEqual } from 'node:crypto'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
-import { RequestTooLargeError } from '../errors.js'
+import { LogitProcessorTableError, RequestTooLargeError } from '../errors.js'
 import { EncodeTimeoutError } from '../encode-worker.js'
 import type { Model } from '../api.js'
 import type { ChatMessage, ChatTemplateVariables } from '../tokenizer.js'
@@ -822,6 +822,7 @@ export class InferenceServer {
     if (signal.aborted && signal.reason instanceof ApiError) return signal.reason
     if (err instanceof ApiError) return err
     if (err instanceof RequestTooLargeError) return contextLengthExceeded(err.message)
+    if (err instanceof LogitProcessorTableError) return unavailable(err.message, 'logit_processors_unavailable')
     if (err instanceof ClientGone) return new ApiError(499, 'The client closed the connection', 'invalid_request_error', null, 'client_closed')
     if (err instanceof TypeError && /^Expected /.test(err.message)) return invalidRequest(err.message)
     return toApiError(err)

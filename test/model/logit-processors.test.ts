@@ -243,6 +243,18 @@ describe('logit processors at the model boundary', () => {
     }
   })
 
+  it('a batch of more than 65,535 sequences loads, with a table of 65,535 rows', async () => {
+    const { forwardOf, loadModel } = await import('../../lib/api.js')
+    const model = await loadModel(dir, { device: 'cpu', maxBatchTokens: 70_000, maxBatchSize: 70_000, kvCacheTokens: 4096 })
+    try {
+      expect((forwardOf(model) as Transformer).logitProcessorRows).toBe(65_535)
+      const r = await model.generate([5, 6, 7], { maxTokens: 4, presencePenalty: 1 })
+      expect(r.tokens).toHaveLength(4)
+    } finally {
+      await model.dispose()
+    }
+  })
+
   it('a table that cannot be allocated refuses the request that needs it, not the others', async () => {
     const model = await Transformer.load(dir, { device: 'cpu', maxBatchTokens: 64, kvBlocks: 40, kvBlockSize: 16, logitProcessorRows: 2 })
     try {

@@ -8,6 +8,7 @@ import OpenAI from 'openai'
 import type { ChatCompletionCreateParamsNonStreaming, ChatCompletionMessageParam, ChatCompletionTool } from 'openai/resources/chat/completions'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { defaultModelPath, loadModel, Model } from '../../lib/api.js'
+import { LogitProcessorTableError } from '../../lib/errors.js'
 import type { ForwardModel, SequenceChunk, StepTokens, TokenChoice } from '../../lib/scheduler.js'
 import { chooseOnLogits } from '../../lib/model/output-head.js'
 import { InferenceServer } from '../../lib/server/app.js'
@@ -176,6 +177,41 @@ describe('InferenceServer in-process', () => {
           expect(whole.json().usage.completion_tokens).toBe(script.length + 1)
         }
       }
+    } finally {
+      await model.dispose()
+    }
+  })
+
+  it('answers 503 with the reason when the table of penalties and logit bias cannot be allocated, and serves the rest', async () => {
+    const own = await Tokenizer.load(defaultModelPath)
+    const script = own.encodeContinuation(' to be')
+    /** A scripted model with rows for penalties whose table never fits. */
+    class NoRoom extends ScriptedModel {
+      readonly logitProcessorRows = 4
+      reserveLogitProcessors(): void {
+        throw new LogitProcessorTableError('Could not allocate the table of penalties and logit bias (3.5 MiB for 4 sequences at 4096 tokens) on cuda: out of memory (a stand-in)')
+      }
+    }
+    const scripted = new NoRoom(4096, 0, script, own.eosTokenIds[0]!)
+    const model = new Model({ forward: scripted, tokenizer: own, path: 'scripted' }, { maxBatchSize: 4, prefillChunkSize: 256 })
+    server.setModel(model, 'fp_scripted')
+    try {
+      scripted.promptLength = model.tokenize(PROMPT).length
+      const body = { model: 'scripted', prompt: PROMPT, max_tokens: script.length, temperature: 0 }
+      const reason = {
+        type: 'service_unavailable',
+        code: 'logit_processors_unavailable',
+        message: expect.stringContaining('Could not allocate the table of penalties and logit bias (3.5 MiB'),
+      }
+      const refused = await server.app.inject({ method: 'POST', url: '/v1/completions', payload: { ...body, presence_penalty: 1 } })
+      expect(refused.statusCode).toBe(503)
+      expect(refused.json().error).toMatchObject(reason)
+      // Streamed, the answer has begun: the reason comes as the stream's error event.
+      const streamed = await server.app.inject({ method: 'POST', url: '/v1/completions', payload: { ...body, stream: true, presence_penalty: 1 } })
+      expect(sseChunks(streamed.body).at(-1).error).toMatchObject(reason)
+      const plain = await server.app.inject({ method: 'POST', url: '/v1/completions', payload: body })
+      expect(plain.statusCode).toBe(200)
+      expect(plain.json().choices[0].text).toBe(' to be')
     } finally {
       await model.dispose()
     }
