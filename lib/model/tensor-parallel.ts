@@ -13,7 +13,7 @@
 import { invalidArgument } from '../errors.js'
 import { native, type DeviceName, type NativeTensor } from '../native.js'
 import type { ModelConfig } from './config.js'
-import type { LayerWeights, ModelWeights } from './weights.js'
+import { allocationError, type LayerWeights, type ModelWeights } from './weights.js'
 
 export const TENSOR_PARALLEL_DEGREES = [1, 2, 4, 8] as const
 const PARTITIONS = 8
@@ -91,7 +91,7 @@ async function bitsOf(t: NativeTensor): Promise<Uint16Array> {
  * Every rank's weights of every layer ([rank][layer]). At N = 1 rank 0 holds the layer's own
  * tensors; above, copies of the slices (owned: disposeRankLayers frees them).
  */
-export async function rankLayers(w: ModelWeights, c: ModelConfig, device: DeviceName, N: number): Promise<RankLayer[][]> {
+export async function rankLayers(w: ModelWeights, c: ModelConfig, device: DeviceName, N: number, dir: string): Promise<RankLayer[][]> {
   const whole = (l: LayerWeights): RankLayer => ({
     qkvProj: l.qkvProj,
     qkvBias: l.qkvBias,
@@ -108,14 +108,20 @@ export async function rankLayers(w: ModelWeights, c: ModelConfig, device: Device
   const q = c.numHeads * D
   const kv = c.numKvHeads * D
   const made: NativeTensor[] = []
-  const upload = (shape: number[], bits: Uint16Array) => {
-    const t = n.fromBuffer(device, 'bf16', shape, bits)
+  let at = '' // the rank and layer being uploaded, for an error's message
+  const upload = (what: string, shape: number[], bits: Uint16Array) => {
+    let t: NativeTensor
+    try {
+      t = n.fromBuffer(device, 'bf16', shape, bits)
+    } catch (err) {
+      throw allocationError(`upload ${at}'s ${what} to ${device}`, 'bf16', shape, dir, err)
+    }
     made.push(t)
     return t
   }
   try {
     const ranks: RankLayer[][] = Array.from({ length: N }, () => [])
-    for (const layer of w.layers) {
+    for (const [l, layer] of w.layers.entries()) {
       const qkv = await bitsOf(layer.qkvProj)
       const qkvBias = layer.qkvBias && (await bitsOf(layer.qkvBias))
       const o = await bitsOf(layer.oProj)
@@ -123,6 +129,7 @@ export async function rankLayers(w: ModelWeights, c: ModelConfig, device: Device
       const gateUpBias = layer.gateUpBias && (await bitsOf(layer.gateUpBias))
       const down = await bitsOf(layer.downProj)
       for (let r = 0; r < N; r++) {
+        at = `rank ${r}'s copy of layer ${l}`
         // q|k|v rows are [q heads | k heads | v heads]: the rank's heads of each block.
         const qkvRanges: [number, number][] = [
           [(r * q) / N, q / N],
@@ -135,12 +142,12 @@ export async function rankLayers(w: ModelWeights, c: ModelConfig, device: Device
         ]
         const qkvRows = (q + 2 * kv) / N
         ranks[r]!.push({
-          qkvProj: upload([qkvRows, H], takeRows(qkv, H, qkvRanges)),
-          qkvBias: qkvBias && upload([qkvRows], takeRows(qkvBias, 1, qkvRanges)),
-          oProj: upload([H, q / N], takeColumns(o, H, q, (r * q) / N, q / N)),
-          gateUpProj: upload([(2 * I) / N, H], takeRows(gateUp, H, gateUpRanges)),
-          gateUpBias: gateUpBias && upload([(2 * I) / N], takeRows(gateUpBias, 1, gateUpRanges)),
-          downProj: upload([H, I / N], takeColumns(down, H, I, (r * I) / N, I / N)),
+          qkvProj: upload('q|k|v projection', [qkvRows, H], takeRows(qkv, H, qkvRanges)),
+          qkvBias: qkvBias && upload('q|k|v bias', [qkvRows], takeRows(qkvBias, 1, qkvRanges)),
+          oProj: upload('o projection', [H, q / N], takeColumns(o, H, q, (r * q) / N, q / N)),
+          gateUpProj: upload('gate|up projection', [(2 * I) / N, H], takeRows(gateUp, H, gateUpRanges)),
+          gateUpBias: gateUpBias && upload('gate|up bias', [(2 * I) / N], takeRows(gateUpBias, 1, gateUpRanges)),
+          downProj: upload('down projection', [H, I / N], takeColumns(down, H, I, (r * I) / N, I / N)),
         })
       }
     }

@@ -391,7 +391,7 @@ export class Transformer {
       const act = allocateActivations(alloc, config, maxBatchTokens, maxLogitRows, unfused)
       let tp: TensorParallelState | null = null
       if (tpRanks > 0) {
-        rankWeights = await rankLayers(weights, config, device, tpRanks)
+        rankWeights = await rankLayers(weights, config, device, tpRanks, dir)
         tp = allocateTensorParallel(alloc, config, maxBatchTokens, maxLogitRows, tpRanks, act, cache, newCache, rankWeights)
       }
       // params [L, 8], results [L, 2 + 2 * MAX_TOP_LOGPROBS] and a row map [L], i32

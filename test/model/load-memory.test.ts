@@ -402,6 +402,25 @@ describe('an allocation that fails during a load', () => {
     expect(made.every((t) => t.disposed)).toBe(true)
   })
 
+  it("in a tensor-parallel rank's copy of a layer: names the rank, the layer and the weight, and frees everything", async () => {
+    const tiny = fresh({ architecture: 'Qwen3ForCausalLM', headDim: 32, numLayers: 2, intermediateSize: 256, vocabSize: 280 })
+    const n = native()
+    const real = n.fromBuffer.bind(n)
+    const made: NativeTensor[] = []
+    // The first rank's q|k|v rows: (4 q heads + 2 * 2 kv heads) * 32 / 2 ranks = 128, by hidden 64.
+    vi.spyOn(n, 'fromBuffer').mockImplementation((...args) => {
+      if (args[2].length === 2 && args[2][0] === 128 && args[2][1] === 64) throw new Error('out of memory (a stand-in)')
+      const t = real(...args)
+      made.push(t)
+      return t
+    })
+    await expect(Transformer.load(tiny.dir, { device: 'cpu', maxBatchTokens: 8, kvBlocks: 4, tensorParallel: 2 })).rejects.toThrow(
+      `Could not upload rank 0's copy of layer 0's q|k|v projection to cpu (bf16 [128, 64], 16384 bytes) while loading the model in ${tiny.dir}: out of memory (a stand-in)`,
+    )
+    expect(made.length).toBeGreaterThan(10)
+    expect(made.every((t) => t.disposed)).toBe(true)
+  })
+
   it('in the step buffers: names the buffer', async () => {
     const tiny = fresh({ architecture: 'Qwen3ForCausalLM', headDim: 32, numLayers: 1 })
     const made = failOn('empty', 2 + 5) // the KV cache (2), then residual, residualNext, normed, proj, qkv
