@@ -609,7 +609,8 @@ async function loadFrom(dir: string, source: ModelSource | null, options: LoadMo
     kvBlockSize: KV_BLOCK_SIZE,
     // Logits are f32 [rows, vocab]: rows for every decoding sequence, and scored chunks up to 512 tokens.
     maxLogitRows: Math.max(maxBatchSize, Math.min(maxBatchTokens, 512)),
-    // A row of the penalties' and logit bias' table per sequence of the batch (allocated at first use).
+    // A row of the penalties' and logit bias' table per sequence of the batch (allocated when the
+    // first request that uses them is admitted).
     logitProcessorRows: Math.min(maxBatchSize, MAX_LOGIT_PROCESSOR_ROWS),
     cudaGraphs: device === 'cuda' && options.cudaGraphs !== false,
     ...(options.tensorParallel !== undefined && { tensorParallel: options.tensorParallel }),
