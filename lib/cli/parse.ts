@@ -36,19 +36,16 @@ export function ids(value: string): number[] {
 
 /** A JSON object, e.g. '{"enable_thinking": false}' (chat template variables). */
 export function jsonObject(value: string): Record<string, unknown> {
-  let parsed: unknown
-  try {
-    parsed = JSON.parse(value)
-  } catch {
-    throw new InvalidArgumentError(`expected a JSON object such as '{"enable_thinking": false}' but received "${value}"`)
-  }
-  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed))
-    throw new InvalidArgumentError(`expected a JSON object such as '{"enable_thinking": false}' but received "${value}"`)
-  return parsed as Record<string, unknown>
+  return parseObject(value, `a JSON object such as '{"enable_thinking": false}'`)
 }
 
 /** A JSON object of token ids to biases, e.g. '{"1234": -100, "567": 5}' (OpenAI's logit_bias). */
 export function logitBiasJson(value: string): Record<string, unknown> {
+  return parseObject(value, `a JSON object of token ids to biases such as '{"1234": -100}'`)
+}
+
+/** `value` as a JSON object; anything else (not JSON, or not an object) is refused as not `what`. */
+function parseObject(value: string, what: string): Record<string, unknown> {
   let parsed: unknown
   try {
     parsed = JSON.parse(value)
@@ -56,7 +53,7 @@ export function logitBiasJson(value: string): Record<string, unknown> {
     parsed = undefined
   }
   if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed))
-    throw new InvalidArgumentError(`expected a JSON object of token ids to biases such as '{"1234": -100}' but received "${value}"`)
+    throw new InvalidArgumentError(`expected ${what} but received "${value}"`)
   return parsed as Record<string, unknown>
 }
 

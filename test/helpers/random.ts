@@ -31,3 +31,14 @@ export function randomInts(n: number, seed: number, max: number): Int32Array {
   const rand = mulberry32(seed)
   return Int32Array.from({ length: n }, () => Math.floor(rand() * max))
 }
+
+/** Arrays of inputs one after another, as the rows of one tensor. */
+export function concatRows(rows: readonly Float32Array[]): Float32Array {
+  const out = new Float32Array(rows.reduce((s, r) => s + r.length, 0))
+  let at = 0
+  for (const r of rows) {
+    out.set(r, at)
+    at += r.length
+  }
+  return out
+}

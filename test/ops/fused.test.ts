@@ -9,7 +9,7 @@ import { describe, expect, it } from 'vitest'
 import { native, type DeviceName, type NativeTensor } from '../../lib/native.js'
 import { readBytes, tensorFrom, toBf16 } from '../../lib/tensor.js'
 import { describeGpu } from '../helpers/gpu.js'
-import { randomInts } from '../helpers/random.js'
+import { concatRows, randomInts } from '../helpers/random.js'
 import { expectSameBits, randomBf16 } from './reference.js'
 
 const n = native()
@@ -35,16 +35,6 @@ function concatColumns(parts: Buffer[], rows: number): Buffer {
   return out
 }
 
-function concat(a: Float32Array[]): Float32Array {
-  const out = new Float32Array(a.reduce((s, x) => s + x.length, 0))
-  let at = 0
-  for (const x of a) {
-    out.set(x, at)
-    at += x.length
-  }
-  return out
-}
-
 /** Fused product over the row-concatenated weights vs one product per weight; bytes of [M, ΣN]. */
 async function fusedVersusSeparate(
   device: DeviceName,
@@ -59,7 +49,7 @@ async function fusedVersusSeparate(
   const bs = widths.map((N, i) => randomBf16(N, seed + 20 + i, 0.5))
   const total = widths.reduce((s, x) => s + x, 0)
   const fused = n.empty(device, 'bf16', [M, total])
-  n.matmul(fused, a, tensorFrom(device, 'bf16', [total, K], concat(ws)), withBias ? tensorFrom(device, 'bf16', [total], concat(bs)) : null)
+  n.matmul(fused, a, tensorFrom(device, 'bf16', [total, K], concatRows(ws)), withBias ? tensorFrom(device, 'bf16', [total], concatRows(bs)) : null)
   const parts: Buffer[] = []
   for (let i = 0; i < widths.length; i++) {
     const out = n.empty(device, 'bf16', [M, widths[i]!])
