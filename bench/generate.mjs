@@ -149,6 +149,7 @@ const loadWith = (graphs) =>
   Transformer.load(modelDir, {
     device,
     maxBatchTokens,
+    maxDecodeRows: maxBatch,
     kvBlocks: perSequence * maxBatch + Math.ceil((prefillTokens + 1) / blockSize),
     kvBlockSize: blockSize,
     cudaGraphs: graphs === 'on',

@@ -12,6 +12,7 @@ export function loadForSteps(dir, maxBatch, keys) {
   return Transformer.load(dir, {
     device: 'cuda',
     maxBatchTokens: 512,
+    maxDecodeRows: Math.min(512, maxBatch),
     kvBlocks: maxBatch * blocksPerSequence(keys) + 8,
     kvBlockSize: BLOCK,
     cudaGraphs: true,

@@ -362,10 +362,14 @@ void qkv_rope_append(Tensor& q_out, Tensor& k_cache, Tensor& v_cache, const Tens
 }
 
 void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-               const AttentionBatch& b, float scale) {
+               const AttentionBatch& b, float scale, const Tensor* workspace) {
   Checker c{"attention"};
   c.devices({{"out", &out}, {"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache},
              {"block_tables", &b.block_tables}, {"query_start", &b.query_start}, {"seq_lens", &b.seq_lens}});
+  if (workspace) {
+    c.devices({{"out", &out}, {"workspace", workspace}});
+    c.dtype(*workspace, "workspace", {DType::F32});
+  }
   c.dtype(q, "q", {DType::BF16});
   c.dtype(out, "out", {DType::BF16});
   c.rank(q, "q", 3);
@@ -399,7 +403,8 @@ void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor
   // backend, which reads them on the host. On CUDA they are device memory, which the step's packing
   // (lib/model/step-layout.ts) fills from the cache allocator's own block ids; a wrong block id there
   // would fault on the device and come back as a CUDA error, not end the process.
-  on_cuda(out) ? cuda::attention(out, q, k_cache, v_cache, b, scale) : cpu::attention(out, q, k_cache, v_cache, b, scale);
+  on_cuda(out) ? cuda::attention(out, q, k_cache, v_cache, b, scale, workspace)
+               : cpu::attention(out, q, k_cache, v_cache, b, scale, workspace);
 }
 
 static void check_rows(const Checker& c, const Tensor& x) {

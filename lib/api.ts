@@ -609,6 +609,9 @@ async function loadFrom(dir: string, source: ModelSource | null, options: LoadMo
     kvBlockSize: KV_BLOCK_SIZE,
     // Logits are f32 [rows, vocab]: rows for every decoding sequence, and scored chunks up to 512 tokens.
     maxLogitRows: Math.max(maxBatchSize, Math.min(maxBatchTokens, 512)),
+    // Decode steps of up to maxBatchSize sequences (the scheduler's most) replay CUDA graphs, and
+    // decode attention's workspace is sized for them.
+    maxDecodeRows: maxBatchSize,
     // A row of the penalties' and logit bias' table per sequence of the batch (allocated when the
     // first request that uses them is admitted).
     logitProcessorRows: Math.min(maxBatchSize, MAX_LOGIT_PROCESSOR_ROWS),

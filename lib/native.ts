@@ -168,6 +168,11 @@ export interface NativeAddon {
     kNorm: NativeTensor | null,
     eps: number,
   ): void
+  /**
+   * `workspace` (f32, CUDA): where a decode launch writes its split partials when it holds them;
+   * otherwise (or without one) a workspace the process keeps and grows, which a CUDA graph must
+   * not capture (csrc/kernels/cuda_ops.h).
+   */
   attention(
     out: NativeTensor,
     q: NativeTensor,
@@ -175,6 +180,7 @@ export interface NativeAddon {
     vCache: NativeTensor,
     batch: AttentionBatch,
     scale: number,
+    workspace?: NativeTensor | null,
   ): void
   logSoftmax(out: NativeTensor, x: NativeTensor): void
   argmax(out: NativeTensor, x: NativeTensor): void

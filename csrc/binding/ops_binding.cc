@@ -231,7 +231,7 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
   b.max_query_len = a.integer_value(batch.Get("maxQueryLen"), "batch.maxQueryLen");
   b.max_seq_len = a.integer_value(batch.Get("maxSeqLen"), "batch.maxSeqLen");
   ops::attention(a.tensor(0, "out"), a.tensor(1, "q"), a.tensor(2, "kCache"), a.tensor(3, "vCache"), b,
-                 static_cast<float>(a.number(5, "scale")));
+                 static_cast<float>(a.number(5, "scale")), a.optional_tensor(6, "workspace"));
   return info.Env().Undefined();
 }
 

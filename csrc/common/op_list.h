@@ -80,9 +80,10 @@
                       const Tensor& positions, const Tensor& cos_sin, const Tensor& slots,            \
                       const Tensor* q_norm, const Tensor* k_norm, float eps))                         \
   /* out,q [T, heads, D] bf16; causal attention over the paged cache, fixed split size */             \
-  /* (common/attention_schedule.h) */                                                                 \
+  /* (common/attention_schedule.h). workspace (f32, CUDA only): the decode split partials when */    \
+  /* it holds them, else a workspace the process keeps (kernels/cuda_ops.h) */                        \
   X(attention, (Tensor & out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,          \
-                const AttentionBatch& batch, float scale))                                            \
+                const AttentionBatch& batch, float scale, const Tensor* workspace))                   \
   /* out[r,:] = x[r,:] - logsumexp(x[r,:])   f32 [R,V] */                                             \
   X(log_softmax, (Tensor & out, const Tensor& x))                                                     \
   /* out[r] = argmax_v x[r,v], lowest index on ties   x f32 [R,V], out i32 [R] */                     \

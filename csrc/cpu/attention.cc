@@ -98,7 +98,7 @@ void merge(Partial& total, const Partial& part, float c) {
 }  // namespace
 
 void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-               const AttentionBatch& batch, float scale) {
+               const AttentionBatch& batch, float scale, const Tensor* /*workspace: CUDA only*/) {
   int64_t heads = q.dim(1), dim = q.dim(2), kv_heads = k_cache.dim(2), block_size = k_cache.dim(1);
   int64_t group = heads / kv_heads, num_seqs = batch.seq_lens.dim(0), max_blocks = batch.block_tables.dim(1);
   const int32_t* starts = batch.query_start.ptr<int32_t>();

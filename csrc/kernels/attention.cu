@@ -1444,10 +1444,12 @@ AttentionLaunch choose_launch(const AttentionBatch& batch, int num_seqs) {
   return l;
 }
 
-// The decode partials' workspace, kept between launches and grown (doubling) when a launch needs
-// more: allocating per launch costs tens of microseconds, since the stream-ordered pool hands its
-// memory back at every synchronize. All launches share the one stream, so reuse is ordered.
-// Never released (it lives as long as the process's CUDA context).
+// The decode partials' workspace of launches whose caller gives none large enough, kept between
+// launches and grown (doubling) when a launch needs more: allocating per launch costs tens of
+// microseconds, since the stream-ordered pool hands its memory back at every synchronize. All
+// launches share the one stream, so reuse is ordered. Never released (it lives as long as the
+// process's CUDA context). Growing it frees the old buffer, so no CUDA graph may hold a pointer
+// into it: captured steps use their model's own workspace (cuda_ops.h).
 struct DecodeWorkspace {
   std::mutex mutex;
   void* ptr = nullptr;
@@ -1593,11 +1595,22 @@ void launch_prefill_wgmma(const AttentionArgs& a, int max_query_len, cudaStream_
 
 template <int D>
 void launch_attention(AttentionArgs a, const AttentionLaunch& l, const Tensor& q, const Tensor& k_cache,
-                      const AttentionBatch& batch, cudaStream_t stream) {
+                      const AttentionBatch& batch, const Tensor* workspace, cudaStream_t stream) {
   if (l.decode) {
     const int row_tiles = (a.heads / a.kv_heads + kTileRows - 1) / kTileRows;
     const size_t partials = static_cast<size_t>(a.num_seqs) * a.heads * l.max_splits;
-    a.part_o = decode_workspace(partials * (D + 2) * sizeof(float));
+    const size_t bytes = partials * (D + 2) * sizeof(float);
+    if (workspace && workspace->nbytes() >= bytes) {
+      a.part_o = workspace->ptr<float>();
+    } else {
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+      if (capture != cudaStreamCaptureStatusNone)
+        fail("attention: a decode launch captured in a CUDA graph needs a workspace of at least ", bytes,
+             " bytes for its split partials but received ", workspace ? workspace->describe() : "none", " ",
+             describe_launch(q, k_cache, batch));
+      a.part_o = decode_workspace(bytes);
+    }
     a.part_ml = a.part_o + partials * D;
     a.max_splits = l.max_splits;
     a.direct = l.max_splits == 1;
@@ -1649,12 +1662,14 @@ void kv_append(Tensor& k_cache, Tensor& v_cache, const Tensor& k, const Tensor& 
 }
 
 void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const AttentionBatch& batch,
-               float scale) {
+               float scale, const Tensor* workspace) {
   const int64_t dim = q.dim(2), num_seqs = batch.seq_lens.dim(0);
   if (dim != 64 && dim != 128)
     fail("attention: the CUDA kernels support head dims 64 and 128 but received ", dim, " (q ", q.describe(), ")");
   if (!(aligned16(q) && aligned16(out) && aligned16(k_cache) && aligned16(v_cache)))
     fail("attention: expected q, out and the caches to start on 16-byte boundaries (q ", q.describe(), ")");
+  if (workspace && !aligned16(*workspace))
+    fail("attention: expected the workspace to start on a 16-byte boundary (", workspace->describe(), ")");
   if (num_seqs > 65535) fail("attention: at most 65535 sequences per launch on CUDA but received ", num_seqs);
   if (q.dim(0) == 0 || num_seqs == 0 || batch.max_query_len == 0) return;
 
@@ -1680,9 +1695,9 @@ void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor
   a.split_size = l.split_size;
   auto stream = static_cast<cudaStream_t>(cuda_runtime::stream());
   if (dim == 64)
-    launch_attention<64>(a, l, q, k_cache, batch, stream);
+    launch_attention<64>(a, l, q, k_cache, batch, workspace, stream);
   else
-    launch_attention<128>(a, l, q, k_cache, batch, stream);
+    launch_attention<128>(a, l, q, k_cache, batch, workspace, stream);
 }
 
 }  // namespace detinfer::cuda

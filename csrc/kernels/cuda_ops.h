@@ -30,8 +30,12 @@ const char* matmul_kernels();
 // or forced by setPrefillKernel). Either gives the same bits.
 const char* prefill_kernel();
 
-// Bytes of the decode attention workspace this process holds (attention.cu): grown, never
-// released, so a model loaded later reuses it. 0 before the first decode attention launch.
+// Bytes of the decode attention workspace this process holds (attention.cu), which a decode launch
+// takes when the caller's workspace cannot hold its partials (or it has none): grown, never
+// released. 0 before the first such launch. A CUDA graph may not capture a launch that takes it
+// (attention fails instead), since a later launch that grows it frees the memory the graph would
+// write: models give their own workspace (lib/model/transformer.ts), sized for their largest
+// captured step.
 size_t decode_workspace_bytes();
 
 }  // namespace detinfer::cuda

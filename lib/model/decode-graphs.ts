@@ -8,10 +8,10 @@
 // Padding rows carry slot -1 and attend to one key; every op is batch-invariant, so they cannot
 // change a real row's bits. A bucket runs eagerly the first time it is seen (which also sets up
 // every kernel's one-time state), is captured the second time, and is replayed from then on.
-// Before the first capture, one eager step at the largest bucket sizes the attention workspace
-// for good, so that no captured pointer is ever freed by a later step. That step overwrites the
-// shared step inputs and results, so it runs before a step that takes its tokens from the
-// previous step's results on the device (launch with `after`) could need them.
+// Every buffer a capture points into belongs to the model and lives as long as it: decode
+// attention's split partials go to the model's own workspace, allocated at load for the largest
+// bucket (maxDecodeRows sequences at maxPositions), which the attention op refuses to outgrow
+// while capturing.
 //
 // Logit processors (penalties, logit bias: lib/model/logit-processors.ts) add kernels before the
 // token choice. A bucket has two captures: the plain one, with no processor kernel at all, which
@@ -93,7 +93,6 @@ export class DecodeGraphs {
   readonly batchBuckets: number[]
   readonly contextBuckets: number[]
   private readonly buckets = new Map<string, Bucket>()
-  private reserved = false
 
   /** capture false: the padded buckets run eagerly every time (the CPU, and tests of the padding). */
   constructor(
@@ -132,10 +131,7 @@ export class DecodeGraphs {
     const bucket = this.bucket(rows, context)
     const processed = usesProcessors(choices)
     const capture = processed ? bucket.processed : bucket.plain
-    // The reserving step writes the shared inputs and results, so it runs only at a launch that
-    // takes nothing from the previous step's results; a chained launch before it stays eager.
-    if (this.capture && !this.reserved && !after) this.reserveLargest()
-    if (this.capture && this.reserved && capture.seen && !capture.graph) this.captureBucket(bucket, processed)
+    if (this.capture && capture.seen && !capture.graph) this.captureBucket(bucket, processed)
     this.fill(bucket, chunks, choices, processed)
     if (after) this.host.head.takeIds(bucket.views.ids, after, afterRows)
     if (capture.graph) capture.graph.replay()
@@ -215,17 +211,6 @@ export class DecodeGraphs {
     }
   }
 
-  // One eager step of padding rows only at the largest bucket: the attention kernel's decode
-  // workspace grows to its final size here, before any graph holds a pointer into it.
-  private reserveLargest(): void {
-    const rows = this.batchBuckets[this.batchBuckets.length - 1]!
-    const context = this.contextBuckets[this.contextBuckets.length - 1]!
-    const b = this.bucket(rows, context)
-    this.fill(b, [], [], false)
-    this.enqueue(b, false)
-    b.plain.seen = true
-    this.reserved = true
-  }
 }
 
 const GREEDY: TokenChoice = { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: 0, target: -1 }

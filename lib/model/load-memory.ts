@@ -20,11 +20,9 @@
 //                              ranks' copies of q|k|v, o, gate|up and down (2*n*((q + 2kv)*H + H*q +
 //                              3*I*H) plus their q|k|v and gate|up biases), their step buffers
 //                              2*T*((q + 2kv) + 2q + 3I) and the logit shards 4*L*V
-//              CUDA graphs     4*R*h*ceil(P/256)*(D + 2) with R = min(T, L): the decode attention
-//                              workspace (split partials and their max/sum) that the first decode
-//                              step reserves for the largest graph bucket; a workspace the process
-//                              holds already (from a model loaded before) is reused, and one too
-//                              small grows to the larger of the need and twice its size
+//              decode (CUDA)   4*R*h*ceil(P/256)*(D + 2) with R = maxDecodeRows: the decode attention
+//                              workspace (split partials and their max/sum) of the largest decode
+//                              step replayed as a CUDA graph, allocated at load
 //
 // The check asks for that plus a margin of 256 MiB and 1% of the device's memory, for what the
 // estimate leaves out: kernel code CUDA loads on first use, the captured graphs' own memory (8 MiB
@@ -44,8 +42,8 @@ export interface LoadSizes {
   kvBlockSize: number
   /** 0 when unset; 1, 2, 4 or 8 emulated ranks. */
   tensorParallel: number
-  /** Decode steps captured as CUDA graphs (CUDA only): the first reserves the decode attention workspace. */
-  capturedGraphs: boolean
+  /** Rows of the decode attention workspace allocated at load: maxDecodeRows on CUDA, 0 elsewhere. */
+  decodeWorkspaceRows: number
   unfusedLayers?: boolean
 }
 
@@ -72,8 +70,6 @@ export interface LoadMemory {
 export interface DeviceMemory {
   free: number
   total: number
-  /** Bytes of the decode attention workspace the process holds already (reused by this model). */
-  decodeWorkspace?: number
   /** The device's name, for the message. */
   name?: string
 }
@@ -88,6 +84,15 @@ const HEAD_INTS_PER_ROW = 8 + (2 + 2 * MAX_TOP_LOGPROBS) + 1
 /** Keys per attention split (csrc/common/attention_schedule.h kSplitSize). */
 const ATTENTION_SPLIT = 256
 
+/**
+ * f32 elements of decode attention's split partials for `rows` sequences of up to `positions`
+ * keys: an output row of D and a (max, sum) pair per (sequence, query head, split), as the CUDA
+ * decode launch lays them out (csrc/kernels/attention.cu).
+ */
+export function decodeWorkspaceFloats(c: ModelConfig, rows: number, positions: number): number {
+  return rows * c.numHeads * Math.ceil(positions / ATTENTION_SPLIT) * (c.headDim + 2)
+}
+
 /** Bytes of tensors of these shapes on the device, where every weight is bf16. */
 export function deviceWeightBytes(tensors: readonly { shape: readonly number[] }[]): number {
   return tensors.reduce((sum, t) => sum + t.shape.reduce((a, b) => a * b, 1) * BF16, 0)
@@ -100,14 +105,9 @@ export function memoryMargin(totalMemory: number): number {
 
 /**
  * What loading `c` with `s` allocates on its device (the formula at the top of this file).
- * `weightBytes` defaults to the tensors the config implies; `decodeWorkspaceHeld` is the decode
- * attention workspace the process holds already.
+ * `weightBytes` defaults to the tensors the config implies.
  */
-export function estimateLoadMemory(
-  c: ModelConfig,
-  s: LoadSizes,
-  { weightBytes, decodeWorkspaceHeld = 0 }: { weightBytes?: number; decodeWorkspaceHeld?: number } = {},
-): LoadMemory {
+export function estimateLoadMemory(c: ModelConfig, s: LoadSizes, { weightBytes }: { weightBytes?: number } = {}): LoadMemory {
   const { maxBatchTokens: T, maxLogitRows: L, kvBlocks, kvBlockSize: bs } = s
   const H = c.hiddenSize
   const I = c.intermediateSize
@@ -141,12 +141,8 @@ export function estimateLoadMemory(
     add(`the ${N} ranks' copies of the layer weights`, BF16 * c.numLayers * layer)
     add(`the ${N} ranks' step buffers and logit shards`, BF16 * T * (q + 2 * kv + 2 * q + 3 * I) + F32 * L * V)
   }
-  if (s.capturedGraphs) {
-    const R = Math.min(T, L)
-    const need = F32 * R * c.numHeads * Math.ceil(P / ATTENTION_SPLIT) * (D + 2)
-    const extra = need <= decodeWorkspaceHeld ? 0 : Math.max(need, 2 * decodeWorkspaceHeld)
-    add(`decode attention workspace of the CUDA graphs (${count(R)} rows at ${count(P)} positions)`, extra)
-  }
+  const R = s.decodeWorkspaceRows
+  add(`decode attention workspace (${count(R)} sequences at ${count(P)} positions)`, F32 * decodeWorkspaceFloats(c, R, P))
   const otherBytes = other.reduce((sum, o) => sum + o.bytes, 0)
   return { weights, kvCache, other, otherBytes, total: weights + kvCache + otherBytes, kvPositions, maxPositions: P }
 }
@@ -163,7 +159,7 @@ export function checkDeviceMemory(
   weightBytes?: number,
 ): LoadMemory {
   const estimate = (kvBlocks: number) =>
-    estimateLoadMemory(c, { ...s, kvBlocks }, { ...(weightBytes !== undefined && { weightBytes }), decodeWorkspaceHeld: device.decodeWorkspace ?? 0 })
+    estimateLoadMemory(c, { ...s, kvBlocks }, weightBytes !== undefined ? { weightBytes } : {})
   const need = estimate(s.kvBlocks)
   const margin = memoryMargin(device.total)
   if (need.total + margin <= device.free) return need
@@ -229,9 +225,8 @@ export function deviceMemoryMessage(
     `The activations and logits shrink with maxBatchTokens (tokens per forward pass, now ${count(s.maxBatchTokens)}; ` +
       '`detinfer serve --max-batch-tokens`)' +
       (workspace
-        ? `, and cudaGraphs: false (\`--no-cuda-graphs\` of \`detinfer generate\`, \`check\` and \`serve\`) leaves out the ` +
-          `${formatBytes(workspace.bytes)} decode attention workspace of the CUDA graphs (same bits, slower decoding; ` +
-          'eager steps then take a workspace for the rows they run).'
+        ? `, and the ${formatBytes(workspace.bytes)} decode attention workspace with maxBatchSize (sequences decoded ` +
+          `together, now ${count(s.decodeWorkspaceRows)}; \`detinfer serve --max-batch-size\`).`
         : '.'),
   )
   return lines.join(' ')

@@ -21,7 +21,7 @@ import type { LaunchedStep } from '../step.js'
 export type { SequenceChunk }
 import { ropeTable } from './rope.js'
 import { allocationError, disposeWeights, loadWeights, type LayerWeights, type LoadProgress, type ModelWeights } from './weights.js'
-import { checkDeviceMemory, deviceWeightBytes, type DeviceMemory, type LoadSizes } from './load-memory.js'
+import { checkDeviceMemory, decodeWorkspaceFloats, deviceWeightBytes, type DeviceMemory, type LoadSizes } from './load-memory.js'
 import { checkTensorParallel, disposeRankLayers, rankLayers, type RankLayer } from './tensor-parallel.js'
 
 export interface ForwardOutput {
@@ -39,6 +39,13 @@ export interface TransformerOptions {
   kvBlockSize?: number
   /** Most logit rows in one forward; defaults to maxBatchTokens. */
   maxLogitRows?: number
+  /**
+   * Most sequences of a decode step that runs as a CUDA graph, and the rows of the decode
+   * attention workspace allocated at load on CUDA (lib/model/load-memory.ts says its size).
+   * Default (and at most) min(maxBatchTokens, maxLogitRows). Decode steps with more sequences
+   * run eagerly, with a workspace the process keeps.
+   */
+  maxDecodeRows?: number
   /**
    * Rows of the logit processors' table (penalties and logit bias, lib/model/logit-processors.ts):
    * the most sequences with processors that can run at once. Default: the most rows of a decode
@@ -132,6 +139,8 @@ interface TransformerState {
   cache: KvCache
   act: Activations
   cosSin: NativeTensor // f32 [maxPositions, D]
+  /** f32: decode attention's split partials for maxDecodeRows sequences at maxPositions (CUDA only). */
+  decodeWorkspace: NativeTensor | null
   head: OutputHead
   inputs: StepInputs
 }
@@ -257,6 +266,7 @@ export class Transformer {
   private readonly cache: KvCache
   private readonly act: Activations
   private readonly cosSin: NativeTensor
+  private readonly decodeWorkspace: NativeTensor | null
   /** @internal The output head and the step inputs (decode-graphs.ts replays over them). */
   readonly head: OutputHead
   /** Sequences with logit processors (penalties, logit bias) that can run at once. */
@@ -274,6 +284,8 @@ export class Transformer {
     readonly kvBlocks: number,
     readonly kvBlockSize: number,
     readonly maxLogitRows: number,
+    /** Most sequences of a decode step replayed as a CUDA graph (TransformerOptions). */
+    readonly maxDecodeRows: number,
     /** Longest sequence: max_position_embeddings, or less when the KV cache holds fewer positions. */
     readonly maxPositions: number,
     state: TransformerState,
@@ -286,11 +298,11 @@ export class Transformer {
     this.cache = state.cache
     this.act = state.act
     this.cosSin = state.cosSin
+    this.decodeWorkspace = state.decodeWorkspace
     this.head = state.head
     this.logitProcessorRows = state.head.processors?.rows ?? 0
     this.inputs = state.inputs
-    const maxRows = Math.min(maxBatchTokens, maxLogitRows)
-    this.graphs = cudaGraphs ? new DecodeGraphs(this, maxRows, maxPositions, device === 'cuda') : null
+    this.graphs = cudaGraphs ? new DecodeGraphs(this, maxDecodeRows, maxPositions, device === 'cuda') : null
   }
 
   private get limits(): StepLimits {
@@ -328,6 +340,8 @@ export class Transformer {
     const kvBlocks = checkInteger('kvBlocks', opts.kvBlocks, 1)
     const kvBlockSize = checkInteger('kvBlockSize', opts.kvBlockSize ?? 16, 1)
     const maxLogitRows = checkInteger('maxLogitRows', opts.maxLogitRows ?? maxBatchTokens, 1)
+    const stepRows = Math.min(maxBatchTokens, maxLogitRows)
+    const maxDecodeRows = checkInteger('maxDecodeRows', opts.maxDecodeRows ?? stepRows, 1, stepRows)
     const logitProcessorRows = checkInteger('logitProcessorRows', opts.logitProcessorRows ?? Math.min(maxBatchTokens, maxLogitRows, MAX_LOGIT_PROCESSOR_ROWS), 0, MAX_LOGIT_PROCESSOR_ROWS)
     const unfused = opts.unfusedLayers === true
     if (opts.cudaGraphs !== undefined && typeof opts.cudaGraphs !== 'boolean')
@@ -346,7 +360,7 @@ export class Transformer {
       kvBlocks,
       kvBlockSize,
       tensorParallel: tpRanks,
-      capturedGraphs: cudaGraphs && device === 'cuda',
+      decodeWorkspaceRows: device === 'cuda' ? maxDecodeRows : 0,
       unfusedLayers: unfused,
     }
     const readMemory = opts.deviceMemory ?? cudaDeviceMemory
@@ -377,6 +391,11 @@ export class Transformer {
       const maxPositions = Math.min(config.maxPositionEmbeddings, kvBlocks * kvBlockSize)
       const ropeShape = [maxPositions, config.headDim]
       const cosSin = named('the RoPE table', 'f32', ropeShape, () => n.fromBuffer(device, 'f32', ropeShape, ropeTable(config, maxPositions)))
+      // Owned by the model so that its captured decode steps point into memory that stays put
+      // (the process's own workspace is freed when a larger launch grows it).
+      const workspaceShape = [decodeWorkspaceFloats(config, sizes.decodeWorkspaceRows, maxPositions)]
+      const decodeWorkspace =
+        workspaceShape[0]! > 0 ? alloc(`the decode attention workspace (${maxDecodeRows} sequences at ${maxPositions} positions)`, 'f32', workspaceShape) : null
       const cacheShape = [kvBlocks, kvBlockSize, config.numKvHeads / Math.max(1, tpRanks), config.headDim]
       const newCache = (rank = 0): KvCache => {
         const cache: KvCache = { k: [], v: [] }
@@ -400,8 +419,8 @@ export class Transformer {
       const maxBlocks = Math.ceil(maxPositions / kvBlockSize)
       const inputCount = inputInts(maxBatchTokens, maxLogitRows, maxBatchTokens, maxBlocks)
       const inputs = named('the step inputs', 'i32', [inputCount], () => new StepInputs(device, inputCount))
-      const state = { weights, cache, act, cosSin, head, inputs }
-      model = new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxPositions, state, unfused, cudaGraphs, tp)
+      const state = { weights, cache, act, cosSin, decodeWorkspace, head, inputs }
+      model = new Transformer(config, device, maxBatchTokens, kvBlocks, kvBlockSize, maxLogitRows, maxDecodeRows, maxPositions, state, unfused, cudaGraphs, tp)
     } catch (err) {
       for (const t of owned) t.dispose()
       disposeRankLayers(rankWeights)
@@ -577,7 +596,7 @@ export class Transformer {
       n.qkvRopeAppend(q3, this.cache.k[l]!, this.cache.v[l]!, qkv, positions, this.cosSin, slots, w.qNorm, w.kNorm, c.rmsNormEps)
     }
     const attn = n.narrow(this.act.attn, 0, T)
-    n.attention(n.view(attn, [T, c.numHeads, D]), q3, this.cache.k[l]!, this.cache.v[l]!, batch, 1 / Math.sqrt(D))
+    n.attention(n.view(attn, [T, c.numHeads, D]), q3, this.cache.k[l]!, this.cache.v[l]!, batch, 1 / Math.sqrt(D), this.decodeWorkspace)
     n.matmul(n.narrow(this.act.proj, 0, T), attn, w.oProj, w.oBias) // [T,heads*D] · [H,heads*D]^T -> [T,H]
   }
 
@@ -683,7 +702,7 @@ export class Transformer {
       const q3 = n.view(n.narrow(buf.q, 0, T), [T, c.numHeads / N, D])
       n.qkvRopeAppend(q3, cache.k[l]!, cache.v[l]!, qkv, positions, this.cosSin, slots, w.qNorm, w.kNorm, c.rmsNormEps)
       const attn = n.narrow(buf.attn, 0, T)
-      n.attention(n.view(attn, [T, c.numHeads / N, D]), q3, cache.k[l]!, cache.v[l]!, batch, 1 / Math.sqrt(D))
+      n.attention(n.view(attn, [T, c.numHeads / N, D]), q3, cache.k[l]!, cache.v[l]!, batch, 1 / Math.sqrt(D), this.decodeWorkspace)
       n.matmulPartials(n.narrow(partials, (r * 8) / N, 8 / N), attn, rw.oProj) // row-parallel: partitions of rank r
     }
     n.combinePartials(n.narrow(this.act.proj, 0, T), partials, w.oBias, N)
@@ -748,6 +767,7 @@ export class Transformer {
     for (const t of [...this.cache.k, ...this.cache.v]) t.dispose()
     for (const t of Object.values(this.act)) t?.dispose()
     this.cosSin.dispose()
+    this.decodeWorkspace?.dispose()
     this.graphs?.dispose()
     this.head.dispose()
     this.inputs.dispose()

@@ -48,14 +48,14 @@ function qwen3(shape: Pick<ModelConfig, 'numLayers' | 'hiddenSize' | 'numHeads' 
 const QWEN3_0_6B = qwen3({ numLayers: 28, hiddenSize: 1024, numHeads: 16, numKvHeads: 8, intermediateSize: 3072, tieWordEmbeddings: true })
 const QWEN3_8B = qwen3({ numLayers: 36, hiddenSize: 4096, numHeads: 32, numKvHeads: 8, intermediateSize: 12288, tieWordEmbeddings: false })
 
-/** loadModel's sizes on CUDA: 2,048 tokens a pass, 512 logit rows, a 40,960-position cache, graphs on. */
+/** loadModel's sizes on CUDA: 2,048 tokens a pass, 512 logit rows, a 40,960-position cache, 64 sequences. */
 const CUDA_SIZES: LoadSizes = {
   maxBatchTokens: 2048,
   maxLogitRows: 512,
   kvBlocks: 2560,
   kvBlockSize: 16,
   tensorParallel: 0,
-  capturedGraphs: true,
+  decodeWorkspaceRows: 64,
 }
 
 describe('the bytes a load needs', () => {
@@ -91,9 +91,9 @@ describe('the bytes a load needs', () => {
     // query starts (T + 1), sequence lengths (T), block tables (T x 2,560); token choice:
     // parameters (8), results (2 + 2 * 20) and a row map (1) per logit row, all i32.
     const small = 4 * 40960 * 128 + 4 * (3 * T + 512 + (T + 1) + T + T * 2560) + 4 * 512 * (8 + 42 + 1)
-    // The decode attention workspace of the largest graph bucket: 512 rows, 16 heads, 160
+    // The decode attention workspace of the largest graph bucket: 64 sequences, 16 heads, 160
     // splits of 256 keys, D + 2 floats per split.
-    const workspace = 4 * 512 * 16 * 160 * 130
+    const workspace = 4 * 64 * 16 * 160 * 130
 
     const m = estimateLoadMemory(QWEN3_0_6B, CUDA_SIZES)
     expect(m.weights).toBe(weights)
@@ -103,11 +103,11 @@ describe('the bytes a load needs', () => {
     expect(m.other).toEqual([
       { what: 'activations for 2,048 tokens and 512 logit rows', bytes: activations },
       { what: 'RoPE table, step inputs and token-choice buffers', bytes: small },
-      { what: 'decode attention workspace of the CUDA graphs (512 rows at 40,960 positions)', bytes: workspace },
+      { what: 'decode attention workspace (64 sequences at 40,960 positions)', bytes: workspace },
     ])
-    expect([activations, small, workspace]).toEqual([400_293_888, 42_090_500, 681_574_400])
+    expect([activations, small, workspace]).toEqual([400_293_888, 42_090_500, 85196800])
     expect(m.total).toBe(weights + kvCache + activations + small + workspace)
-    expect(m.total).toBe(7_013_679_108)
+    expect(m.total).toBe(6_417_301_508)
     expect(m.maxPositions).toBe(40960)
   })
 
@@ -125,7 +125,7 @@ describe('the bytes a load needs', () => {
     const T = 2048
     const activations = 2 * T * (4 * 4096 + (4096 + 2048) + 2 * 4096 + 3 * 12288) + 2 * 512 * 4096 + 4 * 512 * 151936
     const small = 4 * 40960 * 128 + 4 * (5 * T + 512 + 1 + T * 2560) + 4 * 512 * 51
-    const workspace = 4 * 512 * 32 * 160 * 130
+    const workspace = 4 * 64 * 32 * 160 * 130
 
     const m = estimateLoadMemory(QWEN3_8B, CUDA_SIZES)
     expect(m.weights).toBe(2 * params)
@@ -133,7 +133,7 @@ describe('the bytes a load needs', () => {
     expect(m.kvCache).toBe(kvCache)
     expect(m.kvCache).toBe(6_039_797_760)
     expect(m.other.map((o) => o.bytes)).toEqual([activations, small, workspace])
-    expect([activations, small, workspace]).toEqual([592_183_296, 42_090_500, 1_363_148_800])
+    expect([activations, small, workspace]).toEqual([592_183_296, 42_090_500, 170_393_600])
     expect(m.total).toBe(2 * params + kvCache + activations + small + workspace)
   })
 
@@ -142,18 +142,24 @@ describe('the bytes a load needs', () => {
     expect(estimateLoadMemory(QWEN3_0_6B, CUDA_SIZES, { weightBytes: 123 }).weights).toBe(123)
   })
 
-  it('the decode workspace is left out without CUDA graphs, and counted only beyond what the process holds', () => {
-    const need = 4 * 512 * 16 * 160 * 130
-    const workspace = (s: LoadSizes, held?: number) =>
-      estimateLoadMemory(QWEN3_0_6B, s, held === undefined ? {} : { decodeWorkspaceHeld: held }).other.find((o) =>
-        o.what.startsWith('decode attention workspace'),
-      )?.bytes ?? 0
-    expect(workspace({ ...CUDA_SIZES, capturedGraphs: false })).toBe(0)
-    expect(workspace(CUDA_SIZES, need)).toBe(0)
-    expect(workspace(CUDA_SIZES, 2 * need)).toBe(0)
-    // A smaller one grows to the larger of the need and twice its size (and the old is freed after).
-    expect(workspace(CUDA_SIZES, need / 4)).toBe(need)
-    expect(workspace(CUDA_SIZES, (3 * need) / 4)).toBe((3 * need) / 2)
+  it('the decode workspace follows the decode rows (maxBatchSize), and the CPU has none', () => {
+    const workspace = (rows: number) =>
+      estimateLoadMemory(QWEN3_0_6B, { ...CUDA_SIZES, decodeWorkspaceRows: rows }).other.find((o) => o.what.startsWith('decode attention workspace'))
+        ?.bytes ?? 0
+    expect(workspace(0)).toBe(0)
+    expect(workspace(1)).toBe(4 * 16 * 160 * 130) // `detinfer generate` and `score`: one sequence
+    expect(workspace(64)).toBe(64 * workspace(1))
+    expect(workspace(512)).toBe(681_574_400) // what a workspace of 512 rows took, 650 MiB
+  })
+
+  it("Qwen3-8B with loadModel's defaults fits a 24 GiB GPU (RTX 4090, L4), which a 512-row workspace did not", () => {
+    const gpu = { free: 23.5 * GiB, total: 24 * GiB, name: 'a 24 GiB GPU' }
+    // loadModel's default KV cache: a quarter of the device's memory (k and v of 36 layers x 8 kv heads x 128, bf16).
+    const kvBlocks = Math.ceil(Math.floor(gpu.total / 4 / (36 * 8 * 128 * 4)) / 16)
+    const sizes = { ...CUDA_SIZES, kvBlocks }
+    const fits = checkDeviceMemory('/models/Qwen3-8B', QWEN3_8B, sizes, gpu)
+    console.log(`Qwen3-8B, loadModel's CUDA sizes: ${formatBytes(fits.total)} + ${formatBytes(memoryMargin(gpu.total))} margin of ${formatBytes(gpu.free)} free`)
+    expect(() => checkDeviceMemory('/models/Qwen3-8B', QWEN3_8B, { ...sizes, decodeWorkspaceRows: 512 }, gpu)).toThrow(DeviceMemoryError)
   })
 
   it('the KV cache bounds the longest sequence, and with it the RoPE table, step inputs and workspace', () => {
@@ -162,7 +168,7 @@ describe('the bytes a load needs', () => {
     expect(m.maxPositions).toBe(8192)
     expect(m.kvCache).toBe(2 * 28 * 8192 * 1024 * 2)
     expect(m.other[1]!.bytes).toBe(4 * 8192 * 128 + 4 * (5 * 2048 + 512 + 1 + 2048 * 512) + 4 * 512 * 51)
-    expect(m.other[2]!.bytes).toBe(4 * 512 * 16 * 32 * 130)
+    expect(m.other[2]!.bytes).toBe(4 * 64 * 16 * 32 * 130)
     // A cache longer than max_position_embeddings holds more positions but no longer sequences.
     const long = estimateLoadMemory(QWEN3_0_6B, { ...CUDA_SIZES, kvBlocks: 8192 })
     expect(long.kvPositions).toBe(131072)
@@ -214,9 +220,9 @@ describe('the check against the free memory', () => {
     })
     const m = e.message
     expect(m).toContain('Not enough free memory on GPU 0 (NVIDIA H200) to load the model in /models/Qwen3-8B')
-    expect(m).toContain(`it needs ${formatBytes(need.total)} (weights 15.26 GiB in bf16, KV cache 5.63 GiB for 40,960 positions, other 1.86 GiB:`)
+    expect(m).toContain(`it needs ${formatBytes(need.total)} (weights 15.26 GiB in bf16, KV cache 5.63 GiB for 40,960 positions, other 767.39 MiB:`)
     expect(m).toContain('activations for 2,048 tokens and 512 logit rows 564.75 MiB')
-    expect(m).toContain('decode attention workspace of the CUDA graphs (512 rows at 40,960 positions) 1.27 GiB')
+    expect(m).toContain('decode attention workspace (64 sequences at 40,960 positions) 162.50 MiB')
     expect(m).toContain('plus a safety margin of 1.65 GiB (256 MiB and 1% of the device')
     expect(m).toContain("but 20.00 GiB of the device's 140.40 GiB are free")
     // The largest KV cache that fits, found independently: every block costs its k and v rows,
@@ -229,7 +235,9 @@ describe('the check against the free memory', () => {
     expect(m).toContain(`kvCacheTokens ${(blocks * 16).toLocaleString('en-US')} or kvBlocks ${blocks.toLocaleString('en-US')} (now 40,960 positions`)
     expect(m).toContain('`--kv-cache-tokens` of `detinfer generate`, `score` and `serve`')
     expect(m).toContain('maxBatchTokens (tokens per forward pass, now 2,048; `detinfer serve --max-batch-tokens`)')
-    expect(m).toContain('cudaGraphs: false (`--no-cuda-graphs` of `detinfer generate`, `check` and `serve`) leaves out the 1.27 GiB decode attention workspace')
+    expect(m).toContain(
+      'and the 162.50 MiB decode attention workspace with maxBatchSize (sequences decoded together, now 64; `detinfer serve --max-batch-size`).',
+    )
   })
 
   it('says when the weights alone do not fit, and that there is no smaller dtype and no multi-GPU tensor parallelism', () => {
@@ -256,8 +264,8 @@ describe('the check against the free memory', () => {
     expect(message).toContain('maxBatchTokens')
   })
 
-  it('leaves the decode workspace out of the advice without CUDA graphs', () => {
-    const sizes = { ...CUDA_SIZES, capturedGraphs: false }
+  it('leaves the decode workspace out of the advice when the load has none', () => {
+    const sizes = { ...CUDA_SIZES, decodeWorkspaceRows: 0 }
     expect(() => checkDeviceMemory('/m', QWEN3_0_6B, sizes, { free: 4 * GiB, total: 8 * GiB })).toThrow(/`detinfer serve --max-batch-tokens`\)\.$/)
   })
 })
@@ -322,7 +330,7 @@ describe('the estimate against what Transformer.load allocates', () => {
       })
       try {
         const config = await loadModelConfig(tiny.dir)
-        const m = estimateLoadMemory(config, { ...sizes, tensorParallel: tensorParallel ?? 0, capturedGraphs: false, unfusedLayers: unfusedLayers === true })
+        const m = estimateLoadMemory(config, { ...sizes, tensorParallel: tensorParallel ?? 0, decodeWorkspaceRows: 0, unfusedLayers: unfusedLayers === true })
         const held = [...heldTensors(model)].reduce((s, t) => s + t.nbytes, 0)
         expect(held).toBe(m.total)
       } finally {
@@ -346,7 +354,7 @@ describe('the estimate against what Transformer.load allocates', () => {
       }),
     ).rejects.toBe(refused)
     expect(fromBuffer).not.toHaveBeenCalled()
-    expect(seen).toBe(estimateLoadMemory(config, { maxBatchTokens: 1, maxLogitRows: 1, kvBlocks: 1, kvBlockSize: 1, tensorParallel: 0, capturedGraphs: false }).weights)
+    expect(seen).toBe(estimateLoadMemory(config, { maxBatchTokens: 1, maxLogitRows: 1, kvBlocks: 1, kvBlockSize: 1, tensorParallel: 0, decodeWorkspaceRows: 0 }).weights)
   })
 })
 

@@ -121,7 +121,21 @@ export class AttentionScene {
   }
 
   /** One attention launch over the slices (in this order); returns each slice's output rows as raw bf16 bits. */
-  async run(slices: Slice[]): Promise<Uint16Array[]> {
+  async run(slices: Slice[], workspace?: NativeTensor): Promise<Uint16Array[]> {
+    const launch = this.prepare(slices)
+    try {
+      launch.enqueue(workspace)
+      return await launch.read()
+    } finally {
+      launch.dispose()
+    }
+  }
+
+  /**
+   * The inputs of one launch over the slices, uploaded: `enqueue` launches attention (as often as
+   * called, into the same output), `read` returns each slice's output rows as raw bf16 bits.
+   */
+  prepare(slices: Slice[]): { enqueue(workspace?: NativeTensor): void; read(): Promise<Uint16Array[]>; dispose(): void } {
     const { heads, dim, blockSize } = this.shape
     const rowSize = heads * dim
     const starts = [0]
@@ -145,11 +159,17 @@ export class AttentionScene {
       maxQueryLen: Math.max(...slices.map((sl) => sl.end - sl.start)),
       maxSeqLen: Math.max(...slices.map((sl) => sl.end)),
     }
-    native().attention(out, qT, this.kCache, this.vCache, batch, this.scale)
-    const bytes = await readBytes(out)
-    const bits = new Uint16Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength))
-    for (const t of [qT, out, batch.blockTables, batch.queryStart, batch.seqLens]) t.dispose()
-    return slices.map((_, i) => bits.slice(starts[i]! * rowSize, starts[i + 1]! * rowSize))
+    return {
+      enqueue: (workspace) => native().attention(out, qT, this.kCache, this.vCache, batch, this.scale, workspace),
+      read: async () => {
+        const bytes = await readBytes(out)
+        const bits = new Uint16Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength))
+        return slices.map((_, i) => bits.slice(starts[i]! * rowSize, starts[i + 1]! * rowSize))
+      },
+      dispose: () => {
+        for (const t of [qT, out, batch.blockTables, batch.queryStart, batch.seqLens]) t.dispose()
+      },
+    }
   }
 
   /** float64 attention of sequence `seq` at position `pos`, head `h`: softmax(q·K^T·scale)·V over keys 0..pos. */

@@ -4,9 +4,10 @@
 // whole sequences, chunks over a cached prefix and single-query decode. Then CUDA against the CPU
 // backend on the same inputs.
 import { afterAll, describe, expect, it } from 'vitest'
-import type { DeviceName } from '../../lib/native.js'
+import { native, type DeviceName } from '../../lib/native.js'
 import { fromBf16 } from '../../lib/tensor.js'
 import { describeGpu } from '../helpers/gpu.js'
+import { expectSameBits } from './reference.js'
 import { ATOL, AttentionScene, compareToReference, RTOL, type AttentionShape, type Slice } from './attention-fixture.js'
 
 const LENGTHS = [1, 2, 15, 16, 17, 255, 256, 257, 1000, 4096]
@@ -90,6 +91,81 @@ describeGpu('attention: cuda against the cpu backend', () => {
       })
       console.log(`cuda vs cpu: worst ${worst.toFixed(3)} of bound`)
       expect(worst).toBeLessThanOrEqual(1)
+    }
+  })
+})
+
+describeGpu("attention (cuda): the decode split partials' workspace", () => {
+  const n = native()
+  // Three sequences of 2 to 8 splits of 256 keys: decode writes partials, then combines them.
+  const shape: AttentionShape = { heads: 8, kvHeads: 2, dim: 128, blockSize: 16 }
+  const lengths = [300, 777, 2048]
+  const floats = lengths.length * shape.heads * Math.ceil(2048 / 256) * (shape.dim + 2)
+  const decode = lengths.map((len, i) => ({ seq: i, start: len - 1, end: len }))
+
+  it('gives the same bits with a workspace that holds the partials, one too small, and none', async () => {
+    const scene = new AttentionScene('cuda', shape, lengths, 91)
+    const exact = n.empty('cuda', 'f32', [floats])
+    const small = n.empty('cuda', 'f32', [floats - 1])
+    try {
+      const none = await scene.run(decode)
+      for (const [name, ws] of [['exact', exact], ['one float short (the process workspace)', small]] as const) {
+        const bits = await scene.run(decode, ws)
+        bits.forEach((b, i) => expectSameBits(b, none[i]!, `${name}, sequence ${i}`))
+      }
+      const launch = scene.prepare(decode)
+      const wrong = n.empty('cuda', 'bf16', [floats])
+      expect(() => launch.enqueue(wrong)).toThrow(/^attention: expected workspace to be f32 but received bf16/)
+      for (const t of [launch, wrong]) t.dispose()
+    } finally {
+      for (const t of [exact, small]) t.dispose()
+      scene.dispose()
+    }
+  })
+
+  it('a CUDA graph captures a decode launch into the workspace it is given, and refuses one too small', async () => {
+    const scene = new AttentionScene('cuda', shape, lengths, 92)
+    const launch = scene.prepare(decode)
+    const exact = n.empty('cuda', 'f32', [floats])
+    const small = n.empty('cuda', 'f32', [floats - 1])
+    try {
+      launch.enqueue()
+      const eager = await launch.read()
+      n.graphBegin()
+      let refused = ''
+      try {
+        launch.enqueue(small)
+      } catch (err) {
+        refused = (err as Error).message
+      } finally {
+        n.graphAbort()
+      }
+      expect(refused).toMatch(
+        new RegExp(`^attention: a decode launch captured in a CUDA graph needs a workspace of at least ${floats * 4} bytes for its split partials but received f32\\[${floats - 1}\\] on cuda`),
+      )
+      n.graphBegin()
+      try {
+        launch.enqueue(exact)
+      } catch (err) {
+        n.graphAbort()
+        throw err
+      }
+      const graph = n.graphEnd()
+      try {
+        // A launch outside the graph that grows the process's workspace leaves the graph's alone.
+        const longer = new AttentionScene('cuda', shape, [8192, 8192, 8192, 8192], 93)
+        await longer.run(longer.seqs.map((s, i) => ({ seq: i, start: s.len - 1, end: s.len })))
+        longer.dispose()
+        graph.replay()
+        const replayed = await launch.read()
+        replayed.forEach((b, i) => expectSameBits(b, eager[i]!, `replayed, sequence ${i}`))
+      } finally {
+        graph.dispose()
+      }
+    } finally {
+      for (const t of [exact, small]) t.dispose()
+      launch.dispose()
+      scene.dispose()
     }
   })
 })
