@@ -235,6 +235,8 @@ export interface NativeAddon {
    * released: a model loaded later reuses it).
    */
   memoryInfo(): { free: number; total: number; decodeWorkspace: number }
+  /** Keys per attention split, the schedule's constant (csrc/common/attention_schedule.h). */
+  readonly attentionSplitSize: number
 }
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..')

@@ -4,6 +4,7 @@
 
 #include <cstring>
 
+#include "../common/attention_schedule.h"
 #include "../common/config.h"
 #include "../cuda/runtime.h"
 #include "../ops.h"
@@ -412,6 +413,8 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"variantKernels", VariantKernels}, {"cudaStatus", CudaStatus},
   };
   for (const Entry& e : entries) exports.Set(e.name, Napi::Function::New(env, e.fn, e.name));
+  // The schedule's constant, for what the library sizes after it (the decode workspace).
+  exports.Set("attentionSplitSize", Napi::Number::New(env, attention_schedule::kSplitSize));
 #if defined(DETINFER_STAMPS)
   exports.Set("stamps", Napi::Function::New(env, Stamps, "stamps"));
 #endif

@@ -20,15 +20,17 @@
 //                              ranks' copies of q|k|v, o, gate|up and down (2*n*((q + 2kv)*H + H*q +
 //                              3*I*H) plus their q|k|v and gate|up biases), their step buffers
 //                              2*T*((q + 2kv) + 2q + 3I) and the logit shards 4*L*V
-//              decode (CUDA)   4*R*h*ceil(P/256)*(D + 2) with R = maxDecodeRows: the decode attention
-//                              workspace (split partials and their max/sum) of the largest decode
-//                              step replayed as a CUDA graph, allocated at load
+//              decode (CUDA)   4*R*h*ceil(P/S)*(D + 2) with R = maxDecodeRows and S = 256 keys per
+//                              attention split (the addon's attentionSplitSize): the decode
+//                              attention workspace (split partials and their max/sum) of the
+//                              largest decode step replayed as a CUDA graph, allocated at load
 //
 // The check asks for that plus a margin of 256 MiB and 1% of the device's memory, for what the
 // estimate leaves out: kernel code CUDA loads on first use, the captured graphs' own memory (8 MiB
 // for the 13 buckets of a Qwen3-0.6B benchmark), the token-choice workspace (22 MiB at a 151,936
 // vocabulary) and the allocator's rounding.
 import { DeviceMemoryError } from '../errors.js'
+import { native } from '../native.js'
 import type { ModelConfig } from './config.js'
 import { MAX_TOP_LOGPROBS } from './output-head.js'
 import { inputInts } from './step-layout.js'
@@ -81,8 +83,6 @@ const F32 = 4
 const I32 = 4
 /** Token-choice buffers per logits row: parameters (8) and results (2 + 2 * MAX_TOP_LOGPROBS) and a row map (1), i32. */
 const HEAD_INTS_PER_ROW = 8 + (2 + 2 * MAX_TOP_LOGPROBS) + 1
-/** Keys per attention split (csrc/common/attention_schedule.h kSplitSize). */
-const ATTENTION_SPLIT = 256
 
 /**
  * f32 elements of decode attention's split partials for `rows` sequences of up to `positions`
@@ -90,7 +90,7 @@ const ATTENTION_SPLIT = 256
  * decode launch lays them out (csrc/kernels/attention.cu).
  */
 export function decodeWorkspaceFloats(c: ModelConfig, rows: number, positions: number): number {
-  return rows * c.numHeads * Math.ceil(positions / ATTENTION_SPLIT) * (c.headDim + 2)
+  return rows * c.numHeads * Math.ceil(positions / native().attentionSplitSize) * (c.headDim + 2)
 }
 
 /** Bytes of tensors of these shapes on the device, where every weight is bf16. */
