@@ -157,6 +157,23 @@ describe('padded decode buckets on the CPU backend', () => {
     }
   })
 
+  it('maxDecodeRows bounds the buckets; larger decode steps run unpadded, with the same bits', async () => {
+    const small = await Transformer.load(dir, { device: 'cpu', maxBatchTokens: 128, kvBlocks: 200, kvBlockSize: 16, maxLogitRows: 64, maxDecodeRows: 4, cudaGraphs: true })
+    const plain = await load('cpu', false)
+    try {
+      expect(small.maxDecodeRows).toBe(4)
+      expect(small.graphStats()?.batchBuckets).toEqual([1, 2, 4])
+      // 6 sequences at once: steps of 5 and 6 decode rows are past the largest bucket.
+      expect(bits(await workload(small, 6))).toEqual(bits(await workload(plain, 6)))
+      await expect(
+        Transformer.load(dir, { device: 'cpu', maxBatchTokens: 128, kvBlocks: 200, maxLogitRows: 64, maxDecodeRows: 65 }),
+      ).rejects.toThrow(/maxDecodeRows/)
+    } finally {
+      small.dispose()
+      plain.dispose()
+    }
+  })
+
   it('steps launched before the previous one is read back give the bits of steps one at a time', async () => {
     for (const graphs of [true, false]) {
       const model = await load('cpu', graphs)
