@@ -8,6 +8,7 @@ import { defaultModelPath, loadModelFrom, readModelDir, type LoadModelOptions, t
 import { CHAT_REQUEST_VARIABLES, InferenceServer } from '../server/app.js'
 import { hashModelFiles, systemFingerprint } from '../server/fingerprint.js'
 import { TOOL_CALL_PARSERS, type ToolCallParser } from '../server/tool-calls.js'
+import { describeSamplingDefaults, readGenerationDefaults } from '../server/generation-config.js'
 import { packageVersion } from './package-info.js'
 import { readTextFile } from '../files.js'
 import { integer, jsonObject, positive } from './parse.js'
@@ -35,6 +36,7 @@ interface ServeFlags {
   toolCallParser?: ToolCallParser
   chatTemplate?: string
   defaultChatTemplateKwargs?: Record<string, unknown>
+  generationConfig: string
 }
 
 function log(line: string): void {
@@ -61,6 +63,11 @@ export function serveCommand(): Command {
     .option('--body-limit <bytes>', 'largest request body', positive, 4 * 1024 * 1024)
     .option('--shutdown-timeout <seconds>', 'on SIGINT/SIGTERM, how long requests in flight may take to finish', integer, 30)
     .option('--chat-template <file>', "a chat template (Jinja) to use instead of the model's")
+    .option(
+      '--generation-config <auto|none|dir>',
+      "sampling defaults for what a request leaves out (temperature, top_p, top_k, min_p, max_tokens): auto, the model's generation_config.json; none, OpenAI's; or a directory's generation_config.json",
+      'auto',
+    )
     .option('--default-chat-template-kwargs <json>', 'chat template variables of every chat request, under the request\'s chat_template_kwargs, e.g. \'{"enable_thinking": false}\'', jsonObject)
     .addOption(
       new Option('--tool-call-parser <format>', 'read tool calls in chat answers (hermes: the <tool_call> blocks of Qwen2.5, Qwen3 and Hermes models; llama3_json: the JSON calls of Llama 3.1 and 3.2); without it, chat requests with tools are refused unless tool_choice is "none"').choices(TOOL_CALL_PARSERS),
@@ -78,6 +85,16 @@ export function serveCommand(): Command {
       const chatTemplate = flags.chatTemplate === undefined ? undefined : await readTextFile(flags.chatTemplate, '--chat-template')
       const source = await readModelDir(flags.model ?? defaultModelPath) // a bad model directory fails before the server listens
       const dir = source.path
+      const generation =
+        flags.generationConfig === 'none'
+          ? null
+          : flags.generationConfig === 'auto'
+            ? await readGenerationDefaults(dir)
+            : await readGenerationDefaults(flags.generationConfig, { required: true })
+      const sampling = generation?.sampling ?? {}
+      const described = describeSamplingDefaults(sampling)
+      if (generation && described) log(`sampling defaults from ${generation.file}: ${described} (\`--generation-config none\` for OpenAI's)`)
+      for (const setting of generation?.ignored ?? []) log(`${generation!.file} sets ${setting}, which detinfer does not implement: not applied`)
       const server = new InferenceServer({
         // A model from the Hugging Face cache goes by its repo id, not its snapshot's commit hash.
         modelName: flags.servedModelName ?? source.repoId ?? basename(resolve(dir)),
@@ -86,6 +103,7 @@ export function serveCommand(): Command {
         bodyLimit: flags.bodyLimit,
         ...(flags.toolCallParser && { toolCallParser: flags.toolCallParser }),
         ...(defaults && { defaultChatTemplateKwargs: defaults }),
+        ...(described && { samplingDefaults: sampling }),
       })
       const address = await server.app.listen({ host: flags.host, port: flags.port })
       log(`listening on ${address} (GET /health answers 503 until the model is loaded)`)
@@ -130,10 +148,12 @@ export function serveCommand(): Command {
       }
       model = loaded
       if (stopping) return
-      // The server's own template and default variables change the prompts, so they are part of the domain.
+      // The server's own template and default variables change the prompts, and its sampling
+      // defaults the completions of requests that leave a parameter out: all part of the domain.
       const prompts = [
         ...(chatTemplate !== undefined ? [`chat template\0${chatTemplate}`] : []),
         ...(defaults ? [`default chat template kwargs\0${JSON.stringify(defaults)}`] : []),
+        ...(described ? [`sampling defaults\0${described}`] : []),
       ].join('\n')
       const fingerprint = systemFingerprint(modelHash, packageVersion(), loaded.device, flags.tensorParallel, prompts)
       server.setModel(loaded, fingerprint)

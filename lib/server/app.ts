@@ -41,6 +41,7 @@ import {
   type ToolBody,
 } from './schemas.js'
 import { parseToolCalls, toolCallId, withIds, ToolCallStream, type ToolCall, type ToolCallParser } from './tool-calls.js'
+import type { SamplingDefaults } from './generation-config.js'
 
 const MAX_SEED = 0xffffffff
 /** max_tokens of /v1/completions when the request gives none (OpenAI's default). */
@@ -66,6 +67,11 @@ export interface ServerOptions {
   toolCallParser?: ToolCallParser
   /** Chat template variables of every chat request, under those the request gives (`--default-chat-template-kwargs`). */
   defaultChatTemplateKwargs?: ChatTemplateVariables
+  /**
+   * What a request that leaves out temperature, top_p, top_k, min_p or max_tokens gets instead of
+   * OpenAI's defaults: the model's generation_config.json (`--generation-config auto`).
+   */
+  samplingDefaults?: SamplingDefaults
 }
 
 interface Loaded {
@@ -381,8 +387,12 @@ export class InferenceServer {
     if (body.model !== this.options.modelName) throw modelNotFound(body.model, this.options.modelName)
     const prompts = endpoint === 'chat' ? [this.chatPrompt(body as ChatCompletionBody, loaded)] : this.textPrompts(body as CompletionBody, loaded)
     const n = body.n ?? 1
-    const temperature = body.temperature ?? DEFAULT_TEMPERATURE
-    const topK = body.top_k ?? 0
+    const defaults = this.options.samplingDefaults ?? {}
+    const temperature = body.temperature ?? defaults.temperature ?? DEFAULT_TEMPERATURE
+    // A default top_k past the vocabulary is no limit, as one at its size is.
+    const topK = body.top_k ?? Math.min(defaults.topK ?? 0, model.vocabSize)
+    const topP = body.top_p ?? defaults.topP
+    const minP = body.min_p ?? defaults.minP
     const badStop = (body.stop_token_ids ?? []).findIndex((id) => id >= model.vocabSize)
     if (badStop >= 0)
       throw invalidRequest(
@@ -429,12 +439,12 @@ export class InferenceServer {
     const sampled = temperature > 0
     const options: GenerateOptions = {
       ...(sampled && { temperature }),
-      ...(sampled && body.top_p !== undefined && body.top_p !== null && body.top_p < 1 && { topP: body.top_p }),
+      ...(sampled && topP !== undefined && topP < 1 && { topP }),
       ...(sampled && topK > 0 && { topK }),
       ...(body.stop !== undefined && body.stop !== null && { stop: body.stop }),
       ...(body.stop_token_ids?.length && { stopTokenIds: body.stop_token_ids }),
       ...(body.ignore_eos === true && { ignoreEos: true }),
-      ...(sampled && body.min_p && { minP: body.min_p }),
+      ...(sampled && minP && { minP }),
       ...(topLogprobs > 0 && { topLogprobs }),
       // Penalties and biases apply to greedy choices too (n > 1: each choice counts its own tokens).
       ...(body.frequency_penalty && { frequencyPenalty: body.frequency_penalty }),
@@ -526,7 +536,7 @@ export class InferenceServer {
           `This model's maximum context length is ${loaded.model.contextLength} tokens; the prompt has ${ids.length} tokens, which leaves no room for a completion`,
           endpoint === 'chat' ? 'messages' : 'prompt',
         )
-      const maxTokens = Math.min(requested ?? (endpoint === 'chat' ? room : DEFAULT_COMPLETION_TOKENS), room)
+      const maxTokens = Math.min(requested ?? this.options.samplingDefaults?.maxTokens ?? (endpoint === 'chat' ? room : DEFAULT_COMPLETION_TOKENS), room)
       for (let i = 0; i < n; i++)
         choices.push({
           index: p * n + i,

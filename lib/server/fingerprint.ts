@@ -33,9 +33,10 @@ export function kernelFamily(device: DeviceName): string {
 }
 
 /**
- * `prompts` names what the server changes in how prompts are written, when it does: a chat
- * template given instead of the model's, default chat template variables (equal requests would
- * otherwise get other prompts, hence other bits, under one fingerprint).
+ * `prompts` names what the server changes in how requests are served, when it does: a chat
+ * template given instead of the model's, default chat template variables, sampling defaults
+ * (equal requests would otherwise get other prompts or other sampling, hence other bits, under
+ * one fingerprint).
  */
 export function systemFingerprint(modelHash: string, version: string, device: DeviceName, tensorParallel?: number, prompts?: string): string {
   const partition = tensorParallel === undefined ? 'no tensor parallelism' : 'tensor parallel'

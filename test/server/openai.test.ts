@@ -4,7 +4,7 @@
 // every error case, overload, authentication and graceful shutdown. (Whole characters in streamed
 // text: test/server/app.test.ts, where a scripted model makes one character span several tokens.)
 import { spawnSync } from 'node:child_process'
-import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { connect, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
@@ -784,6 +784,87 @@ describe('detinfer serve --tool-call-parser hermes (openai client, a chat templa
     expect(streamed.choices[0]!.message.tool_calls).toBeUndefined()
     expect(streamed.choices[0]!.finish_reason).toBe(r.choices[0]!.finish_reason)
     await expect(client.chat.completions.create({ ...body, tool_choice: 'required' })).rejects.toMatchObject({ status: 400, code: 'unsupported_parameter', param: 'tool_choice' })
+  })
+})
+
+describe('detinfer serve --generation-config (openai client): the model\'s sampling defaults', () => {
+  let dir: string
+  let model: Model
+  beforeAll(async () => {
+    buildDist()
+    dir = join(mkdtempSync(join(tmpdir(), 'detinfer-serve-generation-')), 'tuned')
+    cpSync(defaultModelPath, dir, { recursive: true })
+    // Greedy and 5 tokens by default; top_k 50 is transformers' own default, so not a setting;
+    // repetition_penalty is reported as not applied.
+    const file = join(dir, 'generation_config.json')
+    writeFileSync(file, JSON.stringify({ ...JSON.parse(readFileSync(file, 'utf8')), temperature: 0, top_k: 50, max_new_tokens: 5, repetition_penalty: 1.1 }))
+    model = await loadModel(dir, { device: DEVICE })
+  })
+  afterAll(async () => {
+    await model?.dispose()
+    if (dir) rmSync(dirname(dir), { recursive: true, force: true })
+  })
+
+  const prompt = QUESTIONS[2]!
+  const request = { model: 'tuned', prompt, seed: 3, ignore_eos: true }
+
+  it('auto (the default): a request that leaves them out gets them; one that sets them, its own', async () => {
+    const server = await startServer(['--model', dir])
+    try {
+      expect(server.log()).toContain(`sampling defaults from ${join(dir, 'generation_config.json')}: temperature 0, max_tokens 5 (`)
+      expect(server.log()).toContain('sets repetition_penalty 1.1, which detinfer does not implement: not applied')
+      const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'unused', maxRetries: 0 })
+      const ids = model.tokenize(prompt)
+      const greedy = await model.generate(ids, { maxTokens: 5, ignoreEos: true })
+      const r = await client.completions.create(request)
+      expect(r.usage!.completion_tokens).toBe(5)
+      expect(r.choices[0]!.text).toBe(greedy.text)
+      const sampled = await model.generate(ids, { maxTokens: 7, temperature: 1, seed: 3, ignoreEos: true })
+      const own = await client.completions.create({ ...request, temperature: 1, max_tokens: 7 })
+      expect(own.choices[0]!.text).toBe(sampled.text)
+    } finally {
+      expect(await server.stop()).toBe(0)
+    }
+  })
+
+  it("none: OpenAI's defaults (temperature 1, 16 tokens for /v1/completions), and another fingerprint", async () => {
+    const [auto, none] = await Promise.all([startServer(['--model', dir]), startServer(['--model', dir, '--generation-config', 'none'])])
+    try {
+      expect(none.log()).not.toContain('sampling defaults from')
+      const client = new OpenAI({ baseURL: `${none.url}/v1`, apiKey: 'unused', maxRetries: 0 })
+      const sampled = await model.generate(model.tokenize(prompt), { maxTokens: 16, temperature: 1, seed: 3, ignoreEos: true })
+      const r = await client.completions.create(request)
+      expect(r.usage!.completion_tokens).toBe(16)
+      expect(r.choices[0]!.text).toBe(sampled.text)
+      const fingerprint = (s: RunningServer) => /system_fingerprint (fp_[0-9a-f]+)/.exec(s.log())![1]
+      expect(fingerprint(none)).not.toBe(fingerprint(auto))
+    } finally {
+      expect(await none.stop()).toBe(0)
+      expect(await auto.stop()).toBe(0)
+    }
+  })
+
+  it('a directory of its own, and a value the server could not take, named with its file', async () => {
+    const other = join(dirname(dir), 'other')
+    mkdirSync(other)
+    writeFileSync(join(other, 'generation_config.json'), JSON.stringify({ temperature: 0.5, top_p: 0.9, top_k: 20, min_p: 0.05 }))
+    const server = await startServer(['--model', dir, '--generation-config', other])
+    try {
+      expect(server.log()).toContain(`sampling defaults from ${join(other, 'generation_config.json')}: temperature 0.5, top_p 0.9, top_k 20, min_p 0.05 (`)
+      const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'unused', maxRetries: 0 })
+      const expected = await model.generate(model.tokenize(prompt), { maxTokens: 16, temperature: 0.5, topP: 0.9, topK: 20, minP: 0.05, seed: 3, ignoreEos: true })
+      expect((await client.completions.create(request)).choices[0]!.text).toBe(expected.text)
+    } finally {
+      expect(await server.stop()).toBe(0)
+    }
+    writeFileSync(join(other, 'generation_config.json'), JSON.stringify({ temperature: 3 }))
+    const refused = spawnSync(process.execPath, [join(import.meta.dirname, '..', '..', 'dist', 'cli', 'main.js'), 'serve', '--model', dir, '--generation-config', other, '--port', '0'], {
+      encoding: 'utf8',
+      timeout: 60_000,
+      env: { ...process.env, CI: '1' },
+    })
+    expect(refused.status).toBe(1)
+    expect(refused.stderr).toContain(`Expected a number between 0 and 2 for temperature in ${join(other, 'generation_config.json')} but received 3; \`--generation-config none\``)
   })
 })
 
