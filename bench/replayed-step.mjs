@@ -19,7 +19,10 @@ export function loadForSteps(dir, maxBatch, keys) {
   })
 }
 
-/** The graph bucket of a decode step of B sequences (greedy), captured by running the step three times. */
+/**
+ * The plain capture (no logit processors) of the graph bucket of a decode step of B sequences
+ * (greedy), captured by running the step three times: its `graph` replays the step.
+ */
 export async function capturedStep(model, B, keys) {
   const perSequence = blocksPerSequence(keys), position = keys - 1
   const chunks = [], choices = []
@@ -29,9 +32,9 @@ export async function capturedStep(model, B, keys) {
     choices.push({ temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position, target: -1 })
   }
   for (let i = 0; i < 3; i++) await model.step(chunks, choices, 0) // the third step replays the capture
-  const bucket = [...model.graphs.buckets.values()].find((b) => b.rows === B && b.graph)
+  const bucket = [...model.graphs.buckets.values()].find((b) => b.rows === B && b.plain.graph)
   if (!bucket) throw new Error(`no graph was captured for batch ${B}`)
-  return bucket
+  return bucket.plain
 }
 
 /**

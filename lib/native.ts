@@ -231,8 +231,8 @@ export interface NativeAddon {
   graphAbort(): void
   /**
    * GPU memory free and in all, in bytes, once the stream's work has run (CUDA only), and the
-   * bytes of the decode attention workspace the process holds (grown by decode steps, never
-   * released: a model loaded later reuses it).
+   * bytes of the decode attention workspace the process holds for launches given none large
+   * enough (grown by them, never released; a model's own decode steps use the model's).
    */
   memoryInfo(): { free: number; total: number; decodeWorkspace: number }
   /** Keys per attention split, the schedule's constant (csrc/common/attention_schedule.h). */

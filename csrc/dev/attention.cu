@@ -102,12 +102,12 @@ double compare_backends(int heads, int kv_heads, int dim, int block_size, const 
   std::vector<int32_t> lens32(lens.begin(), lens.end());
   AttentionBatch b = make_batch(cache.tables[0], starts, lens32, Device::CUDA);
   float scale = 1.f / std::sqrt(static_cast<float>(dim));
-  ops::attention(out, q, cache.k, cache.v, b, scale);
+  ops::attention(out, q, cache.k, cache.v, b, scale, nullptr);
 
   Tensor q_h = copy_to(q, Device::CPU), k_h = copy_to(cache.k, Device::CPU), v_h = copy_to(cache.v, Device::CPU);
   Tensor out_h = make_tensor(Device::CPU, DType::BF16, q.shape);
   AttentionBatch bh = make_batch(copy_to(cache.tables[0], Device::CPU), starts, lens32, Device::CPU);
-  ops::attention(out_h, q_h, k_h, v_h, bh, scale);
+  ops::attention(out_h, q_h, k_h, v_h, bh, scale, nullptr);
   std::vector<uint16_t> g = download<uint16_t>(out);
   double worst = 0;
   for (size_t i = 0; i < g.size(); ++i) {
@@ -125,12 +125,12 @@ int first_decode_mismatch(int heads, int kv_heads, int dim, int block_size, int 
   fill_random(q, seed + 3, 3.f);
   Tensor out = make_tensor(Device::CUDA, DType::BF16, q.shape);
   float scale = 1.f / std::sqrt(static_cast<float>(dim));
-  ops::attention(out, q, cache.k, cache.v, make_batch(cache.tables[0], {0, len}, {len}, Device::CUDA), scale);
+  ops::attention(out, q, cache.k, cache.v, make_batch(cache.tables[0], {0, len}, {len}, Device::CUDA), scale, nullptr);
   std::vector<uint16_t> whole = download<uint16_t>(out);
   const int64_t row = static_cast<int64_t>(heads) * dim;
   for (int p = 0; p < len; ++p) {
     Tensor qp = narrow_rows(q, p, 1), op = make_tensor(Device::CUDA, DType::BF16, {1, heads, dim});
-    ops::attention(op, qp, cache.k, cache.v, make_batch(cache.tables[0], {0, 1}, {p + 1}, Device::CUDA), scale);
+    ops::attention(op, qp, cache.k, cache.v, make_batch(cache.tables[0], {0, 1}, {p + 1}, Device::CUDA), scale, nullptr);
     std::vector<uint16_t> one = download<uint16_t>(op);
     if (std::memcmp(one.data(), whole.data() + p * row, row * 2) != 0) return p;
   }
@@ -186,7 +186,7 @@ DecodeResult bench_decode(int batch, int context, int heads = kHeads) {
   std::vector<AttentionBatch> batches;
   for (int r = 0; r < rot; ++r) batches.push_back(make_batch(cache.tables[r], starts, lens, Device::CUDA));
   const float scale = 1.f / std::sqrt(static_cast<float>(kDim));
-  double ms = median_gpu_us([&](int i) { ops::attention(out, q, cache.k, cache.v, batches[i % rot], scale); }, 40) / 1e3;
+  double ms = median_gpu_us([&](int i) { ops::attention(out, q, cache.k, cache.v, batches[i % rot], scale, nullptr); }, 40) / 1e3;
   return {batch, context, ms, kv_bytes / (ms * 1e-3) / 1e9};
 }
 
@@ -206,7 +206,7 @@ PrefillResult bench_prefill(int tokens, int dim, const char* kernel, int queries
   const float scale = 1.f / std::sqrt(static_cast<float>(dim));
   ops::set_prefill_kernel(kernel);
   const int reps = tokens >= 16384 && queries == tokens ? 7 : 20;
-  double ms = median_gpu_us([&](int i) { ops::attention(out, q, cache.k, cache.v, batches[i % rot], scale); }, reps) / 1e3;
+  double ms = median_gpu_us([&](int i) { ops::attention(out, q, cache.k, cache.v, batches[i % rot], scale, nullptr); }, reps) / 1e3;
   ops::set_prefill_kernel("auto");
   // Causal work: query p sees p+1 keys (p from tokens - queries); 2 flops per multiply-add in Q·K^T
   // and in P·V.

@@ -8,10 +8,11 @@
 // Padding rows carry slot -1 and attend to one key; every op is batch-invariant, so they cannot
 // change a real row's bits. A bucket runs eagerly the first time it is seen (which also sets up
 // every kernel's one-time state), is captured the second time, and is replayed from then on.
-// Every buffer a capture points into belongs to the model and lives as long as it: decode
-// attention's split partials go to the model's own workspace, allocated at load for the largest
-// bucket (maxDecodeRows sequences at maxPositions), which the attention op refuses to outgrow
-// while capturing.
+// Every buffer a capture points into stays where it is as long as the model lives: the model's
+// own (decode attention's split partials go to the model's workspace, allocated at load for the
+// largest bucket, maxDecodeRows sequences at maxPositions, which the attention op refuses to
+// outgrow while capturing), or the token choice's workspace, which the process keeps and never
+// frees (csrc/kernels/sampling.cu).
 //
 // Logit processors (penalties, logit bias: lib/model/logit-processors.ts) add kernels before the
 // token choice. A bucket has two captures: the plain one, with no processor kernel at all, which

@@ -220,7 +220,8 @@ export function deviceMemoryMessage(
   } else {
     lines.push('Even a KV cache of one block does not fit beside the other buffers.')
   }
-  const workspace = need.other.find((o) => o.what.startsWith('decode attention workspace'))
+  // One sequence (`detinfer generate` and `score`) is as small as the workspace gets.
+  const workspace = s.decodeWorkspaceRows > 1 ? need.other.find((o) => o.what.startsWith('decode attention workspace')) : undefined
   lines.push(
     `The activations and logits shrink with maxBatchTokens (tokens per forward pass, now ${count(s.maxBatchTokens)}; ` +
       '`detinfer serve --max-batch-tokens`)' +

@@ -255,7 +255,7 @@ function allocateTensorParallel(
   }
 }
 
-/** The CUDA device's free and total memory, and the decode attention workspace the process holds. */
+/** The CUDA device's free and total memory, and its name. */
 function cudaDeviceMemory(): DeviceMemory {
   const n = native()
   return { ...n.memoryInfo(), name: n.cudaStatus().devices[0]?.name ?? 'device 0' }

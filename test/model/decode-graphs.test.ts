@@ -254,8 +254,8 @@ describeGpu('dispose', () => {
     const { native } = await import('../../lib/native.js')
     // A KV cache of 20,000 blocks (312.5 MiB), so that the load is plain to see.
     const open = () => Transformer.load(dir, { device: 'cuda', maxBatchTokens: 128, kvBlocks: 20000, kvBlockSize: 16, maxLogitRows: 64, cudaGraphs: true })
-    // A first model loads the kernels' code (CUDA loads modules lazily) and sizes the process's
-    // attention workspace: memory the process keeps, whichever model comes next.
+    // A first model loads the kernels' code (CUDA loads modules lazily) and sizes the token
+    // choice's workspace: memory the process keeps, whichever model comes next.
     const first = await open()
     await workload(first, 6)
     first.dispose()

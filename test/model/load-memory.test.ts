@@ -152,7 +152,7 @@ describe('the bytes a load needs', () => {
     expect(workspace(512)).toBe(681_574_400) // what a workspace of 512 rows took, 650 MiB
   })
 
-  it("Qwen3-8B with loadModel's defaults fits a 24 GiB GPU (RTX 4090, L4), which a 512-row workspace did not", () => {
+  it("Qwen3-8B with loadModel's defaults fits a 24 GiB GPU (an RTX 4090 with 23.5 GiB free), which a 512-row workspace did not", () => {
     const gpu = { free: 23.5 * GiB, total: 24 * GiB, name: 'a 24 GiB GPU' }
     // loadModel's default KV cache: a quarter of the device's memory (k and v of 36 layers x 8 kv heads x 128, bf16).
     const kvBlocks = Math.ceil(Math.floor(gpu.total / 4 / (36 * 8 * 128 * 4)) / 16)
@@ -262,6 +262,11 @@ describe('the check against the free memory', () => {
     expect(message).toContain('Not enough free memory on GPU 0 to load the model in /m')
     expect(message).toContain('Even a KV cache of one block does not fit beside the other buffers.')
     expect(message).toContain('maxBatchTokens')
+  })
+
+  it('leaves maxBatchSize out of the advice at one sequence, as generate and score load', () => {
+    const sizes = { ...CUDA_SIZES, decodeWorkspaceRows: 1 }
+    expect(() => checkDeviceMemory('/m', QWEN3_0_6B, sizes, { free: 4 * GiB, total: 8 * GiB })).toThrow(/`detinfer serve --max-batch-tokens`\)\.$/)
   })
 
   it('leaves the decode workspace out of the advice when the load has none', () => {
