@@ -15,6 +15,7 @@ import { REQUEST_TEMPLATE_VARIABLES, type GenerateOptions, type StopReason, type
 import { ApiError, contextLengthExceeded, invalidRequest, overloaded, toApiError, unavailable } from './errors.js'
 import { ServerMetrics } from './metrics.js'
 import {
+  characters,
   completionResponse,
   streamChunk,
   tokenPieces,
@@ -387,6 +388,13 @@ export class InferenceServer {
     if (body.model !== this.options.modelName) throw modelNotFound(body.model, this.options.modelName)
     const prompts = endpoint === 'chat' ? [this.chatPrompt(body as ChatCompletionBody, loaded)] : this.textPrompts(body as CompletionBody, loaded)
     const n = body.n ?? 1
+    // OpenAI's API and vLLM refuse it too: without stream, include_usage would be dropped without a word.
+    if (body.stream !== true && body.stream_options !== undefined && body.stream_options !== null)
+      throw invalidRequest(
+        `Expected stream: true with stream_options (it applies to streamed answers only) but received stream: ${JSON.stringify(body.stream ?? null)}`,
+        'stream_options',
+        'invalid_value',
+      )
     const defaults = this.options.samplingDefaults ?? {}
     const temperature = body.temperature ?? defaults.temperature ?? DEFAULT_TEMPERATURE
     // A default top_k past the vocabulary is no limit, as one at its size is.
@@ -622,7 +630,14 @@ export class InferenceServer {
           `messages[${i}].name`,
           'unsupported_parameter',
         )
-      if (m.tool_calls !== undefined && m.role !== 'assistant')
+      // As OpenAI's API and vLLM take it: content may be left out only where calls stand for it.
+      if (m.content === undefined && !(m.role === 'assistant' && m.tool_calls?.length))
+        throw invalidRequest(
+          `Expected string, array of text parts {type: "text", text} or null for messages[${i}].content (it may be left out only of an assistant message with tool_calls) but received undefined`,
+          `messages[${i}].content`,
+          'missing_parameter',
+        )
+      if (m.tool_calls !== undefined && m.tool_calls !== null && m.role !== 'assistant')
         throw invalidRequest(
           `Unsupported request argument supplied: messages[${i}].tool_calls (only assistant messages carry tool calls)`,
           `messages[${i}].tool_calls`,
@@ -634,7 +649,7 @@ export class InferenceServer {
         // An assistant message with tool calls may have null content, which templates take as ''.
         // Text parts are joined by newlines, as vLLM joins them for templates that take text.
         content: typeof m.content === 'string' ? m.content : (m.content ?? []).map((part) => part.text).join('\n'),
-        ...(m.tool_call_id !== undefined && { tool_call_id: m.tool_call_id }),
+        ...(m.tool_call_id !== undefined && m.tool_call_id !== null && { tool_call_id: m.tool_call_id }),
         // Arguments as an object, as transformers' templates expect them (and vLLM passes them):
         // Llama 3.1's writes them with tojson, Qwen's with tojson unless they are a string.
         ...(m.tool_calls?.length && {
@@ -720,7 +735,7 @@ export class InferenceServer {
       records: [...(c.echo?.records ?? [])],
       finishReason: c.options.maxTokens === 0 ? 'length' : 'stop',
       stopReason: null,
-      ...(c.echo && { echoed: { records: c.echo.records.length, textLength: c.echo.text.length } }),
+      ...(c.echo && { echoed: { records: c.echo.records.length, textLength: characters(c.echo.text) } }),
     }))
     await Promise.all(
       plan.choices.map((_, k) =>
@@ -772,7 +787,7 @@ export class InferenceServer {
       const finishReason = choice.options.maxTokens === 0 ? 'length' : null
       const piece = { text: choice.echo.text, records: choice.echo.records, textOffset: 0, first: true, finishReason, stopReason: null } as const
       send(streamChunk(endpoint, head, choice.index, piece, plan.logprobs, loaded.texts, plan.includeUsage))
-      offsets[k] = choice.echo.text.length
+      offsets[k] = characters(choice.echo.text)
     })
     let failure: unknown = null
     await Promise.all(
@@ -799,7 +814,7 @@ export class InferenceServer {
             send(streamChunk(endpoint, head, choice.index, piece, plan.logprobs, loaded.texts, plan.includeUsage))
           }
           counts[k]!++
-          offsets[k]! += text.length
+          offsets[k]! += characters(text)
           // The calls, each whole, then the finish reason.
           if (calls) {
             calls.list.forEach((call, i) => send(toolCallChunk(head, choice.index, { index: i, call }, null, plan.includeUsage)))

@@ -92,6 +92,21 @@ export function tokenPieces(model: Pick<Model, 'detokenize'>, ids: readonly numb
 /** Ids whose text may be held back at most (a UTF-8 character spans at most 4 byte tokens). */
 const MAX_HELD_PIECES = 8
 
+/**
+ * A text's length as completions' text_offset counts it: in characters (code points), as OpenAI's
+ * API and vLLM (Python's len) count them, not in UTF-16 units, so that an offset indexes the text
+ * in every client's language (an emoji is one character, two UTF-16 units).
+ */
+export function characters(text: string): number {
+  let n = 0
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i)
+    // The second half of a surrogate pair is the same character.
+    if (c < 0xdc00 || c > 0xdfff || i === 0 || (text.charCodeAt(i - 1) & 0xfc00) !== 0xd800) n++
+  }
+  return n
+}
+
 /** chat: choices[i].logprobs = {content: [...]} for the given tokens. */
 export function chatLogprobs(records: TokenRecord[], texts: TokenTexts) {
   return {
@@ -111,7 +126,8 @@ export function chatLogprobs(records: TokenRecord[], texts: TokenTexts) {
 }
 
 /**
- * completions: choices[i].logprobs = {tokens, token_logprobs, top_logprobs, text_offset}; `offset` is where the tokens' text starts.
+ * completions: choices[i].logprobs = {tokens, token_logprobs, top_logprobs, text_offset}; `offset` is where the tokens' text starts,
+ * offsets in characters (code points).
  * An echoed prompt's first token has null for its log-prob and its alternatives, as OpenAI's API gives it.
  */
 export function completionLogprobs(records: readonly PromptRecord[], texts: TokenTexts, offset: number) {
@@ -119,7 +135,7 @@ export function completionLogprobs(records: readonly PromptRecord[], texts: Toke
   let at = offset
   for (const r of records) {
     textOffset.push(at)
-    at += r.text.length
+    at += characters(r.text)
   }
   return {
     tokens: records.map((r) => texts.get(r.token).text),
@@ -178,7 +194,7 @@ export interface FinishedChoice {
   finishReason: FinishReason
   /** vLLM's stop_reason: the stop string or stop_token_ids id that ended the choice; null for EOS and length. */
   stopReason: StopReason
-  /** completions with echo: the prompt's records and the length of its text, where the generated text's offsets start. */
+  /** completions with echo: the prompt's records and the length of its text in characters, where the generated text's offsets start. */
   echoed?: { records: number; textLength: number }
   /** chat with a tool-call parser, when the text held calls: the content before them and the calls. */
   toolCalls?: { content: string | null; calls: ToolCall[] }

@@ -41,9 +41,9 @@ const sampling = {
     type: nullable('object'),
     description: 'object {include_usage: boolean} or null',
     additionalProperties: false,
-    properties: { include_usage: { type: 'boolean', description: 'boolean' } },
+    properties: { include_usage: { type: nullable('boolean'), description: 'boolean or null' } },
   },
-  user: { type: 'string', description: 'string' },
+  user: { type: nullable('string'), description: 'string or null' },
   // vLLM's extensions: ids that end a choice besides EOS, and going on past EOS (fixed-length benchmarks).
   stop_token_ids: { type: nullable('array'), items: { type: 'integer', minimum: 0 }, maxItems: 1024, description: 'array of at most 1024 token ids or null' },
   ignore_eos: { type: nullable('boolean'), description: 'boolean or null' },
@@ -118,7 +118,9 @@ const textPart = {
 const message = {
   type: 'object',
   additionalProperties: false,
-  required: ['role', 'content'],
+  // content may be left out of an assistant message with tool_calls, as OpenAI's API and vLLM
+  // allow; the handler refuses it missing elsewhere.
+  required: ['role'],
   description: 'chat message {role, content}',
   properties: {
     role: { enum: ['system', 'developer', 'user', 'assistant', 'tool'], description: "one of 'system', 'developer', 'user', 'assistant', 'tool'" },
@@ -128,13 +130,18 @@ const message = {
     },
     // Refused with its own message by the handler (a chat template has no place for it).
     name: { type: 'string', description: 'string' },
-    tool_call_id: { type: 'string', description: 'string' },
+    tool_call_id: { type: nullable('string'), description: 'string or null' },
     // An assistant's earlier calls (the handler refuses them on other roles).
-    tool_calls: { type: 'array', items: messageToolCall, description: 'array of tool calls {id, type: "function", function: {name, arguments}}' },
+    tool_calls: { type: nullable('array'), items: messageToolCall, description: 'array of tool calls {id, type: "function", function: {name, arguments}} or null' },
     // What the openai client's helpers (stream, runTools) leave in the assistant messages they
     // return and send back.
     refusal: { enum: [null], description: 'null (refusals are not supported)' },
     parsed: { enum: [null], description: 'null (structured output is not supported)' },
+    // What the Python client's message.model_dump() leaves in an assistant message it returned
+    // (OpenAI's deprecated function_call and audio, at their neutral values).
+    function_call: { enum: [null], description: 'null (function_call is deprecated: use tool_calls)' },
+    audio: { enum: [null], description: 'null (audio is not supported)' },
+    annotations: { type: nullable('array'), maxItems: 0, description: 'null or an empty array (annotations are not supported)' },
   },
 }
 
@@ -153,8 +160,8 @@ const tool = {
       description: 'function {name, description, parameters}',
       properties: {
         name: toolName,
-        description: { type: 'string', description: 'string' },
-        parameters: { type: 'object', description: 'JSON Schema object' },
+        description: { type: nullable('string'), description: 'string or null' },
+        parameters: { type: nullable('object'), description: 'JSON Schema object or null' },
         // Adherence to the schema would need constrained decoding.
         strict: { enum: [false, null], description: 'false or null (strict schema adherence needs constrained decoding, which detinfer does not have)' },
       },
@@ -246,8 +253,8 @@ export interface SamplingBody {
   stop?: string | string[] | null
   n?: number | null
   stream?: boolean | null
-  stream_options?: { include_usage?: boolean } | null
-  user?: string
+  stream_options?: { include_usage?: boolean | null } | null
+  user?: string | null
   stop_token_ids?: number[] | null
   ignore_eos?: boolean | null
   frequency_penalty?: number | null
@@ -263,7 +270,7 @@ export interface CompletionBody extends SamplingBody {
 
 export interface ToolBody {
   type: 'function'
-  function: { name: string; description?: string; parameters?: Record<string, unknown>; strict?: false | null }
+  function: { name: string; description?: string | null; parameters?: Record<string, unknown> | null; strict?: false | null }
 }
 
 export interface TokenizeBody {
@@ -284,12 +291,16 @@ export interface DetokenizeBody {
 
 export interface ChatMessageBody {
   role: string
-  content: string | { type: 'text'; text: string }[] | null
+  /** Left out only of an assistant message with tool_calls (the handler checks). */
+  content?: string | { type: 'text'; text: string }[] | null
   name?: string
-  tool_call_id?: string
-  tool_calls?: { id: string; type: 'function'; function: { name: string; arguments: string } }[]
+  tool_call_id?: string | null
+  tool_calls?: { id: string; type: 'function'; function: { name: string; arguments: string } }[] | null
   refusal?: null
   parsed?: null
+  function_call?: null
+  audio?: null
+  annotations?: [] | null
 }
 
 export interface ChatCompletionBody extends SamplingBody {

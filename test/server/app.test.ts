@@ -590,10 +590,20 @@ describe('echo (in-process, the shipped model)', () => {
       const offsets: number[] = whole.logprobs.text_offset
       expect(offsets.length).toBe(ids.length + 3)
       // Each token's offset is where the text it completes ends up: the generated ones start after the prompt.
-      expect(offsets[ids.length]).toBe(text.length)
-      expect(offsets.slice(0, ids.length).every((o) => o <= text.length)).toBe(true)
+      // Offsets count characters (code points), as OpenAI's API and vLLM (Python's len) count them:
+      // the emoji is one character, two UTF-16 units.
+      const chars = [...text]
+      expect(chars.length).toBeLessThan(text.length)
+      expect(offsets[ids.length]).toBe(chars.length)
+      expect(offsets.slice(0, ids.length).every((o) => o <= chars.length)).toBe(true)
       expect(offsets.every((o, i) => i === 0 || o >= offsets[i - 1]!)).toBe(true)
-      expect(offsets[ids.indexOf(model.tokenize('h', { addSpecialTokens: false })[0]!)]).toBe(text.indexOf('h'))
+      expect(offsets[ids.indexOf(model.tokenize('h', { addSpecialTokens: false })[0]!)]).toBe(chars.indexOf('h'))
+      // A generated token's offset indexes the answer's text by characters, as a Python client slices it.
+      const answer = [...whole.text]
+      for (let i = ids.length; i < offsets.length; i++) {
+        const token: string = whole.logprobs.tokens[i]
+        if (!token.includes('\uFFFD')) expect(answer.slice(offsets[i]!, offsets[i]! + [...token].length).join('')).toBe(token)
+      }
       const res = await server.app.inject({ method: 'POST', url: '/v1/completions', payload: { ...body, stream: true } })
       const chunks = sseChunks(res.body)
       expect(chunks.map((c) => c.choices[0].text).join('')).toBe(whole.text)
@@ -626,5 +636,76 @@ describe('/tokenize (in-process)', () => {
       await server.app.close()
       await model.dispose()
     }
+  })
+})
+
+describe('chat messages and stream_options as clients send them (in-process, the shipped model)', () => {
+  let model: Model
+  let server: InferenceServer
+  beforeAll(async () => {
+    model = await loadModel(defaultModelPath, { device: 'cpu' })
+    server = new InferenceServer({ modelName: 'msgs', maxQueued: 8, bodyLimit: 1 << 20 })
+    server.setModel(model, 'fp_msgs')
+  })
+  afterAll(async () => {
+    await server.app.close()
+    await model.dispose()
+  })
+  const chat = (payload: object) => server.app.inject({ method: 'POST', url: '/v1/chat/completions', payload: { model: 'msgs', max_tokens: 2, temperature: 0, ...payload } })
+  const user = { role: 'user', content: 'Who goes there?' }
+  const call = { id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '{"city": "Verona"}' } }
+
+  it("an assistant message with tool_calls may leave content out, as OpenAI's API and vLLM take it; other messages may not", async () => {
+    const withNull = await chat({ messages: [user, { role: 'assistant', content: null, tool_calls: [call] }, { role: 'tool', tool_call_id: 'call_1', content: 'rain' }] })
+    expect(withNull.statusCode).toBe(200)
+    const without = await chat({ messages: [user, { role: 'assistant', tool_calls: [call] }, { role: 'tool', tool_call_id: 'call_1', content: 'rain' }] })
+    expect(without.statusCode).toBe(200)
+    // The same prompt as with content null.
+    expect(without.json().usage).toEqual(withNull.json().usage)
+    expect(without.json().choices[0].message).toEqual(withNull.json().choices[0].message)
+    for (const [messages, i] of [
+      [[{ role: 'user' }], 0],
+      [[user, { role: 'assistant' }, user], 1],
+      [[user, { role: 'assistant', tool_calls: [] }, user], 1],
+      [[user, { role: 'assistant', tool_calls: null }, user], 1],
+    ] as const) {
+      const r = await chat({ messages })
+      expect(r.statusCode, JSON.stringify(messages)).toBe(400)
+      expect(r.json().error).toMatchObject({ type: 'invalid_request_error', param: `messages[${i}].content`, code: 'missing_parameter' })
+    }
+  })
+
+  it("takes an assistant message as the Python client's message.model_dump() gives it back (nulls for what it lacks)", async () => {
+    const dumped = { content: 'Nay, answer me.', refusal: null, role: 'assistant', annotations: null, audio: null, function_call: null, tool_calls: null }
+    const r = await chat({ messages: [user, dumped, user], user: null })
+    expect(r.statusCode).toBe(200)
+    const plain = await chat({ messages: [user, { role: 'assistant', content: 'Nay, answer me.' }, user] })
+    expect(r.json().choices[0].message).toEqual(plain.json().choices[0].message)
+    expect(r.json().usage).toEqual(plain.json().usage)
+    expect((await chat({ messages: [user, { ...dumped, annotations: [] }, user] })).statusCode).toBe(200)
+    // Only at their neutral values.
+    for (const [key, value] of [['function_call', { name: 'f', arguments: '{}' }], ['audio', { id: 'a' }], ['annotations', [{ type: 'url_citation' }]]] as const) {
+      const refused = await chat({ messages: [user, { ...dumped, [key]: value }, user] })
+      expect(refused.statusCode, key).toBe(400)
+      expect(refused.json().error.param).toBe(`messages[1].${key}`)
+    }
+    // A tool message's call id and a tool's description and parameters may be null too (vLLM's Optional fields).
+    const tools = [{ type: 'function', function: { name: 'f', description: null, parameters: null } }]
+    expect((await chat({ messages: [user, { role: 'tool', tool_call_id: null, content: 'x' }], tools, tool_choice: 'none' })).statusCode).toBe(200)
+  })
+
+  it('stream_options without stream is refused, as OpenAI and vLLM refuse it, instead of dropped; include_usage may be null', async () => {
+    for (const stream of [undefined, false, null]) {
+      for (const url of ['/v1/chat/completions', '/v1/completions']) {
+        const body = url === '/v1/completions' ? { model: 'msgs', prompt: 'Hi', max_tokens: 1 } : { model: 'msgs', messages: [user], max_tokens: 1 }
+        const r = await server.app.inject({ method: 'POST', url, payload: { ...body, ...(stream !== undefined && { stream }), stream_options: { include_usage: true } } })
+        expect(r.statusCode).toBe(400)
+        expect(r.json().error).toMatchObject({ type: 'invalid_request_error', param: 'stream_options', code: 'invalid_value' })
+      }
+    }
+    expect((await chat({ messages: [user], stream_options: null })).statusCode).toBe(200)
+    const streamed = await chat({ messages: [user], stream: true, stream_options: { include_usage: null } })
+    expect(streamed.statusCode).toBe(200)
+    expect(streamed.body).not.toContain('"usage"')
   })
 })
