@@ -17,7 +17,7 @@ if (!ready) console.log('build configuration test skipped: it needs cmake and nv
 function architectures(value: string): string {
   const dir = mkdtempSync(join(tmpdir(), 'detinfer-cmake-'))
   try {
-    const env = { ...process.env, DETINFER_CUDA_ARCHS: value }
+    const env: NodeJS.ProcessEnv = { ...process.env, DETINFER_CUDA_ARCHS: value }
     delete env.DETINFER_CPU_ONLY
     const r = spawnSync('cmake', ['-S', root, '-B', dir, `-DDETINFER_OUTPUT_DIR=${join(dir, 'out')}`], { encoding: 'utf8', env })
     expect(r.status, r.stderr).toBe(0)
