@@ -172,14 +172,25 @@ export class InferenceServer {
     })
     // JSON bodies through JSON.parse, whose objects take "__proto__" and "constructor" as plain keys,
     // which the schemas then refuse as unknown parameters by name; and no text/plain parser, so
-    // that a body of another type gets 415 instead of a string the schemas refuse.
+    // that a body of another type gets 415 instead of a string the schemas refuse. A body without
+    // a Content-Type (Python's `requests.post(url, data=json.dumps(body))`) is read as JSON, as
+    // vLLM's server (FastAPI) reads it.
     app.removeAllContentTypeParsers()
-    app.addContentTypeParser('application/json', { parseAs: 'string' }, (_request, body, done) => {
+    const parseJson = (body: string, done: (err: Error | null, body?: unknown) => void) => {
       try {
-        done(null, JSON.parse(body as string))
+        done(null, JSON.parse(body))
       } catch (err) {
         done(invalidRequest(`Could not parse the request body as JSON: ${(err as Error).message}`, null, 'invalid_json'), undefined)
       }
+    }
+    app.addContentTypeParser('application/json', { parseAs: 'string' }, (_request, body, done) => parseJson(body as string, done))
+    app.addContentTypeParser('*', { parseAs: 'string' }, (request, body, done) => {
+      const type = request.headers['content-type']
+      if (type === undefined) return parseJson(body as string, done)
+      done(
+        new ApiError(415, `Expected a request body of type application/json but received ${JSON.stringify(type)}`, 'invalid_request_error', null, 'unsupported_media_type'),
+        undefined,
+      )
     })
     app.addHook('onRequest', async (request, reply) => {
       if (this.closing) {

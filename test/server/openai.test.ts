@@ -5,6 +5,7 @@
 // text: test/server/app.test.ts, where a scripted model makes one character span several tokens.)
 import { spawnSync } from 'node:child_process'
 import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { request as httpRequest } from 'node:http'
 import { connect, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
@@ -736,6 +737,19 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
       // text/plain too: no parser turns it into a string for the schemas to refuse.
       const plain = await fetch(url(), { method: 'POST', headers: { 'content-type': 'text/plain' }, body: JSON.stringify(ok) })
       expect(plain.status).toBe(415)
+      expect((await plain.json()).error.message).toBe('Expected a request body of type application/json but received "text/plain"')
+      // No Content-Type at all (Python's requests.post(url, data=json.dumps(body))): read as JSON.
+      const untyped = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+        const text = JSON.stringify(ok)
+        const req = httpRequest(url(), { method: 'POST', headers: { 'content-length': Buffer.byteLength(text) } }, (res) => {
+          let body = ''
+          res.setEncoding('utf8').on('data', (c: string) => (body += c)).on('end', () => resolve({ status: res.statusCode!, body }))
+        })
+        req.on('error', reject)
+        req.end(text)
+      })
+      expect(untyped.status, untyped.body).toBe(200)
+      expect(JSON.parse(untyped.body).choices[0].text).toEqual(expect.any(String))
       const missing = await fetch(`${server.url}/v1/engines`)
       expect(missing.status).toBe(404)
       expectErrorBody(await missing.json(), 404, 'not_found')
