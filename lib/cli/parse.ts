@@ -34,6 +34,21 @@ export function ids(value: string): number[] {
   return list
 }
 
+/** '*', or origins (scheme://host[:port], as browsers send them) separated by commas. */
+export function origins(value: string): string[] | '*' {
+  if (value.trim() === '*') return '*'
+  const list = value.split(',').map((o) => o.trim())
+  for (const o of list) {
+    let url: URL | null = null
+    try {
+      url = new URL(o)
+    } catch {}
+    if (!url || !/^https?:$/.test(url.protocol) || url.origin !== o)
+      throw new InvalidArgumentError(`expected '*' or origins such as http://localhost:5173 (scheme, host and port only) but received "${o}"`)
+  }
+  return list
+}
+
 /** A JSON object, e.g. '{"enable_thinking": false}' (chat template variables). */
 export function jsonObject(value: string): Record<string, unknown> {
   return parseObject(value, `a JSON object such as '{"enable_thinking": false}'`)

@@ -11,7 +11,7 @@ import { TOOL_CALL_PARSERS, type ToolCallParser } from '../server/tool-calls.js'
 import { describeSamplingDefaults, readGenerationDefaults } from '../server/generation-config.js'
 import { packageVersion } from './package-info.js'
 import { readTextFile } from '../files.js'
-import { integer, jsonObject, positive } from './parse.js'
+import { integer, jsonObject, origins, positive } from './parse.js'
 
 /** The environment variable that sets --api-key. */
 export const API_KEY_ENV = 'DETINFER_API_KEY'
@@ -37,6 +37,7 @@ interface ServeFlags {
   chatTemplate?: string
   defaultChatTemplateKwargs?: Record<string, unknown>
   generationConfig: string
+  allowedOrigins?: string[] | '*'
 }
 
 function log(line: string): void {
@@ -59,6 +60,7 @@ export function serveCommand(): Command {
     .option('--tensor-parallel <n>', 'emulate tensor parallelism over n ranks (1, 2, 4 or 8; above 1 on the CPU only): the same bits at every n', integer)
     .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
     .option('--max-queued <n>', 'sequences that may wait for a place in the batch; beyond them requests get 429', integer, 256)
+    .option('--allowed-origins <origins>', "origins whose web pages may call the server (CORS), comma-separated (e.g. http://localhost:5173), or '*' for any; none by default", origins)
     .addOption(new Option('--api-key <key>', 'require Authorization: Bearer <key> on every route but /health and /metrics').env(API_KEY_ENV))
     .option('--body-limit <bytes>', 'largest request body', positive, 4 * 1024 * 1024)
     .option('--shutdown-timeout <seconds>', 'on SIGINT/SIGTERM, how long requests in flight may take to finish', integer, 30)
@@ -104,6 +106,7 @@ export function serveCommand(): Command {
         ...(flags.toolCallParser && { toolCallParser: flags.toolCallParser }),
         ...(defaults && { defaultChatTemplateKwargs: defaults }),
         ...(described && { samplingDefaults: sampling }),
+        ...(flags.allowedOrigins && { allowedOrigins: flags.allowedOrigins }),
       })
       const address = await server.app.listen({ host: flags.host, port: flags.port })
       log(`listening on ${address} (GET /health answers 503 until the model is loaded)`)

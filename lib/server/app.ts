@@ -6,6 +6,7 @@
 // request is one library generation (Model.stream with an AbortSignal), so a request's answer is
 // what the library gives that prompt alone, whatever else the server is doing.
 import { randomInt, randomUUID, timingSafeEqual } from 'node:crypto'
+import cors from '@fastify/cors'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import { LogitProcessorTableError, RequestTooLargeError } from '../errors.js'
 import { EncodeTimeoutError } from '../encode-worker.js'
@@ -68,6 +69,9 @@ export interface ServerOptions {
   toolCallParser?: ToolCallParser
   /** Chat template variables of every chat request, under those the request gives (`--default-chat-template-kwargs`). */
   defaultChatTemplateKwargs?: ChatTemplateVariables
+  /** Origins whose browser pages may call the server (CORS, `--allowed-origins`), or '*' for any; none when absent. */
+  allowedOrigins?: string[] | '*'
+
   /**
    * What a request that leaves out temperature, top_p, top_k, min_p or max_tokens gets instead of
    * OpenAI's defaults: the model's generation_config.json (`--generation-config auto`).
@@ -116,7 +120,21 @@ export class InferenceServer {
       },
       ajv: { customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false, allErrors: false, verbose: true, allowUnionTypes: true } },
     })
-    this.routes()
+    // Browsers' cross-origin requests (a web page calling the server), from the origins given only.
+    // The CORS hook runs before the server's own (routes() once the plugin has loaded): it answers
+    // preflights before the API key is checked (a browser sends no credentials in them), and every
+    // answer to an allowed origin, errors included, carries Access-Control-Allow-Origin.
+    if (options.allowedOrigins) {
+      void this.app.register(cors, {
+        origin: options.allowedOrigins === '*' ? '*' : options.allowedOrigins,
+        methods: ['GET', 'POST'],
+        allowedHeaders: ['authorization', 'content-type'],
+        maxAge: 600,
+      })
+      void this.app.after(() => this.routes())
+    } else {
+      this.routes()
+    }
   }
 
   /** Serves `model` from now on (until then /health answers 503 and /v1/* 503). */

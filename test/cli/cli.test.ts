@@ -157,6 +157,11 @@ describe('detinfer CLI', () => {
         expect(empty.status).toBe(1)
         expect(empty.stderr).toBe(message)
       }
+      for (const value of ['localhost:5173', 'http://localhost:5173/', 'ftp://x.example', 'http://a.example,*']) {
+        const refused = serve(['--allowed-origins', value])
+        expect(refused.status).toBe(1)
+        expect(refused.stderr).toMatch(/option '--allowed-origins <origins>' argument '.*' is invalid\. expected '\*' or origins such as http:\/\/localhost:5173 \(scheme, host and port only\) but received "/)
+      }
     } finally {
       rmSync(tmp, { recursive: true, force: true })
     }

@@ -709,3 +709,50 @@ describe('chat messages and stream_options as clients send them (in-process, the
     expect(streamed.body).not.toContain('"usage"')
   })
 })
+
+describe('CORS (--allowed-origins)', () => {
+  const preflight = (server: InferenceServer, origin: string) =>
+    server.app.inject({
+      method: 'OPTIONS',
+      url: '/v1/chat/completions',
+      headers: { origin, 'access-control-request-method': 'POST', 'access-control-request-headers': 'authorization,content-type' },
+    })
+
+  it('answers the allowed origins, preflights before the API key, and errors with the header too', async () => {
+    const server = new InferenceServer({ modelName: 'web', maxQueued: 8, bodyLimit: 1 << 20, apiKey: 'sesame', allowedOrigins: ['http://localhost:5173'] })
+    try {
+      const ok = await preflight(server, 'http://localhost:5173')
+      expect(ok.statusCode).toBe(204)
+      expect(ok.headers['access-control-allow-origin']).toBe('http://localhost:5173')
+      expect(ok.headers['access-control-allow-methods']).toBe('GET, POST')
+      expect(ok.headers['access-control-allow-headers']).toBe('authorization, content-type')
+      // Another origin: no Access-Control-Allow-Origin, so its browser keeps the answer from the page.
+      expect((await preflight(server, 'http://evil.example')).headers['access-control-allow-origin']).toBeUndefined()
+      // The request itself still needs the key; its 401 carries the header, so the page can read why.
+      const refused = await server.app.inject({ method: 'GET', url: '/v1/models', headers: { origin: 'http://localhost:5173' } })
+      expect(refused.statusCode).toBe(401)
+      expect(refused.headers['access-control-allow-origin']).toBe('http://localhost:5173')
+      const loading = await server.app.inject({ method: 'GET', url: '/v1/models', headers: { origin: 'http://localhost:5173', authorization: 'Bearer sesame' } })
+      expect(loading.statusCode).toBe(503)
+      expect(loading.headers['access-control-allow-origin']).toBe('http://localhost:5173')
+    } finally {
+      await server.app.close()
+    }
+  })
+
+  it("'*' allows any origin; without the option there is no CORS at all", async () => {
+    const any = new InferenceServer({ modelName: 'web', maxQueued: 8, bodyLimit: 1 << 20, allowedOrigins: '*' })
+    const none = new InferenceServer({ modelName: 'web', maxQueued: 8, bodyLimit: 1 << 20, apiKey: 'sesame' })
+    try {
+      expect((await preflight(any, 'http://anywhere.example')).headers['access-control-allow-origin']).toBe('*')
+      const plain = await preflight(none, 'http://localhost:5173')
+      expect(plain.statusCode).toBe(401)
+      expect(plain.headers['access-control-allow-origin']).toBeUndefined()
+      const health = await none.app.inject({ method: 'GET', url: '/health', headers: { origin: 'http://localhost:5173' } })
+      expect(health.headers['access-control-allow-origin']).toBeUndefined()
+    } finally {
+      await any.app.close()
+      await none.app.close()
+    }
+  })
+})
