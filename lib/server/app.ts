@@ -184,8 +184,20 @@ export class InferenceServer {
       if (!(err instanceof ApiError) && e.status >= 500) process.stderr.write(`detinfer serve: ${request.method} ${request.url} failed: ${(err as Error)?.stack ?? err}\n`)
       void reply.code(e.status).headers(e.headers).send(e.body())
     })
+    // A known path asked with another method gets 405 and the methods it takes, as vLLM answers.
+    const methods = new Map<string, string[]>()
+    app.addHook('onRoute', (route) => {
+      if (route.url.includes('*')) return
+      for (const m of [route.method].flat()) if (m !== 'HEAD' && m !== 'OPTIONS') methods.set(route.url, [...(methods.get(route.url) ?? []), m])
+    })
     app.setNotFoundHandler((request, reply) => {
-      const e = new ApiError(404, `No route ${request.method} ${request.url.split('?')[0]}`, 'invalid_request_error', null, 'not_found')
+      const path = request.url.split('?')[0]!
+      const allowed = methods.get(path)
+      if (allowed) {
+        const e = new ApiError(405, `Method ${request.method} is not allowed for ${path}; it takes ${allowed.join(', ')}`, 'invalid_request_error', null, 'method_not_allowed')
+        return void reply.code(405).header('allow', allowed.join(', ')).send(e.body())
+      }
+      const e = new ApiError(404, `No route ${request.method} ${path}`, 'invalid_request_error', null, 'not_found')
       void reply.code(404).send(e.body())
     })
     // JSON bodies through JSON.parse, whose objects take "__proto__" and "constructor" as plain keys,

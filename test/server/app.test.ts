@@ -756,3 +756,25 @@ describe('CORS (--allowed-origins)', () => {
     }
   })
 })
+
+describe('routes', () => {
+  it('a known path asked with another method gets 405 and its methods; an unknown one 404', async () => {
+    const server = new InferenceServer({ modelName: 'routes', maxQueued: 8, bodyLimit: 1 << 20 })
+    try {
+      const get = await server.app.inject({ method: 'GET', url: '/v1/completions?x=1' })
+      expect(get.statusCode).toBe(405)
+      expect(get.headers.allow).toBe('POST')
+      expect(get.json()).toEqual({
+        error: { message: 'Method GET is not allowed for /v1/completions; it takes POST', type: 'invalid_request_error', param: null, code: 'method_not_allowed' },
+      })
+      const post = await server.app.inject({ method: 'POST', url: '/v1/models', payload: {} })
+      expect(post.statusCode).toBe(405)
+      expect(post.headers.allow).toBe('GET')
+      const unknown = await server.app.inject({ method: 'GET', url: '/v1/engines' })
+      expect(unknown.statusCode).toBe(404)
+      expect(unknown.json().error.code).toBe('not_found')
+    } finally {
+      await server.app.close()
+    }
+  })
+})
