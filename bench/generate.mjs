@@ -13,6 +13,8 @@
 //   node bench/generate.mjs --samplings greedy,f0.5-q0.5-b50,t0.7-p0.9-f0.5  # penalties and logit bias (f, q, b)
 //   node bench/generate.mjs --prefill-kernel mma.sync # (development) prefill attention with the sm_80-89 kernel
 //   node bench/generate.mjs --matmul-kernels mma.sync # (development) every matmul with the sm_80-89 kernels
+//   node bench/generate.mjs --split-size 64           # (development) attention splits of 64 keys instead
+//                                                    # of the build's 256: other bits, for measuring only
 //   node bench/generate.mjs --launch-ahead off        # decode steps one after another (default on:
 //                                                    # step n + 1 enqueued before step n is read)
 //   node bench/generate.mjs --prefill-chunk 2048      # prompt tokens per prefill step (default 512;
@@ -66,6 +68,7 @@ const { values: args } = parseArgs({
     'prefill-kernel': { type: 'string', default: 'auto' },
     'matmul-kernels': { type: 'string', default: 'auto' },
     'prefill-chunk': { type: 'string', default: '512' },
+    'split-size': { type: 'string', default: '0' },
   },
 })
 
@@ -84,6 +87,9 @@ const launchAhead = args['launch-ahead'] === 'on'
 if (args['prefill-kernel'] !== 'auto' && args['prefill-kernel'] !== 'mma.sync')
   throw new Error(`Expected auto or mma.sync for --prefill-kernel but received ${args['prefill-kernel']}`)
 if (onGpu) native().setPrefillKernel(args['prefill-kernel'])
+// Before any model loads: its decode workspace and graphs follow the split size at load.
+native().setAttentionSplitSize(Number(args['split-size']))
+const splitSize = native().attentionSplitSize()
 if (args['matmul-kernels'] !== 'auto' && args['matmul-kernels'] !== 'mma.sync')
   throw new Error(`Expected auto or mma.sync for --matmul-kernels but received ${args['matmul-kernels']}`)
 if (onGpu) native().setMatmulKernels(args['matmul-kernels'])
@@ -327,6 +333,7 @@ const summary = {
   prefillTokens,
   prefillChunk,
   launchAhead,
+  splitSize,
   copyGBs,
   weightBytes,
   graphs: graphStats,
@@ -342,7 +349,8 @@ const pad = (s, w) => String(s).padStart(w)
 const f = (v, d = 1) => (v === undefined || v === null ? '-' : v.toFixed(d))
 console.log(
   `\ngeneration on ${device}: ${summary.model}, prompts of ${promptTokens} tokens, ${newTokens} new tokens each (EOS ignored), ` +
-    `decode steps ${launchAhead ? 'launched ahead' : 'one after another'}`,
+    `decode steps ${launchAhead ? 'launched ahead' : 'one after another'}` +
+    (splitSize !== 256 ? `, attention splits of ${splitSize} keys (development; the build's are 256)` : ''),
 )
 console.log(
   ['batch', 'graphs', 'sampling', 'tok/s', 'decode tok/s', 'step ms', 'of roofline', 'of greedy', 'span tok/s', 'first tok ms', 'variant tok/s', 'inv/variant', 'hf tok/s', 'ours/hf']

@@ -580,6 +580,16 @@ static int auto_or_mma_sync(const char* op, const std::string& value) {
   return value == "mma.sync" ? 1 : 0;
 }
 
+void set_attention_split_size(int keys) {
+  const int block = attention_schedule::kKeyBlock;
+  if (keys != 0 && (keys < block || keys > 64 * block || keys % block != 0))
+    fail("setAttentionSplitSize: expected 0 (the build's ", attention_schedule::kSplitSize, ") or a multiple of ", block,
+         " from ", block, " to ", 64 * block, " but received ", keys);
+  g_attention_split_size.store(keys);
+}
+
+int attention_split_size_now() { return attention_split_size(); }
+
 void set_prefill_kernel(const std::string& kernel) {
   g_prefill_kernel.store(auto_or_mma_sync("setPrefillKernel", kernel));
 }

@@ -35,6 +35,10 @@ void set_variant_kernels(bool enabled);
 // "paired3" (three key blocks deep); "auto" restores the library's choice (common/config.h).
 void set_decode_pipeline(const std::string& pipeline);
 void set_prefill_kernel(const std::string& kernel);
+// Development: the keys per attention split (common/config.h); 0 restores the build's. And the
+// size in force now.
+void set_attention_split_size(int keys);
+int attention_split_size_now();
 void set_matmul_kernels(const std::string& kernels);
 // The matmul kernel family the CUDA device runs: "wgmma (sm_90a)" or "mma.sync" ("none" in a build
 // without CUDA). Its bits differ from the other family's, so it is part of what "same

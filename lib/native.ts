@@ -235,8 +235,14 @@ export interface NativeAddon {
    * enough (grown by them, never released; a model's own decode steps use the model's).
    */
   memoryInfo(): { free: number; total: number; decodeWorkspace: number }
-  /** Keys per attention split, the schedule's constant (csrc/common/attention_schedule.h). */
-  readonly attentionSplitSize: number
+  /** Keys per attention split in force: the schedule's constant (csrc/common/attention_schedule.h) unless setAttentionSplitSize says otherwise. */
+  attentionSplitSize(): number
+  /**
+   * Development: the keys per attention split (a multiple of 64 up to 4096; 0 restores the
+   * build's 256). Every size keeps the invariants but gives other bits: for measuring only, set
+   * before a model loads (csrc/common/config.h).
+   */
+  setAttentionSplitSize(keys: number): void
 }
 
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..')

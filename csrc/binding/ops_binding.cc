@@ -4,7 +4,6 @@
 
 #include <cstring>
 
-#include "../common/attention_schedule.h"
 #include "../common/config.h"
 #include "../cuda/runtime.h"
 #include "../ops.h"
@@ -297,6 +296,16 @@ Napi::Value SetDecodePipeline(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value SetAttentionSplitSize(const Napi::CallbackInfo& info) {
+  Args a{info, "setAttentionSplitSize"};
+  ops::set_attention_split_size(a.integer(0, "keys"));
+  return info.Env().Undefined();
+}
+
+Napi::Value AttentionSplitSize(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), ops::attention_split_size_now());
+}
+
 Napi::Value SetPrefillKernel(const Napi::CallbackInfo& info) {
   Args a{info, "setPrefillKernel"};
   ops::set_prefill_kernel(a.string(0, "kernel"));
@@ -409,12 +418,11 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"cast", Cast},           {"setVariantKernels", SetVariantKernels},
       {"setDecodePipeline", SetDecodePipeline},
       {"setPrefillKernel", SetPrefillKernel},
+      {"setAttentionSplitSize", SetAttentionSplitSize}, {"attentionSplitSize", AttentionSplitSize},
       {"setMatmulKernels", SetMatmulKernels},
       {"variantKernels", VariantKernels}, {"cudaStatus", CudaStatus},
   };
   for (const Entry& e : entries) exports.Set(e.name, Napi::Function::New(env, e.fn, e.name));
-  // The schedule's constant, for what the library sizes after it (the decode workspace).
-  exports.Set("attentionSplitSize", Napi::Number::New(env, attention_schedule::kSplitSize));
 #if defined(DETINFER_STAMPS)
   exports.Set("stamps", Napi::Function::New(env, Stamps, "stamps"));
 #endif

@@ -3,6 +3,8 @@
 
 #include <atomic>
 
+#include "attention_schedule.h"
+
 namespace detinfer {
 
 // When true, matmul, the row reductions and attention choose their split from the batch size the
@@ -32,5 +34,17 @@ inline int forced_prefill_kernel() { return g_prefill_kernel.load(std::memory_or
 extern std::atomic<int> g_matmul_kernels;
 
 inline int forced_matmul_kernels() { return g_matmul_kernels.load(std::memory_order_relaxed); }
+
+// Development switch: the keys of an attention split in the invariant schedule; 0 (the default):
+// the build's attention_schedule::kSplitSize. Any multiple of kKeyBlock keeps every invariant
+// (a row's bits do not depend on the batch, prefill equals decode) but gives other bits than the
+// build's size, so it is for measuring the schedule, never for serving. Set it before a model
+// loads: its decode workspace and captured graphs follow the size at that time.
+extern std::atomic<int> g_attention_split_size;
+
+inline int attention_split_size() {
+  const int s = g_attention_split_size.load(std::memory_order_relaxed);
+  return s > 0 ? s : attention_schedule::kSplitSize;
+}
 
 }  // namespace detinfer

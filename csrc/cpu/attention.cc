@@ -22,7 +22,6 @@ namespace detinfer::cpu {
 namespace {
 
 using attention_schedule::kKeyBlock;
-using attention_schedule::kSplitSize;
 
 // The running state of one query over a split, or over the splits merged so far.
 struct Partial {
@@ -123,7 +122,7 @@ void attention(Tensor& out, const Tensor& q, const Tensor& k_cache, const Tensor
   const float c = scale * 1.4426950408889634f;
   for (int64_t b = 0; b < num_seqs; ++b) {
     int64_t n_queries = starts[b + 1] - starts[b], len = lens[b];
-    int64_t split = variant_kernels() ? attention_schedule::variant_split_size(num_seqs, len) : kSplitSize;
+    int64_t split = variant_kernels() ? attention_schedule::variant_split_size(num_seqs, len) : attention_split_size();
     for (int64_t i = 0; i < n_queries; ++i) {
       int64_t row = starts[b] + i, pos = len - n_queries + i;
       for (int64_t h = 0; h < heads; ++h) {

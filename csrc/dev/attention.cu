@@ -6,6 +6,8 @@
 //          build/dev/dev_attention --decode BATCH CONTEXT [HEADS]   one decode shape only (for Nsight
 //          Compute: -k regex:decode_wide), 8 kv heads, no validation
 //          build/dev/dev_attention --pipeline paired|rotating|paired3 ...   every decode launch with that pipeline
+//          build/dev/dev_attention --split KEYS ...   splits of KEYS keys (a multiple of 64) instead of
+//          the build's 256 (common/config.h): other bits, the same invariants
 //          build/dev/dev_attention --sweep   decode shapes with each pipeline beside the library's choice
 //          build/dev/dev_attention --prefill TOKENS DIM [mma.sync]   one prefill shape only (Nsight Compute)
 //          build/dev/dev_attention --chunk QUERIES CONTEXT [HEADS]   the last QUERIES positions of a
@@ -228,6 +230,7 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     if (!std::strcmp(argv[i], "--sweep")) sweep = true;
     if (!std::strcmp(argv[i], "--pipeline") && i + 1 < argc) ops::set_decode_pipeline(argv[++i]);
+    if (!std::strcmp(argv[i], "--split") && i + 1 < argc) ops::set_attention_split_size(std::atoi(argv[++i]));
     if (!std::strcmp(argv[i], "--prefill") && i + 2 < argc) {
       only_prefill = std::atoi(argv[++i]), prefill_dim = std::atoi(argv[++i]);
       if (i + 1 < argc && argv[i + 1][0] != '-') prefill_kernel = argv[++i];

@@ -54,7 +54,6 @@ namespace detinfer::cuda {
 namespace {
 
 using namespace attn;
-using attention_schedule::kSplitSize;
 
 // Launch geometry (the reduction order above does not depend on any of it).
 // Prefill, mma.sync (sm_80-89): four warps of 16 query rows, two K/V key blocks in flight.
@@ -1435,8 +1434,8 @@ AttentionLaunch choose_launch(const AttentionBatch& batch, int num_seqs) {
   AttentionLaunch l{};
   l.decode = batch.max_query_len == 1;
   if (!variant_kernels()) {
-    l.split_size = kSplitSize;
-    l.max_splits = std::max(1, (batch.max_seq_len + kSplitSize - 1) / kSplitSize);
+    l.split_size = attention_split_size();  // kSplitSize unless a development switch says otherwise
+    l.max_splits = std::max(1, (batch.max_seq_len + l.split_size - 1) / l.split_size);
   } else {
     l.split_size = 0;
     l.max_splits = std::max(1, std::min(attention_schedule::variant_max_splits(num_seqs), batch.max_seq_len));

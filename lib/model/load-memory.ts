@@ -90,7 +90,7 @@ const HEAD_INTS_PER_ROW = 8 + (2 + 2 * MAX_TOP_LOGPROBS) + 1
  * decode launch lays them out (csrc/kernels/attention.cu).
  */
 export function decodeWorkspaceFloats(c: ModelConfig, rows: number, positions: number): number {
-  return rows * c.numHeads * Math.ceil(positions / native().attentionSplitSize) * (c.headDim + 2)
+  return rows * c.numHeads * Math.ceil(positions / native().attentionSplitSize()) * (c.headDim + 2)
 }
 
 /** Bytes of tensors of these shapes on the device, where every weight is bf16. */

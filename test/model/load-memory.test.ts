@@ -152,6 +152,20 @@ describe('the bytes a load needs', () => {
     expect(workspace(512)).toBe(681_574_400) // what a workspace of 512 rows took, 650 MiB
   })
 
+  it('the decode workspace follows the attention split size in force at load (a development switch)', () => {
+    const at = (split: number) => {
+      native().setAttentionSplitSize(split)
+      try {
+        return estimateLoadMemory(QWEN3_0_6B, CUDA_SIZES).other.find((o) => o.what.startsWith('decode attention workspace'))!.bytes
+      } finally {
+        native().setAttentionSplitSize(0)
+      }
+    }
+    expect(at(0)).toBe(4 * 64 * 16 * 160 * 130)
+    expect(at(64)).toBe(4 * at(0))
+    expect(at(4096)).toBe(4 * 64 * 16 * 10 * 130)
+  })
+
   it("Qwen3-8B with loadModel's defaults fits a 24 GiB GPU (an RTX 4090 with 23.5 GiB free), which a 512-row workspace did not", () => {
     const gpu = { free: 23.5 * GiB, total: 24 * GiB, name: 'a 24 GiB GPU' }
     // loadModel's default KV cache: a quarter of the device's memory (k and v of 36 layers x 8 kv heads x 128, bf16).

@@ -70,6 +70,7 @@ function invarianceSuite(device: DeviceName): void {
     native().setVariantKernels(false)
     native().setDecodePipeline('auto')
     native().setPrefillKernel('auto')
+    native().setAttentionSplitSize(0)
   })
 
   it('one prefill is reproducible run to run', async () => {
@@ -138,6 +139,34 @@ function invarianceSuite(device: DeviceName): void {
       }
     }
   })
+
+  // The split size is the schedule's one constant; the development switch that measures others
+  // must keep every invariant (each size its own bits), or a measurement would be of a broken schedule.
+  for (const split of [64, 128, 512])
+    it(`with ${split}-key splits (setAttentionSplitSize): prefill, chunks, decode and batches agree bit for bit, and differ from 256-key splits`, async () => {
+      native().setAttentionSplitSize(split)
+      expect(native().attentionSplitSize()).toBe(split)
+      const [own] = await scene.run([{ seq: 0, start: 0, end: L }])
+      // Other splits, other bits: past the first split somewhere in 700 positions.
+      expect(firstDifferentRow(own!, whole, ROW), 'against 256-key splits').toBeGreaterThanOrEqual(Math.min(split, 256))
+      expect(firstDifferentRow(await chunked(scene, 64), own!, ROW), 'chunks of 64').toBe(-1)
+      const pipelines = device === 'cuda' ? (['auto', 'paired', 'rotating', 'paired3'] as const) : (['auto'] as const)
+      for (const pipeline of pipelines) {
+        native().setDecodePipeline(pipeline)
+        for (const pos of DECODE_POSITIONS) {
+          const want = own!.subarray(pos * ROW, (pos + 1) * ROW)
+          const [alone] = await scene.run([{ seq: 0, start: pos, end: pos + 1 }])
+          expect(firstDifferentRow(alone!, want, ROW), `${pipeline} decode at position ${pos}`).toBe(-1)
+          const batched = await inBatch(scene, { seq: 0, start: pos, end: pos + 1 }, 33, split + pos, true)
+          expect(firstDifferentRow(batched, want, ROW), `${pipeline} decode beside 33 others at position ${pos}`).toBe(-1)
+        }
+      }
+      const got = await inBatch(scene, { seq: 0, start: 300, end: 600 }, 33, split, false)
+      expect(firstDifferentRow(got, own!.subarray(300 * ROW, 600 * ROW), ROW), 'prefill beside 33 others').toBe(-1)
+      const tail = { seq: 0, start: L - 100, end: L }
+      const { worst } = compareToReference(scene, [tail], [own!.subarray(tail.start * ROW)])
+      expect(worst, 'the last 100 positions against float64').toBeLessThanOrEqual(1)
+    })
 
   it('prefill alongside 1 to 64 other sequences equals prefill alone', async () => {
     for (const [n, slice] of [
@@ -215,6 +244,24 @@ function invarianceSuite(device: DeviceName): void {
 describe('attention invariance (cpu)', () => invarianceSuite('cpu'))
 
 describeGpu('attention invariance (cuda)', () => invarianceSuite('cuda'))
+
+describe('setAttentionSplitSize (development switch)', () => {
+  it('takes 0 (the build size, 256) or a multiple of 64 up to 4096, and names anything else', () => {
+    try {
+      expect(native().attentionSplitSize()).toBe(256)
+      native().setAttentionSplitSize(4096)
+      expect(native().attentionSplitSize()).toBe(4096)
+      for (const bad of [32, 100, 4160, -64])
+        expect(() => native().setAttentionSplitSize(bad)).toThrow(
+          `setAttentionSplitSize: expected 0 (the build's 256) or a multiple of 64 from 64 to 4096 but received ${bad}`,
+        )
+      native().setAttentionSplitSize(0)
+      expect(native().attentionSplitSize()).toBe(256)
+    } finally {
+      native().setAttentionSplitSize(0)
+    }
+  })
+})
 
 describe('setPrefillKernel (development switch)', () => {
   it("takes 'mma.sync' or 'auto' and names anything else", () => {
