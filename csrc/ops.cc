@@ -535,6 +535,21 @@ void record_logit_choices(Tensor& params, Tensor& counts, const Tensor& chosen, 
                   : cpu::record_logit_choices(params, counts, chosen, plan);
 }
 
+void reset_logit_row(Tensor& counts, int row, const Tensor& prompt) {
+  Checker c{"reset_logit_row"};
+  c.devices({{"counts", &counts}, {"prompt", &prompt}});
+  c.dtype(counts, "counts", {DType::U16});
+  c.rank(counts, "counts", 2);
+  c.dtype(prompt, "prompt", {DType::I32});
+  c.rank(prompt, "prompt", 1);
+  if (row < 0 || row >= counts.dim(0))
+    fail("reset_logit_row: expected a row between 0 and ", counts.dim(0) - 1, " but received ", row);
+  if (counts.dim(1) > 0x7fffffff) fail("reset_logit_row: expected at most 2^31 - 1 columns but received ", counts.describe());
+  if (prompt.dim(0) > 0x7fffffff) fail("reset_logit_row: expected at most 2^31 - 1 prompt ids but received ", prompt.describe());
+  // The ids themselves are checked by the CPU backend; the CUDA kernel skips one outside [0, V).
+  on_cuda(counts) ? cuda::reset_logit_row(counts, row, prompt) : cpu::reset_logit_row(counts, row, prompt);
+}
+
 void copy(Tensor& dst, const Tensor& src) {
   Checker c{"copy"};
   c.devices({{"dst", &dst}, {"src", &src}});

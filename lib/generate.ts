@@ -69,6 +69,13 @@ export interface GenerateOptions {
   /** OpenAI's presence_penalty, -2 to 2 (default 0): subtracted once from the logit of every token the completion has chosen. */
   presencePenalty?: number
   /**
+   * vLLM's (and transformers') repetition_penalty, above 0 and at most 2 (default 1: none): the
+   * logit of every token of the prompt or chosen so far is divided by it when positive and
+   * multiplied by it otherwise, before the frequency and presence penalties (README, "Penalties
+   * and logit bias").
+   */
+  repetitionPenalty?: number
+  /**
    * OpenAI's logit_bias: token id -> bias between -100 and 100, added to that token's logit before
    * every choice; at most 300 ids, each in the vocabulary. An object (keys as decimal ids, as JSON
    * gives them) or a Map.
@@ -177,6 +184,7 @@ export function resolveGenerateOptions(
     'topLogprobs',
     'frequencyPenalty',
     'presencePenalty',
+    'repetitionPenalty',
     'logitBias',
     'stop',
     'stopTokenIds',
@@ -249,6 +257,10 @@ const MAX_BIAS = 100
 function resolveLogitProcessors(o: Record<string, unknown>, vocabSize: number): LogitProcessors | null {
   const frequencyPenalty = o.frequencyPenalty === undefined ? 0 : checkNumber('frequencyPenalty', o.frequencyPenalty, -MAX_PENALTY, MAX_PENALTY)
   const presencePenalty = o.presencePenalty === undefined ? 0 : checkNumber('presencePenalty', o.presencePenalty, -MAX_PENALTY, MAX_PENALTY)
+  const r = o.repetitionPenalty
+  if (r !== undefined && (typeof r !== 'number' || !(r > 0 && r <= MAX_PENALTY)))
+    throw invalidArgument('repetitionPenalty', `number above 0 and at most ${MAX_PENALTY}`, r)
+  const repetitionPenalty = r === undefined ? 1 : r
   const logitBias: [number, number][] = []
   if (o.logitBias !== undefined) {
     const given = o.logitBias
@@ -268,8 +280,8 @@ function resolveLogitProcessors(o: Record<string, unknown>, vocabSize: number): 
       if (bias !== 0) logitBias.push([id, bias])
     }
   }
-  if (frequencyPenalty === 0 && presencePenalty === 0 && logitBias.length === 0) return null
-  return { frequencyPenalty, presencePenalty, logitBias }
+  if (frequencyPenalty === 0 && presencePenalty === 0 && repetitionPenalty === 1 && logitBias.length === 0) return null
+  return { frequencyPenalty, presencePenalty, repetitionPenalty, logitBias }
 }
 
 /** Template variables a request fills itself, which chatTemplateVariables may not set. */

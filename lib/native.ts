@@ -206,6 +206,8 @@ export interface NativeAddon {
   ): void
   /** After chooseTokens on the adjusted rows: params[plan row].target = the chosen id, and its count + 1. */
   recordLogitChoices(params: NativeTensor, counts: NativeTensor, chosen: NativeTensor, plan: NativeTensor): void
+  /** Zeroes row `row` of counts u16 [S, V], then marks the words of the ids in prompt i32 [n] as the prompt's (repetition penalty). */
+  resetLogitRow(counts: NativeTensor, row: number, prompt: NativeTensor): void
   copy(dst: NativeTensor, src: NativeTensor): void
   cast(dst: NativeTensor, src: NativeTensor): void
   setVariantKernels(enabled: boolean): void

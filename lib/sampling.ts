@@ -13,15 +13,18 @@
 // logits and noise, probability mass in 2^-40 fixed point so the top-p prefix is exact).
 
 /**
- * OpenAI's frequency_penalty, presence_penalty and logit_bias for one completion, applied to its
- * logits before every choice (csrc/common/logit_processors.h has the arithmetic):
- * `y = c > 0 ? (x - frequencyPenalty * c) - presencePenalty : x`, then `y + bias` for a token
- * logitBias names, c the times the token was chosen so far in this completion. Values as they
- * reach the device: float32.
+ * OpenAI's frequency_penalty, presence_penalty and logit_bias, and vLLM's repetition_penalty, for
+ * one completion, applied to its logits before every choice (csrc/common/logit_processors.h has
+ * the arithmetic): for a token of the prompt or chosen before, `x = x > 0 ? x / r : x * r` when
+ * the repetition penalty r is not 1; then `y = c > 0 ? (x - frequencyPenalty * c) -
+ * presencePenalty : x`, then `y + bias` for a token logitBias names, c the times the token was
+ * chosen so far in this completion. Values as they reach the device: float32.
  */
 export interface LogitProcessors {
   frequencyPenalty: number
   presencePenalty: number
+  /** 1: none. */
+  repetitionPenalty: number
   /** [token id, bias] pairs: ids distinct, biases not 0, at most MAX_LOGIT_BIAS pairs. */
   logitBias: readonly (readonly [number, number])[]
 }
@@ -36,6 +39,8 @@ export interface RowProcessors {
   /** The sequence's first choice: it takes the row now (its counts start from 0, its settings are loaded). */
   first: boolean
   settings: LogitProcessors
+  /** On the first choice with a repetition penalty: the prompt's ids, which it penalizes too. */
+  prompt?: readonly number[]
 }
 
 /** What to do with one logits row. */

@@ -511,9 +511,16 @@ export class Scheduler {
     if (request.kind !== 'generate') return tokenChoice(null, row.position + 1, row.target, topLogprobs)
     // The row that chooses the first token (the prompt's last) takes the table row: that step
     // zeroes its counts on the device, after every step enqueued before it.
+    const first = row.position + 1 === seq.promptLength
     const processors =
       request.processors && seq.processorRow >= 0
-        ? { row: seq.processorRow, first: row.position + 1 === seq.promptLength, settings: request.processors }
+        ? {
+            row: seq.processorRow,
+            first,
+            settings: request.processors,
+            // A repetition penalty penalizes the prompt's tokens too: they are marked when the row is taken.
+            ...(first && request.processors.repetitionPenalty !== 1 && { prompt: request.prompt }),
+          }
         : undefined
     return tokenChoice(request.sampling, row.position + 1, -1, topLogprobs, processors)
   }

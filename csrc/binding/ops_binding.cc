@@ -272,6 +272,12 @@ Napi::Value RecordLogitChoices(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value ResetLogitRow(const Napi::CallbackInfo& info) {
+  Args a{info, "resetLogitRow"};
+  ops::reset_logit_row(a.tensor(0, "counts"), a.integer(1, "row"), a.tensor(2, "prompt"));
+  return info.Env().Undefined();
+}
+
 Napi::Value Copy(const Napi::CallbackInfo& info) {
   Args a{info, "copy"};
   ops::copy(a.tensor(0, "dst"), a.tensor(1, "src"));
@@ -411,6 +417,7 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"logSoftmax", LogSoftmax}, {"argmax", Argmax},
       {"tokenLogprobs", TokenLogprobs}, {"chooseTokens", ChooseTokens},
       {"applyLogitProcessors", ApplyLogitProcessors}, {"recordLogitChoices", RecordLogitChoices},
+      {"resetLogitRow", ResetLogitRow},
       {"copy", Copy},
       {"uploadAsync", UploadAsync}, {"graphBegin", GraphBegin},
       {"graphEnd", GraphEnd},   {"graphAbort", GraphAbort},

@@ -106,8 +106,11 @@
                              const Tensor& settings))                                                 \
   /* After choose_tokens on the adjusted rows (chosen i32 [J, >= 2]): for j < plan[0] whose id = */   \
   /* chosen[j,0] is a token, params[plan[1+3j], target] = id and counts[plan[2+3j], id] += 1 */       \
-  /* (saturating at 65535). params i32 [R,kParams], counts u16 [S,V], plan i32 [1+3J]. */             \
+  /* (saturating at 32767). params i32 [R,kParams], counts u16 [S,V], plan i32 [1+3J]. */             \
   X(record_logit_choices, (Tensor & params, Tensor & counts, const Tensor& chosen, const Tensor& plan)) \
+  /* Table row `row` of counts u16 [S,V] zeroed, then the words of the ids in prompt i32 [n] */      \
+  /* marked as the prompt's (common/logit_processors.h, kInPrompt). */                               \
+  X(reset_logit_row, (Tensor & counts, int row, const Tensor& prompt))                                \
   /* dst = src converted between f32, bf16 and f16 (same device, same element count) */               \
   X(cast, (Tensor & dst, const Tensor& src))
 

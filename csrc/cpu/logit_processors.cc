@@ -1,4 +1,4 @@
-// Logit processors (CPU): frequency and presence penalties and logit bias, as
+// Logit processors (CPU): frequency, presence and repetition penalties and logit bias, as
 // common/logit_processors.h defines them. Elementwise per row: row j of the plan depends on its
 // logits row, its table row and nothing else.
 #include <cstdint>
@@ -45,6 +45,7 @@ void apply_logit_processors(Tensor& adjusted, Tensor& adjusted_params, Tensor& c
     const PlanRow p = plan_row(plan, j, x.dim(0), counts.dim(0), "apply_logit_processors");
     const int32_t* s = settings.ptr<int32_t>() + p.table_row * pr::kSettings;
     const float f = ch::as_float(s[pr::kFrequency]), presence = ch::as_float(s[pr::kPresence]);
+    const float r = ch::as_float(s[pr::kRepetition]);
     const int32_t n_bias = s[pr::kBiasCount];
     DI_CHECK(n_bias >= 0 && n_bias <= pr::kMaxBias, "apply_logit_processors: table row ", p.table_row, " holds ",
              n_bias, " biases, outside [0, ", pr::kMaxBias, "]");
@@ -52,12 +53,12 @@ void apply_logit_processors(Tensor& adjusted, Tensor& adjusted_params, Tensor& c
     float* ar = adjusted.ptr<float>() + j * V;
     uint16_t* cr = counts.ptr<uint16_t>() + p.table_row * V;
     if (p.fresh) std::memset(cr, 0, static_cast<size_t>(V) * sizeof(uint16_t));
-    for (int64_t v = 0; v < V; ++v) ar[v] = pr::penalized_logit(xr[v], cr[v], f, presence);
+    for (int64_t v = 0; v < V; ++v) ar[v] = pr::penalized_logit(xr[v], cr[v], f, presence, r);
     for (int32_t i = 0; i < n_bias; ++i) {
       const int32_t id = s[pr::kBias + 2 * i];
       DI_CHECK(id >= 0 && id < V, "apply_logit_processors: table row ", p.table_row, " biases token ", id,
                ", outside [0, ", V, ")");
-      ar[id] = pr::biased_logit(pr::penalized_logit(xr[id], cr[id], f, presence), ch::as_float(s[pr::kBias + 2 * i + 1]));
+      ar[id] = pr::biased_logit(pr::penalized_logit(xr[id], cr[id], f, presence, r), ch::as_float(s[pr::kBias + 2 * i + 1]));
     }
     std::memcpy(adjusted_params.ptr<int32_t>() + j * ch::kParams, params.ptr<int32_t>() + p.row * ch::kParams,
                 ch::kParams * sizeof(int32_t));
@@ -72,8 +73,18 @@ void record_logit_choices(Tensor& params, Tensor& counts, const Tensor& chosen, 
     if (id < 0 || id >= V) continue;  // a row that is not finite: nothing was chosen
     params.ptr<int32_t>()[p.row * ch::kParams + ch::kTarget] = id;
     uint16_t& c = counts.ptr<uint16_t>()[p.table_row * V + id];
-    if (c < pr::kMaxCount) c = static_cast<uint16_t>(c + 1);
+    if ((c & pr::kCountMask) < pr::kMaxCount) c = static_cast<uint16_t>(c + 1);
   }
+}
+
+void reset_logit_row(Tensor& counts, int row, const Tensor& prompt) {
+  const int64_t V = counts.dim(1), n = prompt.dim(0);
+  uint16_t* cr = counts.ptr<uint16_t>() + row * V;
+  const int32_t* ids = prompt.ptr<int32_t>();
+  for (int64_t i = 0; i < n; ++i)
+    DI_CHECK(ids[i] >= 0 && ids[i] < V, "reset_logit_row: prompt id ", i, " is ", ids[i], ", outside [0, ", V, ")");
+  std::memset(cr, 0, static_cast<size_t>(V) * sizeof(uint16_t));
+  for (int64_t i = 0; i < n; ++i) cr[ids[i]] = static_cast<uint16_t>(pr::kInPrompt);
 }
 
 }  // namespace detinfer::cpu

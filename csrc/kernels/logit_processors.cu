@@ -1,8 +1,10 @@
-// Logit processors (CUDA): frequency and presence penalties and logit bias
+// Logit processors (CUDA): frequency, presence and repetition penalties and logit bias
 // (common/logit_processors.h has the one definition, the plan and the settings layout).
 //   apply_logit_processors  adjusted[j, v] = y(x[r_j, v], counts[k_j, v]) for j < K = plan[0]
 //                           adjusted f32 [J,V], x f32 [R,V], counts u16 [S,V]
 //   record_logit_choices    params[r_j].target = chosen[j, 0]; counts[k_j, chosen[j, 0]] += 1
+//   reset_logit_row         counts[k, :] = 0, then counts[k, prompt[i]] = kInPrompt (a sequence with a
+//                           repetition penalty takes row k; enqueued before its first step)
 // Invariant: elementwise. Block (c, j) of apply_logit_processors owns logits c*kApplyChunk ...
 // of plan row j; every value is one fixed sequence of float32 operations on that token's own
 // logit, count and bias (no reduction), so a row cannot depend on the batch, on J or on K. Rows
@@ -13,6 +15,7 @@
 // waits for them, and they wait for everything before them.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -55,6 +58,7 @@ __global__ void __launch_bounds__(kApplyThreads)
   if (!p.valid) return;
   const int32_t* s = settings + static_cast<int64_t>(p.table_row) * pr::kSettings;
   const float f = ch::as_float(s[pr::kFrequency]), presence = ch::as_float(s[pr::kPresence]);
+  const float r = ch::as_float(s[pr::kRepetition]);
   const int n_bias = min(max(s[pr::kBiasCount], 0), pr::kMaxBias);
   const float* xr = x + static_cast<int64_t>(p.row) * V;
   float* ar = adjusted + static_cast<int64_t>(j) * V;
@@ -65,7 +69,7 @@ __global__ void __launch_bounds__(kApplyThreads)
     uint32_t c = 0;
     if (p.fresh) cr[v] = 0;  // the sequence takes the row: the last owner's counts go
     else c = cr[v];
-    ar[v] = pr::penalized_logit(xr[v], c, f, presence);
+    ar[v] = pr::penalized_logit(xr[v], c, f, presence, r);
   }
   if (blockIdx.x == 0 && threadIdx.x < ch::kParams)
     adjusted_params[static_cast<int64_t>(j) * ch::kParams + threadIdx.x] =
@@ -78,7 +82,7 @@ __global__ void __launch_bounds__(kApplyThreads)
     const int32_t id = s[pr::kBias + 2 * i];
     if (id < begin || id >= end) continue;
     const uint32_t c = p.fresh ? 0u : cr[id];
-    ar[id] = pr::biased_logit(pr::penalized_logit(xr[id], c, f, presence), ch::as_float(s[pr::kBias + 2 * i + 1]));
+    ar[id] = pr::biased_logit(pr::penalized_logit(xr[id], c, f, presence, r), ch::as_float(s[pr::kBias + 2 * i + 1]));
   }
 }
 
@@ -93,7 +97,26 @@ __global__ void __launch_bounds__(kRecordThreads)
     if (!p.valid || id < 0 || id >= V) continue;  // id -1: a row that is not finite
     params[static_cast<int64_t>(p.row) * ch::kParams + ch::kTarget] = id;
     uint16_t* c = counts + static_cast<int64_t>(p.table_row) * V + id;
-    if (*c < pr::kMaxCount) *c = static_cast<uint16_t>(*c + 1);
+    if ((*c & pr::kCountMask) < pr::kMaxCount) *c = static_cast<uint16_t>(*c + 1);
+  }
+}
+
+constexpr int kResetThreads = 256;
+
+// Zeroes the row, block-strided, then (a second launch, so that every zero is written first) marks
+// the prompt's ids; an id outside [0, V) (the host never gives one) is skipped.
+__global__ void __launch_bounds__(kResetThreads) zero_logit_row_kernel(uint16_t* row, int64_t V) {
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * kResetThreads + threadIdx.x; v < V;
+       v += static_cast<int64_t>(gridDim.x) * kResetThreads)
+    row[v] = 0;
+}
+
+__global__ void __launch_bounds__(kResetThreads)
+    mark_prompt_tokens_kernel(uint16_t* row, const int32_t* ids, int64_t n, int64_t V) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kResetThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kResetThreads) {
+    const int32_t id = ids[i];
+    if (id >= 0 && id < V) row[id] = static_cast<uint16_t>(pr::kInPrompt);
   }
 }
 
@@ -111,6 +134,20 @@ void apply_logit_processors(Tensor& adjusted, Tensor& adjusted_params, Tensor& c
       params.ptr<int32_t>(), plan.ptr<int32_t>(), settings.ptr<int32_t>(), V, static_cast<int>(x.dim(0)),
       static_cast<int>(counts.dim(0)));
   CUDA_CHECK_LAUNCH("apply_logit_processors", shapes(J, V));
+}
+
+void reset_logit_row(Tensor& counts, int row, const Tensor& prompt) {
+  const int64_t V = counts.dim(1), n = prompt.dim(0);
+  uint16_t* r = counts.ptr<uint16_t>() + static_cast<int64_t>(row) * V;
+  const auto blocks = [](int64_t items) { return static_cast<unsigned>(std::min<int64_t>((items + kResetThreads - 1) / kResetThreads, 1024)); };
+  if (V > 0) {
+    zero_logit_row_kernel<<<blocks(V), kResetThreads, 0, device_stream()>>>(r, V);
+    CUDA_CHECK_LAUNCH("reset_logit_row (zero)", shapes(n, V));
+  }
+  if (n > 0 && V > 0) {
+    mark_prompt_tokens_kernel<<<blocks(n), kResetThreads, 0, device_stream()>>>(r, prompt.ptr<int32_t>(), n, V);
+    CUDA_CHECK_LAUNCH("reset_logit_row (mark)", shapes(n, V));
+  }
 }
 
 void record_logit_choices(Tensor& params, Tensor& counts, const Tensor& chosen, const Tensor& plan) {

@@ -17,6 +17,7 @@ interface GenerateFlags {
   minP?: number
   frequencyPenalty?: number
   presencePenalty?: number
+  repetitionPenalty?: number
   logitBias?: Record<string, unknown>
   topLogprobs?: number
   stop?: string[]
@@ -65,6 +66,7 @@ export function generateCommand(): Command {
     .option('--min-p <p>', 'sample among tokens at least p times as likely as the most likely one', number)
     .option('--frequency-penalty <f>', "subtract f times a token's count in the completion so far from its logit (-2 to 2)", number)
     .option('--presence-penalty <p>', 'subtract p from the logit of every token the completion has chosen (-2 to 2)', number)
+    .option('--repetition-penalty <r>', 'divide the positive logits of tokens in the prompt or the completion by r, multiply the others (above 0, at most 2; 1: none)', number)
     .option('--logit-bias <json>', 'add biases to token logits, e.g. \'{"1234": -100}\' (ids to -100..100, at most 300)', logitBiasJson)
     .option('--top-logprobs <n>', 'with --json: the n most likely tokens and their log-probs at each position (0-20)', integer)
     .option('--stop <text>', 'stop when the text contains this (repeatable)', collect)
@@ -97,6 +99,7 @@ export function generateCommand(): Command {
         ...(flags.minP !== undefined && { minP: flags.minP }),
         ...(flags.frequencyPenalty !== undefined && { frequencyPenalty: flags.frequencyPenalty }),
         ...(flags.presencePenalty !== undefined && { presencePenalty: flags.presencePenalty }),
+        ...(flags.repetitionPenalty !== undefined && { repetitionPenalty: flags.repetitionPenalty }),
         ...(flags.logitBias !== undefined && { logitBias: flags.logitBias as Record<number, number> }),
         ...(flags.topLogprobs !== undefined && { topLogprobs: flags.topLogprobs }),
         ...(flags.stop !== undefined && { stop: flags.stop }),

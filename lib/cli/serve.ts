@@ -67,7 +67,7 @@ export function serveCommand(): Command {
     .option('--chat-template <file>', "a chat template (Jinja) to use instead of the model's")
     .option(
       '--generation-config <auto|none|dir>',
-      "sampling defaults for what a request leaves out (temperature, top_p, top_k, min_p, max_tokens): auto, the model's generation_config.json; none, OpenAI's; or a directory's generation_config.json",
+      "sampling defaults for what a request leaves out (temperature, top_p, top_k, min_p, repetition_penalty, max_tokens): auto, the model's generation_config.json; none, OpenAI's; or a directory's generation_config.json",
       'auto',
     )
     .option('--default-chat-template-kwargs <json>', 'chat template variables of every chat request, under the request\'s chat_template_kwargs, e.g. \'{"enable_thinking": false}\'', jsonObject)
@@ -96,7 +96,6 @@ export function serveCommand(): Command {
       const sampling = generation?.sampling ?? {}
       const described = describeSamplingDefaults(sampling)
       if (generation && described) log(`sampling defaults from ${generation.file}: ${described} (\`--generation-config none\` for OpenAI's)`)
-      for (const setting of generation?.ignored ?? []) log(`${generation!.file} sets ${setting}, which detinfer does not implement: not applied`)
       const server = new InferenceServer({
         // A model from the Hugging Face cache goes by its repo id, not its snapshot's commit hash.
         modelName: flags.servedModelName ?? source.repoId ?? basename(resolve(dir)),

@@ -30,7 +30,7 @@ import { MAX_LOGIT_BIAS, type TokenChoice } from '../sampling.js'
 export const MAX_LOGIT_PROCESSOR_ROWS = 65535
 
 const PARAMS = 8 // choice::kParams
-const SETTINGS = 604 // processors::kSettings: frequency, presence, bias count, (unused), 300 (id, bias) pairs
+const SETTINGS = 604 // processors::kSettings: frequency, presence, bias count, repetition, 300 (id, bias) pairs
 const BIAS_AT = 4 // processors::kBias
 const PLAN_FIELDS = 3 // processors::kPlanFields
 
@@ -54,9 +54,17 @@ export function checkRowProcessors(at: string, choice: TokenChoice, tableRows: n
   taken.add(p.row)
   if (choice.target >= 0) throw new RangeError(`Expected no processors for ${at}, a scored row (target ${choice.target})`)
   if (!p.first) return
-  const { frequencyPenalty, presencePenalty, logitBias } = p.settings
+  const { frequencyPenalty, presencePenalty, repetitionPenalty, logitBias } = p.settings
   for (const [name, v] of [['frequencyPenalty', frequencyPenalty], ['presencePenalty', presencePenalty]] as const)
     if (!Number.isFinite(v)) throw new RangeError(`Expected a finite number for ${at}.processors.settings.${name} but received ${describeValue(v)}`)
+  if (!(Number.isFinite(repetitionPenalty) && repetitionPenalty > 0))
+    throw new RangeError(`Expected a finite number above 0 for ${at}.processors.settings.repetitionPenalty but received ${describeValue(repetitionPenalty)}`)
+  if (repetitionPenalty !== 1) {
+    const prompt = p.prompt
+    if (!Array.isArray(prompt)) throw new RangeError(`Expected the prompt's ids for ${at}.processors.prompt (a repetition penalty's first choice) but received ${describeValue(prompt)}`)
+    const bad = prompt.findIndex((id) => !Number.isInteger(id) || id < 0 || id >= vocab)
+    if (bad >= 0) throw new RangeError(`Expected token ids between 0 and ${vocab - 1} in ${at}.processors.prompt but received ${describeValue(prompt[bad])} at ${bad}`)
+  }
   if (logitBias.length > MAX_LOGIT_BIAS)
     throw new RangeError(`Expected at most ${MAX_LOGIT_BIAS} entries for ${at}.processors.settings.logitBias but received ${logitBias.length}`)
   const ids = new Set<number>()
@@ -75,6 +83,7 @@ export function packSettings(c: NonNullable<TokenChoice['processors']>['settings
   floats[0] = c.frequencyPenalty
   floats[1] = c.presencePenalty
   packed[2] = c.logitBias.length
+  floats[3] = c.repetitionPenalty
   c.logitBias.forEach(([id, bias], i) => {
     packed[BIAS_AT + 2 * i] = id
     floats[BIAS_AT + 2 * i + 1] = bias
@@ -124,17 +133,32 @@ export class LogitProcessorTable {
 
   /**
    * Uploads the step's plan, and the settings of the sequences that take their row at this step
-   * (in stream order, before the step's kernels; never during a graph capture). Returns K, the rows
-   * of the step that use processors.
+   * (in stream order, before the step's kernels; never during a graph capture). A sequence with a
+   * repetition penalty has its row reset here, its prompt's tokens marked (resetLogitRow), and
+   * not zeroed again by the step; the others' rows are zeroed by the step. Returns K, the rows of
+   * the step that use processors.
    */
   prepare(choices: readonly TokenChoice[]): number {
     const n = native()
     const entries: number[] = []
     choices.forEach((c, r) => {
       if (!c.processors) return
-      const { row, first, settings } = c.processors
-      if (first) n.uploadAsync(n.narrow(this.settings, row, 1), packSettings(settings))
-      entries.push(r, row, first ? 1 : 0)
+      const { row, first, settings, prompt } = c.processors
+      let fresh = first
+      if (first) {
+        n.uploadAsync(n.narrow(this.settings, row, 1), packSettings(settings))
+        if (settings.repetitionPenalty !== 1) {
+          const ids = n.empty(this.device, 'i32', [prompt!.length])
+          try {
+            n.uploadAsync(ids, Int32Array.from(prompt!))
+            n.resetLogitRow(this.counts, row, ids)
+          } finally {
+            ids.dispose() // stream-ordered: after the kernels that read it
+          }
+          fresh = false
+        }
+      }
+      entries.push(r, row, fresh ? 1 : 0)
     })
     const plan = Int32Array.from([entries.length / PLAN_FIELDS, ...entries])
     n.uploadAsync(n.narrow(this.plan, 0, plan.length), plan)

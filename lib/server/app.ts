@@ -73,8 +73,9 @@ export interface ServerOptions {
   allowedOrigins?: string[] | '*'
 
   /**
-   * What a request that leaves out temperature, top_p, top_k, min_p or max_tokens gets instead of
-   * OpenAI's defaults: the model's generation_config.json (`--generation-config auto`).
+   * What a request that leaves out temperature, top_p, top_k, min_p, repetition_penalty or
+   * max_tokens gets instead of OpenAI's defaults: the model's generation_config.json
+   * (`--generation-config auto`).
    */
   samplingDefaults?: SamplingDefaults
 }
@@ -442,6 +443,7 @@ export class InferenceServer {
     const topK = body.top_k ?? Math.min(defaults.topK ?? 0, model.vocabSize)
     const topP = body.top_p ?? defaults.topP
     const minP = body.min_p ?? defaults.minP
+    const repetitionPenalty = body.repetition_penalty ?? defaults.repetitionPenalty ?? 1
     const badStop = (body.stop_token_ids ?? []).findIndex((id) => id >= model.vocabSize)
     if (badStop >= 0)
       throw invalidRequest(
@@ -498,6 +500,7 @@ export class InferenceServer {
       // Penalties and biases apply to greedy choices too (n > 1: each choice counts its own tokens).
       ...(body.frequency_penalty && { frequencyPenalty: body.frequency_penalty }),
       ...(body.presence_penalty && { presencePenalty: body.presence_penalty }),
+      ...(repetitionPenalty !== 1 && { repetitionPenalty }),
       ...(Object.keys(logitBias).length > 0 && { logitBias }),
     }
     return {

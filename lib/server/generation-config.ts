@@ -1,11 +1,10 @@
 // The sampling defaults a model's generation_config.json recommends, as `detinfer serve
 // --generation-config auto` (the default) applies them to requests that leave a parameter out,
-// the way vLLM's server does (its `--generation-config auto`): temperature, top_p, top_k, min_p
-// and max_new_tokens (as max_tokens). As there, a value equal to transformers' own default
-// (GenerationConfig: temperature 1, top_p 1, top_k 50, repetition_penalty 1) counts as not set,
-// since transformers leaves it out of the config's differences from the defaults, which is what
-// vLLM reads; do_sample is not read. repetition_penalty, which detinfer does not implement, is
-// reported so that the server can say it is not applied.
+// the way vLLM's server does (its `--generation-config auto`): temperature, top_p, top_k, min_p,
+// repetition_penalty and max_new_tokens (as max_tokens). As there, a value equal to
+// transformers' own default (GenerationConfig: temperature 1, top_p 1, top_k 50,
+// repetition_penalty 1) counts as not set, since transformers leaves it out of the config's
+// differences from the defaults, which is what vLLM reads; do_sample is not read.
 import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { readTextFile } from '../files.js'
@@ -16,6 +15,7 @@ export interface SamplingDefaults {
   topP?: number
   topK?: number
   minP?: number
+  repetitionPenalty?: number
   maxTokens?: number
 }
 
@@ -23,8 +23,6 @@ export interface GenerationDefaults {
   sampling: SamplingDefaults
   /** The file they came from, or null when there is none. */
   file: string | null
-  /** Settings of the file that detinfer does not apply, as `name value`. */
-  ignored: string[]
 }
 
 /** transformers' GenerationConfig defaults: a value equal to one of them is not a difference. */
@@ -38,7 +36,7 @@ const TRANSFORMERS_DEFAULTS: Record<string, number> = { temperature: 1, top_p: 1
  */
 export async function readGenerationDefaults(dir: string, { required = false } = {}): Promise<GenerationDefaults> {
   const file = join(dir, 'generation_config.json')
-  if (!required && !existsSync(file)) return { sampling: {}, file: null, ignored: [] }
+  if (!required && !existsSync(file)) return { sampling: {}, file: null }
   const text = await readTextFile(file, 'generation_config.json')
   let config: unknown
   try {
@@ -81,10 +79,12 @@ export async function readGenerationDefaults(dir: string, { required = false } =
     if (!Number.isInteger(maxNewTokens) || maxNewTokens < 1) throw badValue(file, 'max_new_tokens', 'an integer of at least 1', maxNewTokens)
     sampling.maxTokens = maxNewTokens
   }
-  const ignored: string[] = []
   const repetition = set('repetition_penalty')
-  if (repetition !== undefined) ignored.push(`repetition_penalty ${repetition}`)
-  return { sampling, file, ignored }
+  if (repetition !== undefined) {
+    if (!(repetition > 0 && repetition <= 2)) throw badValue(file, 'repetition_penalty', 'a number above 0 and at most 2', repetition)
+    sampling.repetitionPenalty = repetition
+  }
+  return { sampling, file }
 }
 
 /** The defaults as a log line or a fingerprint's input: `temperature 0.6, top_p 0.95, top_k 20`. */
@@ -94,6 +94,7 @@ export function describeSamplingDefaults(s: SamplingDefaults): string {
     s.topP !== undefined && `top_p ${s.topP}`,
     s.topK !== undefined && `top_k ${s.topK}`,
     s.minP !== undefined && `min_p ${s.minP}`,
+    s.repetitionPenalty !== undefined && `repetition_penalty ${s.repetitionPenalty}`,
     s.maxTokens !== undefined && `max_tokens ${s.maxTokens}`,
   ].filter((p): p is string => typeof p === 'string')
   return parts.join(', ')

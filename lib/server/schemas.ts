@@ -51,6 +51,8 @@ const sampling = {
   // checks logit_bias's keys against the vocabulary.
   frequency_penalty: { type: nullable('number'), minimum: -2, maximum: 2, description: 'number between -2 and 2 or null' },
   presence_penalty: { type: nullable('number'), minimum: -2, maximum: 2, description: 'number between -2 and 2 or null' },
+  // vLLM's extension (transformers' repetition_penalty): 1 is none.
+  repetition_penalty: { type: nullable('number'), exclusiveMinimum: 0, maximum: 2, description: 'number greater than 0 and at most 2 or null' },
   logit_bias: {
     type: nullable('object'),
     maxProperties: MAX_LOGIT_BIAS,
@@ -259,6 +261,7 @@ export interface SamplingBody {
   ignore_eos?: boolean | null
   frequency_penalty?: number | null
   presence_penalty?: number | null
+  repetition_penalty?: number | null
   logit_bias?: Record<string, number> | null
 }
 

@@ -120,26 +120,42 @@ export function referenceChoice(logits: Float32Array, position: number, p: Sampl
 export interface ProcessorSettings {
   frequencyPenalty: number
   presencePenalty: number
+  /** 1: none. */
+  repetitionPenalty: number
   logitBias: readonly (readonly [number, number])[]
 }
 
+/** A token's u16 word: its count in the low 15 bits, and bit 15 when it is in the prompt. */
+export const IN_PROMPT = 0x8000
+export const MAX_COUNT = 0x7fff
+
+/** The word after one more choice of its token: the count saturates at 32,767, the prompt bit stays. */
+export function countedWord(word: number): number {
+  return (word & MAX_COUNT) < MAX_COUNT ? word + 1 : word
+}
+
 /**
- * The processed logit of a token chosen `count` times, in csrc/common/logit_processors.h's order,
- * every step rounded to float32 (Math.fround of a float64 sum, difference or product of float32
- * values is the float32 operation's result):
+ * The processed logit of a token whose word is `word` (count and prompt bit), in
+ * csrc/common/logit_processors.h's order, every step rounded to float32 (Math.fround of a float64
+ * sum, difference, product or quotient of float32 values is the float32 operation's result):
+ *   seen (in the prompt or counted) and r != 1: x = x > 0 ? x / r : x * r;
  *   count == 0: y = x;  count > 0: y = (x - f * count) - p;  then y + bias for a biased token.
  */
-export function processedLogit(x: number, count: number, frequency: number, presence: number, bias?: number): number {
+export function processedLogit(x: number, word: number, frequency: number, presence: number, bias?: number, repetition = 1): number {
+  const count = word & MAX_COUNT
   let y = f(x)
+  const r = f(repetition)
+  if (word !== 0 && r !== 1) y = y > 0 ? f(y / r) : f(y * r)
   if (count > 0) y = f(f(y - f(f(frequency) * count)) - f(presence))
   return bias === undefined ? y : f(y + f(bias))
 }
 
-/** A whole processed row: logits x [V], the row's counts [V] (zeros for a fresh row) and settings. */
+/** A whole processed row: logits x [V], the row's words [V] (zeros for a fresh row) and settings. */
 export function processedRow(x: Float32Array, counts: ArrayLike<number>, s: ProcessorSettings): Float32Array {
   const y = new Float32Array(x.length)
-  for (let v = 0; v < x.length; v++) y[v] = processedLogit(x[v]!, counts[v]!, s.frequencyPenalty, s.presencePenalty)
-  for (const [id, bias] of s.logitBias) y[id] = processedLogit(x[id]!, counts[id]!, s.frequencyPenalty, s.presencePenalty, bias)
+  const r = s.repetitionPenalty
+  for (let v = 0; v < x.length; v++) y[v] = processedLogit(x[v]!, counts[v]!, s.frequencyPenalty, s.presencePenalty, undefined, r)
+  for (const [id, bias] of s.logitBias) y[id] = processedLogit(x[id]!, counts[id]!, s.frequencyPenalty, s.presencePenalty, bias, r)
   return y
 }
 

@@ -35,22 +35,22 @@ interface Request {
   processors: LogitProcessors | null
 }
 
-/** Eleven requests, six of them with penalties or biases, greedy and sampled, some with top log-probs. */
+/** Eleven requests, seven of them with penalties (three with a repetition penalty) or biases, greedy and sampled, some with top log-probs. */
 function requests(withProcessors = true): Request[] {
   const rand = mulberry32(31_337)
   const bias = (n: number): [number, number][] => Array.from({ length: n }, (_, i) => [(i * 37 + 11) % 270, i % 2 ? -3.5 : 2.25])
   const kinds: (LogitProcessors | null)[] = [
-    { frequencyPenalty: 0.8, presencePenalty: 0.4, logitBias: [] },
+    { frequencyPenalty: 0.8, presencePenalty: 0.4, repetitionPenalty: 1, logitBias: [] },
     null,
-    { frequencyPenalty: 0, presencePenalty: 1.5, logitBias: bias(5) },
+    { frequencyPenalty: 0, presencePenalty: 1.5, repetitionPenalty: 1.3, logitBias: bias(5) },
     null,
-    { frequencyPenalty: -0.5, presencePenalty: 2, logitBias: [[42, 5]] },
+    { frequencyPenalty: -0.5, presencePenalty: 2, repetitionPenalty: 1, logitBias: [[42, 5]] },
     null,
-    { frequencyPenalty: 0, presencePenalty: 0, logitBias: bias(250) },
-    { frequencyPenalty: 2, presencePenalty: -1, logitBias: [] },
+    { frequencyPenalty: 0, presencePenalty: 0, repetitionPenalty: 1, logitBias: bias(250) },
+    { frequencyPenalty: 2, presencePenalty: -1, repetitionPenalty: 0.9, logitBias: [] },
     null,
-    { frequencyPenalty: 1.2, presencePenalty: 1.2, logitBias: bias(12) },
-    null,
+    { frequencyPenalty: 1.2, presencePenalty: 1.2, repetitionPenalty: 1, logitBias: bias(12) },
+    { frequencyPenalty: 0, presencePenalty: 0, repetitionPenalty: 2, logitBias: [] },
   ]
   return kinds.map((processors, i) => ({
     prompt: Array.from({ length: 3 + Math.floor(rand() * 50) }, () => Math.floor(rand() * 260)),
@@ -151,10 +151,18 @@ async function expectInvariant(models: Transformer[], expectAhead: boolean): Pro
  * A sequence that takes the row another one held starts from zero counts. With one place in the
  * batch, request A (penalties, stopped by its consumer after 6 tokens, so that the step launched
  * ahead of its last one holds a wasted row that adds to its counts) then B, the same prompt and
- * penalties, on the same row: B must equal B served alone.
+ * penalties, on the same row: B must equal B served alone. With a repetition penalty too, where the
+ * row is reset and B's prompt marked before B's first step.
  */
 async function expectFreshRows(model: Transformer): Promise<void> {
-  const processors: LogitProcessors = { frequencyPenalty: 1.5, presencePenalty: 1.5, logitBias: [] }
+  for (const processors of [
+    { frequencyPenalty: 1.5, presencePenalty: 1.5, repetitionPenalty: 1, logitBias: [] },
+    { frequencyPenalty: 0.5, presencePenalty: 0, repetitionPenalty: 1.8, logitBias: [] },
+  ] satisfies LogitProcessors[])
+    await expectFreshRow(model, processors)
+}
+
+async function expectFreshRow(model: Transformer, processors: LogitProcessors): Promise<void> {
   const prompt = [5, 17, 42, 8, 99, 3, 64]
   const pair = async (m: ForwardModel) => {
     const scheduler = new Scheduler(m, { maxBatchSize: 1, prefillChunkSize: 16, launchAhead: true })
@@ -209,7 +217,7 @@ describe('logit processors at the model boundary', () => {
   it('launch() checks the rows of the processor table a step names, and their settings on a first choice', async () => {
     const model = await Transformer.load(dir, { device: 'cpu', maxBatchTokens: 32, kvBlocks: 20, kvBlockSize: 16, logitProcessorRows: 2 })
     try {
-      const settings: LogitProcessors = { frequencyPenalty: 1, presencePenalty: 0, logitBias: [[3, 2]] }
+      const settings: LogitProcessors = { frequencyPenalty: 1, presencePenalty: 0, repetitionPenalty: 1, logitBias: [[3, 2]] }
       const chunk = (block: number) => ({ tokens: [7], startPosition: 0, blockTable: [block], logits: 'last' as const })
       const choice = (row: number, first = false, s = settings): TokenChoice => ({
         temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: 1, target: -1, processors: { row, first, settings: s },
@@ -269,7 +277,7 @@ describe('logit processors at the model boundary', () => {
         },
       }) as ForwardModel
       const scheduler = new Scheduler(failing, { maxBatchSize: 4, prefillChunkSize: 64 })
-      const processors = { frequencyPenalty: 0.5, presencePenalty: 0.5, logitBias: [] as [number, number][] }
+      const processors = { frequencyPenalty: 0.5, presencePenalty: 0.5, repetitionPenalty: 1, logitBias: [] as [number, number][] }
       const plain: number[] = []
       const go = (p: LogitProcessors | null, into: number[] = []) =>
         scheduler.submit({ kind: 'generate', prompt: [5, 6, 7], maxTokens: 6, sampling: null, processors: p, onToken: (t) => into.push(t) > 0 }).done
@@ -311,7 +319,7 @@ async function expectNoRepeats(device: DeviceName): Promise<void> {
     expect(new Set(plain).size).toBeLessThan(40)
     // 100 is beyond the API's range (-2 to 2): the scheduler takes what it is given. The first
     // token, chosen by the prefill step, is counted too: the second may not repeat it.
-    const penalized = await complete({ frequencyPenalty: 0, presencePenalty: 100, logitBias: [] })
+    const penalized = await complete({ frequencyPenalty: 0, presencePenalty: 100, repetitionPenalty: 1, logitBias: [] })
     expect(penalized.length).toBe(64)
     expect(new Set(penalized).size).toBe(64)
     expect(penalized[0]).toBe(plain[0])

@@ -13,7 +13,7 @@ import { readBytes, readF32, readI32, tensorFrom } from '../../lib/tensor.js'
 import { describeGpu } from '../helpers/gpu.js'
 import { concatRows, mulberry32, randomNormal } from '../helpers/random.js'
 import { firstDifference } from '../helpers/compare.js'
-import { argmaxLowest, processedRow, referenceChoice, type ProcessorSettings } from '../helpers/sampling-reference.js'
+import { argmaxLowest, countedWord, IN_PROMPT, processedRow, referenceChoice, type ProcessorSettings } from '../helpers/sampling-reference.js'
 import { expectClose, expectSameBits, refLogsumexp, withVariant } from './reference.js'
 
 const V_QWEN = 151936
@@ -27,27 +27,29 @@ function logitRows(rows: number, V: number, seed: number): Float32Array {
 }
 
 /**
- * Counts of a row as a completion leaves them: most tokens never chosen, some chosen a few times,
- * and a few at 40,000, 65,534 and 65,535 (the saturation).
+ * The words of a row as a completion leaves them: most tokens never chosen, some chosen a few
+ * times, some in the prompt (bit 15), chosen or not, and a few at 20,000, 32,766 and 32,767 (the
+ * saturation), with and without the prompt bit.
  */
 function countsRow(V: number, seed: number): Uint16Array {
   const rand = mulberry32(seed)
   const c = new Uint16Array(V)
   for (let v = 0; v < V; v++) {
     const u = rand()
-    c[v] = u < 0.7 ? 0 : u < 0.98 ? 1 + Math.floor(rand() * 6) : Math.floor(rand() * 200)
+    const count = u < 0.7 ? 0 : u < 0.98 ? 1 + Math.floor(rand() * 6) : Math.floor(rand() * 200)
+    c[v] = count | (rand() < 0.1 ? IN_PROMPT : 0)
   }
-  for (const [v, n] of [[3, 40000], [V - 1, 65535], [8191, 65534], [8192, 65535]] as const) c[v] = n
+  for (const [v, n] of [[3, 20000], [V - 1, 32767], [8191, 32766 | IN_PROMPT], [8192, 32767 | IN_PROMPT], [5, IN_PROMPT]] as const) c[v] = n
   return c
 }
 
 /** Penalties and up to `biases` biases (distinct ids, some on slice and block edges), from a seed. */
-function settings(seed: number, V: number, frequencyPenalty: number, presencePenalty: number, biases: number): ProcessorSettings {
+function settings(seed: number, V: number, frequencyPenalty: number, presencePenalty: number, biases: number, repetitionPenalty = 1): ProcessorSettings {
   const rand = mulberry32(seed)
   const ids = new Set<number>([0, V - 1, 2047, 2048, 8191, 8192].slice(0, biases))
   while (ids.size < biases) ids.add(Math.floor(rand() * V))
   const logitBias = [...ids].map((id) => [id, Math.fround((rand() * 2 - 1) * (rand() < 0.2 ? 100 : 7.3))] as const)
-  return { frequencyPenalty, presencePenalty, logitBias }
+  return { frequencyPenalty, presencePenalty, repetitionPenalty, logitBias }
 }
 
 /** The settings of a table; the first rows as the suite uses them. */
@@ -57,8 +59,9 @@ function tableSettings(V: number, rows: number, seed: number): ProcessorSettings
     settings(seed + 1, V, -1.3, 2, 300), // the most biases there may be
     settings(seed + 2, V, 0, -0.7, 0),
     settings(seed + 3, V, 2, -2, 10),
-    settings(seed + 4, V, 0, 0, 40), // biases alone
-    settings(seed + 5, V, 0.1, 1.7, 1),
+    settings(seed + 4, V, 0, 0, 40, 1.3), // biases, and a repetition penalty
+    settings(seed + 5, V, 0.1, 1.7, 1, 0.7),
+    settings(seed + 6, V, 0, 0, 0, 2), // a repetition penalty alone
   ]
   return Array.from({ length: rows }, (_, k) => base[k % base.length]!)
 }
@@ -229,7 +232,7 @@ function suite(device: DeviceName) {
       for (const r of processed) {
         const { row: k, first } = choices[r]!.processors!
         const want = first ? new Uint16Array(V) : Uint16Array.from(counts[k]!)
-        want[out.ids[r]!] = Math.min(65535, want[out.ids[r]!]! + 1)
+        want[out.ids[r]!] = countedWord(want[out.ids[r]!]!)
         expectSameBits(after[k]!, want, `counts of table row ${k}`)
       }
     } finally {
@@ -323,15 +326,81 @@ function suite(device: DeviceName) {
     expect(await withVariant(differing)).toBeGreaterThan(0)
   })
 
-  it('counts start from zero when a sequence takes its row, count each choice and saturate at 65535', async () => {
+  it("a repetition penalty's first choice marks the prompt's tokens in a reset row, and penalizes them with the chosen ones", async () => {
+    const V = V_QWEN
+    const x = logitRows(2, V, 96_001)
+    const table: ProcessorSettings[] = [settings(96_100, V, 0.4, 0.2, 5, 1.5), settings(96_101, V, 0, 0, 0, 0.8)]
+    // The last owner's words: anything (prompt bits included) must go.
+    const old = [countsRow(V, 96_200), countsRow(V, 96_201)]
+    const rand = mulberry32(96_300)
+    // Prompts with repeated ids, ids on the row's edges, and a biased id.
+    const prompts = [0, 1].map((k) => [0, V - 1, table[k]!.logitBias[0]?.[0] ?? 17, ...Array.from({ length: 700 }, () => Math.floor(rand() * V)), 5, 5])
+    const head = await headWith(device, 2, V, old, table)
+    const logits = tensorFrom(device, 'f32', [2, V], x)
+    const choice = (row: number, first: boolean, temperature: number): TokenChoice => ({
+      temperature, topK: 0, topP: 1, minP: 0, seed: 11 + row, position: 900, target: -1,
+      processors: { row, first, settings: table[row]!, ...(first && { prompt: prompts[row]! }) },
+    })
+    try {
+      const marked = prompts.map((p) => {
+        const w = new Uint16Array(V)
+        for (const id of p) w[id] = IN_PROMPT
+        return w
+      })
+      const out = await head.choose(logits, [choice(0, true, 0), choice(1, true, 0.9)], 0)
+      const adjusted = [0, 1].map((k) => processedRow(x.subarray(k * V, (k + 1) * V), marked[k]!, table[k]!))
+      expect(out.ids[0]).toBe(argmaxLowest(adjusted[0]!))
+      const onAdjusted = await chooseOn(device, concatRows(adjusted), V, [0, 1].map((k) => plain(choice(k, false, k === 0 ? 0 : 0.9))), 0)
+      expect(Array.from(out.ids)).toEqual(Array.from(onAdjusted.ids))
+      // The penalty moved some prompt token's logit: the processed row is not the raw one.
+      expect(firstDifference(adjusted[1]!, x.subarray(V, 2 * V))).toBeGreaterThanOrEqual(0)
+      const after = await countsOf(head, V)
+      for (const k of [0, 1]) {
+        const want = Uint16Array.from(marked[k]!)
+        want[out.ids[k]!] = countedWord(want[out.ids[k]!]!)
+        expectSameBits(after[k]!, want, `words of table row ${k}`)
+      }
+      // The next choice reads the marks and the count (not zeroed again).
+      const next = await head.choose(logits, [choice(0, false, 0), choice(1, false, 0.9)], 0)
+      const again = [0, 1].map((k) => processedRow(x.subarray(k * V, (k + 1) * V), after[k]!, table[k]!))
+      expect(next.ids[0]).toBe(argmaxLowest(again[0]!))
+    } finally {
+      logits.dispose()
+      head.dispose()
+    }
+  })
+
+  it('resetLogitRow zeroes the row and marks the ids given, whatever the row held', async () => {
+    const n = native()
+    const V = 5000
+    const counts = tensorFrom(device, 'u16', [3, V], Uint16Array.from({ length: 3 * V }, (_, i) => (i * 7919) % 65536))
+    const before = await readBytes(counts)
+    const ids = tensorFrom(device, 'i32', [6], [4999, 0, 17, 17, 2500, 3])
+    try {
+      n.resetLogitRow(counts, 1, ids)
+      const bytes = await readBytes(counts)
+      const words = new Uint16Array(bytes.buffer, bytes.byteOffset, 3 * V)
+      const want = new Uint16Array(V)
+      for (const id of [4999, 0, 17, 2500, 3]) want[id] = IN_PROMPT
+      expectSameBits(words.subarray(V, 2 * V), want, 'the reset row')
+      const was = new Uint16Array(before.buffer, before.byteOffset, 3 * V)
+      expectSameBits(words.subarray(0, V), was.subarray(0, V), 'row 0')
+      expectSameBits(words.subarray(2 * V), was.subarray(2 * V), 'row 2')
+    } finally {
+      counts.dispose()
+      ids.dispose()
+    }
+  })
+
+  it('counts start from zero when a sequence takes its row, count each choice and saturate at 32,767, the prompt bit kept', async () => {
     const V = 3000
     const table: ProcessorSettings[] = [
-      { frequencyPenalty: 0, presencePenalty: 0, logitBias: [[7, 100]] },
-      { frequencyPenalty: 0, presencePenalty: 0, logitBias: [[9, 100]] },
+      { frequencyPenalty: 0, presencePenalty: 0, repetitionPenalty: 1, logitBias: [[7, 100]] },
+      { frequencyPenalty: 0, presencePenalty: 0, repetitionPenalty: 1, logitBias: [[9, 100]] },
     ]
     const garbage = Uint16Array.from({ length: V }, (_, v) => (v * 37) % 5)
     const nearFull = new Uint16Array(V)
-    nearFull[9] = 65534
+    nearFull[9] = 32766 | IN_PROMPT // 65534: one short of the saturation, in the prompt
     const head = await headWith(device, 2, V, [garbage, nearFull], table)
     const logits = tensorFrom(device, 'f32', [2, V], logitRows(2, V, 94_001))
     const choice = (row: number, first: boolean): TokenChoice => ({
@@ -345,7 +414,7 @@ function suite(device: DeviceName) {
         const want0 = new Uint16Array(V)
         want0[7] = step + 1
         expectSameBits(c0!, want0, `counts of the row taken at step 0, after step ${step}`)
-        expect(c1![9]).toBe(65535)
+        expect(c1![9]).toBe(32767 | IN_PROMPT)
         expect(c1!.reduce((a, b) => a + b, 0)).toBe(65535)
       }
       // Taken again: zero again, whatever the last owner left.
@@ -431,6 +500,9 @@ describe('logit processor op arguments', () => {
     expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 2, 0, 0]), settings)).toThrow(/names logits row 2/)
     expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 0, 1, 0]), settings)).toThrow(/names table row 1/)
     expect(() => n.recordLogitChoices(params, counts, n.empty('cpu', 'i32', [1, 1]), plan([1, 0, 0, 0]))).toThrow(/at least 2 columns/)
+    expect(() => n.resetLogitRow(counts, 1, tensorFrom('cpu', 'i32', [1], [0]))).toThrow('reset_logit_row: expected a row between 0 and 0 but received 1')
+    expect(() => n.resetLogitRow(counts, 0, tensorFrom('cpu', 'i32', [2], [3, V]))).toThrow(`reset_logit_row: prompt id 1 is ${V}, outside [0, ${V})`)
+    expect(() => n.resetLogitRow(counts, 0, tensorFrom('cpu', 'f32', [1], [0]))).toThrow(/expected prompt to be i32/)
     expect(() => n.chooseTokens(n.empty('cpu', 'i32', [2, 2]), x, params, n.empty('cpu', 'i32', [0]))).toThrow(/live/)
   })
 })

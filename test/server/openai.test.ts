@@ -530,6 +530,14 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     expect(penalizedLib.tokens).not.toEqual(lib.tokens)
     expect(penalized.choices[0]!.text).toBe(penalizedLib.text)
     expect(penalized.choices[0]!.logprobs!.token_logprobs).toEqual(penalizedLib.logprobs)
+    // vLLM's repetition_penalty, which penalizes the prompt's tokens too.
+    // (an extension: the client's types leave it out, and pass it on.)
+    const extension = { repetition_penalty: 1.8 } as Record<string, unknown>
+    const repeated = await client.completions.create({ model: 'default', prompt, max_tokens: 16, temperature: 0, logprobs: 0, ...extension })
+    const repeatedLib = await model.generate(prompt, { maxTokens: 16, repetitionPenalty: 1.8 })
+    expect(repeatedLib.tokens).not.toEqual(lib.tokens)
+    expect(repeated.choices[0]!.text).toBe(repeatedLib.text)
+    expect(repeated.choices[0]!.logprobs!.token_logprobs).toEqual(repeatedLib.logprobs)
     // n > 1: each choice is its own completion, counting its own tokens (choice i samples with seed + i).
     const body = { model: 'default', messages: [{ role: 'user' as const, content: QUESTIONS[3]! }], max_tokens: 12, temperature: 0.9, seed: 77, n: 3, logprobs: true, ...penalties }
     const r = await client.chat.completions.create(body)
@@ -626,6 +634,7 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
         [{ frequency_penalty: 2.5 }, 'frequency_penalty', 'Expected number between -2 and 2 or null for frequency_penalty but received 2.5 of type number'],
         [{ presence_penalty: -3 }, 'presence_penalty', 'Expected number between -2 and 2 or null for presence_penalty but received -3 of type number'],
         [{ presence_penalty: '1' }, 'presence_penalty', 'Expected number between -2 and 2 or null for presence_penalty but received "1" of type string'],
+        [{ repetition_penalty: 0 }, 'repetition_penalty', 'Expected number greater than 0 and at most 2 or null for repetition_penalty but received 0 of type number'],
         [{ logit_bias: { '5': 101 } }, 'logit_bias[5]', 'Expected number between -100 and 100 for logit_bias[5] but received 101 of type number'],
         [{ logit_bias: { '5': 'ban' } }, 'logit_bias[5]', 'Expected number between -100 and 100 for logit_bias[5] but received "ban" of type string'],
         [{ logit_bias: [5] }, 'logit_bias', 'Expected object of at most 300 token ids to biases between -100 and 100, or null for logit_bias but received [5] of type array'],
@@ -808,10 +817,10 @@ describe('detinfer serve --generation-config (openai client): the model\'s sampl
     buildDist()
     dir = join(mkdtempSync(join(tmpdir(), 'detinfer-serve-generation-')), 'tuned')
     cpSync(defaultModelPath, dir, { recursive: true })
-    // Greedy and 5 tokens by default; top_k 50 is transformers' own default, so not a setting;
-    // repetition_penalty is reported as not applied.
+    // Greedy, a repetition penalty and 5 tokens by default; top_k 50 is transformers' own
+    // default, so not a setting.
     const file = join(dir, 'generation_config.json')
-    writeFileSync(file, JSON.stringify({ ...JSON.parse(readFileSync(file, 'utf8')), temperature: 0, top_k: 50, max_new_tokens: 5, repetition_penalty: 1.1 }))
+    writeFileSync(file, JSON.stringify({ ...JSON.parse(readFileSync(file, 'utf8')), temperature: 0, top_k: 50, max_new_tokens: 5, repetition_penalty: 2 }))
     model = await loadModel(dir, { device: DEVICE })
   })
   afterAll(async () => {
@@ -825,16 +834,17 @@ describe('detinfer serve --generation-config (openai client): the model\'s sampl
   it('auto (the default): a request that leaves them out gets them; one that sets them, its own', async () => {
     const server = await startServer(['--model', dir])
     try {
-      expect(server.log()).toContain(`sampling defaults from ${join(dir, 'generation_config.json')}: temperature 0, max_tokens 5 (`)
-      expect(server.log()).toContain('sets repetition_penalty 1.1, which detinfer does not implement: not applied')
+      expect(server.log()).toContain(`sampling defaults from ${join(dir, 'generation_config.json')}: temperature 0, repetition_penalty 2, max_tokens 5 (`)
       const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'unused', maxRetries: 0 })
       const ids = model.tokenize(prompt)
-      const greedy = await model.generate(ids, { maxTokens: 5, ignoreEos: true })
+      const greedy = await model.generate(ids, { maxTokens: 5, repetitionPenalty: 2, ignoreEos: true })
+      // The penalty changes this completion, so the default is seen to apply.
+      expect(greedy.text).not.toBe((await model.generate(ids, { maxTokens: 5, ignoreEos: true })).text)
       const r = await client.completions.create(request)
       expect(r.usage!.completion_tokens).toBe(5)
       expect(r.choices[0]!.text).toBe(greedy.text)
       const sampled = await model.generate(ids, { maxTokens: 7, temperature: 1, seed: 3, ignoreEos: true })
-      const own = await client.completions.create({ ...request, temperature: 1, max_tokens: 7 })
+      const own = await client.completions.create({ ...request, temperature: 1, max_tokens: 7, repetition_penalty: 1 } as Parameters<typeof client.completions.create>[0] & { stream?: false })
       expect(own.choices[0]!.text).toBe(sampled.text)
     } finally {
       expect(await server.stop()).toBe(0)

@@ -33,6 +33,9 @@ describe('Model argument validation', () => {
     [{ signal: 'stop' }, 'Expected AbortSignal for signal but received "stop" of type string'],
     [{ presencePenalty: 2.5 }, 'Expected number between -2 and 2 for presencePenalty but received 2.5 of type number'],
     [{ frequencyPenalty: Number.NaN }, 'Expected number between -2 and 2 for frequencyPenalty but received NaN of type number'],
+    [{ repetitionPenalty: 0 }, 'Expected number above 0 and at most 2 for repetitionPenalty but received 0 of type number'],
+    [{ repetitionPenalty: 2.5 }, 'Expected number above 0 and at most 2 for repetitionPenalty but received 2.5 of type number'],
+    [{ repetitionPenalty: Number.NaN }, 'Expected number above 0 and at most 2 for repetitionPenalty but received NaN of type number'],
     [{ logitBias: [[1, 2]] }, 'Expected object or Map of token ids to biases for logitBias but received [[1,2]] of type array'],
     [{ logitBias: { 32: 1 } }, 'Expected integer between 0 and 31 for a key of logitBias but received 32 of type number'],
     [{ logitBias: { x: 1 } }, 'Expected integer between 0 and 31 for a key of logitBias but received "x" of type string'],
@@ -41,7 +44,7 @@ describe('Model argument validation', () => {
     [{ logitBias: { 3: 101 } }, 'Expected number between -100 and 100 for logitBias[3] but received 101 of type number'],
     [{ logitBias: { 3: '1' } }, 'Expected number between -100 and 100 for logitBias[3] but received "1" of type string'],
     [{ logitBias: Object.fromEntries(Array.from({ length: 301 }, (_, i) => [i, 1])) }, 'Expected at most 300 token ids for logitBias but received 301'],
-    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, minP, topLogprobs, frequencyPenalty, presencePenalty, logitBias, stop, stopTokenIds, ignoreEos, chat, chatTemplateVariables, continueFinalMessage, signal for options but received "maxToken" of type string'],
+    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, minP, topLogprobs, frequencyPenalty, presencePenalty, repetitionPenalty, logitBias, stop, stopTokenIds, ignoreEos, chat, chatTemplateVariables, continueFinalMessage, signal for options but received "maxToken" of type string'],
   ])('generate rejects %j', async (options, message) => {
     await expect(model.generate('abc', options as never)).rejects.toThrow(message)
   })
