@@ -1,14 +1,15 @@
-// The logit processors' state on the device: frequency and presence penalties and logit bias
-// (csrc/common/logit_processors.h defines them). A completion that uses them holds a row of the
-// table while it runs, given by the scheduler (not its KV-cache blocks): its token counts, u16
-// [rows, V], and its settings (penalties and up to 300 biases). The counts are kept on the device
+// The logit processors' state on the device: frequency, presence and repetition penalties and
+// logit bias (csrc/common/logit_processors.h defines them). A completion that uses them holds a
+// row of the table while it runs, given by the scheduler (not its KV-cache blocks): its token
+// words, u16 [rows, V] (a count in 15 bits, and a bit for the prompt's tokens), and its settings
+// (penalties and up to 300 biases). The counts are kept on the device
 // and updated there, in stream order, right after each choice, so that a step launched before the
 // previous one is read back penalizes the tokens that step chose, which the host does not know yet.
 //
 // Memory: per row, V counts (u16) and an adjusted logits row (f32), 6 bytes a token: 0.87 MiB at
 // V = 151,936, so 56 MiB for 64 rows (the CUDA default maxBatchSize) and 223 MiB for 256. u16 and
-// not i32: a count can only reach 65,535 in a completion of 65,535 tokens or more (contexts of 40k
-// fit with room to spare), it saturates there, and the counts take half the memory i32 would.
+// not i32: a count can only reach 32,767 in a completion of 32,767 tokens or more, it saturates
+// there, and the words take half the memory i32 would.
 //
 // Allocated when the scheduler admits the first request that uses a processor, not at load: a
 // model that never serves one spends nothing, and a failed allocation refuses that request alone
@@ -21,7 +22,9 @@
 // prefill's last chunk, or a decode-shaped step when one prompt token is left to compute), in
 // stream order on the device:
 // a step launched ahead for a sequence that had just ended (its wasted row) adds to the old
-// owner's counts before the new owner's first step zeroes them, whatever the host knew.
+// owner's counts before the new owner's first step zeroes them, whatever the host knew. A
+// sequence with a repetition penalty has its row reset and its prompt's tokens marked just before
+// that step instead (resetLogitRow, in prepare), in the same stream order.
 import { describeValue } from '../errors.js'
 import { native, type DeviceName, type NativeTensor } from '../native.js'
 import { MAX_LOGIT_BIAS, type TokenChoice } from '../sampling.js'
