@@ -7,6 +7,7 @@ import { cudaStatus, resolveDevice, type DeviceOption } from './device.js'
 import { DisposedError, RequestTooLargeError, checkInteger, checkOptionKeys, contextText, invalidArgument } from './errors.js'
 import {
   checkChatTemplateVariables,
+  randomSeed,
   resolveGenerateOptions,
   runGeneration,
   settledUnlessAborted,
@@ -214,15 +215,20 @@ export class Model {
   /**
    * Completions of many prompts, served together; result i belongs to prompt i. Every prompt is
    * checked before any is submitted, and when one generation fails the others are cancelled.
+   * Sampling without a `seed` draws a seed for each prompt (each result reports its own).
    */
   async generateBatch(prompts: Prompt[], options?: GenerateOptions): Promise<GenerateResult[]> {
     this.checkOpen()
     if (!Array.isArray(prompts)) throw invalidArgument('prompts', 'array of prompts', prompts)
     const resolved = this.resolveOptions(options)
+    // Without a seed, each prompt samples with a seed of its own, as separate generate() calls
+    // would: one shared random seed would give equal prompts the same completion.
+    const seeded = (i: number): ResolvedGenerateOptions =>
+      i === 0 || !resolved.sampling || options?.seed !== undefined ? resolved : { ...resolved, sampling: { ...resolved.sampling, seed: randomSeed() } }
     // Every index, holes included (map and forEach skip them).
     const planned = Array.from(prompts, (p, i) => {
       const ids = this.promptIds(p, resolved.chat, `prompts[${i}]`, resolved)
-      return { ids, options: this.fitted(resolved, options, ids) }
+      return { ids, options: this.fitted(seeded(i), options, ids) }
     })
     const runs = planned.map((p) => runGeneration(this.scheduler, this.parts.tokenizer, p.ids, p.options))
     try {

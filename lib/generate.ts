@@ -170,6 +170,11 @@ export interface ResolvedGenerateOptions {
 
 const MAX_SEED = 0xffffffff
 
+/** A sampling seed for a request that gives none (reported in its result). */
+export function randomSeed(): number {
+  return Math.floor(Math.random() * (MAX_SEED + 1))
+}
+
 export function resolveGenerateOptions(
   options: unknown,
   limits: { contextLength: number; vocabSize: number; maxPositionEmbeddings?: number },
@@ -231,7 +236,7 @@ export function resolveGenerateOptions(
   if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw invalidArgument('signal', 'AbortSignal', o.signal)
 
   const sampling: SamplingParams | null =
-    temperature === 0 ? null : { temperature, topK, topP, minP, seed: seed ?? Math.floor(Math.random() * (MAX_SEED + 1)) }
+    temperature === 0 ? null : { temperature, topK, topP, minP, seed: seed ?? randomSeed() }
   const variables = o.chatTemplateVariables === undefined ? undefined : checkChatTemplateVariables(o.chatTemplateVariables)
   return {
     maxTokens,

@@ -182,6 +182,20 @@ describe('Model: what a caller passes is checked before anything runs', () => {
     await model.dispose()
   })
 
+  it('generateBatch without a seed samples each prompt with a seed of its own; with one, every prompt uses it', async () => {
+    const { model } = makeModel()
+    const prompts = Array.from({ length: 6 }, () => 'abc')
+    const sampled = await model.generateBatch(prompts, { maxTokens: 24, temperature: 1.5 })
+    expect(new Set(sampled.map((r) => r.seed)).size).toBe(prompts.length)
+    expect(new Set(sampled.map((r) => r.tokens.join())).size).toBeGreaterThan(1)
+    // Each result is what generate() gives with the seed it reports.
+    const again = await model.generate('abc', { maxTokens: 24, temperature: 1.5, seed: sampled[3]!.seed! })
+    expect(again.tokens).toEqual(sampled[3]!.tokens)
+    const seeded = await model.generateBatch(prompts, { maxTokens: 24, temperature: 1.5, seed: 11 })
+    expect(new Set(seeded.map((r) => `${r.seed} ${r.tokens.join()}`)).size).toBe(1)
+    await model.dispose()
+  })
+
   it('stream() throws a request too large at once, not when iterated', () => {
     const { model } = makeModel()
     expect(() => model.stream(Array.from({ length: 4000 }, () => 1), { maxTokens: 100 })).toThrow(RequestTooLargeError)
