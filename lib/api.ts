@@ -409,12 +409,14 @@ function checkMessages(name: string, messages: unknown[]): asserts messages is C
 
 function checkToolCalls(name: string, calls: unknown): void {
   if (!Array.isArray(calls)) throw invalidArgument(name, 'array of tool calls {function: {name, arguments}}', calls)
-  calls.forEach((call: unknown, j) => {
-    const f = (call as ChatToolCall | null)?.function
+  // Every index, holes included (forEach skips them).
+  for (let j = 0; j < calls.length; j++) {
+    const call: unknown = calls[j]
+    const f = (call as ChatToolCall | null | undefined)?.function
     const args = f?.arguments
     if (typeof f?.name !== 'string' || (typeof args !== 'string' && (typeof args !== 'object' || args === null || Array.isArray(args))))
       throw invalidArgument(`${name}[${j}]`, 'tool call {function: {name, arguments}} with a string name and arguments a JSON string or an object', call)
-  })
+  }
 }
 
 /** `options` as an object of only the given keys, each of its type when present ('checked' ones the caller checks). */

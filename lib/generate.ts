@@ -218,10 +218,17 @@ export function resolveGenerateOptions(
   const processors = resolveLogitProcessors(o, limits.vocabSize)
   let stop: string[] = []
   if (o.stop !== undefined) {
-    const list: unknown = typeof o.stop === 'string' ? [o.stop] : o.stop
-    if (!Array.isArray(list) || !list.every((s) => typeof s === 'string' && s !== ''))
-      throw invalidArgument('stop', 'non-empty string or array of non-empty strings', o.stop)
-    stop = list as string[]
+    if (typeof o.stop === 'string') {
+      if (o.stop === '') throw invalidArgument('stop', 'non-empty string or array of non-empty strings', o.stop)
+      stop = [o.stop]
+    } else {
+      if (!Array.isArray(o.stop)) throw invalidArgument('stop', 'non-empty string or array of non-empty strings', o.stop)
+      // Every index, holes included (every() skips them).
+      stop = Array.from(o.stop as unknown[], (s, i) => {
+        if (typeof s !== 'string' || s === '') throw invalidArgument(`stop[${i}]`, 'non-empty string', s)
+        return s
+      })
+    }
   }
   let stopTokenIds: number[] = []
   if (o.stopTokenIds !== undefined) {

@@ -25,7 +25,7 @@ describe('Model argument validation', () => {
     [{ temperature: 1, topK: -2 }, 'Expected integer between 0 and 32 for topK but received -2 of type number'],
     [{ temperature: 1, seed: 2 ** 32 }, 'Expected integer between 0 and 4294967295 for seed but received 4294967296 of type number'],
     [{ stop: '' }, 'Expected non-empty string or array of non-empty strings for stop but received "" of type string'],
-    [{ stop: ['a', 3] }, 'Expected non-empty string or array of non-empty strings for stop but received ["a",3] of type array'],
+    [{ stop: ['a', 3] }, 'Expected non-empty string for stop[1] but received 3 of type number'],
     [{ temperature: 1, minP: 1.5 }, 'Expected number between 0 and 1 for minP but received 1.5 of type number'],
     [{ topLogprobs: 21 }, 'Expected integer between 0 and 20 for topLogprobs but received 21 of type number'],
     [{ topLogprobs: 2.5 }, 'Expected integer between 0 and 20 for topLogprobs but received 2.5 of type number'],
@@ -193,6 +193,20 @@ describe('Model: what a caller passes is checked before anything runs', () => {
     expect(again.tokens).toEqual(sampled[3]!.tokens)
     const seeded = await model.generateBatch(prompts, { maxTokens: 24, temperature: 1.5, seed: 11 })
     expect(new Set(seeded.map((r) => `${r.seed} ${r.tokens.join()}`)).size).toBe(1)
+    await model.dispose()
+  })
+
+  it('refuses holes in stop strings and tool calls by index, before anything runs', async () => {
+    const { model } = makeModel()
+    // eslint-disable-next-line no-sparse-arrays
+    const stop = ['zz', , 'yy'] as string[]
+    await expect(model.generate('abc', { maxTokens: 5, stop })).rejects.toThrow('Expected non-empty string for stop[1] but received undefined')
+    expect(() => model.stream('abc', { maxTokens: 5, stop })).toThrow('for stop[1] but received undefined')
+    // eslint-disable-next-line no-sparse-arrays
+    const calls = [{ function: { name: 'f', arguments: '{}' } }, ,] as never
+    const messages = [{ role: 'user', content: 'a' }, { role: 'assistant', content: '', tool_calls: calls }]
+    expect(() => model.tokenize(messages)).toThrow('for text[1].tool_calls[1] but received undefined')
+    expect(model.load.running + model.load.waiting).toBe(0)
     await model.dispose()
   })
 
