@@ -28,10 +28,11 @@ export function number(value: string): number {
 /** Token ids separated by commas, e.g. "12,7,3", or as a JSON array ("[12,7,3]", as generate --json prints them). */
 export function ids(value: string): number[] {
   const inner = value.trim().replace(/^\[([^]*)\]$/, '$1')
-  const list = inner.split(',').map((s) => Number(s.trim()))
-  if (inner.trim() === '' || list.some((n) => !Number.isInteger(n) || n < 0))
+  const items = inner.split(',').map((s) => s.trim())
+  // Decimal digits only: Number('') is 0, so an empty item ("1,,2", a trailing comma) would be token 0.
+  if (!items.every((s) => /^[0-9]+$/.test(s) && Number.isSafeInteger(Number(s))))
     throw new InvalidArgumentError(`expected token ids separated by commas (or a JSON array of them) but received "${value}"`)
-  return list
+  return items.map(Number)
 }
 
 /** '*', or origins (scheme://host[:port], as browsers send them) separated by commas. */
