@@ -16,6 +16,12 @@ process.stdout.on('error', (err: NodeJS.ErrnoException) => {
   if (err.code === 'EPIPE') process.exit(0)
   throw err
 })
+// Diagnostics whose reader went away (`detinfer generate ... 2>&1 >out.txt | head -1`): the
+// progress and messages are lost, the work and its output on stdout go on.
+process.stderr.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code === 'EPIPE' || err.code === 'ERR_STREAM_DESTROYED') return
+  throw err
+})
 
 const program = new Command('detinfer')
   .description('Deterministic LLM inference: the same prompt gives the same completion, bit for bit')

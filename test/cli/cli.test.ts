@@ -178,6 +178,23 @@ describe('detinfer CLI', () => {
     expectNoStackTrace(own.stderr)
   })
 
+  it('goes on with its work and its output when the reader of its diagnostics goes away', () => {
+    const tmp = mkdtempSync(join(tmpdir(), 'detinfer-stderr-'))
+    try {
+      const out = join(tmp, 'out.txt')
+      // stderr into a pipe that closes after the first byte, stdout into a file.
+      const r = spawnSync('bash', ['-c', `"${process.execPath}" "${cli}" generate --device cpu -n 40 "ROMEO:" 2>&1 >"${out}" | head -c 1 >/dev/null; echo "\${PIPESTATUS[0]}"`], {
+        cwd: root,
+        encoding: 'utf8',
+        env: { ...process.env, CI: '1' },
+      })
+      expect(r.stdout.trim(), r.stderr).toBe('0')
+      expect(readFileSync(out, 'utf8').length).toBeGreaterThan(40)
+    } finally {
+      rmSync(tmp, { recursive: true, force: true })
+    }
+  })
+
   it('rejects a prompt given twice', () => {
     const r = detinfer(['generate', '--prompt-file', 'package.json', 'hello'])
     expect(r.code).toBe(1)
