@@ -103,6 +103,7 @@ export function checkCommand(): Command {
     .option('--variant', 'also run on the variant kernels (batch-dependent splits), for contrast')
     .option('--json', 'print the reports as JSON')
     .action(async (argument: string | undefined, flags: CheckFlags) => {
+      if (argument !== undefined && flags.promptFile !== undefined) throw new Error('give the prompt as an argument or with --prompt-file, not both')
       const dir = flags.model ?? defaultModelPath
       const text = flags.promptFile !== undefined ? await readTextFile(flags.promptFile, '--prompt-file') : (argument ?? 'ROMEO:')
       const device = resolveDevice(flags.device)

@@ -196,9 +196,11 @@ describe('detinfer CLI', () => {
   })
 
   it('rejects a prompt given twice', () => {
-    const r = detinfer(['generate', '--prompt-file', 'package.json', 'hello'])
-    expect(r.code).toBe(1)
-    expect(r.stderr).toContain('give the prompt as an argument or with --prompt-file, not both')
+    for (const command of [['generate'], ['score', '-c', 'x'], ['check', '--device', 'cpu', '--runs', '1', '-n', '1']]) {
+      const r = detinfer([...command, '--prompt-file', 'package.json', 'hello'])
+      expect(r.code, command[0]).toBe(1)
+      expect(r.stderr).toContain('give the prompt as an argument or with --prompt-file, not both')
+    }
   })
 })
 
