@@ -47,7 +47,7 @@ export const DEFAULT_MAX_TOKENS = 128
 export interface GenerateOptions {
   /** Tokens to generate at most (default DEFAULT_MAX_TOKENS, 128, or fewer when the context has less room). */
   maxTokens?: number
-  /** 0 (default): greedy. Above 0: seeded sampling. */
+  /** 0 (default): greedy. Else seeded sampling, at 1e-30 (MIN_TEMPERATURE) to 100. */
   temperature?: number
   /** Seed of the sampling noise; the same seed gives the same completion. Chosen at random when omitted (and reported). */
   seed?: number
@@ -205,7 +205,7 @@ export function resolveGenerateOptions(
   if (typeof o.maxTokens === 'number' && Number.isInteger(o.maxTokens) && o.maxTokens > limits.contextLength)
     throw new RequestTooLargeError(`maxTokens (${o.maxTokens}) exceeds ${contextText(limits.contextLength, limits.maxPositionEmbeddings ?? limits.contextLength)}`)
   const maxTokens = o.maxTokens === undefined ? Math.min(DEFAULT_MAX_TOKENS, limits.contextLength - 1) : checkInteger('maxTokens', o.maxTokens, 1, limits.contextLength)
-  const temperature = o.temperature === undefined ? 0 : checkNumber('temperature', o.temperature, 0, 100)
+  const temperature = o.temperature === undefined ? 0 : checkTemperature(o.temperature)
   const topK = o.topK === undefined ? 0 : checkInteger('topK', o.topK, 0, limits.vocabSize)
   let topP = 1
   if (o.topP !== undefined) {
@@ -258,6 +258,20 @@ export function resolveGenerateOptions(
     continueFinalMessage: o.continueFinalMessage === true,
     ...(o.signal ? { signal: o.signal as AbortSignal } : {}),
   }
+}
+
+/**
+ * The smallest temperature above 0 (greedy). Sampling divides the logits by the temperature in
+ * float32: below about 1e-37 every positive logit overflows to infinity and the lowest such id
+ * wins, not the most likely token. At 1e-30 a logit would have to pass 3e8 to overflow.
+ */
+export const MIN_TEMPERATURE = 1e-30
+const MAX_TEMPERATURE = 100
+
+function checkTemperature(value: unknown): number {
+  if (typeof value !== 'number' || !Number.isFinite(value) || !(value === 0 || (value >= MIN_TEMPERATURE && value <= MAX_TEMPERATURE)))
+    throw invalidArgument('temperature', `0 (greedy) or a number between ${MIN_TEMPERATURE} and ${MAX_TEMPERATURE}`, value)
+  return value
 }
 
 /** Penalties -2 to 2 (OpenAI's range) and biases -100 to 100 (its range too). */

@@ -2,7 +2,7 @@
 import { getEventListeners } from 'node:events'
 import { describe, expect, it } from 'vitest'
 import { DisposedError, RequestTooLargeError } from '../../lib/errors.js'
-import type { TextTokenizer } from '../../lib/generate.js'
+import { MIN_TEMPERATURE, type TextTokenizer } from '../../lib/generate.js'
 import { Model } from '../../lib/api.js'
 import { ContextHashModel, EOS, charTokenizer } from './context-hash-model.js'
 
@@ -20,7 +20,10 @@ describe('Model argument validation', () => {
     [{ maxTokens: 0 }, 'Expected integer between 1 and 4096 for maxTokens but received 0 of type number'],
     [{ maxTokens: 2.5 }, 'Expected integer between 1 and 4096 for maxTokens but received 2.5 of type number'],
     [{ maxTokens: '8' }, 'Expected integer between 1 and 4096 for maxTokens but received "8" of type string'],
-    [{ temperature: -1 }, 'Expected number between 0 and 100 for temperature but received -1 of type number'],
+    [{ temperature: -1 }, 'Expected 0 (greedy) or a number between 1e-30 and 100 for temperature but received -1 of type number'],
+    [{ temperature: 1e-38 }, 'Expected 0 (greedy) or a number between 1e-30 and 100 for temperature but received 1e-38 of type number'],
+    [{ temperature: 5e-324 }, 'Expected 0 (greedy) or a number between 1e-30 and 100 for temperature but received 5e-324 of type number'],
+    [{ temperature: Number.POSITIVE_INFINITY }, 'Expected 0 (greedy) or a number between 1e-30 and 100 for temperature but received Infinity of type number'],
     [{ temperature: 1, topP: 0 }, 'Expected number greater than 0 and at most 1 for topP but received 0 of type number'],
     [{ temperature: 1, topK: -2 }, 'Expected integer between 0 and 32 for topK but received -2 of type number'],
     [{ temperature: 1, seed: 2 ** 32 }, 'Expected integer between 0 and 4294967295 for seed but received 4294967296 of type number'],
@@ -55,6 +58,12 @@ describe('Model argument validation', () => {
     expect(neutral).toMatchObject({ tokens: plain.tokens, logprobs: plain.logprobs, text: plain.text })
     // This stand-in model has no processor table.
     await expect(model.generate('abc', { presencePenalty: 1 })).rejects.toThrow('the model has no logit processor rows')
+  })
+
+  it('the smallest temperature taken samples the most likely token, as greedy decoding does', async () => {
+    const greedy = await model.generate('abc', { maxTokens: 16 })
+    const coldest = await model.generate('abc', { maxTokens: 16, temperature: MIN_TEMPERATURE, seed: 5 })
+    expect(coldest.tokens).toEqual(greedy.tokens)
   })
 
   it('rejects bad prompts and completions', async () => {
