@@ -2,7 +2,9 @@
 // same forward pass as generation. For the ids `generate --json` printed, the log-probs are the
 // ones it printed, bit for bit.
 import { Command, Option } from 'commander'
-import { checkModelDir, defaultModelPath, loadModel } from '../api.js'
+import { defaultModelPath, loadModelFrom, readModelDir } from '../api.js'
+import { checkInteger } from '../errors.js'
+import { MAX_TOP_LOGPROBS } from '../model/output-head.js'
 import { readTextFile } from '../files.js'
 import { KV_CACHE_TOKENS_HELP, ids, integer, positive } from './parse.js'
 import { withLoadProgress } from './progress.js'
@@ -48,9 +50,12 @@ export function scoreCommand(): Command {
       const completion = await completionOf(flags)
       if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
       const modelName = flags.model ?? defaultModelPath
-      const modelDir = checkModelDir(modelName)
+      // Bad options fail before the weights load, as generate's do; the model checks them again.
+      const source = await readModelDir(modelName)
+      if (flags.topLogprobs !== undefined) checkInteger('topLogprobs', flags.topLogprobs, 0, MAX_TOP_LOGPROBS)
+      if (Array.isArray(completion)) completion.forEach((id, i) => checkInteger(`completion[${i}]`, id, 0, source.config.vocabSize - 1))
       const model = await withLoadProgress('model', (onProgress) =>
-        loadModel(modelDir, { device: flags.device, maxBatchSize: 1, ...(flags.kvCacheTokens !== undefined && { kvCacheTokens: flags.kvCacheTokens }), onProgress }),
+        loadModelFrom(source, { device: flags.device, maxBatchSize: 1, ...(flags.kvCacheTokens !== undefined && { kvCacheTokens: flags.kvCacheTokens }), onProgress }),
       )
       try {
         const { tokens, logprobs, topLogprobs } = await model.score(prompt, completion, {

@@ -368,6 +368,15 @@ describe('detinfer generate on a tiny model', () => {
     expect(r.code).toBe(1)
     expect(r.stderr).toContain('detinfer: Expected number greater than 0 and at most 1 for topP but received 2 of type number')
     expect(detinfer(['generate', '-m', configOnly, '--device', 'cpu', 'hello']).stderr).toMatch(/^detinfer: \S+ not found/)
+    // score's too.
+    const top = detinfer(['score', '-m', configOnly, '--device', 'cpu', '-c', 'x', '--json', '--top-logprobs', '21', 'hello'])
+    expect(top.code).toBe(1)
+    expect(top.stderr).toContain('detinfer: Expected integer between 0 and 20 for topLogprobs but received 21 of type number')
+    const vocab = JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8')).vocab_size as number
+    const id = detinfer(['score', '-m', configOnly, '--device', 'cpu', '--completion-ids', `3,${vocab}`, 'hello'])
+    expect(id.code).toBe(1)
+    expect(id.stderr).toContain(`detinfer: Expected integer between 0 and ${vocab - 1} for completion[1] but received ${vocab} of type number`)
+    expect(detinfer(['score', '-m', configOnly, '--device', 'cpu', '-c', 'x', 'hello']).stderr).toMatch(/^detinfer: \S+ not found/)
   })
 
   it('Ctrl-C while streaming keeps the text printed so far and exits with 130', async () => {
