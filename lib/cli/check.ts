@@ -158,6 +158,9 @@ export function checkCommand(): Command {
         setVariantKernels(false)
         await model.dispose()
       }
+      // Status 1 when an invariant-kernel completion differs, in either output format.
+      const invariant = reports[0]![1]
+      if (invariant.identicalToReference !== invariant.runs) process.exitCode = 1
       if (flags.json) {
         process.stdout.write(JSON.stringify({ model: dir, device, prompt: text, sampling, reports: Object.fromEntries(reports) }) + '\n')
         return
@@ -165,7 +168,5 @@ export function checkCommand(): Command {
       process.stdout.write(`model ${dir} on ${device}, prompt ${JSON.stringify(text)} (${prompt.length} tokens), ${describeSampling(sampling)}\n`)
       process.stdout.write(`reference: ${JSON.stringify(tokenizer.decode(reports[0]![1].reference.tokens).slice(0, 120))}\n\n`)
       process.stdout.write(table(reports) + '\n')
-      const invariant = reports[0]![1]
-      if (invariant.identicalToReference !== invariant.runs) process.exitCode = 1
     })
 }

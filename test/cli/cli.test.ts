@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { loadModel } from '../../lib/api.js'
 import { hubCacheDir } from '../../lib/hub-cache.js'
+import { nativeAddonPath } from '../../lib/native.js'
 import { buildDist } from '../helpers/server.js'
 import { writeTinyModel } from '../helpers/tiny-model.js'
 import { THINKING_TEMPLATE } from '../helpers/templates.js'
@@ -478,6 +479,27 @@ describe('the shipped model', () => {
     const both = detinfer(['score', '--device', 'cpu', '-c', 'x', '--completion-ids', '1', 'ROMEO:'])
     expect(both.code).toBe(1)
     expect(both.stderr).toContain('give the completion with exactly one of --completion, --completion-file and --completion-ids')
+  })
+
+  it('check exits with status 1 when an invariant-kernel completion differs, with --json too', () => {
+    // A preload that leaves the variant kernels on for the invariant run, so that its completions differ.
+    const tmp = mkdtempSync(join(tmpdir(), 'detinfer-check-'))
+    try {
+      const preload = join(tmp, 'variant.cjs')
+      writeFileSync(
+        preload,
+        `const a = require(${JSON.stringify(nativeAddonPath())}); const set = a.setVariantKernels; a.setVariantKernels = () => set.call(a, true)\n`,
+      )
+      for (const json of [false, true]) {
+        const args = ['-r', preload, cli, 'check', '--device', 'cpu', '--runs', '30', '-n', '16', ...(json ? ['--json'] : [])]
+        const r = spawnSync(process.execPath, args, { cwd: root, encoding: 'utf8', env: { ...process.env, CI: '1' } })
+        const identical = json ? JSON.parse(r.stdout).reports.invariant.identicalToReference : Number(/invariant\s+30\s+16\s+\d+\s+\d+\s+(\d+)\/30/.exec(r.stdout)?.[1])
+        expect(identical, r.stdout).toBeLessThan(30)
+        expect(r.status, `--json ${json}`).toBe(1)
+      }
+    } finally {
+      rmSync(tmp, { recursive: true, force: true })
+    }
   })
 
   it('check: greedy and seeded sampling runs all equal the run alone; sampling flags need --temperature', () => {
