@@ -423,6 +423,19 @@ describe('the shipped model', () => {
         { maxTokens: 6 },
       )
       expect(JSON.parse(r.stdout).tokens).toEqual(lib.tokens)
+      // score rebuilds the same prompt, with the template's variables and tensor parallelism too.
+      const ids = JSON.parse(r.stdout).tokens.join(',')
+      const scored = detinfer(['score', '--device', 'cpu', '--json', '--system', 'Speak as a king.', '--completion-ids', ids, 'Who art thou?'])
+      expect(scored.code, scored.stderr).toBe(0)
+      expect(JSON.parse(scored.stdout).logprobs).toEqual(JSON.parse(r.stdout).logprobs)
+      const extra = ['--chat', '--chat-template-kwargs', '{"enable_thinking": false}', '--tensor-parallel', '2']
+      const gen = detinfer(['generate', '--device', 'cpu', '-n', '6', '--json', ...extra, 'Who art thou?'])
+      expect(gen.code, gen.stderr).toBe(0)
+      const again = detinfer(['score', '--device', 'cpu', '--json', ...extra, '--completion-ids', JSON.parse(gen.stdout).tokens.join(','), 'Who art thou?'])
+      expect(again.code, again.stderr).toBe(0)
+      expect(JSON.parse(again.stdout).logprobs).toEqual(JSON.parse(gen.stdout).logprobs)
+      const bare = detinfer(['score', '--device', 'cpu', '--chat-template-kwargs', '{}', '-c', 'x', 'Who art thou?'])
+      expect(bare.stderr).toContain('--chat-template-kwargs applies to the chat template: give --chat or --system too')
     } finally {
       await model.dispose()
     }
