@@ -51,6 +51,58 @@ const declare = Environment.prototype.set
 Environment.prototype.set = function (name, value) {
   return declare.call(this, name, name === 'range' && typeof value === 'function' ? range : value)
 }
+// Python's str methods strip(), lstrip() and rstrip() take the characters to remove (Qwen3's
+// template writes content.lstrip('\\n') and reasoning.strip('\\n')); the library's ignore them and
+// remove all whitespace. Without an argument, and in the trim filter, Python's whitespace (which
+// has U+001C to U+001F and U+0085, and not U+FEFF) is what goes.
+const PY_SPACE = new Set([9, 10, 11, 12, 13, 28, 29, 30, 31, 32, 133, 160, 5760, 8192, 8193, 8194, 8195, 8196, 8197, 8198, 8199, 8200, 8201, 8202, 8232, 8233, 8239, 8287, 12288].map((c) => String.fromCharCode(c)))
+function pyStrip(text, chars, left, right) {
+  const set = chars === undefined ? PY_SPACE : new Set(Array.from(chars))
+  const points = Array.from(text)
+  let i = 0
+  let j = points.length
+  if (left) while (i < j && set.has(points[i])) i++
+  if (right) while (j > i && set.has(points[j - 1])) j--
+  return points.slice(i, j).join('')
+}
+function stripChars(name, arg) {
+  if (arg === undefined || arg.type === 'NullValue' || arg.type === 'UndefinedValue') return undefined
+  if (arg.type !== 'StringValue') throw new Error(name + '() argument must be a string or none')
+  return arg.value
+}
+const scratch = new Environment()
+function runtimeValue(value) {
+  const converted = declare.call(scratch, 'value', value)
+  scratch.variables.delete('value')
+  return converted
+}
+const StringValue = runtimeValue('').constructor
+const stringBuiltins = Object.getOwnPropertyDescriptor(StringValue.prototype, 'builtins').get
+const pythonStrips = new WeakSet()
+Object.defineProperty(StringValue.prototype, 'builtins', {
+  configurable: true,
+  get() {
+    const builtins = stringBuiltins.call(this)
+    if (!pythonStrips.has(builtins)) {
+      pythonStrips.add(builtins)
+      const FunctionValue = builtins.get('strip').constructor
+      const text = this.value
+      for (const [name, left, right] of [['strip', true, true], ['lstrip', true, false], ['rstrip', false, true]])
+        builtins.set(name, new FunctionValue((args) => new StringValue(pyStrip(text, stripChars(name, args[0]), left, right))))
+    }
+    return builtins
+  },
+})
+const applyFilter = Interpreter.prototype.applyFilter
+Interpreter.prototype.applyFilter = function (operand, filterNode, environment) {
+  const call = filterNode.type === 'CallExpression'
+  const name = call ? filterNode.callee.type === 'Identifier' && filterNode.callee.value : filterNode.type === 'Identifier' && filterNode.value
+  if (name === 'trim' && operand.type === 'StringValue') {
+    const [args, kwargs] = call ? this.evaluateArguments(filterNode.args, environment) : [[], new Map()]
+    return new StringValue(pyStrip(operand.value, stripChars('trim', args[0] ?? kwargs.get('chars')), true, true))
+  }
+  return applyFilter.call(this, operand, filterNode, environment)
+}
 // Lists and strings a template builds are bounded as range() is: x + x + x + x doubled forty
 // times made one allocation past the heap's limit, which ends the whole process, not just the
 // worker. Each operand has passed this check, so one operation builds at most twice the bound.
@@ -155,6 +207,9 @@ function textSize(value: unknown, depth = 0): number {
 
 /** A parsed chat template whose renders are bounded in time, output size and range(). */
 export class ChatTemplate {
+  /** The source with its line ends made "\n", as Jinja reads a template: a Windows file renders as any other. */
+  private readonly text: string
+
   constructor(
     readonly source: string,
     /** Where it came from, for error messages ("the chat template of <dir>"). */
@@ -163,8 +218,9 @@ export class ChatTemplate {
     // Parsed here, on the caller's thread: a template of megabytes would take seconds and gigabytes.
     if (source.length > MAX_TEMPLATE_CHARS)
       throw new Error(`Expected a template of at most ${MAX_TEMPLATE_CHARS} characters for ${origin} but received ${source.length} characters`)
+    this.text = source.replace(/\r\n?/g, '\n')
     try {
-      new Template(source)
+      new Template(this.text)
     } catch (err) {
       // The parser's own errors say what is wrong; a TypeError is the parser tripping over
       // input it did not expect (an unterminated tag), whose message would name its internals.
@@ -188,7 +244,7 @@ export class ChatTemplate {
     waitUntilReady(w)
     Atomics.store(w.flags, 0, 0)
     try {
-      w.port.postMessage({ source: this.source, variables })
+      w.port.postMessage({ source: this.text, variables })
     } catch (err) {
       throw new Error(`Could not pass the variables to ${this.origin}: ${(err as Error).message}`)
     }

@@ -5,7 +5,7 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, unlinkSync, 
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { MAX_RENDERED_CHARS, RENDER_TIMEOUT_MS } from '../../lib/chat-template.js'
+import { ChatTemplate, MAX_RENDERED_CHARS, RENDER_TIMEOUT_MS } from '../../lib/chat-template.js'
 import { Tokenizer } from '../../lib/tokenizer.js'
 import { buildDist } from '../helpers/server.js'
 import { byteSymbols, SPECIAL_TOKENS, writeTinyModel } from '../helpers/tiny-model.js'
@@ -430,6 +430,29 @@ describe('encoding off the calling thread', () => {
     const pending = [t.encodeAsync('the '.repeat(50_000)), t.encodeAsync('next')]
     t.close()
     for (const p of pending) await expect(p).rejects.toThrow('The tokenizer was closed before the text was encoded')
+  })
+})
+
+describe("chat templates render as transformers' Jinja (Python) does", () => {
+  const render = (source: string, variables: Record<string, unknown> = {}) => new ChatTemplate(source, 'the test template').render(variables)
+
+  it("strips only the characters strip(), lstrip() and rstrip() are given, as Qwen3's template asks", () => {
+    const strips = "{{ x.lstrip('\\n') }}|{{ x.rstrip('\\n') }}|{{ x.strip('\\n') }}|{{ 'xxhixx'.strip('x') }}|{{ x.strip() }}"
+    expect(render(strips, { x: '\n lead \n' })).toBe(' lead \n|\n lead | lead |hi|lead')
+    // Qwen3's template takes an answer out of a message with its reasoning so.
+    const answer = "{{ c.split('</think>')[-1].lstrip('\\n') }}"
+    expect(render(answer, { c: '<think>\nr \n</think>\n\n answer' })).toBe(' answer')
+  })
+
+  it("trims Python's whitespace, or the characters given", () => {
+    expect(render('{{ a | trim }}|{{ b | trim }}|{{ "xxaxx" | trim("x") }}', { a: '\ufeffa', b: '\x85a\x1c ' })).toBe('\ufeffa|a|a')
+  })
+
+  it('reads a template with Windows line ends as one with "\\n"', () => {
+    const source = '<|im_start|>user\r\n  {% if true %}\r\n{{ m }}\r\n  {% endif %}\r\n'
+    const template = new ChatTemplate(source, 'the test template')
+    expect(template.render({ m: 'hi' })).toBe('<|im_start|>user\nhi\n')
+    expect(template.source).toBe(source)
   })
 })
 
