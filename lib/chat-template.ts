@@ -49,6 +49,7 @@ function range(start, stop, step = 1) {
 // Every render declares its globals with Environment#set; this one swaps in the bounded range().
 const declare = Environment.prototype.set
 Environment.prototype.set = function (name, value) {
+  if (hasFloatObject(value, 0)) return this.declareVariable(name, withFloats(value))
   return declare.call(this, name, name === 'range' && typeof value === 'function' ? range : value)
 }
 // Python's str methods strip(), lstrip() and rstrip() take the characters to remove (Qwen3's
@@ -93,10 +94,124 @@ Object.defineProperty(StringValue.prototype, 'builtins', {
     return builtins
   },
 })
+// Numbers as Python writes them. JSON's 1.0 is a float in Python and prints as 1.0, where
+// JavaScript has only the number 1: the request's JSON keeps such numbers as Number objects
+// (parseJsonKeepingFloats), which become the library's floats here. A float prints as Python's
+// repr() does (1e-05, 1e+16, 2.0), in the tojson filter and in the text.
+const FloatValue = runtimeValue(0.5).constructor
+const ArrayValue = runtimeValue([]).constructor
+const ObjectValue = runtimeValue({}).constructor
+function hasFloatObject(value, depth) {
+  if (value instanceof Number) return true
+  if (value === null || typeof value !== 'object' || depth > 64) return false
+  for (const v of Array.isArray(value) ? value : Object.values(value)) if (hasFloatObject(v, depth + 1)) return true
+  return false
+}
+function withFloats(value) {
+  if (value instanceof Number) return new FloatValue(value.valueOf())
+  if (Array.isArray(value)) return new ArrayValue(value.map(withFloats))
+  if (value !== null && typeof value === 'object') return new ObjectValue(new Map(Object.entries(value).map(([k, v]) => [k, withFloats(v)])))
+  return runtimeValue(value)
+}
+function pyFloat(x, json) {
+  if (x !== x) return json ? 'NaN' : 'nan'
+  if (x === Infinity || x === -Infinity) return (x < 0 ? '-' : '') + (json ? 'Infinity' : 'inf')
+  if (x === 0) return 1 / x < 0 ? '-0.0' : '0.0'
+  // The shortest digits that read back as x, as both languages find them; Python's repr() writes
+  // an exponent below 1e-4 and from 1e16 on.
+  const [mantissa, e] = Math.abs(x).toExponential().split('e')
+  const exp = Number(e)
+  const digits = mantissa.replace('.', '')
+  let text
+  if (exp < -4 || exp >= 16)
+    text = digits[0] + (digits.length > 1 ? '.' + digits.slice(1) : '') + 'e' + (exp < 0 ? '-' : '+') + String(Math.abs(exp)).padStart(2, '0')
+  else if (exp < 0) text = '0.' + '0'.repeat(-exp - 1) + digits
+  else if (digits.length > exp + 1) text = digits.slice(0, exp + 1) + '.' + digits.slice(exp + 1)
+  else text = digits + '0'.repeat(exp + 1 - digits.length) + '.0'
+  return (x < 0 ? '-' : '') + text
+}
+FloatValue.prototype.toString = function () {
+  return pyFloat(this.value, false)
+}
+// Keys sorted as Python sorts strings, by code point.
+function codePointOrder(a, b) {
+  const x = Array.from(a)
+  const y = Array.from(b)
+  for (let i = 0; i < Math.min(x.length, y.length); i++) {
+    const d = x[i].codePointAt(0) - y[i].codePointAt(0)
+    if (d !== 0) return d
+  }
+  return x.length - y.length
+}
+// transformers' tojson: json.dumps(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False).
+function jsonOptions(args, kwargs) {
+  const arg = (i, name) => kwargs.get(name) ?? args[i]
+  const given = (v) => v !== undefined && v.type !== 'NullValue' && v.type !== 'UndefinedValue'
+  const indentArg = arg(1, 'indent')
+  let indent = null
+  if (given(indentArg)) {
+    if (indentArg.type === 'IntegerValue') indent = ' '.repeat(Math.max(0, indentArg.value))
+    else if (indentArg.type === 'StringValue') indent = indentArg.value
+    else throw new Error('tojson: indent must be an integer, a string or none')
+  }
+  const separators = arg(2, 'separators')
+  let itemSeparator = indent === null ? ', ' : ','
+  let keySeparator = ': '
+  if (given(separators)) {
+    const pair = separators.value
+    if (!Array.isArray(pair) || pair.length !== 2 || pair.some((p) => p.type !== 'StringValue'))
+      throw new Error('tojson: separators must be a pair of strings')
+    itemSeparator = pair[0].value
+    keySeparator = pair[1].value
+  }
+  const flag = (v) => given(v) && v.__bool__().value
+  return { ensureAscii: flag(arg(0, 'ensure_ascii')), indent, itemSeparator, keySeparator, sortKeys: flag(arg(3, 'sort_keys')) }
+}
+function pyJson(value, o, level) {
+  switch (value.type) {
+    case 'NullValue':
+    case 'UndefinedValue':
+      return 'null'
+    case 'BooleanValue':
+      return value.value ? 'true' : 'false'
+    case 'IntegerValue':
+      return String(value.value)
+    case 'FloatValue':
+      return pyFloat(value.value, true)
+    case 'StringValue': {
+      const text = JSON.stringify(value.value)
+      return o.ensureAscii ? text.replace(/[\\u007f-\\uffff]/g, (c) => '\\\\u' + c.charCodeAt(0).toString(16).padStart(4, '0')) : text
+    }
+    case 'ArrayValue':
+    case 'TupleValue':
+    case 'ObjectValue':
+    case 'NamespaceValue': {
+      const list = value.type === 'ArrayValue' || value.type === 'TupleValue'
+      let items
+      if (list) items = value.value.map((v) => pyJson(v, o, level + 1))
+      else {
+        const entries = Array.from(value.value.entries())
+        if (o.sortKeys) entries.sort(([a], [b]) => codePointOrder(a, b))
+        items = entries.map(([k, v]) => pyJson({ type: 'StringValue', value: k }, o, level + 1) + o.keySeparator + pyJson(v, o, level + 1))
+      }
+      const [open, close] = list ? ['[', ']'] : ['{', '}']
+      if (items.length === 0) return open + close
+      if (o.indent === null) return open + items.join(o.itemSeparator) + close
+      const inner = '\\n' + o.indent.repeat(level + 1)
+      return open + inner + items.join(o.itemSeparator + inner) + '\\n' + o.indent.repeat(level) + close
+    }
+    default:
+      throw new Error('Object of type ' + value.type + ' is not JSON serializable')
+  }
+}
 const applyFilter = Interpreter.prototype.applyFilter
 Interpreter.prototype.applyFilter = function (operand, filterNode, environment) {
   const call = filterNode.type === 'CallExpression'
   const name = call ? filterNode.callee.type === 'Identifier' && filterNode.callee.value : filterNode.type === 'Identifier' && filterNode.value
+  if (name === 'tojson') {
+    const [args, kwargs] = call ? this.evaluateArguments(filterNode.args, environment) : [[], new Map()]
+    return new StringValue(pyJson(operand, jsonOptions(args, kwargs), 0))
+  }
   if (name === 'trim' && operand.type === 'StringValue') {
     const [args, kwargs] = call ? this.evaluateArguments(filterNode.args, environment) : [[], new Map()]
     return new StringValue(pyStrip(operand.value, stripChars('trim', args[0] ?? kwargs.get('chars')), true, true))
@@ -203,6 +318,26 @@ function textSize(value: unknown, depth = 0): number {
   let n = 0
   for (const v of Array.isArray(value) ? value : Object.values(value)) n += textSize(v, depth + 1)
   return n
+}
+
+/** A string or a number of a JSON text: numbers written with a fraction or an exponent are floats. */
+const JSON_STRING_OR_NUMBER = /"(?:[^"\\]|\\.)*"|-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?/g
+
+/**
+ * JSON.parse, except that a number written as a float with a whole value (1.0, 2e3) comes back as
+ * a Number object: Python's json reads it as a float, which a chat template writes as 1.0 (tojson)
+ * where a JavaScript number would give 1. The chat template renderer takes such objects as floats.
+ */
+export function parseJsonKeepingFloats(text: string): unknown {
+  const plain: unknown = JSON.parse(text)
+  if (!/\d[.eE]/.test(text)) return plain
+  const tag = `\u0000float-${Math.random().toString(36).slice(2)}:`
+  const marked = text.replace(JSON_STRING_OR_NUMBER, (token) =>
+    token.startsWith('"') || !/[.eE]/.test(token) || !Number.isInteger(Number(token)) ? token : JSON.stringify(tag + token),
+  )
+  return JSON.parse(marked, (_key, value: unknown) =>
+    typeof value === 'string' && value.startsWith(tag) ? new Number(Number(value.slice(tag.length))) : value,
+  )
 }
 
 /** A parsed chat template whose renders are bounded in time, output size and range(). */

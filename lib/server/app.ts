@@ -10,6 +10,7 @@ import cors from '@fastify/cors'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import { LogitProcessorTableError, RequestTooLargeError } from '../errors.js'
 import { EncodeTimeoutError } from '../encode-worker.js'
+import { parseJsonKeepingFloats } from '../chat-template.js'
 import type { Model } from '../api.js'
 import type { ChatMessage, ChatTemplateVariables } from '../tokenizer.js'
 import { REQUEST_TEMPLATE_VARIABLES, type GenerateOptions, type StopReason, type StreamPiece } from '../generate.js'
@@ -205,11 +206,12 @@ export class InferenceServer {
     // which the schemas then refuse as unknown parameters by name; and no text/plain parser, so
     // that a body of another type gets 415 instead of a string the schemas refuse. A body without
     // a Content-Type (Python's `requests.post(url, data=json.dumps(body))`) is read as JSON, as
-    // vLLM's server (FastAPI) reads it.
+    // vLLM's server (FastAPI) reads it. The tools and chat_template_kwargs reach the chat template
+    // with their floats kept as floats (1.0 stays 1.0), as Python's json reads them for vLLM.
     app.removeAllContentTypeParsers()
     const parseJson = (body: string, done: (err: Error | null, body?: unknown) => void) => {
       try {
-        done(null, JSON.parse(body))
+        done(null, keepTemplateFloats(JSON.parse(body), body))
       } catch (err) {
         done(invalidRequest(`Could not parse the request body as JSON: ${(err as Error).message}`, null, 'invalid_json'), undefined)
       }
@@ -916,12 +918,31 @@ const OPEN_ROUTES = new Set(['/health', '/metrics'])
 const modelNotFound = (asked: string, served: string) =>
   new ApiError(404, `The model ${JSON.stringify(asked)} does not exist; this server serves ${JSON.stringify(served)}`, 'invalid_request_error', 'model', 'model_not_found')
 
+/** The request fields that reach the chat template as they are, where a float must stay a float. */
+const TEMPLATE_FIELDS = ['tools', 'chat_template_kwargs'] as const
+
+/**
+ * A request body with its tools and chat_template_kwargs read again by parseJsonKeepingFloats
+ * when they are there and the text has a number with a fraction or an exponent; the rest of the
+ * body keeps plain numbers, which the parameters' checks expect.
+ */
+function keepTemplateFloats(body: unknown, text: string): unknown {
+  if (typeof body !== 'object' || body === null || Array.isArray(body) || !/\d[.eE]/.test(text)) return body
+  const fields = body as Record<string, unknown>
+  const present = TEMPLATE_FIELDS.filter((k) => Object.hasOwn(fields, k) && typeof fields[k] === 'object' && fields[k] !== null)
+  if (present.length === 0) return body
+  const kept = parseJsonKeepingFloats(text) as Record<string, unknown>
+  for (const k of present) fields[k] = kept[k]
+  return body
+}
+
 /** A tool call's arguments as the client sends them (a JSON text of an object; empty for none) as an object. */
 function toolArguments(text: string, param: string): Record<string, unknown> {
   if (text.trim() === '') return {}
   let parsed: unknown
   try {
-    parsed = JSON.parse(text)
+    // Floats stay floats (1.0), as vLLM's json.loads leaves them for the template's tojson.
+    parsed = parseJsonKeepingFloats(text)
   } catch {
     parsed = undefined
   }

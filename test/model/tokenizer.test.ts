@@ -5,7 +5,7 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, unlinkSync, 
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { ChatTemplate, MAX_RENDERED_CHARS, RENDER_TIMEOUT_MS } from '../../lib/chat-template.js'
+import { ChatTemplate, MAX_RENDERED_CHARS, parseJsonKeepingFloats, RENDER_TIMEOUT_MS } from '../../lib/chat-template.js'
 import { Tokenizer } from '../../lib/tokenizer.js'
 import { buildDist } from '../helpers/server.js'
 import { byteSymbols, SPECIAL_TOKENS, writeTinyModel } from '../helpers/tiny-model.js'
@@ -446,6 +446,31 @@ describe("chat templates render as transformers' Jinja (Python) does", () => {
 
   it("trims Python's whitespace, or the characters given", () => {
     expect(render('{{ a | trim }}|{{ b | trim }}|{{ "xxaxx" | trim("x") }}', { a: '\ufeffa', b: '\x85a\x1c ' })).toBe('\ufeffa|a|a')
+  })
+
+  it("writes JSON as transformers' tojson (Python's json.dumps) does: floats, indent, separators, sorted keys, ASCII", () => {
+    const value = parseJsonKeepingFloats('{"b": 1.0, "a": [2e3, 0.5, 1e-5, 1e16, -0.0, 3], "s": "é\\u007f", "n": null}')
+    expect(render('{{ v | tojson }}', { v: value })).toBe('{"b": 1.0, "a": [2000.0, 0.5, 1e-05, 1e+16, -0.0, 3], "s": "é\x7f", "n": null}')
+    expect(render('{{ v | tojson(indent=2, sort_keys=true) }}', { v: value })).toBe(
+      '{\n  "a": [\n    2000.0,\n    0.5,\n    1e-05,\n    1e+16,\n    -0.0,\n    3\n  ],\n  "b": 1.0,\n  "n": null,\n  "s": "é\x7f"\n}',
+    )
+    expect(render('{{ v | tojson(ensure_ascii=true, separators=(",", ":")) }}', { v: value })).toBe(
+      '{"b":1.0,"a":[2000.0,0.5,1e-05,1e+16,-0.0,3],"s":"\\u00e9\\u007f","n":null}',
+    )
+    expect(render('{{ [1, [2]] | tojson(indent=0) }}|{{ {"B": 1, "a": 2} | tojson(sort_keys=true) }}')).toBe('[\n1,\n[\n2\n]\n]|{"B": 1, "a": 2}')
+    // A float prints as Python's repr() writes it.
+    expect(render('{{ x }}|{{ x * 2 }}|{{ 0.00001 }}|{{ y }}', { x: new Number(3), y: 1e300 })).toBe('3.0|6.0|1e-05|1e+300')
+  })
+
+  it('reads JSON with the floats that have whole values as Number objects, and nothing else changed', () => {
+    const text = '{"a": 1.0, "b": 1, "c": 0.5, "d": "2.0 and \\"3.0\\"", "e": [1E2, -0.0], "f": 12345678901234567890}'
+    const value = parseJsonKeepingFloats(text) as Record<string, unknown>
+    expect(value['a']).toEqual(new Number(1))
+    expect(value['e']).toEqual([new Number(100), new Number(-0)])
+    expect(JSON.stringify(value)).toBe(JSON.stringify(JSON.parse(text)))
+    expect(typeof value['b']).toBe('number')
+    expect(typeof value['c']).toBe('number')
+    expect(() => parseJsonKeepingFloats('{"a": 1.0,}')).toThrow(SyntaxError)
   })
 
   it('reads a template with Windows line ends as one with "\\n"', () => {

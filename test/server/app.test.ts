@@ -478,6 +478,15 @@ describe('tool calls (--tool-call-parser hermes, in-process, the openai client)'
     expect(next.choices[0]!.finish_reason).toBe('stop')
   })
 
+  it('floats of the tools reach the template as floats (1.0 stays 1.0), as vLLM reads them with Python', async () => {
+    const tool = '{"type": "function", "function": {"name": "set_heat", "parameters": {"type": "object", "properties": {"t": {"type": "number", "minimum": 0.0, "maximum": 1e2, "default": 0.5}}}}}'
+    const payload = `{"messages": [{"role": "user", "content": "Warmer?"}], "tools": [${tool}]}`
+    const res = await server.app.inject({ method: 'POST', url: '/tokenize', headers: { 'content-type': 'application/json' }, payload })
+    const written = tool.replace('1e2', '100.0')
+    const expected = `<|im_start|>system\n<tools>\n${written}\n</tools><|im_end|>\n<|im_start|>user\nWarmer?<|im_end|>\n<|im_start|>assistant\n`
+    expect(res.json().tokens).toEqual(tokenizer.encode(expected, { addSpecialTokens: false }))
+  })
+
   it.each([
     [{ tool_choice: 'required' }, 'tool_choice', 'Unsupported value for tool_choice: "required" (forcing a tool call needs constrained decoding, which detinfer does not have); use "auto" (the model decides) or "none"', 'unsupported_parameter'],
     [{ tool_choice: { type: 'function', function: { name: 'get_weather' } } }, 'tool_choice', 'Unsupported value for tool_choice: a named function (forcing a tool call needs constrained decoding, which detinfer does not have); use "auto" (the model decides) or "none"', 'unsupported_parameter'],
