@@ -663,8 +663,10 @@ export class InferenceServer {
           `chat_template_kwargs.${key}`,
           'unsupported_parameter',
         )
-    // The tools as the request gives them: Qwen's and Hermes' templates write each with tojson.
-    const tools: readonly ToolBody[] | undefined = body.tools?.length ? body.tools : undefined
+    // The tools as the request gives them: Qwen's and Hermes' templates write each with tojson. An
+    // empty list is passed on as vLLM passes it (Llama 3.1's template writes its tool preamble for
+    // any list); null or no tools leaves the variable out.
+    const tools: readonly ToolBody[] | undefined = body.tools ?? undefined
     // The server's defaults, then the request's variables over them.
     const defaults = this.options.defaultChatTemplateKwargs
     const kwargs = defaults || given ? { ...defaults, ...given } : undefined

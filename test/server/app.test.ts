@@ -264,6 +264,34 @@ describe('chat_template_kwargs (in-process)', () => {
   })
 })
 
+describe('an empty list of tools (in-process)', () => {
+  it('reaches the chat template as an empty list, as vLLM passes it: Llama 3.1 writes its tool preamble for one', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'detinfer-no-tools-'))
+    cpSync(defaultModelPath, dir, { recursive: true })
+    // Llama 3.1's test: tools that are not none, however many.
+    const template =
+      '{%- if not tools is defined %}{%- set tools = none %}{%- endif %}{%- if tools is not none %}[{{ tools | length }} tools]{%- endif %}' +
+      "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    writeFileSync(join(dir, 'chat_template.jinja'), template)
+    const model = await loadModel(dir, { device: 'cpu' })
+    const server = new InferenceServer({ modelName: 'none', maxQueued: 8, bodyLimit: 1 << 20 })
+    try {
+      server.setModel(model, 'fp_none')
+      const messages = [{ role: 'user', content: 'Hi' }]
+      const tokens = async (extra: object) => (await server.app.inject({ method: 'POST', url: '/tokenize', payload: { messages, ...extra } })).json().tokens
+      const plain = model.tokenize(messages)
+      expect(await tokens({})).toEqual(plain)
+      expect(await tokens({ tools: null })).toEqual(plain)
+      expect(await tokens({ tools: [] })).toEqual(model.tokenize(messages, { chatTemplateVariables: { tools: [] } }))
+      expect(model.detokenize(await tokens({ tools: [] }))).toBe('[0 tools]user\nHi\nassistant')
+    } finally {
+      await server.app.close()
+      await model.dispose()
+      rmSync(dir, { recursive: true, force: true })
+    }
+  })
+})
+
 describe('system_fingerprint', () => {
   it('tells the tensor-parallel setting apart (unset gives other bits than any degree) and nothing else of the same domain', () => {
     const unset = systemFingerprint('ab', '1.0.0', 'cpu')
