@@ -211,7 +211,6 @@ export class DecodeGraphs {
       throw err
     }
   }
-
 }
 
 const GREEDY: TokenChoice = { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: 0, target: -1 }
