@@ -247,6 +247,22 @@ export interface NativeAddon {
   setAttentionSplitSize(keys: number): void
 }
 
+/**
+ * Every function NativeAddon types (test/layering.test.ts holds this list to the interface and to
+ * what the binding registers): an addon that lacks one was built from other sources than this
+ * package's JavaScript, and is refused at load with the names, not failed at the first call.
+ */
+export const ADDON_FUNCTIONS = [
+  'empty', 'fromBuffer', 'upload', 'uploadAsync', 'download', 'synchronize', 'view', 'narrow',
+  'embedding', 'rmsnorm', 'addRmsnorm', 'matmul', 'matmulPartitioned', 'matmulPartials',
+  'combinePartials', 'rope', 'siluMul', 'siluMulPacked', 'matmulSiluMul', 'normMatmul',
+  'normMatmulSiluMul', 'add', 'kvAppend', 'qkvRopeAppend', 'attention', 'logSoftmax', 'argmax',
+  'tokenLogprobs', 'chooseTokens', 'applyLogitProcessors', 'recordLogitChoices', 'resetLogitRow',
+  'copy', 'cast', 'setVariantKernels', 'setDecodePipeline', 'setPrefillKernel', 'setMatmulKernels',
+  'variantKernels', 'cudaStatus', 'graphBegin', 'graphEnd', 'graphAbort', 'memoryInfo',
+  'attentionSplitSize', 'setAttentionSplitSize',
+] as const satisfies readonly (keyof NativeAddon)[]
+
 const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..')
 /** The addon built from source in this package. */
 export const sourceBuildPath = join(packageRoot, 'build', 'Release', 'detinfer.node')
@@ -276,9 +292,9 @@ export function native(): NativeAddon {
     )
   }
   const path = prebuilt?.path ?? sourceBuildPath
+  let loaded: NativeAddon
   try {
-    addon = createRequire(import.meta.url)(path) as NativeAddon
-    addonPath = path
+    loaded = createRequire(import.meta.url)(path) as NativeAddon
   } catch (err) {
     const reason = err instanceof Error ? err.message.split('\n')[0] : String(err)
     throw new Error(
@@ -289,7 +305,23 @@ export function native(): NativeAddon {
           : `Rebuild it with \`npm run build:native\` (needs CMake and a C++ compiler; CUDA's nvcc for the GPU backend).`),
     )
   }
+  const missing = missingAddonFunctions(loaded)
+  if (missing.length > 0)
+    throw new Error(
+      `detinfer: the native addon ${path} was built from other sources than this package's JavaScript: it lacks ` +
+        `${missing.join(', ')}. ` +
+        (prebuilt
+          ? `Reinstall detinfer and ${prebuiltPackage} at the same version.`
+          : 'Rebuild it with `npm run build:native` (needs CMake and a C++ compiler; CUDA\'s nvcc for the GPU backend).'),
+    )
+  addon = loaded
+  addonPath = path
   return addon
+}
+
+/** The ADDON_FUNCTIONS an addon does not have. */
+export function missingAddonFunctions(loaded: object): string[] {
+  return ADDON_FUNCTIONS.filter((name) => typeof (loaded as Record<string, unknown>)[name] !== 'function')
 }
 
 /** The file the addon was loaded from ('' before the first `native()`). */

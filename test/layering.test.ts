@@ -4,6 +4,7 @@
 import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
+import { ADDON_FUNCTIONS, missingAddonFunctions, native } from '../lib/native.js'
 import {
   CSRC_LAYERS,
   csrcIncludeEdges,
@@ -129,8 +130,13 @@ describe('the op list (csrc/common/op_list.h)', () => {
     expect(ops.map(camel).filter((name) => !registered.includes(name))).toEqual([])
   })
 
-  it('the binding registers exactly the functions NativeAddon types', () => {
+  it('the binding registers exactly the functions NativeAddon types, and the load checks them all', () => {
     expect(typed.length).toBeGreaterThan(ops.length)
     expect([...registered].sort()).toEqual([...typed].sort())
+    expect([...ADDON_FUNCTIONS].sort()).toEqual([...typed].sort())
+    // The loaded addon has them all; one built from older sources is told apart by name.
+    expect(missingAddonFunctions(native())).toEqual([])
+    const { resetLogitRow: _, attentionSplitSize: __, ...older } = native()
+    expect(missingAddonFunctions({ ...older, attentionSplitSize: 256 })).toEqual(['resetLogitRow', 'attentionSplitSize'])
   })
 })
