@@ -36,10 +36,10 @@ interface CheckFlags {
 
 /** The runs' sampling from the flags (null: greedy), checked like generate's options. */
 function samplingFrom(flags: CheckFlags, limits: { contextLength: number; vocabSize: number }): SamplingParams | null {
-  if (flags.temperature === undefined) {
+  if (flags.temperature === undefined || flags.temperature === 0) {
     if (flags.topK !== undefined || flags.topP !== undefined || flags.minP !== undefined || flags.samplingSeed !== undefined)
-      throw new Error('--top-k, --top-p, --min-p and --sampling-seed apply to sampling: give --temperature too')
-    return null
+      throw new Error('--top-k, --top-p, --min-p and --sampling-seed apply to sampling: give a --temperature above 0 too')
+    if (flags.temperature === undefined) return null
   }
   const options = {
     temperature: flags.temperature,

@@ -111,9 +111,9 @@ export function generateCommand(): Command {
       if (flags.chatTemplate !== undefined && !flags.chat && flags.system === undefined) throw new Error('--chat-template applies to chat prompts: give --chat or --system too')
       const chatTemplate = flags.chatTemplate === undefined ? undefined : await readTextFile(flags.chatTemplate, '--chat-template')
       if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
-      // Without --temperature the completion is greedy, which these would not change (as check).
-      if (flags.temperature === undefined && [flags.seed, flags.topK, flags.topP, flags.minP].some((v) => v !== undefined))
-        throw new Error('--seed, --top-k, --top-p and --min-p apply to sampling: give --temperature too')
+      // Without --temperature, or at 0, the completion is greedy, which these would not change (as check).
+      if (!(flags.temperature !== undefined && flags.temperature > 0) && [flags.seed, flags.topK, flags.topP, flags.minP].some((v) => v !== undefined))
+        throw new Error('--seed, --top-k, --top-p and --min-p apply to sampling: give a --temperature above 0 too')
       const modelDir = flags.model ?? defaultModelPath
       // Bad options fail before the weights load; the model checks them again against its cache.
       const source = await readModelDir(modelDir)

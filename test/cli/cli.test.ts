@@ -529,12 +529,15 @@ describe('the shipped model', () => {
     expect(s.reports.invariant.reference.tokens).not.toEqual(g.reports.invariant.reference.tokens)
     const bad = detinfer(['check', '--device', 'cpu', '--top-k', '3'])
     expect(bad.code).toBe(1)
-    expect(bad.stderr).toContain('detinfer: --top-k, --top-p, --min-p and --sampling-seed apply to sampling: give --temperature too')
+    expect(bad.stderr).toContain('detinfer: --top-k, --top-p, --min-p and --sampling-seed apply to sampling: give a --temperature above 0 too')
     expectNoStackTrace(bad.stderr)
     // generate likewise; and check takes no noise prompts and seed 0.
-    const greedyFlags = detinfer(['generate', '--device', 'cpu', '-n', '2', '--seed', '4', '--top-p', '0.9', 'ROMEO:'])
-    expect(greedyFlags.code).toBe(1)
-    expect(greedyFlags.stderr).toBe('detinfer: --seed, --top-k, --top-p and --min-p apply to sampling: give --temperature too\n')
+    for (const temperature of [[], ['--temperature', '0']]) {
+      const greedyFlags = detinfer(['generate', '--device', 'cpu', '-n', '2', ...temperature, '--seed', '4', '--top-p', '0.9', 'ROMEO:'])
+      expect(greedyFlags.code).toBe(1)
+      expect(greedyFlags.stderr).toBe('detinfer: --seed, --top-k, --top-p and --min-p apply to sampling: give a --temperature above 0 too\n')
+    }
+    expect(detinfer(['check', '--device', 'cpu', '--temperature', '0', '--top-k', '3']).stderr).toContain('give a --temperature above 0 too')
     const quiet = detinfer(['check', '--device', 'cpu', '--runs', '3', '-n', '4', '--noise', '0', '--seed', '0', '--json'])
     expect(quiet.code, quiet.stderr).toBe(0)
     expect(JSON.parse(quiet.stdout).reports.invariant.identicalToReference).toBe(3)
