@@ -229,6 +229,10 @@ export function resolveGenerateOptions(
         return s
       })
     }
+    // Half of a surrogate pair matches inside the pair of a character such as an emoji, and would
+    // cut the text in front of it: text of whole characters only.
+    for (const [i, s] of stop.entries())
+      if (LONE_SURROGATE.test(s)) throw invalidArgument(typeof o.stop === 'string' ? 'stop' : `stop[${i}]`, 'string of whole characters (no lone surrogate)', s)
   }
   let stopTokenIds: number[] = []
   if (o.stopTokenIds !== undefined) {
@@ -273,6 +277,9 @@ function checkTemperature(value: unknown): number {
     throw invalidArgument('temperature', `0 (greedy) or a number between ${MIN_TEMPERATURE} and ${MAX_TEMPERATURE}`, value)
   return value
 }
+
+/** Half of a surrogate pair with no other half beside it. */
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/
 
 /** Penalties -2 to 2 (OpenAI's range) and biases -100 to 100 (its range too). */
 const MAX_PENALTY = 2

@@ -28,6 +28,8 @@ describe('Model argument validation', () => {
     [{ temperature: 1, topK: -2 }, 'Expected integer between 0 and 32 for topK but received -2 of type number'],
     [{ temperature: 1, seed: 2 ** 32 }, 'Expected integer between 0 and 4294967295 for seed but received 4294967296 of type number'],
     [{ stop: '' }, 'Expected non-empty string or array of non-empty strings for stop but received "" of type string'],
+    [{ stop: '\uD83D' }, 'Expected string of whole characters (no lone surrogate) for stop but received "\\ud83d" of type string'],
+    [{ stop: ['ok', 'x\uDE00'] }, 'Expected string of whole characters (no lone surrogate) for stop[1] but received "x\\ude00" of type string'],
     [{ stop: ['a', 3] }, 'Expected non-empty string for stop[1] but received 3 of type number'],
     [{ temperature: 1, minP: 1.5 }, 'Expected number between 0 and 1 for minP but received 1.5 of type number'],
     [{ topLogprobs: 21 }, 'Expected integer between 0 and 20 for topLogprobs but received 21 of type number'],
