@@ -46,7 +46,8 @@ import {
 import { parseToolCalls, toolCallId, withIds, ToolCallStream, type ToolCall, type ToolCallParser } from './tool-calls.js'
 import type { SamplingDefaults } from './generation-config.js'
 
-const MAX_SEED = 0xffffffff
+/** Seeds of the sampling noise are 32-bit: a request's seed is taken modulo 2^32. */
+const SEEDS = 2 ** 32
 /** max_tokens of /v1/completions when the request gives none (OpenAI's default). */
 const DEFAULT_COMPLETION_TOKENS = 16
 /** OpenAI's default temperature: sampling, with a seed chosen and reported when none is given. */
@@ -465,9 +466,9 @@ export class InferenceServer {
         )
     let seed: number | undefined
     if (temperature > 0) {
-      seed = body.seed ?? randomInt(0, MAX_SEED - n + 2)
-      if (seed + n - 1 > MAX_SEED)
-        throw invalidRequest(`Expected integer between 0 and ${MAX_SEED - n + 1} for seed (choice i uses seed + i, n = ${n}) but received ${seed} of type number`, 'seed', 'invalid_value')
+      // Any integer a JSON number holds exactly (vLLM takes 64-bit seeds, -1 among them); the
+      // noise takes it modulo 2^32 (plan).
+      seed = body.seed ?? randomInt(0, SEEDS)
     }
     let logprobs = false
     let topLogprobs = 0
@@ -596,7 +597,8 @@ export class InferenceServer {
           index: p * n + i,
           prompt: ids,
           echo: echoes[p]!,
-          options: { ...draft.options, maxTokens, ...(seed !== undefined && { seed: seed + i }) },
+          // Choice i samples with seed + i, modulo 2^32 like the seed itself.
+          options: { ...draft.options, maxTokens, ...(seed !== undefined && { seed: (((seed % SEEDS) + SEEDS + i) % SEEDS) }) },
         })
     })
     return {

@@ -10,7 +10,8 @@
 import { MAX_TOP_LOGPROBS } from '../model/output-head.js'
 import { MAX_LOGIT_BIAS } from '../sampling.js'
 
-const MAX_SEED = 0xffffffff
+/** Seeds as vLLM takes them (64-bit), within what a JSON number holds exactly. */
+const MAX_SEED = Number.MAX_SAFE_INTEGER
 export const MAX_N = 16
 export const MAX_STOP = 4
 
@@ -26,7 +27,7 @@ const sampling = {
   top_p: { type: nullable('number'), exclusiveMinimum: 0, maximum: 1, description: 'number greater than 0 and at most 1 or null' },
   top_k: { type: nullable('integer'), minimum: -1, description: 'integer of at least -1 (-1 or 0: no limit) or null' },
   min_p: { type: nullable('number'), minimum: 0, maximum: 1, description: 'number between 0 and 1 or null' },
-  seed: { type: nullable('integer'), minimum: 0, maximum: MAX_SEED, description: `integer between 0 and ${MAX_SEED} or null` },
+  seed: { type: nullable('integer'), minimum: -MAX_SEED, maximum: MAX_SEED, description: `integer between -${MAX_SEED} and ${MAX_SEED} or null` },
   stop: {
     description: `non-empty string or array of at most ${MAX_STOP} non-empty strings or null`,
     anyOf: [

@@ -240,6 +240,23 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     expect(new Set(r.choices.map((c) => c.text)).size).toBeGreaterThan(1)
   })
 
+  it("a seed is any integer JSON holds exactly, as vLLM's are 64-bit: the noise takes it modulo 2^32", async () => {
+    const body = { model: 'default', prompt: TEXTS[1]!, max_tokens: 8, temperature: 1, logprobs: 0 }
+    const text = async (seed: number, n = 1) => {
+      const r = await client.completions.create({ ...body, seed, n })
+      expect((r as Completion & { seed?: number }).seed).toBe(seed)
+      return r.choices.map((c) => c.text)
+    }
+    const [top] = await text(2 ** 32 - 1)
+    expect(await text(-1)).toEqual([top])
+    expect(await text(2 ** 40 - 1)).toEqual([top])
+    expect(await text(5)).toEqual(await text(2 ** 32 + 5))
+    // Choice i samples with seed + i, wrapping past 2^32 - 1.
+    expect(await text(2 ** 32 - 1, 2)).toEqual([top, ...(await text(0))])
+    const lib = await model.generate(TEXTS[1]!, { maxTokens: 8, temperature: 1, seed: 2 ** 32 - 1 })
+    expect(top).toBe(lib.text)
+  })
+
   it('64 concurrent requests, some cancelled midway: every answer equals the same request sent alone', async () => {
     const requests = Array.from({ length: 64 }, (_, i) => {
       const kind: Kind = i % 2 === 0 ? 'chat' : 'completions'
@@ -594,7 +611,8 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
       [{ ...ok, echo: 'yes' }, 'echo', 'Expected boolean or null for echo but received "yes" of type string'],
       [{ ...ok, temperature: 3 }, 'temperature', 'Expected number between 0 and 2 or null for temperature but received 3 of type number'],
       [{ ...ok, n: 0 }, 'n', 'Expected integer between 1 and 16 or null for n but received 0 of type number'],
-      [{ ...ok, seed: -1 }, 'seed', 'Expected integer between 0 and 4294967295 or null for seed but received -1 of type number'],
+      [{ ...ok, seed: 2 ** 60 }, 'seed', 'Expected integer between -9007199254740991 and 9007199254740991 or null for seed but received 1152921504606847000 of type number'],
+      [{ ...ok, seed: 1.5 }, 'seed', 'Expected integer between -9007199254740991 and 9007199254740991 or null for seed but received 1.5 of type number'],
       [{ ...ok, stop: 5 }, 'stop', 'for stop but received 5 of type number'],
       [{ ...ok, prompt: { text: 'Hi' } }, 'prompt', 'Expected string, array of strings, array of token ids or array of arrays of token ids for prompt'],
       [{ model: 'default' }, 'prompt', 'Expected string, array of strings, array of token ids or array of arrays of token ids for prompt but received undefined'],
