@@ -11,16 +11,21 @@
 // installed package (inside node_modules) keeps only build/Release/detinfer.node of its build:
 // CMake's intermediates are removed.
 import { spawnSync } from 'node:child_process'
-import { existsSync, readdirSync, renameSync, rmSync } from 'node:fs'
+import { copyFileSync, existsSync, mkdirSync, readdirSync, renameSync, rmSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { dirname, join, sep } from 'node:path'
 import { pathToFileURL } from 'node:url'
 
 const root = join(import.meta.dirname, '..')
 const buildDir = join(root, 'build')
+const sourceAddon = join(buildDir, 'Release', 'detinfer.node')
 // An earlier build from source (npm rebuild), set aside while the prebuilt addon is tried and
 // while a new build runs: put back if the new build fails, removed once something else works.
+// cmake-js removes the whole build directory when a build fails (its `compile` retries as a clean
+// rebuild), so the addon is copied out of it before any build.
 const previousBuild = join(root, 'build-previous')
+const previousAddon = join(previousBuild, 'Release', 'detinfer.node')
+const installed = root.split(sep).includes('node_modules')
 const env = process.env
 const isSet = (name) => env[name] !== undefined && !/^(|0|false|off)$/i.test(env[name])
 
@@ -44,13 +49,22 @@ console.log(`detinfer: building the native addon from source (${reason})${cpuOnl
 const require = createRequire(import.meta.url)
 const cmakeJs = join(dirname(require.resolve('cmake-js/package.json')), 'bin', 'cmake-js')
 const args = [cmakeJs, 'compile', ...(cpuOnly ? ['--CDDETINFER_CUDA=OFF'] : [])]
+if (existsSync(sourceAddon)) {
+  rmSync(previousBuild, { recursive: true, force: true })
+  mkdirSync(dirname(previousAddon), { recursive: true })
+  copyFileSync(sourceAddon, previousAddon)
+}
 const build = spawnSync(process.execPath, args, { cwd: root, stdio: 'inherit' })
 if (build.status !== 0) {
-  const kept = existsSync(previousBuild)
+  const kept = existsSync(previousAddon)
   if (kept) {
-    rmSync(buildDir, { recursive: true, force: true })
-    renameSync(previousBuild, buildDir)
+    mkdirSync(dirname(sourceAddon), { recursive: true })
+    rmSync(sourceAddon, { force: true })
+    renameSync(previousAddon, sourceAddon)
   }
+  rmSync(previousBuild, { recursive: true, force: true })
+  // The failed build's CMake files go too: the next build starts from a clean directory.
+  if (installed) keepOnlyAddon(buildDir)
   console.error(
     'detinfer: the build from source failed (its own messages are above). It needs CMake (3.18 or newer) and a C++17 ' +
       'compiler on PATH' +
@@ -61,7 +75,7 @@ if (build.status !== 0) {
   process.exit(build.status ?? 1)
 }
 rmSync(previousBuild, { recursive: true, force: true })
-if (root.split(sep).includes('node_modules')) keepOnlyAddon(buildDir)
+if (installed) keepOnlyAddon(buildDir)
 
 // Why the prebuilt addon cannot be used, or null when it loads here (through lib/native.ts, the one
 // module that loads the addon, as the package's users will).
@@ -84,8 +98,13 @@ async function prebuiltUnusable() {
   }
 }
 
-// Removes everything of a cmake-js build but build/Release/detinfer.node.
+// Removes everything of a cmake-js build but build/Release/detinfer.node (build/ itself when that
+// is not there).
 function keepOnlyAddon(buildDir) {
+  if (!existsSync(join(buildDir, 'Release', 'detinfer.node'))) {
+    rmSync(buildDir, { recursive: true, force: true })
+    return
+  }
   for (const entry of readdirSync(buildDir)) {
     if (entry !== 'Release') rmSync(join(buildDir, entry), { recursive: true, force: true })
   }

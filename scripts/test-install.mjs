@@ -10,12 +10,14 @@
 //                                            addon and build nothing.
 //   node scripts/test-install.mjs --source   `npm install` the detinfer tarball alone with
 //                                            DETINFER_CPU_ONLY=1: the install script builds from
-//                                            source and leaves only build/Release/detinfer.node.
+//                                            source and leaves only build/Release/detinfer.node;
+//                                            then an `npm rebuild detinfer` whose build fails (a
+//                                            C++ compiler that always fails) must keep that addon.
 //
 // Prints what it measured (install time, tarball and installed sizes) and, last, one line of JSON
 // that test/install.test.ts reads. Exits non-zero when a step fails.
 import { spawnSync } from 'node:child_process'
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, symlinkSync } from 'node:fs'
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { delimiter, join } from 'node:path'
 
@@ -31,12 +33,12 @@ function fail(message) {
   process.exit(1)
 }
 
-function run(cmd, args, opts = {}) {
+function run(cmd, args, opts = {}, expectFailure = false) {
   const started = Date.now()
   const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 64 << 20, ...opts })
   const seconds = (Date.now() - started) / 1000
-  if (r.status !== 0)
-    fail(`${cmd} ${args.join(' ')} failed with status ${r.status} ${r.error ?? ''}\n${r.stdout ?? ''}\n${r.stderr ?? ''}`)
+  if ((r.status !== 0) !== expectFailure)
+    fail(`${cmd} ${args.join(' ')} ${expectFailure ? 'succeeded' : 'failed'} with status ${r.status} ${r.error ?? ''}\n${r.stdout ?? ''}\n${r.stderr ?? ''}`)
   return { stdout: r.stdout, stderr: r.stderr, seconds }
 }
 
@@ -112,6 +114,22 @@ if (!fromSource) {
   if (!installScript.includes('using the prebuilt addon')) fail(`the install script did not use the prebuilt addon:\n${rebuild.stdout}\n${rebuild.stderr}`)
 }
 
+// A later build from source that fails (here at CMake's compiler check, after which cmake-js
+// retries with a clean build directory) keeps the addon built before it, and nothing else.
+let failedRebuild = ''
+if (fromSource) {
+  const addon = join(installed, 'build', 'Release', 'detinfer.node')
+  const before = readFileSync(addon)
+  const failingCxx = join(work, 'failing-c++')
+  writeFileSync(failingCxx, '#!/bin/sh\nexit 1\n')
+  chmodSync(failingCxx, 0o755)
+  const rebuild = run(npm, ['rebuild', 'detinfer', '--foreground-scripts'], { cwd: app, env: { ...env, CXX: failingCxx } }, true)
+  failedRebuild = (rebuild.stdout + rebuild.stderr).match(/^detinfer: the build from source failed.*$/m)?.[0] ?? ''
+  if (!failedRebuild.endsWith('The addon built before is kept.')) fail(`the failed rebuild did not keep the addon:\n${rebuild.stdout}\n${rebuild.stderr}`)
+  if (!existsSync(addon) || !readFileSync(addon).equals(before)) fail(`the failed rebuild did not keep ${addon} as it was`)
+  if (existsSync(join(installed, 'build-previous'))) fail('the failed rebuild left build-previous/')
+}
+
 const generate = run('npx', ['detinfer', 'generate', 'ROMEO:'], { cwd: app, env })
 if (generate.stdout.trim() === '') fail('`npx detinfer generate "ROMEO:"` printed nothing')
 const info = JSON.parse(run('npx', ['detinfer', 'info', '--json'], { cwd: app, env }).stdout)
@@ -122,6 +140,7 @@ const result = {
   installSeconds: Number(install.seconds.toFixed(1)),
   generateSeconds: Number(generate.seconds.toFixed(1)),
   installScript,
+  failedRebuild,
   generated: generate.stdout,
   addon: info.addon,
   backend: info.backend,
