@@ -14,6 +14,9 @@
 //                                            then an `npm rebuild detinfer` whose build fails (a
 //                                            C++ compiler that always fails) must keep that addon.
 //
+// Both check what the detinfer tarball holds: what the package needs at run time and for a build
+// from source, no development files, and no dist/ file without its lib/ source.
+//
 // Prints what it measured (install time, tarball and installed sizes) and, last, one line of JSON
 // that test/install.test.ts reads. Exits non-zero when a step fails.
 import { spawnSync } from 'node:child_process'
@@ -42,11 +45,45 @@ function run(cmd, args, opts = {}, expectFailure = false) {
   return { stdout: r.stdout, stderr: r.stderr, seconds }
 }
 
-// `npm pack --json` of a directory: the tarball's path and sizes.
+// `npm pack --json` of a directory: the tarball's path, sizes and files.
 function pack(dir) {
   const { stdout } = run(npm, ['pack', '--json', '--pack-destination', work], { cwd: dir })
   const [info] = JSON.parse(stdout.slice(stdout.indexOf('[')))
-  return { file: join(work, info.filename), size: info.size, unpackedSize: info.unpackedSize, entries: info.entryCount }
+  return {
+    file: join(work, info.filename),
+    size: info.size,
+    unpackedSize: info.unpackedSize,
+    entries: info.entryCount,
+    paths: info.files.map((f) => f.path),
+  }
+}
+
+// What the detinfer tarball must hold and must not.
+function checkContents(paths) {
+  const has = new Set(paths)
+  const required = [
+    'package.json', 'README.md', 'LICENSE', 'CMakeLists.txt', 'binding.gyp', 'scripts/install.mjs', 'scripts/build-native.mjs',
+    'dist/index.js', 'dist/index.d.ts', 'dist/native.js', 'dist/cli/main.js', 'dist/chat-template.js', 'dist/encode-worker.js',
+    'csrc/binding/addon.cc', 'csrc/ops.cc',
+    ...readdirSync(join(root, 'models', 'default'))
+      .filter((f) => f !== 'training_stats.json')
+      .map((f) => `models/default/${f}`),
+  ]
+  const missing = required.filter((p) => !has.has(p))
+  if (missing.length) fail(`the tarball lacks ${missing.join(', ')}`)
+  const devOnly = paths.filter(
+    (p) =>
+      /^(lib|test|bench|tools|examples|packages|build|node_modules|csrc\/dev)\//.test(p) ||
+      /^\./.test(p) ||
+      p === 'dist/.source-hash' ||
+      p === 'models/default/training_stats.json' ||
+      (/\.ts$/.test(p) && !/\.d\.ts$/.test(p)) ||
+      /\.(map|tgz|log)$/.test(p),
+  )
+  if (devOnly.length) fail(`the tarball holds development files: ${devOnly.join(', ')}`)
+  // dist/ is compiled into, not emptied: a module whose source is gone would ship.
+  const orphans = paths.filter((p) => /^dist\/.*\.js$/.test(p) && !existsSync(join(root, 'lib', p.slice(5).replace(/\.js$/, '.ts'))))
+  if (orphans.length) fail(`the tarball holds dist/ files without a source in lib/: ${orphans.join(', ')}`)
 }
 
 // A PATH with every program of the current one except build tools.
@@ -83,6 +120,7 @@ const mb = (bytes) => `${(bytes / 1e6).toFixed(1)} MB`
 
 const tarballs = []
 const main = pack(root)
+checkContents(main.paths)
 tarballs.push(main)
 if (!fromSource) {
   if (!existsSync(join(prebuiltDir, 'detinfer.node')))
