@@ -287,8 +287,7 @@ export function native(): NativeAddon {
     throw new Error(
       `detinfer: no native addon: ${sourceBuildPath} does not exist and ${prebuiltPackage} is not installed. ` +
         `Reinstall detinfer without --ignore-scripts (it uses the prebuilt package where there is one for this ` +
-        `platform and builds from source otherwise), or run \`npm run build:native\` in the package (needs CMake ` +
-        `and a C++ compiler; CUDA's nvcc for the GPU backend).`,
+        `platform and builds from source otherwise), or ${rebuildAdvice()}.`,
     )
   }
   const path = prebuilt?.path ?? sourceBuildPath
@@ -302,7 +301,7 @@ export function native(): NativeAddon {
         (prebuilt
           ? `The prebuilt addon needs Linux x64 with glibc ${prebuilt.glibc} or newer; elsewhere reinstall with ` +
             `DETINFER_BUILD_FROM_SOURCE=1 to build from source (needs CMake and a C++ compiler).`
-          : `Rebuild it with \`npm run build:native\` (needs CMake and a C++ compiler; CUDA's nvcc for the GPU backend).`),
+          : `${capitalized(rebuildAdvice())}.`),
     )
   }
   const missing = missingAddonFunctions(loaded)
@@ -312,11 +311,24 @@ export function native(): NativeAddon {
         `${missing.join(', ')}. ` +
         (prebuilt
           ? `Reinstall detinfer and ${prebuiltPackage} at the same version.`
-          : 'Rebuild it with `npm run build:native` (needs CMake and a C++ compiler; CUDA\'s nvcc for the GPU backend).'),
+          : `${capitalized(rebuildAdvice())}.`),
     )
   addon = loaded
   addonPath = path
   return addon
+}
+
+/**
+ * How to build the addon from source: `npm rebuild detinfer` where detinfer is installed (its
+ * install script builds and cleans up), `npm run build:native` in a checkout of the repository.
+ */
+function rebuildAdvice(): string {
+  const how = existsSync(join(packageRoot, '.git')) ? '`npm run build:native` in the checkout' : '`npm rebuild detinfer`'
+  return `build it from source with ${how} (needs CMake and a C++ compiler; CUDA's nvcc for the GPU backend)`
+}
+
+function capitalized(text: string): string {
+  return text[0]!.toUpperCase() + text.slice(1)
 }
 
 /** The ADDON_FUNCTIONS an addon does not have. */

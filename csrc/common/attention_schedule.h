@@ -5,10 +5,12 @@
 // Neither constant may depend on the batch, the sequence length or the free SMs.
 #pragma once
 
+// Its own name: token_choice.h's DI_HOST_DEVICE also forces inlining, and the two headers meet
+// in most files.
 #if defined(__CUDACC__)
-#define DI_HOST_DEVICE __host__ __device__
+#define DI_SCHEDULE_HOST_DEVICE __host__ __device__
 #else
-#define DI_HOST_DEVICE
+#define DI_SCHEDULE_HOST_DEVICE
 #endif
 
 namespace detinfer::attention_schedule {
@@ -21,7 +23,7 @@ static_assert(kSplitSize % kKeyBlock == 0, "a split is a whole number of key blo
 
 // Variant configuration only (FlashDecoding-style): the number of splits grows when the batch is
 // small, so the split boundaries depend on the batch size and the length.
-DI_HOST_DEVICE inline int variant_split_size(int batch, int seq_len) {
+DI_SCHEDULE_HOST_DEVICE inline int variant_split_size(int batch, int seq_len) {
   int splits = 64 / (batch < 1 ? 1 : batch);
   int by_len = (seq_len + kKeyBlock - 1) / kKeyBlock;
   if (splits > by_len) splits = by_len;
