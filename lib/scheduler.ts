@@ -367,7 +367,8 @@ export class Scheduler {
   }
 
   // First come, first served: a request that does not fit yet waits, and so do the ones behind it.
-  // Leading blocks of the prompt found in the prefix cache are taken instead of computed, except
+  // Leading blocks of the prompt found in the prefix cache are taken instead of computed (a request
+  // whose next such block a running sequence is still computing waits until it is cached), except
   // that the last prompt token is always computed (its logits row is the first choice, or the first
   // score): at most floor((promptLength - 1) / blockSize) blocks are reused. A generation with
   // logit processors also takes a row of the model's processor table (there is one per place in
@@ -391,6 +392,13 @@ export class Scheduler {
       const reusable = Math.floor((seq.promptLength - 1) / this.allocator.blockSize)
       const hashes = this.allocator.prefixCache ? seq.hasher.extend(seq.tokens, reusable) : []
       const reused = this.allocator.acquirePrefix(hashes)
+      if (reused.length < hashes.length && this.computingPromptBlock(reused.length, hashes[reused.length]!)) {
+        // The next block it could reuse is being computed by a running sequence that starts the
+        // same way (requests that came together, the choices of n > 1): it waits for that block
+        // rather than compute it again.
+        this.allocator.release(reused)
+        return
+      }
       const fresh = this.allocator.allocate(this.allocator.blocksFor(seq.cacheNeed) - reused.length)
       if (!fresh) {
         this.allocator.release(reused)
@@ -406,6 +414,18 @@ export class Scheduler {
       seq.admittedAt = performance.now()
       this.running.push(seq)
     }
+  }
+
+  /** Whether a running sequence is writing block `index` of its prompt, whose chain hash is `hash`, and has not registered it yet. */
+  private computingPromptBlock(index: number, hash: string): boolean {
+    for (const seq of this.running) {
+      // The positions its prefill certainly writes: the prompt (generate), all but the last token (score).
+      const written = seq.request.kind === 'generate' ? seq.promptLength : seq.tokens.length - 1
+      const blocks = Math.floor(written / this.allocator.blockSize)
+      if (index < seq.registered || index >= blocks) continue
+      if (seq.hasher.extend(seq.tokens, blocks)[index] === hash) return true
+    }
+    return false
   }
 
   /** Registers the sequence's blocks that are now fully written with the prefix cache. */

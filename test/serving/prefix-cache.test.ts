@@ -15,6 +15,7 @@ import { Scheduler } from '../../lib/scheduler.js'
 import { firstDifference } from '../helpers/compare.js'
 import { describeGpu } from '../helpers/gpu.js'
 import { ContextHashModel } from './context-hash-model.js'
+import { LaunchingModel } from './launching-model.js'
 
 const BLOCK = 16 // the KV block size loadModel uses
 const TEXT =
@@ -224,5 +225,31 @@ describe('prefix-cache bookkeeping', () => {
       }
     expect(shared.size).toBe(2)
     expect(scheduler.load.usedBlocks).toBe(0)
+  })
+
+  it('requests that start the same way at the same time (the choices of n > 1) compute the shared blocks once', async () => {
+    const run = async (prefixCache: boolean) => {
+      const forward = new LaunchingModel({ kvBlocks: 64, kvBlockSize: 4, maxBatchTokens: 64 })
+      const scheduler = new Scheduler(forward, { maxBatchSize: 8, prefillChunkSize: 8, prefixCache })
+      const prompt = Array.from({ length: 33 }, (_, i) => (i % 30) + 1) // 8 full blocks and 1 token
+      const results = await Promise.all(
+        Array.from({ length: 4 }, (_, k) => {
+          const tokens: number[] = []
+          const p = k === 3 ? [...prompt.slice(0, 20), 7, 7] : prompt // the last shares 5 blocks
+          return scheduler
+            .submit({ kind: 'generate', prompt: p, maxTokens: 6, sampling: null, onToken: (t) => (tokens.push(t), true) })
+            .done.then((o) => ({ tokens, cached: o.timings.cachedTokens }))
+        }),
+      )
+      const prefilled = forward.launches.reduce((n, l) => n + l.chunks.reduce((m, c) => m + (c.startPosition < 33 ? c.tokens.length : 0), 0), 0)
+      return { results, prefilled, load: scheduler.load }
+    }
+    const cold = await run(false)
+    const shared = await run(true)
+    expect(shared.results.map((r) => r.tokens)).toEqual(cold.results.map((r) => r.tokens))
+    expect(shared.results.map((r) => r.cached)).toEqual([0, 32, 32, 20])
+    expect(shared.load.prefixHitTokens).toBe(84)
+    expect(shared.load.usedBlocks).toBe(0)
+    expect(shared.prefilled).toBeLessThan(cold.prefilled)
   })
 })
