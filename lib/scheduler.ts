@@ -479,8 +479,10 @@ export class Scheduler {
 
   // The step after `current`, when it is known before current's results: current is a decode step
   // of every running sequence, and the next step decodes those that will still be running after it
-  // (they have tokens left whatever they choose). Null when none will, or when a waiting request
-  // could be admitted (a free slot, or one that a sequence ending at current frees): it goes first.
+  // (they have tokens left whatever they choose). Null when none will, or when a sequence ends at
+  // current (maxTokens) while a request waits: what it frees may admit that request, which goes
+  // first. A request still waiting otherwise was just refused by admit() (no place, blocks or
+  // processor row), and nothing frees one before current is read back.
   private continuing(current: InFlight): PackedChunk[] | null {
     if (!this.launchesAhead || !this.model.launch) return null
     const inCurrent = new Set(current.packed.map((p) => p.seq))
@@ -490,7 +492,7 @@ export class Scheduler {
       if (p.chunk.tokens.length !== 1 || p.chunk.logits !== 'last' || p.seq.request.kind !== 'generate') return null
       if (!p.seq.finish && !p.seq.cancelled && p.seq.generated + 1 < p.seq.request.maxTokens) next.push(p)
     }
-    const freed = next.length < current.packed.length || this.running.length < this.maxBatchSize
+    const freed = next.length < current.packed.length
     return next.length && !(this.waiting.length && freed) ? next : null
   }
 

@@ -8,6 +8,7 @@ import type { LaunchedStep } from '../../lib/step.js'
 import { RequestTooLargeError } from '../../lib/errors.js'
 import { mulberry32 } from '../helpers/random.js'
 import { ALPHABET, ContextHashModel, EOS, charTokenizer } from './context-hash-model.js'
+import { LaunchingModel } from './launching-model.js'
 
 function randomPrompts(count: number, seed: number, maxLength: number): number[][] {
   const rand = mulberry32(seed)
@@ -295,5 +296,26 @@ describe('steps launched ahead', () => {
     const next = await generate(s, [5, 6, 7], 1)
     expect(next.tokens).toHaveLength(1)
     expect(model.steps - before).toBe(1) // one step: its own prefill
+  })
+
+  it('a request waiting for cache blocks (a free place in the batch, too few blocks) does not stop steps launched ahead', async () => {
+    // Each request needs 8 + 24 - 1 = 31 positions, 8 blocks of 4: 10 blocks hold one at a time.
+    const prompts = [0, 5, 9].map((k) => Array.from({ length: 8 }, (_, i) => ((i + k) % 30) + 1))
+    const run = async (together: boolean, launchAhead = true) => {
+      const model = new LaunchingModel({ kvBlocks: 10, kvBlockSize: 4 })
+      const s = new Scheduler(model, { maxBatchSize: 4, prefillChunkSize: 16, launchAhead })
+      const gen = (prompt: number[]) => {
+        const tokens: number[] = []
+        return s.submit({ kind: 'generate', prompt, maxTokens: 24, sampling: null, onToken: (t) => (tokens.push(t), true) }).done.then(() => tokens)
+      }
+      const tokens = together ? await Promise.all(prompts.map(gen)) : [await gen(prompts[0]!), await gen(prompts[1]!), await gen(prompts[2]!)]
+      return { tokens, ahead: model.launches.filter((l) => l.after).length }
+    }
+    const alone = await run(false)
+    const together = await run(true)
+    expect(together.tokens).toEqual(alone.tokens)
+    expect(together.tokens).toEqual((await run(true, false)).tokens)
+    expect(alone.ahead).toBe(3 * 22) // every decode step but each request's first
+    expect(together.ahead).toBe(alone.ahead)
   })
 })
