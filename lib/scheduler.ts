@@ -326,7 +326,6 @@ export class Scheduler {
         if (this.waiting.length) this.failAll(new Error('Scheduler: no request can be admitted although none is running'))
         continue
       }
-      this.peakRunning = Math.max(this.peakRunning, this.running.length)
       try {
         await this.step()
       } catch (err) {
@@ -463,6 +462,8 @@ export class Scheduler {
   }
 
   private launch(packed: PackedChunk[], after?: InFlight, afterRows?: number[]): InFlight {
+    // The sequences this step runs (a running one whose prompt waits for a share of the tokens is not among them).
+    this.peakRunning = Math.max(this.peakRunning, packed.length)
     const rows = packed.flatMap((p) => (p.chunk.logits === 'none' ? [] : p.rows))
     const choices = rows.map((row) => this.choiceFor(row))
     const topN = rows.reduce((n, row) => Math.max(n, topLogprobsOf(row.seq.request)), 0)

@@ -104,6 +104,16 @@ describe('continuous batching (context-hash model)', () => {
     )
   })
 
+  it('load.peakRunning counts the sequences of a step, not those admitted that wait for a share of it', async () => {
+    // maxBatchTokens 8 and chunks of 8: the 16-token prompt takes two whole steps, the 8-token one a third.
+    const forward = new ContextHashModel({ kvBlocks: 64, kvBlockSize: 4, maxBatchTokens: 8 })
+    const scheduler = new Scheduler(forward, { maxBatchSize: 4, prefillChunkSize: 8 })
+    const submit = (prompt: number[]) => scheduler.submit({ kind: 'generate', prompt, maxTokens: 1, sampling: null, onToken: () => true }).done
+    await Promise.all([submit(Array(16).fill(3)), submit(Array(8).fill(4))])
+    expect(forward.steps.map((s) => s.length)).toEqual([1, 1, 1])
+    expect(scheduler.load.peakRunning).toBe(1)
+  })
+
   it('returns every cache block once all requests are done or cancelled', async () => {
     const { forward } = makeModel()
     const scheduler = new Scheduler(forward, { maxBatchSize: 4, prefillChunkSize: 8 })
