@@ -541,8 +541,9 @@ export class Scheduler {
             row: seq.processorRow,
             first,
             settings: request.processors,
-            // A repetition penalty penalizes the prompt's tokens too: they are marked when the row is taken.
-            ...(first && request.processors.repetitionPenalty !== 1 && { prompt: request.prompt }),
+            // A repetition penalty penalizes the prompt's tokens too: they are marked when the row is
+            // taken. The sequence's copy, not the caller's array, which may have changed since submit().
+            ...(first && request.processors.repetitionPenalty !== 1 && { prompt: seq.tokens.slice(0, seq.promptLength) }),
           }
         : undefined
     return tokenChoice(request.sampling, row.position + 1, -1, topLogprobs, processors)

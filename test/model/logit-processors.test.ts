@@ -203,6 +203,29 @@ describe('logit processors through the scheduler, on the CPU backend', () => {
     }
   })
 
+  it("a repetition penalty marks the prompt the request was submitted with, whatever the caller's array holds later", async () => {
+    const model = await load('cpu', true)
+    try {
+      const processors: LogitProcessors = { frequencyPenalty: 0, presencePenalty: 0, repetitionPenalty: 2, logitBias: [] }
+      const given = [5, 17, 42, 8, 99, 3, 64, 17, 5]
+      const run = async (prompt: number[], mutate: boolean) => {
+        const scheduler = new Scheduler(model, { maxBatchSize: 1, prefillChunkSize: 16 })
+        const out: number[] = []
+        // Another request ahead of it: its first step comes after the caller has gone on.
+        const before = scheduler.submit({ kind: 'generate', prompt: [1, 2, 3], maxTokens: 4, sampling: null, onToken: () => true }).done
+        const done = scheduler.submit({ kind: 'generate', prompt, maxTokens: 12, sampling: null, processors, onToken: (t) => out.push(t) > 0 }).done
+        // 40, marked as the prompt's, would change the first choice (40 unpenalized).
+        if (mutate) prompt.fill(40)
+        await Promise.all([before, done])
+        await scheduler.close(new Error('done'))
+        return out
+      }
+      expect(await run([...given], true)).toEqual(await run([...given], false))
+    } finally {
+      model.dispose()
+    }
+  })
+
   it('a sequence that takes a row another used starts from zero counts, after a wasted row too', async () => {
     const model = await load('cpu', true)
     try {
