@@ -66,7 +66,8 @@ export async function readGenerationDefaults(dir: string, { required = false } =
   }
   const topK = set('top_k')
   if (topK !== undefined) {
-    if (!Number.isInteger(topK) || topK < 0) throw badValue(file, 'top_k', 'an integer of at least 0 (0: no limit)', topK)
+    // -1 and 0 are no limit, as for a request's top_k (vLLM's -1 among them).
+    if (!Number.isInteger(topK) || topK < -1) throw badValue(file, 'top_k', 'an integer of at least -1 (-1 or 0: no limit)', topK)
     if (topK > 0) sampling.topK = topK
   }
   const minP = set('min_p')

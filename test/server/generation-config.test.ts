@@ -32,6 +32,8 @@ describe('readGenerationDefaults', () => {
     expect(d.sampling).toEqual({ minP: 0.1, maxTokens: 512 })
     expect(describeSamplingDefaults(d.sampling)).toBe('min_p 0.1, max_tokens 512')
     expect((await readGenerationDefaults(dirWith({ top_k: 0, min_p: 0, temperature: null }))).sampling).toEqual({})
+    // -1 is no limit, as a request's top_k -1 is (vLLM's disabled value)
+    expect((await readGenerationDefaults(dirWith({ top_k: -1, temperature: 0.7 }))).sampling).toEqual({ temperature: 0.7 })
   })
 
   it("Qwen2.5's file: a repetition penalty too", async () => {
@@ -51,7 +53,8 @@ describe('readGenerationDefaults', () => {
       [{ temperature: 2.5 }, 'Expected a number between 0 and 2 for temperature'],
       [{ temperature: '0.7' }, 'Expected a number for temperature'],
       [{ top_p: 0 }, 'Expected a number above 0 and at most 1 for top_p'],
-      [{ top_k: 2.5 }, 'Expected an integer of at least 0 (0: no limit) for top_k'],
+      [{ top_k: 2.5 }, 'Expected an integer of at least -1 (-1 or 0: no limit) for top_k'],
+      [{ top_k: -2 }, 'Expected an integer of at least -1 (-1 or 0: no limit) for top_k'],
       [{ min_p: 1.5 }, 'Expected a number between 0 and 1 for min_p'],
       [{ max_new_tokens: 0 }, 'Expected an integer of at least 1 for max_new_tokens'],
       [{ repetition_penalty: 'high' }, 'Expected a number for repetition_penalty'],
