@@ -75,9 +75,9 @@ export interface ServerOptions {
   allowedOrigins?: string[] | '*'
 
   /**
-   * What a request that leaves out temperature, top_p, top_k, min_p, repetition_penalty or
-   * max_tokens gets instead of OpenAI's defaults: the model's generation_config.json
-   * (`--generation-config auto`).
+   * What a request that leaves out temperature, top_p, top_k, min_p or repetition_penalty gets
+   * instead of OpenAI's defaults, and the most max_tokens any request gets: the model's
+   * generation_config.json (`--generation-config auto`).
    */
   samplingDefaults?: SamplingDefaults
 }
@@ -591,7 +591,10 @@ export class InferenceServer {
           `This model's maximum context length is ${loaded.model.contextLength} tokens; the prompt has ${ids.length} tokens, which leaves no room for a completion`,
           endpoint === 'chat' ? 'messages' : 'prompt',
         )
-      const maxTokens = Math.min(requested ?? this.options.samplingDefaults?.maxTokens ?? (endpoint === 'chat' ? room : DEFAULT_COMPLETION_TOKENS), room)
+      // The sampling defaults' max_tokens (max_new_tokens) is a limit, as in vLLM: the least of
+      // the request's (16 for completions, the context's rest for chat), that and the room.
+      const limit = this.options.samplingDefaults?.maxTokens ?? Infinity
+      const maxTokens = Math.min(requested ?? (endpoint === 'chat' ? room : DEFAULT_COMPLETION_TOKENS), limit, room)
       for (let i = 0; i < n; i++)
         choices.push({
           index: p * n + i,

@@ -1,8 +1,8 @@
 // The sampling defaults a model's generation_config.json recommends, as `detinfer serve
 // --generation-config auto` (the default) applies them to requests that leave a parameter out,
 // the way vLLM's server does (its `--generation-config auto`): temperature, top_p, top_k, min_p,
-// repetition_penalty and max_new_tokens (as max_tokens). As there, a value equal to
-// transformers' own default (GenerationConfig: temperature 1, top_p 1, top_k 50,
+// repetition_penalty, and max_new_tokens as a limit of every request's max_tokens. As there, a
+// value equal to transformers' own default (GenerationConfig: temperature 1, top_p 1, top_k 50,
 // repetition_penalty 1) counts as not set, since transformers leaves it out of the config's
 // differences from the defaults, which is what vLLM reads; do_sample is not read.
 import { existsSync } from 'node:fs'

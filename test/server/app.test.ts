@@ -815,3 +815,32 @@ describe('routes', () => {
     }
   })
 })
+
+describe('max_new_tokens of the sampling defaults (--generation-config)', () => {
+  it("caps max_tokens as vLLM's server limit: the request's, 16 for completions, the context's rest for chat", async () => {
+    const tokenizer = await Tokenizer.load(defaultModelPath)
+    const prompt = tokenizer.encodePrompt('Count:', false)
+    const script = Array.from({ length: 60 }, (_, i) => 1000 + i)
+    const eos = tokenizer.eosTokenIds[0]!
+    const model = new Model({ forward: new ScriptedModel(4096, prompt.length, script, eos), tokenizer, path: 'capped' }, { maxBatchSize: 4, prefillChunkSize: 256 })
+    const tokens = async (maxTokens: number, payload: object, url = '/v1/completions') => {
+      const server = new InferenceServer({ modelName: 'capped', maxQueued: 8, bodyLimit: 1 << 20, samplingDefaults: { maxTokens } })
+      server.setModel(model, 'fp_capped')
+      try {
+        const res = await server.app.inject({ method: 'POST', url, payload: { model: 'capped', temperature: 0, ...payload } })
+        expect(res.statusCode, res.body).toBe(200)
+        return res.json().usage.completion_tokens as number
+      } finally {
+        await server.app.close()
+      }
+    }
+    expect(await tokens(5, { prompt: prompt })).toBe(5)
+    expect(await tokens(30, { prompt: prompt })).toBe(16)
+    expect(await tokens(5, { prompt: prompt, max_tokens: 20 })).toBe(5)
+    expect(await tokens(30, { prompt: prompt, max_tokens: 20 })).toBe(20)
+    // Chat: the prompt is the template's, so the script is cut at the cap, whatever the prompt's length.
+    expect(await tokens(7, { messages: [{ role: 'user', content: 'Count:' }] }, '/v1/chat/completions')).toBe(7)
+    expect(await tokens(7, { messages: [{ role: 'user', content: 'Count:' }], max_completion_tokens: 9 }, '/v1/chat/completions')).toBe(7)
+    await model.dispose()
+  })
+})

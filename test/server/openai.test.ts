@@ -861,9 +861,12 @@ describe('detinfer serve --generation-config (openai client): the model\'s sampl
       const r = await client.completions.create(request)
       expect(r.usage!.completion_tokens).toBe(5)
       expect(r.choices[0]!.text).toBe(greedy.text)
-      const sampled = await model.generate(ids, { maxTokens: 7, temperature: 1, seed: 3, ignoreEos: true })
-      const own = await client.completions.create({ ...request, temperature: 1, max_tokens: 7, repetition_penalty: 1 } as Parameters<typeof client.completions.create>[0] & { stream?: false })
+      const sampled = await model.generate(ids, { maxTokens: 4, temperature: 1, seed: 3, ignoreEos: true })
+      const own = await client.completions.create({ ...request, temperature: 1, max_tokens: 4, repetition_penalty: 1 } as Parameters<typeof client.completions.create>[0] & { stream?: false })
       expect(own.choices[0]!.text).toBe(sampled.text)
+      // max_new_tokens is a limit, as vLLM takes it: more asked for gives 5.
+      const capped = await client.completions.create({ ...request, max_tokens: 7 })
+      expect(capped.usage!.completion_tokens).toBe(5)
     } finally {
       expect(await server.stop()).toBe(0)
     }
