@@ -131,7 +131,9 @@ export class InferenceServer {
       void this.app.register(cors, {
         origin: options.allowedOrigins === '*' ? '*' : options.allowedOrigins,
         methods: ['GET', 'POST'],
-        allowedHeaders: ['authorization', 'content-type'],
+        // The headers a preflight names are allowed (as vLLM allows any): clients send their own,
+        // such as the openai package's x-stainless-*, and a header left out fails the request.
+        // Access stays by origin, and the API key is checked on the request itself.
         maxAge: 600,
       })
       void this.app.after(() => this.routes())

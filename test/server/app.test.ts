@@ -762,7 +762,17 @@ describe('CORS (--allowed-origins)', () => {
       expect(ok.statusCode).toBe(204)
       expect(ok.headers['access-control-allow-origin']).toBe('http://localhost:5173')
       expect(ok.headers['access-control-allow-methods']).toBe('GET, POST')
-      expect(ok.headers['access-control-allow-headers']).toBe('authorization, content-type')
+      expect(ok.headers['access-control-allow-headers']).toBe('authorization,content-type')
+      // The openai package in a browser sends its own headers (x-stainless-*): a preflight that
+      // names them must allow them, or the browser never sends the request.
+      const sdk = 'accept,authorization,content-type,x-stainless-arch,x-stainless-lang,x-stainless-os,x-stainless-package-version,x-stainless-retry-count,x-stainless-runtime,x-stainless-runtime-version'
+      const fromSdk = await server.app.inject({
+        method: 'OPTIONS',
+        url: '/v1/chat/completions',
+        headers: { origin: 'http://localhost:5173', 'access-control-request-method': 'POST', 'access-control-request-headers': sdk },
+      })
+      expect(fromSdk.statusCode).toBe(204)
+      expect(fromSdk.headers['access-control-allow-headers']).toBe(sdk)
       // Another origin: no Access-Control-Allow-Origin, so its browser keeps the answer from the page.
       expect((await preflight(server, 'http://evil.example')).headers['access-control-allow-origin']).toBeUndefined()
       // The request itself still needs the key; its 401 carries the header, so the page can read why.
