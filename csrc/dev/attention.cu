@@ -282,8 +282,8 @@ int main(int argc, char** argv) {
                {1, 256}, {1, 1024}, {1, 8192}, {1, 32768}, {8, 256}, {8, 1024}, {8, 8192}, {8, 32768}, {16, 256},
                {32, 256}, {32, 1024}, {64, 128}, {64, 256}, {64, 512}, {64, 1024}, {64, 8192}, {128, 256}}) {
         // Decode blocks: one per (sequence, kv head, split); four query heads per kv head.
-        constexpr int kSplit = attention_schedule::kSplitSize;
-        const int blocks = batch * kKvHeads * ((context + kSplit - 1) / kSplit);
+        const int split = ops::attention_split_size_now();  // --split, else the build's
+        const int blocks = batch * kKvHeads * ((context + split - 1) / split);
         bench_decode(batch, context);  // warm-up
         double us[4], gbps = 0;
         for (int p = 0; p < 4; ++p) {
