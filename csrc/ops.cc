@@ -480,7 +480,7 @@ static int64_t check_plan(const Checker& c, const Tensor& plan) {
 }
 
 void apply_logit_processors(Tensor& adjusted, Tensor& adjusted_params, Tensor& counts, const Tensor& x,
-                            const Tensor& params, const Tensor& plan, const Tensor& settings) {
+                            const Tensor& params, const Tensor& plan, const Tensor& settings, const Tensor& mask) {
   Checker c{"apply_logit_processors"};
   c.devices({{"adjusted", &adjusted},
              {"adjusted_params", &adjusted_params},
@@ -488,7 +488,8 @@ void apply_logit_processors(Tensor& adjusted, Tensor& adjusted_params, Tensor& c
              {"x", &x},
              {"params", &params},
              {"plan", &plan},
-             {"settings", &settings}});
+             {"settings", &settings},
+             {"mask", &mask}});
   check_rows(c, x);
   const int64_t V = x.dim(1);
   const int64_t J = check_plan(c, plan);
@@ -511,10 +512,14 @@ void apply_logit_processors(Tensor& adjusted, Tensor& adjusted_params, Tensor& c
   c.rank(settings, "settings", 2);
   c.dim(settings, "settings", 0, counts.dim(0), "rows of counts");
   c.dim(settings, "settings", 1, processors::kSettings, "processors::kSettings");
+  c.dtype(mask, "mask", {DType::I32});
+  c.rank(mask, "mask", 2);
+  c.dim(mask, "mask", 0, counts.dim(0), "rows of counts");
+  c.dim(mask, "mask", 1, processors::mask_words(V), "ceil(V / 32) words, V the columns of x");
   if (V > 0x7fffffff) fail("apply_logit_processors: expected at most 2^31 - 1 columns but received ", x.describe());
   if (J == 0 || V == 0) return;
-  on_cuda(x) ? cuda::apply_logit_processors(adjusted, adjusted_params, counts, x, params, plan, settings)
-             : cpu::apply_logit_processors(adjusted, adjusted_params, counts, x, params, plan, settings);
+  on_cuda(x) ? cuda::apply_logit_processors(adjusted, adjusted_params, counts, x, params, plan, settings, mask)
+             : cpu::apply_logit_processors(adjusted, adjusted_params, counts, x, params, plan, settings, mask);
 }
 
 void record_logit_choices(Tensor& params, Tensor& counts, const Tensor& chosen, const Tensor& plan) {

@@ -192,8 +192,10 @@ export interface NativeAddon {
   chooseTokens(out: NativeTensor, x: NativeTensor, params: NativeTensor, live?: NativeTensor | null): void
   /**
    * Logit processors (csrc/common/logit_processors.h): for the plan's rows j < plan[0], adjusted[j]
-   * = the penalized and biased row plan[1+3j] of x (counts u16 [S, V] and settings i32 [S, 604] of
-   * table row plan[2+3j], its counts zeroed first when plan[3+3j] is 1), adjustedParams[j] = its params.
+   * = the penalized and biased row plan[1+4j] of x (counts u16 [S, V] and settings i32 [S, 604] of
+   * table row plan[2+4j], its counts zeroed first when plan[3+4j] is 1), with the tokens its mask
+   * row (mask i32 [S, ceil(V/32)], bit v & 31 of word v >> 5) forbids at -Infinity when plan[4+4j]
+   * is 1; adjustedParams[j] = its params.
    */
   applyLogitProcessors(
     adjusted: NativeTensor,
@@ -203,6 +205,7 @@ export interface NativeAddon {
     params: NativeTensor,
     plan: NativeTensor,
     settings: NativeTensor,
+    mask: NativeTensor,
   ): void
   /** After chooseTokens on the adjusted rows: params[plan row].target = the chosen id, and its count + 1. */
   recordLogitChoices(params: NativeTensor, counts: NativeTensor, chosen: NativeTensor, plan: NativeTensor): void

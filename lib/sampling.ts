@@ -41,6 +41,13 @@ export interface RowProcessors {
   settings: LogitProcessors
   /** On the first choice with a repetition penalty: the prompt's ids, which it penalizes too. */
   prompt?: readonly number[]
+  /**
+   * The allowed next tokens of a constrained completion (grammar), i32 words, bit v & 31 of word
+   * v >> 5: ceil(vocab / 32) words, at least one token below the vocabulary allowed. Given on every
+   * choice of such a completion, absent otherwise. The others' logits are -Infinity for the choice,
+   * after the penalties and biases (a bias cannot revive them); the allowed ones' are unchanged.
+   */
+  mask?: Int32Array
 }
 
 /** What to do with one logits row. */

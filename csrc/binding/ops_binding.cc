@@ -262,7 +262,8 @@ Napi::Value ChooseTokens(const Napi::CallbackInfo& info) {
 Napi::Value ApplyLogitProcessors(const Napi::CallbackInfo& info) {
   Args a{info, "applyLogitProcessors"};
   ops::apply_logit_processors(a.tensor(0, "adjusted"), a.tensor(1, "adjustedParams"), a.tensor(2, "counts"),
-                              a.tensor(3, "x"), a.tensor(4, "params"), a.tensor(5, "plan"), a.tensor(6, "settings"));
+                              a.tensor(3, "x"), a.tensor(4, "params"), a.tensor(5, "plan"), a.tensor(6, "settings"),
+                              a.tensor(7, "mask"));
   return info.Env().Undefined();
 }
 

@@ -1,7 +1,9 @@
-// Logit processors: OpenAI's frequency_penalty, presence_penalty and logit_bias, and vLLM's
-// repetition_penalty, applied to a logits row before token choice (common/token_choice.h). Shared by the CPU backend
-// (cpu/logit_processors.cc) and the CUDA kernels (kernels/logit_processors.cu), and followed by
-// the tests' reference (test/helpers/sampling-reference.ts), so that all three compute one thing.
+// Logit processors: OpenAI's frequency_penalty, presence_penalty and logit_bias, vLLM's
+// repetition_penalty, and a token mask (the allowed next tokens of a constrained completion, such
+// as one that follows a grammar or a JSON schema), applied to a logits row before token choice
+// (common/token_choice.h). Shared by the CPU backend (cpu/logit_processors.cc) and the CUDA
+// kernels (kernels/logit_processors.cu), and followed by the tests' reference
+// (test/helpers/sampling-reference.ts), so that all three compute one thing.
 //
 // The one definition. With x the model's logit of token v, c the number of times v was chosen so
 // far in this completion (its output tokens only, never the prompt's), f the frequency penalty, p
@@ -11,18 +13,29 @@
 //   c == 0:  y = x
 //   c >  0:  y = (x - f * c) - p
 //   then, for a token logit_bias names:  y = y + b
+//   then, on a masked row, for a token the mask does not allow:  y = -infinity
 // each operation one float32 rounding, in exactly that order (x / r or x * r, then f * c, then the
 // subtraction from x, then the subtraction of p, then the addition of b; both backends are built
 // without contraction into FMA: -ffp-contract=off and nvcc --fmad=false, and with IEEE division).
 // A token's u16 word holds c in its low 15 bits (saturating at 32767) and, in bit 15, whether the
 // token is in the prompt: set only for completions with a repetition penalty, when the sequence
 // takes its row (reset_logit_row).
+// The mask comes last, after the penalties and the bias, so that a bias cannot revive a token the
+// mask forbids; it only replaces y: an allowed token keeps exactly the y above, bit for bit, and a
+// row whose plan entry is not masked is computed as if there were no mask table. A masked row's
+// mask is its table row of the mask table (i32 [table rows, W], W = ceil(V / 32)): token v is
+// allowed when bit v & 31 of word v >> 5 is set (token_allowed below); the bits of the last word
+// at v >= V are ignored. The host gives a mask at every step of a constrained completion (it
+// changes from step to step) and refuses one that allows no token.
 // Token choice then runs on y (greedy: argmax y; sampling: temperature, top-k, top-p and min-p on
-// y), while the log-probs the row reports are those of the raw logits x: the chosen token's is the
-// one scoring it gives (choose_tokens with the token as target), and the top-N are x's.
+// y; a token at -infinity has weight 0 and never wins against a finite y, so a masked row chooses
+// an allowed token), while the log-probs the row reports are those of the raw logits x: the chosen
+// token's is the one scoring it gives (choose_tokens with the token as target), and the top-N are
+// x's (a masked row's top-N may name tokens its mask forbids).
 //
 // A processed step, per logits row r that has processors (the plan below lists them):
-//   apply_logit_processors   adjusted[j] = y of row r_j; adjusted_params[j] = params[r_j]
+//   apply_logit_processors   adjusted[j] = y of row r_j (masked when its plan entry says so);
+//                            adjusted_params[j] = params[r_j]
 //   choose_tokens            the choice on adjusted[j] (rows j >= K skipped)
 //   record_logit_choices     params[r_j].target = that id; counts[k_j][id] += 1
 //   choose_tokens            on x as for any row: processed rows are scored targets
@@ -54,12 +67,22 @@ constexpr int kBias = 4;       // kMaxBias pairs (token id, bias as f32 bits), t
 constexpr int kSettings = kBias + 2 * kMaxBias;
 
 // The plan of a launch (i32 [1 + kPlanFields * J]): plan[0] = K, the rows in use (K <= J), then
-// for each j < K: the logits row, the table row and whether the sequence takes the table row now
-// (its first token: its counts are read as 0 and zeroed). Table rows of one plan are distinct.
-constexpr int kPlanFields = 3;
+// for each j < K: the logits row, the table row, whether the sequence takes the table row now
+// (its first token: its counts are read as 0 and zeroed) and whether the table row's token mask
+// applies this step (1; 0: no mask, its words are not read). Table rows of one plan are distinct.
+constexpr int kPlanFields = 4;
 constexpr int kPlanRow = 0;
 constexpr int kPlanTableRow = 1;
 constexpr int kPlanFresh = 2;
+constexpr int kPlanMask = 3;
+
+// The words of a token mask row (i32 [W]): W = ceil(V / 32).
+DI_HOST_DEVICE int64_t mask_words(int64_t V) { return (V + 31) / 32; }
+
+// Whether token v (0 <= v < V) is allowed by the mask row `words`: bit v & 31 of word v >> 5.
+DI_HOST_DEVICE bool token_allowed(const int32_t* words, int64_t v) {
+  return ((static_cast<uint32_t>(words[v >> 5]) >> (v & 31)) & 1u) != 0;
+}
 
 // y before the bias: the penalties of a token whose word (above) is `word`.
 DI_HOST_DEVICE float penalized_logit(float x, uint32_t word, float f, float p, float r) {
@@ -73,5 +96,11 @@ DI_HOST_DEVICE float penalized_logit(float x, uint32_t word, float f, float p, f
 
 // y of a token logit_bias names.
 DI_HOST_DEVICE float biased_logit(float y, float b) { return y + b; }
+
+// y of a token on a masked row, after the penalties and the bias: unchanged when allowed, else
+// -infinity (float32 bits 0xff800000).
+DI_HOST_DEVICE float masked_logit(float y, bool allowed) {
+  return allowed ? y : choice::as_float(static_cast<int32_t>(0xff800000u));
+}
 
 }  // namespace detinfer::processors

@@ -96,17 +96,18 @@
   /* With live (i32 [>= 1]), rows r >= live[0] are skipped: their out rows are not written. */        \
   X(choose_tokens, (Tensor & out, const Tensor& x, const Tensor& params, const Tensor* live))         \
   /* Logit processors (common/logit_processors.h): for j < plan[0], adjusted[j,:] = the penalized */ \
-  /* and biased logits of row r = plan[1+3j] of x with the counts and settings of table row */        \
-  /* k = plan[2+3j] (its counts read as 0 and zeroed when plan[3+3j] is 1), and */                    \
-  /* adjusted_params[j,:] = params[r,:]. adjusted f32 [J,V], adjusted_params i32 [J,kParams], */      \
-  /* counts u16 [S,V], x f32 [R,V], params i32 [R,kParams], plan i32 [1+3J], settings i32 */         \
-  /* [S,kSettings]. Rows j >= plan[0] are left as they are. */                                         \
+  /* and biased logits of row r = plan[1+4j] of x with the counts and settings of table row */        \
+  /* k = plan[2+4j] (its counts read as 0 and zeroed when plan[3+4j] is 1), the tokens mask row k */  \
+  /* forbids at -infinity when plan[4+4j] is 1, and adjusted_params[j,:] = params[r,:]. */            \
+  /* adjusted f32 [J,V], adjusted_params i32 [J,kParams], counts u16 [S,V], x f32 [R,V], params */    \
+  /* i32 [R,kParams], plan i32 [1+4J], settings i32 [S,kSettings], mask i32 [S,ceil(V/32)]. */        \
+  /* Rows j >= plan[0] are left as they are. */                                                        \
   X(apply_logit_processors, (Tensor & adjusted, Tensor & adjusted_params, Tensor & counts,            \
                              const Tensor& x, const Tensor& params, const Tensor& plan,               \
-                             const Tensor& settings))                                                 \
+                             const Tensor& settings, const Tensor& mask))                             \
   /* After choose_tokens on the adjusted rows (chosen i32 [J, >= 2]): for j < plan[0] whose id = */   \
-  /* chosen[j,0] is a token, params[plan[1+3j], target] = id and counts[plan[2+3j], id] += 1 */       \
-  /* (saturating at 32767). params i32 [R,kParams], counts u16 [S,V], plan i32 [1+3J]. */             \
+  /* chosen[j,0] is a token, params[plan[1+4j], target] = id and counts[plan[2+4j], id] += 1 */       \
+  /* (saturating at 32767). params i32 [R,kParams], counts u16 [S,V], plan i32 [1+4J]. */             \
   X(record_logit_choices, (Tensor & params, Tensor & counts, const Tensor& chosen, const Tensor& plan)) \
   /* Table row `row` of counts u16 [S,V] zeroed, then the words of the ids in prompt i32 [n] */      \
   /* marked as the prompt's (common/logit_processors.h, kInPrompt). */                               \

@@ -1,6 +1,6 @@
-// Logit processors (CPU): frequency, presence and repetition penalties and logit bias, as
-// common/logit_processors.h defines them. Elementwise per row: row j of the plan depends on its
-// logits row, its table row and nothing else.
+// Logit processors (CPU): frequency, presence and repetition penalties, logit bias and the token
+// mask, as common/logit_processors.h defines them. Elementwise per row: row j of the plan depends
+// on its logits row, its table row (counts, settings and mask words) and nothing else.
 #include <cstdint>
 #include <cstring>
 
@@ -16,13 +16,13 @@ namespace ch = detinfer::choice;
 
 struct PlanRow {
   int32_t row, table_row;
-  bool fresh;
+  bool fresh, masked;
 };
 
 // Entry j of a plan, checked against the tensors it indexes (the CPU can say what is wrong).
 PlanRow plan_row(const Tensor& plan, int64_t j, int64_t rows, int64_t table_rows, const char* op) {
   const int32_t* e = plan.ptr<int32_t>() + 1 + pr::kPlanFields * j;
-  PlanRow p{e[pr::kPlanRow], e[pr::kPlanTableRow], e[pr::kPlanFresh] != 0};
+  PlanRow p{e[pr::kPlanRow], e[pr::kPlanTableRow], e[pr::kPlanFresh] != 0, e[pr::kPlanMask] != 0};
   DI_CHECK(p.row >= 0 && p.row < rows, op, ": plan row ", j, " names logits row ", p.row, ", outside [0, ", rows, ")");
   DI_CHECK(p.table_row >= 0 && p.table_row < table_rows, op, ": plan row ", j, " names table row ", p.table_row,
            ", outside [0, ", table_rows, ")");
@@ -39,7 +39,7 @@ int64_t live_rows(const Tensor& plan) {
 }  // namespace
 
 void apply_logit_processors(Tensor& adjusted, Tensor& adjusted_params, Tensor& counts, const Tensor& x,
-                            const Tensor& params, const Tensor& plan, const Tensor& settings) {
+                            const Tensor& params, const Tensor& plan, const Tensor& settings, const Tensor& mask) {
   const int64_t V = x.dim(1), K = live_rows(plan);
   for (int64_t j = 0; j < K; ++j) {
     const PlanRow p = plan_row(plan, j, x.dim(0), counts.dim(0), "apply_logit_processors");
@@ -59,6 +59,11 @@ void apply_logit_processors(Tensor& adjusted, Tensor& adjusted_params, Tensor& c
       DI_CHECK(id >= 0 && id < V, "apply_logit_processors: table row ", p.table_row, " biases token ", id,
                ", outside [0, ", V, ")");
       ar[id] = pr::biased_logit(pr::penalized_logit(xr[id], cr[id], f, presence, r), ch::as_float(s[pr::kBias + 2 * i + 1]));
+    }
+    // The mask last, over the biased values too: a bias cannot revive a forbidden token.
+    if (p.masked) {
+      const int32_t* words = mask.ptr<int32_t>() + p.table_row * pr::mask_words(V);
+      for (int64_t v = 0; v < V; ++v) ar[v] = pr::masked_logit(ar[v], pr::token_allowed(words, v));
     }
     std::memcpy(adjusted_params.ptr<int32_t>() + j * ch::kParams, params.ptr<int32_t>() + p.row * ch::kParams,
                 ch::kParams * sizeof(int32_t));

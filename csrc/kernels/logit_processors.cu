@@ -1,13 +1,14 @@
-// Logit processors (CUDA): frequency, presence and repetition penalties and logit bias
-// (common/logit_processors.h has the one definition, the plan and the settings layout).
-//   apply_logit_processors  adjusted[j, v] = y(x[r_j, v], counts[k_j, v]) for j < K = plan[0]
-//                           adjusted f32 [J,V], x f32 [R,V], counts u16 [S,V]
+// Logit processors (CUDA): frequency, presence and repetition penalties, logit bias and the token
+// mask (common/logit_processors.h has the one definition, the plan and the settings layout).
+//   apply_logit_processors  adjusted[j, v] = y(x[r_j, v], counts[k_j, v], mask[k_j]) for j < K = plan[0]
+//                           adjusted f32 [J,V], x f32 [R,V], counts u16 [S,V], mask i32 [S,ceil(V/32)]
 //   record_logit_choices    params[r_j].target = chosen[j, 0]; counts[k_j, chosen[j, 0]] += 1
 //   reset_logit_row         counts[k, :] = 0, then counts[k, prompt[i]] = kInPrompt (a sequence with a
 //                           repetition penalty takes row k; enqueued before its first step)
 // Invariant: elementwise. Block (c, j) of apply_logit_processors owns logits c*kApplyChunk ...
 // of plan row j; every value is one fixed sequence of float32 operations on that token's own
-// logit, count and bias (no reduction), so a row cannot depend on the batch, on J or on K. Rows
+// logit, count and bias, then its own mask bit (no reduction), so a row cannot depend on the
+// batch, on J or on K. The mask words are read only for a plan row whose mask flag is set. Rows
 // j >= K return at once: the launch may be captured for more rows than a step uses (J fixed per
 // CUDA graph bucket, K read on the device). A plan entry outside the tensors (the host never
 // writes one) is skipped instead of read.
@@ -38,20 +39,20 @@ cudaStream_t device_stream() { return static_cast<cudaStream_t>(cuda_runtime::st
 
 struct PlanRow {
   int row, table_row;
-  bool fresh, valid;
+  bool fresh, masked, valid;
 };
 
 __device__ PlanRow load_plan_row(const int32_t* plan, int j, int rows, int table_rows) {
   const int32_t* e = plan + 1 + pr::kPlanFields * j;
-  PlanRow p{e[pr::kPlanRow], e[pr::kPlanTableRow], e[pr::kPlanFresh] != 0, false};
+  PlanRow p{e[pr::kPlanRow], e[pr::kPlanTableRow], e[pr::kPlanFresh] != 0, e[pr::kPlanMask] != 0, false};
   p.valid = p.row >= 0 && p.row < rows && p.table_row >= 0 && p.table_row < table_rows;
   return p;
 }
 
 __global__ void __launch_bounds__(kApplyThreads)
     apply_logit_processors_kernel(float* adjusted, int32_t* adjusted_params, uint16_t* counts, const float* x,
-                                  const int32_t* params, const int32_t* plan, const int32_t* settings, int64_t V,
-                                  int rows, int table_rows) {
+                                  const int32_t* params, const int32_t* plan, const int32_t* settings,
+                                  const int32_t* mask, int64_t V, int rows, int table_rows) {
   const int j = static_cast<int>(blockIdx.y);
   if (j >= plan[0]) return;
   const PlanRow p = load_plan_row(plan, j, rows, table_rows);
@@ -63,13 +64,16 @@ __global__ void __launch_bounds__(kApplyThreads)
   const float* xr = x + static_cast<int64_t>(p.row) * V;
   float* ar = adjusted + static_cast<int64_t>(j) * V;
   uint16_t* cr = counts + static_cast<int64_t>(p.table_row) * V;
+  // The row's mask words; null when the row is not masked this step (its words are not read).
+  const int32_t* mr = p.masked ? mask + static_cast<int64_t>(p.table_row) * pr::mask_words(V) : nullptr;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kApplyChunk;
   const int64_t end = min(V, begin + kApplyChunk);
   for (int64_t v = begin + threadIdx.x; v < end; v += kApplyThreads) {
     uint32_t c = 0;
     if (p.fresh) cr[v] = 0;  // the sequence takes the row: the last owner's counts go
     else c = cr[v];
-    ar[v] = pr::penalized_logit(xr[v], c, f, presence, r);
+    const float y = pr::penalized_logit(xr[v], c, f, presence, r);
+    ar[v] = mr ? pr::masked_logit(y, pr::token_allowed(mr, v)) : y;
   }
   if (blockIdx.x == 0 && threadIdx.x < ch::kParams)
     adjusted_params[static_cast<int64_t>(j) * ch::kParams + threadIdx.x] =
@@ -82,7 +86,8 @@ __global__ void __launch_bounds__(kApplyThreads)
     const int32_t id = s[pr::kBias + 2 * i];
     if (id < begin || id >= end) continue;
     const uint32_t c = p.fresh ? 0u : cr[id];
-    ar[id] = pr::biased_logit(pr::penalized_logit(xr[id], c, f, presence, r), ch::as_float(s[pr::kBias + 2 * i + 1]));
+    const float y = pr::biased_logit(pr::penalized_logit(xr[id], c, f, presence, r), ch::as_float(s[pr::kBias + 2 * i + 1]));
+    ar[id] = mr ? pr::masked_logit(y, pr::token_allowed(mr, id)) : y;  // a bias cannot revive a masked token
   }
 }
 
@@ -125,13 +130,13 @@ std::string shapes(int64_t J, int64_t V) { return "[J=" + std::to_string(J) + ",
 }  // namespace
 
 void apply_logit_processors(Tensor& adjusted, Tensor& adjusted_params, Tensor& counts, const Tensor& x,
-                            const Tensor& params, const Tensor& plan, const Tensor& settings) {
+                            const Tensor& params, const Tensor& plan, const Tensor& settings, const Tensor& mask) {
   const int64_t J = adjusted.dim(0), V = x.dim(1);
   DI_CHECK(J <= 65535, "apply_logit_processors: at most 65535 plan rows per launch, received ", J);
   const dim3 grid(static_cast<unsigned>((V + kApplyChunk - 1) / kApplyChunk), static_cast<unsigned>(J));
   apply_logit_processors_kernel<<<grid, kApplyThreads, 0, device_stream()>>>(
       adjusted.ptr<float>(), adjusted_params.ptr<int32_t>(), counts.ptr<uint16_t>(), x.ptr<float>(),
-      params.ptr<int32_t>(), plan.ptr<int32_t>(), settings.ptr<int32_t>(), V, static_cast<int>(x.dim(0)),
+      params.ptr<int32_t>(), plan.ptr<int32_t>(), settings.ptr<int32_t>(), mask.ptr<int32_t>(), V, static_cast<int>(x.dim(0)),
       static_cast<int>(counts.dim(0)));
   CUDA_CHECK_LAUNCH("apply_logit_processors", shapes(J, V));
 }

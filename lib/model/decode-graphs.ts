@@ -14,7 +14,7 @@
 // outgrow while capturing), or the token choice's workspace, which the process keeps and never
 // frees (csrc/kernels/sampling.cu).
 //
-// Logit processors (penalties, logit bias: lib/model/logit-processors.ts) add kernels before the
+// Logit processors (penalties, logit bias, token masks: lib/model/logit-processors.ts) add kernels before the
 // token choice. A bucket has two captures: the plain one, with no processor kernel at all, which
 // every step whose rows use none replays (so such requests pay nothing for the feature), and one
 // with the processor kernels, replayed by the steps that have at least one such row. The latter's

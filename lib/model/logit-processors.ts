@@ -1,15 +1,17 @@
-// The logit processors' state on the device: frequency, presence and repetition penalties and
-// logit bias (csrc/common/logit_processors.h defines them). A completion that uses them holds a
-// row of the table while it runs, given by the scheduler (not its KV-cache blocks): its token
-// words, u16 [rows, V] (a count in 15 bits, and a bit for the prompt's tokens), and its settings
-// (penalties and up to 300 biases). The counts are kept on the device
+// The logit processors' state on the device: frequency, presence and repetition penalties, logit
+// bias and the token mask of a constrained completion (csrc/common/logit_processors.h defines
+// them). A completion that uses them holds a row of the table while it runs, given by the
+// scheduler (not its KV-cache blocks): its token words, u16 [rows, V] (a count in 15 bits, and a
+// bit for the prompt's tokens), its settings (penalties and up to 300 biases) and its mask words,
+// i32 [rows, ceil(V / 32)] (one bit a token, uploaded at every step that gives a mask: a grammar's
+// allowed tokens change with each token). The counts are kept on the device
 // and updated there, in stream order, right after each choice, so that a step launched before the
 // previous one is read back penalizes the tokens that step chose, which the host does not know yet.
 //
-// Memory: per row, V counts (u16) and an adjusted logits row (f32), 6 bytes a token: 0.87 MiB at
-// V = 151,936, so 56 MiB for 64 rows (the CUDA default maxBatchSize) and 223 MiB for 256. u16 and
-// not i32: a count can only reach 32,767 in a completion of 32,767 tokens or more, it saturates
-// there, and the words take half the memory i32 would.
+// Memory: per row, V counts (u16), an adjusted logits row (f32) and V mask bits, 6.125 bytes a
+// token: 0.89 MiB at V = 151,936, so 57 MiB for 64 rows (the CUDA default maxBatchSize) and
+// 228 MiB for 256. u16 and not i32: a count can only reach 32,767 in a completion of 32,767 tokens
+// or more, it saturates there, and the words take half the memory i32 would.
 //
 // Allocated when the scheduler admits the first request that uses a processor, not at load: a
 // model that never serves one spends nothing, and a failed allocation refuses that request alone
@@ -35,7 +37,12 @@ export const MAX_LOGIT_PROCESSOR_ROWS = 65535
 const PARAMS = 8 // choice::kParams
 const SETTINGS = 604 // processors::kSettings: frequency, presence, bias count, repetition, 300 (id, bias) pairs
 const BIAS_AT = 4 // processors::kBias
-const PLAN_FIELDS = 3 // processors::kPlanFields
+const PLAN_FIELDS = 4 // processors::kPlanFields: logits row, table row, fresh, masked
+
+/** Words of a token mask at a vocabulary of `vocab` tokens: one bit a token (processors::mask_words). */
+export function maskWords(vocab: number): number {
+  return Math.ceil(vocab / 32)
+}
 
 /** Whether any row of a step uses a logit processor. */
 export function usesProcessors(choices: readonly TokenChoice[]): boolean {
@@ -46,8 +53,9 @@ export function usesProcessors(choices: readonly TokenChoice[]): boolean {
  * Checks a choice's processors at the model's boundary (the scheduler builds them from checked
  * options, so a message from here means a caller above let something through): a row of the table,
  * not taken by another row of the step (`taken` collects them), on a row that chooses its token;
- * and on the first choice, where they reach the device, settings of at most MAX_LOGIT_BIAS biases
- * of distinct ids in the vocabulary, all values finite.
+ * on any choice that gives a mask, an Int32Array of ceil(vocab / 32) words that allows some token
+ * of the vocabulary; and on the first choice, where they reach the device, settings of at most
+ * MAX_LOGIT_BIAS biases of distinct ids in the vocabulary, all values finite.
  */
 export function checkRowProcessors(at: string, choice: TokenChoice, tableRows: number, vocab: number, taken: Set<number>): void {
   const p = choice.processors!
@@ -56,6 +64,7 @@ export function checkRowProcessors(at: string, choice: TokenChoice, tableRows: n
   if (taken.has(p.row)) throw new RangeError(`Expected a table row no other row of the step holds for ${at}.processors.row but received ${p.row} again`)
   taken.add(p.row)
   if (choice.target >= 0) throw new RangeError(`Expected no processors for ${at}, a scored row (target ${choice.target})`)
+  if (p.mask !== undefined) checkMask(`${at}.processors.mask`, p.mask, vocab)
   if (!p.first) return
   const { frequencyPenalty, presencePenalty, repetitionPenalty, logitBias } = p.settings
   for (const [name, v] of [['frequencyPenalty', frequencyPenalty], ['presencePenalty', presencePenalty]] as const)
@@ -79,6 +88,17 @@ export function checkRowProcessors(at: string, choice: TokenChoice, tableRows: n
   }
 }
 
+/** A token mask: ceil(vocab / 32) i32 words, some token below `vocab` allowed (bits at and past vocab are ignored). */
+function checkMask(at: string, mask: Int32Array, vocab: number): void {
+  const words = maskWords(vocab)
+  if (!(mask instanceof Int32Array) || mask.length !== words)
+    throw new RangeError(`Expected an Int32Array of ${words} words (one bit for each of ${vocab} tokens) for ${at} but received ${mask instanceof Int32Array ? `${mask.length} words` : describeValue(mask)}`)
+  const tail = vocab % 32 // the last word's bits below vocab (0: all 32)
+  const last = mask[words - 1]! & (tail === 0 ? -1 : 2 ** tail - 1)
+  if (last === 0 && mask.subarray(0, words - 1).every((w) => w === 0))
+    throw new RangeError(`Expected a mask that allows at least one token below ${vocab} for ${at} but received one that allows none`)
+}
+
 /** The table row's settings as the kernels read them (float fields as float32 bits). */
 export function packSettings(c: NonNullable<TokenChoice['processors']>['settings']): Int32Array {
   const packed = new Int32Array(SETTINGS)
@@ -97,17 +117,19 @@ export function packSettings(c: NonNullable<TokenChoice['processors']>['settings
 export class LogitProcessorTable {
   /** Device bytes of a table of `rows` rows at a vocabulary of `vocab` tokens. */
   static bytes(rows: number, vocab: number): number {
-    return rows * (vocab * (2 + 4) + 4 * (SETTINGS + PARAMS + 2 + PLAN_FIELDS)) + 4
+    return rows * (vocab * (2 + 4) + 4 * maskWords(vocab) + 4 * (SETTINGS + PARAMS + 2 + PLAN_FIELDS)) + 4
   }
 
   /** u16 [rows, V]: times each token was chosen by the row's completion so far. */
   readonly counts: NativeTensor
   /** i32 [rows, 604]: the row's penalties and biases (csrc/common/logit_processors.h). */
   readonly settings: NativeTensor
+  /** i32 [rows, ceil(V / 32)]: the row's allowed tokens at its latest masked step, one bit a token. */
+  readonly mask: NativeTensor
   private readonly adjusted: NativeTensor // f32 [rows, V]: a step's processed logits, by plan row
   private readonly adjustedParams: NativeTensor // i32 [rows, 8]
   private readonly adjustedOut: NativeTensor // i32 [rows, 2]: the choice on the processed logits
-  private readonly plan: NativeTensor // i32 [1 + 3 rows]
+  private readonly plan: NativeTensor // i32 [1 + 4 rows]
 
   constructor(
     readonly device: DeviceName,
@@ -124,6 +146,7 @@ export class LogitProcessorTable {
     try {
       this.counts = alloc('u16', [rows, vocab])
       this.settings = alloc('i32', [rows, SETTINGS])
+      this.mask = alloc('i32', [rows, maskWords(vocab)])
       this.adjusted = alloc('f32', [rows, vocab])
       this.adjustedParams = alloc('i32', [rows, PARAMS])
       this.adjustedOut = alloc('i32', [rows, 2])
@@ -135,18 +158,20 @@ export class LogitProcessorTable {
   }
 
   /**
-   * Uploads the step's plan, and the settings of the sequences that take their row at this step
-   * (in stream order, before the step's kernels; never during a graph capture). A sequence with a
-   * repetition penalty has its row reset here, its prompt's tokens marked (resetLogitRow), and
-   * not zeroed again by the step; the others' rows are zeroed by the step. Returns K, the rows of
-   * the step that use processors.
+   * Uploads the step's plan, the settings of the sequences that take their row at this step, and
+   * the masks the step's choices give (in stream order, before the step's kernels and after the
+   * previous step's, which read the row's last mask; never during a graph capture). A sequence
+   * with a repetition penalty has its row reset here, its prompt's tokens marked (resetLogitRow),
+   * and not zeroed again by the step; the others' rows are zeroed by the step. A row without a
+   * mask this step is planned unmasked: its mask words, whatever they hold, are not read. Returns
+   * K, the rows of the step that use processors.
    */
   prepare(choices: readonly TokenChoice[]): number {
     const n = native()
     const entries: number[] = []
     choices.forEach((c, r) => {
       if (!c.processors) return
-      const { row, first, settings, prompt } = c.processors
+      const { row, first, settings, prompt, mask } = c.processors
       let fresh = first
       if (first) {
         n.uploadAsync(n.narrow(this.settings, row, 1), packSettings(settings))
@@ -161,7 +186,8 @@ export class LogitProcessorTable {
           fresh = false
         }
       }
-      entries.push(r, row, fresh ? 1 : 0)
+      if (mask) n.uploadAsync(n.narrow(this.mask, row, 1), mask)
+      entries.push(r, row, fresh ? 1 : 0, mask ? 1 : 0)
     })
     const plan = Int32Array.from([entries.length / PLAN_FIELDS, ...entries])
     n.uploadAsync(n.narrow(this.plan, 0, plan.length), plan)
@@ -180,12 +206,12 @@ export class LogitProcessorTable {
     const adjusted = n.narrow(this.adjusted, 0, j)
     const adjustedParams = n.narrow(this.adjustedParams, 0, j)
     const chosen = n.narrow(this.adjustedOut, 0, j)
-    n.applyLogitProcessors(adjusted, adjustedParams, this.counts, logits, params, plan, this.settings)
+    n.applyLogitProcessors(adjusted, adjustedParams, this.counts, logits, params, plan, this.settings, this.mask)
     n.chooseTokens(chosen, adjusted, adjustedParams, plan)
     n.recordLogitChoices(params, this.counts, chosen, plan)
   }
 
   dispose(): void {
-    for (const t of [this.counts, this.settings, this.adjusted, this.adjustedParams, this.adjustedOut, this.plan]) t.dispose()
+    for (const t of [this.counts, this.settings, this.mask, this.adjusted, this.adjustedParams, this.adjustedOut, this.plan]) t.dispose()
   }
 }

@@ -4,7 +4,8 @@
 // reads back a few bytes per row, never a logits row.
 //
 // Buffers are allocated once for the model's most logit rows; each step uses their first rows.
-// Rows whose completion has logit processors (penalties, logit bias: lib/model/logit-processors.ts)
+// Rows whose completion has logit processors (penalties, logit bias, token masks:
+// lib/model/logit-processors.ts)
 // are chosen from their processed logits first, and that choice is then scored by the same launch
 // as every other row: one op on the raw logits, whose log-probs are what every row reports.
 import { native, type DeviceName, type NativeTensor } from '../native.js'

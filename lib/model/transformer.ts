@@ -47,7 +47,7 @@ export interface TransformerOptions {
    */
   maxDecodeRows?: number
   /**
-   * Rows of the logit processors' table (penalties and logit bias, lib/model/logit-processors.ts):
+   * Rows of the logit processors' table (penalties, logit bias and token masks, lib/model/logit-processors.ts):
    * the most sequences with processors that can run at once. Default: the most rows of a decode
    * step, min(maxBatchTokens, maxLogitRows). The table is allocated at its first use.
    */
@@ -269,7 +269,7 @@ export class Transformer {
   private readonly decodeWorkspace: NativeTensor | null
   /** @internal The output head and the step inputs (decode-graphs.ts replays over them). */
   readonly head: OutputHead
-  /** Sequences with logit processors (penalties, logit bias) that can run at once. */
+  /** Sequences with logit processors (penalties, logit bias, token masks) that can run at once. */
   readonly logitProcessorRows: number
   /** @internal */
   readonly inputs: StepInputs

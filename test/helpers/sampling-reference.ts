@@ -136,7 +136,7 @@ export function countedWord(word: number): number {
 
 /**
  * The processed logit of a token whose word is `word` (count and prompt bit), in
- * csrc/common/logit_processors.h's order, every step rounded to float32 (Math.fround of a float64
+ * csrc/common/logit_processors.h's order (before the token mask, which processedRow applies), every step rounded to float32 (Math.fround of a float64
  * sum, difference, product or quotient of float32 values is the float32 operation's result):
  *   seen (in the prompt or counted) and r != 1: x = x > 0 ? x / r : x * r;
  *   count == 0: y = x;  count > 0: y = (x - f * count) - p;  then y + bias for a biased token.
@@ -150,12 +150,22 @@ export function processedLogit(x: number, word: number, frequency: number, prese
   return bias === undefined ? y : f(y + f(bias))
 }
 
-/** A whole processed row: logits x [V], the row's words [V] (zeros for a fresh row) and settings. */
-export function processedRow(x: Float32Array, counts: ArrayLike<number>, s: ProcessorSettings): Float32Array {
+/** Whether a token mask (i32 words) allows token v: bit v & 31 of word v >> 5. */
+export function tokenAllowed(mask: Int32Array, v: number): boolean {
+  return ((mask[v >>> 5]! >>> (v & 31)) & 1) === 1
+}
+
+/**
+ * A whole processed row: logits x [V], the row's words [V] (zeros for a fresh row) and settings;
+ * with a token mask, every token it does not allow at -Infinity, after the penalties and the bias
+ * (the allowed ones keep their values).
+ */
+export function processedRow(x: Float32Array, counts: ArrayLike<number>, s: ProcessorSettings, mask?: Int32Array): Float32Array {
   const y = new Float32Array(x.length)
   const r = s.repetitionPenalty
   for (let v = 0; v < x.length; v++) y[v] = processedLogit(x[v]!, counts[v]!, s.frequencyPenalty, s.presencePenalty, undefined, r)
   for (const [id, bias] of s.logitBias) y[id] = processedLogit(x[id]!, counts[id]!, s.frequencyPenalty, s.presencePenalty, bias, r)
+  if (mask) for (let v = 0; v < x.length; v++) if (!tokenAllowed(mask, v)) y[v] = -Infinity
   return y
 }
 

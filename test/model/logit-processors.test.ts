@@ -5,12 +5,15 @@
 // strong presence penalty makes a greedy completion of the shipped model never repeat a token
 // (it repeats without), and a sequence that takes a row another sequence used (even one a step
 // launched ahead added to after its owner ended) starts from zero, which a twin that never zeroes
-// fails.
+// fails. Token masks (grammar-constrained completions): a masked completion gives the same bits
+// alone and among others, and chooses only tokens its masks allow; the variant kernels break the
+// comparison.
 import { existsSync, mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { defaultModelPath } from '../../lib/api.js'
+import { setVariantKernels } from '../../lib/device.js'
 import type { DeviceName } from '../../lib/native.js'
 import { Transformer } from '../../lib/model/transformer.js'
 import type { LogitProcessors, SamplingParams, TokenChoice } from '../../lib/sampling.js'
@@ -18,6 +21,7 @@ import { Scheduler, type ForwardModel } from '../../lib/scheduler.js'
 import type { LaunchedStep } from '../../lib/step.js'
 import { describeGpu } from '../helpers/gpu.js'
 import { mulberry32 } from '../helpers/random.js'
+import { tokenAllowed } from '../helpers/sampling-reference.js'
 import { writeTinyModel } from '../helpers/tiny-model.js'
 
 let dir: string
@@ -189,6 +193,67 @@ async function expectFreshRow(model: Transformer, processors: LogitProcessors): 
   expect(twin.b).not.toEqual(alone)
 }
 
+/**
+ * The token mask a constrained completion would give at `position` (a stand-in for a grammar's:
+ * a function of the position alone, so a completion gets the same masks alone and among others):
+ * one allowed token at every fifth position, about a sixth of the vocabulary otherwise, never
+ * none, and the last word's bits past the vocabulary set (ignored).
+ */
+function maskAt(position: number, vocab: number): Int32Array {
+  const rand = mulberry32(50_000 + position)
+  const mask = new Int32Array(Math.ceil(vocab / 32))
+  const allow = (v: number) => (mask[v >>> 5] = mask[v >>> 5]! | (1 << (v & 31)))
+  if (position % 5 === 0) allow(Math.floor(rand() * vocab))
+  else {
+    for (let v = 0; v < vocab; v++) if (rand() < 1 / 6) allow(v)
+    allow(position % vocab)
+  }
+  if (vocab % 32 !== 0) mask[mask.length - 1] = mask[mask.length - 1]! | (-1 << (vocab % 32))
+  return mask
+}
+
+/** The model with a mask (maskAt the choice's position) on every choice that has processors. */
+function masked(model: Transformer): ForwardModel {
+  const m = Object.create(model) as Transformer
+  const vocab = model.config.vocabSize
+  const add = (choices: TokenChoice[]) =>
+    choices.map((c) => (c.processors ? { ...c, processors: { ...c.processors, mask: maskAt(c.position, vocab) } } : c))
+  m.step = (chunks, choices, topN) => model.step(chunks, add(choices), topN)
+  m.launch = (chunks, choices, topN, after?: LaunchedStep, afterRows?: readonly number[]) => model.launch(chunks, add(choices), topN, after, afterRows)
+  return m
+}
+
+/** The requests of requests() (processors: masked), and one with a mask alone (neutral settings). */
+function maskedRequests(): Request[] {
+  const reqs = requests()
+  reqs.splice(3, 0, { prompt: [9, 8, 7, 6, 5, 4, 3, 2, 1, 200], sampling: { temperature: 1.3, topK: 30, topP: 0.9, minP: 0.05, seed: 7 }, maxTokens: 14, topLogprobs: 2, processors: { frequencyPenalty: 0, presencePenalty: 0, repetitionPenalty: 1, logitBias: [] } })
+  return reqs
+}
+
+/**
+ * Serves the masked requests together and each masked one alone (with `models`, launched ahead or
+ * not, stops or not) and returns the masked requests whose bits differ; checks that every token a
+ * masked request chose is one its mask allowed.
+ */
+async function maskedDifferences(models: Transformer[]): Promise<string[]> {
+  const reqs = maskedRequests()
+  const vocab = models[0]!.config.vocabSize
+  const differ: string[] = []
+  for (const [mi, model] of models.entries())
+    for (const launchAhead of [true, false])
+      for (const stops of [false, true]) {
+        const opts = { maxBatchSize: 6, launchAhead, stops }
+        const together = await serve(masked(model), reqs, opts)
+        for (const [i, r] of reqs.entries()) {
+          if (!r.processors) continue
+          together[i]!.tokens.forEach((t, k) => expect(tokenAllowed(maskAt(r.prompt.length + k, vocab), t), `request ${i}, token ${k}: ${t}`).toBe(true))
+          const [alone] = await serve(masked(model), [r], opts)
+          if (alone!.bits !== together[i]!.bits) differ.push(`request ${i} (model ${mi}, launchAhead ${launchAhead}, stops ${stops})`)
+        }
+      }
+  return differ
+}
+
 const load = (device: DeviceName, cudaGraphs: boolean) =>
   Transformer.load(dir, { device, maxBatchTokens: 128, kvBlocks: 200, kvBlockSize: 16, maxLogitRows: 64, cudaGraphs })
 
@@ -236,6 +301,47 @@ describe('logit processors through the scheduler, on the CPU backend', () => {
   })
 })
 
+describe('token masks through the scheduler, on the CPU backend', () => {
+  afterAll(() => setVariantKernels(false))
+
+  it('a masked completion gives the same bits alone and among others, and chooses only allowed tokens: padded buckets or not, launched ahead or not', async () => {
+    const [padded, plain] = await Promise.all([load('cpu', true), load('cpu', false)])
+    try {
+      expect(await maskedDifferences([padded, plain])).toEqual([])
+      // The masks change the completions (not a no-op), and a one-token mask is obeyed.
+      const reqs = maskedRequests()
+      const withMasks = await serve(masked(padded), reqs, { maxBatchSize: 6, launchAhead: true, stops: false })
+      const without = await serve(padded, reqs, { maxBatchSize: 6, launchAhead: true, stops: false })
+      const changed = reqs.flatMap((r, i) => (r.processors && withMasks[i]!.bits !== without[i]!.bits ? [i] : []))
+      expect(changed.length).toBe(reqs.filter((r) => r.processors).length)
+      for (const [i, r] of reqs.entries()) {
+        if (!r.processors) expect(withMasks[i]!.bits, `request ${i}, without a mask`).toBe(without[i]!.bits)
+        else
+          withMasks[i]!.tokens.forEach((t, k) => {
+            const mask = maskAt(r.prompt.length + k, padded.config.vocabSize)
+            if ((r.prompt.length + k) % 5 === 0) expect(Array.from({ length: padded.config.vocabSize }, (_, v) => v).filter((v) => tokenAllowed(mask, v))).toEqual([t])
+          })
+      }
+    } finally {
+      padded.dispose()
+      plain.dispose()
+    }
+  })
+
+  it('variant twin: with the variant kernels, some masked completion differs alone', async () => {
+    const model = await load('cpu', true)
+    try {
+      setVariantKernels(true)
+      const differ = await maskedDifferences([model])
+      setVariantKernels(false)
+      expect(differ.length).toBeGreaterThan(0)
+    } finally {
+      setVariantKernels(false)
+      model.dispose()
+    }
+  })
+})
+
 describe('logit processors at the model boundary', () => {
   it('launch() checks the rows of the processor table a step names, and their settings on a first choice', async () => {
     const model = await Transformer.load(dir, { device: 'cpu', maxBatchTokens: 32, kvBlocks: 20, kvBlockSize: 16, logitProcessorRows: 2 })
@@ -255,6 +361,47 @@ describe('logit processors at the model boundary', () => {
       expect(() => model.launch([chunk(0)], [choice(0, true, { ...settings, presencePenalty: Number.NaN })], 0)).toThrow('presencePenalty but received NaN')
       const out = await model.step([chunk(0), chunk(1)], [choice(0, true), choice(1, true)], 0)
       expect(out.ids.length).toBe(2)
+    } finally {
+      model.dispose()
+    }
+  })
+
+  it('launch() checks a mask on every choice that gives one: ceil(vocab / 32) i32 words that allow some token', async () => {
+    const model = await Transformer.load(dir, { device: 'cpu', maxBatchTokens: 32, kvBlocks: 20, kvBlockSize: 16, logitProcessorRows: 2 })
+    try {
+      const vocab = model.config.vocabSize // 273: 9 words, the last with 17 bits in use
+      const settings: LogitProcessors = { frequencyPenalty: 0, presencePenalty: 0, repetitionPenalty: 1, logitBias: [[3, 100]] }
+      const chunk = (block: number) => ({ tokens: [7], startPosition: 0, blockTable: [block], logits: 'last' as const })
+      const choice = (row: number, first: boolean, mask: unknown): TokenChoice => ({
+        temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: 1, target: -1, processors: { row, first, settings, mask: mask as Int32Array },
+      })
+      const words = (...allowed: number[]) => {
+        const m = new Int32Array(9)
+        for (const v of allowed) m[v >>> 5] = m[v >>> 5]! | (1 << (v & 31))
+        return m
+      }
+      expect(() => model.launch([chunk(0)], [choice(0, false, new Int32Array(8))], 0)).toThrow(
+        `Expected an Int32Array of 9 words (one bit for each of ${vocab} tokens) for choices[0].processors.mask but received 8 words`,
+      )
+      expect(() => model.launch([chunk(0), chunk(1)], [choice(0, true, words(5)), choice(1, false, new Uint32Array(9))], 0)).toThrow(
+        'for choices[1].processors.mask but received',
+      )
+      expect(() => model.launch([chunk(0)], [choice(0, true, [1, 2, 3, 4, 5, 6, 7, 8, 9])], 0)).toThrow('Expected an Int32Array of 9 words')
+      expect(() => model.launch([chunk(0)], [choice(0, false, new Int32Array(9))], 0)).toThrow(
+        `Expected a mask that allows at least one token below ${vocab} for choices[0].processors.mask but received one that allows none`,
+      )
+      // Only bits past the vocabulary (273 to 287, in the last word): none of its tokens allowed.
+      const past = new Int32Array(9)
+      past[8] = -1 << 17
+      expect(() => model.launch([chunk(0)], [choice(0, false, past)], 0)).toThrow('allows at least one token below 273')
+      // Valid masks, on a first choice and a later one: only allowed tokens are chosen, whatever the bias on 3 says.
+      const out = await model.step([chunk(0), chunk(1)], [choice(0, true, words(272)), choice(1, true, words(0, 100))], 0)
+      expect(out.ids[0]).toBe(272)
+      expect([0, 100]).toContain(out.ids[1])
+      const later = await model.step([chunk(0)], [choice(0, false, words(100))], 0)
+      expect(later.ids[0]).toBe(100)
+      const biased = await model.step([chunk(0)], [choice(0, false, undefined)], 0)
+      expect(biased.ids[0]).toBe(3) // without a mask the bias of 100 wins
     } finally {
       model.dispose()
     }

@@ -4,20 +4,24 @@
 // plain choice on the reference's logits) with the raw log-probs (those of scoring the chosen
 // token), in launches that mix rows with and without processors; each processed row alone and
 // among others, bit for bit, with its variant twin; and the counts: zeroed when a sequence takes
-// its row, one more per choice, saturating. The same suite runs on the CPU backend and on CUDA.
+// its row, one more per choice, saturating. Token masks (grammar-constrained rows): the forbidden
+// tokens at -Infinity after the penalties and biases, the allowed ones' values untouched, the
+// choice always an allowed token, and a masked row's bits independent of the rest of the launch.
+// The same suite runs on the CPU backend and on CUDA.
 import { describe, expect, it } from 'vitest'
-import { packSettings } from '../../lib/model/logit-processors.js'
+import { maskWords, packSettings } from '../../lib/model/logit-processors.js'
 import { OutputHead, chooseOnLogits, packChoices, type StepTokens, type TokenChoice } from '../../lib/model/output-head.js'
 import { native, type DeviceName, type NativeTensor } from '../../lib/native.js'
 import { readBytes, readF32, readI32, tensorFrom } from '../../lib/tensor.js'
 import { describeGpu } from '../helpers/gpu.js'
 import { concatRows, mulberry32, randomNormal } from '../helpers/random.js'
 import { firstDifference } from '../helpers/compare.js'
-import { argmaxLowest, countedWord, IN_PROMPT, processedRow, referenceChoice, type ProcessorSettings } from '../helpers/sampling-reference.js'
+import { argmaxLowest, countedWord, IN_PROMPT, processedRow, referenceChoice, tokenAllowed, type ProcessorSettings } from '../helpers/sampling-reference.js'
 import { expectClose, expectSameBits, refLogsumexp, withVariant } from './reference.js'
 
 const V_QWEN = 151936
 const SETTINGS = 604 // processors::kSettings
+const PLAN_FIELDS = 4 // processors::kPlanFields
 
 /** Logits rows of several spreads (none exactly zero), from seeds no other test uses. */
 function logitRows(rows: number, V: number, seed: number): Float32Array {
@@ -64,6 +68,33 @@ function tableSettings(V: number, rows: number, seed: number): ProcessorSettings
     settings(seed + 6, V, 0, 0, 0, 2), // a repetition penalty alone
   ]
   return Array.from({ length: rows }, (_, k) => base[k % base.length]!)
+}
+
+/** Sets whether `mask` allows token v (bit v & 31 of word v >> 5). */
+function setAllowed(mask: Int32Array, v: number, allowed: boolean): void {
+  const bit = 1 << (v & 31)
+  mask[v >>> 5] = allowed ? mask[v >>> 5]! | bit : mask[v >>> 5]! & ~bit
+}
+
+/** A mask of V tokens that allows exactly `ids`. */
+function maskOf(V: number, ids: Iterable<number>): Int32Array {
+  const mask = new Int32Array(maskWords(V))
+  for (const v of ids) setAllowed(mask, v, true)
+  return mask
+}
+
+/**
+ * A fresh mask of V tokens from a seed: each token allowed with probability `density`, never none
+ * (one token is allowed when the draw allows none), and the last word's bits past V all set (they
+ * are ignored).
+ */
+function randomMask(V: number, seed: number, density: number): Int32Array {
+  const rand = mulberry32(seed)
+  const mask = new Int32Array(maskWords(V))
+  for (let v = 0; v < V; v++) if (rand() < density) setAllowed(mask, v, true)
+  if (mask.every((w) => w === 0)) setAllowed(mask, Math.floor(rand() * V), true)
+  if (V % 32 !== 0) mask[mask.length - 1] = mask[mask.length - 1]! | (-1 << (V % 32))
+  return mask
 }
 
 function rowOf(out: StepTokens, r: number) {
@@ -129,9 +160,9 @@ function suite(device: DeviceName) {
     const table = tableSettings(V, S, 90_100)
     const counts = Array.from({ length: S }, (_, k) => countsRow(V, 90_200 + k))
     const choices = Array.from({ length: R }, (_, r): TokenChoice => ({ temperature: 0.5 + r / 10, topK: r, topP: 1, minP: 0, seed: r, position: 100 + r, target: -1 }))
-    // (logits row, table row, fresh): out of order, one fresh, and a fifth entry past K.
-    const entries = [[5, 1, 0], [0, 3, 1], [2, 0, 0], [6, 4, 0], [1, 2, 0]] as const
-    const plan = tensorFrom(device, 'i32', [1 + 3 * J], [K, ...entries.flat()])
+    // (logits row, table row, fresh, masked): out of order, one fresh, and a fifth entry past K.
+    const entries = [[5, 1, 0, 0], [0, 3, 1, 0], [2, 0, 0, 0], [6, 4, 0, 0], [1, 2, 0, 0]] as const
+    const plan = tensorFrom(device, 'i32', [1 + PLAN_FIELDS * J], [K, ...entries.flat()])
     const sentinel = new Float32Array(J * V).fill(12345.5)
     const adjusted = tensorFrom(device, 'f32', [J, V], sentinel)
     const adjustedParams = tensorFrom(device, 'i32', [J, 8], new Int32Array(J * 8).fill(-7))
@@ -139,8 +170,10 @@ function suite(device: DeviceName) {
     const settingsT = tensorFrom(device, 'i32', [S, SETTINGS], Int32Array.from(table.flatMap((s) => Array.from(packSettings(s)))))
     const logits = tensorFrom(device, 'f32', [R, V], x)
     const params = tensorFrom(device, 'i32', [R, 8], packChoices(choices))
+    // No row is masked: the table's mask words (none allowed) are not read.
+    const maskT = tensorFrom(device, 'i32', [S, maskWords(V)], new Int32Array(S * maskWords(V)))
     try {
-      n.applyLogitProcessors(adjusted, adjustedParams, countsT, logits, params, plan, settingsT)
+      n.applyLogitProcessors(adjusted, adjustedParams, countsT, logits, params, plan, settingsT, maskT)
       const got = await readF32(adjusted)
       const gotParams = await readI32(adjustedParams)
       const after = await readBytes(countsT)
@@ -159,7 +192,7 @@ function suite(device: DeviceName) {
       expect(Array.from(gotParams.subarray(K * 8))).toEqual(new Array(8).fill(-7))
       expectSameBits(afterCounts.subarray(2 * V, 3 * V), counts[2]!, 'counts of table row 2')
     } finally {
-      for (const t of [plan, adjusted, adjustedParams, countsT, settingsT, logits, params]) t.dispose()
+      for (const t of [plan, adjusted, adjustedParams, countsT, settingsT, logits, params, maskT]) t.dispose()
     }
   })
 
@@ -241,90 +274,259 @@ function suite(device: DeviceName) {
     }
   })
 
-  it('a processed row gives the same bits alone and among 3 and 39 others, with and without processors', async () => {
-    const V = V_QWEN
-    const rows = 40
-    const x = logitRows(rows, V, 92_001)
-    const table = tableSettings(V, rows, 92_100)
-    const counts = Array.from({ length: rows }, (_, k) => countsRow(V, 92_200 + k))
-    const rand = mulberry32(92_300)
-    // Row r uses table row r when r % 3 != 2 (the others have no processors).
-    const choices = Array.from({ length: rows }, (_, r): TokenChoice => {
-      const sampledRow = r % 2 === 1
-      const c: TokenChoice = {
-        temperature: sampledRow ? [0.6, 1, 1.4][r % 3]! : 0,
-        topK: sampledRow && r % 5 === 1 ? 40 : 0,
-        topP: sampledRow && r % 7 === 3 ? 0.9 : 1,
-        minP: 0,
-        seed: Math.floor(rand() * 2 ** 32),
-        position: 10 + r,
-        target: -1,
-        topLogprobs: r % 4 === 0 ? 20 : 3,
-      }
-      return r % 3 === 2 ? c : { ...c, processors: { row: r, first: false, settings: table[r]! } }
-    })
-    const launch = async (pick: number[]) => {
-      // The same counts before every launch (a launch adds to them).
-      const head = await headWith(device, pick.length, V, counts, table)
-      const xs = concatRows(pick.map((r) => x.subarray(r * V, (r + 1) * V)))
-      const logits = tensorFrom(device, 'f32', [pick.length, V], xs)
+  it('masked rows equal the float32 reference bit for bit: forbidden tokens at -Infinity, biased ones too; unmasked rows unchanged', async () => {
+    const n = native()
+    // 50,003: a last mask word with 13 bits in use, the others set (ignored).
+    for (const V of [V_QWEN, 50_003]) {
+      const R = 6
+      const S = 6
+      const J = 6
+      const K = 5
+      const x = logitRows(R, V, 97_001)
+      const table = tableSettings(V, S, 97_100)
+      const counts = Array.from({ length: S }, (_, k) => countsRow(V, 97_200 + k))
+      const masks = [0.5, 0.5, 0.02, 0.9, 0.001, 0.3].map((density, k) => randomMask(V, 97_300 + k, density))
+      // Table row 1 (300 biases, up to +100) forbids every other biased id; table row 4 allows one token.
+      table[1]!.logitBias.forEach(([id], i) => setAllowed(masks[1]!, id, i % 2 === 0))
+      masks[4] = maskOf(V, [V - 1])
+      // (logits row, table row, fresh, masked): masked rows fresh and not, an unmasked row (table
+      // row 3, whose mask words are not applied), and a sixth entry past K.
+      const entries = [[2, 1, 0, 1], [0, 3, 0, 0], [5, 0, 1, 1], [1, 4, 0, 1], [4, 2, 0, 1], [3, 5, 0, 1]] as const
+      const plan = tensorFrom(device, 'i32', [1 + PLAN_FIELDS * J], [K, ...entries.flat()])
+      const sentinel = new Float32Array(J * V).fill(12345.5)
+      const adjusted = tensorFrom(device, 'f32', [J, V], sentinel)
+      const adjustedParams = n.empty(device, 'i32', [J, 8])
+      const countsT = tensorFrom(device, 'u16', [S, V], Uint16Array.from(counts.flatMap((c) => Array.from(c))))
+      const settingsT = tensorFrom(device, 'i32', [S, SETTINGS], Int32Array.from(table.flatMap((s) => Array.from(packSettings(s)))))
+      const maskT = tensorFrom(device, 'i32', [S, maskWords(V)], Int32Array.from(masks.flatMap((m) => Array.from(m))))
+      const logits = tensorFrom(device, 'f32', [R, V], x)
+      const params = tensorFrom(device, 'i32', [R, 8], packChoices(Array.from({ length: R }, (_, r) => ({ temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: r, target: -1 }))))
       try {
-        return await head.choose(logits, pick.map((r) => choices[r]!), 20)
+        n.applyLogitProcessors(adjusted, adjustedParams, countsT, logits, params, plan, settingsT, maskT)
+        const got = await readF32(adjusted)
+        const rowJ = (j: number) => got.subarray(j * V, (j + 1) * V)
+        for (let j = 0; j < K; j++) {
+          const [r, k, fresh, masked] = entries[j]!
+          const xr = x.subarray(r * V, (r + 1) * V)
+          const words = fresh ? new Uint16Array(V) : counts[k]!
+          const want = processedRow(xr, words, table[k]!, masked ? masks[k] : undefined)
+          expectSameBits(rowJ(j), want, `row ${j} at V = ${V} (logits row ${r}, table row ${k}, masked ${masked})`)
+          // Allowed tokens keep exactly the unmasked value; forbidden ones are -Infinity.
+          const unmasked = processedRow(xr, words, table[k]!)
+          if (masked) {
+            let forbidden = 0
+            let finite = 0
+            for (let v = 0; v < V; v++) {
+              if (tokenAllowed(masks[k]!, v)) continue
+              forbidden++
+              if (rowJ(j)[v] !== -Infinity) finite++
+            }
+            expect(forbidden, `forbidden tokens of row ${j}`).toBeGreaterThan(0)
+            expect(finite, `forbidden tokens of row ${j} not at -Infinity`).toBe(0)
+          } else {
+            expectSameBits(rowJ(j), unmasked, `unmasked row ${j}`)
+            expect(rowJ(j).every(Number.isFinite)).toBe(true)
+          }
+        }
+        // A bias cannot revive a forbidden token, however large: table row 1's odd-indexed biased ids.
+        const revived = table[1]!.logitBias.filter((_, i) => i % 2 === 1)
+        expect(revived.some(([, b]) => b > 50)).toBe(true)
+        for (const [id] of revived) expect(rowJ(0)[id], `biased token ${id}`).toBe(-Infinity)
+        for (const [id, b] of table[1]!.logitBias.filter((_, i) => i % 2 === 0))
+          expect(rowJ(0)[id]).toBe(processedRow(x.subarray(2 * V, 3 * V), counts[1]!, { ...table[1]!, logitBias: [[id, b]] })[id])
+        // The one allowed token is the only finite value of its row.
+        expect(rowJ(3).findIndex(Number.isFinite)).toBe(V - 1)
+        expect(rowJ(3).filter(Number.isFinite).length).toBe(1)
+        expectSameBits(got.subarray(K * V), sentinel.subarray(K * V), 'the row past K')
       } finally {
-        logits.dispose()
-        head.dispose()
-      }
-    }
-    const all = Array.from({ length: rows }, (_, r) => r)
-    const full = await launch(all)
-    for (const r of [0, 1, 4, 9, 13, 22, 39]) {
-      expect(choices[r]!.processors, `row ${r}`).toBeDefined()
-      for (const count of [1, 4]) {
-        const pick = [r, ...Array.from({ length: count - 1 }, (_, i) => (r + 11 + 5 * i) % rows)]
-        const part = await launch(pick)
-        expectSameRow(part, 0, full, r, `row ${r} among ${count}`)
+        for (const t of [plan, adjusted, adjustedParams, countsT, settingsT, maskT, logits, params]) t.dispose()
       }
     }
   })
 
-  it('variant twin: with rows split for small batches, some processed rows differ alone', async () => {
-    // As in choose-tokens.test.ts: narrow rows with one logit at 12, whose log-sum-exp's last bit
-    // follows the sum's order; every row has processors.
+  it('masked rows choose only allowed tokens, greedy and sampled (temperature, top-k, top-p, min-p); one allowed token is chosen', async () => {
     const V = V_QWEN
-    const rows = 16
-    const x = new Float32Array(rows * V)
-    for (let r = 0; r < rows; r++) {
-      const row = randomNormal(V, 93_001 + r, 0.3)
-      row[(r * 7919) % V] = 12
-      x.set(row, r * V)
-    }
-    const table = tableSettings(V, rows, 93_100)
-    const counts = Array.from({ length: rows }, (_, k) => countsRow(V, 93_200 + k))
-    const choices = Array.from({ length: rows }, (_, r): TokenChoice => ({
-      temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: r, target: -1, processors: { row: r, first: false, settings: table[r]! },
-    }))
-    const launch = async (pick: number[]) => {
-      const head = await headWith(device, pick.length, V, counts, table)
-      const logits = tensorFrom(device, 'f32', [pick.length, V], concatRows(pick.map((r) => x.subarray(r * V, (r + 1) * V))))
-      try {
-        return await head.choose(logits, pick.map((r) => choices[r]!), 0)
-      } finally {
-        logits.dispose()
-        head.dispose()
+    const rows = 20
+    const x = logitRows(rows, V, 98_001)
+    const table = tableSettings(V, rows, 98_100)
+    const counts = Array.from({ length: rows }, (_, k) => countsRow(V, 98_200 + k))
+    const rand = mulberry32(98_300)
+    const position = () => 50 + Math.floor(rand() * 3000)
+    const seed = () => Math.floor(rand() * 2 ** 32)
+    const mode = (temperature: number, topK: number, topP: number, minP: number, topLogprobs = 0): TokenChoice => ({
+      temperature, topK, topP, minP, seed: seed(), position: position(), target: -1, topLogprobs,
+    })
+    const modes = [mode(0, 0, 1, 0, 3), mode(0.8, 0, 1, 0), mode(1.5, 40, 1, 0, 2), mode(1, 0, 0.9, 0), mode(1.2, 0, 1, 0.1), mode(2, 1000, 0.95, 0.02, 5)]
+    const densities = [0.5, 0.01, 0.0005]
+    const masks: (Int32Array | undefined)[] = []
+    const choices: TokenChoice[] = []
+    // Rows 0-17: every mode under masks of three densities; rows 18 and 19: processors without a mask, and none.
+    for (const [i, density] of densities.entries())
+      for (const [m, c] of modes.entries()) {
+        const r = choices.length
+        masks.push(randomMask(V, 98_400 + r, density))
+        const first = (i + m) % 4 === 0 && table[r]!.repetitionPenalty === 1 // (a repetition penalty's first choice needs the prompt)
+        choices.push({ ...c, processors: { row: r, first, settings: table[r]!, mask: masks[r]! } })
       }
+    masks.push(undefined, undefined)
+    choices.push({ ...modes[1]!, processors: { row: 18, first: false, settings: table[18]! } }, modes[3]!)
+    const head = await headWith(device, rows, V, counts, table)
+    const logits = tensorFrom(device, 'f32', [rows, V], x)
+    try {
+      const out = await head.choose(logits, choices, 5)
+      const processed = choices.flatMap((c, r) => (c.processors ? [r] : []))
+      const adjusted = processed.map((r) => {
+        const { row: k, first } = choices[r]!.processors!
+        return processedRow(x.subarray(r * V, (r + 1) * V), first ? new Uint16Array(V) : counts[k]!, table[k]!, masks[r])
+      })
+      const onAdjusted = await chooseOn(device, concatRows(adjusted), V, processed.map((r) => plain(choices[r]!)), 0)
+      let moved = 0
+      processed.forEach((r, i) => {
+        const c = choices[r]!
+        expect(out.ids[r], `row ${r}`).toBe(onAdjusted.ids[i])
+        if (c.temperature === 0) expect(out.ids[r], `greedy row ${r}`).toBe(argmaxLowest(adjusted[i]!))
+        if (masks[r]) {
+          expect(tokenAllowed(masks[r]!, out.ids[r]!), `row ${r} chose ${out.ids[r]}, which its mask forbids`).toBe(true)
+          const unmasked = processedRow(x.subarray(r * V, (r + 1) * V), c.processors!.first ? new Uint16Array(V) : counts[r]!, table[r]!)
+          if (c.temperature === 0 && !tokenAllowed(masks[r]!, argmaxLowest(unmasked))) moved++
+        }
+      })
+      // The masks moved some greedy choices away from the unmasked ones' (not a no-op).
+      expect(moved).toBeGreaterThan(0)
+      // The log-probs are the raw ones: those of scoring the chosen token, and the raw top-N.
+      const scored = await chooseOn(device, x, V, choices.map((c, r) => (c.processors ? { ...plain(c), target: out.ids[r]! } : c)), 5)
+      for (let r = 0; r < rows; r++) expectSameRow(out, r, scored, r, `row ${r}`)
+
+      // One allowed token, the row's least likely, under every mode (top-k 1, top-p 0.1 and min-p 0.9 too).
+      const single = [...modes, mode(1, 1, 1, 0), mode(0.5, 0, 0.1, 0), mode(3, 0, 1, 0.9)].slice(0, rows)
+      const least = (r: number) => argmaxLowest(x.subarray(r * V, (r + 1) * V).map((v) => -v))
+      const onlyOne = single.map((c, r): TokenChoice => ({ ...c, processors: { row: r, first: false, settings: table[r]!, mask: maskOf(V, [least(r)]) } }))
+      const one = await head.choose(native().narrow(logits, 0, single.length), onlyOne, 0)
+      for (let r = 0; r < single.length; r++) expect(one.ids[r], `row ${r} with one allowed token`).toBe(least(r))
+    } finally {
+      logits.dispose()
+      head.dispose()
     }
-    const differing = async () => {
-      const full = await launch(Array.from({ length: rows }, (_, r) => r))
-      let differ = 0
-      for (let r = 0; r < rows; r++) {
-        const alone = await launch([r])
-        if (alone.ids[0] !== full.ids[r] || firstDifference(alone.logprobs.subarray(0, 1), full.logprobs.subarray(r, r + 1)) >= 0) differ++
-      }
-      return differ
-    }
-    expect(await differing()).toBe(0)
-    expect(await withVariant(differing)).toBeGreaterThan(0)
   })
+
+  it('sampled masked rows spread over the allowed tokens and never leave them, seed after seed', async () => {
+    const V = V_QWEN
+    const rows = 64
+    const x = logitRows(1, V, 99_001)
+    const neutral: ProcessorSettings = { frequencyPenalty: 0, presencePenalty: 0, repetitionPenalty: 1, logitBias: [] }
+    const mask = randomMask(V, 99_100, 0.001)
+    const head = await headWith(device, rows, V, [], Array.from({ length: rows }, () => neutral))
+    const logits = tensorFrom(device, 'f32', [rows, V], concatRows(Array.from({ length: rows }, () => x)))
+    try {
+      const choices = Array.from({ length: rows }, (_, r): TokenChoice => ({
+        temperature: [1, 2, 5][r % 3]!, topK: r % 4 === 0 ? 20 : 0, topP: r % 5 === 0 ? 0.9 : 1, minP: r % 7 === 0 ? 0.01 : 0,
+        seed: 1000 + r, position: 77, target: -1, processors: { row: r, first: true, settings: neutral, mask },
+      }))
+      const out = await head.choose(logits, choices, 0)
+      for (let r = 0; r < rows; r++) expect(tokenAllowed(mask, out.ids[r]!), `row ${r} chose ${out.ids[r]}`).toBe(true)
+      expect(new Set(out.ids).size).toBeGreaterThan(5)
+    } finally {
+      logits.dispose()
+      head.dispose()
+    }
+  })
+
+  for (const masked of [false, true])
+    it(`a processed row${masked ? ', masked,' : ''} gives the same bits alone and among 3 and 39 others, with and without processors`, async () => {
+      const V = V_QWEN
+      const rows = 40
+      const x = logitRows(rows, V, 92_001)
+      const table = tableSettings(V, rows, 92_100)
+      const counts = Array.from({ length: rows }, (_, k) => countsRow(V, 92_200 + k))
+      const rand = mulberry32(92_300)
+      // Masked: each processed row's own mask, of one of three densities.
+      const mask = (r: number) => (masked ? { mask: randomMask(V, 92_400 + r, [0.5, 0.01, 0.0005][r % 3]!) } : {})
+      // Row r uses table row r when r % 3 != 2 (the others have no processors).
+      const choices = Array.from({ length: rows }, (_, r): TokenChoice => {
+        const sampledRow = r % 2 === 1
+        const c: TokenChoice = {
+          temperature: sampledRow ? [0.6, 1, 1.4][r % 3]! : 0,
+          topK: sampledRow && r % 5 === 1 ? 40 : 0,
+          topP: sampledRow && r % 7 === 3 ? 0.9 : 1,
+          minP: 0,
+          seed: Math.floor(rand() * 2 ** 32),
+          position: 10 + r,
+          target: -1,
+          topLogprobs: r % 4 === 0 ? 20 : 3,
+        }
+        return r % 3 === 2 ? c : { ...c, processors: { row: r, first: false, settings: table[r]!, ...mask(r) } }
+      })
+      const launch = async (pick: number[]) => {
+        // The same counts before every launch (a launch adds to them).
+        const head = await headWith(device, pick.length, V, counts, table)
+        const xs = concatRows(pick.map((r) => x.subarray(r * V, (r + 1) * V)))
+        const logits = tensorFrom(device, 'f32', [pick.length, V], xs)
+        try {
+          return await head.choose(logits, pick.map((r) => choices[r]!), 20)
+        } finally {
+          logits.dispose()
+          head.dispose()
+        }
+      }
+      const all = Array.from({ length: rows }, (_, r) => r)
+      const full = await launch(all)
+      for (const r of [0, 1, 4, 9, 13, 22, 39]) {
+        expect(choices[r]!.processors, `row ${r}`).toBeDefined()
+        for (const count of [1, 4]) {
+          const pick = [r, ...Array.from({ length: count - 1 }, (_, i) => (r + 11 + 5 * i) % rows)]
+          const part = await launch(pick)
+          expectSameRow(part, 0, full, r, `row ${r} among ${count}`)
+        }
+        const m = choices[r]!.processors!.mask
+        if (m) expect(tokenAllowed(m, full.ids[r]!), `row ${r} chose a token its mask forbids`).toBe(true)
+      }
+    })
+
+  for (const masked of [false, true])
+    it(`variant twin: with rows split for small batches, some processed rows${masked ? ', masked,' : ''} differ alone`, async () => {
+      // As in choose-tokens.test.ts: narrow rows with one logit at 12, whose log-sum-exp's last bit
+      // follows the sum's order; every row has processors (masked: half the tokens allowed, the 12 among them).
+      const V = V_QWEN
+      const rows = 16
+      const x = new Float32Array(rows * V)
+      for (let r = 0; r < rows; r++) {
+        const row = randomNormal(V, 93_001 + r, 0.3)
+        row[(r * 7919) % V] = 12
+        x.set(row, r * V)
+      }
+      const table = tableSettings(V, rows, 93_100)
+      const counts = Array.from({ length: rows }, (_, k) => countsRow(V, 93_200 + k))
+      const mask = (r: number) => {
+        if (!masked) return {}
+        const m = randomMask(V, 93_300 + r, 0.5)
+        setAllowed(m, (r * 7919) % V, true)
+        return { mask: m }
+      }
+      const choices = Array.from({ length: rows }, (_, r): TokenChoice => ({
+        temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: r, target: -1, processors: { row: r, first: false, settings: table[r]!, ...mask(r) },
+      }))
+      const launch = async (pick: number[]) => {
+        const head = await headWith(device, pick.length, V, counts, table)
+        const logits = tensorFrom(device, 'f32', [pick.length, V], concatRows(pick.map((r) => x.subarray(r * V, (r + 1) * V))))
+        try {
+          return await head.choose(logits, pick.map((r) => choices[r]!), 0)
+        } finally {
+          logits.dispose()
+          head.dispose()
+        }
+      }
+      const differing = async () => {
+        const full = await launch(Array.from({ length: rows }, (_, r) => r))
+        let differ = 0
+        for (let r = 0; r < rows; r++) {
+          const alone = await launch([r])
+          if (alone.ids[0] !== full.ids[r] || firstDifference(alone.logprobs.subarray(0, 1), full.logprobs.subarray(r, r + 1)) >= 0) differ++
+        }
+        return differ
+      }
+      expect(await differing()).toBe(0)
+      expect(await withVariant(differing)).toBeGreaterThan(0)
+    })
 
   it("a repetition penalty's first choice marks the prompt's tokens in a reset row, and penalizes them with the chosen ones", async () => {
     const V = V_QWEN
@@ -433,14 +635,19 @@ describe('logit processors on the CPU backend', () => suite('cpu'))
 describeGpu('logit processors on CUDA', () => {
   suite('cuda')
 
-  it('agree with the CPU backend: processed logits bit for bit, and the greedy choices', async () => {
+  it('agree with the CPU backend: processed logits bit for bit, masked rows too, and the greedy choices', async () => {
     const V = V_QWEN
     const rows = 6
     const x = logitRows(rows, V, 95_001)
     const table = tableSettings(V, rows, 95_100)
     const counts = Array.from({ length: rows }, (_, k) => countsRow(V, 95_200 + k))
+    // Even rows masked (table row 0 forbids its biased ids); the odd rows' mask words are not read.
+    const masks = Array.from({ length: rows }, (_, k) => randomMask(V, 95_300 + k, [0.5, 0.01, 0.3][k % 3]!))
+    for (const [id] of table[0]!.logitBias) setAllowed(masks[0]!, id, false)
+    const masked = (r: number) => r % 2 === 0
     const choices = Array.from({ length: rows }, (_, r): TokenChoice => ({
-      temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: r, target: -1, topLogprobs: 20, processors: { row: r, first: r === 2, settings: table[r]! },
+      temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: r, target: -1, topLogprobs: 20,
+      processors: { row: r, first: r === 2, settings: table[r]!, ...(masked(r) && { mask: masks[r]! }) },
     }))
     const run = async (device: DeviceName) => {
       const head = await headWith(device, rows, V, counts, table)
@@ -454,28 +661,36 @@ describeGpu('logit processors on CUDA', () => {
     }
     const [gpu, cpu] = [await run('cuda'), await run('cpu')]
     expect(Array.from(gpu.out.ids)).toEqual(Array.from(cpu.out.ids))
+    for (let r = 0; r < rows; r += 2) expect(tokenAllowed(masks[r]!, gpu.out.ids[r]!), `row ${r}`).toBe(true)
     expect(Array.from(gpu.out.topIds)).toEqual(Array.from(cpu.out.topIds))
     expectClose(gpu.out.logprobs, cpu.out.logprobs, 1e-5, 1e-5, 'log-probs')
     for (let k = 0; k < rows; k++) expectSameBits(gpu.counts[k]!, cpu.counts[k]!, `counts of table row ${k}`)
     // The processed logits themselves: the op on both devices.
     const processedOn = async (device: DeviceName) => {
       const n = native()
-      const plan = tensorFrom(device, 'i32', [1 + 3 * rows], [rows, ...Array.from({ length: rows }, (_, r) => [r, r, r === 2 ? 1 : 0]).flat()])
+      const plan = tensorFrom(device, 'i32', [1 + PLAN_FIELDS * rows], [rows, ...Array.from({ length: rows }, (_, r) => [r, r, r === 2 ? 1 : 0, masked(r) ? 1 : 0]).flat()])
+      const maskT = tensorFrom(device, 'i32', [rows, maskWords(V)], Int32Array.from(masks.flatMap((m) => Array.from(m))))
       const adjusted = n.empty(device, 'f32', [rows, V])
       const adjustedParams = n.empty(device, 'i32', [rows, 8])
       const countsT = tensorFrom(device, 'u16', [rows, V], Uint16Array.from(counts.flatMap((c) => Array.from(c))))
       const settingsT = tensorFrom(device, 'i32', [rows, SETTINGS], Int32Array.from(table.flatMap((s) => Array.from(packSettings(s)))))
       const logits = tensorFrom(device, 'f32', [rows, V], x)
       const params = tensorFrom(device, 'i32', [rows, 8], packChoices(choices))
-      const held: NativeTensor[] = [plan, adjusted, adjustedParams, countsT, settingsT, logits, params]
+      const held: NativeTensor[] = [plan, maskT, adjusted, adjustedParams, countsT, settingsT, logits, params]
       try {
-        n.applyLogitProcessors(adjusted, adjustedParams, countsT, logits, params, plan, settingsT)
+        n.applyLogitProcessors(adjusted, adjustedParams, countsT, logits, params, plan, settingsT, maskT)
         return await readF32(adjusted)
       } finally {
         for (const t of held) t.dispose()
       }
     }
-    expectSameBits(await processedOn('cuda'), await processedOn('cpu'), 'processed logits, CUDA against the CPU')
+    const processed = await processedOn('cuda')
+    expectSameBits(processed, await processedOn('cpu'), 'processed logits, CUDA against the CPU')
+    // And the reference: masked rows' forbidden tokens at -Infinity, biased ones among them.
+    for (let r = 0; r < rows; r++) {
+      const want = processedRow(x.subarray(r * V, (r + 1) * V), r === 2 ? new Uint16Array(V) : counts[r]!, table[r]!, masked(r) ? masks[r] : undefined)
+      expectSameBits(processed.subarray(r * V, (r + 1) * V), want, `row ${r} against the reference`)
+    }
   })
 })
 
@@ -489,20 +704,48 @@ describe('logit processor op arguments', () => {
     const adjustedParams = n.empty('cpu', 'i32', [1, 8])
     const counts = tensorFrom('cpu', 'u16', [1, V], new Uint16Array(V))
     const settings = tensorFrom('cpu', 'i32', [1, SETTINGS], new Int32Array(SETTINGS))
+    const mask = tensorFrom('cpu', 'i32', [1, 1], [-1])
     const plan = (entries: number[]) => tensorFrom('cpu', 'i32', [entries.length], entries)
-    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, n.empty('cpu', 'i32', [1, V]), x, params, plan([1, 0, 0, 0]), settings)).toThrow(
+    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, n.empty('cpu', 'i32', [1, V]), x, params, plan([1, 0, 0, 0, 0]), settings, mask)).toThrow(
       /expected counts to be u16/,
     )
-    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 0, 0]), settings)).toThrow(/plan to be i32 \[1 \+ 3J\]/)
-    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 0, 0, 0]), n.empty('cpu', 'i32', [1, 8]))).toThrow(
+    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 0, 0, 0]), settings, mask)).toThrow(/plan to be i32 \[1 \+ 4J\]/)
+    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 0, 0, 0, 0]), n.empty('cpu', 'i32', [1, 8]), mask)).toThrow(
       /settings/,
     )
-    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 2, 0, 0]), settings)).toThrow(/names logits row 2/)
-    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 0, 1, 0]), settings)).toThrow(/names table row 1/)
-    expect(() => n.recordLogitChoices(params, counts, n.empty('cpu', 'i32', [1, 1]), plan([1, 0, 0, 0]))).toThrow(/at least 2 columns/)
+    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 2, 0, 0, 0]), settings, mask)).toThrow(/names logits row 2/)
+    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 0, 1, 0, 0]), settings, mask)).toThrow(/names table row 1/)
+    expect(() => n.recordLogitChoices(params, counts, n.empty('cpu', 'i32', [1, 1]), plan([1, 0, 0, 0, 0]))).toThrow(/at least 2 columns/)
     expect(() => n.resetLogitRow(counts, 1, tensorFrom('cpu', 'i32', [1], [0]))).toThrow('reset_logit_row: expected a row between 0 and 0 but received 1')
     expect(() => n.resetLogitRow(counts, 0, tensorFrom('cpu', 'i32', [2], [3, V]))).toThrow(`reset_logit_row: prompt id 1 is ${V}, outside [0, ${V})`)
     expect(() => n.resetLogitRow(counts, 0, tensorFrom('cpu', 'f32', [1], [0]))).toThrow(/expected prompt to be i32/)
     expect(() => n.chooseTokens(n.empty('cpu', 'i32', [2, 2]), x, params, n.empty('cpu', 'i32', [0]))).toThrow(/live/)
+  })
+
+  it('refuse a mask table that is missing, not i32, not 2-D, or not [rows of counts, ceil(V / 32)]', () => {
+    const n = native()
+    const V = 40 // two mask words
+    const x = tensorFrom('cpu', 'f32', [1, V], new Float32Array(V).fill(1))
+    const params = n.empty('cpu', 'i32', [1, 8])
+    const adjusted = n.empty('cpu', 'f32', [1, V])
+    const adjustedParams = n.empty('cpu', 'i32', [1, 8])
+    const counts = tensorFrom('cpu', 'u16', [2, V], new Uint16Array(2 * V))
+    const settings = tensorFrom('cpu', 'i32', [2, SETTINGS], new Int32Array(2 * SETTINGS))
+    const plan = tensorFrom('cpu', 'i32', [1 + PLAN_FIELDS], [1, 0, 1, 0, 1])
+    const apply = (mask: unknown) => () =>
+      n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan, settings, mask as NativeTensor)
+    expect(apply(undefined)).toThrow('applyLogitProcessors: expected a Tensor for mask but received undefined')
+    expect(apply(n.empty('cpu', 'u16', [2, 2]))).toThrow('apply_logit_processors: expected mask to be i32 but received u16[2,2] on cpu')
+    expect(apply(n.empty('cpu', 'f32', [2, 2]))).toThrow(/expected mask to be i32 but received f32/)
+    expect(apply(n.empty('cpu', 'i32', [4]))).toThrow('apply_logit_processors: expected mask to have 2 dimensions but received i32[4] on cpu')
+    expect(apply(n.empty('cpu', 'i32', [1, 2]))).toThrow('apply_logit_processors: expected dimension 0 of mask to be 2 (rows of counts) but received i32[1,2] on cpu')
+    expect(apply(n.empty('cpu', 'i32', [2, 1]))).toThrow(/expected dimension 1 of mask to be 2 \(ceil\(V \/ 32\) words, V the columns of x\) but received i32\[2,1\] on cpu/)
+    expect(apply(n.empty('cpu', 'i32', [2, V]))).toThrow(/expected dimension 1 of mask to be 2/)
+    // The right shape runs: row 0 of x through table row 1, whose mask allows tokens 0 and 33.
+    const mask = tensorFrom('cpu', 'i32', [2, 2], [0, 0, 1, 2])
+    apply(mask)()
+    return readF32(adjusted).then((y) => {
+      expect(Array.from(y).map((v, i) => (v === -Infinity ? -1 : i)).filter((i) => i >= 0)).toEqual([0, 33])
+    })
   })
 })
