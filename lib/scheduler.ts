@@ -61,6 +61,27 @@ export interface ForwardModel {
 
 export type FinishReason = 'stop' | 'length' | 'cancelled'
 
+/**
+ * A grammar that a completion's tokens must follow (lib/grammar.ts builds them from JSON schemas).
+ * The scheduler asks for the mask before each choice of the sequence, hands it to the device with
+ * the sequence's logit processors (disallowed tokens get -infinity before the choice), and
+ * advances the grammar by the chosen token once it is read back. The mask depends on the
+ * sequence's own tokens only, so the contract holds: the same completion alone or in any batch.
+ */
+export interface TokenConstraint {
+  /** The tokens allowed next: i32 words, bit v & 31 of word v >> 5 set for token v. */
+  mask(): Promise<Int32Array>
+  /** Advances past `token`, which the last mask allowed; throws when it was not allowed. */
+  accept(token: number): void
+  /** Whether the grammar is complete and only a stop token may follow (or one was accepted). */
+  readonly finished: boolean
+  /** Frees it (idempotent). */
+  dispose(): void
+}
+
+/** The logit processors of a constrained completion that asks for no penalty or bias. */
+const NO_PENALTIES: LogitProcessors = { frequencyPenalty: 0, presencePenalty: 0, repetitionPenalty: 1, logitBias: [] }
+
 export interface GenerationRequest {
   kind: 'generate'
   prompt: number[]
@@ -70,6 +91,13 @@ export interface GenerationRequest {
   topLogprobs?: number
   /** Penalties and logit bias, applied on the device before every choice (absent or null: none). */
   processors?: LogitProcessors | null
+  /**
+   * A grammar the tokens must follow (absent or null: none). The scheduler owns it from a
+   * successful submit() and disposes of it when the request ends, however it ends. A constrained
+   * sequence does not take part in steps launched ahead (its next mask needs the token in flight):
+   * it decodes at most every other step while others run, with the same bits.
+   */
+  constraint?: TokenConstraint | null
   /** Called once per generated token, in order; returning false ends the sequence ('stop'). */
   onToken(token: number, logprob: number, top: TopLogprob[] | null): boolean
 }
@@ -152,6 +180,8 @@ interface Sequence {
   reused: number // positions taken from the prefix cache
   cacheNeed: number // cache positions reserved
   processorRow: number // the sequence's row of the model's processor table while it runs (-1: none)
+  constraint: TokenConstraint | null // the request's grammar, disposed of when the sequence ends
+  mask: Int32Array | null // the grammar's mask for the sequence's next choice, once computed
   generated: number
   scores: Float32Array | null
   topScores: TopLogprob[][] | null
@@ -244,8 +274,8 @@ export class Scheduler {
     if (this.closedWith) throw this.closedWith
     if (request.kind === 'score' && !(request.from >= 1 && request.from < request.tokens.length))
       throw new RangeError(`Scheduler: a score request needs 1 <= from < ${request.tokens.length} but from is ${request.from}`)
-    if (request.kind === 'generate' && request.processors && !this.model.logitProcessorRows)
-      throw new RangeError('Scheduler: the model has no logit processor rows, so it cannot apply penalties or logit bias')
+    if (request.kind === 'generate' && (request.processors || request.constraint) && !this.model.logitProcessorRows)
+      throw new RangeError('Scheduler: the model has no logit processor rows, so it cannot apply penalties, logit bias or a grammar')
     const tokens = request.kind === 'generate' ? [...request.prompt] : [...request.tokens]
     const promptLength = request.kind === 'generate' ? tokens.length : request.from
     const cacheNeed = request.kind === 'generate' ? generationPositions(tokens.length, request.maxTokens) : tokens.length
@@ -268,6 +298,8 @@ export class Scheduler {
       reused: 0,
       cacheNeed,
       processorRow: -1,
+      constraint: request.kind === 'generate' ? (request.constraint ?? null) : null,
+      mask: null,
       generated: 0,
       scores: request.kind === 'score' ? new Float32Array(tokens.length - request.from) : null,
       topScores: request.kind === 'score' && (request.topLogprobs ?? 0) > 0 ? [] : null,
@@ -327,6 +359,7 @@ export class Scheduler {
         continue
       }
       try {
+        await this.prepareMasks()
         await this.step()
       } catch (err) {
         // A step that fails (a device error, say) leaves the model's state in doubt: every request
@@ -340,12 +373,28 @@ export class Scheduler {
     this.ahead = null
   }
 
+  // The grammar masks of the running constrained sequences that lack one (a new sequence, or one
+  // whose last token was just read back). A grammar that fails ends its own request only.
+  private async prepareMasks(): Promise<void> {
+    for (const seq of this.running) {
+      if (!seq.constraint || seq.mask || seq.finish) continue
+      try {
+        seq.mask = await seq.constraint.mask()
+      } catch (err) {
+        seq.finish = 'cancelled'
+        seq.error = err
+      }
+    }
+    this.retireFinished()
+  }
+
   private failAll(err: unknown): void {
     this.ahead = null
     for (const seq of [...this.running, ...this.waiting]) {
       this.allocator.release(seq.blocks)
       seq.blocks = []
       this.releaseProcessorRow(seq)
+      this.releaseConstraint(seq)
       seq.reject(err)
     }
     this.running = []
@@ -361,6 +410,7 @@ export class Scheduler {
       if (!seq.cancelled) continue
       this.waiting.splice(i, 1)
       seq.finish = 'cancelled'
+      this.releaseConstraint(seq)
       seq.resolve(this.outcome(seq))
     }
   }
@@ -375,7 +425,7 @@ export class Scheduler {
   private admit(): void {
     while (this.waiting.length && this.running.length < this.maxBatchSize) {
       const seq = this.waiting[0]!
-      const needsRow = seq.request.kind === 'generate' && !!seq.request.processors
+      const needsRow = seq.request.kind === 'generate' && (!!seq.request.processors || !!seq.constraint)
       if (needsRow && this.freeProcessorRows.length === 0) return
       if (needsRow && !this.processorsReserved) {
         // The table is allocated at its first use; when that fails, this request alone is refused.
@@ -489,11 +539,13 @@ export class Scheduler {
     const inCurrent = new Set(current.packed.map((p) => p.seq))
     if (!this.running.every((seq) => inCurrent.has(seq))) return null
     const next: PackedChunk[] = []
+    let freed = false
     for (const p of current.packed) {
       if (p.chunk.tokens.length !== 1 || p.chunk.logits !== 'last' || p.seq.request.kind !== 'generate') return null
-      if (!p.seq.finish && !p.seq.cancelled && p.seq.generated + 1 < p.seq.request.maxTokens) next.push(p)
+      if (p.seq.finish || p.seq.cancelled || p.seq.generated + 1 >= p.seq.request.maxTokens) freed = true
+      // A constrained sequence's next mask needs the token of current: it waits for a later step.
+      else if (!p.seq.constraint) next.push(p)
     }
-    const freed = next.length < current.packed.length
     return next.length && !(this.waiting.length && freed) ? next : null
   }
 
@@ -535,15 +587,18 @@ export class Scheduler {
     // The row that chooses the first token (the prompt's last) takes the table row: that step
     // zeroes its counts on the device, after every step enqueued before it.
     const first = row.position + 1 === seq.promptLength
+    const settings = request.processors ?? (seq.constraint ? NO_PENALTIES : null)
+    if (seq.constraint && !seq.mask) throw new Error('Scheduler: a constrained sequence was packed before its grammar mask was ready')
     const processors =
-      request.processors && seq.processorRow >= 0
+      settings && seq.processorRow >= 0
         ? {
             row: seq.processorRow,
             first,
-            settings: request.processors,
+            settings,
             // A repetition penalty penalizes the prompt's tokens too: they are marked when the row is
             // taken. The sequence's copy, not the caller's array, which may have changed since submit().
-            ...(first && request.processors.repetitionPenalty !== 1 && { prompt: seq.tokens.slice(0, seq.promptLength) }),
+            ...(first && settings.repetitionPenalty !== 1 && { prompt: seq.tokens.slice(0, seq.promptLength) }),
+            ...(seq.mask && { mask: seq.mask }),
           }
         : undefined
     return tokenChoice(request.sampling, row.position + 1, -1, topLogprobs, processors)
@@ -613,6 +668,17 @@ export class Scheduler {
       }
       return
     }
+    if (seq.constraint) {
+      try {
+        seq.constraint.accept(id)
+      } catch (err) {
+        // Not reachable while the device applies the mask; if it were, only this request fails.
+        seq.finish = 'cancelled'
+        seq.error = err
+        return
+      }
+      seq.mask = null
+    }
     seq.tokens.push(id)
     seq.generated++
     if (seq.generated === 1) seq.firstTokenAt = performance.now()
@@ -641,10 +707,17 @@ export class Scheduler {
       // The row may still be in a step launched ahead (a wasted row): the next sequence to take it
       // zeroes it in a later step, after that one on the device.
       this.releaseProcessorRow(seq)
+      this.releaseConstraint(seq)
       if (seq.error !== undefined) seq.reject(seq.error)
       else seq.resolve(this.outcome(seq))
     }
     this.running = still
+  }
+
+  private releaseConstraint(seq: Sequence): void {
+    seq.constraint?.dispose()
+    seq.constraint = null
+    seq.mask = null
   }
 
   private releaseProcessorRow(seq: Sequence): void {

@@ -1,7 +1,8 @@
 // A stand-in forward pass with launch(): a KV "cache" of token ids read back through the block
 // table, a next token that is a hash of the whole context, steps whose results come back only when
 // the test lets them (so that requests can be cancelled while a step is in flight), optional
-// failures, and a logit processor table whose rows it records. For tests of the scheduler's
+// failures, a logit processor table whose rows it records, and grammar masks, which it applies.
+// For tests of the scheduler's
 // bookkeeping (cache blocks, processor rows, the prefix cache) under steps launched ahead.
 import type { ForwardModel, SequenceChunk, StepTokens, TokenChoice } from '../../lib/scheduler.js'
 import type { LaunchedStep } from '../../lib/step.js'
@@ -93,6 +94,17 @@ export class LaunchingModel implements ForwardModel {
       const positions = c.logits === 'none' ? [] : c.logits === 'last' ? [last] : c.tokens.map((_, i) => c.startPosition + i)
       for (const p of positions) ids.push(this.next(c.blockTable, p))
     }
+    // A grammar's mask, as the device applies it: a disallowed id gives way to the next allowed one.
+    ids.forEach((id, r) => {
+      const mask = choices[r]?.processors?.mask
+      if (!mask) return
+      const V = this.config.vocabSize
+      for (let k = 0; k < V; k++) {
+        const v = (id + k) % V
+        if ((mask[v >> 5]! >>> (v & 31)) & 1) return void (ids[r] = v)
+      }
+      throw new Error(`step ${number}: row ${r}'s mask allows no token`)
+    })
     if (ids.length !== choices.length) throw new Error(`${choices.length} choices for ${ids.length} rows`)
     const out: StepTokens = {
       ids: Int32Array.from(ids.map((id, r) => (choices[r]!.target >= 0 ? choices[r]!.target : id))),

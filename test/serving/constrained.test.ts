@@ -1,0 +1,161 @@
+// Grammar-constrained generations in the scheduler (GenerationRequest.constraint), on a stand-in
+// model that applies masks: every token is one the grammar allowed, a constrained sequence never
+// rides in a step launched ahead (its mask needs the token in flight) while the others still do,
+// each request gets the tokens it gets alone, and the constraint is disposed of however the
+// request ends.
+import { describe, expect, it } from 'vitest'
+import { Scheduler, type TokenConstraint } from '../../lib/scheduler.js'
+import { LaunchingModel } from './launching-model.js'
+
+const V = 40
+const WORDS = Math.ceil(V / 32)
+const tick = () => new Promise((r) => setTimeout(r, 0))
+
+/** A toy grammar: the k-th token must be congruent to k modulo 3 (and not 0). */
+class ModuloGrammar implements TokenConstraint {
+  accepted: number[] = []
+  masks = 0
+  disposed = 0
+  failMaskAt = -1
+  async mask(): Promise<Int32Array> {
+    if (this.disposed) throw new Error('mask() after dispose()')
+    if (this.masks++ === this.failMaskAt) throw new Error('the grammar failed')
+    await Promise.resolve()
+    const words = new Int32Array(WORDS)
+    for (let v = 1; v < V; v++) if (this.allows(v)) words[v >> 5]! |= 1 << (v & 31)
+    return words
+  }
+  allows(v: number): boolean {
+    return v > 0 && v % 3 === this.accepted.length % 3
+  }
+  accept(token: number): void {
+    if (this.disposed) throw new Error('accept() after dispose()')
+    if (!this.allows(token)) throw new Error(`token ${token} is not allowed`)
+    this.accepted.push(token)
+  }
+  get finished(): boolean {
+    return false
+  }
+  dispose(): void {
+    this.disposed++
+  }
+}
+
+const ids = (n: number, from = 0) => Array.from({ length: n }, (_, i) => ((i + from) % 30) + 1)
+
+function make(launchAhead = true, kvBlocks = 40) {
+  const model = new LaunchingModel({ kvBlocks, kvBlockSize: 4, maxBatchTokens: 16, processorRows: 4, vocab: V })
+  return { model, s: new Scheduler(model, { maxBatchSize: 4, prefillChunkSize: 4, launchAhead }) }
+}
+
+function run(s: Scheduler, prompt: number[], maxTokens: number, constraint?: TokenConstraint) {
+  const tokens: number[] = []
+  const scheduled = s.submit({ kind: 'generate', prompt, maxTokens, sampling: null, ...(constraint && { constraint }), onToken: (t) => (tokens.push(t), true) })
+  return { tokens, cancel: scheduled.cancel, done: scheduled.done.then((o) => o.finishReason as string, (e: Error) => `error: ${e.message}`) }
+}
+
+describe('constrained generations in the scheduler', () => {
+  it('every token is allowed; alone and beside unconstrained requests, the same tokens; only the others launch ahead', async () => {
+    const alone = make()
+    const grammar = new ModuloGrammar()
+    const a = run(alone.s, ids(6), 12, grammar)
+    expect(await a.done).toBe('length')
+    expect(a.tokens).toEqual(grammar.accepted)
+    a.tokens.forEach((t, k) => expect(t % 3).toBe(k % 3))
+    expect(grammar.masks).toBe(12)
+    expect(grammar.disposed).toBe(1)
+
+    const plainAlone = await (async () => {
+      const { s } = make()
+      const p = run(s, ids(5, 7), 16)
+      await p.done
+      return p.tokens
+    })()
+
+    for (const launchAhead of [true, false]) {
+      const { model, s } = make(launchAhead)
+      const g = new ModuloGrammar()
+      const c = run(s, ids(6), 12, g)
+      const p = run(s, ids(5, 7), 16)
+      expect(await Promise.all([c.done, p.done])).toEqual(['length', 'length'])
+      expect(c.tokens).toEqual(a.tokens)
+      expect(p.tokens).toEqual(plainAlone)
+      expect(g.disposed).toBe(1)
+      // The block tables of the chunks whose rows carry a mask, launch by launch.
+      const masked = model.launches.map((l) => {
+        const tables: string[] = []
+        let r = 0
+        for (const ch of l.chunks) {
+          const rows = ch.logits === 'none' ? 0 : ch.logits === 'last' ? 1 : ch.tokens.length
+          for (let k = 0; k < rows; k++, r++) if (l.choices[r]?.processors?.mask) tables.push(ch.blockTable.join())
+        }
+        return tables
+      })
+      const constrainedTable = masked.flat()[0]!
+      expect(new Set(masked.flat())).toEqual(new Set([constrainedTable]))
+      // Every launch that ran the constrained sequence gave it its mask, and none was launched ahead.
+      model.launches.forEach((l, i) => {
+        const ran = l.chunks.some((ch) => ch.blockTable.join() === constrainedTable && ch.logits !== 'none')
+        expect(masked[i]!.includes(constrainedTable)).toBe(ran)
+        if (l.after) expect(ran).toBe(false)
+      })
+      // The unconstrained request still has steps launched ahead of their predecessor's results.
+      expect(model.launches.some((l) => l.after)).toBe(launchAhead)
+    }
+  })
+
+  it('disposed of however the request ends: cancelled waiting or running, a failed step, closed, a failing grammar', async () => {
+    // Cancelled while waiting for cache blocks, and while running.
+    {
+      const { model, s } = make(true, 6)
+      const big = run(s, ids(16), 8)
+      const waiting = new ModuloGrammar()
+      const w = run(s, ids(10), 10, waiting)
+      const g = new ModuloGrammar()
+      model.hold = true
+      await tick()
+      w.cancel()
+      model.hold = false
+      while (model.release()) await tick()
+      await big.done
+      expect(await w.done).toBe('cancelled')
+      expect(waiting.disposed).toBe(1)
+      const r = run(s, ids(3), 20, g)
+      for (let k = 0; k < 4; k++) await tick()
+      r.cancel()
+      expect(await r.done).toBe('cancelled')
+      expect(g.disposed).toBe(1)
+    }
+    // A failed step fails every request; the scheduler closed mid-flight.
+    for (const how of ['fail', 'close'] as const) {
+      const { model, s } = make()
+      const g = new ModuloGrammar()
+      if (how === 'fail') model.failAt.add(3)
+      const r = run(s, ids(3), 20, g)
+      if (how === 'close') {
+        await tick()
+        await s.close(new Error('closed'))
+      }
+      expect(await r.done).toMatch(/^error: /)
+      expect(g.disposed).toBe(1)
+    }
+    // A grammar whose mask fails ends its own request only.
+    {
+      const { s } = make()
+      const bad = new ModuloGrammar()
+      bad.failMaskAt = 3
+      const other = run(s, ids(4, 2), 10)
+      const r = run(s, ids(3), 10, bad)
+      expect(await r.done).toBe('error: the grammar failed')
+      expect(bad.disposed).toBe(1)
+      expect(await other.done).toBe('length')
+      expect(other.tokens).toHaveLength(10)
+    }
+  })
+
+  it('a model without processor rows refuses a constrained request', () => {
+    const model = new LaunchingModel({ kvBlocks: 8, kvBlockSize: 4, vocab: V })
+    const s = new Scheduler(model, { maxBatchSize: 2, prefillChunkSize: 4 })
+    expect(() => s.submit({ kind: 'generate', prompt: [1, 2], maxTokens: 2, sampling: null, constraint: new ModuloGrammar(), onToken: () => true })).toThrow(/cannot apply penalties, logit bias or a grammar/)
+  })
+})
