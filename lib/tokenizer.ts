@@ -7,6 +7,7 @@ import { ChatTemplate } from './chat-template.js'
 import { EncodeWorker, type EncodeRequestOptions } from './encode-worker.js'
 import { describeValue, invalidField } from './errors.js'
 import { pathExists, readJsonFile, readTextFile } from './files.js'
+import type { GrammarVocabulary, VocabType } from './grammar.js'
 import { MAX_VOCAB_SIZE } from './step.js'
 
 export interface EncodeOptions {
@@ -207,6 +208,8 @@ export class Tokenizer {
     private readonly cleanUpSpaces: boolean,
     /** Vocabulary pieces spell bytes with GPT-2's printable alphabet (a ByteLevel decoder). */
     private readonly byteLevel: boolean,
+    /** What grammarVocabulary() needs besides the pieces (read from tokenizer.json at load). */
+    private readonly grammarFacts: GrammarFacts,
   ) {}
 
   /**
@@ -325,6 +328,11 @@ export class Tokenizer {
       specialTokens,
       cleanUp === true,
       decoderHas(tokenizerJson['decoder'], 'ByteLevel'),
+      {
+        vocabType: grammarVocabType(tokenizerJson['decoder']),
+        addPrefixSpace: grammarAddsPrefixSpace(tokenizerJson),
+        specialIds: specialTokenIds(tokenizerJson['added_tokens'] as unknown[], [...Object.values(specialTokens), ...(additional ?? [])], hf),
+      },
     )
   }
 
@@ -497,6 +505,28 @@ export class Tokenizer {
     return new TextEncoder().encode(piece.replace(/\u2581/g, ' ')) // SentencePiece's word marker is a space
   }
 
+  /**
+   * The vocabulary as xgrammar's TokenizerInfo takes it (lib/grammar.ts), built as its Python
+   * TokenizerInfo.from_huggingface builds it for a fast tokenizer: each id's piece as
+   * tokenizer.json spells it (xgrammar decodes the pieces itself, by the vocabulary type), the
+   * type and prefix space read from tokenizer.json as xgrammar reads them, and the EOS ids as the
+   * stop tokens. One difference: special tokens (added tokens marked special, and those
+   * tokenizer_config.json names) are given as '', which xgrammar treats as a token that no text
+   * matches, where xgrammar's Python gives their text: `<|im_end|>` would otherwise be allowed
+   * inside a JSON string as the ten characters it is spelled with, and the model would end its
+   * turn there. Ids no piece has are '' too (never allowed).
+   */
+  grammarVocabulary(): GrammarVocabulary {
+    const pieces: string[] = new Array<string>(this.vocabSize).fill('')
+    for (const [piece, id] of this.hf.get_vocab(true)) if (!this.grammarFacts.specialIds.has(id)) pieces[id] = piece
+    return {
+      pieces,
+      vocabType: this.grammarFacts.vocabType,
+      addPrefixSpace: this.grammarFacts.addPrefixSpace,
+      stopTokenIds: [...this.eosTokenIds],
+    }
+  }
+
   private checkIds(ids: readonly number[]): void {
     if (!Array.isArray(ids)) throw new TypeError(`Expected an array of token ids for ids but received ${describeValue(ids)}`)
     for (let i = 0; i < ids.length; i++) {
@@ -519,6 +549,64 @@ function decoderHas(decoder: unknown, type: string): boolean {
     if ((d as Json)['type'] === 'Sequence' && Array.isArray(inner)) for (const x of inner) pending.push(x)
   }
   return false
+}
+
+/** What a tokenizer's grammar vocabulary needs besides its pieces. */
+interface GrammarFacts {
+  vocabType: VocabType
+  addPrefixSpace: boolean
+  /** Ids of special tokens: left out of the grammar's vocabulary (see grammarVocabulary). */
+  specialIds: ReadonlySet<number>
+}
+
+const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v)
+
+/**
+ * The vocabulary type as xgrammar detects it from tokenizer.json (HFTokenizerAnalyzer::
+ * DetectVocabType in its cpp/tokenizer_info.cc): the decoder, or the decoders of a Sequence (one
+ * level), in order; the first ByteLevel makes it byte_level (GPT-2, Llama 3, Qwen), the first
+ * ByteFallback byte_fallback (SentencePiece-style BPE with <0xNN> pieces and ▁ for spaces: Llama 2,
+ * Mistral); anything else, or a decoder it cannot read, raw.
+ */
+function grammarVocabType(decoder: unknown): VocabType {
+  if (!isObject(decoder) || typeof decoder['type'] !== 'string') return 'raw'
+  let decoders: unknown[] = [decoder]
+  if (decoder['type'] === 'Sequence') {
+    if (!Array.isArray(decoder['decoders'])) return 'raw'
+    decoders = decoder['decoders']
+  }
+  for (const d of decoders) {
+    if (!isObject(d) || typeof d['type'] !== 'string') return 'raw'
+    if (d['type'] === 'ByteLevel') return 'byte_level'
+    if (d['type'] === 'ByteFallback') return 'byte_fallback'
+  }
+  return 'raw'
+}
+
+/**
+ * Whether the tokenizer puts a space in front of a text, as xgrammar detects it
+ * (HFTokenizerAnalyzer::DetectAddPrefixSpace): a Prepend normalizer of "▁" (alone or in a
+ * Sequence), or a Metaspace pre-tokenizer whose prepend_scheme is "always" or "first".
+ */
+function grammarAddsPrefixSpace(json: Json): boolean {
+  const normalizer = json['normalizer']
+  if (isObject(normalizer)) {
+    const list = normalizer['type'] === 'Sequence' ? normalizer['normalizers'] : [normalizer]
+    if (Array.isArray(list) && list.some((n) => isObject(n) && n['type'] === 'Prepend' && n['prepend'] === '\u2581')) return true
+  }
+  const pre = json['pre_tokenizer']
+  return isObject(pre) && pre['type'] === 'Metaspace' && (pre['prepend_scheme'] === 'always' || pre['prepend_scheme'] === 'first')
+}
+
+/** Ids of the added tokens marked special, and of the special tokens tokenizer_config.json names. */
+function specialTokenIds(added: readonly unknown[], named: readonly string[], hf: HfTokenizer): Set<number> {
+  const ids = new Set<number>()
+  for (const entry of added) if (isObject(entry) && entry['special'] === true && typeof entry['id'] === 'number') ids.add(entry['id'])
+  for (const token of named) {
+    const id = hf.token_to_id(token)
+    if (id !== undefined) ids.add(id)
+  }
+  return ids
 }
 
 let printableToByte: Map<string, number> | null = null

@@ -79,11 +79,15 @@ export function csrcIncludeEdges(csrc: string): { edges: Edge[]; systemIncludes:
 /**
  * lib/'s layers from the bottom up. A module may import modules of lower layers and of its own
  * group; groups of one layer are siblings and do not import each other (the scheduler drives any
- * forward model, the tokenizer knows no model files).
+ * forward model, the tokenizer knows no model files, grammars know no tensors).
  */
 export const LIB_LAYERS: readonly (readonly { group: string; modules: readonly string[] }[])[] = [
   [{ group: 'base', modules: ['errors.ts', 'native.ts', 'files.ts', 'hub-cache.ts'] }],
-  [{ group: 'runtime', modules: ['tensor.ts', 'device.ts', 'kv-cache.ts', 'sampling.ts', 'step.ts'] }],
+  [
+    { group: 'runtime', modules: ['tensor.ts', 'device.ts', 'kv-cache.ts', 'sampling.ts', 'step.ts'] },
+    // Token masks from grammars (xgrammar): the tokenizer hands it its vocabulary, the scheduler applies its masks.
+    { group: 'grammar', modules: ['grammar.ts'] },
+  ],
   [
     { group: 'model', modules: ['model/*'] },
     { group: 'tokenizer', modules: ['tokenizer.ts', 'chat-template.ts', 'encode-worker.ts'] },

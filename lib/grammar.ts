@@ -1,0 +1,714 @@
+// Grammar-constrained decoding for OpenAI's response_format (JSON mode and JSON schemas), through
+// xgrammar's WebAssembly build (@mlc-ai/web-xgrammar). A GrammarEngine per model turns the
+// tokenizer's vocabulary into xgrammar's TokenizerInfo and a grammar compiler (once, at its first
+// use); each request gets a TokenConstraint: a matcher that gives the mask of the tokens allowed
+// next and advances token by token.
+//
+// xgrammar's checks abort the WebAssembly module: a schema it cannot read (`{"type": 5}`, a $ref
+// to nothing, a pattern that is no regular expression) prints "[FATAL] file:line: Check failed:
+// ..." and "Aborted()" through the module's printErr, then throws a RuntimeError, with whatever the
+// C++ code had allocated leaked. So schemas are first tried in a worker thread that holds its own
+// instance of the module: the reason it printed comes back as the GrammarError's message, and a
+// worker whose module aborted is stopped (its memory with it) and replaced. Only schemas that
+// passed there are compiled, with the model's vocabulary, in this thread, by an instance that
+// prints nowhere; should it abort all the same, it is dropped as a whole and the next request
+// builds another. Before any of that, keywords xgrammar would silently not enforce are refused,
+// as vLLM refuses them (unsupportedKeyword).
+//
+// Costs (a 151,936-token vocabulary): the first constraint of an engine takes 150-250 ms
+// (TokenizerInfo, compiler); compiling a schema 30-120 ms, once (the compiler caches them); a
+// mask 0.02-0.03 ms. Checking a schema in the worker takes 60-85 ms for the first (the thread
+// starts and initialises its module), then about 1 ms; a schema that passed before is not
+// checked again; one that aborts costs about 40 ms more, for the next check's new worker.
+import { readFileSync } from 'node:fs'
+import { createRequire } from 'node:module'
+import { dirname } from 'node:path'
+import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads'
+import type * as XGrammarModule from '@mlc-ai/web-xgrammar'
+import { DisposedError, describeValue } from './errors.js'
+
+type XGrammar = typeof XGrammarModule
+type CompiledGrammar = XGrammarModule.CompiledGrammar
+type GrammarCompiler = XGrammarModule.GrammarCompiler
+type GrammarMatcher = XGrammarModule.GrammarMatcher
+type TokenizerInfo = XGrammarModule.TokenizerInfo
+
+/** OpenAI's response_format, with a json_schema's schema (and strict) taken out of its json_schema object. */
+export type ResponseFormat =
+  | { type: 'text' }
+  | { type: 'json_object' }
+  | {
+      type: 'json_schema'
+      /** A JSON Schema: an object, or true. */
+      schema: unknown
+      /**
+       * Accepted and not used: as in vLLM, the schema is enforced either way, in xgrammar's strict
+       * mode (no properties the schema does not name, unless it allows them).
+       */
+      strict?: boolean
+    }
+
+export interface TokenConstraint {
+  /** The tokens allowed next: i32 words, bit v & 31 of word v >> 5 set for token v (vocabSize bits; ids the vocabulary lacks clear). */
+  mask(): Promise<Int32Array>
+  /** Advances past `token`, which the last mask allowed; throws a clear error when it is not allowed. */
+  accept(token: number): void
+  /** Whether the grammar is complete and only a stop token may follow (or one was accepted). */
+  readonly finished: boolean
+  /** Frees the matcher (idempotent). */
+  dispose(): void
+}
+
+/** How xgrammar reads the pieces of a vocabulary: as they are, GPT-2's byte alphabet, or SentencePiece's <0xNN> and ▁. */
+export type VocabType = 'raw' | 'byte_level' | 'byte_fallback'
+
+/** A tokenizer's vocabulary as xgrammar's TokenizerInfo takes it (Tokenizer.grammarVocabulary()). */
+export interface GrammarVocabulary {
+  /** Each id's piece as tokenizer.json spells it; '' for an id no text may produce (special tokens, gaps). */
+  pieces: readonly string[]
+  vocabType: VocabType
+  /** Whether the tokenizer puts a space in front of a text (SentencePiece's ▁). */
+  addPrefixSpace: boolean
+  /** The ids that end a generation (EOS). */
+  stopTokenIds: readonly number[]
+}
+
+/** What a GrammarEngine reads the vocabulary from: a Tokenizer. */
+export interface GrammarVocabularySource {
+  grammarVocabulary(): GrammarVocabulary
+}
+
+/** A response_format that cannot be used: its shape, or a JSON schema xgrammar refuses (the message names the problem). */
+export class GrammarError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options)
+    this.name = 'GrammarError'
+  }
+}
+
+/** How long a schema may take to be checked before it is refused. */
+export const SCHEMA_CHECK_TIMEOUT_MS = 10_000
+/** How long the checking worker may take to start. */
+const WORKER_STARTUP_TIMEOUT_MS = 60_000
+/** Schemas that passed the check are remembered (their JSON text, up to this many characters in all) and not checked again. */
+const CHECKED_SCHEMA_CHARS = 4_000_000
+/** The longest reason a GrammarError quotes from xgrammar. */
+const MAX_REASON_CHARS = 1000
+/** The lines of output an instance of the module keeps, for the message of an abort. */
+const KEPT_LINES = 20
+
+// ---------------------------------------------------------------------------------------------
+// Loading the module
+
+/**
+ * The package's lib/index.js is a UMD bundle in a package marked "type": "module": imported, Node
+ * takes it for an ES module, in which the bundle finds neither `exports` nor `module` and exports
+ * nothing. So its text is evaluated as CommonJS, with the CommonJS wrapper's variables, plus a
+ * `console` of its own: emscripten binds its print and printErr to console.log and console.error
+ * when the module initialises, so everything the module prints goes to `print` instead of the
+ * process's output. Each evaluation is a separate instance of the module (its own memory).
+ */
+function loadXGrammar(print: (line: string) => void): XGrammar {
+  const file = xgrammarFile()
+  const line = (...args: unknown[]) => print(args.map(String).join(' '))
+  const quiet = Object.assign(Object.create(console) as Console, { log: line, error: line, warn: line, info: line, debug: line, trace: line })
+  const module = { exports: {} as Record<string, unknown> }
+  const evaluate = new Function('exports', 'module', 'require', '__filename', '__dirname', 'console', xgrammarSource())
+  evaluate(module.exports, module, createRequire(file), file, dirname(file), quiet)
+  return module.exports as unknown as XGrammar
+}
+
+function xgrammarFile(): string {
+  return createRequire(import.meta.url).resolve('@mlc-ai/web-xgrammar')
+}
+
+/**
+ * The bundle's one dynamic import, of Node's `module` for createRequire: code made by `new
+ * Function` cannot import where its caller was compiled by node:vm (a test runner's modules:
+ * "A dynamic import callback was not specified"), so it gets the same module from `require`.
+ */
+const DYNAMIC_IMPORT = "await import('module')"
+const STATIC_REQUIRE = "require('module')"
+
+let source: string | null = null
+function xgrammarSource(): string {
+  return (source ??= readFileSync(xgrammarFile(), 'utf8').replace(DYNAMIC_IMPORT, STATIC_REQUIRE))
+}
+
+/**
+ * The reason in what an aborted call printed: its last "[FATAL] file:line: message" line, without
+ * the file and line, and without the "Check failed: (condition) is false: " in front of the
+ * message ("Type should be a string"); the error's own message when nothing was printed.
+ */
+export function abortReason(lines: readonly string[], err: unknown): string {
+  let fatal: string | undefined
+  for (const line of lines) if (line.startsWith('[FATAL]')) fatal = line
+  let reason =
+    fatal === undefined
+      ? err instanceof Error
+        ? err.message
+        : String(err)
+      : fatal
+          .replace(/^\[FATAL\]\s*(?:\S+?:\d+:\s*)?/, '')
+          .replace(/^Check failed: .*? is false:\s*/, '')
+          .trim()
+  if (reason === '') reason = 'xgrammar stopped without saying why'
+  return reason.length > MAX_REASON_CHARS ? `${reason.slice(0, MAX_REASON_CHARS)}... (${reason.length} characters)` : reason
+}
+
+const isAbort = (err: unknown): boolean => err instanceof WebAssembly.RuntimeError || (err instanceof Error && err.name === 'RuntimeError')
+
+// ---------------------------------------------------------------------------------------------
+// response_format
+
+/** The JSON schema a response_format asks for, as text, and whether it is the request's (checked first). */
+type GrammarSpec = { schema: string; fromRequest: boolean }
+
+/**
+ * JSON mode: any JSON object, as vLLM compiles json_object (the schema {"type": "object"}, which
+ * xgrammar reads as an object of any properties and values). OpenAI's JSON mode answers with an
+ * object; xgrammar's builtin JSON grammar would also allow a top-level array.
+ */
+const JSON_OBJECT_SCHEMA = '{"type":"object"}'
+
+/** What to compile for a response_format (null: no constraint); a GrammarError for one that is not of OpenAI's shape. */
+function grammarSpec(format: unknown): GrammarSpec | null {
+  const types = "{ type: 'text' | 'json_object' | 'json_schema', ... }"
+  if (typeof format !== 'object' || format === null || Array.isArray(format))
+    throw new GrammarError(`Expected an object ${types} for response_format but received ${describeValue(format)}`)
+  const type = (format as Record<string, unknown>)['type']
+  if (type === 'text') return null
+  if (type === 'json_object') return { schema: JSON_OBJECT_SCHEMA, fromRequest: false }
+  if (type !== 'json_schema')
+    throw new GrammarError(`Expected 'text', 'json_object' or 'json_schema' for response_format.type but received ${describeValue(type)}`)
+  const schema = (format as Record<string, unknown>)['schema']
+  if (typeof schema !== 'boolean' && (typeof schema !== 'object' || schema === null || Array.isArray(schema)))
+    throw new GrammarError(`Expected a JSON Schema (an object, or true) for response_format.schema but received ${describeValue(schema)}`)
+  if (schema === false) throw new GrammarError('The JSON schema of response_format is false, which no value matches')
+  let text: string
+  try {
+    text = JSON.stringify(schema)
+  } catch (err) {
+    throw new GrammarError(`The JSON schema of response_format cannot be written as JSON: ${(err as Error).message}`)
+  }
+  const unsupported = unsupportedKeyword(schema)
+  if (unsupported !== null) throw new GrammarError(`The JSON schema of response_format cannot be used: ${unsupported}`)
+  return { schema: text, fromRequest: true }
+}
+
+/** The string formats xgrammar generates (others it would not enforce). */
+const STRING_FORMATS = new Set(['email', 'date', 'time', 'date-time', 'duration', 'ipv4', 'ipv6', 'hostname', 'uuid', 'uri', 'uri-reference', 'uri-template', 'json-pointer', 'relative-json-pointer'])
+
+/**
+ * The first keyword of `schema` that xgrammar would not enforce (it builds the grammar without it,
+ * and the output may break it), as vLLM refuses them before compiling with xgrammar: multipleOf;
+ * uniqueItems and contains (with minContains, maxContains) of arrays; string formats it does not
+ * know; a string's minLength or maxLength beside a pattern or format (the bounds are dropped);
+ * propertyNames beside properties, patternProperties, additionalProperties or
+ * unevaluatedProperties, or with a pattern or format and length bounds; patternProperties beside
+ * properties, or more than one. Only where the schema names the type. Null when there is none.
+ */
+export function unsupportedKeyword(schema: unknown): string | null {
+  const pending: [unknown, string][] = [[schema, '#']]
+  while (pending.length) {
+    const [node, at] = pending.pop()!
+    if (Array.isArray(node)) {
+      node.forEach((item, i) => pending.push([item, `${at}/${i}`]))
+      continue
+    }
+    if (typeof node !== 'object' || node === null) continue
+    const s = node as Record<string, unknown>
+    const found = unsupportedHere(s)
+    if (found !== null) return `${found} (at ${at}) is not supported: the output could break it`
+    for (const [key, value] of Object.entries(s)) if (typeof value === 'object' && value !== null) pending.push([value, `${at}/${key.replace(/~/g, '~0').replace(/\//g, '~1')}`])
+  }
+  return null
+}
+
+function unsupportedHere(s: Record<string, unknown>): string | null {
+  const t = s['type']
+  const types = new Set(typeof t === 'string' ? [t] : Array.isArray(t) ? t.filter((x) => typeof x === 'string') : [])
+  const lengthBeside = (x: Record<string, unknown>) => ('pattern' in x || 'format' in x) && ('minLength' in x || 'maxLength' in x)
+  const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v)
+  if ((types.has('integer') || types.has('number')) && 'multipleOf' in s) return 'multipleOf'
+  if (types.has('array')) for (const key of ['uniqueItems', 'contains', 'minContains', 'maxContains']) if (key in s) return key
+  if (types.has('string')) {
+    if ('format' in s && !STRING_FORMATS.has(s['format'] as string)) return `format ${JSON.stringify(s['format'])}`
+    if (lengthBeside(s)) return 'minLength or maxLength beside pattern or format'
+  }
+  if (types.has('object')) {
+    const names = s['propertyNames']
+    if (isObject(names) && lengthBeside(names)) return 'propertyNames with minLength or maxLength beside pattern or format'
+    if ('propertyNames' in s && ('properties' in s || 'patternProperties' in s || isObject(s['additionalProperties']) || (s['unevaluatedProperties'] ?? true) !== true))
+      return 'propertyNames beside properties, patternProperties, additionalProperties or unevaluatedProperties'
+    const patterns = s['patternProperties']
+    if (isObject(patterns) && ('properties' in s || Object.keys(patterns).length > 1)) return 'patternProperties beside properties, or more than one'
+  }
+  return null
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine
+
+/** An instance of the module in this thread, with the model's TokenizerInfo and compiler. */
+interface Instance {
+  xg: XGrammar
+  info: TokenizerInfo
+  compiler: GrammarCompiler
+  /** The last lines the module printed (warnings; the reason of an abort). */
+  lines: string[]
+  /** The ids that end a generation, as xgrammar was given them. */
+  stopTokenIds: readonly number[]
+}
+
+/**
+ * Grammar-constrained decoding for one model: JSON mode and JSON schemas. Built from the model's
+ * tokenizer and vocab_size (the size of its logits, which may exceed the tokenizer's); the
+ * vocabulary is handed to xgrammar at the first constrain(), and a worker thread for checking
+ * schemas starts at the first schema. dispose() frees it all.
+ */
+export class GrammarEngine {
+  private instance: Promise<Instance> | null = null
+  /** What `instance` resolved to. */
+  private built: Instance | null = null
+  private readonly checker = new SchemaChecker()
+  /** Schemas that passed the check, least recently used first, and their characters in all. */
+  private readonly checked = new Set<string>()
+  private checkedChars = 0
+  private readonly live = new Set<Constraint>()
+  private disposed = false
+
+  constructor(
+    private readonly source: GrammarVocabularySource,
+    /** The model's vocab_size: masks have a bit for each id below it. */
+    readonly vocabSize: number,
+  ) {
+    if (!Number.isInteger(vocabSize) || vocabSize < 1) throw new TypeError(`Expected an integer >= 1 for vocabSize but received ${describeValue(vocabSize)}`)
+  }
+
+  /**
+   * A constraint for one generation that follows `format` (null for { type: 'text' }), starting
+   * at the first token of the output. Rejects with GrammarError when the format cannot be used,
+   * naming the problem; the engine goes on serving other requests.
+   */
+  async constrain(format: ResponseFormat): Promise<TokenConstraint | null> {
+    this.checkLive()
+    const spec = grammarSpec(format)
+    if (spec === null) return null
+    if (spec.fromRequest) await this.check(spec.schema)
+    this.checkLive()
+    const instance = await this.ready()
+    this.checkLive()
+    let compiled: CompiledGrammar | undefined
+    try {
+      // xgrammar's defaults, as vLLM compiles schemas: any whitespace between elements (the
+      // model writes JSON as it learnt to, on one line or indented), and strict mode (no
+      // properties the schema does not name, unless it allows them).
+      compiled = await instance.compiler.compileJSONSchema(spec.schema)
+      this.checkLive()
+      const matcher = await instance.xg.GrammarMatcher.createGrammarMatcher(compiled)
+      const constraint = new Constraint(matcher, instance, this.vocabSize, (c) => this.live.delete(c))
+      if (this.disposed) {
+        constraint.dispose()
+        throw new DisposedError('grammar engine')
+      }
+      this.live.add(constraint)
+      return constraint
+    } catch (err) {
+      if (this.disposed) throw new DisposedError('grammar engine')
+      throw this.failed(instance, err, spec.fromRequest)
+    } finally {
+      try {
+        compiled?.dispose() // the matcher holds what it needs of it; so does the compiler's cache
+      } catch {
+        // Deleted by an abort or a dispose already.
+      }
+    }
+  }
+
+  /** Frees the compiler, the TokenizerInfo and every constraint not yet disposed, and stops the worker (idempotent). */
+  dispose(): void {
+    if (this.disposed) return
+    this.disposed = true
+    this.checker.close(new DisposedError('grammar engine'))
+    for (const c of [...this.live]) c.dispose()
+    const instance = this.instance
+    this.instance = null
+    this.built = null
+    void instance?.then(freeInstance, () => {})
+  }
+
+  private checkLive(): void {
+    if (this.disposed) throw new DisposedError('grammar engine')
+  }
+
+  /** Checks a schema in the worker, unless it passed before. */
+  private async check(text: string): Promise<void> {
+    if (this.checked.delete(text)) {
+      this.checked.add(text)
+      return
+    }
+    await this.checker.check(text)
+    if (this.checked.has(text) || text.length > CHECKED_SCHEMA_CHARS) return
+    this.checked.add(text)
+    this.checkedChars += text.length
+    for (const old of this.checked) {
+      if (this.checkedChars <= CHECKED_SCHEMA_CHARS) break
+      this.checked.delete(old)
+      this.checkedChars -= old.length
+    }
+  }
+
+  private ready(): Promise<Instance> {
+    return (this.instance ??= this.build().then(
+      (instance) => (this.built = instance),
+      (err: unknown) => {
+        this.instance = null
+        throw err
+      },
+    ))
+  }
+
+  private async build(): Promise<Instance> {
+    const vocab = this.source.grammarVocabulary()
+    const size = this.vocabSize
+    const stopTokenIds = [...new Set(vocab.stopTokenIds)].filter((id) => Number.isInteger(id) && id >= 0 && id < size)
+    if (stopTokenIds.length === 0)
+      throw new Error(
+        `The model's tokenizer has no EOS token id below its vocab_size ${size} (generation_config.json, config.json or tokenizer_config.json), so a generation constrained by a grammar could not end`,
+      )
+    // Ids at and past the model's vocab_size are left out; a stop token past the tokenizer's
+    // pieces gets a place (xgrammar only reads stop tokens among the pieces it is given).
+    const length = Math.min(size, Math.max(vocab.pieces.length, ...stopTokenIds.map((id) => id + 1)))
+    const pieces = Array.from({ length }, (_, id) => vocab.pieces[id] ?? '')
+    const lines: string[] = []
+    const xg = loadXGrammar((line) => keepLine(lines, line))
+    let info: TokenizerInfo | undefined
+    try {
+      info = await xg.TokenizerInfo.createTokenizerInfo(pieces, vocab.vocabType, vocab.addPrefixSpace, size, stopTokenIds)
+      const compiler = await xg.GrammarCompiler.createGrammarCompiler(info, true)
+      const instance: Instance = { xg, info, compiler, lines, stopTokenIds }
+      if (this.disposed) {
+        freeInstance(instance)
+        throw new DisposedError('grammar engine')
+      }
+      return instance
+    } catch (err) {
+      if (err instanceof DisposedError) throw err
+      if (!isAbort(err)) info?.dispose()
+      throw new Error(`xgrammar could not take the model's vocabulary: ${abortReason(lines, err)}`, { cause: err })
+    }
+  }
+
+  /**
+   * The error for a call of this thread's instance that failed. An abort leaves the instance in a
+   * state nothing vouches for: it is dropped (the constraints it made keep it until they are
+   * disposed; then the garbage collector takes its memory, leaks and all), and the next request
+   * builds another.
+   */
+  private failed(instance: Instance, err: unknown, schema: boolean): Error {
+    if (err instanceof DisposedError) return err
+    if (!isAbort(err)) return err instanceof Error ? err : new Error(String(err))
+    if (this.built === instance) {
+      this.built = null
+      this.instance = null
+    }
+    const reason = abortReason(instance.lines, err)
+    // A schema that passed the check and fails here is still the schema's doing, most likely.
+    if (schema) return new GrammarError(`The JSON schema of response_format cannot be compiled: ${reason}`, { cause: err })
+    return new Error(`xgrammar failed to compile the grammar of JSON mode: ${reason}`, { cause: err })
+  }
+}
+
+function freeInstance(instance: Instance): void {
+  try {
+    instance.compiler.dispose()
+    instance.info.dispose()
+  } catch {
+    // Already deleted.
+  }
+}
+
+function keepLine(lines: string[], line: string): void {
+  lines.push(line)
+  if (lines.length > KEPT_LINES) lines.shift()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A constraint
+
+class Constraint implements TokenConstraint {
+  /** The mask of the current position, once mask() has computed it (null after accept). */
+  private current: Int32Array | null = null
+  private onlyStops = false
+  private stopped = false
+  private freed = false
+  private readonly words: number
+
+  constructor(
+    private readonly matcher: GrammarMatcher,
+    private readonly instance: Instance,
+    private readonly vocabSize: number,
+    private readonly release: (c: Constraint) => void,
+  ) {
+    this.words = Math.ceil(vocabSize / 32)
+  }
+
+  /**
+   * True once a stop token was accepted, and once mask() found that only stop tokens may come at
+   * the current position (the grammar is complete). Right after accept() it is not known yet
+   * whether the grammar is complete: false until the next mask().
+   */
+  get finished(): boolean {
+    return this.stopped || (this.current !== null && this.onlyStops)
+  }
+
+  async mask(): Promise<Int32Array> {
+    this.checkLive()
+    if (this.stopped) throw new Error('The grammar constraint has ended: a stop token was accepted, and no token may follow it')
+    if (this.current) return this.current.slice()
+    let raw: Int32Array
+    try {
+      raw = await this.matcher.getNextTokenBitmask()
+    } catch (err) {
+      this.checkLive()
+      throw this.fail(err)
+    }
+    this.checkLive()
+    const mask = this.fit(raw)
+    let others = false
+    for (let w = 0; w < mask.length && !others; w++) {
+      let bits = mask[w]!
+      for (const id of this.instance.stopTokenIds) if (id >> 5 === w) bits &= ~(1 << (id & 31))
+      others = bits !== 0
+    }
+    this.current = mask
+    this.onlyStops = !others
+    return mask.slice()
+  }
+
+  accept(token: number): void {
+    this.checkLive()
+    if (typeof token !== 'number' || !Number.isInteger(token) || token < 0 || token >= this.vocabSize)
+      throw new RangeError(`Expected a token id between 0 and ${this.vocabSize - 1} for token but received ${describeValue(token)}`)
+    if (this.stopped) throw new Error(`Token ${token} cannot follow: the grammar constraint has ended with a stop token`)
+    if (this.current && ((this.current[token >> 5]! >>> (token & 31)) & 1) === 0)
+      throw new Error(`Token ${token} is not allowed by the grammar at this position (the last mask leaves it out)`)
+    let ok: boolean
+    try {
+      ok = this.matcher.acceptToken(token)
+    } catch (err) {
+      throw this.fail(err)
+    }
+    if (!ok) throw new Error(`Token ${token} is not allowed by the grammar at this position`)
+    this.current = null
+    this.stopped = this.matcher.isTerminated()
+  }
+
+  dispose(): void {
+    if (this.freed) return
+    this.freed = true
+    this.current = null
+    try {
+      this.matcher.dispose()
+    } catch {
+      // Deleted already.
+    }
+    this.release(this)
+  }
+
+  private checkLive(): void {
+    if (this.freed) throw new DisposedError('grammar constraint')
+  }
+
+  private fail(err: unknown): Error {
+    if (!isAbort(err)) return err instanceof Error ? err : new Error(String(err))
+    return new Error(`xgrammar failed: ${abortReason(this.instance.lines, err)}`, { cause: err })
+  }
+
+  /** xgrammar's mask as exactly ceil(vocabSize / 32) words, the bits at and past vocabSize clear. */
+  private fit(raw: Int32Array): Int32Array {
+    const mask = raw.length === this.words ? raw : new Int32Array(this.words)
+    if (mask !== raw) mask.set(raw.subarray(0, this.words))
+    const tail = this.vocabSize & 31
+    if (tail !== 0) mask[this.words - 1]! &= (1 << tail) - 1
+    return mask
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checking schemas in a worker thread
+
+// The worker's code, CommonJS (evaluated; the same text works from lib/*.ts under a test runner
+// and from dist/*.js). Its console is replaced before the module is loaded and initialised, so
+// that emscripten's printErr, which it binds to console.error then, writes into `lines`; each
+// reply carries the lines the check printed.
+const WORKER_SOURCE = `
+const { workerData } = require('node:worker_threads')
+const { createRequire } = require('node:module')
+const { readFileSync } = require('node:fs')
+const { dirname } = require('node:path')
+const port = workerData.port
+let lines = []
+const keep = (...args) => {
+  lines.push(args.map(String).join(' '))
+  if (lines.length > ${KEPT_LINES}) lines.shift()
+}
+for (const name of ['log', 'error', 'warn', 'info', 'debug', 'trace']) console[name] = keep
+const file = workerData.file
+const module = { exports: {} }
+const text = readFileSync(file, 'utf8').replace(\"${DYNAMIC_IMPORT}\", \"${STATIC_REQUIRE}\")
+new Function('exports', 'module', 'require', '__filename', '__dirname', text)(module.exports, module, createRequire(file), file, dirname(file))
+const { Grammar } = module.exports
+port.on('message', async ({ schema }) => {
+  lines = []
+  try {
+    const grammar = await Grammar.fromJSONSchema(schema)
+    grammar.dispose()
+    port.postMessage({ ok: true })
+  } catch (err) {
+    const aborted = err instanceof WebAssembly.RuntimeError
+    port.postMessage({ lines, message: err && err.message ? String(err.message) : String(err), aborted })
+  }
+})
+port.postMessage({ ready: true })
+`
+
+type CheckReply = { ready?: true; ok?: true; lines?: string[]; message?: string; aborted?: boolean }
+
+interface PendingCheck {
+  schema: string
+  resolve: () => void
+  reject: (err: unknown) => void
+}
+
+interface CheckWorker {
+  worker: Worker
+  port: MessagePort
+  ready: boolean
+  current: PendingCheck | null
+  timer: NodeJS.Timeout | undefined
+}
+
+/**
+ * One worker thread with its own instance of the module, that turns schemas into grammars (no
+ * vocabulary needed) one at a time, in arrival order. It starts at the first schema, holds the
+ * process open only while it has work, and is replaced after an abort or a check past its time.
+ */
+class SchemaChecker {
+  private running: CheckWorker | null = null
+  private readonly queue: PendingCheck[] = []
+  private closed = false
+
+  /** Resolves when xgrammar can compile `schema` (JSON text); rejects with GrammarError naming the problem when it cannot. */
+  check(schema: string): Promise<void> {
+    if (this.closed) return Promise.reject(new DisposedError('grammar engine'))
+    return new Promise<void>((resolve, reject) => {
+      this.queue.push({ schema, resolve, reject })
+      this.next()
+    })
+  }
+
+  /** Stops the worker; checks not yet answered reject with `reason`. */
+  close(reason: Error): void {
+    if (this.closed) return
+    this.closed = true
+    const r = this.running
+    if (r?.current) r.current.reject(reason)
+    for (const pending of this.queue.splice(0)) pending.reject(reason)
+    if (r) this.stop(r)
+  }
+
+  private next(): void {
+    if (this.closed || (!this.queue.length && !this.running)) return
+    const r = this.running ?? this.start()
+    if (!r.ready || r.current) return
+    const pending = this.queue.shift()
+    if (!pending) {
+      r.worker.unref()
+      r.port.unref()
+      return
+    }
+    r.worker.ref()
+    r.port.ref()
+    r.current = pending
+    r.timer = setTimeout(() => {
+      // A reply posted in time but not read yet (this thread was busy) still counts.
+      const posted = receiveMessageOnPort(r.port)
+      if (posted) return this.onReply(r, posted.message as CheckReply)
+      this.stop(r)
+      pending.reject(new GrammarError(`The JSON schema of response_format took longer than ${SCHEMA_CHECK_TIMEOUT_MS / 1000} s to compile and was refused`))
+      this.next()
+    }, SCHEMA_CHECK_TIMEOUT_MS)
+    r.port.postMessage({ schema: pending.schema })
+  }
+
+  private onReply(r: CheckWorker, reply: CheckReply): void {
+    if (this.running !== r) return
+    if (reply.ready) {
+      r.ready = true
+      return this.next()
+    }
+    const pending = r.current!
+    clearTimeout(r.timer)
+    r.current = null
+    if (reply.aborted) this.stop(r) // its module aborted: the next check gets a fresh one
+    if (reply.ok) pending.resolve()
+    else {
+      const reason = abortReason(reply.lines ?? [], new Error(reply.message ?? 'unknown error'))
+      pending.reject(new GrammarError(`The JSON schema of response_format cannot be used: ${reason}`))
+    }
+    this.next()
+  }
+
+  private start(): CheckWorker {
+    const { port1, port2 } = new MessageChannel()
+    const worker = new Worker(WORKER_SOURCE, {
+      eval: true,
+      workerData: { file: xgrammarFile(), port: port2 },
+      transferList: [port2],
+      // Not the process's flags (see chat-template.ts: `node --input-type=module -e`).
+      execArgv: [],
+      // Whatever the worker would print stays there (its console is replaced; this is for the rest).
+      stdout: true,
+      stderr: true,
+    })
+    worker.stdout.resume()
+    worker.stderr.resume()
+    const r: CheckWorker = { worker, port: port1, ready: false, current: null, timer: undefined }
+    this.running = r
+    const startup = setTimeout(() => this.fail(r, new Error(`The worker thread that checks JSON schemas did not start within ${WORKER_STARTUP_TIMEOUT_MS / 1000} s`)), WORKER_STARTUP_TIMEOUT_MS)
+    startup.unref()
+    port1.on('message', (reply: CheckReply) => {
+      if (reply.ready) clearTimeout(startup)
+      this.onReply(r, reply)
+    })
+    worker.on('error', (err) => {
+      clearTimeout(startup)
+      this.fail(r, new Error(`The worker thread that checks JSON schemas failed: ${err.message}`))
+    })
+    worker.on('exit', () => {
+      clearTimeout(startup)
+      this.fail(r, new Error('The worker thread that checks JSON schemas exited before it answered'))
+    })
+    return r
+  }
+
+  /** A worker that died or would not start: its check fails, and so does the queue when it never started. */
+  private fail(r: CheckWorker, err: Error): void {
+    if (this.running !== r) return
+    const pending = r.current
+    this.stop(r)
+    pending?.reject(err)
+    if (!r.ready) for (const waiting of this.queue.splice(0)) waiting.reject(err)
+    else this.next()
+  }
+
+  private stop(r: CheckWorker): void {
+    if (this.running === r) this.running = null
+    clearTimeout(r.timer)
+    r.current = null
+    r.port.close()
+    void r.worker.terminate()
+  }
+}
