@@ -71,6 +71,17 @@ export class LogitProcessorTableError extends Error {
   }
 }
 
+/**
+ * A responseFormat whose grammar cannot be built: a JSON Schema that is not valid, or that uses
+ * what the grammar compiler does not support. The message names the problem.
+ */
+export class GrammarError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options)
+    this.name = 'GrammarError'
+  }
+}
+
 export class DeviceMemoryError extends Error {
   constructor(
     message: string,

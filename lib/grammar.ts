@@ -25,7 +25,9 @@ import { createRequire } from 'node:module'
 import { dirname } from 'node:path'
 import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads'
 import type * as XGrammarModule from '@mlc-ai/web-xgrammar'
-import { DisposedError, describeValue } from './errors.js'
+import { DisposedError, GrammarError, describeValue } from './errors.js'
+
+export { GrammarError }
 
 type XGrammar = typeof XGrammarModule
 type CompiledGrammar = XGrammarModule.CompiledGrammar
@@ -78,13 +80,6 @@ export interface GrammarVocabularySource {
   grammarVocabulary(): GrammarVocabulary
 }
 
-/** A response_format that cannot be used: its shape, or a JSON schema xgrammar refuses (the message names the problem). */
-export class GrammarError extends Error {
-  constructor(message: string, options?: { cause?: unknown }) {
-    super(message, options)
-    this.name = 'GrammarError'
-  }
-}
 
 /** How long a schema may take to be checked before it is refused. */
 export const SCHEMA_CHECK_TIMEOUT_MS = 10_000
@@ -184,15 +179,15 @@ function grammarSpec(format: unknown): GrammarSpec | null {
   const schema = (format as Record<string, unknown>)['schema']
   if (typeof schema !== 'boolean' && (typeof schema !== 'object' || schema === null || Array.isArray(schema)))
     throw new GrammarError(`Expected a JSON Schema (an object, or true) for response_format.schema but received ${describeValue(schema)}`)
-  if (schema === false) throw new GrammarError('The JSON schema of response_format is false, which no value matches')
+  if (schema === false) throw new GrammarError('The JSON schema is false, which no value matches')
   let text: string
   try {
     text = JSON.stringify(schema)
   } catch (err) {
-    throw new GrammarError(`The JSON schema of response_format cannot be written as JSON: ${(err as Error).message}`)
+    throw new GrammarError(`The JSON schema cannot be written as JSON: ${(err as Error).message}`)
   }
   const unsupported = unsupportedKeyword(schema)
-  if (unsupported !== null) throw new GrammarError(`The JSON schema of response_format cannot be used: ${unsupported}`)
+  if (unsupported !== null) throw new GrammarError(`The JSON schema cannot be used: ${unsupported}`)
   return { schema: text, fromRequest: true }
 }
 
@@ -301,10 +296,13 @@ export class GrammarEngine {
     this.checkLive()
     let compiled: CompiledGrammar | undefined
     try {
-      // xgrammar's defaults, as vLLM compiles schemas: any whitespace between elements (the
-      // model writes JSON as it learnt to, on one line or indented), and strict mode (no
-      // properties the schema does not name, unless it allows them).
-      compiled = await instance.compiler.compileJSONSchema(spec.schema)
+      // JSON on one line, as Python's json.dumps writes it (", " and ": " between elements, no
+      // other whitespace), and xgrammar's strict mode (no properties the schema does not name,
+      // unless it allows them). vLLM's default lets any whitespace through, with which a model
+      // can fill its whole answer with newlines between two elements (the shipped model does, and
+      // vLLM has a switch against it, disable_any_whitespace); one way of writing leaves no room
+      // for that. indent -1 is xgrammar's "none" (undefined would be 2).
+      compiled = await instance.compiler.compileJSONSchema(spec.schema, false, -1)
       this.checkLive()
       const matcher = await instance.xg.GrammarMatcher.createGrammarMatcher(compiled)
       const constraint = new Constraint(matcher, instance, this.vocabSize, (c) => this.live.delete(c))
@@ -415,7 +413,7 @@ export class GrammarEngine {
     }
     const reason = abortReason(instance.lines, err)
     // A schema that passed the check and fails here is still the schema's doing, most likely.
-    if (schema) return new GrammarError(`The JSON schema of response_format cannot be compiled: ${reason}`, { cause: err })
+    if (schema) return new GrammarError(`The JSON schema cannot be compiled: ${reason}`, { cause: err })
     return new Error(`xgrammar failed to compile the grammar of JSON mode: ${reason}`, { cause: err })
   }
 }
@@ -637,7 +635,7 @@ class SchemaChecker {
       const posted = receiveMessageOnPort(r.port)
       if (posted) return this.onReply(r, posted.message as CheckReply)
       this.stop(r)
-      pending.reject(new GrammarError(`The JSON schema of response_format took longer than ${SCHEMA_CHECK_TIMEOUT_MS / 1000} s to compile and was refused`))
+      pending.reject(new GrammarError(`The JSON schema took longer than ${SCHEMA_CHECK_TIMEOUT_MS / 1000} s to compile and was refused`))
       this.next()
     }, SCHEMA_CHECK_TIMEOUT_MS)
     r.port.postMessage({ schema: pending.schema })
@@ -656,7 +654,7 @@ class SchemaChecker {
     if (reply.ok) pending.resolve()
     else {
       const reason = abortReason(reply.lines ?? [], new Error(reply.message ?? 'unknown error'))
-      pending.reject(new GrammarError(`The JSON schema of response_format cannot be used: ${reason}`))
+      pending.reject(new GrammarError(`The JSON schema cannot be used: ${reason}`))
     }
     this.next()
   }

@@ -16,11 +16,12 @@ import type { DeviceName } from './native.js'
 import { NonFiniteLogitsError, RequestTooLargeError, contextText } from './errors.js'
 import { tokenChoice, type LogitProcessors, type SamplingParams, type StepTokens, type TokenChoice, type TopLogprob } from './sampling.js'
 import type { LaunchedStep, SequenceChunk } from './step.js'
+import type { TokenConstraint } from './grammar.js'
 
 // ---------------------------------------------------------------------------------------------
 // The forward pass the scheduler drives (lib/model/transformer.ts implements it)
 
-export type { SequenceChunk, StepTokens, TokenChoice, TopLogprob }
+export type { SequenceChunk, StepTokens, TokenChoice, TokenConstraint, TopLogprob }
 
 /** The part of the Transformer the scheduler drives (tests substitute their own). */
 export interface ForwardModel {
@@ -61,24 +62,6 @@ export interface ForwardModel {
 
 export type FinishReason = 'stop' | 'length' | 'cancelled'
 
-/**
- * A grammar that a completion's tokens must follow (lib/grammar.ts builds them from JSON schemas).
- * The scheduler asks for the mask before each choice of the sequence, hands it to the device with
- * the sequence's logit processors (disallowed tokens get -infinity before the choice), and
- * advances the grammar by the chosen token once it is read back. The mask depends on the
- * sequence's own tokens only, so the contract holds: the same completion alone or in any batch.
- */
-export interface TokenConstraint {
-  /** The tokens allowed next: i32 words, bit v & 31 of word v >> 5 set for token v. */
-  mask(): Promise<Int32Array>
-  /** Advances past `token`, which the last mask allowed; throws when it was not allowed. */
-  accept(token: number): void
-  /** Whether the grammar is complete and only a stop token may follow (or one was accepted). */
-  readonly finished: boolean
-  /** Frees it (idempotent). */
-  dispose(): void
-}
-
 /** The logit processors of a constrained completion that asks for no penalty or bias. */
 const NO_PENALTIES: LogitProcessors = { frequencyPenalty: 0, presencePenalty: 0, repetitionPenalty: 1, logitBias: [] }
 
@@ -92,7 +75,11 @@ export interface GenerationRequest {
   /** Penalties and logit bias, applied on the device before every choice (absent or null: none). */
   processors?: LogitProcessors | null
   /**
-   * A grammar the tokens must follow (absent or null: none). The scheduler owns it from a
+   * A grammar the tokens must follow (absent or null: none; lib/grammar.ts). Before each choice
+   * the scheduler awaits its mask and hands it to the device with the sequence's logit processors
+   * (disallowed tokens get -infinity before the choice); the chosen token, once read back,
+   * advances it. The mask depends on the sequence's own tokens only, so the completion is the
+   * same alone or in any batch. The scheduler owns it from a
    * successful submit() and disposes of it when the request ends, however it ends. A constrained
    * sequence does not take part in steps launched ahead (its next mask needs the token in flight):
    * it decodes at most every other step while others run, with the same bits.
