@@ -4,20 +4,23 @@ import { existsSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { cudaStatus, resolveDevice, type DeviceOption } from './device.js'
-import { DisposedError, RequestTooLargeError, checkInteger, checkOptionKeys, contextText, invalidArgument } from './errors.js'
+import { DisposedError, GrammarError, RequestTooLargeError, checkInteger, checkOptionKeys, contextText, invalidArgument } from './errors.js'
 import {
   checkChatTemplateVariables,
   randomSeed,
   resolveGenerateOptions,
-  runGeneration,
+  runConstrainedGeneration,
   settledUnlessAborted,
   streamGeneration,
+  type ConstraintSource,
   type GenerateOptions,
   type GenerateResult,
   type ResolvedGenerateOptions,
+  type ResponseFormat,
   type StreamPiece,
   type TextTokenizer,
 } from './generate.js'
+import { GrammarEngine } from './grammar.js'
 import { hubSnapshotDir, parseRepoId } from './hub-cache.js'
 import type { DeviceName } from './native.js'
 import { Scheduler, type ForwardModel, type SchedulerLoad } from './scheduler.js'
@@ -88,6 +91,8 @@ export interface ModelParts {
   forward: ForwardModel & { dispose(): void }
   tokenizer: TextTokenizer
   path: string
+  /** Grammars for responseFormat (absent: a request with one is refused). */
+  grammars?: ConstraintSource
 }
 
 export class Model {
@@ -209,7 +214,7 @@ export class Model {
     this.checkOpen()
     const resolved = this.resolveOptions(options)
     const ids = this.promptIds(prompt, resolved.chat, 'prompt', resolved)
-    return runGeneration(this.scheduler, this.parts.tokenizer, ids, this.fitted(resolved, options, ids)).result
+    return runConstrainedGeneration(this.scheduler, this.parts.tokenizer, ids, this.fitted(resolved, options, ids), this.parts.grammars).result
   }
 
   /**
@@ -230,7 +235,7 @@ export class Model {
       const ids = this.promptIds(p, resolved.chat, `prompts[${i}]`, resolved)
       return { ids, options: this.fitted(seeded(i), options, ids) }
     })
-    const runs = planned.map((p) => runGeneration(this.scheduler, this.parts.tokenizer, p.ids, p.options))
+    const runs = planned.map((p) => runConstrainedGeneration(this.scheduler, this.parts.tokenizer, p.ids, p.options, this.parts.grammars))
     try {
       return await Promise.all(runs.map((r) => r.result))
     } catch (err) {
@@ -239,13 +244,27 @@ export class Model {
     }
   }
 
+  /**
+   * Builds the grammar of a responseFormat, as generate() would, and rejects with its GrammarError
+   * when it cannot: a server checks a request's schema before its answer starts. The grammar is
+   * kept for the generations that follow.
+   */
+  async checkResponseFormat(format: ResponseFormat): Promise<void> {
+    this.checkOpen()
+    const { responseFormat } = this.resolveOptions({ responseFormat: format })
+    if (!responseFormat) return
+    if (!this.parts.grammars) throw new GrammarError(`This model cannot constrain a completion to responseFormat ${responseFormat.type}: it was built without grammars (ModelParts.grammars)`)
+    const constraint = await this.parts.grammars.constrain(responseFormat)
+    constraint?.dispose()
+  }
+
   /** The completion piece by piece; breaking out of the loop stops the generation. */
   stream(prompt: Prompt, options?: GenerateOptions): AsyncIterable<StreamPiece> {
     this.checkOpen()
     const resolved = this.resolveOptions(options)
     const ids = this.promptIds(prompt, resolved.chat, 'prompt', resolved)
     const fitted = this.fitted(resolved, options, ids) // a request too large throws here, not when iterated
-    return streamGeneration((onPiece) => runGeneration(this.scheduler, this.parts.tokenizer, ids, fitted, onPiece))
+    return streamGeneration((onPiece) => runConstrainedGeneration(this.scheduler, this.parts.tokenizer, ids, fitted, this.parts.grammars, onPiece))
   }
 
   /**
@@ -290,6 +309,7 @@ export class Model {
     if (!this.disposing)
       this.disposing = this.scheduler.close(new DisposedError()).finally(() => {
         this.parts.tokenizer.close?.(new DisposedError())
+        this.parts.grammars?.dispose()
         this.parts.forward.dispose()
       })
     return this.disposing
@@ -628,7 +648,9 @@ async function loadFrom(dir: string, source: ModelSource | null, options: LoadMo
     ...(options.onProgress && { onProgress: options.onProgress }),
   })
   const serving = { maxBatchSize, prefillChunkSize, prefixCache: options.prefixCache ?? true }
-  return new Model({ forward, tokenizer: servingTokenizer(tokenizer), path: dir }, serving)
+  // Grammars for responseFormat: nothing is built until the first request that has one.
+  const grammars = new GrammarEngine(tokenizer, config.vocabSize)
+  return new Model({ forward, tokenizer: servingTokenizer(tokenizer), path: dir, grammars }, serving)
 }
 
 /**

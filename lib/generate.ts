@@ -1,9 +1,9 @@
 // Decoding on top of the scheduler: options and their validation, text assembly (incremental
 // detokenization), stop conditions (EOS ids, maxTokens, stop strings) and streaming.
-import { RequestTooLargeError, checkInteger, checkNumber, checkOptionKeys, contextText, invalidArgument } from './errors.js'
+import { GrammarError, RequestTooLargeError, checkInteger, checkNumber, checkOptionKeys, contextText, invalidArgument } from './errors.js'
 import { MAX_LOGIT_BIAS, type LogitProcessors, type SamplingParams } from './sampling.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
-import type { FinishReason, Scheduler } from './scheduler.js'
+import type { FinishReason, GenerationOutcome, GenerationRequest, Scheduled, Scheduler, TokenConstraint } from './scheduler.js'
 import type { ChatMessage, ChatRender, ChatTemplateVariables } from './tokenizer.js'
 import type { EncodeRequestOptions } from './encode-worker.js'
 
@@ -44,6 +44,24 @@ export interface TextStreamDecoder {
 /** Tokens generated at most when `maxTokens` is not given (fewer when the context has less room). */
 export const DEFAULT_MAX_TOKENS = 128
 
+/**
+ * What the completion's text must be, as OpenAI's response_format: free text, any JSON value
+ * (`json_object`), or JSON that a JSON Schema accepts. The model can only choose tokens that keep
+ * the text a prefix of such JSON (a grammar masks the others before each choice), and ends it
+ * with EOS once the JSON is complete; a completion cut by maxTokens or a stop string is a prefix.
+ */
+export type ResponseFormat = { type: 'text' } | { type: 'json_object' } | { type: 'json_schema'; schema: JsonSchema; strict?: boolean }
+
+/** A JSON Schema: an object (or true / false), as JSON.parse gives it. */
+export type JsonSchema = boolean | { readonly [key: string]: unknown }
+
+/** Grammars for constrained completions (lib/grammar.ts builds them from the model's tokenizer). */
+export interface ConstraintSource {
+  /** A fresh constraint of the format, its grammar checked (a bad schema rejects with a GrammarError); null: none needed. */
+  constrain(format: Exclude<ResponseFormat, { type: 'text' }>): Promise<TokenConstraint | null>
+  dispose(): void
+}
+
 export interface GenerateOptions {
   /** Tokens to generate at most (default DEFAULT_MAX_TOKENS, 128, or fewer when the context has less room). */
   maxTokens?: number
@@ -81,6 +99,12 @@ export interface GenerateOptions {
    * gives them) or a Map.
    */
   logitBias?: Record<number, number> | Map<number, number>
+  /**
+   * The completion as JSON (`{ type: 'json_object' }`), as JSON a JSON Schema accepts (`{ type:
+   * 'json_schema', schema }`), or free text (`{ type: 'text' }`, the default). README, "Structured
+   * output".
+   */
+  responseFormat?: ResponseFormat
   /** Generation ends when the text contains one of these; the text is cut before it. */
   stop?: string | string[]
   /** Generation also ends at these ids (kept in `tokens`, as EOS is; their text left out of `text`). */
@@ -159,6 +183,8 @@ export interface ResolvedGenerateOptions {
   topLogprobs: number
   /** Penalties and biases; null when none applies (every value neutral), so such a request is a plain one. */
   processors: LogitProcessors | null
+  /** The grammar the text follows; null for free text. */
+  responseFormat: Exclude<ResponseFormat, { type: 'text' }> | null
   stop: string[]
   stopTokenIds: number[]
   ignoreEos: boolean
@@ -191,6 +217,7 @@ export function resolveGenerateOptions(
     'presencePenalty',
     'repetitionPenalty',
     'logitBias',
+    'responseFormat',
     'stop',
     'stopTokenIds',
     'ignoreEos',
@@ -241,6 +268,9 @@ export function resolveGenerateOptions(
     stopTokenIds = Array.from(o.stopTokenIds, (id, i) => checkInteger(`stopTokenIds[${i}]`, id, 0, limits.vocabSize - 1))
   }
   if (o.ignoreEos !== undefined && typeof o.ignoreEos !== 'boolean') throw invalidArgument('ignoreEos', 'boolean', o.ignoreEos)
+  const responseFormat = o.responseFormat === undefined ? null : checkResponseFormat(o.responseFormat)
+  // A grammar allows only EOS once its JSON is complete: going on past EOS has nothing to follow.
+  if (responseFormat && o.ignoreEos === true) throw invalidArgument('ignoreEos', `false with responseFormat ${responseFormat.type} (a complete JSON text ends at EOS)`, o.ignoreEos)
   if (o.chat !== undefined && typeof o.chat !== 'boolean') throw invalidArgument('chat', 'boolean', o.chat)
   if (o.continueFinalMessage !== undefined && typeof o.continueFinalMessage !== 'boolean')
     throw invalidArgument('continueFinalMessage', 'boolean', o.continueFinalMessage)
@@ -254,6 +284,7 @@ export function resolveGenerateOptions(
     sampling,
     topLogprobs,
     processors,
+    responseFormat,
     stop,
     stopTokenIds,
     ignoreEos: o.ignoreEos === true,
@@ -315,6 +346,28 @@ function resolveLogitProcessors(o: Record<string, unknown>, vocabSize: number): 
   }
   if (frequencyPenalty === 0 && presencePenalty === 0 && repetitionPenalty === 1 && logitBias.length === 0) return null
   return { frequencyPenalty, presencePenalty, repetitionPenalty, logitBias }
+}
+
+const RESPONSE_FORMATS = "{ type: 'text' }, { type: 'json_object' } or { type: 'json_schema', schema, strict? }"
+
+function isPlainObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value) && [Object.prototype, null].includes(Object.getPrototypeOf(value))
+}
+
+// The format's shape; the schema itself is checked when its grammar is built (ConstraintSource).
+function checkResponseFormat(value: unknown): Exclude<ResponseFormat, { type: 'text' }> | null {
+  if (!isPlainObject(value)) throw invalidArgument('responseFormat', RESPONSE_FORMATS, value)
+  const keys = { text: ['type'], json_object: ['type'], json_schema: ['type', 'schema', 'strict'] }[value.type as string]
+  if (!keys) throw invalidArgument('responseFormat.type', "'text', 'json_object' or 'json_schema'", value.type)
+  const extra = Object.keys(value).find((k) => !keys.includes(k))
+  if (extra !== undefined)
+    throw new TypeError(`Expected only ${keys.map((k) => `'${k}'`).join(', ')} in a responseFormat of type '${value.type as string}' but received the key ${JSON.stringify(extra)}`)
+  if (value.type === 'text') return null
+  if (value.type === 'json_object') return { type: 'json_object' }
+  const { schema, strict } = value
+  if (typeof schema !== 'boolean' && !isPlainObject(schema)) throw invalidArgument('responseFormat.schema', 'JSON Schema (an object, or true or false)', schema)
+  if (strict !== undefined && typeof strict !== 'boolean') throw invalidArgument('responseFormat.strict', 'boolean', strict)
+  return { type: 'json_schema', schema, ...(strict !== undefined && { strict }) }
 }
 
 /** Template variables a request fills itself, which chatTemplateVariables may not set. */
@@ -427,9 +480,13 @@ export function runGeneration(
   prompt: number[],
   options: ResolvedGenerateOptions,
   onPiece?: (piece: StreamPiece) => void,
+  constraint?: TokenConstraint,
 ): { result: Promise<GenerateResult>; cancel(): void } {
   const { signal } = options
-  if (signal?.aborted) return { result: Promise.reject(signal.reason), cancel() {} }
+  if (signal?.aborted) {
+    constraint?.dispose()
+    return { result: Promise.reject(signal.reason), cancel() {} }
+  }
   const started = performance.now()
   const text = new CompletionText(tokenizer, options.stop, prompt)
   const tokens: number[] = []
@@ -439,13 +496,14 @@ export function runGeneration(
   const eosIds = new Set(options.ignoreEos ? [] : tokenizer.eosTokenIds)
   const stopIds = new Set([...eosIds, ...options.stopTokenIds])
   let stopReason: StopReason = null
-  const scheduled = scheduler.submit({
+  const request: GenerationRequest = {
     kind: 'generate',
     prompt,
     maxTokens: options.maxTokens,
     sampling: options.sampling,
     topLogprobs: options.topLogprobs,
     processors: options.processors,
+    ...(constraint && { constraint }),
     onToken(token, logprob, top) {
       tokens.push(token)
       logprobs.push(logprob)
@@ -461,7 +519,14 @@ export function runGeneration(
       onPiece?.({ text: piece, token, logprob, ...(top ? { topLogprobs: top } : {}), ...(finishReason && { finishReason, stopReason }) })
       return !(ends || text.stopped)
     },
-  })
+  }
+  let scheduled: Scheduled<GenerationOutcome>
+  try {
+    scheduled = scheduler.submit(request)
+  } catch (err) {
+    constraint?.dispose() // the scheduler owns it only once submitted
+    throw err
+  }
   const result = settledUnlessAborted(scheduled, signal).then(({ finishReason, timings }) => {
     if (finishReason === 'cancelled' && signal?.aborted) throw signal.reason
     const totalMs = performance.now() - started
@@ -482,6 +547,38 @@ export function runGeneration(
     }
   })
   return { result, cancel: scheduled.cancel }
+}
+
+/**
+ * runGeneration, for a format that needs a grammar first: the grammar is built (a bad schema
+ * rejects the result with its GrammarError, before anything is submitted), then the generation
+ * runs as runGeneration runs it. Cancelling meanwhile cancels it as soon as it is submitted.
+ */
+export function runConstrainedGeneration(
+  scheduler: Scheduler,
+  tokenizer: TextTokenizer,
+  prompt: number[],
+  options: ResolvedGenerateOptions,
+  grammars: ConstraintSource | undefined,
+  onPiece?: (piece: StreamPiece) => void,
+): { result: Promise<GenerateResult>; cancel(): void } {
+  const format = options.responseFormat
+  if (!format) return runGeneration(scheduler, tokenizer, prompt, options, onPiece)
+  if (!grammars) return { result: Promise.reject(new GrammarError(`This model cannot constrain a completion to responseFormat ${format.type}: it was built without grammars (ModelParts.grammars)`)), cancel() {} }
+  let run: { result: Promise<GenerateResult>; cancel(): void } | null = null
+  let cancelled = false
+  const result = grammars.constrain(format).then((constraint) => {
+    run = runGeneration(scheduler, tokenizer, prompt, options, onPiece, constraint ?? undefined)
+    if (cancelled) run.cancel()
+    return run.result
+  })
+  return {
+    result,
+    cancel() {
+      cancelled = true
+      run?.cancel()
+    },
+  }
 }
 
 function toPublicReason(reason: FinishReason): 'stop' | 'length' {

@@ -1,8 +1,9 @@
 // A model with Qwen3's 151,936-token vocabulary (hidden 64, 2 layers, random weights, so its
 // next-token distributions are wide: top-p keeps tens of thousands of tokens) served end to end:
 // greedy and seeded sampling with top-k, top-p and min-p, top log-probs, and scoring, each
-// request bit-identical alone and in a batch, and score() equal to generate(). On the CPU
-// backend in CI, and on CUDA when a GPU is there. The variant twin expects the bits to move.
+// request bit-identical alone and in a batch, and score() equal to generate(); structured output
+// (JSON schemas, JSON mode) through masks of 4,748 words. On the CPU backend in CI, and on CUDA
+// when a GPU is there. The variant twins expect the bits to move.
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -11,6 +12,8 @@ import { setVariantKernels } from '../../lib/device.js'
 import { NonFiniteLogitsError } from '../../lib/errors.js'
 import type { GenerateOptions, GenerateResult } from '../../lib/generate.js'
 import { loadModel, type Model } from '../../lib/api.js'
+import { GrammarEngine } from '../../lib/grammar.js'
+import { Tokenizer } from '../../lib/tokenizer.js'
 import type { DeviceName } from '../../lib/native.js'
 import { firstDifference } from '../helpers/compare.js'
 import { describeGpu } from '../helpers/gpu.js'
@@ -60,6 +63,35 @@ const CASES: GenerateOptions[] = [
   { maxTokens: 5, temperature: 1.2, seed: 99 },
 ]
 
+const ANSWER = {
+  type: 'object',
+  properties: { answer: { enum: ['yes', 'no', 'maybe'] }, sure: { type: 'boolean' } },
+  required: ['answer', 'sure'],
+  additionalProperties: false,
+}
+
+/** Structured requests: a schema the model must complete (greedy and sampled), and JSON mode with a penalty. */
+const FORMATS: GenerateOptions[] = [
+  { maxTokens: 40, responseFormat: { type: 'json_schema', schema: ANSWER } },
+  { maxTokens: 40, temperature: 1, seed: 5, topLogprobs: 2, responseFormat: { type: 'json_schema', schema: ANSWER } },
+  { maxTokens: 10, temperature: 0.8, seed: 9, frequencyPenalty: 0.5, responseFormat: { type: 'json_object' } },
+]
+
+/** Replays `tokens` through a fresh constraint of the format: each must be one its mask allowed. */
+async function expectAllowed(engine: GrammarEngine, options: GenerateOptions, tokens: number[]): Promise<void> {
+  const c = (await engine.constrain(options.responseFormat!))!
+  try {
+    for (const [i, id] of tokens.entries()) {
+      const mask = await c.mask()
+      expect(mask.length).toBe(Math.ceil(V_QWEN / 32))
+      expect((mask[id >> 5]! >>> (id & 31)) & 1, `token ${i} (${id})`).toBe(1)
+      c.accept(id)
+    }
+  } finally {
+    c.dispose()
+  }
+}
+
 function suite(device: DeviceName) {
   let model: Model
   const list = prompts(3, [1, 9, 17, 40])
@@ -98,6 +130,58 @@ function suite(device: DeviceName) {
       const pieces = []
       for await (const piece of model.stream(p, options)) pieces.push(piece)
       expect(resultBits({ tokens: pieces.map((x) => x.token), logprobs: pieces.map((x) => x.logprob), topLogprobs: pieces.map((x) => x.topLogprobs!) })).toBe(resultBits(generated))
+    }
+  })
+
+  it('structured output: JSON the schema accepts, every token one its grammar allowed, alone equal to in a batch of free requests', async () => {
+    const engine = new GrammarEngine(await Tokenizer.load(dir, { modelVocabSize: V_QWEN }), V_QWEN)
+    try {
+      const some = list.slice(0, 3)
+      const solo: GenerateResult[][] = []
+      for (const options of FORMATS) {
+        const out: GenerateResult[] = []
+        for (const p of some) out.push(await model.generate(p, options))
+        solo.push(out)
+      }
+      const free = list.map((p) => model.generate(p, CASES[1]!))
+      const batched = await Promise.all(FORMATS.map((options) => Promise.all(some.map((p) => model.generate(p, options)))))
+      await Promise.all(free)
+      for (const [c, options] of FORMATS.entries())
+        for (const i of some.keys()) {
+          const r = solo[c]![i]!
+          expect(resultBits(batched[c]![i]!), `${JSON.stringify(options)} prompt ${i}`).toBe(resultBits(r))
+          await expectAllowed(engine, options, r.tokens)
+          if (options.responseFormat!.type === 'json_schema') {
+            // A schema of a few values: the model completes it and ends with EOS.
+            expect(r.finishReason).toBe('stop')
+            const value = JSON.parse(r.text) as { answer: string; sure: boolean }
+            expect(Object.keys(value)).toEqual(['answer', 'sure'])
+            expect(['yes', 'no', 'maybe']).toContain(value.answer)
+            expect(typeof value.sure).toBe('boolean')
+          } else {
+            expect(r.text.startsWith('{')).toBe(true)
+          }
+        }
+      // Sampling under a grammar samples: over a dozen seeds the answers are not all one.
+      const texts = new Set<string>()
+      for (let seed = 0; seed < 12; seed++) texts.add((await model.generate(some[0]!, { ...FORMATS[1]!, seed })).text)
+      expect(texts.size).toBeGreaterThan(1)
+    } finally {
+      engine.dispose()
+    }
+  })
+
+  it('variant twin: batching moves the bits of structured requests', async () => {
+    setVariantKernels(true)
+    try {
+      let differ = 0
+      for (const options of FORMATS) {
+        const batched = await Promise.all(list.map((p) => model.generate(p, options)))
+        for (const [i, p] of list.entries()) if (resultBits(await model.generate(p, options)) !== resultBits(batched[i]!)) differ++
+      }
+      expect(differ).toBeGreaterThan(0)
+    } finally {
+      setVariantKernels(false)
     }
   })
 

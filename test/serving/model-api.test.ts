@@ -35,6 +35,13 @@ describe('Model argument validation', () => {
     [{ topLogprobs: 21 }, 'Expected integer between 0 and 20 for topLogprobs but received 21 of type number'],
     [{ topLogprobs: 2.5 }, 'Expected integer between 0 and 20 for topLogprobs but received 2.5 of type number'],
     [{ chat: 'yes' }, 'Expected boolean for chat but received "yes" of type string'],
+    [{ responseFormat: 'json' }, `Expected { type: 'text' }, { type: 'json_object' } or { type: 'json_schema', schema, strict? } for responseFormat but received "json" of type string`],
+    [{ responseFormat: { type: 'xml' } }, `Expected 'text', 'json_object' or 'json_schema' for responseFormat.type but received "xml" of type string`],
+    [{ responseFormat: { type: 'json_schema' } }, 'Expected JSON Schema (an object, or true or false) for responseFormat.schema but received undefined'],
+    [{ responseFormat: { type: 'json_schema', schema: [] } }, 'Expected JSON Schema (an object, or true or false) for responseFormat.schema but received [] of type array'],
+    [{ responseFormat: { type: 'json_object', schema: {} } }, `Expected only 'type' in a responseFormat of type 'json_object' but received the key "schema"`],
+    [{ responseFormat: { type: 'json_schema', schema: {}, strict: 'yes' } }, 'Expected boolean for responseFormat.strict but received "yes" of type string'],
+    [{ responseFormat: { type: 'json_object' }, ignoreEos: true }, 'Expected false with responseFormat json_object (a complete JSON text ends at EOS) for ignoreEos but received true of type boolean'],
     [{ signal: 'stop' }, 'Expected AbortSignal for signal but received "stop" of type string'],
     [{ presencePenalty: 2.5 }, 'Expected number between -2 and 2 for presencePenalty but received 2.5 of type number'],
     [{ frequencyPenalty: Number.NaN }, 'Expected number between -2 and 2 for frequencyPenalty but received NaN of type number'],
@@ -49,7 +56,7 @@ describe('Model argument validation', () => {
     [{ logitBias: { 3: 101 } }, 'Expected number between -100 and 100 for logitBias[3] but received 101 of type number'],
     [{ logitBias: { 3: '1' } }, 'Expected number between -100 and 100 for logitBias[3] but received "1" of type string'],
     [{ logitBias: Object.fromEntries(Array.from({ length: 301 }, (_, i) => [i, 1])) }, 'Expected at most 300 token ids for logitBias but received 301'],
-    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, minP, topLogprobs, frequencyPenalty, presencePenalty, repetitionPenalty, logitBias, stop, stopTokenIds, ignoreEos, chat, chatTemplateVariables, continueFinalMessage, signal for options but received "maxToken" of type string'],
+    [{ maxToken: 3 }, 'Expected only the keys maxTokens, temperature, seed, topK, topP, minP, topLogprobs, frequencyPenalty, presencePenalty, repetitionPenalty, logitBias, responseFormat, stop, stopTokenIds, ignoreEos, chat, chatTemplateVariables, continueFinalMessage, signal for options but received "maxToken" of type string'],
   ])('generate rejects %j', async (options, message) => {
     await expect(model.generate('abc', options as never)).rejects.toThrow(message)
   })
