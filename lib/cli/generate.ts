@@ -1,8 +1,8 @@
 // `detinfer generate [prompt]`: one completion, streamed to stdout as it is generated.
 import { Command, Option } from 'commander'
 import { defaultModelPath, loadModelFrom, readModelDir } from '../api.js'
-import { readTextFile } from '../files.js'
-import { DEFAULT_MAX_TOKENS, resolveGenerateOptions, type GenerateOptions } from '../generate.js'
+import { readJsonFile, readTextFile } from '../files.js'
+import { DEFAULT_MAX_TOKENS, resolveGenerateOptions, type GenerateOptions, type JsonSchema } from '../generate.js'
 import { KV_CACHE_TOKENS_HELP, integer, jsonObject, logitBiasJson, number, positive } from './parse.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
 
@@ -31,6 +31,8 @@ interface GenerateFlags {
   chatTemplate?: string
   system?: string
   json?: boolean
+  jsonObject?: boolean
+  jsonSchema?: string
   stream: boolean
 }
 
@@ -71,6 +73,8 @@ export function generateCommand(): Command {
     .option('--top-logprobs <n>', 'with --json: the n most likely tokens and their log-probs at each position (0-20)', integer)
     .option('--stop <text>', 'stop when the text contains this (repeatable)', collect)
     .option('--ignore-eos', "go on past the model's end-of-sequence token (to --max-tokens or a --stop)")
+    .option('--json-object', 'the completion is JSON: only tokens that keep it valid JSON are chosen')
+    .option('--json-schema <file>', 'the completion is JSON that the JSON Schema in this file accepts')
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--tensor-parallel <n>', 'emulate tensor parallelism over n ranks (1, 2, 4 or 8; above 1 on the CPU only): the same bits at every n', integer)
     .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
@@ -106,7 +110,10 @@ export function generateCommand(): Command {
         ...(flags.ignoreEos && { ignoreEos: true }),
         ...(flags.chat && { chat: true }),
         ...(flags.chatTemplateKwargs && { chatTemplateVariables: flags.chatTemplateKwargs }),
+        ...(flags.jsonObject && { responseFormat: { type: 'json_object' } }),
       }
+      if (flags.jsonObject && flags.jsonSchema !== undefined) throw new Error('give --json-object or --json-schema, not both')
+      if (flags.jsonSchema !== undefined) options.responseFormat = { type: 'json_schema', schema: (await readJsonFile(flags.jsonSchema)) as JsonSchema }
       if (flags.chatTemplateKwargs && !flags.chat && flags.system === undefined) throw new Error('--chat-template-kwargs applies to the chat template: give --chat or --system too')
       if (flags.chatTemplate !== undefined && !flags.chat && flags.system === undefined) throw new Error('--chat-template applies to chat prompts: give --chat or --system too')
       const chatTemplate = flags.chatTemplate === undefined ? undefined : await readTextFile(flags.chatTemplate, '--chat-template')

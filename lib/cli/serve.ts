@@ -72,7 +72,7 @@ export function serveCommand(): Command {
     )
     .option('--default-chat-template-kwargs <json>', 'chat template variables of every chat request, under the request\'s chat_template_kwargs, e.g. \'{"enable_thinking": false}\'', jsonObject)
     .addOption(
-      new Option('--tool-call-parser <format>', 'read tool calls in chat answers (hermes: the <tool_call> blocks of Qwen2.5, Qwen3 and Hermes models; llama3_json: the JSON calls of Llama 3.1 and 3.2); without it, chat requests with tools are refused unless tool_choice is "none"').choices(TOOL_CALL_PARSERS),
+      new Option('--tool-call-parser <format>', 'read tool calls in chat answers (hermes: the <tool_call> blocks of Qwen2.5, Qwen3 and Hermes models; llama3_json: the JSON calls of Llama 3.1 and 3.2); without it, chat requests with tools are refused unless tool_choice is "none", "required" or a named function').choices(TOOL_CALL_PARSERS),
     )
     .action(async (flags: ServeFlags) => {
       if (flags.port < 0 || flags.port > 65535) throw new Error(`Expected integer between 0 and 65535 for --port but received ${flags.port}`)

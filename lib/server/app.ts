@@ -8,7 +8,7 @@
 import { randomInt, randomUUID, timingSafeEqual } from 'node:crypto'
 import cors from '@fastify/cors'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
-import { LogitProcessorTableError, RequestTooLargeError } from '../errors.js'
+import { GrammarError, LogitProcessorTableError, RequestTooLargeError } from '../errors.js'
 import { EncodeTimeoutError } from '../encode-worker.js'
 import { parseJsonKeepingFloats } from '../chat-template.js'
 import type { Model } from '../api.js'
@@ -39,11 +39,12 @@ import {
   tokenizeBody,
   type ChatCompletionBody,
   type CompletionBody,
+  type ResponseFormatBody,
   type DetokenizeBody,
   type TokenizeBody,
   type ToolBody,
 } from './schemas.js'
-import { parseToolCalls, toolCallId, withIds, ToolCallStream, type ToolCall, type ToolCallParser } from './tool-calls.js'
+import { forcedToolCallSchema, parseToolCalls, toolCallId, withIds, ToolCallStream, type ForcedToolChoice, type ToolCall, type ToolCallParser, type ToolCallReader } from './tool-calls.js'
 import type { SamplingDefaults } from './generation-config.js'
 
 /** Seeds of the sampling noise are 32-bit: a request's seed is taken modulo 2^32. */
@@ -410,6 +411,9 @@ export class InferenceServer {
         failed.abort(err)
         throw err
       })
+      // A schema the server cannot build a grammar of is refused here, before a stream's headers go
+      // out (the grammar is kept: the choices build theirs from it at once).
+      if (draft.options.responseFormat) await loaded.model.checkResponseFormat(draft.options.responseFormat)
       const plan = this.plan(endpoint, draft, prompts, echoes, loaded)
       // The library checks the options here, before a stream's headers go out.
       const run: ChoiceRun = { loaded, plan, head, signal, failed, arrived, streams: [] }
@@ -507,7 +511,11 @@ export class InferenceServer {
       ...(body.presence_penalty && { presencePenalty: body.presence_penalty }),
       ...(repetitionPenalty !== 1 && { repetitionPenalty }),
       ...(Object.keys(logitBias).length > 0 && { logitBias }),
+      ...responseFormatOption(body.response_format),
+      ...(toolCalls?.format && { responseFormat: toolCalls.format }),
     }
+    if (options.responseFormat && body.ignore_eos === true)
+      throw invalidRequest('Expected ignore_eos false or null with a JSON response_format (a complete JSON text ends at EOS) but received true', 'ignore_eos', 'invalid_value')
     return {
       prompts,
       n,
@@ -525,18 +533,20 @@ export class InferenceServer {
   /**
    * Whether and how the answers are read for tool calls: with tools and tool_choice "auto" (the
    * default with tools), by the server's parser; with "none", the tools are still rendered into
-   * the prompt (as vLLM does) and nothing is parsed. Forcing a call ("required", a named function)
-   * would need constrained decoding, which is refused rather than left to chance.
+   * the prompt (as vLLM does) and nothing is parsed. A forced call ("required", a named function)
+   * needs no parser: a grammar holds the answer to JSON calls (lib/server/tool-calls.ts), as vLLM
+   * forces them.
    */
   private toolCallPlan(body: ChatCompletionBody): ToolCallPlan | null {
     const choice = body.tool_choice ?? null
-    if (choice === 'required' || (choice !== null && typeof choice === 'object'))
-      throw invalidRequest(
-        `Unsupported value for tool_choice: ${choice === 'required' ? '"required"' : 'a named function'} (forcing a tool call needs constrained decoding, ` +
-          `which detinfer does not have); use "auto" (the model decides) or "none"`,
-        'tool_choice',
-        'unsupported_parameter',
-      )
+    const forced = forcedChoice(body)
+    if (forced) {
+      const format = body.response_format?.type ?? 'text'
+      if (format !== 'text')
+        throw invalidRequest(`Expected response_format text or null with tool_choice ${JSON.stringify(choice)} (a forced call has its own JSON) but received ${format}`, 'response_format', 'invalid_value')
+      const tools = (body.tools ?? []).map((t) => t.function)
+      return { parser: forced, limit: Infinity, format: { type: 'json_schema', schema: forcedToolCallSchema(forced, tools) } }
+    }
     if (!body.tools?.length || choice === 'none') return null
     if (!this.options.toolCallParser)
       throw invalidRequest(
@@ -817,7 +827,7 @@ export class InferenceServer {
     if (!parsed) return
     const generated = f.records.map((r) => r.token)
     f.toolCalls = { content: parsed.content, calls: withIds(parsed, tools.limit, (i) => toolCallId(choice.prompt, choice.index, generated, i)) }
-    if (f.finishReason === 'stop') f.finishReason = 'tool_calls'
+    f.finishReason = callsFinishReason(tools, f.finishReason)
   }
 
   private async streamAnswer(endpoint: Endpoint, run: ChoiceRun, reply: FastifyReply) {
@@ -858,7 +868,7 @@ export class InferenceServer {
               const end = tools.text.finish()
               text += end.content
               const ids = (i: number) => toolCallId(choice.prompt, choice.index, tools.generated, i)
-              if (end.parsed) calls = { finishReason: p.finishReason === 'stop' ? 'tool_calls' : p.finishReason, list: withIds(end.parsed, plan.toolCalls!.limit, ids) }
+              if (end.parsed) calls = { finishReason: callsFinishReason(plan.toolCalls!, p.finishReason), list: withIds(end.parsed, plan.toolCalls!.limit, ids) }
             }
           }
           // A token whose text is held back (an incomplete character, or what may be a tool call)
@@ -903,6 +913,7 @@ export class InferenceServer {
     if (err instanceof ApiError) return err
     if (err instanceof RequestTooLargeError) return contextLengthExceeded(err.message)
     if (err instanceof LogitProcessorTableError) return unavailable(err.message, 'logit_processors_unavailable')
+    if (err instanceof GrammarError) return invalidRequest(err.message, 'response_format', 'invalid_value')
     if (err instanceof ClientGone) return new ApiError(499, 'The client closed the connection', 'invalid_request_error', null, 'client_closed')
     if (err instanceof TypeError && /^Expected /.test(err.message)) return invalidRequest(err.message)
     return toApiError(err)
@@ -971,6 +982,48 @@ class ClientGone extends Error {
   }
 }
 
+/**
+ * The library's responseFormat of a body's response_format: OpenAI's json_schema wraps the schema
+ * with a name (and description) the grammar does not use; a json_schema without a schema is any
+ * JSON, as json_object.
+ */
+function responseFormatOption(format: ResponseFormatBody | null | undefined): Pick<GenerateOptions, 'responseFormat'> {
+  if (!format || format.type === 'text') return {}
+  if (format.type !== 'json_schema') return { responseFormat: { type: 'json_object' } }
+  const { schema, strict } = format.json_schema
+  if (schema === undefined || schema === null) return { responseFormat: { type: 'json_object' } }
+  return { responseFormat: { type: 'json_schema', schema, ...(typeof strict === 'boolean' && { strict }) } }
+}
+
+/**
+ * tool_choice "required" or a named function, checked against the tools: "required" needs one,
+ * and a named function must be one of them.
+ */
+function forcedChoice(body: ChatCompletionBody): ForcedToolChoice | null {
+  const choice = body.tool_choice ?? null
+  if (choice === 'required') {
+    if (!body.tools?.length) throw invalidRequest('Expected tools (at least one) with tool_choice "required" but received none', 'tools', 'invalid_value')
+    return { required: true, parallel: body.parallel_tool_calls !== false }
+  }
+  if (choice === null || typeof choice !== 'object') return null
+  const named = choice as { type?: unknown; function?: { name?: unknown } }
+  const name = named.function?.name
+  if (named.type !== 'function' || typeof name !== 'string' || Object.keys(choice).some((k) => k !== 'type' && k !== 'function'))
+    throw invalidRequest(`Expected a named function {type: 'function', function: {name}} for tool_choice but received ${JSON.stringify(choice)}`, 'tool_choice', 'invalid_value')
+  if (!body.tools?.some((t) => t.function.name === name))
+    throw invalidRequest(`Expected the name of one of the request's tools for tool_choice.function.name but received ${JSON.stringify(name)}`, 'tool_choice', 'invalid_value')
+  return { function: name }
+}
+
+/**
+ * An answer read as calls ends with "tool_calls" where it stopped by itself; a named function's
+ * keeps "stop", as OpenAI and vLLM answer a call the request forced by name.
+ */
+function callsFinishReason(tools: ToolCallPlan, reason: FinishReason): FinishReason {
+  const named = typeof tools.parser !== 'string' && 'function' in tools.parser
+  return reason === 'stop' && !named ? 'tool_calls' : reason
+}
+
 function disconnected(signal: AbortSignal): boolean {
   return signal.aborted && signal.reason instanceof ClientGone
 }
@@ -1025,9 +1078,11 @@ interface Draft {
 }
 
 interface ToolCallPlan {
-  parser: ToolCallParser
+  parser: ToolCallReader
   /** Calls kept of an answer (1 with parallel_tool_calls: false). */
   limit: number
+  /** A forced call's grammar. */
+  format?: GenerateOptions['responseFormat']
 }
 
 interface Plan {

@@ -60,6 +60,35 @@ const sampling = {
     additionalProperties: { type: 'number', minimum: -100, maximum: 100, description: 'number between -100 and 100' },
     description: `object of at most ${MAX_LOGIT_BIAS} token ids to biases between -100 and 100, or null`,
   },
+  // Structured output, as OpenAI's chat API and vLLM's two endpoints take it (README, "Structured
+  // output"); the handler builds the schema's grammar and refuses one it cannot.
+  response_format: {
+    description:
+      "{type: 'text'}, {type: 'json_object'}, {type: 'json_schema', json_schema: {name, description, schema, strict}} or null",
+    anyOf: [
+      { type: 'null' },
+      { type: 'object', additionalProperties: false, required: ['type'], properties: { type: { enum: ['text', 'json_object'] } } },
+      {
+        type: 'object',
+        additionalProperties: false,
+        required: ['type', 'json_schema'],
+        properties: {
+          type: { const: 'json_schema' },
+          json_schema: {
+            type: 'object',
+            additionalProperties: false,
+            required: ['name'],
+            properties: {
+              name: { type: 'string', pattern: '^[a-zA-Z0-9_-]{1,64}$' },
+              description: { type: nullable('string') },
+              schema: { type: ['object', 'boolean', 'null'] },
+              strict: { type: nullable('boolean') },
+            },
+          },
+        },
+      },
+    ],
+  },
 }
 
 const tokenIds = { type: 'array', items: { type: 'integer', minimum: 0 }, minItems: 1 }
@@ -166,7 +195,7 @@ const tool = {
         description: { type: nullable('string'), description: 'string or null' },
         parameters: { type: nullable('object'), description: 'JSON Schema object or null' },
         // Adherence to the schema would need constrained decoding.
-        strict: { enum: [false, null], description: 'false or null (strict schema adherence needs constrained decoding, which detinfer does not have)' },
+        strict: { enum: [false, null], description: 'false or null (the arguments of calls the model chooses to make are not held to the schema; tool_choice "required" or a named function holds them to it)' },
       },
     },
   },
@@ -200,13 +229,6 @@ export const chatCompletionBody = {
       anyOf: [{ enum: ['none', 'auto', 'required', null] }, { type: 'object' }],
     },
     parallel_tool_calls: { type: nullable('boolean'), description: 'boolean or null' },
-    response_format: {
-      type: nullable('object'),
-      additionalProperties: false,
-      required: ['type'],
-      properties: { type: { const: 'text', description: "'text' (structured output is not supported)" } },
-      description: "{type: 'text'} or null (structured output is not supported)",
-    },
   },
 } as const
 
@@ -264,7 +286,12 @@ export interface SamplingBody {
   presence_penalty?: number | null
   repetition_penalty?: number | null
   logit_bias?: Record<string, number> | null
+  response_format?: ResponseFormatBody | null
 }
+
+export type ResponseFormatBody =
+  | { type: 'text' | 'json_object' }
+  | { type: 'json_schema'; json_schema: { name: string; description?: string | null; schema?: Record<string, unknown> | boolean | null; strict?: boolean | null } }
 
 export interface CompletionBody extends SamplingBody {
   prompt: string | string[] | number[] | number[][]

@@ -21,12 +21,65 @@
 // how vLLM's llama3_json parser reads a streamed answer; its whole answers also take JSON from the
 // middle of prose, which would make streamed and whole answers differ, so that is not done here.
 //
-// Both are pure functions of the text, so equal answers give equal calls.
+// Forced calls (tool_choice "required" or a named function, as vLLM serves them): the answer is
+// held to JSON by a grammar (the request's responseFormat, forcedToolCallFormat), whatever the
+// model's own format: for a named function, the arguments object itself; for "required", an array
+// of at least one {"name", "parameters"} object naming one of the tools:
+//
+//   [{"name": "get_weather", "parameters": {"city": "Paris"}}]
+//
+// Read back by parseForcedToolCalls; an answer cut short (max_tokens) is not JSON and stays content.
+//
+// All of them are pure functions of the text, so equal answers give equal calls.
 import { createHash } from 'node:crypto'
 
 /** The parsers `--tool-call-parser` takes. */
 export const TOOL_CALL_PARSERS = ['hermes', 'llama3_json'] as const
 export type ToolCallParser = (typeof TOOL_CALL_PARSERS)[number]
+
+/** A forced call: tool_choice naming a function, or "required". */
+export type ForcedToolChoice = { function: string } | { required: true; parallel: boolean }
+
+/** How an answer's calls are read: a model's own format (`--tool-call-parser`) or a forced call. */
+export type ToolCallReader = ToolCallParser | ForcedToolChoice
+
+/** The tools of a request as the grammar of a forced call needs them. */
+export interface ToolDefinition {
+  name: string
+  parameters?: Record<string, unknown> | null
+}
+
+/** A function without parameters takes an object, as vLLM's schema for it says. */
+const NO_PARAMETERS = { type: 'object', properties: {} }
+
+/**
+ * The JSON Schema a forced call's answer follows: the named function's parameters, or for
+ * "required" an array of calls of the tools (one at most without parallel calls), as vLLM builds it.
+ */
+export function forcedToolCallSchema(choice: ForcedToolChoice, tools: readonly ToolDefinition[]): Record<string, unknown> {
+  if ('function' in choice) return tools.find((t) => t.name === choice.function)?.parameters ?? NO_PARAMETERS
+  const call = (t: ToolDefinition) => ({
+    type: 'object',
+    properties: { name: { type: 'string', enum: [t.name] }, parameters: t.parameters ?? NO_PARAMETERS },
+    required: ['name', 'parameters'],
+  })
+  return { type: 'array', minItems: 1, ...(!choice.parallel && { maxItems: 1 }), items: { type: 'object', anyOf: tools.map(call) } }
+}
+
+/** The calls of a forced answer, or null when it is not the JSON its grammar allows (cut short): then it is content. */
+export function parseForcedToolCalls(choice: ForcedToolChoice, text: string): ParsedToolCalls | null {
+  const value = readJson(text)
+  if ('function' in choice) return value instanceof Map ? { content: null, calls: [{ name: choice.function, arguments: pythonJson(value) }] } : null
+  if (!Array.isArray(value) || value.length === 0) return null
+  const calls: ParsedToolCalls['calls'] = []
+  for (const item of value) {
+    const name = item instanceof Map ? item.get('name') : undefined
+    const args = item instanceof Map ? item.get('parameters') : undefined
+    if (typeof name !== 'string' || !(args instanceof Map)) return null
+    calls.push({ name, arguments: pythonJson(args) })
+  }
+  return { content: null, calls }
+}
 
 const START = '<tool_call>'
 const END = '</tool_call>'
@@ -61,9 +114,10 @@ export function parseHermesToolCalls(text: string): ParsedToolCalls | null {
   return { content: content.trim() === '' ? null : content, calls }
 }
 
-/** The calls in `text` as `parser` reads them, or null when it has none: then all of it is content. */
-export function parseToolCalls(parser: ToolCallParser, text: string): ParsedToolCalls | null {
-  return parser === 'hermes' ? parseHermesToolCalls(text) : parseLlamaJsonToolCalls(text)
+/** The calls in `text` as `reader` reads them, or null when it has none: then all of it is content. */
+export function parseToolCalls(reader: ToolCallReader, text: string): ParsedToolCalls | null {
+  if (typeof reader !== 'string') return parseForcedToolCalls(reader, text)
+  return reader === 'hermes' ? parseHermesToolCalls(text) : parseLlamaJsonToolCalls(text)
 }
 
 /** Llama 3's calls: the whole text (after leading whitespace) JSON objects separated by ";". */
@@ -242,7 +296,7 @@ export function withIds(parsed: ParsedToolCalls, limit: number, id: (call: numbe
  * until calls begin (hermes: a <tool_call>; llama3_json: an answer starting with "{"); from there
  * the text is held and parsed at the end. Text that may be the start of the tag is held back until
  * it is told apart, and so is leading whitespace, which is no content when calls follow it (so the
- * streamed content equals the whole answer's).
+ * streamed content equals the whole answer's). A forced call's answer is held whole.
  */
 export class ToolCallStream {
   /** Content sent so far: always a prefix of the content the whole text parses to. */
@@ -252,7 +306,9 @@ export class ToolCallStream {
   /** llama3_json: the answer's first character has shown it is content. */
   private content = false
 
-  constructor(private readonly parser: ToolCallParser = 'hermes') {}
+  constructor(private readonly parser: ToolCallReader = 'hermes') {
+    this.inCalls = typeof parser !== 'string'
+  }
 
   /** Adds generated text; returns the content that can go out now. */
   push(text: string): string {

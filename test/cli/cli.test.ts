@@ -52,6 +52,40 @@ describe('detinfer CLI', () => {
     }
   })
 
+  it('generate --json-schema and --json-object: JSON the schema accepts, the library\'s answer; a bad schema named, no stack trace', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'detinfer-cli-schema-'))
+    try {
+      const schema = { type: 'object', properties: { mood: { enum: ['merry', 'sad'] }, loud: { type: 'boolean' } }, required: ['mood', 'loud'], additionalProperties: false }
+      const file = join(dir, 'schema.json')
+      writeFileSync(file, JSON.stringify(schema))
+      const r = detinfer(['generate', 'To be or not', '-n', '40', '--device', 'cpu', '--json-schema', file, '--no-stream'])
+      expect(r.code, r.stderr).toBe(0)
+      const value = JSON.parse(r.stdout)
+      expect(Object.keys(value)).toEqual(['mood', 'loud'])
+      const model = await loadModel(undefined, { device: 'cpu', maxBatchSize: 1 })
+      try {
+        expect(r.stdout).toBe((await model.generate('To be or not', { maxTokens: 40, responseFormat: { type: 'json_schema', schema } })).text + '\n')
+      } finally {
+        await model.dispose()
+      }
+      const streamed = detinfer(['generate', 'To be or not', '-n', '40', '--device', 'cpu', '--json-schema', file])
+      expect(streamed.stdout).toBe(r.stdout)
+      const mode = detinfer(['generate', 'To be or not', '-n', '6', '--device', 'cpu', '--json-object', '--no-stream'])
+      expect(mode.code, mode.stderr).toBe(0)
+      expect(mode.stdout.startsWith('{')).toBe(true)
+      writeFileSync(file, '{"type": 5}')
+      const bad = detinfer(['generate', 'x', '--device', 'cpu', '--json-schema', file])
+      expect(bad.code).not.toBe(0)
+      expect(bad.stderr).toContain('The JSON schema cannot be used: Type should be a string')
+      expectNoStackTrace(bad.stderr)
+      const both = detinfer(['generate', 'x', '--device', 'cpu', '--json-schema', file, '--json-object'])
+      expect(both.code).not.toBe(0)
+      expect(both.stderr).toContain('give --json-object or --json-schema, not both')
+    } finally {
+      rmSync(dir, { recursive: true, force: true })
+    }
+  })
+
   it('generate --tensor-parallel: the same tokens and log-probs at 1 and 2, and clear errors for 3 and for heads that do not divide', () => {
     const run = (tp: string) => detinfer(['generate', 'To be or not', '-n', '8', '--device', 'cpu', '--tensor-parallel', tp, '--json', '--no-stream'])
     const [one, two] = [run('1'), run('2')]

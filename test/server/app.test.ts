@@ -516,12 +516,14 @@ describe('tool calls (--tool-call-parser hermes, in-process, the openai client)'
   })
 
   it.each([
-    [{ tool_choice: 'required' }, 'tool_choice', 'Unsupported value for tool_choice: "required" (forcing a tool call needs constrained decoding, which detinfer does not have); use "auto" (the model decides) or "none"', 'unsupported_parameter'],
-    [{ tool_choice: { type: 'function', function: { name: 'get_weather' } } }, 'tool_choice', 'Unsupported value for tool_choice: a named function (forcing a tool call needs constrained decoding, which detinfer does not have); use "auto" (the model decides) or "none"', 'unsupported_parameter'],
+    [{ tool_choice: 'required', tools: [] }, 'tools', 'Expected tools (at least one) with tool_choice "required" but received none', 'invalid_value'],
+    [{ tool_choice: { type: 'function', function: { name: 'get_news' } } }, 'tool_choice', `Expected the name of one of the request's tools for tool_choice.function.name but received "get_news"`, 'invalid_value'],
+    [{ tool_choice: { type: 'function', function: { name: 'get_weather' } }, response_format: { type: 'json_object' } }, 'response_format', 'Expected response_format text or null with tool_choice {"type":"function","function":{"name":"get_weather"}} (a forced call has its own JSON) but received json_object', 'invalid_value'],
+    [{ tool_choice: 'required' }, 'response_format', 'This model cannot constrain a completion to responseFormat json_schema: it was built without grammars (ModelParts.grammars)', 'invalid_value'],
     [{ tool_choice: 'sometimes' }, 'tool_choice', `Expected 'none', 'auto', 'required', a named function {type: 'function', function: {name}} or null for tool_choice but received "sometimes" of type string`, 'invalid_value'],
     [{ chat_template_kwargs: { tools: [] } }, 'chat_template_kwargs.tools', "Unsupported request argument supplied: chat_template_kwargs.tools (the request's tools set it)", 'unsupported_parameter'],
     [{ tools: [{ type: 'function', function: { name: 'get weather' } }] }, 'tools[0].function.name', 'Expected name of 1 to 64 letters, digits, underscores and dashes for tools[0].function.name but received "get weather" of type string', 'invalid_value'],
-    [{ tools: [{ type: 'function', function: { name: 'f', strict: true } }] }, 'tools[0].function.strict', 'Expected false or null (strict schema adherence needs constrained decoding, which detinfer does not have) for tools[0].function.strict but received true of type boolean', 'invalid_value'],
+    [{ tools: [{ type: 'function', function: { name: 'f', strict: true } }] }, 'tools[0].function.strict', 'Expected false or null (the arguments of calls the model chooses to make are not held to the schema; tool_choice "required" or a named function holds them to it) for tools[0].function.strict but received true of type boolean', 'invalid_value'],
     [{ tools: [{ type: 'retrieval', function: { name: 'f' } }] }, 'tools[0].type', `Expected 'function' for tools[0].type but received "retrieval" of type string`, 'invalid_value'],
     [{ messages: [{ role: 'user', content: 'x', tool_calls: [] }] }, 'messages[0].tool_calls', 'Unsupported request argument supplied: messages[0].tool_calls (only assistant messages carry tool calls)', 'unsupported_parameter'],
     [

@@ -573,6 +573,35 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     })
   })
 
+  it('response_format: JSON a schema accepts (chat, whole and streamed, n = 2), JSON mode on completions; each the library\'s answer, and the same beside other requests', async () => {
+    const schema = { type: 'object', properties: { mood: { enum: ['merry', 'sad'] }, loud: { type: 'boolean' } }, required: ['mood', 'loud'], additionalProperties: false }
+    const messages = [{ role: 'user' as const, content: QUESTIONS[0]! }]
+    const body = { model: 'default', messages, max_tokens: 40, temperature: 0.8, seed: 11, n: 2, response_format: { type: 'json_schema' as const, json_schema: { name: 'mood', schema, strict: true } } }
+    const whole = await client.chat.completions.create(body)
+    const ids = model.tokenize(messages, { chatTemplateVariables: {} })
+    for (const [i, choice] of whole.choices.entries()) {
+      expect(choice.finish_reason).toBe('stop')
+      const value = JSON.parse(choice.message.content!)
+      expect(Object.keys(value)).toEqual(['mood', 'loud'])
+      const lib = await model.generate(ids, { maxTokens: 40, temperature: 0.8, seed: 11 + i, responseFormat: { type: 'json_schema', schema } })
+      expect(choice.message.content).toBe(lib.text)
+    }
+    const streamed = await client.chat.completions.stream({ ...body, stream: true }).finalChatCompletion()
+    expect(streamed.choices.map((c) => c.message.content)).toEqual(whole.choices.map((c) => c.message.content))
+    // Beside free requests, launched together: the same answers.
+    const [again, ...others] = await Promise.all([
+      client.chat.completions.create(body),
+      ...TEXTS.map((prompt) => client.completions.create({ model: 'default', prompt, max_tokens: 12, temperature: 0 })),
+    ])
+    expect(again!.choices).toEqual(whole.choices)
+    expect(others.length).toBe(TEXTS.length)
+    // JSON mode on /v1/completions (vLLM's extension): an object, or its beginning when max_tokens cuts it.
+    const jsonMode = await client.completions.create({ model: 'default', prompt: TEXTS[1]!, max_tokens: 12, temperature: 0, response_format: { type: 'json_object' } } as never)
+    const lib = await model.generate(TEXTS[1]!, { maxTokens: 12, responseFormat: { type: 'json_object' } })
+    expect(jsonMode.choices[0]!.text).toBe(lib.text)
+    expect(lib.text.startsWith('{')).toBe(true)
+  })
+
   it('exports Prometheus metrics', async () => {
     const text = await (await fetch(`${server.url}/metrics`)).text()
     for (const name of [
@@ -709,15 +738,24 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
       }
     })
 
-    it('structured output and message names are refused with what is supported; a tool message\'s call id is taken', async () => {
+    it('bad response_formats and message names are refused with what is wrong; a tool message\'s call id is taken', async () => {
       const messages = [{ role: 'user', content: 'x' }]
-      const json = await post(chatUrl(), { model: 'default', messages, max_tokens: 2, response_format: { type: 'json_object' } })
+      const json = await post(chatUrl(), { model: 'default', messages, max_tokens: 2, response_format: { type: 'xml' } })
       expect(json.status).toBe(400)
-      expect(json.json.error.message).toBe(`Expected 'text' (structured output is not supported) for response_format.type but received "json_object" of type string`)
-      const schema = await post(chatUrl(), { model: 'default', messages, max_tokens: 2, response_format: { type: 'json_schema', json_schema: { name: 'x' } } })
-      expect(schema.status).toBe(400)
-      expectErrorBody(schema.json, schema.status, 'invalid_value', 'response_format')
-      expect(schema.json.error.message).toContain("Expected {type: 'text'} or null (structured output is not supported) for response_format")
+      expectErrorBody(json.json, json.status, 'invalid_value', 'response_format')
+      expect(json.json.error.message).toBe(
+        "Expected {type: 'text'}, {type: 'json_object'}, {type: 'json_schema', json_schema: {name, description, schema, strict}} or null for response_format but received {\"type\":\"xml\"} of type object",
+      )
+      // A schema the grammar compiler cannot read: 400 naming why, before a stream starts.
+      for (const stream of [false, true]) {
+        const bad = await post(chatUrl(), { model: 'default', messages, max_tokens: 2, stream, response_format: { type: 'json_schema', json_schema: { name: 'x', schema: { type: 5 } } } })
+        expect(bad.status).toBe(400)
+        expectErrorBody(bad.json, bad.status, 'invalid_value', 'response_format')
+        expect(bad.json.error.message).toBe('The JSON schema cannot be used: Type should be a string')
+      }
+      const eos = await post(chatUrl(), { model: 'default', messages, max_tokens: 2, ignore_eos: true, response_format: { type: 'json_object' } })
+      expect(eos.status).toBe(400)
+      expectErrorBody(eos.json, eos.status, 'invalid_value', 'ignore_eos')
       const named = await post(chatUrl(), { model: 'default', messages: [{ role: 'user', content: 'x', name: 'bob' }], max_tokens: 2 })
       expect(named.status).toBe(400)
       expectErrorBody(named.json, named.status, 'unsupported_parameter', 'messages[0].name')
@@ -824,7 +862,46 @@ describe('detinfer serve --tool-call-parser hermes (openai client, a chat templa
     expect(streamed.choices[0]!.message.content).toBe(lib.text)
     expect(streamed.choices[0]!.message.tool_calls).toBeUndefined()
     expect(streamed.choices[0]!.finish_reason).toBe(r.choices[0]!.finish_reason)
-    await expect(client.chat.completions.create({ ...body, tool_choice: 'required' })).rejects.toMatchObject({ status: 400, code: 'unsupported_parameter', param: 'tool_choice' })
+  })
+
+  it('tool_choice forces a call: a named function\'s arguments, or "required"\'s list, held to JSON by a grammar, streamed equal to whole', async () => {
+    const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'unused', maxRetries: 0 })
+    const city = { type: 'object', properties: { city: { enum: ['Paris', 'Rome', 'Oslo'] } }, required: ['city'], additionalProperties: false }
+    const forcedTools = [
+      { type: 'function' as const, function: { name: 'get_weather', parameters: city } },
+      { type: 'function' as const, function: { name: 'get_time', parameters: city } },
+    ]
+    const base = { model: 'tooly', messages, tools: forcedTools, max_tokens: 60, temperature: 0 }
+    const named = { ...base, tool_choice: { type: 'function' as const, function: { name: 'get_time' } } }
+    const whole = await client.chat.completions.create(named)
+    const call = whole.choices[0]!.message.tool_calls![0]! as { id: string; type: string; function: { name: string; arguments: string } }
+    expect(whole.choices[0]!.message.tool_calls).toHaveLength(1)
+    expect(call.function.name).toBe('get_time')
+    expect(['Paris', 'Rome', 'Oslo']).toContain(JSON.parse(call.function.arguments).city)
+    // As OpenAI and vLLM answer a call forced by name.
+    expect(whole.choices[0]!.finish_reason).toBe('stop')
+    const streamed = await client.chat.completions.stream({ ...named, stream: true }).finalChatCompletion()
+    expect(streamed.choices[0]!.message.tool_calls).toEqual(whole.choices[0]!.message.tool_calls)
+    expect(streamed.choices[0]!.finish_reason).toBe('stop')
+    // The answer is the library's completion of the same prompt under the same schema.
+    const ids = model.tokenize(messages, { chatTemplateVariables: { tools: forcedTools } })
+    const lib = await model.generate(ids, { maxTokens: 60, responseFormat: { type: 'json_schema', schema: city } })
+    expect(JSON.parse(lib.text)).toEqual(JSON.parse(call.function.arguments))
+
+    // "required" without parallel calls: a list of one call of either tool.
+    const required = await client.chat.completions.create({ ...base, tool_choice: 'required', parallel_tool_calls: false })
+    const calls = required.choices[0]!.message.tool_calls! as { function: { name: string; arguments: string } }[]
+    expect(calls).toHaveLength(1)
+    expect(['get_weather', 'get_time']).toContain(calls[0]!.function.name)
+    expect(Object.keys(JSON.parse(calls[0]!.function.arguments))).toEqual(['city'])
+    expect(required.choices[0]!.finish_reason).toBe('tool_calls')
+    const requiredStream = await client.chat.completions.stream({ ...base, tool_choice: 'required', parallel_tool_calls: false, stream: true }).finalChatCompletion()
+    expect(requiredStream.choices[0]!.message.tool_calls).toEqual(required.choices[0]!.message.tool_calls)
+
+    // A name that is not a tool, "required" without tools, and a response_format beside a forced call are refused.
+    await expect(client.chat.completions.create({ ...base, tool_choice: { type: 'function', function: { name: 'nope' } } })).rejects.toMatchObject({ status: 400, param: 'tool_choice' })
+    await expect(client.chat.completions.create({ model: 'tooly', messages, tool_choice: 'required', max_tokens: 2 })).rejects.toMatchObject({ status: 400, param: 'tools' })
+    await expect(client.chat.completions.create({ ...named, response_format: { type: 'json_object' } })).rejects.toMatchObject({ status: 400, param: 'response_format' })
   })
 })
 

@@ -1,7 +1,7 @@
 // The Hermes tool-call reader of `detinfer serve --tool-call-parser hermes`: what a text parses to,
 // and that a streamed answer, cut into pieces anywhere, gives the content and calls of the whole.
 import { describe, expect, it } from 'vitest'
-import { parseHermesToolCalls, parseLlamaJsonToolCalls, parseToolCalls, pythonJson, toolCallId, ToolCallStream } from '../../lib/server/tool-calls.js'
+import { forcedToolCallSchema, parseForcedToolCalls, parseHermesToolCalls, parseLlamaJsonToolCalls, parseToolCalls, pythonJson, toolCallId, ToolCallStream } from '../../lib/server/tool-calls.js'
 
 const CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n</tool_call>'
 const CALL2 = '<tool_call>\n{"name":"get_time","arguments":{"zone":"Europe/Paris","utc":false}}\n</tool_call>'
@@ -157,5 +157,40 @@ describe('llama3_json', () => {
     }
     expect(sent([' \n', 'Hi', ' there'])).toEqual(['', ' \nHi', ' there'])
     expect(sent(['{"name"', ': "f"'])).toEqual(['', ''])
+  })
+})
+
+describe('forced calls (tool_choice "required" or a named function)', () => {
+  const city = { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] }
+  const tools = [{ name: 'get_weather', parameters: city }, { name: 'ping' }]
+
+  it('the grammar: the named function\'s parameters (an object for one without), or a list of calls of the tools', () => {
+    expect(forcedToolCallSchema({ function: 'get_weather' }, tools)).toBe(city)
+    expect(forcedToolCallSchema({ function: 'ping' }, tools)).toEqual({ type: 'object', properties: {} })
+    const call = (name: string, parameters: unknown) => ({ type: 'object', properties: { name: { type: 'string', enum: [name] }, parameters }, required: ['name', 'parameters'] })
+    const items = { type: 'object', anyOf: [call('get_weather', city), call('ping', { type: 'object', properties: {} })] }
+    expect(forcedToolCallSchema({ required: true, parallel: true }, tools)).toEqual({ type: 'array', minItems: 1, items })
+    expect(forcedToolCallSchema({ required: true, parallel: false }, tools)).toEqual({ type: 'array', minItems: 1, maxItems: 1, items })
+  })
+
+  it('reads the answer back: arguments written as Python writes them; an answer cut short is content', () => {
+    expect(parseForcedToolCalls({ function: 'get_weather' }, '{"city":"Paris","n":1.0}')).toEqual({ content: null, calls: [{ name: 'get_weather', arguments: '{"city": "Paris", "n": 1.0}' }] })
+    expect(parseForcedToolCalls({ function: 'get_weather' }, '{"city": "Par')).toBe(null)
+    const list = '[{"name": "get_weather", "parameters": {"city": "Oslo"}}, {"name": "ping", "parameters": {}}]'
+    expect(parseForcedToolCalls({ required: true, parallel: true }, list)).toEqual({
+      content: null,
+      calls: [{ name: 'get_weather', arguments: '{"city": "Oslo"}' }, { name: 'ping', arguments: '{}' }],
+    })
+    for (const bad of ['[]', '[{"name": "ping"}]', '{"name": "ping", "parameters": {}}', '[{"name": "ping", "parameters": {}}'])
+      expect(parseForcedToolCalls({ required: true, parallel: true }, bad), bad).toBe(null)
+  })
+
+  it('streamed: nothing goes out as content, and the end gives the calls of the whole text', () => {
+    const s = new ToolCallStream({ function: 'get_weather' })
+    expect(['{"city"', ': "Rome"}'].map((p) => s.push(p))).toEqual(['', ''])
+    expect(s.finish()).toEqual({ content: '', parsed: { content: null, calls: [{ name: 'get_weather', arguments: '{"city": "Rome"}' }] } })
+    const cut = new ToolCallStream({ required: true, parallel: false })
+    cut.push('[{"name": "pi')
+    expect(cut.finish()).toEqual({ content: '[{"name": "pi', parsed: null })
   })
 })
