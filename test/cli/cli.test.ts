@@ -579,12 +579,13 @@ describe('the shipped model', () => {
 
   it('runs every example, and the examples find what they claim', () => {
     const run = (name: string) => spawnSync(process.execPath, [join(root, 'examples', name)], { cwd: root, encoding: 'utf8' })
-    for (const name of ['generate.mjs', 'stream.mjs', 'batch.mjs', 'score.mjs', 'chat.mjs']) {
+    for (const name of ['generate.mjs', 'stream.mjs', 'batch.mjs', 'score.mjs', 'chat.mjs', 'structured.mjs']) {
       const r = run(name)
       expect(r.status, `${name}: ${r.stderr}`).toBe(0)
       expect(r.stdout.length).toBeGreaterThan(0)
     }
     expect(run('batch.mjs').stdout).toContain('prompt 0 alone gives the same tokens and log-probs as in the batch: true')
     expect(run('score.mjs').stdout).toContain('scored log-probs equal the generated ones bit for bit: true')
+    expect(run('structured.mjs').stdout).toContain('the sampled request beside others gives the same tokens and log-probs: true')
   })
 })
