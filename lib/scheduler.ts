@@ -421,6 +421,7 @@ export class Scheduler {
           this.processorsReserved = true
         } catch (err) {
           this.waiting.shift()
+          this.releaseConstraint(seq)
           seq.reject(err)
           continue
         }

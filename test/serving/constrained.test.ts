@@ -153,6 +153,17 @@ describe('constrained generations in the scheduler', () => {
     }
   })
 
+  it('disposed of when the logit processor table cannot be allocated for it', async () => {
+    const { model, s } = make()
+    model.reserveLogitProcessors = () => {
+      throw new Error('no room for the table')
+    }
+    const g = new ModuloGrammar()
+    const r = run(s, ids(3), 4, g)
+    expect(await r.done).toBe('error: no room for the table')
+    expect(g.disposed).toBe(1)
+  })
+
   it('a model without processor rows refuses a constrained request', () => {
     const model = new LaunchingModel({ kvBlocks: 8, kvBlockSize: 4, vocab: V })
     const s = new Scheduler(model, { maxBatchSize: 2, prefillChunkSize: 4 })
