@@ -347,6 +347,8 @@ export class Scheduler {
       }
       try {
         await this.prepareMasks()
+        // The grammars that failed may have ended every running sequence: a step needs one.
+        if (!this.running.length) continue
         await this.step()
       } catch (err) {
         // A step that fails (a device error, say) leaves the model's state in doubt: every request

@@ -153,6 +153,21 @@ describe('constrained generations in the scheduler', () => {
     }
   })
 
+  it('a grammar that fails for the only running sequence ends that request alone: the one waiting runs next', async () => {
+    for (const launchAhead of [true, false]) {
+      const model = new LaunchingModel({ kvBlocks: 40, kvBlockSize: 4, maxBatchTokens: 16, processorRows: 4, vocab: V })
+      const s = new Scheduler(model, { maxBatchSize: 1, prefillChunkSize: 4, launchAhead })
+      const bad = new ModuloGrammar()
+      bad.failMaskAt = 0
+      const r = run(s, ids(3), 6, bad)
+      const waiting = run(s, ids(4, 2), 6)
+      expect(await r.done).toBe('error: the grammar failed')
+      expect(bad.disposed).toBe(1)
+      expect(await waiting.done).toBe('length')
+      expect(waiting.tokens).toHaveLength(6)
+    }
+  })
+
   it('disposed of when the logit processor table cannot be allocated for it', async () => {
     const { model, s } = make()
     model.reserveLogitProcessors = () => {

@@ -67,6 +67,8 @@ export class LaunchingModel implements ForwardModel {
   }
 
   launch(chunks: SequenceChunk[], choices: TokenChoice[], _topN: number, after?: LaunchedStep, afterRows?: readonly number[]): LaunchedStep {
+    // As the transformer (checkChunks): a step runs at least one chunk.
+    if (chunks.length === 0) throw new TypeError('Expected a non-empty array of sequence chunks for chunks but received []')
     const tokensIn = chunks.reduce((n, c) => n + c.tokens.length, 0)
     if (tokensIn > this.maxBatchTokens) throw new Error(`${tokensIn} tokens exceed maxBatchTokens ${this.maxBatchTokens}`)
     const fed = chunks.map((c, i) => (after ? { ...c, tokens: [(after.chosen as number[])[afterRows?.[i] ?? i]!] } : c))
