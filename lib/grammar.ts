@@ -51,7 +51,7 @@ export type ResponseFormat =
     }
 
 export interface TokenConstraint {
-  /** The tokens allowed next: i32 words, bit v & 31 of word v >> 5 set for token v (vocabSize bits; ids the vocabulary lacks clear). */
+  /** The tokens allowed next: i32 words, bit v & 31 of word v >> 5 set for token v (vocabSize bits; ids the vocabulary lacks clear); rejects when no token is. */
   mask(): Promise<Int32Array>
   /** Advances past `token`, which the last mask allowed; throws a clear error when it is not allowed. */
   accept(token: number): void
@@ -475,11 +475,16 @@ class Constraint implements TokenConstraint {
     this.checkLive()
     const mask = this.fit(raw)
     let others = false
+    let any = false
     for (let w = 0; w < mask.length && !others; w++) {
       let bits = mask[w]!
+      any ||= bits !== 0
       for (const id of this.instance.stopTokenIds) if (id >> 5 === w) bits &= ~(1 << (id & 31))
       others = bits !== 0
     }
+    // A dead end: what the grammar needs next, no token writes (a vocabulary without that
+    // character). A mask that allows nothing would fail the whole step on the device.
+    if (!any) throw new Error('No token of the vocabulary can continue the text here: the grammar needs a character that no token writes')
     this.current = mask
     this.onlyStops = !others
     return mask.slice()

@@ -197,6 +197,22 @@ describe.each(TOKENIZERS)('grammar constraints on %s', (_, dir) => {
   })
 })
 
+describe('a vocabulary that cannot write what the grammar needs next', () => {
+  it('mask() rejects at the dead end instead of allowing no token (a step would refuse that mask, failing the others too)', async () => {
+    // Raw pieces without a space: `{"a": ` cannot be written past the colon.
+    const pieces = ['', '{', '}', '"', 'a', ':', '1', ',']
+    const engine = new GrammarEngine({ grammarVocabulary: () => ({ pieces, vocabType: 'raw', addPrefixSpace: false, stopTokenIds: [0] }) }, 40)
+    engines.push(engine)
+    const c = (await engine.constrain({ type: 'json_schema', schema: { type: 'object', properties: { a: { type: 'integer' } }, required: ['a'] } }))!
+    for (const id of [1, 3, 4, 3, 5]) {
+      expect(allowedIds(await c.mask())).toEqual([id])
+      c.accept(id)
+    }
+    await expect(c.mask()).rejects.toThrow(/No token of the vocabulary can continue the text/)
+    c.dispose()
+  })
+})
+
 describe('grammar vocabulary of a tokenizer', () => {
   it('is byte_level for ByteLevel decoders and byte_fallback for ByteFallback ones, as xgrammar detects them', async () => {
     const byteLevel = await Tokenizer.load(join(repoRoot, 'models', 'default'))

@@ -4,6 +4,7 @@
 // each request gets the tokens it gets alone, and the constraint is disposed of however the
 // request ends.
 import { describe, expect, it } from 'vitest'
+import { GrammarEngine } from '../../lib/grammar.js'
 import { Scheduler, type TokenConstraint } from '../../lib/scheduler.js'
 import { LaunchingModel } from './launching-model.js'
 
@@ -165,6 +166,23 @@ describe('constrained generations in the scheduler', () => {
       expect(bad.disposed).toBe(1)
       expect(await waiting.done).toBe('length')
       expect(waiting.tokens).toHaveLength(6)
+    }
+  })
+
+  it("a grammar's dead end (a vocabulary that cannot write what it needs) ends that request alone", async () => {
+    // xgrammar over raw pieces without a space: `{"a": ` cannot be written past the colon.
+    const pieces = ['', '{', '}', '"', 'a', ':', '1', ',']
+    const engine = new GrammarEngine({ grammarVocabulary: () => ({ pieces, vocabType: 'raw', addPrefixSpace: false, stopTokenIds: [0] }) }, V)
+    try {
+      const { s } = make()
+      const other = run(s, ids(4, 2), 10)
+      const constraint = (await engine.constrain({ type: 'json_schema', schema: { type: 'object', properties: { a: { type: 'integer' } }, required: ['a'] } }))!
+      const r = run(s, ids(3), 10, constraint)
+      expect(await r.done).toMatch(/^error: No token of the vocabulary can continue the text/)
+      expect(r.tokens).toEqual([1, 3, 4, 3, 5])
+      expect(await other.done).toBe('length')
+    } finally {
+      engine.dispose()
     }
   })
 
