@@ -52,15 +52,23 @@ export interface ToolDefinition {
 /** A function without parameters takes an object, as vLLM's schema for it says. */
 const NO_PARAMETERS = { type: 'object', properties: {} }
 
+/** A tool's parameters as a forced call's grammar takes them: none, or {} (which would allow any JSON value, not a call), is NO_PARAMETERS, as vLLM reads them. */
+function parametersOf(t: ToolDefinition): Record<string, unknown> {
+  return t.parameters && Object.keys(t.parameters).length > 0 ? t.parameters : NO_PARAMETERS
+}
+
 /**
  * The JSON Schema a forced call's answer follows: the named function's parameters, or for
  * "required" an array of calls of the tools (one at most without parallel calls), as vLLM builds it.
  */
 export function forcedToolCallSchema(choice: ForcedToolChoice, tools: readonly ToolDefinition[]): Record<string, unknown> {
-  if ('function' in choice) return tools.find((t) => t.name === choice.function)?.parameters ?? NO_PARAMETERS
+  if ('function' in choice) {
+    const tool = tools.find((t) => t.name === choice.function)
+    return tool ? parametersOf(tool) : NO_PARAMETERS
+  }
   const call = (t: ToolDefinition) => ({
     type: 'object',
-    properties: { name: { type: 'string', enum: [t.name] }, parameters: t.parameters ?? NO_PARAMETERS },
+    properties: { name: { type: 'string', enum: [t.name] }, parameters: parametersOf(t) },
     required: ['name', 'parameters'],
   })
   return { type: 'array', minItems: 1, ...(!choice.parallel && { maxItems: 1 }), items: { type: 'object', anyOf: tools.map(call) } }

@@ -173,6 +173,13 @@ describe('forced calls (tool_choice "required" or a named function)', () => {
     expect(forcedToolCallSchema({ required: true, parallel: false }, tools)).toEqual({ type: 'array', minItems: 1, maxItems: 1, items })
   })
 
+  it('parameters {} is a function without parameters (as vLLM reads it): its arguments are an object, so the forced answer is a call', () => {
+    const empty = [{ name: 'ping', parameters: {} }]
+    expect(forcedToolCallSchema({ function: 'ping' }, empty)).toEqual({ type: 'object', properties: {} })
+    const items = (forcedToolCallSchema({ required: true, parallel: true }, empty) as { items: { anyOf: { properties: { parameters: unknown } }[] } }).items
+    expect(items.anyOf[0]!.properties.parameters).toEqual({ type: 'object', properties: {} })
+  })
+
   it('reads the answer back: arguments written as Python writes them; an answer cut short is content', () => {
     expect(parseForcedToolCalls({ function: 'get_weather' }, '{"city":"Paris","n":1.0}')).toEqual({ content: null, calls: [{ name: 'get_weather', arguments: '{"city": "Paris", "n": 1.0}' }] })
     expect(parseForcedToolCalls({ function: 'get_weather' }, '{"city": "Par')).toBe(null)
