@@ -545,7 +545,13 @@ export class InferenceServer {
       if (format !== 'text')
         throw invalidRequest(`Expected response_format text or null with tool_choice ${JSON.stringify(choice)} (a forced call has its own JSON) but received ${format}`, 'response_format', 'invalid_value')
       const tools = (body.tools ?? []).map((t) => t.function)
-      return { parser: forced, limit: Infinity, format: { type: 'json_schema', schema: forcedToolCallSchema(forced, tools) } }
+      let schema: Record<string, unknown>
+      try {
+        schema = forcedToolCallSchema(forced, tools)
+      } catch (err) {
+        throw invalidRequest((err as Error).message, 'tools', 'invalid_value')
+      }
+      return { parser: forced, limit: Infinity, format: { type: 'json_schema', schema } }
     }
     if (!body.tools?.length || choice === 'none') return null
     if (!this.options.toolCallParser)

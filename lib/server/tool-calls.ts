@@ -71,7 +71,34 @@ export function forcedToolCallSchema(choice: ForcedToolChoice, tools: readonly T
     properties: { name: { type: 'string', enum: [t.name] }, parameters: parametersOf(t) },
     required: ['name', 'parameters'],
   })
-  return { type: 'array', minItems: 1, ...(!choice.parallel && { maxItems: 1 }), items: { type: 'object', anyOf: tools.map(call) } }
+  return { type: 'array', minItems: 1, ...(!choice.parallel && { maxItems: 1 }), items: { type: 'object', anyOf: tools.map(call) }, ...definitionsOf(tools) }
+}
+
+/** Where a schema keeps the subschemas its $refs name ("#/$defs/Name"): $defs, and draft 7's definitions. */
+const DEFINITIONS = ['$defs', 'definitions'] as const
+
+/**
+ * The tools' definitions, for the root of the "required" schema: a $ref in a tool's parameters
+ * ("#/$defs/City", as pydantic writes nested models) points at the root of the document, which is
+ * no longer the parameters once they are inside the list of calls; vLLM moves them there too. A
+ * name two tools define differently is refused (throws).
+ */
+function definitionsOf(tools: readonly ToolDefinition[]): Record<string, unknown> {
+  const found: Record<string, Record<string, unknown>> = {}
+  for (const key of DEFINITIONS) {
+    const defs = new Map<string, unknown>()
+    for (const t of tools) {
+      const own = parametersOf(t)[key]
+      if (!isPlainObject(own)) continue
+      for (const [name, schema] of Object.entries(own)) {
+        if (defs.has(name) && JSON.stringify(defs.get(name)) !== JSON.stringify(schema))
+          throw new Error(`Expected one schema for the tools' ${key}.${name} but the tools define it differently (${t.name} and an earlier tool)`)
+        defs.set(name, schema)
+      }
+    }
+    if (defs.size) found[key] = Object.fromEntries(defs)
+  }
+  return found
 }
 
 /** The calls of a forced answer, or null when it is not the JSON its grammar allows (cut short): then it is content. */

@@ -520,6 +520,15 @@ describe('tool calls (--tool-call-parser hermes, in-process, the openai client)'
     [{ tool_choice: { type: 'function', function: { name: 'get_news' } } }, 'tool_choice', `Expected the name of one of the request's tools for tool_choice.function.name but received "get_news"`, 'invalid_value'],
     [{ tool_choice: { type: 'function', function: { name: 'get_weather' } }, response_format: { type: 'json_object' } }, 'response_format', 'Expected response_format text or null with tool_choice {"type":"function","function":{"name":"get_weather"}} (a forced call has its own JSON) but received json_object', 'invalid_value'],
     [{ tool_choice: 'required' }, 'response_format', 'This model cannot constrain a completion to responseFormat json_schema: it was built without grammars (ModelParts.grammars)', 'invalid_value'],
+    [
+      {
+        tool_choice: 'required',
+        tools: ['a', 'b'].map((name, i) => ({ type: 'function', function: { name, parameters: { $defs: { City: { type: i ? 'integer' : 'string' } }, type: 'object' } } })),
+      },
+      'tools',
+      "Expected one schema for the tools' $defs.City but the tools define it differently (b and an earlier tool)",
+      'invalid_value',
+    ],
     [{ tool_choice: 'sometimes' }, 'tool_choice', `Expected 'none', 'auto', 'required', a named function {type: 'function', function: {name}} or null for tool_choice but received "sometimes" of type string`, 'invalid_value'],
     [{ chat_template_kwargs: { tools: [] } }, 'chat_template_kwargs.tools', "Unsupported request argument supplied: chat_template_kwargs.tools (the request's tools set it)", 'unsupported_parameter'],
     [{ tools: [{ type: 'function', function: { name: 'get weather' } }] }, 'tools[0].function.name', 'Expected name of 1 to 64 letters, digits, underscores and dashes for tools[0].function.name but received "get weather" of type string', 'invalid_value'],

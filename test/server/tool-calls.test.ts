@@ -1,6 +1,9 @@
 // The Hermes tool-call reader of `detinfer serve --tool-call-parser hermes`: what a text parses to,
 // and that a streamed answer, cut into pieces anywhere, gives the content and calls of the whole.
+import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
+import { GrammarEngine } from '../../lib/grammar.js'
+import { Tokenizer } from '../../lib/tokenizer.js'
 import { forcedToolCallSchema, parseForcedToolCalls, parseHermesToolCalls, parseLlamaJsonToolCalls, parseToolCalls, pythonJson, toolCallId, ToolCallStream } from '../../lib/server/tool-calls.js'
 
 const CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n</tool_call>'
@@ -178,6 +181,33 @@ describe('forced calls (tool_choice "required" or a named function)', () => {
     expect(forcedToolCallSchema({ function: 'ping' }, empty)).toEqual({ type: 'object', properties: {} })
     const items = (forcedToolCallSchema({ required: true, parallel: true }, empty) as { items: { anyOf: { properties: { parameters: unknown } }[] } }).items
     expect(items.anyOf[0]!.properties.parameters).toEqual({ type: 'object', properties: {} })
+  })
+
+  it('"required": the tools\' $defs (pydantic\'s nested models) move to the root, where their $refs point; two different ones of a name are refused', async () => {
+    const place = { $defs: { City: { type: 'string', enum: ['Paris', 'Rome'] } }, type: 'object', properties: { city: { $ref: '#/$defs/City' } }, required: ['city'] }
+    const when = { definitions: { Day: { enum: ['today', 'tomorrow'] } }, type: 'object', properties: { day: { $ref: '#/definitions/Day' } }, required: ['day'] }
+    const schema = forcedToolCallSchema({ required: true, parallel: false }, [{ name: 'weather', parameters: place }, { name: 'when', parameters: when }])
+    expect(schema['$defs']).toEqual(place.$defs)
+    expect(schema['definitions']).toEqual(when.definitions)
+    const t = await Tokenizer.load(join(import.meta.dirname, '..', '..', 'models', 'default'))
+    const engine = new GrammarEngine(t, t.vocabSize)
+    try {
+      const c = (await engine.constrain({ type: 'json_schema', schema }))!
+      for (const id of t.encodeContinuation('[{"name": "weather", "parameters": {"city": "Rome"}}]')) {
+        await c.mask()
+        c.accept(id)
+      }
+      await c.mask()
+      expect(c.finished).toBe(true)
+      c.dispose()
+    } finally {
+      engine.dispose()
+      t.close()
+    }
+    const other = { ...place, $defs: { City: { type: 'string' } } }
+    expect(() => forcedToolCallSchema({ required: true, parallel: true }, [{ name: 'a', parameters: place }, { name: 'b', parameters: other }])).toThrow(
+      'Expected one schema for the tools\' $defs.City but the tools define it differently (b and an earlier tool)',
+    )
   })
 
   it('reads the answer back: arguments written as Python writes them; an answer cut short is content', () => {
