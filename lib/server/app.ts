@@ -413,7 +413,11 @@ export class InferenceServer {
       })
       // A schema the server cannot build a grammar of is refused here, before a stream's headers go
       // out (the grammar is kept: the choices build theirs from it at once).
-      if (draft.options.responseFormat) await loaded.model.checkResponseFormat(draft.options.responseFormat)
+      // A forced call's grammar is the tools' (the request may have sent no response_format).
+      if (draft.options.responseFormat)
+        await loaded.model.checkResponseFormat(draft.options.responseFormat).catch((err: unknown) => {
+          throw err instanceof GrammarError && draft.toolCalls?.format ? invalidRequest(`The tools' parameters cannot hold a forced call: ${err.message}`, 'tools', 'invalid_value') : err
+        })
       const plan = this.plan(endpoint, draft, prompts, echoes, loaded)
       // The library checks the options here, before a stream's headers go out.
       const run: ChoiceRun = { loaded, plan, head, signal, failed, arrived, streams: [] }

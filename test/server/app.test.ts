@@ -519,7 +519,7 @@ describe('tool calls (--tool-call-parser hermes, in-process, the openai client)'
     [{ tool_choice: 'required', tools: [] }, 'tools', 'Expected tools (at least one) with tool_choice "required" but received none', 'invalid_value'],
     [{ tool_choice: { type: 'function', function: { name: 'get_news' } } }, 'tool_choice', `Expected the name of one of the request's tools for tool_choice.function.name but received "get_news"`, 'invalid_value'],
     [{ tool_choice: { type: 'function', function: { name: 'get_weather' } }, response_format: { type: 'json_object' } }, 'response_format', 'Expected response_format text or null with tool_choice {"type":"function","function":{"name":"get_weather"}} (a forced call has its own JSON) but received json_object', 'invalid_value'],
-    [{ tool_choice: 'required' }, 'response_format', 'This model cannot constrain a completion to responseFormat json_schema: it was built without grammars (ModelParts.grammars)', 'invalid_value'],
+    [{ tool_choice: 'required' }, 'tools', "The tools' parameters cannot hold a forced call: This model cannot constrain a completion to responseFormat json_schema: it was built without grammars (ModelParts.grammars)", 'invalid_value'],
     [
       {
         tool_choice: 'required',

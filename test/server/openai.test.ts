@@ -902,6 +902,10 @@ describe('detinfer serve --tool-call-parser hermes (openai client, a chat templa
     await expect(client.chat.completions.create({ ...base, tool_choice: { type: 'function', function: { name: 'nope' } } })).rejects.toMatchObject({ status: 400, param: 'tool_choice' })
     await expect(client.chat.completions.create({ model: 'tooly', messages, tool_choice: 'required', max_tokens: 2 })).rejects.toMatchObject({ status: 400, param: 'tools' })
     await expect(client.chat.completions.create({ ...named, response_format: { type: 'json_object' } })).rejects.toMatchObject({ status: 400, param: 'response_format' })
+    // Parameters the grammar cannot hold the answer to: the request's tools are named, not a response_format it did not send.
+    const counted = [{ type: 'function' as const, function: { name: 'count', parameters: { type: 'object', properties: { n: { type: 'integer', multipleOf: 2 } } } } }]
+    for (const tool_choice of ['required', { type: 'function', function: { name: 'count' } }] as const)
+      await expect(client.chat.completions.create({ ...base, tools: counted, tool_choice })).rejects.toMatchObject({ status: 400, param: 'tools', code: 'invalid_value' })
   })
 })
 
