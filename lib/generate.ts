@@ -45,7 +45,7 @@ export interface TextStreamDecoder {
 export const DEFAULT_MAX_TOKENS = 128
 
 /**
- * What the completion's text must be, as OpenAI's response_format: free text, any JSON value
+ * What the completion's text must be, as OpenAI's response_format: free text, a JSON object
  * (`json_object`), or JSON that a JSON Schema accepts. The model can only choose tokens that keep
  * the text a prefix of such JSON (a grammar masks the others before each choice), and ends it
  * with EOS once the JSON is complete; a completion cut by maxTokens or a stop string is a prefix.
@@ -100,9 +100,9 @@ export interface GenerateOptions {
    */
   logitBias?: Record<number, number> | Map<number, number>
   /**
-   * The completion as JSON (`{ type: 'json_object' }`), as JSON a JSON Schema accepts (`{ type:
-   * 'json_schema', schema }`), or free text (`{ type: 'text' }`, the default). README, "Structured
-   * output".
+   * The completion as a JSON object (`{ type: 'json_object' }`), as JSON a JSON Schema accepts
+   * (`{ type: 'json_schema', schema }`), or free text (`{ type: 'text' }`, the default). README,
+   * "Structured output".
    */
   responseFormat?: ResponseFormat
   /** Generation ends when the text contains one of these; the text is cut before it. */

@@ -73,7 +73,7 @@ export function generateCommand(): Command {
     .option('--top-logprobs <n>', 'with --json: the n most likely tokens and their log-probs at each position (0-20)', integer)
     .option('--stop <text>', 'stop when the text contains this (repeatable)', collect)
     .option('--ignore-eos', "go on past the model's end-of-sequence token (to --max-tokens or a --stop)")
-    .option('--json-object', 'the completion is JSON: only tokens that keep it valid JSON are chosen')
+    .option('--json-object', 'the completion is a JSON object: only tokens that keep it one are chosen')
     .option('--json-schema <file>', 'the completion is JSON that the JSON Schema in this file accepts')
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--tensor-parallel <n>', 'emulate tensor parallelism over n ranks (1, 2, 4 or 8; above 1 on the CPU only): the same bits at every n', integer)

@@ -15,3 +15,11 @@ describe('--completion-ids', () => {
     expect(() => ids(value)).toThrow(`expected token ids separated by commas (or a JSON array of them) but received "${value}"`)
   })
 })
+
+describe('generate --json-object', () => {
+  it('says what it holds the completion to: a JSON object (JSON mode), not any JSON', async () => {
+    const { generateCommand } = await import('../../lib/cli/generate.js')
+    const option = generateCommand().options.find((o) => o.long === '--json-object')!
+    expect(option.description).toContain('a JSON object')
+  })
+})
