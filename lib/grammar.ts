@@ -16,7 +16,7 @@
 // as vLLM refuses them (unsupportedKeyword).
 //
 // Costs (a 151,936-token vocabulary): the first constraint of an engine takes 150-250 ms
-// (TokenizerInfo, compiler); compiling a schema 30-120 ms, once (the compiler caches them); a
+// (TokenizerInfo, compiler); compiling a schema 30-120 ms, once (the engine keeps the last 64 compiled); a
 // mask 0.02-0.03 ms. Checking a schema in the worker takes 60-85 ms for the first (the thread
 // starts and initialises its module), then about 1 ms; a schema that passed before is not
 // checked again; one that aborts costs about 40 ms more, for the next check's new worker.
@@ -87,6 +87,17 @@ export const SCHEMA_CHECK_TIMEOUT_MS = 10_000
 const WORKER_STARTUP_TIMEOUT_MS = 60_000
 /** Schemas that passed the check are remembered (their JSON text, up to this many characters in all) and not checked again. */
 const CHECKED_SCHEMA_CHARS = 4_000_000
+/** Compiled grammars an engine keeps for the schemas that come again. */
+const COMPILED_GRAMMARS = 64
+/**
+ * How schemas are compiled, and checked: no whitespace but ", " and ": " between elements (JSON
+ * on one line, as Python's json.dumps writes it), no indent (-1 is xgrammar's "none"; undefined
+ * would be 2), and xgrammar's strict mode (no properties the schema does not name, unless it
+ * allows them). vLLM's default lets any whitespace through, with which a model can fill its whole
+ * answer with newlines between two elements (the shipped model does, and vLLM has a switch
+ * against it, disable_any_whitespace); one way of writing leaves no room for that.
+ */
+const JSON_SCHEMA_OPTIONS = [false, -1] as const
 /** The longest reason a GrammarError quotes from xgrammar. */
 const MAX_REASON_CHARS = 1000
 /** The lines of output an instance of the module keeps, for the message of an abort. */
@@ -254,6 +265,8 @@ interface Instance {
   lines: string[]
   /** The ids that end a generation, as xgrammar was given them. */
   stopTokenIds: readonly number[]
+  /** Compiled grammars by schema text, least recently used first (GrammarEngine.compiled). */
+  compiled: Map<string, CompiledGrammar>
 }
 
 /**
@@ -294,15 +307,8 @@ export class GrammarEngine {
     this.checkLive()
     const instance = await this.ready()
     this.checkLive()
-    let compiled: CompiledGrammar | undefined
     try {
-      // JSON on one line, as Python's json.dumps writes it (", " and ": " between elements, no
-      // other whitespace), and xgrammar's strict mode (no properties the schema does not name,
-      // unless it allows them). vLLM's default lets any whitespace through, with which a model
-      // can fill its whole answer with newlines between two elements (the shipped model does, and
-      // vLLM has a switch against it, disable_any_whitespace); one way of writing leaves no room
-      // for that. indent -1 is xgrammar's "none" (undefined would be 2).
-      compiled = await instance.compiler.compileJSONSchema(spec.schema, false, -1)
+      const compiled = await this.compiled(instance, spec.schema)
       this.checkLive()
       const matcher = await instance.xg.GrammarMatcher.createGrammarMatcher(compiled)
       const constraint = new Constraint(matcher, instance, this.vocabSize, (c) => this.live.delete(c))
@@ -315,13 +321,31 @@ export class GrammarEngine {
     } catch (err) {
       if (this.disposed) throw new DisposedError('grammar engine')
       throw this.failed(instance, err, spec.fromRequest)
-    } finally {
-      try {
-        compiled?.dispose() // the matcher holds what it needs of it; so does the compiler's cache
-      } catch {
-        // Deleted by an abort or a dispose already.
-      }
     }
+  }
+
+  /**
+   * The schema's compiled grammar, from this engine's cache of the last COMPILED_GRAMMARS (most
+   * recently used kept), or compiled now. xgrammar's own cache has no bound in its WebAssembly
+   * build (a server that met many distinct schemas would grow its memory until the module
+   * aborted), so it is off, and this one disposes of what it drops: a matcher keeps what it needs
+   * of its grammar.
+   */
+  private async compiled(instance: Instance, schema: string): Promise<CompiledGrammar> {
+    const cached = instance.compiled.get(schema)
+    if (cached) {
+      instance.compiled.delete(schema)
+      instance.compiled.set(schema, cached)
+      return cached
+    }
+    const compiled = await instance.compiler.compileJSONSchema(schema, ...JSON_SCHEMA_OPTIONS)
+    instance.compiled.set(schema, compiled)
+    for (const [key, old] of instance.compiled) {
+      if (instance.compiled.size <= COMPILED_GRAMMARS) break
+      instance.compiled.delete(key)
+      disposeQuietly(old)
+    }
+    return compiled
   }
 
   /** Frees the compiler, the TokenizerInfo and every constraint not yet disposed, and stops the worker (idempotent). */
@@ -384,8 +408,8 @@ export class GrammarEngine {
     let info: TokenizerInfo | undefined
     try {
       info = await xg.TokenizerInfo.createTokenizerInfo(pieces, vocab.vocabType, vocab.addPrefixSpace, size, stopTokenIds)
-      const compiler = await xg.GrammarCompiler.createGrammarCompiler(info, true)
-      const instance: Instance = { xg, info, compiler, lines, stopTokenIds }
+      const compiler = await xg.GrammarCompiler.createGrammarCompiler(info, false)
+      const instance: Instance = { xg, info, compiler, lines, stopTokenIds, compiled: new Map() }
       if (this.disposed) {
         freeInstance(instance)
         throw new DisposedError('grammar engine')
@@ -418,7 +442,17 @@ export class GrammarEngine {
   }
 }
 
+function disposeQuietly(handle: { dispose(): void }): void {
+  try {
+    handle.dispose()
+  } catch {
+    // Deleted by an abort or a dispose already.
+  }
+}
+
 function freeInstance(instance: Instance): void {
+  for (const compiled of instance.compiled.values()) disposeQuietly(compiled)
+  instance.compiled.clear()
   try {
     instance.compiler.dispose()
     instance.info.dispose()
@@ -563,10 +597,11 @@ const module = { exports: {} }
 const text = readFileSync(file, 'utf8').replace(\"${DYNAMIC_IMPORT}\", \"${STATIC_REQUIRE}\")
 new Function('exports', 'module', 'require', '__filename', '__dirname', text)(module.exports, module, createRequire(file), file, dirname(file))
 const { Grammar } = module.exports
+const JSON_OPTIONS = ${JSON.stringify(JSON_SCHEMA_OPTIONS)}
 port.on('message', async ({ schema }) => {
   lines = []
   try {
-    const grammar = await Grammar.fromJSONSchema(schema)
+    const grammar = await Grammar.fromJSONSchema(schema, ...JSON_OPTIONS)
     grammar.dispose()
     port.postMessage({ ok: true })
   } catch (err) {

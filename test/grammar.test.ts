@@ -383,6 +383,23 @@ describe('disposing', () => {
     t.close()
   })
 
+  it('keeps at most 64 compiled grammars, and a constraint outlives its grammar being dropped', async () => {
+    const t = await Tokenizer.load(join(repoRoot, 'models', 'default'))
+    const engine = engineFor(t)
+    const first = (await engine.constrain({ type: 'json_schema', schema: { type: 'object', properties: { k0: { type: 'integer' } }, required: ['k0'] } }))!
+    for (let k = 1; k < 80; k++) (await engine.constrain({ type: 'json_schema', schema: { type: 'object', properties: { [`k${k}`]: { type: 'integer' } } } }))!.dispose()
+    const kept = (engine as unknown as { built: { compiled: Map<string, unknown> } }).built.compiled
+    expect(kept.size).toBe(64)
+    expect([...kept.keys()].some((schema) => schema.includes('"k0"'))).toBe(false)
+    // The first schema's grammar was dropped; its matcher still works to the end.
+    await drive(first, idsOf(t, '{"k0": 12}'), (id) => t.decode([id]))
+    expect(first.finished).toBe(false)
+    await first.mask()
+    expect(first.finished).toBe(true)
+    first.dispose()
+    t.close()
+  })
+
   it('a check under way when the engine is disposed rejects, and the worker does not hold the process open', async () => {
     const t = await Tokenizer.load(join(repoRoot, 'models', 'default'))
     const engine = new GrammarEngine(t, t.vocabSize)
