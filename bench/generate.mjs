@@ -11,6 +11,7 @@
 //   node bench/generate.mjs --baseline               # also transformers, same prompts
 //   node bench/generate.mjs --samplings greedy,t0.7-p0.9,t0.7-k50   # sampled rows beside greedy
 //   node bench/generate.mjs --samplings greedy,f0.5-q0.5-b50,t0.7-p0.9-f0.5  # penalties and logit bias (f, q, b)
+//   node bench/generate.mjs --samplings greedy,mask,t0.7-p0.9-mask  # structured output's path (a grammar mask)
 //   node bench/generate.mjs --prefill-kernel mma.sync # (development) prefill attention with the sm_80-89 kernel
 //   node bench/generate.mjs --matmul-kernels mma.sync # (development) every matmul with the sm_80-89 kernels
 //   node bench/generate.mjs --split-size 64           # (development) attention splits of 64 keys instead
@@ -21,7 +22,7 @@
 //                                                    # the library's default on CUDA is 2048)
 //
 // Every request generates exactly --new-tokens tokens (EOS does not end it). --samplings lists
-// the token choices to measure (greedy, tT, tT-pP, tT-kK, tT-kK-pP-mM; default greedy plus
+// the token choices to measure (greedy, tT, tT-pP, tT-kK, tT-kK-pP-mM, each with -mask for a grammar mask; default greedy plus
 // temperature 0.7 with top-p 0.9 and with top-k 50 on a GPU), each at every batch size; the
 // variant kernels and the baseline run greedy only. Decode throughput and the step time are
 // measured while every request of the batch decodes: from the last request's first token (the
@@ -107,12 +108,17 @@ const prefillChunk = positive('prefill-chunk', args['prefill-chunk'])
  * many logit_bias entries, ids spread over the vocabulary, biases of +-1), e.g. "f0.5-q0.5-b50".
  */
 function parseChoice(name) {
-  if (name === 'greedy') return { sampling: null, processors: null }
+  if (name === 'greedy') return { sampling: null, processors: null, mask: false }
   const p = { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 1 }
-  const proc = { frequencyPenalty: 0, presencePenalty: 0, logitBias: [] }
+  const proc = { frequencyPenalty: 0, presencePenalty: 0, repetitionPenalty: 1, logitBias: [] }
   let sampled = false
   let processed = false
+  let mask = false
   for (const part of name.split('-')) {
+    if (part === 'mask') {
+      mask = true
+      continue
+    }
     const value = Number(part.slice(1))
     const key = { t: 'temperature', p: 'topP', k: 'topK', m: 'minP' }[part[0]]
     const procKey = { f: 'frequencyPenalty', q: 'presencePenalty', b: 'logitBias' }[part[0]]
@@ -126,7 +132,19 @@ function parseChoice(name) {
     }
   }
   if (sampled && !(p.temperature > 0)) throw new Error(`Expected a temperature above 0 (t0.7) in --samplings ${name}`)
-  return { sampling: sampled ? p : null, processors: processed ? proc : null }
+  return { sampling: sampled ? p : null, processors: processed ? proc : null, mask }
+}
+
+/**
+ * "mask" in a sampling: every request carries a grammar constraint (structured output's path: a
+ * processor row, the mask's upload and kernel, and no step launched ahead for the sequence) whose
+ * mask allows every token, so that the run keeps its fixed length and its tokens are the
+ * unconstrained ones; the host's cost of a real grammar's mask (about 0.03 ms, lib/grammar.ts) is
+ * not in it.
+ */
+function allowEverything(vocabSize) {
+  const words = new Int32Array(Math.ceil(vocabSize / 32)).fill(-1)
+  return { mask: async () => words, accept() {}, finished: false, dispose() {} }
 }
 const samplings = (args.samplings ?? (onGpu ? 'greedy,t0.7-p0.9,t0.7-k50' : 'greedy,t0.7-p0.9')).split(',')
 samplings.forEach(parseChoice)
@@ -210,8 +228,8 @@ const longPrompt = Array.from({ length: prefillTokens }, () => 1 + Math.floor(ra
  * Runs `list` together (all submitted at once), each to exactly `tokens` new tokens; `arrivals[i]`
  * holds the times (ms) at which request i's tokens arrived.
  */
-async function serve(list, tokens, options, choice = { sampling: null, processors: null }) {
-  const { sampling, processors } = choice
+async function serve(list, tokens, options, choice = { sampling: null, processors: null, mask: false }) {
+  const { sampling, processors, mask } = choice
   const scheduler = new Scheduler(model, { ...options, launchAhead })
   const arrivals = list.map(() => [])
   const started = performance.now()
@@ -224,6 +242,7 @@ async function serve(list, tokens, options, choice = { sampling: null, processor
           maxTokens: tokens,
           sampling: sampling && { ...sampling, seed: i },
           processors,
+          ...(mask && { constraint: allowEverything(model.config.vocabSize) }),
           onToken: () => {
             arrivals[i].push(performance.now())
             return true
