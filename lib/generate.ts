@@ -565,18 +565,37 @@ export function runConstrainedGeneration(
   const format = options.responseFormat
   if (!format) return runGeneration(scheduler, tokenizer, prompt, options, onPiece)
   if (!grammars) return { result: Promise.reject(new GrammarError(`This model cannot constrain a completion to responseFormat ${format.type}: it was built without grammars (ModelParts.grammars)`)), cancel() {} }
+  const { signal } = options
+  if (signal?.aborted) return { result: Promise.reject(signal.reason), cancel() {} }
   let run: { result: Promise<GenerateResult>; cancel(): void } | null = null
   let cancelled = false
-  const result = grammars.constrain(format).then((constraint) => {
-    run = runGeneration(scheduler, tokenizer, prompt, options, onPiece, constraint ?? undefined)
-    if (cancelled) run.cancel()
-    return run.result
-  })
+  // A signal that aborts, or a cancel, while the grammar is being built (a new schema can take
+  // a while) ends the generation at once; the grammar, when it comes, is disposed of unused.
+  let stopEarly!: (reason: unknown) => void
+  const early = new Promise<never>((_, reject) => (stopEarly = reject))
+  const stopListening = signal ? whenAborted(signal, () => stopEarly(signal.reason)) : () => {}
+  const built = grammars.constrain(format).then(
+    (constraint) => {
+      stopListening()
+      if (cancelled || signal?.aborted) {
+        constraint?.dispose()
+        throw signal?.aborted ? signal.reason : new Error('The generation was cancelled while its grammar was built')
+      }
+      run = runGeneration(scheduler, tokenizer, prompt, options, onPiece, constraint ?? undefined)
+      return run.result
+    },
+    (err: unknown) => {
+      stopListening()
+      throw err
+    },
+  )
+  built.catch(() => {}) // when `early` settles the result first
   return {
-    result,
+    result: Promise.race([built, early]),
     cancel() {
       cancelled = true
-      run?.cancel()
+      if (run) run.cancel()
+      else stopEarly(new Error('The generation was cancelled while its grammar was built'))
     },
   }
 }

@@ -2,7 +2,7 @@
 import { getEventListeners } from 'node:events'
 import { describe, expect, it } from 'vitest'
 import { DisposedError, RequestTooLargeError } from '../../lib/errors.js'
-import { MIN_TEMPERATURE, type TextTokenizer } from '../../lib/generate.js'
+import { MIN_TEMPERATURE, type ConstraintSource, type TextTokenizer } from '../../lib/generate.js'
 import { Model } from '../../lib/api.js'
 import { ContextHashModel, EOS, charTokenizer } from './context-hash-model.js'
 
@@ -353,5 +353,49 @@ describe('stopTokenIds and ignoreEos', () => {
     await expect(model.generate('ab', { stopTokenIds: [1, , 2] as number[] })).rejects.toThrow('for stopTokenIds[1] but received undefined')
     await expect(model.generate('ab', { ignoreEos: 'yes' } as never)).rejects.toThrow('Expected boolean for ignoreEos but received "yes" of type string')
     await model.dispose()
+  })
+})
+
+describe('responseFormat: a grammar still being built', () => {
+  /** A grammar source whose grammars come when the test releases them, and which counts what it hands out and gets back. */
+  function slowGrammars() {
+    const pending: (() => void)[] = []
+    const made = { built: 0, disposed: 0 }
+    const grammars: ConstraintSource = {
+      constrain: () =>
+        new Promise((resolve) =>
+          pending.push(() => {
+            made.built++
+            resolve({ mask: async () => new Int32Array(1).fill(-1), accept() {}, finished: false, dispose: () => void made.disposed++ })
+          }),
+        ),
+      dispose() {},
+    }
+    return { grammars, pending, made }
+  }
+
+  it('an abort or a cancel ends the generation at once; the grammar, when it comes, is disposed of unused', async () => {
+    const { grammars, pending, made } = slowGrammars()
+    const forward = new ContextHashModel({ kvBlocks: 64, kvBlockSize: 4, maxBatchTokens: 32, context: 4096 })
+    const model = new Model({ forward, tokenizer: charTokenizer, path: 'slow-grammars', grammars }, { maxBatchSize: 4, prefillChunkSize: 8 })
+    try {
+      const abort = new AbortController()
+      const generation = model.generate('ab', { maxTokens: 4, responseFormat: { type: 'json_object' }, signal: abort.signal })
+      abort.abort(new Error('stop now'))
+      await expect(generation).rejects.toThrow('stop now')
+      const pieces: unknown[] = []
+      const iterator = model.stream('ab', { maxTokens: 4, responseFormat: { type: 'json_object' } })[Symbol.asyncIterator]()
+      const first = iterator.next()
+      await iterator.return!()
+      await expect(first).rejects.toThrow('cancelled while its grammar was built')
+      expect(pieces).toEqual([])
+      expect(made.built).toBe(0)
+      for (const release of pending.splice(0)) release()
+      await new Promise((r) => setTimeout(r, 0))
+      expect(made).toEqual({ built: 2, disposed: 2 })
+      expect(forward.steps.length).toBe(0)
+    } finally {
+      await model.dispose()
+    }
   })
 })
