@@ -79,10 +79,10 @@ export interface GenerationRequest {
    * the scheduler awaits its mask and hands it to the device with the sequence's logit processors
    * (disallowed tokens get -infinity before the choice); the chosen token, once read back,
    * advances it. The mask depends on the sequence's own tokens only, so the completion is the
-   * same alone or in any batch. The scheduler owns it from a
-   * successful submit() and disposes of it when the request ends, however it ends. A constrained
-   * sequence does not take part in steps launched ahead (its next mask needs the token in flight):
-   * it decodes at most every other step while others run, with the same bits.
+   * same alone or in any batch. The scheduler owns it from a successful submit() and disposes of
+   * it when the request ends, however it ends. A constrained sequence does not take part in steps
+   * launched ahead (its next mask needs the token in flight): it decodes at most every other step
+   * while others run, with the same bits.
    */
   constraint?: TokenConstraint | null
   /** Called once per generated token, in order; returning false ends the sequence ('stop'). */

@@ -412,8 +412,8 @@ export class InferenceServer {
         throw err
       })
       // A schema the server cannot build a grammar of is refused here, before a stream's headers go
-      // out (the grammar is kept: the choices build theirs from it at once).
-      // A forced call's grammar is the tools' (the request may have sent no response_format).
+      // out (the grammar is kept: the choices build theirs from it at once). A forced call's
+      // grammar comes from the tools (the request may have sent no response_format).
       if (draft.options.responseFormat)
         await loaded.model.checkResponseFormat(draft.options.responseFormat).catch((err: unknown) => {
           throw err instanceof GrammarError && draft.toolCalls?.format ? invalidRequest(`The tools' parameters cannot hold a forced call: ${err.message}`, 'tools', 'invalid_value') : err
@@ -994,8 +994,8 @@ class ClientGone extends Error {
 
 /**
  * The library's responseFormat of a body's response_format: OpenAI's json_schema wraps the schema
- * with a name (and description) the grammar does not use; a json_schema without a schema is any
- * JSON, as json_object.
+ * with a name (and description) the grammar does not use; a json_schema without a schema is JSON
+ * mode (any JSON object), as json_object.
  */
 function responseFormatOption(format: ResponseFormatBody | null | undefined): Pick<GenerateOptions, 'responseFormat'> {
   if (!format || format.type === 'text') return {}
