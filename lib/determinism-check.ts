@@ -9,7 +9,7 @@
 // (setVariantKernels(true)) the same harness is expected to find differences: that is how we
 // know it can.
 import type { SamplingParams } from './sampling.js'
-import { Scheduler, type ForwardModel, type SchedulerOptions } from './scheduler.js'
+import { Scheduler, type ForwardModel, type SchedulerOptions, type TokenConstraint } from './scheduler.js'
 
 export interface NoiseOptions {
   /** Other prompts mixed in, in total. */
@@ -37,6 +37,15 @@ export interface CheckOptions {
   phases: SchedulerOptions[]
   /** Seed of the arrival order, the noise prompts and the load pattern. */
   seed: number
+  /**
+   * Grammar constraints (structured output; lib/grammar.ts): `make` gives a fresh one for each
+   * request that has one. With `target`, every run of the prompt and its reference are
+   * constrained; a share `noiseShare` (0 to 1) of the noise requests are. A constrained completion
+   * ends at EOS once its grammar is complete, the others never end early. Constrained sequences
+   * are never in a step launched ahead, so they change how the steps are made up, which is what
+   * the experiment varies.
+   */
+  constraints?: { make(): Promise<TokenConstraint>; target?: boolean; noiseShare?: number }
   onProgress?: (done: number, total: number) => void
 }
 
@@ -97,10 +106,14 @@ interface Job {
   maxTokens: number
   sampling: SamplingParams | null
   run: number // index among the target's runs, -1 for noise
+  constrained: boolean
 }
 
-/** Generates exactly maxTokens tokens (EOS included as an ordinary token). */
-function complete(scheduler: Scheduler, prompt: number[], maxTokens: number, sampling: SamplingParams | null): Promise<Completion> {
+/**
+ * Generates exactly maxTokens tokens (EOS included as an ordinary token); with a constraint, up to
+ * the EOS that ends its grammar.
+ */
+function complete(scheduler: Scheduler, prompt: number[], maxTokens: number, sampling: SamplingParams | null, constraint?: TokenConstraint): Promise<Completion> {
   const tokens: number[] = []
   const logprobs: number[] = []
   const scheduled = scheduler.submit({
@@ -108,10 +121,11 @@ function complete(scheduler: Scheduler, prompt: number[], maxTokens: number, sam
     prompt,
     maxTokens,
     sampling,
+    ...(constraint && { constraint }),
     onToken(token, logprob) {
       tokens.push(token)
       logprobs.push(logprob)
-      return true
+      return !constraint?.finished
     },
   })
   return scheduled.done.then(() => ({ tokens, logprobs }))
@@ -141,13 +155,16 @@ function jobsFor(options: CheckOptions, rand: () => number): Job[] {
   const { noise } = options
   const jobs: Job[] = []
   const sampling = options.sampling ?? null
-  for (let r = 0; r < options.runs; r++) jobs.push({ prompt: options.prompt, maxTokens: options.maxTokens, sampling, run: -1 })
+  const constraints = options.constraints
+  for (let r = 0; r < options.runs; r++) jobs.push({ prompt: options.prompt, maxTokens: options.maxTokens, sampling, run: -1, constrained: constraints?.target === true })
   for (let i = 0; i < noise.count; i++) {
     const length = 1 + Math.floor(rand() * noise.maxPromptTokens)
     const prompt = Array.from({ length }, () => 1 + Math.floor(rand() * (noise.vocab - 1)))
     const maxTokens = 1 + Math.floor(rand() * noise.maxTokens)
     const own = sampling ? { ...sampling, seed: Math.floor(rand() * 2 ** 32) } : null
-    jobs.push({ prompt, maxTokens, sampling: own, run: -1 })
+    // Drawn only with constraints, so that the load of a check without them stays what it was.
+    const constrained = constraints !== undefined && rand() < (constraints.noiseShare ?? 0)
+    jobs.push({ prompt, maxTokens, sampling: own, run: -1, constrained })
   }
   for (let i = jobs.length - 1; i > 0; i--) {
     const j = Math.floor(rand() * (i + 1))
@@ -164,9 +181,10 @@ export function referenceCompletion(
   prompt: number[],
   maxTokens: number,
   sampling: SamplingParams | null = null,
+  constraint?: TokenConstraint,
 ): Promise<Completion> {
   const scheduler = new Scheduler(model, { maxBatchSize: 1, prefillChunkSize: model.maxBatchTokens })
-  return complete(scheduler, prompt, maxTokens, sampling)
+  return complete(scheduler, prompt, maxTokens, sampling, constraint)
 }
 
 /**
@@ -180,6 +198,7 @@ async function servePhase(
   jobs: Job[],
   rand: () => number,
   onDone: (job: Job, c: Completion) => void,
+  constraints?: CheckOptions['constraints'],
 ): Promise<number> {
   const scheduler = new Scheduler(model, serving)
   const inFlight = new Set<Promise<void>>()
@@ -189,7 +208,8 @@ async function servePhase(
       await Promise.race(inFlight)
       target = 1 + Math.floor(rand() * 2 * scheduler.maxBatchSize)
     }
-    const p: Promise<void> = complete(scheduler, job.prompt, job.maxTokens, job.sampling).then((c) => {
+    const constraint = job.constrained ? await constraints!.make() : undefined
+    const p: Promise<void> = complete(scheduler, job.prompt, job.maxTokens, job.sampling, constraint).then((c) => {
       inFlight.delete(p)
       onDone(job, c)
     })
@@ -203,7 +223,13 @@ export async function runCheck(model: ForwardModel, options: CheckOptions): Prom
   if (options.phases.length === 0) throw new RangeError('runCheck: expected at least one serving phase')
   const rand = mulberry32(options.seed)
   const started = performance.now()
-  const reference = await referenceCompletion(model, options.prompt, options.maxTokens, options.sampling ?? null)
+  const reference = await referenceCompletion(
+    model,
+    options.prompt,
+    options.maxTokens,
+    options.sampling ?? null,
+    options.constraints?.target ? await options.constraints.make() : undefined,
+  )
   const jobs = jobsFor(options, rand)
   const completions: Completion[] = new Array(options.runs)
   let generated = reference.tokens.length
@@ -216,7 +242,7 @@ export async function runCheck(model: ForwardModel, options: CheckOptions): Prom
       generated += c.tokens.length
       if (job.run >= 0) completions[job.run] = c
       options.onProgress?.(++done, jobs.length)
-    })
+    }, options.constraints)
     maxConcurrent = Math.max(maxConcurrent, peak)
   }
   const seconds = (performance.now() - started) / 1000

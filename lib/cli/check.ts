@@ -7,6 +7,7 @@ import { Command, Option } from 'commander'
 import { defaultModelPath, forwardOf, loadModelFrom, loadTokenizer, readModelDir } from '../api.js'
 import { defaultPhases, runCheck, type CheckReport } from '../determinism-check.js'
 import { resolveGenerateOptions } from '../generate.js'
+import { GrammarEngine } from '../grammar.js'
 import { resolveDevice, setVariantKernels } from '../device.js'
 import { readTextFile } from '../files.js'
 import type { SamplingParams } from '../sampling.js'
@@ -31,6 +32,7 @@ interface CheckFlags {
   tensorParallel?: number
   chat?: boolean
   variant?: boolean
+  jsonObject?: boolean
   json?: boolean
 }
 
@@ -100,6 +102,7 @@ export function checkCommand(): Command {
     .option('--tensor-parallel <n>', 'emulate tensor parallelism over n ranks (1, 2, 4 or 8; above 1 on the CPU only): the same bits at every n', integer)
     .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
     .option('--chat', "wrap the prompt in the model's chat template")
+    .option('--json-object', "hold the prompt's completions, and half of the other prompts', to JSON (structured output); they end at EOS once their JSON is complete")
     .option('--variant', 'also run on the variant kernels (batch-dependent splits), for contrast')
     .option('--json', 'print the reports as JSON')
     .action(async (argument: string | undefined, flags: CheckFlags) => {
@@ -132,6 +135,8 @@ export function checkCommand(): Command {
         ),
       )
       const forward = forwardOf(model)
+      const grammars = flags.jsonObject ? new GrammarEngine(tokenizer, config.vocabSize) : null
+      const constraints = grammars && { make: async () => (await grammars.constrain({ type: 'json_object' }))!, target: true, noiseShare: 0.5 }
       const reports: [string, CheckReport][] = []
       try {
         for (const variant of flags.variant ? [false, true] : [false]) {
@@ -146,6 +151,7 @@ export function checkCommand(): Command {
             noise: { count: total - flags.runs, vocab: Math.min(tokenizer.vocabSize, model.vocabSize), maxPromptTokens: maxNoisePrompt, maxTokens: flags.maxTokens },
             phases: defaultPhases(maxBatchSize, maxBatchTokens),
             seed: flags.seed,
+            ...(constraints && { constraints }),
             onProgress: (done, all) => {
               if (interactiveStderr() ? done % 10 === 0 || done === all : done % Math.ceil(all / 4) === 0)
                 process.stderr.write(`${interactiveStderr() ? '\r' : ''}${name}: ${done}/${all} requests${interactiveStderr() ? '' : '\n'}`)
@@ -156,6 +162,7 @@ export function checkCommand(): Command {
         }
       } finally {
         setVariantKernels(false)
+        grammars?.dispose()
         await model.dispose()
       }
       // Status 1 when an invariant-kernel completion differs, in either output format.

@@ -577,6 +577,22 @@ describe('the shipped model', () => {
     expect(JSON.parse(quiet.stdout).reports.invariant.identicalToReference).toBe(3)
   })
 
+  it('check --json-object: structured completions under varied load, identical to the one run alone', async () => {
+    const r = detinfer(['check', '--device', 'cpu', '--runs', '8', '-n', '12', '--seed', '3', '--json-object', '--json'])
+    expect(r.code, r.stderr).toBe(0)
+    const report = JSON.parse(r.stdout).reports.invariant
+    expect(report.identicalToReference).toBe(8)
+    // The reference is JSON (an object, ended by EOS, or the start of one), unlike the free one.
+    const model = await loadModel(undefined, { device: 'cpu', maxBatchSize: 1 })
+    try {
+      expect(model.detokenize(report.reference.tokens).startsWith('{')).toBe(true)
+      const free = await model.generate('ROMEO:', { maxTokens: 12, ignoreEos: true })
+      expect(report.reference.tokens).not.toEqual(free.tokens)
+    } finally {
+      await model.dispose()
+    }
+  })
+
   it('runs every example, and the examples find what they claim', () => {
     const run = (name: string) => spawnSync(process.execPath, [join(root, 'examples', name)], { cwd: root, encoding: 'utf8' })
     for (const name of ['generate.mjs', 'stream.mjs', 'batch.mjs', 'score.mjs', 'chat.mjs', 'structured.mjs']) {

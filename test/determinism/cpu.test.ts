@@ -10,6 +10,8 @@ import { defaultPhases, runCheck, type CheckOptions } from '../../lib/determinis
 import { setVariantKernels } from '../../lib/device.js'
 import { defaultModelPath } from '../../lib/api.js'
 import { Transformer } from '../../lib/model/transformer.js'
+import { GrammarEngine } from '../../lib/grammar.js'
+import { Tokenizer } from '../../lib/tokenizer.js'
 import { writeTinyModel } from '../helpers/tiny-model.js'
 // @ts-expect-error: a plain ESM script without type declarations
 import { writeRandomModel } from '../../scripts/make-random-model.mjs'
@@ -29,7 +31,8 @@ function options(prompt: number[], runs: number, maxTokens: number, vocab: numbe
 }
 
 async function load(dir: string): Promise<Transformer> {
-  return Transformer.load(dir, { device: 'cpu', maxBatchTokens: BATCH_TOKENS, kvBlocks: 40 * (MAX_BATCH + 1), kvBlockSize: 16 })
+  // Processor rows for the constrained requests (structured output); allocated at their first use.
+  return Transformer.load(dir, { device: 'cpu', maxBatchTokens: BATCH_TOKENS, kvBlocks: 40 * (MAX_BATCH + 1), kvBlockSize: 16, logitProcessorRows: MAX_BATCH })
 }
 
 describe('determinism on the CPU backend (random Qwen3, qwen3-tiny shape)', () => {
@@ -78,6 +81,36 @@ describe('determinism on the CPU backend (random Qwen3, qwen3-tiny shape)', () =
       expect(v.identicalToReference).toBeLessThan(60)
     } finally {
       setVariantKernels(false)
+    }
+  })
+
+  it('structured output: 40 identical JSON completions among constrained and free noise, free ones identical beside constrained noise, and the variant sees differences', async () => {
+    const tokenizer = await Tokenizer.load(join(dir, 'model'))
+    const engine = new GrammarEngine(tokenizer, model.config.vocabSize)
+    try {
+      const constraints = { make: async () => (await engine.constrain({ type: 'json_object' }))!, target: true, noiseShare: 0.5 }
+      const constrained = { ...options(prompt, 40, 24, model.config.vocabSize), constraints }
+      const r = await runCheck(model, constrained)
+      console.log(`cpu structured invariant: ${r.distinctCompletions} distinct of ${r.runs}, max ${r.maxConcurrentSeen} running`)
+      expect(r.firstDivergence).toBeNull()
+      expect(r.identicalToReference).toBe(40)
+      expect(tokenizer.decode(r.reference.tokens).startsWith('{')).toBe(true)
+      // Free completions beside constrained noise (which never rides in a step launched ahead).
+      const free = await runCheck(model, { ...constrained, constraints: { ...constraints, target: false } })
+      expect(free.firstDivergence).toBeNull()
+      expect(free.identicalToReference).toBe(40)
+      expect(free.reference.tokens).not.toEqual(r.reference.tokens)
+      setVariantKernels(true)
+      try {
+        const v = await runCheck(model, constrained)
+        console.log(`cpu structured variant: ${v.distinctCompletions} distinct of ${v.runs}, ${v.identicalToReference} identical`)
+        expect(v.identicalToReference).toBeLessThan(40)
+      } finally {
+        setVariantKernels(false)
+      }
+    } finally {
+      engine.dispose()
+      tokenizer.close()
     }
   })
 

@@ -16,6 +16,7 @@ import { setVariantKernels } from '../../lib/device.js'
 import { defaultModelPath } from '../../lib/api.js'
 import { Transformer } from '../../lib/model/transformer.js'
 import { Tokenizer } from '../../lib/tokenizer.js'
+import { GrammarEngine } from '../../lib/grammar.js'
 // @ts-expect-error: a plain ESM script without type declarations
 import { writeRandomModel } from '../../scripts/make-random-model.mjs'
 import { describeGpu } from '../helpers/gpu.js'
@@ -45,19 +46,26 @@ function experiment(label: string, modelDir: () => string, withSampling = false)
   let model: Transformer
   let prompt: number[]
   let vocab: number
+  let tokenizer: Tokenizer
+  let grammars: GrammarEngine
   beforeAll(async () => {
-    const tokenizer = await Tokenizer.load(modelDir())
+    tokenizer = await Tokenizer.load(modelDir())
     prompt = tokenizer.encodePrompt('ROMEO: Is the day so young?', false)
     model = await Transformer.load(modelDir(), {
       device: 'cuda',
       maxBatchTokens: BATCH_TOKENS,
       kvBlocks: Math.ceil((64 + TOKENS) / 16) * (MAX_BATCH + 2),
       kvBlockSize: 16,
+      // Processor rows for the structured-output experiment (allocated at its first request).
+      logitProcessorRows: MAX_BATCH,
     })
     vocab = Math.min(tokenizer.vocabSize, model.config.vocabSize)
+    grammars = new GrammarEngine(tokenizer, model.config.vocabSize)
   }, TIMEOUT)
   afterAll(() => {
     setVariantKernels(false)
+    grammars?.dispose()
+    tokenizer?.close()
     model?.dispose()
   })
   const options = (runs: number) => ({
@@ -89,6 +97,27 @@ function experiment(label: string, modelDir: () => string, withSampling = false)
       try {
         const v = await runCheck(model, { ...options(SAMPLED_RUNS), sampling: SAMPLING })
         console.log(summary(`${label} sampled variant`, v))
+        expect(v.identicalToReference).toBeLessThan(SAMPLED_RUNS)
+      } finally {
+        setVariantKernels(false)
+      }
+    }, TIMEOUT)
+
+  // Structured output: the prompt's runs and half of the noise held to JSON by a grammar mask;
+  // constrained sequences never ride in a step launched ahead, so the steps are made up otherwise.
+  if (withSampling)
+    it(`${label}: ${SAMPLED_RUNS} seeded samples held to JSON, among constrained and free noise, equal the sample run alone`, async () => {
+      const constraints = { make: async () => (await grammars.constrain({ type: 'json_object' }))!, target: true, noiseShare: 0.5 }
+      const structured = { ...options(SAMPLED_RUNS), sampling: SAMPLING, constraints }
+      const r = await runCheck(model, structured)
+      console.log(summary(`${label} structured invariant`, r))
+      expect(r.firstDivergence).toBeNull()
+      expect(r.identicalToReference).toBe(SAMPLED_RUNS)
+      expect(tokenizer.decode(r.reference.tokens).startsWith('{')).toBe(true)
+      setVariantKernels(true)
+      try {
+        const v = await runCheck(model, structured)
+        console.log(summary(`${label} structured variant`, v))
         expect(v.identicalToReference).toBeLessThan(SAMPLED_RUNS)
       } finally {
         setVariantKernels(false)
