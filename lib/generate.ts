@@ -50,7 +50,16 @@ export const DEFAULT_MAX_TOKENS = 128
  * the text a prefix of such JSON (a grammar masks the others before each choice), and ends it
  * with EOS once the JSON is complete; a completion cut by maxTokens or a stop string is a prefix.
  */
-export type ResponseFormat = { type: 'text' } | { type: 'json_object' } | { type: 'json_schema'; schema: JsonSchema; strict?: boolean }
+export type ResponseFormat =
+  | { type: 'text' }
+  | { type: 'json_object' }
+  | { type: 'json_schema'; schema: JsonSchema; strict?: boolean }
+  /** Text the regular expression matches whole (vLLM's structured_outputs.regex). */
+  | { type: 'regex'; pattern: string }
+  /** Exactly one of the strings (vLLM's structured_outputs.choice). */
+  | { type: 'choice'; choices: readonly string[] }
+  /** Text of an EBNF grammar in xgrammar's syntax, from its rule `root` (vLLM's structured_outputs.grammar). */
+  | { type: 'grammar'; grammar: string }
 
 /** A JSON Schema: an object (or true / false), as JSON.parse gives it. */
 export type JsonSchema = boolean | { readonly [key: string]: unknown }
@@ -270,7 +279,7 @@ export function resolveGenerateOptions(
   if (o.ignoreEos !== undefined && typeof o.ignoreEos !== 'boolean') throw invalidArgument('ignoreEos', 'boolean', o.ignoreEos)
   const responseFormat = o.responseFormat === undefined ? null : checkResponseFormat(o.responseFormat)
   // A grammar allows only EOS once its JSON is complete: going on past EOS has nothing to follow.
-  if (responseFormat && o.ignoreEos === true) throw invalidArgument('ignoreEos', `false with responseFormat ${responseFormat.type} (a complete JSON text ends at EOS)`, o.ignoreEos)
+  if (responseFormat && o.ignoreEos === true) throw invalidArgument('ignoreEos', `false with responseFormat ${responseFormat.type} (a text the grammar completes ends at EOS)`, o.ignoreEos)
   if (o.chat !== undefined && typeof o.chat !== 'boolean') throw invalidArgument('chat', 'boolean', o.chat)
   if (o.continueFinalMessage !== undefined && typeof o.continueFinalMessage !== 'boolean')
     throw invalidArgument('continueFinalMessage', 'boolean', o.continueFinalMessage)
@@ -348,7 +357,8 @@ function resolveLogitProcessors(o: Record<string, unknown>, vocabSize: number): 
   return { frequencyPenalty, presencePenalty, repetitionPenalty, logitBias }
 }
 
-const RESPONSE_FORMATS = "{ type: 'text' }, { type: 'json_object' } or { type: 'json_schema', schema, strict? }"
+const RESPONSE_FORMATS =
+  "{ type: 'text' }, { type: 'json_object' }, { type: 'json_schema', schema, strict? }, { type: 'regex', pattern }, { type: 'choice', choices } or { type: 'grammar', grammar }"
 
 function isPlainObject(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value) && [Object.prototype, null].includes(Object.getPrototypeOf(value))
@@ -357,13 +367,27 @@ function isPlainObject(value: unknown): value is Record<string, unknown> {
 // The format's shape; the schema itself is checked when its grammar is built (ConstraintSource).
 function checkResponseFormat(value: unknown): Exclude<ResponseFormat, { type: 'text' }> | null {
   if (!isPlainObject(value)) throw invalidArgument('responseFormat', RESPONSE_FORMATS, value)
-  const keys = { text: ['type'], json_object: ['type'], json_schema: ['type', 'schema', 'strict'] }[value.type as string]
-  if (!keys) throw invalidArgument('responseFormat.type', "'text', 'json_object' or 'json_schema'", value.type)
+  const keys = { text: ['type'], json_object: ['type'], json_schema: ['type', 'schema', 'strict'], regex: ['type', 'pattern'], choice: ['type', 'choices'], grammar: ['type', 'grammar'] }[
+    value.type as string
+  ]
+  if (!keys) throw invalidArgument('responseFormat.type', "'text', 'json_object', 'json_schema', 'regex', 'choice' or 'grammar'", value.type)
   const extra = Object.keys(value).find((k) => !keys.includes(k))
   if (extra !== undefined)
     throw new TypeError(`Expected only ${keys.map((k) => `'${k}'`).join(', ')} in a responseFormat of type '${value.type as string}' but received the key ${JSON.stringify(extra)}`)
   if (value.type === 'text') return null
   if (value.type === 'json_object') return { type: 'json_object' }
+  // Their shapes here; what xgrammar makes of them where the grammar is built (ConstraintSource).
+  const nonEmpty = (name: string, v: unknown): string => {
+    if (typeof v !== 'string' || v === '') throw invalidArgument(name, 'non-empty string', v)
+    return v
+  }
+  if (value.type === 'regex') return { type: 'regex', pattern: nonEmpty('responseFormat.pattern', value.pattern) }
+  if (value.type === 'grammar') return { type: 'grammar', grammar: nonEmpty('responseFormat.grammar', value.grammar) }
+  if (value.type === 'choice') {
+    if (!Array.isArray(value.choices) || value.choices.length === 0) throw invalidArgument('responseFormat.choices', 'non-empty array of non-empty strings', value.choices)
+    // Every index, holes included.
+    return { type: 'choice', choices: Array.from(value.choices as unknown[], (c, i) => nonEmpty(`responseFormat.choices[${i}]`, c)) }
+  }
   const { schema, strict } = value
   if (typeof schema !== 'boolean' && !isPlainObject(schema)) throw invalidArgument('responseFormat.schema', 'JSON Schema (an object, or true or false)', schema)
   if (strict !== undefined && typeof strict !== 'boolean') throw invalidArgument('responseFormat.strict', 'boolean', strict)

@@ -49,6 +49,12 @@ export type ResponseFormat =
        */
       strict?: boolean
     }
+  /** Text that the regular expression matches whole (vLLM's structured_outputs.regex). */
+  | { type: 'regex'; pattern: string }
+  /** One of the strings, exactly (vLLM's structured_outputs.choice). */
+  | { type: 'choice'; choices: readonly string[] }
+  /** Text of an EBNF grammar in xgrammar's syntax, from its rule `root` (vLLM's structured_outputs.grammar). */
+  | { type: 'grammar'; grammar: string }
 
 export interface TokenConstraint {
   /** The tokens allowed next: i32 words, bit v & 31 of word v >> 5 set for token v (vocabSize bits; ids the vocabulary lacks clear); rejects when no token is. */
@@ -167,8 +173,17 @@ const isAbort = (err: unknown): boolean => err instanceof WebAssembly.RuntimeErr
 // ---------------------------------------------------------------------------------------------
 // response_format
 
-/** The JSON schema a response_format asks for, as text, and whether it is the request's (checked first). */
-type GrammarSpec = { schema: string; fromRequest: boolean }
+/**
+ * What a format compiles from: a JSON schema's text, or a structural tag's (JSON text of
+ * {type: 'structural_tag', format}: a regex, a choice of strings, an EBNF grammar); whether it is
+ * the request's (checked in the worker first); and what messages call it.
+ */
+type GrammarSpec = { kind: 'json_schema' | 'structural_tag'; text: string; fromRequest: boolean; what: string }
+
+/** Strings a choice format may list, at most. */
+export const MAX_CHOICES = 1024
+/** Characters of a regex or a grammar, and of all a choice's strings together, at most. */
+export const MAX_GRAMMAR_CHARS = 100_000
 
 /**
  * JSON mode: any JSON object, as vLLM compiles json_object (the schema {"type": "object"}, which
@@ -184,9 +199,10 @@ function grammarSpec(format: unknown): GrammarSpec | null {
     throw new GrammarError(`Expected an object ${types} for response_format but received ${describeValue(format)}`)
   const type = (format as Record<string, unknown>)['type']
   if (type === 'text') return null
-  if (type === 'json_object') return { schema: JSON_OBJECT_SCHEMA, fromRequest: false }
+  if (type === 'json_object') return { kind: 'json_schema', text: JSON_OBJECT_SCHEMA, fromRequest: false, what: 'The JSON schema' }
+  if (type === 'regex' || type === 'choice' || type === 'grammar') return structuralSpec(type, format as Record<string, unknown>)
   if (type !== 'json_schema')
-    throw new GrammarError(`Expected 'text', 'json_object' or 'json_schema' for response_format.type but received ${describeValue(type)}`)
+    throw new GrammarError(`Expected 'text', 'json_object', 'json_schema', 'regex', 'choice' or 'grammar' for response_format.type but received ${describeValue(type)}`)
   const schema = (format as Record<string, unknown>)['schema']
   if (typeof schema !== 'boolean' && (typeof schema !== 'object' || schema === null || Array.isArray(schema)))
     throw new GrammarError(`Expected a JSON Schema (an object, or true) for response_format.schema but received ${describeValue(schema)}`)
@@ -199,7 +215,36 @@ function grammarSpec(format: unknown): GrammarSpec | null {
   }
   const unsupported = unsupportedKeyword(schema)
   if (unsupported !== null) throw new GrammarError(`The JSON schema cannot be used: ${unsupported}`)
-  return { schema: text, fromRequest: true }
+  return { kind: 'json_schema', text, fromRequest: true, what: 'The JSON schema' }
+}
+
+/** A regex, a choice or a grammar, as the structural tag xgrammar compiles it. */
+function structuralSpec(type: 'regex' | 'choice' | 'grammar', format: Record<string, unknown>): GrammarSpec {
+  const text = (name: string, value: unknown): string => {
+    if (typeof value !== 'string' || value === '' || value.length > MAX_GRAMMAR_CHARS)
+      throw new GrammarError(`Expected a non-empty string of at most ${MAX_GRAMMAR_CHARS} characters for ${name} but received ${describeValue(value)}`)
+    return value
+  }
+  let tag: unknown
+  let what: string
+  if (type === 'regex') {
+    tag = { type: 'regex', pattern: text('response_format.pattern', format['pattern']) }
+    what = 'The regular expression'
+  } else if (type === 'grammar') {
+    tag = { type: 'grammar', grammar: text('response_format.grammar', format['grammar']) }
+    what = 'The grammar'
+  } else {
+    const choices = format['choices']
+    if (!Array.isArray(choices) || choices.length === 0 || choices.length > MAX_CHOICES)
+      throw new GrammarError(`Expected an array of 1 to ${MAX_CHOICES} strings for response_format.choices but received ${describeValue(choices)}`)
+    // Every index, holes included.
+    const values = Array.from(choices as unknown[], (c, i) => text(`response_format.choices[${i}]`, c))
+    if (values.reduce((n, c) => n + c.length, 0) > MAX_GRAMMAR_CHARS)
+      throw new GrammarError(`Expected at most ${MAX_GRAMMAR_CHARS} characters in all for response_format.choices`)
+    tag = { type: 'or', elements: values.map((value) => ({ type: 'const_string', value })) }
+    what = 'The choices'
+  }
+  return { kind: 'structural_tag', text: JSON.stringify({ type: 'structural_tag', format: tag }), fromRequest: true, what }
 }
 
 /** The string formats xgrammar generates (others it would not enforce). */
@@ -303,12 +348,12 @@ export class GrammarEngine {
     this.checkLive()
     const spec = grammarSpec(format)
     if (spec === null) return null
-    if (spec.fromRequest) await this.check(spec.schema)
+    if (spec.fromRequest) await this.check(spec)
     this.checkLive()
     const instance = await this.ready()
     this.checkLive()
     try {
-      const compiled = await this.compiled(instance, spec.schema)
+      const compiled = await this.compiled(instance, spec)
       this.checkLive()
       const matcher = await instance.xg.GrammarMatcher.createGrammarMatcher(compiled)
       const constraint = new Constraint(matcher, instance, this.vocabSize, (c) => this.live.delete(c))
@@ -320,7 +365,7 @@ export class GrammarEngine {
       return constraint
     } catch (err) {
       if (this.disposed) throw new DisposedError('grammar engine')
-      throw this.failed(instance, err, spec.fromRequest)
+      throw this.failed(instance, err, spec)
     }
   }
 
@@ -331,15 +376,19 @@ export class GrammarEngine {
    * aborted), so it is off, and this one disposes of what it drops: a matcher keeps what it needs
    * of its grammar.
    */
-  private async compiled(instance: Instance, schema: string): Promise<CompiledGrammar> {
-    const cached = instance.compiled.get(schema)
+  private async compiled(instance: Instance, spec: GrammarSpec): Promise<CompiledGrammar> {
+    const key = `${spec.kind}\n${spec.text}`
+    const cached = instance.compiled.get(key)
     if (cached) {
-      instance.compiled.delete(schema)
-      instance.compiled.set(schema, cached)
+      instance.compiled.delete(key)
+      instance.compiled.set(key, cached)
       return cached
     }
-    const compiled = await instance.compiler.compileJSONSchema(schema, ...JSON_SCHEMA_OPTIONS)
-    instance.compiled.set(schema, compiled)
+    const compiled =
+      spec.kind === 'json_schema'
+        ? await instance.compiler.compileJSONSchema(spec.text, ...JSON_SCHEMA_OPTIONS)
+        : await instance.compiler.compileStructuralTag(spec.text)
+    instance.compiled.set(key, compiled)
     for (const [key, old] of instance.compiled) {
       if (instance.compiled.size <= COMPILED_GRAMMARS) break
       instance.compiled.delete(key)
@@ -364,13 +413,14 @@ export class GrammarEngine {
     if (this.disposed) throw new DisposedError('grammar engine')
   }
 
-  /** Checks a schema in the worker, unless it passed before. */
-  private async check(text: string): Promise<void> {
+  /** Checks a request's grammar in the worker, unless it passed before. */
+  private async check(spec: GrammarSpec): Promise<void> {
+    const text = `${spec.kind}\n${spec.text}`
     if (this.checked.delete(text)) {
       this.checked.add(text)
       return
     }
-    await this.checker.check(text)
+    await this.checker.check(spec)
     if (this.checked.has(text) || text.length > CHECKED_SCHEMA_CHARS) return
     this.checked.add(text)
     this.checkedChars += text.length
@@ -428,7 +478,7 @@ export class GrammarEngine {
    * disposed; then the garbage collector takes its memory, leaks and all), and the next request
    * builds another.
    */
-  private failed(instance: Instance, err: unknown, schema: boolean): Error {
+  private failed(instance: Instance, err: unknown, spec: GrammarSpec): Error {
     if (err instanceof DisposedError) return err
     if (!isAbort(err)) return err instanceof Error ? err : new Error(String(err))
     if (this.built === instance) {
@@ -436,8 +486,8 @@ export class GrammarEngine {
       this.instance = null
     }
     const reason = abortReason(instance.lines, err)
-    // A schema that passed the check and fails here is still the schema's doing, most likely.
-    if (schema) return new GrammarError(`The JSON schema cannot be compiled: ${reason}`, { cause: err })
+    // A grammar that passed the check and fails here is still the request's doing, most likely.
+    if (spec.fromRequest) return new GrammarError(`${spec.what} cannot be compiled: ${reason}`, { cause: err })
     return new Error(`xgrammar failed to compile the grammar of JSON mode: ${reason}`, { cause: err })
   }
 }
@@ -598,10 +648,10 @@ const text = readFileSync(file, 'utf8').replace(\"${DYNAMIC_IMPORT}\", \"${STATI
 new Function('exports', 'module', 'require', '__filename', '__dirname', text)(module.exports, module, createRequire(file), file, dirname(file))
 const { Grammar } = module.exports
 const JSON_OPTIONS = ${JSON.stringify(JSON_SCHEMA_OPTIONS)}
-port.on('message', async ({ schema }) => {
+port.on('message', async ({ kind, text }) => {
   lines = []
   try {
-    const grammar = await Grammar.fromJSONSchema(schema, ...JSON_OPTIONS)
+    const grammar = kind === 'json_schema' ? await Grammar.fromJSONSchema(text, ...JSON_OPTIONS) : await Grammar.fromStructuralTag(text)
     grammar.dispose()
     port.postMessage({ ok: true })
   } catch (err) {
@@ -615,7 +665,7 @@ port.postMessage({ ready: true })
 type CheckReply = { ready?: true; ok?: true; lines?: string[]; message?: string; aborted?: boolean }
 
 interface PendingCheck {
-  schema: string
+  spec: GrammarSpec
   resolve: () => void
   reject: (err: unknown) => void
 }
@@ -638,11 +688,11 @@ class SchemaChecker {
   private readonly queue: PendingCheck[] = []
   private closed = false
 
-  /** Resolves when xgrammar can compile `schema` (JSON text); rejects with GrammarError naming the problem when it cannot. */
-  check(schema: string): Promise<void> {
+  /** Resolves when xgrammar can compile the grammar; rejects with GrammarError naming the problem when it cannot. */
+  check(spec: GrammarSpec): Promise<void> {
     if (this.closed) return Promise.reject(new DisposedError('grammar engine'))
     return new Promise<void>((resolve, reject) => {
-      this.queue.push({ schema, resolve, reject })
+      this.queue.push({ spec, resolve, reject })
       this.next()
     })
   }
@@ -675,10 +725,10 @@ class SchemaChecker {
       const posted = receiveMessageOnPort(r.port)
       if (posted) return this.onReply(r, posted.message as CheckReply)
       this.stop(r)
-      pending.reject(new GrammarError(`The JSON schema took longer than ${SCHEMA_CHECK_TIMEOUT_MS / 1000} s to compile and was refused`))
+      pending.reject(new GrammarError(`${pending.spec.what} took longer than ${SCHEMA_CHECK_TIMEOUT_MS / 1000} s to compile and was refused`))
       this.next()
     }, SCHEMA_CHECK_TIMEOUT_MS)
-    r.port.postMessage({ schema: pending.schema })
+    r.port.postMessage({ kind: pending.spec.kind, text: pending.spec.text })
   }
 
   private onReply(r: CheckWorker, reply: CheckReply): void {
@@ -694,7 +744,7 @@ class SchemaChecker {
     if (reply.ok) pending.resolve()
     else {
       const reason = abortReason(reply.lines ?? [], new Error(reply.message ?? 'unknown error'))
-      pending.reject(new GrammarError(`The JSON schema cannot be used: ${reason}`))
+      pending.reject(new GrammarError(`${pending.spec.what} cannot be used: ${reason}`))
     }
     this.next()
   }

@@ -232,6 +232,61 @@ describe('grammar vocabulary of a tokenizer', () => {
   })
 })
 
+describe('regular expressions, choices and EBNF grammars (structural tags)', () => {
+  let t: Tokenizer
+  beforeAll(async () => {
+    t = await Tokenizer.load(join(repoRoot, 'models', 'default'))
+  })
+  afterAll(() => t.close())
+  const show = (id: number) => t.decode([id])
+
+  it('lets a text they accept through, token by token, then only EOS; refuses one they do not', async () => {
+    const engine = engineFor(t)
+    const cases = [
+      [{ type: 'regex', pattern: '[A-Z][a-z]+ [0-9]{2}' }, 'Romeo 16', 'romeo 16'],
+      [{ type: 'choice', choices: ['Montague', 'Capulet', 'neither "house"'] }, 'neither "house"', 'Capul'],
+      [{ type: 'grammar', grammar: 'root ::= "(" expr ")"\nexpr ::= [0-9]+ ("+" [0-9]+)*' }, '(12+3+45)', '(12-3)'],
+    ] as const
+    for (const [format, good, bad] of cases) {
+      const c = (await engine.constrain(format))!
+      await drive(c, idsOf(t, good), show)
+      const end = await c.mask()
+      expect(c.finished, format.type).toBe(true)
+      expect(allowedIds(end).filter((id) => !t.eosTokenIds.includes(id))).toEqual([])
+      c.dispose()
+      // The first token of the bad text that the grammar refuses is left out of the mask.
+      const d = (await engine.constrain(format))!
+      let refused = false
+      for (const id of idsOf(t, bad)) {
+        if (!allows(await d.mask(), id)) {
+          refused = true
+          expect(() => d.accept(id)).toThrow('not allowed')
+          break
+        }
+        d.accept(id)
+      }
+      if (!refused) expect(d.finished).toBe(false) // a prefix of an accepted text at best
+      d.dispose()
+    }
+  })
+
+  it('refuses a regex or a grammar xgrammar cannot read, naming why and printing nothing; an empty choice list by its shape', async () => {
+    const engine = engineFor(t)
+    const err = vi.spyOn(process.stderr, 'write')
+    try {
+      await expect(engine.constrain({ type: 'regex', pattern: '[a-' })).rejects.toThrow(/^The regular expression cannot be used: .+/)
+      await expect(engine.constrain({ type: 'grammar', grammar: 'root ::= ' })).rejects.toThrow(/^The grammar cannot be used: .+/)
+      await expect(engine.constrain({ type: 'choice', choices: [] })).rejects.toThrow('Expected an array of 1 to 1024 strings for response_format.choices')
+      expect(err).not.toHaveBeenCalled()
+    } finally {
+      err.mockRestore()
+    }
+    const ok = (await engine.constrain({ type: 'choice', choices: ['yes', 'no'] }))!
+    expect(allowedIds(await ok.mask()).length).toBeGreaterThan(0)
+    ok.dispose()
+  })
+})
+
 describe('schemas that cannot be used', () => {
   const BAD: [string, unknown, RegExp][] = [
     ['a type that is not a string', { type: 5 }, /cannot be used: Type should be a string$/],
@@ -273,7 +328,7 @@ describe('schemas that cannot be used', () => {
     cyclic['self'] = cyclic
     const cases: [unknown, RegExp][] = [
       [null, /Expected an object .* for response_format but received null/],
-      [{ type: 'xml' }, /Expected 'text', 'json_object' or 'json_schema' for response_format.type but received "xml" of type string/],
+      [{ type: 'xml' }, /Expected 'text', 'json_object', 'json_schema', 'regex', 'choice' or 'grammar' for response_format.type but received "xml" of type string/],
       [{ type: 'json_schema', schema: [1, 2] }, /Expected a JSON Schema \(an object, or true\) for response_format.schema but received \[1,2\] of type array/],
       [{ type: 'json_schema', schema: 'x' }, /for response_format.schema but received "x" of type string/],
       [{ type: 'json_schema' }, /for response_format.schema but received undefined/],

@@ -33,6 +33,9 @@ interface GenerateFlags {
   json?: boolean
   jsonObject?: boolean
   jsonSchema?: string
+  regex?: string
+  choice?: string[]
+  grammar?: string
   stream: boolean
 }
 
@@ -75,6 +78,9 @@ export function generateCommand(): Command {
     .option('--ignore-eos', "go on past the model's end-of-sequence token (to --max-tokens or a --stop)")
     .option('--json-object', 'the completion is a JSON object: only tokens that keep it one are chosen')
     .option('--json-schema <file>', 'the completion is JSON that the JSON Schema in this file accepts')
+    .option('--regex <pattern>', 'the completion is text that the regular expression matches whole')
+    .option('--choice <text>', 'the completion is exactly one of these texts (repeatable)', collect)
+    .option('--grammar <file>', "the completion is text of the EBNF grammar in this file (xgrammar's syntax, from the rule root)")
     .addOption(new Option('--device <device>', 'where to run').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--tensor-parallel <n>', 'emulate tensor parallelism over n ranks (1, 2, 4 or 8; above 1 on the CPU only): the same bits at every n', integer)
     .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
@@ -112,8 +118,12 @@ export function generateCommand(): Command {
         ...(flags.chatTemplateKwargs && { chatTemplateVariables: flags.chatTemplateKwargs }),
         ...(flags.jsonObject && { responseFormat: { type: 'json_object' } }),
       }
-      if (flags.jsonObject && flags.jsonSchema !== undefined) throw new Error('give --json-object or --json-schema, not both')
+      const formats = [flags.jsonObject && '--json-object', flags.jsonSchema !== undefined && '--json-schema', flags.regex !== undefined && '--regex', flags.choice && '--choice', flags.grammar !== undefined && '--grammar'].filter(Boolean)
+      if (formats.length > 1) throw new Error(`give one of --json-object, --json-schema, --regex, --choice and --grammar, not ${formats.join(' and ')}`)
       if (flags.jsonSchema !== undefined) options.responseFormat = { type: 'json_schema', schema: (await readJsonFile(flags.jsonSchema)) as JsonSchema }
+      if (flags.regex !== undefined) options.responseFormat = { type: 'regex', pattern: flags.regex }
+      if (flags.choice) options.responseFormat = { type: 'choice', choices: flags.choice }
+      if (flags.grammar !== undefined) options.responseFormat = { type: 'grammar', grammar: await readTextFile(flags.grammar, '--grammar') }
       if (flags.chatTemplateKwargs && !flags.chat && flags.system === undefined) throw new Error('--chat-template-kwargs applies to the chat template: give --chat or --system too')
       if (flags.chatTemplate !== undefined && !flags.chat && flags.system === undefined) throw new Error('--chat-template applies to chat prompts: give --chat or --system too')
       const chatTemplate = flags.chatTemplate === undefined ? undefined : await readTextFile(flags.chatTemplate, '--chat-template')

@@ -40,6 +40,7 @@ import {
   type ChatCompletionBody,
   type CompletionBody,
   type ResponseFormatBody,
+  type StructuredOutputsBody,
   type DetokenizeBody,
   type TokenizeBody,
   type ToolBody,
@@ -416,7 +417,10 @@ export class InferenceServer {
       // grammar comes from the tools (the request may have sent no response_format).
       if (draft.options.responseFormat)
         await loaded.model.checkResponseFormat(draft.options.responseFormat).catch((err: unknown) => {
-          throw err instanceof GrammarError && draft.toolCalls?.format ? invalidRequest(`The tools' parameters cannot hold a forced call: ${err.message}`, 'tools', 'invalid_value') : err
+          if (!(err instanceof GrammarError)) throw err
+          if (draft.toolCalls?.format) throw invalidRequest(`The tools' parameters cannot hold a forced call: ${err.message}`, 'tools', 'invalid_value')
+          if (body.structured_outputs) throw invalidRequest(err.message, 'structured_outputs', 'invalid_value')
+          throw err
         })
       const plan = this.plan(endpoint, draft, prompts, echoes, loaded)
       // The library checks the options here, before a stream's headers go out.
@@ -516,6 +520,7 @@ export class InferenceServer {
       ...(repetitionPenalty !== 1 && { repetitionPenalty }),
       ...(Object.keys(logitBias).length > 0 && { logitBias }),
       ...responseFormatOption(body.response_format),
+      ...structuredOutputsOption(body),
       ...(toolCalls?.format && { responseFormat: toolCalls.format }),
     }
     if (options.responseFormat && body.ignore_eos === true)
@@ -548,6 +553,8 @@ export class InferenceServer {
       const format = body.response_format?.type ?? 'text'
       if (format !== 'text')
         throw invalidRequest(`Expected response_format text or null with tool_choice ${JSON.stringify(choice)} (a forced call has its own JSON) but received ${format}`, 'response_format', 'invalid_value')
+      if (body.structured_outputs)
+        throw invalidRequest(`Expected no structured_outputs with tool_choice ${JSON.stringify(choice)} (a forced call has its own JSON)`, 'structured_outputs', 'invalid_value')
       const tools = (body.tools ?? []).map((t) => t.function)
       let schema: Record<string, unknown>
       try {
@@ -1003,6 +1010,40 @@ function responseFormatOption(format: ResponseFormatBody | null | undefined): Pi
   const { schema, strict } = format.json_schema
   if (schema === undefined || schema === null) return { responseFormat: { type: 'json_object' } }
   return { responseFormat: { type: 'json_schema', schema, ...(typeof strict === 'boolean' && { strict }) } }
+}
+
+/**
+ * The library's responseFormat of vLLM's structured_outputs: exactly one of its fields, and not
+ * beside a JSON response_format (a forced tool call refuses response_format on its own).
+ */
+function structuredOutputsOption(body: CompletionBody | ChatCompletionBody): Pick<GenerateOptions, 'responseFormat'> {
+  const so = body.structured_outputs
+  if (!so) return {}
+  const given = (Object.keys(so) as (keyof StructuredOutputsBody)[]).filter((k) => so[k] !== null && so[k] !== undefined && !(k === 'json_object' && so[k] === false))
+  if (given.length !== 1)
+    throw invalidRequest(
+      `Expected exactly one of json, regex, choice, grammar or json_object: true in structured_outputs but received ${given.length ? given.join(', ') : 'none'}`,
+      'structured_outputs',
+      'invalid_value',
+    )
+  if ((body.response_format?.type ?? 'text') !== 'text')
+    throw invalidRequest(`Expected response_format text or null with structured_outputs but received ${body.response_format!.type}`, 'response_format', 'invalid_value')
+  const key = given[0]!
+  if (key === 'regex') return { responseFormat: { type: 'regex', pattern: so.regex! } }
+  if (key === 'choice') return { responseFormat: { type: 'choice', choices: so.choice! } }
+  if (key === 'grammar') return { responseFormat: { type: 'grammar', grammar: so.grammar! } }
+  if (key === 'json_object') return { responseFormat: { type: 'json_object' } }
+  let schema = so.json!
+  if (typeof schema === 'string') {
+    try {
+      schema = JSON.parse(schema) as Record<string, unknown> | boolean
+    } catch (err) {
+      throw invalidRequest(`Expected a JSON schema (an object, or its JSON text) for structured_outputs.json but received text that is not JSON: ${(err as Error).message}`, 'structured_outputs', 'invalid_value')
+    }
+    if (typeof schema !== 'boolean' && (typeof schema !== 'object' || schema === null || Array.isArray(schema)))
+      throw invalidRequest('Expected a JSON schema (an object, or its JSON text) for structured_outputs.json', 'structured_outputs', 'invalid_value')
+  }
+  return { responseFormat: { type: 'json_schema', schema } }
 }
 
 /**

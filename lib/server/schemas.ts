@@ -60,6 +60,20 @@ const sampling = {
     additionalProperties: { type: 'number', minimum: -100, maximum: 100, description: 'number between -100 and 100' },
     description: `object of at most ${MAX_LOGIT_BIAS} token ids to biases between -100 and 100, or null`,
   },
+  // vLLM's structured outputs: one of a JSON schema (an object, or its JSON text), a regular
+  // expression, a choice of strings, an EBNF grammar (xgrammar's syntax) or JSON mode.
+  structured_outputs: {
+    type: nullable('object'),
+    additionalProperties: false,
+    properties: {
+      json: { type: ['object', 'boolean', 'string', 'null'] },
+      regex: { type: nullable('string'), minLength: 1 },
+      choice: { type: nullable('array'), items: { type: 'string', minLength: 1 }, minItems: 1 },
+      grammar: { type: nullable('string'), minLength: 1 },
+      json_object: { type: nullable('boolean') },
+    },
+    description: 'object with one of json (a JSON schema), regex, choice (non-empty strings), grammar (EBNF) or json_object: true, or null',
+  },
   // Structured output, as OpenAI's chat API and vLLM's two endpoints take it (README, "Structured
   // output"); the handler builds the schema's grammar and refuses one it cannot.
   response_format: {
@@ -287,6 +301,15 @@ export interface SamplingBody {
   repetition_penalty?: number | null
   logit_bias?: Record<string, number> | null
   response_format?: ResponseFormatBody | null
+  structured_outputs?: StructuredOutputsBody | null
+}
+
+export interface StructuredOutputsBody {
+  json?: Record<string, unknown> | boolean | string | null
+  regex?: string | null
+  choice?: string[] | null
+  grammar?: string | null
+  json_object?: boolean | null
 }
 
 export type ResponseFormatBody =

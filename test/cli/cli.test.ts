@@ -80,7 +80,13 @@ describe('detinfer CLI', () => {
       expectNoStackTrace(bad.stderr)
       const both = detinfer(['generate', 'x', '--device', 'cpu', '--json-schema', file, '--json-object'])
       expect(both.code).not.toBe(0)
-      expect(both.stderr).toContain('give --json-object or --json-schema, not both')
+      expect(both.stderr).toContain('give one of --json-object, --json-schema, --regex, --choice and --grammar, not --json-object and --json-schema')
+      const choice = detinfer(['generate', 'To be or not', '-n', '20', '--device', 'cpu', '--choice', 'to be', '--choice', 'not to be', '--no-stream'])
+      expect(choice.code, choice.stderr).toBe(0)
+      expect(['to be\n', 'not to be\n']).toContain(choice.stdout)
+      const regex = detinfer(['generate', 'To be or not', '-n', '20', '--device', 'cpu', '--regex', '[0-9]{3}-[a-z]{2}', '--no-stream'])
+      expect(regex.code, regex.stderr).toBe(0)
+      expect(regex.stdout).toMatch(/^[0-9]{3}-[a-z]{2}\n$/)
     } finally {
       rmSync(dir, { recursive: true, force: true })
     }

@@ -602,6 +602,36 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     expect(lib.text.startsWith('{')).toBe(true)
   })
 
+  it("structured_outputs (vLLM's): a choice, a regex, an EBNF grammar and a JSON schema, each the library's answer; bad ones refused", async () => {
+    const chatUrl = () => `${server.url}/v1/chat/completions`
+    const messages = [{ role: 'user' as const, content: QUESTIONS[1]! }]
+    const ids = model.tokenize(messages, { chatTemplateVariables: {} })
+    const cases = [
+      [{ choice: ['Montague', 'Capulet'] }, { type: 'choice', choices: ['Montague', 'Capulet'] }],
+      [{ regex: '[A-Z][a-z]{2,8}, [0-9]{1,3}' }, { type: 'regex', pattern: '[A-Z][a-z]{2,8}, [0-9]{1,3}' }],
+      [{ grammar: 'root ::= "(" [0-9]+ ("+" [0-9]+)* ")"' }, { type: 'grammar', grammar: 'root ::= "(" [0-9]+ ("+" [0-9]+)* ")"' }],
+      [{ json: JSON.stringify({ type: 'object', properties: { ok: { type: 'boolean' } }, required: ['ok'], additionalProperties: false }) }, { type: 'json_schema', schema: { type: 'object', properties: { ok: { type: 'boolean' } }, required: ['ok'], additionalProperties: false } }],
+    ] as const
+    for (const [structured, format] of cases) {
+      const r = await client.chat.completions.create({ model: 'default', messages, max_tokens: 24, temperature: 0, structured_outputs: structured } as never)
+      const lib = await model.generate(ids, { maxTokens: 24, responseFormat: format as never })
+      expect((r as { choices: { message: { content: string } }[] }).choices[0]!.message.content, JSON.stringify(structured)).toBe(lib.text)
+    }
+    const choice = await client.chat.completions.create({ model: 'default', messages, max_tokens: 24, temperature: 0, structured_outputs: cases[0][0] } as never)
+    expect(['Montague', 'Capulet']).toContain((choice as { choices: { message: { content: string } }[] }).choices[0]!.message.content)
+    const two = await post(chatUrl(), { model: 'default', messages, max_tokens: 2, structured_outputs: { regex: 'a+', choice: ['a'] } })
+    expect(two.status).toBe(400)
+    expectErrorBody(two.json, two.status, 'invalid_value', 'structured_outputs')
+    expect(two.json.error.message).toBe('Expected exactly one of json, regex, choice, grammar or json_object: true in structured_outputs but received regex, choice')
+    const bad = await post(chatUrl(), { model: 'default', messages, max_tokens: 2, stream: true, structured_outputs: { regex: '[a-' } })
+    expect(bad.status).toBe(400)
+    expectErrorBody(bad.json, bad.status, 'invalid_value', 'structured_outputs')
+    expect(bad.json.error.message).toMatch(/^The regular expression cannot be used: /)
+    const both = await post(chatUrl(), { model: 'default', messages, max_tokens: 2, response_format: { type: 'json_object' }, structured_outputs: { choice: ['a'] } })
+    expect(both.status).toBe(400)
+    expectErrorBody(both.json, both.status, 'invalid_value', 'response_format')
+  })
+
   it('exports Prometheus metrics', async () => {
     const text = await (await fetch(`${server.url}/metrics`)).text()
     for (const name of [

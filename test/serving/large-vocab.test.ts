@@ -70,11 +70,12 @@ const ANSWER = {
   additionalProperties: false,
 }
 
-/** Structured requests: a schema the model must complete (greedy and sampled), and JSON mode with a penalty. */
+/** Structured requests: a schema the model must complete (greedy and sampled), JSON mode with a penalty, and a choice. */
 const FORMATS: GenerateOptions[] = [
   { maxTokens: 40, responseFormat: { type: 'json_schema', schema: ANSWER } },
   { maxTokens: 40, temperature: 1, seed: 5, topLogprobs: 2, responseFormat: { type: 'json_schema', schema: ANSWER } },
   { maxTokens: 10, temperature: 0.8, seed: 9, frequencyPenalty: 0.5, responseFormat: { type: 'json_object' } },
+  { maxTokens: 20, temperature: 1, seed: 3, responseFormat: { type: 'choice', choices: ['alpha', 'beta gamma', 'δ'] } },
 ]
 
 /** Replays `tokens` through a fresh constraint of the format: each must be one its mask allowed. */
@@ -158,6 +159,9 @@ function suite(device: DeviceName) {
             expect(Object.keys(value)).toEqual(['answer', 'sure'])
             expect(['yes', 'no', 'maybe']).toContain(value.answer)
             expect(typeof value.sure).toBe('boolean')
+          } else if (options.responseFormat!.type === 'choice') {
+            expect(r.finishReason).toBe('stop')
+            expect(['alpha', 'beta gamma', 'δ']).toContain(r.text)
           } else {
             expect(r.text.startsWith('{')).toBe(true)
           }
