@@ -45,10 +45,11 @@ export interface TextStreamDecoder {
 export const DEFAULT_MAX_TOKENS = 128
 
 /**
- * What the completion's text must be, as OpenAI's response_format: free text, a JSON object
- * (`json_object`), or JSON that a JSON Schema accepts. The model can only choose tokens that keep
- * the text a prefix of such JSON (a grammar masks the others before each choice), and ends it
- * with EOS once the JSON is complete; a completion cut by maxTokens or a stop string is a prefix.
+ * What the completion's text must be, as OpenAI's response_format and vLLM's structured_outputs:
+ * free text, a JSON object (`json_object`), JSON that a JSON Schema accepts, or text of a regex, a
+ * choice of strings or an EBNF grammar. The model can only choose tokens that keep the text a
+ * prefix of such text (a grammar masks the others before each choice), and ends it with EOS once
+ * it is complete; a completion cut by maxTokens or a stop string is a prefix.
  */
 export type ResponseFormat =
   | { type: 'text' }
@@ -110,8 +111,8 @@ export interface GenerateOptions {
   logitBias?: Record<number, number> | Map<number, number>
   /**
    * The completion as a JSON object (`{ type: 'json_object' }`), as JSON a JSON Schema accepts
-   * (`{ type: 'json_schema', schema }`), or free text (`{ type: 'text' }`, the default). README,
-   * "Structured output".
+   * (`{ type: 'json_schema', schema }`), as text of a regex, a choice or an EBNF grammar, or free
+   * text (`{ type: 'text' }`, the default). README, "Structured output".
    */
   responseFormat?: ResponseFormat
   /** Generation ends when the text contains one of these; the text is cut before it. */
@@ -278,7 +279,7 @@ export function resolveGenerateOptions(
   }
   if (o.ignoreEos !== undefined && typeof o.ignoreEos !== 'boolean') throw invalidArgument('ignoreEos', 'boolean', o.ignoreEos)
   const responseFormat = o.responseFormat === undefined ? null : checkResponseFormat(o.responseFormat)
-  // A grammar allows only EOS once its JSON is complete: going on past EOS has nothing to follow.
+  // A grammar allows only EOS once its text is complete: going on past EOS has nothing to follow.
   if (responseFormat && o.ignoreEos === true) throw invalidArgument('ignoreEos', `false with responseFormat ${responseFormat.type} (a text the grammar completes ends at EOS)`, o.ignoreEos)
   if (o.chat !== undefined && typeof o.chat !== 'boolean') throw invalidArgument('chat', 'boolean', o.chat)
   if (o.continueFinalMessage !== undefined && typeof o.continueFinalMessage !== 'boolean')
@@ -576,7 +577,7 @@ export function runGeneration(
 /**
  * runGeneration, for a format that needs a grammar first: the grammar is built (a bad schema
  * rejects the result with its GrammarError, before anything is submitted), then the generation
- * runs as runGeneration runs it. Cancelling meanwhile cancels it as soon as it is submitted.
+ * runs as runGeneration runs it. An abort or a cancel meanwhile ends it at once.
  */
 export function runConstrainedGeneration(
   scheduler: Scheduler,
