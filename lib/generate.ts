@@ -61,6 +61,11 @@ export type ResponseFormat =
   | { type: 'choice'; choices: readonly string[] }
   /** Text of an EBNF grammar in xgrammar's syntax, from its rule `root` (vLLM's structured_outputs.grammar). */
   | { type: 'grammar'; grammar: string }
+  /**
+   * Text of an xgrammar structural tag's `format` (vLLM's structured_outputs.structural_tag): free
+   * text with tags whose contents are held to JSON schemas once a trigger appears, say.
+   */
+  | { type: 'structural_tag'; format: { readonly [key: string]: unknown } }
 
 /** A JSON Schema: an object (or true / false), as JSON.parse gives it. */
 export type JsonSchema = boolean | { readonly [key: string]: unknown }
@@ -359,7 +364,7 @@ function resolveLogitProcessors(o: Record<string, unknown>, vocabSize: number): 
 }
 
 const RESPONSE_FORMATS =
-  "{ type: 'text' }, { type: 'json_object' }, { type: 'json_schema', schema, strict? }, { type: 'regex', pattern }, { type: 'choice', choices } or { type: 'grammar', grammar }"
+  "{ type: 'text' }, { type: 'json_object' }, { type: 'json_schema', schema, strict? }, { type: 'regex', pattern }, { type: 'choice', choices }, { type: 'grammar', grammar } or { type: 'structural_tag', format }"
 
 function isPlainObject(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value) && [Object.prototype, null].includes(Object.getPrototypeOf(value))
@@ -368,10 +373,10 @@ function isPlainObject(value: unknown): value is Record<string, unknown> {
 // The format's shape; the schema itself is checked when its grammar is built (ConstraintSource).
 function checkResponseFormat(value: unknown): Exclude<ResponseFormat, { type: 'text' }> | null {
   if (!isPlainObject(value)) throw invalidArgument('responseFormat', RESPONSE_FORMATS, value)
-  const keys = { text: ['type'], json_object: ['type'], json_schema: ['type', 'schema', 'strict'], regex: ['type', 'pattern'], choice: ['type', 'choices'], grammar: ['type', 'grammar'] }[
+  const keys = { text: ['type'], json_object: ['type'], json_schema: ['type', 'schema', 'strict'], regex: ['type', 'pattern'], choice: ['type', 'choices'], grammar: ['type', 'grammar'], structural_tag: ['type', 'format'] }[
     value.type as string
   ]
-  if (!keys) throw invalidArgument('responseFormat.type', "'text', 'json_object', 'json_schema', 'regex', 'choice' or 'grammar'", value.type)
+  if (!keys) throw invalidArgument('responseFormat.type', "'text', 'json_object', 'json_schema', 'regex', 'choice', 'grammar' or 'structural_tag'", value.type)
   const extra = Object.keys(value).find((k) => !keys.includes(k))
   if (extra !== undefined)
     throw new TypeError(`Expected only ${keys.map((k) => `'${k}'`).join(', ')} in a responseFormat of type '${value.type as string}' but received the key ${JSON.stringify(extra)}`)
@@ -384,6 +389,10 @@ function checkResponseFormat(value: unknown): Exclude<ResponseFormat, { type: 't
   }
   if (value.type === 'regex') return { type: 'regex', pattern: nonEmpty('responseFormat.pattern', value.pattern) }
   if (value.type === 'grammar') return { type: 'grammar', grammar: nonEmpty('responseFormat.grammar', value.grammar) }
+  if (value.type === 'structural_tag') {
+    if (!isPlainObject(value.format)) throw invalidArgument('responseFormat.format', "object (an xgrammar structural tag's format)", value.format)
+    return { type: 'structural_tag', format: value.format }
+  }
   if (value.type === 'choice') {
     if (!Array.isArray(value.choices) || value.choices.length === 0) throw invalidArgument('responseFormat.choices', 'non-empty array of non-empty strings', value.choices)
     // Every index, holes included.

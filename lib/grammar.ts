@@ -55,6 +55,8 @@ export type ResponseFormat =
   | { type: 'choice'; choices: readonly string[] }
   /** Text of an EBNF grammar in xgrammar's syntax, from its rule `root` (vLLM's structured_outputs.grammar). */
   | { type: 'grammar'; grammar: string }
+  /** Text of an xgrammar structural tag's format (vLLM's structured_outputs.structural_tag): tags, triggers, JSON inside. */
+  | { type: 'structural_tag'; format: Record<string, unknown> }
 
 export interface TokenConstraint {
   /** The tokens allowed next: i32 words, bit v & 31 of word v >> 5 set for token v (vocabSize bits; ids the vocabulary lacks clear); rejects when no token is. */
@@ -200,9 +202,9 @@ function grammarSpec(format: unknown): GrammarSpec | null {
   const type = (format as Record<string, unknown>)['type']
   if (type === 'text') return null
   if (type === 'json_object') return { kind: 'json_schema', text: JSON_OBJECT_SCHEMA, fromRequest: false, what: 'The JSON schema' }
-  if (type === 'regex' || type === 'choice' || type === 'grammar') return structuralSpec(type, format as Record<string, unknown>)
+  if (type === 'regex' || type === 'choice' || type === 'grammar' || type === 'structural_tag') return structuralSpec(type, format as Record<string, unknown>)
   if (type !== 'json_schema')
-    throw new GrammarError(`Expected 'text', 'json_object', 'json_schema', 'regex', 'choice' or 'grammar' for response_format.type but received ${describeValue(type)}`)
+    throw new GrammarError(`Expected 'text', 'json_object', 'json_schema', 'regex', 'choice', 'grammar' or 'structural_tag' for response_format.type but received ${describeValue(type)}`)
   const schema = (format as Record<string, unknown>)['schema']
   if (typeof schema !== 'boolean' && (typeof schema !== 'object' || schema === null || Array.isArray(schema)))
     throw new GrammarError(`Expected a JSON Schema (an object, or true) for response_format.schema but received ${describeValue(schema)}`)
@@ -218,8 +220,8 @@ function grammarSpec(format: unknown): GrammarSpec | null {
   return { kind: 'json_schema', text, fromRequest: true, what: 'The JSON schema' }
 }
 
-/** A regex, a choice or a grammar, as the structural tag xgrammar compiles it. */
-function structuralSpec(type: 'regex' | 'choice' | 'grammar', format: Record<string, unknown>): GrammarSpec {
+/** A regex, a choice, a grammar or a structural tag's format, as the structural tag xgrammar compiles. */
+function structuralSpec(type: 'regex' | 'choice' | 'grammar' | 'structural_tag', format: Record<string, unknown>): GrammarSpec {
   const text = (name: string, value: unknown): string => {
     if (typeof value !== 'string' || value === '' || value.length > MAX_GRAMMAR_CHARS)
       throw new GrammarError(`Expected a non-empty string of at most ${MAX_GRAMMAR_CHARS} characters for ${name} but received ${describeValue(value)}`)
@@ -233,6 +235,11 @@ function structuralSpec(type: 'regex' | 'choice' | 'grammar', format: Record<str
   } else if (type === 'grammar') {
     tag = { type: 'grammar', grammar: text('response_format.grammar', format['grammar']) }
     what = 'The grammar'
+  } else if (type === 'structural_tag') {
+    tag = format['format']
+    if (typeof tag !== 'object' || tag === null || Array.isArray(tag))
+      throw new GrammarError(`Expected an object (a structural tag's format) for response_format.format but received ${describeValue(tag)}`)
+    what = 'The structural tag'
   } else {
     const choices = format['choices']
     if (!Array.isArray(choices) || choices.length === 0 || choices.length > MAX_CHOICES)

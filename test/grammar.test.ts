@@ -11,6 +11,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest
 import { DisposedError } from '../lib/errors.js'
 import { abortReason, GrammarEngine, GrammarError, unsupportedKeyword, type TokenConstraint } from '../lib/grammar.js'
 import { Tokenizer } from '../lib/tokenizer.js'
+import { strictHermesCallsFormat } from '../lib/server/tool-calls.js'
 import { buildDist } from './helpers/server.js'
 
 const repoRoot = join(import.meta.dirname, '..')
@@ -270,6 +271,24 @@ describe('regular expressions, choices and EBNF grammars (structural tags)', () 
     }
   })
 
+  it("a structural tag: free text, and calls in Hermes' format held to their tool's parameters (what strict tools get)", async () => {
+    const engine = engineFor(t)
+    const city = { type: 'object', properties: { city: { enum: ['Paris', 'Rome'] } }, required: ['city'], additionalProperties: false }
+    const format = strictHermesCallsFormat([{ name: 'get_weather', parameters: city, strict: true }, { name: 'ping' }])
+    const good = 'Let me see.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call> Done.'
+    const c = (await engine.constrain({ type: 'structural_tag', format }))!
+    await drive(c, idsOf(t, good), show)
+    for (const eos of t.eosTokenIds) expect(allows(await c.mask(), eos)).toBe(true)
+    c.dispose()
+    const d = (await engine.constrain({ type: 'structural_tag', format }))!
+    const prefix = 'Hm.<tool_call>\n{"name": "get_weather", "arguments": {"city": "'
+    await drive(d, idsOf(t, prefix), show)
+    const next = await d.mask()
+    expect(allows(next, idsOf(t, 'Oslo')[0]!)).toBe(false)
+    expect(allowedIds(next).map(show).every((piece) => 'Paris'.startsWith(piece) || 'Rome'.startsWith(piece))).toBe(true)
+    d.dispose()
+  })
+
   it('refuses a regex or a grammar xgrammar cannot read, naming why and printing nothing; an empty choice list by its shape', async () => {
     const engine = engineFor(t)
     const err = vi.spyOn(process.stderr, 'write')
@@ -328,7 +347,7 @@ describe('schemas that cannot be used', () => {
     cyclic['self'] = cyclic
     const cases: [unknown, RegExp][] = [
       [null, /Expected an object .* for response_format but received null/],
-      [{ type: 'xml' }, /Expected 'text', 'json_object', 'json_schema', 'regex', 'choice' or 'grammar' for response_format.type but received "xml" of type string/],
+      [{ type: 'xml' }, /Expected 'text', 'json_object', 'json_schema', 'regex', 'choice', 'grammar' or 'structural_tag' for response_format.type but received "xml" of type string/],
       [{ type: 'json_schema', schema: [1, 2] }, /Expected a JSON Schema \(an object, or true\) for response_format.schema but received \[1,2\] of type array/],
       [{ type: 'json_schema', schema: 'x' }, /for response_format.schema but received "x" of type string/],
       [{ type: 'json_schema' }, /for response_format.schema but received undefined/],

@@ -45,7 +45,7 @@ import {
   type TokenizeBody,
   type ToolBody,
 } from './schemas.js'
-import { forcedToolCallSchema, parseToolCalls, toolCallId, withIds, ToolCallStream, type ForcedToolChoice, type ToolCall, type ToolCallParser, type ToolCallReader } from './tool-calls.js'
+import { forcedToolCallSchema, parseToolCalls, strictHermesCallsFormat, toolCallId, withIds, ToolCallStream, type ForcedToolChoice, type ToolCall, type ToolCallParser, type ToolCallReader } from './tool-calls.js'
 import type { SamplingDefaults } from './generation-config.js'
 
 /** Seeds of the sampling noise are 32-bit: a request's seed is taken modulo 2^32. */
@@ -418,7 +418,7 @@ export class InferenceServer {
       if (draft.options.responseFormat)
         await loaded.model.checkResponseFormat(draft.options.responseFormat).catch((err: unknown) => {
           if (!(err instanceof GrammarError)) throw err
-          if (draft.toolCalls?.format) throw invalidRequest(`The tools' parameters cannot hold a forced call: ${err.message}`, 'tools', 'invalid_value')
+          if (draft.toolCalls?.format) throw invalidRequest(`The tools' parameters cannot hold a call: ${err.message}`, 'tools', 'invalid_value')
           if (body.structured_outputs) throw invalidRequest(err.message, 'structured_outputs', 'invalid_value')
           throw err
         })
@@ -565,6 +565,14 @@ export class InferenceServer {
       return { parser: forced, limit: Infinity, format: { type: 'json_schema', schema } }
     }
     if (!body.tools?.length || choice === 'none') return null
+    const strict = body.tools.findIndex((t) => t.function.strict === true)
+    if (strict >= 0 && this.options.toolCallParser !== 'hermes')
+      throw invalidRequest(
+        `Expected strict false or null for tools[${strict}].function.strict: strict calls the model chooses to make are held to their schema with --tool-call-parser hermes only ` +
+          `(this server: ${this.options.toolCallParser ?? 'none'}); tool_choice "required" or a named function holds any call to it`,
+        `tools[${strict}].function.strict`,
+        'invalid_value',
+      )
     if (!this.options.toolCallParser)
       throw invalidRequest(
         'Tool calling is off on this server: start it with --tool-call-parser (hermes or llama3_json) to have tool calls read from the answers ' +
@@ -573,7 +581,13 @@ export class InferenceServer {
         'unsupported_parameter',
       )
     // parallel_tool_calls: false keeps the first call; the model itself is not held to one.
-    return { parser: this.options.toolCallParser, limit: body.parallel_tool_calls === false ? 1 : Infinity }
+    const limit = body.parallel_tool_calls === false ? 1 : Infinity
+    if (strict < 0) return { parser: this.options.toolCallParser, limit }
+    // A strict tool: the calls the model writes are held to the tools' parameters.
+    if ((body.response_format?.type ?? 'text') !== 'text' || body.structured_outputs)
+      throw invalidRequest(`Expected no JSON response_format or structured_outputs with strict tools (their calls have their own grammar)`, body.structured_outputs ? 'structured_outputs' : 'response_format', 'invalid_value')
+    const format = strictHermesCallsFormat(body.tools.map((t) => t.function))
+    return { parser: this.options.toolCallParser, limit, format: { type: 'structural_tag', format } }
   }
 
   /** The draft's prompts as token ids; texts are encoded in the tokenizer's worker thread, in turn with other requests'. */

@@ -209,7 +209,7 @@ const tool = {
         description: { type: nullable('string'), description: 'string or null' },
         parameters: { type: nullable('object'), description: 'JSON Schema object or null' },
         // Adherence to the schema would need constrained decoding.
-        strict: { enum: [false, null], description: 'false or null (the arguments of calls the model chooses to make are not held to the schema; tool_choice "required" or a named function holds them to it)' },
+        strict: { type: nullable('boolean'), description: 'boolean or null' },
       },
     },
   },
@@ -324,7 +324,7 @@ export interface CompletionBody extends SamplingBody {
 
 export interface ToolBody {
   type: 'function'
-  function: { name: string; description?: string | null; parameters?: Record<string, unknown> | null; strict?: false | null }
+  function: { name: string; description?: string | null; parameters?: Record<string, unknown> | null; strict?: boolean | null }
 }
 
 export interface TokenizeBody {

@@ -101,6 +101,26 @@ function definitionsOf(tools: readonly ToolDefinition[]): Record<string, unknown
   return found
 }
 
+/**
+ * The structural tag (xgrammar's) that holds the hermes calls of an answer to the tools'
+ * parameters when a tool is marked `strict` (tool_choice "auto"): text is free, and from each
+ * <tool_call> on, the call must be `<tool_call>\n{"name": <a tool>, "arguments": <object>}\n</tool_call>`
+ * (Qwen's and Hermes' format) with arguments the tool's parameters accept (any object for a tool
+ * not marked strict); after the closing tag, text is free again.
+ */
+export function strictHermesCallsFormat(tools: readonly (ToolDefinition & { strict?: boolean | null })[]): Record<string, unknown> {
+  return {
+    type: 'triggered_tags',
+    triggers: [START],
+    tags: tools.map((t) => ({
+      type: 'tag',
+      begin: `${START}\n{"name": ${JSON.stringify(t.name)}, "arguments": `,
+      content: { type: 'json_schema', json_schema: t.strict === true ? parametersOf(t) : { type: 'object' } },
+      end: `}\n${END}`,
+    })),
+  }
+}
+
 /** The calls of a forced answer, or null when it is not the JSON its grammar allows (cut short): then it is content. */
 export function parseForcedToolCalls(choice: ForcedToolChoice, text: string): ParsedToolCalls | null {
   const value = readJson(text)

@@ -519,7 +519,7 @@ describe('tool calls (--tool-call-parser hermes, in-process, the openai client)'
     [{ tool_choice: 'required', tools: [] }, 'tools', 'Expected tools (at least one) with tool_choice "required" but received none', 'invalid_value'],
     [{ tool_choice: { type: 'function', function: { name: 'get_news' } } }, 'tool_choice', `Expected the name of one of the request's tools for tool_choice.function.name but received "get_news"`, 'invalid_value'],
     [{ tool_choice: { type: 'function', function: { name: 'get_weather' } }, response_format: { type: 'json_object' } }, 'response_format', 'Expected response_format text or null with tool_choice {"type":"function","function":{"name":"get_weather"}} (a forced call has its own JSON) but received json_object', 'invalid_value'],
-    [{ tool_choice: 'required' }, 'tools', "The tools' parameters cannot hold a forced call: This model cannot constrain a completion to responseFormat json_schema: it was built without grammars (ModelParts.grammars)", 'invalid_value'],
+    [{ tool_choice: 'required' }, 'tools', "The tools' parameters cannot hold a call: This model cannot constrain a completion to responseFormat json_schema: it was built without grammars (ModelParts.grammars)", 'invalid_value'],
     [
       {
         tool_choice: 'required',
@@ -532,7 +532,7 @@ describe('tool calls (--tool-call-parser hermes, in-process, the openai client)'
     [{ tool_choice: 'sometimes' }, 'tool_choice', `Expected 'none', 'auto', 'required', a named function {type: 'function', function: {name}} or null for tool_choice but received "sometimes" of type string`, 'invalid_value'],
     [{ chat_template_kwargs: { tools: [] } }, 'chat_template_kwargs.tools', "Unsupported request argument supplied: chat_template_kwargs.tools (the request's tools set it)", 'unsupported_parameter'],
     [{ tools: [{ type: 'function', function: { name: 'get weather' } }] }, 'tools[0].function.name', 'Expected name of 1 to 64 letters, digits, underscores and dashes for tools[0].function.name but received "get weather" of type string', 'invalid_value'],
-    [{ tools: [{ type: 'function', function: { name: 'f', strict: true } }] }, 'tools[0].function.strict', 'Expected false or null (the arguments of calls the model chooses to make are not held to the schema; tool_choice "required" or a named function holds them to it) for tools[0].function.strict but received true of type boolean', 'invalid_value'],
+    [{ tools: [{ type: 'function', function: { name: 'f', strict: true } }], response_format: { type: 'json_object' } }, 'response_format', 'Expected no JSON response_format or structured_outputs with strict tools (their calls have their own grammar)', 'invalid_value'],
     [{ tools: [{ type: 'retrieval', function: { name: 'f' } }] }, 'tools[0].type', `Expected 'function' for tools[0].type but received "retrieval" of type string`, 'invalid_value'],
     [{ messages: [{ role: 'user', content: 'x', tool_calls: [] }] }, 'messages[0].tool_calls', 'Unsupported request argument supplied: messages[0].tool_calls (only assistant messages carry tool calls)', 'unsupported_parameter'],
     [
@@ -578,6 +578,15 @@ describe('tool calls (--tool-call-parser llama3_json, in-process, the openai cli
       expect(prose.choices[0]!.message.content).toBe('It is sunny in Paris.')
       expect(prose.choices[0]!.message.tool_calls ?? []).toEqual([])
       expect(prose.choices[0]!.finish_reason).toBe('stop')
+      // Strict tools are held to their schema with the hermes parser only.
+      const strict = await server.app.inject({
+        method: 'POST',
+        url: '/v1/chat/completions',
+        payload: { ...body, tools: [TOOLS[0], { type: 'function', function: { name: 'get_time', parameters: { type: 'object', properties: {} }, strict: true } }] },
+      })
+      expect(strict.statusCode).toBe(400)
+      expect(strict.json().error.param).toBe('tools[1].function.strict')
+      expect(strict.json().error.message).toContain('with --tool-call-parser hermes only (this server: llama3_json)')
     } finally {
       await server.app.close()
       await model.dispose()

@@ -17,6 +17,7 @@ import { defaultModelPath, loadModel, type Model } from '../../lib/api.js'
 import { ENCODE_TIMEOUT_MS } from '../../lib/encode-worker.js'
 import { buildDist, DEVICE, metric, post, startServer, type RunningServer } from '../helpers/server.js'
 import { BACKTRACKING_NORMALIZER, THINKING_TEMPLATE } from '../helpers/templates.js'
+import { strictHermesCallsFormat } from '../../lib/server/tool-calls.js'
 
 const SYSTEM = 'You are a lighthouse keeper who answers in one short sentence about the sea and the light.'
 const QUESTIONS = ['What do you see tonight?', 'Is the storm coming?', 'Who was the last ship?', 'Why do you count the steps?']
@@ -927,6 +928,15 @@ describe('detinfer serve --tool-call-parser hermes (openai client, a chat templa
     expect(required.choices[0]!.finish_reason).toBe('tool_calls')
     const requiredStream = await client.chat.completions.stream({ ...base, tool_choice: 'required', parallel_tool_calls: false, stream: true }).finalChatCompletion()
     expect(requiredStream.choices[0]!.message.tool_calls).toEqual(required.choices[0]!.message.tool_calls)
+
+    // strict: true with tool_choice auto: the answer runs under the structural tag that holds
+    // Hermes calls to the tools' parameters, as the library runs it.
+    const strictTools = forcedTools.map((t) => ({ ...t, function: { ...t.function, strict: true } }))
+    const strictAnswer = await client.chat.completions.create({ model: 'tooly', messages, tools: strictTools, max_tokens: 24, temperature: 0 })
+    const strictIds = model.tokenize(messages, { chatTemplateVariables: { tools: strictTools } })
+    const format = strictHermesCallsFormat(strictTools.map((t) => t.function))
+    const strictLib = await model.generate(strictIds, { maxTokens: 24, responseFormat: { type: 'structural_tag', format } })
+    expect(strictAnswer.choices[0]!.message.content).toBe(strictLib.text)
 
     // A name that is not a tool, "required" without tools, and a response_format beside a forced call are refused.
     await expect(client.chat.completions.create({ ...base, tool_choice: { type: 'function', function: { name: 'nope' } } })).rejects.toMatchObject({ status: 400, param: 'tool_choice' })

@@ -37,9 +37,9 @@ describe('Model argument validation', () => {
     [{ chat: 'yes' }, 'Expected boolean for chat but received "yes" of type string'],
     [
       { responseFormat: 'json' },
-      `Expected { type: 'text' }, { type: 'json_object' }, { type: 'json_schema', schema, strict? }, { type: 'regex', pattern }, { type: 'choice', choices } or { type: 'grammar', grammar } for responseFormat but received "json" of type string`,
+      `Expected { type: 'text' }, { type: 'json_object' }, { type: 'json_schema', schema, strict? }, { type: 'regex', pattern }, { type: 'choice', choices }, { type: 'grammar', grammar } or { type: 'structural_tag', format } for responseFormat but received "json" of type string`,
     ],
-    [{ responseFormat: { type: 'xml' } }, `Expected 'text', 'json_object', 'json_schema', 'regex', 'choice' or 'grammar' for responseFormat.type but received "xml" of type string`],
+    [{ responseFormat: { type: 'xml' } }, `Expected 'text', 'json_object', 'json_schema', 'regex', 'choice', 'grammar' or 'structural_tag' for responseFormat.type but received "xml" of type string`],
     [{ responseFormat: { type: 'regex', pattern: '' } }, 'Expected non-empty string for responseFormat.pattern but received "" of type string'],
     [{ responseFormat: { type: 'choice', choices: [] } }, 'Expected non-empty array of non-empty strings for responseFormat.choices but received [] of type array'],
     [{ responseFormat: { type: 'choice', choices: ['a', 3] } }, 'Expected non-empty string for responseFormat.choices[1] but received 3 of type number'],
