@@ -358,6 +358,9 @@ void memory_info(size_t* free_bytes, size_t* total_bytes) {
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
   CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
+  // Memory that captures allocated (graph memory nodes) stays reserved for graphs after their
+  // executables are destroyed, until it is trimmed.
+  CUDA_CHECK(cudaDeviceGraphMemTrim(device));
   CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
 }
 
