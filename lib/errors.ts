@@ -124,12 +124,11 @@ function preview(value: unknown, budget: number): string {
     if (parts.length < value.length) parts.push('...')
     return `[${parts.join(',')}]`
   }
-  const proto = Object.getPrototypeOf(value)
-  if (proto !== Object.prototype && proto !== null) return Object.prototype.toString.call(value)
-  const keys = Object.keys(value as object)
+  if (!isPlainObject(value)) return Object.prototype.toString.call(value)
+  const keys = Object.keys(value)
   for (const key of keys) {
     if (used >= budget) break
-    add(`${JSON.stringify(key)}:${preview((value as Record<string, unknown>)[key], budget - used)}`)
+    add(`${JSON.stringify(key)}:${preview(value[key], budget - used)}`)
   }
   if (parts.length < keys.length) parts.push('...')
   return `{${parts.join(',')}}`
@@ -144,6 +143,17 @@ export function contextText(context: number, maxPositionEmbeddings: number): str
   return context < maxPositionEmbeddings
     ? `${base} (the positions its KV cache holds as loaded; max_position_embeddings is ${maxPositionEmbeddings})`
     : base
+}
+
+/**
+ * An object as a literal or JSON.parse makes it: not null, not an array, and of Object.prototype
+ * (or of none). Class instances, Maps and boxed numbers are not; for parsed JSON this is simply
+ * "a JSON object".
+ */
+export function isPlainObject(value: unknown): value is Record<string, unknown> {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) return false
+  const proto = Object.getPrototypeOf(value)
+  return proto === Object.prototype || proto === null
 }
 
 /** Formats a received value the one way every validation message does: `4 of type number`, `[1,2] of type array`. */

@@ -1,6 +1,6 @@
 // Decoding on top of the scheduler: options and their validation, text assembly (incremental
 // detokenization), stop conditions (EOS ids, maxTokens, stop strings) and streaming.
-import { GrammarError, RequestTooLargeError, checkInteger, checkNumber, checkOptionKeys, contextText, invalidArgument } from './errors.js'
+import { GrammarError, RequestTooLargeError, checkInteger, checkNumber, checkOptionKeys, contextText, invalidArgument, isPlainObject } from './errors.js'
 import { MAX_LOGIT_BIAS, type LogitProcessors, type SamplingParams } from './sampling.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
 import type { FinishReason, GenerationOutcome, GenerationRequest, Scheduled, Scheduler, TokenConstraint } from './scheduler.js'
@@ -344,8 +344,7 @@ function resolveLogitProcessors(o: Record<string, unknown>, vocabSize: number): 
   if (o.logitBias !== undefined) {
     const given = o.logitBias
     const isMap = given instanceof Map
-    if (!isMap && (typeof given !== 'object' || given === null || Array.isArray(given) || ![Object.prototype, null].includes(Object.getPrototypeOf(given))))
-      throw invalidArgument('logitBias', 'object or Map of token ids to biases', given)
+    if (!isMap && !isPlainObject(given)) throw invalidArgument('logitBias', 'object or Map of token ids to biases', given)
     const entries: [unknown, unknown][] = isMap ? [...(given as Map<unknown, unknown>)] : Object.entries(given as object)
     if (entries.length > MAX_LOGIT_BIAS)
       throw new RangeError(`Expected at most ${MAX_LOGIT_BIAS} token ids for logitBias but received ${entries.length}`)
@@ -365,10 +364,6 @@ function resolveLogitProcessors(o: Record<string, unknown>, vocabSize: number): 
 
 const RESPONSE_FORMATS =
   "{ type: 'text' }, { type: 'json_object' }, { type: 'json_schema', schema, strict? }, { type: 'regex', pattern }, { type: 'choice', choices }, { type: 'grammar', grammar } or { type: 'structural_tag', format }"
-
-function isPlainObject(value: unknown): value is Record<string, unknown> {
-  return typeof value === 'object' && value !== null && !Array.isArray(value) && [Object.prototype, null].includes(Object.getPrototypeOf(value))
-}
 
 // The format's shape; the schema itself is checked when its grammar is built (ConstraintSource).
 function checkResponseFormat(value: unknown): Exclude<ResponseFormat, { type: 'text' }> | null {
@@ -409,11 +404,10 @@ export const REQUEST_TEMPLATE_VARIABLES = ['messages', 'add_generation_prompt'] 
 
 /** A plain object of template variables, without those of REQUEST_TEMPLATE_VARIABLES. */
 export function checkChatTemplateVariables(value: unknown): ChatTemplateVariables {
-  if (typeof value !== 'object' || value === null || Array.isArray(value) || ![Object.prototype, null].includes(Object.getPrototypeOf(value)))
-    throw invalidArgument('chatTemplateVariables', 'plain object of template variables', value)
+  if (!isPlainObject(value)) throw invalidArgument('chatTemplateVariables', 'plain object of template variables', value)
   for (const key of REQUEST_TEMPLATE_VARIABLES)
     if (Object.hasOwn(value, key))
-      throw invalidArgument(`chatTemplateVariables.${key}`, 'nothing (the messages and the generation prompt are given by the request)', (value as Record<string, unknown>)[key])
+      throw invalidArgument(`chatTemplateVariables.${key}`, 'nothing (the messages and the generation prompt are given by the request)', value[key])
   return value as ChatTemplateVariables
 }
 

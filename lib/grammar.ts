@@ -25,7 +25,7 @@ import { createRequire } from 'node:module'
 import { dirname } from 'node:path'
 import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads'
 import type * as XGrammarModule from '@mlc-ai/web-xgrammar'
-import { DisposedError, GrammarError, describeValue } from './errors.js'
+import { DisposedError, GrammarError, describeValue, isPlainObject } from './errors.js'
 
 export { GrammarError }
 
@@ -197,16 +197,15 @@ const JSON_OBJECT_SCHEMA = '{"type":"object"}'
 /** What to compile for a response_format (null: no constraint); a GrammarError for one that is not of OpenAI's shape. */
 function grammarSpec(format: unknown): GrammarSpec | null {
   const types = "{ type: 'text' | 'json_object' | 'json_schema', ... }"
-  if (typeof format !== 'object' || format === null || Array.isArray(format))
-    throw new GrammarError(`Expected an object ${types} for response_format but received ${describeValue(format)}`)
-  const type = (format as Record<string, unknown>)['type']
+  if (!isPlainObject(format)) throw new GrammarError(`Expected an object ${types} for response_format but received ${describeValue(format)}`)
+  const type = format['type']
   if (type === 'text') return null
   if (type === 'json_object') return { kind: 'json_schema', text: JSON_OBJECT_SCHEMA, fromRequest: false, what: 'The JSON schema' }
-  if (type === 'regex' || type === 'choice' || type === 'grammar' || type === 'structural_tag') return structuralSpec(type, format as Record<string, unknown>)
+  if (type === 'regex' || type === 'choice' || type === 'grammar' || type === 'structural_tag') return structuralSpec(type, format)
   if (type !== 'json_schema')
     throw new GrammarError(`Expected 'text', 'json_object', 'json_schema', 'regex', 'choice', 'grammar' or 'structural_tag' for response_format.type but received ${describeValue(type)}`)
-  const schema = (format as Record<string, unknown>)['schema']
-  if (typeof schema !== 'boolean' && (typeof schema !== 'object' || schema === null || Array.isArray(schema)))
+  const schema = format['schema']
+  if (typeof schema !== 'boolean' && !isPlainObject(schema))
     throw new GrammarError(`Expected a JSON Schema (an object, or true) for response_format.schema but received ${describeValue(schema)}`)
   if (schema === false) throw new GrammarError('The JSON schema is false, which no value matches')
   let text: string
@@ -237,7 +236,7 @@ function structuralSpec(type: 'regex' | 'choice' | 'grammar' | 'structural_tag',
     what = 'The grammar'
   } else if (type === 'structural_tag') {
     tag = format['format']
-    if (typeof tag !== 'object' || tag === null || Array.isArray(tag))
+    if (!isPlainObject(tag))
       throw new GrammarError(`Expected an object (a structural tag's format) for response_format.format but received ${describeValue(tag)}`)
     what = 'The structural tag'
   } else {
@@ -287,7 +286,6 @@ function unsupportedHere(s: Record<string, unknown>): string | null {
   const t = s['type']
   const types = new Set(typeof t === 'string' ? [t] : Array.isArray(t) ? t.filter((x) => typeof x === 'string') : [])
   const lengthBeside = (x: Record<string, unknown>) => ('pattern' in x || 'format' in x) && ('minLength' in x || 'maxLength' in x)
-  const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v)
   if ((types.has('integer') || types.has('number')) && 'multipleOf' in s) return 'multipleOf'
   if (types.has('array')) for (const key of ['uniqueItems', 'contains', 'minContains', 'maxContains']) if (key in s) return key
   if (types.has('string')) {
@@ -296,11 +294,11 @@ function unsupportedHere(s: Record<string, unknown>): string | null {
   }
   if (types.has('object')) {
     const names = s['propertyNames']
-    if (isObject(names) && lengthBeside(names)) return 'propertyNames with minLength or maxLength beside pattern or format'
-    if ('propertyNames' in s && ('properties' in s || 'patternProperties' in s || isObject(s['additionalProperties']) || (s['unevaluatedProperties'] ?? true) !== true))
+    if (isPlainObject(names) && lengthBeside(names)) return 'propertyNames with minLength or maxLength beside pattern or format'
+    if ('propertyNames' in s && ('properties' in s || 'patternProperties' in s || isPlainObject(s['additionalProperties']) || (s['unevaluatedProperties'] ?? true) !== true))
       return 'propertyNames beside properties, patternProperties, additionalProperties or unevaluatedProperties'
     const patterns = s['patternProperties']
-    if (isObject(patterns) && ('properties' in s || Object.keys(patterns).length > 1)) return 'patternProperties beside properties, or more than one'
+    if (isPlainObject(patterns) && ('properties' in s || Object.keys(patterns).length > 1)) return 'patternProperties beside properties, or more than one'
   }
   return null
 }

@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import { Tokenizer as HfTokenizer } from '@huggingface/tokenizers'
 import { ChatTemplate } from './chat-template.js'
 import { EncodeWorker, type EncodeRequestOptions } from './encode-worker.js'
-import { describeValue, invalidField } from './errors.js'
+import { describeValue, invalidField, isPlainObject } from './errors.js'
 import { pathExists, readJsonFile, readTextFile } from './files.js'
 import type { GrammarVocabulary, VocabType } from './grammar.js'
 import { MAX_VOCAB_SIZE } from './step.js'
@@ -64,8 +64,8 @@ function tokenContent(value: unknown): string | null {
 async function readOptionalJson(file: string): Promise<Json | null> {
   if (!(await pathExists(file))) return null
   const v = await readJsonFile(file)
-  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw invalidField('a JSON object', 'the file', file, v)
-  return v as Json
+  if (!isPlainObject(v)) throw invalidField('a JSON object', 'the file', file, v)
+  return v
 }
 
 /** The first post-processor step that adds a special token in front of a single text, if any. */
@@ -116,12 +116,10 @@ function checkId(id: unknown, limit: IdLimit, field: string, file: string): numb
  * library sizes arrays by the largest id, so one id of 2e9 would stall the process.
  */
 function checkTokenizerJson(json: unknown, file: string, limit: IdLimit): Json {
-  if (typeof json !== 'object' || json === null || Array.isArray(json)) throw invalidField('a JSON object', 'the tokenizer', file, json)
-  const t = json as Json
-  const model = t['model']
-  if (typeof model !== 'object' || model === null || Array.isArray(model))
-    throw invalidField('an object describing the tokenizer model ({type, vocab, ...})', 'model', file, model)
-  const vocab = (model as Json)['vocab']
+  if (!isPlainObject(json)) throw invalidField('a JSON object', 'the tokenizer', file, json)
+  const model = json['model']
+  if (!isPlainObject(model)) throw invalidField('an object describing the tokenizer model ({type, vocab, ...})', 'model', file, model)
+  const vocab = model['vocab']
   if (Array.isArray(vocab)) {
     // Unigram: [[piece, score], ...], ids are the positions.
     if (vocab.length > limit.size)
@@ -130,14 +128,14 @@ function checkTokenizerJson(json: unknown, file: string, limit: IdLimit): Json {
       if (!Array.isArray(entry) || typeof entry[0] !== 'string' || typeof entry[1] !== 'number')
         throw invalidField('a [piece, score] pair', `model.vocab[${i}]`, file, entry)
     })
-    const unk = (model as Json)['unk_id']
+    const unk = model['unk_id']
     if (unk !== undefined && unk !== null) checkId(unk, { size: vocab.length, what: 'the size of model.vocab' }, 'model.unk_id', file)
-  } else if (typeof vocab === 'object' && vocab !== null) {
+  } else if (isPlainObject(vocab)) {
     for (const [token, id] of Object.entries(vocab)) checkId(id, limit, `model.vocab[${JSON.stringify(token)}]`, file)
   } else {
     throw invalidField('an object of token ids (or a Unigram list of [piece, score])', 'model.vocab', file, vocab)
   }
-  const merges = (model as Json)['merges']
+  const merges = model['merges']
   if (merges !== undefined && merges !== null) {
     if (!Array.isArray(merges)) throw invalidField('an array of merges ("a b" or ["a", "b"])', 'model.merges', file, merges)
     merges.forEach((m: unknown, i) => {
@@ -146,14 +144,14 @@ function checkTokenizerJson(json: unknown, file: string, limit: IdLimit): Json {
         throw invalidField('a merge "a b" or ["a", "b"]', `model.merges[${i}]`, file, m)
     })
   }
-  const added = t['added_tokens'] ?? []
+  const added = json['added_tokens'] ?? []
   if (!Array.isArray(added)) throw invalidField('an array of {id, content}', 'added_tokens', file, added)
   added.forEach((entry: unknown, i) => {
-    if (typeof entry !== 'object' || entry === null || typeof (entry as Json)['content'] !== 'string')
+    if (!isPlainObject(entry) || typeof entry['content'] !== 'string')
       throw invalidField('an object {id, content} with a string content', `added_tokens[${i}]`, file, entry)
-    checkId((entry as Json)['id'], limit, `added_tokens[${i}].id`, file)
+    checkId(entry['id'], limit, `added_tokens[${i}].id`, file)
   })
-  return { ...t, added_tokens: added }
+  return { ...json, added_tokens: added }
 }
 
 /** Token ids in a JSON file of special tokens (generation_config.json, tokenizer_config.json): each below the limit. */
@@ -559,8 +557,6 @@ interface GrammarFacts {
   specialIds: ReadonlySet<number>
 }
 
-const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v)
-
 /**
  * The vocabulary type as xgrammar detects it from tokenizer.json (HFTokenizerAnalyzer::
  * DetectVocabType in its cpp/tokenizer_info.cc): the decoder, or the decoders of a Sequence (one
@@ -569,14 +565,14 @@ const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null 
  * Mistral); anything else, or a decoder it cannot read, raw.
  */
 function grammarVocabType(decoder: unknown): VocabType {
-  if (!isObject(decoder) || typeof decoder['type'] !== 'string') return 'raw'
+  if (!isPlainObject(decoder) || typeof decoder['type'] !== 'string') return 'raw'
   let decoders: unknown[] = [decoder]
   if (decoder['type'] === 'Sequence') {
     if (!Array.isArray(decoder['decoders'])) return 'raw'
     decoders = decoder['decoders']
   }
   for (const d of decoders) {
-    if (!isObject(d) || typeof d['type'] !== 'string') return 'raw'
+    if (!isPlainObject(d) || typeof d['type'] !== 'string') return 'raw'
     if (d['type'] === 'ByteLevel') return 'byte_level'
     if (d['type'] === 'ByteFallback') return 'byte_fallback'
   }
@@ -590,18 +586,18 @@ function grammarVocabType(decoder: unknown): VocabType {
  */
 function grammarAddsPrefixSpace(json: Json): boolean {
   const normalizer = json['normalizer']
-  if (isObject(normalizer)) {
+  if (isPlainObject(normalizer)) {
     const list = normalizer['type'] === 'Sequence' ? normalizer['normalizers'] : [normalizer]
-    if (Array.isArray(list) && list.some((n) => isObject(n) && n['type'] === 'Prepend' && n['prepend'] === '\u2581')) return true
+    if (Array.isArray(list) && list.some((n) => isPlainObject(n) && n['type'] === 'Prepend' && n['prepend'] === '\u2581')) return true
   }
   const pre = json['pre_tokenizer']
-  return isObject(pre) && pre['type'] === 'Metaspace' && (pre['prepend_scheme'] === 'always' || pre['prepend_scheme'] === 'first')
+  return isPlainObject(pre) && pre['type'] === 'Metaspace' && (pre['prepend_scheme'] === 'always' || pre['prepend_scheme'] === 'first')
 }
 
 /** Ids of the added tokens marked special, and of the special tokens tokenizer_config.json names. */
 function specialTokenIds(added: readonly unknown[], named: readonly string[], hf: HfTokenizer): Set<number> {
   const ids = new Set<number>()
-  for (const entry of added) if (isObject(entry) && entry['special'] === true && typeof entry['id'] === 'number') ids.add(entry['id'])
+  for (const entry of added) if (isPlainObject(entry) && entry['special'] === true && typeof entry['id'] === 'number') ids.add(entry['id'])
   for (const token of named) {
     const id = hf.token_to_id(token)
     if (id !== undefined) ids.add(id)

@@ -1,5 +1,6 @@
 // Parsers of numeric command-line values, shared by the subcommands (commander calls them).
 import { InvalidArgumentError } from 'commander'
+import { isPlainObject } from '../errors.js'
 
 export function integer(value: string): number {
   const n = Number(value)
@@ -68,9 +69,8 @@ function parseObject(value: string, what: string): Record<string, unknown> {
   } catch {
     parsed = undefined
   }
-  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed))
-    throw new InvalidArgumentError(`expected ${what} but received "${value}"`)
-  return parsed as Record<string, unknown>
+  if (!isPlainObject(parsed)) throw new InvalidArgumentError(`expected ${what} but received "${value}"`)
+  return parsed
 }
 
 /** --kv-cache-tokens of generate and score: loadModel's kvCacheTokens. */

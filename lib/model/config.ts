@@ -1,7 +1,7 @@
 // Hugging Face config.json -> ModelConfig, for the decoder-only architectures detinfer runs:
 // Llama, Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorm) and Mistral (full attention only).
 import { join } from 'node:path'
-import { integerRange, invalidField } from '../errors.js'
+import { integerRange, invalidField, isPlainObject } from '../errors.js'
 import { readJsonFile } from '../files.js'
 import { MAX_VOCAB_SIZE } from '../step.js'
 
@@ -171,9 +171,8 @@ function checkSlidingWindow(r: FieldReader, architecture: Architecture, maxPosit
 
 /** Validates a parsed config.json; `file` names it in error messages. */
 export function parseModelConfig(raw: unknown, file = 'config.json'): ModelConfig {
-  if (typeof raw !== 'object' || raw === null || Array.isArray(raw))
-    throw invalidField('a JSON object', 'the configuration', file, raw)
-  const r = new FieldReader(raw as Json, file)
+  if (!isPlainObject(raw)) throw invalidField('a JSON object', 'the configuration', file, raw)
+  const r = new FieldReader(raw, file)
   const archs = r.obj['architectures']
   const supported = SUPPORTED_ARCHITECTURES.join(', ')
   if (!Array.isArray(archs) || archs.length === 0 || typeof archs[0] !== 'string')

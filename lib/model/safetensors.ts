@@ -5,7 +5,7 @@
 // reads; nothing beyond one tensor is held in memory.
 import type { FileHandle } from 'node:fs/promises'
 import { join } from 'node:path'
-import { invalidField } from '../errors.js'
+import { invalidField, isPlainObject } from '../errors.js'
 import { openRegularFile, pathExists, readJsonFile } from '../files.js'
 
 /** The safetensors reference implementation refuses larger headers. */
@@ -41,12 +41,11 @@ function isDim(v: unknown): v is number {
 
 /** Validates a parsed header against the file size; returns its tensors in offset order. */
 export function parseHeader(header: unknown, file: string, headerBytes: number, fileBytes: number): TensorInfo[] {
-  if (typeof header !== 'object' || header === null || Array.isArray(header))
-    throw headerError(file, 'the header is not a JSON object')
+  if (!isPlainObject(header)) throw headerError(file, 'the header is not a JSON object')
   const dataStart = 8 + headerBytes
   const dataBytes = fileBytes - dataStart
   const tensors: TensorInfo[] = []
-  for (const [name, entry] of Object.entries(header as Record<string, unknown>)) {
+  for (const [name, entry] of Object.entries(header)) {
     if (name === '__metadata__') continue
     const e = entry as { dtype?: unknown; shape?: unknown; data_offsets?: unknown }
     if (typeof e !== 'object' || e === null) throw headerError(file, `tensor ${name} has no {dtype, shape, data_offsets} entry`)
@@ -165,8 +164,7 @@ export class SafetensorsCheckpoint {
   private static async openSharded(dir: string, index: string): Promise<SafetensorsCheckpoint> {
     const raw = (await readJsonFile(index)) as { weight_map?: unknown }
     const map = raw?.weight_map
-    if (typeof map !== 'object' || map === null || Array.isArray(map))
-      throw invalidField('an object', 'weight_map', index, map)
+    if (!isPlainObject(map)) throw invalidField('an object', 'weight_map', index, map)
     const byShard = new Map<string, string[]>()
     const shardOf = new Map<string, string>()
     for (const [name, shard] of Object.entries(map as Record<string, unknown>)) {

@@ -8,7 +8,7 @@
 import { randomInt, randomUUID, timingSafeEqual } from 'node:crypto'
 import cors from '@fastify/cors'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
-import { GrammarError, LogitProcessorTableError, RequestTooLargeError } from '../errors.js'
+import { GrammarError, LogitProcessorTableError, RequestTooLargeError, isPlainObject } from '../errors.js'
 import { EncodeTimeoutError } from '../encode-worker.js'
 import { parseJsonKeepingFloats } from '../chat-template.js'
 import type { Model } from '../api.js'
@@ -978,12 +978,11 @@ const TEMPLATE_FIELDS = ['tools', 'chat_template_kwargs'] as const
  * body keeps plain numbers, which the parameters' checks expect.
  */
 function keepTemplateFloats(body: unknown, text: string): unknown {
-  if (typeof body !== 'object' || body === null || Array.isArray(body) || !/\d[.eE]/.test(text)) return body
-  const fields = body as Record<string, unknown>
-  const present = TEMPLATE_FIELDS.filter((k) => Object.hasOwn(fields, k) && typeof fields[k] === 'object' && fields[k] !== null)
+  if (!isPlainObject(body) || !/\d[.eE]/.test(text)) return body
+  const present = TEMPLATE_FIELDS.filter((k) => Object.hasOwn(body, k) && typeof body[k] === 'object' && body[k] !== null)
   if (present.length === 0) return body
   const kept = parseJsonKeepingFloats(text) as Record<string, unknown>
-  for (const k of present) fields[k] = kept[k]
+  for (const k of present) body[k] = kept[k]
   return body
 }
 
@@ -1054,7 +1053,7 @@ function structuredOutputsOption(body: CompletionBody | ChatCompletionBody): Pic
     } catch (err) {
       throw invalidRequest(`Expected a JSON schema (an object, or its JSON text) for structured_outputs.json but received text that is not JSON: ${(err as Error).message}`, 'structured_outputs', 'invalid_value')
     }
-    if (typeof schema !== 'boolean' && (typeof schema !== 'object' || schema === null || Array.isArray(schema)))
+    if (typeof schema !== 'boolean' && !isPlainObject(schema))
       throw invalidRequest('Expected a JSON schema (an object, or its JSON text) for structured_outputs.json', 'structured_outputs', 'invalid_value')
   }
   return { responseFormat: { type: 'json_schema', schema } }

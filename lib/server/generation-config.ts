@@ -7,6 +7,7 @@
 // differences from the defaults, which is what vLLM reads; do_sample is not read.
 import { existsSync } from 'node:fs'
 import { join } from 'node:path'
+import { isPlainObject } from '../errors.js'
 import { readTextFile } from '../files.js'
 
 /** Defaults for what a request leaves out (each absent when the model does not set it). */
@@ -44,9 +45,8 @@ export async function readGenerationDefaults(dir: string, { required = false } =
   } catch (err) {
     throw new Error(`Could not read the sampling defaults of ${file}: ${(err as Error).message}`)
   }
-  if (typeof config !== 'object' || config === null || Array.isArray(config))
-    throw new Error(`Expected a JSON object in ${file} but received ${Array.isArray(config) ? 'an array' : String(config)}`)
-  const c = config as Record<string, unknown>
+  if (!isPlainObject(config)) throw new Error(`Expected a JSON object in ${file} but received ${Array.isArray(config) ? 'an array' : String(config)}`)
+  const c = config
   const set = (key: string): number | undefined => {
     const v = c[key]
     if (v === undefined || v === null) return undefined

@@ -32,6 +32,7 @@
 //
 // All of them are pure functions of the text, so equal answers give equal calls.
 import { createHash } from 'node:crypto'
+import { isPlainObject } from '../errors.js'
 
 /** The parsers `--tool-call-parser` takes. */
 export const TOOL_CALL_PARSERS = ['hermes', 'llama3_json'] as const
@@ -312,10 +313,6 @@ function pythonNumber(text: string): string {
   if (exp < -4 || exp >= 16) return `${sign}${digits[0]}${digits.length > 1 ? `.${digits.slice(1)}` : ''}e${exp < 0 ? '-' : '+'}${String(Math.abs(exp)).padStart(2, '0')}`
   if (exp < 0) return `${sign}0.${'0'.repeat(-exp - 1)}${digits}`
   return `${sign}${digits.slice(0, exp + 1).padEnd(exp + 1, '0')}.${digits.slice(exp + 1) || '0'}`
-}
-
-function isPlainObject(value: unknown): value is Record<string, unknown> {
-  return typeof value === 'object' && value !== null && !Array.isArray(value)
 }
 
 /**
