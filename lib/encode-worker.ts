@@ -11,7 +11,7 @@
 // replaces). The worker starts at the first request (about 0.05 s for the shipped tokenizer, more
 // for a 150k-token vocabulary) and holds the process open only while it has work.
 import { createRequire } from 'node:module'
-import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads'
+import { EvalWorker } from './eval-worker.js'
 
 /** How long one text may take to encode, unless the caller says otherwise. */
 export const ENCODE_TIMEOUT_MS = 10_000
@@ -26,8 +26,7 @@ const ABANDON_AFTER_MS = 200
 /** The longest error message the worker passes on. */
 const MAX_ERROR_CHARS = 2000
 
-// The worker's code: CommonJS, evaluated (the same text works from lib/*.ts under a test runner
-// and from dist/*.js). Ids come back as an Int32Array, -1 where the library gave no id.
+// The worker's code (EvalWorker). Ids come back as an Int32Array, -1 where the library gave no id.
 const WORKER_SOURCE = `
 const { workerData } = require('node:worker_threads')
 const { Tokenizer } = require(workerData.libraryPath)
@@ -88,9 +87,7 @@ interface Pending {
 }
 
 interface Running {
-  worker: Worker
-  /** The worker's replies. */
-  port: MessagePort
+  thread: EvalWorker<Reply>
   ready: boolean
   /** The request the worker is on, when it went there, and its timer. */
   current: Pending | null
@@ -162,24 +159,18 @@ export class EncodeWorker {
     const r = this.running ?? this.start()
     if (!r.ready || r.current) return
     const request = this.queue.shift()
-    if (!request) {
-      r.worker.unref()
-      r.port.unref()
-      return
-    }
-    r.worker.ref()
-    r.port.ref()
+    if (!request) return r.thread.idle()
     r.current = request
     r.since = performance.now()
     r.timer = setTimeout(() => {
       // An answer posted before the limit but not yet read (this thread was busy) still counts.
-      const posted = receiveMessageOnPort(r.port)
-      if (posted) return this.onReply(r, posted.message as Reply)
+      const posted = r.thread.takePosted()
+      if (posted) return this.onReply(r, posted)
       this.stop(r)
       this.settle(request, () => request.reject(new EncodeTimeoutError(this.source.file, request.text.length, request.timeoutMs)))
       this.next()
     }, request.timeoutMs)
-    r.port.postMessage({ text: request.text, addSpecialTokens: request.addSpecialTokens })
+    r.thread.post({ text: request.text, addSpecialTokens: request.addSpecialTokens })
   }
 
   private onReply(r: Running, message: Reply): void {
@@ -200,32 +191,18 @@ export class EncodeWorker {
 
   private start(): Running {
     const libraryPath = createRequire(import.meta.url).resolve('@huggingface/tokenizers')
-    const { port1, port2 } = new MessageChannel()
-    const worker = new Worker(WORKER_SOURCE, {
-      eval: true,
-      workerData: { libraryPath, json: this.source.json, options: this.source.options, port: port2 },
-      transferList: [port2],
-      // Not the process's flags (see chat-template.ts: `node --input-type=module -e`).
-      execArgv: [],
-      stdout: false,
-      stderr: false,
+    const thread = new EvalWorker<Reply>({
+      source: WORKER_SOURCE,
+      data: { libraryPath, json: this.source.json, options: this.source.options },
+      name: "The tokenizer's worker thread",
+      exitedBefore: 'the text was encoded',
+      startupTimeoutMs: STARTUP_TIMEOUT_MS,
+      quiet: false,
+      onReply: (reply) => this.onReply(r, reply),
+      onFail: (err) => this.fail(r, err),
     })
-    const r: Running = { worker, port: port1, ready: false, current: null, since: 0, timer: undefined }
+    const r: Running = { thread, ready: false, current: null, since: 0, timer: undefined }
     this.running = r
-    const startup = setTimeout(() => this.fail(r, new Error(`The tokenizer's worker thread did not start within ${STARTUP_TIMEOUT_MS / 1000} s`)), STARTUP_TIMEOUT_MS)
-    startup.unref()
-    port1.on('message', (message: Reply) => {
-      if (message.ready) clearTimeout(startup)
-      this.onReply(r, message)
-    })
-    worker.on('error', (err) => {
-      clearTimeout(startup)
-      this.fail(r, new Error(`The tokenizer's worker thread failed: ${err.message}`))
-    })
-    worker.on('exit', () => {
-      clearTimeout(startup)
-      this.fail(r, new Error('The tokenizer\'s worker thread exited before the text was encoded'))
-    })
     return r
   }
 
@@ -244,7 +221,6 @@ export class EncodeWorker {
     if (this.running === r) this.running = null
     clearTimeout(r.timer)
     r.current = null
-    r.port.close()
-    void r.worker.terminate()
+    r.thread.stop()
   }
 }

@@ -23,9 +23,9 @@
 import { readFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { dirname } from 'node:path'
-import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads'
 import type * as XGrammarModule from '@mlc-ai/web-xgrammar'
 import { DisposedError, GrammarError, describeValue, isPlainObject } from './errors.js'
+import { EvalWorker } from './eval-worker.js'
 
 export { GrammarError }
 
@@ -631,10 +631,9 @@ class Constraint implements TokenConstraint {
 // ---------------------------------------------------------------------------------------------
 // Checking schemas in a worker thread
 
-// The worker's code, CommonJS (evaluated; the same text works from lib/*.ts under a test runner
-// and from dist/*.js). Its console is replaced before the module is loaded and initialised, so
-// that emscripten's printErr, which it binds to console.error then, writes into `lines`; each
-// reply carries the lines the check printed.
+// The worker's code (EvalWorker). Its console is replaced before the module is loaded and
+// initialised, so that emscripten's printErr, which it binds to console.error then, writes into
+// `lines`; each reply carries the lines the check printed.
 const WORKER_SOURCE = `
 const { workerData } = require('node:worker_threads')
 const { createRequire } = require('node:module')
@@ -676,8 +675,7 @@ interface PendingCheck {
 }
 
 interface CheckWorker {
-  worker: Worker
-  port: MessagePort
+  thread: EvalWorker<CheckReply>
   ready: boolean
   current: PendingCheck | null
   timer: NodeJS.Timeout | undefined
@@ -717,23 +715,17 @@ class SchemaChecker {
     const r = this.running ?? this.start()
     if (!r.ready || r.current) return
     const pending = this.queue.shift()
-    if (!pending) {
-      r.worker.unref()
-      r.port.unref()
-      return
-    }
-    r.worker.ref()
-    r.port.ref()
+    if (!pending) return r.thread.idle()
     r.current = pending
     r.timer = setTimeout(() => {
       // A reply posted in time but not read yet (this thread was busy) still counts.
-      const posted = receiveMessageOnPort(r.port)
-      if (posted) return this.onReply(r, posted.message as CheckReply)
+      const posted = r.thread.takePosted()
+      if (posted) return this.onReply(r, posted)
       this.stop(r)
       pending.reject(new GrammarError(`${pending.spec.what} took longer than ${SCHEMA_CHECK_TIMEOUT_MS / 1000} s to compile and was refused`))
       this.next()
     }, SCHEMA_CHECK_TIMEOUT_MS)
-    r.port.postMessage({ kind: pending.spec.kind, text: pending.spec.text })
+    r.thread.post({ kind: pending.spec.kind, text: pending.spec.text })
   }
 
   private onReply(r: CheckWorker, reply: CheckReply): void {
@@ -755,35 +747,19 @@ class SchemaChecker {
   }
 
   private start(): CheckWorker {
-    const { port1, port2 } = new MessageChannel()
-    const worker = new Worker(WORKER_SOURCE, {
-      eval: true,
-      workerData: { file: xgrammarFile(), port: port2 },
-      transferList: [port2],
-      // Not the process's flags (see chat-template.ts: `node --input-type=module -e`).
-      execArgv: [],
+    const thread = new EvalWorker<CheckReply>({
+      source: WORKER_SOURCE,
+      data: { file: xgrammarFile() },
+      name: 'The worker thread that checks JSON schemas',
+      exitedBefore: 'it answered',
+      startupTimeoutMs: WORKER_STARTUP_TIMEOUT_MS,
       // Whatever the worker would print stays there (its console is replaced; this is for the rest).
-      stdout: true,
-      stderr: true,
+      quiet: true,
+      onReply: (reply) => this.onReply(r, reply),
+      onFail: (err) => this.fail(r, err),
     })
-    worker.stdout.resume()
-    worker.stderr.resume()
-    const r: CheckWorker = { worker, port: port1, ready: false, current: null, timer: undefined }
+    const r: CheckWorker = { thread, ready: false, current: null, timer: undefined }
     this.running = r
-    const startup = setTimeout(() => this.fail(r, new Error(`The worker thread that checks JSON schemas did not start within ${WORKER_STARTUP_TIMEOUT_MS / 1000} s`)), WORKER_STARTUP_TIMEOUT_MS)
-    startup.unref()
-    port1.on('message', (reply: CheckReply) => {
-      if (reply.ready) clearTimeout(startup)
-      this.onReply(r, reply)
-    })
-    worker.on('error', (err) => {
-      clearTimeout(startup)
-      this.fail(r, new Error(`The worker thread that checks JSON schemas failed: ${err.message}`))
-    })
-    worker.on('exit', () => {
-      clearTimeout(startup)
-      this.fail(r, new Error('The worker thread that checks JSON schemas exited before it answered'))
-    })
     return r
   }
 
@@ -801,7 +777,6 @@ class SchemaChecker {
     if (this.running === r) this.running = null
     clearTimeout(r.timer)
     r.current = null
-    r.port.close()
-    void r.worker.terminate()
+    r.thread.stop()
   }
 }

@@ -82,7 +82,7 @@ export function csrcIncludeEdges(csrc: string): { edges: Edge[]; systemIncludes:
  * forward model, the tokenizer knows no model files, grammars know no tensors).
  */
 export const LIB_LAYERS: readonly (readonly { group: string; modules: readonly string[] }[])[] = [
-  [{ group: 'base', modules: ['errors.ts', 'native.ts', 'files.ts', 'hub-cache.ts'] }],
+  [{ group: 'base', modules: ['errors.ts', 'native.ts', 'files.ts', 'hub-cache.ts', 'eval-worker.ts'] }],
   [
     { group: 'runtime', modules: ['tensor.ts', 'device.ts', 'kv-cache.ts', 'sampling.ts', 'step.ts'] },
     // Token masks from grammars (xgrammar): the tokenizer hands it its vocabulary, the scheduler applies its masks.
