@@ -59,7 +59,12 @@ export type ResponseFormat =
   | { type: 'structural_tag'; format: Record<string, unknown> }
 
 export interface TokenConstraint {
-  /** The tokens allowed next: i32 words, bit v & 31 of word v >> 5 set for token v (vocabSize bits; ids the vocabulary lacks clear); rejects when no token is. */
+  /**
+   * The tokens allowed next: i32 words, bit v & 31 of word v >> 5 set for token v (vocabSize bits;
+   * ids the vocabulary lacks clear); rejects when no token is. The array is the constraint's own,
+   * not a copy: callers never write to it (accept() checks the token against it), and read it only
+   * until the next mask() or accept().
+   */
   mask(): Promise<Int32Array>
   /** Advances past `token`, which the last mask allowed; throws a clear error when it is not allowed. */
   accept(token: number): void
@@ -553,7 +558,7 @@ class Constraint implements TokenConstraint {
   async mask(): Promise<Int32Array> {
     this.checkLive()
     if (this.stopped) throw new Error('The grammar constraint has ended: a stop token was accepted, and no token may follow it')
-    if (this.current) return this.current.slice()
+    if (this.current) return this.current
     let raw: Int32Array
     try {
       raw = await this.matcher.getNextTokenBitmask()
@@ -576,7 +581,7 @@ class Constraint implements TokenConstraint {
     if (!any) throw new Error('No token of the vocabulary can continue the text here: the grammar needs a character that no token writes')
     this.current = mask
     this.onlyStops = !others
-    return mask.slice()
+    return mask
   }
 
   accept(token: number): void {
