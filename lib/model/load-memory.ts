@@ -24,6 +24,12 @@
 //                              attention split (the addon's attentionSplitSize): the decode
 //                              attention workspace (split partials and their max/sum) of the
 //                              largest decode step replayed as a CUDA graph, allocated at load
+//              logit processors  Lp*(6V + 4*ceil(V/32) + 4*618) + 4 with Lp = logitProcessorRows:
+//                              the table of penalties, logit bias and token masks (counts u16,
+//                              processed logits f32, mask bits, settings and plan;
+//                              lib/model/logit-processors.ts). Allocated at the first request
+//                              that uses one, not at load, but reserved here: that request must
+//                              find the memory the KV cache would otherwise have taken
 //
 // The check asks for that plus a margin of 256 MiB and 1% of the device's memory, for what the
 // estimate leaves out: kernel code CUDA loads on first use, the captured graphs' own memory (8 MiB
@@ -32,6 +38,7 @@
 import { DeviceMemoryError } from '../errors.js'
 import { native } from '../native.js'
 import type { ModelConfig } from './config.js'
+import { LogitProcessorTable } from './logit-processors.js'
 import { MAX_TOP_LOGPROBS } from './output-head.js'
 import { inputInts } from './step-layout.js'
 import { expectedTensors } from './weights.js'
@@ -46,6 +53,8 @@ export interface LoadSizes {
   tensorParallel: number
   /** Rows of the decode attention workspace allocated at load: maxDecodeRows on CUDA, 0 elsewhere. */
   decodeWorkspaceRows: number
+  /** Rows of the logit processors' table (allocated at its first use, not at load); 0 for none. */
+  logitProcessorRows: number
   unfusedLayers?: boolean
 }
 
@@ -143,6 +152,8 @@ export function estimateLoadMemory(c: ModelConfig, s: LoadSizes, { weightBytes }
   }
   const R = s.decodeWorkspaceRows
   add(`decode attention workspace (${count(R)} sequences at ${count(P)} positions)`, F32 * decodeWorkspaceFloats(c, R, P))
+  const Lp = s.logitProcessorRows
+  if (Lp > 0) add(`logit processors (penalties, bias, masks) for ${count(Lp)} sequences`, LogitProcessorTable.bytes(Lp, V))
   const otherBytes = other.reduce((sum, o) => sum + o.bytes, 0)
   return { weights, kvCache, other, otherBytes, total: weights + kvCache + otherBytes, kvPositions, maxPositions: P }
 }

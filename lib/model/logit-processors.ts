@@ -15,10 +15,11 @@
 //
 // Allocated when the scheduler admits the first request that uses a processor, not at load: a
 // model that never serves one spends nothing, and a failed allocation refuses that request alone
-// (a LogitProcessorTableError; the server answers 503). No captured CUDA graph is invalidated by it: the plain decode graphs never
-// reference these buffers, and the graphs of steps with processors are captured only after a
-// first eager run of their bucket, when the buffers exist; they are never freed or moved before
-// the model is disposed.
+// (a LogitProcessorTableError; the server answers 503). The memory check at load counts the table
+// all the same (lib/model/load-memory.ts), so that on CUDA the KV cache does not take its room.
+// No captured CUDA graph is invalidated by it: the plain decode graphs never reference these
+// buffers, and the graphs of steps with processors are captured only after a first eager run of
+// their bucket, when the buffers exist; they are never freed or moved before the model is disposed.
 //
 // A row is zeroed when a sequence takes it, by the first step that chooses for the sequence (its
 // prefill's last chunk, or a decode-shaped step when one prompt token is left to compute), in

@@ -49,7 +49,8 @@ export interface TransformerOptions {
   /**
    * Rows of the logit processors' table (penalties, logit bias and token masks, lib/model/logit-processors.ts):
    * the most sequences with processors that can run at once. Default: the most rows of a decode
-   * step, min(maxBatchTokens, maxLogitRows). The table is allocated at its first use.
+   * step, min(maxBatchTokens, maxLogitRows). The table is allocated at its first use; the memory
+   * check at load counts it all the same (lib/model/load-memory.ts).
    */
   logitProcessorRows?: number
   /**
@@ -361,6 +362,7 @@ export class Transformer {
       kvBlockSize,
       tensorParallel: tpRanks,
       decodeWorkspaceRows: device === 'cuda' ? maxDecodeRows : 0,
+      logitProcessorRows,
       unfusedLayers: unfused,
     }
     const readMemory = opts.deviceMemory ?? cudaDeviceMemory

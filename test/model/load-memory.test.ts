@@ -17,6 +17,7 @@ import {
   memoryMargin,
   type LoadSizes,
 } from '../../lib/model/load-memory.js'
+import type { OutputHead } from '../../lib/model/output-head.js'
 import { Transformer } from '../../lib/model/transformer.js'
 import { expectedTensors, loadWeights } from '../../lib/model/weights.js'
 import { native, type NativeTensor } from '../../lib/native.js'
@@ -56,7 +57,16 @@ const CUDA_SIZES: LoadSizes = {
   kvBlockSize: 16,
   tensorParallel: 0,
   decodeWorkspaceRows: 64,
+  logitProcessorRows: 64,
 }
+
+/**
+ * The logit processors' table of 64 sequences at a 151,936-token vocabulary, buffer by buffer:
+ * counts u16 [64, V], processed logits f32 [64, V], mask bits i32 [64, V / 32], settings i32
+ * [64, 604] (penalties, bias count, 300 id-bias pairs), the processed rows' parameters i32 [64, 8]
+ * and choices i32 [64, 2], and the plan i32 [1 + 4 * 64].
+ */
+const PROCESSORS_64 = 2 * 64 * 151936 + 4 * 64 * 151936 + 4 * 64 * (151936 / 32) + 4 * 64 * 604 + 4 * 64 * 8 + 4 * 64 * 2 + 4 * (1 + 4 * 64)
 
 describe('the bytes a load needs', () => {
   it("Qwen3-0.6B's shapes: weights, KV cache and every other buffer", () => {
@@ -95,6 +105,10 @@ describe('the bytes a load needs', () => {
     // splits of 256 keys, D + 2 floats per split.
     const workspace = 4 * 64 * 16 * 160 * 130
 
+    // The logit processors' table, one row for each of the 64 sequences: allocated at the first
+    // request that uses one, not at load, but counted so that the check reserves it.
+    const processors = PROCESSORS_64
+
     const m = estimateLoadMemory(QWEN3_0_6B, CUDA_SIZES)
     expect(m.weights).toBe(weights)
     expect(m.weights).toBe(1_192_099_840)
@@ -104,10 +118,11 @@ describe('the bytes a load needs', () => {
       { what: 'activations for 2,048 tokens and 512 logit rows', bytes: activations },
       { what: 'RoPE table, step inputs and token-choice buffers', bytes: small },
       { what: 'decode attention workspace (64 sequences at 40,960 positions)', bytes: workspace },
+      { what: 'logit processors (penalties, bias, masks) for 64 sequences', bytes: processors },
     ])
-    expect([activations, small, workspace]).toEqual([400_293_888, 42_090_500, 85196800])
-    expect(m.total).toBe(weights + kvCache + activations + small + workspace)
-    expect(m.total).toBe(6_417_301_508)
+    expect([activations, small, workspace, processors]).toEqual([400_293_888, 42_090_500, 85196800, 59_717_124]) // the table: 56.95 MiB
+    expect(m.total).toBe(weights + kvCache + activations + small + workspace + processors)
+    expect(m.total).toBe(6_477_018_632)
     expect(m.maxPositions).toBe(40960)
   })
 
@@ -132,9 +147,9 @@ describe('the bytes a load needs', () => {
     expect(m.weights).toBe(16_381_470_720)
     expect(m.kvCache).toBe(kvCache)
     expect(m.kvCache).toBe(6_039_797_760)
-    expect(m.other.map((o) => o.bytes)).toEqual([activations, small, workspace])
+    expect(m.other.map((o) => o.bytes)).toEqual([activations, small, workspace, PROCESSORS_64])
     expect([activations, small, workspace]).toEqual([592_183_296, 42_090_500, 170_393_600])
-    expect(m.total).toBe(2 * params + kvCache + activations + small + workspace)
+    expect(m.total).toBe(2 * params + kvCache + activations + small + workspace + PROCESSORS_64)
   })
 
   it('the weights from the config equal those from the tensor headers', () => {
@@ -150,6 +165,17 @@ describe('the bytes a load needs', () => {
     expect(workspace(1)).toBe(4 * 16 * 160 * 130) // `detinfer generate` and `score`: one sequence
     expect(workspace(64)).toBe(64 * workspace(1))
     expect(workspace(512)).toBe(681_574_400) // what a workspace of 512 rows took, 650 MiB
+  })
+
+  it("the logit processors' table follows its rows (maxBatchSize), and a load without any has none", () => {
+    const table = (rows: number) =>
+      estimateLoadMemory(QWEN3_0_6B, { ...CUDA_SIZES, logitProcessorRows: rows }).other.find((o) => o.what.startsWith('logit processors'))?.bytes ?? 0
+    expect(table(0)).toBe(0)
+    // A row: counts (2 bytes a token), processed logits (4), mask (a bit), 618 ints of settings,
+    // parameters, choice and plan; and the plan's row count, once.
+    expect(table(1)).toBe(6 * 151936 + 4 * 4748 + 4 * 618 + 4)
+    expect(table(64)).toBe(PROCESSORS_64)
+    expect(table(256)).toBe(238_868_484) // 227.80 MiB
   })
 
   it('the decode workspace follows the attention split size in force at load (a development switch)', () => {
@@ -234,9 +260,10 @@ describe('the check against the free memory', () => {
     })
     const m = e.message
     expect(m).toContain('Not enough free memory on GPU 0 (NVIDIA H200) to load the model in /models/Qwen3-8B')
-    expect(m).toContain(`it needs ${formatBytes(need.total)} (weights 15.26 GiB in bf16, KV cache 5.63 GiB for 40,960 positions, other 767.39 MiB:`)
+    expect(m).toContain(`it needs ${formatBytes(need.total)} (weights 15.26 GiB in bf16, KV cache 5.63 GiB for 40,960 positions, other 824.34 MiB:`)
     expect(m).toContain('activations for 2,048 tokens and 512 logit rows 564.75 MiB')
     expect(m).toContain('decode attention workspace (64 sequences at 40,960 positions) 162.50 MiB')
+    expect(m).toContain('logit processors (penalties, bias, masks) for 64 sequences 56.95 MiB')
     expect(m).toContain('plus a safety margin of 1.65 GiB (256 MiB and 1% of the device')
     expect(m).toContain("but 20.00 GiB of the device's 140.40 GiB are free")
     // The largest KV cache that fits, found independently: every block costs its k and v rows,
@@ -307,20 +334,28 @@ const fresh = (spec: TinyModelSpec) => writeTinyModel(join(root, `m${count++}`),
 function heldTensors(model: Transformer): Set<NativeTensor> {
   const m = model as unknown as Record<string, unknown>
   const all = new Set<NativeTensor>()
-  const walk = (x: unknown): void => {
-    if (!x || typeof x !== 'object') return
-    if ('nbytes' in x && 'dispose' in x && 'shape' in x) {
-      all.add(x as NativeTensor)
-      return
-    }
-    for (const [key, v] of Object.entries(x)) if (key !== 'gatherIds') walk(v) // gather ids: made per step shape, 8 bytes a row
-  }
+  const walk = tensorWalk(all)
   for (const key of ['weights', 'cache', 'act', 'cosSin', 'tp']) walk(m[key])
   const head = m['head'] as Record<string, unknown>
   for (const key of ['params', 'out', 'remap']) walk(head[key])
   walk((m['inputs'] as Record<string, unknown>)['buffer'])
   return all
 }
+
+/** Adds to `into` every tensor found in what it is given, through objects and arrays. */
+function tensorWalk(into: Set<NativeTensor>): (x: unknown) => void {
+  const walk = (x: unknown): void => {
+    if (!x || typeof x !== 'object') return
+    if ('nbytes' in x && 'dispose' in x && 'shape' in x) {
+      into.add(x as NativeTensor)
+      return
+    }
+    for (const [key, v] of Object.entries(x)) if (key !== 'gatherIds') walk(v) // gather ids: made per step shape, 8 bytes a row
+  }
+  return walk
+}
+
+const bytesOf = (tensors: Set<NativeTensor>) => [...tensors].reduce((s, t) => s + t.nbytes, 0)
 
 // o_proj's K = 8 heads of 16 = 8 partitions of 16, as tensor parallelism needs.
 const TP_SPEC: TinyModelSpec = { architecture: 'LlamaForCausalLM', hiddenSize: 64, numHeads: 8, numKvHeads: 8, headDim: 16, intermediateSize: 128, vocabSize: 280 }
@@ -337,7 +372,7 @@ const SPECS: { name: string; spec: TinyModelSpec; tensorParallel?: number; unfus
 
 describe('the estimate against what Transformer.load allocates', () => {
   for (const { name, spec, tensorParallel, unfusedLayers } of SPECS) {
-    it(`${name}: the same bytes`, async () => {
+    it(`${name}: the same bytes (the logit processors' table at its first use)`, async () => {
       const tiny = fresh(spec)
       const sizes = { maxBatchTokens: 48, maxLogitRows: 12, kvBlocks: 10, kvBlockSize: 8 }
       const model = await Transformer.load(tiny.dir, {
@@ -349,9 +384,21 @@ describe('the estimate against what Transformer.load allocates', () => {
       })
       try {
         const config = await loadModelConfig(tiny.dir)
-        const m = estimateLoadMemory(config, { ...sizes, tensorParallel: tensorParallel ?? 0, decodeWorkspaceRows: 0, unfusedLayers: unfusedLayers === true })
-        const held = [...heldTensors(model)].reduce((s, t) => s + t.nbytes, 0)
-        expect(held).toBe(m.total)
+        expect(model.logitProcessorRows).toBe(12) // min(maxBatchTokens, maxLogitRows)
+        const m = estimateLoadMemory(config, {
+          ...sizes,
+          tensorParallel: tensorParallel ?? 0,
+          decodeWorkspaceRows: 0,
+          logitProcessorRows: 12,
+          unfusedLayers: unfusedLayers === true,
+        })
+        // The table is in the estimate but not in the load: the first request that uses it allocates it.
+        const table = m.other.find((o) => o.what === 'logit processors (penalties, bias, masks) for 12 sequences')!
+        expect(bytesOf(heldTensors(model))).toBe(m.total - table.bytes)
+        const head = (model as unknown as { head: OutputHead }).head
+        const allocated = new Set<NativeTensor>()
+        tensorWalk(allocated)(head.processorTable())
+        expect(bytesOf(allocated)).toBe(table.bytes)
       } finally {
         model.dispose()
       }
@@ -373,7 +420,9 @@ describe('the estimate against what Transformer.load allocates', () => {
       }),
     ).rejects.toBe(refused)
     expect(fromBuffer).not.toHaveBeenCalled()
-    expect(seen).toBe(estimateLoadMemory(config, { maxBatchTokens: 1, maxLogitRows: 1, kvBlocks: 1, kvBlockSize: 1, tensorParallel: 0, decodeWorkspaceRows: 0 }).weights)
+    expect(seen).toBe(
+      estimateLoadMemory(config, { maxBatchTokens: 1, maxLogitRows: 1, kvBlocks: 1, kvBlockSize: 1, tensorParallel: 0, decodeWorkspaceRows: 0, logitProcessorRows: 0 }).weights,
+    )
   })
 })
 
