@@ -231,14 +231,18 @@ export function deviceMemoryMessage(
   } else {
     lines.push('Even a KV cache of one block does not fit beside the other buffers.')
   }
-  // One sequence (`detinfer generate` and `score`) is as small as the workspace gets.
-  const workspace = s.decodeWorkspaceRows > 1 ? need.other.find((o) => o.what.startsWith('decode attention workspace')) : undefined
+  // One sequence (`detinfer generate` and `score`) is as small as these get.
+  const perSequence =
+    s.decodeWorkspaceRows > 1 || s.logitProcessorRows > 1
+      ? need.other.filter((o) => o.what.startsWith('decode attention workspace') || o.what.startsWith('logit processors'))
+      : []
+  const named = perSequence.map((o) => `the ${formatBytes(o.bytes)} ${o.what.startsWith('logit') ? 'logit-processor table' : 'decode attention workspace'}`)
   lines.push(
     `The activations and logits shrink with maxBatchTokens (tokens per forward pass, now ${count(s.maxBatchTokens)}; ` +
       '`detinfer serve --max-batch-tokens`)' +
-      (workspace
-        ? `, and the ${formatBytes(workspace.bytes)} decode attention workspace with maxBatchSize (sequences decoded ` +
-          `together, now ${count(s.decodeWorkspaceRows)}; \`detinfer serve --max-batch-size\`).`
+      (named.length > 0
+        ? `, and ${named.join(' and ')} with maxBatchSize (sequences decoded ` +
+          `together, now ${count(Math.max(s.decodeWorkspaceRows, s.logitProcessorRows))}; \`detinfer serve --max-batch-size\`).`
         : '.'),
   )
   return lines.join(' ')

@@ -996,7 +996,8 @@ function toolArguments(text: string, param: string): Record<string, unknown> {
   } catch {
     parsed = undefined
   }
-  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed))
+  // A float alone (`1.0`) comes back from parseJsonKeepingFloats as a boxed Number: an object, not a plain one.
+  if (!isPlainObject(parsed))
     throw invalidRequest(`Expected a JSON object as text for ${param} but received ${JSON.stringify(text.length > 80 ? text.slice(0, 80) + '...' : text)}`, param, 'invalid_value')
   return parsed as Record<string, unknown>
 }

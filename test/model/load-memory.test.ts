@@ -277,7 +277,7 @@ describe('the check against the free memory', () => {
     expect(m).toContain('`--kv-cache-tokens` of `detinfer generate`, `score` and `serve`')
     expect(m).toContain('maxBatchTokens (tokens per forward pass, now 2,048; `detinfer serve --max-batch-tokens`)')
     expect(m).toContain(
-      'and the 162.50 MiB decode attention workspace with maxBatchSize (sequences decoded together, now 64; `detinfer serve --max-batch-size`).',
+      'and the 162.50 MiB decode attention workspace and the 56.95 MiB logit-processor table with maxBatchSize (sequences decoded together, now 64; `detinfer serve --max-batch-size`).',
     )
   })
 
@@ -306,12 +306,12 @@ describe('the check against the free memory', () => {
   })
 
   it('leaves maxBatchSize out of the advice at one sequence, as generate and score load', () => {
-    const sizes = { ...CUDA_SIZES, decodeWorkspaceRows: 1 }
+    const sizes = { ...CUDA_SIZES, decodeWorkspaceRows: 1, logitProcessorRows: 1 }
     expect(() => checkDeviceMemory('/m', QWEN3_0_6B, sizes, { free: 4 * GiB, total: 8 * GiB })).toThrow(/`detinfer serve --max-batch-tokens`\)\.$/)
   })
 
-  it('leaves the decode workspace out of the advice when the load has none', () => {
-    const sizes = { ...CUDA_SIZES, decodeWorkspaceRows: 0 }
+  it('leaves the decode workspace and the logit-processor table out of the advice when the load has neither', () => {
+    const sizes = { ...CUDA_SIZES, decodeWorkspaceRows: 0, logitProcessorRows: 0 }
     expect(() => checkDeviceMemory('/m', QWEN3_0_6B, sizes, { free: 4 * GiB, total: 8 * GiB })).toThrow(/`detinfer serve --max-batch-tokens`\)\.$/)
   })
 })

@@ -541,6 +541,12 @@ describe('tool calls (--tool-call-parser hermes, in-process, the openai client)'
       'Expected a JSON object as text for messages[1].tool_calls[0].function.arguments but received "{\\"city\\": Paris}"',
       'invalid_value',
     ],
+    [
+      { messages: [{ role: 'user', content: 'x' }, { role: 'assistant', content: null, tool_calls: [{ id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '1.0' } }] }] },
+      'messages[1].tool_calls[0].function.arguments',
+      'Expected a JSON object as text for messages[1].tool_calls[0].function.arguments but received "1.0"',
+      'invalid_value',
+    ],
   ])('refuses %j', async (extra, param, message, code) => {
     const res = await server.app.inject({ method: 'POST', url: '/v1/chat/completions', payload: { model: 'tools', messages, tools: TOOLS, ...extra } })
     expect(res.statusCode).toBe(400)
