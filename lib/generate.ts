@@ -63,7 +63,9 @@ export type ResponseFormat =
   | { type: 'grammar'; grammar: string }
   /**
    * Text of an xgrammar structural tag's `format` (vLLM's structured_outputs.structural_tag): free
-   * text with tags whose contents are held to JSON schemas once a trigger appears, say.
+   * text with tags whose contents are held to JSON schemas once a trigger appears, say. The formats
+   * and fields of xgrammar 0.1.27 are taken; another, which it would ignore, is refused naming its
+   * place.
    */
   | { type: 'structural_tag'; format: { readonly [key: string]: unknown } }
 

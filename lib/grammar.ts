@@ -7,13 +7,16 @@
 // xgrammar's checks abort the WebAssembly module: a schema it cannot read (`{"type": 5}`, a $ref
 // to nothing, a pattern that is no regular expression) prints "[FATAL] file:line: Check failed:
 // ..." and "Aborted()" through the module's printErr, then throws a RuntimeError, with whatever the
-// C++ code had allocated leaked. So schemas are first tried in a worker thread that holds its own
-// instance of the module: the reason it printed comes back as the GrammarError's message, and a
-// worker whose module aborted is stopped (its memory with it) and replaced. Only schemas that
-// passed there are compiled, with the model's vocabulary, in this thread, by an instance that
-// prints nowhere; should it abort all the same, it is dropped as a whole and the next request
-// builds another. Before any of that, keywords xgrammar would silently not enforce are refused,
-// as vLLM refuses them (unsupportedKeyword).
+// C++ code had allocated leaked; a structural tag it refuses throws a C++ exception instead, which
+// reaches JavaScript as a bare number. So schemas are first tried in a worker thread that holds its
+// own instance of the module: the reason it printed (or the exception's message, read out of the
+// module's memory) comes back as the GrammarError's message, and a worker whose module aborted or
+// threw is stopped (its memory with it) and replaced. Only schemas that passed there are compiled,
+// with the model's vocabulary, in this thread, by an instance that prints nowhere; should it abort
+// all the same, it is dropped as a whole and the next request builds another. Before any of that,
+// keywords xgrammar would silently not enforce are refused, as vLLM refuses them
+// (unsupportedKeyword), and so are the parts of a structural tag it would not read
+// (unsupportedStructuralTagPart).
 //
 // Costs (a 151,936-token vocabulary): the first constraint of an engine takes 150-250 ms
 // (TokenizerInfo, compiler); compiling a schema 30-120 ms, once (the engine keeps the last 64 compiled); a
@@ -149,6 +152,13 @@ function xgrammarFile(): string {
 const DYNAMIC_IMPORT = "await import('module')"
 const STATIC_REQUIRE = "require('module')"
 
+/**
+ * The bundle's emscripten module, which it keeps to itself: the checking worker exports it as
+ * `__binding()`, to read the message of a C++ exception in its memory (WORKER_SOURCE).
+ */
+const BINDING = 'let binding = null;'
+const BINDING_EXPORTED = 'let binding = null; exports.__binding = () => binding;'
+
 let source: string | null = null
 function xgrammarSource(): string {
   return (source ??= readFileSync(xgrammarFile(), 'utf8').replace(DYNAMIC_IMPORT, STATIC_REQUIRE))
@@ -166,7 +176,9 @@ export function abortReason(lines: readonly string[], err: unknown): string {
     fatal === undefined
       ? err instanceof Error
         ? err.message
-        : String(err)
+        : typeof err === 'number'
+          ? 'xgrammar threw a C++ exception'
+          : String(err)
       : fatal
           .replace(/^\[FATAL\]\s*(?:\S+?:\d+:\s*)?/, '')
           .replace(/^Check failed: .*? is false:\s*/, '')
@@ -175,7 +187,12 @@ export function abortReason(lines: readonly string[], err: unknown): string {
   return reason.length > MAX_REASON_CHARS ? `${reason.slice(0, MAX_REASON_CHARS)}... (${reason.length} characters)` : reason
 }
 
-const isAbort = (err: unknown): boolean => err instanceof WebAssembly.RuntimeError || (err instanceof Error && err.name === 'RuntimeError')
+/**
+ * Whether a call of the module failed in a way that leaves it in a state nothing vouches for: an
+ * abort (a RuntimeError), or a C++ exception, which reaches JavaScript as the address of its object
+ * (a number) with the C++ frames it crossed never unwound (their memory leaked).
+ */
+const isAbort = (err: unknown): boolean => typeof err === 'number' || err instanceof WebAssembly.RuntimeError || (err instanceof Error && err.name === 'RuntimeError')
 
 // ---------------------------------------------------------------------------------------------
 // response_format
@@ -243,6 +260,8 @@ function structuralSpec(type: 'regex' | 'choice' | 'grammar' | 'structural_tag',
     tag = format['format']
     if (!isPlainObject(tag))
       throw new GrammarError(`Expected an object (a structural tag's format) for response_format.format but received ${describeValue(tag)}`)
+    const unsupported = unsupportedStructuralTagPart(tag)
+    if (unsupported !== null) throw new GrammarError(`The structural tag cannot be used: ${unsupported}`)
     what = 'The structural tag'
   } else {
     const choices = format['choices']
@@ -255,7 +274,75 @@ function structuralSpec(type: 'regex' | 'choice' | 'grammar' | 'structural_tag',
     tag = { type: 'or', elements: values.map((value) => ({ type: 'const_string', value })) }
     what = 'The choices'
   }
-  return { kind: 'structural_tag', text: JSON.stringify({ type: 'structural_tag', format: tag }), fromRequest: true, what }
+  let json: string
+  try {
+    json = JSON.stringify({ type: 'structural_tag', format: tag })
+  } catch (err) {
+    // Cyclic, or nested past the stack.
+    throw new GrammarError(`${what} cannot be written as JSON: ${(err as Error).message}`)
+  }
+  return { kind: 'structural_tag', text: json, fromRequest: true, what }
+}
+
+/**
+ * The fields of each format of a structural tag, as the xgrammar build detinfer uses (0.1.27) reads
+ * them. It ignores a field it does not know (a newer version's `excludes`, a json_schema's
+ * `style`), which would leave that part of the format unenforced without a word, so such a field
+ * is refused, and so is a format it does not know (a newer version's optional, plus, token, ...).
+ */
+const STRUCTURAL_TAG_FORMATS: Readonly<Record<string, readonly string[]>> = {
+  any_text: [],
+  const_string: ['value'],
+  json_schema: ['json_schema'],
+  qwen_xml_parameter: ['json_schema'],
+  grammar: ['grammar'],
+  regex: ['pattern'],
+  sequence: ['elements'],
+  or: ['elements'],
+  tag: ['begin', 'content', 'end'],
+  triggered_tags: ['triggers', 'tags', 'at_least_one', 'stop_after_first'],
+  tags_with_separator: ['tags', 'separator', 'at_least_one', 'stop_after_first'],
+}
+
+/**
+ * The first part of a structural tag's format (by its place: "format.elements[1]") that xgrammar
+ * would not read, or whose JSON schema has a keyword it would not enforce (unsupportedKeyword);
+ * null when there is none. Shapes xgrammar reads but refuses (a missing field, a tag no trigger
+ * begins) are left to it: it names them.
+ */
+function unsupportedStructuralTagPart(format: unknown): string | null {
+  const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v)
+  // [format, its place, whether it is a tag of a list of tags (whose type may be left out)]
+  const pending: [unknown, string, boolean][] = [[format, 'format', false]]
+  // A cyclic format is refused when it is written as JSON.
+  const seen = new Set<object>()
+  while (pending.length) {
+    const [node, at, inTags] = pending.pop()!
+    if (!isObject(node) || seen.has(node)) continue
+    seen.add(node)
+    const type = node['type'] ?? (inTags ? 'tag' : undefined)
+    if (typeof type !== 'string') continue
+    const fields = Object.hasOwn(STRUCTURAL_TAG_FORMATS, type) ? STRUCTURAL_TAG_FORMATS[type]! : null
+    if (fields === null)
+      return `${at}.type ${JSON.stringify(type)} is not a format xgrammar 0.1.27 knows (${Object.keys(STRUCTURAL_TAG_FORMATS).join(', ')})`
+    const unknown = Object.keys(node).find((key) => key !== 'type' && !fields.includes(key))
+    if (unknown !== undefined) return `${at}.${unknown} is not a field of a ${type} format in xgrammar 0.1.27, which would not enforce it`
+    if (type === 'json_schema' || type === 'qwen_xml_parameter') {
+      const found = unsupportedKeyword(node['json_schema'])
+      if (found !== null) return `${at}.json_schema: ${found}`
+    }
+    const children: [unknown, string, boolean][] = []
+    const list = (key: string, tags: boolean) => {
+      const items = node[key]
+      if (Array.isArray(items)) items.forEach((item, i) => children.push([item, `${at}.${key}[${i}]`, tags]))
+    }
+    if (type === 'sequence' || type === 'or') list('elements', false)
+    if (type === 'triggered_tags' || type === 'tags_with_separator') list('tags', true)
+    if (type === 'tag') children.push([node['content'], `${at}.content`, false])
+    // Depth first, in the order written.
+    pending.push(...children.reverse())
+  }
+  return null
 }
 
 /** The string formats xgrammar generates (others it would not enforce). */
@@ -653,10 +740,31 @@ const keep = (...args) => {
 for (const name of ['log', 'error', 'warn', 'info', 'debug', 'trace']) console[name] = keep
 const file = workerData.file
 const module = { exports: {} }
-const text = readFileSync(file, 'utf8').replace(\"${DYNAMIC_IMPORT}\", \"${STATIC_REQUIRE}\")
+const text = readFileSync(file, 'utf8').replace(\"${DYNAMIC_IMPORT}\", \"${STATIC_REQUIRE}\").replace(\"${BINDING}\", \"${BINDING_EXPORTED}\")
 new Function('exports', 'module', 'require', '__filename', '__dirname', text)(module.exports, module, createRequire(file), file, dirname(file))
-const { Grammar } = module.exports
+const { Grammar, __binding } = module.exports
 const JSON_OPTIONS = ${JSON.stringify(JSON_SCHEMA_OPTIONS)}
+// A C++ exception (xgrammar's refusal of a structural tag: "Invalid structural tag error: Format
+// type not recognized: foo") reaches JavaScript as the address of its object. xgrammar's errors
+// derive from std::runtime_error, whose message libc++ keeps as a C string that the word after
+// the object's vtable points to. Null when that does not read as a line of text.
+function thrownMessage(address) {
+  const binding = typeof __binding === 'function' ? __binding() : null
+  if (!binding || !binding.HEAPU8 || !binding.HEAPU32) return null
+  const heap = binding.HEAPU8
+  const at = binding.HEAPU32[(address >>> 2) + 1]
+  if (!at || at >= heap.length) return null
+  const end = heap.indexOf(0, at)
+  if (end <= at || end - at > ${MAX_REASON_CHARS * 4}) return null
+  let message
+  try {
+    message = new TextDecoder('utf-8', { fatal: true }).decode(heap.subarray(at, end))
+  } catch {
+    return null
+  }
+  if (/[\\x00-\\x1f]/.test(message)) return null
+  return message.replace(/^Invalid [A-Za-z ]+ error: /, '')
+}
 port.on('message', async ({ kind, text }) => {
   lines = []
   try {
@@ -664,8 +772,11 @@ port.on('message', async ({ kind, text }) => {
     grammar.dispose()
     port.postMessage({ ok: true })
   } catch (err) {
-    const aborted = err instanceof WebAssembly.RuntimeError
-    port.postMessage({ lines, message: err && err.message ? String(err.message) : String(err), aborted })
+    // A C++ exception leaves the module as an abort does (the frames it crossed never unwound).
+    const thrown = typeof err === 'number'
+    const aborted = thrown || err instanceof WebAssembly.RuntimeError
+    const message = thrown ? (thrownMessage(err) ?? 'xgrammar refused it without saying why') : err && err.message ? String(err.message) : String(err)
+    port.postMessage({ lines, message, aborted })
   }
 })
 port.postMessage({ ready: true })

@@ -289,6 +289,41 @@ describe('regular expressions, choices and EBNF grammars (structural tags)', () 
     d.dispose()
   })
 
+  it('refuses a structural tag xgrammar refuses with its reason, and a format or field it would not read, or a keyword it would not enforce, by its place; printing nothing', async () => {
+    const engine = engineFor(t)
+    const tag = (content: unknown) => ({ type: 'tag', begin: '<a>', content, end: '</a>' })
+    const cases: [unknown, string][] = [
+      // xgrammar's own refusals (C++ exceptions, whose message is read out of its memory).
+      [{ type: 'or', elements: [{ type: 'any_text' }, { type: 'const_string', value: 'a' }] }, 'Now we only support all elements in an or format to be unlimited or all limited'],
+      [{ type: 'triggered_tags', triggers: ['<b'], tags: [tag({ type: 'any_text' })] }, 'One tag does not match any trigger in a triggered tags format'],
+      [{ type: 'const_string' }, 'ConstString format must have a value field with a non-empty string'],
+      [{ type: 'sequence', elements: [] }, 'Sequence format must have at least one element'],
+      // What it would not read, or not enforce.
+      [{ type: 'optional', content: { type: 'const_string', value: 'a' } }, 'format.type "optional" is not a format xgrammar 0.1.27 knows (any_text, const_string, json_schema,'],
+      [{ type: 'triggered_tags', triggers: ['<a'], tags: [tag({ type: 'any_text' })], excludes: ['x'] }, 'format.excludes is not a field of a triggered_tags format in xgrammar 0.1.27, which would not enforce it'],
+      [{ type: 'sequence', elements: [{ type: 'const_string', value: 'a' }, tag({ type: 'json_schema', json_schema: {}, style: 'qwen_xml' })] }, 'format.elements[1].content.style is not a field of a json_schema format'],
+      [{ type: 'tags_with_separator', separator: ',', tags: [{ begin: '<a>', content: { type: 'json_schema', json_schema: { type: 'object', properties: { n: { type: 'integer', multipleOf: 2 } } } }, end: '</a>' }] }, 'format.tags[0].content.json_schema: multipleOf (at #/properties/n) is not supported'],
+    ]
+    const writes = [vi.spyOn(process.stderr, 'write'), vi.spyOn(process.stdout, 'write')]
+    try {
+      for (const [format, message] of cases) {
+        const err = await engine.constrain({ type: 'structural_tag', format: format as Record<string, unknown> }).catch((e: unknown) => e)
+        expect(err, JSON.stringify(format)).toBeInstanceOf(GrammarError)
+        expect((err as Error).message).toContain(`The structural tag cannot be used: ${message}`)
+      }
+      const cyclic: Record<string, unknown> = { type: 'sequence' }
+      cyclic['elements'] = [cyclic]
+      await expect(engine.constrain({ type: 'structural_tag', format: cyclic })).rejects.toThrow(/^The structural tag cannot be written as JSON: /)
+      for (const spy of writes) expect(spy.mock.calls).toEqual([])
+    } finally {
+      for (const spy of writes) spy.mockRestore()
+    }
+    // The worker whose module threw was replaced: a good tag after the bad ones.
+    const c = (await engine.constrain({ type: 'structural_tag', format: { type: 'triggered_tags', triggers: ['<a>'], tags: [tag({ type: 'regex', pattern: '[0-9]+' })] } }))!
+    await drive(c, idsOf(t, 'Count: <a>42</a> ok'), show)
+    c.dispose()
+  })
+
   it('refuses a regex or a grammar xgrammar cannot read, naming why and printing nothing; an empty choice list by its shape', async () => {
     const engine = engineFor(t)
     const err = vi.spyOn(process.stderr, 'write')
@@ -433,6 +468,8 @@ describe('schemas that cannot be used', () => {
       'Regex parsing error at position 3: Lookbehind is not supported yet.',
     )
     expect(abortReason([], new Error('Aborted()'))).toBe('Aborted()')
+    // A C++ exception reaches JavaScript as the address of its object.
+    expect(abortReason([], 141064)).toBe('xgrammar threw a C++ exception')
     expect(abortReason([`[FATAL] a.cc:1: ${'x'.repeat(5000)}`], null)).toMatch(/^x{1000}\.\.\. \(5000 characters\)$/)
   })
 })

@@ -946,6 +946,13 @@ describe('detinfer serve --tool-call-parser hermes (openai client, a chat templa
     const counted = [{ type: 'function' as const, function: { name: 'count', parameters: { type: 'object', properties: { n: { type: 'integer', multipleOf: 2 } } } } }]
     for (const tool_choice of ['required', { type: 'function', function: { name: 'count' } }] as const)
       await expect(client.chat.completions.create({ ...base, tools: counted, tool_choice })).rejects.toMatchObject({ status: 400, param: 'tools', code: 'invalid_value' })
+    // So are a strict tool's, whose calls the model chooses to make.
+    const strictCounted = counted.map((t) => ({ ...t, function: { ...t.function, strict: true } }))
+    await expect(client.chat.completions.create({ ...base, tools: strictCounted })).rejects.toMatchObject({
+      status: 400,
+      param: 'tools',
+      message: expect.stringContaining("The tools' parameters cannot hold a call: The structural tag cannot be used: format.tags[0].content.json_schema: multipleOf (at #/properties/n) is not supported"),
+    })
   })
 })
 
