@@ -65,7 +65,7 @@ export type ResponseFormat =
    * Text of an xgrammar structural tag's `format` (vLLM's structured_outputs.structural_tag): free
    * text with tags whose contents are held to JSON schemas once a trigger appears, say. The formats
    * and fields of xgrammar 0.1.27 are taken; another, which it would ignore, is refused naming its
-   * place.
+   * place. The JSON of its json_schema formats is written on one line, as a json_schema format's.
    */
   | { type: 'structural_tag'; format: { readonly [key: string]: unknown } }
 

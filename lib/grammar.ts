@@ -101,7 +101,10 @@ export interface GrammarVocabularySource {
 export const SCHEMA_CHECK_TIMEOUT_MS = 10_000
 /** How long the checking worker may take to start. */
 const WORKER_STARTUP_TIMEOUT_MS = 60_000
-/** Schemas that passed the check are remembered (their JSON text, up to this many characters in all) and not checked again. */
+/**
+ * Schemas that passed the check are remembered (their JSON text and the text compiled of it, up to
+ * this many characters in all) and not checked again.
+ */
 const CHECKED_SCHEMA_CHARS = 4_000_000
 /** Compiled grammars an engine keeps for the schemas that come again. */
 const COMPILED_GRAMMARS = 64
@@ -111,7 +114,10 @@ const COMPILED_GRAMMARS = 64
  * would be 2), and xgrammar's strict mode (no properties the schema does not name, unless it
  * allows them). vLLM's default lets any whitespace through, with which a model can fill its whole
  * answer with newlines between two elements (the shipped model does, and vLLM has a switch
- * against it, disable_any_whitespace); one way of writing leaves no room for that.
+ * against it, disable_any_whitespace); one way of writing leaves no room for that. The JSON of a
+ * structural tag is written so too: xgrammar's own json_schema format there lets any whitespace
+ * through, so the checking worker turns each into a grammar format holding the EBNF of the
+ * schema's JSON written this way (WORKER_SOURCE, compactJsonFormats).
  */
 const JSON_SCHEMA_OPTIONS = [false, -1] as const
 /** The longest reason a GrammarError quotes from xgrammar. */
@@ -422,8 +428,8 @@ export class GrammarEngine {
   /** What `instance` resolved to. */
   private built: Instance | null = null
   private readonly checker = new SchemaChecker()
-  /** Schemas that passed the check, least recently used first, and their characters in all. */
-  private readonly checked = new Set<string>()
+  /** Schemas that passed the check, least recently used first, with the text to compile of each, and their characters in all. */
+  private readonly checked = new Map<string, string>()
   private checkedChars = 0
   private readonly live = new Set<Constraint>()
   private disposed = false
@@ -445,12 +451,12 @@ export class GrammarEngine {
     this.checkLive()
     const spec = grammarSpec(format)
     if (spec === null) return null
-    if (spec.fromRequest) await this.check(spec)
+    const text = spec.fromRequest ? await this.check(spec) : spec.text
     this.checkLive()
     const instance = await this.ready()
     this.checkLive()
     try {
-      const compiled = await this.compiled(instance, spec)
+      const compiled = await this.compiled(instance, spec, text)
       this.checkLive()
       const matcher = await instance.xg.GrammarMatcher.createGrammarMatcher(compiled)
       const constraint = new Constraint(matcher, instance, this.vocabSize, (c) => this.live.delete(c))
@@ -468,12 +474,13 @@ export class GrammarEngine {
 
   /**
    * The schema's compiled grammar, from this engine's cache of the last COMPILED_GRAMMARS (most
-   * recently used kept), or compiled now. xgrammar's own cache has no bound in its WebAssembly
+   * recently used kept), or compiled now from `text` (what the check made of the spec's text).
+   * xgrammar's own cache has no bound in its WebAssembly
    * build (a server that met many distinct schemas would grow its memory until the module
    * aborted), so it is off, and this one disposes of what it drops: a matcher keeps what it needs
    * of its grammar.
    */
-  private async compiled(instance: Instance, spec: GrammarSpec): Promise<CompiledGrammar> {
+  private async compiled(instance: Instance, spec: GrammarSpec, text: string): Promise<CompiledGrammar> {
     const key = `${spec.kind}\n${spec.text}`
     const cached = instance.compiled.get(key)
     if (cached) {
@@ -482,9 +489,7 @@ export class GrammarEngine {
       return cached
     }
     const compiled =
-      spec.kind === 'json_schema'
-        ? await instance.compiler.compileJSONSchema(spec.text, ...JSON_SCHEMA_OPTIONS)
-        : await instance.compiler.compileStructuralTag(spec.text)
+      spec.kind === 'json_schema' ? await instance.compiler.compileJSONSchema(text, ...JSON_SCHEMA_OPTIONS) : await instance.compiler.compileStructuralTag(text)
     instance.compiled.set(key, compiled)
     for (const [key, old] of instance.compiled) {
       if (instance.compiled.size <= COMPILED_GRAMMARS) break
@@ -510,22 +515,25 @@ export class GrammarEngine {
     if (this.disposed) throw new DisposedError('grammar engine')
   }
 
-  /** Checks a request's grammar in the worker, unless it passed before. */
-  private async check(spec: GrammarSpec): Promise<void> {
-    const text = `${spec.kind}\n${spec.text}`
-    if (this.checked.delete(text)) {
-      this.checked.add(text)
-      return
+  /** Checks a request's grammar in the worker, unless it passed before; the text to compile. */
+  private async check(spec: GrammarSpec): Promise<string> {
+    const key = `${spec.kind}\n${spec.text}`
+    const known = this.checked.get(key)
+    if (known !== undefined) {
+      this.checked.delete(key)
+      this.checked.set(key, known)
+      return known
     }
-    await this.checker.check(spec)
-    if (this.checked.has(text) || text.length > CHECKED_SCHEMA_CHARS) return
-    this.checked.add(text)
-    this.checkedChars += text.length
-    for (const old of this.checked) {
+    const text = await this.checker.check(spec)
+    if (this.checked.has(key) || key.length + text.length > CHECKED_SCHEMA_CHARS) return text
+    this.checked.set(key, text)
+    this.checkedChars += key.length + text.length
+    for (const [old, oldText] of this.checked) {
       if (this.checkedChars <= CHECKED_SCHEMA_CHARS) break
       this.checked.delete(old)
-      this.checkedChars -= old.length
+      this.checkedChars -= old.length + oldText.length
     }
+    return text
   }
 
   private ready(): Promise<Instance> {
@@ -765,12 +773,37 @@ function thrownMessage(address) {
   if (/[\\x00-\\x1f]/.test(message)) return null
   return message.replace(/^Invalid [A-Za-z ]+ error: /, '')
 }
+// A structural tag with each of its json_schema formats turned into a grammar format holding the
+// EBNF of the schema's JSON as JSON_OPTIONS write it (on one line), which xgrammar's own
+// json_schema format there does not: it lets any whitespace through.
+async function compactJsonFormats(text) {
+  const tag = JSON.parse(text)
+  const pending = [tag.format]
+  while (pending.length) {
+    const node = pending.pop()
+    if (Array.isArray(node)) pending.push(...node)
+    else if (node && typeof node === 'object') {
+      if (node.type !== 'json_schema') {
+        pending.push(node.elements, node.tags, node.content)
+        continue
+      }
+      const grammar = await Grammar.fromJSONSchema(JSON.stringify(node.json_schema), ...JSON_OPTIONS)
+      node.type = 'grammar'
+      node.grammar = grammar.toString()
+      delete node.json_schema
+      grammar.dispose()
+    }
+  }
+  return JSON.stringify(tag)
+}
 port.on('message', async ({ kind, text }) => {
   lines = []
   try {
-    const grammar = kind === 'json_schema' ? await Grammar.fromJSONSchema(text, ...JSON_OPTIONS) : await Grammar.fromStructuralTag(text)
+    // What the engine compiles: a JSON schema as it is; a structural tag with its JSON compacted.
+    const compiled = kind === 'json_schema' ? text : await compactJsonFormats(text)
+    const grammar = kind === 'json_schema' ? await Grammar.fromJSONSchema(text, ...JSON_OPTIONS) : await Grammar.fromStructuralTag(compiled)
     grammar.dispose()
-    port.postMessage({ ok: true })
+    port.postMessage({ ok: true, compiled })
   } catch (err) {
     // A C++ exception leaves the module as an abort does (the frames it crossed never unwound).
     const thrown = typeof err === 'number'
@@ -782,11 +815,12 @@ port.on('message', async ({ kind, text }) => {
 port.postMessage({ ready: true })
 `
 
-type CheckReply = { ready?: true; ok?: true; lines?: string[]; message?: string; aborted?: boolean }
+/** A reply of the worker: ready to check; the grammar can be compiled, from `compiled`; or why not. */
+type CheckReply = { ready?: true; ok?: true; compiled?: string; lines?: string[]; message?: string; aborted?: boolean }
 
 interface PendingCheck {
   spec: GrammarSpec
-  resolve: () => void
+  resolve: (compiled: string) => void
   reject: (err: unknown) => void
 }
 
@@ -807,10 +841,13 @@ class SchemaChecker {
   private readonly queue: PendingCheck[] = []
   private closed = false
 
-  /** Resolves when xgrammar can compile the grammar; rejects with GrammarError naming the problem when it cannot. */
-  check(spec: GrammarSpec): Promise<void> {
+  /**
+   * Resolves with the text to compile when xgrammar can compile the grammar (a structural tag's
+   * JSON compacted); rejects with GrammarError naming the problem when it cannot.
+   */
+  check(spec: GrammarSpec): Promise<string> {
     if (this.closed) return Promise.reject(new DisposedError('grammar engine'))
-    return new Promise<void>((resolve, reject) => {
+    return new Promise<string>((resolve, reject) => {
       this.queue.push({ spec, resolve, reject })
       this.next()
     })
@@ -854,7 +891,7 @@ class SchemaChecker {
     clearTimeout(r.timer)
     r.current = null
     if (reply.aborted) this.stop(r) // its module aborted: the next check gets a fresh one
-    if (reply.ok) pending.resolve()
+    if (reply.ok) pending.resolve(reply.compiled ?? pending.spec.text)
     else {
       const reason = abortReason(reply.lines ?? [], new Error(reply.message ?? 'unknown error'))
       pending.reject(new GrammarError(`${pending.spec.what} cannot be used: ${reason}`))

@@ -289,6 +289,25 @@ describe('regular expressions, choices and EBNF grammars (structural tags)', () 
     d.dispose()
   })
 
+  it('JSON inside a structural tag is written one way too: no whitespace but ", " and ": " (xgrammar\'s own would let any through)', async () => {
+    const engine = engineFor(t)
+    const schema = { type: 'object', properties: { mood: { enum: ['merry', 'sad'] }, loud: { type: 'boolean' } }, required: ['mood', 'loud'] }
+    const format = { type: 'tag', begin: '<mood>', content: { type: 'json_schema', json_schema: schema }, end: '</mood>' }
+    const c = (await engine.constrain({ type: 'structural_tag', format }))!
+    const whitespaceOnly = (id: number) => /^\s+$/.test(new TextDecoder().decode(t.tokenBytes(id)))
+    const text = '<mood>{"mood": "sad", "loud": false}</mood>'
+    const ids = idsOf(t, text)
+    for (const [i, id] of ids.entries()) {
+      const mask = await c.mask()
+      // Where xgrammar's json_schema format would let a newline or a space in: after "<mood>" and "{".
+      if (t.decode(ids.slice(0, i)).endsWith('{')) expect(allowedIds(mask).filter(whitespaceOnly).map(show)).toEqual([])
+      expect(allows(mask, id), show(id)).toBe(true)
+      c.accept(id)
+    }
+    expect(allowedIds(await c.mask()).filter((id) => !t.eosTokenIds.includes(id))).toEqual([])
+    c.dispose()
+  })
+
   it('refuses a structural tag xgrammar refuses with its reason, and a format or field it would not read, or a keyword it would not enforce, by its place; printing nothing', async () => {
     const engine = engineFor(t)
     const tag = (content: unknown) => ({ type: 'tag', begin: '<a>', content, end: '</a>' })
