@@ -8,7 +8,7 @@
 import { randomInt, randomUUID, timingSafeEqual } from 'node:crypto'
 import cors from '@fastify/cors'
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
-import { GrammarError, LogitProcessorTableError, RequestTooLargeError, isPlainObject } from '../errors.js'
+import { describeValue, GrammarError, LogitProcessorTableError, RequestTooLargeError, isPlainObject } from '../errors.js'
 import { EncodeTimeoutError } from '../encode-worker.js'
 import { parseJsonKeepingFloats } from '../chat-template.js'
 import type { Model } from '../api.js'
@@ -524,7 +524,7 @@ export class InferenceServer {
       ...(toolCalls?.format && { responseFormat: toolCalls.format }),
     }
     if (options.responseFormat && body.ignore_eos === true)
-      throw invalidRequest('Expected ignore_eos false or null with a JSON response_format (a complete JSON text ends at EOS) but received true', 'ignore_eos', 'invalid_value')
+      throw invalidRequest('Expected ignore_eos false or null with a response_format or structured_outputs (a complete text ends at EOS) but received true', 'ignore_eos', 'invalid_value')
     return {
       prompts,
       n,
@@ -585,7 +585,11 @@ export class InferenceServer {
     if (strict < 0) return { parser: this.options.toolCallParser, limit }
     // A strict tool: the calls the model writes are held to the tools' parameters.
     if ((body.response_format?.type ?? 'text') !== 'text' || body.structured_outputs)
-      throw invalidRequest(`Expected no JSON response_format or structured_outputs with strict tools (their calls have their own grammar)`, body.structured_outputs ? 'structured_outputs' : 'response_format', 'invalid_value')
+      throw invalidRequest(
+        'Expected response_format text or null and no structured_outputs with strict tools (their calls have their own grammar)',
+        body.structured_outputs ? 'structured_outputs' : 'response_format',
+        'invalid_value',
+      )
     const format = strictHermesCallsFormat(body.tools.map((t) => t.function))
     return { parser: this.options.toolCallParser, limit, format: { type: 'structural_tag', format } }
   }
@@ -1016,10 +1020,11 @@ class ClientGone extends Error {
 /**
  * The library's responseFormat of a body's response_format: OpenAI's json_schema wraps the schema
  * with a name (and description) the grammar does not use; a json_schema without a schema is JSON
- * mode (any JSON object), as json_object.
+ * mode (any JSON object), as json_object; a structural tag (vLLM's) is its format.
  */
 function responseFormatOption(format: ResponseFormatBody | null | undefined): Pick<GenerateOptions, 'responseFormat'> {
   if (!format || format.type === 'text') return {}
+  if (format.type === 'structural_tag') return { responseFormat: { type: 'structural_tag', format: structuralTagFormat(format, 'response_format', 'response_format') } }
   if (format.type !== 'json_schema') return { responseFormat: { type: 'json_object' } }
   const { schema, strict } = format.json_schema
   if (schema === undefined || schema === null) return { responseFormat: { type: 'json_object' } }
@@ -1036,7 +1041,7 @@ function structuredOutputsOption(body: CompletionBody | ChatCompletionBody): Pic
   const given = (Object.keys(so) as (keyof StructuredOutputsBody)[]).filter((k) => so[k] !== null && so[k] !== undefined && !(k === 'json_object' && so[k] === false))
   if (given.length !== 1)
     throw invalidRequest(
-      `Expected exactly one of json, regex, choice, grammar or json_object: true in structured_outputs but received ${given.length ? given.join(', ') : 'none'}`,
+      `Expected exactly one of json, regex, choice, grammar, structural_tag or json_object: true in structured_outputs but received ${given.length ? given.join(', ') : 'none'}`,
       'structured_outputs',
       'invalid_value',
     )
@@ -1047,6 +1052,19 @@ function structuredOutputsOption(body: CompletionBody | ChatCompletionBody): Pic
   if (key === 'choice') return { responseFormat: { type: 'choice', choices: so.choice! } }
   if (key === 'grammar') return { responseFormat: { type: 'grammar', grammar: so.grammar! } }
   if (key === 'json_object') return { responseFormat: { type: 'json_object' } }
+  if (key === 'structural_tag') {
+    let tag: unknown
+    try {
+      tag = JSON.parse(so.structural_tag!)
+    } catch (err) {
+      throw invalidRequest(
+        `Expected a structural tag as JSON text for structured_outputs.structural_tag but received text that is not JSON: ${(err as Error).message}`,
+        'structured_outputs',
+        'invalid_value',
+      )
+    }
+    return { responseFormat: { type: 'structural_tag', format: structuralTagFormat(tag, 'structured_outputs.structural_tag', 'structured_outputs') } }
+  }
   let schema = so.json!
   if (typeof schema === 'string') {
     try {
@@ -1058,6 +1076,41 @@ function structuredOutputsOption(body: CompletionBody | ChatCompletionBody): Pic
       throw invalidRequest('Expected a JSON schema (an object, or its JSON text) for structured_outputs.json', 'structured_outputs', 'invalid_value')
   }
   return { responseFormat: { type: 'json_schema', schema } }
+}
+
+/**
+ * The format of a structural tag as vLLM takes one (response_format's, or structured_outputs'
+ * structural_tag once read from its JSON text): xgrammar's {type: 'structural_tag', format} (type
+ * optional), or the older {structures: [{begin, schema, end}], triggers}, which vLLM hands xgrammar
+ * as tags whose content follows their schema, in free text until a trigger: its triggered_tags.
+ * Errors name the tag's place (`name`) in their message, and `param`. The format itself is checked
+ * by the library (the parts xgrammar would not read) and by xgrammar.
+ */
+function structuralTagFormat(tag: unknown, name: string, param: string): Record<string, unknown> {
+  const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v)
+  const bad = (what: string, at: string, value: unknown) => invalidRequest(`Expected ${what} for ${at} but received ${describeValue(value)}`, param, 'invalid_value')
+  if (!isObject(tag)) throw bad('a structural tag (an object)', name, tag)
+  // vLLM takes a tag with structures for the older form.
+  const legacy = Object.hasOwn(tag, 'structures')
+  const fields = legacy ? ['type', 'structures', 'triggers'] : ['type', 'format']
+  const unknown = Object.keys(tag).find((key) => !fields.includes(key))
+  if (unknown !== undefined)
+    throw invalidRequest(`Unrecognized field supplied: ${name}.${unknown} (a structural tag has ${fields.join(', ')})`, param, 'invalid_value')
+  if (tag['type'] !== undefined && tag['type'] !== 'structural_tag') throw bad("'structural_tag'", `${name}.type`, tag['type'])
+  if (!legacy) {
+    if (!isObject(tag['format'])) throw bad("an object (xgrammar's format)", `${name}.format`, tag['format'])
+    return tag['format']
+  }
+  const { structures, triggers } = tag
+  if (!Array.isArray(structures)) throw bad('an array of {begin, schema, end}', `${name}.structures`, structures)
+  if (!Array.isArray(triggers) || !triggers.every((t) => typeof t === 'string')) throw bad('an array of strings', `${name}.triggers`, triggers)
+  const tags = structures.map((s: unknown, i) => {
+    const shaped = isObject(s) && Object.keys(s).every((key) => ['begin', 'schema', 'end'].includes(key))
+    if (!shaped || typeof s['begin'] !== 'string' || typeof s['end'] !== 'string' || !isObject(s['schema']))
+      throw bad('{begin: string, schema: a JSON schema object, end: string}', `${name}.structures[${i}]`, s)
+    return { type: 'tag', begin: s['begin'], content: { type: 'json_schema', json_schema: s['schema'] }, end: s['end'] }
+  })
+  return { type: 'triggered_tags', triggers, tags }
 }
 
 /**

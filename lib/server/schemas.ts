@@ -61,7 +61,8 @@ const sampling = {
     description: `object of at most ${MAX_LOGIT_BIAS} token ids to biases between -100 and 100, or null`,
   },
   // vLLM's structured outputs: one of a JSON schema (an object, or its JSON text), a regular
-  // expression, a choice of strings, an EBNF grammar (xgrammar's syntax) or JSON mode.
+  // expression, a choice of strings, an EBNF grammar (xgrammar's syntax), a structural tag (its
+  // JSON text, as vLLM takes it; the handler reads it) or JSON mode.
   structured_outputs: {
     type: nullable('object'),
     additionalProperties: false,
@@ -70,18 +71,44 @@ const sampling = {
       regex: { type: nullable('string'), minLength: 1 },
       choice: { type: nullable('array'), items: { type: 'string', minLength: 1 }, minItems: 1 },
       grammar: { type: nullable('string'), minLength: 1 },
+      structural_tag: {
+        type: nullable('string'),
+        minLength: 1,
+        description: 'JSON text of a structural tag ({"type": "structural_tag", "format": {...}} or {"structures": [...], "triggers": [...]}) or null',
+      },
       json_object: { type: nullable('boolean') },
     },
-    description: 'object with one of json (a JSON schema), regex, choice (non-empty strings), grammar (EBNF) or json_object: true, or null',
+    description: 'object with one of json (a JSON schema), regex, choice (non-empty strings), grammar (EBNF), structural_tag (its JSON text) or json_object: true, or null',
   },
   // Structured output, as OpenAI's chat API and vLLM's two endpoints take it (README, "Structured
-  // output"); the handler builds the schema's grammar and refuses one it cannot.
+  // output"); the handler builds the schema's grammar and refuses one it cannot. A structural tag
+  // as vLLM takes one: xgrammar's {type, format}, or the older {type, structures, triggers}.
   response_format: {
     description:
-      "{type: 'text'}, {type: 'json_object'}, {type: 'json_schema', json_schema: {name, description, schema, strict}} or null",
+      "{type: 'text'}, {type: 'json_object'}, {type: 'json_schema', json_schema: {name, description, schema, strict}}, " +
+      "{type: 'structural_tag', format}, {type: 'structural_tag', structures: [{begin, schema, end}], triggers} or null",
     anyOf: [
       { type: 'null' },
       { type: 'object', additionalProperties: false, required: ['type'], properties: { type: { enum: ['text', 'json_object'] } } },
+      { type: 'object', additionalProperties: false, required: ['type', 'format'], properties: { type: { const: 'structural_tag' }, format: { type: 'object' } } },
+      {
+        type: 'object',
+        additionalProperties: false,
+        required: ['type', 'structures', 'triggers'],
+        properties: {
+          type: { const: 'structural_tag' },
+          structures: {
+            type: 'array',
+            items: {
+              type: 'object',
+              additionalProperties: false,
+              required: ['begin', 'schema', 'end'],
+              properties: { begin: { type: 'string' }, schema: { type: 'object' }, end: { type: 'string' } },
+            },
+          },
+          triggers: { type: 'array', items: { type: 'string' } },
+        },
+      },
       {
         type: 'object',
         additionalProperties: false,
@@ -309,12 +336,20 @@ export interface StructuredOutputsBody {
   regex?: string | null
   choice?: string[] | null
   grammar?: string | null
+  /** JSON text of a structural tag (StructuralTagBody), as vLLM takes it. */
+  structural_tag?: string | null
   json_object?: boolean | null
 }
+
+/** A structural tag as vLLM takes one: xgrammar's {format}, or the older {structures, triggers}. */
+export type StructuralTagBody =
+  | { type?: 'structural_tag'; format: Record<string, unknown> }
+  | { type?: 'structural_tag'; structures: { begin: string; schema: Record<string, unknown>; end: string }[]; triggers: string[] }
 
 export type ResponseFormatBody =
   | { type: 'text' | 'json_object' }
   | { type: 'json_schema'; json_schema: { name: string; description?: string | null; schema?: Record<string, unknown> | boolean | null; strict?: boolean | null } }
+  | (StructuralTagBody & { type: 'structural_tag' })
 
 export interface CompletionBody extends SamplingBody {
   prompt: string | string[] | number[] | number[][]

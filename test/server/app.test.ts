@@ -532,7 +532,7 @@ describe('tool calls (--tool-call-parser hermes, in-process, the openai client)'
     [{ tool_choice: 'sometimes' }, 'tool_choice', `Expected 'none', 'auto', 'required', a named function {type: 'function', function: {name}} or null for tool_choice but received "sometimes" of type string`, 'invalid_value'],
     [{ chat_template_kwargs: { tools: [] } }, 'chat_template_kwargs.tools', "Unsupported request argument supplied: chat_template_kwargs.tools (the request's tools set it)", 'unsupported_parameter'],
     [{ tools: [{ type: 'function', function: { name: 'get weather' } }] }, 'tools[0].function.name', 'Expected name of 1 to 64 letters, digits, underscores and dashes for tools[0].function.name but received "get weather" of type string', 'invalid_value'],
-    [{ tools: [{ type: 'function', function: { name: 'f', strict: true } }], response_format: { type: 'json_object' } }, 'response_format', 'Expected no JSON response_format or structured_outputs with strict tools (their calls have their own grammar)', 'invalid_value'],
+    [{ tools: [{ type: 'function', function: { name: 'f', strict: true } }], response_format: { type: 'json_object' } }, 'response_format', 'Expected response_format text or null and no structured_outputs with strict tools (their calls have their own grammar)', 'invalid_value'],
     [{ tools: [{ type: 'retrieval', function: { name: 'f' } }] }, 'tools[0].type', `Expected 'function' for tools[0].type but received "retrieval" of type string`, 'invalid_value'],
     [{ messages: [{ role: 'user', content: 'x', tool_calls: [] }] }, 'messages[0].tool_calls', 'Unsupported request argument supplied: messages[0].tool_calls (only assistant messages carry tool calls)', 'unsupported_parameter'],
     [
@@ -770,6 +770,98 @@ describe('chat messages and stream_options as clients send them (in-process, the
     const streamed = await chat({ messages: [user], stream: true, stream_options: { include_usage: null } })
     expect(streamed.statusCode).toBe(200)
     expect(streamed.body).not.toContain('"usage"')
+  })
+})
+
+describe("structural tags: vLLM's structured_outputs.structural_tag and response_format structural_tag (in-process, the shipped model)", () => {
+  let model: Model
+  let server: InferenceServer
+  beforeAll(async () => {
+    model = await loadModel(defaultModelPath, { device: 'cpu' })
+    server = new InferenceServer({ modelName: 'tags', maxQueued: 8, bodyLimit: 1 << 20 })
+    server.setModel(model, 'fp_tags')
+  })
+  afterAll(async () => {
+    await server.app.close()
+    await model.dispose()
+  })
+  const post = (url: string, payload: object) => server.app.inject({ method: 'POST', url, payload: { model: 'tags', ...payload } })
+  const messages = [{ role: 'user', content: 'How is the sea tonight?' }]
+  const mood = { type: 'object', properties: { mood: { enum: ['merry', 'sad'] }, loud: { type: 'boolean' } }, required: ['mood', 'loud'], additionalProperties: false }
+  /** "Mood: " then a <mood> tag around JSON the schema accepts: the whole answer. */
+  const format = { type: 'sequence', elements: [{ type: 'const_string', value: 'Mood: ' }, { type: 'tag', begin: '<mood>', content: { type: 'json_schema', json_schema: mood }, end: '</mood>' }] }
+
+  it('holds the answer to the tag (its JSON parses and matches the schema), whole and streamed, as the library answers the same request', async () => {
+    const body = { messages, max_tokens: 80, temperature: 0, structured_outputs: { structural_tag: JSON.stringify({ type: 'structural_tag', format }) } }
+    const whole = await post('/v1/chat/completions', body)
+    expect(whole.statusCode, whole.body).toBe(200)
+    const text: string = whole.json().choices[0].message.content
+    expect(whole.json().choices[0].finish_reason, JSON.stringify(text)).toBe('stop')
+    const tagged = /^Mood: <mood>([^]*)<\/mood>$/.exec(text)
+    expect(tagged, text).not.toBeNull()
+    const value = JSON.parse(tagged![1]!)
+    expect(Object.keys(value)).toEqual(['mood', 'loud'])
+    expect(['merry', 'sad']).toContain(value.mood)
+    expect(typeof value.loud).toBe('boolean')
+    const lib = await model.generate(model.tokenize(messages, { chatTemplateVariables: {} }), { maxTokens: 80, responseFormat: { type: 'structural_tag', format } })
+    expect(text).toBe(lib.text)
+    const streamed = await post('/v1/chat/completions', { ...body, stream: true })
+    const chunks = streamed.body.split('\n\n').filter((e) => e.startsWith('data: {')).map((e) => JSON.parse(e.slice(6)))
+    expect(chunks.map((c) => c.choices[0]?.delta.content ?? '').join('')).toBe(text)
+    // The type may be left out of the JSON text, as xgrammar reads it; response_format takes the
+    // same tag, on /v1/completions too (sampled, n = 2: each choice the library's with its seed).
+    const untyped = await post('/v1/chat/completions', { ...body, structured_outputs: { structural_tag: JSON.stringify({ format }) } })
+    expect(untyped.json().choices[0].message.content).toBe(text)
+    const viaResponseFormat = await post('/v1/chat/completions', { messages, max_tokens: 80, temperature: 0, response_format: { type: 'structural_tag', format } })
+    expect(viaResponseFormat.json().choices[0].message.content).toBe(text)
+    const completions = await post('/v1/completions', { prompt: 'The keeper wrote:', max_tokens: 80, temperature: 0.9, seed: 5, n: 2, response_format: { type: 'structural_tag', format } })
+    expect(completions.statusCode, completions.body).toBe(200)
+    for (const [i, choice] of completions.json().choices.entries()) {
+      const sampled = await model.generate('The keeper wrote:', { maxTokens: 80, temperature: 0.9, seed: 5 + i, responseFormat: { type: 'structural_tag', format } })
+      expect(choice.text).toBe(sampled.text)
+      expect(choice.text).toMatch(/^Mood: <mood>/)
+    }
+  })
+
+  it("the older {structures, triggers} form is xgrammar's triggered tags: free text, and JSON the schema accepts from each trigger on", async () => {
+    const legacy = { type: 'structural_tag', structures: [{ begin: '<mood>', schema: mood, end: '</mood>' }], triggers: ['<mood'] }
+    const triggered = { type: 'triggered_tags', triggers: ['<mood'], tags: [{ type: 'tag', begin: '<mood>', content: { type: 'json_schema', json_schema: mood }, end: '</mood>' }] }
+    const ids = model.tokenize(messages, { chatTemplateVariables: {} })
+    const lib = await model.generate(ids, { maxTokens: 24, temperature: 0.7, seed: 2, responseFormat: { type: 'structural_tag', format: triggered } })
+    for (const request of [{ response_format: legacy }, { structured_outputs: { structural_tag: JSON.stringify(legacy) } }, { structured_outputs: { structural_tag: JSON.stringify({ structures: legacy.structures, triggers: legacy.triggers }) } }]) {
+      const r = await post('/v1/chat/completions', { messages, max_tokens: 24, temperature: 0.7, seed: 2, ...request })
+      expect(r.statusCode, r.body).toBe(200)
+      expect(r.json().choices[0].message.content).toBe(lib.text)
+    }
+  })
+
+  const tag = (t: object) => ({ structured_outputs: { structural_tag: JSON.stringify(t) } })
+  it.each([
+    [tag({ format: { type: 'tag', begin: '<a>', content: { type: 'any_text' }, end: '' } }), 'structured_outputs', 'The structural tag cannot be used: When the content is unlimited, the end of the tag format cannot be empty'],
+    [tag({ format: { type: 'optional', content: { type: 'const_string', value: 'a' } } }), 'structured_outputs', 'The structural tag cannot be used: format.type "optional" is not a format xgrammar 0.1.27 knows'],
+    [tag({ format: { type: 'triggered_tags', triggers: ['<a'], tags: [{ begin: '<a>', content: { type: 'any_text' }, end: '</a>' }], excludes: ['x'] } }), 'structured_outputs', 'The structural tag cannot be used: format.excludes is not a field of a triggered_tags format in xgrammar 0.1.27'],
+    [tag({ structures: [{ begin: '<a>', schema: { type: 'integer', multipleOf: 2 }, end: '</a>' }], triggers: ['<a'] }), 'structured_outputs', 'The structural tag cannot be used: format.tags[0].content.json_schema: multipleOf (at #) is not supported'],
+    [{ structured_outputs: { structural_tag: '{"format": ' } }, 'structured_outputs', 'Expected a structural tag as JSON text for structured_outputs.structural_tag but received text that is not JSON: '],
+    [tag([1]), 'structured_outputs', 'Expected a structural tag (an object) for structured_outputs.structural_tag but received [1] of type array'],
+    [tag({ type: 'structural_tag' }), 'structured_outputs', "Expected an object (xgrammar's format) for structured_outputs.structural_tag.format but received undefined"],
+    [tag({ type: 'grammar', format: { type: 'any_text' } }), 'structured_outputs', "Expected 'structural_tag' for structured_outputs.structural_tag.type but received \"grammar\" of type string"],
+    [tag({ format: { type: 'any_text' }, triggers: [] }), 'structured_outputs', 'Unrecognized field supplied: structured_outputs.structural_tag.triggers (a structural tag has type, format)'],
+    [tag({ structures: [{ begin: '<a>', end: '</a>' }], triggers: ['<a'] }), 'structured_outputs', 'Expected {begin: string, schema: a JSON schema object, end: string} for structured_outputs.structural_tag.structures[0] but received'],
+    [tag({ structures: [], triggers: '<a' }), 'structured_outputs', 'Expected an array of strings for structured_outputs.structural_tag.triggers but received "<a" of type string'],
+    [{ structured_outputs: { structural_tag: { format: { type: 'any_text' } } } }, 'structured_outputs.structural_tag', 'Expected JSON text of a structural tag'],
+    [{ structured_outputs: { structural_tag: '{"format": {"type": "any_text"}}', regex: 'a' } }, 'structured_outputs', 'Expected exactly one of json, regex, choice, grammar, structural_tag or json_object: true in structured_outputs but received structural_tag, regex'],
+    [{ response_format: { type: 'structural_tag', structures: [{ begin: '<a>', schema: {}, end: '</a>' }], triggers: ['<b'] } }, 'response_format', 'The structural tag cannot be used: One tag does not match any trigger in a triggered tags format'],
+    [{ response_format: { type: 'structural_tag', format: { type: 'regex', pattern: '[a-' } } }, 'response_format', "The structural tag cannot be used: Regex parsing error at position 4: Unclosed '['"],
+    [{ response_format: { type: 'structural_tag', structures: [{ begin: '<a>', schema: {}, end: '</a>', extra: 1 }], triggers: ['<a'] } }, 'response_format', "Expected {type: 'text'}, {type: 'json_object'},"],
+    [{ response_format: { type: 'structural_tag', format: { type: 'any_text' } }, structured_outputs: { regex: 'a' } }, 'response_format', 'Expected response_format text or null with structured_outputs but received structural_tag'],
+  ])('refuses %j with 400 before a stream starts', async (extra, param, message) => {
+    for (const stream of [false, true]) {
+      const r = await post('/v1/chat/completions', { messages, max_tokens: 4, stream, ...extra })
+      expect(r.statusCode, r.body).toBe(400)
+      expect(r.headers['content-type']).toMatch(/^application\/json/)
+      expect(r.json().error).toMatchObject({ type: 'invalid_request_error', param, code: 'invalid_value' })
+      expect(r.json().error.message).toContain(message)
+    }
   })
 })
 

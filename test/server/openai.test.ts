@@ -623,7 +623,7 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
     const two = await post(chatUrl(), { model: 'default', messages, max_tokens: 2, structured_outputs: { regex: 'a+', choice: ['a'] } })
     expect(two.status).toBe(400)
     expectErrorBody(two.json, two.status, 'invalid_value', 'structured_outputs')
-    expect(two.json.error.message).toBe('Expected exactly one of json, regex, choice, grammar or json_object: true in structured_outputs but received regex, choice')
+    expect(two.json.error.message).toBe('Expected exactly one of json, regex, choice, grammar, structural_tag or json_object: true in structured_outputs but received regex, choice')
     const bad = await post(chatUrl(), { model: 'default', messages, max_tokens: 2, stream: true, structured_outputs: { regex: '[a-' } })
     expect(bad.status).toBe(400)
     expectErrorBody(bad.json, bad.status, 'invalid_value', 'structured_outputs')
@@ -775,7 +775,8 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
       expect(json.status).toBe(400)
       expectErrorBody(json.json, json.status, 'invalid_value', 'response_format')
       expect(json.json.error.message).toBe(
-        "Expected {type: 'text'}, {type: 'json_object'}, {type: 'json_schema', json_schema: {name, description, schema, strict}} or null for response_format but received {\"type\":\"xml\"} of type object",
+        "Expected {type: 'text'}, {type: 'json_object'}, {type: 'json_schema', json_schema: {name, description, schema, strict}}, " +
+          "{type: 'structural_tag', format}, {type: 'structural_tag', structures: [{begin, schema, end}], triggers} or null for response_format but received {\"type\":\"xml\"} of type object",
       )
       // A schema the grammar compiler cannot read: 400 naming why, before a stream starts.
       for (const stream of [false, true]) {
