@@ -45,7 +45,7 @@ import {
   type TokenizeBody,
   type ToolBody,
 } from './schemas.js'
-import { forcedToolCallSchema, parseToolCalls, strictHermesCallsFormat, toolCallId, withIds, ToolCallStream, type ForcedToolChoice, type ToolCall, type ToolCallParser, type ToolCallReader } from './tool-calls.js'
+import { forcedToolCallSchema, parseToolCalls, strictHermesCallsFormat, strictLlamaCallsFormat, toolCallId, withIds, ToolCallStream, type ForcedToolChoice, type ToolCall, type ToolCallParser, type ToolCallReader } from './tool-calls.js'
 import type { SamplingDefaults } from './generation-config.js'
 
 /** Seeds of the sampling noise are 32-bit: a request's seed is taken modulo 2^32. */
@@ -565,14 +565,6 @@ export class InferenceServer {
       return { parser: forced, limit: Infinity, format: { type: 'json_schema', schema } }
     }
     if (!body.tools?.length || choice === 'none') return null
-    const strict = body.tools.findIndex((t) => t.function.strict === true)
-    if (strict >= 0 && this.options.toolCallParser !== 'hermes')
-      throw invalidRequest(
-        `Expected strict false or null for tools[${strict}].function.strict: strict calls the model chooses to make are held to their schema with --tool-call-parser hermes only ` +
-          `(this server: ${this.options.toolCallParser ?? 'none'}); tool_choice "required" or a named function holds any call to it`,
-        `tools[${strict}].function.strict`,
-        'invalid_value',
-      )
     if (!this.options.toolCallParser)
       throw invalidRequest(
         'Tool calling is off on this server: start it with --tool-call-parser (hermes or llama3_json) to have tool calls read from the answers ' +
@@ -582,15 +574,16 @@ export class InferenceServer {
       )
     // parallel_tool_calls: false keeps the first call; the model itself is not held to one.
     const limit = body.parallel_tool_calls === false ? 1 : Infinity
-    if (strict < 0) return { parser: this.options.toolCallParser, limit }
-    // A strict tool: the calls the model writes are held to the tools' parameters.
+    if (!body.tools.some((t) => t.function.strict === true)) return { parser: this.options.toolCallParser, limit }
+    // A strict tool: the calls the model writes are held to the tools' parameters, in the parser's format.
     if ((body.response_format?.type ?? 'text') !== 'text' || body.structured_outputs)
       throw invalidRequest(
         'Expected response_format text or null and no structured_outputs with strict tools (their calls have their own grammar)',
         body.structured_outputs ? 'structured_outputs' : 'response_format',
         'invalid_value',
       )
-    const format = strictHermesCallsFormat(body.tools.map((t) => t.function))
+    const tools = body.tools.map((t) => t.function)
+    const format = this.options.toolCallParser === 'hermes' ? strictHermesCallsFormat(tools) : strictLlamaCallsFormat(tools)
     return { parser: this.options.toolCallParser, limit, format: { type: 'structural_tag', format } }
   }
 

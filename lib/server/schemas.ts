@@ -235,7 +235,7 @@ const tool = {
         name: toolName,
         description: { type: nullable('string'), description: 'string or null' },
         parameters: { type: nullable('object'), description: 'JSON Schema object or null' },
-        // Adherence to the schema would need constrained decoding.
+        // The calls the model makes are held to the parameters by a grammar, in --tool-call-parser's format (the handler).
         strict: { type: nullable('boolean'), description: 'boolean or null' },
       },
     },

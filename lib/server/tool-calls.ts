@@ -16,10 +16,13 @@
 //
 //   {"name": "get_weather", "parameters": {"city": "Paris"}}
 //
-// An answer whose text (after leading whitespace) starts with "{" is read as calls, "parameters"
-// or "arguments" an object; if it is not a sequence of such objects, nothing is a call. This is
-// how vLLM's llama3_json parser reads a streamed answer; its whole answers also take JSON from the
-// middle of prose, which would make streamed and whole answers differ, so that is not done here.
+// An answer whose text (after leading whitespace, JSON's: spaces, tabs, newlines and carriage
+// returns) starts with "{" is read as calls, "parameters" or "arguments" an object; if it is not a
+// sequence of such objects, nothing is a call. This is how vLLM's llama3_json parser reads a
+// streamed answer; its whole answers also take JSON from the middle of prose, which would make
+// streamed and whole answers differ, so that is not done here. (Only JSON's whitespace, so that
+// the grammar of strict calls, strictLlamaCallsFormat, can tell content from calls exactly as this
+// reading does: xgrammar cannot exclude the other Unicode spaces from a character class.)
 //
 // Forced calls (tool_choice "required" or a named function, as vLLM serves them): the answer is
 // held to JSON by a grammar (the request's responseFormat, forcedToolCallFormat), whatever the
@@ -122,6 +125,34 @@ export function strictHermesCallsFormat(tools: readonly (ToolDefinition & { stri
   }
 }
 
+/** JSON's whitespace, as a regular expression's character class writes it: what may come before llama3_json calls. */
+const JSON_SPACE = ' \\t\\n\\r'
+/** Between llama3_json calls in a strict answer (the reading takes any whitespace around ";"). */
+const LLAMA_SEPARATOR = '; '
+
+/**
+ * The structural tag that holds the llama3_json calls of an answer to the tools' parameters when a
+ * tool is marked `strict` (tool_choice "auto"). The answer is read as calls when it starts with
+ * "{" after JSON whitespace (parseLlamaJsonToolCalls), so the tag lets through exactly two kinds
+ * of answer: content, whose first character after that whitespace is anything but "{" (free text
+ * from there, "{" included), or calls, `{"name": <a tool>, "parameters": <object>}` separated by
+ * "; " (Llama 3.1's format), with parameters the tool's `parameters` accept (any object for a tool
+ * not marked strict), and nothing after the last. Whitespace alone, or nothing, is content too.
+ * (<|python_tag|>, which Llama may write before its calls, is a special token: no constrained
+ * answer has one.)
+ */
+export function strictLlamaCallsFormat(tools: readonly (ToolDefinition & { strict?: boolean | null })[]): Record<string, unknown> {
+  const call = (t: ToolDefinition & { strict?: boolean | null }) => ({
+    type: 'tag',
+    begin: `{"name": ${JSON.stringify(t.name)}, "parameters": `,
+    content: { type: 'json_schema', json_schema: t.strict === true ? parametersOf(t) : { type: 'object' } },
+    end: '}',
+  })
+  const content = { type: 'sequence', elements: [{ type: 'regex', pattern: `[^{${JSON_SPACE}]` }, { type: 'any_text' }] }
+  const calls = { type: 'tags_with_separator', tags: tools.map(call), separator: LLAMA_SEPARATOR }
+  return { type: 'sequence', elements: [{ type: 'regex', pattern: `[${JSON_SPACE}]*` }, { type: 'or', elements: [content, calls] }] }
+}
+
 /** The calls of a forced answer, or null when it is not the JSON its grammar allows (cut short): then it is content. */
 export function parseForcedToolCalls(choice: ForcedToolChoice, text: string): ParsedToolCalls | null {
   const value = readJson(text)
@@ -176,9 +207,9 @@ export function parseToolCalls(reader: ToolCallReader, text: string): ParsedTool
   return reader === 'hermes' ? parseHermesToolCalls(text) : parseLlamaJsonToolCalls(text)
 }
 
-/** Llama 3's calls: the whole text (after leading whitespace) JSON objects separated by ";". */
+/** Llama 3's calls: the whole text (after leading JSON whitespace) JSON objects separated by ";". */
 export function parseLlamaJsonToolCalls(text: string): ParsedToolCalls | null {
-  const t = text.trimStart()
+  const t = trimJsonSpace(text)
   if (!t.startsWith('{')) return null
   const calls: ParsedToolCalls['calls'] = []
   for (let at = 0; at < t.length; ) {
@@ -226,8 +257,15 @@ function objectEnd(text: string, at: number): number {
 }
 
 function skipSpace(text: string, at: number): number {
-  while (at < text.length && /\s/.test(text[at]!)) at++
+  while (at < text.length && isJsonSpace(text[at]!)) at++
   return at
+}
+
+const isJsonSpace = (c: string) => c === ' ' || c === '\t' || c === '\n' || c === '\r'
+
+/** `text` without its leading JSON whitespace. */
+function trimJsonSpace(text: string): string {
+  return text.slice(skipSpace(text, 0))
 }
 
 function parseCall(json: string): ParsedToolCalls['calls'][number] | null {
@@ -369,7 +407,7 @@ export class ToolCallStream {
     let ready: string
     if (this.parser === 'llama3_json') {
       if (!this.content) {
-        const start = this.held.trimStart()
+        const start = trimJsonSpace(this.held)
         if (start === '') return ''
         if (start.startsWith('{')) {
           this.inCalls = true

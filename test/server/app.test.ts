@@ -5,29 +5,37 @@ import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:f
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import OpenAI from 'openai'
-import type { ChatCompletionCreateParamsNonStreaming, ChatCompletionMessageParam, ChatCompletionTool } from 'openai/resources/chat/completions'
+import type { ChatCompletionCreateParamsNonStreaming, ChatCompletionFunctionTool, ChatCompletionMessageParam, ChatCompletionTool } from 'openai/resources/chat/completions'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { defaultModelPath, loadModel, Model } from '../../lib/api.js'
 import { LogitProcessorTableError } from '../../lib/errors.js'
+import { GrammarEngine } from '../../lib/grammar.js'
 import type { ForwardModel, SequenceChunk, StepTokens, TokenChoice } from '../../lib/scheduler.js'
-import { chooseOnLogits } from '../../lib/model/output-head.js'
+import { chooseOnLogits, OutputHead } from '../../lib/model/output-head.js'
 import { InferenceServer } from '../../lib/server/app.js'
 import { completionLogprobs, TokenTexts } from '../../lib/server/openai.js'
-import { pythonJson } from '../../lib/server/tool-calls.js'
+import { parseLlamaJsonToolCalls, pythonJson, strictLlamaCallsFormat } from '../../lib/server/tool-calls.js'
 import { systemFingerprint } from '../../lib/server/fingerprint.js'
 import { tensorFrom } from '../../lib/tensor.js'
 import { Tokenizer, type ChatMessage } from '../../lib/tokenizer.js'
 import type { NativeTensor } from '../../lib/native.js'
 import { THINKING_TEMPLATE } from '../helpers/templates.js'
 
-/** Logits that make `script[i]` the greedy choice at generated position i (after a prompt of `promptLength` tokens). */
+/**
+ * Logits that make `script[i]` the greedy choice at generated position i (after a prompt of
+ * `promptLength` tokens). With `processorRows`, choices may carry logit processors (a grammar's
+ * mask among them), applied as the real output head applies them: where the mask leaves the
+ * scripted token out, another is chosen.
+ */
 class ScriptedModel implements ForwardModel {
   readonly device = 'cpu' as const
   readonly config: { vocabSize: number; maxPositionEmbeddings: number }
   readonly kvBlockSize = 16
   readonly kvBlocks = 64
   readonly maxBatchTokens = 256
+  readonly logitProcessorRows: number
   private last: NativeTensor | null = null
+  private readonly head: OutputHead | null
 
   constructor(
     vocabSize: number,
@@ -35,12 +43,15 @@ class ScriptedModel implements ForwardModel {
     public promptLength: number,
     public script: number[],
     private readonly eos: number,
+    processorRows = 0,
   ) {
     this.config = { vocabSize, maxPositionEmbeddings: 1024 }
+    this.logitProcessorRows = processorRows
+    this.head = processorRows > 0 ? new OutputHead('cpu', this.maxBatchTokens, { rows: processorRows, vocab: vocabSize }) : null
   }
 
   step(chunks: SequenceChunk[], choices: TokenChoice[], topN: number): Promise<StepTokens> {
-    return chooseOnLogits(this.logits(chunks), choices, topN)
+    return this.head ? this.head.choose(this.logits(chunks), choices, topN) : chooseOnLogits(this.logits(chunks), choices, topN)
   }
 
   private logits(chunks: SequenceChunk[]): NativeTensor {
@@ -62,6 +73,7 @@ class ScriptedModel implements ForwardModel {
 
   dispose(): void {
     this.last?.dispose()
+    this.head?.dispose()
   }
 }
 
@@ -555,18 +567,20 @@ describe('tool calls (--tool-call-parser hermes, in-process, the openai client)'
 })
 
 describe('tool calls (--tool-call-parser llama3_json, in-process, the openai client)', () => {
-  it("reads an answer of JSON calls, whole and streamed alike, and leaves prose as content", async () => {
+  it("reads an answer of JSON calls, whole and streamed alike, and leaves prose as content; strict tools' calls are held to their parameters", async () => {
     const dir = toolModelDir()
     const tokenizer = await Tokenizer.load(dir)
-    const scripted = new ScriptedModel(4096, 0, [], tokenizer.eosTokenIds[0]!)
-    const model = new Model({ forward: scripted, tokenizer, path: 'scripted' }, { maxBatchSize: 4, prefillChunkSize: 256 })
+    const scripted = new ScriptedModel(4096, 0, [], tokenizer.eosTokenIds[0]!, 4)
+    const grammars = new GrammarEngine(tokenizer, 4096)
+    const model = new Model({ forward: scripted, tokenizer, path: 'scripted', grammars }, { maxBatchSize: 4, prefillChunkSize: 256 })
     const server = new InferenceServer({ modelName: 'llama', maxQueued: 8, bodyLimit: 1 << 20, toolCallParser: 'llama3_json' })
     try {
       server.setModel(model, 'fp_llama')
       const client = new OpenAI({ baseURL: `${await server.app.listen({ host: '127.0.0.1', port: 0 })}/v1`, apiKey: 'unused', maxRetries: 0 })
       const messages: ChatCompletionMessageParam[] = [{ role: 'user', content: 'Weather in Paris?' }]
-      const say = (text: string) => {
-        scripted.promptLength = model.tokenize(messages as ChatMessage[], { chatTemplateVariables: { tools: TOOLS } }).length
+      /** Has the model answer `text` to the request with `tools` (rendered into its prompt). */
+      const say = (text: string, tools: readonly ChatCompletionTool[] = TOOLS) => {
+        scripted.promptLength = model.tokenize(messages as ChatMessage[], { chatTemplateVariables: { tools } }).length
         scripted.script = tokenizer.encodeContinuation(text)
       }
       const body = { model: 'llama', messages, tools: TOOLS, temperature: 0, max_tokens: 400 }
@@ -584,15 +598,78 @@ describe('tool calls (--tool-call-parser llama3_json, in-process, the openai cli
       expect(prose.choices[0]!.message.content).toBe('It is sunny in Paris.')
       expect(prose.choices[0]!.message.tool_calls ?? []).toEqual([])
       expect(prose.choices[0]!.finish_reason).toBe('stop')
-      // Strict tools are held to their schema with the hermes parser only.
-      const strict = await server.app.inject({
-        method: 'POST',
-        url: '/v1/chat/completions',
-        payload: { ...body, tools: [TOOLS[0], { type: 'function', function: { name: 'get_time', parameters: { type: 'object', properties: {} }, strict: true } }] },
-      })
-      expect(strict.statusCode).toBe(400)
-      expect(strict.json().error.param).toBe('tools[1].function.strict')
-      expect(strict.json().error.message).toContain('with --tool-call-parser hermes only (this server: llama3_json)')
+      // Strict tools: a call the model writes is held to the tool's parameters (a structural tag,
+      // strictLlamaCallsFormat). Calls and prose that keep to it come through as they are.
+      const strictTools = (TOOLS as ChatCompletionFunctionTool[]).map((t) => ({ ...t, function: { ...t.function, strict: true } }))
+      const strictBody = { ...body, tools: strictTools }
+      say('{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; {"name": "get_time", "parameters": {"zone": "Europe/Paris"}}', strictTools)
+      const strictWhole = await client.chat.completions.create(strictBody)
+      expect(strictWhole.choices[0]!.message.tool_calls).toEqual([weatherCall, timeCall])
+      const strictStreamed = await client.chat.completions.stream({ ...strictBody, stream: true }).finalChatCompletion()
+      // (The client's helper adds parsed_arguments to a strict tool's calls.)
+      expect(strictStreamed.choices[0]!.message.tool_calls).toMatchObject(strictWhole.choices[0]!.message.tool_calls!)
+      say('It is sunny in Paris.', strictTools)
+      expect((await client.chat.completions.create(strictBody)).choices[0]!.message.content).toBe('It is sunny in Paris.')
+      // A city that is a number: without strict it is read as a call as written; with strict the
+      // grammar leaves the number out, and the model (which knows nothing else) writes a string.
+      const numbered = '{"name": "get_weather", "parameters": {"city": 5}}'
+      say(numbered)
+      const loose = await client.chat.completions.create(body)
+      expect(loose.choices[0]!.message.tool_calls).toEqual([{ id: ID, type: 'function', function: { name: 'get_weather', arguments: '{"city": 5}' } }])
+      say(numbered, strictTools)
+      const held = await client.chat.completions.create(strictBody)
+      const text = held.choices[0]!.message.content ?? ''
+      expect(text.startsWith('{"name": "get_weather", "parameters": {"city": "'), text).toBe(true)
+      for (const call of held.choices[0]!.message.tool_calls ?? []) expect(typeof JSON.parse((call as { function: { arguments: string } }).function.arguments).city).toBe('string')
+    } finally {
+      await server.app.close()
+      await model.dispose()
+      rmSync(dir, { recursive: true, force: true })
+    }
+  })
+
+  it("strict tools with the shipped model: each answer is the library's under the same structural tag, read as the parser reads it", async () => {
+    const dir = toolModelDir()
+    const model = await loadModel(dir, { device: 'cpu' })
+    const server = new InferenceServer({ modelName: 'llama', maxQueued: 8, bodyLimit: 1 << 20, toolCallParser: 'llama3_json' })
+    try {
+      server.setModel(model, 'fp_llama')
+      const messages: ChatMessage[] = [{ role: 'user', content: 'Weather in Paris or Rome?' }]
+      const place = { type: 'object', properties: { city: { enum: ['Paris', 'Rome'] } }, required: ['city'], additionalProperties: false }
+      const tools = [
+        { type: 'function' as const, function: { name: 'get_weather', parameters: place, strict: true } },
+        { type: 'function' as const, function: { name: 'get_time', parameters: place, strict: true } },
+      ]
+      const ids = model.tokenize(messages, { chatTemplateVariables: { tools } })
+      const format = strictLlamaCallsFormat(tools.map((t) => t.function))
+      // The shipped model writes prose. A bias for "{" has it write calls instead, which the tag
+      // holds to the tools' parameters, one after another: the stop string "; " ends the answer
+      // after the first.
+      const brace = model.tokenize('{', { addSpecialTokens: false })
+      expect(brace.length).toBe(1)
+      const calling = { logit_bias: { [brace[0]!]: 100 }, stop: ['; '] }
+      for (const extra of [{}, calling]) {
+        const body = { model: 'llama', messages, tools, max_tokens: 80, temperature: 0.7, seed: 3, n: 3, ...extra }
+        const r = await server.app.inject({ method: 'POST', url: '/v1/chat/completions', payload: body })
+        expect(r.statusCode, r.body).toBe(200)
+        for (const [i, choice] of r.json().choices.entries()) {
+          const lib = await model.generate(ids, {
+            maxTokens: 80,
+            temperature: 0.7,
+            seed: 3 + i,
+            ...(extra === calling && { logitBias: calling.logit_bias, stop: calling.stop }),
+            responseFormat: { type: 'structural_tag', format },
+          })
+          const parsed = parseLlamaJsonToolCalls(lib.text)
+          expect(choice.message.content).toBe(parsed ? null : lib.text)
+          expect((choice.message.tool_calls ?? []).map((c: { function: object }) => c.function)).toEqual(parsed?.calls ?? [])
+          if (extra !== calling) continue
+          expect(choice.finish_reason).toBe('tool_calls')
+          expect(parsed!.calls).toHaveLength(1)
+          expect(['get_weather', 'get_time']).toContain(parsed!.calls[0]!.name)
+          expect(['{"city": "Paris"}', '{"city": "Rome"}']).toContain(parsed!.calls[0]!.arguments)
+        }
+      }
     } finally {
       await server.app.close()
       await model.dispose()

@@ -1,10 +1,20 @@
 // The Hermes tool-call reader of `detinfer serve --tool-call-parser hermes`: what a text parses to,
 // and that a streamed answer, cut into pieces anywhere, gives the content and calls of the whole.
 import { join } from 'node:path'
-import { describe, expect, it } from 'vitest'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { GrammarEngine } from '../../lib/grammar.js'
 import { Tokenizer } from '../../lib/tokenizer.js'
-import { forcedToolCallSchema, parseForcedToolCalls, parseHermesToolCalls, parseLlamaJsonToolCalls, parseToolCalls, pythonJson, toolCallId, ToolCallStream } from '../../lib/server/tool-calls.js'
+import {
+  forcedToolCallSchema,
+  parseForcedToolCalls,
+  parseHermesToolCalls,
+  parseLlamaJsonToolCalls,
+  parseToolCalls,
+  pythonJson,
+  strictLlamaCallsFormat,
+  toolCallId,
+  ToolCallStream,
+} from '../../lib/server/tool-calls.js'
 
 const CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n</tool_call>'
 const CALL2 = '<tool_call>\n{"name":"get_time","arguments":{"zone":"Europe/Paris","utc":false}}\n</tool_call>'
@@ -133,11 +143,13 @@ describe('llama3_json', () => {
     ['both parameters and arguments', '{"name": "f", "parameters": {}, "arguments": {}}'],
     ['parameters not an object', '{"name": "f", "parameters": "{}"}'],
     ['two calls without ";"', `${WEATHER} ${WEATHER}`],
+    // Calls come after JSON's whitespace only, as the grammar of strict calls can tell them.
+    ['a Unicode space before the JSON', `\u00a0${WEATHER}`],
   ])('%s: no calls, the whole text is the content', (_, text) => {
     expect(parseLlamaJsonToolCalls(text)).toBe(null)
   })
 
-  it.each([WEATHER, `${WEATHER}; ${TIME}`, ` \n${WEATHER}`, 'A plain answer { with a brace.', '  Indented answer.', '{"name": "f", "parameters": {"a": }}', ''])(
+  it.each([WEATHER, `${WEATHER}; ${TIME}`, ` \n${WEATHER}`, `\u00a0${WEATHER}`, 'A plain answer { with a brace.', '  Indented answer.', '{"name": "f", "parameters": {"a": }}', ''])(
     'every cut of %j streams the content and calls of the whole',
     (text) => {
       const whole = parseLlamaJsonToolCalls(text)
@@ -160,6 +172,71 @@ describe('llama3_json', () => {
     }
     expect(sent([' \n', 'Hi', ' there'])).toEqual(['', ' \nHi', ' there'])
     expect(sent(['{"name"', ': "f"'])).toEqual(['', ''])
+  })
+})
+
+describe('strict llama3_json calls (strictLlamaCallsFormat)', () => {
+  const city = { type: 'object', properties: { city: { enum: ['Paris', 'Rome'] } }, required: ['city'], additionalProperties: false }
+  const format = strictLlamaCallsFormat([{ name: 'get_weather', parameters: city, strict: true }, { name: 'ping' }])
+  let t: Tokenizer
+  let engine: GrammarEngine
+  beforeAll(async () => {
+    t = await Tokenizer.load(join(import.meta.dirname, '..', '..', 'models', 'default'))
+    engine = new GrammarEngine(t, t.vocabSize)
+  })
+  afterAll(() => {
+    engine.dispose()
+    t.close()
+  })
+
+  /** Whether the grammar lets `text` through, token by token, and then lets the answer end. */
+  async function accepts(text: string): Promise<boolean> {
+    const ids = t.encodeContinuation(text)
+    expect(t.decode(ids)).toBe(text)
+    const allows = (mask: Int32Array, id: number) => ((mask[id >> 5]! >>> (id & 31)) & 1) === 1
+    const c = (await engine.constrain({ type: 'structural_tag', format }))!
+    try {
+      for (const id of ids) {
+        if (!allows(await c.mask(), id)) return false
+        c.accept(id)
+      }
+      return allows(await c.mask(), t.eosTokenIds[0]!)
+    } finally {
+      c.dispose()
+    }
+  }
+
+  const weather = (name: string) => `{"name": "get_weather", "parameters": {"city": "${name}"}}`
+  it.each([
+    // Content: its first character after JSON whitespace is not "{"; then anything.
+    ['prose', 'The weather is fine.', null],
+    ['prose with braces after whitespace', ' \n Hello {x}', null],
+    ['nothing, or whitespace alone', '  \n', null],
+    ['prose starting with a Unicode space, then call-like JSON', `\u00a0{"name": "get_weather", "parameters": {"city": "Oslo"}}`, null],
+    // Calls: "; " between them, the strict tool's parameters held to its schema, any object for the other.
+    ['one call', weather('Rome'), [{ name: 'get_weather', arguments: '{"city": "Rome"}' }]],
+    [
+      'two calls after a newline',
+      `\n${weather('Paris')}; {"name": "ping", "parameters": {"any": [1, {"b": null}]}}`,
+      [
+        { name: 'get_weather', arguments: '{"city": "Paris"}' },
+        { name: 'ping', arguments: '{"any": [1, {"b": null}]}' },
+      ],
+    ],
+  ] as const)('lets %s through, and it reads as the parser reads it', async (_, text, calls) => {
+    expect(await accepts(text)).toBe(true)
+    expect(parseLlamaJsonToolCalls(text)).toEqual(calls === null ? null : { content: null, calls })
+  })
+
+  it.each([
+    ['a value the schema does not accept', weather('Oslo')],
+    ['a tool that is not among them', '{"name": "get_time", "parameters": {}}'],
+    ['text after the calls', `${weather('Rome')} and then`],
+    ['"arguments" for "parameters"', '{"name": "ping", "arguments": {}}'],
+    ['JSON that is not a call', '{"city": "Rome"}'],
+    ['whitespace inside the JSON', '{"name": "ping", "parameters": { }}'],
+  ])('refuses %s', async (_, text) => {
+    expect(await accepts(text)).toBe(false)
   })
 })
 
