@@ -317,14 +317,13 @@ const STRUCTURAL_TAG_FORMATS: Readonly<Record<string, readonly string[]>> = {
  * begins) are left to it: it names them.
  */
 function unsupportedStructuralTagPart(format: unknown): string | null {
-  const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v)
   // [format, its place, whether it is a tag of a list of tags (whose type may be left out)]
   const pending: [unknown, string, boolean][] = [[format, 'format', false]]
   // A cyclic format is refused when it is written as JSON.
   const seen = new Set<object>()
   while (pending.length) {
     const [node, at, inTags] = pending.pop()!
-    if (!isObject(node) || seen.has(node)) continue
+    if (!isPlainObject(node) || seen.has(node)) continue
     seen.add(node)
     const type = node['type'] ?? (inTags ? 'tag' : undefined)
     if (typeof type !== 'string') continue

@@ -1080,9 +1080,8 @@ function structuredOutputsOption(body: CompletionBody | ChatCompletionBody): Pic
  * by the library (the parts xgrammar would not read) and by xgrammar.
  */
 function structuralTagFormat(tag: unknown, name: string, param: string): Record<string, unknown> {
-  const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v)
   const bad = (what: string, at: string, value: unknown) => invalidRequest(`Expected ${what} for ${at} but received ${describeValue(value)}`, param, 'invalid_value')
-  if (!isObject(tag)) throw bad('a structural tag (an object)', name, tag)
+  if (!isPlainObject(tag)) throw bad('a structural tag (an object)', name, tag)
   // vLLM takes a tag with structures for the older form.
   const legacy = Object.hasOwn(tag, 'structures')
   const fields = legacy ? ['type', 'structures', 'triggers'] : ['type', 'format']
@@ -1091,15 +1090,15 @@ function structuralTagFormat(tag: unknown, name: string, param: string): Record<
     throw invalidRequest(`Unrecognized field supplied: ${name}.${unknown} (a structural tag has ${fields.join(', ')})`, param, 'invalid_value')
   if (tag['type'] !== undefined && tag['type'] !== 'structural_tag') throw bad("'structural_tag'", `${name}.type`, tag['type'])
   if (!legacy) {
-    if (!isObject(tag['format'])) throw bad("an object (xgrammar's format)", `${name}.format`, tag['format'])
+    if (!isPlainObject(tag['format'])) throw bad("an object (xgrammar's format)", `${name}.format`, tag['format'])
     return tag['format']
   }
   const { structures, triggers } = tag
   if (!Array.isArray(structures)) throw bad('an array of {begin, schema, end}', `${name}.structures`, structures)
   if (!Array.isArray(triggers) || !triggers.every((t) => typeof t === 'string')) throw bad('an array of strings', `${name}.triggers`, triggers)
   const tags = structures.map((s: unknown, i) => {
-    const shaped = isObject(s) && Object.keys(s).every((key) => ['begin', 'schema', 'end'].includes(key))
-    if (!shaped || typeof s['begin'] !== 'string' || typeof s['end'] !== 'string' || !isObject(s['schema']))
+    const shaped = isPlainObject(s) && Object.keys(s).every((key) => ['begin', 'schema', 'end'].includes(key))
+    if (!shaped || typeof s['begin'] !== 'string' || typeof s['end'] !== 'string' || !isPlainObject(s['schema']))
       throw bad('{begin: string, schema: a JSON schema object, end: string}', `${name}.structures[${i}]`, s)
     return { type: 'tag', begin: s['begin'], content: { type: 'json_schema', json_schema: s['schema'] }, end: s['end'] }
   })
