@@ -22,11 +22,12 @@
 // takes its row (reset_logit_row).
 // The mask comes last, after the penalties and the bias, so that a bias cannot revive a token the
 // mask forbids; it only replaces y: an allowed token keeps exactly the y above, bit for bit, and a
-// row whose plan entry is not masked is computed as if there were no mask table. A masked row's
-// mask is its table row of the mask table (i32 [table rows, W], W = ceil(V / 32)): token v is
-// allowed when bit v & 31 of word v >> 5 is set (token_allowed below); the bits of the last word
-// at v >= V are ignored. The host gives a mask at every step of a constrained completion (it
-// changes from step to step) and refuses one that allows no token.
+// row whose plan entry names no mask is computed as if there were no mask table. A masked row's
+// mask is the row of the mask table (i32 [table rows, W], W = ceil(V / 32)) that its plan entry
+// names: the host writes a step's masks into the table's first rows, in one upload, and numbers
+// them in the plan. Token v is allowed when bit v & 31 of word v >> 5 is set (token_allowed below);
+// the bits of the last word at v >= V are ignored. The host gives a mask at every step of a
+// constrained completion (it changes from step to step) and refuses one that allows no token.
 // Token choice then runs on y (greedy: argmax y; sampling: temperature, top-k, top-p and min-p on
 // y; a token at -infinity has weight 0 and never wins against a finite y, so a masked row chooses
 // an allowed token), while the log-probs the row reports are those of the raw logits x: the chosen
@@ -68,8 +69,9 @@ constexpr int kSettings = kBias + 2 * kMaxBias;
 
 // The plan of a launch (i32 [1 + kPlanFields * J]): plan[0] = K, the rows in use (K <= J), then
 // for each j < K: the logits row, the table row, whether the sequence takes the table row now
-// (its first token: its counts are read as 0 and zeroed) and whether the table row's token mask
-// applies this step (1; 0: no mask, its words are not read). Table rows of one plan are distinct.
+// (its first token: its counts are read as 0 and zeroed) and the row of the mask table that holds
+// this step's token mask for it (-1: no mask; no mask words are read). Table rows of one plan are
+// distinct.
 constexpr int kPlanFields = 4;
 constexpr int kPlanRow = 0;
 constexpr int kPlanTableRow = 1;

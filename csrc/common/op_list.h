@@ -95,13 +95,13 @@
   /* its log-prob (f32 bits), the N most likely ids and their log-probs (N <= kMaxTopLogprobs). */    \
   /* With live (i32 [>= 1]), rows r >= live[0] are skipped: their out rows are not written. */        \
   X(choose_tokens, (Tensor & out, const Tensor& x, const Tensor& params, const Tensor* live))         \
-  /* Logit processors (common/logit_processors.h): for j < plan[0], adjusted[j,:] = the penalized */ \
-  /* and biased logits of row r = plan[1+4j] of x with the counts and settings of table row */        \
-  /* k = plan[2+4j] (its counts read as 0 and zeroed when plan[3+4j] is 1), the tokens mask row k */  \
-  /* forbids at -infinity when plan[4+4j] is 1, and adjusted_params[j,:] = params[r,:]. */            \
-  /* adjusted f32 [J,V], adjusted_params i32 [J,kParams], counts u16 [S,V], x f32 [R,V], params */    \
-  /* i32 [R,kParams], plan i32 [1+4J], settings i32 [S,kSettings], mask i32 [S,ceil(V/32)]. */        \
-  /* Rows j >= plan[0] are left as they are. */                                                        \
+  /* Logit processors (common/logit_processors.h): for j < plan[0], adjusted[j,:] = the penalized */  \
+  /* and biased logits of row r = plan[1+4j] of x with the counts and settings of table row k = */    \
+  /* plan[2+4j] (its counts read as 0 and zeroed when plan[3+4j] is 1), the tokens mask row m = */    \
+  /* plan[4+4j] forbids at -infinity (no mask when m is -1), and adjusted_params[j,:] = */            \
+  /* params[r,:]. adjusted f32 [J,V], adjusted_params i32 [J,kParams], counts u16 [S,V], x f32 */     \
+  /* [R,V], params i32 [R,kParams], plan i32 [1+4J], settings i32 [S,kSettings], mask i32 */          \
+  /* [S,ceil(V/32)]. Rows j >= plan[0] are left as they are. */                                       \
   X(apply_logit_processors, (Tensor & adjusted, Tensor & adjusted_params, Tensor & counts,            \
                              const Tensor& x, const Tensor& params, const Tensor& plan,               \
                              const Tensor& settings, const Tensor& mask))                             \

@@ -1,6 +1,6 @@
 // Logit processors (CPU): frequency, presence and repetition penalties, logit bias and the token
 // mask, as common/logit_processors.h defines them. Elementwise per row: row j of the plan depends
-// on its logits row, its table row (counts, settings and mask words) and nothing else.
+// on its logits row, its table row (counts and settings), its mask row and nothing else.
 #include <cstdint>
 #include <cstring>
 
@@ -15,17 +15,19 @@ namespace pr = detinfer::processors;
 namespace ch = detinfer::choice;
 
 struct PlanRow {
-  int32_t row, table_row;
-  bool fresh, masked;
+  int32_t row, table_row, mask_row;  // mask_row -1: no mask
+  bool fresh;
 };
 
 // Entry j of a plan, checked against the tensors it indexes (the CPU can say what is wrong).
 PlanRow plan_row(const Tensor& plan, int64_t j, int64_t rows, int64_t table_rows, const char* op) {
   const int32_t* e = plan.ptr<int32_t>() + 1 + pr::kPlanFields * j;
-  PlanRow p{e[pr::kPlanRow], e[pr::kPlanTableRow], e[pr::kPlanFresh] != 0, e[pr::kPlanMask] != 0};
+  PlanRow p{e[pr::kPlanRow], e[pr::kPlanTableRow], e[pr::kPlanMask], e[pr::kPlanFresh] != 0};
   DI_CHECK(p.row >= 0 && p.row < rows, op, ": plan row ", j, " names logits row ", p.row, ", outside [0, ", rows, ")");
   DI_CHECK(p.table_row >= 0 && p.table_row < table_rows, op, ": plan row ", j, " names table row ", p.table_row,
            ", outside [0, ", table_rows, ")");
+  DI_CHECK(p.mask_row >= -1 && p.mask_row < table_rows, op, ": plan row ", j, " names mask row ", p.mask_row,
+           ", outside [-1, ", table_rows, ")");
   return p;
 }
 
@@ -61,8 +63,8 @@ void apply_logit_processors(Tensor& adjusted, Tensor& adjusted_params, Tensor& c
       ar[id] = pr::biased_logit(pr::penalized_logit(xr[id], cr[id], f, presence, r), ch::as_float(s[pr::kBias + 2 * i + 1]));
     }
     // The mask last, over the biased values too: a bias cannot revive a forbidden token.
-    if (p.masked) {
-      const int32_t* words = mask.ptr<int32_t>() + p.table_row * pr::mask_words(V);
+    if (p.mask_row >= 0) {
+      const int32_t* words = mask.ptr<int32_t>() + p.mask_row * pr::mask_words(V);
       for (int64_t v = 0; v < V; ++v) ar[v] = pr::masked_logit(ar[v], pr::token_allowed(words, v));
     }
     std::memcpy(adjusted_params.ptr<int32_t>() + j * ch::kParams, params.ptr<int32_t>() + p.row * ch::kParams,

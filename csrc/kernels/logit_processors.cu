@@ -1,6 +1,6 @@
 // Logit processors (CUDA): frequency, presence and repetition penalties, logit bias and the token
 // mask (common/logit_processors.h has the one definition, the plan and the settings layout).
-//   apply_logit_processors  adjusted[j, v] = y(x[r_j, v], counts[k_j, v], mask[k_j]) for j < K = plan[0]
+//   apply_logit_processors  adjusted[j, v] = y(x[r_j, v], counts[k_j, v], mask[m_j]) for j < K = plan[0]
 //                           adjusted f32 [J,V], x f32 [R,V], counts u16 [S,V], mask i32 [S,ceil(V/32)]
 //   record_logit_choices    params[r_j].target = chosen[j, 0]; counts[k_j, chosen[j, 0]] += 1
 //   reset_logit_row         counts[k, :] = 0, then counts[k, prompt[i]] = kInPrompt (a sequence with a
@@ -8,7 +8,7 @@
 // Invariant: elementwise. Block (c, j) of apply_logit_processors owns logits c*kApplyChunk ...
 // of plan row j; every value is one fixed sequence of float32 operations on that token's own
 // logit, count and bias, then its own mask bit (no reduction), so a row cannot depend on the
-// batch, on J or on K. The mask words are read only for a plan row whose mask flag is set. Rows
+// batch, on J or on K. The mask words are read only for a plan row that names a mask row. Rows
 // j >= K return at once: the launch may be captured for more rows than a step uses (J fixed per
 // CUDA graph bucket, K read on the device). A plan entry outside the tensors (the host never
 // writes one) is skipped instead of read.
@@ -38,14 +38,15 @@ constexpr int kRecordThreads = 256;
 cudaStream_t device_stream() { return static_cast<cudaStream_t>(cuda_runtime::stream()); }
 
 struct PlanRow {
-  int row, table_row;
-  bool fresh, masked, valid;
+  int row, table_row, mask_row;  // mask_row -1: no mask
+  bool fresh, valid;
 };
 
 __device__ PlanRow load_plan_row(const int32_t* plan, int j, int rows, int table_rows) {
   const int32_t* e = plan + 1 + pr::kPlanFields * j;
-  PlanRow p{e[pr::kPlanRow], e[pr::kPlanTableRow], e[pr::kPlanFresh] != 0, e[pr::kPlanMask] != 0, false};
-  p.valid = p.row >= 0 && p.row < rows && p.table_row >= 0 && p.table_row < table_rows;
+  PlanRow p{e[pr::kPlanRow], e[pr::kPlanTableRow], e[pr::kPlanMask], e[pr::kPlanFresh] != 0, false};
+  p.valid = p.row >= 0 && p.row < rows && p.table_row >= 0 && p.table_row < table_rows && p.mask_row >= -1 &&
+            p.mask_row < table_rows;
   return p;
 }
 
@@ -65,7 +66,7 @@ __global__ void __launch_bounds__(kApplyThreads)
   float* ar = adjusted + static_cast<int64_t>(j) * V;
   uint16_t* cr = counts + static_cast<int64_t>(p.table_row) * V;
   // The row's mask words; null when the row is not masked this step (its words are not read).
-  const int32_t* mr = p.masked ? mask + static_cast<int64_t>(p.table_row) * pr::mask_words(V) : nullptr;
+  const int32_t* mr = p.mask_row >= 0 ? mask + static_cast<int64_t>(p.mask_row) * pr::mask_words(V) : nullptr;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kApplyChunk;
   const int64_t end = min(V, begin + kApplyChunk);
   for (int64_t v = begin + threadIdx.x; v < end; v += kApplyThreads) {

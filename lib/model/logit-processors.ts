@@ -2,9 +2,10 @@
 // bias and the token mask of a constrained completion (csrc/common/logit_processors.h defines
 // them). A completion that uses them holds a row of the table while it runs, given by the
 // scheduler (not its KV-cache blocks): its token words, u16 [rows, V] (a count in 15 bits, and a
-// bit for the prompt's tokens), its settings (penalties and up to 300 biases) and its mask words,
-// i32 [rows, ceil(V / 32)] (one bit a token, uploaded at every step that gives a mask: a grammar's
-// allowed tokens change with each token). The counts are kept on the device
+// bit for the prompt's tokens) and its settings (penalties and up to 300 biases). A step's token
+// masks (one bit a token; a grammar's allowed tokens change with each token) go to the first rows
+// of the mask table, i32 [rows, ceil(V / 32)], in one upload, and the plan names each masked row's
+// mask row. The counts are kept on the device
 // and updated there, in stream order, right after each choice, so that a step launched before the
 // previous one is read back penalizes the tokens that step chose, which the host does not know yet.
 //
@@ -125,12 +126,13 @@ export class LogitProcessorTable {
   readonly counts: NativeTensor
   /** i32 [rows, 604]: the row's penalties and biases (csrc/common/logit_processors.h). */
   readonly settings: NativeTensor
-  /** i32 [rows, ceil(V / 32)]: the row's allowed tokens at its latest masked step, one bit a token. */
+  /** i32 [rows, ceil(V / 32)]: the latest step's masks (one bit a token), in its plan's order. */
   readonly mask: NativeTensor
   private readonly adjusted: NativeTensor // f32 [rows, V]: a step's processed logits, by plan row
   private readonly adjustedParams: NativeTensor // i32 [rows, 8]
   private readonly adjustedOut: NativeTensor // i32 [rows, 2]: the choice on the processed logits
   private readonly plan: NativeTensor // i32 [1 + 4 rows]
+  private maskStage?: Int32Array // the host side of `mask`'s upload, made at the first masked step
 
   constructor(
     readonly device: DeviceName,
@@ -161,15 +163,18 @@ export class LogitProcessorTable {
   /**
    * Uploads the step's plan, the settings of the sequences that take their row at this step, and
    * the masks the step's choices give (in stream order, before the step's kernels and after the
-   * previous step's, which read the row's last mask; never during a graph capture). A sequence
-   * with a repetition penalty has its row reset here, its prompt's tokens marked (resetLogitRow),
-   * and not zeroed again by the step; the others' rows are zeroed by the step. A row without a
-   * mask this step is planned unmasked: its mask words, whatever they hold, are not read. Returns
-   * K, the rows of the step that use processors.
+   * previous step's, which read the masks before; never during a graph capture). A sequence with
+   * a repetition penalty has its row reset here, its prompt's tokens marked (resetLogitRow), and
+   * not zeroed again by the step; the others' rows are zeroed by the step. The masks go to the
+   * mask table's first rows in one upload (a call per mask cost a millisecond a step at 64
+   * constrained sequences); a row without a mask this step is planned with none (-1). Returns K,
+   * the rows of the step that use processors.
    */
   prepare(choices: readonly TokenChoice[]): number {
     const n = native()
     const entries: number[] = []
+    const words = maskWords(this.vocab)
+    let masks = 0
     choices.forEach((c, r) => {
       if (!c.processors) return
       const { row, first, settings, prompt, mask } = c.processors
@@ -187,9 +192,10 @@ export class LogitProcessorTable {
           fresh = false
         }
       }
-      if (mask) n.uploadAsync(n.narrow(this.mask, row, 1), mask)
-      entries.push(r, row, fresh ? 1 : 0, mask ? 1 : 0)
+      if (mask) (this.maskStage ??= new Int32Array(this.rows * words)).set(mask, masks * words)
+      entries.push(r, row, fresh ? 1 : 0, mask ? masks++ : -1)
     })
+    if (masks > 0) n.uploadAsync(n.narrow(this.mask, 0, masks), this.maskStage!.subarray(0, masks * words))
     const plan = Int32Array.from([entries.length / PLAN_FIELDS, ...entries])
     n.uploadAsync(n.narrow(this.plan, 0, plan.length), plan)
     return entries.length / PLAN_FIELDS

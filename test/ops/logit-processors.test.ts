@@ -160,8 +160,8 @@ function suite(device: DeviceName) {
     const table = tableSettings(V, S, 90_100)
     const counts = Array.from({ length: S }, (_, k) => countsRow(V, 90_200 + k))
     const choices = Array.from({ length: R }, (_, r): TokenChoice => ({ temperature: 0.5 + r / 10, topK: r, topP: 1, minP: 0, seed: r, position: 100 + r, target: -1 }))
-    // (logits row, table row, fresh, masked): out of order, one fresh, and a fifth entry past K.
-    const entries = [[5, 1, 0, 0], [0, 3, 1, 0], [2, 0, 0, 0], [6, 4, 0, 0], [1, 2, 0, 0]] as const
+    // (logits row, table row, fresh, mask row; -1 none): out of order, one fresh, and a fifth entry past K.
+    const entries = [[5, 1, 0, -1], [0, 3, 1, -1], [2, 0, 0, -1], [6, 4, 0, -1], [1, 2, 0, -1]] as const
     const plan = tensorFrom(device, 'i32', [1 + PLAN_FIELDS * J], [K, ...entries.flat()])
     const sentinel = new Float32Array(J * V).fill(12345.5)
     const adjusted = tensorFrom(device, 'f32', [J, V], sentinel)
@@ -289,16 +289,22 @@ function suite(device: DeviceName) {
       // Table row 1 (300 biases, up to +100) forbids every other biased id; table row 4 allows one token.
       table[1]!.logitBias.forEach(([id], i) => setAllowed(masks[1]!, id, i % 2 === 0))
       masks[4] = maskOf(V, [V - 1])
-      // (logits row, table row, fresh, masked): masked rows fresh and not, an unmasked row (table
-      // row 3, whose mask words are not applied), and a sixth entry past K.
-      const entries = [[2, 1, 0, 1], [0, 3, 0, 0], [5, 0, 1, 1], [1, 4, 0, 1], [4, 2, 0, 1], [3, 5, 0, 1]] as const
+      // (logits row, table row, fresh, mask row; -1 none): masked rows fresh and not, each mask in
+      // a row of the mask table other than its table row (as the step's masks are uploaded: in the
+      // plan's order), an unmasked row (table row 3), and a sixth entry past K.
+      const entries = [[2, 1, 0, 3], [0, 3, 0, -1], [5, 0, 1, 0], [1, 4, 0, 2], [4, 2, 0, 1], [3, 5, 0, 4]] as const
       const plan = tensorFrom(device, 'i32', [1 + PLAN_FIELDS * J], [K, ...entries.flat()])
+      // Mask row m holds the mask of the table row whose entry names m; row 5 allows nothing and is never named.
+      const maskRows = Array.from({ length: S }, (_, m) => {
+        const entry = entries.find((e) => e[3] === m)
+        return entry ? masks[entry[1]]! : new Int32Array(maskWords(V))
+      })
       const sentinel = new Float32Array(J * V).fill(12345.5)
       const adjusted = tensorFrom(device, 'f32', [J, V], sentinel)
       const adjustedParams = n.empty(device, 'i32', [J, 8])
       const countsT = tensorFrom(device, 'u16', [S, V], Uint16Array.from(counts.flatMap((c) => Array.from(c))))
       const settingsT = tensorFrom(device, 'i32', [S, SETTINGS], Int32Array.from(table.flatMap((s) => Array.from(packSettings(s)))))
-      const maskT = tensorFrom(device, 'i32', [S, maskWords(V)], Int32Array.from(masks.flatMap((m) => Array.from(m))))
+      const maskT = tensorFrom(device, 'i32', [S, maskWords(V)], Int32Array.from(maskRows.flatMap((m) => Array.from(m))))
       const logits = tensorFrom(device, 'f32', [R, V], x)
       const params = tensorFrom(device, 'i32', [R, 8], packChoices(Array.from({ length: R }, (_, r) => ({ temperature: 0, topK: 0, topP: 1, minP: 0, seed: 0, position: r, target: -1 }))))
       try {
@@ -306,7 +312,8 @@ function suite(device: DeviceName) {
         const got = await readF32(adjusted)
         const rowJ = (j: number) => got.subarray(j * V, (j + 1) * V)
         for (let j = 0; j < K; j++) {
-          const [r, k, fresh, masked] = entries[j]!
+          const [r, k, fresh, m] = entries[j]!
+          const masked = m >= 0
           const xr = x.subarray(r * V, (r + 1) * V)
           const words = fresh ? new Uint16Array(V) : counts[k]!
           const want = processedRow(xr, words, table[k]!, masked ? masks[k] : undefined)
@@ -668,7 +675,7 @@ describeGpu('logit processors on CUDA', () => {
     // The processed logits themselves: the op on both devices.
     const processedOn = async (device: DeviceName) => {
       const n = native()
-      const plan = tensorFrom(device, 'i32', [1 + PLAN_FIELDS * rows], [rows, ...Array.from({ length: rows }, (_, r) => [r, r, r === 2 ? 1 : 0, masked(r) ? 1 : 0]).flat()])
+      const plan = tensorFrom(device, 'i32', [1 + PLAN_FIELDS * rows], [rows, ...Array.from({ length: rows }, (_, r) => [r, r, r === 2 ? 1 : 0, masked(r) ? r : -1]).flat()])
       const maskT = tensorFrom(device, 'i32', [rows, maskWords(V)], Int32Array.from(masks.flatMap((m) => Array.from(m))))
       const adjusted = n.empty(device, 'f32', [rows, V])
       const adjustedParams = n.empty(device, 'i32', [rows, 8])
@@ -715,6 +722,10 @@ describe('logit processor op arguments', () => {
     )
     expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 2, 0, 0, 0]), settings, mask)).toThrow(/names logits row 2/)
     expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 0, 1, 0, 0]), settings, mask)).toThrow(/names table row 1/)
+    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 0, 0, 0, 1]), settings, mask)).toThrow(
+      'apply_logit_processors: plan row 0 names mask row 1, outside [-1, 1)',
+    )
+    expect(() => n.applyLogitProcessors(adjusted, adjustedParams, counts, x, params, plan([1, 0, 0, 0, -2]), settings, mask)).toThrow(/names mask row -2/)
     expect(() => n.recordLogitChoices(params, counts, n.empty('cpu', 'i32', [1, 1]), plan([1, 0, 0, 0, 0]))).toThrow(/at least 2 columns/)
     expect(() => n.resetLogitRow(counts, 1, tensorFrom('cpu', 'i32', [1], [0]))).toThrow('reset_logit_row: expected a row between 0 and 0 but received 1')
     expect(() => n.resetLogitRow(counts, 0, tensorFrom('cpu', 'i32', [2], [3, V]))).toThrow(`reset_logit_row: prompt id 1 is ${V}, outside [0, ${V})`)
@@ -741,7 +752,7 @@ describe('logit processor op arguments', () => {
     expect(apply(n.empty('cpu', 'i32', [1, 2]))).toThrow('apply_logit_processors: expected dimension 0 of mask to be 2 (rows of counts) but received i32[1,2] on cpu')
     expect(apply(n.empty('cpu', 'i32', [2, 1]))).toThrow(/expected dimension 1 of mask to be 2 \(ceil\(V \/ 32\) words, V the columns of x\) but received i32\[2,1\] on cpu/)
     expect(apply(n.empty('cpu', 'i32', [2, V]))).toThrow(/expected dimension 1 of mask to be 2/)
-    // The right shape runs: row 0 of x through table row 1, whose mask allows tokens 0 and 33.
+    // The right shape runs: row 0 of x through table row 1 and mask row 1, which allows tokens 0 and 33.
     const mask = tensorFrom('cpu', 'i32', [2, 2], [0, 0, 1, 2])
     apply(mask)()
     return readF32(adjusted).then((y) => {
