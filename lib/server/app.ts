@@ -125,10 +125,16 @@ export class InferenceServer {
       },
       ajv: { customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false, allErrors: false, verbose: true, allowUnionTypes: true } },
     })
+    // Before the CORS plugin adds its OPTIONS route, which keeps the error handler of when it was added.
+    this.app.setErrorHandler((err, request, reply) => {
+      const e = toApiError(err)
+      if (!(err instanceof ApiError) && e.status >= 500) process.stderr.write(`detinfer serve: ${request.method} ${request.url} failed: ${(err as Error)?.stack ?? err}\n`)
+      void reply.code(e.status).headers(e.headers).send(e.body())
+    })
     // Browsers' cross-origin requests (a web page calling the server), from the origins given only.
-    // The CORS hook runs before the server's own (routes() once the plugin has loaded): it answers
-    // preflights before the API key is checked (a browser sends no credentials in them), and every
-    // answer to an allowed origin, errors included, carries Access-Control-Allow-Origin.
+    // The CORS hook runs before the server's own (routes() once the plugin has loaded) and sets the
+    // headers, so that every answer to an allowed origin, errors included, carries
+    // Access-Control-Allow-Origin; the server's hook then answers preflights itself (preflight()).
     if (options.allowedOrigins) {
       void this.app.register(cors, {
         origin: options.allowedOrigins === '*' ? '*' : options.allowedOrigins,
@@ -137,6 +143,10 @@ export class InferenceServer {
         // such as the openai package's x-stainless-*, and a header left out fails the request.
         // Access stays by origin, and the API key is checked on the request itself.
         maxAge: 600,
+        // The plugin would answer a preflight (or refuse one in plain text) before the shutdown
+        // is checked: it only sets the headers, and preflight() answers.
+        preflightContinue: true,
+        strictPreflight: false,
       })
       void this.app.after(() => this.routes())
     } else {
@@ -186,11 +196,6 @@ export class InferenceServer {
 
   private routes(): void {
     const app = this.app
-    app.setErrorHandler((err, request, reply) => {
-      const e = toApiError(err)
-      if (!(err instanceof ApiError) && e.status >= 500) process.stderr.write(`detinfer serve: ${request.method} ${request.url} failed: ${(err as Error)?.stack ?? err}\n`)
-      void reply.code(e.status).headers(e.headers).send(e.body())
-    })
     // A known path asked with another method gets 405 and the methods it takes, as vLLM answers.
     const methods = new Map<string, string[]>()
     app.addHook('onRoute', (route) => {
@@ -235,6 +240,7 @@ export class InferenceServer {
         void reply.header('connection', 'close')
         throw unavailable('The server is shutting down', 'shutting_down')
       }
+      if (this.options.allowedOrigins && request.method === 'OPTIONS') return this.preflight(request, reply)
       // By the route the router matched, not the raw URL: the router decodes percent-escapes, so
       // /%76%31/models is /v1/models. Every route but the open ones needs the key, unknown ones too.
       if (!OPEN_ROUTES.has(request.routeOptions.url ?? '')) this.authorize(request)
@@ -332,6 +338,18 @@ export class InferenceServer {
       chat_template: model.chatTemplate,
       model_max_length: model.contextLength,
     }
+  }
+
+  /**
+   * Answers a CORS preflight (whose headers the plugin set) before the API key is checked: a
+   * browser sends no credentials in one.
+   */
+  private preflight(request: FastifyRequest, reply: FastifyReply): FastifyReply {
+    const missing = ['Origin', 'Access-Control-Request-Method'].filter((h) => request.headers[h.toLowerCase()] === undefined)
+    if (missing.length)
+      throw invalidRequest(`Expected the headers Origin and Access-Control-Request-Method in a CORS preflight (OPTIONS) but received no ${missing.join(' and no ')}`, null, 'invalid_preflight')
+    // Safari waits for a body after a 204 without Content-Length.
+    return reply.code(204).header('content-length', '0').send()
   }
 
   private authorize(request: FastifyRequest): void {

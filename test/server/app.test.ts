@@ -982,6 +982,40 @@ describe('CORS (--allowed-origins)', () => {
     }
   })
 
+  it('a preflight while the server shuts down gets 503 as every other request; an OPTIONS without Origin gets a JSON 400', async () => {
+    const server = new InferenceServer({ modelName: 'web', maxQueued: 8, bodyLimit: 1 << 20, apiKey: 'sesame', allowedOrigins: ['http://localhost:5173'] })
+    try {
+      const bare = await server.app.inject({ method: 'OPTIONS', url: '/v1/chat/completions', headers: { 'access-control-request-method': 'POST' } })
+      expect(bare.statusCode).toBe(400)
+      expect(bare.json()).toEqual({
+        error: {
+          message: 'Expected the headers Origin and Access-Control-Request-Method in a CORS preflight (OPTIONS) but received no Origin',
+          type: 'invalid_request_error',
+          param: null,
+          code: 'invalid_preflight',
+        },
+      })
+      const noMethod = await server.app.inject({ method: 'OPTIONS', url: '/v1/chat/completions', headers: { origin: 'http://localhost:5173' } })
+      expect(noMethod.statusCode).toBe(400)
+      expect(noMethod.json().error.message).toMatch(/but received no Access-Control-Request-Method$/)
+      expect(noMethod.headers['access-control-allow-origin']).toBe('http://localhost:5173')
+
+      // Requests injected in the tick that begins the shutdown arrive after it began.
+      await server.app.ready()
+      const closing = server.shutdown(1000)
+      const during = await Promise.all([preflight(server, 'http://localhost:5173'), server.app.inject({ method: 'GET', url: '/health', headers: { origin: 'http://localhost:5173' } })])
+      for (const r of during) {
+        expect(r.statusCode).toBe(503)
+        expect(r.json().error).toMatchObject({ type: 'service_unavailable', code: 'shutting_down' })
+        expect(r.headers['access-control-allow-origin']).toBe('http://localhost:5173')
+        expect(r.headers.connection).toBe('close')
+      }
+      await closing
+    } finally {
+      await server.app.close()
+    }
+  })
+
   it("'*' allows any origin; without the option there is no CORS at all", async () => {
     const any = new InferenceServer({ modelName: 'web', maxQueued: 8, bodyLimit: 1 << 20, allowedOrigins: '*' })
     const none = new InferenceServer({ modelName: 'web', maxQueued: 8, bodyLimit: 1 << 20, apiKey: 'sesame' })
