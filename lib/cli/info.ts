@@ -3,7 +3,7 @@ import { Command } from 'commander'
 import { cudaStatus, variantKernels } from '../device.js'
 import { hubCacheDir } from '../hub-cache.js'
 import { BATCH_BUCKETS, MIN_CONTEXT_BUCKET } from '../model/decode-graphs.js'
-import { nativeAddonPath } from '../native.js'
+import { nativeAddonPath, prebuiltPackage, sourceBuildPath, type CudaStatus } from '../native.js'
 import { packageVersion } from './package-info.js'
 
 function cudaVersion(v: number): string {
@@ -16,11 +16,21 @@ export function infoCommand(): Command {
     .description('show the backend, GPUs, compiled CUDA architectures and versions')
     .option('--json', 'print the information as JSON')
     .action((opts: { json?: boolean }) => {
-      const cuda = cudaStatus()
-      const info = {
+      const installation = {
         version: packageVersion(),
         node: process.version,
         napi: process.versions.napi,
+        platform: `${process.platform}-${process.arch}`,
+      }
+      let cuda: CudaStatus
+      try {
+        cuda = cudaStatus()
+      } catch (err) {
+        printWithoutAddon(installation, err, opts.json === true)
+        throw err
+      }
+      const info = {
+        ...installation,
         backend: cuda.available ? 'cuda' : 'cpu',
         addon: nativeAddonPath(),
         cuda: {
@@ -48,7 +58,7 @@ export function infoCommand(): Command {
         return
       }
       const lines = [
-        `detinfer ${info.version} (Node.js ${info.node}, N-API ${info.napi})`,
+        ...headerLines(info),
         `addon:         ${info.addon}`,
         `backend:       ${info.backend}${cuda.available ? '' : ` (CUDA: ${cuda.reason || 'not available'})`}`,
         `CUDA build:    ${cuda.compiled ? `compiled for ${cuda.archs || 'unknown architectures'}` : 'not compiled (CPU only)'}`,
@@ -62,10 +72,49 @@ export function infoCommand(): Command {
             )
           : ['GPUs:          none found']),
         ...(cuda.available ? [`matmul:        ${cuda.matmulKernels} kernels`] : []),
-        `HF cache:      ${info.huggingFaceCache} (models by repo id, -m owner/name)`,
+        hubCacheLine(),
         `CUDA graphs:   decode steps padded to ${BATCH_BUCKETS.join(', ')} sequences (up to maxBatchSize)`,
         `               and ${MIN_CONTEXT_BUCKET}, ${2 * MIN_CONTEXT_BUCKET}, ... keys of context; ${info.cudaGraphs.memory}`,
       ]
       process.stdout.write(lines.join('\n') + '\n')
     })
+}
+
+interface Installation {
+  version: string
+  node: string
+  napi: string | undefined
+  platform: string
+}
+
+function headerLines(installation: Installation): string[] {
+  return [`detinfer ${installation.version} (Node.js ${installation.node}, N-API ${installation.napi})`, `platform:      ${process.platform} ${process.arch}`]
+}
+
+function hubCacheLine(): string {
+  return `HF cache:      ${hubCacheDir()} (models by repo id, -m owner/name)`
+}
+
+/**
+ * What info knows without the addon, and where the addon was looked for; the load error, which says
+ * how to get one, goes to stderr as every failure of the command does.
+ */
+function printWithoutAddon(installation: Installation, err: unknown, json: boolean): void {
+  if (json) {
+    const info = {
+      ...installation,
+      addon: null,
+      addonSearched: [sourceBuildPath, prebuiltPackage],
+      addonError: err instanceof Error ? err.message : String(err),
+      huggingFaceCache: hubCacheDir(),
+    }
+    process.stdout.write(JSON.stringify(info, null, 2) + '\n')
+    return
+  }
+  const lines = [
+    ...headerLines(installation),
+    `addon:         not loaded; looked for ${sourceBuildPath} (built from source), then ${prebuiltPackage} (prebuilt)`,
+    hubCacheLine(),
+  ]
+  process.stdout.write(lines.join('\n') + '\n')
 }

@@ -1,6 +1,6 @@
 // The built `detinfer` command, run as a user would: a child process of dist/cli/main.js.
 import { spawn, spawnSync } from 'node:child_process'
-import { copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
+import { copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -32,6 +32,7 @@ describe('detinfer CLI', () => {
     expect(r.code).toBe(0)
     expect(r.stdout).toMatch(/^detinfer \d+\.\d+\.\d+ \(Node\.js v\d+/)
     expect(r.stdout).toMatch(/^backend: +(cpu|cuda)/m)
+    expect(r.stdout).toContain(`\nplatform:      ${process.platform} ${process.arch}\n`)
     expect(r.stdout).toMatch(/^CUDA build: /m)
     expect(r.stdout).toMatch(/^CUDA driver: /m)
     const json = JSON.parse(detinfer(['info', '--json']).stdout)
@@ -39,6 +40,7 @@ describe('detinfer CLI', () => {
     expect(r.stdout).toContain(`HF cache:      ${hubCacheDir()} (models by repo id, -m owner/name)`)
     expect(['cpu', 'cuda']).toContain(json.backend)
     expect(json.node).toBe(process.version)
+    expect(json.platform).toBe(`${process.platform}-${process.arch}`)
     expect(Array.isArray(json.devices)).toBe(true)
     // The matmul family is named when a GPU runs: its bits are part of "same build, same GPU".
     if (json.backend === 'cuda') {
@@ -49,6 +51,53 @@ describe('detinfer CLI', () => {
     } else {
       expect(json.cuda.matmulKernels).toBe('')
       expect(r.stdout).not.toMatch(/^matmul:/m)
+    }
+  })
+
+  it('info without a loadable addon prints what it can, where it looked, and the error with its advice, and exits 1', () => {
+    // A copy of the installed package (dist/, package.json, the dependencies) without an addon of its own.
+    const pkg = mkdtempSync(join(tmpdir(), 'detinfer-cli-no-addon-'))
+    try {
+      cpSync(join(root, 'dist'), join(pkg, 'dist'), { recursive: true })
+      copyFileSync(join(root, 'package.json'), join(pkg, 'package.json'))
+      symlinkSync(join(root, 'node_modules'), join(pkg, 'node_modules'))
+      const info = (args: string[] = []) => spawnSync(process.execPath, [join(pkg, 'dist', 'cli', 'main.js'), 'info', ...args], { cwd: pkg, encoding: 'utf8', env: { ...process.env, CI: '1' } })
+      const addon = join(pkg, 'build', 'Release', 'detinfer.node')
+      const version = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).version
+      const prebuilt = `@detinfer/${process.platform}-${process.arch}`
+
+      const absent = info()
+      expect(absent.status).toBe(1)
+      expect(absent.stdout).toBe(
+        `detinfer ${version} (Node.js ${process.version}, N-API ${process.versions.napi})\n` +
+          `platform:      ${process.platform} ${process.arch}\n` +
+          `addon:         not loaded; looked for ${addon} (built from source), then ${prebuilt} (prebuilt)\n` +
+          `HF cache:      ${hubCacheDir()} (models by repo id, -m owner/name)\n`,
+      )
+      expect(absent.stderr).toBe(
+        `detinfer: no native addon: ${addon} does not exist and ${prebuilt} is not installed. Reinstall detinfer without --ignore-scripts ` +
+          '(it uses the prebuilt package where there is one for this platform and builds from source otherwise), or build it from source ' +
+          "with `npm rebuild detinfer` (needs CMake and a C++ compiler; CUDA's nvcc for the GPU backend).\n",
+      )
+
+      mkdirSync(dirname(addon), { recursive: true })
+      writeFileSync(addon, 'not a shared object')
+      const broken = info(['--json'])
+      expect(broken.status).toBe(1)
+      expect(broken.stderr).toMatch(/^detinfer: the native addon .*detinfer\.node could not be loaded \(.+\)\. Build it from source with `npm rebuild detinfer`/)
+      expectNoStackTrace(broken.stderr)
+      expect(JSON.parse(broken.stdout)).toEqual({
+        version,
+        node: process.version,
+        napi: process.versions.napi,
+        platform: `${process.platform}-${process.arch}`,
+        addon: null,
+        addonSearched: [addon, prebuilt],
+        addonError: broken.stderr.trim(),
+        huggingFaceCache: hubCacheDir(),
+      })
+    } finally {
+      rmSync(pkg, { recursive: true, force: true })
     }
   })
 
