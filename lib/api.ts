@@ -309,7 +309,7 @@ export class Model {
     if (!this.disposing)
       this.disposing = this.scheduler.close(new DisposedError()).finally(() => {
         this.parts.tokenizer.close?.(new DisposedError())
-        this.parts.grammars?.dispose()
+        this.parts.grammars?.dispose(new DisposedError())
         this.parts.forward.dispose()
       })
     return this.disposing

@@ -1,6 +1,6 @@
 // Decoding on top of the scheduler: options and their validation, text assembly (incremental
 // detokenization), stop conditions (EOS ids, maxTokens, stop strings) and streaming.
-import { GrammarError, RequestTooLargeError, checkInteger, checkNumber, checkOptionKeys, contextText, invalidArgument, isPlainObject } from './errors.js'
+import { type DisposedError, GrammarError, RequestTooLargeError, checkInteger, checkNumber, checkOptionKeys, contextText, invalidArgument, isPlainObject } from './errors.js'
 import { MAX_LOGIT_BIAS, type LogitProcessors, type SamplingParams } from './sampling.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
 import type { FinishReason, GenerationOutcome, GenerationRequest, Scheduled, Scheduler, TokenConstraint } from './scheduler.js'
@@ -76,7 +76,8 @@ export type JsonSchema = boolean | { readonly [key: string]: unknown }
 export interface ConstraintSource {
   /** A fresh constraint of the format, its grammar checked (a bad schema rejects with a GrammarError); null: none needed. */
   constrain(format: Exclude<ResponseFormat, { type: 'text' }>): Promise<TokenConstraint | null>
-  dispose(): void
+  /** What waits, and every later call, rejects with `reason` (the model's DisposedError when the model is disposed). */
+  dispose(reason?: DisposedError): void
 }
 
 export interface GenerateOptions {

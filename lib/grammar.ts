@@ -431,7 +431,8 @@ export class GrammarEngine {
   private readonly checked = new Map<string, string>()
   private checkedChars = 0
   private readonly live = new Set<Constraint>()
-  private disposed = false
+  /** What every call rejects with once dispose() ran. */
+  private disposedWith: DisposedError | null = null
 
   constructor(
     private readonly source: GrammarVocabularySource,
@@ -459,14 +460,14 @@ export class GrammarEngine {
       this.checkLive()
       const matcher = await instance.xg.GrammarMatcher.createGrammarMatcher(compiled)
       const constraint = new Constraint(matcher, instance, this.vocabSize, (c) => this.live.delete(c))
-      if (this.disposed) {
+      if (this.disposedWith) {
         constraint.dispose()
-        throw new DisposedError('grammar engine')
+        throw this.disposedWith
       }
       this.live.add(constraint)
       return constraint
     } catch (err) {
-      if (this.disposed) throw new DisposedError('grammar engine')
+      if (this.disposedWith) throw this.disposedWith
       throw this.failed(instance, err, spec)
     }
   }
@@ -498,11 +499,15 @@ export class GrammarEngine {
     return compiled
   }
 
-  /** Frees the compiler, the TokenizerInfo and every constraint not yet disposed, and stops the worker (idempotent). */
-  dispose(): void {
-    if (this.disposed) return
-    this.disposed = true
-    this.checker.close(new DisposedError('grammar engine'))
+  /**
+   * Frees the compiler, the TokenizerInfo and every constraint not yet disposed, and stops the
+   * worker (idempotent). What waits, and every later call, rejects with `reason`: a model passes
+   * its own, so that a request whose grammar was being built fails as its other requests do.
+   */
+  dispose(reason = new DisposedError('grammar engine')): void {
+    if (this.disposedWith) return
+    this.disposedWith = reason
+    this.checker.close(reason)
     for (const c of [...this.live]) c.dispose()
     const instance = this.instance
     this.instance = null
@@ -511,7 +516,7 @@ export class GrammarEngine {
   }
 
   private checkLive(): void {
-    if (this.disposed) throw new DisposedError('grammar engine')
+    if (this.disposedWith) throw this.disposedWith
   }
 
   /** Checks a request's grammar in the worker, unless it passed before; the text to compile. */
@@ -564,9 +569,9 @@ export class GrammarEngine {
       info = await xg.TokenizerInfo.createTokenizerInfo(pieces, vocab.vocabType, vocab.addPrefixSpace, size, stopTokenIds)
       const compiler = await xg.GrammarCompiler.createGrammarCompiler(info, false)
       const instance: Instance = { xg, info, compiler, lines, stopTokenIds, compiled: new Map() }
-      if (this.disposed) {
+      if (this.disposedWith) {
         freeInstance(instance)
-        throw new DisposedError('grammar engine')
+        throw this.disposedWith
       }
       return instance
     } catch (err) {
@@ -838,14 +843,14 @@ interface CheckWorker {
 class SchemaChecker {
   private running: CheckWorker | null = null
   private readonly queue: PendingCheck[] = []
-  private closed = false
+  private closedWith: Error | null = null
 
   /**
    * Resolves with the text to compile when xgrammar can compile the grammar (a structural tag's
    * JSON compacted); rejects with GrammarError naming the problem when it cannot.
    */
   check(spec: GrammarSpec): Promise<string> {
-    if (this.closed) return Promise.reject(new DisposedError('grammar engine'))
+    if (this.closedWith) return Promise.reject(this.closedWith)
     return new Promise<string>((resolve, reject) => {
       this.queue.push({ spec, resolve, reject })
       this.next()
@@ -854,8 +859,8 @@ class SchemaChecker {
 
   /** Stops the worker; checks not yet answered reject with `reason`. */
   close(reason: Error): void {
-    if (this.closed) return
-    this.closed = true
+    if (this.closedWith) return
+    this.closedWith = reason
     const r = this.running
     if (r?.current) r.current.reject(reason)
     for (const pending of this.queue.splice(0)) pending.reject(reason)
@@ -863,7 +868,7 @@ class SchemaChecker {
   }
 
   private next(): void {
-    if (this.closed || (!this.queue.length && !this.running)) return
+    if (this.closedWith || (!this.queue.length && !this.running)) return
     const r = this.running ?? this.start()
     if (!r.ready || r.current) return
     const pending = this.queue.shift()

@@ -3,7 +3,7 @@ import { getEventListeners } from 'node:events'
 import { describe, expect, it } from 'vitest'
 import { DisposedError, RequestTooLargeError } from '../../lib/errors.js'
 import { MIN_TEMPERATURE, type ConstraintSource, type TextTokenizer } from '../../lib/generate.js'
-import { Model } from '../../lib/api.js'
+import { loadModel, Model } from '../../lib/api.js'
 import { ContextHashModel, EOS, charTokenizer } from './context-hash-model.js'
 
 function makeModel() {
@@ -404,6 +404,22 @@ describe('responseFormat: a grammar still being built', () => {
       expect(forward.steps.length).toBe(0)
     } finally {
       await model.dispose()
+    }
+  })
+
+  it("a dispose while the grammar is checked or built rejects with the model's DisposedError, as every other request", async () => {
+    const model = await loadModel(undefined, { device: 'cpu', maxBatchSize: 2 })
+    const responseFormat = { type: 'json_schema', schema: { type: 'object', properties: { n: { type: 'integer' } } } } as const
+    const generation = model.generate('ab', { maxTokens: 4, responseFormat })
+    const streamed = model.stream('ab', { maxTokens: 4, responseFormat })[Symbol.asyncIterator]().next()
+    const checked = model.checkResponseFormat({ type: 'regex', pattern: '[a-z]+' })
+    // JSON mode is not checked in the worker: its grammar is built with the model's vocabulary at once.
+    const object = model.generate('ab', { maxTokens: 4, responseFormat: { type: 'json_object' } })
+    await model.dispose()
+    for (const outcome of await Promise.allSettled([generation, streamed, checked, object])) {
+      expect(outcome.status).toBe('rejected')
+      expect((outcome as PromiseRejectedResult).reason).toBeInstanceOf(DisposedError)
+      expect((outcome as PromiseRejectedResult).reason.message).toBe('The model was disposed and cannot be used any more')
     }
   })
 })
