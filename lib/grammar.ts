@@ -414,6 +414,8 @@ interface Instance {
   stopTokenIds: readonly number[]
   /** Compiled grammars by schema text, least recently used first (GrammarEngine.compiled). */
   compiled: Map<string, CompiledGrammar>
+  /** Compiles not finished yet, by schema text: requests of one grammar (a batch's) wait on one compile. */
+  compiling: Map<string, Promise<CompiledGrammar>>
 }
 
 /**
@@ -430,6 +432,8 @@ export class GrammarEngine {
   /** Schemas that passed the check, least recently used first, with the text to compile of each, and their characters in all. */
   private readonly checked = new Map<string, string>()
   private checkedChars = 0
+  /** Checks in the worker not answered yet, by grammar. */
+  private readonly checking = new Map<string, Promise<string>>()
   private readonly live = new Set<Constraint>()
   /** What every call rejects with once dispose() ran. */
   private disposedWith: DisposedError | null = null
@@ -488,6 +492,15 @@ export class GrammarEngine {
       instance.compiled.set(key, cached)
       return cached
     }
+    let compiling = instance.compiling.get(key)
+    if (!compiling) {
+      compiling = this.compile(instance, spec, key, text).finally(() => instance.compiling.delete(key))
+      instance.compiling.set(key, compiling)
+    }
+    return compiling
+  }
+
+  private async compile(instance: Instance, spec: GrammarSpec, key: string, text: string): Promise<CompiledGrammar> {
     const compiled =
       spec.kind === 'json_schema' ? await instance.compiler.compileJSONSchema(text, ...JSON_SCHEMA_OPTIONS) : await instance.compiler.compileStructuralTag(text)
     instance.compiled.set(key, compiled)
@@ -519,7 +532,10 @@ export class GrammarEngine {
     if (this.disposedWith) throw this.disposedWith
   }
 
-  /** Checks a request's grammar in the worker, unless it passed before; the text to compile. */
+  /**
+   * Checks a request's grammar in the worker, unless it passed before; the text to compile.
+   * Requests of one grammar (a batch's) wait on one check.
+   */
   private async check(spec: GrammarSpec): Promise<string> {
     const key = `${spec.kind}\n${spec.text}`
     const known = this.checked.get(key)
@@ -528,7 +544,12 @@ export class GrammarEngine {
       this.checked.set(key, known)
       return known
     }
-    const text = await this.checker.check(spec)
+    let checking = this.checking.get(key)
+    if (!checking) {
+      checking = this.checker.check(spec).finally(() => this.checking.delete(key))
+      this.checking.set(key, checking)
+    }
+    const text = await checking
     if (this.checked.has(key) || key.length + text.length > CHECKED_SCHEMA_CHARS) return text
     this.checked.set(key, text)
     this.checkedChars += key.length + text.length
@@ -568,7 +589,7 @@ export class GrammarEngine {
     try {
       info = await xg.TokenizerInfo.createTokenizerInfo(pieces, vocab.vocabType, vocab.addPrefixSpace, size, stopTokenIds)
       const compiler = await xg.GrammarCompiler.createGrammarCompiler(info, false)
-      const instance: Instance = { xg, info, compiler, lines, stopTokenIds, compiled: new Map() }
+      const instance: Instance = { xg, info, compiler, lines, stopTokenIds, compiled: new Map(), compiling: new Map() }
       if (this.disposedWith) {
         freeInstance(instance)
         throw this.disposedWith

@@ -1,7 +1,8 @@
 // The Model's public boundary: argument validation messages and dispose semantics.
 import { getEventListeners } from 'node:events'
-import { describe, expect, it } from 'vitest'
+import { describe, expect, it, vi } from 'vitest'
 import { DisposedError, RequestTooLargeError } from '../../lib/errors.js'
+import { EvalWorker } from '../../lib/eval-worker.js'
 import { MIN_TEMPERATURE, type ConstraintSource, type TextTokenizer } from '../../lib/generate.js'
 import { loadModel, Model } from '../../lib/api.js'
 import { ContextHashModel, EOS, charTokenizer } from './context-hash-model.js'
@@ -403,6 +404,28 @@ describe('responseFormat: a grammar still being built', () => {
       expect(made).toEqual({ built: 2, disposed: 2 })
       expect(forward.steps.length).toBe(0)
     } finally {
+      await model.dispose()
+    }
+  })
+
+  it('generateBatch checks and compiles its responseFormat once, not once per prompt', async () => {
+    const model = await loadModel(undefined, { device: 'cpu', maxBatchSize: 4 })
+    try {
+      await model.checkResponseFormat({ type: 'json_object' }) // the engine takes the vocabulary
+      type Internals = { parts: { grammars: { built: { compiler: { compileJSONSchema(...args: unknown[]): unknown } } } } }
+      const compiles = vi.spyOn((model as unknown as Internals).parts.grammars.built.compiler, 'compileJSONSchema')
+      const posts = vi.spyOn(EvalWorker.prototype, 'post')
+      const checks = () => posts.mock.calls.filter(([message]) => (message as { kind?: string }).kind === 'json_schema').length
+      const responseFormat = { type: 'json_schema', schema: { type: 'object', properties: { n: { type: 'integer' } }, required: ['n'] } } as const
+      const prompts = ['To be', 'or not', 'to be', 'that is']
+      const batch = await model.generateBatch(prompts, { maxTokens: 12, responseFormat })
+      expect(checks()).toBe(1)
+      expect(compiles).toHaveBeenCalledTimes(1)
+      for (const [i, prompt] of prompts.entries()) expect(batch[i]!.text).toBe((await model.generate(prompt, { maxTokens: 12, responseFormat })).text)
+      expect(checks()).toBe(1)
+      expect(compiles).toHaveBeenCalledTimes(1)
+    } finally {
+      vi.restoreAllMocks()
       await model.dispose()
     }
   })
