@@ -57,6 +57,46 @@ async function promptText(argument: string | undefined, flags: GenerateFlags): P
   throw new Error('no prompt: give it as an argument, with --prompt-file, or on stdin')
 }
 
+/** The flag of each library option that `generate` sets from one. */
+const OPTION_FLAGS: Record<string, string> = {
+  maxTokens: '--max-tokens',
+  temperature: '--temperature',
+  seed: '--seed',
+  topK: '--top-k',
+  topP: '--top-p',
+  minP: '--min-p',
+  frequencyPenalty: '--frequency-penalty',
+  presencePenalty: '--presence-penalty',
+  repetitionPenalty: '--repetition-penalty',
+  logitBias: '--logit-bias',
+  topLogprobs: '--top-logprobs',
+  stop: '--stop',
+  ignoreEos: '--ignore-eos',
+  chatTemplateVariables: '--chat-template-kwargs',
+  'responseFormat.schema': '--json-schema',
+  'responseFormat.pattern': '--regex',
+  'responseFormat.choices': '--choice',
+  'responseFormat.grammar': '--grammar',
+  tensorParallel: '--tensor-parallel',
+  kvCacheTokens: '--kv-cache-tokens',
+}
+
+// A camelCase name or a path is an option wherever it stands; a plain word (stop, seed,
+// temperature) only where the errors' one format puts a name: "for <name> but received".
+const OPTION_NAMES = new RegExp(
+  Object.keys(OPTION_FLAGS)
+    .map((name) => (/[A-Z.]/.test(name) ? `\\b${name.replace('.', '\\.')}\\b` : `(?<=\\bfor )${name}(?=(?:\\[\\d+\\])? but received )`))
+    .join('|'),
+  'g',
+)
+
+/** The library's error as the user of `generate` reads it: "for maxTokens" becomes "for --max-tokens". */
+function namingFlags(err: unknown): unknown {
+  if (!(err instanceof Error)) return err
+  const message = err.message.replace(OPTION_NAMES, (name) => OPTION_FLAGS[name]!)
+  return message === err.message ? err : new Error(message, { cause: err })
+}
+
 export function generateCommand(): Command {
   return new Command('generate')
     .description('generate a completion of a prompt (greedy unless --temperature > 0)')
@@ -91,96 +131,103 @@ export function generateCommand(): Command {
     .option('--chat-template-kwargs <json>', 'variables for the chat template, e.g. \'{"enable_thinking": false}\' (with --chat or --system)', jsonObject)
     .option('--json', 'print text, tokens, log-probs and timings as JSON')
     .option('--no-stream', 'print the text once it is complete')
-    .action(async (argument: string | undefined, flags: GenerateFlags) => {
-      const text = await promptText(argument, flags)
-      const prompt =
-        flags.system !== undefined
-          ? [
-              { role: 'system', content: flags.system },
-              { role: 'user', content: text },
-            ]
-          : text
-      const options: GenerateOptions = {
-        ...(flags.maxTokens !== undefined && { maxTokens: flags.maxTokens }),
-        ...(flags.temperature !== undefined && { temperature: flags.temperature }),
-        ...(flags.seed !== undefined && { seed: flags.seed }),
-        ...(flags.topK !== undefined && { topK: flags.topK }),
-        ...(flags.topP !== undefined && { topP: flags.topP }),
-        ...(flags.minP !== undefined && { minP: flags.minP }),
-        ...(flags.frequencyPenalty !== undefined && { frequencyPenalty: flags.frequencyPenalty }),
-        ...(flags.presencePenalty !== undefined && { presencePenalty: flags.presencePenalty }),
-        ...(flags.repetitionPenalty !== undefined && { repetitionPenalty: flags.repetitionPenalty }),
-        ...(flags.logitBias !== undefined && { logitBias: flags.logitBias as Record<number, number> }),
-        ...(flags.topLogprobs !== undefined && { topLogprobs: flags.topLogprobs }),
-        ...(flags.stop !== undefined && { stop: flags.stop }),
-        ...(flags.ignoreEos && { ignoreEos: true }),
-        ...(flags.chat && { chat: true }),
-        ...(flags.chatTemplateKwargs && { chatTemplateVariables: flags.chatTemplateKwargs }),
-        ...(flags.jsonObject && { responseFormat: { type: 'json_object' } }),
-      }
-      const formats = [flags.jsonObject && '--json-object', flags.jsonSchema !== undefined && '--json-schema', flags.regex !== undefined && '--regex', flags.choice && '--choice', flags.grammar !== undefined && '--grammar'].filter(Boolean)
-      if (formats.length > 1) throw new Error(`give one of --json-object, --json-schema, --regex, --choice and --grammar, not ${formats.join(' and ')}`)
-      if (flags.jsonSchema !== undefined) options.responseFormat = { type: 'json_schema', schema: (await readJsonFile(flags.jsonSchema)) as JsonSchema }
-      if (flags.regex !== undefined) options.responseFormat = { type: 'regex', pattern: flags.regex }
-      if (flags.choice) options.responseFormat = { type: 'choice', choices: flags.choice }
-      if (flags.grammar !== undefined) options.responseFormat = { type: 'grammar', grammar: await readTextFile(flags.grammar, '--grammar') }
-      if (flags.chatTemplateKwargs && !flags.chat && flags.system === undefined) throw new Error('--chat-template-kwargs applies to the chat template: give --chat or --system too')
-      if (flags.chatTemplate !== undefined && !flags.chat && flags.system === undefined) throw new Error('--chat-template applies to chat prompts: give --chat or --system too')
-      const chatTemplate = flags.chatTemplate === undefined ? undefined : await readTextFile(flags.chatTemplate, '--chat-template')
-      if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
-      // Without --temperature, or at 0, the completion is greedy, which these would not change (as check).
-      if (!(flags.temperature !== undefined && flags.temperature > 0) && [flags.seed, flags.topK, flags.topP, flags.minP].some((v) => v !== undefined))
-        throw new Error('--seed, --top-k, --top-p and --min-p apply to sampling: give a --temperature above 0 too')
-      const modelDir = flags.model ?? defaultModelPath
-      // Bad options fail before the weights load; the model checks them again against its cache.
-      const source = await readModelDir(modelDir)
-      resolveGenerateOptions(options, { contextLength: source.config.maxPositionEmbeddings, vocabSize: source.config.vocabSize })
-      const model = await withLoadProgress('model', (onProgress) =>
-        loadModelFrom(source, {
-          ...(chatTemplate !== undefined && { chatTemplate }),
-          device: flags.device,
-          maxBatchSize: 1,
-          cudaGraphs: flags.cudaGraphs,
-          ...(flags.tensorParallel !== undefined && { tensorParallel: flags.tensorParallel }),
-          ...(flags.kvCacheTokens !== undefined && { kvCacheTokens: flags.kvCacheTokens }),
-          onProgress,
-        }),
-      )
-      // Ctrl-C while generating ends the generation: what was printed stays, the exit code is 130.
-      const interrupt = new AbortController()
-      const onSigint = () => interrupt.abort()
-      process.once('SIGINT', onSigint)
-      options.signal = interrupt.signal
-      let pieces = 0
-      try {
-        if (flags.json) {
-          const r = await model.generate(prompt, options)
-          process.stdout.write(JSON.stringify({ model: modelDir, device: model.device, ...r }) + '\n')
-          return
-        }
-        if (!flags.stream) {
-          const r = await model.generate(prompt, options)
-          process.stdout.write(r.text + '\n')
-          return
-        }
-        const started = performance.now()
-        for await (const piece of model.stream(prompt, options)) {
-          process.stdout.write(piece.text)
-          pieces++
-        }
-        process.stdout.write('\n')
-        if (interactiveStderr()) {
-          const seconds = (performance.now() - started) / 1000
-          process.stderr.write(`${pieces} tokens in ${seconds.toFixed(2)} s on ${model.device}\n`)
-        }
-      } catch (err) {
-        if (!interrupt.signal.aborted) throw err
-        if (pieces > 0) process.stdout.write('\n')
-        process.stderr.write('detinfer: interrupted\n')
-        process.exitCode = 130
-      } finally {
-        process.off('SIGINT', onSigint)
-        await model.dispose()
-      }
-    })
+    .action((argument: string | undefined, flags: GenerateFlags) =>
+      generateCompletion(argument, flags).catch((err: unknown) => {
+        throw namingFlags(err)
+      }),
+    )
+}
+
+async function generateCompletion(argument: string | undefined, flags: GenerateFlags): Promise<void> {
+  const text = await promptText(argument, flags)
+  const prompt =
+    flags.system !== undefined
+      ? [
+          { role: 'system', content: flags.system },
+          { role: 'user', content: text },
+        ]
+      : text
+  const options: GenerateOptions = {
+    ...(flags.maxTokens !== undefined && { maxTokens: flags.maxTokens }),
+    ...(flags.temperature !== undefined && { temperature: flags.temperature }),
+    ...(flags.seed !== undefined && { seed: flags.seed }),
+    ...(flags.topK !== undefined && { topK: flags.topK }),
+    ...(flags.topP !== undefined && { topP: flags.topP }),
+    ...(flags.minP !== undefined && { minP: flags.minP }),
+    ...(flags.frequencyPenalty !== undefined && { frequencyPenalty: flags.frequencyPenalty }),
+    ...(flags.presencePenalty !== undefined && { presencePenalty: flags.presencePenalty }),
+    ...(flags.repetitionPenalty !== undefined && { repetitionPenalty: flags.repetitionPenalty }),
+    ...(flags.logitBias !== undefined && { logitBias: flags.logitBias as Record<number, number> }),
+    ...(flags.topLogprobs !== undefined && { topLogprobs: flags.topLogprobs }),
+    ...(flags.stop !== undefined && { stop: flags.stop }),
+    ...(flags.ignoreEos && { ignoreEos: true }),
+    ...(flags.chat && { chat: true }),
+    ...(flags.chatTemplateKwargs && { chatTemplateVariables: flags.chatTemplateKwargs }),
+    ...(flags.jsonObject && { responseFormat: { type: 'json_object' } }),
+  }
+  const formats = [flags.jsonObject && '--json-object', flags.jsonSchema !== undefined && '--json-schema', flags.regex !== undefined && '--regex', flags.choice && '--choice', flags.grammar !== undefined && '--grammar'].filter(Boolean)
+  if (formats.length > 1) throw new Error(`give one of --json-object, --json-schema, --regex, --choice and --grammar, not ${formats.join(' and ')}`)
+  if (flags.ignoreEos && formats.length) throw new Error(`give --ignore-eos or ${formats[0]}, not both: a text the grammar completes ends at EOS`)
+  if (flags.jsonSchema !== undefined) options.responseFormat = { type: 'json_schema', schema: (await readJsonFile(flags.jsonSchema)) as JsonSchema }
+  if (flags.regex !== undefined) options.responseFormat = { type: 'regex', pattern: flags.regex }
+  if (flags.choice) options.responseFormat = { type: 'choice', choices: flags.choice }
+  if (flags.grammar !== undefined) options.responseFormat = { type: 'grammar', grammar: await readTextFile(flags.grammar, '--grammar') }
+  if (flags.chatTemplateKwargs && !flags.chat && flags.system === undefined) throw new Error('--chat-template-kwargs applies to the chat template: give --chat or --system too')
+  if (flags.chatTemplate !== undefined && !flags.chat && flags.system === undefined) throw new Error('--chat-template applies to chat prompts: give --chat or --system too')
+  const chatTemplate = flags.chatTemplate === undefined ? undefined : await readTextFile(flags.chatTemplate, '--chat-template')
+  if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
+  // Without --temperature, or at 0, the completion is greedy, which these would not change (as check).
+  if (!(flags.temperature !== undefined && flags.temperature > 0) && [flags.seed, flags.topK, flags.topP, flags.minP].some((v) => v !== undefined))
+    throw new Error('--seed, --top-k, --top-p and --min-p apply to sampling: give a --temperature above 0 too')
+  const modelDir = flags.model ?? defaultModelPath
+  // Bad options fail before the weights load; the model checks them again against its cache.
+  const source = await readModelDir(modelDir)
+  resolveGenerateOptions(options, { contextLength: source.config.maxPositionEmbeddings, vocabSize: source.config.vocabSize })
+  const model = await withLoadProgress('model', (onProgress) =>
+    loadModelFrom(source, {
+      ...(chatTemplate !== undefined && { chatTemplate }),
+      device: flags.device,
+      maxBatchSize: 1,
+      cudaGraphs: flags.cudaGraphs,
+      ...(flags.tensorParallel !== undefined && { tensorParallel: flags.tensorParallel }),
+      ...(flags.kvCacheTokens !== undefined && { kvCacheTokens: flags.kvCacheTokens }),
+      onProgress,
+    }),
+  )
+  // Ctrl-C while generating ends the generation: what was printed stays, the exit code is 130.
+  const interrupt = new AbortController()
+  const onSigint = () => interrupt.abort()
+  process.once('SIGINT', onSigint)
+  options.signal = interrupt.signal
+  let pieces = 0
+  try {
+    if (flags.json) {
+      const r = await model.generate(prompt, options)
+      process.stdout.write(JSON.stringify({ model: modelDir, device: model.device, ...r }) + '\n')
+      return
+    }
+    if (!flags.stream) {
+      const r = await model.generate(prompt, options)
+      process.stdout.write(r.text + '\n')
+      return
+    }
+    const started = performance.now()
+    for await (const piece of model.stream(prompt, options)) {
+      process.stdout.write(piece.text)
+      pieces++
+    }
+    process.stdout.write('\n')
+    if (interactiveStderr()) {
+      const seconds = (performance.now() - started) / 1000
+      process.stderr.write(`${pieces} tokens in ${seconds.toFixed(2)} s on ${model.device}\n`)
+    }
+  } catch (err) {
+    if (!interrupt.signal.aborted) throw err
+    if (pieces > 0) process.stdout.write('\n')
+    process.stderr.write('detinfer: interrupted\n')
+    process.exitCode = 130
+  } finally {
+    process.off('SIGINT', onSigint)
+    await model.dispose()
+  }
 }

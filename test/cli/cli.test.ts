@@ -141,6 +141,34 @@ describe('detinfer CLI', () => {
     }
   })
 
+  it("generate's errors name the flags the user gave, not the library's options", () => {
+    const dir = mkdtempSync(join(tmpdir(), 'detinfer-cli-flags-'))
+    try {
+      const refused = (args: string[], message: string) => {
+        const r = detinfer(['generate', 'To be', '--device', 'cpu', ...args])
+        expect(r.code, args.join(' ')).toBe(1)
+        expect(r.stderr, args.join(' ')).toBe(`detinfer: ${message}\n`)
+        expect(r.stdout).toBe('')
+      }
+      writeFileSync(join(dir, 'schema.json'), '{"type": "object"}')
+      writeFileSync(join(dir, 'grammar.ebnf'), 'root ::= "a"')
+      for (const format of [['--json-object'], ['--json-schema', join(dir, 'schema.json')], ['--regex', 'a+'], ['--choice', 'a'], ['--grammar', join(dir, 'grammar.ebnf')]])
+        refused(['--ignore-eos', ...format], `give --ignore-eos or ${format[0]}, not both: a text the grammar completes ends at EOS`)
+      refused(['-n', '0'], 'Expected integer between 1 and 1024 for --max-tokens but received 0 of type number')
+      refused(['--temperature', '-1'], 'Expected 0 (greedy) or a number between 1e-30 and 100 for --temperature but received -1 of type number')
+      refused(['--temperature', '1', '--top-p', '2'], 'Expected number greater than 0 and at most 1 for --top-p but received 2 of type number')
+      refused(['--json', '--top-logprobs', '21'], 'Expected integer between 0 and 20 for --top-logprobs but received 21 of type number')
+      refused(['--stop', 'x', '--stop', ''], 'Expected non-empty string for --stop[1] but received "" of type string')
+      refused(['--logit-bias', '{"7": 500}'], 'Expected number between -100 and 100 for --logit-bias[7] but received 500 of type number')
+      refused(['--regex', ''], 'Expected non-empty string for --regex but received "" of type string')
+      refused(['--choice', 'a', '--choice', ''], 'Expected non-empty string for --choice[1] but received "" of type string')
+      writeFileSync(join(dir, 'schema.json'), '[]')
+      refused(['--json-schema', join(dir, 'schema.json')], 'Expected JSON Schema (an object, or true or false) for --json-schema but received [] of type array')
+    } finally {
+      rmSync(dir, { recursive: true, force: true })
+    }
+  })
+
   it('generate --tensor-parallel: the same tokens and log-probs at 1 and 2, and clear errors for 3 and for heads that do not divide', () => {
     const run = (tp: string) => detinfer(['generate', 'To be or not', '-n', '8', '--device', 'cpu', '--tensor-parallel', tp, '--json', '--no-stream'])
     const [one, two] = [run('1'), run('2')]
@@ -153,10 +181,10 @@ describe('detinfer CLI', () => {
     expect(b.logprobs).toEqual(a.logprobs)
     const three = run('3')
     expect(three.code).not.toBe(0)
-    expect(three.stderr).toContain('Expected 1, 2, 4 or 8 for tensorParallel but received 3 of type number')
+    expect(three.stderr).toContain('Expected 1, 2, 4 or 8 for --tensor-parallel but received 3 of type number')
     const four = run('4') // the shipped model has 2 kv heads
     expect(four.code).not.toBe(0)
-    expect(four.stderr).toContain('Expected num_key_value_heads of the model to be divisible by tensorParallel 4 but received num_key_value_heads 2')
+    expect(four.stderr).toContain('Expected num_key_value_heads of the model to be divisible by --tensor-parallel 4 but received num_key_value_heads 2')
     expectNoStackTrace(four.stderr)
   })
 
@@ -380,7 +408,7 @@ describe('detinfer generate on a tiny model', () => {
     expect(noJson.code).toBe(1)
     expect(noJson.stderr).toContain('--top-logprobs shows in the --json output: give --json too')
     const bad = detinfer(['generate', '--device', 'cpu', '--temperature', '1', '--min-p', '2', 'ROMEO:'])
-    expect(bad.stderr).toContain('Expected number between 0 and 1 for minP but received 2 of type number')
+    expect(bad.stderr).toContain('Expected number between 0 and 1 for --min-p but received 2 of type number')
   })
 
   it('--logit-bias, --presence-penalty and --frequency-penalty reach the library; bad values are refused before loading', async () => {
@@ -401,7 +429,7 @@ describe('detinfer generate on a tiny model', () => {
     }
     const bad = detinfer(['generate', '--device', 'cpu', '--presence-penalty', '3', 'ROMEO:'])
     expect(bad.code).toBe(1)
-    expect(bad.stderr).toContain('Expected number between -2 and 2 for presencePenalty but received 3 of type number')
+    expect(bad.stderr).toContain('Expected number between -2 and 2 for --presence-penalty but received 3 of type number')
     const notJson = detinfer(['generate', '--device', 'cpu', '--logit-bias', '[1]', 'ROMEO:'])
     expect(notJson.code).toBe(1)
     expect(notJson.stderr).toContain(`expected a JSON object of token ids to biases such as '{"1234": -100}' but received "[1]"`)
@@ -416,7 +444,7 @@ describe('detinfer generate on a tiny model', () => {
   it('an out-of-range value fails with the library message and no stack trace', () => {
     const r = detinfer(['generate', '-m', dir, '--device', 'cpu', '-n', '0', 'hello'])
     expect(r.code).toBe(1)
-    expect(r.stderr).toContain('detinfer: Expected integer between 1 and 512 for maxTokens but received 0 of type number')
+    expect(r.stderr).toContain('detinfer: Expected integer between 1 and 512 for --max-tokens but received 0 of type number')
     expectNoStackTrace(r.stderr)
     expect(r.stdout).toBe('')
   })
@@ -437,7 +465,7 @@ describe('detinfer generate on a tiny model', () => {
   it('--kv-cache-tokens sizes the KV cache of generate and score, which bounds their context', () => {
     const gen = detinfer(['generate', '-m', dir, '--device', 'cpu', '--kv-cache-tokens', '64', '-n', '100', 'hello'])
     expect(gen.code).toBe(1)
-    expect(gen.stderr).toContain("detinfer: maxTokens (100) exceeds the model's context of 64 tokens (the positions its KV cache holds as loaded")
+    expect(gen.stderr).toContain("detinfer: --max-tokens (100) exceeds the model's context of 64 tokens (the positions its KV cache holds as loaded")
     const fits = detinfer(['generate', '-m', dir, '--device', 'cpu', '--kv-cache-tokens', '64', '-n', '8', '--json', 'hello'])
     expect(fits.code, fits.stderr).toBe(0)
     expect(JSON.parse(fits.stdout).tokens).toHaveLength(8)
@@ -456,7 +484,7 @@ describe('detinfer generate on a tiny model', () => {
     copyFileSync(join(dir, 'config.json'), join(configOnly, 'config.json'))
     const r = detinfer(['generate', '-m', configOnly, '--device', 'cpu', '--temperature', '1', '--top-p', '2', 'hello'])
     expect(r.code).toBe(1)
-    expect(r.stderr).toContain('detinfer: Expected number greater than 0 and at most 1 for topP but received 2 of type number')
+    expect(r.stderr).toContain('detinfer: Expected number greater than 0 and at most 1 for --top-p but received 2 of type number')
     expect(detinfer(['generate', '-m', configOnly, '--device', 'cpu', 'hello']).stderr).toMatch(/^detinfer: \S+ not found/)
     // score's too.
     const top = detinfer(['score', '-m', configOnly, '--device', 'cpu', '-c', 'x', '--json', '--top-logprobs', '21', 'hello'])
