@@ -1,6 +1,6 @@
 // The built `detinfer` command, run as a user would: a child process of dist/cli/main.js.
 import { spawn, spawnSync } from 'node:child_process'
-import { copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs'
+import { copyFileSync, cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -60,7 +60,10 @@ describe('detinfer CLI', () => {
     try {
       cpSync(join(root, 'dist'), join(pkg, 'dist'), { recursive: true })
       copyFileSync(join(root, 'package.json'), join(pkg, 'package.json'))
-      symlinkSync(join(root, 'node_modules'), join(pkg, 'node_modules'))
+      // The dependencies, less the prebuilt addon package (a checkout links its own build there).
+      mkdirSync(join(pkg, 'node_modules'))
+      for (const entry of readdirSync(join(root, 'node_modules')))
+        if (entry !== '@detinfer') symlinkSync(join(root, 'node_modules', entry), join(pkg, 'node_modules', entry))
       const info = (args: string[] = []) => spawnSync(process.execPath, [join(pkg, 'dist', 'cli', 'main.js'), 'info', ...args], { cwd: pkg, encoding: 'utf8', env: { ...process.env, CI: '1' } })
       const addon = join(pkg, 'build', 'Release', 'detinfer.node')
       const version = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).version
