@@ -12,6 +12,7 @@ import { resolveDevice, setVariantKernels } from '../device.js'
 import { readTextFile } from '../files.js'
 import type { SamplingParams } from '../sampling.js'
 import { integer, nonNegative, number, positive } from './parse.js'
+import { flagsOf, namingFlags } from './option-flags.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
 
 interface CheckFlags {
@@ -82,6 +83,12 @@ function table(rows: [string, CheckReport][]): string {
   return [line(header), ...body.map(line)].join('\n')
 }
 
+/**
+ * The library options `check` sets from its flags, by the flags' names. The sampling's seed is
+ * --sampling-seed here (--seed orders the arrivals).
+ */
+const CHECK_FLAGS = { ...flagsOf(['maxTokens', 'temperature', 'topK', 'topP', 'minP', 'tensorParallel', 'maxBatchSize']), seed: '--sampling-seed' }
+
 export function checkCommand(): Command {
   return new Command('check')
     .description('complete one prompt many times under varied batching and count distinct completions')
@@ -105,75 +112,77 @@ export function checkCommand(): Command {
     .option('--json-object', "hold the prompt's completions, and half of the other prompts', to JSON (structured output); they end at EOS once their JSON is complete")
     .option('--variant', 'also run on the variant kernels (batch-dependent splits), for contrast')
     .option('--json', 'print the reports as JSON')
-    .action(async (argument: string | undefined, flags: CheckFlags) => {
-      if (argument !== undefined && flags.promptFile !== undefined) throw new Error('give the prompt as an argument or with --prompt-file, not both')
-      const dir = flags.model ?? defaultModelPath
-      const text = flags.promptFile !== undefined ? await readTextFile(flags.promptFile, '--prompt-file') : (argument ?? 'ROMEO:')
-      const device = resolveDevice(flags.device)
-      const maxBatchSize = flags.maxBatchSize ?? (device === 'cuda' ? 64 : 16)
-      const { path, config } = await readModelDir(dir)
-      const sampling = samplingFrom(flags, { contextLength: config.maxPositionEmbeddings, vocabSize: config.vocabSize })
-      const tokenizer = await loadTokenizer({ path, config })
-      const prompt = tokenizer.encodePrompt(text, flags.chat === true)
-      if (prompt.length === 0) throw new Error('the prompt is empty after tokenizing')
-      const maxNoisePrompt = 64
-      const maxBatchTokens = Math.max(256, maxBatchSize * 4)
-      const blocksPerSequence = Math.ceil((Math.max(prompt.length, maxNoisePrompt) + flags.maxTokens) / 16)
-      const model = await withLoadProgress('model', (onProgress) =>
-        loadModelFrom(
-          { path, config, device, tokenizer },
-          {
-            maxBatchTokens,
-            maxBatchSize,
-            // maxBatchSize sequences in the largest phase, and room for one more.
-            kvBlocks: blocksPerSequence * (maxBatchSize + 1),
-            prefixCache: false,
-            cudaGraphs: flags.cudaGraphs,
-            ...(flags.tensorParallel !== undefined && { tensorParallel: flags.tensorParallel }),
-            onProgress,
-          },
-        ),
-      )
-      const forward = forwardOf(model)
-      const grammars = flags.jsonObject ? new GrammarEngine(tokenizer, config.vocabSize) : null
-      const constraints = grammars && { make: async () => (await grammars.constrain({ type: 'json_object' }))!, target: true, noiseShare: 0.5 }
-      const reports: [string, CheckReport][] = []
-      try {
-        for (const variant of flags.variant ? [false, true] : [false]) {
-          setVariantKernels(variant)
-          const name = variant ? 'variant' : 'invariant'
-          const total = flags.runs + (flags.noise ?? Math.ceil(flags.runs / 2))
-          const report = await runCheck(forward, {
-            prompt,
-            runs: flags.runs,
-            maxTokens: flags.maxTokens,
-            sampling,
-            noise: { count: total - flags.runs, vocab: Math.min(tokenizer.vocabSize, model.vocabSize), maxPromptTokens: maxNoisePrompt, maxTokens: flags.maxTokens },
-            phases: defaultPhases(maxBatchSize, maxBatchTokens),
-            seed: flags.seed,
-            ...(constraints && { constraints }),
-            onProgress: (done, all) => {
-              if (interactiveStderr() ? done % 10 === 0 || done === all : done % Math.ceil(all / 4) === 0)
-                process.stderr.write(`${interactiveStderr() ? '\r' : ''}${name}: ${done}/${all} requests${interactiveStderr() ? '' : '\n'}`)
-            },
-          })
-          if (interactiveStderr()) process.stderr.write('\n')
-          reports.push([name, report])
-        }
-      } finally {
-        setVariantKernels(false)
-        grammars?.dispose()
-        await model.dispose()
-      }
-      // Status 1 when an invariant-kernel completion differs, in either output format.
-      const invariant = reports[0]![1]
-      if (invariant.identicalToReference !== invariant.runs) process.exitCode = 1
-      if (flags.json) {
-        process.stdout.write(JSON.stringify({ model: dir, device, prompt: text, sampling, reports: Object.fromEntries(reports) }) + '\n')
-        return
-      }
-      process.stdout.write(`model ${dir} on ${device}, prompt ${JSON.stringify(text)} (${prompt.length} tokens), ${describeSampling(sampling)}\n`)
-      process.stdout.write(`reference: ${JSON.stringify(tokenizer.decode(reports[0]![1].reference.tokens).slice(0, 120))}\n\n`)
-      process.stdout.write(table(reports) + '\n')
-    })
+    .action(namingFlags(CHECK_FLAGS, checkDeterminism))
+}
+
+async function checkDeterminism(argument: string | undefined, flags: CheckFlags): Promise<void> {
+  if (argument !== undefined && flags.promptFile !== undefined) throw new Error('give the prompt as an argument or with --prompt-file, not both')
+  const dir = flags.model ?? defaultModelPath
+  const text = flags.promptFile !== undefined ? await readTextFile(flags.promptFile, '--prompt-file') : (argument ?? 'ROMEO:')
+  const device = resolveDevice(flags.device)
+  const maxBatchSize = flags.maxBatchSize ?? (device === 'cuda' ? 64 : 16)
+  const { path, config } = await readModelDir(dir)
+  const sampling = samplingFrom(flags, { contextLength: config.maxPositionEmbeddings, vocabSize: config.vocabSize })
+  const tokenizer = await loadTokenizer({ path, config })
+  const prompt = tokenizer.encodePrompt(text, flags.chat === true)
+  if (prompt.length === 0) throw new Error('the prompt is empty after tokenizing')
+  const maxNoisePrompt = 64
+  const maxBatchTokens = Math.max(256, maxBatchSize * 4)
+  const blocksPerSequence = Math.ceil((Math.max(prompt.length, maxNoisePrompt) + flags.maxTokens) / 16)
+  const model = await withLoadProgress('model', (onProgress) =>
+    loadModelFrom(
+      { path, config, device, tokenizer },
+      {
+        maxBatchTokens,
+        maxBatchSize,
+        // maxBatchSize sequences in the largest phase, and room for one more.
+        kvBlocks: blocksPerSequence * (maxBatchSize + 1),
+        prefixCache: false,
+        cudaGraphs: flags.cudaGraphs,
+        ...(flags.tensorParallel !== undefined && { tensorParallel: flags.tensorParallel }),
+        onProgress,
+      },
+    ),
+  )
+  const forward = forwardOf(model)
+  const grammars = flags.jsonObject ? new GrammarEngine(tokenizer, config.vocabSize) : null
+  const constraints = grammars && { make: async () => (await grammars.constrain({ type: 'json_object' }))!, target: true, noiseShare: 0.5 }
+  const reports: [string, CheckReport][] = []
+  try {
+    for (const variant of flags.variant ? [false, true] : [false]) {
+      setVariantKernels(variant)
+      const name = variant ? 'variant' : 'invariant'
+      const total = flags.runs + (flags.noise ?? Math.ceil(flags.runs / 2))
+      const report = await runCheck(forward, {
+        prompt,
+        runs: flags.runs,
+        maxTokens: flags.maxTokens,
+        sampling,
+        noise: { count: total - flags.runs, vocab: Math.min(tokenizer.vocabSize, model.vocabSize), maxPromptTokens: maxNoisePrompt, maxTokens: flags.maxTokens },
+        phases: defaultPhases(maxBatchSize, maxBatchTokens),
+        seed: flags.seed,
+        ...(constraints && { constraints }),
+        onProgress: (done, all) => {
+          if (interactiveStderr() ? done % 10 === 0 || done === all : done % Math.ceil(all / 4) === 0)
+            process.stderr.write(`${interactiveStderr() ? '\r' : ''}${name}: ${done}/${all} requests${interactiveStderr() ? '' : '\n'}`)
+        },
+      })
+      if (interactiveStderr()) process.stderr.write('\n')
+      reports.push([name, report])
+    }
+  } finally {
+    setVariantKernels(false)
+    grammars?.dispose()
+    await model.dispose()
+  }
+  // Status 1 when an invariant-kernel completion differs, in either output format.
+  const invariant = reports[0]![1]
+  if (invariant.identicalToReference !== invariant.runs) process.exitCode = 1
+  if (flags.json) {
+    process.stdout.write(JSON.stringify({ model: dir, device, prompt: text, sampling, reports: Object.fromEntries(reports) }) + '\n')
+    return
+  }
+  process.stdout.write(`model ${dir} on ${device}, prompt ${JSON.stringify(text)} (${prompt.length} tokens), ${describeSampling(sampling)}\n`)
+  process.stdout.write(`reference: ${JSON.stringify(tokenizer.decode(reports[0]![1].reference.tokens).slice(0, 120))}\n\n`)
+  process.stdout.write(table(reports) + '\n')
 }

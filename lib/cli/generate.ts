@@ -4,6 +4,7 @@ import { defaultModelPath, loadModelFrom, readModelDir } from '../api.js'
 import { readJsonFile, readTextFile } from '../files.js'
 import { DEFAULT_MAX_TOKENS, resolveGenerateOptions, type GenerateOptions, type JsonSchema } from '../generate.js'
 import { KV_CACHE_TOKENS_HELP, integer, jsonObject, logitBiasJson, number, positive } from './parse.js'
+import { flagsOf, namingFlags } from './option-flags.js'
 import { interactiveStderr, withLoadProgress } from './progress.js'
 
 interface GenerateFlags {
@@ -57,45 +58,29 @@ async function promptText(argument: string | undefined, flags: GenerateFlags): P
   throw new Error('no prompt: give it as an argument, with --prompt-file, or on stdin')
 }
 
-/** The flag of each library option that `generate` sets from one. */
-const OPTION_FLAGS: Record<string, string> = {
-  maxTokens: '--max-tokens',
-  temperature: '--temperature',
-  seed: '--seed',
-  topK: '--top-k',
-  topP: '--top-p',
-  minP: '--min-p',
-  frequencyPenalty: '--frequency-penalty',
-  presencePenalty: '--presence-penalty',
-  repetitionPenalty: '--repetition-penalty',
-  logitBias: '--logit-bias',
-  topLogprobs: '--top-logprobs',
-  stop: '--stop',
-  ignoreEos: '--ignore-eos',
-  chatTemplateVariables: '--chat-template-kwargs',
-  'responseFormat.schema': '--json-schema',
-  'responseFormat.pattern': '--regex',
-  'responseFormat.choices': '--choice',
-  'responseFormat.grammar': '--grammar',
-  tensorParallel: '--tensor-parallel',
-  kvCacheTokens: '--kv-cache-tokens',
-}
-
-// A camelCase name or a path is an option wherever it stands; a plain word (stop, seed,
-// temperature) only where the errors' one format puts a name: "for <name> but received".
-const OPTION_NAMES = new RegExp(
-  Object.keys(OPTION_FLAGS)
-    .map((name) => (/[A-Z.]/.test(name) ? `\\b${name.replace('.', '\\.')}\\b` : `(?<=\\bfor )${name}(?=(?:\\[\\d+\\])? but received )`))
-    .join('|'),
-  'g',
-)
-
-/** The library's error as the user of `generate` reads it: "for maxTokens" becomes "for --max-tokens". */
-function namingFlags(err: unknown): unknown {
-  if (!(err instanceof Error)) return err
-  const message = err.message.replace(OPTION_NAMES, (name) => OPTION_FLAGS[name]!)
-  return message === err.message ? err : new Error(message, { cause: err })
-}
+/** The library options `generate` sets from its flags, by the flags' names. */
+const GENERATE_FLAGS = flagsOf([
+  'maxTokens',
+  'temperature',
+  'seed',
+  'topK',
+  'topP',
+  'minP',
+  'frequencyPenalty',
+  'presencePenalty',
+  'repetitionPenalty',
+  'logitBias',
+  'topLogprobs',
+  'stop',
+  'ignoreEos',
+  'chatTemplateVariables',
+  'responseFormat.schema',
+  'responseFormat.pattern',
+  'responseFormat.choices',
+  'responseFormat.grammar',
+  'tensorParallel',
+  'kvCacheTokens',
+])
 
 export function generateCommand(): Command {
   return new Command('generate')
@@ -131,11 +116,7 @@ export function generateCommand(): Command {
     .option('--chat-template-kwargs <json>', 'variables for the chat template, e.g. \'{"enable_thinking": false}\' (with --chat or --system)', jsonObject)
     .option('--json', 'print text, tokens, log-probs and timings as JSON')
     .option('--no-stream', 'print the text once it is complete')
-    .action((argument: string | undefined, flags: GenerateFlags) =>
-      generateCompletion(argument, flags).catch((err: unknown) => {
-        throw namingFlags(err)
-      }),
-    )
+    .action(namingFlags(GENERATE_FLAGS, generateCompletion))
 }
 
 async function generateCompletion(argument: string | undefined, flags: GenerateFlags): Promise<void> {

@@ -9,6 +9,7 @@ import { checkInteger } from '../errors.js'
 import { MAX_TOP_LOGPROBS } from '../model/output-head.js'
 import { readTextFile } from '../files.js'
 import { KV_CACHE_TOKENS_HELP, ids, integer, jsonObject, positive } from './parse.js'
+import { flagsOf, namingFlags } from './option-flags.js'
 import { withLoadProgress } from './progress.js'
 
 interface ScoreFlags {
@@ -35,6 +36,9 @@ async function completionOf(flags: ScoreFlags): Promise<string | number[]> {
   return flags.completionFile !== undefined ? readTextFile(flags.completionFile, '--completion-file') : flags.completion!
 }
 
+/** The library options `score` sets from its flags, by the flags' names. */
+const SCORE_FLAGS = flagsOf(['topLogprobs', 'chatTemplateVariables', 'tensorParallel', 'kvCacheTokens'])
+
 export function scoreCommand(): Command {
   return new Command('score')
     .description("print the log-prob of each token of a completion after a prompt (generation's forward pass)")
@@ -53,59 +57,61 @@ export function scoreCommand(): Command {
     .option('--json', 'print tokens and log-probs as JSON')
     .option('--top-logprobs <n>', 'with --json: the n most likely tokens and their log-probs at each position (0-20)', integer)
     .option('--kv-cache-tokens <n>', KV_CACHE_TOKENS_HELP, positive)
-    .action(async (argument: string | undefined, flags: ScoreFlags) => {
-      if (argument !== undefined && flags.promptFile !== undefined) throw new Error('give the prompt as an argument or with --prompt-file, not both')
-      const text = flags.promptFile !== undefined ? await readTextFile(flags.promptFile, '--prompt-file') : argument
-      if (text === undefined) throw new Error('no prompt: give it as an argument or with --prompt-file')
-      const chat = flags.chat === true || flags.system !== undefined
-      if (flags.chatTemplateKwargs && !chat) throw new Error('--chat-template-kwargs applies to the chat template: give --chat or --system too')
-      if (flags.chatTemplate !== undefined && !chat) throw new Error('--chat-template applies to chat prompts: give --chat or --system too')
-      // As generate builds it: a system message, then the prompt as the user's.
-      const prompt =
-        flags.system !== undefined
-          ? [
-              { role: 'system' as const, content: flags.system },
-              { role: 'user' as const, content: text },
-            ]
-          : text
-      const chatTemplate = flags.chatTemplate === undefined ? undefined : await readTextFile(flags.chatTemplate, '--chat-template')
-      const completion = await completionOf(flags)
-      if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
-      const modelName = flags.model ?? defaultModelPath
-      // Bad options fail before the weights load, as generate's do; the model checks them again.
-      const source = await readModelDir(modelName)
-      if (flags.topLogprobs !== undefined) checkInteger('topLogprobs', flags.topLogprobs, 0, MAX_TOP_LOGPROBS)
-      if (Array.isArray(completion)) completion.forEach((id, i) => checkInteger(`completion[${i}]`, id, 0, source.config.vocabSize - 1))
-      const model = await withLoadProgress('model', (onProgress) =>
-        loadModelFrom(source, {
-          device: flags.device,
-          maxBatchSize: 1,
-          ...(chatTemplate !== undefined && { chatTemplate }),
-          ...(flags.tensorParallel !== undefined && { tensorParallel: flags.tensorParallel }),
-          ...(flags.kvCacheTokens !== undefined && { kvCacheTokens: flags.kvCacheTokens }),
-          onProgress,
-        }),
-      )
-      try {
-        const { tokens, logprobs, topLogprobs } = await model.score(prompt, completion, {
-          chat: flags.chat === true,
-          ...(flags.chatTemplateKwargs && { chatTemplateVariables: flags.chatTemplateKwargs }),
-          ...(flags.topLogprobs !== undefined && { topLogprobs: flags.topLogprobs }),
-        })
-        const total = logprobs.reduce((a, b) => a + b, 0)
-        if (flags.json) {
-          process.stdout.write(JSON.stringify({ model: modelName, device: model.device, tokens, logprobs, ...(topLogprobs && { topLogprobs }), total }) + '\n')
-          return
-        }
-        const width = Math.max(5, ...tokens.map((t) => String(t).length))
-        for (const [i, t] of tokens.entries())
-          process.stdout.write(`${String(t).padStart(width)}  ${logprobs[i]!.toFixed(6).padStart(11)}  ${JSON.stringify(model.detokenize([t]))}\n`)
-        process.stdout.write(
-          `${tokens.length} tokens: total log-prob ${total.toFixed(6)}, mean ${(total / tokens.length).toFixed(6)}, ` +
-            `perplexity ${Math.exp(-total / tokens.length).toFixed(4)}\n`,
-        )
-      } finally {
-        await model.dispose()
-      }
+    .action(namingFlags(SCORE_FLAGS, scoreCompletion))
+}
+
+async function scoreCompletion(argument: string | undefined, flags: ScoreFlags): Promise<void> {
+  if (argument !== undefined && flags.promptFile !== undefined) throw new Error('give the prompt as an argument or with --prompt-file, not both')
+  const text = flags.promptFile !== undefined ? await readTextFile(flags.promptFile, '--prompt-file') : argument
+  if (text === undefined) throw new Error('no prompt: give it as an argument or with --prompt-file')
+  const chat = flags.chat === true || flags.system !== undefined
+  if (flags.chatTemplateKwargs && !chat) throw new Error('--chat-template-kwargs applies to the chat template: give --chat or --system too')
+  if (flags.chatTemplate !== undefined && !chat) throw new Error('--chat-template applies to chat prompts: give --chat or --system too')
+  // As generate builds it: a system message, then the prompt as the user's.
+  const prompt =
+    flags.system !== undefined
+      ? [
+          { role: 'system' as const, content: flags.system },
+          { role: 'user' as const, content: text },
+        ]
+      : text
+  const chatTemplate = flags.chatTemplate === undefined ? undefined : await readTextFile(flags.chatTemplate, '--chat-template')
+  const completion = await completionOf(flags)
+  if (flags.topLogprobs !== undefined && !flags.json) throw new Error('--top-logprobs shows in the --json output: give --json too')
+  const modelName = flags.model ?? defaultModelPath
+  // Bad options fail before the weights load, as generate's do; the model checks them again.
+  const source = await readModelDir(modelName)
+  if (flags.topLogprobs !== undefined) checkInteger('topLogprobs', flags.topLogprobs, 0, MAX_TOP_LOGPROBS)
+  if (Array.isArray(completion)) completion.forEach((id, i) => checkInteger(`completion[${i}]`, id, 0, source.config.vocabSize - 1))
+  const model = await withLoadProgress('model', (onProgress) =>
+    loadModelFrom(source, {
+      device: flags.device,
+      maxBatchSize: 1,
+      ...(chatTemplate !== undefined && { chatTemplate }),
+      ...(flags.tensorParallel !== undefined && { tensorParallel: flags.tensorParallel }),
+      ...(flags.kvCacheTokens !== undefined && { kvCacheTokens: flags.kvCacheTokens }),
+      onProgress,
+    }),
+  )
+  try {
+    const { tokens, logprobs, topLogprobs } = await model.score(prompt, completion, {
+      chat: flags.chat === true,
+      ...(flags.chatTemplateKwargs && { chatTemplateVariables: flags.chatTemplateKwargs }),
+      ...(flags.topLogprobs !== undefined && { topLogprobs: flags.topLogprobs }),
     })
+    const total = logprobs.reduce((a, b) => a + b, 0)
+    if (flags.json) {
+      process.stdout.write(JSON.stringify({ model: modelName, device: model.device, tokens, logprobs, ...(topLogprobs && { topLogprobs }), total }) + '\n')
+      return
+    }
+    const width = Math.max(5, ...tokens.map((t) => String(t).length))
+    for (const [i, t] of tokens.entries())
+      process.stdout.write(`${String(t).padStart(width)}  ${logprobs[i]!.toFixed(6).padStart(11)}  ${JSON.stringify(model.detokenize([t]))}\n`)
+    process.stdout.write(
+      `${tokens.length} tokens: total log-prob ${total.toFixed(6)}, mean ${(total / tokens.length).toFixed(6)}, ` +
+        `perplexity ${Math.exp(-total / tokens.length).toFixed(4)}\n`,
+    )
+  } finally {
+    await model.dispose()
+  }
 }

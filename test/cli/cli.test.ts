@@ -172,6 +172,28 @@ describe('detinfer CLI', () => {
     }
   })
 
+  it("score's and check's errors name the flags the user gave, not the library's options", () => {
+    const refused = (args: string[], message: string) => {
+      const r = detinfer(args)
+      expect(r.code, args.join(' ')).toBe(1)
+      expect(r.stderr, args.join(' ')).toContain(`detinfer: ${message}\n`)
+      expect(r.stderr, args.join(' ')).not.toMatch(/\b(topLogprobs|tensorParallel|maxTokens|topP|topK|minP)\b/)
+      expect(r.stdout).toBe('')
+    }
+    const score = ['score', '--device', 'cpu', '-c', 'x']
+    refused([...score, '--json', '--top-logprobs', '21', 'hi'], 'Expected integer between 0 and 20 for --top-logprobs but received 21 of type number')
+    refused([...score, '--tensor-parallel', '3', 'hi'], 'Expected 1, 2, 4 or 8 for --tensor-parallel but received 3 of type number')
+    const check = ['check', '--device', 'cpu', '--runs', '1', '-n', '1']
+    refused([...check, '--temperature', '-1'], 'Expected 0 (greedy) or a number between 1e-30 and 100 for --temperature but received -1 of type number')
+    refused([...check, '--temperature', '1', '--top-k', '-1'], 'Expected integer between 0 and 4096 for --top-k but received -1 of type number')
+    refused([...check, '--temperature', '1', '--top-p', '2'], 'Expected number greater than 0 and at most 1 for --top-p but received 2 of type number')
+    refused([...check, '--temperature', '1', '--min-p', '2'], 'Expected number between 0 and 1 for --min-p but received 2 of type number')
+    // check's --seed orders the arrivals; the sampling's seed is --sampling-seed.
+    refused([...check, '--temperature', '1', '--sampling-seed', '-1'], 'Expected integer between 0 and 4294967295 for --sampling-seed but received -1 of type number')
+    refused([...check, '--tensor-parallel', '3'], 'Expected 1, 2, 4 or 8 for --tensor-parallel but received 3 of type number')
+    refused(['check', '--device', 'cpu', '--runs', '1', '-n', '100000'], "The prompt (2 tokens) plus --max-tokens (100000) exceeds the model's context of 1024 tokens")
+  })
+
   it('generate --tensor-parallel: the same tokens and log-probs at 1 and 2, and clear errors for 3 and for heads that do not divide', () => {
     const run = (tp: string) => detinfer(['generate', 'To be or not', '-n', '8', '--device', 'cpu', '--tensor-parallel', tp, '--json', '--no-stream'])
     const [one, two] = [run('1'), run('2')]
@@ -492,7 +514,7 @@ describe('detinfer generate on a tiny model', () => {
     // score's too.
     const top = detinfer(['score', '-m', configOnly, '--device', 'cpu', '-c', 'x', '--json', '--top-logprobs', '21', 'hello'])
     expect(top.code).toBe(1)
-    expect(top.stderr).toContain('detinfer: Expected integer between 0 and 20 for topLogprobs but received 21 of type number')
+    expect(top.stderr).toContain('detinfer: Expected integer between 0 and 20 for --top-logprobs but received 21 of type number')
     const vocab = JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8')).vocab_size as number
     const id = detinfer(['score', '-m', configOnly, '--device', 'cpu', '--completion-ids', `3,${vocab}`, 'hello'])
     expect(id.code).toBe(1)
