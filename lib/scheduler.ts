@@ -261,6 +261,10 @@ export class Scheduler {
     if (this.closedWith) throw this.closedWith
     if (request.kind === 'score' && !(request.from >= 1 && request.from < request.tokens.length))
       throw new RangeError(`Scheduler: a score request needs 1 <= from < ${request.tokens.length} but from is ${request.from}`)
+    // Below 1, the positions reserved (generationPositions) miss the prompt's last, which the
+    // prefill writes all the same, and a token would be chosen anyway.
+    if (request.kind === 'generate' && !(Number.isInteger(request.maxTokens) && request.maxTokens >= 1))
+      throw new RangeError(`Scheduler: a generation needs an integer maxTokens >= 1 but maxTokens is ${request.maxTokens}`)
     if (request.kind === 'generate' && (request.processors || request.constraint) && !this.model.logitProcessorRows)
       throw new RangeError('Scheduler: the model has no logit processor rows, so it cannot apply penalties, logit bias or a grammar')
     const tokens = request.kind === 'generate' ? [...request.prompt] : [...request.tokens]

@@ -104,6 +104,20 @@ describe('continuous batching (context-hash model)', () => {
     )
   })
 
+  it('submit refuses a generation of fewer than 1 token, which would write past its cache blocks and fail the whole batch', async () => {
+    // maxTokens 0 reserves prompt - 1 positions; the prefill writes the prompt's, 5 here: past the one block of 4.
+    const forward = new ContextHashModel({ kvBlocks: 64, kvBlockSize: 4, maxBatchTokens: 64 })
+    const scheduler = new Scheduler(forward, { maxBatchSize: 4, prefillChunkSize: 16 })
+    const submit = (prompt: number[], maxTokens: number) => scheduler.submit({ kind: 'generate', prompt, maxTokens, sampling: null, onToken: () => true })
+    const other = submit([7, 8, 9], 4).done
+    for (const maxTokens of [0, -1, 1.5, NaN])
+      expect(() => submit([1, 2, 3, 4, 5], maxTokens), String(maxTokens)).toThrow(
+        new RangeError(`Scheduler: a generation needs an integer maxTokens >= 1 but maxTokens is ${maxTokens}`),
+      )
+    expect((await other).finishReason).toBe('length')
+    expect(scheduler.load).toMatchObject({ running: 0, waiting: 0, usedBlocks: 0 })
+  })
+
   it('load.peakRunning counts the sequences of a step, not those admitted that wait for a share of it', async () => {
     // maxBatchTokens 8 and chunks of 8: the 16-token prompt takes two whole steps, the 8-token one a third.
     const forward = new ContextHashModel({ kvBlocks: 64, kvBlockSize: 4, maxBatchTokens: 8 })
