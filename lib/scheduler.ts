@@ -215,6 +215,8 @@ export class Scheduler {
   private loop: Promise<void> | null = null
   // The decode step enqueued ahead of the one being read (launchAhead), taken by the next step().
   private ahead: InFlight | null = null
+  // Every step launched and not yet settled, read or not: close() waits for them all.
+  private readonly unsettled = new Set<Promise<void>>()
   private closedWith: Error | null = null
   private promptTokens = 0
   private prefixHitTokens = 0
@@ -308,10 +310,18 @@ export class Scheduler {
     return { done, cancel: () => void (seq.cancelled = true) }
   }
 
-  /** Fails every waiting and running request with `reason`, refuses new ones, and waits for the step in flight. */
+  /**
+   * Fails every waiting and running request with `reason`, refuses new ones, and waits for the steps
+   * in flight, a step launched ahead that no one will read included: a caller may free the model
+   * once it resolves. Their errors are the requests' (or no one's), not close()'s.
+   */
   async close(reason: Error): Promise<void> {
     this.closedWith = reason
-    await this.loop
+    try {
+      await this.loop
+    } finally {
+      await Promise.all(this.unsettled)
+    }
   }
 
   private checkFits(contextTokens: number, maxTokens: number, cacheNeed: number): void {
@@ -518,7 +528,11 @@ export class Scheduler {
         ? this.model.launch(chunks, choices, topN)
         : { tokens: this.model.step(chunks, choices, topN), chosen: null }
     // Awaited later (or never, if an earlier step fails first): no unhandled rejection meanwhile.
-    launched.tokens.catch(() => {})
+    const settled: Promise<void> = launched.tokens.then(
+      () => void this.unsettled.delete(settled),
+      () => void this.unsettled.delete(settled),
+    )
+    this.unsettled.add(settled)
     return { packed, rows, launched }
   }
 

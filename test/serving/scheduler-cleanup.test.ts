@@ -102,6 +102,51 @@ describe.each([
   })
 })
 
+describe('close()', () => {
+  // A caller disposes of the model once close() resolves: no step may still be running then, not
+  // even one launched ahead that nobody will read.
+  const launchedAhead = async (stopAfter: number) => {
+    const model = new LaunchingModel({ kvBlocks: 20, kvBlockSize: 4, maxBatchTokens: 16, processorRows: ROWS })
+    const s = new Scheduler(model, { maxBatchSize: ROWS, prefillChunkSize: 4, launchAhead: true })
+    model.hold = true
+    const run = generate(s, ids(3), 8, (n) => n < stopAfter)
+    await tick()
+    model.release() // the prefill; the first decode step goes, and the second is launched ahead of its read-back
+    await tick()
+    expect(model.held).toBe(2)
+    expect(model.launches.at(-1)!.after).toBe(true)
+    return { model, s, run }
+  }
+  const settles = async (p: Promise<unknown>) => {
+    let settled = false
+    void p.then(() => (settled = true))
+    for (let k = 0; k < 5; k++) await tick()
+    return settled
+  }
+
+  it('closed mid-flight, resolves once the step launched ahead has settled', async () => {
+    const { model, s, run } = await launchedAhead(Infinity)
+    const closing = s.close(new Error('closed'))
+    model.release() // the first decode step: its read-back ends the loop
+    expect(await run.done).toBe('error: closed')
+    expect(await settles(closing)).toBe(false)
+    expect(model.held).toBe(1)
+    model.release()
+    expect(await settles(closing)).toBe(true)
+  })
+
+  it('after its requests ended, resolves once a step launched ahead for them has settled', async () => {
+    const { model, s, run } = await launchedAhead(2)
+    model.release() // the first decode step: its token says stop, and the loop ends
+    expect(await run.done).toBe('stop')
+    const closing = s.close(new Error('closed'))
+    expect(await settles(closing)).toBe(false)
+    expect(model.held).toBe(1)
+    model.release()
+    expect(await settles(closing)).toBe(true)
+  })
+})
+
 describe('random traffic', () => {
   it('cancellations, stops, throwing consumers and scores over shared prefixes: the tokens of each request alone, nothing held after', async () => {
     for (let seed = 1; seed <= 8; seed++) {
