@@ -2,16 +2,19 @@
 // Whether a model loads and generates on a smaller GPU than this one: the GPU is filled until
 // --free-gib GiB stay free, then loadModel runs with the KV cache its defaults give a GPU of
 // --total-gib GiB (a quarter of it), as on such a card, and generates a few tokens. The memory
-// check at load (lib/model/load-memory.ts) either passes and the load succeeds, or refuses it
-// with its message. Random weights at a shape of scripts/make-random-model.mjs.
+// check at load (lib/model/load-memory.ts) reads this GPU's free memory and a total of
+// --total-gib GiB, so that its safety margin (256 MiB and 1% of the total) is the smaller card's,
+// not this one's; it either passes and the load succeeds, or refuses it with its message. Random
+// weights at a shape of scripts/make-random-model.mjs.
 //   node bench/fits.mjs --shape qwen3-8b --free-gib 23.5 --total-gib 24
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
-import { defaultModelPath, loadModel } from '../dist/index.js'
+import { defaultModelPath, loadModelFrom, readModelDir } from '../dist/api.js'
 import { native } from '../dist/native.js'
 import { loadModelConfig } from '../dist/model/config.js'
+import { memoryMargin } from '../dist/model/load-memory.js'
 import { writeRandomModel } from '../scripts/make-random-model.mjs'
 
 const { values: args } = parseArgs({
@@ -45,12 +48,25 @@ try {
   // loadModel's default KV cache on a GPU of --total-gib: a quarter of it (lib/api.ts).
   const c = await loadModelConfig(dir)
   const kvCacheTokens = Math.min(131_072, Math.floor(total / 4 / (c.numLayers * c.numKvHeads * c.headDim * 4)))
+  // The check's reading: this GPU's free memory as it is then, and the smaller card's total.
+  const name = `${n.cudaStatus().devices[0]?.name ?? 'GPU 0'} as a ${args['total-gib']} GiB card`
+  let read = null
+  const deviceMemory = () => (read = { free: n.memoryInfo().free, total, name })
   t = performance.now()
   let model
+  let refusal
   try {
-    model = await loadModel(dir, { device: 'cuda', kvCacheTokens })
+    model = await loadModelFrom(await readModelDir(dir), { device: 'cuda', kvCacheTokens }, deviceMemory)
   } catch (err) {
-    console.log(`refused (kvCacheTokens ${kvCacheTokens}): ${err.message}`)
+    refusal = err
+  }
+  if (read)
+    console.log(
+      `memory check: ${(read.free / GiB).toFixed(3)} GiB free of ${args['total-gib']} GiB, safety margin ${(memoryMargin(read.total) / GiB).toFixed(3)} GiB ` +
+        `(this GPU's own total would give ${(memoryMargin(n.memoryInfo().total) / GiB).toFixed(3)} GiB)`,
+    )
+  if (refusal) {
+    console.log(`refused (kvCacheTokens ${kvCacheTokens}): ${refusal.message}`)
     process.exitCode = 1
   }
   if (model) {

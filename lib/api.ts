@@ -27,6 +27,7 @@ import { Scheduler, type ForwardModel, type SchedulerLoad } from './scheduler.js
 import { loadModelConfig, type ModelConfig } from './model/config.js'
 import { Transformer } from './model/transformer.js'
 import { MAX_LOGIT_PROCESSOR_ROWS } from './model/logit-processors.js'
+import type { DeviceMemory } from './model/load-memory.js'
 import type { LoadProgress } from './model/weights.js'
 import { MAX_TOP_LOGPROBS, type TopLogprob } from './model/output-head.js'
 import { Tokenizer, type ChatMessage, type ChatRender, type ChatTemplateVariables, type ChatToolCall } from './tokenizer.js'
@@ -598,12 +599,16 @@ export function loadTokenizer(source: ModelSource, chatTemplate?: { source: stri
   })
 }
 
-/** @internal loadModel from a source read already; `source.device`, when given, overrides options.device. */
-export function loadModelFrom(source: ModelSource, options: LoadModelOptions = {}): Promise<Model> {
-  return loadFrom(source.path, source, options)
+/**
+ * @internal loadModel from a source read already; `source.device`, when given, overrides
+ * options.device. `deviceMemory`, when given, is the CUDA memory reading of the check before the
+ * weights upload (TransformerOptions.deviceMemory): bench/fits.mjs gives a smaller card's total.
+ */
+export function loadModelFrom(source: ModelSource, options: LoadModelOptions = {}, deviceMemory?: () => DeviceMemory): Promise<Model> {
+  return loadFrom(source.path, source, options, deviceMemory)
 }
 
-async function loadFrom(dir: string, source: ModelSource | null, options: LoadModelOptions): Promise<Model> {
+async function loadFrom(dir: string, source: ModelSource | null, options: LoadModelOptions, deviceMemory?: () => DeviceMemory): Promise<Model> {
   checkOptionKeys(options, LOAD_OPTION_KEYS) // devic: 'cuda' must fail, not load on the CPU
   const device = source?.device ?? resolveDevice(options.device ?? 'auto')
   const defaults = DEFAULTS[device]
@@ -645,6 +650,7 @@ async function loadFrom(dir: string, source: ModelSource | null, options: LoadMo
     logitProcessorRows: Math.min(maxBatchSize, MAX_LOGIT_PROCESSOR_ROWS),
     cudaGraphs: device === 'cuda' && options.cudaGraphs !== false,
     ...(options.tensorParallel !== undefined && { tensorParallel: options.tensorParallel }),
+    ...(deviceMemory && { deviceMemory }),
     ...(options.onProgress && { onProgress: options.onProgress }),
   })
   const serving = { maxBatchSize, prefillChunkSize, prefixCache: options.prefixCache ?? true }

@@ -1,14 +1,15 @@
 // The device memory check on a real GPU: a load refused for lack of free memory (a smaller free
 // figure given through the loader's internal reading) leaves the device's memory as it was; an
 // allocation that fails midway through a load frees what the load made and names what failed; and
-// the estimate is what a load takes from the device.
+// the estimate is what a load takes from the device. loadModelFrom hands the check the reading it is given.
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, expect, it } from 'vitest'
+import { loadModelFrom, readModelDir } from '../../lib/api.js'
 import { DeviceMemoryError } from '../../lib/errors.js'
 import { loadModelConfig } from '../../lib/model/config.js'
-import { estimateLoadMemory, type DeviceMemory, type LoadSizes } from '../../lib/model/load-memory.js'
+import { estimateLoadMemory, memoryMargin, type DeviceMemory, type LoadSizes } from '../../lib/model/load-memory.js'
 import { Transformer, type TransformerOptions } from '../../lib/model/transformer.js'
 import { native, type NativeTensor } from '../../lib/native.js'
 import type { TokenChoice } from '../../lib/sampling.js'
@@ -76,6 +77,14 @@ describeGpu('the device memory check on CUDA', () => {
     expect(error).toBeInstanceOf(DeviceMemoryError)
     expect((error as Error).message).toContain(`Not enough free memory on GPU 0 (${native().cudaStatus().devices[0]!.name})`)
     expect((error as Error).message).toMatch(/A KV cache of at most [\d,]+ positions fits with the rest unchanged/)
+  })
+
+  it('loadModelFrom gives the check the reading it is handed: the margin is that of the total read (bench/fits.mjs, a smaller card)', async () => {
+    const total = 24 * GiB
+    const card = (): DeviceMemory => ({ free: 64 * MiB, total })
+    const error = await loadModelFrom(await readModelDir(dir), { device: 'cuda' }, card).catch((err: unknown) => err)
+    expect(error).toBeInstanceOf(DeviceMemoryError)
+    expect((error as DeviceMemoryError).needs).toMatchObject({ free: 64 * MiB, total, margin: memoryMargin(total) })
   })
 
   it('an allocation that fails after the weights frees them and what came after, and names the tensor', async () => {
