@@ -21,8 +21,8 @@ const buildDir = join(root, 'build')
 const sourceAddon = join(buildDir, 'Release', 'detinfer.node')
 // An earlier build from source (npm rebuild), set aside while the prebuilt addon is tried and
 // while a new build runs: put back if the new build fails, removed once something else works.
-// cmake-js removes the whole build directory when a build fails (its `compile` retries as a clean
-// rebuild), so the addon is copied out of it before any build.
+// In a checkout, cmake-js's `compile` removes the whole build directory when a build fails (its
+// retry as a clean rebuild), so the addon is copied out of it before any build.
 const previousBuild = join(root, 'build-previous')
 const previousAddon = join(previousBuild, 'Release', 'detinfer.node')
 const installed = root.split(sep).includes('node_modules')
@@ -48,7 +48,10 @@ if (reason === null) {
 console.log(`detinfer: building the native addon from source (${reason})${cpuOnly ? ', CPU backend only' : ''}`)
 const require = createRequire(import.meta.url)
 const cmakeJs = join(dirname(require.resolve('cmake-js/package.json')), 'bin', 'cmake-js')
-const args = [cmakeJs, 'compile', ...(cpuOnly ? ['--CDDETINFER_CUDA=OFF'] : [])]
+// An installed package builds in a clean directory (keepOnlyAddon below), so a failure is the
+// build's own: `build` reports it. `compile` would run the whole build a second time first (its
+// retry as a clean rebuild, for a stale build directory, which a checkout may have).
+const args = [cmakeJs, installed ? 'build' : 'compile', ...(cpuOnly ? ['--CDDETINFER_CUDA=OFF'] : [])]
 if (existsSync(sourceAddon)) {
   rmSync(previousBuild, { recursive: true, force: true })
   mkdirSync(dirname(previousAddon), { recursive: true })

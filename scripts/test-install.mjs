@@ -152,8 +152,8 @@ if (!fromSource) {
   if (!installScript.includes('using the prebuilt addon')) fail(`the install script did not use the prebuilt addon:\n${rebuild.stdout}\n${rebuild.stderr}`)
 }
 
-// A later build from source that fails (here at CMake's compiler check, after which cmake-js
-// retries with a clean build directory) keeps the addon built before it, and nothing else.
+// A later build from source that fails (here at CMake's compiler check) keeps the addon built
+// before it, and nothing else; it runs once (cmake-js's compile would retry it as a clean rebuild).
 let failedRebuild = ''
 if (fromSource) {
   const addon = join(installed, 'build', 'Release', 'detinfer.node')
@@ -166,6 +166,7 @@ if (fromSource) {
   if (!failedRebuild.endsWith('The addon built before is kept.')) fail(`the failed rebuild did not keep the addon:\n${rebuild.stdout}\n${rebuild.stderr}`)
   if (!existsSync(addon) || !readFileSync(addon).equals(before)) fail(`the failed rebuild did not keep ${addon} as it was`)
   if (existsSync(join(installed, 'build-previous'))) fail('the failed rebuild left build-previous/')
+  if (/full rebuild/.test(rebuild.stdout + rebuild.stderr)) fail(`the failed build ran a second time:\n${rebuild.stdout}\n${rebuild.stderr}`)
 }
 
 const generate = run('npx', ['detinfer', 'generate', 'ROMEO:'], { cwd: app, env })
