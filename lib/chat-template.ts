@@ -133,6 +133,64 @@ function pyFloat(x, json) {
 FloatValue.prototype.toString = function () {
   return pyFloat(this.value, false)
 }
+// Other values print as Python's str() prints them, in the text, through the string filter and
+// with ~: True and False, and lists, tuples and dicts as their repr() ([1, 'a', None], (1,),
+// {'k': True}), where the library printed JavaScript's true and JSON. (None alone still prints
+// nothing: the library's output skips null values, the results of statements among them.)
+const BooleanValue = runtimeValue(true).constructor
+function pyStringRepr(text) {
+  const quote = text.includes("'") && !text.includes('"') ? '"' : "'"
+  let out = quote
+  for (const ch of text) {
+    const c = ch.codePointAt(0)
+    if (ch === '\\\\' || ch === quote) out += '\\\\' + ch
+    else if (ch === '\\n') out += '\\\\n'
+    else if (ch === '\\r') out += '\\\\r'
+    else if (ch === '\\t') out += '\\\\t'
+    else if (ch !== ' ' && /[\\p{Cc}\\p{Cf}\\p{Cs}\\p{Co}\\p{Cn}\\p{Z}]/u.test(ch))
+      out += c < 0x100 ? '\\\\x' + c.toString(16).padStart(2, '0') : c < 0x10000 ? '\\\\u' + c.toString(16).padStart(4, '0') : '\\\\U' + c.toString(16).padStart(8, '0')
+    else out += ch
+  }
+  return out + quote
+}
+function pyRepr(value) {
+  switch (value.type) {
+    case 'NullValue':
+      return 'None'
+    case 'UndefinedValue':
+      return 'Undefined'
+    case 'BooleanValue':
+      return value.value ? 'True' : 'False'
+    case 'FloatValue':
+      return pyFloat(value.value, false)
+    case 'StringValue':
+      return pyStringRepr(value.value)
+    case 'ArrayValue':
+      return '[' + value.value.map(pyRepr).join(', ') + ']'
+    case 'TupleValue':
+      return '(' + value.value.map(pyRepr).join(', ') + (value.value.length === 1 ? ',' : '') + ')'
+    case 'ObjectValue':
+    case 'KeywordArgumentsValue':
+      return '{' + Array.from(value.value.entries(), ([k, v]) => pyStringRepr(k) + ': ' + pyRepr(v)).join(', ') + '}'
+    default:
+      return value.toString()
+  }
+}
+// str(x): a string is itself; None is None (in ~ and the string filter), an undefined name nothing.
+function pyStr(value) {
+  if (value.type === 'StringValue') return value.value
+  if (value.type === 'UndefinedValue') return ''
+  return pyRepr(value)
+}
+BooleanValue.prototype.toString = function () {
+  return pyRepr(this)
+}
+ArrayValue.prototype.toString = function () {
+  return pyRepr(this)
+}
+ObjectValue.prototype.toString = function () {
+  return pyRepr(this)
+}
 // Keys sorted as Python sorts strings, by code point.
 function codePointOrder(a, b) {
   const x = Array.from(a)
@@ -212,6 +270,7 @@ Interpreter.prototype.applyFilter = function (operand, filterNode, environment) 
     const [args, kwargs] = call ? this.evaluateArguments(filterNode.args, environment) : [[], new Map()]
     return new StringValue(pyJson(operand, jsonOptions(args, kwargs), 0))
   }
+  if (name === 'string' && !call) return new StringValue(pyStr(operand))
   if (name === 'trim' && operand.type === 'StringValue') {
     const [args, kwargs] = call ? this.evaluateArguments(filterNode.args, environment) : [[], new Map()]
     return new StringValue(pyStrip(operand.value, stripChars('trim', args[0] ?? kwargs.get('chars')), true, true))
@@ -223,7 +282,11 @@ Interpreter.prototype.applyFilter = function (operand, filterNode, environment) 
 // worker. Each operand has passed this check, so one operation builds at most twice the bound.
 const binary = Interpreter.prototype.evaluateBinaryExpression
 Interpreter.prototype.evaluateBinaryExpression = function (node, environment) {
-  const result = binary.call(this, node, environment)
+  // ~ joins the operands' str(), as Jinja does (the library threw on None and undefined names).
+  const result =
+    node.operator.value === '~'
+      ? new StringValue(pyStr(this.evaluate(node.left, environment)) + pyStr(this.evaluate(node.right, environment)))
+      : binary.call(this, node, environment)
   const value = result && result.value
   if (Array.isArray(value) && value.length > maxRange)
     throw new Error('a list of ' + value.length + ' items exceeds the limit of ' + maxRange + ' items')

@@ -320,13 +320,15 @@ describe('system_fingerprint', () => {
 
 // Tool calls. The shipped tokenizer gets <tool_call> and </tool_call> as added tokens that are not
 // special (as in Qwen's tokenizer.json, where skip_special_tokens keeps them in the text), and a
-// chat template that renders tools, an assistant's tool calls and a tool message's call id.
+// chat template that renders tools, an assistant's tool calls (their arguments, objects by then,
+// through tojson, as Qwen's template writes them: printed alone they would be Python's repr) and a
+// tool message's call id.
 const TOOL_TAG_IDS = [4094, 4095]
 const TOOL_TEMPLATE =
   // (A newline right after a block tag is dropped, as Hugging Face renders templates: hence {{ '\n' }}.)
   "{% if tools %}<|im_start|>system\n<tools>{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}</tools><|im_end|>\n{% endif %}" +
   "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}" +
-  '{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>\n{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments }}}\n</tool_call>{% endfor %}{% endif %}' +
+  '{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>\n{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}\n</tool_call>{% endfor %}{% endif %}' +
   "{% if m.tool_call_id %} [{{ m.tool_call_id }}]{% endif %}<|im_end|>\n{% endfor %}" +
   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 
@@ -405,7 +407,15 @@ describe('tool calls (--tool-call-parser hermes, in-process, the openai client)'
 
   /** Has the model answer `text` to `conversation` with TOOLS. */
   function answer(text: string, conversation = messages) {
-    const chat = conversation.map((m) => ({ ...m, content: m.content ?? '' })) as ChatMessage[]
+    // The calls' arguments as objects, as the server hands them to the template (as vLLM does).
+    const chat = conversation.map((m) => ({
+      ...m,
+      content: m.content ?? '',
+      ...('tool_calls' in m &&
+        m.tool_calls && {
+          tool_calls: m.tool_calls.map((c) => (c.type === 'function' ? { ...c, function: { ...c.function, arguments: JSON.parse(c.function.arguments) } } : c)),
+        }),
+    })) as ChatMessage[]
     scripted.promptLength = model.tokenize(chat, { chatTemplateVariables: { tools: TOOLS } }).length
     scripted.script = tokenizer.encodeContinuation(text)
   }
