@@ -134,9 +134,8 @@ FloatValue.prototype.toString = function () {
   return pyFloat(this.value, false)
 }
 // Other values print as Python's str() prints them, in the text, through the string filter and
-// with ~: True and False, and lists, tuples and dicts as their repr() ([1, 'a', None], (1,),
-// {'k': True}), where the library printed JavaScript's true and JSON. (None alone still prints
-// nothing: the library's output skips null values, the results of statements among them.)
+// with ~: None, True and False, and lists, tuples and dicts as their repr() ([1, 'a', None],
+// (1,), {'k': True}), where the library printed nothing for None, JavaScript's true, and JSON.
 const BooleanValue = runtimeValue(true).constructor
 function pyStringRepr(text) {
   const quote = text.includes("'") && !text.includes('"') ? '"' : "'"
@@ -190,6 +189,21 @@ ArrayValue.prototype.toString = function () {
 }
 ObjectValue.prototype.toString = function () {
   return pyRepr(this)
+}
+// A block's text: what each of its statements gives, as the library joins it, except that an
+// output ({{ ... }}) of None writes None. The library skipped every null value, because the
+// statements that write nothing ({% set %}, {% macro %}) give null too; an undefined name still
+// writes nothing, as in Python.
+const STATEMENTS = new Set(['Program', 'If', 'For', 'Break', 'Continue', 'Set', 'Macro', 'Comment', 'FilterStatement', 'CallStatement'])
+Interpreter.prototype.evaluateBlock = function (statements, environment) {
+  let text = ''
+  for (const statement of statements) {
+    const value = this.evaluate(statement, environment)
+    if (value.type === 'UndefinedValue') continue
+    if (value.type === 'NullValue') text += STATEMENTS.has(statement.type) ? '' : 'None'
+    else text += value.toString()
+  }
+  return new StringValue(text)
 }
 // Keys sorted as Python sorts strings, by code point.
 function codePointOrder(a, b) {

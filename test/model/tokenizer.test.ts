@@ -462,10 +462,14 @@ describe("chat templates render as transformers' Jinja (Python) does", () => {
     expect(render('{{ x }}|{{ x * 2 }}|{{ 0.00001 }}|{{ y }}', { x: new Number(3), y: 1e300 })).toBe('3.0|6.0|1e-05|1e+300')
   })
 
-  it("prints other values as Python's str() does: True, False, and lists, tuples and dicts as their repr()", () => {
+  it("prints other values as Python's str() does: None, True, False, and lists, tuples and dicts as their repr()", () => {
     const variables = { d: { a: 1, b: "x'y", c: null }, l: [1, 'a\n\\', 'é\u200b', true, new Number(2)], s: 'plain' }
     expect(render('{{ true }}|{{ false }}|{{ 1 == 1 }}|{{ d }}|{{ l }}|{{ (1, "b") }}|{{ [s] }}|{{ s }}', variables)).toBe(
       `True|False|True|{'a': 1, 'b': "x'y", 'c': None}|[1, 'a\\n\\\\', 'é\\u200b', True, 2.0]|(1, 'b')|['plain']|plain`,
+    )
+    // None printed writes None, also inside blocks; statements (set, macro) and undefined names write nothing.
+    expect(render('{{ none }}|{{ x }}|{{ nothing }}|{% set y = none %}{{ y }}|{% if true %}{{ none }}{% endif %}|{% macro m() %}{% endmacro %}{{ m() }}', { x: null })).toBe(
+      'None|None||None|None|',
     )
     // ~ and the string filter take str(): None is None there, an undefined name nothing.
     expect(render("{{ 'a' ~ none ~ true ~ 1 ~ [1] ~ nothing }}|{{ d | string }}|{{ true | string }}", variables)).toBe(
