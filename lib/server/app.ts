@@ -590,8 +590,10 @@ export class InferenceServer {
         'tools',
         'unsupported_parameter',
       )
-    // parallel_tool_calls: false keeps the first call; the model itself is not held to one.
-    const limit = body.parallel_tool_calls === false ? 1 : Infinity
+    // parallel_tool_calls: false keeps the first call. The model itself is held to one only with a
+    // strict tool (below), whose calls have a grammar.
+    const single = body.parallel_tool_calls === false
+    const limit = single ? 1 : Infinity
     if (!body.tools.some((t) => t.function.strict === true)) return { parser: this.options.toolCallParser, limit }
     // A strict tool: the calls the model writes are held to the tools' parameters, in the parser's format.
     if ((body.response_format?.type ?? 'text') !== 'text' || body.structured_outputs)
@@ -601,7 +603,7 @@ export class InferenceServer {
         'invalid_value',
       )
     const tools = body.tools.map((t) => t.function)
-    const format = this.options.toolCallParser === 'hermes' ? strictHermesCallsFormat(tools) : strictLlamaCallsFormat(tools)
+    const format = this.options.toolCallParser === 'hermes' ? strictHermesCallsFormat(tools, single) : strictLlamaCallsFormat(tools, single)
     return { parser: this.options.toolCallParser, limit, format: { type: 'structural_tag', format } }
   }
 

@@ -110,11 +110,13 @@ function definitionsOf(tools: readonly ToolDefinition[]): Record<string, unknown
  * parameters when a tool is marked `strict` (tool_choice "auto"): text is free, and from each
  * <tool_call> on, the call must be `<tool_call>\n{"name": <a tool>, "arguments": <object>}\n</tool_call>`
  * (Qwen's and Hermes' format) with arguments the tool's parameters accept (any object for a tool
- * not marked strict); after the closing tag, text is free again.
+ * not marked strict); after the closing tag, text is free again. With `single` (parallel_tool_calls
+ * false) the answer ends with its first call.
  */
-export function strictHermesCallsFormat(tools: readonly (ToolDefinition & { strict?: boolean | null })[]): Record<string, unknown> {
+export function strictHermesCallsFormat(tools: readonly (ToolDefinition & { strict?: boolean | null })[], single = false): Record<string, unknown> {
   return {
     type: 'triggered_tags',
+    ...(single && { stop_after_first: true }),
     triggers: [START],
     tags: tools.map((t) => ({
       type: 'tag',
@@ -137,11 +139,11 @@ const LLAMA_SEPARATOR = '; '
  * of answer: content, whose first character after that whitespace is anything but "{" (free text
  * from there, "{" included), or calls, `{"name": <a tool>, "parameters": <object>}` separated by
  * "; " (Llama 3.1's format), with parameters the tool's `parameters` accept (any object for a tool
- * not marked strict), and nothing after the last. Whitespace alone, or nothing, is content too.
- * (<|python_tag|>, which Llama may write before its calls, is a special token: no constrained
+ * not marked strict), and nothing after the last; with `single` (parallel_tool_calls false), one call
+ * at most. Whitespace alone, or nothing, is content too. (<|python_tag|>, which Llama may write before its calls, is a special token: no constrained
  * answer has one.)
  */
-export function strictLlamaCallsFormat(tools: readonly (ToolDefinition & { strict?: boolean | null })[]): Record<string, unknown> {
+export function strictLlamaCallsFormat(tools: readonly (ToolDefinition & { strict?: boolean | null })[], single = false): Record<string, unknown> {
   const call = (t: ToolDefinition & { strict?: boolean | null }) => ({
     type: 'tag',
     begin: `{"name": ${JSON.stringify(t.name)}, "parameters": `,
@@ -149,7 +151,7 @@ export function strictLlamaCallsFormat(tools: readonly (ToolDefinition & { stric
     end: '}',
   })
   const content = { type: 'sequence', elements: [{ type: 'regex', pattern: `[^{${JSON_SPACE}]` }, { type: 'any_text' }] }
-  const calls = { type: 'tags_with_separator', tags: tools.map(call), separator: LLAMA_SEPARATOR }
+  const calls = { type: 'tags_with_separator', tags: tools.map(call), separator: LLAMA_SEPARATOR, ...(single && { stop_after_first: true }) }
   return { type: 'sequence', elements: [{ type: 'regex', pattern: `[${JSON_SPACE}]*` }, { type: 'or', elements: [content, calls] }] }
 }
 

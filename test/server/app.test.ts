@@ -620,6 +620,17 @@ describe('tool calls (--tool-call-parser llama3_json, in-process, the openai cli
       expect(strictStreamed.choices[0]!.message.tool_calls).toMatchObject(strictWhole.choices[0]!.message.tool_calls!)
       say('It is sunny in Paris.', strictTools)
       expect((await client.chat.completions.create(strictBody)).choices[0]!.message.content).toBe('It is sunny in Paris.')
+      // parallel_tool_calls false: the reader keeps the first call; with strict tools the tag also
+      // ends the answer there, so the model, which would write a second, writes no more tokens.
+      const first = '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}'
+      for (const strict of [false, true]) {
+        const tools = strict ? strictTools : TOOLS
+        say(`${first}; {"name": "get_time", "parameters": {"zone": "Europe/Paris"}}`, tools)
+        const single = await client.chat.completions.create({ ...body, tools, parallel_tool_calls: false })
+        expect(single.choices[0]!.message.tool_calls).toEqual([weatherCall])
+        expect(single.choices[0]!.finish_reason).toBe('tool_calls')
+        expect(single.usage!.completion_tokens).toBe(strict ? tokenizer.encodeContinuation(first).length + 1 : scripted.script.length + 1)
+      }
       // A city that is a number: without strict it is read as a call as written; with strict the
       // grammar leaves the number out, and the model (which knows nothing else) writes a string.
       const numbered = '{"name": "get_weather", "parameters": {"city": 5}}'

@@ -11,6 +11,7 @@ import {
   parseLlamaJsonToolCalls,
   parseToolCalls,
   pythonJson,
+  strictHermesCallsFormat,
   strictLlamaCallsFormat,
   toolCallId,
   ToolCallStream,
@@ -175,9 +176,10 @@ describe('llama3_json', () => {
   })
 })
 
-describe('strict llama3_json calls (strictLlamaCallsFormat)', () => {
+describe('strict calls: the structural tags that hold calls to the tools\' parameters', () => {
   const city = { type: 'object', properties: { city: { enum: ['Paris', 'Rome'] } }, required: ['city'], additionalProperties: false }
-  const format = strictLlamaCallsFormat([{ name: 'get_weather', parameters: city, strict: true }, { name: 'ping' }])
+  const tools = [{ name: 'get_weather', parameters: city, strict: true }, { name: 'ping' }]
+  const format = strictLlamaCallsFormat(tools)
   let t: Tokenizer
   let engine: GrammarEngine
   beforeAll(async () => {
@@ -189,12 +191,12 @@ describe('strict llama3_json calls (strictLlamaCallsFormat)', () => {
     t.close()
   })
 
-  /** Whether the grammar lets `text` through, token by token, and then lets the answer end. */
-  async function accepts(text: string): Promise<boolean> {
+  /** Whether the grammar `tag` lets `text` through, token by token, and then lets the answer end. */
+  async function accepts(text: string, tag: Record<string, unknown> = format): Promise<boolean> {
     const ids = t.encodeContinuation(text)
     expect(t.decode(ids)).toBe(text)
     const allows = (mask: Int32Array, id: number) => ((mask[id >> 5]! >>> (id & 31)) & 1) === 1
-    const c = (await engine.constrain({ type: 'structural_tag', format }))!
+    const c = (await engine.constrain({ type: 'structural_tag', format: tag }))!
     try {
       for (const id of ids) {
         if (!allows(await c.mask(), id)) return false
@@ -235,8 +237,34 @@ describe('strict llama3_json calls (strictLlamaCallsFormat)', () => {
     ['"arguments" for "parameters"', '{"name": "ping", "arguments": {}}'],
     ['JSON that is not a call', '{"city": "Rome"}'],
     ['whitespace inside the JSON', '{"name": "ping", "parameters": { }}'],
-  ])('refuses %s', async (_, text) => {
+  ])('llama3_json refuses %s', async (_, text) => {
     expect(await accepts(text)).toBe(false)
+  })
+
+  it('llama3_json with parallel_tool_calls false (single): one call, then the answer ends', async () => {
+    const single = strictLlamaCallsFormat(tools, true)
+    expect(await accepts(weather('Rome'), single)).toBe(true)
+    expect(await accepts('Just prose; {"name": "ping"}', single)).toBe(true)
+    const two = `${weather('Rome')}; {"name": "ping", "parameters": {}}`
+    expect(await accepts(two)).toBe(true)
+    expect(await accepts(two, single)).toBe(false)
+  })
+
+  const hermes = (name: string) => `<tool_call>\n{"name": "get_weather", "arguments": {"city": "${name}"}}\n</tool_call>`
+  it('hermes: free text around calls, each call held to its tool\'s parameters; with single, the answer ends after the first', async () => {
+    const many = strictHermesCallsFormat(tools)
+    const single = strictHermesCallsFormat(tools, true)
+    const ping = '<tool_call>\n{"name": "ping", "arguments": {"x": [1]}}\n</tool_call>'
+    for (const tag of [many, single]) {
+      expect(await accepts('No call needed.', tag)).toBe(true)
+      expect(await accepts(`Let me look.\n${hermes('Paris')}`, tag)).toBe(true)
+      expect(await accepts(hermes('Oslo'), tag)).toBe(false)
+      expect(await accepts('<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', tag)).toBe(false)
+    }
+    expect(await accepts(`${hermes('Rome')}\n${ping}`, many)).toBe(true)
+    expect(await accepts(`${hermes('Rome')}\nDone.`, many)).toBe(true)
+    expect(await accepts(`${hermes('Rome')}\n${ping}`, single)).toBe(false)
+    expect(await accepts(`${hermes('Rome')}\nDone.`, single)).toBe(false)
   })
 })
 
