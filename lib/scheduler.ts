@@ -377,15 +377,20 @@ export class Scheduler {
   }
 
   // The grammar masks of the running constrained sequences that lack one (a new sequence, or one
-  // whose last token was just read back). A grammar that fails ends its own request only.
+  // whose last token was just read back). All are asked for at once, then awaited together: masks
+  // of constraints held by grammar worker threads are computed in parallel, with those of this
+  // thread computed meanwhile. A grammar that fails ends its own request only.
   private async prepareMasks(): Promise<void> {
-    for (const seq of this.running) {
-      if (!seq.constraint || seq.mask || seq.finish) continue
-      try {
-        seq.mask = await seq.constraint.mask()
-      } catch (err) {
+    const wanting = this.running.filter((seq) => seq.constraint && !seq.mask && !seq.finish)
+    if (!wanting.length) return this.retireFinished()
+    // Through an async function: a mask() that throws at once is a rejection too.
+    const masks = await Promise.allSettled(wanting.map(async (seq) => seq.constraint!.mask()))
+    for (const [i, seq] of wanting.entries()) {
+      const r = masks[i]!
+      if (r.status === 'fulfilled') seq.mask = r.value
+      else {
         seq.finish = 'cancelled'
-        seq.error = err
+        seq.error = r.reason
       }
     }
     this.retireFinished()

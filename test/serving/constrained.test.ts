@@ -2,7 +2,8 @@
 // model that applies masks: every token is one the grammar allowed, a constrained sequence never
 // rides in a step launched ahead (its mask needs the token in flight) while the others still do,
 // each request gets the tokens it gets alone, and the constraint is disposed of however the
-// request ends.
+// request ends. The masks of a step are asked for all at once (grammar worker threads compute
+// them in parallel), and one that fails among them ends its own request only.
 import { describe, expect, it } from 'vitest'
 import { GrammarEngine } from '../../lib/grammar.js'
 import { Scheduler, type TokenConstraint } from '../../lib/scheduler.js'
@@ -151,6 +152,39 @@ describe('constrained generations in the scheduler', () => {
       expect(bad.disposed).toBe(1)
       expect(await other.done).toBe('length')
       expect(other.tokens).toHaveLength(10)
+    }
+  })
+
+  it("asks every constrained sequence for its mask at once, then awaits them all; one failing among them ends its own request only", async () => {
+    /** A grammar whose masks take a timer's turn, counting those under way together. */
+    let underWay = 0
+    let most = 0
+    class SlowGrammar extends ModuloGrammar {
+      override async mask(): Promise<Int32Array> {
+        underWay++
+        most = Math.max(most, underWay)
+        try {
+          await new Promise((r) => setTimeout(r, 1))
+          return await super.mask()
+        } finally {
+          underWay--
+        }
+      }
+    }
+    const { s } = make(false)
+    const grammars = [0, 1, 2, 3].map(() => new SlowGrammar())
+    grammars[2]!.failMaskAt = 4
+    const runs = grammars.map((g, i) => run(s, ids(3, i), 8, g))
+    const done = await Promise.all(runs.map((r) => r.done))
+    expect(done).toEqual(['length', 'length', 'error: the grammar failed', 'length'])
+    expect(most).toBe(4)
+    // The same tokens as each request alone.
+    for (const [i, r] of runs.entries()) {
+      if (i === 2) continue
+      const alone = make(false)
+      const solo = run(alone.s, ids(3, i), 8, new ModuloGrammar())
+      expect(await solo.done).toBe('length')
+      expect(r.tokens).toEqual(solo.tokens)
     }
   })
 
