@@ -20,11 +20,20 @@
 //
 // Costs (a 151,936-token vocabulary): the first constraint of an engine takes 150-250 ms
 // (TokenizerInfo, compiler); compiling a schema 30-120 ms, once (the engine keeps the last 64 compiled); a
-// mask 0.02-0.03 ms. Checking a schema in the worker takes 60-85 ms for the first (the thread
+// mask 0.02-0.03 ms at a position xgrammar has cached, up to a few ms where many tokens must be
+// checked one by one. Checking a schema in the worker takes 60-85 ms for the first (the thread
 // starts and initialises its module), then about 1 ms; a schema that passed before is not
 // checked again; one that aborts costs about 40 ms more, for the next check's new worker.
+//
+// The masks of a decode step are on its critical path (a constrained sequence's next mask needs
+// the token just read back), and this thread computes them one after another. So an engine may
+// also keep grammar worker threads (GrammarEngineOptions.workers; see "Constraints in worker
+// threads" below): each holds the matchers of some constraints, with its own instance of the
+// module, and a step's masks are computed by the workers and this thread in parallel, the same
+// bits (bench/grammar-masks.mjs measures the time they take).
 import { readFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
+import { availableParallelism } from 'node:os'
 import { dirname } from 'node:path'
 import type * as XGrammarModule from '@mlc-ai/web-xgrammar'
 import { DisposedError, GrammarError, describeValue, isPlainObject } from './errors.js'
@@ -94,6 +103,26 @@ export interface GrammarVocabulary {
 /** What a GrammarEngine reads the vocabulary from: a Tokenizer. */
 export interface GrammarVocabularySource {
   grammarVocabulary(): GrammarVocabulary
+}
+
+export interface GrammarEngineOptions {
+  /**
+   * Worker threads that hold constraints' matchers and compute their masks, in parallel with each
+   * other and with this thread (default defaultGrammarWorkers()). 0: every matcher is in this
+   * thread, each mask computed there in turn. The masks are the same bits either way.
+   */
+  workers?: number
+}
+
+/** The most worker threads an engine takes. */
+export const MAX_GRAMMAR_WORKERS = 64
+
+/**
+ * The default number of grammar worker threads: one less than the cores Node may use (this thread
+ * takes a share of the constraints too), at most 4. A machine of 2 cores gets 1, one of 16 gets 4.
+ */
+export function defaultGrammarWorkers(): number {
+  return Math.max(0, Math.min(4, availableParallelism() - 1))
 }
 
 
@@ -434,7 +463,14 @@ export class GrammarEngine {
   private checkedChars = 0
   /** Checks in the worker not answered yet, by grammar. */
   private readonly checking = new Map<string, Promise<string>>()
-  private readonly live = new Set<Constraint>()
+  /** Constraints not disposed yet, of this thread and of the workers. */
+  private readonly live = new Set<Constraint | WorkerConstraint>()
+  /** Of them, those whose matcher is in this thread. */
+  private inThread = 0
+  /** The worker threads that hold constraints' matchers (null: all in this thread). */
+  private readonly pool: MaskPool | null
+  /** What xgrammar is given of the vocabulary, once read. */
+  private inputs: VocabularyInputs | null = null
   /** What every call rejects with once dispose() ran. */
   private disposedWith: DisposedError | null = null
 
@@ -442,8 +478,18 @@ export class GrammarEngine {
     private readonly source: GrammarVocabularySource,
     /** The model's vocab_size: masks have a bit for each id below it. */
     readonly vocabSize: number,
+    options: GrammarEngineOptions = {},
   ) {
     if (!Number.isInteger(vocabSize) || vocabSize < 1) throw new TypeError(`Expected an integer >= 1 for vocabSize but received ${describeValue(vocabSize)}`)
+    const workers = options.workers ?? defaultGrammarWorkers()
+    if (!Number.isInteger(workers) || workers < 0 || workers > MAX_GRAMMAR_WORKERS)
+      throw new TypeError(`Expected an integer from 0 to ${MAX_GRAMMAR_WORKERS} for workers but received ${describeValue(workers)}`)
+    this.pool = workers === 0 ? null : new MaskPool(workers, () => this.vocabularyInputs())
+  }
+
+  /** The worker threads that hold constraints' matchers (0: every matcher is in this thread). */
+  get workers(): number {
+    return this.pool?.size ?? 0
   }
 
   /**
@@ -457,23 +503,73 @@ export class GrammarEngine {
     if (spec === null) return null
     const text = spec.fromRequest ? await this.check(spec) : spec.text
     this.checkLive()
-    const instance = await this.ready()
-    this.checkLive()
+    // The thread is chosen now, and counted as holding the constraint while it is made, so that
+    // requests that come together spread over the threads.
+    const worker = this.pool?.pick(this.inThread) ?? null
+    if (worker) return this.constrainOn(worker, spec, text)
+    this.inThread++
+    let made = false
     try {
-      const compiled = await this.compiled(instance, spec, text)
+      const instance = await this.ready()
       this.checkLive()
-      const matcher = await instance.xg.GrammarMatcher.createGrammarMatcher(compiled)
-      const constraint = new Constraint(matcher, instance, this.vocabSize, (c) => this.live.delete(c))
-      if (this.disposedWith) {
-        constraint.dispose()
-        throw this.disposedWith
+      try {
+        const compiled = await this.compiled(instance, spec, text)
+        this.checkLive()
+        const matcher = await instance.xg.GrammarMatcher.createGrammarMatcher(compiled)
+        made = true
+        const pool = this.pool
+        const constraint = new Constraint(
+          matcher,
+          instance,
+          this.vocabSize,
+          (c) => {
+            this.live.delete(c)
+            this.inThread--
+          },
+          pool && (() => pool.flush()),
+        )
+        if (this.disposedWith) {
+          constraint.dispose()
+          throw this.disposedWith
+        }
+        this.live.add(constraint)
+        return constraint
+      } catch (err) {
+        if (this.disposedWith) throw this.disposedWith
+        throw this.failed(instance, err, spec)
       }
-      this.live.add(constraint)
-      return constraint
-    } catch (err) {
-      if (this.disposedWith) throw this.disposedWith
-      throw this.failed(instance, err, spec)
+    } finally {
+      if (!made) this.inThread--
     }
+  }
+
+  /**
+   * A constraint whose matcher is made and kept by `worker`, which compiles the grammar (or takes
+   * it from its own cache of the last COMPILED_GRAMMARS).
+   */
+  private async constrainOn(worker: MaskWorker, spec: GrammarSpec, text: string): Promise<TokenConstraint> {
+    const id = worker.nextConstraintId++
+    const mask = new SharedArrayBuffer(Math.ceil(this.vocabSize / 32) * 4)
+    worker.constraints++
+    try {
+      await worker.call({ op: 'create', id, key: `${spec.kind}\n${spec.text}`, kind: spec.kind, text, mask })
+    } catch (err) {
+      worker.constraints--
+      if (this.disposedWith) throw this.disposedWith
+      if (!(err instanceof WorkerCallError)) throw err
+      const reason = abortReason(err.lines, err.thrown ? 0 : new Error(err.message))
+      if (!err.aborted) throw new Error(err.message)
+      if (spec.fromRequest) throw new GrammarError(`${spec.what} cannot be compiled: ${reason}`, { cause: err })
+      throw new Error(`xgrammar failed to compile the grammar of JSON mode: ${reason}`, { cause: err })
+    }
+    const { stopTokenIds } = this.vocabularyInputs()
+    const constraint = new WorkerConstraint(worker, id, new Int32Array(mask), this.vocabSize, new Set(stopTokenIds), (c) => this.live.delete(c))
+    if (this.disposedWith) {
+      constraint.dispose()
+      throw this.disposedWith
+    }
+    this.live.add(constraint)
+    return constraint
   }
 
   /**
@@ -521,6 +617,8 @@ export class GrammarEngine {
     if (this.disposedWith) return
     this.disposedWith = reason
     this.checker.close(reason)
+    // Masks under way in the workers reject with `reason`; then every constraint is freed.
+    this.pool?.close(reason)
     for (const c of [...this.live]) c.dispose()
     const instance = this.instance
     this.instance = null
@@ -571,7 +669,9 @@ export class GrammarEngine {
     ))
   }
 
-  private async build(): Promise<Instance> {
+  /** What xgrammar is given of the vocabulary (read once; the workers get it too). */
+  private vocabularyInputs(): VocabularyInputs {
+    if (this.inputs) return this.inputs
     const vocab = this.source.grammarVocabulary()
     const size = this.vocabSize
     const stopTokenIds = [...new Set(vocab.stopTokenIds)].filter((id) => Number.isInteger(id) && id >= 0 && id < size)
@@ -583,11 +683,16 @@ export class GrammarEngine {
     // pieces gets a place (xgrammar only reads stop tokens among the pieces it is given).
     const length = Math.min(size, Math.max(vocab.pieces.length, ...stopTokenIds.map((id) => id + 1)))
     const pieces = Array.from({ length }, (_, id) => vocab.pieces[id] ?? '')
+    return (this.inputs = { pieces, vocabType: vocab.vocabType, addPrefixSpace: vocab.addPrefixSpace, vocabSize: size, stopTokenIds })
+  }
+
+  private async build(): Promise<Instance> {
+    const { pieces, vocabType, addPrefixSpace, vocabSize: size, stopTokenIds } = this.vocabularyInputs()
     const lines: string[] = []
     const xg = loadXGrammar((line) => keepLine(lines, line))
     let info: TokenizerInfo | undefined
     try {
-      info = await xg.TokenizerInfo.createTokenizerInfo(pieces, vocab.vocabType, vocab.addPrefixSpace, size, stopTokenIds)
+      info = await xg.TokenizerInfo.createTokenizerInfo(pieces, vocabType, addPrefixSpace, size, stopTokenIds)
       const compiler = await xg.GrammarCompiler.createGrammarCompiler(info, false)
       const instance: Instance = { xg, info, compiler, lines, stopTokenIds, compiled: new Map(), compiling: new Map() }
       if (this.disposedWith) {
@@ -662,6 +767,12 @@ class Constraint implements TokenConstraint {
     private readonly instance: Instance,
     private readonly vocabSize: number,
     private readonly release: (c: Constraint) => void,
+    /**
+     * With grammar workers: posts their requests made so far. A mask of this thread is computed
+     * a microtask after mask() is called, after this, so that masks asked for together (a step's)
+     * are computed in the workers while this thread computes its own.
+     */
+    private readonly beforeMask: (() => void) | null = null,
   ) {
     this.words = Math.ceil(vocabSize / 32)
   }
@@ -679,6 +790,13 @@ class Constraint implements TokenConstraint {
     this.checkLive()
     if (this.stopped) throw new Error('The grammar constraint has ended: a stop token was accepted, and no token may follow it')
     if (this.current) return this.current
+    if (this.beforeMask) {
+      await null
+      this.checkLive()
+      if (this.stopped) throw new Error('The grammar constraint has ended: a stop token was accepted, and no token may follow it')
+      if (this.current) return this.current
+      this.beforeMask()
+    }
     let raw: Int32Array
     try {
       raw = await this.matcher.getNextTokenBitmask()
@@ -750,6 +868,477 @@ class Constraint implements TokenConstraint {
     const tail = this.vocabSize & 31
     if (tail !== 0) mask[this.words - 1]! &= (1 << tail) - 1
     return mask
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Constraints in worker threads
+//
+// An engine with workers (GrammarEngineOptions.workers) places each new constraint on the thread
+// that holds the fewest, this one included (this one first at a tie, so that a lone constraint
+// costs no round trip): a constraint's matcher stays on its thread to the end. Each worker has its
+// own instance of the module, with the vocabulary's TokenizerInfo (sent once, when it starts), a
+// compiler and its own cache of the last COMPILED_GRAMMARS grammars; it compiles a grammar from the
+// text the schema check made, as this thread does, so its masks are the same bits. mask() posts a
+// request; the worker writes the mask into a buffer it shares with the constraint, which copies it
+// into its own array (requests made together go in one message, and their answers come back in
+// one: a message costs more than a cached mask). accept() checks the token against the last mask
+// here, posts it and goes on (a stop token ends the constraint, as xgrammar's matcher terminates on
+// one, and no other token does); the worker advances the matcher before it computes the next mask.
+// A token accepted with no mask computed since the last accept is checked by the worker
+// synchronously (this thread waits for its answer), so that accept() still throws when xgrammar
+// refuses it. A worker whose module aborted, or that exited, is stopped: its constraints fail at
+// their next mask() or accept() with an error naming the cause, and a new worker takes its place
+// for new constraints. Disposing the engine stops the workers; masks under way reject with the
+// engine's reason.
+
+/** What xgrammar is given of the vocabulary: pieces (ids past vocabSize left out), stop tokens. */
+interface VocabularyInputs {
+  pieces: string[]
+  vocabType: VocabType
+  addPrefixSpace: boolean
+  vocabSize: number
+  stopTokenIds: number[]
+}
+
+/** How long a synchronous accept (a token accepted with no mask first) waits for its worker. */
+const SYNC_ACCEPT_TIMEOUT_MS = 10_000
+
+/** A message to a mask worker. */
+type MaskRequest =
+  | { op: 'create'; id: number; key: string; kind: GrammarSpec['kind']; text: string; mask: SharedArrayBuffer }
+  | { op: 'mask'; id: number }
+  | { op: 'accept'; id: number; token: number; answer?: boolean }
+  | { op: 'dispose'; id: number }
+
+/** A call's failure in the worker: what xgrammar printed, its message, whether it aborted the module. */
+interface WorkerFailure {
+  message: string
+  lines: string[]
+  /** A C++ exception (which reaches JavaScript as a number). */
+  thrown: boolean
+  aborted: boolean
+}
+
+/** A reply of a mask worker: ready (or not: init); the answer to a call. */
+interface MaskReply {
+  ready?: true
+  init?: WorkerFailure
+  /** The answers to a batch of requests. */
+  replies?: MaskReply[]
+  call?: number
+  failure?: WorkerFailure
+  /**
+   * Whether the mask (written into the constraint's shared buffer: ceil(vocabSize / 32) words,
+   * bits past vocabSize clear) allows no token but stop tokens; whether it allows none at all.
+   */
+  onlyStops?: boolean
+  none?: boolean
+  /** A synchronous accept's answer: whether xgrammar took the token, and whether that ended the matcher. */
+  accepted?: boolean
+  terminated?: boolean
+}
+
+/** A call that failed in the worker (its module's reason, for the caller to word). */
+class WorkerCallError extends Error {
+  readonly lines: string[]
+  readonly thrown: boolean
+  readonly aborted: boolean
+  constructor(f: WorkerFailure) {
+    super(f.message)
+    this.lines = f.lines
+    this.thrown = f.thrown
+    this.aborted = f.aborted
+  }
+}
+
+const MASK_WORKER_SOURCE = `
+const { workerData } = require('node:worker_threads')
+const { createRequire } = require('node:module')
+const { readFileSync } = require('node:fs')
+const { dirname } = require('node:path')
+const port = workerData.port
+let lines = []
+const keep = (...args) => {
+  lines.push(args.map(String).join(' '))
+  if (lines.length > ${KEPT_LINES}) lines.shift()
+}
+for (const name of ['log', 'error', 'warn', 'info', 'debug', 'trace']) console[name] = keep
+const file = workerData.file
+const module = { exports: {} }
+const text = readFileSync(file, 'utf8').replace(\"${DYNAMIC_IMPORT}\", \"${STATIC_REQUIRE}\")
+new Function('exports', 'module', 'require', '__filename', '__dirname', text)(module.exports, module, createRequire(file), file, dirname(file))
+const xg = module.exports
+const JSON_OPTIONS = ${JSON.stringify(JSON_SCHEMA_OPTIONS)}
+const { pieces, vocabType, addPrefixSpace, vocabSize, stopTokenIds } = workerData.vocabulary
+const words = Math.ceil(vocabSize / 32)
+const wake = new Int32Array(workerData.wake)
+const compiled = new Map()
+const matchers = new Map()
+// Each constraint's mask, shared with the main thread.
+const shared = new Map()
+// Why a matcher cannot go on, from a message that has no answer (a token it refused after the main
+// thread took it, checked against the mask): the constraint's next mask fails with it.
+const broken = new Map()
+let compiler = null
+const failure = (err) => {
+  const thrown = typeof err === 'number'
+  const aborted = thrown || err instanceof WebAssembly.RuntimeError
+  return { message: thrown ? 'xgrammar threw a C++ exception' : err && err.message ? String(err.message) : String(err), lines: lines.slice(), thrown, aborted }
+}
+const ready = (async () => {
+  const info = await xg.TokenizerInfo.createTokenizerInfo(pieces, vocabType, addPrefixSpace, vocabSize, stopTokenIds)
+  compiler = await xg.GrammarCompiler.createGrammarCompiler(info, false)
+})()
+async function handle(m) {
+  if (m.op === 'create') {
+    let grammar = compiled.get(m.key)
+    if (grammar) compiled.delete(m.key)
+    else grammar = m.kind === 'json_schema' ? await compiler.compileJSONSchema(m.text, ...JSON_OPTIONS) : await compiler.compileStructuralTag(m.text)
+    compiled.set(m.key, grammar)
+    for (const [key, old] of compiled) {
+      if (compiled.size <= ${COMPILED_GRAMMARS}) break
+      compiled.delete(key)
+      old.dispose()
+    }
+    matchers.set(m.id, await xg.GrammarMatcher.createGrammarMatcher(grammar))
+    shared.set(m.id, new Int32Array(m.mask))
+    return {}
+  }
+  const matcher = matchers.get(m.id)
+  if (m.op === 'dispose') {
+    matchers.delete(m.id)
+    shared.delete(m.id)
+    broken.delete(m.id)
+    if (matcher) matcher.dispose()
+    return null
+  }
+  if (m.op === 'accept') {
+    const accepted = matcher.acceptToken(m.token)
+    if (m.answer) return { accepted, terminated: matcher.isTerminated() }
+    if (!accepted) broken.set(m.id, 'Token ' + m.token + ' is not allowed by the grammar at this position')
+    return null
+  }
+  if (broken.has(m.id)) throw new Error(broken.get(m.id))
+  // As Constraint.mask(): exactly the words of vocabSize bits, those past it clear.
+  const raw = await matcher.getNextTokenBitmask()
+  const mask = shared.get(m.id)
+  if (raw.length >= words) mask.set(raw.subarray(0, words))
+  else {
+    mask.fill(0)
+    mask.set(raw)
+  }
+  const tail = vocabSize & 31
+  if (tail !== 0) mask[words - 1] &= (1 << tail) - 1
+  let others = false
+  let any = false
+  for (let w = 0; w < words && !others; w++) {
+    let bits = mask[w]
+    any ||= bits !== 0
+    for (const id of stopTokenIds) if (id >> 5 === w) bits &= ~(1 << (id & 31))
+    others = bits !== 0
+  }
+  return { onlyStops: !others, none: !any }
+}
+let chain = ready.then(
+  () => port.postMessage({ ready: true }),
+  (err) => port.postMessage({ ready: true, init: failure(err) }),
+)
+// Requests come in batches (those the main thread made in one go), in order; the answers of a
+// batch go back together.
+let aborted = false
+port.on('message', (batch) => {
+  chain = chain.then(async () => {
+    const replies = []
+    for (const m of batch) {
+      if (aborted) break
+      lines = []
+      let reply
+      try {
+        reply = await handle(m)
+      } catch (err) {
+        reply = { failure: failure(err) }
+        // An abort: the main thread stops this worker when it hears of it; nothing more runs here.
+        // Another error of a message without an answer fails the constraint's next mask.
+        aborted = reply.failure.aborted
+        if (m.call === undefined && !aborted) {
+          broken.set(m.id, reply.failure.message)
+          reply = null
+        }
+      }
+      if (reply === null) continue
+      replies.push({ call: m.call, ...reply })
+    }
+    if (replies.length) port.postMessage({ replies })
+    if (batch.some((m) => m.answer)) {
+      Atomics.store(wake, 0, 1)
+      Atomics.notify(wake, 0)
+    }
+  })
+})
+`
+
+/**
+ * One worker thread of an engine's pool, with the matchers of its constraints. It starts when it
+ * is first picked, holds the process open only while calls are under way, and once it failed
+ * (its module aborted, it exited) it takes no more calls.
+ */
+class MaskWorker {
+  private readonly thread: EvalWorker<MaskReply>
+  /** Calls posted and not answered yet, by number. */
+  private readonly pending = new Map<number, { resolve: (reply: MaskReply) => void; reject: (err: Error) => void }>()
+  private nextCall = 0
+  /** Requests not posted yet (flush). */
+  private outbox: (MaskRequest & { call?: number })[] = []
+  /** Set by the worker when it answered a synchronous accept. */
+  private readonly wake = new Int32Array(new SharedArrayBuffer(4))
+  /** Why it takes no more calls (it failed, or the engine was disposed). */
+  failedWith: Error | null = null
+  /** Its constraints not disposed yet. */
+  constraints = 0
+  nextConstraintId = 0
+
+  constructor(vocabulary: VocabularyInputs) {
+    this.thread = new EvalWorker<MaskReply>({
+      source: MASK_WORKER_SOURCE,
+      data: { file: xgrammarFile(), vocabulary, wake: this.wake.buffer },
+      name: 'The grammar worker thread',
+      exitedBefore: 'its constraints ended',
+      startupTimeoutMs: WORKER_STARTUP_TIMEOUT_MS,
+      quiet: true,
+      onReply: (reply) => this.onReply(reply),
+      onFail: (err) => this.fail(err),
+    })
+    this.thread.idle()
+  }
+
+  /** Posts a request; resolves with the worker's answer, rejects with WorkerCallError or the worker's failure. */
+  call(request: MaskRequest): Promise<MaskReply> {
+    if (this.failedWith) return Promise.reject(this.failedWith)
+    return new Promise<MaskReply>((resolve, reject) => {
+      const call = this.nextCall++
+      this.pending.set(call, { resolve, reject })
+      this.enqueue({ ...request, call })
+    })
+  }
+
+  /** Posts a request that has no answer (a checked accept, a dispose). */
+  send(request: MaskRequest): void {
+    if (this.failedWith) return
+    this.enqueue(request)
+  }
+
+  /**
+   * Posts the requests made since the last post, as one message (a message costs more than a
+   * mask here: the requests of a step go together). Called in a microtask after the first of
+   * them, and by this thread's constraints before they compute a mask (GrammarEngine).
+   */
+  flush(): void {
+    if (!this.outbox.length) return
+    const batch = this.outbox
+    this.outbox = []
+    if (this.failedWith) return
+    this.thread.post(batch)
+    if (this.pending.size === 0) this.thread.idle()
+  }
+
+  private enqueue(request: MaskRequest & { call?: number }): void {
+    if (!this.outbox.length) queueMicrotask(() => this.flush())
+    this.outbox.push(request)
+  }
+
+  /**
+   * A synchronous accept: posts it and waits here for the worker's answer (the replies posted
+   * before it are handled on the way, in order).
+   */
+  acceptNow(id: number, token: number): { accepted: boolean; terminated: boolean } {
+    if (this.failedWith) throw this.failedWith
+    let answer: MaskReply | undefined
+    let error: Error | undefined
+    const call = this.nextCall++
+    this.pending.set(call, { resolve: (reply) => (answer = reply), reject: (err) => (error = err) })
+    Atomics.store(this.wake, 0, 0)
+    this.enqueue({ op: 'accept', id, token, answer: true, call })
+    this.flush()
+    const deadline = performance.now() + SYNC_ACCEPT_TIMEOUT_MS
+    while (answer === undefined && error === undefined) {
+      const left = deadline - performance.now()
+      if (left <= 0) {
+        this.fail(new Error(`The grammar worker thread did not answer within ${SYNC_ACCEPT_TIMEOUT_MS / 1000} s`))
+        break
+      }
+      Atomics.wait(this.wake, 0, 0, Math.min(left, 50))
+      for (let reply = this.thread.takePosted(); reply; reply = this.thread.takePosted()) this.onReply(reply)
+    }
+    if (error ?? !answer) throw error ?? this.failedWith!
+    return { accepted: answer.accepted === true, terminated: answer.terminated === true }
+  }
+
+  /** Stops the thread; calls under way reject with `reason`, and later ones too. */
+  fail(reason: Error): void {
+    if (this.failedWith) return
+    this.failedWith = reason
+    const pending = [...this.pending.values()]
+    this.pending.clear()
+    this.thread.stop()
+    for (const p of pending) p.reject(reason)
+  }
+
+  private onReply(reply: MaskReply): void {
+    if (this.failedWith) return
+    if (reply.replies) {
+      for (const r of reply.replies) this.onReply(r)
+      return
+    }
+    if (reply.ready) {
+      if (reply.init) {
+        const reason = abortReason(reply.init.lines, reply.init.thrown ? 0 : new Error(reply.init.message))
+        this.fail(new Error(`xgrammar could not take the model's vocabulary in the grammar worker thread: ${reason}`))
+      }
+      return
+    }
+    const p = reply.call === undefined ? undefined : this.pending.get(reply.call)
+    if (p) {
+      this.pending.delete(reply.call!)
+      if (this.pending.size === 0) this.thread.idle()
+    }
+    if (!reply.failure) return p?.resolve(reply)
+    const err = new WorkerCallError(reply.failure)
+    p?.reject(err)
+    // An abort leaves the worker's module in a state nothing vouches for: its constraints fail.
+    if (err.aborted) this.fail(new Error(`xgrammar failed in the grammar worker thread: ${abortReason(err.lines, err.thrown ? 0 : err)}`))
+  }
+}
+
+/** An engine's worker threads, started at their first use, replaced once they failed. */
+class MaskPool {
+  private readonly workers: (MaskWorker | null)[]
+  private closedWith: Error | null = null
+
+  constructor(
+    readonly size: number,
+    private readonly vocabulary: () => VocabularyInputs,
+  ) {
+    this.workers = Array.from({ length: size }, () => null)
+  }
+
+  /**
+   * The worker for a new constraint: the one that holds the fewest, unless this thread holds no
+   * more than that (`inThread`): then null, for this thread.
+   */
+  pick(inThread: number): MaskWorker | null {
+    if (this.closedWith) throw this.closedWith
+    let best: MaskWorker | null = null
+    for (const [i, w] of this.workers.entries()) {
+      const live = w && !w.failedWith ? w : null
+      const load = live?.constraints ?? 0
+      if (inThread <= load || (best && best.constraints <= load)) continue
+      best = live ?? (this.workers[i] = new MaskWorker(this.vocabulary()))
+    }
+    return best
+  }
+
+  /** Posts every worker's requests made so far. */
+  flush(): void {
+    for (const w of this.workers) w?.flush()
+  }
+
+  close(reason: Error): void {
+    this.closedWith = reason
+    for (const w of this.workers) w?.fail(reason)
+  }
+}
+
+class WorkerConstraint implements TokenConstraint {
+  private current: Int32Array | null = null
+  /** What mask() returns: the constraint's own copy of the worker's last mask. */
+  private readonly own: Int32Array
+  private onlyStops = false
+  private stopped = false
+  private freed = false
+
+  constructor(
+    private readonly worker: MaskWorker,
+    private readonly id: number,
+    /** Where the worker writes the constraint's masks. */
+    private readonly shared: Int32Array,
+    private readonly vocabSize: number,
+    private readonly stopTokenIds: ReadonlySet<number>,
+    private readonly release: (c: WorkerConstraint) => void,
+  ) {
+    this.own = new Int32Array(shared.length)
+  }
+
+  get finished(): boolean {
+    return this.stopped || (this.current !== null && this.onlyStops)
+  }
+
+  async mask(): Promise<Int32Array> {
+    this.checkLive()
+    if (this.worker.failedWith) throw this.fail(this.worker.failedWith)
+    if (this.stopped) throw new Error('The grammar constraint has ended: a stop token was accepted, and no token may follow it')
+    if (this.current) return this.current
+    let reply: MaskReply
+    try {
+      reply = await this.worker.call({ op: 'mask', id: this.id })
+    } catch (err) {
+      throw this.fail(err)
+    }
+    this.checkLive()
+    if (reply.none) throw new Error('No token of the vocabulary can continue the text here: the grammar needs a character that no token writes')
+    this.own.set(this.shared)
+    this.current = this.own
+    this.onlyStops = reply.onlyStops === true
+    return this.current
+  }
+
+  accept(token: number): void {
+    this.checkLive()
+    if (typeof token !== 'number' || !Number.isInteger(token) || token < 0 || token >= this.vocabSize)
+      throw new RangeError(`Expected a token id between 0 and ${this.vocabSize - 1} for token but received ${describeValue(token)}`)
+    if (this.stopped) throw new Error(`Token ${token} cannot follow: the grammar constraint has ended with a stop token`)
+    if (this.worker.failedWith) throw this.fail(this.worker.failedWith)
+    if (this.current) {
+      if (((this.current[token >> 5]! >>> (token & 31)) & 1) === 0)
+        throw new Error(`Token ${token} is not allowed by the grammar at this position (the last mask leaves it out)`)
+      this.worker.send({ op: 'accept', id: this.id, token })
+      this.current = null
+      // A stop token the mask allowed ends the matcher (xgrammar's isTerminated()); no other token does.
+      this.stopped = this.stopTokenIds.has(token)
+      return
+    }
+    let answer: { accepted: boolean; terminated: boolean }
+    try {
+      answer = this.worker.acceptNow(this.id, token)
+    } catch (err) {
+      throw this.fail(err)
+    }
+    if (!answer.accepted) throw new Error(`Token ${token} is not allowed by the grammar at this position`)
+    this.stopped = answer.terminated
+  }
+
+  dispose(): void {
+    if (this.freed) return
+    this.freed = true
+    this.current = null
+    this.worker.constraints--
+    this.worker.send({ op: 'dispose', id: this.id })
+    this.release(this)
+  }
+
+  private checkLive(): void {
+    if (this.freed) throw new DisposedError('grammar constraint')
+  }
+
+  /** The error of a failed call: the engine's reason once disposed; xgrammar's, or the worker's end, named. */
+  private fail(err: unknown): Error {
+    if (err instanceof DisposedError) return err
+    if (err instanceof WorkerCallError) {
+      if (!err.aborted) return new Error(err.message)
+      return new Error(`xgrammar failed: ${abortReason(err.lines, err.thrown ? 0 : err)}`, { cause: err })
+    }
+    const message = err instanceof Error ? err.message : String(err)
+    return new Error(`The grammar constraint cannot go on: ${message}`, { cause: err })
   }
 }
 

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest'
 import { DisposedError } from '../lib/errors.js'
-import { abortReason, GrammarEngine, GrammarError, unsupportedKeyword, type TokenConstraint } from '../lib/grammar.js'
+import { abortReason, GrammarEngine, GrammarError, unsupportedKeyword, type GrammarEngineOptions, type TokenConstraint } from '../lib/grammar.js'
 import { Tokenizer } from '../lib/tokenizer.js'
 import { strictHermesCallsFormat } from '../lib/server/tool-calls.js'
 import { buildDist } from './helpers/server.js'
@@ -28,8 +28,8 @@ afterEach(() => {
   for (const e of engines.splice(0)) e.dispose()
 })
 
-function engineFor(tokenizer: Tokenizer, vocabSize = tokenizer.vocabSize): GrammarEngine {
-  const engine = new GrammarEngine(tokenizer, vocabSize)
+function engineFor(tokenizer: Tokenizer, vocabSize = tokenizer.vocabSize, options: GrammarEngineOptions = {}): GrammarEngine {
+  const engine = new GrammarEngine(tokenizer, vocabSize, options)
   engines.push(engine)
   return engine
 }
@@ -457,7 +457,7 @@ describe('schemas that cannot be used', () => {
 
   it('drops an instance of this thread whose compile aborted, and builds another for the next request', async () => {
     const t = await Tokenizer.load(join(repoRoot, 'models', 'default'))
-    const engine = engineFor(t)
+    const engine = engineFor(t, t.vocabSize, { workers: 0 })
     ;(await engine.constrain({ type: 'json_object' }))!.dispose()
     type Internals = { instance: Promise<{ compiler: { compileJSONSchema: () => never }; lines: string[] }> | null }
     const first = await (engine as unknown as Internals).instance!
@@ -515,7 +515,8 @@ describe('disposing', () => {
 
   it('keeps at most 64 compiled grammars, and a constraint outlives its grammar being dropped', async () => {
     const t = await Tokenizer.load(join(repoRoot, 'models', 'default'))
-    const engine = engineFor(t)
+    // Every matcher in this thread, whose cache this reads (a worker keeps one of its own).
+    const engine = engineFor(t, t.vocabSize, { workers: 0 })
     const first = (await engine.constrain({ type: 'json_schema', schema: { type: 'object', properties: { k0: { type: 'integer' } }, required: ['k0'] } }))!
     for (let k = 1; k < 80; k++) (await engine.constrain({ type: 'json_schema', schema: { type: 'object', properties: { [`k${k}`]: { type: 'integer' } } } }))!.dispose()
     const kept = (engine as unknown as { built: { compiled: Map<string, unknown> } }).built.compiled
