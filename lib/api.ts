@@ -20,7 +20,7 @@ import {
   type StreamPiece,
   type TextTokenizer,
 } from './generate.js'
-import { GrammarEngine } from './grammar.js'
+import { GrammarEngine, MAX_GRAMMAR_WORKERS } from './grammar.js'
 import { hubSnapshotDir, parseRepoId } from './hub-cache.js'
 import type { DeviceName } from './native.js'
 import { Scheduler, type ForwardModel, type SchedulerLoad } from './scheduler.js'
@@ -500,6 +500,13 @@ export interface LoadModelOptions {
    * conversations are written.
    */
   chatTemplate?: string
+  /**
+   * Worker threads that compute the grammar masks of structured output (responseFormat) in
+   * parallel with each other and with the main thread, from 0 (every mask on the main thread,
+   * one after another) to 64. Default: one less than the cores Node may use, at most 4. The
+   * masks, and so the completions, are the same bits either way.
+   */
+  grammarWorkers?: number
   onProgress?: (progress: LoadProgress) => void
 }
 
@@ -515,6 +522,7 @@ const LOAD_OPTION_KEYS = Object.keys({
   cudaGraphs: true,
   tensorParallel: true,
   chatTemplate: true,
+  grammarWorkers: true,
   onProgress: true,
 } satisfies Record<keyof LoadModelOptions, true>)
 
@@ -625,6 +633,7 @@ async function loadFrom(dir: string, source: ModelSource | null, options: LoadMo
     throw invalidArgument('cudaGraphs', 'boolean', options.cudaGraphs)
   if (options.onProgress !== undefined && typeof options.onProgress !== 'function')
     throw invalidArgument('onProgress', 'function', options.onProgress)
+  if (options.grammarWorkers !== undefined) checkInteger('grammarWorkers', options.grammarWorkers, 0, MAX_GRAMMAR_WORKERS)
 
   const config = source?.config ?? (await loadModelConfig(dir))
   const kvCacheTokens = options.kvCacheTokens ?? defaultKvCacheTokens(config, device)
@@ -655,7 +664,7 @@ async function loadFrom(dir: string, source: ModelSource | null, options: LoadMo
   })
   const serving = { maxBatchSize, prefillChunkSize, prefixCache: options.prefixCache ?? true }
   // Grammars for responseFormat: nothing is built until the first request that has one.
-  const grammars = new GrammarEngine(tokenizer, config.vocabSize)
+  const grammars = new GrammarEngine(tokenizer, config.vocabSize, options.grammarWorkers === undefined ? {} : { workers: options.grammarWorkers })
   return new Model({ forward, tokenizer: servingTokenizer(tokenizer), path: dir, grammars }, serving)
 }
 

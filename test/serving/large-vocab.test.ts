@@ -2,8 +2,9 @@
 // next-token distributions are wide: top-p keeps tens of thousands of tokens) served end to end:
 // greedy and seeded sampling with top-k, top-p and min-p, top log-probs, and scoring, each
 // request bit-identical alone and in a batch, and score() equal to generate(); structured output
-// (JSON schemas, JSON mode) through masks of 4,748 words. On the CPU backend in CI, and on CUDA
-// when a GPU is there. The variant twins expect the bits to move.
+// (JSON schemas, JSON mode) through masks of 4,748 words, the same bits with the masks computed on
+// the main thread and on grammar worker threads. On the CPU backend in CI, and on CUDA when a GPU
+// is there. The variant twins expect the bits to move.
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -172,6 +173,27 @@ function suite(device: DeviceName) {
       expect(texts.size).toBeGreaterThan(1)
     } finally {
       engine.dispose()
+    }
+  })
+
+  it('structured output: the same bits with every mask on the main thread (grammarWorkers 0) and on 3 grammar workers, alone and batched', async () => {
+    const models = await Promise.all(
+      [0, 3].map((grammarWorkers) => loadModel(dir, { device, maxBatchSize: 16, maxBatchTokens: 128, prefillChunkSize: 16, kvCacheTokens: 2048, grammarWorkers })),
+    )
+    try {
+      const bits = await Promise.all(
+        models.map(async (m) => {
+          // Every format for every prompt at once (the masks of a step spread over the workers), then one alone.
+          const batched = await Promise.all(FORMATS.flatMap((options) => list.map((p) => m.generate(p, options))))
+          const alone = await m.generate(list[0]!, FORMATS[1]!)
+          return [...batched, alone].map(resultBits)
+        }),
+      )
+      expect(bits[1]).toEqual(bits[0])
+      // And the bits of the model of the default number of workers.
+      expect(resultBits(await model.generate(list[0]!, FORMATS[1]!))).toBe(bits[0]!.at(-1))
+    } finally {
+      for (const m of models) await m.dispose()
     }
   })
 

@@ -231,8 +231,10 @@ function servingSuite(device: DeviceName): void {
     // A misspelt key fails instead of loading with the default it meant to change.
     await expect(loadModel(dir, { device, maxBatchsize: 1 } as never)).rejects.toThrow(
       'Expected only the keys device, maxBatchTokens, maxBatchSize, prefillChunkSize, kvCacheTokens, kvBlocks, prefixCache, ' +
-        'cudaGraphs, tensorParallel, chatTemplate, onProgress for options but received "maxBatchsize" of type string',
+        'cudaGraphs, tensorParallel, chatTemplate, grammarWorkers, onProgress for options but received "maxBatchsize" of type string',
     )
+    for (const grammarWorkers of [-1, 65, 1.5])
+      await expect(loadModel(dir, { device, grammarWorkers })).rejects.toThrow(`Expected integer between 0 and 64 for grammarWorkers but received ${grammarWorkers}`)
   })
 }
 
