@@ -280,6 +280,35 @@ describe('grammar constraints in worker threads', () => {
     }
   })
 
+  it("a constraint on a worker outlives its grammar being dropped from the worker's cache of 64 (79 other schemas compiled there after it)", async () => {
+    const engine = new GrammarEngine(t, t.vocabSize, { workers: 1 })
+    const here = new GrammarEngine(t, t.vocabSize, { workers: 0 })
+    try {
+      const schema = (k: number) => ({ type: 'object', properties: { [`k${k}`]: { type: 'integer' } }, required: [`k${k}`] })
+      // This thread holds two constraints all along (it takes those at a tie), so that each of the
+      // others goes to the worker.
+      const held = (await engine.constrain({ type: 'json_object' }))!
+      const first = (await engine.constrain({ type: 'json_schema', schema: schema(0) }))!
+      const held2 = (await engine.constrain({ type: 'json_object' }))!
+      expect([held, first, held2].map(inWorker)).toEqual([false, true, false])
+      for (let k = 1; k < 80; k++) {
+        const c = (await engine.constrain({ type: 'json_schema', schema: schema(k) }))!
+        expect(inWorker(c)).toBe(true)
+        c.dispose()
+      }
+      // The first schema's grammar was dropped from the worker's cache (disposed there); its matcher
+      // still gives this thread's masks to the end, and the schema compiles again there.
+      expect(await lockstep([[(await here.constrain({ type: 'json_schema', schema: schema(0) }))!, first]], t.eosTokenIds, 3)).toBe(1)
+      const again = (await engine.constrain({ type: 'json_schema', schema: schema(0) }))!
+      expect(inWorker(again)).toBe(true)
+      expect(await lockstep([[(await here.constrain({ type: 'json_schema', schema: schema(0) }))!, again]], t.eosTokenIds, 4)).toBe(1)
+      for (const c of [held, held2, first, again]) c.dispose()
+    } finally {
+      engine.dispose()
+      here.dispose()
+    }
+  })
+
   it('workers: 0 keeps every matcher in this thread; the default is one less than the cores, at most 4; out of range is refused', async () => {
     const engine = new GrammarEngine(t, t.vocabSize, { workers: 0 })
     const cs = await Promise.all([0, 1, 2, 3].map(() => engine.constrain({ type: 'json_object' })))
