@@ -19,7 +19,12 @@ export interface EvalWorkerOptions<Reply> {
   exitedBefore: string
   /** How long the worker may take to post `{ ready: true }`. */
   startupTimeoutMs: number
-  /** Whether what the worker prints is read and dropped instead of going to the process's output. */
+  /**
+   * Whether what the worker prints stays out of the process's output: its stdout and stderr are
+   * streams here that nothing reads (Node holds the process open while a worker's stream is read,
+   * whatever idle() says). A worker that prints much would wait on them; those that are quiet
+   * replace their console, so they print next to nothing.
+   */
   quiet: boolean
   /** Each reply, `{ ready: true }` included. */
   onReply: (reply: Reply) => void
@@ -44,10 +49,6 @@ export class EvalWorker<Reply extends { ready?: true }> {
       stdout: o.quiet,
       stderr: o.quiet,
     })
-    if (o.quiet) {
-      this.worker.stdout.resume()
-      this.worker.stderr.resume()
-    }
     const startup = setTimeout(() => o.onFail(new Error(`${o.name} did not start within ${o.startupTimeoutMs / 1000} s`)), o.startupTimeoutMs)
     startup.unref()
     port1.on('message', (reply: Reply) => {
