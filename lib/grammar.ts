@@ -892,6 +892,33 @@ class Constraint implements TokenConstraint {
 // for new constraints. Disposing the engine stops the workers; masks under way reject with the
 // engine's reason.
 
+/**
+ * The start of a worker thread's code (EvalWorker) that loads its own instance of xgrammar: its
+ * console is replaced before the module is loaded and initialised, so that emscripten's printErr,
+ * which it binds to console.error then, writes into `lines` (the last KEPT_LINES); `xg` is the
+ * module, with its internal binding exported where `exportBinding` says so (the schema check reads
+ * it).
+ */
+function workerPrelude(exportBinding: boolean): string {
+  const binding = exportBinding ? `.replace(\"${BINDING}\", \"${BINDING_EXPORTED}\")` : ''
+  return `
+const { workerData } = require('node:worker_threads')
+const { createRequire } = require('node:module')
+const { readFileSync } = require('node:fs')
+const { dirname } = require('node:path')
+const port = workerData.port
+let lines = []
+const keep = (...args) => {
+  lines.push(args.map(String).join(' '))
+  if (lines.length > ${KEPT_LINES}) lines.shift()
+}
+for (const name of ['log', 'error', 'warn', 'info', 'debug', 'trace']) console[name] = keep
+const file = workerData.file
+const module = { exports: {} }
+const text = readFileSync(file, 'utf8').replace(\"${DYNAMIC_IMPORT}\", \"${STATIC_REQUIRE}\")${binding}
+new Function('exports', 'module', 'require', '__filename', '__dirname', text)(module.exports, module, createRequire(file), file, dirname(file))`
+}
+
 /** What xgrammar is given of the vocabulary: pieces (ids past vocabSize left out), stop tokens. */
 interface VocabularyInputs {
   pieces: string[]
@@ -952,22 +979,7 @@ class WorkerCallError extends Error {
   }
 }
 
-const MASK_WORKER_SOURCE = `
-const { workerData } = require('node:worker_threads')
-const { createRequire } = require('node:module')
-const { readFileSync } = require('node:fs')
-const { dirname } = require('node:path')
-const port = workerData.port
-let lines = []
-const keep = (...args) => {
-  lines.push(args.map(String).join(' '))
-  if (lines.length > ${KEPT_LINES}) lines.shift()
-}
-for (const name of ['log', 'error', 'warn', 'info', 'debug', 'trace']) console[name] = keep
-const file = workerData.file
-const module = { exports: {} }
-const text = readFileSync(file, 'utf8').replace(\"${DYNAMIC_IMPORT}\", \"${STATIC_REQUIRE}\")
-new Function('exports', 'module', 'require', '__filename', '__dirname', text)(module.exports, module, createRequire(file), file, dirname(file))
+const MASK_WORKER_SOURCE = `${workerPrelude(false)}
 const xg = module.exports
 const JSON_OPTIONS = ${JSON.stringify(JSON_SCHEMA_OPTIONS)}
 const { pieces, vocabType, addPrefixSpace, vocabSize, stopTokenIds } = workerData.vocabulary
@@ -1345,25 +1357,8 @@ class WorkerConstraint implements TokenConstraint {
 // ---------------------------------------------------------------------------------------------
 // Checking schemas in a worker thread
 
-// The worker's code (EvalWorker). Its console is replaced before the module is loaded and
-// initialised, so that emscripten's printErr, which it binds to console.error then, writes into
-// `lines`; each reply carries the lines the check printed.
-const WORKER_SOURCE = `
-const { workerData } = require('node:worker_threads')
-const { createRequire } = require('node:module')
-const { readFileSync } = require('node:fs')
-const { dirname } = require('node:path')
-const port = workerData.port
-let lines = []
-const keep = (...args) => {
-  lines.push(args.map(String).join(' '))
-  if (lines.length > ${KEPT_LINES}) lines.shift()
-}
-for (const name of ['log', 'error', 'warn', 'info', 'debug', 'trace']) console[name] = keep
-const file = workerData.file
-const module = { exports: {} }
-const text = readFileSync(file, 'utf8').replace(\"${DYNAMIC_IMPORT}\", \"${STATIC_REQUIRE}\").replace(\"${BINDING}\", \"${BINDING_EXPORTED}\")
-new Function('exports', 'module', 'require', '__filename', '__dirname', text)(module.exports, module, createRequire(file), file, dirname(file))
+// The worker's code (EvalWorker, workerPrelude); each reply carries the lines the check printed.
+const WORKER_SOURCE = `${workerPrelude(true)}
 const { Grammar, __binding } = module.exports
 const JSON_OPTIONS = ${JSON.stringify(JSON_SCHEMA_OPTIONS)}
 // A C++ exception (xgrammar's refusal of a structural tag: "Invalid structural tag error: Format
