@@ -22,6 +22,7 @@
 import { parseArgs } from 'node:util'
 import { availableParallelism } from 'node:os'
 import { join } from 'node:path'
+import { mulberry32 } from '../dist/determinism-check.js'
 import { GrammarEngine } from '../dist/grammar.js'
 import { Tokenizer } from '../dist/tokenizer.js'
 
@@ -37,17 +38,6 @@ const { values: args } = parseArgs({
 const V = Number(args.vocab)
 const STEPS = Number(args.steps)
 const WARMUP = 20
-
-function mulberry32(seed) {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
 
 /** Byte-like single characters, then distinct random pieces; the last id is EOS (no text). */
 function vocabulary() {
