@@ -9,6 +9,7 @@
 //          build/dev/dev_attention --split KEYS ...   splits of KEYS keys (a multiple of 64) instead of
 //          the build's 256 (common/config.h): other bits, the same invariants
 //          build/dev/dev_attention --sweep   decode shapes with each pipeline beside the library's choice
+//          build/dev/dev_attention --validate   the validation below alone (exit status 1 on a failure)
 //          build/dev/dev_attention --prefill TOKENS DIM [mma.sync]   one prefill shape only (Nsight Compute)
 //          build/dev/dev_attention --chunk QUERIES CONTEXT [HEADS]   the last QUERIES positions of a
 //          CONTEXT-key sequence (a prefill chunk over a cached prefix), HEADS query heads (default
@@ -221,7 +222,7 @@ PrefillResult bench_prefill(int tokens, int dim, const char* kernel, int queries
 
 int main(int argc, char** argv) {
   std::string json_path;
-  bool quick = false, sweep = false;
+  bool quick = false, sweep = false, validate_only = false;
   int only_batch = 0, only_context = 0, only_heads = kHeads, only_prefill = 0, prefill_dim = kDim;
   int chunk_queries = 0, chunk_context = 0, chunk_heads = 16;
   std::string prefill_kernel = "auto";
@@ -229,6 +230,7 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     if (!std::strcmp(argv[i], "--sweep")) sweep = true;
+    if (!std::strcmp(argv[i], "--validate")) validate_only = true;
     if (!std::strcmp(argv[i], "--pipeline") && i + 1 < argc) ops::set_decode_pipeline(argv[++i]);
     if (!std::strcmp(argv[i], "--split") && i + 1 < argc) ops::set_attention_split_size(std::atoi(argv[++i]));
     if (!std::strcmp(argv[i], "--prefill") && i + 2 < argc) {
@@ -251,6 +253,7 @@ int main(int argc, char** argv) {
       return 1;
     }
     std::printf("device: %s\n", st.devices[0].name.c_str());
+    if (validate_only) return validate() ? 0 : 1;
     if (only_batch > 0) {
       const double copy = copy_gbs(size_t{1} << 30);
       bench_decode(only_batch, only_context, only_heads);  // warm-up: the clocks leave idle
