@@ -503,7 +503,7 @@ export interface LoadModelOptions {
   /**
    * Worker threads that compute the grammar masks of structured output (responseFormat) in
    * parallel with each other and with the main thread, from 0 (every mask on the main thread,
-   * one after another) to 64. Default: one less than the cores Node may use, at most 4. The
+   * one after another) to 64. Default: one less than the cores Node may use, at most 8. The
    * masks, and so the completions, are the same bits either way.
    */
   grammarWorkers?: number

@@ -341,7 +341,7 @@ describe('grammar constraints in worker threads', () => {
     expect(engine.workers).toBe(0)
     engine.dispose()
     const { availableParallelism } = await import('node:os')
-    expect(defaultGrammarWorkers()).toBe(Math.max(0, Math.min(4, availableParallelism() - 1)))
+    expect(defaultGrammarWorkers()).toBe(Math.max(0, Math.min(8, availableParallelism() - 1)))
     const byDefault = new GrammarEngine(t, t.vocabSize)
     expect(byDefault.workers).toBe(defaultGrammarWorkers())
     byDefault.dispose()
