@@ -12,6 +12,10 @@
 //   node bench/generate.mjs --samplings greedy,t0.7-p0.9,t0.7-k50   # sampled rows beside greedy
 //   node bench/generate.mjs --samplings greedy,f0.5-q0.5-b50,t0.7-p0.9-f0.5  # penalties and logit bias (f, q, b)
 //   node bench/generate.mjs --samplings greedy,mask,t0.7-p0.9-mask  # structured output's path (a grammar mask)
+//   node bench/generate.mjs --samplings greedy,regex  # with xgrammar's masks of a regular expression
+//   node bench/generate.mjs --samplings regex --mask-overlap off  # every step waits for every mask
+//                                                    # (default on: the scheduler's overlapMasks)
+//   node bench/generate.mjs --samplings regex --grammar-workers 0  # masks on the main thread
 //   node bench/generate.mjs --prefill-kernel mma.sync # (development) prefill attention with the sm_80-89 kernel
 //   node bench/generate.mjs --matmul-kernels mma.sync # (development) every matmul with the sm_80-89 kernels
 //   node bench/generate.mjs --split-size 64           # (development) attention splits of 64 keys instead
@@ -22,7 +26,9 @@
 //                                                    # the library's default on CUDA is 2048)
 //
 // Every request generates exactly --new-tokens tokens (EOS does not end it). --samplings lists
-// the token choices to measure (greedy, tT, tT-pP, tT-kK, tT-kK-pP-mM, each with -mask for a grammar mask; default greedy plus
+// the token choices to measure (greedy, tT, tT-pP, tT-kK, tT-kK-pP-mM, each with -mask for a grammar mask that
+// allows every token, or -regex for xgrammar's masks of the regular expression [a-z ]*, with its
+// stop tokens taken out so that the length stays fixed; `regex` alone is greedy; default greedy plus
 // temperature 0.7 with top-p 0.9 and with top-k 50 on a GPU), each at every batch size; the
 // variant kernels and the baseline run greedy only. Decode throughput and the step time are
 // measured while every request of the batch decodes: from the last request's first token (the
@@ -48,6 +54,8 @@ import { defaultModelPath } from '../dist/api.js'
 import { Transformer } from '../dist/model/transformer.js'
 import { Scheduler } from '../dist/scheduler.js'
 import { mulberry32 } from '../dist/determinism-check.js'
+import { GrammarEngine } from '../dist/grammar.js'
+import { Tokenizer } from '../dist/tokenizer.js'
 import { writeRandomModel } from '../scripts/make-random-model.mjs'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
@@ -70,6 +78,8 @@ const { values: args } = parseArgs({
     'matmul-kernels': { type: 'string', default: 'auto' },
     'prefill-chunk': { type: 'string', default: '512' },
     'split-size': { type: 'string', default: '0' },
+    'mask-overlap': { type: 'string', default: 'on' },
+    'grammar-workers': { type: 'string' },
   },
 })
 
@@ -84,6 +94,11 @@ if (args['launch-ahead'] !== 'on' && args['launch-ahead'] !== 'off')
   throw new Error(`Expected on or off for --launch-ahead but received ${args['launch-ahead']}`)
 // Decode steps enqueued before the previous one is read back (the scheduler's default), or not.
 const launchAhead = args['launch-ahead'] === 'on'
+if (args['mask-overlap'] !== 'on' && args['mask-overlap'] !== 'off')
+  throw new Error(`Expected on or off for --mask-overlap but received ${args['mask-overlap']}`)
+// The scheduler's overlapMasks (default on).
+const overlapMasks = args['mask-overlap'] === 'on'
+const grammarWorkers = args['grammar-workers'] === undefined ? undefined : Number(args['grammar-workers'])
 // Development: the sm_80-89 prefill attention kernel on Hopper too (the same bits, for timing).
 if (args['prefill-kernel'] !== 'auto' && args['prefill-kernel'] !== 'mma.sync')
   throw new Error(`Expected auto or mma.sync for --prefill-kernel but received ${args['prefill-kernel']}`)
@@ -109,14 +124,15 @@ const prefillChunk = positive('prefill-chunk', args['prefill-chunk'])
  */
 function parseChoice(name) {
   if (name === 'greedy') return { sampling: null, processors: null, mask: false }
+  if (name === 'regex') return { sampling: null, processors: null, mask: 'regex' }
   const p = { temperature: 0, topK: 0, topP: 1, minP: 0, seed: 1 }
   const proc = { frequencyPenalty: 0, presencePenalty: 0, repetitionPenalty: 1, logitBias: [] }
   let sampled = false
   let processed = false
   let mask = false
   for (const part of name.split('-')) {
-    if (part === 'mask') {
-      mask = true
+    if (part === 'mask' || part === 'regex') {
+      mask = part === 'mask' ? 'all' : 'regex'
       continue
     }
     const value = Number(part.slice(1))
@@ -145,6 +161,32 @@ function parseChoice(name) {
 function allowEverything(vocabSize) {
   const words = new Int32Array(Math.ceil(vocabSize / 32)).fill(-1)
   return { mask: async () => words, accept() {}, finished: false, dispose() {} }
+}
+
+/**
+ * "regex" in a sampling: xgrammar's masks of [a-z ]* (lib/grammar.ts, on the library's default
+ * grammar worker threads unless --grammar-workers), stop tokens cleared from each so that the
+ * request never ends early: the host's real cost of a mask, every step.
+ */
+let grammar = null
+async function endlessRegex() {
+  if (!grammar) {
+    const tokenizer = await Tokenizer.load(modelDir, { modelVocabSize: model.config.vocabSize })
+    const engine = new GrammarEngine(tokenizer, model.config.vocabSize, { workers: grammarWorkers })
+    grammar = { engine, stops: tokenizer.grammarVocabulary().stopTokenIds }
+  }
+  const inner = await grammar.engine.constrain({ type: 'regex', pattern: '[a-z ]*' })
+  const stops = grammar.stops
+  return {
+    async mask() {
+      const words = (await inner.mask()).slice()
+      for (const id of stops) words[id >> 5] &= ~(1 << (id & 31))
+      return words
+    },
+    accept: (token) => inner.accept(token),
+    finished: false,
+    dispose: () => inner.dispose(),
+  }
 }
 const samplings = (args.samplings ?? (onGpu ? 'greedy,t0.7-p0.9,t0.7-k50' : 'greedy,t0.7-p0.9')).split(',')
 samplings.forEach(parseChoice)
@@ -230,7 +272,8 @@ const longPrompt = Array.from({ length: prefillTokens }, () => 1 + Math.floor(ra
  */
 async function serve(list, tokens, options, choice = { sampling: null, processors: null, mask: false }) {
   const { sampling, processors, mask } = choice
-  const scheduler = new Scheduler(model, { ...options, launchAhead })
+  const scheduler = new Scheduler(model, { ...options, launchAhead, overlapMasks })
+  const constraints = mask === 'regex' ? await Promise.all(list.map(() => endlessRegex())) : null
   const arrivals = list.map(() => [])
   const started = performance.now()
   const outcomes = await Promise.all(
@@ -242,7 +285,7 @@ async function serve(list, tokens, options, choice = { sampling: null, processor
           maxTokens: tokens,
           sampling: sampling && { ...sampling, seed: i },
           processors,
-          ...(mask && { constraint: allowEverything(model.config.vocabSize) }),
+          ...(mask && { constraint: constraints ? constraints[i] : allowEverything(model.config.vocabSize) }),
           onToken: () => {
             arrivals[i].push(performance.now())
             return true
@@ -342,6 +385,7 @@ if (args.baseline) {
   })
   baseline = JSON.parse(readFileSync(output, 'utf8'))
 }
+grammar?.engine.dispose()
 if (scratch) rmSync(scratch, { recursive: true, force: true })
 
 const summary = {
@@ -352,6 +396,8 @@ const summary = {
   prefillTokens,
   prefillChunk,
   launchAhead,
+  overlapMasks,
+  grammarWorkers: grammarWorkers ?? null,
   splitSize,
   copyGBs,
   weightBytes,
@@ -369,6 +415,9 @@ const f = (v, d = 1) => (v === undefined || v === null ? '-' : v.toFixed(d))
 console.log(
   `\ngeneration on ${device}: ${summary.model}, prompts of ${promptTokens} tokens, ${newTokens} new tokens each (EOS ignored), ` +
     `decode steps ${launchAhead ? 'launched ahead' : 'one after another'}` +
+    (samplings.some((n) => n.split('-').includes('regex'))
+      ? `, grammar masks ${overlapMasks ? 'overlapped with steps' : 'awaited every step'} (grammar workers: ${grammarWorkers ?? 'default'})`
+      : '') +
     (splitSize !== 256 ? `, attention splits of ${splitSize} keys (development; the build's are 256)` : ''),
 )
 console.log(

@@ -188,6 +188,104 @@ describe('constrained generations in the scheduler', () => {
     }
   })
 
+  describe('overlapMasks: the sequences whose masks are ready run while the others are computed', () => {
+    /** A grammar whose every mask takes `ms` of a timer. */
+    class TimedGrammar extends ModuloGrammar {
+      constructor(private readonly ms: number) {
+        super()
+      }
+      override async mask(): Promise<Int32Array> {
+        await new Promise((r) => setTimeout(r, this.ms))
+        return super.mask()
+      }
+    }
+    const prompts = [0, 1, 2, 3].map((i) => ids(3, i))
+    const aloneTokens = () =>
+      Promise.all(
+        prompts.map(async (p) => {
+          const { s } = make(false)
+          const r = run(s, p, 5, new ModuloGrammar())
+          expect(await r.done).toBe('length')
+          return r.tokens
+        }),
+      )
+    /** overlapMasks undefined: the default for the model's device ('cuda': a stand-in that says so). */
+    function scheduler(overlapMasks: boolean | undefined, device: 'cpu' | 'cuda' = 'cpu') {
+      const model = new LaunchingModel({ kvBlocks: 40, kvBlockSize: 4, maxBatchTokens: 16, processorRows: 4, vocab: V })
+      Object.defineProperty(model, 'device', { value: device })
+      return { model, s: new Scheduler(model, { maxBatchSize: 4, prefillChunkSize: 4, launchAhead: false, overlapMasks }) }
+    }
+    /** The sequences (by index in `prompts`, named by their block tables) each launch ran. */
+    function ranBy(model: LaunchingModel, tables: string[]): number[][] {
+      return model.launches.map((l) => l.chunks.map((ch) => tables.indexOf(ch.blockTable.join())).sort())
+    }
+
+    it('masks that outlast a step: the fast grammars run ahead, the slow ones join when ready; the same tokens; off (the default on the CPU), every step waits for all', async () => {
+      const alone = await aloneTokens()
+      const cases = [
+        [true, 'cpu', true],
+        [false, 'cuda', false],
+        [undefined, 'cuda', true],
+        [undefined, 'cpu', false],
+      ] as const
+      for (const [option, device, overlapMasks] of cases) {
+        const { model, s } = scheduler(option, device)
+        const grammars = [2, 100, 2, 100].map((ms) => new TimedGrammar(ms))
+        const finished: number[] = []
+        const runs = prompts.map((p, i) => run(s, p, 5, grammars[i]))
+        runs.forEach((r, i) => void r.done.then(() => finished.push(i)))
+        expect(await Promise.all(runs.map((r) => r.done))).toEqual(['length', 'length', 'length', 'length'])
+        runs.forEach((r, i) => expect(r.tokens).toEqual(alone[i]))
+        grammars.forEach((g) => expect(g.disposed).toBe(1))
+        const tables = model.launches[0]!.chunks.map((ch) => ch.blockTable.join())
+        const ran = ranBy(model, tables)
+        // Every launch that ran a constrained row gave it its mask.
+        model.launches.forEach((l) => l.choices.forEach((c) => expect(c.processors?.mask).toBeDefined()))
+        if (overlapMasks) {
+          // The two fast requests ran steps of their own and were done before either slow one.
+          expect(ran.some((r) => r.join() === '0,2')).toBe(true)
+          expect(finished.slice(0, 2).sort()).toEqual([0, 2])
+          expect(model.launches.length).toBeGreaterThan(6)
+        } else {
+          // One prefill step of all four, then five decode steps of all four (the last ends them).
+          expect(ran).toEqual(Array.from({ length: 5 }, () => [0, 1, 2, 3]))
+        }
+      }
+    })
+
+    it('masks shorter than a step: every step waits for all of them, as without the option', async () => {
+      const alone = await aloneTokens()
+      const { model, s } = scheduler(true)
+      model.hold = true
+      const pump = setInterval(() => model.release(), 50)
+      try {
+        const grammars = [0, 4, 0, 4].map((ms) => new TimedGrammar(ms))
+        const runs = prompts.map((p, i) => run(s, p, 5, grammars[i]))
+        expect(await Promise.all(runs.map((r) => r.done))).toEqual(['length', 'length', 'length', 'length'])
+        runs.forEach((r, i) => expect(r.tokens).toEqual(alone[i]))
+        const tables = model.launches[0]!.chunks.map((ch) => ch.blockTable.join())
+        expect(ranBy(model, tables)).toEqual(Array.from({ length: 5 }, () => [0, 1, 2, 3]))
+      } finally {
+        clearInterval(pump)
+      }
+    })
+
+    it('a mask that fails while its sequence sits steps out ends that request alone; one cancelled meanwhile is disposed of once', async () => {
+      const alone = await aloneTokens()
+      const { s } = scheduler(true)
+      const grammars = [2, 100, 2, 100].map((ms) => new TimedGrammar(ms))
+      grammars[1]!.failMaskAt = 2
+      const runs = prompts.map((p, i) => run(s, p, 5, grammars[i]))
+      await runs[0]!.done
+      runs[3]!.cancel()
+      expect(await Promise.all(runs.map((r) => r.done))).toEqual(['length', 'error: the grammar failed', 'length', 'cancelled'])
+      expect(runs[0]!.tokens).toEqual(alone[0])
+      expect(runs[2]!.tokens).toEqual(alone[2])
+      grammars.forEach((g) => expect(g.disposed).toBe(1))
+      expect(s.load.usedBlocks).toBe(0)
+    })
+  })
+
   it('a grammar that fails for the only running sequence ends that request alone: the one waiting runs next', async () => {
     for (const launchAhead of [true, false]) {
       const model = new LaunchingModel({ kvBlocks: 40, kvBlockSize: 4, maxBatchTokens: 16, processorRows: 4, vocab: V })
