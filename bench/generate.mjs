@@ -13,8 +13,6 @@
 //   node bench/generate.mjs --samplings greedy,f0.5-q0.5-b50,t0.7-p0.9-f0.5  # penalties and logit bias (f, q, b)
 //   node bench/generate.mjs --samplings greedy,mask,t0.7-p0.9-mask  # structured output's path (a grammar mask)
 //   node bench/generate.mjs --samplings greedy,regex  # with xgrammar's masks of a regular expression
-//   node bench/generate.mjs --samplings regex --mask-overlap off  # every step waits for every mask
-//                                                    # (default on: the scheduler's overlapMasks)
 //   node bench/generate.mjs --samplings regex --grammar-workers 0  # masks on the main thread
 //   node bench/generate.mjs --prefill-kernel mma.sync # (development) prefill attention with the sm_80-89 kernel
 //   node bench/generate.mjs --matmul-kernels mma.sync # (development) every matmul with the sm_80-89 kernels
@@ -78,7 +76,6 @@ const { values: args } = parseArgs({
     'matmul-kernels': { type: 'string', default: 'auto' },
     'prefill-chunk': { type: 'string', default: '512' },
     'split-size': { type: 'string', default: '0' },
-    'mask-overlap': { type: 'string', default: 'on' },
     'grammar-workers': { type: 'string' },
   },
 })
@@ -94,10 +91,6 @@ if (args['launch-ahead'] !== 'on' && args['launch-ahead'] !== 'off')
   throw new Error(`Expected on or off for --launch-ahead but received ${args['launch-ahead']}`)
 // Decode steps enqueued before the previous one is read back (the scheduler's default), or not.
 const launchAhead = args['launch-ahead'] === 'on'
-if (args['mask-overlap'] !== 'on' && args['mask-overlap'] !== 'off')
-  throw new Error(`Expected on or off for --mask-overlap but received ${args['mask-overlap']}`)
-// The scheduler's overlapMasks (default on).
-const overlapMasks = args['mask-overlap'] === 'on'
 const grammarWorkers = args['grammar-workers'] === undefined ? undefined : Number(args['grammar-workers'])
 // Development: the sm_80-89 prefill attention kernel on Hopper too (the same bits, for timing).
 if (args['prefill-kernel'] !== 'auto' && args['prefill-kernel'] !== 'mma.sync')
@@ -272,7 +265,7 @@ const longPrompt = Array.from({ length: prefillTokens }, () => 1 + Math.floor(ra
  */
 async function serve(list, tokens, options, choice = { sampling: null, processors: null, mask: false }) {
   const { sampling, processors, mask } = choice
-  const scheduler = new Scheduler(model, { ...options, launchAhead, overlapMasks })
+  const scheduler = new Scheduler(model, { ...options, launchAhead })
   const constraints = mask === 'regex' ? await Promise.all(list.map(() => endlessRegex())) : null
   const arrivals = list.map(() => [])
   const started = performance.now()
@@ -396,7 +389,6 @@ const summary = {
   prefillTokens,
   prefillChunk,
   launchAhead,
-  overlapMasks,
   grammarWorkers: grammarWorkers ?? null,
   splitSize,
   copyGBs,
@@ -416,7 +408,7 @@ console.log(
   `\ngeneration on ${device}: ${summary.model}, prompts of ${promptTokens} tokens, ${newTokens} new tokens each (EOS ignored), ` +
     `decode steps ${launchAhead ? 'launched ahead' : 'one after another'}` +
     (samplings.some((n) => n.split('-').includes('regex'))
-      ? `, grammar masks ${overlapMasks ? 'overlapped with steps' : 'awaited every step'} (grammar workers: ${grammarWorkers ?? 'default'})`
+      ? `, grammar workers: ${grammarWorkers ?? 'default'}`
       : '') +
     (splitSize !== 256 ? `, attention splits of ${splitSize} keys (development; the build's are 256)` : ''),
 )

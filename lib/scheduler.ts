@@ -148,15 +148,6 @@ export interface SchedulerOptions {
    * true). False runs the steps one after another; the results are the same bits either way.
    */
   launchAhead?: boolean
-  /**
-   * When every running sequence is constrained and the grammar masks still to come would keep the
-   * device waiting longer than a step, run the sequences whose masks are ready (at least as many
-   * as those still waiting) and compute the others' masks meanwhile. The masks
-   * then alternate with the device's steps instead of adding to them. Which sequences share a step
-   * changes no result (every kernel is batch-invariant): the tokens are the same bits either way.
-   * Default true on a GPU, false on the CPU, whose steps take the cores that would compute the masks.
-   */
-  overlapMasks?: boolean
 }
 
 /** A submitted request: its outcome, and a way to drop it between steps. */
@@ -178,8 +169,6 @@ interface Sequence {
   processorRow: number // the sequence's row of the model's processor table while it runs (-1: none)
   constraint: TokenConstraint | null // the request's grammar, disposed of when the sequence ends
   mask: Int32Array | null // the grammar's mask for the sequence's next choice, once computed
-  maskPending: Promise<void> | null // that mask, asked for and not yet settled
-  maskAskedAt: number // when it was asked for
   generated: number
   scores: Float32Array | null
   topScores: TopLogprob[][] | null
@@ -235,14 +224,6 @@ export class Scheduler {
   // Rows of the model's logit processor table no running sequence holds.
   private readonly freeProcessorRows: number[]
   private processorsReserved = false
-  private readonly overlapsMasks: boolean
-  // Running means (exponential, 0: none yet) of a step's time from its launch to its tokens read
-  // back, and of the time a batch of grammar masks asked for together took over its count.
-  private stepMs = 0
-  private maskMs = 0
-  // Set when prepareMasks leaves masks unasked so that the step goes first: step() asks for them
-  // once it has launched.
-  private masksAfterLaunch = false
 
   constructor(model: ForwardModel, options: SchedulerOptions) {
     this.model = model
@@ -250,7 +231,6 @@ export class Scheduler {
     const processorRows = Math.min(this.maxBatchSize, model.logitProcessorRows ?? 0)
     this.freeProcessorRows = Array.from({ length: processorRows }, (_, i) => processorRows - 1 - i)
     this.launchesAhead = options.launchAhead ?? true
-    this.overlapsMasks = options.overlapMasks ?? model.device !== 'cpu'
     this.prefillChunkSize = options.prefillChunkSize
     this.allocator = new KvBlockAllocator(model.kvBlocks, model.kvBlockSize, { prefixCache: options.prefixCache ?? false })
   }
@@ -313,8 +293,6 @@ export class Scheduler {
       processorRow: -1,
       constraint: request.kind === 'generate' ? (request.constraint ?? null) : null,
       mask: null,
-      maskPending: null,
-      maskAskedAt: 0,
       generated: 0,
       scores: request.kind === 'score' ? new Float32Array(tokens.length - request.from) : null,
       topScores: request.kind === 'score' && (request.topLogprobs ?? 0) > 0 ? [] : null,
@@ -401,80 +379,21 @@ export class Scheduler {
   // The grammar masks of the running constrained sequences that lack one (a new sequence, or one
   // whose last token was just read back). All are asked for at once, then awaited together: masks
   // of constraints held by grammar worker threads are computed in parallel, with those of this
-  // thread computed meanwhile. A grammar that fails ends its own request only. With overlapMasks,
-  // the wait ends early when the step can go on without the masks still to come (readyToOverlap):
-  // those sequences sit the step out, and the masks not yet asked for are asked for once the step
-  // has launched, so that this thread's share is computed while the device runs.
+  // thread computed meanwhile. A grammar that fails ends its own request only.
   private async prepareMasks(): Promise<void> {
-    const wanting = () => this.running.filter((seq) => seq.constraint && !seq.mask && !seq.finish)
-    let waiting = wanting()
-    if (waiting.length && this.readyToOverlap(waiting)) {
-      this.masksAfterLaunch = true
-      return this.retireFinished()
-    }
-    while ((waiting = wanting()).length) {
-      this.askMasks(waiting)
-      if (this.readyToOverlap(waiting)) break
-      await Promise.race(waiting.map((seq) => seq.maskPending))
+    const wanting = this.running.filter((seq) => seq.constraint && !seq.mask && !seq.finish)
+    if (!wanting.length) return this.retireFinished()
+    // Through an async function: a mask() that throws at once is a rejection too.
+    const masks = await Promise.allSettled(wanting.map(async (seq) => seq.constraint!.mask()))
+    for (const [i, seq] of wanting.entries()) {
+      const r = masks[i]!
+      if (r.status === 'fulfilled') seq.mask = r.value
+      else {
+        seq.finish = 'cancelled'
+        seq.error = r.reason
+      }
     }
     this.retireFinished()
-  }
-
-  // Whether a step should run now without the masks of `waiting` (running constrained sequences
-  // whose mask is not ready): every running sequence is constrained (an unconstrained one runs in
-  // steps launched ahead, which the constrained ones already alternate with), at least as many
-  // have their mask as wait for one, and those masks would keep the device waiting longer than a
-  // step, by the running means: the masks of the batch at maskMs each, less the time they have
-  // been under way (those not yet asked for, none).
-  private readyToOverlap(waiting: Sequence[]): boolean {
-    if (!this.overlapsMasks || !this.stepMs || !this.maskMs) return false
-    let ready = 0
-    for (const seq of this.running) {
-      if (seq.finish) continue
-      if (!seq.constraint) return false
-      if (seq.mask) ready++
-    }
-    if (ready < waiting.length) return false
-    const now = performance.now()
-    const asked = waiting.filter((seq) => seq.maskPending)
-    const underWay = asked.length ? now - Math.min(...asked.map((seq) => seq.maskAskedAt)) : 0
-    return this.maskMs * waiting.length - underWay > this.stepMs
-  }
-
-  // Asks the sequences' constraints for their masks (those not asked yet), together. Each mask,
-  // once settled, is the sequence's (or, failing, ends its request); a sequence that ended
-  // meanwhile, its constraint disposed of, takes nothing from it. When no other mask was under way,
-  // the time the batch takes updates maskMs.
-  private askMasks(seqs: Sequence[]): void {
-    const batch = seqs.filter((seq) => seq.constraint && !seq.mask && !seq.maskPending && !seq.finish)
-    if (!batch.length) return
-    const clean = !this.running.some((seq) => seq.maskPending)
-    const asked = performance.now()
-    const settled = batch.map((seq) => {
-      const constraint = seq.constraint!
-      seq.maskAskedAt = asked
-      // Through an async function: a mask() that throws at once is a rejection too.
-      const pending: Promise<void> = (async () => constraint.mask())()
-        .then(
-          (mask) => {
-            if (seq.constraint === constraint) seq.mask = mask
-          },
-          (err: unknown) => {
-            if (seq.constraint !== constraint || seq.finish) return
-            seq.finish = 'cancelled'
-            seq.error = err
-          },
-        )
-        .finally(() => {
-          if (seq.maskPending === pending) seq.maskPending = null
-        })
-      seq.maskPending = pending
-      return pending
-    })
-    if (clean)
-      void Promise.all(settled).then(() => {
-        this.maskMs = mean(this.maskMs, (performance.now() - asked) / batch.length)
-      })
   }
 
   private failAll(err: unknown): void {
@@ -585,19 +504,11 @@ export class Scheduler {
   // whose result is dropped; its cache write lands past its last position, in a block no prefix
   // entry covers.
   private async step(): Promise<void> {
-    const launchedAt = performance.now()
-    const fresh = !this.ahead
     const current = this.ahead ?? this.launch(this.pack())
     this.ahead = null
     const next = this.continuing(current)
     if (next) this.ahead = this.tryLaunchAhead(current, next)
-    if (this.masksAfterLaunch) {
-      this.masksAfterLaunch = false
-      this.askMasks(this.running)
-    }
     const out = await current.launched.tokens
-    // A step launched ahead was under way before this one was read: its time is not a step's.
-    if (fresh) this.stepMs = mean(this.stepMs, performance.now() - launchedAt)
     if (out.ids.length !== current.rows.length)
       throw new Error(`Scheduler: the model chose ${out.ids.length} tokens but ${current.rows.length} logits rows were asked for`)
     for (const p of current.packed) {
@@ -717,8 +628,6 @@ export class Scheduler {
     for (const seq of [...decoding, ...prefilling]) {
       if (tokenBudget === 0) break
       let p = this.chunkFor(seq, Math.min(seq.tokens.length - seq.cached, tokenBudget, this.prefillChunkSize))
-      // A constrained sequence whose mask is still to come sits this step out (overlapMasks).
-      if (p.chunk.logits !== 'none' && seq.constraint && !seq.mask) continue
       // A scored chunk returns a logits row per token: shorten it to the rows left.
       if (p.chunk.logits === 'all' && p.rows.length > rowBudget && rowBudget > 0) p = this.chunkFor(seq, rowBudget)
       const rows = p.chunk.logits === 'none' ? 0 : p.rows.length
@@ -845,11 +754,6 @@ export class Scheduler {
     if (seq.request.kind === 'score') return { logprobs: seq.scores!, top: seq.topScores, timings }
     return { finishReason: seq.finish ?? 'cancelled', timings }
   }
-}
-
-/** A running mean that weighs the newest sample by a quarter (the first sample, whole). */
-function mean(current: number, sample: number): number {
-  return current ? 0.75 * current + 0.25 * sample : sample
 }
 
 /** The cache positions a generation writes: it never feeds its last token back. */
