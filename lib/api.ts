@@ -200,7 +200,7 @@ export class Model {
     return t.tokenBytes ? t.tokenBytes(id) : new TextEncoder().encode(t.decode([id]))
   }
 
-  /** Sequences running and waiting, and KV-cache blocks in use (for monitoring). */
+  /** Sequences running and waiting, KV-cache blocks in use, steps and the wait for grammar masks (for monitoring). */
   get load(): SchedulerLoad {
     return this.scheduler.load
   }

@@ -133,6 +133,14 @@ export interface SchedulerLoad {
   /** Prompt tokens of admitted requests, and those of them served from the prefix cache, since the start. */
   promptTokens: number
   prefixHitTokens: number
+  /** Steps of the running batch read back since the start. */
+  steps: number
+  /**
+   * Milliseconds the batch has waited for grammar masks (structured output) before its steps since
+   * the start: host work between a step's tokens and the next step, during which the device has
+   * nothing of those sequences to run.
+   */
+  maskWaitMs: number
 }
 
 export interface SchedulerOptions {
@@ -220,6 +228,8 @@ export class Scheduler {
   private closedWith: Error | null = null
   private promptTokens = 0
   private prefixHitTokens = 0
+  private steps = 0
+  private maskWaitMs = 0
   private peakRunning = 0
   // Rows of the model's logit processor table no running sequence holds.
   private readonly freeProcessorRows: number[]
@@ -235,7 +245,7 @@ export class Scheduler {
     this.allocator = new KvBlockAllocator(model.kvBlocks, model.kvBlockSize, { prefixCache: options.prefixCache ?? false })
   }
 
-  /** Sequences running and waiting, and cache blocks in use (for tests and monitoring). */
+  /** Sequences running and waiting, cache blocks in use, steps and the wait for grammar masks (for tests and monitoring). */
   get load(): SchedulerLoad {
     return {
       running: this.running.length,
@@ -246,6 +256,8 @@ export class Scheduler {
       cachedBlocks: this.allocator.cachedBlocks,
       promptTokens: this.promptTokens,
       prefixHitTokens: this.prefixHitTokens,
+      steps: this.steps,
+      maskWaitMs: this.maskWaitMs,
     }
   }
 
@@ -383,8 +395,10 @@ export class Scheduler {
   private async prepareMasks(): Promise<void> {
     const wanting = this.running.filter((seq) => seq.constraint && !seq.mask && !seq.finish)
     if (!wanting.length) return this.retireFinished()
+    const started = performance.now()
     // Through an async function: a mask() that throws at once is a rejection too.
     const masks = await Promise.allSettled(wanting.map(async (seq) => seq.constraint!.mask()))
+    this.maskWaitMs += performance.now() - started
     for (const [i, seq] of wanting.entries()) {
       const r = masks[i]!
       if (r.status === 'fulfilled') seq.mask = r.value
@@ -509,6 +523,7 @@ export class Scheduler {
     const next = this.continuing(current)
     if (next) this.ahead = this.tryLaunchAhead(current, next)
     const out = await current.launched.tokens
+    this.steps++
     if (out.ids.length !== current.rows.length)
       throw new Error(`Scheduler: the model chose ${out.ids.length} tokens but ${current.rows.length} logits rows were asked for`)
     for (const p of current.packed) {

@@ -634,6 +634,8 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
   })
 
   it('exports Prometheus metrics', async () => {
+    // A request held to JSON: its masks are waited for before its steps.
+    await client.completions.create({ model: 'default', prompt: 'Hi', max_tokens: 4, response_format: { type: 'json_object' } } as never)
     const text = await (await fetch(`${server.url}/metrics`)).text()
     for (const name of [
       'detinfer_requests_total',
@@ -647,8 +649,12 @@ describe(`detinfer serve (openai client, ${DEVICE}, shipped model)`, () => {
       'detinfer_prefix_cache_query_tokens_total',
       'detinfer_time_to_first_token_seconds_bucket',
       'detinfer_inter_token_latency_seconds_bucket',
+      'detinfer_steps_total',
+      'detinfer_grammar_mask_wait_seconds_total',
     ])
       expect(text).toContain(name)
+    expect(await metric(server.url, 'detinfer_steps_total')).toBeGreaterThan(0)
+    expect(await metric(server.url, 'detinfer_grammar_mask_wait_seconds_total')).toBeGreaterThan(0)
     expect(await metric(server.url, 'detinfer_completion_tokens_total')).toBeGreaterThan(0)
     expect(await metric(server.url, 'detinfer_time_to_first_token_seconds_count')).toBeGreaterThan(0)
   })

@@ -188,6 +188,27 @@ describe('constrained generations in the scheduler', () => {
     }
   })
 
+  it('load counts the steps read back and the time the batch waited for grammar masks', async () => {
+    class SlowGrammar extends ModuloGrammar {
+      override async mask(): Promise<Int32Array> {
+        await new Promise((r) => setTimeout(r, 5))
+        return super.mask()
+      }
+    }
+    const { model, s } = make(false)
+    const plain = run(s, ids(4, 2), 6)
+    expect(await plain.done).toBe('length')
+    expect(s.load.steps).toBe(model.launches.length)
+    expect(s.load.maskWaitMs).toBe(0)
+    const before = model.launches.length
+    const r = run(s, ids(3), 6, new SlowGrammar())
+    expect(await r.done).toBe('length')
+    // Six masks of at least 5 ms each, one before each step of the request.
+    expect(s.load.steps - before).toBe(6)
+    expect(s.load.steps).toBe(model.launches.length)
+    expect(s.load.maskWaitMs).toBeGreaterThanOrEqual(6 * 4.5)
+  })
+
   it('a grammar that fails for the only running sequence ends that request alone: the one waiting runs next', async () => {
     for (const launchAhead of [true, false]) {
       const model = new LaunchingModel({ kvBlocks: 40, kvBlockSize: 4, maxBatchTokens: 16, processorRows: 4, vocab: V })
