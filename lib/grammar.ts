@@ -120,7 +120,7 @@ export const MAX_GRAMMAR_WORKERS = 64
 /**
  * The default number of grammar worker threads: one less than the cores Node may use (this thread
  * takes a share of the constraints too), at most 8. A machine of 2 cores gets 1, one of 16 gets 8.
- * On a 16-core machine, 64 JSON-constrained sequences took 15.1 ms of mask work a step on the main
+ * On one 16-core host, 64 JSON-constrained sequences took 15.1 ms of mask work a step on the main
  * thread, 6.2 with 4 workers and 4.4 with 8 (docs/performance.md, "Grammar workers on 16 cores").
  */
 export function defaultGrammarWorkers(): number {

@@ -74,11 +74,10 @@ export class ServerMetrics {
       () => load()?.prefixHitTokens,
     )
     total('detinfer_steps_total', 'Forward steps of the running batch', () => load()?.steps)
-    const maskWait = () => load()?.maskWaitMs
     total(
       'detinfer_grammar_mask_wait_seconds_total',
       "Time the batch waited for structured output's grammar masks before its steps (host work the device waits on)",
-      () => (maskWait() ?? 0) / 1000,
+      () => (load()?.maskWaitMs ?? 0) / 1000,
     )
     gauge('detinfer_process_resident_memory_bytes', 'Resident memory of the server process', () => process.memoryUsage().rss)
     gauge('detinfer_process_heap_used_bytes', 'JavaScript heap in use', () => process.memoryUsage().heapUsed)
