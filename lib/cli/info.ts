@@ -1,6 +1,8 @@
 // `detinfer info`: what this installation can run on.
 import { Command } from 'commander'
 import { cudaStatus, variantKernels } from '../device.js'
+import { availableParallelism } from 'node:os'
+import { defaultGrammarWorkers } from '../grammar.js'
 import { hubCacheDir } from '../hub-cache.js'
 import { BATCH_BUCKETS, MIN_CONTEXT_BUCKET } from '../model/decode-graphs.js'
 import { nativeAddonPath, prebuiltPackage, sourceBuildPath, type CudaStatus } from '../native.js'
@@ -52,6 +54,8 @@ export function infoCommand(): Command {
           contextBuckets: `${MIN_CONTEXT_BUCKET}, doubling up to the model's longest sequence`,
           memory: 'captured when a bucket is reused; 8 MiB for the 13 buckets of a Qwen3-0.6B benchmark on an H200',
         },
+        // Threads that compute structured output's masks by default (README: Grammar workers).
+        grammarWorkers: { default: defaultGrammarWorkers(), cores: availableParallelism() },
       }
       if (opts.json) {
         process.stdout.write(JSON.stringify(info, null, 2) + '\n')
@@ -75,6 +79,8 @@ export function infoCommand(): Command {
         hubCacheLine(),
         `CUDA graphs:   decode steps padded to ${BATCH_BUCKETS.join(', ')} sequences (up to maxBatchSize)`,
         `               and ${MIN_CONTEXT_BUCKET}, ${2 * MIN_CONTEXT_BUCKET}, ... keys of context; ${info.cudaGraphs.memory}`,
+        `grammar:       ${info.grammarWorkers.default} worker thread${info.grammarWorkers.default === 1 ? '' : 's'} for structured output's masks by default ` +
+          `(one less than the ${info.grammarWorkers.cores} cores, at most 8; --grammar-workers on serve)`,
       ]
       process.stdout.write(lines.join('\n') + '\n')
     })

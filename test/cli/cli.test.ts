@@ -1,12 +1,13 @@
 // The built `detinfer` command, run as a user would: a child process of dist/cli/main.js.
 import { spawn, spawnSync } from 'node:child_process'
 import { copyFileSync, cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { availableParallelism, tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { loadModel } from '../../lib/api.js'
 import { hubCacheDir } from '../../lib/hub-cache.js'
+import { defaultGrammarWorkers } from '../../lib/grammar.js'
 import { nativeAddonPath } from '../../lib/native.js'
 import { buildDist } from '../helpers/server.js'
 import { writeTinyModel } from '../helpers/tiny-model.js'
@@ -27,7 +28,7 @@ function expectNoStackTrace(stderr: string) {
 }
 
 describe('detinfer CLI', () => {
-  it('info prints the backend, the CUDA build and the versions', () => {
+  it('info prints the backend, the CUDA build, the versions and the default grammar workers', () => {
     const r = detinfer(['info'])
     expect(r.code).toBe(0)
     expect(r.stdout).toMatch(/^detinfer \d+\.\d+\.\d+ \(Node\.js v\d+/)
@@ -42,6 +43,8 @@ describe('detinfer CLI', () => {
     expect(json.node).toBe(process.version)
     expect(json.platform).toBe(`${process.platform}-${process.arch}`)
     expect(Array.isArray(json.devices)).toBe(true)
+    expect(json.grammarWorkers).toEqual({ default: defaultGrammarWorkers(), cores: availableParallelism() })
+    expect(r.stdout).toMatch(new RegExp(`^grammar: +${defaultGrammarWorkers()} worker threads? for structured output's masks by default \\(one less than the ${availableParallelism()} cores, at most 8; --grammar-workers on serve\\)$`, 'm'))
     // The matmul family is named when a GPU runs: its bits are part of "same build, same GPU".
     if (json.backend === 'cuda') {
       expect(json.cuda.matmulKernels).toMatch(/^(wgmma \(sm_90a\)|mma\.sync)$/)
