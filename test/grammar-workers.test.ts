@@ -6,14 +6,13 @@
 // and stops the workers, and a worker that exits or aborts fails its own constraints with an error
 // naming the cause while later constraints work. A process whose workers hold constraints exits
 // on its own, disposed or not.
-import { spawnSync } from 'node:child_process'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { DisposedError } from '../lib/errors.js'
 import { GrammarEngine, GrammarError, defaultGrammarWorkers, type ResponseFormat, type TokenConstraint } from '../lib/grammar.js'
 import { Tokenizer } from '../lib/tokenizer.js'
 import { mulberry32 } from './helpers/random.js'
-import { buildDist } from './helpers/server.js'
+import { runModuleScript } from './helpers/server.js'
 
 const repoRoot = join(import.meta.dirname, '..')
 const V_QWEN = 151936
@@ -313,7 +312,6 @@ describe('grammar constraints in worker threads', () => {
   })
 
   it('a process whose engine has workers holding constraints, and whose schemas were checked, exits on its own, the engine disposed or not', () => {
-    buildDist()
     for (const dispose of [false, true]) {
       const script = `
         import { GrammarEngine } from './dist/grammar.js'
@@ -326,11 +324,7 @@ describe('grammar constraints in worker threads', () => {
         console.log(cs.map((c) => c.constructor.name).join(' '), masks.map((m) => m.length).join(' '))
         ${dispose ? 'engine.dispose()' : ''}
       `
-      const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { cwd: repoRoot, encoding: 'utf8', timeout: 60_000 })
-      expect(r.signal).toBeNull()
-      expect(r.status, r.stderr).toBe(0)
-      expect(r.stderr).toBe('')
-      expect(r.stdout).toBe('Constraint WorkerConstraint WorkerConstraint Constraint 128 128 128 128\n')
+      expect(runModuleScript(script)).toBe('Constraint WorkerConstraint WorkerConstraint Constraint 128 128 128 128\n')
     }
   })
 

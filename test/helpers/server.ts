@@ -47,6 +47,20 @@ export function buildDist(): void {
   built = true
 }
 
+/**
+ * Runs `script` as an ES module in a node process of its own at the project root (after
+ * buildDist, so that it can import ./dist/...), which must exit on its own, cleanly and silently
+ * on stderr, within a minute; returns what it printed.
+ */
+export function runModuleScript(script: string): string {
+  buildDist()
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { cwd: root, encoding: 'utf8', timeout: 60_000 })
+  if (r.signal !== null) throw new Error(`The script was killed by ${r.signal} (it did not exit on its own within a minute):\n${r.stderr}`)
+  if (r.status !== 0) throw new Error(`The script exited with ${r.status}:\n${r.stderr}`)
+  if (r.stderr !== '') throw new Error(`The script wrote to stderr:\n${r.stderr}`)
+  return r.stdout
+}
+
 export interface RunningServer {
   url: string
   proc: ChildProcess
