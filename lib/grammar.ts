@@ -808,19 +808,12 @@ class Constraint implements TokenConstraint {
     }
     this.checkLive()
     const mask = this.fit(raw)
-    let others = false
-    let any = false
-    for (let w = 0; w < mask.length && !others; w++) {
-      let bits = mask[w]!
-      any ||= bits !== 0
-      for (const id of this.instance.stopTokenIds) if (id >> 5 === w) bits &= ~(1 << (id & 31))
-      others = bits !== 0
-    }
+    const { onlyStops, none } = maskKinds(mask, this.instance.stopTokenIds)
     // A dead end: what the grammar needs next, no token writes (a vocabulary without that
     // character). A mask that allows nothing would fail the whole step on the device.
-    if (!any) throw new Error('No token of the vocabulary can continue the text here: the grammar needs a character that no token writes')
+    if (none) throw new Error('No token of the vocabulary can continue the text here: the grammar needs a character that no token writes')
     this.current = mask
-    this.onlyStops = !others
+    this.onlyStops = onlyStops
     return mask
   }
 
@@ -871,6 +864,23 @@ class Constraint implements TokenConstraint {
     if (tail !== 0) mask[this.words - 1]! &= (1 << tail) - 1
     return mask
   }
+}
+
+/**
+ * Whether a mask allows no token but stop tokens, and whether it allows none at all. The grammar
+ * workers run this same function (MASK_WORKER_SOURCE takes its source), so a constraint ends on
+ * the same masks in either thread.
+ */
+function maskKinds(mask: Int32Array, stopTokenIds: readonly number[]): { onlyStops: boolean; none: boolean } {
+  let others = false
+  let any = false
+  for (let w = 0; w < mask.length && !others; w++) {
+    let bits = mask[w]!
+    any ||= bits !== 0
+    for (const id of stopTokenIds) if (id >> 5 === w) bits &= ~(1 << (id & 31))
+    others = bits !== 0
+  }
+  return { onlyStops: !others, none: !any }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1044,16 +1054,9 @@ async function handle(m) {
   }
   const tail = vocabSize & 31
   if (tail !== 0) mask[words - 1] &= (1 << tail) - 1
-  let others = false
-  let any = false
-  for (let w = 0; w < words && !others; w++) {
-    let bits = mask[w]
-    any ||= bits !== 0
-    for (const id of stopTokenIds) if (id >> 5 === w) bits &= ~(1 << (id & 31))
-    others = bits !== 0
-  }
-  return { onlyStops: !others, none: !any }
+  return maskKinds(mask, stopTokenIds)
 }
+${maskKinds.toString()}
 let chain = ready.then(
   () => port.postMessage({ ready: true }),
   (err) => port.postMessage({ ready: true, init: failure(err) }),
