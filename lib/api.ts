@@ -664,7 +664,7 @@ async function loadFrom(dir: string, source: ModelSource | null, options: LoadMo
   })
   const serving = { maxBatchSize, prefillChunkSize, prefixCache: options.prefixCache ?? true }
   // Grammars for responseFormat: nothing is built until the first request that has one.
-  const grammars = new GrammarEngine(tokenizer, config.vocabSize, options.grammarWorkers === undefined ? {} : { workers: options.grammarWorkers })
+  const grammars = new GrammarEngine(tokenizer, config.vocabSize, { workers: options.grammarWorkers })
   return new Model({ forward, tokenizer: servingTokenizer(tokenizer), path: dir, grammars }, serving)
 }
 

@@ -1,7 +1,7 @@
 // `detinfer info`: what this installation can run on.
+import { availableParallelism } from 'node:os'
 import { Command } from 'commander'
 import { cudaStatus, variantKernels } from '../device.js'
-import { availableParallelism } from 'node:os'
 import { defaultGrammarWorkers } from '../grammar.js'
 import { hubCacheDir } from '../hub-cache.js'
 import { BATCH_BUCKETS, MIN_CONTEXT_BUCKET } from '../model/decode-graphs.js'
