@@ -117,6 +117,9 @@ export interface GrammarEngineOptions {
 /** The most worker threads an engine takes. */
 export const MAX_GRAMMAR_WORKERS = 64
 
+/** The most grammar worker threads an engine starts by default (defaultGrammarWorkers). */
+export const GRAMMAR_WORKERS_DEFAULT_CAP = 8
+
 /**
  * The default number of grammar worker threads: one less than the cores Node may use (this thread
  * takes a share of the constraints too), at most 8. A machine of 2 cores gets 1, one of 16 gets 8.
@@ -124,7 +127,7 @@ export const MAX_GRAMMAR_WORKERS = 64
  * thread, 6.2 with 4 workers and 4.4 with 8 (docs/performance.md, "Grammar workers on 16 cores").
  */
 export function defaultGrammarWorkers(): number {
-  return Math.max(0, Math.min(8, availableParallelism() - 1))
+  return Math.max(0, Math.min(GRAMMAR_WORKERS_DEFAULT_CAP, availableParallelism() - 1))
 }
 
 

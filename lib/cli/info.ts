@@ -2,7 +2,7 @@
 import { availableParallelism } from 'node:os'
 import { Command } from 'commander'
 import { cudaStatus, variantKernels } from '../device.js'
-import { defaultGrammarWorkers } from '../grammar.js'
+import { defaultGrammarWorkers, GRAMMAR_WORKERS_DEFAULT_CAP } from '../grammar.js'
 import { hubCacheDir } from '../hub-cache.js'
 import { BATCH_BUCKETS, MIN_CONTEXT_BUCKET } from '../model/decode-graphs.js'
 import { nativeAddonPath, prebuiltPackage, sourceBuildPath, type CudaStatus } from '../native.js'
@@ -80,7 +80,7 @@ export function infoCommand(): Command {
         `CUDA graphs:   decode steps padded to ${BATCH_BUCKETS.join(', ')} sequences (up to maxBatchSize)`,
         `               and ${MIN_CONTEXT_BUCKET}, ${2 * MIN_CONTEXT_BUCKET}, ... keys of context; ${info.cudaGraphs.memory}`,
         `grammar:       ${info.grammarWorkers.default} worker thread${info.grammarWorkers.default === 1 ? '' : 's'} for structured output's masks by default ` +
-          `(one less than the ${info.grammarWorkers.cores} cores, at most 8; --grammar-workers on serve)`,
+          `(one less than the ${info.grammarWorkers.cores} cores, at most ${GRAMMAR_WORKERS_DEFAULT_CAP}; --grammar-workers on serve)`,
       ]
       process.stdout.write(lines.join('\n') + '\n')
     })

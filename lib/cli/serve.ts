@@ -11,6 +11,7 @@ import { TOOL_CALL_PARSERS, type ToolCallParser } from '../server/tool-calls.js'
 import { describeSamplingDefaults, readGenerationDefaults } from '../server/generation-config.js'
 import { packageVersion } from './package-info.js'
 import { readTextFile } from '../files.js'
+import { GRAMMAR_WORKERS_DEFAULT_CAP } from '../grammar.js'
 import { integer, jsonObject, origins, positive } from './parse.js'
 
 /** The environment variable that sets --api-key. */
@@ -60,7 +61,7 @@ export function serveCommand(): Command {
     .option('--no-prefix-cache', 'do not keep KV-cache blocks of prompt prefixes for later requests')
     .option('--tensor-parallel <n>', 'emulate tensor parallelism over n ranks (1, 2, 4 or 8; above 1 on the CPU only): the same bits at every n', integer)
     .option('--no-cuda-graphs', 'launch every op of a decode step instead of replaying CUDA graphs (same bits)')
-    .option('--grammar-workers <n>', 'worker threads that compute structured output\'s token masks in parallel (0: all on the main thread; default: one less than the cores, at most 8; same bits)', integer)
+    .option('--grammar-workers <n>', `worker threads that compute structured output's token masks in parallel (0: all on the main thread; default: one less than the cores, at most ${GRAMMAR_WORKERS_DEFAULT_CAP}; same bits)`, integer)
     .option('--max-queued <n>', 'sequences that may wait for a place in the batch; beyond them requests get 429', integer, 256)
     .option('--allowed-origins <origins>', "origins whose web pages may call the server (CORS), comma-separated (e.g. http://localhost:5173), or '*' for any; none by default", origins)
     .addOption(new Option('--api-key <key>', 'require Authorization: Bearer <key> on every route but /health and /metrics').env(API_KEY_ENV))
